@@ -1,0 +1,4 @@
+//! The node daemon: serves storage, SPM, pool and VM verbs, runs VMs, monitors domains.
+//!
+//! Architecture invariant: the node stores nothing outside shared storage and its run directory;
+//! a restarted node rebuilds its state from both.

@@ -1,0 +1,45 @@
+//! The `oxvirt` binary: a thin command-line edge over the crates.
+//!
+//! Architecture invariant: no logic lives here that a crate should own; subcommands parse
+//! arguments, call a crate, and print.
+
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "oxvirt",
+    version,
+    about = "oVirt's architecture in two small binaries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// All-in-one: engine, node(s) and local storage under one data directory.
+    Up(up::UpArgs),
+    /// Report what this host offers for running VMs (QEMU, qemu-img, KVM).
+    HostCheck {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OXVIRT_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::HostCheck { json } => up::host_check(json),
+    }
+}

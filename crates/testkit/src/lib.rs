@@ -1,0 +1,128 @@
+//! Test support shared by the crates' integration tests.
+//!
+//! Architecture invariant: nothing here fakes the data path. These helpers find real tools and
+//! the real test guest, and fail loudly — naming what is missing and how to get it — instead of
+//! letting a test skip.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The repository's root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// Full path of a required command, or a panic that names it.
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("this test needs the tool `{name}`, which is not on PATH: run scripts/deps.sh")
+        })
+}
+
+/// The test guest built by `scripts/test-guest.sh`.
+#[derive(Debug, Clone)]
+pub struct TestGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl TestGuest {
+    /// Locates the guest (`OXVIRT_TEST_GUEST_DIR` or `<repo>/target/test-guest`).
+    pub fn get() -> TestGuest {
+        let dir = std::env::var_os("OXVIRT_TEST_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/test-guest"));
+        let g = TestGuest {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.cpio.gz"),
+        };
+        if !g.kernel.is_file() || !g.initrd.is_file() {
+            panic!(
+                "the test guest is missing from {}: run scripts/test-guest.sh",
+                dir.display()
+            );
+        }
+        g
+    }
+
+    /// A kernel command line for the guest's init (see scripts/test-guest.sh):
+    /// `args` are `oxvirt.*` words such as `oxvirt.write_mib=4`.
+    pub fn append(args: &[&str]) -> String {
+        let mut s = String::from("console=ttyS0 quiet panic=-1");
+        for a in args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+
+    /// `oxvirt.run=` carrying a shell script (base64, since the kernel command line splits on spaces).
+    pub fn run_arg(script: &str) -> String {
+        format!("oxvirt.run={}", base64(script.as_bytes()))
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Polls `path` until it contains `needle` or `timeout` passes; returns the file's text.
+pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> Result<String, String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "{needle:?} did not appear in {} within {timeout:?}; it holds:\n{text}",
+                path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"echo hi; sync"), "ZWNobyBoaTsgc3luYw==");
+    }
+
+    #[test]
+    fn append_keeps_console_first() {
+        let s = TestGuest::append(&["oxvirt.marker=x"]);
+        assert!(s.starts_with("console=ttyS0"));
+        assert!(s.ends_with(" oxvirt.marker=x"));
+    }
+}

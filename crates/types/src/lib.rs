@@ -1,0 +1,10 @@
+//! Identifiers and plain data shared by the engine and the node.
+//!
+//! This crate owns the vocabulary — typed UUIDs for every domain object, host ids — and
+//! nothing else.
+//!
+//! Architecture invariant: no logic beyond parsing and validating values lives here; no I/O.
+
+mod ids;
+
+pub use ids::{HostId, HostIdError, IdError, ImgUuid, JobId, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
