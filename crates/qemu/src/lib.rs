@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod img;
 pub mod tools;
 
 pub use accel::{probe_kvm, Accel, KvmProbe};
