@@ -37,6 +37,52 @@ pub struct VmSpec {
     pub pid_file: Option<PathBuf>,
     /// `-incoming` URI for a migration destination (e.g. `tcp:127.0.0.1:49152`, `defer`).
     pub incoming: Option<String>,
+    pub nics: Vec<NicSpec>,
+    /// The QEMU guest agent's virtio-serial channel (`org.qemu.guest_agent.0`), served on this
+    /// UNIX socket to the node.
+    pub guest_agent_socket: Option<PathBuf>,
+}
+
+/// A virtio network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// `52:54:00:xx:xx:xx`; must stay the same across migration.
+    pub mac: String,
+    pub backend: NicBackend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NicBackend {
+    /// QEMU's user-mode network (no host setup, no privileges).
+    User,
+    /// An existing tap device the node created and plugged into a bridge beforehand (QEMU runs
+    /// no scripts: the sandbox denies it spawning helpers).
+    Tap { ifname: String },
+}
+
+/// What the virtual disk does when the host cannot complete a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteErrorPolicy {
+    /// Pass the error to the guest.
+    Report,
+    /// Pause the VM (run state `io-error`) on ENOSPC so a thin volume can be extended and the
+    /// write retried on `cont`; report any other error. The guest never sees ENOSPC.
+    #[default]
+    StopOnEnospc,
+    /// Pause the VM on any write error (VDSM's `error_policy='stop'`).
+    Stop,
+}
+
+impl WriteErrorPolicy {
+    fn qemu_name(self) -> &'static str {
+        match self {
+            Self::Report => "report",
+            Self::StopOnEnospc => "enospc",
+            Self::Stop => "stop",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +106,8 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// Open with O_DIRECT (cache=none). Callers set it from a probe of the file system.
     pub direct_io: bool,
+    #[serde(default)]
+    pub write_error: WriteErrorPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +164,30 @@ pub enum SpecError {
     Zero { vm: String, what: &'static str },
     #[error("VM {vm:?}: name may contain only letters, digits, '-', '_' and '.'")]
     BadName { vm: String },
+    #[error("VM {vm:?}: NIC {nic} has an invalid MAC address {mac:?}")]
+    BadMac { vm: String, nic: usize, mac: String },
+    #[error("VM {vm:?}: NIC {nic} has an invalid tap name {ifname:?}")]
+    BadTap { vm: String, nic: usize, ifname: String },
+    #[error("VM {vm:?}: path {path:?} contains a ',' which QEMU's option syntax cannot carry")]
+    CommaInPath { vm: String, path: PathBuf },
+}
+
+/// QEMU device id of a NIC.
+pub fn nic_device_id(nic: usize) -> String {
+    format!("nic{nic}")
+}
+
+/// The guest agent's virtio-serial port name, which the agent in the guest looks for.
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        // The multicast bit must be clear for a unicast NIC address.
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
 /// QEMU node name of a layer's format node: `d<disk>l<layer>`.
@@ -158,6 +230,45 @@ impl VmSpec {
                 vm: vm(),
                 what: "memory",
             });
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            if !valid_mac(&n.mac) {
+                return Err(SpecError::BadMac {
+                    vm: vm(),
+                    nic: i,
+                    mac: n.mac.clone(),
+                });
+            }
+            if let NicBackend::Tap { ifname } = &n.backend {
+                if ifname.is_empty()
+                    || ifname.len() > 15
+                    || !ifname
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err(SpecError::BadTap {
+                        vm: vm(),
+                        nic: i,
+                        ifname: ifname.clone(),
+                    });
+                }
+            }
+        }
+        // Paths inside `key=value,...` options cannot contain commas (the -blockdev JSON can).
+        let option_paths = [
+            Some(&self.qmp_socket),
+            self.serial_log.as_ref(),
+            self.vnc_socket.as_ref(),
+            self.pid_file.as_ref(),
+            self.guest_agent_socket.as_ref(),
+        ];
+        for p in option_paths.into_iter().flatten() {
+            if p.to_string_lossy().contains(',') {
+                return Err(SpecError::CommaInPath {
+                    vm: vm(),
+                    path: p.clone(),
+                });
+            }
         }
         for (i, d) in self.disks.iter().enumerate() {
             if d.layers.is_empty() {
@@ -257,7 +368,11 @@ impl VmSpec {
                 push("-blockdev", fmt.to_string());
             }
             let top = format_node_name(di, disk.layers.len() - 1);
-            let mut dev = format!("virtio-blk-pci,drive={top},id={}", disk_device_id(di));
+            let mut dev = format!(
+                "virtio-blk-pci,drive={top},id={},werror={},rerror=report",
+                disk_device_id(di),
+                disk.write_error.qemu_name()
+            );
             if let Some(s) = &disk.serial {
                 dev.push_str(&format!(",serial={s}"));
             }
@@ -266,8 +381,37 @@ impl VmSpec {
             }
             push("-device", dev);
         }
+        for (i, nic) in self.nics.iter().enumerate() {
+            let netdev = match &nic.backend {
+                NicBackend::User => format!("user,id=net{i}"),
+                NicBackend::Tap { ifname } => {
+                    format!("tap,id=net{i},ifname={ifname},script=no,downscript=no")
+                }
+            };
+            push("-netdev", netdev);
+            // No option ROM: guests boot from disk or a kernel, never by PXE.
+            push(
+                "-device",
+                format!(
+                    "virtio-net-pci,netdev=net{i},id={},mac={},romfile=",
+                    nic_device_id(i),
+                    nic.mac
+                ),
+            );
+        }
         if self.balloon {
             push("-device", "virtio-balloon-pci,id=balloon0".into());
+        }
+        if let Some(p) = &self.guest_agent_socket {
+            push("-device", "virtio-serial-pci,id=vser0".into());
+            push(
+                "-chardev",
+                format!("socket,id=qga0,path={},server=on,wait=off", p.display()),
+            );
+            push(
+                "-device",
+                format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}"),
+            );
         }
         if let Some(uri) = &self.incoming {
             push("-incoming", uri.clone());
@@ -304,6 +448,7 @@ mod tests {
                 serial: Some("abc".into()),
                 read_only: false,
                 direct_io: true,
+                write_error: WriteErrorPolicy::StopOnEnospc,
             }],
             qmp_socket: "/run/vm1.qmp".into(),
             serial_log: Some("/run/vm1.log".into()),
@@ -311,6 +456,11 @@ mod tests {
             balloon: true,
             pid_file: None,
             incoming: None,
+            nics: vec![NicSpec {
+                mac: "52:54:00:12:34:56".into(),
+                backend: NicBackend::User,
+            }],
+            guest_agent_socket: Some("/run/vm1.qga".into()),
         }
     }
 
@@ -338,7 +488,7 @@ mod tests {
         assert_eq!(bd[2]["cache"]["direct"], true);
         assert_eq!(
             arg_after(&args, "-device")[0],
-            "virtio-blk-pci,drive=d0l1,id=disk0,serial=abc,bootindex=1"
+            "virtio-blk-pci,drive=d0l1,id=disk0,werror=enospc,rerror=report,serial=abc,bootindex=1"
         );
         assert!(arg_after(&args, "-device").contains(&"virtio-balloon-pci,id=balloon0"));
         assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
@@ -375,5 +525,58 @@ mod tests {
         let mut s = spec();
         s.cpus = 0;
         assert!(matches!(s.to_args(), Err(SpecError::Zero { what: "cpus", .. })));
+    }
+
+    #[test]
+    fn nics_agent_channel_and_error_policy_are_on_the_command_line() {
+        let mut s = spec();
+        s.nics.push(NicSpec {
+            mac: "52:54:00:00:00:02".into(),
+            backend: NicBackend::Tap {
+                ifname: "oxtap0".into(),
+            },
+        });
+        let args = s.to_args().unwrap();
+        assert_eq!(
+            arg_after(&args, "-netdev"),
+            [
+                "user,id=net0",
+                "tap,id=net1,ifname=oxtap0,script=no,downscript=no"
+            ]
+        );
+        let devs = arg_after(&args, "-device");
+        assert!(devs.contains(&"virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56,romfile="));
+        assert!(devs.contains(&"virtio-net-pci,netdev=net1,id=nic1,mac=52:54:00:00:00:02,romfile="));
+        assert!(devs.contains(&"virtio-serial-pci,id=vser0"));
+        assert!(devs.contains(&"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"));
+        assert!(arg_after(&args, "-chardev").contains(&"socket,id=qga0,path=/run/vm1.qga,server=on,wait=off"));
+        assert!(devs
+            .iter()
+            .any(|d| d.starts_with("virtio-blk-pci,") && d.contains(",werror=enospc,rerror=report")));
+        s.disks[0].write_error = WriteErrorPolicy::Report;
+        s.guest_agent_socket = None;
+        let args = s.to_args().unwrap();
+        assert!(arg_after(&args, "-device")
+            .iter()
+            .any(|d| d.contains(",werror=report,")));
+        assert!(!args.iter().any(|a| a.contains("virtserialport")));
+    }
+
+    #[test]
+    fn bad_nics_and_option_paths_are_refused() {
+        let mut s = spec();
+        s.nics[0].mac = "53:54:00:12:34:56".into(); // multicast
+        assert!(matches!(s.to_args(), Err(SpecError::BadMac { nic: 0, .. })));
+        let mut s = spec();
+        s.nics[0].mac = "52:54:00:12:34".into();
+        assert!(matches!(s.to_args(), Err(SpecError::BadMac { .. })));
+        let mut s = spec();
+        s.nics[0].backend = NicBackend::Tap {
+            ifname: "tap0,script=/bin/evil".into(),
+        };
+        assert!(matches!(s.to_args(), Err(SpecError::BadTap { .. })));
+        let mut s = spec();
+        s.qmp_socket = "/run/a,server=off".into();
+        assert!(matches!(s.to_args(), Err(SpecError::CommaInPath { .. })));
     }
 }

@@ -10,8 +10,12 @@
 pub mod accel;
 pub mod cmdline;
 pub mod img;
+pub mod qga;
+pub mod qmp;
 pub mod tools;
 
 pub use accel::{probe_kvm, Accel, KvmProbe};
-pub use cmdline::{BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, VmSpec};
+pub use cmdline::{
+    BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, NicBackend, NicSpec, VmSpec, WriteErrorPolicy,
+};
 pub use tools::{QemuTool, ToolError, ToolVersion};

@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use oxvirt_qemu::{Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, QemuTool, VmSpec};
+use oxvirt_qemu::{
+    Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, QemuTool, VmSpec, WriteErrorPolicy,
+};
 use oxvirt_testkit::{require_tool, TestGuest};
 
 #[test]
@@ -49,6 +51,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
             serial: None,
             read_only: false,
             direct_io: false,
+            write_error: WriteErrorPolicy::Report,
         }],
         qmp_socket: dir.path().join("qmp.sock"),
         serial_log: Some(serial.clone()),
@@ -56,6 +59,8 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         balloon: true,
         pid_file: None,
         incoming: None,
+        nics: vec![],
+        guest_agent_socket: None,
     };
 
     let start = Instant::now();
