@@ -8,6 +8,11 @@
 # The guest's init loads the virtio modules, then runs what the kernel command line asks:
 #   oxvirt.run=<base64 of a sh script>   run it (after the built-in steps below)
 #   oxvirt.write_mib=N                   write N MiB of a known pattern to /dev/vda (O_DIRECT)
+#   oxvirt.writer=N                      keep rewriting 1 MiB blocks 0..N-1 of /dev/vda in the
+#                                        background, block i = byte 'A'+i%26, printing
+#                                        "OXVIRT-GUEST pass P" after each pass
+# A virtio-serial port named org.qemu.guest_agent.0 gets a minimal guest agent (guest-sync,
+# guest-ping, guest-fsfreeze-freeze/thaw/status; it prints "OXVIRT-GUEST fsfreeze frozen|thawed").
 #   oxvirt.marker=TEXT                   print "OXVIRT-MARKER TEXT" on the console
 #   oxvirt.poweroff=1                    power off when done
 # Without oxvirt.poweroff the guest stays up (an ACPI power button press powers it off).
