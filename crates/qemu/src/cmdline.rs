@@ -9,7 +9,7 @@
 //! Node names are derived from the disk index and the layer's position so they are stable across
 //! node restarts (recovery finds them again by name) and fit QEMU's 31-character limit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +164,8 @@ pub enum SpecError {
     Zero { vm: String, what: &'static str },
     #[error("VM {vm:?}: name may contain only letters, digits, '-', '_' and '.'")]
     BadName { vm: String },
+    #[error("VM {vm:?}: disk {disk} lists the same file twice in its chain")]
+    RepeatedLayer { vm: String, disk: usize },
     #[error("VM {vm:?}: NIC {nic} has an invalid MAC address {mac:?}")]
     BadMac { vm: String, nic: usize, mac: String },
     #[error("VM {vm:?}: NIC {nic} has an invalid tap name {ifname:?}")]
@@ -190,14 +192,62 @@ fn valid_mac(mac: &str) -> bool {
         && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
-/// QEMU node name of a layer's format node: `d<disk>l<layer>`.
-pub fn format_node_name(disk: usize, layer: usize) -> String {
-    format!("d{disk}l{layer}")
+/// QEMU node name of a layer's format node: `d<disk>-<hash of the layer's path>`.
+///
+/// Derived from the path, not the layer's position, so a name stays valid while live snapshots
+/// add layers and live merges remove them, and a restarted node finds every node again from the
+/// chain alone. A layer's path is unique within a VM, and the name fits QEMU's 31 characters.
+pub fn format_node_name(disk: usize, path: &Path) -> String {
+    format!("d{disk}-{:016x}", fnv1a(path.as_os_str().as_encoded_bytes()))
 }
 
 /// QEMU node name of a layer's protocol node.
-pub fn protocol_node_name(disk: usize, layer: usize) -> String {
-    format!("d{disk}l{layer}-file")
+pub fn protocol_node_name(disk: usize, path: &Path) -> String {
+    format!("{}-file", format_node_name(disk, path))
+}
+
+/// FNV-1a: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// The protocol and format nodes of one layer, as `-blockdev` and `blockdev-add` take them.
+///
+/// `backing` is the format node name of the layer below (`None` for a base, which then opens
+/// with no backing at all; the image's own backing-file string is never followed). Layers below
+/// the top are read-only, but their files open with `auto-read-only` so that a live merge can
+/// reopen its base for writing.
+pub fn layer_blockdevs(
+    disk_index: usize,
+    disk: &DiskSpec,
+    layer: &LayerSpec,
+    backing: Option<&str>,
+    top: bool,
+) -> (serde_json::Value, serde_json::Value) {
+    let cache = serde_json::json!({ "direct": disk.direct_io, "no-flush": false });
+    let file = serde_json::json!({
+        "driver": layer.protocol.driver(),
+        "node-name": protocol_node_name(disk_index, &layer.path),
+        "filename": layer.path,
+        "read-only": disk.read_only,
+        "auto-read-only": !disk.read_only && !top,
+        "cache": cache,
+        "discard": "unmap",
+    });
+    let mut fmt = serde_json::json!({
+        "driver": layer.format.driver(),
+        "node-name": format_node_name(disk_index, &layer.path),
+        "file": protocol_node_name(disk_index, &layer.path),
+        "read-only": disk.read_only || !top,
+        "cache": cache,
+        "discard": "unmap",
+    });
+    if layer.format == ImageFormat::Qcow2 {
+        fmt["backing"] = backing.map_or(serde_json::Value::Null, Into::into);
+    }
+    (file, fmt)
 }
 
 /// QEMU device id of a disk.
@@ -277,6 +327,11 @@ impl VmSpec {
             if d.layers.iter().skip(1).any(|l| l.format == ImageFormat::Raw) {
                 return Err(SpecError::RawOverlay { vm: vm(), disk: i });
             }
+            let mut paths: Vec<&Path> = d.layers.iter().map(|l| l.path.as_path()).collect();
+            paths.sort();
+            if paths.windows(2).any(|w| w[0] == w[1]) {
+                return Err(SpecError::RepeatedLayer { vm: vm(), disk: i });
+            }
         }
         Ok(())
     }
@@ -338,36 +393,15 @@ impl VmSpec {
             }
         }
         for (di, disk) in self.disks.iter().enumerate() {
+            let mut below: Option<String> = None;
             for (li, layer) in disk.layers.iter().enumerate() {
                 let top = li + 1 == disk.layers.len();
-                let ro = disk.read_only || !top;
-                let file = serde_json::json!({
-                    "driver": layer.protocol.driver(),
-                    "node-name": protocol_node_name(di, li),
-                    "filename": layer.path,
-                    "read-only": ro,
-                    "cache": { "direct": disk.direct_io, "no-flush": false },
-                    "auto-read-only": false,
-                    "discard": "unmap",
-                });
+                let (file, fmt) = layer_blockdevs(di, disk, layer, below.as_deref(), top);
                 push("-blockdev", file.to_string());
-                let mut fmt = serde_json::json!({
-                    "driver": layer.format.driver(),
-                    "node-name": format_node_name(di, li),
-                    "file": protocol_node_name(di, li),
-                    "read-only": ro,
-                    "cache": { "direct": disk.direct_io, "no-flush": false },
-                    "discard": "unmap",
-                });
-                if layer.format == ImageFormat::Qcow2 {
-                    fmt["backing"] = match li {
-                        0 => serde_json::Value::Null,
-                        _ => format_node_name(di, li - 1).into(),
-                    };
-                }
                 push("-blockdev", fmt.to_string());
+                below = Some(format_node_name(di, &layer.path));
             }
-            let top = format_node_name(di, disk.layers.len() - 1);
+            let top = below.expect("validated: a disk has layers");
             let mut dev = format!(
                 "virtio-blk-pci,drive={top},id={},werror={},rerror=report",
                 disk_device_id(di),
@@ -480,15 +514,21 @@ mod tests {
             .collect();
         assert_eq!(bd.len(), 4);
         assert_eq!(bd[0]["driver"], "file");
-        assert_eq!(bd[0]["read-only"], true, "base layer is read-only");
+        let base = format_node_name(0, Path::new("/sd/img/base"));
+        let top = format_node_name(0, Path::new("/sd/img/top"));
+        assert_eq!(bd[0]["read-only"], false);
+        assert_eq!(bd[0]["auto-read-only"], true, "a merge may reopen the base");
         assert_eq!(bd[1]["driver"], "raw");
+        assert_eq!(bd[1]["read-only"], true, "base layer is read-only");
+        assert_eq!(bd[1]["node-name"], base.as_str());
         assert_eq!(bd[3]["driver"], "qcow2");
-        assert_eq!(bd[3]["backing"], "d0l0");
+        assert_eq!(bd[3]["backing"], base.as_str());
         assert_eq!(bd[3]["read-only"], false, "active layer is writable");
+        assert_eq!(bd[2]["auto-read-only"], false);
         assert_eq!(bd[2]["cache"]["direct"], true);
         assert_eq!(
             arg_after(&args, "-device")[0],
-            "virtio-blk-pci,drive=d0l1,id=disk0,werror=enospc,rerror=report,serial=abc,bootindex=1"
+            format!("virtio-blk-pci,drive={top},id=disk0,werror=enospc,rerror=report,serial=abc,bootindex=1")
         );
         assert!(arg_after(&args, "-device").contains(&"virtio-balloon-pci,id=balloon0"));
         assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
@@ -522,6 +562,12 @@ mod tests {
         let mut s = spec();
         s.disks[0].layers.clear();
         assert!(matches!(s.to_args(), Err(SpecError::EmptyDisk { disk: 0, .. })));
+        let mut s = spec();
+        s.disks[0].layers[1].path = "/sd/img/base".into();
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::RepeatedLayer { disk: 0, .. })
+        ));
         let mut s = spec();
         s.cpus = 0;
         assert!(matches!(s.to_args(), Err(SpecError::Zero { what: "cpus", .. })));
@@ -578,5 +624,26 @@ mod tests {
         let mut s = spec();
         s.qmp_socket = "/run/a,server=off".into();
         assert!(matches!(s.to_args(), Err(SpecError::CommaInPath { .. })));
+    }
+
+    #[test]
+    fn node_names_follow_the_path_and_fit_qemu() {
+        let a = format_node_name(3, Path::new("/rhev/data-center/mnt/sd/images/i/v1"));
+        assert_eq!(
+            a,
+            format_node_name(3, Path::new("/rhev/data-center/mnt/sd/images/i/v1"))
+        );
+        assert_ne!(
+            a,
+            format_node_name(3, Path::new("/rhev/data-center/mnt/sd/images/i/v2"))
+        );
+        assert_ne!(
+            a,
+            format_node_name(2, Path::new("/rhev/data-center/mnt/sd/images/i/v1"))
+        );
+        let p = protocol_node_name(99, Path::new("/x"));
+        assert!(p.len() <= 31, "{p}");
+        // Pinned: a restarted node must derive the names the running QEMU was given.
+        assert_eq!(format_node_name(0, Path::new("/x")), "d0-07d64e07b49caeb2");
     }
 }

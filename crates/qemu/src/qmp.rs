@@ -533,6 +533,10 @@ command!(
         auto_dismiss: bool,
     } => "block-commit", ()
 );
+command!(
+    /// Runs the actions (`{"type": ..., "data": ...}`) atomically: all or none.
+    Transaction { actions: Vec<Value> } => "transaction", ()
+);
 command!(JobComplete { id: String } => "job-complete", ());
 command!(JobCancel { id: String } => "job-cancel", ());
 command!(JobDismiss { id: String } => "job-dismiss", ());
