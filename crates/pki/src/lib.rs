@@ -88,7 +88,9 @@ pub struct CertAuthority {
 
 impl std::fmt::Debug for CertAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertAuthority").field("fingerprint", &self.fingerprint()).finish()
+        f.debug_struct("CertAuthority")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
     }
 }
 
@@ -98,17 +100,29 @@ const CA_KEY: &str = "ca.key";
 impl CertAuthority {
     /// A new CA, in memory.
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
-        let gen = |source| PkiError::Generate { name: common_name.to_string(), source };
+        let gen = |source| PkiError::Generate {
+            name: common_name.to_string(),
+            source,
+        };
         let key = KeyPair::generate().map_err(gen)?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
         params.distinguished_name = dn(common_name, None);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
         params.not_after = rcgen::date_time_ymd(2120, 1, 1);
         let issuer = params.self_signed(&key).map_err(gen)?;
         let (pem, der) = (issuer.pem(), issuer.der().to_vec());
-        Ok(Self { issuer, key, pem, der })
+        Ok(Self {
+            issuer,
+            key,
+            pem,
+            der,
+        })
     }
 
     /// Loads the CA from `dir`, creating it there on first use.
@@ -121,17 +135,26 @@ impl CertAuthority {
             let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::BadPem { what: "CA key" })?;
             // rcgen signs with the issuer's parameters and key only, so re-deriving a Certificate
             // from the stored one yields byte-identical issuer names in what we sign.
-            let params = CertificateParams::from_ca_cert_pem(&cert_pem)
-                .map_err(|_| PkiError::BadPem { what: "CA certificate" })?;
-            let issuer = params
-                .self_signed(&key)
-                .map_err(|source| PkiError::Generate { name: common_name.into(), source })?;
+            let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(|_| PkiError::BadPem {
+                what: "CA certificate",
+            })?;
+            let issuer = params.self_signed(&key).map_err(|source| PkiError::Generate {
+                name: common_name.into(),
+                source,
+            })?;
             let der = tls::certs_from_pem(&cert_pem)?
                 .into_iter()
                 .next()
-                .ok_or(PkiError::BadPem { what: "CA certificate" })?
+                .ok_or(PkiError::BadPem {
+                    what: "CA certificate",
+                })?
                 .to_vec();
-            return Ok(Self { issuer, key, pem: cert_pem, der });
+            return Ok(Self {
+                issuer,
+                key,
+                pem: cert_pem,
+                der,
+            });
         }
         let ca = Self::generate(common_name)?;
         files::write_private(&key_path, ca.key.serialize_pem().as_bytes())?;
@@ -150,10 +173,19 @@ impl CertAuthority {
 
     /// Issues a certificate and a fresh key (used by the engine for itself).
     pub fn issue(&self, role: Role, name: &str, sans: &[String]) -> Result<Identity, PkiError> {
-        let gen = |source| PkiError::Generate { name: name.to_string(), source };
+        let gen = |source| PkiError::Generate {
+            name: name.to_string(),
+            source,
+        };
         let key = KeyPair::generate().map_err(gen)?;
-        let cert = leaf_params(role, name, sans)?.signed_by(&key, &self.issuer, &self.key).map_err(gen)?;
-        Ok(Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem: self.cert_pem() })
+        let cert = leaf_params(role, name, sans)?
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(gen)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem(),
+        })
     }
 
     /// Signs a node's CSR. The subject is ours to choose (role and name); only the public key
@@ -166,12 +198,19 @@ impl CertAuthority {
             match san {
                 SanType::DnsName(n) => sans.push(n.to_string()),
                 SanType::IpAddress(ip) => sans.push(ip.to_string()),
-                other => return Err(PkiError::BadCsr(format!("unsupported subject alternative name {other:?}"))),
+                other => {
+                    return Err(PkiError::BadCsr(format!(
+                        "unsupported subject alternative name {other:?}"
+                    )))
+                }
             }
         }
         let cert = leaf_params(role, name, &sans)?
             .signed_by(&csr.public_key, &self.issuer, &self.key)
-            .map_err(|source| PkiError::Generate { name: name.to_string(), source })?;
+            .map_err(|source| PkiError::Generate {
+                name: name.to_string(),
+                source,
+            })?;
         Ok(cert.pem())
     }
 }
@@ -187,8 +226,10 @@ fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {
 }
 
 fn leaf_params(role: Role, name: &str, sans: &[String]) -> Result<CertificateParams, PkiError> {
-    let mut params = CertificateParams::new(Vec::<String>::new())
-        .map_err(|source| PkiError::Generate { name: name.to_string(), source })?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|source| PkiError::Generate {
+        name: name.to_string(),
+        source,
+    })?;
     params.distinguished_name = dn(name, Some(role));
     params.subject_alt_names = sans
         .iter()
@@ -202,8 +243,14 @@ fn leaf_params(role: Role, name: &str, sans: &[String]) -> Result<CertificatePar
         })
         .collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2120, 1, 1);
     Ok(params)
@@ -216,19 +263,30 @@ pub fn fingerprint_der(der: &[u8]) -> String {
 
 /// SHA-256 fingerprint of the first certificate in a PEM string.
 pub fn fingerprint_pem(pem: &str) -> Result<String, PkiError> {
-    let der = tls::certs_from_pem(pem)?.into_iter().next().ok_or(PkiError::BadPem { what: "certificate" })?;
+    let der = tls::certs_from_pem(pem)?
+        .into_iter()
+        .next()
+        .ok_or(PkiError::BadPem { what: "certificate" })?;
     Ok(fingerprint_der(&der))
 }
 
 /// Compares fingerprints written with or without `:` separators, in any case.
 pub fn fingerprint_matches(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.chars().filter(|c| *c != ':').map(|c| c.to_ascii_lowercase()).collect::<String>();
+    let norm = |s: &str| {
+        s.chars()
+            .filter(|c| *c != ':')
+            .map(|c| c.to_ascii_lowercase())
+            .collect::<String>()
+    };
     norm(a) == norm(b)
 }
 
 /// A key and a certificate request for it (what a node sends to enroll).
 pub fn make_csr(name: &str, sans: &[String]) -> Result<(String, String), PkiError> {
-    let gen = |source| PkiError::Generate { name: name.to_string(), source };
+    let gen = |source| PkiError::Generate {
+        name: name.to_string(),
+        source,
+    };
     let key = KeyPair::generate().map_err(gen)?;
     // A CSR carries only the subject and the names; usages are the CA's to decide.
     let full = leaf_params(Role::Node, name, sans)?;
@@ -249,7 +307,9 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -279,8 +339,13 @@ impl Identity {
 
     /// Role and name from this identity's certificate.
     pub fn subject(&self) -> Result<PeerIdentity, PkiError> {
-        let der = tls::certs_from_pem(&self.cert_pem)?.into_iter().next().ok_or(PkiError::BadPem { what: "certificate" })?;
-        peer_identity(&der).ok_or(PkiError::BadPem { what: "certificate subject" })
+        let der = tls::certs_from_pem(&self.cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or(PkiError::BadPem { what: "certificate" })?;
+        peer_identity(&der).ok_or(PkiError::BadPem {
+            what: "certificate subject",
+        })
     }
 }
 

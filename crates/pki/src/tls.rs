@@ -48,7 +48,12 @@ pub struct PeerIdentity {
 pub fn peer_identity(der: &[u8]) -> Option<PeerIdentity> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
-    let role = subject.iter_organizational_unit().next()?.as_str().ok().and_then(Role::parse)?;
+    let role = subject
+        .iter_organizational_unit()
+        .next()?
+        .as_str()
+        .ok()
+        .and_then(Role::parse)?;
     let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
     Some(PeerIdentity { role, name })
 }
@@ -73,7 +78,10 @@ impl ClientCertVerifier for RoleVerifier {
         let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         match peer_identity(end_entity) {
             Some(p) if p.role == self.role => Ok(ok),
-            _ => Err(rustls::Error::General(format!("client certificate is not an {} certificate", self.role.as_str()))),
+            _ => Err(rustls::Error::General(format!(
+                "client certificate is not an {} certificate",
+                self.role.as_str()
+            ))),
         }
     }
     fn verify_tls12_signature(
@@ -100,16 +108,24 @@ impl ClientCertVerifier for RoleVerifier {
 /// A TLS server presenting `identity`. With `client_role`, a client certificate issued by the
 /// same CA with that role is required; without, no client certificate is asked for (the
 /// engine's enrollment and SSO endpoints, a node that has not enrolled yet).
-pub fn server_config(identity: &Identity, client_role: Option<Role>) -> Result<rustls::ServerConfig, PkiError> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+pub fn server_config(
+    identity: &Identity,
+    client_role: Option<Role>,
+) -> Result<rustls::ServerConfig, PkiError> {
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match client_role {
         Some(role) => {
-            let inner = WebPkiClientVerifier::builder_with_provider(roots(&identity.ca_pem)?, provider()).build()?;
+            let inner =
+                WebPkiClientVerifier::builder_with_provider(roots(&identity.ca_pem)?, provider()).build()?;
             builder.with_client_cert_verifier(Arc::new(RoleVerifier { inner, role }))
         }
         None => builder.with_no_client_auth(),
     };
-    let mut cfg = builder.with_single_cert(certs_from_pem(&identity.cert_pem)?, key_from_pem(&identity.key_pem)?)?;
+    let mut cfg = builder.with_single_cert(
+        certs_from_pem(&identity.cert_pem)?,
+        key_from_pem(&identity.key_pem)?,
+    )?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -120,7 +136,9 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<rustls
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca_pem)?);
     let cfg = match identity {
-        Some(id) => builder.with_client_auth_cert(certs_from_pem(&id.cert_pem)?, key_from_pem(&id.key_pem)?)?,
+        Some(id) => {
+            builder.with_client_auth_cert(certs_from_pem(&id.cert_pem)?, key_from_pem(&id.key_pem)?)?
+        }
         None => builder.with_no_client_auth(),
     };
     Ok(cfg)
@@ -157,7 +175,12 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -165,7 +188,12 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         provider().signature_verification_algorithms.supported_schemes()
