@@ -1,0 +1,851 @@
+//! Image and volume verbs on a file domain: create, snapshot, template and clone, delete, cold
+//! merge, resize, measure, legality, copy and move.
+//!
+//! Every verb validates its input and the chain *before* touching storage (bad input changes
+//! nothing), then runs as one journaled [`Operation`] whose steps keep LEGALITY right: a new
+//! volume is written ILLEGAL and turned LEGAL by its last step; a merge base is ILLEGAL from
+//! prepare until finalize; a volume being deleted is ILLEGAL before its files go.
+//!
+//! Invariant: the metadata of a SHARED (template) volume is never rewritten while the template
+//! has clones, since rewriting by rename would split its hard links.
+
+use std::path::PathBuf;
+
+use oxvirt_qemu::img::{Measure, MeasureRequest};
+use oxvirt_types::{ImgUuid, VolUuid};
+use serde::Serialize;
+
+use crate::chain::Chain;
+use crate::domain::FileStorageDomain;
+use crate::error::{Result, StorageError};
+use crate::fsio;
+use crate::ops::{self, DataSpec, Operation, Step, REMOVED_IMAGE_PREFIX};
+use crate::volmeta::{Allocation, Legality, VolFormat, VolRole, VolumeMetadata};
+
+/// Capacities are rounded up to this (VDSM rounds to 4 KiB).
+pub const CAPACITY_ALIGN: u64 = 4096;
+/// Largest capacity accepted (1 PiB).
+pub const MAX_CAPACITY: u64 = 1 << 50;
+
+/// A new base volume (the first volume of a new image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub capacity: u64,
+    pub format: VolFormat,
+    pub allocation: Allocation,
+    /// VDSM disk type; "DATA" for ordinary disks.
+    pub disktype: String,
+    pub description: String,
+}
+
+impl VolumeSpec {
+    pub fn new(capacity: u64, format: VolFormat, allocation: Allocation) -> Self {
+        Self {
+            capacity,
+            format,
+            allocation,
+            disktype: "DATA".into(),
+            description: String::new(),
+        }
+    }
+}
+
+/// How [`FileStorageDomain::copy_image`] lays out the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Volume by volume, keeping ids, formats and the chain (a template base must already be
+    /// on the destination, in its own image).
+    Chain,
+    /// The whole chain's content into one base volume `vol`.
+    Collapsed {
+        vol: VolUuid,
+        format: VolFormat,
+        allocation: Allocation,
+    },
+}
+
+/// A volume with its sizes on storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    pub id: VolUuid,
+    pub meta: VolumeMetadata,
+    pub path: PathBuf,
+    /// File size.
+    pub apparent_size: u64,
+    /// Allocated bytes.
+    pub true_size: u64,
+}
+
+/// One image as `dump-chains` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageChainReport {
+    pub image: ImgUuid,
+    /// Volumes base first, or why the chain could not be built.
+    pub chain: std::result::Result<Vec<VolumeInfo>, String>,
+}
+
+fn round_capacity(what: &'static str, cap: u64) -> Result<u64> {
+    if cap == 0 || cap > MAX_CAPACITY {
+        return Err(StorageError::invalid(what, format!("{cap} bytes is outside 1..={MAX_CAPACITY}")));
+    }
+    Ok(cap.div_ceil(CAPACITY_ALIGN) * CAPACITY_ALIGN)
+}
+
+fn check_meta(img: ImgUuid, vol: VolUuid, meta: &VolumeMetadata) -> Result<()> {
+    meta.encode()
+        .map(drop)
+        .map_err(|source| StorageError::VolumeMetadata { img, vol, source })
+}
+
+fn state_err(img: ImgUuid, vol: VolUuid, verb: &'static str, state: String, needed: &'static str) -> StorageError {
+    StorageError::WrongState {
+        img,
+        vol,
+        verb,
+        state,
+        needed,
+    }
+}
+
+impl FileStorageDomain {
+    fn ensure_new_volume(&self, vol: VolUuid) -> Result<()> {
+        if self.images_containing(vol)?.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::VolumeExists { sd: self.sd(), vol })
+        }
+    }
+
+    fn ensure_new_image(&self, img: ImgUuid) -> Result<()> {
+        let removed = self.images_dir().join(format!("{REMOVED_IMAGE_PREFIX}{img}"));
+        if self.image_exists(img) || removed.exists() {
+            return Err(StorageError::ImageExists { sd: self.sd(), img });
+        }
+        Ok(())
+    }
+
+    /// Steps that bring a new volume's data (already planned) to a LEGAL volume: ILLEGAL
+    /// metadata, lease, LEGAL metadata.
+    fn finish_new_volume(op: &mut Operation, img: ImgUuid, vol: VolUuid, meta: &VolumeMetadata) {
+        let mut illegal = meta.clone();
+        illegal.legality = Legality::Illegal;
+        let mut legal = meta.clone();
+        legal.legality = Legality::Legal;
+        op.undoable(
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: illegal.clone(),
+            },
+            Step::RemoveMeta { img, vol },
+        )
+        .undoable(Step::InitLease { img, vol }, Step::RemoveLease { img, vol })
+        .undoable(
+            Step::WriteMeta { img, vol, meta: legal },
+            Step::WriteMeta { img, vol, meta: illegal },
+        );
+    }
+
+    /// Creates a new image with one base volume.
+    pub fn create_volume(&self, img: ImgUuid, vol: VolUuid, spec: &VolumeSpec) -> Result<VolumeMetadata> {
+        let _g = self.lock_ops();
+        let capacity = round_capacity("capacity", spec.capacity)?;
+        let meta = VolumeMetadata {
+            domain: self.sd(),
+            image: img,
+            parent: VolUuid::nil(),
+            capacity,
+            format: spec.format,
+            allocation: spec.allocation,
+            role: VolRole::Leaf,
+            disktype: spec.disktype.clone(),
+            description: spec.description.clone(),
+            legality: Legality::Legal,
+            ctime: self.now(),
+            generation: 0,
+            sequence: 1,
+        };
+        check_meta(img, vol, &meta)?;
+        self.ensure_new_image(img)?;
+        self.ensure_new_volume(vol)?;
+        let mut op = Operation::new("create_volume", self.sd());
+        op.undoable(Step::MakeImageDir { img }, Step::RemoveImageDirIfEmpty { img })
+            .undoable(
+                Step::CreateData {
+                    img,
+                    vol,
+                    spec: DataSpec {
+                        format: spec.format,
+                        allocation: spec.allocation,
+                        capacity,
+                        backing: None,
+                    },
+                },
+                Step::RemoveData { img, vol },
+            );
+        Self::finish_new_volume(&mut op, img, vol, &meta);
+        ops::run(self, &[], op, &mut |_| {})?;
+        Ok(meta)
+    }
+
+    /// Creates volume `new_vol` on top of the image's leaf: the leaf becomes INTERNAL, the new
+    /// volume (qcow2, backing file = the bare parent volUUID) the LEAF. `capacity` defaults to
+    /// the parent's. This is also the volume a live snapshot switches the running VM to.
+    pub fn create_snapshot(
+        &self,
+        img: ImgUuid,
+        new_vol: VolUuid,
+        capacity: Option<u64>,
+        description: &str,
+    ) -> Result<VolumeMetadata> {
+        let _g = self.lock_ops();
+        let chain = self.chain(img)?;
+        let leaf = chain.leaf();
+        if leaf.meta.role != VolRole::Leaf || leaf.meta.image != img {
+            return Err(state_err(img, leaf.id, "create_snapshot", format!("is {}", leaf.meta.role), "a LEAF of this image"));
+        }
+        if leaf.meta.legality != Legality::Legal {
+            return Err(state_err(img, leaf.id, "create_snapshot", format!("is {}", leaf.meta.legality), "LEGAL"));
+        }
+        let capacity = round_capacity("capacity", capacity.unwrap_or(leaf.meta.capacity))?;
+        if capacity < leaf.meta.capacity {
+            return Err(StorageError::invalid(
+                "capacity",
+                format!("{capacity} is smaller than the parent's {}", leaf.meta.capacity),
+            ));
+        }
+        let meta = VolumeMetadata {
+            domain: self.sd(),
+            image: img,
+            parent: leaf.id,
+            capacity,
+            format: VolFormat::Cow,
+            allocation: Allocation::Sparse,
+            role: VolRole::Leaf,
+            disktype: leaf.meta.disktype.clone(),
+            description: description.to_string(),
+            legality: Legality::Legal,
+            ctime: self.now(),
+            generation: 0,
+            sequence: chain.volumes.iter().map(|v| v.meta.sequence).max().unwrap_or(0) + 1,
+        };
+        check_meta(img, new_vol, &meta)?;
+        self.ensure_new_volume(new_vol)?;
+        let mut internal = leaf.meta.clone();
+        internal.role = VolRole::Internal;
+        let mut op = Operation::new("create_snapshot", self.sd());
+        op.undoable(
+            Step::WriteMeta {
+                img,
+                vol: leaf.id,
+                meta: internal,
+            },
+            Step::WriteMeta {
+                img,
+                vol: leaf.id,
+                meta: leaf.meta.clone(),
+            },
+        )
+        .undoable(
+            Step::CreateData {
+                img,
+                vol: new_vol,
+                spec: DataSpec {
+                    format: VolFormat::Cow,
+                    allocation: Allocation::Sparse,
+                    capacity,
+                    backing: Some((leaf.id, leaf.meta.format)),
+                },
+            },
+            Step::RemoveData { img, vol: new_vol },
+        );
+        Self::finish_new_volume(&mut op, img, new_vol, &meta);
+        ops::run(self, &[], op, &mut |_| {})?;
+        Ok(meta)
+    }
+
+    /// Marks the single volume of `img` as a template (SHARED). The image must hold exactly
+    /// one LEGAL volume with no parent, and no clones may exist yet.
+    pub fn make_template(&self, img: ImgUuid, vol: VolUuid) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.chain(img)?;
+        if chain.volumes.len() != 1 || chain.leaf().id != vol {
+            return Err(StorageError::invalid(
+                "template",
+                format!("image {img} must hold exactly volume {vol}, it holds {:?}", chain.ids()),
+            ));
+        }
+        let v = chain.leaf();
+        if v.meta.legality != Legality::Legal {
+            return Err(state_err(img, vol, "make_template", format!("is {}", v.meta.legality), "LEGAL"));
+        }
+        if v.meta.role == VolRole::Shared {
+            return Ok(());
+        }
+        let mut meta = v.meta.clone();
+        meta.role = VolRole::Shared;
+        self.write_meta(img, vol, &meta)
+    }
+
+    /// Creates image `img` as a thin clone of template volume `tmpl_vol` (of image `tmpl_img`):
+    /// the template's files are hard-linked into the new image directory and a new qcow2 leaf
+    /// `vol` is created on top of it.
+    pub fn clone_from_template(
+        &self,
+        tmpl_img: ImgUuid,
+        tmpl_vol: VolUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        description: &str,
+    ) -> Result<VolumeMetadata> {
+        let _g = self.lock_ops();
+        let t = self.read_meta(tmpl_img, tmpl_vol)?;
+        if t.role != VolRole::Shared || t.image != tmpl_img {
+            return Err(state_err(tmpl_img, tmpl_vol, "clone_from_template", format!("is {}", t.role), "a SHARED template volume of its own image"));
+        }
+        if t.legality != Legality::Legal {
+            return Err(state_err(tmpl_img, tmpl_vol, "clone_from_template", format!("is {}", t.legality), "LEGAL"));
+        }
+        let meta = VolumeMetadata {
+            domain: self.sd(),
+            image: img,
+            parent: tmpl_vol,
+            capacity: t.capacity,
+            format: VolFormat::Cow,
+            allocation: Allocation::Sparse,
+            role: VolRole::Leaf,
+            disktype: t.disktype.clone(),
+            description: description.to_string(),
+            legality: Legality::Legal,
+            ctime: self.now(),
+            generation: 0,
+            sequence: 1,
+        };
+        check_meta(img, vol, &meta)?;
+        self.ensure_new_image(img)?;
+        self.ensure_new_volume(vol)?;
+        let mut op = Operation::new("clone_from_template", self.sd());
+        op.undoable(Step::MakeImageDir { img }, Step::RemoveImageDirIfEmpty { img })
+            .undoable(
+                Step::LinkShared {
+                    from: tmpl_img,
+                    to: img,
+                    vol: tmpl_vol,
+                },
+                Step::UnlinkShared { img, vol: tmpl_vol },
+            )
+            .undoable(
+                Step::CreateData {
+                    img,
+                    vol,
+                    spec: DataSpec {
+                        format: VolFormat::Cow,
+                        allocation: Allocation::Sparse,
+                        capacity: t.capacity,
+                        backing: Some((tmpl_vol, t.format)),
+                    },
+                },
+                Step::RemoveData { img, vol },
+            );
+        Self::finish_new_volume(&mut op, img, vol, &meta);
+        ops::run(self, &[], op, &mut |_| {})?;
+        Ok(meta)
+    }
+
+    /// Deletes the leaf volume `vol` of `img` (its parent becomes the LEAF). Deleting the only
+    /// own volume of an image is [`FileStorageDomain::delete_image`]'s job.
+    pub fn delete_volume(&self, img: ImgUuid, vol: VolUuid) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.chain(img)?;
+        let v = chain.get(vol).ok_or(StorageError::NoVolume { img, vol })?;
+        if chain.leaf().id != vol || v.meta.role == VolRole::Shared {
+            return Err(state_err(img, vol, "delete_volume", format!("is {} at position {:?}", v.meta.role, chain.position(vol)), "the LEAF of the chain"));
+        }
+        let parent = v
+            .meta
+            .parent()
+            .and_then(|p| chain.get(p))
+            .filter(|p| p.meta.image == img)
+            .ok_or_else(|| state_err(img, vol, "delete_volume", "is the image's only own volume".into(), "a parent in the same image (delete the image instead)"))?;
+        let mut illegal = v.meta.clone();
+        illegal.legality = Legality::Illegal;
+        let mut new_leaf = parent.meta.clone();
+        new_leaf.role = VolRole::Leaf;
+        let mut op = Operation::new("delete_volume", self.sd());
+        op.undoable(
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: illegal,
+            },
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: v.meta.clone(),
+            },
+        )
+        .forward(Step::RemoveData { img, vol })
+        .forward(Step::RemoveLease { img, vol })
+        .forward(Step::RemoveMeta { img, vol })
+        .forward(Step::WriteMeta {
+            img,
+            vol: parent.id,
+            meta: new_leaf,
+        });
+        ops::run(self, &[], op, &mut |_| {})
+    }
+
+    /// Deletes a whole image: renamed to `_remove_me_<img>` (the commit point), then purged.
+    /// A template image cannot be deleted while clones use it.
+    pub fn delete_image(&self, img: ImgUuid) -> Result<()> {
+        let _g = self.lock_ops();
+        if !self.image_exists(img) {
+            return Err(StorageError::NoImage { sd: self.sd(), img });
+        }
+        for vol in self.volume_ids(img)? {
+            let m = self.read_meta(img, vol);
+            if matches!(&m, Ok(m) if m.role == VolRole::Shared && m.image == img) {
+                let clones: Vec<ImgUuid> = self.images_containing(vol)?.into_iter().filter(|i| *i != img).collect();
+                if !clones.is_empty() {
+                    return Err(StorageError::TemplateInUse { img, vol, clones });
+                }
+            }
+        }
+        let removed = format!("{REMOVED_IMAGE_PREFIX}{img}");
+        if self.images_dir().join(&removed).exists() {
+            return Err(StorageError::invalid("image", format!("{removed} exists: run recovery first")));
+        }
+        let mut op = Operation::new("delete_image", self.sd());
+        op.undoable(
+            Step::RenameImageDir {
+                from: img.to_string(),
+                to: removed.clone(),
+            },
+            Step::RenameImageDir {
+                from: removed,
+                to: img.to_string(),
+            },
+        )
+        .forward(Step::PurgeRemovedImage { img });
+        ops::run(self, &[], op, &mut |_| {})
+    }
+
+    /// Checks a merge of `top` into its parent `base` is possible; returns the chain.
+    fn merge_chain(&self, img: ImgUuid, base: VolUuid, top: VolUuid, verb: &'static str) -> Result<Chain> {
+        let chain = self.chain(img)?;
+        let t = chain.get(top).ok_or(StorageError::NoVolume { img, vol: top })?;
+        let b = chain.get(base).ok_or(StorageError::NoVolume { img, vol: base })?;
+        if t.meta.parent != base {
+            return Err(StorageError::invalid("merge", format!("volume {top} is not a child of {base}")));
+        }
+        for v in [t, b] {
+            if v.meta.role == VolRole::Shared || v.meta.image != img {
+                return Err(state_err(img, v.id, verb, format!("is {}", v.meta.role), "a volume of this image that is not a template"));
+            }
+        }
+        if t.meta.legality != Legality::Legal {
+            return Err(state_err(img, top, verb, format!("is {}", t.meta.legality), "LEGAL"));
+        }
+        Ok(chain)
+    }
+
+    fn prepare_steps(op: &mut Operation, img: ImgUuid, chain: &Chain, base: VolUuid, top: VolUuid) {
+        let b = chain.get(base).expect("validated");
+        let t = chain.get(top).expect("validated");
+        let capacity = b.meta.capacity.max(t.meta.capacity);
+        let mut prepared = b.meta.clone();
+        prepared.legality = Legality::Illegal;
+        prepared.capacity = capacity;
+        op.undoable(
+            Step::WriteMeta {
+                img,
+                vol: base,
+                meta: prepared,
+            },
+            Step::WriteMeta {
+                img,
+                vol: base,
+                meta: b.meta.clone(),
+            },
+        );
+        if capacity > b.meta.capacity {
+            op.forward(Step::Resize {
+                img,
+                vol: base,
+                format: b.meta.format,
+                allocation: b.meta.allocation,
+                capacity,
+            });
+        }
+    }
+
+    fn commit_step(op: &mut Operation, img: ImgUuid, chain: &Chain, base: VolUuid, top: VolUuid) {
+        let t = chain.get(top).expect("validated");
+        op.forward(Step::Commit {
+            img,
+            top,
+            top_format: t.meta.format,
+            base,
+        });
+    }
+
+    fn finalize_steps(op: &mut Operation, img: ImgUuid, chain: &Chain, base: VolUuid, top: VolUuid) {
+        let b = chain.get(base).expect("validated");
+        let t = chain.get(top).expect("validated");
+        let mut dead_top = t.meta.clone();
+        dead_top.legality = Legality::Illegal;
+        op.forward(Step::WriteMeta {
+            img,
+            vol: top,
+            meta: dead_top,
+        });
+        let mut new_base = b.meta.clone();
+        new_base.capacity = b.meta.capacity.max(t.meta.capacity);
+        new_base.legality = Legality::Legal;
+        new_base.generation = b.meta.next_generation();
+        match chain.child_of(top) {
+            None => new_base.role = VolRole::Leaf,
+            Some(child) => {
+                op.forward(Step::Rebase {
+                    img,
+                    vol: child.id,
+                    backing: Some((base, b.meta.format)),
+                });
+                let mut relinked = child.meta.clone();
+                relinked.parent = base;
+                op.forward(Step::WriteMeta {
+                    img,
+                    vol: child.id,
+                    meta: relinked,
+                });
+            }
+        }
+        op.forward(Step::RemoveData { img, vol: top })
+            .forward(Step::RemoveLease { img, vol: top })
+            .forward(Step::RemoveMeta { img, vol: top })
+            .forward(Step::WriteMeta {
+                img,
+                vol: base,
+                meta: new_base,
+            });
+    }
+
+    /// Cold merge, phase 1 (SPM): marks `base` ILLEGAL and grows it to `top`'s capacity.
+    pub fn prepare_merge(&self, img: ImgUuid, base: VolUuid, top: VolUuid) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.merge_chain(img, base, top, "prepare_merge")?;
+        let b = chain.get(base).expect("validated");
+        if b.meta.legality != Legality::Legal {
+            return Err(state_err(img, base, "prepare_merge", format!("is {}", b.meta.legality), "LEGAL"));
+        }
+        let mut op = Operation::new("prepare_merge", self.sd());
+        Self::prepare_steps(&mut op, img, &chain, base, top);
+        ops::run(self, &[], op, &mut |_| {})
+    }
+
+    /// Cold merge, phase 2 (any host): `qemu-img commit` of `top` into the prepared `base`.
+    pub fn merge_commit(&self, img: ImgUuid, base: VolUuid, top: VolUuid, progress: &mut dyn FnMut(f64)) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.merge_chain(img, base, top, "merge_commit")?;
+        self.require_prepared(&chain, img, base, "merge_commit")?;
+        let mut op = Operation::new("merge_commit", self.sd());
+        Self::commit_step(&mut op, img, &chain, base, top);
+        ops::run(self, &[], op, progress)
+    }
+
+    /// Cold merge, phase 3 (SPM): re-links the chain around `top` (`qemu-img rebase -u` of its
+    /// child, or `base` becomes the LEAF), deletes `top` and marks `base` LEGAL.
+    pub fn finalize_merge(&self, img: ImgUuid, base: VolUuid, top: VolUuid) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.merge_chain(img, base, top, "finalize_merge")?;
+        self.require_prepared(&chain, img, base, "finalize_merge")?;
+        let mut op = Operation::new("finalize_merge", self.sd());
+        Self::finalize_steps(&mut op, img, &chain, base, top);
+        ops::run(self, &[], op, &mut |_| {})
+    }
+
+    fn require_prepared(&self, chain: &Chain, img: ImgUuid, base: VolUuid, verb: &'static str) -> Result<()> {
+        let b = chain.get(base).expect("validated");
+        if b.meta.legality != Legality::Illegal {
+            return Err(state_err(img, base, verb, "is LEGAL (not prepared)".into(), "a base prepared by prepare_merge"));
+        }
+        Ok(())
+    }
+
+    /// All three cold-merge phases as one journaled operation: merges `top` into its parent
+    /// `base` and removes `top`, for a leaf or an internal `top`.
+    pub fn cold_merge(&self, img: ImgUuid, base: VolUuid, top: VolUuid, progress: &mut dyn FnMut(f64)) -> Result<()> {
+        let _g = self.lock_ops();
+        let chain = self.merge_chain(img, base, top, "cold_merge")?;
+        let b = chain.get(base).expect("validated");
+        if b.meta.legality != Legality::Legal {
+            return Err(state_err(img, base, "cold_merge", format!("is {}", b.meta.legality), "LEGAL"));
+        }
+        let mut op = Operation::new("cold_merge", self.sd());
+        Self::prepare_steps(&mut op, img, &chain, base, top);
+        Self::commit_step(&mut op, img, &chain, base, top);
+        Self::finalize_steps(&mut op, img, &chain, base, top);
+        ops::run(self, &[], op, progress)
+    }
+
+    /// Extends the capacity of the image's leaf `vol`; returns the new capacity.
+    pub fn resize_volume(&self, img: ImgUuid, vol: VolUuid, capacity: u64) -> Result<u64> {
+        let _g = self.lock_ops();
+        let capacity = round_capacity("capacity", capacity)?;
+        let chain = self.chain(img)?;
+        let v = chain.get(vol).ok_or(StorageError::NoVolume { img, vol })?;
+        if chain.leaf().id != vol || v.meta.role != VolRole::Leaf {
+            return Err(state_err(img, vol, "resize_volume", format!("is {}", v.meta.role), "the LEAF"));
+        }
+        if v.meta.legality != Legality::Legal {
+            return Err(state_err(img, vol, "resize_volume", format!("is {}", v.meta.legality), "LEGAL"));
+        }
+        if capacity < v.meta.capacity {
+            return Err(StorageError::invalid("capacity", format!("{capacity} would shrink volume {vol} ({} bytes)", v.meta.capacity)));
+        }
+        if capacity == v.meta.capacity {
+            return Ok(capacity);
+        }
+        let mut meta = v.meta.clone();
+        meta.capacity = capacity;
+        meta.generation = v.meta.next_generation();
+        let mut op = Operation::new("resize_volume", self.sd());
+        op.forward(Step::Resize {
+            img,
+            vol,
+            format: v.meta.format,
+            allocation: v.meta.allocation,
+            capacity,
+        })
+        .forward(Step::WriteMeta { img, vol, meta });
+        ops::run(self, &[], op, &mut |_| {})?;
+        Ok(capacity)
+    }
+
+    /// `qemu-img measure` of the chain up to `vol` (default: the leaf) as one `format` volume:
+    /// the space a collapsed copy needs.
+    pub fn measure(&self, img: ImgUuid, vol: Option<VolUuid>, format: VolFormat) -> Result<Measure> {
+        let chain = self.chain(img)?;
+        let v = match vol {
+            Some(id) => chain.get(id).ok_or(StorageError::NoVolume { img, vol: id })?,
+            None => chain.leaf(),
+        };
+        let path = self.volume_path(img, v.id);
+        self.qemu()
+            .measure(&MeasureRequest {
+                src: Some((&path, Some(v.meta.format.image_format()))),
+                size: None,
+                out_format: format.image_format(),
+            })
+            .map_err(|source| StorageError::Qemu {
+                subject: format!("measure of volume {}", v.id),
+                source,
+            })
+    }
+
+    /// Sets a volume's LEGALITY (an administrator's repair after inspecting a chain).
+    pub fn set_legality(&self, img: ImgUuid, vol: VolUuid, legality: Legality) -> Result<()> {
+        let _g = self.lock_ops();
+        let mut meta = self.read_meta(img, vol)?;
+        if meta.image != img {
+            return Err(state_err(img, vol, "set_legality", "belongs to another image (template)".into(), "a volume of this image"));
+        }
+        if meta.legality == legality {
+            return Ok(());
+        }
+        meta.legality = legality;
+        self.write_meta(img, vol, &meta)
+    }
+
+    pub fn volume_info(&self, img: ImgUuid, vol: VolUuid) -> Result<VolumeInfo> {
+        let meta = self.read_meta(img, vol)?;
+        let path = self.volume_path(img, vol);
+        let st = std::fs::metadata(&path).map_err(StorageError::io("stat", &path))?;
+        Ok(VolumeInfo {
+            id: vol,
+            meta,
+            apparent_size: st.len(),
+            true_size: fsio::allocated(&path).unwrap_or(0),
+            path,
+        })
+    }
+
+    /// Every image's chain with sizes (`vdsm-tool dump-volume-chains`).
+    pub fn dump_chains(&self) -> Result<Vec<ImageChainReport>> {
+        let mut out = Vec::new();
+        for img in self.images()? {
+            let chain = self.chain(img).map_err(|e| e.to_string()).and_then(|c| {
+                c.ids()
+                    .into_iter()
+                    .map(|v| self.volume_info(img, v).map_err(|e| e.to_string()))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            });
+            out.push(ImageChainReport { image: img, chain });
+        }
+        Ok(out)
+    }
+
+    /// Copies image `img` of this domain to `dst` as image `dst_img`, reporting progress
+    /// (0..=100). The copy is built ILLEGAL and turned LEGAL at the end; a failure removes it.
+    pub fn copy_image(
+        &self,
+        img: ImgUuid,
+        dst: &FileStorageDomain,
+        dst_img: ImgUuid,
+        mode: CopyMode,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
+        let _g = if std::ptr::eq(self, dst) { None } else { Some(self.lock_ops()) };
+        let _gd = dst.lock_ops();
+        let chain = self.chain(img)?;
+        if let Some(p) = chain.volumes.iter().find(|v| v.meta.legality != Legality::Legal) {
+            return Err(state_err(img, p.id, "copy_image", format!("is {}", p.meta.legality), "LEGAL"));
+        }
+        dst.ensure_new_image(dst_img)?;
+        let mut op = Operation::new("copy_image", dst.sd());
+        op.undoable(Step::MakeImageDir { img: dst_img }, Step::RemoveImageDirIfEmpty { img: dst_img });
+        let mut finals = Vec::new();
+        match mode {
+            CopyMode::Chain => {
+                if let Some(t) = chain.template() {
+                    let on_dst = dst.read_meta(t.meta.image, t.id).map_err(|_| {
+                        StorageError::invalid(
+                            "copy",
+                            format!("template volume {} (image {}) must be copied to domain {} first", t.id, t.meta.image, dst.sd()),
+                        )
+                    })?;
+                    if on_dst.role != VolRole::Shared {
+                        return Err(state_err(t.meta.image, t.id, "copy_image", format!("is {} on the destination", on_dst.role), "SHARED"));
+                    }
+                    op.undoable(
+                        Step::LinkShared {
+                            from: t.meta.image,
+                            to: dst_img,
+                            vol: t.id,
+                        },
+                        Step::UnlinkShared { img: dst_img, vol: t.id },
+                    );
+                }
+                let own: Vec<_> = chain.own_volumes().collect();
+                for v in &own {
+                    dst.ensure_new_volume(v.id)?;
+                }
+                let weights: Vec<f64> = own
+                    .iter()
+                    .map(|v| fsio::allocated(&self.volume_path(img, v.id)).unwrap_or(0).max(1 << 20) as f64)
+                    .collect();
+                let total: f64 = weights.iter().sum();
+                let mut start = 0.0;
+                for (v, w) in own.iter().zip(&weights) {
+                    let share = 100.0 * w / total;
+                    let backing = v.meta.parent().map(|p| (p, chain.get(p).expect("chain member").meta.format));
+                    op.undoable(
+                        Step::CopyVolume {
+                            src_sd: self.sd(),
+                            src_img: img,
+                            src_vol: v.id,
+                            src_format: v.meta.format,
+                            img: dst_img,
+                            vol: v.id,
+                            spec: DataSpec {
+                                format: v.meta.format,
+                                allocation: v.meta.allocation,
+                                capacity: v.meta.capacity,
+                                backing,
+                            },
+                            collapsed: false,
+                            progress: (start, share),
+                        },
+                        Step::RemoveData { img: dst_img, vol: v.id },
+                    );
+                    start += share;
+                    let mut meta = v.meta.clone();
+                    meta.domain = dst.sd();
+                    meta.image = dst_img;
+                    check_meta(dst_img, v.id, &meta)?;
+                    finals.push((v.id, meta));
+                }
+            }
+            CopyMode::Collapsed { vol, format, allocation } => {
+                dst.ensure_new_volume(vol)?;
+                let leaf = chain.leaf();
+                op.undoable(
+                    Step::CopyVolume {
+                        src_sd: self.sd(),
+                        src_img: img,
+                        src_vol: leaf.id,
+                        src_format: leaf.meta.format,
+                        img: dst_img,
+                        vol,
+                        spec: DataSpec {
+                            format,
+                            allocation,
+                            capacity: leaf.meta.capacity,
+                            backing: None,
+                        },
+                        collapsed: true,
+                        progress: (0.0, 100.0),
+                    },
+                    Step::RemoveData { img: dst_img, vol },
+                );
+                let meta = VolumeMetadata {
+                    domain: dst.sd(),
+                    image: dst_img,
+                    parent: VolUuid::nil(),
+                    capacity: leaf.meta.capacity,
+                    format,
+                    allocation,
+                    role: VolRole::Leaf,
+                    disktype: leaf.meta.disktype.clone(),
+                    description: leaf.meta.description.clone(),
+                    legality: Legality::Legal,
+                    ctime: dst.now(),
+                    generation: 0,
+                    sequence: 1,
+                };
+                check_meta(dst_img, vol, &meta)?;
+                finals.push((vol, meta));
+            }
+        }
+        // ILLEGAL metadata and leases for every copied volume, then all LEGAL together.
+        for (vol, meta) in &finals {
+            let mut illegal = meta.clone();
+            illegal.legality = Legality::Illegal;
+            op.undoable(
+                Step::WriteMeta {
+                    img: dst_img,
+                    vol: *vol,
+                    meta: illegal,
+                },
+                Step::RemoveMeta { img: dst_img, vol: *vol },
+            )
+            .undoable(Step::InitLease { img: dst_img, vol: *vol }, Step::RemoveLease { img: dst_img, vol: *vol });
+        }
+        for (vol, meta) in &finals {
+            let mut illegal = meta.clone();
+            illegal.legality = Legality::Illegal;
+            op.undoable(
+                Step::WriteMeta {
+                    img: dst_img,
+                    vol: *vol,
+                    meta: meta.clone(),
+                },
+                Step::WriteMeta {
+                    img: dst_img,
+                    vol: *vol,
+                    meta: illegal,
+                },
+            );
+        }
+        ops::run(dst, &[self], op, progress)
+    }
+
+    /// Moves an image to another domain: a chain copy, then deletion of the source.
+    pub fn move_image(&self, img: ImgUuid, dst: &FileStorageDomain, progress: &mut dyn FnMut(f64)) -> Result<()> {
+        if self.sd() == dst.sd() {
+            return Err(StorageError::invalid("move", format!("source and destination are both domain {}", self.sd())));
+        }
+        self.copy_image(img, dst, img, CopyMode::Chain, progress)?;
+        self.delete_image(img)
+    }
+}
