@@ -2,3 +2,5 @@
 //!
 //! Architecture invariant: the node stores nothing outside shared storage and its run directory;
 //! a restarted node rebuilds its state from both.
+
+pub mod vm;

@@ -1,0 +1,1770 @@
+//! The VM manager: runs VMs as QEMU processes driven over QMP.
+//!
+//! [`VmManager`] owns every VM on this node. Each VM has a directory in the node's run
+//! directory, `<run_dir>/vms/<vm id>/`, holding everything needed to find it again after the
+//! node process dies: `vm.json` (the [`VmRecord`]: the create request with its current volume
+//! chains, and the loop devices of thin disks), `qemu.pid`, `qmp.sock`, `qga.sock`,
+//! `serial.log`, `vnc.sock` and `qemu.log` (QEMU's stderr). QEMU runs in its own session and
+//! survives the node (see [`process`]); [`VmManager::open`] recovers every VM it finds there.
+//!
+//! Per VM, one task consumes QMP events and the process's exit and feeds the state machine in
+//! [`state`] (the lifecycle diagram lives there). Commands check the state first, act through
+//! QMP, and wait (bounded) until the events they cause have moved the state, so a command that
+//! returns has taken effect.
+//!
+//! Storage verbs stay with the SPM: for a live snapshot the caller has already created the
+//! overlay volume (qcow2, backing = the current top); for a live merge the SPM deletes the
+//! merged volumes afterwards; for thin disks extends go through [`thin::ExtendRequester`].
+//!
+//! Architecture invariant: the run directory only caches what can be re-derived (the chain is
+//! also in the volumes' metadata, the state in QEMU); QEMU processes are never children whose
+//! lives depend on the node's.
+
+pub mod control;
+pub mod hooks;
+pub mod ksm;
+pub mod process;
+pub mod state;
+pub mod thin;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oxvirt_qemu::cmdline::{format_node_name, layer_blockdevs, protocol_node_name};
+use oxvirt_qemu::qga::GuestAgent;
+use oxvirt_qemu::qmp::{self, Event, Qmp, QmpError};
+use oxvirt_qemu::{
+    Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, NicSpec, QemuTool, VmSpec, WriteErrorPolicy,
+};
+use oxvirt_types::{SdUuid, VmId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use self::hooks::{HookError, HookPoint, Hooks};
+use self::process::{Exit, Process};
+pub use self::state::{DownKind, DownReason, Input, Op, PauseReason, VmStatus};
+use self::thin::{ExtendRequest, ExtendRequester, ThinPolicy, VolumeRef};
+
+/// What the caller asks for: VDSM's `VM.create` parameters, in oxvirt's terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCreate {
+    pub id: VmId,
+    pub name: String,
+    pub cpus: u16,
+    pub memory_mib: u64,
+    /// `Auto` is resolved by probing KVM.
+    pub accel: Accel,
+    pub boot: Boot,
+    pub disks: Vec<VmDisk>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    pub balloon: bool,
+    /// Add the guest agent channel (freeze/thaw around live snapshots).
+    pub guest_agent: bool,
+    /// A VNC display on `vnc.sock` in the VM's run directory.
+    pub vnc: bool,
+    /// Storage domains on which this VM holds leases (its volumes' leases, its VM lease):
+    /// self-fencing of one of them kills this VM.
+    #[serde(default)]
+    pub lease_domains: Vec<SdUuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDisk {
+    /// Base first, active layer last.
+    pub layers: Vec<LayerSpec>,
+    pub serial: Option<String>,
+    pub read_only: bool,
+    pub direct_io: bool,
+    #[serde(default)]
+    pub write_error: WriteErrorPolicy,
+    /// The active layer is a capped thin volume: its file is opened through a loop device and
+    /// grown on demand.
+    #[serde(default)]
+    pub thin: Option<ThinDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinDisk {
+    pub volume: Option<VolumeRef>,
+    pub policy: ThinPolicy,
+}
+
+/// What is persisted in `vm.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The create request, with the disks' chains kept current through snapshots and merges.
+    pub create: VmCreate,
+    /// Per disk, the loop device standing in for a thin active layer.
+    pub loops: Vec<Option<PathBuf>>,
+}
+
+/// A VM as `list`/`status` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: VmId,
+    pub name: String,
+    pub status: VmStatus,
+    pub pid: u32,
+    /// Current volume chains, base first.
+    pub chains: Vec<Vec<PathBuf>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub status: VmStatus,
+    /// CPU time of the whole QEMU process.
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    /// CPU time of each vCPU thread.
+    pub vcpu_ms: Vec<u64>,
+    pub rss_bytes: u64,
+    pub memory_mib: u64,
+    /// The balloon's view of guest memory, when the VM has one and the guest drives it.
+    pub balloon_actual_bytes: Option<u64>,
+    pub disks: Vec<DiskStats>,
+    /// Thin volume extends done for this VM since the node started watching it.
+    pub thin_extends: u64,
+    /// Times the guest was paused on ENOSPC.
+    pub enospc_pauses: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub device: String,
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+}
+
+/// One disk of a live snapshot: its new overlay, already created by the SPM with the disk's
+/// current active layer as backing file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    pub disk: usize,
+    pub overlay: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// The guest's file systems were frozen around the snapshot.
+    pub frozen: bool,
+    /// Why they were not, when the VM has an agent channel.
+    pub freeze_error: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeReport {
+    /// The active layer was merged and the disk pivoted to the base.
+    pub active: bool,
+    /// Layers removed from the chain (the SPM deletes their volumes).
+    pub removed: Vec<PathBuf>,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateParams {
+    /// `tcp:host:port` as the destination's `prepare_incoming` returned it.
+    pub uri: String,
+    /// Longest tolerated pause at the switch-over.
+    pub downtime_limit_ms: u64,
+    /// Bytes per second.
+    pub max_bandwidth: u64,
+    /// Cancel when not done by then.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingInfo {
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceReport {
+    /// VMs killed and confirmed gone.
+    pub killed: Vec<VmId>,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("no VM {0} on this node")]
+    NotFound(VmId),
+    #[error("VM {0} already exists on this node")]
+    Exists(VmId),
+    #[error("VM {vm}: invalid request: {reason}")]
+    Invalid { vm: VmId, reason: String },
+    #[error("VM {vm}: cannot {op:?} while {status}")]
+    WrongState { vm: VmId, op: Op, status: &'static str },
+    #[error("VM {vm}: {what}")]
+    Spec {
+        vm: VmId,
+        what: &'static str,
+        #[source]
+        source: oxvirt_qemu::cmdline::SpecError,
+    },
+    #[error("VM {vm}: QEMU did not start: {detail}")]
+    StartFailed { vm: VmId, detail: String },
+    #[error("VM {vm}: QMP")]
+    Qmp {
+        vm: VmId,
+        #[source]
+        source: QmpError,
+    },
+    #[error("VM {vm}: {what}")]
+    Process {
+        vm: VmId,
+        what: &'static str,
+        #[source]
+        source: process::ProcessError,
+    },
+    #[error("VM {vm}: run directory {path}")]
+    RunDir {
+        vm: VmId,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM {vm}: hook")]
+    Hook {
+        vm: VmId,
+        #[source]
+        source: HookError,
+    },
+    #[error("VM {vm}: thin disk {disk}")]
+    Loop {
+        vm: VmId,
+        disk: usize,
+        #[source]
+        source: thin::LoopError,
+    },
+    #[error("VM {vm}: {what} did not finish within {timeout:?}")]
+    Timeout {
+        vm: VmId,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("VM {vm}: block job {job} failed: {reason}")]
+    BlockJob { vm: VmId, job: String, reason: String },
+    #[error("VM {vm}: migration failed: {reason}")]
+    Migration { vm: VmId, reason: String },
+    #[error("cannot locate QEMU")]
+    Tool(#[source] oxvirt_qemu::ToolError),
+    #[error("run directory {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("self-fencing of domain {sd}: VMs {survivors:?} still run after {within:?}")]
+    FenceIncomplete {
+        sd: SdUuid,
+        survivors: Vec<VmId>,
+        within: Duration,
+    },
+}
+
+/// How the manager is set up; the node daemon builds it from its configuration.
+pub struct VmManagerConfig {
+    pub run_dir: PathBuf,
+    /// `None`: find `qemu-system-x86_64` (honouring `OXVIRT_QEMU_SYSTEM`).
+    pub qemu_binary: Option<PathBuf>,
+    pub hooks: Hooks,
+    /// How thin volumes are grown: [`thin::LocalSpmExtender`] on the SPM, the mailbox elsewhere.
+    pub extender: Arc<dyn ExtendRequester>,
+    /// From spawn to QMP answering.
+    pub start_timeout: Duration,
+    /// Per guest agent call.
+    pub agent_timeout: Duration,
+    /// Address incoming migrations listen on.
+    pub migration_host: String,
+}
+
+impl VmManagerConfig {
+    pub fn new(run_dir: &Path) -> VmManagerConfig {
+        VmManagerConfig {
+            run_dir: run_dir.to_path_buf(),
+            qemu_binary: None,
+            hooks: Hooks::new(None, Duration::from_secs(30)),
+            extender: Arc::new(thin::LocalSpmExtender),
+            start_timeout: Duration::from_secs(30),
+            agent_timeout: Duration::from_secs(5),
+            migration_host: "127.0.0.1".into(),
+        }
+    }
+}
+
+/// Longest wait for QEMU to act on a command (stop, cont, quit) on a loaded host.
+const COMMAND_SETTLE: Duration = Duration::from_secs(20);
+
+struct Vm {
+    id: VmId,
+    dir: PathBuf,
+    record: Mutex<VmRecord>,
+    status: watch::Sender<VmStatus>,
+    qmp: Mutex<Option<Arc<Qmp>>>,
+    /// `None` for a VM recovered after its QEMU was already gone.
+    process: Option<Arc<Process>>,
+    events: broadcast::Sender<Event>,
+    /// Why we are making QEMU exit, so its exit is reported as such rather than as a death.
+    intent: Mutex<Option<(DownKind, String)>>,
+    /// The last SHUTDOWN event's (guest, reason).
+    shutdown: Mutex<Option<(bool, String)>>,
+    /// One extend at a time per disk.
+    extending: Vec<tokio::sync::Mutex<()>>,
+    thin_extends: AtomicU64,
+    enospc_pauses: AtomicU64,
+    job_seq: AtomicU64,
+}
+
+impl Vm {
+    fn qmp(&self) -> Result<Arc<Qmp>, VmError> {
+        self.qmp
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| VmError::WrongState {
+                vm: self.id,
+                op: Op::Destroy,
+                status: "without a QMP connection",
+            })
+    }
+
+    fn status(&self) -> VmStatus {
+        self.status.borrow().clone()
+    }
+
+    fn check(&self, op: Op) -> Result<(), VmError> {
+        let s = self.status();
+        if s.allows(op) {
+            Ok(())
+        } else {
+            Err(VmError::WrongState {
+                vm: self.id,
+                op,
+                status: s.vdsm_name(),
+            })
+        }
+    }
+
+    fn feed(&self, input: Input) {
+        self.status.send_if_modified(|s| match s.next(&input) {
+            Ok(n) => {
+                if n != *s {
+                    tracing::info!(vm_id = %self.id, from = s.vdsm_name(), to = n.vdsm_name(), ?input, "VM state");
+                    *s = n;
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(e) => {
+                tracing::debug!(vm_id = %self.id, error = %e, "ignored input");
+                false
+            }
+        });
+    }
+
+    async fn wait_status(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        pred: impl Fn(&VmStatus) -> bool,
+    ) -> Result<VmStatus, VmError> {
+        let mut rx = self.status.subscribe();
+        let res = tokio::time::timeout(timeout, rx.wait_for(|s| pred(s))).await;
+        match res {
+            Ok(Ok(s)) => Ok(s.clone()),
+            _ => Err(VmError::Timeout {
+                vm: self.id,
+                what,
+                timeout,
+            }),
+        }
+    }
+
+    fn persist(&self) -> Result<(), VmError> {
+        let rec = self.record.lock().unwrap().clone();
+        write_record(&self.dir, &rec).map_err(|source| VmError::RunDir {
+            vm: self.id,
+            path: self.dir.join("vm.json"),
+            source,
+        })
+    }
+
+    fn info(&self) -> VmInfo {
+        let rec = self.record.lock().unwrap();
+        VmInfo {
+            id: self.id,
+            name: rec.create.name.clone(),
+            status: self.status(),
+            pid: self.process.as_ref().map_or(0, |p| p.pid()),
+            chains: rec
+                .create
+                .disks
+                .iter()
+                .map(|d| d.layers.iter().map(|l| l.path.clone()).collect())
+                .collect(),
+        }
+    }
+
+    fn set_intent(&self, kind: DownKind, detail: impl Into<String>) {
+        *self.intent.lock().unwrap() = Some((kind, detail.into()));
+    }
+}
+
+/// The VM manager. All methods are safe to call concurrently.
+pub struct VmManager {
+    cfg: VmManagerConfig,
+    qemu: PathBuf,
+    accel_probe: oxvirt_qemu::KvmProbe,
+    vms: Mutex<HashMap<VmId, Arc<Vm>>>,
+}
+
+impl VmManager {
+    /// Opens the run directory and recovers every VM found in it.
+    pub async fn open(cfg: VmManagerConfig) -> Result<Arc<VmManager>, VmError> {
+        let qemu = match &cfg.qemu_binary {
+            Some(p) => p.clone(),
+            None => QemuTool::SystemX86_64.locate().map_err(VmError::Tool)?,
+        };
+        let vms_dir = cfg.run_dir.join("vms");
+        std::fs::create_dir_all(&vms_dir).map_err(|source| VmError::Io {
+            path: vms_dir.clone(),
+            source,
+        })?;
+        let mgr = Arc::new(VmManager {
+            cfg,
+            qemu,
+            accel_probe: oxvirt_qemu::probe_kvm(),
+            vms: Mutex::new(HashMap::new()),
+        });
+        let entries = std::fs::read_dir(&vms_dir).map_err(|source| VmError::Io {
+            path: vms_dir.clone(),
+            source,
+        })?;
+        for e in entries.filter_map(Result::ok) {
+            let dir = e.path();
+            match mgr.recover_one(&dir).await {
+                Ok(Some(id)) => tracing::info!(vm_id = %id, "VM recovered"),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::error!(dir = %dir.display(), error = %err, "cannot recover VM")
+                }
+            }
+        }
+        Ok(mgr)
+    }
+
+    fn get(&self, id: VmId) -> Result<Arc<Vm>, VmError> {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .ok_or(VmError::NotFound(id))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<Arc<Vm>> = self.vms.lock().unwrap().values().cloned().collect();
+        vms.iter().map(|v| v.info()).collect()
+    }
+
+    pub fn status(&self, id: VmId) -> Result<VmInfo, VmError> {
+        Ok(self.get(id)?.info())
+    }
+
+    /// Waits until the VM's state satisfies `pred` (for callers that follow a VM's life, such
+    /// as a migration destination waiting for `Up`).
+    pub async fn wait_for(
+        &self,
+        id: VmId,
+        timeout: Duration,
+        pred: impl Fn(&VmStatus) -> bool,
+    ) -> Result<VmStatus, VmError> {
+        self.get(id)?.wait_status("state change", timeout, pred).await
+    }
+
+    /// The VM's run directory (serial console log, sockets).
+    pub fn vm_dir(&self, id: VmId) -> PathBuf {
+        self.cfg.run_dir.join("vms").join(id.to_string())
+    }
+
+    /// The serial console log.
+    pub fn console_log(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join("serial.log")
+    }
+
+    /// Creates and starts a VM; returns once QEMU answers QMP and the guest runs.
+    pub async fn create(&self, req: VmCreate) -> Result<VmInfo, VmError> {
+        let vm = self.launch(req, None).await?;
+        Ok(vm.info())
+    }
+
+    /// Prepares this node as a migration destination: starts QEMU waiting for the incoming
+    /// stream and returns the URI the source migrates to. The VM becomes `Up` when the stream
+    /// completes; a failed or cancelled migration makes the destination QEMU exit (`Down`).
+    pub async fn prepare_incoming(&self, req: VmCreate) -> Result<IncomingInfo, VmError> {
+        let id = req.id;
+        let vm = self.launch(req, Some("defer".into())).await?;
+        let q = vm.qmp()?;
+        let qmp_err = |source| VmError::Qmp { vm: id, source };
+        q.execute(&qmp::MigrateSetCapabilities {
+            capabilities: vec![qmp::MigrationCapability {
+                capability: "events".into(),
+                state: true,
+            }],
+        })
+        .await
+        .map_err(qmp_err)?;
+        q.execute(&qmp::MigrateIncoming {
+            uri: format!("tcp:{}:0", self.cfg.migration_host),
+        })
+        .await
+        .map_err(qmp_err)?;
+        let info = q.execute(&qmp::QueryMigrate {}).await.map_err(qmp_err)?;
+        let port = info
+            .socket_address
+            .iter()
+            .find_map(|a| a.port.clone())
+            .ok_or_else(|| VmError::Migration {
+                vm: id,
+                reason: "destination QEMU reports no listening port".into(),
+            })?;
+        // The after-hook runs once the guest is here.
+        let hooks = self.cfg.hooks.clone();
+        let vm2 = vm.clone();
+        tokio::spawn(async move {
+            let mut rx = vm2.status.subscribe();
+            let arrived = rx
+                .wait_for(|s| !matches!(s, VmStatus::MigrationDestination))
+                .await
+                .map(|s| *s == VmStatus::Up)
+                .unwrap_or(false);
+            {
+                if arrived {
+                    let name = vm2.record.lock().unwrap().create.name.clone();
+                    let _ = hooks
+                        .run(
+                            HookPoint::AfterVmMigrateDestination,
+                            vm2.id,
+                            &name,
+                            &vm2.dir.join("vm.json"),
+                        )
+                        .await;
+                }
+            }
+        });
+        Ok(IncomingInfo {
+            uri: format!("tcp:{}:{port}", self.cfg.migration_host),
+        })
+    }
+
+    fn build_spec(&self, dir: &Path, rec: &VmRecord, incoming: Option<String>) -> VmSpec {
+        let c = &rec.create;
+        VmSpec {
+            name: c.name.clone(),
+            uuid: c.id.to_string(),
+            cpus: c.cpus,
+            memory_mib: c.memory_mib,
+            accel: c.accel.resolve(&self.accel_probe),
+            boot: c.boot.clone(),
+            disks: c
+                .disks
+                .iter()
+                .zip(&rec.loops)
+                .map(|(d, lp)| {
+                    let mut layers = d.layers.clone();
+                    if let (Some(dev), Some(top)) = (lp, layers.last_mut()) {
+                        top.path = dev.clone();
+                        top.protocol = BlockProtocol::HostDevice;
+                    }
+                    DiskSpec {
+                        layers,
+                        serial: d.serial.clone(),
+                        read_only: d.read_only,
+                        direct_io: d.direct_io,
+                        write_error: d.write_error,
+                    }
+                })
+                .collect(),
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: Some(dir.join("serial.log")),
+            vnc_socket: c.vnc.then(|| dir.join("vnc.sock")),
+            balloon: c.balloon,
+            pid_file: Some(dir.join("qemu.pid")),
+            incoming,
+            nics: c.nics.clone(),
+            guest_agent_socket: c.guest_agent.then(|| dir.join("qga.sock")),
+        }
+    }
+
+    fn validate(&self, req: &VmCreate) -> Result<(), VmError> {
+        let invalid = |reason: String| VmError::Invalid { vm: req.id, reason };
+        for (i, d) in req.disks.iter().enumerate() {
+            if let Some(t) = &d.thin {
+                t.policy
+                    .validate()
+                    .map_err(|e| invalid(format!("disk {i}: {e}")))?;
+                let top = d
+                    .layers
+                    .last()
+                    .ok_or_else(|| invalid(format!("disk {i} has no layers")))?;
+                if top.format != ImageFormat::Qcow2 || d.read_only {
+                    return Err(invalid(format!(
+                        "disk {i}: a thin active layer must be a writable qcow2"
+                    )));
+                }
+            }
+        }
+        let sock = self.vm_dir(req.id).join("qmp.sock");
+        // sun_path holds 108 bytes including the terminating NUL.
+        if sock.as_os_str().len() > 107 {
+            return Err(invalid(format!(
+                "run directory too deep for a UNIX socket: {}",
+                sock.display()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, req: VmCreate, incoming: Option<String>) -> Result<Arc<Vm>, VmError> {
+        let id = req.id;
+        self.validate(&req)?;
+        let dir = self.vm_dir(id);
+        // Reserve the id before any side effect so concurrent creates cannot both proceed.
+        if self.vms.lock().unwrap().contains_key(&id) || dir.exists() {
+            return Err(VmError::Exists(id));
+        }
+        let mut rec = VmRecord {
+            loops: vec![None; req.disks.len()],
+            create: req,
+        };
+        let spec = self.build_spec(&dir, &rec, incoming.clone());
+        spec.to_args().map_err(|source| VmError::Spec {
+            vm: id,
+            what: "invalid VM spec",
+            source,
+        })?;
+        let run_dir_err = |source| VmError::RunDir {
+            vm: id,
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir(&dir).map_err(run_dir_err)?;
+        let res = self.launch_in(&dir, &mut rec, incoming).await;
+        if res.is_err() {
+            // Undo: nothing of a VM that did not start stays behind.
+            for dev in rec.loops.iter().flatten() {
+                let _ = thin::loop_detach(dev);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        res
+    }
+
+    async fn launch_in(
+        &self,
+        dir: &Path,
+        rec: &mut VmRecord,
+        incoming: Option<String>,
+    ) -> Result<Arc<Vm>, VmError> {
+        let id = rec.create.id;
+        let point = if incoming.is_some() {
+            HookPoint::BeforeVmMigrateDestination
+        } else {
+            HookPoint::BeforeVmStart
+        };
+        write_record(dir, rec).map_err(|source| VmError::RunDir {
+            vm: id,
+            path: dir.join("vm.json"),
+            source,
+        })?;
+        self.cfg
+            .hooks
+            .run(point, id, &rec.create.name, &dir.join("vm.json"))
+            .await
+            .map_err(|source| VmError::Hook { vm: id, source })?;
+        for (i, d) in rec.create.disks.iter().enumerate() {
+            if d.thin.is_some() {
+                let file = &d.layers.last().expect("validated").path;
+                let dev = thin::loop_attach(file).map_err(|source| VmError::Loop {
+                    vm: id,
+                    disk: i,
+                    source,
+                })?;
+                rec.loops[i] = Some(dev);
+            }
+        }
+        write_record(dir, rec).map_err(|source| VmError::RunDir {
+            vm: id,
+            path: dir.join("vm.json"),
+            source,
+        })?;
+        let spec = self.build_spec(dir, rec, incoming);
+        let args = spec.to_args().map_err(|source| VmError::Spec {
+            vm: id,
+            what: "invalid VM spec",
+            source,
+        })?;
+        tracing::info!(vm_id = %id, qemu = %self.qemu.display(), args = ?args, "starting QEMU");
+        let log = dir.join("qemu.log");
+        let process =
+            Process::spawn_detached(&self.qemu, &args, &log).map_err(|source| VmError::Process {
+                vm: id,
+                what: "spawn QEMU",
+                source,
+            })?;
+        let process = Arc::new(process);
+        let connected = connect_qmp(&spec.qmp_socket, &process, self.cfg.start_timeout).await;
+        let (q, ev) = match connected {
+            Ok(c) => c,
+            Err(detail) => {
+                let _ = process.signal(libc::SIGKILL);
+                let _ = tokio::time::timeout(COMMAND_SETTLE, process.wait()).await;
+                let tail = process::log_tail(&log, 5);
+                return Err(VmError::StartFailed {
+                    vm: id,
+                    detail: format!("{detail}; QEMU log: {tail}"),
+                });
+            }
+        };
+        let vm = self.register(dir, rec.clone(), process, q, ev).await?;
+        Ok(vm)
+    }
+
+    /// Adds a VM whose QEMU answers on `q`, starts its event task, and derives its state.
+    async fn register(
+        &self,
+        dir: &Path,
+        rec: VmRecord,
+        process: Arc<Process>,
+        q: Qmp,
+        ev: qmp::EventStream,
+    ) -> Result<Arc<Vm>, VmError> {
+        let id = rec.create.id;
+        let ndisks = rec.create.disks.len();
+        let q = Arc::new(q);
+        let st = q
+            .execute(&qmp::QueryStatus {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        let (status, _) = watch::channel(VmStatus::WaitForLaunch);
+        let vm = Arc::new(Vm {
+            id,
+            dir: dir.to_path_buf(),
+            record: Mutex::new(rec),
+            status,
+            qmp: Mutex::new(Some(q)),
+            process: Some(process),
+            events: broadcast::channel(1024).0,
+            intent: Mutex::new(None),
+            shutdown: Mutex::new(None),
+            extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
+            thin_extends: AtomicU64::new(0),
+            enospc_pauses: AtomicU64::new(0),
+            job_seq: AtomicU64::new(0),
+        });
+        vm.feed(Input::QmpReady {
+            running: st.running,
+            status: st.status.clone(),
+        });
+        self.vms.lock().unwrap().insert(id, vm.clone());
+        tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
+        arm_thresholds(&vm).await;
+        if st.status == "io-error" {
+            // Recovered (or started) while stopped on ENOSPC: extend now.
+            for disk in 0..ndisks {
+                spawn_extend(vm.clone(), disk, self.cfg.extender.clone());
+            }
+        }
+        Ok(vm)
+    }
+
+    async fn recover_one(&self, dir: &Path) -> Result<Option<VmId>, VmError> {
+        let Ok(text) = std::fs::read_to_string(dir.join("vm.json")) else {
+            return Ok(None);
+        };
+        let rec: VmRecord = serde_json::from_str(&text).map_err(|e| VmError::Io {
+            path: dir.join("vm.json"),
+            source: std::io::Error::other(e),
+        })?;
+        let id = rec.create.id;
+        let qmp_sock = dir.join("qmp.sock");
+        let marker = qmp_sock.display().to_string();
+        let attached = process::read_pid_file(&dir.join("qemu.pid"))
+            .ok_or_else(|| "no pid file".to_string())
+            .and_then(|pid| Process::attach(pid, &marker).map_err(|e| e.to_string()));
+        let process = match attached {
+            Ok(p) if !p.has_exited() => Arc::new(p),
+            other => {
+                let why = match other {
+                    Err(e) => e,
+                    Ok(_) => "exited".into(),
+                };
+                let tail = process::log_tail(&dir.join("qemu.log"), 3);
+                self.register_down(
+                    dir,
+                    rec,
+                    DownReason {
+                        kind: DownKind::Died,
+                        detail: format!("QEMU is gone ({why}) after a node restart; log: {tail}"),
+                    },
+                );
+                return Ok(Some(id));
+            }
+        };
+        let (q, ev) = connect_qmp(&qmp_sock, &process, self.cfg.start_timeout)
+            .await
+            .map_err(|detail| VmError::StartFailed { vm: id, detail })?;
+        for (i, lp) in rec.loops.iter().enumerate() {
+            if let Some(dev) = lp {
+                let want = &rec.create.disks[i].layers.last().expect("thin disk").path;
+                if thin::loop_backing_file(dev).as_ref() != Some(want) {
+                    tracing::warn!(vm_id = %id, disk = i, device = %dev.display(),
+                        "loop device no longer shows the thin volume");
+                }
+            }
+        }
+        self.register(dir, rec, process, q, ev).await?;
+        Ok(Some(id))
+    }
+
+    /// Registers a VM whose QEMU is already gone, so the caller can see why and destroy it.
+    fn register_down(&self, dir: &Path, rec: VmRecord, reason: DownReason) {
+        let id = rec.create.id;
+        let (status, _) = watch::channel(VmStatus::Down { reason });
+        let ndisks = rec.create.disks.len();
+        let vm = Arc::new(Vm {
+            id,
+            dir: dir.to_path_buf(),
+            record: Mutex::new(rec),
+            status,
+            qmp: Mutex::new(None),
+            process: None,
+            events: broadcast::channel(16).0,
+            intent: Mutex::new(None),
+            shutdown: Mutex::new(None),
+            extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
+            thin_extends: AtomicU64::new(0),
+            enospc_pauses: AtomicU64::new(0),
+            job_seq: AtomicU64::new(0),
+        });
+        self.vms.lock().unwrap().insert(id, vm);
+    }
+
+    pub async fn pause(&self, id: VmId) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Pause)?;
+        vm.qmp()?
+            .execute(&qmp::Stop {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        vm.wait_status("pause", COMMAND_SETTLE, |s| {
+            matches!(s, VmStatus::Paused { .. } | VmStatus::Down { .. })
+        })
+        .await?;
+        Ok(vm.info())
+    }
+
+    pub async fn resume(&self, id: VmId) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Resume)?;
+        vm.qmp()?
+            .execute(&qmp::Cont {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        vm.wait_status("resume", COMMAND_SETTLE, |s| {
+            matches!(s, VmStatus::Up | VmStatus::Down { .. })
+        })
+        .await?;
+        Ok(vm.info())
+    }
+
+    /// Resets the guest (the VM stays the same QEMU process).
+    pub async fn reboot(&self, id: VmId) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Reboot)?;
+        vm.qmp()?
+            .execute(&qmp::SystemReset {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })
+    }
+
+    /// Graceful shutdown: ACPI power button, then destroy if the guest is not down within
+    /// `timeout`. Returns why the VM ended up down.
+    pub async fn shutdown(&self, id: VmId, timeout: Duration) -> Result<DownReason, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Shutdown)?;
+        vm.feed(Input::PowerdownRequested);
+        vm.qmp()?
+            .execute(&qmp::SystemPowerdown {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        match vm.wait_status("shutdown", timeout, VmStatus::is_down).await {
+            Ok(VmStatus::Down { reason }) => Ok(reason),
+            _ => {
+                tracing::warn!(vm_id = %id, ?timeout, "guest ignored the power button; destroying");
+                vm.set_intent(
+                    DownKind::Destroyed,
+                    format!("graceful shutdown timed out after {timeout:?}"),
+                );
+                kill_and_wait(&vm).await?;
+                match vm.status() {
+                    VmStatus::Down { reason } => Ok(reason),
+                    _ => Err(VmError::Timeout {
+                        vm: id,
+                        what: "destroy after shutdown timeout",
+                        timeout: COMMAND_SETTLE,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Kills QEMU if it runs, releases the VM's resources, runs `after_vm_destroy` and forgets
+    /// the VM. Returns why it was down (`Destroyed` when it was running).
+    pub async fn destroy(&self, id: VmId) -> Result<DownReason, VmError> {
+        let vm = self.get(id)?;
+        if !vm.status().is_down() {
+            vm.set_intent(DownKind::Destroyed, "destroyed on request");
+            kill_and_wait(&vm).await?;
+        }
+        let reason = match vm.status() {
+            VmStatus::Down { reason } => reason,
+            _ => unreachable!("kill_and_wait returns only once the VM is down"),
+        };
+        let (name, loops) = {
+            let r = vm.record.lock().unwrap();
+            (r.create.name.clone(), r.loops.clone())
+        };
+        for dev in loops.iter().flatten() {
+            if let Err(e) = thin::loop_detach(dev) {
+                tracing::warn!(vm_id = %id, device = %dev.display(), error = %e, "loop detach failed");
+            }
+        }
+        let _ = self
+            .cfg
+            .hooks
+            .run(HookPoint::AfterVmDestroy, id, &name, &vm.dir.join("vm.json"))
+            .await;
+        self.vms.lock().unwrap().remove(&id);
+        std::fs::remove_dir_all(&vm.dir).map_err(|source| VmError::RunDir {
+            vm: id,
+            path: vm.dir.clone(),
+            source,
+        })?;
+        Ok(reason)
+    }
+
+    pub async fn stats(&self, id: VmId) -> Result<VmStats, VmError> {
+        let vm = self.get(id)?;
+        let status = vm.status();
+        let memory_mib = vm.record.lock().unwrap().create.memory_mib;
+        let pid = vm.process.as_ref().map_or(0, |p| p.pid());
+        let (cpu_user_ms, cpu_system_ms) = proc_cpu_ms(&format!("/proc/{pid}/stat"));
+        let rss_bytes = proc_rss(pid);
+        let mut vcpu_ms = Vec::new();
+        let mut balloon_actual_bytes = None;
+        let mut disks = Vec::new();
+        if let (false, Ok(q)) = (status.is_down(), vm.qmp()) {
+            let qe = |source| VmError::Qmp { vm: id, source };
+            for c in q.execute(&qmp::QueryCpusFast {}).await.map_err(qe)? {
+                let (u, s) = proc_cpu_ms(&format!("/proc/{pid}/task/{}/stat", c.thread_id));
+                vcpu_ms.push(u + s);
+            }
+            balloon_actual_bytes = q.execute(&qmp::QueryBalloon {}).await.ok().map(|b| b.actual);
+            for b in q.execute(&qmp::QueryBlockstats {}).await.map_err(qe)? {
+                disks.push(DiskStats {
+                    device: b.qdev.unwrap_or_default(),
+                    rd_bytes: b.stats.rd_bytes,
+                    wr_bytes: b.stats.wr_bytes,
+                    rd_operations: b.stats.rd_operations,
+                    wr_operations: b.stats.wr_operations,
+                    flush_operations: b.stats.flush_operations,
+                });
+            }
+        }
+        Ok(VmStats {
+            status,
+            cpu_user_ms,
+            cpu_system_ms,
+            vcpu_ms,
+            rss_bytes,
+            memory_mib,
+            balloon_actual_bytes,
+            disks,
+            thin_extends: vm.thin_extends.load(Ordering::Relaxed),
+            enospc_pauses: vm.enospc_pauses.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Sets the balloon target: the guest gives memory back until it has `target_mib`.
+    pub async fn set_balloon(&self, id: VmId, target_mib: u64) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Balloon)?;
+        let max = vm.record.lock().unwrap().create.memory_mib;
+        if target_mib == 0 || target_mib > max {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: format!("balloon target {target_mib} MiB is outside 1..={max} MiB"),
+            });
+        }
+        vm.qmp()?
+            .execute(&qmp::Balloon {
+                value: target_mib << 20,
+            })
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })
+    }
+
+    /// Live snapshot: each disk's new overlay becomes its active layer, atomically across
+    /// disks, with the guest's file systems frozen around it when it has an agent.
+    pub async fn snapshot(&self, id: VmId, disks: Vec<SnapshotDisk>) -> Result<SnapshotReport, VmError> {
+        let start = Instant::now();
+        let vm = self.get(id)?;
+        vm.check(Op::Snapshot)?;
+        let invalid = |reason: String| VmError::Invalid { vm: id, reason };
+        let rec = vm.record.lock().unwrap().clone();
+        if disks.is_empty() {
+            return Err(invalid("no disks to snapshot".into()));
+        }
+        let mut seen = Vec::new();
+        for d in &disks {
+            let disk = rec
+                .create
+                .disks
+                .get(d.disk)
+                .ok_or_else(|| invalid(format!("no disk {}", d.disk)))?;
+            if seen.contains(&d.disk) {
+                return Err(invalid(format!("disk {} listed twice", d.disk)));
+            }
+            seen.push(d.disk);
+            if disk.read_only {
+                return Err(invalid(format!("disk {} is read-only", d.disk)));
+            }
+            if disk.layers.iter().any(|l| l.path == d.overlay) {
+                return Err(invalid(format!(
+                    "{} is already in disk {}'s chain",
+                    d.overlay.display(),
+                    d.disk
+                )));
+            }
+            if !d.overlay.is_file() {
+                return Err(invalid(format!("overlay {} does not exist", d.overlay.display())));
+            }
+        }
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        // Open every overlay with no backing; blockdev-snapshot attaches the current top.
+        let mut added: Vec<String> = Vec::new();
+        let mut actions = Vec::new();
+        let mut add_res = Ok(());
+        for d in &disks {
+            let layer = LayerSpec {
+                path: d.overlay.clone(),
+                format: ImageFormat::Qcow2,
+                protocol: BlockProtocol::File,
+            };
+            let spec = self.disk_spec(&rec, d.disk);
+            let (file, fmt) = layer_blockdevs(d.disk, &spec, &layer, None, true);
+            for node in [file, fmt] {
+                let name = node["node-name"].as_str().unwrap_or_default().to_string();
+                if let Err(e) = q.execute(&qmp::BlockdevAdd { options: node }).await {
+                    add_res = Err(qe(e));
+                    break;
+                }
+                added.push(name);
+            }
+            if add_res.is_err() {
+                break;
+            }
+            let top = self.top_layer_path(&rec, d.disk);
+            actions.push(serde_json::json!({
+                "type": "blockdev-snapshot",
+                "data": {
+                    "node": format_node_name(d.disk, &top),
+                    "overlay": format_node_name(d.disk, &d.overlay),
+                }
+            }));
+        }
+        let mut frozen = false;
+        let mut freeze_error = None;
+        let mut agent = None;
+        if add_res.is_ok() && rec.create.guest_agent {
+            match self.freeze(&vm).await {
+                Ok(ga) => {
+                    frozen = true;
+                    agent = Some(ga);
+                }
+                Err(e) => {
+                    tracing::warn!(vm_id = %id, error = %e, "snapshot without freezing the guest");
+                    freeze_error = Some(e.to_string());
+                }
+            }
+        }
+        let snap = match add_res {
+            Ok(()) => q.execute(&qmp::Transaction { actions }).await.map_err(qe),
+            Err(e) => Err(e),
+        };
+        if let Some(mut ga) = agent {
+            if let Err(e) = ga.fsfreeze_thaw().await {
+                tracing::error!(vm_id = %id, error = %e, "guest file systems may still be frozen");
+            }
+        }
+        if let Err(e) = snap {
+            // Undo: close what we opened; the chain is unchanged.
+            for name in added.iter().rev() {
+                let _ = q
+                    .execute(&qmp::BlockdevDel {
+                        node_name: name.clone(),
+                    })
+                    .await;
+            }
+            return Err(e);
+        }
+        {
+            let mut r = vm.record.lock().unwrap();
+            for d in &disks {
+                r.create.disks[d.disk].layers.push(LayerSpec {
+                    path: d.overlay.clone(),
+                    format: ImageFormat::Qcow2,
+                    protocol: BlockProtocol::File,
+                });
+                // The overlay is a plain file: the thin device now only backs a read-only layer.
+                r.create.disks[d.disk].thin = None;
+            }
+        }
+        vm.persist()?;
+        Ok(SnapshotReport {
+            frozen,
+            freeze_error,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn freeze(&self, vm: &Vm) -> Result<GuestAgent, oxvirt_qemu::qga::QgaError> {
+        let mut ga = GuestAgent::connect(&vm.dir.join("qga.sock"), self.cfg.agent_timeout).await?;
+        ga.fsfreeze_freeze().await?;
+        Ok(ga)
+    }
+
+    /// The disk's spec as QEMU sees it (thin active layer on its loop device).
+    fn disk_spec(&self, rec: &VmRecord, disk: usize) -> DiskSpec {
+        self.build_spec(Path::new("/"), rec, None).disks[disk].clone()
+    }
+
+    fn top_layer_path(&self, rec: &VmRecord, disk: usize) -> PathBuf {
+        let d = self.disk_spec(rec, disk);
+        d.layers.last().expect("a disk has layers").path.clone()
+    }
+
+    /// Live merge of `top` into `base` (both in the disk's chain, `base` below `top`); the
+    /// layers above `base` up to `top` leave the chain. When `top` is the active layer, the
+    /// disk pivots to `base` once the commit has converged.
+    pub async fn merge(
+        &self,
+        id: VmId,
+        disk: usize,
+        base: &Path,
+        top: &Path,
+        timeout: Duration,
+    ) -> Result<MergeReport, VmError> {
+        let start = Instant::now();
+        let vm = self.get(id)?;
+        vm.check(Op::Merge)?;
+        let invalid = |reason: String| VmError::Invalid { vm: id, reason };
+        let rec = vm.record.lock().unwrap().clone();
+        let d = rec
+            .create
+            .disks
+            .get(disk)
+            .ok_or_else(|| invalid(format!("no disk {disk}")))?;
+        let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
+        let (Some(bi), Some(ti)) = (pos(base), pos(top)) else {
+            return Err(invalid(format!(
+                "{} and {} must both be in disk {disk}'s chain",
+                base.display(),
+                top.display()
+            )));
+        };
+        if bi >= ti {
+            return Err(invalid(format!(
+                "base {} is not below top {}",
+                base.display(),
+                top.display()
+            )));
+        }
+        let spec = self.disk_spec(&rec, disk);
+        let node = |i: usize| format_node_name(disk, &spec.layers[i].path);
+        let active = ti + 1 == d.layers.len();
+        let job = format!("merge-{disk}-{}", vm.job_seq.fetch_add(1, Ordering::Relaxed));
+        // The layer above `top` will point at `base`: relative, VDSM-style, when they share
+        // a directory.
+        let backing_file = (!active).then(|| {
+            let above = &d.layers[ti + 1].path;
+            if above.parent() == base.parent() {
+                base.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                base.display().to_string()
+            }
+        });
+        let mut events = vm.events.subscribe();
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        q.execute(&qmp::BlockCommit {
+            job_id: job.clone(),
+            device: node(d.layers.len() - 1),
+            top_node: node(ti),
+            base_node: node(bi),
+            backing_file,
+            auto_finalize: true,
+            auto_dismiss: true,
+        })
+        .await
+        .map_err(qe)?;
+        tracing::info!(vm_id = %id, disk, job = %job, active, "live merge started");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let fail = |reason: String| VmError::BlockJob {
+            vm: id,
+            job: job.clone(),
+            reason,
+        };
+        loop {
+            let ev = match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => {
+                    let _ = q.execute(&qmp::JobCancel { id: job.clone() }).await;
+                    return Err(VmError::Timeout {
+                        vm: id,
+                        what: "live merge",
+                        timeout,
+                    });
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(fail("QEMU went away".into())),
+                Ok(Ok(ev)) => ev,
+            };
+            match ev {
+                Event::BlockJobReady(i) if i.device == job => {
+                    q.execute(&qmp::JobComplete { id: job.clone() })
+                        .await
+                        .map_err(qe)?;
+                }
+                Event::BlockJobCompleted(i) if i.device == job => {
+                    if let Some(e) = i.error {
+                        return Err(fail(e));
+                    }
+                    break;
+                }
+                Event::BlockJobCancelled(i) if i.device == job => return Err(fail("cancelled".into())),
+                Event::BlockJobError {
+                    device, operation, ..
+                } if device == job => {
+                    return Err(fail(format!("{operation} error")));
+                }
+                _ => {}
+            }
+        }
+        let removed: Vec<PathBuf> = {
+            let mut r = vm.record.lock().unwrap();
+            let layers = &mut r.create.disks[disk].layers;
+            let removed = layers.drain(bi + 1..=ti).map(|l| l.path).collect();
+            if active {
+                // The base is the active layer now; a thin top left with the merged layer.
+                r.create.disks[disk].thin = None;
+            }
+            removed
+        };
+        vm.persist()?;
+        tracing::info!(vm_id = %id, disk, job = %job, ?removed, "live merge done");
+        Ok(MergeReport {
+            active,
+            removed,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Live migration to a destination prepared with [`VmManager::prepare_incoming`]. On
+    /// success the VM here is `Down(Migrated)`; on failure or cancel it keeps running here.
+    pub async fn migrate(&self, id: VmId, params: MigrateParams) -> Result<MigrationReport, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Migrate)?;
+        let name = vm.record.lock().unwrap().create.name.clone();
+        let record_path = vm.dir.join("vm.json");
+        self.cfg
+            .hooks
+            .run(HookPoint::BeforeVmMigrateSource, id, &name, &record_path)
+            .await
+            .map_err(|source| VmError::Hook { vm: id, source })?;
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        q.execute(&qmp::MigrateSetCapabilities {
+            capabilities: vec![qmp::MigrationCapability {
+                capability: "events".into(),
+                state: true,
+            }],
+        })
+        .await
+        .map_err(qe)?;
+        q.execute(&qmp::MigrateSetParameters {
+            downtime_limit: Some(params.downtime_limit_ms),
+            max_bandwidth: Some(params.max_bandwidth),
+        })
+        .await
+        .map_err(qe)?;
+        let mut events = vm.events.subscribe();
+        vm.feed(Input::MigrationStarted);
+        if let Err(e) = q
+            .execute(&qmp::Migrate {
+                uri: params.uri.clone(),
+            })
+            .await
+        {
+            let running = q
+                .execute(&qmp::QueryStatus {})
+                .await
+                .map(|s| s.running)
+                .unwrap_or(true);
+            vm.feed(Input::MigrationEnded { ok: false, running });
+            return Err(qe(e));
+        }
+        let timeout = Duration::from_millis(params.timeout_ms);
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut cancelled_on_timeout = false;
+        let outcome = loop {
+            let ev = match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) if !cancelled_on_timeout => {
+                    cancelled_on_timeout = true;
+                    tracing::warn!(vm_id = %id, ?timeout, "migration too slow; cancelling");
+                    let _ = q.execute(&qmp::MigrateCancel {}).await;
+                    // Give the cancel its own time to be confirmed.
+                    deadline = tokio::time::Instant::now() + COMMAND_SETTLE;
+                    continue;
+                }
+                Err(_) => break "cancelled".to_string(),
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => break "failed".to_string(),
+                Ok(Ok(ev)) => ev,
+            };
+            if let Event::Migration { status } = ev {
+                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                    break status;
+                }
+            }
+        };
+        let info = q.execute(&qmp::QueryMigrate {}).await.unwrap_or_default();
+        if outcome != "completed" {
+            let running = q
+                .execute(&qmp::QueryStatus {})
+                .await
+                .map(|s| s.running)
+                .unwrap_or(true);
+            vm.feed(Input::MigrationEnded { ok: false, running });
+            let reason = match (cancelled_on_timeout, info.error_desc) {
+                (true, _) => format!("cancelled after the {timeout:?} timeout"),
+                (false, Some(d)) => d,
+                (false, None) => outcome,
+            };
+            return Err(VmError::Migration { vm: id, reason });
+        }
+        vm.feed(Input::MigrationEnded {
+            ok: true,
+            running: false,
+        });
+        let report = MigrationReport {
+            total_ms: info.total_time.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+        };
+        tracing::info!(vm_id = %id, total_ms = report.total_ms, downtime_ms = report.downtime_ms, "migration completed");
+        vm.set_intent(DownKind::Migrated, format!("migrated to {}", params.uri));
+        let _ = q.execute(&qmp::Quit {}).await;
+        if vm
+            .wait_status("quit", COMMAND_SETTLE, VmStatus::is_down)
+            .await
+            .is_err()
+        {
+            kill_and_wait(&vm).await?;
+        }
+        let _ = self
+            .cfg
+            .hooks
+            .run(HookPoint::AfterVmMigrateSource, id, &name, &record_path)
+            .await;
+        Ok(report)
+    }
+
+    /// Cancels an outgoing migration; [`VmManager::migrate`] then returns its error and the VM
+    /// keeps running here.
+    pub async fn migrate_cancel(&self, id: VmId) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        if vm.status() != VmStatus::MigrationSource {
+            return Err(VmError::WrongState {
+                vm: id,
+                op: Op::Migrate,
+                status: vm.status().vdsm_name(),
+            });
+        }
+        vm.qmp()?
+            .execute(&qmp::MigrateCancel {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })
+    }
+
+    /// Self-fencing: kills every VM holding a lease on `sd` and confirms each QEMU has exited
+    /// (pidfd) within `within`.
+    pub async fn fence_storage_domain(&self, sd: SdUuid, within: Duration) -> Result<FenceReport, VmError> {
+        let start = Instant::now();
+        let targets: Vec<Arc<Vm>> = self
+            .vms
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| !v.status().is_down() && v.record.lock().unwrap().create.lease_domains.contains(&sd))
+            .cloned()
+            .collect();
+        for vm in &targets {
+            vm.set_intent(DownKind::Fenced, format!("self-fencing of storage domain {sd}"));
+            if let Some(Err(e)) = vm.process.as_ref().map(|p| p.signal(libc::SIGKILL)) {
+                tracing::error!(vm_id = %vm.id, error = %e, "cannot kill VM while fencing");
+            }
+        }
+        let waits = targets.iter().map(|vm| {
+            let vm = vm.clone();
+            async move {
+                let ok = match &vm.process {
+                    Some(p) => tokio::time::timeout(within, p.wait()).await.is_ok(),
+                    None => true,
+                };
+                (vm.id, ok)
+            }
+        });
+        let results = futures_join_all(waits).await;
+        let survivors: Vec<VmId> = results.iter().filter(|(_, ok)| !ok).map(|(id, _)| *id).collect();
+        if !survivors.is_empty() {
+            return Err(VmError::FenceIncomplete {
+                sd,
+                survivors,
+                within,
+            });
+        }
+        let report = FenceReport {
+            killed: results.into_iter().map(|(id, _)| id).collect(),
+            elapsed_ms: start.elapsed().as_millis() as u64,
+        };
+        tracing::warn!(sd_id = %sd, killed = ?report.killed, elapsed_ms = report.elapsed_ms, "self-fenced");
+        Ok(report)
+    }
+}
+
+/// Joins futures without pulling in the `futures` crate.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("fence waiter panicked"));
+    }
+    out
+}
+
+/// SIGTERM (QEMU exits cleanly), then SIGKILL; returns once the VM is `Down`.
+async fn kill_and_wait(vm: &Vm) -> Result<(), VmError> {
+    if let Some(p) = &vm.process {
+        let _ = p.signal(libc::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(5), p.wait())
+            .await
+            .is_err()
+        {
+            let _ = p.signal(libc::SIGKILL);
+        }
+    }
+    vm.wait_status("destroy", COMMAND_SETTLE, VmStatus::is_down)
+        .await
+        .map(drop)
+}
+
+async fn connect_qmp(
+    sock: &Path,
+    process: &Process,
+    timeout: Duration,
+) -> Result<(Qmp, qmp::EventStream), String> {
+    let start = Instant::now();
+    loop {
+        if process.has_exited() {
+            return Err("QEMU exited before answering QMP".into());
+        }
+        match Qmp::connect(sock).await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() > timeout => {
+                return Err(format!("QMP did not answer within {timeout:?}: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// The per-VM task: QMP events and the process's exit drive the state machine.
+async fn vm_task(vm: Arc<Vm>, mut ev: qmp::EventStream, extender: Arc<dyn ExtendRequester>) {
+    let process = vm.process.clone().expect("a running VM has a process");
+    let exit = loop {
+        tokio::select! {
+            e = ev.recv() => match e {
+                Some(e) => handle_event(&vm, e, &extender).await,
+                None => {
+                    // QMP closed: QEMU is exiting. Wait for the exit itself.
+                    *vm.qmp.lock().unwrap() = None;
+                    break process.wait().await;
+                }
+            },
+            exit = process.wait() => break exit,
+        }
+    };
+    *vm.qmp.lock().unwrap() = None;
+    let intent = vm.intent.lock().unwrap().take();
+    let shutdown = vm.shutdown.lock().unwrap().take();
+    let status = match &exit {
+        Exit::Status(s) => s.clone(),
+        Exit::Unknown => "exit status unknown (not our child)".into(),
+    };
+    let reason = match (intent, shutdown) {
+        (Some((kind, detail)), _) => DownReason { kind, detail },
+        (None, Some((true, r))) => DownReason {
+            kind: DownKind::GuestShutdown,
+            detail: format!("guest shut down ({r})"),
+        },
+        (None, Some((false, r))) => DownReason {
+            kind: DownKind::Died,
+            detail: format!("QEMU shut down by the host ({r}), {status}"),
+        },
+        (None, None) => DownReason {
+            kind: DownKind::Died,
+            detail: format!(
+                "QEMU exited unexpectedly, {status}; log: {}",
+                process::log_tail(&vm.dir.join("qemu.log"), 5)
+            ),
+        },
+    };
+    tracing::info!(vm_id = %vm.id, kind = ?reason.kind, detail = %reason.detail, "VM down");
+    vm.feed(Input::Exited(reason));
+}
+
+async fn handle_event(vm: &Arc<Vm>, e: Event, extender: &Arc<dyn ExtendRequester>) {
+    tracing::debug!(vm_id = %vm.id, event = ?e, "QMP event");
+    match &e {
+        Event::Stop => {
+            let st = match vm.qmp() {
+                Ok(q) => q.execute(&qmp::QueryStatus {}).await.ok(),
+                Err(_) => None,
+            };
+            let status = st.map(|s| s.status).unwrap_or_else(|| "paused".into());
+            if status == "io-error" {
+                vm.enospc_pauses.fetch_add(1, Ordering::Relaxed);
+            }
+            vm.feed(Input::Stopped { status });
+        }
+        Event::Resume => vm.feed(Input::Resumed),
+        Event::Shutdown { guest, reason } => {
+            *vm.shutdown.lock().unwrap() = Some((*guest, reason.clone()));
+        }
+        Event::BlockWriteThreshold { node_name, .. } => {
+            if let Some(disk) = thin_disk_of_node(vm, node_name) {
+                spawn_extend(vm.clone(), disk, extender.clone());
+            }
+        }
+        Event::BlockIoError {
+            node_name: Some(node_name),
+            nospace: true,
+            ..
+        } => {
+            if let Some(disk) = thin_disk_of_node(vm, node_name) {
+                spawn_extend(vm.clone(), disk, extender.clone());
+            }
+        }
+        _ => {}
+    }
+    let _ = vm.events.send(e);
+}
+
+/// The thin disk whose active layer `node` (format or protocol node) belongs to.
+fn thin_disk_of_node(vm: &Vm, node: &str) -> Option<usize> {
+    let rec = vm.record.lock().unwrap();
+    rec.loops.iter().enumerate().find_map(|(i, lp)| {
+        let dev = lp.as_ref()?;
+        rec.create.disks[i].thin.as_ref()?;
+        (format_node_name(i, dev) == node || protocol_node_name(i, dev) == node).then_some(i)
+    })
+}
+
+fn thin_target(vm: &Vm, disk: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
+    let rec = vm.record.lock().unwrap();
+    let d = rec.create.disks.get(disk)?;
+    let thin = d.thin.clone()?;
+    let dev = rec.loops.get(disk)?.clone()?;
+    let file = d.layers.last()?.path.clone();
+    Some((dev, file, thin))
+}
+
+/// Arms the write threshold of every thin disk at its current size.
+async fn arm_thresholds(vm: &Vm) {
+    let n = vm.record.lock().unwrap().create.disks.len();
+    for disk in 0..n {
+        let Some((dev, _, thin)) = thin_target(vm, disk) else {
+            continue;
+        };
+        match thin::device_size(&dev) {
+            Ok(size) => set_threshold(vm, disk, &dev, thin.policy.threshold(size)).await,
+            Err(e) => tracing::error!(vm_id = %vm.id, disk, error = %e, "cannot size thin volume"),
+        }
+    }
+}
+
+async fn set_threshold(vm: &Vm, disk: usize, dev: &Path, threshold: Option<u64>) {
+    let Ok(q) = vm.qmp() else { return };
+    let res = q
+        .execute(&qmp::BlockSetWriteThreshold {
+            node_name: protocol_node_name(disk, dev),
+            write_threshold: threshold.unwrap_or(0),
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(vm_id = %vm.id, disk, error = %e, "cannot set write threshold");
+    }
+}
+
+fn spawn_extend(vm: Arc<Vm>, disk: usize, extender: Arc<dyn ExtendRequester>) {
+    tokio::spawn(async move {
+        if let Err(e) = extend_disk(&vm, disk, extender.as_ref()).await {
+            tracing::error!(vm_id = %vm.id, disk, error = %e, "thin extend failed");
+        }
+    });
+}
+
+/// One extend cycle: request, refresh, re-arm, resume. Serialized per disk; a cycle that finds
+/// the volume already grown past the need (a duplicate trigger) does nothing.
+async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Result<(), VmError> {
+    let Some(lock) = vm.extending.get(disk) else {
+        return Ok(());
+    };
+    let _guard = lock.lock().await;
+    let Some((dev, file, thin)) = thin_target(vm, disk) else {
+        return Ok(());
+    };
+    let loop_err = |source| VmError::Loop {
+        vm: vm.id,
+        disk,
+        source,
+    };
+    let q = vm.qmp()?;
+    let paused_enospc = matches!(
+        vm.status(),
+        VmStatus::Paused {
+            reason: PauseReason::IoError
+        }
+    );
+    // Still needed? The threshold reads 0 once it fired; an armed one means a previous
+    // cycle already answered this trigger.
+    let armed = q
+        .execute(&qmp::QueryNamedBlockNodes { flat: true })
+        .await
+        .ok()
+        .and_then(|nodes| {
+            let name = protocol_node_name(disk, &dev);
+            nodes.into_iter().find(|n| n.node_name == name)
+        })
+        .map(|n| n.write_threshold > 0)
+        .unwrap_or(false);
+    if armed && !paused_enospc {
+        return Ok(());
+    }
+    let size = thin::device_size(&dev).map_err(loop_err)?;
+    let Some(new_size) = thin.policy.next_size(size) else {
+        tracing::error!(vm_id = %vm.id, disk, size, "thin volume at its maximum size; cannot extend");
+        return Ok(());
+    };
+    let start = Instant::now();
+    let req = ExtendRequest {
+        vm: vm.id,
+        disk,
+        volume: thin.volume,
+        backing_file: file,
+        current_size: size,
+        new_size,
+    };
+    extender.extend(&req).await.map_err(|e| VmError::Invalid {
+        vm: vm.id,
+        reason: format!("extend request for disk {disk} failed: {e}"),
+    })?;
+    let now = thin::loop_refresh(&dev).map_err(loop_err)?;
+    set_threshold(vm, disk, &dev, thin.policy.threshold(now)).await;
+    vm.thin_extends.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(vm_id = %vm.id, disk, from = size, to = now,
+        elapsed_ms = start.elapsed().as_millis() as u64, "thin volume extended");
+    if matches!(
+        vm.status(),
+        VmStatus::Paused {
+            reason: PauseReason::IoError
+        }
+    ) {
+        q.execute(&qmp::Cont {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: vm.id, source })?;
+    }
+    Ok(())
+}
+
+/// Writes `vm.json` atomically: temp file, fsync, rename, fsync the directory.
+fn write_record(dir: &Path, rec: &VmRecord) -> std::io::Result<()> {
+    let tmp = dir.join("vm.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join("vm.json"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// utime and stime of a `/proc/.../stat` file, in milliseconds.
+fn proc_cpu_ms(path: &str) -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string(path) else {
+        return (0, 0);
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return (0, 0);
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) * 1000 / hz, ticks(12) * 1000 / hz)
+}
+
+fn proc_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
