@@ -3,4 +3,11 @@
 //! Architecture invariant: the node stores nothing outside shared storage and its run directory;
 //! a restarted node rebuilds its state from both.
 
+pub mod api;
+pub mod daemon;
+pub mod enroll;
+pub mod events;
+pub mod host;
+pub mod http;
+pub mod service;
 pub mod vm;

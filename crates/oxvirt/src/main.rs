@@ -3,6 +3,7 @@
 //! Architecture invariant: no logic lives here that a crate should own; subcommands parse
 //! arguments, call a crate, and print.
 
+mod node_cmd;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// All-in-one: engine, node(s) and local storage under one data directory.
     Up(up::UpArgs),
+    /// The node daemon (oxvirt's VDSM): serves the node API over mutual TLS.
+    Node(node_cmd::NodeArgs),
     /// Report what this host offers for running VMs (QEMU, qemu-img, KVM).
     HostCheck {
         /// Print JSON instead of text.
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args),
         Command::HostCheck { json } => up::host_check(json),
+        Command::Node(args) => node_cmd::run_node(args),
     }
 }

@@ -191,28 +191,38 @@ impl CertAuthority {
     /// Signs a node's CSR. The subject is ours to choose (role and name); only the public key
     /// and the requested subject alternative names (DNS names and IPs) are taken from the CSR.
     pub fn sign_csr(&self, csr_pem: &str, role: Role, name: &str) -> Result<String, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::BadCsr(format!("unparsable or badly signed: {e}")))?;
-        let mut sans = Vec::new();
-        for san in &csr.params.subject_alt_names {
-            match san {
-                SanType::DnsName(n) => sans.push(n.to_string()),
-                SanType::IpAddress(ip) => sans.push(ip.to_string()),
-                other => {
-                    return Err(PkiError::BadCsr(format!(
-                        "unsupported subject alternative name {other:?}"
-                    )))
-                }
-            }
-        }
+        let (public_key, sans) = parse_csr(csr_pem)?;
         let cert = leaf_params(role, name, &sans)?
-            .signed_by(&csr.public_key, &self.issuer, &self.key)
+            .signed_by(&public_key, &self.issuer, &self.key)
             .map_err(|source| PkiError::Generate {
                 name: name.to_string(),
                 source,
             })?;
         Ok(cert.pem())
     }
+}
+
+/// Checks that a CSR parses, is signed by its own key, and asks only for DNS names and IPs.
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    parse_csr(csr_pem).map(|_| ())
+}
+
+fn parse_csr(csr_pem: &str) -> Result<(rcgen::PublicKey, Vec<String>), PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(format!("unparsable or badly signed: {e}")))?;
+    let mut sans = Vec::new();
+    for san in &csr.params.subject_alt_names {
+        match san {
+            SanType::DnsName(n) => sans.push(n.to_string()),
+            SanType::IpAddress(ip) => sans.push(ip.to_string()),
+            other => {
+                return Err(PkiError::BadCsr(format!(
+                    "unsupported subject alternative name {other:?}"
+                )))
+            }
+        }
+    }
+    Ok((csr.public_key, sans))
 }
 
 fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {

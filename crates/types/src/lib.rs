@@ -5,6 +5,7 @@
 //!
 //! Architecture invariant: no logic beyond parsing and validating values lives here; no I/O.
 
+pub mod api;
 mod ids;
 
 pub use ids::{HostId, HostIdError, IdError, ImgUuid, JobId, PoolUuid, SdUuid, TaskId, VmId, VolUuid};

@@ -1,0 +1,352 @@
+//! `oxvirt node` as a real process on loopback: enrollment with the engine's CA, the API over
+//! mutual TLS (JSON-RPC, XML-RPC, REST view, events), refusals, and restarts.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use oxvirt_engine::enroll::{handler, Enrollment};
+use oxvirt_pki::{client_config, server_config, CertAuthority, Identity, Role};
+use oxvirt_rpc::{xmlrpc, Limits, RpcClient};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+struct Engine {
+    addr: SocketAddr,
+    enrollment: Arc<Enrollment>,
+    identity: Identity,
+    enrolled: Arc<Mutex<Vec<String>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start_engine() -> Engine {
+    let ca = CertAuthority::generate("oxvirt test CA").unwrap();
+    let identity = ca.issue(Role::Engine, "engine", &["127.0.0.1".into()]).unwrap();
+    let enrolled = Arc::new(Mutex::new(Vec::new()));
+    let e2 = enrolled.clone();
+    let enrollment = Arc::new(Enrollment::new(ca, move |h| {
+        e2.lock().unwrap().push(h.name.clone())
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = Arc::new(server_config(&identity, None).unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(oxvirt_rpc::serve(
+        listener,
+        Some(tls),
+        handler(enrollment.clone()),
+        Limits::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Engine {
+        addr,
+        enrollment,
+        identity,
+        enrolled,
+        _stop: stop,
+    }
+}
+
+fn free_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+struct NodeProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(name: &str, data: &Path, addr: SocketAddr, extra: &[&str]) -> NodeProc {
+    let child = Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+        .args(["node", "--name", name, "--listen", &addr.to_string(), "--data"])
+        .arg(data)
+        .args(extra)
+        .env("OXVIRT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    NodeProc { child, addr }
+}
+
+fn engine_client(engine: &Engine, node: SocketAddr) -> RpcClient {
+    RpcClient::new(
+        node,
+        "127.0.0.1",
+        client_config(&engine.identity.ca_pem, Some(&engine.identity)).unwrap(),
+    )
+    .unwrap()
+    .with_timeout(Duration::from_secs(20))
+}
+
+async fn wait_up(c: &RpcClient, node: &mut NodeProc) -> Value {
+    let start = Instant::now();
+    loop {
+        match c.call("Host.ping", json!({})).await {
+            Ok(v) => return v,
+            Err(e) => {
+                if let Some(st) = node.child.try_wait().unwrap() {
+                    let mut err = String::new();
+                    std::io::Read::read_to_string(node.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                    panic!("node exited with {st}: {err}");
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "node did not come up: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn files_under(p: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        out.push(e.path().display().to_string());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_enrolls_with_a_token_and_serves_all_transports_over_mutual_tls() {
+    let engine = start_engine().await;
+    let data = tempfile::tempdir().unwrap();
+    let token = engine.enrollment.issue_token(Duration::from_secs(300));
+    let addr = free_port();
+    let mut node = spawn_node(
+        "host-a",
+        data.path(),
+        addr,
+        &["--engine", &engine.addr.to_string(), "--token", &token],
+    );
+    let c = engine_client(&engine, addr);
+    let ping = wait_up(&c, &mut node).await;
+    assert_eq!(ping["name"], "host-a");
+    assert_eq!(*engine.enrolled.lock().unwrap(), vec!["host-a".to_string()]);
+
+    // Key stored 0600, certificate issued by the engine's CA for this host.
+    let key_mode = std::fs::metadata(data.path().join("pki/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let id = Identity::load(&data.path().join("pki")).unwrap().unwrap();
+    assert_eq!(
+        id.subject().unwrap(),
+        oxvirt_pki::PeerIdentity {
+            role: Role::Node,
+            name: "host-a".into()
+        }
+    );
+    assert_eq!(id.ca_pem, engine.identity.ca_pem);
+
+    // JSON-RPC.
+    let caps = c.call("Host.getCapabilities", json!({})).await.unwrap();
+    assert!(
+        caps["qemuVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with(char::is_numeric),
+        "{caps}"
+    );
+    assert!(caps["cpuCores"].as_u64().unwrap() >= 1);
+    let stats = c.call("Host.getStats", json!({})).await.unwrap();
+    assert!(stats["memTotalMib"].as_u64().unwrap() > 0);
+    let err = c.call("Host.getStats", json!({"bogus": 1})).await.unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+    let err = c.call("No.suchVerb", json!({})).await.unwrap_err();
+    assert!(err.to_string().contains("No.suchVerb"), "{err}");
+
+    // XML-RPC, same dispatcher.
+    let body = xmlrpc::call("Host.ping", &[json!({})]);
+    let (status, reply) = c
+        .request(Method::POST, "/RPC2", "text/xml", Bytes::from(body))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(xmlrpc::parse_response(&reply).unwrap().unwrap()["name"], "host-a");
+    let (_, reply) = c
+        .request(
+            Method::POST,
+            "/RPC2",
+            "text/xml",
+            Bytes::from(xmlrpc::call("Nope", &[])),
+        )
+        .await
+        .unwrap();
+    assert!(xmlrpc::parse_response(&reply).unwrap().is_err());
+
+    // REST view, same authentication.
+    let (status, reply) = c
+        .request(Method::GET, "/api/host", "application/json", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(v["name"], "host-a");
+    assert!(v["capabilities"]["memTotalMib"].as_u64().unwrap() > 0);
+    let (status, _) = c
+        .request(Method::GET, "/api/nothing", "application/json", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The event stream opens.
+    let _events = c.events().await.unwrap();
+
+    // Refusals leave no trace.
+    let before = files_under(data.path());
+    let anon = RpcClient::new(
+        addr,
+        "127.0.0.1",
+        client_config(&engine.identity.ca_pem, None).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        anon.call("Host.ping", json!({})).await.is_err(),
+        "no client certificate must be refused"
+    );
+    let other = CertAuthority::generate("rogue CA").unwrap();
+    let rogue = other.issue(Role::Engine, "engine", &[]).unwrap();
+    let mut roots = engine.identity.ca_pem.clone();
+    roots.push_str(&other.cert_pem());
+    let rogue_client =
+        RpcClient::new(addr, "127.0.0.1", client_config(&roots, Some(&rogue)).unwrap()).unwrap();
+    assert!(
+        rogue_client.call("Host.ping", json!({})).await.is_err(),
+        "another CA's certificate must be refused"
+    );
+    let (status, reply) = c
+        .request(
+            Method::POST,
+            "/jsonrpc",
+            "application/json",
+            Bytes::from_static(b"{\"jsonrpc\":"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&reply).unwrap()["error"]["code"],
+        -32700
+    );
+    let (status, _) = c
+        .request(
+            Method::POST,
+            "/jsonrpc",
+            "application/json",
+            Bytes::from(vec![b'x'; 2 << 20]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        files_under(data.path()),
+        before,
+        "bad requests must not change the node's files"
+    );
+    assert!(
+        c.call("Host.ping", json!({})).await.is_ok(),
+        "node still serves after bad requests"
+    );
+
+    // Graceful stop (SIGTERM), then a restart without any enrollment flags reuses the identity.
+    let pid = node.child.id() as i32;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let st = node.child.wait().unwrap();
+    assert!(st.success(), "SIGTERM exits cleanly, got {st}");
+    let mut node = spawn_node("host-a", data.path(), addr, &[]);
+    let c = engine_client(&engine, addr);
+    wait_up(&c, &mut node).await;
+    assert_eq!(
+        engine.enrolled.lock().unwrap().len(),
+        1,
+        "a restarted node does not enroll again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_token_is_refused_and_a_fingerprint_enrollment_waits_for_approval() {
+    let engine = start_engine().await;
+    let token = engine.enrollment.issue_token(Duration::from_secs(300));
+    let d1 = tempfile::tempdir().unwrap();
+    let a1 = free_port();
+    let mut n1 = spawn_node(
+        "host-b",
+        d1.path(),
+        a1,
+        &["--engine", &engine.addr.to_string(), "--token", &token],
+    );
+    wait_up(&engine_client(&engine, a1), &mut n1).await;
+
+    // The same token again: the second node exits with an error and has no identity.
+    let d2 = tempfile::tempdir().unwrap();
+    let mut n2 = spawn_node(
+        "host-c",
+        d2.path(),
+        free_port(),
+        &["--engine", &engine.addr.to_string(), "--token", &token],
+    );
+    let st = n2.child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(n2.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!st.success());
+    assert!(err.contains("403") || err.contains("token"), "{err}");
+    assert!(Identity::load(&d2.path().join("pki")).unwrap().is_none());
+
+    // A wrong fingerprint is refused before anything is sent.
+    let d3 = tempfile::tempdir().unwrap();
+    let mut n3 = spawn_node(
+        "host-d",
+        d3.path(),
+        free_port(),
+        &["--engine", &engine.addr.to_string(), "--ca-fingerprint", "00:11"],
+    );
+    assert!(!n3.child.wait().unwrap().success());
+    assert!(engine.enrollment.pending().is_empty());
+
+    // The right fingerprint: pending until approved, then serving.
+    let fp = engine.enrollment.ca().fingerprint();
+    let d4 = tempfile::tempdir().unwrap();
+    let a4 = free_port();
+    let mut n4 = spawn_node(
+        "host-e",
+        d4.path(),
+        a4,
+        &["--engine", &engine.addr.to_string(), "--ca-fingerprint", &fp],
+    );
+    let start = Instant::now();
+    while engine.enrollment.pending().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "enrollment request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(n4.child.try_wait().unwrap().is_none(), "node waits while pending");
+    engine.enrollment.approve("host-e").unwrap();
+    let ping = wait_up(&engine_client(&engine, a4), &mut n4).await;
+    assert_eq!(ping["name"], "host-e");
+}
