@@ -403,6 +403,20 @@ impl QemuImg {
         }
     }
 
+    /// `qemu-img check -r leaks --output=json`: frees clusters an interrupted writer leaked
+    /// (harmless to data, but wasted space); returns the report after the repair.
+    pub fn repair_leaks(&self, image: &Path, format: ImageFormat) -> Result<CheckReport, ImgError> {
+        let mut a = args(["check", "--output=json", "-r", "leaks"]);
+        push_format(&mut a, "-f", Some(format));
+        a.push(image.into());
+        let command = describe(&self.bin, &a);
+        let out = self.output(a, cwd_of(image))?;
+        match out.status.code() {
+            Some(0) | Some(2) | Some(3) => parse_json(&command, &out.stdout),
+            _ => Err(failed(command, &out.status, &out.stderr)),
+        }
+    }
+
     /// `qemu-img map --output=json`.
     pub fn map(&self, image: &Path, format: Option<ImageFormat>) -> Result<Vec<MapExtent>, ImgError> {
         let mut a = args(["map", "--output=json", "-U"]);
@@ -442,8 +456,26 @@ impl QemuImg {
         parse_json(&command, &out)
     }
 
-    fn output(&self, a: Vec<OsString>, cwd: Option<PathBuf>) -> Result<std::process::Output, ImgError> {
+    /// A `qemu-img` command that dies with its parent: an operation interrupted by the death of
+    /// its process is redone by recovery, which must not race a still-running orphan for the
+    /// image locks.
+    fn command(&self) -> Command {
+        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(&self.bin);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn output(&self, a: Vec<OsString>, cwd: Option<PathBuf>) -> Result<std::process::Output, ImgError> {
+        let mut cmd = self.command();
         cmd.args(&a).stdin(Stdio::null());
         if let Some(d) = cwd {
             cmd.current_dir(d);
@@ -472,7 +504,7 @@ impl QemuImg {
                 Err(failed(command, &out.status, &out.stderr))
             };
         };
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = self.command();
         cmd.args(&a)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -285,6 +285,11 @@ impl FileStorageDomain {
                 }
                 match self.qemu().check(&path, Some(m.format.image_format())) {
                     Ok(c) if c.is_clean() => {}
+                    Ok(c) if c.check_errors == 0 && c.corruptions == 0 => r.warn(
+                        Some(img),
+                        Some(v),
+                        format!("qemu-img check: {} leaked clusters (harmless; recovery frees them)", c.leaks),
+                    ),
                     Ok(c) => r.err(
                         Some(img),
                         Some(v),

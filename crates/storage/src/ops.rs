@@ -174,6 +174,10 @@ impl Step {
             Step::Commit { img, top, top_format, base } => {
                 let top_path = dom.volume_path(*img, *top);
                 let base_path = dom.volume_path(*img, *base);
+                if !top_path.exists() {
+                    // Rolled forward after finalize already removed the merged top.
+                    return Ok(());
+                }
                 dom.qemu()
                     .commit(&top_path, top_format.image_format(), Some(&base_path), true, progress)
                     .map_err(|source| StorageError::Qemu {
@@ -606,6 +610,15 @@ fn undo(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, 
     }
     for planned in op.steps[..=last].iter().rev() {
         if let Some(u) = &planned.undo {
+            // The journal does not record how far an operation got, so undo runs for steps that
+            // may never have run: restoring metadata only makes sense where metadata exists
+            // (a volume's `.meta` exists from its creation on, so this skips only new volumes
+            // whose metadata was never written).
+            if let Step::WriteMeta { img, vol, .. } = u {
+                if !dom.meta_path(*img, *vol).exists() {
+                    continue;
+                }
+            }
             u.apply(dom, others, &mut |_| {})?;
         }
     }
@@ -625,6 +638,7 @@ pub fn recover_one(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &
     let rolled_forward = op.state == OpState::Committed;
     tracing::info!(op = %op.id, verb = %op.verb, forward = rolled_forward, "recovering operation");
     if rolled_forward {
+        repair_interrupted_writers(dom, op)?;
         for planned in &op.steps[op.commit_at..] {
             planned.step.apply(dom, others, &mut |_| {})?;
         }
@@ -637,6 +651,39 @@ pub fn recover_one(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &
         verb: op.verb.clone(),
         rolled_forward,
     })
+}
+
+/// A qcow2 image whose writer (`qemu-img commit`, `resize`, `rebase`) was killed may hold
+/// leaked clusters; free them before redoing the steps.
+fn repair_interrupted_writers(dom: &FileStorageDomain, op: &Operation) -> Result<()> {
+    for planned in &op.steps[op.commit_at..] {
+        let (img, vol) = match &planned.step {
+            Step::Commit { img, base, .. } => (*img, *base),
+            Step::Rebase { img, vol, .. } => (*img, *vol),
+            Step::Resize {
+                img,
+                vol,
+                format: VolFormat::Cow,
+                ..
+            } => (*img, *vol),
+            _ => continue,
+        };
+        let path = dom.volume_path(img, vol);
+        if !path.exists() || !matches!(dom.read_meta(img, vol), Ok(m) if m.format == VolFormat::Cow) {
+            continue;
+        }
+        let report = dom
+            .qemu()
+            .repair_leaks(&path, oxvirt_qemu::ImageFormat::Qcow2)
+            .map_err(|source| StorageError::Qemu {
+                subject: format!("leak repair of volume {vol}"),
+                source,
+            })?;
+        if report.leaks_fixed > 0 {
+            tracing::warn!(%vol, leaks = report.leaks_fixed, "freed clusters leaked by an interrupted writer");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
