@@ -13,6 +13,8 @@ done
 mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\necho OXVIRT-GUEST powerdown\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
+# busybox acpid exits at once without its log and pid directories.
+mkdir -p /var/log /var/run
 acpid
 
 arg() { # value of oxvirt.$1= on the kernel command line
