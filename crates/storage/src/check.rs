@@ -141,6 +141,13 @@ impl FileStorageDomain {
                 Err(e) => r.err(None, None, format!("dom_md/{name}: {e}")),
             }
         }
+        if let Err(e) = crate::leases::verify_lockspace(&md_dir.join("ids"), self.sd()) {
+            r.err(None, None, format!("dom_md/ids: {e}"));
+        }
+        let sdm_offset = crate::leases::SDM_LEASE_SLOT * self.metadata().alignment;
+        if let Err(e) = crate::leases::verify_resource(&md_dir.join("leases"), sdm_offset, self.sd(), crate::leases::SDM_LEASE_NAME) {
+            r.err(None, None, format!("dom_md/leases: {e}"));
+        }
         let xl = md_dir.join("xleases");
         let alignment = self.metadata().alignment;
         let read = std::fs::File::open(&xl).and_then(|f| {
@@ -196,7 +203,11 @@ impl FileStorageDomain {
                 r.err(Some(img), Some(v), "metadata without a data file".into());
             }
             match std::fs::metadata(self.lease_path(img, v)) {
-                Ok(m) if m.len() >= crate::leases::LEASE_AREA => {}
+                Ok(m) if m.len() >= crate::leases::LEASE_AREA => {
+                    if let Err(e) = crate::leases::verify_resource(&self.lease_path(img, v), 0, self.sd(), &v.to_string()) {
+                        r.err(Some(img), Some(v), format!("lease: {e}"));
+                    }
+                }
                 Ok(m) => r.err(Some(img), Some(v), format!("lease file is {} bytes, expected 1 MiB", m.len())),
                 Err(_) => r.err(Some(img), Some(v), "lease file is missing".into()),
             }

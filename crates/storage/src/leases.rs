@@ -21,16 +21,47 @@ pub const VOLUME_LEASE_OFFSET: u64 = 0;
 /// Size of one lease area at 1 MiB alignment.
 pub const LEASE_AREA: u64 = 1 << 20;
 
-// TEMP-LEASE: until crates/lease exports `direct::{init_lockspace, init_resource}`, the areas are
-// only sized; replaced by the real calls before this work is handed over.
+fn lease_err(what: String, path: &Path) -> impl FnOnce(oxvirt_lease::LeaseError) -> StorageError + '_ {
+    move |e| StorageError::Lease {
+        what,
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
 /// Formats the host-id lockspace of domain `sd` at the start of `ids`.
 pub fn init_lockspace(ids: &Path, sd: SdUuid, io_timeout_secs: u16) -> Result<()> {
-    let _ = (sd, io_timeout_secs);
-    crate::fsio::create_sized(ids, LEASE_AREA, 0o660).map_err(StorageError::io("format lockspace in", ids))
+    oxvirt_lease::direct::init_lockspace(ids, 0, &sd.to_string(), io_timeout_secs)
+        .map_err(lease_err(format!("lockspace {sd}"), ids))
 }
 
 /// Formats resource `name` of lockspace `sd` at `offset` in `path`.
 pub fn init_resource(path: &Path, offset: u64, sd: SdUuid, name: &str) -> Result<()> {
-    let _ = (sd, name);
-    crate::fsio::create_sized(path, offset + LEASE_AREA, 0o660).map_err(StorageError::io("format resource in", path))
+    oxvirt_lease::direct::init_resource(path, offset, &sd.to_string(), name)
+        .map_err(lease_err(format!("resource {name}"), path))
+}
+
+/// Verifies that `ids` holds lockspace `sd` (host 1's delta lease decodes for it).
+pub fn verify_lockspace(ids: &Path, sd: SdUuid) -> std::result::Result<(), String> {
+    oxvirt_lease::direct::read_delta_leader(ids, 0, &sd.to_string(), 1)
+        .map(drop)
+        .map_err(|e| error_chain(&e))
+}
+
+/// Verifies that `path` holds resource `name` of lockspace `sd` at `offset`.
+pub fn verify_resource(path: &Path, offset: u64, sd: SdUuid, name: &str) -> std::result::Result<(), String> {
+    oxvirt_lease::direct::read_paxos_leader(path, offset, &sd.to_string(), name)
+        .map(drop)
+        .map_err(|e| error_chain(&e))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

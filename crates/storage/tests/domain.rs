@@ -108,3 +108,25 @@ fn bad_domain_input_is_rejected_and_changes_nothing() {
         Err(StorageError::NoDomain(_))
     ));
 }
+
+#[test]
+fn leases_are_sanlock_areas_and_the_checker_verifies_them() {
+    use oxvirt_storage::{Allocation, VolFormat, VolumeSpec};
+    use oxvirt_types::{ImgUuid, VolUuid};
+    let f = Fixture::new();
+    let sd = f.dom.sd().to_string();
+    let md = f.dom.root().join("dom_md");
+    let ls = oxvirt_lease::direct::read_delta_leader(&md.join("ids"), 0, &sd, 1).unwrap();
+    assert_eq!(ls.io_timeout, 10);
+    oxvirt_lease::direct::read_paxos_leader(&md.join("leases"), MIB, &sd, "SDM").unwrap();
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    f.dom.create_volume(img, vol, &VolumeSpec::new(MIB, VolFormat::Raw, Allocation::Sparse)).unwrap();
+    let lease = f.dom.lease_path(img, vol);
+    oxvirt_lease::direct::read_paxos_leader(&lease, 0, &sd, &vol.to_string()).unwrap();
+    assert_clean(&f.dom);
+    // A lease area written for another name is caught.
+    oxvirt_lease::direct::init_resource(&lease, 0, &sd, "someone-else").unwrap();
+    let report = f.dom.check(false).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].volume, Some(vol));
+}
