@@ -11,7 +11,7 @@ done
 
 # The ACPI power button (QMP system_powerdown) powers the guest off, as a real OS would.
 mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\necho OXVIRT-GUEST powerdown\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+printf '#!/bin/sh\necho OXVIRT-GUEST powerdown > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 # busybox acpid exits at once without its log and pid directories.
 mkdir -p /var/log /var/run
