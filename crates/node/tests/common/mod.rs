@@ -1,0 +1,274 @@
+//! Shared by the VM tests: disks made with real qemu-img, the test guest, console waits, and a
+//! node process (`oxvirt-vm-node`) driven over its line protocol.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oxvirt_node::vm::{VmCreate, VmDisk};
+use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
+use oxvirt_testkit::{require_tool, TestGuest};
+use oxvirt_types::VmId;
+use serde_json::{json, Value};
+
+pub const MIB: u64 = 1 << 20;
+/// Blocks the guest's writer keeps rewriting (`oxvirt.writer=`).
+pub const WRITER_BLOCKS: u64 = 12;
+
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new(require_tool("qemu-img"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 volume; an overlay names its backing file by bare name (VDSM-style, same directory).
+pub fn create_qcow2(path: &Path, size_mib: u64, backing: Option<&Path>) {
+    let size = format!("{size_mib}M");
+    let p = path.to_str().unwrap();
+    match backing {
+        None => qemu_img(&["create", "-q", "-f", "qcow2", p, &size]),
+        Some(b) => {
+            let name = b.file_name().unwrap().to_str().unwrap();
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", name, "-F", "qcow2", p, &size])
+        }
+    }
+}
+
+pub fn qcow2_layer(path: &Path) -> LayerSpec {
+    LayerSpec {
+        path: path.to_path_buf(),
+        format: ImageFormat::Qcow2,
+        protocol: BlockProtocol::File,
+    }
+}
+
+pub fn disk(layers: Vec<LayerSpec>) -> VmDisk {
+    VmDisk {
+        layers,
+        serial: None,
+        read_only: false,
+        direct_io: false,
+        write_error: WriteErrorPolicy::StopOnEnospc,
+        thin: None,
+    }
+}
+
+/// The test guest with one disk, 256 MiB, TCG, balloon and agent channel.
+pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
+    let g = TestGuest::get();
+    VmCreate {
+        id: VmId::new_random(),
+        name: name.into(),
+        cpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+        boot: Boot::Kernel {
+            kernel: g.kernel,
+            initrd: Some(g.initrd),
+            append: TestGuest::append(args),
+        },
+        disks,
+        nics: vec![],
+        balloon: true,
+        guest_agent: true,
+        vnc: false,
+        lease_domains: vec![],
+    }
+}
+
+pub fn writer_arg() -> String {
+    format!("oxvirt.writer={WRITER_BLOCKS}")
+}
+
+pub fn passes(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("OXVIRT-GUEST pass ")
+        .count()
+}
+
+/// Waits until the guest's writer has completed `n` more passes than `from`.
+pub fn wait_passes(log: &Path, from: usize, n: usize, timeout: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        let now = passes(log);
+        if now >= from + n {
+            return now;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the guest completed {} of {n} passes within {timeout:?}; console:\n{}",
+            now - from,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every block the writer covers holds its byte ('A' + i) when read through `image`'s chain.
+pub fn verify_writer_data(image: &Path) {
+    let mut cmd = Command::new(require_tool("qemu-io"));
+    cmd.args(["-r", "-f", "qcow2"]);
+    for i in 0..WRITER_BLOCKS {
+        cmd.arg("-c")
+            .arg(format!("read -P 0x{:02x} {}M 1M", 0x41 + i % 26, i));
+    }
+    let out = cmd.arg(image).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "data in {} is not what the guest wrote: {text}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn console_has(log: &Path, needle: &str, timeout: Duration) -> String {
+    oxvirt_testkit::wait_for_text(log, needle, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A node process: `oxvirt-vm-node` on a run directory, driven over stdin/stdout.
+pub struct Node {
+    pub run_dir: PathBuf,
+    child: Child,
+    stdin: Mutex<ChildStdin>,
+    pending: Arc<Mutex<HashMap<u64, mpsc::Sender<Value>>>>,
+    seq: Mutex<u64>,
+}
+
+impl Node {
+    pub fn start(run_dir: &Path) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_oxvirt-vm-node"))
+            .arg("--run-dir")
+            .arg(run_dir)
+            .env("OXVIRT_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn oxvirt-vm-node");
+        let stdin = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(first.contains("ready"), "node did not start: {first:?}");
+        let pending: Arc<Mutex<HashMap<u64, mpsc::Sender<Value>>>> = Arc::default();
+        let p = pending.clone();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(seq) = v["seq"].as_u64() {
+                    if let Some(tx) = p.lock().unwrap().remove(&seq) {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        });
+        Node {
+            run_dir: run_dir.to_path_buf(),
+            child,
+            stdin: Mutex::new(stdin),
+            pending,
+            seq: Mutex::new(0),
+        }
+    }
+
+    /// Sends a request; returns a receiver for its reply.
+    pub fn send(&self, op: &str, args: Value) -> mpsc::Receiver<Value> {
+        let seq = {
+            let mut s = self.seq.lock().unwrap();
+            *s += 1;
+            *s
+        };
+        let (tx, rx) = mpsc::channel();
+        self.pending.lock().unwrap().insert(seq, tx);
+        let mut req = args;
+        req["seq"] = json!(seq);
+        req["op"] = json!(op);
+        let mut w = self.stdin.lock().unwrap();
+        writeln!(w, "{req}").unwrap();
+        w.flush().unwrap();
+        rx
+    }
+
+    pub fn wait_reply(rx: mpsc::Receiver<Value>, timeout: Duration) -> Result<Value, String> {
+        let v = rx
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("node gave no reply within {timeout:?}"));
+        match v.get("ok") {
+            Some(ok) => Ok(ok.clone()),
+            None => Err(v["error"].as_str().unwrap_or_default().to_string()),
+        }
+    }
+
+    pub fn call(&self, op: &str, args: Value, timeout: Duration) -> Result<Value, String> {
+        Self::wait_reply(self.send(op, args), timeout)
+    }
+
+    pub fn console_log(&self, id: VmId) -> PathBuf {
+        self.run_dir
+            .join("vms")
+            .join(id.to_string())
+            .join("serial.log")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crashing node would die.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills any QEMU still running from a test's run directory when the test ends (pass or
+/// fail), so a failed test leaves no VM behind.
+pub struct QemuReaper(pub Vec<PathBuf>);
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for run_dir in &self.0 {
+            let Ok(rd) = std::fs::read_dir(run_dir.join("vms")) else {
+                continue;
+            };
+            for e in rd.filter_map(Result::ok) {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let cmdline =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let marker = e.path().join("qmp.sock");
+                        if String::from_utf8_lossy(&cmdline)
+                            .contains(marker.to_str().unwrap_or("-"))
+                        {
+                            // SAFETY: kill(2) on a pid whose command line we just checked.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! VM lifecycle on real QEMU (TCG) with the test guest: start, stats, pause/resume, balloon,
+//! hooks, graceful shutdown and its fallback, QEMU dying, live snapshot and live merge while
+//! the guest writes.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use oxvirt_node::vm::hooks::Hooks;
+use oxvirt_node::vm::{DownKind, PauseReason, SnapshotDisk, VmManager, VmManagerConfig, VmStatus};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+async fn manager(run_dir: &Path, hooks: Option<&Path>) -> Arc<VmManager> {
+    let mut cfg = VmManagerConfig::new(run_dir);
+    cfg.hooks = Hooks::new(hooks.map(Path::to_path_buf), Duration::from_secs(10));
+    VmManager::open(cfg).await.unwrap()
+}
+
+fn hook(dir: &Path, point: &str, log: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir.join(point);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("10_log");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\necho \"$OXVIRT_HOOK $OXVIRT_VM_NAME\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+    tokio::task::spawn_blocking(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let _reaper = QemuReaper(vec![run.clone()]);
+    let hooks = tmp.path().join("hooks");
+    let hook_log = tmp.path().join("hooks.log");
+    hook(&hooks, "before_vm_start", &hook_log);
+    hook(&hooks, "after_vm_destroy", &hook_log);
+    let mgr = manager(&run, Some(&hooks)).await;
+
+    let img = tmp.path().join("disk.qcow2");
+    create_qcow2(&img, 32, None);
+    let req = guest_vm("life", vec![disk(vec![qcow2_layer(&img)])], &[&writer_arg()]);
+    let id = req.id;
+    let info = mgr.create(req.clone()).await.unwrap();
+    assert_eq!(info.status, VmStatus::Up);
+    assert!(info.pid > 0);
+    // The same id twice is refused and changes nothing.
+    assert!(mgr.create(req).await.is_err());
+    assert_eq!(mgr.list().len(), 1);
+
+    let log = mgr.console_log(id);
+    let l = log.clone();
+    blocking(move || wait_passes(&l, 0, 1, BOOT)).await.unwrap();
+
+    let stats = mgr.stats(id).await.unwrap();
+    assert!(stats.cpu_user_ms + stats.cpu_system_ms > 0, "{stats:?}");
+    assert_eq!(stats.vcpu_ms.len(), 1);
+    assert!(stats.rss_bytes > 0);
+    assert!(
+        stats.disks.iter().any(|d| d.wr_bytes >= MIB),
+        "the guest's writes show in the disk stats: {stats:?}"
+    );
+
+    let info = mgr.pause(id).await.unwrap();
+    assert_eq!(
+        info.status,
+        VmStatus::Paused {
+            reason: PauseReason::User
+        }
+    );
+    assert!(mgr.pause(id).await.is_err(), "already paused");
+    let before = passes(&log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(passes(&log), before, "a paused guest does not write");
+    assert_eq!(mgr.resume(id).await.unwrap().status, VmStatus::Up);
+    let l = log.clone();
+    blocking(move || wait_passes(&l, before, 1, BOOT)).await.unwrap();
+
+    // Balloon: the guest gives memory back down to the target.
+    assert!(mgr.set_balloon(id, 4096).await.is_err(), "above the VM's memory");
+    mgr.set_balloon(id, 200).await.unwrap();
+    let mut actual = 0;
+    for _ in 0..200 {
+        actual = mgr.stats(id).await.unwrap().balloon_actual_bytes.unwrap_or(0);
+        if actual == 200 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(actual, 200 * MIB, "balloon did not reach its target");
+
+    eprintln!("DEBUG before shutdown: passes {} len {}", passes(&log), std::fs::metadata(&log).unwrap().len());
+    // Graceful shutdown: the guest answers the ACPI power button.
+    let reason = mgr.shutdown(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(reason.kind, DownKind::GuestShutdown, "{reason:?}");
+    eprintln!("DEBUG after shutdown: passes {} len {}", passes(&log), std::fs::metadata(&log).unwrap().len());
+    assert!(console_has(&log, "OXVIRT-GUEST powerdown", Duration::from_secs(1)).len() > 0);
+    assert!(mgr.pause(id).await.is_err(), "a down VM cannot be paused");
+    let dir = mgr.vm_dir(id);
+    assert!(dir.exists());
+    let reason = mgr.destroy(id).await.unwrap();
+    assert_eq!(reason.kind, DownKind::GuestShutdown);
+    assert!(!dir.exists(), "destroy cleans the run directory");
+    assert!(mgr.status(id).is_err());
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap(),
+        "before_vm_start life\nafter_vm_destroy life\n"
+    );
+    verify_writer_data(&img);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_falls_back_to_destroy_and_a_dead_qemu_is_reported_with_its_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let _reaper = QemuReaper(vec![run.clone()]);
+    let mgr = manager(&run, None).await;
+    let img_a = tmp.path().join("a.qcow2");
+    let img_b = tmp.path().join("b.qcow2");
+    create_qcow2(&img_a, 16, None);
+    create_qcow2(&img_b, 16, None);
+    // This guest ignores the power button.
+    let deaf = guest_vm(
+        "deaf",
+        vec![disk(vec![qcow2_layer(&img_a)])],
+        &[
+            &oxvirt_testkit::TestGuest::run_arg("killall acpid"),
+            "oxvirt.marker=deaf",
+        ],
+    );
+    let victim = guest_vm("victim", vec![disk(vec![qcow2_layer(&img_b)])], &[]);
+    let (a, b) = tokio::join!(mgr.create(deaf.clone()), mgr.create(victim.clone()));
+    a.unwrap();
+    let b = b.unwrap();
+    let l = mgr.console_log(deaf.id);
+    blocking(move || console_has(&l, "OXVIRT-MARKER deaf", BOOT))
+        .await
+        .unwrap();
+
+    let reason = mgr.shutdown(deaf.id, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(reason.kind, DownKind::Destroyed, "{reason:?}");
+    assert!(reason.detail.contains("timed out"), "{reason:?}");
+
+    // QEMU killed behind the node's back: Down with the reason.
+    // SAFETY: kill(2) on the VM's QEMU pid as the manager reported it.
+    unsafe { libc::kill(b.pid as i32, libc::SIGKILL) };
+    let st = mgr
+        .wait_for(victim.id, Duration::from_secs(20), VmStatus::is_down)
+        .await
+        .unwrap();
+    match st {
+        VmStatus::Down { reason } => {
+            assert_eq!(reason.kind, DownKind::Died);
+            assert!(reason.detail.contains("signal 9"), "{reason:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    mgr.destroy(deaf.id).await.unwrap();
+    mgr.destroy(victim.id).await.unwrap();
+    assert!(mgr.list().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_snapshot_and_live_merge_while_the_guest_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let _reaper = QemuReaper(vec![run.clone()]);
+    let mgr = manager(&run, None).await;
+    let images = tmp.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let base = images.join("base");
+    let s1 = images.join("snap1");
+    let s2 = images.join("snap2");
+    create_qcow2(&base, 32, None);
+    let req = guest_vm("snap", vec![disk(vec![qcow2_layer(&base)])], &[&writer_arg()]);
+    let id = req.id;
+    mgr.create(req).await.unwrap();
+    let log = mgr.console_log(id);
+    let wait = |from: usize| {
+        let l = log.clone();
+        blocking(move || wait_passes(&l, from, 1, BOOT))
+    };
+    let mut p = wait(0).await.unwrap();
+
+    // Live snapshot onto an overlay the SPM would have created, with freeze/thaw.
+    create_qcow2(&s1, 32, Some(&base));
+    let bad = mgr
+        .snapshot(
+            id,
+            vec![SnapshotDisk {
+                disk: 0,
+                overlay: images.join("missing"),
+            }],
+        )
+        .await;
+    assert!(bad.is_err());
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone()]);
+    let rep = mgr
+        .snapshot(
+            id,
+            vec![SnapshotDisk {
+                disk: 0,
+                overlay: s1.clone(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(rep.frozen, "{rep:?}");
+    let text = console_has(&log, "OXVIRT-GUEST fsfreeze thawed", Duration::from_secs(10));
+    assert!(text.contains("OXVIRT-GUEST fsfreeze frozen"));
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone(), s1.clone()]);
+    p = wait(p).await.unwrap();
+
+    create_qcow2(&s2, 32, Some(&s1));
+    mgr.snapshot(
+        id,
+        vec![SnapshotDisk {
+            disk: 0,
+            overlay: s2.clone(),
+        }],
+    )
+    .await
+    .unwrap();
+    p = wait(p).await.unwrap();
+    // New writes land in the active overlay, not the base.
+    let info = common_info(&s2);
+    assert!(info.contains("backing file: snap1"), "{info}");
+
+    // Internal merge: snap1 into base; snap2 now backs onto base by bare name.
+    let m = mgr
+        .merge(id, 0, &base, &s1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(!m.active);
+    assert_eq!(m.removed, vec![s1.clone()]);
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone(), s2.clone()]);
+    let info = common_info(&s2);
+    assert!(info.contains("backing file: base"), "{info}");
+    p = wait(p).await.unwrap();
+
+    // Active merge with pivot: snap2 into base; the guest now writes to base.
+    assert!(mgr
+        .merge(id, 0, &s2, &base, Duration::from_secs(5))
+        .await
+        .is_err());
+    let m = mgr
+        .merge(id, 0, &base, &s2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(m.active);
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone()]);
+    let st = mgr.stats(id).await.unwrap();
+    assert_eq!(st.status, VmStatus::Up);
+    wait(p).await.unwrap();
+
+    mgr.destroy(id).await.unwrap();
+    // Everything the guest wrote through snapshots and merges is in the base alone.
+    verify_writer_data(&base);
+}
+
+fn common_info(img: &Path) -> String {
+    let out = std::process::Command::new(oxvirt_testkit::require_tool("qemu-img"))
+        .args(["info", "-U"])
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
