@@ -103,11 +103,9 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
     }
     assert_eq!(actual, 200 * MIB, "balloon did not reach its target");
 
-    eprintln!("DEBUG before shutdown: passes {} len {}", passes(&log), std::fs::metadata(&log).unwrap().len());
     // Graceful shutdown: the guest answers the ACPI power button.
     let reason = mgr.shutdown(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(reason.kind, DownKind::GuestShutdown, "{reason:?}");
-    eprintln!("DEBUG after shutdown: passes {} len {}", passes(&log), std::fs::metadata(&log).unwrap().len());
     assert!(console_has(&log, "OXVIRT-GUEST powerdown", Duration::from_secs(1)).len() > 0);
     assert!(mgr.pause(id).await.is_err(), "a down VM cannot be paused");
     let dir = mgr.vm_dir(id);
