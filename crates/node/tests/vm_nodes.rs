@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 fn running(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .is_some_and(|zombie| !zombie)
 }
 
@@ -114,7 +117,10 @@ fn live_migration_there_and_back_with_failure_and_cancel() {
             CALL,
         )
         .unwrap();
-    let (total, downtime) = (rep["total_ms"].as_u64().unwrap(), rep["downtime_ms"].as_u64().unwrap());
+    let (total, downtime) = (
+        rep["total_ms"].as_u64().unwrap(),
+        rep["downtime_ms"].as_u64().unwrap(),
+    );
     eprintln!("migration A→B: total {total} ms, downtime {downtime} ms");
     assert!(total > 0 && downtime <= total, "{rep}");
     let st = a.call("status", json!({"id": id}), CALL).unwrap();
@@ -172,7 +178,11 @@ fn a_killed_node_leaves_vms_running_and_the_next_one_recovers_and_fences_them() 
     vm.lease_domains = vec![sd];
     let id = vm.id;
     let info = node
-        .call("create", json!({ "vm": serde_json::to_value(&vm).unwrap() }), CALL)
+        .call(
+            "create",
+            json!({ "vm": serde_json::to_value(&vm).unwrap() }),
+            CALL,
+        )
         .unwrap();
     let qemu_pid = info["pid"].as_u64().unwrap() as i32;
     let log = node.console_log(id);

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use oxvirt_node::vm::thin::{
-    ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender, ThinPolicy,
-};
+use oxvirt_node::vm::thin::{ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender, ThinPolicy};
 use oxvirt_node::vm::{ThinDisk, VmManager, VmManagerConfig, VmStatus};
 
 /// The SPM answering slowly (as through the mailbox, which polls every few seconds): the real
@@ -68,11 +66,10 @@ async fn a_guest_outrunning_the_extends_is_paused_on_enospc_resumed_and_never_se
     mgr.create(req).await.unwrap();
     let log = mgr.console_log(id);
     let l = log.clone();
-    let text = tokio::task::spawn_blocking(move || {
-        console_has(&l, "OXVIRT-MARKER done", Duration::from_secs(180))
-    })
-    .await
-    .unwrap();
+    let text =
+        tokio::task::spawn_blocking(move || console_has(&l, "OXVIRT-MARKER done", Duration::from_secs(180)))
+            .await
+            .unwrap();
     assert!(text.contains("OXVIRT-GUEST wrote 40 MiB"), "console:\n{text}");
     assert!(!text.contains("write failed"), "console:\n{text}");
 

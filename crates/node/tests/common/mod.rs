@@ -220,10 +220,7 @@ impl Node {
     }
 
     pub fn console_log(&self, id: VmId) -> PathBuf {
-        self.run_dir
-            .join("vms")
-            .join(id.to_string())
-            .join("serial.log")
+        self.run_dir.join("vms").join(id.to_string()).join("serial.log")
     }
 
     pub fn pid(&self) -> u32 {
@@ -257,12 +254,9 @@ impl Drop for QemuReaper {
             for e in rd.filter_map(Result::ok) {
                 if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
                     if let Ok(pid) = pid.trim().parse::<i32>() {
-                        let cmdline =
-                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                         let marker = e.path().join("qmp.sock");
-                        if String::from_utf8_lossy(&cmdline)
-                            .contains(marker.to_str().unwrap_or("-"))
-                        {
+                        if String::from_utf8_lossy(&cmdline).contains(marker.to_str().unwrap_or("-")) {
                             // SAFETY: kill(2) on a pid whose command line we just checked.
                             unsafe { libc::kill(pid, libc::SIGKILL) };
                         }
