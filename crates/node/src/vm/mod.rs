@@ -216,6 +216,8 @@ pub enum VmError {
         #[source]
         source: oxvirt_qemu::cmdline::SpecError,
     },
+    #[error("VM {vm}: no QMP connection (QEMU is gone or exiting)")]
+    NoQmp { vm: VmId },
     #[error("VM {vm}: QEMU did not start: {detail}")]
     StartFailed { vm: VmId, detail: String },
     #[error("VM {vm}: QMP")]
@@ -336,11 +338,7 @@ impl Vm {
             .lock()
             .unwrap()
             .clone()
-            .ok_or_else(|| VmError::WrongState {
-                vm: self.id,
-                op: Op::Destroy,
-                status: "without a QMP connection",
-            })
+            .ok_or(VmError::NoQmp { vm: self.id })
     }
 
     fn status(&self) -> VmStatus {

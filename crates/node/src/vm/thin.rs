@@ -68,7 +68,7 @@ impl ThinPolicy {
                 margin: self.free_margin_bytes,
             });
         }
-        if (self.chunk_bytes | self.free_margin_bytes | self.max_bytes) % 512 != 0 {
+        if !(self.chunk_bytes | self.free_margin_bytes | self.max_bytes).is_multiple_of(512) {
             return Err(PolicyError::Alignment);
         }
         Ok(())
