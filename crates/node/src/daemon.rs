@@ -25,6 +25,8 @@ pub struct DaemonConfig {
     /// Needed only until the node has an identity.
     pub enroll: Option<EnrollConfig>,
     pub limits: Limits,
+    /// Accelerator for VMs that do not ask for one (`auto` probes KVM).
+    pub accel: oxvirt_qemu::Accel,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum DaemonError {
     Enroll(#[from] EnrollError),
     #[error("key material")]
     Pki(#[from] oxvirt_pki::PkiError),
+    #[error("node start")]
+    Start(#[from] crate::service::NodeStartError),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -81,10 +85,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
         },
     };
     let tls = Arc::new(oxvirt_pki::server_config(&identity, Some(Role::Engine))?);
-    let node = Node::new(NodeConfig {
+    let node = Node::start(NodeConfig {
         name: cfg.name.clone(),
         run_dir,
-    });
+        accel: cfg.accel,
+        migration_host: cfg.listen.ip().to_string(),
+    })
+    .await?;
     tracing::info!(name = %cfg.name, listen = %listener.local_addr().unwrap_or(cfg.listen), "node API serving (mutual TLS)");
     serve_api(listener, tls, node, cfg.limits, shutdown).await
 }

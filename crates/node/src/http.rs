@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use oxvirt_rpc::jsonrpc::{self, Incoming};
 use oxvirt_rpc::{xmlrpc, Handler, HttpRequest, Reply, RpcError};
 
+use crate::api::host::HostRequest;
+use crate::api::storage::StorageRequest;
 use crate::api::Request;
 use crate::service::Node;
 
@@ -29,7 +31,7 @@ pub fn handler(node: Arc<Node>) -> Handler {
     })
 }
 
-async fn route(node: &Node, req: HttpRequest) -> Reply {
+async fn route(node: &Arc<Node>, req: HttpRequest) -> Reply {
     let who = req
         .client
         .as_ref()
@@ -52,7 +54,7 @@ async fn route(node: &Node, req: HttpRequest) -> Reply {
     }
 }
 
-async fn json_rpc(node: &Node, body: &Bytes) -> Reply {
+async fn json_rpc(node: &Arc<Node>, body: &Bytes) -> Reply {
     let one = |c: Result<jsonrpc::Call, (Value, RpcError)>| async move {
         match c {
             Err((id, e)) => Some(jsonrpc::error_response(id, &e)),
@@ -88,7 +90,7 @@ async fn json_rpc(node: &Node, body: &Bytes) -> Reply {
     }
 }
 
-async fn xml_rpc(node: &Node, body: &Bytes) -> Reply {
+async fn xml_rpc(node: &Arc<Node>, body: &Bytes) -> Reply {
     let xml = |s: String| Reply::Full {
         status: StatusCode::OK,
         content_type: "text/xml",
@@ -113,21 +115,29 @@ async fn xml_rpc(node: &Node, body: &Bytes) -> Reply {
     }
 }
 
-async fn rest(node: &Node, resource: &str) -> Reply {
+async fn rest(node: &Arc<Node>, resource: &str) -> Reply {
     let run = |r: Request| async move { node.execute(r).await };
     let result = match resource.trim_end_matches('/') {
         "host" => match (
-            run(Request::HostGetCapabilities).await,
-            run(Request::HostGetStats).await,
+            run(Request::Host(HostRequest::GetCapabilities)).await,
+            run(Request::Host(HostRequest::GetStats)).await,
         ) {
             (Ok(caps), Ok(stats)) => {
                 Ok(json!({ "name": node.config.name, "capabilities": caps, "stats": stats }))
             }
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
-        "vms" => run(Request::HostGetAllVmStats).await,
-        "storagedomains" => Ok(json!([])),
-        "tasks" => Ok(json!([])),
+        "vms" => run(Request::Host(HostRequest::GetAllVmStats)).await,
+        "storagedomains" => {
+            let mut out = Vec::new();
+            for (sd, _) in node.storage.domains() {
+                let info = run(Request::Storage(StorageRequest::DomainGetInfo { sd })).await;
+                let stats = run(Request::Storage(StorageRequest::DomainGetStats { sd })).await;
+                out.push(json!({ "sdUUID": sd, "info": info.ok(), "stats": stats.ok() }));
+            }
+            Ok(Value::Array(out))
+        }
+        "tasks" | "jobs" => run(Request::Host(HostRequest::GetJobs)).await,
         other => return Reply::text(StatusCode::NOT_FOUND, format!("no such resource {other:?}")),
     };
     match result {

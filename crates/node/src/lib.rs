@@ -9,5 +9,7 @@ pub mod enroll;
 pub mod events;
 pub mod host;
 pub mod http;
+pub mod jobs;
 pub mod service;
+pub mod storage;
 pub mod vm;

@@ -2,59 +2,139 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use oxvirt_qemu::Accel;
 use oxvirt_rpc::RpcError;
+use oxvirt_types::VmId;
 
+use crate::api::host::HostRequest;
 use crate::api::{ApiError, Request};
 use crate::events::EventBus;
 use crate::host::HostSampler;
+use crate::jobs::Jobs;
+use crate::storage::StorageService;
+use crate::vm::{VmManager, VmManagerConfig, VmStatus};
 
 /// Static configuration given on the command line or by the engine.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// The host's name as the engine knows it.
     pub name: String,
-    /// Run directory: QMP sockets, VM specs, pid files. Derivable state only.
+    /// Run directory: QMP sockets, VM specs, pid files, mount points. Derivable state only.
     pub run_dir: PathBuf,
+    /// Accelerator for VMs that do not ask for one.
+    pub accel: Accel,
+    /// Address incoming migrations listen on.
+    pub migration_host: String,
 }
 
 pub struct Node {
     pub config: NodeConfig,
     pub events: Arc<EventBus>,
+    pub storage: Arc<StorageService>,
+    pub vms: Arc<VmManager>,
+    pub jobs: Jobs,
     sampler: HostSampler,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the VM manager")]
+pub struct NodeStartError(#[from] pub crate::vm::VmError);
+
 impl Node {
-    pub fn new(config: NodeConfig) -> Arc<Node> {
-        Arc::new(Node {
+    /// Opens the run directory, recovering running VMs, and starts publishing their status
+    /// changes as events.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeStartError> {
+        let mut vm_cfg = VmManagerConfig::new(&config.run_dir);
+        vm_cfg.migration_host = config.migration_host.clone();
+        let vms = VmManager::open(vm_cfg).await?;
+        let events = Arc::new(EventBus::new());
+        let node = Arc::new(Node {
+            storage: Arc::new(StorageService::new(config.run_dir.join("mnt"))),
+            jobs: Jobs::new(events.clone()),
+            events,
+            vms,
             config,
-            events: Arc::new(EventBus::new()),
             sampler: HostSampler::new(),
-        })
+        });
+        tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
+        Ok(node)
     }
 
     /// Parses and executes one call.
-    pub async fn call(&self, method: &str, params: Map<String, Value>) -> Result<Value, RpcError> {
+    pub async fn call(self: &Arc<Self>, method: &str, params: Map<String, Value>) -> Result<Value, RpcError> {
         let req = Request::parse(method, params)?;
         self.execute(req).await.map_err(RpcError::from)
     }
 
-    pub async fn execute(&self, req: Request) -> Result<Value, ApiError> {
+    pub async fn execute(self: &Arc<Self>, req: Request) -> Result<Value, ApiError> {
+        match req {
+            Request::Host(h) => self.execute_host(h).await,
+            Request::Vm(v) => self.execute_vm(v).await,
+            Request::Storage(s) => crate::api::storage::execute(self.storage.clone(), s).await,
+        }
+    }
+
+    async fn execute_host(&self, req: HostRequest) -> Result<Value, ApiError> {
         Ok(match req {
-            Request::HostPing => json!({ "name": self.config.name, "bootId": self.events.boot_id() }),
-            Request::HostGetCapabilities => {
-                let mut caps = to_json(&self.sampler.capabilities(Vec::new()));
-                caps["verbs"] = json!(crate::api::VERBS);
+            HostRequest::Ping => json!({ "name": self.config.name, "bootId": self.events.boot_id() }),
+            HostRequest::GetCapabilities => {
+                let storage = self
+                    .storage
+                    .domains()
+                    .into_iter()
+                    .map(|(sd, path)| oxvirt_types::api::StorageConnectivity {
+                        sd_uuid: sd.to_string(),
+                        reachable: crate::host::path_reachable(&path.join("dom_md")),
+                        path: path.display().to_string(),
+                    })
+                    .collect();
+                let mut caps = to_json(&self.sampler.capabilities(storage));
+                caps["verbs"] = json!(crate::api::verbs());
                 caps
             }
-            Request::HostGetStats => to_json(&self.sampler.stats(0)),
-            Request::HostGetAllVmStats => json!([]),
+            HostRequest::GetStats => to_json(&self.sampler.stats(self.vms.list().len() as u32)),
+            HostRequest::GetAllVmStats => {
+                let mut out = Vec::new();
+                for info in self.vms.list() {
+                    let stats = self.vms.stats(info.id).await.ok();
+                    out.push(
+                        json!({ "vmID": info.id, "vmName": info.name, "status": to_json(&info.status),
+                                     "pid": info.pid, "stats": stats.map(|s| to_json(&s)) }),
+                    );
+                }
+                Value::Array(out)
+            }
+            HostRequest::GetJobs => to_json(&self.jobs.list()),
         })
     }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).expect("API types serialize")
+}
+
+/// Publishes `|virt|VM_status|<vmID>` whenever a VM's status changes. Statuses live in memory
+/// (watch channels), so a fine-grained scan costs microseconds.
+async fn publish_vm_status(node: std::sync::Weak<Node>) {
+    let mut last: std::collections::HashMap<VmId, VmStatus> = Default::default();
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let now: std::collections::HashMap<VmId, VmStatus> =
+            n.vms.list().into_iter().map(|i| (i.id, i.status)).collect();
+        for (id, status) in &now {
+            if last.get(id) != Some(status) {
+                n.events.publish(
+                    format!("|virt|VM_status|{id}"),
+                    json!({ "vmID": id, "status": to_json(status) }),
+                );
+            }
+        }
+        last = now;
+        drop(n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

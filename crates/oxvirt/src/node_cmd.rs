@@ -28,6 +28,9 @@ pub struct NodeArgs {
     /// SHA-256 fingerprint of the engine's CA certificate (enroll without a token, pending approval).
     #[arg(long)]
     ca_fingerprint: Option<String>,
+    /// Accelerator for VMs that do not choose one: auto (KVM when the probe succeeds), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: oxvirt_qemu::Accel,
 }
 
 pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -56,6 +59,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         data_dir: args.data,
         enroll,
         limits: Default::default(),
+        accel: args.accel,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move { run(cfg, shutdown_signal()).await })?;

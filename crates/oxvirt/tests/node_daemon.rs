@@ -350,3 +350,179 @@ async fn a_used_token_is_refused_and_a_fingerprint_enrollment_waits_for_approval
     let ping = wait_up(&engine_client(&engine, a4), &mut n4).await;
     assert_eq!(ping["name"], "host-e");
 }
+
+/// Storage and VM verbs through a real `oxvirt node`: connect a directory as storage, create a
+/// domain, boot the test guest from a volume in it (drives named by ids), watch status events,
+/// read stats, destroy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_creates_a_domain_and_runs_a_vm_from_it() {
+    let guest = oxvirt_testkit::TestGuest::get();
+    let engine = start_engine().await;
+    let data = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let token = engine.enrollment.issue_token(Duration::from_secs(300));
+    let addr = free_port();
+    let mut node = spawn_node(
+        "host-vm",
+        data.path(),
+        addr,
+        &[
+            "--engine",
+            &engine.addr.to_string(),
+            "--token",
+            &token,
+            "--accel",
+            "tcg",
+        ],
+    );
+    let c = engine_client(&engine, addr);
+    wait_up(&c, &mut node).await;
+    let mut events = c.events().await.unwrap();
+
+    let r = c
+        .call(
+            "StoragePool.connectStorageServer",
+            json!({ "connectionParams": [{ "id": "c1", "kind": "localfs", "path": shared.path() }] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+    let bad = c
+        .call(
+            "StoragePool.connectStorageServer",
+            json!({ "connectionParams": [{ "id": "c2", "kind": "localfs", "path": "/no/such/dir" }] }),
+        )
+        .await
+        .unwrap();
+    assert_ne!(bad["statuslist"][0]["status"], 0);
+
+    let sd = oxvirt_types::SdUuid::new_random();
+    c.call(
+        "StorageDomain.create",
+        json!({ "sdUUID": sd, "connectionID": "c1", "description": "data1", "storageType": "localfs" }),
+    )
+    .await
+    .unwrap();
+    let err = c
+        .call(
+            "StorageDomain.create",
+            json!({ "sdUUID": sd, "connectionID": "c1", "description": "again", "storageType": "localfs" }),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+    let info = c
+        .call("StorageDomain.getInfo", json!({ "sdUUID": sd }))
+        .await
+        .unwrap();
+    assert_eq!(info["name"], "data1");
+    assert_eq!(info["version"], 5);
+    let stats = c
+        .call("StorageDomain.getStats", json!({ "sdUUID": sd }))
+        .await
+        .unwrap();
+    assert_eq!(stats["valid"], true, "{stats}");
+    assert!(stats["diskFree"].as_u64().unwrap() > 0);
+    let missing = oxvirt_types::SdUuid::new_random();
+    let err = c
+        .call("StorageDomain.getInfo", json!({ "sdUUID": missing }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, oxvirt_rpc::ClientError::Rpc(ref e) if e.code == 358),
+        "{err}"
+    );
+    let err = c
+        .call("StorageDomain.getInfo", json!({ "sdUUID": "../../etc" }))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("storage domain id"), "{err}");
+
+    // A volume in the domain (the SPM verbs that create volumes arrive with the pool).
+    let dom = oxvirt_storage::FileStorageDomain::find(shared.path(), sd).unwrap();
+    let (img, vol) = (
+        oxvirt_types::ImgUuid::new_random(),
+        oxvirt_types::VolUuid::new_random(),
+    );
+    dom.create_volume(
+        img,
+        vol,
+        &oxvirt_storage::VolumeSpec::new(
+            64 << 20,
+            oxvirt_storage::VolFormat::Cow,
+            oxvirt_storage::Allocation::Sparse,
+        ),
+    )
+    .unwrap();
+
+    let vm = oxvirt_types::VmId::new_random();
+    let append = oxvirt_testkit::TestGuest::append(&["oxvirt.write_mib=2", "oxvirt.marker=api-vm"]);
+    let created = c
+        .call(
+            "VM.create",
+            json!({
+                "vmID": vm, "vmName": "apivm", "smp": 1, "memSize": 256,
+                "boot": { "kernel": guest.kernel, "initrd": guest.initrd, "cmdline": append },
+                "drives": [{ "domainID": sd, "imageID": img }],
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created["id"], json!(vm));
+    let console = data
+        .path()
+        .join("run/vms")
+        .join(vm.to_string())
+        .join("serial.log");
+    oxvirt_testkit::wait_for_text(&console, "OXVIRT-MARKER api-vm", Duration::from_secs(60)).unwrap();
+
+    let err = c
+        .call(
+            "VM.create",
+            json!({ "vmID": vm, "vmName": "dup", "memSize": 128 }),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, oxvirt_rpc::ClientError::Rpc(ref e) if e.code == 4),
+        "{err}"
+    );
+    let stats = c.call("VM.getStats", json!({ "vmID": vm })).await.unwrap();
+    assert!(
+        stats["rssBytes"]
+            .as_u64()
+            .unwrap_or(stats["rss_bytes"].as_u64().unwrap_or(0))
+            > 0,
+        "{stats}"
+    );
+    let all = c.call("Host.getAllVmStats", json!({})).await.unwrap();
+    assert_eq!(all[0]["vmID"], json!(vm));
+
+    c.call("VM.destroy", json!({ "vmID": vm })).await.unwrap();
+    // Status events arrive for the VM: up, then down.
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while !seen
+        .iter()
+        .any(|s: &Value| s.to_string().contains("down") || s.to_string().contains("Down"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no down event; saw {seen:?}"
+        );
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            if ev["method"].as_str().is_some_and(|m| m.contains("VM_status")) {
+                seen.push(ev["params"]["body"]["status"].clone());
+            }
+        }
+    }
+    assert!(seen.len() >= 2, "expected at least up and down: {seen:?}");
+    let err = c
+        .call("VM.getStats", json!({ "vmID": oxvirt_types::VmId::new_random() }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, oxvirt_rpc::ClientError::Rpc(ref e) if e.code == 1),
+        "{err}"
+    );
+}

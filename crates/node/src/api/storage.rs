@@ -1,0 +1,280 @@
+//! Storage verbs: `StoragePool.*`, `StorageDomain.*`, `Volume.*`, `Image.*`, `Task.*`, `SDM.*`.
+//!
+//! The verbs here read storage or create domains, which any host may do. Verbs that change pool
+//! metadata or volumes run on the SPM only.
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use oxvirt_rpc::RpcError;
+use oxvirt_storage::{DomainType, NewDomain};
+use oxvirt_types::api::ErrorCode;
+use oxvirt_types::{ImgUuid, SdUuid, VolUuid};
+
+use super::{params, ApiError};
+use crate::storage::{Connection, ConnectionKind, StorageService, StorageServiceError};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageRequest {
+    ConnectStorageServer {
+        connections: Vec<Connection>,
+    },
+    DisconnectStorageServer {
+        ids: Vec<String>,
+    },
+    DomainCreate(DomainCreate),
+    DomainGetInfo {
+        sd: SdUuid,
+    },
+    DomainGetStats {
+        sd: SdUuid,
+    },
+    DomainGetImages {
+        sd: SdUuid,
+    },
+    VolumeGetInfo {
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+    },
+    ImagePrepare {
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: Option<VolUuid>,
+    },
+}
+
+pub const VERBS: &[&str] = &[
+    "StoragePool.connectStorageServer",
+    "StoragePool.disconnectStorageServer",
+    "StorageDomain.create",
+    "StorageDomain.getInfo",
+    "StorageDomain.getStats",
+    "StorageDomain.getImages",
+    "Volume.getInfo",
+    "Image.prepare",
+];
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainCreate {
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    /// The storage server connection the domain is created on.
+    #[serde(rename = "connectionID")]
+    pub connection: String,
+    pub description: String,
+    pub storage_type: ConnectionKind,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sd {
+    #[serde(rename = "sdUUID")]
+    sd: SdUuid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Vol {
+    #[serde(rename = "sdUUID")]
+    sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    img: ImgUuid,
+    #[serde(rename = "volUUID")]
+    vol: VolUuid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Img {
+    #[serde(rename = "sdUUID")]
+    sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    img: ImgUuid,
+    #[serde(rename = "volUUID", default)]
+    vol: Option<VolUuid>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Connect {
+    connection_params: Vec<Connection>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Disconnect {
+    #[serde(rename = "connectionIDs")]
+    ids: Vec<String>,
+}
+
+impl StorageRequest {
+    pub fn parse(method: &str, p: Map<String, Value>) -> Result<StorageRequest, RpcError> {
+        Ok(match method {
+            "StoragePool.connectStorageServer" => StorageRequest::ConnectStorageServer {
+                connections: params::<Connect>(method, p)?.connection_params,
+            },
+            "StoragePool.disconnectStorageServer" => StorageRequest::DisconnectStorageServer {
+                ids: params::<Disconnect>(method, p)?.ids,
+            },
+            "StorageDomain.create" => StorageRequest::DomainCreate(params(method, p)?),
+            "StorageDomain.getInfo" => StorageRequest::DomainGetInfo {
+                sd: params::<Sd>(method, p)?.sd,
+            },
+            "StorageDomain.getStats" => StorageRequest::DomainGetStats {
+                sd: params::<Sd>(method, p)?.sd,
+            },
+            "StorageDomain.getImages" => StorageRequest::DomainGetImages {
+                sd: params::<Sd>(method, p)?.sd,
+            },
+            "Volume.getInfo" => {
+                let v: Vol = params(method, p)?;
+                StorageRequest::VolumeGetInfo {
+                    sd: v.sd,
+                    img: v.img,
+                    vol: v.vol,
+                }
+            }
+            "Image.prepare" => {
+                let i: Img = params(method, p)?;
+                StorageRequest::ImagePrepare {
+                    sd: i.sd,
+                    img: i.img,
+                    vol: i.vol,
+                }
+            }
+            other => return Err(RpcError::method_not_found(other)),
+        })
+    }
+}
+
+impl From<StorageServiceError> for ApiError {
+    fn from(e: StorageServiceError) -> ApiError {
+        let code = match &e {
+            StorageServiceError::DomainNotFound(_) => ErrorCode::StorageDomainNotFound,
+            StorageServiceError::Connection { .. } => ErrorCode::NotConnected,
+            StorageServiceError::Storage(s) => storage_code(s),
+        };
+        ApiError::new(code, error_chain(&e))
+    }
+}
+
+impl From<oxvirt_storage::StorageError> for ApiError {
+    fn from(e: oxvirt_storage::StorageError) -> ApiError {
+        ApiError::new(storage_code(&e), error_chain(&e))
+    }
+}
+
+fn storage_code(e: &oxvirt_storage::StorageError) -> ErrorCode {
+    use oxvirt_storage::StorageError as E;
+    match e {
+        E::InvalidArgument { .. } => ErrorCode::InvalidParameter,
+        E::NoImage { .. } => ErrorCode::ImageNotFound,
+        E::NoVolume { .. } => ErrorCode::VolumeNotFound,
+        E::NoDomain(_) | E::DomainUnavailable(_) => ErrorCode::StorageDomainNotFound,
+        _ => ErrorCode::StorageError,
+    }
+}
+
+/// The error and its sources, joined: the API's only chance to carry the cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("API types serialize")
+}
+
+/// Runs blocking storage I/O off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("storage worker failed: {e}")))?
+}
+
+pub async fn execute(svc: std::sync::Arc<StorageService>, req: StorageRequest) -> Result<Value, ApiError> {
+    blocking(move || match req {
+        StorageRequest::ConnectStorageServer { connections } => {
+            Ok(json!({ "statuslist": to_json(&svc.connect(connections)) }))
+        }
+        StorageRequest::DisconnectStorageServer { ids } => {
+            Ok(json!({ "statuslist": to_json(&svc.disconnect(&ids)) }))
+        }
+        StorageRequest::DomainCreate(c) => {
+            let mount = svc.connection_path(&c.connection).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotConnected,
+                    format!("storage connection {:?} is not connected", c.connection),
+                )
+            })?;
+            let domain_type = match c.storage_type {
+                ConnectionKind::Localfs => DomainType::LocalFs,
+                ConnectionKind::Posixfs => DomainType::PosixFs,
+                ConnectionKind::Nfs => DomainType::Nfs,
+            };
+            let remote_path = svc
+                .connections()
+                .into_iter()
+                .find(|(k, _)| k.id == c.connection)
+                .map(|(k, _)| k.path);
+            let dom = oxvirt_storage::FileStorageDomain::create(
+                &mount,
+                &NewDomain {
+                    sd: c.sd,
+                    description: c.description,
+                    domain_type,
+                    remote_path,
+                },
+            )?;
+            Ok(json!({ "sdUUID": dom.sd(), "path": dom.root() }))
+        }
+        StorageRequest::DomainGetInfo { sd } => {
+            let dom = svc.domain(sd)?;
+            let md = dom.metadata();
+            Ok(json!({
+                "uuid": md.sd,
+                "version": md.version,
+                "type": md.domain_type.as_str(),
+                "class": format!("{:?}", md.class),
+                "role": format!("{:?}", md.role),
+                "name": md.description,
+                "pool": md.pools,
+                "remotePath": md.remote_path,
+                "path": dom.root(),
+            }))
+        }
+        StorageRequest::DomainGetStats { sd } => {
+            let dom = svc.domain(sd)?;
+            let stats = dom.stats()?;
+            let health = dom.health();
+            Ok(json!({
+                "diskTotal": stats.disk_total,
+                "diskFree": stats.disk_free,
+                "images": stats.images,
+                "volumes": stats.volumes,
+                "valid": health.valid,
+                "readDelaySecs": health.read_delay.as_secs_f64(),
+                "error": health.error,
+            }))
+        }
+        StorageRequest::DomainGetImages { sd } => Ok(to_json(&svc.domain(sd)?.images()?)),
+        StorageRequest::VolumeGetInfo { sd, img, vol } => {
+            Ok(to_json(&svc.domain(sd)?.volume_info(img, vol)?))
+        }
+        StorageRequest::ImagePrepare { sd, img, vol } => {
+            let layers = svc.layers(sd, img, vol)?;
+            Ok(json!({ "layers": to_json(&layers) }))
+        }
+    })
+    .await
+}

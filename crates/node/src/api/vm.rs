@@ -1,0 +1,431 @@
+//! `VM.*` verbs.
+//!
+//! Drives are named by ids (`domainID`, `imageID`, optional `volumeID`); the node resolves them
+//! to the image's chain on connected storage. Verbs that take long — migration, live merge,
+//! graceful shutdown — return a job id at once; the job's end is published as an event and
+//! can be polled with `Host.getJobs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use oxvirt_qemu::{Accel, Boot, NicBackend, NicSpec};
+use oxvirt_rpc::RpcError;
+use oxvirt_types::api::ErrorCode;
+use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
+
+use super::storage::error_chain;
+use super::{params, ApiError};
+use crate::service::Node;
+use crate::vm::thin::{ThinPolicy, VolumeRef};
+use crate::vm::{MigrateParams, SnapshotDisk, ThinDisk, VmCreate, VmDisk, VmError};
+
+pub const VERBS: &[&str] = &[
+    "VM.create",
+    "VM.migrationCreate",
+    "VM.destroy",
+    "VM.shutdown",
+    "VM.pause",
+    "VM.cont",
+    "VM.reset",
+    "VM.getStats",
+    "VM.getInfo",
+    "VM.migrate",
+    "VM.migrateCancel",
+    "VM.snapshot",
+    "VM.merge",
+    "VM.setBalloonTarget",
+];
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DriveParams {
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    /// The chain's top; the image's leaf when absent.
+    #[serde(rename = "volumeID", default)]
+    pub volume: Option<VolUuid>,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Grow the active layer on demand with this policy (capped thin volume).
+    #[serde(default)]
+    pub thin: Option<ThinPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BootParams {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicParams {
+    pub mac: String,
+    /// `user` (QEMU user-mode network) or the name of an existing tap device.
+    #[serde(default)]
+    pub tap: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub vm_name: String,
+    #[serde(default = "one")]
+    pub smp: u16,
+    /// MiB.
+    pub mem_size: u64,
+    #[serde(default)]
+    pub accel: Option<Accel>,
+    #[serde(default)]
+    pub boot: Option<BootParams>,
+    #[serde(default)]
+    pub drives: Vec<DriveParams>,
+    #[serde(default)]
+    pub nics: Vec<NicParams>,
+    #[serde(default = "yes")]
+    pub balloon: bool,
+    #[serde(default)]
+    pub guest_agent: bool,
+    #[serde(default = "yes")]
+    pub vnc: bool,
+}
+
+fn one() -> u16 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Id {
+    #[serde(rename = "vmID")]
+    id: VmId,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShutdownParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    /// Seconds to wait for the guest before destroying it.
+    #[serde(default = "shutdown_timeout")]
+    pub timeout: u64,
+}
+
+fn shutdown_timeout() -> u64 {
+    120
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateRequest {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    /// The URI `VM.migrationCreate` returned on the destination.
+    pub dst_uri: String,
+    #[serde(default = "downtime")]
+    pub max_downtime_ms: u64,
+    /// MiB/s; 0 = unlimited.
+    #[serde(default)]
+    pub max_bandwidth: u64,
+    #[serde(default = "migration_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn downtime() -> u64 {
+    500
+}
+fn migration_timeout() -> u64 {
+    600
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapDrive {
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    /// The new leaf the SPM created on top of the current one.
+    #[serde(rename = "volumeID")]
+    pub volume: VolUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub snap_drives: Vec<SnapDrive>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MergeParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    #[serde(rename = "baseVolUUID")]
+    pub base: VolUuid,
+    #[serde(rename = "topVolUUID")]
+    pub top: VolUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BalloonParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    /// MiB.
+    pub target: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmRequest {
+    Create(VmParams),
+    MigrationCreate(VmParams),
+    Destroy(VmId),
+    Shutdown(ShutdownParams),
+    Pause(VmId),
+    Cont(VmId),
+    Reset(VmId),
+    GetStats(VmId),
+    GetInfo(VmId),
+    Migrate(MigrateRequest),
+    MigrateCancel(VmId),
+    Snapshot(SnapshotParams),
+    Merge(MergeParams),
+    SetBalloonTarget(BalloonParams),
+}
+
+impl VmRequest {
+    pub fn parse(method: &str, p: Map<String, Value>) -> Result<VmRequest, RpcError> {
+        let id = |p| params::<Id>(method, p).map(|i| i.id);
+        Ok(match method {
+            "VM.create" => VmRequest::Create(params(method, p)?),
+            "VM.migrationCreate" => VmRequest::MigrationCreate(params(method, p)?),
+            "VM.destroy" => VmRequest::Destroy(id(p)?),
+            "VM.shutdown" => VmRequest::Shutdown(params(method, p)?),
+            "VM.pause" => VmRequest::Pause(id(p)?),
+            "VM.cont" => VmRequest::Cont(id(p)?),
+            "VM.reset" => VmRequest::Reset(id(p)?),
+            "VM.getStats" => VmRequest::GetStats(id(p)?),
+            "VM.getInfo" => VmRequest::GetInfo(id(p)?),
+            "VM.migrate" => VmRequest::Migrate(params(method, p)?),
+            "VM.migrateCancel" => VmRequest::MigrateCancel(id(p)?),
+            "VM.snapshot" => VmRequest::Snapshot(params(method, p)?),
+            "VM.merge" => VmRequest::Merge(params(method, p)?),
+            "VM.setBalloonTarget" => VmRequest::SetBalloonTarget(params(method, p)?),
+            other => return Err(RpcError::method_not_found(other)),
+        })
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> ApiError {
+        let code = match &e {
+            VmError::NotFound(_) => ErrorCode::NoVm,
+            VmError::Exists(_) => ErrorCode::VmExists,
+            VmError::Invalid { .. } | VmError::Spec { .. } => ErrorCode::InvalidParameter,
+            VmError::WrongState { .. } => ErrorCode::Busy,
+            VmError::Migration { .. } => ErrorCode::MigrationError,
+            _ => ErrorCode::Unexpected,
+        };
+        ApiError::new(code, error_chain(&e))
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("API types serialize")
+}
+
+/// Probes whether the file system holding `path` takes O_DIRECT (tmpfs does not), so disks
+/// use cache=none wherever they can.
+fn direct_io_supported(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
+}
+
+impl Node {
+    /// Turns API parameters into the VM manager's request, resolving drives to chains.
+    async fn vm_create_request(&self, p: VmParams) -> Result<VmCreate, ApiError> {
+        let storage = self.storage.clone();
+        let drives = p.drives.clone();
+        let disks = tokio::task::spawn_blocking(move || -> Result<Vec<VmDisk>, ApiError> {
+            let mut disks = Vec::new();
+            for d in drives {
+                let layers = storage.layers(d.domain, d.image, d.volume)?;
+                let top = layers.last().expect("a chain has a volume").path.clone();
+                let leaf = d.volume.or_else(|| {
+                    top.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.parse().ok())
+                });
+                disks.push(VmDisk {
+                    direct_io: direct_io_supported(&top),
+                    layers,
+                    serial: Some(d.image.to_string().chars().take(20).collect()),
+                    read_only: d.readonly,
+                    write_error: Default::default(),
+                    thin: d.thin.map(|policy| ThinDisk {
+                        volume: leaf.map(|vol| VolumeRef {
+                            sd: d.domain,
+                            img: d.image,
+                            vol,
+                        }),
+                        policy,
+                    }),
+                });
+            }
+            Ok(disks)
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("drive resolution failed: {e}")))??;
+        let boot = match p.boot {
+            Some(b) => Boot::Kernel {
+                kernel: b.kernel,
+                initrd: b.initrd,
+                append: b.cmdline,
+            },
+            None => Boot::Disk,
+        };
+        let nics = p
+            .nics
+            .into_iter()
+            .map(|n| NicSpec {
+                mac: n.mac,
+                backend: n
+                    .tap
+                    .map_or(NicBackend::User, |ifname| NicBackend::Tap { ifname }),
+            })
+            .collect();
+        Ok(VmCreate {
+            id: p.id,
+            name: p.vm_name,
+            cpus: p.smp,
+            memory_mib: p.mem_size,
+            accel: p.accel.unwrap_or(self.config.accel),
+            boot,
+            disks,
+            nics,
+            balloon: p.balloon,
+            guest_agent: p.guest_agent,
+            vnc: p.vnc,
+            lease_domains: p.drives.iter().map(|d| d.domain).collect(),
+        })
+    }
+
+    /// Index of the disk whose chain lives in image `img` of domain `sd`.
+    fn disk_index(&self, id: VmId, sd: SdUuid, img: ImgUuid) -> Result<usize, ApiError> {
+        let info = self.vms.status(id)?;
+        let dir = self.storage.domain(sd)?.image_dir(img);
+        info.chains
+            .iter()
+            .position(|chain| chain.last().is_some_and(|p| p.starts_with(&dir)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::ImageNotFound,
+                    format!("VM {id} has no disk from image {img} on domain {sd}"),
+                )
+            })
+    }
+
+    pub(crate) async fn execute_vm(self: &Arc<Self>, req: VmRequest) -> Result<Value, ApiError> {
+        let vms = self.vms.clone();
+        match req {
+            VmRequest::Create(p) => {
+                let create = self.vm_create_request(p).await?;
+                Ok(to_json(&vms.create(create).await?))
+            }
+            VmRequest::MigrationCreate(p) => {
+                let create = self.vm_create_request(p).await?;
+                Ok(to_json(&vms.prepare_incoming(create).await?))
+            }
+            VmRequest::Destroy(id) => Ok(json!({ "reason": to_json(&vms.destroy(id).await?) })),
+            VmRequest::Shutdown(p) => {
+                vms.status(p.id)?;
+                let job = self.jobs.start("shutdown", Some(p.id), async move {
+                    vms.shutdown(p.id, Duration::from_secs(p.timeout))
+                        .await
+                        .map(|r| to_json(&r))
+                        .map_err(ApiError::from)
+                });
+                Ok(json!({ "jobID": job }))
+            }
+            VmRequest::Pause(id) => Ok(to_json(&vms.pause(id).await?)),
+            VmRequest::Cont(id) => Ok(to_json(&vms.resume(id).await?)),
+            VmRequest::Reset(id) => {
+                vms.reboot(id).await?;
+                Ok(json!({}))
+            }
+            VmRequest::GetStats(id) => Ok(to_json(&vms.stats(id).await?)),
+            VmRequest::GetInfo(id) => Ok(to_json(&vms.status(id)?)),
+            VmRequest::Migrate(m) => {
+                vms.status(m.id)?;
+                let params = MigrateParams {
+                    uri: m.dst_uri,
+                    downtime_limit_ms: m.max_downtime_ms,
+                    max_bandwidth: m.max_bandwidth.saturating_mul(1 << 20),
+                    timeout_ms: m.timeout_secs.saturating_mul(1000),
+                };
+                let job = self.jobs.start("migrate", Some(m.id), async move {
+                    vms.migrate(m.id, params)
+                        .await
+                        .map(|r| to_json(&r))
+                        .map_err(ApiError::from)
+                });
+                Ok(json!({ "jobID": job }))
+            }
+            VmRequest::MigrateCancel(id) => {
+                vms.migrate_cancel(id).await?;
+                Ok(json!({}))
+            }
+            VmRequest::Snapshot(p) => {
+                let mut disks = Vec::new();
+                for d in &p.snap_drives {
+                    let disk = self.disk_index(p.id, d.domain, d.image)?;
+                    let overlay = self.storage.domain(d.domain)?.volume_path(d.image, d.volume);
+                    disks.push(SnapshotDisk { disk, overlay });
+                }
+                Ok(to_json(&vms.snapshot(p.id, disks).await?))
+            }
+            VmRequest::Merge(p) => {
+                let disk = self.disk_index(p.id, p.domain, p.image)?;
+                let dom = self.storage.domain(p.domain)?;
+                let (base, top) = (dom.volume_path(p.image, p.base), dom.volume_path(p.image, p.top));
+                let job = self.jobs.start("merge", Some(p.id), async move {
+                    vms.merge(p.id, disk, &base, &top, Duration::from_secs(3600))
+                        .await
+                        .map(|r| to_json(&r))
+                        .map_err(ApiError::from)
+                });
+                Ok(json!({ "jobID": job }))
+            }
+            VmRequest::SetBalloonTarget(b) => {
+                vms.set_balloon(b.id, b.target).await?;
+                Ok(json!({}))
+            }
+        }
+    }
+}
