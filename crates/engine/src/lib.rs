@@ -1,5 +1,18 @@
 //! The engine: the only component with a database; drives nodes over their API.
 //!
-//! Architecture invariant: the engine never touches storage or QEMU directly.
+//! - [`db`]: the database handle ([`db::Db`]), migrations and every repository function;
+//! - [`model`]: the typed rows (data centers … users) and their enums;
+//! - [`saga`]: multi-step commands persisted step by step, resumed or unwound after a crash;
+//! - [`time`]: timestamps and the injected clock;
+//! - [`enroll`]: host enrollment (certificates for nodes).
+//!
+//! Architecture invariant: the engine never touches storage or QEMU directly; the database is
+//! its only state.
 
+pub mod db;
 pub mod enroll;
+pub mod model;
+pub mod saga;
+pub mod time;
+
+pub use db::{Db, DbError, Tx};

@@ -129,6 +129,46 @@ uuid_id!(
     /// A virtual machine.
     VmId, "VM id"
 );
+uuid_id!(
+    /// A data center (the engine's object; its storage pool has a `PoolUuid`).
+    DcId, "data center id"
+);
+uuid_id!(
+    /// A cluster of hosts inside a data center.
+    ClusterId, "cluster id"
+);
+uuid_id!(
+    /// A host as the engine knows it (not its lockspace `HostId`).
+    HostUuid, "host id"
+);
+uuid_id!(
+    /// A template; the nil id is the built-in Blank template.
+    TemplateId, "template id"
+);
+uuid_id!(
+    /// A VM snapshot.
+    SnapshotId, "snapshot id"
+);
+uuid_id!(
+    /// A VM's network interface.
+    NicId, "NIC id"
+);
+uuid_id!(
+    /// An engine user.
+    UserId, "user id"
+);
+uuid_id!(
+    /// An engine saga (a persisted multi-step command).
+    SagaId, "saga id"
+);
+uuid_id!(
+    /// A step of an engine job.
+    StepId, "step id"
+);
+uuid_id!(
+    /// A VM affinity group.
+    AffinityGroupId, "affinity group id"
+);
 
 /// A host id in a lockspace: 1..=2000, as sanlock allows (VDSM's mailbox limits it to 250).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]

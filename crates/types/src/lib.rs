@@ -8,4 +8,7 @@
 pub mod api;
 mod ids;
 
-pub use ids::{HostId, HostIdError, IdError, ImgUuid, JobId, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
+pub use ids::{
+    AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId, NicId,
+    PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TaskId, TemplateId, UserId, VmId, VolUuid,
+};

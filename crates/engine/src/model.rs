@@ -1,0 +1,956 @@
+//! The engine's model: what the database stores, as typed Rust values.
+//!
+//! Enums carry oVirt's lowercase names (the REST API serves them as they are) and are stored as
+//! that text. Every struct is one row (plus, for a few, rows of a child table that always
+//! travel with it: a snapshot's disks, an affinity group's VMs).
+//!
+//! Two kinds of fields on the rows that commands race on (data centers, clusters, hosts,
+//! storage domains, disks, templates, VMs):
+//! - configuration, changed by `*_update` with optimistic concurrency on `revision` (a stale
+//!   revision is a [`DbError::Conflict`](crate::db::DbError::Conflict), never a lost update);
+//! - run-time state (status, where a VM runs), changed by compare-and-set on the expected status
+//!   and never bumping `revision`, so that monitoring does not invalidate an admin's edit.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use oxvirt_types::{
+    AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId,
+    SdUuid, SnapshotId, StepId, TemplateId, UserId, VmId, VolUuid,
+};
+
+use crate::time::Timestamp;
+
+/// A disk's id is its image's id (`imgUUID`), as in oVirt.
+pub type DiskId = ImgUuid;
+
+/// The built-in Blank template's id.
+pub const BLANK_TEMPLATE_ID: TemplateId = TemplateId::nil();
+
+/// A stored enum value this engine does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct UnknownValue {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+macro_rules! model_enum {
+    ($(#[$m:meta])* $name:ident, $kind:literal { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+                match s {
+                    $($s => Ok($name::$v),)+
+                    _ => Err(UnknownValue { kind: $kind, value: s.chars().take(64).collect() }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+model_enum!(
+    /// A data center's status (oVirt `data_center_status`).
+    DcStatus, "data center status" {
+        Uninitialized = "uninitialized",
+        Up = "up",
+        Maintenance = "maintenance",
+        NotOperational = "not_operational",
+        Problematic = "problematic",
+        Contend = "contend",
+    }
+);
+
+model_enum!(
+    /// Where a data center stands in electing its SPM.
+    SpmStatus, "SPM status" {
+        None = "none",
+        Contending = "contending",
+        Spm = "spm",
+    }
+);
+
+model_enum!(
+    /// A cluster's scheduling policy (issue 10's scheduler implements them).
+    SchedulingPolicy, "scheduling policy" {
+        None = "none",
+        EvenlyDistributed = "evenly_distributed",
+        PowerSaving = "power_saving",
+        VmEvenlyDistributed = "vm_evenly_distributed",
+    }
+);
+
+model_enum!(
+    /// A host's status (oVirt `host_status`).
+    ///
+    /// The engine moves a host through: `installing` (enrolling) → `initializing` → `up`;
+    /// `up` ⇄ `preparing_for_maintenance` → `maintenance` → `up` (activate); `up` →
+    /// `non_responsive` (monitoring lost it) → `up` (it answers again); `up` →
+    /// `non_operational` (it answers but cannot serve the cluster: storage, CPU) → `up`.
+    /// `status_detail` says why for the last two.
+    HostStatus, "host status" {
+        Connecting = "connecting",
+        Down = "down",
+        Error = "error",
+        Initializing = "initializing",
+        InstallFailed = "install_failed",
+        Installing = "installing",
+        Maintenance = "maintenance",
+        NonOperational = "non_operational",
+        NonResponsive = "non_responsive",
+        PendingApproval = "pending_approval",
+        PreparingForMaintenance = "preparing_for_maintenance",
+        Reboot = "reboot",
+        Unassigned = "unassigned",
+        Up = "up",
+    }
+);
+
+model_enum!(
+    /// What a storage domain holds.
+    SdType, "storage domain type" {
+        Data = "data",
+        Iso = "iso",
+        Export = "export",
+    }
+);
+
+model_enum!(
+    /// How a file storage domain is reached.
+    StorageType, "storage type" {
+        Localfs = "localfs",
+        Posixfs = "posixfs",
+        Nfs = "nfs",
+    }
+);
+
+model_enum!(
+    /// A storage domain's status in a data center (oVirt `storage_domain_status`). A domain in
+    /// no data center is `unattached`.
+    ///
+    /// attach: `unattached` → `locked` → `maintenance` (attached, inactive);
+    /// activate: `maintenance`/`inactive` → `activating` → `active`;
+    /// deactivate: `active` → `preparing_for_maintenance` → `maintenance`;
+    /// detach: `maintenance` → `detaching` → `unattached`; monitoring: `active` ⇄ `inactive`.
+    SdStatus, "storage domain status" {
+        Activating = "activating",
+        Active = "active",
+        Detaching = "detaching",
+        Inactive = "inactive",
+        Locked = "locked",
+        Maintenance = "maintenance",
+        Mixed = "mixed",
+        PreparingForMaintenance = "preparing_for_maintenance",
+        Unattached = "unattached",
+        Unknown = "unknown",
+    }
+);
+
+model_enum!(
+    /// A disk's or volume's format.
+    DiskFormat, "disk format" {
+        Raw = "raw",
+        Cow = "cow",
+    }
+);
+
+model_enum!(
+    /// A disk's status: `locked` while a command works on it, `illegal` when a command failed
+    /// in a way that left its volumes unusable.
+    DiskStatus, "disk status" {
+        Ok = "ok",
+        Locked = "locked",
+        Illegal = "illegal",
+    }
+);
+
+model_enum!(
+    /// A volume's place in its chain (VDSM's VOLTYPE).
+    VolType, "volume type" {
+        Leaf = "leaf",
+        Internal = "internal",
+        Shared = "shared",
+    }
+);
+
+model_enum!(
+    /// A template's status.
+    TemplateStatus, "template status" {
+        Ok = "ok",
+        Locked = "locked",
+        Illegal = "illegal",
+    }
+);
+
+model_enum!(
+    /// A VM's status (oVirt `vm_status`).
+    ///
+    /// Commands move a VM: start `down` → `wait_for_launch` → `powering_up` → `up`; pause
+    /// `up` ⇄ `paused`; shutdown `up` → `powering_down` → `down`; stop (any running) → `down`;
+    /// migrate `up` → `migrating` → `up` (on the destination); suspend `up` → `saving_state` →
+    /// `suspended` → (start) `restoring_state` → `up`; reboot `up` → `reboot_in_progress` →
+    /// `up`; disk work on a down VM `down` → `image_locked` → `down`. Monitoring may report
+    /// `not_responding` or `unknown` for any running VM (its host is silent).
+    VmStatus, "VM status" {
+        Down = "down",
+        PoweringUp = "powering_up",
+        Up = "up",
+        Paused = "paused",
+        Migrating = "migrating",
+        PoweringDown = "powering_down",
+        NotResponding = "not_responding",
+        Unknown = "unknown",
+        ImageLocked = "image_locked",
+        Suspended = "suspended",
+        SavingState = "saving_state",
+        RestoringState = "restoring_state",
+        WaitForLaunch = "wait_for_launch",
+        RebootInProgress = "reboot_in_progress",
+    }
+);
+
+impl VmStatus {
+    /// Whether a QEMU process may exist for the VM (it has, or may have, a host).
+    pub fn is_running(self) -> bool {
+        !matches!(
+            self,
+            VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended
+        )
+    }
+}
+
+model_enum!(
+    /// How a VM may move between hosts.
+    PlacementAffinity, "placement affinity" {
+        Migratable = "migratable",
+        UserMigratable = "user_migratable",
+        Pinned = "pinned",
+    }
+);
+
+model_enum!(
+    /// The bus a disk is attached on.
+    DiskInterface, "disk interface" {
+        Virtio = "virtio",
+        VirtioScsi = "virtio_scsi",
+        Ide = "ide",
+        Sata = "sata",
+    }
+);
+
+model_enum!(
+    /// A NIC's device model.
+    NicInterface, "NIC interface" {
+        Virtio = "virtio",
+        E1000 = "e1000",
+        E1000e = "e1000e",
+        Rtl8139 = "rtl8139",
+    }
+);
+
+model_enum!(
+    /// `active` is the VM's current state (exactly one per VM); `preview` is the temporary
+    /// active state while previewing an older snapshot.
+    SnapshotType, "snapshot type" {
+        Regular = "regular",
+        Active = "active",
+        Preview = "preview",
+    }
+);
+
+model_enum!(
+    SnapshotStatus, "snapshot status" {
+        Ok = "ok",
+        Locked = "locked",
+        InPreview = "in_preview",
+    }
+);
+
+model_enum!(
+    /// A job's or step's status.
+    JobStatus, "job status" {
+        Started = "started",
+        Finished = "finished",
+        Failed = "failed",
+        Aborted = "aborted",
+    }
+);
+
+model_enum!(
+    /// A job step's kind (oVirt `step_enum`).
+    StepType, "step type" {
+        Validating = "validating",
+        Executing = "executing",
+        Finalizing = "finalizing",
+        CleanUp = "clean_up",
+        Unknown = "unknown",
+    }
+);
+
+model_enum!(
+    /// An event's severity, ordered: `severity>normal` in a search means warning and above.
+    Severity, "severity" {
+        Normal = "normal",
+        Warning = "warning",
+        Error = "error",
+        Alert = "alert",
+    }
+);
+
+/// A compatibility version (`4.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Version {
+    pub const CURRENT: Version = Version { major: 4, minor: 7 };
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// A VM's or template's virtual CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTopology {
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
+impl CpuTopology {
+    pub const ONE: CpuTopology = CpuTopology {
+        sockets: 1,
+        cores: 1,
+        threads: 1,
+    };
+    pub fn vcpus(&self) -> u64 {
+        u64::from(self.sockets) * u64::from(self.cores) * u64::from(self.threads)
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCenter {
+    pub id: DcId,
+    pub name: String,
+    pub description: String,
+    /// The pool's `spUUID`; oVirt uses the data center's id, and so does [`DataCenter::new`].
+    pub storage_pool_id: PoolUuid,
+    pub compatibility_version: Version,
+    pub local: bool,
+    pub status: DcStatus,
+    /// The pool metadata's MASTER_VERSION, bumped on every master domain change.
+    pub master_version: i64,
+    /// The host holding (or contending for) the SPM role, and the SPM lease's version (the
+    /// fencing token) once it holds it.
+    pub spm_host: Option<HostUuid>,
+    pub spm_status: SpmStatus,
+    pub spm_lver: Option<i64>,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl DataCenter {
+    pub fn new(name: &str) -> Self {
+        let id = DcId::new_random();
+        DataCenter {
+            id,
+            name: name.to_string(),
+            description: String::new(),
+            storage_pool_id: PoolUuid::from_uuid(*id.as_uuid()),
+            compatibility_version: Version::CURRENT,
+            local: false,
+            status: DcStatus::Uninitialized,
+            master_version: 0,
+            spm_host: None,
+            spm_status: SpmStatus::None,
+            spm_lver: None,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub name: String,
+    pub description: String,
+    pub data_center_id: DcId,
+    pub cpu_type: String,
+    pub cpu_architecture: String,
+    pub scheduling_policy: SchedulingPolicy,
+    /// How much of a host's memory the scheduler may promise to VMs, in percent (100 = none).
+    pub memory_overcommit_percent: u32,
+    pub compatibility_version: Version,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl Cluster {
+    pub fn new(name: &str, data_center_id: DcId) -> Self {
+        Cluster {
+            id: ClusterId::new_random(),
+            name: name.to_string(),
+            description: String::new(),
+            data_center_id,
+            cpu_type: "qemu64".into(),
+            cpu_architecture: "x86_64".into(),
+            scheduling_policy: SchedulingPolicy::None,
+            memory_overcommit_percent: 100,
+            compatibility_version: Version::CURRENT,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: HostUuid,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub cluster_id: ClusterId,
+    pub status: HostStatus,
+    /// Why the host is `non_operational`, `non_responsive`, `install_failed`…
+    pub status_detail: Option<String>,
+    /// Derived from its data center: `spm` or `contending` when it holds or seeks the role.
+    pub spm_status: SpmStatus,
+    /// -1 never SPM, 0..=10 preference (oVirt's default 5).
+    pub spm_priority: i32,
+    /// SHA-256 of its certificate (DER), hex, as the enrollment issued it.
+    pub certificate_fingerprint: Option<String>,
+    pub cpu_cores: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub free_memory_bytes: Option<u64>,
+    pub last_seen_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl Host {
+    pub fn new(name: &str, address: &str, port: u16, cluster_id: ClusterId) -> Self {
+        Host {
+            id: HostUuid::new_random(),
+            name: name.to_string(),
+            address: address.to_string(),
+            port,
+            cluster_id,
+            status: HostStatus::Installing,
+            status_detail: None,
+            spm_status: SpmStatus::None,
+            spm_priority: 5,
+            certificate_fingerprint: None,
+            cpu_cores: None,
+            memory_bytes: None,
+            free_memory_bytes: None,
+            last_seen_at: None,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+/// What monitoring learns about a host's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HostStats {
+    pub cpu_cores: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub free_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageDomain {
+    pub id: SdUuid,
+    pub name: String,
+    pub description: String,
+    pub domain_type: SdType,
+    pub storage_type: StorageType,
+    /// The NFS server; `None` for local and POSIX paths.
+    pub address: Option<String>,
+    pub path: String,
+    pub mount_options: Option<String>,
+    pub vfs_type: Option<String>,
+    /// VDSM domain format version (5).
+    pub format_version: u32,
+    pub capacity_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl StorageDomain {
+    pub fn new(name: &str, domain_type: SdType, storage_type: StorageType, path: &str) -> Self {
+        StorageDomain {
+            id: SdUuid::new_random(),
+            name: name.to_string(),
+            description: String::new(),
+            domain_type,
+            storage_type,
+            address: None,
+            path: path.to_string(),
+            mount_options: None,
+            vfs_type: None,
+            format_version: 5,
+            capacity_bytes: None,
+            free_bytes: None,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+/// A storage domain's membership in a data center's pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMember {
+    pub data_center_id: DcId,
+    pub storage_domain_id: SdUuid,
+    pub status: SdStatus,
+    pub master: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub id: DiskId,
+    /// The alias users see; not unique.
+    pub name: String,
+    pub description: String,
+    pub format: DiskFormat,
+    pub sparse: bool,
+    pub provisioned_size: u64,
+    pub actual_size: u64,
+    pub storage_domain_id: SdUuid,
+    pub status: DiskStatus,
+    pub shareable: bool,
+    pub wipe_after_delete: bool,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl Disk {
+    pub fn new(name: &str, storage_domain_id: SdUuid, format: DiskFormat, size: u64) -> Self {
+        Disk {
+            id: DiskId::new_random(),
+            name: name.to_string(),
+            description: String::new(),
+            format,
+            sparse: format == DiskFormat::Cow,
+            provisioned_size: size,
+            actual_size: 0,
+            storage_domain_id,
+            status: DiskStatus::Ok,
+            shareable: false,
+            wipe_after_delete: false,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+/// One volume of a disk's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolUuid,
+    pub disk_id: DiskId,
+    pub storage_domain_id: SdUuid,
+    /// `None` for a base volume.
+    pub parent_id: Option<VolUuid>,
+    pub voltype: VolType,
+    pub format: DiskFormat,
+    pub actual_size: u64,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub id: TemplateId,
+    pub name: String,
+    pub description: String,
+    pub cluster_id: Option<ClusterId>,
+    pub memory_bytes: u64,
+    pub cpu: CpuTopology,
+    pub status: TemplateStatus,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl Template {
+    pub fn new(name: &str, cluster_id: Option<ClusterId>) -> Self {
+        Template {
+            id: TemplateId::new_random(),
+            name: name.to_string(),
+            description: String::new(),
+            cluster_id,
+            memory_bytes: GIB,
+            cpu: CpuTopology::ONE,
+            status: TemplateStatus::Ok,
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+/// High availability: restart the VM elsewhere when its host dies (issue 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HighAvailability {
+    pub enabled: bool,
+    /// Higher restarts first.
+    pub priority: i32,
+}
+
+/// Where the scheduler may put a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub affinity: PlacementAffinity,
+    /// Hosts the VM may run on (empty: any in its cluster). Ids of removed hosts are ignored.
+    pub hosts: Vec<HostUuid>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            affinity: PlacementAffinity::Migratable,
+            hosts: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: VmId,
+    pub name: String,
+    pub description: String,
+    pub cluster_id: ClusterId,
+    pub template_id: TemplateId,
+    pub memory_bytes: u64,
+    pub memory_guaranteed_bytes: u64,
+    pub cpu: CpuTopology,
+    pub ha: HighAvailability,
+    /// The domain holding the VM's lease (HA VMs).
+    pub lease_storage_domain_id: Option<SdUuid>,
+    pub placement: Placement,
+    pub runtime: VmRuntime,
+    pub created_at: Timestamp,
+    pub revision: i64,
+}
+
+impl Vm {
+    pub fn new(name: &str, cluster_id: ClusterId) -> Self {
+        Vm {
+            id: VmId::new_random(),
+            name: name.to_string(),
+            description: String::new(),
+            cluster_id,
+            template_id: BLANK_TEMPLATE_ID,
+            memory_bytes: GIB,
+            memory_guaranteed_bytes: GIB,
+            cpu: CpuTopology::ONE,
+            ha: HighAvailability::default(),
+            lease_storage_domain_id: None,
+            placement: Placement::default(),
+            runtime: VmRuntime::default(),
+            created_at: Timestamp::from_millis(0),
+            revision: 0,
+        }
+    }
+}
+
+/// A VM's run-time state, changed by compare-and-set on `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    pub status: VmStatus,
+    pub status_detail: Option<String>,
+    pub run_on_host: Option<HostUuid>,
+    /// The destination while `migrating`.
+    pub migrating_to_host: Option<HostUuid>,
+}
+
+impl Default for VmRuntime {
+    fn default() -> Self {
+        VmRuntime {
+            status: VmStatus::Down,
+            status_detail: None,
+            run_on_host: None,
+            migrating_to_host: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAttachment {
+    pub vm_id: VmId,
+    pub disk_id: DiskId,
+    pub interface: DiskInterface,
+    pub bootable: bool,
+    pub active: bool,
+    pub read_only: bool,
+}
+
+/// A MAC address (`56:6f:1a:2b:3c:4d`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// oVirt's default MAC pool prefix.
+    pub const POOL_PREFIX: [u8; 2] = [0x56, 0x6f];
+}
+
+impl FromStr for MacAddr {
+    type Err = UnknownValue;
+    fn from_str(s: &str) -> Result<Self, UnknownValue> {
+        let err = || UnknownValue {
+            kind: "MAC address",
+            value: s.chars().take(64).collect(),
+        };
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in out.iter_mut() {
+            let p = parts.next().ok_or_else(err)?;
+            if p.len() != 2 {
+                return Err(err());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MacAddr({self})")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    pub id: NicId,
+    pub vm_id: VmId,
+    pub name: String,
+    /// The logical network's name; `None` is an empty profile (unplugged cable).
+    pub network: Option<String>,
+    pub mac: MacAddr,
+    pub interface: NicInterface,
+    pub plugged: bool,
+    pub linked: bool,
+}
+
+/// Which volume a disk had when a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    pub disk_id: DiskId,
+    pub volume_id: VolUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub vm_id: VmId,
+    pub description: String,
+    pub snapshot_type: SnapshotType,
+    pub status: SnapshotStatus,
+    pub persist_memory: bool,
+    /// The VM's configuration when taken (JSON), restored with it.
+    pub vm_configuration: Option<String>,
+    pub disks: Vec<SnapshotDisk>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityGroup {
+    pub id: AffinityGroupId,
+    pub cluster_id: ClusterId,
+    pub name: String,
+    /// `true`: keep the VMs together; `false`: keep them apart.
+    pub positive: bool,
+    /// `true`: a hard rule (filter); `false`: a preference (weight).
+    pub enforcing: bool,
+    pub vm_ids: Vec<VmId>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub description: String,
+    pub status: JobStatus,
+    pub correlation_id: Option<String>,
+    /// The saga that drives the job, if any.
+    pub saga_id: Option<SagaId>,
+    pub auto_cleared: bool,
+    pub started_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+    pub last_updated: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStep {
+    pub id: StepId,
+    pub job_id: JobId,
+    pub parent_id: Option<StepId>,
+    /// 1-based order within the job.
+    pub number: u32,
+    pub step_type: StepType,
+    pub description: String,
+    pub status: JobStatus,
+    pub started_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+}
+
+/// An audit log entry. `id` increases with every event (the REST `from=` cursor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    pub severity: Severity,
+    /// oVirt's AuditLogType code where one exists.
+    pub code: i32,
+    pub description: String,
+    pub correlation_id: Option<String>,
+    pub vm_id: Option<VmId>,
+    pub host_id: Option<HostUuid>,
+    pub storage_domain_id: Option<SdUuid>,
+    pub data_center_id: Option<DcId>,
+    pub cluster_id: Option<ClusterId>,
+    pub template_id: Option<TemplateId>,
+    pub time: Timestamp,
+}
+
+/// An event to record; the database assigns its id and time.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub severity: Option<Severity>,
+    pub code: i32,
+    pub description: String,
+    pub correlation_id: Option<String>,
+    pub vm_id: Option<VmId>,
+    pub host_id: Option<HostUuid>,
+    pub storage_domain_id: Option<SdUuid>,
+    pub data_center_id: Option<DcId>,
+    pub cluster_id: Option<ClusterId>,
+    pub template_id: Option<TemplateId>,
+}
+
+impl NewEvent {
+    pub fn new(severity: Severity, code: i32, description: impl Into<String>) -> Self {
+        NewEvent {
+            severity: Some(severity),
+            code,
+            description: description.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// An engine user. The password hash never leaves the database layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub name: String,
+    /// `internal` for the engine's own users.
+    pub domain: String,
+    pub email: Option<String>,
+    pub admin: bool,
+    pub created_at: Timestamp,
+}
+
+impl User {
+    /// `name@domain`, as users log in.
+    pub fn principal(&self) -> String {
+        format!("{}@{}", self.name, self.domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_through_their_names() {
+        for s in VmStatus::ALL {
+            assert_eq!(s.as_str().parse::<VmStatus>().unwrap(), *s);
+        }
+        assert_eq!(VmStatus::ALL.len(), 14);
+        assert_eq!(
+            serde_json::to_string(&HostStatus::NonResponsive).unwrap(),
+            "\"non_responsive\""
+        );
+        let e = "Up".parse::<VmStatus>().unwrap_err();
+        assert_eq!(e.kind, "VM status");
+        assert!(Severity::Warning > Severity::Normal && Severity::Alert > Severity::Error);
+    }
+
+    #[test]
+    fn mac_addresses_parse_strictly() {
+        let m: MacAddr = "56:6F:00:0a:ff:01".parse().unwrap();
+        assert_eq!(m.to_string(), "56:6f:00:0a:ff:01");
+        for bad in ["", "56:6f:00:0a:ff", "56:6f:00:0a:ff:01:02", "566f000aff01", "5:6f:00:0a:ff:01"] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+}
