@@ -1,131 +1,17 @@
 //! `oxvirt node` as a real process on loopback: enrollment with the engine's CA, the API over
 //! mutual TLS (JSON-RPC, XML-RPC, REST view, events), refusals, and restarts.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use oxvirt_engine::enroll::{handler, Enrollment};
-use oxvirt_pki::{client_config, server_config, CertAuthority, Identity, Role};
-use oxvirt_rpc::{xmlrpc, Limits, RpcClient};
+use common::{engine_client, files_under, free_port, spawn_node, start_engine, wait_up};
+use oxvirt_pki::{client_config, CertAuthority, Identity, Role};
+use oxvirt_rpc::{xmlrpc, RpcClient};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-
-struct Engine {
-    addr: SocketAddr,
-    enrollment: Arc<Enrollment>,
-    identity: Identity,
-    enrolled: Arc<Mutex<Vec<String>>>,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start_engine() -> Engine {
-    let ca = CertAuthority::generate("oxvirt test CA").unwrap();
-    let identity = ca.issue(Role::Engine, "engine", &["127.0.0.1".into()]).unwrap();
-    let enrolled = Arc::new(Mutex::new(Vec::new()));
-    let e2 = enrolled.clone();
-    let enrollment = Arc::new(Enrollment::new(ca, move |h| {
-        e2.lock().unwrap().push(h.name.clone())
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = Arc::new(server_config(&identity, None).unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(oxvirt_rpc::serve(
-        listener,
-        Some(tls),
-        handler(enrollment.clone()),
-        Limits::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Engine {
-        addr,
-        enrollment,
-        identity,
-        enrolled,
-        _stop: stop,
-    }
-}
-
-fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-struct NodeProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_node(name: &str, data: &Path, addr: SocketAddr, extra: &[&str]) -> NodeProc {
-    let child = Command::new(env!("CARGO_BIN_EXE_oxvirt"))
-        .args(["node", "--name", name, "--listen", &addr.to_string(), "--data"])
-        .arg(data)
-        .args(extra)
-        .env("OXVIRT_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    NodeProc { child, addr }
-}
-
-fn engine_client(engine: &Engine, node: SocketAddr) -> RpcClient {
-    RpcClient::new(
-        node,
-        "127.0.0.1",
-        client_config(&engine.identity.ca_pem, Some(&engine.identity)).unwrap(),
-    )
-    .unwrap()
-    .with_timeout(Duration::from_secs(20))
-}
-
-async fn wait_up(c: &RpcClient, node: &mut NodeProc) -> Value {
-    let start = Instant::now();
-    loop {
-        match c.call("Host.ping", json!({})).await {
-            Ok(v) => return v,
-            Err(e) => {
-                if let Some(st) = node.child.try_wait().unwrap() {
-                    let mut err = String::new();
-                    std::io::Read::read_to_string(node.child.stderr.as_mut().unwrap(), &mut err).unwrap();
-                    panic!("node exited with {st}: {err}");
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "node did not come up: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-fn files_under(p: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(p).unwrap() {
-        let e = e.unwrap();
-        out.push(e.path().display().to_string());
-        if e.file_type().unwrap().is_dir() {
-            out.extend(files_under(&e.path()));
-        }
-    }
-    out.sort();
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_enrolls_with_a_token_and_serves_all_transports_over_mutual_tls() {
