@@ -210,11 +210,7 @@ pub fn balance(
 
     let kind = snapshot.policy.kind;
     let up = (0..snapshot.hosts.len()).filter(|&h| view.is_up(h)).count();
-    let in_flight = snapshot
-        .vms
-        .iter()
-        .filter(|vm| vm.migrating_to.is_some())
-        .count();
+    let in_flight = snapshot.vms.iter().filter(|vm| vm.migrating_to.is_some()).count();
     let mut budget = usize::try_from(params.max_parallel_migrations)
         .unwrap_or(usize::MAX)
         .saturating_sub(in_flight);
@@ -235,9 +231,7 @@ pub fn balance(
         }
     }
     for (vm, records) in &next.moves {
-        round
-            .left
-            .insert(*vm, records.iter().map(|r| r.from).collect());
+        round.left.insert(*vm, records.iter().map(|r| r.from).collect());
     }
 
     let mut migrations = Vec::new();
@@ -298,7 +292,9 @@ fn update_trackers(view: &View<'_>, state: &mut BalanceState, now: Timestamp) {
         *map = kept;
     };
     let cpu = matches!(kind, PolicyKind::EvenlyDistributed | PolicyKind::PowerSaving);
-    track(&mut state.cpu_over_since, cpu, &|h| view.hosts[h].load_pct >= high);
+    track(&mut state.cpu_over_since, cpu, &|h| {
+        view.hosts[h].load_pct >= high
+    });
     track(
         &mut state.cpu_under_since,
         kind == PolicyKind::PowerSaving,
@@ -342,12 +338,7 @@ impl Round<'_> {
             if view.locs[v].at != Some(s) || !vm.migratable {
                 return false;
             }
-            let last_balanced = self
-                .state
-                .moves
-                .get(&vm.id)
-                .and_then(|r| r.last())
-                .map(|r| r.at);
+            let last_balanced = self.state.moves.get(&vm.id).and_then(|r| r.last()).map(|r| r.at);
             let last = vm.last_migrated_at.max(last_balanced);
             last.is_none_or(|t| self.now.since(t) >= self.params.vm_cooldown)
         })
@@ -386,8 +377,7 @@ impl Round<'_> {
         for s in sources {
             let load_s = view.hosts[s].load_pct;
             let k_s = f64::from(view.host_cpus(s));
-            // (refilling an under-utilized host, -gain, memory, vm id, host id)
-            let mut best: Option<((bool, f64, u64, VmId, HostUuid), Move)> = None;
+            let mut best: Option<(OverKey, Move)> = None;
             for v in self.movable(view, s) {
                 let c_s = view.contribution(v, s);
                 if c_s <= 0.0 {
@@ -470,8 +460,7 @@ impl Round<'_> {
         for s in sources {
             let load_s = view.hosts[s].load_pct;
             let k_s = f64::from(view.host_cpus(s));
-            // (-gain, -destination load, memory, vm id, host id)
-            let mut best: Option<((f64, f64, u64, VmId, HostUuid), Move)> = None;
+            let mut best: Option<(UnderKey, Move)> = None;
             for v in self.movable(view, s) {
                 let c_s = view.contribution(v, s);
                 let a = (load_s - c_s).max(0.0);
@@ -552,9 +541,7 @@ impl Round<'_> {
             });
             for &d in &dests {
                 for &v in &vms {
-                    if self.open_destination(view, v, s, d)
-                        && filter::passes(view, v, d, Purpose::Migrate)
-                    {
+                    if self.open_destination(view, v, s, d) && filter::passes(view, v, d, Purpose::Migrate) {
                         return Some(Move {
                             v,
                             from: s,
@@ -587,11 +574,18 @@ fn key_lt<K: TotalKey>(a: &K, b: &K) -> bool {
     a.total_cmp(b).is_lt()
 }
 
+/// Preference among moves off an over-utilized host, smallest first: (refills an under-utilized
+/// host, −gain, memory, VM id, destination id).
+type OverKey = (bool, f64, u64, VmId, HostUuid);
+/// Preference among moves off an under-utilized host, smallest first: (−gain, −destination
+/// load, memory, VM id, destination id).
+type UnderKey = (f64, f64, u64, VmId, HostUuid);
+
 trait TotalKey {
     fn total_cmp(&self, other: &Self) -> std::cmp::Ordering;
 }
 
-impl TotalKey for (bool, f64, u64, VmId, HostUuid) {
+impl TotalKey for OverKey {
     fn total_cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0
             .cmp(&o.0)
@@ -602,7 +596,7 @@ impl TotalKey for (bool, f64, u64, VmId, HostUuid) {
     }
 }
 
-impl TotalKey for (f64, f64, u64, VmId, HostUuid) {
+impl TotalKey for UnderKey {
     fn total_cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0
             .total_cmp(&o.0)

@@ -65,9 +65,7 @@ impl Filter {
         match self {
             Filter::HostStatus => {
                 if host.status != HostStatus::Up {
-                    return Err(Rejection::HostStatus {
-                        status: host.status,
-                    });
+                    return Err(Rejection::HostStatus { status: host.status });
                 }
             }
             Filter::Migration => {
@@ -114,8 +112,7 @@ impl Filter {
                 }
             }
             Filter::Network => {
-                let missing: Vec<String> =
-                    vm.networks.difference(&host.networks).cloned().collect();
+                let missing: Vec<String> = vm.networks.difference(&host.networks).cloned().collect();
                 if !missing.is_empty() {
                     return Err(Rejection::Network { missing });
                 }
@@ -140,9 +137,7 @@ impl Filter {
                         let loc = view.locs[u];
                         let offending = match rule.polarity {
                             Polarity::Positive => loc.at.filter(|&x| x != h),
-                            Polarity::Negative => {
-                                (loc.at == Some(h) || loc.leaving == Some(h)).then_some(h)
-                            }
+                            Polarity::Negative => (loc.at == Some(h) || loc.leaving == Some(h)).then_some(h),
                         };
                         if let Some(x) = offending {
                             return Err(Rejection::VmAffinity {
@@ -303,10 +298,7 @@ impl fmt::Display for Rejection {
             Self::HostAffinity {
                 group,
                 polarity: Polarity::Positive,
-            } => write!(
-                f,
-                "not a host of hard positive host affinity group '{group}'"
-            ),
+            } => write!(f, "not a host of hard positive host affinity group '{group}'"),
             Self::HostAffinity {
                 group,
                 polarity: Polarity::Negative,
@@ -355,9 +347,7 @@ pub(crate) fn rejections(view: &View<'_>, v: usize, h: usize, purpose: Purpose) 
 
 /// Whether every filter passes, stopping at the first failure (for the balancer's inner loop).
 pub(crate) fn passes(view: &View<'_>, v: usize, h: usize, purpose: Purpose) -> bool {
-    Filter::ALL
-        .iter()
-        .all(|f| f.check(view, v, h, purpose).is_ok())
+    Filter::ALL.iter().all(|f| f.check(view, v, h, purpose).is_ok())
 }
 
 pub(crate) fn verdict(view: &View<'_>, v: usize, h: usize, purpose: Purpose) -> HostVerdict {

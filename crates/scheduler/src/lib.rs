@@ -24,16 +24,14 @@ pub mod place;
 mod view;
 pub mod weight;
 
-pub use balance::{
-    balance, BalanceError, BalanceParams, BalanceReason, BalanceState, Migration, MoveRecord,
-};
+pub use balance::{balance, BalanceError, BalanceParams, BalanceReason, BalanceState, Migration, MoveRecord};
 pub use filter::{Filter, HostVerdict, Rejection};
 pub use model::{
-    AffinityGroup, AffinityRule, ClusterPolicy, Host, HostStatus, HostUuid, Pending, PolicyError,
-    PolicyKind, PolicyProperties, Polarity, Snapshot, SnapshotError, Timestamp, Vm,
+    AffinityGroup, AffinityRule, ClusterPolicy, Host, HostStatus, HostUuid, Pending, Polarity, PolicyError,
+    PolicyKind, PolicyProperties, Snapshot, SnapshotError, Timestamp, Vm,
 };
 pub use place::{
-    filter_hosts, place, place_many, plan_evacuation, EvacuationPlan, Placement, PlacementError,
+    filter_hosts, place, place_many, plan_evacuation, EvacuationPlan, Outcome, Placement, PlacementError,
     Purpose,
 };
 pub use weight::{HostScore, Weight};

@@ -79,7 +79,10 @@ impl Timestamp {
 impl Add<Duration> for Timestamp {
     type Output = Timestamp;
     fn add(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 }
 
@@ -545,8 +548,7 @@ mod tests {
         assert_eq!(map["LowUtilization"], "20");
         assert_eq!(map["SpmVmGrace"], "5");
         assert_eq!(
-            PolicyProperties::from_ovirt(PolicyProperties::defaults_for(PolicyKind::None), &map)
-                .unwrap(),
+            PolicyProperties::from_ovirt(PolicyProperties::defaults_for(PolicyKind::None), &map).unwrap(),
             p
         );
         let json = serde_json::to_value(p).unwrap();
@@ -596,10 +598,7 @@ mod tests {
     #[test]
     fn timestamps_saturate() {
         let t = Timestamp::from_unix_millis(1_000);
-        assert_eq!(
-            (t + Duration::from_secs(2)).since(t),
-            Duration::from_secs(2)
-        );
+        assert_eq!((t + Duration::from_secs(2)).since(t), Duration::from_secs(2));
         assert_eq!(t.since(t + Duration::from_secs(2)), Duration::ZERO);
     }
 }

@@ -58,6 +58,9 @@ pub struct Placement {
     pub rejected: Vec<HostVerdict>,
 }
 
+/// The result of placing one VM of a batch.
+pub type Outcome = Result<Placement, PlacementError>;
+
 /// Why no host was chosen.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlacementError {
@@ -70,19 +73,11 @@ pub enum PlacementError {
     #[error("VM {0} is listed twice in one placement request")]
     DuplicateVm(VmId),
     #[error("VM '{name}' ({vm}) already runs on host {host}")]
-    AlreadyRunning {
-        vm: VmId,
-        name: String,
-        host: HostUuid,
-    },
+    AlreadyRunning { vm: VmId, name: String, host: HostUuid },
     #[error("VM '{name}' ({vm}) is not running, so it cannot migrate")]
     NotRunning { vm: VmId, name: String },
     #[error("VM '{name}' ({vm}) is already migrating to host {host}")]
-    AlreadyMigrating {
-        vm: VmId,
-        name: String,
-        host: HostUuid,
-    },
+    AlreadyMigrating { vm: VmId, name: String, host: HostUuid },
     #[error("VM '{name}' ({vm}) is not migratable")]
     NotMigratable { vm: VmId, name: String },
     #[error("no host can run VM '{name}' ({vm}): {}", list_verdicts(.hosts))]
@@ -142,7 +137,7 @@ pub fn place_many(
     snapshot: &Snapshot,
     vms: &[VmId],
     purpose: Purpose,
-) -> Result<Vec<(VmId, Result<Placement, PlacementError>)>, PlacementError> {
+) -> Result<Vec<(VmId, Outcome)>, PlacementError> {
     snapshot.validate()?;
     let mut view = View::new(snapshot);
     let mut order = Vec::with_capacity(vms.len());
@@ -230,11 +225,7 @@ fn sort_for_restart(snapshot: &Snapshot, order: &mut [usize]) {
     });
 }
 
-fn run_plan(
-    view: &mut View<'_>,
-    order: &[usize],
-    purpose: Purpose,
-) -> Vec<(VmId, Result<Placement, PlacementError>)> {
+fn run_plan(view: &mut View<'_>, order: &[usize], purpose: Purpose) -> Vec<(VmId, Outcome)> {
     let mut out = Vec::with_capacity(order.len());
     for &v in order {
         let result = place_in(view, v, purpose).map(|(h, p)| {
@@ -247,10 +238,7 @@ fn run_plan(
 }
 
 fn vm_index(view: &View<'_>, vm: VmId) -> Result<usize, PlacementError> {
-    view.vm_pos
-        .get(&vm)
-        .copied()
-        .ok_or(PlacementError::UnknownVm(vm))
+    view.vm_pos.get(&vm).copied().ok_or(PlacementError::UnknownVm(vm))
 }
 
 /// The checks of a request itself, before any host is looked at.

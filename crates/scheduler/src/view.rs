@@ -64,21 +64,15 @@ pub(crate) struct View<'s> {
 impl<'s> View<'s> {
     /// Builds the view of a snapshot that has passed [`Snapshot::validate`].
     pub fn new(snap: &'s Snapshot) -> Self {
-        let host_pos: HashMap<HostUuid, usize> = snap
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (h.id, i))
-            .collect();
-        let vm_pos: HashMap<VmId, usize> =
-            snap.vms.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+        let host_pos: HashMap<HostUuid, usize> =
+            snap.hosts.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
+        let vm_pos: HashMap<VmId, usize> = snap.vms.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
 
         let mut vm_groups = vec![Vec::new(); snap.vms.len()];
         let mut group_vms = Vec::with_capacity(snap.affinity_groups.len());
         let mut group_hosts = Vec::with_capacity(snap.affinity_groups.len());
         for (g, group) in snap.affinity_groups.iter().enumerate() {
-            let mut members: Vec<usize> =
-                group.vms.iter().filter_map(|v| vm_pos.get(v).copied()).collect();
+            let mut members: Vec<usize> = group.vms.iter().filter_map(|v| vm_pos.get(v).copied()).collect();
             members.sort_unstable();
             members.dedup();
             for &m in &members {
@@ -246,8 +240,7 @@ pub(crate) fn memory_limit_mib(snap: &Snapshot, h: usize) -> u64 {
     let host = &snap.hosts[h];
     let over = u128::from(host.mem_total_mib) * u128::from(snap.policy.memory_overcommit_pct) / 100;
     let over = u64::try_from(over).unwrap_or(u64::MAX);
-    host.max_scheduling_memory_mib
-        .map_or(over, |cap| cap.min(over))
+    host.max_scheduling_memory_mib.map_or(over, |cap| cap.min(over))
 }
 
 /// A VM's CPU usage as a share of a host: its busy vCPUs over the host's CPUs, at most the whole

@@ -50,7 +50,11 @@ fn evenly_distributed_waits_for_the_duration_then_moves_one_vm() {
     assert_eq!(s1.cpu_over_since.get(&hid(1)), Some(&T0));
     let (m, s2) = balance(&snap, &s1, T0 + minutes(1), &p).unwrap();
     assert!(m.is_empty());
-    assert_eq!(s2.cpu_over_since.get(&hid(1)), Some(&T0), "the mark keeps its start");
+    assert_eq!(
+        s2.cpu_over_since.get(&hid(1)),
+        Some(&T0),
+        "the mark keeps its start"
+    );
 
     let (m, s3) = balance(&snap, &s2, T0 + minutes(2), &p).unwrap();
     // One move brings h1 to 69.5% < 80%: it is no longer a source, so the second slot is unused.
@@ -259,7 +263,11 @@ fn vm_evenly_distributed_moves_small_vms_to_the_emptiest_host() {
     assert!(m.iter().all(|x| x.from == hid(1) && x.to == hid(2)));
     let moved: Vec<_> = m.iter().map(|x| x.vm).collect();
     assert_eq!(moved, vec![vid(1), vid(2), vid(3)], "smallest memory first");
-    assert!(m[0].to_string().contains("12 VM slots ≥ HighVmCount 10"), "{}", m[0]);
+    assert!(
+        m[0].to_string().contains("12 VM slots ≥ HighVmCount 10"),
+        "{}",
+        m[0]
+    );
 }
 
 #[test]

@@ -145,9 +145,7 @@ fn storage_filter_wants_every_domain_of_the_vm() {
     let verdicts = filter_hosts(&snap, vid(1), Purpose::Start).unwrap();
     assert_eq!(
         only_rejection(&verdicts, 1),
-        &Rejection::Storage {
-            missing: vec![sd(2)]
-        }
+        &Rejection::Storage { missing: vec![sd(2)] }
     );
     assert_eq!(
         verdict_of(&verdicts, 1).to_string(),
@@ -242,7 +240,13 @@ fn hard_negative_vm_affinity_avoids_members_even_while_they_migrate() {
 #[test]
 fn hard_host_affinity_keeps_vms_on_or_off_the_group_hosts() {
     let mut snap = snapshot(vec![host(1), host(2), host(3)], vec![vm(1)], PolicyKind::None);
-    snap.affinity_groups = vec![group("rack-a", &[1], &[2], None, Some((Polarity::Positive, true)))];
+    snap.affinity_groups = vec![group(
+        "rack-a",
+        &[1],
+        &[2],
+        None,
+        Some((Polarity::Positive, true)),
+    )];
     let verdicts = filter_hosts(&snap, vid(1), Purpose::Start).unwrap();
     assert_eq!(
         verdict_of(&verdicts, 1).to_string(),
@@ -384,7 +388,10 @@ fn ha_restart_places_by_priority_and_accounts_for_earlier_choices() {
             .contains("host h2: not enough memory (needs 2048 MiB, schedulable 1024 MiB)"),
         "{err}"
     );
-    assert!(err.to_string().contains("host h1: status is non_responsive"), "{err}");
+    assert!(
+        err.to_string().contains("host h1: status is non_responsive"),
+        "{err}"
+    );
 }
 
 use oxvirt_types::VmId;
@@ -464,7 +471,13 @@ fn evacuation_plans_every_vm_within_capacity() {
     vms.push(incoming);
     let mut snap = snapshot(vec![leaving, h2, h3], vms, PolicyKind::EvenlyDistributed);
     // vm2 and vm3 must not share a host.
-    snap.affinity_groups = vec![group("ha-pair", &[2, 3], &[], Some((Polarity::Negative, true)), None)];
+    snap.affinity_groups = vec![group(
+        "ha-pair",
+        &[2, 3],
+        &[],
+        Some((Polarity::Negative, true)),
+        None,
+    )];
     recompute_host(&mut snap, 1);
     snap.hosts[0].pending = Pending {
         mem_mib: 256,
@@ -576,7 +589,13 @@ fn soft_affinity_outweighs_load() {
     let mut v2 = vm(2);
     v2.current_host = Some(hid(1));
     let mut snap = snapshot(vec![h1, host(2)], vec![vm(1), v2], PolicyKind::EvenlyDistributed);
-    snap.affinity_groups = vec![group("near", &[1, 2], &[], Some((Polarity::Positive, false)), None)];
+    snap.affinity_groups = vec![group(
+        "near",
+        &[1, 2],
+        &[],
+        Some((Polarity::Positive, false)),
+        None,
+    )];
     assert_eq!(place(&snap, vid(1), Purpose::Start).unwrap().host, hid(1));
     snap.affinity_groups[0].vm_rule = Some(AffinityRule {
         polarity: Polarity::Negative,

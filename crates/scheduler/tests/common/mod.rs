@@ -83,12 +83,8 @@ pub fn group(
     vm_rule: Option<(Polarity, bool)>,
     host_rule: Option<(Polarity, bool)>,
 ) -> AffinityGroup {
-    let rule = |r: Option<(Polarity, bool)>| {
-        r.map(|(polarity, enforcing)| AffinityRule {
-            polarity,
-            enforcing,
-        })
-    };
+    let rule =
+        |r: Option<(Polarity, bool)>| r.map(|(polarity, enforcing)| AffinityRule { polarity, enforcing });
     AffinityGroup {
         name: name.to_owned(),
         vms: vms.iter().map(|&n| vid(n)).collect(),
@@ -213,9 +209,8 @@ pub fn violations(
     if committed + vm.memory_mib > memory_limit(snap, host) {
         out.push("memory".into());
     }
-    let phys = (host.mem_free_mib + host.swap_free_mib) as i128
-        - host.pending.mem_mib as i128
-        - added_mib as i128;
+    let phys =
+        (host.mem_free_mib + host.swap_free_mib) as i128 - host.pending.mem_mib as i128 - added_mib as i128;
     if (vm.memory_mib as i128) > phys {
         out.push("physical memory".into());
     }
@@ -321,8 +316,16 @@ pub fn random_cluster(seed: u64, max_vms: usize) -> Snapshot {
     for i in 0..n_vms {
         let mut v = vm(i as u128);
         v.memory_mib = *[512, 1024, 2048, 4096, 8192, 16384].choose(&mut rng).unwrap();
-        v.vcpus = if rng.gen_bool(0.05) { 48 } else { rng.gen_range(1..=8) };
-        v.cpu_usage_pct = if rng.gen_bool(0.2) { 0.0 } else { rng.gen_range(1.0..100.0) };
+        v.vcpus = if rng.gen_bool(0.05) {
+            48
+        } else {
+            rng.gen_range(1..=8)
+        };
+        v.cpu_usage_pct = if rng.gen_bool(0.2) {
+            0.0
+        } else {
+            rng.gen_range(1.0..100.0)
+        };
         v.storage_domains = [sd(rng.gen_range(1..=3))].into();
         if rng.gen_bool(0.2) {
             v.storage_domains.insert(sd(rng.gen_range(1..=3)));
@@ -382,7 +385,13 @@ pub fn random_cluster(seed: u64, max_vms: usize) -> Snapshot {
             };
             let vm_rule = rule();
             let host_rule = rule();
-            groups.push(group(&format!("g{g}"), &members, &group_hosts, vm_rule, host_rule));
+            groups.push(group(
+                &format!("g{g}"),
+                &members,
+                &group_hosts,
+                vm_rule,
+                host_rule,
+            ));
         }
     }
 
@@ -425,7 +434,11 @@ pub fn unbalanced_cluster(seed: u64, kind: PolicyKind, max_vms: usize) -> Snapsh
         let mut v = vm(i as u128);
         v.memory_mib = *[512, 1024, 2048, 4096].choose(&mut rng).unwrap();
         v.vcpus = rng.gen_range(1..=4);
-        v.cpu_usage_pct = if rng.gen_bool(0.2) { 0.0 } else { rng.gen_range(1.0..100.0) };
+        v.cpu_usage_pct = if rng.gen_bool(0.2) {
+            0.0
+        } else {
+            rng.gen_range(1.0..100.0)
+        };
         v.migratable = rng.gen_bool(0.95);
         let h = if rng.gen_bool(0.8) {
             rng.gen_range(0..crowded)
