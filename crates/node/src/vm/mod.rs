@@ -129,6 +129,9 @@ pub struct VmStats {
     pub disks: Vec<DiskStats>,
     /// Thin volume extends done for this VM since the node started watching it.
     pub thin_extends: u64,
+    /// Sum of the extends' round trips (trigger seen → request answered → device refreshed
+    /// → threshold re-armed), for the average.
+    pub thin_extend_total_ms: u64,
     /// Times the guest was paused on ENOSPC.
     pub enospc_pauses: u64,
 }
@@ -328,6 +331,7 @@ struct Vm {
     /// One extend at a time per disk.
     extending: Vec<tokio::sync::Mutex<()>>,
     thin_extends: AtomicU64,
+    thin_extend_us: AtomicU64,
     enospc_pauses: AtomicU64,
     job_seq: AtomicU64,
 }
@@ -773,6 +777,7 @@ impl VmManager {
             shutdown: Mutex::new(None),
             extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
             thin_extends: AtomicU64::new(0),
+            thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
         });
@@ -858,6 +863,7 @@ impl VmManager {
             shutdown: Mutex::new(None),
             extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
             thin_extends: AtomicU64::new(0),
+            thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
         });
@@ -1006,6 +1012,7 @@ impl VmManager {
             balloon_actual_bytes,
             disks,
             thin_extends: vm.thin_extends.load(Ordering::Relaxed),
+            thin_extend_total_ms: vm.thin_extend_us.load(Ordering::Relaxed) / 1000,
             enospc_pauses: vm.enospc_pauses.load(Ordering::Relaxed),
         })
     }
@@ -1365,7 +1372,16 @@ impl VmManager {
                 }
             }
         };
-        let info = q.execute(&qmp::QueryMigrate {}).await.unwrap_or_default();
+        let mut info = q.execute(&qmp::QueryMigrate {}).await.unwrap_or_default();
+        // QEMU announces `completed` before its migration thread has stored the final times;
+        // they read 0 for a moment.
+        for _ in 0..200 {
+            if outcome != "completed" || info.total_time.unwrap_or(0) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            info = q.execute(&qmp::QueryMigrate {}).await.unwrap_or_default();
+        }
         if outcome != "completed" {
             let running = q
                 .execute(&qmp::QueryStatus {})
@@ -1659,6 +1675,7 @@ fn spawn_extend(vm: Arc<Vm>, disk: usize, extender: Arc<dyn ExtendRequester>) {
 /// One extend cycle: request, refresh, re-arm, resume. Serialized per disk; a cycle that finds
 /// the volume already grown past the need (a duplicate trigger) does nothing.
 async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Result<(), VmError> {
+    let start = Instant::now();
     let Some(lock) = vm.extending.get(disk) else {
         return Ok(());
     };
@@ -1698,7 +1715,6 @@ async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Re
         tracing::error!(vm_id = %vm.id, disk, size, "thin volume at its maximum size; cannot extend");
         return Ok(());
     };
-    let start = Instant::now();
     let req = ExtendRequest {
         vm: vm.id,
         disk,
@@ -1714,6 +1730,8 @@ async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Re
     let now = thin::loop_refresh(&dev).map_err(loop_err)?;
     set_threshold(vm, disk, &dev, thin.policy.threshold(now)).await;
     vm.thin_extends.fetch_add(1, Ordering::Relaxed);
+    vm.thin_extend_us
+        .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
     tracing::info!(vm_id = %vm.id, disk, from = size, to = now,
         elapsed_ms = start.elapsed().as_millis() as u64, "thin volume extended");
     if matches!(

@@ -1,0 +1,257 @@
+//! VM runtime benchmark (issue 6), each figure against the bare tool in the same run:
+//!
+//! 1. VM start: `VmManager::create` until the guest's marker is on the console, versus the very
+//!    same QEMU command line (read back from the manager's QEMU) spawned by hand.
+//! 2. Live migration between two managers on loopback: QEMU's reported downtime and total time.
+//! 3. Thin extend round trip on the local-SPM path (threshold event → extend → loop refresh →
+//!    threshold re-armed), versus `truncate` + `losetup -c` by hand.
+//!
+//! Run: `cargo run --release -p oxvirt-node --example vm_bench` (needs the test guest:
+//! `scripts/test-guest.sh`). Prints a Markdown table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use oxvirt_node::vm::thin::ThinPolicy;
+use oxvirt_node::vm::{MigrateParams, ThinDisk, VmCreate, VmDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
+use oxvirt_testkit::{require_tool, wait_for_text, TestGuest};
+use oxvirt_types::VmId;
+
+const ROUNDS: usize = 5;
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str]) {
+    let st = Command::new(require_tool("qemu-img"))
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img {args:?}");
+}
+
+fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
+    let g = TestGuest::get();
+    VmCreate {
+        id: VmId::new_random(),
+        name: name.into(),
+        cpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+        boot: Boot::Kernel {
+            kernel: g.kernel,
+            initrd: Some(g.initrd),
+            append: TestGuest::append(args),
+        },
+        disks: vec![VmDisk {
+            layers: vec![LayerSpec {
+                path: disk.to_path_buf(),
+                format: ImageFormat::Qcow2,
+                protocol: BlockProtocol::File,
+            }],
+            serial: None,
+            read_only: false,
+            direct_io: false,
+            write_error: WriteErrorPolicy::StopOnEnospc,
+            thin: None,
+        }],
+        nics: vec![],
+        balloon: true,
+        guest_agent: true,
+        vnc: false,
+        lease_domains: vec![],
+    }
+}
+
+fn wait_marker(log: &Path) {
+    wait_for_text(log, "OXVIRT-MARKER bench", Duration::from_secs(120)).unwrap();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .init();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "32M"]);
+    let run_a = tmp.path().join("a");
+    let run_b = tmp.path().join("b");
+    let a = VmManager::open(VmManagerConfig::new(&run_a)).await.unwrap();
+    let b = VmManager::open(VmManagerConfig::new(&run_b)).await.unwrap();
+
+    // 1. Start: alternate manager and bare so drift hits both alike.
+    let (mut managed, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let req = vm("bench", &disk, &["oxvirt.marker=bench"]);
+        let id = req.id;
+        let t = Instant::now();
+        let info = a.create(req).await.unwrap();
+        let log = a.console_log(id);
+        tokio::task::spawn_blocking(move || wait_marker(&log))
+            .await
+            .unwrap();
+        managed.push(t.elapsed().as_secs_f64());
+        let argv = cmdline(info.pid);
+        let vm_dir = a.vm_dir(id);
+        a.destroy(id).await.unwrap();
+
+        // The same command by hand, in a directory of its own.
+        let bare_dir = tmp.path().join(format!("bare-{id}"));
+        std::fs::create_dir(&bare_dir).unwrap();
+        let from = vm_dir.to_str().unwrap().to_string();
+        let to = bare_dir.to_str().unwrap().to_string();
+        let args: Vec<String> = argv[1..].iter().map(|s| s.replace(&from, &to)).collect();
+        let log = bare_dir.join("serial.log");
+        let t = Instant::now();
+        let mut child = Command::new(&argv[0])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::task::spawn_blocking(move || wait_marker(&log))
+            .await
+            .unwrap();
+        bare.push(t.elapsed().as_secs_f64());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (m, b0) = (median(managed), median(bare));
+
+    // 2. Migration A → B → A ..., guest running its writer.
+    let req = vm("mig", &disk, &["oxvirt.writer=8", "oxvirt.marker=bench"]);
+    let id = req.id;
+    a.create(req.clone()).await.unwrap();
+    let log = a.console_log(id);
+    tokio::task::spawn_blocking(move || wait_marker(&log))
+        .await
+        .unwrap();
+    let (mut down, mut total) = (Vec::new(), Vec::new());
+    let mut here = (&a, &b);
+    for _ in 0..4 {
+        let (src, dst) = here;
+        let inc = dst.prepare_incoming(req.clone()).await.unwrap();
+        let rep = src
+            .migrate(
+                id,
+                MigrateParams {
+                    uri: inc.uri,
+                    downtime_limit_ms: 300,
+                    max_bandwidth: 1 << 30,
+                    timeout_ms: 120_000,
+                },
+            )
+            .await
+            .unwrap();
+        dst.wait_for(id, Duration::from_secs(30), |s| *s == VmStatus::Up)
+            .await
+            .unwrap();
+        src.destroy(id).await.unwrap();
+        down.push(rep.downtime_ms as f64);
+        total.push(rep.total_ms as f64);
+        here = (dst, src);
+    }
+    here.0.destroy(id).await.unwrap();
+
+    // 3. Thin extends on the local-SPM path: no pause wanted, so generous margins.
+    let vol = tmp.path().join("thin-vol");
+    qemu_img(&["create", "-q", "-f", "qcow2", vol.to_str().unwrap(), "96M"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vol)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let mut req = vm("thin", &vol, &["oxvirt.write_mib=64", "oxvirt.marker=bench"]);
+    req.disks[0].thin = Some(ThinDisk {
+        volume: None,
+        policy: ThinPolicy {
+            chunk_bytes: 16 * MIB,
+            free_margin_bytes: 8 * MIB,
+            max_bytes: 120 * MIB,
+        },
+    });
+    let id = req.id;
+    a.create(req).await.unwrap();
+    let log = a.console_log(id);
+    tokio::task::spawn_blocking(move || wait_marker(&log))
+        .await
+        .unwrap();
+    let st = a.stats(id).await.unwrap();
+    a.destroy(id).await.unwrap();
+    let extend_ms = st.thin_extend_total_ms as f64 / st.thin_extends.max(1) as f64;
+    let bare_extend_ms = bare_extend(tmp.path());
+
+    println!("| figure | oxvirt | bare | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| VM start → guest marker (median of {ROUNDS}) | {:.2} s | {:.2} s | {:.2} |",
+        m,
+        b0,
+        m / b0
+    );
+    println!(
+        "| live migration downtime (median of {}) | {:.0} ms | | |",
+        down.len(),
+        median(down)
+    );
+    println!(
+        "| live migration total time (median of {}) | {:.0} ms | | |",
+        total.len(),
+        median(total)
+    );
+    println!(
+        "| thin extend round trip, local SPM (mean of {}; {} ENOSPC pauses) | {:.1} ms | {:.1} ms | {:.1} |",
+        st.thin_extends,
+        st.enospc_pauses,
+        extend_ms,
+        bare_extend_ms,
+        extend_ms / bare_extend_ms
+    );
+}
+
+/// `truncate -s +16M file && losetup -c dev` by hand, mean of 10.
+fn bare_extend(dir: &Path) -> f64 {
+    let f: PathBuf = dir.join("bare-vol");
+    std::fs::write(&f, vec![0u8; MIB as usize]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let t = Instant::now();
+    for _ in 0..10 {
+        assert!(Command::new("truncate")
+            .args(["-s", "+16M"])
+            .arg(&f)
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("losetup")
+            .args(["-c", &dev])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let ms = t.elapsed().as_secs_f64() * 1000.0 / 10.0;
+    Command::new("losetup").args(["-d", &dev]).status().unwrap();
+    ms
+}
