@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use oxvirt_node::vm::hooks::Hooks;
 use oxvirt_node::vm::{DownKind, PauseReason, SnapshotDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_qemu::{NicBackend, NicSpec};
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -53,10 +54,16 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
 
     let img = tmp.path().join("disk.qcow2");
     create_qcow2(&img, 32, None);
-    let req = guest_vm("life", vec![disk(vec![qcow2_layer(&img)])], &[&writer_arg()]);
+    let mut req = guest_vm("life", vec![disk(vec![qcow2_layer(&img)])], &[&writer_arg()]);
+    req.nics = vec![NicSpec {
+        mac: "52:54:00:ab:cd:01".into(),
+        backend: NicBackend::User,
+    }];
+    req.vnc = true;
     let id = req.id;
     let info = mgr.create(req.clone()).await.unwrap();
     assert_eq!(info.status, VmStatus::Up);
+    assert!(mgr.vm_dir(id).join("vnc.sock").exists(), "VNC on a local socket");
     assert!(info.pid > 0);
     // The same id twice is refused and changes nothing.
     assert!(mgr.create(req).await.is_err());
