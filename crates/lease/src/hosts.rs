@@ -145,24 +145,6 @@ impl HostTable {
             HostStatus::Fail
         }
     }
-
-    /// sanlock's `host_live`: could host `host_id` still hold something it took in generation
-    /// `generation`? Answers yes when we do not know enough to say no.
-    pub fn host_live(&self, host_id: u64, generation: u64, now: Duration, t: &Timeouts) -> bool {
-        let Some(h) = self.get(host_id) else {
-            return true;
-        };
-        if h.lease_bad {
-            return true;
-        }
-        if h.timestamp == 0 {
-            return false;
-        }
-        if h.owner_generation > generation {
-            return false;
-        }
-        now.saturating_sub(h.last_live) <= t.other_host_dead(h.io_timeout)
-    }
 }
 
 #[cfg(test)]
@@ -200,8 +182,6 @@ mod tests {
         table.observe(s(109), &lockspace(&space, &[(2, 59), (3, 60)]));
         assert_eq!(table.status(3, s(109), 1, &t), HostStatus::Fail);
         assert_eq!(table.status(3, s(111), 1, &t), HostStatus::Dead);
-        assert!(!table.host_live(3, 1, s(111), &t));
-        assert!(table.host_live(2, 1, s(111), &t));
     }
 
     #[test]
@@ -214,6 +194,6 @@ mod tests {
         buf[SECTOR_SIZE + 152..SECTOR_SIZE + 160].fill(0);
         table.observe(Duration::from_secs(10), &buf);
         assert_ne!(table.status(2, Duration::from_secs(10), 1, &t), HostStatus::Free);
-        assert!(table.host_live(2, 1, Duration::from_secs(10), &t));
+        assert!(table.get(2).unwrap().lease_bad);
     }
 }

@@ -140,6 +140,8 @@ struct Inner {
     fence_tx: Mutex<Vec<Sender<FenceEvent>>>,
     fence_cbs: Mutex<Vec<FenceCallback>>,
     held: Mutex<HashSet<String>>,
+    /// Largest Paxos proposal timestamp used through this lockspace.
+    last_proposal: std::sync::atomic::AtomicU64,
 }
 
 impl CxSource for Inner {
@@ -403,6 +405,7 @@ impl Lockspace {
             fence_tx: Mutex::new(Vec::new()),
             fence_cbs: Mutex::new(Vec::new()),
             held: Mutex::new(HashSet::new()),
+            last_proposal: std::sync::atomic::AtomicU64::new(0),
             cfg,
         });
         let mut threads = Vec::new();
@@ -577,14 +580,16 @@ impl Lockspace {
             read_len: ALIGN_SIZE,
             max_ballots: 64,
             seed,
+            min_timestamp: self.inner.last_proposal.load(std::sync::atomic::Ordering::SeqCst) + 1,
         });
+        let r = self.inner.driver(Some(&**io), &self.inner.stop).run(&mut m, &*self.inner);
         self.inner
-            .driver(Some(&**io), &self.inner.stop)
-            .run(&mut m, &*self.inner)
-            .map_err(|_| LeaseError::Stopped {
-                space: self.inner.cfg.space_name.clone(),
-                host_id: self.inner.cfg.host_id,
-            })?
+            .last_proposal
+            .fetch_max(m.max_proposed_timestamp(), std::sync::atomic::Ordering::SeqCst);
+        r.map_err(|_| LeaseError::Stopped {
+            space: self.inner.cfg.space_name.clone(),
+            host_id: self.inner.cfg.host_id,
+        })?
     }
 
     /// Number of resource leases held through this handle.

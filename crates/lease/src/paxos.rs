@@ -80,6 +80,9 @@ pub struct PaxosParams {
     pub max_ballots: u32,
     /// Seed of the random back-off between aborted ballots.
     pub seed: u64,
+    /// Our proposals use timestamps (`inp3`) of at least this, so that they differ from every
+    /// proposal this host made in earlier acquires (see [`PaxosAcquire::max_proposed_timestamp`]).
+    pub min_timestamp: u64,
 }
 
 /// A resource lease we hold.
@@ -168,7 +171,8 @@ enum AState {
     Phase2Read,
     Commit,
     ShHostBlock,
-    ExSharedRead,
+    ExSharedScan,
+    ExSharedDelta,
     ExSharedClear,
     Release(RelStep),
     Retract(RelStep),
@@ -191,6 +195,11 @@ pub struct PaxosAcquire {
     rng: Rng,
     cur: LeaderRecord,
     max_mbal: u64,
+    /// Largest lver in any dblock: a ballot for lver L means L - 1 was decided, so when a late
+    /// leader write left the leader behind, ballots start at this lver, not below it.
+    max_lver: u64,
+    /// The last abort saw a larger lver: re-read the whole lease before the next ballot.
+    restart: bool,
     next_lver: u64,
     our_mbal: u64,
     copy_cur: bool,
@@ -210,6 +219,10 @@ pub struct PaxosAcquire {
     shared_idx: usize,
     shared_live: Vec<u64>,
     committed: Option<LeaderRecord>,
+    /// (generation, timestamp) of the values we proposed in this acquire. A decided value naming
+    /// us that is not among them is a holding of ours from an earlier acquire (possible when a
+    /// late leader write made the leader go back a version); it must not be handed out again.
+    proposals: Vec<(u64, u64)>,
     /// The result to return once a release/retract sequence finishes.
     pending: Option<Result<PaxosAcquired, LeaseError>>,
 }
@@ -225,6 +238,8 @@ impl PaxosAcquire {
             rng,
             cur: LeaderRecord::default(),
             max_mbal: 0,
+            max_lver: 0,
+            restart: false,
             next_lver: 0,
             our_mbal: 0,
             copy_cur: false,
@@ -239,8 +254,29 @@ impl PaxosAcquire {
             shared_idx: 0,
             shared_live: Vec::new(),
             committed: None,
+            proposals: Vec::new(),
             pending: None,
         }
+    }
+
+    /// The largest timestamp this acquire proposed; pass more than it as `min_timestamp` to
+    /// the next acquire of this host.
+    pub fn max_proposed_timestamp(&self) -> u64 {
+        self.proposals.iter().map(|p| p.1).max().unwrap_or(0)
+    }
+
+    fn is_fresh(&self, generation: u64, timestamp: u64) -> bool {
+        self.proposals.contains(&(generation, timestamp))
+    }
+
+    /// The decided value of `leader.lver` names us but from an earlier acquire: move on to the
+    /// next lver.
+    fn skip_stale_own(&mut self, cx: &Cx<'_>, leader: LeaderRecord) -> AStep {
+        tracing::info!(resource = %self.p.resource, lver = leader.lver, "lver was decided for an earlier holding of ours; using the next one");
+        self.max_mbal = self.max_mbal.max(self.our_mbal);
+        self.cur = leader;
+        self.phase2 = false;
+        self.start_ballots(cx)
     }
 
     fn done(&mut self, r: Result<PaxosAcquired, LeaseError>) -> AStep {
@@ -325,13 +361,19 @@ impl PaxosAcquire {
             let bk = Dblock::decode_checked(&buf[off..off + SECTOR_SIZE])
                 .map_err(|p| LeaseError::bad(dblock_object(&self.p.resource, q + 1), p))?;
             max_mbal = max_mbal.max(bk.mbal);
+            self.max_lver = self.max_lver.max(bk.lver);
+            if q + 1 == self.p.host_id {
+                // Where our previous ballots left off (Disk Paxos: a restarted processor reads
+                // its own block first).
+                self.dblock = bk;
+            }
         }
         self.max_mbal = max_mbal;
         Ok(Some(leader))
     }
 
     fn start_ballots(&mut self, cx: &Cx<'_>) -> AStep {
-        self.next_lver = self.cur.lver + 1;
+        self.next_lver = (self.cur.lver + 1).max(self.max_lver);
         let max_hosts = self.cur.max_hosts.max(1);
         self.our_mbal = if self.max_mbal == 0 {
             self.p.host_id
@@ -356,6 +398,9 @@ impl PaxosAcquire {
         if tmp.lver == self.next_lver {
             // Another host committed this lver, maybe with our value.
             if tmp.owner_id == self.p.host_id && tmp.owner_generation == self.p.generation {
+                if !self.is_fresh(tmp.owner_generation, tmp.timestamp) {
+                    return self.skip_stale_own(cx, tmp);
+                }
                 self.committed = Some(tmp);
                 self.phase2 = false;
                 return self.after_commit(cx);
@@ -374,12 +419,23 @@ impl PaxosAcquire {
             let e = self.fenced();
             return self.finish_err(cx, e);
         }
-        self.dblock = Dblock {
-            mbal: self.our_mbal,
-            lver: self.next_lver,
-            ..Dblock::default()
+        let prev = self.dblock;
+        self.dblock = if prev.lver == self.next_lver && prev.inp != 0 && prev.bal != 0 {
+            // A new ballot for the same lver keeps the value we last accepted for it (Disk
+            // Paxos changes only mbal in phase 1): it may have been chosen already.
+            Dblock {
+                mbal: self.our_mbal,
+                checksum: 0,
+                flags: 0,
+                ..prev
+            }
+        } else {
+            Dblock {
+                mbal: self.our_mbal,
+                lver: self.next_lver,
+                ..Dblock::default()
+            }
         };
-        self.shared_seen.clear();
         let d = self.dblock;
         self.write_host_block(AState::Phase1Write, d, ModeBlock::default())
     }
@@ -394,26 +450,22 @@ impl PaxosAcquire {
     }
 
     /// Checks every dblock against our ballot; returns the block with the largest bal and an
-    /// input (phase 1), or an abort.
-    fn scan(&mut self, buf: &[u8], phase1: bool) -> Result<Result<Dblock, Abort>, LeaseError> {
+    /// input, or an abort.
+    fn scan(&mut self, buf: &[u8]) -> Result<Result<Dblock, Abort>, LeaseError> {
         let mut bk_max = Dblock::default();
         for q in 0..self.cur.num_hosts {
             let off = dblock_offset(q + 1) as usize;
             let sector = &buf[off..off + SECTOR_SIZE];
             let bk = Dblock::decode_checked(sector)
                 .map_err(|p| LeaseError::bad(dblock_object(&self.p.resource, q + 1), p))?;
-            if phase1 && q + 1 != self.p.host_id {
-                let mb = ModeBlock::decode(sector);
-                if mb.is_shared() {
-                    self.shared_seen.push((q + 1, mb.generation));
-                }
-            }
             if bk.lver < self.dblock.lver {
                 continue;
             }
             if bk.lver > self.dblock.lver {
                 return Ok(Err(Abort::Lver));
             }
+            self.max_mbal = self.max_mbal.max(bk.mbal);
+            self.max_lver = self.max_lver.max(bk.lver);
             if bk.mbal > self.dblock.mbal {
                 return Ok(Err(Abort::Mbal));
             }
@@ -429,6 +481,7 @@ impl PaxosAcquire {
 
     fn abort(&mut self, cx: &Cx<'_>, why: Abort) -> AStep {
         self.ballots += 1;
+        self.restart = why == Abort::Lver;
         tracing::debug!(resource = %self.p.resource, lver = self.next_lver, mbal = self.our_mbal, ?why, "ballot aborted");
         if self.ballots >= self.p.max_ballots {
             let e = LeaseError::Contended {
@@ -479,14 +532,15 @@ impl PaxosAcquire {
                 self.write_host_block(AState::ShHostBlock, d, ModeBlock::shared(self.p.generation))
             }
             LeaseMode::Exclusive => {
-                self.shared_idx = 0;
-                self.shared_live.clear();
-                self.next_shared(cx)
+                // Shared holders are found after the commit, not during the ballot: the ballot's
+                // scan may have stopped early, or another host may have committed our value. Once
+                // the leader names us, no new shared holder can appear, so one read suffices.
+                self.read_all(AState::ExSharedScan)
             }
         }
     }
 
-    /// Exclusive acquire: looks at the next SHARED mode block seen in phase 1.
+    /// Exclusive acquire: checks the next holder of a SHARED mode block.
     fn next_shared(&mut self, cx: &Cx<'_>) -> AStep {
         if self.shared_idx >= self.shared_seen.len() {
             if !self.shared_live.is_empty() {
@@ -504,12 +558,36 @@ impl PaxosAcquire {
             return self.done(Ok(acquired));
         }
         let (host, _) = self.shared_seen[self.shared_idx];
-        self.state = AState::ExSharedRead;
+        if cx.hosts.is_none() {
+            // No liveness view (outside a lockspace): every holder counts as alive.
+            self.shared_live.push(host);
+            self.shared_idx += 1;
+            return self.next_shared(cx);
+        }
+        // Look at the holder's delta lease now rather than trusting a possibly stale view.
+        self.owner_read_at = cx.now;
+        self.state = AState::ExSharedDelta;
         Step::Io(IoOp::Read {
-            area: Area::Resource,
-            offset: dblock_offset(host),
+            area: Area::Lockspace,
+            offset: delta_offset(host),
             len: SECTOR_SIZE,
         })
+    }
+
+    /// Decides whether shared holder `host` (mode block generation `generation`) is gone, from
+    /// its delta lease as just read and our observations of it.
+    fn shared_holder_dead(&self, cx: &Cx<'_>, host: u64, generation: u64, rec: &LeaderRecord) -> bool {
+        if rec.is_free() || rec.owner_generation > generation {
+            // It released its host id (after its leases) or another incarnation took it over.
+            return true;
+        }
+        let Some(h) = cx.hosts.and_then(|t| t.get(host)) else {
+            return false;
+        };
+        !h.lease_bad
+            && h.owner_generation == rec.owner_generation
+            && h.timestamp == rec.timestamp
+            && self.owner_read_at.saturating_sub(h.last_live) > self.p.timeouts.other_host_dead(rec.io_timeout)
     }
 
     /// Frees the leader if we wrote it naming us (sanlock's `paxos_lease_release`), then ends
@@ -778,7 +856,13 @@ impl Machine for PaxosAcquire {
                 self.check_leader_then_ballot(cx, tmp)
             }
             (AState::Backoff, Input::Woke) => {
-                self.our_mbal += self.cur.max_hosts.max(1);
+                let mh = self.cur.max_hosts.max(1);
+                let above = self.max_mbal - self.max_mbal % mh + mh + self.p.host_id;
+                self.our_mbal = (self.our_mbal + mh).max(above);
+                if self.restart {
+                    self.restart = false;
+                    return self.read_lease();
+                }
                 self.retry_ballot(cx)
             }
             (AState::Phase1Write, Input::Wrote(r)) => {
@@ -796,7 +880,7 @@ impl Machine for PaxosAcquire {
                         return self.finish_err(cx, e);
                     }
                 };
-                let bk_max = match self.scan(&buf, true) {
+                let bk_max = match self.scan(&buf) {
                     Ok(Ok(b)) => b,
                     Ok(Err(a)) => return self.abort(cx, a),
                     Err(e) => return self.finish_err(cx, e),
@@ -808,7 +892,9 @@ impl Machine for PaxosAcquire {
                 } else {
                     self.dblock.inp = self.p.host_id;
                     self.dblock.inp2 = self.p.generation;
-                    self.dblock.inp3 = cx.now_secs();
+                    let last = self.proposals.iter().map(|p| p.1).max().unwrap_or(0);
+                    self.dblock.inp3 = cx.now_secs().max(self.p.min_timestamp).max(last + 1);
+                    self.proposals.push((self.p.generation, self.dblock.inp3));
                 }
                 self.dblock.bal = self.dblock.mbal;
                 if cx.expired() {
@@ -834,7 +920,7 @@ impl Machine for PaxosAcquire {
                         return self.retract(cx, e);
                     }
                 };
-                match self.scan(&buf, false) {
+                match self.scan(&buf) {
                     Ok(Ok(_)) => {}
                     Ok(Err(a)) => return self.abort(cx, a),
                     Err(e) => return self.retract(cx, e),
@@ -881,6 +967,11 @@ impl Machine for PaxosAcquire {
                     let e = self.owned(&nl);
                     return self.done(Err(e));
                 }
+                if !self.is_fresh(nl.owner_generation, nl.timestamp) {
+                    // The leader now names us for an old holding; `committed` stays set so a
+                    // failure from here on frees it again.
+                    return self.skip_stale_own(cx, nl);
+                }
                 self.after_commit(cx)
             }
             (AState::ShHostBlock, Input::Wrote(r)) => {
@@ -895,25 +986,39 @@ impl Machine for PaxosAcquire {
                 }));
                 self.release_leader_read(false)
             }
-            (AState::ExSharedRead, Input::Read(r)) => {
-                let (host, _) = self.shared_seen[self.shared_idx];
-                let sector = match r {
+            (AState::ExSharedScan, Input::Read(r)) => {
+                let buf = match r {
                     Ok(b) => b,
                     Err(e) => {
-                        let e = LeaseError::io_read(dblock_object(&self.p.resource, host), e);
+                        let e = LeaseError::io_read(lease_object(&self.p.resource), e);
                         return self.retract(cx, e);
                     }
                 };
-                let mb = ModeBlock::decode(&sector);
-                if !mb.is_shared() || mb.generation == 0 {
-                    self.shared_idx += 1;
-                    return self.next_shared(cx);
+                self.shared_seen.clear();
+                self.shared_live.clear();
+                self.shared_idx = 0;
+                for h in 1..=self.cur.num_hosts {
+                    if h == self.p.host_id {
+                        continue;
+                    }
+                    let off = dblock_offset(h) as usize;
+                    let mb = ModeBlock::decode(&buf[off..off + SECTOR_SIZE]);
+                    if mb.is_shared() && mb.generation != 0 {
+                        self.shared_seen.push((h, mb.generation));
+                    }
                 }
-                let live = match cx.hosts {
-                    Some(t) => t.host_live(host, mb.generation, cx.now, &self.p.timeouts),
-                    None => true,
+                self.next_shared(cx)
+            }
+            (AState::ExSharedDelta, Input::Read(r)) => {
+                let (host, generation) = self.shared_seen[self.shared_idx];
+                let rec = r
+                    .map_err(|e| LeaseError::io_read("", e))
+                    .and_then(|b| crate::delta::decode_delta(&b, &self.p.space, host));
+                let dead = match &rec {
+                    Ok(rec) => self.shared_holder_dead(cx, host, generation, rec),
+                    Err(_) => false,
                 };
-                if live {
+                if !dead {
                     self.shared_live.push(host);
                     self.shared_idx += 1;
                     return self.next_shared(cx);
@@ -922,7 +1027,7 @@ impl Machine for PaxosAcquire {
                     let e = self.fenced();
                     return self.retract(cx, e);
                 }
-                tracing::warn!(resource = %self.p.resource, host, generation = mb.generation, "clearing the shared lease of a dead host");
+                tracing::warn!(resource = %self.p.resource, host, generation, "clearing the shared lease of a dead host");
                 self.state = AState::ExSharedClear;
                 Step::Io(IoOp::Write {
                     area: Area::Resource,
