@@ -26,7 +26,7 @@ mod migrate;
 mod sql;
 
 pub mod list;
-mod repo;
+pub(crate) mod repo;
 
 use std::path::Path;
 use std::sync::Arc;

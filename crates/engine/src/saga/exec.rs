@@ -1,0 +1,641 @@
+//! The executor: runs sagas as tokio tasks, writing every transition to the saga log.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use super::testing::{Fault, FaultInjector, FaultPoint};
+use super::{
+    SagaDef, SagaError, SagaEventKind, SagaOutcome, StartOptions, Step, StepCtx, StepError,
+};
+use crate::db::repo::sagas::{saga_insert, saga_set_state, saga_step_record};
+use crate::db::{Db, SagaRecord, SagaState, SagaStepStatus};
+use crate::model::{JobId, JobStatus, SagaId, StepId, StepType};
+
+/// Runs sagas of the registered types with a shared application context `C`.
+pub struct SagaExecutor<C: Send + Sync + 'static> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C: Send + Sync + 'static> Clone for SagaExecutor<C> {
+    fn clone(&self) -> Self {
+        SagaExecutor {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<C> {
+    db: Db,
+    app: Arc<C>,
+    registry: Mutex<HashMap<&'static str, Arc<dyn Erased<C>>>>,
+    running: Mutex<HashSet<SagaId>>,
+    faults: Option<Arc<dyn FaultInjector>>,
+}
+
+/// A running saga.
+pub struct SagaHandle {
+    pub id: SagaId,
+    pub job_id: Option<JobId>,
+    task: JoinHandle<Result<SagaOutcome, SagaError>>,
+}
+
+impl SagaHandle {
+    /// Waits for the saga to end.
+    pub async fn wait(self) -> Result<SagaOutcome, SagaError> {
+        let id = self.id;
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(SagaError::Task {
+                id,
+                detail: e.to_string(),
+            }),
+        }
+    }
+}
+
+trait Erased<C>: Send + Sync {
+    fn drive(&self, inner: Arc<Inner<C>>, rec: SagaRecord) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
+}
+
+struct Typed<S>(PhantomData<fn() -> S>);
+
+impl<S: SagaDef> Erased<S::Ctx> for Typed<S> {
+    fn drive(
+        &self,
+        inner: Arc<Inner<S::Ctx>>,
+        rec: SagaRecord,
+    ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>> {
+        Box::pin(drive::<S>(inner, rec))
+    }
+}
+
+fn check_definition<S: SagaDef>() -> Result<(), SagaError> {
+    let steps = S::steps();
+    if steps.is_empty() {
+        return Err(SagaError::Definition {
+            name: S::NAME,
+            detail: "no steps".into(),
+        });
+    }
+    let mut seen = HashSet::new();
+    for s in &steps {
+        if !seen.insert(s.name) {
+            return Err(SagaError::Definition {
+                name: S::NAME,
+                detail: format!("step name {:?} appears twice", s.name),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl<C: Send + Sync + 'static> SagaExecutor<C> {
+    pub fn new(db: Db, app: Arc<C>) -> Self {
+        Self::build(db, app, None)
+    }
+
+    /// An executor that consults `faults` at every step boundary (for tests; see
+    /// [`testing`](super::testing)).
+    pub fn with_faults(db: Db, app: Arc<C>, faults: Arc<dyn FaultInjector>) -> Self {
+        Self::build(db, app, Some(faults))
+    }
+
+    fn build(db: Db, app: Arc<C>, faults: Option<Arc<dyn FaultInjector>>) -> Self {
+        SagaExecutor {
+            inner: Arc::new(Inner {
+                db,
+                app,
+                registry: Mutex::new(HashMap::new()),
+                running: Mutex::new(HashSet::new()),
+                faults,
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn app(&self) -> &Arc<C> {
+        &self.inner.app
+    }
+
+    /// Makes a saga type known, so that [`resume_all`](Self::resume_all) can continue it.
+    pub fn register<S: SagaDef<Ctx = C>>(&self) -> Result<(), SagaError> {
+        check_definition::<S>()?;
+        let mut reg = self.inner.registry.lock().expect("registry lock");
+        reg.entry(S::NAME)
+            .or_insert_with(|| Arc::new(Typed::<S>(PhantomData)));
+        Ok(())
+    }
+
+    /// Records a new saga with its job and starts running it.
+    pub async fn start<S: SagaDef<Ctx = C>>(
+        &self,
+        params: S::Params,
+        opts: StartOptions,
+    ) -> Result<SagaHandle, SagaError> {
+        self.register::<S>()?;
+        let value = serde_json::to_value(&params).map_err(|source| SagaError::Params {
+            name: S::NAME,
+            source,
+        })?;
+        let id = SagaId::new_random();
+        let corr = opts.correlation_id.as_deref();
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let job = tx
+            .job_start(&S::description(&params), corr, Some(id))
+            .await?;
+        saga_insert(&mut tx.ctx(), id, S::NAME, &value, job.id, corr).await?;
+        let mut ev = S::event(&params, SagaEventKind::Started, None);
+        ev.correlation_id = ev.correlation_id.or_else(|| opts.correlation_id.clone());
+        tx.event_add(&ev).await?;
+        tx.commit().await?;
+        tracing::info!(saga_id = %id, saga = S::NAME, job_id = %job.id, "saga started");
+        let now = db.now();
+        let rec = SagaRecord {
+            id,
+            name: S::NAME.to_string(),
+            params: value,
+            state: SagaState::Running,
+            error: None,
+            undo_error: None,
+            job_id: Some(job.id),
+            correlation_id: opts.correlation_id,
+            created_at: now,
+            updated_at: now,
+            steps: Vec::new(),
+        };
+        self.spawn(Arc::new(Typed::<S>(PhantomData)), rec)
+    }
+
+    /// Starts a saga and waits for it to end.
+    pub async fn run<S: SagaDef<Ctx = C>>(
+        &self,
+        params: S::Params,
+        opts: StartOptions,
+    ) -> Result<SagaOutcome, SagaError> {
+        self.start::<S>(params, opts).await?.wait().await
+    }
+
+    /// Continues every unfinished saga in the log (call once at start-up, after registering
+    /// every saga type). Sagas of unknown types are left as they are, with an alert event.
+    pub async fn resume_all(&self) -> Result<Vec<SagaHandle>, SagaError> {
+        let db = &self.inner.db;
+        let recs = db
+            .saga_list(&[SagaState::Running, SagaState::Unwinding])
+            .await?;
+        let mut handles = Vec::new();
+        for rec in recs {
+            if self.inner.running.lock().expect("running lock").contains(&rec.id) {
+                continue;
+            }
+            let def = self
+                .inner
+                .registry
+                .lock()
+                .expect("registry lock")
+                .get(rec.name.as_str())
+                .cloned();
+            let Some(def) = def else {
+                tracing::error!(saga_id = %rec.id, saga = %rec.name, "cannot resume saga: type not registered");
+                db.event_add(&crate::model::NewEvent {
+                    correlation_id: rec.correlation_id.clone(),
+                    ..crate::model::NewEvent::new(
+                        crate::model::Severity::Alert,
+                        super::codes::SAGA_STUCK,
+                        format!("Saga {} ({}) cannot be resumed: this engine does not know it", rec.id, rec.name),
+                    )
+                })
+                .await?;
+                continue;
+            };
+            tracing::info!(saga_id = %rec.id, saga = %rec.name, state = %rec.state, "resuming saga");
+            handles.push(self.spawn(def, rec)?);
+        }
+        Ok(handles)
+    }
+
+    /// Unwinds a `stuck` saga again, after an admin removed the cause of its failed undo.
+    pub async fn retry_stuck(&self, id: SagaId) -> Result<SagaHandle, SagaError> {
+        let db = &self.inner.db;
+        let rec = db.saga_get(id).await?.ok_or(SagaError::NotFound(id))?;
+        if rec.state != SagaState::Stuck {
+            return Err(SagaError::NotStuck {
+                id,
+                state: rec.state,
+            });
+        }
+        let def = self
+            .inner
+            .registry
+            .lock()
+            .expect("registry lock")
+            .get(rec.name.as_str())
+            .cloned()
+            .ok_or_else(|| SagaError::Unknown(rec.name.clone()))?;
+        let mut tx = db.begin().await?;
+        saga_set_state(&mut tx.ctx(), id, SagaState::Unwinding, None, None).await?;
+        tx.commit().await?;
+        let rec = db.saga_get(id).await?.ok_or(SagaError::NotFound(id))?;
+        self.spawn(def, rec)
+    }
+
+    fn spawn(&self, def: Arc<dyn Erased<C>>, rec: SagaRecord) -> Result<SagaHandle, SagaError> {
+        let id = rec.id;
+        if !self.inner.running.lock().expect("running lock").insert(id) {
+            return Err(SagaError::AlreadyRunning(id));
+        }
+        let job_id = rec.job_id;
+        let inner = self.inner.clone();
+        let task = tokio::spawn(async move {
+            let _guard = RunningGuard {
+                inner: inner.clone(),
+                id,
+            };
+            def.drive(inner.clone(), rec).await
+        });
+        Ok(SagaHandle { id, job_id, task })
+    }
+}
+
+struct RunningGuard<C> {
+    inner: Arc<Inner<C>>,
+    id: SagaId,
+}
+
+impl<C> Drop for RunningGuard<C> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.inner.running.lock() {
+            r.remove(&self.id);
+        }
+    }
+}
+
+/// The in-memory mirror of one step's log row.
+#[derive(Clone)]
+struct StepState {
+    status: Option<SagaStepStatus>,
+    job_step: Option<StepId>,
+    error: Option<String>,
+}
+
+struct Run<S: SagaDef> {
+    inner: Arc<Inner<S::Ctx>>,
+    id: SagaId,
+    job_id: Option<JobId>,
+    correlation_id: Option<String>,
+    params: Arc<S::Params>,
+    steps: Vec<Step<S>>,
+    state: Vec<StepState>,
+    outputs: BTreeMap<String, Value>,
+}
+
+enum Next {
+    Continue,
+    Unwind(String),
+    Interrupted,
+}
+
+async fn drive<S: SagaDef>(
+    inner: Arc<Inner<S::Ctx>>,
+    rec: SagaRecord,
+) -> Result<SagaOutcome, SagaError> {
+    let steps = S::steps();
+    let mut run = Run::<S> {
+        inner: inner.clone(),
+        id: rec.id,
+        job_id: rec.job_id,
+        correlation_id: rec.correlation_id.clone(),
+        params: serde_json::from_value(rec.params.clone())
+            .map(Arc::new)
+            .map_err(|e| SagaError::Definition {
+                name: S::NAME,
+                detail: format!("saga {} parameters do not decode: {e}", rec.id),
+            })?,
+        state: vec![
+            StepState {
+                status: None,
+                job_step: None,
+                error: None,
+            };
+            steps.len()
+        ],
+        steps,
+        outputs: BTreeMap::new(),
+    };
+    for s in &rec.steps {
+        match run.steps.get(s.index) {
+            Some(def) if def.name == s.name => {}
+            _ => {
+                return run
+                    .stuck(
+                        rec.error.clone().unwrap_or_default(),
+                        format!(
+                            "the log's step {} ({}) does not match saga {}'s definition",
+                            s.index,
+                            s.name,
+                            S::NAME
+                        ),
+                    )
+                    .await;
+            }
+        }
+        run.state[s.index] = StepState {
+            status: Some(s.status),
+            job_step: s.job_step_id,
+            error: s.error.clone(),
+        };
+        if let Some(o) = &s.output {
+            run.outputs.insert(s.name.clone(), o.clone());
+        }
+    }
+
+    let error = match rec.state {
+        SagaState::Done | SagaState::Unwound | SagaState::Stuck => {
+            return Err(SagaError::Definition {
+                name: S::NAME,
+                detail: format!("saga {} is already {}", rec.id, rec.state),
+            })
+        }
+        SagaState::Unwinding => rec.error.clone().unwrap_or_default(),
+        SagaState::Running => {
+            let mut unwind = None;
+            for i in 0..run.steps.len() {
+                match run.forward(i).await? {
+                    Next::Continue => {}
+                    Next::Interrupted => return Ok(SagaOutcome::Interrupted),
+                    Next::Unwind(e) => {
+                        unwind = Some(e);
+                        break;
+                    }
+                }
+            }
+            match unwind {
+                None => return run.finish().await,
+                Some(e) => e,
+            }
+        }
+    };
+    run.unwind(error).await
+}
+
+impl<S: SagaDef> Run<S> {
+    fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    fn fault(&self, i: usize, p: FaultPoint) -> Option<Fault> {
+        self.inner.faults.as_ref().and_then(|f| f.fault(S::NAME, i, p))
+    }
+
+    fn ctx(&self, i: usize) -> StepCtx<S> {
+        StepCtx {
+            saga_id: self.id,
+            job_id: self.job_id.unwrap_or_else(JobId::nil),
+            index: i,
+            correlation_id: self.correlation_id.clone(),
+            db: self.inner.db.clone(),
+            app: self.inner.app.clone(),
+            params: self.params.clone(),
+            outputs: Arc::new(self.outputs.clone()),
+            own: self.steps[i].name,
+            _s: PhantomData,
+        }
+    }
+
+    fn event(&self, kind: SagaEventKind, detail: Option<&str>) -> crate::model::NewEvent {
+        let mut e = S::event(&self.params, kind, detail);
+        if e.correlation_id.is_none() {
+            e.correlation_id = self.correlation_id.clone();
+        }
+        e
+    }
+
+    async fn forward(&mut self, i: usize) -> Result<Next, SagaError> {
+        let name = self.steps[i].name;
+        match self.state[i].status {
+            Some(SagaStepStatus::Done) => return Ok(Next::Continue),
+            Some(SagaStepStatus::Started) => {
+                tracing::info!(saga_id = %self.id, step = name, "re-running a step whose completion was not recorded");
+            }
+            None => {
+                let mut tx = self.db().begin().await?;
+                let js = match self.job_id {
+                    Some(job) => {
+                        let d = self.steps[i].description.clone().unwrap_or_else(|| name.to_string());
+                        Some(tx.job_step_start(job, None, StepType::Executing, &d).await?.id)
+                    }
+                    None => None,
+                };
+                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Started, None, None, js)
+                    .await?;
+                tx.commit().await?;
+                self.state[i].status = Some(SagaStepStatus::Started);
+                self.state[i].job_step = js;
+            }
+            // The failure (or a later undo) was recorded but the saga's state was not: unwind.
+            Some(_) => {
+                return Ok(Next::Unwind(
+                    self.state[i].error.clone().unwrap_or_else(|| format!("step {name} failed")),
+                ))
+            }
+        }
+
+        let result = match self.fault(i, FaultPoint::BeforeAction) {
+            Some(Fault::Crash) => return Ok(Next::Interrupted),
+            Some(Fault::Fail) => Err(format!("injected failure before step {name}")),
+            None => {
+                let fut = (self.steps[i].action)(self.ctx(i));
+                let r = match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(p) => Err(format!("step {name} panicked: {}", panic_text(&p))),
+                };
+                match (r, self.fault(i, FaultPoint::AfterAction)) {
+                    (_, Some(Fault::Crash)) => return Ok(Next::Interrupted),
+                    (Ok(_), Some(Fault::Fail)) => Err(format!("injected failure after step {name}")),
+                    (r, _) => r,
+                }
+            }
+        };
+
+        let mut tx = self.db().begin().await?;
+        match result {
+            Ok(out) => {
+                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Done, Some(&out), None, None)
+                    .await?;
+                if let Some(js) = self.state[i].job_step {
+                    tx.job_step_set_status(js, JobStatus::Finished).await?;
+                }
+                tx.commit().await?;
+                tracing::debug!(saga_id = %self.id, step = name, "saga step done");
+                self.state[i].status = Some(SagaStepStatus::Done);
+                self.outputs.insert(name.to_string(), out);
+                Ok(Next::Continue)
+            }
+            Err(e) => {
+                let msg = format!("step {name}: {e}");
+                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Failed, None, Some(&msg), None)
+                    .await?;
+                if let Some(js) = self.state[i].job_step {
+                    tx.job_step_set_status(js, JobStatus::Failed).await?;
+                }
+                saga_set_state(&mut tx.ctx(), self.id, SagaState::Unwinding, Some(&msg), None).await?;
+                tx.commit().await?;
+                tracing::warn!(saga_id = %self.id, step = name, error = %e, "saga step failed; unwinding");
+                self.state[i].status = Some(SagaStepStatus::Failed);
+                Ok(Next::Unwind(msg))
+            }
+        }
+    }
+
+    async fn finish(&mut self) -> Result<SagaOutcome, SagaError> {
+        let mut tx = self.db().begin().await?;
+        saga_set_state(&mut tx.ctx(), self.id, SagaState::Done, None, None).await?;
+        if let Some(job) = self.job_id {
+            tx.job_end(job, JobStatus::Finished).await?;
+        }
+        tx.event_add(&self.event(SagaEventKind::Done, None)).await?;
+        tx.commit().await?;
+        tracing::info!(saga_id = %self.id, saga = S::NAME, "saga done");
+        Ok(SagaOutcome::Done {
+            outputs: self.outputs.clone(),
+        })
+    }
+
+    /// The open clean-up job step, or a new one.
+    async fn cleanup_step(&self) -> Result<Option<StepId>, SagaError> {
+        let Some(job) = self.job_id else {
+            return Ok(None);
+        };
+        let existing = self
+            .db()
+            .job_steps(job)
+            .await?
+            .into_iter()
+            .find(|s| s.step_type == StepType::CleanUp && s.status == JobStatus::Started);
+        if let Some(s) = existing {
+            return Ok(Some(s.id));
+        }
+        let s = self
+            .db()
+            .job_step_start(job, None, StepType::CleanUp, "Rolling back")
+            .await?;
+        Ok(Some(s.id))
+    }
+
+    async fn unwind(&mut self, error: String) -> Result<SagaOutcome, SagaError> {
+        let cleanup = self.cleanup_step().await?;
+        for i in (0..self.steps.len()).rev() {
+            let name = self.steps[i].name;
+            match self.state[i].status {
+                None | Some(SagaStepStatus::Undone) => continue,
+                Some(SagaStepStatus::UndoStarted) => {
+                    tracing::info!(saga_id = %self.id, step = name, "re-running an undo whose completion was not recorded");
+                }
+                Some(_) => {
+                    let mut tx = self.db().begin().await?;
+                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::UndoStarted, None, None, None)
+                        .await?;
+                    tx.commit().await?;
+                    self.state[i].status = Some(SagaStepStatus::UndoStarted);
+                }
+            }
+            let result = match self.fault(i, FaultPoint::BeforeUndo) {
+                Some(Fault::Crash) => return Ok(SagaOutcome::Interrupted),
+                Some(Fault::Fail) => Err(format!("injected failure before undoing step {name}")),
+                None => {
+                    let fut = (self.steps[i].undo)(self.ctx(i));
+                    let r = match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(r) => r.map_err(|e: StepError| e.to_string()),
+                        Err(p) => Err(format!("undo of step {name} panicked: {}", panic_text(&p))),
+                    };
+                    match (r, self.fault(i, FaultPoint::AfterUndo)) {
+                        (_, Some(Fault::Crash)) => return Ok(SagaOutcome::Interrupted),
+                        (Ok(()), Some(Fault::Fail)) => {
+                            Err(format!("injected failure after undoing step {name}"))
+                        }
+                        (r, _) => r,
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    let mut tx = self.db().begin().await?;
+                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Undone, None, None, None)
+                        .await?;
+                    if let Some(js) = self.state[i].job_step {
+                        tx.job_step_set_status(js, JobStatus::Aborted).await?;
+                    }
+                    tx.commit().await?;
+                    self.state[i].status = Some(SagaStepStatus::Undone);
+                }
+                Err(e) => {
+                    let msg = format!("undo of step {name}: {e}");
+                    let mut tx = self.db().begin().await?;
+                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::UndoFailed, None, Some(&msg), None)
+                        .await?;
+                    tx.commit().await?;
+                    self.state[i].status = Some(SagaStepStatus::UndoFailed);
+                    return self.stuck_with(error, msg, cleanup).await;
+                }
+            }
+        }
+        let mut tx = self.db().begin().await?;
+        saga_set_state(&mut tx.ctx(), self.id, SagaState::Unwound, Some(&error), None).await?;
+        if let Some(c) = cleanup {
+            tx.job_step_set_status(c, JobStatus::Finished).await?;
+        }
+        if let Some(job) = self.job_id {
+            tx.job_end(job, JobStatus::Failed).await?;
+        }
+        tx.event_add(&self.event(SagaEventKind::Unwound, Some(&error))).await?;
+        tx.commit().await?;
+        tracing::warn!(saga_id = %self.id, saga = S::NAME, error = %error, "saga unwound");
+        Ok(SagaOutcome::Unwound { error })
+    }
+
+    async fn stuck(&mut self, error: String, undo_error: String) -> Result<SagaOutcome, SagaError> {
+        self.stuck_with(error, undo_error, None).await
+    }
+
+    async fn stuck_with(
+        &mut self,
+        error: String,
+        undo_error: String,
+        cleanup: Option<StepId>,
+    ) -> Result<SagaOutcome, SagaError> {
+        let mut tx = self.db().begin().await?;
+        saga_set_state(&mut tx.ctx(), self.id, SagaState::Stuck, Some(&error), Some(&undo_error)).await?;
+        if let Some(c) = cleanup {
+            tx.job_step_set_status(c, JobStatus::Failed).await?;
+        }
+        if let Some(job) = self.job_id {
+            if tx.job_get(job).await?.is_some_and(|j| j.status == JobStatus::Started) {
+                tx.job_end(job, JobStatus::Failed).await?;
+            }
+        }
+        tx.event_add(&self.event(SagaEventKind::Stuck, Some(&undo_error))).await?;
+        tx.commit().await?;
+        tracing::error!(saga_id = %self.id, saga = S::NAME, error = %error, undo_error = %undo_error, "saga stuck");
+        Ok(SagaOutcome::Stuck { error, undo_error })
+    }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-text panic".into()
+    }
+}
