@@ -133,6 +133,7 @@ async fn main() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+    eprintln!("start samples (s): oxvirt {managed:.2?}, bare {bare:.2?}");
     let (m, b0) = (median(managed), median(bare));
 
     // 2. Migration A → B → A ..., guest running its writer.
