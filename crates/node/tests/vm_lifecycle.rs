@@ -21,22 +21,6 @@ async fn manager(run_dir: &Path, hooks: Option<&Path>) -> Arc<VmManager> {
     VmManager::open(cfg).await.unwrap()
 }
 
-fn hook(dir: &Path, point: &str, log: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let d = dir.join(point);
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join("10_log");
-    std::fs::write(
-        &p,
-        format!(
-            "#!/bin/sh\necho \"$OXVIRT_HOOK $OXVIRT_VM_NAME\" >> {}\n",
-            log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
     tokio::task::spawn_blocking(f)
 }
@@ -48,8 +32,8 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
     let _reaper = QemuReaper(vec![run.clone()]);
     let hooks = tmp.path().join("hooks");
     let hook_log = tmp.path().join("hooks.log");
-    hook(&hooks, "before_vm_start", &hook_log);
-    hook(&hooks, "after_vm_destroy", &hook_log);
+    logging_hook(&hooks, "before_vm_start", &hook_log);
+    logging_hook(&hooks, "after_vm_destroy", &hook_log);
     let mgr = manager(&run, Some(&hooks)).await;
 
     let img = tmp.path().join("disk.qcow2");
@@ -155,6 +139,25 @@ async fn shutdown_falls_back_to_destroy_and_a_dead_qemu_is_reported_with_its_rea
     blocking(move || console_has(&l, "OXVIRT-MARKER deaf", BOOT))
         .await
         .unwrap();
+
+    // Reboot: the same QEMU, the guest boots again (and runs its script again).
+    mgr.reboot(deaf.id).await.unwrap();
+    let l = mgr.console_log(deaf.id);
+    blocking(move || {
+        let start = std::time::Instant::now();
+        while std::fs::read_to_string(&l)
+            .unwrap_or_default()
+            .matches("OXVIRT-MARKER deaf")
+            .count()
+            < 2
+        {
+            assert!(start.elapsed() < BOOT, "the guest did not boot again");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(mgr.status(deaf.id).unwrap().status, VmStatus::Up);
 
     let reason = mgr.shutdown(deaf.id, Duration::from_secs(3)).await.unwrap();
     assert_eq!(reason.kind, DownKind::Destroyed, "{reason:?}");

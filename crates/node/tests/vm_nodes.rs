@@ -46,8 +46,18 @@ fn live_migration_there_and_back_with_failure_and_cancel() {
     let tmp = tempfile::tempdir().unwrap();
     let (run_a, run_b) = (tmp.path().join("a"), tmp.path().join("b"));
     let _reaper = QemuReaper(vec![run_a.clone(), run_b.clone()]);
-    let a = Node::start(&run_a);
-    let b = Node::start(&run_b);
+    let hooks = tmp.path().join("hooks");
+    let hook_log = tmp.path().join("hooks.log");
+    for point in [
+        "before_vm_migrate_source",
+        "after_vm_migrate_source",
+        "before_vm_migrate_destination",
+        "after_vm_migrate_destination",
+    ] {
+        logging_hook(&hooks, point, &hook_log);
+    }
+    let a = Node::start_with_hooks(&run_a, Some(&hooks));
+    let b = Node::start_with_hooks(&run_b, Some(&hooks));
     // Shared storage: both nodes open the same volume file.
     let img = tmp.path().join("shared.qcow2");
     create_qcow2(&img, 32, None);
@@ -163,6 +173,14 @@ fn live_migration_there_and_back_with_failure_and_cancel() {
     wait_passes(&a.console_log(id), 0, 1, BOOT);
     a.call("destroy", json!({"id": id}), CALL).unwrap();
     verify_writer_data(&img);
+    // Hooks ran at each migration point: 4 attempts left the source (the first failed at
+    // once, one was cancelled), 3 destinations were prepared, 2 received the guest.
+    let hooks_ran = std::fs::read_to_string(&hook_log).unwrap();
+    let count = |p: &str| hooks_ran.matches(&format!("{p} mig")).count();
+    assert_eq!(count("before_vm_migrate_source"), 4, "{hooks_ran}");
+    assert_eq!(count("after_vm_migrate_source"), 2, "{hooks_ran}");
+    assert_eq!(count("before_vm_migrate_destination"), 3, "{hooks_ran}");
+    assert_eq!(count("after_vm_migrate_destination"), 2, "{hooks_ran}");
 }
 
 #[test]

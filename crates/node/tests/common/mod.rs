@@ -134,6 +134,23 @@ pub fn verify_writer_data(image: &Path) {
     );
 }
 
+/// An executable hook at `<dir>/<point>/10_log` appending "<point> <vm name>" to `log`.
+pub fn logging_hook(dir: &Path, point: &str, log: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir.join(point);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("10_log");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\necho \"$OXVIRT_HOOK $OXVIRT_VM_NAME\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 pub fn console_has(log: &Path, needle: &str, timeout: Duration) -> String {
     oxvirt_testkit::wait_for_text(log, needle, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -149,9 +166,16 @@ pub struct Node {
 
 impl Node {
     pub fn start(run_dir: &Path) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_oxvirt-vm-node"))
-            .arg("--run-dir")
-            .arg(run_dir)
+        Self::start_with_hooks(run_dir, None)
+    }
+
+    pub fn start_with_hooks(run_dir: &Path, hooks: Option<&Path>) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oxvirt-vm-node"));
+        cmd.arg("--run-dir").arg(run_dir);
+        if let Some(h) = hooks {
+            cmd.arg("--hooks").arg(h);
+        }
+        let mut child = cmd
             .env("OXVIRT_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
