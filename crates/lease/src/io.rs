@@ -315,54 +315,38 @@ impl SectorIo for Region {
     }
 }
 
-/// Switchable faults of a [`MemDisk`].
+/// Switchable faults of a [`FaultyIo`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MemFault {
     #[default]
     None,
     /// Every I/O fails with an error.
     Fail,
-    /// Every I/O reports a timeout and changes nothing.
+    /// Every I/O reports a timeout and changes nothing (storage unreachable).
     Hang,
 }
 
-/// An in-memory disk shared by threads, with switchable faults; for tests of the threaded
-/// lockspace on a simulated clock.
+/// An in-memory disk shared by threads (one per simulated shared storage).
 #[derive(Debug, Default)]
 pub struct MemDisk {
     data: Mutex<Vec<u8>>,
-    fault: Mutex<MemFault>,
 }
 
 impl MemDisk {
     pub fn new(len: usize) -> MemDisk {
         MemDisk {
             data: Mutex::new(vec![0; len]),
-            fault: Mutex::new(MemFault::None),
         }
-    }
-
-    pub fn set_fault(&self, f: MemFault) {
-        *self.fault.lock().expect("memdisk") = f;
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
         self.data.lock().expect("memdisk").clone()
-    }
-
-    fn fault(&self) -> Result<(), IoError> {
-        match *self.fault.lock().expect("memdisk") {
-            MemFault::None => Ok(()),
-            MemFault::Fail => Err(IoError::Injected),
-            MemFault::Hang => Err(IoError::Timeout(Duration::ZERO)),
-        }
     }
 }
 
 impl SectorIo for MemDisk {
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
         check_aligned(offset, len)?;
-        self.fault()?;
         let d = self.data.lock().expect("memdisk");
         let start = offset as usize;
         let mut out = vec![0u8; len];
@@ -375,7 +359,6 @@ impl SectorIo for MemDisk {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         check_aligned(offset, data.len())?;
-        self.fault()?;
         let mut d = self.data.lock().expect("memdisk");
         let end = offset as usize + data.len();
         if d.len() < end {
@@ -387,6 +370,51 @@ impl SectorIo for MemDisk {
 
     fn describe(&self) -> String {
         "memory".into()
+    }
+}
+
+/// One host's path to a shared [`SectorIo`], whose faults a test switches: "this host lost its
+/// storage" while the others keep theirs.
+#[derive(Debug)]
+pub struct FaultyIo {
+    inner: Arc<dyn SectorIo>,
+    fault: Mutex<MemFault>,
+}
+
+impl FaultyIo {
+    pub fn new(inner: Arc<dyn SectorIo>) -> FaultyIo {
+        FaultyIo {
+            inner,
+            fault: Mutex::new(MemFault::None),
+        }
+    }
+
+    pub fn set_fault(&self, f: MemFault) {
+        *self.fault.lock().expect("fault") = f;
+    }
+
+    fn check(&self) -> Result<(), IoError> {
+        match *self.fault.lock().expect("fault") {
+            MemFault::None => Ok(()),
+            MemFault::Fail => Err(IoError::Injected),
+            MemFault::Hang => Err(IoError::Timeout(Duration::ZERO)),
+        }
+    }
+}
+
+impl SectorIo for FaultyIo {
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        self.check()?;
+        self.inner.read(offset, len)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 

@@ -122,7 +122,7 @@ impl std::fmt::Display for Violation {
 
 const SPACE: &str = "sim-space";
 /// Events kept for a violation report.
-const TRACE_LEN: usize = 6000;
+const TRACE_LEN: usize = 400;
 const RESOURCE: &str = "SDM";
 
 type Time = u64; // global nanoseconds
