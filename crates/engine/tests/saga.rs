@@ -1,0 +1,501 @@
+//! Sagas on both backends: a real multi-step command (database rows plus a volume file on
+//! disk, standing for the node's side effect), failed at each step, crashed at each point.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{Backend, TestDb};
+use oxvirt_engine::db::{ListQuery, SagaState, SagaStepStatus};
+use oxvirt_engine::model::*;
+use oxvirt_engine::saga::testing::{
+    crash_at_each_point, unwind_at_each_step, Fault, FaultAt, FaultPoint, Faults,
+};
+use oxvirt_engine::saga::{
+    SagaDef, SagaEventKind, SagaExecutor, SagaOutcome, StartOptions, Step, StepCtx, StepError,
+};
+use oxvirt_engine::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+/// The application context: where "storage" is.
+struct App {
+    storage: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Params {
+    vm_name: String,
+    cluster: ClusterId,
+    sd: SdUuid,
+    size: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct Ids {
+    vm: VmId,
+    disk: DiskId,
+    vol: VolUuid,
+}
+
+/// Creates a VM with a new disk: ids, disk row (locked), volume (file + row), VM row with the
+/// attachment, unlock.
+struct CreateVmWithDisk;
+
+impl SagaDef for CreateVmWithDisk {
+    type Ctx = App;
+    type Params = Params;
+    const NAME: &'static str = "test_create_vm_with_disk";
+
+    fn description(p: &Params) -> String {
+        format!("Creating VM {}", p.vm_name)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::without_undo("ids", |_c: StepCtx<Self>| async {
+                Ok(Ids {
+                    vm: VmId::new_random(),
+                    disk: DiskId::new_random(),
+                    vol: VolUuid::new_random(),
+                })
+            }),
+            Step::new("disk_row", disk_row::<Self>, undo_disk_row::<Self>).describe("Recording the disk"),
+            Step::new("volume", volume, undo_volume).describe("Creating the volume"),
+            Step::new("vm_row", vm_row, undo_vm_row).describe("Recording the VM"),
+            Step::new("unlock", unlock, undo_unlock).describe("Unlocking the disk"),
+        ]
+    }
+
+    fn event(p: &Params, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
+        let mut e = match kind {
+            SagaEventKind::Done => NewEvent::new(Severity::Normal, 53, format!("VM {} created", p.vm_name)),
+            _ => NewEvent::new(
+                if kind == SagaEventKind::Started { Severity::Normal } else { Severity::Error },
+                if kind == SagaEventKind::Started { 34 } else { 54 },
+                format!("VM {} {kind:?}: {}", p.vm_name, detail.unwrap_or("")),
+            ),
+        };
+        e.cluster_id = Some(p.cluster);
+        e
+    }
+}
+
+async fn disk_row<S: SagaDef<Params = Params, Ctx = App>>(c: StepCtx<S>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    if c.db().disk_get(ids.disk).await?.is_none() {
+        let p = c.params();
+        let mut d = Disk::new(&format!("{}_disk", p.vm_name), p.sd, DiskFormat::Cow, p.size);
+        d.id = ids.disk;
+        d.status = DiskStatus::Locked;
+        c.db().disk_insert(&d).await?;
+    }
+    Ok(())
+}
+
+async fn undo_disk_row<S: SagaDef<Params = Params, Ctx = App>>(c: StepCtx<S>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    if c.db().disk_get(ids.disk).await?.is_some() {
+        c.db().disk_delete(ids.disk).await?;
+    }
+    Ok(())
+}
+
+fn vol_path(c: &StepCtx<CreateVmWithDisk>, ids: &Ids) -> (PathBuf, PathBuf) {
+    let dir = c.app().storage.join(ids.disk.to_string());
+    let file = dir.join(ids.vol.to_string());
+    (dir, file)
+}
+
+async fn volume(c: StepCtx<CreateVmWithDisk>) -> Result<u64, StepError> {
+    let ids: Ids = c.output("ids")?;
+    let (dir, file) = vol_path(&c, &ids);
+    if !file.exists() {
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{}.tmp", ids.vol));
+        std::fs::write(&tmp, vec![0u8; 4096])?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &file)?;
+    }
+    if c.db().volume_get(ids.vol).await?.is_none() {
+        c.db()
+            .volume_insert(&Volume {
+                id: ids.vol,
+                disk_id: ids.disk,
+                storage_domain_id: c.params().sd,
+                parent_id: None,
+                voltype: VolType::Leaf,
+                format: DiskFormat::Cow,
+                actual_size: 4096,
+                created_at: Timestamp::from_millis(0),
+            })
+            .await?;
+    }
+    Ok(std::fs::metadata(&file)?.len())
+}
+
+async fn undo_volume(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    c.db().volume_delete(ids.vol).await?;
+    let (dir, file) = vol_path(&c, &ids);
+    for p in [file, dir.join(format!(".{}.tmp", ids.vol))] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn vm_row(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    // The previous step's output is there for later steps.
+    let size: u64 = c.output("volume")?;
+    assert_eq!(size, 4096);
+    let p = c.params();
+    let mut tx = c.db().begin().await?;
+    if tx.vm_get(ids.vm).await?.is_none() {
+        let mut vm = Vm::new(&p.vm_name, p.cluster);
+        vm.id = ids.vm;
+        tx.vm_insert(&vm).await?;
+        tx.attachment_add(&DiskAttachment {
+            vm_id: ids.vm,
+            disk_id: ids.disk,
+            interface: DiskInterface::VirtioScsi,
+            bootable: true,
+            active: true,
+            read_only: false,
+        })
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn undo_vm_row(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    if c.db().vm_get(ids.vm).await?.is_some() {
+        c.db().vm_delete(ids.vm).await?;
+    }
+    Ok(())
+}
+
+async fn unlock(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    c.db().disk_set_status(ids.disk, &[DiskStatus::Locked, DiskStatus::Ok], DiskStatus::Ok).await?;
+    Ok(())
+}
+
+async fn undo_unlock(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
+    let ids: Ids = c.output("ids")?;
+    if c.db().disk_get(ids.disk).await?.is_some() {
+        c.db().disk_set_status(ids.disk, &[], DiskStatus::Locked).await?;
+    }
+    Ok(())
+}
+
+const STEPS: usize = 5;
+
+/// A fresh database with a cluster and a storage domain, plus the storage directory.
+struct Env {
+    t: TestDb,
+    app: Arc<App>,
+    cluster: ClusterId,
+    sd: SdUuid,
+}
+
+impl Env {
+    async fn new(b: Backend) -> Env {
+        let t = TestDb::new(b).await;
+        let dc = t.db.dc_insert(&DataCenter::new("dc")).await.unwrap();
+        let cl = t.db.cluster_insert(&Cluster::new("cl", dc.id)).await.unwrap();
+        let storage = t.dir.path().join("storage");
+        std::fs::create_dir_all(&storage).unwrap();
+        let sd = t
+            .db
+            .sd_insert(&StorageDomain::new("sd", SdType::Data, StorageType::Localfs, storage.to_str().unwrap()))
+            .await
+            .unwrap();
+        Env { app: Arc::new(App { storage }), t, cluster: cl.id, sd: sd.id }
+    }
+
+    fn params(&self, name: &str) -> Params {
+        Params { vm_name: name.into(), cluster: self.cluster, sd: self.sd, size: 1 << 30 }
+    }
+
+    fn executor(&self, faults: Option<Arc<dyn oxvirt_engine::saga::testing::FaultInjector>>) -> SagaExecutor<App> {
+        let e = match faults {
+            Some(f) => SagaExecutor::with_faults(self.t.db.clone(), self.app.clone(), f),
+            None => SagaExecutor::new(self.t.db.clone(), self.app.clone()),
+        };
+        e.register::<CreateVmWithDisk>().unwrap();
+        e
+    }
+
+    fn storage_entries(&self) -> usize {
+        std::fs::read_dir(&self.app.storage).unwrap().count()
+    }
+
+    /// As if the saga never ran: no VM, disk, volume or file; the job failed; the saga unwound.
+    async fn assert_rolled_back(&self, what: &str) {
+        let db = &self.t.db;
+        assert!(db.vm_list(&ListQuery::new()).await.unwrap().is_empty(), "{what}: VM left behind");
+        assert!(db.disk_list(&ListQuery::new()).await.unwrap().is_empty(), "{what}: disk left behind");
+        assert_eq!(self.storage_entries(), 0, "{what}: volume files left behind");
+        let sagas = db.saga_list(&[]).await.unwrap();
+        assert_eq!(sagas.len(), 1, "{what}");
+        let s = &sagas[0];
+        assert_eq!(s.state, SagaState::Unwound, "{what}");
+        assert!(s.error.is_some(), "{what}: the failure is recorded");
+        for st in &s.steps {
+            assert_eq!(st.status, SagaStepStatus::Undone, "{what}: step {} ({})", st.index, st.name);
+        }
+        let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Failed, "{what}");
+        let steps = db.job_steps(job.id).await.unwrap();
+        assert!(steps.iter().any(|s| s.step_type == StepType::CleanUp && s.status == JobStatus::Finished), "{what}");
+        assert!(steps.iter().all(|s| s.status != JobStatus::Started), "{what}: a job step is left open");
+        let events = db.event_list(&ListQuery::new()).await.unwrap();
+        assert!(events.iter().any(|e| e.code == 54 && e.severity == Severity::Error), "{what}: no failure event");
+    }
+
+    /// The command's result, complete and unlocked, once.
+    async fn assert_created(&self, name: &str, what: &str) {
+        let db = &self.t.db;
+        let vms = db.vm_list(&ListQuery::new()).await.unwrap();
+        assert_eq!(vms.len(), 1, "{what}");
+        assert_eq!(vms[0].name, name);
+        let atts = db.attachments_of_vm(vms[0].id).await.unwrap();
+        assert_eq!(atts.len(), 1, "{what}");
+        let disk = db.disk_get(atts[0].disk_id).await.unwrap().unwrap();
+        assert_eq!(disk.status, DiskStatus::Ok, "{what}");
+        let chain = db.volume_chain(disk.id).await.unwrap();
+        assert_eq!(chain.len(), 1, "{what}");
+        assert!(self.app.storage.join(disk.id.to_string()).join(chain[0].id.to_string()).is_file(), "{what}");
+        assert_eq!(self.storage_entries(), 1, "{what}: one image directory");
+        assert_eq!(db.disk_list(&ListQuery::new()).await.unwrap().len(), 1, "{what}");
+        let s = &db.saga_list(&[]).await.unwrap()[0];
+        assert_eq!(s.state, SagaState::Done, "{what}");
+        let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Finished, "{what}");
+        let steps = db.job_steps(job.id).await.unwrap();
+        assert!(steps.iter().all(|s| s.status == JobStatus::Finished), "{what}: {steps:?}");
+        let events = db.event_list(&ListQuery::new()).await.unwrap();
+        assert!(events.iter().any(|e| e.code == 53 && e.correlation_id.as_deref() == Some("corr-42")), "{what}");
+    }
+}
+
+fn opts() -> StartOptions {
+    StartOptions { correlation_id: Some("corr-42".into()) }
+}
+
+async fn saga_runs_to_completion(b: Backend) {
+    let env = Env::new(b).await;
+    let exec = env.executor(None);
+    let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
+    assert!(out.is_done(), "{out:?}");
+    assert_eq!(out.output::<u64>("volume"), Some(4096));
+    env.assert_created("vm1", "happy path").await;
+    let s = &env.t.db.saga_list(&[]).await.unwrap()[0];
+    assert_eq!(s.steps.len(), STEPS);
+    assert_eq!(s.correlation_id.as_deref(), Some("corr-42"));
+    let job = env.t.db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(job.description, "Creating VM vm1");
+    assert_eq!(job.saga_id, Some(s.id));
+    assert_eq!(env.t.db.job_steps(job.id).await.unwrap().len(), STEPS);
+    // Nothing to resume.
+    assert!(exec.resume_all().await.unwrap().is_empty());
+}
+
+async fn saga_unwinds_at_each_step(b: Backend) {
+    let cur: Arc<Mutex<Option<Env>>> = Arc::new(Mutex::new(None));
+    unwind_at_each_step(
+        STEPS,
+        |fault| {
+            let cur = cur.clone();
+            async move {
+                let env = Env::new(b).await;
+                let out = env
+                    .executor(Some(fault))
+                    .run::<CreateVmWithDisk>(env.params("vm1"), opts())
+                    .await
+                    .unwrap();
+                *cur.lock().await = Some(env);
+                out
+            }
+        },
+        |i| {
+            let cur = cur.clone();
+            async move {
+                let env = cur.lock().await.take().unwrap();
+                env.assert_rolled_back(&format!("failure at step {i}")).await;
+            }
+        },
+    )
+    .await;
+}
+
+async fn saga_survives_a_crash_at_each_point(b: Backend) {
+    let cur: Arc<Mutex<Option<Env>>> = Arc::new(Mutex::new(None));
+    crash_at_each_point(
+        STEPS,
+        |faults| {
+            let cur = cur.clone();
+            async move {
+                let mut env = Env::new(b).await;
+                let exec = env.executor(Some(Arc::new(Faults(faults))));
+                let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
+                assert_eq!(out, SagaOutcome::Interrupted);
+                // The engine dies: drop everything in memory, reopen the database.
+                drop(exec);
+                env.t.reopen().await;
+                let exec = env.executor(None);
+                let handles = exec.resume_all().await.unwrap();
+                assert_eq!(handles.len(), 1);
+                let out = handles.into_iter().next().unwrap().wait().await.unwrap();
+                *cur.lock().await = Some(env);
+                out
+            }
+        },
+        |i, point, out| {
+            let cur = cur.clone();
+            async move {
+                let env = cur.lock().await.take().unwrap();
+                let what = format!("crash at step {i} {point:?}");
+                match point {
+                    FaultPoint::BeforeAction | FaultPoint::AfterAction => {
+                        assert!(out.is_done(), "{what}: {out:?}");
+                        env.assert_created("vm1", &what).await;
+                    }
+                    FaultPoint::BeforeUndo | FaultPoint::AfterUndo => {
+                        assert!(matches!(out, SagaOutcome::Unwound { .. }), "{what}: {out:?}");
+                        env.assert_rolled_back(&what).await;
+                    }
+                }
+            }
+        },
+    )
+    .await;
+}
+
+async fn failed_undo_leaves_the_saga_stuck_until_retried(b: Backend) {
+    let env = Env::new(b).await;
+    // The last action fails; then undoing the volume fails.
+    let faults = Faults(vec![
+        FaultAt::new(STEPS - 1, FaultPoint::AfterAction, Fault::Fail),
+        FaultAt::new(2, FaultPoint::BeforeUndo, Fault::Fail),
+    ]);
+    let exec = env.executor(Some(Arc::new(faults)));
+    let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
+    let SagaOutcome::Stuck { error, undo_error } = out else { panic!("{out:?}") };
+    assert!(error.contains("unlock"), "{error}");
+    assert!(undo_error.contains("volume"), "{undo_error}");
+    let db = &env.t.db;
+    let s = &db.saga_list(&[SagaState::Stuck]).await.unwrap()[0];
+    assert_eq!(s.undo_error.as_deref(), Some(undo_error.as_str()));
+    assert_eq!(s.step(2).unwrap().status, SagaStepStatus::UndoFailed);
+    assert_eq!(s.step(3).unwrap().status, SagaStepStatus::Undone);
+    assert!(db.event_list(&ListQuery::new()).await.unwrap().iter().any(|e| e.severity == Severity::Alert || e.code == 54));
+    // A stuck saga is not resumed on restart: it waits for an admin.
+    assert!(exec.resume_all().await.unwrap().is_empty());
+    assert_eq!(env.storage_entries(), 1, "the volume is still there");
+    // The admin retries: the remaining undos run.
+    let out = exec.retry_stuck(s.id).await.unwrap().wait().await.unwrap();
+    assert!(matches!(out, SagaOutcome::Unwound { .. }), "{out:?}");
+    assert_eq!(env.storage_entries(), 0);
+    assert!(db.disk_list(&ListQuery::new()).await.unwrap().is_empty());
+    assert!(matches!(
+        exec.retry_stuck(s.id).await.err().unwrap(),
+        oxvirt_engine::saga::SagaError::NotStuck { .. }
+    ));
+}
+
+struct Panics;
+impl SagaDef for Panics {
+    type Ctx = App;
+    type Params = Params;
+    const NAME: &'static str = "test_panics";
+    fn description(p: &Params) -> String {
+        format!("Panicking for {}", p.vm_name)
+    }
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::without_undo("ids", |_c: StepCtx<Self>| async {
+                Ok(Ids { vm: VmId::new_random(), disk: DiskId::new_random(), vol: VolUuid::new_random() })
+            }),
+            Step::new("disk_row", disk_row::<Self>, undo_disk_row::<Self>),
+            Step::new(
+                "boom",
+                |c: StepCtx<Self>| async move {
+                    if c.index == 2 {
+                        panic!("bug in a step");
+                    }
+                    Ok(())
+                },
+                |_c| async { Ok(()) },
+            ),
+        ]
+    }
+}
+
+impl SagaDef for Duplicate {
+    type Ctx = App;
+    type Params = Params;
+    const NAME: &'static str = "test_duplicate";
+    fn description(_: &Params) -> String {
+        String::new()
+    }
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::without_undo("a", |_c: StepCtx<Self>| async { Ok(()) }),
+            Step::without_undo("a", |_c: StepCtx<Self>| async { Ok(()) }),
+        ]
+    }
+}
+struct Duplicate;
+
+async fn panics_unwind_and_bad_definitions_are_refused(b: Backend) {
+    let env = Env::new(b).await;
+    let exec = env.executor(None);
+    let out = exec.run::<Panics>(env.params("p"), StartOptions::default()).await.unwrap();
+    let SagaOutcome::Unwound { error } = out else { panic!("{out:?}") };
+    assert!(error.contains("bug in a step"), "{error}");
+    assert!(env.t.db.disk_list(&ListQuery::new()).await.unwrap().is_empty());
+    assert!(matches!(
+        exec.register::<Duplicate>().unwrap_err(),
+        oxvirt_engine::saga::SagaError::Definition { .. }
+    ));
+}
+
+async fn unknown_sagas_are_left_for_an_engine_that_knows_them(b: Backend) {
+    let mut env = Env::new(b).await;
+    let exec = env.executor(Some(FaultAt::new(1, FaultPoint::AfterAction, Fault::Crash)));
+    assert_eq!(exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap(), SagaOutcome::Interrupted);
+    drop(exec);
+    env.t.reopen().await;
+    // An engine without that saga type: it stays running, with an alert.
+    let bare: SagaExecutor<App> = SagaExecutor::new(env.t.db.clone(), env.app.clone());
+    assert!(bare.resume_all().await.unwrap().is_empty());
+    assert_eq!(env.t.db.saga_list(&[SagaState::Running]).await.unwrap().len(), 1);
+    assert!(env.t.db.event_list(&ListQuery::new()).await.unwrap().iter().any(|e| e.severity == Severity::Alert));
+    // One that knows it finishes it.
+    let exec = env.executor(None);
+    let h = exec.resume_all().await.unwrap();
+    assert!(h.into_iter().next().unwrap().wait().await.unwrap().is_done());
+    env.assert_created("vm1", "resumed by a later engine").await;
+}
+
+both_backends!(
+    saga_runs_to_completion,
+    saga_unwinds_at_each_step,
+    saga_survives_a_crash_at_each_point,
+    failed_undo_leaves_the_saga_stuck_until_retried,
+    panics_unwind_and_bad_definitions_are_refused,
+    unknown_sagas_are_left_for_an_engine_that_knows_them,
+);
