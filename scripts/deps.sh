@@ -6,6 +6,7 @@
 #   cpio                           building the test guest's initramfs
 #   sanlock                        compatibility tests of our lease format against the real sanlock
 #   iproute2                       network namespaces for multi-host tests
+#   postgresql                     the engine's tests on PostgreSQL (scripts/pg-test.sh)
 set -euo pipefail
 
 say() { echo "deps: $*"; }
@@ -24,6 +25,7 @@ fi
 have_cmd cpio || missing+=(cpio)
 have_cmd sanlock || missing+=(sanlock)
 have_cmd ip || missing+=(iproute2)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 
 if [[ $qemu_ok == 1 && ${#missing[@]} == 0 ]]; then
     say "all system packages present (qemu $(dpkg-query -W -f='${Version}' qemu-system-x86))"

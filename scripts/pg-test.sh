@@ -38,7 +38,8 @@ start)
     [[ $(id -u) == 0 ]] && chown postgres: "$root"
     as_pg "$bindir/initdb" -D "$data" --auth=trust --no-locale --encoding=UTF8 -U postgres >"$root/initdb.log" 2>&1 \
         || { cat "$root/initdb.log" >&2; say "initdb failed"; exit 1; }
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    port=55432
+    while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
     as_pg "$bindir/pg_ctl" -D "$data" -l "$root/server.log" -w -t 60 \
         -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$root -c fsync=off -c max_connections=200" \
         start >/dev/null || { tail -20 "$root/server.log" >&2; say "server did not start"; exit 1; }
