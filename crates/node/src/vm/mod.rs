@@ -103,6 +103,25 @@ pub struct VmRecord {
     pub loops: Vec<Option<PathBuf>>,
 }
 
+impl VmRecord {
+    /// Disk `disk` as QEMU sees it: a thin active layer opened on its loop device.
+    pub fn disk_spec(&self, disk: usize) -> DiskSpec {
+        let d = &self.create.disks[disk];
+        let mut layers = d.layers.clone();
+        if let (Some(Some(dev)), Some(top)) = (self.loops.get(disk), layers.last_mut()) {
+            top.path = dev.clone();
+            top.protocol = BlockProtocol::HostDevice;
+        }
+        DiskSpec {
+            layers,
+            serial: d.serial.clone(),
+            read_only: d.read_only,
+            direct_io: d.direct_io,
+            write_error: d.write_error,
+        }
+    }
+}
+
 /// A VM as `list`/`status` report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -584,25 +603,7 @@ impl VmManager {
             memory_mib: c.memory_mib,
             accel: c.accel.resolve(&self.accel_probe),
             boot: c.boot.clone(),
-            disks: c
-                .disks
-                .iter()
-                .zip(&rec.loops)
-                .map(|(d, lp)| {
-                    let mut layers = d.layers.clone();
-                    if let (Some(dev), Some(top)) = (lp, layers.last_mut()) {
-                        top.path = dev.clone();
-                        top.protocol = BlockProtocol::HostDevice;
-                    }
-                    DiskSpec {
-                        layers,
-                        serial: d.serial.clone(),
-                        read_only: d.read_only,
-                        direct_io: d.direct_io,
-                        write_error: d.write_error,
-                    }
-                })
-                .collect(),
+            disks: (0..c.disks.len()).map(|i| rec.disk_spec(i)).collect(),
             qmp_socket: dir.join("qmp.sock"),
             serial_log: Some(dir.join("serial.log")),
             vnc_socket: c.vnc.then(|| dir.join("vnc.sock")),
@@ -1084,7 +1085,7 @@ impl VmManager {
                 format: ImageFormat::Qcow2,
                 protocol: BlockProtocol::File,
             };
-            let spec = self.disk_spec(&rec, d.disk);
+            let spec = rec.disk_spec(d.disk);
             let (file, fmt) = layer_blockdevs(d.disk, &spec, &layer, None, true);
             for node in [file, fmt] {
                 let name = node["node-name"].as_str().unwrap_or_default().to_string();
@@ -1097,7 +1098,13 @@ impl VmManager {
             if add_res.is_err() {
                 break;
             }
-            let top = self.top_layer_path(&rec, d.disk);
+            let top = rec
+                .disk_spec(d.disk)
+                .layers
+                .last()
+                .expect("a disk has layers")
+                .path
+                .clone();
             actions.push(serde_json::json!({
                 "type": "blockdev-snapshot",
                 "data": {
@@ -1167,16 +1174,6 @@ impl VmManager {
         Ok(ga)
     }
 
-    /// The disk's spec as QEMU sees it (thin active layer on its loop device).
-    fn disk_spec(&self, rec: &VmRecord, disk: usize) -> DiskSpec {
-        self.build_spec(Path::new("/"), rec, None).disks[disk].clone()
-    }
-
-    fn top_layer_path(&self, rec: &VmRecord, disk: usize) -> PathBuf {
-        let d = self.disk_spec(rec, disk);
-        d.layers.last().expect("a disk has layers").path.clone()
-    }
-
     /// Live merge of `top` into `base` (both in the disk's chain, `base` below `top`); the
     /// layers above `base` up to `top` leave the chain. When `top` is the active layer, the
     /// disk pivots to `base` once the commit has converged.
@@ -1213,7 +1210,7 @@ impl VmManager {
                 top.display()
             )));
         }
-        let spec = self.disk_spec(&rec, disk);
+        let spec = rec.disk_spec(disk);
         let node = |i: usize| format_node_name(disk, &spec.layers[i].path);
         let active = ti + 1 == d.layers.len();
         let job = format!("merge-{disk}-{}", vm.job_seq.fetch_add(1, Ordering::Relaxed));
