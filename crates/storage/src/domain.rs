@@ -406,17 +406,52 @@ impl FileStorageDomain {
                 op.forward(ops::Step::PurgeRemovedImage { img });
                 ops::run(self, others, op, &mut |_| {})?;
                 report.purged_images.push(img);
-            } else if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && name.parse::<ImgUuid>().is_ok() {
-                for f in std::fs::read_dir(e.path()).map_err(StorageError::io("list", e.path()))? {
-                    let f = f.map_err(StorageError::io("list", e.path()))?;
-                    if f.file_name().to_string_lossy().ends_with(fsio::TEMP_SUFFIX) {
-                        fsio::remove_if_exists(&f.path()).map_err(StorageError::io("remove", f.path()))?;
-                        report.removed_temp_files.push(f.path());
-                    }
-                }
+            } else if let (true, Ok(img)) = (e.file_type().map(|t| t.is_dir()).unwrap_or(false), name.parse::<ImgUuid>()) {
+                self.collect_image_garbage(img, &mut report)?;
             }
         }
         Ok(report)
+    }
+}
+
+impl FileStorageDomain {
+    /// Removes what an operation that never reached its journal can leave in an image
+    /// directory: temporary `*.new` files, data or lease files without a `.meta` (VDSM's
+    /// "half-baked volume" rule), and the directory itself once empty.
+    fn collect_image_garbage(&self, img: ImgUuid, report: &mut RecoveryReport) -> Result<()> {
+        let dir = self.image_dir(img);
+        let mut names = Vec::new();
+        for f in std::fs::read_dir(&dir).map_err(StorageError::io("list", &dir))? {
+            names.push(f.map_err(StorageError::io("list", &dir))?.file_name().to_string_lossy().into_owned());
+        }
+        let has_meta = |vol: &str| names.iter().any(|n| n.strip_suffix(META_EXT) == Some(vol));
+        for name in &names {
+            let path = dir.join(name);
+            let orphan = if name.ends_with(fsio::TEMP_SUFFIX) {
+                report.removed_temp_files.push(path.clone());
+                true
+            } else {
+                let vol = name.strip_suffix(LEASE_EXT).unwrap_or(name);
+                let is_volume_file = !name.ends_with(META_EXT) && vol.parse::<VolUuid>().is_ok();
+                if is_volume_file && !has_meta(vol) {
+                    report.removed_orphans.push(path.clone());
+                    true
+                } else {
+                    false
+                }
+            };
+            if orphan {
+                fsio::remove_if_exists(&path).map_err(StorageError::io("remove", &path))?;
+            }
+        }
+        if std::fs::read_dir(&dir).map_err(StorageError::io("list", &dir))?.next().is_none() {
+            std::fs::remove_dir(&dir).map_err(StorageError::io("remove", &dir))?;
+            report.removed_empty_images.push(img);
+        }
+        if !report.removed_orphans.is_empty() || !report.removed_temp_files.is_empty() {
+            fsio::fsync_dir(&self.images_dir()).map_err(StorageError::io("sync", self.images_dir()))?;
+        }
+        Ok(())
     }
 }
 
@@ -426,6 +461,9 @@ pub struct RecoveryReport {
     pub operations: Vec<ops::Recovered>,
     pub purged_images: Vec<ImgUuid>,
     pub removed_temp_files: Vec<PathBuf>,
+    /// Data and lease files without metadata (volumes whose creation never got journaled).
+    pub removed_orphans: Vec<PathBuf>,
+    pub removed_empty_images: Vec<ImgUuid>,
 }
 
 fn build_domain(dir: &Path, md: &DomainMetadata, now: u64) -> Result<()> {

@@ -36,6 +36,18 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     fsync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Writes a whole file and fsyncs it (no rename: the caller publishes it later).
+pub fn write_synced(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

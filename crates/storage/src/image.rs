@@ -124,28 +124,6 @@ impl FileStorageDomain {
         Ok(())
     }
 
-    /// Steps that bring a new volume's data (already planned) to a LEGAL volume: ILLEGAL
-    /// metadata, lease, LEGAL metadata.
-    fn finish_new_volume(op: &mut Operation, img: ImgUuid, vol: VolUuid, meta: &VolumeMetadata) {
-        let mut illegal = meta.clone();
-        illegal.legality = Legality::Illegal;
-        let mut legal = meta.clone();
-        legal.legality = Legality::Legal;
-        op.undoable(
-            Step::WriteMeta {
-                img,
-                vol,
-                meta: illegal.clone(),
-            },
-            Step::RemoveMeta { img, vol },
-        )
-        .undoable(Step::InitLease { img, vol }, Step::RemoveLease { img, vol })
-        .undoable(
-            Step::WriteMeta { img, vol, meta: legal },
-            Step::WriteMeta { img, vol, meta: illegal },
-        );
-    }
-
     /// Creates a new image with one base volume.
     pub fn create_volume(&self, img: ImgUuid, vol: VolUuid, spec: &VolumeSpec) -> Result<VolumeMetadata> {
         let _g = self.lock_ops();
@@ -169,8 +147,10 @@ impl FileStorageDomain {
         self.ensure_new_image(img)?;
         self.ensure_new_volume(vol)?;
         let mut op = Operation::new("create_volume", self.sd());
-        op.undoable(Step::MakeImageDir { img }, Step::RemoveImageDirIfEmpty { img })
-            .undoable(
+        // Data and lease are made in the side lane while the main lane journals the operation
+        // and marks the new volume ILLEGAL; it turns LEGAL once both lanes are done.
+        op.side(Step::MakeImageDir { img, sync: false }, Step::RemoveImageDirIfEmpty { img })
+            .side(
                 Step::CreateData {
                     img,
                     vol,
@@ -182,8 +162,28 @@ impl FileStorageDomain {
                     },
                 },
                 Step::RemoveData { img, vol },
+            )
+            .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
+        let mut illegal = meta.clone();
+        illegal.legality = Legality::Illegal;
+        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
+            .undoable(
+                Step::WriteMeta {
+                    img,
+                    vol,
+                    meta: illegal.clone(),
+                },
+                Step::RemoveMeta { img, vol },
+            )
+            .join()
+            .undoable(
+                Step::WriteMeta {
+                    img,
+                    vol,
+                    meta: meta.clone(),
+                },
+                Step::WriteMeta { img, vol, meta: illegal },
             );
-        Self::finish_new_volume(&mut op, img, vol, &meta);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
     }
@@ -234,6 +234,23 @@ impl FileStorageDomain {
         let mut internal = leaf.meta.clone();
         internal.role = VolRole::Internal;
         let mut op = Operation::new("create_snapshot", self.sd());
+        // Side lane: the new volume's data and lease. Main lane: journal, parent INTERNAL, the
+        // new metadata staged (written and synced); after both, one rename publishes the
+        // volume, complete and LEGAL: it has no metadata at all until then.
+        op.side(
+            Step::CreateData {
+                img,
+                vol: new_vol,
+                spec: DataSpec {
+                    format: VolFormat::Cow,
+                    allocation: Allocation::Sparse,
+                    capacity,
+                    backing: Some((leaf.id, leaf.meta.format)),
+                },
+            },
+            Step::RemoveData { img, vol: new_vol },
+        )
+        .side(Step::InitLease { img, vol: new_vol }, Step::RemoveLease { img, vol: new_vol });
         op.undoable(
             Step::WriteMeta {
                 img,
@@ -247,19 +264,16 @@ impl FileStorageDomain {
             },
         )
         .undoable(
-            Step::CreateData {
+            Step::StageMeta {
                 img,
                 vol: new_vol,
-                spec: DataSpec {
-                    format: VolFormat::Cow,
-                    allocation: Allocation::Sparse,
-                    capacity,
-                    backing: Some((leaf.id, leaf.meta.format)),
-                },
+                meta: meta.clone(),
             },
-            Step::RemoveData { img, vol: new_vol },
-        );
-        Self::finish_new_volume(&mut op, img, new_vol, &meta);
+            Step::UnstageMeta { img, vol: new_vol },
+        )
+        .join()
+        .undoable(Step::CommitMeta { img, vol: new_vol }, Step::RemoveMeta { img, vol: new_vol })
+        .completed_if(img, new_vol);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
     }
@@ -325,16 +339,10 @@ impl FileStorageDomain {
         self.ensure_new_image(img)?;
         self.ensure_new_volume(vol)?;
         let mut op = Operation::new("clone_from_template", self.sd());
-        op.undoable(Step::MakeImageDir { img }, Step::RemoveImageDirIfEmpty { img })
-            .undoable(
-                Step::LinkShared {
-                    from: tmpl_img,
-                    to: img,
-                    vol: tmpl_vol,
-                },
-                Step::UnlinkShared { img, vol: tmpl_vol },
-            )
-            .undoable(
+        // As for a snapshot: data and lease in the side lane, journal, template links and the
+        // staged metadata in the main lane, then one rename publishes the clone.
+        op.side(Step::MakeImageDir { img, sync: false }, Step::RemoveImageDirIfEmpty { img })
+            .side(
                 Step::CreateData {
                     img,
                     vol,
@@ -346,8 +354,28 @@ impl FileStorageDomain {
                     },
                 },
                 Step::RemoveData { img, vol },
-            );
-        Self::finish_new_volume(&mut op, img, vol, &meta);
+            )
+            .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
+        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
+            .undoable(
+                Step::LinkShared {
+                    from: tmpl_img,
+                    to: img,
+                    vol: tmpl_vol,
+                },
+                Step::UnlinkShared { img, vol: tmpl_vol },
+            )
+            .undoable(
+                Step::StageMeta {
+                    img,
+                    vol,
+                    meta: meta.clone(),
+                },
+                Step::UnstageMeta { img, vol },
+            )
+            .join()
+            .undoable(Step::CommitMeta { img, vol }, Step::RemoveMeta { img, vol })
+            .completed_if(img, vol);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
     }
@@ -492,13 +520,6 @@ impl FileStorageDomain {
     fn finalize_steps(op: &mut Operation, img: ImgUuid, chain: &Chain, base: VolUuid, top: VolUuid) {
         let b = chain.get(base).expect("validated");
         let t = chain.get(top).expect("validated");
-        let mut dead_top = t.meta.clone();
-        dead_top.legality = Legality::Illegal;
-        op.forward(Step::WriteMeta {
-            img,
-            vol: top,
-            meta: dead_top,
-        });
         let mut new_base = b.meta.clone();
         new_base.capacity = b.meta.capacity.max(t.meta.capacity);
         new_base.legality = Legality::Legal;
@@ -520,9 +541,12 @@ impl FileStorageDomain {
                 });
             }
         }
-        op.forward(Step::RemoveData { img, vol: top })
+        // The top leaves the chain: its `.meta` goes first (one atomic unlink, after which it
+        // is no volume at all), then its data and lease; the next metadata write makes the
+        // directory durable.
+        op.forward(Step::RemoveMeta { img, vol: top })
+            .forward(Step::RemoveData { img, vol: top })
             .forward(Step::RemoveLease { img, vol: top })
-            .forward(Step::RemoveMeta { img, vol: top })
             .forward(Step::WriteMeta {
                 img,
                 vol: base,
@@ -582,6 +606,7 @@ impl FileStorageDomain {
             return Err(state_err(img, base, "cold_merge", format!("is {}", b.meta.legality), "LEGAL"));
         }
         let mut op = Operation::new("cold_merge", self.sd());
+        op.roll_forward();
         Self::prepare_steps(&mut op, img, &chain, base, top);
         Self::commit_step(&mut op, img, &chain, base, top);
         Self::finalize_steps(&mut op, img, &chain, base, top);
@@ -703,7 +728,13 @@ impl FileStorageDomain {
         }
         dst.ensure_new_image(dst_img)?;
         let mut op = Operation::new("copy_image", dst.sd());
-        op.undoable(Step::MakeImageDir { img: dst_img }, Step::RemoveImageDirIfEmpty { img: dst_img });
+        op.undoable(
+            Step::MakeImageDir {
+                img: dst_img,
+                sync: true,
+            },
+            Step::RemoveImageDirIfEmpty { img: dst_img },
+        );
         let mut finals = Vec::new();
         match mode {
             CopyMode::Chain => {

@@ -16,6 +16,7 @@
 //! changes anything and runs as a journaled [`ops::Operation`] whose crash leaves either the
 //! old state or one that [`FileStorageDomain::recover`] completes.
 
+pub mod bench;
 pub mod chain;
 mod check;
 pub mod domain;

@@ -53,12 +53,24 @@ pub struct DataSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
-    MakeImageDir { img: ImgUuid },
+    /// Creates the image directory; `sync` also makes its entry in `images/` durable.
+    MakeImageDir {
+        img: ImgUuid,
+        #[serde(default = "yes")]
+        sync: bool,
+    },
     RemoveImageDirIfEmpty { img: ImgUuid },
     CreateData { img: ImgUuid, vol: VolUuid, spec: DataSpec },
     RemoveData { img: ImgUuid, vol: VolUuid },
     WriteMeta { img: ImgUuid, vol: VolUuid, meta: VolumeMetadata },
     RemoveMeta { img: ImgUuid, vol: VolUuid },
+    /// Writes and fsyncs a new volume's metadata as `<vol>.meta.new` (the first half of an
+    /// atomic write, done early so that only the rename remains).
+    StageMeta { img: ImgUuid, vol: VolUuid, meta: VolumeMetadata },
+    /// Removes a staged `<vol>.meta.new`.
+    UnstageMeta { img: ImgUuid, vol: VolUuid },
+    /// Renames `<vol>.meta.new` over `<vol>.meta` and fsyncs the directory.
+    CommitMeta { img: ImgUuid, vol: VolUuid },
     InitLease { img: ImgUuid, vol: VolUuid },
     RemoveLease { img: ImgUuid, vol: VolUuid },
     /// Hard-links a template volume's data, `.meta` and `.lease` into another image directory.
@@ -95,7 +107,10 @@ pub enum Step {
 impl Step {
     fn describe(&self) -> String {
         match self {
-            Step::MakeImageDir { img } => format!("create image directory {img}"),
+            Step::MakeImageDir { img, .. } => format!("create image directory {img}"),
+            Step::StageMeta { vol, .. } => format!("stage metadata of volume {vol}"),
+            Step::UnstageMeta { vol, .. } => format!("remove staged metadata of volume {vol}"),
+            Step::CommitMeta { vol, .. } => format!("commit metadata of volume {vol}"),
             Step::RemoveImageDirIfEmpty { img } => format!("remove empty image directory {img}"),
             Step::CreateData { vol, spec, .. } => format!("create {} data of volume {vol}", spec.format),
             Step::RemoveData { vol, .. } => format!("remove data of volume {vol}"),
@@ -122,13 +137,35 @@ impl Step {
     /// Performs the step on `dom` (the operation's home domain).
     fn apply(&self, dom: &FileStorageDomain, others: &[&FileStorageDomain], progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
-            Step::MakeImageDir { img } => {
+            Step::MakeImageDir { img, sync } => {
                 let dir = dom.image_dir(*img);
                 match std::fs::create_dir(&dir) {
-                    Ok(()) => fsio::fsync_dir(&dom.images_dir()).map_err(StorageError::io("sync", dom.images_dir())),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-                    Err(e) => Err(StorageError::io("create", dir)(e)),
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(StorageError::io("create", dir)(e)),
                 }
+                if *sync {
+                    sync_dir(&dom.images_dir())?;
+                }
+                Ok(())
+            }
+            Step::StageMeta { img, vol, meta } => {
+                let data = meta
+                    .encode()
+                    .map_err(|source| StorageError::VolumeMetadata { img: *img, vol: *vol, source })?;
+                let tmp = fsio::temp_path(&dom.meta_path(*img, *vol));
+                fsio::write_synced(&tmp, &data, 0o660).map_err(StorageError::io("write", tmp))
+            }
+            Step::UnstageMeta { img, vol } => remove(&fsio::temp_path(&dom.meta_path(*img, *vol))),
+            Step::CommitMeta { img, vol } => {
+                let path = dom.meta_path(*img, *vol);
+                let tmp = fsio::temp_path(&path);
+                match std::fs::rename(&tmp, &path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {}
+                    Err(e) => return Err(StorageError::io("rename", tmp)(e)),
+                }
+                sync_dir(&dom.image_dir(*img))
             }
             Step::RemoveImageDirIfEmpty { img } => {
                 let dir = dom.image_dir(*img);
@@ -404,9 +441,27 @@ pub struct Operation {
     pub id: Uuid,
     pub verb: String,
     pub sd: SdUuid,
+    /// The side lane: steps that only create new files (harmless orphans if the operation is
+    /// never journaled, collected by recovery), run in a second thread from the start, even
+    /// before the journal entry is durable. All undoable.
+    #[serde(default)]
+    pub side: Vec<PlannedStep>,
+    /// The main lane.
     pub steps: Vec<PlannedStep>,
+    /// The side lane is complete before main step `join_at` runs.
+    #[serde(default)]
+    pub join_at: usize,
     pub commit_at: usize,
     pub state: OpState,
+    /// The operation is complete iff this volume's `.meta` exists: its last step is the only
+    /// one creating that file. Lets the runner drop the journal entry without a sync, and
+    /// recovery tell a finished operation from an interrupted one.
+    #[serde(default)]
+    pub completed_if: Option<(ImgUuid, VolUuid)>,
+    /// Recovery completes this operation by redoing every step (all idempotent) rather than
+    /// undoing it, so the journal entry need not be rewritten at the commit point.
+    #[serde(default)]
+    pub roll_forward: bool,
 }
 
 impl Operation {
@@ -415,10 +470,41 @@ impl Operation {
             id: Uuid::new_v4(),
             verb: verb.to_string(),
             sd,
+            side: Vec::new(),
             steps: Vec::new(),
+            join_at: 0,
             commit_at: 0,
             state: OpState::Pending,
+            completed_if: None,
+            roll_forward: false,
         }
+    }
+
+    /// Adds a side-lane step (see [`Operation::side`]).
+    pub fn side(&mut self, step: Step, undo: Step) -> &mut Self {
+        self.side.push(PlannedStep { step, undo: Some(undo) });
+        self
+    }
+
+    /// Main steps added from now on wait for the side lane.
+    pub fn join(&mut self) -> &mut Self {
+        self.join_at = self.steps.len();
+        self
+    }
+
+    /// See [`Operation::roll_forward`].
+    pub fn roll_forward(&mut self) -> &mut Self {
+        self.roll_forward = true;
+        self
+    }
+
+    pub fn completed_if(&mut self, img: ImgUuid, vol: VolUuid) -> &mut Self {
+        self.completed_if = Some((img, vol));
+        self
+    }
+
+    fn is_complete(&self, dom: &FileStorageDomain) -> bool {
+        self.completed_if.is_some_and(|(img, vol)| dom.meta_path(img, vol).exists())
     }
 
     /// Adds an undoable step (must come before any [`Operation::forward`] step).
@@ -498,10 +584,15 @@ fn persist(root: &Path, op: &Operation) -> Result<()> {
     fsio::atomic_write(&path, &data, 0o660).map_err(StorageError::io("write journal entry", path))
 }
 
-fn forget(root: &Path, id: Uuid) -> Result<()> {
+/// Removes a journal entry; `durable` waits for the removal to reach storage (not needed when
+/// recovery can tell the operation completed, see [`Operation::completed_if`]).
+fn forget(root: &Path, id: Uuid, durable: bool) -> Result<()> {
     let path = journal_path(root, id);
     fsio::remove_if_exists(&path).map_err(StorageError::io("remove journal entry", &path))?;
-    sync_dir(&journal_dir(root))
+    if durable {
+        sync_dir(&journal_dir(root))?;
+    }
+    Ok(())
 }
 
 /// Pending journal entries of a domain.
@@ -526,70 +617,159 @@ pub fn pending(root: &Path) -> Result<Vec<Operation>> {
     Ok(out)
 }
 
-/// Runs `op` on its home domain `dom`, journaling it (see the module docs).
+fn yes() -> bool {
+    true
+}
+
+/// Why a lane stopped.
+enum Stop {
+    /// A simulated crash: leave everything as it is.
+    Crash(StorageError),
+    /// A failure at global step index `at`.
+    Fail { at: usize, err: StorageError },
+}
+
+/// Checks the failpoint before global step `index`.
+fn failpoint_stop(fp: Option<&Failpoint>, op_id: Uuid, verb: &str, index: usize) -> Result<(), Stop> {
+    let Some(fp) = fp.filter(|fp| fp.hits(verb, index)) else {
+        return Ok(());
+    };
+    tracing::warn!(op = %op_id, verb, step = index, mode = ?fp.mode, "failpoint");
+    let injected = StorageError::Injected {
+        verb: verb.to_string(),
+        step: index,
+    };
+    match fp.mode {
+        FailMode::Abort => std::process::abort(),
+        FailMode::Crash => Err(Stop::Crash(injected)),
+        FailMode::Error => Err(Stop::Fail { at: index, err: injected }),
+    }
+}
+
+/// Runs `op` on its home domain `dom`, journaling it (see the module docs). Steps are
+/// numbered side lane first, then main lane; failpoints use that numbering, and
+/// `side.len() + steps.len()` means "after the last step".
 pub fn run(
     dom: &FileStorageDomain,
     others: &[&FileStorageDomain],
     mut op: Operation,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
-    let root = dom.root();
     let failpoint = dom.failpoint();
-    let n = op.steps.len();
-    tracing::info!(op = %op.id, verb = %op.verb, sd = %op.sd, steps = n, "operation started");
-    if op.commit_at == 0 {
+    let (s, n) = (op.side.len(), op.steps.len());
+    tracing::info!(op = %op.id, verb = %op.verb, sd = %op.sd, steps = s + n, "operation started");
+    if op.commit_at == 0 && op.side.is_empty() {
         op.state = OpState::Committed;
     }
-    persist(root, &op)?;
-    for i in 0..=n {
-        if let Some(fp) = failpoint.as_ref().filter(|fp| fp.hits(&op.verb, i)) {
-            tracing::warn!(op = %op.id, verb = %op.verb, step = i, mode = ?fp.mode, "failpoint");
-            let injected = StorageError::Injected {
-                verb: op.verb.clone(),
-                step: i,
+    let side_steps = op.side.clone();
+    let (id, verb) = (op.id, op.verb.clone());
+    let outcome = std::thread::scope(|scope| {
+        // Leading directory creations run first (they are what the other side steps need);
+        // every other side step then runs in its own thread: they touch disjoint files.
+        let lead = side_steps
+            .iter()
+            .take_while(|p| matches!(p.step, Step::MakeImageDir { .. }))
+            .count();
+        let mut early: Result<(), Stop> = Ok(());
+        for (i, planned) in side_steps[..lead].iter().enumerate() {
+            early = early.and_then(|()| {
+                failpoint_stop(failpoint.as_ref(), id, &verb, i)?;
+                planned.step.apply(dom, &[], &mut |_| {}).map_err(|err| Stop::Fail { at: i, err })
+            });
+        }
+        let handles: Vec<_> = if early.is_ok() {
+            side_steps[lead..]
+                .iter()
+                .enumerate()
+                .map(|(k, planned)| {
+                    let (i, fp, verb) = (lead + k, failpoint.as_ref(), verb.as_str());
+                    scope.spawn(move || -> Result<(), Stop> {
+                        failpoint_stop(fp, id, verb, i)?;
+                        planned.step.apply(dom, &[], &mut |_| {}).map_err(|err| Stop::Fail { at: i, err })
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut side = Some((early, handles));
+        let mut join = || -> Result<(), Stop> {
+            let Some((early, handles)) = side.take() else {
+                return Ok(());
             };
-            match fp.mode {
-                FailMode::Abort => std::process::abort(),
-                FailMode::Crash => return Err(injected),
-                FailMode::Error => return Err(fail(dom, others, &op, i, injected)),
+            // Join every thread before reporting the first failure.
+            let results: Vec<Result<(), Stop>> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            early?;
+            results.into_iter().collect()
+        };
+        let main = (|| -> Result<(), Stop> {
+            persist(dom.root(), &op).map_err(|err| Stop::Fail { at: s, err })?;
+            for i in 0..=n {
+                if i == op.join_at.min(n) {
+                    join()?;
+                }
+                failpoint_stop(failpoint.as_ref(), id, &verb, s + i)?;
+                if i == n {
+                    break;
+                }
+                if i == op.commit_at && op.state == OpState::Pending {
+                    op.state = OpState::Committed;
+                    if !op.roll_forward {
+                        persist(dom.root(), &op).map_err(|err| Stop::Fail { at: s + i, err })?;
+                    }
+                }
+                let planned = &op.steps[i];
+                tracing::debug!(op = %op.id, step = s + i, what = %planned.step.describe(), "step");
+                planned
+                    .step
+                    .apply(dom, others, progress)
+                    .map_err(|err| Stop::Fail { at: s + i, err })?;
             }
+            Ok(())
+        })();
+        let joined = join();
+        main.and(joined)
+    });
+    match outcome {
+        Ok(()) => {
+            forget(dom.root(), op.id, op.completed_if.is_none())?;
+            tracing::info!(op = %op.id, verb = %op.verb, "operation done");
+            Ok(())
         }
-        if i == n {
-            break;
-        }
-        if i == op.commit_at && op.state == OpState::Pending {
-            op.state = OpState::Committed;
-            persist(root, &op)?;
-        }
-        let planned = &op.steps[i];
-        tracing::debug!(op = %op.id, step = i, what = %planned.step.describe(), "step");
-        if let Err(e) = planned.step.apply(dom, others, progress) {
-            return Err(fail(dom, others, &op, i, e));
-        }
+        Err(Stop::Crash(e)) => Err(e),
+        Err(Stop::Fail { at, err }) => Err(fail(dom, others, &op, at, err)),
     }
-    forget(root, op.id)?;
-    tracing::info!(op = %op.id, verb = %op.verb, "operation done");
-    Ok(())
 }
 
-/// Handles a failure at step `i`: before the commit point, undo steps `i..=0` and drop the
-/// journal entry; after it, keep the entry for recovery.
-fn fail(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, i: usize, e: StorageError) -> StorageError {
+fn step_at(op: &Operation, at: usize) -> Option<&PlannedStep> {
+    if at < op.side.len() {
+        op.side.get(at)
+    } else {
+        op.steps.get(at - op.side.len())
+    }
+}
+
+/// Handles a failure at global step `at`: before the commit point, undo and drop the journal
+/// entry; after it, keep the entry for recovery.
+fn fail(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, at: usize, e: StorageError) -> StorageError {
     let err = StorageError::Step {
         op: op.id,
         verb: op.verb.clone(),
-        step: i,
-        desc: op.steps.get(i).map_or_else(|| "completion".into(), |s| s.step.describe()),
+        step: at,
+        desc: step_at(op, at).map_or_else(|| "completion".into(), |s| s.step.describe()),
         source: Box::new(e),
     };
     if op.state == OpState::Committed {
-        tracing::error!(op = %op.id, verb = %op.verb, step = i, error = %err, "operation failed after its commit point; recovery will finish it");
+        tracing::error!(op = %op.id, verb = %op.verb, step = at, error = %err, "operation failed after its commit point; recovery will finish it");
         return err;
     }
-    match undo(dom, others, op, i.min(op.commit_at.saturating_sub(1))) {
+    match undo(dom, others, op) {
         Ok(()) => {
-            let _ = forget(dom.root(), op.id);
-            tracing::warn!(op = %op.id, verb = %op.verb, step = i, error = %err, "operation failed and was rolled back");
+            let _ = forget(dom.root(), op.id, true);
+            tracing::warn!(op = %op.id, verb = %op.verb, step = at, error = %err, "operation failed and was rolled back");
             err
         }
         Err(undo_err) => {
@@ -603,17 +783,15 @@ fn fail(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, 
     }
 }
 
-/// Undoes steps `last..=0` in reverse.
-fn undo(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, last: usize) -> Result<()> {
-    if op.commit_at == 0 {
-        return Ok(());
-    }
-    for planned in op.steps[..=last].iter().rev() {
+/// Undoes every undoable step, main lane then side lane, in reverse. The journal does not
+/// record how far an operation got, so undo runs for steps that may never have run; every undo
+/// tolerates that.
+fn undo(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation) -> Result<()> {
+    let main = &op.steps[..op.commit_at.min(op.steps.len())];
+    for planned in main.iter().rev().chain(op.side.iter().rev()) {
         if let Some(u) = &planned.undo {
-            // The journal does not record how far an operation got, so undo runs for steps that
-            // may never have run: restoring metadata only makes sense where metadata exists
-            // (a volume's `.meta` exists from its creation on, so this skips only new volumes
-            // whose metadata was never written).
+            // Restoring metadata only makes sense where metadata exists (a volume's `.meta`
+            // exists from its creation on, so this skips only new volumes never written).
             if let Step::WriteMeta { img, vol, .. } = u {
                 if !dom.meta_path(*img, *vol).exists() {
                     continue;
@@ -635,17 +813,22 @@ pub struct Recovered {
 
 /// Finishes or undoes one journaled operation.
 pub fn recover_one(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation) -> Result<Recovered> {
-    let rolled_forward = op.state == OpState::Committed;
+    let rolled_forward = op.state == OpState::Committed || op.roll_forward || op.is_complete(dom);
     tracing::info!(op = %op.id, verb = %op.verb, forward = rolled_forward, "recovering operation");
-    if rolled_forward {
+    if op.roll_forward {
+        repair_interrupted_writers(dom, op)?;
+        for planned in op.side.iter().chain(&op.steps) {
+            planned.step.apply(dom, others, &mut |_| {})?;
+        }
+    } else if op.state == OpState::Committed {
         repair_interrupted_writers(dom, op)?;
         for planned in &op.steps[op.commit_at..] {
             planned.step.apply(dom, others, &mut |_| {})?;
         }
-    } else if !op.steps.is_empty() {
-        undo(dom, others, op, op.commit_at.saturating_sub(1).min(op.steps.len() - 1))?;
+    } else if !rolled_forward {
+        undo(dom, others, op)?;
     }
-    forget(dom.root(), op.id)?;
+    forget(dom.root(), op.id, true)?;
     Ok(Recovered {
         op: op.id,
         verb: op.verb.clone(),
@@ -656,7 +839,7 @@ pub fn recover_one(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &
 /// A qcow2 image whose writer (`qemu-img commit`, `resize`, `rebase`) was killed may hold
 /// leaked clusters; free them before redoing the steps.
 fn repair_interrupted_writers(dom: &FileStorageDomain, op: &Operation) -> Result<()> {
-    for planned in &op.steps[op.commit_at..] {
+    for planned in &op.steps {
         let (img, vol) = match &planned.step {
             Step::Commit { img, base, .. } => (*img, *base),
             Step::Rebase { img, vol, .. } => (*img, *vol),
@@ -710,7 +893,7 @@ mod tests {
     fn operations_round_trip_through_json() {
         let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
         let mut op = Operation::new("create_volume", SdUuid::new_random());
-        op.undoable(Step::MakeImageDir { img }, Step::RemoveImageDirIfEmpty { img })
+        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
             .forward(Step::RemoveData { img, vol });
         assert_eq!(op.commit_at, 1);
         let json = serde_json::to_string(&op).unwrap();
