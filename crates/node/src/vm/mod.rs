@@ -1541,9 +1541,25 @@ async fn vm_task(vm: Arc<Vm>, mut ev: qmp::EventStream, extender: Arc<dyn Extend
             e = ev.recv() => match e {
                 Some(e) => handle_event(&vm, e, &extender).await,
                 None => {
-                    // QMP closed: QEMU is exiting. Wait for the exit itself.
+                    // QMP closed: normally QEMU is exiting. If it is still there after a
+                    // moment, the connection alone was lost: connect again.
                     *vm.qmp.lock().unwrap() = None;
-                    break process.wait().await;
+                    let settle = tokio::time::timeout(Duration::from_secs(2), process.wait());
+                    if let Ok(exit) = settle.await {
+                        break exit;
+                    }
+                    let sock = vm.dir.join("qmp.sock");
+                    match connect_qmp(&sock, &process, COMMAND_SETTLE).await {
+                        Ok((q, stream)) => {
+                            tracing::warn!(vm_id = %vm.id, "QMP connection lost; reconnected");
+                            *vm.qmp.lock().unwrap() = Some(Arc::new(q));
+                            ev = stream;
+                        }
+                        Err(e) => {
+                            tracing::error!(vm_id = %vm.id, error = %e, "QMP lost for good");
+                            break process.wait().await;
+                        }
+                    }
                 }
             },
             exit = process.wait() => break exit,
