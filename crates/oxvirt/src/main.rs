@@ -3,6 +3,7 @@
 //! Architecture invariant: no logic lives here that a crate should own; subcommands parse
 //! arguments, call a crate, and print.
 
+mod domain_cmd;
 mod node_cmd;
 mod up;
 
@@ -25,6 +26,8 @@ enum Command {
     Up(up::UpArgs),
     /// The node daemon (oxvirt's VDSM): serves the node API over mutual TLS.
     Node(node_cmd::NodeArgs),
+    /// Offline storage-domain administration: create, inspect, check, dump chains, volume verbs.
+    Domain(domain_cmd::DomainArgs),
     /// Report what this host offers for running VMs (QEMU, qemu-img, KVM).
     HostCheck {
         /// Print JSON instead of text.
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args),
         Command::HostCheck { json } => up::host_check(json),
+        Command::Domain(args) => domain_cmd::run(args),
         Command::Node(args) => node_cmd::run_node(args),
     }
 }

@@ -52,15 +52,25 @@ fn qemu_err(subject: &str) -> impl FnOnce(oxvirt_qemu::img::ImgError) -> Storage
 
 /// Writes `mib` MiB of `pattern` at `off_mib` into `path` with `qemu-io` (setup only).
 fn fill(path: &Path, pattern: u8, off_mib: u64, mib: u64) -> Result<()> {
-    let io = oxvirt_qemu::QemuTool::Io.locate().map_err(|e| StorageError::invalid("qemu-io", e.to_string()))?;
+    let io = oxvirt_qemu::QemuTool::Io
+        .locate()
+        .map_err(|e| StorageError::invalid("qemu-io", e.to_string()))?;
     let out = std::process::Command::new(io)
-        .args(["-f", "qcow2", "-c", &format!("write -P {pattern:#x} {off_mib}M {mib}M")])
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern:#x} {off_mib}M {mib}M"),
+        ])
         .arg(path)
         .current_dir(path.parent().unwrap_or(Path::new(".")))
         .output()
         .map_err(StorageError::io("run qemu-io on", path))?;
     if !out.status.success() {
-        return Err(StorageError::invalid("qemu-io", String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(StorageError::invalid(
+            "qemu-io",
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     Ok(())
 }
@@ -130,7 +140,12 @@ fn run_in(work: &Path, iterations: usize) -> Result<BenchReport> {
         bare.push(t.elapsed());
         bare_parent = name;
     }
-    let mut figures = vec![figure("snapshot create", "qemu-img create -f qcow2 -b <parent> -u", ours, bare)];
+    let mut figures = vec![figure(
+        "snapshot create",
+        "qemu-img create -f qcow2 -b <parent> -u",
+        ours,
+        bare,
+    )];
 
     // Thin clone of a template.
     let (timg, tvol) = (ImgUuid::new_random(), VolUuid::new_random());
@@ -146,12 +161,21 @@ fn run_in(work: &Path, iterations: usize) -> Result<BenchReport> {
         bare_create(&q, &bare_dir.join(format!("clone-{i}")), "snap-base")?;
         bare.push(t.elapsed());
     }
-    figures.push(figure("thin clone", "qemu-img create -f qcow2 -b <template> -u", ours, bare));
+    figures.push(figure(
+        "thin clone",
+        "qemu-img create -f qcow2 -b <template> -u",
+        ours,
+        bare,
+    ));
 
     // Cold merge of a leaf holding 16 MiB into its parent.
     let (mut ours, mut bare) = (Vec::new(), Vec::new());
     for i in 0..iterations {
-        let (mimg, mbase, mtop) = (ImgUuid::new_random(), VolUuid::new_random(), VolUuid::new_random());
+        let (mimg, mbase, mtop) = (
+            ImgUuid::new_random(),
+            VolUuid::new_random(),
+            VolUuid::new_random(),
+        );
         dom.create_volume(mimg, mbase, &spec)?;
         fill(&dom.volume_path(mimg, mbase), 0x11, 0, 4)?;
         dom.create_snapshot(mimg, mtop, None, "")?;
@@ -181,11 +205,21 @@ fn run_in(work: &Path, iterations: usize) -> Result<BenchReport> {
         std::fs::remove_file(&bt).map_err(StorageError::io("remove", &bt))?;
         bare.push(t.elapsed());
     }
-    figures.push(figure("cold merge (leaf, 16 MiB)", "qemu-img commit -d -b <base> <top>; rm <top>", ours, bare));
+    figures.push(figure(
+        "cold merge (leaf, 16 MiB)",
+        "qemu-img commit -d -b <base> <top>; rm <top>",
+        ours,
+        bare,
+    ));
     Ok(BenchReport { iterations, figures })
 }
 
-fn figure(verb: &'static str, bare_commands: &'static str, ours: Vec<Duration>, bare: Vec<Duration>) -> BenchFigure {
+fn figure(
+    verb: &'static str,
+    bare_commands: &'static str,
+    ours: Vec<Duration>,
+    bare: Vec<Duration>,
+) -> BenchFigure {
     let (o, b) = (median(ours), median(bare));
     BenchFigure {
         verb,

@@ -42,8 +42,13 @@ pub enum RoleProblem {
         expected: VolRole,
     },
     /// A volume from another image that is not a SHARED base.
-    ForeignVolume { vol: VolUuid, image: ImgUuid },
-    Illegal { vol: VolUuid },
+    ForeignVolume {
+        vol: VolUuid,
+        image: ImgUuid,
+    },
+    Illegal {
+        vol: VolUuid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -166,7 +171,10 @@ pub fn build_chain(image: ImgUuid, vols: &BTreeMap<VolUuid, VolumeMetadata>) -> 
         });
     }
     order.reverse();
-    Ok(Chain { image, volumes: order })
+    Ok(Chain {
+        image,
+        volumes: order,
+    })
 }
 
 #[cfg(test)]
@@ -197,7 +205,11 @@ mod tests {
     fn orders_base_first_and_finds_template() {
         let img = ImgUuid::new_random();
         let tmpl_img = ImgUuid::new_random();
-        let (t, a, b) = (VolUuid::new_random(), VolUuid::new_random(), VolUuid::new_random());
+        let (t, a, b) = (
+            VolUuid::new_random(),
+            VolUuid::new_random(),
+            VolUuid::new_random(),
+        );
         let mut vols = BTreeMap::new();
         vols.insert(b, meta(img, a, VolRole::Leaf));
         vols.insert(t, meta(tmpl_img, VolUuid::nil(), VolRole::Shared));
@@ -213,12 +225,19 @@ mod tests {
     #[test]
     fn structural_errors() {
         let img = ImgUuid::new_random();
-        let (a, b, c) = (VolUuid::new_random(), VolUuid::new_random(), VolUuid::new_random());
+        let (a, b, c) = (
+            VolUuid::new_random(),
+            VolUuid::new_random(),
+            VolUuid::new_random(),
+        );
         let mut branch = BTreeMap::new();
         branch.insert(a, meta(img, VolUuid::nil(), VolRole::Internal));
         branch.insert(b, meta(img, a, VolRole::Leaf));
         branch.insert(c, meta(img, a, VolRole::Leaf));
-        assert!(matches!(build_chain(img, &branch), Err(ChainError::ManyLeaves { .. })));
+        assert!(matches!(
+            build_chain(img, &branch),
+            Err(ChainError::ManyLeaves { .. })
+        ));
 
         let mut missing = BTreeMap::new();
         missing.insert(b, meta(img, a, VolRole::Leaf));
@@ -238,7 +257,10 @@ mod tests {
 
         let mut loop_plus = cycle.clone();
         loop_plus.insert(c, meta(img, VolUuid::nil(), VolRole::Leaf));
-        assert!(matches!(build_chain(img, &loop_plus), Err(ChainError::Disconnected { .. })));
+        assert!(matches!(
+            build_chain(img, &loop_plus),
+            Err(ChainError::Disconnected { .. })
+        ));
         assert_eq!(build_chain(img, &BTreeMap::new()), Err(ChainError::Empty(img)));
     }
 

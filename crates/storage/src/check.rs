@@ -87,7 +87,14 @@ impl FileStorageDomain {
         match ops::pending(self.root()) {
             Ok(p) => {
                 for op in p {
-                    r.err(None, None, format!("operation {} ({}) is pending in the journal: run recovery", op.id, op.verb));
+                    r.err(
+                        None,
+                        None,
+                        format!(
+                            "operation {} ({}) is pending in the journal: run recovery",
+                            op.id, op.verb
+                        ),
+                    );
                 }
             }
             Err(e) => r.err(None, None, e.to_string()),
@@ -105,9 +112,11 @@ impl FileStorageDomain {
             let name = e.file_name().to_string_lossy().into_owned();
             match name.parse::<ImgUuid>() {
                 Ok(img) if e.path().is_dir() => images.push(img),
-                _ if name.starts_with(REMOVED_IMAGE_PREFIX) => {
-                    r.warn(None, None, format!("{name} is a deleted image awaiting garbage collection"))
-                }
+                _ if name.starts_with(REMOVED_IMAGE_PREFIX) => r.warn(
+                    None,
+                    None,
+                    format!("{name} is a deleted image awaiting garbage collection"),
+                ),
                 _ => r.warn(None, None, format!("unexpected entry images/{name}")),
             }
         }
@@ -121,9 +130,10 @@ impl FileStorageDomain {
 
     fn check_dom_md(&self, r: &mut Report<'_>) {
         let md_dir = self.md_dir();
-        match std::fs::read(md_dir.join("metadata")).map_err(|e| e.to_string()).and_then(|b| {
-            DomainMetadata::decode(&b).map_err(|e| e.to_string())
-        }) {
+        match std::fs::read(md_dir.join("metadata"))
+            .map_err(|e| e.to_string())
+            .and_then(|b| DomainMetadata::decode(&b).map_err(|e| e.to_string()))
+        {
             Ok(md) if md.sd == self.sd() => {}
             Ok(md) => r.err(None, None, format!("metadata names domain {}", md.sd)),
             Err(e) => r.err(None, None, format!("dom_md/metadata: {e}")),
@@ -137,7 +147,11 @@ impl FileStorageDomain {
         ] {
             match size(name) {
                 Ok(s) if s >= min => {}
-                Ok(s) => r.err(None, None, format!("dom_md/{name} is {s} bytes, expected at least {min}")),
+                Ok(s) => r.err(
+                    None,
+                    None,
+                    format!("dom_md/{name} is {s} bytes, expected at least {min}"),
+                ),
                 Err(e) => r.err(None, None, format!("dom_md/{name}: {e}")),
             }
         }
@@ -145,7 +159,12 @@ impl FileStorageDomain {
             r.err(None, None, format!("dom_md/ids: {e}"));
         }
         let sdm_offset = crate::leases::SDM_LEASE_SLOT * self.metadata().alignment;
-        if let Err(e) = crate::leases::verify_resource(&md_dir.join("leases"), sdm_offset, self.sd(), crate::leases::SDM_LEASE_NAME) {
+        if let Err(e) = crate::leases::verify_resource(
+            &md_dir.join("leases"),
+            sdm_offset,
+            self.sd(),
+            crate::leases::SDM_LEASE_NAME,
+        ) {
             r.err(None, None, format!("dom_md/leases: {e}"));
         }
         let xl = md_dir.join("xleases");
@@ -156,9 +175,19 @@ impl FileStorageDomain {
             f.read_exact_at(&mut buf, xleases::index_offset(alignment))?;
             Ok(buf)
         });
-        match read.map_err(|e| e.to_string()).and_then(|b| xleases::parse_index(&b).map_err(|e| e.to_string())) {
+        match read
+            .map_err(|e| e.to_string())
+            .and_then(|b| xleases::parse_index(&b).map_err(|e| e.to_string()))
+        {
             Ok((md, _)) if md.lockspace == self.sd().to_string() && !md.updating => {}
-            Ok((md, _)) => r.err(None, None, format!("xleases index is for lockspace {:?} (updating: {})", md.lockspace, md.updating)),
+            Ok((md, _)) => r.err(
+                None,
+                None,
+                format!(
+                    "xleases index is for lockspace {:?} (updating: {})",
+                    md.lockspace, md.updating
+                ),
+            ),
             Err(e) => r.err(None, None, format!("dom_md/xleases: {e}")),
         }
     }
@@ -174,9 +203,15 @@ impl FileStorageDomain {
         let mut leases = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(v) = name.strip_suffix(META_EXT).and_then(|s| s.parse::<VolUuid>().ok()) {
+            if let Some(v) = name
+                .strip_suffix(META_EXT)
+                .and_then(|s| s.parse::<VolUuid>().ok())
+            {
                 metas.push(v);
-            } else if let Some(v) = name.strip_suffix(LEASE_EXT).and_then(|s| s.parse::<VolUuid>().ok()) {
+            } else if let Some(v) = name
+                .strip_suffix(LEASE_EXT)
+                .and_then(|s| s.parse::<VolUuid>().ok())
+            {
                 leases.push(v);
             } else if let Ok(v) = name.parse::<VolUuid>() {
                 data.push(v);
@@ -188,7 +223,11 @@ impl FileStorageDomain {
         }
         for v in &data {
             if !metas.contains(v) {
-                r.err(Some(img), Some(*v), "data file without metadata (a half-made volume)".into());
+                r.err(
+                    Some(img),
+                    Some(*v),
+                    "data file without metadata (a half-made volume)".into(),
+                );
             }
         }
         for v in &leases {
@@ -204,11 +243,17 @@ impl FileStorageDomain {
             }
             match std::fs::metadata(self.lease_path(img, v)) {
                 Ok(m) if m.len() >= crate::leases::LEASE_AREA => {
-                    if let Err(e) = crate::leases::verify_resource(&self.lease_path(img, v), 0, self.sd(), &v.to_string()) {
+                    if let Err(e) =
+                        crate::leases::verify_resource(&self.lease_path(img, v), 0, self.sd(), &v.to_string())
+                    {
                         r.err(Some(img), Some(v), format!("lease: {e}"));
                     }
                 }
-                Ok(m) => r.err(Some(img), Some(v), format!("lease file is {} bytes, expected 1 MiB", m.len())),
+                Ok(m) => r.err(
+                    Some(img),
+                    Some(v),
+                    format!("lease file is {} bytes, expected 1 MiB", m.len()),
+                ),
                 Err(_) => r.err(Some(img), Some(v), "lease file is missing".into()),
             }
             match self.read_meta(img, v) {
@@ -221,7 +266,16 @@ impl FileStorageDomain {
                     }
                     vols.insert(v, m);
                 }
-                Err(e) => r.err(Some(img), Some(v), format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())),
+                Err(e) => r.err(
+                    Some(img),
+                    Some(v),
+                    format!(
+                        "{e}: {}",
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ),
+                ),
             }
         }
         if vols.is_empty() {
@@ -237,13 +291,19 @@ impl FileStorageDomain {
         };
         for p in chain.problems() {
             match p {
-                crate::chain::RoleProblem::Illegal { vol } => r.warn(Some(img), Some(vol), "volume is ILLEGAL".into()),
-                crate::chain::RoleProblem::Role { vol, found, expected } => {
-                    r.err(Some(img), Some(vol), format!("VOLTYPE is {found}, its position needs {expected}"))
+                crate::chain::RoleProblem::Illegal { vol } => {
+                    r.warn(Some(img), Some(vol), "volume is ILLEGAL".into())
                 }
-                crate::chain::RoleProblem::ForeignVolume { vol, image } => {
-                    r.err(Some(img), Some(vol), format!("volume of image {image} is not a SHARED base"))
-                }
+                crate::chain::RoleProblem::Role { vol, found, expected } => r.err(
+                    Some(img),
+                    Some(vol),
+                    format!("VOLTYPE is {found}, its position needs {expected}"),
+                ),
+                crate::chain::RoleProblem::ForeignVolume { vol, image } => r.err(
+                    Some(img),
+                    Some(vol),
+                    format!("volume of image {image} is not a SHARED base"),
+                ),
             }
         }
         if deep {
@@ -255,15 +315,27 @@ impl FileStorageDomain {
 
     fn check_template_link(&self, img: ImgUuid, v: VolUuid, m: &VolumeMetadata, r: &mut Report<'_>) {
         if m.role != VolRole::Shared {
-            r.err(Some(img), Some(v), format!("metadata names image {} but the volume is not SHARED", m.image));
+            r.err(
+                Some(img),
+                Some(v),
+                format!("metadata names image {} but the volume is not SHARED", m.image),
+            );
             return;
         }
         let own = std::fs::metadata(self.volume_path(m.image, v));
         let here = std::fs::metadata(self.volume_path(img, v));
         match (own, here) {
             (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {}
-            (Err(_), _) => r.err(Some(img), Some(v), format!("template image {} does not hold this volume", m.image)),
-            _ => r.err(Some(img), Some(v), format!("template volume is not a hard link of image {}'s", m.image)),
+            (Err(_), _) => r.err(
+                Some(img),
+                Some(v),
+                format!("template image {} does not hold this volume", m.image),
+            ),
+            _ => r.err(
+                Some(img),
+                Some(v),
+                format!("template volume is not a hard link of image {}'s", m.image),
+            ),
         }
     }
 
@@ -279,32 +351,63 @@ impl FileStorageDomain {
         };
         let expected_format = m.format.image_format().driver();
         if info.format != expected_format {
-            r.err(Some(img), Some(v), format!("image format is {}, metadata says {}", info.format, m.format));
+            r.err(
+                Some(img),
+                Some(v),
+                format!("image format is {}, metadata says {}", info.format, m.format),
+            );
             return;
         }
         match m.format {
             VolFormat::Cow => {
                 if info.qcow2_compat() != Some(QCOW2_COMPAT) {
-                    r.err(Some(img), Some(v), format!("qcow2 compat is {:?}, expected {QCOW2_COMPAT}", info.qcow2_compat()));
+                    r.err(
+                        Some(img),
+                        Some(v),
+                        format!(
+                            "qcow2 compat is {:?}, expected {QCOW2_COMPAT}",
+                            info.qcow2_compat()
+                        ),
+                    );
                 }
                 if info.virtual_size != m.capacity {
-                    r.err(Some(img), Some(v), format!("virtual size {} differs from CAP {}", info.virtual_size, m.capacity));
+                    r.err(
+                        Some(img),
+                        Some(v),
+                        format!(
+                            "virtual size {} differs from CAP {}",
+                            info.virtual_size, m.capacity
+                        ),
+                    );
                 }
                 let expected_backing = m.parent().map(|p| p.to_string());
                 if info.backing_filename != expected_backing {
-                    r.err(Some(img), Some(v), format!("backing file is {:?}, expected {:?}", info.backing_filename, expected_backing));
+                    r.err(
+                        Some(img),
+                        Some(v),
+                        format!(
+                            "backing file is {:?}, expected {:?}",
+                            info.backing_filename, expected_backing
+                        ),
+                    );
                 }
                 match self.qemu().check(&path, Some(m.format.image_format())) {
                     Ok(c) if c.is_clean() => {}
                     Ok(c) if c.check_errors == 0 && c.corruptions == 0 => r.warn(
                         Some(img),
                         Some(v),
-                        format!("qemu-img check: {} leaked clusters (harmless; recovery frees them)", c.leaks),
+                        format!(
+                            "qemu-img check: {} leaked clusters (harmless; recovery frees them)",
+                            c.leaks
+                        ),
                     ),
                     Ok(c) => r.err(
                         Some(img),
                         Some(v),
-                        format!("qemu-img check: {} errors, {} corruptions, {} leaks", c.check_errors, c.corruptions, c.leaks),
+                        format!(
+                            "qemu-img check: {} errors, {} corruptions, {} leaks",
+                            c.check_errors, c.corruptions, c.leaks
+                        ),
                     ),
                     Err(e) => r.err(Some(img), Some(v), format!("qemu-img check: {e}")),
                 }
@@ -314,7 +417,14 @@ impl FileStorageDomain {
                     r.err(Some(img), Some(v), "a RAW volume cannot have a parent".into());
                 }
                 if info.virtual_size < m.capacity {
-                    r.err(Some(img), Some(v), format!("raw file is {} bytes, smaller than CAP {}", info.virtual_size, m.capacity));
+                    r.err(
+                        Some(img),
+                        Some(v),
+                        format!(
+                            "raw file is {} bytes, smaller than CAP {}",
+                            info.virtual_size, m.capacity
+                        ),
+                    );
                 }
             }
         }

@@ -46,7 +46,11 @@ const MD_MODE: u32 = 0o660;
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
-    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
 }
 
 /// What to create.
@@ -104,16 +108,24 @@ impl FileStorageDomain {
     }
 
     pub fn create_with(mount: &Path, req: &NewDomain, clock: Clock) -> Result<Self> {
-        let remote = req.remote_path.clone().unwrap_or_else(|| mount.display().to_string());
-        let md = DomainMetadata::new_v5(req.sd, req.domain_type, &req.description, &remote).map_err(|e| {
-            StorageError::invalid("domain parameters", e.to_string())
-        })?;
+        let remote = req
+            .remote_path
+            .clone()
+            .unwrap_or_else(|| mount.display().to_string());
+        let md = DomainMetadata::new_v5(req.sd, req.domain_type, &req.description, &remote)
+            .map_err(|e| StorageError::invalid("domain parameters", e.to_string()))?;
         if !req.domain_type.is_file() {
-            return Err(StorageError::invalid("domain type", format!("{} is not a file domain type", req.domain_type.as_str())));
+            return Err(StorageError::invalid(
+                "domain type",
+                format!("{} is not a file domain type", req.domain_type.as_str()),
+            ));
         }
         let mount_md = std::fs::metadata(mount).map_err(StorageError::io("open mount directory", mount))?;
         if !mount_md.is_dir() {
-            return Err(StorageError::invalid("mount", format!("{} is not a directory", mount.display())));
+            return Err(StorageError::invalid(
+                "mount",
+                format!("{} is not a directory", mount.display()),
+            ));
         }
         let root = mount.join(req.sd.to_string());
         if root.exists() {
@@ -143,7 +155,9 @@ impl FileStorageDomain {
         let md_path = root.join(DOMAIN_MD_DIR).join("metadata");
         let bytes = match std::fs::read(&md_path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StorageError::NoDomain(root.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NoDomain(root.into()))
+            }
             Err(e) => return Err(StorageError::io("read", md_path)(e)),
         };
         let md = DomainMetadata::decode(&bytes).map_err(|source| StorageError::DomainMetadata {
@@ -170,7 +184,9 @@ impl FileStorageDomain {
             subject: "locating qemu-img".into(),
             source,
         })?;
-        let failpoint = std::env::var(Failpoint::ENV).ok().and_then(|s| Failpoint::parse(&s));
+        let failpoint = std::env::var(Failpoint::ENV)
+            .ok()
+            .and_then(|s| Failpoint::parse(&s));
         Ok(Self {
             root: root.to_path_buf(),
             md,
@@ -250,7 +266,8 @@ impl FileStorageDomain {
 
     /// Capacity of the file system and what the domain holds.
     pub fn stats(&self) -> Result<DomainStats> {
-        let (disk_total, disk_free) = fsio::statvfs(&self.root).map_err(StorageError::io("statvfs", &self.root))?;
+        let (disk_total, disk_free) =
+            fsio::statvfs(&self.root).map_err(StorageError::io("statvfs", &self.root))?;
         let images = self.images()?;
         let mut vols = std::collections::BTreeSet::new();
         for img in &images {
@@ -343,7 +360,9 @@ impl FileStorageDomain {
         let path = self.meta_path(img, vol);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StorageError::NoVolume { img, vol }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NoVolume { img, vol })
+            }
             Err(e) => return Err(StorageError::io("read", path)(e)),
         };
         VolumeMetadata::decode(&bytes).map_err(|source| StorageError::VolumeMetadata { img, vol, source })
@@ -374,7 +393,12 @@ impl FileStorageDomain {
     /// Paths of the chain's layers, base first: what a VM opens as its disk's backing chain
     /// (every layer lives in the image directory, templates as hard links).
     pub fn chain_paths(&self, img: ImgUuid) -> Result<Vec<PathBuf>> {
-        Ok(self.chain(img)?.ids().into_iter().map(|v| self.volume_path(img, v)).collect())
+        Ok(self
+            .chain(img)?
+            .ids()
+            .into_iter()
+            .map(|v| self.volume_path(img, v))
+            .collect())
     }
 
     /// Images holding volume `vol` (a template volume is in its own image and each clone's).
@@ -401,12 +425,18 @@ impl FileStorageDomain {
         for e in std::fs::read_dir(&dir).map_err(StorageError::io("list", &dir))? {
             let e = e.map_err(StorageError::io("list", &dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(img) = name.strip_prefix(REMOVED_IMAGE_PREFIX).and_then(|s| s.parse::<ImgUuid>().ok()) {
+            if let Some(img) = name
+                .strip_prefix(REMOVED_IMAGE_PREFIX)
+                .and_then(|s| s.parse::<ImgUuid>().ok())
+            {
                 let mut op = ops::Operation::new("purge_removed_image", self.sd());
                 op.forward(ops::Step::PurgeRemovedImage { img });
                 ops::run(self, others, op, &mut |_| {})?;
                 report.purged_images.push(img);
-            } else if let (true, Ok(img)) = (e.file_type().map(|t| t.is_dir()).unwrap_or(false), name.parse::<ImgUuid>()) {
+            } else if let (true, Ok(img)) = (
+                e.file_type().map(|t| t.is_dir()).unwrap_or(false),
+                name.parse::<ImgUuid>(),
+            ) {
                 self.collect_image_garbage(img, &mut report)?;
             }
         }
@@ -422,7 +452,12 @@ impl FileStorageDomain {
         let dir = self.image_dir(img);
         let mut names = Vec::new();
         for f in std::fs::read_dir(&dir).map_err(StorageError::io("list", &dir))? {
-            names.push(f.map_err(StorageError::io("list", &dir))?.file_name().to_string_lossy().into_owned());
+            names.push(
+                f.map_err(StorageError::io("list", &dir))?
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         let has_meta = |vol: &str| names.iter().any(|n| n.strip_suffix(META_EXT) == Some(vol));
         for name in &names {
@@ -444,7 +479,11 @@ impl FileStorageDomain {
                 fsio::remove_if_exists(&path).map_err(StorageError::io("remove", &path))?;
             }
         }
-        if std::fs::read_dir(&dir).map_err(StorageError::io("list", &dir))?.next().is_none() {
+        if std::fs::read_dir(&dir)
+            .map_err(StorageError::io("list", &dir))?
+            .next()
+            .is_none()
+        {
             std::fs::remove_dir(&dir).map_err(StorageError::io("remove", &dir))?;
             report.removed_empty_images.push(img);
         }
@@ -475,17 +514,26 @@ fn build_domain(dir: &Path, md: &DomainMetadata, now: u64) -> Result<()> {
         fsio::create_sized(&file(name), 0, MD_MODE).map_err(StorageError::io("create", file(name)))?;
     }
     for name in ["inbox", "outbox"] {
-        fsio::create_sized(&file(name), MAILBOX_SIZE, MD_MODE).map_err(StorageError::io("create", file(name)))?;
+        fsio::create_sized(&file(name), MAILBOX_SIZE, MD_MODE)
+            .map_err(StorageError::io("create", file(name)))?;
     }
     let io_timeout = u16::try_from(md.io_op_timeout_sec).unwrap_or(10);
     leases::init_lockspace(&file("ids"), md.sd, io_timeout)?;
-    leases::init_resource(&file("leases"), leases::SDM_LEASE_SLOT * md.alignment, md.sd, leases::SDM_LEASE_NAME)?;
+    leases::init_resource(
+        &file("leases"),
+        leases::SDM_LEASE_SLOT * md.alignment,
+        md.sd,
+        leases::SDM_LEASE_NAME,
+    )?;
     let index = xleases::format_index(&md.sd.to_string(), now)
         .map_err(|e| StorageError::invalid("xleases lockspace", e.to_string()))?;
     fsio::write_at(&file("xleases"), xleases::index_offset(md.alignment), &index)
         .map_err(StorageError::io("write", file("xleases")))?;
-    let text = md.encode().map_err(|e| StorageError::invalid("domain metadata", e.to_string()))?;
-    fsio::atomic_write(&file("metadata"), text.as_bytes(), MD_MODE).map_err(StorageError::io("write", file("metadata")))?;
+    let text = md
+        .encode()
+        .map_err(|e| StorageError::invalid("domain metadata", e.to_string()))?;
+    fsio::atomic_write(&file("metadata"), text.as_bytes(), MD_MODE)
+        .map_err(StorageError::io("write", file("metadata")))?;
     let images = dir.join(IMAGES_DIR);
     std::fs::create_dir_all(&images).map_err(StorageError::io("create", &images))?;
     let journal = ops::journal_dir(dir);

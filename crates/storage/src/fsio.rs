@@ -75,7 +75,12 @@ pub fn force_link(src: &Path, dst: &Path) -> io::Result<()> {
 
 /// Creates (or grows) a sparse file of `size` bytes, as VDSM's `truncateFile` does.
 pub fn create_sized(path: &Path, size: u64, mode: u32) -> io::Result<()> {
-    let f = OpenOptions::new().write(true).create(true).truncate(false).mode(mode).open(path)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .open(path)?;
     if f.metadata()?.len() < size {
         f.set_len(size)?;
     }

@@ -86,7 +86,10 @@ pub struct ImageChainReport {
 
 fn round_capacity(what: &'static str, cap: u64) -> Result<u64> {
     if cap == 0 || cap > MAX_CAPACITY {
-        return Err(StorageError::invalid(what, format!("{cap} bytes is outside 1..={MAX_CAPACITY}")));
+        return Err(StorageError::invalid(
+            what,
+            format!("{cap} bytes is outside 1..={MAX_CAPACITY}"),
+        ));
     }
     Ok(cap.div_ceil(CAPACITY_ALIGN) * CAPACITY_ALIGN)
 }
@@ -97,7 +100,13 @@ fn check_meta(img: ImgUuid, vol: VolUuid, meta: &VolumeMetadata) -> Result<()> {
         .map_err(|source| StorageError::VolumeMetadata { img, vol, source })
 }
 
-fn state_err(img: ImgUuid, vol: VolUuid, verb: &'static str, state: String, needed: &'static str) -> StorageError {
+fn state_err(
+    img: ImgUuid,
+    vol: VolUuid,
+    verb: &'static str,
+    state: String,
+    needed: &'static str,
+) -> StorageError {
     StorageError::WrongState {
         img,
         vol,
@@ -149,41 +158,51 @@ impl FileStorageDomain {
         let mut op = Operation::new("create_volume", self.sd());
         // Data and lease are made in the side lane while the main lane journals the operation
         // and marks the new volume ILLEGAL; it turns LEGAL once both lanes are done.
-        op.side(Step::MakeImageDir { img, sync: false }, Step::RemoveImageDirIfEmpty { img })
-            .side(
-                Step::CreateData {
-                    img,
-                    vol,
-                    spec: DataSpec {
-                        format: spec.format,
-                        allocation: spec.allocation,
-                        capacity,
-                        backing: None,
-                    },
+        op.side(
+            Step::MakeImageDir { img, sync: false },
+            Step::RemoveImageDirIfEmpty { img },
+        )
+        .side(
+            Step::CreateData {
+                img,
+                vol,
+                spec: DataSpec {
+                    format: spec.format,
+                    allocation: spec.allocation,
+                    capacity,
+                    backing: None,
                 },
-                Step::RemoveData { img, vol },
-            )
-            .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
+            },
+            Step::RemoveData { img, vol },
+        )
+        .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
         let mut illegal = meta.clone();
         illegal.legality = Legality::Illegal;
-        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
-            .undoable(
-                Step::WriteMeta {
-                    img,
-                    vol,
-                    meta: illegal.clone(),
-                },
-                Step::RemoveMeta { img, vol },
-            )
-            .join()
-            .undoable(
-                Step::WriteMeta {
-                    img,
-                    vol,
-                    meta: meta.clone(),
-                },
-                Step::WriteMeta { img, vol, meta: illegal },
-            );
+        op.undoable(
+            Step::MakeImageDir { img, sync: true },
+            Step::RemoveImageDirIfEmpty { img },
+        )
+        .undoable(
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: illegal.clone(),
+            },
+            Step::RemoveMeta { img, vol },
+        )
+        .join()
+        .undoable(
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: meta.clone(),
+            },
+            Step::WriteMeta {
+                img,
+                vol,
+                meta: illegal,
+            },
+        );
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
     }
@@ -202,10 +221,22 @@ impl FileStorageDomain {
         let chain = self.chain(img)?;
         let leaf = chain.leaf();
         if leaf.meta.role != VolRole::Leaf || leaf.meta.image != img {
-            return Err(state_err(img, leaf.id, "create_snapshot", format!("is {}", leaf.meta.role), "a LEAF of this image"));
+            return Err(state_err(
+                img,
+                leaf.id,
+                "create_snapshot",
+                format!("is {}", leaf.meta.role),
+                "a LEAF of this image",
+            ));
         }
         if leaf.meta.legality != Legality::Legal {
-            return Err(state_err(img, leaf.id, "create_snapshot", format!("is {}", leaf.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                leaf.id,
+                "create_snapshot",
+                format!("is {}", leaf.meta.legality),
+                "LEGAL",
+            ));
         }
         let capacity = round_capacity("capacity", capacity.unwrap_or(leaf.meta.capacity))?;
         if capacity < leaf.meta.capacity {
@@ -250,7 +281,10 @@ impl FileStorageDomain {
             },
             Step::RemoveData { img, vol: new_vol },
         )
-        .side(Step::InitLease { img, vol: new_vol }, Step::RemoveLease { img, vol: new_vol });
+        .side(
+            Step::InitLease { img, vol: new_vol },
+            Step::RemoveLease { img, vol: new_vol },
+        );
         op.undoable(
             Step::WriteMeta {
                 img,
@@ -272,7 +306,10 @@ impl FileStorageDomain {
             Step::UnstageMeta { img, vol: new_vol },
         )
         .join()
-        .undoable(Step::CommitMeta { img, vol: new_vol }, Step::RemoveMeta { img, vol: new_vol })
+        .undoable(
+            Step::CommitMeta { img, vol: new_vol },
+            Step::RemoveMeta { img, vol: new_vol },
+        )
         .completed_if(img, new_vol);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
@@ -286,12 +323,21 @@ impl FileStorageDomain {
         if chain.volumes.len() != 1 || chain.leaf().id != vol {
             return Err(StorageError::invalid(
                 "template",
-                format!("image {img} must hold exactly volume {vol}, it holds {:?}", chain.ids()),
+                format!(
+                    "image {img} must hold exactly volume {vol}, it holds {:?}",
+                    chain.ids()
+                ),
             ));
         }
         let v = chain.leaf();
         if v.meta.legality != Legality::Legal {
-            return Err(state_err(img, vol, "make_template", format!("is {}", v.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                vol,
+                "make_template",
+                format!("is {}", v.meta.legality),
+                "LEGAL",
+            ));
         }
         if v.meta.role == VolRole::Shared {
             return Ok(());
@@ -315,10 +361,22 @@ impl FileStorageDomain {
         let _g = self.lock_ops();
         let t = self.read_meta(tmpl_img, tmpl_vol)?;
         if t.role != VolRole::Shared || t.image != tmpl_img {
-            return Err(state_err(tmpl_img, tmpl_vol, "clone_from_template", format!("is {}", t.role), "a SHARED template volume of its own image"));
+            return Err(state_err(
+                tmpl_img,
+                tmpl_vol,
+                "clone_from_template",
+                format!("is {}", t.role),
+                "a SHARED template volume of its own image",
+            ));
         }
         if t.legality != Legality::Legal {
-            return Err(state_err(tmpl_img, tmpl_vol, "clone_from_template", format!("is {}", t.legality), "LEGAL"));
+            return Err(state_err(
+                tmpl_img,
+                tmpl_vol,
+                "clone_from_template",
+                format!("is {}", t.legality),
+                "LEGAL",
+            ));
         }
         let meta = VolumeMetadata {
             domain: self.sd(),
@@ -341,41 +399,47 @@ impl FileStorageDomain {
         let mut op = Operation::new("clone_from_template", self.sd());
         // As for a snapshot: data and lease in the side lane, journal, template links and the
         // staged metadata in the main lane, then one rename publishes the clone.
-        op.side(Step::MakeImageDir { img, sync: false }, Step::RemoveImageDirIfEmpty { img })
-            .side(
-                Step::CreateData {
-                    img,
-                    vol,
-                    spec: DataSpec {
-                        format: VolFormat::Cow,
-                        allocation: Allocation::Sparse,
-                        capacity: t.capacity,
-                        backing: Some((tmpl_vol, t.format)),
-                    },
+        op.side(
+            Step::MakeImageDir { img, sync: false },
+            Step::RemoveImageDirIfEmpty { img },
+        )
+        .side(
+            Step::CreateData {
+                img,
+                vol,
+                spec: DataSpec {
+                    format: VolFormat::Cow,
+                    allocation: Allocation::Sparse,
+                    capacity: t.capacity,
+                    backing: Some((tmpl_vol, t.format)),
                 },
-                Step::RemoveData { img, vol },
-            )
-            .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
-        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
-            .undoable(
-                Step::LinkShared {
-                    from: tmpl_img,
-                    to: img,
-                    vol: tmpl_vol,
-                },
-                Step::UnlinkShared { img, vol: tmpl_vol },
-            )
-            .undoable(
-                Step::StageMeta {
-                    img,
-                    vol,
-                    meta: meta.clone(),
-                },
-                Step::UnstageMeta { img, vol },
-            )
-            .join()
-            .undoable(Step::CommitMeta { img, vol }, Step::RemoveMeta { img, vol })
-            .completed_if(img, vol);
+            },
+            Step::RemoveData { img, vol },
+        )
+        .side(Step::InitLease { img, vol }, Step::RemoveLease { img, vol });
+        op.undoable(
+            Step::MakeImageDir { img, sync: true },
+            Step::RemoveImageDirIfEmpty { img },
+        )
+        .undoable(
+            Step::LinkShared {
+                from: tmpl_img,
+                to: img,
+                vol: tmpl_vol,
+            },
+            Step::UnlinkShared { img, vol: tmpl_vol },
+        )
+        .undoable(
+            Step::StageMeta {
+                img,
+                vol,
+                meta: meta.clone(),
+            },
+            Step::UnstageMeta { img, vol },
+        )
+        .join()
+        .undoable(Step::CommitMeta { img, vol }, Step::RemoveMeta { img, vol })
+        .completed_if(img, vol);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)
     }
@@ -387,14 +451,28 @@ impl FileStorageDomain {
         let chain = self.chain(img)?;
         let v = chain.get(vol).ok_or(StorageError::NoVolume { img, vol })?;
         if chain.leaf().id != vol || v.meta.role == VolRole::Shared {
-            return Err(state_err(img, vol, "delete_volume", format!("is {} at position {:?}", v.meta.role, chain.position(vol)), "the LEAF of the chain"));
+            return Err(state_err(
+                img,
+                vol,
+                "delete_volume",
+                format!("is {} at position {:?}", v.meta.role, chain.position(vol)),
+                "the LEAF of the chain",
+            ));
         }
         let parent = v
             .meta
             .parent()
             .and_then(|p| chain.get(p))
             .filter(|p| p.meta.image == img)
-            .ok_or_else(|| state_err(img, vol, "delete_volume", "is the image's only own volume".into(), "a parent in the same image (delete the image instead)"))?;
+            .ok_or_else(|| {
+                state_err(
+                    img,
+                    vol,
+                    "delete_volume",
+                    "is the image's only own volume".into(),
+                    "a parent in the same image (delete the image instead)",
+                )
+            })?;
         let mut illegal = v.meta.clone();
         illegal.legality = Legality::Illegal;
         let mut new_leaf = parent.meta.clone();
@@ -433,7 +511,11 @@ impl FileStorageDomain {
         for vol in self.volume_ids(img)? {
             let m = self.read_meta(img, vol);
             if matches!(&m, Ok(m) if m.role == VolRole::Shared && m.image == img) {
-                let clones: Vec<ImgUuid> = self.images_containing(vol)?.into_iter().filter(|i| *i != img).collect();
+                let clones: Vec<ImgUuid> = self
+                    .images_containing(vol)?
+                    .into_iter()
+                    .filter(|i| *i != img)
+                    .collect();
                 if !clones.is_empty() {
                     return Err(StorageError::TemplateInUse { img, vol, clones });
                 }
@@ -441,7 +523,10 @@ impl FileStorageDomain {
         }
         let removed = format!("{REMOVED_IMAGE_PREFIX}{img}");
         if self.images_dir().join(&removed).exists() {
-            return Err(StorageError::invalid("image", format!("{removed} exists: run recovery first")));
+            return Err(StorageError::invalid(
+                "image",
+                format!("{removed} exists: run recovery first"),
+            ));
         }
         let mut op = Operation::new("delete_image", self.sd());
         op.undoable(
@@ -464,15 +549,30 @@ impl FileStorageDomain {
         let t = chain.get(top).ok_or(StorageError::NoVolume { img, vol: top })?;
         let b = chain.get(base).ok_or(StorageError::NoVolume { img, vol: base })?;
         if t.meta.parent != base {
-            return Err(StorageError::invalid("merge", format!("volume {top} is not a child of {base}")));
+            return Err(StorageError::invalid(
+                "merge",
+                format!("volume {top} is not a child of {base}"),
+            ));
         }
         for v in [t, b] {
             if v.meta.role == VolRole::Shared || v.meta.image != img {
-                return Err(state_err(img, v.id, verb, format!("is {}", v.meta.role), "a volume of this image that is not a template"));
+                return Err(state_err(
+                    img,
+                    v.id,
+                    verb,
+                    format!("is {}", v.meta.role),
+                    "a volume of this image that is not a template",
+                ));
             }
         }
         if t.meta.legality != Legality::Legal {
-            return Err(state_err(img, top, verb, format!("is {}", t.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                top,
+                verb,
+                format!("is {}", t.meta.legality),
+                "LEGAL",
+            ));
         }
         Ok(chain)
     }
@@ -560,7 +660,13 @@ impl FileStorageDomain {
         let chain = self.merge_chain(img, base, top, "prepare_merge")?;
         let b = chain.get(base).expect("validated");
         if b.meta.legality != Legality::Legal {
-            return Err(state_err(img, base, "prepare_merge", format!("is {}", b.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                base,
+                "prepare_merge",
+                format!("is {}", b.meta.legality),
+                "LEGAL",
+            ));
         }
         let mut op = Operation::new("prepare_merge", self.sd());
         Self::prepare_steps(&mut op, img, &chain, base, top);
@@ -568,7 +674,13 @@ impl FileStorageDomain {
     }
 
     /// Cold merge, phase 2 (any host): `qemu-img commit` of `top` into the prepared `base`.
-    pub fn merge_commit(&self, img: ImgUuid, base: VolUuid, top: VolUuid, progress: &mut dyn FnMut(f64)) -> Result<()> {
+    pub fn merge_commit(
+        &self,
+        img: ImgUuid,
+        base: VolUuid,
+        top: VolUuid,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
         let _g = self.lock_ops();
         let chain = self.merge_chain(img, base, top, "merge_commit")?;
         self.require_prepared(&chain, img, base, "merge_commit")?;
@@ -591,19 +703,37 @@ impl FileStorageDomain {
     fn require_prepared(&self, chain: &Chain, img: ImgUuid, base: VolUuid, verb: &'static str) -> Result<()> {
         let b = chain.get(base).expect("validated");
         if b.meta.legality != Legality::Illegal {
-            return Err(state_err(img, base, verb, "is LEGAL (not prepared)".into(), "a base prepared by prepare_merge"));
+            return Err(state_err(
+                img,
+                base,
+                verb,
+                "is LEGAL (not prepared)".into(),
+                "a base prepared by prepare_merge",
+            ));
         }
         Ok(())
     }
 
     /// All three cold-merge phases as one journaled operation: merges `top` into its parent
     /// `base` and removes `top`, for a leaf or an internal `top`.
-    pub fn cold_merge(&self, img: ImgUuid, base: VolUuid, top: VolUuid, progress: &mut dyn FnMut(f64)) -> Result<()> {
+    pub fn cold_merge(
+        &self,
+        img: ImgUuid,
+        base: VolUuid,
+        top: VolUuid,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
         let _g = self.lock_ops();
         let chain = self.merge_chain(img, base, top, "cold_merge")?;
         let b = chain.get(base).expect("validated");
         if b.meta.legality != Legality::Legal {
-            return Err(state_err(img, base, "cold_merge", format!("is {}", b.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                base,
+                "cold_merge",
+                format!("is {}", b.meta.legality),
+                "LEGAL",
+            ));
         }
         let mut op = Operation::new("cold_merge", self.sd());
         op.roll_forward();
@@ -620,13 +750,28 @@ impl FileStorageDomain {
         let chain = self.chain(img)?;
         let v = chain.get(vol).ok_or(StorageError::NoVolume { img, vol })?;
         if chain.leaf().id != vol || v.meta.role != VolRole::Leaf {
-            return Err(state_err(img, vol, "resize_volume", format!("is {}", v.meta.role), "the LEAF"));
+            return Err(state_err(
+                img,
+                vol,
+                "resize_volume",
+                format!("is {}", v.meta.role),
+                "the LEAF",
+            ));
         }
         if v.meta.legality != Legality::Legal {
-            return Err(state_err(img, vol, "resize_volume", format!("is {}", v.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                vol,
+                "resize_volume",
+                format!("is {}", v.meta.legality),
+                "LEGAL",
+            ));
         }
         if capacity < v.meta.capacity {
-            return Err(StorageError::invalid("capacity", format!("{capacity} would shrink volume {vol} ({} bytes)", v.meta.capacity)));
+            return Err(StorageError::invalid(
+                "capacity",
+                format!("{capacity} would shrink volume {vol} ({} bytes)", v.meta.capacity),
+            ));
         }
         if capacity == v.meta.capacity {
             return Ok(capacity);
@@ -673,7 +818,13 @@ impl FileStorageDomain {
         let _g = self.lock_ops();
         let mut meta = self.read_meta(img, vol)?;
         if meta.image != img {
-            return Err(state_err(img, vol, "set_legality", "belongs to another image (template)".into(), "a volume of this image"));
+            return Err(state_err(
+                img,
+                vol,
+                "set_legality",
+                "belongs to another image (template)".into(),
+                "a volume of this image",
+            ));
         }
         if meta.legality == legality {
             return Ok(());
@@ -720,11 +871,21 @@ impl FileStorageDomain {
         mode: CopyMode,
         progress: &mut dyn FnMut(f64),
     ) -> Result<()> {
-        let _g = if std::ptr::eq(self, dst) { None } else { Some(self.lock_ops()) };
+        let _g = if std::ptr::eq(self, dst) {
+            None
+        } else {
+            Some(self.lock_ops())
+        };
         let _gd = dst.lock_ops();
         let chain = self.chain(img)?;
         if let Some(p) = chain.volumes.iter().find(|v| v.meta.legality != Legality::Legal) {
-            return Err(state_err(img, p.id, "copy_image", format!("is {}", p.meta.legality), "LEGAL"));
+            return Err(state_err(
+                img,
+                p.id,
+                "copy_image",
+                format!("is {}", p.meta.legality),
+                "LEGAL",
+            ));
         }
         dst.ensure_new_image(dst_img)?;
         let mut op = Operation::new("copy_image", dst.sd());
@@ -742,11 +903,22 @@ impl FileStorageDomain {
                     let on_dst = dst.read_meta(t.meta.image, t.id).map_err(|_| {
                         StorageError::invalid(
                             "copy",
-                            format!("template volume {} (image {}) must be copied to domain {} first", t.id, t.meta.image, dst.sd()),
+                            format!(
+                                "template volume {} (image {}) must be copied to domain {} first",
+                                t.id,
+                                t.meta.image,
+                                dst.sd()
+                            ),
                         )
                     })?;
                     if on_dst.role != VolRole::Shared {
-                        return Err(state_err(t.meta.image, t.id, "copy_image", format!("is {} on the destination", on_dst.role), "SHARED"));
+                        return Err(state_err(
+                            t.meta.image,
+                            t.id,
+                            "copy_image",
+                            format!("is {} on the destination", on_dst.role),
+                            "SHARED",
+                        ));
                     }
                     op.undoable(
                         Step::LinkShared {
@@ -754,7 +926,10 @@ impl FileStorageDomain {
                             to: dst_img,
                             vol: t.id,
                         },
-                        Step::UnlinkShared { img: dst_img, vol: t.id },
+                        Step::UnlinkShared {
+                            img: dst_img,
+                            vol: t.id,
+                        },
                     );
                 }
                 let own: Vec<_> = chain.own_volumes().collect();
@@ -763,13 +938,20 @@ impl FileStorageDomain {
                 }
                 let weights: Vec<f64> = own
                     .iter()
-                    .map(|v| fsio::allocated(&self.volume_path(img, v.id)).unwrap_or(0).max(1 << 20) as f64)
+                    .map(|v| {
+                        fsio::allocated(&self.volume_path(img, v.id))
+                            .unwrap_or(0)
+                            .max(1 << 20) as f64
+                    })
                     .collect();
                 let total: f64 = weights.iter().sum();
                 let mut start = 0.0;
                 for (v, w) in own.iter().zip(&weights) {
                     let share = 100.0 * w / total;
-                    let backing = v.meta.parent().map(|p| (p, chain.get(p).expect("chain member").meta.format));
+                    let backing = v
+                        .meta
+                        .parent()
+                        .map(|p| (p, chain.get(p).expect("chain member").meta.format));
                     op.undoable(
                         Step::CopyVolume {
                             src_sd: self.sd(),
@@ -787,7 +969,10 @@ impl FileStorageDomain {
                             collapsed: false,
                             progress: (start, share),
                         },
-                        Step::RemoveData { img: dst_img, vol: v.id },
+                        Step::RemoveData {
+                            img: dst_img,
+                            vol: v.id,
+                        },
                     );
                     start += share;
                     let mut meta = v.meta.clone();
@@ -797,7 +982,11 @@ impl FileStorageDomain {
                     finals.push((v.id, meta));
                 }
             }
-            CopyMode::Collapsed { vol, format, allocation } => {
+            CopyMode::Collapsed {
+                vol,
+                format,
+                allocation,
+            } => {
                 dst.ensure_new_volume(vol)?;
                 let leaf = chain.leaf();
                 op.undoable(
@@ -848,9 +1037,21 @@ impl FileStorageDomain {
                     vol: *vol,
                     meta: illegal,
                 },
-                Step::RemoveMeta { img: dst_img, vol: *vol },
+                Step::RemoveMeta {
+                    img: dst_img,
+                    vol: *vol,
+                },
             )
-            .undoable(Step::InitLease { img: dst_img, vol: *vol }, Step::RemoveLease { img: dst_img, vol: *vol });
+            .undoable(
+                Step::InitLease {
+                    img: dst_img,
+                    vol: *vol,
+                },
+                Step::RemoveLease {
+                    img: dst_img,
+                    vol: *vol,
+                },
+            );
         }
         for (vol, meta) in &finals {
             let mut illegal = meta.clone();
@@ -872,9 +1073,17 @@ impl FileStorageDomain {
     }
 
     /// Moves an image to another domain: a chain copy, then deletion of the source.
-    pub fn move_image(&self, img: ImgUuid, dst: &FileStorageDomain, progress: &mut dyn FnMut(f64)) -> Result<()> {
+    pub fn move_image(
+        &self,
+        img: ImgUuid,
+        dst: &FileStorageDomain,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
         if self.sd() == dst.sd() {
-            return Err(StorageError::invalid("move", format!("source and destination are both domain {}", self.sd())));
+            return Err(StorageError::invalid(
+                "move",
+                format!("source and destination are both domain {}", self.sd()),
+            ));
         }
         self.copy_image(img, dst, img, CopyMode::Chain, progress)?;
         self.delete_image(img)

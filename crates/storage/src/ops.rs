@@ -59,36 +59,99 @@ pub enum Step {
         #[serde(default = "yes")]
         sync: bool,
     },
-    RemoveImageDirIfEmpty { img: ImgUuid },
-    CreateData { img: ImgUuid, vol: VolUuid, spec: DataSpec },
-    RemoveData { img: ImgUuid, vol: VolUuid },
-    WriteMeta { img: ImgUuid, vol: VolUuid, meta: VolumeMetadata },
-    RemoveMeta { img: ImgUuid, vol: VolUuid },
+    RemoveImageDirIfEmpty {
+        img: ImgUuid,
+    },
+    CreateData {
+        img: ImgUuid,
+        vol: VolUuid,
+        spec: DataSpec,
+    },
+    RemoveData {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
+    WriteMeta {
+        img: ImgUuid,
+        vol: VolUuid,
+        meta: VolumeMetadata,
+    },
+    RemoveMeta {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
     /// Writes and fsyncs a new volume's metadata as `<vol>.meta.new` (the first half of an
     /// atomic write, done early so that only the rename remains).
-    StageMeta { img: ImgUuid, vol: VolUuid, meta: VolumeMetadata },
+    StageMeta {
+        img: ImgUuid,
+        vol: VolUuid,
+        meta: VolumeMetadata,
+    },
     /// Removes a staged `<vol>.meta.new`.
-    UnstageMeta { img: ImgUuid, vol: VolUuid },
+    UnstageMeta {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
     /// Renames `<vol>.meta.new` over `<vol>.meta` and fsyncs the directory.
-    CommitMeta { img: ImgUuid, vol: VolUuid },
-    InitLease { img: ImgUuid, vol: VolUuid },
-    RemoveLease { img: ImgUuid, vol: VolUuid },
+    CommitMeta {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
+    InitLease {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
+    RemoveLease {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
     /// Hard-links a template volume's data, `.meta` and `.lease` into another image directory.
-    LinkShared { from: ImgUuid, to: ImgUuid, vol: VolUuid },
+    LinkShared {
+        from: ImgUuid,
+        to: ImgUuid,
+        vol: VolUuid,
+    },
     /// Removes the links made by `LinkShared` (never the template's own files).
-    UnlinkShared { img: ImgUuid, vol: VolUuid },
+    UnlinkShared {
+        img: ImgUuid,
+        vol: VolUuid,
+    },
     /// `qemu-img commit -d -b base top`.
-    Commit { img: ImgUuid, top: VolUuid, top_format: VolFormat, base: VolUuid },
+    Commit {
+        img: ImgUuid,
+        top: VolUuid,
+        top_format: VolFormat,
+        base: VolUuid,
+    },
     /// `qemu-img rebase -u`: rewrites only the backing reference in the header.
-    Rebase { img: ImgUuid, vol: VolUuid, backing: Option<(VolUuid, VolFormat)> },
+    Rebase {
+        img: ImgUuid,
+        vol: VolUuid,
+        backing: Option<(VolUuid, VolFormat)>,
+    },
     /// Grows the data file to `capacity` (qcow2: `qemu-img resize`; raw: extend the file).
-    Resize { img: ImgUuid, vol: VolUuid, format: VolFormat, allocation: Allocation, capacity: u64 },
+    Resize {
+        img: ImgUuid,
+        vol: VolUuid,
+        format: VolFormat,
+        allocation: Allocation,
+        capacity: u64,
+    },
     /// Shrinks a raw file back (the undo of a raw `Resize` before any data was written past it).
-    TruncateRaw { img: ImgUuid, vol: VolUuid, size: u64 },
+    TruncateRaw {
+        img: ImgUuid,
+        vol: VolUuid,
+        size: u64,
+    },
     /// Renames an image directory (`<img>` ↔ `_remove_me_<img>`).
-    RenameImageDir { from: String, to: String },
+    RenameImageDir {
+        from: String,
+        to: String,
+    },
     /// Removes every file of `images/_remove_me_<img>` and the directory.
-    PurgeRemovedImage { img: ImgUuid },
+    PurgeRemovedImage {
+        img: ImgUuid,
+    },
     /// `qemu-img convert` of one volume (or a whole chain, `collapsed`) from another domain into
     /// this one. `progress` is the share of the operation's progress this step covers.
     CopyVolume {
@@ -120,7 +183,9 @@ impl Step {
             Step::RemoveMeta { vol, .. } => format!("remove metadata of volume {vol}"),
             Step::InitLease { vol, .. } => format!("initialize lease of volume {vol}"),
             Step::RemoveLease { vol, .. } => format!("remove lease of volume {vol}"),
-            Step::LinkShared { from, to, vol } => format!("link template volume {vol} from image {from} into {to}"),
+            Step::LinkShared { from, to, vol } => {
+                format!("link template volume {vol} from image {from} into {to}")
+            }
             Step::UnlinkShared { img, vol } => format!("unlink template volume {vol} from image {img}"),
             Step::Commit { top, base, .. } => format!("commit volume {top} into {base}"),
             Step::Rebase { vol, backing, .. } => format!("rebase volume {vol} onto {backing:?}"),
@@ -128,14 +193,21 @@ impl Step {
             Step::TruncateRaw { vol, size, .. } => format!("truncate volume {vol} to {size} bytes"),
             Step::RenameImageDir { from, to } => format!("rename image directory {from} to {to}"),
             Step::PurgeRemovedImage { img } => format!("purge removed image {img}"),
-            Step::CopyVolume { src_sd, src_vol, vol, .. } => {
+            Step::CopyVolume {
+                src_sd, src_vol, vol, ..
+            } => {
                 format!("copy volume {src_vol} of domain {src_sd} to volume {vol}")
             }
         }
     }
 
     /// Performs the step on `dom` (the operation's home domain).
-    fn apply(&self, dom: &FileStorageDomain, others: &[&FileStorageDomain], progress: &mut dyn FnMut(f64)) -> Result<()> {
+    fn apply(
+        &self,
+        dom: &FileStorageDomain,
+        others: &[&FileStorageDomain],
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
         match self {
             Step::MakeImageDir { img, sync } => {
                 let dir = dom.image_dir(*img);
@@ -150,9 +222,11 @@ impl Step {
                 Ok(())
             }
             Step::StageMeta { img, vol, meta } => {
-                let data = meta
-                    .encode()
-                    .map_err(|source| StorageError::VolumeMetadata { img: *img, vol: *vol, source })?;
+                let data = meta.encode().map_err(|source| StorageError::VolumeMetadata {
+                    img: *img,
+                    vol: *vol,
+                    source,
+                })?;
                 let tmp = fsio::temp_path(&dom.meta_path(*img, *vol));
                 fsio::write_synced(&tmp, &data, 0o660).map_err(StorageError::io("write", tmp))
             }
@@ -208,7 +282,12 @@ impl Step {
                 remove(&dom.meta_path(*img, *vol))?;
                 remove(&dom.lease_path(*img, *vol))
             }
-            Step::Commit { img, top, top_format, base } => {
+            Step::Commit {
+                img,
+                top,
+                top_format,
+                base,
+            } => {
                 let top_path = dom.volume_path(*img, *top);
                 let base_path = dom.volume_path(*img, *base);
                 if !top_path.exists() {
@@ -216,7 +295,13 @@ impl Step {
                     return Ok(());
                 }
                 dom.qemu()
-                    .commit(&top_path, top_format.image_format(), Some(&base_path), true, progress)
+                    .commit(
+                        &top_path,
+                        top_format.image_format(),
+                        Some(&base_path),
+                        true,
+                        progress,
+                    )
                     .map_err(|source| StorageError::Qemu {
                         subject: format!("commit of volume {top} into {base}"),
                         source,
@@ -226,13 +311,24 @@ impl Step {
                 let path = dom.volume_path(*img, *vol);
                 let b = backing.map(|(v, f)| (v.to_string(), f.image_format()));
                 dom.qemu()
-                    .rebase(&path, oxvirt_qemu::ImageFormat::Qcow2, b.as_ref().map(|(s, f)| (s.as_str(), *f)), true)
+                    .rebase(
+                        &path,
+                        oxvirt_qemu::ImageFormat::Qcow2,
+                        b.as_ref().map(|(s, f)| (s.as_str(), *f)),
+                        true,
+                    )
                     .map_err(|source| StorageError::Qemu {
                         subject: format!("rebase of volume {vol}"),
                         source,
                     })
             }
-            Step::Resize { img, vol, format, allocation, capacity } => {
+            Step::Resize {
+                img,
+                vol,
+                format,
+                allocation,
+                capacity,
+            } => {
                 let path = dom.volume_path(*img, *vol);
                 match format {
                     VolFormat::Cow => {
@@ -261,7 +357,8 @@ impl Step {
                         let len = f.metadata().map_err(StorageError::io("stat", &path))?.len();
                         if len < *capacity {
                             if *allocation == Allocation::Preallocated {
-                                fallocate(&f, len, capacity - len).map_err(StorageError::io("preallocate", &path))?;
+                                fallocate(&f, len, capacity - len)
+                                    .map_err(StorageError::io("preallocate", &path))?;
                             } else {
                                 f.set_len(*capacity).map_err(StorageError::io("extend", &path))?;
                             }
@@ -335,13 +432,16 @@ impl Step {
                 set_mode(&dst_path)?;
                 if spec.format == VolFormat::Raw {
                     // qemu-img may round a raw file; the volume's size is its capacity.
-                    let len = std::fs::metadata(&dst_path).map_err(StorageError::io("stat", &dst_path))?.len();
+                    let len = std::fs::metadata(&dst_path)
+                        .map_err(StorageError::io("stat", &dst_path))?
+                        .len();
                     if len < spec.capacity {
                         let f = std::fs::OpenOptions::new()
                             .write(true)
                             .open(&dst_path)
                             .map_err(StorageError::io("open", &dst_path))?;
-                        f.set_len(spec.capacity).map_err(StorageError::io("extend", &dst_path))?;
+                        f.set_len(spec.capacity)
+                            .map_err(StorageError::io("extend", &dst_path))?;
                     }
                 }
                 Ok(())
@@ -381,7 +481,8 @@ fn create_data(dom: &FileStorageDomain, img: ImgUuid, vol: VolUuid, spec: &DataS
 
 fn set_mode(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(StorageError::io("chmod", path))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(StorageError::io("chmod", path))
 }
 
 fn fallocate(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
@@ -396,7 +497,9 @@ fn fallocate(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
 }
 
 fn remove(path: &Path) -> Result<()> {
-    fsio::remove_if_exists(path).map(drop).map_err(StorageError::io("remove", path))
+    fsio::remove_if_exists(path)
+        .map(drop)
+        .map_err(StorageError::io("remove", path))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -482,7 +585,10 @@ impl Operation {
 
     /// Adds a side-lane step (see [`Operation::side`]).
     pub fn side(&mut self, step: Step, undo: Step) -> &mut Self {
-        self.side.push(PlannedStep { step, undo: Some(undo) });
+        self.side.push(PlannedStep {
+            step,
+            undo: Some(undo),
+        });
         self
     }
 
@@ -504,13 +610,21 @@ impl Operation {
     }
 
     fn is_complete(&self, dom: &FileStorageDomain) -> bool {
-        self.completed_if.is_some_and(|(img, vol)| dom.meta_path(img, vol).exists())
+        self.completed_if
+            .is_some_and(|(img, vol)| dom.meta_path(img, vol).exists())
     }
 
     /// Adds an undoable step (must come before any [`Operation::forward`] step).
     pub fn undoable(&mut self, step: Step, undo: Step) -> &mut Self {
-        debug_assert_eq!(self.commit_at, self.steps.len(), "undoable steps precede the commit point");
-        self.steps.push(PlannedStep { step, undo: Some(undo) });
+        debug_assert_eq!(
+            self.commit_at,
+            self.steps.len(),
+            "undoable steps precede the commit point"
+        );
+        self.steps.push(PlannedStep {
+            step,
+            undo: Some(undo),
+        });
         self.commit_at = self.steps.len();
         self
     }
@@ -610,7 +724,8 @@ pub fn pending(root: &Path) -> Result<Vec<Operation>> {
             continue;
         }
         let data = std::fs::read(&path).map_err(StorageError::io("read", &path))?;
-        let op: Operation = serde_json::from_slice(&data).map_err(|source| StorageError::Journal { path, source })?;
+        let op: Operation =
+            serde_json::from_slice(&data).map_err(|source| StorageError::Journal { path, source })?;
         out.push(op);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -642,7 +757,10 @@ fn failpoint_stop(fp: Option<&Failpoint>, op_id: Uuid, verb: &str, index: usize)
     match fp.mode {
         FailMode::Abort => std::process::abort(),
         FailMode::Crash => Err(Stop::Crash(injected)),
-        FailMode::Error => Err(Stop::Fail { at: index, err: injected }),
+        FailMode::Error => Err(Stop::Fail {
+            at: index,
+            err: injected,
+        }),
     }
 }
 
@@ -674,7 +792,10 @@ pub fn run(
         for (i, planned) in side_steps[..lead].iter().enumerate() {
             early = early.and_then(|()| {
                 failpoint_stop(failpoint.as_ref(), id, &verb, i)?;
-                planned.step.apply(dom, &[], &mut |_| {}).map_err(|err| Stop::Fail { at: i, err })
+                planned
+                    .step
+                    .apply(dom, &[], &mut |_| {})
+                    .map_err(|err| Stop::Fail { at: i, err })
             });
         }
         let handles: Vec<_> = if early.is_ok() {
@@ -685,7 +806,10 @@ pub fn run(
                     let (i, fp, verb) = (lead + k, failpoint.as_ref(), verb.as_str());
                     scope.spawn(move || -> Result<(), Stop> {
                         failpoint_stop(fp, id, verb, i)?;
-                        planned.step.apply(dom, &[], &mut |_| {}).map_err(|err| Stop::Fail { at: i, err })
+                        planned
+                            .step
+                            .apply(dom, &[], &mut |_| {})
+                            .map_err(|err| Stop::Fail { at: i, err })
                     })
                 })
                 .collect()
@@ -754,7 +878,13 @@ fn step_at(op: &Operation, at: usize) -> Option<&PlannedStep> {
 
 /// Handles a failure at global step `at`: before the commit point, undo and drop the journal
 /// entry; after it, keep the entry for recovery.
-fn fail(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation, at: usize, e: StorageError) -> StorageError {
+fn fail(
+    dom: &FileStorageDomain,
+    others: &[&FileStorageDomain],
+    op: &Operation,
+    at: usize,
+    e: StorageError,
+) -> StorageError {
     let err = StorageError::Step {
         op: op.id,
         verb: op.verb.clone(),
@@ -812,7 +942,11 @@ pub struct Recovered {
 }
 
 /// Finishes or undoes one journaled operation.
-pub fn recover_one(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation) -> Result<Recovered> {
+pub fn recover_one(
+    dom: &FileStorageDomain,
+    others: &[&FileStorageDomain],
+    op: &Operation,
+) -> Result<Recovered> {
     let rolled_forward = op.state == OpState::Committed || op.roll_forward || op.is_complete(dom);
     tracing::info!(op = %op.id, verb = %op.verb, forward = rolled_forward, "recovering operation");
     if op.roll_forward {
@@ -893,8 +1027,11 @@ mod tests {
     fn operations_round_trip_through_json() {
         let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
         let mut op = Operation::new("create_volume", SdUuid::new_random());
-        op.undoable(Step::MakeImageDir { img, sync: true }, Step::RemoveImageDirIfEmpty { img })
-            .forward(Step::RemoveData { img, vol });
+        op.undoable(
+            Step::MakeImageDir { img, sync: true },
+            Step::RemoveImageDirIfEmpty { img },
+        )
+        .forward(Step::RemoveData { img, vol });
         assert_eq!(op.commit_at, 1);
         let json = serde_json::to_string(&op).unwrap();
         assert!(json.contains("\"step\":\"make_image_dir\""));

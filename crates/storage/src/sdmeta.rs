@@ -86,7 +86,10 @@ fn ascii_xmlcharref(s: &str) -> std::borrow::Cow<'_, str> {
 pub fn encode(md: &BTreeMap<String, String>) -> Result<String, MetadataError> {
     let mut out = String::new();
     for (k, v) in md {
-        if k.is_empty() || k.contains(['=', '\n', '\r', '\0']) || k == CHECKSUM_KEY || v.contains(['\n', '\r', '\0'])
+        if k.is_empty()
+            || k.contains(['=', '\n', '\r', '\0'])
+            || k == CHECKSUM_KEY
+            || v.contains(['\n', '\r', '\0'])
         {
             return Err(MetadataError::BadEntry(format!("{k}={v}")));
         }
@@ -185,7 +188,9 @@ impl DomainClass {
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Data, Self::Iso, Self::Backup].into_iter().find(|c| c.as_str() == s)
+        [Self::Data, Self::Iso, Self::Backup]
+            .into_iter()
+            .find(|c| c.as_str() == s)
     }
 }
 
@@ -274,7 +279,11 @@ impl DomainMetadata {
         put(KEY_DESCRIPTION, self.description.clone());
         put(
             KEY_POOLS,
-            self.pools.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            self.pools
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         );
         put(KEY_LOCK_POLICY, self.lock_policy.clone());
         put(KEY_LOCK_RENEWAL, self.lock_renewal_interval_sec.to_string());
@@ -298,7 +307,9 @@ impl DomainMetadata {
             m.remove(key).ok_or(MetadataError::Missing { key })
         }
         fn num<T: std::str::FromStr>(key: &'static str, v: &str) -> Result<T, MetadataError> {
-            v.trim().parse().map_err(|_| MetadataError::Invalid { key, value: v.into() })
+            v.trim()
+                .parse()
+                .map_err(|_| MetadataError::Invalid { key, value: v.into() })
         }
         let bad = |key: &'static str, value: &str| MetadataError::Invalid {
             key,
@@ -328,7 +339,9 @@ impl DomainMetadata {
             .collect::<Result<Vec<PoolUuid>, _>>()?;
         // VDSM falls back to its defaults for unparsable lease parameters; so do we.
         let mut int_or = |key: &'static str, default: u32| {
-            m.remove(key).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+            m.remove(key)
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(default)
         };
         let lock_renewal_interval_sec = int_or(KEY_LOCK_RENEWAL, 5);
         let lease_time_sec = int_or(KEY_LEASE_TIME, 60);
@@ -444,8 +457,15 @@ mod tests {
             DomainMetadata::decode(tampered.as_bytes()),
             Err(MetadataError::ChecksumMismatch { .. })
         ));
-        let unsealed: String = text.lines().filter(|l| !l.starts_with("_SHA")).map(|l| format!("{l}\n")).collect();
-        assert_eq!(DomainMetadata::decode(unsealed.as_bytes()), Err(MetadataError::NoChecksum));
+        let unsealed: String = text
+            .lines()
+            .filter(|l| !l.starts_with("_SHA"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            DomainMetadata::decode(unsealed.as_bytes()),
+            Err(MetadataError::NoChecksum)
+        );
         // NUL padding (block storage style) is tolerated.
         let mut padded = text.into_bytes();
         padded.resize(4096, 0);
@@ -465,7 +485,9 @@ mod tests {
     #[test]
     fn rejects_bad_entries_and_descriptions() {
         assert!(DomainMetadata::new_v5(SdUuid::new_random(), DomainType::Nfs, "a\nb", "/x").is_err());
-        assert!(DomainMetadata::new_v5(SdUuid::new_random(), DomainType::Nfs, &"x".repeat(51), "/x").is_err());
+        assert!(
+            DomainMetadata::new_v5(SdUuid::new_random(), DomainType::Nfs, &"x".repeat(51), "/x").is_err()
+        );
         let mut m = BTreeMap::new();
         m.insert("K".into(), "v\nINJECTED=1".into());
         assert!(matches!(encode(&m), Err(MetadataError::BadEntry(_))));

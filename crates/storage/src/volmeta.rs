@@ -175,13 +175,16 @@ impl VolumeMetadata {
             value: value.to_string(),
         };
         fn id<T: std::str::FromStr>(key: &'static str, v: &str) -> Result<T, VolMetaError> {
-            v.parse().map_err(|_| VolMetaError::Invalid { key, value: v.into() })
+            v.parse()
+                .map_err(|_| VolMetaError::Invalid { key, value: v.into() })
         }
         let capacity = match md.get("CAP") {
             Some(v) => id::<u64>("CAP", v)?,
             None => {
                 let s = get("SIZE").map_err(|_| VolMetaError::Missing("CAP"))?;
-                id::<u64>("SIZE", s)?.checked_mul(512).ok_or_else(|| bad("SIZE", s))?
+                id::<u64>("SIZE", s)?
+                    .checked_mul(512)
+                    .ok_or_else(|| bad("SIZE", s))?
             }
         };
         let format = get("FORMAT")?;
@@ -259,8 +262,20 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "CAP", "CTIME", "DESCRIPTION", "DISKTYPE", "DOMAIN", "FORMAT", "GEN", "IMAGE", "LEGALITY", "PUUID",
-                "SEQ", "TYPE", "VOLTYPE", "EOF"
+                "CAP",
+                "CTIME",
+                "DESCRIPTION",
+                "DISKTYPE",
+                "DOMAIN",
+                "FORMAT",
+                "GEN",
+                "IMAGE",
+                "LEGALITY",
+                "PUUID",
+                "SEQ",
+                "TYPE",
+                "VOLTYPE",
+                "EOF"
             ]
         );
         assert_eq!(VolumeMetadata::decode(&bytes).unwrap(), md);
@@ -287,8 +302,14 @@ mod tests {
         md.description = String::new();
         md.disktype = "../x".into();
         assert!(md.encode().is_err());
-        assert_eq!(VolumeMetadata::decode(b"NONE=#####\nEOF\n"), Err(VolMetaError::Cleared));
-        assert_eq!(VolumeMetadata::decode(b"EOF\n"), Err(VolMetaError::Missing("CAP")));
+        assert_eq!(
+            VolumeMetadata::decode(b"NONE=#####\nEOF\n"),
+            Err(VolMetaError::Cleared)
+        );
+        assert_eq!(
+            VolumeMetadata::decode(b"EOF\n"),
+            Err(VolMetaError::Missing("CAP"))
+        );
     }
 
     proptest! {

@@ -7,9 +7,7 @@ mod common;
 
 use common::*;
 use oxvirt_qemu::img::Comparison;
-use oxvirt_storage::{
-    Allocation, CopyMode, Legality, StorageError, VolFormat, VolRole, VolumeSpec,
-};
+use oxvirt_storage::{Allocation, CopyMode, Legality, StorageError, VolFormat, VolRole, VolumeSpec};
 use oxvirt_types::{ImgUuid, VolUuid};
 
 fn spec(format: VolFormat, allocation: Allocation) -> VolumeSpec {
@@ -19,13 +17,22 @@ fn spec(format: VolFormat, allocation: Allocation) -> VolumeSpec {
 /// base ← s1 ← s2 ← s3 with distinct data in every layer; returns (img, [base, s1, s2, s3]).
 fn three_deep(f: &Fixture, base_format: VolFormat) -> (ImgUuid, [VolUuid; 4]) {
     let img = ImgUuid::new_random();
-    let ids = [VolUuid::new_random(), VolUuid::new_random(), VolUuid::new_random(), VolUuid::new_random()];
-    f.dom.create_volume(img, ids[0], &spec(base_format, Allocation::Sparse)).unwrap();
+    let ids = [
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+    ];
+    f.dom
+        .create_volume(img, ids[0], &spec(base_format, Allocation::Sparse))
+        .unwrap();
     write(&f.dom, img, 0x11, 0, 4);
     for (i, v) in ids[1..].iter().enumerate() {
         let reference = f.scratch("before-snapshot");
         flatten(&f.dom, img, &reference);
-        f.dom.create_snapshot(img, *v, None, &format!("snapshot {i}")).unwrap();
+        f.dom
+            .create_snapshot(img, *v, None, &format!("snapshot {i}"))
+            .unwrap();
         assert_content(&f.dom, img, &reference); // a snapshot changes nothing visible
         write(&f.dom, img, 0x21 + i as u8, 1 + i as u64, 2);
     }
@@ -39,7 +46,15 @@ fn snapshot_chain_has_vdsm_metadata_and_backing_files() {
     let chain = f.dom.chain(img).unwrap();
     assert_eq!(chain.ids(), ids.to_vec());
     let roles: Vec<VolRole> = chain.volumes.iter().map(|v| v.meta.role).collect();
-    assert_eq!(roles, [VolRole::Internal, VolRole::Internal, VolRole::Internal, VolRole::Leaf]);
+    assert_eq!(
+        roles,
+        [
+            VolRole::Internal,
+            VolRole::Internal,
+            VolRole::Internal,
+            VolRole::Leaf
+        ]
+    );
     for (i, v) in chain.volumes.iter().enumerate() {
         assert_eq!(v.meta.legality, Legality::Legal);
         assert_eq!(v.meta.sequence, i as u32 + 1);
@@ -47,7 +62,11 @@ fn snapshot_chain_has_vdsm_metadata_and_backing_files() {
         let meta = std::fs::read(f.dom.meta_path(img, v.id)).unwrap();
         assert!(meta.len() <= 512 && meta.ends_with(b"EOF\n"));
         let info = f.dom.qemu().info(&f.dom.volume_path(img, v.id), None).unwrap();
-        assert_eq!(info.backing_filename, v.meta.parent().map(|p| p.to_string()), "bare parent volUUID");
+        assert_eq!(
+            info.backing_filename,
+            v.meta.parent().map(|p| p.to_string()),
+            "bare parent volUUID"
+        );
         assert_eq!(info.qcow2_compat(), Some("1.1"));
         assert_eq!(std::fs::metadata(f.dom.lease_path(img, v.id)).unwrap().len(), MIB);
     }
@@ -71,7 +90,11 @@ fn cold_merge_of_internal_and_leaf_volumes_keeps_content() {
     // Internal: s2 into s1, the three phases one by one; s3 is rebased onto s1.
     let mut ticks = 0;
     f.dom.prepare_merge(img, s1, s2).unwrap();
-    assert_eq!(f.dom.read_meta(img, s1).unwrap().legality, Legality::Illegal, "base ILLEGAL while merging");
+    assert_eq!(
+        f.dom.read_meta(img, s1).unwrap().legality,
+        Legality::Illegal,
+        "base ILLEGAL while merging"
+    );
     f.dom.merge_commit(img, s1, s2, &mut |_| ticks += 1).unwrap();
     assert!(ticks > 0);
     f.dom.finalize_merge(img, s1, s2).unwrap();
@@ -97,7 +120,9 @@ fn cold_merge_of_internal_and_leaf_volumes_keeps_content() {
     assert_content(&f.dom, img, &reference);
     assert_clean(&f.dom);
     // The merged image still takes snapshots.
-    f.dom.create_snapshot(img, VolUuid::new_random(), None, "after merge").unwrap();
+    f.dom
+        .create_snapshot(img, VolUuid::new_random(), None, "after merge")
+        .unwrap();
     assert_content(&f.dom, img, &reference);
     assert_clean(&f.dom);
 }
@@ -107,10 +132,15 @@ fn merge_of_a_resized_top_grows_the_base() {
     let f = Fixture::new();
     let img = ImgUuid::new_random();
     let (base, top) = (VolUuid::new_random(), VolUuid::new_random());
-    f.dom.create_volume(img, base, &spec(VolFormat::Cow, Allocation::Sparse)).unwrap();
+    f.dom
+        .create_volume(img, base, &spec(VolFormat::Cow, Allocation::Sparse))
+        .unwrap();
     write(&f.dom, img, 0x11, 0, 1);
     f.dom.create_snapshot(img, top, None, "").unwrap();
-    assert_eq!(f.dom.resize_volume(img, top, 32 * MIB + 1).unwrap(), 32 * MIB + 4096);
+    assert_eq!(
+        f.dom.resize_volume(img, top, 32 * MIB + 1).unwrap(),
+        32 * MIB + 4096
+    );
     write(&f.dom, img, 0x22, 20, 2);
     let reference = f.scratch("ref");
     flatten(&f.dom, img, &reference);
@@ -120,27 +150,45 @@ fn merge_of_a_resized_top_grows_the_base() {
     assert_eq!(f.dom.read_meta(img, base).unwrap().capacity, 32 * MIB + 4096);
     assert_content(&f.dom, img, &reference);
     assert_clean(&f.dom);
-    assert!(matches!(f.dom.resize_volume(img, base, MIB), Err(StorageError::InvalidArgument { .. })));
+    assert!(matches!(
+        f.dom.resize_volume(img, base, MIB),
+        Err(StorageError::InvalidArgument { .. })
+    ));
 }
 
 #[test]
 fn templates_clone_thin_and_are_protected() {
     let f = Fixture::new();
     let (timg, tvol) = (ImgUuid::new_random(), VolUuid::new_random());
-    f.dom.create_volume(timg, tvol, &spec(VolFormat::Raw, Allocation::Preallocated)).unwrap();
+    f.dom
+        .create_volume(timg, tvol, &spec(VolFormat::Raw, Allocation::Preallocated))
+        .unwrap();
     write(&f.dom, timg, 0x7e, 0, 3);
     let tref = f.scratch("template");
     flatten(&f.dom, timg, &tref);
     f.dom.make_template(timg, tvol).unwrap();
     assert_eq!(f.dom.read_meta(timg, tvol).unwrap().role, VolRole::Shared);
 
-    let (c1, c1v, c2, c2v) = (ImgUuid::new_random(), VolUuid::new_random(), ImgUuid::new_random(), VolUuid::new_random());
-    f.dom.clone_from_template(timg, tvol, c1, c1v, "vm1 disk").unwrap();
-    f.dom.clone_from_template(timg, tvol, c2, c2v, "vm2 disk").unwrap();
+    let (c1, c1v, c2, c2v) = (
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+    );
+    f.dom
+        .clone_from_template(timg, tvol, c1, c1v, "vm1 disk")
+        .unwrap();
+    f.dom
+        .clone_from_template(timg, tvol, c2, c2v, "vm2 disk")
+        .unwrap();
     assert_content(&f.dom, c1, &tref);
     // Hard links, as VDSM makes them: same inode for data, .meta and .lease.
     use std::os::unix::fs::MetadataExt;
-    for p in [f.dom.volume_path(timg, tvol), f.dom.meta_path(timg, tvol), f.dom.lease_path(timg, tvol)] {
+    for p in [
+        f.dom.volume_path(timg, tvol),
+        f.dom.meta_path(timg, tvol),
+        f.dom.lease_path(timg, tvol),
+    ] {
         assert_eq!(std::fs::metadata(&p).unwrap().nlink(), 3, "{}", p.display());
     }
     let chain = f.dom.chain(c1).unwrap();
@@ -149,14 +197,19 @@ fn templates_clone_thin_and_are_protected() {
 
     write(&f.dom, c1, 0x33, 1, 1);
     assert_content(&f.dom, c2, &tref); // clones are independent
-    f.dom.create_snapshot(c1, VolUuid::new_random(), None, "").unwrap();
+    f.dom
+        .create_snapshot(c1, VolUuid::new_random(), None, "")
+        .unwrap();
     assert_clean(&f.dom);
 
     match f.dom.delete_image(timg) {
         Err(StorageError::TemplateInUse { clones, .. }) => assert_eq!(clones.len(), 2),
         other => panic!("deleting a used template must fail, got {other:?}"),
     }
-    assert!(f.dom.delete_volume(c2, c2v).is_err(), "the only own volume goes with its image");
+    assert!(
+        f.dom.delete_volume(c2, c2v).is_err(),
+        "the only own volume goes with its image"
+    );
     f.dom.delete_image(c2).unwrap();
     f.dom.delete_image(c1).unwrap();
     assert!(!f.dom.images_dir().join(format!("_remove_me_{c1}")).exists());
@@ -169,7 +222,10 @@ fn templates_clone_thin_and_are_protected() {
 fn delete_leaf_and_legality() {
     let f = Fixture::new();
     let (img, [_, s1, s2, s3]) = three_deep(&f, VolFormat::Cow);
-    assert!(f.dom.delete_volume(img, s2).is_err(), "only the leaf can be deleted");
+    assert!(
+        f.dom.delete_volume(img, s2).is_err(),
+        "only the leaf can be deleted"
+    );
     let after_s2 = f.scratch("s2");
     // Content as of s2's creation+writes = chain without s3: remove s3 and compare with itself.
     f.dom.delete_volume(img, s3).unwrap();
@@ -200,16 +256,25 @@ fn copy_chain_and_collapsed_between_domains_then_move() {
     flatten(&f.dom, img, &reference);
 
     let mut seen = Vec::new();
-    f.dom.copy_image(img, &dst, img, CopyMode::Chain, &mut |p| seen.push(p)).unwrap();
+    f.dom
+        .copy_image(img, &dst, img, CopyMode::Chain, &mut |p| seen.push(p))
+        .unwrap();
     assert_eq!(dst.chain(img).unwrap().ids(), ids.to_vec());
     assert!(seen.last().copied().unwrap_or(0.0) > 99.0, "{seen:?}");
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress is monotonic: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress is monotonic: {seen:?}"
+    );
     assert_content(&dst, img, &reference);
     for v in dst.chain(img).unwrap().volumes {
         assert_eq!(v.meta.domain, dst.sd());
         // Layer by layer: only the top layer's clusters are copied into each volume.
         let map = dst.qemu().map(&dst.volume_path(img, v.id), None).unwrap();
-        let own: u64 = map.iter().filter(|e| e.depth == 0 && e.data).map(|e| e.length).sum();
+        let own: u64 = map
+            .iter()
+            .filter(|e| e.depth == 0 && e.data)
+            .map(|e| e.length)
+            .sum();
         assert!(own <= 4 * MIB, "volume {} holds {own} bytes of its own", v.id);
     }
     assert_clean(&dst);
@@ -253,8 +318,15 @@ fn copy_chain_and_collapsed_between_domains_then_move() {
 fn template_clones_copy_after_their_template() {
     let f = Fixture::new();
     let dst = f.second();
-    let (timg, tvol, img, vol) = (ImgUuid::new_random(), VolUuid::new_random(), ImgUuid::new_random(), VolUuid::new_random());
-    f.dom.create_volume(timg, tvol, &spec(VolFormat::Cow, Allocation::Sparse)).unwrap();
+    let (timg, tvol, img, vol) = (
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+    );
+    f.dom
+        .create_volume(timg, tvol, &spec(VolFormat::Cow, Allocation::Sparse))
+        .unwrap();
     write(&f.dom, timg, 0x44, 0, 2);
     f.dom.make_template(timg, tvol).unwrap();
     f.dom.clone_from_template(timg, tvol, img, vol, "").unwrap();
@@ -262,15 +334,27 @@ fn template_clones_copy_after_their_template() {
     let reference = f.scratch("ref");
     flatten(&f.dom, img, &reference);
 
-    assert!(f.dom.copy_image(img, &dst, img, CopyMode::Chain, &mut |_| {}).is_err(), "template first");
+    assert!(
+        f.dom
+            .copy_image(img, &dst, img, CopyMode::Chain, &mut |_| {})
+            .is_err(),
+        "template first"
+    );
     assert!(!dst.image_exists(img));
-    f.dom.copy_image(timg, &dst, timg, CopyMode::Chain, &mut |_| {}).unwrap();
-    f.dom.copy_image(img, &dst, img, CopyMode::Chain, &mut |_| {}).unwrap();
+    f.dom
+        .copy_image(timg, &dst, timg, CopyMode::Chain, &mut |_| {})
+        .unwrap();
+    f.dom
+        .copy_image(img, &dst, img, CopyMode::Chain, &mut |_| {})
+        .unwrap();
     assert_eq!(dst.chain(img).unwrap().template().unwrap().id, tvol);
     assert_content(&dst, img, &reference);
     assert_clean(&dst);
     let leaf = dst.chain_paths(img).unwrap().pop().unwrap();
-    assert!(matches!(dst.qemu().compare(&leaf, &reference, false).unwrap(), Comparison::Identical));
+    assert!(matches!(
+        dst.qemu().compare(&leaf, &reference, false).unwrap(),
+        Comparison::Identical
+    ));
 }
 
 #[test]
@@ -278,13 +362,28 @@ fn preallocated_volumes_are_allocated() {
     let f = Fixture::new();
     for format in [VolFormat::Raw, VolFormat::Cow] {
         let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
-        f.dom.create_volume(img, vol, &spec(format, Allocation::Preallocated)).unwrap();
+        f.dom
+            .create_volume(img, vol, &spec(format, Allocation::Preallocated))
+            .unwrap();
         let info = f.dom.volume_info(img, vol).unwrap();
-        assert!(info.true_size >= 16 * MIB, "{format}: {} allocated", info.true_size);
+        assert!(
+            info.true_size >= 16 * MIB,
+            "{format}: {} allocated",
+            info.true_size
+        );
         let sparse = ImgUuid::new_random();
-        f.dom.create_volume(sparse, VolUuid::new_random(), &spec(format, Allocation::Sparse)).unwrap();
-        let s = f.dom.volume_info(sparse, f.dom.chain(sparse).unwrap().leaf().id).unwrap();
-        assert!(s.true_size < 4 * MIB, "{format}: sparse has {} allocated", s.true_size);
+        f.dom
+            .create_volume(sparse, VolUuid::new_random(), &spec(format, Allocation::Sparse))
+            .unwrap();
+        let s = f
+            .dom
+            .volume_info(sparse, f.dom.chain(sparse).unwrap().leaf().id)
+            .unwrap();
+        assert!(
+            s.true_size < 4 * MIB,
+            "{format}: sparse has {} allocated",
+            s.true_size
+        );
     }
     assert_clean(&f.dom);
 }

@@ -30,7 +30,11 @@ fn chain_of(f: Fixture, depth: usize, base_format: VolFormat) -> Setup {
     let img = ImgUuid::new_random();
     let mut vols = vec![VolUuid::new_random()];
     f.dom
-        .create_volume(img, vols[0], &VolumeSpec::new(8 * MIB, base_format, Allocation::Sparse))
+        .create_volume(
+            img,
+            vols[0],
+            &VolumeSpec::new(8 * MIB, base_format, Allocation::Sparse),
+        )
         .unwrap();
     write(&f.dom, img, 0x10, 0, 2);
     for i in 1..depth {
@@ -93,11 +97,18 @@ fn every_step(name: &str, mode: FailMode, setup: fn() -> Setup, op: Op, outcome:
         let home = s.other.as_ref().unwrap_or(&s.f.dom);
         if mode == FailMode::Error && oxvirt_storage::ops::pending(home.root()).unwrap().is_empty() {
             // Rolled back in-process: nothing may have changed.
-            assert_eq!(tree(s.f.dom.root()), before_tree, "{name} step {step}: rollback left changes");
+            assert_eq!(
+                tree(s.f.dom.root()),
+                before_tree,
+                "{name} step {step}: rollback left changes"
+            );
         }
         // "Restart": fresh domain objects, then recovery.
         let dom = FileStorageDomain::open(s.f.dom.root()).unwrap();
-        let other = s.other.as_ref().map(|o| FileStorageDomain::open(o.root()).unwrap());
+        let other = s
+            .other
+            .as_ref()
+            .map(|o| FileStorageDomain::open(o.root()).unwrap());
         let report = match &other {
             Some(o) => o.recover(&[&dom]).unwrap(),
             None => dom.recover(&[]).unwrap(),
@@ -115,7 +126,10 @@ fn every_step(name: &str, mode: FailMode, setup: fn() -> Setup, op: Op, outcome:
             };
             assert_content(target, s.img, &reference);
         } else {
-            assert!(outcome(&s, &[]).is_some(), "{name} step {step}: image unexpectedly gone");
+            assert!(
+                outcome(&s, &[]).is_some(),
+                "{name} step {step}: image unexpectedly gone"
+            );
         }
         step += 1;
     }
@@ -139,10 +153,15 @@ fn setup_copy() -> Setup {
 }
 
 fn snapshot(s: &Setup) -> Result<()> {
-    s.f.dom.create_snapshot(s.img, VolUuid::new_random(), None, "").map(drop)
+    s.f.dom
+        .create_snapshot(s.img, VolUuid::new_random(), None, "")
+        .map(drop)
 }
 fn snapshot_outcome(s: &Setup, ids: &[VolUuid]) -> Option<PathBuf> {
-    same(s, ids == s.vols.as_slice() || (ids.len() == s.vols.len() + 1 && ids[..s.vols.len()] == s.vols[..]))
+    same(
+        s,
+        ids == s.vols.as_slice() || (ids.len() == s.vols.len() + 1 && ids[..s.vols.len()] == s.vols[..]),
+    )
 }
 
 #[test]
@@ -160,17 +179,27 @@ fn create_and_clone_crash_at_every_step() {
     // A new image: afterwards it either does not exist or is complete (checked by assert_clean).
     let create: Op = |s| {
         s.f.dom
-            .create_volume(ImgUuid::new_random(), VolUuid::new_random(), &VolumeSpec::new(MIB, VolFormat::Cow, Allocation::Preallocated))
+            .create_volume(
+                ImgUuid::new_random(),
+                VolUuid::new_random(),
+                &VolumeSpec::new(MIB, VolFormat::Cow, Allocation::Preallocated),
+            )
             .map(drop)
     };
-    every_step("create_volume", FailMode::Crash, setup2, create, |s, ids| same(s, ids == s.vols.as_slice()));
+    every_step("create_volume", FailMode::Crash, setup2, create, |s, ids| {
+        same(s, ids == s.vols.as_slice())
+    });
     let clone: Op = |s| {
         s.f.dom
             .clone_from_template(s.img, s.vols[0], ImgUuid::new_random(), VolUuid::new_random(), "")
             .map(drop)
     };
-    every_step("clone", FailMode::Crash, setup_template, clone, |s, ids| same(s, ids == s.vols.as_slice()));
-    every_step("clone", FailMode::Error, setup_template, clone, |s, ids| same(s, ids == s.vols.as_slice()));
+    every_step("clone", FailMode::Crash, setup_template, clone, |s, ids| {
+        same(s, ids == s.vols.as_slice())
+    });
+    every_step("clone", FailMode::Error, setup_template, clone, |s, ids| {
+        same(s, ids == s.vols.as_slice())
+    });
 }
 
 fn merge_internal(s: &Setup) -> Result<()> {
@@ -182,9 +211,13 @@ fn merge_leaf(s: &Setup) -> Result<()> {
 
 #[test]
 fn cold_merge_internal_crash_at_every_step() {
-    every_step("merge internal", FailMode::Crash, setup3, merge_internal, |s, ids| {
-        same(s, ids == s.vols.as_slice() || ids == [s.vols[0], s.vols[2]])
-    });
+    every_step(
+        "merge internal",
+        FailMode::Crash,
+        setup3,
+        merge_internal,
+        |s, ids| same(s, ids == s.vols.as_slice() || ids == [s.vols[0], s.vols[2]]),
+    );
 }
 
 #[test]
@@ -200,7 +233,8 @@ fn delete_and_resize_crash_at_every_step() {
     let setup_del: fn() -> Setup = || {
         let mut s = setup2();
         let parent_only = s.f.scratch("without-leaf");
-        s.f.dom.qemu()
+        s.f.dom
+            .qemu()
             .convert(
                 &oxvirt_qemu::img::ConvertRequest {
                     src: &s.f.dom.volume_path(s.img, s.vols[0]),
@@ -229,19 +263,26 @@ fn delete_and_resize_crash_at_every_step() {
     });
 
     let del_img: Op = |s| s.f.dom.delete_image(s.img);
-    every_step("delete_image", FailMode::Crash, setup2, del_img, |s, ids| same(s, ids.is_empty() || ids == s.vols.as_slice()));
+    every_step("delete_image", FailMode::Crash, setup2, del_img, |s, ids| {
+        same(s, ids.is_empty() || ids == s.vols.as_slice())
+    });
 
     let resize: Op = |s| s.f.dom.resize_volume(s.img, s.vols[1], 24 * MIB).map(drop);
-    every_step("resize", FailMode::Crash, setup2, resize, |s, ids| same(s, ids == s.vols.as_slice()));
+    every_step("resize", FailMode::Crash, setup2, resize, |s, ids| {
+        same(s, ids == s.vols.as_slice())
+    });
 }
 
 #[test]
 fn copy_crash_at_every_step() {
     let copy: Op = |s| {
         let dst = s.other.as_ref().unwrap();
-        s.f.dom.copy_image(s.img, dst, s.img, CopyMode::Chain, &mut |_| {})
+        s.f.dom
+            .copy_image(s.img, dst, s.img, CopyMode::Chain, &mut |_| {})
     };
-    every_step("copy chain", FailMode::Crash, setup_copy, copy, |s, ids| same(s, ids.is_empty() || ids == s.vols.as_slice()));
+    every_step("copy chain", FailMode::Crash, setup_copy, copy, |s, ids| {
+        same(s, ids.is_empty() || ids == s.vols.as_slice())
+    });
     let collapsed: Op = |s| {
         let dst = s.other.as_ref().unwrap();
         let mode = CopyMode::Collapsed {
@@ -251,7 +292,13 @@ fn copy_crash_at_every_step() {
         };
         s.f.dom.copy_image(s.img, dst, s.img, mode, &mut |_| {})
     };
-    every_step("copy collapsed", FailMode::Error, setup_copy, collapsed, |s, ids| same(s, ids.is_empty() || ids == [s.vols[2]]));
+    every_step(
+        "copy collapsed",
+        FailMode::Error,
+        setup_copy,
+        collapsed,
+        |s, ids| same(s, ids.is_empty() || ids == [s.vols[2]]),
+    );
 }
 
 const CHILD_ENV: &str = "OXVIRT_STORAGE_TEST_CHILD";
@@ -261,20 +308,35 @@ fn child_merge() -> ! {
     let spec = std::env::var(CHILD_ENV).unwrap();
     let parts: Vec<&str> = spec.split(' ').collect();
     let dom = FileStorageDomain::open(Path::new(parts[0])).unwrap();
-    let (img, base, top) = (parts[1].parse().unwrap(), parts[2].parse().unwrap(), parts[3].parse().unwrap());
+    let (img, base, top) = (
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+        parts[3].parse().unwrap(),
+    );
     dom.cold_merge(img, base, top, &mut |_| {}).unwrap();
     std::process::exit(0);
 }
 
 fn spawn_child(s: &Setup, failpoint: Option<&str>) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "killed_children_leave_recoverable_domains", "--nocapture", "--test-threads=1"])
-        .env(
-            CHILD_ENV,
-            format!("{} {} {} {}", s.f.dom.root().display(), s.img, s.vols[1], s.vols[2]),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    cmd.args([
+        "--exact",
+        "killed_children_leave_recoverable_domains",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(
+        CHILD_ENV,
+        format!(
+            "{} {} {} {}",
+            s.f.dom.root().display(),
+            s.img,
+            s.vols[1],
+            s.vols[2]
+        ),
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
     match failpoint {
         Some(fp) => cmd.env(Failpoint::ENV, fp),
         None => cmd.env_remove(Failpoint::ENV),
@@ -296,7 +358,10 @@ fn wait_for_orphans(root: &Path) {
         if !busy {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "processes still use {needle}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "processes still use {needle}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -319,7 +384,9 @@ fn killed_children_leave_recoverable_domains() {
     // The process aborts before each step of a leaf merge.
     for step in [0, 2, 4, 6] {
         let s = setup3();
-        let status = spawn_child(&s, Some(&format!("cold_merge:{step}:abort"))).wait().unwrap();
+        let status = spawn_child(&s, Some(&format!("cold_merge:{step}:abort")))
+            .wait()
+            .unwrap();
         assert!(!status.success(), "the child must die at step {step}");
         recover_and_check(&s);
     }
@@ -329,7 +396,9 @@ fn killed_children_leave_recoverable_domains() {
         let journal = oxvirt_storage::ops::journal_dir(s.f.dom.root());
         let mut child = spawn_child(&s, None);
         let start = Instant::now();
-        while std::fs::read_dir(&journal).unwrap().next().is_none() && start.elapsed() < Duration::from_secs(30) {
+        while std::fs::read_dir(&journal).unwrap().next().is_none()
+            && start.elapsed() < Duration::from_secs(30)
+        {
             if child.try_wait().unwrap().is_some() {
                 break;
             }
@@ -352,7 +421,10 @@ fn recovery_needs_the_source_domain_only_when_given() {
         step: 3,
         mode: FailMode::Crash,
     }));
-    let err = s.f.dom.copy_image(s.img, dst, s.img, CopyMode::Chain, &mut |_| {}).unwrap_err();
+    let err =
+        s.f.dom
+            .copy_image(s.img, dst, s.img, CopyMode::Chain, &mut |_| {})
+            .unwrap_err();
     assert!(matches!(err, StorageError::Injected { .. }), "{err:?}");
     let report = FileStorageDomain::open(dst.root()).unwrap().recover(&[]).unwrap();
     assert_eq!(report.operations.len(), 1);

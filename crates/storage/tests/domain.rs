@@ -28,7 +28,15 @@ fn created_domain_has_vdsm_v5_layout() {
     let mut sorted = keys[..keys.len() - 1].to_vec();
     sorted.sort();
     assert_eq!(&keys[..keys.len() - 1], &sorted[..], "keys are sorted");
-    for kv in ["VERSION=5", "CLASS=Data", "ROLE=Regular", "TYPE=LOCALFS", "BLOCK_SIZE=512", "ALIGNMENT=1048576", "POOL_UUID="] {
+    for kv in [
+        "VERSION=5",
+        "CLASS=Data",
+        "ROLE=Regular",
+        "TYPE=LOCALFS",
+        "BLOCK_SIZE=512",
+        "ALIGNMENT=1048576",
+        "POOL_UUID=",
+    ] {
         assert!(lines.contains(&kv), "{kv} missing from\n{text}");
     }
     assert!(lines.contains(&format!("SDUUID={}", f.dom.sd()).as_str()));
@@ -49,11 +57,18 @@ fn open_validates_the_checksum() {
     let root = f.dom.root().to_path_buf();
     let reopened = FileStorageDomain::open(&root).unwrap();
     assert_eq!(reopened.metadata(), f.dom.metadata());
-    assert_eq!(FileStorageDomain::scan(f.mount()).unwrap(), vec![(f.dom.sd(), root.clone())]);
+    assert_eq!(
+        FileStorageDomain::scan(f.mount()).unwrap(),
+        vec![(f.dom.sd(), root.clone())]
+    );
 
     let path = root.join("dom_md/metadata");
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("DESCRIPTION=test domain", "DESCRIPTION=tampered")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("DESCRIPTION=test domain", "DESCRIPTION=tampered"),
+    )
+    .unwrap();
     match FileStorageDomain::open(&root) {
         Err(StorageError::DomainMetadata {
             source: sdmeta::MetadataError::ChecksumMismatch { .. },
@@ -120,7 +135,13 @@ fn leases_are_sanlock_areas_and_the_checker_verifies_them() {
     assert_eq!(ls.io_timeout, 10);
     oxvirt_lease::direct::read_paxos_leader(&md.join("leases"), MIB, &sd, "SDM").unwrap();
     let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
-    f.dom.create_volume(img, vol, &VolumeSpec::new(MIB, VolFormat::Raw, Allocation::Sparse)).unwrap();
+    f.dom
+        .create_volume(
+            img,
+            vol,
+            &VolumeSpec::new(MIB, VolFormat::Raw, Allocation::Sparse),
+        )
+        .unwrap();
     let lease = f.dom.lease_path(img, vol);
     oxvirt_lease::direct::read_paxos_leader(&lease, 0, &sd, &vol.to_string()).unwrap();
     assert_clean(&f.dom);

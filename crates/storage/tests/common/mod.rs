@@ -61,7 +61,11 @@ pub fn new_domain(mount: &Path, desc: &str) -> FileStorageDomain {
 pub fn write(dom: &FileStorageDomain, img: ImgUuid, pattern: u8, off_mib: u64, len_mib: u64) {
     let leaf = dom.chain_paths(img).unwrap().pop().unwrap();
     let fmt = dom.chain(img).unwrap().leaf().meta.format.image_format().driver();
-    qemu_io(&leaf, fmt, &format!("write -P {pattern:#x} {off_mib}M {len_mib}M"));
+    qemu_io(
+        &leaf,
+        fmt,
+        &format!("write -P {pattern:#x} {off_mib}M {len_mib}M"),
+    );
 }
 
 pub fn qemu_io(path: &Path, fmt: &str, cmd: &str) {
@@ -71,7 +75,11 @@ pub fn qemu_io(path: &Path, fmt: &str, cmd: &str) {
         .current_dir(path.parent().unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "qemu-io {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The guest-visible content of an image's chain, flattened to a raw file.
@@ -99,14 +107,27 @@ pub fn flatten(dom: &FileStorageDomain, img: ImgUuid, to: &Path) {
 /// Asserts the image's guest-visible content equals the flat reference.
 pub fn assert_content(dom: &FileStorageDomain, img: ImgUuid, reference: &Path) {
     let leaf = dom.chain_paths(img).unwrap().pop().unwrap();
-    let cmp = QemuImg::locate().unwrap().compare(&leaf, reference, false).unwrap();
-    assert_eq!(cmp, Comparison::Identical, "image {img} content differs from {}", reference.display());
+    let cmp = QemuImg::locate()
+        .unwrap()
+        .compare(&leaf, reference, false)
+        .unwrap();
+    assert_eq!(
+        cmp,
+        Comparison::Identical,
+        "image {img} content differs from {}",
+        reference.display()
+    );
 }
 
 /// Asserts the domain passes the deep check (qemu-img info/check on every volume).
 pub fn assert_clean(dom: &FileStorageDomain) {
     let report = dom.check(true).unwrap();
-    assert!(report.is_clean(), "domain {} is not clean: {:#?}", dom.sd(), report.problems);
+    assert!(
+        report.is_clean(),
+        "domain {} is not clean: {:#?}",
+        dom.sd(),
+        report.problems
+    );
 }
 
 /// Every file under `root` with its size and, for small files, its content: a cheap way to
@@ -123,7 +144,11 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, (u64, Vec<u8>)> {
                 out.insert(p.clone(), (0, Vec::new()));
                 stack.push(p);
             } else {
-                let content = if m.len() <= 4096 { std::fs::read(&p).unwrap() } else { Vec::new() };
+                let content = if m.len() <= 4096 {
+                    std::fs::read(&p).unwrap()
+                } else {
+                    Vec::new()
+                };
                 out.insert(p, (m.len(), content));
             }
         }
