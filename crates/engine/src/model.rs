@@ -17,8 +17,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use oxvirt_types::{
-    AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId,
-    SdUuid, SnapshotId, StepId, TemplateId, UserId, VmId, VolUuid,
+    AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId, SdUuid,
+    SnapshotId, StepId, TemplateId, UserId, VmId, VolUuid,
 };
 
 use crate::time::Timestamp;
@@ -244,10 +244,7 @@ model_enum!(
 impl VmStatus {
     /// Whether a QEMU process may exist for the VM (it has, or may have, a host).
     pub fn is_running(self) -> bool {
-        !matches!(
-            self,
-            VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended
-        )
+        !matches!(self, VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended)
     }
 }
 
@@ -949,7 +946,13 @@ mod tests {
     fn mac_addresses_parse_strictly() {
         let m: MacAddr = "56:6F:00:0a:ff:01".parse().unwrap();
         assert_eq!(m.to_string(), "56:6f:00:0a:ff:01");
-        for bad in ["", "56:6f:00:0a:ff", "56:6f:00:0a:ff:01:02", "566f000aff01", "5:6f:00:0a:ff:01"] {
+        for bad in [
+            "",
+            "56:6f:00:0a:ff",
+            "56:6f:00:0a:ff:01:02",
+            "566f000aff01",
+            "5:6f:00:0a:ff:01",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

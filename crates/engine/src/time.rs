@@ -121,10 +121,7 @@ mod tests {
 
     #[test]
     fn rfc3339_formatting() {
-        assert_eq!(
-            Timestamp::from_millis(0).to_rfc3339(),
-            "1970-01-01T00:00:00.000Z"
-        );
+        assert_eq!(Timestamp::from_millis(0).to_rfc3339(), "1970-01-01T00:00:00.000Z");
         // 2024-02-29T23:59:59.999Z, a leap day.
         assert_eq!(
             Timestamp::from_millis(1_709_251_199_999).to_rfc3339(),

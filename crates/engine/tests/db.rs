@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{Backend, TestDb};
 use oxvirt_engine::db::{
-    ClusterFilter, DbError, DiskFilter, EventFilter, EventSort, HostFilter, JobFilter, ListQuery,
-    Ref, SdFilter, SortDir, TemplateFilter, TextMatch, VmFilter, VmSort, SCHEMA_VERSION,
+    ClusterFilter, DbError, DiskFilter, EventFilter, EventSort, HostFilter, JobFilter, ListQuery, Ref,
+    SdFilter, SortDir, TemplateFilter, TextMatch, VmFilter, VmSort, SCHEMA_VERSION,
 };
 use oxvirt_engine::model::*;
 use oxvirt_engine::time::{ManualClock, Timestamp};
@@ -23,14 +23,22 @@ struct World {
 }
 
 async fn world(db: &Db, tag: &str) -> World {
-    let dc = db.dc_insert(&DataCenter::new(&format!("dc-{tag}"))).await.unwrap();
+    let dc = db
+        .dc_insert(&DataCenter::new(&format!("dc-{tag}")))
+        .await
+        .unwrap();
     let cluster = db
         .cluster_insert(&Cluster::new(&format!("cl-{tag}"), dc.id))
         .await
         .unwrap();
     let mut hosts = Vec::new();
     for i in 0..2 {
-        let h = Host::new(&format!("host-{tag}-{i}"), "127.0.0.1", 54321 + i as u16 + tag.len() as u16 * 10, cluster.id);
+        let h = Host::new(
+            &format!("host-{tag}-{i}"),
+            "127.0.0.1",
+            54321 + i as u16 + tag.len() as u16 * 10,
+            cluster.id,
+        );
         hosts.push(db.host_insert(&h).await.unwrap());
     }
     let sd = db
@@ -50,13 +58,22 @@ async fn world(db: &Db, tag: &str) -> World {
     })
     .await
     .unwrap();
-    World { dc, cluster, hosts, sd }
+    World {
+        dc,
+        cluster,
+        hosts,
+        sd,
+    }
 }
 
 async fn migrations_are_idempotent_and_checked(b: Backend) {
     let mut t = TestDb::new(b).await;
     assert_eq!(t.db.schema_version().await.unwrap(), SCHEMA_VERSION);
-    let blank = t.db.template_get(BLANK_TEMPLATE_ID).await.unwrap().expect("Blank template");
+    let blank =
+        t.db.template_get(BLANK_TEMPLATE_ID)
+            .await
+            .unwrap()
+            .expect("Blank template");
     assert_eq!(blank.name, "Blank");
     // Reopening applies nothing twice and keeps the data.
     t.db.dc_insert(&DataCenter::new("kept")).await.unwrap();
@@ -75,14 +92,24 @@ async fn migrations_are_idempotent_and_checked(b: Backend) {
     );
 
     // An applied migration edited afterwards is refused.
-    sqlx_exec_url(&t.url, "UPDATE oxvirt_schema_migrations SET checksum = 'x' WHERE version = 1").await;
+    sqlx_exec_url(
+        &t.url,
+        "UPDATE oxvirt_schema_migrations SET checksum = 'x' WHERE version = 1",
+    )
+    .await;
     t.db.close().await;
     let err = Db::connect(&t.url).await.unwrap_err();
-    assert!(matches!(err, DbError::MigrationChanged { version: 1, .. }), "{err}");
-    sqlx_exec_url(&t.url, &format!(
-        "UPDATE oxvirt_schema_migrations SET checksum = '{}' WHERE version = 1",
-        sha256_hex(oxvirt_engine::db::MIGRATIONS[0].sql)
-    ))
+    assert!(
+        matches!(err, DbError::MigrationChanged { version: 1, .. }),
+        "{err}"
+    );
+    sqlx_exec_url(
+        &t.url,
+        &format!(
+            "UPDATE oxvirt_schema_migrations SET checksum = '{}' WHERE version = 1",
+            sha256_hex(oxvirt_engine::db::MIGRATIONS[0].sql)
+        ),
+    )
     .await;
     // A database from a newer engine is refused.
     sqlx_exec_url(&t.url, "INSERT INTO oxvirt_schema_migrations (version, name, checksum, applied_at) VALUES (999, 'future', 'x', 0)").await;
@@ -92,7 +119,10 @@ async fn migrations_are_idempotent_and_checked(b: Backend) {
 
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 async fn sqlx_exec_url(url: &str, sql: &str) {
@@ -108,16 +138,18 @@ async fn sqlite_file_is_wal_with_foreign_keys(b: Backend) {
     if b == Backend::Sqlite {
         use sqlx::Connection;
         let mut c = sqlx::AnyConnection::connect(&t.url).await.unwrap();
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut c).await.unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         assert_eq!(mode, "wal");
         assert!(t.dir.path().join("engine.db").is_file());
     }
     // Foreign keys hold on both backends.
-    let err = t
-        .db
-        .cluster_insert(&Cluster::new("orphan", DcId::new_random()))
-        .await
-        .unwrap_err();
+    let err =
+        t.db.cluster_insert(&Cluster::new("orphan", DcId::new_random()))
+            .await
+            .unwrap_err();
     assert!(matches!(err, DbError::MissingReference { .. }), "{err}");
     // Bad input changes nothing.
     let err = t.db.dc_insert(&DataCenter::new("bad/name")).await.unwrap_err();
@@ -165,7 +197,9 @@ async fn infrastructure_crud(b: Backend) {
     // Host status compare-and-set with a reason.
     let h = &w.hosts[0];
     assert_eq!(
-        db.host_set_status(h.id, &[HostStatus::Installing], HostStatus::Up, None).await.unwrap(),
+        db.host_set_status(h.id, &[HostStatus::Installing], HostStatus::Up, None)
+            .await
+            .unwrap(),
         HostStatus::Installing
     );
     let err = db
@@ -173,15 +207,30 @@ async fn infrastructure_crud(b: Backend) {
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err}");
-    db.host_set_status(h.id, &[], HostStatus::NonOperational, Some("storage domain sd-a unreachable"))
-        .await
-        .unwrap();
+    db.host_set_status(
+        h.id,
+        &[],
+        HostStatus::NonOperational,
+        Some("storage domain sd-a unreachable"),
+    )
+    .await
+    .unwrap();
     let h1 = db.host_get(h.id).await.unwrap().unwrap();
     assert_eq!(h1.status, HostStatus::NonOperational);
-    assert_eq!(h1.status_detail.as_deref(), Some("storage domain sd-a unreachable"));
-    db.host_update_stats(h.id, &HostStats { cpu_cores: Some(4), memory_bytes: Some(8 << 30), free_memory_bytes: Some(6 << 30) })
-        .await
-        .unwrap();
+    assert_eq!(
+        h1.status_detail.as_deref(),
+        Some("storage domain sd-a unreachable")
+    );
+    db.host_update_stats(
+        h.id,
+        &HostStats {
+            cpu_cores: Some(4),
+            memory_bytes: Some(8 << 30),
+            free_memory_bytes: Some(6 << 30),
+        },
+    )
+    .await
+    .unwrap();
     let h1 = db.host_get(h.id).await.unwrap().unwrap();
     assert_eq!(h1.free_memory_bytes, Some(6 << 30));
     assert!(h1.last_seen_at.is_some());
@@ -201,8 +250,14 @@ async fn infrastructure_crud(b: Backend) {
     let err = db.dc_spm_contend(w.dc.id, w.hosts[1].id).await.unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err}");
     db.dc_spm_won(w.dc.id, w.hosts[0].id, 7).await.unwrap();
-    assert_eq!(db.host_get(w.hosts[0].id).await.unwrap().unwrap().spm_status, SpmStatus::Spm);
-    assert_eq!(db.host_get(w.hosts[1].id).await.unwrap().unwrap().spm_status, SpmStatus::None);
+    assert_eq!(
+        db.host_get(w.hosts[0].id).await.unwrap().unwrap().spm_status,
+        SpmStatus::Spm
+    );
+    assert_eq!(
+        db.host_get(w.hosts[1].id).await.unwrap().unwrap().spm_status,
+        SpmStatus::None
+    );
     let err = db.host_delete(w.hosts[0].id).await.unwrap_err();
     assert!(matches!(err, DbError::InUse { .. }), "{err}");
     assert!(db.dc_spm_clear(w.dc.id, w.hosts[0].id).await.unwrap());
@@ -230,32 +285,56 @@ async fn storage_pool_membership(b: Backend) {
     let dc2 = db.dc_insert(&DataCenter::new("dc-other")).await.unwrap();
     // A data domain belongs to one pool.
     let err = db
-        .pool_attach(&PoolMember { data_center_id: dc2.id, storage_domain_id: w.sd.id, status: SdStatus::Maintenance, master: false })
+        .pool_attach(&PoolMember {
+            data_center_id: dc2.id,
+            storage_domain_id: w.sd.id,
+            status: SdStatus::Maintenance,
+            master: false,
+        })
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::InUse { .. }), "{err}");
     // One master per pool, moved atomically.
     let sd2 = db
-        .sd_insert(&StorageDomain::new("sd-two", SdType::Data, StorageType::Posixfs, "/srv/two"))
+        .sd_insert(&StorageDomain::new(
+            "sd-two",
+            SdType::Data,
+            StorageType::Posixfs,
+            "/srv/two",
+        ))
         .await
         .unwrap();
     let err = db
-        .pool_attach(&PoolMember { data_center_id: w.dc.id, storage_domain_id: sd2.id, status: SdStatus::Maintenance, master: true })
+        .pool_attach(&PoolMember {
+            data_center_id: w.dc.id,
+            storage_domain_id: sd2.id,
+            status: SdStatus::Maintenance,
+            master: true,
+        })
         .await
         .unwrap_err();
     assert!(err.is_already_exists(), "second master: {err}");
-    db.pool_attach(&PoolMember { data_center_id: w.dc.id, storage_domain_id: sd2.id, status: SdStatus::Maintenance, master: false })
-        .await
-        .unwrap();
+    db.pool_attach(&PoolMember {
+        data_center_id: w.dc.id,
+        storage_domain_id: sd2.id,
+        status: SdStatus::Maintenance,
+        master: false,
+    })
+    .await
+    .unwrap();
     db.pool_set_master(w.dc.id, sd2.id).await.unwrap();
     assert_eq!(db.pool_master(w.dc.id).await.unwrap(), Some(sd2.id));
     let members = db.pool_members(w.dc.id).await.unwrap();
     assert_eq!(members.len(), 2);
     assert!(members[0].master && members[0].storage_domain_id == sd2.id);
     // Status compare-and-set in the pool.
-    db.pool_set_status(w.dc.id, sd2.id, &[SdStatus::Maintenance], SdStatus::Activating).await.unwrap();
+    db.pool_set_status(w.dc.id, sd2.id, &[SdStatus::Maintenance], SdStatus::Activating)
+        .await
+        .unwrap();
     assert!(matches!(
-        db.pool_set_status(w.dc.id, sd2.id, &[SdStatus::Maintenance], SdStatus::Active).await.unwrap_err(),
+        db.pool_set_status(w.dc.id, sd2.id, &[SdStatus::Maintenance], SdStatus::Active)
+            .await
+            .unwrap_err(),
         DbError::Conflict { .. }
     ));
     // Filters by data center and status, unattached included.
@@ -266,24 +345,45 @@ async fn storage_pool_membership(b: Backend) {
     };
     let mut bad = StorageDomain::new("sd-nfs-bad", SdType::Data, StorageType::Nfs, "/x");
     bad.address = None;
-    assert!(matches!(db.sd_insert(&bad).await.unwrap_err(), DbError::Invalid { .. }));
+    assert!(matches!(
+        db.sd_insert(&bad).await.unwrap_err(),
+        DbError::Invalid { .. }
+    ));
     let unattached = db
-        .sd_list(&ListQuery::filtered(SdFilter { status: vec![SdStatus::Unattached], ..Default::default() }))
+        .sd_list(&ListQuery::filtered(SdFilter {
+            status: vec![SdStatus::Unattached],
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(unattached.iter().map(|s| s.id).collect::<Vec<_>>(), vec![nfs.id]);
     let in_dc = db
-        .sd_list(&ListQuery::filtered(SdFilter { data_center: Some(Ref::name("dc-s")), ..Default::default() }).sort_by(oxvirt_engine::db::SdSort::Name, SortDir::Asc))
+        .sd_list(
+            &ListQuery::filtered(SdFilter {
+                data_center: Some(Ref::name("dc-s")),
+                ..Default::default()
+            })
+            .sort_by(oxvirt_engine::db::SdSort::Name, SortDir::Asc),
+        )
         .await
         .unwrap();
-    assert_eq!(in_dc.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["sd-s", "sd-two"]);
+    assert_eq!(
+        in_dc.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        vec!["sd-s", "sd-two"]
+    );
     let active_or_unattached = db
-        .sd_count(&SdFilter { status: vec![SdStatus::Active, SdStatus::Unattached], ..Default::default() })
+        .sd_count(&SdFilter {
+            status: vec![SdStatus::Active, SdStatus::Unattached],
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(active_or_unattached, 2);
     db.sd_set_space(w.sd.id, 100 << 30, 40 << 30).await.unwrap();
-    assert_eq!(db.sd_get(w.sd.id).await.unwrap().unwrap().free_bytes, Some(40 << 30));
+    assert_eq!(
+        db.sd_get(w.sd.id).await.unwrap().unwrap().free_bytes,
+        Some(40 << 30)
+    );
     assert!(db.pool_detach(dc2.id, w.sd.id).await.is_ok_and(|x| !x));
     let err = db.sd_delete(w.sd.id).await.unwrap_err();
     assert!(matches!(err, DbError::InUse { .. }), "{err}");
@@ -302,7 +402,10 @@ async fn disks_volumes_and_locking(b: Backend) {
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::Invalid { .. }), "{err}");
-    let disk = db.disk_insert(&Disk::new("d1", w.sd.id, DiskFormat::Cow, 1 << 30)).await.unwrap();
+    let disk = db
+        .disk_insert(&Disk::new("d1", w.sd.id, DiskFormat::Cow, 1 << 30))
+        .await
+        .unwrap();
     let base = Volume {
         id: VolUuid::new_random(),
         disk_id: disk.id,
@@ -314,10 +417,18 @@ async fn disks_volumes_and_locking(b: Backend) {
         created_at: Timestamp::from_millis(0),
     };
     db.volume_insert(&base).await.unwrap();
-    let leaf = Volume { id: VolUuid::new_random(), parent_id: Some(base.id), voltype: VolType::Leaf, ..base.clone() };
+    let leaf = Volume {
+        id: VolUuid::new_random(),
+        parent_id: Some(base.id),
+        voltype: VolType::Leaf,
+        ..base.clone()
+    };
     db.volume_insert(&leaf).await.unwrap();
     let chain = db.volume_chain(disk.id).await.unwrap();
-    assert_eq!(chain.iter().map(|v| v.id).collect::<Vec<_>>(), vec![base.id, leaf.id]);
+    assert_eq!(
+        chain.iter().map(|v| v.id).collect::<Vec<_>>(),
+        vec![base.id, leaf.id]
+    );
     // A parent cannot go while a child needs it.
     let err = db.volume_delete(base.id).await.unwrap_err();
     assert!(matches!(err, DbError::InUse { .. }), "{err}");
@@ -338,14 +449,23 @@ async fn disks_volumes_and_locking(b: Backend) {
         }
     }
     assert_eq!(won, 1);
-    assert_eq!(db.disk_get(disk.id).await.unwrap().unwrap().status, DiskStatus::Locked);
+    assert_eq!(
+        db.disk_get(disk.id).await.unwrap().unwrap().status,
+        DiskStatus::Locked
+    );
     db.disk_unlock(disk.id, DiskStatus::Ok).await.unwrap();
-    assert!(matches!(db.disk_unlock(disk.id, DiskStatus::Ok).await.unwrap_err(), DbError::Conflict { .. }));
+    assert!(matches!(
+        db.disk_unlock(disk.id, DiskStatus::Ok).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
 
     // Deleting the disk takes its volumes.
     db.disk_delete(disk.id).await.unwrap();
     assert!(db.volume_get(leaf.id).await.unwrap().is_none());
-    assert!(matches!(db.disk_delete(disk.id).await.unwrap_err(), DbError::NotFound { .. }));
+    assert!(matches!(
+        db.disk_delete(disk.id).await.unwrap_err(),
+        DbError::NotFound { .. }
+    ));
 }
 
 async fn vms_attachments_nics_snapshots(b: Backend) {
@@ -353,8 +473,14 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
     let db = &t.db;
     let w = world(db, "v").await;
     let mut vm = Vm::new("web1", w.cluster.id);
-    vm.ha = HighAvailability { enabled: true, priority: 50 };
-    vm.placement = Placement { affinity: PlacementAffinity::Pinned, hosts: vec![w.hosts[0].id] };
+    vm.ha = HighAvailability {
+        enabled: true,
+        priority: 50,
+    };
+    vm.placement = Placement {
+        affinity: PlacementAffinity::Pinned,
+        hosts: vec![w.hosts[0].id],
+    };
     let vm = db.vm_insert(&vm).await.unwrap();
     assert_eq!(vm.template_id, BLANK_TEMPLATE_ID);
     assert_eq!(vm.placement.hosts, vec![w.hosts[0].id]);
@@ -365,27 +491,69 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
     // The guaranteed memory cannot exceed the memory.
     let mut big = Vm::new("big", w.cluster.id);
     big.memory_guaranteed_bytes = big.memory_bytes + 1;
-    assert!(matches!(db.vm_insert(&big).await.unwrap_err(), DbError::Invalid { .. }));
+    assert!(matches!(
+        db.vm_insert(&big).await.unwrap_err(),
+        DbError::Invalid { .. }
+    ));
 
-    let disk = db.disk_insert(&Disk::new("web1_disk", w.sd.id, DiskFormat::Raw, 1 << 30)).await.unwrap();
-    let att = DiskAttachment { vm_id: vm.id, disk_id: disk.id, interface: DiskInterface::VirtioScsi, bootable: true, active: true, read_only: false };
+    let disk = db
+        .disk_insert(&Disk::new("web1_disk", w.sd.id, DiskFormat::Raw, 1 << 30))
+        .await
+        .unwrap();
+    let att = DiskAttachment {
+        vm_id: vm.id,
+        disk_id: disk.id,
+        interface: DiskInterface::VirtioScsi,
+        bootable: true,
+        active: true,
+        read_only: false,
+    };
     db.attachment_add(&att).await.unwrap();
     assert_eq!(db.attachments_of_vm(vm.id).await.unwrap(), vec![att.clone()]);
     // A disk that is not shareable attaches to one VM only.
     let vm2 = db.vm_insert(&Vm::new("web2", w.cluster.id)).await.unwrap();
-    let err = db.attachment_add(&DiskAttachment { vm_id: vm2.id, ..att.clone() }).await.unwrap_err();
+    let err = db
+        .attachment_add(&DiskAttachment {
+            vm_id: vm2.id,
+            ..att.clone()
+        })
+        .await
+        .unwrap_err();
     assert!(matches!(err, DbError::InUse { .. }), "{err}");
 
-    let nic = Nic { id: NicId::new_random(), vm_id: vm.id, name: "nic1".into(), network: Some("ovirtmgmt".into()), mac: MacAddr([0; 6]), interface: NicInterface::Virtio, plugged: true, linked: true };
+    let nic = Nic {
+        id: NicId::new_random(),
+        vm_id: vm.id,
+        name: "nic1".into(),
+        network: Some("ovirtmgmt".into()),
+        mac: MacAddr([0; 6]),
+        interface: NicInterface::Virtio,
+        plugged: true,
+        linked: true,
+    };
     let n1 = db.nic_add(&nic, None).await.unwrap();
     assert_eq!(n1.mac.0[..2], MacAddr::POOL_PREFIX);
-    let dup = Nic { id: NicId::new_random(), vm_id: vm2.id, name: "nic1".into(), ..nic.clone() };
+    let dup = Nic {
+        id: NicId::new_random(),
+        vm_id: vm2.id,
+        name: "nic1".into(),
+        ..nic.clone()
+    };
     let err = db.nic_add(&dup, Some(n1.mac)).await.unwrap_err();
     assert!(err.is_already_exists(), "duplicate MAC: {err}");
     assert_eq!(db.nics_of_vm(vm.id).await.unwrap().len(), 1);
 
     // A snapshot records which volume each disk had.
-    let vol = Volume { id: VolUuid::new_random(), disk_id: disk.id, storage_domain_id: w.sd.id, parent_id: None, voltype: VolType::Leaf, format: DiskFormat::Raw, actual_size: 0, created_at: Timestamp::from_millis(0) };
+    let vol = Volume {
+        id: VolUuid::new_random(),
+        disk_id: disk.id,
+        storage_domain_id: w.sd.id,
+        parent_id: None,
+        voltype: VolType::Leaf,
+        format: DiskFormat::Raw,
+        actual_size: 0,
+        created_at: Timestamp::from_millis(0),
+    };
     db.volume_insert(&vol).await.unwrap();
     let snap = Snapshot {
         id: SnapshotId::new_random(),
@@ -395,11 +563,16 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
         status: SnapshotStatus::Locked,
         persist_memory: false,
         vm_configuration: Some("{}".into()),
-        disks: vec![SnapshotDisk { disk_id: disk.id, volume_id: vol.id }],
+        disks: vec![SnapshotDisk {
+            disk_id: disk.id,
+            volume_id: vol.id,
+        }],
         created_at: Timestamp::from_millis(0),
     };
     db.snapshot_insert(&snap).await.unwrap();
-    db.snapshot_set_status(snap.id, &[SnapshotStatus::Locked], SnapshotStatus::Ok).await.unwrap();
+    db.snapshot_set_status(snap.id, &[SnapshotStatus::Locked], SnapshotStatus::Ok)
+        .await
+        .unwrap();
     let snaps = db.snapshots_of_vm(vm.id).await.unwrap();
     assert_eq!(snaps.len(), 2);
     assert_eq!(snaps[0].id, snap.id);
@@ -407,36 +580,65 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
     assert_eq!(snaps[1].snapshot_type, SnapshotType::Active);
     // A second active snapshot is refused.
     let err = db
-        .snapshot_insert(&Snapshot { id: SnapshotId::new_random(), snapshot_type: SnapshotType::Active, disks: vec![], ..snap.clone() })
+        .snapshot_insert(&Snapshot {
+            id: SnapshotId::new_random(),
+            snapshot_type: SnapshotType::Active,
+            disks: vec![],
+            ..snap.clone()
+        })
         .await
         .unwrap_err();
     assert!(err.is_already_exists(), "{err}");
     // The volume a snapshot needs cannot go.
-    assert!(matches!(db.volume_delete(vol.id).await.unwrap_err(), DbError::InUse { .. }));
+    assert!(matches!(
+        db.volume_delete(vol.id).await.unwrap_err(),
+        DbError::InUse { .. }
+    ));
 
     // Run-time state: compare-and-set, revision untouched.
-    let rt = VmRuntime { status: VmStatus::WaitForLaunch, run_on_host: Some(w.hosts[0].id), ..Default::default() };
+    let rt = VmRuntime {
+        status: VmStatus::WaitForLaunch,
+        run_on_host: Some(w.hosts[0].id),
+        ..Default::default()
+    };
     db.vm_set_runtime(vm.id, &[VmStatus::Down], &rt).await.unwrap();
-    let err = db.vm_set_runtime(vm.id, &[VmStatus::Down], &rt).await.unwrap_err();
+    let err = db
+        .vm_set_runtime(vm.id, &[VmStatus::Down], &rt)
+        .await
+        .unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err}");
     let now = db.vm_get(vm.id).await.unwrap().unwrap();
     assert_eq!(now.runtime, rt);
     assert_eq!(now.revision, vm.revision);
     // A running VM cannot be removed, nor can its host.
-    assert!(matches!(db.vm_delete(vm.id).await.unwrap_err(), DbError::InUse { .. }));
-    assert!(matches!(db.host_delete(w.hosts[0].id).await.unwrap_err(), DbError::InUse { .. }));
+    assert!(matches!(
+        db.vm_delete(vm.id).await.unwrap_err(),
+        DbError::InUse { .. }
+    ));
+    assert!(matches!(
+        db.host_delete(w.hosts[0].id).await.unwrap_err(),
+        DbError::InUse { .. }
+    ));
     // Concurrent starts: one wins.
     let mut tasks = Vec::new();
     for h in &w.hosts {
         let db = db.clone();
-        let rt = VmRuntime { status: VmStatus::WaitForLaunch, run_on_host: Some(h.id), ..Default::default() };
-        tasks.push(tokio::spawn(async move { db.vm_set_runtime(vm2.id, &[VmStatus::Down], &rt).await }));
+        let rt = VmRuntime {
+            status: VmStatus::WaitForLaunch,
+            run_on_host: Some(h.id),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            db.vm_set_runtime(vm2.id, &[VmStatus::Down], &rt).await
+        }));
     }
     let ok = futures_count(tasks).await;
     assert_eq!(ok, 1);
 
     // Removing a down VM takes attachments, NICs and snapshots, not disks.
-    db.vm_set_runtime(vm.id, &[], &VmRuntime::default()).await.unwrap();
+    db.vm_set_runtime(vm.id, &[], &VmRuntime::default())
+        .await
+        .unwrap();
     db.vm_delete(vm.id).await.unwrap();
     assert!(db.snapshot_get(snap.id).await.unwrap().is_none());
     assert!(db.nic_get(n1.id).await.unwrap().is_none());
@@ -462,32 +664,68 @@ async fn templates_and_thin_clones(b: Backend) {
     let w = world(db, "t").await;
     let err = db.template_delete(BLANK_TEMPLATE_ID).await.unwrap_err();
     assert!(matches!(err, DbError::Invalid { .. }), "{err}");
-    let tpl = db.template_insert(&Template::new("rhel9", Some(w.cluster.id))).await.unwrap();
-    let tdisk = db.disk_insert(&Disk::new("rhel9_disk", w.sd.id, DiskFormat::Cow, 10 << 30)).await.unwrap();
+    let tpl = db
+        .template_insert(&Template::new("rhel9", Some(w.cluster.id)))
+        .await
+        .unwrap();
+    let tdisk = db
+        .disk_insert(&Disk::new("rhel9_disk", w.sd.id, DiskFormat::Cow, 10 << 30))
+        .await
+        .unwrap();
     db.template_disk_add(tpl.id, tdisk.id).await.unwrap();
-    let tvol = Volume { id: VolUuid::new_random(), disk_id: tdisk.id, storage_domain_id: w.sd.id, parent_id: None, voltype: VolType::Shared, format: DiskFormat::Cow, actual_size: 0, created_at: Timestamp::from_millis(0) };
+    let tvol = Volume {
+        id: VolUuid::new_random(),
+        disk_id: tdisk.id,
+        storage_domain_id: w.sd.id,
+        parent_id: None,
+        voltype: VolType::Shared,
+        format: DiskFormat::Cow,
+        actual_size: 0,
+        created_at: Timestamp::from_millis(0),
+    };
     db.volume_insert(&tvol).await.unwrap();
     let mut vm = Vm::new("clone1", w.cluster.id);
     vm.template_id = tpl.id;
     let vm = db.vm_insert(&vm).await.unwrap();
-    let vdisk = db.disk_insert(&Disk::new("clone1_disk", w.sd.id, DiskFormat::Cow, 10 << 30)).await.unwrap();
-    let vvol = Volume { id: VolUuid::new_random(), disk_id: vdisk.id, parent_id: Some(tvol.id), voltype: VolType::Leaf, ..tvol.clone() };
+    let vdisk = db
+        .disk_insert(&Disk::new("clone1_disk", w.sd.id, DiskFormat::Cow, 10 << 30))
+        .await
+        .unwrap();
+    let vvol = Volume {
+        id: VolUuid::new_random(),
+        disk_id: vdisk.id,
+        parent_id: Some(tvol.id),
+        voltype: VolType::Leaf,
+        ..tvol.clone()
+    };
     db.volume_insert(&vvol).await.unwrap();
     // The clone's chain is its own volume; its parent lives in the template's disk.
     let chain = db.volume_chain(vdisk.id).await.unwrap();
     assert_eq!(chain.len(), 1);
     assert_eq!(chain[0].parent_id, Some(tvol.id));
     // The template cannot go while a VM or a thin clone depends on it.
-    assert!(matches!(db.template_delete(tpl.id).await.unwrap_err(), DbError::InUse { .. }));
-    assert!(matches!(db.disk_delete(tdisk.id).await.unwrap_err(), DbError::InUse { .. }));
+    assert!(matches!(
+        db.template_delete(tpl.id).await.unwrap_err(),
+        DbError::InUse { .. }
+    ));
+    assert!(matches!(
+        db.disk_delete(tdisk.id).await.unwrap_err(),
+        DbError::InUse { .. }
+    ));
     assert_eq!(db.template_disks(tpl.id).await.unwrap().len(), 1);
     let floating = db
-        .disk_list(&ListQuery::filtered(DiskFilter { floating: Some(true), ..Default::default() }))
+        .disk_list(&ListQuery::filtered(DiskFilter {
+            floating: Some(true),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(floating.iter().map(|d| d.id).collect::<Vec<_>>(), vec![vdisk.id]);
     let vms = db
-        .vm_list(&ListQuery::filtered(VmFilter { template: Some(Ref::name("rhel9")), ..Default::default() }))
+        .vm_list(&ListQuery::filtered(VmFilter {
+            template: Some(Ref::name("rhel9")),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(vms.iter().map(|v| v.id).collect::<Vec<_>>(), vec![vm.id]);
@@ -500,52 +738,184 @@ async fn vm_search_filters_sort_and_pages(b: Backend) {
     let a = world(db, "a").await;
     let z = world(db, "zz").await;
     let mut ids = Vec::new();
-    for (i, name) in ["web-1", "web-2", "Web-3", "db_1", "dbx2", "cache"].iter().enumerate() {
+    for (i, name) in ["web-1", "web-2", "Web-3", "db_1", "dbx2", "cache"]
+        .iter()
+        .enumerate()
+    {
         let cl = if i < 4 { a.cluster.id } else { z.cluster.id };
         let mut vm = Vm::new(name, cl);
         vm.memory_bytes = (i as u64 + 1) << 30;
         vm.memory_guaranteed_bytes = 1 << 30;
         ids.push(db.vm_insert(&vm).await.unwrap().id);
     }
-    db.vm_set_runtime(ids[0], &[], &VmRuntime { status: VmStatus::Up, run_on_host: Some(a.hosts[0].id), ..Default::default() }).await.unwrap();
-    db.vm_set_runtime(ids[5], &[], &VmRuntime { status: VmStatus::Up, run_on_host: Some(z.hosts[1].id), ..Default::default() }).await.unwrap();
-    let d = db.disk_insert(&Disk::new("x", z.sd.id, DiskFormat::Raw, 1 << 20)).await.unwrap();
-    db.attachment_add(&DiskAttachment { vm_id: ids[3], disk_id: d.id, interface: DiskInterface::Virtio, bootable: true, active: true, read_only: false }).await.unwrap();
+    db.vm_set_runtime(
+        ids[0],
+        &[],
+        &VmRuntime {
+            status: VmStatus::Up,
+            run_on_host: Some(a.hosts[0].id),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    db.vm_set_runtime(
+        ids[5],
+        &[],
+        &VmRuntime {
+            status: VmStatus::Up,
+            run_on_host: Some(z.hosts[1].id),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let d = db
+        .disk_insert(&Disk::new("x", z.sd.id, DiskFormat::Raw, 1 << 20))
+        .await
+        .unwrap();
+    db.attachment_add(&DiskAttachment {
+        vm_id: ids[3],
+        disk_id: d.id,
+        interface: DiskInterface::Virtio,
+        bootable: true,
+        active: true,
+        read_only: false,
+    })
+    .await
+    .unwrap();
 
     let names = |vms: Vec<Vm>| vms.into_iter().map(|v| v.name).collect::<Vec<_>>();
     let q = |f: VmFilter| ListQuery::filtered(f).sort_by(VmSort::Name, SortDir::Asc);
     // name=web-1
-    assert_eq!(names(db.vm_list(&q(VmFilter { name: Some("web-1".into()), ..Default::default() })).await.unwrap()), ["web-1"]);
-    // name=web* (case-sensitive) and case-insensitive
-    assert_eq!(names(db.vm_list(&q(VmFilter { name: Some("web*".into()), ..Default::default() })).await.unwrap()), ["web-1", "web-2"]);
     assert_eq!(
-        names(db.vm_list(&q(VmFilter { name: Some(TextMatch::new("WEB*").case_insensitive()), ..Default::default() })).await.unwrap()),
+        names(
+            db.vm_list(&q(VmFilter {
+                name: Some("web-1".into()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["web-1"]
+    );
+    // name=web* (case-sensitive) and case-insensitive
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                name: Some("web*".into()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["web-1", "web-2"]
+    );
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                name: Some(TextMatch::new("WEB*").case_insensitive()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
         // Byte order: the test PostgreSQL is initialised without a locale, like SQLite's BINARY.
         ["Web-3", "web-1", "web-2"]
     );
     // SQL wildcards in a pattern are literal.
-    assert_eq!(names(db.vm_list(&q(VmFilter { name: Some("db*".into()), ..Default::default() })).await.unwrap()), ["db_1", "dbx2"]);
-    assert_eq!(names(db.vm_list(&q(VmFilter { name: Some("db_*".into()), ..Default::default() })).await.unwrap()), ["db_1"]);
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                name: Some("db*".into()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["db_1", "dbx2"]
+    );
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                name: Some("db_*".into()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["db_1"]
+    );
     // status=up and datacenter=dc-a
     assert_eq!(
-        names(db.vm_list(&q(VmFilter { status: vec![VmStatus::Up], data_center: Some(Ref::name("dc-a")), ..Default::default() })).await.unwrap()),
+        names(
+            db.vm_list(&q(VmFilter {
+                status: vec![VmStatus::Up],
+                data_center: Some(Ref::name("dc-a")),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
         ["web-1"]
     );
     // storage.name=sd-zz
-    assert_eq!(names(db.vm_list(&q(VmFilter { storage_domain: Some(Ref::name("sd-zz")), ..Default::default() })).await.unwrap()), ["db_1"]);
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                storage_domain: Some(Ref::name("sd-zz")),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["db_1"]
+    );
     // host by name, cluster by id
-    assert_eq!(names(db.vm_list(&q(VmFilter { host: Some(Ref::name("host-zz-1")), ..Default::default() })).await.unwrap()), ["cache"]);
-    assert_eq!(db.vm_count(&VmFilter { cluster: Some(Ref::Id(z.cluster.id)), ..Default::default() }).await.unwrap(), 2);
+    assert_eq!(
+        names(
+            db.vm_list(&q(VmFilter {
+                host: Some(Ref::name("host-zz-1")),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        ),
+        ["cache"]
+    );
+    assert_eq!(
+        db.vm_count(&VmFilter {
+            cluster: Some(Ref::Id(z.cluster.id)),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        2
+    );
     // sortby memory desc page 2 (max=2)
     let page = db
-        .vm_list(&ListQuery::filtered(VmFilter::default()).sort_by(VmSort::Memory, SortDir::Desc).limit(2).page(2))
+        .vm_list(
+            &ListQuery::filtered(VmFilter::default())
+                .sort_by(VmSort::Memory, SortDir::Desc)
+                .limit(2)
+                .page(2),
+        )
         .await
         .unwrap();
     assert_eq!(names(page), ["db_1", "Web-3"]);
     // Pages cover everything exactly once.
     let mut all = Vec::new();
     for p in 1..=4 {
-        all.extend(names(db.vm_list(&ListQuery::filtered(VmFilter::default()).sort_by(VmSort::Status, SortDir::Asc).limit(2).page(p)).await.unwrap()));
+        all.extend(names(
+            db.vm_list(
+                &ListQuery::filtered(VmFilter::default())
+                    .sort_by(VmSort::Status, SortDir::Asc)
+                    .limit(2)
+                    .page(p),
+            )
+            .await
+            .unwrap(),
+        ));
     }
     all.sort();
     let mut expect = names(db.vm_list(&ListQuery::new()).await.unwrap());
@@ -560,7 +930,16 @@ async fn spm_ids_are_unique_under_concurrency(b: Backend) {
     let w = world(db, "h").await;
     let mut hosts = w.hosts.clone();
     for i in 2..10 {
-        hosts.push(db.host_insert(&Host::new(&format!("extra{i}"), "10.0.0.1", 1000 + i, w.cluster.id)).await.unwrap());
+        hosts.push(
+            db.host_insert(&Host::new(
+                &format!("extra{i}"),
+                "10.0.0.1",
+                1000 + i,
+                w.cluster.id,
+            ))
+            .await
+            .unwrap(),
+        );
     }
     let mut tasks = Vec::new();
     for h in &hosts {
@@ -587,7 +966,10 @@ async fn spm_ids_are_unique_under_concurrency(b: Backend) {
     let again = db.host_spm_id_allocate(w.dc.id, hosts[3].id).await.unwrap();
     assert_eq!(Some(again), db.host_spm_id(w.dc.id, hosts[3].id).await.unwrap());
     assert!(db.host_spm_id_release(w.dc.id, hosts[3].id).await.unwrap());
-    let h = db.host_insert(&Host::new("late", "10.0.0.2", 1, w.cluster.id)).await.unwrap();
+    let h = db
+        .host_insert(&Host::new("late", "10.0.0.2", 1, w.cluster.id))
+        .await
+        .unwrap();
     assert_eq!(db.host_spm_id_allocate(w.dc.id, h.id).await.unwrap(), again);
 }
 
@@ -595,22 +977,37 @@ async fn jobs_and_events(b: Backend) {
     let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_700_000_000_000)));
     let t = TestDb::with_clock(b, clock.clone()).await;
     let db = &t.db;
-    let job = db.job_start("Adding disk d1", Some("corr-1"), None).await.unwrap();
-    let s1 = db.job_step_start(job.id, None, StepType::Validating, "Validating").await.unwrap();
+    let job = db
+        .job_start("Adding disk d1", Some("corr-1"), None)
+        .await
+        .unwrap();
+    let s1 = db
+        .job_step_start(job.id, None, StepType::Validating, "Validating")
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(1));
-    let s2 = db.job_step_start(job.id, None, StepType::Executing, "Creating volume").await.unwrap();
+    let s2 = db
+        .job_step_start(job.id, None, StepType::Executing, "Creating volume")
+        .await
+        .unwrap();
     assert_eq!((s1.number, s2.number), (1, 2));
     db.job_step_set_status(s1.id, JobStatus::Finished).await.unwrap();
     db.job_step_set_status(s2.id, JobStatus::Finished).await.unwrap();
     db.job_end(job.id, JobStatus::Finished).await.unwrap();
     db.job_end(job.id, JobStatus::Finished).await.unwrap();
-    assert!(matches!(db.job_end(job.id, JobStatus::Failed).await.unwrap_err(), DbError::Conflict { .. }));
+    assert!(matches!(
+        db.job_end(job.id, JobStatus::Failed).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
     let j = db.job_get(job.id).await.unwrap().unwrap();
     assert_eq!(j.status, JobStatus::Finished);
     assert_eq!(j.ended_at, Some(Timestamp::from_millis(1_700_000_001_000)));
     assert_eq!(db.job_steps(job.id).await.unwrap().len(), 2);
     let by_corr = db
-        .job_list(&ListQuery::filtered(JobFilter { correlation_id: Some("corr-1".into()), ..Default::default() }))
+        .job_list(&ListQuery::filtered(JobFilter {
+            correlation_id: Some("corr-1".into()),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(by_corr.len(), 1);
@@ -622,7 +1019,15 @@ async fn jobs_and_events(b: Backend) {
     // Events: increasing ids, `from=`, severity and references.
     let vm = VmId::new_random();
     let mut last = 0;
-    for (i, sev) in [Severity::Normal, Severity::Warning, Severity::Error, Severity::Alert].into_iter().enumerate() {
+    for (i, sev) in [
+        Severity::Normal,
+        Severity::Warning,
+        Severity::Error,
+        Severity::Alert,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut e = NewEvent::new(sev, 30 + i as i32, format!("event {i}"));
         e.vm_id = (i % 2 == 0).then_some(vm);
         let ev = db.event_add(&e).await.unwrap();
@@ -632,17 +1037,32 @@ async fn jobs_and_events(b: Backend) {
     let all = db.event_list(&ListQuery::new()).await.unwrap();
     assert_eq!(all.len(), 4);
     let from = db
-        .event_list(&ListQuery::filtered(EventFilter { after_id: Some(all[1].id), ..Default::default() }))
+        .event_list(&ListQuery::filtered(EventFilter {
+            after_id: Some(all[1].id),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(from.iter().map(|e| e.code).collect::<Vec<_>>(), vec![32, 33]);
     let serious = db
-        .event_list(&ListQuery::filtered(EventFilter { min_severity: Some(Severity::Warning), ..Default::default() }).sort_by(EventSort::Id, SortDir::Desc))
+        .event_list(
+            &ListQuery::filtered(EventFilter {
+                min_severity: Some(Severity::Warning),
+                ..Default::default()
+            })
+            .sort_by(EventSort::Id, SortDir::Desc),
+        )
         .await
         .unwrap();
-    assert_eq!(serious.iter().map(|e| e.code).collect::<Vec<_>>(), vec![33, 32, 31]);
+    assert_eq!(
+        serious.iter().map(|e| e.code).collect::<Vec<_>>(),
+        vec![33, 32, 31]
+    );
     let of_vm = db
-        .event_list(&ListQuery::filtered(EventFilter { vm: Some(Ref::Id(vm)), ..Default::default() }))
+        .event_list(&ListQuery::filtered(EventFilter {
+            vm: Some(Ref::Id(vm)),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert_eq!(of_vm.len(), 2);
@@ -667,23 +1087,56 @@ async fn users_passwords_and_tokens(b: Backend) {
     assert!(!again.created && again.generated_password.is_none());
     assert_eq!(again.user.id, boot.user.id);
 
-    assert_eq!(db.user_verify_password("admin@internal", &pw).await.unwrap().map(|u| u.id), Some(boot.user.id));
-    assert!(db.user_verify_password("admin@internal", "wrong").await.unwrap().is_none());
-    assert!(db.user_verify_password("nobody@internal", &pw).await.unwrap().is_none());
+    assert_eq!(
+        db.user_verify_password("admin@internal", &pw)
+            .await
+            .unwrap()
+            .map(|u| u.id),
+        Some(boot.user.id)
+    );
+    assert!(db
+        .user_verify_password("admin@internal", "wrong")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(db
+        .user_verify_password("nobody@internal", &pw)
+        .await
+        .unwrap()
+        .is_none());
     // OXVIRT_ADMIN_PASSWORD semantics: a given password replaces the stored one.
     db.ensure_admin(Some("s3cret")).await.unwrap();
-    assert!(db.user_verify_password("admin@internal", &pw).await.unwrap().is_none());
-    assert!(db.user_verify_password("admin", "s3cret").await.unwrap().is_some());
-    assert!(matches!(db.user_create("x", "internal", Some(""), false).await.unwrap_err(), DbError::Invalid { .. }));
+    assert!(db
+        .user_verify_password("admin@internal", &pw)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(db
+        .user_verify_password("admin", "s3cret")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(matches!(
+        db.user_create("x", "internal", Some(""), false)
+            .await
+            .unwrap_err(),
+        DbError::Invalid { .. }
+    ));
 
-    let tok = db.token_issue(boot.user.id, Duration::from_secs(600)).await.unwrap();
+    let tok = db
+        .token_issue(boot.user.id, Duration::from_secs(600))
+        .await
+        .unwrap();
     let info = db.token_validate(&tok.token).await.unwrap().expect("valid token");
     assert_eq!(info.user.id, boot.user.id);
     assert!(db.token_validate("forged").await.unwrap().is_none());
     clock.advance(Duration::from_secs(601));
     assert!(db.token_validate(&tok.token).await.unwrap().is_none(), "expired");
     assert_eq!(db.tokens_purge_expired().await.unwrap(), 1);
-    let tok2 = db.token_issue(boot.user.id, Duration::from_secs(600)).await.unwrap();
+    let tok2 = db
+        .token_issue(boot.user.id, Duration::from_secs(600))
+        .await
+        .unwrap();
     assert!(db.token_revoke(&tok2.token).await.unwrap());
     assert!(db.token_validate(&tok2.token).await.unwrap().is_none());
     assert!(!db.token_revoke(&tok2.token).await.unwrap());
@@ -705,7 +1158,8 @@ async fn transactions_commit_or_roll_back_together(b: Backend) {
         .transaction(|tx| {
             Box::pin(async move {
                 let c = tx.cluster_insert(&Cluster::new("c2", dc.id)).await?;
-                tx.event_add(&NewEvent::new(Severity::Normal, 1, "cluster added")).await?;
+                tx.event_add(&NewEvent::new(Severity::Normal, 1, "cluster added"))
+                    .await?;
                 Ok(c.name)
             })
         })

@@ -72,7 +72,11 @@ impl SagaDef for CreateVmWithDisk {
         let mut e = match kind {
             SagaEventKind::Done => NewEvent::new(Severity::Normal, 53, format!("VM {} created", p.vm_name)),
             _ => NewEvent::new(
-                if kind == SagaEventKind::Started { Severity::Normal } else { Severity::Error },
+                if kind == SagaEventKind::Started {
+                    Severity::Normal
+                } else {
+                    Severity::Error
+                },
                 if kind == SagaEventKind::Started { 34 } else { 54 },
                 format!("VM {} {kind:?}: {}", p.vm_name, detail.unwrap_or("")),
             ),
@@ -188,7 +192,9 @@ async fn undo_vm_row(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
 
 async fn unlock(c: StepCtx<CreateVmWithDisk>) -> Result<(), StepError> {
     let ids: Ids = c.output("ids")?;
-    c.db().disk_set_status(ids.disk, &[DiskStatus::Locked, DiskStatus::Ok], DiskStatus::Ok).await?;
+    c.db()
+        .disk_set_status(ids.disk, &[DiskStatus::Locked, DiskStatus::Ok], DiskStatus::Ok)
+        .await?;
     Ok(())
 }
 
@@ -217,19 +223,36 @@ impl Env {
         let cl = t.db.cluster_insert(&Cluster::new("cl", dc.id)).await.unwrap();
         let storage = t.dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
-        let sd = t
-            .db
-            .sd_insert(&StorageDomain::new("sd", SdType::Data, StorageType::Localfs, storage.to_str().unwrap()))
+        let sd =
+            t.db.sd_insert(&StorageDomain::new(
+                "sd",
+                SdType::Data,
+                StorageType::Localfs,
+                storage.to_str().unwrap(),
+            ))
             .await
             .unwrap();
-        Env { app: Arc::new(App { storage }), t, cluster: cl.id, sd: sd.id }
+        Env {
+            app: Arc::new(App { storage }),
+            t,
+            cluster: cl.id,
+            sd: sd.id,
+        }
     }
 
     fn params(&self, name: &str) -> Params {
-        Params { vm_name: name.into(), cluster: self.cluster, sd: self.sd, size: 1 << 30 }
+        Params {
+            vm_name: name.into(),
+            cluster: self.cluster,
+            sd: self.sd,
+            size: 1 << 30,
+        }
     }
 
-    fn executor(&self, faults: Option<Arc<dyn oxvirt_engine::saga::testing::FaultInjector>>) -> SagaExecutor<App> {
+    fn executor(
+        &self,
+        faults: Option<Arc<dyn oxvirt_engine::saga::testing::FaultInjector>>,
+    ) -> SagaExecutor<App> {
         let e = match faults {
             Some(f) => SagaExecutor::with_faults(self.t.db.clone(), self.app.clone(), f),
             None => SagaExecutor::new(self.t.db.clone(), self.app.clone()),
@@ -245,8 +268,14 @@ impl Env {
     /// As if the saga never ran: no VM, disk, volume or file; the job failed; the saga unwound.
     async fn assert_rolled_back(&self, what: &str) {
         let db = &self.t.db;
-        assert!(db.vm_list(&ListQuery::new()).await.unwrap().is_empty(), "{what}: VM left behind");
-        assert!(db.disk_list(&ListQuery::new()).await.unwrap().is_empty(), "{what}: disk left behind");
+        assert!(
+            db.vm_list(&ListQuery::new()).await.unwrap().is_empty(),
+            "{what}: VM left behind"
+        );
+        assert!(
+            db.disk_list(&ListQuery::new()).await.unwrap().is_empty(),
+            "{what}: disk left behind"
+        );
         assert_eq!(self.storage_entries(), 0, "{what}: volume files left behind");
         let sagas = db.saga_list(&[]).await.unwrap();
         assert_eq!(sagas.len(), 1, "{what}");
@@ -254,15 +283,34 @@ impl Env {
         assert_eq!(s.state, SagaState::Unwound, "{what}");
         assert!(s.error.is_some(), "{what}: the failure is recorded");
         for st in &s.steps {
-            assert_eq!(st.status, SagaStepStatus::Undone, "{what}: step {} ({})", st.index, st.name);
+            assert_eq!(
+                st.status,
+                SagaStepStatus::Undone,
+                "{what}: step {} ({})",
+                st.index,
+                st.name
+            );
         }
         let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
         assert_eq!(job.status, JobStatus::Failed, "{what}");
         let steps = db.job_steps(job.id).await.unwrap();
-        assert!(steps.iter().any(|s| s.step_type == StepType::CleanUp && s.status == JobStatus::Finished), "{what}");
-        assert!(steps.iter().all(|s| s.status != JobStatus::Started), "{what}: a job step is left open");
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.step_type == StepType::CleanUp && s.status == JobStatus::Finished),
+            "{what}"
+        );
+        assert!(
+            steps.iter().all(|s| s.status != JobStatus::Started),
+            "{what}: a job step is left open"
+        );
         let events = db.event_list(&ListQuery::new()).await.unwrap();
-        assert!(events.iter().any(|e| e.code == 54 && e.severity == Severity::Error), "{what}: no failure event");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.code == 54 && e.severity == Severity::Error),
+            "{what}: no failure event"
+        );
     }
 
     /// The command's result, complete and unlocked, once.
@@ -277,7 +325,14 @@ impl Env {
         assert_eq!(disk.status, DiskStatus::Ok, "{what}");
         let chain = db.volume_chain(disk.id).await.unwrap();
         assert_eq!(chain.len(), 1, "{what}");
-        assert!(self.app.storage.join(disk.id.to_string()).join(chain[0].id.to_string()).is_file(), "{what}");
+        assert!(
+            self.app
+                .storage
+                .join(disk.id.to_string())
+                .join(chain[0].id.to_string())
+                .is_file(),
+            "{what}"
+        );
         assert_eq!(self.storage_entries(), 1, "{what}: one image directory");
         assert_eq!(db.disk_list(&ListQuery::new()).await.unwrap().len(), 1, "{what}");
         let s = &db.saga_list(&[]).await.unwrap()[0];
@@ -285,20 +340,33 @@ impl Env {
         let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
         assert_eq!(job.status, JobStatus::Finished, "{what}");
         let steps = db.job_steps(job.id).await.unwrap();
-        assert!(steps.iter().all(|s| s.status == JobStatus::Finished), "{what}: {steps:?}");
+        assert!(
+            steps.iter().all(|s| s.status == JobStatus::Finished),
+            "{what}: {steps:?}"
+        );
         let events = db.event_list(&ListQuery::new()).await.unwrap();
-        assert!(events.iter().any(|e| e.code == 53 && e.correlation_id.as_deref() == Some("corr-42")), "{what}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.code == 53 && e.correlation_id.as_deref() == Some("corr-42")),
+            "{what}"
+        );
     }
 }
 
 fn opts() -> StartOptions {
-    StartOptions { correlation_id: Some("corr-42".into()) }
+    StartOptions {
+        correlation_id: Some("corr-42".into()),
+    }
 }
 
 async fn saga_runs_to_completion(b: Backend) {
     let env = Env::new(b).await;
     let exec = env.executor(None);
-    let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
+    let out = exec
+        .run::<CreateVmWithDisk>(env.params("vm1"), opts())
+        .await
+        .unwrap();
     assert!(out.is_done(), "{out:?}");
     assert_eq!(out.output::<u64>("volume"), Some(4096));
     env.assert_created("vm1", "happy path").await;
@@ -350,7 +418,10 @@ async fn saga_survives_a_crash_at_each_point(b: Backend) {
             async move {
                 let mut env = Env::new(b).await;
                 let exec = env.executor(Some(Arc::new(Faults(faults))));
-                let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
+                let out = exec
+                    .run::<CreateVmWithDisk>(env.params("vm1"), opts())
+                    .await
+                    .unwrap();
                 assert_eq!(out, SagaOutcome::Interrupted);
                 // The engine dies: drop everything in memory, reopen the database.
                 drop(exec);
@@ -392,8 +463,13 @@ async fn failed_undo_leaves_the_saga_stuck_until_retried(b: Backend) {
         FaultAt::new(2, FaultPoint::BeforeUndo, Fault::Fail),
     ]);
     let exec = env.executor(Some(Arc::new(faults)));
-    let out = exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap();
-    let SagaOutcome::Stuck { error, undo_error } = out else { panic!("{out:?}") };
+    let out = exec
+        .run::<CreateVmWithDisk>(env.params("vm1"), opts())
+        .await
+        .unwrap();
+    let SagaOutcome::Stuck { error, undo_error } = out else {
+        panic!("{out:?}")
+    };
     assert!(error.contains("unlock"), "{error}");
     assert!(undo_error.contains("volume"), "{undo_error}");
     let db = &env.t.db;
@@ -401,7 +477,12 @@ async fn failed_undo_leaves_the_saga_stuck_until_retried(b: Backend) {
     assert_eq!(s.undo_error.as_deref(), Some(undo_error.as_str()));
     assert_eq!(s.step(2).unwrap().status, SagaStepStatus::UndoFailed);
     assert_eq!(s.step(3).unwrap().status, SagaStepStatus::Undone);
-    assert!(db.event_list(&ListQuery::new()).await.unwrap().iter().any(|e| e.severity == Severity::Alert || e.code == 54));
+    assert!(db
+        .event_list(&ListQuery::new())
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.severity == Severity::Alert || e.code == 54));
     // A stuck saga is not resumed on restart: it waits for an admin.
     assert!(exec.resume_all().await.unwrap().is_empty());
     assert_eq!(env.storage_entries(), 1, "the volume is still there");
@@ -427,7 +508,11 @@ impl SagaDef for Panics {
     fn steps() -> Vec<Step<Self>> {
         vec![
             Step::without_undo("ids", |_c: StepCtx<Self>| async {
-                Ok(Ids { vm: VmId::new_random(), disk: DiskId::new_random(), vol: VolUuid::new_random() })
+                Ok(Ids {
+                    vm: VmId::new_random(),
+                    disk: DiskId::new_random(),
+                    vol: VolUuid::new_random(),
+                })
             }),
             Step::new("disk_row", disk_row::<Self>, undo_disk_row::<Self>),
             Step::new(
@@ -463,8 +548,13 @@ struct Duplicate;
 async fn panics_unwind_and_bad_definitions_are_refused(b: Backend) {
     let env = Env::new(b).await;
     let exec = env.executor(None);
-    let out = exec.run::<Panics>(env.params("p"), StartOptions::default()).await.unwrap();
-    let SagaOutcome::Unwound { error } = out else { panic!("{out:?}") };
+    let out = exec
+        .run::<Panics>(env.params("p"), StartOptions::default())
+        .await
+        .unwrap();
+    let SagaOutcome::Unwound { error } = out else {
+        panic!("{out:?}")
+    };
     assert!(error.contains("bug in a step"), "{error}");
     assert!(env.t.db.disk_list(&ListQuery::new()).await.unwrap().is_empty());
     assert!(matches!(
@@ -476,14 +566,26 @@ async fn panics_unwind_and_bad_definitions_are_refused(b: Backend) {
 async fn unknown_sagas_are_left_for_an_engine_that_knows_them(b: Backend) {
     let mut env = Env::new(b).await;
     let exec = env.executor(Some(FaultAt::new(1, FaultPoint::AfterAction, Fault::Crash)));
-    assert_eq!(exec.run::<CreateVmWithDisk>(env.params("vm1"), opts()).await.unwrap(), SagaOutcome::Interrupted);
+    assert_eq!(
+        exec.run::<CreateVmWithDisk>(env.params("vm1"), opts())
+            .await
+            .unwrap(),
+        SagaOutcome::Interrupted
+    );
     drop(exec);
     env.t.reopen().await;
     // An engine without that saga type: it stays running, with an alert.
     let bare: SagaExecutor<App> = SagaExecutor::new(env.t.db.clone(), env.app.clone());
     assert!(bare.resume_all().await.unwrap().is_empty());
     assert_eq!(env.t.db.saga_list(&[SagaState::Running]).await.unwrap().len(), 1);
-    assert!(env.t.db.event_list(&ListQuery::new()).await.unwrap().iter().any(|e| e.severity == Severity::Alert));
+    assert!(env
+        .t
+        .db
+        .event_list(&ListQuery::new())
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.severity == Severity::Alert));
     // One that knows it finishes it.
     let exec = env.executor(None);
     let h = exec.resume_all().await.unwrap();

@@ -124,10 +124,7 @@ impl DbError {
     }
 
     /// Maps constraint violations of an insert or update to the errors a caller can act on.
-    pub(crate) fn on_write(
-        kind: &'static str,
-        key: impl ToString,
-    ) -> impl FnOnce(sqlx::Error) -> DbError {
+    pub(crate) fn on_write(kind: &'static str, key: impl ToString) -> impl FnOnce(sqlx::Error) -> DbError {
         move |e| match constraint_kind(&e) {
             Some(sqlx::error::ErrorKind::UniqueViolation) => DbError::AlreadyExists {
                 kind,
@@ -149,10 +146,7 @@ impl DbError {
     }
 
     /// Maps a foreign-key violation of a delete to [`DbError::InUse`].
-    pub(crate) fn on_delete(
-        kind: &'static str,
-        id: impl ToString,
-    ) -> impl FnOnce(sqlx::Error) -> DbError {
+    pub(crate) fn on_delete(kind: &'static str, id: impl ToString) -> impl FnOnce(sqlx::Error) -> DbError {
         move |e| match constraint_kind(&e) {
             Some(sqlx::error::ErrorKind::ForeignKeyViolation) => DbError::InUse {
                 kind,
@@ -324,16 +318,8 @@ impl Db {
     /// Starts a transaction on the writer. Keep it short: on SQLite it holds the only writer,
     /// so never keep one open across a call to a node.
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        let tx = self
-            .inner
-            .writer
-            .begin()
-            .await
-            .map_err(DbError::sql("begin"))?;
-        Ok(Tx {
-            tx,
-            db: self.clone(),
-        })
+        let tx = self.inner.writer.begin().await.map_err(DbError::sql("begin"))?;
+        Ok(Tx { tx, db: self.clone() })
     }
 
     /// Runs `f` in a transaction, committing when it returns `Ok`.
@@ -360,19 +346,11 @@ impl Db {
     }
 
     pub(crate) async fn read_conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, DbError> {
-        self.inner
-            .reader
-            .acquire()
-            .await
-            .map_err(DbError::sql("acquire"))
+        self.inner.reader.acquire().await.map_err(DbError::sql("acquire"))
     }
 
     pub(crate) async fn write_conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, DbError> {
-        self.inner
-            .writer
-            .acquire()
-            .await
-            .map_err(DbError::sql("acquire"))
+        self.inner.writer.acquire().await.map_err(DbError::sql("acquire"))
     }
 
     pub(crate) fn ctx<'a>(&'a self, c: &'a mut AnyConnection) -> Conn<'a> {

@@ -152,8 +152,7 @@ fn decode_err(col: &str, e: sqlx::Error) -> DbError {
 
 impl RowExt for AnyRow {
     fn text(&self, col: &str) -> Result<String, DbError> {
-        self.try_get::<String, _>(col)
-            .map_err(|e| decode_err(col, e))
+        self.try_get::<String, _>(col).map_err(|e| decode_err(col, e))
     }
     fn opt_text(&self, col: &str) -> Result<Option<String>, DbError> {
         self.try_get::<Option<String>, _>(col)

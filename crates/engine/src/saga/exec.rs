@@ -11,9 +11,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use super::testing::{Fault, FaultInjector, FaultPoint};
-use super::{
-    SagaDef, SagaError, SagaEventKind, SagaOutcome, StartOptions, Step, StepCtx, StepError,
-};
+use super::{SagaDef, SagaError, SagaEventKind, SagaOutcome, StartOptions, Step, StepCtx, StepError};
 use crate::db::repo::sagas::{saga_insert, saga_set_state, saga_step_record};
 use crate::db::{Db, SagaRecord, SagaState, SagaStepStatus};
 use crate::model::{JobId, JobStatus, SagaId, StepId, StepType};
@@ -61,7 +59,11 @@ impl SagaHandle {
 }
 
 trait Erased<C>: Send + Sync {
-    fn drive(&self, inner: Arc<Inner<C>>, rec: SagaRecord) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
+    fn drive(
+        &self,
+        inner: Arc<Inner<C>>,
+        rec: SagaRecord,
+    ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
 }
 
 struct Typed<S>(PhantomData<fn() -> S>);
@@ -151,9 +153,7 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         let corr = opts.correlation_id.as_deref();
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        let job = tx
-            .job_start(&S::description(&params), corr, Some(id))
-            .await?;
+        let job = tx.job_start(&S::description(&params), corr, Some(id)).await?;
         saga_insert(&mut tx.ctx(), id, S::NAME, &value, job.id, corr).await?;
         let mut ev = S::event(&params, SagaEventKind::Started, None);
         ev.correlation_id = ev.correlation_id.or_else(|| opts.correlation_id.clone());
@@ -190,9 +190,7 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
     /// every saga type). Sagas of unknown types are left as they are, with an alert event.
     pub async fn resume_all(&self) -> Result<Vec<SagaHandle>, SagaError> {
         let db = &self.inner.db;
-        let recs = db
-            .saga_list(&[SagaState::Running, SagaState::Unwinding])
-            .await?;
+        let recs = db.saga_list(&[SagaState::Running, SagaState::Unwinding]).await?;
         let mut handles = Vec::new();
         for rec in recs {
             if self.inner.running.lock().expect("running lock").contains(&rec.id) {
@@ -212,7 +210,10 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
                     ..crate::model::NewEvent::new(
                         crate::model::Severity::Alert,
                         super::codes::SAGA_STUCK,
-                        format!("Saga {} ({}) cannot be resumed: this engine does not know it", rec.id, rec.name),
+                        format!(
+                            "Saga {} ({}) cannot be resumed: this engine does not know it",
+                            rec.id, rec.name
+                        ),
                     )
                 })
                 .await?;
@@ -229,10 +230,7 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         let db = &self.inner.db;
         let rec = db.saga_get(id).await?.ok_or(SagaError::NotFound(id))?;
         if rec.state != SagaState::Stuck {
-            return Err(SagaError::NotStuck {
-                id,
-                state: rec.state,
-            });
+            return Err(SagaError::NotStuck { id, state: rec.state });
         }
         let def = self
             .inner
@@ -305,10 +303,7 @@ enum Next {
     Interrupted,
 }
 
-async fn drive<S: SagaDef>(
-    inner: Arc<Inner<S::Ctx>>,
-    rec: SagaRecord,
-) -> Result<SagaOutcome, SagaError> {
+async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result<SagaOutcome, SagaError> {
     let steps = S::steps();
     let mut run = Run::<S> {
         inner: inner.clone(),
@@ -431,13 +426,25 @@ impl<S: SagaDef> Run<S> {
                 let mut tx = self.db().begin().await?;
                 let js = match self.job_id {
                     Some(job) => {
-                        let d = self.steps[i].description.clone().unwrap_or_else(|| name.to_string());
+                        let d = self.steps[i]
+                            .description
+                            .clone()
+                            .unwrap_or_else(|| name.to_string());
                         Some(tx.job_step_start(job, None, StepType::Executing, &d).await?.id)
                     }
                     None => None,
                 };
-                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Started, None, None, js)
-                    .await?;
+                saga_step_record(
+                    &mut tx.ctx(),
+                    self.id,
+                    i,
+                    name,
+                    SagaStepStatus::Started,
+                    None,
+                    None,
+                    js,
+                )
+                .await?;
                 tx.commit().await?;
                 self.state[i].status = Some(SagaStepStatus::Started);
                 self.state[i].job_step = js;
@@ -445,7 +452,10 @@ impl<S: SagaDef> Run<S> {
             // The failure (or a later undo) was recorded but the saga's state was not: unwind.
             Some(_) => {
                 return Ok(Next::Unwind(
-                    self.state[i].error.clone().unwrap_or_else(|| format!("step {name} failed")),
+                    self.state[i]
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| format!("step {name} failed")),
                 ))
             }
         }
@@ -470,8 +480,17 @@ impl<S: SagaDef> Run<S> {
         let mut tx = self.db().begin().await?;
         match result {
             Ok(out) => {
-                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Done, Some(&out), None, None)
-                    .await?;
+                saga_step_record(
+                    &mut tx.ctx(),
+                    self.id,
+                    i,
+                    name,
+                    SagaStepStatus::Done,
+                    Some(&out),
+                    None,
+                    None,
+                )
+                .await?;
                 if let Some(js) = self.state[i].job_step {
                     tx.job_step_set_status(js, JobStatus::Finished).await?;
                 }
@@ -483,8 +502,17 @@ impl<S: SagaDef> Run<S> {
             }
             Err(e) => {
                 let msg = format!("step {name}: {e}");
-                saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Failed, None, Some(&msg), None)
-                    .await?;
+                saga_step_record(
+                    &mut tx.ctx(),
+                    self.id,
+                    i,
+                    name,
+                    SagaStepStatus::Failed,
+                    None,
+                    Some(&msg),
+                    None,
+                )
+                .await?;
                 if let Some(js) = self.state[i].job_step {
                     tx.job_step_set_status(js, JobStatus::Failed).await?;
                 }
@@ -543,8 +571,17 @@ impl<S: SagaDef> Run<S> {
                 }
                 Some(_) => {
                     let mut tx = self.db().begin().await?;
-                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::UndoStarted, None, None, None)
-                        .await?;
+                    saga_step_record(
+                        &mut tx.ctx(),
+                        self.id,
+                        i,
+                        name,
+                        SagaStepStatus::UndoStarted,
+                        None,
+                        None,
+                        None,
+                    )
+                    .await?;
                     tx.commit().await?;
                     self.state[i].status = Some(SagaStepStatus::UndoStarted);
                 }
@@ -570,8 +607,17 @@ impl<S: SagaDef> Run<S> {
             match result {
                 Ok(()) => {
                     let mut tx = self.db().begin().await?;
-                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::Undone, None, None, None)
-                        .await?;
+                    saga_step_record(
+                        &mut tx.ctx(),
+                        self.id,
+                        i,
+                        name,
+                        SagaStepStatus::Undone,
+                        None,
+                        None,
+                        None,
+                    )
+                    .await?;
                     if let Some(js) = self.state[i].job_step {
                         tx.job_step_set_status(js, JobStatus::Aborted).await?;
                     }
@@ -581,8 +627,17 @@ impl<S: SagaDef> Run<S> {
                 Err(e) => {
                     let msg = format!("undo of step {name}: {e}");
                     let mut tx = self.db().begin().await?;
-                    saga_step_record(&mut tx.ctx(), self.id, i, name, SagaStepStatus::UndoFailed, None, Some(&msg), None)
-                        .await?;
+                    saga_step_record(
+                        &mut tx.ctx(),
+                        self.id,
+                        i,
+                        name,
+                        SagaStepStatus::UndoFailed,
+                        None,
+                        Some(&msg),
+                        None,
+                    )
+                    .await?;
                     tx.commit().await?;
                     self.state[i].status = Some(SagaStepStatus::UndoFailed);
                     return self.stuck_with(error, msg, cleanup).await;
@@ -597,7 +652,8 @@ impl<S: SagaDef> Run<S> {
         if let Some(job) = self.job_id {
             tx.job_end(job, JobStatus::Failed).await?;
         }
-        tx.event_add(&self.event(SagaEventKind::Unwound, Some(&error))).await?;
+        tx.event_add(&self.event(SagaEventKind::Unwound, Some(&error)))
+            .await?;
         tx.commit().await?;
         tracing::warn!(saga_id = %self.id, saga = S::NAME, error = %error, "saga unwound");
         Ok(SagaOutcome::Unwound { error })
@@ -614,16 +670,28 @@ impl<S: SagaDef> Run<S> {
         cleanup: Option<StepId>,
     ) -> Result<SagaOutcome, SagaError> {
         let mut tx = self.db().begin().await?;
-        saga_set_state(&mut tx.ctx(), self.id, SagaState::Stuck, Some(&error), Some(&undo_error)).await?;
+        saga_set_state(
+            &mut tx.ctx(),
+            self.id,
+            SagaState::Stuck,
+            Some(&error),
+            Some(&undo_error),
+        )
+        .await?;
         if let Some(c) = cleanup {
             tx.job_step_set_status(c, JobStatus::Failed).await?;
         }
         if let Some(job) = self.job_id {
-            if tx.job_get(job).await?.is_some_and(|j| j.status == JobStatus::Started) {
+            if tx
+                .job_get(job)
+                .await?
+                .is_some_and(|j| j.status == JobStatus::Started)
+            {
                 tx.job_end(job, JobStatus::Failed).await?;
             }
         }
-        tx.event_add(&self.event(SagaEventKind::Stuck, Some(&undo_error))).await?;
+        tx.event_add(&self.event(SagaEventKind::Stuck, Some(&undo_error)))
+            .await?;
         tx.commit().await?;
         tracing::error!(saga_id = %self.id, saga = S::NAME, error = %error, undo_error = %undo_error, "saga stuck");
         Ok(SagaOutcome::Stuck { error, undo_error })

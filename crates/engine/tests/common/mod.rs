@@ -60,7 +60,9 @@ impl TestDb {
                 format!("{base}{sep}options[search_path]={schema}")
             }
         };
-        let db = Db::connect_with(&url, opts(&clock)).await.expect("open test database");
+        let db = Db::connect_with(&url, opts(&clock))
+            .await
+            .expect("open test database");
         TestDb { db, url, clock, dir }
     }
 

@@ -91,7 +91,9 @@ async fn dc_insert(c: &mut Conn<'_>, dc: &DataCenter) -> Result<DataCenter, DbEr
         .arg(c.now.as_millis())
         .push(", 1)");
     c.exec_as(&q, "data center", &dc.name).await?;
-    dc_get(c, dc.id).await?.ok_or_else(|| DbError::not_found("data center", dc.id))
+    dc_get(c, dc.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("data center", dc.id))
 }
 
 async fn dc_get(c: &mut Conn<'_>, id: DcId) -> Result<Option<DataCenter>, DbError> {
@@ -106,10 +108,7 @@ async fn dc_get_by_name(c: &mut Conn<'_>, name: &str) -> Result<Option<DataCente
     c.opt(&q).await?.as_ref().map(dc_from_row).transpose()
 }
 
-async fn dc_list(
-    c: &mut Conn<'_>,
-    lq: &ListQuery<DcFilter, DcSort>,
-) -> Result<Vec<DataCenter>, DbError> {
+async fn dc_list(c: &mut Conn<'_>, lq: &ListQuery<DcFilter, DcSort>) -> Result<Vec<DataCenter>, DbError> {
     let mut q = Sql::new(&format!("SELECT {DC_COLS} FROM data_centers"));
     let mut w = Where::new(&mut q, c.backend);
     w.text("name", &lq.filter.name);
@@ -148,12 +147,16 @@ async fn dc_update(c: &mut Conn<'_>, dc: &DataCenter) -> Result<DataCenter, DbEr
         .arg(dc.revision);
     if c.exec_as(&q, "data center", &dc.name).await? == 0 {
         let rev = dc.revision;
-        return Err(missing_or_conflict(c, "data_centers", "data center", &dc.id.to_string(), || {
-            format!("revision {rev} is stale")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "data_centers", "data center", &dc.id.to_string(), || {
+                format!("revision {rev} is stale")
+            })
+            .await,
+        );
     }
-    dc_get(c, dc.id).await?.ok_or_else(|| DbError::not_found("data center", dc.id))
+    dc_get(c, dc.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("data center", dc.id))
 }
 
 async fn dc_set_status(c: &mut Conn<'_>, id: DcId, status: DcStatus) -> Result<(), DbError> {
@@ -166,12 +169,7 @@ async fn dc_set_status(c: &mut Conn<'_>, id: DcId, status: DcStatus) -> Result<(
 }
 
 /// Compare-and-set of the pool's master version (it must only ever grow by one writer).
-async fn dc_set_master_version(
-    c: &mut Conn<'_>,
-    id: DcId,
-    expected: i64,
-    new: i64,
-) -> Result<(), DbError> {
+async fn dc_set_master_version(c: &mut Conn<'_>, id: DcId, expected: i64, new: i64) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE data_centers SET master_version = ");
     q.arg(new)
         .push(" WHERE id = ")
@@ -179,10 +177,12 @@ async fn dc_set_master_version(
         .push(" AND master_version = ")
         .arg(expected);
     if c.exec(&q).await? == 0 {
-        return Err(missing_or_conflict(c, "data_centers", "data center", &id.to_string(), || {
-            format!("master version is no longer {expected}")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "data_centers", "data center", &id.to_string(), || {
+                format!("master version is no longer {expected}")
+            })
+            .await,
+        );
     }
     Ok(())
 }
@@ -190,9 +190,7 @@ async fn dc_set_master_version(
 /// Marks `host` as contending for the data center's SPM role; fails with `Conflict` if any
 /// host (including `host`) already holds or contends for it.
 async fn dc_spm_contend(c: &mut Conn<'_>, id: DcId, host: HostUuid) -> Result<(), DbError> {
-    let mut q = Sql::new(
-        "UPDATE data_centers SET spm_host_id = ",
-    );
+    let mut q = Sql::new("UPDATE data_centers SET spm_host_id = ");
     q.arg(host.to_string())
         .push(", spm_status = 'contending', spm_lver = NULL WHERE id = ")
         .arg(id.to_string())
@@ -220,10 +218,12 @@ async fn dc_spm_won(c: &mut Conn<'_>, id: DcId, host: HostUuid, lver: i64) -> Re
         .push(" AND spm_host_id = ")
         .arg(host.to_string());
     if c.exec(&q).await? == 0 {
-        return Err(missing_or_conflict(c, "data_centers", "data center", &id.to_string(), || {
-            format!("host {host} is not contending for the SPM role")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "data_centers", "data center", &id.to_string(), || {
+                format!("host {host} is not contending for the SPM role")
+            })
+            .await,
+        );
     }
     Ok(())
 }
@@ -311,7 +311,9 @@ async fn cluster_insert(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbErr
     cluster_args(&mut q, cl);
     q.push(", ").arg(c.now.as_millis()).push(", 1)");
     c.exec_as(&q, "cluster", &cl.name).await?;
-    cluster_get(c, cl.id).await?.ok_or_else(|| DbError::not_found("cluster", cl.id))
+    cluster_get(c, cl.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("cluster", cl.id))
 }
 
 async fn cluster_get(c: &mut Conn<'_>, id: ClusterId) -> Result<Option<Cluster>, DbError> {
@@ -356,12 +358,16 @@ async fn cluster_update(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbErr
         .arg(cl.revision);
     if c.exec_as(&q, "cluster", &cl.name).await? == 0 {
         let rev = cl.revision;
-        return Err(missing_or_conflict(c, "clusters", "cluster", &cl.id.to_string(), || {
-            format!("revision {rev} is stale")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "clusters", "cluster", &cl.id.to_string(), || {
+                format!("revision {rev} is stale")
+            })
+            .await,
+        );
     }
-    cluster_get(c, cl.id).await?.ok_or_else(|| DbError::not_found("cluster", cl.id))
+    cluster_get(c, cl.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("cluster", cl.id))
 }
 
 async fn cluster_delete(c: &mut Conn<'_>, id: ClusterId) -> Result<(), DbError> {
@@ -473,7 +479,9 @@ async fn host_insert(c: &mut Conn<'_>, h: &Host) -> Result<Host, DbError> {
         .arg(c.now.as_millis())
         .push(", 1)");
     c.exec_as(&q, "host", &h.name).await?;
-    host_get(c, h.id).await?.ok_or_else(|| DbError::not_found("host", h.id))
+    host_get(c, h.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("host", h.id))
 }
 
 async fn host_get(c: &mut Conn<'_>, id: HostUuid) -> Result<Option<Host>, DbError> {
@@ -500,10 +508,7 @@ fn host_where(w: &mut Where<'_>, f: &HostFilter) {
     w.eq("h.address", &f.address);
 }
 
-async fn host_list(
-    c: &mut Conn<'_>,
-    lq: &ListQuery<HostFilter, HostSort>,
-) -> Result<Vec<Host>, DbError> {
+async fn host_list(c: &mut Conn<'_>, lq: &ListQuery<HostFilter, HostSort>) -> Result<Vec<Host>, DbError> {
     let mut q = Sql::new(HOST_SELECT);
     host_where(&mut Where::new(&mut q, c.backend), &lq.filter);
     order_and_page(
@@ -554,7 +559,9 @@ async fn host_update(c: &mut Conn<'_>, h: &Host) -> Result<Host, DbError> {
         })
         .await);
     }
-    host_get(c, h.id).await?.ok_or_else(|| DbError::not_found("host", h.id))
+    host_get(c, h.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("host", h.id))
 }
 
 /// Moves the host to `to` (with its reason) if its status is one of `expected` (any when
@@ -593,11 +600,7 @@ async fn host_set_status(
     Ok(before)
 }
 
-async fn host_update_stats(
-    c: &mut Conn<'_>,
-    id: HostUuid,
-    stats: &HostStats,
-) -> Result<(), DbError> {
+async fn host_update_stats(c: &mut Conn<'_>, id: HostUuid, stats: &HostStats) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE hosts SET cpu_cores = ");
     q.arg(Arg::Int(stats.cpu_cores.map(i64::from)))
         .push(", memory_bytes = ")
@@ -634,11 +637,7 @@ async fn host_delete(c: &mut Conn<'_>, id: HostUuid) -> Result<(), DbError> {
 
 /// The host's id in the data center's lockspaces, allocating the lowest free one (1..=250)
 /// on first use. Stable: the same pair always gets the same id.
-async fn host_spm_id_allocate(
-    c: &mut Conn<'_>,
-    dc: DcId,
-    host: HostUuid,
-) -> Result<HostId, DbError> {
+async fn host_spm_id_allocate(c: &mut Conn<'_>, dc: DcId, host: HostUuid) -> Result<HostId, DbError> {
     const MAX: i64 = 250;
     if let Some(id) = host_spm_id(c, dc, host).await? {
         return Ok(id);

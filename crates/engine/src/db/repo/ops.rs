@@ -27,8 +27,7 @@ fn job_from_row(r: &AnyRow) -> Result<Job, DbError> {
     })
 }
 
-const STEP_COLS: &str =
-    "id, job_id, parent_id, number, step_type, description, status, started_at, ended_at";
+const STEP_COLS: &str = "id, job_id, parent_id, number, step_type, description, status, started_at, ended_at";
 
 fn step_from_row(r: &AnyRow) -> Result<JobStep, DbError> {
     Ok(JobStep {
@@ -123,7 +122,9 @@ async fn job_end(c: &mut Conn<'_>, id: JobId, status: JobStatus) -> Result<(), D
         .arg(id.to_string())
         .push(" AND status = 'started'");
     if c.exec(&q).await? == 0 {
-        let job = job_get(c, id).await?.ok_or_else(|| DbError::not_found("job", id))?;
+        let job = job_get(c, id)
+            .await?
+            .ok_or_else(|| DbError::not_found("job", id))?;
         if job.status != status {
             return Err(DbError::Conflict {
                 kind: "job",
@@ -165,7 +166,9 @@ async fn job_step_start(
     c.exec_as(&q, "job step", format!("{description} of job {job}"))
         .await?;
     touch_job(c, job).await?;
-    job_step_get(c, id).await?.ok_or_else(|| DbError::not_found("job step", id))
+    job_step_get(c, id)
+        .await?
+        .ok_or_else(|| DbError::not_found("job step", id))
 }
 
 async fn touch_job(c: &mut Conn<'_>, job: JobId) -> Result<(), DbError> {
@@ -298,10 +301,7 @@ async fn event_get(c: &mut Conn<'_>, id: i64) -> Result<Option<Event>, DbError> 
     c.opt(&q).await?.as_ref().map(event_from_row).transpose()
 }
 
-async fn event_list(
-    c: &mut Conn<'_>,
-    lq: &ListQuery<EventFilter, EventSort>,
-) -> Result<Vec<Event>, DbError> {
+async fn event_list(c: &mut Conn<'_>, lq: &ListQuery<EventFilter, EventSort>) -> Result<Vec<Event>, DbError> {
     let f = &lq.filter;
     let mut q = Sql::new(&format!("SELECT {EVENT_COLS} FROM events"));
     let mut w = Where::new(&mut q, c.backend);

@@ -208,6 +208,7 @@ pub(crate) async fn saga_set_state(
 
 /// Records a step's status; `output` and `job_step_id` keep their previous values when
 /// `None`.
+#[allow(clippy::too_many_arguments)] // one column each; called only by the executor
 pub(crate) async fn saga_step_record(
     c: &mut Conn<'_>,
     saga: SagaId,
@@ -245,7 +246,9 @@ pub(crate) async fn saga_step_record(
     c.exec_as(&q, "saga step", format!("{index} ({name}) of saga {saga}"))
         .await?;
     let mut q = Sql::new("UPDATE sagas SET updated_at = ");
-    q.arg(c.now.as_millis()).push(" WHERE id = ").arg(saga.to_string());
+    q.arg(c.now.as_millis())
+        .push(" WHERE id = ")
+        .arg(saga.to_string());
     c.exec(&q).await?;
     Ok(())
 }

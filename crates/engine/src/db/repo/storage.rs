@@ -103,7 +103,9 @@ async fn sd_insert(c: &mut Conn<'_>, sd: &StorageDomain) -> Result<StorageDomain
     sd_args(&mut q, sd)?;
     q.push(", ").arg(c.now.as_millis()).push(", 1)");
     c.exec_as(&q, "storage domain", &sd.name).await?;
-    sd_get(c, sd.id).await?.ok_or_else(|| DbError::not_found("storage domain", sd.id))
+    sd_get(c, sd.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("storage domain", sd.id))
 }
 
 async fn sd_get(c: &mut Conn<'_>, id: SdUuid) -> Result<Option<StorageDomain>, DbError> {
@@ -128,11 +130,7 @@ fn sd_where(w: &mut Where<'_>, f: &SdFilter) {
         &f.data_center,
     );
     if !f.status.is_empty() {
-        let attached: Vec<&SdStatus> = f
-            .status
-            .iter()
-            .filter(|s| **s != SdStatus::Unattached)
-            .collect();
+        let attached: Vec<&SdStatus> = f.status.iter().filter(|s| **s != SdStatus::Unattached).collect();
         let unattached = f.status.contains(&SdStatus::Unattached);
         let sql = w.and();
         sql.push("(");
@@ -156,10 +154,7 @@ fn sd_where(w: &mut Where<'_>, f: &SdFilter) {
     }
 }
 
-async fn sd_list(
-    c: &mut Conn<'_>,
-    lq: &ListQuery<SdFilter, SdSort>,
-) -> Result<Vec<StorageDomain>, DbError> {
+async fn sd_list(c: &mut Conn<'_>, lq: &ListQuery<SdFilter, SdSort>) -> Result<Vec<StorageDomain>, DbError> {
     let mut q = Sql::new(&format!("SELECT {SD_COLS} FROM storage_domains"));
     sd_where(&mut Where::new(&mut q, c.backend), &lq.filter);
     order_and_page(
@@ -199,16 +194,13 @@ async fn sd_update(c: &mut Conn<'_>, sd: &StorageDomain) -> Result<StorageDomain
             .await,
         );
     }
-    sd_get(c, sd.id).await?.ok_or_else(|| DbError::not_found("storage domain", sd.id))
+    sd_get(c, sd.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("storage domain", sd.id))
 }
 
 /// Monitoring's view of the domain's space; not a configuration change.
-async fn sd_set_space(
-    c: &mut Conn<'_>,
-    id: SdUuid,
-    capacity: u64,
-    free: u64,
-) -> Result<(), DbError> {
+async fn sd_set_space(c: &mut Conn<'_>, id: SdUuid, capacity: u64, free: u64) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE storage_domains SET capacity_bytes = ");
     q.arg(u2i("capacity", capacity)?)
         .push(", free_bytes = ")
@@ -259,7 +251,9 @@ async fn pool_attach(c: &mut Conn<'_>, m: &PoolMember) -> Result<(), DbError> {
             });
         }
     }
-    let mut q = Sql::new("INSERT INTO storage_pool_members (data_center_id, storage_domain_id, status, is_master) VALUES (");
+    let mut q = Sql::new(
+        "INSERT INTO storage_pool_members (data_center_id, storage_domain_id, status, is_master) VALUES (",
+    );
     q.arg(m.data_center_id.to_string())
         .push(", ")
         .arg(m.storage_domain_id.to_string())
@@ -358,12 +352,11 @@ async fn pool_set_master(c: &mut Conn<'_>, dc: DcId, sd: SdUuid) -> Result<(), D
 }
 
 async fn pool_master(c: &mut Conn<'_>, dc: DcId) -> Result<Option<SdUuid>, DbError> {
-    let mut q = Sql::new("SELECT storage_domain_id FROM storage_pool_members WHERE is_master = 1 AND data_center_id = ");
+    let mut q = Sql::new(
+        "SELECT storage_domain_id FROM storage_pool_members WHERE is_master = 1 AND data_center_id = ",
+    );
     q.arg(dc.to_string());
-    c.opt(&q)
-        .await?
-        .map(|r| r.parse("storage_domain_id"))
-        .transpose()
+    c.opt(&q).await?.map(|r| r.parse("storage_domain_id")).transpose()
 }
 
 // ---------------------------------------------------------------- disks
@@ -460,7 +453,9 @@ async fn disk_insert(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
         .arg(c.now.as_millis())
         .push(", 1)");
     c.exec_as(&q, "disk", d.id).await?;
-    disk_get(c, d.id).await?.ok_or_else(|| DbError::not_found("disk", d.id))
+    disk_get(c, d.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("disk", d.id))
 }
 
 async fn disk_get(c: &mut Conn<'_>, id: DiskId) -> Result<Option<Disk>, DbError> {
@@ -469,10 +464,7 @@ async fn disk_get(c: &mut Conn<'_>, id: DiskId) -> Result<Option<Disk>, DbError>
     c.opt(&q).await?.as_ref().map(disk_from_row).transpose()
 }
 
-async fn disk_list(
-    c: &mut Conn<'_>,
-    lq: &ListQuery<DiskFilter, DiskSort>,
-) -> Result<Vec<Disk>, DbError> {
+async fn disk_list(c: &mut Conn<'_>, lq: &ListQuery<DiskFilter, DiskSort>) -> Result<Vec<Disk>, DbError> {
     let mut q = Sql::new(&format!("SELECT {DISK_COLS} FROM disks d"));
     let f = &lq.filter;
     let mut w = Where::new(&mut q, c.backend);
@@ -527,7 +519,9 @@ async fn disk_update(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
         })
         .await);
     }
-    disk_get(c, d.id).await?.ok_or_else(|| DbError::not_found("disk", d.id))
+    disk_get(c, d.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("disk", d.id))
 }
 
 /// Compare-and-set of the disk's status; `Conflict` names the status it has.
@@ -595,8 +589,7 @@ async fn disk_delete(c: &mut Conn<'_>, id: DiskId) -> Result<(), DbError> {
 
 // ---------------------------------------------------------------- volumes
 
-const VOL_COLS: &str =
-    "id, disk_id, storage_domain_id, parent_id, voltype, format, actual_size, created_at";
+const VOL_COLS: &str = "id, disk_id, storage_domain_id, parent_id, voltype, format, actual_size, created_at";
 
 fn vol_from_row(r: &AnyRow) -> Result<Volume, DbError> {
     Ok(Volume {
@@ -636,7 +629,9 @@ async fn volume_insert(c: &mut Conn<'_>, v: &Volume) -> Result<Volume, DbError> 
         .arg(c.now.as_millis())
         .push(")");
     c.exec_as(&q, "volume", v.id).await?;
-    volume_get(c, v.id).await?.ok_or_else(|| DbError::not_found("volume", v.id))
+    volume_get(c, v.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("volume", v.id))
 }
 
 async fn volume_get(c: &mut Conn<'_>, id: VolUuid) -> Result<Option<Volume>, DbError> {
@@ -650,7 +645,12 @@ async fn volume_get(c: &mut Conn<'_>, id: VolUuid) -> Result<Option<Volume>, DbE
 async fn volume_chain(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<Volume>, DbError> {
     let mut q = Sql::new(&format!("SELECT {VOL_COLS} FROM volumes WHERE disk_id = "));
     q.arg(disk.to_string()).push(" ORDER BY created_at, id");
-    let mut vols: Vec<Volume> = c.all(&q).await?.iter().map(vol_from_row).collect::<Result<_, _>>()?;
+    let mut vols: Vec<Volume> = c
+        .all(&q)
+        .await?
+        .iter()
+        .map(vol_from_row)
+        .collect::<Result<_, _>>()?;
     let mut ordered = Vec::with_capacity(vols.len());
     // The base is the volume whose parent is not one of this disk's volumes.
     let ids: Vec<VolUuid> = vols.iter().map(|v| v.id).collect();
@@ -668,11 +668,7 @@ async fn volume_chain(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<Volume>, DbE
     Ok(ordered)
 }
 
-async fn volume_set_parent(
-    c: &mut Conn<'_>,
-    id: VolUuid,
-    parent: Option<VolUuid>,
-) -> Result<(), DbError> {
+async fn volume_set_parent(c: &mut Conn<'_>, id: VolUuid, parent: Option<VolUuid>) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE volumes SET parent_id = ");
     q.arg(Arg::Text(parent.map(|p| p.to_string())))
         .push(" WHERE id = ")

@@ -143,7 +143,8 @@ async fn user_insert_row(
         });
     }
     let id = UserId::new_random();
-    let mut q = Sql::new("INSERT INTO users (id, name, domain, password_hash, email, is_admin, created_at) VALUES (");
+    let mut q =
+        Sql::new("INSERT INTO users (id, name, domain, password_hash, email, is_admin, created_at) VALUES (");
     q.arg(id.to_string())
         .push(", ")
         .arg(name)
@@ -157,7 +158,9 @@ async fn user_insert_row(
         .arg(c.now.as_millis())
         .push(")");
     c.exec_as(&q, "user", format!("{name}@{domain}")).await?;
-    user_get(c, id).await?.ok_or_else(|| DbError::not_found("user", id))
+    user_get(c, id)
+        .await?
+        .ok_or_else(|| DbError::not_found("user", id))
 }
 
 async fn user_get(c: &mut Conn<'_>, id: UserId) -> Result<Option<User>, DbError> {
@@ -225,12 +228,7 @@ async fn tokens_purge_expired(c: &mut Conn<'_>) -> Result<u64, DbError> {
     c.exec(&q).await
 }
 
-async fn token_insert(
-    c: &mut Conn<'_>,
-    user: UserId,
-    hash: &str,
-    expires: Timestamp,
-) -> Result<(), DbError> {
+async fn token_insert(c: &mut Conn<'_>, user: UserId, hash: &str, expires: Timestamp) -> Result<(), DbError> {
     let mut q = Sql::new("INSERT INTO sso_tokens (token_hash, user_id, created_at, expires_at) VALUES (");
     q.arg(hash)
         .push(", ")
@@ -296,7 +294,9 @@ impl Db {
         password: &str,
     ) -> Result<Option<User>, DbError> {
         let (name, domain) = split_principal(principal);
-        let mut q = Sql::new(&format!("SELECT {USER_COLS}, password_hash FROM users WHERE name = "));
+        let mut q = Sql::new(&format!(
+            "SELECT {USER_COLS}, password_hash FROM users WHERE name = "
+        ));
         q.arg(name).push(" AND domain = ").arg(domain);
         let row = {
             let mut c = self.read_conn().await?;

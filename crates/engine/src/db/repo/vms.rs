@@ -86,7 +86,9 @@ async fn template_insert(c: &mut Conn<'_>, t: &Template) -> Result<Template, DbE
         .arg(c.now.as_millis())
         .push(", 1)");
     c.exec_as(&q, "template", &t.name).await?;
-    template_get(c, t.id).await?.ok_or_else(|| DbError::not_found("template", t.id))
+    template_get(c, t.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("template", t.id))
 }
 
 async fn template_get(c: &mut Conn<'_>, id: TemplateId) -> Result<Option<Template>, DbError> {
@@ -144,12 +146,16 @@ async fn template_update(c: &mut Conn<'_>, t: &Template) -> Result<Template, DbE
         .arg(t.revision);
     if c.exec_as(&q, "template", &t.name).await? == 0 {
         let rev = t.revision;
-        return Err(missing_or_conflict(c, "templates", "template", &t.id.to_string(), || {
-            format!("revision {rev} is stale")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "templates", "template", &t.id.to_string(), || {
+                format!("revision {rev} is stale")
+            })
+            .await,
+        );
     }
-    template_get(c, t.id).await?.ok_or_else(|| DbError::not_found("template", t.id))
+    template_get(c, t.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("template", t.id))
 }
 
 async fn template_set_status(
@@ -172,10 +178,12 @@ async fn template_set_status(
         q.push(")");
     }
     if c.exec(&q).await? == 0 {
-        return Err(missing_or_conflict(c, "templates", "template", &id.to_string(), || {
-            format!("status is not one of {expected:?}")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "templates", "template", &id.to_string(), || {
+                format!("status is not one of {expected:?}")
+            })
+            .await,
+        );
     }
     Ok(())
 }
@@ -367,7 +375,9 @@ async fn vm_insert(c: &mut Conn<'_>, vm: &Vm) -> Result<Vm, DbError> {
         created_at: c.now,
     };
     snapshot_insert(c, &active).await?;
-    vm_get(c, vm.id).await?.ok_or_else(|| DbError::not_found("VM", vm.id))
+    vm_get(c, vm.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("VM", vm.id))
 }
 
 async fn vm_get(c: &mut Conn<'_>, id: VmId) -> Result<Option<Vm>, DbError> {
@@ -441,7 +451,9 @@ async fn vm_update(c: &mut Conn<'_>, vm: &Vm) -> Result<Vm, DbError> {
         })
         .await);
     }
-    vm_get(c, vm.id).await?.ok_or_else(|| DbError::not_found("VM", vm.id))
+    vm_get(c, vm.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("VM", vm.id))
 }
 
 /// Replaces the VM's run-time state if its status is one of `expected` (any when empty).
@@ -484,7 +496,8 @@ async fn vm_set_runtime(
 /// it is down.
 async fn vm_delete(c: &mut Conn<'_>, id: VmId) -> Result<(), DbError> {
     let mut q = Sql::new("DELETE FROM vms WHERE id = ");
-    q.arg(id.to_string()).push(" AND status IN ('down', 'image_locked')");
+    q.arg(id.to_string())
+        .push(" AND status IN ('down', 'image_locked')");
     if c.delete_as(&q, "VM", id).await? == 0 {
         return Err(match vm_get(c, id).await? {
             None => DbError::not_found("VM", id),
@@ -548,13 +561,11 @@ async fn attachment_add(c: &mut Conn<'_>, a: &DiskAttachment) -> Result<(), DbEr
     Ok(())
 }
 
-async fn attachment_get(
-    c: &mut Conn<'_>,
-    vm: VmId,
-    disk: DiskId,
-) -> Result<Option<DiskAttachment>, DbError> {
+async fn attachment_get(c: &mut Conn<'_>, vm: VmId, disk: DiskId) -> Result<Option<DiskAttachment>, DbError> {
     let mut q = Sql::new(&format!("SELECT {ATT_COLS} FROM disk_attachments WHERE vm_id = "));
-    q.arg(vm.to_string()).push(" AND disk_id = ").arg(disk.to_string());
+    q.arg(vm.to_string())
+        .push(" AND disk_id = ")
+        .arg(disk.to_string());
     c.opt(&q).await?.as_ref().map(att_from_row).transpose()
 }
 
@@ -564,11 +575,10 @@ async fn attachments_of_vm(c: &mut Conn<'_>, vm: VmId) -> Result<Vec<DiskAttachm
     c.all(&q).await?.iter().map(att_from_row).collect()
 }
 
-async fn attachments_of_disk(
-    c: &mut Conn<'_>,
-    disk: DiskId,
-) -> Result<Vec<DiskAttachment>, DbError> {
-    let mut q = Sql::new(&format!("SELECT {ATT_COLS} FROM disk_attachments WHERE disk_id = "));
+async fn attachments_of_disk(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<DiskAttachment>, DbError> {
+    let mut q = Sql::new(&format!(
+        "SELECT {ATT_COLS} FROM disk_attachments WHERE disk_id = "
+    ));
     q.arg(disk.to_string()).push(" ORDER BY vm_id");
     c.all(&q).await?.iter().map(att_from_row).collect()
 }
@@ -597,7 +607,9 @@ async fn attachment_update(c: &mut Conn<'_>, a: &DiskAttachment) -> Result<(), D
 
 async fn attachment_remove(c: &mut Conn<'_>, vm: VmId, disk: DiskId) -> Result<bool, DbError> {
     let mut q = Sql::new("DELETE FROM disk_attachments WHERE vm_id = ");
-    q.arg(vm.to_string()).push(" AND disk_id = ").arg(disk.to_string());
+    q.arg(vm.to_string())
+        .push(" AND disk_id = ")
+        .arg(disk.to_string());
     Ok(c.exec(&q).await? == 1)
 }
 
@@ -661,7 +673,14 @@ async fn nic_add(c: &mut Conn<'_>, n: &Nic, mac: Option<MacAddr>) -> Result<Nic,
             loop {
                 let r: u32 = rand::thread_rng().gen();
                 let b = r.to_be_bytes();
-                nic.mac = MacAddr([MacAddr::POOL_PREFIX[0], MacAddr::POOL_PREFIX[1], b[0], b[1], b[2], b[3]]);
+                nic.mac = MacAddr([
+                    MacAddr::POOL_PREFIX[0],
+                    MacAddr::POOL_PREFIX[1],
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3],
+                ]);
                 let mut q = Sql::new("SELECT COUNT(*) AS n FROM nics WHERE mac = ");
                 q.arg(nic.mac.to_string());
                 if c.count(&q).await? == 0 {
@@ -670,12 +689,16 @@ async fn nic_add(c: &mut Conn<'_>, n: &Nic, mac: Option<MacAddr>) -> Result<Nic,
                 }
                 tries += 1;
                 if tries > 16 {
-                    return Err(DbError::Exhausted { what: "MAC address in the pool" });
+                    return Err(DbError::Exhausted {
+                        what: "MAC address in the pool",
+                    });
                 }
             }
         }
     }
-    nic_get(c, nic.id).await?.ok_or_else(|| DbError::not_found("NIC", nic.id))
+    nic_get(c, nic.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("NIC", nic.id))
 }
 
 async fn nic_get(c: &mut Conn<'_>, id: NicId) -> Result<Option<Nic>, DbError> {
@@ -705,10 +728,15 @@ async fn nic_update(c: &mut Conn<'_>, n: &Nic) -> Result<Nic, DbError> {
         .arg(b2i(n.linked))
         .push(" WHERE id = ")
         .arg(n.id.to_string());
-    if c.exec_as(&q, "NIC", format!("{} (MAC {})", n.name, n.mac)).await? == 0 {
+    if c.exec_as(&q, "NIC", format!("{} (MAC {})", n.name, n.mac))
+        .await?
+        == 0
+    {
         return Err(DbError::not_found("NIC", n.id));
     }
-    nic_get(c, n.id).await?.ok_or_else(|| DbError::not_found("NIC", n.id))
+    nic_get(c, n.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("NIC", n.id))
 }
 
 async fn nic_remove(c: &mut Conn<'_>, id: NicId) -> Result<bool, DbError> {
@@ -773,7 +801,9 @@ async fn snapshot_insert(c: &mut Conn<'_>, s: &Snapshot) -> Result<Snapshot, DbE
     for d in &s.disks {
         snapshot_set_disk_volume(c, s.id, d.disk_id, d.volume_id).await?;
     }
-    snapshot_get(c, s.id).await?.ok_or_else(|| DbError::not_found("snapshot", s.id))
+    snapshot_get(c, s.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("snapshot", s.id))
 }
 
 async fn snapshot_get(c: &mut Conn<'_>, id: SnapshotId) -> Result<Option<Snapshot>, DbError> {
@@ -785,14 +815,15 @@ async fn snapshot_get(c: &mut Conn<'_>, id: SnapshotId) -> Result<Option<Snapsho
 /// The VM's snapshots, oldest first (the active one last among equals).
 async fn snapshots_of_vm(c: &mut Conn<'_>, vm: VmId) -> Result<Vec<Snapshot>, DbError> {
     let mut q = Sql::new(&format!("SELECT {SNAP_COLS} FROM snapshots WHERE vm_id = "));
-    q.arg(vm.to_string()).push(
-        " ORDER BY CASE snapshot_type WHEN 'active' THEN 1 ELSE 0 END, created_at, id",
-    );
+    q.arg(vm.to_string())
+        .push(" ORDER BY CASE snapshot_type WHEN 'active' THEN 1 ELSE 0 END, created_at, id");
     snapshot_rows(c, &q).await
 }
 
 async fn snapshot_active(c: &mut Conn<'_>, vm: VmId) -> Result<Option<Snapshot>, DbError> {
-    let mut q = Sql::new(&format!("SELECT {SNAP_COLS} FROM snapshots WHERE snapshot_type = 'active' AND vm_id = "));
+    let mut q = Sql::new(&format!(
+        "SELECT {SNAP_COLS} FROM snapshots WHERE snapshot_type = 'active' AND vm_id = "
+    ));
     q.arg(vm.to_string());
     Ok(snapshot_rows(c, &q).await?.pop())
 }
@@ -816,10 +847,12 @@ async fn snapshot_set_status(
         q.push(")");
     }
     if c.exec(&q).await? == 0 {
-        return Err(missing_or_conflict(c, "snapshots", "snapshot", &id.to_string(), || {
-            format!("status is not one of {expected:?}")
-        })
-        .await);
+        return Err(
+            missing_or_conflict(c, "snapshots", "snapshot", &id.to_string(), || {
+                format!("status is not one of {expected:?}")
+            })
+            .await,
+        );
     }
     Ok(())
 }
@@ -841,7 +874,9 @@ async fn snapshot_set_disk_volume(
     vol: VolUuid,
 ) -> Result<(), DbError> {
     let mut q = Sql::new("DELETE FROM snapshot_disks WHERE snapshot_id = ");
-    q.arg(snap.to_string()).push(" AND disk_id = ").arg(disk.to_string());
+    q.arg(snap.to_string())
+        .push(" AND disk_id = ")
+        .arg(disk.to_string());
     c.exec(&q).await?;
     let mut q = Sql::new("INSERT INTO snapshot_disks (snapshot_id, disk_id, volume_id) VALUES (");
     q.arg(snap.to_string())
@@ -857,7 +892,9 @@ async fn snapshot_set_disk_volume(
 
 async fn snapshot_remove_disk(c: &mut Conn<'_>, snap: SnapshotId, disk: DiskId) -> Result<bool, DbError> {
     let mut q = Sql::new("DELETE FROM snapshot_disks WHERE snapshot_id = ");
-    q.arg(snap.to_string()).push(" AND disk_id = ").arg(disk.to_string());
+    q.arg(snap.to_string())
+        .push(" AND disk_id = ")
+        .arg(disk.to_string());
     Ok(c.exec(&q).await? == 1)
 }
 
@@ -872,7 +909,9 @@ async fn snapshot_delete(c: &mut Conn<'_>, id: SnapshotId) -> Result<bool, DbErr
 
 async fn affinity_group_insert(c: &mut Conn<'_>, g: &AffinityGroup) -> Result<AffinityGroup, DbError> {
     validate_name("affinity group name", &g.name)?;
-    let mut q = Sql::new("INSERT INTO affinity_groups (id, cluster_id, name, positive, enforcing, created_at) VALUES (");
+    let mut q = Sql::new(
+        "INSERT INTO affinity_groups (id, cluster_id, name, positive, enforcing, created_at) VALUES (",
+    );
     q.arg(g.id.to_string())
         .push(", ")
         .arg(g.cluster_id.to_string())
@@ -894,8 +933,13 @@ async fn affinity_group_insert(c: &mut Conn<'_>, g: &AffinityGroup) -> Result<Af
         .ok_or_else(|| DbError::not_found("affinity group", g.id))
 }
 
-async fn affinity_groups_where(c: &mut Conn<'_>, cond: &str, id: String) -> Result<Vec<AffinityGroup>, DbError> {
-    let mut q = Sql::new("SELECT id, cluster_id, name, positive, enforcing, created_at FROM affinity_groups WHERE ");
+async fn affinity_groups_where(
+    c: &mut Conn<'_>,
+    cond: &str,
+    id: String,
+) -> Result<Vec<AffinityGroup>, DbError> {
+    let mut q =
+        Sql::new("SELECT id, cluster_id, name, positive, enforcing, created_at FROM affinity_groups WHERE ");
     q.push(cond).push(" = ").arg(id).push(" ORDER BY name, id");
     let rows = c.all(&q).await?;
     let mut out = Vec::with_capacity(rows.len());
