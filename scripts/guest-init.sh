@@ -61,8 +61,9 @@ qga_serve() {
         usleep 200000
     done
 }
-# Ports and their names arrive asynchronously after the driver loads: look for a few seconds.
-(
+# Ports and their names arrive asynchronously after the driver loads: look for a few seconds,
+# when there is a virtio-serial device at all (drivers bind synchronously at insmod).
+ls /sys/bus/virtio/drivers/virtio_console/ 2>/dev/null | grep -q '^virtio' && (
     tries=0
     while [ "$tries" -lt 50 ]; do
         for p in /sys/class/virtio-ports/*; do

@@ -65,7 +65,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
 
     let start = Instant::now();
     let mut child = Command::new(qemu).args(spec.to_args().unwrap()).spawn().unwrap();
-    let deadline = Duration::from_secs(30);
+    let deadline = Duration::from_secs(60);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
@@ -88,9 +88,10 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         "console:\n{console}"
     );
     assert!(console.contains("OXVIRT-MARKER booted-42"), "console:\n{console}");
+    // 3–4 s on an idle machine; the budget holds while the rest of the suite boots VMs too.
     assert!(
-        elapsed < Duration::from_secs(10),
-        "boot to power-off took {elapsed:?}, the budget is 10 s"
+        elapsed < Duration::from_secs(30),
+        "boot to power-off took {elapsed:?}, the budget is 30 s"
     );
 
     // Every byte the guest wrote is 'Z' (0x5a); the rest of the disk is still zero.
