@@ -15,6 +15,7 @@ use crate::api::{ApiError, Request};
 use crate::events::EventBus;
 use crate::host::HostSampler;
 use crate::jobs::Jobs;
+use crate::storage::pool::{PoolExtender, PoolService};
 use crate::storage::StorageService;
 use crate::vm::{VmManager, VmManagerConfig, VmStatus};
 
@@ -35,6 +36,8 @@ pub struct Node {
     pub config: NodeConfig,
     pub events: Arc<EventBus>,
     pub storage: Arc<StorageService>,
+    /// The storage pool connection: host ids, SPM role, tasks, mailbox.
+    pub pools: Arc<PoolService>,
     pub vms: Arc<VmManager>,
     pub jobs: Jobs,
     sampler: HostSampler,
@@ -48,12 +51,20 @@ impl Node {
     /// Opens the run directory, recovering running VMs, and starts publishing their status
     /// changes as events.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeStartError> {
+        let storage = Arc::new(StorageService::new(config.run_dir.join("mnt")));
+        let pools = Arc::new(PoolService::new(storage.clone(), &config.name));
         let mut vm_cfg = VmManagerConfig::new(&config.run_dir);
         vm_cfg.migration_host = config.migration_host.clone();
+        // Thin disks grow through the pool's mailbox (or locally on the SPM).
+        vm_cfg.extender = Arc::new(PoolExtender {
+            pools: pools.clone(),
+            timeout: Duration::from_secs(60),
+        });
         let vms = VmManager::open(vm_cfg).await?;
         let events = Arc::new(EventBus::new());
         let node = Arc::new(Node {
-            storage: Arc::new(StorageService::new(config.run_dir.join("mnt"))),
+            storage,
+            pools,
             jobs: Jobs::new(events.clone()),
             events,
             vms,
@@ -74,7 +85,9 @@ impl Node {
         match req {
             Request::Host(h) => self.execute_host(h).await,
             Request::Vm(v) => self.execute_vm(v).await,
-            Request::Storage(s) => crate::api::storage::execute(self.storage.clone(), s).await,
+            Request::Storage(s) => {
+                crate::api::storage::execute(self.storage.clone(), self.pools.clone(), s).await
+            }
         }
     }
 
@@ -132,6 +145,13 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
                     json!({ "vmID": id, "status": to_json(status) }),
                 );
             }
+        }
+        // A destroyed VM leaves the manager; its last word is that it is down and gone.
+        for id in last.keys().filter(|id| !now.contains_key(id)) {
+            n.events.publish(
+                format!("|virt|VM_status|{id}"),
+                json!({ "vmID": id, "status": { "state": "down" }, "removed": true }),
+            );
         }
         last = now;
         drop(n);

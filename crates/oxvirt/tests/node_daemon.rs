@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
 use common::{engine_client, files_under, free_port, spawn_node, start_engine, wait_up};
+use http::{Method, StatusCode};
 use oxvirt_pki::{client_config, CertAuthority, Identity, Role};
 use oxvirt_rpc::{xmlrpc, RpcClient};
 use serde_json::{json, Value};
@@ -137,7 +137,9 @@ async fn node_enrolls_with_a_token_and_serves_all_transports_over_mutual_tls() {
         serde_json::from_slice::<Value>(&reply).unwrap()["error"]["code"],
         -32700
     );
-    let (status, _) = c
+    // The node answers 413 as soon as it sees the declared length; a client still writing the
+    // body may see the connection close instead. Either way the request is refused.
+    match c
         .request(
             Method::POST,
             "/jsonrpc",
@@ -145,8 +147,11 @@ async fn node_enrolls_with_a_token_and_serves_all_transports_over_mutual_tls() {
             Bytes::from(vec![b'x'; 2 << 20]),
         )
         .await
-        .unwrap();
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    {
+        Ok((status, _)) => assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE),
+        Err(oxvirt_rpc::ClientError::Http { .. }) => {}
+        Err(e) => panic!("oversized request: unexpected error {e}"),
+    }
     assert_eq!(
         files_under(data.path()),
         before,
