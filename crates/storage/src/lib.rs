@@ -24,8 +24,12 @@ pub mod error;
 pub mod fsio;
 mod image;
 pub mod leases;
+pub mod mailbox;
 pub mod ops;
+pub mod pool;
 pub mod sdmeta;
+pub mod spm;
+pub mod tasks;
 pub mod volmeta;
 pub mod xleases;
 

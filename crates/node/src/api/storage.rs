@@ -12,7 +12,12 @@ use oxvirt_types::api::ErrorCode;
 use oxvirt_types::{ImgUuid, SdUuid, VolUuid};
 
 use super::{params, ApiError};
+use crate::storage::pool::PoolService;
 use crate::storage::{Connection, ConnectionKind, StorageService, StorageServiceError};
+
+mod pool_verbs;
+use pool_verbs::execute_pool;
+pub use pool_verbs::PoolRequest;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StorageRequest {
@@ -42,6 +47,8 @@ pub enum StorageRequest {
         img: ImgUuid,
         vol: Option<VolUuid>,
     },
+    /// Pool, SPM, task, volume-lease and SPM volume verbs (`storage::pool`).
+    Pool(PoolRequest),
 }
 
 pub const VERBS: &[&str] = &[
@@ -53,6 +60,37 @@ pub const VERBS: &[&str] = &[
     "StorageDomain.getImages",
     "Volume.getInfo",
     "Image.prepare",
+    "StoragePool.create",
+    "StoragePool.connect",
+    "StoragePool.disconnect",
+    "StoragePool.refresh",
+    "StoragePool.spmStart",
+    "StoragePool.spmStop",
+    "StoragePool.getSpmStatus",
+    "StoragePool.getInfo",
+    "StoragePool.attachStorageDomain",
+    "StoragePool.activateStorageDomain",
+    "StoragePool.deactivateStorageDomain",
+    "StoragePool.detachStorageDomain",
+    "StoragePool.switchMaster",
+    "StoragePool.sendExtendMsg",
+    "StoragePool.getAllTasksStatuses",
+    "Volume.create",
+    "Volume.delete",
+    "Volume.extendSize",
+    "Volume.setLegality",
+    "Volume.acquireLease",
+    "Volume.releaseLease",
+    "Volume.getLeaseStatus",
+    "Image.delete",
+    "Image.move",
+    "Image.copy",
+    "Image.cloneStructure",
+    "Image.mergeSnapshots",
+    "Task.getStatus",
+    "Task.getInfo",
+    "Task.clear",
+    "Task.stop",
 ];
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -144,7 +182,7 @@ impl StorageRequest {
                     vol: i.vol,
                 }
             }
-            other => return Err(RpcError::method_not_found(other)),
+            other => StorageRequest::Pool(PoolRequest::parse(other, p)?),
         })
     }
 }
@@ -202,8 +240,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("storage worker failed: {e}")))?
 }
 
-pub async fn execute(svc: std::sync::Arc<StorageService>, req: StorageRequest) -> Result<Value, ApiError> {
+pub async fn execute(
+    svc: std::sync::Arc<StorageService>,
+    pools: std::sync::Arc<PoolService>,
+    req: StorageRequest,
+) -> Result<Value, ApiError> {
     blocking(move || match req {
+        StorageRequest::Pool(p) => execute_pool(&pools, p),
         StorageRequest::ConnectStorageServer { connections } => {
             Ok(json!({ "statuslist": to_json(&svc.connect(connections)) }))
         }

@@ -10,6 +10,8 @@
 //! Architecture invariant: ids reach paths only as typed UUIDs; every path the node opens on
 //! behalf of a request lies under a connection the engine gave.
 
+pub mod pool;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;

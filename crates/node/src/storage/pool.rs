@@ -1,0 +1,1016 @@
+//! The node's connection to its data center's storage pool: host ids in every active domain's
+//! lockspace, the HSM mailbox, the SPM role with its SDM lease, the SPM's tasks and mailbox
+//! server, volume leases held for the engine, and the mailbox-backed thin-disk extender.
+//!
+//! One pool per node (as VDSM). `connect` acquires our host id in each active domain's
+//! lockspace (at least 2N each, in parallel) and starts the HSM mailbox on the master domain.
+//! `spmStart` runs in the background as a (non-persistent) task: contend for the SDM lease,
+//! write our id and lver into the pool metadata, recover the domains' operation journals and
+//! the dead SPM's tasks, then serve the mailbox. Every later SPM verb is a persistent task in
+//! `master/tasks` (see `oxvirt_storage::tasks`).
+//!
+//! Self-fencing: the master lockspace's fence (renewal failing for 8N) turns the SPM role
+//! Fenced at once (no task starts a job, no metadata is written, the mailbox server stops) and,
+//! if task jobs are running — they cannot be interrupted safely — aborts the process, as
+//! VDSM's SPM watchdog does; QEMU processes are not our children and keep running. Our leases
+//! can be taken by another host only at 8N + M.
+//!
+//! Invariant: every write this module makes to pool metadata, the outbox or volumes as SPM is
+//! preceded by [`SpmRole`]'s check of the SDM lease.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use oxvirt_lease::{Clock, Lockspace, LockspaceConfig, ResourceLease, SystemClock};
+use oxvirt_storage::mailbox::{ExtendHandler, ExtendMessage, HsmMailbox, MailboxConfig, Request, SpmMailbox};
+use oxvirt_storage::pool::{self, DomainStatus, PoolMetadata, PoolWriter, SpmFence};
+use oxvirt_storage::spm::{self, SpmRole, SpmState};
+use oxvirt_storage::tasks::{self, DomainSource, TaskContext, TaskPlan, TaskRecord, TaskState, TaskStore};
+use oxvirt_storage::{FileStorageDomain, StorageError};
+use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
+
+use super::StorageService;
+use crate::vm::thin::{ExtendError, ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender};
+
+/// Lease and mailbox timing of a pool connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTiming {
+    pub io_timeout: Duration,
+    pub fence_margin: Duration,
+    pub mailbox: MailboxConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolServiceError {
+    #[error("not connected to storage pool {0}")]
+    NotConnected(PoolUuid),
+    #[error("not connected to any storage pool")]
+    NoPool,
+    #[error("already connected to storage pool {0}")]
+    OtherPool(PoolUuid),
+    #[error("storage pool {pool}: this host (id {host_id}) is not the SPM")]
+    NotSpm { pool: PoolUuid, host_id: u64 },
+    #[error("storage domain {0} is not active in the pool on this host (no host id)")]
+    NoHostId(SdUuid),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Pool(#[from] pool::PoolError),
+    #[error(transparent)]
+    Spm(#[from] spm::SpmError),
+    #[error(transparent)]
+    Task(#[from] tasks::TaskError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Lease(#[from] spm::VolumeLeaseError),
+    #[error("host id {host_id} in lockspace {sd}")]
+    HostId {
+        sd: SdUuid,
+        host_id: u64,
+        #[source]
+        source: oxvirt_lease::LeaseError,
+    },
+    #[error(transparent)]
+    Mailbox(#[from] oxvirt_storage::mailbox::MailboxError),
+    #[error(transparent)]
+    Service(#[from] super::StorageServiceError),
+}
+
+type Result<T, E = PoolServiceError> = std::result::Result<T, E>;
+
+/// A task this node runs or ran (persistent SPM tasks also live in `master/tasks`).
+struct RunningTask {
+    record: Mutex<TaskRecord>,
+    stop: AtomicBool,
+    persistent: bool,
+}
+
+/// Opened domains of the pool, shared so that operations on one domain serialize.
+struct Domains {
+    svc: Arc<StorageService>,
+    open: Mutex<HashMap<SdUuid, Arc<FileStorageDomain>>>,
+}
+
+impl DomainSource for Domains {
+    fn domain(&self, sd: SdUuid) -> Result<Arc<FileStorageDomain>, StorageError> {
+        if let Some(d) = self.open.lock().expect("domains").get(&sd) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(self.svc.domain(sd).map_err(|e| match e {
+            super::StorageServiceError::Storage(s) => s,
+            other => StorageError::InvalidArgument {
+                what: "storage domain",
+                reason: other.to_string(),
+            },
+        })?);
+        Ok(self.open.lock().expect("domains").entry(sd).or_insert(d).clone())
+    }
+}
+
+/// A connected pool.
+pub struct ConnectedPool {
+    pub pool: PoolUuid,
+    pub host_id: u64,
+    master: RwLock<(SdUuid, PathBuf)>,
+    timing: PoolTiming,
+    clock: Arc<dyn Clock>,
+    host_name: String,
+    domains: Arc<Domains>,
+    lockspaces: Mutex<BTreeMap<SdUuid, Arc<Lockspace>>>,
+    role: Arc<SpmRole>,
+    hsm: Mutex<Option<Arc<HsmMailbox>>>,
+    spm_mailbox: Mutex<Option<SpmMailbox>>,
+    tasks: Mutex<HashMap<TaskId, Arc<RunningTask>>>,
+    volume_leases: Mutex<HashMap<VolUuid, ResourceLease>>,
+    last_recovery: Mutex<Option<Value>>,
+}
+
+/// The node's pool service.
+pub struct PoolService {
+    storage: Arc<StorageService>,
+    host_name: String,
+    clock: Arc<dyn Clock>,
+    pool: RwLock<Option<Arc<ConnectedPool>>>,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    tasks::error_chain(e)
+}
+
+impl PoolService {
+    pub fn new(storage: Arc<StorageService>, host_name: &str) -> PoolService {
+        PoolService {
+            storage,
+            host_name: host_name.to_string(),
+            clock: Arc::new(SystemClock),
+            pool: RwLock::new(None),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<StorageService> {
+        &self.storage
+    }
+
+    /// The connected pool, checking it is `pool`.
+    pub fn get(&self, pool: PoolUuid) -> Result<Arc<ConnectedPool>> {
+        match &*self.pool.read().expect("pool") {
+            Some(p) if p.pool == pool => Ok(p.clone()),
+            _ => Err(PoolServiceError::NotConnected(pool)),
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<ConnectedPool>> {
+        self.pool.read().expect("pool").clone()
+    }
+
+    fn domain_root(&self, sd: SdUuid) -> Result<PathBuf> {
+        Ok(self.storage.domain(sd)?.root().to_path_buf())
+    }
+
+    /// `StoragePool.create`: makes `master` the master domain of new pool `pool`.
+    pub fn create(
+        &self,
+        pool: PoolUuid,
+        name: &str,
+        master: SdUuid,
+        master_version: u64,
+    ) -> Result<PoolMetadata> {
+        let root = self.domain_root(master)?;
+        Ok(pool::create_pool(&root, pool, name, master_version)?)
+    }
+
+    /// `StoragePool.connect`: host ids in every active domain, HSM mailbox on the master.
+    pub fn connect(
+        &self,
+        pool: PoolUuid,
+        host_id: u64,
+        master: SdUuid,
+        master_version: u64,
+        timing: PoolTiming,
+    ) -> Result<Value> {
+        if host_id == 0 || host_id > oxvirt_storage::mailbox::MAX_HOST_ID {
+            return Err(PoolServiceError::Invalid(format!(
+                "host id {host_id} is outside 1..=250"
+            )));
+        }
+        if let Some(p) = self.current() {
+            if p.pool != pool {
+                return Err(PoolServiceError::OtherPool(p.pool));
+            }
+            if p.host_id != host_id {
+                return Err(PoolServiceError::Invalid(format!(
+                    "already connected to pool {pool} as host id {}",
+                    p.host_id
+                )));
+            }
+            p.refresh(master, master_version)?;
+            return Ok(p.info()?);
+        }
+        let root = self.domain_root(master)?;
+        let pm = pool::read_pool(&root, pool)?;
+        if pm.master_version != master_version {
+            return Err(pool::PoolError::MasterVersion {
+                pool,
+                expected: master_version,
+                found: pm.master_version,
+            }
+            .into());
+        }
+        let cp = Arc::new(ConnectedPool {
+            pool,
+            host_id,
+            master: RwLock::new((master, root.clone())),
+            timing,
+            clock: self.clock.clone(),
+            host_name: self.host_name.clone(),
+            domains: Arc::new(Domains {
+                svc: self.storage.clone(),
+                open: Mutex::new(HashMap::new()),
+            }),
+            lockspaces: Mutex::new(BTreeMap::new()),
+            role: Arc::new(SpmRole::new(host_id)),
+            hsm: Mutex::new(None),
+            spm_mailbox: Mutex::new(None),
+            tasks: Mutex::new(HashMap::new()),
+            volume_leases: Mutex::new(HashMap::new()),
+            last_recovery: Mutex::new(None),
+        });
+        cp.sync_lockspaces(&pm)?;
+        cp.start_hsm_mailbox()?;
+        *self.pool.write().expect("pool") = Some(cp.clone());
+        tracing::info!(pool = %pool, host_id, master = %master, "connected to storage pool");
+        cp.info()
+    }
+
+    /// `StoragePool.disconnect`: refused while SPM.
+    pub fn disconnect(&self, pool: PoolUuid) -> Result<()> {
+        let cp = self.get(pool)?;
+        if cp.role.lver().is_some() || cp.role.state() == SpmState::Contending {
+            return Err(PoolServiceError::Invalid(format!(
+                "host {} is the SPM of pool {pool}: stop the SPM first",
+                cp.host_id
+            )));
+        }
+        if let Some(h) = cp.hsm.lock().expect("hsm").take() {
+            h.stop();
+        }
+        cp.volume_leases.lock().expect("volume leases").clear();
+        let spaces: Vec<_> = std::mem::take(&mut *cp.lockspaces.lock().expect("lockspaces"))
+            .into_values()
+            .collect();
+        for ls in spaces {
+            if let Err(e) = ls.release() {
+                tracing::warn!(error = %e, "releasing a host id failed");
+            }
+        }
+        *self.pool.write().expect("pool") = None;
+        tracing::info!(pool = %pool, "disconnected from storage pool");
+        Ok(())
+    }
+}
+
+impl ConnectedPool {
+    pub fn role(&self) -> &Arc<SpmRole> {
+        &self.role
+    }
+
+    pub fn master(&self) -> (SdUuid, PathBuf) {
+        self.master.read().expect("master").clone()
+    }
+
+    fn store(&self) -> TaskStore {
+        TaskStore::new(&self.master().1)
+    }
+
+    pub fn metadata(&self) -> Result<PoolMetadata> {
+        Ok(pool::read_pool(&self.master().1, self.pool)?)
+    }
+
+    fn lockspace(&self, sd: SdUuid) -> Result<Arc<Lockspace>> {
+        self.lockspaces
+            .lock()
+            .expect("lockspaces")
+            .get(&sd)
+            .cloned()
+            .ok_or(PoolServiceError::NoHostId(sd))
+    }
+
+    /// Acquires host ids in active domains we lack, releases those of domains no longer
+    /// active. Acquisitions run in parallel (each takes at least 2N).
+    fn sync_lockspaces(self: &Arc<Self>, pm: &PoolMetadata) -> Result<()> {
+        let want = pm.active_domains();
+        let have: Vec<SdUuid> = self
+            .lockspaces
+            .lock()
+            .expect("lockspaces")
+            .keys()
+            .copied()
+            .collect();
+        for sd in have.iter().filter(|sd| !want.contains(sd)) {
+            if let Some(ls) = self.lockspaces.lock().expect("lockspaces").remove(sd) {
+                if let Err(e) = ls.release() {
+                    tracing::warn!(sd = %sd, error = %e, "releasing the host id of an inactive domain failed");
+                }
+            }
+        }
+        let missing: Vec<SdUuid> = want.into_iter().filter(|sd| !have.contains(sd)).collect();
+        let results: Vec<(SdUuid, Result<Lockspace>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = missing
+                .iter()
+                .map(|sd| {
+                    let sd = *sd;
+                    s.spawn(move || (sd, self.acquire_host_id(sd)))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("host id thread"))
+                .collect()
+        });
+        let mut first_err = None;
+        for (sd, r) in results {
+            match r {
+                Ok(ls) => {
+                    let ls = Arc::new(ls);
+                    if sd == self.master().0 {
+                        self.watch_master_fence(&ls);
+                    }
+                    self.lockspaces.lock().expect("lockspaces").insert(sd, ls);
+                }
+                Err(e) => {
+                    tracing::error!(sd = %sd, error = %chain(&e), "cannot acquire our host id");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e)
+                if !self
+                    .lockspaces
+                    .lock()
+                    .expect("lockspaces")
+                    .contains_key(&self.master().0) =>
+            {
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn acquire_host_id(&self, sd: SdUuid) -> Result<Lockspace> {
+        let dom = self.domains.domain(sd)?;
+        let mut cfg = LockspaceConfig::new(
+            &sd.to_string(),
+            self.host_id,
+            &self.host_name,
+            self.timing.io_timeout,
+        );
+        cfg.fence_margin = self.timing.fence_margin;
+        // The same host name means an earlier incarnation of this node; it is dead (we hold
+        // no process that could still write) so the id can be taken back at once.
+        cfg.fast_reacquire = true;
+        let t0 = Instant::now();
+        let ls =
+            Lockspace::acquire(&dom.md_dir().join("ids"), 0, cfg, self.clock.clone()).map_err(|source| {
+                PoolServiceError::HostId {
+                    sd,
+                    host_id: self.host_id,
+                    source,
+                }
+            })?;
+        tracing::info!(sd = %sd, host_id = self.host_id, took_s = t0.elapsed().as_secs_f64(), "host id acquired");
+        Ok(ls)
+    }
+
+    /// Self-fencing of the SPM role when the master lockspace fences.
+    fn watch_master_fence(self: &Arc<Self>, ls: &Lockspace) {
+        let role = self.role.clone();
+        ls.on_fence(move |ev| {
+            let running = role.fence(&format!("{:?}", ev.reason));
+            if running > 0 {
+                tracing::error!(
+                    running,
+                    "SPM fenced while task jobs run: aborting so they cannot outlive our lease"
+                );
+                std::process::abort();
+            }
+        });
+    }
+
+    fn start_hsm_mailbox(&self) -> Result<()> {
+        let (_, root) = self.master();
+        let mut cfg = self.timing.mailbox;
+        cfg.io_timeout = self.timing.io_timeout;
+        let h = HsmMailbox::start(&root.join("dom_md"), self.host_id, cfg, self.clock.clone())?;
+        if let Some(old) = self.hsm.lock().expect("hsm").replace(Arc::new(h)) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// `StoragePool.refresh`: follow a new master and the active domain list.
+    pub fn refresh(self: &Arc<Self>, master: SdUuid, master_version: u64) -> Result<()> {
+        let root = self.domains.domain(master)?.root().to_path_buf();
+        let pm = pool::read_pool(&root, self.pool)?;
+        if pm.master_version != master_version {
+            return Err(pool::PoolError::MasterVersion {
+                pool: self.pool,
+                expected: master_version,
+                found: pm.master_version,
+            }
+            .into());
+        }
+        let moved = self.master().0 != master;
+        *self.master.write().expect("master") = (master, root);
+        self.sync_lockspaces(&pm)?;
+        if moved {
+            if let Ok(ls) = self.lockspace(master) {
+                self.watch_master_fence(&ls);
+            }
+            self.start_hsm_mailbox()?;
+        }
+        Ok(())
+    }
+
+    pub fn info(&self) -> Result<Value> {
+        let pm = self.metadata()?;
+        let hosts: BTreeMap<String, Value> = self
+            .lockspaces
+            .lock()
+            .expect("lockspaces")
+            .iter()
+            .map(|(sd, ls)| {
+                (
+                    sd.to_string(),
+                    json!({ "hostId": ls.host_id(), "generation": ls.generation(), "valid": ls.is_valid() }),
+                )
+            })
+            .collect();
+        let domains: BTreeMap<String, &str> = pm
+            .domains
+            .iter()
+            .map(|(sd, st)| (sd.to_string(), st.as_str()))
+            .collect();
+        Ok(json!({
+            "info": {
+                "spm_id": pm.spm_id, "lver": pm.lver, "master_uuid": pm.master, "master_ver": pm.master_version,
+                "name": pm.description, "pool_status": "connected", "domains": pool::encode_domains(&pm.domains),
+            },
+            "dominfo": domains,
+            "hostId": self.host_id,
+            "hostIds": hosts,
+            "spm": self.role.state(),
+            "lastRecovery": self.last_recovery.lock().expect("recovery").clone(),
+        }))
+    }
+
+    /// `StoragePool.getSpmStatus`: the SDM lease as storage shows it, and our role.
+    pub fn spm_status(&self) -> Result<Value> {
+        let (sd, root) = self.master();
+        let dom = self.domains.domain(sd)?;
+        let st = spm::read_spm_status(&root, sd, dom.metadata().alignment)?;
+        let pm = self.metadata()?;
+        let ours = self.role.state();
+        let status = match (&ours, st.owner) {
+            (SpmState::Spm { .. }, Some(o)) if o == self.host_id => "SPM",
+            (SpmState::Contending, _) => "Contend",
+            (SpmState::Stopping, _) => "SPM",
+            _ => "Free",
+        };
+        Ok(json!({
+            "spm_st": {
+                "spmStatus": status,
+                "spmId": st.owner.map_or(-1, |o| o as i64),
+                "spmLver": st.lver as i64,
+            },
+            "role": ours,
+            "metadata": { "spmId": pm.spm_id, "lver": pm.lver },
+        }))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The SPM role.
+
+    /// `StoragePool.spmStart`: runs in the background; returns the task id at once.
+    pub fn spm_start(self: &Arc<Self>, prev_id: i64, prev_lver: i64) -> Result<TaskId> {
+        self.role.begin_contend()?;
+        let id = TaskId::new_random();
+        let rec = TaskPlan::new("spmStart").into_record(id, self.host_id, 0);
+        let task = Arc::new(RunningTask {
+            record: Mutex::new(rec),
+            stop: AtomicBool::new(false),
+            persistent: false,
+        });
+        self.tasks.lock().expect("tasks").insert(id, task.clone());
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("spm-start".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let r = me.become_spm(prev_id, prev_lver);
+                let mut rec = task.record.lock().expect("task");
+                match r {
+                    Ok(lver) => {
+                        rec.state = TaskState::Finished;
+                        rec.lver = lver;
+                        tracing::info!(pool = %me.pool, lver, took_s = t0.elapsed().as_secs_f64(), "SPM started");
+                    }
+                    Err(e) => {
+                        me.role.contend_failed();
+                        rec.state = TaskState::Failed;
+                        rec.error = Some(chain(&e));
+                        tracing::warn!(pool = %me.pool, error = %chain(&e), "spmStart failed");
+                    }
+                }
+            })
+            .map_err(|e| PoolServiceError::Invalid(format!("cannot start the spmStart thread: {e}")))?;
+        Ok(id)
+    }
+
+    fn become_spm(self: &Arc<Self>, prev_id: i64, prev_lver: i64) -> Result<u64> {
+        let (sd, root) = self.master();
+        let ls = self.lockspace(sd)?;
+        let dom = self.domains.domain(sd)?;
+        let expect = (prev_lver >= 0 && prev_id >= 0).then_some(prev_lver as u64);
+        let lease = spm::acquire_sdm(&ls, &dom, true, expect)?;
+        let lver = self.role.acquired(lease)?;
+        let writer = PoolWriter {
+            master_root: &root,
+            pool: self.pool,
+            fence: &*self.role,
+        };
+        if let Err(e) = writer.update(|_| Ok(())) {
+            self.abandon_spm();
+            return Err(e.into());
+        }
+        // Finish or undo what the previous SPM left: domain journals first (each job atomic
+        // again), then the tasks. Failures are recorded, never fatal.
+        let pm = self.metadata()?;
+        let mut domain_reports = BTreeMap::new();
+        let opened: Vec<Arc<FileStorageDomain>> = pm
+            .active_domains()
+            .iter()
+            .filter_map(|sd| self.domains.domain(*sd).ok())
+            .collect();
+        for d in &opened {
+            let others: Vec<&FileStorageDomain> =
+                opened.iter().filter(|o| o.sd() != d.sd()).map(|o| &**o).collect();
+            let r = match d.recover(&others) {
+                Ok(rep) => json!(rep),
+                Err(e) => {
+                    tracing::error!(sd = %d.sd(), error = %chain(&e), "domain recovery failed");
+                    json!({ "error": chain(&e) })
+                }
+            };
+            domain_reports.insert(d.sd().to_string(), r);
+        }
+        let store = self.store();
+        let stop = AtomicBool::new(false);
+        let ctx = TaskContext {
+            domains: &*self.domains,
+            store: &store,
+            fence: &*self.role,
+            stop: &stop,
+            progress: &|_| {},
+        };
+        let task_report = {
+            let _g = self.role.job()?;
+            tasks::recover_tasks(&ctx, self.host_id)
+        };
+        tracing::info!(pool = %self.pool, ?task_report, "tasks recovered");
+        *self.last_recovery.lock().expect("recovery") =
+            Some(json!({ "domains": domain_reports, "tasks": task_report }));
+        let mut cfg = self.timing.mailbox;
+        cfg.io_timeout = self.timing.io_timeout;
+        let handler = Arc::new(SpmExtendHandler {
+            role: self.role.clone(),
+            domains: self.domains.clone(),
+        });
+        match SpmMailbox::start(&root.join("dom_md"), cfg, self.clock.clone(), handler) {
+            Ok(m) => *self.spm_mailbox.lock().expect("spm mailbox") = Some(m),
+            Err(e) => tracing::error!(error = %e, "cannot start the SPM mailbox; HSM extends will time out"),
+        }
+        Ok(lver)
+    }
+
+    fn abandon_spm(&self) {
+        if let Ok(Some(lease)) = self.role.begin_stop() {
+            let _ = lease.release();
+        }
+        self.role.stopped();
+    }
+
+    /// `StoragePool.spmStop`.
+    pub fn spm_stop(&self) -> Result<()> {
+        if self.role.lver().is_none() {
+            return Err(spm::SpmError::NotSpm {
+                host_id: self.host_id,
+            }
+            .into());
+        }
+        if let Some(m) = self.spm_mailbox.lock().expect("spm mailbox").take() {
+            m.stop();
+        }
+        let (_, root) = self.master();
+        if let Err(e) = (PoolWriter {
+            master_root: &root,
+            pool: self.pool,
+            fence: &*self.role,
+        })
+        .clear_spm()
+        {
+            tracing::warn!(error = %chain(&e), "cannot clear the SPM id in the pool metadata");
+        }
+        let lease = self.role.begin_stop()?;
+        if let Some(l) = lease {
+            if let Err(e) = l.release() {
+                tracing::warn!(error = %e, "releasing the SDM lease failed");
+            }
+        }
+        self.role.stopped();
+        tracing::info!(pool = %self.pool, "SPM stopped");
+        Ok(())
+    }
+
+    fn require_spm(&self) -> Result<(u64, u64)> {
+        self.role.check().map_err(|_| PoolServiceError::NotSpm {
+            pool: self.pool,
+            host_id: self.host_id,
+        })
+    }
+
+    fn writer_root(&self) -> PathBuf {
+        self.master().1
+    }
+
+    /// Attach/activate/deactivate/detach a domain (SPM, synchronous as in VDSM).
+    pub fn set_domain(self: &Arc<Self>, sd: SdUuid, action: DomainAction) -> Result<()> {
+        self.require_spm()?;
+        let root = self.writer_root();
+        let w = PoolWriter {
+            master_root: &root,
+            pool: self.pool,
+            fence: &*self.role,
+        };
+        match action {
+            DomainAction::Attach => w.attach(self.domains.domain(sd)?.root())?,
+            DomainAction::Activate => w.set_status(sd, DomainStatus::Active)?,
+            DomainAction::Deactivate => w.set_status(sd, DomainStatus::Attached)?,
+            DomainAction::Detach => w.detach(self.domains.domain(sd)?.root())?,
+        }
+        let pm = self.metadata()?;
+        self.sync_lockspaces(&pm)
+    }
+
+    /// `StoragePool.switchMaster`: the master role (and the SDM lease) move to `new_master`.
+    pub fn switch_master(self: &Arc<Self>, new_master: SdUuid, new_version: u64) -> Result<()> {
+        self.require_spm()?;
+        let (old_sd, old_root) = self.master();
+        let new_dom = self.domains.domain(new_master)?;
+        let ls = self.lockspace(new_master)?;
+        let new_lease = spm::acquire_sdm(&ls, &new_dom, false, None)?;
+        struct NewLease<'a>(&'a ResourceLease, u64, &'a SpmRole);
+        impl SpmFence for NewLease<'_> {
+            fn check(&self) -> std::result::Result<(u64, u64), String> {
+                self.2.check()?;
+                if self.0.is_valid() {
+                    Ok((self.1, self.0.lver()))
+                } else {
+                    Err("the new master's SDM lease is no longer valid".into())
+                }
+            }
+        }
+        pool::switch_master(
+            &old_root,
+            new_dom.root(),
+            self.pool,
+            new_version,
+            &NewLease(&new_lease, self.host_id, &self.role),
+        )?;
+        if let Some(m) = self.spm_mailbox.lock().expect("spm mailbox").take() {
+            m.stop();
+        }
+        *self.master.write().expect("master") = (new_master, new_dom.root().to_path_buf());
+        if let Some(old) = self.role.replace_lease(new_lease) {
+            let _ = old.release();
+        }
+        self.watch_master_fence(&ls);
+        let mut cfg = self.timing.mailbox;
+        cfg.io_timeout = self.timing.io_timeout;
+        let handler = Arc::new(SpmExtendHandler {
+            role: self.role.clone(),
+            domains: self.domains.clone(),
+        });
+        *self.spm_mailbox.lock().expect("spm mailbox") = Some(SpmMailbox::start(
+            &new_dom.md_dir(),
+            cfg,
+            self.clock.clone(),
+            handler,
+        )?);
+        self.start_hsm_mailbox()?;
+        tracing::info!(pool = %self.pool, from = %old_sd, to = %new_master, "master switched");
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Tasks.
+
+    /// Starts an SPM task: journaled first, then run in the background. Returns its id.
+    pub fn start_task(self: &Arc<Self>, plan: TaskPlan) -> Result<TaskId> {
+        let (host, lver) = self.require_spm()?;
+        let id = TaskId::new_random();
+        let rec = plan.into_record(id, host, lver);
+        let store = self.store();
+        if self.role.check().is_err() {
+            return Err(PoolServiceError::NotSpm {
+                pool: self.pool,
+                host_id: self.host_id,
+            });
+        }
+        store.save(&rec)?;
+        let task = Arc::new(RunningTask {
+            record: Mutex::new(rec.clone()),
+            stop: AtomicBool::new(false),
+            persistent: true,
+        });
+        self.tasks.lock().expect("tasks").insert(id, task.clone());
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("task-{id}"))
+            .spawn(move || {
+                let mut rec = rec;
+                let guard = me.role.job();
+                let t = task.clone();
+                let progress = move |p: f64| t.record.lock().expect("task").progress = p;
+                let ctx = TaskContext {
+                    domains: &*me.domains,
+                    store: &store,
+                    fence: &*me.role,
+                    stop: &task.stop,
+                    progress: &progress,
+                };
+                let r = match guard {
+                    Ok(_g) => tasks::run_task(&ctx, &mut rec),
+                    Err(e) => Err(tasks::TaskError::Fenced { id, reason: e.to_string() }),
+                };
+                if let Err(e) = r {
+                    tracing::error!(task_id = %id, error = %chain(&e), "task stopped; the next SPM will recover it");
+                    rec.error = Some(chain(&e));
+                }
+                let p = task.record.lock().expect("task").progress;
+                rec.progress = p;
+                *task.record.lock().expect("task") = rec;
+            })
+            .map_err(|e| PoolServiceError::Invalid(format!("cannot start the task thread: {e}")))?;
+        Ok(id)
+    }
+
+    /// A task's record: in memory if this node runs it, else from the journal.
+    pub fn task(&self, id: TaskId) -> Result<TaskRecord> {
+        if let Some(t) = self.tasks.lock().expect("tasks").get(&id) {
+            return Ok(t.record.lock().expect("task").clone());
+        }
+        Ok(self.store().load(id)?)
+    }
+
+    pub fn all_tasks(&self) -> Vec<TaskRecord> {
+        let mut out: BTreeMap<TaskId, TaskRecord> =
+            self.store().load_all().0.into_iter().map(|r| (r.id, r)).collect();
+        for (id, t) in self.tasks.lock().expect("tasks").iter() {
+            out.insert(*id, t.record.lock().expect("task").clone());
+        }
+        out.into_values().collect()
+    }
+
+    /// `Task.clear`: forgets a finished task (removing its journal entry, on the SPM).
+    pub fn clear_task(&self, id: TaskId) -> Result<()> {
+        let mem = self.tasks.lock().expect("tasks").get(&id).cloned();
+        if let Some(t) = &mem {
+            let st = t.record.lock().expect("task").state;
+            if !st.is_terminal() {
+                return Err(tasks::TaskError::State {
+                    id,
+                    state: st,
+                    action: "clear",
+                    needed: "finished, rolled back or failed",
+                }
+                .into());
+            }
+        }
+        if mem.as_ref().is_none_or(|t| t.persistent) {
+            self.require_spm()?;
+            self.store().clear(id)?;
+        }
+        self.tasks.lock().expect("tasks").remove(&id);
+        Ok(())
+    }
+
+    /// `Task.stop`: an uncommitted task rolls back before its next job.
+    pub fn stop_task(&self, id: TaskId) -> Result<()> {
+        let t = self
+            .tasks
+            .lock()
+            .expect("tasks")
+            .get(&id)
+            .cloned()
+            .ok_or(tasks::TaskError::NotFound { id })?;
+        t.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Volume leases and the mailbox.
+
+    pub fn acquire_volume_lease(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<u64> {
+        let ls = self.lockspace(sd)?;
+        let dom = self.domains.domain(sd)?;
+        if self
+            .volume_leases
+            .lock()
+            .expect("volume leases")
+            .contains_key(&vol)
+        {
+            return Err(PoolServiceError::Invalid(format!(
+                "this host already holds the lease of volume {vol}"
+            )));
+        }
+        let l = spm::acquire_volume_lease(&ls, &dom, img, vol)?;
+        let lver = l.lver();
+        self.volume_leases.lock().expect("volume leases").insert(vol, l);
+        Ok(lver)
+    }
+
+    pub fn release_volume_lease(&self, vol: VolUuid) -> Result<()> {
+        let l = self
+            .volume_leases
+            .lock()
+            .expect("volume leases")
+            .remove(&vol)
+            .ok_or_else(|| PoolServiceError::Invalid(format!("this host holds no lease of volume {vol}")))?;
+        l.release().map_err(|source| {
+            PoolServiceError::Lease(spm::VolumeLeaseError::Lease {
+                img: ImgUuid::nil(),
+                vol,
+                source,
+            })
+        })
+    }
+
+    pub fn volume_lease_owner(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<Option<u64>> {
+        Ok(spm::volume_lease_owner(&*self.domains.domain(sd)?, img, vol)?)
+    }
+
+    /// Sends an extend request (HSM) or extends locally (SPM); returns the size (MiB) and the
+    /// request→reply time.
+    pub fn extend_volume(
+        &self,
+        sd: SdUuid,
+        vol: VolUuid,
+        size_mib: u64,
+        timeout: Duration,
+    ) -> Result<(u64, Duration)> {
+        let msg = ExtendMessage::new(sd, vol, size_mib)?;
+        let t0 = Instant::now();
+        if self.role.check().is_ok() {
+            let h = SpmExtendHandler {
+                role: self.role.clone(),
+                domains: self.domains.clone(),
+            };
+            let size = h
+                .extend(&Request {
+                    host_id: self.host_id,
+                    slot: 0,
+                    msg,
+                })
+                .map_err(PoolServiceError::Invalid)?;
+            return Ok((size, t0.elapsed()));
+        }
+        let hsm = self
+            .hsm
+            .lock()
+            .expect("hsm")
+            .clone()
+            .ok_or(PoolServiceError::NotConnected(self.pool))?;
+        let reply = hsm.extend(msg, timeout)?;
+        if reply.size_mib == 0 {
+            return Err(PoolServiceError::Invalid(format!(
+                "the SPM refused to extend volume {vol} of domain {sd} to {size_mib} MiB"
+            )));
+        }
+        Ok((reply.size_mib, t0.elapsed()))
+    }
+
+    pub fn spm_mailbox_stats(&self) -> Option<oxvirt_storage::mailbox::SpmMailboxStats> {
+        self.spm_mailbox
+            .lock()
+            .expect("spm mailbox")
+            .as_ref()
+            .map(|m| m.stats())
+    }
+}
+
+/// Membership changes of a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DomainAction {
+    Attach,
+    Activate,
+    Deactivate,
+    Detach,
+}
+
+/// The SPM's answer to `xtnd`: grow the volume's file (never shrink), if still SPM.
+struct SpmExtendHandler {
+    role: Arc<SpmRole>,
+    domains: Arc<Domains>,
+}
+
+impl ExtendHandler for SpmExtendHandler {
+    fn extend(&self, req: &Request) -> std::result::Result<u64, String> {
+        self.role.check()?;
+        let dom = self.domains.domain(req.msg.sd).map_err(|e| chain(&e))?;
+        let img = dom
+            .images()
+            .map_err(|e| chain(&e))?
+            .into_iter()
+            .find(|img| dom.meta_path(*img, req.msg.vol).exists())
+            .ok_or_else(|| format!("volume {} not found in domain {}", req.msg.vol, req.msg.sd))?;
+        let path = dom.volume_path(img, req.msg.vol);
+        let want = req.msg.size_mib << 20;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        if len < want {
+            self.role.check()?;
+            f.set_len(want).map_err(|e| format!("{}: {e}", path.display()))?;
+            f.sync_all().map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(len.max(want) >> 20)
+    }
+
+    fn serving(&self) -> bool {
+        self.role.check().is_ok()
+    }
+}
+
+/// The thin-disk extender of this node: through the pool's mailbox when connected to a pool
+/// and not the SPM; locally when SPM (after the SPM check) or when no pool is connected
+/// (local storage, tests).
+pub struct PoolExtender {
+    pub pools: Arc<PoolService>,
+    /// How long to wait for the SPM's reply (retries happen inside).
+    pub timeout: Duration,
+}
+
+impl ExtendRequester for PoolExtender {
+    fn extend<'a>(&'a self, req: &'a ExtendRequest) -> ExtendFuture<'a> {
+        Box::pin(async move {
+            let (Some(cp), Some(v)) = (self.pools.current(), req.volume) else {
+                return LocalSpmExtender.extend(req).await;
+            };
+            let size_mib = ExtendMessage::mib_for(req.new_size);
+            let timeout = self.timeout;
+            let r = tokio::task::spawn_blocking(move || cp.extend_volume(v.sd, v.vol, size_mib, timeout))
+                .await
+                .map_err(|e| ExtendError::Io {
+                    path: req.backing_file.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+            match r {
+                Ok(_) => {
+                    let len = std::fs::metadata(&req.backing_file)
+                        .map_err(|source| ExtendError::Io {
+                            path: req.backing_file.clone(),
+                            source,
+                        })?
+                        .len();
+                    if len < req.new_size {
+                        return Err(ExtendError::Refused {
+                            reason: format!(
+                                "the volume is {len} bytes after the extend, {} were asked",
+                                req.new_size
+                            ),
+                        });
+                    }
+                    Ok(())
+                }
+                Err(PoolServiceError::Mailbox(oxvirt_storage::mailbox::MailboxError::Timeout(_))) => {
+                    Err(ExtendError::Timeout {
+                        path: req.backing_file.clone(),
+                    })
+                }
+                Err(e) => Err(ExtendError::Refused { reason: chain(&e) }),
+            }
+        })
+    }
+}
