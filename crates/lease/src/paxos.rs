@@ -56,8 +56,9 @@ pub enum LeaseMode {
 pub enum OwnerWait {
     /// Answer `OwnedByOther` at once unless the owner is already known to be dead.
     NoWait,
-    /// Wait until the owner is proven alive (then `OwnedByOther`) or dead (then take it);
-    /// this can take up to 8N + M.
+    /// While the owner shows no sign of life, wait until it is dead (then take the lease);
+    /// this can take up to 8N + M. An owner seen renewing still answers `OwnedByOther` at once,
+    /// as in sanlock: callers that want to take over retry.
     UntilDead,
 }
 
