@@ -1518,17 +1518,24 @@ async fn connect_qmp(
     process: &Process,
     timeout: Duration,
 ) -> Result<(Qmp, qmp::EventStream), String> {
-    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if process.has_exited() {
             return Err("QEMU exited before answering QMP".into());
         }
-        match Qmp::connect(sock).await {
-            Ok(c) => return Ok(c),
-            Err(e) if start.elapsed() > timeout => {
+        // Bounded: QEMU serves one client at a time, so while another process still holds the
+        // socket our connection is accepted but never greeted.
+        match tokio::time::timeout_at(deadline, Qmp::connect(sock)).await {
+            Ok(Ok(c)) => return Ok(c),
+            Err(_) => {
+                return Err(format!(
+                    "QMP did not answer within {timeout:?} (is another node process attached?)"
+                ))
+            }
+            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!("QMP did not answer within {timeout:?}: {e}"))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
 }
