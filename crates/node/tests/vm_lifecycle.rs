@@ -93,6 +93,7 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(actual, 200 * MIB, "balloon did not reach its target");
+    assert_eq!(mgr.stats(id).await.unwrap().balloon_target_mib, Some(200));
 
     // Graceful shutdown: the guest answers the ACPI power button.
     let reason = mgr.shutdown(id, Duration::from_secs(60)).await.unwrap();

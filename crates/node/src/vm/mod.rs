@@ -143,6 +143,8 @@ pub struct VmStats {
     pub vcpu_ms: Vec<u64>,
     pub rss_bytes: u64,
     pub memory_mib: u64,
+    /// The last balloon target set on this node (`None`: never set, the guest has it all).
+    pub balloon_target_mib: Option<u64>,
     /// The balloon's view of guest memory, when the VM has one and the guest drives it.
     pub balloon_actual_bytes: Option<u64>,
     pub disks: Vec<DiskStats>,
@@ -353,6 +355,8 @@ struct Vm {
     thin_extend_us: AtomicU64,
     enospc_pauses: AtomicU64,
     job_seq: AtomicU64,
+    /// MiB; 0 = never set.
+    balloon_target: AtomicU64,
 }
 
 impl Vm {
@@ -781,6 +785,7 @@ impl VmManager {
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
+            balloon_target: AtomicU64::new(0),
         });
         vm.feed(Input::QmpReady {
             running: st.running,
@@ -867,6 +872,7 @@ impl VmManager {
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
+            balloon_target: AtomicU64::new(0),
         });
         self.vms.lock().unwrap().insert(id, vm);
     }
@@ -1010,6 +1016,7 @@ impl VmManager {
             vcpu_ms,
             rss_bytes,
             memory_mib,
+            balloon_target_mib: Some(vm.balloon_target.load(Ordering::Relaxed)).filter(|t| *t > 0),
             balloon_actual_bytes,
             disks,
             thin_extends: vm.thin_extends.load(Ordering::Relaxed),
@@ -1034,7 +1041,9 @@ impl VmManager {
                 value: target_mib << 20,
             })
             .await
-            .map_err(|source| VmError::Qmp { vm: id, source })
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        vm.balloon_target.store(target_mib, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Live snapshot: each disk's new overlay becomes its active layer, atomically across
