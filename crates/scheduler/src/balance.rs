@@ -34,7 +34,7 @@
 //! waits `vm_cooldown` before the balancer moves it again, and a VM is never sent back to a host
 //! the balancer moved it away from within `history_ttl`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -344,15 +344,18 @@ impl Round<'_> {
         })
     }
 
-    /// A destination the balancer may use for VM `v` from `s`, apart from the policy's test.
-    fn open_destination(&self, view: &View<'_>, v: usize, s: usize, d: usize) -> bool {
+    /// Hosts the balancer moved VM `v` away from.
+    fn left_by(&self, view: &View<'_>, v: usize) -> Option<&HashSet<HostUuid>> {
+        self.left.get(&view.snap.vms[v].id)
+    }
+
+    /// A destination the balancer may use for a VM from `s` that it moved away from the hosts
+    /// `left`, apart from the policy's test and the filters.
+    fn open_destination(view: &View<'_>, left: Option<&HashSet<HostUuid>>, s: usize, d: usize) -> bool {
         d != s
             && view.is_up(d)
             && !view.hosts[d].gave
-            && !self
-                .left
-                .get(&view.snap.vms[v].id)
-                .is_some_and(|hosts| hosts.contains(&view.snap.hosts[d].id))
+            && !left.is_some_and(|hosts| hosts.contains(&view.snap.hosts[d].id))
     }
 
     /// Moves a VM off the most loaded host that has been over HighUtilization for the duration.
@@ -377,23 +380,21 @@ impl Round<'_> {
         for s in sources {
             let load_s = view.hosts[s].load_pct;
             let k_s = f64::from(view.host_cpus(s));
-            let mut best: Option<(OverKey, Move)> = None;
+            let mut candidates: Vec<(OverKey, Move)> = Vec::new();
             for v in self.movable(view, s) {
                 let c_s = view.contribution(v, s);
                 if c_s <= 0.0 {
                     continue;
                 }
                 let a = (load_s - c_s).max(0.0);
+                let left = self.left_by(view, v);
                 for d in 0..snap.hosts.len() {
-                    if !self.open_destination(view, v, s, d) {
+                    if !Self::open_destination(view, left, s, d) {
                         continue;
                     }
                     let load_d = view.hosts[d].load_pct;
                     let b = load_d + view.contribution(v, d);
                     if b >= high || b > a - margin {
-                        continue;
-                    }
-                    if !filter::passes(view, v, d, Purpose::Migrate) {
                         continue;
                     }
                     let k_d = f64::from(view.host_cpus(d));
@@ -406,25 +407,23 @@ impl Round<'_> {
                         vm.id,
                         snap.hosts[d].id,
                     );
-                    if best.as_ref().is_none_or(|(k, _)| key_lt(&key, k)) {
-                        best = Some((
-                            key,
-                            Move {
-                                v,
-                                from: s,
-                                to: d,
-                                reason: BalanceReason::CpuOverUtilized {
-                                    source_load_pct: load_s,
-                                    high_utilization: props.high_utilization,
-                                    source_load_after_pct: a,
-                                    destination_load_after_pct: b,
-                                },
+                    candidates.push((
+                        key,
+                        Move {
+                            v,
+                            from: s,
+                            to: d,
+                            reason: BalanceReason::CpuOverUtilized {
+                                source_load_pct: load_s,
+                                high_utilization: props.high_utilization,
+                                source_load_after_pct: a,
+                                destination_load_after_pct: b,
                             },
-                        ));
-                    }
+                        },
+                    ));
                 }
             }
-            if let Some((_, m)) = best {
+            if let Some(m) = first_passing(view, candidates) {
                 return Some(m);
             }
         }
@@ -460,12 +459,13 @@ impl Round<'_> {
         for s in sources {
             let load_s = view.hosts[s].load_pct;
             let k_s = f64::from(view.host_cpus(s));
-            let mut best: Option<(UnderKey, Move)> = None;
+            let mut candidates: Vec<(UnderKey, Move)> = Vec::new();
             for v in self.movable(view, s) {
                 let c_s = view.contribution(v, s);
                 let a = (load_s - c_s).max(0.0);
+                let left = self.left_by(view, v);
                 for d in 0..snap.hosts.len() {
-                    if !self.open_destination(view, v, s, d) {
+                    if !Self::open_destination(view, left, s, d) {
                         continue;
                     }
                     let load_d = view.hosts[d].load_pct;
@@ -473,31 +473,26 @@ impl Round<'_> {
                     if load_d < load_s + margin || b >= high {
                         continue;
                     }
-                    if !filter::passes(view, v, d, Purpose::Migrate) {
-                        continue;
-                    }
                     let k_d = f64::from(view.host_cpus(d));
                     let gain = k_d * (b * b - load_d * load_d) - k_s * (load_s * load_s - a * a);
                     let vm = &snap.vms[v];
                     let key = (-gain, -load_d, vm.memory_mib, vm.id, snap.hosts[d].id);
-                    if best.as_ref().is_none_or(|(k, _)| key_lt(&key, k)) {
-                        best = Some((
-                            key,
-                            Move {
-                                v,
-                                from: s,
-                                to: d,
-                                reason: BalanceReason::CpuUnderUtilized {
-                                    source_load_pct: load_s,
-                                    low_utilization: props.low_utilization,
-                                    destination_load_after_pct: b,
-                                },
+                    candidates.push((
+                        key,
+                        Move {
+                            v,
+                            from: s,
+                            to: d,
+                            reason: BalanceReason::CpuUnderUtilized {
+                                source_load_pct: load_s,
+                                low_utilization: props.low_utilization,
+                                destination_load_after_pct: b,
                             },
-                        ));
-                    }
+                        },
+                    ));
                 }
             }
-            if let Some((_, m)) = best {
+            if let Some(m) = first_passing(view, candidates) {
                 return Some(m);
             }
         }
@@ -539,9 +534,12 @@ impl Round<'_> {
                 let (a, b) = (&snap.vms[a], &snap.vms[b]);
                 a.memory_mib.cmp(&b.memory_mib).then(a.id.cmp(&b.id))
             });
+            let lefts: Vec<_> = vms.iter().map(|&v| self.left_by(view, v)).collect();
             for &d in &dests {
-                for &v in &vms {
-                    if self.open_destination(view, v, s, d) && filter::passes(view, v, d, Purpose::Migrate) {
+                for (&v, &left) in vms.iter().zip(&lefts) {
+                    if Self::open_destination(view, left, s, d)
+                        && filter::passes(view, v, d, Purpose::Migrate)
+                    {
                         return Some(Move {
                             v,
                             from: s,
@@ -569,9 +567,47 @@ fn sort_desc_by_load(view: &View<'_>, hosts: &mut [usize]) {
     });
 }
 
-/// Lexicographic "less than" for keys whose float parts are compared totally.
-fn key_lt<K: TotalKey>(a: &K, b: &K) -> bool {
-    a.total_cmp(b).is_lt()
+/// The most preferred candidate move that passes the hard filters. The filters run last and
+/// lazily, in order of preference, because most candidate pairs never need them.
+fn first_passing<K: TotalKey>(view: &View<'_>, mut candidates: Vec<(K, Move)>) -> Option<Move> {
+    let mut heap: BinaryHeap<Ranked<'_, K>> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| Ranked(k, i))
+        .collect();
+    let mut chosen = None;
+    while let Some(Ranked(_, i)) = heap.pop() {
+        let m = &candidates[i].1;
+        if filter::passes(view, m.v, m.to, Purpose::Migrate) {
+            chosen = Some(i);
+            break;
+        }
+    }
+    drop(heap);
+    chosen.map(|i| candidates.swap_remove(i).1)
+}
+
+/// A candidate's key and position, ordered so that a max-heap pops the smallest key first.
+struct Ranked<'a, K>(&'a K, usize);
+
+impl<K: TotalKey> PartialEq for Ranked<'_, K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl<K: TotalKey> Eq for Ranked<'_, K> {}
+
+impl<K: TotalKey> PartialOrd for Ranked<'_, K> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<K: TotalKey> Ord for Ranked<'_, K> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.total_cmp(self.0).then(other.1.cmp(&self.1))
+    }
 }
 
 /// Preference among moves off an over-utilized host, smallest first: (refills an under-utilized

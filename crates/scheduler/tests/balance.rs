@@ -370,3 +370,50 @@ fn state_survives_serialization() {
     let (m, _) = balance(&snap, &back, T0 + minutes(2), &params(2)).unwrap();
     assert_eq!(m.len(), 1);
 }
+
+#[test]
+fn in_one_round_a_host_either_gives_or_receives() {
+    // h1 95% (gives its 40-point VM to h3 and drops to 55%), h2 92% with VMs that only h1 can
+    // take (h3 lacks their network): h1 must not take them in the round it gave.
+    let mut vms = vms_on(1, 1, 2, 40.0);
+    vms.extend(vms_on(1, 3, 1, 13.0));
+    let mut on_h2 = vms_on(2, 10, 9, 10.0);
+    for v in &mut on_h2 {
+        v.networks.insert("prod".into());
+    }
+    vms.extend(on_h2);
+    let mut h1 = host(1);
+    h1.networks.insert("prod".into());
+    let mut h2 = host(2);
+    h2.networks.insert("prod".into());
+    let mut snap = cluster(vec![h1, h2, host(3)], vms, PolicyKind::EvenlyDistributed);
+    snap.policy.properties.cpu_over_commit_duration_minutes = 0;
+    let (m, state) = balance(&snap, &BalanceState::default(), T0, &params(3)).unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!((m[0].from, m[0].to), (hid(1), hid(3)));
+
+    // Next round, with the move done, h1 may receive.
+    let v = snap.vms.iter_mut().find(|v| v.id == m[0].vm).unwrap();
+    v.current_host = Some(hid(3));
+    recompute(&mut snap, &Model::default());
+    let (m, _) = balance(&snap, &state, T0 + minutes(1), &params(3)).unwrap();
+    assert!(!m.is_empty());
+    assert!(m.iter().all(|x| x.from == hid(2) && x.to == hid(1)), "{m:?}");
+}
+
+#[test]
+fn power_saving_consolidates_only_onto_clearly_busier_hosts() {
+    // Both under LowUtilization: 15% and 18% differ by less than the 5-point margin.
+    let mut vms = vms_on(1, 1, 1, 13.0);
+    vms.extend(vms_on(2, 2, 1, 16.0));
+    let mut snap = cluster(vec![host(1), host(2)], vms, PolicyKind::PowerSaving);
+    snap.policy.properties.cpu_over_commit_duration_minutes = 0;
+    let (m, _) = balance(&snap, &BalanceState::default(), T0, &params(2)).unwrap();
+    assert!(m.is_empty(), "{m:?}");
+    // 15% vs 22%: h1 empties onto h2.
+    snap.vms[1].cpu_usage_pct = 20.0;
+    recompute(&mut snap, &Model::default());
+    let (m, _) = balance(&snap, &BalanceState::default(), T0, &params(2)).unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!((m[0].vm, m[0].from, m[0].to), (vid(1), hid(1), hid(2)));
+}
