@@ -134,7 +134,7 @@ pub fn read_direct(path: &Path, len: usize) -> io::Result<(Vec<u8>, Duration)> {
         let n = n as usize;
         total += n;
         // O_DIRECT reads must stay aligned: stop after a short (end-of-file) read.
-        if n == 0 || total == len || n % ALIGN != 0 {
+        if n == 0 || total == len || !n.is_multiple_of(ALIGN) {
             break Ok(());
         }
     };

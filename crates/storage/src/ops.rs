@@ -728,7 +728,7 @@ pub fn pending(root: &Path) -> Result<Vec<Operation>> {
             serde_json::from_slice(&data).map_err(|source| StorageError::Journal { path, source })?;
         out.push(op);
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by_key(|op| op.id);
     Ok(out)
 }
 
