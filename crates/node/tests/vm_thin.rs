@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::thin::{ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender, ThinPolicy};
-use oxvirt_node::vm::{ThinDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_node::vm::{SnapshotDisk, ThinDisk, VmManager, VmManagerConfig, VmStatus};
 
 /// The SPM answering slowly (as through the mailbox, which polls every few seconds): the real
 /// local extend, after a delay.
@@ -85,19 +85,37 @@ async fn a_guest_outrunning_the_extends_is_paused_on_enospc_resumed_and_never_se
     let size = std::fs::metadata(&vol).unwrap().len();
     assert!((40 * MIB..=80 * MIB).contains(&size), "volume size {size}");
 
+    // A live snapshot on top of the thin layer: it stays open through its loop device.
+    let overlay = tmp.path().join("overlay");
+    create_qcow2(&overlay, 64, Some(&vol));
+    mgr.snapshot(
+        id,
+        vec![SnapshotDisk {
+            disk: 0,
+            overlay: overlay.clone(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        mgr.status(id).unwrap().chains[0],
+        vec![vol.clone(), overlay.clone()]
+    );
+    assert_eq!(mgr.stats(id).await.unwrap().status, VmStatus::Up);
+
     let loop_dev = std::fs::read_to_string(mgr.vm_dir(id).join("vm.json")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(&loop_dev).unwrap();
-    let dev = rec["loops"][0].as_str().unwrap().to_string();
+    let dev = rec["loops"][0]["device"].as_str().unwrap().to_string();
     mgr.destroy(id).await.unwrap();
     assert_ne!(
         oxvirt_node::vm::thin::loop_backing_file(Path::new(&dev)).as_deref(),
         Some(vol.as_path()),
         "destroy detaches the loop device"
     );
-    // Every byte the guest wrote is there.
+    // Every byte the guest wrote is there, read through the overlay's chain.
     let out = std::process::Command::new(oxvirt_testkit::require_tool("qemu-io"))
         .args(["-r", "-f", "qcow2", "-c", "read -P 0x5a 0 40M"])
-        .arg(&vol)
+        .arg(&overlay)
         .output()
         .unwrap();
     let t = String::from_utf8_lossy(&out.stdout);

@@ -99,18 +99,28 @@ pub struct ThinDisk {
 pub struct VmRecord {
     /// The create request, with the disks' chains kept current through snapshots and merges.
     pub create: VmCreate,
-    /// Per disk, the loop device standing in for a thin active layer.
-    pub loops: Vec<Option<PathBuf>>,
+    /// Per disk, the loop device standing in for its thin layer (kept after a snapshot put an
+    /// overlay above it, until destroy detaches it).
+    pub loops: Vec<Option<LoopDevice>>,
+}
+
+/// A thin volume's file and the loop device QEMU opens it through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopDevice {
+    pub file: PathBuf,
+    pub device: PathBuf,
 }
 
 impl VmRecord {
-    /// Disk `disk` as QEMU sees it: a thin active layer opened on its loop device.
+    /// Disk `disk` as QEMU sees it: a thin layer opened on its loop device.
     pub fn disk_spec(&self, disk: usize) -> DiskSpec {
         let d = &self.create.disks[disk];
         let mut layers = d.layers.clone();
-        if let (Some(Some(dev)), Some(top)) = (self.loops.get(disk), layers.last_mut()) {
-            top.path = dev.clone();
-            top.protocol = BlockProtocol::HostDevice;
+        if let Some(Some(lp)) = self.loops.get(disk) {
+            for l in layers.iter_mut().filter(|l| l.path == lp.file) {
+                l.path = lp.device.clone();
+                l.protocol = BlockProtocol::HostDevice;
+            }
         }
         DiskSpec {
             layers,
@@ -675,8 +685,8 @@ impl VmManager {
         let res = self.launch_in(&dir, &mut rec, incoming).await;
         if res.is_err() {
             // Undo: nothing of a VM that did not start stays behind.
-            for dev in rec.loops.iter().flatten() {
-                let _ = thin::loop_detach(dev);
+            for lp in rec.loops.iter().flatten() {
+                let _ = thin::loop_detach(&lp.device);
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -713,7 +723,10 @@ impl VmManager {
                     disk: i,
                     source,
                 })?;
-                rec.loops[i] = Some(dev);
+                rec.loops[i] = Some(LoopDevice {
+                    file: file.clone(),
+                    device: dev,
+                });
             }
         }
         write_record(dir, rec).map_err(|source| VmError::RunDir {
@@ -840,10 +853,9 @@ impl VmManager {
             .await
             .map_err(|detail| VmError::StartFailed { vm: id, detail })?;
         for (i, lp) in rec.loops.iter().enumerate() {
-            if let Some(dev) = lp {
-                let want = &rec.create.disks[i].layers.last().expect("thin disk").path;
-                if thin::loop_backing_file(dev).as_ref() != Some(want) {
-                    tracing::warn!(vm_id = %id, disk = i, device = %dev.display(),
+            if let Some(lp) = lp {
+                if thin::loop_backing_file(&lp.device).as_ref() != Some(&lp.file) {
+                    tracing::warn!(vm_id = %id, disk = i, device = %lp.device.display(),
                         "loop device no longer shows the thin volume");
                 }
             }
@@ -962,9 +974,9 @@ impl VmManager {
             let r = vm.record.lock().unwrap();
             (r.create.name.clone(), r.loops.clone())
         };
-        for dev in loops.iter().flatten() {
-            if let Err(e) = thin::loop_detach(dev) {
-                tracing::warn!(vm_id = %id, device = %dev.display(), error = %e, "loop detach failed");
+        for lp in loops.iter().flatten() {
+            if let Err(e) = thin::loop_detach(&lp.device) {
+                tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "loop detach failed");
             }
         }
         let _ = self
@@ -1651,7 +1663,7 @@ async fn handle_event(vm: &Arc<Vm>, e: Event, extender: &Arc<dyn ExtendRequester
 fn thin_disk_of_node(vm: &Vm, node: &str) -> Option<usize> {
     let rec = vm.record.lock().unwrap();
     rec.loops.iter().enumerate().find_map(|(i, lp)| {
-        let dev = lp.as_ref()?;
+        let dev = &lp.as_ref()?.device;
         rec.create.disks[i].thin.as_ref()?;
         (format_node_name(i, dev) == node || protocol_node_name(i, dev) == node).then_some(i)
     })
@@ -1661,9 +1673,8 @@ fn thin_target(vm: &Vm, disk: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
     let rec = vm.record.lock().unwrap();
     let d = rec.create.disks.get(disk)?;
     let thin = d.thin.clone()?;
-    let dev = rec.loops.get(disk)?.clone()?;
-    let file = d.layers.last()?.path.clone();
-    Some((dev, file, thin))
+    let lp = rec.loops.get(disk)?.clone()?;
+    Some((lp.device, lp.file, thin))
 }
 
 /// Arms the write threshold of every thin disk at its current size.
