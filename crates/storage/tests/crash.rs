@@ -142,7 +142,7 @@ fn setup3() -> Setup {
     chain_of(Fixture::new(), 3, VolFormat::Raw)
 }
 fn setup_template() -> Setup {
-    let mut s = chain_of(Fixture::new(), 1, VolFormat::Cow);
+    let s = chain_of(Fixture::new(), 1, VolFormat::Cow);
     s.f.dom.make_template(s.img, s.vols[0]).unwrap();
     s
 }
@@ -303,8 +303,9 @@ fn copy_crash_at_every_step() {
 
 const CHILD_ENV: &str = "OXVIRT_STORAGE_TEST_CHILD";
 
-/// Child role: run one cold merge on the domain named in the environment.
-fn child_merge() -> ! {
+/// Child role: run one cold merge (or, when the fifth word is "snapshot", a snapshot) on the
+/// domain named in the environment.
+fn child_role() -> ! {
     let spec = std::env::var(CHILD_ENV).unwrap();
     let parts: Vec<&str> = spec.split(' ').collect();
     let dom = FileStorageDomain::open(Path::new(parts[0])).unwrap();
@@ -313,11 +314,15 @@ fn child_merge() -> ! {
         parts[2].parse().unwrap(),
         parts[3].parse().unwrap(),
     );
-    dom.cold_merge(img, base, top, &mut |_| {}).unwrap();
+    if parts.get(4) == Some(&"snapshot") {
+        dom.create_snapshot(img, VolUuid::new_random(), None, "").unwrap();
+    } else {
+        dom.cold_merge(img, base, top, &mut |_| {}).unwrap();
+    }
     std::process::exit(0);
 }
 
-fn spawn_child(s: &Setup, failpoint: Option<&str>) -> std::process::Child {
+fn spawn_child(s: &Setup, failpoint: Option<&str>, role: &str) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -328,7 +333,7 @@ fn spawn_child(s: &Setup, failpoint: Option<&str>) -> std::process::Child {
     .env(
         CHILD_ENV,
         format!(
-            "{} {} {} {}",
+            "{} {} {} {} {role}",
             s.f.dom.root().display(),
             s.img,
             s.vols[1],
@@ -372,29 +377,44 @@ fn recover_and_check(s: &Setup) {
     dom.recover(&[]).unwrap();
     assert_clean(&dom);
     let ids = dom.chain(s.img).unwrap().ids();
-    assert!(ids == s.vols || ids == s.vols[..2], "unexpected chain {ids:?}");
+    let snapshotted = ids.len() == 4 && ids[..3] == s.vols[..];
+    assert!(
+        ids == s.vols || ids == s.vols[..2] || snapshotted,
+        "unexpected chain {ids:?}"
+    );
     assert_content(&dom, s.img, &s.reference);
 }
 
 #[test]
 fn killed_children_leave_recoverable_domains() {
     if std::env::var_os(CHILD_ENV).is_some() {
-        child_merge();
+        child_role();
     }
-    // The process aborts before each step of a leaf merge.
-    for step in [0, 2, 4, 6] {
+    // The process aborts before each step of a leaf merge, and of a snapshot (whose side-lane
+    // threads are then cut off wherever they are).
+    let aborts = [
+        ("cold_merge", 0),
+        ("cold_merge", 2),
+        ("cold_merge", 4),
+        ("cold_merge", 6),
+        ("create_snapshot", 1),
+        ("create_snapshot", 3),
+        ("create_snapshot", 4),
+    ];
+    for (verb, step) in aborts {
         let s = setup3();
-        let status = spawn_child(&s, Some(&format!("cold_merge:{step}:abort")))
+        let role = if verb == "cold_merge" { "merge" } else { "snapshot" };
+        let status = spawn_child(&s, Some(&format!("{verb}:{step}:abort")), role)
             .wait()
             .unwrap();
-        assert!(!status.success(), "the child must die at step {step}");
+        assert!(!status.success(), "the child must die at step {step} of {verb}");
         recover_and_check(&s);
     }
     // SIGKILL at arbitrary moments once the operation is under way.
     for delay_ms in [0u64, 15, 40] {
         let s = setup3();
         let journal = oxvirt_storage::ops::journal_dir(s.f.dom.root());
-        let mut child = spawn_child(&s, None);
+        let mut child = spawn_child(&s, None, "merge");
         let start = Instant::now();
         while std::fs::read_dir(&journal).unwrap().next().is_none()
             && start.elapsed() < Duration::from_secs(30)
@@ -431,4 +451,29 @@ fn recovery_needs_the_source_domain_only_when_given() {
     assert!(!report.operations[0].rolled_forward);
     assert!(!dst.image_exists(s.img));
     assert_clean(dst);
+}
+
+#[test]
+fn recovery_collects_what_an_unjournaled_creation_left() {
+    // A crash before the journal entry reached storage can leave new files with no metadata:
+    // the side lane creates data and lease files while the main lane journals.
+    let s = setup2();
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    std::fs::create_dir(s.f.dom.image_dir(img)).unwrap();
+    std::fs::write(s.f.dom.volume_path(img, vol), b"partial qcow2").unwrap();
+    std::fs::write(s.f.dom.lease_path(img, vol), b"").unwrap();
+    let stray = VolUuid::new_random();
+    std::fs::write(s.f.dom.volume_path(s.img, stray), b"x").unwrap();
+    std::fs::write(
+        s.f.dom.image_dir(s.img).join(format!("{}.meta.new", s.vols[0])),
+        b"half",
+    )
+    .unwrap();
+    assert!(s.f.dom.check(false).unwrap().errors().count() >= 2);
+    let report = s.f.dom.recover(&[]).unwrap();
+    assert_eq!(report.removed_orphans.len(), 3, "{report:?}");
+    assert_eq!(report.removed_temp_files.len(), 1);
+    assert_eq!(report.removed_empty_images, vec![img]);
+    assert_clean(&s.f.dom);
+    assert_eq!(s.f.dom.chain(s.img).unwrap().ids(), s.vols);
 }
