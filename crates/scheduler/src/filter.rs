@@ -1,8 +1,9 @@
 //! Filters: hard constraints that remove hosts from consideration.
 //!
-//! Each filter looks at one (VM, host) pair in a [`View`] and either passes it or gives a
-//! [`Rejection`] that says why in words an administrator can act on. All filters run for every
-//! host (no short-circuit), so "why can't this VM start" lists every reason for every host.
+//! Each filter looks at one (VM, host) pair in a working view of the snapshot and either passes
+//! it or gives a [`Rejection`] that says why in words an administrator can act on. All filters
+//! run for every host (no short-circuit), so "why can't this VM start" lists every reason for
+//! every host.
 //! Invariant: no decision of this crate puts a VM on a host that any filter rejects.
 
 use std::fmt;

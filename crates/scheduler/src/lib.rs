@@ -5,16 +5,16 @@
 //! out the decision. This crate does no I/O and reads no clock: time is an argument, so every
 //! decision can be replayed and tested with a simulated cluster.
 //!
-//! - [`place`] chooses a host for one VM ([`Purpose`]: start, migrate, HA restart,
+//! - [`place()`] chooses a host for one VM ([`Purpose`]: start, migrate, HA restart,
 //!   maintenance); [`place_many`] places several in turn (HA restarts by priority);
 //!   [`plan_evacuation`] plans every VM off a host going into maintenance; [`filter_hosts`]
 //!   explains, host by host, why a VM cannot run there.
-//! - [`balance`] is one periodic round of load balancing under the cluster's policy.
+//! - [`balance()`] is one periodic round of load balancing under the cluster's policy.
 //!
 //! How a placement is made: [`filter`] (hard constraints, each rejection with a reason), then
 //! [`weight`] (soft preferences, lower cost wins). Invariants, tested by property tests on
 //! random clusters: no decision puts a VM on a host any filter rejects; a plan never promises a
-//! host more memory than its limit; repeated balancing rounds settle (see [`balance`]'s module
+//! host more memory than its limit; repeated balancing rounds settle (see [`mod@balance`]'s module
 //! documentation for why).
 
 pub mod balance;

@@ -168,7 +168,8 @@ pub struct Vm {
     pub vcpus: u32,
     /// Share of the VM's own vCPUs busy, `0..=100` (an estimate for a VM that is not running).
     pub cpu_usage_pct: f64,
-    /// The host the VM runs on, or is being started on; `None` when it is down.
+    /// The host the VM runs on, or is being started on; `None` when it is down. A VM waiting
+    /// for an HA restart may keep its dead host here (`place_many` with `HaRestart` ignores it).
     pub current_host: Option<HostUuid>,
     /// Destination of a migration in progress; the engine has already added the VM to that host's
     /// `pending`.

@@ -1,8 +1,8 @@
 //! Placement: choosing a host for one VM, for several in order, and for every VM of a host that
 //! goes into maintenance.
 //!
-//! A placement runs every [filter](crate::filter) on every host, scores the hosts that passed with
-//! the policy's [weights](crate::weight), and takes the lowest cost. Plans of several placements
+//! A placement runs every [`filter`] on every host, scores the hosts that passed with the
+//! policy's [`weight`]s, and takes the lowest cost. Plans of several placements
 //! ([`place_many`], [`plan_evacuation`]) apply each choice to a working view before making the
 //! next, so a later VM sees the memory, CPU, VM count and affinity of the earlier ones: a plan
 //! never promises the same memory twice.
@@ -27,7 +27,8 @@ pub enum Purpose {
     /// Move a running, migratable VM to another host.
     Migrate,
     /// Restart a highly available VM whose host died or which crashed. The VM's recorded host is
-    /// ignored (a live host may take it back if it passes the filters).
+    /// ignored for affinity (a live host may take it back if it passes the filters); its memory
+    /// should no longer be in that host's `mem_committed_mib`.
     HaRestart,
     /// Move a VM off a host that goes into maintenance; like `Migrate`.
     Maintenance,
