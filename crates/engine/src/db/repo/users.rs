@@ -370,3 +370,29 @@ impl Db {
         Ok(IssuedToken { token, expires_at })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoy_hash_is_a_valid_argon2_hash() {
+        let h = PasswordHash::new(DECOY_HASH).expect("decoy parses");
+        assert!(Argon2::default().verify_password(b"anything", &h).is_err());
+    }
+
+    #[test]
+    fn principals_default_to_the_internal_domain() {
+        assert_eq!(split_principal("admin@internal"), ("admin", "internal"));
+        assert_eq!(split_principal("admin"), ("admin", "internal"));
+        assert_eq!(split_principal("a@b@corp"), ("a@b", "corp"));
+    }
+
+    #[test]
+    fn tokens_are_stored_as_sha256() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
