@@ -266,7 +266,7 @@ impl Drop for Node {
 }
 
 /// Kills any QEMU still running from a test's run directory when the test ends (pass or
-/// fail), so a failed test leaves no VM behind.
+/// fail) and detaches its loop devices, so a failed test leaves no VM behind.
 pub struct QemuReaper(pub Vec<PathBuf>);
 
 impl Drop for QemuReaper {
@@ -276,6 +276,15 @@ impl Drop for QemuReaper {
                 continue;
             };
             for e in rd.filter_map(Result::ok) {
+                // Thin disks' loop devices too (the kernel frees them once QEMU is gone).
+                if let Ok(rec) = std::fs::read_to_string(e.path().join("vm.json")) {
+                    let rec: Value = serde_json::from_str(&rec).unwrap_or_default();
+                    for lp in rec["loops"].as_array().into_iter().flatten() {
+                        if let Some(dev) = lp["device"].as_str() {
+                            let _ = Command::new("losetup").args(["-d", dev]).status();
+                        }
+                    }
+                }
                 if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
                     if let Ok(pid) = pid.trim().parse::<i32>() {
                         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
