@@ -48,6 +48,18 @@ pub fn write_synced(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Writes a whole file without syncing it; the caller syncs the returned handle.
+pub fn write_unsynced(path: &Path, data: &[u8], mode: u32) -> io::Result<File> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)?;
+    Ok(f)
+}
+
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

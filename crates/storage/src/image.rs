@@ -265,9 +265,10 @@ impl FileStorageDomain {
         let mut internal = leaf.meta.clone();
         internal.role = VolRole::Internal;
         let mut op = Operation::new("create_snapshot", self.sd());
-        // Side lane: the new volume's data and lease. Main lane: journal, parent INTERNAL, the
-        // new metadata staged (written and synced); after both, one rename publishes the
-        // volume, complete and LEGAL: it has no metadata at all until then.
+        // Side lane: the new volume's data and lease. Main lane: journal, then the parent's
+        // INTERNAL metadata and the new volume's staged (written and synced). After both, the
+        // renames publish them (parent first) and one directory fsync makes them durable: the
+        // new volume has no metadata at all until it is complete and LEGAL.
         op.side(
             Step::CreateData {
                 img,
@@ -286,29 +287,31 @@ impl FileStorageDomain {
             Step::RemoveLease { img, vol: new_vol },
         );
         op.undoable(
-            Step::WriteMeta {
+            Step::StageMetas {
                 img,
-                vol: leaf.id,
-                meta: internal,
+                metas: vec![(leaf.id, internal), (new_vol, meta.clone())],
             },
-            Step::WriteMeta {
+            Step::UnstageMetas {
                 img,
-                vol: leaf.id,
-                meta: leaf.meta.clone(),
+                vols: vec![leaf.id, new_vol],
             },
-        )
-        .undoable(
-            Step::StageMeta {
-                img,
-                vol: new_vol,
-                meta: meta.clone(),
-            },
-            Step::UnstageMeta { img, vol: new_vol },
         )
         .join()
         .undoable(
-            Step::CommitMeta { img, vol: new_vol },
-            Step::RemoveMeta { img, vol: new_vol },
+            Step::CommitMetas {
+                img,
+                vols: vec![leaf.id, new_vol],
+            },
+            Step::All {
+                steps: vec![
+                    Step::RemoveMeta { img, vol: new_vol },
+                    Step::WriteMeta {
+                        img,
+                        vol: leaf.id,
+                        meta: leaf.meta.clone(),
+                    },
+                ],
+            },
         )
         .completed_if(img, new_vol);
         ops::run(self, &[], op, &mut |_| {})?;
@@ -430,15 +433,17 @@ impl FileStorageDomain {
             Step::UnlinkShared { img, vol: tmpl_vol },
         )
         .undoable(
-            Step::StageMeta {
+            Step::StageMetas {
                 img,
-                vol,
-                meta: meta.clone(),
+                metas: vec![(vol, meta.clone())],
             },
-            Step::UnstageMeta { img, vol },
+            Step::UnstageMetas { img, vols: vec![vol] },
         )
         .join()
-        .undoable(Step::CommitMeta { img, vol }, Step::RemoveMeta { img, vol })
+        .undoable(
+            Step::CommitMetas { img, vols: vec![vol] },
+            Step::RemoveMeta { img, vol },
+        )
         .completed_if(img, vol);
         ops::run(self, &[], op, &mut |_| {})?;
         Ok(meta)

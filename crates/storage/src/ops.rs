@@ -80,22 +80,26 @@ pub enum Step {
         img: ImgUuid,
         vol: VolUuid,
     },
-    /// Writes and fsyncs a new volume's metadata as `<vol>.meta.new` (the first half of an
-    /// atomic write, done early so that only the rename remains).
-    StageMeta {
+    /// Writes volumes' next metadata as `<vol>.meta.new`, then fsyncs them all: the first half
+    /// of atomic replacements, done early so that only the renames remain.
+    StageMetas {
         img: ImgUuid,
-        vol: VolUuid,
-        meta: VolumeMetadata,
+        metas: Vec<(VolUuid, VolumeMetadata)>,
     },
-    /// Removes a staged `<vol>.meta.new`.
-    UnstageMeta {
+    /// Removes staged `<vol>.meta.new` files.
+    UnstageMetas {
         img: ImgUuid,
-        vol: VolUuid,
+        vols: Vec<VolUuid>,
     },
-    /// Renames `<vol>.meta.new` over `<vol>.meta` and fsyncs the directory.
-    CommitMeta {
+    /// Renames each staged `<vol>.meta.new` over `<vol>.meta` in order, then fsyncs the
+    /// directory once. Idempotent: a volume whose staged file is gone was renamed already.
+    CommitMetas {
         img: ImgUuid,
-        vol: VolUuid,
+        vols: Vec<VolUuid>,
+    },
+    /// Several steps in order (an undo that restores more than one file).
+    All {
+        steps: Vec<Step>,
     },
     InitLease {
         img: ImgUuid,
@@ -171,9 +175,15 @@ impl Step {
     fn describe(&self) -> String {
         match self {
             Step::MakeImageDir { img, .. } => format!("create image directory {img}"),
-            Step::StageMeta { vol, .. } => format!("stage metadata of volume {vol}"),
-            Step::UnstageMeta { vol, .. } => format!("remove staged metadata of volume {vol}"),
-            Step::CommitMeta { vol, .. } => format!("commit metadata of volume {vol}"),
+            Step::StageMetas { metas, .. } => {
+                format!(
+                    "stage metadata of volumes {:?}",
+                    metas.iter().map(|(v, _)| v).collect::<Vec<_>>()
+                )
+            }
+            Step::UnstageMetas { vols, .. } => format!("remove staged metadata of volumes {vols:?}"),
+            Step::CommitMetas { vols, .. } => format!("commit metadata of volumes {vols:?}"),
+            Step::All { steps } => steps.iter().map(Step::describe).collect::<Vec<_>>().join("; "),
             Step::RemoveImageDirIfEmpty { img } => format!("remove empty image directory {img}"),
             Step::CreateData { vol, spec, .. } => format!("create {} data of volume {vol}", spec.format),
             Step::RemoveData { vol, .. } => format!("remove data of volume {vol}"),
@@ -221,25 +231,48 @@ impl Step {
                 }
                 Ok(())
             }
-            Step::StageMeta { img, vol, meta } => {
-                let data = meta.encode().map_err(|source| StorageError::VolumeMetadata {
-                    img: *img,
-                    vol: *vol,
-                    source,
-                })?;
-                let tmp = fsio::temp_path(&dom.meta_path(*img, *vol));
-                fsio::write_synced(&tmp, &data, 0o660).map_err(StorageError::io("write", tmp))
+            Step::StageMetas { img, metas } => {
+                let mut files = Vec::with_capacity(metas.len());
+                for (vol, meta) in metas {
+                    let data = meta.encode().map_err(|source| StorageError::VolumeMetadata {
+                        img: *img,
+                        vol: *vol,
+                        source,
+                    })?;
+                    let tmp = fsio::temp_path(&dom.meta_path(*img, *vol));
+                    let f =
+                        fsio::write_unsynced(&tmp, &data, 0o660).map_err(StorageError::io("write", &tmp))?;
+                    files.push((f, tmp));
+                }
+                // One journal commit usually covers them all: sync after every write is done.
+                for (f, tmp) in files {
+                    f.sync_all().map_err(StorageError::io("sync", tmp))?;
+                }
+                Ok(())
             }
-            Step::UnstageMeta { img, vol } => remove(&fsio::temp_path(&dom.meta_path(*img, *vol))),
-            Step::CommitMeta { img, vol } => {
-                let path = dom.meta_path(*img, *vol);
-                let tmp = fsio::temp_path(&path);
-                match std::fs::rename(&tmp, &path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {}
-                    Err(e) => return Err(StorageError::io("rename", tmp)(e)),
+            Step::UnstageMetas { img, vols } => {
+                for vol in vols {
+                    remove(&fsio::temp_path(&dom.meta_path(*img, *vol)))?;
+                }
+                Ok(())
+            }
+            Step::CommitMetas { img, vols } => {
+                for vol in vols {
+                    let path = dom.meta_path(*img, *vol);
+                    let tmp = fsio::temp_path(&path);
+                    match std::fs::rename(&tmp, &path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {}
+                        Err(e) => return Err(StorageError::io("rename", tmp)(e)),
+                    }
                 }
                 sync_dir(&dom.image_dir(*img))
+            }
+            Step::All { steps } => {
+                for step in steps {
+                    step.apply(dom, others, progress)?;
+                }
+                Ok(())
             }
             Step::RemoveImageDirIfEmpty { img } => {
                 let dir = dom.image_dir(*img);
@@ -920,17 +953,20 @@ fn undo(dom: &FileStorageDomain, others: &[&FileStorageDomain], op: &Operation) 
     let main = &op.steps[..op.commit_at.min(op.steps.len())];
     for planned in main.iter().rev().chain(op.side.iter().rev()) {
         if let Some(u) = &planned.undo {
-            // Restoring metadata only makes sense where metadata exists (a volume's `.meta`
-            // exists from its creation on, so this skips only new volumes never written).
-            if let Step::WriteMeta { img, vol, .. } = u {
-                if !dom.meta_path(*img, *vol).exists() {
-                    continue;
-                }
-            }
-            u.apply(dom, others, &mut |_| {})?;
+            apply_undo(dom, others, u)?;
         }
     }
     Ok(())
+}
+
+fn apply_undo(dom: &FileStorageDomain, others: &[&FileStorageDomain], u: &Step) -> Result<()> {
+    match u {
+        Step::All { steps } => steps.iter().try_for_each(|s| apply_undo(dom, others, s)),
+        // Restoring metadata only makes sense where metadata exists (a volume's `.meta` exists
+        // from its creation on, so this skips only new volumes never written).
+        Step::WriteMeta { img, vol, .. } if !dom.meta_path(*img, *vol).exists() => Ok(()),
+        _ => u.apply(dom, others, &mut |_| {}),
+    }
 }
 
 /// What recovery did with one journal entry.
@@ -959,7 +995,12 @@ pub fn recover_one(
         for planned in &op.steps[op.commit_at..] {
             planned.step.apply(dom, others, &mut |_| {})?;
         }
-    } else if !rolled_forward {
+    } else if op.is_complete(dom) {
+        // The publishing steps after the join are idempotent: finish any that did not land.
+        for planned in &op.steps[op.join_at.min(op.steps.len())..] {
+            planned.step.apply(dom, others, &mut |_| {})?;
+        }
+    } else {
         undo(dom, others, op)?;
     }
     forget(dom.root(), op.id, true)?;
