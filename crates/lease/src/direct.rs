@@ -116,6 +116,88 @@ pub fn init_resource_with(io: &dyn SectorIo, space_name: &str, resource_name: &s
         .map_err(|e| LeaseError::io_write(format!("resource {resource}"), e))
 }
 
+/// A lockspace location in sanlock's syntax `NAME:HOST_ID:PATH:OFFSET`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockspaceSpec {
+    pub name: String,
+    pub host_id: u64,
+    pub path: std::path::PathBuf,
+    pub offset: u64,
+}
+
+/// A resource location in sanlock's syntax `LOCKSPACE:NAME:PATH:OFFSET`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSpec {
+    pub lockspace: String,
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub offset: u64,
+}
+
+/// Parses an offset in bytes, or with an `M` suffix in MiB (as `sanlock direct dump` accepts).
+pub fn parse_offset(s: &str) -> Result<u64, LeaseError> {
+    let bad = || LeaseError::InvalidArgument(format!("offset {s:?} is not a number of bytes or of MiB (1M)"));
+    match s.strip_suffix('M') {
+        Some(m) => m.parse::<u64>().map(|v| v * ALIGN_SIZE as u64).map_err(|_| bad()),
+        None => s.parse().map_err(|_| bad()),
+    }
+}
+
+/// Splits `A:B:PATH:OFFSET` where PATH may itself contain ':'.
+fn split4(s: &str, what: &str) -> Result<(String, String, String, u64), LeaseError> {
+    let bad = || LeaseError::InvalidArgument(format!("{s:?} is not {what}"));
+    let (a, rest) = s.split_once(':').ok_or_else(bad)?;
+    let (b, rest) = rest.split_once(':').ok_or_else(bad)?;
+    let (path, off) = rest.rsplit_once(':').ok_or_else(bad)?;
+    if a.is_empty() || b.is_empty() || path.is_empty() {
+        return Err(bad());
+    }
+    Ok((a.to_string(), b.to_string(), path.to_string(), parse_offset(off)?))
+}
+
+impl std::str::FromStr for LockspaceSpec {
+    type Err = LeaseError;
+
+    fn from_str(s: &str) -> Result<Self, LeaseError> {
+        let (name, host, path, offset) = split4(s, "NAME:HOST_ID:PATH:OFFSET")?;
+        let host_id = host
+            .parse()
+            .map_err(|_| LeaseError::InvalidArgument(format!("host id {host:?} is not a number")))?;
+        Name::new(&name).map_err(|source| LeaseError::Name {
+            what: "lockspace",
+            name: name.clone(),
+            source,
+        })?;
+        Ok(LockspaceSpec {
+            name,
+            host_id,
+            path: path.into(),
+            offset,
+        })
+    }
+}
+
+impl std::str::FromStr for ResourceSpec {
+    type Err = LeaseError;
+
+    fn from_str(s: &str) -> Result<Self, LeaseError> {
+        let (lockspace, name, path, offset) = split4(s, "LOCKSPACE:NAME:PATH:OFFSET")?;
+        for (what, n) in [("lockspace", &lockspace), ("resource", &name)] {
+            Name::new(n).map_err(|source| LeaseError::Name {
+                what,
+                name: n.clone(),
+                source,
+            })?;
+        }
+        Ok(ResourceSpec {
+            lockspace,
+            name,
+            path: path.into(),
+            offset,
+        })
+    }
+}
+
 /// One host id's delta lease as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaEntry {
@@ -420,6 +502,18 @@ mod tests {
         assert!(matches!(init_lockspace(&p, 0, "a:b", 1), Err(LeaseError::Name { .. })));
         assert!(matches!(init_resource(&p, 0, "ls", ""), Err(LeaseError::Name { .. })));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn specs_parse_like_sanlock() {
+        let l: LockspaceSpec = "LS:3:/rhev/data-center/mnt/a:b/dom_md/ids:0".parse().unwrap();
+        assert_eq!(l.host_id, 3);
+        assert_eq!(l.path.to_str().unwrap(), "/rhev/data-center/mnt/a:b/dom_md/ids");
+        let r: ResourceSpec = "LS:SDM:/x/leases:1M".parse().unwrap();
+        assert_eq!((r.lockspace.as_str(), r.name.as_str(), r.offset), ("LS", "SDM", 1 << 20));
+        assert!("LS:x:/p:0".parse::<LockspaceSpec>().is_err());
+        assert!("LS:/p".parse::<ResourceSpec>().is_err());
+        assert!("LS:SDM:/p:12k".parse::<ResourceSpec>().is_err());
     }
 
     #[test]

@@ -729,10 +729,10 @@ impl Sim {
                                 } else {
                                     LeaseMode::Exclusive
                                 };
-                                let wait = if self.chance(0.5) {
-                                    OwnerWait::UntilDead
-                                } else {
-                                    OwnerWait::NoWait
+                                let wait = match self.rng.below(3) {
+                                    0 => OwnerWait::NoWait,
+                                    1 => OwnerWait::UntilDead,
+                                    _ => OwnerWait::Watch(Duration::from_nanos(self.between(n, n * 20))),
                                 };
                                 let p = PaxosParams {
                                     space: self.space,

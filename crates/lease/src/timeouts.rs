@@ -107,9 +107,16 @@ impl Timeouts {
         self.other_host_dead(other_secs).max(n * 2 + n * 6)
     }
 
-    /// How often a Paxos acquire re-reads the owner's delta lease while waiting for it to die.
+    /// Retry interval of a failed renewal, and the ceiling of the random back-off between
+    /// aborted ballots (sanlock: 1 s).
     pub fn owner_poll(&self) -> Duration {
         self.io_timeout.min(Duration::from_secs(1))
+    }
+
+    /// How often a Paxos acquire re-reads the owner's delta lease while waiting for it to die:
+    /// the sooner it sees the owner's last renewal, the sooner it may take over.
+    pub fn watch_poll(&self) -> Duration {
+        (self.io_timeout / 4).min(Duration::from_secs(1))
     }
 }
 

@@ -177,15 +177,21 @@ fn kill_9_of_the_holder_lets_another_host_take_over_after_8n_plus_margin() {
     let (ids, leases) = lease_files(dir.path());
     let mut holder = spawn("hold", &ids, &leases, 1, &[]);
     let ls = Lockspace::acquire(&ids, 0, config(2), Arc::new(SystemClock)).unwrap();
-    // The child's stdout also carries the test harness's own lines; keep the pipe open.
-    let mut out = BufReader::new(holder.stdout.take().unwrap());
-    let held_lver: u64 = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "holder exited before holding");
-        if let Some(v) = line.trim().strip_prefix("HOLDING ") {
-            break v.parse().unwrap();
+    // The child's stdout also carries the test harness's own output; read it on a thread
+    // (keeping the pipe open) so a stuck child fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = holder.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(i) = line.find("HOLDING ") {
+                let _ = tx.send(line[i + 8..].trim().parse::<u64>().unwrap());
+            }
         }
-    };
+    });
+    let held_lver = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the holder did not report holding the lease");
     // Wait until we have seen the holder renew.
     let deadline = Instant::now() + Duration::from_secs(15);
     while ls.host_status(1) != HostStatus::Live {
@@ -201,28 +207,24 @@ fn kill_9_of_the_holder_lets_another_host_take_over_after_8n_plus_margin() {
     assert_eq!(unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) }, 0);
     let killed = Instant::now();
     holder.wait().unwrap();
-    let lease = loop {
-        match ls.acquire_resource(
+    let lease = ls
+        .acquire_resource(
             &leases,
             MIB,
             "SDM",
             AcquireOptions {
-                wait: OwnerWait::UntilDead,
+                wait: OwnerWait::Watch(Duration::from_secs(60)),
                 ..AcquireOptions::default()
             },
-        ) {
-            Ok(l) => break l,
-            Err(LeaseError::OwnedByOther { host_id: 1, .. }) => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => panic!("{e}"),
-        }
-        assert!(killed.elapsed() < Duration::from_secs(40), "no takeover");
-    };
+        )
+        .unwrap();
     let took = killed.elapsed();
     eprintln!("takeover {took:?} after kill -9 (8N + M = {:?})", 8 * N + M);
-    // The holder's last renewal was at most 2N before the kill, and we saw it at most 2N after
-    // it was written: takeover lies within 8N + M ± 2N, plus I/O and scheduling time.
+    // The holder's last renewal was at most 2N before the kill, and while watching we see a
+    // renewal within N/4 of it: takeover lies within [8N + M - 2N, 8N + M + N/4], plus I/O and
+    // scheduling time on a loaded machine.
     assert!(took >= 8 * N + M - 2 * N, "took over too early: {took:?}");
-    assert!(took <= 8 * N + M + 2 * N + Duration::from_secs(4), "took over too late: {took:?}");
+    assert!(took <= 8 * N + M + Duration::from_secs(3), "took over too late: {took:?}");
     assert!(lease.lver() > held_lver);
     assert_eq!(ls.host_status(1), HostStatus::Dead);
     lease.release().unwrap();
