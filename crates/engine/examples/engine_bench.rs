@@ -26,7 +26,9 @@ use sqlx::Connection;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn status_kib(field: &str) -> u64 {
@@ -40,6 +42,7 @@ fn status_kib(field: &str) -> u64 {
 
 /// Runs a command to completion and returns its peak RSS in KiB.
 fn peak_rss_kib(cmd: &mut Command) -> u64 {
+    #[allow(clippy::zombie_processes)] // reaped by the wait4 below, which also gives its rusage
     let child = cmd
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -64,7 +67,12 @@ async fn seed(db: &Db, from: usize, to: usize, cluster: ClusterId, sd: SdUuid) {
             vm.description = format!("benchmark VM number {n}");
             let vm = tx.vm_insert(&vm).await.unwrap();
             let disk = tx
-                .disk_insert(&Disk::new(&format!("vm-{n:05}_disk1"), sd, DiskFormat::Cow, 10 << 30))
+                .disk_insert(&Disk::new(
+                    &format!("vm-{n:05}_disk1"),
+                    sd,
+                    DiskFormat::Cow,
+                    10 << 30,
+                ))
                 .await
                 .unwrap();
             tx.attachment_add(&DiskAttachment {
@@ -114,7 +122,12 @@ async fn seed_cmd(url: &str, from: usize, to: usize) {
     let sd = match db.sd_get_by_name("bench").await.unwrap() {
         Some(s) => s,
         None => db
-            .sd_insert(&StorageDomain::new("bench", SdType::Data, StorageType::Localfs, "/srv/bench"))
+            .sd_insert(&StorageDomain::new(
+                "bench",
+                SdType::Data,
+                StorageType::Localfs,
+                "/srv/bench",
+            ))
             .await
             .unwrap(),
     };
@@ -144,7 +157,10 @@ async fn time_cmd(label: &str, url: &str, list: usize) {
         ours.push(t.elapsed());
         assert_eq!(v.len(), list);
         let t = Instant::now();
-        let rows = sqlx::query("SELECT * FROM vms ORDER BY name, id").fetch_all(&mut c).await.unwrap();
+        let rows = sqlx::query("SELECT * FROM vms ORDER BY name, id")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
         raw.push(t.elapsed());
         assert_eq!(rows.len(), list);
     }
@@ -159,7 +175,10 @@ async fn time_cmd(label: &str, url: &str, list: usize) {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn run_self(args: &[&str]) -> String {
@@ -179,7 +198,10 @@ fn bench(label: &str, url: &str, mut bare: Command, vms: usize, list: usize) {
     let exe = std::env::current_exe().unwrap();
     let out = run_self(&["--rss", url]);
     let mut it = out.split_whitespace();
-    let (n, hwm): (usize, u64) = (it.next().unwrap().parse().unwrap(), it.next().unwrap().parse().unwrap());
+    let (n, hwm): (usize, u64) = (
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap().parse().unwrap(),
+    );
     assert_eq!(n, vms);
     let ours_ru = peak_rss_kib(Command::new(&exe).args(["--rss", url]));
     let theirs = peak_rss_kib(&mut bare);
@@ -191,7 +213,9 @@ fn bench(label: &str, url: &str, mut bare: Command, vms: usize, list: usize) {
         theirs as f64 / 1024.0,
         hwm as f64 / theirs as f64
     );
-    eprintln!("{label}: engine VmHWM {hwm} KiB, ru_maxrss {ours_ru} KiB; bare {theirs} KiB; driver {driver} KiB");
+    eprintln!(
+        "{label}: engine VmHWM {hwm} KiB, ru_maxrss {ours_ru} KiB; bare {theirs} KiB; driver {driver} KiB"
+    );
     run_self(&["--seed", url, &vms.to_string(), &list.to_string()]);
     print!("{}", run_self(&["--time", url, &list.to_string(), label]));
 }
@@ -237,7 +261,9 @@ fn main() {
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{sep}options[search_path]={schema}");
         let mut bare = Command::new("psql");
-        bare.arg(&base).arg("-c").arg(format!("SELECT * FROM {schema}.vms"));
+        bare.arg(&base)
+            .arg("-c")
+            .arg(format!("SELECT * FROM {schema}.vms"));
         bench("PostgreSQL", &url, bare, vms, list);
         psql(&format!("DROP SCHEMA {schema} CASCADE"));
     }

@@ -316,7 +316,8 @@ impl Db {
     }
 
     /// Starts a transaction on the writer. Keep it short: on SQLite it holds the only writer,
-    /// so never keep one open across a call to a node.
+    /// so never keep one open across a call to a node, and while one is open make the task's
+    /// writes through it, not through `Db` (a `Db` write would wait for the writer it holds).
     pub async fn begin(&self) -> Result<Tx, DbError> {
         let tx = self.inner.writer.begin().await.map_err(DbError::sql("begin"))?;
         Ok(Tx { tx, db: self.clone() })
