@@ -172,18 +172,19 @@ async fn cluster(pause_on_node1: Option<&str>) -> Cluster {
     )
     .await;
     assert_eq!(pm["master_version"], 1);
-    // Connect all three at once (each acquires its host id: 2N = 2 s).
-    let connects = nodes.iter().enumerate().map(|(i, n)| {
-        n.client.call(
+    // Connect all three at once (each acquires its host id).
+    let connect = |i: usize| {
+        nodes[i].client.call(
             "StoragePool.connect",
             json!({ "spUUID": pool, "hostID": i + 1, "msdUUID": sd, "masterVersion": 1,
                     "ioTimeout": 1, "fenceMargin": 2, "maxHostID": 8 }),
         )
-    });
-    for (i, r) in run_in_order(connects).await.into_iter().enumerate() {
+    };
+    let (r1, r2, r3) = tokio::join!(connect(0), connect(1), connect(2));
+    for (i, r) in [r1, r2, r3].into_iter().enumerate() {
         let info = r.unwrap_or_else(|e| panic!("connect host {}: {e}\n{}", i + 1, tail(&nodes[i].log)));
         assert_eq!(info["hostId"], i + 1);
-        assert_eq!(info["hostIds"][sd.to_string()]["valid"], true, "{info}");
+        assert_eq!(info["hostIds"][sd.to_string()]["valid"], true, "{info}\n{}", tail(&nodes[i].log));
     }
     Cluster {
         _engine: engine,
@@ -192,15 +193,6 @@ async fn cluster(pause_on_node1: Option<&str>) -> Cluster {
         pool,
         sd,
     }
-}
-
-async fn run_in_order<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    let handles: Vec<_> = fs.collect();
-    for f in handles {
-        out.push(f.await);
-    }
-    out
 }
 
 async fn create_volume(n: &Node, c: &Cluster, img: ImgUuid, vol: VolUuid, src: Option<(ImgUuid, VolUuid)>) -> Value {
@@ -318,9 +310,18 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     std::fs::write(junk.join(format!("{}.task", junk.file_name().unwrap().to_string_lossy())), b"{ not json").unwrap();
 
     // The engine moves the SPM role to host 2 (prevID/prevLver as last seen).
-    let t = call(&c.nodes[1], "StoragePool.spmStart", json!({ "spUUID": pool, "prevID": 1, "prevLver": lver1 })).await;
-    let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(60)).await;
-    assert_eq!(st["taskResult"], "success", "{st}\n{}", tail(&c.nodes[1].log));
+    // The engine keeps asking until host 1 is dead for the lease (a renewal seen after the
+    // kill makes the lease owner look alive and the attempt fail).
+    loop {
+        let t = call(&c.nodes[1], "StoragePool.spmStart", json!({ "spUUID": pool, "prevID": 1, "prevLver": lver1 })).await;
+        let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(60)).await;
+        if st["taskResult"] == "success" {
+            break;
+        }
+        assert!(st["message"].as_str().unwrap().contains("owned by host 1"), "{st}");
+        assert!(killed.elapsed() < Duration::from_secs(60), "no takeover: {st}\n{}", tail(&c.nodes[1].log));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let became_spm = killed.elapsed();
     let spm2 = wait_spm(&c.nodes[1], pool, Duration::from_secs(5)).await;
     assert_eq!(spm2["spm_st"]["spmId"], 2);
@@ -387,5 +388,6 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
     let st = create_volume(&c.nodes[2], &c, img2, vol2, None).await;
     assert_eq!(st["taskResult"], "success", "{st}");
-    assert!(c.domain().check(true).unwrap().is_clean());
+    let report = c.domain().check(true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
 }

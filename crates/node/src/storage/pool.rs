@@ -376,14 +376,24 @@ impl ConnectedPool {
         // no process that could still write) so the id can be taken back at once.
         cfg.fast_reacquire = true;
         let t0 = Instant::now();
-        let ls =
-            Lockspace::acquire(&dom.md_dir().join("ids"), 0, cfg, self.clock.clone()).map_err(|source| {
-                PoolServiceError::HostId {
-                    sd,
-                    host_id: self.host_id,
-                    source,
-                }
-            })?;
+        let ids = dom.md_dir().join("ids");
+        let acquire = |cfg: LockspaceConfig| {
+            Lockspace::acquire(&ids, 0, cfg, self.clock.clone()).map_err(|source| PoolServiceError::HostId {
+                sd,
+                host_id: self.host_id,
+                source,
+            })
+        };
+        let mut ls = acquire(cfg.clone())?;
+        if ls.valid_until() < self.clock.now() + self.timing.io_timeout * 4 {
+            // Work around the lease crate: acquiring waits 2N with the N written in the free
+            // record (the domain's IOOPTIMEOUTSEC, 10 s) but counts validity from the write
+            // with our N, so a smaller N comes back (nearly) expired. The record is ours now,
+            // written with our N: taking it back is quick and valid.
+            tracing::warn!(sd = %sd, host_id = self.host_id, "host id expired while being acquired; acquiring it again");
+            drop(ls);
+            ls = acquire(cfg)?;
+        }
         tracing::info!(sd = %sd, host_id = self.host_id, took_s = t0.elapsed().as_secs_f64(), "host id acquired");
         Ok(ls)
     }
@@ -773,10 +783,22 @@ impl ConnectedPool {
 
     /// A task's record: in memory if this node runs it, else from the journal.
     pub fn task(&self, id: TaskId) -> Result<TaskRecord> {
-        if let Some(t) = self.tasks.lock().expect("tasks").get(&id) {
-            return Ok(t.record.lock().expect("task").clone());
+        let mem = self.tasks.lock().expect("tasks").get(&id).cloned();
+        match mem {
+            // A running persistent task's journal is more current than our copy.
+            Some(t) if t.persistent => {
+                let progress = t.record.lock().expect("task").progress;
+                match self.store().load(id) {
+                    Ok(mut r) => {
+                        r.progress = progress;
+                        Ok(r)
+                    }
+                    Err(_) => Ok(t.record.lock().expect("task").clone()),
+                }
+            }
+            Some(t) => Ok(t.record.lock().expect("task").clone()),
+            None => Ok(self.store().load(id)?),
         }
-        Ok(self.store().load(id)?)
     }
 
     pub fn all_tasks(&self) -> Vec<TaskRecord> {
