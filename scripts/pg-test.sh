@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD/target/pg-test"
+# Where the data directory is (see start: it moves to /tmp when `postgres` cannot reach target/).
+pathfile="$PWD/target/pg-test.path"
+[[ -f "$pathfile" ]] && root="$(cat "$pathfile")"
 data="$root/data"
 say() { echo "pg-test: $*" >&2; }
 
@@ -21,7 +24,7 @@ done
 [[ -n "$bindir" ]] || { say "PostgreSQL server binaries not found: run scripts/deps.sh (package postgresql)"; exit 1; }
 
 as_pg() {
-    if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+    if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 stop() {
@@ -33,15 +36,29 @@ stop() {
 case "${1:-}" in
 start)
     stop
+    [[ "$root" == /tmp/oxvirt-pg-test.* ]] && rm -rf "$root"
+    rm -f "$pathfile"
+    root="$PWD/target/pg-test"
     rm -rf "$root"
     mkdir -p "$root"
-    [[ $(id -u) == 0 ]] && chown postgres: "$root"
+    if [[ $(id -u) == 0 ]]; then
+        chown postgres: "$root"
+        # A checkout under a private directory (mode 700) is out of the postgres user's reach.
+        if ! (cd / && runuser -u postgres -- test -w "$root"); then
+            rm -rf "$root"
+            root="$(mktemp -d /tmp/oxvirt-pg-test.XXXXXX)"
+            chmod 755 "$root"
+            chown postgres: "$root"
+            echo "$root" >"$pathfile"
+        fi
+    fi
+    data="$root/data"
     as_pg "$bindir/initdb" -D "$data" --auth=trust --no-locale --encoding=UTF8 -U postgres >"$root/initdb.log" 2>&1 \
         || { cat "$root/initdb.log" >&2; say "initdb failed"; exit 1; }
     port=55432
     while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
     as_pg "$bindir/pg_ctl" -D "$data" -l "$root/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$root -c fsync=off -c max_connections=200" \
+        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='' -c fsync=off -c max_connections=200" \
         start >/dev/null || { tail -20 "$root/server.log" >&2; say "server did not start"; exit 1; }
     as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres oxvirt_test
     url="postgres://postgres@127.0.0.1:$port/oxvirt_test"
@@ -50,6 +67,7 @@ start)
     ;;
 stop)
     stop
+    if [[ "$root" == /tmp/oxvirt-pg-test.* ]]; then rm -rf "$root" "$pathfile"; fi
     ;;
 *)
     echo "usage: $0 start|stop" >&2
