@@ -4,6 +4,7 @@
 //! arguments, call a crate, and print.
 
 mod domain_cmd;
+mod lease_cmd;
 mod node_cmd;
 mod up;
 
@@ -28,6 +29,8 @@ enum Command {
     Node(node_cmd::NodeArgs),
     /// Offline storage-domain administration: create, inspect, check, dump chains, volume verbs.
     Domain(domain_cmd::DomainArgs),
+    /// Lease administration (like `sanlock direct`): init, dump, read, hold lockspaces and resources.
+    Lease(lease_cmd::LeaseArgs),
     /// Report what this host offers for running VMs (QEMU, qemu-img, KVM).
     HostCheck {
         /// Print JSON instead of text.
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::HostCheck { json } => up::host_check(json),
         Command::Domain(args) => domain_cmd::run(args),
+        Command::Lease(args) => lease_cmd::run(args),
         Command::Node(args) => node_cmd::run_node(args),
     }
 }
