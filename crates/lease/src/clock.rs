@@ -126,9 +126,7 @@ impl Clock for SimClock {
                 return false;
             }
             // Poll the wake signal every few real milliseconds; the condvar wakes us on advance.
-            let _ = cv
-                .wait_timeout(g, Duration::from_millis(5))
-                .expect("sim clock");
+            let _ = cv.wait_timeout(g, Duration::from_millis(5)).expect("sim clock");
         }
     }
 }

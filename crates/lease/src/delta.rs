@@ -49,7 +49,8 @@ fn object(space: &Name, host_id: u64) -> String {
 
 /// Decodes and verifies one delta lease sector of lockspace `space`.
 pub fn decode_delta(sector: &[u8], space: &Name, host_id: u64) -> Result<LeaderRecord, LeaseError> {
-    let rec = LeaderRecord::decode_checked(sector, DELTA_MAGIC).map_err(|p| LeaseError::bad(object(space, host_id), p))?;
+    let rec = LeaderRecord::decode_checked(sector, DELTA_MAGIC)
+        .map_err(|p| LeaseError::bad(object(space, host_id), p))?;
     rec.check_space(space)
         .map_err(|p| LeaseError::bad(object(space, host_id), p))?;
     Ok(rec)

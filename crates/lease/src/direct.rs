@@ -19,8 +19,8 @@ use crate::clock::{SystemClock, Wake};
 use crate::delta::{decode_delta, DeltaAcquire, DeltaParams, DeltaRelease};
 use crate::error::LeaseError;
 use crate::format::{
-    dblock_offset, initial_delta_record, initial_paxos_leader, Dblock, LeaderRecord, ModeBlock, Name, RecordProblem,
-    RequestRecord, ALIGN_SIZE, DELTA_MAGIC, MAX_HOSTS, PAXOS_MAGIC, SECTOR_SIZE,
+    dblock_offset, initial_delta_record, initial_paxos_leader, Dblock, LeaderRecord, ModeBlock, Name,
+    RecordProblem, RequestRecord, ALIGN_SIZE, DELTA_MAGIC, MAX_HOSTS, PAXOS_MAGIC, SECTOR_SIZE,
 };
 use crate::io::{DirectFile, Region, SectorIo};
 use crate::machine::{Driver, NoLockspace};
@@ -38,7 +38,7 @@ fn name(what: &'static str, s: &str) -> Result<Name, LeaseError> {
 }
 
 fn check_offset(offset: u64) -> Result<(), LeaseError> {
-    if offset % ALIGN_SIZE as u64 != 0 {
+    if !offset.is_multiple_of(ALIGN_SIZE as u64) {
         return Err(LeaseError::InvalidArgument(format!(
             "offset {offset} is not a multiple of 1 MiB"
         )));
@@ -63,7 +63,12 @@ fn region(path: &Path, offset: u64) -> Result<Region, LeaseError> {
 
 /// Initialises a 2000-host lockspace at `offset` of `path`, like
 /// `sanlock direct init -s NAME:0:PATH:OFFSET` (with `-o io_timeout_secs`).
-pub fn init_lockspace(path: &Path, offset: u64, space_name: &str, io_timeout_secs: u16) -> Result<(), LeaseError> {
+pub fn init_lockspace(
+    path: &Path,
+    offset: u64,
+    space_name: &str,
+    io_timeout_secs: u16,
+) -> Result<(), LeaseError> {
     let space = name("lockspace", space_name)?;
     init_lockspace_with(&region(path, offset)?, space_name, io_timeout_secs, MAX_HOSTS).map(|_| {
         tracing::info!(path = %path.display(), offset, space = %space, "lockspace initialised");
@@ -71,15 +76,26 @@ pub fn init_lockspace(path: &Path, offset: u64, space_name: &str, io_timeout_sec
 }
 
 /// Initialises a lockspace of `max_hosts` host ids at offset 0 of `io`.
-pub fn init_lockspace_with(io: &dyn SectorIo, space_name: &str, io_timeout_secs: u16, max_hosts: u64) -> Result<(), LeaseError> {
+pub fn init_lockspace_with(
+    io: &dyn SectorIo,
+    space_name: &str,
+    io_timeout_secs: u16,
+    max_hosts: u64,
+) -> Result<(), LeaseError> {
     let space = name("lockspace", space_name)?;
     if io_timeout_secs == 0 {
-        return Err(LeaseError::InvalidArgument("io_timeout must be at least 1 s".into()));
+        return Err(LeaseError::InvalidArgument(
+            "io_timeout must be at least 1 s".into(),
+        ));
     }
     if max_hosts == 0 || max_hosts > MAX_HOSTS {
-        return Err(LeaseError::InvalidArgument(format!("max_hosts {max_hosts} is outside 1..=2000")));
+        return Err(LeaseError::InvalidArgument(format!(
+            "max_hosts {max_hosts} is outside 1..=2000"
+        )));
     }
-    let len = (max_hosts as usize * SECTOR_SIZE).next_power_of_two().min(ALIGN_SIZE);
+    let len = (max_hosts as usize * SECTOR_SIZE)
+        .next_power_of_two()
+        .min(ALIGN_SIZE);
     let mut buf = vec![0u8; len];
     let rec = initial_delta_record(&space, io_timeout_secs);
     for h in 0..max_hosts as usize {
@@ -90,23 +106,37 @@ pub fn init_lockspace_with(io: &dyn SectorIo, space_name: &str, io_timeout_secs:
         r.encode_into(&mut buf[h * SECTOR_SIZE..]);
     }
     let obj = format!("lockspace {space}");
-    io.write(0, &buf).map_err(|e| LeaseError::io_write(obj.clone(), e))?;
-    io.write(0, &rec.to_sector()).map_err(|e| LeaseError::io_write(obj, e))
+    io.write(0, &buf)
+        .map_err(|e| LeaseError::io_write(obj.clone(), e))?;
+    io.write(0, &rec.to_sector())
+        .map_err(|e| LeaseError::io_write(obj, e))
 }
 
 /// Initialises a resource at `offset` of `path`, like `sanlock direct init -r SPACE:RES:PATH:OFFSET`.
-pub fn init_resource(path: &Path, offset: u64, space_name: &str, resource_name: &str) -> Result<(), LeaseError> {
+pub fn init_resource(
+    path: &Path,
+    offset: u64,
+    space_name: &str,
+    resource_name: &str,
+) -> Result<(), LeaseError> {
     init_resource_with(&region(path, offset)?, space_name, resource_name, MAX_HOSTS).map(|_| {
         tracing::info!(path = %path.display(), offset, space = space_name, resource = resource_name, "resource initialised");
     })
 }
 
 /// Initialises a resource for `num_hosts` hosts at offset 0 of `io`.
-pub fn init_resource_with(io: &dyn SectorIo, space_name: &str, resource_name: &str, num_hosts: u64) -> Result<(), LeaseError> {
+pub fn init_resource_with(
+    io: &dyn SectorIo,
+    space_name: &str,
+    resource_name: &str,
+    num_hosts: u64,
+) -> Result<(), LeaseError> {
     let space = name("lockspace", space_name)?;
     let resource = name("resource", resource_name)?;
     if num_hosts == 0 || num_hosts > MAX_HOSTS {
-        return Err(LeaseError::InvalidArgument(format!("num_hosts {num_hosts} is outside 1..=2000")));
+        return Err(LeaseError::InvalidArgument(format!(
+            "num_hosts {num_hosts} is outside 1..=2000"
+        )));
     }
     let len = crate::format::ballot_read_len(num_hosts);
     let mut buf = vec![0u8; len];
@@ -224,10 +254,17 @@ pub fn read_lockspace_with(io: &dyn SectorIo, max_hosts: u64) -> Result<Vec<Delt
 }
 
 /// Reads and verifies host `host_id`'s delta lease in lockspace `space_name`.
-pub fn read_delta_leader(path: &Path, offset: u64, space_name: &str, host_id: u64) -> Result<LeaderRecord, LeaseError> {
+pub fn read_delta_leader(
+    path: &Path,
+    offset: u64,
+    space_name: &str,
+    host_id: u64,
+) -> Result<LeaderRecord, LeaseError> {
     let space = name("lockspace", space_name)?;
     if host_id == 0 || host_id > MAX_HOSTS {
-        return Err(LeaseError::InvalidArgument(format!("host id {host_id} is outside 1..=2000")));
+        return Err(LeaseError::InvalidArgument(format!(
+            "host id {host_id} is outside 1..=2000"
+        )));
     }
     let io = region(path, offset)?;
     let buf = io
@@ -273,7 +310,8 @@ pub fn read_resource_with(io: &dyn SectorIo) -> Result<ResourceDump, LeaseError>
     let first = io
         .read(0, SECTOR_SIZE)
         .map_err(|e| LeaseError::io_read("the resource leader", e))?;
-    let leader = LeaderRecord::decode_checked(&first, PAXOS_MAGIC).map_err(|p| LeaseError::bad("the resource leader", p))?;
+    let leader = LeaderRecord::decode_checked(&first, PAXOS_MAGIC)
+        .map_err(|p| LeaseError::bad("the resource leader", p))?;
     let num_hosts = leader.num_hosts.min(MAX_HOSTS);
     let buf = io
         .read(0, crate::format::ballot_read_len(num_hosts))
@@ -300,7 +338,12 @@ pub fn read_resource_with(io: &dyn SectorIo) -> Result<ResourceDump, LeaseError>
 }
 
 /// Reads and verifies the leader of resource `resource_name` in lockspace `space_name`.
-pub fn read_paxos_leader(path: &Path, offset: u64, space_name: &str, resource_name: &str) -> Result<LeaderRecord, LeaseError> {
+pub fn read_paxos_leader(
+    path: &Path,
+    offset: u64,
+    space_name: &str,
+    resource_name: &str,
+) -> Result<LeaderRecord, LeaseError> {
     let space = name("lockspace", space_name)?;
     let resource = name("resource", resource_name)?;
     let io = region(path, offset)?;
@@ -395,7 +438,13 @@ pub fn format_dump(entries: &[DumpEntry]) -> String {
             } => {
                 s.push_str(&format!(
                     "{:08} {:>36} {:>48} {:010} {:04} {:04} {}\n",
-                    offset, r.space_name, r.resource_name, r.timestamp, r.owner_id, r.owner_generation, r.lver
+                    offset,
+                    r.space_name,
+                    r.resource_name,
+                    r.timestamp,
+                    r.owner_id,
+                    r.owner_generation,
+                    r.lver
                 ));
                 for (h, g) in shared {
                     s.push_str(&format!("{:>106} {:04} {:04} SH\n", "", h, g));
@@ -473,7 +522,12 @@ pub fn acquire_host_id(
 
 /// Frees host id `host_id` if its record is exactly `record` (as returned by
 /// [`acquire_host_id`] or read with [`read_delta_leader`]); like `sanlock direct release_id`.
-pub fn release_host_id(path: &Path, offset: u64, space_name: &str, record: LeaderRecord) -> Result<bool, LeaseError> {
+pub fn release_host_id(
+    path: &Path,
+    offset: u64,
+    space_name: &str,
+    record: LeaderRecord,
+) -> Result<bool, LeaseError> {
     let space = name("lockspace", space_name)?;
     let io = region(path, offset)?;
     let wake = Wake::new();
@@ -498,9 +552,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ids");
         std::fs::write(&p, b"").unwrap();
-        assert!(matches!(init_lockspace(&p, 512, "ls", 1), Err(LeaseError::InvalidArgument(_))));
-        assert!(matches!(init_lockspace(&p, 0, "a:b", 1), Err(LeaseError::Name { .. })));
-        assert!(matches!(init_resource(&p, 0, "ls", ""), Err(LeaseError::Name { .. })));
+        assert!(matches!(
+            init_lockspace(&p, 512, "ls", 1),
+            Err(LeaseError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            init_lockspace(&p, 0, "a:b", 1),
+            Err(LeaseError::Name { .. })
+        ));
+        assert!(matches!(
+            init_resource(&p, 0, "ls", ""),
+            Err(LeaseError::Name { .. })
+        ));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
     }
 
@@ -510,7 +573,10 @@ mod tests {
         assert_eq!(l.host_id, 3);
         assert_eq!(l.path.to_str().unwrap(), "/rhev/data-center/mnt/a:b/dom_md/ids");
         let r: ResourceSpec = "LS:SDM:/x/leases:1M".parse().unwrap();
-        assert_eq!((r.lockspace.as_str(), r.name.as_str(), r.offset), ("LS", "SDM", 1 << 20));
+        assert_eq!(
+            (r.lockspace.as_str(), r.name.as_str(), r.offset),
+            ("LS", "SDM", 1 << 20)
+        );
         assert!("LS:x:/p:0".parse::<LockspaceSpec>().is_err());
         assert!("LS:/p".parse::<ResourceSpec>().is_err());
         assert!("LS:SDM:/p:12k".parse::<ResourceSpec>().is_err());

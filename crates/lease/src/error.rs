@@ -36,7 +36,9 @@ pub enum LeaseError {
         #[source]
         problem: RecordProblem,
     },
-    #[error("host id {host_id} of lockspace {space} is held by host {owner_name:?} (generation {generation})")]
+    #[error(
+        "host id {host_id} of lockspace {space} is held by host {owner_name:?} (generation {generation})"
+    )]
     HostIdBusy {
         space: String,
         host_id: u64,

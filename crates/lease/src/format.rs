@@ -539,7 +539,10 @@ mod tests {
         let space = Name::new("LS").unwrap();
         let sector = initial_delta_record(&space, 10).to_sector();
         assert_eq!(get_u32(&sector, 168), 0xb0f1_74c0);
-        assert_eq!(&sector[..16], &[0x10, 0x20, 0x21, 0x12, 4, 0, 3, 0, 0x10, 0, 0, 0, 0, 2, 0, 0]);
+        assert_eq!(
+            &sector[..16],
+            &[0x10, 0x20, 0x21, 0x12, 4, 0, 3, 0, 0x10, 0, 0, 0, 0, 2, 0, 0]
+        );
     }
 
     #[test]

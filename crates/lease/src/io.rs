@@ -58,7 +58,7 @@ pub trait SectorIo: Send + Sync + fmt::Debug {
 }
 
 fn check_aligned(offset: u64, len: usize) -> Result<(), IoError> {
-    if offset % SECTOR_SIZE as u64 != 0 || len % SECTOR_SIZE != 0 || len == 0 {
+    if !offset.is_multiple_of(SECTOR_SIZE as u64) || !len.is_multiple_of(SECTOR_SIZE) || len == 0 {
         return Err(IoError::Unaligned { offset, len });
     }
     Ok(())
@@ -157,7 +157,10 @@ impl DirectFile {
             Err(e) => return Err(e),
         };
         let (tx, rx) = mpsc::channel::<Request>();
-        let name = format!("lease-io:{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let name = format!(
+            "lease-io:{}",
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        );
         std::thread::Builder::new()
             .name(name)
             .spawn(move || io_thread(file, rx))?;
@@ -446,7 +449,10 @@ mod tests {
     }
 
     /// A device whose I/O never completes until released.
-    struct Hung(Arc<(Mutex<bool>, std::sync::Condvar)>, Arc<std::sync::atomic::AtomicUsize>);
+    struct Hung(
+        Arc<(Mutex<bool>, std::sync::Condvar)>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    );
 
     impl RawFile for Hung {
         fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<usize> {

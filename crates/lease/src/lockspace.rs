@@ -340,7 +340,12 @@ impl Lockspace {
     /// Acquires host id `cfg.host_id` in the lockspace at `offset` of `path` and starts
     /// renewing it. Takes at least 2N when the host id is free and 8N + M or more when another
     /// host held it.
-    pub fn acquire(path: &Path, offset: u64, cfg: LockspaceConfig, clock: Arc<dyn Clock>) -> Result<Lockspace, LeaseError> {
+    pub fn acquire(
+        path: &Path,
+        offset: u64,
+        cfg: LockspaceConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Lockspace, LeaseError> {
         let file = DirectFile::open(path, cfg.io_timeout).map_err(|source| LeaseError::Open {
             path: path.display().to_string(),
             source,
@@ -349,7 +354,11 @@ impl Lockspace {
     }
 
     /// As [`Lockspace::acquire`], on any sector store holding the lockspace at offset 0.
-    pub fn acquire_with_io(io: Arc<dyn SectorIo>, cfg: LockspaceConfig, clock: Arc<dyn Clock>) -> Result<Lockspace, LeaseError> {
+    pub fn acquire_with_io(
+        io: Arc<dyn SectorIo>,
+        cfg: LockspaceConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Lockspace, LeaseError> {
         let space = name("lockspace", &cfg.space_name)?;
         let host_name = name("host", &cfg.host_name)?;
         if cfg.host_id == 0 || cfg.host_id > cfg.max_hosts || cfg.max_hosts > MAX_HOSTS {
@@ -409,7 +418,10 @@ impl Lockspace {
             cfg,
         });
         let mut threads = Vec::new();
-        for (what, f) in [("renew", Inner::renewal_loop as fn(&Inner)), ("fence", Inner::fence_timer)] {
+        for (what, f) in [
+            ("renew", Inner::renewal_loop as fn(&Inner)),
+            ("fence", Inner::fence_timer),
+        ] {
             let i = inner.clone();
             let t = std::thread::Builder::new()
                 .name(format!("lease-{what}:{}", inner.cfg.host_id))
@@ -436,7 +448,12 @@ impl Lockspace {
 
     /// The generation of our host id (incremented at every acquire).
     pub fn generation(&self) -> u64 {
-        self.inner.state.lock().expect("lockspace state").record.owner_generation
+        self.inner
+            .state
+            .lock()
+            .expect("lockspace state")
+            .record
+            .owner_generation
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -465,12 +482,19 @@ impl Lockspace {
     pub fn host_status(&self, host_id: u64) -> HostStatus {
         let now = self.inner.clock.now();
         let st = self.inner.state.lock().expect("lockspace state");
-        st.hosts.status(host_id, now, self.inner.cfg.host_id, &self.inner.timeouts)
+        st.hosts
+            .status(host_id, now, self.inner.cfg.host_id, &self.inner.timeouts)
     }
 
     /// What we observed of a host id (owner, generation, host name, timestamps).
     pub fn host_observation(&self, host_id: u64) -> Option<HostObservation> {
-        self.inner.state.lock().expect("lockspace state").hosts.get(host_id).cloned()
+        self.inner
+            .state
+            .lock()
+            .expect("lockspace state")
+            .hosts
+            .get(host_id)
+            .cloned()
     }
 
     /// Host ids whose delta lease is or was in use, with their status.
@@ -479,7 +503,13 @@ impl Lockspace {
         let st = self.inner.state.lock().expect("lockspace state");
         (1..=self.inner.cfg.max_hosts)
             .filter(|&h| st.hosts.get(h).is_some_and(|o| o.owner_generation > 0))
-            .map(|h| (h, st.hosts.status(h, now, self.inner.cfg.host_id, &self.inner.timeouts)))
+            .map(|h| {
+                (
+                    h,
+                    st.hosts
+                        .status(h, now, self.inner.cfg.host_id, &self.inner.timeouts),
+                )
+            })
             .collect()
     }
 
@@ -555,7 +585,12 @@ impl Lockspace {
         }
     }
 
-    fn run_acquire(&self, io: &Arc<dyn SectorIo>, resource: Name, opts: AcquireOptions) -> Result<PaxosAcquired, LeaseError> {
+    fn run_acquire(
+        &self,
+        io: &Arc<dyn SectorIo>,
+        resource: Name,
+        opts: AcquireOptions,
+    ) -> Result<PaxosAcquired, LeaseError> {
         let generation = {
             let st = self.inner.state.lock().expect("lockspace state");
             if st.phase != Phase::Held {
@@ -582,7 +617,10 @@ impl Lockspace {
             seed,
             min_timestamp: self.inner.last_proposal.load(std::sync::atomic::Ordering::SeqCst) + 1,
         });
-        let r = self.inner.driver(Some(&**io), &self.inner.stop).run(&mut m, &*self.inner);
+        let r = self
+            .inner
+            .driver(Some(&**io), &self.inner.stop)
+            .run(&mut m, &*self.inner);
         self.inner
             .last_proposal
             .fetch_max(m.max_proposed_timestamp(), std::sync::atomic::Ordering::SeqCst);
@@ -713,7 +751,13 @@ impl ResourceLease {
     }
 
     fn do_release(&self) -> Result<(), LeaseError> {
-        let generation = self.inner.state.lock().expect("lockspace state").record.owner_generation;
+        let generation = self
+            .inner
+            .state
+            .lock()
+            .expect("lockspace state")
+            .record
+            .owner_generation;
         let mut m = PaxosRelease::new(
             self.inner.space,
             self.resource,

@@ -125,7 +125,8 @@ pub fn decode_leader(sector: &[u8], space: &Name, resource: &Name) -> Result<Lea
     let obj = || leader_object(resource);
     let rec = LeaderRecord::decode_checked(sector, PAXOS_MAGIC).map_err(|p| LeaseError::bad(obj(), p))?;
     rec.check_space(space).map_err(|p| LeaseError::bad(obj(), p))?;
-    rec.check_resource(resource).map_err(|p| LeaseError::bad(obj(), p))?;
+    rec.check_resource(resource)
+        .map_err(|p| LeaseError::bad(obj(), p))?;
     Ok(rec)
 }
 
@@ -615,7 +616,8 @@ impl PaxosAcquire {
         !h.lease_bad
             && h.owner_generation == rec.owner_generation
             && h.timestamp == rec.timestamp
-            && self.owner_read_at.saturating_sub(h.last_live) > self.p.timeouts.other_host_dead(rec.io_timeout)
+            && self.owner_read_at.saturating_sub(h.last_live)
+                > self.p.timeouts.other_host_dead(rec.io_timeout)
     }
 
     /// Frees the leader if we wrote it naming us (sanlock's `paxos_lease_release`), then ends
@@ -629,7 +631,12 @@ impl PaxosAcquire {
         self.read_leader(s)
     }
 
-    fn release_leader_decide(&mut self, cx: &Cx<'_>, buf: Result<Vec<u8>, crate::io::IoError>, retract: bool) -> AStep {
+    fn release_leader_decide(
+        &mut self,
+        cx: &Cx<'_>,
+        buf: Result<Vec<u8>, crate::io::IoError>,
+        retract: bool,
+    ) -> AStep {
         let leader = match buf
             .map_err(|e| LeaseError::io_read(leader_object(&self.p.resource), e))
             .and_then(|b| decode_leader(&b, &self.p.space, &self.p.resource))
@@ -637,7 +644,12 @@ impl PaxosAcquire {
             Ok(l) => l,
             Err(e) => return self.end_release(Some(e)),
         };
-        match leader_release_plan(&leader, self.committed.as_ref(), self.p.host_id, self.p.generation) {
+        match leader_release_plan(
+            &leader,
+            self.committed.as_ref(),
+            self.p.host_id,
+            self.p.generation,
+        ) {
             ReleasePlan::Skip => self.end_release(None),
             ReleasePlan::Mismatch(reason) => {
                 let e = LeaseError::ReleaseMismatch {
@@ -755,7 +767,9 @@ impl Machine for PaxosAcquire {
             (AState::ReadLease, Input::Read(r)) => {
                 let buf = match r {
                     Ok(b) => b,
-                    Err(e) => return self.finish_err(cx, LeaseError::io_read(lease_object(&self.p.resource), e)),
+                    Err(e) => {
+                        return self.finish_err(cx, LeaseError::io_read(lease_object(&self.p.resource), e))
+                    }
                 };
                 let leader = match self.parse_lease(&buf) {
                     Ok(Some(l)) => l,
@@ -781,7 +795,9 @@ impl Machine for PaxosAcquire {
                 // Owned by another host: is it alive?
                 let hs = cx.hosts.and_then(|t| t.get(leader.owner_id)).cloned();
                 match &hs {
-                    Some(h) if h.owner_id == leader.owner_id && h.owner_generation == leader.owner_generation => {
+                    Some(h)
+                        if h.owner_id == leader.owner_id && h.owner_generation == leader.owner_generation =>
+                    {
                         self.wait_start = h.last_live;
                         self.last_ts = Some(h.timestamp);
                     }
@@ -1077,9 +1093,13 @@ impl Machine for PaxosAcquire {
                 self.shared_idx += 1;
                 self.next_shared(cx)
             }
-            (AState::Release(RelStep::ReadLeader), Input::Read(r)) => self.release_leader_decide(cx, r, false),
+            (AState::Release(RelStep::ReadLeader), Input::Read(r)) => {
+                self.release_leader_decide(cx, r, false)
+            }
             (AState::Release(RelStep::WriteLeader), Input::Wrote(r)) => {
-                let e = r.err().map(|e| LeaseError::io_write(leader_object(&self.p.resource), e));
+                let e = r
+                    .err()
+                    .map(|e| LeaseError::io_write(leader_object(&self.p.resource), e));
                 self.end_release(e)
             }
             (AState::Retract(RelStep::HostBlock), Input::Wrote(r)) => {
@@ -1090,7 +1110,9 @@ impl Machine for PaxosAcquire {
             }
             (AState::Retract(RelStep::ReadLeader), Input::Read(r)) => self.release_leader_decide(cx, r, true),
             (AState::Retract(RelStep::WriteLeader), Input::Wrote(r)) => {
-                let e = r.err().map(|e| LeaseError::io_write(leader_object(&self.p.resource), e));
+                let e = r
+                    .err()
+                    .map(|e| LeaseError::io_write(leader_object(&self.p.resource), e));
                 self.end_release(e)
             }
             (s, i) => panic!("PaxosAcquire: input {i:?} in state {s:?}"),
@@ -1120,7 +1142,13 @@ pub struct PaxosRelease {
 }
 
 impl PaxosRelease {
-    pub fn new(space: Name, resource: Name, host_id: u64, generation: u64, held: PaxosAcquired) -> PaxosRelease {
+    pub fn new(
+        space: Name,
+        resource: Name,
+        host_id: u64,
+        generation: u64,
+        held: PaxosAcquired,
+    ) -> PaxosRelease {
         PaxosRelease {
             space,
             resource,

@@ -140,11 +140,11 @@ enum Slot {
 
 #[derive(Debug)]
 enum Mach {
-    DAcq(DeltaAcquire),
-    DRenew(DeltaRenew),
-    DRel(DeltaRelease),
-    PAcq(PaxosAcquire),
-    PRel(PaxosRelease),
+    DAcq(Box<DeltaAcquire>),
+    DRenew(Box<DeltaRenew>),
+    DRel(Box<DeltaRelease>),
+    PAcq(Box<PaxosAcquire>),
+    PRel(Box<PaxosRelease>),
 }
 
 #[derive(Debug)]
@@ -181,6 +181,7 @@ struct Task {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per simulated host
 enum Ls {
     Idle,
     Acquiring,
@@ -195,6 +196,7 @@ enum Ls {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per simulated host
 enum Res {
     None,
     Acquiring,
@@ -273,11 +275,32 @@ enum Ev {
     IoBegin(u64),
     IoEnd(u64),
     IoTimeout(u64),
-    Deliver { host: usize, inc: u64, slot: Slot, epoch: u64, input: DeliverInput },
-    Wake { host: usize, inc: u64, slot: Slot, epoch: u64 },
-    Act { host: usize, inc: u64 },
-    Renew { host: usize, inc: u64, due: Duration },
-    Fence { host: usize, inc: u64 },
+    Deliver {
+        host: usize,
+        inc: u64,
+        slot: Slot,
+        epoch: u64,
+        input: DeliverInput,
+    },
+    Wake {
+        host: usize,
+        inc: u64,
+        slot: Slot,
+        epoch: u64,
+    },
+    Act {
+        host: usize,
+        inc: u64,
+    },
+    Renew {
+        host: usize,
+        inc: u64,
+        due: Duration,
+    },
+    Fence {
+        host: usize,
+        inc: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -312,7 +335,8 @@ impl Sim {
         let resource = Name::new(RESOURCE).expect("name");
         let t = Timeouts::new(cfg.io_timeout, cfg.fence_margin);
         let ls = MemDisk::new(0);
-        crate::direct::init_lockspace_with(&ls, SPACE, t.disk_io_timeout(), cfg.host_ids).expect("init lockspace");
+        crate::direct::init_lockspace_with(&ls, SPACE, t.disk_io_timeout(), cfg.host_ids)
+            .expect("init lockspace");
         let res = MemDisk::new(0);
         crate::direct::init_resource_with(&res, SPACE, RESOURCE, cfg.host_ids).expect("init resource");
         let mut store = HashMap::new();
@@ -435,7 +459,15 @@ impl Sim {
             Step::SleepUntil(l) => {
                 self.hosts[host].tasks.insert(slot, task);
                 let at = self.hosts[host].global(l).max(self.now);
-                self.push(at, Ev::Wake { host, inc, slot, epoch });
+                self.push(
+                    at,
+                    Ev::Wake {
+                        host,
+                        inc,
+                        slot,
+                        epoch,
+                    },
+                );
             }
             Step::Done(out) => self.finish(host, out)?,
         }
@@ -473,7 +505,10 @@ impl Sim {
             OpKind::Read { offset, len } => format!("@{offset}+{len}"),
             OpKind::Write { offset, data } if area == Area::Resource && *offset == 0 => {
                 let l = LeaderRecord::decode(data);
-                format!("@0 leader lver {} owner {}/{} ts {} writer {}", l.lver, l.owner_id, l.owner_generation, l.timestamp, l.write_id)
+                format!(
+                    "@0 leader lver {} owner {}/{} ts {} writer {}",
+                    l.lver, l.owner_id, l.owner_generation, l.timestamp, l.write_id
+                )
             }
             OpKind::Write { offset, data } if area == Area::Resource => {
                 let d = crate::format::Dblock::decode(data);
@@ -535,7 +570,9 @@ impl Sim {
     }
 
     fn io_end(&mut self, id: u64) {
-        let Some(mut op) = self.ops.remove(&id) else { return };
+        let Some(mut op) = self.ops.remove(&id) else {
+            return;
+        };
         let result: DeliverInput = match (&op.kind, op.fault) {
             (_, OpFault::Lost) => return,
             (OpKind::Read { .. }, OpFault::Fail) => DeliverInput::Read(Err(IoError::Injected)),
@@ -564,7 +601,9 @@ impl Sim {
     }
 
     fn apply_write(&mut self, op: &Op, torn: bool) {
-        let OpKind::Write { offset, data } = &op.kind else { return };
+        let OpKind::Write { offset, data } = &op.kind else {
+            return;
+        };
         let len = if torn {
             1 + self.rng.below(data.len() as u64 - 1) as usize
         } else {
@@ -612,10 +651,19 @@ impl Sim {
 
     /// A host lost power: each of its started writes lands now or never, nothing lands later.
     fn crash_io(&mut self, host: usize) {
-        let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| o.host == host).map(|(i, _)| *i).collect();
+        let ids: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.host == host)
+            .map(|(i, _)| *i)
+            .collect();
         for id in ids {
             let op = self.ops.remove(&id).expect("op");
-            if op.started && matches!(op.kind, OpKind::Write { .. }) && op.fault != OpFault::Lost && self.rng.below(2) == 0 {
+            if op.started
+                && matches!(op.kind, OpKind::Write { .. })
+                && op.fault != OpFault::Lost
+                && self.rng.below(2) == 0
+            {
                 self.apply_write(&op, false);
             }
         }
@@ -623,7 +671,16 @@ impl Sim {
 
     fn deliver(&mut self, host: usize, inc: u64, slot: Slot, epoch: u64, input: DeliverInput) {
         let at = self.now.max(self.hosts[host].paused_until);
-        self.push(at, Ev::Deliver { host, inc, slot, epoch, input });
+        self.push(
+            at,
+            Ev::Deliver {
+                host,
+                inc,
+                slot,
+                epoch,
+                input,
+            },
+        );
     }
 
     fn live(&self, host: usize, inc: u64) -> bool {
@@ -632,7 +689,10 @@ impl Sim {
     }
 
     fn task_waiting(&self, host: usize, slot: Slot, epoch: u64) -> bool {
-        self.hosts[host].tasks.get(&slot).is_some_and(|t| t.epoch == epoch)
+        self.hosts[host]
+            .tasks
+            .get(&slot)
+            .is_some_and(|t| t.epoch == epoch)
     }
 
     fn start_task(&mut self, host: usize, slot: Slot, mach: Mach) -> Result<(), Violation> {
@@ -683,7 +743,10 @@ impl Sim {
             self.report.pauses += 1;
             let until = self.now + self.between(n, n * 12);
             self.hosts[host].paused_until = until;
-            self.log(format!("host {host} PAUSED for {:?}", Duration::from_nanos(until - self.now)));
+            self.log(format!(
+                "host {host} PAUSED for {:?}",
+                Duration::from_nanos(until - self.now)
+            ));
             let inc = self.hosts[host].inc;
             self.push(until, Ev::Act { host, inc });
             return Ok(());
@@ -701,7 +764,7 @@ impl Sim {
                     fast_reacquire: false,
                 };
                 self.log(format!("host {host} acquires host id {host_id}"));
-                self.start_task(host, Slot::Ls, Mach::DAcq(DeltaAcquire::new(p)))?;
+                self.start_task(host, Slot::Ls, Mach::DAcq(Box::new(DeltaAcquire::new(p))))?;
             }
             Ls::Acquiring => {}
             Ls::Held { releasing: true, .. } => {}
@@ -722,7 +785,11 @@ impl Sim {
                                     *releasing = true;
                                 }
                                 self.log(format!("host {host} releases host id {host_id}"));
-                                self.start_task(host, Slot::Ls, Mach::DRel(DeltaRelease::new(self.space, record)))?;
+                                self.start_task(
+                                    host,
+                                    Slot::Ls,
+                                    Mach::DRel(Box::new(DeltaRelease::new(self.space, record))),
+                                )?;
                             } else {
                                 let mode = if self.chance(0.3) {
                                     LeaseMode::Shared
@@ -750,15 +817,21 @@ impl Sim {
                                 };
                                 self.hosts[host].res = Res::Acquiring;
                                 self.log(format!("host {host} acquires resource {mode:?} {wait:?}"));
-                                self.start_task(host, Slot::Res, Mach::PAcq(PaxosAcquire::new(p)))?;
+                                self.start_task(host, Slot::Res, Mach::PAcq(Box::new(PaxosAcquire::new(p))))?;
                             }
                         }
                         Res::Held { acq, release_at } if *release_at <= self.now => {
                             let acq = acq.clone();
                             self.hosts[host].res = Res::Releasing;
                             self.log(format!("host {host} releases resource lver {}", acq.lver()));
-                            let m = PaxosRelease::new(self.space, self.resource, host_id, record.owner_generation, acq);
-                            self.start_task(host, Slot::Res, Mach::PRel(m))?;
+                            let m = PaxosRelease::new(
+                                self.space,
+                                self.resource,
+                                host_id,
+                                record.owner_generation,
+                                acq,
+                            );
+                            self.start_task(host, Slot::Res, Mach::PRel(Box::new(m)))?;
                         }
                         _ => {}
                     }
@@ -870,7 +943,10 @@ impl Sim {
                         self.hosts[host].res = Res::Held { acq, release_at };
                     }
                     Ok(acq) => {
-                        self.log(format!("host {host} acquired lver {} after its fence; dropped", acq.lver()));
+                        self.log(format!(
+                            "host {host} acquired lver {} after its fence; dropped",
+                            acq.lver()
+                        ));
                         self.hosts[host].res = Res::None;
                     }
                     Err(e) => {
@@ -982,7 +1058,16 @@ impl Sim {
                     }
                     if self.hosts[host].paused_until > self.now {
                         let at = self.hosts[host].paused_until;
-                        self.push(at, Ev::Deliver { host, inc, slot, epoch, input });
+                        self.push(
+                            at,
+                            Ev::Deliver {
+                                host,
+                                inc,
+                                slot,
+                                epoch,
+                                input,
+                            },
+                        );
                         continue;
                     }
                     let input = match input {
@@ -991,13 +1076,26 @@ impl Sim {
                     };
                     self.step(host, slot, input)?;
                 }
-                Ev::Wake { host, inc, slot, epoch } => {
+                Ev::Wake {
+                    host,
+                    inc,
+                    slot,
+                    epoch,
+                } => {
                     if !self.live(host, inc) || !self.task_waiting(host, slot, epoch) {
                         continue;
                     }
                     if self.hosts[host].paused_until > self.now {
                         let at = self.hosts[host].paused_until;
-                        self.push(at, Ev::Wake { host, inc, slot, epoch });
+                        self.push(
+                            at,
+                            Ev::Wake {
+                                host,
+                                inc,
+                                slot,
+                                epoch,
+                            },
+                        );
                         continue;
                     }
                     self.step(host, slot, Input::Woke)?;
@@ -1049,7 +1147,7 @@ impl Sim {
                         continue;
                     }
                     let m = DeltaRenew::new(self.space, record, prev_ok, self.cfg.host_ids, self.t);
-                    self.start_task(host, Slot::Renew, Mach::DRenew(m))?;
+                    self.start_task(host, Slot::Renew, Mach::DRenew(Box::new(m)))?;
                 }
                 Ev::Fence { host, inc } => {
                     if !self.live(host, inc) {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use oxvirt_lease::io::{FaultyIo, MemDisk, MemFault, SectorIo};
 use oxvirt_lease::lockspace::AcquireOptions;
 use oxvirt_lease::{
-    direct, Clock, FenceEvent, FenceReason, HostStatus, LeaseError, LeaseMode, Lockspace, LockspaceConfig, OwnerWait,
-    SimClock,
+    direct, Clock, FenceEvent, FenceReason, HostStatus, LeaseError, LeaseMode, Lockspace, LockspaceConfig,
+    OwnerWait, SimClock,
 };
 
 const N: Duration = Duration::from_secs(1);
@@ -54,7 +54,11 @@ impl World {
     }
 
     /// Runs `f` on another thread while advancing the clock until it returns.
-    fn while_advancing<T: Send + 'static>(&self, live: &[&Host], f: impl FnOnce() -> T + Send + 'static) -> T {
+    fn while_advancing<T: Send + 'static>(
+        &self,
+        live: &[&Host],
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let t = std::thread::spawn(f);
         while !t.is_finished() {
             self.step(live);
@@ -123,18 +127,31 @@ fn acquire_waits_2n_and_renewals_keep_the_lease_valid() {
     let start = w.now();
     let a = w.acquire(1, &[]);
     let took = w.now() - start;
-    assert!(took >= 2 * N && took < 2 * N + Duration::from_secs(1), "took {took:?}");
+    assert!(
+        took >= 2 * N && took < 2 * N + Duration::from_secs(1),
+        "took {took:?}"
+    );
     assert_eq!(a.ls.generation(), 1);
-    let ts0 = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0].record.clone().unwrap().timestamp;
+    let ts0 = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0]
+        .record
+        .clone()
+        .unwrap()
+        .timestamp;
     w.advance(&[&a], Duration::from_secs(30));
     assert!(a.ls.is_valid());
     assert!(a.ls.fenced().is_none());
-    let rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0].record.clone().unwrap();
+    let rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0]
+        .record
+        .clone()
+        .unwrap();
     // Renewed every 2N: about 15 new timestamps in 30 s.
     assert!(rec.timestamp >= ts0 + 13, "{} -> {}", ts0, rec.timestamp);
     assert_eq!(rec.resource_name.to_string(), "host-1");
     a.ls.release().unwrap();
-    let rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0].record.clone().unwrap();
+    let rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0]
+        .record
+        .clone()
+        .unwrap();
     assert_eq!(rec.timestamp, 0);
 }
 
@@ -154,9 +171,14 @@ fn fence_fires_exactly_8n_after_the_last_renewal_when_storage_hangs() {
     assert!(lease.is_valid());
     w.step(&[]);
     let ev = wait_fence(&rx);
-    assert!(ev.at >= deadline && ev.at <= deadline + STEP, "{ev:?} deadline {deadline:?}");
+    assert!(
+        ev.at >= deadline && ev.at <= deadline + STEP,
+        "{ev:?} deadline {deadline:?}"
+    );
     assert_eq!(ev.expired_at, deadline);
-    assert!(matches!(ev.reason, FenceReason::RenewalFailed { since_last_success } if since_last_success >= 8 * N));
+    assert!(
+        matches!(ev.reason, FenceReason::RenewalFailed { since_last_success } if since_last_success >= 8 * N)
+    );
     assert_eq!(seen.lock().unwrap().len(), 1, "the callback fires once");
     assert!(!lease.is_valid());
     assert!(matches!(
@@ -178,7 +200,10 @@ fn a_lease_overwritten_by_another_host_fences_at_the_next_renewal() {
     let w = World::new();
     let a = w.acquire(1, &[]);
     let (rx, _) = recorder(&a.ls);
-    let mut rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0].record.clone().unwrap();
+    let mut rec = direct::read_lockspace_with(&*w.ls_disk, HOSTS).unwrap()[0]
+        .record
+        .clone()
+        .unwrap();
     rec.resource_name = oxvirt_lease::format::Name::new("intruder").unwrap();
     rec.owner_generation += 1;
     w.ls_disk.write(0, &rec.to_sector()).unwrap();
@@ -236,7 +261,10 @@ fn a_dead_holders_resource_is_taken_after_its_fence_plus_margin() {
     assert_eq!(held.lver(), 1);
     match b.acquire_resource(AcquireOptions::default()) {
         Err(LeaseError::OwnedByOther {
-            host_id, generation, lver, ..
+            host_id,
+            generation,
+            lver,
+            ..
         }) => assert_eq!((host_id, generation, lver), (1, 1, 1)),
         other => panic!("expected OwnedByOther, got {other:?}"),
     }
@@ -299,12 +327,15 @@ fn shared_holders_exclude_an_exclusive_one() {
     sb.release().unwrap();
     let ex = c.acquire_resource(AcquireOptions::default()).unwrap();
     assert_eq!(ex.mode(), LeaseMode::Exclusive);
-    assert!(matches!(a.acquire_resource(shared), Err(LeaseError::OwnedByOther { host_id: 3, .. })));
     assert!(matches!(
-        a.ls.release(),
-        Ok(())
+        a.acquire_resource(shared),
+        Err(LeaseError::OwnedByOther { host_id: 3, .. })
     ));
-    assert!(matches!(c.ls.release(), Err(LeaseError::ResourcesHeld { count: 1, .. })));
+    assert!(matches!(a.ls.release(), Ok(())));
+    assert!(matches!(
+        c.ls.release(),
+        Err(LeaseError::ResourcesHeld { count: 1, .. })
+    ));
     ex.release().unwrap();
     c.ls.release().unwrap();
 }
@@ -330,6 +361,9 @@ fn a_dead_shared_holder_is_cleared_by_an_exclusive_acquire() {
     w.advance(&[&c], 8 * N + M + 3 * N);
     assert_eq!(c.ls.host_status(1), HostStatus::Dead);
     let ex = c.acquire_resource(AcquireOptions::default()).unwrap();
-    assert!(direct::read_resource_with(&*w.res_disk).unwrap().shared_holders().is_empty());
+    assert!(direct::read_resource_with(&*w.res_disk)
+        .unwrap()
+        .shared_holders()
+        .is_empty());
     ex.release().unwrap();
 }

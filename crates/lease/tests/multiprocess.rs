@@ -16,7 +16,12 @@ const N: Duration = Duration::from_secs(1);
 const M: Duration = Duration::from_secs(1);
 
 fn config(host_id: u64) -> LockspaceConfig {
-    let mut c = LockspaceConfig::new("LS", host_id, &format!("proc-{host_id}-{}", std::process::id()), N);
+    let mut c = LockspaceConfig::new(
+        "LS",
+        host_id,
+        &format!("proc-{host_id}-{}", std::process::id()),
+        N,
+    );
     c.fence_margin = M;
     c
 }
@@ -33,7 +38,10 @@ fn env_path(k: &str) -> PathBuf {
 }
 
 fn env_u64(k: &str) -> u64 {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} not set")).parse().unwrap()
+    std::env::var(k)
+        .unwrap_or_else(|_| panic!("{k} not set"))
+        .parse()
+        .unwrap()
 }
 
 /// Child roles; a no-op when run as a normal test.
@@ -141,14 +149,21 @@ fn processes_contending_never_hold_the_resource_at_once() {
         .collect();
     for mut c in children {
         let status = c.wait().unwrap();
-        assert!(status.success(), "a contender failed or never held the lease: {status}");
+        assert!(
+            status.success(),
+            "a contender failed or never held the lease: {status}"
+        );
     }
     let text = std::fs::read_to_string(&log).unwrap();
     let mut holds: Vec<(f64, f64, u64, u64)> = Vec::new();
     let mut open: std::collections::HashMap<u64, (f64, u64)> = Default::default();
     for l in text.lines() {
         let f: Vec<&str> = l.split(' ').collect();
-        let (host, lver, t): (u64, u64, f64) = (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap());
+        let (host, lver, t): (u64, u64, f64) = (
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].parse().unwrap(),
+        );
         if f[0] == "S" {
             assert!(open.insert(host, (t, lver)).is_none());
         } else {
@@ -167,7 +182,12 @@ fn processes_contending_never_hold_the_resource_at_once() {
     assert_eq!(hosts.len(), 4, "every process held the lease at least once");
     // Every contender released its host id on exit.
     for e in direct::read_lockspace(&ids, 0).unwrap().iter().take(4) {
-        assert_eq!(e.record.as_ref().unwrap().timestamp, 0, "host {} not released", e.host_id);
+        assert_eq!(
+            e.record.as_ref().unwrap().timestamp,
+            0,
+            "host {} not released",
+            e.host_id
+        );
     }
 }
 
@@ -224,7 +244,10 @@ fn kill_9_of_the_holder_lets_another_host_take_over_after_8n_plus_margin() {
     // renewal within N/4 of it: takeover lies within [8N + M - 2N, 8N + M + N/4], plus I/O and
     // scheduling time on a loaded machine.
     assert!(took >= 8 * N + M - 2 * N, "took over too early: {took:?}");
-    assert!(took <= 8 * N + M + Duration::from_secs(3), "took over too late: {took:?}");
+    assert!(
+        took <= 8 * N + M + Duration::from_secs(3),
+        "took over too late: {took:?}"
+    );
     assert!(lease.lver() > held_lver);
     assert_eq!(ls.host_status(1), HostStatus::Dead);
     lease.release().unwrap();

@@ -38,7 +38,12 @@ fn touch(p: &Path) {
 }
 
 fn config(host_id: u64) -> LockspaceConfig {
-    let mut c = LockspaceConfig::new("LS", host_id, &format!("oxvirt-host-{host_id}"), Duration::from_secs(1));
+    let mut c = LockspaceConfig::new(
+        "LS",
+        host_id,
+        &format!("oxvirt-host-{host_id}"),
+        Duration::from_secs(1),
+    );
     c.fence_margin = Duration::from_secs(1);
     c
 }
@@ -59,13 +64,21 @@ fn init_is_byte_identical_to_sanlock_direct_init() {
     touch(&ours);
     touch(&theirs);
     direct::init_lockspace(&ours, 0, "3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50", 10).unwrap();
-    sanlock_ok(&["direct", "init", "-s", &format!("3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50:0:{}:0", theirs.display())]);
+    sanlock_ok(&[
+        "direct",
+        "init",
+        "-s",
+        &format!("3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50:0:{}:0", theirs.display()),
+    ]);
     direct::init_resource(&ours, MIB, "3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50", "SDM").unwrap();
     sanlock_ok(&[
         "direct",
         "init",
         "-r",
-        &format!("3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50:SDM:{}:{MIB}", theirs.display()),
+        &format!(
+            "3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50:SDM:{}:{MIB}",
+            theirs.display()
+        ),
     ]);
     let a = std::fs::read(&ours).unwrap();
     let b = std::fs::read(&theirs).unwrap();
@@ -80,7 +93,14 @@ fn init_is_byte_identical_to_sanlock_direct_init() {
     touch(&ours1);
     touch(&theirs1);
     direct::init_lockspace(&ours1, 0, "LS", 1).unwrap();
-    sanlock_ok(&["direct", "init", "-o", "1", "-s", &format!("LS:0:{}:0", theirs1.display())]);
+    sanlock_ok(&[
+        "direct",
+        "init",
+        "-o",
+        "1",
+        "-s",
+        &format!("LS:0:{}:0", theirs1.display()),
+    ]);
     assert_eq!(std::fs::read(&ours1).unwrap(), std::fs::read(&theirs1).unwrap());
 }
 
@@ -101,19 +121,32 @@ fn sanlock_reads_and_acquires_what_we_wrote() {
     assert_eq!(lease.lver(), 1);
 
     // sanlock verifies magic, version, names and checksum of our records.
-    let delta = sanlock_ok(&["direct", "read_leader", "-s", &format!("LS:3:{}:0", ids.display())]);
+    let delta = sanlock_ok(&[
+        "direct",
+        "read_leader",
+        "-s",
+        &format!("LS:3:{}:0", ids.display()),
+    ]);
     assert!(delta.contains("read_leader done 0"), "{delta}");
     assert_eq!(field(&delta, "owner_id"), "3");
     assert_eq!(field(&delta, "owner_generation"), "1");
     assert_eq!(field(&delta, "resource_name"), "oxvirt-host-3");
     assert_eq!(field(&delta, "io_timeout"), "1");
-    let leader = sanlock_ok(&["direct", "read_leader", "-r", &format!("LS:SDM:{}:{MIB}", leases.display())]);
+    let leader = sanlock_ok(&[
+        "direct",
+        "read_leader",
+        "-r",
+        &format!("LS:SDM:{}:{MIB}", leases.display()),
+    ]);
     assert!(leader.contains("read_leader done 0"), "{leader}");
     assert_eq!(field(&leader, "owner_id"), "3");
     assert_eq!(field(&leader, "lver"), "1");
     assert_eq!(field(&leader, "write_id"), "3");
     let dump = sanlock_ok(&["direct", "dump", &format!("{}:1M", leases.display())]);
-    let line = dump.lines().find(|l| l.contains("SDM")).expect("resource in dump");
+    let line = dump
+        .lines()
+        .find(|l| l.contains("SDM"))
+        .expect("resource in dump");
     assert!(line.trim_end().ends_with("0003 0001 1"), "{dump}");
     let dump = sanlock_ok(&["direct", "dump", &ids.display().to_string()]);
     assert!(dump.contains("oxvirt-host-3"), "{dump}");
@@ -121,7 +154,14 @@ fn sanlock_reads_and_acquires_what_we_wrote() {
     // After our release sanlock (host id 5, which it takes first) acquires the resource
     // (lver 2) and we see it as the owner.
     lease.release().unwrap();
-    sanlock_ok(&["direct", "acquire_id", "-o", "1", "-s", &format!("LS:5:{}:0", ids.display())]);
+    sanlock_ok(&[
+        "direct",
+        "acquire_id",
+        "-o",
+        "1",
+        "-s",
+        &format!("LS:5:{}:0", ids.display()),
+    ]);
     let out = sanlock_ok(&[
         "direct",
         "acquire",
@@ -137,7 +177,10 @@ fn sanlock_reads_and_acquires_what_we_wrote() {
     assert_eq!((l.owner_id, l.owner_generation, l.lver, l.write_id), (5, 1, 2, 5));
     match ls.acquire_resource(&leases, MIB, "SDM", AcquireOptions::default()) {
         Err(LeaseError::OwnedByOther {
-            host_id, generation, lver, ..
+            host_id,
+            generation,
+            lver,
+            ..
         }) => assert_eq!((host_id, generation, lver), (5, 1, 2)),
         other => panic!("expected OwnedByOther, got {other:?}"),
     }
@@ -160,13 +203,35 @@ fn we_read_and_acquire_what_sanlock_wrote() {
     let leases = dir.path().join("leases");
     touch(&ids);
     touch(&leases);
-    sanlock_ok(&["direct", "init", "-o", "1", "-s", &format!("LS:0:{}:0", ids.display())]);
-    sanlock_ok(&["direct", "init", "-r", &format!("LS:SDM:{}:{MIB}", leases.display())]);
+    sanlock_ok(&[
+        "direct",
+        "init",
+        "-o",
+        "1",
+        "-s",
+        &format!("LS:0:{}:0", ids.display()),
+    ]);
+    sanlock_ok(&[
+        "direct",
+        "init",
+        "-r",
+        &format!("LS:SDM:{}:{MIB}", leases.display()),
+    ]);
 
     // sanlock takes host id 2 (one shot, nobody renews it afterwards).
     let start = Instant::now();
-    sanlock_ok(&["direct", "acquire_id", "-o", "1", "-s", &format!("LS:2:{}:0", ids.display())]);
-    assert!(start.elapsed() >= Duration::from_secs(2), "sanlock waits 2N for a free host id");
+    sanlock_ok(&[
+        "direct",
+        "acquire_id",
+        "-o",
+        "1",
+        "-s",
+        &format!("LS:2:{}:0", ids.display()),
+    ]);
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "sanlock waits 2N for a free host id"
+    );
     let rec = direct::read_delta_leader(&ids, 0, "LS", 2).unwrap();
     assert_eq!((rec.owner_id, rec.owner_generation, rec.io_timeout), (2, 1, 1));
     let sanlock_name = rec.resource_name.to_string();
@@ -184,7 +249,8 @@ fn we_read_and_acquire_what_sanlock_wrote() {
     assert_eq!(lease.lver(), 1);
     let dump = sanlock_ok(&["direct", "dump", &format!("{}:1M", leases.display())]);
     assert!(
-        dump.lines().any(|l| l.contains("SDM") && l.trim_end().ends_with("0001 0001 1")),
+        dump.lines()
+            .any(|l| l.contains("SDM") && l.trim_end().ends_with("0001 0001 1")),
         "{dump}"
     );
     lease.release().unwrap();
@@ -200,7 +266,12 @@ fn we_read_and_acquire_what_sanlock_wrote() {
         direct::read_delta_leader(&ids, 0, "LS", 2),
         Err(LeaseError::BadRecord { .. })
     ));
-    let out = sanlock(&["direct", "read_leader", "-s", &format!("LS:2:{}:0", ids.display())]);
+    let out = sanlock(&[
+        "direct",
+        "read_leader",
+        "-s",
+        &format!("LS:2:{}:0", ids.display()),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("read_leader done 0"), "{text}");
 }
@@ -280,7 +351,11 @@ fn sanlock_daemon_and_we_never_hold_the_resource_at_once() {
     let daemon = Daemon::start(&dir.path().join("run"));
     let ls_spec = format!("LS:2:{}:0", ids.display());
     let out = daemon.client(&["add_lockspace", "-o", "1", "-s", &ls_spec]);
-    assert!(out.status.success(), "add_lockspace: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "add_lockspace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ls = Lockspace::acquire(&ids, 0, config(1), Arc::new(SystemClock)).unwrap();
 
     let log = dir.path().join("sanlock-holds.log");
@@ -296,7 +371,9 @@ fn sanlock_daemon_and_we_never_hold_the_resource_at_once() {
             let (mut ok, mut refused) = (0, 0);
             while Instant::now() < stop_at {
                 let out = Command::new(oxvirt_testkit::require_tool("sanlock"))
-                    .args(["client", "command", "-r", &res_spec, "-c", "/bin/sh", "-c", &script])
+                    .args([
+                        "client", "command", "-r", &res_spec, "-c", "/bin/sh", "-c", &script,
+                    ])
                     .env("SANLOCK_PRIVILEGED", "0")
                     .env("SANLOCK_RUN_DIR", &run_dir)
                     .output()
@@ -349,8 +426,14 @@ fn sanlock_daemon_and_we_never_hold_the_resource_at_once() {
         ours.len(),
         theirs.len()
     );
-    assert!(ours.len() >= 2 && theirs.len() >= 2, "both sides must have held the lease: ours {ours:?} theirs {theirs:?}");
-    assert!(refused > 0 && sanlock_refused > 0, "both sides must have been refused while the other held it");
+    assert!(
+        ours.len() >= 2 && theirs.len() >= 2,
+        "both sides must have held the lease: ours {ours:?} theirs {theirs:?}"
+    );
+    assert!(
+        refused > 0 && sanlock_refused > 0,
+        "both sides must have been refused while the other held it"
+    );
     assert_eq!(sanlock_ok_count, theirs.len());
     for (a0, a1) in &ours {
         for (b0, b1) in &theirs {

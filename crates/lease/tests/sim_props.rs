@@ -53,32 +53,40 @@ fn crashed_and_paused_holders_are_fenced_and_replaced() {
 }
 
 fn faults() -> impl Strategy<Value = Faults> {
-    (0.0..0.05f64, 0.0..0.03f64, 0.0..0.01f64, 0.0..0.02f64, 0.0..0.03f64, 0.0..0.01f64).prop_map(
-        |(fail, slow, lost, tear, pause, crash)| Faults {
+    (
+        0.0..0.05f64,
+        0.0..0.03f64,
+        0.0..0.01f64,
+        0.0..0.02f64,
+        0.0..0.03f64,
+        0.0..0.01f64,
+    )
+        .prop_map(|(fail, slow, lost, tear, pause, crash)| Faults {
             fail,
             slow,
             lost,
             tear,
             pause,
             crash,
-        },
-    )
+        })
 }
 
 fn config() -> impl Strategy<Value = SimConfig> {
-    (any::<u64>(), 3usize..=20, faults(), 0.0..0.001f64, 1u64..=3).prop_flat_map(|(seed, hosts, faults, drift, m)| {
-        let lo = (hosts as u64 / 2).max(1);
-        (lo..=hosts as u64 + 3).prop_map(move |host_ids| SimConfig {
-            seed,
-            hosts,
-            host_ids,
-            io_timeout: Duration::from_secs(1),
-            fence_margin: Duration::from_secs(m),
-            drift,
-            faults,
-            duration: Duration::from_secs(300),
-        })
-    })
+    (any::<u64>(), 3usize..=20, faults(), 0.0..0.001f64, 1u64..=3).prop_flat_map(
+        |(seed, hosts, faults, drift, m)| {
+            let lo = (hosts as u64 / 2).max(1);
+            (lo..=hosts as u64 + 3).prop_map(move |host_ids| SimConfig {
+                seed,
+                hosts,
+                host_ids,
+                io_timeout: Duration::from_secs(1),
+                fence_margin: Duration::from_secs(m),
+                drift,
+                faults,
+                duration: Duration::from_secs(300),
+            })
+        },
+    )
 }
 
 proptest! {

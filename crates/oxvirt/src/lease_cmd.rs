@@ -111,7 +111,12 @@ impl Timing {
                 .trim()
                 .to_string(),
         };
-        let mut c = LockspaceConfig::new(&ls.name, ls.host_id, &host_name, Duration::from_secs(self.io_timeout));
+        let mut c = LockspaceConfig::new(
+            &ls.name,
+            ls.host_id,
+            &host_name,
+            Duration::from_secs(self.io_timeout),
+        );
         c.fence_margin = Duration::from_secs(self.fence_margin);
         Ok(c)
     }
@@ -124,7 +129,12 @@ pub fn run(args: LeaseArgs) -> anyhow::Result<()> {
             io_timeout,
         } => {
             direct::init_lockspace(&l.path, l.offset, &l.name, io_timeout)?;
-            println!("initialised lockspace {} at {}:{}", l.name, l.path.display(), l.offset);
+            println!(
+                "initialised lockspace {} at {}:{}",
+                l.name,
+                l.path.display(),
+                l.offset
+            );
         }
         LeaseCommand::InitResource { resource: r } => {
             direct::init_resource(&r.path, r.offset, &r.lockspace, &r.name)?;
@@ -222,11 +232,21 @@ fn acquire(
 ) -> anyhow::Result<()> {
     for r in &resources {
         if r.lockspace != l.name {
-            bail!("resource {} belongs to lockspace {}, not {}", r.name, r.lockspace, l.name);
+            bail!(
+                "resource {} belongs to lockspace {}, not {}",
+                r.name,
+                r.lockspace,
+                l.name
+            );
         }
     }
     let ls = Lockspace::acquire(&l.path, l.offset, timing.config(&l)?, Arc::new(SystemClock))?;
-    println!("acquired host id {} generation {} in {}", ls.host_id(), ls.generation(), l.name);
+    println!(
+        "acquired host id {} generation {} in {}",
+        ls.host_id(),
+        ls.generation(),
+        l.name
+    );
     let fence = ls.fence_channel();
     let opts = AcquireOptions {
         mode: if shared {
