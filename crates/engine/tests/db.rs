@@ -1183,3 +1183,35 @@ both_backends!(
     users_passwords_and_tokens,
     transactions_commit_or_roll_back_together,
 );
+
+/// Two engines starting at once on a new database: each migration is applied once.
+async fn concurrent_opens_migrate_once(b: Backend) {
+    let t = TestDb::new(b).await;
+    let url = match b {
+        Backend::Sqlite => format!("sqlite://{}?mode=rwc", t.dir.path().join("race.db").display()),
+        Backend::Postgres => {
+            let base = common::pg_base_url();
+            let schema = format!("race_{}", uuid::Uuid::new_v4().simple());
+            sqlx_exec_url(&base, &format!("CREATE SCHEMA {schema}")).await;
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options[search_path]={schema}")
+        }
+    };
+    let (a, b2) = tokio::join!(Db::connect(&url), Db::connect(&url));
+    let (a, b2) = (a.expect("first engine opens"), b2.expect("second engine opens"));
+    assert_eq!(a.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(b2.schema_version().await.unwrap(), SCHEMA_VERSION);
+    // Both write through their own writer to the same database.
+    let (dca, dcb) = (DataCenter::new("from-a"), DataCenter::new("from-b"));
+    let (x, y) = tokio::join!(a.dc_insert(&dca), b2.dc_insert(&dcb));
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(a.dc_list(&ListQuery::new()).await.unwrap().len(), 2);
+    assert_eq!(
+        b2.template_list(&ListQuery::new()).await.unwrap().len(),
+        1,
+        "one Blank template"
+    );
+}
+
+both_backends!(concurrent_opens_migrate_once);

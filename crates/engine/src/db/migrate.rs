@@ -38,11 +38,13 @@ const CREATE_RECORD: &str = "CREATE TABLE IF NOT EXISTS oxvirt_schema_migrations
 
 pub(super) async fn run(db: &Db) -> Result<(), DbError> {
     {
-        let mut c = db.write_conn().await?;
+        let mut tx = db.begin().await?;
+        lock(db, &mut tx).await.map_err(DbError::sql("lock migrations"))?;
         sqlx::query(CREATE_RECORD)
-            .execute(&mut *c)
+            .execute(&mut *tx.tx)
             .await
             .map_err(DbError::sql("create migration table"))?;
+        tx.commit().await?;
     }
     for m in MIGRATIONS {
         apply(db, m).await?;
@@ -80,12 +82,7 @@ async fn apply(db: &Db, m: &Migration) -> Result<(), DbError> {
     };
     let sum = checksum(m.sql);
     let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
-        sqlx::query("LOCK TABLE oxvirt_schema_migrations IN EXCLUSIVE MODE")
-            .execute(&mut *tx.tx)
-            .await
-            .map_err(err)?;
-    }
+    lock(db, &mut tx).await.map_err(err)?;
     let recorded = sqlx::query("SELECT checksum FROM oxvirt_schema_migrations WHERE version = $1")
         .bind(m.version)
         .fetch_optional(&mut *tx.tx)
@@ -119,6 +116,19 @@ async fn apply(db: &Db, m: &Migration) -> Result<(), DbError> {
     .map_err(err)?;
     tx.tx.commit().await.map_err(err)?;
     tracing::info!(version = m.version, name = m.name, "applied schema migration");
+    Ok(())
+}
+
+/// Serialises migrations between engines starting at once: on PostgreSQL a transaction-scoped
+/// advisory lock (even `CREATE TABLE IF NOT EXISTS` races there); SQLite's `BEGIN IMMEDIATE`
+/// already holds the database's write lock.
+async fn lock(db: &Db, tx: &mut super::Tx) -> Result<(), sqlx::Error> {
+    if db.backend() == Backend::Postgres {
+        // Wrapped so that the result is an integer the Any driver can decode (not `void`).
+        sqlx::query("SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(7270001)) AS l")
+            .execute(&mut *tx.tx)
+            .await?;
+    }
     Ok(())
 }
 

@@ -319,7 +319,14 @@ impl Db {
     /// so never keep one open across a call to a node, and while one is open make the task's
     /// writes through it, not through `Db` (a `Db` write would wait for the writer it holds).
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        let tx = self.inner.writer.begin().await.map_err(DbError::sql("begin"))?;
+        let w = &self.inner.writer;
+        let tx = match self.inner.backend {
+            // Take the write lock up front: a deferred transaction that read first could be
+            // refused (SQLITE_BUSY_SNAPSHOT) by another process's write, with no waiting.
+            Backend::Sqlite => w.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => w.begin().await,
+        }
+        .map_err(DbError::sql("begin"))?;
         Ok(Tx { tx, db: self.clone() })
     }
 
