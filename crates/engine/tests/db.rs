@@ -1215,3 +1215,19 @@ async fn concurrent_opens_migrate_once(b: Backend) {
 }
 
 both_backends!(concurrent_opens_migrate_once);
+
+/// The engine's default: `<data dir>/engine.db`, created with its directory.
+#[tokio::test]
+async fn open_in_a_data_directory_creates_the_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data dir #1");
+    let db = Db::open_in(&data, None).await.unwrap();
+    assert_eq!(db.backend(), oxvirt_engine::db::Backend::Sqlite);
+    db.dc_insert(&DataCenter::new("Default")).await.unwrap();
+    db.close().await;
+    assert!(data.join(oxvirt_engine::db::SQLITE_FILE).is_file());
+    let db = Db::open_in(&data, None).await.unwrap();
+    assert!(db.dc_get_by_name("Default").await.unwrap().is_some());
+    let err = Db::connect("mysql://x").await.unwrap_err();
+    assert!(matches!(err, DbError::BadUrl(_)), "{err}");
+}

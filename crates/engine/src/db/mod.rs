@@ -231,6 +231,12 @@ impl Db {
 
     pub async fn open_sqlite_with(path: &Path, opts: DbOptions) -> Result<Db, DbError> {
         let url = sqlite_url(path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::Open {
+                url: url.clone(),
+                source: sqlx::Error::Io(e),
+            })?;
+        }
         Db::connect_with(&url, opts).await
     }
 
