@@ -80,7 +80,7 @@ pub enum TaskError {
         verb: String,
         job: usize,
         #[source]
-        source: StorageError,
+        source: Box<StorageError>,
     },
     #[error("task {id} was stopped")]
     Stopped { id: TaskId },
@@ -684,7 +684,7 @@ pub fn run_task(ctx: &TaskContext<'_>, rec: &mut TaskRecord) -> Result<(), TaskE
                     id: rec.id,
                     verb: rec.verb.clone(),
                     job: i,
-                    source: e,
+                    source: Box::new(e),
                 };
                 let msg = error_chain(&err);
                 if committed {
@@ -789,7 +789,7 @@ fn recover_one(ctx: &TaskContext<'_>, rec: &mut TaskRecord) -> Result<(), TaskEr
                     id: rec.id,
                     verb: rec.verb.clone(),
                     job: i,
-                    source,
+                    source: Box::new(source),
                 })?;
             if done {
                 rec.next_job = i + 1;

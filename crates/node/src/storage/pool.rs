@@ -211,7 +211,7 @@ impl PoolService {
                 )));
             }
             p.refresh(master, master_version)?;
-            return Ok(p.info()?);
+            return p.info();
         }
         let root = self.domain_root(master)?;
         let pm = pool::read_pool(&root, pool)?;
