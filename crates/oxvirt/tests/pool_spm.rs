@@ -45,7 +45,14 @@ async fn spawn(engine: &Engine, name: &str, root: &Path, env: &[(&str, &str)]) -
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oxvirt"));
     cmd.args(["node", "--name", name, "--listen", &addr.to_string(), "--data"])
         .arg(&data)
-        .args(["--engine", &engine.addr.to_string(), "--token", &token, "--accel", "tcg"])
+        .args([
+            "--engine",
+            &engine.addr.to_string(),
+            "--token",
+            &token,
+            "--accel",
+            "tcg",
+        ])
         .env("OXVIRT_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
@@ -57,12 +64,23 @@ async fn spawn(engine: &Engine, name: &str, root: &Path, env: &[(&str, &str)]) -
     let start = Instant::now();
     while client.call("Host.ping", json!({})).await.is_err() {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("node {name} exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "node {name} exited with {st}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "node {name} did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "node {name} did not come up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Node { child, addr, client, log }
+    Node {
+        child,
+        addr,
+        client,
+        log,
+    }
 }
 
 async fn call(n: &Node, m: &str, p: Value) -> Value {
@@ -93,7 +111,11 @@ async fn wait_task(n: &Node, task: &str, limit: Duration) -> Value {
         if st["taskState"] != "running" {
             return st;
         }
-        assert!(start.elapsed() < limit, "task {task} still running after {limit:?}: {st}\n{}", tail(&n.log));
+        assert!(
+            start.elapsed() < limit,
+            "task {task} still running after {limit:?}: {st}\n{}",
+            tail(&n.log)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -105,14 +127,22 @@ async fn wait_spm(n: &Node, pool: PoolUuid, limit: Duration) -> Value {
         if st["spm_st"]["spmStatus"] == "SPM" {
             return st;
         }
-        assert!(start.elapsed() < limit, "not SPM after {limit:?}: {st}\n{}", tail(&n.log));
+        assert!(
+            start.elapsed() < limit,
+            "not SPM after {limit:?}: {st}\n{}",
+            tail(&n.log)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn qemu_io(path: &Path, cmd: &str) -> String {
     let tool = oxvirt_testkit::require_tool("qemu-io");
-    let out = Command::new(tool).args(["-f", "qcow2", "-c", cmd]).arg(path).output().unwrap();
+    let out = Command::new(tool)
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "qemu-io {cmd} {}: {text}", path.display());
     text
@@ -184,7 +214,12 @@ async fn cluster(pause_on_node1: Option<&str>) -> Cluster {
     for (i, r) in [r1, r2, r3].into_iter().enumerate() {
         let info = r.unwrap_or_else(|e| panic!("connect host {}: {e}\n{}", i + 1, tail(&nodes[i].log)));
         assert_eq!(info["hostId"], i + 1);
-        assert_eq!(info["hostIds"][sd.to_string()]["valid"], true, "{info}\n{}", tail(&nodes[i].log));
+        assert_eq!(
+            info["hostIds"][sd.to_string()]["valid"],
+            true,
+            "{info}\n{}",
+            tail(&nodes[i].log)
+        );
     }
     Cluster {
         _engine: engine,
@@ -195,7 +230,13 @@ async fn cluster(pause_on_node1: Option<&str>) -> Cluster {
     }
 }
 
-async fn create_volume(n: &Node, c: &Cluster, img: ImgUuid, vol: VolUuid, src: Option<(ImgUuid, VolUuid)>) -> Value {
+async fn create_volume(
+    n: &Node,
+    c: &Cluster,
+    img: ImgUuid,
+    vol: VolUuid,
+    src: Option<(ImgUuid, VolUuid)>,
+) -> Value {
     let mut p = json!({ "sdUUID": c.sd, "spUUID": c.pool, "imgUUID": img, "size": 64 * MIB,
                         "volFormat": "COW", "preallocate": "SPARSE", "volUUID": vol, "desc": "t" });
     if let Some((si, sv)) = src {
@@ -212,7 +253,12 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let (pool, sd) = (c.pool, c.sd);
 
     // The engine starts the SPM on host 1.
-    let t = call(&c.nodes[0], "StoragePool.spmStart", json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 })).await;
+    let t = call(
+        &c.nodes[0],
+        "StoragePool.spmStart",
+        json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
+    )
+    .await;
     let st = wait_task(&c.nodes[0], t.as_str().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(st["taskResult"], "success", "{st}");
     let spm1 = wait_spm(&c.nodes[0], pool, Duration::from_secs(5)).await;
@@ -223,10 +269,20 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     assert_eq!(spm1["metadata"]["lver"], lver1);
     // Everyone sees the same SPM on storage.
     let seen = call(&c.nodes[2], "StoragePool.getSpmStatus", json!({ "spUUID": pool })).await;
-    assert_eq!((seen["spm_st"]["spmId"].as_i64(), seen["spm_st"]["spmStatus"].as_str()), (Some(1), Some("Free")));
+    assert_eq!(
+        (
+            seen["spm_st"]["spmId"].as_i64(),
+            seen["spm_st"]["spmStatus"].as_str()
+        ),
+        (Some(1), Some("Free"))
+    );
 
     // Only the SPM changes volumes.
-    let (img, base, top) = (ImgUuid::new_random(), VolUuid::new_random(), VolUuid::new_random());
+    let (img, base, top) = (
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+    );
     let e = rpc_err(
         c.nodes[1]
             .client
@@ -265,7 +321,10 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     }
     lat.sort_by(f64::total_cmp);
     let p50 = lat[lat.len() / 2];
-    eprintln!("mailbox extend round trip over 20 requests: p50 {p50:.1} ms, max {:.1} ms", lat[lat.len() - 1]);
+    eprintln!(
+        "mailbox extend round trip over 20 requests: p50 {p50:.1} ms, max {:.1} ms",
+        lat[lat.len() - 1]
+    );
     assert!(p50 < 250.0, "median extend round trip {p50} ms");
     // An unknown volume is refused through the mailbox, not left hanging.
     let e = rpc_err(
@@ -293,33 +352,59 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
         if info["started"] == 1 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "merge never reached job 1: {info}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "merge never reached job 1: {info}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Other nodes read the task from the journal on the master domain.
     let seen = call(&c.nodes[1], "Task.getInfo", json!({ "taskID": task })).await;
     assert_eq!(seen["state"], "running");
-    assert_eq!(dom.read_meta(img, base).unwrap().legality, Legality::Illegal, "prepare ran");
+    assert_eq!(
+        dom.read_meta(img, base).unwrap().legality,
+        Legality::Illegal,
+        "prepare ran"
+    );
 
     // kill -9 the SPM mid-task, and leave a corrupt task record in the journal.
     c.nodes[0].child.kill().unwrap();
     c.nodes[0].child.wait().unwrap();
     let killed = Instant::now();
-    let junk = dom.root().join("master/tasks").join(VolUuid::new_random().to_string());
+    let junk = dom
+        .root()
+        .join("master/tasks")
+        .join(VolUuid::new_random().to_string());
     std::fs::create_dir_all(&junk).unwrap();
-    std::fs::write(junk.join(format!("{}.task", junk.file_name().unwrap().to_string_lossy())), b"{ not json").unwrap();
+    std::fs::write(
+        junk.join(format!("{}.task", junk.file_name().unwrap().to_string_lossy())),
+        b"{ not json",
+    )
+    .unwrap();
 
     // The engine moves the SPM role to host 2 (prevID/prevLver as last seen).
     // The engine keeps asking until host 1 is dead for the lease (a renewal seen after the
     // kill makes the lease owner look alive and the attempt fail).
     loop {
-        let t = call(&c.nodes[1], "StoragePool.spmStart", json!({ "spUUID": pool, "prevID": 1, "prevLver": lver1 })).await;
+        let t = call(
+            &c.nodes[1],
+            "StoragePool.spmStart",
+            json!({ "spUUID": pool, "prevID": 1, "prevLver": lver1 }),
+        )
+        .await;
         let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(60)).await;
         if st["taskResult"] == "success" {
             break;
         }
-        assert!(st["message"].as_str().unwrap().contains("owned by host 1"), "{st}");
-        assert!(killed.elapsed() < Duration::from_secs(60), "no takeover: {st}\n{}", tail(&c.nodes[1].log));
+        assert!(
+            st["message"].as_str().unwrap().contains("owned by host 1"),
+            "{st}"
+        );
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no takeover: {st}\n{}",
+            tail(&c.nodes[1].log)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let became_spm = killed.elapsed();
@@ -329,13 +414,24 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     assert!(lver2 > lver1, "lver is the fencing token: {lver2} > {lver1}");
     assert_eq!(spm2["metadata"]["lver"], lver2);
     // The lease could not be taken before host 1 was dead: 8N + M = 10 s after its last renewal.
-    assert!(became_spm >= Duration::from_secs(7), "SPM moved after {became_spm:?}, before host 1 could be dead");
+    assert!(
+        became_spm >= Duration::from_secs(7),
+        "SPM moved after {became_spm:?}, before host 1 could be dead"
+    );
     // Serving: an HSM extend goes through the new SPM.
-    let r = call(&c.nodes[2], "StoragePool.sendExtendMsg", json!({ "spUUID": pool, "sdUUID": sd, "volUUID": base, "newSize": 80 * MIB })).await;
+    let r = call(
+        &c.nodes[2],
+        "StoragePool.sendExtendMsg",
+        json!({ "spUUID": pool, "sdUUID": sd, "volUUID": base, "newSize": 80 * MIB }),
+    )
+    .await;
     let serving = killed.elapsed();
     assert_eq!(r["sizeMib"], 80);
-    eprintln!("SPM failover with io_timeout 1 s: kill -9 -> new SPM {:.1} s, -> serving extends {:.1} s",
-        became_spm.as_secs_f64(), serving.as_secs_f64());
+    eprintln!(
+        "SPM failover with io_timeout 1 s: kill -9 -> new SPM {:.1} s, -> serving extends {:.1} s",
+        became_spm.as_secs_f64(),
+        serving.as_secs_f64()
+    );
     assert!(serving < Duration::from_secs(40), "failover took {serving:?}");
 
     // The merge was rolled forward by the new SPM; the stale record did not block it.
@@ -344,7 +440,11 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     assert_eq!(rec["finished"][0], json!(task), "{info}");
     assert_eq!(rec["unreadable"].as_array().unwrap().len(), 1, "{info}");
     let st = call(&c.nodes[1], "Task.getStatus", json!({ "taskID": task })).await["taskStatus"].clone();
-    assert_eq!((st["taskState"].as_str(), st["taskResult"].as_str()), (Some("finished"), Some("success")), "{st}");
+    assert_eq!(
+        (st["taskState"].as_str(), st["taskResult"].as_str()),
+        (Some("finished"), Some("success")),
+        "{st}"
+    );
     let tinfo = call(&c.nodes[1], "Task.getInfo", json!({ "taskID": task })).await;
     assert_eq!(tinfo["recovered_by"], 2);
     let dom = c.domain();
@@ -365,13 +465,19 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let vref = json!({ "sdUUID": sd, "imgUUID": img, "volUUID": base });
     call(&c.nodes[1], "Volume.acquireLease", vref.clone()).await;
     let e = rpc_err(c.nodes[2].client.call("Volume.acquireLease", vref.clone()).await);
-    assert!(e.message.contains(&format!("volume {base} is locked by host 2")), "{e:?}");
+    assert!(
+        e.message.contains(&format!("volume {base} is locked by host 2")),
+        "{e:?}"
+    );
     let owner = call(&c.nodes[2], "Volume.getLeaseStatus", vref.clone()).await;
     assert_eq!(owner["owner"], 2);
     call(&c.nodes[1], "Volume.releaseLease", vref.clone()).await;
     call(&c.nodes[2], "Volume.acquireLease", vref.clone()).await;
     call(&c.nodes[2], "Volume.releaseLease", vref.clone()).await;
-    assert_eq!(call(&c.nodes[1], "Volume.getLeaseStatus", vref).await["owner"], Value::Null);
+    assert_eq!(
+        call(&c.nodes[1], "Volume.getLeaseStatus", vref).await["owner"],
+        Value::Null
+    );
 
     // spmStop gives the role up; the pool metadata says no SPM, the lver stays.
     call(&c.nodes[1], "StoragePool.spmStop", json!({ "spUUID": pool })).await;
@@ -381,10 +487,19 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     assert_eq!(st["metadata"]["lver"], lver2);
     // Host 3 takes over at once (the lease was released, nothing to wait for).
     let t0 = Instant::now();
-    let t = call(&c.nodes[2], "StoragePool.spmStart", json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 })).await;
+    let t = call(
+        &c.nodes[2],
+        "StoragePool.spmStart",
+        json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
+    )
+    .await;
     let st = wait_task(&c.nodes[2], t.as_str().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(st["taskResult"], "success", "{st}");
-    assert!(t0.elapsed() < Duration::from_secs(5), "clean handover took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "clean handover took {:?}",
+        t0.elapsed()
+    );
     let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
     let st = create_volume(&c.nodes[2], &c, img2, vol2, None).await;
     assert_eq!(st["taskResult"], "success", "{st}");

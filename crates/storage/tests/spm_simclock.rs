@@ -65,7 +65,11 @@ impl World {
         }
     }
 
-    fn while_advancing<T: Send + 'static>(&self, live: &[&Host], f: impl FnOnce() -> T + Send + 'static) -> T {
+    fn while_advancing<T: Send + 'static>(
+        &self,
+        live: &[&Host],
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let t = std::thread::spawn(f);
         while !t.is_finished() {
             self.step(live);
@@ -81,7 +85,9 @@ impl World {
         cfg.max_hosts = HOSTS;
         let (io, clock) = (ls_io.clone(), self.clock.clone());
         let ls = self
-            .while_advancing(live, move || Lockspace::acquire_with_io(io as Arc<dyn SectorIo>, cfg, Arc::new(clock)))
+            .while_advancing(live, move || {
+                Lockspace::acquire_with_io(io as Arc<dyn SectorIo>, cfg, Arc::new(clock))
+            })
             .unwrap();
         let role = Arc::new(SpmRole::new(host_id));
         let r = role.clone();
@@ -119,12 +125,18 @@ fn a_hung_spm_fences_itself_before_another_host_can_take_the_role() {
     assert_eq!(lver1, 1);
     assert_eq!(a.role.check().unwrap(), (1, 1));
     // A second host cannot take a live SPM's role, and its role goes back to Free.
-    assert!(matches!(become_spm(&w, &b, &[&a, &b], false), Err(SpmError::Lease { .. })));
+    assert!(matches!(
+        become_spm(&w, &b, &[&a, &b], false),
+        Err(SpmError::Lease { .. })
+    ));
     assert_eq!(b.role.state(), SpmState::Free);
     // A running job keeps the role from stopping.
     {
         let _job = a.role.job().unwrap();
-        assert!(matches!(a.role.begin_stop(), Err(SpmError::Busy { running: 1, .. })));
+        assert!(matches!(
+            a.role.begin_stop(),
+            Err(SpmError::Busy { running: 1, .. })
+        ));
     }
 
     // Host 1's storage hangs. Host 2 contends, waiting for host 1 to be dead.
@@ -142,7 +154,11 @@ fn a_hung_spm_fences_itself_before_another_host_can_take_the_role() {
             w.step(&[&b]);
             if fenced_at.is_none() && a.role.check().is_err() {
                 fenced_at = Some(w.clock.now());
-                assert!(matches!(a.role.state(), SpmState::Fenced { .. }), "{:?}", a.role.state());
+                assert!(
+                    matches!(a.role.state(), SpmState::Fenced { .. }),
+                    "{:?}",
+                    a.role.state()
+                );
             }
             assert!(w.clock.now() < hung_at + 60 * N, "takeover never happened");
         }
@@ -156,8 +172,17 @@ fn a_hung_spm_fences_itself_before_another_host_can_take_the_role() {
     let fenced_at = fenced_at.expect("host 1 never fenced its SPM role");
     // Self-fencing happens by 8N after the last renewal, i.e. before 8N from the hang; the
     // takeover no earlier than 8N + M after it.
-    assert!(fenced_at <= hung_at + 8 * N + STEP * 2, "fenced at +{:?}", fenced_at - hung_at);
-    assert!(taken_at >= fenced_at + M, "taken at +{:?}, fenced at +{:?}", taken_at - hung_at, fenced_at - hung_at);
+    assert!(
+        fenced_at <= hung_at + 8 * N + STEP * 2,
+        "fenced at +{:?}",
+        fenced_at - hung_at
+    );
+    assert!(
+        taken_at >= fenced_at + M,
+        "taken at +{:?}, fenced at +{:?}",
+        taken_at - hung_at,
+        fenced_at - hung_at
+    );
     let lver2 = b.role.acquired(lease).unwrap();
     assert_eq!(lver2, 2, "the fencing token grows");
     assert_eq!(b.role.check().unwrap(), (2, 2));
@@ -183,6 +208,12 @@ fn stop_releases_and_another_host_takes_over_at_once() {
     let t0 = w.clock.now();
     let lver = become_spm(&w, &b, &[&a, &b], false).unwrap();
     assert_eq!(lver, 2);
-    assert!(w.clock.now() - t0 < 2 * N, "a released lease is taken without waiting");
-    assert!(matches!(b.role.begin_contend(), Err(SpmError::AlreadySpm { lver: 2, .. })));
+    assert!(
+        w.clock.now() - t0 < 2 * N,
+        "a released lease is taken without waiting"
+    );
+    assert!(matches!(
+        b.role.begin_contend(),
+        Err(SpmError::AlreadySpm { lver: 2, .. })
+    ));
 }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use common::{Fixture, MIB};
 use oxvirt_storage::pool::{self, SpmFence};
-use oxvirt_storage::tasks::{recover_tasks, run_task, DomainSource, Job, TaskContext, TaskPlan, TaskState, TaskStore};
+use oxvirt_storage::tasks::{
+    recover_tasks, run_task, DomainSource, Job, TaskContext, TaskPlan, TaskState, TaskStore,
+};
 use oxvirt_storage::{Allocation, FileStorageDomain, Legality, StorageError, VolFormat};
 use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
 
@@ -70,9 +72,17 @@ fn merge_plan(sd: SdUuid, img: ImgUuid, base: VolUuid, top: VolUuid) -> TaskPlan
 }
 
 fn chain(e: &Env) -> (ImgUuid, VolUuid, VolUuid) {
-    let (img, base, top) = (ImgUuid::new_random(), VolUuid::new_random(), VolUuid::new_random());
+    let (img, base, top) = (
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+    );
     e.dom
-        .create_volume(img, base, &oxvirt_storage::VolumeSpec::new(32 * MIB, VolFormat::Cow, Allocation::Sparse))
+        .create_volume(
+            img,
+            base,
+            &oxvirt_storage::VolumeSpec::new(32 * MIB, VolFormat::Cow, Allocation::Sparse),
+        )
         .unwrap();
     e.dom.create_snapshot(img, top, None, "top").unwrap();
     (img, base, top)
@@ -115,7 +125,11 @@ fn tasks_run_recover_and_roll_back_by_their_commit_point() {
     // A stale record nobody can read.
     let junk = e.store.dir().join(TaskId::new_random().to_string());
     std::fs::create_dir_all(&junk).unwrap();
-    std::fs::write(junk.join(format!("{}.task", junk.file_name().unwrap().to_string_lossy())), b"garbage").unwrap();
+    std::fs::write(
+        junk.join(format!("{}.task", junk.file_name().unwrap().to_string_lossy())),
+        b"garbage",
+    )
+    .unwrap();
 
     // The new SPM (host 2, lver 4) recovers.
     *e.token.0.lock().unwrap() = Some((2, 4));
@@ -127,7 +141,11 @@ fn tasks_run_recover_and_roll_back_by_their_commit_point() {
     assert_eq!(report.unreadable.len(), 1);
     assert_eq!(e.dom.chain(img1).unwrap().ids(), vec![base1]);
     assert_eq!(e.dom.read_meta(img1, base1).unwrap().legality, Legality::Legal);
-    assert_eq!(e.dom.chain(img2).unwrap().ids(), vec![base2, top2], "rolled back: nothing merged");
+    assert_eq!(
+        e.dom.chain(img2).unwrap().ids(),
+        vec![base2, top2],
+        "rolled back: nothing merged"
+    );
     assert_eq!(e.dom.read_meta(img2, base2).unwrap().legality, Legality::Legal);
     let f = e.store.load(forward.id).unwrap();
     assert_eq!((f.state, f.recovered_by), (TaskState::Finished, Some(2)));
@@ -183,7 +201,11 @@ fn a_failing_job_rolls_back_before_the_commit_point_and_a_fenced_spm_stops() {
     let mut rec = plan.into_record(TaskId::new_random(), 1, 3);
     run_task(&ctx, &mut rec).unwrap();
     assert_eq!(rec.state, TaskState::RolledBack, "{rec:?}");
-    assert!(rec.error.as_deref().unwrap().contains("does not exist"), "{:?}", rec.error);
+    assert!(
+        rec.error.as_deref().unwrap().contains("does not exist"),
+        "{:?}",
+        rec.error
+    );
     assert!(!e.dom.image_exists(img_new));
 
     // The SPM loses its lease: the task stops before its next job and leaves the record as it
@@ -191,6 +213,10 @@ fn a_failing_job_rolls_back_before_the_commit_point_and_a_fenced_spm_stops() {
     *e.token.0.lock().unwrap() = None;
     let mut rec = merge_plan(sd, img, base, top).into_record(TaskId::new_random(), 1, 3);
     assert!(run_task(&ctx, &mut rec).is_err());
-    assert_eq!(e.dom.read_meta(img, base).unwrap().legality, Legality::Legal, "nothing ran");
+    assert_eq!(
+        e.dom.read_meta(img, base).unwrap().legality,
+        Legality::Legal,
+        "nothing ran"
+    );
     assert!(e.store.load(rec.id).is_err(), "a fenced SPM writes no record");
 }
