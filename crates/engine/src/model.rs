@@ -557,6 +557,8 @@ pub struct Disk {
     pub actual_size: u64,
     pub storage_domain_id: SdUuid,
     pub status: DiskStatus,
+    /// Who holds it `locked` (a saga id); set only by `disk_lock`.
+    pub locked_by: Option<SagaId>,
     pub shareable: bool,
     pub wipe_after_delete: bool,
     pub created_at: Timestamp,
@@ -575,6 +577,7 @@ impl Disk {
             actual_size: 0,
             storage_domain_id,
             status: DiskStatus::Ok,
+            locked_by: None,
             shareable: false,
             wipe_after_delete: false,
             created_at: Timestamp::from_millis(0),

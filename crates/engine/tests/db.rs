@@ -437,27 +437,35 @@ async fn disks_volumes_and_locking(b: Backend) {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let db = db.clone();
-        let id = disk.id;
-        tasks.push(tokio::spawn(async move { db.disk_lock(id).await }));
+        let (id, owner) = (disk.id, SagaId::new_random());
+        tasks.push(tokio::spawn(async move {
+            db.disk_lock(id, owner).await.map(|()| owner)
+        }));
     }
-    let mut won = 0;
+    let mut winners = Vec::new();
     for t in tasks {
         match t.await.unwrap() {
-            Ok(()) => won += 1,
+            Ok(owner) => winners.push(owner),
             Err(DbError::Conflict { .. }) => {}
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert_eq!(won, 1);
+    assert_eq!(winners.len(), 1);
+    let owner = winners[0];
+    let d = db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!((d.status, d.locked_by), (DiskStatus::Locked, Some(owner)));
+    // The owner may lock again (a retried step); nobody else may unlock.
+    db.disk_lock(disk.id, owner).await.unwrap();
+    let other = SagaId::new_random();
+    assert!(!db.disk_unlock(disk.id, other, DiskStatus::Ok).await.unwrap());
     assert_eq!(
-        db.disk_get(disk.id).await.unwrap().unwrap().status,
-        DiskStatus::Locked
+        db.disk_get(disk.id).await.unwrap().unwrap().locked_by,
+        Some(owner)
     );
-    db.disk_unlock(disk.id, DiskStatus::Ok).await.unwrap();
-    assert!(matches!(
-        db.disk_unlock(disk.id, DiskStatus::Ok).await.unwrap_err(),
-        DbError::Conflict { .. }
-    ));
+    assert!(db.disk_unlock(disk.id, owner, DiskStatus::Ok).await.unwrap());
+    assert!(!db.disk_unlock(disk.id, owner, DiskStatus::Ok).await.unwrap());
+    let d = db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!((d.status, d.locked_by), (DiskStatus::Ok, None));
 
     // Deleting the disk takes its volumes.
     db.disk_delete(disk.id).await.unwrap();

@@ -22,6 +22,8 @@ use tokio::sync::Mutex;
 /// The application context: where "storage" is.
 struct App {
     storage: PathBuf,
+    /// Lets a test hold a saga inside a step.
+    release: tokio::sync::Notify,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -233,7 +235,10 @@ impl Env {
             .await
             .unwrap();
         Env {
-            app: Arc::new(App { storage }),
+            app: Arc::new(App {
+                storage,
+                release: tokio::sync::Notify::new(),
+            }),
             t,
             cluster: cl.id,
             sd: sd.id,
@@ -593,6 +598,77 @@ async fn unknown_sagas_are_left_for_an_engine_that_knows_them(b: Backend) {
     env.assert_created("vm1", "resumed by a later engine").await;
 }
 
+/// Locks a disk, works (until the test releases it), unlocks.
+struct LockDisk;
+
+impl SagaDef for LockDisk {
+    type Ctx = App;
+    type Params = DiskId;
+    const NAME: &'static str = "test_lock_disk";
+    fn description(d: &DiskId) -> String {
+        format!("Working on disk {d}")
+    }
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(*c.params(), c.saga_id).await?;
+                    Ok(())
+                },
+                // Runs even when the lock step failed: only releases this saga's own lock.
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
+                    Ok(())
+                },
+            ),
+            Step::without_undo("work", |c: StepCtx<Self>| async move {
+                c.app().release.notified().await;
+                Ok(())
+            }),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+async fn racing_sagas_never_release_each_others_locks(b: Backend) {
+    let env = Env::new(b).await;
+    let disk = env
+        .t
+        .db
+        .disk_insert(&Disk::new("shared", env.sd, DiskFormat::Raw, 1 << 20))
+        .await
+        .unwrap();
+    let exec = env.executor(None);
+    let a = exec
+        .start::<LockDisk>(disk.id, StartOptions::default())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.t.db.disk_get(disk.id).await.unwrap().unwrap().locked_by != Some(a.id) {
+        assert!(std::time::Instant::now() < deadline, "saga A never took the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // B loses the race: its lock step fails, it unwinds, and A's lock stands.
+    let out = exec
+        .run::<LockDisk>(disk.id, StartOptions::default())
+        .await
+        .unwrap();
+    let SagaOutcome::Unwound { error } = out else {
+        panic!("{out:?}")
+    };
+    assert!(error.contains(&format!("locked by {}", a.id)), "{error}");
+    let d = env.t.db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!((d.status, d.locked_by), (DiskStatus::Locked, Some(a.id)));
+    env.app.release.notify_one();
+    assert!(a.wait().await.unwrap().is_done());
+    let d = env.t.db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!((d.status, d.locked_by), (DiskStatus::Ok, None));
+}
+
 both_backends!(
     saga_runs_to_completion,
     saga_unwinds_at_each_step,
@@ -600,4 +676,5 @@ both_backends!(
     failed_undo_leaves_the_saga_stuck_until_retried,
     panics_unwind_and_bad_definitions_are_refused,
     unknown_sagas_are_left_for_an_engine_that_knows_them,
+    racing_sagas_never_release_each_others_locks,
 );

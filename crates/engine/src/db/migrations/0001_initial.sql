@@ -127,6 +127,9 @@ CREATE TABLE disks (
     actual_size BIGINT NOT NULL DEFAULT 0,
     storage_domain_id TEXT NOT NULL REFERENCES storage_domains (id),
     status TEXT NOT NULL,
+    -- The saga (or other owner) holding the disk `locked`: relocking by the same owner is a
+    -- no-op and only the owner unlocks, so retried and undone lock steps stay correct.
+    locked_by TEXT,
     shareable BIGINT NOT NULL DEFAULT 0 CHECK (shareable IN (0, 1)),
     wipe_after_delete BIGINT NOT NULL DEFAULT 0 CHECK (wipe_after_delete IN (0, 1)),
     created_at BIGINT NOT NULL,

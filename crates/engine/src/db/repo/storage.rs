@@ -362,8 +362,8 @@ async fn pool_master(c: &mut Conn<'_>, dc: DcId) -> Result<Option<SdUuid>, DbErr
 // ---------------------------------------------------------------- disks
 
 const DISK_COLS: &str = "d.id, d.name, d.description, d.format, d.sparse, d.provisioned_size, \
-    d.actual_size, d.storage_domain_id, d.status, d.shareable, d.wipe_after_delete, \
-    d.created_at, d.revision";
+    d.actual_size, d.storage_domain_id, d.status, d.locked_by, d.shareable, \
+    d.wipe_after_delete, d.created_at, d.revision";
 
 pub(crate) fn disk_from_row(r: &AnyRow) -> Result<Disk, DbError> {
     Ok(Disk {
@@ -376,6 +376,7 @@ pub(crate) fn disk_from_row(r: &AnyRow) -> Result<Disk, DbError> {
         actual_size: r.uint("actual_size")?,
         storage_domain_id: r.parse("storage_domain_id")?,
         status: r.parse("status")?,
+        locked_by: r.opt_parse("locked_by")?,
         shareable: r.flag("shareable")?,
         wipe_after_delete: r.flag("wipe_after_delete")?,
         created_at: r.ts("created_at")?,
@@ -427,7 +428,7 @@ fn check_disk(d: &Disk) -> Result<(), DbError> {
 
 async fn disk_insert(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
     check_disk(d)?;
-    let mut q = Sql::new("INSERT INTO disks (id, name, description, format, sparse, provisioned_size, actual_size, storage_domain_id, status, shareable, wipe_after_delete, created_at, revision) VALUES (");
+    let mut q = Sql::new("INSERT INTO disks (id, name, description, format, sparse, provisioned_size, actual_size, storage_domain_id, status, locked_by, shareable, wipe_after_delete, created_at, revision) VALUES (");
     q.arg(d.id.to_string())
         .push(", ")
         .arg(d.name.as_str())
@@ -445,6 +446,8 @@ async fn disk_insert(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
         .arg(d.storage_domain_id.to_string())
         .push(", ")
         .arg(d.status.as_str())
+        .push(", ")
+        .arg(Arg::Text(d.locked_by.map(|o| o.to_string())))
         .push(", ")
         .arg(b2i(d.shareable))
         .push(", ")
@@ -532,7 +535,9 @@ async fn disk_set_status(
     to: DiskStatus,
 ) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE disks SET status = ");
-    q.arg(to.as_str()).push(" WHERE id = ").arg(id.to_string());
+    q.arg(to.as_str())
+        .push(", locked_by = NULL WHERE id = ")
+        .arg(id.to_string());
     if !expected.is_empty() {
         q.push(" AND status IN (");
         for (i, s) in expected.iter().enumerate() {
@@ -557,12 +562,43 @@ async fn disk_set_status(
     Ok(())
 }
 
-async fn disk_lock(c: &mut Conn<'_>, id: DiskId) -> Result<(), DbError> {
-    disk_set_status(c, id, &[DiskStatus::Ok], DiskStatus::Locked).await
+/// `ok` → `locked` by `owner`; a no-op when `owner` holds it already (a retried step);
+/// `Conflict` when anyone else does or the disk is not `ok`.
+async fn disk_lock(c: &mut Conn<'_>, id: DiskId, owner: SagaId) -> Result<(), DbError> {
+    let mut q = Sql::new("UPDATE disks SET status = 'locked', locked_by = ");
+    q.arg(owner.to_string())
+        .push(" WHERE id = ")
+        .arg(id.to_string())
+        .push(" AND (status = 'ok' OR (status = 'locked' AND locked_by = ")
+        .arg(owner.to_string())
+        .push("))");
+    if c.exec(&q).await? == 0 {
+        let now = disk_get(c, id).await?;
+        return Err(match now {
+            None => DbError::not_found("disk", id),
+            Some(d) => DbError::Conflict {
+                kind: "disk",
+                id: id.to_string(),
+                detail: match d.locked_by {
+                    Some(o) => format!("locked by {o}"),
+                    None => format!("status is {}", d.status),
+                },
+            },
+        });
+    }
+    Ok(())
 }
 
-async fn disk_unlock(c: &mut Conn<'_>, id: DiskId, to: DiskStatus) -> Result<(), DbError> {
-    disk_set_status(c, id, &[DiskStatus::Locked], to).await
+/// `locked` by `owner` → `to`. Returns whether `owner` held the lock: an undo may call it
+/// whether or not its lock step got the lock, and never releases another owner's lock.
+async fn disk_unlock(c: &mut Conn<'_>, id: DiskId, owner: SagaId, to: DiskStatus) -> Result<bool, DbError> {
+    let mut q = Sql::new("UPDATE disks SET status = ");
+    q.arg(to.as_str())
+        .push(", locked_by = NULL WHERE id = ")
+        .arg(id.to_string())
+        .push(" AND status = 'locked' AND locked_by = ")
+        .arg(owner.to_string());
+    Ok(c.exec(&q).await? == 1)
 }
 
 async fn disk_set_actual_size(c: &mut Conn<'_>, id: DiskId, size: u64) -> Result<(), DbError> {
@@ -728,10 +764,11 @@ repo! {
     write disk_update(d: &Disk) -> Disk = disk_update;
     /// Compare-and-set of the status (any when `expected` is empty).
     write disk_set_status(id: DiskId, expected: &[DiskStatus], to: DiskStatus) -> () = disk_set_status;
-    /// `ok` → `locked`; `Conflict` if another command holds it.
-    write disk_lock(id: DiskId) -> () = disk_lock;
-    /// `locked` → `to` (`ok`, or `illegal` after a failure that broke it).
-    write disk_unlock(id: DiskId, to: DiskStatus) -> () = disk_unlock;
+    /// `ok` → `locked` by `owner` (idempotent for the same owner); `Conflict` if another holds it.
+    write disk_lock(id: DiskId, owner: SagaId) -> () = disk_lock;
+    /// `locked` by `owner` → `to` (`ok`, or `illegal` after a failure that broke it); returns
+    /// whether `owner` held it.
+    write disk_unlock(id: DiskId, owner: SagaId, to: DiskStatus) -> bool = disk_unlock;
     write disk_set_actual_size(id: DiskId, size: u64) -> () = disk_set_actual_size;
     write disk_delete(id: DiskId) -> () = disk_delete;
 

@@ -216,7 +216,7 @@ async fn template_disk_remove(c: &mut Conn<'_>, t: TemplateId, disk: DiskId) -> 
 async fn template_disks(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<Disk>, DbError> {
     let mut q = Sql::new(
         "SELECT d.id, d.name, d.description, d.format, d.sparse, d.provisioned_size, d.actual_size, \
-         d.storage_domain_id, d.status, d.shareable, d.wipe_after_delete, d.created_at, d.revision \
+         d.storage_domain_id, d.status, d.locked_by, d.shareable, d.wipe_after_delete, d.created_at, d.revision \
          FROM disks d JOIN template_disks t ON t.disk_id = d.id WHERE t.template_id = ",
     );
     q.arg(t.to_string()).push(" ORDER BY d.name, d.id");
