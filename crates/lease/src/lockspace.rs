@@ -28,6 +28,30 @@
 //!
 //! A renewal that finds our delta lease overwritten by another host or corrupt fences at once.
 //!
+//! Taking over from a dead owner: `OwnerWait::Watch` reads the owner's delta lease every N/4
+//! and counts 8N + M from the last change it saw itself (or from when it started watching, if
+//! the owner was already silent), so a watcher takes a resource about 8N + M after its owner's
+//! death: 10 s with N = 1 s, M = 2 s (see BENCHMARKS.md).
+//!
+//! ```no_run
+//! use std::{path::Path, sync::Arc, time::Duration};
+//! use oxvirt_lease::lockspace::AcquireOptions;
+//! use oxvirt_lease::{Lockspace, LockspaceConfig, OwnerWait, SystemClock};
+//!
+//! let mut cfg = LockspaceConfig::new("3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50", 1, "node-a", Duration::from_secs(10));
+//! cfg.fence_margin = Duration::from_secs(60);
+//! let dom_md = Path::new("/rhev/data-center/mnt/server:_export/3f1c2a9e-5b1d-4c53-9e4a-0c1b2d3e4f50/dom_md");
+//! let ls = Lockspace::acquire(&dom_md.join("ids"), 0, cfg, Arc::new(SystemClock))?;
+//! ls.on_fence(|ev| eprintln!("kill every QEMU holding a lease of {}: {:?}", ev.space, ev.reason));
+//! let opts = AcquireOptions { wait: OwnerWait::Watch(Duration::from_secs(300)), ..AcquireOptions::default() };
+//! let spm = ls.acquire_resource(&dom_md.join("leases"), 1 << 20, "SDM", opts)?;
+//! let fencing_token = spm.lver();
+//! # let _ = fencing_token;
+//! spm.release()?;
+//! ls.release()?;
+//! # Ok::<(), oxvirt_lease::LeaseError>(())
+//! ```
+//!
 //! Invariants: every lease write made through this handle happens while our delta lease is
 //! valid (checked at each step, see [`crate::machine`]); a resource is held at most once per
 //! lockspace handle; the fence fires at most once.

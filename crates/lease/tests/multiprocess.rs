@@ -249,7 +249,8 @@ fn kill_9_of_the_holder_lets_another_host_take_over_after_8n_plus_margin() {
         "took over too late: {took:?}"
     );
     assert!(lease.lver() > held_lver);
-    assert_eq!(ls.host_status(1), HostStatus::Dead);
+    // Our renewal thread's view lags by up to 2N: the holder is failed or dead there too.
+    assert!(matches!(ls.host_status(1), HostStatus::Fail | HostStatus::Dead));
     lease.release().unwrap();
     ls.release().unwrap();
 }
