@@ -29,7 +29,10 @@
 //!   failed half-way, after it never ran at all (a crash right after `started` was recorded),
 //!   or twice. It must only remove what this saga created (identified by the saga's own ids)
 //!   and succeed when there is nothing left to remove.
-//! - **The failing step is undone too**: an action that fails may have done part of its work.
+//! - **The failing step is undone too**: an action that fails may have done part of its work
+//!   (a node call that timed out may still complete). So an undo never assumes its action
+//!   succeeded: a lock step locks with the saga's id as owner (`Db::disk_lock(disk, saga_id)`)
+//!   and its undo releases only that owner's lock, never a lock another command holds.
 //! - **Outputs are the only memory.** A step sees the parameters and the outputs of earlier
 //!   steps ([`StepCtx::output`]); anything else it needs it must read from the database or the
 //!   nodes. Nothing in memory survives a crash.
