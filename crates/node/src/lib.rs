@@ -10,6 +10,7 @@ pub mod events;
 pub mod host;
 pub mod http;
 pub mod jobs;
+pub mod net;
 pub mod service;
 pub mod storage;
 pub mod vm;
