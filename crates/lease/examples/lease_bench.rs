@@ -5,9 +5,9 @@
 //! ```
 //!
 //! For each io_timeout N: time to acquire a free host id (formula 2N) and a free resource (no
-//! wait, six I/Os), then the time until another host takes over a resource after its holder's
-//! process is killed with SIGKILL (formula 8N + M; the holder's last renewal is up to 2N before
-//! the kill). `sanlock direct acquire_id` and `sanlock direct acquire` are timed in the same
+//! wait, six I/Os), then the time until another host, watching the resource
+//! (`OwnerWait::Watch`) from right after the kill, takes it over once its holder's process was
+//! killed with SIGKILL (formula 8N + max(M, N), counted from when the watcher starts). `sanlock direct acquire_id` and `sanlock direct acquire` are timed in the same
 //! run on the same files. The holder runs in a child process (this example re-executed).
 
 use std::io::{BufRead, BufReader, Write};
@@ -247,12 +247,12 @@ fn main() {
         let max = results.last().copied().unwrap_or_default();
         let mean = results.iter().sum::<Duration>() / results.len().max(1) as u32;
         println!(
-            "| {n} s | takeover after kill -9 of the holder ({} runs, M = {m} s) | mean {} (min {}, max {}) | 8N + M = {} (last renewal 0..2N before the kill) | sanlock's formula 8N + 60 = {} | {:.2} |",
+            "| {n} s | takeover after kill -9 of the holder ({} runs, M = {m} s) | mean {} (min {}, max {}) | 8N + max(M, N) = {} | sanlock's formula 8N + 60 = {} | {:.2} |",
             results.len(),
             secs(mean),
             secs(min),
             secs(max),
-            secs(8 * nd + Duration::from_secs(m)),
+            secs(8 * nd + Duration::from_secs(m).max(nd)),
             secs(8 * nd + Duration::from_secs(60)),
             mean.as_secs_f64() / (8 * nd + Duration::from_secs(60)).as_secs_f64()
         );

@@ -74,6 +74,13 @@ pub enum LeaseError {
     },
     #[error("lockspace {space} still holds {count} resource lease(s); release them first")]
     ResourcesHeld { space: String, count: usize },
+    #[error("cannot start the {what} thread of lockspace {space}")]
+    Spawn {
+        what: &'static str,
+        space: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("lockspace {space} host id {host_id}: operation stopped")]
     Stopped { space: String, host_id: u64 },
 }

@@ -447,14 +447,24 @@ impl Lockspace {
             ("fence", Inner::fence_timer),
         ] {
             let i = inner.clone();
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("lease-{what}:{}", inner.cfg.host_id))
-                .spawn(move || f(&i))
-                .map_err(|source| LeaseError::Open {
-                    path: "thread".into(),
-                    source,
-                })?;
-            threads.push(t);
+                .spawn(move || f(&i));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    // Without both threads the lease is unsafe to hold: stop and leave it to expire.
+                    inner.stop.signal();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(LeaseError::Spawn {
+                        what,
+                        space: inner.cfg.space_name.clone(),
+                        source,
+                    });
+                }
+            }
         }
         Ok(Lockspace {
             inner,

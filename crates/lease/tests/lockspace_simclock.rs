@@ -367,3 +367,43 @@ fn a_dead_shared_holder_is_cleared_by_an_exclusive_acquire() {
         .is_empty());
     ex.release().unwrap();
 }
+
+#[test]
+fn a_host_id_held_by_another_host_is_taken_only_after_it_stays_silent() {
+    let w = World::new();
+    let a = w.acquire(1, &[]);
+    // Another host (another name) asks for the same host id while A renews: busy after the wait.
+    let ls_io: Arc<dyn SectorIo> = Arc::new(FaultyIo::new(w.ls_disk.clone()));
+    let clock = w.clock.clone();
+    let mut cfg = World::config(1);
+    cfg.host_name = "host-b".into();
+    let cfg2 = cfg.clone();
+    let io2 = ls_io.clone();
+    let start = w.now();
+    let busy = w.while_advancing(&[&a], move || {
+        Lockspace::acquire_with_io(io2, cfg2, Arc::new(clock))
+    });
+    match busy {
+        Err(LeaseError::HostIdBusy {
+            host_id, owner_name, ..
+        }) => assert_eq!((host_id, owner_name.as_str()), (1, "host-1")),
+        other => panic!("expected HostIdBusy, got {other:?}"),
+    }
+    assert!(
+        w.now() - start >= 8 * N + M,
+        "the acquire waited out 8N + M first"
+    );
+
+    // A loses its storage and stops renewing: now the host id is taken, with a new generation.
+    a.ls_io.set_fault(MemFault::Hang);
+    let (clock, start) = (w.clock.clone(), w.now());
+    let b = w
+        .while_advancing(&[], move || {
+            Lockspace::acquire_with_io(ls_io, cfg, Arc::new(clock))
+        })
+        .unwrap();
+    assert!(w.now() - start >= 8 * N + M + 2 * N);
+    assert_eq!(b.generation(), 2);
+    assert!(a.ls.fenced().is_some());
+    b.release().unwrap();
+}
