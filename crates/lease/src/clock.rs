@@ -73,12 +73,17 @@ impl Clock for SystemClock {
             if now >= deadline {
                 return wake.is_set();
             }
-            if wake.wait_real(deadline - now) {
+            // Condvar timeouts run on CLOCK_MONOTONIC, which stops during suspend: waking at
+            // least every SUSPEND_CHECK bounds how late a deadline is noticed after a resume.
+            if wake.wait_real((deadline - now).min(SUSPEND_CHECK)) {
                 return true;
             }
         }
     }
 }
+
+/// Longest real wait between two looks at `CLOCK_BOOTTIME` while sleeping.
+const SUSPEND_CHECK: Duration = Duration::from_millis(200);
 
 /// A clock that moves only when a test advances it. Sleepers wake when the time they wait for
 /// has been reached by [`SimClock::advance`] or [`SimClock::set`].

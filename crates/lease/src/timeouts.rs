@@ -21,6 +21,15 @@
 //! the lockspace is an oxvirt host with that margin: a host that cannot confirm its lease holders
 //! are gone within M after 8N must not share the lockspace. A foreign sanlock host needs M = 60 s.
 //! The N used for another host's deadlines is the one it wrote in its delta lease, never ours.
+//!
+//! So M must cover, all at once: the time our fence needs to kill the lease holders (QEMU) and
+//! confirm they exited; the clocks' rate difference over 8N (monotonic clocks of healthy
+//! machines differ by far less than 0.1%, i.e. < 10 ms over 8 s); and nothing else, because the
+//! observer counts from when it saw the change, never from the writer's timestamp. A host whose
+//! whole machine freezes (suspend, a paused VM) freezes its lease holders too and fences the
+//! moment it resumes, since deadlines are measured on `CLOCK_BOOTTIME` and every lease write
+//! first checks them; what no userspace fence covers is the node process alone being stopped
+//! while QEMU runs on, which needs a hardware or kernel watchdog as in sanlock.
 
 use std::time::Duration;
 
