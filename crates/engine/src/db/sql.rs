@@ -87,6 +87,9 @@ pub(crate) fn u2i(what: &'static str, v: u64) -> Result<i64, DbError> {
 /// Typed column access with errors that name the column.
 pub(crate) trait RowExt {
     fn text(&self, col: &str) -> Result<String, DbError>;
+    /// Borrowed text: parsing ids and enums without allocating.
+    fn str_ref(&self, col: &str) -> Result<&str, DbError>;
+    fn opt_str_ref(&self, col: &str) -> Result<Option<&str>, DbError>;
     fn opt_text(&self, col: &str) -> Result<Option<String>, DbError>;
     fn int(&self, col: &str) -> Result<i64, DbError>;
     fn opt_int(&self, col: &str) -> Result<Option<i64>, DbError>;
@@ -116,7 +119,7 @@ pub(crate) trait RowExt {
     where
         T::Err: Display,
     {
-        let s = self.text(col)?;
+        let s = self.str_ref(col)?;
         s.parse().map_err(|e: T::Err| DbError::Corrupt {
             column: col.to_string(),
             detail: e.to_string(),
@@ -126,7 +129,7 @@ pub(crate) trait RowExt {
     where
         T::Err: Display,
     {
-        match self.opt_text(col)? {
+        match self.opt_str_ref(col)? {
             None => Ok(None),
             Some(s) => s.parse().map(Some).map_err(|e: T::Err| DbError::Corrupt {
                 column: col.to_string(),
@@ -151,6 +154,13 @@ fn decode_err(col: &str, e: sqlx::Error) -> DbError {
 }
 
 impl RowExt for AnyRow {
+    fn str_ref(&self, col: &str) -> Result<&str, DbError> {
+        self.try_get::<&str, _>(col).map_err(|e| decode_err(col, e))
+    }
+    fn opt_str_ref(&self, col: &str) -> Result<Option<&str>, DbError> {
+        self.try_get::<Option<&str>, _>(col)
+            .map_err(|e| decode_err(col, e))
+    }
     fn text(&self, col: &str) -> Result<String, DbError> {
         self.try_get::<String, _>(col).map_err(|e| decode_err(col, e))
     }

@@ -231,11 +231,15 @@ const VM_COLS: &str = "v.id, v.name, v.description, v.cluster_id, v.template_id,
     v.lease_storage_domain_id, v.placement_affinity, v.placement_hosts, v.created_at, v.revision";
 
 fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
-    let hosts = r.text("placement_hosts")?;
-    let hosts: Vec<HostUuid> = serde_json::from_str(&hosts).map_err(|e| DbError::Corrupt {
-        column: "placement_hosts".into(),
-        detail: e.to_string(),
-    })?;
+    let hosts = r.str_ref("placement_hosts")?;
+    let hosts: Vec<HostUuid> = if hosts == "[]" {
+        Vec::new()
+    } else {
+        serde_json::from_str(hosts).map_err(|e| DbError::Corrupt {
+            column: "placement_hosts".into(),
+            detail: e.to_string(),
+        })?
+    };
     Ok(Vm {
         id: r.parse("id")?,
         name: r.text("name")?,
