@@ -29,6 +29,18 @@ pub mod timeouts;
 pub use clock::{Clock, SimClock, SystemClock};
 pub use error::LeaseError;
 pub use hosts::HostStatus;
-pub use lockspace::{FenceEvent, FenceReason, Lockspace, LockspaceConfig, ResourceLease};
+pub use lockspace::{AcquireOptions, FenceEvent, FenceReason, Lockspace, LockspaceConfig, ResourceLease};
 pub use paxos::{LeaseMode, OwnerWait};
 pub use timeouts::Timeouts;
+
+#[cfg(test)]
+mod tests {
+    fn shareable<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_be_shared_between_threads() {
+        shareable::<crate::Lockspace>();
+        shareable::<crate::ResourceLease>();
+        shareable::<crate::io::DirectFile>();
+    }
+}
