@@ -27,6 +27,10 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// Accelerator for VMs that do not ask for one (`auto` probes KVM).
     pub accel: oxvirt_qemu::Accel,
+    /// Network namespace holding the host network the node manages (`None`: its own).
+    pub netns: Option<String>,
+    /// Address incoming migrations listen on (default: the API's listen address).
+    pub migration_host: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +93,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
         name: cfg.name.clone(),
         run_dir,
         accel: cfg.accel,
-        migration_host: cfg.listen.ip().to_string(),
+        migration_host: cfg
+            .migration_host
+            .clone()
+            .unwrap_or_else(|| cfg.listen.ip().to_string()),
+        netns: cfg.netns.clone(),
     })
     .await?;
     tracing::info!(name = %cfg.name, listen = %listener.local_addr().unwrap_or(cfg.listen), "node API serving (mutual TLS)");

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     pub accel: Accel,
     /// Address incoming migrations listen on.
     pub migration_host: String,
+    /// Network namespace holding the host network this node manages (`None`: its own).
+    pub netns: Option<String>,
 }
 
 pub struct Node {
@@ -39,13 +41,19 @@ pub struct Node {
     /// The storage pool connection: host ids, SPM role, tasks, mailbox.
     pub pools: Arc<PoolService>,
     pub vms: Arc<VmManager>,
+    /// Host networking: logical networks, rollback, VM taps.
+    pub net: Arc<crate::net::NetworkService>,
     pub jobs: Jobs,
     sampler: HostSampler,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start the VM manager")]
-pub struct NodeStartError(#[from] pub crate::vm::VmError);
+pub enum NodeStartError {
+    #[error("cannot start the VM manager")]
+    Vm(#[from] crate::vm::VmError),
+    #[error("cannot start the network service")]
+    Net(#[from] crate::net::NetError),
+}
 
 impl Node {
     /// Opens the run directory, recovering running VMs, and starts publishing their status
@@ -60,14 +68,23 @@ impl Node {
             pools: pools.clone(),
             timeout: Duration::from_secs(60),
         });
-        let vms = VmManager::open(vm_cfg).await?;
         let events = Arc::new(EventBus::new());
+        let net = crate::net::NetworkService::open(crate::net::NetConfig {
+            state_dir: config.run_dir.join("net"),
+            netns: config.netns.clone(),
+            clock: Arc::new(oxvirt_lease::SystemClock),
+            events: Some(events.clone()),
+        })
+        .await?;
+        vm_cfg.networks = net.clone();
+        let vms = VmManager::open(vm_cfg).await?;
         let node = Arc::new(Node {
             storage,
             pools,
             jobs: Jobs::new(events.clone()),
             events,
             vms,
+            net,
             config,
             sampler: HostSampler::new(),
         });
@@ -85,6 +102,7 @@ impl Node {
         match req {
             Request::Host(h) => self.execute_host(h).await,
             Request::Vm(v) => self.execute_vm(v).await,
+            Request::Net(n) => crate::api::net::execute(self, n).await,
             Request::Storage(s) => {
                 crate::api::storage::execute(self.storage.clone(), self.pools.clone(), s).await
             }
@@ -107,6 +125,9 @@ impl Node {
                     .collect();
                 let mut caps = to_json(&self.sampler.capabilities(storage));
                 caps["verbs"] = json!(crate::api::verbs());
+                if let Value::Object(net) = self.net.capabilities().await? {
+                    caps.as_object_mut().expect("an object").extend(net);
+                }
                 caps
             }
             HostRequest::GetStats => to_json(&self.sampler.stats(self.vms.list().len() as u32)),

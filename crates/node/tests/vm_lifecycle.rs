@@ -39,10 +39,7 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
     let img = tmp.path().join("disk.qcow2");
     create_qcow2(&img, 32, None);
     let mut req = guest_vm("life", vec![disk(vec![qcow2_layer(&img)])], &[&writer_arg()]);
-    req.nics = vec![NicSpec {
-        mac: "52:54:00:ab:cd:01".into(),
-        backend: NicBackend::User,
-    }];
+    req.nics = vec![NicSpec::new("52:54:00:ab:cd:01", NicBackend::User)];
     req.vnc = true;
     let id = req.id;
     let info = mgr.create(req.clone()).await.unwrap();

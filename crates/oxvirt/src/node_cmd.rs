@@ -31,6 +31,13 @@ pub struct NodeArgs {
     /// Accelerator for VMs that do not choose one: auto (KVM when the probe succeeds), kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: oxvirt_qemu::Accel,
+    /// Manage the host network inside this network namespace (`ip netns add`) and run VMs
+    /// there, e.g. several nodes on one machine.
+    #[arg(long)]
+    netns: Option<String>,
+    /// Address incoming migrations listen on (default: the --listen address).
+    #[arg(long)]
+    migration_host: Option<String>,
 }
 
 pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -60,6 +67,8 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         enroll,
         limits: Default::default(),
         accel: args.accel,
+        netns: args.netns,
+        migration_host: args.migration_host,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move { run(cfg, shutdown_signal()).await })?;

@@ -38,6 +38,11 @@ pub struct VmSpec {
     /// `-incoming` URI for a migration destination (e.g. `tcp:127.0.0.1:49152`, `defer`).
     pub incoming: Option<String>,
     pub nics: Vec<NicSpec>,
+    /// PCIe root ports reserved for NICs (`nicport<slot>`), so NICs can be hot plugged and
+    /// unplugged and keep their PCI address across migration. 0: NICs sit on the root bus
+    /// (no hotplug).
+    #[serde(default)]
+    pub nic_ports: u8,
     /// The QEMU guest agent's virtio-serial channel (`org.qemu.guest_agent.0`), served on this
     /// UNIX socket to the node.
     pub guest_agent_socket: Option<PathBuf>,
@@ -49,6 +54,85 @@ pub struct NicSpec {
     /// `52:54:00:xx:xx:xx`; must stay the same across migration.
     pub mac: String,
     pub backend: NicBackend,
+    /// Stable position: ids `nic<slot>`/`net<slot>` and, with [`VmSpec::nic_ports`], the root
+    /// port `nicport<slot>`. `None`: the NIC's index. Kept across hot unplugs of other NICs, so
+    /// the destination of a migration builds the same devices.
+    #[serde(default)]
+    pub slot: Option<u8>,
+    /// Link state the guest sees. Not a command-line property: applied over QMP (`set_link`)
+    /// right after start; migration carries it in virtio-net's state.
+    #[serde(default = "link_up")]
+    pub link_up: bool,
+}
+
+fn link_up() -> bool {
+    true
+}
+
+impl NicSpec {
+    /// A NIC at `slot` with its link up.
+    pub fn new(mac: &str, backend: NicBackend) -> NicSpec {
+        NicSpec {
+            mac: mac.to_string(),
+            backend,
+            slot: None,
+            link_up: true,
+        }
+    }
+
+    /// The tap QEMU opens, for tap-backed NICs.
+    pub fn tap(&self) -> Option<&str> {
+        match &self.backend {
+            NicBackend::User => None,
+            NicBackend::Tap { ifname } => Some(ifname),
+            NicBackend::Network { tap, .. } => Some(tap),
+        }
+    }
+
+    /// `-netdev`'s value (also `netdev_add`'s arguments, see [`nic_netdev_json`]).
+    fn netdev_arg(&self, slot: u8) -> String {
+        match self.tap() {
+            None => format!("user,id={}", nic_netdev_id(slot)),
+            Some(ifname) => format!(
+                "tap,id={},ifname={ifname},script=no,downscript=no",
+                nic_netdev_id(slot)
+            ),
+        }
+    }
+}
+
+/// QMP `netdev_add` arguments for NIC `nic` at `slot` (hot plug).
+pub fn nic_netdev_json(slot: u8, nic: &NicSpec) -> serde_json::Value {
+    match nic.tap() {
+        None => serde_json::json!({ "type": "user", "id": nic_netdev_id(slot) }),
+        Some(ifname) => serde_json::json!({
+            "type": "tap", "id": nic_netdev_id(slot), "ifname": ifname,
+            "script": "no", "downscript": "no",
+        }),
+    }
+}
+
+/// QMP `device_add` arguments for NIC `nic` at `slot` on its root port (hot plug).
+pub fn nic_device_json(slot: u8, nic: &NicSpec) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "virtio-net-pci", "id": nic_device_id_of_slot(slot), "netdev": nic_netdev_id(slot),
+        "mac": nic.mac, "bus": nic_port_id(slot), "romfile": "",
+    })
+}
+
+/// The root port a NIC slot plugs into.
+pub fn nic_port_id(slot: u8) -> String {
+    format!("nicport{slot}")
+}
+
+/// QEMU netdev id of a NIC slot.
+pub fn nic_netdev_id(slot: u8) -> String {
+    format!("net{slot}")
+}
+
+/// QEMU device id of a NIC slot (what `set_link` and `device_del` name).
+pub fn nic_device_id_of_slot(slot: u8) -> String {
+    format!("nic{slot}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +143,9 @@ pub enum NicBackend {
     /// An existing tap device the node created and plugged into a bridge beforehand (QEMU runs
     /// no scripts: the sandbox denies it spawning helpers).
     Tap { ifname: String },
+    /// A tap on logical network `network`'s bridge, which the node creates as `tap` before
+    /// QEMU starts (and deletes after it ends). On the command line, the same as `Tap`.
+    Network { network: String, tap: String },
 }
 
 /// What the virtual disk does when the host cannot complete a write.
@@ -170,6 +257,8 @@ pub enum SpecError {
     BadMac { vm: String, nic: usize, mac: String },
     #[error("VM {vm:?}: NIC {nic} has an invalid tap name {ifname:?}")]
     BadTap { vm: String, nic: usize, ifname: String },
+    #[error("VM {vm:?}: NIC {nic}'s slot {slot} is taken or outside the VM's {ports} NIC ports")]
+    BadNicSlot { vm: String, nic: usize, slot: u8, ports: u8 },
     #[error("VM {vm:?}: path {path:?} contains a ',' which QEMU's option syntax cannot carry")]
     CommaInPath { vm: String, path: PathBuf },
 }
@@ -177,6 +266,11 @@ pub enum SpecError {
 /// QEMU device id of a NIC.
 pub fn nic_device_id(nic: usize) -> String {
     format!("nic{nic}")
+}
+
+/// A NIC's slot: its own, or its index.
+pub fn nic_slot(index: usize, nic: &NicSpec) -> u8 {
+    nic.slot.unwrap_or(index as u8)
 }
 
 /// The guest agent's virtio-serial port name, which the agent in the guest looks for.
@@ -289,7 +383,7 @@ impl VmSpec {
                     mac: n.mac.clone(),
                 });
             }
-            if let NicBackend::Tap { ifname } = &n.backend {
+            if let Some(ifname) = n.tap() {
                 if ifname.is_empty()
                     || ifname.len() > 15
                     || !ifname
@@ -299,10 +393,23 @@ impl VmSpec {
                     return Err(SpecError::BadTap {
                         vm: vm(),
                         nic: i,
-                        ifname: ifname.clone(),
+                        ifname: ifname.to_string(),
                     });
                 }
             }
+        }
+        let mut slots: Vec<u8> = Vec::new();
+        for (i, n) in self.nics.iter().enumerate() {
+            let slot = nic_slot(i, n);
+            if slots.contains(&slot) || (self.nic_ports > 0 && slot >= self.nic_ports) {
+                return Err(SpecError::BadNicSlot {
+                    vm: vm(),
+                    nic: i,
+                    slot,
+                    ports: self.nic_ports,
+                });
+            }
+            slots.push(slot);
         }
         // Paths inside `key=value,...` options cannot contain commas (the -blockdev JSON can).
         let option_paths = [
@@ -415,20 +522,32 @@ impl VmSpec {
             }
             push("-device", dev);
         }
+        // Root ports first, in a fixed order, so their PCI addresses depend on the count only.
+        for p in 0..self.nic_ports {
+            push(
+                "-device",
+                format!(
+                    "pcie-root-port,id={},bus=pcie.0,chassis={}",
+                    nic_port_id(p),
+                    u32::from(p) + 1
+                ),
+            );
+        }
         for (i, nic) in self.nics.iter().enumerate() {
-            let netdev = match &nic.backend {
-                NicBackend::User => format!("user,id=net{i}"),
-                NicBackend::Tap { ifname } => {
-                    format!("tap,id=net{i},ifname={ifname},script=no,downscript=no")
-                }
+            let slot = nic_slot(i, nic);
+            push("-netdev", nic.netdev_arg(slot));
+            let bus = if self.nic_ports > 0 {
+                format!(",bus={}", nic_port_id(slot))
+            } else {
+                String::new()
             };
-            push("-netdev", netdev);
             // No option ROM: guests boot from disk or a kernel, never by PXE.
             push(
                 "-device",
                 format!(
-                    "virtio-net-pci,netdev=net{i},id={},mac={},romfile=",
-                    nic_device_id(i),
+                    "virtio-net-pci,netdev={},id={},mac={}{bus},romfile=",
+                    nic_netdev_id(slot),
+                    nic_device_id_of_slot(slot),
                     nic.mac
                 ),
             );
@@ -490,10 +609,8 @@ mod tests {
             balloon: true,
             pid_file: None,
             incoming: None,
-            nics: vec![NicSpec {
-                mac: "52:54:00:12:34:56".into(),
-                backend: NicBackend::User,
-            }],
+            nics: vec![NicSpec::new("52:54:00:12:34:56", NicBackend::User)],
+            nic_ports: 0,
             guest_agent_socket: Some("/run/vm1.qga".into()),
         }
     }
@@ -576,12 +693,12 @@ mod tests {
     #[test]
     fn nics_agent_channel_and_error_policy_are_on_the_command_line() {
         let mut s = spec();
-        s.nics.push(NicSpec {
-            mac: "52:54:00:00:00:02".into(),
-            backend: NicBackend::Tap {
+        s.nics.push(NicSpec::new(
+            "52:54:00:00:00:02",
+            NicBackend::Tap {
                 ifname: "oxtap0".into(),
             },
-        });
+        ));
         let args = s.to_args().unwrap();
         assert_eq!(
             arg_after(&args, "-netdev"),
@@ -624,6 +741,47 @@ mod tests {
         let mut s = spec();
         s.qmp_socket = "/run/a,server=off".into();
         assert!(matches!(s.to_args(), Err(SpecError::CommaInPath { .. })));
+    }
+
+    #[test]
+    fn nic_ports_give_hotpluggable_slots_that_survive_unplugs() {
+        let mut s = spec();
+        s.nic_ports = 4;
+        s.nics = vec![
+            NicSpec::new("52:54:00:00:00:01", NicBackend::User),
+            NicSpec {
+                slot: Some(3),
+                ..NicSpec::new(
+                    "52:54:00:00:00:03",
+                    NicBackend::Network {
+                        network: "vmnet".into(),
+                        tap: "oxabc3".into(),
+                    },
+                )
+            },
+        ];
+        let args = s.to_args().unwrap();
+        let devs = arg_after(&args, "-device");
+        assert_eq!(
+            &devs[1..5],
+            [
+                "pcie-root-port,id=nicport0,bus=pcie.0,chassis=1",
+                "pcie-root-port,id=nicport1,bus=pcie.0,chassis=2",
+                "pcie-root-port,id=nicport2,bus=pcie.0,chassis=3",
+                "pcie-root-port,id=nicport3,bus=pcie.0,chassis=4",
+            ]
+        );
+        assert!(devs.contains(&"virtio-net-pci,netdev=net3,id=nic3,mac=52:54:00:00:00:03,bus=nicport3,romfile="));
+        assert!(arg_after(&args, "-netdev").contains(&"tap,id=net3,ifname=oxabc3,script=no,downscript=no"));
+        let hot = nic_device_json(2, &s.nics[0]);
+        assert_eq!(hot["bus"], "nicport2");
+        assert_eq!(hot["id"], "nic2");
+        assert_eq!(nic_netdev_json(3, &s.nics[1])["ifname"], "oxabc3");
+        // A slot taken twice, or beyond the ports, is refused.
+        s.nics[1].slot = Some(0);
+        assert!(matches!(s.to_args(), Err(SpecError::BadNicSlot { nic: 1, slot: 0, .. })));
+        s.nics[1].slot = Some(4);
+        assert!(matches!(s.to_args(), Err(SpecError::BadNicSlot { slot: 4, .. })));
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         pid_file: None,
         incoming: None,
         nics: vec![],
+        nic_ports: 0,
         guest_agent_socket: None,
     };
 

@@ -27,6 +27,16 @@ pub enum ErrorCode {
     SpmBusy,
     LeaseError,
     StorageError,
+    /// Invalid network configuration (VDSM's ERR_BAD_PARAMS).
+    BadNetworkParams,
+    /// A bond the kernel cannot make (VDSM's ERR_BAD_BONDING).
+    BadBonding,
+    /// A VLAN the kernel cannot make (VDSM's ERR_BAD_VLAN).
+    BadVlan,
+    /// A network or bridge missing from the host (VDSM's ERR_BAD_BRIDGE).
+    BadBridge,
+    /// A network change failed while applied (VDSM's ERR_FAILED_IFUP).
+    NetworkSetupFailed,
 }
 
 impl ErrorCode {
@@ -49,6 +59,11 @@ impl ErrorCode {
             Self::VolumeLocked => 2004,
             Self::LeaseError => 2005,
             Self::StorageError => 2006,
+            Self::BadNetworkParams => 21,
+            Self::BadBonding => 25,
+            Self::BadVlan => 26,
+            Self::BadBridge => 27,
+            Self::NetworkSetupFailed => 29,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! means a variant, its parse arm and its execute arm in one module — nothing in the transports.
 
 pub mod host;
+pub mod net;
 pub mod storage;
 pub mod vm;
 
@@ -45,6 +46,7 @@ pub enum Request {
     Host(host::HostRequest),
     Vm(vm::VmRequest),
     Storage(storage::StorageRequest),
+    Net(net::NetRequest),
 }
 
 /// Every verb name this node serves.
@@ -53,6 +55,7 @@ pub fn verbs() -> Vec<&'static str> {
     v.extend(host::VERBS);
     v.extend(vm::VERBS);
     v.extend(storage::VERBS);
+    v.extend(net::VERBS);
     v
 }
 
@@ -78,6 +81,9 @@ pub fn params<T: DeserializeOwned>(method: &str, params: Map<String, Value>) -> 
 
 impl Request {
     pub fn parse(method: &str, p: Map<String, Value>) -> Result<Request, RpcError> {
+        if net::VERBS.contains(&method) {
+            return net::NetRequest::parse(method, p).map(Request::Net);
+        }
         let ns = method.split('.').next().unwrap_or_default();
         match ns {
             "Host" => host::HostRequest::parse(method, p).map(Request::Host),

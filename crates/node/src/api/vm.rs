@@ -71,9 +71,44 @@ pub struct BootParams {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NicParams {
     pub mac: String,
-    /// `user` (QEMU user-mode network) or the name of an existing tap device.
+    /// The name of an existing tap device; without it and `network`, QEMU's user-mode network.
     #[serde(default)]
     pub tap: Option<String>,
+    /// Logical network (its bridge): the node creates the NIC's tap on it.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The NIC's slot (from the source's `VM.getInfo` on a migration destination).
+    #[serde(default)]
+    pub slot: Option<u8>,
+    /// VDSM's `linkActive`: the guest sees the cable plugged.
+    #[serde(default = "yes")]
+    pub link_active: bool,
+}
+
+impl NicParams {
+    /// The NIC as the VM manager takes it; a network NIC's tap is named by the manager.
+    pub fn to_spec(&self) -> Result<NicSpec, ApiError> {
+        let backend = match (&self.network, &self.tap) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("NIC {}: give network or tap, not both", self.mac),
+                ))
+            }
+            (Some(network), None) => NicBackend::Network {
+                network: network.clone(),
+                tap: String::new(),
+            },
+            (None, Some(ifname)) => NicBackend::Tap { ifname: ifname.clone() },
+            (None, None) => NicBackend::User,
+        };
+        Ok(NicSpec {
+            mac: self.mac.clone(),
+            backend,
+            slot: self.slot,
+            link_up: self.link_active,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -246,6 +281,7 @@ impl From<VmError> for ApiError {
             VmError::Invalid { .. } | VmError::Spec { .. } => ErrorCode::InvalidParameter,
             VmError::WrongState { .. } => ErrorCode::Busy,
             VmError::Migration { .. } => ErrorCode::MigrationError,
+            VmError::Nic { .. } => ErrorCode::BadBridge,
             _ => ErrorCode::Unexpected,
         };
         ApiError::new(code, error_chain(&e))
@@ -310,16 +346,7 @@ impl Node {
             },
             None => Boot::Disk,
         };
-        let nics = p
-            .nics
-            .into_iter()
-            .map(|n| NicSpec {
-                mac: n.mac,
-                backend: n
-                    .tap
-                    .map_or(NicBackend::User, |ifname| NicBackend::Tap { ifname }),
-            })
-            .collect();
+        let nics = p.nics.iter().map(NicParams::to_spec).collect::<Result<Vec<_>, _>>()?;
         Ok(VmCreate {
             id: p.id,
             name: p.vm_name,

@@ -23,6 +23,7 @@
 pub mod control;
 pub mod hooks;
 pub mod ksm;
+pub mod nics;
 pub mod process;
 pub mod state;
 pub mod thin;
@@ -141,6 +142,9 @@ pub struct VmInfo {
     pub pid: u32,
     /// Current volume chains, base first.
     pub chains: Vec<Vec<PathBuf>>,
+    /// NICs with their slots and link states (a migration destination needs the same).
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +301,8 @@ pub enum VmError {
     BlockJob { vm: VmId, job: String, reason: String },
     #[error("VM {vm}: migration failed: {reason}")]
     Migration { vm: VmId, reason: String },
+    #[error("VM {vm}: NIC {mac}: {reason}")]
+    Nic { vm: VmId, mac: String, reason: String },
     #[error("cannot locate QEMU")]
     Tool(#[source] oxvirt_qemu::ToolError),
     #[error("run directory {path}")]
@@ -327,6 +333,8 @@ pub struct VmManagerConfig {
     pub agent_timeout: Duration,
     /// Address incoming migrations listen on.
     pub migration_host: String,
+    /// Where NICs on logical networks get their taps, and the namespace QEMU runs in.
+    pub networks: Arc<dyn nics::NicNetworks>,
 }
 
 impl VmManagerConfig {
@@ -339,6 +347,7 @@ impl VmManagerConfig {
             start_timeout: Duration::from_secs(30),
             agent_timeout: Duration::from_secs(5),
             migration_host: "127.0.0.1".into(),
+            networks: Arc::new(nics::NoNetworks),
         }
     }
 }
@@ -453,6 +462,7 @@ impl Vm {
                 .iter()
                 .map(|d| d.layers.iter().map(|l| l.path.clone()).collect())
                 .collect(),
+            nics: rec.create.nics.clone(),
         }
     }
 
@@ -625,6 +635,7 @@ impl VmManager {
             pid_file: Some(dir.join("qemu.pid")),
             incoming,
             nics: c.nics.clone(),
+            nic_ports: nics::NIC_PORTS,
             guest_agent_socket: c.guest_agent.then(|| dir.join("qga.sock")),
         }
     }
@@ -658,8 +669,9 @@ impl VmManager {
         Ok(())
     }
 
-    async fn launch(&self, req: VmCreate, incoming: Option<String>) -> Result<Arc<Vm>, VmError> {
+    async fn launch(&self, mut req: VmCreate, incoming: Option<String>) -> Result<Arc<Vm>, VmError> {
         let id = req.id;
+        nics::assign_slots(id, &mut req.nics)?;
         self.validate(&req)?;
         let dir = self.vm_dir(id);
         // Reserve the id before any side effect so concurrent creates cannot both proceed.
@@ -688,6 +700,7 @@ impl VmManager {
             for lp in rec.loops.iter().flatten() {
                 let _ = thin::loop_detach(&lp.device);
             }
+            nics::unplug_all(self.cfg.networks.as_ref(), id, &rec.create.nics).await;
             let _ = std::fs::remove_dir_all(&dir);
         }
         res
@@ -740,10 +753,11 @@ impl VmManager {
             what: "invalid VM spec",
             source,
         })?;
+        nics::plug_all(self.cfg.networks.as_ref(), id, &rec.create.nics).await?;
         tracing::info!(vm_id = %id, qemu = %self.qemu.display(), args = ?args, "starting QEMU");
         let log = dir.join("qemu.log");
-        let process =
-            Process::spawn_detached(&self.qemu, &args, &log).map_err(|source| VmError::Process {
+        let process = Process::spawn_detached_in(&self.qemu, &args, &log, self.cfg.networks.netns_fd())
+            .map_err(|source| VmError::Process {
                 vm: id,
                 what: "spawn QEMU",
                 source,
@@ -806,6 +820,7 @@ impl VmManager {
         });
         self.vms.lock().unwrap().insert(id, vm.clone());
         tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
+        nics::apply_link_states(&vm).await;
         arm_thresholds(&vm).await;
         if st.status == "io-error" {
             // Recovered (or started) while stopped on ENOSPC: extend now.
@@ -970,10 +985,11 @@ impl VmManager {
             VmStatus::Down { reason } => reason,
             _ => unreachable!("kill_and_wait returns only once the VM is down"),
         };
-        let (name, loops) = {
+        let (name, loops, vm_nics) = {
             let r = vm.record.lock().unwrap();
-            (r.create.name.clone(), r.loops.clone())
+            (r.create.name.clone(), r.loops.clone(), r.create.nics.clone())
         };
+        nics::unplug_all(self.cfg.networks.as_ref(), id, &vm_nics).await;
         for lp in loops.iter().flatten() {
             if let Err(e) = thin::loop_detach(&lp.device) {
                 tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "loop detach failed");

@@ -63,6 +63,17 @@ pub enum Exit {
 impl Process {
     /// Spawns `binary args` detached from the node.
     pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> Result<Process, ProcessError> {
+        Process::spawn_detached_in(binary, args, log, None)
+    }
+
+    /// Spawns `binary args` detached from the node, inside network namespace `netns` (an open
+    /// namespace file) when given: the host network the node manages, where the VM's taps are.
+    pub fn spawn_detached_in(
+        binary: &Path,
+        args: &[String],
+        log: &Path,
+        netns: Option<std::os::fd::RawFd>,
+    ) -> Result<Process, ProcessError> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -79,9 +90,12 @@ impl Process {
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(fd) = netns {
+                    crate::net::netns::enter(fd)?;
                 }
                 Ok(())
             });

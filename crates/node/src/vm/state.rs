@@ -123,6 +123,8 @@ pub enum Op {
     Snapshot,
     Merge,
     Balloon,
+    /// Hot plug and unplug of devices, link state.
+    Devices,
     /// Destroy is allowed in every state (it is how a `Down` VM is removed).
     Destroy,
 }
@@ -161,7 +163,7 @@ impl VmStatus {
             Op::Shutdown => matches!(self, Up | Paused { .. } | PoweringDown),
             Op::Reboot => matches!(self, Up),
             Op::Migrate => matches!(self, Up | Paused { .. }),
-            Op::Snapshot | Op::Merge | Op::Balloon => matches!(self, Up | Paused { .. }),
+            Op::Snapshot | Op::Merge | Op::Balloon | Op::Devices => matches!(self, Up | Paused { .. }),
         }
     }
 
