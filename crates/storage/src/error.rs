@@ -106,7 +106,7 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| StorageError::Io { action, path, source }
     }

@@ -34,6 +34,9 @@ pub enum StorageRequest {
     DomainGetStats {
         sd: SdUuid,
     },
+    DomainFormat {
+        sd: SdUuid,
+    },
     DomainGetImages {
         sd: SdUuid,
     },
@@ -87,6 +90,9 @@ pub const VERBS: &[&str] = &[
     "Image.copy",
     "Image.cloneStructure",
     "Image.mergeSnapshots",
+    "Image.prepareMerge",
+    "Image.finalizeMerge",
+    "StorageDomain.format",
     "Task.getStatus",
     "Task.getInfo",
     "Task.clear",
@@ -161,6 +167,9 @@ impl StorageRequest {
                 sd: params::<Sd>(method, p)?.sd,
             },
             "StorageDomain.getStats" => StorageRequest::DomainGetStats {
+                sd: params::<Sd>(method, p)?.sd,
+            },
+            "StorageDomain.format" => StorageRequest::DomainFormat {
                 sd: params::<Sd>(method, p)?.sd,
             },
             "StorageDomain.getImages" => StorageRequest::DomainGetImages {
@@ -309,6 +318,10 @@ pub async fn execute(
                 "readDelaySecs": health.read_delay.as_secs_f64(),
                 "error": health.error,
             }))
+        }
+        StorageRequest::DomainFormat { sd } => {
+            svc.format_domain(sd)?;
+            Ok(json!(true))
         }
         StorageRequest::DomainGetImages { sd } => Ok(to_json(&svc.domain(sd)?.images()?)),
         StorageRequest::VolumeGetInfo { sd, img, vol } => {

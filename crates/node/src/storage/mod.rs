@@ -230,6 +230,26 @@ impl StorageService {
         Err(StorageServiceError::DomainNotFound(sd))
     }
 
+    /// Removes an unattached domain from storage (VDSM's `formatStorageDomain`): renamed out
+    /// of the way first, so a crash leaves a hidden directory, never a half-deleted domain.
+    pub fn format_domain(&self, sd: SdUuid) -> Result<(), StorageServiceError> {
+        let dom = self.domain(sd)?;
+        if !dom.metadata().pools.is_empty() {
+            return Err(StorageServiceError::Storage(StorageError::InvalidArgument {
+                what: "storage domain",
+                reason: format!("{sd} belongs to pool {:?}: detach it first", dom.metadata().pools),
+            }));
+        }
+        let root = dom.root().to_path_buf();
+        drop(dom);
+        let parent = root.parent().expect("a domain lives under its mount");
+        let doomed = parent.join(format!(".{sd}.removing"));
+        std::fs::rename(&root, &doomed).map_err(StorageError::io("rename for removal", &root))?;
+        std::fs::remove_dir_all(&doomed).map_err(StorageError::io("remove", &doomed))?;
+        tracing::info!(sd = %sd, "storage domain formatted");
+        Ok(())
+    }
+
     /// Every domain on every connection.
     pub fn domains(&self) -> Vec<(SdUuid, PathBuf)> {
         let mut out = Vec::new();

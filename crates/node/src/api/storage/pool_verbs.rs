@@ -288,6 +288,10 @@ pub enum PoolRequest {
     ImageCopy(ImageCopy),
     ImageCloneStructure(CloneStructure),
     ImageMerge(Merge),
+    /// Live merge, before the VM's block commit: base ILLEGAL (and extended if needed).
+    ImagePrepareMerge(Merge),
+    /// Live merge, after the VM's block commit: re-link the chain, delete top, base LEGAL.
+    ImageFinalizeMerge(Merge),
     TaskStatus(TaskRef),
     TaskInfo(TaskRef),
     TaskClear(TaskRef),
@@ -332,6 +336,8 @@ impl PoolRequest {
             "Image.copy" => PoolRequest::ImageCopy(params(method, p)?),
             "Image.cloneStructure" => PoolRequest::ImageCloneStructure(params(method, p)?),
             "Image.mergeSnapshots" => PoolRequest::ImageMerge(params(method, p)?),
+            "Image.prepareMerge" => PoolRequest::ImagePrepareMerge(params(method, p)?),
+            "Image.finalizeMerge" => PoolRequest::ImageFinalizeMerge(params(method, p)?),
             "Task.getStatus" => PoolRequest::TaskStatus(params(method, p)?),
             "Task.getInfo" => PoolRequest::TaskInfo(params(method, p)?),
             "Task.clear" => PoolRequest::TaskClear(params(method, p)?),
@@ -760,6 +766,32 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     base: m.base,
                     top: m.top,
                 }),
+        ),
+        PoolRequest::ImagePrepareMerge(m) => task(
+            m.pool,
+            TaskPlan::new("prepareMerge").undoable(
+                Job::PrepareMerge {
+                    sd: m.sd,
+                    img: m.img,
+                    base: m.base,
+                    top: m.top,
+                },
+                Job::SetLegality {
+                    sd: m.sd,
+                    img: m.img,
+                    vol: m.base,
+                    legality: Legality::Legal,
+                },
+            ),
+        ),
+        PoolRequest::ImageFinalizeMerge(m) => task(
+            m.pool,
+            TaskPlan::new("finalizeMerge").forward(Job::FinalizeMerge {
+                sd: m.sd,
+                img: m.img,
+                base: m.base,
+                top: m.top,
+            }),
         ),
         PoolRequest::TaskStatus(t) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
