@@ -38,6 +38,10 @@ pub enum EnrollError {
 pub struct EnrolledHost {
     pub name: String,
     pub address: String,
+    /// The token it enrolled with (the engine maps tokens to clusters).
+    pub token: Option<String>,
+    /// SHA-256 of the issued certificate.
+    pub fingerprint: String,
 }
 
 struct Pending {
@@ -50,6 +54,8 @@ struct Pending {
 struct State {
     tokens: HashMap<String, Instant>,
     pending: HashMap<String, Pending>,
+    /// Host names the admin added: their token-less requests are approved on arrival.
+    preauthorized: std::collections::HashSet<String>,
 }
 
 pub struct Enrollment {
@@ -121,6 +127,8 @@ impl Enrollment {
             (self.on_enrolled)(&EnrolledHost {
                 name: req.name.clone(),
                 address: req.address.clone(),
+                token: Some(token.clone()),
+                fingerprint: fingerprint_of(&cert),
             });
             tracing::info!(host = %req.name, address = %req.address, "host enrolled with a token");
             return Ok(approved(cert));
@@ -180,13 +188,35 @@ impl Enrollment {
                 name: name.to_string(),
                 reason: e.to_string(),
             })?;
-        p.certificate = Some(cert);
         let host = EnrolledHost {
             name: name.to_string(),
             address: p.address.clone(),
+            token: None,
+            fingerprint: fingerprint_of(&cert),
         };
+        p.certificate = Some(cert);
         drop(st);
         (self.on_enrolled)(&host);
+        Ok(())
+    }
+}
+
+fn fingerprint_of(cert_pem: &str) -> String {
+    oxvirt_pki::fingerprint_pem(cert_pem).unwrap_or_default()
+}
+
+impl Enrollment {
+    /// The admin added host `name`: approve its request now if it is waiting, else when it
+    /// arrives.
+    pub fn preauthorize(&self, name: &str) -> Result<(), EnrollError> {
+        if self.pending().iter().any(|(n, _)| n == name) {
+            return self.approve(name);
+        }
+        self.state
+            .lock()
+            .expect("enrollment lock")
+            .preauthorized
+            .insert(name.to_string());
         Ok(())
     }
 }

@@ -9,10 +9,17 @@
 //! Architecture invariant: the engine never touches storage or QEMU directly; the database is
 //! its only state.
 
+pub mod app;
+pub mod commands;
+pub mod daemon;
 pub mod db;
 pub mod enroll;
 pub mod model;
+pub mod monitor;
+pub mod network;
+pub mod nodes;
 pub mod saga;
+pub mod scheduling;
 pub mod time;
 
 pub use db::{Db, DbError, Tx};

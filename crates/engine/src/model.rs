@@ -668,6 +668,8 @@ pub struct Vm {
     /// The domain holding the VM's lease (HA VMs).
     pub lease_storage_domain_id: Option<SdUuid>,
     pub placement: Placement,
+    /// Boot settings beyond the disks.
+    pub os: VmOs,
     pub runtime: VmRuntime,
     pub created_at: Timestamp,
     pub revision: i64,
@@ -687,11 +689,21 @@ impl Vm {
             ha: HighAvailability::default(),
             lease_storage_domain_id: None,
             placement: Placement::default(),
+            os: VmOs::default(),
             runtime: VmRuntime::default(),
             created_at: Timestamp::from_millis(0),
             revision: 0,
         }
     }
+}
+
+/// Direct kernel boot (oVirt's `<os><kernel/><initrd/><cmdline/>`): paths on the host. Without
+/// a kernel the VM boots from its bootable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VmOs {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
 }
 
 /// A VM's run-time state, changed by compare-and-set on `status`.

@@ -228,7 +228,8 @@ async fn template_disks(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<Disk>, Db
 const VM_COLS: &str = "v.id, v.name, v.description, v.cluster_id, v.template_id, v.memory_bytes, \
     v.memory_guaranteed_bytes, v.cpu_sockets, v.cpu_cores, v.cpu_threads, v.status, \
     v.status_detail, v.run_on_host, v.migrating_to_host, v.ha_enabled, v.ha_priority, \
-    v.lease_storage_domain_id, v.placement_affinity, v.placement_hosts, v.created_at, v.revision";
+    v.lease_storage_domain_id, v.placement_affinity, v.placement_hosts, v.os_kernel, v.os_initrd, \
+    v.os_cmdline, v.created_at, v.revision";
 
 fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
     let hosts = r.str_ref("placement_hosts")?;
@@ -261,6 +262,11 @@ fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
         placement: Placement {
             affinity: r.parse("placement_affinity")?,
             hosts,
+        },
+        os: VmOs {
+            kernel: r.opt_text("os_kernel")?,
+            initrd: r.opt_text("os_initrd")?,
+            cmdline: r.opt_text("os_cmdline")?,
         },
         runtime: VmRuntime {
             status: r.parse("status")?,
@@ -338,13 +344,19 @@ fn vm_config_args(q: &mut Sql, vm: &Vm) -> Result<(), DbError> {
         .push(", ")
         .arg(vm.placement.affinity.as_str())
         .push(", ")
-        .arg(hosts);
+        .arg(hosts)
+        .push(", ")
+        .arg(Arg::Text(vm.os.kernel.clone()))
+        .push(", ")
+        .arg(Arg::Text(vm.os.initrd.clone()))
+        .push(", ")
+        .arg(Arg::Text(vm.os.cmdline.clone()));
     Ok(())
 }
 
 const VM_CONFIG_COLS: &str = "name, description, cluster_id, template_id, memory_bytes, \
     memory_guaranteed_bytes, cpu_sockets, cpu_cores, cpu_threads, ha_enabled, ha_priority, \
-    lease_storage_domain_id, placement_affinity, placement_hosts";
+    lease_storage_domain_id, placement_affinity, placement_hosts, os_kernel, os_initrd, os_cmdline";
 
 /// Inserts the VM and its "Active VM" snapshot.
 async fn vm_insert(c: &mut Conn<'_>, vm: &Vm) -> Result<Vm, DbError> {

@@ -1,0 +1,172 @@
+//! The engine's application context: what commands, sagas and monitors share — the database,
+//! the node clients and the settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxvirt_types::HostId;
+
+use crate::commands::CommandError;
+use crate::db::Db;
+use crate::model::{DataCenter, DcId, Host, HostStatus, SdUuid, SpmStatus};
+use crate::nodes::{NodeClient, NodeClients};
+
+/// Tunables; `Default` gives oVirt's production values.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Lease I/O timeout N for pools (renew 2N, fail 8N). oVirt: 10 s.
+    pub io_timeout: Duration,
+    /// Extra wait before a dead host's leases may be taken, covering its self-fencing. 60 s is
+    /// safe with sanlock hosts in the pool; oxvirt-only pools may use less (see the lease crate).
+    pub fence_margin: Duration,
+    /// How often hosts are polled (events arrive in between).
+    pub monitor_interval: Duration,
+    /// Consecutive failed polls before a host is `non_responsive`.
+    pub non_responsive_after: u32,
+    /// Bound on one SPM task (volume creation, copy, merge).
+    pub task_timeout: Duration,
+    /// Bound on a live migration.
+    pub migration_timeout: Duration,
+    /// Accelerator VMs run with (`None`: each node's default).
+    pub accel: Option<String>,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            io_timeout: Duration::from_secs(10),
+            fence_margin: Duration::from_secs(60),
+            monitor_interval: Duration::from_secs(3),
+            non_responsive_after: 3,
+            task_timeout: Duration::from_secs(3600),
+            migration_timeout: Duration::from_secs(600),
+            accel: None,
+        }
+    }
+}
+
+/// What monitoring knows about a host beyond its database row: live figures and the state of
+/// its connection to the pool. In memory only — a restarted engine learns it again within one
+/// monitoring round.
+#[derive(Debug, Clone, Default)]
+pub struct HostRuntime {
+    pub cpu_load_pct: f64,
+    pub mem_total_mib: u64,
+    pub mem_free_mib: u64,
+    pub swap_free_mib: u64,
+    /// The node process's boot id: a change means it restarted and must be reconnected.
+    pub boot_id: Option<String>,
+    /// The pool and master version this host is connected with.
+    pub pool: Option<(oxvirt_types::PoolUuid, i64)>,
+    /// Storage domains the host reaches.
+    pub domains: std::collections::BTreeSet<SdUuid>,
+    /// Consecutive failed polls.
+    pub failures: u32,
+}
+
+pub struct App {
+    pub db: Db,
+    pub nodes: NodeClients,
+    pub settings: EngineSettings,
+    pub hosts_rt: std::sync::Mutex<std::collections::HashMap<crate::model::HostUuid, HostRuntime>>,
+    /// Wakes the monitor early (after a command changed what it watches).
+    pub kick: tokio::sync::Notify,
+}
+
+impl App {
+    pub fn new(db: Db, nodes: NodeClients, settings: EngineSettings) -> Arc<App> {
+        Arc::new(App {
+            db,
+            nodes,
+            settings,
+            hosts_rt: Default::default(),
+            kick: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn host_rt(&self, id: crate::model::HostUuid) -> HostRuntime {
+        self.hosts_rt
+            .lock()
+            .expect("host runtime")
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn update_host_rt(&self, id: crate::model::HostUuid, f: impl FnOnce(&mut HostRuntime)) {
+        f(self.hosts_rt.lock().expect("host runtime").entry(id).or_default())
+    }
+
+    pub async fn dc(&self, id: DcId) -> Result<DataCenter, CommandError> {
+        self.db
+            .dc_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("data center", id))
+    }
+
+    pub async fn host(&self, id: crate::model::HostUuid) -> Result<Host, CommandError> {
+        self.db
+            .host_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("host", id))
+    }
+
+    /// The data center a host belongs to (through its cluster).
+    pub async fn host_dc(&self, h: &Host) -> Result<DataCenter, CommandError> {
+        let cl = self
+            .db
+            .cluster_get(h.cluster_id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("cluster", h.cluster_id))?;
+        self.dc(cl.data_center_id).await
+    }
+
+    pub fn client(&self, h: &Host) -> Result<NodeClient, CommandError> {
+        Ok(self.nodes.client(h)?)
+    }
+
+    /// The SPM's client; a conflict when the data center has none.
+    pub async fn spm(&self, dc: &DataCenter) -> Result<(Host, NodeClient), CommandError> {
+        let host_id = match (dc.spm_status, dc.spm_host) {
+            (SpmStatus::Spm, Some(h)) => h,
+            _ => {
+                return Err(CommandError::Conflict(format!(
+                    "data center {} has no SPM yet",
+                    dc.name
+                )))
+            }
+        };
+        let h = self.host(host_id).await?;
+        if h.status != HostStatus::Up {
+            return Err(CommandError::Conflict(format!(
+                "the SPM of data center {} (host {}) is {}",
+                dc.name, h.name, h.status
+            )));
+        }
+        let c = self.client(&h)?;
+        Ok((h, c))
+    }
+
+    /// Up hosts of a data center.
+    pub async fn dc_hosts(&self, dc: DcId, only_up: bool) -> Result<Vec<Host>, CommandError> {
+        let q = crate::db::ListQuery {
+            filter: crate::db::HostFilter {
+                data_center: Some(crate::db::Ref::Id(dc)),
+                status: if only_up { vec![HostStatus::Up] } else { vec![] },
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(self.db.host_list(&q).await?)
+    }
+
+    /// The host's id in the data center's lockspaces, allocated on first use.
+    pub async fn lockspace_id(&self, dc: DcId, host: crate::model::HostUuid) -> Result<HostId, CommandError> {
+        Ok(self.db.host_spm_id_allocate(dc, host).await?)
+    }
+
+    /// Connection id the engine uses for a domain's storage server connection.
+    pub fn connection_id(sd: SdUuid) -> String {
+        format!("sd-{sd}")
+    }
+}

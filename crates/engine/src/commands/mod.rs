@@ -1,0 +1,147 @@
+//! The engine's commands: what the REST API, the web UI and the CLI call.
+//!
+//! A command validates its input against the database, then either changes rows directly
+//! (single-step commands) or runs a saga ([`crate::saga`]) whose steps call nodes and record
+//! their effects, each with an undo. Commands never hold a database transaction across a call to
+//! a node.
+//!
+//! Architecture invariant: every change to storage or to a VM goes through a command here; the
+//! transports above are translations only.
+
+mod infra;
+mod snapshots;
+mod storage;
+mod vms;
+
+use std::sync::Arc;
+
+use oxvirt_types::JobId;
+
+use crate::app::App;
+use crate::db::DbError;
+use crate::nodes::NodeError;
+use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
+
+pub use infra::{AddCluster, AddDataCenter, AddHost};
+pub use snapshots::AddSnapshot;
+pub(crate) use storage::connect_storage as connect_storage_servers;
+pub use storage::{AddDisk, AddStorageDomain};
+pub(crate) use vms::destroy_on as destroy_on_node;
+pub use vms::{AddVm, AddVmDisk, MigrateOptions, StartOptions as VmStartOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database")]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("{description} failed and was rolled back: {error}")]
+    Failed {
+        description: String,
+        error: String,
+        job: Option<JobId>,
+    },
+    #[error("{description} failed and could not be rolled back (needs an administrator): {error}; undo: {undo_error}")]
+    Stuck {
+        description: String,
+        error: String,
+        undo_error: String,
+    },
+    #[error("saga")]
+    Saga(#[from] SagaError),
+}
+
+impl CommandError {
+    pub fn not_found(kind: &'static str, id: impl std::fmt::Display) -> Self {
+        CommandError::NotFound {
+            kind,
+            id: id.to_string(),
+        }
+    }
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        CommandError::Invalid(msg.into())
+    }
+}
+
+/// The command layer: the application context and the saga executor with every saga
+/// registered.
+#[derive(Clone)]
+pub struct Commands {
+    pub app: Arc<App>,
+    pub sagas: SagaExecutor<App>,
+}
+
+impl Commands {
+    pub fn new(app: Arc<App>) -> Result<Self, CommandError> {
+        let sagas = SagaExecutor::new(app.db.clone(), app.clone());
+        Self::register_all(&sagas)?;
+        Ok(Commands { app, sagas })
+    }
+
+    /// Registers every saga type (also used by tests that build their own executor).
+    pub fn register_all(sagas: &SagaExecutor<App>) -> Result<(), SagaError> {
+        sagas.register::<storage::AddStorageDomainSaga>()?;
+        sagas.register::<storage::AttachStorageDomainSaga>()?;
+        sagas.register::<storage::AddDiskSaga>()?;
+        sagas.register::<storage::RemoveDiskSaga>()?;
+        sagas.register::<vms::AddVmSaga>()?;
+        sagas.register::<vms::StartVmSaga>()?;
+        sagas.register::<vms::MigrateVmSaga>()?;
+        sagas.register::<vms::RemoveVmSaga>()?;
+        sagas.register::<vms::AddTemplateSaga>()?;
+        sagas.register::<snapshots::AddSnapshotSaga>()?;
+        sagas.register::<snapshots::RemoveSnapshotSaga>()?;
+        sagas.register::<snapshots::RestoreSnapshotSaga>()?;
+        Ok(())
+    }
+
+    /// Runs a saga to its end and turns its outcome into a result.
+    pub async fn run<S: SagaDef<Ctx = App>>(
+        &self,
+        params: S::Params,
+        correlation_id: Option<String>,
+    ) -> Result<SagaOutcome, CommandError> {
+        let description = S::description(&params);
+        let handle = self
+            .sagas
+            .start::<S>(params, StartOptions { correlation_id })
+            .await?;
+        let job = handle.job_id;
+        match handle.wait().await? {
+            SagaOutcome::Unwound { error } => Err(CommandError::Failed {
+                description,
+                error,
+                job,
+            }),
+            SagaOutcome::Stuck { error, undo_error } => Err(CommandError::Stuck {
+                description,
+                error,
+                undo_error,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Starts a saga and returns its job at once (REST `async=true`).
+    pub async fn start<S: SagaDef<Ctx = App>>(
+        &self,
+        params: S::Params,
+        correlation_id: Option<String>,
+    ) -> Result<Option<JobId>, CommandError> {
+        let handle = self
+            .sagas
+            .start::<S>(params, StartOptions { correlation_id })
+            .await?;
+        let job = handle.job_id;
+        tokio::spawn(async move {
+            let _ = handle.wait().await;
+        });
+        Ok(job)
+    }
+}

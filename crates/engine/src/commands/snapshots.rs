@@ -1,0 +1,588 @@
+//! Snapshots: create (cold, or live with the VM running), restore, delete (= merge, cold or
+//! live).
+//!
+//! A snapshot records, per disk, the volume that was the disk's leaf when it was taken; a new
+//! leaf on top of it becomes the disk's active layer. Deleting a snapshot merges its volume's
+//! child into it, which removes the child from the chain.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::app::App;
+use crate::model::{
+    DcId, DiskFormat, DiskId, HostUuid, Snapshot, SnapshotDisk, SnapshotId, SnapshotStatus, SnapshotType,
+    VmId, VmStatus, VolType, VolUuid, Volume,
+};
+use crate::saga::{SagaDef, Step, StepCtx, StepError};
+
+use super::storage::create_volume;
+use super::{CommandError, Commands};
+
+fn step_err(e: impl std::fmt::Display) -> StepError {
+    StepError::msg(e)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddSnapshot {
+    pub description: String,
+    pub persist_memory: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapDisk {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub capacity: u64,
+    pub old_leaf: VolUuid,
+    pub new_leaf: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddSnapshotParams {
+    pub snapshot: SnapshotId,
+    pub vm: VmId,
+    pub dc: DcId,
+    pub description: String,
+    pub disks: Vec<SnapDisk>,
+    /// The host the VM runs on when the snapshot is live.
+    pub live_on: Option<HostUuid>,
+}
+
+pub struct AddSnapshotSaga;
+
+impl SagaDef for AddSnapshotSaga {
+    type Ctx = App;
+    type Params = AddSnapshotParams;
+    const NAME: &'static str = "add_snapshot";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Creating snapshot {:?} of VM {}", p.description, p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if c.db().snapshot_get(p.snapshot).await?.is_none() {
+                        c.db()
+                            .snapshot_insert(&Snapshot {
+                                id: p.snapshot,
+                                vm_id: p.vm,
+                                description: p.description.clone(),
+                                snapshot_type: SnapshotType::Regular,
+                                status: SnapshotStatus::Locked,
+                                persist_memory: false,
+                                vm_configuration: None,
+                                disks: p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.old_leaf }).collect(),
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db().snapshot_delete(c.params().snapshot).await?;
+                    Ok(())
+                },
+            )
+            .describe("Recording the snapshot"),
+            Step::new(
+                "volumes",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for d in &p.disks {
+                        let args = json!({
+                            "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "size": d.capacity,
+                            "volFormat": "COW", "preallocate": "SPARSE", "volUUID": d.new_leaf,
+                            "desc": p.description, "srcImgUUID": d.disk, "srcVolUUID": d.old_leaf,
+                        });
+                        create_volume(&spm, args, d.sd, d.disk, d.new_leaf, app.settings.task_timeout).await?;
+                        if c.db().volume_get(d.new_leaf).await?.is_none() {
+                            c.db()
+                                .volume_insert(&Volume {
+                                    id: d.new_leaf,
+                                    disk_id: d.disk,
+                                    storage_domain_id: d.sd,
+                                    parent_id: Some(d.old_leaf),
+                                    voltype: VolType::Leaf,
+                                    format: DiskFormat::Cow,
+                                    actual_size: 0,
+                                    created_at: crate::time::Timestamp::from_millis(0),
+                                })
+                                .await?;
+                            c.db().volume_set_type(d.old_leaf, VolType::Internal).await?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for d in &p.disks {
+                        let args = json!({ "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "volUUID": d.new_leaf });
+                        if let Err(e) = spm.run_task("Volume.delete", args, app.settings.task_timeout).await {
+                            let info = spm.call("Volume.getInfo", json!({ "sdUUID": d.sd, "imgUUID": d.disk, "volUUID": d.new_leaf })).await;
+                            if info.is_ok() {
+                                return Err(step_err(e));
+                            }
+                        }
+                        if c.db().volume_delete(d.new_leaf).await? {
+                            c.db().volume_set_type(d.old_leaf, VolType::Leaf).await?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Creating the new active volumes"),
+            Step::without_undo("live", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let Some(host) = p.live_on else { return Ok(()) };
+                let h = c.app().host(host).await.map_err(step_err)?;
+                let node = c.app().client(&h).map_err(step_err)?;
+                let drives: Vec<_> =
+                    p.disks.iter().map(|d| json!({ "domainID": d.sd, "imageID": d.disk, "volumeID": d.new_leaf })).collect();
+                node.call("VM.snapshot", json!({ "vmID": p.vm, "snapDrives": drives })).await.map_err(step_err)?;
+                Ok(())
+            })
+            .describe("Switching the running VM to the new volumes"),
+            Step::without_undo("done", |c: StepCtx<Self>| async move {
+                c.db().snapshot_set_status(c.params().snapshot, &[], SnapshotStatus::Ok).await?;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+/// One disk's merge: `top` (the snapshot volume's child) goes into `base` (the snapshot's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeDisk {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub base: VolUuid,
+    pub top: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveSnapshotParams {
+    pub snapshot: SnapshotId,
+    pub vm: VmId,
+    pub dc: DcId,
+    pub merges: Vec<MergeDisk>,
+    pub live_on: Option<HostUuid>,
+}
+
+pub struct RemoveSnapshotSaga;
+
+impl SagaDef for RemoveSnapshotSaga {
+    type Ctx = App;
+    type Params = RemoveSnapshotParams;
+    const NAME: &'static str = "remove_snapshot";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Removing snapshot {} of VM {}", p.snapshot, p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().snapshot_set_status(c.params().snapshot, &[SnapshotStatus::Ok, SnapshotStatus::Locked], SnapshotStatus::Locked).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let _ = c.db().snapshot_set_status(c.params().snapshot, &[SnapshotStatus::Locked], SnapshotStatus::Ok).await;
+                    Ok(())
+                },
+            ),
+            // Past this point data moves between volumes: forward only (storage's journal
+            // finishes a merge an SPM crash interrupted).
+            Step::without_undo("merge", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let app = c.app();
+                let dc = app.dc(p.dc).await.map_err(step_err)?;
+                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                for m in &p.merges {
+                    if c.db().volume_get(m.top).await?.is_none() {
+                        continue; // merged before a crash
+                    }
+                    let args = json!({ "sdUUID": m.sd, "spUUID": dc.storage_pool_id, "imgUUID": m.disk, "ancestor": m.base, "successor": m.top });
+                    match p.live_on {
+                        None => spm.run_task("Image.mergeSnapshots", args, app.settings.task_timeout).await.map_err(step_err)?,
+                        Some(host) => {
+                            spm.run_task("Image.prepareMerge", args.clone(), app.settings.task_timeout).await.map_err(step_err)?;
+                            let h = app.host(host).await.map_err(step_err)?;
+                            let node = app.client(&h).map_err(step_err)?;
+                            let r = node
+                                .call("VM.merge", json!({ "vmID": p.vm, "domainID": m.sd, "imageID": m.disk, "baseVolUUID": m.base, "topVolUUID": m.top }))
+                                .await
+                                .map_err(step_err)?;
+                            let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
+                            node.wait_job(job, app.settings.task_timeout).await.map_err(step_err)?;
+                            spm.run_task("Image.finalizeMerge", args, app.settings.task_timeout).await.map_err(step_err)?;
+                        }
+                    }
+                    // The chain without `top`: its child (if any) now sits on `base`, which takes
+                    // `top`'s role.
+                    let top = c.db().volume_get(m.top).await?.ok_or_else(|| step_err("volume row vanished"))?;
+                    for v in c.db().volume_chain(m.disk).await? {
+                        if v.parent_id == Some(m.top) {
+                            c.db().volume_set_parent(v.id, Some(m.base)).await?;
+                        }
+                    }
+                    c.db().volume_set_type(m.base, top.voltype).await?;
+                    for s in c.db().snapshots_of_vm(p.vm).await? {
+                        if s.disks.iter().any(|d| d.disk_id == m.disk && d.volume_id == m.top) {
+                            c.db().snapshot_set_disk_volume(s.id, m.disk, m.base).await?;
+                        }
+                    }
+                    c.db().volume_delete(m.top).await?;
+                }
+                Ok(())
+            })
+            .describe("Merging the snapshot's data"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                c.db().snapshot_delete(c.params().snapshot).await?;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreDisk {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub capacity: u64,
+    /// Volumes above the snapshot's, leaf first: deleted.
+    pub discard: Vec<VolUuid>,
+    pub snapshot_volume: VolUuid,
+    pub new_leaf: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSnapshotParams {
+    pub snapshot: SnapshotId,
+    pub vm: VmId,
+    pub dc: DcId,
+    pub disks: Vec<RestoreDisk>,
+    /// Snapshots newer than the restored one: they lose their volumes and go.
+    pub newer: Vec<SnapshotId>,
+}
+
+pub struct RestoreSnapshotSaga;
+
+impl SagaDef for RestoreSnapshotSaga {
+    type Ctx = App;
+    type Params = RestoreSnapshotParams;
+    const NAME: &'static str = "restore_snapshot";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Restoring VM {} to snapshot {}", p.vm, p.snapshot)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = crate::model::VmRuntime { status: VmStatus::ImageLocked, ..Default::default() };
+                    c.db().vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::ImageLocked], &rt).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let _ = c.db().vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                    Ok(())
+                },
+            ),
+            Step::without_undo("discard", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let app = c.app();
+                let dc = app.dc(p.dc).await.map_err(step_err)?;
+                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                for d in &p.disks {
+                    for v in &d.discard {
+                        if c.db().volume_get(*v).await?.is_none() {
+                            continue;
+                        }
+                        let args = json!({ "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "volUUID": v });
+                        if let Err(e) = spm.run_task("Volume.delete", args, app.settings.task_timeout).await {
+                            let still = spm.call("Volume.getInfo", json!({ "sdUUID": d.sd, "imgUUID": d.disk, "volUUID": v })).await;
+                            if still.is_ok() {
+                                return Err(step_err(e));
+                            }
+                        }
+                        c.db().volume_delete(*v).await?;
+                    }
+                    let args = json!({
+                        "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "size": d.capacity,
+                        "volFormat": "COW", "preallocate": "SPARSE", "volUUID": d.new_leaf, "desc": "restored",
+                        "srcImgUUID": d.disk, "srcVolUUID": d.snapshot_volume,
+                    });
+                    create_volume(&spm, args, d.sd, d.disk, d.new_leaf, app.settings.task_timeout).await?;
+                    if c.db().volume_get(d.new_leaf).await?.is_none() {
+                        c.db()
+                            .volume_insert(&Volume {
+                                id: d.new_leaf,
+                                disk_id: d.disk,
+                                storage_domain_id: d.sd,
+                                parent_id: Some(d.snapshot_volume),
+                                voltype: VolType::Leaf,
+                                format: DiskFormat::Cow,
+                                actual_size: 0,
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                    }
+                }
+                for s in &p.newer {
+                    c.db().snapshot_delete(*s).await?;
+                }
+                Ok(())
+            })
+            .describe("Discarding newer data and starting from the snapshot"),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                let _ = c.db().vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+impl Commands {
+    async fn vm_disks_leaves(
+        &self,
+        vm: VmId,
+    ) -> Result<Vec<(crate::model::Disk, Vec<Volume>)>, CommandError> {
+        let mut out = Vec::new();
+        for a in self.app.db.attachments_of_vm(vm).await? {
+            let d = self
+                .app
+                .db
+                .disk_get(a.disk_id)
+                .await?
+                .ok_or_else(|| CommandError::not_found("disk", a.disk_id))?;
+            let chain = self.app.db.volume_chain(d.id).await?;
+            out.push((d, chain));
+        }
+        Ok(out)
+    }
+
+    pub async fn add_snapshot(
+        &self,
+        vm: VmId,
+        req: AddSnapshot,
+        correlation_id: Option<String>,
+    ) -> Result<Snapshot, CommandError> {
+        let v = self
+            .app
+            .db
+            .vm_get(vm)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let live_on = match v.runtime.status {
+            VmStatus::Down => None,
+            VmStatus::Up | VmStatus::Paused => v.runtime.run_on_host,
+            s => {
+                return Err(CommandError::Conflict(format!(
+                    "VM {} is {s}: snapshots are taken when it is down or up",
+                    v.name
+                )))
+            }
+        };
+        let dc = self.cluster_dc_of(v.cluster_id).await?;
+        let mut disks = Vec::new();
+        for (d, chain) in self.vm_disks_leaves(vm).await? {
+            let leaf = chain
+                .last()
+                .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;
+            disks.push(SnapDisk {
+                disk: d.id,
+                sd: d.storage_domain_id,
+                capacity: d.provisioned_size,
+                old_leaf: leaf.id,
+                new_leaf: VolUuid::new_random(),
+            });
+        }
+        let snapshot = SnapshotId::new_random();
+        self.run::<AddSnapshotSaga>(
+            AddSnapshotParams {
+                snapshot,
+                vm,
+                dc,
+                description: req.description,
+                disks,
+                live_on,
+            },
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .snapshot_get(snapshot)
+            .await?
+            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))
+    }
+
+    pub async fn remove_snapshot(
+        &self,
+        vm: VmId,
+        snapshot: SnapshotId,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
+        let v = self
+            .app
+            .db
+            .vm_get(vm)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let s = self
+            .app
+            .db
+            .snapshot_get(snapshot)
+            .await?
+            .filter(|s| s.vm_id == vm)
+            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))?;
+        if s.snapshot_type == SnapshotType::Active {
+            return Err(CommandError::Conflict(
+                "the active snapshot cannot be removed".into(),
+            ));
+        }
+        let live_on = match v.runtime.status {
+            VmStatus::Down => None,
+            VmStatus::Up => v.runtime.run_on_host,
+            st => return Err(CommandError::Conflict(format!("VM {} is {st}", v.name))),
+        };
+        let dc = self.cluster_dc_of(v.cluster_id).await?;
+        let mut merges = Vec::new();
+        for sd in &s.disks {
+            let d = self
+                .app
+                .db
+                .disk_get(sd.disk_id)
+                .await?
+                .ok_or_else(|| CommandError::not_found("disk", sd.disk_id))?;
+            let chain = self.app.db.volume_chain(d.id).await?;
+            let top = chain
+                .iter()
+                .find(|v| v.parent_id == Some(sd.volume_id))
+                .ok_or_else(|| {
+                    CommandError::Conflict(format!(
+                        "snapshot volume {} of disk {} has no child",
+                        sd.volume_id, d.name
+                    ))
+                })?;
+            merges.push(MergeDisk {
+                disk: d.id,
+                sd: d.storage_domain_id,
+                base: sd.volume_id,
+                top: top.id,
+            });
+        }
+        self.run::<RemoveSnapshotSaga>(
+            RemoveSnapshotParams {
+                snapshot,
+                vm,
+                dc,
+                merges,
+                live_on,
+            },
+            correlation_id,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Restores a VM that is down to a snapshot: later data and later snapshots are discarded.
+    pub async fn restore_snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), CommandError> {
+        let v = self
+            .app
+            .db
+            .vm_get(vm)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        if v.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: stop it before restoring a snapshot",
+                v.name, v.runtime.status
+            )));
+        }
+        let s = self
+            .app
+            .db
+            .snapshot_get(snapshot)
+            .await?
+            .filter(|s| s.vm_id == vm)
+            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))?;
+        if s.snapshot_type == SnapshotType::Active {
+            return Err(CommandError::invalid(
+                "the active snapshot is the present: nothing to restore",
+            ));
+        }
+        let dc = self.cluster_dc_of(v.cluster_id).await?;
+        let mut disks = Vec::new();
+        for sd in &s.disks {
+            let d = self
+                .app
+                .db
+                .disk_get(sd.disk_id)
+                .await?
+                .ok_or_else(|| CommandError::not_found("disk", sd.disk_id))?;
+            let chain = self.app.db.volume_chain(d.id).await?;
+            let pos = chain.iter().position(|v| v.id == sd.volume_id).ok_or_else(|| {
+                CommandError::Conflict(format!(
+                    "snapshot volume {} is not in disk {}'s chain",
+                    sd.volume_id, d.name
+                ))
+            })?;
+            let discard = chain[pos + 1..].iter().rev().map(|v| v.id).collect();
+            disks.push(RestoreDisk {
+                disk: d.id,
+                sd: d.storage_domain_id,
+                capacity: d.provisioned_size,
+                discard,
+                snapshot_volume: sd.volume_id,
+                new_leaf: VolUuid::new_random(),
+            });
+        }
+        let newer = self
+            .app
+            .db
+            .snapshots_of_vm(vm)
+            .await?
+            .into_iter()
+            .filter(|o| o.snapshot_type == SnapshotType::Regular && o.created_at > s.created_at)
+            .map(|o| o.id)
+            .collect();
+        self.run::<RestoreSnapshotSaga>(
+            RestoreSnapshotParams {
+                snapshot,
+                vm,
+                dc,
+                disks,
+                newer,
+            },
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cluster_dc_of(&self, cluster: crate::model::ClusterId) -> Result<DcId, CommandError> {
+        let cl = self
+            .app
+            .db
+            .cluster_get(cluster)
+            .await?
+            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        Ok(cl.data_center_id)
+    }
+}

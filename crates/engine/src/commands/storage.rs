@@ -1,0 +1,897 @@
+//! Storage domains, the pool, and disks.
+//!
+//! Adding a domain creates it on storage through any up host; attaching the first domain to a
+//! data center creates its pool with that domain as master. Connecting hosts to the pool and
+//! electing the SPM is the monitor's continuous job ([`crate::monitor`]), so a command returns
+//! once storage and the database agree, and the domain turns `active` when the pool is served.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::model::{
+    DataCenter, DcId, DcStatus, Disk, DiskFormat, DiskId, DiskStatus, Host, HostStatus, HostUuid, PoolMember,
+    SdStatus, SdType, SdUuid, SpmStatus, StorageDomain, StorageType, VolType, VolUuid, Volume,
+};
+use crate::nodes::NodeClient;
+use crate::saga::{SagaDef, Step, StepCtx, StepError};
+
+use super::{CommandError, Commands};
+
+/// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
+const CODE_DOMAIN_NOT_FOUND: i64 = 358;
+const CODE_IMAGE_NOT_FOUND: i64 = 268;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddStorageDomain {
+    pub name: String,
+    pub description: String,
+    pub domain_type: SdType,
+    pub storage_type: StorageType,
+    /// NFS server (nfs only).
+    pub address: Option<String>,
+    pub path: String,
+    pub vfs_type: Option<String>,
+    pub mount_options: Option<String>,
+    /// The host that creates it.
+    pub host: HostUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddDisk {
+    pub name: String,
+    pub description: String,
+    pub storage_domain: SdUuid,
+    pub provisioned_size: u64,
+    pub format: DiskFormat,
+    pub sparse: bool,
+    pub shareable: bool,
+    /// Attach to this VM once created.
+    pub attach_to: Option<super::AddVmDisk>,
+}
+
+/// The storage server connection a node needs for a domain.
+pub(crate) fn connection_params(sd: &StorageDomain) -> Value {
+    let path = match (sd.storage_type, &sd.address) {
+        (StorageType::Nfs, Some(a)) => format!("{a}:{}", sd.path),
+        _ => sd.path.clone(),
+    };
+    json!({
+        "id": App::connection_id(sd.id),
+        "kind": sd.storage_type.as_str(),
+        "path": path,
+        "vfsType": sd.vfs_type,
+        "mountOptions": sd.mount_options,
+    })
+}
+
+/// Connects a host to the storage servers of `domains`; fails on the first refusal.
+pub(crate) async fn connect_storage(c: &NodeClient, domains: &[StorageDomain]) -> Result<(), CommandError> {
+    if domains.is_empty() {
+        return Ok(());
+    }
+    let conns: Vec<Value> = domains.iter().map(connection_params).collect();
+    let r = c
+        .call(
+            "StoragePool.connectStorageServer",
+            json!({ "connectionParams": conns }),
+        )
+        .await?;
+    for s in r["statuslist"].as_array().into_iter().flatten() {
+        if s["status"] != 0 {
+            return Err(CommandError::Conflict(format!(
+                "host {} cannot connect storage {}: {}",
+                c.name,
+                s["id"],
+                s["message"].as_str().unwrap_or("refused")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn step_err(e: impl std::fmt::Display) -> StepError {
+    StepError::msg(e)
+}
+
+// ------------------------------------------------------------------------------------------
+// Add a storage domain.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddStorageDomainParams {
+    pub sd: SdUuid,
+    pub req: AddStorageDomain,
+}
+
+pub struct AddStorageDomainSaga;
+
+impl AddStorageDomainSaga {
+    fn domain(p: &AddStorageDomainParams) -> StorageDomain {
+        let mut sd = StorageDomain::new(&p.req.name, p.req.domain_type, p.req.storage_type, &p.req.path);
+        sd.id = p.sd;
+        sd.description = p.req.description.clone();
+        sd.address = p.req.address.clone();
+        sd.vfs_type = p.req.vfs_type.clone();
+        sd.mount_options = p.req.mount_options.clone();
+        sd
+    }
+}
+
+async fn host_client(app: &App, id: HostUuid) -> Result<(Host, NodeClient), StepError> {
+    let h = app.host(id).await.map_err(step_err)?;
+    let c = app.client(&h).map_err(step_err)?;
+    Ok((h, c))
+}
+
+impl SagaDef for AddStorageDomainSaga {
+    type Ctx = App;
+    type Params = AddStorageDomainParams;
+    const NAME: &'static str = "add_storage_domain";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Adding storage domain {}", p.req.name)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "connect",
+                |c: StepCtx<Self>| async move {
+                    let (_, node) = host_client(c.app(), c.params().req.host).await?;
+                    connect_storage(&node, &[Self::domain(c.params())])
+                        .await
+                        .map_err(step_err)
+                },
+                |c: StepCtx<Self>| async move {
+                    let (_, node) = host_client(c.app(), c.params().req.host).await?;
+                    let id = App::connection_id(c.params().sd);
+                    node.call(
+                        "StoragePool.disconnectStorageServer",
+                        json!({ "connectionIDs": [id] }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                    Ok(())
+                },
+            )
+            .describe("Connecting the host to the storage"),
+            Step::new(
+                "create",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let (_, node) = host_client(c.app(), p.req.host).await?;
+                    let r = node
+                        .call(
+                            "StorageDomain.create",
+                            json!({
+                                "sdUUID": p.sd, "connectionID": App::connection_id(p.sd),
+                                "description": p.req.name, "storageType": p.req.storage_type.as_str(),
+                            }),
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => Ok(()),
+                        // Re-run after a crash: the domain we created is there already.
+                        Err(e)
+                            if node
+                                .call("StorageDomain.getInfo", json!({ "sdUUID": p.sd }))
+                                .await
+                                .is_ok_and(|i| i["name"] == json!(p.req.name)) =>
+                        {
+                            tracing::info!(sd = %p.sd, error = %e, "storage domain already created");
+                            Ok(())
+                        }
+                        Err(e) => Err(step_err(e)),
+                    }
+                },
+                |c: StepCtx<Self>| async move {
+                    let (_, node) = host_client(c.app(), c.params().req.host).await?;
+                    match node
+                        .call("StorageDomain.format", json!({ "sdUUID": c.params().sd }))
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.code() == Some(CODE_DOMAIN_NOT_FOUND) => Ok(()),
+                        Err(e) => Err(step_err(e)),
+                    }
+                },
+            )
+            .describe("Creating the domain on storage"),
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    if c.db().sd_get(c.params().sd).await?.is_none() {
+                        c.db().sd_insert(&Self::domain(c.params())).await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    if c.db().sd_get(c.params().sd).await?.is_some() {
+                        c.db().sd_delete(c.params().sd).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Recording the domain"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attach a domain to a data center.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachParams {
+    pub dc: DcId,
+    pub sd: SdUuid,
+    /// The host that creates the pool (first domain) — `None` when the pool exists (the SPM
+    /// attaches).
+    pub creator: Option<HostUuid>,
+}
+
+pub struct AttachStorageDomainSaga;
+
+impl SagaDef for AttachStorageDomainSaga {
+    type Ctx = App;
+    type Params = AttachParams;
+    const NAME: &'static str = "attach_storage_domain";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Attaching storage domain {} to data center {}", p.sd, p.dc)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "storage",
+                |c: StepCtx<Self>| async move {
+                    let app = c.app();
+                    let p = c.params();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let sd = c.db().sd_get(p.sd).await?.ok_or_else(|| step_err(format!("storage domain {} is gone", p.sd)))?;
+                    match p.creator {
+                        Some(host) => {
+                            let (_, node) = host_client(app, host).await?;
+                            connect_storage(&node, std::slice::from_ref(&sd)).await.map_err(step_err)?;
+                            let r = node
+                                .call(
+                                    "StoragePool.create",
+                                    json!({ "spUUID": dc.storage_pool_id, "poolName": dc.name, "masterDom": p.sd, "masterVersion": 1 }),
+                                )
+                                .await;
+                            if let Err(e) = r {
+                                // Re-run after a crash: the pool is there with this master.
+                                let info = node.call("StorageDomain.getInfo", json!({ "sdUUID": p.sd })).await.map_err(step_err)?;
+                                if !info["pool"].as_array().is_some_and(|a| a.contains(&json!(dc.storage_pool_id))) {
+                                    return Err(step_err(e));
+                                }
+                            }
+                        }
+                        None => {
+                            let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                            for h in app.dc_hosts(p.dc, true).await.map_err(step_err)? {
+                                let node = app.client(&h).map_err(step_err)?;
+                                connect_storage(&node, std::slice::from_ref(&sd)).await.map_err(step_err)?;
+                            }
+                            let args = json!({ "sdUUID": p.sd, "spUUID": dc.storage_pool_id });
+                            spm.call("StoragePool.attachStorageDomain", args.clone()).await.map_err(step_err)?;
+                            spm.call("StoragePool.activateStorageDomain", args).await.map_err(step_err)?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let app = c.app();
+                    let p = c.params();
+                    if p.creator.is_none() {
+                        let dc = app.dc(p.dc).await.map_err(step_err)?;
+                        if let Ok((_, spm)) = app.spm(&dc).await {
+                            let args = json!({ "sdUUID": p.sd, "spUUID": dc.storage_pool_id });
+                            let _ = spm.call("StoragePool.deactivateStorageDomain", args.clone()).await;
+                            let _ = spm.call("StoragePool.detachStorageDomain", args).await;
+                        }
+                    }
+                    // A pool created here lives in its master domain's metadata; the domain row
+                    // stays unattached and a new attach re-creates the pool over it.
+                    Ok(())
+                },
+            )
+            .describe("Attaching the domain on storage"),
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let db = c.db();
+                    let first = p.creator.is_some();
+                    if !db.pool_members(p.dc).await?.iter().any(|m| m.storage_domain_id == p.sd) {
+                        db.pool_attach(&PoolMember {
+                            data_center_id: p.dc,
+                            storage_domain_id: p.sd,
+                            status: if first { SdStatus::Activating } else { SdStatus::Active },
+                            master: false,
+                        })
+                        .await?;
+                    }
+                    if first {
+                        db.pool_set_master(p.dc, p.sd).await?;
+                        let dc = db.dc_get(p.dc).await?.ok_or_else(|| step_err("data center is gone"))?;
+                        if dc.master_version < 1 {
+                            db.dc_set_master_version(p.dc, dc.master_version, 1).await?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db().pool_detach(c.params().dc, c.params().sd).await?;
+                    Ok(())
+                },
+            )
+            .describe("Recording the attachment"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Disks.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddDiskParams {
+    pub disk: DiskId,
+    pub volume: VolUuid,
+    pub dc: DcId,
+    pub req: AddDisk,
+}
+
+pub struct AddDiskSaga;
+
+impl SagaDef for AddDiskSaga {
+    type Ctx = App;
+    type Params = AddDiskParams;
+    const NAME: &'static str = "add_disk";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Adding disk {}", p.req.name)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let db = c.db();
+                    if db.disk_get(p.disk).await?.is_none() {
+                        let mut d = Disk::new(
+                            &p.req.name,
+                            p.req.storage_domain,
+                            p.req.format,
+                            p.req.provisioned_size,
+                        );
+                        d.id = p.disk;
+                        d.description = p.req.description.clone();
+                        d.sparse = p.req.sparse;
+                        d.shareable = p.req.shareable;
+                        db.disk_insert(&d).await?;
+                        db.volume_insert(&Volume {
+                            id: p.volume,
+                            disk_id: p.disk,
+                            storage_domain_id: p.req.storage_domain,
+                            parent_id: None,
+                            voltype: VolType::Leaf,
+                            format: p.req.format,
+                            actual_size: 0,
+                            created_at: crate::time::Timestamp::from_millis(0),
+                        })
+                        .await?;
+                    }
+                    db.disk_lock(p.disk, c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().volume_delete(p.volume).await?;
+                    if c.db().disk_get(p.disk).await?.is_some() {
+                        c.db().disk_delete(p.disk).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Recording the disk"),
+            Step::new(
+                "create",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let args = json!({
+                        "sdUUID": p.req.storage_domain, "spUUID": dc.storage_pool_id, "imgUUID": p.disk,
+                        "size": p.req.provisioned_size, "volFormat": vol_format(p.req.format),
+                        "preallocate": if p.req.sparse { "SPARSE" } else { "PREALLOCATED" },
+                        "volUUID": p.volume, "desc": p.req.name,
+                    });
+                    create_volume(
+                        &spm,
+                        args,
+                        p.req.storage_domain,
+                        p.disk,
+                        p.volume,
+                        app.settings.task_timeout,
+                    )
+                    .await
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    delete_image(c.app(), p.dc, p.req.storage_domain, p.disk).await
+                },
+            )
+            .describe("Creating the volume"),
+            Step::new(
+                "attach",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if let Some(a) = &p.req.attach_to {
+                        if c.db().attachment_get(a.vm, p.disk).await?.is_none() {
+                            c.db().attachment_add(&a.attachment(p.disk)).await?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if let Some(a) = &p.req.attach_to {
+                        c.db().attachment_remove(a.vm, p.disk).await?;
+                    }
+                    Ok(())
+                },
+            ),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                c.db()
+                    .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                    .await?;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+pub(crate) fn vol_format(f: DiskFormat) -> &'static str {
+    match f {
+        DiskFormat::Cow => "COW",
+        DiskFormat::Raw => "RAW",
+    }
+}
+
+/// `Volume.create` on the SPM; succeeds when a crash already created this very volume.
+pub(crate) async fn create_volume(
+    spm: &NodeClient,
+    args: Value,
+    sd: SdUuid,
+    img: DiskId,
+    vol: VolUuid,
+    timeout: Duration,
+) -> Result<(), StepError> {
+    match spm.run_task("Volume.create", args, timeout).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let info = spm
+                .call(
+                    "Volume.getInfo",
+                    json!({ "sdUUID": sd, "imgUUID": img, "volUUID": vol }),
+                )
+                .await;
+            match info {
+                Ok(i) if i["meta"]["legality"] == "LEGAL" || i["meta"]["legality"] == "Legal" => Ok(()),
+                _ => Err(step_err(e)),
+            }
+        }
+    }
+}
+
+/// `Image.delete` on the SPM; an image that is already gone is fine.
+pub(crate) async fn delete_image(app: &App, dc: DcId, sd: SdUuid, img: DiskId) -> Result<(), StepError> {
+    let dc = app.dc(dc).await.map_err(step_err)?;
+    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+    let args = json!({ "sdUUID": sd, "spUUID": dc.storage_pool_id, "imgUUID": img });
+    match spm
+        .run_task("Image.delete", args, app.settings.task_timeout)
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(CODE_IMAGE_NOT_FOUND) => Ok(()),
+        Err(e) => {
+            // The task may fail because the image is gone; check before giving up.
+            let imgs = spm
+                .call("StorageDomain.getImages", json!({ "sdUUID": sd }))
+                .await
+                .map_err(step_err)?;
+            if imgs.as_array().is_some_and(|a| a.contains(&json!(img))) {
+                Err(step_err(e))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveDiskParams {
+    pub disk: DiskId,
+    pub dc: DcId,
+}
+
+pub struct RemoveDiskSaga;
+
+impl SagaDef for RemoveDiskSaga {
+    type Ctx = App;
+    type Params = RemoveDiskParams;
+    const NAME: &'static str = "remove_disk";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Removing disk {}", p.disk)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db()
+                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                        .await?;
+                    Ok(())
+                },
+            ),
+            // No undo past this point: a deleted image cannot come back.
+            Step::without_undo("delete", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let d = c
+                    .db()
+                    .disk_get(p.disk)
+                    .await?
+                    .ok_or_else(|| step_err("disk is gone"))?;
+                delete_image(c.app(), p.dc, d.storage_domain_id, p.disk).await
+            }),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                for v in c.db().volume_chain(p.disk).await? {
+                    if v.disk_id == p.disk {
+                        c.db().volume_delete(v.id).await?;
+                    }
+                }
+                for a in c.db().attachments_of_disk(p.disk).await? {
+                    c.db().attachment_remove(a.vm_id, p.disk).await?;
+                }
+                if c.db().disk_get(p.disk).await?.is_some() {
+                    c.db().disk_delete(p.disk).await?;
+                }
+                Ok(())
+            }),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Commands.
+
+impl Commands {
+    pub async fn add_storage_domain(&self, req: AddStorageDomain) -> Result<StorageDomain, CommandError> {
+        if req.path.is_empty() || (req.storage_type != StorageType::Nfs && !req.path.starts_with('/')) {
+            return Err(CommandError::invalid(format!(
+                "storage path {:?} must be an absolute path",
+                req.path
+            )));
+        }
+        if req.storage_type == StorageType::Nfs && req.address.as_deref().unwrap_or("").is_empty() {
+            return Err(CommandError::invalid(
+                "an NFS storage domain needs the server's address",
+            ));
+        }
+        if self.app.db.sd_get_by_name(&req.name).await?.is_some() {
+            return Err(CommandError::Conflict(format!(
+                "a storage domain named {} exists",
+                req.name
+            )));
+        }
+        let h = self.app.host(req.host).await?;
+        if h.status != HostStatus::Up {
+            return Err(CommandError::Conflict(format!(
+                "host {} is {}, not up",
+                h.name, h.status
+            )));
+        }
+        let sd = SdUuid::new_random();
+        self.run::<AddStorageDomainSaga>(AddStorageDomainParams { sd, req }, None)
+            .await?;
+        self.app
+            .db
+            .sd_get(sd)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", sd))
+    }
+
+    pub async fn attach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<PoolMember, CommandError> {
+        let dcr = self.app.dc(dc).await?;
+        self.app
+            .db
+            .sd_get(sd)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", sd))?;
+        if let Some(m) = self.app.db.pool_attachments(sd).await?.first() {
+            if m.data_center_id == dc {
+                return Ok(m.clone());
+            }
+            return Err(CommandError::Conflict(format!(
+                "storage domain {sd} is attached to another data center"
+            )));
+        }
+        let first = self.app.db.pool_members(dc).await?.is_empty();
+        let creator = if first {
+            let hosts = self.app.dc_hosts(dc, true).await?;
+            let h = hosts
+                .iter()
+                .max_by_key(|h| h.spm_priority)
+                .ok_or_else(|| CommandError::Conflict(format!("data center {} has no host up", dcr.name)))?;
+            Some(h.id)
+        } else {
+            None
+        };
+        self.run::<AttachStorageDomainSaga>(AttachParams { dc, sd, creator }, None)
+            .await?;
+        let m = self
+            .app
+            .db
+            .pool_members(dc)
+            .await?
+            .into_iter()
+            .find(|m| m.storage_domain_id == sd);
+        m.ok_or_else(|| CommandError::not_found("storage domain attachment", sd))
+    }
+
+    /// Waits until the domain is active in the data center (tests, `oxvirt up`).
+    pub async fn wait_domain_active(
+        &self,
+        dc: DcId,
+        sd: SdUuid,
+        timeout: Duration,
+    ) -> Result<(), CommandError> {
+        let start = std::time::Instant::now();
+        loop {
+            let m = self
+                .app
+                .db
+                .pool_members(dc)
+                .await?
+                .into_iter()
+                .find(|m| m.storage_domain_id == sd);
+            if m.as_ref().is_some_and(|m| m.status == SdStatus::Active) {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(CommandError::Conflict(format!(
+                    "storage domain {sd} is {} after {timeout:?}",
+                    m.map_or("detached".to_string(), |m| m.status.to_string())
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn deactivate_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
+        let dcr = self.app.dc(dc).await?;
+        if self.app.db.pool_master(dc).await? == Some(sd) {
+            return Err(CommandError::Conflict(
+                "the master domain cannot be deactivated while it is the master".into(),
+            ));
+        }
+        let (_, spm) = self.app.spm(&dcr).await?;
+        spm.call(
+            "StoragePool.deactivateStorageDomain",
+            json!({ "sdUUID": sd, "spUUID": dcr.storage_pool_id }),
+        )
+        .await?;
+        self.app
+            .db
+            .pool_set_status(dc, sd, &[], SdStatus::Maintenance)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn activate_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
+        let dcr = self.app.dc(dc).await?;
+        let (_, spm) = self.app.spm(&dcr).await?;
+        spm.call(
+            "StoragePool.activateStorageDomain",
+            json!({ "sdUUID": sd, "spUUID": dcr.storage_pool_id }),
+        )
+        .await?;
+        self.app.db.pool_set_status(dc, sd, &[], SdStatus::Active).await?;
+        Ok(())
+    }
+
+    pub async fn detach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
+        let dcr = self.app.dc(dc).await?;
+        let m = self
+            .app
+            .db
+            .pool_members(dc)
+            .await?
+            .into_iter()
+            .find(|m| m.storage_domain_id == sd)
+            .ok_or_else(|| CommandError::not_found("storage domain attachment", sd))?;
+        if m.master {
+            return Err(CommandError::Conflict(
+                "the master domain cannot be detached".into(),
+            ));
+        }
+        if m.status != SdStatus::Maintenance {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {sd} is {}: deactivate it first",
+                m.status
+            )));
+        }
+        let (_, spm) = self.app.spm(&dcr).await?;
+        spm.call(
+            "StoragePool.detachStorageDomain",
+            json!({ "sdUUID": sd, "spUUID": dcr.storage_pool_id }),
+        )
+        .await?;
+        self.app.db.pool_detach(dc, sd).await?;
+        Ok(())
+    }
+
+    /// Removes an unattached domain; with `destroy` its storage is formatted through `host`.
+    pub async fn remove_storage_domain(
+        &self,
+        sd: SdUuid,
+        host: Option<HostUuid>,
+        destroy: bool,
+    ) -> Result<(), CommandError> {
+        let s = self
+            .app
+            .db
+            .sd_get(sd)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", sd))?;
+        if !self.app.db.pool_attachments(sd).await?.is_empty() {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {} is attached: detach it first",
+                s.name
+            )));
+        }
+        if destroy {
+            let h = match host {
+                Some(h) => self.app.host(h).await?,
+                None => self
+                    .app
+                    .db
+                    .host_list(&crate::db::ListQuery {
+                        filter: crate::db::HostFilter {
+                            status: vec![HostStatus::Up],
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| CommandError::Conflict("no host is up to format the domain".into()))?,
+            };
+            let node = self.app.client(&h)?;
+            connect_storage(&node, std::slice::from_ref(&s)).await?;
+            match node.call("StorageDomain.format", json!({ "sdUUID": sd })).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(CODE_DOMAIN_NOT_FOUND) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.app.db.sd_delete(sd).await?)
+    }
+
+    /// The data center a domain is attached to.
+    pub async fn domain_dc(&self, sd: SdUuid) -> Result<DataCenter, CommandError> {
+        let m = self
+            .app
+            .db
+            .pool_attachments(sd)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CommandError::Conflict(format!("storage domain {sd} is not attached to a data center"))
+            })?;
+        self.app.dc(m.data_center_id).await
+    }
+
+    pub async fn add_disk(&self, req: AddDisk, correlation_id: Option<String>) -> Result<Disk, CommandError> {
+        if req.provisioned_size == 0 || req.provisioned_size > (64 << 40) {
+            return Err(CommandError::invalid(format!(
+                "disk size {} is outside 1 byte..64 TiB",
+                req.provisioned_size
+            )));
+        }
+        let dc = self.domain_dc(req.storage_domain).await?;
+        if dc.status != DcStatus::Up || dc.spm_status != SpmStatus::Spm {
+            return Err(CommandError::Conflict(format!(
+                "data center {} is {}: storage is not ready",
+                dc.name, dc.status
+            )));
+        }
+        let disk = DiskId::new_random();
+        self.run::<AddDiskSaga>(
+            AddDiskParams {
+                disk,
+                volume: VolUuid::new_random(),
+                dc: dc.id,
+                req,
+            },
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))
+    }
+
+    pub async fn remove_disk(&self, disk: DiskId) -> Result<(), CommandError> {
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        for a in self.app.db.attachments_of_disk(disk).await? {
+            let vm = self.app.db.vm_get(a.vm_id).await?;
+            if vm.is_some_and(|v| v.runtime.status != crate::model::VmStatus::Down) {
+                return Err(CommandError::Conflict(format!(
+                    "disk {} is attached to a running VM",
+                    d.name
+                )));
+            }
+        }
+        if !self.app.db.template_list(&Default::default()).await?.is_empty() {
+            for t in self.app.db.template_list(&Default::default()).await? {
+                if self
+                    .app
+                    .db
+                    .template_disks(t.id)
+                    .await?
+                    .iter()
+                    .any(|td| td.id == disk)
+                {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} belongs to template {}",
+                        d.name, t.name
+                    )));
+                }
+            }
+        }
+        let dc = self.domain_dc(d.storage_domain_id).await?;
+        self.run::<RemoveDiskSaga>(RemoveDiskParams { disk, dc: dc.id }, None)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives up the SPM role when `h` holds it (maintenance).
+    pub(crate) async fn release_spm_if_held(&self, h: &Host) -> Result<(), CommandError> {
+        for dc in self.app.db.dc_list(&Default::default()).await? {
+            if dc.spm_host == Some(h.id) {
+                if let Ok(node) = self.app.client(h) {
+                    let _ = node
+                        .call("StoragePool.spmStop", json!({ "spUUID": dc.storage_pool_id }))
+                        .await;
+                }
+                self.app.db.dc_spm_clear(dc.id, h.id).await?;
+            }
+        }
+        Ok(())
+    }
+}

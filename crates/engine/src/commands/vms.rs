@@ -1,0 +1,1101 @@
+//! VMs and templates: creation (from Blank or as thin clones of a template), start, stop,
+//! shutdown, pause, migration, removal; templates made from a VM.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use oxvirt_scheduler::Purpose;
+
+use crate::app::App;
+use crate::db::{ListQuery, Ref, VmFilter};
+use crate::model::{
+    ClusterId, CpuTopology, DcId, Disk, DiskAttachment, DiskFormat, DiskId, DiskInterface, DiskStatus,
+    HostUuid, TemplateId, TemplateStatus, VmId, VmOs, VmRuntime, VmStatus, VolType, VolUuid, Volume,
+    BLANK_TEMPLATE_ID,
+};
+use crate::nodes::NodeClient;
+use crate::saga::{SagaDef, Step, StepCtx, StepError};
+use crate::scheduling::choose_host;
+
+use super::storage::{create_volume, delete_image};
+use super::{CommandError, Commands};
+
+const CODE_NO_VM: i64 = 1;
+const CODE_VM_EXISTS: i64 = 4;
+const MIB: u64 = 1 << 20;
+
+fn step_err(e: impl std::fmt::Display) -> StepError {
+    StepError::msg(e)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddVm {
+    pub name: String,
+    pub description: String,
+    pub cluster: ClusterId,
+    /// Blank (`BLANK_TEMPLATE_ID`) or a template whose disks are thin-cloned.
+    pub template: TemplateId,
+    pub memory_bytes: Option<u64>,
+    pub cpu: Option<CpuTopology>,
+    pub os: VmOs,
+    pub ha: Option<crate::model::HighAvailability>,
+}
+
+/// How a disk is attached to a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddVmDisk {
+    pub vm: VmId,
+    pub interface: DiskInterface,
+    pub bootable: bool,
+    pub active: bool,
+}
+
+impl AddVmDisk {
+    pub fn attachment(&self, disk: DiskId) -> DiskAttachment {
+        DiskAttachment {
+            vm_id: self.vm,
+            disk_id: disk,
+            interface: self.interface,
+            bootable: self.bootable,
+            active: self.active,
+            read_only: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartOptions {
+    /// Run on this host (else the scheduler chooses).
+    pub host: Option<HostUuid>,
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    pub host: Option<HostUuid>,
+}
+
+/// The `VM.create` parameters the node needs (drives by ids, bootable first).
+pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError> {
+    let v = app
+        .db
+        .vm_get(vm)
+        .await?
+        .ok_or_else(|| CommandError::not_found("VM", vm))?;
+    let mut atts = app.db.attachments_of_vm(vm).await?;
+    atts.retain(|a| a.active);
+    atts.sort_by_key(|a| !a.bootable);
+    let mut drives = Vec::new();
+    for a in atts {
+        let d = app
+            .db
+            .disk_get(a.disk_id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", a.disk_id))?;
+        drives.push(json!({ "domainID": d.storage_domain_id, "imageID": d.id, "readonly": a.read_only }));
+    }
+    let nics: Vec<Value> = app
+        .db
+        .nics_of_vm(vm)
+        .await?
+        .iter()
+        .filter(|n| n.plugged)
+        .map(|n| json!({ "mac": n.mac }))
+        .collect();
+    let mut p = json!({
+        "vmID": v.id,
+        "vmName": v.name,
+        "smp": v.cpu.vcpus(),
+        "memSize": (v.memory_bytes / MIB).max(1),
+        "drives": drives,
+        "nics": nics,
+        "balloon": true,
+        "vnc": true,
+    });
+    if let Some(a) = &app.settings.accel {
+        p["accel"] = json!(a);
+    }
+    if let Some(k) = &v.os.kernel {
+        p["boot"] = json!({ "kernel": k, "initrd": v.os.initrd, "cmdline": v.os.cmdline.clone().unwrap_or_default() });
+    }
+    Ok(p)
+}
+
+async fn client_of(app: &App, host: HostUuid) -> Result<NodeClient, StepError> {
+    let h = app.host(host).await.map_err(step_err)?;
+    app.client(&h).map_err(step_err)
+}
+
+/// `VM.destroy`, tolerating a VM the node no longer has.
+pub(crate) async fn destroy_on(node: &NodeClient, vm: VmId) -> Result<(), crate::nodes::NodeError> {
+    match node.call("VM.destroy", json!({ "vmID": vm })).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(CODE_NO_VM) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Add a VM.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneDisk {
+    pub template_disk: DiskId,
+    pub template_volume: VolUuid,
+    pub disk: DiskId,
+    pub volume: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddVmParams {
+    pub vm: crate::model::Vm,
+    pub dc: DcId,
+    pub clones: Vec<CloneDisk>,
+}
+
+pub struct AddVmSaga;
+
+impl SagaDef for AddVmSaga {
+    type Ctx = App;
+    type Params = AddVmParams;
+    const NAME: &'static str = "add_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Adding VM {}", p.vm.name)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    if c.db().vm_get(c.params().vm.id).await?.is_none() {
+                        c.db().vm_insert(&c.params().vm).await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    if c.db().vm_get(c.params().vm.id).await?.is_some() {
+                        c.db().vm_delete(c.params().vm.id).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Recording the VM"),
+            Step::new(
+                "clone",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    if p.clones.is_empty() {
+                        return Ok(());
+                    }
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for cl in &p.clones {
+                        let tdisk = c.db().disk_get(cl.template_disk).await?.ok_or_else(|| step_err("template disk is gone"))?;
+                        if c.db().disk_get(cl.disk).await?.is_none() {
+                            let mut d = Disk::new(&format!("{}_{}", p.vm.name, tdisk.name), tdisk.storage_domain_id, DiskFormat::Cow, tdisk.provisioned_size);
+                            d.id = cl.disk;
+                            d.sparse = true;
+                            c.db().disk_insert(&d).await?;
+                            c.db().volume_insert(&Volume {
+                                id: cl.volume,
+                                disk_id: cl.disk,
+                                storage_domain_id: tdisk.storage_domain_id,
+                                parent_id: Some(cl.template_volume),
+                                voltype: VolType::Leaf,
+                                format: DiskFormat::Cow,
+                                actual_size: 0,
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                        }
+                        c.db().disk_lock(cl.disk, c.saga_id).await?;
+                        let args = json!({
+                            "sdUUID": tdisk.storage_domain_id, "spUUID": dc.storage_pool_id, "imgUUID": cl.disk,
+                            "size": tdisk.provisioned_size, "volFormat": "COW", "preallocate": "SPARSE",
+                            "volUUID": cl.volume, "desc": format!("{} disk", p.vm.name),
+                            "srcImgUUID": cl.template_disk, "srcVolUUID": cl.template_volume,
+                        });
+                        create_volume(&spm, args, tdisk.storage_domain_id, cl.disk, cl.volume, app.settings.task_timeout).await?;
+                        if c.db().attachment_get(p.vm.id, cl.disk).await?.is_none() {
+                            let att = c.db().attachments_of_disk(cl.template_disk).await?;
+                            let bootable = att.first().map(|a| a.bootable).unwrap_or(true);
+                            c.db()
+                                .attachment_add(&DiskAttachment {
+                                    vm_id: p.vm.id,
+                                    disk_id: cl.disk,
+                                    interface: DiskInterface::Virtio,
+                                    bootable,
+                                    active: true,
+                                    read_only: false,
+                                })
+                                .await?;
+                        }
+                        c.db().disk_unlock(cl.disk, c.saga_id, DiskStatus::Ok).await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    for cl in &p.clones {
+                        if let Some(d) = c.db().disk_get(cl.disk).await? {
+                            delete_image(c.app(), p.dc, d.storage_domain_id, cl.disk).await?;
+                            c.db().attachment_remove(p.vm.id, cl.disk).await?;
+                            c.db().volume_delete(cl.volume).await?;
+                            c.db().disk_delete(cl.disk).await?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Cloning the template's disks"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Start.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartVmParams {
+    pub vm: VmId,
+    pub host: HostUuid,
+    pub dc: DcId,
+}
+
+pub struct StartVmSaga;
+
+impl SagaDef for StartVmSaga {
+    type Ctx = App;
+    type Params = StartVmParams;
+    const NAME: &'static str = "start_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Starting VM {}", p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "claim",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::WaitForLaunch,
+                        run_on_host: Some(p.host),
+                        ..Default::default()
+                    };
+                    let before = c
+                        .db()
+                        .vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::WaitForLaunch], &rt)
+                        .await?;
+                    if before.runtime.status == VmStatus::WaitForLaunch
+                        && before.runtime.run_on_host != Some(p.host)
+                    {
+                        return Err(step_err("the VM is being started elsewhere"));
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c
+                        .db()
+                        .vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch], &VmRuntime::default())
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Reserving the VM for its host"),
+            Step::without_undo("storage", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                crate::monitor::ensure_pool_connected(c.app(), p.host, p.dc)
+                    .await
+                    .map_err(step_err)
+            })
+            .describe("Connecting the host to the storage pool"),
+            Step::new(
+                "create",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let node = client_of(c.app(), p.host).await?;
+                    let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    match node.call("VM.create", params).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.code() == Some(CODE_VM_EXISTS) => Ok(()),
+                        Err(e) => Err(step_err(e)),
+                    }
+                },
+                |c: StepCtx<Self>| async move {
+                    let node = client_of(c.app(), c.params().host).await?;
+                    destroy_on(&node, c.params().vm).await.map_err(step_err)
+                },
+            )
+            .describe("Starting QEMU"),
+            Step::without_undo("up", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let rt = VmRuntime {
+                    status: VmStatus::Up,
+                    run_on_host: Some(p.host),
+                    ..Default::default()
+                };
+                c.db()
+                    .vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch, VmStatus::PoweringUp], &rt)
+                    .await?;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Migrate.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateVmParams {
+    pub vm: VmId,
+    pub src: HostUuid,
+    pub dst: HostUuid,
+    pub dc: DcId,
+}
+
+pub struct MigrateVmSaga;
+
+impl SagaDef for MigrateVmSaga {
+    type Ctx = App;
+    type Params = MigrateVmParams;
+    const NAME: &'static str = "migrate_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Migrating VM {} to host {}", p.vm, p.dst)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "claim",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::Migrating,
+                        run_on_host: Some(p.src),
+                        migrating_to_host: Some(p.dst),
+                        status_detail: None,
+                    };
+                    c.db()
+                        .vm_set_runtime(p.vm, &[VmStatus::Up, VmStatus::Migrating], &rt)
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::Up,
+                        run_on_host: Some(p.src),
+                        ..Default::default()
+                    };
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::Migrating], &rt).await;
+                    Ok(())
+                },
+            )
+            .describe("Marking the VM migrating"),
+            Step::without_undo("storage", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                crate::monitor::ensure_pool_connected(c.app(), p.dst, p.dc)
+                    .await
+                    .map_err(step_err)
+            })
+            .describe("Connecting the destination to the storage pool"),
+            Step::new(
+                "prepare",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let node = client_of(c.app(), p.dst).await?;
+                    let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    let r = node.call("VM.migrationCreate", params).await.map_err(step_err)?;
+                    r["uri"]
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| step_err("destination returned no migration URI"))
+                },
+                |c: StepCtx<Self>| async move {
+                    let node = client_of(c.app(), c.params().dst).await?;
+                    destroy_on(&node, c.params().vm).await.map_err(step_err)
+                },
+            )
+            .describe("Preparing the destination"),
+            Step::without_undo("migrate", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let uri: String = c.output("prepare")?;
+                let node = client_of(c.app(), p.src).await?;
+                let r = node
+                    .call("VM.migrate", json!({ "vmID": p.vm, "dstUri": uri }))
+                    .await
+                    .map_err(step_err)?;
+                let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
+                let report = node
+                    .wait_job(job, c.app().settings.migration_timeout)
+                    .await
+                    .map_err(step_err)?;
+                Ok(report)
+            })
+            .describe("Migrating memory and state"),
+            Step::without_undo("switch", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let rt = VmRuntime {
+                    status: VmStatus::Up,
+                    run_on_host: Some(p.dst),
+                    ..Default::default()
+                };
+                c.db()
+                    .vm_set_runtime(p.vm, &[VmStatus::Migrating, VmStatus::Up], &rt)
+                    .await?;
+                let src = client_of(c.app(), p.src).await?;
+                destroy_on(&src, p.vm).await.map_err(step_err)?;
+                Ok(())
+            })
+            .describe("Switching over to the destination"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Remove.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveVmParams {
+    pub vm: VmId,
+    pub disks: Vec<DiskId>,
+    pub dc: Option<DcId>,
+}
+
+pub struct RemoveVmSaga;
+
+impl SagaDef for RemoveVmSaga {
+    type Ctx = App;
+    type Params = RemoveVmParams;
+    const NAME: &'static str = "remove_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Removing VM {}", p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::ImageLocked,
+                        ..Default::default()
+                    };
+                    c.db()
+                        .vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::ImageLocked], &rt)
+                        .await?;
+                    for d in &p.disks {
+                        c.db().disk_lock(*d, c.saga_id).await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    for d in &p.disks {
+                        let _ = c.db().disk_unlock(*d, c.saga_id, DiskStatus::Ok).await;
+                    }
+                    let _ = c
+                        .db()
+                        .vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &VmRuntime::default())
+                        .await;
+                    Ok(())
+                },
+            ),
+            Step::without_undo("disks", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                for d in &p.disks {
+                    if let Some(disk) = c.db().disk_get(*d).await? {
+                        let dc =
+                            p.dc.ok_or_else(|| step_err("the VM's disks are in no data center"))?;
+                        delete_image(c.app(), dc, disk.storage_domain_id, *d).await?;
+                    }
+                }
+                Ok(())
+            })
+            .describe("Deleting the disks"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                for d in &p.disks {
+                    for v in c.db().volume_chain(*d).await? {
+                        if v.disk_id == *d {
+                            c.db().volume_delete(v.id).await?;
+                        }
+                    }
+                    c.db().attachment_remove(p.vm, *d).await?;
+                    if c.db().disk_get(*d).await?.is_some() {
+                        c.db().disk_delete(*d).await?;
+                    }
+                }
+                if c.db().vm_get(p.vm).await?.is_some() {
+                    c.db().vm_delete(p.vm).await?;
+                }
+                Ok(())
+            }),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Templates.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateDisk {
+    pub vm_disk: DiskId,
+    pub disk: DiskId,
+    pub volume: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddTemplateParams {
+    pub template: crate::model::Template,
+    pub vm: VmId,
+    pub dc: DcId,
+    pub disks: Vec<TemplateDisk>,
+}
+
+pub struct AddTemplateSaga;
+
+impl SagaDef for AddTemplateSaga {
+    type Ctx = App;
+    type Params = AddTemplateParams;
+    const NAME: &'static str = "add_template";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Creating template {} from VM {}", p.template.name, p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if c.db().template_get(p.template.id).await?.is_none() {
+                        let mut t = p.template.clone();
+                        t.status = TemplateStatus::Locked;
+                        c.db().template_insert(&t).await?;
+                    }
+                    let rt = VmRuntime { status: VmStatus::ImageLocked, ..Default::default() };
+                    c.db().vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::ImageLocked], &rt).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &VmRuntime::default()).await;
+                    if c.db().template_get(p.template.id).await?.is_some() {
+                        c.db().template_delete(p.template.id).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Recording the template"),
+            Step::new(
+                "copy",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for td in &p.disks {
+                        let src = c.db().disk_get(td.vm_disk).await?.ok_or_else(|| step_err("the VM's disk is gone"))?;
+                        if c.db().disk_get(td.disk).await?.is_none() {
+                            let mut d = Disk::new(&src.name, src.storage_domain_id, DiskFormat::Cow, src.provisioned_size);
+                            d.id = td.disk;
+                            c.db().disk_insert(&d).await?;
+                            c.db()
+                                .volume_insert(&Volume {
+                                    id: td.volume,
+                                    disk_id: td.disk,
+                                    storage_domain_id: src.storage_domain_id,
+                                    parent_id: None,
+                                    voltype: VolType::Shared,
+                                    format: DiskFormat::Cow,
+                                    actual_size: 0,
+                                    created_at: crate::time::Timestamp::from_millis(0),
+                                })
+                                .await?;
+                        }
+                        c.db().disk_lock(td.disk, c.saga_id).await?;
+                        let args = json!({
+                            "spUUID": dc.storage_pool_id, "sdUUID": src.storage_domain_id,
+                            "srcImgUUID": td.vm_disk, "dstImgUUID": td.disk, "dstVolUUID": td.volume,
+                            "volType": "SHARED", "volFormat": "COW",
+                        });
+                        let r = spm.run_task("Image.copy", args, app.settings.task_timeout).await;
+                        if let Err(e) = r {
+                            let info = spm
+                                .call("Volume.getInfo", json!({ "sdUUID": src.storage_domain_id, "imgUUID": td.disk, "volUUID": td.volume }))
+                                .await;
+                            if !info.is_ok_and(|i| i["meta"]["role"] == "Shared" || i["meta"]["role"] == "SHARED") {
+                                return Err(step_err(e));
+                            }
+                        }
+                        c.db().template_disk_add(p.template.id, td.disk).await?;
+                        c.db().disk_unlock(td.disk, c.saga_id, DiskStatus::Ok).await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    for td in &p.disks {
+                        if let Some(d) = c.db().disk_get(td.disk).await? {
+                            delete_image(c.app(), p.dc, d.storage_domain_id, td.disk).await?;
+                            c.db().template_disk_remove(p.template.id, td.disk).await?;
+                            c.db().volume_delete(td.volume).await?;
+                            c.db().disk_delete(td.disk).await?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Copying the disks into the template"),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db().template_set_status(p.template.id, &[], TemplateStatus::Ok).await?;
+                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &VmRuntime::default()).await;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Commands.
+
+impl Commands {
+    async fn vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        self.app
+            .db
+            .vm_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", id))
+    }
+
+    async fn cluster_dc(&self, cluster: ClusterId) -> Result<DcId, CommandError> {
+        let cl = self
+            .app
+            .db
+            .cluster_get(cluster)
+            .await?
+            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        Ok(cl.data_center_id)
+    }
+
+    pub async fn add_vm(
+        &self,
+        req: AddVm,
+        correlation_id: Option<String>,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let dc = self.cluster_dc(req.cluster).await?;
+        if self.app.db.vm_get_by_name(&req.name).await?.is_some() {
+            return Err(CommandError::Conflict(format!("a VM named {} exists", req.name)));
+        }
+        let tmpl = self
+            .app
+            .db
+            .template_get(req.template)
+            .await?
+            .ok_or_else(|| CommandError::not_found("template", req.template))?;
+        if tmpl.status != TemplateStatus::Ok {
+            return Err(CommandError::Conflict(format!(
+                "template {} is {}",
+                tmpl.name, tmpl.status
+            )));
+        }
+        let mut vm = crate::model::Vm::new(&req.name, req.cluster);
+        vm.description = req.description;
+        vm.template_id = req.template;
+        vm.memory_bytes = req.memory_bytes.unwrap_or(if req.template == BLANK_TEMPLATE_ID {
+            vm.memory_bytes
+        } else {
+            tmpl.memory_bytes
+        });
+        vm.memory_guaranteed_bytes = vm.memory_bytes;
+        vm.cpu = req.cpu.unwrap_or(if req.template == BLANK_TEMPLATE_ID {
+            vm.cpu
+        } else {
+            tmpl.cpu
+        });
+        vm.os = req.os;
+        if let Some(ha) = req.ha {
+            vm.ha = ha;
+        }
+        if vm.memory_bytes < 16 * MIB {
+            return Err(CommandError::invalid("a VM needs at least 16 MiB of memory"));
+        }
+        let mut clones = Vec::new();
+        for d in self.app.db.template_disks(req.template).await? {
+            let leaf = self
+                .app
+                .db
+                .volume_chain(d.id)
+                .await?
+                .last()
+                .map(|v| v.id)
+                .ok_or_else(|| CommandError::Conflict(format!("template disk {} has no volume", d.name)))?;
+            clones.push(CloneDisk {
+                template_disk: d.id,
+                template_volume: leaf,
+                disk: DiskId::new_random(),
+                volume: VolUuid::new_random(),
+            });
+        }
+        if !clones.is_empty() {
+            let dcr = self.app.dc(dc).await?;
+            self.app.spm(&dcr).await?;
+        }
+        let id = vm.id;
+        self.run::<AddVmSaga>(AddVmParams { vm, dc, clones }, correlation_id)
+            .await?;
+        self.vm(id).await
+    }
+
+    pub async fn attach_disk(
+        &self,
+        vm: VmId,
+        disk: DiskId,
+        how: AddVmDisk,
+    ) -> Result<DiskAttachment, CommandError> {
+        self.vm(vm).await?;
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if !d.shareable && !self.app.db.attachments_of_disk(disk).await?.is_empty() {
+            return Err(CommandError::Conflict(format!(
+                "disk {} is attached to another VM",
+                d.name
+            )));
+        }
+        let a = how.attachment(disk);
+        self.app.db.attachment_add(&a).await?;
+        Ok(a)
+    }
+
+    pub async fn start_vm(
+        &self,
+        id: VmId,
+        opts: StartOptions,
+        correlation_id: Option<String>,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let dc = self.cluster_dc(vm.cluster_id).await?;
+        let host = match opts.host {
+            Some(h) => {
+                let hr = self.app.host(h).await?;
+                if hr.cluster_id != vm.cluster_id {
+                    return Err(CommandError::invalid(format!(
+                        "host {} is not in the VM's cluster",
+                        hr.name
+                    )));
+                }
+                h
+            }
+            None => choose_host(&self.app, vm.cluster_id, id, Purpose::Start).await?,
+        };
+        self.run::<StartVmSaga>(StartVmParams { vm: id, host, dc }, correlation_id)
+            .await?;
+        if opts.paused {
+            self.pause_vm(id).await?;
+        }
+        self.vm(id).await
+    }
+
+    /// Power off at once (`stop`).
+    pub async fn stop_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if let Some(h) = vm.runtime.run_on_host {
+            let node = self.app.client(&self.app.host(h).await?)?;
+            destroy_on(&node, id).await?;
+        }
+        if let Some(h) = vm.runtime.migrating_to_host {
+            if let Ok(node) = self.app.host(h).await.and_then(|h| self.app.client(&h)) {
+                let _ = destroy_on(&node, id).await;
+            }
+        }
+        self.app.db.vm_set_runtime(id, &[], &VmRuntime::default()).await?;
+        self.vm(id).await
+    }
+
+    /// ACPI shutdown; the VM goes down when the guest powers off (or is destroyed after the
+    /// node's timeout).
+    pub async fn shutdown_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        let h = vm
+            .runtime
+            .run_on_host
+            .filter(|_| vm.runtime.status.is_running())
+            .ok_or_else(|| CommandError::Conflict(format!("VM {} is {}", vm.name, vm.runtime.status)))?;
+        let node = self.app.client(&self.app.host(h).await?)?;
+        node.call("VM.shutdown", json!({ "vmID": id })).await?;
+        let rt = VmRuntime {
+            status: VmStatus::PoweringDown,
+            run_on_host: Some(h),
+            ..Default::default()
+        };
+        self.app
+            .db
+            .vm_set_runtime(id, &[VmStatus::Up, VmStatus::Paused, VmStatus::PoweringUp], &rt)
+            .await?;
+        self.vm(id).await
+    }
+
+    pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let (h, node) = self.running_on(id).await?;
+        node.call("VM.pause", json!({ "vmID": id })).await?;
+        let rt = VmRuntime {
+            status: VmStatus::Paused,
+            run_on_host: Some(h),
+            ..Default::default()
+        };
+        self.app.db.vm_set_runtime(id, &[], &rt).await?;
+        self.vm(id).await
+    }
+
+    pub async fn resume_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let (h, node) = self.running_on(id).await?;
+        node.call("VM.cont", json!({ "vmID": id })).await?;
+        let rt = VmRuntime {
+            status: VmStatus::Up,
+            run_on_host: Some(h),
+            ..Default::default()
+        };
+        self.app.db.vm_set_runtime(id, &[], &rt).await?;
+        self.vm(id).await
+    }
+
+    async fn running_on(&self, id: VmId) -> Result<(HostUuid, NodeClient), CommandError> {
+        let vm = self.vm(id).await?;
+        let h = vm
+            .runtime
+            .run_on_host
+            .filter(|_| vm.runtime.status.is_running())
+            .ok_or_else(|| CommandError::Conflict(format!("VM {} is {}", vm.name, vm.runtime.status)))?;
+        Ok((h, self.app.client(&self.app.host(h).await?)?))
+    }
+
+    pub async fn migrate_vm(
+        &self,
+        id: VmId,
+        opts: MigrateOptions,
+        correlation_id: Option<String>,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != VmStatus::Up {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}, not up",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let src = vm
+            .runtime
+            .run_on_host
+            .ok_or_else(|| CommandError::Conflict(format!("VM {} runs nowhere", vm.name)))?;
+        let dst = match opts.host {
+            Some(h) if h == src => return Err(CommandError::invalid("the VM already runs on that host")),
+            Some(h) => h,
+            None => choose_host(&self.app, vm.cluster_id, id, Purpose::Migrate).await?,
+        };
+        let dc = self.cluster_dc(vm.cluster_id).await?;
+        self.run::<MigrateVmSaga>(MigrateVmParams { vm: id, src, dst, dc }, correlation_id)
+            .await?;
+        self.vm(id).await
+    }
+
+    /// Moves every VM off a host (maintenance); VMs that cannot migrate are stopped.
+    pub async fn evacuate_host(&self, host: HostUuid) -> Result<(), CommandError> {
+        let vms = self
+            .app
+            .db
+            .vm_list(&ListQuery {
+                filter: VmFilter {
+                    host: Some(Ref::Id(host)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await?;
+        for vm in vms.into_iter().filter(|v| v.runtime.status.is_running()) {
+            let moved = match self.migrate_vm(vm.id, MigrateOptions::default(), None).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, error = %e, "cannot migrate for maintenance; stopping the VM");
+                    false
+                }
+            };
+            if !moved {
+                self.stop_vm(vm.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a VM that is down, with its disks unless `detach_only`.
+    pub async fn remove_vm(&self, id: VmId, detach_only: bool) -> Result<(), CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: stop it first",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let mut disks = Vec::new();
+        if !detach_only {
+            for a in self.app.db.attachments_of_vm(id).await? {
+                if self.app.db.attachments_of_disk(a.disk_id).await?.len() == 1 {
+                    disks.push(a.disk_id);
+                }
+            }
+        }
+        let dc = if disks.is_empty() {
+            None
+        } else {
+            Some(self.cluster_dc(vm.cluster_id).await?)
+        };
+        if detach_only {
+            for a in self.app.db.attachments_of_vm(id).await? {
+                self.app.db.attachment_remove(id, a.disk_id).await?;
+            }
+        }
+        self.run::<RemoveVmSaga>(RemoveVmParams { vm: id, disks, dc }, None)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn add_template(
+        &self,
+        vm: VmId,
+        name: &str,
+        description: &str,
+    ) -> Result<crate::model::Template, CommandError> {
+        let v = self.vm(vm).await?;
+        if v.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: a template is made from a VM that is down",
+                v.name, v.runtime.status
+            )));
+        }
+        if self.app.db.template_get_by_name(name).await?.is_some() {
+            return Err(CommandError::Conflict(format!("a template named {name} exists")));
+        }
+        let dc = self.cluster_dc(v.cluster_id).await?;
+        let mut t = crate::model::Template::new(name, Some(v.cluster_id));
+        t.description = description.to_string();
+        t.memory_bytes = v.memory_bytes;
+        t.cpu = v.cpu;
+        let disks: Vec<TemplateDisk> = self
+            .app
+            .db
+            .attachments_of_vm(vm)
+            .await?
+            .iter()
+            .map(|a| TemplateDisk {
+                vm_disk: a.disk_id,
+                disk: DiskId::new_random(),
+                volume: VolUuid::new_random(),
+            })
+            .collect();
+        if !disks.is_empty() {
+            self.app.spm(&self.app.dc(dc).await?).await?;
+        }
+        let id = t.id;
+        self.run::<AddTemplateSaga>(
+            AddTemplateParams {
+                template: t,
+                vm,
+                dc,
+                disks,
+            },
+            None,
+        )
+        .await?;
+        self.app
+            .db
+            .template_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("template", id))
+    }
+
+    pub async fn remove_template(&self, id: TemplateId) -> Result<(), CommandError> {
+        if id == BLANK_TEMPLATE_ID {
+            return Err(CommandError::Conflict(
+                "the Blank template cannot be removed".into(),
+            ));
+        }
+        let t = self
+            .app
+            .db
+            .template_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("template", id))?;
+        let users = self
+            .app
+            .db
+            .vm_count(&VmFilter {
+                template: Some(Ref::Id(id)),
+                ..Default::default()
+            })
+            .await?;
+        if users > 0 {
+            return Err(CommandError::Conflict(format!(
+                "template {} is used by {users} VMs",
+                t.name
+            )));
+        }
+        for d in self.app.db.template_disks(id).await? {
+            let dc = self.domain_dc(d.storage_domain_id).await?;
+            delete_image(&self.app, dc.id, d.storage_domain_id, d.id)
+                .await
+                .map_err(|e| CommandError::Conflict(e.to_string()))?;
+            self.app.db.template_disk_remove(id, d.id).await?;
+            for v in self.app.db.volume_chain(d.id).await? {
+                self.app.db.volume_delete(v.id).await?;
+            }
+            self.app.db.disk_delete(d.id).await?;
+        }
+        Ok(self.app.db.template_delete(id).await?)
+    }
+
+    /// Waits for a VM status (tests, `oxvirt up`, async REST clients poll instead).
+    pub async fn wait_vm_status(
+        &self,
+        id: VmId,
+        want: VmStatus,
+        timeout: Duration,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let start = std::time::Instant::now();
+        loop {
+            let vm = self.vm(id).await?;
+            if vm.runtime.status == want {
+                return Ok(vm);
+            }
+            if start.elapsed() > timeout {
+                return Err(CommandError::Conflict(format!(
+                    "VM {} is {} after {timeout:?}, not {want}",
+                    vm.name, vm.runtime.status
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

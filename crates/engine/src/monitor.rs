@@ -1,0 +1,566 @@
+//! Monitoring: the engine's continuous reconciliation of what it knows with what nodes report.
+//!
+//! Every `monitor_interval` (or sooner, when a command kicks it), for each host that is not in
+//! maintenance:
+//! - poll `Host.getStats` and `Host.getAllVmStats`: a host answering is `up`; one that fails
+//!   `non_responsive_after` polls in a row is `non_responsive`;
+//! - reconcile VM statuses: a VM the node reports down is recorded down (and cleaned from the
+//!   node), one the node no longer has is down;
+//! - keep the host connected to its data center's pool (again after a node restart, seen as a
+//!   new boot id).
+//!
+//! For each data center with storage: elect an SPM when it has none (among up, connected hosts,
+//! highest SPM priority first), track domain space and health, and turn attached domains
+//! `active` once the pool is served.
+//!
+//! SPM safety does not rest on the monitor: a node takes the SPM lease only when the previous
+//! holder's host id is dead on storage, so the monitor may ask as often as it likes.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::commands::{CommandError, Commands};
+use crate::db::{HostFilter, ListQuery, Ref, VmFilter};
+use crate::model::{
+    DcId, DcStatus, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, Severity, SpmStatus, VmId,
+    VmRuntime, VmStatus,
+};
+
+/// Hosts the monitor polls (others wait for an admin or for enrollment).
+fn monitored(s: HostStatus) -> bool {
+    matches!(
+        s,
+        HostStatus::Up
+            | HostStatus::Initializing
+            | HostStatus::Connecting
+            | HostStatus::NonResponsive
+            | HostStatus::NonOperational
+    )
+}
+
+pub struct Monitor {
+    cmds: Commands,
+    /// Data centers whose SPM election runs now (elections can wait for leases).
+    electing: Arc<Mutex<HashSet<DcId>>>,
+}
+
+impl Monitor {
+    pub fn new(cmds: Commands) -> Self {
+        Self {
+            cmds,
+            electing: Default::default(),
+        }
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let interval = self.cmds.app.settings.monitor_interval;
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "monitoring round failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.cmds.app.kick.notified() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// One pass over hosts and data centers.
+    pub async fn round(&self) -> Result<(), CommandError> {
+        let app = &self.cmds.app;
+        let hosts = app.db.host_list(&ListQuery::default()).await?;
+        let polls = hosts.into_iter().filter(|h| monitored(h.status)).map(|h| {
+            let app = app.clone();
+            async move {
+                if let Err(e) = poll_host(&app, &h).await {
+                    tracing::debug!(host = %h.name, error = %e, "host poll failed");
+                }
+            }
+        });
+        futures_util::future::join_all(polls).await;
+        for dc in app.db.dc_list(&ListQuery::default()).await? {
+            if app.db.pool_master(dc.id).await?.is_none() {
+                continue;
+            }
+            self.ensure_spm(dc.id);
+            if let Err(e) = domains_round(app, dc.id).await {
+                tracing::debug!(dc = %dc.name, error = %e, "domain monitoring failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_spm(&self, dc: DcId) {
+        if !self.electing.lock().expect("electing").insert(dc) {
+            return;
+        }
+        let (app, electing) = (self.cmds.app.clone(), self.electing.clone());
+        tokio::spawn(async move {
+            if let Err(e) = elect_spm(&app, dc).await {
+                tracing::info!(dc = %dc, error = %e, "no SPM elected this round");
+            }
+            electing.lock().expect("electing").remove(&dc);
+        });
+    }
+}
+
+async fn event(
+    app: &App,
+    severity: Severity,
+    code: i32,
+    text: String,
+    host: Option<HostUuid>,
+    vm: Option<VmId>,
+) {
+    let mut e = NewEvent::new(severity, code, text);
+    e.host_id = host;
+    e.vm_id = vm;
+    if let Err(err) = app.db.event_add(&e).await {
+        tracing::warn!(error = %err, "cannot record event");
+    }
+}
+
+async fn poll_host(app: &Arc<App>, h: &Host) -> Result<(), CommandError> {
+    let node = app.client(h)?;
+    let stats = match node.call("Host.getStats", json!({})).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut failures = 0;
+            app.update_host_rt(h.id, |rt| {
+                rt.failures += 1;
+                failures = rt.failures;
+            });
+            if failures >= app.settings.non_responsive_after && h.status != HostStatus::NonResponsive {
+                app.db
+                    .host_set_status(h.id, &[h.status], HostStatus::NonResponsive, Some(&e.to_string()))
+                    .await?;
+                event(
+                    app,
+                    Severity::Error,
+                    9006,
+                    format!("Host {} is not responding: {e}", h.name),
+                    Some(h.id),
+                    None,
+                )
+                .await;
+                mark_vms_unknown(app, h.id).await?;
+            }
+            return Err(e.into());
+        }
+    };
+    let ping = node.call("Host.ping", json!({})).await?;
+    let boot_id = ping["bootId"].as_str().map(str::to_string);
+    let mut restarted = false;
+    app.update_host_rt(h.id, |rt| {
+        rt.failures = 0;
+        restarted = rt.boot_id.is_some() && rt.boot_id != boot_id;
+        if restarted || rt.boot_id.is_none() {
+            rt.pool = None;
+        }
+        rt.boot_id = boot_id.clone();
+        rt.cpu_load_pct = stats["cpuUsedPct"].as_f64().unwrap_or(0.0);
+        rt.mem_total_mib = stats["memTotalMib"].as_u64().unwrap_or(0);
+        rt.mem_free_mib = stats["memAvailableMib"].as_u64().unwrap_or(0);
+        rt.swap_free_mib = stats["swapFreeMib"].as_u64().unwrap_or(0);
+    });
+    if restarted {
+        tracing::info!(host = %h.name, "node restarted; reconnecting its storage");
+    }
+    if h.cpu_cores.is_none() || h.status != HostStatus::Up {
+        let caps = node.call("Host.getCapabilities", json!({})).await?;
+        app.db
+            .host_update_stats(
+                h.id,
+                &HostStats {
+                    cpu_cores: caps["cpuCores"].as_u64().map(|c| c as u32),
+                    memory_bytes: caps["memTotalMib"].as_u64().map(|m| m << 20),
+                    free_memory_bytes: stats["memAvailableMib"].as_u64().map(|m| m << 20),
+                },
+            )
+            .await?;
+    } else {
+        app.db
+            .host_update_stats(
+                h.id,
+                &HostStats {
+                    cpu_cores: h.cpu_cores,
+                    memory_bytes: h.memory_bytes,
+                    free_memory_bytes: stats["memAvailableMib"].as_u64().map(|m| m << 20),
+                },
+            )
+            .await?;
+    }
+    if h.status != HostStatus::Up {
+        app.db
+            .host_set_status(h.id, &[h.status], HostStatus::Up, None)
+            .await?;
+        event(
+            app,
+            Severity::Normal,
+            13,
+            format!("Host {} is up", h.name),
+            Some(h.id),
+            None,
+        )
+        .await;
+    }
+    let dc = app.host_dc(h).await?;
+    if app.db.pool_master(dc.id).await?.is_some() {
+        if let Err(e) = ensure_pool_connected(app, h.id, dc.id).await {
+            tracing::info!(host = %h.name, error = %e, "cannot connect the host to its pool yet");
+        }
+    }
+    let vms = node.call("Host.getAllVmStats", json!({})).await?;
+    reconcile_vms(app, h, &node, &vms).await
+}
+
+async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError> {
+    let q = ListQuery {
+        filter: VmFilter {
+            host: Some(Ref::Id(host)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for vm in app.db.vm_list(&q).await? {
+        if vm.runtime.status.is_running() {
+            let rt = VmRuntime {
+                status: VmStatus::Unknown,
+                ..vm.runtime.clone()
+            };
+            app.db.vm_set_runtime(vm.id, &[vm.runtime.status], &rt).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the node's state word means for the engine's record.
+fn engine_status(node_state: &str) -> Option<VmStatus> {
+    Some(match node_state {
+        "up" => VmStatus::Up,
+        "paused" => VmStatus::Paused,
+        "powering_down" => VmStatus::PoweringDown,
+        "wait_for_launch" => VmStatus::WaitForLaunch,
+        "migration_source" => VmStatus::Migrating,
+        "down" => VmStatus::Down,
+        _ => return None,
+    })
+}
+
+async fn reconcile_vms(
+    app: &App,
+    h: &Host,
+    node: &crate::nodes::NodeClient,
+    reported: &Value,
+) -> Result<(), CommandError> {
+    let mut seen = HashSet::new();
+    for r in reported.as_array().into_iter().flatten() {
+        let Some(id) = r["vmID"].as_str().and_then(|s| s.parse::<VmId>().ok()) else {
+            continue;
+        };
+        seen.insert(id);
+        let Some(vm) = app.db.vm_get(id).await? else {
+            tracing::warn!(host = %h.name, vm = %id, "node runs a VM the engine does not know");
+            continue;
+        };
+        let state = r["status"]["state"].as_str().unwrap_or("");
+        if state == "migration_destination" {
+            continue; // the migration saga owns it
+        }
+        let Some(want) = engine_status(state) else {
+            continue;
+        };
+        let ours = vm.runtime.run_on_host == Some(h.id);
+        if want == VmStatus::Down {
+            // A migration's source goes down once the destination runs it; the saga cleans it.
+            let migrated_away = vm.runtime.run_on_host.is_some() && !ours;
+            if ours && vm.runtime.status != VmStatus::Migrating {
+                let reason = r["status"]["reason"].to_string();
+                app.db
+                    .vm_set_runtime(
+                        id,
+                        &[vm.runtime.status],
+                        &VmRuntime {
+                            status_detail: Some(reason.clone()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                event(
+                    app,
+                    Severity::Normal,
+                    61,
+                    format!("VM {} is down: {reason}", vm.name),
+                    Some(h.id),
+                    Some(id),
+                )
+                .await;
+            }
+            if ours || migrated_away || vm.runtime.run_on_host.is_none() {
+                let _ = crate::commands::destroy_on_node(node, id).await;
+            }
+            continue;
+        }
+        if !ours {
+            continue;
+        }
+        // Commands set transitional statuses; the node's word settles them.
+        let settle = match (vm.runtime.status, want) {
+            (s, w) if s == w => false,
+            (VmStatus::Migrating, _) => false,
+            (
+                VmStatus::WaitForLaunch | VmStatus::PoweringUp | VmStatus::Unknown | VmStatus::NotResponding,
+                _,
+            ) => true,
+            (VmStatus::Up | VmStatus::Paused, VmStatus::Up | VmStatus::Paused) => true,
+            (VmStatus::PoweringDown, VmStatus::Up) => false,
+            (_, _) => true,
+        };
+        if settle {
+            let rt = VmRuntime {
+                status: want,
+                run_on_host: Some(h.id),
+                ..Default::default()
+            };
+            app.db.vm_set_runtime(id, &[vm.runtime.status], &rt).await?;
+        }
+    }
+    // VMs the engine places on this host that the node no longer runs.
+    let q = ListQuery {
+        filter: VmFilter {
+            host: Some(Ref::Id(h.id)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for vm in app.db.vm_list(&q).await? {
+        let transient = matches!(
+            vm.runtime.status,
+            VmStatus::WaitForLaunch | VmStatus::Migrating | VmStatus::ImageLocked
+        );
+        if !seen.contains(&vm.id) && vm.runtime.status.is_running() && !transient {
+            app.db
+                .vm_set_runtime(
+                    vm.id,
+                    &[vm.runtime.status],
+                    &VmRuntime {
+                        status_detail: Some("gone from its host".into()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            event(
+                app,
+                Severity::Warning,
+                61,
+                format!("VM {} is down: its host no longer runs it", vm.name),
+                Some(h.id),
+                Some(vm.id),
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+/// Connects `host` to the data center's pool (storage connections, host id, pool) unless it
+/// already is with the current master version.
+pub async fn ensure_pool_connected(app: &App, host: HostUuid, dc: DcId) -> Result<(), CommandError> {
+    let d = app.dc(dc).await?;
+    let Some(master) = app.db.pool_master(dc).await? else {
+        return Ok(());
+    };
+    if app.host_rt(host).pool == Some((d.storage_pool_id, d.master_version)) {
+        return Ok(());
+    }
+    let h = app.host(host).await?;
+    let node = app.client(&h)?;
+    let mut domains = Vec::new();
+    for m in app.db.pool_members(dc).await? {
+        if let Some(sd) = app.db.sd_get(m.storage_domain_id).await? {
+            domains.push(sd);
+        }
+    }
+    crate::commands::connect_storage_servers(&node, &domains).await?;
+    let host_id = app.lockspace_id(dc, host).await?;
+    let r = node
+        .call(
+            "StoragePool.connect",
+            json!({
+                "spUUID": d.storage_pool_id, "hostID": host_id.get(), "msdUUID": master,
+                "masterVersion": d.master_version,
+                "ioTimeout": app.settings.io_timeout.as_secs_f64(),
+                "fenceMargin": app.settings.fence_margin.as_secs_f64(),
+            }),
+        )
+        .await;
+    match r {
+        Ok(_) => {}
+        // Connected by an earlier round whose reply we lost: refresh to the current master.
+        Err(e) if e.code() == Some(2002) || e.to_string().contains("already connected") => {
+            node.call(
+                "StoragePool.refresh",
+                json!({ "spUUID": d.storage_pool_id, "msdUUID": master, "masterVersion": d.master_version }),
+            )
+            .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let sds = domains.iter().map(|s| s.id).collect();
+    app.update_host_rt(host, |rt| {
+        rt.pool = Some((d.storage_pool_id, d.master_version));
+        rt.domains = sds;
+    });
+    tracing::info!(host = %h.name, dc = %d.name, host_id = host_id.get(), "host connected to the storage pool");
+    Ok(())
+}
+
+/// Makes sure the data center has an SPM: keeps the current one when it is up and still SPM on
+/// storage, else asks the best connected host to take the role.
+async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
+    let d = app.dc(dc).await?;
+    if let (SpmStatus::Spm, Some(h)) = (d.spm_status, d.spm_host) {
+        let host = app.host(h).await?;
+        if host.status == HostStatus::Up {
+            return Ok(());
+        }
+        if host.status != HostStatus::NonResponsive && host.status != HostStatus::Maintenance {
+            return Ok(());
+        }
+        // The SPM host is gone from the engine's view. The role moves only when storage says its
+        // lease can be taken; spmStart below fails until then.
+        tracing::info!(dc = %d.name, spm = %host.name, "SPM host is {}; looking for a new SPM", host.status);
+    }
+    let q = ListQuery {
+        filter: HostFilter {
+            data_center: Some(Ref::Id(dc)),
+            status: vec![HostStatus::Up],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut candidates: Vec<Host> = app
+        .db
+        .host_list(&q)
+        .await?
+        .into_iter()
+        .filter(|h| {
+            h.spm_priority >= 0
+                && app
+                    .host_rt(h.id)
+                    .pool
+                    .is_some_and(|(p, _)| p == d.storage_pool_id)
+        })
+        .collect();
+    candidates.sort_by_key(|h| std::cmp::Reverse(h.spm_priority));
+    let Some(cand) = candidates.into_iter().next() else {
+        return Err(CommandError::Conflict(format!(
+            "data center {} has no connected host to be SPM",
+            d.name
+        )));
+    };
+    if let Some(old) = d.spm_host.filter(|o| *o != cand.id) {
+        app.db.dc_spm_clear(dc, old).await?;
+    }
+    if d.spm_host != Some(cand.id) {
+        app.db.dc_spm_contend(dc, cand.id).await?;
+    }
+    let node = app.client(&cand)?;
+    let status = node
+        .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+        .await?;
+    let st = &status["spm_st"];
+    if st["spmStatus"] == "SPM" {
+        app.db
+            .dc_spm_won(dc, cand.id, st["spmLver"].as_i64().unwrap_or(0))
+            .await?;
+        app.db.dc_set_status(dc, DcStatus::Up).await?;
+        return Ok(());
+    }
+    let prev_id = st["spmId"].as_i64().unwrap_or(-1);
+    let prev_lver = st["spmLver"].as_i64().unwrap_or(-1);
+    let timeout = app.settings.io_timeout * 8 + app.settings.fence_margin + Duration::from_secs(30);
+    let r = node
+        .run_task(
+            "StoragePool.spmStart",
+            json!({ "spUUID": d.storage_pool_id, "prevID": prev_id, "prevLver": prev_lver }),
+            timeout,
+        )
+        .await;
+    if let Err(e) = r {
+        app.db.dc_spm_clear(dc, cand.id).await?;
+        return Err(e.into());
+    }
+    let status = node
+        .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+        .await?;
+    let lver = status["spm_st"]["spmLver"].as_i64().unwrap_or(0);
+    app.db.dc_spm_won(dc, cand.id, lver).await?;
+    app.db.dc_set_status(dc, DcStatus::Up).await?;
+    event(
+        app,
+        Severity::Normal,
+        204,
+        format!(
+            "Host {} is the SPM of data center {} (lver {lver})",
+            cand.name, d.name
+        ),
+        Some(cand.id),
+        None,
+    )
+    .await;
+    tracing::info!(dc = %d.name, spm = %cand.name, lver, "SPM elected");
+    Ok(())
+}
+
+/// Space and health of the pool's domains; attached domains turn active once the pool is
+/// served by an SPM.
+async fn domains_round(app: &App, dc: DcId) -> Result<(), CommandError> {
+    let d = app.dc(dc).await?;
+    let Ok((_, spm)) = app.spm(&d).await else {
+        return Ok(());
+    };
+    for m in app.db.pool_members(dc).await? {
+        match spm
+            .call("StorageDomain.getStats", json!({ "sdUUID": m.storage_domain_id }))
+            .await
+        {
+            Ok(s) => {
+                if let (Some(total), Some(free)) = (s["diskTotal"].as_u64(), s["diskFree"].as_u64()) {
+                    app.db.sd_set_space(m.storage_domain_id, total, free).await?;
+                }
+                let valid = s["valid"] == true;
+                let to = match (m.status, valid) {
+                    (SdStatus::Activating | SdStatus::Unknown | SdStatus::Inactive, true) => {
+                        Some(SdStatus::Active)
+                    }
+                    (SdStatus::Active, false) => Some(SdStatus::Inactive),
+                    _ => None,
+                };
+                if let Some(to) = to {
+                    app.db
+                        .pool_set_status(dc, m.storage_domain_id, &[m.status], to)
+                        .await?;
+                }
+            }
+            Err(e) => {
+                tracing::info!(sd = %m.storage_domain_id, error = %e, "domain stats failed");
+                if m.status == SdStatus::Active {
+                    app.db
+                        .pool_set_status(dc, m.storage_domain_id, &[SdStatus::Active], SdStatus::Inactive)
+                        .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
