@@ -114,16 +114,26 @@ async fn a_confirmed_change_stays_and_a_later_removal_restores_the_nic() {
     svc.plug_tap("oxtaptest0", "vmnet").await.unwrap();
     let h = links(&svc).await;
     let tap = &h.links["oxtaptest0"];
-    assert_eq!((tap.master.as_deref(), tap.mtu, tap.up), (Some("vmnet"), 1400, true));
+    assert_eq!(
+        (tap.master.as_deref(), tap.mtu, tap.up),
+        (Some("vmnet"), 1400, true)
+    );
     assert!(matches!(
         svc.plug_tap("oxtaptest1", "nonet").await.unwrap_err(),
         NetError::NoNetwork(_)
     ));
     let caps = svc.capabilities().await.unwrap();
     assert_eq!(caps["networks"]["vmnet"]["present"], true, "{caps}");
-    assert_eq!(caps["bridges"]["vmnet"]["ports"], json!(["eth1", "oxtaptest0"]), "{caps}");
+    assert_eq!(
+        caps["bridges"]["vmnet"]["ports"],
+        json!(["eth1", "oxtaptest0"]),
+        "{caps}"
+    );
     assert!(caps["nics"].get("eth1").is_some(), "{caps}");
-    assert!(caps["nics"].get("oxtaptest0").is_none(), "taps are not host NICs: {caps}");
+    assert!(
+        caps["nics"].get("oxtaptest0").is_none(),
+        "taps are not host NICs: {caps}"
+    );
     let stats = svc.stats().await.unwrap();
     assert_eq!(stats["oxtaptest0"].kind, "tun");
     svc.unplug_tap("oxtaptest0").await.unwrap();
@@ -176,7 +186,12 @@ async fn vlans_and_bonds_need_kernel_support_and_refusals_change_nothing() {
     let clock = SimClock::new(Duration::from_secs(1000));
     let svc = open(&ns, dir.path(), &clock).await;
     let before = links(&svc).await;
-    let has_8021q = ip_supports(&ns, &["link", "add", "link", "eth1", "name", "eth1.7", "type", "vlan", "id", "7"]);
+    let has_8021q = ip_supports(
+        &ns,
+        &[
+            "link", "add", "link", "eth1", "name", "eth1.7", "type", "vlan", "id", "7",
+        ],
+    );
     let r = svc
         .setup_networks(req(json!({"networks": {"v7": {"nic": "eth1", "vlan": 7}}})))
         .await;
@@ -222,7 +237,9 @@ async fn vlans_and_bonds_need_kernel_support_and_refusals_change_nothing() {
         assert!(e.contains(needle), "{needle} missing from: {e}");
     }
     let e = svc
-        .setup_networks(req(json!({"networks": {"d": {"nic": "eth1", "bootproto": "dhcp"}}})))
+        .setup_networks(req(
+            json!({"networks": {"d": {"nic": "eth1", "bootproto": "dhcp"}}}),
+        ))
         .await;
     if which("dhclient") {
         e.unwrap();

@@ -26,10 +26,16 @@ struct QemuReaper(Vec<PathBuf>);
 impl Drop for QemuReaper {
     fn drop(&mut self) {
         for run in &self.0 {
-            let Ok(rd) = std::fs::read_dir(run.join("vms")) else { continue };
+            let Ok(rd) = std::fs::read_dir(run.join("vms")) else {
+                continue;
+            };
             for e in rd.filter_map(Result::ok) {
-                let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else { continue };
-                let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+                let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else {
+                    continue;
+                };
+                let Ok(pid) = pid.trim().parse::<i32>() else {
+                    continue;
+                };
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let marker = e.path().join("qmp.sock");
                 if String::from_utf8_lossy(&cmdline).contains(marker.to_str().unwrap_or("-")) {
@@ -81,7 +87,11 @@ async fn start_host(engine: &Engine, ns: TestNs, name: &str, migration_ip: &str)
 
 impl Host {
     fn console(&self, vm: VmId) -> PathBuf {
-        self.data.path().join("run/vms").join(vm.to_string()).join("serial.log")
+        self.data
+            .path()
+            .join("run/vms")
+            .join(vm.to_string())
+            .join("serial.log")
     }
 
     /// `ip -o link show` inside the host's namespace.
@@ -130,7 +140,10 @@ async fn wait_status(c: &RpcClient, vm: VmId, want: &str, timeout: Duration) -> 
                 return info;
             }
         }
-        assert!(start.elapsed() < timeout, "VM {vm} is not {want} within {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "VM {vm} is not {want} within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -172,14 +185,16 @@ async fn guests_on_two_nodes_talk_over_a_vm_network() {
         let caps = h.c.call("Host.getCapabilities", json!({})).await.unwrap();
         assert_eq!(caps["networks"]["vmnet"]["present"], true, "{caps}");
         assert_eq!(caps["bridges"]["vmnet"]["ports"], json!(["eth1"]), "{caps}");
-        assert!(caps["nics"]["mig0"]["ipv4addrs"].as_array().unwrap().len() == 1, "{caps}");
+        assert!(
+            caps["nics"]["mig0"]["ipv4addrs"].as_array().unwrap().len() == 1,
+            "{caps}"
+        );
     }
 
     // A change the engine never confirms is undone by the node.
     let mut events = a.c.events().await.unwrap();
-    let r = a
-        .c
-        .call(
+    let r =
+        a.c.call(
             "Host.setupNetworks",
             json!({ "networks": {
                         "vmnet": { "nic": "eth1", "mtu": 1400 },
@@ -205,7 +220,11 @@ async fn guests_on_two_nodes_talk_over_a_vm_network() {
     let caps = a.c.call("Host.getCapabilities", json!({})).await.unwrap();
     assert!(caps["networks"].get("lab").is_none(), "{caps}");
     assert_eq!(caps["bridges"]["vmnet"]["mtu"], 1500, "{caps}");
-    assert_eq!(caps["nics"]["mig0"]["ipv4addrs"], json!(["10.77.0.1/24"]), "{caps}");
+    assert_eq!(
+        caps["nics"]["mig0"]["ipv4addrs"],
+        json!(["10.77.0.1/24"]),
+        "{caps}"
+    );
     assert_eq!(caps["nics"]["mig0"]["master"], Value::Null, "{caps}");
     assert!(!a.links().contains("lab:"));
 
@@ -224,14 +243,25 @@ done) &";
         .unwrap();
     b.c.call(
         "VM.create",
-        vm_params(vm2, "ping", &guest, pinger, json!([{ "mac": "56:6f:00:00:11:02", "network": "vmnet" }])),
+        vm_params(
+            vm2,
+            "ping",
+            &guest,
+            pinger,
+            json!([{ "mac": "56:6f:00:00:11:02", "network": "vmnet" }]),
+        ),
     )
     .await
     .unwrap();
     let info1 = a.c.call("VM.getInfo", json!({ "vmID": vm1 })).await.unwrap();
-    let tap1 = info1["nics"][0]["backend"]["network"]["tap"].as_str().unwrap().to_string();
+    let tap1 = info1["nics"][0]["backend"]["network"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
-        a.links().lines().any(|l| l.contains(&format!("{tap1}:")) && l.contains("master vmnet")),
+        a.links()
+            .lines()
+            .any(|l| l.contains(&format!("{tap1}:")) && l.contains("master vmnet")),
         "the tap is on the bridge: {}",
         a.links()
     );
@@ -241,9 +271,12 @@ done) &";
 
     // Link down on the first guest's NIC cuts it off; link up brings it back.
     let mark = console_len(&con2);
-    a.c.call("VM.setLinkState", json!({ "vmID": vm1, "mac": "56:6f:00:00:11:01", "linkActive": false }))
-        .await
-        .unwrap();
+    a.c.call(
+        "VM.setLinkState",
+        json!({ "vmID": vm1, "mac": "56:6f:00:00:11:01", "linkActive": false }),
+    )
+    .await
+    .unwrap();
     wait_console(&con2, mark, "OXVIRT-PING fail", 2, Duration::from_secs(30)).await;
     let mark = console_len(&con2);
     a.c.call(
@@ -256,21 +289,22 @@ done) &";
 
     // Hot plug a second NIC into the pinging guest, then unplug it.
     let mark = console_len(&con2);
-    let info = b
-        .c
-        .call(
+    let info =
+        b.c.call(
             "VM.hotplugNic",
             json!({ "vmID": vm2, "nic": { "mac": "56:6f:00:00:11:03", "network": "vmnet" } }),
         )
         .await
         .unwrap();
     assert_eq!(info["nics"][1]["slot"], 1, "{info}");
-    let tap3 = info["nics"][1]["backend"]["network"]["tap"].as_str().unwrap().to_string();
+    let tap3 = info["nics"][1]["backend"]["network"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(b.links().contains(&format!("{tap3}:")));
     wait_console(&con2, mark, "OXVIRT-NIC eth1 present", 1, Duration::from_secs(30)).await;
-    let err = b
-        .c
-        .call(
+    let err =
+        b.c.call(
             "VM.hotplugNic",
             json!({ "vmID": vm2, "nic": { "mac": "56:6f:00:00:11:03", "network": "vmnet" } }),
         )
@@ -278,9 +312,11 @@ done) &";
         .unwrap_err();
     assert!(err.to_string().contains("two NICs"), "{err}");
     let mark = console_len(&con2);
-    let info = b
-        .c
-        .call("VM.hotunplugNic", json!({ "vmID": vm2, "mac": "56:6f:00:00:11:03" }))
+    let info =
+        b.c.call(
+            "VM.hotunplugNic",
+            json!({ "vmID": vm2, "mac": "56:6f:00:00:11:03" }),
+        )
         .await
         .unwrap();
     assert_eq!(info["nics"].as_array().unwrap().len(), 1, "{info}");
@@ -289,11 +325,16 @@ done) &";
 
     // A destination without the VM's network refuses it and keeps nothing.
     let stray = VmId::new_random();
-    let err = b
-        .c
-        .call(
+    let err =
+        b.c.call(
             "VM.migrationCreate",
-            vm_params(stray, "stray", &guest, serve, json!([{ "mac": "56:6f:00:00:11:09", "network": "nonet" }])),
+            vm_params(
+                stray,
+                "stray",
+                &guest,
+                serve,
+                json!([{ "mac": "56:6f:00:00:11:09", "network": "nonet" }]),
+            ),
         )
         .await
         .unwrap_err();
@@ -312,12 +353,20 @@ done) &";
     let incoming = b.c.call("VM.migrationCreate", params).await.unwrap();
     let uri = incoming["uri"].as_str().unwrap().to_string();
     assert!(uri.contains("10.77.0.2"), "{uri}");
-    a.c.call("VM.migrate", json!({ "vmID": vm1, "dstUri": uri })).await.unwrap();
+    a.c.call("VM.migrate", json!({ "vmID": vm1, "dstUri": uri }))
+        .await
+        .unwrap();
     wait_status(&b.c, vm1, "up", Duration::from_secs(120)).await;
     wait_status(&a.c, vm1, "down", Duration::from_secs(60)).await;
     a.c.call("VM.destroy", json!({ "vmID": vm1 })).await.unwrap();
-    assert!(!a.links().contains(&format!("{tap1}:")), "the source's tap is gone");
-    assert!(b.links().contains(&format!("{tap1}:")), "the destination has its own tap");
+    assert!(
+        !a.links().contains(&format!("{tap1}:")),
+        "the source's tap is gone"
+    );
+    assert!(
+        b.links().contains(&format!("{tap1}:")),
+        "the destination has its own tap"
+    );
     let mark = console_len(&con2);
     wait_console(&con2, mark, "OXVIRT-PING ok", 2, Duration::from_secs(60)).await;
 

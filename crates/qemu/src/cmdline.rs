@@ -258,7 +258,12 @@ pub enum SpecError {
     #[error("VM {vm:?}: NIC {nic} has an invalid tap name {ifname:?}")]
     BadTap { vm: String, nic: usize, ifname: String },
     #[error("VM {vm:?}: NIC {nic}'s slot {slot} is taken or outside the VM's {ports} NIC ports")]
-    BadNicSlot { vm: String, nic: usize, slot: u8, ports: u8 },
+    BadNicSlot {
+        vm: String,
+        nic: usize,
+        slot: u8,
+        ports: u8,
+    },
     #[error("VM {vm:?}: path {path:?} contains a ',' which QEMU's option syntax cannot carry")]
     CommaInPath { vm: String, path: PathBuf },
 }
@@ -771,7 +776,9 @@ mod tests {
                 "pcie-root-port,id=nicport3,bus=pcie.0,chassis=4",
             ]
         );
-        assert!(devs.contains(&"virtio-net-pci,netdev=net3,id=nic3,mac=52:54:00:00:00:03,bus=nicport3,romfile="));
+        assert!(
+            devs.contains(&"virtio-net-pci,netdev=net3,id=nic3,mac=52:54:00:00:00:03,bus=nicport3,romfile=")
+        );
         assert!(arg_after(&args, "-netdev").contains(&"tap,id=net3,ifname=oxabc3,script=no,downscript=no"));
         let hot = nic_device_json(2, &s.nics[0]);
         assert_eq!(hot["bus"], "nicport2");
@@ -779,7 +786,10 @@ mod tests {
         assert_eq!(nic_netdev_json(3, &s.nics[1])["ifname"], "oxabc3");
         // A slot taken twice, or beyond the ports, is refused.
         s.nics[1].slot = Some(0);
-        assert!(matches!(s.to_args(), Err(SpecError::BadNicSlot { nic: 1, slot: 0, .. })));
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::BadNicSlot { nic: 1, slot: 0, .. })
+        ));
         s.nics[1].slot = Some(4);
         assert!(matches!(s.to_args(), Err(SpecError::BadNicSlot { slot: 4, .. })));
     }

@@ -67,7 +67,17 @@ impl TestNs {
     /// A veth pair cabling `nic` here to `other_nic` in `other`, both up.
     pub fn cable(&self, nic: &str, other: &TestNs, other_nic: &str) {
         ip(&[
-            "link", "add", nic, "netns", &self.name, "type", "veth", "peer", "name", other_nic, "netns",
+            "link",
+            "add",
+            nic,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            other_nic,
+            "netns",
             &other.name,
         ]);
         self.exec(&["ip", "link", "set", nic, "up"]);

@@ -136,7 +136,9 @@ impl From<NetError> for ApiError {
                 crate::net::model::KernelFeature::Bonding => ErrorCode::BadBonding,
             },
             NetError::Pending { .. } => ErrorCode::Busy,
-            NetError::NoNetwork(_) | NetError::NotVmNetwork(_) | NetError::BridgeMissing { .. } => ErrorCode::BadBridge,
+            NetError::NoNetwork(_) | NetError::NotVmNetwork(_) | NetError::BridgeMissing { .. } => {
+                ErrorCode::BadBridge
+            }
             NetError::Apply { .. } | NetError::Rtnl(_) | NetError::Tap { .. } | NetError::Dhcp { .. } => {
                 ErrorCode::NetworkSetupFailed
             }

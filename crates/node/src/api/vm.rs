@@ -99,7 +99,9 @@ impl NicParams {
                 network: network.clone(),
                 tap: String::new(),
             },
-            (None, Some(ifname)) => NicBackend::Tap { ifname: ifname.clone() },
+            (None, Some(ifname)) => NicBackend::Tap {
+                ifname: ifname.clone(),
+            },
             (None, None) => NicBackend::User,
         };
         Ok(NicSpec {
@@ -346,7 +348,11 @@ impl Node {
             },
             None => Boot::Disk,
         };
-        let nics = p.nics.iter().map(NicParams::to_spec).collect::<Result<Vec<_>, _>>()?;
+        let nics = p
+            .nics
+            .iter()
+            .map(NicParams::to_spec)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmCreate {
             id: p.id,
             name: p.vm_name,

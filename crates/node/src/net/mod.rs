@@ -70,7 +70,9 @@ pub enum NetError {
         what: String,
         detail: String,
     },
-    #[error("network {network:?} asks for DHCP, which needs dhclient (ISC DHCP client); it is not installed")]
+    #[error(
+        "network {network:?} asks for DHCP, which needs dhclient (ISC DHCP client); it is not installed"
+    )]
     NoDhcpClient { network: String },
     #[error("a network change awaits the engine's confirmation (rollback in {remaining_secs} s); confirm it with Host.setSafeNetworkConfig first")]
     Pending { remaining_secs: u64 },
@@ -224,7 +226,10 @@ impl NetworkService {
         *svc.this.lock().unwrap() = Arc::downgrade(&svc);
         if let Some(rec) = pending {
             let remaining = Duration::from_millis(rec.wall_deadline_ms.saturating_sub(wall_ms()));
-            tracing::warn!(remaining_ms = remaining.as_millis() as u64, "resuming a pending network change");
+            tracing::warn!(
+                remaining_ms = remaining.as_millis() as u64,
+                "resuming a pending network change"
+            );
             let mut st = svc.state.lock().await;
             svc.arm(&mut st, rec, remaining);
         }
@@ -274,7 +279,9 @@ impl NetworkService {
         let new = next.desired();
         for (name, n) in &next.networks {
             if n.bootproto == model::BootProto::Dhcp && dhclient().is_none() {
-                return Err(NetError::NoDhcpClient { network: name.clone() });
+                return Err(NetError::NoDhcpClient {
+                    network: name.clone(),
+                });
             }
         }
         let have = needed_features(&old);
@@ -309,7 +316,11 @@ impl NetworkService {
         let elapsed_ms = start.elapsed().as_millis() as u64;
         if check {
             self.arm(&mut st, record, timeout);
-            tracing::info!(elapsed_ms, timeout_s = timeout.as_secs(), "setupNetworks applied; awaiting confirmation");
+            tracing::info!(
+                elapsed_ms,
+                timeout_s = timeout.as_secs(),
+                "setupNetworks applied; awaiting confirmation"
+            );
             Ok(SetupReport {
                 status: "pending".into(),
                 rollback_in_secs: Some(timeout.as_secs()),
@@ -385,7 +396,10 @@ impl NetworkService {
         }
         self.remove_state("pending.json");
         if let Some(ev) = &self.events {
-            ev.publish("|net|rollback|", serde_json::to_value(&report).unwrap_or_default());
+            ev.publish(
+                "|net|rollback|",
+                serde_json::to_value(&report).unwrap_or_default(),
+            );
         }
         self.rollbacks.lock().unwrap().push(report);
     }
@@ -458,9 +472,17 @@ impl NetworkService {
         let leases = self.dir.join(format!("dhclient-{link}.leases"));
         let mut cmd = std::process::Command::new(bin);
         if start {
-            cmd.args(["-nw", "-pf"]).arg(&pid).arg("-lf").arg(&leases).arg(link);
+            cmd.args(["-nw", "-pf"])
+                .arg(&pid)
+                .arg("-lf")
+                .arg(&leases)
+                .arg(link);
         } else {
-            cmd.args(["-x", "-pf"]).arg(&pid).arg("-lf").arg(&leases).arg(link);
+            cmd.args(["-x", "-pf"])
+                .arg(&pid)
+                .arg("-lf")
+                .arg(&leases)
+                .arg(link);
         }
         if let Some(fd) = self.ns.fd() {
             use std::os::unix::process::CommandExt;
@@ -587,7 +609,9 @@ impl NetworkService {
     /// Deletes tap `tap` if it exists.
     pub async fn unplug_tap(&self, tap: &str) -> Result<(), NetError> {
         self.rtnl
-            .execute(&Op::DeleteLink { name: tap.to_string() })
+            .execute(&Op::DeleteLink {
+                name: tap.to_string(),
+            })
             .await
             .map_err(NetError::from)
     }

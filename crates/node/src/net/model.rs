@@ -46,7 +46,9 @@ impl fmt::Display for Ipv4Cidr {
 impl FromStr for Ipv4Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
         let prefix: u8 = p.parse().map_err(|_| format!("{p:?} is not a prefix length"))?;
         if prefix > 32 {
@@ -222,7 +224,10 @@ impl BondOptions {
     }
 
     pub fn mode_name(&self) -> &'static str {
-        BOND_MODES.get(usize::from(self.mode)).copied().unwrap_or("unknown")
+        BOND_MODES
+            .get(usize::from(self.mode))
+            .copied()
+            .unwrap_or("unknown")
     }
 }
 
@@ -389,7 +394,9 @@ impl RunningConfig {
             }
             if let Some(l) = host.links.get(name) {
                 if !owned_before.contains(name) && l.kind.as_deref() != Some("bond") {
-                    errs.push(format!("bond {name:?}: an interface of that name exists and is not a bond"));
+                    errs.push(format!(
+                        "bond {name:?}: an interface of that name exists and is not a bond"
+                    ));
                 }
             }
             if b.nics.is_empty() {
@@ -460,7 +467,9 @@ impl RunningConfig {
                         errs.push(err(format!("VLAN device {dev:?}: {e}")));
                     }
                     if let Some(other) = vlans.insert((base.to_string(), id), name) {
-                        errs.push(err(format!("VLAN {id} on {base:?} is already network {other:?}'s")));
+                        errs.push(err(format!(
+                            "VLAN {id} on {base:?} is already network {other:?}'s"
+                        )));
                     }
                 }
             } else if let Some(base) = n.base() {
@@ -510,7 +519,9 @@ impl RunningConfig {
             }
         }
         if default_routes.len() > 1 {
-            errs.push(format!("only one network may be the default route, not {default_routes:?}"));
+            errs.push(format!(
+                "only one network may be the default route, not {default_routes:?}"
+            ));
         }
         if errs.is_empty() {
             Ok(())
@@ -611,7 +622,10 @@ impl RunningConfig {
                 }
                 if n.default_route {
                     if let Some(gw) = n.gateway {
-                        default_route = Some(DefaultRoute { gateway: gw, dev: top });
+                        default_route = Some(DefaultRoute {
+                            gateway: gw,
+                            dev: top,
+                        });
                     }
                 }
             }
@@ -631,7 +645,9 @@ fn check_ifname(name: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(format!("{name:?} may only hold letters, digits, '-', '_' and '.'"));
+        return Err(format!(
+            "{name:?} may only hold letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -697,7 +713,10 @@ pub enum LinkKind {
     /// A link that exists independently of oxvirt (hardware NIC, veth): never created or deleted.
     Nic,
     Bridge,
-    Vlan { base: String, id: u16 },
+    Vlan {
+        base: String,
+        id: u16,
+    },
     Bond(BondOptions),
 }
 
@@ -915,7 +934,11 @@ pub fn plan(host: &HostNet, from: &Desired, to: &Desired) -> Vec<Op> {
         let current = current.filter(|m| !deleted.contains(m));
         if current != spec.master {
             if let Some(m) = &spec.master {
-                if to.links.get(m).is_some_and(|s| matches!(s.kind, LinkKind::Bond(_))) {
+                if to
+                    .links
+                    .get(m)
+                    .is_some_and(|s| matches!(s.kind, LinkKind::Bond(_)))
+                {
                     ops.push(Op::SetUp {
                         name: name.clone(),
                         up: false,
@@ -929,13 +952,22 @@ pub fn plan(host: &HostNet, from: &Desired, to: &Desired) -> Vec<Op> {
         }
     }
     // 5. MTUs, lower links first so upper ones may rise to them.
-    for tag in [LinkKindTag::Nic, LinkKindTag::Bond, LinkKindTag::Vlan, LinkKindTag::Bridge] {
+    for tag in [
+        LinkKindTag::Nic,
+        LinkKindTag::Bond,
+        LinkKindTag::Vlan,
+        LinkKindTag::Bridge,
+    ] {
         for (name, spec) in &to.links {
             if kind_tag(&spec.kind) != tag {
                 continue;
             }
             if let Some(mtu) = spec.mtu {
-                let cur = if fresh(name) { None } else { observed(name).map(|l| l.mtu) };
+                let cur = if fresh(name) {
+                    None
+                } else {
+                    observed(name).map(|l| l.mtu)
+                };
                 if cur != Some(mtu) {
                     ops.push(Op::SetMtu {
                         name: name.clone(),
@@ -947,7 +979,11 @@ pub fn plan(host: &HostNet, from: &Desired, to: &Desired) -> Vec<Op> {
     }
     // 6. Link state (a NIC downed to join a bond comes up again here).
     for (name, spec) in &to.links {
-        let cur = if fresh(name) { false } else { observed(name).is_some_and(|l| l.up) };
+        let cur = if fresh(name) {
+            false
+        } else {
+            observed(name).is_some_and(|l| l.up)
+        };
         let downed = ops
             .iter()
             .any(|o| matches!(o, Op::SetUp { name: n, up: false } if n == name));
@@ -1102,7 +1138,8 @@ mod tests {
                             l.master = None;
                         }
                     }
-                    h.links.retain(|_, l| l.vlan.as_ref().is_none_or(|(b, _)| b != name));
+                    h.links
+                        .retain(|_, l| l.vlan.as_ref().is_none_or(|(b, _)| b != name));
                 }
                 Op::CreateBridge { name } => {
                     h.links.insert(name.clone(), new(name, "bridge"));
@@ -1144,8 +1181,18 @@ mod tests {
             name: "eth1".into(),
             master: Some("vmnet".into())
         }));
-        let mtu_nic = ops.iter().position(|o| *o == Op::SetMtu { name: "eth1".into(), mtu: 9000 });
-        let mtu_br = ops.iter().position(|o| *o == Op::SetMtu { name: "vmnet".into(), mtu: 9000 });
+        let mtu_nic = ops.iter().position(|o| {
+            *o == Op::SetMtu {
+                name: "eth1".into(),
+                mtu: 9000,
+            }
+        });
+        let mtu_br = ops.iter().position(|o| {
+            *o == Op::SetMtu {
+                name: "vmnet".into(),
+                mtu: 9000,
+            }
+        });
         assert!(mtu_nic.unwrap() < mtu_br.unwrap(), "{ops:?}");
         assert!(ops.contains(&Op::AddAddr {
             name: "vmnet".into(),
@@ -1207,7 +1254,11 @@ mod tests {
         let d = cfg.desired();
         assert_eq!(needed_features(&d).len(), 2);
         let ops = plan(&h, &Desired::default(), &d);
-        let pos = |op: &Op| ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("{op:?} in {ops:?}"));
+        let pos = |op: &Op| {
+            ops.iter()
+                .position(|o| o == op)
+                .unwrap_or_else(|| panic!("{op:?} in {ops:?}"))
+        };
         let bond = pos(&Op::CreateBond {
             name: "bond0".into(),
             options: BondOptions { mode: 1, miimon: 50 },
@@ -1218,16 +1269,27 @@ mod tests {
             id: 100,
         });
         let br = pos(&Op::CreateBridge { name: "v100".into() });
-        let down = pos(&Op::SetUp { name: "eth1".into(), up: false });
+        let down = pos(&Op::SetUp {
+            name: "eth1".into(),
+            up: false,
+        });
         let enslave = pos(&Op::SetMaster {
             name: "eth1".into(),
             master: Some("bond0".into()),
         });
         let up = ops
             .iter()
-            .rposition(|o| *o == Op::SetUp { name: "eth1".into(), up: true })
+            .rposition(|o| {
+                *o == Op::SetUp {
+                    name: "eth1".into(),
+                    up: true,
+                }
+            })
             .unwrap();
-        assert!(bond < vlan && vlan < br && down < enslave && enslave < up, "{ops:?}");
+        assert!(
+            bond < vlan && vlan < br && down < enslave && enslave < up,
+            "{ops:?}"
+        );
         assert!(ops.contains(&Op::SetMaster {
             name: "bond0.100".into(),
             master: Some("v100".into())
@@ -1292,8 +1354,14 @@ mod tests {
             .validate(&h, &BTreeSet::new())
             .unwrap_err()
             .join("\n");
-        assert!(e.contains("unknown bonding mode") && e.contains("slave of bond"), "{e}");
-        assert!(serde_json::from_value::<SetupNetworks>(serde_json::json!({"networks": {"n": {"vlna": 3}}})).is_err());
+        assert!(
+            e.contains("unknown bonding mode") && e.contains("slave of bond"),
+            "{e}"
+        );
+        assert!(
+            serde_json::from_value::<SetupNetworks>(serde_json::json!({"networks": {"n": {"vlna": 3}}}))
+                .is_err()
+        );
     }
 
     #[test]
@@ -1312,21 +1380,36 @@ mod tests {
     fn changing_a_vlan_id_recreates_the_device_and_an_mtu_change_is_in_place() {
         let h = host(vec![nic("eth1", 2)]);
         let a = RunningConfig::default()
-            .with_changes(&req(serde_json::json!({"networks": {"n": {"nic": "eth1", "vlan": 10}}})))
+            .with_changes(&req(
+                serde_json::json!({"networks": {"n": {"nic": "eth1", "vlan": 10}}}),
+            ))
             .unwrap();
         let after_a = simulate(&h, &plan(&h, &Desired::default(), &a.desired()));
         let b = a
-            .with_changes(&req(serde_json::json!({"networks": {"n": {"nic": "eth1", "vlan": 11, "mtu": 1400}}})))
+            .with_changes(&req(
+                serde_json::json!({"networks": {"n": {"nic": "eth1", "vlan": 11, "mtu": 1400}}}),
+            ))
             .unwrap();
         let ops = plan(&after_a, &a.desired(), &b.desired());
-        assert!(ops.contains(&Op::DeleteLink { name: "eth1.10".into() }), "{ops:?}");
+        assert!(
+            ops.contains(&Op::DeleteLink {
+                name: "eth1.10".into()
+            }),
+            "{ops:?}"
+        );
         assert!(ops.contains(&Op::CreateVlan {
             name: "eth1.11".into(),
             base: "eth1".into(),
             id: 11
         }));
-        assert!(!ops.contains(&Op::CreateBridge { name: "n".into() }), "the bridge stays: {ops:?}");
-        assert!(ops.contains(&Op::SetMtu { name: "n".into(), mtu: 1400 }));
+        assert!(
+            !ops.contains(&Op::CreateBridge { name: "n".into() }),
+            "the bridge stays: {ops:?}"
+        );
+        assert!(ops.contains(&Op::SetMtu {
+            name: "n".into(),
+            mtu: 1400
+        }));
         let after_b = simulate(&after_a, &ops);
         assert_eq!(after_b.links["eth1.11"].master.as_deref(), Some("n"));
         assert_eq!(plan(&after_b, &b.desired(), &b.desired()), vec![]);

@@ -100,7 +100,9 @@ impl Rtnl {
             .await
             .map_err(|e| RtnlError::new("list addresses", e))?;
         for a in addrs {
-            let Some(name) = names.get(&a.header.index) else { continue };
+            let Some(name) = names.get(&a.header.index) else {
+                continue;
+            };
             let ip = a.attributes.iter().find_map(|at| match at {
                 AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
                 _ => None,
@@ -146,10 +148,7 @@ impl Rtnl {
                 dev: names.get(&oif)?.clone(),
             })
         });
-        Ok(HostNet {
-            links,
-            default_route,
-        })
+        Ok(HostNet { links, default_route })
     }
 
     /// The index of link `name`.
@@ -352,12 +351,7 @@ fn parse_link(m: &LinkMessage, names: &BTreeMap<u32, String>) -> Option<Link> {
             LinkAttribute::Controller(i) => l.master = names.get(i).cloned(),
             LinkAttribute::Link(i) => lower = names.get(i).cloned(),
             LinkAttribute::Address(b) if b.len() == 6 => {
-                l.mac = Some(
-                    b.iter()
-                        .map(|x| format!("{x:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":"),
-                )
+                l.mac = Some(b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":"))
             }
             LinkAttribute::Stats64(s) => {
                 l.stats = LinkStats {

@@ -88,7 +88,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn assign_slots(vm: VmId, nics: &mut [NicSpec]) -> Result<(), VmError> {
     let invalid = |reason: String| VmError::Invalid { vm, reason };
     if nics.len() > usize::from(NIC_PORTS) {
-        return Err(invalid(format!("{} NICs; a VM has at most {NIC_PORTS}", nics.len())));
+        return Err(invalid(format!(
+            "{} NICs; a VM has at most {NIC_PORTS}",
+            nics.len()
+        )));
     }
     let mut used: Vec<u8> = nics.iter().filter_map(|n| n.slot).collect();
     for (i, n) in nics.iter().enumerate() {
@@ -97,7 +100,9 @@ pub fn assign_slots(vm: VmId, nics: &mut [NicSpec]) -> Result<(), VmError> {
         }
     }
     for n in nics.iter_mut().filter(|n| n.slot.is_none()) {
-        let free = (0..NIC_PORTS).find(|s| !used.contains(s)).ok_or_else(|| invalid("no free NIC slot".into()))?;
+        let free = (0..NIC_PORTS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| invalid("no free NIC slot".into()))?;
         n.slot = Some(free);
         used.push(free);
     }
@@ -253,7 +258,11 @@ impl VmManager {
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
                 Ok(Err(broadcast::error::RecvError::Closed)) => return Err(VmError::NoQmp { vm: id }),
-                Ok(Ok(Event::Other { name, data })) if name == "DEVICE_DELETED" && data["device"] == device => break,
+                Ok(Ok(Event::Other { name, data }))
+                    if name == "DEVICE_DELETED" && data["device"] == device =>
+                {
+                    break
+                }
                 Ok(Ok(_)) => {}
             }
         }
@@ -336,12 +345,21 @@ mod tests {
             },
         ];
         assign_slots(vm, &mut nics).unwrap();
-        assert_eq!(nics.iter().map(|n| n.slot.unwrap()).collect::<Vec<_>>(), [0, 2, 1]);
+        assert_eq!(
+            nics.iter().map(|n| n.slot.unwrap()).collect::<Vec<_>>(),
+            [0, 2, 1]
+        );
         nics.push(NicSpec::new("52:54:00:00:00:01", NicBackend::User));
-        assert!(assign_slots(vm, &mut nics).unwrap_err().to_string().contains("two NICs"));
+        assert!(assign_slots(vm, &mut nics)
+            .unwrap_err()
+            .to_string()
+            .contains("two NICs"));
         let mut many: Vec<NicSpec> = (0..9)
             .map(|i| NicSpec::new(&format!("52:54:00:00:00:{i:02x}"), NicBackend::User))
             .collect();
-        assert!(assign_slots(vm, &mut many).unwrap_err().to_string().contains("at most 8"));
+        assert!(assign_slots(vm, &mut many)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 8"));
     }
 }
