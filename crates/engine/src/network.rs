@@ -150,9 +150,6 @@ impl MacPool {
 
     /// The next free address of the ranges, after the cursor, wrapping around.
     pub fn allocate(&mut self) -> Result<MacAddr, NetworkError> {
-        if self.free() == 0 {
-            return Err(NetworkError::Exhausted { size: self.size() });
-        }
         // Ranges in order, starting inside the range holding the cursor.
         let n = self.state.ranges.len();
         let cursor = self.state.cursor;
