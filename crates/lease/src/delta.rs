@@ -188,7 +188,14 @@ impl Machine for DeltaAcquire {
                     Ok(rec) => rec,
                     Err(e) => return self.fail(e),
                 };
-                self.other_io_timeout = rec.io_timeout;
+                // A free record's io_timeout is only its last writer's; nobody holds it, so our own N
+                // bounds the short delay. (Waiting with a larger foreign N would outlast our own
+                // lease's 8N validity, which counts from our write.)
+                self.other_io_timeout = if rec.is_free() {
+                    self.p.timeouts.disk_io_timeout()
+                } else {
+                    rec.io_timeout
+                };
                 if rec.is_free() || (self.p.fast_reacquire && rec.resource_name == self.p.host_name) {
                     return self.write_new(cx, &rec);
                 }

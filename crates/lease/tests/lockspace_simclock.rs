@@ -407,3 +407,30 @@ fn a_host_id_held_by_another_host_is_taken_only_after_it_stays_silent() {
     assert!(a.ls.fenced().is_some());
     b.release().unwrap();
 }
+
+/// A lockspace initialized with a larger io_timeout (VDSM writes its domain's 10 s) and acquired
+/// with N = 1 s: the free record's foreign N must not stretch the acquisition past our own
+/// lease's validity, so the host id is valid — not already expired — when acquire returns.
+#[test]
+fn a_free_record_with_a_larger_io_timeout_does_not_delay_acquisition() {
+    let clock = SimClock::new(Duration::from_secs(10_000));
+    let disk = Arc::new(MemDisk::new(0));
+    direct::init_lockspace_with(&*disk, "LS", 10, HOSTS).unwrap();
+    let w = World {
+        clock: clock.clone(),
+        ls_disk: disk,
+        res_disk: Arc::new(MemDisk::new(0)),
+    };
+    let start = w.now();
+    let a = w.acquire(3, &[]);
+    let took = w.now() - start;
+    assert!(
+        took >= 2 * N && took < 2 * N + Duration::from_secs(1),
+        "took {took:?}"
+    );
+    assert!(a.ls.is_valid(), "the host id must be valid on return");
+    assert!(a.ls.fenced().is_none());
+    w.advance(&[&a], Duration::from_secs(10));
+    assert!(a.ls.is_valid() && a.ls.fenced().is_none());
+    a.ls.release().unwrap();
+}
