@@ -9,6 +9,7 @@
 //! Architecture invariant: the engine never touches storage or QEMU directly; the database is
 //! its only state.
 
+pub mod allinone;
 pub mod app;
 pub mod commands;
 pub mod daemon;
