@@ -252,6 +252,41 @@ async fn vlans_and_bonds_need_kernel_support_and_refusals_change_nothing() {
     }
 }
 
+#[tokio::test]
+async fn a_change_failing_half_way_is_undone_at_once() {
+    let ns = TestNs::new("hf");
+    ns.veth("eth1", "peer1");
+    // A bridge made outside oxvirt: the kernel refuses to make it a port of another bridge,
+    // which only shows once the new bridge exists.
+    ns.exec(&["ip", "link", "add", "xbr0", "type", "bridge"]);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimClock::new(Duration::from_secs(1000));
+    let svc = open(&ns, dir.path(), &clock).await;
+    let before = links(&svc).await;
+    let e = svc
+        .setup_networks(req(json!({"networks": {
+            "ok": {"nic": "eth1", "ipaddr": "10.3.0.1", "prefix": 24},
+            "nested": {"nic": "xbr0"}
+        }})))
+        .await
+        .unwrap_err();
+    match &e {
+        NetError::Apply { op, rolled_back, .. } => {
+            assert!(op.contains("xbr0"), "{e}");
+            assert!(*rolled_back, "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(links(&svc).await, before, "nothing of the failed change stays");
+    assert!(svc.running().await.networks.is_empty());
+    assert!(!dir.path().join("pending.json").exists());
+    let e = svc
+        .setup_networks(req(json!({"networks": {"l": {"nic": "lo"}}})))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NetError::Invalid(_)), "loopback is no NIC: {e}");
+}
+
 /// Whether `ip` can make this link kind in the namespace (then removes it again).
 fn ip_supports(ns: &TestNs, args: &[&str]) -> bool {
     let mut full = vec!["ip"];

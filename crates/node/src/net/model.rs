@@ -382,10 +382,11 @@ impl RunningConfig {
     /// is reported at once, one sentence each.
     pub fn validate(&self, host: &HostNet, owned_before: &BTreeSet<String>) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
+        // Loopback and taps are never NICs a network can sit on.
         let is_host_nic = |n: &str| {
             host.links
                 .get(n)
-                .is_some_and(|l| !owned_before.contains(n) && l.kind.as_deref() != Some("tun"))
+                .is_some_and(|l| n != "lo" && !owned_before.contains(n) && l.kind.as_deref() != Some("tun"))
         };
         let mut bond_slaves: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, b) in &self.bondings {
