@@ -136,6 +136,14 @@ async fn a_confirmed_change_stays_and_a_later_removal_restores_the_nic() {
     );
     let stats = svc.stats().await.unwrap();
     assert_eq!(stats["oxtaptest0"].kind, "tun");
+    // A bridge with VM taps on it is not removed under them.
+    let e = svc
+        .setup_networks(req(json!({"networks": {"vmnet": {"remove": true}}})))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NetError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("oxtaptest0"), "{e}");
+    assert!(links(&svc).await.links.contains_key("vmnet"));
     svc.unplug_tap("oxtaptest0").await.unwrap();
     // Without the connectivity check the change is final at once.
     let r = svc

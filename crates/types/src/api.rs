@@ -35,6 +35,8 @@ pub enum ErrorCode {
     BadVlan,
     /// A network or bridge missing from the host (VDSM's ERR_BAD_BRIDGE).
     BadBridge,
+    /// A bridge VMs still use (VDSM's ERR_USED_BRIDGE).
+    UsedBridge,
     /// A network change failed while applied (VDSM's ERR_FAILED_IFUP).
     NetworkSetupFailed,
 }
@@ -63,6 +65,7 @@ impl ErrorCode {
             Self::BadBonding => 25,
             Self::BadVlan => 26,
             Self::BadBridge => 27,
+            Self::UsedBridge => 28,
             Self::NetworkSetupFailed => 29,
         }
     }

@@ -136,6 +136,7 @@ impl From<NetError> for ApiError {
                 crate::net::model::KernelFeature::Bonding => ErrorCode::BadBonding,
             },
             NetError::Pending { .. } => ErrorCode::Busy,
+            NetError::InUse { .. } => ErrorCode::UsedBridge,
             NetError::NoNetwork(_) | NetError::NotVmNetwork(_) | NetError::BridgeMissing { .. } => {
                 ErrorCode::BadBridge
             }

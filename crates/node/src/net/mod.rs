@@ -78,6 +78,8 @@ pub enum NetError {
     Pending { remaining_secs: u64 },
     #[error("network {0:?} is not on this host")]
     NoNetwork(String),
+    #[error("bridge {bridge:?} is in use by VM taps {taps:?}; unplug or migrate those NICs first")]
+    InUse { bridge: String, taps: Vec<String> },
     #[error("network {0:?} is not a VM network (it has no bridge)")]
     NotVmNetwork(String),
     #[error("network {network:?}: its bridge is missing from the host")]
@@ -290,6 +292,23 @@ impl NetworkService {
         }
         let snapshot = Snapshot::take(&host, &old, &new);
         let ops = plan(&host, &old, &new);
+        // Deleting a bridge would cut its VMs off (VDSM's "bridge is in use").
+        for op in &ops {
+            if let Op::DeleteLink { name } = op {
+                let taps: Vec<String> = host
+                    .links
+                    .values()
+                    .filter(|l| l.kind.as_deref() == Some("tun") && l.master.as_deref() == Some(name))
+                    .map(|l| l.name.clone())
+                    .collect();
+                if !taps.is_empty() {
+                    return Err(NetError::InUse {
+                        bridge: name.clone(),
+                        taps,
+                    });
+                }
+            }
+        }
         let check = req.options.connectivity_check;
         let timeout = Duration::from_secs(req.options.connectivity_timeout);
         let record = PendingRecord {
