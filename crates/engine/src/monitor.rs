@@ -431,7 +431,19 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
     if let (SpmStatus::Spm, Some(h)) = (d.spm_status, d.spm_host) {
         let host = app.host(h).await?;
         if host.status == HostStatus::Up {
-            return Ok(());
+            // Still SPM on storage? A restarted node process is not, whatever the database says.
+            let node = app.client(&host)?;
+            let st = node
+                .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+                .await;
+            match st {
+                Ok(s) if s["spm_st"]["spmStatus"] == "SPM" => return Ok(()),
+                Ok(_) | Err(_) => {
+                    tracing::info!(dc = %d.name, host = %host.name, "the recorded SPM no longer holds the role");
+                    app.db.dc_spm_clear(dc, h).await?;
+                    return Box::pin(elect_spm(app, dc)).await;
+                }
+            }
         }
         if host.status != HostStatus::NonResponsive && host.status != HostStatus::Maintenance {
             return Ok(());

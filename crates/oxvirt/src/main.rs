@@ -4,6 +4,7 @@
 //! arguments, call a crate, and print.
 
 mod domain_cmd;
+mod engine_cmd;
 mod lease_cmd;
 mod node_cmd;
 mod up;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// All-in-one: engine, node(s) and local storage under one data directory.
     Up(up::UpArgs),
+    /// The engine: database, REST API, enrollment, monitoring, scheduling.
+    Engine(engine_cmd::EngineArgs),
     /// The node daemon (oxvirt's VDSM): serves the node API over mutual TLS.
     Node(node_cmd::NodeArgs),
     /// Offline storage-domain administration: create, inspect, check, dump chains, volume verbs.
@@ -37,6 +40,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The engine's routes beyond enrollment (the REST API and the portal, when built).
+fn routes() -> Option<oxvirt_engine::daemon::ExtraRoutes> {
+    None
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Domain(args) => domain_cmd::run(args),
         Command::Lease(args) => lease_cmd::run(args),
         Command::Node(args) => node_cmd::run_node(args),
+        Command::Engine(args) => engine_cmd::run(args),
     }
 }

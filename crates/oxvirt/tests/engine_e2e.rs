@@ -1,0 +1,366 @@
+//! The engine end to end: an in-process engine (real database, real HTTPS, real enrollment) and
+//! three real `oxvirt node` processes on loopback sharing one directory as storage. Everything
+//! goes through the engine's commands: storage domain, template, thin-cloned VM, start, live
+//! snapshot, migration, live merge, stop, removal; then the SPM node is killed and the role
+//! moves.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, NodeProc};
+use oxvirt_engine::allinone;
+use oxvirt_engine::app::EngineSettings;
+use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
+use oxvirt_engine::daemon::{Engine, EngineConfig};
+use oxvirt_engine::model::{
+    DiskFormat, DiskInterface, HostStatus, SdType, StorageType, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+};
+use oxvirt_testkit::TestGuest;
+
+const MIB: u64 = 1 << 20;
+
+struct Cluster {
+    engine: Arc<Engine>,
+    nodes: Vec<(String, PathBuf, NodeProc)>,
+    _dirs: Vec<tempfile::TempDir>,
+    storage: PathBuf,
+}
+
+async fn start_cluster(n: usize) -> Cluster {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let settings = EngineSettings {
+        io_timeout: Duration::from_secs(1),
+        fence_margin: Duration::from_secs(2),
+        monitor_interval: Duration::from_millis(500),
+        accel: Some("tcg".into()),
+        ..EngineSettings::default()
+    };
+    let cfg = EngineConfig {
+        data_dir: engine_dir.path().to_path_buf(),
+        db_url: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_password: Some("secret".into()),
+        settings,
+    };
+    let engine = Engine::start(cfg, None).await.unwrap();
+    let (_, cluster) = allinone::ensure_default(&engine).await.unwrap();
+    let mut nodes = Vec::new();
+    let mut dirs = vec![engine_dir];
+    for i in 0..n {
+        let d = tempfile::tempdir().unwrap();
+        let name = format!("host{}", i + 1);
+        let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
+        let addr = free_port();
+        let p = common::spawn_node(
+            &name,
+            d.path(),
+            addr,
+            &[
+                "--engine",
+                &engine.addr.to_string(),
+                "--token",
+                &token,
+                "--accel",
+                "tcg",
+            ],
+        );
+        nodes.push((name, d.path().to_path_buf(), p));
+        dirs.push(d);
+    }
+    allinone::wait_hosts_up(&engine, n, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let storage_path = storage.path().to_path_buf();
+    dirs.push(storage);
+    Cluster {
+        engine,
+        nodes,
+        _dirs: dirs,
+        storage: storage_path,
+    }
+}
+
+fn console(c: &Cluster, host: &str, vm: oxvirt_types::VmId) -> PathBuf {
+    let (_, dir, _) = c.nodes.iter().find(|(n, _, _)| n == host).unwrap();
+    dir.join("run/vms").join(vm.to_string()).join("serial.log")
+}
+
+async fn host_name(e: &Engine, id: oxvirt_engine::model::HostUuid) -> String {
+    e.app().db.host_get(id).await.unwrap().unwrap().name
+}
+
+fn image_dirs(storage: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for sd in std::fs::read_dir(storage).unwrap().flatten() {
+        if let Ok(imgs) = std::fs::read_dir(sd.path().join("images")) {
+            out.extend(
+                imgs.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
+    let guest = TestGuest::get();
+    let mut c = start_cluster(3).await;
+    let e = c.engine.clone();
+    let cmds = &e.cmds;
+    let db = &e.app().db;
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+
+    // Storage: a bad path is refused and leaves nothing; the real one becomes active.
+    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let sd_req = |path: &str| AddStorageDomain {
+        name: "data".into(),
+        description: String::new(),
+        domain_type: SdType::Data,
+        storage_type: StorageType::Localfs,
+        address: None,
+        path: path.into(),
+        vfs_type: None,
+        mount_options: None,
+        host: host1.id,
+    };
+    let err = cmds
+        .add_storage_domain(sd_req("/nonexistent/storage"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("connect"), "{err}");
+    assert!(db.sd_get_by_name("data").await.unwrap().is_none());
+    let sd = cmds
+        .add_storage_domain(sd_req(&c.storage.display().to_string()))
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let dc_now = db.dc_get(dc.id).await.unwrap().unwrap();
+    let spm_host = dc_now.spm_host.expect("an SPM was elected");
+
+    // A template from a VM with one disk.
+    let os = |args: &[&str]| VmOs {
+        kernel: Some(guest.kernel.display().to_string()),
+        initrd: Some(guest.initrd.display().to_string()),
+        cmdline: Some(TestGuest::append(args)),
+    };
+    let base = cmds
+        .add_vm(
+            AddVm {
+                name: "base".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: os(&["oxvirt.writer=8"]),
+                ha: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let disk = cmds
+        .add_disk(
+            AddDisk {
+                name: "base_disk".into(),
+                description: String::new(),
+                storage_domain: sd.id,
+                provisioned_size: 64 * MIB,
+                format: DiskFormat::Cow,
+                sparse: true,
+                shareable: false,
+                attach_to: Some(AddVmDisk {
+                    vm: base.id,
+                    interface: DiskInterface::Virtio,
+                    bootable: true,
+                    active: true,
+                }),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(db.attachments_of_vm(base.id).await.unwrap().len(), 1);
+    let tmpl = cmds.add_template(base.id, "tmpl", "from base").await.unwrap();
+    let tdisks = db.template_disks(tmpl.id).await.unwrap();
+    assert_eq!(tdisks.len(), 1);
+    assert_ne!(tdisks[0].id, disk.id);
+
+    // A VM from the template: its disk is a thin clone (template volume + its own leaf).
+    let vm = cmds
+        .add_vm(
+            AddVm {
+                name: "vm1".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: tmpl.id,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: os(&["oxvirt.writer=8"]),
+                ha: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let atts = db.attachments_of_vm(vm.id).await.unwrap();
+    assert_eq!(atts.len(), 1);
+    let vdisk = atts[0].disk_id;
+    let chain = db.volume_chain(vdisk).await.unwrap();
+    let tvol = db.volume_chain(tdisks[0].id).await.unwrap()[0].id;
+    assert_eq!(chain.len(), 1, "the clone's own leaf: {chain:?}");
+    assert_eq!(
+        chain[0].parent_id,
+        Some(tvol),
+        "the clone's leaf sits on the template's volume"
+    );
+
+    // Start: the scheduler picks a host; the guest runs and writes.
+    let vm_up = cmds
+        .start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .unwrap();
+    let h = vm_up.runtime.run_on_host.unwrap();
+    let hname = host_name(&e, h).await;
+    let vm_up = cmds
+        .wait_vm_status(vm.id, VmStatus::Up, Duration::from_secs(30))
+        .await
+        .unwrap();
+    oxvirt_testkit::wait_for_text(
+        &console(&c, &hname, vm.id),
+        "OXVIRT-GUEST pass 0",
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    assert_eq!(vm_up.runtime.run_on_host, Some(h));
+    // A second start is refused.
+    assert!(cmds
+        .start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .is_err());
+
+    // Live snapshot: a new leaf; the old one is internal.
+    let snap = cmds
+        .add_snapshot(
+            vm.id,
+            oxvirt_engine::commands::AddSnapshot {
+                description: "s1".into(),
+                persist_memory: false,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let chain = db.volume_chain(vdisk).await.unwrap();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!(chain[1].parent_id, Some(chain[0].id));
+
+    // Live migration to another host: the guest keeps writing there.
+    let moved = cmds
+        .migrate_vm(vm.id, MigrateOptions::default(), None)
+        .await
+        .unwrap();
+    let h2 = moved.runtime.run_on_host.unwrap();
+    assert_ne!(h2, h);
+    assert_eq!(moved.runtime.status, VmStatus::Up);
+    let h2name = host_name(&e, h2).await;
+    let log2 = console(&c, &h2name, vm.id);
+    let before = std::fs::read_to_string(&log2)
+        .unwrap_or_default()
+        .matches("OXVIRT-GUEST pass")
+        .count();
+    let start = Instant::now();
+    loop {
+        let now = std::fs::read_to_string(&log2)
+            .unwrap_or_default()
+            .matches("OXVIRT-GUEST pass")
+            .count();
+        if now > before {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "guest made no progress after migration"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleting the snapshot merges live: the chain is two volumes again.
+    cmds.remove_snapshot(vm.id, snap.id, None).await.unwrap();
+    let chain = db.volume_chain(vdisk).await.unwrap();
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    assert_eq!(chain[0].parent_id, Some(tvol));
+    assert!(db.snapshot_get(snap.id).await.unwrap().is_none());
+
+    // Stop and remove: its disk leaves storage; the template's stays.
+    cmds.stop_vm(vm.id).await.unwrap();
+    cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        cmds.remove_template(tmpl.id).await.is_err(),
+        "a template in use cannot be removed"
+    );
+    cmds.remove_vm(vm.id, false).await.unwrap();
+    assert!(db.vm_get(vm.id).await.unwrap().is_none());
+    let imgs = image_dirs(&c.storage);
+    assert!(!imgs.contains(&vdisk.to_string()), "{imgs:?}");
+    assert!(imgs.contains(&tdisks[0].id.to_string()), "{imgs:?}");
+
+    // The SPM node dies: the role moves to another host once its lease allows.
+    let spm_name = host_name(&e, spm_host).await;
+    let idx = c.nodes.iter().position(|(n, _, _)| *n == spm_name).unwrap();
+    let killed = Instant::now();
+    c.nodes[idx].2.child.kill().unwrap();
+    let _ = c.nodes[idx].2.child.wait();
+    let new_spm = loop {
+        let d = db.dc_get(dc.id).await.unwrap().unwrap();
+        if let (oxvirt_engine::model::SpmStatus::Spm, Some(s)) = (d.spm_status, d.spm_host) {
+            if s != spm_host {
+                break s;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the SPM role did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let took = killed.elapsed();
+    eprintln!(
+        "SPM moved from {spm_name} to {} in {took:?}",
+        host_name(&e, new_spm).await
+    );
+    assert_eq!(
+        db.host_get(spm_host).await.unwrap().unwrap().status,
+        HostStatus::NonResponsive
+    );
+    // The new SPM serves storage verbs.
+    let d2 = cmds
+        .add_disk(
+            AddDisk {
+                name: "after_failover".into(),
+                description: String::new(),
+                storage_domain: sd.id,
+                provisioned_size: 8 * MIB,
+                format: DiskFormat::Cow,
+                sparse: true,
+                shareable: false,
+                attach_to: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(image_dirs(&c.storage).contains(&d2.id.to_string()));
+    e.shutdown().await;
+}
