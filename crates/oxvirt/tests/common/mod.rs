@@ -125,4 +125,3 @@ pub fn files_under(p: &Path) -> Vec<String> {
     out.sort();
     out
 }
-
