@@ -4,7 +4,8 @@
 //! - [`model`]: the typed rows (data centers … users) and their enums;
 //! - [`saga`]: multi-step commands persisted step by step, resumed or unwound after a crash;
 //! - [`time`]: timestamps and the injected clock;
-//! - [`enroll`]: host enrollment (certificates for nodes).
+//! - [`enroll`]: host enrollment (certificates for nodes);
+//! - [`rest`]: the oVirt REST API v4 and SSO ([`rest::routes`] plugs into [`daemon::Engine::start`]).
 //!
 //! Architecture invariant: the engine never touches storage or QEMU directly; the database is
 //! its only state.
@@ -19,6 +20,7 @@ pub mod model;
 pub mod monitor;
 pub mod network;
 pub mod nodes;
+pub mod rest;
 pub mod saga;
 pub mod scheduling;
 pub mod time;

@@ -74,6 +74,13 @@ pub enum Reply {
         content_type: &'static str,
         rx: mpsc::Receiver<Bytes>,
     },
+    /// A whole response with extra headers (the REST API's `Location`, `Version`…).
+    Headers {
+        status: StatusCode,
+        content_type: &'static str,
+        headers: HeaderMap,
+        body: Bytes,
+    },
 }
 
 impl Reply {
@@ -253,6 +260,21 @@ async fn handle(
             .header(http::header::CONTENT_TYPE, content_type)
             .body(Full::new(body).boxed_unsync())
             .expect("valid response"),
+        Reply::Headers {
+            status,
+            content_type,
+            headers,
+            body,
+        } => {
+            let mut r = Response::new(Full::new(body).boxed_unsync());
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type),
+            );
+            r
+        }
         Reply::Stream { content_type, rx } => {
             let chunks = futures_util::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
                 let next = tokio::select! {

@@ -1,0 +1,256 @@
+//! Request handlers: one function per route operation, grouped by the objects they serve.
+//! Each reads its parameters, calls a command (or one repository function for reads), and
+//! writes the representation.
+
+mod infra;
+mod ops;
+mod storage;
+mod vms;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::daemon::Engine;
+use crate::model::*;
+
+use super::fault::ApiError;
+use super::input::Elem;
+use super::routes::Op;
+use super::{Req, Resp};
+
+pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
+    use Op::*;
+    match op {
+        Api => ops::api(r).await,
+        OpenApi => ops::openapi(r),
+        DcList => infra::dc_list(r).await,
+        DcAdd => infra::dc_add(r).await,
+        DcGet => infra::dc_get(r).await,
+        DcUpdate => infra::dc_update(r).await,
+        DcRemove => infra::dc_remove(r).await,
+        DcClusters => infra::dc_clusters(r).await,
+        DcSdList => storage::dc_sd_list(r).await,
+        DcSdAttach => storage::dc_sd_attach(r).await,
+        DcSdGet => storage::dc_sd_get(r).await,
+        DcSdDetach => storage::dc_sd_detach(r).await,
+        DcSdActivate => storage::dc_sd_activate(r, true).await,
+        DcSdDeactivate => storage::dc_sd_activate(r, false).await,
+        ClusterList => infra::cluster_list(r).await,
+        ClusterAdd => infra::cluster_add(r).await,
+        ClusterGet => infra::cluster_get(r).await,
+        ClusterUpdate => infra::cluster_update(r).await,
+        ClusterRemove => infra::cluster_remove(r).await,
+        HostList => infra::host_list(r).await,
+        HostAdd => infra::host_add(r).await,
+        HostGet => infra::host_get(r).await,
+        HostUpdate => infra::host_update(r).await,
+        HostRemove => infra::host_remove(r).await,
+        HostActivate => infra::host_activate(r, true).await,
+        HostDeactivate => infra::host_activate(r, false).await,
+        SdList => storage::sd_list(r).await,
+        SdAdd => storage::sd_add(r).await,
+        SdGet => storage::sd_get(r).await,
+        SdUpdate => storage::sd_update(r).await,
+        SdRemove => storage::sd_remove(r).await,
+        SdDisks => storage::sd_disks(r).await,
+        DiskList => storage::disk_list(r).await,
+        DiskAdd => storage::disk_add(r).await,
+        DiskGet => storage::disk_get(r).await,
+        DiskUpdate => storage::disk_update(r).await,
+        DiskRemove => storage::disk_remove(r).await,
+        VmList => vms::vm_list(r).await,
+        VmAdd => vms::vm_add(r).await,
+        VmGet => vms::vm_get(r).await,
+        VmUpdate => vms::vm_update(r).await,
+        VmRemove => vms::vm_remove(r).await,
+        VmStart => vms::vm_start(r).await,
+        VmStop => vms::vm_power(r, vms::Power::Stop).await,
+        VmShutdown => vms::vm_power(r, vms::Power::Shutdown).await,
+        VmSuspend => vms::vm_power(r, vms::Power::Suspend).await,
+        VmMigrate => vms::vm_migrate(r).await,
+        VmPreviewSnapshot => vms::vm_preview(r).await,
+        VmCommitSnapshot => vms::vm_commit(r).await,
+        VmUndoSnapshot => vms::vm_undo(r).await,
+        VmAttList => vms::att_list(r, "vms").await,
+        VmAttAdd => vms::att_add(r).await,
+        VmAttGet => vms::att_get(r).await,
+        VmAttUpdate => vms::att_update(r).await,
+        VmAttRemove => vms::att_remove(r).await,
+        VmNicList => vms::nic_list(r).await,
+        VmNicAdd => vms::nic_add(r).await,
+        VmNicGet => vms::nic_get(r).await,
+        VmNicRemove => vms::nic_remove(r).await,
+        VmSnapList => vms::snap_list(r).await,
+        VmSnapAdd => vms::snap_add(r).await,
+        VmSnapGet => vms::snap_get(r).await,
+        VmSnapRemove => vms::snap_remove(r).await,
+        VmSnapRestore => vms::snap_restore(r).await,
+        TemplateList => vms::template_list(r).await,
+        TemplateAdd => vms::template_add(r).await,
+        TemplateGet => vms::template_get(r).await,
+        TemplateUpdate => vms::template_update(r).await,
+        TemplateRemove => vms::template_remove(r).await,
+        TemplateAttList => vms::att_list(r, "templates").await,
+        JobList => ops::job_list(r).await,
+        JobGet => ops::job_get(r).await,
+        JobSteps => ops::job_steps(r).await,
+        EventList => ops::event_list(r).await,
+        EventGet => ops::event_get(r).await,
+        UserList => ops::user_list(r).await,
+        UserGet => ops::user_get(r).await,
+    }
+}
+
+/// `<action><status>complete</status></action>` (actions and DELETE).
+pub fn action_complete(r: &Req) -> Resp {
+    let mut o = r.out();
+    o.root("action", None, None);
+    o.leaf("status", "complete");
+    o.close("action");
+    Resp::ok(o)
+}
+
+/// Whether the client asked for the answer before the work is done.
+pub fn is_async(r: &Req, body: Option<&Elem>) -> Result<bool, ApiError> {
+    if let Some(b) = body {
+        if let Some(v) = b.bool("async")? {
+            return Ok(v);
+        }
+    }
+    Ok(r.q_bool("async")?.unwrap_or(false))
+}
+
+/// Runs an action: 200 `complete` when it is done, or at once 202 `pending` when the client
+/// asked for `async` (the work goes on; its job carries the request's correlation id).
+pub async fn run_action<F, Fut>(
+    r: &Req,
+    body: Option<&Elem>,
+    what: &'static str,
+    f: F,
+) -> Result<Resp, ApiError>
+where
+    F: FnOnce(Arc<Engine>) -> Fut,
+    Fut: Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    if is_async(r, body)? {
+        let fut = f(r.engine.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::warn!(action = what, reason = e.reason, detail = %e.detail, "asynchronous action failed");
+            }
+        });
+        let mut o = r.out();
+        o.root("action", None, None);
+        o.leaf("async", true);
+        o.leaf("status", "pending");
+        o.close("action");
+        return Ok(Resp::accepted(o));
+    }
+    f(r.engine.clone()).await?;
+    Ok(action_complete(r))
+}
+
+fn missing(what: &str, e: &Elem) -> ApiError {
+    ApiError::bad_request(format!("<{}> needs an id or a <name> naming the {what}", e.name))
+}
+
+fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("{what} id {s:?} is not a UUID")))
+}
+
+/// A reference in a body (`<cluster id="…"/>` or `<cluster><name>…</name></cluster>`).
+pub async fn cluster_ref(r: &Req, e: &Elem) -> Result<ClusterId, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "cluster");
+    }
+    let n = e.str("name").ok_or_else(|| missing("cluster", e))?;
+    Ok(r.db()
+        .cluster_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("cluster {n} not found")))?
+        .id)
+}
+
+pub async fn dc_ref(r: &Req, e: &Elem) -> Result<DcId, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "data center");
+    }
+    let n = e.str("name").ok_or_else(|| missing("data center", e))?;
+    Ok(r.db()
+        .dc_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("data center {n} not found")))?
+        .id)
+}
+
+pub async fn host_ref(r: &Req, e: &Elem) -> Result<HostUuid, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "host");
+    }
+    let n = e.str("name").ok_or_else(|| missing("host", e))?;
+    Ok(r.db()
+        .host_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("host {n} not found")))?
+        .id)
+}
+
+pub async fn sd_ref(r: &Req, e: &Elem) -> Result<SdUuid, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "storage domain");
+    }
+    let n = e.str("name").ok_or_else(|| missing("storage domain", e))?;
+    Ok(r.db()
+        .sd_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("storage domain {n} not found")))?
+        .id)
+}
+
+pub async fn template_ref(r: &Req, e: &Elem) -> Result<TemplateId, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "template");
+    }
+    let n = e.str("name").ok_or_else(|| missing("template", e))?;
+    Ok(r.db()
+        .template_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("template {n} not found")))?
+        .id)
+}
+
+pub async fn vm_ref(r: &Req, e: &Elem) -> Result<VmId, ApiError> {
+    if let Some(id) = e.id() {
+        return parse_id(id, "VM");
+    }
+    let n = e.str("name").ok_or_else(|| missing("VM", e))?;
+    Ok(r.db()
+        .vm_get_by_name(n)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("VM {n} not found")))?
+        .id)
+}
+
+/// Refuses `follow=` values a collection cannot embed.
+pub fn check_follow(r: &Req, allowed: &[&str]) -> Result<Vec<String>, ApiError> {
+    let f = r.follow();
+    for x in &f {
+        if !allowed.contains(&x.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "follow={x} is not supported here; supported: {}",
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            )));
+        }
+    }
+    Ok(f)
+}
+
+pub fn required<'a>(e: &'a Elem, path: &str) -> Result<&'a str, ApiError> {
+    e.str(path)
+        .ok_or_else(|| ApiError::bad_request(format!("<{}> needs <{path}>", e.name)))
+}

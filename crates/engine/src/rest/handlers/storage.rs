@@ -1,0 +1,404 @@
+//! Storage domains (top level and attached to a data center) and disks.
+
+use crate::commands::AddStorageDomain;
+use crate::db::{DiskFilter, DiskSort, ListQuery, Ref, SdFilter, SdSort};
+use crate::model::*;
+
+use super::super::fault::ApiError;
+use super::super::input::Elem;
+use super::super::search::translate;
+use super::super::write::{self, collection, href};
+use super::super::{Req, Resp, API};
+use super::infra::root_entity;
+use super::{action_complete, check_follow, host_ref, required, run_action, sd_ref};
+
+async fn sd(r: &Req, i: usize) -> Result<StorageDomain, ApiError> {
+    let id: SdUuid = r.id(i, "storage domain")?;
+    r.db()
+        .sd_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("storage domain {id} not found")))
+}
+
+async fn member(r: &Req, sd: SdUuid) -> Result<Option<PoolMember>, ApiError> {
+    Ok(r.db().pool_attachments(sd).await?.into_iter().next())
+}
+
+fn one_sd(
+    r: &Req,
+    sd: &StorageDomain,
+    m: Option<&PoolMember>,
+    under: Option<DcId>,
+) -> super::super::out::Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::storage_domain(o, sd, m, under));
+    o
+}
+
+pub async fn sd_list(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let q = translate(
+        &r.search()?,
+        r.list_params()?,
+        "storage domains",
+        |f: &mut SdFilter, c, x| {
+            match c.field.as_str() {
+                "name" => f.name = Some(x.text(c)?),
+                "status" => f.status.push(x.value(c)?),
+                "type" => f.domain_type.push(x.value(c)?),
+                "storage_type" | "storage.type" => f.storage_type.push(x.value(c)?),
+                _ => {
+                    if let Some(d) = x.reference(c, "datacenter")? {
+                        f.data_center = Some(d);
+                    } else {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+        |k| match k {
+            "name" => Some(SdSort::Name),
+            "type" => Some(SdSort::DomainType),
+            _ => None,
+        },
+    )?;
+    let sds = r.db().sd_list(&q).await?;
+    let mut items = Vec::with_capacity(sds.len());
+    for s in sds {
+        let m = member(r, s.id).await?;
+        items.push((s, m));
+    }
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "storage_domains",
+        "storage_domain",
+        &items,
+        |o, (s, m)| write::storage_domain(o, s, m.as_ref(), None),
+    );
+    Ok(Resp::ok(o))
+}
+
+pub async fn sd_get(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let s = sd(r, 0).await?;
+    let m = member(r, s.id).await?;
+    Ok(Resp::ok(one_sd(r, &s, m.as_ref(), None)))
+}
+
+pub async fn sd_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("storage_domain")?;
+    let st = b
+        .get("storage")
+        .ok_or_else(|| ApiError::bad_request("<storage_domain> needs <storage> with <type> and <path>"))?;
+    let host = match b.get("host") {
+        Some(h) => host_ref(r, h).await?,
+        None => {
+            return Err(ApiError::bad_request(
+                "<storage_domain> needs the <host> that creates it",
+            ))
+        }
+    };
+    let storage_type: StorageType = st
+        .parse("type")?
+        .ok_or_else(|| ApiError::bad_request("<storage> needs <type> (nfs, localfs, posixfs)"))?;
+    let req = AddStorageDomain {
+        name: required(&b, "name")?.to_string(),
+        description: b.string("description").unwrap_or_default(),
+        domain_type: b.parse("type")?.unwrap_or(SdType::Data),
+        storage_type,
+        address: st.string("address"),
+        path: required(st, "path")?.to_string(),
+        vfs_type: st.string("vfs_type"),
+        mount_options: st.string("mount_options"),
+        host,
+    };
+    let s = r.cmds().add_storage_domain(req).await?;
+    Ok(Resp::created(
+        one_sd(r, &s, None, None),
+        href("storagedomains", s.id),
+    ))
+}
+
+pub async fn sd_update(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("storage_domain")?;
+    let mut s = sd(r, 0).await?;
+    if let Some(n) = b.str("name") {
+        s.name = n.to_string();
+    }
+    if let Some(n) = b.get("description") {
+        s.description = n.text.trim().to_string();
+    }
+    let s = r.db().sd_update(&s).await?;
+    let m = member(r, s.id).await?;
+    Ok(Resp::ok(one_sd(r, &s, m.as_ref(), None)))
+}
+
+pub async fn sd_remove(r: &Req) -> Result<Resp, ApiError> {
+    let s = sd(r, 0).await?;
+    let destroy = r.q_bool("destroy")?.unwrap_or(false) || r.q_bool("format")?.unwrap_or(false);
+    let host = match r.q("host") {
+        None | Some("") => None,
+        Some(h) => {
+            let mut e = Elem::new("host");
+            match h.parse::<HostUuid>() {
+                Ok(_) => e.attrs.push(("id".into(), h.to_string())),
+                Err(_) => {
+                    let mut n = Elem::new("name");
+                    n.text = h.to_string();
+                    e.children.push(n);
+                }
+            }
+            Some(host_ref(r, &e).await?)
+        }
+    };
+    r.cmds().remove_storage_domain(s.id, host, destroy).await?;
+    Ok(action_complete(r))
+}
+
+pub async fn sd_disks(r: &Req) -> Result<Resp, ApiError> {
+    let s = sd(r, 0).await?;
+    let mut q = disk_query(r)?;
+    q.filter.storage_domain = Some(Ref::Id(s.id));
+    let ds = r.db().disk_list(&q).await?;
+    let mut o = r.out();
+    collection(&mut o, "disks", "disk", &ds, write::disk);
+    Ok(Resp::ok(o))
+}
+
+// ------------------------------------------------------------- attached to a data center
+
+async fn dc_of(r: &Req) -> Result<DataCenter, ApiError> {
+    let id: DcId = r.id(0, "data center")?;
+    r.db()
+        .dc_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("data center {id} not found")))
+}
+
+async fn attached(r: &Req) -> Result<(DataCenter, StorageDomain, PoolMember), ApiError> {
+    let dc = dc_of(r).await?;
+    let s = sd(r, 1).await?;
+    let m = r
+        .db()
+        .pool_members(dc.id)
+        .await?
+        .into_iter()
+        .find(|m| m.storage_domain_id == s.id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "storage domain {} is not attached to data center {}",
+                s.name, dc.name
+            ))
+        })?;
+    Ok((dc, s, m))
+}
+
+pub async fn dc_sd_list(r: &Req) -> Result<Resp, ApiError> {
+    let dc = dc_of(r).await?;
+    let mut items = Vec::new();
+    for m in r.db().pool_members(dc.id).await? {
+        if let Some(s) = r.db().sd_get(m.storage_domain_id).await? {
+            items.push((s, m));
+        }
+    }
+    items.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "storage_domains",
+        "storage_domain",
+        &items,
+        |o, (s, m)| write::storage_domain(o, s, Some(m), Some(dc.id)),
+    );
+    Ok(Resp::ok(o))
+}
+
+pub async fn dc_sd_get(r: &Req) -> Result<Resp, ApiError> {
+    let (dc, s, m) = attached(r).await?;
+    Ok(Resp::ok(one_sd(r, &s, Some(&m), Some(dc.id))))
+}
+
+pub async fn dc_sd_attach(r: &Req) -> Result<Resp, ApiError> {
+    let dc = dc_of(r).await?;
+    let b = r.body("storage_domain")?;
+    let sd_id = sd_ref(r, &b).await?;
+    let m = r.cmds().attach_storage_domain(dc.id, sd_id).await?;
+    r.engine.cmds.app.kick.notify_one();
+    let s = r
+        .db()
+        .sd_get(sd_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("storage domain {sd_id} not found")))?;
+    Ok(Resp::created(
+        one_sd(r, &s, Some(&m), Some(dc.id)),
+        format!("{API}/datacenters/{}/storagedomains/{}", dc.id, s.id),
+    ))
+}
+
+pub async fn dc_sd_detach(r: &Req) -> Result<Resp, ApiError> {
+    let (dc, s, _) = attached(r).await?;
+    r.cmds().detach_storage_domain(dc.id, s.id).await?;
+    Ok(action_complete(r))
+}
+
+pub async fn dc_sd_activate(r: &Req, up: bool) -> Result<Resp, ApiError> {
+    let (dc, s, _) = attached(r).await?;
+    let body = r.action_body()?;
+    let (dc, sd) = (dc.id, s.id);
+    run_action(
+        r,
+        Some(&body),
+        if up { "activate" } else { "deactivate" },
+        move |e| async move {
+            if up {
+                e.cmds.activate_storage_domain(dc, sd).await?;
+            } else {
+                e.cmds.deactivate_storage_domain(dc, sd).await?;
+            }
+            e.cmds.app.kick.notify_one();
+            Ok(())
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------- disks
+
+fn disk_query(r: &Req) -> Result<ListQuery<DiskFilter, DiskSort>, ApiError> {
+    translate(
+        &r.search()?,
+        r.list_params()?,
+        "disks",
+        |f: &mut DiskFilter, c, x| {
+            match c.field.as_str() {
+                "name" | "alias" => f.name = Some(x.text(c)?),
+                "status" => f.status.push(x.value(c)?),
+                _ => {
+                    if let Some(s) = x.reference(c, "storage")? {
+                        f.storage_domain = Some(s);
+                    } else if let Some(s) = x.reference(c, "storage_domain")? {
+                        f.storage_domain = Some(s);
+                    } else if let Some(v) = x.reference(c, "vm")? {
+                        f.vm = Some(v);
+                    } else if c.field == "vm_names" {
+                        f.vm = Some(Ref::Name(x.text(c)?));
+                    } else {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+        |k| match k {
+            "name" | "alias" => Some(DiskSort::Name),
+            "status" => Some(DiskSort::Status),
+            "provisioned_size" | "size" => Some(DiskSort::ProvisionedSize),
+            _ => None,
+        },
+    )
+}
+
+async fn disk(r: &Req, i: usize) -> Result<Disk, ApiError> {
+    let id: DiskId = r.id(i, "disk")?;
+    r.db()
+        .disk_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("disk {id} not found")))
+}
+
+fn one_disk(r: &Req, d: &Disk) -> super::super::out::Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::disk(o, d));
+    o
+}
+
+pub async fn disk_list(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let ds = r.db().disk_list(&disk_query(r)?).await?;
+    let mut o = r.out();
+    collection(&mut o, "disks", "disk", &ds, write::disk);
+    Ok(Resp::ok(o))
+}
+
+pub async fn disk_get(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let d = disk(r, 0).await?;
+    Ok(Resp::ok(one_disk(r, &d)))
+}
+
+/// The parameters of a new disk from a `<disk>` element.
+pub async fn new_disk(r: &Req, b: &Elem) -> Result<crate::commands::AddDisk, ApiError> {
+    let sd_elem = b
+        .get("storage_domains")
+        .and_then(|s| s.child("storage_domain"))
+        .or_else(|| b.get("storage_domain"))
+        .ok_or_else(|| {
+            ApiError::bad_request("<disk> needs <storage_domains><storage_domain> for its volumes")
+        })?;
+    let storage_domain = sd_ref(r, sd_elem).await?;
+    let name = b
+        .str("name")
+        .or_else(|| b.str("alias"))
+        .ok_or_else(|| ApiError::bad_request("<disk> needs <name> (or <alias>)"))?
+        .to_string();
+    let provisioned_size = b
+        .u64("provisioned_size")?
+        .or(b.u64("size")?)
+        .ok_or_else(|| ApiError::bad_request("<disk> needs <provisioned_size> in bytes"))?;
+    let format: DiskFormat = b.parse("format")?.unwrap_or(DiskFormat::Cow);
+    Ok(crate::commands::AddDisk {
+        name,
+        description: b.string("description").unwrap_or_default(),
+        storage_domain,
+        provisioned_size,
+        format,
+        sparse: b.bool("sparse")?.unwrap_or(format == DiskFormat::Cow),
+        shareable: b.bool("shareable")?.unwrap_or(false),
+        attach_to: None,
+    })
+}
+
+pub async fn disk_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("disk")?;
+    let req = new_disk(r, &b).await?;
+    let d = r.cmds().add_disk(req, r.correlation_id.clone()).await?;
+    Ok(Resp::created(one_disk(r, &d), href("disks", d.id)))
+}
+
+pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("disk")?;
+    let mut d = disk(r, 0).await?;
+    if let Some(n) = b.str("name").or_else(|| b.str("alias")) {
+        d.name = n.to_string();
+    }
+    if let Some(n) = b.get("description") {
+        d.description = n.text.trim().to_string();
+    }
+    if let Some(s) = b.bool("shareable")? {
+        d.shareable = s;
+    }
+    if let Some(w) = b.bool("wipe_after_delete")? {
+        d.wipe_after_delete = w;
+    }
+    if b.u64("provisioned_size")?
+        .is_some_and(|s| s != d.provisioned_size)
+    {
+        return Err(ApiError::bad_request(
+            "provisioned_size cannot change in an update: oxvirt has no disk resize command",
+        ));
+    }
+    let d = r.db().disk_update(&d).await?;
+    Ok(Resp::ok(one_disk(r, &d)))
+}
+
+pub async fn disk_remove(r: &Req) -> Result<Resp, ApiError> {
+    let d = disk(r, 0).await?;
+    let id = d.id;
+    super::vms::run_remove(r, "remove disk", move |e| async move {
+        e.cmds.remove_disk(id).await?;
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,818 @@
+//! VMs with their disk attachments, NICs and snapshots; templates.
+
+use crate::commands::{AddSnapshot, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
+use crate::db::{TemplateFilter, TemplateSort, VmFilter, VmSort};
+use crate::model::*;
+
+use super::super::fault::ApiError;
+use super::super::input::Elem;
+use super::super::out::Out;
+use super::super::search::translate;
+use super::super::write::{self, collection, href, Embedded};
+use super::super::{Req, Resp, API};
+use super::infra::root_entity;
+use super::storage::new_disk;
+use super::{
+    action_complete, check_follow, cluster_ref, host_ref, is_async, required, run_action, template_ref,
+    vm_ref,
+};
+
+async fn vm(r: &Req, i: usize) -> Result<Vm, ApiError> {
+    let id: VmId = r.id(i, "VM")?;
+    r.db()
+        .vm_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("VM {id} not found")))
+}
+
+const VM_FOLLOW: &[&str] = &[
+    "disk_attachments",
+    "disk_attachments.disk",
+    "nics",
+    "snapshots",
+    "cluster",
+    "template",
+    "host",
+];
+
+async fn attachments_with_disks(
+    r: &Req,
+    atts: Vec<DiskAttachment>,
+    with_disks: bool,
+) -> Result<Vec<(DiskAttachment, Option<Disk>)>, ApiError> {
+    let mut out = Vec::with_capacity(atts.len());
+    for a in atts {
+        let d = if with_disks {
+            r.db().disk_get(a.disk_id).await?
+        } else {
+            None
+        };
+        out.push((a, d));
+    }
+    Ok(out)
+}
+
+async fn vm_embedded(r: &Req, v: &Vm, follow: &[String]) -> Result<Option<Embedded>, ApiError> {
+    if follow.is_empty() {
+        return Ok(None);
+    }
+    let has = |s: &str| follow.iter().any(|f| f == s);
+    let mut e = Embedded::default();
+    if has("disk_attachments") || has("disk_attachments.disk") {
+        let atts = r.db().attachments_of_vm(v.id).await?;
+        e.disk_attachments = Some(attachments_with_disks(r, atts, has("disk_attachments.disk")).await?);
+    }
+    if has("nics") {
+        e.nics = Some(r.db().nics_of_vm(v.id).await?);
+    }
+    if has("snapshots") {
+        e.snapshots = Some(r.db().snapshots_of_vm(v.id).await?);
+    }
+    if has("cluster") {
+        e.cluster = r.db().cluster_get(v.cluster_id).await?;
+    }
+    if has("template") {
+        e.template = r.db().template_get(v.template_id).await?;
+    }
+    if has("host") {
+        if let Some(h) = v.runtime.run_on_host {
+            e.host = r.db().host_get(h).await?;
+        }
+    }
+    Ok(Some(e))
+}
+
+fn one_vm(r: &Req, v: &Vm, e: Option<&Embedded>) -> Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::vm(o, v, e));
+    o
+}
+
+pub async fn vm_list(r: &Req) -> Result<Resp, ApiError> {
+    let follow = check_follow(r, VM_FOLLOW)?;
+    let q = translate(
+        &r.search()?,
+        r.list_params()?,
+        "VMs",
+        |f: &mut VmFilter, c, x| {
+            match c.field.as_str() {
+                "name" => f.name = Some(x.text(c)?),
+                "status" => f.status.push(x.value(c)?),
+                "ha" | "high_availability" => f.ha = Some(x.value(c)?),
+                _ => {
+                    if let Some(v) = x.reference(c, "cluster")? {
+                        f.cluster = Some(v);
+                    } else if let Some(v) = x.reference(c, "datacenter")? {
+                        f.data_center = Some(v);
+                    } else if let Some(v) = x.reference(c, "host")? {
+                        f.host = Some(v);
+                    } else if let Some(v) = x.reference(c, "template")? {
+                        f.template = Some(v);
+                    } else if let Some(v) = x.reference(c, "storage")? {
+                        f.storage_domain = Some(v);
+                    } else {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+        |k| match k {
+            "name" => Some(VmSort::Name),
+            "status" => Some(VmSort::Status),
+            "memory" => Some(VmSort::Memory),
+            "creation_time" | "creationdate" => Some(VmSort::CreatedAt),
+            _ => None,
+        },
+    )?;
+    let vms = r.db().vm_list(&q).await?;
+    let mut o = Out::with_capacity(r.fmt, vms.len() * 1800);
+    if follow.is_empty() {
+        collection(&mut o, "vms", "vm", &vms, |o, v| write::vm(o, v, None));
+    } else {
+        let mut items = Vec::with_capacity(vms.len());
+        for v in &vms {
+            items.push((v, vm_embedded(r, v, &follow).await?));
+        }
+        collection(&mut o, "vms", "vm", &items, |o, (v, e)| {
+            write::vm(o, v, e.as_ref())
+        });
+    }
+    Ok(Resp::ok(o))
+}
+
+pub async fn vm_get(r: &Req) -> Result<Resp, ApiError> {
+    let follow = check_follow(r, VM_FOLLOW)?;
+    let v = vm(r, 0).await?;
+    let e = vm_embedded(r, &v, &follow).await?;
+    Ok(Resp::ok(one_vm(r, &v, e.as_ref())))
+}
+
+fn cpu_of(b: &Elem, default: CpuTopology) -> Result<Option<CpuTopology>, ApiError> {
+    if b.get("cpu/topology").is_none() {
+        return Ok(None);
+    }
+    Ok(Some(CpuTopology {
+        sockets: b.u32("cpu/topology/sockets")?.unwrap_or(default.sockets),
+        cores: b.u32("cpu/topology/cores")?.unwrap_or(default.cores),
+        threads: b.u32("cpu/topology/threads")?.unwrap_or(default.threads),
+    }))
+}
+
+fn os_of(b: &Elem) -> VmOs {
+    VmOs {
+        kernel: b.string("os/kernel"),
+        initrd: b.string("os/initrd"),
+        cmdline: b.string("os/cmdline"),
+    }
+}
+
+fn ha_of(b: &Elem) -> Result<Option<HighAvailability>, ApiError> {
+    if b.get("high_availability").is_none() {
+        return Ok(None);
+    }
+    Ok(Some(HighAvailability {
+        enabled: b.bool("high_availability/enabled")?.unwrap_or(false),
+        priority: b.i32("high_availability/priority")?.unwrap_or(0),
+    }))
+}
+
+pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("vm")?;
+    let cluster = match b.get("cluster") {
+        Some(c) => cluster_ref(r, c).await?,
+        None => return Err(ApiError::bad_request("<vm> needs <cluster>")),
+    };
+    let template = match b.get("template") {
+        Some(t) => template_ref(r, t).await?,
+        None => BLANK_TEMPLATE_ID,
+    };
+    let req = AddVm {
+        name: required(&b, "name")?.to_string(),
+        description: b.string("description").unwrap_or_default(),
+        cluster,
+        template,
+        memory_bytes: b.u64("memory")?,
+        cpu: cpu_of(&b, CpuTopology::ONE)?,
+        os: os_of(&b),
+        ha: ha_of(&b)?,
+    };
+    let v = r.cmds().add_vm(req, r.correlation_id.clone()).await?;
+    Ok(Resp::created(one_vm(r, &v, None), href("vms", v.id)))
+}
+
+pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("vm")?;
+    let mut v = vm(r, 0).await?;
+    if let Some(n) = b.str("name") {
+        v.name = n.to_string();
+    }
+    if let Some(d) = b.get("description") {
+        v.description = d.text.trim().to_string();
+    }
+    if let Some(m) = b.u64("memory")? {
+        if v.memory_guaranteed_bytes == v.memory_bytes || v.memory_guaranteed_bytes > m {
+            v.memory_guaranteed_bytes = m;
+        }
+        v.memory_bytes = m;
+    }
+    if let Some(g) = b.u64("memory_policy/guaranteed")? {
+        v.memory_guaranteed_bytes = g;
+    }
+    if let Some(c) = cpu_of(&b, v.cpu)? {
+        v.cpu = c;
+    }
+    if b.get("os").is_some() {
+        let os = os_of(&b);
+        if b.get("os/kernel").is_some() {
+            v.os.kernel = os.kernel;
+        }
+        if b.get("os/initrd").is_some() {
+            v.os.initrd = os.initrd;
+        }
+        if b.get("os/cmdline").is_some() {
+            v.os.cmdline = os.cmdline;
+        }
+    }
+    if let Some(ha) = ha_of(&b)? {
+        v.ha = ha;
+    }
+    if let Some(a) = b.parse("placement_policy/affinity")? {
+        v.placement.affinity = a;
+    }
+    let v = r.db().vm_update(&v).await?;
+    Ok(Resp::ok(one_vm(r, &v, None)))
+}
+
+pub async fn vm_remove(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let detach_only = r.q_bool("detach_only")?.unwrap_or(false);
+    if r.q_bool("force")?.unwrap_or(false) && v.runtime.status.is_running() {
+        r.cmds().stop_vm(v.id).await?;
+    }
+    let id = v.id;
+    run_remove(r, "remove VM", move |e| async move {
+        e.cmds.remove_vm(id, detach_only).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// DELETE answers 200 with an `<action>` in every case (the SDK accepts nothing else); with
+/// `async=true` the removal goes on after the answer.
+pub async fn run_remove<F, Fut>(r: &Req, what: &'static str, f: F) -> Result<Resp, ApiError>
+where
+    F: FnOnce(std::sync::Arc<crate::daemon::Engine>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    if is_async(r, None)? {
+        let fut = f(r.engine.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::warn!(action = what, detail = %e.detail, "asynchronous removal failed");
+            }
+        });
+        return Ok(action_complete(r));
+    }
+    f(r.engine.clone()).await?;
+    Ok(action_complete(r))
+}
+
+pub async fn vm_start(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let body = r.action_body()?;
+    let host = match body
+        .get("vm/placement_policy/hosts")
+        .and_then(|h| h.child("host"))
+        .or_else(|| body.get("host"))
+    {
+        Some(h) => Some(host_ref(r, h).await?),
+        None => None,
+    };
+    let paused = body.bool("pause")?.unwrap_or(false);
+    let os = body.get("vm/os").map(|_| {
+        let mut e = Elem::new("vm");
+        e.children = body.get("vm").map(|v| v.children.clone()).unwrap_or_default();
+        os_of(&e)
+    });
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    let status = v.runtime.status;
+    run_action(r, Some(&body), "start", move |e| async move {
+        if let Some(os) = os.filter(|o| o.kernel.is_some()) {
+            // Run-once boot parameters become the VM's (oxvirt keeps no separate run-once
+            // configuration).
+            let mut vm = e
+                .cmds
+                .app
+                .db
+                .vm_get(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("VM {id} not found")))?;
+            vm.os = os;
+            e.cmds.app.db.vm_update(&vm).await?;
+        }
+        if status == VmStatus::Paused {
+            e.cmds.resume_vm(id).await?;
+        } else {
+            e.cmds.start_vm(id, VmStartOptions { host, paused }, corr).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Power {
+    Stop,
+    Shutdown,
+    Suspend,
+}
+
+pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let body = r.action_body()?;
+    let id = v.id;
+    let what = match p {
+        Power::Stop => "stop",
+        Power::Shutdown => "shutdown",
+        Power::Suspend => "suspend",
+    };
+    run_action(r, Some(&body), what, move |e| async move {
+        match p {
+            Power::Stop => {
+                e.cmds.stop_vm(id).await?;
+            }
+            Power::Shutdown => {
+                e.cmds.shutdown_vm(id).await?;
+            }
+            // oVirt's suspend saves memory to storage; oxvirt pauses the guest in place.
+            Power::Suspend => {
+                e.cmds.pause_vm(id).await?;
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+pub async fn vm_migrate(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let body = r.action_body()?;
+    let host = match body.get("host") {
+        Some(h) => Some(host_ref(r, h).await?),
+        None => None,
+    };
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    run_action(r, Some(&body), "migrate", move |e| async move {
+        e.cmds.migrate_vm(id, MigrateOptions { host }, corr).await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn snapshot_from_action(r: &Req, v: &Vm, body: &Elem) -> Result<SnapshotId, ApiError> {
+    let s = body
+        .get("snapshot")
+        .ok_or_else(|| ApiError::bad_request("the action needs <snapshot id=\"…\"/>"))?;
+    let id = s
+        .id()
+        .ok_or_else(|| ApiError::bad_request("<snapshot> needs an id"))?;
+    let sid: SnapshotId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("snapshot id {id:?} is not a UUID")))?;
+    r.db()
+        .snapshot_get(sid)
+        .await?
+        .filter(|s| s.vm_id == v.id)
+        .ok_or_else(|| ApiError::not_found(format!("snapshot {sid} of VM {} not found", v.name)))?;
+    Ok(sid)
+}
+
+/// Why previews are refused (see [`vm_preview`]).
+pub const NO_PREVIEW: &str = "oxvirt cannot preview snapshots: a preview runs the VM on a second \
+    leaf branched from the snapshot's volume while keeping the current leaf, and oxvirt's storage \
+    keeps exactly one leaf per image (VDSM's chains are linear here). Restore the snapshot with \
+    POST .../snapshots/{id}/restore (the VM down), or take a snapshot first to keep the present state";
+
+/// `previewsnapshot`: checks the request like oVirt (the VM exists, the snapshot is its own),
+/// then refuses with [`NO_PREVIEW`]; nothing changes.
+pub async fn vm_preview(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let body = r.action_body()?;
+    snapshot_from_action(r, &v, &body).await?;
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "Operation Failed",
+        NO_PREVIEW,
+    ))
+}
+
+/// `commitsnapshot`: there is never a preview to commit.
+pub async fn vm_commit(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    Err(ApiError::conflict(format!(
+        "VM {} has no snapshot in preview ({NO_PREVIEW})",
+        v.name
+    )))
+}
+
+/// `undosnapshot`: there is never a preview to undo.
+pub async fn vm_undo(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    Err(ApiError::conflict(format!(
+        "VM {} has no snapshot in preview ({NO_PREVIEW})",
+        v.name
+    )))
+}
+
+// ----------------------------------------------------------------------- disk attachments
+
+/// The owner of an attachment list: a VM, or a template (`templates/{id}/diskattachments`).
+pub async fn att_list(r: &Req, owner: &str) -> Result<Resp, ApiError> {
+    let follow = check_follow(r, &["disk"])?;
+    let atts = if owner == "templates" {
+        let id: TemplateId = r.id(0, "template")?;
+        r.db()
+            .template_get(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("template {id} not found")))?;
+        r.db()
+            .template_disks(id)
+            .await?
+            .into_iter()
+            .map(|d| {
+                (
+                    DiskAttachment {
+                        vm_id: VmId::from_uuid(*id.as_uuid()),
+                        disk_id: d.id,
+                        interface: DiskInterface::VirtioScsi,
+                        bootable: false,
+                        active: true,
+                        read_only: false,
+                    },
+                    Some(d),
+                )
+            })
+            .collect::<Vec<_>>()
+    } else {
+        let v = vm(r, 0).await?;
+        let atts = r.db().attachments_of_vm(v.id).await?;
+        attachments_with_disks(r, atts, !follow.is_empty()).await?
+    };
+    let with_disks = !follow.is_empty();
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "disk_attachments",
+        "disk_attachment",
+        &atts,
+        |o, (a, d)| write::disk_attachment(o, owner, a, if with_disks { d.as_ref() } else { None }),
+    );
+    Ok(Resp::ok(o))
+}
+
+async fn attachment(r: &Req) -> Result<(Vm, DiskAttachment), ApiError> {
+    let v = vm(r, 0).await?;
+    let d: DiskId = r.id(1, "disk attachment")?;
+    let a = r
+        .db()
+        .attachment_get(v.id, d)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("disk attachment {d} of VM {} not found", v.name)))?;
+    Ok((v, a))
+}
+
+fn one_att(r: &Req, a: &DiskAttachment, d: Option<&Disk>) -> Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::disk_attachment(o, "vms", a, d));
+    o
+}
+
+pub async fn att_get(r: &Req) -> Result<Resp, ApiError> {
+    let follow = check_follow(r, &["disk"])?;
+    let (_, a) = attachment(r).await?;
+    let d = if follow.is_empty() {
+        None
+    } else {
+        r.db().disk_get(a.disk_id).await?
+    };
+    Ok(Resp::ok(one_att(r, &a, d.as_ref())))
+}
+
+pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let b = r.body("disk_attachment")?;
+    let how = AddVmDisk {
+        vm: v.id,
+        interface: b.parse("interface")?.unwrap_or(DiskInterface::VirtioScsi),
+        bootable: b.bool("bootable")?.unwrap_or(false),
+        active: b.bool("active")?.unwrap_or(true),
+    };
+    let de = b
+        .get("disk")
+        .ok_or_else(|| ApiError::bad_request("<disk_attachment> needs <disk>"))?;
+    let a = match de.id() {
+        Some(id) => {
+            let disk: DiskId = id
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("disk id {id:?} is not a UUID")))?;
+            r.cmds().attach_disk(v.id, disk, how).await?
+        }
+        None => {
+            let mut req = new_disk(r, de).await?;
+            req.attach_to = Some(how.clone());
+            let d = r.cmds().add_disk(req, r.correlation_id.clone()).await?;
+            r.db()
+                .attachment_get(v.id, d.id)
+                .await?
+                .unwrap_or_else(|| how.attachment(d.id))
+        }
+    };
+    let d = r.db().disk_get(a.disk_id).await?;
+    Ok(Resp::created(
+        one_att(r, &a, d.as_ref()),
+        format!("{API}/vms/{}/diskattachments/{}", v.id, a.disk_id),
+    ))
+}
+
+pub async fn att_update(r: &Req) -> Result<Resp, ApiError> {
+    let (_, mut a) = attachment(r).await?;
+    let b = r.body("disk_attachment")?;
+    if let Some(x) = b.bool("active")? {
+        a.active = x;
+    }
+    if let Some(x) = b.bool("bootable")? {
+        a.bootable = x;
+    }
+    if let Some(x) = b.parse("interface")? {
+        a.interface = x;
+    }
+    if let Some(x) = b.bool("read_only")? {
+        a.read_only = x;
+    }
+    r.db().attachment_update(&a).await?;
+    Ok(Resp::ok(one_att(r, &a, None)))
+}
+
+pub async fn att_remove(r: &Req) -> Result<Resp, ApiError> {
+    let (v, a) = attachment(r).await?;
+    if v.runtime.status.is_running() && a.active {
+        return Err(ApiError::conflict(format!(
+            "VM {} is {}: deactivate the disk or stop the VM first",
+            v.name, v.runtime.status
+        )));
+    }
+    let detach_only = r.q_bool("detach_only")?.unwrap_or(true);
+    r.db().attachment_remove(v.id, a.disk_id).await?;
+    if !detach_only {
+        r.cmds().remove_disk(a.disk_id).await?;
+    }
+    Ok(action_complete(r))
+}
+
+// ------------------------------------------------------------------------------------ NICs
+
+async fn nic(r: &Req) -> Result<(Vm, Nic), ApiError> {
+    let v = vm(r, 0).await?;
+    let id: NicId = r.id(1, "NIC")?;
+    let n = r
+        .db()
+        .nic_get(id)
+        .await?
+        .filter(|n| n.vm_id == v.id)
+        .ok_or_else(|| ApiError::not_found(format!("NIC {id} of VM {} not found", v.name)))?;
+    Ok((v, n))
+}
+
+pub async fn nic_list(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let ns = r.db().nics_of_vm(v.id).await?;
+    let mut o = r.out();
+    collection(&mut o, "nics", "nic", &ns, write::nic);
+    Ok(Resp::ok(o))
+}
+
+pub async fn nic_get(r: &Req) -> Result<Resp, ApiError> {
+    let (_, n) = nic(r).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::nic(o, &n));
+    Ok(Resp::ok(o))
+}
+
+pub async fn nic_add(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    if v.runtime.status != VmStatus::Down {
+        return Err(ApiError::conflict(format!(
+            "VM {} is {}: NICs are added while it is down",
+            v.name, v.runtime.status
+        )));
+    }
+    let b = r.body("nic")?;
+    let mac = match b.str("mac/address") {
+        Some(m) => Some(
+            m.parse::<MacAddr>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let n = Nic {
+        id: NicId::new_random(),
+        vm_id: v.id,
+        name: required(&b, "name")?.to_string(),
+        network: b.string("network/name"),
+        mac: MacAddr([0; 6]),
+        interface: b.parse("interface")?.unwrap_or(NicInterface::Virtio),
+        plugged: b.bool("plugged")?.unwrap_or(true),
+        linked: b.bool("linked")?.unwrap_or(true),
+    };
+    let n = r.db().nic_add(&n, mac).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::nic(o, &n));
+    Ok(Resp::created(o, format!("{API}/vms/{}/nics/{}", v.id, n.id)))
+}
+
+pub async fn nic_remove(r: &Req) -> Result<Resp, ApiError> {
+    let (v, n) = nic(r).await?;
+    if v.runtime.status != VmStatus::Down {
+        return Err(ApiError::conflict(format!(
+            "VM {} is {}: NICs are removed while it is down",
+            v.name, v.runtime.status
+        )));
+    }
+    r.db().nic_remove(n.id).await?;
+    Ok(action_complete(r))
+}
+
+// ------------------------------------------------------------------------------- snapshots
+
+async fn snap(r: &Req) -> Result<(Vm, Snapshot), ApiError> {
+    let v = vm(r, 0).await?;
+    let id: SnapshotId = r.id(1, "snapshot")?;
+    let s = r
+        .db()
+        .snapshot_get(id)
+        .await?
+        .filter(|s| s.vm_id == v.id)
+        .ok_or_else(|| ApiError::not_found(format!("snapshot {id} of VM {} not found", v.name)))?;
+    Ok((v, s))
+}
+
+pub async fn snap_list(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let ss = r.db().snapshots_of_vm(v.id).await?;
+    let mut o = r.out();
+    collection(&mut o, "snapshots", "snapshot", &ss, write::snapshot);
+    Ok(Resp::ok(o))
+}
+
+pub async fn snap_get(r: &Req) -> Result<Resp, ApiError> {
+    let (_, s) = snap(r).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::snapshot(o, &s));
+    Ok(Resp::ok(o))
+}
+
+pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let b = r.body("snapshot")?;
+    let s = r
+        .cmds()
+        .add_snapshot(
+            v.id,
+            AddSnapshot {
+                description: b.string("description").unwrap_or_default(),
+                persist_memory: b.bool("persist_memorystate")?.unwrap_or(false),
+            },
+            r.correlation_id.clone(),
+        )
+        .await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::snapshot(o, &s));
+    Ok(Resp::created(o, format!("{API}/vms/{}/snapshots/{}", v.id, s.id)))
+}
+
+pub async fn snap_remove(r: &Req) -> Result<Resp, ApiError> {
+    let (v, s) = snap(r).await?;
+    let corr = r.correlation_id.clone();
+    let (vid, sid) = (v.id, s.id);
+    run_remove(r, "remove snapshot", move |e| async move {
+        e.cmds.remove_snapshot(vid, sid, corr).await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn snap_restore(r: &Req) -> Result<Resp, ApiError> {
+    let (v, s) = snap(r).await?;
+    let body = r.action_body()?;
+    let (vid, sid) = (v.id, s.id);
+    run_action(r, Some(&body), "restore snapshot", move |e| async move {
+        e.cmds.restore_snapshot(vid, sid).await?;
+        Ok(())
+    })
+    .await
+}
+
+// ------------------------------------------------------------------------------- templates
+
+async fn template(r: &Req, i: usize) -> Result<Template, ApiError> {
+    let id: TemplateId = r.id(i, "template")?;
+    r.db()
+        .template_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("template {id} not found")))
+}
+
+fn one_template(r: &Req, t: &Template) -> Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::template(o, t, None));
+    o
+}
+
+pub async fn template_list(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let q = translate(
+        &r.search()?,
+        r.list_params()?,
+        "templates",
+        |f: &mut TemplateFilter, c, x| {
+            match c.field.as_str() {
+                "name" => f.name = Some(x.text(c)?),
+                "status" => f.status.push(x.value(c)?),
+                _ => {
+                    if let Some(v) = x.reference(c, "cluster")? {
+                        f.cluster = Some(v);
+                    } else {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+        |k| match k {
+            "name" => Some(TemplateSort::Name),
+            "creation_time" | "creationdate" => Some(TemplateSort::CreatedAt),
+            _ => None,
+        },
+    )?;
+    let ts = r.db().template_list(&q).await?;
+    let mut o = r.out();
+    collection(&mut o, "templates", "template", &ts, |o, t| {
+        write::template(o, t, None)
+    });
+    Ok(Resp::ok(o))
+}
+
+pub async fn template_get(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let t = template(r, 0).await?;
+    Ok(Resp::ok(one_template(r, &t)))
+}
+
+pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("template")?;
+    let ve = b
+        .get("vm")
+        .ok_or_else(|| ApiError::bad_request("<template> needs the <vm> it is made from"))?;
+    let vm = vm_ref(r, ve).await?;
+    let t = r
+        .cmds()
+        .add_template(
+            vm,
+            required(&b, "name")?,
+            b.str("description").unwrap_or_default(),
+        )
+        .await?;
+    Ok(Resp::created(one_template(r, &t), href("templates", t.id)))
+}
+
+pub async fn template_update(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("template")?;
+    let mut t = template(r, 0).await?;
+    if let Some(n) = b.str("name") {
+        t.name = n.to_string();
+    }
+    if let Some(d) = b.get("description") {
+        t.description = d.text.trim().to_string();
+    }
+    if let Some(m) = b.u64("memory")? {
+        t.memory_bytes = m;
+    }
+    if let Some(c) = cpu_of(&b, t.cpu)? {
+        t.cpu = c;
+    }
+    let t = r.db().template_update(&t).await?;
+    Ok(Resp::ok(one_template(r, &t)))
+}
+
+pub async fn template_remove(r: &Req) -> Result<Resp, ApiError> {
+    let t = template(r, 0).await?;
+    let id = t.id;
+    run_remove(r, "remove template", move |e| async move {
+        e.cmds.remove_template(id).await?;
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,281 @@
+//! The route table: every path and method the API serves, with the operation that serves it.
+//! Dispatch ([`resolve`]) and the OpenAPI description ([`super::openapi`]) both read it.
+
+use http::Method;
+
+use super::fault::ApiError;
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Api,
+    OpenApi,
+    DcList,
+    DcAdd,
+    DcGet,
+    DcUpdate,
+    DcRemove,
+    DcClusters,
+    DcSdList,
+    DcSdAttach,
+    DcSdGet,
+    DcSdDetach,
+    DcSdActivate,
+    DcSdDeactivate,
+    ClusterList,
+    ClusterAdd,
+    ClusterGet,
+    ClusterUpdate,
+    ClusterRemove,
+    HostList,
+    HostAdd,
+    HostGet,
+    HostUpdate,
+    HostRemove,
+    HostActivate,
+    HostDeactivate,
+    SdList,
+    SdAdd,
+    SdGet,
+    SdUpdate,
+    SdRemove,
+    SdDisks,
+    DiskList,
+    DiskAdd,
+    DiskGet,
+    DiskUpdate,
+    DiskRemove,
+    VmList,
+    VmAdd,
+    VmGet,
+    VmUpdate,
+    VmRemove,
+    VmStart,
+    VmStop,
+    VmShutdown,
+    VmSuspend,
+    VmMigrate,
+    VmPreviewSnapshot,
+    VmCommitSnapshot,
+    VmUndoSnapshot,
+    VmAttList,
+    VmAttAdd,
+    VmAttGet,
+    VmAttUpdate,
+    VmAttRemove,
+    VmNicList,
+    VmNicAdd,
+    VmNicGet,
+    VmNicRemove,
+    VmSnapList,
+    VmSnapAdd,
+    VmSnapGet,
+    VmSnapRemove,
+    VmSnapRestore,
+    TemplateList,
+    TemplateAdd,
+    TemplateGet,
+    TemplateUpdate,
+    TemplateRemove,
+    TemplateAttList,
+    JobList,
+    JobGet,
+    JobSteps,
+    EventList,
+    EventGet,
+    UserList,
+    UserGet,
+}
+
+pub struct Route {
+    pub method: Method,
+    /// Relative to `/ovirt-engine/api`; `{name}` segments are parameters.
+    pub path: &'static str,
+    pub op: Op,
+    pub summary: &'static str,
+    /// The root element of the request body (adds, updates, actions).
+    pub body: Option<&'static str>,
+    /// The root element of the response.
+    pub reply: &'static str,
+}
+
+macro_rules! r {
+    ($m:ident $p:literal $op:ident $reply:literal $body:expr, $s:literal) => {
+        Route {
+            method: Method::$m,
+            path: $p,
+            op: Op::$op,
+            summary: $s,
+            body: $body,
+            reply: $reply,
+        }
+    };
+}
+
+const N: Option<&str> = None;
+const A: Option<&str> = Some("action");
+
+pub static ROUTES: &[Route] = &[
+    r!(GET "/" Api "api" N, "The API root: product, special objects, summary, time"),
+    r!(GET "/openapi.json" OpenApi "openapi" N, "This description (OpenAPI 3)"),
+    r!(GET "/datacenters" DcList "data_centers" N, "List data centers (search, max, follow)"),
+    r!(POST "/datacenters" DcAdd "data_center" Some("data_center"), "Add a data center"),
+    r!(GET "/datacenters/{datacenter}" DcGet "data_center" N, "Get a data center"),
+    r!(PUT "/datacenters/{datacenter}" DcUpdate "data_center" Some("data_center"), "Update a data center's name or description"),
+    r!(DELETE "/datacenters/{datacenter}" DcRemove "action" N, "Remove a data center (force accepted)"),
+    r!(GET "/datacenters/{datacenter}/clusters" DcClusters "clusters" N, "The data center's clusters"),
+    r!(GET "/datacenters/{datacenter}/storagedomains" DcSdList "storage_domains" N, "Storage domains attached to the data center"),
+    r!(POST "/datacenters/{datacenter}/storagedomains" DcSdAttach "storage_domain" Some("storage_domain"), "Attach a storage domain (by id or name)"),
+    r!(GET "/datacenters/{datacenter}/storagedomains/{storagedomain}" DcSdGet "storage_domain" N, "An attached storage domain with its status in the data center"),
+    r!(DELETE "/datacenters/{datacenter}/storagedomains/{storagedomain}" DcSdDetach "action" N, "Detach a storage domain in maintenance"),
+    r!(POST "/datacenters/{datacenter}/storagedomains/{storagedomain}/activate" DcSdActivate "action" A, "Activate an attached storage domain"),
+    r!(POST "/datacenters/{datacenter}/storagedomains/{storagedomain}/deactivate" DcSdDeactivate "action" A, "Move an attached storage domain to maintenance"),
+    r!(GET "/clusters" ClusterList "clusters" N, "List clusters"),
+    r!(POST "/clusters" ClusterAdd "cluster" Some("cluster"), "Add a cluster to a data center"),
+    r!(GET "/clusters/{cluster}" ClusterGet "cluster" N, "Get a cluster"),
+    r!(PUT "/clusters/{cluster}" ClusterUpdate "cluster" Some("cluster"), "Update a cluster's name or description"),
+    r!(DELETE "/clusters/{cluster}" ClusterRemove "action" N, "Remove an empty cluster"),
+    r!(GET "/hosts" HostList "hosts" N, "List hosts"),
+    r!(POST "/hosts" HostAdd "host" Some("host"), "Add a host: it joins when its node enrolls with the CA fingerprint"),
+    r!(GET "/hosts/{host}" HostGet "host" N, "Get a host"),
+    r!(PUT "/hosts/{host}" HostUpdate "host" Some("host"), "Update a host's name or SPM priority"),
+    r!(DELETE "/hosts/{host}" HostRemove "action" N, "Remove a host in maintenance"),
+    r!(POST "/hosts/{host}/activate" HostActivate "action" A, "Take a host out of maintenance"),
+    r!(POST "/hosts/{host}/deactivate" HostDeactivate "action" A, "Move a host to maintenance (its VMs migrate)"),
+    r!(GET "/storagedomains" SdList "storage_domains" N, "List storage domains"),
+    r!(POST "/storagedomains" SdAdd "storage_domain" Some("storage_domain"), "Create a storage domain through a host"),
+    r!(GET "/storagedomains/{storagedomain}" SdGet "storage_domain" N, "Get a storage domain"),
+    r!(PUT "/storagedomains/{storagedomain}" SdUpdate "storage_domain" Some("storage_domain"), "Update a storage domain's name or description"),
+    r!(DELETE "/storagedomains/{storagedomain}" SdRemove "action" N, "Remove an unattached storage domain (destroy, format, host)"),
+    r!(GET "/storagedomains/{storagedomain}/disks" SdDisks "disks" N, "Disks on a storage domain"),
+    r!(GET "/disks" DiskList "disks" N, "List disks"),
+    r!(POST "/disks" DiskAdd "disk" Some("disk"), "Create a floating disk"),
+    r!(GET "/disks/{disk}" DiskGet "disk" N, "Get a disk"),
+    r!(PUT "/disks/{disk}" DiskUpdate "disk" Some("disk"), "Update a disk's alias or description"),
+    r!(DELETE "/disks/{disk}" DiskRemove "action" N, "Remove a disk and its volumes"),
+    r!(GET "/vms" VmList "vms" N, "List VMs"),
+    r!(POST "/vms" VmAdd "vm" Some("vm"), "Create a VM from Blank or as a thin clone of a template"),
+    r!(GET "/vms/{vm}" VmGet "vm" N, "Get a VM"),
+    r!(PUT "/vms/{vm}" VmUpdate "vm" Some("vm"), "Update a VM's configuration"),
+    r!(DELETE "/vms/{vm}" VmRemove "action" N, "Remove a VM that is down, with its disks (detach_only keeps them)"),
+    r!(POST "/vms/{vm}/start" VmStart "action" A, "Start a VM (host, pause)"),
+    r!(POST "/vms/{vm}/stop" VmStop "action" A, "Power a VM off"),
+    r!(POST "/vms/{vm}/shutdown" VmShutdown "action" A, "Shut a VM down through ACPI"),
+    r!(POST "/vms/{vm}/suspend" VmSuspend "action" A, "Pause a running VM"),
+    r!(POST "/vms/{vm}/migrate" VmMigrate "action" A, "Live-migrate a VM (host optional)"),
+    r!(POST "/vms/{vm}/previewsnapshot" VmPreviewSnapshot "action" A, "Run the VM on a snapshot's data until commit or undo"),
+    r!(POST "/vms/{vm}/commitsnapshot" VmCommitSnapshot "action" A, "Keep the previewed snapshot"),
+    r!(POST "/vms/{vm}/undosnapshot" VmUndoSnapshot "action" A, "Return from a preview to the data before it"),
+    r!(GET "/vms/{vm}/diskattachments" VmAttList "disk_attachments" N, "A VM's disk attachments"),
+    r!(POST "/vms/{vm}/diskattachments" VmAttAdd "disk_attachment" Some("disk_attachment"), "Attach a disk, creating it when it has no id"),
+    r!(GET "/vms/{vm}/diskattachments/{attachment}" VmAttGet "disk_attachment" N, "Get a disk attachment"),
+    r!(PUT "/vms/{vm}/diskattachments/{attachment}" VmAttUpdate "disk_attachment" Some("disk_attachment"), "Update an attachment (active, bootable, interface)"),
+    r!(DELETE "/vms/{vm}/diskattachments/{attachment}" VmAttRemove "action" N, "Detach a disk (detach_only=false also removes it)"),
+    r!(GET "/vms/{vm}/nics" VmNicList "nics" N, "A VM's NICs"),
+    r!(POST "/vms/{vm}/nics" VmNicAdd "nic" Some("nic"), "Add a NIC to a VM that is down"),
+    r!(GET "/vms/{vm}/nics/{nic}" VmNicGet "nic" N, "Get a NIC"),
+    r!(DELETE "/vms/{vm}/nics/{nic}" VmNicRemove "action" N, "Remove a NIC from a VM that is down"),
+    r!(GET "/vms/{vm}/snapshots" VmSnapList "snapshots" N, "A VM's snapshots (the active one included)"),
+    r!(POST "/vms/{vm}/snapshots" VmSnapAdd "snapshot" Some("snapshot"), "Take a snapshot (live when the VM runs)"),
+    r!(GET "/vms/{vm}/snapshots/{snapshot}" VmSnapGet "snapshot" N, "Get a snapshot"),
+    r!(DELETE "/vms/{vm}/snapshots/{snapshot}" VmSnapRemove "action" N, "Remove a snapshot (merge)"),
+    r!(POST "/vms/{vm}/snapshots/{snapshot}/restore" VmSnapRestore "action" A, "Restore a VM that is down to a snapshot"),
+    r!(GET "/templates" TemplateList "templates" N, "List templates (Blank included)"),
+    r!(POST "/templates" TemplateAdd "template" Some("template"), "Make a template from a VM that is down"),
+    r!(GET "/templates/{template}" TemplateGet "template" N, "Get a template"),
+    r!(PUT "/templates/{template}" TemplateUpdate "template" Some("template"), "Update a template's name or description"),
+    r!(DELETE "/templates/{template}" TemplateRemove "action" N, "Remove a template no VM uses"),
+    r!(GET "/templates/{template}/diskattachments" TemplateAttList "disk_attachments" N, "A template's disks"),
+    r!(GET "/jobs" JobList "jobs" N, "List jobs (search by status, correlation_id)"),
+    r!(GET "/jobs/{job}" JobGet "job" N, "Get a job"),
+    r!(GET "/jobs/{job}/steps" JobSteps "steps" N, "A job's steps"),
+    r!(GET "/events" EventList "events" N, "List events (from, max, search)"),
+    r!(GET "/events/{event}" EventGet "event" N, "Get an event"),
+    r!(GET "/users" UserList "users" N, "List users"),
+    r!(GET "/users/{user}" UserGet "user" N, "Get a user"),
+];
+
+fn matches(pattern: &str, path: &str, params: &mut Vec<String>) -> bool {
+    params.clear();
+    let mut p = pattern.split('/').filter(|s| !s.is_empty());
+    let mut s = path.split('/').filter(|s| !s.is_empty());
+    loop {
+        match (p.next(), s.next()) {
+            (None, None) => return true,
+            (Some(pp), Some(ss)) => {
+                if pp.starts_with('{') {
+                    params.push(super::url_decode(ss));
+                } else if pp != ss {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The operation and path parameters for a request; 404 for an unknown path, 405 for a known
+/// path with another method.
+pub fn resolve(method: &Method, path: &str) -> Result<(Op, Vec<String>), ApiError> {
+    let mut params = Vec::new();
+    let mut path_known = false;
+    for r in ROUTES {
+        if matches(r.path, path, &mut params) {
+            if r.method == *method {
+                return Ok((r.op, params));
+            }
+            path_known = true;
+        }
+    }
+    if path_known {
+        let allowed: Vec<&str> = ROUTES
+            .iter()
+            .filter(|r| matches(r.path, path, &mut params))
+            .map(|r| r.method.as_str())
+            .collect();
+        return Err(ApiError::new(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            format!(
+                "{method} is not served on {path}; allowed: {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    Err(ApiError::not_found(format!("no such path {}{path}", super::API)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve_with_parameters() {
+        let (op, p) = resolve(&Method::POST, "/vms/abc/snapshots/def/restore").unwrap();
+        assert_eq!(op, Op::VmSnapRestore);
+        assert_eq!(p, ["abc", "def"]);
+        assert_eq!(resolve(&Method::GET, "/").unwrap().0, Op::Api);
+        assert_eq!(resolve(&Method::GET, "/vms/").unwrap().0, Op::VmList);
+        assert_eq!(
+            resolve(&Method::PATCH, "/vms").unwrap_err().status,
+            http::StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/nothing").unwrap_err().status,
+            http::StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn every_route_is_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for r in ROUTES {
+            assert!(
+                seen.insert((r.method.as_str(), r.path)),
+                "{} {}",
+                r.method,
+                r.path
+            );
+        }
+    }
+}
