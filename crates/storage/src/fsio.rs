@@ -99,6 +99,31 @@ pub fn create_sized(path: &Path, size: u64, mode: u32) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Reads `len` bytes at `offset` (short files read as zeros past their end).
+pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(buf)
+}
+
+/// Grows `path` to at least `size` bytes (sparse), fsynced.
+pub fn ensure_len(path: &Path, size: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)?;
+    }
+    f.sync_all()
+}
+
 /// Writes `data` at `offset` and fsyncs.
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;

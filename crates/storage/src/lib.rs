@@ -32,6 +32,7 @@ pub mod spm;
 pub mod tasks;
 pub mod volmeta;
 pub mod xleases;
+pub mod xlease_ops;
 
 pub use chain::{Chain, ChainError, ChainVolume};
 pub use check::{CheckReport, Problem, Severity};

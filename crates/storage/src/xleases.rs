@@ -87,7 +87,8 @@ pub fn format_index(lockspace: &str, mtime: u64) -> Result<Vec<u8>, XleaseError>
     Ok(buf)
 }
 
-fn metadata_block(md: &IndexMetadata) -> [u8; METADATA_SIZE] {
+/// The 512-byte index metadata block.
+pub fn metadata_block(md: &IndexMetadata) -> [u8; METADATA_SIZE] {
     let mut b = [0u8; METADATA_SIZE];
     b[0..4].copy_from_slice(&INDEX_MAGIC.to_be_bytes());
     // b[4] pad
@@ -104,7 +105,8 @@ fn metadata_block(md: &IndexMetadata) -> [u8; METADATA_SIZE] {
     b
 }
 
-fn record_bytes(r: &Record) -> [u8; RECORD_SIZE] {
+/// The 64 bytes of one index record.
+pub fn record_bytes(r: &Record) -> [u8; RECORD_SIZE] {
     let mut b = [0u8; RECORD_SIZE];
     let name = r.resource.as_bytes();
     b[..name.len().min(48)].copy_from_slice(&name[..name.len().min(48)]);
