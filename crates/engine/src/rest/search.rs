@@ -223,7 +223,8 @@ pub struct ListParams {
 }
 
 /// Translates a search for one collection: `cond` handles each condition (returning
-/// `Ok(false)` for a field it does not know), `sort` maps sort keys.
+/// `Ok(false)` for a field it does not know), `sort` maps sort keys. Without `sortby` the
+/// collection's `"name"` order applies when it has one (stable listings, as oVirt's).
 pub fn translate<F: Default, K>(
     s: &Search,
     params: ListParams,
@@ -245,6 +246,11 @@ pub fn translate<F: Default, K>(
         }
     }
     let mut q = ListQuery::filtered(filter);
+    if s.sort.is_empty() {
+        if let Some(k) = sort("name") {
+            q.sort.push((k, SortDir::Asc));
+        }
+    }
     for (k, d) in &s.sort {
         let key = sort(k).ok_or_else(|| bad(format!("{what} cannot be sorted by {k}")))?;
         q.sort.push((key, *d));

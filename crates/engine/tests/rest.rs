@@ -1,0 +1,532 @@
+//! The REST API v4 over the engine's real HTTPS listener with a real (SQLite) database: SSO,
+//! status codes, faults, search, follow, JSON, actions on objects that need no node.
+
+mod rest_common;
+
+use http::{Method, StatusCode};
+use rest_common::{count, root_id, start_engine, Client};
+
+fn vm_xml(name: &str, cluster: &str) -> String {
+    format!(
+        "<vm><name>{name}</name><cluster><name>{cluster}</name></cluster><template><name>Blank</name></template>\
+         <memory>268435456</memory><cpu><topology><cores>2</cores><sockets>1</sockets><threads>1</threads></topology></cpu>\
+         <os><kernel>/k</kernel><cmdline>console=ttyS0</cmdline></os></vm>"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sso_tokens_and_authentication() {
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+
+    // Bad credentials: 400, JSON, error_code + error.
+    let r = c
+        .send(
+            Method::POST,
+            "/ovirt-engine/sso/oauth/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password=wrong",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.content_type(), "application/json");
+    let j = r.json();
+    assert_eq!(j["error_code"], "access_denied");
+    assert!(j["error"].as_str().unwrap().contains("admin@internal"), "{j}");
+    let r = c
+        .send(
+            Method::POST,
+            "/ovirt-engine/sso/oauth/token",
+            &[],
+            "grant_type=client_credentials&username=admin&password=x",
+        )
+        .await;
+    assert_eq!(r.json()["error_code"], "unsupported_grant_type");
+
+    // No token: 401 with a fault.
+    let r = c
+        .send(Method::GET, "/ovirt-engine/api", &[("version", "4")], "")
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.body.contains("<fault>") && r.body.contains("<reason>Unauthorized</reason>"),
+        "{}",
+        r.body
+    );
+
+    c.login().await;
+    let r = c.get("/ovirt-engine/api").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.content_type(), "application/xml");
+    assert_eq!(r.headers.get("version").unwrap(), "4");
+    for el in [
+        "product_info",
+        "special_objects",
+        "summary",
+        "time",
+        "authenticated_user",
+    ] {
+        assert!(r.body.contains(&format!("<{el}")), "{el} missing: {}", r.body);
+    }
+    assert!(r.body.contains(
+        "<blank_template href=\"/ovirt-engine/api/templates/00000000-0000-0000-0000-000000000000\""
+    ));
+    assert_eq!(r.xml_text("major").as_deref(), Some("4"));
+    let time = r.xml_text("time").unwrap();
+    assert!(
+        time.ends_with('Z') && time.len() == 24 && time.as_bytes()[10] == b'T',
+        "{time}"
+    );
+
+    // The user the token stands for.
+    let users = c.get("users").await;
+    assert_eq!(users.status, StatusCode::OK);
+    assert_eq!(users.xml_text("user_name").as_deref(), Some("admin@internal"));
+    let uid = {
+        let b = &users.body;
+        let i = b.find("<user href").unwrap();
+        root_id(&format!("?>{}", &b[i..]))
+    };
+    let r = c.get(&format!("users/{uid}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.xml_text("name").as_deref(), Some("admin"));
+
+    // HTTP Basic works without a token; a wrong password does not.
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("admin@internal:{}", rest_common::ADMIN_PASSWORD))
+    );
+    let r = c
+        .send(
+            Method::GET,
+            "/ovirt-engine/api/datacenters",
+            &[("authorization", &basic)],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let bad = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("admin@internal:nope")
+    );
+    let r = c
+        .send(
+            Method::GET,
+            "/ovirt-engine/api/datacenters",
+            &[("authorization", &bad)],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Logout revokes the token: the next request is a 401 (the SDK then logs in again).
+    let token = c.token.clone().unwrap();
+    let r = c
+        .send(
+            Method::POST,
+            "/ovirt-engine/services/sso-logout",
+            &[],
+            &format!("scope=&token={token}"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.content_type(), "application/json");
+    assert_eq!(r.json(), serde_json::json!({}));
+    let r = c.get("datacenters").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    c.login().await;
+    assert_eq!(c.get("datacenters").await.status, StatusCode::OK);
+    t.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_status_codes_and_faults() {
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+
+    // Add: 201, Location, the entity with id and href.
+    let r = c
+        .post(
+            "datacenters",
+            "<data_center><name>dc1</name><description>first</description><local>false</local>\
+             <version><major>4</major><minor>7</minor></version></data_center>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let dc = root_id(&r.body);
+    let loc = r.headers.get("location").unwrap().to_str().unwrap().to_string();
+    assert_eq!(loc, format!("/ovirt-engine/api/datacenters/{dc}"));
+    assert!(r.body.contains(&format!("href=\"{loc}\"")));
+    assert!(
+        r.body.contains("<link href=\"") && r.body.contains("rel=\"storagedomains\""),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.xml_text("status").as_deref(), Some("uninitialized"));
+
+    // The same name again: 409 with a fault; no name: 400; a body that is not XML: 400.
+    let r = c
+        .post("datacenters", "<data_center><name>dc1</name></data_center>")
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.body.contains("<fault><reason>") && r.body.contains("<detail>"),
+        "{}",
+        r.body
+    );
+    let r = c
+        .post(
+            "datacenters",
+            "<data_center><description>x</description></data_center>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("needs &lt;name&gt;"), "{}", r.body);
+    let r = c.post("datacenters", "<data_center><name>x</name>").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Unknown ids and paths: 404; a known path with another method: 405.
+    let r = c.get("datacenters/5b0e9b3c-0000-4000-8000-000000000000").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.get("datacenters/not-a-uuid").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(c.get("nothing/here").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.api(Method::PATCH, "datacenters", "").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+
+    // JSON in and out.
+    let r = c
+        .api_with(
+            Method::POST,
+            "clusters",
+            r#"{"name":"cl-1","data_center":{"id":"DC"},"cpu":{"type":"qemu64","architecture":"x86_64"}}"#
+                .replace("DC", &dc)
+                .as_str(),
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.content_type(), "application/json");
+    let j = r.json();
+    assert_eq!(j["name"], "cl-1");
+    assert_eq!(j["data_center"]["id"], dc.as_str());
+    assert_eq!(j["cpu"]["type"], "qemu64");
+    let cl = j["id"].as_str().unwrap().to_string();
+    let r = c
+        .api_with(Method::GET, "datacenters", "", &[("accept", "application/json")])
+        .await;
+    let j = r.json();
+    assert_eq!(j["data_center"][0]["name"], "dc1");
+    assert_eq!(j["data_center"][0]["local"], "false");
+    assert!(j["data_center"][0]["link"].as_array().unwrap().len() >= 2);
+
+    // Update, follow, sub-collections.
+    let r = c
+        .api(
+            Method::PUT,
+            &format!("datacenters/{dc}"),
+            "<data_center><description>renamed</description></data_center>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.xml_text("description").as_deref(), Some("renamed"));
+    let r = c.get(&format!("datacenters/{dc}?follow=clusters")).await;
+    assert!(
+        r.body.contains("<clusters><cluster href=") && r.body.contains("<name>cl-1</name>"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("rel=\"clusters\""));
+    let r = c.get(&format!("datacenters/{dc}/clusters")).await;
+    assert_eq!(count(&r.body, "cluster"), 1, "{}", r.body);
+    assert_eq!(
+        c.get("datacenters?follow=nonsense").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        c.get(&format!("datacenters/{dc}/storagedomains")).await.status,
+        StatusCode::OK
+    );
+
+    // Hosts: added by name and address (the node enrolls later), searchable, removable.
+    let r = c
+        .post(
+            "hosts",
+            "<host><name>h1</name><address>127.0.0.1:54999</address><root_password>x</root_password>\
+             <cluster><name>cl-1</name></cluster></host>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let h1 = root_id(&r.body);
+    assert_eq!(r.xml_text("address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.xml_text("port").as_deref(), Some("54999"));
+    let r = c.get("hosts?search=name%3Dh1+and+cluster%3D%22cl-1%22").await;
+    assert_eq!(count(&r.body, "host"), 1, "{}", r.body);
+    let r = c.get("hosts?search=status%3Dup").await;
+    assert_eq!(count(&r.body, "host"), 0, "{}", r.body);
+    let r = c.post(&format!("hosts/{h1}/deactivate"), "<action/>").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("status").as_deref(), Some("complete"));
+    let r = c.api(Method::DELETE, &format!("hosts/{h1}"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("status").as_deref(), Some("complete"));
+    assert_eq!(c.get(&format!("hosts/{h1}")).await.status, StatusCode::NOT_FOUND);
+
+    // A cluster in use cannot go; an empty data center can (DELETE: 200 with an <action>).
+    let r = c.api(Method::DELETE, &format!("datacenters/{dc}"), "").await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        c.api(Method::DELETE, &format!("clusters/{cl}"), "").await.status,
+        StatusCode::OK
+    );
+    let r = c
+        .api(Method::DELETE, &format!("datacenters/{dc}?force=true"), "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.body.contains("<action><status>complete</status></action>"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        c.get(&format!("datacenters/{dc}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // The description of what is served.
+    let r = c.get("openapi.json").await;
+    assert_eq!(r.content_type(), "application/json");
+    assert_eq!(r.json(), oxvirt_engine::rest::openapi::document());
+    t.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_search_follow_actions_jobs_and_events() {
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    assert_eq!(
+        c.post("datacenters", "<data_center><name>Default</name></data_center>")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        c.post(
+            "clusters",
+            "<cluster><name>Default</name><data_center><name>Default</name></data_center></cluster>"
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    let first_event = c.get("events?max=1").await;
+    let from = first_event
+        .body
+        .find("<event href")
+        .map(|i| root_id(&format!("?>{}", &first_event.body[i..])))
+        .unwrap_or_else(|| "0".into());
+
+    let mut ids = Vec::new();
+    for n in ["web1", "web2", "web3", "db1", "my.vm"] {
+        let r = c
+            .api_with(
+                Method::POST,
+                "vms",
+                &vm_xml(n, "Default"),
+                &[("correlation-id", &format!("corr-{}", n.replace(' ', "_")))],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(r.xml_text("status").as_deref(), Some("down"));
+        assert_eq!(r.xml_text("memory").as_deref(), Some("268435456"));
+        assert_eq!(r.xml_text("cores").as_deref(), Some("2"));
+        assert_eq!(r.xml_text("kernel").as_deref(), Some("/k"));
+        ids.push(root_id(&r.body));
+    }
+    let r = c.post("vms", &vm_xml("web1", "Default")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = c.post("vms", &vm_xml("x", "NoSuchCluster")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // Search: wildcards, quotes, and, status, sortby, max, page, case_sensitive.
+    let names = |body: &str| -> Vec<String> {
+        body.split("<vm href")
+            .skip(1)
+            .map(|s| rest_common::xml_text(s, "name").unwrap())
+            .collect()
+    };
+    let r = c.get("vms?search=name%3Dweb*").await;
+    assert_eq!(names(&r.body), ["web1", "web2", "web3"]);
+    let r = c.get("vms?search=name%3D%22my.vm%22").await;
+    assert_eq!(names(&r.body), ["my.vm"]);
+    let r = c
+        .get("vms?search=name=web*+and+status=down+sortby+name+desc")
+        .await;
+    assert_eq!(names(&r.body), ["web3", "web2", "web1"]);
+    let r = c.get("vms?search=sortby+name+asc+page+2&max=2").await;
+    assert_eq!(names(&r.body), ["web1", "web2"]);
+    let r = c.get("vms?max=1").await;
+    assert_eq!(names(&r.body).len(), 1);
+    let r = c.get("vms?search=status%3Dup").await;
+    assert!(names(&r.body).is_empty());
+    let r = c.get("vms?search=name%3DWEB1").await;
+    assert!(names(&r.body).is_empty());
+    let r = c.get("vms?search=name%3DWEB1&case_sensitive=false").await;
+    assert_eq!(names(&r.body), ["web1"]);
+    let r = c
+        .get("vms?search=cluster%3DDefault+and+datacenter%3DDefault+and+name%3Ddb1")
+        .await;
+    assert_eq!(names(&r.body), ["db1"]);
+    let r = c.get("vms?search=storage.name%3Dnone").await;
+    assert!(names(&r.body).is_empty(), "{}", r.body);
+    let r = c.get("vms?search=colour%3Dblue").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("colour"), "{}", r.body);
+    assert_eq!(
+        c.get("vms?search=name%3Da+or+name%3Db").await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    // NICs and follow.
+    let vm = &ids[0];
+    let r = c
+        .post(
+            &format!("vms/{vm}/nics"),
+            "<nic><name>nic1</name><interface>virtio</interface></nic>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let mac = r.xml_text("address").unwrap();
+    assert!(mac.starts_with("56:6f:"), "{mac}");
+    let r = c
+        .get(&format!("vms/{vm}?follow=nics,snapshots,disk_attachments"))
+        .await;
+    assert!(r.body.contains("<nics><nic href="), "{}", r.body);
+    assert!(
+        r.body.contains("<snapshot_type>active</snapshot_type>"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body.contains("<disk_attachments></disk_attachments>"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("rel=\"nics\""));
+    let r = c.get(&format!("vms/{vm}/snapshots")).await;
+    assert_eq!(count(&r.body, "snapshot"), 1, "{}", r.body);
+    let r = c.get(&format!("vms/{vm}")).await;
+    for rel in ["diskattachments", "nics", "snapshots"] {
+        let link = format!("<link href=\"/ovirt-engine/api/vms/{vm}/{rel}\" rel=\"{rel}\"/>");
+        assert!(r.body.contains(&link), "{link}: {}", r.body);
+    }
+    assert!(r
+        .body
+        .contains("<template href=\"/ovirt-engine/api/templates/00000000-0000-0000-0000-000000000000\""));
+
+    // Actions on a VM that is down, with no host up: clear faults, nothing changes.
+    let r = c.post(&format!("vms/{vm}/suspend"), "<action/>").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = c.post(&format!("vms/{vm}/start"), "<action/>").await;
+    assert!(r.status.is_client_error(), "{}", r.body);
+    assert!(r.body.contains("<fault>"), "{}", r.body);
+    let r = c
+        .post(&format!("vms/{vm}/stop"), "<action><force>true</force></action>")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("status").as_deref(), Some("complete"));
+    let snap_active = {
+        let r = c.get(&format!("vms/{vm}/snapshots")).await;
+        let i = r.body.find("<snapshot href").unwrap();
+        root_id(&format!("?>{}", &r.body[i..]))
+    };
+    let r = c
+        .post(
+            &format!("vms/{vm}/previewsnapshot"),
+            &format!("<action><snapshot id=\"{snap_active}\"/></action>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED, "{}", r.body);
+    let r = c.post(&format!("vms/{vm}/undosnapshot"), "<action/>").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    // Async: 202 pending at once.
+    let r = c
+        .post(
+            &format!("vms/{}/stop", ids[1]),
+            "<action><async>true</async></action>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.xml_text("status").as_deref(), Some("pending"));
+
+    // Update.
+    let r = c
+        .api(
+            Method::PUT,
+            &format!("vms/{vm}"),
+            "<vm><memory>536870912</memory><description>d</description></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("memory").as_deref(), Some("536870912"));
+
+    // Jobs by correlation id, events from a cursor.
+    let r = c.get("jobs?search=correlation_id%3Dcorr-web2").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "job"), 1, "{}", r.body);
+    assert_eq!(r.xml_text("status").as_deref(), Some("finished"));
+    let job = {
+        let i = r.body.find("<job href").unwrap();
+        root_id(&format!("?>{}", &r.body[i..]))
+    };
+    let r = c.get(&format!("jobs/{job}/steps")).await;
+    assert!(count(&r.body, "step") >= 1, "{}", r.body);
+    let r = c.get(&format!("events?from={from}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(count(&r.body, "event") >= 5, "{}", r.body);
+    assert!(
+        r.body.contains("<correlation_id>corr-web1</correlation_id>"),
+        "{}",
+        r.body
+    );
+    let r = c.get("events?search=correlation_id%3Dcorr-db1").await;
+    assert!(count(&r.body, "event") >= 1, "{}", r.body);
+    let r = c.get("events?search=severity%3Ealert").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .get("events?search=severity%3E%3Dnormal+sortby+time+asc+page+1&max=2")
+        .await;
+    assert_eq!(count(&r.body, "event"), 2, "{}", r.body);
+
+    // Templates: Blank is there; removing it is refused.
+    let r = c.get("templates?search=name%3DBlank").await;
+    assert_eq!(count(&r.body, "template"), 1, "{}", r.body);
+    let r = c
+        .api(
+            Method::DELETE,
+            "templates/00000000-0000-0000-0000-000000000000",
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+
+    // Remove: 200 with an <action>; then 404.
+    for id in &ids {
+        let r = c.api(Method::DELETE, &format!("vms/{id}"), "").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(c.get(&format!("vms/{id}")).await.status, StatusCode::NOT_FOUND);
+    }
+    assert!(names(&c.get("vms").await.body).is_empty());
+    t.engine.shutdown().await;
+}
