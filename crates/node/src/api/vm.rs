@@ -38,7 +38,11 @@ pub const VERBS: &[&str] = &[
     "VM.snapshot",
     "VM.merge",
     "VM.setBalloonTarget",
+    "VM.getConsoleLog",
 ];
+
+/// The most of a serial console log one `VM.getConsoleLog` returns.
+pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -234,6 +238,21 @@ pub struct BalloonParams {
     pub target: u64,
 }
 
+/// `VM.getConsoleLog`: the last `tailBytes` of the VM's serial console log (read-only).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsoleLogParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    /// At most [`CONSOLE_LOG_MAX`]; 64 KiB when absent.
+    #[serde(default = "console_tail")]
+    pub tail_bytes: u64,
+}
+
+fn console_tail() -> u64 {
+    64 << 10
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum VmRequest {
     Create(VmParams),
@@ -250,6 +269,7 @@ pub enum VmRequest {
     Snapshot(SnapshotParams),
     Merge(MergeParams),
     SetBalloonTarget(BalloonParams),
+    GetConsoleLog(ConsoleLogParams),
 }
 
 impl VmRequest {
@@ -270,6 +290,7 @@ impl VmRequest {
             "VM.snapshot" => VmRequest::Snapshot(params(method, p)?),
             "VM.merge" => VmRequest::Merge(params(method, p)?),
             "VM.setBalloonTarget" => VmRequest::SetBalloonTarget(params(method, p)?),
+            "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
     }
@@ -303,6 +324,25 @@ fn direct_io_supported(path: &std::path::Path) -> bool {
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .is_ok()
+}
+
+/// The last `tail` bytes of a file (from a line start when it was cut) and the file's size.
+/// Invalid UTF-8 (a guest writes raw bytes) is replaced, never an error.
+fn read_tail(path: &std::path::Path, tail: u64) -> std::io::Result<(String, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let start = size.saturating_sub(tail);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity((size - start) as usize);
+    f.take(tail).read_to_end(&mut buf)?;
+    let mut text = &buf[..];
+    if start > 0 {
+        if let Some(nl) = text.iter().position(|b| *b == b'\n') {
+            text = &text[nl + 1..];
+        }
+    }
+    Ok((String::from_utf8_lossy(text).into_owned(), size))
 }
 
 impl Node {
@@ -459,6 +499,68 @@ impl Node {
                 vms.set_balloon(b.id, b.target).await?;
                 Ok(json!({}))
             }
+            VmRequest::GetConsoleLog(p) => {
+                let path = vms.console_log(p.id);
+                let known = vms.status(p.id).is_ok();
+                let tail = p.tail_bytes.min(CONSOLE_LOG_MAX);
+                let read = tokio::task::spawn_blocking(move || read_tail(&path, tail))
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::Unexpected, format!("console log read failed: {e}"))
+                    })?;
+                match read {
+                    Ok((text, size)) => Ok(json!({ "log": text, "size": size, "truncated": size > tail })),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && !known => Err(ApiError::new(
+                        ErrorCode::NoVm,
+                        format!("VM {} has no console log on this node", p.id),
+                    )),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Ok(json!({ "log": "", "size": 0, "truncated": false }))
+                    }
+                    Err(e) => Err(ApiError::new(
+                        ErrorCode::Unexpected,
+                        format!("cannot read the console log of VM {}: {e}", p.id),
+                    )),
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_starts_at_a_line_and_reports_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        std::fs::write(&p, b"first line\nsecond line\nthird\xff line\n").unwrap();
+        let (all, size) = read_tail(&p, 1 << 20).unwrap();
+        assert_eq!(size, 35);
+        assert!(all.starts_with("first line\n"));
+        let (t, _) = read_tail(&p, 20).unwrap();
+        assert_eq!(
+            t, "third\u{fffd} line\n",
+            "cut mid-line, the partial line is dropped"
+        );
+        assert!(read_tail(&dir.path().join("none"), 10).is_err());
+        let req = VmRequest::parse(
+            "VM.getConsoleLog",
+            serde_json::from_str(r#"{"vmID":"6f2a3c51-93c4-4a2e-9d43-2b1a7c9e0f11"}"#).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            req,
+            VmRequest::GetConsoleLog(ConsoleLogParams {
+                tail_bytes: 65536,
+                ..
+            })
+        ));
+        assert!(VmRequest::parse(
+            "VM.getConsoleLog",
+            serde_json::from_str(r#"{"vmID":"6f2a3c51-93c4-4a2e-9d43-2b1a7c9e0f11","path":"/etc"}"#).unwrap()
+        )
+        .is_err());
     }
 }
