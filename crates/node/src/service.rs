@@ -88,6 +88,18 @@ impl Node {
             config,
             sampler: HostSampler::new(),
         });
+        // Self-fencing: losing our host id on a domain kills the VMs holding leases there,
+        // confirmed by their exit, before other hosts may take those leases (8N + margin).
+        let (vms, handle) = (node.vms.clone(), tokio::runtime::Handle::current());
+        node.pools.set_fence_hook(Arc::new(move |sd| {
+            let vms = vms.clone();
+            handle.spawn(async move {
+                match vms.fence_storage_domain(sd, Duration::from_secs(10)).await {
+                    Ok(r) => tracing::error!(sd = %sd, killed = ?r.killed, elapsed_ms = r.elapsed_ms, "self-fenced VMs"),
+                    Err(e) => tracing::error!(sd = %sd, error = %e, "self-fencing incomplete"),
+                }
+            });
+        }));
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
         Ok(node)
     }
@@ -165,10 +177,15 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
                     format!("|virt|VM_status|{id}"),
                     json!({ "vmID": id, "status": to_json(status) }),
                 );
+                // A VM that stopped (crashed, powered off, migrated away) gives up its lease.
+                if status.is_down() {
+                    n.release_vm_lease(*id).await;
+                }
             }
         }
         // A destroyed VM leaves the manager; its last word is that it is down and gone.
         for id in last.keys().filter(|id| !now.contains_key(id)) {
+            n.release_vm_lease(*id).await;
             n.events.publish(
                 format!("|virt|VM_status|{id}"),
                 json!({ "vmID": id, "status": { "state": "down" }, "removed": true }),

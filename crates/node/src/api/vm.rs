@@ -38,6 +38,7 @@ pub const VERBS: &[&str] = &[
     "VM.snapshot",
     "VM.merge",
     "VM.setBalloonTarget",
+    "VM.acquireLease",
     "VM.getConsoleLog",
 ];
 
@@ -141,6 +142,25 @@ pub struct VmParams {
     pub guest_agent: bool,
     #[serde(default = "yes")]
     pub vnc: bool,
+    /// The VM lease (high availability): taken before QEMU starts, released when it stops.
+    #[serde(default)]
+    pub lease: Option<VmLeaseParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmLeaseParams {
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcquireLeaseParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
 }
 
 fn one() -> u16 {
@@ -269,6 +289,7 @@ pub enum VmRequest {
     Snapshot(SnapshotParams),
     Merge(MergeParams),
     SetBalloonTarget(BalloonParams),
+    AcquireLease(AcquireLeaseParams),
     GetConsoleLog(ConsoleLogParams),
 }
 
@@ -290,6 +311,7 @@ impl VmRequest {
             "VM.snapshot" => VmRequest::Snapshot(params(method, p)?),
             "VM.merge" => VmRequest::Merge(params(method, p)?),
             "VM.setBalloonTarget" => VmRequest::SetBalloonTarget(params(method, p)?),
+            "VM.acquireLease" => VmRequest::AcquireLease(params(method, p)?),
             "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
@@ -346,6 +368,33 @@ fn read_tail(path: &std::path::Path, tail: u64) -> std::io::Result<(String, u64)
 }
 
 impl Node {
+    /// Takes the VM's lease on `sd` (the VM id names it in the domain's xleases).
+    pub(crate) async fn acquire_vm_lease(&self, vm: VmId, sd: SdUuid) -> Result<u64, ApiError> {
+        let pools = self.pools.clone();
+        tokio::task::spawn_blocking(move || {
+            let cp = pools.current().ok_or_else(|| ApiError::new(ErrorCode::NotConnected, "not connected to a storage pool"))?;
+            cp.acquire_vm_lease(sd, &vm.to_string()).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("lease worker failed: {e}")))?
+    }
+
+    /// Releases the VM's lease when this host holds it (a VM that stopped anywhere).
+    pub(crate) async fn release_vm_lease(&self, vm: VmId) {
+        let pools = self.pools.clone();
+        let r = tokio::task::spawn_blocking(move || match pools.current() {
+            Some(cp) => cp.release_vm_lease(&vm.to_string()).map_err(|e| e.to_string()),
+            None => Ok(false),
+        })
+        .await;
+        match r {
+            Ok(Ok(true)) => tracing::info!(vm_id = %vm, "VM lease released"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(vm_id = %vm, error = %e, "cannot release the VM lease"),
+            Err(e) => tracing::warn!(vm_id = %vm, error = %e, "lease worker failed"),
+        }
+    }
+
     /// Turns API parameters into the VM manager's request, resolving drives to chains.
     async fn vm_create_request(&self, p: VmParams) -> Result<VmCreate, ApiError> {
         let storage = self.storage.clone();
@@ -405,7 +454,7 @@ impl Node {
             balloon: p.balloon,
             guest_agent: p.guest_agent,
             vnc: p.vnc,
-            lease_domains: p.drives.iter().map(|d| d.domain).collect(),
+            lease_domains: p.drives.iter().map(|d| d.domain).chain(p.lease.as_ref().map(|l| l.sd)).collect(),
         })
     }
 
@@ -428,8 +477,25 @@ impl Node {
         let vms = self.vms.clone();
         match req {
             VmRequest::Create(p) => {
+                let lease = p.lease.clone();
                 let create = self.vm_create_request(p).await?;
-                Ok(to_json(&vms.create(create).await?))
+                if let Some(l) = &lease {
+                    self.acquire_vm_lease(create.id, l.sd).await?;
+                }
+                match vms.create(create.clone()).await {
+                    Ok(info) => Ok(to_json(&info)),
+                    Err(e) => {
+                        if lease.is_some() {
+                            self.release_vm_lease(create.id).await;
+                        }
+                        Err(e.into())
+                    }
+                }
+            }
+            VmRequest::AcquireLease(a) => {
+                vms.status(a.id)?;
+                let lver = self.acquire_vm_lease(a.id, a.sd).await?;
+                Ok(json!({ "lver": lver }))
             }
             VmRequest::MigrationCreate(p) => {
                 let create = self.vm_create_request(p).await?;

@@ -56,6 +56,12 @@ pub enum PoolServiceError {
     OtherPool(PoolUuid),
     #[error("storage pool {pool}: this host (id {host_id}) is not the SPM")]
     NotSpm { pool: PoolUuid, host_id: u64 },
+    #[error("VM lease {id}")]
+    VmLease {
+        id: String,
+        #[source]
+        source: oxvirt_lease::LeaseError,
+    },
     #[error("storage domain {0} is not active in the pool on this host (no host id)")]
     NoHostId(SdUuid),
     #[error("{0}")]
@@ -129,8 +135,15 @@ pub struct ConnectedPool {
     spm_mailbox: Mutex<Option<SpmMailbox>>,
     tasks: Mutex<HashMap<TaskId, Arc<RunningTask>>>,
     volume_leases: Mutex<HashMap<VolUuid, ResourceLease>>,
+    /// VM leases (in a domain's xleases) this host holds, by lease id (the VM id).
+    vm_leases: Mutex<HashMap<String, ResourceLease>>,
+    /// Called when a domain's lockspace fences us: the node kills what holds leases there.
+    fence_hook: Option<FenceHook>,
     last_recovery: Mutex<Option<Value>>,
 }
+
+/// What the node runs when its host id on a domain can no longer be renewed.
+pub type FenceHook = Arc<dyn Fn(SdUuid) + Send + Sync>;
 
 /// The node's pool service.
 pub struct PoolService {
@@ -138,6 +151,7 @@ pub struct PoolService {
     host_name: String,
     clock: Arc<dyn Clock>,
     pool: RwLock<Option<Arc<ConnectedPool>>>,
+    fence_hook: RwLock<Option<FenceHook>>,
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -151,7 +165,13 @@ impl PoolService {
             host_name: host_name.to_string(),
             clock: Arc::new(SystemClock),
             pool: RwLock::new(None),
+            fence_hook: RwLock::new(None),
         }
+    }
+
+    /// Sets what runs when a domain's lockspace fences this host (pools connected later).
+    pub fn set_fence_hook(&self, hook: FenceHook) {
+        *self.fence_hook.write().expect("fence hook") = Some(hook);
     }
 
     pub fn storage(&self) -> &Arc<StorageService> {
@@ -240,6 +260,8 @@ impl PoolService {
             spm_mailbox: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             volume_leases: Mutex::new(HashMap::new()),
+            vm_leases: Mutex::new(HashMap::new()),
+            fence_hook: self.fence_hook.read().expect("fence hook").clone(),
             last_recovery: Mutex::new(None),
         });
         cp.sync_lockspaces(&pm)?;
@@ -340,6 +362,12 @@ impl ConnectedPool {
                     let ls = Arc::new(ls);
                     if sd == self.master().0 {
                         self.watch_master_fence(&ls);
+                    }
+                    if let Some(hook) = self.fence_hook.clone() {
+                        ls.on_fence(move |ev| {
+                            tracing::error!(sd = %sd, reason = ?ev.reason, "host id lost: fencing what holds leases on the domain");
+                            hook(sd)
+                        });
                     }
                     self.lockspaces.lock().expect("lockspaces").insert(sd, ls);
                 }
@@ -882,6 +910,79 @@ impl ConnectedPool {
                 source,
             })
         })
+    }
+
+    /// Adds VM lease `id` to domain `sd`'s xleases (SPM only).
+    pub fn create_xlease(&self, sd: SdUuid, id: &str) -> Result<oxvirt_storage::xlease_ops::XleaseInfo> {
+        self.require_spm()?;
+        Ok(self.domains.domain(sd)?.create_xlease(id)?)
+    }
+
+    /// Removes VM lease `id` from domain `sd` (SPM only).
+    pub fn remove_xlease(&self, sd: SdUuid, id: &str) -> Result<bool> {
+        self.require_spm()?;
+        Ok(self.domains.domain(sd)?.remove_xlease(id)?)
+    }
+
+    /// Takes VM lease `id` on domain `sd` for this host; fails with the owner's host id while
+    /// another host holds it. Returns the lease version.
+    pub fn acquire_vm_lease(&self, sd: SdUuid, id: &str) -> Result<u64> {
+        if let Some(l) = self.vm_leases.lock().expect("vm leases").get(id) {
+            return Ok(l.lver());
+        }
+        let ls = self.lockspace(sd)?;
+        let dom = self.domains.domain(sd)?;
+        let info = dom.lookup_xlease(id)?.ok_or_else(|| {
+            PoolServiceError::Invalid(format!(
+                "VM lease {id} does not exist on domain {sd}: the SPM creates it (Lease.create)"
+            ))
+        })?;
+        let l = ls
+            .acquire_resource(
+                &info.path,
+                info.offset,
+                id,
+                oxvirt_lease::lockspace::AcquireOptions::default(),
+            )
+            .map_err(|source| PoolServiceError::VmLease {
+                id: id.to_string(),
+                source,
+            })?;
+        let lver = l.lver();
+        self.vm_leases
+            .lock()
+            .expect("vm leases")
+            .insert(id.to_string(), l);
+        tracing::info!(lease = id, sd = %sd, lver, "VM lease acquired");
+        Ok(lver)
+    }
+
+    /// Releases VM lease `id` if this host holds it.
+    pub fn release_vm_lease(&self, id: &str) -> Result<bool> {
+        let Some(l) = self.vm_leases.lock().expect("vm leases").remove(id) else {
+            return Ok(false);
+        };
+        l.release().map_err(|source| PoolServiceError::VmLease {
+            id: id.to_string(),
+            source,
+        })?;
+        tracing::info!(lease = id, "VM lease released");
+        Ok(true)
+    }
+
+    /// The owner of VM lease `id` as storage shows it.
+    pub fn vm_lease_owner(&self, sd: SdUuid, id: &str) -> Result<Option<u64>> {
+        let dom = self.domains.domain(sd)?;
+        let Some(info) = dom.lookup_xlease(id)? else {
+            return Ok(None);
+        };
+        let r = oxvirt_lease::direct::read_resource(&info.path, info.offset).map_err(|source| {
+            PoolServiceError::VmLease {
+                id: id.to_string(),
+                source,
+            }
+        })?;
+        Ok((r.leader.timestamp != 0).then_some(r.leader.owner_id))
     }
 
     pub fn volume_lease_owner(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<Option<u64>> {

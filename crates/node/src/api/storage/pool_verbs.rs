@@ -13,7 +13,7 @@ use oxvirt_storage::mailbox::MailboxConfig;
 use oxvirt_storage::tasks::{Collapse, Job, TaskPlan, TaskRecord};
 use oxvirt_storage::{Allocation, Legality, VolFormat};
 use oxvirt_types::api::ErrorCode;
-use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
+use oxvirt_types::{VmId, ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
 
 use super::super::{params, ApiError};
 use super::error_chain;
@@ -256,6 +256,18 @@ pub struct Merge {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct LeaseRef {
+    #[serde(rename = "spUUID", default)]
+    pub pool: Option<PoolUuid>,
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    /// The VM's id.
+    #[serde(rename = "leaseID")]
+    pub lease: VmId,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TaskRef {
     #[serde(rename = "taskID")]
     pub task: TaskId,
@@ -292,6 +304,9 @@ pub enum PoolRequest {
     ImagePrepareMerge(Merge),
     /// Live merge, after the VM's block commit: re-link the chain, delete top, base LEGAL.
     ImageFinalizeMerge(Merge),
+    LeaseCreate(LeaseRef),
+    LeaseDelete(LeaseRef),
+    LeaseInfo(LeaseRef),
     TaskStatus(TaskRef),
     TaskInfo(TaskRef),
     TaskClear(TaskRef),
@@ -338,6 +353,9 @@ impl PoolRequest {
             "Image.mergeSnapshots" => PoolRequest::ImageMerge(params(method, p)?),
             "Image.prepareMerge" => PoolRequest::ImagePrepareMerge(params(method, p)?),
             "Image.finalizeMerge" => PoolRequest::ImageFinalizeMerge(params(method, p)?),
+            "Lease.create" => PoolRequest::LeaseCreate(params(method, p)?),
+            "Lease.delete" => PoolRequest::LeaseDelete(params(method, p)?),
+            "Lease.info" => PoolRequest::LeaseInfo(params(method, p)?),
             "Task.getStatus" => PoolRequest::TaskStatus(params(method, p)?),
             "Task.getInfo" => PoolRequest::TaskInfo(params(method, p)?),
             "Task.clear" => PoolRequest::TaskClear(params(method, p)?),
@@ -358,6 +376,8 @@ impl From<PoolServiceError> for ApiError {
             }
             E::Spm(SpmError::Lease { .. }) | E::HostId { .. } => ErrorCode::LeaseError,
             E::Lease(VolumeLeaseError::Locked { .. }) => ErrorCode::VolumeLocked,
+            E::VmLease { source: oxvirt_lease::LeaseError::OwnedByOther { .. }, .. } => ErrorCode::VolumeLocked,
+            E::VmLease { .. } => ErrorCode::LeaseError,
             E::Lease(VolumeLeaseError::NoVolume { .. }) => ErrorCode::VolumeNotFound,
             E::Lease(_) => ErrorCode::LeaseError,
             E::Task(oxvirt_storage::tasks::TaskError::NotFound { .. }) => ErrorCode::TaskNotFound,
@@ -793,6 +813,20 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                 top: m.top,
             }),
         ),
+        PoolRequest::LeaseCreate(l) => {
+            let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
+            let info = cp.create_xlease(l.sd, &l.lease.to_string())?;
+            Ok(json!({ "leaseID": l.lease, "sdUUID": l.sd, "offset": info.offset, "path": info.path }))
+        }
+        PoolRequest::LeaseDelete(l) => {
+            let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
+            Ok(json!(cp.remove_xlease(l.sd, &l.lease.to_string())?))
+        }
+        PoolRequest::LeaseInfo(l) => {
+            let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
+            let owner = cp.vm_lease_owner(l.sd, &l.lease.to_string())?;
+            Ok(json!({ "leaseID": l.lease, "sdUUID": l.sd, "owner": owner }))
+        }
         PoolRequest::TaskStatus(t) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
             Ok(json!({ "taskStatus": task_status(&cp.task(t.task)?) }))
