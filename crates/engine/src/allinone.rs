@@ -19,7 +19,11 @@ pub async fn ensure_default(engine: &Engine) -> Result<(DcId, ClusterId), Comman
         None => {
             engine
                 .cmds
-                .add_data_center(AddDataCenter { name: DEFAULT.into(), description: "The default data center".into(), local: false })
+                .add_data_center(AddDataCenter {
+                    name: DEFAULT.into(),
+                    description: "The default data center".into(),
+                    local: false,
+                })
                 .await?
         }
     };
@@ -49,13 +53,18 @@ pub async fn wait_hosts_up(engine: &Engine, count: usize, timeout: Duration) -> 
         let up = engine
             .app()
             .db
-            .host_count(&HostFilter { status: vec![HostStatus::Up], ..Default::default() })
+            .host_count(&HostFilter {
+                status: vec![HostStatus::Up],
+                ..Default::default()
+            })
             .await? as usize;
         if up >= count {
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(CommandError::Conflict(format!("only {up} of {count} hosts are up after {timeout:?}")));
+            return Err(CommandError::Conflict(format!(
+                "only {up} of {count} hosts are up after {timeout:?}"
+            )));
         }
         engine.app().kick.notify_one();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -74,9 +83,16 @@ pub async fn ensure_local_storage(
     let sd = match db.sd_get_by_name(name).await? {
         Some(sd) => sd,
         None => {
-            std::fs::create_dir_all(dir).map_err(|e| CommandError::invalid(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CommandError::invalid(format!("cannot create {}: {e}", dir.display())))?;
             let host = db
-                .host_list(&ListQuery { filter: HostFilter { status: vec![HostStatus::Up], ..Default::default() }, ..Default::default() })
+                .host_list(&ListQuery {
+                    filter: HostFilter {
+                        status: vec![HostStatus::Up],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
                 .await?
                 .into_iter()
                 .next()

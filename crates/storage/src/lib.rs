@@ -31,8 +31,8 @@ pub mod sdmeta;
 pub mod spm;
 pub mod tasks;
 pub mod volmeta;
-pub mod xleases;
 pub mod xlease_ops;
+pub mod xleases;
 
 pub use chain::{Chain, ChainError, ChainVolume};
 pub use check::{CheckReport, Problem, Severity};

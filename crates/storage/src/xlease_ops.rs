@@ -55,52 +55,91 @@ impl FileStorageDomain {
     /// The lease named `id`, when it exists (complete, not being updated).
     pub fn lookup_xlease(&self, id: &str) -> Result<Option<XleaseInfo>> {
         let (_, recs) = self.read_xindex()?;
-        Ok(recs.iter().find(|r| r.resource == id && !r.updating).map(|r| XleaseInfo {
-            lease_id: id.to_string(),
-            path: self.xleases_path(),
-            offset: r.offset,
-        }))
+        Ok(recs
+            .iter()
+            .find(|r| r.resource == id && !r.updating)
+            .map(|r| XleaseInfo {
+                lease_id: id.to_string(),
+                path: self.xleases_path(),
+                offset: r.offset,
+            }))
     }
 
     /// Adds lease `id` (SPM only); returns the existing one when it is there already.
     pub fn create_xlease(&self, id: &str) -> Result<XleaseInfo> {
         if !valid_id(id) {
-            return Err(StorageError::invalid("lease id", format!("{id:?} must be 1-48 letters, digits or '-'")));
+            return Err(StorageError::invalid(
+                "lease id",
+                format!("{id:?} must be 1-48 letters, digits or '-'"),
+            ));
         }
         let _g = self.lock_ops();
         let (mut md, recs) = self.read_xindex()?;
         if let Some(r) = recs.iter().find(|r| r.resource == id && !r.updating) {
-            return Ok(XleaseInfo { lease_id: id.into(), path: self.xleases_path(), offset: r.offset });
+            return Ok(XleaseInfo {
+                lease_id: id.into(),
+                path: self.xleases_path(),
+                offset: r.offset,
+            });
         }
         // Reuse a half-made record of the same lease, else the first empty slot.
         let n = recs
             .iter()
             .position(|r| r.resource == id)
             .or_else(|| recs.iter().position(Record::is_empty))
-            .ok_or_else(|| StorageError::invalid("xleases", format!("all {MAX_RECORDS} lease slots are used")))?;
+            .ok_or_else(|| {
+                StorageError::invalid("xleases", format!("all {MAX_RECORDS} lease slots are used"))
+            })?;
         let align = self.metadata().alignment;
         let offset = xleases::lease_offset(n, align);
         let path = self.xleases_path();
         fsio::ensure_len(&path, offset + align).map_err(StorageError::io("grow", &path))?;
         md.updating = true;
         self.write_xmeta(&md)?;
-        self.write_xrecord(n, &Record { resource: id.into(), offset, updating: true })?;
+        self.write_xrecord(
+            n,
+            &Record {
+                resource: id.into(),
+                offset,
+                updating: true,
+            },
+        )?;
         leases::init_resource(&path, offset, self.sd(), id)?;
-        self.write_xrecord(n, &Record { resource: id.into(), offset, updating: false })?;
+        self.write_xrecord(
+            n,
+            &Record {
+                resource: id.into(),
+                offset,
+                updating: false,
+            },
+        )?;
         md.updating = false;
         self.write_xmeta(&md)?;
         tracing::info!(sd = %self.sd(), lease = id, offset, "external lease created");
-        Ok(XleaseInfo { lease_id: id.into(), path, offset })
+        Ok(XleaseInfo {
+            lease_id: id.into(),
+            path,
+            offset,
+        })
     }
 
     /// Removes lease `id` (SPM only); removing a missing lease is not an error.
     pub fn remove_xlease(&self, id: &str) -> Result<bool> {
         let _g = self.lock_ops();
         let (mut md, recs) = self.read_xindex()?;
-        let Some(n) = recs.iter().position(|r| r.resource == id) else { return Ok(false) };
+        let Some(n) = recs.iter().position(|r| r.resource == id) else {
+            return Ok(false);
+        };
         md.updating = true;
         self.write_xmeta(&md)?;
-        self.write_xrecord(n, &Record { resource: String::new(), offset: 0, updating: false })?;
+        self.write_xrecord(
+            n,
+            &Record {
+                resource: String::new(),
+                offset: 0,
+                updating: false,
+            },
+        )?;
         md.updating = false;
         self.write_xmeta(&md)?;
         Ok(true)
@@ -119,7 +158,12 @@ mod tests {
         let sd = SdUuid::new_random();
         let dom = FileStorageDomain::create(
             dir.path(),
-            &NewDomain { sd, description: "d".into(), domain_type: DomainType::LocalFs, remote_path: None },
+            &NewDomain {
+                sd,
+                description: "d".into(),
+                domain_type: DomainType::LocalFs,
+                remote_path: None,
+            },
         )
         .unwrap();
         assert!(dom.lookup_xlease("vm-1").unwrap().is_none());
@@ -131,7 +175,8 @@ mod tests {
         assert_ne!(a.offset, b.offset);
         assert_eq!(a.offset, xleases::lease_offset(0, 1 << 20));
         // The resource is a real sanlock resource named by the lease id.
-        let leader = oxvirt_lease::direct::read_paxos_leader(&a.path, a.offset, &sd.to_string(), &a.lease_id).unwrap();
+        let leader =
+            oxvirt_lease::direct::read_paxos_leader(&a.path, a.offset, &sd.to_string(), &a.lease_id).unwrap();
         assert_eq!(leader.resource_name.to_string(), a.lease_id);
         assert_eq!(dom.lookup_xlease(&b.lease_id).unwrap(), Some(b.clone()));
         assert!(dom.remove_xlease(&a.lease_id).unwrap());

@@ -120,7 +120,41 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
     if let Some(k) = &v.os.kernel {
         p["boot"] = json!({ "kernel": k, "initrd": v.os.initrd, "cmdline": v.os.cmdline.clone().unwrap_or_default() });
     }
+    if let Some(sd) = lease_domain(app, &v).await? {
+        p["lease"] = json!({ "sdUUID": sd });
+    }
     Ok(p)
+}
+
+/// Where a highly available VM keeps its lease: the domain chosen for it, else its first
+/// disk's, else the pool's master. `None` for VMs that are not highly available.
+pub(crate) async fn lease_domain(
+    app: &App,
+    v: &crate::model::Vm,
+) -> Result<Option<crate::model::SdUuid>, CommandError> {
+    if !v.ha.enabled {
+        return Ok(None);
+    }
+    if let Some(sd) = v.lease_storage_domain_id {
+        return Ok(Some(sd));
+    }
+    for a in app.db.attachments_of_vm(v.id).await? {
+        if let Some(d) = app.db.disk_get(a.disk_id).await? {
+            return Ok(Some(d.storage_domain_id));
+        }
+    }
+    let cl = app
+        .db
+        .cluster_get(v.cluster_id)
+        .await?
+        .ok_or_else(|| CommandError::not_found("cluster", v.cluster_id))?;
+    let master = app.db.pool_master(cl.data_center_id).await?;
+    master.map(Some).ok_or_else(|| {
+        CommandError::Conflict(format!(
+            "VM {} is highly available but its data center has no storage for its lease",
+            v.name
+        ))
+    })
 }
 
 async fn client_of(app: &App, host: HostUuid) -> Result<NodeClient, StepError> {
@@ -265,6 +299,9 @@ pub struct StartVmParams {
     pub vm: VmId,
     pub host: HostUuid,
     pub dc: DcId,
+    /// Statuses the start may begin from: `down`, and for an HA restart also `unknown`.
+    #[serde(default)]
+    pub from: Vec<VmStatus>,
 }
 
 pub struct StartVmSaga;
@@ -813,11 +850,58 @@ impl Commands {
             }
             None => choose_host(&self.app, vm.cluster_id, id, Purpose::Start).await?,
         };
-        self.run::<StartVmSaga>(StartVmParams { vm: id, host, dc }, correlation_id)
-            .await?;
+        self.run::<StartVmSaga>(
+            StartVmParams {
+                vm: id,
+                host,
+                dc,
+                from: Vec::new(),
+            },
+            correlation_id,
+        )
+        .await?;
         if opts.paused {
             self.pause_vm(id).await?;
         }
+        self.vm(id).await
+    }
+
+    /// Restarts a highly available VM whose host died or whose QEMU crashed: on its own host
+    /// when that host is up, else where the scheduler puts it. The VM lease makes this safe to
+    /// try early: the node refuses to start it while the old holder's lease lives.
+    pub async fn ha_restart(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if !vm.ha.enabled {
+            return Err(CommandError::invalid(format!(
+                "VM {} is not highly available",
+                vm.name
+            )));
+        }
+        let dc = self.cluster_dc(vm.cluster_id).await?;
+        let same_host_up = match vm.runtime.run_on_host {
+            Some(h) => self
+                .app
+                .host(h)
+                .await
+                .map(|h| h.status == crate::model::HostStatus::Up)
+                .unwrap_or(false),
+            None => false,
+        };
+        let host = match (same_host_up, vm.runtime.run_on_host) {
+            (true, Some(h)) => h,
+            _ => choose_host(&self.app, vm.cluster_id, id, Purpose::HaRestart).await?,
+        };
+        let from = vec![VmStatus::Unknown, VmStatus::NotResponding];
+        self.run::<StartVmSaga>(
+            StartVmParams {
+                vm: id,
+                host,
+                dc,
+                from,
+            },
+            None,
+        )
+        .await?;
         self.vm(id).await
     }
 

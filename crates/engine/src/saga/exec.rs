@@ -64,6 +64,7 @@ trait Erased<C>: Send + Sync {
         inner: Arc<Inner<C>>,
         rec: SagaRecord,
     ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
+    fn step_count(&self) -> usize;
 }
 
 struct Typed<S>(PhantomData<fn() -> S>);
@@ -75,6 +76,9 @@ impl<S: SagaDef> Erased<S::Ctx> for Typed<S> {
         rec: SagaRecord,
     ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>> {
         Box::pin(drive::<S>(inner, rec))
+    }
+    fn step_count(&self) -> usize {
+        S::steps().len()
     }
 }
 
@@ -127,6 +131,12 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
 
     pub fn app(&self) -> &Arc<C> {
         &self.inner.app
+    }
+
+    /// How many steps a registered saga type has (progress: steps done of this many).
+    pub fn step_count(&self, saga_name: &str) -> Option<usize> {
+        let reg = self.inner.registry.lock().expect("registry lock");
+        reg.get(saga_name).map(|s| s.step_count())
     }
 
     /// Makes a saga type known, so that [`resume_all`](Self::resume_all) can continue it.

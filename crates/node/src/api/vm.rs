@@ -372,7 +372,9 @@ impl Node {
     pub(crate) async fn acquire_vm_lease(&self, vm: VmId, sd: SdUuid) -> Result<u64, ApiError> {
         let pools = self.pools.clone();
         tokio::task::spawn_blocking(move || {
-            let cp = pools.current().ok_or_else(|| ApiError::new(ErrorCode::NotConnected, "not connected to a storage pool"))?;
+            let cp = pools
+                .current()
+                .ok_or_else(|| ApiError::new(ErrorCode::NotConnected, "not connected to a storage pool"))?;
             cp.acquire_vm_lease(sd, &vm.to_string()).map_err(ApiError::from)
         })
         .await
@@ -454,7 +456,12 @@ impl Node {
             balloon: p.balloon,
             guest_agent: p.guest_agent,
             vnc: p.vnc,
-            lease_domains: p.drives.iter().map(|d| d.domain).chain(p.lease.as_ref().map(|l| l.sd)).collect(),
+            lease_domains: p
+                .drives
+                .iter()
+                .map(|d| d.domain)
+                .chain(p.lease.as_ref().map(|l| l.sd))
+                .collect(),
         })
     }
 

@@ -13,7 +13,7 @@ use oxvirt_storage::mailbox::MailboxConfig;
 use oxvirt_storage::tasks::{Collapse, Job, TaskPlan, TaskRecord};
 use oxvirt_storage::{Allocation, Legality, VolFormat};
 use oxvirt_types::api::ErrorCode;
-use oxvirt_types::{VmId, ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
+use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
 
 use super::super::{params, ApiError};
 use super::error_chain;
@@ -376,7 +376,10 @@ impl From<PoolServiceError> for ApiError {
             }
             E::Spm(SpmError::Lease { .. }) | E::HostId { .. } => ErrorCode::LeaseError,
             E::Lease(VolumeLeaseError::Locked { .. }) => ErrorCode::VolumeLocked,
-            E::VmLease { source: oxvirt_lease::LeaseError::OwnedByOther { .. }, .. } => ErrorCode::VolumeLocked,
+            E::VmLease {
+                source: oxvirt_lease::LeaseError::OwnedByOther { .. },
+                ..
+            } => ErrorCode::VolumeLocked,
             E::VmLease { .. } => ErrorCode::LeaseError,
             E::Lease(VolumeLeaseError::NoVolume { .. }) => ErrorCode::VolumeNotFound,
             E::Lease(_) => ErrorCode::LeaseError,
