@@ -42,9 +42,9 @@ enum Command {
     },
 }
 
-/// The engine's routes beyond enrollment (the REST API and the portal, when built).
+/// The engine's routes beyond enrollment: the oVirt REST API v4 and SSO.
 fn routes() -> Option<oxvirt_engine::daemon::ExtraRoutes> {
-    None
+    Some(oxvirt_engine::rest::routes())
 }
 
 fn main() -> anyhow::Result<()> {
