@@ -7,6 +7,8 @@
 #   sanlock                        compatibility tests of our lease format against the real sanlock
 #   iproute2                       network namespaces for multi-host tests
 #   postgresql                     the engine's tests on PostgreSQL (scripts/pg-test.sh)
+#   gcc python3-dev python3-venv   the venv of oVirt's Python SDK (a C extension) and Ansible for the
+#   libxml2-dev                    REST compatibility tests (scripts/py-clients.sh)
 set -euo pipefail
 
 say() { echo "deps: $*"; }
@@ -26,6 +28,10 @@ have_cmd cpio || missing+=(cpio)
 have_cmd sanlock || missing+=(sanlock)
 have_cmd ip || missing+=(iproute2)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+have_cmd gcc || missing+=(gcc)
+for p in python3-dev python3-venv libxml2-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
 
 if [[ $qemu_ok == 1 && ${#missing[@]} == 0 ]]; then
     say "all system packages present (qemu $(dpkg-query -W -f='${Version}' qemu-system-x86))"
@@ -52,4 +58,4 @@ fi
 say "apt-get install ${pkgs[*]}"
 apt-get install -y -q --allow-downgrades --no-install-recommends "${pkgs[@]}" >/tmp/oxvirt-apt.log 2>&1 \
     || { tail -20 /tmp/oxvirt-apt.log >&2; say "apt-get install failed (log: /tmp/oxvirt-apt.log)" >&2; exit 1; }
-say "installed: qemu $(qemu-img --version | head -n1 | awk '{print $3}'), cpio, sanlock, iproute2"
+say "installed: qemu $(qemu-img --version | head -n1 | awk '{print $3}'), ${missing[*]}"
