@@ -169,6 +169,18 @@ uuid_id!(
     /// A VM affinity group.
     AffinityGroupId, "affinity group id"
 );
+uuid_id!(
+    /// A logical network of a data center.
+    NetworkId, "network id"
+);
+uuid_id!(
+    /// A vNIC profile (one per VM network, as oVirt creates them).
+    VnicProfileId, "vNIC profile id"
+);
+uuid_id!(
+    /// Which host NIC carries a logical network on a host.
+    NetworkAttachmentId, "network attachment id"
+);
 
 /// A host id in a lockspace: 1..=2000, as sanlock allows (VDSM's mailbox limits it to 250).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]

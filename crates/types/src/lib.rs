@@ -9,6 +9,7 @@ pub mod api;
 mod ids;
 
 pub use ids::{
-    AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId, NicId,
-    PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TaskId, TemplateId, UserId, VmId, VolUuid,
+    AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId,
+    NetworkAttachmentId, NetworkId, NicId, PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TaskId, TemplateId,
+    UserId, VmId, VnicProfileId, VolUuid,
 };
