@@ -399,6 +399,7 @@ impl<S: SagaDef> Run<S> {
     }
 
     fn fault(&self, i: usize, p: FaultPoint) -> Option<Fault> {
+        process_crash_point(S::NAME, self.steps[i].name, p);
         self.inner.faults.as_ref().and_then(|f| f.fault(S::NAME, i, p))
     }
 
@@ -715,5 +716,31 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "non-text panic".into()
+    }
+}
+
+/// The process-level crash test hook: with `OXVIRT_TEST_CRASH_AT=<saga>:<step>:<point>` in the
+/// environment (point = `before` or `after` the step's action), the engine process kills itself
+/// with SIGKILL at that point — a real `kill -9` at an exact place, for the tests that restart
+/// the engine binary mid-command. Read once; unset in production.
+fn process_crash_point(saga: &str, step: &str, p: FaultPoint) {
+    static AT: std::sync::OnceLock<Option<(String, String, String)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("OXVIRT_TEST_CRASH_AT").ok()?;
+        let mut it = v.splitn(3, ':').map(str::to_string);
+        Some((it.next()?, it.next()?, it.next()?))
+    });
+    let Some((s, st, pt)) = at else { return };
+    let point = match p {
+        FaultPoint::BeforeAction => "before",
+        FaultPoint::AfterAction => "after",
+        _ => return,
+    };
+    if s == saga && st == step && pt == point {
+        tracing::warn!(saga, step, point, "OXVIRT_TEST_CRASH_AT: killing the engine process");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
     }
 }
