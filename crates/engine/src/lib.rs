@@ -20,6 +20,7 @@ pub mod model;
 pub mod monitor;
 pub mod network;
 pub mod nodes;
+pub mod portal;
 pub mod rest;
 pub mod saga;
 pub mod scheduling;

@@ -1,0 +1,1628 @@
+//! The portal's pages, rendered on the server.
+//!
+//! Each list page costs a fixed number of queries whatever the number of rows (names of related
+//! objects come from one list each, joined in memory) and no node call; figures that need a
+//! node (VM CPU, the console) come from the sampler's history or from the script's requests.
+//! Row actions on big lists are buttons the script posts (`data-act`), so a thousand VMs do
+//! not carry a thousand forms; detail pages use real forms that also work without script.
+
+use std::collections::HashMap;
+
+use http::StatusCode;
+use oxvirt_rpc::{HttpRequest, Reply};
+
+use crate::db::{
+    DiskFilter, DiskSort, EventFilter, EventSort, JobFilter, JobSort, ListQuery, Ref, SortDir, TemplateSort,
+    TextMatch, VmFilter, VmSort,
+};
+use crate::model::*;
+
+use super::html::{bytes, layout, time, FormCtx, Html};
+use super::{html_reply, safe_back, Ctx, PortalError};
+
+type R = Result<Reply, PortalError>;
+
+/// Dispatches a GET.
+pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
+    let back = match &req.query {
+        Some(q) => format!("{}?{q}", req.path),
+        None => req.path.clone(),
+    };
+    let f = FormCtx {
+        csrf: ctx.session.csrf.clone(),
+        back: safe_back(Some(&back)),
+    };
+    let (title, active, body) = match segs {
+        [] => ("Dashboard", "dashboard", dashboard(ctx, &f).await?),
+        ["datacenters"] => ("Data centers", "datacenters", datacenters(ctx).await?),
+        ["clusters"] => ("Clusters", "clusters", clusters(ctx).await?),
+        ["hosts"] => ("Hosts", "hosts", hosts(ctx, &f).await?),
+        ["hosts", id] => ("Host", "hosts", host(ctx, &f, id).await?),
+        ["storagedomains"] => (
+            "Storage domains",
+            "storagedomains",
+            storage_domains(ctx, &f).await?,
+        ),
+        ["disks"] => ("Disks", "disks", disks(ctx).await?),
+        ["vms"] => ("Virtual machines", "vms", vms(ctx, &f).await?),
+        ["vms", id] => ("Virtual machine", "vms", vm(ctx, &f, id).await?),
+        ["snapshots"] => ("Snapshots", "snapshots", snapshots(ctx).await?),
+        ["templates"] => ("Templates", "templates", templates(ctx, &f).await?),
+        ["jobs"] => ("Jobs", "jobs", jobs(ctx).await?),
+        ["jobs", id] => ("Job", "jobs", job(ctx, id).await?),
+        ["events"] => ("Events", "events", events(ctx).await?),
+        _ => return Err(PortalError::NotFound(format!("no such page {}", req.path))),
+    };
+    let user = ctx.session.user.principal();
+    Ok(html_reply(
+        StatusCode::OK,
+        layout(title, active, Some(&user), Some(&ctx.session.csrf), &body),
+    ))
+}
+
+pub fn login_page(query: Option<&str>, error: Option<&str>) -> Reply {
+    let q = crate::rest::parse_query(query.unwrap_or(""));
+    let next = q.iter().find(|(k, _)| k == "next").map(|(_, v)| v.as_str());
+    let mut h = Html::new();
+    h.raw("<div class=\"login\"><h1>Sign in to ox<b>virt</b></h1>");
+    if let Some(e) = error {
+        h.raw("<p class=\"error\" id=\"login-error\">")
+            .text(e)
+            .raw("</p>");
+    }
+    h.raw("<form method=\"post\" action=\"/portal/login\" id=\"login\">")
+        .raw("<input type=\"hidden\" name=\"next\" value=\"")
+        .text(safe_back(next))
+        .raw("\">")
+        .input(
+            "User",
+            "username",
+            "text",
+            "admin@internal",
+            "autocomplete=\"username\" required",
+        )
+        .input(
+            "Password",
+            "password",
+            "password",
+            "",
+            "autocomplete=\"current-password\" required autofocus",
+        )
+        .raw("<button type=\"submit\">Log in</button></form>")
+        .raw("<p class=\"hint\">The engine's users, as for the REST API (admin@internal).</p></div>");
+    let status = if error.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    html_reply(status, layout("Log in", "login", None, None, &h.finish()))
+}
+
+// ----------------------------------------------------------------------------- shared parts
+
+/// Names of related objects, each from one query.
+struct Names {
+    hosts: HashMap<HostUuid, Host>,
+    clusters: HashMap<ClusterId, Cluster>,
+    dcs: HashMap<DcId, DataCenter>,
+    templates: HashMap<TemplateId, Template>,
+    sds: HashMap<SdUuid, StorageDomain>,
+}
+
+impl Names {
+    async fn load(ctx: &Ctx) -> Result<Names, PortalError> {
+        let db = ctx.db();
+        Ok(Names {
+            hosts: db
+                .host_list(&ListQuery::new())
+                .await?
+                .into_iter()
+                .map(|h| (h.id, h))
+                .collect(),
+            clusters: db
+                .cluster_list(&ListQuery::new())
+                .await?
+                .into_iter()
+                .map(|c| (c.id, c))
+                .collect(),
+            dcs: db
+                .dc_list(&ListQuery::new())
+                .await?
+                .into_iter()
+                .map(|d| (d.id, d))
+                .collect(),
+            templates: db
+                .template_list(&ListQuery::new())
+                .await?
+                .into_iter()
+                .map(|t| (t.id, t))
+                .collect(),
+            sds: db
+                .sd_list(&ListQuery::new())
+                .await?
+                .into_iter()
+                .map(|s| (s.id, s))
+                .collect(),
+        })
+    }
+    fn host(&self, id: Option<HostUuid>) -> String {
+        id.and_then(|h| self.hosts.get(&h))
+            .map(|h| h.name.clone())
+            .unwrap_or_default()
+    }
+    fn cluster(&self, id: ClusterId) -> String {
+        self.clusters
+            .get(&id)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+    fn dc(&self, id: DcId) -> String {
+        self.dcs
+            .get(&id)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+    fn template(&self, id: TemplateId) -> String {
+        self.templates
+            .get(&id)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+    fn sd(&self, id: SdUuid) -> String {
+        self.sds
+            .get(&id)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+    fn sorted_hosts(&self) -> Vec<&Host> {
+        let mut v: Vec<&Host> = self.hosts.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+/// Every data center's pool members, by storage domain.
+async fn members(
+    ctx: &Ctx,
+    dcs: impl Iterator<Item = DcId>,
+) -> Result<HashMap<SdUuid, PoolMember>, PortalError> {
+    let mut out = HashMap::new();
+    for dc in dcs {
+        for m in ctx.db().pool_members(dc).await? {
+            out.insert(m.storage_domain_id, m);
+        }
+    }
+    Ok(out)
+}
+
+/// Steps done and the saga's step count, for a job driven by a saga.
+pub async fn job_progress(ctx: &Ctx, j: &Job) -> Result<Option<(usize, usize)>, PortalError> {
+    let Some(saga) = j.saga_id else { return Ok(None) };
+    let Some(rec) = ctx.db().saga_get(saga).await? else {
+        return Ok(None);
+    };
+    let Some(total) = ctx.cmds().sagas.step_count(&rec.name) else {
+        return Ok(None);
+    };
+    let done = rec
+        .steps
+        .iter()
+        .filter(|s| s.status == crate::db::SagaStepStatus::Done)
+        .count();
+    Ok(Some((
+        if j.status == JobStatus::Finished {
+            total
+        } else {
+            done.min(total)
+        },
+        total,
+    )))
+}
+
+pub fn vm_status_class(s: VmStatus) -> &'static str {
+    match s {
+        VmStatus::Down => "down",
+        s if s.is_running() => "running",
+        _ => "other",
+    }
+}
+
+/// The row of row-action buttons the script posts (no form per row).
+fn act_button(h: &mut Html, url: &str, label: &str, confirm: Option<&str>, when: &str, class: &str) {
+    h.raw("<button type=\"button\" class=\"")
+        .text(class)
+        .raw("\" data-act=\"")
+        .text(url)
+        .raw("\" data-when=\"")
+        .text(when)
+        .raw("\"");
+    if let Some(c) = confirm {
+        h.raw(" data-confirm=\"").text(c).raw("\"");
+    }
+    h.raw(">").text(label).raw("</button>");
+}
+
+fn vm_row_actions(h: &mut Html, v: &Vm) {
+    let id = v.id.to_string();
+    h.raw("<td class=\"acts\" data-vm-acts=\"")
+        .text(&id)
+        .raw("\" data-state=\"")
+        .raw(vm_status_class(v.runtime.status))
+        .raw("\" data-status=\"")
+        .text(v.runtime.status)
+        .raw("\">");
+    act_button(
+        h,
+        &format!("/portal/vms/{id}/start"),
+        "Start",
+        None,
+        "down",
+        "small",
+    );
+    act_button(
+        h,
+        &format!("/portal/vms/{id}/shutdown"),
+        "Shut down",
+        Some(&format!("Shut down VM {} (ACPI)?", v.name)),
+        "running",
+        "small secondary",
+    );
+    act_button(
+        h,
+        &format!("/portal/vms/{id}/stop"),
+        "Power off",
+        Some(&format!(
+            "Power off VM {} now? Unsaved guest data is lost.",
+            v.name
+        )),
+        "running",
+        "small danger",
+    );
+    h.raw("</td>");
+}
+
+async fn jobs_table(ctx: &Ctx, h: &mut Html, jobs: &[Job], region: &str) -> Result<(), PortalError> {
+    h.raw("<div data-region=\"")
+        .text(region)
+        .raw("\" data-live-jobs=\"1\">");
+    h.table_open(
+        &format!("{region}-table"),
+        &["Job", "Status", "Progress", "Started", "Ended"],
+        None,
+    );
+    for j in jobs {
+        let id = j.id.to_string();
+        h.raw("<tr data-job=\"").text(&id).raw("\">");
+        h.cell_link(&format!("/portal/jobs/{id}"), &j.description);
+        h.raw("<td>")
+            .badge(j.status, Some(&format!("job:{id}")))
+            .raw("</td><td>");
+        match job_progress(ctx, j).await? {
+            Some((done, total)) => {
+                h.raw(&format!(
+                    "<progress data-live-progress=\"{id}\" max=\"{total}\" value=\"{done}\"></progress> <span data-live-steps=\"{id}\">{done}/{total}</span>"
+                ));
+            }
+            None => {
+                h.raw("<span class=\"muted\">—</span>");
+            }
+        }
+        h.raw("</td>")
+            .cell(time(j.started_at))
+            .cell(j.ended_at.map(time).unwrap_or_default())
+            .raw("</tr>");
+    }
+    h.table_close("No jobs.", 5, jobs.is_empty());
+    h.raw("</div>");
+    Ok(())
+}
+
+fn events_table(h: &mut Html, events: &[Event], live: bool) {
+    h.raw(
+        "<table class=\"events\"><thead><tr><th>Time</th><th>Severity</th><th>Event</th></tr></thead><tbody",
+    );
+    if live {
+        let max = events.iter().map(|e| e.id).max().unwrap_or(0);
+        h.raw(&format!(" data-live-events=\"{max}\""));
+    }
+    h.raw(">");
+    for e in events {
+        h.raw("<tr>")
+            .cell(time(e.time))
+            .raw("<td>")
+            .badge(e.severity, None)
+            .raw("</td>")
+            .cell(&e.description)
+            .raw("</tr>");
+    }
+    h.raw("</tbody></table>");
+}
+
+// ------------------------------------------------------------------------------- dashboard
+
+async fn dashboard(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
+    let db = ctx.db();
+    let names = Names::load(ctx).await?;
+    let total_vms = db.vm_count(&VmFilter::default()).await?;
+    let running_filter = VmFilter {
+        status: VmStatus::ALL.iter().copied().filter(|s| s.is_running()).collect(),
+        ..Default::default()
+    };
+    let running = db
+        .vm_list(&ListQuery::filtered(running_filter.clone()).sort_by(VmSort::Name, SortDir::Asc))
+        .await?;
+    let up_hosts = names
+        .hosts
+        .values()
+        .filter(|h| h.status == HostStatus::Up)
+        .count();
+    let mem = members(ctx, names.dcs.keys().copied()).await?;
+    let (mut cap, mut free) = (0u64, 0u64);
+    for sd in names.sds.values() {
+        if let (Some(c), Some(fr)) = (sd.capacity_bytes, sd.free_bytes) {
+            cap += c;
+            free += fr;
+        }
+    }
+    let running_jobs = db
+        .job_list(
+            &ListQuery::filtered(JobFilter {
+                status: vec![JobStatus::Started],
+                ..Default::default()
+            })
+            .sort_by(JobSort::StartedAt, SortDir::Desc)
+            .limit(20),
+        )
+        .await?;
+    let recent_jobs = db
+        .job_list(
+            &ListQuery::new()
+                .sort_by(JobSort::StartedAt, SortDir::Desc)
+                .limit(6),
+        )
+        .await?;
+    let mut jobs = running_jobs;
+    for j in recent_jobs {
+        if !jobs.iter().any(|x| x.id == j.id) {
+            jobs.push(j);
+        }
+    }
+    let events = db
+        .event_list(&ListQuery::new().sort_by(EventSort::Id, SortDir::Desc).limit(12))
+        .await?;
+
+    let mut h = Html::new();
+    h.heading("Dashboard", Some(&format!("{} data center(s)", names.dcs.len())));
+    h.raw("<div class=\"cards\">");
+    card(
+        &mut h,
+        "Hosts up",
+        &format!("{up_hosts} / {}", names.hosts.len()),
+        "hosts_up",
+        "/portal/hosts",
+    );
+    card(
+        &mut h,
+        "VMs running",
+        &format!("{} / {total_vms}", running.len()),
+        "vms_running",
+        "/portal/vms",
+    );
+    h.raw("<a class=\"card\" href=\"/portal/storagedomains\"><span class=\"card-label\">Storage used</span><span class=\"card-value\">");
+    h.text(if cap > 0 {
+        format!("{:.0} %", (cap - free) as f64 * 100.0 / cap as f64)
+    } else {
+        "—".into()
+    });
+    h.raw("</span>");
+    if cap > 0 {
+        h.usage(cap - free, cap, None);
+    }
+    h.raw("</a>");
+    card(
+        &mut h,
+        "Jobs running",
+        &jobs
+            .iter()
+            .filter(|j| j.status == JobStatus::Started)
+            .count()
+            .to_string(),
+        "jobs_running",
+        "/portal/jobs",
+    );
+    h.raw("</div>");
+
+    h.raw("<div class=\"grid2\"><section>");
+    h.section("Hosts");
+    hosts_table(ctx, &mut h, &names, f, false);
+    h.raw("<div class=\"charts\">");
+    for host in names.sorted_hosts().iter().take(4) {
+        h.chart("host", &host.id.to_string(), &host.name);
+    }
+    h.raw("</div></section><section>");
+    h.section("Running VMs");
+    h.raw("<div data-region=\"running\">");
+    h.table_open(
+        "running-vms",
+        &["Name", "Status", "Host", "Memory", "vCPUs"],
+        Some("vms_running"),
+    );
+    for v in &running {
+        let id = v.id.to_string();
+        h.row_open(Some(&id))
+            .cell_link(&format!("/portal/vms/{id}"), &v.name)
+            .raw("<td>")
+            .badge(v.runtime.status, Some(&format!("vm:{id}")))
+            .raw("</td><td data-live-host=\"")
+            .text(&id)
+            .raw("\">")
+            .text(names.host(v.runtime.run_on_host))
+            .raw("</td>")
+            .cell_num(bytes(v.memory_bytes))
+            .cell_num(v.cpu.vcpus())
+            .raw("</tr>");
+    }
+    h.table_close("No VM is running.", 5, running.is_empty());
+    h.raw("</div>");
+    h.section("Storage domains");
+    sd_table(&mut h, &names, &mem, None);
+    h.raw("</section></div>");
+
+    h.raw("<div class=\"grid2\"><section>");
+    h.section("Jobs");
+    jobs_table(ctx, &mut h, &jobs, "dash-jobs").await?;
+    h.raw("</section><section>");
+    h.section("Recent events");
+    events_table(&mut h, &events, true);
+    h.raw("</section></div>");
+    Ok(h.finish())
+}
+
+fn card(h: &mut Html, label: &str, value: &str, live: &str, href: &str) {
+    h.raw("<a class=\"card\" href=\"")
+        .text(href)
+        .raw("\"><span class=\"card-label\">")
+        .text(label)
+        .raw("</span><span class=\"card-value\" data-live-count=\"")
+        .text(live)
+        .raw("\">")
+        .text(value)
+        .raw("</span></a>");
+}
+
+// ------------------------------------------------------------------------------------ infra
+
+async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let mut dcs: Vec<&DataCenter> = names.dcs.values().collect();
+    dcs.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Html::new();
+    h.heading("Data centers", None);
+    h.table_open(
+        "datacenters",
+        &[
+            "Name",
+            "Status",
+            "Storage",
+            "SPM",
+            "Clusters",
+            "Storage domains",
+            "Version",
+            "Description",
+        ],
+        None,
+    );
+    for dc in &dcs {
+        let ms = ctx.db().pool_members(dc.id).await?;
+        let clusters = names
+            .clusters
+            .values()
+            .filter(|c| c.data_center_id == dc.id)
+            .count();
+        h.row_open(Some(&dc.id.to_string()))
+            .cell(&dc.name)
+            .raw("<td>")
+            .badge(dc.status, None)
+            .raw("</td>")
+            .cell(if dc.local { "local" } else { "shared" })
+            .cell(match dc.spm_status {
+                SpmStatus::Spm => names.host(dc.spm_host),
+                s => s.to_string(),
+            })
+            .cell_num(clusters)
+            .cell_num(ms.len())
+            .cell(dc.compatibility_version)
+            .cell(&dc.description)
+            .raw("</tr>");
+    }
+    h.table_close("No data centers.", 8, dcs.is_empty());
+    Ok(h.finish())
+}
+
+async fn clusters(ctx: &Ctx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let mut cls: Vec<&Cluster> = names.clusters.values().collect();
+    cls.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Html::new();
+    h.heading("Clusters", None);
+    h.table_open(
+        "clusters",
+        &[
+            "Name",
+            "Data center",
+            "CPU",
+            "Scheduling",
+            "Memory overcommit",
+            "Hosts",
+            "VMs",
+        ],
+        None,
+    );
+    for c in &cls {
+        let vms = ctx
+            .db()
+            .vm_count(&VmFilter {
+                cluster: Some(Ref::Id(c.id)),
+                ..Default::default()
+            })
+            .await?;
+        let hosts = names.hosts.values().filter(|h| h.cluster_id == c.id).count();
+        h.row_open(Some(&c.id.to_string()))
+            .cell(&c.name)
+            .cell(names.dc(c.data_center_id))
+            .cell(format!("{} ({})", c.cpu_type, c.cpu_architecture))
+            .cell(c.scheduling_policy)
+            .cell(format!("{} %", c.memory_overcommit_percent))
+            .cell_num(hosts)
+            .cell_num(vms)
+            .raw("</tr>");
+    }
+    h.table_close("No clusters.", 7, cls.is_empty());
+    Ok(h.finish())
+}
+
+fn hosts_table(ctx: &Ctx, h: &mut Html, names: &Names, f: &FormCtx, with_actions: bool) {
+    let _ = f;
+    let hosts = names.sorted_hosts();
+    h.raw("<div data-region=\"hosts\">");
+    let mut cols = vec!["Name", "Status", "Cluster", "SPM", "CPU", "Memory"];
+    if with_actions {
+        cols.push("Address");
+        cols.push("Actions");
+    }
+    h.table_open("hosts", &cols, Some("hosts"));
+    for host in &hosts {
+        let id = host.id.to_string();
+        let rt = ctx.engine.cmds.app.host_rt(host.id);
+        h.row_open(Some(&id))
+            .cell_link(&format!("/portal/hosts/{id}"), &host.name)
+            .raw("<td>")
+            .badge(host.status, Some(&format!("host:{id}")))
+            .raw("</td>")
+            .cell(names.cluster(host.cluster_id))
+            .cell(match host.spm_status {
+                SpmStatus::None => String::new(),
+                s => s.to_string(),
+            })
+            .raw("<td class=\"num\" data-live-cpu=\"")
+            .text(&id)
+            .raw("\">")
+            .text(format!("{:.0} %", rt.cpu_load_pct))
+            .raw("</td><td>");
+        let total = rt.mem_total_mib << 20;
+        h.usage(
+            total.saturating_sub(rt.mem_free_mib << 20),
+            total,
+            Some(&format!("hostmem:{id}")),
+        );
+        h.raw("</td>");
+        if with_actions {
+            h.cell(format!("{}:{}", host.address, host.port));
+            h.raw("<td class=\"acts\">");
+            act_button(
+                h,
+                &format!("/portal/hosts/{id}/maintenance"),
+                "Maintenance",
+                Some(&format!(
+                    "Move host {} to maintenance? Its VMs migrate away (or stop when they cannot).",
+                    host.name
+                )),
+                "",
+                "small secondary",
+            );
+            act_button(
+                h,
+                &format!("/portal/hosts/{id}/activate"),
+                "Activate",
+                None,
+                "",
+                "small",
+            );
+            h.raw("</td>");
+        }
+        h.raw("</tr>");
+    }
+    h.table_close("No hosts.", cols.len(), hosts.is_empty());
+    h.raw("</div>");
+}
+
+async fn hosts(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let mut h = Html::new();
+    h.heading("Hosts", None);
+    hosts_table(ctx, &mut h, &names, f, true);
+    h.raw("<div class=\"charts\">");
+    for host in names.sorted_hosts() {
+        h.chart("host", &host.id.to_string(), &host.name);
+    }
+    h.raw("</div>");
+    Ok(h.finish())
+}
+
+async fn host(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
+    let id: HostUuid = id
+        .parse()
+        .map_err(|_| PortalError::NotFound(format!("host {id} not found")))?;
+    let host = ctx.engine.cmds.app.host(id).await?;
+    let names = Names::load(ctx).await?;
+    let rt = ctx.engine.cmds.app.host_rt(id);
+    let vms = ctx
+        .db()
+        .vm_list(&ListQuery::filtered(VmFilter {
+            host: Some(Ref::Id(id)),
+            ..Default::default()
+        }))
+        .await?;
+    let sid = id.to_string();
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>Host ")
+        .text(&host.name)
+        .raw("</h1>")
+        .badge(host.status, Some(&format!("host:{sid}")))
+        .raw("</div>");
+    h.raw("<div class=\"toolbar\">");
+    h.action(
+        f,
+        &format!("/portal/hosts/{sid}/maintenance"),
+        "Maintenance",
+        Some(&format!(
+            "Move host {} to maintenance? Its VMs migrate away (or stop when they cannot).",
+            host.name
+        )),
+        "secondary",
+    );
+    h.action(f, &format!("/portal/hosts/{sid}/activate"), "Activate", None, "");
+    h.raw("</div>");
+    h.facts(&[
+        ("Address", format!("{}:{}", host.address, host.port)),
+        ("Cluster", names.cluster(host.cluster_id)),
+        ("Status detail", host.status_detail.clone().unwrap_or_default()),
+        (
+            "SPM",
+            format!("{} (priority {})", host.spm_status, host.spm_priority),
+        ),
+        (
+            "CPU cores",
+            host.cpu_cores.map(|c| c.to_string()).unwrap_or_default(),
+        ),
+        ("Memory", host.memory_bytes.map(bytes).unwrap_or_default()),
+        ("CPU load", format!("{:.1} %", rt.cpu_load_pct)),
+        (
+            "Memory free",
+            format!(
+                "{} of {}",
+                bytes(rt.mem_free_mib << 20),
+                bytes(rt.mem_total_mib << 20)
+            ),
+        ),
+        (
+            "Certificate",
+            host.certificate_fingerprint.clone().unwrap_or_default(),
+        ),
+        ("Last seen", host.last_seen_at.map(time).unwrap_or_default()),
+    ]);
+    h.raw("<div class=\"charts\">");
+    h.chart("host", &sid, "CPU and memory");
+    h.raw("</div>");
+    h.section("VMs on this host");
+    h.table_open("host-vms", &["Name", "Status", "Memory", "vCPUs"], None);
+    for v in &vms {
+        let vid = v.id.to_string();
+        h.row_open(Some(&vid))
+            .cell_link(&format!("/portal/vms/{vid}"), &v.name)
+            .raw("<td>")
+            .badge(v.runtime.status, Some(&format!("vm:{vid}")))
+            .raw("</td>")
+            .cell_num(bytes(v.memory_bytes))
+            .cell_num(v.cpu.vcpus())
+            .raw("</tr>");
+    }
+    h.table_close("No VM runs here.", 4, vms.is_empty());
+    Ok(h.finish())
+}
+
+// ---------------------------------------------------------------------------------- storage
+
+fn sd_table(h: &mut Html, names: &Names, mem: &HashMap<SdUuid, PoolMember>, actions: Option<&FormCtx>) {
+    let mut sds: Vec<&StorageDomain> = names.sds.values().collect();
+    sds.sort_by(|a, b| a.name.cmp(&b.name));
+    h.raw("<div data-region=\"sds\">");
+    let mut cols = vec!["Name", "Status", "Data center", "Type", "Storage", "Used"];
+    if actions.is_some() {
+        cols.push("Path");
+        cols.push("Actions");
+    }
+    h.table_open("storagedomains", &cols, Some("sds"));
+    for sd in &sds {
+        let id = sd.id.to_string();
+        let m = mem.get(&sd.id);
+        let status = m.map(|m| m.status).unwrap_or(SdStatus::Unattached);
+        h.raw("<tr data-id=\"")
+            .text(&id)
+            .raw("\" data-v=\"")
+            .text(status)
+            .raw("\">")
+            .cell(&sd.name)
+            .raw("<td>")
+            .badge(status, None)
+            .raw("</td>")
+            .cell(
+                m.map(|m| {
+                    format!(
+                        "{}{}",
+                        names.dc(m.data_center_id),
+                        if m.master { " (master)" } else { "" }
+                    )
+                })
+                .unwrap_or_default(),
+            )
+            .cell(sd.domain_type)
+            .cell(sd.storage_type)
+            .raw("<td>");
+        match (sd.capacity_bytes, sd.free_bytes) {
+            (Some(c), Some(fr)) => {
+                h.usage(c.saturating_sub(fr), c, Some(&format!("sd:{id}")));
+            }
+            _ => {
+                h.raw("<span class=\"muted\">unknown</span>");
+            }
+        }
+        h.raw("</td>");
+        if actions.is_some() {
+            h.cell(match &sd.address {
+                Some(a) => format!("{a}:{}", sd.path),
+                None => sd.path.clone(),
+            });
+            h.raw("<td class=\"acts\">");
+            match m {
+                None => {
+                    for dc in names.dcs.values() {
+                        act_button(
+                            h,
+                            &format!("/portal/storagedomains/{id}/attach?dc={}", dc.id),
+                            &format!("Attach to {}", dc.name),
+                            None,
+                            "",
+                            "small",
+                        );
+                    }
+                    act_button(
+                        h,
+                        &format!("/portal/storagedomains/{id}/remove"),
+                        "Remove",
+                        Some(&format!(
+                            "Remove storage domain {} from the engine (its data stays on storage)?",
+                            sd.name
+                        )),
+                        "",
+                        "small danger",
+                    );
+                }
+                Some(m) if m.status == SdStatus::Active => {
+                    act_button(
+                        h,
+                        &format!("/portal/storagedomains/{id}/deactivate"),
+                        "Maintenance",
+                        Some(&format!("Move storage domain {} to maintenance?", sd.name)),
+                        "",
+                        "small secondary",
+                    );
+                }
+                Some(m) if matches!(m.status, SdStatus::Maintenance | SdStatus::Inactive) => {
+                    act_button(
+                        h,
+                        &format!("/portal/storagedomains/{id}/activate"),
+                        "Activate",
+                        None,
+                        "",
+                        "small",
+                    );
+                    if m.status == SdStatus::Maintenance {
+                        act_button(
+                            h,
+                            &format!("/portal/storagedomains/{id}/detach"),
+                            "Detach",
+                            Some(&format!(
+                                "Detach storage domain {} from its data center?",
+                                sd.name
+                            )),
+                            "",
+                            "small danger",
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+            h.raw("</td>");
+        }
+        h.raw("</tr>");
+    }
+    h.table_close("No storage domains.", cols.len(), sds.is_empty());
+    h.raw("</div>");
+}
+
+async fn storage_domains(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let mem = members(ctx, names.dcs.keys().copied()).await?;
+    let mut h = Html::new();
+    h.heading("Storage domains", None);
+    sd_table(&mut h, &names, &mem, Some(f));
+    h.raw("<details class=\"panel\" id=\"add-sd\"><summary>Add a storage domain</summary>");
+    h.form_open(f, "/portal/storagedomains", None, "grid-form");
+    h.input("Name", "name", "text", "", "required");
+    h.select(
+        "Storage type",
+        "storage_type",
+        &[
+            ("localfs".into(), "local directory".into()),
+            ("posixfs".into(), "POSIX file system".into()),
+            ("nfs".into(), "NFS".into()),
+        ],
+        Some("localfs"),
+    );
+    h.input(
+        "NFS server",
+        "address",
+        "text",
+        "",
+        "placeholder=\"for NFS only\"",
+    );
+    h.input(
+        "Path",
+        "path",
+        "text",
+        "",
+        "required placeholder=\"/srv/storage/data2\"",
+    );
+    let up: Vec<(String, String)> = names
+        .sorted_hosts()
+        .iter()
+        .filter(|h| h.status == HostStatus::Up)
+        .map(|h| (h.id.to_string(), h.name.clone()))
+        .collect();
+    h.select("Created by host", "host", &up, None);
+    let mut dcs: Vec<(String, String)> = vec![(String::new(), "(stay unattached)".into())];
+    dcs.extend(names.dcs.values().map(|d| (d.id.to_string(), d.name.clone())));
+    h.select("Attach to", "dc", &dcs, None);
+    h.raw("<button type=\"submit\">Add storage domain</button></form></details>");
+    Ok(h.finish())
+}
+
+async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let q = ListQuery::filtered(DiskFilter {
+        name: ctx.q("name").map(|n| TextMatch::new(n).case_insensitive()),
+        ..Default::default()
+    })
+    .sort_by(DiskSort::Name, SortDir::Asc);
+    let disks = ctx.db().disk_list(&q).await?;
+    let mut h = Html::new();
+    h.heading("Disks", Some(&format!("{} disk(s)", disks.len())));
+    search_form(&mut h, "/portal/disks", ctx.q("name"));
+    h.raw("<div data-region=\"disks\">");
+    let set = ctx.q("name").is_none().then_some("disks");
+    h.table_open(
+        "disks",
+        &[
+            "Alias",
+            "Status",
+            "Size",
+            "Allocated",
+            "Format",
+            "Storage domain",
+            "Id",
+            "",
+        ],
+        set,
+    );
+    for d in &disks {
+        let id = d.id.to_string();
+        h.raw("<tr data-id=\"")
+            .text(&id)
+            .raw("\" data-v=\"")
+            .text(d.status)
+            .raw("\">")
+            .cell(&d.name)
+            .raw("<td>")
+            .badge(d.status, None)
+            .raw("</td>")
+            .cell_num(bytes(d.provisioned_size))
+            .cell_num(bytes(d.actual_size))
+            .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }))
+            .cell(names.sd(d.storage_domain_id))
+            .raw("<td class=\"mono\">")
+            .text(&id)
+            .raw("</td><td class=\"acts\">");
+        act_button(
+            &mut h,
+            &format!("/portal/disks/{id}/remove"),
+            "Remove",
+            Some(&format!("Remove disk {} and its data?", d.name)),
+            "",
+            "small danger",
+        );
+        h.raw("</td></tr>");
+    }
+    h.table_close("No disks.", 8, disks.is_empty());
+    h.raw("</div>");
+    Ok(h.finish())
+}
+
+fn search_form(h: &mut Html, action: &str, value: Option<&str>) {
+    h.raw("<form method=\"get\" class=\"search\" action=\"")
+        .text(action)
+        .raw("\"><input type=\"search\" name=\"name\" placeholder=\"name (web*)\" value=\"")
+        .text(value.unwrap_or(""))
+        .raw("\"><button type=\"submit\" class=\"secondary\">Filter</button></form>");
+}
+
+// -------------------------------------------------------------------------------------- VMs
+
+async fn vms(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let filter = VmFilter {
+        name: ctx.q("name").map(|n| TextMatch::new(n).case_insensitive()),
+        ..Default::default()
+    };
+    let vms = ctx
+        .db()
+        .vm_list(&ListQuery::filtered(filter).sort_by(VmSort::Name, SortDir::Asc))
+        .await?;
+    let latest = ctx.portal.history.vm_latest();
+    let mut h = Html::new();
+    h.heading("Virtual machines", Some(&format!("{} VM(s)", vms.len())));
+    search_form(&mut h, "/portal/vms", ctx.q("name"));
+    h.raw("<div data-region=\"vms\">");
+    let set = ctx.q("name").is_none().then_some("vms");
+    h.table_open(
+        "vms",
+        &[
+            "Name", "Status", "Host", "CPU", "Memory", "vCPUs", "Template", "Cluster", "Actions",
+        ],
+        set,
+    );
+    for v in &vms {
+        let id = v.id.to_string();
+        h.row_open(Some(&id))
+            .cell_link(&format!("/portal/vms/{id}"), &v.name)
+            .raw("<td>")
+            .badge(v.runtime.status, Some(&format!("vm:{id}")))
+            .raw("</td><td data-live-host=\"")
+            .text(&id)
+            .raw("\">")
+            .text(names.host(v.runtime.run_on_host.filter(|_| v.runtime.status.is_running())))
+            .raw("</td>")
+            .cell_num(match latest.get(&v.id) {
+                Some(p) if v.runtime.status.is_running() => format!("{:.0} %", p.cpu),
+                _ => String::new(),
+            })
+            .cell_num(bytes(v.memory_bytes))
+            .cell_num(v.cpu.vcpus())
+            .cell(names.template(v.template_id))
+            .cell(names.cluster(v.cluster_id));
+        vm_row_actions(&mut h, v);
+        h.raw("</tr>");
+    }
+    h.table_close("No VMs.", 9, vms.is_empty());
+    h.raw("</div>");
+    new_vm_form(&mut h, f, &names, None, ctx.q("template").is_some());
+    Ok(h.finish())
+}
+
+/// The "new VM" form: from Blank with a disk and direct kernel boot, or from a template.
+fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Template>, open: bool) {
+    h.raw("<details class=\"panel\" id=\"new-vm\"");
+    if open || template.is_some() {
+        h.raw(" open");
+    }
+    h.raw("><summary>");
+    match template {
+        Some(t) => h.raw("New VM from template ").text(&t.name),
+        None => h.raw("New VM"),
+    };
+    h.raw("</summary>");
+    h.form_open(f, "/portal/vms", None, "grid-form");
+    h.input("Name", "name", "text", "", "required pattern=\"[A-Za-z0-9._-]+\"");
+    let mut cls: Vec<(String, String)> = names
+        .clusters
+        .values()
+        .map(|c| (c.id.to_string(), c.name.clone()))
+        .collect();
+    cls.sort_by(|a, b| a.1.cmp(&b.1));
+    h.select("Cluster", "cluster", &cls, None);
+    match template {
+        Some(t) => {
+            h.raw("<input type=\"hidden\" name=\"template\" value=\"")
+                .text(t.id)
+                .raw("\">");
+        }
+        None => {
+            let mut ts: Vec<(String, String)> = names
+                .templates
+                .values()
+                .filter(|t| t.status == TemplateStatus::Ok)
+                .map(|t| (t.id.to_string(), t.name.clone()))
+                .collect();
+            ts.sort_by(|a, b| (a.1 != "Blank", &a.1).cmp(&(b.1 != "Blank", &b.1)));
+            h.select("Template", "template", &ts, Some(&BLANK_TEMPLATE_ID.to_string()));
+        }
+    }
+    h.input(
+        "Memory (MiB)",
+        "memory_mib",
+        "number",
+        "",
+        "min=\"16\" placeholder=\"template's\"",
+    );
+    h.input(
+        "vCPUs",
+        "cpus",
+        "number",
+        "",
+        "min=\"1\" max=\"64\" placeholder=\"template's\"",
+    );
+    if template.is_none() {
+        h.raw("<fieldset><legend>New disk (VMs from Blank)</legend>");
+        h.input("Size (MiB, 0: none)", "disk_mib", "number", "0", "min=\"0\"");
+        let mut sds: Vec<(String, String)> = names
+            .sds
+            .values()
+            .filter(|s| s.domain_type == SdType::Data)
+            .map(|s| (s.id.to_string(), s.name.clone()))
+            .collect();
+        sds.sort_by(|a, b| a.1.cmp(&b.1));
+        h.select("Storage domain", "sd", &sds, None);
+        h.select(
+            "Format",
+            "disk_format",
+            &[
+                ("cow".into(), "qcow2 (thin)".into()),
+                ("raw".into(), "raw".into()),
+            ],
+            Some("cow"),
+        );
+        h.raw("</fieldset><fieldset><legend>Direct kernel boot (optional)</legend>");
+        h.input(
+            "Kernel",
+            "kernel",
+            "text",
+            "",
+            "placeholder=\"/path/on/the/hosts/vmlinuz\"",
+        );
+        h.input("Initrd", "initrd", "text", "", "");
+        h.input("Command line", "cmdline", "text", "", "");
+        h.raw("</fieldset>");
+    }
+    h.raw("<button type=\"submit\">Create VM</button></form></details>");
+}
+
+async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
+    let id: VmId = id
+        .parse()
+        .map_err(|_| PortalError::NotFound(format!("VM {id} not found")))?;
+    let db = ctx.db();
+    let v = db
+        .vm_get(id)
+        .await?
+        .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))?;
+    let names = Names::load(ctx).await?;
+    let atts = db.attachments_of_vm(id).await?;
+    let mut disks = Vec::with_capacity(atts.len());
+    for a in &atts {
+        if let Some(d) = db.disk_get(a.disk_id).await? {
+            disks.push((a.clone(), d));
+        }
+    }
+    let snaps = db.snapshots_of_vm(id).await?;
+    let nics = db.nics_of_vm(id).await?;
+    let sid = id.to_string();
+    let st = v.runtime.status;
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>VM ")
+        .text(&v.name)
+        .raw("</h1>")
+        .badge(st, Some(&format!("vm:{sid}")))
+        .raw("<span class=\"sub\">on <span data-live-host=\"")
+        .text(&sid)
+        .raw("\">")
+        .text(names.host(v.runtime.run_on_host.filter(|_| st.is_running())))
+        .raw("</span></span></div>");
+
+    // Actions: all are rendered; the script shows those that fit the live status.
+    h.raw("<div class=\"toolbar\" data-vm-acts=\"")
+        .text(&sid)
+        .raw("\" data-state=\"")
+        .raw(vm_status_class(st))
+        .raw("\" data-status=\"")
+        .text(st)
+        .raw("\">");
+    let act = |h: &mut Html, verb: &str, label: &str, confirm: Option<String>, when: &str, class: &str| {
+        h.raw("<span class=\"when\" data-when=\"").text(when).raw("\">");
+        h.action(
+            f,
+            &format!("/portal/vms/{sid}/{verb}"),
+            label,
+            confirm.as_deref(),
+            class,
+        );
+        h.raw("</span>");
+    };
+    act(&mut h, "start", "Start", None, "down", "");
+    act(
+        &mut h,
+        "shutdown",
+        "Shut down",
+        Some(format!("Shut down VM {} (ACPI)?", v.name)),
+        "running",
+        "secondary",
+    );
+    act(
+        &mut h,
+        "stop",
+        "Power off",
+        Some(format!(
+            "Power off VM {} now? Unsaved guest data is lost.",
+            v.name
+        )),
+        "running",
+        "danger",
+    );
+    act(&mut h, "pause", "Pause", None, "up", "secondary");
+    act(&mut h, "resume", "Resume", None, "paused", "secondary");
+    act(
+        &mut h,
+        "remove",
+        "Remove",
+        Some(format!(
+            "Remove VM {} and its disks? This cannot be undone.",
+            v.name
+        )),
+        "down",
+        "danger",
+    );
+    h.raw("</div>");
+
+    h.raw("<div class=\"grid2\"><section>");
+    h.facts(&[
+        ("Id", sid.clone()),
+        ("Cluster", names.cluster(v.cluster_id)),
+        ("Template", names.template(v.template_id)),
+        ("Memory", bytes(v.memory_bytes)),
+        (
+            "vCPUs",
+            format!(
+                "{} ({} socket × {} core × {} thread)",
+                v.cpu.vcpus(),
+                v.cpu.sockets,
+                v.cpu.cores,
+                v.cpu.threads
+            ),
+        ),
+        (
+            "High availability",
+            if v.ha.enabled {
+                format!("on (priority {})", v.ha.priority)
+            } else {
+                "off".into()
+            },
+        ),
+        ("Kernel", v.os.kernel.clone().unwrap_or_default()),
+        ("Command line", v.os.cmdline.clone().unwrap_or_default()),
+        (
+            "Status detail",
+            v.runtime.status_detail.clone().unwrap_or_default(),
+        ),
+        ("Created", time(v.created_at)),
+    ]);
+    h.raw("</section><section>");
+    h.raw("<div class=\"charts\">");
+    h.chart("vm", &sid, "CPU and memory");
+    h.raw("</div>");
+    // Forms that take input.
+    h.raw("<div class=\"forms\" data-vm-acts=\"")
+        .text(&sid)
+        .raw("\" data-state=\"")
+        .raw(vm_status_class(st))
+        .raw("\" data-status=\"")
+        .text(st)
+        .raw("\">");
+    h.form_open(f, &format!("/portal/vms/{sid}/migrate"), None, "inline-form when");
+    h.raw("");
+    let mut targets = vec![(String::new(), "(scheduler chooses)".to_string())];
+    targets.extend(
+        names
+            .sorted_hosts()
+            .iter()
+            .filter(|x| x.cluster_id == v.cluster_id && x.status == HostStatus::Up)
+            .map(|x| (x.id.to_string(), x.name.clone())),
+    );
+    h.select("Migrate to", "host", &targets, None);
+    h.raw("<button type=\"submit\" class=\"secondary\" data-when=\"up\">Migrate</button></form>");
+    h.form_open(f, &format!("/portal/vms/{sid}/snapshot"), None, "inline-form");
+    h.input(
+        "Snapshot",
+        "description",
+        "text",
+        "",
+        "placeholder=\"description\" required",
+    );
+    h.raw("<button type=\"submit\" class=\"secondary\">Take snapshot</button></form>");
+    h.form_open(f, &format!("/portal/vms/{sid}/template"), None, "inline-form");
+    h.input(
+        "Template",
+        "name",
+        "text",
+        "",
+        "placeholder=\"template name\" required pattern=\"[A-Za-z0-9._-]+\"",
+    );
+    h.raw("<button type=\"submit\" class=\"secondary\" data-when=\"down\">Make template</button></form>");
+    h.raw("</div></section></div>");
+
+    h.section("Disks");
+    h.raw("<div data-region=\"vm-disks\">");
+    h.table_open(
+        "vm-disks",
+        &[
+            "Alias",
+            "Status",
+            "Size",
+            "Allocated",
+            "Format",
+            "Storage domain",
+            "Interface",
+            "Boot",
+        ],
+        Some(&format!("vmdisks:{sid}")),
+    );
+    for (a, d) in &disks {
+        h.raw("<tr data-id=\"")
+            .text(d.id)
+            .raw("\" data-v=\"")
+            .text(d.status)
+            .raw("\">")
+            .cell(&d.name)
+            .raw("<td>")
+            .badge(d.status, None)
+            .raw("</td>")
+            .cell_num(bytes(d.provisioned_size))
+            .cell_num(bytes(d.actual_size))
+            .cell(d.format)
+            .cell(names.sd(d.storage_domain_id))
+            .cell(a.interface)
+            .cell(if a.bootable { "yes" } else { "" })
+            .raw("</tr>");
+    }
+    h.table_close("No disks.", 8, disks.is_empty());
+    h.raw("</div>");
+
+    h.section("Snapshots");
+    h.raw("<div data-region=\"vm-snapshots\">");
+    h.table_open(
+        "vm-snapshots",
+        &["Description", "Status", "Type", "Date", "Actions"],
+        Some(&format!("snaps:{sid}")),
+    );
+    for s in &snaps {
+        let ssid = s.id.to_string();
+        h.raw("<tr data-id=\"")
+            .text(&ssid)
+            .raw("\" data-v=\"")
+            .text(s.status)
+            .raw("\">")
+            .cell(if s.snapshot_type == SnapshotType::Active {
+                "Current"
+            } else {
+                &s.description
+            })
+            .raw("<td>")
+            .badge(s.status, None)
+            .raw("</td>")
+            .cell(s.snapshot_type)
+            .cell(time(s.created_at))
+            .raw("<td class=\"acts\">");
+        if s.snapshot_type == SnapshotType::Regular {
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/snapshots/{ssid}/restore"),
+                "Restore",
+                Some(&format!(
+                    "Restore VM {} to snapshot \"{}\"? Newer data is discarded.",
+                    v.name, s.description
+                )),
+                "down",
+                "small secondary",
+            );
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/snapshots/{ssid}/remove"),
+                "Remove",
+                Some(&format!(
+                    "Remove snapshot \"{}\" (its data is merged)?",
+                    s.description
+                )),
+                "",
+                "small danger",
+            );
+        }
+        h.raw("</td></tr>");
+    }
+    h.table_close("No snapshots.", 5, snaps.is_empty());
+    h.raw("</div>");
+
+    if !nics.is_empty() {
+        h.section("Network interfaces");
+        h.table_open("vm-nics", &["Name", "MAC", "Network", "Model", "Link"], None);
+        for n in &nics {
+            h.row_open(None)
+                .cell(&n.name)
+                .cell(n.mac)
+                .cell(n.network.clone().unwrap_or_else(|| "(empty)".into()))
+                .cell(n.interface)
+                .cell(if n.linked { "up" } else { "down" })
+                .raw("</tr>");
+        }
+        h.table_close("", 5, false);
+    }
+
+    h.section("Serial console");
+    h.raw("<pre class=\"console\" id=\"console\" data-console=\"")
+        .text(&sid)
+        .raw("\">")
+        .raw(if st.is_running() {
+            "loading…"
+        } else {
+            "(the VM is not running)"
+        })
+        .raw("</pre>");
+    Ok(h.finish())
+}
+
+async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
+    const PAGE: u32 = 100;
+    let page: u32 = ctx.q("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+    let vms = ctx
+        .db()
+        .vm_list(
+            &ListQuery::new()
+                .sort_by(VmSort::Name, SortDir::Asc)
+                .limit(PAGE)
+                .page(page),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.heading(
+        "Snapshots",
+        Some(&format!(
+            "VMs {}–{}",
+            (page - 1) * PAGE + 1,
+            (page - 1) * PAGE + vms.len() as u32
+        )),
+    );
+    h.table_open(
+        "snapshots",
+        &["VM", "Description", "Status", "Date", "Disks"],
+        None,
+    );
+    let mut any = false;
+    for v in &vms {
+        for s in ctx.db().snapshots_of_vm(v.id).await? {
+            if s.snapshot_type == SnapshotType::Active {
+                continue;
+            }
+            any = true;
+            h.row_open(Some(&s.id.to_string()))
+                .cell_link(&format!("/portal/vms/{}", v.id), &v.name)
+                .cell(&s.description)
+                .raw("<td>")
+                .badge(s.status, None)
+                .raw("</td>")
+                .cell(time(s.created_at))
+                .cell_num(s.disks.len())
+                .raw("</tr>");
+        }
+    }
+    h.table_close("No snapshots on these VMs.", 5, !any);
+    h.raw("<p class=\"pager\">");
+    if page > 1 {
+        h.raw(&format!(
+            "<a href=\"/portal/snapshots?page={}\">← previous VMs</a> ",
+            page - 1
+        ));
+    }
+    if vms.len() as u32 == PAGE {
+        h.raw(&format!(
+            "<a href=\"/portal/snapshots?page={}\">next VMs →</a>",
+            page + 1
+        ));
+    }
+    h.raw("</p>");
+    Ok(h.finish())
+}
+
+async fn templates(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
+    let names = Names::load(ctx).await?;
+    let ts = ctx
+        .db()
+        .template_list(&ListQuery::new().sort_by(TemplateSort::Name, SortDir::Asc))
+        .await?;
+    let mut h = Html::new();
+    h.heading("Templates", None);
+    h.raw("<div data-region=\"templates\">");
+    h.table_open(
+        "templates",
+        &[
+            "Name", "Status", "Memory", "vCPUs", "Cluster", "Disks", "Created", "Actions",
+        ],
+        Some("templates"),
+    );
+    for t in &ts {
+        let id = t.id.to_string();
+        let ndisks = if t.id == BLANK_TEMPLATE_ID {
+            0
+        } else {
+            ctx.db().template_disks(t.id).await?.len()
+        };
+        h.raw("<tr data-id=\"")
+            .text(&id)
+            .raw("\" data-v=\"")
+            .text(t.status)
+            .raw("\">")
+            .cell(&t.name)
+            .raw("<td>")
+            .badge(t.status, None)
+            .raw("</td>")
+            .cell_num(bytes(t.memory_bytes))
+            .cell_num(t.cpu.vcpus())
+            .cell(t.cluster_id.map(|c| names.cluster(c)).unwrap_or_default())
+            .cell_num(ndisks)
+            .cell(time(t.created_at))
+            .raw("<td class=\"acts\">");
+        if t.status == TemplateStatus::Ok {
+            h.raw("<a class=\"button small\" href=\"/portal/templates?template=")
+                .text(&id)
+                .raw("#new-vm\">New VM</a>");
+        }
+        if t.id != BLANK_TEMPLATE_ID {
+            act_button(
+                &mut h,
+                &format!("/portal/templates/{id}/remove"),
+                "Remove",
+                Some(&format!("Remove template {} and its disks?", t.name)),
+                "",
+                "small danger",
+            );
+        }
+        h.raw("</td></tr>");
+    }
+    h.table_close("No templates.", 8, ts.is_empty());
+    h.raw("</div>");
+    let chosen = ctx
+        .q("template")
+        .and_then(|t| t.parse::<TemplateId>().ok())
+        .and_then(|t| ts.iter().find(|x| x.id == t));
+    match chosen {
+        Some(t) => new_vm_form(&mut h, f, &names, Some(t), true),
+        None => new_vm_form(&mut h, f, &names, None, false),
+    }
+    Ok(h.finish())
+}
+
+// ------------------------------------------------------------------------------ operations
+
+async fn jobs(ctx: &Ctx) -> Result<String, PortalError> {
+    let status: Vec<JobStatus> = ctx.q("status").and_then(|s| s.parse().ok()).into_iter().collect();
+    let js = ctx
+        .db()
+        .job_list(
+            &ListQuery::filtered(JobFilter {
+                status,
+                ..Default::default()
+            })
+            .sort_by(JobSort::StartedAt, SortDir::Desc)
+            .limit(100),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.heading("Jobs", Some("the latest 100"));
+    jobs_table(ctx, &mut h, &js, "jobs").await?;
+    Ok(h.finish())
+}
+
+async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+    let id: JobId = id
+        .parse()
+        .map_err(|_| PortalError::NotFound(format!("job {id} not found")))?;
+    let j = ctx
+        .db()
+        .job_get(id)
+        .await?
+        .ok_or_else(|| PortalError::NotFound(format!("job {id} not found")))?;
+    let steps = ctx.db().job_steps(id).await?;
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>")
+        .text(&j.description)
+        .raw("</h1>")
+        .badge(j.status, Some(&format!("job:{id}")))
+        .raw("</div>");
+    h.raw("<div data-region=\"job\" data-live-jobs=\"1\">");
+    if let Some((done, total)) = job_progress(ctx, &j).await? {
+        h.raw(&format!(
+            "<p><progress class=\"wide\" data-live-progress=\"{id}\" max=\"{total}\" value=\"{done}\"></progress> <span data-live-steps=\"{id}\">{done}/{total}</span> steps</p>"
+        ));
+    }
+    h.facts(&[
+        ("Started", time(j.started_at)),
+        ("Ended", j.ended_at.map(time).unwrap_or_default()),
+        ("Correlation id", j.correlation_id.clone().unwrap_or_default()),
+    ]);
+    h.table_open(
+        "steps",
+        &["#", "Step", "Type", "Status", "Started", "Ended"],
+        None,
+    );
+    for s in &steps {
+        h.row_open(None)
+            .cell_num(s.number)
+            .cell(&s.description)
+            .cell(s.step_type)
+            .raw("<td>")
+            .badge(s.status, None)
+            .raw("</td>")
+            .cell(time(s.started_at))
+            .cell(s.ended_at.map(time).unwrap_or_default())
+            .raw("</tr>");
+    }
+    h.table_close("No steps yet.", 6, steps.is_empty());
+    h.raw("</div>");
+    Ok(h.finish())
+}
+
+async fn events(ctx: &Ctx) -> Result<String, PortalError> {
+    let min: Option<Severity> = ctx.q("severity").and_then(|s| s.parse().ok());
+    let es = ctx
+        .db()
+        .event_list(
+            &ListQuery::filtered(EventFilter {
+                min_severity: min,
+                ..Default::default()
+            })
+            .sort_by(EventSort::Id, SortDir::Desc)
+            .limit(200),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.heading("Events", Some("the latest 200"));
+    h.raw("<form method=\"get\" class=\"search\" action=\"/portal/events\">");
+    h.select(
+        "At least",
+        "severity",
+        &Severity::ALL
+            .iter()
+            .map(|s| (s.to_string(), s.to_string()))
+            .collect::<Vec<_>>(),
+        min.map(|m| m.as_str()),
+    );
+    h.raw("<button type=\"submit\" class=\"secondary\">Filter</button></form>");
+    events_table(&mut h, &es, min.is_none());
+    Ok(h.finish())
+}
