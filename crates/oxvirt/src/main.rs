@@ -42,9 +42,9 @@ enum Command {
     },
 }
 
-/// The engine's routes beyond enrollment: the oVirt REST API v4 and SSO.
+/// The engine's routes beyond enrollment: the web admin portal, the oVirt REST API v4 and SSO.
 fn routes() -> Option<oxvirt_engine::daemon::ExtraRoutes> {
-    Some(oxvirt_engine::rest::routes())
+    Some(oxvirt_engine::portal::routes_with(oxvirt_engine::rest::routes()))
 }
 
 fn main() -> anyhow::Result<()> {
