@@ -9,6 +9,8 @@
 #   postgresql                     the engine's tests on PostgreSQL (scripts/pg-test.sh)
 #   gcc python3-dev python3-venv   the venv of oVirt's Python SDK (a C extension) and Ansible for the
 #   libxml2-dev                    REST compatibility tests (scripts/py-clients.sh)
+#   chromium nodejs npm            the web portal's browser test (headless Chromium driven by
+#                                  playwright-core, which the test installs with npm ci)
 set -euo pipefail
 
 say() { echo "deps: $*"; }
@@ -29,6 +31,9 @@ have_cmd sanlock || missing+=(sanlock)
 have_cmd ip || missing+=(iproute2)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 have_cmd gcc || missing+=(gcc)
+have_cmd chromium || missing+=(chromium)
+have_cmd node || missing+=(nodejs)
+have_cmd npm || missing+=(npm)
 for p in python3-dev python3-venv libxml2-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
