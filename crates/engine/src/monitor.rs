@@ -199,7 +199,15 @@ async fn poll_host(app: &Arc<App>, h: &Host) -> Result<(), CommandError> {
             )
             .await?;
     }
-    if h.status != HostStatus::Up {
+    // Networks (issue 11): lacking a required network of its cluster makes a host non_operational.
+    if let Some(reason) = crate::commands::host_network_problem(app, h, &node).await? {
+        if h.status != HostStatus::NonOperational || h.status_detail.as_deref() != Some(reason.as_str()) {
+            app.db
+                .host_set_status(h.id, &[h.status], HostStatus::NonOperational, Some(&reason))
+                .await?;
+            event(app, Severity::Error, 519, reason, Some(h.id), None).await;
+        }
+    } else if h.status != HostStatus::Up {
         app.db
             .host_set_status(h.id, &[h.status], HostStatus::Up, None)
             .await?;

@@ -11,6 +11,14 @@
 //!   `non_operational`, with a reason naming them; [`host_networks`] reads what a host has from
 //!   its `Host.getCapabilities`; [`vm_networks`] is what a VM needs, for the scheduler's
 //!   network filter (`oxvirt_scheduler` `Host::networks` / `Vm::networks`).
+//! - [`setup_networks_request`]: the `Host.setupNetworks` request for attachments and
+//!   removals; [`node_nic`]: a VM NIC as the node's `VM.create`/`VM.hotplugNic` take it.
+//!
+//! The management network (oVirt's `ovirtmgmt`, [`MANAGEMENT_NETWORK`]) is created with each
+//! data center and attached to each of its clusters as their management network. It is the
+//! network the engine reaches hosts over, so a host the engine polls carries it by definition
+//! and compliance never faults a host for it; it becomes a bridge VMs can use only once a
+//! host attachment puts it on a NIC.
 //!
 //! Invariant: pure functions and values; every refusal names the object and the rule.
 
@@ -18,7 +26,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DcId, MacAddr, Nic};
+use crate::model::{DcId, HostUuid, MacAddr, Nic};
+use crate::time::Timestamp;
+pub use oxvirt_types::{NetworkAttachmentId, NetworkId, VnicProfileId};
+
+/// The name of the management network each data center gets.
+pub const MANAGEMENT_NETWORK: &str = "ovirtmgmt";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetworkError {
@@ -246,6 +259,7 @@ fn check_ranges(ranges: &[MacRange]) -> Result<(), NetworkError> {
 /// A logical network of a data center.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogicalNetwork {
+    pub id: NetworkId,
     pub name: String,
     pub data_center_id: DcId,
     #[serde(default)]
@@ -257,6 +271,47 @@ pub struct LogicalNetwork {
     pub vlan: Option<u16>,
     /// A VM network: hosts carry it on a bridge and VM NICs plug into it.
     pub vm_network: bool,
+    #[serde(default = "epoch")]
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub revision: i64,
+}
+
+fn epoch() -> Timestamp {
+    Timestamp::from_millis(0)
+}
+
+impl LogicalNetwork {
+    /// A VM network with the default MTU and no VLAN.
+    pub fn new(name: &str, data_center_id: DcId) -> LogicalNetwork {
+        LogicalNetwork {
+            id: NetworkId::new_random(),
+            name: name.to_string(),
+            data_center_id,
+            description: String::new(),
+            mtu: None,
+            vlan: None,
+            vm_network: true,
+            created_at: epoch(),
+            revision: 0,
+        }
+    }
+
+    /// The network's one vNIC profile (oVirt creates one per VM network, named after it); its
+    /// id is the network's, so neither needs a lookup to find the other.
+    pub fn vnic_profile(&self) -> VnicProfileId {
+        vnic_profile_of(self.id)
+    }
+}
+
+/// The vNIC profile of network `id`.
+pub fn vnic_profile_of(id: NetworkId) -> VnicProfileId {
+    VnicProfileId::from_uuid(*id.as_uuid())
+}
+
+/// The network a vNIC profile belongs to.
+pub fn network_of_profile(p: VnicProfileId) -> NetworkId {
+    NetworkId::from_uuid(*p.as_uuid())
 }
 
 pub const MIN_MTU: u32 = 68;
@@ -266,7 +321,7 @@ pub const MAX_VLAN_ID: u16 = 4094;
 pub const MAX_NETWORK_NAME: usize = 15;
 
 /// Checks `net` on its own and against the data center's other networks (`others`, which may
-/// contain `net`'s own previous version under the same name: it is skipped).
+/// contain `net`'s own previous version, with the same id: it is skipped).
 pub fn validate_network(net: &LogicalNetwork, others: &[LogicalNetwork]) -> Result<(), NetworkError> {
     let mut reasons = Vec::new();
     if net.name.is_empty() || net.name.len() > MAX_NETWORK_NAME {
@@ -294,9 +349,11 @@ pub fn validate_network(net: &LogicalNetwork, others: &[LogicalNetwork]) -> Resu
     }
     for o in others
         .iter()
-        .filter(|o| o.data_center_id == net.data_center_id && o.name != net.name)
+        .filter(|o| o.data_center_id == net.data_center_id && o.id != net.id)
     {
-        if o.name.eq_ignore_ascii_case(&net.name) {
+        if o.name == net.name {
+            reasons.push(format!("network {:?} already exists in the data center", o.name));
+        } else if o.name.eq_ignore_ascii_case(&net.name) {
             reasons.push(format!("network {:?} differs only in case", o.name));
         }
         if net.vlan.is_some() && o.vlan == net.vlan {
@@ -320,10 +377,12 @@ pub fn validate_network(net: &LogicalNetwork, others: &[LogicalNetwork]) -> Resu
 /// A network attached to a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterNetwork {
+    pub network_id: NetworkId,
     pub name: String,
     /// Hosts without it are `non_operational`.
     pub required: bool,
-    /// The management network (always required).
+    /// The cluster's management network: hosts reach the engine over it, so it never makes a
+    /// host non-compliant (see the module docs).
     #[serde(default)]
     pub management: bool,
 }
@@ -338,7 +397,8 @@ pub enum Compliance {
     NonOperational { missing: Vec<String>, reason: String },
 }
 
-/// Decides whether host `host_name` may be `up` in its cluster, given the networks it reports.
+/// Decides whether host `host_name` may be `up` in its cluster, given the networks it reports
+/// (the management network counts as present: the engine reached the host to ask).
 pub fn host_compliance(
     host_name: &str,
     cluster: &[ClusterNetwork],
@@ -347,8 +407,8 @@ pub fn host_compliance(
     let mut missing = Vec::new();
     let mut optional_missing = Vec::new();
     for n in cluster {
-        if !host_networks.contains(&n.name) {
-            if n.required || n.management {
+        if !host_networks.contains(&n.name) && !n.management {
+            if n.required {
                 missing.push(n.name.clone());
             } else {
                 optional_missing.push(n.name.clone());
@@ -394,16 +454,27 @@ pub fn vm_networks<'a>(nics: impl IntoIterator<Item = &'a Nic>) -> BTreeSet<Stri
 }
 
 /// The `networks` part of `Host.setupNetworks` for attaching `attachments` (network name →
-/// how the host carries it), with the data center's definitions: what the engine sends a node.
+/// how the host carries it) and removing `removals`, with the data center's definitions: what
+/// the engine sends a node.
 pub fn setup_networks_request(
     defs: &BTreeMap<String, LogicalNetwork>,
     attachments: &BTreeMap<String, HostAttachment>,
+    removals: &BTreeSet<String>,
 ) -> Result<serde_json::Value, String> {
     let mut nets = serde_json::Map::new();
+    for name in removals {
+        if attachments.contains_key(name) {
+            return Err(format!("network {name:?} is both attached and removed"));
+        }
+        nets.insert(name.clone(), serde_json::json!({ "remove": true }));
+    }
     for (name, a) in attachments {
         let d = defs
             .get(name)
             .ok_or_else(|| format!("network {name:?} is not defined in the data center"))?;
+        if a.nic.is_empty() {
+            return Err(format!("network {name:?} needs a host NIC to carry it"));
+        }
         let mut v = serde_json::json!({ "nic": a.nic, "bridged": d.vm_network });
         if let Some(m) = d.mtu {
             v["mtu"] = m.into();
@@ -419,6 +490,9 @@ pub fn setup_networks_request(
                 prefix,
                 gateway,
             } => {
+                if *prefix > 32 {
+                    return Err(format!("network {name:?}: prefix length {prefix} is over 32"));
+                }
                 v["ipaddr"] = address.to_string().into();
                 v["prefix"] = (*prefix).into();
                 if let Some(g) = gateway {
@@ -430,6 +504,27 @@ pub fn setup_networks_request(
         nets.insert(name.clone(), v);
     }
     Ok(serde_json::json!({ "networks": nets }))
+}
+
+/// A VM NIC as the node's `VM.create`, `VM.migrationCreate` and `VM.hotplugNic` take it: on
+/// its network's bridge, or — with no network (oVirt's empty profile) — with its cable out.
+pub fn node_nic(n: &Nic) -> serde_json::Value {
+    let mut v = serde_json::json!({ "mac": n.mac, "linkActive": n.linked && n.network.is_some() });
+    if let Some(net) = &n.network {
+        v["network"] = net.clone().into();
+    }
+    v
+}
+
+/// A host network attachment as stored: network `network_id` (named `network`) on host
+/// `host_id`, carried as `attachment` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    pub id: NetworkAttachmentId,
+    pub host_id: HostUuid,
+    pub network_id: NetworkId,
+    pub network: String,
+    pub attachment: HostAttachment,
 }
 
 /// Which host NIC carries a network and how the host addresses itself on it.
@@ -561,23 +656,25 @@ mod tests {
 
     fn net(name: &str, vlan: Option<u16>, mtu: Option<u32>) -> LogicalNetwork {
         LogicalNetwork {
-            name: name.into(),
-            data_center_id: "00000000-0000-4000-8000-000000000001".parse().unwrap(),
-            description: String::new(),
             mtu,
             vlan,
-            vm_network: true,
+            ..LogicalNetwork::new(name, "00000000-0000-4000-8000-000000000001".parse().unwrap())
         }
     }
 
     #[test]
     fn network_definitions_are_checked() {
         validate_network(&net("ovirtmgmt", None, None), &[]).unwrap();
-        validate_network(
-            &net("v100", Some(100), Some(9000)),
-            &[net("v100", Some(100), None)],
-        )
-        .expect("its own previous version does not clash");
+        let v100 = net("v100", Some(100), Some(9000));
+        let old = LogicalNetwork {
+            mtu: None,
+            ..v100.clone()
+        };
+        validate_network(&v100, &[old]).expect("its own previous version does not clash");
+        let s = validate_network(&v100, &[net("v100", None, None)])
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("already exists"), "{s}");
         let e = validate_network(&net("a name too long!", Some(4095), Some(20)), &[]).unwrap_err();
         let s = e.to_string();
         for needle in ["1 to 15", "letters", "VLAN id 4095", "MTU 20"] {
@@ -611,38 +708,30 @@ mod tests {
 
     #[test]
     fn hosts_missing_required_networks_are_non_operational() {
+        let cn = |name: &str, required: bool, management: bool| ClusterNetwork {
+            network_id: NetworkId::new_random(),
+            name: name.into(),
+            required,
+            management,
+        };
         let cluster = vec![
-            ClusterNetwork {
-                name: "ovirtmgmt".into(),
-                required: false,
-                management: true,
-            },
-            ClusterNetwork {
-                name: "vmnet".into(),
-                required: true,
-                management: false,
-            },
-            ClusterNetwork {
-                name: "backup".into(),
-                required: false,
-                management: false,
-            },
+            cn("ovirtmgmt", true, true),
+            cn("vmnet", true, false),
+            cn("storage", true, false),
+            cn("backup", false, false),
         ];
         let caps = serde_json::json!({ "networks": {
-            "vmnet": { "present": true }, "ovirtmgmt": { "present": false } } });
+            "storage": { "present": true }, "vmnet": { "present": false } } });
         let have = host_networks(&caps);
-        assert_eq!(have, BTreeSet::from(["vmnet".to_string()]));
+        assert_eq!(have, BTreeSet::from(["storage".to_string()]));
         match host_compliance("h1", &cluster, &have) {
             Compliance::NonOperational { missing, reason } => {
-                assert_eq!(missing, ["ovirtmgmt"]);
-                assert!(
-                    reason.contains("h1") && reason.contains("'ovirtmgmt'"),
-                    "{reason}"
-                );
+                assert_eq!(missing, ["vmnet"], "the management network is never missing");
+                assert!(reason.contains("h1") && reason.contains("'vmnet'"), "{reason}");
             }
             other => panic!("{other:?}"),
         }
-        let all = BTreeSet::from(["vmnet".to_string(), "ovirtmgmt".to_string()]);
+        let all = BTreeSet::from(["vmnet".to_string(), "storage".to_string()]);
         assert_eq!(
             host_compliance("h1", &cluster, &all),
             Compliance::Operational {
@@ -691,7 +780,8 @@ mod tests {
                 },
             ),
         ]);
-        let r = setup_networks_request(&defs, &att).unwrap();
+        let r = setup_networks_request(&defs, &att, &BTreeSet::from(["old".to_string()])).unwrap();
+        assert_eq!(r["networks"]["old"], serde_json::json!({ "remove": true }));
         assert_eq!(
             r["networks"]["vmnet"],
             serde_json::json!({ "nic": "eth1", "bridged": true, "mtu": 9000, "vlan": 10 })
@@ -700,8 +790,35 @@ mod tests {
         assert_eq!(r["networks"]["mgmt"]["defaultRoute"], true);
         assert_eq!(r["networks"]["mgmt"]["bridged"], false);
         let missing = BTreeMap::from([("nope".to_string(), att["vmnet"].clone())]);
-        assert!(setup_networks_request(&defs, &missing)
+        assert!(setup_networks_request(&defs, &missing, &BTreeSet::new())
             .unwrap_err()
             .contains("nope"));
+        let both = BTreeSet::from(["vmnet".to_string()]);
+        assert!(setup_networks_request(&defs, &att, &both)
+            .unwrap_err()
+            .contains("both"));
+        let mut bad = att.clone();
+        bad.get_mut("vmnet").unwrap().nic.clear();
+        assert!(setup_networks_request(&defs, &bad, &BTreeSet::new())
+            .unwrap_err()
+            .contains("host NIC"));
+    }
+
+    #[test]
+    fn vm_nics_go_to_the_node_on_their_network_or_unplugged() {
+        let mut n = nic(Some("vmnet"), true);
+        assert_eq!(
+            node_nic(&n),
+            serde_json::json!({ "mac": "56:6f:00:00:00:01", "network": "vmnet", "linkActive": true })
+        );
+        n.linked = false;
+        assert_eq!(node_nic(&n)["linkActive"], false);
+        let empty = nic(None, true);
+        assert_eq!(
+            node_nic(&empty),
+            serde_json::json!({ "mac": "56:6f:00:00:00:01", "linkActive": false })
+        );
+        let id = NetworkId::new_random();
+        assert_eq!(network_of_profile(vnic_profile_of(id)), id);
     }
 }

@@ -59,6 +59,7 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
             ..Default::default()
         })
         .await?;
+    let (host_networks, vm_networks) = crate::commands::scheduling_networks(app, cluster).await?;
     let mut s_vms = Vec::new();
     for v in &vms {
         let mut domains = BTreeSet::new();
@@ -82,7 +83,7 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
             migrating_to: v.runtime.migrating_to_host.map(sched_host_id),
             pinned_hosts: v.placement.hosts.iter().copied().map(sched_host_id).collect(),
             storage_domains: domains,
-            networks: BTreeSet::new(),
+            networks: vm_networks.get(&v.id).cloned().unwrap_or_default(),
             highly_available: v.ha.enabled,
             ha_priority: v.ha.priority.max(0) as u32,
             migratable: v.placement.affinity == crate::model::PlacementAffinity::Migratable,
@@ -121,7 +122,7 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
                 mem_committed_mib: mine.iter().map(|v| v.memory_bytes / MIB).sum(),
                 max_scheduling_memory_mib: None,
                 storage_domains: rt.domains.clone(),
-                networks: BTreeSet::new(),
+                networks: host_networks.get(&h.id).cloned().unwrap_or_default(),
                 spm: dc.spm_host == Some(h.id),
                 vm_count: mine.len() as u32,
                 pending: sched::Pending::default(),

@@ -42,7 +42,9 @@ impl Commands {
         let mut dc = DataCenter::new(&req.name);
         dc.description = req.description;
         dc.local = req.local;
-        Ok(self.app.db.dc_insert(&dc).await?)
+        let dc = self.app.db.dc_insert(&dc).await?;
+        self.ensure_management_network(dc.id).await?;
+        Ok(dc)
     }
 
     /// Removes a data center without storage or clusters (`force` detaches nothing: oVirt's
@@ -76,7 +78,9 @@ impl Commands {
             }
             cl.memory_overcommit_percent = o;
         }
-        Ok(self.app.db.cluster_insert(&cl).await?)
+        let cl = self.app.db.cluster_insert(&cl).await?;
+        self.ensure_cluster_management(cl.id).await?;
+        Ok(cl)
     }
 
     pub async fn remove_cluster(&self, id: ClusterId) -> Result<(), CommandError> {

@@ -9,6 +9,7 @@
 //! transports above are translations only.
 
 mod infra;
+mod networks;
 mod snapshots;
 mod storage;
 mod vms;
@@ -23,6 +24,8 @@ use crate::nodes::NodeError;
 use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
 
 pub use infra::{AddCluster, AddDataCenter, AddHost};
+pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_nic_slots};
+pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
 pub use snapshots::AddSnapshot;
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
@@ -98,6 +101,7 @@ impl Commands {
         sagas.register::<snapshots::AddSnapshotSaga>()?;
         sagas.register::<snapshots::RemoveSnapshotSaga>()?;
         sagas.register::<snapshots::RestoreSnapshotSaga>()?;
+        sagas.register::<networks::SetupNetworksSaga>()?;
         Ok(())
     }
 

@@ -102,7 +102,7 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
         .await?
         .iter()
         .filter(|n| n.plugged)
-        .map(|n| json!({ "mac": n.mac }))
+        .map(crate::network::node_nic)
         .collect();
     let mut p = json!({
         "vmID": v.id,
@@ -452,6 +452,9 @@ impl SagaDef for MigrateVmSaga {
                     let p = c.params();
                     let node = client_of(c.app(), p.dst).await?;
                     let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    let params = super::with_source_nic_slots(c.app(), p.src, p.vm, params)
+                        .await
+                        .map_err(step_err)?;
                     let r = node.call("VM.migrationCreate", params).await.map_err(step_err)?;
                     r["uri"]
                         .as_str()

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "vm_os",
         sql: include_str!("migrations/0002_vm_os.sql"),
     },
+    Migration {
+        version: 4,
+        name: "networks",
+        sql: include_str!("migrations/0004_networks.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

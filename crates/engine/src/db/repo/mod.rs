@@ -41,6 +41,7 @@ macro_rules! repo {
 }
 
 mod infra;
+mod networks;
 mod ops;
 pub(crate) mod sagas;
 mod storage;
