@@ -103,10 +103,10 @@ impl Portal {
     }
 
     async fn route(self: &Arc<Self>, engine: &Arc<Engine>, req: HttpRequest) -> Result<Reply, PortalError> {
-        let path = req.path.trim_end_matches('/');
-        if path.is_empty() || path == PREFIX {
+        if req.path == "/" || req.path == PREFIX {
             return Ok(redirect("/portal/"));
         }
+        let path = req.path.trim_end_matches('/');
         let rest = path.strip_prefix(PREFIX).unwrap_or(path).to_string();
         let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         match (&req.method, segs.as_slice()) {
@@ -378,12 +378,21 @@ pub fn redirect_with(location: &str, cookie: Option<HeaderValue>) -> Reply {
     }
 }
 
+/// Serves a compiled-in asset; with `OXVIRT_PORTAL_ASSETS=<dir>` (working on the portal) the
+/// file is read from that directory on each request instead, so edits show without a rebuild.
 fn static_file(name: &str) -> Result<Reply, PortalError> {
     let (ct, body) = match name {
         "portal.css" => ("text/css; charset=utf-8", CSS),
         "portal.js" => ("text/javascript; charset=utf-8", JS),
         "icon.svg" => ("image/svg+xml", ICON),
         _ => return Err(PortalError::NotFound(format!("no such file {name}"))),
+    };
+    let body = match std::env::var_os("OXVIRT_PORTAL_ASSETS") {
+        Some(dir) => Bytes::from(
+            std::fs::read(std::path::Path::new(&dir).join(name))
+                .map_err(|e| PortalError::NotFound(format!("asset {name} in OXVIRT_PORTAL_ASSETS: {e}")))?,
+        ),
+        None => Bytes::from_static(body.as_bytes()),
     };
     let mut headers = security_headers();
     headers.insert(
@@ -394,7 +403,7 @@ fn static_file(name: &str) -> Result<Reply, PortalError> {
         status: StatusCode::OK,
         content_type: ct,
         headers,
-        body: Bytes::from_static(body.as_bytes()),
+        body,
     })
 }
 
@@ -417,6 +426,9 @@ pub fn safe_back(target: Option<&str>) -> String {
         _ => "/portal/".to_string(),
     }
 }
+
+#[cfg(test)]
+mod flow_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1042,7 +1042,13 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
     };
     h.raw("</summary>");
     h.form_open(f, "/portal/vms", None, "grid-form");
-    h.input("Name", "name", "text", "", "required pattern=\"[A-Za-z0-9._-]+\"");
+    h.input(
+        "Name",
+        "name",
+        "text",
+        "",
+        "required pattern=\"[A-Za-z0-9._\\-]+\"",
+    );
     let mut cls: Vec<(String, String)> = names
         .clusters
         .values()
@@ -1101,18 +1107,20 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
             ],
             Some("cow"),
         );
-        h.raw("</fieldset><fieldset><legend>Direct kernel boot (optional)</legend>");
-        h.input(
-            "Kernel",
-            "kernel",
-            "text",
-            "",
-            "placeholder=\"/path/on/the/hosts/vmlinuz\"",
-        );
-        h.input("Initrd", "initrd", "text", "", "");
-        h.input("Command line", "cmdline", "text", "", "");
         h.raw("</fieldset>");
     }
+    // Templates carry no boot configuration: a VM from one names its kernel here too.
+    h.raw("<fieldset><legend>Direct kernel boot (optional)</legend>");
+    h.input(
+        "Kernel",
+        "kernel",
+        "text",
+        "",
+        "placeholder=\"/path/on/the/hosts/vmlinuz\"",
+    );
+    h.input("Initrd", "initrd", "text", "", "");
+    h.input("Command line", "cmdline", "text", "", "");
+    h.raw("</fieldset>");
     h.raw("<button type=\"submit\">Create VM</button></form></details>");
 }
 
@@ -1246,7 +1254,8 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         .raw("\" data-status=\"")
         .text(st)
         .raw("\">");
-    h.form_open(f, &format!("/portal/vms/{sid}/migrate"), None, "inline-form when");
+    h.raw("<div data-when=\"up\">");
+    h.form_open(f, &format!("/portal/vms/{sid}/migrate"), None, "inline-form");
     h.raw("");
     let mut targets = vec![(String::new(), "(scheduler chooses)".to_string())];
     targets.extend(
@@ -1257,7 +1266,7 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             .map(|x| (x.id.to_string(), x.name.clone())),
     );
     h.select("Migrate to", "host", &targets, None);
-    h.raw("<button type=\"submit\" class=\"secondary\" data-when=\"up\">Migrate</button></form>");
+    h.raw("<button type=\"submit\" class=\"secondary\">Migrate</button></form></div>");
     h.form_open(f, &format!("/portal/vms/{sid}/snapshot"), None, "inline-form");
     h.input(
         "Snapshot",
@@ -1267,15 +1276,16 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         "placeholder=\"description\" required",
     );
     h.raw("<button type=\"submit\" class=\"secondary\">Take snapshot</button></form>");
+    h.raw("<div data-when=\"down\">");
     h.form_open(f, &format!("/portal/vms/{sid}/template"), None, "inline-form");
     h.input(
         "Template",
         "name",
         "text",
         "",
-        "placeholder=\"template name\" required pattern=\"[A-Za-z0-9._-]+\"",
+        "placeholder=\"template name\" required pattern=\"[A-Za-z0-9._\\-]+\"",
     );
-    h.raw("<button type=\"submit\" class=\"secondary\" data-when=\"down\">Make template</button></form>");
+    h.raw("<button type=\"submit\" class=\"secondary\">Make template</button></form></div>");
     h.raw("</div></section></div>");
 
     h.section("Disks");

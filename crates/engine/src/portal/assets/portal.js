@@ -121,8 +121,7 @@
     ev.preventDefault();
     const btn = ev.submitter || $("button[type=submit]", f);
     const ok = await runAction(f.action, new FormData(f), f.dataset.confirm || null, btn);
-    if (ok && f.closest("details.panel")) f.reset();
-    if (ok && f.dataset.reset !== undefined) f.reset();
+    if (ok && (f.closest("details.panel") || f.classList.contains("inline-form"))) f.reset();
   });
 
   document.addEventListener("click", (ev) => {
@@ -299,9 +298,13 @@
   function drawChart(fig, pts, now) {
     const svg = $("svg", fig);
     const end = Math.max(now || 0, pts.length ? pts[pts.length - 1].t : 0);
-    const x = (t) => (300 - ((end - t) / CHART_WINDOW_MS) * 300).toFixed(1);
+    // The window grows with the history (one minute at least, five at most), so a fresh
+    // chart is not a sliver at the right edge.
+    const span = pts.length ? end - pts[0].t : 0;
+    const win = Math.min(CHART_WINDOW_MS, Math.max(60 * 1000, span));
+    const x = (t) => (300 - ((end - t) / win) * 300).toFixed(1);
     const y = (v) => (100 - Math.max(0, Math.min(100, v))).toFixed(1);
-    const visible = pts.filter((p) => end - p.t <= CHART_WINDOW_MS);
+    const visible = pts.filter((p) => end - p.t <= win);
     const cpu = visible.map((p) => x(p.t) + "," + y(p.cpu)).join(" ");
     const mem = visible.map((p) => x(p.t) + "," + y(p.mem_total ? (p.mem * 100) / p.mem_total : 0)).join(" ");
     const mk = (tag, attrs) => { const e = document.createElementNS(SVGNS, tag); for (const k in attrs) e.setAttribute(k, attrs[k]); return e; };
@@ -313,9 +316,12 @@
     kids.push(mk("polyline", { class: "mem", points: mem, "vector-effect": "non-scaling-stroke" }));
     svg.replaceChildren(...kids);
     const last = pts[pts.length - 1];
-    $(".chart-now", fig).textContent = last
-      ? "CPU " + last.cpu.toFixed(0) + " % · memory " + fmtBytes(last.mem * 1048576) + " of " + fmtBytes(last.mem_total * 1048576)
-      : "no samples yet";
+    const mib = (v) => fmtBytes(v * 1048576);
+    $(".chart-now", fig).textContent = !last
+      ? "no samples yet"
+      : fig.dataset.chart === "vm"
+        ? "CPU " + last.cpu.toFixed(0) + " % · QEMU memory " + mib(last.mem) + " (guest " + mib(last.mem_total) + ")"
+        : "CPU " + last.cpu.toFixed(0) + " % · memory " + mib(last.mem) + " of " + mib(last.mem_total);
     fig.dataset.points = String(pts.length);
   }
 

@@ -1,0 +1,373 @@
+//! The portal end to end on a real engine (SQLite, its real command layer, no node): login,
+//! sessions, CSRF and origin checks, every page, an action that runs, one that fails, the
+//! confirmation of destructive actions and the live endpoint.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use oxvirt_rpc::{HttpRequest, Reply};
+use serde_json::Value;
+
+use super::*;
+use crate::app::EngineSettings;
+use crate::daemon::EngineConfig;
+use crate::model::{VmStatus, BLANK_TEMPLATE_ID};
+
+const PW: &str = "portal-unit-test";
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, k: &str) -> &str {
+        self.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+struct T {
+    engine: Arc<Engine>,
+    portal: Arc<Portal>,
+    cookie: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl T {
+    async fn new() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::start(
+            EngineConfig {
+                data_dir: dir.path().to_path_buf(),
+                db_url: None,
+                listen: "127.0.0.1:0".parse().unwrap(),
+                admin_password: Some(PW.into()),
+                settings: EngineSettings::default(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        crate::allinone::ensure_default(&engine).await.unwrap();
+        T {
+            engine,
+            portal: Portal::with_sample_interval(Duration::from_millis(200)),
+            cookie: None,
+            _dir: dir,
+        }
+    }
+
+    async fn send(&self, method: Method, target: &str, body: &str, extra: &[(&'static str, &str)]) -> Resp {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (target.to_string(), None),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("127.0.0.1:8443"));
+        if let Some(c) = &self.cookie {
+            headers.insert(
+                "cookie",
+                HeaderValue::from_str(&format!("oxvirt_portal={c}")).unwrap(),
+            );
+        }
+        for (k, v) in extra {
+            headers.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        let req = HttpRequest {
+            method,
+            path,
+            query,
+            headers,
+            body: Bytes::from(body.to_string()),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            client: None,
+        };
+        match self.portal.handle(self.engine.clone(), req).await {
+            Reply::Headers {
+                status,
+                headers,
+                body,
+                ..
+            } => Resp {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            },
+            Reply::Full { status, body, .. } => Resp {
+                status,
+                headers: HeaderMap::new(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            },
+            Reply::Stream { .. } => panic!("the portal does not stream"),
+        }
+    }
+
+    async fn get(&self, target: &str) -> Resp {
+        self.send(Method::GET, target, "", &[]).await
+    }
+
+    async fn post(&self, target: &str, form: &[(&str, &str)], extra: &[(&'static str, &str)]) -> Resp {
+        let body: Vec<String> = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", url_encode(v)))
+            .collect();
+        self.send(Method::POST, target, &body.join("&"), extra).await
+    }
+
+    async fn login(&mut self) -> String {
+        let r = self
+            .post(
+                "/portal/login",
+                &[
+                    ("username", "admin@internal"),
+                    ("password", PW),
+                    ("next", "/portal/vms"),
+                ],
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        assert_eq!(r.header("location"), "/portal/vms");
+        let c = r.header("set-cookie");
+        let token = c
+            .strip_prefix("oxvirt_portal=")
+            .and_then(|s| s.split(';').next())
+            .unwrap()
+            .to_string();
+        self.cookie = Some(token.clone());
+        auth::csrf_for(&token)
+    }
+
+    /// Polls the action log until the action is no longer running.
+    async fn action_outcome(&self, label: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let live = self.get("/portal/api/live?actions_after=0").await.json();
+            if let Some(a) = live["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["label"] == label && a["state"] != "running")
+            {
+                return a.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{label} did not end: {live}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_pages_actions_and_live_updates() {
+    let mut t = T::new().await;
+
+    // Without a session: pages redirect to the login page, the JSON API is a 401.
+    let r = t.get("/portal/vms?name=x").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header("location"), "/portal/login?next=/portal/vms%3Fname%3Dx");
+    assert_eq!(t.get("/portal/api/live").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.get("/").await.header("location"), "/portal/");
+    let login = t.get("/portal/login").await;
+    assert_eq!(login.status, StatusCode::OK);
+    assert!(login
+        .header("content-security-policy")
+        .contains("script-src 'self'"));
+    let js = t.get("/portal/static/portal.js").await;
+    assert_eq!((js.status, js.body.contains("data-live")), (StatusCode::OK, true));
+    assert_eq!(
+        t.get("/portal/static/nope.js").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // A wrong password is refused; an outside `next` is not followed.
+    let r = t
+        .post(
+            "/portal/login",
+            &[("username", "admin@internal"), ("password", "nope")],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body.contains("incorrect") && r.header("set-cookie").is_empty());
+    let r = t
+        .post(
+            "/portal/login",
+            &[
+                ("username", "admin@internal"),
+                ("password", PW),
+                ("next", "https://evil.example/"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.header("location"), "/portal/");
+    let csrf = t.login().await;
+
+    // Every page renders.
+    for (path, needle) in [
+        ("/portal/", "Dashboard"),
+        ("/portal/datacenters", "Default"),
+        ("/portal/clusters", "Default"),
+        ("/portal/hosts", "No hosts."),
+        ("/portal/storagedomains", "Add a storage domain"),
+        ("/portal/disks", "No disks."),
+        ("/portal/vms", "New VM"),
+        ("/portal/snapshots", "Snapshots"),
+        ("/portal/templates", "Blank"),
+        ("/portal/jobs", "Jobs"),
+        ("/portal/events", "Events"),
+    ] {
+        let r = t.get(path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        assert!(r.body.contains(needle), "{path} lacks {needle:?}");
+        assert!(r.body.contains(&csrf), "{path} carries the CSRF token");
+    }
+    assert_eq!(
+        t.get("/portal/vms/not-a-uuid").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(t.get("/portal/nothing").await.status, StatusCode::NOT_FOUND);
+
+    let db = t.engine.app().db.clone();
+    let cluster = db
+        .cluster_get_by_name("Default")
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+        .to_string();
+    let blank = BLANK_TEMPLATE_ID.to_string();
+    let vm_form = |name: &'static str, csrf: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("csrf", csrf.to_string()),
+            ("name", name.to_string()),
+            ("cluster", cluster.clone()),
+            ("template", blank.clone()),
+            ("memory_mib", "64".into()),
+            ("back", "/portal/vms".into()),
+        ]
+    };
+    async fn post_owned(t: &T, target: &str, f: Vec<(&str, String)>, extra: &[(&'static str, &str)]) -> Resp {
+        let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        t.post(target, &f, extra).await
+    }
+
+    // POSTs need the session's CSRF token and, when named, our own origin.
+    let r = post_owned(&t, "/portal/vms", vm_form("t1", "bad"), &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = post_owned(
+        &t,
+        "/portal/vms",
+        vm_form("t1", &csrf),
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // A bad name is refused before anything runs.
+    let r = post_owned(&t, "/portal/vms", vm_form("a<b", &csrf), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("must be 1-64 letters") && !r.body.contains("a<b\""));
+    assert!(db.vm_get_by_name("t1").await.unwrap().is_none());
+
+    // Creating a VM runs in the background; the page is back at once.
+    let r = post_owned(
+        &t,
+        "/portal/vms",
+        vm_form("t1", &csrf),
+        &[("origin", "https://127.0.0.1:8443")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (StatusCode::SEE_OTHER, "/portal/vms"),
+        "{}",
+        r.body
+    );
+    let done = t.action_outcome("Create VM t1").await;
+    assert_eq!(done["state"], "done", "{done}");
+    let vm = db
+        .vm_get_by_name("t1")
+        .await
+        .unwrap()
+        .expect("the VM was created");
+    assert_eq!(vm.memory_bytes, 64 << 20);
+    let id = vm.id.to_string();
+    assert!(done["link"].as_str().unwrap().ends_with(&id));
+    let page = t.get("/portal/vms").await.body;
+    assert!(page.contains(&format!("data-id=\"{id}\"")) && page.contains(">t1</a>"));
+    let page = t.get(&format!("/portal/vms/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("VM t1") && page.body.contains("data-console"));
+
+    // The live endpoint reports its membership and status.
+    let live = t
+        .get("/portal/api/live?sets=vms,vms_running,templates&events_after=0")
+        .await
+        .json();
+    assert_eq!(live["sets"]["vms"], serde_json::json!([id.clone()]));
+    assert_eq!(live["sets"]["vms_running"], serde_json::json!([]));
+    assert_eq!(live["vms"][&id]["status"], "down");
+    assert_eq!(live["counts"]["vms_running"], "0 / 1");
+    let console = t.get(&format!("/portal/api/console?vm={id}")).await.json();
+    assert_eq!(console["running"], false);
+
+    // Destructive actions ask first: a confirmation page, or a 400 for the script.
+    let stop = format!("/portal/vms/{id}/remove");
+    let r = t
+        .post(&stop, &[("csrf", &csrf), ("back", "/portal/vms")], &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("Remove VM t1") && r.body.contains("name=\"confirm\" value=\"1\""));
+    let r = t
+        .post(&stop, &[("csrf", &csrf)], &[("x-portal-fetch", "1")])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("confirm"));
+    assert!(db.vm_get(vm.id).await.unwrap().is_some(), "nothing was removed");
+
+    // An action that cannot succeed (no host is up) ends failed with the reason.
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/start"),
+            &[("csrf", &csrf)],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.json()["label"], "Start VM t1");
+    let failed = t.action_outcome("Start VM t1").await;
+    assert_eq!(failed["state"], "failed");
+    assert!(!failed["message"].as_str().unwrap().is_empty());
+    assert_eq!(
+        db.vm_get(vm.id).await.unwrap().unwrap().runtime.status,
+        VmStatus::Down
+    );
+
+    // Confirmed, the removal runs.
+    let r = t
+        .post(
+            &stop,
+            &[("csrf", &csrf), ("confirm", "1")],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(t.action_outcome("Remove VM t1").await["state"], "done");
+    assert!(db.vm_get(vm.id).await.unwrap().is_none());
+
+    // Logging out revokes the token.
+    let r = t.post("/portal/logout", &[("csrf", &csrf)], &[]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.header("set-cookie").contains("Max-Age=0"));
+    assert_eq!(t.get("/portal/").await.status, StatusCode::SEE_OTHER);
+    t.engine.shutdown().await;
+}

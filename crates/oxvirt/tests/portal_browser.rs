@@ -1,0 +1,312 @@
+//! The web admin portal in a real headless Chromium against a live `oxvirt up` (the real
+//! binary: engine, one node, local storage, TCG): log in, create a VM, make a template, create
+//! a VM from it, start it and watch it turn up, read its console, snapshot it, power it off.
+//!
+//! The browser is Debian's `chromium`; Playwright's `playwright-core` (pinned by
+//! crates/oxvirt/tests/browser/package-lock.json) is installed by `npm ci` into
+//! target/browser-test/ on the first run. Screenshots land in target/browser-test/screens/.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use oxvirt_testkit::{repo_root, require_tool, TestGuest};
+
+const PASSWORD: &str = "portal-browser-test";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The browser: `OXVIRT_CHROMIUM` or Debian's `/usr/bin/chromium`.
+fn chromium() -> PathBuf {
+    let p = std::env::var_os("OXVIRT_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        p.is_file(),
+        "this test needs the tool `chromium` ({} is missing): run scripts/deps.sh",
+        p.display()
+    );
+    p
+}
+
+/// `npm ci` of the pinned playwright-core into `dir`, skipped when the lock file is unchanged.
+fn install_playwright(dir: &Path) {
+    let src = repo_root().join("crates/oxvirt/tests/browser");
+    std::fs::create_dir_all(dir).unwrap();
+    let lock = std::fs::read(src.join("package-lock.json")).expect("read package-lock.json");
+    let stamp = dir.join("node_modules/.oxvirt-lock");
+    if std::fs::read(&stamp).ok().as_deref() == Some(&lock[..])
+        && dir.join("node_modules/playwright-core/package.json").is_file()
+    {
+        return;
+    }
+    for f in ["package.json", "package-lock.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let npm = require_tool("npm");
+    let out = Command::new(npm)
+        .args([
+            "ci",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("run npm ci");
+    assert!(
+        out.status.success(),
+        "npm ci (playwright-core) failed in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(stamp, lock).unwrap();
+}
+
+/// `oxvirt up` in a temporary directory; stopped (with any QEMU it left) on drop.
+struct Up {
+    child: Child,
+    data: tempfile::TempDir,
+    lines: mpsc::Receiver<String>,
+    output: Vec<String>,
+}
+
+impl Up {
+    fn start(listen: &str, node_port: u16) -> Up {
+        let data = tempfile::Builder::new()
+            .prefix("oxvirt-portal-")
+            .tempdir()
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+            .args(["up", "--data"])
+            .arg(data.path())
+            .args([
+                "--listen",
+                listen,
+                "--node-port",
+                &node_port.to_string(),
+                "--accel",
+                "tcg",
+                "--io-timeout",
+                "2",
+                "--fence-margin",
+                "4",
+                "--monitor-interval",
+                "1",
+            ])
+            .env("OXVIRT_ADMIN_PASSWORD", PASSWORD)
+            .env("OXVIRT_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start oxvirt up");
+        let (tx, lines) = mpsc::channel();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Up {
+            child,
+            data,
+            lines,
+            output: Vec::new(),
+        }
+    }
+
+    fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = l.contains(needle);
+                    self.output.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "oxvirt up did not print {needle:?} within {limit:?} (exit: {status:?}):\n{}\n{}",
+                        self.output.join("\n"),
+                        self.node_log()
+                    );
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.output.push(l);
+        }
+        let n = self.output.len();
+        self.output[n.saturating_sub(80)..].join("\n")
+    }
+
+    fn node_log(&self) -> String {
+        let p = self.data.path().join("nodes/node1/node.log");
+        let s = std::fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        format!(
+            "--- {} (tail) ---\n{}",
+            p.display(),
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child; SIGTERM lets `oxvirt up` stop its nodes.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // VMs outlive `oxvirt up` by design; those of this test (their files are under its
+        // data directory) go with it.
+        kill_processes_mentioning(self.data.path());
+    }
+}
+
+fn kill_processes_mentioning(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            // SAFETY: kill(2) on a process this test started (it names our temp directory).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn portal_in_chromium_drives_a_vm_from_a_template() {
+    let browser = chromium();
+    let node = require_tool("node");
+    let guest = TestGuest::get();
+    let work = repo_root().join("target/browser-test");
+    let t = Instant::now();
+    install_playwright(&work);
+    eprintln!("playwright-core ready in {:.1} s", t.elapsed().as_secs_f64());
+    let screens = work.join("screens");
+    let _ = std::fs::remove_dir_all(&screens);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let t = Instant::now();
+    let mut up = Up::start(&listen, free_port());
+    up.wait_for("oxvirt is up", Duration::from_secs(150));
+    eprintln!("oxvirt up ready in {:.1} s", t.elapsed().as_secs_f64());
+
+    // ES modules resolve packages next to the script, so it runs from the install directory.
+    let script = work.join("portal.mjs");
+    std::fs::copy(
+        repo_root().join("crates/oxvirt/tests/browser/portal.mjs"),
+        &script,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut child = Command::new(node)
+        .arg(&script)
+        .env("OXVIRT_PORTAL", format!("https://{listen}"))
+        .env("OXVIRT_PASSWORD", PASSWORD)
+        .env("OXVIRT_KERNEL", &guest.kernel)
+        .env("OXVIRT_INITRD", &guest.initrd)
+        .env("OXVIRT_CMDLINE", TestGuest::append(&["oxvirt.marker=portal"]))
+        .env("OXVIRT_SCREENS", &screens)
+        .env("OXVIRT_CHROMIUM", &browser)
+        .current_dir(&work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let t_out = tx.clone();
+    std::thread::spawn(move || {
+        let s = std::io::read_to_string(stdout).unwrap_or_default();
+        let _ = t_out.send(s);
+    });
+    std::thread::spawn(move || {
+        let s = std::io::read_to_string(stderr).unwrap_or_default();
+        let _ = tx.send(s);
+    });
+    let limit = Duration::from_secs(240);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out: Vec<String> = rx.iter().take(2).collect();
+    let report = out.join("\n--- stderr ---\n");
+    eprintln!("browser script ({:.1} s):\n{report}", t.elapsed().as_secs_f64());
+    let ok = status.is_some_and(|s| s.success());
+    if !ok {
+        panic!(
+            "the browser script failed ({status:?}; screenshots in {}):\n{report}\n--- oxvirt up ---\n{}\n{}",
+            screens.display(),
+            up.drain(),
+            up.node_log()
+        );
+    }
+    for s in [
+        "login.png",
+        "dashboard.png",
+        "vm-up.png",
+        "vm-snapshot.png",
+        "confirm.png",
+        "vm-down.png",
+    ] {
+        let p = screens.join(s);
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            len > 10_000,
+            "screenshot {} is missing or empty ({len} bytes)",
+            p.display()
+        );
+    }
+}
