@@ -31,6 +31,11 @@ pub struct DaemonConfig {
     pub netns: Option<String>,
     /// Address incoming migrations listen on (default: the API's listen address).
     pub migration_host: Option<String>,
+    /// The `oxvirt` binary to run the fence watchdog with (see [`crate::watchdog`]); `None`
+    /// runs none, which leaves QEMUs unguarded if this process dies.
+    pub watchdog: Option<PathBuf>,
+    /// Admin hook scripts (`<dir>/<point>/*`, as VDSM's hooks); default `<data_dir>/hooks`.
+    pub hooks_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +103,16 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
             .clone()
             .unwrap_or_else(|| cfg.listen.ip().to_string()),
         netns: cfg.netns.clone(),
+        hooks_dir: Some(
+            cfg.hooks_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("hooks")),
+        ),
     })
     .await?;
+    if let Some(program) = &cfg.watchdog {
+        crate::watchdog::start_petting(&node, program);
+    }
     tracing::info!(name = %cfg.name, listen = %listener.local_addr().unwrap_or(cfg.listen), "node API serving (mutual TLS)");
     serve_api(listener, tls, node, cfg.limits, shutdown).await
 }

@@ -14,3 +14,4 @@ pub mod net;
 pub mod service;
 pub mod storage;
 pub mod vm;
+pub mod watchdog;

@@ -3,6 +3,7 @@
 //! Architecture invariant: no logic lives here that a crate should own; subcommands parse
 //! arguments, call a crate, and print.
 
+mod cli;
 mod domain_cmd;
 mod engine_cmd;
 mod lease_cmd;
@@ -34,12 +35,17 @@ enum Command {
     Domain(domain_cmd::DomainArgs),
     /// Lease administration (like `sanlock direct`): init, dump, read, hold lockspaces and resources.
     Lease(lease_cmd::LeaseArgs),
+    /// The node's fence watchdog (started by `oxvirt node`): kills its lease-holding QEMUs
+    /// when the node stops renewing their leases.
+    FenceWatchdog(node_cmd::WatchdogArgs),
     /// Report what this host offers for running VMs (QEMU, qemu-img, KVM).
     HostCheck {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 /// The engine's routes beyond enrollment: the web admin portal, the oVirt REST API v4 and SSO.
@@ -61,6 +67,8 @@ fn main() -> anyhow::Result<()> {
         Command::Domain(args) => domain_cmd::run(args),
         Command::Lease(args) => lease_cmd::run(args),
         Command::Node(args) => node_cmd::run_node(args),
+        Command::FenceWatchdog(args) => node_cmd::run_watchdog(args),
         Command::Engine(args) => engine_cmd::run(args),
+        Command::Client(c) => cli::run(c, <Cli as clap::CommandFactory>::command()),
     }
 }

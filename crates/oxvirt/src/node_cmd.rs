@@ -38,6 +38,9 @@ pub struct NodeArgs {
     /// Address incoming migrations listen on (default: the --listen address).
     #[arg(long)]
     migration_host: Option<String>,
+    /// Hook scripts run at VM lifecycle points, `<dir>/<point>/*` (default: <data>/hooks).
+    #[arg(long)]
+    hooks: Option<PathBuf>,
 }
 
 pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -69,6 +72,8 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         accel: args.accel,
         netns: args.netns,
         migration_host: args.migration_host,
+        hooks_dir: args.hooks,
+        watchdog: Some(std::env::current_exe().context("locating the oxvirt binary for the fence watchdog")?),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move { run(cfg, shutdown_signal()).await })?;
@@ -84,4 +89,18 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutdown requested");
+}
+
+#[derive(clap::Args)]
+pub struct WatchdogArgs {
+    /// The unix socket the node pets (`<node data>/run/watchdog.sock`).
+    #[arg(long)]
+    socket: PathBuf,
+}
+
+/// `oxvirt fence-watchdog`: started by the node, kills its lease-holding QEMUs if it stops
+/// renewing their leases.
+pub fn run_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
+    oxvirt_node::watchdog::serve(&args.socket)?;
+    Ok(())
 }

@@ -303,6 +303,17 @@ impl ConnectedPool {
         &self.role
     }
 
+    /// Per lockspace held, when our host id there expires unless renewed (`CLOCK_BOOTTIME`);
+    /// what the fence watchdog is petted with.
+    pub fn lockspace_deadlines(&self) -> Vec<(SdUuid, Duration)> {
+        self.lockspaces
+            .lock()
+            .expect("lockspaces")
+            .iter()
+            .map(|(sd, ls)| (*sd, ls.valid_until()))
+            .collect()
+    }
+
     pub fn master(&self) -> (SdUuid, PathBuf) {
         self.master.read().expect("master").clone()
     }
@@ -983,6 +994,26 @@ impl ConnectedPool {
             }
         })?;
         Ok((r.leader.timestamp != 0).then_some(r.leader.owner_id))
+    }
+
+    /// The owner of VM lease `id` (its host id) with that host's liveness in our view of the
+    /// domain's lockspace (`None`: we hold no host id there).
+    pub fn vm_lease_owner_status(
+        &self,
+        sd: SdUuid,
+        id: &str,
+    ) -> Result<Option<(u64, Option<oxvirt_lease::HostStatus>)>> {
+        let Some(owner) = self.vm_lease_owner(sd, id)? else {
+            return Ok(None);
+        };
+        let status = self.lockspace(sd).ok().map(|ls| {
+            if ls.host_id() == owner {
+                oxvirt_lease::HostStatus::Live
+            } else {
+                ls.host_status(owner)
+            }
+        });
+        Ok(Some((owner, status)))
     }
 
     pub fn volume_lease_owner(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<Option<u64>> {

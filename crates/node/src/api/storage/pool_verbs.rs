@@ -827,8 +827,13 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         }
         PoolRequest::LeaseInfo(l) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
-            let owner = cp.vm_lease_owner(l.sd, &l.lease.to_string())?;
-            Ok(json!({ "leaseID": l.lease, "sdUUID": l.sd, "owner": owner }))
+            // ownerStatus: the owner's liveness as this host sees it (free, unknown, live, fail,
+            // dead); "dead" or no owner means the lease may be taken.
+            let (owner, status) = match cp.vm_lease_owner_status(l.sd, &l.lease.to_string())? {
+                None => (None, Some("free".to_string())),
+                Some((o, st)) => (Some(o), st.map(|s| format!("{s:?}").to_lowercase())),
+            };
+            Ok(json!({ "leaseID": l.lease, "sdUUID": l.sd, "owner": owner, "ownerStatus": status }))
         }
         PoolRequest::TaskStatus(t) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
