@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use oxvirt_qemu::Accel;
 use oxvirt_rpc::RpcError;
+use oxvirt_types::api::ErrorCode;
 use oxvirt_types::VmId;
 
 use crate::api::host::HostRequest;
@@ -17,6 +18,7 @@ use crate::host::HostSampler;
 use crate::jobs::Jobs;
 use crate::storage::pool::{PoolExtender, PoolService};
 use crate::storage::StorageService;
+use crate::vm::ksm::{Ksm, KsmRun, KsmState};
 use crate::vm::{VmManager, VmManagerConfig, VmStatus};
 
 /// Static configuration given on the command line or by the engine.
@@ -32,6 +34,8 @@ pub struct NodeConfig {
     pub migration_host: String,
     /// Network namespace holding the host network this node manages (`None`: its own).
     pub netns: Option<String>,
+    /// Admin hook scripts run at VM lifecycle points (`None`: no hooks).
+    pub hooks_dir: Option<PathBuf>,
 }
 
 pub struct Node {
@@ -44,6 +48,8 @@ pub struct Node {
     /// Host networking: logical networks, rollback, VM taps.
     pub net: Arc<crate::net::NetworkService>,
     pub jobs: Jobs,
+    /// Kernel same-page merging (`/sys/kernel/mm/ksm`), reported and tuned as MoM does.
+    pub ksm: Ksm,
     sampler: HostSampler,
 }
 
@@ -63,6 +69,7 @@ impl Node {
         let pools = Arc::new(PoolService::new(storage.clone(), &config.name));
         let mut vm_cfg = VmManagerConfig::new(&config.run_dir);
         vm_cfg.migration_host = config.migration_host.clone();
+        vm_cfg.hooks = crate::vm::hooks::Hooks::new(config.hooks_dir.clone(), Duration::from_secs(30));
         // Thin disks grow through the pool's mailbox (or locally on the SPM).
         vm_cfg.extender = Arc::new(PoolExtender {
             pools: pools.clone(),
@@ -86,6 +93,7 @@ impl Node {
             vms,
             net,
             config,
+            ksm: Ksm::default(),
             sampler: HostSampler::new(),
         });
         // Self-fencing: losing our host id on a domain kills the VMs holding leases there,
@@ -142,7 +150,34 @@ impl Node {
                 }
                 caps
             }
-            HostRequest::GetStats => to_json(&self.sampler.stats(self.vms.list().len() as u32)),
+            HostRequest::GetStats => {
+                let mut stats = to_json(&self.sampler.stats(self.vms.list().len() as u32));
+                // KSM as MoM sees it; a kernel without KSM reports why instead.
+                let ksm = self.ksm.clone();
+                let ksm = tokio::task::spawn_blocking(move || ksm.state())
+                    .await
+                    .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("KSM read failed: {e}")))?;
+                let obj = stats.as_object_mut().expect("an object");
+                match ksm {
+                    Ok(k) => {
+                        obj.insert("ksm".into(), ksm_json(&k));
+                    }
+                    Err(e) => {
+                        obj.insert("ksm".into(), Value::Null);
+                        obj.insert("ksmError".into(), json!(e.to_string()));
+                    }
+                }
+                stats
+            }
+            HostRequest::SetKsmTune(tune) => {
+                let ksm = self.ksm.clone();
+                let t = tune.clone();
+                let state = tokio::task::spawn_blocking(move || ksm.apply(&t))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("KSM write failed: {e}")))??;
+                tracing::info!(?tune, "KSM tuned");
+                ksm_json(&state)
+            }
             HostRequest::GetAllVmStats => {
                 let mut out = Vec::new();
                 for info in self.vms.list() {
@@ -161,6 +196,21 @@ impl Node {
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).expect("API types serialize")
+}
+
+/// KSM's state with VDSM's `getStats` names (`ksmState`, `ksmPages`) and the sysfs knobs.
+fn ksm_json(k: &KsmState) -> Value {
+    json!({
+        "ksmState": k.run == KsmRun::Run,
+        "run": match k.run { KsmRun::Stop => 0, KsmRun::Run => 1, KsmRun::Unmerge => 2 },
+        "ksmPages": k.pages_to_scan,
+        "pages_to_scan": k.pages_to_scan,
+        "sleep_millisecs": k.sleep_millisecs,
+        "merge_across_nodes": k.merge_across_nodes.map(u8::from),
+        "pages_shared": k.pages_shared,
+        "pages_sharing": k.pages_sharing,
+        "full_scans": k.full_scans,
+    })
 }
 
 /// Publishes `|virt|VM_status|<vmID>` whenever a VM's status changes. Statuses live in memory

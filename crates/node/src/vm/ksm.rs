@@ -1,7 +1,9 @@
 //! Kernel same-page merging, as oVirt's MoM reports and tunes it: `/sys/kernel/mm/ksm`.
 //!
-//! Architecture invariant: only the knobs named here are written, each validated first, so bad
-//! input changes nothing.
+//! Architecture invariant: only the knobs named here are written, all validated before the
+//! first write, and a write failing half-way restores the knobs already written, so bad input
+//! or a refusing kernel changes nothing. A kernel without KSM (`CONFIG_KSM` off: no sysfs
+//! directory) gives [`KsmError::Unavailable`], never a partial state.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,8 @@ pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KsmError {
+    #[error("KSM is not available on this host: {dir} is missing (kernel built without CONFIG_KSM)")]
+    Unavailable { dir: PathBuf },
     #[error("cannot read KSM setting {path}")]
     Read {
         path: PathBuf,
@@ -51,6 +55,22 @@ pub struct KsmState {
     pub pages_shared: u64,
     pub pages_sharing: u64,
     pub full_scans: u64,
+    /// `None` on kernels built without NUMA (no such knob).
+    pub merge_across_nodes: Option<bool>,
+}
+
+/// A change of KSM's knobs as MoM asks for it (VDSM's `ksmTune` keys); absent knobs stay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KsmTune {
+    #[serde(default)]
+    pub run: Option<KsmRun>,
+    #[serde(default)]
+    pub pages_to_scan: Option<u64>,
+    #[serde(default)]
+    pub sleep_millisecs: Option<u64>,
+    #[serde(default)]
+    pub merge_across_nodes: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +88,25 @@ impl Ksm {
     pub fn new(dir: &Path) -> Ksm {
         Ksm {
             dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the kernel has KSM at all.
+    pub fn available(&self) -> bool {
+        self.dir.join("run").exists()
+    }
+
+    fn require(&self) -> Result<(), KsmError> {
+        if self.available() {
+            Ok(())
+        } else {
+            Err(KsmError::Unavailable {
+                dir: self.dir.clone(),
+            })
         }
     }
 
@@ -89,6 +128,7 @@ impl Ksm {
     }
 
     pub fn state(&self) -> Result<KsmState, KsmError> {
+        self.require()?;
         let run = match self.read("run")? {
             0 => KsmRun::Stop,
             2 => KsmRun::Unmerge,
@@ -101,25 +141,81 @@ impl Ksm {
             pages_shared: self.read("pages_shared")?,
             pages_sharing: self.read("pages_sharing")?,
             full_scans: self.read("full_scans")?,
+            merge_across_nodes: if self.dir.join("merge_across_nodes").exists() {
+                Some(self.read("merge_across_nodes")? != 0)
+            } else {
+                None
+            },
         })
     }
 
+    /// Applies `tune` (validated as a whole first; a knob the kernel refuses undoes the ones
+    /// already written) and returns the state read back.
+    pub fn apply(&self, tune: &KsmTune) -> Result<KsmState, KsmError> {
+        let before = self.state()?;
+        if let Some(v) = tune.pages_to_scan {
+            check("pages_to_scan", v, 1, 100_000)?;
+        }
+        if let Some(v) = tune.sleep_millisecs {
+            check("sleep_millisecs", v, 1, 60_000)?;
+        }
+        if tune.merge_across_nodes.is_some() && before.merge_across_nodes.is_none() {
+            return Err(KsmError::Write {
+                path: self.dir.join("merge_across_nodes"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "this kernel has no NUMA merge knob",
+                ),
+            });
+        }
+        // Tuning first, `run` last: a scan never starts with half the new settings.
+        let mut writes: Vec<(&'static str, u64, u64)> = Vec::new();
+        if let Some(v) = tune.pages_to_scan {
+            writes.push(("pages_to_scan", v, before.pages_to_scan));
+        }
+        if let Some(v) = tune.sleep_millisecs {
+            writes.push(("sleep_millisecs", v, before.sleep_millisecs));
+        }
+        if let (Some(v), Some(old)) = (tune.merge_across_nodes, before.merge_across_nodes) {
+            writes.push(("merge_across_nodes", v as u64, old as u64));
+        }
+        if let Some(run) = tune.run {
+            writes.push(("run", run_value(run), run_value(before.run)));
+        }
+        for (i, (name, v, _)) in writes.iter().enumerate() {
+            if let Err(e) = self.write(name, *v) {
+                for (name, _, old) in writes[..i].iter().rev() {
+                    if let Err(undo) = self.write(name, *old) {
+                        tracing::warn!(knob = name, error = %undo, "cannot restore KSM setting");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.state()
+    }
+
     pub fn set_run(&self, run: KsmRun) -> Result<(), KsmError> {
-        let v = match run {
-            KsmRun::Stop => 0,
-            KsmRun::Run => 1,
-            KsmRun::Unmerge => 2,
-        };
-        self.write("run", v)
+        self.require()?;
+        self.write("run", run_value(run))
     }
 
     /// Tunes the scan rate (MoM's `ksm_pages_to_scan` / `ksm_sleep_ms`). Both are validated
     /// before either is written.
     pub fn tune(&self, pages_to_scan: u64, sleep_millisecs: u64) -> Result<(), KsmError> {
+        self.require()?;
         check("pages_to_scan", pages_to_scan, 1, 100_000)?;
         check("sleep_millisecs", sleep_millisecs, 1, 60_000)?;
         self.write("pages_to_scan", pages_to_scan)?;
         self.write("sleep_millisecs", sleep_millisecs)
+    }
+}
+
+fn run_value(run: KsmRun) -> u64 {
+    match run {
+        KsmRun::Stop => 0,
+        KsmRun::Run => 1,
+        KsmRun::Unmerge => 2,
     }
 }
 
@@ -177,9 +273,52 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_setting_is_named() {
+    fn a_missing_setting_is_named_and_a_kernel_without_ksm_is_told() {
         let dir = tempfile::tempdir().unwrap();
+        let e = Ksm::new(&dir.path().join("nope")).state().unwrap_err();
+        assert!(matches!(e, KsmError::Unavailable { .. }), "{e}");
+        assert!(e.to_string().contains("CONFIG_KSM"), "{e}");
+        std::fs::write(dir.path().join("run"), "1\n").unwrap();
         let e = Ksm::new(dir.path()).state().unwrap_err();
-        assert!(e.to_string().contains("run"), "{e}");
+        assert!(e.to_string().contains("pages_to_scan"), "{e}");
+    }
+
+    /// A knob the kernel refuses half-way undoes the ones already written. A read-only sysctl
+    /// (refused even to root) stands in for the refusing knob.
+    #[test]
+    fn a_refused_knob_undoes_the_written_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for (k, v) in [
+            ("run", "0"),
+            ("pages_to_scan", "100"),
+            ("sleep_millisecs", "20"),
+            ("pages_shared", "0"),
+            ("pages_sharing", "0"),
+            ("full_scans", "3"),
+        ] {
+            std::fs::write(dir.path().join(k), format!("{v}\n")).unwrap();
+        }
+        std::os::unix::fs::symlink(
+            "/proc/sys/kernel/ngroups_max",
+            dir.path().join("merge_across_nodes"),
+        )
+        .unwrap();
+        let ksm = Ksm::new(dir.path());
+        assert_eq!(ksm.state().unwrap().merge_across_nodes, Some(true));
+        let tune = KsmTune {
+            run: Some(KsmRun::Run),
+            pages_to_scan: Some(500),
+            sleep_millisecs: Some(50),
+            merge_across_nodes: Some(false),
+        };
+        let e = ksm.apply(&tune).unwrap_err();
+        assert!(e.to_string().contains("merge_across_nodes"), "{e}");
+        for (k, v) in [("pages_to_scan", "100"), ("sleep_millisecs", "20"), ("run", "0")] {
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join(k)).unwrap().trim(),
+                v,
+                "{k}"
+            );
+        }
     }
 }
