@@ -362,12 +362,10 @@ async fn post_inner(ctx: &Ctx, segs: &[&str], form: &Form, fetch: bool) -> Resul
 async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
     let db = ctx.db();
     let vm_name = |id: VmId| async move {
-        Ok::<_, PortalError>(
-            db.vm_get(id)
-                .await?
-                .map(|v| v.name)
-                .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))?,
-        )
+        db.vm_get(id)
+            .await?
+            .map(|v| v.name)
+            .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))
     };
     Ok(match verb {
         Verb::Vm(id, VmVerb::Shutdown) => format!("Shut down VM {} (ACPI)?", vm_name(*id).await?),
