@@ -78,6 +78,7 @@ pub fn config(args: &EngineArgs) -> anyhow::Result<EngineConfig> {
 /// Prints where to reach the engine and how to log in.
 pub fn print_access(engine: &Engine) {
     println!("engine API:       https://{}/ovirt-engine/api", engine.addr);
+    println!("web portal:       https://{}/portal/", engine.addr);
     println!("engine CA:        sha256 {}", engine.ca_fingerprint());
     match &engine.generated_admin_password {
         Some(p) => println!("admin@internal:   password {p}   (generated now; shown once)"),
