@@ -29,6 +29,7 @@ echo "py-clients: creating $venv ($want)" >&2
 "$venv/bin/pip" install -q --disable-pip-version-check --no-input \
     "ovirt-engine-sdk-python==$SDK_VERSION" "ansible==$ANSIBLE_VERSION" >&2
 "$venv/bin/python" -c 'import ovirtsdk4' >&2
-test -d "$("$venv/bin/python" -c 'import ansible_collections.ovirt.ovirt as m, os; print(os.path.dirname(m.__file__))')" >&2
+# ansible_collections.* are namespace packages: no __file__, a __path__.
+test -d "$("$venv/bin/python" -c 'import ansible_collections.ovirt.ovirt as m; print(list(m.__path__)[0])')/plugins/modules" >&2
 echo "$want" >"$stamp"
 echo "$venv"

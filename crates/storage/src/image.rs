@@ -171,6 +171,7 @@ impl FileStorageDomain {
                     allocation: spec.allocation,
                     capacity,
                     backing: None,
+                    content_of: None,
                 },
             },
             Step::RemoveData { img, vol },
@@ -217,9 +218,41 @@ impl FileStorageDomain {
         capacity: Option<u64>,
         description: &str,
     ) -> Result<VolumeMetadata> {
+        self.create_snapshot_of(img, new_vol, capacity, None, description)
+    }
+
+    /// [`Self::create_snapshot`] whose new leaf shows the content of `content_of`, an older
+    /// volume of the chain, instead of the current leaf's: the chain stays linear and every
+    /// volume stays as it was, so deleting the new leaf returns to the present exactly (oVirt's
+    /// snapshot preview, which VDSM does with a second leaf). `content_of` = the leaf, or
+    /// `None`, is a plain snapshot.
+    pub fn create_snapshot_of(
+        &self,
+        img: ImgUuid,
+        new_vol: VolUuid,
+        capacity: Option<u64>,
+        content_of: Option<VolUuid>,
+        description: &str,
+    ) -> Result<VolumeMetadata> {
         let _g = self.lock_ops();
         let chain = self.chain(img)?;
         let leaf = chain.leaf();
+        let content_of = match content_of.filter(|v| *v != leaf.id) {
+            None => None,
+            Some(v) => {
+                let older = chain.get(v).ok_or(StorageError::NoVolume { img, vol: v })?;
+                if older.meta.legality != Legality::Legal {
+                    return Err(state_err(
+                        img,
+                        v,
+                        "create_snapshot",
+                        format!("is {}", older.meta.legality),
+                        "LEGAL",
+                    ));
+                }
+                Some((v, older.meta.format))
+            }
+        };
         if leaf.meta.role != VolRole::Leaf || leaf.meta.image != img {
             return Err(state_err(
                 img,
@@ -278,6 +311,7 @@ impl FileStorageDomain {
                     allocation: Allocation::Sparse,
                     capacity,
                     backing: Some((leaf.id, leaf.meta.format)),
+                    content_of,
                 },
             },
             Step::RemoveData { img, vol: new_vol },
@@ -415,6 +449,7 @@ impl FileStorageDomain {
                     allocation: Allocation::Sparse,
                     capacity: t.capacity,
                     backing: Some((tmpl_vol, t.format)),
+                    content_of: None,
                 },
             },
             Step::RemoveData { img, vol },
@@ -970,6 +1005,7 @@ impl FileStorageDomain {
                                 allocation: v.meta.allocation,
                                 capacity: v.meta.capacity,
                                 backing,
+                                content_of: None,
                             },
                             collapsed: false,
                             progress: (start, share),
@@ -1007,6 +1043,7 @@ impl FileStorageDomain {
                             allocation,
                             capacity: leaf.meta.capacity,
                             backing: None,
+                            content_of: None,
                         },
                         collapsed: true,
                         progress: (0.0, 100.0),

@@ -47,6 +47,11 @@ pub struct DataSpec {
     pub capacity: u64,
     /// Parent volume (in the same image directory) and its format.
     pub backing: Option<(VolUuid, VolFormat)>,
+    /// An older volume of the same chain whose content the new volume shows instead of its
+    /// parent's: it is created over this one, then safely rebased onto `backing`, so that it
+    /// holds exactly the clusters that differ (a snapshot preview's leaf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_of: Option<(VolUuid, VolFormat)>,
 }
 
 /// One idempotent action on storage.
@@ -441,7 +446,10 @@ impl Step {
                 let src_path = src.volume_path(*src_img, *src_vol);
                 let dst_path = dom.volume_path(*img, *vol);
                 remove(&dst_path)?; // a partial copy from an interrupted attempt
-                let backing = spec.backing.map(|(v, f)| (v.to_string(), f.image_format()));
+                let backing = spec
+                    .content_of
+                    .or(spec.backing)
+                    .map(|(v, f)| (v.to_string(), f.image_format()));
                 let prealloc = match (spec.allocation, spec.format) {
                     (Allocation::Preallocated, _) => Some(Preallocation::Falloc),
                     (Allocation::Sparse, _) => None,
@@ -489,7 +497,10 @@ pub const QCOW2_COMPAT: &str = "1.1";
 fn create_data(dom: &FileStorageDomain, img: ImgUuid, vol: VolUuid, spec: &DataSpec) -> Result<()> {
     let path = dom.volume_path(img, vol);
     remove(&path)?; // a partial file from an interrupted attempt of this same step
-    let backing = spec.backing.map(|(v, f)| (v.to_string(), f.image_format()));
+    let backing = spec
+        .content_of
+        .or(spec.backing)
+        .map(|(v, f)| (v.to_string(), f.image_format()));
     let prealloc = match spec.allocation {
         Allocation::Preallocated => Some(Preallocation::Falloc),
         Allocation::Sparse => None,
@@ -509,6 +520,22 @@ fn create_data(dom: &FileStorageDomain, img: ImgUuid, vol: VolUuid, spec: &DataS
             subject: format!("creation of volume {vol}"),
             source,
         })?;
+    if let (Some(_), Some((parent, fmt))) = (spec.content_of, spec.backing) {
+        // Safe rebase: qemu-img copies into the new volume every cluster where the parent's
+        // chain differs from the older volume's, so its content stays the older volume's.
+        let parent = parent.to_string();
+        dom.qemu()
+            .rebase(
+                &path,
+                spec.format.image_format(),
+                Some((parent.as_str(), fmt.image_format())),
+                false,
+            )
+            .map_err(|source| StorageError::Qemu {
+                subject: format!("rebase of volume {vol} onto {parent}"),
+                source,
+            })?;
+    }
     set_mode(&path)
 }
 

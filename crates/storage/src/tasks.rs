@@ -119,6 +119,9 @@ pub enum Job {
         vol: VolUuid,
         capacity: Option<u64>,
         description: String,
+        /// The older volume whose content the new leaf shows (a preview), if not the leaf's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_of: Option<VolUuid>,
     },
     CloneFromTemplate {
         sd: SdUuid,
@@ -226,9 +229,10 @@ impl Job {
                 vol,
                 capacity,
                 description,
+                content_of,
             } => src
                 .domain(*sd)?
-                .create_snapshot(*img, *vol, *capacity, description)
+                .create_snapshot_of(*img, *vol, *capacity, *content_of, description)
                 .map(drop),
             Job::CloneFromTemplate {
                 sd,

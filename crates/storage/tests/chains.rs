@@ -80,6 +80,57 @@ fn snapshot_chain_has_vdsm_metadata_and_backing_files() {
     assert_eq!(f.dom.stats().unwrap().volumes, 4);
 }
 
+/// A leaf showing an older volume's content (oVirt's snapshot preview): the chain stays linear,
+/// the new leaf reads as the older state and takes writes, and deleting it returns to the
+/// present exactly.
+#[test]
+fn snapshot_of_an_older_volume_shows_its_content_until_deleted() {
+    let f = Fixture::new();
+    let img = ImgUuid::new_random();
+    let [base, s1, s2, p] = [(); 4].map(|_| VolUuid::new_random());
+    f.dom
+        .create_volume(img, base, &spec(VolFormat::Raw, Allocation::Sparse))
+        .unwrap();
+    write(&f.dom, img, 0x11, 0, 4);
+    f.dom.create_snapshot(img, s1, None, "s1").unwrap();
+    write(&f.dom, img, 0x22, 2, 4); // overwrites part of the base's data, adds more
+    let at_s1 = f.scratch("at-s1");
+    flatten(&f.dom, img, &at_s1);
+    f.dom.create_snapshot(img, s2, None, "s2").unwrap();
+    write(&f.dom, img, 0x33, 1, 8);
+    let present = f.scratch("present");
+    flatten(&f.dom, img, &present);
+    let at_base = f.scratch("at-base");
+    {
+        // The base's content alone (raw: the file itself).
+        std::fs::copy(f.dom.volume_path(img, base), &at_base).unwrap();
+    }
+
+    // Bad input changes nothing.
+    assert!(f
+        .dom
+        .create_snapshot_of(img, p, None, Some(VolUuid::new_random()), "preview")
+        .is_err());
+    assert_eq!(f.dom.chain(img).unwrap().ids(), vec![base, s1, s2]);
+
+    for (older, reference) in [(base, &at_base), (s1, &at_s1)] {
+        f.dom
+            .create_snapshot_of(img, p, None, Some(older), "preview")
+            .unwrap();
+        assert_eq!(f.dom.chain(img).unwrap().ids(), vec![base, s1, s2, p]);
+        assert_content(&f.dom, img, reference);
+        assert_clean(&f.dom);
+        write(&f.dom, img, 0x44, 12, 1); // the preview takes writes
+        f.dom.delete_volume(img, p).unwrap();
+        assert_eq!(f.dom.chain(img).unwrap().ids(), vec![base, s1, s2]);
+        assert_content(&f.dom, img, &present);
+    }
+    // The leaf itself is a plain snapshot.
+    f.dom.create_snapshot_of(img, p, None, Some(s2), "").unwrap();
+    assert_content(&f.dom, img, &present);
+    assert_clean(&f.dom);
+}
+
 #[test]
 fn cold_merge_of_internal_and_leaf_volumes_keeps_content() {
     let f = Fixture::new();

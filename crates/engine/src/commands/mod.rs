@@ -101,6 +101,8 @@ impl Commands {
         sagas.register::<snapshots::AddSnapshotSaga>()?;
         sagas.register::<snapshots::RemoveSnapshotSaga>()?;
         sagas.register::<snapshots::RestoreSnapshotSaga>()?;
+        sagas.register::<snapshots::PreviewSnapshotSaga>()?;
+        sagas.register::<snapshots::EndPreviewSaga>()?;
         sagas.register::<networks::SetupNetworksSaga>()?;
         Ok(())
     }

@@ -1,9 +1,24 @@
 //! Snapshots: create (cold, or live with the VM running), restore, delete (= merge, cold or
-//! live).
+//! live), and oVirt's preview with its commit or undo.
 //!
 //! A snapshot records, per disk, the volume that was the disk's leaf when it was taken; a new
 //! leaf on top of it becomes the disk's active layer. Deleting a snapshot merges its volume's
 //! child into it, which removes the child from the chain.
+//!
+//! Preview: oVirt (with VDSM) branches a second leaf off the previewed snapshot's volume and
+//! keeps the present leaf aside. Our storage keeps chains linear (one leaf per image), so the
+//! preview leaf goes on top of the present leaf instead and is made to show the snapshot's
+//! content (storage copies in exactly the clusters that differ; see
+//! `FileStorageDomain::create_snapshot_of`). Every existing volume stays untouched, so:
+//! - the present is recorded as a `preview`-type snapshot ("Active VM before the preview")
+//!   naming the kept leaf of each disk, and the previewed snapshot is `in_preview`;
+//! - undo deletes the volumes above the kept leaf: the disk is exactly as before the preview;
+//! - commit keeps the preview leaf as the present and drops the records of the kept state and
+//!   of the snapshots newer than the previewed one (their volumes stay as plain layers of the
+//!   chain under the preview leaf; a later snapshot removal merges them like any other).
+//!
+//! While a preview is open the VM takes no other snapshot operation (as in oVirt); preview,
+//! commit and undo want the VM down.
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -357,6 +372,281 @@ impl SagaDef for RestoreSnapshotSaga {
     }
 }
 
+/// One disk's preview: a new leaf over the present leaf `keep`, showing `snapshot_volume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreviewDisk {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub capacity: u64,
+    pub keep: VolUuid,
+    pub snapshot_volume: VolUuid,
+    pub new_leaf: VolUuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreviewSnapshotParams {
+    /// The previewed snapshot.
+    pub snapshot: SnapshotId,
+    /// The record of the present kept aside (type `preview`).
+    pub kept: SnapshotId,
+    pub vm: VmId,
+    pub dc: DcId,
+    pub disks: Vec<PreviewDisk>,
+}
+
+/// The VM's status while a saga works on its images (the VM was down and will be again).
+fn locked() -> crate::model::VmRuntime {
+    crate::model::VmRuntime {
+        status: VmStatus::ImageLocked,
+        ..Default::default()
+    }
+}
+
+pub struct PreviewSnapshotSaga;
+
+impl SagaDef for PreviewSnapshotSaga {
+    type Ctx = App;
+    type Params = PreviewSnapshotParams;
+    const NAME: &'static str = "preview_snapshot";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Previewing snapshot {} of VM {}", p.snapshot, p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::ImageLocked], &locked()).await?;
+                    c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Ok, SnapshotStatus::Locked], SnapshotStatus::Locked).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Locked], SnapshotStatus::Ok).await;
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                    Ok(())
+                },
+            )
+            .describe("Locking the VM and the snapshot"),
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if c.db().snapshot_get(p.kept).await?.is_none() {
+                        c.db()
+                            .snapshot_insert(&Snapshot {
+                                id: p.kept,
+                                vm_id: p.vm,
+                                description: "Active VM before the preview".into(),
+                                snapshot_type: SnapshotType::Preview,
+                                status: SnapshotStatus::Locked,
+                                persist_memory: false,
+                                vm_configuration: None,
+                                disks: p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.keep }).collect(),
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db().snapshot_delete(c.params().kept).await?;
+                    Ok(())
+                },
+            )
+            .describe("Recording the present state kept aside"),
+            Step::new(
+                "volumes",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for d in &p.disks {
+                        // srcVolUUID below the leaf: the new leaf shows that volume's content.
+                        let args = json!({
+                            "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "size": d.capacity,
+                            "volFormat": "COW", "preallocate": "SPARSE", "volUUID": d.new_leaf,
+                            "desc": "preview", "srcImgUUID": d.disk, "srcVolUUID": d.snapshot_volume,
+                        });
+                        create_volume(&spm, args, d.sd, d.disk, d.new_leaf, app.settings.task_timeout).await?;
+                        if c.db().volume_get(d.new_leaf).await?.is_none() {
+                            c.db()
+                                .volume_insert(&Volume {
+                                    id: d.new_leaf,
+                                    disk_id: d.disk,
+                                    storage_domain_id: d.sd,
+                                    parent_id: Some(d.keep),
+                                    voltype: VolType::Leaf,
+                                    format: DiskFormat::Cow,
+                                    actual_size: 0,
+                                    created_at: crate::time::Timestamp::from_millis(0),
+                                })
+                                .await?;
+                            c.db().volume_set_type(d.keep, VolType::Internal).await?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    for d in &p.disks {
+                        delete_leaf(&spm, &dc, d.sd, d.disk, d.new_leaf, app.settings.task_timeout).await?;
+                        if c.db().volume_delete(d.new_leaf).await? {
+                            c.db().volume_set_type(d.keep, VolType::Leaf).await?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Creating the preview volumes"),
+            Step::without_undo("done", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db().snapshot_set_status(p.kept, &[], SnapshotStatus::Ok).await?;
+                c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Locked, SnapshotStatus::InPreview], SnapshotStatus::InPreview).await?;
+                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                Ok(())
+            }),
+        ]
+    }
+}
+
+/// Deletes a leaf volume on the SPM; a volume already gone counts as deleted.
+async fn delete_leaf(
+    spm: &crate::nodes::NodeClient,
+    dc: &crate::model::DataCenter,
+    sd: crate::model::SdUuid,
+    disk: DiskId,
+    vol: VolUuid,
+    timeout: std::time::Duration,
+) -> Result<(), StepError> {
+    let args = json!({ "sdUUID": sd, "spUUID": dc.storage_pool_id, "imgUUID": disk, "volUUID": vol });
+    if let Err(e) = spm.run_task("Volume.delete", args, timeout).await {
+        let info = spm
+            .call(
+                "Volume.getInfo",
+                json!({ "sdUUID": sd, "imgUUID": disk, "volUUID": vol }),
+            )
+            .await;
+        if info.is_ok() {
+            return Err(step_err(e));
+        }
+    }
+    Ok(())
+}
+
+/// How an open preview ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PreviewEnd {
+    /// The preview becomes the present; the kept state and newer snapshots go.
+    Commit,
+    /// The kept state comes back; the preview's volumes go.
+    Undo,
+}
+
+/// One disk on undo: its volumes above `keep`, leaf first, are deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UndoDisk {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub keep: VolUuid,
+    pub discard: Vec<VolUuid>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndPreviewParams {
+    pub end: PreviewEnd,
+    pub snapshot: SnapshotId,
+    pub kept: SnapshotId,
+    pub vm: VmId,
+    pub dc: DcId,
+    /// Undo: the disks to return to their kept leaf.
+    pub disks: Vec<UndoDisk>,
+    /// Commit: the snapshots newer than the previewed one, whose records go.
+    pub newer: Vec<SnapshotId>,
+}
+
+pub struct EndPreviewSaga;
+
+impl SagaDef for EndPreviewSaga {
+    type Ctx = App;
+    type Params = EndPreviewParams;
+    const NAME: &'static str = "end_preview";
+
+    fn description(p: &Self::Params) -> String {
+        match p.end {
+            PreviewEnd::Commit => format!("Committing the preview of snapshot {} of VM {}", p.snapshot, p.vm),
+            PreviewEnd::Undo => format!("Undoing the preview of snapshot {} of VM {}", p.snapshot, p.vm),
+        }
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db()
+                        .vm_set_runtime(c.params().vm, &[VmStatus::Down, VmStatus::ImageLocked], &locked())
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let _ = c
+                        .db()
+                        .vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &Default::default())
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Locking the VM"),
+            // Forward only: each action is idempotent, a crash resumes where it stopped.
+            Step::without_undo("volumes", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                if p.end == PreviewEnd::Commit || p.disks.is_empty() {
+                    return Ok(());
+                }
+                let app = c.app();
+                let dc = app.dc(p.dc).await.map_err(step_err)?;
+                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                for d in &p.disks {
+                    for v in &d.discard {
+                        if c.db().volume_get(*v).await?.is_none() {
+                            continue;
+                        }
+                        delete_leaf(&spm, &dc, d.sd, d.disk, *v, app.settings.task_timeout).await?;
+                        c.db().volume_delete(*v).await?;
+                    }
+                    c.db().volume_set_type(d.keep, VolType::Leaf).await?;
+                }
+                Ok(())
+            })
+            .describe("Returning the disks to the state kept aside"),
+            Step::without_undo("records", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                for s in &p.newer {
+                    c.db().snapshot_delete(*s).await?;
+                }
+                c.db().snapshot_delete(p.kept).await?;
+                let _ = c
+                    .db()
+                    .snapshot_set_status(p.snapshot, &[SnapshotStatus::InPreview], SnapshotStatus::Ok)
+                    .await;
+                let _ = c
+                    .db()
+                    .vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &Default::default())
+                    .await;
+                Ok(())
+            }),
+        ]
+    }
+}
+
 impl Commands {
     async fn vm_disks_leaves(
         &self,
@@ -388,6 +678,7 @@ impl Commands {
             .vm_get(vm)
             .await?
             .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        self.refuse_in_preview(&v).await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
             VmStatus::Up | VmStatus::Paused => v.runtime.run_on_host,
@@ -456,6 +747,7 @@ impl Commands {
                 "the active snapshot cannot be removed".into(),
             ));
         }
+        self.refuse_in_preview(&v).await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
             VmStatus::Up => v.runtime.run_on_host,
@@ -522,11 +814,13 @@ impl Commands {
             .await?
             .filter(|s| s.vm_id == vm)
             .ok_or_else(|| CommandError::not_found("snapshot", snapshot))?;
-        if s.snapshot_type == SnapshotType::Active {
-            return Err(CommandError::invalid(
-                "the active snapshot is the present: nothing to restore",
-            ));
+        if s.snapshot_type != SnapshotType::Regular {
+            return Err(CommandError::invalid(format!(
+                "snapshot {} is the {} one: only regular snapshots are restored",
+                s.id, s.snapshot_type
+            )));
         }
+        self.refuse_in_preview(&v).await?;
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
         for sd in &s.disks {
@@ -571,6 +865,204 @@ impl Commands {
                 newer,
             },
             None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The open preview of the VM: (the record of the kept state, the previewed snapshot).
+    async fn open_preview(&self, vm: VmId) -> Result<Option<(Snapshot, Snapshot)>, CommandError> {
+        let all = self.app.db.snapshots_of_vm(vm).await?;
+        let Some(kept) = all.iter().find(|s| s.snapshot_type == SnapshotType::Preview) else {
+            return Ok(None);
+        };
+        let previewed = all
+            .iter()
+            .find(|s| s.status == SnapshotStatus::InPreview)
+            .ok_or_else(|| {
+                CommandError::Conflict(format!(
+                    "VM {vm} has the kept state {} of a preview but no snapshot in preview",
+                    kept.id
+                ))
+            })?;
+        Ok(Some((kept.clone(), previewed.clone())))
+    }
+
+    async fn refuse_in_preview(&self, v: &crate::model::Vm) -> Result<(), CommandError> {
+        if let Some((_, s)) = self.open_preview(v.id).await? {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is previewing snapshot {:?} ({}): commit or undo the preview first",
+                v.name, s.description, s.id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn down_vm(&self, vm: VmId, what: &str) -> Result<crate::model::Vm, CommandError> {
+        let v = self
+            .app
+            .db
+            .vm_get(vm)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        if v.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: stop it before {what}",
+                v.name, v.runtime.status
+            )));
+        }
+        Ok(v)
+    }
+
+    /// Previews a snapshot of a VM that is down: its disks show the snapshot's data (and take
+    /// writes) until [`Self::commit_snapshot`] or [`Self::undo_snapshot`]; the present is kept.
+    pub async fn preview_snapshot(
+        &self,
+        vm: VmId,
+        snapshot: SnapshotId,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
+        let v = self.down_vm(vm, "previewing a snapshot").await?;
+        let s = self
+            .app
+            .db
+            .snapshot_get(snapshot)
+            .await?
+            .filter(|s| s.vm_id == vm)
+            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))?;
+        if s.snapshot_type != SnapshotType::Regular {
+            return Err(CommandError::invalid(format!(
+                "snapshot {} is the {} one: only regular snapshots are previewed",
+                s.id, s.snapshot_type
+            )));
+        }
+        self.refuse_in_preview(&v).await?;
+        if s.status != SnapshotStatus::Ok {
+            return Err(CommandError::Conflict(format!(
+                "snapshot {:?} is {}",
+                s.description, s.status
+            )));
+        }
+        let dc = self.cluster_dc_of(v.cluster_id).await?;
+        let mut disks = Vec::new();
+        for (d, chain) in self.vm_disks_leaves(vm).await? {
+            // A disk attached after the snapshot was taken keeps its data.
+            let Some(sd) = s.disks.iter().find(|x| x.disk_id == d.id) else {
+                continue;
+            };
+            let leaf = chain
+                .last()
+                .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;
+            if !chain.iter().any(|x| x.id == sd.volume_id) {
+                return Err(CommandError::Conflict(format!(
+                    "snapshot volume {} is not in disk {}'s chain",
+                    sd.volume_id, d.name
+                )));
+            }
+            disks.push(PreviewDisk {
+                disk: d.id,
+                sd: d.storage_domain_id,
+                capacity: d.provisioned_size,
+                keep: leaf.id,
+                snapshot_volume: sd.volume_id,
+                new_leaf: VolUuid::new_random(),
+            });
+        }
+        self.run::<PreviewSnapshotSaga>(
+            PreviewSnapshotParams {
+                snapshot,
+                kept: SnapshotId::new_random(),
+                vm,
+                dc,
+                disks,
+            },
+            correlation_id,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Ends the VM's preview keeping the previewed data (and what the VM wrote since) as the
+    /// present; the state kept aside and the snapshots newer than the previewed one go.
+    pub async fn commit_snapshot(
+        &self,
+        vm: VmId,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
+        self.end_preview(vm, PreviewEnd::Commit, correlation_id).await
+    }
+
+    /// Ends the VM's preview returning its disks to the state kept aside, exactly.
+    pub async fn undo_snapshot(&self, vm: VmId, correlation_id: Option<String>) -> Result<(), CommandError> {
+        self.end_preview(vm, PreviewEnd::Undo, correlation_id).await
+    }
+
+    async fn end_preview(
+        &self,
+        vm: VmId,
+        end: PreviewEnd,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
+        let what = match end {
+            PreviewEnd::Commit => "committing a preview",
+            PreviewEnd::Undo => "undoing a preview",
+        };
+        let v = self.down_vm(vm, what).await?;
+        let (kept, previewed) = self
+            .open_preview(vm)
+            .await?
+            .ok_or_else(|| CommandError::Conflict(format!("VM {} has no snapshot in preview", v.name)))?;
+        let dc = self.cluster_dc_of(v.cluster_id).await?;
+        let mut disks = Vec::new();
+        if end == PreviewEnd::Undo {
+            for k in &kept.disks {
+                let d = self
+                    .app
+                    .db
+                    .disk_get(k.disk_id)
+                    .await?
+                    .ok_or_else(|| CommandError::not_found("disk", k.disk_id))?;
+                let chain = self.app.db.volume_chain(d.id).await?;
+                let pos = chain.iter().position(|x| x.id == k.volume_id).ok_or_else(|| {
+                    CommandError::Conflict(format!(
+                        "kept volume {} is not in disk {}'s chain",
+                        k.volume_id, d.name
+                    ))
+                })?;
+                disks.push(UndoDisk {
+                    disk: d.id,
+                    sd: d.storage_domain_id,
+                    keep: k.volume_id,
+                    discard: chain[pos + 1..].iter().rev().map(|x| x.id).collect(),
+                });
+            }
+        }
+        let newer = match end {
+            PreviewEnd::Undo => Vec::new(),
+            // The VM's snapshots come oldest first: the regular ones after the previewed.
+            PreviewEnd::Commit => self
+                .app
+                .db
+                .snapshots_of_vm(vm)
+                .await?
+                .into_iter()
+                .skip_while(|o| o.id != previewed.id)
+                .skip(1)
+                .filter(|o| o.snapshot_type == SnapshotType::Regular)
+                .map(|o| o.id)
+                .collect(),
+        };
+        self.run::<EndPreviewSaga>(
+            EndPreviewParams {
+                end,
+                snapshot: previewed.id,
+                kept: kept.id,
+                vm,
+                dc,
+                disks,
+                newer,
+            },
+            correlation_id,
         )
         .await?;
         Ok(())

@@ -96,10 +96,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(e: &Engine) -> Client {
-        let ca = e.enrollment.ca().cert_pem();
-        let cfg = oxvirt_pki::client_config(&ca, None).unwrap();
+        Client::with_ca(e.addr, &e.enrollment.ca().cert_pem())
+    }
+
+    /// A client of the engine at `addr` whose CA certificate is `ca` (PEM).
+    pub fn with_ca(addr: SocketAddr, ca: &str) -> Client {
+        let cfg = oxvirt_pki::client_config(ca, None).unwrap();
         Client {
-            addr: e.addr,
+            addr,
             connector: TlsConnector::from(Arc::new(cfg)),
             conn: tokio::sync::Mutex::new(None),
             token: None,

@@ -390,41 +390,45 @@ async fn snapshot_from_action(r: &Req, v: &Vm, body: &Elem) -> Result<SnapshotId
     Ok(sid)
 }
 
-/// Why previews are refused (see [`vm_preview`]).
-pub const NO_PREVIEW: &str = "oxvirt cannot preview snapshots: a preview runs the VM on a second \
-    leaf branched from the snapshot's volume while keeping the current leaf, and oxvirt's storage \
-    keeps exactly one leaf per image (VDSM's chains are linear here). Restore the snapshot with \
-    POST .../snapshots/{id}/restore (the VM down), or take a snapshot first to keep the present state";
-
-/// `previewsnapshot`: checks the request like oVirt (the VM exists, the snapshot is its own),
-/// then refuses with [`NO_PREVIEW`]; nothing changes.
+/// `previewsnapshot`: the VM (down) runs on the snapshot's data until commit or undo; the
+/// present is kept aside (see `commands::snapshots`).
 pub async fn vm_preview(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
     let body = r.action_body()?;
-    snapshot_from_action(r, &v, &body).await?;
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "Operation Failed",
-        NO_PREVIEW,
-    ))
+    let sid = snapshot_from_action(r, &v, &body).await?;
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    run_action(r, Some(&body), "preview snapshot", move |e| async move {
+        e.cmds.preview_snapshot(id, sid, corr).await?;
+        Ok(())
+    })
+    .await
 }
 
-/// `commitsnapshot`: there is never a preview to commit.
+/// `commitsnapshot`: the previewed data becomes the present.
 pub async fn vm_commit(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
-    Err(ApiError::conflict(format!(
-        "VM {} has no snapshot in preview ({NO_PREVIEW})",
-        v.name
-    )))
+    let body = r.action_body()?;
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    run_action(r, Some(&body), "commit snapshot", move |e| async move {
+        e.cmds.commit_snapshot(id, corr).await?;
+        Ok(())
+    })
+    .await
 }
 
-/// `undosnapshot`: there is never a preview to undo.
+/// `undosnapshot`: back to the data kept aside when the preview began.
 pub async fn vm_undo(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
-    Err(ApiError::conflict(format!(
-        "VM {} has no snapshot in preview ({NO_PREVIEW})",
-        v.name
-    )))
+    let body = r.action_body()?;
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    run_action(r, Some(&body), "undo snapshot", move |e| async move {
+        e.cmds.undo_snapshot(id, corr).await?;
+        Ok(())
+    })
+    .await
 }
 
 // ----------------------------------------------------------------------- disk attachments

@@ -576,12 +576,14 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     disktype: v.disk_type.clone().unwrap_or_else(|| "DATA".into()),
                     description: v.desc.clone(),
                 },
-                (Some(_), Some(src_img)) if src_img == v.img => Job::CreateSnapshot {
+                // A source volume below the leaf is a preview: the new leaf shows its content.
+                (Some(src), Some(src_img)) if src_img == v.img => Job::CreateSnapshot {
                     sd: v.sd,
                     img: v.img,
                     vol: v.vol,
                     capacity: Some(v.size).filter(|s| *s > 0),
                     description: v.desc.clone(),
+                    content_of: Some(src),
                 },
                 (Some(tmpl_vol), Some(tmpl_img)) => Job::CloneFromTemplate {
                     sd: v.sd,

@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""oVirt's Python SDK (ovirtsdk4, unmodified) against a live oxvirt engine with real nodes.
+
+Run by crates/oxvirt/tests/rest_clients.rs, which starts the engine and the node processes
+(waiting to enroll) and passes, in the environment:
+  OXVIRT_URL        https://127.0.0.1:PORT/ovirt-engine/api
+  OXVIRT_PASSWORD   admin@internal's password
+  OXVIRT_NODES      name=ip:port,name=ip:port   nodes to add as hosts
+  OXVIRT_NODE_DIRS  name=dir,...                each node's data dir (its VMs' serial consoles)
+  OXVIRT_STORAGE    a directory for the local storage domain
+  OXVIRT_KERNEL, OXVIRT_INITRD, OXVIRT_CMDLINE  the test guest
+  OXVIRT_PREFIX     a prefix for object names
+
+The scenario: data center, cluster, two hosts, storage domain, attach, VM with a disk, start
+(the guest boots), live snapshot, live migration, stop, template, VM from the template, start,
+stop, then removal; jobs by correlation id, events, faults and re-authentication on the way.
+Prints one line per step with its time; exits non-zero on the first failure.
+"""
+
+import os
+import sys
+import time
+
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as types
+
+T0 = time.monotonic()
+MIB = 1 << 20
+P = os.environ.get("OXVIRT_PREFIX", "sdk")
+
+
+def step(msg):
+    print("[%6.1fs] %s" % (time.monotonic() - T0, msg), flush=True)
+
+
+def wait(what, fn, timeout=120, interval=0.5):
+    """Polls fn() until it returns a truthy value; fails naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %ss waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def pairs(var):
+    return dict(p.split("=", 1) for p in os.environ[var].split(",") if p)
+
+
+def console_has(node_dir, vm_id, text):
+    path = os.path.join(node_dir, "run", "vms", vm_id, "serial.log")
+    try:
+        with open(path, errors="replace") as f:
+            return text in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def image_volumes(sd_id, disk_id):
+    """The disk's volumes on the local storage domain, base first, from their VDSM metadata."""
+    d = os.path.join(os.environ["OXVIRT_STORAGE"], sd_id, "images", disk_id)
+    meta = {}
+    for f in os.listdir(d):
+        if f.endswith(".meta"):
+            with open(os.path.join(d, f)) as m:
+                kv = dict(l.strip().split("=", 1) for l in m if "=" in l)
+            meta[f[:-5]] = kv
+    children = {kv["PUUID"]: v for v, kv in meta.items()}
+    chain = [v for v, kv in meta.items() if kv["PUUID"] not in meta]
+    assert len(chain) == 1, meta
+    while chain[-1] in children:
+        chain.append(children[chain[-1]])
+    assert len(chain) == len(meta), (chain, meta)
+    assert meta[chain[-1]]["VOLTYPE"] == "LEAF", meta
+    return [os.path.join(d, v) for v in chain]
+
+
+def content(path):
+    """The guest-visible content of a volume with its backing chain, as a digest."""
+    import hashlib
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile() as t:
+        subprocess.run(["qemu-img", "convert", "-O", "raw", path, t.name], check=True)
+        with open(t.name, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+
+def qemu_write(path, pattern, offset_mib):
+    import subprocess
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P %d %dM 1M" % (pattern, offset_mib), path],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def revoke(token):
+    """Logs the token out behind the SDK's back (as an expired session would be)."""
+    import ssl
+    import urllib.parse
+    import urllib.request
+    base = os.environ["OXVIRT_URL"].split("/ovirt-engine/")[0]
+    data = urllib.parse.urlencode({"scope": "", "token": token}).encode()
+    ctx = ssl._create_unverified_context()
+    with urllib.request.urlopen(base + "/ovirt-engine/services/sso-logout", data=data, context=ctx) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
+    req = urllib.request.Request(os.environ["OXVIRT_URL"], headers={"Authorization": "Bearer " + token})
+    try:
+        urllib.request.urlopen(req, context=ctx)
+        raise AssertionError("a revoked token still works")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e.code
+
+
+def main():
+    nodes = pairs("OXVIRT_NODES")
+    node_dirs = pairs("OXVIRT_NODE_DIRS")
+    names = sorted(nodes)
+    guest_os = types.OperatingSystem(
+        kernel=os.environ["OXVIRT_KERNEL"],
+        initrd=os.environ["OXVIRT_INITRD"],
+        cmdline=os.environ["OXVIRT_CMDLINE"],
+    )
+
+    conn = sdk.Connection(
+        url=os.environ["OXVIRT_URL"],
+        username="admin@internal",
+        password=os.environ["OXVIRT_PASSWORD"],
+        insecure=True,
+        timeout=180,
+    )
+    conn.test(raise_exception=True)
+    system = conn.system_service()
+    api = system.get()
+    assert api.product_info.version.major == 4, api.product_info.version.major
+    assert api.special_objects.blank_template.id == "00000000-0000-0000-0000-000000000000"
+    step("connected to %s %s" % (api.product_info.name, api.product_info.version.full_version))
+
+    # Bad credentials are an AuthError.
+    try:
+        sdk.Connection(url=os.environ["OXVIRT_URL"], username="admin@internal",
+                       password="wrong", insecure=True).system_service().get()
+        raise AssertionError("a wrong password was accepted")
+    except sdk.AuthError:
+        pass
+
+    dcs = system.data_centers_service()
+    dc = dcs.add(types.DataCenter(name=P + "-dc", description="from the SDK", local=False,
+                                  version=types.Version(major=4, minor=7)))
+    assert dc.id and dc.status == types.DataCenterStatus.UNINITIALIZED, dc.status
+    try:
+        dcs.add(types.DataCenter(name=P + "-dc"))
+        raise AssertionError("a duplicate data center was accepted")
+    except sdk.Error as e:
+        assert e.code == 409, e
+    found = dcs.list(search='name="%s-dc"' % P)
+    assert [d.id for d in found] == [dc.id], found
+    try:
+        dcs.data_center_service("5b0e9b3c-0000-4000-8000-000000000000").get()
+        raise AssertionError("a missing data center was found")
+    except sdk.NotFoundError:
+        pass
+    step("data center %s" % dc.id)
+
+    clusters = system.clusters_service()
+    cl = clusters.add(types.Cluster(
+        name=P + "-cl",
+        cpu=types.Cpu(architecture=types.Architecture.X86_64, type="qemu64"),
+        data_center=types.DataCenter(name=P + "-dc"),
+    ))
+    assert cl.data_center.id == dc.id
+    assert [c.id for c in clusters.list(search="datacenter=%s-dc" % P)] == [cl.id]
+    step("cluster %s" % cl.id)
+
+    hosts = system.hosts_service()
+    for n in names:
+        h = hosts.add(types.Host(name=n, address=nodes[n], root_password="unused",
+                                 cluster=types.Cluster(name=P + "-cl")))
+        assert h.name == n
+    wait("hosts up", lambda: len(hosts.list(search="cluster=%s-cl and status=up" % P)) == len(names), 120)
+    step("hosts %s up" % ", ".join(names))
+
+    sds = system.storage_domains_service()
+    sd = sds.add(types.StorageDomain(
+        name=P + "-data",
+        type=types.StorageDomainType.DATA,
+        host=types.Host(name=names[0]),
+        storage=types.HostStorage(type=types.StorageType.LOCALFS, path=os.environ["OXVIRT_STORAGE"]),
+    ))
+    assert sd.status == types.StorageDomainStatus.UNATTACHED, sd.status
+    attached = dcs.data_center_service(dc.id).storage_domains_service()
+    attached.add(types.StorageDomain(id=sd.id))
+    wait("storage domain active",
+         lambda: attached.storage_domain_service(sd.id).get().status == types.StorageDomainStatus.ACTIVE, 120)
+    wait("data center up", lambda: dcs.data_center_service(dc.id).get().status == types.DataCenterStatus.UP, 60)
+    assert [s.id for s in sds.list(search="name=%s-data" % P)] == [sd.id]
+    step("storage domain %s active" % sd.id)
+
+    vms = system.vms_service()
+    vm = vms.add(
+        types.Vm(
+            name=P + "-vm",
+            cluster=types.Cluster(name=P + "-cl"),
+            template=types.Template(name="Blank"),
+            memory=256 * MIB,
+            memory_policy=types.MemoryPolicy(guaranteed=256 * MIB),
+            cpu=types.Cpu(topology=types.CpuTopology(cores=1, sockets=1, threads=1)),
+            os=guest_os,
+        ),
+        headers={"Correlation-Id": P + "-add-vm"},
+    )
+    vm_svc = vms.vm_service(vm.id)
+    att = vm_svc.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(name=P + "-disk", format=types.DiskFormat.COW, provisioned_size=64 * MIB,
+                        sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
+        interface=types.DiskInterface.VIRTIO,
+        bootable=True,
+        active=True,
+    ))
+    disk_svc = system.disks_service().disk_service(att.disk.id)
+    wait("disk ok", lambda: disk_svc.get().status == types.DiskStatus.OK)
+    assert disk_svc.get().provisioned_size == 64 * MIB
+    assert len(vm_svc.disk_attachments_service().list()) == 1
+    full = vm_svc.get(follow="disk_attachments.disk")
+    assert full.disk_attachments[0].disk.name == P + "-disk", full.disk_attachments
+    step("VM %s with disk %s" % (vm.id, att.disk.id))
+
+    vm_svc.start()
+    up = wait("VM up", lambda: (lambda v: v if v.status == types.VmStatus.UP else None)(vm_svc.get()), 120)
+    src = conn.follow_link(up.host)
+    wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
+    step("VM up on %s, guest booted" % src.name)
+
+    snaps = vm_svc.snapshots_service()
+    snap = snaps.add(types.Snapshot(description=P + "-snap", persist_memorystate=False))
+    wait("snapshot ok", lambda: snaps.snapshot_service(snap.id).get().snapshot_status == types.SnapshotStatus.OK)
+    kinds = sorted(str(s.snapshot_type) for s in snaps.list())
+    assert kinds == ["active", "regular"], kinds
+    step("live snapshot %s" % snap.id)
+
+    dst = [n for n in names if n != src.name][0]
+    vm_svc.migrate(host=types.Host(name=dst))
+    wait("VM up on " + dst, lambda: (lambda v: v.status == types.VmStatus.UP and v.host is not None
+                                     and conn.follow_link(v.host).name == dst)(vm_svc.get()), 120)
+    wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
+    step("migrated to %s" % dst)
+
+    # A revoked token: the next request gets a 401, the SDK logs in again and retries once.
+    revoke(conn.authenticate())
+    vm_svc.stop()
+    wait("VM down", lambda: vm_svc.get().status == types.VmStatus.DOWN)
+    step("stopped")
+
+    # Preview, undo, preview again, commit, restore: the data the VM sees each time, read on
+    # storage. The present differs from the snapshot by a MiB written while the VM is down.
+    vols = image_volumes(sd.id, att.disk.id)
+    assert len(vols) == 2, vols
+    qemu_write(vols[-1], 0x5A, 1)
+    at_snap, present = content(vols[0]), content(vols[-1])
+    assert at_snap != present
+    snap_svc = snaps.snapshot_service(snap.id)
+    vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=False)
+    assert snap_svc.get().snapshot_status == types.SnapshotStatus.IN_PREVIEW
+    kinds = sorted(str(s.snapshot_type) for s in snaps.list())
+    assert kinds == ["active", "preview", "regular"], kinds
+    assert content(image_volumes(sd.id, att.disk.id)[-1]) == at_snap
+    try:
+        snaps.add(types.Snapshot(description="during the preview"))
+        raise AssertionError("a snapshot was taken during a preview")
+    except sdk.Error as e:
+        assert e.code == 409, e
+    vm_svc.undo_snapshot()
+    assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
+    assert image_volumes(sd.id, att.disk.id) == vols
+    assert content(vols[-1]) == present
+    step("preview and undo")
+
+    vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=False)
+    leaf = image_volumes(sd.id, att.disk.id)[-1]
+    qemu_write(leaf, 0x77, 3)  # the preview takes writes, and the commit keeps them
+    previewed = content(leaf)
+    assert previewed not in (at_snap, present)
+    vm_svc.commit_snapshot()
+    kinds = sorted(str(s.snapshot_type) for s in snaps.list())
+    assert kinds == ["active", "regular"], kinds
+    assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
+    assert content(image_volumes(sd.id, att.disk.id)[-1]) == previewed
+    snap_svc.restore(restore_memory=False)
+    assert content(image_volumes(sd.id, att.disk.id)[-1]) == at_snap
+    step("preview and commit; restore")
+
+    templates = system.templates_service()
+    tmpl = templates.add(types.Template(name=P + "-tmpl", vm=types.Vm(id=vm.id)))
+    wait("template ok", lambda: templates.template_service(tmpl.id).get().status == types.TemplateStatus.OK)
+    step("template %s" % tmpl.id)
+
+    vm2 = vms.add(types.Vm(
+        name=P + "-vm2",
+        cluster=types.Cluster(name=P + "-cl"),
+        template=types.Template(name=P + "-tmpl"),
+        memory=256 * MIB,
+        os=guest_os,
+    ))
+    vm2_svc = vms.vm_service(vm2.id)
+    assert vm2.template.id == tmpl.id
+    assert len(vm2_svc.disk_attachments_service().list()) == 1
+    vm2_svc.start()
+    up2 = wait("VM2 up", lambda: (lambda v: v if v.status == types.VmStatus.UP else None)(vm2_svc.get()), 120)
+    h2 = conn.follow_link(up2.host).name
+    wait("VM2 guest boot", lambda: console_has(node_dirs[h2], vm2.id, "OXVIRT-GUEST"), 120)
+    step("VM %s from the template up on %s" % (vm2.id, h2))
+    vm2_svc.stop()
+    wait("VM2 down", lambda: vm2_svc.get().status == types.VmStatus.DOWN)
+
+    # Jobs carry the correlation id; events can be read from a cursor.
+    jobs = system.jobs_service().list(search="correlation_id=%s-add-vm" % P)
+    assert len(jobs) == 1 and jobs[0].status == types.JobStatus.FINISHED, jobs
+    events = system.events_service().list(max=5)
+    assert events and all(e.time is not None for e in events), events
+    newer = system.events_service().list(from_=int(events[-1].id))
+    assert all(int(e.id) > int(events[-1].id) for e in newer)
+    step("jobs and events")
+
+    # Removal: VMs (with their disks), the template; a VM that is running cannot be removed.
+    vm2_svc.start()
+    wait("VM2 up again", lambda: vm2_svc.get().status == types.VmStatus.UP, 120)
+    try:
+        vm2_svc.remove()
+        raise AssertionError("a running VM was removed")
+    except sdk.Error as e:
+        assert e.code == 409, e
+    vm2_svc.stop()
+    wait("VM2 down again", lambda: vm2_svc.get().status == types.VmStatus.DOWN)
+    snaps.snapshot_service(snap.id).remove()
+    wait("snapshot removed", lambda: len(snaps.list()) == 1)
+    vm2_svc.remove()
+    vm_svc.remove()
+    templates.template_service(tmpl.id).remove()
+    assert not vms.list(search="name=%s-*" % P)
+    assert not system.disks_service().list(search="name=%s-*" % P)
+    assert [t.name for t in templates.list()] == ["Blank"]
+    step("removed")
+
+    # Host maintenance and back.
+    h = hosts.list(search="name=%s" % names[-1])[0]
+    hs = hosts.host_service(h.id)
+    hs.deactivate()
+    wait("host in maintenance", lambda: hs.get().status == types.HostStatus.MAINTENANCE)
+    hs.activate()
+    wait("host up again", lambda: hs.get().status == types.HostStatus.UP, 60)
+    step("host maintenance and activation")
+
+    conn.close()
+    step("done")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # print the whole story for the Rust test's failure message
+        import traceback
+        traceback.print_exc()
+        print("SCENARIO FAILED: %s" % e, flush=True)
+        sys.exit(1)
