@@ -317,6 +317,9 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(live["sets"]["vms_running"], serde_json::json!([]));
     assert_eq!(live["vms"][&id]["status"], "down");
     assert_eq!(live["counts"]["vms_running"], "0 / 1");
+    assert_eq!(live["tasks"], serde_json::json!([]), "no SPM, no storage tasks");
+    let jobs_page = t.get("/portal/jobs").await.body;
+    assert!(jobs_page.contains("data-live-tasks") && jobs_page.contains("Adding VM t1"));
     let console = t.get(&format!("/portal/api/console?vm={id}")).await.json();
     assert_eq!(console["running"], false);
 

@@ -6,7 +6,8 @@
 //! membership of the collections the page shows (`sets=vms,snaps:<id>…`; when one differs from
 //! the rows on the page, the script re-renders the page's regions), the progress of jobs, new
 //! events and the outcome of the user's actions. It costs a fixed number of queries plus one
-//! per job asked about, and no node call.
+//! per job asked about, and no node call — except, while jobs run and the page shows storage
+//! tasks (`tasks=1`), the SPMs' task lists with their progress (disk copies).
 //!
 //! A set's members are `id` or `id=version` strings, sorted, the version being the status the
 //! row shows; the pages write the same (`data-id`, `data-v`) so the script compares strings.
@@ -161,6 +162,14 @@ pub async fn live(ctx: &Ctx) -> R {
         })
         .collect();
 
+    // Storage tasks on the SPMs (disk copies…), with their own progress: asked for by the pages
+    // that show them, and fetched only while a job runs.
+    let tasks = if ctx.q("tasks").is_some() && !running_jobs.is_empty() {
+        spm_tasks(ctx).await
+    } else {
+        Vec::new()
+    };
+
     let hosts_up = hosts.iter().filter(|h| h.status == HostStatus::Up).count();
     Ok(json_reply(
         StatusCode::OK,
@@ -178,8 +187,61 @@ pub async fn live(ctx: &Ctx) -> R {
             "running_jobs": running_jobs.iter().map(|j| j.id.to_string()).collect::<Vec<_>>(),
             "events": events,
             "actions": actions,
+            "tasks": tasks,
         }),
     ))
+}
+
+/// The running tasks of every data center's SPM, each with its overall progress. A node that
+/// does not answer within two seconds is left out (the next poll asks again).
+async fn spm_tasks(ctx: &Ctx) -> Vec<Value> {
+    let app = &ctx.cmds().app;
+    let Ok(dcs) = ctx.db().dc_list(&ListQuery::new()).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for dc in dcs {
+        let (SpmStatus::Spm, Some(h)) = (dc.spm_status, dc.spm_host) else {
+            continue;
+        };
+        let Ok(node) = app.host(h).await.and_then(|h| app.client(&h)) else {
+            continue;
+        };
+        let t = Duration::from_secs(2);
+        let all = node.call(
+            "StoragePool.getAllTasksStatuses",
+            json!({ "spUUID": dc.storage_pool_id }),
+        );
+        let Ok(Ok(all)) = tokio::time::timeout(t, all).await else {
+            continue;
+        };
+        let Some(all) = all["allTasksStatus"].as_object() else {
+            continue;
+        };
+        for (id, st) in all.iter().filter(|(_, st)| st["taskState"] == "running").take(20) {
+            let info = node.call("Task.getInfo", json!({ "taskID": id }));
+            if let Ok(Ok(info)) = tokio::time::timeout(t, info).await {
+                if let Some(pct) = task_percent(&info) {
+                    out.push(
+                        json!({ "id": id, "verb": st["verb"], "dc": dc.name, "host": node.name,
+                                     "percent": pct }),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A task's overall progress in percent: its jobs done plus the running job's share.
+pub fn task_percent(info: &Value) -> Option<f64> {
+    let n = info["jobs"].as_array()?.len();
+    if n == 0 {
+        return Some(0.0);
+    }
+    let done = info["next_job"].as_u64()? as f64;
+    let running = info["progress"].as_f64().unwrap_or(0.0).clamp(0.0, 100.0) / 100.0;
+    Some(((done + running) * 100.0 / n as f64).clamp(0.0, 100.0))
 }
 
 async fn job_json(ctx: &Ctx, j: &Job) -> Result<Value, PortalError> {
@@ -367,6 +429,16 @@ pub fn strip_control(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_progress_counts_done_jobs_and_the_running_share() {
+        let info = json!({ "jobs": [{}, {}, {}, {}], "next_job": 1, "progress": 50.0 });
+        assert_eq!(task_percent(&info), Some(37.5));
+        let info = json!({ "jobs": [{}], "next_job": 0, "progress": 250.0 });
+        assert_eq!(task_percent(&info), Some(100.0), "a wild progress clamps");
+        assert_eq!(task_percent(&json!({ "jobs": [], "next_job": 0 })), Some(0.0));
+        assert_eq!(task_percent(&json!({ "verb": "x" })), None);
+    }
 
     #[test]
     fn console_text_loses_escapes_but_keeps_lines() {

@@ -281,6 +281,14 @@ fn vm_row_actions(h: &mut Html, v: &Vm) {
     h.raw("</td>");
 }
 
+/// The SPMs' running storage tasks (disk copies…) with their progress; the script fills it
+/// while jobs run and hides it when there are none.
+fn tasks_panel(h: &mut Html) {
+    h.raw("<div class=\"spm-tasks\" data-live-tasks=\"1\" hidden><h2>Storage tasks on the SPM</h2>")
+        .raw("<table id=\"spm-tasks\"><thead><tr><th>Task</th><th>Verb</th><th>Host</th><th>Progress</th></tr></thead>")
+        .raw("<tbody></tbody></table></div>");
+}
+
 async fn jobs_table(ctx: &Ctx, h: &mut Html, jobs: &[Job], region: &str) -> Result<(), PortalError> {
     h.raw("<div data-region=\"")
         .text(region)
@@ -469,6 +477,7 @@ async fn dashboard(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
     h.raw("</section></div>");
 
     h.raw("<div class=\"grid2\"><section>");
+    tasks_panel(&mut h);
     h.section("Jobs");
     jobs_table(ctx, &mut h, &jobs, "dash-jobs").await?;
     h.raw("</section><section>");
@@ -1554,6 +1563,7 @@ async fn jobs(ctx: &Ctx) -> Result<String, PortalError> {
         .await?;
     let mut h = Html::new();
     h.heading("Jobs", Some("the latest 100"));
+    tasks_panel(&mut h);
     jobs_table(ctx, &mut h, &js, "jobs").await?;
     Ok(h.finish())
 }

@@ -195,6 +195,7 @@
       if (jobs.length) q.set("jobs", jobs.join(","));
       const ev = $("[data-live-events]");
       if (ev) q.set("events_after", ev.dataset.liveEvents);
+      if ($("[data-live-tasks]")) q.set("tasks", "1");
       const aa = actionsAfter();
       if (aa !== null) q.set("actions_after", aa);
       const r = await fetch("/portal/api/live?" + q.toString(), { credentials: "same-origin" });
@@ -274,6 +275,23 @@
         evBody.dataset.liveEvents = e.id;
       }
       $$("tr", evBody).slice(50).forEach((tr) => tr.remove());
+    }
+    const tp = $("[data-live-tasks]");
+    if (tp) {
+      const body = $("tbody", tp);
+      body.replaceChildren(...d.tasks.map((t) => {
+        const tr = document.createElement("tr");
+        tr.dataset.task = t.id;
+        const cells = [t.id, t.verb, t.host].map((v) => { const td = document.createElement("td"); td.textContent = v; return td; });
+        cells[0].className = "mono";
+        const td = document.createElement("td");
+        const p = document.createElement("progress");
+        p.max = 100; p.value = t.percent;
+        td.append(p, text(" " + Math.round(t.percent) + " %"));
+        tr.append(...cells, td);
+        return tr;
+      }));
+      tp.hidden = d.tasks.length === 0;
     }
     for (const a of d.actions) showAction(a, d.jobs);
     if (stale) refreshRegions();
