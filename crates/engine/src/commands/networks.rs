@@ -543,7 +543,23 @@ impl Commands {
             plugged: req.plugged,
             linked: req.linked,
         };
-        let nic = self.app.db.nic_insert_pooled(&nic, v.cluster_id, req.mac).await?;
+        let nic = self
+            .app
+            .db
+            .nic_insert_pooled(&nic, v.cluster_id, req.mac)
+            .await
+            .map_err(|e| match e {
+                crate::db::DbError::AlreadyExists { kind, key } => {
+                    CommandError::Conflict(format!("{kind} {key} of VM {} is already in use", v.name))
+                }
+                crate::db::DbError::Exhausted { what } => {
+                    CommandError::Conflict(format!("no free {what} for VM {}", v.name))
+                }
+                crate::db::DbError::Invalid { what, detail } => {
+                    CommandError::invalid(format!("{what} of VM {}: {detail}", v.name))
+                }
+                other => other.into(),
+            })?;
         if let (Some(h), true) = (hot, nic.plugged) {
             let r = async {
                 self.node_of(h)
@@ -609,10 +625,12 @@ impl Commands {
             let wiring = n.network != old.network || n.mac != old.mac || n.interface != old.interface;
             let node = self.node_of(h).await?;
             match (old.plugged, n.plugged) {
-                (true, true) if wiring => return Err(CommandError::Conflict(format!(
+                (true, true) if wiring => {
+                    return Err(CommandError::Conflict(format!(
                     "NIC {} of running VM {} is plugged: unplug it before changing its network, MAC or model",
                     old.name, v.name
-                ))),
+                )))
+                }
                 (true, true) if n.linked != old.linked => {
                     node.call(
                         "VM.setLinkState",
