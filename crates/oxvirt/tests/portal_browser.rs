@@ -257,18 +257,11 @@ fn portal_in_chromium_drives_a_vm_from_a_template() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start node");
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let t_out = tx.clone();
-    std::thread::spawn(move || {
-        let s = std::io::read_to_string(stdout).unwrap_or_default();
-        let _ = t_out.send(s);
-    });
-    std::thread::spawn(move || {
-        let s = std::io::read_to_string(stderr).unwrap_or_default();
-        let _ = tx.send(s);
-    });
+    let read = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || std::io::read_to_string(r).unwrap_or_default())
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
     let limit = Duration::from_secs(240);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -281,8 +274,11 @@ fn portal_in_chromium_drives_a_vm_from_a_template() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let out: Vec<String> = rx.iter().take(2).collect();
-    let report = out.join("\n--- stderr ---\n");
+    let report = format!(
+        "{}\n--- stderr ---\n{}",
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default()
+    );
     eprintln!("browser script ({:.1} s):\n{report}", t.elapsed().as_secs_f64());
     let ok = status.is_some_and(|s| s.success());
     if !ok {
