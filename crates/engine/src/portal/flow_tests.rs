@@ -367,6 +367,53 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(t.action_outcome("Remove VM t1").await["state"], "done");
     assert!(db.vm_get(vm.id).await.unwrap().is_none());
 
+    // Adding a storage domain checks its form before anything runs.
+    let sd = |path: &'static str, host: &'static str| {
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "data2".to_string()),
+            ("storage_type", "localfs".to_string()),
+            ("path", path.to_string()),
+            ("host", host.to_string()),
+        ]
+    };
+    let r = post_owned(
+        &t,
+        "/portal/storagedomains",
+        sd("relative/dir", ""),
+        &[("x-portal-fetch", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("not absolute"));
+    let r = post_owned(
+        &t,
+        "/portal/storagedomains",
+        sd("/srv/data2", ""),
+        &[("x-portal-fetch", "1")],
+    )
+    .await;
+    assert!(r.json()["error"].as_str().unwrap().contains("choose the host"));
+    let nohost = "00000000-0000-4000-8000-000000000001";
+    let r = post_owned(
+        &t,
+        "/portal/storagedomains",
+        sd("/srv/data2", nohost),
+        &[("x-portal-fetch", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(db.sd_get_by_name("data2").await.unwrap().is_none());
+    // Maintenance of a host asks first, too.
+    let r = t
+        .post(
+            &format!("/portal/hosts/{nohost}/maintenance"),
+            &[("csrf", &csrf)],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
     // Logging out revokes the token.
     let r = t.post("/portal/logout", &[("csrf", &csrf)], &[]).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
