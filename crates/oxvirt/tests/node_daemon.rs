@@ -201,8 +201,7 @@ async fn a_used_token_is_refused_and_a_fingerprint_enrollment_waits_for_approval
         &["--engine", &engine.addr.to_string(), "--token", &token],
     );
     let st = n2.child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(n2.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let err = std::fs::read_to_string(&n2.log).unwrap();
     assert!(!st.success());
     assert!(err.contains("403") || err.contains("token"), "{err}");
     assert!(Identity::load(&d2.path().join("pki")).unwrap().is_none());

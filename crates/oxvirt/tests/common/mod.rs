@@ -60,12 +60,37 @@ pub fn free_port() -> SocketAddr {
 pub struct NodeProc {
     pub child: Child,
     pub addr: SocketAddr,
+    pub log: std::path::PathBuf,
 }
 
 impl Drop for NodeProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The file a test node's stderr (its log) goes to: `node-stderr.log` beside its data directory.
+pub fn node_log_path(data: &Path) -> std::path::PathBuf {
+    let mut p = data.as_os_str().to_owned();
+    p.push("-stderr.log");
+    p.into()
+}
+
+fn node_log(data: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node_log_path(data))
+        .unwrap()
+}
+
+impl NodeProc {
+    /// The last lines of the node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
@@ -76,10 +101,16 @@ pub fn spawn_node(name: &str, data: &Path, addr: SocketAddr, extra: &[&str]) -> 
         .args(extra)
         .env("OXVIRT_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: nobody drains a pipe during the test, and a full one would block
+        // the node's logging (and so the node) in a long test.
+        .stderr(node_log(data))
         .spawn()
         .unwrap();
-    NodeProc { child, addr }
+    NodeProc {
+        child,
+        addr,
+        log: node_log_path(data),
+    }
 }
 
 pub fn engine_client(engine: &Engine, node: SocketAddr) -> RpcClient {
@@ -99,9 +130,7 @@ pub async fn wait_up(c: &RpcClient, node: &mut NodeProc) -> Value {
             Ok(v) => return v,
             Err(e) => {
                 if let Some(st) = node.child.try_wait().unwrap() {
-                    let mut err = String::new();
-                    std::io::Read::read_to_string(node.child.stderr.as_mut().unwrap(), &mut err).unwrap();
-                    panic!("node exited with {st}: {err}");
+                    panic!("node exited with {st}: {}", node.log_tail());
                 }
                 assert!(
                     start.elapsed() < Duration::from_secs(30),
