@@ -12,10 +12,13 @@
 
 pub mod allinone;
 pub mod app;
+pub mod balance;
 pub mod commands;
 pub mod daemon;
 pub mod db;
 pub mod enroll;
+pub mod fence;
+pub mod ha;
 pub mod model;
 pub mod monitor;
 pub mod network;

@@ -13,6 +13,10 @@
 //! highest SPM priority first), track domain space and health, and turn attached domains
 //! `active` once the pool is served.
 //!
+//! Then the HA loop ([`crate::ha`]) restarts highly available VMs whose host died or whose
+//! QEMU crashed, and, once a minute, the balancer ([`crate::balance`]) migrates VMs off
+//! over-utilized hosts.
+//!
 //! SPM safety does not rest on the monitor: a node takes the SPM lease only when the previous
 //! holder's host id is dead on storage, so the monitor may ask as often as it likes.
 
@@ -46,6 +50,10 @@ pub struct Monitor {
     cmds: Commands,
     /// Data centers whose SPM election runs now (elections can wait for leases).
     electing: Arc<Mutex<HashSet<DcId>>>,
+    /// The HA loop's memory (backoffs, last hosts, fenced hosts).
+    pub ha: Arc<Mutex<crate::ha::HaTracker>>,
+    /// The load balancer's memory and the VMs' CPU usage.
+    pub balancer: Arc<Mutex<crate::balance::Balancer>>,
 }
 
 impl Monitor {
@@ -53,6 +61,8 @@ impl Monitor {
         Self {
             cmds,
             electing: Default::default(),
+            ha: Default::default(),
+            balancer: Default::default(),
         }
     }
 
@@ -79,9 +89,9 @@ impl Monitor {
         let app = &self.cmds.app;
         let hosts = app.db.host_list(&ListQuery::default()).await?;
         let polls = hosts.into_iter().filter(|h| monitored(h.status)).map(|h| {
-            let app = app.clone();
+            let (app, balancer) = (app.clone(), self.balancer.clone());
             async move {
-                if let Err(e) = poll_host(&app, &h).await {
+                if let Err(e) = poll_host(&app, &h, &balancer).await {
                     tracing::debug!(host = %h.name, error = %e, "host poll failed");
                 }
             }
@@ -95,6 +105,12 @@ impl Monitor {
             if let Err(e) = domains_round(app, dc.id).await {
                 tracing::debug!(dc = %dc.name, error = %e, "domain monitoring failed");
             }
+        }
+        if let Err(e) = crate::ha::round(&self.cmds, &self.ha).await {
+            tracing::warn!(error = %e, "HA round failed");
+        }
+        if let Err(e) = crate::balance::round(&self.cmds, &self.balancer).await {
+            tracing::warn!(error = %e, "balancing round failed");
         }
         Ok(())
     }
@@ -129,9 +145,25 @@ async fn event(
     }
 }
 
-async fn poll_host(app: &Arc<App>, h: &Host) -> Result<(), CommandError> {
+async fn poll_host(
+    app: &Arc<App>,
+    h: &Host,
+    balancer: &Mutex<crate::balance::Balancer>,
+) -> Result<(), CommandError> {
     let node = app.client(h)?;
-    let stats = match node.call("Host.getStats", json!({})).await {
+    // A frozen node accepts connections but never answers: a poll gets a few intervals, not the
+    // client's long call timeout, so that a stopped node turns non-responsive in seconds.
+    let poll_timeout =
+        (app.settings.monitor_interval * 4).clamp(Duration::from_secs(2), Duration::from_secs(10));
+    let stats = match tokio::time::timeout(poll_timeout, node.call("Host.getStats", json!({})))
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::nodes::NodeError::Timeout {
+                host: h.name.clone(),
+                what: "Host.getStats".into(),
+                timeout: poll_timeout,
+            })
+        }) {
         Ok(s) => s,
         Err(e) => {
             let mut failures = 0;
@@ -228,7 +260,31 @@ async fn poll_host(app: &Arc<App>, h: &Host) -> Result<(), CommandError> {
         }
     }
     let vms = node.call("Host.getAllVmStats", json!({})).await?;
+    sample_vm_cpu(app, &vms, balancer).await;
     reconcile_vms(app, h, &node, &vms).await
+}
+
+/// Feeds the balancer the VMs' CPU time (QEMU's user + system).
+async fn sample_vm_cpu(app: &App, reported: &Value, balancer: &Mutex<crate::balance::Balancer>) {
+    let now = app.db.now();
+    for r in reported.as_array().into_iter().flatten() {
+        let Some(id) = r["vmID"].as_str().and_then(|s| s.parse::<VmId>().ok()) else {
+            continue;
+        };
+        let st = &r["stats"];
+        let (Some(u), Some(s)) = (st["cpu_user_ms"].as_u64(), st["cpu_system_ms"].as_u64()) else {
+            continue;
+        };
+        let vcpus = match app.db.vm_get(id).await {
+            Ok(Some(v)) => v.cpu.vcpus() as u32,
+            _ => continue,
+        };
+        balancer
+            .lock()
+            .expect("balancer")
+            .cpu
+            .sample(id, vcpus, u + s, now);
+    }
 }
 
 async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError> {
@@ -441,9 +497,19 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
         if host.status == HostStatus::Up {
             // Still SPM on storage? A restarted node process is not, whatever the database says.
             let node = app.client(&host)?;
-            let st = node
-                .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
-                .await;
+            // Bounded: a frozen SPM must not hold the election for the client's long timeout.
+            let st = tokio::time::timeout(
+                Duration::from_secs(5),
+                node.call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id })),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::nodes::NodeError::Timeout {
+                    host: host.name.clone(),
+                    what: "StoragePool.getSpmStatus".into(),
+                    timeout: Duration::from_secs(5),
+                })
+            });
             match st {
                 Ok(s) if s["spm_st"]["spmStatus"] == "SPM" => return Ok(()),
                 Ok(_) | Err(_) => {

@@ -157,6 +157,53 @@ pub(crate) async fn lease_domain(
     })
 }
 
+/// Makes sure a highly available VM's lease exists in `xleases` (SPM `Lease.create`, which is
+/// idempotent). Without an SPM (it may be the host that just died) the lease made at the VM's
+/// first start is used; `VM.create` names the problem if there is none.
+pub(crate) async fn ensure_vm_lease(app: &App, vm: VmId, dc: DcId) -> Result<(), CommandError> {
+    let v = app
+        .db
+        .vm_get(vm)
+        .await?
+        .ok_or_else(|| CommandError::not_found("VM", vm))?;
+    let Some(sd) = lease_domain(app, &v).await? else {
+        return Ok(());
+    };
+    match app.spm(&app.dc(dc).await?).await {
+        Ok((_, spm)) => {
+            spm.call("Lease.create", json!({ "sdUUID": sd, "leaseID": vm }))
+                .await?;
+        }
+        Err(e) => {
+            tracing::info!(vm = %v.name, error = %e, "no SPM to create the VM lease; using the existing one")
+        }
+    }
+    Ok(())
+}
+
+/// `VM.acquireLease` on the node now running the VM, retried while the previous holder (the
+/// migration source, releasing as its QEMU stops) still shows as owner.
+async fn acquire_lease_on(
+    node: &NodeClient,
+    vm: VmId,
+    sd: crate::model::SdUuid,
+) -> Result<u64, CommandError> {
+    let start = std::time::Instant::now();
+    loop {
+        match node
+            .call("VM.acquireLease", json!({ "vmID": vm, "sdUUID": sd }))
+            .await
+        {
+            Ok(r) => return Ok(r["lver"].as_u64().unwrap_or(0)),
+            Err(e) if start.elapsed() < Duration::from_secs(15) => {
+                tracing::debug!(vm = %vm, error = %e, "VM lease not free yet on the destination");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn client_of(app: &App, host: HostUuid) -> Result<NodeClient, StepError> {
     let h = app.host(host).await.map_err(step_err)?;
     app.client(&h).map_err(step_err)
@@ -326,10 +373,9 @@ impl SagaDef for StartVmSaga {
                         run_on_host: Some(p.host),
                         ..Default::default()
                     };
-                    let before = c
-                        .db()
-                        .vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::WaitForLaunch], &rt)
-                        .await?;
+                    let mut from = vec![VmStatus::Down, VmStatus::WaitForLaunch];
+                    from.extend(p.from.iter().copied());
+                    let before = c.db().vm_set_runtime(p.vm, &from, &rt).await?;
                     if before.runtime.status == VmStatus::WaitForLaunch
                         && before.runtime.run_on_host != Some(p.host)
                     {
@@ -339,10 +385,12 @@ impl SagaDef for StartVmSaga {
                 },
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
-                    let _ = c
-                        .db()
-                        .vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch], &VmRuntime::default())
-                        .await;
+                    // A failed HA restart stays marked for the HA loop to try again.
+                    let rt = VmRuntime {
+                        status_detail: (!p.from.is_empty()).then(|| crate::ha::RESTART_PENDING.to_string()),
+                        ..Default::default()
+                    };
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch], &rt).await;
                     Ok(())
                 },
             )
@@ -354,6 +402,12 @@ impl SagaDef for StartVmSaga {
                     .map_err(step_err)
             })
             .describe("Connecting the host to the storage pool"),
+            Step::without_undo("lease", |c: StepCtx<Self>| async move {
+                ensure_vm_lease(c.app(), c.params().vm, c.params().dc)
+                    .await
+                    .map_err(step_err)
+            })
+            .describe("Creating the VM lease"),
             Step::new(
                 "create",
                 |c: StepCtx<Self>| async move {
@@ -495,6 +549,16 @@ impl SagaDef for MigrateVmSaga {
                     .await?;
                 let src = client_of(c.app(), p.src).await?;
                 destroy_on(&src, p.vm).await.map_err(step_err)?;
+                // The source gave up the VM lease when its QEMU stopped; the destination takes it.
+                let v = c
+                    .db()
+                    .vm_get(p.vm)
+                    .await?
+                    .ok_or_else(|| step_err("the VM is gone"))?;
+                if let Some(sd) = lease_domain(c.app(), &v).await.map_err(step_err)? {
+                    let dst = client_of(c.app(), p.dst).await?;
+                    acquire_lease_on(&dst, p.vm, sd).await.map_err(step_err)?;
+                }
                 Ok(())
             })
             .describe("Switching over to the destination"),
@@ -869,10 +933,15 @@ impl Commands {
         self.vm(id).await
     }
 
-    /// Restarts a highly available VM whose host died or whose QEMU crashed: on its own host
-    /// when that host is up, else where the scheduler puts it. The VM lease makes this safe to
-    /// try early: the node refuses to start it while the old holder's lease lives.
-    pub async fn ha_restart(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+    /// Restarts a highly available VM whose host died or whose QEMU crashed: on `in_place`
+    /// when given and up, else where the scheduler puts it. The VM lease makes this safe: the
+    /// node refuses to start the VM while the old holder's lease lives (see [`crate::ha`] for
+    /// when the monitor asks).
+    pub async fn ha_restart(
+        &self,
+        id: VmId,
+        in_place: Option<HostUuid>,
+    ) -> Result<crate::model::Vm, CommandError> {
         let vm = self.vm(id).await?;
         if !vm.ha.enabled {
             return Err(CommandError::invalid(format!(
@@ -881,16 +950,16 @@ impl Commands {
             )));
         }
         let dc = self.cluster_dc(vm.cluster_id).await?;
-        let same_host_up = match vm.runtime.run_on_host {
+        let same_host_up = match in_place {
             Some(h) => self
                 .app
                 .host(h)
                 .await
-                .map(|h| h.status == crate::model::HostStatus::Up)
+                .map(|h| h.status == crate::model::HostStatus::Up && h.cluster_id == vm.cluster_id)
                 .unwrap_or(false),
             None => false,
         };
-        let host = match (same_host_up, vm.runtime.run_on_host) {
+        let host = match (same_host_up, in_place) {
             (true, Some(h)) => h,
             _ => choose_host(&self.app, vm.cluster_id, id, Purpose::HaRestart).await?,
         };
@@ -906,6 +975,14 @@ impl Commands {
         )
         .await?;
         self.vm(id).await
+    }
+
+    /// Where a highly available VM keeps its lease (`None`: not highly available).
+    pub async fn vm_lease_domain(
+        &self,
+        vm: &crate::model::Vm,
+    ) -> Result<Option<crate::model::SdUuid>, CommandError> {
+        lease_domain(&self.app, vm).await
     }
 
     /// Power off at once (`stop`).

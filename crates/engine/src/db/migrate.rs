@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0002_vm_os.sql"),
     },
     Migration {
+        version: 3,
+        name: "fence_agent",
+        sql: include_str!("migrations/0003_fence_agent.sql"),
+    },
+    Migration {
         version: 4,
         name: "networks",
         sql: include_str!("migrations/0004_networks.sql"),

@@ -23,7 +23,7 @@
 //!   state (after a crash, the database is all there is).
 
 mod migrate;
-mod sql;
+pub(crate) mod sql;
 
 pub mod list;
 pub(crate) mod repo;

@@ -1,0 +1,715 @@
+//! No single point of failure, with real processes: an in-process engine and three real
+//! `oxvirt node` processes (each with its fence watchdog) sharing one directory as storage,
+//! io_timeout 1 s, fence margin 2 s. A highly available VM whose guest keeps writing to its disk
+//! runs on the SPM node; that node is killed with `kill -9` (the VM and the SPM role must move);
+//! then the node now running the VM is frozen with SIGSTOP past its lease (the watchdog must
+//! kill its QEMU, the VM must move again). Throughout, a sampler checks that no two live QEMU
+//! processes ever run the VM, and the storage domain checks clean at the end.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, NodeProc};
+use oxvirt_engine::allinone;
+use oxvirt_engine::app::EngineSettings;
+use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, VmStartOptions};
+use oxvirt_engine::daemon::{Engine, EngineConfig};
+use oxvirt_engine::model::{
+    DiskFormat, DiskInterface, HighAvailability, HostStatus, HostUuid, SdType, SpmStatus, StorageType, VmOs,
+    VmStatus, BLANK_TEMPLATE_ID,
+};
+use oxvirt_testkit::TestGuest;
+use oxvirt_types::VmId;
+
+const MIB: u64 = 1 << 20;
+
+struct Cluster {
+    engine: Arc<Engine>,
+    nodes: Vec<(String, PathBuf, NodeProc)>,
+    _dirs: Vec<tempfile::TempDir>,
+    storage: PathBuf,
+}
+
+async fn start_cluster(n: usize) -> Cluster {
+    start_cluster_on(n, "127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn start_cluster_on(n: usize, listen: std::net::SocketAddr) -> Cluster {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let settings = EngineSettings {
+        io_timeout: Duration::from_secs(1),
+        fence_margin: Duration::from_secs(2),
+        monitor_interval: Duration::from_millis(500),
+        accel: Some("tcg".into()),
+        ..EngineSettings::default()
+    };
+    let cfg = EngineConfig {
+        data_dir: engine_dir.path().to_path_buf(),
+        db_url: None,
+        listen,
+        admin_password: Some("secret".into()),
+        settings,
+    };
+    let engine = Engine::start(cfg, None).await.unwrap();
+    let (_, cluster) = allinone::ensure_default(&engine).await.unwrap();
+    let mut nodes = Vec::new();
+    let mut dirs = vec![engine_dir];
+    for i in 0..n {
+        let d = tempfile::tempdir().unwrap();
+        let name = format!("host{}", i + 1);
+        let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
+        let p = common::spawn_node(
+            &name,
+            d.path(),
+            free_port(),
+            &[
+                "--engine",
+                &engine.addr.to_string(),
+                "--token",
+                &token,
+                "--accel",
+                "tcg",
+            ],
+        );
+        nodes.push((name, d.path().to_path_buf(), p));
+        dirs.push(d);
+    }
+    allinone::wait_hosts_up(&engine, n, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let storage_path = storage.path().to_path_buf();
+    dirs.push(storage);
+    Cluster {
+        engine,
+        nodes,
+        _dirs: dirs,
+        storage: storage_path,
+    }
+}
+
+impl Cluster {
+    fn node(&self, name: &str) -> usize {
+        self.nodes.iter().position(|(n, _, _)| n == name).unwrap()
+    }
+    fn console(&self, host: &str, vm: VmId) -> PathBuf {
+        self.nodes[self.node(host)]
+            .1
+            .join("run/vms")
+            .join(vm.to_string())
+            .join("serial.log")
+    }
+    fn qemu_pid(&self, host: &str, vm: VmId) -> u32 {
+        let p = self.nodes[self.node(host)]
+            .1
+            .join("run/vms")
+            .join(vm.to_string())
+            .join("qemu.pid");
+        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+    }
+}
+
+/// Live (not zombie) processes whose command line mentions `needle`.
+fn live_processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains(needle) || !String::from_utf8_lossy(&cmd).contains("qemu")
+        {
+            continue;
+        }
+        if alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+/// Samples every 50 ms how many QEMUs run the VM; remembers the maximum.
+struct TwiceSampler {
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TwiceSampler {
+    fn start(vm: VmId) -> TwiceSampler {
+        let (max, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (m, s) = (max.clone(), stop.clone());
+        let needle = format!("vms/{vm}/");
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let n = live_processes_with(&needle).len();
+                m.fetch_max(n, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        TwiceSampler {
+            max,
+            stop,
+            thread: Some(thread),
+        }
+    }
+    fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TwiceSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn host_name(e: &Engine, id: HostUuid) -> String {
+    e.app().db.host_get(id).await.unwrap().unwrap().name
+}
+
+async fn spm_of(e: &Engine) -> Option<HostUuid> {
+    let d = e.app().db.dc_get_by_name("Default").await.unwrap().unwrap();
+    match (d.spm_status, d.spm_host) {
+        (SpmStatus::Spm, Some(h)) => Some(h),
+        _ => None,
+    }
+}
+
+/// Waits until the VM is up on a host other than `away_from` and its guest writes there;
+/// returns (host, time to up, time to the guest's first pass).
+async fn wait_moved(
+    c: &Cluster,
+    vm: VmId,
+    away_from: HostUuid,
+    since: Instant,
+) -> (String, Duration, Duration) {
+    let e = &c.engine;
+    let (h, up_at) = loop {
+        let v = e.app().db.vm_get(vm).await.unwrap().unwrap();
+        if v.runtime.status == VmStatus::Up && v.runtime.run_on_host.is_some_and(|h| h != away_from) {
+            break (v.runtime.run_on_host.unwrap(), since.elapsed());
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the HA VM did not come back elsewhere: {} ({:?})",
+            v.runtime.status,
+            v.runtime.status_detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let name = host_name(e, h).await;
+    oxvirt_testkit::wait_for_text(
+        &c.console(&name, vm),
+        "OXVIRT-GUEST pass 0",
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    (name, up_at, since.elapsed())
+}
+
+fn console_len(p: &Path) -> usize {
+    std::fs::read_to_string(p).map(|s| s.len()).unwrap_or(0)
+}
+
+fn check_domain(storage: &Path) {
+    for sd in std::fs::read_dir(storage).unwrap().flatten() {
+        if !sd.path().join("dom_md").is_dir() {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+            .args(["domain", "check"])
+            .arg(sd.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "domain check failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twice() {
+    let guest = TestGuest::get();
+    let mut c = start_cluster(3).await;
+    let e = c.engine.clone();
+    let cmds = &e.cmds;
+    let db = &e.app().db;
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let sd = cmds
+        .add_storage_domain(AddStorageDomain {
+            name: "data".into(),
+            description: String::new(),
+            domain_type: SdType::Data,
+            storage_type: StorageType::Localfs,
+            address: None,
+            path: c.storage.display().to_string(),
+            vfs_type: None,
+            mount_options: None,
+            host: host1.id,
+        })
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let spm1 = spm_of(&e).await.expect("an SPM");
+
+    // A highly available VM whose guest keeps rewriting its disk.
+    let vm = cmds
+        .add_vm(
+            AddVm {
+                name: "havm".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: VmOs {
+                    kernel: Some(guest.kernel.display().to_string()),
+                    initrd: Some(guest.initrd.display().to_string()),
+                    cmdline: Some(TestGuest::append(&["oxvirt.writer=8"])),
+                },
+                ha: Some(HighAvailability {
+                    enabled: true,
+                    priority: 1,
+                }),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    cmds.add_disk(
+        AddDisk {
+            name: "havm_disk".into(),
+            description: String::new(),
+            storage_domain: sd.id,
+            provisioned_size: 64 * MIB,
+            format: DiskFormat::Cow,
+            sparse: true,
+            shareable: false,
+            attach_to: Some(AddVmDisk {
+                vm: vm.id,
+                interface: DiskInterface::Virtio,
+                bootable: true,
+                active: true,
+            }),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let sampler = TwiceSampler::start(vm.id);
+
+    // It runs on the SPM node.
+    cmds.start_vm(
+        vm.id,
+        VmStartOptions {
+            host: Some(spm1),
+            paused: false,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let spm1_name = host_name(&e, spm1).await;
+    oxvirt_testkit::wait_for_text(
+        &c.console(&spm1_name, vm.id),
+        "OXVIRT-GUEST pass 0",
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    let info = e.cmds.app.db.vm_get(vm.id).await.unwrap().unwrap();
+    assert_eq!(info.runtime.run_on_host, Some(spm1));
+
+    // 1. kill -9 the SPM node: its QEMU survives it until the watchdog kills it; the VM comes
+    //    back elsewhere and the SPM role moves.
+    let old_qemu = c.qemu_pid(&spm1_name, vm.id);
+    let i = c.node(&spm1_name);
+    let killed = Instant::now();
+    c.nodes[i].2.child.kill().unwrap();
+    let _ = c.nodes[i].2.child.wait();
+    assert!(
+        alive(old_qemu),
+        "QEMU outlives its node (the watchdog must act, not the node's death)"
+    );
+    let (h2_name, up1, pass1) = wait_moved(&c, vm.id, spm1, killed).await;
+    assert!(!alive(old_qemu), "the fence watchdog killed the orphaned QEMU");
+    let old_console = c.console(&spm1_name, vm.id);
+    let frozen_len = console_len(&old_console);
+    let spm_moved = loop {
+        if let Some(s) = spm_of(&e).await.filter(|s| *s != spm1) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the SPM role did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "BENCH kill -9 of the SPM node: HA VM up on {h2_name} after {up1:?}, guest writing after {pass1:?}; SPM moved after {spm_moved:?}"
+    );
+    assert_eq!(
+        db.host_get(spm1).await.unwrap().unwrap().status,
+        HostStatus::NonResponsive
+    );
+
+    // 2. Freeze the node now running the VM past its lease: the watchdog (not frozen) kills its
+    //    QEMU at the lease's expiry; the VM comes back on the last host.
+    let h2 = db
+        .vm_get(vm.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .runtime
+        .run_on_host
+        .unwrap();
+    let qemu2 = c.qemu_pid(&h2_name, vm.id);
+    let j = c.node(&h2_name);
+    let pid2 = c.nodes[j].2.child.id() as i32;
+    let frozen = Instant::now();
+    // SAFETY: signalling the node process this test spawned.
+    assert_eq!(unsafe { libc::kill(pid2, libc::SIGSTOP) }, 0);
+    let (h3_name, up2, pass2) = wait_moved(&c, vm.id, h2, frozen).await;
+    assert!(!alive(qemu2), "the frozen node's QEMU was killed by its watchdog");
+    assert_ne!(h3_name, spm1_name);
+    eprintln!(
+        "BENCH SIGSTOP of the VM's node: HA VM up on {h3_name} after {up2:?}, guest writing after {pass2:?}"
+    );
+    if spm_of(&e).await == Some(h2) {
+        let t = Instant::now();
+        while spm_of(&e).await == Some(h2) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the SPM role did not leave the frozen node"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Never twice: at most one live QEMU ran the VM at any sampled moment, and the dead and
+    // frozen nodes' guests wrote nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sampler.max(), 1, "the VM ran in two QEMUs at once");
+    assert_eq!(
+        console_len(&old_console),
+        frozen_len,
+        "the killed node's guest kept writing"
+    );
+    assert_eq!(live_processes_with(&format!("vms/{}/", vm.id)).len(), 1);
+    // Metadata intact.
+    check_domain(&c.storage);
+    // The frozen node, thawed, finds its lease expired and does not run the VM again.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid2, libc::SIGCONT) }, 0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(live_processes_with(&format!("vms/{}/", vm.id)).len(), 1);
+    assert_eq!(sampler.max(), 1);
+    drop(sampler);
+    cmds.stop_vm(vm.id).await.unwrap();
+    e.shutdown().await;
+}
+
+/// A network namespace joined to the root one by a veth pair; removed on drop.
+struct Netns {
+    name: String,
+    veth: String,
+    root_ip: String,
+    ns_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn create() -> Netns {
+        oxvirt_testkit::require_tool("ip");
+        let tag = std::process::id() % 200 + 20;
+        let n = Netns {
+            name: format!("oxha{tag}"),
+            veth: format!("oxha{tag}r"),
+            root_ip: format!("10.213.{tag}.1"),
+            ns_ip: format!("10.213.{tag}.2"),
+        };
+        let peer = format!("oxha{tag}n");
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &n.name])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &n.veth])
+            .output();
+        ip(&["netns", "add", &n.name]);
+        ip(&["link", "add", &n.veth, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &n.name]);
+        ip(&["addr", "add", &format!("{}/24", n.root_ip), "dev", &n.veth]);
+        ip(&["link", "set", &n.veth, "up"]);
+        ip(&[
+            "-n",
+            &n.name,
+            "addr",
+            "add",
+            &format!("{}/24", n.ns_ip),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", &n.name, "link", "set", &peer, "up"]);
+        ip(&["-n", &n.name, "link", "set", "lo", "up"]);
+        n
+    }
+
+    /// Cuts the namespace off: the engine (and the other nodes) no longer reach it; storage,
+    /// a directory, stays reachable.
+    fn cut(&self) {
+        ip(&["link", "set", &self.veth, "down"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A process killed on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_agent() {
+    let guest = TestGuest::get();
+    let ns = Netns::create();
+    let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
+    let mut c = start_cluster_on(2, listen).await;
+    let e = c.engine.clone();
+    let cmds = &e.cmds;
+    let db = &e.app().db;
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+
+    // host3 lives in the namespace: the engine reaches it only through the veth.
+    let d3 = tempfile::tempdir().unwrap();
+    let token = e.enroll_token(Some(cluster.id), Duration::from_secs(300));
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let log = std::fs::File::create(d3.path().join("node.log")).unwrap();
+    let node3 = Killed(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_oxvirt"),
+                "node",
+                "--name",
+                "host3",
+            ])
+            .args(["--listen", &format!("{}:{port}", ns.ns_ip), "--data"])
+            .arg(d3.path().join("data"))
+            .args([
+                "--engine",
+                &e.addr.to_string(),
+                "--token",
+                &token,
+                "--accel",
+                "tcg",
+            ])
+            .env("OXVIRT_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    allinone::wait_hosts_up(&e, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let host3 = db.host_get_by_name("host3").await.unwrap().unwrap();
+
+    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let sd = cmds
+        .add_storage_domain(AddStorageDomain {
+            name: "data".into(),
+            description: String::new(),
+            domain_type: SdType::Data,
+            storage_type: StorageType::Localfs,
+            address: None,
+            path: c.storage.display().to_string(),
+            vfs_type: None,
+            mount_options: None,
+            host: host1.id,
+        })
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+
+    // Power management for host3: an agent that kills its node by pid (as cutting the power
+    // would); its QEMU is then the watchdog's to kill.
+    let pidfile = d3.path().join("node.pid");
+    std::fs::write(&pidfile, node3.0.id().to_string()).unwrap();
+    let agent = d3.path().join("fence-agent.sh");
+    std::fs::write(
+        &agent,
+        r#"#!/bin/sh
+pid=$(cat "$1")
+alive() { st=$(awk '{print $3}' /proc/$pid/stat 2>/dev/null); [ -n "$st" ] && [ "$st" != Z ]; }
+case "$2" in
+  off) kill -9 "$pid" 2>/dev/null; exit 0;;
+  status) alive && exit 0; exit 2;;
+  on) exit 0;;
+  *) exit 1;;
+esac
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cmds.set_fence_agent(
+        host3.id,
+        Some(oxvirt_engine::fence::FenceAgent {
+            command: vec![agent.display().to_string(), pidfile.display().to_string()],
+        }),
+    )
+    .await
+    .unwrap();
+
+    let vm = cmds
+        .add_vm(
+            AddVm {
+                name: "havm".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: VmOs {
+                    kernel: Some(guest.kernel.display().to_string()),
+                    initrd: Some(guest.initrd.display().to_string()),
+                    cmdline: Some(TestGuest::append(&["oxvirt.writer=8"])),
+                },
+                ha: Some(HighAvailability {
+                    enabled: true,
+                    priority: 1,
+                }),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    cmds.add_disk(
+        AddDisk {
+            name: "havm_disk".into(),
+            description: String::new(),
+            storage_domain: sd.id,
+            provisioned_size: 64 * MIB,
+            format: DiskFormat::Cow,
+            sparse: true,
+            shareable: false,
+            attach_to: Some(AddVmDisk {
+                vm: vm.id,
+                interface: DiskInterface::Virtio,
+                bootable: true,
+                active: true,
+            }),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let sampler = TwiceSampler::start(vm.id);
+    cmds.start_vm(
+        vm.id,
+        VmStartOptions {
+            host: Some(host3.id),
+            paused: false,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let console3 = d3
+        .path()
+        .join("data/run/vms")
+        .join(vm.id.to_string())
+        .join("serial.log");
+    oxvirt_testkit::wait_for_text(&console3, "OXVIRT-GUEST pass 0", Duration::from_secs(90)).unwrap();
+    let qemu3: u32 = std::fs::read_to_string(
+        d3.path()
+            .join("data/run/vms")
+            .join(vm.id.to_string())
+            .join("qemu.pid"),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+
+    // Cut: host3 keeps its storage and keeps renewing, so its lease never frees by itself; the
+    // engine fences it through the agent, then restarts the VM once the lease is dead.
+    let cut = Instant::now();
+    ns.cut();
+    let (name, up, pass) = wait_moved(&c, vm.id, host3.id, cut).await;
+    assert_ne!(name, "host3");
+    assert!(!alive(qemu3), "the fenced node's QEMU is gone");
+    let h3 = db.host_get(host3.id).await.unwrap().unwrap();
+    assert_eq!(h3.status, HostStatus::Down, "{:?}", h3.status_detail);
+    let events = db
+        .event_list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.description.contains("fenced"))
+        .count();
+    assert!(events >= 1, "the fencing is recorded");
+    eprintln!("BENCH node cut from the engine, fenced by its agent: HA VM up on {name} after {up:?}, guest writing after {pass:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sampler.max(), 1, "the VM ran in two QEMUs at once");
+    check_domain(&c.storage);
+    drop(sampler);
+    cmds.stop_vm(vm.id).await.unwrap();
+    e.shutdown().await;
+    drop(node3);
+    c.nodes.clear();
+}
