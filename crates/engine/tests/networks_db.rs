@@ -117,11 +117,11 @@ async fn networks_clusters_and_hosts(b: Backend) {
             default_route: true,
         },
     };
-    db.host_attachments_apply(h.id, &[att.clone()], &[])
+    db.host_attachments_apply(h.id, std::slice::from_ref(&att), &[])
         .await
         .unwrap();
-    assert_eq!(db.host_attachments(h.id).await.unwrap(), [att.clone()]);
     let mut dhcp = att.clone();
+    assert_eq!(db.host_attachments(h.id).await.unwrap(), [att]);
     dhcp.attachment.ip = HostIp::Dhcp;
     dhcp.attachment.nic = "eth2".into();
     db.host_attachments_apply(h.id, &[dhcp.clone()], &[])
