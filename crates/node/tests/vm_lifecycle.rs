@@ -1,6 +1,6 @@
 //! VM lifecycle on real QEMU (TCG) with the test guest: start, stats, pause/resume, balloon,
-//! hooks, graceful shutdown and its fallback, QEMU dying, live snapshot and live merge while
-//! the guest writes.
+//! hooks, graceful shutdown and its fallback, QEMU dying, self-fencing of the VMs holding leases
+//! on a storage domain, live snapshot and live merge while the guest writes.
 
 mod common;
 
@@ -111,7 +111,7 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_falls_back_to_destroy_and_a_dead_qemu_is_reported_with_its_reason() {
+async fn shutdown_falls_back_to_destroy_a_dead_qemu_is_reported_and_fencing_kills_lease_holders() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let _reaper = QemuReaper(vec![run.clone()]);
@@ -130,9 +130,18 @@ async fn shutdown_falls_back_to_destroy_and_a_dead_qemu_is_reported_with_its_rea
         ],
     );
     let victim = guest_vm("victim", vec![disk(vec![qcow2_layer(&img_b)])], &[]);
-    let (a, b) = tokio::join!(mgr.create(deaf.clone()), mgr.create(victim.clone()));
+    // This one holds a lease on a storage domain (no disk needed for that).
+    let sd = oxvirt_types::SdUuid::new_random();
+    let mut leased = guest_vm("leased", vec![], &["oxvirt.marker=leased"]);
+    leased.lease_domains = vec![sd];
+    let (a, b, c) = tokio::join!(
+        mgr.create(deaf.clone()),
+        mgr.create(victim.clone()),
+        mgr.create(leased.clone())
+    );
     a.unwrap();
     let b = b.unwrap();
+    let c = c.unwrap();
     let l = mgr.console_log(deaf.id);
     blocking(move || console_has(&l, "OXVIRT-MARKER deaf", BOOT))
         .await
@@ -175,8 +184,44 @@ async fn shutdown_falls_back_to_destroy_and_a_dead_qemu_is_reported_with_its_rea
         }
         other => panic!("{other:?}"),
     }
+
+    // Self-fencing: a domain no VM uses kills nothing; the leased VM's domain kills it within
+    // the bound, confirmed by the process's exit.
+    let l = mgr.console_log(leased.id);
+    blocking(move || console_has(&l, "OXVIRT-MARKER leased", BOOT))
+        .await
+        .unwrap();
+    let rep = mgr
+        .fence_storage_domain(oxvirt_types::SdUuid::new_random(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(rep.killed.is_empty(), "{rep:?}");
+    assert_eq!(mgr.status(leased.id).unwrap().status, VmStatus::Up);
+    let start = std::time::Instant::now();
+    let rep = mgr
+        .fence_storage_domain(sd, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(rep.killed, vec![leased.id]);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", c.pid)).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", c.pid))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "QEMU survived fencing"
+    );
+    let st = mgr
+        .wait_for(leased.id, Duration::from_secs(10), VmStatus::is_down)
+        .await
+        .unwrap();
+    match st {
+        VmStatus::Down { reason } => assert_eq!(reason.kind, DownKind::Fenced, "{reason:?}"),
+        other => panic!("{other:?}"),
+    }
     mgr.destroy(deaf.id).await.unwrap();
     mgr.destroy(victim.id).await.unwrap();
+    mgr.destroy(leased.id).await.unwrap();
     assert!(mgr.list().is_empty());
 }
 

@@ -20,7 +20,6 @@
 //! also in the volumes' metadata, the state in QEMU); QEMU processes are never children whose
 //! lives depend on the node's.
 
-pub mod control;
 pub mod hooks;
 pub mod ksm;
 pub mod nics;

@@ -1,5 +1,5 @@
 //! Shared by the VM tests: disks made with real qemu-img, the test guest, console waits, and a
-//! node process (`oxvirt-vm-node`) driven over its line protocol.
+//! reaper of QEMUs a failed test leaves behind.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -153,116 +153,6 @@ pub fn logging_hook(dir: &Path, point: &str, log: &Path) {
 
 pub fn console_has(log: &Path, needle: &str, timeout: Duration) -> String {
     oxvirt_testkit::wait_for_text(log, needle, timeout).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A node process: `oxvirt-vm-node` on a run directory, driven over stdin/stdout.
-pub struct Node {
-    pub run_dir: PathBuf,
-    child: Child,
-    stdin: Mutex<ChildStdin>,
-    pending: Arc<Mutex<HashMap<u64, mpsc::Sender<Value>>>>,
-    seq: Mutex<u64>,
-}
-
-impl Node {
-    pub fn start(run_dir: &Path) -> Node {
-        Self::start_with_hooks(run_dir, None)
-    }
-
-    pub fn start_with_hooks(run_dir: &Path, hooks: Option<&Path>) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oxvirt-vm-node"));
-        cmd.arg("--run-dir").arg(run_dir);
-        if let Some(h) = hooks {
-            cmd.arg("--hooks").arg(h);
-        }
-        let mut child = cmd
-            .env("OXVIRT_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn oxvirt-vm-node");
-        let stdin = child.stdin.take().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        assert!(first.contains("ready"), "node did not start: {first:?}");
-        let pending: Arc<Mutex<HashMap<u64, mpsc::Sender<Value>>>> = Arc::default();
-        let p = pending.clone();
-        std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { break };
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if let Some(seq) = v["seq"].as_u64() {
-                    if let Some(tx) = p.lock().unwrap().remove(&seq) {
-                        let _ = tx.send(v);
-                    }
-                }
-            }
-        });
-        Node {
-            run_dir: run_dir.to_path_buf(),
-            child,
-            stdin: Mutex::new(stdin),
-            pending,
-            seq: Mutex::new(0),
-        }
-    }
-
-    /// Sends a request; returns a receiver for its reply.
-    pub fn send(&self, op: &str, args: Value) -> mpsc::Receiver<Value> {
-        let seq = {
-            let mut s = self.seq.lock().unwrap();
-            *s += 1;
-            *s
-        };
-        let (tx, rx) = mpsc::channel();
-        self.pending.lock().unwrap().insert(seq, tx);
-        let mut req = args;
-        req["seq"] = json!(seq);
-        req["op"] = json!(op);
-        let mut w = self.stdin.lock().unwrap();
-        writeln!(w, "{req}").unwrap();
-        w.flush().unwrap();
-        rx
-    }
-
-    pub fn wait_reply(rx: mpsc::Receiver<Value>, timeout: Duration) -> Result<Value, String> {
-        let v = rx
-            .recv_timeout(timeout)
-            .unwrap_or_else(|_| panic!("node gave no reply within {timeout:?}"));
-        match v.get("ok") {
-            Some(ok) => Ok(ok.clone()),
-            None => Err(v["error"].as_str().unwrap_or_default().to_string()),
-        }
-    }
-
-    pub fn call(&self, op: &str, args: Value, timeout: Duration) -> Result<Value, String> {
-        Self::wait_reply(self.send(op, args), timeout)
-    }
-
-    pub fn console_log(&self, id: VmId) -> PathBuf {
-        self.run_dir.join("vms").join(id.to_string()).join("serial.log")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL, as a crashing node would die.
-    pub fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Kills any QEMU still running from a test's run directory when the test ends (pass or

@@ -1,0 +1,580 @@
+//! VMs across real `oxvirt node` processes driven over the JSON-RPC API (mutual TLS), the test
+//! playing the engine: live migration between two nodes on one machine sharing a storage
+//! directory (and back, with a failed and a cancelled attempt in between, hooks at every
+//! migration point); a node killed with SIGKILL whose VM keeps running and is found again by
+//! the next node process; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{engine_client, free_port, start_engine, Engine};
+use oxvirt_rpc::RpcClient;
+use oxvirt_storage::{Allocation, FileStorageDomain, VolFormat, VolumeSpec};
+use oxvirt_testkit::{require_tool, TestGuest};
+use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(90);
+/// Blocks the guest's writer keeps rewriting (`oxvirt.writer=`).
+const WRITER_BLOCKS: u64 = 12;
+
+/// One `oxvirt node` process on its own data directory and port. QEMUs it started outlive it
+/// (by design); dropping it kills them too, so a failed test leaves no VM behind.
+struct Node {
+    name: String,
+    data: PathBuf,
+    addr: SocketAddr,
+    child: Child,
+    c: RpcClient,
+    log: PathBuf,
+}
+
+impl Node {
+    async fn start(
+        engine: &Engine,
+        name: &str,
+        data: &Path,
+        hooks: Option<&Path>,
+        addr: Option<SocketAddr>,
+    ) -> Node {
+        std::fs::create_dir_all(data).unwrap();
+        let addr = addr.unwrap_or_else(free_port);
+        let log = data.join("node.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oxvirt"));
+        cmd.args(["node", "--name", name, "--listen", &addr.to_string(), "--data"])
+            .arg(data)
+            .args(["--accel", "tcg"]);
+        if !data.join("pki/cert.pem").exists() && !data.join("pki/key.pem").exists() {
+            let token = engine.enrollment.issue_token(Duration::from_secs(300));
+            cmd.args(["--engine", &engine.addr.to_string(), "--token", &token]);
+        }
+        if let Some(h) = hooks {
+            cmd.arg("--hooks").arg(h);
+        }
+        let child = cmd
+            .env("OXVIRT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let c = engine_client(engine, addr).with_timeout(Duration::from_secs(60));
+        let mut node = Node {
+            name: name.into(),
+            data: data.to_path_buf(),
+            addr,
+            child,
+            c,
+            log,
+        };
+        let start = Instant::now();
+        while node.c.call("Host.ping", json!({})).await.is_err() {
+            if let Some(st) = node.child.try_wait().unwrap() {
+                panic!("node {name} exited with {st}: {}", node.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "node {name} did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn call(&self, m: &str, p: Value) -> Value {
+        self.c
+            .call(m, p.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{} {m}({p}): {e}\n{}", self.name, tail(&self.log_text())))
+    }
+
+    fn vm_dir(&self, id: VmId) -> PathBuf {
+        self.data.join("run/vms").join(id.to_string())
+    }
+
+    fn console_log(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join("serial.log")
+    }
+
+    async fn state(&self, id: VmId) -> Value {
+        self.call("VM.getInfo", json!({ "vmID": id })).await["status"].clone()
+    }
+
+    async fn wait_state(&self, id: VmId, state: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let st = self.state(id).await;
+            if st["state"] == state {
+                return st;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{}: VM {id} not {state} within {timeout:?}: {st}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for a job's end: `Ok(result)` or `Err(error message)`.
+    async fn wait_job(&self, job: &Value, timeout: Duration) -> Result<Value, String> {
+        let start = Instant::now();
+        loop {
+            let jobs = self.call("Host.getJobs", json!({})).await;
+            let rec = jobs
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["id"] == *job)
+                .unwrap_or_else(|| panic!("{}: no job {job} in {jobs}", self.name))
+                .clone();
+            match rec["status"].as_str().unwrap() {
+                "done" => return Ok(rec["result"].clone()),
+                "failed" => return Err(rec["error"]["message"].as_str().unwrap_or_default().to_string()),
+                _ => {}
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{}: job {job} still running: {rec}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_qemus(&self.data.join("run"));
+    }
+}
+
+/// Kills every QEMU whose command line names this run directory's QMP socket.
+fn kill_qemus(run_dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(run_dir.join("vms")) else {
+        return;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else {
+            continue;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let marker = e.path().join("qmp.sock");
+        if String::from_utf8_lossy(&cmdline).contains(marker.to_str().unwrap_or("-")) {
+            // SAFETY: kill(2) on a pid whose command line we just checked.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Whether `pid` runs: exists and is not a zombie (a QEMU orphaned by the killed node is
+/// reaped by init, not by us, so it may linger as a zombie after it exits).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+fn passes(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("OXVIRT-GUEST pass ")
+        .count()
+}
+
+/// Waits until the guest's writer has completed `n` more passes than `from`.
+async fn wait_passes(log: &Path, from: usize, n: usize, timeout: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        let now = passes(log);
+        if now >= from + n {
+            return now;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the guest completed {} of {n} passes within {timeout:?}; console:\n{}",
+            now.saturating_sub(from),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every block the writer covers holds its byte ('A' + i) when read through `image`'s chain.
+fn verify_writer_data(image: &Path) {
+    let mut cmd = Command::new(require_tool("qemu-io"));
+    cmd.args(["-r", "-f", "qcow2"]);
+    for i in 0..WRITER_BLOCKS {
+        cmd.arg("-c")
+            .arg(format!("read -P 0x{:02x} {}M 1M", 0x41 + i % 26, i));
+    }
+    let out = cmd.arg(image).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "data in {} is not what the guest wrote: {text}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An executable hook at `<dir>/<point>/10_log` appending "<point> <vm name>" to `log`.
+fn logging_hook(dir: &Path, point: &str, log: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir.join(point);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("10_log");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\necho \"$OXVIRT_HOOK $OXVIRT_VM_NAME\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Connects `shared` as storage on every node; the first creates a domain there with one
+/// 32 MiB qcow2 image. Returns the domain, image and the volume's path.
+async fn shared_disk(nodes: &[&Node], shared: &Path) -> (SdUuid, ImgUuid, PathBuf) {
+    for n in nodes {
+        let r = n
+            .call(
+                "StoragePool.connectStorageServer",
+                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
+            )
+            .await;
+        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+    }
+    let sd = SdUuid::new_random();
+    nodes[0]
+        .call(
+            "StorageDomain.create",
+            json!({ "sdUUID": sd, "connectionID": "shared", "description": "data", "storageType": "localfs" }),
+        )
+        .await;
+    let dom = FileStorageDomain::find(shared, sd).unwrap();
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        img,
+        vol,
+        &VolumeSpec::new(32 << 20, VolFormat::Cow, Allocation::Sparse),
+    )
+    .unwrap();
+    (sd, img, dom.volume_path(img, vol))
+}
+
+fn vm_params(id: VmId, name: &str, sd: SdUuid, img: ImgUuid) -> Value {
+    let g = TestGuest::get();
+    json!({
+        "vmID": id, "vmName": name, "smp": 1, "memSize": 256, "guestAgent": true, "vnc": false,
+        "boot": { "kernel": g.kernel, "initrd": g.initrd,
+                  "cmdline": TestGuest::append(&[&format!("oxvirt.writer={WRITER_BLOCKS}")]) },
+        "drives": [{ "domainID": sd, "imageID": img }],
+    })
+}
+
+/// Migrates `id` from `src` to `dst` with the VDSM verbs: `VM.migrationCreate` on the
+/// destination, `VM.migrate` on the source; returns the migration job's outcome.
+async fn migrate(
+    src: &Node,
+    dst: &Node,
+    id: VmId,
+    params: &Value,
+    bandwidth_mib: u64,
+) -> Result<Value, String> {
+    let inc = dst.call("VM.migrationCreate", params.clone()).await;
+    let uri = inc["uri"].as_str().unwrap().to_string();
+    assert!(uri.starts_with("tcp:127.0.0.1:"), "{uri}");
+    let job = src
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": uri, "maxDowntimeMs": 300, "maxBandwidth": bandwidth_mib, "timeoutSecs": 90 }),
+        )
+        .await["jobID"]
+        .clone();
+    src.wait_job(&job, Duration::from_secs(120)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_there_and_back_with_failure_and_cancel() {
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let hooks = tmp.path().join("hooks");
+    let hook_log = tmp.path().join("hooks.log");
+    for point in [
+        "before_vm_migrate_source",
+        "after_vm_migrate_source",
+        "before_vm_migrate_destination",
+        "after_vm_migrate_destination",
+    ] {
+        logging_hook(&hooks, point, &hook_log);
+    }
+    let a = Node::start(&engine, "host-a", &tmp.path().join("a"), Some(&hooks), None).await;
+    let b = Node::start(&engine, "host-b", &tmp.path().join("b"), Some(&hooks), None).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let (sd, img, volume) = shared_disk(&[&a, &b], &shared).await;
+    let id = VmId::new_random();
+    let params = vm_params(id, "mig", sd, img);
+    let info = a.call("VM.create", params.clone()).await;
+    assert_eq!(info["status"]["state"], "up", "{info}");
+    let p = wait_passes(&a.console_log(id), 0, 1, BOOT).await;
+
+    // 1. A destination that is not there: the migration fails, the VM runs on.
+    let job = a
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": "tcp:127.0.0.1:1", "timeoutSecs": 90 }),
+        )
+        .await["jobID"]
+        .clone();
+    let err = a.wait_job(&job, Duration::from_secs(60)).await.unwrap_err();
+    assert!(err.contains("migration failed"), "{err}");
+    assert_eq!(a.state(id).await["state"], "up");
+    let p = wait_passes(&a.console_log(id), p, 1, BOOT).await;
+
+    // 2. Cancelled half-way (slowed to 2 MiB/s so there is a half-way).
+    let inc = b.call("VM.migrationCreate", params.clone()).await;
+    let job = a
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": inc["uri"], "maxBandwidth": 2, "timeoutSecs": 90 }),
+        )
+        .await["jobID"]
+        .clone();
+    a.wait_state(id, "migration_source", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.call("VM.migrateCancel", json!({ "vmID": id })).await;
+    let err = a.wait_job(&job, Duration::from_secs(60)).await.unwrap_err();
+    assert!(err.contains("migration failed"), "{err}");
+    assert_eq!(
+        a.state(id).await["state"],
+        "up",
+        "cancel leaves the VM on the source"
+    );
+    // The destination's QEMU gave up and is reported down; removing it is the caller's job.
+    b.wait_state(id, "down", Duration::from_secs(30)).await;
+    b.call("VM.destroy", json!({ "vmID": id })).await;
+    wait_passes(&a.console_log(id), p, 1, BOOT).await;
+
+    // 3. A → B for real.
+    let rep = migrate(&a, &b, id, &params, 0).await.unwrap();
+    let (total, downtime) = (
+        rep["total_ms"].as_u64().unwrap(),
+        rep["downtime_ms"].as_u64().unwrap(),
+    );
+    eprintln!("migration A→B over the node API: total {total} ms, downtime {downtime} ms");
+    assert!(total > 0 && downtime <= total, "{rep}");
+    let st = a.state(id).await;
+    assert_eq!(st["state"], "down", "{st}");
+    assert_eq!(st["reason"]["kind"], "migrated", "{st}");
+    b.wait_state(id, "up", Duration::from_secs(30)).await;
+    a.call("VM.destroy", json!({ "vmID": id })).await;
+    // The guest goes on writing on B (its console is B's now).
+    wait_passes(&b.console_log(id), 0, 1, BOOT).await;
+    let all = b.call("Host.getAllVmStats", json!({})).await;
+    assert_eq!(all[0]["vmID"], json!(id), "{all}");
+
+    // 4. And back B → A.
+    let rep = migrate(&b, &a, id, &params, 0).await.unwrap();
+    eprintln!(
+        "migration B→A over the node API: total {} ms, downtime {} ms",
+        rep["total_ms"], rep["downtime_ms"]
+    );
+    a.wait_state(id, "up", Duration::from_secs(30)).await;
+    b.call("VM.destroy", json!({ "vmID": id })).await;
+    wait_passes(&a.console_log(id), 0, 1, BOOT).await;
+    a.call("VM.destroy", json!({ "vmID": id })).await;
+    verify_writer_data(&volume);
+    // Hooks ran at each migration point: 4 attempts left the source (the first failed at
+    // once, one was cancelled), 3 destinations were prepared, 2 received the guest.
+    let hooks_ran = std::fs::read_to_string(&hook_log).unwrap();
+    let count = |p: &str| hooks_ran.matches(&format!("{p} mig")).count();
+    assert_eq!(count("before_vm_migrate_source"), 4, "{hooks_ran}");
+    assert_eq!(count("after_vm_migrate_source"), 2, "{hooks_ran}");
+    assert_eq!(count("before_vm_migrate_destination"), 3, "{hooks_ran}");
+    assert_eq!(count("after_vm_migrate_destination"), 2, "{hooks_ran}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("n");
+    let mut node = Node::start(&engine, "phoenix-host", &data, None, None).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let (sd, img, volume) = shared_disk(&[&node], &shared).await;
+    let id = VmId::new_random();
+    let info = node.call("VM.create", vm_params(id, "phoenix", sd, img)).await;
+    let qemu_pid = info["pid"].as_i64().unwrap() as i32;
+    let log = node.console_log(id);
+    let p = wait_passes(&log, 0, 1, BOOT).await;
+
+    node.kill9();
+    // QEMU is in its own session: the node's death does not touch it.
+    assert!(running(qemu_pid), "QEMU died with the node");
+    let p = wait_passes(&log, p, 1, BOOT).await;
+
+    // Same data directory and address; the identity on disk is reused (no enrollment).
+    let addr = node.addr;
+    std::mem::forget(node);
+    let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+    let all = node.call("Host.getAllVmStats", json!({})).await;
+    let vms = all.as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{all}");
+    assert_eq!(vms[0]["vmID"], json!(id));
+    assert_eq!(vms[0]["status"]["state"], "up", "{all}");
+    assert_eq!(vms[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
+    // The recovered VM is fully controllable: QMP reconnected, events flow.
+    let mut events = node.c.events().await.unwrap();
+    let st = node.call("VM.pause", json!({ "vmID": id })).await;
+    assert_eq!(st["status"]["state"], "paused", "{st}");
+    let st = node.call("VM.cont", json!({ "vmID": id })).await;
+    assert_eq!(st["status"]["state"], "up", "{st}");
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !(seen.contains(&"paused".to_string()) && seen.last().is_some_and(|s| s == "up")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "status events after recovery: {seen:?}"
+        );
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            if ev["method"].as_str().is_some_and(|m| m.contains("VM_status")) {
+                seen.push(
+                    ev["params"]["body"]["status"]["state"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    wait_passes(&log, p, 1, BOOT).await;
+    node.call("VM.destroy", json!({ "vmID": id })).await;
+    assert!(!running(qemu_pid), "QEMU survived VM.destroy");
+    verify_writer_data(&volume);
+}
+
+/// KSM through the node verbs, read back from sysfs; restored afterwards. A kernel without
+/// KSM must give a clear error instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ksm_is_reported_and_tuned_through_the_node_api() {
+    const SYSFS: &str = "/sys/kernel/mm/ksm";
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&engine, "ksm-host", &tmp.path().join("n"), None, None).await;
+    let sys = |k: &str| -> u64 {
+        std::fs::read_to_string(Path::new(SYSFS).join(k))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let tune = json!({ "tuningParams": { "run": 1, "pages_to_scan": 123, "sleep_millisecs": 45 } });
+    if !Path::new(SYSFS).join("run").exists() {
+        let stats = node.call("Host.getStats", json!({})).await;
+        assert!(stats["ksm"].is_null(), "{stats}");
+        assert!(
+            stats["ksmError"].as_str().unwrap().contains("CONFIG_KSM"),
+            "{stats}"
+        );
+        let err = node.c.call("Host.setKsmTune", tune).await.unwrap_err();
+        assert!(err.to_string().contains("not available"), "{err}");
+        return;
+    }
+    let before = (sys("run"), sys("pages_to_scan"), sys("sleep_millisecs"));
+    // Restores the host's KSM settings however the test ends.
+    struct Restore((u64, u64, u64));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let (run, pages, sleep) = self.0;
+            for (k, v) in [("pages_to_scan", pages), ("sleep_millisecs", sleep), ("run", run)] {
+                let _ = std::fs::write(Path::new(SYSFS).join(k), v.to_string());
+            }
+        }
+    }
+    let _restore = Restore(before);
+    let stats = node.call("Host.getStats", json!({})).await;
+    assert_eq!(stats["ksm"]["run"], before.0, "{stats}");
+    assert_eq!(stats["ksm"]["pages_to_scan"], before.1, "{stats}");
+    assert_eq!(stats["ksm"]["ksmState"], before.0 == 1, "{stats}");
+
+    let st = node.call("Host.setKsmTune", tune.clone()).await;
+    assert_eq!(
+        (st["run"].as_u64(), st["pages_to_scan"].as_u64()),
+        (Some(1), Some(123)),
+        "{st}"
+    );
+    assert_eq!(
+        (sys("run"), sys("pages_to_scan"), sys("sleep_millisecs")),
+        (1, 123, 45)
+    );
+    let stats = node.call("Host.getStats", json!({})).await;
+    assert_eq!(stats["ksm"]["ksmState"], true, "{stats}");
+    assert_eq!(stats["ksmRunning"], true, "{stats}");
+    assert_eq!(stats["ksm"]["ksmPages"], 123, "{stats}");
+    // Bad input is refused and changes nothing.
+    for bad in [
+        json!({ "tuningParams": { "run": 0, "pages_to_scan": 0 } }),
+        json!({ "tuningParams": { "run": 7 } }),
+        json!({ "tuningParams": { "sleep_millisecs": 45, "npages": 1 } }),
+    ] {
+        let err = node.c.call("Host.setKsmTune", bad.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, oxvirt_rpc::ClientError::Rpc(ref e) if e.code == 1000 || e.code == -32602),
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(
+        (sys("run"), sys("pages_to_scan"), sys("sleep_millisecs")),
+        (1, 123, 45)
+    );
+    let st = node
+        .call("Host.setKsmTune", json!({ "tuningParams": { "run": 0 } }))
+        .await;
+    assert_eq!(st["ksmState"], false, "{st}");
+    assert_eq!(sys("run"), 0);
+    // Back to what the host had, through the API.
+    node.call(
+        "Host.setKsmTune",
+        json!({ "tuningParams": { "run": before.0, "pages_to_scan": before.1, "sleep_millisecs": before.2 } }),
+    )
+    .await;
+    assert_eq!((sys("run"), sys("pages_to_scan"), sys("sleep_millisecs")), before);
+}
