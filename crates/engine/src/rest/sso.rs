@@ -79,6 +79,16 @@ pub async fn handle(engine: &Engine, req: &HttpRequest, token: bool) -> Reply {
         Ok(Some(u)) => match db.token_issue(u.id, TOKEN_TTL).await {
             Ok(t) => {
                 tracing::info!(user = %u.principal(), "SSO login");
+                // oVirt's audit log records every login (USER_VDC_LOGIN, code 30); clients such
+                // as the Ansible host module read the newest event as their starting cursor.
+                let ev = crate::model::NewEvent::new(
+                    crate::model::Severity::Normal,
+                    30,
+                    format!("User {} logged in.", u.principal()),
+                );
+                if let Err(e) = db.event_add(&ev).await {
+                    tracing::warn!(error = %e, "cannot record the login event");
+                }
                 Reply::json(
                     StatusCode::OK,
                     &json!({

@@ -49,6 +49,11 @@ pub struct TemplateFilter {
     pub name: Option<TextMatch>,
     pub status: Vec<TemplateStatus>,
     pub cluster: Option<Ref<ClusterId>>,
+    /// Templates of the data center's clusters, and those of no cluster (Blank), which every
+    /// data center has.
+    pub data_center: Option<Ref<DcId>>,
+    /// The template a VM was made from.
+    pub vm: Option<Ref<VmId>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +117,16 @@ async fn template_list(
     w.text("name", &lq.filter.name);
     w.any_of("status", &lq.filter.status);
     w.reference("cluster_id", "clusters", &lq.filter.cluster);
+    w.reference_in(
+        "(cluster_id IS NULL OR cluster_id IN (SELECT id FROM clusters WHERE data_center_id IN {ids}))",
+        "data_centers",
+        &lq.filter.data_center,
+    );
+    w.reference_in(
+        "id IN (SELECT template_id FROM vms WHERE id IN {ids})",
+        "vms",
+        &lq.filter.vm,
+    );
     order_and_page(
         &mut q,
         lq,

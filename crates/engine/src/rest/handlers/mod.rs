@@ -77,6 +77,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         VmAttGet => vms::att_get(r).await,
         VmAttUpdate => vms::att_update(r).await,
         VmAttRemove => vms::att_remove(r).await,
+        VmNumaNodes => vms::numa_list(r).await,
         VmNicList => networks::vm_nic_list(r).await,
         VmNicAdd => networks::vm_nic_add(r).await,
         VmNicGet => networks::vm_nic_get(r).await,

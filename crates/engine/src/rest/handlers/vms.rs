@@ -576,6 +576,16 @@ pub async fn att_remove(r: &Req) -> Result<Resp, ApiError> {
     Ok(action_complete(r))
 }
 
+/// `vms/{id}/numanodes`: oxvirt gives VMs no virtual NUMA topology, so the list is empty (as
+/// oVirt's is for a VM without pinned NUMA nodes); clients such as the Ansible VM module read
+/// it on every run.
+pub async fn numa_list(r: &Req) -> Result<Resp, ApiError> {
+    vm(r, 0).await?;
+    let mut o = r.out();
+    collection(&mut o, "vm_numa_nodes", "vm_numa_node", &[] as &[()], |_, _| {});
+    Ok(Resp::ok(o))
+}
+
 // ------------------------------------------------------------------------------- snapshots
 
 async fn snap(r: &Req) -> Result<(Vm, Snapshot), ApiError> {
@@ -675,6 +685,10 @@ pub async fn template_list(r: &Req) -> Result<Resp, ApiError> {
                 _ => {
                     if let Some(v) = x.reference(c, "cluster")? {
                         f.cluster = Some(v);
+                    } else if let Some(v) = x.reference(c, "datacenter")? {
+                        f.data_center = Some(v);
+                    } else if let Some(v) = x.reference(c, "vm")? {
+                        f.vm = Some(v);
                     } else {
                         return Ok(false);
                     }
