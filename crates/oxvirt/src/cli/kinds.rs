@@ -1,0 +1,204 @@
+//! The kinds of objects the CLI handles: where each lives in the API, what it is called, and
+//! the columns of its table.
+
+/// How a column's value is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fmt {
+    Text,
+    /// A byte count, shown as KiB/MiB/GiB.
+    Bytes,
+    /// An id of another kind's object, shown as its name.
+    Ref(&'static Kind),
+    /// `{major, minor}`.
+    Version,
+    /// A CPU topology: sockets × cores × threads, shown as the product.
+    Cpus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Col {
+    pub header: &'static str,
+    /// Dotted path into the object's JSON (`host.id`, `storage.path`).
+    pub path: &'static str,
+    pub fmt: Fmt,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// For messages: "VM", "data center".
+    pub what: &'static str,
+    /// The collection under `/ovirt-engine/api`.
+    pub coll: &'static str,
+    /// The member element's name.
+    pub elem: &'static str,
+    pub cols: &'static [Col],
+}
+
+const fn c(header: &'static str, path: &'static str, fmt: Fmt) -> Col {
+    Col { header, path, fmt }
+}
+
+use Fmt::*;
+
+pub static DATACENTER: Kind = Kind {
+    what: "data center",
+    coll: "datacenters",
+    elem: "data_center",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("LOCAL", "local", Text),
+        c("VERSION", "version", Version),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+pub static CLUSTER: Kind = Kind {
+    what: "cluster",
+    coll: "clusters",
+    elem: "cluster",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("DATA CENTER", "data_center.id", Ref(&DATACENTER)),
+        c("CPU", "cpu.type", Text),
+        c("VERSION", "version", Version),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+pub static HOST: Kind = Kind {
+    what: "host",
+    coll: "hosts",
+    elem: "host",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("ADDRESS", "address", Text),
+        c("CLUSTER", "cluster.id", Ref(&CLUSTER)),
+        c("SPM", "spm.status", Text),
+        c("CPUS", "cpu.topology", Cpus),
+        c("MEMORY", "memory", Bytes),
+        c("FREE", "max_scheduling_memory", Bytes),
+    ],
+};
+
+pub static STORAGE_DOMAIN: Kind = Kind {
+    what: "storage domain",
+    coll: "storagedomains",
+    elem: "storage_domain",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("TYPE", "type", Text),
+        c("STATUS", "status", Text),
+        c("STORAGE", "storage.type", Text),
+        c("PATH", "storage.path", Text),
+        c("AVAILABLE", "available", Bytes),
+        c("USED", "used", Bytes),
+        c("DATA CENTER", "data_center.id", Ref(&DATACENTER)),
+    ],
+};
+
+pub static DISK: Kind = Kind {
+    what: "disk",
+    coll: "disks",
+    elem: "disk",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("FORMAT", "format", Text),
+        c("SIZE", "provisioned_size", Bytes),
+        c("ACTUAL", "actual_size", Bytes),
+        c("STORAGE DOMAIN", "storage_domain.id", Ref(&STORAGE_DOMAIN)),
+    ],
+};
+
+pub static TEMPLATE: Kind = Kind {
+    what: "template",
+    coll: "templates",
+    elem: "template",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("MEMORY", "memory", Bytes),
+        c("CPUS", "cpu.topology", Cpus),
+        c("CLUSTER", "cluster.id", Ref(&CLUSTER)),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+pub static VM: Kind = Kind {
+    what: "VM",
+    coll: "vms",
+    elem: "vm",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("HOST", "host.id", Ref(&HOST)),
+        c("CLUSTER", "cluster.id", Ref(&CLUSTER)),
+        c("CPUS", "cpu.topology", Cpus),
+        c("MEMORY", "memory", Bytes),
+        c("TEMPLATE", "template.id", Ref(&TEMPLATE)),
+    ],
+};
+
+pub static SNAPSHOT: Kind = Kind {
+    what: "snapshot",
+    coll: "snapshots",
+    elem: "snapshot",
+    cols: &[
+        c("ID", "id", Text),
+        c("DESCRIPTION", "description", Text),
+        c("TYPE", "snapshot_type", Text),
+        c("STATUS", "snapshot_status", Text),
+        c("MEMORY", "persist_memorystate", Text),
+        c("DATE", "date", Text),
+    ],
+};
+
+pub static JOB: Kind = Kind {
+    what: "job",
+    coll: "jobs",
+    elem: "job",
+    cols: &[
+        c("ID", "id", Text),
+        c("STATUS", "status", Text),
+        c("DESCRIPTION", "description", Text),
+        c("STARTED", "start_time", Text),
+        c("ENDED", "end_time", Text),
+        c("CORRELATION ID", "correlation_id", Text),
+    ],
+};
+
+pub static STEP: Kind = Kind {
+    what: "step",
+    coll: "steps",
+    elem: "step",
+    cols: &[
+        c("NUMBER", "number", Text),
+        c("TYPE", "type", Text),
+        c("STATUS", "status", Text),
+        c("DESCRIPTION", "description", Text),
+        c("STARTED", "start_time", Text),
+        c("ENDED", "end_time", Text),
+    ],
+};
+
+pub static EVENT: Kind = Kind {
+    what: "event",
+    coll: "events",
+    elem: "event",
+    cols: &[
+        c("ID", "id", Text),
+        c("TIME", "time", Text),
+        c("SEVERITY", "severity", Text),
+        c("CODE", "code", Text),
+        c("DESCRIPTION", "description", Text),
+    ],
+};

@@ -1,0 +1,1519 @@
+//! `oxvirt login`, `oxvirt vm start …` and the other client subcommands: an administrator's
+//! command line over the engine's oVirt REST API v4, with a stored session.
+//!
+//! - [`config`] owns the session file (URL, user, token, CA; never a password);
+//! - [`transport`] is the HTTPS transport, [`api`] the API's JSON, faults, SSO and name lookup;
+//! - [`kinds`] says where each kind of object lives and how its table looks, [`output`] prints
+//!   tables or JSON, [`progress`] shows long operations until they are done.
+//!
+//! Shape: `oxvirt KIND VERB [NAME|ID] [options]`; objects are named by name or id (names are
+//! looked up with `search=name=…` and must be unique). Results go to stdout (table or JSON),
+//! progress and errors to stderr; a failure exits non-zero and changes nothing on the client.
+
+pub mod api;
+pub mod config;
+pub mod kinds;
+pub mod output;
+pub mod progress;
+pub mod transport;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use http::Method;
+use serde_json::{json, Value};
+
+use api::Api;
+use config::Session;
+use kinds::Kind;
+use output::Output;
+use progress::{Progress, Until};
+
+/// Options every client subcommand takes.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// How results are printed.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The session file (default ~/.config/oxvirt/cli.json).
+    #[arg(long, global = true, env = "OXVIRT_CLI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// No progress on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// A kind's subcommands with the common options.
+#[derive(Args, Debug)]
+pub struct Group<T: Subcommand> {
+    #[command(subcommand)]
+    pub cmd: T,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Log in to an engine's API and store the session for the commands below.
+    Login(LoginArgs),
+    /// Revoke the stored session's token and forget the session.
+    Logout(Common),
+    /// Data centers.
+    #[command(visible_alias = "dc")]
+    Datacenter(Group<DcCmd>),
+    /// Clusters.
+    Cluster(Group<ClusterCmd>),
+    /// Hosts (nodes): add, maintenance, activation.
+    Host(Group<HostCmd>),
+    /// Storage domains: create, attach to a data center, activate, maintenance.
+    #[command(visible_alias = "sd")]
+    Storagedomain(Group<SdCmd>),
+    /// Disks.
+    Disk(Group<DiskCmd>),
+    /// Virtual machines: create, start, stop, shutdown, suspend, migrate.
+    Vm(Group<VmCmd>),
+    /// Templates made from VMs.
+    Template(Group<TemplateCmd>),
+    /// A VM's snapshots: create, restore, remove.
+    Snapshot(Group<SnapshotCmd>),
+    /// Jobs the engine ran (and their steps).
+    Job(Group<JobCmd>),
+    /// The engine's event log.
+    Event(Group<EventCmd>),
+    /// Print a shell completion script: `oxvirt completion bash > /etc/bash_completion.d/oxvirt`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// The engine: https://HOST:PORT (as `oxvirt engine`/`oxvirt up` print it).
+    #[arg(long, env = "OXVIRT_URL")]
+    pub url: String,
+    #[arg(short, long, default_value = "admin@internal")]
+    pub user: String,
+    /// Read the password from this file (`-`: standard input); asked on the terminal otherwise.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Trust the engine's certificate when signed by this CA (the engine's data directory
+    /// has it as pki/ca.pem).
+    #[arg(long, conflicts_with_all = ["ca_fingerprint", "insecure"])]
+    pub ca_file: Option<PathBuf>,
+    /// Fetch the engine's CA and trust it when its SHA-256 fingerprint is this one (printed by
+    /// `oxvirt engine`/`oxvirt up`).
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca_fingerprint: Option<String>,
+    /// Do not check the engine's certificate at all.
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ListArgs {
+    /// oVirt search query, e.g. `status=up and name=web*`.
+    #[arg(short, long)]
+    pub search: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    pub max: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WaitArgs {
+    /// Return as soon as the engine accepted the request.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for the operation to finish.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DcCmd {
+    /// List data centers.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a data center.
+    Show { name: String },
+    /// Create a data center.
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Local storage only (one host).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Remove a data center (no clusters or storage domains left in it).
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// List clusters.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a cluster.
+    Show { name: String },
+    /// Create a cluster in a data center.
+    Create {
+        name: String,
+        /// The data center (name or id).
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+        /// The CPU model VMs get.
+        #[arg(long)]
+        cpu_type: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove an empty cluster.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// List hosts.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a host.
+    Show { name: String },
+    /// Add a host: its node (`oxvirt node --engine … --ca-fingerprint …`) joins, and the host
+    /// comes up.
+    Create {
+        name: String,
+        /// The node's API address (HOST:PORT).
+        #[arg(long)]
+        address: String,
+        /// The cluster (name or id); `Default` when absent.
+        #[arg(long)]
+        cluster: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a host in maintenance.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+    /// Take a host out of maintenance.
+    Activate {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Move a host to maintenance (its VMs migrate away).
+    #[command(visible_alias = "maintenance")]
+    Deactivate {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SdCmd {
+    /// List storage domains.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a storage domain.
+    Show { name: String },
+    /// Create a storage domain through a host; with --datacenter, attach and activate it.
+    Create {
+        name: String,
+        /// The host that formats it.
+        #[arg(long)]
+        host: String,
+        /// localfs, nfs or posixfs.
+        #[arg(long, default_value = "localfs")]
+        storage_type: String,
+        /// The directory (localfs), export path (nfs) or device (posixfs).
+        #[arg(long)]
+        path: String,
+        /// The NFS server.
+        #[arg(long)]
+        address: Option<String>,
+        /// data, iso or export.
+        #[arg(long = "type", default_value = "data")]
+        domain_type: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Attach it to this data center and activate it.
+        #[arg(long, visible_alias = "dc")]
+        datacenter: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove an unattached storage domain.
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        /// Also delete its data, through this host.
+        #[arg(long)]
+        destroy: bool,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Attach a storage domain to a data center and activate it.
+    Attach {
+        name: String,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Detach a storage domain in maintenance from its data center.
+    Detach { name: String },
+    /// Activate an attached storage domain.
+    Activate {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Move an attached storage domain to maintenance.
+    #[command(visible_alias = "maintenance")]
+    Deactivate {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// List disks.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a disk.
+    Show { name: String },
+    /// Create a floating disk.
+    Create {
+        name: String,
+        /// Virtual size: bytes, or with a unit (512M, 10G, 1.5GiB).
+        #[arg(long)]
+        size: String,
+        #[arg(long, visible_alias = "sd")]
+        storage_domain: String,
+        /// cow (qcow2, thin) or raw.
+        #[arg(long, default_value = "cow")]
+        format: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a disk and its volumes.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// List VMs.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a VM.
+    Show { name: String },
+    /// Create a VM (from Blank or a template), optionally with a new boot disk.
+    Create {
+        name: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "Blank")]
+        template: String,
+        /// Memory: bytes or with a unit (512M, 2G).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Virtual CPUs (cores of one socket).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Add a new bootable disk of this size.
+        #[arg(long, requires = "storage_domain")]
+        disk_size: Option<String>,
+        /// Where the new disk goes.
+        #[arg(long, visible_alias = "sd")]
+        storage_domain: Option<String>,
+        /// Direct kernel boot: the kernel, initrd and command line (paths on the hosts).
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        initrd: Option<String>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a VM that is down, with its disks.
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        /// Power it off first when it runs.
+        #[arg(long)]
+        force: bool,
+        /// Keep its disks (detached).
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Start a VM and wait until it is up.
+    Start {
+        name: String,
+        /// Run it on this host.
+        #[arg(long)]
+        host: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Power a VM off.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Ask the guest to shut down (ACPI) and wait until it is down.
+    Shutdown {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Pause a running VM (`vm start` resumes it).
+    Suspend {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Live-migrate a VM (to --host, or where the scheduler says).
+    Migrate {
+        name: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// List templates.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a template.
+    Show { name: String },
+    /// Make a template from a VM that is down.
+    Create {
+        name: String,
+        #[arg(long)]
+        vm: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a template no VM uses.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// List a VM's snapshots.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        vm: String,
+    },
+    /// Show a snapshot (by id or description).
+    Show {
+        #[arg(long)]
+        vm: String,
+        snapshot: String,
+    },
+    /// Take a snapshot (live when the VM runs).
+    Create {
+        #[arg(long)]
+        vm: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Also save the memory of a running VM.
+        #[arg(long)]
+        memory: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a snapshot (its data merges into the chain).
+    #[command(visible_alias = "rm")]
+    Remove {
+        #[arg(long)]
+        vm: String,
+        snapshot: String,
+    },
+    /// Restore a VM that is down to a snapshot.
+    Restore {
+        #[arg(long)]
+        vm: String,
+        snapshot: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// List jobs.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a job with its steps.
+    Show { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventCmd {
+    /// List events, newest last.
+    #[command(visible_alias = "ls")]
+    List {
+        /// oVirt search query, e.g. `severity>=warning`.
+        #[arg(short, long)]
+        search: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        max: u32,
+        /// Only events after this event id.
+        #[arg(long)]
+        from: Option<u64>,
+    },
+    /// Show an event.
+    Show { id: String },
+}
+
+/// Runs a client subcommand; `cli` is the whole command line's definition (for completion).
+pub fn run(cmd: ClientCommand, cli: clap::Command) -> anyhow::Result<()> {
+    if let ClientCommand::Completion { shell } = cmd {
+        let mut cli = cli;
+        clap_complete::generate(shell, &mut cli, "oxvirt", &mut std::io::stdout());
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(cmd))
+}
+
+async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Login(a) => login(a).await,
+        ClientCommand::Logout(c) => logout(&c).await,
+        ClientCommand::Completion { .. } => unreachable!("handled before the runtime starts"),
+        ClientCommand::Datacenter(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            datacenter(&ctx, g.cmd).await
+        }
+        ClientCommand::Cluster(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            cluster(&ctx, g.cmd).await
+        }
+        ClientCommand::Host(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            host(&ctx, g.cmd).await
+        }
+        ClientCommand::Storagedomain(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            storage_domain(&ctx, g.cmd).await
+        }
+        ClientCommand::Disk(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            disk(&ctx, g.cmd).await
+        }
+        ClientCommand::Vm(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            vm(&ctx, g.cmd).await
+        }
+        ClientCommand::Template(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            template(&ctx, g.cmd).await
+        }
+        ClientCommand::Snapshot(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            snapshot(&ctx, g.cmd).await
+        }
+        ClientCommand::Job(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            job(&ctx, g.cmd).await
+        }
+        ClientCommand::Event(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            event(&ctx, g.cmd).await
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ session
+
+fn read_password(a: &LoginArgs) -> anyhow::Result<String> {
+    let raw = match &a.password_file {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line
+        }
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the password file {}", p.display()))?,
+        None => {
+            anyhow::ensure!(
+                std::io::stdin().is_terminal(),
+                "no password: give --password-file FILE (or - for standard input), or run on a terminal"
+            );
+            rpassword::prompt_password(format!("Password for {}: ", a.user))
+                .context("reading the password")?
+        }
+    };
+    let pw = raw.trim_end_matches(['\n', '\r']).to_string();
+    anyhow::ensure!(!pw.is_empty(), "the password is empty");
+    Ok(pw)
+}
+
+async fn login(a: LoginArgs) -> anyhow::Result<()> {
+    let path = config::path(a.common.config.as_deref())?;
+    let ep = transport::Endpoint::parse(&a.url)?;
+    let (trust, ca_pem) = if let Some(f) = &a.ca_file {
+        let pem =
+            std::fs::read_to_string(f).with_context(|| format!("reading the CA file {}", f.display()))?;
+        oxvirt_pki::client_config(&pem, None)
+            .with_context(|| format!("{} is not a CA certificate", f.display()))?;
+        (transport::Trust::Ca(pem.clone()), Some(pem))
+    } else if let Some(fp) = &a.ca_fingerprint {
+        let pem = api::fetch_ca(&ep).await?;
+        let got = oxvirt_pki::fingerprint_pem(&pem).context("the engine's CA certificate is not valid")?;
+        anyhow::ensure!(
+            oxvirt_pki::fingerprint_matches(&got, fp),
+            "the engine's CA fingerprint is {got}, not {fp}: refusing to trust it"
+        );
+        (transport::Trust::Ca(pem.clone()), Some(pem))
+    } else if a.insecure {
+        (transport::Trust::Insecure, None)
+    } else {
+        anyhow::bail!(
+            "say how to check the engine's certificate: --ca-file FILE (pki/ca.pem in the engine's data \
+             directory), --ca-fingerprint SHA256 (printed by `oxvirt engine`/`oxvirt up`), or --insecure"
+        );
+    };
+    let password = read_password(&a)?;
+    let http = transport::Http::new(ep.clone(), &trust, api::REQUEST_TIMEOUT)?;
+    let login = api::sso_login(&http, &a.user, &password).await?;
+    let api = Api::new(http, login.token.clone(), a.user.clone());
+    let root = api.get("/").await.context("checking the new session")?;
+    let session = Session {
+        url: ep.url(),
+        user: a.user.clone(),
+        token: login.token,
+        expires: login.expires,
+        ca_pem,
+        insecure: a.insecure,
+    };
+    config::save(&path, &session)?;
+    let product = output::at(&root, "product_info.name")
+        .and_then(Value::as_str)
+        .unwrap_or("engine");
+    let version = output::at(&root, "product_info.version.full_version")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    match a.common.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "url": session.url, "user": session.user, "expires": session.expires,
+                "product": product, "version": version, "session_file": path,
+            }))?
+        ),
+        Output::Table => println!(
+            "logged in to {} ({product} {version}) as {}; session stored in {}",
+            session.url,
+            session.user,
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+async fn logout(c: &Common) -> anyhow::Result<()> {
+    let path = config::path(c.config.as_deref())?;
+    let s = config::load(&path)?;
+    let http = transport::Http::new(
+        transport::Endpoint::parse(&s.url)?,
+        &s.trust()?,
+        Duration::from_secs(30),
+    )?;
+    // The local session goes even when the engine cannot be told (it may be gone for good).
+    let revoked = api::sso_logout(&http, &s.token).await;
+    config::remove(&path)?;
+    match revoked {
+        Ok(()) => println!("logged out of {}", s.url),
+        Err(e) => eprintln!("session forgotten; the engine could not revoke the token: {e:#}"),
+    }
+    Ok(())
+}
+
+/// A logged-in command's context.
+struct Ctx {
+    api: Api,
+    out: Output,
+    quiet: bool,
+}
+
+impl Ctx {
+    fn open(c: &Common) -> anyhow::Result<Ctx> {
+        let s = config::load(&config::path(c.config.as_deref())?)?;
+        Ok(Ctx {
+            api: Api::from_session(&s)?,
+            out: c.output,
+            quiet: c.quiet,
+        })
+    }
+
+    async fn list(&self, kind: &'static Kind, a: &ListArgs) -> anyhow::Result<()> {
+        let mut q = Vec::new();
+        if let Some(s) = &a.search {
+            q.push(("search", s.clone()));
+        }
+        if let Some(m) = a.max {
+            q.push(("max", m.to_string()));
+        }
+        let items = self.api.list(kind.coll, kind.elem, &q).await?;
+        output::print_list(&self.api, kind, &items, self.out).await
+    }
+
+    async fn id(&self, kind: &'static Kind, name: &str) -> anyhow::Result<String> {
+        self.api.resolve(kind, name).await
+    }
+
+    async fn get(&self, kind: &'static Kind, id: &str) -> anyhow::Result<Value> {
+        self.api.get(&format!("/{}/{id}", kind.coll)).await
+    }
+
+    async fn show(&self, kind: &'static Kind, name: &str) -> anyhow::Result<()> {
+        let id = self.id(kind, name).await?;
+        let obj = self.get(kind, &id).await?;
+        output::print_one(&self.api, kind, &obj, self.out).await
+    }
+
+    async fn create(&self, kind: &'static Kind, body: Value) -> anyhow::Result<Value> {
+        self.api
+            .request(Method::POST, &format!("/{}", kind.coll), Some(&body), None)
+            .await
+            .with_context(|| format!("creating the {}", kind.what))
+    }
+
+    async fn remove(&self, kind: &'static Kind, name: &str, query: &str) -> anyhow::Result<()> {
+        let id = self.id(kind, name).await?;
+        let mut p = Progress::new(format!("remove {} {name}", kind.what), self.quiet);
+        let corr = progress::correlation_id("remove");
+        let path = format!("/{}/{id}{query}", kind.coll);
+        progress::with_job(
+            &self.api,
+            &mut p,
+            &corr,
+            self.api.request(Method::DELETE, &path, None, Some(&corr)),
+        )
+        .await
+        .with_context(|| format!("removing {} {name}", kind.what))?;
+        p.finish("removed");
+        output::print_done(self.out, &format!("{} {name} removed", kind.what), None)
+    }
+
+    /// POSTs an action (`/coll/id/verb`), showing its job, then waits for `until` if given.
+    async fn action(
+        &self,
+        label: String,
+        path: String,
+        body: Value,
+        until: Option<Until<'_>>,
+    ) -> anyhow::Result<Option<Value>> {
+        let mut p = Progress::new(label.clone(), self.quiet);
+        let corr = progress::correlation_id("action");
+        progress::with_job(
+            &self.api,
+            &mut p,
+            &corr,
+            self.api.request(Method::POST, &path, Some(&body), Some(&corr)),
+        )
+        .await
+        .with_context(|| format!("{label} failed"))?;
+        let obj = match until {
+            Some(u) => Some(progress::wait(&self.api, &mut p, u).await?),
+            None => None,
+        };
+        p.finish("done");
+        Ok(obj)
+    }
+
+    /// Prints an object after a change: the table of one object, or its JSON.
+    async fn print(&self, kind: &'static Kind, obj: &Value) -> anyhow::Result<()> {
+        output::print_one(&self.api, kind, obj, self.out).await
+    }
+}
+
+fn until<'a>(
+    kind: &'static Kind,
+    id: &str,
+    name: &str,
+    field: &'a str,
+    want: &'a [&'a str],
+    fail: &'a [&'a str],
+    w: WaitArgs,
+) -> Option<Until<'a>> {
+    (!w.no_wait).then(|| Until {
+        path: format!("/{}/{id}", kind.coll),
+        what: format!("{} {name}", kind.what),
+        field,
+        want,
+        fail,
+        timeout: Duration::from_secs(w.timeout),
+    })
+}
+
+/// `512M`, `10G`, `1.5GiB`, `1048576` → bytes (units are binary).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => anyhow::bail!("size {s:?}: unknown unit {u:?} (use K, M, G or T)"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size {s:?} is not a number with an optional unit (512M, 10G)"))?;
+    let bytes = n * mult as f64;
+    anyhow::ensure!(
+        bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64,
+        "size {s:?} is out of range"
+    );
+    Ok(bytes.round() as u64)
+}
+
+// ------------------------------------------------------------------------------ objects
+
+async fn datacenter(ctx: &Ctx, cmd: DcCmd) -> anyhow::Result<()> {
+    let k = &kinds::DATACENTER;
+    match cmd {
+        DcCmd::List(a) => ctx.list(k, &a).await,
+        DcCmd::Show { name } => ctx.show(k, &name).await,
+        DcCmd::Create {
+            name,
+            description,
+            local,
+        } => {
+            let body = json!({ "name": name, "description": description, "local": local });
+            let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        DcCmd::Remove { name } => ctx.remove(k, &name, "").await,
+    }
+}
+
+async fn cluster(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let k = &kinds::CLUSTER;
+    match cmd {
+        ClusterCmd::List(a) => ctx.list(k, &a).await,
+        ClusterCmd::Show { name } => ctx.show(k, &name).await,
+        ClusterCmd::Create {
+            name,
+            datacenter,
+            cpu_type,
+            description,
+        } => {
+            let dc = ctx.id(&kinds::DATACENTER, &datacenter).await?;
+            let mut body = json!({ "name": name, "description": description, "data_center": { "id": dc } });
+            if let Some(t) = cpu_type {
+                body["cpu"] = json!({ "type": t });
+            }
+            let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        ClusterCmd::Remove { name } => ctx.remove(k, &name, "").await,
+    }
+}
+
+async fn host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
+    let k = &kinds::HOST;
+    let fail: &[&str] = &["install_failed", "error", "non_operational", "non_responsive"];
+    match cmd {
+        HostCmd::List(a) => ctx.list(k, &a).await,
+        HostCmd::Show { name } => ctx.show(k, &name).await,
+        HostCmd::Create {
+            name,
+            address,
+            cluster,
+            wait,
+        } => {
+            let mut body = json!({ "name": name, "address": address });
+            if let Some(c) = cluster {
+                body["cluster"] = json!({ "id": ctx.id(&kinds::CLUSTER, &c).await? });
+            }
+            let obj = ctx.create(k, body).await?;
+            let id = obj["id"].as_str().unwrap_or_default().to_string();
+            let obj = match until(k, &id, &name, "status", &["up"], &["install_failed"], wait) {
+                Some(u) => {
+                    let mut p = Progress::new(format!("add host {name}"), ctx.quiet);
+                    let o = progress::wait(&ctx.api, &mut p, u).await?;
+                    p.finish("up");
+                    o
+                }
+                None => obj,
+            };
+            ctx.print(k, &obj).await
+        }
+        HostCmd::Remove { name } => ctx.remove(k, &name, "").await,
+        HostCmd::Activate { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let u = until(k, &id, &name, "status", &["up"], fail, wait);
+            let label = format!("activate host {name}");
+            let o = ctx
+                .action(label, format!("/hosts/{id}/activate"), json!({}), u)
+                .await?;
+            output::print_done(ctx.out, &format!("host {name} is up"), o.as_ref())
+        }
+        HostCmd::Deactivate { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let u = until(k, &id, &name, "status", &["maintenance"], &[], wait);
+            let label = format!("host {name} to maintenance");
+            let o = ctx
+                .action(label, format!("/hosts/{id}/deactivate"), json!({}), u)
+                .await?;
+            output::print_done(ctx.out, &format!("host {name} is in maintenance"), o.as_ref())
+        }
+    }
+}
+
+/// The data center a storage domain is attached to.
+async fn sd_dc(ctx: &Ctx, name: &str, id: &str) -> anyhow::Result<String> {
+    let sd = ctx.get(&kinds::STORAGE_DOMAIN, id).await?;
+    output::at(&sd, "data_center.id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("storage domain {name} is not attached to a data center"))
+}
+
+async fn sd_activate(
+    ctx: &Ctx,
+    name: &str,
+    id: &str,
+    dc: &str,
+    up: bool,
+    wait: WaitArgs,
+) -> anyhow::Result<Option<Value>> {
+    let (verb, want): (&str, &[&str]) = if up {
+        ("activate", &["active"])
+    } else {
+        ("deactivate", &["maintenance"])
+    };
+    let u = (!wait.no_wait).then(|| Until {
+        path: format!("/datacenters/{dc}/storagedomains/{id}"),
+        what: format!("storage domain {name}"),
+        field: "status",
+        want,
+        fail: &[],
+        timeout: Duration::from_secs(wait.timeout),
+    });
+    ctx.action(
+        format!("{verb} storage domain {name}"),
+        format!("/datacenters/{dc}/storagedomains/{id}/{verb}"),
+        json!({}),
+        u,
+    )
+    .await
+}
+
+async fn sd_attach(
+    ctx: &Ctx,
+    name: &str,
+    id: &str,
+    datacenter: &str,
+    wait: WaitArgs,
+) -> anyhow::Result<Value> {
+    let dc = ctx.id(&kinds::DATACENTER, datacenter).await?;
+    let mut p = Progress::new(format!("attach storage domain {name}"), ctx.quiet);
+    let corr = progress::correlation_id("attach");
+    let path = format!("/datacenters/{dc}/storagedomains");
+    let attached = progress::with_job(
+        &ctx.api,
+        &mut p,
+        &corr,
+        ctx.api
+            .request(Method::POST, &path, Some(&json!({ "id": id })), Some(&corr)),
+    )
+    .await
+    .with_context(|| format!("attaching storage domain {name} to {datacenter}"))?;
+    p.finish("attached");
+    drop(p);
+    // Attaching leaves the domain in maintenance (or the engine activates the first one).
+    if attached["status"].as_str() == Some("active") || wait.no_wait {
+        return Ok(attached);
+    }
+    let until_active = Until {
+        path: format!("/datacenters/{dc}/storagedomains/{id}"),
+        what: format!("storage domain {name}"),
+        field: "status",
+        want: &["active", "maintenance"],
+        fail: &[],
+        timeout: Duration::from_secs(wait.timeout),
+    };
+    let mut p = Progress::new(format!("attach storage domain {name}"), ctx.quiet);
+    let now = progress::wait(&ctx.api, &mut p, until_active).await?;
+    p.finish("attached");
+    drop(p);
+    if now["status"].as_str() == Some("active") {
+        return Ok(now);
+    }
+    Ok(sd_activate(ctx, name, id, &dc, true, wait).await?.unwrap_or(now))
+}
+
+async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
+    let k = &kinds::STORAGE_DOMAIN;
+    match cmd {
+        SdCmd::List(a) => ctx.list(k, &a).await,
+        SdCmd::Show { name } => ctx.show(k, &name).await,
+        SdCmd::Create {
+            name,
+            host,
+            storage_type,
+            path,
+            address,
+            domain_type,
+            description,
+            datacenter,
+            wait,
+        } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let mut storage = json!({ "type": storage_type, "path": path });
+            if let Some(a) = address {
+                storage["address"] = json!(a);
+            }
+            let body = json!({
+                "name": name, "description": description, "type": domain_type,
+                "host": { "id": h }, "storage": storage,
+            });
+            let mut obj = {
+                let mut p = Progress::new(format!("create storage domain {name}"), ctx.quiet);
+                p.set("formatting through the host");
+                let o = ctx.create(k, body).await?;
+                p.finish("created");
+                o
+            };
+            if let Some(dc) = datacenter {
+                let id = obj["id"].as_str().unwrap_or_default().to_string();
+                sd_attach(ctx, &name, &id, &dc, wait).await?;
+                obj = ctx.get(k, &id).await?;
+            }
+            ctx.print(k, &obj).await
+        }
+        SdCmd::Remove { name, destroy, host } => {
+            let mut q = String::new();
+            if destroy {
+                q.push_str("?destroy=true");
+            }
+            if let Some(h) = host {
+                q.push(if q.is_empty() { '?' } else { '&' });
+                q.push_str(&format!("host={}", transport::encode(&h)));
+            }
+            ctx.remove(k, &name, &q).await
+        }
+        SdCmd::Attach {
+            name,
+            datacenter,
+            wait,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let o = sd_attach(ctx, &name, &id, &datacenter, wait).await?;
+            output::print_done(
+                ctx.out,
+                &format!(
+                    "storage domain {name} attached to {datacenter} ({})",
+                    o["status"].as_str().unwrap_or("?")
+                ),
+                Some(&o),
+            )
+        }
+        SdCmd::Detach { name } => {
+            let id = ctx.id(k, &name).await?;
+            let dc = sd_dc(ctx, &name, &id).await?;
+            ctx.api
+                .request(
+                    Method::DELETE,
+                    &format!("/datacenters/{dc}/storagedomains/{id}"),
+                    None,
+                    None,
+                )
+                .await
+                .with_context(|| format!("detaching storage domain {name}"))?;
+            output::print_done(ctx.out, &format!("storage domain {name} detached"), None)
+        }
+        SdCmd::Activate { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let dc = sd_dc(ctx, &name, &id).await?;
+            let o = sd_activate(ctx, &name, &id, &dc, true, wait).await?;
+            output::print_done(ctx.out, &format!("storage domain {name} is active"), o.as_ref())
+        }
+        SdCmd::Deactivate { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let dc = sd_dc(ctx, &name, &id).await?;
+            let o = sd_activate(ctx, &name, &id, &dc, false, wait).await?;
+            output::print_done(
+                ctx.out,
+                &format!("storage domain {name} is in maintenance"),
+                o.as_ref(),
+            )
+        }
+    }
+}
+
+fn disk_body(name: &str, size: u64, format: &str, sd: &str) -> Value {
+    json!({
+        "name": name, "format": format, "provisioned_size": size,
+        "sparse": format == "cow",
+        "storage_domains": { "storage_domain": [ { "id": sd } ] },
+    })
+}
+
+async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
+    let k = &kinds::DISK;
+    match cmd {
+        DiskCmd::List(a) => ctx.list(k, &a).await,
+        DiskCmd::Show { name } => ctx.show(k, &name).await,
+        DiskCmd::Create {
+            name,
+            size,
+            storage_domain,
+            format,
+            wait,
+        } => {
+            let size = parse_size(&size)?;
+            let sd = ctx.id(&kinds::STORAGE_DOMAIN, &storage_domain).await?;
+            let obj = ctx.create(k, disk_body(&name, size, &format, &sd)).await?;
+            let id = obj["id"].as_str().unwrap_or_default().to_string();
+            let obj = match until(k, &id, &name, "status", &["ok"], &["illegal"], wait) {
+                Some(u) => {
+                    let mut p = Progress::new(format!("create disk {name}"), ctx.quiet);
+                    let o = progress::wait(&ctx.api, &mut p, u).await?;
+                    p.finish("ok");
+                    o
+                }
+                None => obj,
+            };
+            ctx.print(k, &obj).await
+        }
+        DiskCmd::Remove { name } => ctx.remove(k, &name, "").await,
+    }
+}
+
+async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
+    let k = &kinds::VM;
+    match cmd {
+        VmCmd::List(a) => ctx.list(k, &a).await,
+        VmCmd::Show { name } => ctx.show(k, &name).await,
+        VmCmd::Create {
+            name,
+            cluster,
+            template,
+            memory,
+            cpus,
+            disk_size,
+            storage_domain,
+            kernel,
+            initrd,
+            cmdline,
+            description,
+            wait,
+        } => {
+            // Everything is checked and looked up before anything is created.
+            let memory = memory.as_deref().map(parse_size).transpose()?;
+            let disk_size = disk_size.as_deref().map(parse_size).transpose()?;
+            let cl = ctx.id(&kinds::CLUSTER, &cluster).await?;
+            let tmpl = ctx.id(&kinds::TEMPLATE, &template).await?;
+            let sd = match &storage_domain {
+                Some(s) => Some(ctx.id(&kinds::STORAGE_DOMAIN, s).await?),
+                None => None,
+            };
+            let mut body = json!({
+                "name": name, "description": description,
+                "cluster": { "id": cl }, "template": { "id": tmpl },
+            });
+            if let Some(m) = memory {
+                body["memory"] = json!(m);
+                body["memory_policy"] = json!({ "guaranteed": m });
+            }
+            if let Some(c) = cpus {
+                anyhow::ensure!(c >= 1, "--cpus must be at least 1");
+                body["cpu"] = json!({ "topology": { "sockets": 1, "cores": c, "threads": 1 } });
+            }
+            if kernel.is_some() || initrd.is_some() || cmdline.is_some() {
+                let mut os = json!({});
+                for (k, v) in [("kernel", &kernel), ("initrd", &initrd), ("cmdline", &cmdline)] {
+                    if let Some(v) = v {
+                        os[k] = json!(v);
+                    }
+                }
+                body["os"] = os;
+            }
+            let obj = ctx.create(k, body).await?;
+            let id = obj["id"].as_str().unwrap_or_default().to_string();
+            if let (Some(size), Some(sd)) = (disk_size, sd) {
+                let att = json!({
+                    "disk": disk_body(&format!("{name}-disk"), size, "cow", &sd),
+                    "interface": "virtio", "bootable": true, "active": true,
+                });
+                let mut p = Progress::new(format!("create VM {name}"), ctx.quiet);
+                p.set("creating the boot disk");
+                let created = ctx
+                    .api
+                    .request(
+                        Method::POST,
+                        &format!("/vms/{id}/diskattachments"),
+                        Some(&att),
+                        None,
+                    )
+                    .await;
+                let created = match created {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Undo: a VM without the disk asked for is not what was wanted.
+                        let _ = ctx
+                            .api
+                            .request(Method::DELETE, &format!("/vms/{id}"), None, None)
+                            .await;
+                        return Err(e.context(format!(
+                            "creating the boot disk of VM {name} (the VM was removed again)"
+                        )));
+                    }
+                };
+                let disk_id = output::at(&created, "disk.id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(u) = until(
+                    &kinds::DISK,
+                    &disk_id,
+                    &format!("{name}-disk"),
+                    "status",
+                    &["ok"],
+                    &["illegal"],
+                    wait,
+                ) {
+                    progress::wait(&ctx.api, &mut p, u).await?;
+                }
+                p.finish("created");
+            }
+            let obj = if disk_size.is_some() {
+                ctx.get(k, &id).await?
+            } else {
+                obj
+            };
+            ctx.print(k, &obj).await
+        }
+        VmCmd::Remove {
+            name,
+            force,
+            keep_disks,
+        } => {
+            let mut q = Vec::new();
+            if force {
+                q.push("force=true");
+            }
+            if keep_disks {
+                q.push("detach_only=true");
+            }
+            let q = if q.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", q.join("&"))
+            };
+            ctx.remove(k, &name, &q).await
+        }
+        VmCmd::Start { name, host, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let body = match host {
+                Some(h) => json!({ "host": { "id": ctx.id(&kinds::HOST, &h).await? } }),
+                None => json!({}),
+            };
+            let u = until(k, &id, &name, "status", &["up"], &["down"], wait);
+            let o = ctx
+                .action(format!("start VM {name}"), format!("/vms/{id}/start"), body, u)
+                .await?;
+            output::print_done(ctx.out, &format!("VM {name} is up"), o.as_ref())
+        }
+        VmCmd::Stop { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let u = until(k, &id, &name, "status", &["down"], &[], wait);
+            let o = ctx
+                .action(format!("stop VM {name}"), format!("/vms/{id}/stop"), json!({}), u)
+                .await?;
+            output::print_done(ctx.out, &format!("VM {name} is down"), o.as_ref())
+        }
+        VmCmd::Shutdown { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let u = until(k, &id, &name, "status", &["down"], &[], wait);
+            let o = ctx
+                .action(
+                    format!("shut down VM {name}"),
+                    format!("/vms/{id}/shutdown"),
+                    json!({}),
+                    u,
+                )
+                .await?;
+            output::print_done(ctx.out, &format!("VM {name} is down"), o.as_ref())
+        }
+        VmCmd::Suspend { name, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let u = until(k, &id, &name, "status", &["paused", "suspended"], &["down"], wait);
+            let o = ctx
+                .action(
+                    format!("suspend VM {name}"),
+                    format!("/vms/{id}/suspend"),
+                    json!({}),
+                    u,
+                )
+                .await?;
+            output::print_done(ctx.out, &format!("VM {name} is suspended"), o.as_ref())
+        }
+        VmCmd::Migrate { name, host, wait } => {
+            let id = ctx.id(k, &name).await?;
+            let body = match host {
+                Some(h) => json!({ "host": { "id": ctx.id(&kinds::HOST, &h).await? } }),
+                None => json!({}),
+            };
+            let u = until(k, &id, &name, "status", &["up"], &["down"], wait);
+            let o = ctx
+                .action(
+                    format!("migrate VM {name}"),
+                    format!("/vms/{id}/migrate"),
+                    body,
+                    u,
+                )
+                .await?;
+            output::print_done(ctx.out, &format!("VM {name} migrated"), o.as_ref())
+        }
+    }
+}
+
+async fn template(ctx: &Ctx, cmd: TemplateCmd) -> anyhow::Result<()> {
+    let k = &kinds::TEMPLATE;
+    match cmd {
+        TemplateCmd::List(a) => ctx.list(k, &a).await,
+        TemplateCmd::Show { name } => ctx.show(k, &name).await,
+        TemplateCmd::Create {
+            name,
+            vm,
+            description,
+            wait,
+        } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let body = json!({ "name": name, "description": description, "vm": { "id": v } });
+            let mut p = Progress::new(format!("create template {name}"), ctx.quiet);
+            let corr = progress::correlation_id("template");
+            let obj = progress::with_job(
+                &ctx.api,
+                &mut p,
+                &corr,
+                ctx.api
+                    .request(Method::POST, "/templates", Some(&body), Some(&corr)),
+            )
+            .await
+            .with_context(|| format!("creating template {name}"))?;
+            let id = obj["id"].as_str().unwrap_or_default().to_string();
+            let obj = match until(k, &id, &name, "status", &["ok"], &["illegal"], wait) {
+                Some(u) => progress::wait(&ctx.api, &mut p, u).await?,
+                None => obj,
+            };
+            p.finish("ok");
+            drop(p);
+            ctx.print(k, &obj).await
+        }
+        TemplateCmd::Remove { name } => ctx.remove(k, &name, "").await,
+    }
+}
+
+/// A VM's snapshot named by id or by its (unique) description.
+async fn find_snapshot(ctx: &Ctx, vm: &str, s: &str) -> anyhow::Result<Value> {
+    let all = ctx
+        .api
+        .list(&format!("vms/{vm}/snapshots"), "snapshot", &[])
+        .await?;
+    let by_id: Vec<&Value> = all.iter().filter(|x| x["id"].as_str() == Some(s)).collect();
+    let found: Vec<&Value> = if by_id.is_empty() {
+        all.iter()
+            .filter(|x| x["description"].as_str() == Some(s))
+            .collect()
+    } else {
+        by_id
+    };
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => anyhow::bail!("the VM has no snapshot with id or description {s:?}"),
+        _ => anyhow::bail!("{} snapshots are described {s:?}: give the id", found.len()),
+    }
+}
+
+async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    let k = &kinds::SNAPSHOT;
+    match cmd {
+        SnapshotCmd::List { vm } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let items = ctx
+                .api
+                .list(&format!("vms/{v}/snapshots"), "snapshot", &[])
+                .await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        SnapshotCmd::Show { vm, snapshot } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let s = find_snapshot(ctx, &v, &snapshot).await?;
+            ctx.print(k, &s).await
+        }
+        SnapshotCmd::Create {
+            vm,
+            description,
+            memory,
+            wait,
+        } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let body = json!({ "description": description, "persist_memorystate": memory });
+            let mut p = Progress::new(format!("snapshot VM {vm}"), ctx.quiet);
+            let corr = progress::correlation_id("snapshot");
+            let obj = progress::with_job(
+                &ctx.api,
+                &mut p,
+                &corr,
+                ctx.api.request(
+                    Method::POST,
+                    &format!("/vms/{v}/snapshots"),
+                    Some(&body),
+                    Some(&corr),
+                ),
+            )
+            .await
+            .with_context(|| format!("taking a snapshot of VM {vm}"))?;
+            let sid = obj["id"].as_str().unwrap_or_default().to_string();
+            let obj = if wait.no_wait {
+                obj
+            } else {
+                let u = Until {
+                    path: format!("/vms/{v}/snapshots/{sid}"),
+                    what: format!("snapshot {sid}"),
+                    field: "snapshot_status",
+                    want: &["ok"],
+                    fail: &[],
+                    timeout: Duration::from_secs(wait.timeout),
+                };
+                progress::wait(&ctx.api, &mut p, u).await?
+            };
+            p.finish("ok");
+            drop(p);
+            ctx.print(k, &obj).await
+        }
+        SnapshotCmd::Remove { vm, snapshot } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let s = find_snapshot(ctx, &v, &snapshot).await?;
+            let sid = s["id"].as_str().unwrap_or_default();
+            let mut p = Progress::new(format!("remove snapshot {snapshot}"), ctx.quiet);
+            let corr = progress::correlation_id("rmsnap");
+            let path = format!("/vms/{v}/snapshots/{sid}");
+            progress::with_job(
+                &ctx.api,
+                &mut p,
+                &corr,
+                ctx.api.request(Method::DELETE, &path, None, Some(&corr)),
+            )
+            .await
+            .with_context(|| format!("removing snapshot {snapshot} of VM {vm}"))?;
+            p.finish("removed");
+            drop(p);
+            output::print_done(ctx.out, &format!("snapshot {sid} removed"), None)
+        }
+        SnapshotCmd::Restore { vm, snapshot } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let s = find_snapshot(ctx, &v, &snapshot).await?;
+            let sid = s["id"].as_str().unwrap_or_default();
+            ctx.action(
+                format!("restore VM {vm} to snapshot {snapshot}"),
+                format!("/vms/{v}/snapshots/{sid}/restore"),
+                json!({}),
+                None,
+            )
+            .await?;
+            output::print_done(ctx.out, &format!("VM {vm} restored to snapshot {sid}"), None)
+        }
+    }
+}
+
+async fn job(ctx: &Ctx, cmd: JobCmd) -> anyhow::Result<()> {
+    let k = &kinds::JOB;
+    match cmd {
+        JobCmd::List(a) => ctx.list(k, &a).await,
+        JobCmd::Show { id } => {
+            let mut j = ctx.get(k, &id).await?;
+            let steps = ctx.api.list(&format!("jobs/{id}/steps"), "step", &[]).await?;
+            match ctx.out {
+                Output::Json => {
+                    j["steps"] = json!({ "step": steps });
+                    println!("{}", serde_json::to_string_pretty(&j)?);
+                }
+                Output::Table => {
+                    output::print_one(&ctx.api, k, &j, Output::Table).await?;
+                    println!();
+                    output::print_list(&ctx.api, &kinds::STEP, &steps, Output::Table).await?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn event(ctx: &Ctx, cmd: EventCmd) -> anyhow::Result<()> {
+    let k = &kinds::EVENT;
+    match cmd {
+        EventCmd::List { search, max, from } => {
+            let mut q = vec![("max", max.to_string())];
+            if let Some(s) = search {
+                q.push(("search", s));
+            }
+            if let Some(f) = from {
+                q.push(("from", f.to_string()));
+            }
+            let items = ctx.api.list(k.coll, k.elem, &q).await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        EventCmd::Show { id } => {
+            let e = ctx.get(k, &id).await?;
+            ctx.print(k, &e).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2 g").unwrap(), 2 << 30);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}
