@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -80,10 +80,9 @@ pub struct Http {
     timeout: Duration,
 }
 
-/// A reply: status, headers and the whole body.
+/// A reply: status and the whole body.
 pub struct HttpReply {
     pub status: StatusCode,
-    pub headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -178,7 +177,6 @@ impl Http {
                 .await
                 .with_context(|| format!("{method} {path} on {}", self.ep.url()))?;
             let status = resp.status();
-            let headers = resp.headers().clone();
             let body = resp
                 .into_body()
                 .collect()
@@ -189,11 +187,7 @@ impl Http {
             if idle.len() < MAX_IDLE {
                 idle.push(sender);
             }
-            anyhow::Ok(HttpReply {
-                status,
-                headers,
-                body,
-            })
+            anyhow::Ok(HttpReply { status, body })
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(r) => r,
