@@ -461,30 +461,31 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     assert_eq!(vms[0]["vmID"], json!(id));
     assert_eq!(vms[0]["status"]["state"], "up", "{all}");
     assert_eq!(vms[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
-    // The recovered VM is fully controllable: QMP reconnected, events flow.
+    // The recovered VM is fully controllable: QMP reconnected, status events flow.
     let mut events = node.c.events().await.unwrap();
-    let st = node.call("VM.pause", json!({ "vmID": id })).await;
-    assert_eq!(st["status"]["state"], "paused", "{st}");
-    let st = node.call("VM.cont", json!({ "vmID": id })).await;
-    assert_eq!(st["status"]["state"], "up", "{st}");
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    while !(seen.contains(&"paused".to_string()) && seen.last().is_some_and(|s| s == "up")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "status events after recovery: {seen:?}"
-        );
-        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
-            if ev["method"].as_str().is_some_and(|m| m.contains("VM_status")) {
-                seen.push(
-                    ev["params"]["body"]["status"]["state"]
+    let mut next_status = async || -> String {
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no status event after recovery"
+            );
+            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+                if ev["method"].as_str().is_some_and(|m| m.contains("VM_status")) {
+                    return ev["params"]["body"]["status"]["state"]
                         .as_str()
                         .unwrap_or_default()
-                        .to_string(),
-                );
+                        .to_string();
+                }
             }
         }
-    }
+    };
+    let st = node.call("VM.pause", json!({ "vmID": id })).await;
+    assert_eq!(st["status"]["state"], "paused", "{st}");
+    assert_eq!(next_status().await, "paused");
+    let st = node.call("VM.cont", json!({ "vmID": id })).await;
+    assert_eq!(st["status"]["state"], "up", "{st}");
+    assert_eq!(next_status().await, "up");
     wait_passes(&log, p, 1, BOOT).await;
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
