@@ -737,7 +737,12 @@ fn process_crash_point(saga: &str, step: &str, p: FaultPoint) {
         _ => return,
     };
     if s == saga && st == step && pt == point {
-        tracing::warn!(saga, step, point, "OXVIRT_TEST_CRASH_AT: killing the engine process");
+        tracing::warn!(
+            saga,
+            step,
+            point,
+            "OXVIRT_TEST_CRASH_AT: killing the engine process"
+        );
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
