@@ -181,8 +181,11 @@ mod tests {
         hosts: Vec<sched::HostUuid>,
         /// VM → (host, usage % of its 4 vCPUs), plus the destination while migrating and the
         /// rounds left.
-        vms: BTreeMap<VmId, (sched::HostUuid, f64, Option<(sched::HostUuid, u32)>)>,
+        vms: BTreeMap<VmId, SimVm>,
     }
+
+    /// (host, usage %, migrating to and rounds left).
+    type SimVm = (sched::HostUuid, f64, Option<(sched::HostUuid, u32)>);
 
     impl Sim {
         fn snapshot(&self) -> sched::Snapshot {

@@ -361,7 +361,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     let old_console = c.console(&spm1_name, vm.id);
     let frozen_len = console_len(&old_console);
     let spm_moved = loop {
-        if let Some(s) = spm_of(&e).await.filter(|s| *s != spm1) {
+        if spm_of(&e).await.is_some_and(|s| s != spm1) {
             break killed.elapsed();
         }
         assert!(

@@ -2,19 +2,15 @@
 //! reaper of QEMUs a failed test leaves behind.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use oxvirt_node::vm::{VmCreate, VmDisk};
 use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
 use oxvirt_testkit::{require_tool, TestGuest};
 use oxvirt_types::VmId;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub const MIB: u64 = 1 << 20;
 /// Blocks the guest's writer keeps rewriting (`oxvirt.writer=`).
