@@ -31,6 +31,14 @@ pub struct EngineSettings {
     pub accel: Option<String>,
 }
 
+impl EngineSettings {
+    /// Bound on one monitoring call: a few polling intervals, 2 to 10 s. A frozen node turns
+    /// non-responsive within `non_responsive_after` of these, not the transport's long timeout.
+    pub fn poll_timeout(&self) -> Duration {
+        (self.monitor_interval * 4).clamp(Duration::from_secs(2), Duration::from_secs(10))
+    }
+}
+
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {

@@ -295,13 +295,15 @@ async fn lease_view(cmds: &Commands, vm: &Vm, ask_first: Option<HostUuid>) -> Le
     for h in hosts {
         let Ok(node) = app.client(&h) else { continue };
         // Bounded: a frozen node still recorded up must not stall the round.
-        let call = node.call("Lease.info", json!({ "sdUUID": sd, "leaseID": vm.id }));
-        match tokio::time::timeout(Duration::from_secs(5), call).await {
-            Ok(Ok(info)) => return LeaseView::from_info(&info),
-            Ok(Err(e)) => {
+        let node = node.within(app.settings.poll_timeout());
+        match node
+            .call("Lease.info", json!({ "sdUUID": sd, "leaseID": vm.id }))
+            .await
+        {
+            Ok(info) => return LeaseView::from_info(&info),
+            Err(e) => {
                 tracing::debug!(host = %h.name, vm = %vm.name, error = %e, "cannot read the VM lease")
             }
-            Err(_) => tracing::debug!(host = %h.name, vm = %vm.name, "reading the VM lease timed out"),
         }
     }
     LeaseView::Unknown

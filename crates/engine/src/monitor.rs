@@ -150,20 +150,9 @@ async fn poll_host(
     h: &Host,
     balancer: &Mutex<crate::balance::Balancer>,
 ) -> Result<(), CommandError> {
-    let node = app.client(h)?;
-    // A frozen node accepts connections but never answers: a poll gets a few intervals, not the
-    // client's long call timeout, so that a stopped node turns non-responsive in seconds.
-    let poll_timeout =
-        (app.settings.monitor_interval * 4).clamp(Duration::from_secs(2), Duration::from_secs(10));
-    let stats = match tokio::time::timeout(poll_timeout, node.call("Host.getStats", json!({})))
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::nodes::NodeError::Timeout {
-                host: h.name.clone(),
-                what: "Host.getStats".into(),
-                timeout: poll_timeout,
-            })
-        }) {
+    // Every call of the poll is bounded (see `NodeClient::within`).
+    let node = app.client(h)?.within(app.settings.poll_timeout());
+    let stats = match node.call("Host.getStats", json!({})).await {
         Ok(s) => s,
         Err(e) => {
             let mut failures = 0;
@@ -496,20 +485,11 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
         let host = app.host(h).await?;
         if host.status == HostStatus::Up {
             // Still SPM on storage? A restarted node process is not, whatever the database says.
-            let node = app.client(&host)?;
-            // Bounded: a frozen SPM must not hold the election for the client's long timeout.
-            let st = tokio::time::timeout(
-                Duration::from_secs(5),
-                node.call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id })),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(crate::nodes::NodeError::Timeout {
-                    host: host.name.clone(),
-                    what: "StoragePool.getSpmStatus".into(),
-                    timeout: Duration::from_secs(5),
-                })
-            });
+            // Bounded: a frozen SPM must not hold the election for the transport's timeout.
+            let node = app.client(&host)?.within(app.settings.poll_timeout());
+            let st = node
+                .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+                .await;
             match st {
                 Ok(s) if s["spm_st"]["spmStatus"] == "SPM" => return Ok(()),
                 Ok(_) | Err(_) => {
@@ -560,7 +540,8 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
     if d.spm_host != Some(cand.id) {
         app.db.dc_spm_contend(dc, cand.id).await?;
     }
-    let node = app.client(&cand)?;
+    // Status calls are bounded like polls; the spmStart task has its own, longer bound.
+    let node = app.client(&cand)?.within(app.settings.poll_timeout());
     let status = node
         .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
         .await?;
@@ -615,6 +596,7 @@ async fn domains_round(app: &App, dc: DcId) -> Result<(), CommandError> {
     let Ok((_, spm)) = app.spm(&d).await else {
         return Ok(());
     };
+    let spm = spm.within(app.settings.poll_timeout());
     for m in app.db.pool_members(dc).await? {
         match spm
             .call("StorageDomain.getStats", json!({ "sdUUID": m.storage_domain_id }))

@@ -94,6 +94,9 @@ pub struct NodeClient {
     pub host_id: HostUuid,
     pub name: String,
     rpc: Arc<RpcClient>,
+    /// Bound on each call made through this client, tighter than the transport's (see
+    /// [`NodeClient::within`]).
+    limit: Option<Duration>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -110,9 +113,33 @@ impl NodeClient {
         &self.rpc
     }
 
+    /// The same client with every call bounded by `limit`. Monitoring uses it: a frozen node
+    /// accepts connections but never answers, and must not hold a monitoring round for the
+    /// transport's long timeout (meant for slow verbs run by commands).
+    pub fn within(&self, limit: Duration) -> NodeClient {
+        NodeClient {
+            limit: Some(limit),
+            ..self.clone()
+        }
+    }
+
     /// Calls a verb and returns its raw result.
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, NodeError> {
-        self.rpc.call(method, params).await.map_err(|e| match e {
+        let call = self.rpc.call(method, params);
+        let r = match self.limit {
+            None => call.await,
+            Some(limit) => match tokio::time::timeout(limit, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(NodeError::Timeout {
+                        host: self.name.clone(),
+                        what: method.to_string(),
+                        timeout: limit,
+                    })
+                }
+            },
+        };
+        r.map_err(|e| match e {
             ClientError::Rpc(r) => NodeError::Verb {
                 host: self.name.clone(),
                 method: method.to_string(),
@@ -250,6 +277,7 @@ impl NodeClients {
             host_id: h.id,
             name: h.name.clone(),
             rpc: Arc::new(rpc),
+            limit: None,
         };
         clients.insert(h.id, (key, c.clone()));
         Ok(c)
