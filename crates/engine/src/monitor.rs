@@ -98,7 +98,9 @@ impl Monitor {
         });
         futures_util::future::join_all(polls).await;
         for dc in app.db.dc_list(&ListQuery::default()).await? {
-            if app.db.pool_master(dc.id).await?.is_none() {
+            // A data center in maintenance has its pool down on purpose (see
+            // `Commands::deactivate_storage_domain`).
+            if dc.status == DcStatus::Maintenance || app.db.pool_master(dc.id).await?.is_none() {
                 continue;
             }
             self.ensure_spm(dc.id);
@@ -243,7 +245,7 @@ async fn poll_host(
         .await;
     }
     let dc = app.host_dc(h).await?;
-    if app.db.pool_master(dc.id).await?.is_some() {
+    if dc.status != DcStatus::Maintenance && app.db.pool_master(dc.id).await?.is_some() {
         if let Err(e) = ensure_pool_connected(app, h.id, dc.id).await {
             tracing::info!(host = %h.name, error = %e, "cannot connect the host to its pool yet");
         }

@@ -652,6 +652,19 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
     assert!(db.nic_get(n1.id).await.unwrap().is_none());
     assert!(db.disk_get(disk.id).await.unwrap().is_some());
     assert!(db.attachments_of_disk(disk.id).await.unwrap().is_empty());
+
+    // Deleting a disk takes its volumes even while a snapshot names one (VM removal relies on
+    // it): the snapshot stays, without that disk.
+    let snap2 = Snapshot {
+        id: SnapshotId::new_random(),
+        vm_id: vm2.id,
+        ..snap.clone()
+    };
+    db.snapshot_insert(&snap2).await.unwrap();
+    db.disk_delete(disk.id).await.unwrap();
+    assert!(db.volume_get(vol.id).await.unwrap().is_none());
+    let left = db.snapshot_get(snap2.id).await.unwrap().unwrap();
+    assert!(left.disks.is_empty(), "{:?}", left.disks);
 }
 
 async fn futures_count(tasks: Vec<tokio::task::JoinHandle<Result<Vm, DbError>>>) -> usize {

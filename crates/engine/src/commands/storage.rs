@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::db::{ListQuery, Ref, VmFilter};
 use crate::model::{
-    DataCenter, DcId, DcStatus, Disk, DiskFormat, DiskId, DiskStatus, Host, HostStatus, HostUuid, PoolMember,
-    SdStatus, SdType, SdUuid, SpmStatus, StorageDomain, StorageType, VolType, VolUuid, Volume,
+    DataCenter, DcId, DcStatus, Disk, DiskFormat, DiskId, DiskStatus, Host, HostStatus, HostUuid, NewEvent,
+    PoolMember, SdStatus, SdType, SdUuid, Severity, SpmStatus, StorageDomain, StorageType, VolType, VolUuid,
+    Volume,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
@@ -683,12 +685,48 @@ impl Commands {
         }
     }
 
+    /// Puts an attached domain into maintenance. No running VM may have a disk on it. The
+    /// master domain hands its role to another active data domain first; when there is none,
+    /// the whole data center goes to maintenance ([`Self::pool_to_maintenance`]), as in oVirt.
     pub async fn deactivate_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
         let dcr = self.app.dc(dc).await?;
-        if self.app.db.pool_master(dc).await? == Some(sd) {
-            return Err(CommandError::Conflict(
-                "the master domain cannot be deactivated while it is the master".into(),
-            ));
+        let members = self.app.db.pool_members(dc).await?;
+        let m = members
+            .iter()
+            .find(|m| m.storage_domain_id == sd)
+            .ok_or_else(|| CommandError::not_found("storage domain attachment", sd))?;
+        if m.status == SdStatus::Maintenance {
+            return Ok(());
+        }
+        let users = self
+            .running_vms(VmFilter {
+                storage_domain: Some(Ref::Id(sd)),
+                ..Default::default()
+            })
+            .await?;
+        if let Some(v) = users.first() {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {sd} is in use by running VM {} ({} in all): stop them first",
+                v.name,
+                users.len()
+            )));
+        }
+        if m.master {
+            let mut next = None;
+            for o in members
+                .iter()
+                .filter(|o| !o.master && o.status == SdStatus::Active)
+            {
+                let data = self.app.db.sd_get(o.storage_domain_id).await?;
+                if data.is_some_and(|d| d.domain_type == SdType::Data) {
+                    next = Some(o.storage_domain_id);
+                    break;
+                }
+            }
+            match next {
+                Some(new) => self.move_master(&dcr, sd, new).await?,
+                None => return self.pool_to_maintenance(&dcr, sd).await,
+            }
         }
         let (_, spm) = self.app.spm(&dcr).await?;
         spm.call(
@@ -703,8 +741,146 @@ impl Commands {
         Ok(())
     }
 
+    async fn running_vms(&self, filter: VmFilter) -> Result<Vec<crate::model::Vm>, CommandError> {
+        let q = ListQuery {
+            filter,
+            ..Default::default()
+        };
+        Ok(self
+            .app
+            .db
+            .vm_list(&q)
+            .await?
+            .into_iter()
+            .filter(|v| v.runtime.status.is_running())
+            .collect())
+    }
+
+    /// Moves the master role (pool metadata, task journal, SDM lease) from `old` to `new` with
+    /// a bumped master version; connected hosts refresh to it on their next poll. Storage moves
+    /// first: should the engine stop in between, the database still names the old master and
+    /// the admin repeats the deactivation.
+    async fn move_master(&self, dcr: &DataCenter, old: SdUuid, new: SdUuid) -> Result<(), CommandError> {
+        let (_, spm) = self.app.spm(dcr).await?;
+        let version = dcr.master_version + 1;
+        spm.call(
+            "StoragePool.switchMaster",
+            json!({
+                "spUUID": dcr.storage_pool_id, "oldMasterUUID": old, "newMasterUUID": new,
+                "masterVersion": version,
+            }),
+        )
+        .await?;
+        let db = &self.app.db;
+        db.pool_set_master(dcr.id, new).await?;
+        db.dc_set_master_version(dcr.id, dcr.master_version, version)
+            .await?;
+        self.app.kick.notify_one();
+        let mut e = NewEvent::new(
+            Severity::Normal,
+            1002,
+            format!(
+                "The master role of data center {} moved from storage domain {old} to {new} (master version {version})",
+                dcr.name
+            ),
+        );
+        e.data_center_id = Some(dcr.id);
+        db.event_add(&e).await?;
+        Ok(())
+    }
+
+    /// The last active data domain of a data center goes to maintenance, and the data center
+    /// with it: the SPM stops, every host disconnects from the pool, and the monitor leaves the
+    /// data center alone until its master domain is activated again.
+    async fn pool_to_maintenance(&self, dcr: &DataCenter, master: SdUuid) -> Result<(), CommandError> {
+        let running = self
+            .running_vms(VmFilter {
+                data_center: Some(Ref::Id(dcr.id)),
+                ..Default::default()
+            })
+            .await?;
+        if let Some(v) = running.first() {
+            return Err(CommandError::Conflict(format!(
+                "data center {} would go to maintenance with its last data domain, but VM {} runs in it: stop its VMs first",
+                dcr.name, v.name
+            )));
+        }
+        let db = &self.app.db;
+        // First, so that the monitor neither elects an SPM nor reconnects hosts meanwhile.
+        db.dc_set_status(dcr.id, DcStatus::Maintenance).await?;
+        if let Err(e) = self.stop_pool(dcr).await {
+            // Back as it was: the monitor reconnects whatever was disconnected and re-elects.
+            db.dc_set_status(dcr.id, dcr.status).await?;
+            self.app.kick.notify_one();
+            return Err(e);
+        }
+        db.pool_set_status(dcr.id, master, &[], SdStatus::Maintenance)
+            .await?;
+        let mut e = NewEvent::new(
+            Severity::Normal,
+            1001,
+            format!(
+                "Data center {} is in maintenance: its last data domain {master} was deactivated",
+                dcr.name
+            ),
+        );
+        e.data_center_id = Some(dcr.id);
+        db.event_add(&e).await?;
+        Ok(())
+    }
+
+    /// Stops the SPM and disconnects every up host from the pool.
+    async fn stop_pool(&self, dcr: &DataCenter) -> Result<(), CommandError> {
+        let db = &self.app.db;
+        if let Ok((h, spm)) = self.app.spm(dcr).await {
+            spm.call("StoragePool.spmStop", json!({ "spUUID": dcr.storage_pool_id }))
+                .await?;
+            db.dc_spm_clear(dcr.id, h.id).await?;
+        }
+        for h in self.app.dc_hosts(dcr.id, true).await? {
+            let node = self.app.client(&h)?;
+            match node
+                .call("StoragePool.disconnect", json!({ "spUUID": dcr.storage_pool_id }))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not connected") => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.app.update_host_rt(h.id, |rt| {
+                rt.pool = None;
+                rt.domains.clear();
+            });
+        }
+        Ok(())
+    }
+
+    /// Activates an attached domain. The master domain of a data center in maintenance brings
+    /// the data center back: hosts reconnect and an SPM is elected (waited for, within a bound).
     pub async fn activate_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
         let dcr = self.app.dc(dc).await?;
+        if dcr.status == DcStatus::Maintenance && self.app.db.pool_master(dc).await? == Some(sd) {
+            let db = &self.app.db;
+            db.pool_set_status(dc, sd, &[], SdStatus::Active).await?;
+            db.dc_set_status(dc, DcStatus::Uninitialized).await?;
+            self.app.kick.notify_one();
+            let s = &self.app.settings;
+            let bound = s.io_timeout * 8 + s.fence_margin + Duration::from_secs(60);
+            let start = std::time::Instant::now();
+            loop {
+                let d = self.app.dc(dc).await?;
+                if d.status == DcStatus::Up && d.spm_status == SpmStatus::Spm {
+                    return Ok(());
+                }
+                if start.elapsed() > bound {
+                    return Err(CommandError::Conflict(format!(
+                        "data center {} has its master domain active again but no SPM after {bound:?}",
+                        d.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         let (_, spm) = self.app.spm(&dcr).await?;
         spm.call(
             "StoragePool.activateStorageDomain",

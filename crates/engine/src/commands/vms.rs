@@ -632,11 +632,9 @@ impl SagaDef for RemoveVmSaga {
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 for d in &p.disks {
-                    for v in c.db().volume_chain(*d).await? {
-                        if v.disk_id == *d {
-                            c.db().volume_delete(v.id).await?;
-                        }
-                    }
+                    // Deleting the disk row takes all its volumes (the active chain, snapshot
+                    // branches) and their snapshot records with it in one statement: one by
+                    // one, a volume still named by a snapshot or a child could not go first.
                     c.db().attachment_remove(p.vm, *d).await?;
                     if c.db().disk_get(*d).await?.is_some() {
                         c.db().disk_delete(*d).await?;

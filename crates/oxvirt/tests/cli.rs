@@ -1,0 +1,563 @@
+//! The `oxvirt` client subcommands (login, list/show/create/remove, actions, completion) run as
+//! the real binary against an in-process engine serving the REST API on its real HTTPS
+//! listener; the VM test adds a real `oxvirt node` and boots the test guest under TCG.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::free_port;
+use oxvirt_engine::app::EngineSettings;
+use oxvirt_engine::daemon::{Engine, EngineConfig};
+use oxvirt_testkit::TestGuest;
+use serde_json::Value;
+
+const PASSWORD: &str = "cli-test password";
+
+struct Live {
+    engine: Arc<Engine>,
+    engine_dir: PathBuf,
+    /// The session file the CLI keeps.
+    session: PathBuf,
+    work: tempfile::TempDir,
+    _engine_tmp: tempfile::TempDir,
+}
+
+async fn start() -> Live {
+    let engine_tmp = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        data_dir: engine_tmp.path().to_path_buf(),
+        db_url: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_password: Some(PASSWORD.into()),
+        settings: EngineSettings {
+            io_timeout: Duration::from_secs(1),
+            fence_margin: Duration::from_secs(2),
+            monitor_interval: Duration::from_millis(500),
+            accel: Some("tcg".into()),
+            ..EngineSettings::default()
+        },
+    };
+    let engine = Engine::start(cfg, Some(oxvirt_engine::rest::routes()))
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    Live {
+        engine,
+        engine_dir: engine_tmp.path().to_path_buf(),
+        session: work.path().join("config/oxvirt/cli.json"),
+        work,
+        _engine_tmp: engine_tmp,
+    }
+}
+
+struct Run {
+    ok: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Live {
+    fn url(&self) -> String {
+        format!("https://{}", self.engine.addr)
+    }
+
+    /// Runs `oxvirt ARGS` with this test's session file and HOME.
+    async fn run(&self, args: &[&str]) -> Run {
+        let started = Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+            .args(args)
+            .env("OXVIRT_CLI_CONFIG", &self.session)
+            .env("HOME", self.work.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("OXVIRT_URL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(240), out)
+            .await
+            .unwrap_or_else(|_| panic!("oxvirt {args:?} did not finish within 240 s"))
+            .unwrap();
+        let r = Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!(
+            "oxvirt {} ({:.1} s, exit {:?})",
+            args.join(" "),
+            started.elapsed().as_secs_f64(),
+            r.code
+        );
+        r
+    }
+
+    async fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args).await;
+        assert!(r.ok, "oxvirt {args:?} failed: {r}");
+        r
+    }
+
+    async fn fails(&self, args: &[&str]) -> Run {
+        let r = self.run(args).await;
+        assert!(
+            !r.ok && r.code.is_some_and(|c| c != 0),
+            "oxvirt {args:?} should fail: {r}"
+        );
+        r
+    }
+
+    fn password_file(&self, pw: &str) -> PathBuf {
+        let p = self.work.path().join(format!("pw-{}", pw.len()));
+        std::fs::write(&p, format!("{pw}\n")).unwrap();
+        p
+    }
+
+    async fn login(&self, extra: &[&str]) -> Run {
+        let pw = self.password_file(PASSWORD);
+        let url = self.url();
+        let mut args = vec!["login", "--url", &url, "--user", "admin@internal"];
+        args.extend(["--password-file", pw.to_str().unwrap()]);
+        args.extend(extra);
+        self.ok(&args).await
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {list}"))
+        .iter()
+        .map(|o| o["name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// The table line whose first cell is `first`.
+fn row<'a>(table: &'a str, first: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first:?} in:\n{table}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_objects_output_and_completion() {
+    let started = Instant::now();
+    let live = start().await;
+    let url = live.url();
+    let ca = live.engine_dir.join("pki/ca.pem");
+    let ca = ca.to_str().unwrap();
+    let fp = live.engine.ca_fingerprint();
+
+    // Not logged in: a clear error.
+    let r = live.fails(&["datacenter", "list"]).await;
+    assert!(r.stderr.contains("not logged in"), "{r}");
+
+    // A wrong password: refused with the engine's reason, nothing stored.
+    let bad = live.password_file("wrong");
+    let r = live
+        .fails(&[
+            "login",
+            "--url",
+            &url,
+            "--password-file",
+            bad.to_str().unwrap(),
+            "--ca-file",
+            ca,
+        ])
+        .await;
+    assert!(
+        r.stderr.contains("refused") && r.stderr.contains("incorrect"),
+        "{r}"
+    );
+    assert!(!live.session.exists(), "a failed login stored a session");
+    // No way to check the engine given: refused before any password is read.
+    let r = live.fails(&["login", "--url", &url]).await;
+    assert!(r.stderr.contains("--ca-file"), "{r}");
+    // A CA fingerprint that does not match: refused.
+    let pw = live.password_file(PASSWORD);
+    let r = live
+        .fails(&[
+            "login",
+            "--url",
+            &url,
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--ca-fingerprint",
+            &"00".repeat(32),
+        ])
+        .await;
+    assert!(r.stderr.contains("refusing to trust"), "{r}");
+    assert!(!live.session.exists());
+    // No terminal and no password file: a clear error.
+    let r = live.fails(&["login", "--url", &url, "--insecure"]).await;
+    assert!(r.stderr.contains("--password-file"), "{r}");
+
+    // The right password with the engine's CA (pinned by fingerprint).
+    let r = live.login(&["--ca-fingerprint", &fp]).await;
+    assert!(r.stdout.contains("logged in to"), "{r}");
+    let meta = std::fs::metadata(&live.session).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let stored = std::fs::read_to_string(&live.session).unwrap();
+    assert!(!stored.contains(PASSWORD), "the password was stored");
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert!(stored["ca_pem"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+
+    // Data center: create, list (table and JSON), show by name and id, duplicate refused.
+    let r = live
+        .ok(&["datacenter", "create", "cli-dc", "--description", "from the CLI"])
+        .await;
+    assert!(r.stdout.contains("uninitialized"), "{r}");
+    let r = live.ok(&["dc", "list", "-o", "json"]).await;
+    let list = r.json();
+    assert!(names(&list).contains(&"cli-dc".to_string()), "{r}");
+    let dc_id = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "cli-dc")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = live.ok(&["dc", "list"]).await;
+    assert!(r.stdout.starts_with("NAME "), "{r}");
+    let line = row(&r.stdout, "cli-dc");
+    assert!(
+        line.contains(&dc_id) && line.contains("uninitialized") && line.contains("from the CLI"),
+        "{line}"
+    );
+    let r = live.ok(&["dc", "show", "cli-dc", "-o", "json"]).await;
+    assert_eq!(r.json()["id"], dc_id.as_str());
+    let r = live.ok(&["dc", "show", &dc_id]).await;
+    assert!(row(&r.stdout, "name").contains("cli-dc"), "{r}");
+    let r = live.fails(&["dc", "create", "cli-dc"]).await;
+    assert!(r.stderr.contains("409"), "{r}");
+    let r = live
+        .ok(&["dc", "list", "--search", "name=cli-*", "-o", "json"])
+        .await;
+    assert_eq!(names(&r.json()), ["cli-dc"]);
+
+    // Cluster in it: the table names the data center.
+    live.ok(&[
+        "cluster",
+        "create",
+        "cli-cl",
+        "--datacenter",
+        "cli-dc",
+        "--cpu-type",
+        "qemu64",
+    ])
+    .await;
+    let r = live.ok(&["cluster", "list"]).await;
+    let line = row(&r.stdout, "cli-cl");
+    assert!(line.contains("cli-dc") && line.contains("qemu64"), "{line}");
+    let r = live
+        .fails(&["cluster", "create", "x", "--datacenter", "no-such-dc"])
+        .await;
+    assert!(r.stderr.contains("no data center named \"no-such-dc\""), "{r}");
+    let r = live.ok(&["cluster", "list", "-o", "json"]).await;
+    assert!(!names(&r.json()).contains(&"x".to_string()));
+
+    // Unknown objects and bad searches are errors naming what failed.
+    let r = live.fails(&["vm", "show", "nosuch"]).await;
+    assert!(r.stderr.contains("no VM named \"nosuch\""), "{r}");
+    let r = live.fails(&["vm", "list", "--search", "colour=blue"]).await;
+    assert!(r.stderr.contains("colour") && r.stderr.contains("400"), "{r}");
+    let r = live
+        .fails(&["vm", "create", "v", "--cluster", "cli-cl", "--memory", "12Q"])
+        .await;
+    assert!(r.stderr.contains("unknown unit"), "{r}");
+    let r = live.ok(&["vm", "list", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // Templates, jobs and events read in both formats.
+    let r = live.ok(&["template", "list"]).await;
+    assert!(
+        row(&r.stdout, "Blank").contains("00000000-0000-0000-0000-000000000000"),
+        "{r}"
+    );
+    let r = live.ok(&["event", "list", "-o", "json", "--max", "5"]).await;
+    assert!(r.json().as_array().is_some(), "{r}");
+    let r = live.ok(&["job", "list"]).await;
+    assert!(r.stdout.starts_with("ID "), "{r}");
+
+    // Removal: the cluster, then the data center.
+    let r = live.ok(&["cluster", "remove", "cli-cl"]).await;
+    assert!(r.stdout.contains("cluster cli-cl removed"), "{r}");
+    live.ok(&["dc", "rm", "cli-dc"]).await;
+    let r = live.fails(&["dc", "show", "cli-dc"]).await;
+    assert!(r.stderr.contains("no data center named"), "{r}");
+    assert!(live
+        .engine
+        .app()
+        .db
+        .dc_get_by_name("cli-dc")
+        .await
+        .unwrap()
+        .is_none());
+
+    // Completion scripts for three shells.
+    for (shell, marker) in [
+        ("bash", "complete"),
+        ("zsh", "#compdef oxvirt"),
+        ("fish", "complete -c oxvirt"),
+    ] {
+        let r = live.ok(&["completion", shell]).await;
+        assert!(
+            r.stdout.contains(marker),
+            "{shell}: {}",
+            &r.stdout[..r.stdout.len().min(300)]
+        );
+        assert!(
+            r.stdout.contains("storagedomain") && r.stdout.contains("snapshot"),
+            "{shell} completion lacks subcommands"
+        );
+    }
+
+    // A revoked token: the next command says to log in again.
+    let token = stored["token"].as_str().unwrap().to_string();
+    live.engine.app().db.token_revoke(&token).await.unwrap();
+    let r = live.fails(&["host", "list"]).await;
+    assert!(
+        r.stderr.contains("log in again") && r.stderr.contains("oxvirt login"),
+        "{r}"
+    );
+
+    // Log in again (insecure this time), log out: the session is gone and revoked.
+    live.login(&["--insecure"]).await;
+    let token = serde_json::from_str::<Value>(&std::fs::read_to_string(&live.session).unwrap()).unwrap()
+        ["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = live.ok(&["logout"]).await;
+    assert!(r.stdout.contains("logged out"), "{r}");
+    assert!(!live.session.exists());
+    assert!(live
+        .engine
+        .app()
+        .db
+        .token_validate(&token)
+        .await
+        .unwrap()
+        .is_none());
+
+    live.engine.shutdown().await;
+    eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+fn console_has(node_dir: &Path, vm_id: &str, text: &str) -> bool {
+    std::fs::read_to_string(node_dir.join("run/vms").join(vm_id).join("serial.log"))
+        .is_ok_and(|s| s.contains(text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vm_lifecycle_with_progress() {
+    let started = Instant::now();
+    let guest = TestGuest::get();
+    let live = start().await;
+    let node_dir = tempfile::tempdir().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let node_addr = free_port();
+    let _node = common::spawn_node(
+        "node1",
+        node_dir.path(),
+        node_addr,
+        &[
+            "--engine",
+            &live.engine.addr.to_string(),
+            "--ca-fingerprint",
+            &live.engine.ca_fingerprint(),
+            "--accel",
+            "tcg",
+        ],
+    );
+    live.login(&["--ca-file", live.engine_dir.join("pki/ca.pem").to_str().unwrap()])
+        .await;
+
+    live.ok(&["dc", "create", "dc1"]).await;
+    live.ok(&["cluster", "create", "cl1", "--dc", "dc1"]).await;
+    // The host joins when its node enrolls; the command waits until it is up.
+    let r = live
+        .ok(&[
+            "host",
+            "create",
+            "node1",
+            "--address",
+            &node_addr.to_string(),
+            "--cluster",
+            "cl1",
+        ])
+        .await;
+    assert!(r.stderr.contains("status up"), "no progress shown: {r}");
+    assert!(row(&r.stdout, "status").contains("up"), "{r}");
+
+    // A storage domain, attached and activated in one command.
+    let r = live
+        .ok(&[
+            "sd",
+            "create",
+            "data1",
+            "--host",
+            "node1",
+            "--path",
+            storage.path().to_str().unwrap(),
+            "--dc",
+            "dc1",
+        ])
+        .await;
+    assert!(r.stderr.contains("status active"), "{r}");
+    let r = live.ok(&["sd", "list"]).await;
+    let line = row(&r.stdout, "data1");
+    assert!(line.contains("active") && line.contains("dc1"), "{line}");
+
+    // A VM with a boot disk, booting the test guest.
+    let cmdline = TestGuest::append(&[]);
+    let r = live
+        .ok(&[
+            "vm",
+            "create",
+            "vm1",
+            "--cluster",
+            "cl1",
+            "--memory",
+            "256M",
+            "--cpus",
+            "1",
+            "--disk-size",
+            "64M",
+            "--sd",
+            "data1",
+            "--kernel",
+            guest.kernel.to_str().unwrap(),
+            "--initrd",
+            guest.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "-o",
+            "json",
+        ])
+        .await;
+    let vm = r.json();
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm["status"], "down");
+    let r = live.ok(&["disk", "list", "-o", "json"]).await;
+    assert_eq!(names(&r.json()), ["vm1-disk"], "{r}");
+
+    // Start: progress on stderr, the VM up on node1 in the table.
+    let r = live.ok(&["vm", "start", "vm1"]).await;
+    assert!(r.stdout.contains("VM vm1 is up"), "{r}");
+    assert!(
+        r.stderr.contains("start VM vm1") && r.stderr.contains("status up"),
+        "{r}"
+    );
+    let r = live.ok(&["vm", "list"]).await;
+    let line = row(&r.stdout, "vm1");
+    assert!(
+        line.contains(" up ") && line.contains("node1") && line.contains("256 MiB"),
+        "{line}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !console_has(node_dir.path(), &vm_id, "OXVIRT-GUEST") {
+        assert!(Instant::now() < deadline, "the guest did not boot");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Starting it again is refused with the engine's reason.
+    let r = live.fails(&["vm", "start", "vm1"]).await;
+    assert!(r.stderr.contains("409"), "{r}");
+
+    // A live snapshot, then stop.
+    let r = live
+        .ok(&[
+            "snapshot",
+            "create",
+            "--vm",
+            "vm1",
+            "--description",
+            "before",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(r.json()["snapshot_status"], "ok", "{r}");
+    let r = live.ok(&["snapshot", "list", "--vm", "vm1"]).await;
+    assert!(r.stdout.contains("before") && r.stdout.contains("active"), "{r}");
+    let r = live.ok(&["vm", "stop", "vm1"]).await;
+    assert!(r.stdout.contains("VM vm1 is down"), "{r}");
+    let r = live.ok(&["vm", "show", "vm1", "-o", "json"]).await;
+    assert_eq!(r.json()["status"], "down");
+
+    // Restore to the snapshot, remove it, remove the VM with its disk.
+    live.ok(&["snapshot", "restore", "--vm", "vm1", "before"]).await;
+    live.ok(&["vm", "remove", "vm1"]).await;
+    let r = live.ok(&["vm", "list", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]));
+    let r = live.ok(&["disk", "list", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // Storage maintenance as in oVirt: the master domain hands its role to another active data
+    // domain; the last one takes the data center to maintenance, and activating it brings the
+    // data center back with an SPM.
+    let storage2 = tempfile::tempdir().unwrap();
+    live.ok(&[
+        "sd",
+        "create",
+        "data2",
+        "--host",
+        "node1",
+        "--path",
+        storage2.path().to_str().unwrap(),
+        "--dc",
+        "dc1",
+    ])
+    .await;
+    let r = live.ok(&["sd", "deactivate", "data1"]).await;
+    assert!(r.stdout.contains("maintenance"), "{r}");
+    let master = |r: &Run| {
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["master"] == true || d["master"] == "true")
+            .map(|d| d["name"].as_str().unwrap().to_string())
+    };
+    let r = live.ok(&["sd", "list", "-o", "json"]).await;
+    assert_eq!(master(&r).as_deref(), Some("data2"), "{r}");
+    let r = live.ok(&["sd", "deactivate", "data2"]).await;
+    assert!(r.stdout.contains("maintenance"), "{r}");
+    let r = live.ok(&["dc", "show", "dc1", "-o", "json"]).await;
+    assert_eq!(r.json()["status"], "maintenance", "{r}");
+    live.ok(&["sd", "activate", "data2"]).await;
+    let r = live.ok(&["dc", "show", "dc1", "-o", "json"]).await;
+    assert_eq!(r.json()["status"], "up", "{r}");
+    live.ok(&["sd", "activate", "data1"]).await;
+    let r = live.ok(&["sd", "list", "-o", "json"]).await;
+    for d in r.json().as_array().unwrap() {
+        assert_eq!(d["status"], "active", "{r}");
+    }
+
+    live.engine.shutdown().await;
+    eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
+}
