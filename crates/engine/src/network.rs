@@ -506,6 +506,93 @@ pub fn setup_networks_request(
     Ok(serde_json::json!({ "networks": nets }))
 }
 
+/// A bond a `setupNetworks` creates or changes on a host (oVirt's `host_nic` with `bonding`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostBond {
+    pub name: String,
+    pub slaves: Vec<String>,
+    /// Bonding driver options as VDSM takes them (`mode=1 miimon=100`); empty: the node's
+    /// default (802.3ad).
+    pub options: String,
+}
+
+/// Linux's limit on an interface name (IFNAMSIZ less the terminating NUL).
+const IFNAME_MAX: usize = 15;
+
+/// Adds bonds to a `setupNetworks` request made by [`setup_networks_request`]: `bonds` to
+/// create or change, `removed` to delete (each must be one of `host_bonds`, the bonds the host
+/// has). A network whose host NIC is a bond (asked for now, or already on the host and kept)
+/// is carried with `bonding` instead of `nic`, as VDSM takes it. Refused: names that are not
+/// `bond…` or too long, bonds without slaves, a NIC enslaved twice or carrying a network
+/// directly, a network on a removed bond.
+pub fn with_bonds(
+    request: &mut serde_json::Value,
+    bonds: &[HostBond],
+    removed: &BTreeSet<String>,
+    host_bonds: &BTreeSet<String>,
+) -> Result<(), String> {
+    let mut bondings = serde_json::Map::new();
+    let mut slaves_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for b in bonds {
+        if !b.name.starts_with("bond") || b.name.len() > IFNAME_MAX || b.name.contains(['/', ' ']) {
+            return Err(format!(
+                "bond name {:?} must start with \"bond\" and be at most {IFNAME_MAX} characters",
+                b.name
+            ));
+        }
+        if removed.contains(&b.name) {
+            return Err(format!("bond {} is both changed and removed", b.name));
+        }
+        if b.slaves.is_empty() {
+            return Err(format!("bond {} needs at least one slave NIC", b.name));
+        }
+        for s in &b.slaves {
+            if let Some(other) = slaves_of.insert(s, &b.name) {
+                return Err(format!(
+                    "NIC {s} cannot be a slave of both {other} and {}",
+                    b.name
+                ));
+            }
+        }
+        bondings.insert(
+            b.name.clone(),
+            serde_json::json!({ "nics": b.slaves, "options": b.options }),
+        );
+    }
+    for name in removed {
+        if !host_bonds.contains(name) {
+            return Err(format!("bond {name} is not on the host"));
+        }
+        bondings.insert(name.clone(), serde_json::json!({ "remove": true }));
+    }
+    let is_bond =
+        |n: &str| bonds.iter().any(|b| b.name == n) || (host_bonds.contains(n) && !removed.contains(n));
+    if let Some(nets) = request["networks"].as_object_mut() {
+        for (net, v) in nets.iter_mut() {
+            let Some(nic) = v["nic"].as_str().map(str::to_string) else {
+                continue;
+            };
+            if removed.contains(&nic) {
+                return Err(format!("network {net} is on bond {nic}, which is being removed"));
+            }
+            if let Some(b) = slaves_of.get(nic.as_str()) {
+                return Err(format!(
+                    "network {net} is on NIC {nic}, a slave of bond {b}: attach it to the bond"
+                ));
+            }
+            if is_bond(&nic) {
+                let o = v.as_object_mut().expect("a network entry is an object");
+                o.remove("nic");
+                o.insert("bonding".into(), nic.into());
+            }
+        }
+    }
+    if !bondings.is_empty() {
+        request["bondings"] = bondings.into();
+    }
+    Ok(())
+}
+
 /// A VM NIC as the node's `VM.create`, `VM.migrationCreate` and `VM.hotplugNic` take it: on
 /// its network's bridge, or — with no network (oVirt's empty profile) — with its cable out.
 pub fn node_nic(n: &Nic) -> serde_json::Value {
@@ -802,6 +889,61 @@ mod tests {
         assert!(setup_networks_request(&defs, &bad, &BTreeSet::new())
             .unwrap_err()
             .contains("host NIC"));
+    }
+
+    #[test]
+    fn bonds_join_the_request_and_networks_on_them_use_bonding() {
+        let bond = |name: &str, slaves: &[&str]| HostBond {
+            name: name.into(),
+            slaves: slaves.iter().map(|s| s.to_string()).collect(),
+            options: "mode=1 miimon=100".into(),
+        };
+        let req = || {
+            serde_json::json!({ "networks": {
+                "a": { "nic": "bond0", "bridged": true },
+                "b": { "nic": "eth3", "bridged": true },
+                "c": { "nic": "bond7", "bridged": false },
+            }})
+        };
+        let host = BTreeSet::from(["bond7".to_string(), "bond9".to_string()]);
+        let mut r = req();
+        with_bonds(
+            &mut r,
+            &[bond("bond0", &["eth1", "eth2"])],
+            &BTreeSet::from(["bond9".to_string()]),
+            &host,
+        )
+        .unwrap();
+        assert_eq!(
+            r["bondings"],
+            serde_json::json!({
+                "bond0": { "nics": ["eth1", "eth2"], "options": "mode=1 miimon=100" },
+                "bond9": { "remove": true },
+            })
+        );
+        assert_eq!(
+            r["networks"]["a"],
+            serde_json::json!({ "bonding": "bond0", "bridged": true })
+        );
+        assert_eq!(r["networks"]["b"]["nic"], "eth3");
+        assert_eq!(r["networks"]["c"]["bonding"], "bond7");
+
+        let err = |bonds: &[HostBond], removed: &[&str]| {
+            let removed = removed.iter().map(|s| s.to_string()).collect();
+            with_bonds(&mut req(), bonds, &removed, &host).unwrap_err()
+        };
+        assert!(err(&[bond("team0", &["eth1"])], &[]).contains("must start with"));
+        assert!(err(&[bond("bond0123456789012", &["eth1"])], &[]).contains("at most 15"));
+        assert!(err(&[bond("bond0", &[])], &[]).contains("at least one slave"));
+        assert!(
+            err(&[bond("bond0", &["eth1"]), bond("bond1", &["eth1"])], &[]).contains("both bond0 and bond1")
+        );
+        assert!(err(&[bond("bond0", &["eth1"])], &["bond5"]).contains("bond5 is not on the host"));
+        assert!(err(&[bond("bond0", &["eth1"])], &["bond7"]).contains("network c is on bond bond7"));
+        assert!(
+            err(&[bond("bond0", &["eth1"]), bond("bond1", &["eth3"])], &[]).contains("slave of bond bond1")
+        );
+        assert!(err(&[bond("bond7", &["eth1"])], &["bond7"]).contains("both changed and removed"));
     }
 
     #[test]

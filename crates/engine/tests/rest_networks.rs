@@ -238,4 +238,41 @@ async fn networks_clusters_profiles_and_vm_nics() {
         c.get(&format!("networks/{net}")).await.status,
         StatusCode::NOT_FOUND
     );
+
+    // Bonds in `setupnetworks`: a malformed one is refused before any node is asked.
+    let host = t
+        .engine
+        .app()
+        .db
+        .host_insert(&oxvirt_engine::model::Host::new(
+            "bhost",
+            "127.0.0.1",
+            1,
+            cl.parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+    for (body, says) in [
+        (
+            "<host_nic><name>bond0</name></host_nic>",
+            "bond bond0 needs",
+        ),
+        (
+            "<host_nic><name>bond0</name><bonding><options><option><name>mode</name></option></options></bonding></host_nic>",
+            "needs a",
+        ),
+        (
+            "<host_nic><bonding/></host_nic>",
+            "a bond",
+        ),
+    ] {
+        let r = c
+            .post(
+                &format!("hosts/{}/setupnetworks", host.id),
+                &format!("<action><modified_bonds>{body}</modified_bonds></action>"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert!(r.body.contains(says), "{says}: {}", r.body);
+    }
 }

@@ -26,7 +26,7 @@ use oxvirt_engine::commands::{
 };
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::{HostStatus, HostUuid, VmOs, VmStatus, BLANK_TEMPLATE_ID};
-use oxvirt_engine::network::{HostAttachment, HostIp, MANAGEMENT_NETWORK};
+use oxvirt_engine::network::{HostAttachment, HostBond, HostIp, MANAGEMENT_NETWORK};
 use oxvirt_testkit::netns::TestNs;
 use oxvirt_testkit::TestGuest;
 
@@ -162,6 +162,7 @@ async fn engine_sets_up_networks_places_and_migrates_vm_nics() {
     na.cable("eth1", &nb, "eth1");
     na.cable("mig0", &nb, "mig0");
     nc.veth("eth1", "sw1");
+    na.veth("eth2", "sw2");
     na.exec(&["ip", "addr", "add", "10.78.0.1/24", "dev", "mig0"]);
     nb.exec(&["ip", "addr", "add", "10.78.0.2/24", "dev", "mig0"]);
     let mut nodes = Vec::new();
@@ -300,6 +301,69 @@ async fn engine_sets_up_networks_places_and_migrates_vm_nics() {
         assert!(err.contains("8021q"), "{err}");
         assert_eq!(db.host_attachments(ha.id).await.unwrap().len(), 1);
     }
+
+    // A bond needs the kernel's bonding: with it, the bond comes and goes; without it, the node
+    // refuses naming the module and nothing changes.
+    let bond = HostBond {
+        name: "bond0".into(),
+        slaves: vec!["eth2".into()],
+        options: "mode=1 miimon=100".into(),
+    };
+    let bonded = cmds
+        .setup_host_networks(
+            ha.id,
+            SetupHostNetworks {
+                bonds: vec![bond],
+                connectivity_timeout: Some(30),
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
+    if Path::new("/sys/class/net/bonding_masters").exists() {
+        bonded.expect("the kernel has bonding");
+        let caps = cmds.host_network_capabilities(ha.id).await.unwrap();
+        assert_eq!(
+            caps["bonds"]["bond0"]["slaves"],
+            serde_json::json!(["eth2"]),
+            "{caps}"
+        );
+        cmds.setup_host_networks(
+            ha.id,
+            SetupHostNetworks {
+                removed_bonds: vec!["bond0".into()],
+                connectivity_timeout: Some(30),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    } else {
+        let err = bonded.unwrap_err().to_string();
+        assert!(err.contains("bonding") && err.contains("bond0"), "{err}");
+    }
+    let caps = cmds.host_network_capabilities(ha.id).await.unwrap();
+    assert!(caps["bonds"].get("bond0").is_none(), "{caps}");
+    assert_eq!(db.host_attachments(ha.id).await.unwrap().len(), 1);
+    // A bond without slaves is refused by the engine before any node sees it.
+    let err = cmds
+        .setup_host_networks(
+            ha.id,
+            SetupHostNetworks {
+                bonds: vec![HostBond {
+                    name: "bond1".into(),
+                    slaves: vec![],
+                    options: String::new(),
+                }],
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least one slave"), "{err}");
 
     // Optional in the cluster: every host stays up.
     cmds.attach_cluster_network(cluster, vmnet.id, false)

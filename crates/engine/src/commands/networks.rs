@@ -36,9 +36,9 @@ use crate::model::{
     ClusterId, DcId, Host, HostStatus, HostUuid, MacAddr, Nic, NicId, NicInterface, VmId, VmStatus,
 };
 use crate::network::{
-    host_compliance, host_networks, node_nic, setup_networks_request, validate_network, ClusterNetwork,
-    Compliance, HostAttachment, LogicalNetwork, NetworkAttachment, NetworkAttachmentId, NetworkId,
-    MANAGEMENT_NETWORK,
+    host_compliance, host_networks, node_nic, setup_networks_request, validate_network, with_bonds,
+    ClusterNetwork, Compliance, HostAttachment, HostBond, LogicalNetwork, NetworkAttachment,
+    NetworkAttachmentId, NetworkId, MANAGEMENT_NETWORK,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
@@ -76,6 +76,12 @@ pub struct UpdateNetwork {
 pub struct SetupHostNetworks {
     pub attach: Vec<(NetworkId, HostAttachment)>,
     pub detach: Vec<NetworkId>,
+    /// Bonds to create or change; a network attached to one names it as its NIC.
+    #[serde(default)]
+    pub bonds: Vec<HostBond>,
+    /// Bonds to delete, by name.
+    #[serde(default)]
+    pub removed_bonds: Vec<String>,
     /// Wait for the engine's confirmation on the node and roll back without it (oVirt's
     /// `check_connectivity`, default on).
     pub check_connectivity: bool,
@@ -88,6 +94,8 @@ impl Default for SetupHostNetworks {
         SetupHostNetworks {
             attach: Vec::new(),
             detach: Vec::new(),
+            bonds: Vec::new(),
+            removed_bonds: Vec::new(),
             check_connectivity: true,
             connectivity_timeout: None,
         }
@@ -467,6 +475,12 @@ impl Commands {
             }
         }
         let mut request = setup_networks_request(&defs, &attach, &removals).map_err(CommandError::Invalid)?;
+        let host_bonds: BTreeSet<String> = caps["bonds"]
+            .as_object()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default();
+        let removed_bonds = req.removed_bonds.iter().cloned().collect();
+        with_bonds(&mut request, &req.bonds, &removed_bonds, &host_bonds).map_err(CommandError::Invalid)?;
         request["options"] = json!({
             "connectivityCheck": req.check_connectivity,
             "connectivityTimeout": req.connectivity_timeout.unwrap_or(120),

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::commands::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
 use crate::model::*;
 use crate::network::{
-    network_of_profile, vnic_profile_of, ClusterNetwork, HostAttachment, HostIp, LogicalNetwork,
+    network_of_profile, vnic_profile_of, ClusterNetwork, HostAttachment, HostBond, HostIp, LogicalNetwork,
     NetworkAttachment, NetworkAttachmentId, NetworkId, VnicProfileId,
 };
 
@@ -775,8 +775,8 @@ pub async fn host_att_remove(r: &Req) -> Result<Resp, ApiError> {
 }
 
 /// `POST /hosts/{id}/setupnetworks`: `modified_network_attachments`,
-/// `removed_network_attachments` (by id or network), `check_connectivity`,
-/// `connectivity_timeout`.
+/// `removed_network_attachments` (by id or network), `modified_bonds` (`host_nic`s with
+/// `bonding`), `removed_bonds`, `check_connectivity`, `connectivity_timeout`.
 pub async fn host_setup_networks(r: &Req) -> Result<Resp, ApiError> {
     let h = host_of(r).await?;
     let body = r.action_body()?;
@@ -819,6 +819,16 @@ pub async fn host_setup_networks(r: &Req) -> Result<Resp, ApiError> {
             req.detach.push(net);
         }
     }
+    if let Some(m) = body.get("modified_bonds") {
+        for e in m.children_named("host_nic") {
+            req.bonds.push(bond_in(e)?);
+        }
+    }
+    if let Some(m) = body.get("removed_bonds") {
+        for e in m.children_named("host_nic") {
+            req.removed_bonds.push(nic_name(e, "a removed bond")?);
+        }
+    }
     let corr = r.correlation_id.clone();
     let host = h.id;
     run_action(r, Some(&body), "setupnetworks", move |e| async move {
@@ -826,6 +836,47 @@ pub async fn host_setup_networks(r: &Req) -> Result<Resp, ApiError> {
         Ok(())
     })
     .await
+}
+
+/// A host NIC named by `<name>` or by its id (host NIC ids are their names).
+fn nic_name(e: &Elem, what: &str) -> Result<String, ApiError> {
+    e.string("name")
+        .or_else(|| e.id().map(str::to_string))
+        .ok_or_else(|| bad(format!("{what} <host_nic> needs a <name> or an id")))
+}
+
+/// A `<host_nic>` of `modified_bonds`: its name, `bonding/slaves`, and `bonding/options` as
+/// name/value pairs (VDSM's option string).
+fn bond_in(e: &Elem) -> Result<HostBond, ApiError> {
+    let name = nic_name(e, "a bond")?;
+    let bonding = e
+        .get("bonding")
+        .ok_or_else(|| bad(format!("bond {name} needs <bonding> with its <slaves>")))?;
+    let slaves = match bonding.get("slaves") {
+        Some(s) => s
+            .children_named("host_nic")
+            .map(|n| nic_name(n, "a slave"))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    let mut options = Vec::new();
+    if let Some(o) = bonding.get("options") {
+        for opt in o.children_named("option") {
+            match (opt.str("name"), opt.str("value")) {
+                (Some(k), Some(v)) => options.push(format!("{k}={v}")),
+                _ => {
+                    return Err(bad(format!(
+                        "bond {name}: an <option> needs a <name> and a <value>"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(HostBond {
+        name,
+        slaves,
+        options: options.join(" "),
+    })
 }
 
 // ------------------------------------------------------------------------------- VM NICs
