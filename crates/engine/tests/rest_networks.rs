@@ -224,6 +224,57 @@ async fn networks_clusters_profiles_and_vm_nics() {
         StatusCode::OK
     );
     assert_eq!(count(&c.get(&format!("vms/{vm}/nics")).await.body, "nic"), 0);
+
+    // The cluster's MAC pool: linked from the cluster, its ranges replaced, new NICs drawing
+    // from the new range; bad ranges refused with the pool unchanged.
+    let r = c.get(&format!("clusters/{cl}")).await;
+    assert!(r.body.contains(&format!("/macpools/{cl}")), "{}", r.body);
+    let r = c.get("macpools").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("<name>ncl</name>"), "{}", r.body);
+    let r = c.get(&format!("macpools/{cl}")).await;
+    assert_eq!(
+        xml_text(&r.body, "from").as_deref(),
+        Some("56:6f:00:00:00:00"),
+        "{}",
+        r.body
+    );
+    let put = |body: &'static str| {
+        let c = &c;
+        let path = format!("macpools/{cl}");
+        async move { c.api(Method::PUT, &path, body).await }
+    };
+    let r = put("<mac_pool><ranges><range><from>02:1a:4a:00:00:10</from><to>02:1a:4a:00:00:1f</to></range></ranges></mac_pool>").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(xml_text(&r.body, "free").as_deref(), Some("16"), "{}", r.body);
+    for bad in [
+        "<mac_pool><ranges><range><from>03:00:00:00:00:00</from><to>03:00:00:00:00:05</to></range></ranges></mac_pool>",
+        "<mac_pool><ranges><range><from>02:00:00:00:00:09</from><to>02:00:00:00:00:01</to></range></ranges></mac_pool>",
+        "<mac_pool><ranges><range><from>02:00:00:00:00:00</from><to>02:00:00:00:00:09</to></range><range><from>02:00:00:00:00:05</from><to>02:00:00:00:00:0f</to></range></ranges></mac_pool>",
+        "<mac_pool><ranges><range><from>nonsense</from><to>02:00:00:00:00:09</to></range></ranges></mac_pool>",
+        "<mac_pool><name>other</name></mac_pool>",
+    ] {
+        let r = put(bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+    }
+    let r = c
+        .post(
+            &format!("vms/{vm}/nics"),
+            &format!("<nic><name>nic3</name><vnic_profile id=\"{profile}\"/></nic>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let nic3 = root_id(&r.body);
+    let mac = xml_text(&r.body, "address").unwrap();
+    assert!(mac.starts_with("02:1a:4a:00:00:1"), "{mac}");
+    let r = c.get(&format!("macpools/{cl}")).await;
+    assert_eq!(xml_text(&r.body, "free").as_deref(), Some("15"), "{}", r.body);
+    assert_eq!(
+        c.api(Method::DELETE, &format!("vms/{vm}/nics/{nic3}"), "")
+            .await
+            .status,
+        StatusCode::OK
+    );
     assert_eq!(
         c.api(Method::DELETE, &format!("clusters/{cl}/networks/{net}"), "")
             .await

@@ -37,8 +37,8 @@ use crate::model::{
 };
 use crate::network::{
     host_compliance, host_networks, node_nic, setup_networks_request, validate_network, with_bonds,
-    ClusterNetwork, Compliance, HostAttachment, HostBond, LogicalNetwork, NetworkAttachment,
-    NetworkAttachmentId, NetworkId, MANAGEMENT_NETWORK,
+    ClusterNetwork, Compliance, HostAttachment, HostBond, LogicalNetwork, MacPool, MacRange,
+    NetworkAttachment, NetworkAttachmentId, NetworkId, MANAGEMENT_NETWORK,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
@@ -392,6 +392,31 @@ impl Commands {
         self.app.db.cluster_network_remove(cluster, network).await?;
         self.app.kick.notify_one();
         Ok(())
+    }
+
+    // ---- MAC pools -------------------------------------------------------------------------
+
+    /// The cluster's MAC address pool (ranges, and the addresses its NICs use).
+    pub async fn mac_pool(&self, cluster: ClusterId) -> Result<MacPool, CommandError> {
+        self.app
+            .db
+            .cluster_get(cluster)
+            .await?
+            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        Ok(self.app.db.mac_pool_of(cluster).await?)
+    }
+
+    /// Replaces the ranges of a cluster's pool (each unicast, non-empty, none overlapping).
+    /// NICs keep their addresses, inside the new ranges or not; new NICs draw from the new ones.
+    pub async fn set_mac_pool_ranges(
+        &self,
+        cluster: ClusterId,
+        ranges: Vec<MacRange>,
+    ) -> Result<MacPool, CommandError> {
+        self.mac_pool(cluster).await?;
+        MacPool::new(ranges.clone()).map_err(|e| CommandError::invalid(e.to_string()))?;
+        self.app.db.mac_pool_set_ranges(cluster, &ranges).await?;
+        self.mac_pool(cluster).await
     }
 
     // ---- Hosts ------------------------------------------------------------------------------

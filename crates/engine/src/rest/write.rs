@@ -126,6 +126,8 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
         Some(dc) => data_center(o, dc, None),
         None => reference(o, "data_center", "datacenters", c.data_center_id),
     }
+    // Each cluster has its own pool, identified as the cluster.
+    reference(o, "mac_pool", "macpools", c.id);
     o.close("cluster");
 }
 

@@ -15,7 +15,7 @@ use crate::commands::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, Upda
 use crate::model::*;
 use crate::network::{
     network_of_profile, vnic_profile_of, ClusterNetwork, HostAttachment, HostBond, HostIp, LogicalNetwork,
-    NetworkAttachment, NetworkAttachmentId, NetworkId, VnicProfileId,
+    MacPool, MacRange, NetworkAttachment, NetworkAttachmentId, NetworkId, VnicProfileId,
 };
 
 use super::super::fault::ApiError;
@@ -433,6 +433,83 @@ pub async fn profile_get(r: &Req) -> Result<Resp, ApiError> {
         .filter(|n| n.vm_network)
         .ok_or_else(|| ApiError::not_found(format!("vNIC profile {id} not found")))?;
     Ok(Resp::ok(one(r, |o| vnic_profile(o, &n))))
+}
+
+// ------------------------------------------------------------------------------- MAC pools
+
+fn mac_pool(o: &mut Out, c: &Cluster, pool: &MacPool) {
+    let h = format!("{API}/macpools/{}", c.id);
+    o.open("mac_pool", Some(&c.id.to_string()), Some(&h));
+    o.leaf("name", &c.name);
+    o.leaf("description", &format!("MAC addresses of cluster {}", c.name));
+    o.leaf("allow_duplicates", false);
+    o.leaf("default_pool", false);
+    o.open("ranges", None, None);
+    o.array_open("range");
+    for r in &pool.state().ranges {
+        o.open("range", None, None);
+        o.leaf("from", r.start.to_string());
+        o.leaf("to", r.end.to_string());
+        o.close("range");
+    }
+    o.array_close();
+    o.close("ranges");
+    o.leaf("free", pool.free());
+    o.close("mac_pool");
+}
+
+pub async fn mac_pool_list(r: &Req) -> Result<Resp, ApiError> {
+    let mut pools = Vec::new();
+    for c in r.db().cluster_list(&Default::default()).await? {
+        let p = r.cmds().mac_pool(c.id).await?;
+        pools.push((c, p));
+    }
+    let mut o = r.out();
+    collection(&mut o, "mac_pools", "mac_pool", &pools, |o, (c, p)| {
+        mac_pool(o, c, p)
+    });
+    Ok(Resp::ok(o))
+}
+
+pub async fn mac_pool_get(r: &Req) -> Result<Resp, ApiError> {
+    let c = cluster_of(r).await?;
+    let p = r.cmds().mac_pool(c.id).await?;
+    Ok(Resp::ok(one(r, |o| mac_pool(o, &c, &p))))
+}
+
+/// `PUT /macpools/{id}`: `<ranges>` replaces the ranges; the name stays the cluster's.
+pub async fn mac_pool_update(r: &Req) -> Result<Resp, ApiError> {
+    let c = cluster_of(r).await?;
+    let b = r.body("mac_pool")?;
+    if b.str("name").is_some_and(|n| n != c.name) {
+        return Err(bad(format!(
+            "the MAC pool of cluster {} is named after its cluster: rename the cluster instead",
+            c.name
+        )));
+    }
+    if b.bool("allow_duplicates")? == Some(true) {
+        return Err(bad(
+            "MAC pools never allow duplicates: a MAC is unique across NICs",
+        ));
+    }
+    let p = match b.get("ranges") {
+        None => r.cmds().mac_pool(c.id).await?,
+        Some(rs) => {
+            let mut ranges = Vec::new();
+            for e in rs.children_named("range") {
+                let mac = |k: &str| -> Result<MacAddr, ApiError> {
+                    let v = e.str(k).ok_or_else(|| {
+                        bad(format!("a MAC pool <range> needs <from> and <to>: {k} missing"))
+                    })?;
+                    v.parse()
+                        .map_err(|_| bad(format!("{v:?} in a MAC pool range is not a MAC address")))
+                };
+                ranges.push(MacRange::new(mac("from")?, mac("to")?));
+            }
+            r.cmds().set_mac_pool_ranges(c.id, ranges).await?
+        }
+    };
+    Ok(Resp::ok(one(r, |o| mac_pool(o, &c, &p))))
 }
 
 // ------------------------------------------------------------------------------- cluster networks
