@@ -441,7 +441,7 @@ fn mac_pool(o: &mut Out, c: &Cluster, pool: &MacPool) {
     let h = format!("{API}/macpools/{}", c.id);
     o.open("mac_pool", Some(&c.id.to_string()), Some(&h));
     o.leaf("name", &c.name);
-    o.leaf("description", &format!("MAC addresses of cluster {}", c.name));
+    o.leaf("description", format!("MAC addresses of cluster {}", c.name));
     o.leaf("allow_duplicates", false);
     o.leaf("default_pool", false);
     o.open("ranges", None, None);
