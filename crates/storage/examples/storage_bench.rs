@@ -1,4 +1,4 @@
-//! `cargo run --release -p oxvirt-storage --example bench [DIR] [ITERATIONS]`: the storage
+//! `cargo run --release -p oxvirt-storage --example storage_bench [DIR] [ITERATIONS]`: the storage
 //! benchmark (same as `oxvirt domain bench`).
 
 fn main() {

@@ -1,6 +1,6 @@
 //! Times `place`, `plan_evacuation` and `balance` on a 50-host, 2,000-VM cluster.
 //!
-//! `cargo run --release -p oxvirt-scheduler --example bench`
+//! `cargo run --release -p oxvirt-scheduler --example scheduler_bench`
 //!
 //! Every call validates and indexes the whole snapshot, as the engine's calls will; the figures
 //! are medians over repeated calls on the same snapshot.
