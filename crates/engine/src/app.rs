@@ -79,6 +79,8 @@ pub struct App {
     pub hosts_rt: std::sync::Mutex<std::collections::HashMap<crate::model::HostUuid, HostRuntime>>,
     /// Wakes the monitor early (after a command changed what it watches).
     pub kick: tokio::sync::Notify,
+    /// Held through an SPM election: the monitor's, or an admin's forced selection, never both.
+    pub spm_elections: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -89,6 +91,7 @@ impl App {
             settings,
             hosts_rt: Default::default(),
             kick: tokio::sync::Notify::new(),
+            spm_elections: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -123,8 +123,11 @@ impl Monitor {
         }
         let (app, electing) = (self.cmds.app.clone(), self.electing.clone());
         tokio::spawn(async move {
-            if let Err(e) = elect_spm(&app, dc).await {
-                tracing::info!(dc = %dc, error = %e, "no SPM elected this round");
+            // A forced selection running now decides; the next round looks again.
+            if let Ok(_election) = app.spm_elections.try_lock() {
+                if let Err(e) = elect_spm(&app, dc, None).await {
+                    tracing::info!(dc = %dc, error = %e, "no SPM elected this round");
+                }
             }
             electing.lock().expect("electing").remove(&dc);
         });
@@ -480,11 +483,22 @@ pub async fn ensure_pool_connected(app: &App, host: HostUuid, dc: DcId) -> Resul
 }
 
 /// Makes sure the data center has an SPM: keeps the current one when it is up and still SPM on
-/// storage, else asks the best connected host to take the role.
-async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
+/// storage, else asks the best connected host to take the role. With `prefer` (an admin's
+/// forced selection), the current SPM steps down for that host and only that host is asked.
+/// Callers hold `App::spm_elections`.
+pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> Result<(), CommandError> {
     let d = app.dc(dc).await?;
     if let (SpmStatus::Spm, Some(h)) = (d.spm_status, d.spm_host) {
         let host = app.host(h).await?;
+        if host.status == HostStatus::Up && prefer.is_some_and(|p| p != h) {
+            // Its node refuses while SPM tasks run; the role then stays where it is.
+            let node = app.client(&host)?.within(app.settings.poll_timeout());
+            node.call("StoragePool.spmStop", json!({ "spUUID": d.storage_pool_id }))
+                .await?;
+            app.db.dc_spm_clear(dc, h).await?;
+            tracing::info!(dc = %d.name, host = %host.name, "the SPM stepped down for a forced selection");
+            return Box::pin(elect_spm(app, dc, prefer)).await;
+        }
         if host.status == HostStatus::Up {
             // Still SPM on storage? A restarted node process is not, whatever the database says.
             // Bounded: a frozen SPM must not hold the election for the transport's timeout.
@@ -497,11 +511,14 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
                 Ok(_) | Err(_) => {
                     tracing::info!(dc = %d.name, host = %host.name, "the recorded SPM no longer holds the role");
                     app.db.dc_spm_clear(dc, h).await?;
-                    return Box::pin(elect_spm(app, dc)).await;
+                    return Box::pin(elect_spm(app, dc, prefer)).await;
                 }
             }
         }
-        if host.status != HostStatus::NonResponsive && host.status != HostStatus::Maintenance {
+        if !matches!(
+            host.status,
+            HostStatus::NonResponsive | HostStatus::Maintenance | HostStatus::Down
+        ) {
             return Ok(());
         }
         // The SPM host is gone from the engine's view. The role moves only when storage says its
@@ -523,6 +540,7 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
         .into_iter()
         .filter(|h| {
             h.spm_priority >= 0
+                && prefer.is_none_or(|p| p == h.id)
                 && app
                     .host_rt(h.id)
                     .pool
@@ -531,10 +549,13 @@ async fn elect_spm(app: &App, dc: DcId) -> Result<(), CommandError> {
         .collect();
     candidates.sort_by_key(|h| std::cmp::Reverse(h.spm_priority));
     let Some(cand) = candidates.into_iter().next() else {
-        return Err(CommandError::Conflict(format!(
-            "data center {} has no connected host to be SPM",
-            d.name
-        )));
+        return Err(CommandError::Conflict(match prefer {
+            Some(p) => format!(
+                "host {p} cannot be the SPM of data center {}: it is not up, not connected to the pool, or its SPM priority is -1",
+                d.name
+            ),
+            None => format!("data center {} has no connected host to be SPM", d.name),
+        }));
     };
     if let Some(old) = d.spm_host.filter(|o| *o != cand.id) {
         app.db.dc_spm_clear(dc, old).await?;

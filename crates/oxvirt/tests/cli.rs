@@ -432,6 +432,11 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.ok(&["sd", "list"]).await;
     let line = row(&r.stdout, "data1");
     assert!(line.contains("active") && line.contains("dc1"), "{line}");
+    // Selecting the SPM it already is: a no-op that says so.
+    let r = live.ok(&["host", "select-spm", "node1"]).await;
+    assert!(r.stdout.contains("host node1 is the SPM"), "{r}");
+    let r = live.ok(&["host", "show", "node1", "-o", "json"]).await;
+    assert_eq!(r.json()["spm"]["status"], "spm", "{r}");
 
     // A VM with a boot disk, booting the test guest.
     let cmdline = TestGuest::append(&[]);

@@ -193,6 +193,23 @@ async fn spm_of(e: &Engine) -> Option<HostUuid> {
     }
 }
 
+/// Records when the SPM role first rests on a host other than `from`, polling every 100 ms from
+/// now; fails after 60 s.
+fn watch_spm_leaving(e: Arc<Engine>, from: HostUuid, since: Instant) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        loop {
+            if spm_of(&e).await.is_some_and(|s| s != from) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "the SPM role did not leave its host"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Waits until the VM is up on a host other than `away_from` and its guest writes there;
 /// returns (host, time to up, time to the guest's first pass).
 async fn wait_moved(
@@ -350,6 +367,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     let old_qemu = c.qemu_pid(&spm1_name, vm.id);
     let i = c.node(&spm1_name);
     let killed = Instant::now();
+    let spm_watch = watch_spm_leaving(e.clone(), spm1, killed);
     c.nodes[i].2.child.kill().unwrap();
     let _ = c.nodes[i].2.child.wait();
     assert!(
@@ -360,16 +378,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     assert!(!alive(old_qemu), "the fence watchdog killed the orphaned QEMU");
     let old_console = c.console(&spm1_name, vm.id);
     let frozen_len = console_len(&old_console);
-    let spm_moved = loop {
-        if spm_of(&e).await.is_some_and(|s| s != spm1) {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "the SPM role did not move"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let spm_moved = spm_watch.await.expect("the SPM role moved");
     eprintln!(
         "BENCH kill -9 of the SPM node: HA VM up on {h2_name} after {up1:?}, guest writing after {pass1:?}; SPM moved after {spm_moved:?}"
     );
@@ -388,28 +397,23 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
         .runtime
         .run_on_host
         .unwrap();
+    // It becomes the SPM as well (the admin's "select as SPM"), so that both roles must move.
+    cmds.force_select_spm(h2).await.unwrap();
+    assert_eq!(spm_of(&e).await, Some(h2));
     let qemu2 = c.qemu_pid(&h2_name, vm.id);
     let j = c.node(&h2_name);
     let pid2 = c.nodes[j].2.child.id() as i32;
     let frozen = Instant::now();
+    let spm_watch = watch_spm_leaving(e.clone(), h2, frozen);
     // SAFETY: signalling the node process this test spawned.
     assert_eq!(unsafe { libc::kill(pid2, libc::SIGSTOP) }, 0);
     let (h3_name, up2, pass2) = wait_moved(&c, vm.id, h2, frozen).await;
     assert!(!alive(qemu2), "the frozen node's QEMU was killed by its watchdog");
     assert_ne!(h3_name, spm1_name);
+    let spm_moved2 = spm_watch.await.expect("the SPM role left the frozen node");
     eprintln!(
-        "BENCH SIGSTOP of the VM's node: HA VM up on {h3_name} after {up2:?}, guest writing after {pass2:?}"
+        "BENCH SIGSTOP of the VM's node (also SPM): HA VM up on {h3_name} after {up2:?}, guest writing after {pass2:?}; SPM moved after {spm_moved2:?}"
     );
-    if spm_of(&e).await == Some(h2) {
-        let t = Instant::now();
-        while spm_of(&e).await == Some(h2) {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the SPM role did not leave the frozen node"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 
     // Never twice: at most one live QEMU ran the VM at any sampled moment, and the dead and
     // frozen nodes' guests wrote nothing more.
@@ -686,9 +690,14 @@ esac
     .parse()
     .unwrap();
 
+    // host3 is the SPM too: cut from the engine, it keeps that role (and writes) until fenced.
+    cmds.force_select_spm(host3.id).await.unwrap();
+    assert_eq!(spm_of(&e).await, Some(host3.id));
+
     // Cut: host3 keeps its storage and keeps renewing, so its lease never frees by itself; the
     // engine fences it through the agent, then restarts the VM once the lease is dead.
     let cut = Instant::now();
+    let spm_watch = watch_spm_leaving(e.clone(), host3.id, cut);
     ns.cut();
     let (name, up, pass) = wait_moved(&c, vm.id, host3.id, cut).await;
     assert_ne!(name, "host3");
@@ -703,7 +712,8 @@ esac
         .filter(|ev| ev.description.contains("fenced"))
         .count();
     assert!(events >= 1, "the fencing is recorded");
-    eprintln!("BENCH node cut from the engine, fenced by its agent: HA VM up on {name} after {up:?}, guest writing after {pass:?}");
+    let spm_moved = spm_watch.await.expect("the SPM role left the fenced host");
+    eprintln!("BENCH node cut from the engine (also SPM), fenced by its agent: HA VM up on {name} after {up:?}, guest writing after {pass:?}; SPM moved after {spm_moved:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sampler.max(), 1, "the VM ran in two QEMUs at once");
     check_domain(&c.storage);

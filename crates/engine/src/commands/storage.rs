@@ -685,6 +685,35 @@ impl Commands {
         }
     }
 
+    /// oVirt's "select as SPM": the current SPM steps down (its node refuses while SPM tasks
+    /// run) and `host` takes the role, both through the storage leases as any election.
+    pub async fn force_select_spm(&self, host: HostUuid) -> Result<(), CommandError> {
+        let h = self.app.host(host).await?;
+        let dc = self.app.host_dc(&h).await?;
+        if dc.status == DcStatus::Maintenance {
+            return Err(CommandError::Conflict(format!(
+                "data center {} is in maintenance: activate its master domain first",
+                dc.name
+            )));
+        }
+        if self.app.db.pool_master(dc.id).await?.is_none() {
+            return Err(CommandError::Conflict(format!(
+                "data center {} has no storage: there is no SPM role to give",
+                dc.name
+            )));
+        }
+        let _election = self.app.spm_elections.lock().await;
+        crate::monitor::elect_spm(&self.app, dc.id, Some(host)).await?;
+        let d = self.app.dc(dc.id).await?;
+        if (d.spm_status, d.spm_host) != (SpmStatus::Spm, Some(host)) {
+            return Err(CommandError::Conflict(format!(
+                "host {} did not become the SPM of data center {}",
+                h.name, d.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Puts an attached domain into maintenance. No running VM may have a disk on it. The
     /// master domain hands its role to another active data domain first; when there is none,
     /// the whole data center goes to maintenance ([`Self::pool_to_maintenance`]), as in oVirt.

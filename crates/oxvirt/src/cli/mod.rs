@@ -216,6 +216,8 @@ pub enum HostCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Make a host the SPM of its data center (the current SPM steps down).
+    SelectSpm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -893,6 +895,14 @@ async fn host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
                 .action(label, format!("/hosts/{id}/deactivate"), json!({}), u)
                 .await?;
             output::print_done(ctx.out, &format!("host {name} is in maintenance"), o.as_ref())
+        }
+        HostCmd::SelectSpm { name } => {
+            let id = ctx.id(k, &name).await?;
+            let label = format!("select host {name} as SPM");
+            let o = ctx
+                .action(label, format!("/hosts/{id}/forceselectspm"), json!({}), None)
+                .await?;
+            output::print_done(ctx.out, &format!("host {name} is the SPM"), o.as_ref())
         }
     }
 }

@@ -411,3 +411,15 @@ pub async fn host_activate(r: &Req, up: bool) -> Result<Resp, ApiError> {
     )
     .await
 }
+
+/// `POST /hosts/{id}/forceselectspm`.
+pub async fn host_force_select_spm(r: &Req) -> Result<Resp, ApiError> {
+    let h = host(r, 0).await?;
+    let body = r.action_body()?;
+    let id = h.id;
+    run_action(r, Some(&body), "forceselectspm", move |e| async move {
+        e.cmds.force_select_spm(id).await?;
+        Ok(())
+    })
+    .await
+}

@@ -47,6 +47,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         HostUpdate => infra::host_update(r).await,
         HostRemove => infra::host_remove(r).await,
         HostActivate => infra::host_activate(r, true).await,
+        HostForceSelectSpm => infra::host_force_select_spm(r).await,
         HostDeactivate => infra::host_activate(r, false).await,
         SdList => storage::sd_list(r).await,
         SdAdd => storage::sd_add(r).await,
