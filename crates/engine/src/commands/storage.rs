@@ -787,19 +787,32 @@ impl Commands {
 
     /// Moves the master role (pool metadata, task journal, SDM lease) from `old` to `new` with
     /// a bumped master version; connected hosts refresh to it on their next poll. Storage moves
-    /// first: should the engine stop in between, the database still names the old master and
-    /// the admin repeats the deactivation.
+    /// first, then the database: should the engine stop in between, the deactivation repeated
+    /// finds the pool on another master already (as the SPM reports it) and only records that.
     async fn move_master(&self, dcr: &DataCenter, old: SdUuid, new: SdUuid) -> Result<(), CommandError> {
         let (_, spm) = self.app.spm(dcr).await?;
-        let version = dcr.master_version + 1;
-        spm.call(
-            "StoragePool.switchMaster",
-            json!({
-                "spUUID": dcr.storage_pool_id, "oldMasterUUID": old, "newMasterUUID": new,
-                "masterVersion": version,
-            }),
-        )
-        .await?;
+        let info = spm
+            .call("StoragePool.getInfo", json!({ "spUUID": dcr.storage_pool_id }))
+            .await?;
+        let on_storage: Option<SdUuid> = info["info"]["master_uuid"].as_str().and_then(|m| m.parse().ok());
+        let (new, version) = match on_storage {
+            Some(m) if m != old => {
+                let v = info["info"]["master_ver"].as_i64();
+                (m, v.unwrap_or(dcr.master_version + 1))
+            }
+            _ => {
+                let version = dcr.master_version + 1;
+                spm.call(
+                    "StoragePool.switchMaster",
+                    json!({
+                        "spUUID": dcr.storage_pool_id, "oldMasterUUID": old, "newMasterUUID": new,
+                        "masterVersion": version,
+                    }),
+                )
+                .await?;
+                (new, version)
+            }
+        };
         let db = &self.app.db;
         db.pool_set_master(dcr.id, new).await?;
         db.dc_set_master_version(dcr.id, dcr.master_version, version)
