@@ -13,7 +13,8 @@
 //! and serves the real REST routes plus one bare route, `/bench/bytes`, that answers a
 //! prebuilt body of exactly the size of the `/vms` answer: the same TLS, HTTP and socket work
 //! with no database and no XML. The other baseline is the child's own `Db::vm_list` of all VMs
-//! (the `SELECT` with decoding into the model), timed in-process.
+//! (the `SELECT` with decoding into the model), timed in-process. Last, the child's resident set
+//! (`VmRSS`, peak `VmHWM`): the whole engine daemon with the database of `--vms` VMs.
 
 #[path = "../tests/rest_common/mod.rs"]
 mod rest_common;
@@ -225,6 +226,7 @@ async fn main() {
         lists.push(Duration::from_micros(us));
     }
     lists.sort();
+    let (rss, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
     writeln!(to_child, "quit").unwrap();
     drop(to_child);
     let _ = child.wait();
@@ -255,6 +257,21 @@ async fn main() {
         "  ratio /vms : bare bytes (p50) = {:.1}",
         pct(&vms_lat, 0.5).as_secs_f64() / pct(&bare_lat, 0.5).as_secs_f64()
     );
+    println!(
+        "  engine process (whole daemon: REST, monitor, database pool) RSS {:.1} MiB, peak {:.1} MiB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+}
+
+/// A `/proc/<pid>/status` figure in KiB.
+fn status_kib(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Latencies of `reqs` requests and the child's CPU per request (ms).
