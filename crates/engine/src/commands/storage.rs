@@ -848,7 +848,10 @@ impl Commands {
             )));
         }
         let db = &self.app.db;
-        // First, so that the monitor neither elects an SPM nor reconnects hosts meanwhile.
+        // No election runs meanwhile (one in flight could restart the SPM just stopped), and the
+        // status goes first so that the monitor neither elects nor reconnects hosts afterwards.
+        let _election = self.app.spm_elections.lock().await;
+        let dcr = &self.app.dc(dcr.id).await?;
         db.dc_set_status(dcr.id, DcStatus::Maintenance).await?;
         if let Err(e) = self.stop_pool(dcr).await {
             // Back as it was: the monitor reconnects whatever was disconnected and re-elects.
