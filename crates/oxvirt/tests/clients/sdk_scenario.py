@@ -196,6 +196,25 @@ def main():
     assert [s.id for s in sds.list(search="name=%s-data" % P)] == [sd.id]
     step("storage domain %s active" % sd.id)
 
+    # Select the last host as SPM (the current SPM steps down), as an admin does.
+    last = hosts.list(search="name=%s" % names[-1])[0]
+    hosts.host_service(last.id).force_select_spm()
+    assert hosts.host_service(last.id).get().spm.status == types.SpmStatus.SPM
+    assert all(h.spm.status != types.SpmStatus.SPM
+               for h in hosts.list(search="cluster=%s-cl" % P) if h.id != last.id)
+    step("host %s selected as SPM" % last.name)
+
+    # The cluster's MAC pool: followed from the cluster, its ranges replaced.
+    pool_ref = clusters.cluster_service(cl.id).get().mac_pool
+    pool_svc = system.mac_pools_service().mac_pool_service(pool_ref.id)
+    assert pool_svc.get().ranges[0].from_.startswith("56:6f:")
+    pool = pool_svc.update(types.MacPool(ranges=[
+        types.Range(from_="02:1a:4a:00:01:00", to="02:1a:4a:00:01:ff"),
+    ]))
+    assert [(r.from_, r.to) for r in pool.ranges] == [("02:1a:4a:00:01:00", "02:1a:4a:00:01:ff")]
+    assert pool_ref.id in [p.id for p in system.mac_pools_service().list()]
+    step("MAC pool ranges replaced")
+
     vms = system.vms_service()
     vm = vms.add(
         types.Vm(
