@@ -3,8 +3,9 @@
 //! io_timeout 1 s, fence margin 2 s. A highly available VM whose guest keeps writing to its disk
 //! runs on the SPM node; that node is killed with `kill -9` (the VM and the SPM role must move);
 //! then the node now running the VM is frozen with SIGSTOP past its lease (the watchdog must
-//! kill its QEMU, the VM must move again). Throughout, a sampler checks that no two live QEMU
-//! processes ever run the VM, and the storage domain checks clean at the end.
+//! kill its QEMU, the VM must move again); last its QEMU is killed on a live host (the VM must
+//! restart in place). Throughout, a sampler checks that no two live QEMU processes ever run the
+//! VM, and the storage domain checks clean.
 
 mod common;
 
@@ -431,6 +432,46 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid2, libc::SIGCONT) }, 0);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(live_processes_with(&format!("vms/{}/", vm.id)).len(), 1);
+    assert_eq!(sampler.max(), 1);
+
+    // 3. Its QEMU crashes on a host that is up: the VM is restarted in place.
+    let h3 = db
+        .vm_get(vm.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .runtime
+        .run_on_host
+        .unwrap();
+    let qemu3 = c.qemu_pid(&h3_name, vm.id);
+    let crashed = Instant::now();
+    // SAFETY: signalling a QEMU this test's node started.
+    assert_eq!(unsafe { libc::kill(qemu3 as i32, libc::SIGKILL) }, 0);
+    let back = loop {
+        let v = db.vm_get(vm.id).await.unwrap().unwrap();
+        let pid = std::fs::read_to_string(
+            c.nodes[c.node(&h3_name)]
+                .1
+                .join("run/vms")
+                .join(vm.id.to_string())
+                .join("qemu.pid"),
+        )
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+        if v.runtime.status == VmStatus::Up && pid.is_some_and(|p| p != qemu3 && alive(p)) {
+            assert_eq!(v.runtime.run_on_host, Some(h3), "restarted in place");
+            break crashed.elapsed();
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(60),
+            "the crashed VM did not come back in place: {} ({:?})",
+            v.runtime.status,
+            v.runtime.status_detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("BENCH QEMU killed on a live host: HA VM up again in place after {back:?}");
     assert_eq!(live_processes_with(&format!("vms/{}/", vm.id)).len(), 1);
     assert_eq!(sampler.max(), 1);
     drop(sampler);
