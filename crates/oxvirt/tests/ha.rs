@@ -387,6 +387,11 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
         db.host_get(spm1).await.unwrap().unwrap().status,
         HostStatus::NonResponsive
     );
+    // The dead host cannot be selected as SPM, and asking changes nothing.
+    let spm_now = spm_of(&e).await;
+    let err = cmds.force_select_spm(spm1).await.unwrap_err().to_string();
+    assert!(err.contains("cannot be the SPM"), "{err}");
+    assert_eq!(spm_of(&e).await, spm_now);
 
     // 2. Freeze the node now running the VM past its lease: the watchdog (not frozen) kills its
     //    QEMU at the lease's expiry; the VM comes back on the last host.

@@ -702,6 +702,22 @@ impl Commands {
                 dc.name
             )));
         }
+        // Checked before the current SPM steps down, so that a refusal changes nothing.
+        let connected = self
+            .app
+            .host_rt(host)
+            .pool
+            .is_some_and(|(p, _)| p == dc.storage_pool_id);
+        if h.status != HostStatus::Up || h.spm_priority < 0 || !connected {
+            return Err(CommandError::Conflict(format!(
+                "host {} cannot be the SPM: it is {}, {}connected to the pool of data center {}, SPM priority {}",
+                h.name,
+                h.status,
+                if connected { "" } else { "not " },
+                dc.name,
+                h.spm_priority
+            )));
+        }
         let _election = self.app.spm_elections.lock().await;
         crate::monitor::elect_spm(&self.app, dc.id, Some(host)).await?;
         let d = self.app.dc(dc.id).await?;
