@@ -834,6 +834,30 @@ pub struct Snapshot {
     pub created_at: Timestamp,
 }
 
+impl Snapshot {
+    /// A snapshot being made: locked, without memory or configuration; the database stamps
+    /// its creation time.
+    pub fn locked(
+        id: SnapshotId,
+        vm_id: VmId,
+        description: impl Into<String>,
+        snapshot_type: SnapshotType,
+        disks: Vec<SnapshotDisk>,
+    ) -> Snapshot {
+        Snapshot {
+            id,
+            vm_id,
+            description: description.into(),
+            snapshot_type,
+            status: SnapshotStatus::Locked,
+            persist_memory: false,
+            vm_configuration: None,
+            disks,
+            created_at: Timestamp::from_millis(0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityGroup {
     pub id: AffinityGroupId,

@@ -82,17 +82,13 @@ impl SagaDef for AddSnapshotSaga {
                     let p = c.params();
                     if c.db().snapshot_get(p.snapshot).await?.is_none() {
                         c.db()
-                            .snapshot_insert(&Snapshot {
-                                id: p.snapshot,
-                                vm_id: p.vm,
-                                description: p.description.clone(),
-                                snapshot_type: SnapshotType::Regular,
-                                status: SnapshotStatus::Locked,
-                                persist_memory: false,
-                                vm_configuration: None,
-                                disks: p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.old_leaf }).collect(),
-                                created_at: crate::time::Timestamp::from_millis(0),
-                            })
+                            .snapshot_insert(&Snapshot::locked(
+                                p.snapshot,
+                                p.vm,
+                                p.description.clone(),
+                                SnapshotType::Regular,
+                                p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.old_leaf }).collect(),
+                            ))
                             .await?;
                     }
                     Ok(())
@@ -437,17 +433,13 @@ impl SagaDef for PreviewSnapshotSaga {
                     let p = c.params();
                     if c.db().snapshot_get(p.kept).await?.is_none() {
                         c.db()
-                            .snapshot_insert(&Snapshot {
-                                id: p.kept,
-                                vm_id: p.vm,
-                                description: "Active VM before the preview".into(),
-                                snapshot_type: SnapshotType::Preview,
-                                status: SnapshotStatus::Locked,
-                                persist_memory: false,
-                                vm_configuration: None,
-                                disks: p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.keep }).collect(),
-                                created_at: crate::time::Timestamp::from_millis(0),
-                            })
+                            .snapshot_insert(&Snapshot::locked(
+                                p.kept,
+                                p.vm,
+                                "Active VM before the preview",
+                                SnapshotType::Preview,
+                                p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.keep }).collect(),
+                            ))
                             .await?;
                     }
                     Ok(())
