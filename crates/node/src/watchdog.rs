@@ -453,8 +453,11 @@ mod tests {
         std::fs::create_dir_all(&vm).unwrap();
         let marker = vm.join("qmp.sock").display().to_string();
         // A real process whose command line names the marker stands in for QEMU.
+        // Its `sleep` outlives the killed shell: no pipe of the test runner is left open by it.
         let mut child = std::process::Command::new("sh")
             .args(["-c", "sleep 30; true", &marker])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         std::fs::write(vm.join("qemu.pid"), child.id().to_string()).unwrap();
