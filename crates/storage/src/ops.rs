@@ -833,6 +833,13 @@ pub fn run(
     mut op: Operation,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
+    // Steps report their shares of 0..100 computed apart; rounding could step back by an ulp at a
+    // boundary, and callers are promised a monotonic figure.
+    let mut last = 0.0_f64;
+    let progress = &mut |p: f64| {
+        last = p.clamp(0.0, 100.0).max(last);
+        progress(last)
+    };
     let failpoint = dom.failpoint();
     let (s, n) = (op.side.len(), op.steps.len());
     tracing::info!(op = %op.id, verb = %op.verb, sd = %op.sd, steps = s + n, "operation started");
