@@ -18,6 +18,8 @@
 
 #[path = "../tests/rest_common/mod.rs"]
 mod rest_common;
+#[path = "seed/mod.rs"]
+mod seed;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -40,7 +42,8 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-async fn seed(db: &Db, n: usize) {
+/// `n` VMs in a `bench` cluster, their disks on a `bench` domain.
+async fn seed_all(db: &Db, n: usize) {
     let dc = db.dc_insert(&DataCenter::new("bench")).await.unwrap();
     let cl = db.cluster_insert(&Cluster::new("bench", dc.id)).await.unwrap();
     let sd = db
@@ -52,48 +55,7 @@ async fn seed(db: &Db, n: usize) {
         ))
         .await
         .unwrap();
-    let mut i = 0;
-    while i < n {
-        let end = (i + 500).min(n);
-        let mut tx = db.begin().await.unwrap();
-        for k in i..end {
-            let mut vm = Vm::new(&format!("vm-{k:05}"), cl.id);
-            vm.description = format!("benchmark VM number {k}");
-            let vm = tx.vm_insert(&vm).await.unwrap();
-            let disk = tx
-                .disk_insert(&Disk::new(
-                    &format!("vm-{k:05}_disk1"),
-                    sd.id,
-                    DiskFormat::Cow,
-                    10 << 30,
-                ))
-                .await
-                .unwrap();
-            tx.attachment_add(&DiskAttachment {
-                vm_id: vm.id,
-                disk_id: disk.id,
-                interface: DiskInterface::VirtioScsi,
-                bootable: true,
-                active: true,
-                read_only: false,
-            })
-            .await
-            .unwrap();
-            let nic = Nic {
-                id: NicId::new_random(),
-                vm_id: vm.id,
-                name: "nic1".into(),
-                network: Some("ovirtmgmt".into()),
-                mac: MacAddr([0; 6]),
-                interface: NicInterface::Virtio,
-                plugged: true,
-                linked: true,
-            };
-            tx.nic_add(&nic, None).await.unwrap();
-        }
-        tx.commit().await.unwrap();
-        i = end;
-    }
+    seed::seed(db, 0, n, cl.id, sd.id).await;
 }
 
 /// The child: an engine with `n` VMs serving the REST API and `/bench/bytes`. Prints its
@@ -130,7 +92,7 @@ async fn serve(n: usize, pg: Option<String>) {
     });
     let engine = Engine::start(cfg, Some(routes)).await.unwrap();
     let t0 = Instant::now();
-    seed(&engine.app().db, n).await;
+    seed_all(&engine.app().db, n).await;
     eprintln!("seeded {n} VMs in {:.1} s", t0.elapsed().as_secs_f64());
     std::fs::write(dir.path().join("bench-ca.pem"), engine.enrollment.ca().cert_pem()).unwrap();
     println!("{} {}", engine.addr, dir.path().join("bench-ca.pem").display());

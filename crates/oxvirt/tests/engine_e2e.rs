@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, NodeProc};
 use oxvirt_engine::allinone;
-use oxvirt_engine::app::EngineSettings;
 use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::{
@@ -32,13 +31,7 @@ struct Cluster {
 async fn start_cluster(n: usize) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
-    let settings = EngineSettings {
-        io_timeout: Duration::from_secs(1),
-        fence_margin: Duration::from_secs(2),
-        monitor_interval: Duration::from_millis(500),
-        accel: Some("tcg".into()),
-        ..EngineSettings::default()
-    };
+    let settings = common::fast_engine_settings();
     let cfg = EngineConfig {
         data_dir: engine_dir.path().to_path_buf(),
         db_url: None,

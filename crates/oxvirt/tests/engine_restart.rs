@@ -22,7 +22,6 @@ use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use oxvirt_engine::allinone;
-use oxvirt_engine::app::EngineSettings;
 use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, VmStartOptions};
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::{DiskFormat, DiskInterface, VmOs, VmStatus, BLANK_TEMPLATE_ID};
@@ -234,13 +233,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
         db_url: None,
         listen,
         admin_password: Some(PASSWORD.into()),
-        settings: EngineSettings {
-            io_timeout: Duration::from_secs(1),
-            fence_margin: Duration::from_secs(2),
-            monitor_interval: Duration::from_millis(500),
-            accel: Some("tcg".into()),
-            ..EngineSettings::default()
-        },
+        settings: common::fast_engine_settings(),
     };
     let engine = Engine::start(cfg, None).await.unwrap();
     let (dc, cluster) = allinone::ensure_default(&engine).await.unwrap();

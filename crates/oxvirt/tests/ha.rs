@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, NodeProc};
 use oxvirt_engine::allinone;
-use oxvirt_engine::app::EngineSettings;
 use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, VmStartOptions};
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::{
@@ -42,13 +41,7 @@ async fn start_cluster(n: usize) -> Cluster {
 async fn start_cluster_on(n: usize, listen: std::net::SocketAddr) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
-    let settings = EngineSettings {
-        io_timeout: Duration::from_secs(1),
-        fence_margin: Duration::from_secs(2),
-        monitor_interval: Duration::from_millis(500),
-        accel: Some("tcg".into()),
-        ..EngineSettings::default()
-    };
+    let settings = common::fast_engine_settings();
     let cfg = EngineConfig {
         data_dir: engine_dir.path().to_path_buf(),
         db_url: None,
@@ -104,13 +97,18 @@ impl Cluster {
             .join(vm.to_string())
             .join("serial.log")
     }
-    fn qemu_pid(&self, host: &str, vm: VmId) -> u32 {
+    /// The pid of the VM's QEMU on `host`, when its node has recorded one.
+    fn qemu_pid_now(&self, host: &str, vm: VmId) -> Option<u32> {
         let p = self.nodes[self.node(host)]
             .1
             .join("run/vms")
             .join(vm.to_string())
             .join("qemu.pid");
-        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+        std::fs::read_to_string(&p).ok()?.trim().parse().ok()
+    }
+    fn qemu_pid(&self, host: &str, vm: VmId) -> u32 {
+        self.qemu_pid_now(host, vm)
+            .expect("the node recorded its QEMU's pid")
     }
 }
 
@@ -184,6 +182,12 @@ impl Drop for TwiceSampler {
 
 async fn host_name(e: &Engine, id: HostUuid) -> String {
     e.app().db.host_get(id).await.unwrap().unwrap().name
+}
+
+/// The host the engine records the VM running on.
+async fn vm_host(e: &Engine, vm: VmId) -> HostUuid {
+    let v = e.app().db.vm_get(vm).await.unwrap().unwrap();
+    v.runtime.run_on_host.expect("the VM runs somewhere")
 }
 
 async fn spm_of(e: &Engine) -> Option<HostUuid> {
@@ -395,14 +399,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
 
     // 2. Freeze the node now running the VM past its lease: the watchdog (not frozen) kills its
     //    QEMU at the lease's expiry; the VM comes back on the last host.
-    let h2 = db
-        .vm_get(vm.id)
-        .await
-        .unwrap()
-        .unwrap()
-        .runtime
-        .run_on_host
-        .unwrap();
+    let h2 = vm_host(&e, vm.id).await;
     // It becomes the SPM as well (the admin's "select as SPM"), so that both roles must move.
     cmds.force_select_spm(h2).await.unwrap();
     assert_eq!(spm_of(&e).await, Some(h2));
@@ -441,29 +438,14 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     assert_eq!(sampler.max(), 1);
 
     // 3. Its QEMU crashes on a host that is up: the VM is restarted in place.
-    let h3 = db
-        .vm_get(vm.id)
-        .await
-        .unwrap()
-        .unwrap()
-        .runtime
-        .run_on_host
-        .unwrap();
+    let h3 = vm_host(&e, vm.id).await;
     let qemu3 = c.qemu_pid(&h3_name, vm.id);
     let crashed = Instant::now();
     // SAFETY: signalling a QEMU this test's node started.
     assert_eq!(unsafe { libc::kill(qemu3 as i32, libc::SIGKILL) }, 0);
     let back = loop {
         let v = db.vm_get(vm.id).await.unwrap().unwrap();
-        let pid = std::fs::read_to_string(
-            c.nodes[c.node(&h3_name)]
-                .1
-                .join("run/vms")
-                .join(vm.id.to_string())
-                .join("qemu.pid"),
-        )
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok());
+        let pid = c.qemu_pid_now(&h3_name, vm.id);
         if v.runtime.status == VmStatus::Up && pid.is_some_and(|p| p != qemu3 && alive(p)) {
             assert_eq!(v.runtime.run_on_host, Some(h3), "restarted in place");
             break crashed.elapsed();

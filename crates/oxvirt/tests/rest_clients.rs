@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, NodeProc};
-use oxvirt_engine::app::EngineSettings;
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_testkit::{repo_root, TestGuest};
 
@@ -36,13 +35,7 @@ impl Live {
             db_url: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_password: Some(PASSWORD.into()),
-            settings: EngineSettings {
-                io_timeout: Duration::from_secs(1),
-                fence_margin: Duration::from_secs(2),
-                monitor_interval: Duration::from_millis(500),
-                accel: Some("tcg".into()),
-                ..EngineSettings::default()
-            },
+            settings: common::fast_engine_settings(),
         };
         let engine = Engine::start(cfg, Some(oxvirt_engine::rest::routes()))
             .await

@@ -834,16 +834,21 @@ impl Commands {
         db.dc_set_master_version(dcr.id, dcr.master_version, version)
             .await?;
         self.app.kick.notify_one();
-        let mut e = NewEvent::new(
-            Severity::Normal,
+        self.dc_event(
+            dcr,
             1002,
             format!(
                 "The master role of data center {} moved from storage domain {old} to {new} (master version {version})",
                 dcr.name
             ),
-        );
-        e.data_center_id = Some(dcr.id);
-        db.event_add(&e).await?;
+        )
+        .await
+    }
+
+    async fn dc_event(&self, dc: &DataCenter, code: i32, text: String) -> Result<(), CommandError> {
+        let mut e = NewEvent::new(Severity::Normal, code, text);
+        e.data_center_id = Some(dc.id);
+        self.app.db.event_add(&e).await?;
         Ok(())
     }
 
@@ -877,17 +882,15 @@ impl Commands {
         }
         db.pool_set_status(dcr.id, master, &[], SdStatus::Maintenance)
             .await?;
-        let mut e = NewEvent::new(
-            Severity::Normal,
+        self.dc_event(
+            dcr,
             1001,
             format!(
                 "Data center {} is in maintenance: its last data domain {master} was deactivated",
                 dcr.name
             ),
-        );
-        e.data_center_id = Some(dcr.id);
-        db.event_add(&e).await?;
-        Ok(())
+        )
+        .await
     }
 
     /// Stops the SPM and disconnects every up host from the pool.

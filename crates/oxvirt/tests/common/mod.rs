@@ -15,6 +15,18 @@ use oxvirt_rpc::{Limits, RpcClient};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+/// Engine settings for tests on real processes: leases on a 1 s io_timeout with a 2 s fence
+/// margin, hosts polled every 0.5 s, guests under TCG.
+pub fn fast_engine_settings() -> oxvirt_engine::app::EngineSettings {
+    oxvirt_engine::app::EngineSettings {
+        io_timeout: Duration::from_secs(1),
+        fence_margin: Duration::from_secs(2),
+        monitor_interval: Duration::from_millis(500),
+        accel: Some("tcg".into()),
+        ..Default::default()
+    }
+}
+
 pub struct Engine {
     pub addr: SocketAddr,
     pub enrollment: Arc<Enrollment>,
