@@ -2,7 +2,8 @@
 //! playing the engine: live migration between two nodes on one machine sharing a storage
 //! directory (and back, with a failed and a cancelled attempt in between, hooks at every
 //! migration point); a node killed with SIGKILL whose VM keeps running and is found again by
-//! the next node process; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
+//! the next node process; a thin disk on a host that is not the SPM growing through the
+//! pool's mailbox; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
 
 mod common;
 
@@ -578,4 +579,150 @@ async fn ksm_is_reported_and_tuned_through_the_node_api() {
     )
     .await;
     assert_eq!((sys("run"), sys("pages_to_scan"), sys("sleep_millisecs")), before);
+}
+
+/// Issue 6's thin-disk path across real nodes: host 1 is the SPM, host 2 runs a VM whose disk is
+/// a sparse qcow2 volume created with an 8 MiB allocation (`initialSize`, as a fresh LV) and
+/// capped at its file's length by a loop device. The guest writes 40 MiB: each write-threshold
+/// event on host 2 becomes a mailbox request that host 1 serves; host 2 refreshes its device,
+/// re-arms the threshold, and resumes the guest if it stopped on ENOSPC. The guest never sees a
+/// write error, and every byte it wrote is on storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
+    const MIB: u64 = 1 << 20;
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spm = Node::start(&engine, "spm-host", &tmp.path().join("a"), None, None).await;
+    let hsm = Node::start(&engine, "hsm-host", &tmp.path().join("b"), None, None).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    for n in [&spm, &hsm] {
+        let r = n
+            .call(
+                "StoragePool.connectStorageServer",
+                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
+            )
+            .await;
+        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+    }
+    let (pool, sd) = (oxvirt_types::PoolUuid::new_random(), SdUuid::new_random());
+    spm.call(
+        "StorageDomain.create",
+        json!({ "sdUUID": sd, "connectionID": "shared", "description": "data", "storageType": "localfs" }),
+    )
+    .await;
+    spm.call(
+        "StoragePool.create",
+        json!({ "spUUID": pool, "poolName": "dc1", "masterDom": sd, "masterVersion": 1 }),
+    )
+    .await;
+    let connect = |id: u64| {
+        json!({ "spUUID": pool, "hostID": id, "msdUUID": sd, "masterVersion": 1,
+                "ioTimeout": 1, "fenceMargin": 2, "maxHostID": 8 })
+    };
+    // Together: each waits out its host id's acquisition delay.
+    let (a, b) = tokio::join!(
+        spm.c.call("StoragePool.connect", connect(1)),
+        hsm.c.call("StoragePool.connect", connect(2))
+    );
+    a.unwrap();
+    b.unwrap();
+    let task = spm
+        .call(
+            "StoragePool.spmStart",
+            json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
+        )
+        .await;
+    wait_task(&spm, &task, Duration::from_secs(30)).await;
+    let st = hsm
+        .call("StoragePool.getSpmStatus", json!({ "spUUID": pool }))
+        .await;
+    assert_eq!(st["spm_st"]["spmId"], 1, "{st}");
+
+    // The HSM may not create volumes; the SPM creates the thin one.
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    let create = json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "size": 64 * MIB,
+                         "volFormat": "COW", "preallocate": "SPARSE", "volUUID": vol,
+                         "initialSize": 8 * MIB });
+    let e = hsm.c.call("Volume.create", create.clone()).await.unwrap_err();
+    assert!(e.to_string().contains("not the SPM"), "{e}");
+    let task = spm.call("Volume.create", create).await;
+    wait_task(&spm, &task, Duration::from_secs(30)).await;
+    let path = shared
+        .join(sd.to_string())
+        .join("images")
+        .join(img.to_string())
+        .join(vol.to_string());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+
+    let g = TestGuest::get();
+    let id = VmId::new_random();
+    hsm.call(
+        "VM.create",
+        json!({
+            "vmID": id, "vmName": "thin", "smp": 1, "memSize": 256, "vnc": false,
+            "boot": { "kernel": g.kernel, "initrd": g.initrd,
+                      "cmdline": TestGuest::append(&["oxvirt.write_mib=40", "oxvirt.marker=done"]) },
+            "drives": [{ "domainID": sd, "imageID": img,
+                         "thin": { "chunk_bytes": 16 * MIB, "free_margin_bytes": 6 * MIB,
+                                   "max_bytes": 80 * MIB } }],
+        }),
+    )
+    .await;
+    let log = hsm.console_log(id);
+    let text = tokio::task::spawn_blocking(move || {
+        oxvirt_testkit::wait_for_text(&log, "OXVIRT-MARKER done", Duration::from_secs(180))
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await
+    .unwrap();
+    assert!(text.contains("OXVIRT-GUEST wrote 40 MiB"), "console:\n{text}");
+    assert!(!text.contains("write failed"), "console:\n{text}");
+
+    let stats = hsm.call("VM.getStats", json!({ "vmID": id })).await;
+    assert_eq!(stats["status"]["state"], "up", "{stats}");
+    let extends = stats["thin_extends"].as_u64().unwrap();
+    assert!(extends >= 2, "40 MiB through 16 MiB chunks from 8 MiB: {stats}");
+    // The HSM did not grow the file itself: the SPM's mailbox served every extend.
+    let info = spm.call("StoragePool.getInfo", json!({ "spUUID": pool })).await;
+    let served = info["mailbox"]["requests"].as_u64().unwrap();
+    assert!(
+        served >= extends,
+        "SPM served {served} requests for {extends} extends: {info}"
+    );
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!((40 * MIB..=80 * MIB).contains(&size), "volume file {size} bytes");
+
+    hsm.call("VM.destroy", json!({ "vmID": id })).await;
+    let out = Command::new(require_tool("qemu-io"))
+        .args(["-r", "-f", "qcow2", "-c", "read -P 0x5a 0 40M"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !t.contains("Pattern verification failed"),
+        "{t}"
+    );
+}
+
+/// Polls an SPM task until it succeeds (a failure fails the test with its message).
+async fn wait_task(n: &Node, task: &Value, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let st = n.call("Task.getStatus", json!({ "taskID": task })).await["taskStatus"].clone();
+        match st["taskState"].as_str() {
+            Some("running") => {}
+            _ => {
+                assert_eq!(st["taskResult"], "success", "{}: task {task}: {st}", n.name);
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{}: task {task} still running: {st}",
+            n.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

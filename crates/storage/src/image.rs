@@ -36,6 +36,12 @@ pub struct VolumeSpec {
     /// VDSM disk type; "DATA" for ordinary disks.
     pub disktype: String,
     pub description: String,
+    /// A sparse qcow2 volume's allocation at creation, as an LV's initial size on a block
+    /// domain (VDSM's `initialSize`): the file is made this long and no longer, so a node that
+    /// caps the volume at its file's length (a thin disk on a loop device) lets the guest use
+    /// this much before asking the SPM for more. `None`: the file is as long as `qemu-img`
+    /// leaves it.
+    pub initial_size: Option<u64>,
 }
 
 impl VolumeSpec {
@@ -46,8 +52,32 @@ impl VolumeSpec {
             allocation,
             disktype: "DATA".into(),
             description: String::new(),
+            initial_size: None,
         }
     }
+}
+
+/// Checks a volume's `initial_size` against its format and (rounded) capacity: only a sparse
+/// qcow2 volume has one, sector aligned, at most the most a qcow2 file of that capacity grows
+/// to (capacity × 1.1, VDSM's bound for extending a thin volume).
+fn check_initial_size(spec: &VolumeSpec, capacity: u64) -> Result<()> {
+    let Some(n) = spec.initial_size else {
+        return Ok(());
+    };
+    let bad = |reason: String| Err(StorageError::invalid("initial size", reason));
+    if spec.format != VolFormat::Cow || spec.allocation != Allocation::Sparse {
+        return bad(format!(
+            "only a SPARSE COW volume has one, not {} {}",
+            spec.allocation, spec.format
+        ));
+    }
+    let max = capacity + capacity / 10;
+    if n == 0 || n > max || !n.is_multiple_of(512) {
+        return bad(format!(
+            "{n} bytes is not a multiple of 512 in 1..={max} (capacity {capacity} × 1.1)"
+        ));
+    }
+    Ok(())
 }
 
 /// How [`FileStorageDomain::copy_image`] lays out the copy.
@@ -137,6 +167,7 @@ impl FileStorageDomain {
     pub fn create_volume(&self, img: ImgUuid, vol: VolUuid, spec: &VolumeSpec) -> Result<VolumeMetadata> {
         let _g = self.lock_ops();
         let capacity = round_capacity("capacity", spec.capacity)?;
+        check_initial_size(spec, capacity)?;
         let meta = VolumeMetadata {
             domain: self.sd(),
             image: img,
@@ -172,6 +203,7 @@ impl FileStorageDomain {
                     capacity,
                     backing: None,
                     content_of: None,
+                    initial_size: spec.initial_size,
                 },
             },
             Step::RemoveData { img, vol },
@@ -312,6 +344,7 @@ impl FileStorageDomain {
                     capacity,
                     backing: Some((leaf.id, leaf.meta.format)),
                     content_of,
+                    initial_size: None,
                 },
             },
             Step::RemoveData { img, vol: new_vol },
@@ -450,6 +483,7 @@ impl FileStorageDomain {
                     capacity: t.capacity,
                     backing: Some((tmpl_vol, t.format)),
                     content_of: None,
+                    initial_size: None,
                 },
             },
             Step::RemoveData { img, vol },
@@ -1006,6 +1040,7 @@ impl FileStorageDomain {
                                 capacity: v.meta.capacity,
                                 backing,
                                 content_of: None,
+                                initial_size: None,
                             },
                             collapsed: false,
                             progress: (start, share),
@@ -1044,6 +1079,7 @@ impl FileStorageDomain {
                             capacity: leaf.meta.capacity,
                             backing: None,
                             content_of: None,
+                            initial_size: None,
                         },
                         collapsed: true,
                         progress: (0.0, 100.0),

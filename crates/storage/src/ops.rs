@@ -52,6 +52,10 @@ pub struct DataSpec {
     /// holds exactly the clusters that differ (a snapshot preview's leaf).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_of: Option<(VolUuid, VolFormat)>,
+    /// The file's length after creation (a capped thin volume's allocation; see
+    /// [`crate::VolumeSpec::initial_size`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_size: Option<u64>,
 }
 
 /// One idempotent action on storage.
@@ -535,6 +539,18 @@ fn create_data(dom: &FileStorageDomain, img: ImgUuid, vol: VolUuid, spec: &DataS
                 subject: format!("rebase of volume {vol} onto {parent}"),
                 source,
             })?;
+    }
+    if let Some(n) = spec.initial_size {
+        // Only ever longer: qemu-img's metadata must stay inside the file. The extra length is
+        // a hole; the file system allocates it as the guest writes.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(StorageError::io("open", &path))?;
+        let len = f.metadata().map_err(StorageError::io("stat", &path))?.len();
+        if len < n {
+            f.set_len(n).map_err(StorageError::io("truncate", &path))?;
+        }
     }
     set_mode(&path)
 }

@@ -112,6 +112,9 @@ pub enum Job {
         allocation: Allocation,
         disktype: String,
         description: String,
+        /// See [`VolumeSpec::initial_size`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        initial_size: Option<u64>,
     },
     CreateSnapshot {
         sd: SdUuid,
@@ -213,6 +216,7 @@ impl Job {
                 allocation,
                 disktype,
                 description,
+                initial_size,
             } => {
                 let spec = VolumeSpec {
                     capacity: *capacity,
@@ -220,6 +224,7 @@ impl Job {
                     allocation: *allocation,
                     disktype: disktype.clone(),
                     description: description.clone(),
+                    initial_size: *initial_size,
                 };
                 src.domain(*sd)?.create_volume(*img, *vol, &spec).map(drop)
             }

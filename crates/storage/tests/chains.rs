@@ -438,3 +438,56 @@ fn preallocated_volumes_are_allocated() {
     }
     assert_clean(&f.dom);
 }
+
+#[test]
+fn a_thin_volume_gets_its_initial_size_and_bad_ones_change_nothing() {
+    let f = Fixture::new();
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    let mut s = spec(VolFormat::Cow, Allocation::Sparse);
+    s.initial_size = Some(4 * MIB);
+    f.dom.create_volume(img, vol, &s).unwrap();
+    let path = f.dom.volume_path(img, vol);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * MIB);
+    let info = f.dom.volume_info(img, vol).unwrap();
+    assert!(
+        info.true_size < MIB,
+        "the cap is a hole: {} allocated",
+        info.true_size
+    );
+    // The guest can use it (the qcow2 metadata sits at its start).
+    write(&f.dom, img, 0x5a, 0, 2);
+    assert_clean(&f.dom);
+
+    let before = tree(f.mount());
+    let bad = [
+        (VolFormat::Raw, Allocation::Sparse, Some(4 * MIB), "SPARSE COW"),
+        (
+            VolFormat::Cow,
+            Allocation::Preallocated,
+            Some(4 * MIB),
+            "SPARSE COW",
+        ),
+        (
+            VolFormat::Cow,
+            Allocation::Sparse,
+            Some(4 * MIB + 1),
+            "multiple of 512",
+        ),
+        (VolFormat::Cow, Allocation::Sparse, Some(18 * MIB), "1.1"),
+        (VolFormat::Cow, Allocation::Sparse, Some(0), "multiple of 512"),
+    ];
+    for (format, allocation, initial, want) in bad {
+        let mut s = spec(format, allocation);
+        s.initial_size = initial;
+        let e = f
+            .dom
+            .create_volume(ImgUuid::new_random(), VolUuid::new_random(), &s)
+            .unwrap_err();
+        assert!(matches!(e, StorageError::InvalidArgument { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains(want),
+            "{format} {allocation:?} {initial:?}: {e}"
+        );
+    }
+    assert_eq!(tree(f.mount()), before, "a refused create changed the domain");
+}

@@ -191,6 +191,7 @@ fn a_failing_job_rolls_back_before_the_commit_point_and_a_fenced_spm_stops() {
                 allocation: Allocation::Sparse,
                 disktype: "DATA".into(),
                 description: String::new(),
+                initial_size: None,
             },
             Job::DeleteImage { sd, img: img_new },
         )

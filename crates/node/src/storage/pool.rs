@@ -1118,8 +1118,9 @@ impl ExtendHandler for SpmExtendHandler {
 }
 
 /// The thin-disk extender of this node: through the pool's mailbox when connected to a pool
-/// and not the SPM; locally when SPM (after the SPM check) or when no pool is connected
-/// (local storage, tests).
+/// and not the SPM; locally when SPM (after the SPM check). A disk that names no pool volume
+/// (a bare file, tests) grows locally. A pool volume while no pool is connected (a restarted
+/// node before the engine reconnects it) is refused, never grown here: only the SPM may.
 pub struct PoolExtender {
     pub pools: Arc<PoolService>,
     /// How long to wait for the SPM's reply (retries happen inside).
@@ -1129,8 +1130,16 @@ pub struct PoolExtender {
 impl ExtendRequester for PoolExtender {
     fn extend<'a>(&'a self, req: &'a ExtendRequest) -> ExtendFuture<'a> {
         Box::pin(async move {
-            let (Some(cp), Some(v)) = (self.pools.current(), req.volume) else {
+            let Some(v) = req.volume else {
                 return LocalSpmExtender.extend(req).await;
+            };
+            let Some(cp) = self.pools.current() else {
+                return Err(ExtendError::Refused {
+                    reason: format!(
+                        "volume {} of domain {} belongs to a storage pool this node is not connected to",
+                        v.vol, v.sd
+                    ),
+                });
             };
             let size_mib = ExtendMessage::mib_for(req.new_size);
             let timeout = self.timeout;

@@ -1719,10 +1719,23 @@ async fn set_threshold(vm: &Vm, disk: usize, dev: &Path, threshold: Option<u64>)
     }
 }
 
+/// Runs an extend cycle, retrying with backoff (1 s doubling to 30 s) while it fails and the VM
+/// lives: a guest paused on ENOSPC raises no new event, so without a retry a transient failure
+/// (SPM moving, pool not yet reconnected after a node restart) would leave it paused for good.
 fn spawn_extend(vm: Arc<Vm>, disk: usize, extender: Arc<dyn ExtendRequester>) {
     tokio::spawn(async move {
-        if let Err(e) = extend_disk(&vm, disk, extender.as_ref()).await {
-            tracing::error!(vm_id = %vm.id, disk, error = %e, "thin extend failed");
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let Err(e) = extend_disk(&vm, disk, extender.as_ref()).await else {
+                return;
+            };
+            if vm.status().is_down() {
+                return;
+            }
+            tracing::error!(vm_id = %vm.id, disk, error = %e, retry_in_s = delay.as_secs(),
+                "thin extend failed");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
     });
 }

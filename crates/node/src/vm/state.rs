@@ -23,7 +23,9 @@
 //! `Exited` is accepted in every state but `Down`: whatever the VM was doing, a QEMU process
 //! that is gone makes it `Down` with the reason. `Down` is final; `destroy` removes the VM.
 //! A guest paused on ENOSPC is `Paused{IoError}` (QEMU's run state `io-error`), which the thin
-//! provisioning monitor resumes after an extend. Commands check [`VmStatus::allows`] before
+//! provisioning monitor resumes after an extend. A source whose migration completed (run state
+//! `postmigrate`, e.g. found by a restarted node) is `MigrationSource`, never `Paused`: resuming
+//! it would run the guest twice. Commands check [`VmStatus::allows`] before
 //! touching QEMU, so a refused command changes nothing.
 //!
 //! Architecture invariant: this module is pure; the manager feeds it inputs derived from QMP
@@ -210,6 +212,9 @@ impl VmStatus {
         }
         match status {
             "inmigrate" => VmStatus::MigrationDestination,
+            // The migration completed: the guest runs on the destination now, and `cont` here
+            // would run it twice. Only destroy is allowed from MigrationSource.
+            "postmigrate" => VmStatus::MigrationSource,
             "io-error" => VmStatus::Paused {
                 reason: PauseReason::IoError,
             },
@@ -341,10 +346,18 @@ mod tests {
         );
         assert_eq!(
             VmStatus::from_run_state(false, "postmigrate"),
-            VmStatus::Paused {
-                reason: PauseReason::Other("postmigrate".into())
-            }
+            VmStatus::MigrationSource
         );
+        // A source found after its migration completed (e.g. by a restarted node) must not be
+        // resumable: the guest already runs on the destination.
+        let recovered = VmStatus::WaitForLaunch
+            .next(&Input::QmpReady {
+                running: false,
+                status: "postmigrate".into(),
+            })
+            .unwrap();
+        assert!(!recovered.allows(Op::Resume), "{recovered:?}");
+        assert!(recovered.allows(Op::Destroy));
         assert_eq!(VmStatus::from_run_state(true, "running"), VmStatus::Up);
     }
 }

@@ -157,6 +157,10 @@ pub struct VolumeCreate {
     pub src_img: Option<ImgUuid>,
     #[serde(rename = "srcVolUUID", default)]
     pub src_vol: Option<VolUuid>,
+    /// Bytes allocated at creation for a sparse COW volume (VDSM's `initialSize`; on a file
+    /// domain the file's length, which caps a thin disk until the SPM extends it).
+    #[serde(rename = "initialSize", default)]
+    pub initial_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -562,6 +566,12 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
             Ok(json!({ "allTasksStatus": all }))
         }
         PoolRequest::VolumeCreate(v) => {
+            if v.initial_size.is_some() && v.src_vol.is_some_and(|s| !s.is_nil()) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    "initialSize applies to a new base volume, not to a snapshot or a clone",
+                ));
+            }
             let format = format_of(&v.format)?;
             let allocation = allocation_of(&v.preallocate)?;
             let src_vol = v.src_vol.filter(|s| !s.is_nil());
@@ -575,6 +585,7 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     allocation,
                     disktype: v.disk_type.clone().unwrap_or_else(|| "DATA".into()),
                     description: v.desc.clone(),
+                    initial_size: v.initial_size,
                 },
                 // A source volume below the leaf is a preview: the new leaf shows its content.
                 (Some(src), Some(src_img)) if src_img == v.img => Job::CreateSnapshot {
