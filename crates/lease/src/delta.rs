@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! ReadFirst ──free, or our own name with fast reacquire──────────────► Write
+//!     │ ──our own unexpired record, with resume ─────────────────────────► Write (same generation)
 //!     │ held by another host name
 //!     ▼
 //! WaitLarge (max(8N+M, 8N) of the other's N) ─► ReadSecond ─ unchanged or free ─► Write
@@ -12,6 +13,15 @@
 //! Write (generation+1, timestamp, our name) ─► WaitShort (2N) ─► ReadThird
 //!     ReadThird: still exactly what we wrote ─► acquired;  otherwise ─► HostIdBusy
 //! ```
+//!
+//! Resume continues an earlier incarnation of this very process's host id (same host id and
+//! name, and a record that has not expired by the machine's `CLOCK_BOOTTIME`, which both
+//! incarnations share): the write is a renewal that keeps the generation, so the resources the
+//! earlier incarnation took on behalf of processes that outlived it (a restarted node's running
+//! VMs) stay held. A new generation would tell every other host that those resources' owner is
+//! gone, and they could take them while the processes still write. A record too close to its
+//! expiry to be renewed in time is not resumed; without fast reacquire the acquire then waits
+//! it out like any other host's (by which time a fence watchdog has killed those processes).
 //!
 //! The long wait makes taking a host id that another host wrote safe: that host either renews
 //! (we see a change and back off) or has been dead for longer than its fence deadline. The
@@ -41,6 +51,8 @@ pub struct DeltaParams {
     /// Take the host id at once when the record carries our own host name (sanlock's fast
     /// reacquire). Only safe when no earlier incarnation of this host can still be writing.
     pub fast_reacquire: bool,
+    /// Continue our own record with its generation while it is valid (see the module docs).
+    pub resume: bool,
 }
 
 fn object(space: &Name, host_id: u64) -> String {
@@ -136,12 +148,41 @@ impl DeltaAcquire {
         Step::Done(Err(e))
     }
 
+    /// Whether `rec` is our own record, written on this machine's clock with our N, that stays
+    /// valid through the acquisition's short wait and one more I/O. Its expiry is estimated from
+    /// the whole-second timestamp, one second early: timestamps are floored, and may run up to
+    /// a second ahead of the clock when renewals come faster than once a second.
+    fn resumable(&self, cx: &Cx<'_>, rec: &LeaderRecord) -> bool {
+        if !self.p.resume
+            || rec.is_free()
+            || rec.resource_name != self.p.host_name
+            || rec.owner_id != self.p.host_id
+            || rec.io_timeout != self.p.timeouts.disk_io_timeout()
+            || cx.now_secs() < rec.timestamp
+        {
+            return false;
+        }
+        let t = &self.p.timeouts;
+        let expires = Duration::from_secs(rec.timestamp) + t.other_renewal_fail(rec.io_timeout);
+        let needed = cx.now + t.delta_short_delay(rec.io_timeout) + t.io_timeout + Duration::from_secs(1);
+        needed < expires
+    }
+
     fn write_new(&mut self, cx: &Cx<'_>, base: &LeaderRecord) -> Step<Result<DeltaAcquired, LeaseError>> {
+        self.write(cx, base, base.owner_generation + 1)
+    }
+
+    fn write(
+        &mut self,
+        cx: &Cx<'_>,
+        base: &LeaderRecord,
+        generation: u64,
+    ) -> Step<Result<DeltaAcquired, LeaseError>> {
         let mut rec = base.clone();
         rec.timestamp = cx.now_secs().max(base.timestamp + 1);
         rec.io_timeout = self.p.timeouts.disk_io_timeout();
         rec.owner_id = self.p.host_id;
-        rec.owner_generation = base.owner_generation + 1;
+        rec.owner_generation = generation;
         rec.resource_name = self.p.host_name;
         let sealed = rec.sealed();
         self.written = Some(DeltaAcquired {
@@ -196,6 +237,12 @@ impl Machine for DeltaAcquire {
                 } else {
                     rec.io_timeout
                 };
+                if self.resumable(cx, &rec) {
+                    tracing::info!(space = %self.p.space, host_id = self.p.host_id,
+                        generation = rec.owner_generation, "resuming our own unexpired host id");
+                    self.other_io_timeout = rec.io_timeout;
+                    return self.write(cx, &rec, rec.owner_generation);
+                }
                 if rec.is_free() || (self.p.fast_reacquire && rec.resource_name == self.p.host_name) {
                     return self.write_new(cx, &rec);
                 }

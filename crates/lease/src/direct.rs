@@ -515,6 +515,7 @@ pub fn acquire_host_id(
         host_name,
         timeouts,
         fast_reacquire: false,
+        resume: false,
     });
     let acquired = driver.run(&mut m, &NoLockspace).expect("never stopped")?;
     Ok(acquired.record)

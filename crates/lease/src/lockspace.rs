@@ -91,6 +91,10 @@ pub struct LockspaceConfig {
     /// Take the host id at once if its record already carries our host name; safe only when
     /// no earlier incarnation of this host can still be writing.
     pub fast_reacquire: bool,
+    /// Continue our own unexpired record with its generation, keeping the resources an earlier
+    /// incarnation of this process took (see [`crate::delta`]). For a process whose children
+    /// hold leases across its restarts.
+    pub resume: bool,
 }
 
 impl LockspaceConfig {
@@ -103,6 +107,7 @@ impl LockspaceConfig {
             fence_margin: crate::timeouts::SANLOCK_FENCE_MARGIN,
             max_hosts: MAX_HOSTS,
             fast_reacquire: false,
+            resume: false,
         }
     }
 
@@ -408,6 +413,7 @@ impl Lockspace {
             host_name,
             timeouts,
             fast_reacquire: cfg.fast_reacquire,
+            resume: cfg.resume,
         });
         let acquired = driver
             .run(&mut m, &NoLockspace)

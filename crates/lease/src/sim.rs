@@ -762,6 +762,7 @@ impl Sim {
                     host_name: self.hosts[host].name,
                     timeouts: self.t,
                     fast_reacquire: false,
+                    resume: false,
                 };
                 self.log(format!("host {host} acquires host id {host_id}"));
                 self.start_task(host, Slot::Ls, Mach::DAcq(Box::new(DeltaAcquire::new(p))))?;

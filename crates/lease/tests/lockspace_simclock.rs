@@ -434,3 +434,69 @@ fn a_free_record_with_a_larger_io_timeout_does_not_delay_acquisition() {
     assert!(a.ls.is_valid() && a.ls.fenced().is_none());
     a.ls.release().unwrap();
 }
+
+impl World {
+    /// A new incarnation of host `host_id` (same name) acquiring with `resume`.
+    fn reacquire(&self, host_id: u64, resume: bool, live: &[&Host]) -> Host {
+        let ls_io = Arc::new(FaultyIo::new(self.ls_disk.clone()));
+        let res_io = Arc::new(FaultyIo::new(self.res_disk.clone()));
+        let (io, clock) = (ls_io.clone(), self.clock.clone());
+        let mut cfg = World::config(host_id);
+        cfg.resume = resume;
+        let ls = self
+            .while_advancing(live, move || {
+                Lockspace::acquire_with_io(io as Arc<dyn SectorIo>, cfg, Arc::new(clock))
+            })
+            .unwrap();
+        Host { ls, ls_io, res_io }
+    }
+}
+
+/// A node killed with `kill -9` leaves its VMs running on their leases; restarted before its
+/// host id expires, it continues that host id with the same generation, so nobody may take
+/// the leases in between, and it can re-adopt them. Restarted too late, it waits like anyone.
+#[test]
+fn a_restarted_holder_resumes_its_unexpired_host_id_and_keeps_its_resources() {
+    let w = World::new();
+    let a = w.acquire(1, &[]);
+    let b = w.acquire(2, &[&a]);
+    w.advance(&[&a, &b], 4 * N);
+    let held = a.acquire_resource(AcquireOptions::default()).unwrap();
+    assert_eq!((held.lver(), a.ls.generation()), (1, 1));
+    // The process dies: no more renewals, no release.
+    a.ls_io.set_fault(MemFault::Hang);
+    a.res_io.set_fault(MemFault::Hang);
+    w.advance(&[&b], 3 * N);
+
+    let start = w.now();
+    let a2 = w.reacquire(1, true, &[&b]);
+    let took = w.now() - start;
+    assert_eq!(a2.ls.generation(), 1, "resume keeps the generation");
+    assert!(took < 2 * N + Duration::from_secs(1), "resume took {took:?}");
+    // The resource stays owned by host 1 in that generation: B may not take it, now or later.
+    for _ in 0..3 {
+        match b.acquire_resource(AcquireOptions::default()) {
+            Err(LeaseError::OwnedByOther {
+                host_id, generation, ..
+            }) => assert_eq!((host_id, generation), (1, 1)),
+            other => panic!("expected OwnedByOther, got {other:?}"),
+        }
+        w.advance(&[&a2, &b], 5 * N);
+    }
+    // The new incarnation takes the lease back (its own generation's) for the surviving holder.
+    let again = a2.acquire_resource(AcquireOptions::default()).unwrap();
+    assert_eq!(again.lver(), 2);
+    again.release().unwrap();
+
+    // Killed again and restarted only after its record expired: no resume, the full wait and
+    // a new generation (a fence watchdog has killed the holders by then).
+    a2.ls_io.set_fault(MemFault::Hang);
+    a2.res_io.set_fault(MemFault::Hang);
+    w.advance(&[&b], 9 * N);
+    let start = w.now();
+    let a3 = w.reacquire(1, true, &[&b]);
+    assert_eq!(a3.ls.generation(), 2);
+    assert!(w.now() - start >= 8 * N + M, "an expired record is waited out");
+    a3.ls.release().unwrap();
+    b.ls.release().unwrap();
+}

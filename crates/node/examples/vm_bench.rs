@@ -60,6 +60,7 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
         guest_agent: true,
         vnc: false,
         lease_domains: vec![],
+        vm_lease: None,
     }
 }
 

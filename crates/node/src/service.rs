@@ -108,6 +108,10 @@ impl Node {
                 }
             });
         }));
+        // VMs that outlived an earlier node process keep that process's host ids alive.
+        let vms = node.vms.clone();
+        node.pools
+            .set_holders_probe(Arc::new(move |sd| vms.relies_on_domain(sd)));
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
         Ok(node)
     }
@@ -124,7 +128,15 @@ impl Node {
             Request::Vm(v) => self.execute_vm(v).await,
             Request::Net(n) => crate::api::net::execute(self, n).await,
             Request::Storage(s) => {
-                crate::api::storage::execute(self.storage.clone(), self.pools.clone(), s).await
+                let connect = matches!(
+                    s,
+                    crate::api::storage::StorageRequest::Pool(crate::api::storage::PoolRequest::Connect(_))
+                );
+                let r = crate::api::storage::execute(self.storage.clone(), self.pools.clone(), s).await?;
+                if connect {
+                    self.readopt_vm_leases().await;
+                }
+                Ok(r)
             }
         }
     }

@@ -595,49 +595,7 @@ async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
     let spm = Node::start(&engine, "spm-host", &tmp.path().join("a"), None, None).await;
     let hsm = Node::start(&engine, "hsm-host", &tmp.path().join("b"), None, None).await;
     let shared = tmp.path().join("shared");
-    std::fs::create_dir(&shared).unwrap();
-    for n in [&spm, &hsm] {
-        let r = n
-            .call(
-                "StoragePool.connectStorageServer",
-                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
-            )
-            .await;
-        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
-    }
-    let (pool, sd) = (oxvirt_types::PoolUuid::new_random(), SdUuid::new_random());
-    spm.call(
-        "StorageDomain.create",
-        json!({ "sdUUID": sd, "connectionID": "shared", "description": "data", "storageType": "localfs" }),
-    )
-    .await;
-    spm.call(
-        "StoragePool.create",
-        json!({ "spUUID": pool, "poolName": "dc1", "masterDom": sd, "masterVersion": 1 }),
-    )
-    .await;
-    let connect = |id: u64| {
-        json!({ "spUUID": pool, "hostID": id, "msdUUID": sd, "masterVersion": 1,
-                "ioTimeout": 1, "fenceMargin": 2, "maxHostID": 8 })
-    };
-    // Together: each waits out its host id's acquisition delay.
-    let (a, b) = tokio::join!(
-        spm.c.call("StoragePool.connect", connect(1)),
-        hsm.c.call("StoragePool.connect", connect(2))
-    );
-    a.unwrap();
-    b.unwrap();
-    let task = spm
-        .call(
-            "StoragePool.spmStart",
-            json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
-        )
-        .await;
-    wait_task(&spm, &task, Duration::from_secs(30)).await;
-    let st = hsm
-        .call("StoragePool.getSpmStatus", json!({ "spUUID": pool }))
-        .await;
-    assert_eq!(st["spm_st"]["spmId"], 1, "{st}");
+    let (pool, sd) = pool_of(&spm, &hsm, &shared).await;
 
     // The HSM may not create volumes; the SPM creates the thin one.
     let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
@@ -706,6 +664,56 @@ async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
     );
 }
 
+/// A pool on `shared` (created here) with one domain: `spm` is host 1 and the SPM, `other`
+/// host 2; both connected with io_timeout 1 s and fence margin 2 s.
+async fn pool_of(spm: &Node, other: &Node, shared: &Path) -> (oxvirt_types::PoolUuid, SdUuid) {
+    std::fs::create_dir(shared).unwrap();
+    for n in [spm, other] {
+        let r = n
+            .call(
+                "StoragePool.connectStorageServer",
+                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
+            )
+            .await;
+        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+    }
+    let (pool, sd) = (oxvirt_types::PoolUuid::new_random(), SdUuid::new_random());
+    spm.call(
+        "StorageDomain.create",
+        json!({ "sdUUID": sd, "connectionID": "shared", "description": "data", "storageType": "localfs" }),
+    )
+    .await;
+    spm.call(
+        "StoragePool.create",
+        json!({ "spUUID": pool, "poolName": "dc1", "masterDom": sd, "masterVersion": 1 }),
+    )
+    .await;
+    // Together: each waits out its host id's acquisition delay.
+    let (a, b) = tokio::join!(
+        spm.c.call("StoragePool.connect", pool_connect(pool, sd, 1)),
+        other.c.call("StoragePool.connect", pool_connect(pool, sd, 2))
+    );
+    a.unwrap();
+    b.unwrap();
+    let task = spm
+        .call(
+            "StoragePool.spmStart",
+            json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
+        )
+        .await;
+    wait_task(spm, &task, Duration::from_secs(30)).await;
+    let st = other
+        .call("StoragePool.getSpmStatus", json!({ "spUUID": pool }))
+        .await;
+    assert_eq!(st["spm_st"]["spmId"], 1, "{st}");
+    (pool, sd)
+}
+
+fn pool_connect(pool: oxvirt_types::PoolUuid, sd: SdUuid, host_id: u64) -> Value {
+    json!({ "spUUID": pool, "hostID": host_id, "msdUUID": sd, "masterVersion": 1,
+            "ioTimeout": 1, "fenceMargin": 2, "maxHostID": 8 })
+}
+
 /// Polls an SPM task until it succeeds (a failure fails the test with its message).
 async fn wait_task(n: &Node, task: &Value, limit: Duration) {
     let start = Instant::now();
@@ -725,4 +733,116 @@ async fn wait_task(n: &Node, task: &Value, limit: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The generation of host `host_id`'s delta lease in domain `sd`'s lockspace.
+fn host_generation(shared: &Path, sd: SdUuid, host_id: u64) -> u64 {
+    let ids = shared.join(sd.to_string()).join("dom_md/ids");
+    let all = oxvirt_lease::direct::read_lockspace(&ids, 0).unwrap();
+    all[host_id as usize - 1]
+        .record
+        .as_ref()
+        .unwrap()
+        .owner_generation
+}
+
+/// A node holding an HA VM's lease is killed with SIGKILL and restarted within its host id's
+/// validity: it resumes the host id with the same generation (a new one would tell every
+/// other host the lease's owner is gone), takes the lease back for the VM that kept running,
+/// and meanwhile the other host's attempts to start the same VM fail on the lease. After 8N + M
+/// the VM still runs (the fence watchdog saw the new process renew); destroying it frees the
+/// lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spm = Node::start(&engine, "spm-host", &tmp.path().join("a"), None, None).await;
+    let data = tmp.path().join("b");
+    let mut runner = Node::start(&engine, "runner-host", &data, None, None).await;
+    let shared = tmp.path().join("shared");
+    let (pool, sd) = pool_of(&spm, &runner, &shared).await;
+    let img = ImgUuid::new_random();
+    let task = spm
+        .call(
+            "Volume.create",
+            json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "size": 32 << 20, "volFormat": "COW",
+                    "preallocate": "SPARSE", "volUUID": VolUuid::new_random() }),
+        )
+        .await;
+    wait_task(&spm, &task, Duration::from_secs(30)).await;
+    let id = VmId::new_random();
+    spm.call("Lease.create", json!({ "sdUUID": sd, "leaseID": id }))
+        .await;
+    let mut params = vm_params(id, "ha", sd, img);
+    params["lease"] = json!({ "sdUUID": sd });
+    let info = runner.call("VM.create", params.clone()).await;
+    let qemu_pid = info["pid"].as_i64().unwrap() as i32;
+    let log = runner.console_log(id);
+    let p = wait_passes(&log, 0, 1, BOOT).await;
+    let lease = async || {
+        spm.call("Lease.info", json!({ "sdUUID": sd, "leaseID": id }))
+            .await
+    };
+    assert_eq!(lease().await["owner"], 2);
+    let generation = host_generation(&shared, sd, 2);
+
+    // The other host may not start the VM while host 2 holds its lease.
+    let try_twice = async |why: &str| {
+        let e = spm.c.call("VM.create", params.clone()).await.unwrap_err();
+        assert!(e.to_string().contains("owned by host 2"), "{why}: {e}");
+        let all = spm.call("Host.getAllVmStats", json!({})).await;
+        assert!(
+            all.as_array().unwrap().is_empty(),
+            "{why}: a second copy runs: {all}"
+        );
+    };
+    try_twice("while the runner is up").await;
+
+    runner.kill9();
+    assert!(running(qemu_pid), "QEMU died with the node");
+    try_twice("with the runner dead").await;
+    let addr = runner.addr;
+    std::mem::forget(runner);
+    let runner = Node::start(&engine, "runner-host", &data, None, Some(addr)).await;
+    let t0 = Instant::now();
+    // Stateless: the engine tells the new process its storage and pool again.
+    runner
+        .call(
+            "StoragePool.connectStorageServer",
+            json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
+        )
+        .await;
+    runner
+        .call("StoragePool.connect", pool_connect(pool, sd, 2))
+        .await;
+    let took = t0.elapsed();
+    assert_eq!(
+        host_generation(&shared, sd, 2),
+        generation,
+        "the restarted node resumed its host id"
+    );
+    assert!(took < Duration::from_secs(6), "resuming took {took:?}");
+    try_twice("after the restart").await;
+
+    // Past 8N + M from the kill: the VM still runs and writes, its lease still host 2's.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(t0.elapsed())).await;
+    assert!(
+        running(qemu_pid),
+        "the fence watchdog killed a VM whose node came back"
+    );
+    wait_passes(&log, p, 1, BOOT).await;
+    assert_eq!(lease().await["owner"], 2);
+    try_twice("after 8N + M").await;
+
+    runner.call("VM.destroy", json!({ "vmID": id })).await;
+    let start = Instant::now();
+    while !lease().await["owner"].is_null() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the taken-back lease was not released with the VM: {}",
+            lease().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(runner);
 }

@@ -381,6 +381,37 @@ impl Node {
         .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("lease worker failed: {e}")))?
     }
 
+    /// After a pool connect: takes back the VM leases of VMs that outlived an earlier
+    /// incarnation of this node (their host id was resumed with its generation, so the leases
+    /// are still ours on storage; this gives the new process their handles). A lease another
+    /// host owns means the VM may run there: this copy is killed, never left running twice.
+    pub(crate) async fn readopt_vm_leases(&self) {
+        for (vm, sd) in self.vms.leased_vms() {
+            let pools = self.pools.clone();
+            let r = tokio::task::spawn_blocking(move || match pools.current() {
+                Some(cp) => cp.acquire_vm_lease(sd, &vm.to_string()).map(Some),
+                None => Ok(None),
+            })
+            .await;
+            match r {
+                Ok(Ok(Some(lver))) => tracing::info!(vm_id = %vm, sd = %sd, lver, "VM lease taken back"),
+                Ok(Ok(None)) => {}
+                Ok(Err(crate::storage::pool::PoolServiceError::VmLease {
+                    source: oxvirt_lease::LeaseError::OwnedByOther { host_id, .. },
+                    ..
+                })) => {
+                    tracing::error!(vm_id = %vm, owner = host_id,
+                        "VM lease owned by another host: killing this copy of the VM");
+                    if let Err(e) = self.vms.destroy(vm).await {
+                        tracing::error!(vm_id = %vm, error = %e, "cannot kill a VM that lost its lease");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(vm_id = %vm, error = %e, "cannot take the VM lease back"),
+                Err(e) => tracing::error!(vm_id = %vm, error = %e, "lease worker failed"),
+            }
+        }
+    }
+
     /// Releases the VM's lease when this host holds it (a VM that stopped anywhere).
     pub(crate) async fn release_vm_lease(&self, vm: VmId) {
         let pools = self.pools.clone();
@@ -462,6 +493,7 @@ impl Node {
                 .map(|d| d.domain)
                 .chain(p.lease.as_ref().map(|l| l.sd))
                 .collect(),
+            vm_lease: p.lease.as_ref().map(|l| l.sd),
         })
     }
 
@@ -502,6 +534,7 @@ impl Node {
             VmRequest::AcquireLease(a) => {
                 vms.status(a.id)?;
                 let lver = self.acquire_vm_lease(a.id, a.sd).await?;
+                vms.set_vm_lease(a.id, a.sd)?;
                 Ok(json!({ "lver": lver }))
             }
             VmRequest::MigrationCreate(p) => {

@@ -139,11 +139,17 @@ pub struct ConnectedPool {
     vm_leases: Mutex<HashMap<String, ResourceLease>>,
     /// Called when a domain's lockspace fences us: the node kills what holds leases there.
     fence_hook: Option<FenceHook>,
+    holders: Option<HoldersProbe>,
     last_recovery: Mutex<Option<Value>>,
 }
 
 /// What the node runs when its host id on a domain can no longer be renewed.
 pub type FenceHook = Arc<dyn Fn(SdUuid) + Send + Sync>;
+
+/// Whether a live process of this node (a VM, possibly started by an earlier incarnation of the
+/// node) relies on its host id on a domain: then the host id is resumed, never re-taken with a
+/// new generation, which would free that process's leases for other hosts.
+pub type HoldersProbe = Arc<dyn Fn(SdUuid) -> bool + Send + Sync>;
 
 /// The node's pool service.
 pub struct PoolService {
@@ -152,6 +158,7 @@ pub struct PoolService {
     clock: Arc<dyn Clock>,
     pool: RwLock<Option<Arc<ConnectedPool>>>,
     fence_hook: RwLock<Option<FenceHook>>,
+    holders: RwLock<Option<HoldersProbe>>,
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -166,7 +173,13 @@ impl PoolService {
             clock: Arc::new(SystemClock),
             pool: RwLock::new(None),
             fence_hook: RwLock::new(None),
+            holders: RwLock::new(None),
         }
+    }
+
+    /// Sets how the pool learns which domains live processes rely on (pools connected later).
+    pub fn set_holders_probe(&self, probe: HoldersProbe) {
+        *self.holders.write().expect("holders probe") = Some(probe);
     }
 
     /// Sets what runs when a domain's lockspace fences this host (pools connected later).
@@ -262,6 +275,7 @@ impl PoolService {
             volume_leases: Mutex::new(HashMap::new()),
             vm_leases: Mutex::new(HashMap::new()),
             fence_hook: self.fence_hook.read().expect("fence hook").clone(),
+            holders: self.holders.read().expect("holders probe").clone(),
             last_recovery: Mutex::new(None),
         });
         cp.sync_lockspaces(&pm)?;
@@ -411,9 +425,14 @@ impl ConnectedPool {
             self.timing.io_timeout,
         );
         cfg.fence_margin = self.timing.fence_margin;
-        // The same host name means an earlier incarnation of this node; it is dead (we hold
-        // no process that could still write) so the id can be taken back at once.
-        cfg.fast_reacquire = true;
+        // The same host name means an earlier incarnation of this node. If no process of ours
+        // relies on the host id (no VM outlived that incarnation), nothing can still write
+        // under it and it is taken back at once with a new generation. If VMs did outlive it,
+        // their leases are owned by its generation: resume that generation while its record is
+        // valid; past that, wait it out (the fence watchdog has killed those VMs by then).
+        let held = self.holders.as_ref().is_some_and(|probe| probe(sd));
+        cfg.fast_reacquire = !held;
+        cfg.resume = held;
         let t0 = Instant::now();
         let ids = dom.md_dir().join("ids");
         let acquire = |cfg: LockspaceConfig| {

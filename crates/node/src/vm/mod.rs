@@ -71,6 +71,10 @@ pub struct VmCreate {
     /// self-fencing of one of them kills this VM.
     #[serde(default)]
     pub lease_domains: Vec<SdUuid>,
+    /// The domain whose xleases hold this VM's own lease (an HA VM's), if it has one; a
+    /// restarted node takes it back for the running VM.
+    #[serde(default)]
+    pub vm_lease: Option<SdUuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1470,6 +1474,41 @@ impl VmManager {
             .execute(&qmp::MigrateCancel {})
             .await
             .map_err(|source| VmError::Qmp { vm: id, source })
+    }
+
+    /// Whether a live VM holds leases on `sd` (its disks' or its own): then this node's host id
+    /// there must be kept, not re-taken (see the pool's `HoldersProbe`).
+    pub fn relies_on_domain(&self, sd: SdUuid) -> bool {
+        self.vms
+            .lock()
+            .unwrap()
+            .values()
+            .any(|v| !v.status().is_down() && v.record.lock().unwrap().create.lease_domains.contains(&sd))
+    }
+
+    /// Live VMs with a VM lease, and the lease's domain.
+    pub fn leased_vms(&self) -> Vec<(VmId, SdUuid)> {
+        self.vms
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| !v.status().is_down())
+            .filter_map(|v| Some((v.id, v.record.lock().unwrap().create.vm_lease?)))
+            .collect()
+    }
+
+    /// Records that the VM now holds its lease on `sd` (taken after it started, as on a
+    /// migration destination), so that a restarted node takes it back too.
+    pub fn set_vm_lease(&self, id: VmId, sd: SdUuid) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        {
+            let mut rec = vm.record.lock().unwrap();
+            rec.create.vm_lease = Some(sd);
+            if !rec.create.lease_domains.contains(&sd) {
+                rec.create.lease_domains.push(sd);
+            }
+        }
+        vm.persist()
     }
 
     /// Self-fencing: kills every VM holding a lease on `sd` and confirms each QEMU has exited

@@ -80,6 +80,7 @@ pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
         guest_agent: true,
         vnc: false,
         lease_domains: vec![],
+        vm_lease: None,
     }
 }
 
