@@ -533,19 +533,26 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
         },
         ..Default::default()
     };
-    let mut candidates: Vec<Host> = app
-        .db
-        .host_list(&q)
-        .await?
-        .into_iter()
-        .filter(|h| {
-            h.spm_priority >= 0
-                && prefer.is_none_or(|p| p == h.id)
-                && app
-                    .host_rt(h.id)
-                    .pool
-                    .is_some_and(|(p, _)| p == d.storage_pool_id)
-        })
+    // Up hosts connected to the pool, with their host ids in its lockspaces.
+    let mut connected: Vec<(Host, i64)> = Vec::new();
+    for h in app.db.host_list(&q).await? {
+        if app
+            .host_rt(h.id)
+            .pool
+            .is_some_and(|(p, _)| p == d.storage_pool_id)
+        {
+            let id = app
+                .db
+                .host_spm_id(dc, h.id)
+                .await?
+                .map_or(-1, |i| i64::from(i.get()));
+            connected.push((h, id));
+        }
+    }
+    let mut candidates: Vec<Host> = connected
+        .iter()
+        .map(|(h, _)| h.clone())
+        .filter(|h| h.spm_priority >= 0 && prefer.is_none_or(|p| p == h.id))
         .collect();
     candidates.sort_by_key(|h| std::cmp::Reverse(h.spm_priority));
     let Some(cand) = candidates.into_iter().next() else {
@@ -578,6 +585,43 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
     }
     let prev_id = st["spmId"].as_i64().unwrap_or(-1);
     let prev_lver = st["spmLver"].as_i64().unwrap_or(-1);
+    // Storage names another up host as the SPM (the engine lost track of it: a network cut
+    // that healed before its lease expired, an engine restart): that host is the SPM. Adopt
+    // it, or for a forced selection ask it to step down; spmStart elsewhere would only wait
+    // for a lease that a live SPM keeps renewing.
+    if let Some((holder, _)) = connected.iter().find(|(h, id)| *id == prev_id && h.id != cand.id) {
+        let hn = app.client(holder)?.within(app.settings.poll_timeout());
+        let hs = hn
+            .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+            .await?;
+        if hs["spm_st"]["spmStatus"] == "SPM" {
+            if prefer.is_none() {
+                // The candidate contends in the database by now: the holder takes its place.
+                app.db.dc_spm_clear(dc, cand.id).await?;
+                app.db.dc_spm_contend(dc, holder.id).await?;
+                let lver = hs["spm_st"]["spmLver"].as_i64().unwrap_or(0);
+                app.db.dc_spm_won(dc, holder.id, lver).await?;
+                app.db.dc_set_status(dc, DcStatus::Up).await?;
+                tracing::info!(dc = %d.name, spm = %holder.name, lver, "found the SPM on storage");
+                event(
+                    app,
+                    Severity::Normal,
+                    204,
+                    format!(
+                        "Host {} is the SPM of data center {} (lver {lver})",
+                        holder.name, d.name
+                    ),
+                    Some(holder.id),
+                    None,
+                )
+                .await;
+                return Ok(());
+            }
+            hn.call("StoragePool.spmStop", json!({ "spUUID": d.storage_pool_id }))
+                .await?;
+            tracing::info!(dc = %d.name, host = %holder.name, "the SPM found on storage stepped down for a forced selection");
+        }
+    }
     let timeout = app.settings.io_timeout * 8 + app.settings.fence_margin + Duration::from_secs(30);
     let r = node
         .run_task(

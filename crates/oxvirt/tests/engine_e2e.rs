@@ -139,6 +139,48 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let dc_now = db.dc_get(dc.id).await.unwrap().unwrap();
     let spm_host = dc_now.spm_host.expect("an SPM was elected");
 
+    // The engine loses track of the SPM (as after a network cut that healed before the lease
+    // expired) while another host is now the preferred candidate: the monitor finds the live
+    // SPM on storage and records it again, instead of asking the candidate to wait for a lease
+    // that the SPM keeps renewing.
+    let other = db
+        .host_list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.id != spm_host)
+        .unwrap()
+        .id;
+    // The monitor updates host rows too: retry on a stale revision.
+    let set_priority = async |p: i32| {
+        for _ in 0..20 {
+            let mut h = db.host_get(other).await.unwrap().unwrap();
+            h.spm_priority = p;
+            match db.host_update(&h).await {
+                Ok(_) => return,
+                Err(oxvirt_engine::db::DbError::Conflict { .. }) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("host {other} kept changing under the update");
+    };
+    set_priority(10).await;
+    assert!(db.dc_spm_clear(dc.id, spm_host).await.unwrap());
+    let lost = Instant::now();
+    loop {
+        let d = db.dc_get(dc.id).await.unwrap().unwrap();
+        if d.spm_status == oxvirt_engine::model::SpmStatus::Spm {
+            assert_eq!(d.spm_host, Some(spm_host), "the SPM role moved off a live SPM");
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(10),
+            "the live SPM was not found again: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_priority(5).await;
+
     // A template from a VM with one disk.
     let os = |args: &[&str]| VmOs {
         kernel: Some(guest.kernel.display().to_string()),
@@ -332,6 +374,12 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     eprintln!(
         "SPM moved from {spm_name} to {} in {took:?}",
         host_name(&e, new_spm).await
+    );
+    // Never before the dead SPM's lease allowed: its last renewal was at most 2N before the
+    // kill, and its host id is dead 8N + M after that (N = 1 s, M = 2 s).
+    assert!(
+        took >= Duration::from_secs(8),
+        "the SPM role moved after {took:?}, before the lease could be free"
     );
     assert_eq!(
         db.host_get(spm_host).await.unwrap().unwrap().status,
