@@ -1,7 +1,7 @@
 //! Monitoring: the engine's continuous reconciliation of what it knows with what nodes report.
 //!
-//! Every `monitor_interval` (or sooner, when a command kicks it), for each host that is not in
-//! maintenance:
+//! Every `monitor_interval`, or sooner when a command or a node's event kicks it, for each host
+//! that is not in maintenance:
 //! - poll `Host.getStats` and `Host.getAllVmStats`: a host answering is `up`; one that fails
 //!   `non_responsive_after` polls in a row is `non_responsive`;
 //! - reconcile VM statuses: a VM the node reports down is recorded down (and cleaned from the
@@ -16,6 +16,12 @@
 //! Then the HA loop ([`crate::ha`]) restarts highly available VMs whose host died or whose
 //! QEMU crashed, and, once a minute, the balancer ([`crate::balance`]) migrates VMs off
 //! over-utilized hosts.
+//!
+//! Events: the monitor follows each monitored node's event stream (`GET /events`: VM status
+//! changes, job ends, network changes). An event only kicks a round; what is recorded still
+//! comes from the polls, so a lost or reordered event costs latency, never correctness, and
+//! a node whose stream is down is simply polled. That is how a VM's pause, crash or migration
+//! reaches the database in well under a second while polls stay a few seconds apart.
 //!
 //! SPM safety does not rest on the monitor: a node takes the SPM lease only when the previous
 //! holder's host id is dead on storage, so the monitor may ask as often as it likes.
@@ -54,6 +60,8 @@ pub struct Monitor {
     pub ha: Arc<Mutex<crate::ha::HaTracker>>,
     /// The load balancer's memory and the VMs' CPU usage.
     pub balancer: Arc<Mutex<crate::balance::Balancer>>,
+    /// Hosts whose event stream a task follows now.
+    following: Arc<Mutex<HashSet<HostUuid>>>,
 }
 
 impl Monitor {
@@ -63,6 +71,7 @@ impl Monitor {
             electing: Default::default(),
             ha: Default::default(),
             balancer: Default::default(),
+            following: Default::default(),
         }
     }
 
@@ -88,6 +97,9 @@ impl Monitor {
     pub async fn round(&self) -> Result<(), CommandError> {
         let app = &self.cmds.app;
         let hosts = app.db.host_list(&ListQuery::default()).await?;
+        for h in hosts.iter().filter(|h| monitored(h.status)) {
+            self.follow_events(h);
+        }
         let polls = hosts.into_iter().filter(|h| monitored(h.status)).map(|h| {
             let (app, balancer) = (app.clone(), self.balancer.clone());
             async move {
@@ -115,6 +127,38 @@ impl Monitor {
             tracing::warn!(error = %e, "balancing round failed");
         }
         Ok(())
+    }
+
+    /// Follows the host's event stream (unless a task already does), kicking a round on every
+    /// event. The task ends with the stream (node gone or restarted); the next round starts a
+    /// new one. A node that refuses the stream is left to polls for one interval.
+    fn follow_events(&self, h: &Host) {
+        if !self.following.lock().expect("following").insert(h.id) {
+            return;
+        }
+        let (app, following, host) = (self.cmds.app.clone(), self.following.clone(), h.clone());
+        tokio::spawn(async move {
+            let stream = match app.client(&host) {
+                Ok(c) => c.rpc().events().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stream {
+                Ok(mut events) => {
+                    tracing::debug!(host = %host.name, "following the node's events");
+                    while let Some(ev) = events.recv().await {
+                        tracing::trace!(host = %host.name, event = %ev["method"], "node event");
+                        app.kick.notify_one();
+                    }
+                    tracing::debug!(host = %host.name, "the node's event stream ended");
+                    app.kick.notify_one();
+                }
+                Err(e) => {
+                    tracing::debug!(host = %host.name, error = %e, "cannot follow the node's events");
+                    tokio::time::sleep(app.settings.monitor_interval).await;
+                }
+            }
+            following.lock().expect("following").remove(&host.id);
+        });
     }
 
     fn ensure_spm(&self, dc: DcId) {

@@ -1,6 +1,10 @@
-//! The node's event bus: VM status changes, migration progress, domain monitor results, SPM
-//! changes. Producers call [`EventBus::publish`]; each `GET /events` subscriber gets every
-//! event published after it subscribed, in order, each with a sequence number.
+//! The node's event bus. Published now: VM status changes (`|virt|VM_status|<id>`, including a
+//! migration's start and end on both sides), job status at each job's end (`|jobs|status|<id>`:
+//! migrations, shutdowns, merges), network changes and their confirmation or rollback.
+//! Producers call [`EventBus::publish`]; each `GET /events` subscriber gets every event
+//! published after it subscribed, in order, each with a sequence number. The engine follows
+//! the stream to poll at once instead of at its next interval; storage state (domain health,
+//! the SPM) it still learns from polls only.
 //!
 //! A subscriber that falls behind by more than the buffer loses events; it is told so with an
 //! `|node|events_lost|` event (and should poll). Sequence numbers make gaps visible too.

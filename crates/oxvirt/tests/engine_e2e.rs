@@ -18,6 +18,7 @@ use oxvirt_engine::model::{
     DiskFormat, DiskInterface, HostStatus, SdType, StorageType, VmOs, VmStatus, BLANK_TEMPLATE_ID,
 };
 use oxvirt_testkit::TestGuest;
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -29,9 +30,12 @@ struct Cluster {
 }
 
 async fn start_cluster(n: usize) -> Cluster {
+    start_cluster_with(n, common::fast_engine_settings()).await
+}
+
+async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettings) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
-    let settings = common::fast_engine_settings();
     let cfg = EngineConfig {
         data_dir: engine_dir.path().to_path_buf(),
         db_url: None,
@@ -404,4 +408,93 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         .unwrap();
     assert!(image_dirs(&c.storage).contains(&d2.id.to_string()));
     e.shutdown().await;
+}
+
+/// With polls 10 s apart, the engine still records a VM's pause, resume and destruction done
+/// behind its back within a second: the node's event stream kicks a monitoring round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
+    let guest = TestGuest::get();
+    let settings = oxvirt_engine::app::EngineSettings {
+        monitor_interval: Duration::from_secs(10),
+        ..common::fast_engine_settings()
+    };
+    let c = start_cluster_with(1, settings).await;
+    let e = c.engine.clone();
+    let (cmds, db) = (&e.cmds, &e.app().db);
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let host = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let sd = cmds
+        .add_storage_domain(AddStorageDomain {
+            name: "data".into(),
+            description: String::new(),
+            domain_type: SdType::Data,
+            storage_type: StorageType::Localfs,
+            address: None,
+            path: c.storage.display().to_string(),
+            vfs_type: None,
+            mount_options: None,
+            host: host.id,
+        })
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let vm = cmds
+        .add_vm(
+            AddVm {
+                name: "watched".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: VmOs {
+                    kernel: Some(guest.kernel.display().to_string()),
+                    initrd: Some(guest.initrd.display().to_string()),
+                    cmdline: Some(TestGuest::append(&["oxvirt.writer=4"])),
+                },
+                ha: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    cmds.start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .unwrap();
+    cmds.wait_vm_status(vm.id, VmStatus::Up, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let node = e.app().client(&host).unwrap();
+    let recorded = async |want: VmStatus, what: &str| {
+        let start = Instant::now();
+        loop {
+            let v = db.vm_get(vm.id).await.unwrap().unwrap();
+            if v.runtime.status == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_millis(1500),
+                "{what}: the engine still records {:?} after {:?} (polls are 10 s apart)",
+                v.runtime.status,
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    for round in 0..2 {
+        node.call("VM.pause", json!({ "vmID": vm.id })).await.unwrap();
+        let t = recorded(VmStatus::Paused, "pause").await;
+        eprintln!("round {round}: pause recorded after {t:?}");
+        node.call("VM.cont", json!({ "vmID": vm.id })).await.unwrap();
+        let t = recorded(VmStatus::Up, "resume").await;
+        eprintln!("round {round}: resume recorded after {t:?}");
+    }
+    node.call("VM.destroy", json!({ "vmID": vm.id })).await.unwrap();
+    let t = recorded(VmStatus::Down, "destroy").await;
+    eprintln!("destroy recorded after {t:?}");
 }
