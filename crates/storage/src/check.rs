@@ -322,20 +322,29 @@ impl FileStorageDomain {
             );
             return;
         }
-        let own = std::fs::metadata(self.volume_path(m.image, v));
-        let here = std::fs::metadata(self.volume_path(img, v));
-        match (own, here) {
-            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {}
-            (Err(_), _) => r.err(
-                Some(img),
-                Some(v),
-                format!("template image {} does not hold this volume", m.image),
-            ),
-            _ => r.err(
-                Some(img),
-                Some(v),
-                format!("template volume is not a hard link of image {}'s", m.image),
-            ),
+        // The data, its metadata and its lease are all the template's own files, hard-linked:
+        // a copy would drift from the template (a metadata rewrite, a lease taken in one).
+        for (what, own, here) in [
+            ("volume", self.volume_path(m.image, v), self.volume_path(img, v)),
+            ("metadata", self.meta_path(m.image, v), self.meta_path(img, v)),
+            ("lease", self.lease_path(m.image, v), self.lease_path(img, v)),
+        ] {
+            match (std::fs::metadata(own), std::fs::metadata(here)) {
+                (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {}
+                (Err(_), _) => {
+                    r.err(
+                        Some(img),
+                        Some(v),
+                        format!("template image {} does not hold this volume's {what}", m.image),
+                    );
+                    return;
+                }
+                _ => r.err(
+                    Some(img),
+                    Some(v),
+                    format!("template {what} is not a hard link of image {}'s", m.image),
+                ),
+            }
         }
     }
 

@@ -903,6 +903,18 @@ impl FileStorageDomain {
         if meta.legality == legality {
             return Ok(());
         }
+        // A template's `.meta` is hard-linked into every clone's image; replacing it (write by
+        // rename) would leave the clones with the old record. A template in use is not changed.
+        if meta.role == VolRole::Shared {
+            let clones: Vec<ImgUuid> = self
+                .images_containing(vol)?
+                .into_iter()
+                .filter(|i| *i != img)
+                .collect();
+            if !clones.is_empty() {
+                return Err(StorageError::TemplateInUse { img, vol, clones });
+            }
+        }
         meta.legality = legality;
         self.write_meta(img, vol, &meta)
     }

@@ -257,6 +257,29 @@ fn templates_clone_thin_and_are_protected() {
         Err(StorageError::TemplateInUse { clones, .. }) => assert_eq!(clones.len(), 2),
         other => panic!("deleting a used template must fail, got {other:?}"),
     }
+    // Its metadata is shared with the clones (hard links): a template in use is not changed.
+    match f.dom.set_legality(timg, tvol, Legality::Illegal) {
+        Err(StorageError::TemplateInUse { clones, .. }) => assert_eq!(clones.len(), 2),
+        other => panic!("changing a used template must fail, got {other:?}"),
+    }
+    assert_eq!(f.dom.read_meta(timg, tvol).unwrap().legality, Legality::Legal);
+    assert_clean(&f.dom);
+    // A clone whose copy of the template's metadata drifted is reported by the checker.
+    let linked = f.dom.meta_path(c1, tvol);
+    let copy = std::fs::read(&linked).unwrap();
+    std::fs::remove_file(&linked).unwrap();
+    std::fs::write(&linked, &copy).unwrap();
+    let report = f.dom.check(false).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("metadata is not a hard link")),
+        "{report:?}"
+    );
+    std::fs::remove_file(&linked).unwrap();
+    std::fs::hard_link(f.dom.meta_path(timg, tvol), &linked).unwrap();
+    assert_clean(&f.dom);
     assert!(
         f.dom.delete_volume(c2, c2v).is_err(),
         "the only own volume goes with its image"
