@@ -169,8 +169,13 @@ impl Monitor {
         tokio::spawn(async move {
             // A forced selection running now decides; the next round looks again.
             if let Ok(_election) = app.spm_elections.try_lock() {
-                if let Err(e) = elect_spm(&app, dc, None).await {
-                    tracing::info!(dc = %dc, error = %e, "no SPM elected this round");
+                let spm_of = async |app: &App| app.dc(dc).await.ok().map(|d| (d.spm_host, d.spm_status));
+                let before = spm_of(&app).await;
+                match elect_spm(&app, dc, None).await {
+                    // A new SPM: look at the pool's domains now rather than a round later.
+                    Ok(()) if spm_of(&app).await != before => app.kick.notify_one(),
+                    Ok(()) => {}
+                    Err(e) => tracing::info!(dc = %dc, error = %e, "no SPM elected this round"),
                 }
             }
             electing.lock().expect("electing").remove(&dc);

@@ -230,36 +230,59 @@ fn ksm_json(k: &KsmState) -> Value {
     })
 }
 
-/// Publishes `|virt|VM_status|<vmID>` whenever a VM's status changes. Statuses live in memory
-/// (watch channels), so a fine-grained scan costs microseconds.
+/// Publishes `|virt|VM_status|<vmID>` on every VM status change, from the manager's change
+/// stream (so a pause undone a millisecond later is still two events), plus a VM's first
+/// status when it appears and its removal when it leaves the manager (checked every 100 ms).
 async fn publish_vm_status(node: std::sync::Weak<Node>) {
-    let mut last: std::collections::HashMap<VmId, VmStatus> = Default::default();
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(mut changes) = node.upgrade().map(|n| n.vms.changes()) else {
+        return;
+    };
+    let mut known: std::collections::HashSet<VmId> = Default::default();
     loop {
+        let change = tokio::time::timeout(Duration::from_millis(100), changes.recv()).await;
         let Some(n) = node.upgrade() else { return };
-        let now: std::collections::HashMap<VmId, VmStatus> =
-            n.vms.list().into_iter().map(|i| (i.id, i.status)).collect();
-        for (id, status) in &now {
-            if last.get(id) != Some(status) {
-                n.events.publish(
-                    format!("|virt|VM_status|{id}"),
-                    json!({ "vmID": id, "status": to_json(status) }),
-                );
-                // A VM that stopped (crashed, powered off, migrated away) gives up its lease.
-                if status.is_down() {
-                    n.release_vm_lease(*id).await;
+        let publish = async |id: VmId, status: &VmStatus| {
+            n.events.publish(
+                format!("|virt|VM_status|{id}"),
+                json!({ "vmID": id, "status": to_json(status) }),
+            );
+            // A VM that stopped (crashed, powered off, migrated away) gives up its lease.
+            if status.is_down() {
+                n.release_vm_lease(id).await;
+            }
+        };
+        let listed = n.vms.list();
+        let mut just_published = None;
+        match change {
+            Ok(Ok((id, status))) => {
+                publish(id, &status).await;
+                just_published = Some(id);
+            }
+            // Missed changes: everyone's current status instead.
+            Ok(Err(RecvError::Lagged(_))) => {
+                for i in &listed {
+                    publish(i.id, &i.status).await;
                 }
             }
+            Ok(Err(RecvError::Closed)) => return,
+            Err(_) => {} // the periodic look for VMs that came or went
+        }
+        let now: std::collections::HashSet<VmId> = listed.iter().map(|i| i.id).collect();
+        for i in listed
+            .iter()
+            .filter(|i| !known.contains(&i.id) && just_published != Some(i.id))
+        {
+            publish(i.id, &i.status).await;
         }
         // A destroyed VM leaves the manager; its last word is that it is down and gone.
-        for id in last.keys().filter(|id| !now.contains_key(id)) {
+        for id in known.iter().filter(|id| !now.contains(id)) {
             n.release_vm_lease(*id).await;
             n.events.publish(
                 format!("|virt|VM_status|{id}"),
                 json!({ "vmID": id, "status": { "state": "down" }, "removed": true }),
             );
         }
-        last = now;
-        drop(n);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        known = now;
     }
 }

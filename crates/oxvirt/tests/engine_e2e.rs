@@ -410,13 +410,15 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     e.shutdown().await;
 }
 
-/// With polls 10 s apart, the engine still records a VM's pause, resume and destruction done
-/// behind its back within a second: the node's event stream kicks a monitoring round.
+/// With polls 20 s apart, the engine still records a VM's pause, resume and destruction done
+/// behind its back at once (~0.1 s on an idle machine): the node's event stream kicks a
+/// monitoring round. The bound, 5 s, holds on a loaded machine; without events a change waits
+/// for the next poll, so five changes all recorded within it by chance are 0.25^5 unlikely.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
     let guest = TestGuest::get();
     let settings = oxvirt_engine::app::EngineSettings {
-        monitor_interval: Duration::from_secs(10),
+        monitor_interval: Duration::from_secs(20),
         ..common::fast_engine_settings()
     };
     let c = start_cluster_with(1, settings).await;
@@ -478,8 +480,8 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
                 return start.elapsed();
             }
             assert!(
-                start.elapsed() < Duration::from_millis(1500),
-                "{what}: the engine still records {:?} after {:?} (polls are 10 s apart)",
+                start.elapsed() < Duration::from_secs(5),
+                "{what}: the engine still records {:?} after {:?} (polls are 20 s apart)",
                 v.runtime.status,
                 start.elapsed()
             );

@@ -363,6 +363,8 @@ struct Vm {
     dir: PathBuf,
     record: Mutex<VmRecord>,
     status: watch::Sender<VmStatus>,
+    /// Every status change of every VM of the manager, in order (see [`VmManager::changes`]).
+    changes: broadcast::Sender<(VmId, VmStatus)>,
     qmp: Mutex<Option<Arc<Qmp>>>,
     /// `None` for a VM recovered after its QEMU was already gone.
     process: Option<Arc<Process>>,
@@ -412,6 +414,7 @@ impl Vm {
             Ok(n) => {
                 if n != *s {
                     tracing::info!(vm_id = %self.id, from = s.vdsm_name(), to = n.vdsm_name(), ?input, "VM state");
+                    let _ = self.changes.send((self.id, n.clone()));
                     *s = n;
                     true
                 } else {
@@ -480,6 +483,7 @@ pub struct VmManager {
     qemu: PathBuf,
     accel_probe: oxvirt_qemu::KvmProbe,
     vms: Mutex<HashMap<VmId, Arc<Vm>>>,
+    changes: broadcast::Sender<(VmId, VmStatus)>,
 }
 
 impl VmManager {
@@ -499,6 +503,7 @@ impl VmManager {
             qemu,
             accel_probe: oxvirt_qemu::probe_kvm(),
             vms: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|source| VmError::Io {
             path: vms_dir.clone(),
@@ -524,6 +529,13 @@ impl VmManager {
             .get(&id)
             .cloned()
             .ok_or(VmError::NotFound(id))
+    }
+
+    /// Every status change from now on, in order, even ones undone within microseconds (a
+    /// pause and resume): the node's event stream must not miss a transition that sampling
+    /// `list` would. A receiver that lags gets `Lagged` and should resynchronise from `list`.
+    pub fn changes(&self) -> broadcast::Receiver<(VmId, VmStatus)> {
+        self.changes.subscribe()
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
@@ -805,6 +817,7 @@ impl VmManager {
             dir: dir.to_path_buf(),
             record: Mutex::new(rec),
             status,
+            changes: self.changes.clone(),
             qmp: Mutex::new(Some(q)),
             process: Some(process),
             events: broadcast::channel(1024).0,
@@ -892,6 +905,7 @@ impl VmManager {
             dir: dir.to_path_buf(),
             record: Mutex::new(rec),
             status,
+            changes: self.changes.clone(),
             qmp: Mutex::new(None),
             process: None,
             events: broadcast::channel(16).0,
