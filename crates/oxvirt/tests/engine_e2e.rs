@@ -29,6 +29,15 @@ struct Cluster {
     storage: PathBuf,
 }
 
+/// QEMU outlives its node by design: a test that fails midway must not leave guests running.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, data, _) in &self.nodes {
+            common::kill_qemus(&data.join("run"));
+        }
+    }
+}
+
 async fn start_cluster(n: usize) -> Cluster {
     start_cluster_with(n, common::fast_engine_settings()).await
 }

@@ -1,8 +1,8 @@
 //! VMs across real `oxvirt node` processes driven over the JSON-RPC API (mutual TLS), the test
 //! playing the engine: live migration between two nodes on one machine sharing a storage
 //! directory (and back, with a failed and a cancelled attempt in between, hooks at every
-//! migration point); a node killed with SIGKILL whose VM keeps running and is found again by
-//! the next node process; a thin disk on a host that is not the SPM growing through the
+//! migration point); a node killed with SIGKILL, or stopped with SIGTERM, whose VM keeps
+//! running and is found again by the next node process; a thin disk on a host that is not the SPM growing through the
 //! pool's mailbox; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
 
 mod common;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{engine_client, free_port, start_engine, Engine};
+use common::{engine_client, free_port, kill_qemus, start_engine, Engine};
 use oxvirt_rpc::RpcClient;
 use oxvirt_storage::{Allocation, FileStorageDomain, VolFormat, VolumeSpec};
 use oxvirt_testkit::{require_tool, TestGuest};
@@ -167,27 +167,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
         kill_qemus(&self.data.join("run"));
-    }
-}
-
-/// Kills every QEMU whose command line names this run directory's QMP socket.
-fn kill_qemus(run_dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(run_dir.join("vms")) else {
-        return;
-    };
-    for e in rd.filter_map(Result::ok) {
-        let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else {
-            continue;
-        };
-        let Ok(pid) = pid.trim().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let marker = e.path().join("qmp.sock");
-        if String::from_utf8_lossy(&cmdline).contains(marker.to_str().unwrap_or("-")) {
-            // SAFETY: kill(2) on a pid whose command line we just checked.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
     }
 }
 
@@ -500,6 +479,20 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
         seen.remove(0);
     }
     assert_eq!(seen, ["paused", "up"]);
+    let p = wait_passes(&log, p, 1, BOOT).await;
+
+    // A graceful stop (SIGTERM) leaves the VM running too; the next process finds it again.
+    let mut node = node;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+    let st = node.child.wait().unwrap();
+    assert!(st.success(), "SIGTERM exits cleanly, got {st}");
+    assert!(running(qemu_pid), "a graceful node stop took its VM down");
+    std::mem::forget(node);
+    let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+    let all = node.call("Host.getAllVmStats", json!({})).await;
+    assert_eq!(all[0]["status"]["state"], "up", "{all}");
+    assert_eq!(all[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
     wait_passes(&log, p, 1, BOOT).await;
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
