@@ -433,10 +433,24 @@ impl SagaDef for StartVmSaga {
                     run_on_host: Some(p.host),
                     ..Default::default()
                 };
-                c.db()
+                match c
+                    .db()
                     .vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch, VmStatus::PoweringUp], &rt)
-                    .await?;
-                Ok(())
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    // The monitor may record the node's word first (the node's event about the
+                    // new VM kicks a round): running on our host, the start succeeded.
+                    Err(e) => match c.db().vm_get(p.vm).await? {
+                        Some(v)
+                            if v.runtime.run_on_host == Some(p.host)
+                                && matches!(v.runtime.status, VmStatus::Up | VmStatus::Paused) =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(e.into()),
+                    },
+                }
             }),
         ]
     }
