@@ -640,9 +640,11 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
     // for a lease that a live SPM keeps renewing.
     if let Some((holder, _)) = connected.iter().find(|(h, id)| *id == prev_id && h.id != cand.id) {
         let hn = app.client(holder)?.within(app.settings.poll_timeout());
+        // A holder that does not answer is left to spmStart below, which waits for its lease.
         let hs = hn
             .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
-            .await?;
+            .await
+            .unwrap_or_default();
         if hs["spm_st"]["spmStatus"] == "SPM" {
             if prefer.is_none() {
                 // The candidate contends in the database by now: the holder takes its place.
