@@ -651,22 +651,8 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
                 app.db.dc_spm_clear(dc, cand.id).await?;
                 app.db.dc_spm_contend(dc, holder.id).await?;
                 let lver = hs["spm_st"]["spmLver"].as_i64().unwrap_or(0);
-                app.db.dc_spm_won(dc, holder.id, lver).await?;
-                app.db.dc_set_status(dc, DcStatus::Up).await?;
                 tracing::info!(dc = %d.name, spm = %holder.name, lver, "found the SPM on storage");
-                event(
-                    app,
-                    Severity::Normal,
-                    204,
-                    format!(
-                        "Host {} is the SPM of data center {} (lver {lver})",
-                        holder.name, d.name
-                    ),
-                    Some(holder.id),
-                    None,
-                )
-                .await;
-                return Ok(());
+                return spm_won(app, &d, holder, lver).await;
             }
             hn.call("StoragePool.spmStop", json!({ "spUUID": d.storage_pool_id }))
                 .await?;
@@ -689,21 +675,31 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
         .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
         .await?;
     let lver = status["spm_st"]["spmLver"].as_i64().unwrap_or(0);
-    app.db.dc_spm_won(dc, cand.id, lver).await?;
-    app.db.dc_set_status(dc, DcStatus::Up).await?;
+    tracing::info!(dc = %d.name, spm = %cand.name, lver, "SPM elected");
+    spm_won(app, &d, &cand, lver).await
+}
+
+/// Records `host`, contending now, as the data center's SPM with lease version `lver`.
+async fn spm_won(
+    app: &App,
+    d: &crate::model::DataCenter,
+    host: &Host,
+    lver: i64,
+) -> Result<(), CommandError> {
+    app.db.dc_spm_won(d.id, host.id, lver).await?;
+    app.db.dc_set_status(d.id, DcStatus::Up).await?;
     event(
         app,
         Severity::Normal,
         204,
         format!(
             "Host {} is the SPM of data center {} (lver {lver})",
-            cand.name, d.name
+            host.name, d.name
         ),
-        Some(cand.id),
+        Some(host.id),
         None,
     )
     .await;
-    tracing::info!(dc = %d.name, spm = %cand.name, lver, "SPM elected");
     Ok(())
 }
 

@@ -90,6 +90,21 @@ async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettin
     }
 }
 
+/// The "data" localfs domain at `path`, added through `host`.
+fn data_domain(path: &str, host: oxvirt_engine::model::HostUuid) -> AddStorageDomain {
+    AddStorageDomain {
+        name: "data".into(),
+        description: String::new(),
+        domain_type: SdType::Data,
+        storage_type: StorageType::Localfs,
+        address: None,
+        path: path.into(),
+        vfs_type: None,
+        mount_options: None,
+        host,
+    }
+}
+
 fn console(c: &Cluster, host: &str, vm: oxvirt_types::VmId) -> PathBuf {
     let (_, dir, _) = c.nodes.iter().find(|(n, _, _)| n == host).unwrap();
     dir.join("run/vms").join(vm.to_string()).join("serial.log")
@@ -124,17 +139,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
 
     // Storage: a bad path is refused and leaves nothing; the real one becomes active.
     let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
-    let sd_req = |path: &str| AddStorageDomain {
-        name: "data".into(),
-        description: String::new(),
-        domain_type: SdType::Data,
-        storage_type: StorageType::Localfs,
-        address: None,
-        path: path.into(),
-        vfs_type: None,
-        mount_options: None,
-        host: host1.id,
-    };
+    let sd_req = |path: &str| data_domain(path, host1.id);
     let err = cmds
         .add_storage_domain(sd_req("/nonexistent/storage"))
         .await
@@ -437,17 +442,7 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
     let host = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd = cmds
-        .add_storage_domain(AddStorageDomain {
-            name: "data".into(),
-            description: String::new(),
-            domain_type: SdType::Data,
-            storage_type: StorageType::Localfs,
-            address: None,
-            path: c.storage.display().to_string(),
-            vfs_type: None,
-            mount_options: None,
-            host: host.id,
-        })
+        .add_storage_domain(data_domain(&c.storage.display().to_string(), host.id))
         .await
         .unwrap();
     cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();

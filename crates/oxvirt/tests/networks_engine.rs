@@ -38,23 +38,7 @@ struct QemuReaper(Vec<PathBuf>);
 impl Drop for QemuReaper {
     fn drop(&mut self) {
         for run in &self.0 {
-            let Ok(rd) = std::fs::read_dir(run.join("vms")) else {
-                continue;
-            };
-            for e in rd.filter_map(Result::ok) {
-                let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else {
-                    continue;
-                };
-                let Ok(pid) = pid.trim().parse::<i32>() else {
-                    continue;
-                };
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let marker = e.path().join("qmp.sock");
-                if String::from_utf8_lossy(&cmdline).contains(marker.to_str().unwrap_or("-")) {
-                    // SAFETY: kill(2) on a pid whose command line we just checked.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+            common::kill_qemus(run);
         }
     }
 }

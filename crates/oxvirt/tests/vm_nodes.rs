@@ -247,17 +247,22 @@ fn logging_hook(dir: &Path, point: &str, log: &Path) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Connects directory `shared` as the node's storage connection "shared".
+async fn connect_shared(n: &Node, shared: &Path) {
+    let r = n
+        .call(
+            "StoragePool.connectStorageServer",
+            json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
+        )
+        .await;
+    assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+}
+
 /// Connects `shared` as storage on every node; the first creates a domain there with one
 /// 32 MiB qcow2 image. Returns the domain, image and the volume's path.
 async fn shared_disk(nodes: &[&Node], shared: &Path) -> (SdUuid, ImgUuid, PathBuf) {
     for n in nodes {
-        let r = n
-            .call(
-                "StoragePool.connectStorageServer",
-                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
-            )
-            .await;
-        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+        connect_shared(n, shared).await;
     }
     let sd = SdUuid::new_random();
     nodes[0]
@@ -675,13 +680,7 @@ async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
 async fn pool_of(spm: &Node, other: &Node, shared: &Path) -> (oxvirt_types::PoolUuid, SdUuid) {
     std::fs::create_dir(shared).unwrap();
     for n in [spm, other] {
-        let r = n
-            .call(
-                "StoragePool.connectStorageServer",
-                json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
-            )
-            .await;
-        assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
+        connect_shared(n, shared).await;
     }
     let (pool, sd) = (oxvirt_types::PoolUuid::new_random(), SdUuid::new_random());
     spm.call(
@@ -812,12 +811,7 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
     let runner = Node::start(&engine, "runner-host", &data, None, Some(addr)).await;
     let t0 = Instant::now();
     // Stateless: the engine tells the new process its storage and pool again.
-    runner
-        .call(
-            "StoragePool.connectStorageServer",
-            json!({ "connectionParams": [{ "id": "shared", "kind": "localfs", "path": shared }] }),
-        )
-        .await;
+    connect_shared(&runner, &shared).await;
     runner
         .call("StoragePool.connect", pool_connect(pool, sd, 2))
         .await;

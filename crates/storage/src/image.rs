@@ -585,14 +585,7 @@ impl FileStorageDomain {
         for vol in self.volume_ids(img)? {
             let m = self.read_meta(img, vol);
             if matches!(&m, Ok(m) if m.role == VolRole::Shared && m.image == img) {
-                let clones: Vec<ImgUuid> = self
-                    .images_containing(vol)?
-                    .into_iter()
-                    .filter(|i| *i != img)
-                    .collect();
-                if !clones.is_empty() {
-                    return Err(StorageError::TemplateInUse { img, vol, clones });
-                }
+                self.ensure_template_unused(img, vol)?;
             }
         }
         let removed = format!("{REMOVED_IMAGE_PREFIX}{img}");
@@ -906,17 +899,24 @@ impl FileStorageDomain {
         // A template's `.meta` is hard-linked into every clone's image; replacing it (write by
         // rename) would leave the clones with the old record. A template in use is not changed.
         if meta.role == VolRole::Shared {
-            let clones: Vec<ImgUuid> = self
-                .images_containing(vol)?
-                .into_iter()
-                .filter(|i| *i != img)
-                .collect();
-            if !clones.is_empty() {
-                return Err(StorageError::TemplateInUse { img, vol, clones });
-            }
+            self.ensure_template_unused(img, vol)?;
         }
         meta.legality = legality;
         self.write_meta(img, vol, &meta)
+    }
+
+    /// Fails with the clones when template volume `vol` of image `img` is linked into others.
+    fn ensure_template_unused(&self, img: ImgUuid, vol: VolUuid) -> Result<()> {
+        let clones: Vec<ImgUuid> = self
+            .images_containing(vol)?
+            .into_iter()
+            .filter(|i| *i != img)
+            .collect();
+        if clones.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::TemplateInUse { img, vol, clones })
+        }
     }
 
     pub fn volume_info(&self, img: ImgUuid, vol: VolUuid) -> Result<VolumeInfo> {

@@ -1493,11 +1493,18 @@ impl VmManager {
     /// Whether a live VM holds leases on `sd` (its disks' or its own): then this node's host id
     /// there must be kept, not re-taken (see the pool's `HoldersProbe`).
     pub fn relies_on_domain(&self, sd: SdUuid) -> bool {
+        !self.holders_on(sd).is_empty()
+    }
+
+    /// Live VMs holding leases on `sd`.
+    fn holders_on(&self, sd: SdUuid) -> Vec<Arc<Vm>> {
         self.vms
             .lock()
             .unwrap()
             .values()
-            .any(|v| !v.status().is_down() && v.record.lock().unwrap().create.lease_domains.contains(&sd))
+            .filter(|v| !v.status().is_down() && v.record.lock().unwrap().create.lease_domains.contains(&sd))
+            .cloned()
+            .collect()
     }
 
     /// Live VMs with a VM lease, and the lease's domain.
@@ -1529,14 +1536,7 @@ impl VmManager {
     /// (pidfd) within `within`.
     pub async fn fence_storage_domain(&self, sd: SdUuid, within: Duration) -> Result<FenceReport, VmError> {
         let start = Instant::now();
-        let targets: Vec<Arc<Vm>> = self
-            .vms
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|v| !v.status().is_down() && v.record.lock().unwrap().create.lease_domains.contains(&sd))
-            .cloned()
-            .collect();
+        let targets = self.holders_on(sd);
         for vm in &targets {
             vm.set_intent(DownKind::Fenced, format!("self-fencing of storage domain {sd}"));
             if let Some(Err(e)) = vm.process.as_ref().map(|p| p.signal(libc::SIGKILL)) {
