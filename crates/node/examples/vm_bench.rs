@@ -54,6 +54,7 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
             direct_io: false,
             write_error: WriteErrorPolicy::StopOnEnospc,
             thin: None,
+            image: None,
         }],
         nics: vec![],
         balloon: true,
@@ -149,7 +150,7 @@ async fn main() {
     let mut here = (&a, &b);
     for _ in 0..4 {
         let (src, dst) = here;
-        let inc = dst.prepare_incoming(req.clone()).await.unwrap();
+        let inc = dst.prepare_incoming(req.clone(), false).await.unwrap();
         let rep = src
             .migrate(
                 id,

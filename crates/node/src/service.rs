@@ -249,7 +249,7 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
             );
             // A VM that stopped (crashed, powered off, migrated away) gives up its lease.
             if status.is_down() {
-                n.release_vm_lease(id).await;
+                n.release_vm_leases(id).await;
             }
         };
         let listed = n.vms.list();
@@ -277,7 +277,7 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
         }
         // A destroyed VM leaves the manager; its last word is that it is down and gone.
         for id in known.iter().filter(|id| !now.contains(id)) {
-            n.release_vm_lease(*id).await;
+            n.release_vm_leases(*id).await;
             n.events.publish(
                 format!("|virt|VM_status|{id}"),
                 json!({ "vmID": id, "status": { "state": "down" }, "removed": true }),

@@ -114,6 +114,17 @@ async fn host_name(e: &Engine, id: oxvirt_engine::model::HostUuid) -> String {
     e.app().db.host_get(id).await.unwrap().unwrap().name
 }
 
+/// Who holds a volume's lease, read from storage (a host id; `None`: free).
+fn vol_owner(
+    storage: &Path,
+    sd: oxvirt_engine::model::SdUuid,
+    img: oxvirt_engine::model::ImgUuid,
+    vol: oxvirt_types::VolUuid,
+) -> Option<u64> {
+    let dom = oxvirt_storage::FileStorageDomain::find(storage, sd).unwrap();
+    oxvirt_storage::spm::volume_lease_owner(&dom, img, vol).unwrap()
+}
+
 fn image_dirs(storage: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for sd in std::fs::read_dir(storage).unwrap().flatten() {
@@ -316,6 +327,10 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let chain = db.volume_chain(vdisk).await.unwrap();
     assert_eq!(chain.len(), 2, "{chain:?}");
     assert_eq!(chain[1].parent_id, Some(chain[0].id));
+    // The running VM holds the lease of the volume it writes, and only that one.
+    let owner = |vol| vol_owner(&c.storage, sd.id, vdisk, vol);
+    let runner_id = owner(chain[1].id).expect("the new leaf's lease is held");
+    assert_eq!(owner(chain[0].id), None, "the old leaf's lease was kept");
 
     // Live migration to another host: the guest keeps writing there.
     let moved = cmds
@@ -325,6 +340,8 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let h2 = moved.runtime.run_on_host.unwrap();
     assert_ne!(h2, h);
     assert_eq!(moved.runtime.status, VmStatus::Up);
+    let dst_id = owner(chain[1].id).expect("the destination holds the leaf's lease");
+    assert_ne!(dst_id, runner_id, "the lease stayed with the source");
     let h2name = host_name(&e, h2).await;
     let log2 = console(&c, &h2name, vm.id);
     let before = std::fs::read_to_string(&log2)
@@ -353,12 +370,21 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     assert_eq!(chain.len(), 1, "{chain:?}");
     assert_eq!(chain[0].parent_id, Some(tvol));
     assert!(db.snapshot_get(snap.id).await.unwrap().is_none());
+    assert_eq!(owner(chain[0].id), Some(dst_id), "the merged leaf's lease");
 
     // Stop and remove: its disk leaves storage; the template's stays.
     cmds.stop_vm(vm.id).await.unwrap();
     cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))
         .await
         .unwrap();
+    let start = Instant::now();
+    while owner(chain[0].id).is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a stopped VM kept its disk's lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         cmds.remove_template(tmpl.id).await.is_err(),
         "a template in use cannot be removed"

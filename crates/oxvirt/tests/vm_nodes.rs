@@ -766,12 +766,12 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
     let mut runner = Node::start(&engine, "runner-host", &data, None, None).await;
     let shared = tmp.path().join("shared");
     let (pool, sd) = pool_of(&spm, &runner, &shared).await;
-    let img = ImgUuid::new_random();
+    let (img, leaf) = (ImgUuid::new_random(), VolUuid::new_random());
     let task = spm
         .call(
             "Volume.create",
             json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "size": 32 << 20, "volFormat": "COW",
-                    "preallocate": "SPARSE", "volUUID": VolUuid::new_random() }),
+                    "preallocate": "SPARSE", "volUUID": leaf }),
         )
         .await;
     wait_task(&spm, &task, Duration::from_secs(30)).await;
@@ -789,6 +789,22 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
             .await
     };
     assert_eq!(lease().await["owner"], 2);
+    // The running VM also holds the lease of the volume it writes.
+    let vref = json!({ "sdUUID": sd, "imgUUID": img, "volUUID": leaf });
+    let vol_owner = async || spm.call("Volume.getLeaseStatus", vref.clone()).await["owner"].clone();
+    assert_eq!(vol_owner().await, 2);
+    let e = spm.c.call("Volume.acquireLease", vref.clone()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("volume {leaf} is locked by host 2")),
+        "{e}"
+    );
+    let e = runner
+        .c
+        .call("Volume.releaseLease", vref.clone())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains(&format!("belongs to VM {id}")), "{e}");
     let generation = host_generation(&shared, sd, 2);
 
     // The other host may not start the VM while host 2 holds its lease.
@@ -832,15 +848,43 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
     );
     wait_passes(&log, p, 1, BOOT).await;
     assert_eq!(lease().await["owner"], 2);
+    assert_eq!(vol_owner().await, 2);
     try_twice("after 8N + M").await;
 
+    // Migration hands the leases over: the destination QEMU waits paused (-S) after the
+    // stream until the source has given them up and it holds them, then the guest runs.
+    let rep = migrate(&runner, &spm, id, &params, 0).await.unwrap();
+    spm.wait_state(id, "up", Duration::from_secs(30)).await;
+    let waited = spm.call("VM.getStats", json!({ "vmID": id })).await["lease_wait_ms"].clone();
+    eprintln!(
+        "leased VM migration host 2 -> host 1: total {} ms, downtime {} ms + lease handover {waited} ms",
+        rep["total_ms"], rep["downtime_ms"]
+    );
+    assert!(
+        waited.as_u64().is_some(),
+        "the destination did not wait for the leases"
+    );
+    let dst_pid = spm.call("VM.getInfo", json!({ "vmID": id })).await["pid"]
+        .as_u64()
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{dst_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.split(|b| *b == 0).any(|a| a == b"-S"),
+        "the destination of a leased VM must start paused"
+    );
+    assert_eq!(lease().await["owner"], 1);
+    assert_eq!(vol_owner().await, 1);
     runner.call("VM.destroy", json!({ "vmID": id })).await;
+    wait_passes(&spm.console_log(id), 0, 1, BOOT).await;
+
+    spm.call("VM.destroy", json!({ "vmID": id })).await;
     let start = Instant::now();
-    while !lease().await["owner"].is_null() {
+    while !lease().await["owner"].is_null() || !vol_owner().await.is_null() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "the taken-back lease was not released with the VM: {}",
-            lease().await
+            "the leases were not released with the VM: {} / {}",
+            lease().await,
+            vol_owner().await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -37,6 +37,10 @@ pub struct VmSpec {
     pub pid_file: Option<PathBuf>,
     /// `-incoming` URI for a migration destination (e.g. `tcp:127.0.0.1:49152`, `defer`).
     pub incoming: Option<String>,
+    /// `-S`: the guest does not run until `cont`. On a migration destination it stays paused
+    /// after the stream completes (until the node holds the VM's leases).
+    #[serde(default)]
+    pub start_paused: bool,
     pub nics: Vec<NicSpec>,
     /// PCIe root ports reserved for NICs (`nicport<slot>`), so NICs can be hot plugged and
     /// unplugged and keep their PCI address across migration. 0: NICs sit on the root bus
@@ -574,6 +578,9 @@ impl VmSpec {
         if let Some(uri) = &self.incoming {
             push("-incoming", uri.clone());
         }
+        if self.start_paused {
+            a.push("-S".into());
+        }
         Ok(a)
     }
 }
@@ -614,6 +621,7 @@ mod tests {
             balloon: true,
             pid_file: None,
             incoming: None,
+            start_paused: false,
             nics: vec![NicSpec::new("52:54:00:12:34:56", NicBackend::User)],
             nic_ports: 0,
             guest_agent_socket: Some("/run/vm1.qga".into()),

@@ -59,6 +59,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         balloon: true,
         pid_file: None,
         incoming: None,
+        start_paused: false,
         nics: vec![],
         nic_ports: 0,
         guest_agent_socket: None,

@@ -181,25 +181,27 @@ pub(crate) async fn ensure_vm_lease(app: &App, vm: VmId, dc: DcId) -> Result<(),
     Ok(())
 }
 
-/// `VM.acquireLease` on the node now running the VM, retried while the previous holder (the
-/// migration source, releasing as its QEMU stops) still shows as owner.
-async fn acquire_lease_on(
-    node: &NodeClient,
-    vm: VmId,
-    sd: crate::model::SdUuid,
-) -> Result<u64, CommandError> {
+/// Waits until the migration destination runs the guest: it does once it holds the VM's
+/// leases, which the source gives up when its migration completes.
+async fn wait_running_on(node: &NodeClient, vm: VmId, limit: Duration) -> Result<(), CommandError> {
     let start = std::time::Instant::now();
     loop {
-        match node
-            .call("VM.acquireLease", json!({ "vmID": vm, "sdUUID": sd }))
-            .await
-        {
-            Ok(r) => return Ok(r["lver"].as_u64().unwrap_or(0)),
-            Err(e) if start.elapsed() < Duration::from_secs(15) => {
-                tracing::debug!(vm = %vm, error = %e, "VM lease not free yet on the destination");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+        let info = node.call("VM.getInfo", json!({ "vmID": vm })).await?;
+        match info["status"]["state"].as_str() {
+            Some("up") => return Ok(()),
+            Some("down") => {
+                return Err(CommandError::Conflict(format!(
+                    "VM {vm} went down on the migration destination: {}",
+                    info["status"]["reason"]
+                )))
             }
-            Err(e) => return Err(e.into()),
+            state if start.elapsed() >= limit => {
+                return Err(CommandError::Conflict(format!(
+                    "VM {vm} does not run on the migration destination after {limit:?} (still {})",
+                    state.unwrap_or("unknown")
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
@@ -553,6 +555,10 @@ impl SagaDef for MigrateVmSaga {
             .describe("Migrating memory and state"),
             Step::without_undo("switch", |c: StepCtx<Self>| async move {
                 let p = c.params();
+                let dst = client_of(c.app(), p.dst).await?;
+                wait_running_on(&dst, p.vm, c.app().settings.migration_timeout)
+                    .await
+                    .map_err(step_err)?;
                 let rt = VmRuntime {
                     status: VmStatus::Up,
                     run_on_host: Some(p.dst),
@@ -563,16 +569,6 @@ impl SagaDef for MigrateVmSaga {
                     .await?;
                 let src = client_of(c.app(), p.src).await?;
                 destroy_on(&src, p.vm).await.map_err(step_err)?;
-                // The source gave up the VM lease when its QEMU stopped; the destination takes it.
-                let v = c
-                    .db()
-                    .vm_get(p.vm)
-                    .await?
-                    .ok_or_else(|| step_err("the VM is gone"))?;
-                if let Some(sd) = lease_domain(c.app(), &v).await.map_err(step_err)? {
-                    let dst = client_of(c.app(), p.dst).await?;
-                    acquire_lease_on(&dst, p.vm, sd).await.map_err(step_err)?;
-                }
                 Ok(())
             })
             .describe("Switching over to the destination"),

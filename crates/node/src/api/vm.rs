@@ -20,8 +20,9 @@ use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
 use super::storage::error_chain;
 use super::{params, ApiError};
 use crate::service::Node;
+use crate::storage::pool::PoolServiceError;
 use crate::vm::thin::{ThinPolicy, VolumeRef};
-use crate::vm::{MigrateParams, SnapshotDisk, ThinDisk, VmCreate, VmDisk, VmError};
+use crate::vm::{ImageRef, MigrateParams, SnapshotDisk, ThinDisk, VmCreate, VmDisk, VmError};
 
 pub const VERBS: &[&str] = &[
     "VM.create",
@@ -381,51 +382,199 @@ impl Node {
         .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("lease worker failed: {e}")))?
     }
 
-    /// After a pool connect: takes back the VM leases of VMs that outlived an earlier
-    /// incarnation of this node (their host id was resumed with its generation, so the leases
-    /// are still ours on storage; this gives the new process their handles). A lease another
-    /// host owns means the VM may run there: this copy is killed, never left running twice.
-    pub(crate) async fn readopt_vm_leases(&self) {
-        for (vm, sd) in self.vms.leased_vms() {
-            let pools = self.pools.clone();
-            let r = tokio::task::spawn_blocking(move || match pools.current() {
-                Some(cp) => cp.acquire_vm_lease(sd, &vm.to_string()).map(Some),
-                None => Ok(None),
-            })
-            .await;
-            match r {
-                Ok(Ok(Some(lver))) => tracing::info!(vm_id = %vm, sd = %sd, lver, "VM lease taken back"),
-                Ok(Ok(None)) => {}
-                Ok(Err(crate::storage::pool::PoolServiceError::VmLease {
-                    source: oxvirt_lease::LeaseError::OwnedByOther { host_id, .. },
-                    ..
-                })) => {
-                    tracing::error!(vm_id = %vm, owner = host_id,
-                        "VM lease owned by another host: killing this copy of the VM");
-                    if let Err(e) = self.vms.destroy(vm).await {
-                        tracing::error!(vm_id = %vm, error = %e, "cannot kill a VM that lost its lease");
-                    }
+    /// Takes every lease a VM runs under here: its VM lease (an HA VM's) and the leases of
+    /// `volumes` that live on domains of the connected pool (a VM on storage outside a pool
+    /// has no lockspace to take them in). Leases the VM already holds are kept; on failure
+    /// the ones this call took are given back and the error names the holder.
+    pub(crate) async fn take_vm_leases(
+        &self,
+        vm: VmId,
+        vm_lease: Option<SdUuid>,
+        volumes: Vec<VolumeRef>,
+    ) -> Result<(), PoolServiceError> {
+        let pools = self.pools.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(cp) = pools.current() else {
+                return match vm_lease {
+                    Some(_) => Err(PoolServiceError::NoPool),
+                    None => Ok(()),
+                };
+            };
+            let held_before = cp.vm_volume_leases(vm);
+            let lease_id = vm.to_string();
+            let had_vm_lease = cp.holds_vm_lease(&lease_id);
+            let res = (|| {
+                if let Some(sd) = vm_lease {
+                    cp.acquire_vm_lease(sd, &lease_id)?;
                 }
-                Ok(Err(e)) => tracing::error!(vm_id = %vm, error = %e, "cannot take the VM lease back"),
-                Err(e) => tracing::error!(vm_id = %vm, error = %e, "lease worker failed"),
+                for v in volumes.iter().filter(|v| cp.has_lockspace(v.sd)) {
+                    cp.acquire_volume_lease(v.sd, v.img, v.vol, Some(vm))?;
+                }
+                Ok(())
+            })();
+            if res.is_err() {
+                let taken: Vec<VolUuid> = cp
+                    .vm_volume_leases(vm)
+                    .into_iter()
+                    .filter(|v| !held_before.contains(v))
+                    .collect();
+                let _ = cp.release_vm_volume_leases(vm, Some(&taken));
+                if !had_vm_lease {
+                    let _ = cp.release_vm_lease(&lease_id);
+                }
+            }
+            res
+        })
+        .await
+        .unwrap_or_else(|e| Err(PoolServiceError::Invalid(format!("lease worker failed: {e}"))))
+    }
+
+    /// Makes the VM's volume leases match its writable leaves now (after a snapshot moved the
+    /// leaf up, or a merge ended): takes what is missing, gives back what it no longer writes.
+    pub(crate) async fn sync_volume_leases(&self, vm: VmId) {
+        let Ok(want) = self.vms.leaf_volumes(vm) else {
+            return;
+        };
+        let pools = self.pools.clone();
+        let want_vols: Vec<VolUuid> = want.iter().map(|v| v.vol).collect();
+        let r = tokio::task::spawn_blocking(move || {
+            let Some(cp) = pools.current() else {
+                return Ok(Vec::new());
+            };
+            let stale: Vec<VolUuid> = cp
+                .vm_volume_leases(vm)
+                .into_iter()
+                .filter(|v| !want_vols.contains(v))
+                .collect();
+            cp.release_vm_volume_leases(vm, Some(&stale))
+        })
+        .await;
+        match r {
+            Ok(Ok(released)) if !released.is_empty() => {
+                tracing::info!(vm_id = %vm, ?released, "volume leases the VM no longer writes released")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(vm_id = %vm, error = %e, "cannot release stale volume leases"),
+            Err(e) => tracing::warn!(vm_id = %vm, error = %e, "lease worker failed"),
+        }
+        if let Err(e) = self.take_vm_leases(vm, None, want).await {
+            tracing::error!(vm_id = %vm, error = %e, "cannot take the lease of a volume the VM writes");
+        }
+    }
+
+    /// After a pool connect: takes back the leases of VMs that outlived an earlier incarnation
+    /// of this node (their host id was resumed with its generation, so the leases are still
+    /// ours on storage; this gives the new process their handles). A lease another host owns
+    /// means the VM may run there: this copy is killed, never left running twice. A migration
+    /// destination still waiting for its leases gets its waiter back.
+    pub(crate) async fn readopt_vm_leases(self: &Arc<Self>) {
+        for needs in self.vms.lease_needs() {
+            let vm = needs.id;
+            if needs.awaiting {
+                self.spawn_incoming_lease_waiter(vm);
+                continue;
+            }
+            match self.take_vm_leases(vm, needs.vm_lease, needs.volumes).await {
+                Ok(()) => tracing::info!(vm_id = %vm, "VM leases taken back"),
+                Err(e) => match e.lease_owner() {
+                    Some(owner) => {
+                        tracing::error!(vm_id = %vm, owner, error = %e,
+                            "a lease of this VM is owned by another host: killing this copy");
+                        if let Err(e) = self.vms.destroy(vm).await {
+                            tracing::error!(vm_id = %vm, error = %e, "cannot kill a VM that lost its lease");
+                        }
+                    }
+                    None => tracing::error!(vm_id = %vm, error = %e, "cannot take the VM's leases back"),
+                },
             }
         }
     }
 
-    /// Releases the VM's lease when this host holds it (a VM that stopped anywhere).
-    pub(crate) async fn release_vm_lease(&self, vm: VmId) {
+    /// Gives back every lease this host holds for the VM (it stopped, or its guest moved to
+    /// a migration destination).
+    pub(crate) async fn release_vm_leases(&self, vm: VmId) {
         let pools = self.pools.clone();
         let r = tokio::task::spawn_blocking(move || match pools.current() {
-            Some(cp) => cp.release_vm_lease(&vm.to_string()).map_err(|e| e.to_string()),
-            None => Ok(false),
+            Some(cp) => {
+                let own = cp.release_vm_lease(&vm.to_string());
+                let vols = cp.release_vm_volume_leases(vm, None);
+                Ok((own?, vols?))
+            }
+            None => Ok((false, Vec::new())),
         })
         .await;
         match r {
-            Ok(Ok(true)) => tracing::info!(vm_id = %vm, "VM lease released"),
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => tracing::warn!(vm_id = %vm, error = %e, "cannot release the VM lease"),
+            Ok(Ok((own, vols))) if own || !vols.is_empty() => {
+                tracing::info!(vm_id = %vm, vm_lease = own, volumes = ?vols, "VM leases released")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err::<_, PoolServiceError>(e)) => {
+                tracing::warn!(vm_id = %vm, error = %e, "cannot release the VM's leases")
+            }
             Err(e) => tracing::warn!(vm_id = %vm, error = %e, "lease worker failed"),
         }
+    }
+
+    /// Whether a VM created from `create` runs under leases on this node: then a migration
+    /// destination must not run it before holding them.
+    fn needs_leases(&self, create: &VmCreate) -> bool {
+        create.vm_lease.is_some()
+            || self.pools.current().is_some_and(|cp| {
+                create
+                    .disks
+                    .iter()
+                    .filter_map(VmDisk::leaf_volume)
+                    .any(|v| cp.has_lockspace(v.sd))
+            })
+    }
+
+    /// A held migration destination: once the guest has arrived, takes the VM's leases (the
+    /// source gives them up when its migration completes; until then, or while a dead
+    /// source's host id has not expired, the attempt is refused and repeated) and then lets
+    /// the guest run. Never runs the guest without them: if they never come, the VM stays
+    /// paused until the engine destroys it.
+    pub(crate) fn spawn_incoming_lease_waiter(self: &Arc<Self>, vm: VmId) {
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(n) = node.upgrade() else { return };
+            if let Err(e) = n.vms.wait_incoming(vm).await {
+                tracing::info!(vm_id = %vm, error = %e, "incoming migration ended without the guest");
+                return;
+            }
+            drop(n);
+            let arrived = std::time::Instant::now();
+            let mut attempts = 0u32;
+            let mut warned = arrived;
+            loop {
+                let Some(n) = node.upgrade() else { return };
+                let Some(needs) = n.vms.lease_needs().into_iter().find(|l| l.id == vm && l.awaiting) else {
+                    return; // destroyed, or resumed by another waiter
+                };
+                match n.take_vm_leases(vm, needs.vm_lease, needs.volumes).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        if warned.elapsed() > Duration::from_secs(10) {
+                            tracing::warn!(vm_id = %vm, error = %e, "migrated VM still waits for its leases");
+                            warned = std::time::Instant::now();
+                        } else {
+                            tracing::debug!(vm_id = %vm, error = %e, "leases not free yet");
+                        }
+                    }
+                }
+                drop(n);
+                // The source gives the leases up right after the stream ends: look often for
+                // a second, then, as for a source whose host id must expire first, calmly.
+                attempts += 1;
+                let pause = if attempts < 40 { 25 } else { 500 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            let Some(n) = node.upgrade() else { return };
+            match n.vms.resume_incoming(vm, arrived.elapsed()).await {
+                Ok(_) => tracing::info!(vm_id = %vm, waited_ms = arrived.elapsed().as_millis() as u64,
+                    "migrated VM runs under its leases"),
+                Err(e) => tracing::warn!(vm_id = %vm, error = %e, "cannot start the migrated VM"),
+            }
+        });
     }
 
     /// Turns API parameters into the VM manager's request, resolving drives to chains.
@@ -448,6 +597,10 @@ impl Node {
                     serial: Some(d.image.to_string().chars().take(20).collect()),
                     read_only: d.readonly,
                     write_error: Default::default(),
+                    image: Some(ImageRef {
+                        sd: d.domain,
+                        img: d.image,
+                    }),
                     thin: d.thin.map(|policy| ThinDisk {
                         volume: leaf.map(|vol| VolumeRef {
                             sd: d.domain,
@@ -516,17 +669,15 @@ impl Node {
         let vms = self.vms.clone();
         match req {
             VmRequest::Create(p) => {
-                let lease = p.lease.clone();
                 let create = self.vm_create_request(p).await?;
-                if let Some(l) = &lease {
-                    self.acquire_vm_lease(create.id, l.sd).await?;
-                }
+                let volumes = create.disks.iter().filter_map(VmDisk::leaf_volume).collect();
+                self.take_vm_leases(create.id, create.vm_lease, volumes).await?;
                 match vms.create(create.clone()).await {
                     Ok(info) => Ok(to_json(&info)),
+                    // The VM running here already holds them.
+                    Err(e @ VmError::Exists(_)) => Err(e.into()),
                     Err(e) => {
-                        if lease.is_some() {
-                            self.release_vm_lease(create.id).await;
-                        }
+                        self.release_vm_leases(create.id).await;
                         Err(e.into())
                     }
                 }
@@ -539,7 +690,12 @@ impl Node {
             }
             VmRequest::MigrationCreate(p) => {
                 let create = self.vm_create_request(p).await?;
-                Ok(to_json(&vms.prepare_incoming(create).await?))
+                let (id, hold) = (create.id, self.needs_leases(&create));
+                let info = vms.prepare_incoming(create, hold).await?;
+                if hold {
+                    self.spawn_incoming_lease_waiter(id);
+                }
+                Ok(to_json(&info))
             }
             VmRequest::Destroy(id) => Ok(json!({ "reason": to_json(&vms.destroy(id).await?) })),
             VmRequest::Shutdown(p) => {
@@ -568,11 +724,12 @@ impl Node {
                     max_bandwidth: m.max_bandwidth.saturating_mul(1 << 20),
                     timeout_ms: m.timeout_secs.saturating_mul(1000),
                 };
+                let node = self.clone();
                 let job = self.jobs.start("migrate", Some(m.id), async move {
-                    vms.migrate(m.id, params)
-                        .await
-                        .map(|r| to_json(&r))
-                        .map_err(ApiError::from)
+                    let report = vms.migrate(m.id, params).await?;
+                    // The guest is the destination's now; it starts once it holds these.
+                    node.release_vm_leases(m.id).await;
+                    Ok(to_json(&report))
                 });
                 Ok(json!({ "jobID": job }))
             }
@@ -582,22 +739,41 @@ impl Node {
             }
             VmRequest::Snapshot(p) => {
                 let mut disks = Vec::new();
+                let mut overlays = Vec::new();
                 for d in &p.snap_drives {
                     let disk = self.disk_index(p.id, d.domain, d.image)?;
                     let overlay = self.storage.domain(d.domain)?.volume_path(d.image, d.volume);
                     disks.push(SnapshotDisk { disk, overlay });
+                    overlays.push(VolumeRef {
+                        sd: d.domain,
+                        img: d.image,
+                        vol: d.volume,
+                    });
                 }
-                Ok(to_json(&vms.snapshot(p.id, disks).await?))
+                // The guest writes to the overlays from the switch on: hold them first.
+                self.take_vm_leases(p.id, None, overlays).await?;
+                let r = vms.snapshot(p.id, disks).await;
+                self.sync_volume_leases(p.id).await;
+                Ok(to_json(&r?))
             }
             VmRequest::Merge(p) => {
                 let disk = self.disk_index(p.id, p.domain, p.image)?;
                 let dom = self.storage.domain(p.domain)?;
                 let (base, top) = (dom.volume_path(p.image, p.base), dom.volume_path(p.image, p.top));
+                // block-commit writes into the base: it is held while the merge runs.
+                let base_ref = VolumeRef {
+                    sd: p.domain,
+                    img: p.image,
+                    vol: p.base,
+                };
+                self.take_vm_leases(p.id, None, vec![base_ref]).await?;
+                let node = self.clone();
                 let job = self.jobs.start("merge", Some(p.id), async move {
-                    vms.merge(p.id, disk, &base, &top, Duration::from_secs(3600))
-                        .await
-                        .map(|r| to_json(&r))
-                        .map_err(ApiError::from)
+                    let r = vms
+                        .merge(p.id, disk, &base, &top, Duration::from_secs(3600))
+                        .await;
+                    node.sync_volume_leases(p.id).await;
+                    Ok(to_json(&r?))
                 });
                 Ok(json!({ "jobID": job }))
             }

@@ -1,13 +1,15 @@
 //! The node's connection to its data center's storage pool: host ids in every active domain's
 //! lockspace, the HSM mailbox, the SPM role with its SDM lease, the SPM's tasks and mailbox
-//! server, volume leases held for the engine, and the mailbox-backed thin-disk extender.
+//! server, volume leases (held for the API or for the VMs running here, which keep the leases
+//! of the volumes they write), and the mailbox-backed thin-disk extender.
 //!
 //! One pool per node (as VDSM). `connect` acquires our host id in each active domain's
 //! lockspace (at least 2N each, in parallel) and starts the HSM mailbox on the master domain.
 //! `spmStart` runs in the background as a (non-persistent) task: contend for the SDM lease,
-//! write our id and lver into the pool metadata, recover the domains' operation journals and
-//! the dead SPM's tasks, then serve the mailbox. Every later SPM verb is a persistent task in
-//! `master/tasks` (see `oxvirt_storage::tasks`).
+//! write our id and lver into the pool metadata, serve the mailbox (extends only grow files,
+//! so they need not wait), then recover the domains' operation journals and the dead SPM's
+//! tasks. Every later SPM verb is a persistent task in `master/tasks` (see
+//! `oxvirt_storage::tasks`).
 //!
 //! Self-fencing: the master lockspace's fence (renewal failing for 8N) turns the SPM role
 //! Fenced at once (no task starts a job, no metadata is written, the mailbox server stops) and,
@@ -33,7 +35,7 @@ use oxvirt_storage::pool::{self, DomainStatus, PoolMetadata, PoolWriter, SpmFenc
 use oxvirt_storage::spm::{self, SpmRole, SpmState};
 use oxvirt_storage::tasks::{self, DomainSource, TaskContext, TaskPlan, TaskRecord, TaskState, TaskStore};
 use oxvirt_storage::{FileStorageDomain, StorageError};
-use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
+use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
 
 use super::StorageService;
 use crate::vm::thin::{ExtendError, ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender};
@@ -91,6 +93,30 @@ pub enum PoolServiceError {
 
 type Result<T, E = PoolServiceError> = std::result::Result<T, E>;
 
+impl PoolServiceError {
+    /// The host holding a lease this host was refused.
+    pub fn lease_owner(&self) -> Option<u64> {
+        match self {
+            PoolServiceError::Lease(spm::VolumeLeaseError::Locked { host, .. }) => Some(*host),
+            PoolServiceError::VmLease {
+                source: oxvirt_lease::LeaseError::OwnedByOther { host_id, .. },
+                ..
+            } => Some(*host_id),
+            _ => None,
+        }
+    }
+}
+
+fn release_volume(vol: VolUuid, lease: ResourceLease) -> Result<()> {
+    lease.release().map_err(|source| {
+        PoolServiceError::Lease(spm::VolumeLeaseError::Lease {
+            img: ImgUuid::nil(),
+            vol,
+            source,
+        })
+    })
+}
+
 /// A task this node runs or ran (persistent SPM tasks also live in `master/tasks`).
 struct RunningTask {
     record: Mutex<TaskRecord>,
@@ -120,6 +146,12 @@ impl DomainSource for Domains {
     }
 }
 
+/// A volume lease this host holds, and for which VM (`None`: taken through the API).
+struct HeldVolumeLease {
+    lease: ResourceLease,
+    vm: Option<VmId>,
+}
+
 /// A connected pool.
 pub struct ConnectedPool {
     pub pool: PoolUuid,
@@ -134,7 +166,7 @@ pub struct ConnectedPool {
     hsm: Mutex<Option<Arc<HsmMailbox>>>,
     spm_mailbox: Mutex<Option<SpmMailbox>>,
     tasks: Mutex<HashMap<TaskId, Arc<RunningTask>>>,
-    volume_leases: Mutex<HashMap<VolUuid, ResourceLease>>,
+    volume_leases: Mutex<HashMap<VolUuid, HeldVolumeLease>>,
     /// VM leases (in a domain's xleases) this host holds, by lease id (the VM id).
     vm_leases: Mutex<HashMap<String, ResourceLease>>,
     /// Called when a domain's lockspace fences us: the node kills what holds leases there.
@@ -617,6 +649,19 @@ impl ConnectedPool {
             self.abandon_spm();
             return Err(e.into());
         }
+        // Serve HSM extends first: a guest waiting for space must not wait for the recovery
+        // below, which may finish long jobs. An extend only grows a file, which no recovery
+        // step conflicts with.
+        let mut cfg = self.timing.mailbox;
+        cfg.io_timeout = self.timing.io_timeout;
+        let handler = Arc::new(SpmExtendHandler {
+            role: self.role.clone(),
+            domains: self.domains.clone(),
+        });
+        match SpmMailbox::start(&root.join("dom_md"), cfg, self.clock.clone(), handler) {
+            Ok(m) => *self.spm_mailbox.lock().expect("spm mailbox") = Some(m),
+            Err(e) => tracing::error!(error = %e, "cannot start the SPM mailbox; HSM extends will time out"),
+        }
         // Finish or undo what the previous SPM left: domain journals first (each job atomic
         // again), then the tasks. Failures are recorded, never fatal.
         let pm = self.metadata()?;
@@ -654,16 +699,6 @@ impl ConnectedPool {
         tracing::info!(pool = %self.pool, ?task_report, "tasks recovered");
         *self.last_recovery.lock().expect("recovery") =
             Some(json!({ "domains": domain_reports, "tasks": task_report }));
-        let mut cfg = self.timing.mailbox;
-        cfg.io_timeout = self.timing.io_timeout;
-        let handler = Arc::new(SpmExtendHandler {
-            role: self.role.clone(),
-            domains: self.domains.clone(),
-        });
-        match SpmMailbox::start(&root.join("dom_md"), cfg, self.clock.clone(), handler) {
-            Ok(m) => *self.spm_mailbox.lock().expect("spm mailbox") = Some(m),
-            Err(e) => tracing::error!(error = %e, "cannot start the SPM mailbox; HSM extends will time out"),
-        }
         Ok(lver)
     }
 
@@ -907,39 +942,98 @@ impl ConnectedPool {
     // -----------------------------------------------------------------------------------------
     // Volume leases and the mailbox.
 
-    pub fn acquire_volume_lease(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<u64> {
+    /// Takes a volume's lease for the API caller (`vm: None`) or for a VM running here. A VM
+    /// asking again for a lease it holds gets its lver back; any other second taker is refused.
+    pub fn acquire_volume_lease(
+        &self,
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        vm: Option<VmId>,
+    ) -> Result<u64> {
         let ls = self.lockspace(sd)?;
         let dom = self.domains.domain(sd)?;
-        if self
-            .volume_leases
+        if let Some(held) = self.volume_leases.lock().expect("volume leases").get(&vol) {
+            return match (held.vm, vm) {
+                (Some(a), Some(b)) if a == b => Ok(held.lease.lver()),
+                (Some(holder), _) => Err(PoolServiceError::Invalid(format!(
+                    "VM {holder} running on this host holds the lease of volume {vol}"
+                ))),
+                (None, _) => Err(PoolServiceError::Invalid(format!(
+                    "this host already holds the lease of volume {vol}"
+                ))),
+            };
+        }
+        let lease = spm::acquire_volume_lease(&ls, &dom, img, vol)?;
+        let lver = lease.lver();
+        self.volume_leases
             .lock()
             .expect("volume leases")
-            .contains_key(&vol)
-        {
-            return Err(PoolServiceError::Invalid(format!(
-                "this host already holds the lease of volume {vol}"
-            )));
-        }
-        let l = spm::acquire_volume_lease(&ls, &dom, img, vol)?;
-        let lver = l.lver();
-        self.volume_leases.lock().expect("volume leases").insert(vol, l);
+            .insert(vol, HeldVolumeLease { lease, vm });
         Ok(lver)
     }
 
+    /// Releases a lease taken through the API; a running VM's leases are not the API's to drop.
     pub fn release_volume_lease(&self, vol: VolUuid) -> Result<()> {
-        let l = self
-            .volume_leases
+        let mut held = self.volume_leases.lock().expect("volume leases");
+        match held.get(&vol) {
+            None => Err(PoolServiceError::Invalid(format!(
+                "this host holds no lease of volume {vol}"
+            ))),
+            Some(HeldVolumeLease { vm: Some(vm), .. }) => Err(PoolServiceError::Invalid(format!(
+                "the lease of volume {vol} belongs to VM {vm} running on this host"
+            ))),
+            Some(_) => {
+                let l = held.remove(&vol).expect("looked up");
+                drop(held);
+                release_volume(vol, l.lease)
+            }
+        }
+    }
+
+    /// Whether `sd` is a domain of this pool where we hold a host id (leases can be taken).
+    pub fn has_lockspace(&self, sd: SdUuid) -> bool {
+        self.lockspace(sd).is_ok()
+    }
+
+    /// The volumes whose leases this host holds for `vm`.
+    pub fn vm_volume_leases(&self, vm: VmId) -> Vec<VolUuid> {
+        self.volume_leases
             .lock()
             .expect("volume leases")
-            .remove(&vol)
-            .ok_or_else(|| PoolServiceError::Invalid(format!("this host holds no lease of volume {vol}")))?;
-        l.release().map_err(|source| {
-            PoolServiceError::Lease(spm::VolumeLeaseError::Lease {
-                img: ImgUuid::nil(),
-                vol,
-                source,
-            })
-        })
+            .iter()
+            .filter(|(_, h)| h.vm == Some(vm))
+            .map(|(v, _)| *v)
+            .collect()
+    }
+
+    /// Releases `vm`'s leases on `vols` (all of them with `None`); returns the volumes released.
+    pub fn release_vm_volume_leases(&self, vm: VmId, vols: Option<&[VolUuid]>) -> Result<Vec<VolUuid>> {
+        let taken: Vec<(VolUuid, HeldVolumeLease)> = {
+            let mut held = self.volume_leases.lock().expect("volume leases");
+            let ours: Vec<VolUuid> = held
+                .iter()
+                .filter(|(v, h)| h.vm == Some(vm) && vols.is_none_or(|only| only.contains(v)))
+                .map(|(v, _)| *v)
+                .collect();
+            ours.into_iter()
+                .map(|v| (v, held.remove(&v).expect("listed")))
+                .collect()
+        };
+        let mut released = Vec::new();
+        let mut first_err = None;
+        for (vol, h) in taken {
+            match release_volume(vol, h.lease) {
+                Ok(()) => released.push(vol),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(released),
+        }
     }
 
     /// Adds VM lease `id` to domain `sd`'s xleases (SPM only).
@@ -985,6 +1079,10 @@ impl ConnectedPool {
             .insert(id.to_string(), l);
         tracing::info!(lease = id, sd = %sd, lver, "VM lease acquired");
         Ok(lver)
+    }
+
+    pub fn holds_vm_lease(&self, id: &str) -> bool {
+        self.vm_leases.lock().expect("vm leases").contains_key(id)
     }
 
     /// Releases VM lease `id` if this host holds it.

@@ -40,7 +40,7 @@ use oxvirt_qemu::qmp::{self, Event, Qmp, QmpError};
 use oxvirt_qemu::{
     Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, NicSpec, QemuTool, VmSpec, WriteErrorPolicy,
 };
-use oxvirt_types::{SdUuid, VmId};
+use oxvirt_types::{ImgUuid, SdUuid, VmId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
@@ -90,6 +90,30 @@ pub struct VmDisk {
     /// grown on demand.
     #[serde(default)]
     pub thin: Option<ThinDisk>,
+    /// The storage image the chain lives in (volumes are files named by their UUIDs). A
+    /// writable disk's leaf is the volume whose lease the VM holds while it runs.
+    #[serde(default)]
+    pub image: Option<ImageRef>,
+}
+
+impl VmDisk {
+    /// The volume the guest writes to: the active layer of a writable disk on a storage image.
+    pub fn leaf_volume(&self) -> Option<VolumeRef> {
+        let image = self.image.filter(|_| !self.read_only)?;
+        let vol = self.layers.last()?.path.file_name()?.to_str()?.parse().ok()?;
+        Some(VolumeRef {
+            sd: image.sd,
+            img: image.img,
+            vol,
+        })
+    }
+}
+
+/// A storage image: the domain and image a disk's volumes belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub sd: SdUuid,
+    pub img: ImgUuid,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +130,23 @@ pub struct VmRecord {
     /// Per disk, the loop device standing in for its thin layer (kept after a snapshot put an
     /// overlay above it, until destroy detaches it).
     pub loops: Vec<Option<LoopDevice>>,
+    /// A migration destination that stays paused after the stream completes until the node
+    /// holds the VM's leases (the source gives them up at completion); cleared once it runs.
+    /// `resume` refuses such a VM: only [`VmManager::resume_incoming`] starts it.
+    #[serde(default)]
+    pub hold_incoming: bool,
+}
+
+/// The leases a live VM on this node holds or waits for, from its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmLeaseNeeds {
+    pub id: VmId,
+    /// The domain of the VM's own lease (an HA VM's).
+    pub vm_lease: Option<SdUuid>,
+    /// The leaves of its writable disks.
+    pub volumes: Vec<VolumeRef>,
+    /// A migration destination waiting for the leases before it may run.
+    pub awaiting: bool,
 }
 
 /// A thin volume's file and the loop device QEMU opens it through.
@@ -172,6 +213,10 @@ pub struct VmStats {
     pub thin_extend_total_ms: u64,
     /// Times the guest was paused on ENOSPC.
     pub enospc_pauses: u64,
+    /// A guest that arrived by migration and waited paused for its leases: how long (ms)
+    /// from the stream's end to running here.
+    #[serde(default)]
+    pub lease_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,6 +423,8 @@ struct Vm {
     thin_extends: AtomicU64,
     thin_extend_us: AtomicU64,
     enospc_pauses: AtomicU64,
+    /// ms + 1; 0 = did not wait (see `VmStats::lease_wait_ms`).
+    lease_wait: AtomicU64,
     job_seq: AtomicU64,
     /// MiB; 0 = never set.
     balloon_target: AtomicU64,
@@ -570,16 +617,18 @@ impl VmManager {
 
     /// Creates and starts a VM; returns once QEMU answers QMP and the guest runs.
     pub async fn create(&self, req: VmCreate) -> Result<VmInfo, VmError> {
-        let vm = self.launch(req, None).await?;
+        let vm = self.launch(req, None, false).await?;
         Ok(vm.info())
     }
 
     /// Prepares this node as a migration destination: starts QEMU waiting for the incoming
     /// stream and returns the URI the source migrates to. The VM becomes `Up` when the stream
-    /// completes; a failed or cancelled migration makes the destination QEMU exit (`Down`).
-    pub async fn prepare_incoming(&self, req: VmCreate) -> Result<IncomingInfo, VmError> {
+    /// completes, or with `hold` stays `MigrationDestination` (QEMU paused) until
+    /// [`VmManager::resume_incoming`]; a failed or cancelled migration makes the destination
+    /// QEMU exit (`Down`).
+    pub async fn prepare_incoming(&self, req: VmCreate, hold: bool) -> Result<IncomingInfo, VmError> {
         let id = req.id;
-        let vm = self.launch(req, Some("defer".into())).await?;
+        let vm = self.launch(req, Some("defer".into()), hold).await?;
         let q = vm.qmp()?;
         let qmp_err = |source| VmError::Qmp { vm: id, source };
         q.execute(&qmp::MigrateSetCapabilities {
@@ -648,6 +697,7 @@ impl VmManager {
             vnc_socket: c.vnc.then(|| dir.join("vnc.sock")),
             balloon: c.balloon,
             pid_file: Some(dir.join("qemu.pid")),
+            start_paused: rec.hold_incoming && incoming.is_some(),
             incoming,
             nics: c.nics.clone(),
             nic_ports: nics::NIC_PORTS,
@@ -684,7 +734,12 @@ impl VmManager {
         Ok(())
     }
 
-    async fn launch(&self, mut req: VmCreate, incoming: Option<String>) -> Result<Arc<Vm>, VmError> {
+    async fn launch(
+        &self,
+        mut req: VmCreate,
+        incoming: Option<String>,
+        hold: bool,
+    ) -> Result<Arc<Vm>, VmError> {
         let id = req.id;
         nics::assign_slots(id, &mut req.nics)?;
         self.validate(&req)?;
@@ -696,6 +751,7 @@ impl VmManager {
         let mut rec = VmRecord {
             loops: vec![None; req.disks.len()],
             create: req,
+            hold_incoming: hold && incoming.is_some(),
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -827,6 +883,7 @@ impl VmManager {
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
+            lease_wait: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
             balloon_target: AtomicU64::new(0),
         });
@@ -915,6 +972,7 @@ impl VmManager {
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
+            lease_wait: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
             balloon_target: AtomicU64::new(0),
         });
@@ -938,6 +996,17 @@ impl VmManager {
     pub async fn resume(&self, id: VmId) -> Result<VmInfo, VmError> {
         let vm = self.get(id)?;
         vm.check(Op::Resume)?;
+        if vm.record.lock().unwrap().hold_incoming {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: "the VM arrived by migration and waits for its leases".into(),
+            });
+        }
+        self.cont(&vm).await
+    }
+
+    async fn cont(&self, vm: &Vm) -> Result<VmInfo, VmError> {
+        let id = vm.id;
         vm.qmp()?
             .execute(&qmp::Cont {})
             .await
@@ -947,6 +1016,64 @@ impl VmManager {
         })
         .await?;
         Ok(vm.info())
+    }
+
+    /// Waits until a held migration destination has the whole guest (QEMU left `inmigrate`).
+    /// Fails when the incoming migration failed (the destination QEMU exits).
+    pub async fn wait_incoming(&self, id: VmId) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        // Subscribed before looking, so the completion cannot slip between look and wait.
+        let mut events = vm.events.subscribe();
+        let mut status = vm.status.subscribe();
+        loop {
+            if let VmStatus::Down { reason } = vm.status() {
+                return Err(VmError::Migration {
+                    vm: id,
+                    reason: format!("the incoming migration failed: {}", reason.detail),
+                });
+            }
+            let st = match vm.qmp() {
+                Ok(q) => q.execute(&qmp::QueryStatus {}).await.ok(),
+                Err(_) => None,
+            };
+            if st.is_some_and(|st| st.status != "inmigrate") {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = events.recv() => {}
+                _ = status.changed() => {}
+                // QMP may be reconnecting; look again.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Starts a held migration destination once the node holds its leases; `waited` is how
+    /// long it waited for them (reported in the stats).
+    pub async fn resume_incoming(&self, id: VmId, waited: Duration) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        if !vm.record.lock().unwrap().hold_incoming {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: "not a migration destination waiting for its leases".into(),
+            });
+        }
+        if !matches!(
+            vm.status(),
+            VmStatus::MigrationDestination | VmStatus::Paused { .. }
+        ) {
+            return Err(VmError::WrongState {
+                vm: id,
+                op: Op::Resume,
+                status: vm.status().vdsm_name(),
+            });
+        }
+        let info = self.cont(&vm).await?;
+        vm.lease_wait
+            .store(waited.as_millis() as u64 + 1, Ordering::Relaxed);
+        vm.record.lock().unwrap().hold_incoming = false;
+        vm.persist()?;
+        Ok(info)
     }
 
     /// Resets the guest (the VM stays the same QEMU process).
@@ -1067,6 +1194,7 @@ impl VmManager {
             thin_extends: vm.thin_extends.load(Ordering::Relaxed),
             thin_extend_total_ms: vm.thin_extend_us.load(Ordering::Relaxed) / 1000,
             enospc_pauses: vm.enospc_pauses.load(Ordering::Relaxed),
+            lease_wait_ms: vm.lease_wait.load(Ordering::Relaxed).checked_sub(1),
         })
     }
 
@@ -1507,15 +1635,32 @@ impl VmManager {
             .collect()
     }
 
-    /// Live VMs with a VM lease, and the lease's domain.
-    pub fn leased_vms(&self) -> Vec<(VmId, SdUuid)> {
+    /// The leases of every VM that holds or awaits them here: not down, and not a migration
+    /// source past its switch-over (its guest runs elsewhere now, with the leases).
+    pub fn lease_needs(&self) -> Vec<VmLeaseNeeds> {
         self.vms
             .lock()
             .unwrap()
             .values()
-            .filter(|v| !v.status().is_down())
-            .filter_map(|v| Some((v.id, v.record.lock().unwrap().create.vm_lease?)))
+            .filter(|v| !matches!(v.status(), VmStatus::Down { .. } | VmStatus::MigrationSource))
+            .map(|v| {
+                let rec = v.record.lock().unwrap();
+                VmLeaseNeeds {
+                    id: v.id,
+                    vm_lease: rec.create.vm_lease,
+                    volumes: rec.create.disks.iter().filter_map(VmDisk::leaf_volume).collect(),
+                    awaiting: rec.hold_incoming,
+                }
+            })
+            .filter(|n| n.vm_lease.is_some() || !n.volumes.is_empty())
             .collect()
+    }
+
+    /// The leaves of a VM's writable disks: the volumes whose leases it holds while it runs.
+    pub fn leaf_volumes(&self, id: VmId) -> Result<Vec<VolumeRef>, VmError> {
+        let vm = self.get(id)?;
+        let rec = vm.record.lock().unwrap();
+        Ok(rec.create.disks.iter().filter_map(VmDisk::leaf_volume).collect())
     }
 
     /// Records that the VM now holds its lease on `sd` (taken after it started, as on a

@@ -25,7 +25,9 @@
 //! A guest paused on ENOSPC is `Paused{IoError}` (QEMU's run state `io-error`), which the thin
 //! provisioning monitor resumes after an extend. A source whose migration completed (run state
 //! `postmigrate`, e.g. found by a restarted node) is `MigrationSource`, never `Paused`: resuming
-//! it would run the guest twice. Commands check [`VmStatus::allows`] before
+//! it would run the guest twice. A destination held for its leases (QEMU started with `-S`)
+//! stays `MigrationDestination` after the stream ends, until the node's `cont` brings
+//! `Resumed`. Commands check [`VmStatus::allows`] before
 //! touching QEMU, so a refused command changes nothing.
 //!
 //! Architecture invariant: this module is pure; the manager feeds it inputs derived from QMP

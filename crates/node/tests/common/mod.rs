@@ -57,6 +57,7 @@ pub fn disk(layers: Vec<LayerSpec>) -> VmDisk {
         direct_io: false,
         write_error: WriteErrorPolicy::StopOnEnospc,
         thin: None,
+        image: None,
     }
 }
 

@@ -661,7 +661,7 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         }
         PoolRequest::VolumeAcquireLease(v) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
-            let lver = cp.acquire_volume_lease(v.sd, v.img, v.vol)?;
+            let lver = cp.acquire_volume_lease(v.sd, v.img, v.vol, None)?;
             Ok(json!({ "lver": lver, "hostId": cp.host_id }))
         }
         PoolRequest::VolumeReleaseLease(v) => {
