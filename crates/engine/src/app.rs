@@ -8,7 +8,7 @@ use oxvirt_types::HostId;
 
 use crate::commands::CommandError;
 use crate::db::Db;
-use crate::model::{DataCenter, DcId, Host, HostStatus, SdUuid, SpmStatus};
+use crate::model::{DataCenter, DcId, Host, HostStatus, SdUuid, SpmStatus, VmId};
 use crate::nodes::{NodeClient, NodeClients};
 
 /// Tunables; `Default` gives oVirt's production values.
@@ -81,6 +81,9 @@ pub struct App {
     pub kick: tokio::sync::Notify,
     /// Held through an SPM election: the monitor's, or an admin's forced selection, never both.
     pub spm_elections: tokio::sync::Mutex<()>,
+    /// Percent done of each running live migration, from the source node's progress events
+    /// (in memory: it only means something while the migration runs).
+    pub migration_progress: std::sync::Mutex<std::collections::HashMap<VmId, u8>>,
 }
 
 impl App {
@@ -92,7 +95,17 @@ impl App {
             hosts_rt: Default::default(),
             kick: tokio::sync::Notify::new(),
             spm_elections: tokio::sync::Mutex::new(()),
+            migration_progress: Default::default(),
         })
+    }
+
+    /// The last reported progress of `vm`'s live migration, while one runs.
+    pub fn migration_progress(&self, vm: VmId) -> Option<u8> {
+        self.migration_progress
+            .lock()
+            .expect("migration progress")
+            .get(&vm)
+            .copied()
     }
 
     pub fn host_rt(&self, id: crate::model::HostUuid) -> HostRuntime {

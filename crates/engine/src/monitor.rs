@@ -147,6 +147,20 @@ impl Monitor {
                     tracing::debug!(host = %host.name, "following the node's events");
                     while let Some(ev) = events.recv().await {
                         tracing::trace!(host = %host.name, event = %ev["method"], "node event");
+                        // Progress samples change no state the monitor keeps: record, no round.
+                        if let Some(vm) = ev["method"]
+                            .as_str()
+                            .and_then(|m| m.strip_prefix("|virt|VM_migration_progress|"))
+                            .and_then(|id| id.parse::<VmId>().ok())
+                        {
+                            if let Some(p) = ev["params"]["body"]["progress"].as_u64() {
+                                app.migration_progress
+                                    .lock()
+                                    .expect("migration progress")
+                                    .insert(vm, p.min(100) as u8);
+                            }
+                            continue;
+                        }
                         app.kick.notify_one();
                     }
                     tracing::debug!(host = %host.name, "the node's event stream ended");

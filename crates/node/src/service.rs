@@ -113,6 +113,7 @@ impl Node {
         node.pools
             .set_holders_probe(Arc::new(move |sd| vms.relies_on_domain(sd)));
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
+        tokio::spawn(publish_migration_progress(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -233,6 +234,29 @@ fn ksm_json(k: &KsmState) -> Value {
 /// Publishes `|virt|VM_status|<vmID>` on every VM status change, from the manager's change
 /// stream (so a pause undone a millisecond later is still two events), plus a VM's first
 /// status when it appears and its removal when it leaves the manager (checked every 100 ms).
+/// Publishes each progress sample of an outgoing migration (`|virt|VM_migration_progress|<id>`).
+async fn publish_migration_progress(node: std::sync::Weak<Node>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(mut samples) = node.upgrade().map(|n| n.vms.migration_progress()) else {
+        return;
+    };
+    loop {
+        match samples.recv().await {
+            Ok(p) => {
+                let Some(n) = node.upgrade() else { return };
+                n.events.publish(
+                    format!("|virt|VM_migration_progress|{}", p.vm),
+                    json!({ "vmID": p.vm, "progress": p.progress, "remainingBytes": p.remaining_bytes,
+                            "totalBytes": p.total_bytes, "mbps": p.mbps, "elapsedMs": p.elapsed_ms }),
+                );
+            }
+            // Samples are superseded by the next one: losing some is harmless.
+            Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 async fn publish_vm_status(node: std::sync::Weak<Node>) {
     use tokio::sync::broadcast::error::RecvError;
     let Some(mut changes) = node.upgrade().map(|n| n.vms.changes()) else {

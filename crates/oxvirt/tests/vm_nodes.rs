@@ -352,7 +352,9 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     assert_eq!(a.state(id).await["state"], "up");
     let p = wait_passes(&a.console_log(id), p, 1, BOOT).await;
 
-    // 2. Cancelled half-way (slowed to 2 MiB/s so there is a half-way).
+    // 2. Cancelled half-way (slowed to 2 MiB/s so there is a half-way). Progress comes as
+    // events and in the stats while it runs.
+    let mut events = a.c.events().await.unwrap();
     let inc = b.call("VM.migrationCreate", params.clone()).await;
     let job = a
         .call(
@@ -363,7 +365,23 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
         .clone();
     a.wait_state(id, "migration_source", Duration::from_secs(20))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let progress = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("no migration progress event within 10 s")
+            .expect("event stream ended");
+        if ev["method"] == format!("|virt|VM_migration_progress|{id}") {
+            break ev["params"]["body"].clone();
+        }
+    };
+    let total = progress["totalBytes"].as_u64().unwrap();
+    assert!(
+        total >= 256 << 20 && progress["remainingBytes"].as_u64().unwrap() <= total,
+        "{progress}"
+    );
+    assert!(progress["progress"].as_u64().unwrap() <= 100, "{progress}");
+    let stats = a.call("VM.getStats", json!({ "vmID": id })).await;
+    assert!(stats["migration_progress"].is_u64(), "{stats}");
     a.call("VM.migrateCancel", json!({ "vmID": id })).await;
     let err = a.wait_job(&job, Duration::from_secs(60)).await.unwrap_err();
     assert!(err.contains("migration failed"), "{err}");
@@ -372,6 +390,8 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
         "up",
         "cancel leaves the VM on the source"
     );
+    let stats = a.call("VM.getStats", json!({ "vmID": id })).await;
+    assert!(stats["migration_progress"].is_null(), "{stats}");
     // The destination's QEMU gave up and is reported down; removing it is the caller's job.
     b.wait_state(id, "down", Duration::from_secs(30)).await;
     b.call("VM.destroy", json!({ "vmID": id })).await;

@@ -546,11 +546,13 @@ impl SagaDef for MigrateVmSaga {
                     .await
                     .map_err(step_err)?;
                 let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
-                let report = node
-                    .wait_job(job, c.app().settings.migration_timeout)
-                    .await
-                    .map_err(step_err)?;
-                Ok(report)
+                let report = node.wait_job(job, c.app().settings.migration_timeout).await;
+                c.app()
+                    .migration_progress
+                    .lock()
+                    .expect("migration progress")
+                    .remove(&p.vm);
+                report.map_err(step_err)
             })
             .describe("Migrating memory and state"),
             Step::without_undo("switch", |c: StepCtx<Self>| async move {

@@ -245,11 +245,12 @@ pub fn task_percent(info: &Value) -> Option<f64> {
 }
 
 async fn job_json(ctx: &Ctx, j: &Job) -> Result<Value, PortalError> {
-    let (done, total) = pages::job_progress(ctx, j).await?.unwrap_or((0, 0));
+    let p = pages::job_progress(ctx, j).await?;
     Ok(json!({
         "status": j.status.to_string(),
-        "done": done,
-        "total": total,
+        "done": p.map_or(0.0, |p| p.value()),
+        "total": p.map_or(0, |p| p.total),
+        "steps": p.map(|p| p.label()),
         "description": j.description,
     }))
 }

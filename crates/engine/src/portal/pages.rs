@@ -196,7 +196,7 @@ async fn members(
 }
 
 /// Steps done and the saga's step count, for a job driven by a saga.
-pub async fn job_progress(ctx: &Ctx, j: &Job) -> Result<Option<(usize, usize)>, PortalError> {
+pub async fn job_progress(ctx: &Ctx, j: &Job) -> Result<Option<JobProgress>, PortalError> {
     let Some(saga) = j.saga_id else { return Ok(None) };
     let Some(rec) = ctx.db().saga_get(saga).await? else {
         return Ok(None);
@@ -209,14 +209,48 @@ pub async fn job_progress(ctx: &Ctx, j: &Job) -> Result<Option<(usize, usize)>, 
         .iter()
         .filter(|s| s.status == crate::db::SagaStepStatus::Done)
         .count();
-    Ok(Some((
-        if j.status == JobStatus::Finished {
+    let running = j.status == JobStatus::Started;
+    // A live migration's memory transfer is most of its time: show how far it is.
+    let step_pct = if running && rec.name == "migrate_vm" {
+        serde_json::from_value::<VmId>(rec.params["vm"].clone())
+            .ok()
+            .and_then(|vm| ctx.cmds().app.migration_progress(vm))
+    } else {
+        None
+    };
+    Ok(Some(JobProgress {
+        done: if j.status == JobStatus::Finished {
             total
         } else {
             done.min(total)
         },
         total,
-    )))
+        step_pct,
+    }))
+}
+
+/// How far a job is: saga steps done of all, and the running step's own percent when it
+/// reports one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobProgress {
+    pub done: usize,
+    pub total: usize,
+    pub step_pct: Option<u8>,
+}
+
+impl JobProgress {
+    /// For a `<progress>`: steps done plus the running step's share.
+    pub fn value(&self) -> f64 {
+        (self.done as f64 + self.step_pct.map_or(0.0, |p| f64::from(p) / 100.0)).min(self.total as f64)
+    }
+
+    /// "3/5", or "3/5 · 42 %" while the running step reports a percent.
+    pub fn label(&self) -> String {
+        match self.step_pct {
+            Some(p) => format!("{}/{} · {p} %", self.done, self.total),
+            None => format!("{}/{}", self.done, self.total),
+        }
+    }
 }
 
 pub fn vm_status_class(s: VmStatus) -> &'static str {
@@ -306,10 +340,14 @@ async fn jobs_table(ctx: &Ctx, h: &mut Html, jobs: &[Job], region: &str) -> Resu
             .badge(j.status, Some(&format!("job:{id}")))
             .raw("</td><td>");
         match job_progress(ctx, j).await? {
-            Some((done, total)) => {
+            Some(p) => {
                 h.raw(&format!(
-                    "<progress data-live-progress=\"{id}\" max=\"{total}\" value=\"{done}\"></progress> <span data-live-steps=\"{id}\">{done}/{total}</span>"
-                ));
+                    "<progress data-live-progress=\"{id}\" max=\"{}\" value=\"{}\"></progress> <span data-live-steps=\"{id}\">",
+                    p.total,
+                    p.value()
+                ))
+                .text(p.label())
+                .raw("</span>");
             }
             None => {
                 h.raw("<span class=\"muted\">—</span>");
@@ -1585,10 +1623,14 @@ async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
         .badge(j.status, Some(&format!("job:{id}")))
         .raw("</div>");
     h.raw("<div data-region=\"job\" data-live-jobs=\"1\">");
-    if let Some((done, total)) = job_progress(ctx, &j).await? {
+    if let Some(p) = job_progress(ctx, &j).await? {
         h.raw(&format!(
-            "<p><progress class=\"wide\" data-live-progress=\"{id}\" max=\"{total}\" value=\"{done}\"></progress> <span data-live-steps=\"{id}\">{done}/{total}</span> steps</p>"
-        ));
+            "<p><progress class=\"wide\" data-live-progress=\"{id}\" max=\"{}\" value=\"{}\"></progress> <span data-live-steps=\"{id}\">",
+            p.total,
+            p.value()
+        ))
+        .text(p.label())
+        .raw("</span> steps</p>");
     }
     h.facts(&[
         ("Started", time(j.started_at)),

@@ -217,6 +217,9 @@ pub struct VmStats {
     /// from the stream's end to running here.
     #[serde(default)]
     pub lease_wait_ms: Option<u64>,
+    /// Percent done of the outgoing migration running now.
+    #[serde(default)]
+    pub migration_progress: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +269,21 @@ pub struct MigrateParams {
     /// Cancel when not done by then.
     pub timeout_ms: u64,
 }
+
+/// How far an outgoing migration is, sampled every [`MIGRATION_PROGRESS_INTERVAL`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub vm: VmId,
+    /// Percent of guest RAM not left to send (VDSM's `migrationProgress`).
+    pub progress: u8,
+    pub remaining_bytes: u64,
+    pub total_bytes: u64,
+    pub mbps: f64,
+    pub elapsed_ms: u64,
+}
+
+/// How often a running outgoing migration reports its progress.
+pub const MIGRATION_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -425,6 +443,8 @@ struct Vm {
     enospc_pauses: AtomicU64,
     /// ms + 1; 0 = did not wait (see `VmStats::lease_wait_ms`).
     lease_wait: AtomicU64,
+    /// Percent + 1 of the outgoing migration; 0 = none running.
+    migration_progress: AtomicU64,
     job_seq: AtomicU64,
     /// MiB; 0 = never set.
     balloon_target: AtomicU64,
@@ -531,6 +551,7 @@ pub struct VmManager {
     accel_probe: oxvirt_qemu::KvmProbe,
     vms: Mutex<HashMap<VmId, Arc<Vm>>>,
     changes: broadcast::Sender<(VmId, VmStatus)>,
+    progress: broadcast::Sender<MigrationProgress>,
 }
 
 impl VmManager {
@@ -551,6 +572,7 @@ impl VmManager {
             accel_probe: oxvirt_qemu::probe_kvm(),
             vms: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
+            progress: broadcast::channel(256).0,
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|source| VmError::Io {
             path: vms_dir.clone(),
@@ -581,6 +603,11 @@ impl VmManager {
     /// Every status change from now on, in order, even ones undone within microseconds (a
     /// pause and resume): the node's event stream must not miss a transition that sampling
     /// `list` would. A receiver that lags gets `Lagged` and should resynchronise from `list`.
+    /// Progress samples of outgoing migrations.
+    pub fn migration_progress(&self) -> broadcast::Receiver<MigrationProgress> {
+        self.progress.subscribe()
+    }
+
     pub fn changes(&self) -> broadcast::Receiver<(VmId, VmStatus)> {
         self.changes.subscribe()
     }
@@ -884,6 +911,7 @@ impl VmManager {
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             lease_wait: AtomicU64::new(0),
+            migration_progress: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
             balloon_target: AtomicU64::new(0),
         });
@@ -973,6 +1001,7 @@ impl VmManager {
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
             lease_wait: AtomicU64::new(0),
+            migration_progress: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
             balloon_target: AtomicU64::new(0),
         });
@@ -1195,6 +1224,11 @@ impl VmManager {
             thin_extend_total_ms: vm.thin_extend_us.load(Ordering::Relaxed) / 1000,
             enospc_pauses: vm.enospc_pauses.load(Ordering::Relaxed),
             lease_wait_ms: vm.lease_wait.load(Ordering::Relaxed).checked_sub(1),
+            migration_progress: vm
+                .migration_progress
+                .load(Ordering::Relaxed)
+                .checked_sub(1)
+                .map(|p| p as u8),
         })
     }
 
@@ -1528,10 +1562,34 @@ impl VmManager {
             return Err(qe(e));
         }
         let timeout = Duration::from_millis(params.timeout_ms);
+        let started = Instant::now();
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut cancelled_on_timeout = false;
+        let mut sample = tokio::time::interval(MIGRATION_PROGRESS_INTERVAL);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sample.tick().await; // the first tick is immediate; nothing has moved yet
         let outcome = loop {
-            let ev = match tokio::time::timeout_at(deadline, events.recv()).await {
+            let next = tokio::select! {
+                r = tokio::time::timeout_at(deadline, events.recv()) => r,
+                _ = sample.tick() => {
+                    if let Ok(m) = q.execute(&qmp::QueryMigrate {}).await {
+                        if let (Some("active"), Some(ram)) = (m.status.as_deref(), &m.ram) {
+                            let p = MigrationProgress {
+                                vm: id,
+                                progress: ram.progress(),
+                                remaining_bytes: ram.remaining,
+                                total_bytes: ram.total,
+                                mbps: ram.mbps,
+                                elapsed_ms: started.elapsed().as_millis() as u64,
+                            };
+                            vm.migration_progress.store(p.progress as u64 + 1, Ordering::Relaxed);
+                            let _ = self.progress.send(p);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let ev = match next {
                 Err(_) if !cancelled_on_timeout => {
                     cancelled_on_timeout = true;
                     tracing::warn!(vm_id = %id, ?timeout, "migration too slow; cancelling");
@@ -1551,6 +1609,7 @@ impl VmManager {
                 }
             }
         };
+        vm.migration_progress.store(0, Ordering::Relaxed);
         let mut info = q.execute(&qmp::QueryMigrate {}).await.unwrap_or_default();
         // QEMU announces `completed` before its migration thread has stored the final times;
         // they read 0 for a moment.

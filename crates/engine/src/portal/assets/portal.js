@@ -256,7 +256,7 @@
     // Jobs: progress in place; a running job the page does not show yet re-renders it.
     for (const [id, j] of Object.entries(d.jobs)) {
       $$('[data-live-progress="' + id + '"]').forEach((p) => { if (j.total) { p.max = j.total; p.value = j.done; } });
-      $$('[data-live-steps="' + id + '"]').forEach((s) => { if (j.total) s.textContent = j.done + "/" + j.total; });
+      $$('[data-live-steps="' + id + '"]').forEach((s) => { if (j.steps) s.textContent = j.steps; });
     }
     for (const [name, members] of Object.entries(d.sets)) {
       $$('[data-live-set="' + name + '"]').forEach((t) => { if (!sameList(setMembers(t), members)) stale = true; });
