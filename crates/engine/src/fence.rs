@@ -14,6 +14,13 @@
 //!
 //! A fenced host is recorded `down` with the reason; an admin brings it back (`on`, then
 //! activation).
+//!
+//! Administrators reach this through the REST API in oVirt's terms: a host's fence agent
+//! ([`AgentParams`]: `type`, `address`, `username`, `password`, `port`, `options`, mapped onto the
+//! agent's command as [`AgentParams::to_agent`] describes; one agent per host, as
+//! `hosts.fence_agent` holds one) and the host's `fence` action ([`FenceType`]), including
+//! `manual`: an administrator's word that a host which stopped responding was rebooted
+//! ([`Commands::confirm_host_rebooted`]).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,7 +31,8 @@ use tokio::io::AsyncWriteExt;
 use crate::app::App;
 use crate::commands::{CommandError, Commands};
 use crate::db::sql::{Arg, Sql};
-use crate::model::{HostStatus, HostUuid, NewEvent, Severity};
+use crate::db::{ListQuery, Ref, VmFilter};
+use crate::model::{HostStatus, HostUuid, NewEvent, Severity, VmRuntime};
 
 /// How long one agent run may take.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,6 +87,227 @@ pub enum FenceError {
         status: i32,
         stderr: String,
     },
+}
+
+/// Where oVirt's fence agent types (`fence_ipmilan`, `fence_apc`, …) are looked for.
+pub const AGENT_DIRS: &[&str] = &[
+    "/usr/sbin",
+    "/sbin",
+    "/usr/bin",
+    "/usr/local/sbin",
+    "/usr/local/bin",
+];
+
+/// The option of a `script` agent that names its program.
+pub const SCRIPT_COMMAND: &str = "command";
+/// An option with this name is a positional argument (its value, as it is).
+pub const POSITIONAL: &str = "arg";
+
+/// A fence agent in oVirt's terms (the REST API's `<agent>`), which maps onto a command:
+///
+/// - the program: for `type` `script`, the absolute path given as the option `command`; for
+///   any other type T, the installed `fence_T` (in one of [`AGENT_DIRS`]), as oVirt runs
+///   `fence_ipmilan` for type `ipmilan`;
+/// - the arguments, in this order: `--ip=ADDRESS`, `--username=USER`, `--password=PASSWORD`,
+///   `--ipport=PORT` (each when given; the fence-agents' long options), then one per other
+///   option in order: `--NAME=VALUE`, `--NAME` for an empty value, or the bare value for an
+///   option named `arg`;
+/// - then, as for every agent, the action (`on`, `off`, `status`) as the last argument and
+///   `action=ACTION` on standard input.
+///
+/// [`AgentParams::from_agent`] reverses this (an agent set up otherwise shows as a `script`
+/// with its arguments as options); the password never leaves the engine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentParams {
+    pub agent_type: String,
+    pub address: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub port: Option<u16>,
+    /// Name and value pairs, in order (the `command` of a script included).
+    pub options: Vec<(String, String)>,
+}
+
+fn valid_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The installed program for fence agent type `t`, if any.
+pub fn program_of_type(t: &str) -> Option<std::path::PathBuf> {
+    AGENT_DIRS
+        .iter()
+        .map(|d| std::path::Path::new(d).join(format!("fence_{t}")))
+        .find(|p| p.is_file())
+}
+
+impl AgentParams {
+    /// The command this agent runs (checked by [`FenceAgent::validate`] when it is set).
+    pub fn to_agent(&self) -> Result<FenceAgent, CommandError> {
+        let t = self.agent_type.trim().to_ascii_lowercase();
+        if !valid_word(&t) {
+            return Err(CommandError::invalid(format!(
+                "fence agent type {:?} is not a word (script, ipmilan, apc, …)",
+                self.agent_type
+            )));
+        }
+        let mut options = self.options.clone();
+        let program = if t == "script" {
+            let i = options
+                .iter()
+                .position(|(n, _)| n == SCRIPT_COMMAND)
+                .ok_or_else(|| {
+                    CommandError::invalid(format!(
+                        "a fence agent of type script needs the option {SCRIPT_COMMAND} (the program's absolute path)"
+                    ))
+                })?;
+            options.remove(i).1
+        } else {
+            program_of_type(&t)
+                .ok_or_else(|| {
+                    CommandError::invalid(format!(
+                        "fence agent type {t}: no program fence_{t} in {} (install fence-agents, or use type script)",
+                        AGENT_DIRS.join(", ")
+                    ))
+                })?
+                .display()
+                .to_string()
+        };
+        let mut command = vec![program];
+        let mut flag = |name: &str, v: &Option<String>| -> Result<(), CommandError> {
+            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                if v.contains(['\n', '\0']) {
+                    return Err(CommandError::invalid(format!(
+                        "fence agent {name} must be one line"
+                    )));
+                }
+                command.push(format!("--{name}={v}"));
+            }
+            Ok(())
+        };
+        flag("ip", &self.address)?;
+        flag("username", &self.username)?;
+        flag("password", &self.password)?;
+        flag("ipport", &self.port.map(|p| p.to_string()))?;
+        for (n, v) in &options {
+            if v.contains(['\n', '\0']) {
+                return Err(CommandError::invalid(format!(
+                    "fence agent option {n} must be one line"
+                )));
+            }
+            if n == POSITIONAL {
+                command.push(v.clone());
+            } else if !valid_word(n) || n == SCRIPT_COMMAND {
+                return Err(CommandError::invalid(format!(
+                    "fence agent option name {n:?} must be letters, digits, '-' or '_'"
+                )));
+            } else if v.is_empty() {
+                command.push(format!("--{n}"));
+            } else {
+                command.push(format!("--{n}={v}"));
+            }
+        }
+        Ok(FenceAgent { command })
+    }
+
+    /// The agent in oVirt's terms (see the type's description for the mapping).
+    pub fn from_agent(a: &FenceAgent) -> AgentParams {
+        let program = a.command.first().cloned().unwrap_or_default();
+        let typed = std::path::Path::new(&program)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_prefix("fence_"))
+            .filter(|t| {
+                valid_word(t) && program_of_type(t).is_some_and(|p| p.display().to_string() == program)
+            })
+            .map(str::to_string);
+        let mut p = AgentParams {
+            agent_type: typed.clone().unwrap_or_else(|| "script".into()),
+            ..Default::default()
+        };
+        if typed.is_none() {
+            p.options.push((SCRIPT_COMMAND.into(), program));
+        }
+        for arg in a.command.iter().skip(1) {
+            let Some(long) = arg.strip_prefix("--") else {
+                p.options.push((POSITIONAL.into(), arg.clone()));
+                continue;
+            };
+            let (n, v) = long.split_once('=').unwrap_or((long, ""));
+            match n {
+                "ip" if p.address.is_none() => p.address = Some(v.into()),
+                "username" if p.username.is_none() => p.username = Some(v.into()),
+                "password" if p.password.is_none() => p.password = Some(v.into()),
+                "ipport" if p.port.is_none() && v.parse::<u16>().is_ok() => p.port = v.parse().ok(),
+                _ if valid_word(n) => p.options.push((n.into(), v.into())),
+                _ => p.options.push((POSITIONAL.into(), arg.clone())),
+            }
+        }
+        p
+    }
+}
+
+/// A change to a host's fence agent; `None` keeps the field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateAgent {
+    pub agent_type: Option<String>,
+    pub address: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub port: Option<u16>,
+    /// Replaces all options (a script's `command` included) when given.
+    pub options: Option<Vec<(String, String)>>,
+}
+
+/// What the host `fence` action does (oVirt's `fence_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceType {
+    /// Asks the agent whether the host is powered on.
+    Status,
+    /// Powers the host off (and waits until the agent reports it off).
+    Stop,
+    /// Powers the host on; a fenced (`down`) host is then brought up by monitoring.
+    Start,
+    /// Stop, then start.
+    Restart,
+    /// The administrator confirms that a host which stopped responding was rebooted.
+    Manual,
+}
+
+impl std::str::FromStr for FenceType {
+    type Err = CommandError;
+    fn from_str(s: &str) -> Result<Self, CommandError> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "status" => FenceType::Status,
+            "stop" => FenceType::Stop,
+            "start" => FenceType::Start,
+            "restart" => FenceType::Restart,
+            "manual" => FenceType::Manual,
+            other => {
+                return Err(CommandError::invalid(format!(
+                    "fence type {other:?} is not one of status, stop, start, restart, manual"
+                )))
+            }
+        })
+    }
+}
+
+impl PowerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerStatus::On => "on",
+            PowerStatus::Off => "off",
+        }
+    }
+}
+
+/// `status_detail` of VMs whose host an administrator confirmed rebooted or powered off: it
+/// starts with the text the HA loop reads as "restart elsewhere" ([`crate::ha`]), which still
+/// waits for the VM lease.
+fn gone_detail(why: &str) -> String {
+    format!("gone from its host ({why})")
 }
 
 impl FenceAgent {
@@ -191,6 +420,259 @@ impl Commands {
         q.arg(Arg::Text(text)).push(" WHERE id = ").arg(host.to_string());
         tx.ctx().exec(&q).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes the agent column; with `only_if_none`, only when the host has none (two adds
+    /// racing: one wins, the other is a conflict).
+    async fn write_agent(
+        &self,
+        host: HostUuid,
+        agent: Option<&FenceAgent>,
+        only_if_none: bool,
+    ) -> Result<bool, CommandError> {
+        let text = agent.map(|a| serde_json::to_string(a).expect("a fence agent serializes"));
+        let mut tx = self.app.db.begin().await?;
+        let mut q = Sql::new("UPDATE hosts SET fence_agent = ");
+        q.arg(Arg::Text(text)).push(" WHERE id = ").arg(host.to_string());
+        if only_if_none {
+            q.push(" AND fence_agent IS NULL");
+        }
+        let n = tx.ctx().exec(&q).await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// The host's fence agent in oVirt's terms, if it has one.
+    pub async fn fence_agent(&self, host: HostUuid) -> Result<Option<AgentParams>, CommandError> {
+        Ok(agent_of(&self.app, host)
+            .await?
+            .as_ref()
+            .map(AgentParams::from_agent))
+    }
+
+    /// Gives a host its fence agent; a host has at most one.
+    pub async fn add_fence_agent(
+        &self,
+        host: HostUuid,
+        params: &AgentParams,
+    ) -> Result<AgentParams, CommandError> {
+        let h = self.app.host(host).await?;
+        let agent = params.to_agent()?;
+        agent.validate()?;
+        if !self.write_agent(host, Some(&agent), true).await? {
+            return Err(CommandError::Conflict(format!(
+                "host {} already has a fence agent (oxvirt keeps one per host): update or remove it",
+                h.name
+            )));
+        }
+        tracing::info!(host = %h.name, program = %agent.command[0], "fence agent set");
+        Ok(AgentParams::from_agent(&agent))
+    }
+
+    /// Changes a host's fence agent: the fields given replace the stored ones.
+    pub async fn update_fence_agent(
+        &self,
+        host: HostUuid,
+        req: UpdateAgent,
+    ) -> Result<AgentParams, CommandError> {
+        let h = self.app.host(host).await?;
+        let mut p = agent_of(&self.app, host)
+            .await?
+            .as_ref()
+            .map(AgentParams::from_agent)
+            .ok_or_else(|| CommandError::not_found("fence agent of host", &h.name))?;
+        if let Some(t) = req.agent_type {
+            // A script's program is an option: moving to a typed agent drops it.
+            if !t.eq_ignore_ascii_case("script") {
+                p.options.retain(|(n, _)| n != SCRIPT_COMMAND);
+            }
+            p.agent_type = t;
+        }
+        if req.address.is_some() {
+            p.address = req.address;
+        }
+        if req.username.is_some() {
+            p.username = req.username;
+        }
+        if req.password.is_some() {
+            p.password = req.password;
+        }
+        if req.port.is_some() {
+            p.port = req.port;
+        }
+        if let Some(o) = req.options {
+            p.options = o;
+        }
+        let agent = p.to_agent()?;
+        agent.validate()?;
+        self.write_agent(host, Some(&agent), false).await?;
+        Ok(AgentParams::from_agent(&agent))
+    }
+
+    /// Removes a host's fence agent (the HA loop can then no longer fence it).
+    pub async fn remove_fence_agent(&self, host: HostUuid) -> Result<(), CommandError> {
+        let h = self.app.host(host).await?;
+        if agent_of(&self.app, host).await?.is_none() {
+            return Err(CommandError::not_found("fence agent of host", &h.name));
+        }
+        self.write_agent(host, None, false).await?;
+        Ok(())
+    }
+
+    /// The host `fence` action; `Status` answers the power state, the others `None`.
+    pub async fn fence_action(
+        &self,
+        host: HostUuid,
+        t: FenceType,
+    ) -> Result<Option<PowerStatus>, CommandError> {
+        let h = self.app.host(host).await?;
+        let agent = || async {
+            agent_of(&self.app, host)
+                .await?
+                .ok_or_else(|| CommandError::Conflict(format!("host {} has no fence agent", h.name)))
+        };
+        match t {
+            FenceType::Manual => {
+                self.confirm_host_rebooted(host).await?;
+                Ok(None)
+            }
+            FenceType::Status => Ok(Some(
+                agent()
+                    .await?
+                    .run(PowerAction::Status, AGENT_TIMEOUT)
+                    .await
+                    .map_err(|e| CommandError::Conflict(format!("host {}: {e}", h.name)))?,
+            )),
+            FenceType::Stop => {
+                agent().await?;
+                self.fence_host(host).await?;
+                self.vms_gone_from_host(
+                    host,
+                    &format!("host {} was powered off by its fence agent", h.name),
+                )
+                .await?;
+                Ok(None)
+            }
+            FenceType::Start => {
+                self.power_on(host).await?;
+                Ok(None)
+            }
+            FenceType::Restart => {
+                agent().await?;
+                self.fence_host(host).await?;
+                self.vms_gone_from_host(host, &format!("host {} was restarted by its fence agent", h.name))
+                    .await?;
+                self.power_on(host).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Powers a host on through its agent; a host recorded `down` is handed to monitoring,
+    /// which brings it up once its node answers (other statuses are left to the admin).
+    async fn power_on(&self, host: HostUuid) -> Result<(), CommandError> {
+        let h = self.app.host(host).await?;
+        let agent = agent_of(&self.app, host)
+            .await?
+            .ok_or_else(|| CommandError::Conflict(format!("host {} has no fence agent", h.name)))?;
+        agent
+            .run(PowerAction::On, AGENT_TIMEOUT)
+            .await
+            .map_err(|e| CommandError::Conflict(format!("host {}: {e}", h.name)))?;
+        if h.status == HostStatus::Down {
+            self.app
+                .db
+                .host_set_status(
+                    host,
+                    &[HostStatus::Down],
+                    HostStatus::Initializing,
+                    Some("powered on by its fence agent"),
+                )
+                .await?;
+        }
+        let mut e = NewEvent::new(
+            Severity::Normal,
+            9022,
+            format!("Host {} was powered on by its fence agent", h.name),
+        );
+        e.host_id = Some(host);
+        if let Err(err) = self.app.db.event_add(&e).await {
+            tracing::warn!(error = %err, "cannot record event");
+        }
+        Ok(())
+    }
+
+    /// oVirt's "confirm host has been rebooted" (`fence_type=manual`): the administrator
+    /// vouches that a host which stopped responding no longer runs anything. The host is
+    /// recorded `down` and its VMs `down` as gone from it, so that the HA loop restarts the
+    /// highly available ones elsewhere and an admin may start the others. This decides
+    /// nothing about storage: a restart still takes each VM's leases first, which a VM still
+    /// running there holds (or holds until they expire), so a wrong confirmation cannot run a
+    /// VM twice on pool storage.
+    pub async fn confirm_host_rebooted(&self, host: HostUuid) -> Result<(), CommandError> {
+        let h = self.app.host(host).await?;
+        if !matches!(h.status, HostStatus::NonResponsive | HostStatus::Down) {
+            return Err(CommandError::Conflict(format!(
+                "host {} is {}: confirming a reboot is only for a host that does not respond (non_responsive) or is down",
+                h.name, h.status
+            )));
+        }
+        if h.status != HostStatus::Down {
+            self.app
+                .db
+                .host_set_status(
+                    host,
+                    &[h.status],
+                    HostStatus::Down,
+                    Some("an administrator confirmed it was rebooted"),
+                )
+                .await?;
+        }
+        self.vms_gone_from_host(
+            host,
+            &format!("an administrator confirmed host {} was rebooted", h.name),
+        )
+        .await?;
+        let mut e = NewEvent::new(
+            Severity::Warning,
+            9023,
+            format!("An administrator confirmed that host {} was rebooted", h.name),
+        );
+        e.host_id = Some(host);
+        if let Err(err) = self.app.db.event_add(&e).await {
+            tracing::warn!(error = %err, "cannot record event");
+        }
+        tracing::warn!(host = %h.name, "host confirmed rebooted by an administrator");
+        Ok(())
+    }
+
+    /// Records the VMs the engine places on `host` as down, gone from it (compare-and-set on
+    /// the status each was read with: a VM that moved meanwhile is left alone).
+    async fn vms_gone_from_host(&self, host: HostUuid, why: &str) -> Result<(), CommandError> {
+        let q = ListQuery {
+            filter: VmFilter {
+                host: Some(Ref::Id(host)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for vm in self.app.db.vm_list(&q).await? {
+            if !vm.runtime.status.is_running() || vm.runtime.run_on_host != Some(host) {
+                continue;
+            }
+            let rt = VmRuntime {
+                status_detail: Some(gone_detail(why)),
+                ..Default::default()
+            };
+            match self.app.db.vm_set_runtime(vm.id, &[vm.runtime.status], &rt).await {
+                Ok(_) => tracing::info!(vm = %vm.name, why, "VM recorded down: gone from its host"),
+                Err(e) if matches!(e, crate::db::DbError::Conflict { .. }) => {
+                    tracing::info!(vm = %vm.name, error = %e, "VM changed meanwhile; left as it is")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

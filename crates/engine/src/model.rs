@@ -863,6 +863,10 @@ pub struct AffinityGroup {
     pub id: AffinityGroupId,
     pub cluster_id: ClusterId,
     pub name: String,
+    pub description: String,
+    /// Whether the VM rule applies (oVirt's `vms_rule.enabled`): a disabled group keeps its
+    /// members but the scheduler ignores it.
+    pub enabled: bool,
     /// `true`: keep the VMs together; `false`: keep them apart.
     pub positive: bool,
     /// `true`: a hard rule (filter); `false`: a preference (weight).

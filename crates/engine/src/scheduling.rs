@@ -145,7 +145,8 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
             name: g.name,
             vms: g.vm_ids,
             hosts: Vec::new(),
-            vm_rule: Some(sched::AffinityRule {
+            // A disabled rule keeps the group but places nothing.
+            vm_rule: g.enabled.then_some(sched::AffinityRule {
                 polarity: if g.positive {
                     sched::Polarity::Positive
                 } else {

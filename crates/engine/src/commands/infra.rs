@@ -71,11 +71,7 @@ impl Commands {
             cl.scheduling_policy = p;
         }
         if let Some(o) = req.memory_overcommit_percent {
-            if !(50..=1000).contains(&o) {
-                return Err(CommandError::invalid(format!(
-                    "memory overcommit {o}% is outside 50..=1000"
-                )));
-            }
+            super::scheduling::check_overcommit(o)?;
             cl.memory_overcommit_percent = o;
         }
         let cl = self.app.db.cluster_insert(&cl).await?;

@@ -10,6 +10,7 @@
 
 mod infra;
 mod networks;
+mod scheduling;
 mod snapshots;
 mod storage;
 mod vms;
@@ -26,6 +27,10 @@ use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
 pub use infra::{AddCluster, AddDataCenter, AddHost};
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_nic_slots};
 pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
+pub use scheduling::{
+    policy_info, resolve_policy, AddAffinityGroup, PolicyInfo, UpdateAffinityGroup, UpdateCluster,
+    OVERCOMMIT_RANGE, POLICIES,
+};
 pub use snapshots::AddSnapshot;
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "networks",
         sql: include_str!("migrations/0004_networks.sql"),
     },
+    Migration {
+        version: 5,
+        name: "affinity_group_details",
+        sql: include_str!("migrations/0005_affinity_group_details.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -121,6 +121,16 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
     o.close("memory_policy");
     o.leaf("ballooning_enabled", false);
     o.leaf("threads_as_cores", false);
+    // oVirt shows a reference; the name is added so that clients need no second request.
+    let p = crate::commands::policy_info(c.scheduling_policy);
+    let pid = p.id.to_string();
+    o.open(
+        "scheduling_policy",
+        Some(&pid),
+        Some(&href("schedulingpolicies", &pid)),
+    );
+    o.leaf("name", p.policy);
+    o.close("scheduling_policy");
     version(o, c.compatibility_version);
     match emb.and_then(|e| e.data_center.as_ref()) {
         Some(dc) => data_center(o, dc, None),
@@ -128,10 +138,12 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
     }
     // Each cluster has its own pool, identified as the cluster.
     reference(o, "mac_pool", "macpools", c.id);
+    o.links(&h, &["affinitygroups", "networks"]);
     o.close("cluster");
 }
 
-pub fn host(o: &mut Out, h: &Host, emb: Option<&Embedded>) {
+/// A host; `power_management` is whether it has a fence agent (left out where unknown).
+pub fn host(o: &mut Out, h: &Host, emb: Option<&Embedded>, power_management: Option<bool>) {
     let hr = href("hosts", h.id);
     o.open("host", Some(&h.id.to_string()), Some(&hr));
     o.leaf("name", &h.name);
@@ -164,10 +176,18 @@ pub fn host(o: &mut Out, h: &Host, emb: Option<&Embedded>) {
         o.leaf("content", fp);
         o.close("certificate");
     }
+    if let Some(enabled) = power_management {
+        o.open("power_management", None, None);
+        o.leaf("enabled", enabled);
+        o.leaf("automatic_pm_enabled", enabled);
+        o.leaf("kdump_detection", false);
+        o.close("power_management");
+    }
     match emb.and_then(|e| e.cluster.as_ref()) {
         Some(c) => cluster(o, c, None),
         None => reference(o, "cluster", "clusters", h.cluster_id),
     }
+    o.links(&hr, &["fenceagents", "nics", "networkattachments"]);
     o.close("host");
 }
 
@@ -348,7 +368,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
     reference(o, "original_template", "templates", v.template_id);
     if let Some(h) = v.runtime.run_on_host.filter(|_| v.runtime.status.is_running()) {
         match emb.and_then(|e| e.host.as_ref()) {
-            Some(hh) => host(o, hh, None),
+            Some(hh) => host(o, hh, None, None),
             None => reference(o, "host", "hosts", h),
         }
     }
@@ -552,4 +572,82 @@ pub fn user(o: &mut Out, u: &User) {
     o.leaf("name", &u.domain);
     o.close("domain");
     o.close("user");
+}
+
+/// A built-in scheduling policy (read-only; see [`crate::commands::POLICIES`]).
+pub fn scheduling_policy(o: &mut Out, p: &crate::commands::PolicyInfo) {
+    let id = p.id.to_string();
+    o.open(
+        "scheduling_policy",
+        Some(&id),
+        Some(&href("schedulingpolicies", &id)),
+    );
+    o.leaf("name", p.policy);
+    o.leaf("description", p.description);
+    o.leaf("default_policy", p.default);
+    o.leaf("locked", true);
+    o.close("scheduling_policy");
+}
+
+fn affinity_rule(o: &mut Out, name: &str, enabled: bool, positive: bool, enforcing: bool) {
+    o.open(name, None, None);
+    o.leaf("enabled", enabled);
+    o.leaf("positive", positive);
+    o.leaf("enforcing", enforcing);
+    o.close(name);
+}
+
+/// An affinity group as oVirt 4.4 has it: the VM rule (and the deprecated top-level
+/// `positive`/`enforcing` that mirror it), the member VMs as references, and an empty,
+/// disabled host rule (oxvirt's groups hold VMs only).
+pub fn affinity_group(o: &mut Out, g: &AffinityGroup) {
+    let hr = format!("{API}/clusters/{}/affinitygroups/{}", g.cluster_id, g.id);
+    o.open("affinity_group", Some(&g.id.to_string()), Some(&hr));
+    o.leaf("name", &g.name);
+    o.leaf("description", &g.description);
+    o.leaf("positive", g.positive);
+    o.leaf("enforcing", g.enforcing);
+    o.leaf("priority", 1);
+    o.leaf("broken", false);
+    affinity_rule(o, "vms_rule", g.enabled, g.positive, g.enforcing);
+    affinity_rule(o, "hosts_rule", false, true, false);
+    reference(o, "cluster", "clusters", g.cluster_id);
+    o.open("vms", None, None);
+    o.array_open("vm");
+    for v in &g.vm_ids {
+        reference(o, "vm", "vms", v);
+    }
+    o.array_close();
+    o.close("vms");
+    o.links(&hr, &["vms"]);
+    o.close("affinity_group");
+}
+
+/// A host's fence agent (oxvirt keeps one per host, identified as the host); the password is
+/// never shown.
+pub fn fence_agent(o: &mut Out, host: HostUuid, a: &crate::fence::AgentParams) {
+    let id = host.to_string();
+    let hr = format!("{API}/hosts/{id}/fenceagents/{id}");
+    o.open("agent", Some(&id), Some(&hr));
+    o.leaf("type", &a.agent_type);
+    o.opt_leaf("address", a.address.as_deref());
+    o.opt_leaf("username", a.username.as_deref());
+    o.opt_leaf("port", a.port);
+    o.leaf("order", 1);
+    o.leaf("concurrent", false);
+    o.leaf("encrypt_options", false);
+    if !a.options.is_empty() {
+        o.open("options", None, None);
+        o.array_open("option");
+        for (n, v) in &a.options {
+            o.open("option", None, None);
+            o.leaf("name", n);
+            o.leaf("value", v);
+            o.close("option");
+        }
+        o.array_close();
+        o.close("options");
+    }
+    reference(o, "host", "hosts", &id);
+    o.close("agent");
 }

@@ -941,13 +941,17 @@ async fn snapshot_delete(c: &mut Conn<'_>, id: SnapshotId) -> Result<bool, DbErr
 async fn affinity_group_insert(c: &mut Conn<'_>, g: &AffinityGroup) -> Result<AffinityGroup, DbError> {
     validate_name("affinity group name", &g.name)?;
     let mut q = Sql::new(
-        "INSERT INTO affinity_groups (id, cluster_id, name, positive, enforcing, created_at) VALUES (",
+        "INSERT INTO affinity_groups (id, cluster_id, name, description, vms_rule_enabled, positive, enforcing, created_at) VALUES (",
     );
     q.arg(g.id.to_string())
         .push(", ")
         .arg(g.cluster_id.to_string())
         .push(", ")
         .arg(g.name.as_str())
+        .push(", ")
+        .arg(g.description.as_str())
+        .push(", ")
+        .arg(b2i(g.enabled))
         .push(", ")
         .arg(b2i(g.positive))
         .push(", ")
@@ -964,13 +968,36 @@ async fn affinity_group_insert(c: &mut Conn<'_>, g: &AffinityGroup) -> Result<Af
         .ok_or_else(|| DbError::not_found("affinity group", g.id))
 }
 
+/// Writes a group's name, description and rule (not its members, not its cluster).
+async fn affinity_group_update(c: &mut Conn<'_>, g: &AffinityGroup) -> Result<AffinityGroup, DbError> {
+    validate_name("affinity group name", &g.name)?;
+    let mut q = Sql::new("UPDATE affinity_groups SET name = ");
+    q.arg(g.name.as_str())
+        .push(", description = ")
+        .arg(g.description.as_str())
+        .push(", vms_rule_enabled = ")
+        .arg(b2i(g.enabled))
+        .push(", positive = ")
+        .arg(b2i(g.positive))
+        .push(", enforcing = ")
+        .arg(b2i(g.enforcing))
+        .push(" WHERE id = ")
+        .arg(g.id.to_string());
+    if c.exec_as(&q, "affinity group", &g.name).await? == 0 {
+        return Err(DbError::not_found("affinity group", g.id));
+    }
+    affinity_group_get(c, g.id)
+        .await?
+        .ok_or_else(|| DbError::not_found("affinity group", g.id))
+}
+
 async fn affinity_groups_where(
     c: &mut Conn<'_>,
     cond: &str,
     id: String,
 ) -> Result<Vec<AffinityGroup>, DbError> {
     let mut q =
-        Sql::new("SELECT id, cluster_id, name, positive, enforcing, created_at FROM affinity_groups WHERE ");
+        Sql::new("SELECT id, cluster_id, name, description, vms_rule_enabled, positive, enforcing, created_at FROM affinity_groups WHERE ");
     q.push(cond).push(" = ").arg(id).push(" ORDER BY name, id");
     let rows = c.all(&q).await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -979,6 +1006,8 @@ async fn affinity_groups_where(
             id: r.parse("id")?,
             cluster_id: r.parse("cluster_id")?,
             name: r.text("name")?,
+            description: r.text("description")?,
+            enabled: r.flag("vms_rule_enabled")?,
             positive: r.flag("positive")?,
             enforcing: r.flag("enforcing")?,
             vm_ids: Vec::new(),
@@ -1075,6 +1104,8 @@ repo! {
     write snapshot_delete(id: SnapshotId) -> bool = snapshot_delete;
 
     write affinity_group_insert(g: &AffinityGroup) -> AffinityGroup = affinity_group_insert;
+    /// Name, description and rule; `AlreadyExists` for a name taken in the cluster.
+    write affinity_group_update(g: &AffinityGroup) -> AffinityGroup = affinity_group_update;
     read affinity_group_get(id: AffinityGroupId) -> Option<AffinityGroup> = affinity_group_get;
     read affinity_groups_of_cluster(cl: ClusterId) -> Vec<AffinityGroup> = affinity_groups_of_cluster;
     write affinity_group_add_vm(g: AffinityGroupId, vm: VmId) -> () = affinity_group_add_vm;

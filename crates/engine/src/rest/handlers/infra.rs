@@ -1,10 +1,11 @@
 //! Data centers, clusters and hosts.
 
-use crate::commands::{AddCluster, AddDataCenter, AddHost};
+use crate::commands::{resolve_policy, AddCluster, AddDataCenter, AddHost, UpdateCluster};
 use crate::db::{ClusterFilter, ClusterSort, DcFilter, DcSort, HostFilter, HostSort, ListQuery, Ref};
 use crate::model::*;
 
 use super::super::fault::ApiError;
+use super::super::input::Elem;
 use super::super::search::translate;
 use super::super::write::{self, collection, href, Embedded};
 use super::super::{Req, Resp};
@@ -229,29 +230,37 @@ pub async fn cluster_add(r: &Req) -> Result<Resp, ApiError> {
             description: b.string("description").unwrap_or_default(),
             data_center,
             cpu_type: b.string("cpu/type"),
-            scheduling_policy: None,
+            scheduling_policy: policy_ref(&b)?,
             memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
         })
         .await?;
     Ok(Resp::created(one_cluster(r, &c, None), href("clusters", c.id)))
 }
 
+/// `<scheduling_policy id="…"/>` or `<scheduling_policy><name>…</name></scheduling_policy>`.
+fn policy_ref(b: &Elem) -> Result<Option<crate::model::SchedulingPolicy>, ApiError> {
+    match b.get("scheduling_policy") {
+        None => Ok(None),
+        Some(e) => Ok(Some(resolve_policy(e.id(), e.str("name"))?)),
+    }
+}
+
 pub async fn cluster_update(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("cluster")?;
-    let mut c = cluster(r, 0).await?;
-    if let Some(n) = b.str("name") {
-        c.name = n.to_string();
-    }
-    if let Some(n) = b.get("description") {
-        c.description = n.text.trim().to_string();
-    }
-    if let Some(t) = b.str("cpu/type") {
-        c.cpu_type = t.to_string();
-    }
-    if let Some(p) = b.u32("memory_policy/over_commit/percent")? {
-        c.memory_overcommit_percent = p;
-    }
-    let c = r.db().cluster_update(&c).await?;
+    let id: ClusterId = r.id(0, "cluster")?;
+    let c = r
+        .cmds()
+        .update_cluster(
+            id,
+            UpdateCluster {
+                name: b.string("name"),
+                description: b.get("description").map(|d| d.text.trim().to_string()),
+                cpu_type: b.string("cpu/type"),
+                scheduling_policy: policy_ref(&b)?,
+                memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
+            },
+        )
+        .await?;
     Ok(Resp::ok(one_cluster(r, &c, None)))
 }
 
@@ -271,10 +280,16 @@ async fn host(r: &Req, i: usize) -> Result<Host, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("host {id} not found")))
 }
 
-fn one_host(r: &Req, h: &Host, e: Option<&Embedded>) -> super::super::out::Out {
+async fn one_host(r: &Req, h: &Host, e: Option<&Embedded>) -> Result<super::super::out::Out, ApiError> {
+    let pm = power_management(r, h).await?;
     let mut o = r.out();
-    root_entity(&mut o, |o| write::host(o, h, e));
-    o
+    root_entity(&mut o, |o| write::host(o, h, e, Some(pm)));
+    Ok(o)
+}
+
+/// Whether the host has a fence agent (`power_management.enabled`).
+async fn power_management(r: &Req, h: &Host) -> Result<bool, ApiError> {
+    Ok(r.cmds().fence_agent(h.id).await?.is_some())
 }
 
 async fn host_embedded(r: &Req, h: &Host, follow: &[String]) -> Result<Option<Embedded>, ApiError> {
@@ -323,11 +338,15 @@ pub async fn host_list(r: &Req) -> Result<Resp, ApiError> {
     let hs = r.db().host_list(&q).await?;
     let mut items = Vec::with_capacity(hs.len());
     for h in &hs {
-        items.push((h, host_embedded(r, h, &follow).await?));
+        items.push((
+            h,
+            host_embedded(r, h, &follow).await?,
+            power_management(r, h).await?,
+        ));
     }
     let mut o = r.out();
-    collection(&mut o, "hosts", "host", &items, |o, (h, e)| {
-        write::host(o, h, e.as_ref())
+    collection(&mut o, "hosts", "host", &items, |o, (h, e, pm)| {
+        write::host(o, h, e.as_ref(), Some(*pm))
     });
     Ok(Resp::ok(o))
 }
@@ -336,7 +355,7 @@ pub async fn host_get(r: &Req) -> Result<Resp, ApiError> {
     let follow = check_follow(r, &["cluster"])?;
     let h = host(r, 0).await?;
     let e = host_embedded(r, &h, &follow).await?;
-    Ok(Resp::ok(one_host(r, &h, e.as_ref())))
+    Ok(Resp::ok(one_host(r, &h, e.as_ref()).await?))
 }
 
 pub async fn host_add(r: &Req) -> Result<Resp, ApiError> {
@@ -369,7 +388,7 @@ pub async fn host_add(r: &Req) -> Result<Resp, ApiError> {
             spm_priority: b.i32("spm/priority")?,
         })
         .await?;
-    Ok(Resp::created(one_host(r, &h, None), href("hosts", h.id)))
+    Ok(Resp::created(one_host(r, &h, None).await?, href("hosts", h.id)))
 }
 
 pub async fn host_update(r: &Req) -> Result<Resp, ApiError> {
@@ -382,7 +401,7 @@ pub async fn host_update(r: &Req) -> Result<Resp, ApiError> {
         h.spm_priority = p;
     }
     let h = r.db().host_update(&h).await?;
-    Ok(Resp::ok(one_host(r, &h, None)))
+    Ok(Resp::ok(one_host(r, &h, None).await?))
 }
 
 pub async fn host_remove(r: &Req) -> Result<Resp, ApiError> {

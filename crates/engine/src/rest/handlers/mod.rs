@@ -5,6 +5,7 @@
 mod infra;
 mod networks;
 mod ops;
+mod sla;
 mod storage;
 mod vms;
 
@@ -49,6 +50,22 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         HostActivate => infra::host_activate(r, true).await,
         HostForceSelectSpm => infra::host_force_select_spm(r).await,
         HostDeactivate => infra::host_activate(r, false).await,
+        HostFence => sla::host_fence(r).await,
+        HostAgentList => sla::agent_list(r).await,
+        HostAgentAdd => sla::agent_add(r).await,
+        HostAgentGet => sla::agent_get(r).await,
+        HostAgentUpdate => sla::agent_update(r).await,
+        HostAgentRemove => sla::agent_remove(r).await,
+        PolicyList => sla::policy_list(r).await,
+        PolicyGet => sla::policy_get(r).await,
+        GroupList => sla::group_list(r).await,
+        GroupAdd => sla::group_add(r).await,
+        GroupGet => sla::group_get(r).await,
+        GroupUpdate => sla::group_update(r).await,
+        GroupRemove => sla::group_remove(r).await,
+        GroupVmList => sla::group_vm_list(r).await,
+        GroupVmAdd => sla::group_vm_add(r).await,
+        GroupVmRemove => sla::group_vm_remove(r).await,
         SdList => storage::sd_list(r).await,
         SdAdd => storage::sd_add(r).await,
         SdGet => storage::sd_get(r).await,
