@@ -559,3 +559,199 @@ async fn qemu_vm_lifecycle_with_progress() {
     live.engine.shutdown().await;
     eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Scheduling policies, a cluster's policy and overcommit, affinity groups and a host's fence
+/// agent (a real script) through the CLI; no node or QEMU involved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduling_affinity_and_fencing() {
+    let started = Instant::now();
+    let live = start().await;
+    live.login(&["--insecure"]).await;
+    let db = &live.engine.app().db;
+
+    // The built-in policies.
+    let r = live.ok(&["schedulingpolicy", "list"]).await;
+    assert!(
+        row(&r.stdout, "none").contains("b4ed2332-a7ac-4d5f-9596-99a439cb2812"),
+        "{r}"
+    );
+    let r = live.ok(&["policy", "show", "power_saving", "-o", "json"]).await;
+    assert_eq!(r.json()["id"], "5a2b0939-7d46-4b73-a469-e9c2c7fc6a53");
+
+    // A cluster with a policy and an overcommit, then another policy set.
+    live.ok(&["dc", "create", "sdc"]).await;
+    live.ok(&[
+        "cluster",
+        "create",
+        "scl",
+        "--dc",
+        "sdc",
+        "--scheduling-policy",
+        "power_saving",
+        "--overcommit",
+        "150",
+    ])
+    .await;
+    let r = live.ok(&["cluster", "list"]).await;
+    let line = row(&r.stdout, "scl");
+    assert!(line.contains("power_saving") && line.contains("150"), "{line}");
+    let r = live
+        .ok(&[
+            "cluster",
+            "update",
+            "scl",
+            "--scheduling-policy",
+            "evenly_distributed",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(r.json()["scheduling_policy"]["name"], "evenly_distributed");
+    // Refused: the reason is printed and nothing changes.
+    let r = live
+        .fails(&[
+            "cluster",
+            "update",
+            "scl",
+            "--scheduling-policy",
+            "fastest",
+            "--overcommit",
+            "200",
+        ])
+        .await;
+    assert!(
+        r.stderr.contains("\"fastest\" does not exist") && r.stderr.contains("400"),
+        "{r}"
+    );
+    let r = live
+        .fails(&["cluster", "update", "scl", "--overcommit", "20"])
+        .await;
+    assert!(r.stderr.contains("20% is outside 100..=1000"), "{r}");
+    let cl = db.cluster_get_by_name("scl").await.unwrap().unwrap();
+    assert_eq!(
+        (cl.scheduling_policy.as_str(), cl.memory_overcommit_percent),
+        ("evenly_distributed", 150)
+    );
+
+    // Affinity groups: create with a member, list, add and remove VMs; another cluster's VM
+    // is refused.
+    live.ok(&["cluster", "create", "other", "--dc", "sdc"]).await;
+    for (vm, cluster) in [("w1", "scl"), ("w2", "scl"), ("x1", "other")] {
+        live.ok(&["vm", "create", vm, "--cluster", cluster]).await;
+    }
+    let r = live
+        .ok(&[
+            "affinitygroup",
+            "create",
+            "web",
+            "--cluster",
+            "scl",
+            "--negative",
+            "--enforcing",
+            "--vm",
+            "w1",
+            "-o",
+            "json",
+        ])
+        .await;
+    let g = r.json();
+    assert_eq!(g["vms_rule"]["positive"], "false");
+    assert_eq!(g["vms_rule"]["enforcing"], "true");
+    let r = live.ok(&["ag", "list", "--cluster", "scl"]).await;
+    let line = row(&r.stdout, "web");
+    assert!(
+        line.contains("scl") && line.contains("false") && line.contains("true"),
+        "{line}"
+    );
+    live.ok(&["ag", "add-vm", "--cluster", "scl", "web", "w2"]).await;
+    let r = live
+        .fails(&["ag", "add-vm", "--cluster", "scl", "web", "x1"])
+        .await;
+    assert!(r.stderr.contains("VM x1 is in cluster other"), "{r}");
+    let r = live.fails(&["ag", "create", "web", "--cluster", "scl"]).await;
+    assert!(r.stderr.contains("409"), "{r}");
+    live.ok(&["ag", "remove-vm", "--cluster", "scl", "web", "w1"])
+        .await;
+    let r = live
+        .ok(&["ag", "show", "--cluster", "scl", "web", "-o", "json"])
+        .await;
+    let shown = r.json();
+    let members: Vec<&str> = shown["vms"]["vm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    let w2 = db.vm_get_by_name("w2").await.unwrap().unwrap().id.to_string();
+    assert_eq!(members, [w2.as_str()]);
+    live.ok(&["ag", "rm", "--cluster", "scl", "web"]).await;
+    let r = live.ok(&["ag", "list", "--cluster", "scl", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // A host's fence agent (a script recording its arguments) and the fence status.
+    live.ok(&[
+        "host",
+        "create",
+        "fh",
+        "--address",
+        "127.0.0.1:9",
+        "--cluster",
+        "scl",
+        "--no-wait",
+    ])
+    .await;
+    let agent = live.work.path().join("agent.sh");
+    let log = live.work.path().join("agent.log");
+    std::fs::write(
+        &agent,
+        format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pw = live.password_file("agent secret");
+    let command = format!("command={}", agent.display());
+    live.ok(&[
+        "fenceagent",
+        "create",
+        "--host",
+        "fh",
+        "--type",
+        "script",
+        "--option",
+        &command,
+        "--address",
+        "10.0.0.9",
+        "--username",
+        "admin",
+        "--password-file",
+        pw.to_str().unwrap(),
+        "--port",
+        "623",
+    ])
+    .await;
+    let r = live.ok(&["fenceagent", "list", "--host", "fh"]).await;
+    let line = row(&r.stdout, "fh");
+    assert!(
+        line.contains("script") && line.contains("10.0.0.9") && line.contains("623"),
+        "{line}"
+    );
+    assert!(!r.stdout.contains("agent secret"));
+    let r = live.ok(&["host", "fence", "fh", "--type", "status"]).await;
+    assert!(r.stdout.contains("host fh is powered on"), "{r}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "--ip=10.0.0.9 --username=admin --password=agent secret --ipport=623 status\n"
+    );
+    let r = live.fails(&["host", "fence", "fh", "--type", "manual"]).await;
+    assert!(
+        r.stderr
+            .contains("confirming a reboot is only for a host that does not respond"),
+        "{r}"
+    );
+    live.ok(&["fenceagent", "rm", "--host", "fh"]).await;
+    let r = live.fails(&["host", "fence", "fh", "--type", "status"]).await;
+    assert!(r.stderr.contains("host fh has no fence agent"), "{r}");
+
+    live.engine.shutdown().await;
+    eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -63,6 +63,8 @@ pub static CLUSTER: Kind = Kind {
         c("ID", "id", Text),
         c("DATA CENTER", "data_center.id", Ref(&DATACENTER)),
         c("CPU", "cpu.type", Text),
+        c("POLICY", "scheduling_policy.name", Text),
+        c("OVERCOMMIT %", "memory_policy.over_commit.percent", Text),
         c("VERSION", "version", Version),
         c("DESCRIPTION", "description", Text),
     ],
@@ -82,6 +84,49 @@ pub static HOST: Kind = Kind {
         c("CPUS", "cpu.topology", Cpus),
         c("MEMORY", "memory", Bytes),
         c("FREE", "max_scheduling_memory", Bytes),
+        c("PM", "power_management.enabled", Text),
+    ],
+};
+
+pub static SCHEDULING_POLICY: Kind = Kind {
+    what: "scheduling policy",
+    coll: "schedulingpolicies",
+    elem: "scheduling_policy",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("DEFAULT", "default_policy", Text),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+/// Lives under its cluster (`clusters/{id}/affinitygroups`): listed and named through it.
+pub static AFFINITY_GROUP: Kind = Kind {
+    what: "affinity group",
+    coll: "affinitygroups",
+    elem: "affinity_group",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("CLUSTER", "cluster.id", Ref(&CLUSTER)),
+        c("ENABLED", "vms_rule.enabled", Text),
+        c("POSITIVE", "vms_rule.positive", Text),
+        c("ENFORCING", "vms_rule.enforcing", Text),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+/// A host's fence agent (`hosts/{id}/fenceagents`; one per host, identified as the host).
+pub static FENCE_AGENT: Kind = Kind {
+    what: "fence agent",
+    coll: "fenceagents",
+    elem: "agent",
+    cols: &[
+        c("HOST", "host.id", Ref(&HOST)),
+        c("TYPE", "type", Text),
+        c("ADDRESS", "address", Text),
+        c("USERNAME", "username", Text),
+        c("PORT", "port", Text),
     ],
 };
 

@@ -66,8 +66,16 @@ pub enum ClientCommand {
     Datacenter(Group<DcCmd>),
     /// Clusters.
     Cluster(Group<ClusterCmd>),
-    /// Hosts (nodes): add, maintenance, activation.
+    /// Hosts (nodes): add, maintenance, activation, power management (fence).
     Host(Group<HostCmd>),
+    /// A cluster's affinity groups: VMs kept together or apart.
+    #[command(visible_alias = "ag")]
+    Affinitygroup(Group<AffinityGroupCmd>),
+    /// The built-in scheduling policies (set one with `cluster update --scheduling-policy`).
+    #[command(visible_alias = "policy")]
+    Schedulingpolicy(Group<PolicyCmd>),
+    /// A host's fence agent (power management): one per host.
+    Fenceagent(Group<FenceAgentCmd>),
     /// Storage domains: create, attach to a data center, activate, maintenance.
     #[command(visible_alias = "sd")]
     Storagedomain(Group<SdCmd>),
@@ -174,10 +182,167 @@ pub enum ClusterCmd {
         cpu_type: Option<String>,
         #[arg(long, default_value = "")]
         description: String,
+        #[command(flatten)]
+        sched: SchedArgs,
+    },
+    /// Change a cluster: its description, CPU type, scheduling policy or memory overcommit.
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        cpu_type: Option<String>,
+        #[command(flatten)]
+        sched: SchedArgs,
     },
     /// Remove an empty cluster.
     #[command(visible_alias = "rm")]
     Remove { name: String },
+}
+
+/// A cluster's scheduling settings.
+#[derive(Args, Debug, Clone)]
+pub struct SchedArgs {
+    /// The scheduling policy (name or id: none, evenly_distributed, power_saving,
+    /// vm_evenly_distributed; see `oxvirt schedulingpolicy list`).
+    #[arg(long)]
+    pub scheduling_policy: Option<String>,
+    /// How much of a host's memory VMs may be promised, in percent (100-1000).
+    #[arg(long)]
+    pub overcommit: Option<u32>,
+}
+
+impl SchedArgs {
+    fn apply(&self, body: &mut Value) {
+        if let Some(p) = &self.scheduling_policy {
+            body["scheduling_policy"] = if api::looks_like_id(p) {
+                json!({ "id": p })
+            } else {
+                json!({ "name": p })
+            };
+        }
+        if let Some(o) = self.overcommit {
+            body["memory_policy"] = json!({ "over_commit": { "percent": o } });
+        }
+    }
+}
+
+/// What `host fence` does (oVirt's fence_type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FenceTypeArg {
+    /// Ask the agent whether the host is powered on.
+    Status,
+    /// Power the host off.
+    Stop,
+    /// Power the host on.
+    Start,
+    /// Power the host off, then on.
+    Restart,
+    /// Confirm that a host which stopped responding was rebooted (its VMs may then restart
+    /// elsewhere once their leases are free).
+    Manual,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AffinityGroupCmd {
+    /// List a cluster's affinity groups.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Show an affinity group.
+    Show {
+        #[arg(long)]
+        cluster: String,
+        name: String,
+    },
+    /// Create an affinity group (positive and soft unless told otherwise).
+    Create {
+        name: String,
+        #[arg(long)]
+        cluster: String,
+        /// Keep the VMs apart instead of together.
+        #[arg(long)]
+        negative: bool,
+        /// A hard rule: a VM does not start where it would break it.
+        #[arg(long)]
+        enforcing: bool,
+        /// Create the group with its rule disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A member VM (name or id; repeat for more).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+    },
+    /// Remove an affinity group (its VMs stay).
+    #[command(visible_alias = "rm")]
+    Remove {
+        #[arg(long)]
+        cluster: String,
+        name: String,
+    },
+    /// Add a VM of the cluster to a group.
+    AddVm {
+        #[arg(long)]
+        cluster: String,
+        name: String,
+        vm: String,
+    },
+    /// Take a VM out of a group.
+    RemoveVm {
+        #[arg(long)]
+        cluster: String,
+        name: String,
+        vm: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// List the scheduling policies.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a scheduling policy.
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FenceAgentCmd {
+    /// Show a host's fence agent (none: an empty list).
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        host: String,
+    },
+    /// Give a host its fence agent: `--type script --option command=/path/agent`, or a
+    /// fence-agents type (`--type ipmilan` runs fence_ipmilan) with address and credentials.
+    Create {
+        #[arg(long)]
+        host: String,
+        #[arg(long = "type")]
+        agent_type: String,
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the agent's password from this file (`-`: standard input).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// NAME=VALUE passed to the agent as --NAME=VALUE (repeat for more).
+        #[arg(long = "option")]
+        options: Vec<String>,
+    },
+    /// Remove a host's fence agent.
+    #[command(visible_alias = "rm")]
+    Remove {
+        #[arg(long)]
+        host: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +383,12 @@ pub enum HostCmd {
     },
     /// Make a host the SPM of its data center (the current SPM steps down).
     SelectSpm { name: String },
+    /// Power management through the host's fence agent (`--type status` prints on or off).
+    Fence {
+        name: String,
+        #[arg(long = "type", value_enum)]
+        fence_type: FenceTypeArg,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -522,6 +693,18 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
             let ctx = Ctx::open(&g.common)?;
             host(&ctx, g.cmd).await
         }
+        ClientCommand::Affinitygroup(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            affinity_group(&ctx, g.cmd).await
+        }
+        ClientCommand::Schedulingpolicy(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            scheduling_policy(&ctx, g.cmd).await
+        }
+        ClientCommand::Fenceagent(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            fence_agent(&ctx, g.cmd).await
+        }
         ClientCommand::Storagedomain(g) => {
             let ctx = Ctx::open(&g.common)?;
             storage_domain(&ctx, g.cmd).await
@@ -557,15 +740,7 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
 
 fn read_password(a: &LoginArgs) -> anyhow::Result<String> {
     let raw = match &a.password_file {
-        Some(p) if p.as_os_str() == "-" => {
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("reading the password from standard input")?;
-            line
-        }
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading the password file {}", p.display()))?,
+        Some(p) => return read_secret_file(p),
         None => {
             anyhow::ensure!(
                 std::io::stdin().is_terminal(),
@@ -835,13 +1010,37 @@ async fn cluster(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
             datacenter,
             cpu_type,
             description,
+            sched,
         } => {
             let dc = ctx.id(&kinds::DATACENTER, &datacenter).await?;
             let mut body = json!({ "name": name, "description": description, "data_center": { "id": dc } });
             if let Some(t) = cpu_type {
                 body["cpu"] = json!({ "type": t });
             }
+            sched.apply(&mut body);
             let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        ClusterCmd::Update {
+            name,
+            description,
+            cpu_type,
+            sched,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let mut body = json!({});
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if let Some(t) = cpu_type {
+                body["cpu"] = json!({ "type": t });
+            }
+            sched.apply(&mut body);
+            let obj = ctx
+                .api
+                .request(Method::PUT, &format!("/clusters/{id}"), Some(&body), None)
+                .await
+                .with_context(|| format!("updating cluster {name}"))?;
             ctx.print(k, &obj).await
         }
         ClusterCmd::Remove { name } => ctx.remove(k, &name, "").await,
@@ -904,7 +1103,247 @@ async fn host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
                 .await?;
             output::print_done(ctx.out, &format!("host {name} is the SPM"), o.as_ref())
         }
+        HostCmd::Fence { name, fence_type } => {
+            let id = ctx.id(k, &name).await?;
+            let t = clap::ValueEnum::to_possible_value(&fence_type)
+                .expect("every fence type has a name")
+                .get_name()
+                .to_string();
+            let body = json!({ "fence_type": t });
+            // The answer carries the power status (status); the action runs to its end.
+            let r = ctx
+                .api
+                .request(Method::POST, &format!("/hosts/{id}/fence"), Some(&body), None)
+                .await
+                .with_context(|| format!("fence {t} of host {name} failed"))?;
+            let what = match output::at(&r, "power_management.status").and_then(Value::as_str) {
+                Some(power) => format!("host {name} is powered {power}"),
+                None => format!("host {name}: fence {t} done"),
+            };
+            output::print_done(ctx.out, &what, Some(&r))
+        }
     }
+}
+
+/// A cluster's affinity group named by name or id.
+async fn find_group(ctx: &Ctx, cluster: &str, g: &str) -> anyhow::Result<Value> {
+    let all = ctx
+        .api
+        .list(
+            &format!("clusters/{cluster}/affinitygroups"),
+            "affinity_group",
+            &[],
+        )
+        .await?;
+    let found: Vec<&Value> = all
+        .iter()
+        .filter(|x| x["id"].as_str() == Some(g) || x["name"].as_str() == Some(g))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => anyhow::bail!("the cluster has no affinity group named {g:?}"),
+        _ => anyhow::bail!("{} affinity groups match {g:?}: give the id", found.len()),
+    }
+}
+
+async fn affinity_group(ctx: &Ctx, cmd: AffinityGroupCmd) -> anyhow::Result<()> {
+    let k = &kinds::AFFINITY_GROUP;
+    let cluster_id = |c: String| async move { ctx.id(&kinds::CLUSTER, &c).await };
+    match cmd {
+        AffinityGroupCmd::List { cluster } => {
+            let c = cluster_id(cluster).await?;
+            let items = ctx
+                .api
+                .list(&format!("clusters/{c}/affinitygroups"), k.elem, &[])
+                .await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        AffinityGroupCmd::Show { cluster, name } => {
+            let c = cluster_id(cluster).await?;
+            let g = find_group(ctx, &c, &name).await?;
+            ctx.print(k, &g).await
+        }
+        AffinityGroupCmd::Create {
+            name,
+            cluster,
+            negative,
+            enforcing,
+            disabled,
+            description,
+            vms,
+        } => {
+            let c = cluster_id(cluster).await?;
+            let mut members = Vec::with_capacity(vms.len());
+            for v in &vms {
+                members.push(json!({ "id": ctx.id(&kinds::VM, v).await? }));
+            }
+            let body = json!({
+                "name": name,
+                "description": description,
+                "vms_rule": { "enabled": !disabled, "positive": !negative, "enforcing": enforcing },
+                "vms": { "vm": members },
+            });
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/clusters/{c}/affinitygroups"),
+                    Some(&body),
+                    None,
+                )
+                .await
+                .with_context(|| format!("creating affinity group {name}"))?;
+            ctx.print(k, &obj).await
+        }
+        AffinityGroupCmd::Remove { cluster, name } => {
+            let c = cluster_id(cluster).await?;
+            let g = find_group(ctx, &c, &name).await?;
+            let gid = g["id"].as_str().unwrap_or_default();
+            ctx.api
+                .request(
+                    Method::DELETE,
+                    &format!("/clusters/{c}/affinitygroups/{gid}"),
+                    None,
+                    None,
+                )
+                .await
+                .with_context(|| format!("removing affinity group {name}"))?;
+            output::print_done(ctx.out, &format!("affinity group {name} removed"), None)
+        }
+        AffinityGroupCmd::AddVm { cluster, name, vm } => {
+            let c = cluster_id(cluster).await?;
+            let g = find_group(ctx, &c, &name).await?;
+            let gid = g["id"].as_str().unwrap_or_default();
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            ctx.api
+                .request(
+                    Method::POST,
+                    &format!("/clusters/{c}/affinitygroups/{gid}/vms"),
+                    Some(&json!({ "id": v })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("adding VM {vm} to affinity group {name}"))?;
+            output::print_done(ctx.out, &format!("VM {vm} added to affinity group {name}"), None)
+        }
+        AffinityGroupCmd::RemoveVm { cluster, name, vm } => {
+            let c = cluster_id(cluster).await?;
+            let g = find_group(ctx, &c, &name).await?;
+            let gid = g["id"].as_str().unwrap_or_default();
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            ctx.api
+                .request(
+                    Method::DELETE,
+                    &format!("/clusters/{c}/affinitygroups/{gid}/vms/{v}"),
+                    None,
+                    None,
+                )
+                .await
+                .with_context(|| format!("removing VM {vm} from affinity group {name}"))?;
+            output::print_done(
+                ctx.out,
+                &format!("VM {vm} removed from affinity group {name}"),
+                None,
+            )
+        }
+    }
+}
+
+async fn scheduling_policy(ctx: &Ctx, cmd: PolicyCmd) -> anyhow::Result<()> {
+    let k = &kinds::SCHEDULING_POLICY;
+    match cmd {
+        PolicyCmd::List => {
+            ctx.list(
+                k,
+                &ListArgs {
+                    search: None,
+                    max: None,
+                },
+            )
+            .await
+        }
+        PolicyCmd::Show { name } => ctx.show(k, &name).await,
+    }
+}
+
+async fn fence_agent(ctx: &Ctx, cmd: FenceAgentCmd) -> anyhow::Result<()> {
+    let k = &kinds::FENCE_AGENT;
+    match cmd {
+        FenceAgentCmd::List { host } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let items = ctx
+                .api
+                .list(&format!("hosts/{h}/fenceagents"), k.elem, &[])
+                .await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        FenceAgentCmd::Create {
+            host,
+            agent_type,
+            address,
+            username,
+            password_file,
+            port,
+            options,
+        } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let mut opts = Vec::with_capacity(options.len());
+            for o in &options {
+                let (n, v) = o.split_once('=').unwrap_or((o.as_str(), ""));
+                anyhow::ensure!(!n.is_empty(), "--option {o:?} needs a NAME (NAME=VALUE)");
+                opts.push(json!({ "name": n, "value": v }));
+            }
+            let mut body = json!({ "type": agent_type, "options": { "option": opts } });
+            if let Some(a) = address {
+                body["address"] = json!(a);
+            }
+            if let Some(u) = username {
+                body["username"] = json!(u);
+            }
+            if let Some(p) = port {
+                body["port"] = json!(p);
+            }
+            if let Some(f) = password_file {
+                body["password"] = json!(read_secret_file(&f)?);
+            }
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/hosts/{h}/fenceagents"),
+                    Some(&body),
+                    None,
+                )
+                .await
+                .with_context(|| format!("giving host {host} a fence agent"))?;
+            ctx.print(k, &obj).await
+        }
+        FenceAgentCmd::Remove { host } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            // The one agent of a host is identified as the host.
+            ctx.api
+                .request(Method::DELETE, &format!("/hosts/{h}/fenceagents/{h}"), None, None)
+                .await
+                .with_context(|| format!("removing the fence agent of host {host}"))?;
+            output::print_done(ctx.out, &format!("fence agent of host {host} removed"), None)
+        }
+    }
+}
+
+/// A password from a file (`-`: standard input, one line), without its line end.
+fn read_secret_file(p: &std::path::Path) -> anyhow::Result<String> {
+    let raw = if p.as_os_str() == "-" {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line
+    } else {
+        std::fs::read_to_string(p).with_context(|| format!("reading the password file {}", p.display()))?
+    };
+    let pw = raw.trim_end_matches(['\n', '\r']).to_string();
+    anyhow::ensure!(!pw.is_empty(), "the password is empty");
+    Ok(pw)
 }
 
 /// The data center a storage domain is attached to.
