@@ -31,7 +31,7 @@ pub async fn policy_list(r: &Req) -> Result<Resp, ApiError> {
         "scheduling_policies",
         "scheduling_policy",
         &POLICIES,
-        |o, p| write::scheduling_policy(o, p),
+        write::scheduling_policy,
     );
     Ok(Resp::ok(o))
 }
