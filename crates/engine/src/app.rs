@@ -29,6 +29,9 @@ pub struct EngineSettings {
     pub migration_timeout: Duration,
     /// Accelerator VMs run with (`None`: each node's default).
     pub accel: Option<String>,
+    /// How long a host may report a pool domain bad that other hosts use before it is
+    /// `non_operational`. oVirt: 5 min (`StorageDomainFailureTimeoutInMinutes`).
+    pub storage_problem_grace: Duration,
 }
 
 impl EngineSettings {
@@ -49,6 +52,7 @@ impl Default for EngineSettings {
             task_timeout: Duration::from_secs(3600),
             migration_timeout: Duration::from_secs(600),
             accel: None,
+            storage_problem_grace: Duration::from_secs(300),
         }
     }
 }
@@ -70,6 +74,10 @@ pub struct HostRuntime {
     pub domains: std::collections::BTreeSet<SdUuid>,
     /// Consecutive failed polls.
     pub failures: u32,
+    /// The pool's domains as the host's domain monitor last saw them (`Host.getStorageRepoStats`).
+    pub repo: std::collections::BTreeMap<SdUuid, crate::monitor::DomainView>,
+    /// Since when the host has reported each domain bad.
+    pub domain_bad_since: std::collections::BTreeMap<SdUuid, crate::time::Timestamp>,
 }
 
 pub struct App {

@@ -7,7 +7,10 @@
 //! - reconcile VM statuses: a VM the node reports down is recorded down (and cleaned from the
 //!   node), one the node no longer has is down;
 //! - keep the host connected to its data center's pool (again after a node restart, seen as a
-//!   new boot id).
+//!   new boot id);
+//! - read its domain monitor (`Host.getStorageRepoStats`): a host that reports an active pool
+//!   domain bad for `storage_problem_grace` while other hosts use it is `non_operational` (a
+//!   domain bad everywhere is the domain's problem, see [`host_storage_problem`]).
 //!
 //! For each data center with storage: elect an SPM when it has none (among up, connected hosts,
 //! highest SPM priority first), track domain space and health, and turn attached domains
@@ -36,8 +39,8 @@ use crate::app::App;
 use crate::commands::{CommandError, Commands};
 use crate::db::{HostFilter, ListQuery, Ref, VmFilter};
 use crate::model::{
-    DcId, DcStatus, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, Severity, SpmStatus, VmId,
-    VmRuntime, VmStatus,
+    DcId, DcStatus, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, SdUuid, Severity, SpmStatus,
+    VmId, VmRuntime, VmStatus,
 };
 
 /// Hosts the monitor polls (others wait for an admin or for enrollment).
@@ -288,13 +291,28 @@ async fn poll_host(
             )
             .await?;
     }
-    // Networks (issue 11): lacking a required network of its cluster makes a host non_operational.
-    if let Some(reason) = crate::commands::host_network_problem(app, h, &node).await? {
+    let dc = app.host_dc(h).await?;
+    if dc.status != DcStatus::Maintenance && app.db.pool_master(dc.id).await?.is_some() {
+        if let Err(e) = ensure_pool_connected(app, h.id, dc.id).await {
+            tracing::info!(host = %h.name, error = %e, "cannot connect the host to its pool yet");
+        }
+    }
+    // Lacking a required network of its cluster (issue 11), or a storage domain the others use,
+    // makes a host non_operational.
+    // (status detail, event code, event text): the detail stays the same while the problem
+    // does, so the event is sent once.
+    let problem = match crate::commands::host_network_problem(app, h, &node).await? {
+        Some(reason) => Some((reason.clone(), 519, reason)),
+        None => storage_problem(app, h, dc.id, &node)
+            .await?
+            .map(|(detail, error)| (detail.clone(), 522, format!("{detail}: {error}"))),
+    };
+    if let Some((reason, code, text)) = problem {
         if h.status != HostStatus::NonOperational || h.status_detail.as_deref() != Some(reason.as_str()) {
             app.db
                 .host_set_status(h.id, &[h.status], HostStatus::NonOperational, Some(&reason))
                 .await?;
-            event(app, Severity::Error, 519, reason, Some(h.id), None).await;
+            event(app, Severity::Error, code, text, Some(h.id), None).await;
         }
     } else if h.status != HostStatus::Up {
         app.db
@@ -309,12 +327,6 @@ async fn poll_host(
             None,
         )
         .await;
-    }
-    let dc = app.host_dc(h).await?;
-    if dc.status != DcStatus::Maintenance && app.db.pool_master(dc.id).await?.is_some() {
-        if let Err(e) = ensure_pool_connected(app, h.id, dc.id).await {
-            tracing::info!(host = %h.name, error = %e, "cannot connect the host to its pool yet");
-        }
     }
     let vms = node.call("Host.getAllVmStats", json!({})).await?;
     sample_vm_cpu(app, &vms, balancer).await;
@@ -759,4 +771,197 @@ async fn domains_round(app: &App, dc: DcId) -> Result<(), CommandError> {
         }
     }
     Ok(())
+}
+
+/// A pool domain as one host's domain monitor last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainView {
+    pub valid: bool,
+    /// The host holds its host id in the domain's lockspace.
+    pub acquired: bool,
+    pub error: Option<String>,
+}
+
+impl DomainView {
+    fn good(&self) -> bool {
+        self.valid && self.acquired
+    }
+}
+
+/// Reads the host's domain monitor, then decides with every host's last report whether it
+/// cannot use its pool's storage: the status detail and the host's error.
+async fn storage_problem(
+    app: &App,
+    h: &Host,
+    dc: DcId,
+    node: &crate::nodes::NodeClient,
+) -> Result<Option<(String, String)>, CommandError> {
+    let Ok(stats) = node.call("Host.getStorageRepoStats", json!({})).await else {
+        return Ok(None); // an older node without a domain monitor: nothing to judge by
+    };
+    let repo: std::collections::BTreeMap<SdUuid, DomainView> = stats
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(sd, v)| {
+            Some((
+                sd.parse().ok()?,
+                DomainView {
+                    valid: v["valid"] == true,
+                    acquired: v["acquired"] == true,
+                    error: v["error"].as_str().map(str::to_string),
+                },
+            ))
+        })
+        .collect();
+    let active: Vec<SdUuid> = app
+        .db
+        .pool_members(dc)
+        .await?
+        .into_iter()
+        .filter(|m| m.status == SdStatus::Active)
+        .map(|m| m.storage_domain_id)
+        .collect();
+    let peers: Vec<HostUuid> = app
+        .db
+        .host_list(&crate::db::ListQuery::new())
+        .await?
+        .into_iter()
+        .filter(|o| o.id != h.id && o.cluster_id == h.cluster_id && o.status == HostStatus::Up)
+        .map(|o| o.id)
+        .collect();
+    let others: Vec<_> = peers.iter().map(|p| app.host_rt(*p).repo).collect();
+    let now = app.db.now();
+    let mut verdict = None;
+    app.update_host_rt(h.id, |rt| {
+        rt.repo = repo;
+        let others: Vec<_> = others.iter().collect();
+        verdict = host_storage_problem(
+            now,
+            app.settings.storage_problem_grace,
+            &active,
+            &rt.repo,
+            &others,
+            &mut rt.domain_bad_since,
+        );
+    });
+    Ok(verdict.map(|(sd, error)| {
+        (
+            format!(
+                "Host {} cannot access storage domain {sd} that other hosts use",
+                h.name
+            ),
+            error,
+        )
+    }))
+}
+
+/// Whether a host cannot use its pool's storage (pure): it has reported an active domain bad
+/// (invalid, or without its host id there) for at least `grace`, while another host reports the
+/// same domain good. A domain bad on every host is the domain's problem (the SPM's stats turn it
+/// inactive), and blaming each host would take the whole cluster down. `bad_since` remembers
+/// when this host first reported each domain bad; a good report clears it. Returns the domain
+/// and the host's error.
+pub fn host_storage_problem(
+    now: crate::time::Timestamp,
+    grace: Duration,
+    active: &[SdUuid],
+    mine: &std::collections::BTreeMap<SdUuid, DomainView>,
+    others: &[&std::collections::BTreeMap<SdUuid, DomainView>],
+    bad_since: &mut std::collections::BTreeMap<SdUuid, crate::time::Timestamp>,
+) -> Option<(SdUuid, String)> {
+    bad_since.retain(|sd, _| active.contains(sd));
+    let mut verdict = None;
+    for sd in active {
+        // Not checked yet (just connected): no judgement either way.
+        let Some(view) = mine.get(sd) else { continue };
+        if view.good() {
+            bad_since.remove(sd);
+            continue;
+        }
+        let since = *bad_since.entry(*sd).or_insert(now);
+        let used_elsewhere = others.iter().any(|o| o.get(sd).is_some_and(DomainView::good));
+        let long = now.as_millis() - since.as_millis() >= grace.as_millis() as i64;
+        if long && used_elsewhere && verdict.is_none() {
+            let error = match (&view.error, view.valid) {
+                (Some(e), _) => e.clone(),
+                (None, false) => "invalid".to_string(),
+                (None, true) => "no host id in its lockspace".to_string(),
+            };
+            verdict = Some((*sd, error));
+        }
+    }
+    verdict
+}
+
+#[cfg(test)]
+mod storage_problem_tests {
+    use super::*;
+    use crate::time::Timestamp;
+    use std::collections::BTreeMap;
+
+    fn view(valid: bool, acquired: bool) -> DomainView {
+        DomainView {
+            valid,
+            acquired,
+            error: (!valid).then(|| "checksum mismatch".to_string()),
+        }
+    }
+
+    #[test]
+    fn a_host_is_blamed_only_after_the_grace_and_only_when_others_use_the_domain() {
+        let (a, b) = (SdUuid::new_random(), SdUuid::new_random());
+        let grace = Duration::from_secs(300);
+        let t = |s: i64| Timestamp::from_millis(s * 1000);
+        let mine = BTreeMap::from([(a, view(false, true)), (b, view(true, true))]);
+        let peer_ok = BTreeMap::from([(a, view(true, true)), (b, view(true, true))]);
+        let peer_bad = BTreeMap::from([(a, view(false, true))]);
+        let mut since = BTreeMap::new();
+        let active = [a, b];
+        // First bad report starts the clock.
+        assert_eq!(
+            host_storage_problem(t(0), grace, &active, &mine, &[&peer_ok], &mut since),
+            None
+        );
+        assert_eq!(since.get(&a), Some(&t(0)));
+        assert_eq!(
+            host_storage_problem(t(299), grace, &active, &mine, &[&peer_ok], &mut since),
+            None
+        );
+        assert_eq!(
+            host_storage_problem(t(300), grace, &active, &mine, &[&peer_ok], &mut since),
+            Some((a, "checksum mismatch".into()))
+        );
+        // Bad everywhere: the domain's problem, nobody blamed; no peers: nobody to compare with.
+        assert_eq!(
+            host_storage_problem(t(400), grace, &active, &mine, &[&peer_bad], &mut since),
+            None
+        );
+        assert_eq!(
+            host_storage_problem(t(400), grace, &active, &mine, &[], &mut since),
+            None
+        );
+        // A lost host id counts as bad too.
+        let no_id = BTreeMap::from([(a, view(true, true)), (b, view(true, false))]);
+        assert_eq!(
+            host_storage_problem(t(500), grace, &active, &no_id, &[&peer_ok], &mut since),
+            None
+        );
+        assert!(!since.contains_key(&a), "a good report clears the clock");
+        assert_eq!(
+            host_storage_problem(t(800), grace, &active, &no_id, &[&peer_ok], &mut since),
+            Some((b, "no host id in its lockspace".into()))
+        );
+        // A domain that left the pool (or went inactive) is forgotten.
+        assert_eq!(
+            host_storage_problem(t(900), grace, &[a], &no_id, &[&peer_ok], &mut since),
+            None
+        );
+        assert!(since.is_empty());
+        // Not yet checked: no judgement.
+        assert_eq!(
+            host_storage_problem(t(2000), grace, &active, &BTreeMap::new(), &[&peer_ok], &mut since),
+            None
+        );
+    }
 }

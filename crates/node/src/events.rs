@@ -1,10 +1,13 @@
 //! The node's event bus. Published now: VM status changes (`|virt|VM_status|<id>`, including a
-//! migration's start and end on both sides), job status at each job's end (`|jobs|status|<id>`:
-//! migrations, shutdowns, merges), network changes and their confirmation or rollback.
+//! migration's start and end on both sides), an outgoing migration's progress every 500 ms
+//! (`|virt|VM_migration_progress|<id>`), job status at each job's end (`|jobs|status|<id>`:
+//! migrations, shutdowns, merges), this host's SPM role changes (`|storage|spm_status|<pool>`),
+//! the domain monitor's changes (`|storage|domain_monitor|<sd>`: valid or not, host id held or
+//! not), network changes and their confirmation or rollback.
 //! Producers call [`EventBus::publish`]; each `GET /events` subscriber gets every event
 //! published after it subscribed, in order, each with a sequence number. The engine follows
-//! the stream to poll at once instead of at its next interval; storage state (domain health,
-//! the SPM) it still learns from polls only.
+//! the stream to poll at once instead of at its next interval (progress samples it only
+//! records).
 //!
 //! A subscriber that falls behind by more than the buffer loses events; it is told so with an
 //! `|node|events_lost|` event (and should poll). Sequence numbers make gaps visible too.

@@ -51,6 +51,7 @@ pub struct Node {
     /// Kernel same-page merging (`/sys/kernel/mm/ksm`), reported and tuned as MoM does.
     pub ksm: Ksm,
     sampler: HostSampler,
+    pub domain_monitor: crate::storage::monitor::DomainMonitor,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,7 @@ impl Node {
             config,
             ksm: Ksm::default(),
             sampler: HostSampler::new(),
+            domain_monitor: Default::default(),
         });
         // Self-fencing: losing our host id on a domain kills the VMs holding leases there,
         // confirmed by their exit, before other hosts may take those leases (8N + margin).
@@ -114,6 +116,15 @@ impl Node {
             .set_holders_probe(Arc::new(move |sd| vms.relies_on_domain(sd)));
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
         tokio::spawn(publish_migration_progress(Arc::downgrade(&node)));
+        tokio::spawn(monitor_domains(Arc::downgrade(&node)));
+        // SPM role changes go out as events at once (the engine elects and serves from them).
+        let events = node.events.clone();
+        node.pools.set_spm_observer(Arc::new(move |pool, host_id, st| {
+            events.publish(
+                format!("|storage|spm_status|{pool}"),
+                json!({ "spUUID": pool, "hostID": host_id, "spmStatus": st.vdsm(), "state": to_json(st) }),
+            );
+        }));
         Ok(node)
     }
 
@@ -208,6 +219,7 @@ impl Node {
                 )
             }
             HostRequest::GetJobs => to_json(&self.jobs.list()),
+            HostRequest::GetStorageRepoStats => self.domain_monitor.repo_stats(std::time::Instant::now()),
         })
     }
 }
@@ -234,6 +246,54 @@ fn ksm_json(k: &KsmState) -> Value {
 /// Publishes `|virt|VM_status|<vmID>` on every VM status change, from the manager's change
 /// stream (so a pause undone a millisecond later is still two events), plus a VM's first
 /// status when it appears and its removal when it leaves the manager (checked every 100 ms).
+/// The domain monitor's loop (see [`crate::storage::monitor`]): checks the connected pool's
+/// domains each interval, each on its own blocking thread, and publishes changes.
+async fn monitor_domains(node: std::sync::Weak<Node>) {
+    use crate::storage::monitor::stat_json;
+    let publish = |n: &Node, sd: oxvirt_types::SdUuid, c: &crate::storage::monitor::DomainCheck| {
+        if !c.valid {
+            tracing::warn!(sd = %sd, error = ?c.error, acquired = c.acquired, "storage domain check failed");
+        }
+        let mut body = stat_json(c, Duration::ZERO);
+        body["sdUUID"] = json!(sd);
+        n.events.publish(format!("|storage|domain_monitor|{sd}"), body);
+    };
+    loop {
+        let interval = {
+            let Some(n) = node.upgrade() else { return };
+            match n.pools.current() {
+                None => {
+                    n.domain_monitor.retain(&[]);
+                    Duration::from_secs(1)
+                }
+                Some(cp) => {
+                    let domains = cp.monitored_domains();
+                    n.domain_monitor.retain(&domains);
+                    let interval = cp.monitor_interval();
+                    for (sd, c) in n.domain_monitor.stuck(interval, std::time::Instant::now()) {
+                        publish(&n, sd, &c);
+                    }
+                    for sd in domains {
+                        if !n.domain_monitor.begin(sd, std::time::Instant::now()) {
+                            continue;
+                        }
+                        let (cp, weak) = (cp.clone(), node.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let check = cp.check_domain(sd);
+                            let Some(n) = weak.upgrade() else { return };
+                            if let Some(c) = n.domain_monitor.finish(sd, check, std::time::Instant::now()) {
+                                publish(&n, sd, &c);
+                            }
+                        });
+                    }
+                    interval
+                }
+            }
+        };
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// Publishes each progress sample of an outgoing migration (`|virt|VM_migration_progress|<id>`).
 async fn publish_migration_progress(node: std::sync::Weak<Node>) {
     use tokio::sync::broadcast::error::RecvError;

@@ -43,6 +43,15 @@ async fn start_cluster(n: usize) -> Cluster {
 }
 
 async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettings) -> Cluster {
+    start_cluster_via(n, settings, &[]).await
+}
+
+/// Nodes started through `wrapper` (see `common::spawn_node_via`).
+async fn start_cluster_via(
+    n: usize,
+    settings: oxvirt_engine::app::EngineSettings,
+    wrapper: &[&str],
+) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
@@ -61,7 +70,8 @@ async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettin
         let name = format!("host{}", i + 1);
         let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
         let addr = free_port();
-        let p = common::spawn_node(
+        let p = common::spawn_node_via(
+            wrapper,
             &name,
             d.path(),
             addr,
@@ -529,4 +539,118 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
     node.call("VM.destroy", json!({ "vmID": vm.id })).await.unwrap();
     let t = recorded(VmStatus::Down, "destroy").await;
     eprintln!("destroy recorded after {t:?}");
+}
+
+/// Runs `args` in the mount namespace of process `pid` (`nsenter`), failing with its output.
+fn in_mount_ns(pid: u32, args: &[&str]) {
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "--"])
+        .args(args)
+        .output()
+        .expect("nsenter (util-linux) is needed for this test");
+    assert!(
+        out.status.success(),
+        "nsenter {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One host loses the storage the others still use (in its own mount namespace a tmpfs hides
+/// the shared directory): its domain monitor reports the domain bad, and after the grace the
+/// engine makes the host non_operational, naming the domain; once it sees the storage again
+/// it is up. The domain itself stays active: the other host and the SPM still use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_loses_a_domain_the_others_use_is_non_operational_until_it_sees_it_again() {
+    let settings = oxvirt_engine::app::EngineSettings {
+        storage_problem_grace: Duration::from_secs(2),
+        ..common::fast_engine_settings()
+    };
+    let c = start_cluster_via(2, settings, &["unshare", "--mount", "--propagation", "private"]).await;
+    let e = c.engine.clone();
+    let (cmds, db) = (&e.cmds, &e.app().db);
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let sd = cmds
+        .add_storage_domain(data_domain(&c.storage.display().to_string(), host1.id))
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let spm = db.dc_get(dc.id).await.unwrap().unwrap().spm_host.unwrap();
+    let victim = db
+        .host_list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.id != spm)
+        .unwrap();
+    let pid = c
+        .nodes
+        .iter()
+        .find(|(n, _, _)| *n == victim.name)
+        .unwrap()
+        .2
+        .child
+        .id();
+    let storage = c.storage.display().to_string();
+
+    let cut = Instant::now();
+    in_mount_ns(
+        pid,
+        &["mount", "-t", "tmpfs", "oxvirt-test-hides-storage", &storage],
+    );
+    let detail = loop {
+        let h = db.host_get(victim.id).await.unwrap().unwrap();
+        if h.status == HostStatus::NonOperational {
+            break h.status_detail.unwrap_or_default();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "host {} still {} after losing the storage",
+            h.name,
+            h.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = cut.elapsed();
+    eprintln!("a host that lost a domain was non_operational after {took:?} (grace 2 s)");
+    assert!(
+        took >= Duration::from_secs(2),
+        "blamed before the grace: {took:?}"
+    );
+    assert!(detail.contains(&sd.id.to_string()), "{detail}");
+    let d = db.dc_get(dc.id).await.unwrap().unwrap();
+    assert_eq!(d.spm_host, Some(spm), "the SPM did not move");
+    let member = db
+        .pool_members(dc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.storage_domain_id == sd.id)
+        .unwrap();
+    assert_eq!(member.status, oxvirt_engine::model::SdStatus::Active);
+    assert_eq!(
+        db.host_get(spm).await.unwrap().unwrap().status,
+        HostStatus::Up,
+        "the host that sees the domain is not blamed"
+    );
+
+    in_mount_ns(pid, &["umount", &storage]);
+    let back = Instant::now();
+    loop {
+        let h = db.host_get(victim.id).await.unwrap().unwrap();
+        if h.status == HostStatus::Up {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "host {} still {} with the storage back: {:?}",
+            h.name,
+            h.status,
+            h.status_detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

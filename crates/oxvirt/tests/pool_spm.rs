@@ -506,3 +506,99 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let report = c.domain().check(true).unwrap();
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// Waits for the next event on `topic` whose body satisfies `pred`.
+async fn wait_event(
+    events: &mut tokio::sync::mpsc::Receiver<Value>,
+    topic: &str,
+    limit: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = tokio::time::timeout(left, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {topic} event within {limit:?}"))
+            .expect("event stream ended");
+        if ev["method"] == topic && pred(&ev["params"]["body"]) {
+            return ev["params"]["body"].clone();
+        }
+    }
+}
+
+/// The node's domain monitor checks each pool domain every io_timeout (1 s here) and reports
+/// it (`Host.getStorageRepoStats`); a domain going bad or good, and the SPM role changing, reach
+/// event subscribers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_monitor_and_spm_changes_are_published() {
+    let c = cluster(None).await;
+    let (pool, sd) = (c.pool, c.sd);
+    let mut events = c.nodes[0].client.events().await.unwrap();
+    let spm_topic = format!("|storage|spm_status|{pool}");
+    let dm_topic = format!("|storage|domain_monitor|{sd}");
+
+    let t = call(
+        &c.nodes[0],
+        "StoragePool.spmStart",
+        json!({ "spUUID": pool, "prevID": -1, "prevLver": -1 }),
+    )
+    .await;
+    wait_event(&mut events, &spm_topic, Duration::from_secs(30), |b| {
+        b["spmStatus"] == "SPM" && b["hostID"] == 1
+    })
+    .await;
+    wait_task(&c.nodes[0], t.as_str().unwrap(), Duration::from_secs(30)).await;
+
+    // Every node monitors the domain: valid, host id held.
+    let repo = async |n: &Node| call(n, "Host.getStorageRepoStats", json!({})).await[sd.to_string()].clone();
+    let start = Instant::now();
+    for n in &c.nodes {
+        loop {
+            let st = repo(n).await;
+            if st["valid"] == true && st["acquired"] == true {
+                assert_eq!(st["code"], 0, "{st}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{st}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Metadata that no longer matches its checksum: the domain is invalid for everyone.
+    let md = c.shared().join(sd.to_string()).join("dom_md/metadata");
+    let good = std::fs::read_to_string(&md).unwrap();
+    assert!(good.contains("DESCRIPTION=data\n"), "{good}");
+    let broken = Instant::now();
+    std::fs::write(&md, good.replace("DESCRIPTION=data\n", "DESCRIPTION=dbta\n")).unwrap();
+    let bad = wait_event(&mut events, &dm_topic, Duration::from_secs(10), |b| {
+        b["valid"] == false
+    })
+    .await;
+    let noticed = broken.elapsed();
+    assert!(bad["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}");
+    assert_eq!(bad["acquired"], true, "{bad}");
+    let st = repo(&c.nodes[2]).await;
+    let start = Instant::now();
+    let mut st = st;
+    while st["valid"] != false {
+        assert!(start.elapsed() < Duration::from_secs(10), "{st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        st = repo(&c.nodes[2]).await;
+    }
+    assert_ne!(st["code"], 0, "{st}");
+    eprintln!("domain monitor: a broken domain reported after {noticed:?} (interval 1 s)");
+    assert!(noticed < Duration::from_secs(5), "{noticed:?}");
+
+    std::fs::write(&md, &good).unwrap();
+    wait_event(&mut events, &dm_topic, Duration::from_secs(10), |b| {
+        b["valid"] == true
+    })
+    .await;
+
+    call(&c.nodes[0], "StoragePool.spmStop", json!({ "spUUID": pool })).await;
+    wait_event(&mut events, &spm_topic, Duration::from_secs(10), |b| {
+        b["spmStatus"] == "Free"
+    })
+    .await;
+}

@@ -84,12 +84,16 @@ impl SpmState {
     }
 }
 
+/// Told every state the role enters (called after the change, outside the role's locks).
+pub type SpmObserver = Arc<dyn Fn(&SpmState) + Send + Sync>;
+
 /// This host's SPM role in one pool.
 pub struct SpmRole {
     host_id: u64,
     state: Mutex<SpmState>,
     lease: Mutex<Option<ResourceLease>>,
     running_jobs: AtomicUsize,
+    observer: Mutex<Option<SpmObserver>>,
 }
 
 impl std::fmt::Debug for SpmRole {
@@ -117,6 +121,19 @@ impl SpmRole {
             state: Mutex::new(SpmState::Free),
             lease: Mutex::new(None),
             running_jobs: AtomicUsize::new(0),
+            observer: Mutex::new(None),
+        }
+    }
+
+    /// Sets who hears of each state change (the node publishes them as events).
+    pub fn set_observer(&self, observer: SpmObserver) {
+        *self.observer.lock().expect("spm observer") = Some(observer);
+    }
+
+    fn notify(&self) {
+        let observer = self.observer.lock().expect("spm observer").clone();
+        if let Some(o) = observer {
+            o(&self.state());
         }
     }
 
@@ -138,6 +155,8 @@ impl SpmRole {
         match &*st {
             SpmState::Free | SpmState::Fenced { .. } => {
                 *st = SpmState::Contending;
+                drop(st);
+                self.notify();
                 Ok(())
             }
             SpmState::Contending => Err(SpmError::Contending {
@@ -166,7 +185,9 @@ impl SpmRole {
         }
         *self.lease.lock().expect("spm lease") = Some(lease);
         *st = SpmState::Spm { lver };
+        drop(st);
         tracing::info!(host_id = self.host_id, lver, "this host is the SPM");
+        self.notify();
         Ok(lver)
     }
 
@@ -175,6 +196,8 @@ impl SpmRole {
         let mut st = self.state.lock().expect("spm state");
         if *st == SpmState::Contending {
             *st = SpmState::Free;
+            drop(st);
+            self.notify();
         }
     }
 
@@ -182,10 +205,11 @@ impl SpmRole {
     /// running (the caller must make sure they die before our lease can be taken).
     pub fn fence(&self, reason: &str) -> usize {
         let mut st = self.state.lock().expect("spm state");
-        if matches!(
+        let changed = matches!(
             *st,
             SpmState::Spm { .. } | SpmState::Contending | SpmState::Stopping
-        ) {
+        );
+        if changed {
             tracing::error!(
                 host_id = self.host_id,
                 reason,
@@ -199,6 +223,9 @@ impl SpmRole {
         // The lease is useless now; its release fails without writing (our host id is no
         // longer valid) but frees the handle.
         drop(self.lease.lock().expect("spm lease").take());
+        if changed {
+            self.notify();
+        }
         self.running_jobs()
     }
 
@@ -215,7 +242,10 @@ impl SpmRole {
                     });
                 }
                 *st = SpmState::Stopping;
-                Ok(self.lease.lock().expect("spm lease").take())
+                let lease = self.lease.lock().expect("spm lease").take();
+                drop(st);
+                self.notify();
+                Ok(lease)
             }
             _ => Err(SpmError::NotSpm {
                 host_id: self.host_id,
@@ -230,7 +260,10 @@ impl SpmRole {
             return Some(lease);
         }
         *st = SpmState::Spm { lver: lease.lver() };
-        self.lease.lock().expect("spm lease").replace(lease)
+        let old = self.lease.lock().expect("spm lease").replace(lease);
+        drop(st);
+        self.notify();
+        old
     }
 
     /// Stopping → Free.
@@ -238,6 +271,8 @@ impl SpmRole {
         let mut st = self.state.lock().expect("spm state");
         if *st == SpmState::Stopping {
             *st = SpmState::Free;
+            drop(st);
+            self.notify();
         }
     }
 
@@ -405,4 +440,39 @@ pub fn volume_lease_owner(
     )
     .map_err(|source| VolumeLeaseError::Lease { img, vol, source })?;
     Ok((leader.timestamp != 0 && leader.owner_id != 0).then_some(leader.owner_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_change_reaches_the_observer_once() {
+        let role = SpmRole::new(3);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        role.set_observer(Arc::new(move |st: &SpmState| {
+            log.lock().unwrap().push(st.clone())
+        }));
+        role.begin_contend().unwrap();
+        // Refused transitions change nothing and say nothing.
+        assert!(role.begin_contend().is_err());
+        assert!(role.begin_stop().is_err());
+        role.contend_failed();
+        role.contend_failed();
+        role.begin_contend().unwrap();
+        assert_eq!(role.fence("renewal failed"), 0);
+        role.fence("again");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                SpmState::Contending,
+                SpmState::Free,
+                SpmState::Contending,
+                SpmState::Fenced {
+                    reason: "renewal failed".into()
+                },
+            ]
+        );
+    }
 }

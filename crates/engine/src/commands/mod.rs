@@ -35,7 +35,7 @@ pub use snapshots::AddSnapshot;
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
 pub(crate) use vms::destroy_on as destroy_on_node;
-pub use vms::{AddVm, AddVmDisk, MigrateOptions, StartOptions as VmStartOptions};
+pub use vms::{AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, StartOptions as VmStartOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

@@ -211,7 +211,7 @@ pub async fn job_progress(ctx: &Ctx, j: &Job) -> Result<Option<JobProgress>, Por
         .count();
     let running = j.status == JobStatus::Started;
     // A live migration's memory transfer is most of its time: show how far it is.
-    let step_pct = if running && rec.name == "migrate_vm" {
+    let step_pct = if running && rec.name == <crate::commands::MigrateVmSaga as crate::saga::SagaDef>::NAME {
         serde_json::from_value::<VmId>(rec.params["vm"].clone())
             .ok()
             .and_then(|vm| ctx.cmds().app.migration_progress(vm))

@@ -16,6 +16,8 @@ pub enum HostRequest {
     GetStats,
     GetAllVmStats,
     GetJobs,
+    /// The domain monitor's last check of each pool domain (VDSM's `repoStats`).
+    GetStorageRepoStats,
     /// MoM's KSM control, VDSM's `setKsmTune`: run/stop/unmerge and the scan rate.
     SetKsmTune(KsmTune),
 }
@@ -26,6 +28,7 @@ pub const VERBS: &[&str] = &[
     "Host.getStats",
     "Host.getAllVmStats",
     "Host.getJobs",
+    "Host.getStorageRepoStats",
     "Host.setKsmTune",
 ];
 
@@ -95,6 +98,7 @@ impl HostRequest {
             "Host.getStats" => HostRequest::GetStats,
             "Host.getAllVmStats" => HostRequest::GetAllVmStats,
             "Host.getJobs" => HostRequest::GetJobs,
+            "Host.getStorageRepoStats" => HostRequest::GetStorageRepoStats,
             "Host.setKsmTune" => {
                 let t: SetKsmTuneParams = params(method, p)?;
                 return Ok(HostRequest::SetKsmTune(t.tuning_params.into_tune()?));

@@ -10,6 +10,7 @@
 //! Architecture invariant: ids reach paths only as typed UUIDs; every path the node opens on
 //! behalf of a request lies under a connection the engine gave.
 
+pub mod monitor;
 pub mod pool;
 
 use std::collections::BTreeMap;

@@ -191,7 +191,11 @@ pub struct PoolService {
     pool: RwLock<Option<Arc<ConnectedPool>>>,
     fence_hook: RwLock<Option<FenceHook>>,
     holders: RwLock<Option<HoldersProbe>>,
+    spm_observer: RwLock<Option<PoolSpmObserver>>,
 }
+
+/// Told each SPM role change of this host in a pool (pool, our host id, new state).
+pub type PoolSpmObserver = Arc<dyn Fn(PoolUuid, u64, &SpmState) + Send + Sync>;
 
 fn chain(e: &dyn std::error::Error) -> String {
     tasks::error_chain(e)
@@ -206,7 +210,13 @@ impl PoolService {
             pool: RwLock::new(None),
             fence_hook: RwLock::new(None),
             holders: RwLock::new(None),
+            spm_observer: RwLock::new(None),
         }
+    }
+
+    /// Sets who hears of this host's SPM role changes (pools connected later).
+    pub fn set_spm_observer(&self, observer: PoolSpmObserver) {
+        *self.spm_observer.write().expect("spm observer") = Some(observer);
     }
 
     /// Sets how the pool learns which domains live processes rely on (pools connected later).
@@ -310,6 +320,9 @@ impl PoolService {
             holders: self.holders.read().expect("holders probe").clone(),
             last_recovery: Mutex::new(None),
         });
+        if let Some(o) = self.spm_observer.read().expect("spm observer").clone() {
+            cp.role.set_observer(Arc::new(move |st| o(pool, host_id, st)));
+        }
         cp.sync_lockspaces(&pm)?;
         cp.start_hsm_mailbox()?;
         *self.pool.write().expect("pool") = Some(cp.clone());
@@ -351,6 +364,48 @@ impl ConnectedPool {
 
     /// Per lockspace held, when our host id there expires unless renewed (`CLOCK_BOOTTIME`);
     /// what the fence watchdog is petted with.
+    /// The domains the domain monitor checks: the pool's active ones (those where we hold a
+    /// host id if the pool metadata cannot be read).
+    pub fn monitored_domains(&self) -> Vec<SdUuid> {
+        match self.metadata() {
+            Ok(pm) => pm.active_domains(),
+            Err(_) => self
+                .lockspaces
+                .lock()
+                .expect("lockspaces")
+                .keys()
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// One domain monitor check (blocking: an uncached read of the domain's metadata).
+    pub fn check_domain(&self, sd: SdUuid) -> super::monitor::DomainCheck {
+        let acquired = self.lockspace(sd).is_ok_and(|ls| ls.is_valid());
+        match self.domains.domain(sd) {
+            Ok(dom) => {
+                let h = dom.health();
+                super::monitor::DomainCheck {
+                    valid: h.valid,
+                    delay: h.read_delay,
+                    error: h.error,
+                    acquired,
+                }
+            }
+            Err(e) => super::monitor::DomainCheck {
+                valid: false,
+                delay: Duration::ZERO,
+                error: Some(chain(&e)),
+                acquired,
+            },
+        }
+    }
+
+    /// How often the domain monitor checks (VDSM: 10 s with its default io_timeout of 10 s).
+    pub fn monitor_interval(&self) -> Duration {
+        self.timing.io_timeout.max(Duration::from_millis(500))
+    }
+
     pub fn lockspace_deadlines(&self) -> Vec<(SdUuid, Duration)> {
         self.lockspaces
             .lock()

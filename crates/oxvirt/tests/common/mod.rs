@@ -107,7 +107,27 @@ impl NodeProc {
 }
 
 pub fn spawn_node(name: &str, data: &Path, addr: SocketAddr, extra: &[&str]) -> NodeProc {
-    let child = Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+    spawn_node_via(&[], name, data, addr, extra)
+}
+
+/// [`spawn_node`] run through `wrapper` (a command that execs the rest of its arguments, such
+/// as `unshare --mount`), so that the child's pid is the node's.
+pub fn spawn_node_via(
+    wrapper: &[&str],
+    name: &str,
+    data: &Path,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> NodeProc {
+    let mut cmd = match wrapper.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(env!("CARGO_BIN_EXE_oxvirt"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_oxvirt")),
+    };
+    let child = cmd
         .args(["node", "--name", name, "--listen", &addr.to_string(), "--data"])
         .arg(data)
         .args(extra)
