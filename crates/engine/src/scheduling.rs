@@ -9,7 +9,7 @@ use crate::commands::CommandError;
 use crate::db::{HostFilter, ListQuery, Ref, VmFilter};
 use crate::model::{ClusterId, HostStatus, HostUuid, SchedulingPolicy, VmId, VmStatus};
 
-fn sched_host_id(h: HostUuid) -> sched::HostUuid {
+pub fn sched_host_id(h: HostUuid) -> sched::HostUuid {
     sched::HostUuid::from_uuid(*h.as_uuid())
 }
 

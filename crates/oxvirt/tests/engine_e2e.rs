@@ -350,8 +350,8 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let h2 = moved.runtime.run_on_host.unwrap();
     assert_ne!(h2, h);
     assert_eq!(moved.runtime.status, VmStatus::Up);
-    let dst_id = owner(chain[1].id).expect("the destination holds the leaf's lease");
-    assert_ne!(dst_id, runner_id, "the lease stayed with the source");
+    let mig_dst_id = owner(chain[1].id).expect("the destination holds the leaf's lease");
+    assert_ne!(mig_dst_id, runner_id, "the lease stayed with the source");
     let h2name = host_name(&e, h2).await;
     let log2 = console(&c, &h2name, vm.id);
     let before = std::fs::read_to_string(&log2)
@@ -372,6 +372,26 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
             "guest made no progress after migration"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Maintenance empties the host: the scheduler plans the VM's new host and it migrates
+    // there (taking its leases); the host is in maintenance, then comes back up.
+    let h3 = cmds.host_maintenance(h2).await.unwrap();
+    assert_eq!(h3.status, HostStatus::Maintenance);
+    let v = db.vm_get(vm.id).await.unwrap().unwrap();
+    assert_eq!(v.runtime.status, VmStatus::Up, "{:?}", v.runtime);
+    let h_now = v.runtime.run_on_host.unwrap();
+    assert_ne!(h_now, h2, "the VM stayed on the host in maintenance");
+    let dst_id = owner(chain[1].id).expect("the leaf's lease moved with the VM");
+    assert_ne!(dst_id, mig_dst_id);
+    cmds.host_activate(h2).await.unwrap();
+    let start = Instant::now();
+    while db.host_get(h2).await.unwrap().unwrap().status != HostStatus::Up {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the host did not come back up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Deleting the snapshot merges live: the chain is two volumes again.
@@ -405,7 +425,9 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     assert!(!imgs.contains(&vdisk.to_string()), "{imgs:?}");
     assert!(imgs.contains(&tdisks[0].id.to_string()), "{imgs:?}");
 
-    // The SPM node dies: the role moves to another host once its lease allows.
+    // The SPM node dies: the role moves to another host once its lease allows. (Maintenance
+    // may have moved the role.)
+    let spm_host = db.dc_get(dc.id).await.unwrap().unwrap().spm_host.unwrap();
     let spm_name = host_name(&e, spm_host).await;
     let idx = c.nodes.iter().position(|(n, _, _)| *n == spm_name).unwrap();
     let killed = Instant::now();

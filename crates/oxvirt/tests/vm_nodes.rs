@@ -450,6 +450,8 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
     let log = node.console_log(id);
     let p = wait_passes(&log, 0, 1, BOOT).await;
+    node.call("VM.setBalloonTarget", json!({ "vmID": id, "target": 200 }))
+        .await;
 
     node.kill9();
     // QEMU is in its own session: the node's death does not touch it.
@@ -466,6 +468,11 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     assert_eq!(vms[0]["vmID"], json!(id));
     assert_eq!(vms[0]["status"]["state"], "up", "{all}");
     assert_eq!(vms[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
+    let st = node.call("VM.getStats", json!({ "vmID": id })).await;
+    assert_eq!(
+        st["balloon_target_mib"], 200,
+        "the balloon target was forgotten: {st}"
+    );
     // The recovered VM is fully controllable: QMP reconnected, status events flow.
     let mut events = node.c.events().await.unwrap();
     let mut next_status = async || -> String {

@@ -167,6 +167,12 @@ impl Commands {
             })
             .await?;
         if let Some(vm) = still.iter().find(|v| v.runtime.status != VmStatus::Down) {
+            // Back to where it was (evacuation left it preparing for maintenance).
+            let _ = self
+                .app
+                .db
+                .host_set_status(id, &[HostStatus::PreparingForMaintenance], h.status, None)
+                .await;
             return Err(CommandError::Conflict(format!(
                 "host {} still runs VM {}",
                 h.name, vm.name

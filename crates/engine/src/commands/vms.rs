@@ -12,8 +12,8 @@ use crate::app::App;
 use crate::db::{ListQuery, Ref, VmFilter};
 use crate::model::{
     ClusterId, CpuTopology, DcId, Disk, DiskAttachment, DiskFormat, DiskId, DiskInterface, DiskStatus,
-    HostUuid, TemplateId, TemplateStatus, VmId, VmOs, VmRuntime, VmStatus, VolType, VolUuid, Volume,
-    BLANK_TEMPLATE_ID,
+    HostStatus, HostUuid, TemplateId, TemplateStatus, VmId, VmOs, VmRuntime, VmStatus, VolType, VolUuid,
+    Volume, BLANK_TEMPLATE_ID,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
@@ -1096,29 +1096,84 @@ impl Commands {
         self.vm(id).await
     }
 
-    /// Moves every VM off a host (maintenance); VMs that cannot migrate are stopped.
+    /// Moves every VM off a host going into maintenance. The host is
+    /// `preparing_for_maintenance` meanwhile (the scheduler places nothing there); the
+    /// scheduler plans all destinations at once (HA VMs first, then the largest, each move
+    /// counted against the next), and each VM migrates to its planned host. A VM with no place
+    /// or whose migration fails is stopped, as the admin asked for the host to be emptied. On
+    /// error the host gets its status back.
     pub async fn evacuate_host(&self, host: HostUuid) -> Result<(), CommandError> {
-        let vms = self
+        let h = self.app.host(host).await?;
+        let before = h.status;
+        if before != HostStatus::PreparingForMaintenance {
+            self.app
+                .db
+                .host_set_status(
+                    host,
+                    &[before],
+                    HostStatus::PreparingForMaintenance,
+                    Some("moving its VMs to other hosts"),
+                )
+                .await?;
+        }
+        let r = self.evacuate(&h).await;
+        if r.is_err() && before != HostStatus::PreparingForMaintenance {
+            let _ = self
+                .app
+                .db
+                .host_set_status(
+                    host,
+                    &[HostStatus::PreparingForMaintenance],
+                    before,
+                    h.status_detail.as_deref(),
+                )
+                .await;
+        }
+        r
+    }
+
+    async fn evacuate(&self, h: &crate::model::Host) -> Result<(), CommandError> {
+        let snap = crate::scheduling::snapshot(&self.app, h.cluster_id).await?;
+        let plan = oxvirt_scheduler::plan_evacuation(&snap, crate::scheduling::sched_host_id(h.id)).map_err(
+            |e| CommandError::Conflict(format!("cannot plan the evacuation of host {}: {e}", h.name)),
+        )?;
+        let mut stop = Vec::new();
+        for p in plan.moves {
+            let opts = MigrateOptions {
+                host: Some(crate::scheduling::engine_host_id(p.host)),
+            };
+            if let Err(e) = self.migrate_vm(p.vm, opts, None).await {
+                tracing::warn!(vm = %p.vm, to = %p.host_name, error = %e,
+                    "cannot migrate for maintenance; stopping the VM");
+                stop.push(p.vm);
+            }
+        }
+        for (vm, why) in plan.unplaced {
+            tracing::warn!(vm = %vm, host = %h.name, reason = %why, "no host for the VM; stopping it for maintenance");
+            stop.push(vm);
+        }
+        // Whatever the plan did not cover (a VM the snapshot left out) is stopped too.
+        let left = self
             .app
             .db
             .vm_list(&ListQuery {
                 filter: VmFilter {
-                    host: Some(Ref::Id(host)),
+                    host: Some(Ref::Id(h.id)),
                     ..Default::default()
                 },
                 ..Default::default()
             })
             .await?;
-        for vm in vms.into_iter().filter(|v| v.runtime.status.is_running()) {
-            let moved = match self.migrate_vm(vm.id, MigrateOptions::default(), None).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(vm = %vm.name, error = %e, "cannot migrate for maintenance; stopping the VM");
-                    false
-                }
-            };
-            if !moved {
-                self.stop_vm(vm.id).await?;
+        stop.extend(
+            left.iter()
+                .filter(|v| v.runtime.status.is_running() && v.runtime.run_on_host == Some(h.id))
+                .map(|v| v.id),
+        );
+        stop.dedup();
+        for vm in stop {
+            let v = self.vm(vm).await?;
+            if v.runtime.status.is_running() && v.runtime.run_on_host == Some(h.id) {
+                self.stop_vm(vm).await?;
             }
         }
         Ok(())

@@ -135,6 +135,9 @@ pub struct VmRecord {
     /// `resume` refuses such a VM: only [`VmManager::resume_incoming`] starts it.
     #[serde(default)]
     pub hold_incoming: bool,
+    /// The last balloon target set (MiB), so that a restarted node still reports it.
+    #[serde(default)]
+    pub balloon_target_mib: Option<u64>,
 }
 
 /// The leases a live VM on this node holds or waits for, from its record.
@@ -446,8 +449,6 @@ struct Vm {
     /// Percent + 1 of the outgoing migration; 0 = none running.
     migration_progress: AtomicU64,
     job_seq: AtomicU64,
-    /// MiB; 0 = never set.
-    balloon_target: AtomicU64,
 }
 
 impl Vm {
@@ -779,6 +780,7 @@ impl VmManager {
             loops: vec![None; req.disks.len()],
             create: req,
             hold_incoming: hold && incoming.is_some(),
+            balloon_target_mib: None,
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -913,7 +915,6 @@ impl VmManager {
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
-            balloon_target: AtomicU64::new(0),
         });
         vm.feed(Input::QmpReady {
             running: st.running,
@@ -1003,7 +1004,6 @@ impl VmManager {
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
             job_seq: AtomicU64::new(0),
-            balloon_target: AtomicU64::new(0),
         });
         self.vms.lock().unwrap().insert(id, vm);
     }
@@ -1185,7 +1185,10 @@ impl VmManager {
     pub async fn stats(&self, id: VmId) -> Result<VmStats, VmError> {
         let vm = self.get(id)?;
         let status = vm.status();
-        let memory_mib = vm.record.lock().unwrap().create.memory_mib;
+        let (memory_mib, balloon_target_mib) = {
+            let rec = vm.record.lock().unwrap();
+            (rec.create.memory_mib, rec.balloon_target_mib)
+        };
         let pid = vm.process.as_ref().map_or(0, |p| p.pid());
         let (cpu_user_ms, cpu_system_ms) = proc_cpu_ms(&format!("/proc/{pid}/stat"));
         let rss_bytes = proc_rss(pid);
@@ -1217,7 +1220,7 @@ impl VmManager {
             vcpu_ms,
             rss_bytes,
             memory_mib,
-            balloon_target_mib: Some(vm.balloon_target.load(Ordering::Relaxed)).filter(|t| *t > 0),
+            balloon_target_mib,
             balloon_actual_bytes,
             disks,
             thin_extends: vm.thin_extends.load(Ordering::Relaxed),
@@ -1249,8 +1252,8 @@ impl VmManager {
             })
             .await
             .map_err(|source| VmError::Qmp { vm: id, source })?;
-        vm.balloon_target.store(target_mib, Ordering::Relaxed);
-        Ok(())
+        vm.record.lock().unwrap().balloon_target_mib = Some(target_mib);
+        vm.persist()
     }
 
     /// Live snapshot: each disk's new overlay becomes its active layer, atomically across
