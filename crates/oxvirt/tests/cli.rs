@@ -639,6 +639,23 @@ async fn scheduling_affinity_and_fencing() {
     for (vm, cluster) in [("w1", "scl"), ("w2", "scl"), ("x1", "other")] {
         live.ok(&["vm", "create", vm, "--cluster", cluster]).await;
     }
+
+    // High availability from the CLI: on at creation with a priority, off again; a lease
+    // domain that does not exist is refused and changes nothing.
+    live.ok(&["vm", "create", "hav", "--cluster", "scl", "--ha-priority", "7"])
+        .await;
+    let ha = async || db.vm_get_by_name("hav").await.unwrap().unwrap().ha;
+    assert_eq!((ha().await.enabled, ha().await.priority), (true, 7));
+    let r = live
+        .fails(&["vm", "update", "hav", "--lease-sd", "nosuch", "--no-ha"])
+        .await;
+    assert!(r.stderr.contains("nosuch"), "{r}");
+    assert!(ha().await.enabled, "a refused update changed the VM");
+    let r = live.fails(&["vm", "update", "hav"]).await;
+    assert!(r.stderr.contains("nothing to change"), "{r}");
+    let r = live.ok(&["vm", "update", "hav", "--no-ha", "-o", "json"]).await;
+    assert_eq!(r.json()["high_availability"]["enabled"], "false", "{r}");
+    assert!(!ha().await.enabled);
     let r = live
         .ok(&[
             "affinitygroup",

@@ -766,6 +766,26 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
             return Err(PortalError::Bad(format!("{c} vCPUs is out of 1..64")));
         }
     }
+    let ha = match form.get("ha") {
+        Some("on") => {
+            let priority: i32 = form.parse("ha_priority", "HA priority")?.unwrap_or(1);
+            if !(0..=100).contains(&priority) {
+                return Err(PortalError::Bad(format!(
+                    "HA priority {priority} is out of 0..100"
+                )));
+            }
+            Some(crate::model::HighAvailability {
+                enabled: true,
+                priority,
+            })
+        }
+        None => None,
+        Some(other) => {
+            return Err(PortalError::Bad(format!(
+                "highly available: {other:?} is not on or absent"
+            )))
+        }
+    };
     let path = |k: &str| -> Result<Option<String>, PortalError> {
         match form.get(k) {
             Some(p) if !p.starts_with('/') => {
@@ -796,7 +816,7 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
             threads: 1,
         }),
         os,
-        ha: None,
+        ha,
     })
 }
 

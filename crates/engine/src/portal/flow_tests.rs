@@ -277,15 +277,18 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
     assert!(r.body.contains("must be 1-64 letters") && !r.body.contains("a<b\""));
     assert!(db.vm_get_by_name("t1").await.unwrap().is_none());
+    // So is a high-availability priority out of range.
+    let mut bad_ha = vm_form("t1", &csrf);
+    bad_ha.extend([("ha", "on".to_string()), ("ha_priority", "500".to_string())]);
+    let r = post_owned(&t, "/portal/vms", bad_ha, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("HA priority 500 is out of 0..100"), "{}", r.body);
+    assert!(db.vm_get_by_name("t1").await.unwrap().is_none());
 
     // Creating a VM runs in the background; the page is back at once.
-    let r = post_owned(
-        &t,
-        "/portal/vms",
-        vm_form("t1", &csrf),
-        &[("origin", "https://127.0.0.1:8443")],
-    )
-    .await;
+    let mut form = vm_form("t1", &csrf);
+    form.extend([("ha", "on".to_string()), ("ha_priority", "3".to_string())]);
+    let r = post_owned(&t, "/portal/vms", form, &[("origin", "https://127.0.0.1:8443")]).await;
     assert_eq!(
         (r.status, r.header("location")),
         (StatusCode::SEE_OTHER, "/portal/vms"),
@@ -300,6 +303,7 @@ async fn sessions_pages_actions_and_live_updates() {
         .unwrap()
         .expect("the VM was created");
     assert_eq!(vm.memory_bytes, 64 << 20);
+    assert_eq!((vm.ha.enabled, vm.ha.priority), (true, 3), "the HA checkbox");
     let id = vm.id.to_string();
     assert!(done["link"].as_str().unwrap().ends_with(&id));
     let page = t.get("/portal/vms").await.body;

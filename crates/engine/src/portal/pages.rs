@@ -1134,6 +1134,15 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
         "",
         "min=\"1\" max=\"64\" placeholder=\"template's\"",
     );
+    // Restarted by the engine when its host dies (it then holds a VM lease).
+    h.input("Highly available", "ha", "checkbox", "on", "");
+    h.input(
+        "HA priority",
+        "ha_priority",
+        "number",
+        "1",
+        "min=\"0\" max=\"100\"",
+    );
     if template.is_none() {
         h.raw("<fieldset><legend>New disk (VMs from Blank)</legend>");
         h.input("Size (MiB, 0: none)", "disk_mib", "number", "0", "min=\"0\"");

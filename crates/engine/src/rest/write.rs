@@ -334,6 +334,12 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
     o.leaf("enabled", v.ha.enabled);
     o.leaf("priority", v.ha.priority);
     o.close("high_availability");
+    // Where a highly available VM's lease lives (oVirt 4.1+); absent: its first disk's domain.
+    if let Some(sd) = v.lease_storage_domain_id {
+        o.open("lease", None, None);
+        reference(o, "storage_domain", "storagedomains", sd);
+        o.close("lease");
+    }
     o.open("placement_policy", None, None);
     o.leaf("affinity", v.placement.affinity);
     if !v.placement.hosts.is_empty() {

@@ -485,6 +485,25 @@ pub enum DiskCmd {
     Remove { name: String },
 }
 
+/// High availability: restarted elsewhere when its host dies, in place when it crashes.
+#[derive(Debug, clap::Args)]
+pub struct HaArgs {
+    /// Highly available (holds a VM lease; the engine restarts it).
+    #[arg(long)]
+    ha: bool,
+    /// Restart order among highly available VMs (higher first); implies --ha.
+    #[arg(long)]
+    ha_priority: Option<i32>,
+}
+
+impl HaArgs {
+    fn apply(&self, body: &mut Value) {
+        if self.ha || self.ha_priority.is_some() {
+            body["high_availability"] = json!({ "enabled": true, "priority": self.ha_priority.unwrap_or(1) });
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// List VMs.
@@ -521,7 +540,31 @@ pub enum VmCmd {
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
+        ha: HaArgs,
+        #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Change a VM: description, memory, CPUs, high availability, where its lease lives.
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Memory: bytes or with a unit (512M, 2G); takes effect at the next start.
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[command(flatten)]
+        ha: HaArgs,
+        /// Not highly available any more.
+        #[arg(long, conflicts_with_all = ["ha", "ha_priority"])]
+        no_ha: bool,
+        /// The storage domain holding the VM lease of a highly available VM.
+        #[arg(long)]
+        lease_sd: Option<String>,
+        /// Keep the lease on the first disk's domain (the default).
+        #[arg(long, conflicts_with = "lease_sd")]
+        no_lease_sd: bool,
     },
     /// Remove a VM that is down, with its disks.
     #[command(visible_alias = "rm")]
@@ -1584,6 +1627,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             initrd,
             cmdline,
             description,
+            ha,
             wait,
         } => {
             // Everything is checked and looked up before anything is created.
@@ -1607,6 +1651,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 anyhow::ensure!(c >= 1, "--cpus must be at least 1");
                 body["cpu"] = json!({ "topology": { "sockets": 1, "cores": c, "threads": 1 } });
             }
+            ha.apply(&mut body);
             if kernel.is_some() || initrd.is_some() || cmdline.is_some() {
                 let mut os = json!({});
                 for (k, v) in [("kernel", &kernel), ("initrd", &initrd), ("cmdline", &cmdline)] {
@@ -1669,6 +1714,50 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             } else {
                 obj
             };
+            ctx.print(k, &obj).await
+        }
+        VmCmd::Update {
+            name,
+            description,
+            memory,
+            cpus,
+            ha,
+            no_ha,
+            lease_sd,
+            no_lease_sd,
+        } => {
+            let memory = memory.as_deref().map(parse_size).transpose()?;
+            let id = ctx.id(k, &name).await?;
+            let mut body = json!({});
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if let Some(m) = memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(c) = cpus {
+                anyhow::ensure!(c >= 1, "--cpus must be at least 1");
+                body["cpu"] = json!({ "topology": { "sockets": 1, "cores": c, "threads": 1 } });
+            }
+            ha.apply(&mut body);
+            if no_ha {
+                body["high_availability"] = json!({ "enabled": false, "priority": 0 });
+            }
+            if let Some(sd) = lease_sd {
+                let sd = ctx.id(&kinds::STORAGE_DOMAIN, &sd).await?;
+                body["lease"] = json!({ "storage_domain": { "id": sd } });
+            } else if no_lease_sd {
+                body["lease"] = json!({});
+            }
+            anyhow::ensure!(
+                body.as_object().is_some_and(|o| !o.is_empty()),
+                "nothing to change: give at least one option"
+            );
+            let obj = ctx
+                .api
+                .request(Method::PUT, &format!("/vms/{id}"), Some(&body), None)
+                .await
+                .with_context(|| format!("updating VM {name}"))?;
             ctx.print(k, &obj).await
         }
         VmCmd::Remove {

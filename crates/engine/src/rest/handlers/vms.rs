@@ -13,8 +13,8 @@ use super::super::{Req, Resp, API};
 use super::infra::root_entity;
 use super::storage::new_disk;
 use super::{
-    action_complete, check_follow, cluster_ref, host_ref, is_async, required, run_action, template_ref,
-    vm_ref,
+    action_complete, check_follow, cluster_ref, host_ref, is_async, required, run_action, sd_ref,
+    template_ref, vm_ref,
 };
 
 async fn vm(r: &Req, i: usize) -> Result<Vm, ApiError> {
@@ -236,6 +236,20 @@ pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
     }
     if let Some(ha) = ha_of(&b)? {
         v.ha = ha;
+    }
+    if let Some(l) = b.get("lease") {
+        // `<lease/>`: back to the default (the first disk's domain).
+        v.lease_storage_domain_id = match l.get("storage_domain") {
+            Some(sd) => {
+                let id = sd_ref(r, sd).await?;
+                r.db()
+                    .sd_get(id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("storage domain {id} not found")))?;
+                Some(id)
+            }
+            None => None,
+        };
     }
     if let Some(a) = b.parse("placement_policy/affinity")? {
         v.placement.affinity = a;
