@@ -433,6 +433,8 @@ impl Node {
     /// leaf up, or a merge ended): takes what is missing, gives back what it no longer writes.
     pub(crate) async fn sync_volume_leases(&self, vm: VmId) {
         let Ok(want) = self.vms.leaf_volumes(vm) else {
+            // Destroyed meanwhile: nothing of it may keep a lease.
+            self.release_vm_leases(vm).await;
             return;
         };
         let pools = self.pools.clone();
