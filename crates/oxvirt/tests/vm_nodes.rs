@@ -917,3 +917,97 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
     }
     drop(runner);
 }
+
+/// Hibernation: `VM.hibernate` pauses the guest, saves its whole state to a volume and ends
+/// QEMU (down, `saved`); `VM.create` with `restoreState` brings the same guest back where it was
+/// — its writer goes on counting passes, nothing boots again — and the data it wrote is intact.
+/// A state volume that does not hold a state is refused and leaves nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hibernated_vm_comes_back_where_it_was() {
+    let engine = start_engine().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&engine, "sleepy-host", &tmp.path().join("n"), None, None).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let (sd, img, volume) = shared_disk(&[&node], &shared).await;
+    let dom = FileStorageDomain::find(&shared, sd).unwrap();
+    let (simg, svol) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        simg,
+        svol,
+        &VolumeSpec::new(512 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    let state = json!({ "sdUUID": sd, "imgUUID": simg, "volUUID": svol });
+
+    let id = VmId::new_random();
+    let params = vm_params(id, "sleepy", sd, img);
+    let info = node.call("VM.create", params.clone()).await;
+    let qemu_pid = info["pid"].as_i64().unwrap() as i32;
+    let log = node.console_log(id);
+    let before = wait_passes(&log, 0, 2, BOOT).await;
+    let booted = std::fs::read_to_string(&log).unwrap();
+    assert!(booted.contains("OXVIRT-GUEST ready"), "{booted}");
+
+    let t0 = Instant::now();
+    let job = node
+        .call("VM.hibernate", json!({ "vmID": id, "hibernationVolume": state }))
+        .await["jobID"]
+        .clone();
+    let saved = node.wait_job(&job, Duration::from_secs(120)).await.unwrap();
+    let took = t0.elapsed();
+    let st = node.state(id).await;
+    assert_eq!(
+        (st["state"].as_str(), st["reason"]["kind"].as_str()),
+        (Some("down"), Some("saved")),
+        "{st}"
+    );
+    assert!(!running(qemu_pid), "QEMU still runs after hibernation");
+    let bytes = saved["bytes"].as_u64().unwrap();
+    assert!(bytes > 1 << 20, "{saved}");
+    assert_eq!(
+        std::fs::metadata(dom.volume_path(simg, svol)).unwrap().len(),
+        bytes
+    );
+    eprintln!("hibernate: {bytes} bytes of state in {took:?} ({saved})");
+    node.call("VM.destroy", json!({ "vmID": id })).await;
+
+    // A volume without a state: refused, nothing left behind.
+    let (eimg, evol) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        eimg,
+        evol,
+        &VolumeSpec::new(1 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    let mut bad = params.clone();
+    bad["restoreState"] = json!({ "sdUUID": sd, "imgUUID": eimg, "volUUID": evol });
+    assert!(node.c.call("VM.create", bad).await.is_err());
+    let all = node.call("Host.getAllVmStats", json!({})).await;
+    assert!(all.as_array().unwrap().is_empty(), "{all}");
+
+    let t0 = Instant::now();
+    let mut restore = params.clone();
+    restore["restoreState"] = state;
+    let info = node.call("VM.create", restore).await;
+    assert_eq!(info["status"]["state"], "up", "{info}");
+    eprintln!("restore: up after {:?}", t0.elapsed());
+    // The same guest: its writer continues from its last pass; no kernel boots.
+    let after = wait_passes(&log, 0, 1, BOOT).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("OXVIRT-GUEST ready"),
+        "the guest booted again:\n{text}"
+    );
+    let first: usize = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("OXVIRT-GUEST pass ")?.trim().parse().ok())
+        .unwrap();
+    assert!(
+        first >= before,
+        "pass {first} after {before} passes before: the writer restarted"
+    );
+    assert!(after >= 1);
+    node.call("VM.destroy", json!({ "vmID": id })).await;
+    verify_writer_data(&volume);
+}

@@ -41,6 +41,7 @@ pub const VERBS: &[&str] = &[
     "VM.setBalloonTarget",
     "VM.acquireLease",
     "VM.getConsoleLog",
+    "VM.hibernate",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -146,6 +147,29 @@ pub struct VmParams {
     /// The VM lease (high availability): taken before QEMU starts, released when it stops.
     #[serde(default)]
     pub lease: Option<VmLeaseParams>,
+    /// Resume a hibernated VM from the state `VM.hibernate` saved in this volume.
+    #[serde(default)]
+    pub restore_state: Option<StateVolume>,
+}
+
+/// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateVolume {
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    pub img: ImgUuid,
+    #[serde(rename = "volUUID")]
+    pub vol: VolUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HibernateParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub hibernation_volume: StateVolume,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -292,6 +316,7 @@ pub enum VmRequest {
     SetBalloonTarget(BalloonParams),
     AcquireLease(AcquireLeaseParams),
     GetConsoleLog(ConsoleLogParams),
+    Hibernate(HibernateParams),
 }
 
 impl VmRequest {
@@ -314,6 +339,7 @@ impl VmRequest {
             "VM.setBalloonTarget" => VmRequest::SetBalloonTarget(params(method, p)?),
             "VM.acquireLease" => VmRequest::AcquireLease(params(method, p)?),
             "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
+            "VM.hibernate" => VmRequest::Hibernate(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
     }
@@ -671,10 +697,18 @@ impl Node {
         let vms = self.vms.clone();
         match req {
             VmRequest::Create(p) => {
+                let state = match p.restore_state {
+                    Some(v) => Some(self.storage.domain(v.sd)?.volume_path(v.img, v.vol)),
+                    None => None,
+                };
                 let create = self.vm_create_request(p).await?;
                 let volumes = create.disks.iter().filter_map(VmDisk::leaf_volume).collect();
                 self.take_vm_leases(create.id, create.vm_lease, volumes).await?;
-                match vms.create(create.clone()).await {
+                let started = match &state {
+                    Some(path) => vms.restore(create.clone(), path).await,
+                    None => vms.create(create.clone()).await,
+                };
+                match started {
                     Ok(info) => Ok(to_json(&info)),
                     // The VM running here already holds them.
                     Err(e @ VmError::Exists(_)) => Err(e.into()),
@@ -732,6 +766,15 @@ impl Node {
                     // The guest is the destination's now; it starts once it holds these.
                     node.release_vm_leases(m.id).await;
                     Ok(to_json(&report))
+                });
+                Ok(json!({ "jobID": job }))
+            }
+            VmRequest::Hibernate(h) => {
+                vms.status(h.id)?;
+                let v = h.hibernation_volume;
+                let path = self.storage.domain(v.sd)?.volume_path(v.img, v.vol);
+                let job = self.jobs.start("hibernate", Some(h.id), async move {
+                    Ok(to_json(&vms.save_state(h.id, &path).await?))
                 });
                 Ok(json!({ "jobID": job }))
             }

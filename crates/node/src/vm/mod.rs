@@ -288,6 +288,17 @@ pub struct MigrationProgress {
 /// How often a running outgoing migration reports its progress.
 pub const MIGRATION_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What a hibernation wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveReport {
+    /// Size of the saved state.
+    pub bytes: u64,
+    /// From the request to QEMU gone (pause, stream, fsync, quit).
+    pub elapsed_ms: u64,
+    /// QEMU's own time for the stream.
+    pub stream_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub total_ms: u64,
@@ -1521,7 +1532,7 @@ impl VmManager {
     }
 
     /// Live migration to a destination prepared with [`VmManager::prepare_incoming`]. On
-    /// success the VM here is `Down(Migrated)`; on failure or cancel it keeps running here.
+    /// failure or cancel the VM keeps running here; on success QEMU here exits (`Migrated`).
     pub async fn migrate(&self, id: VmId, params: MigrateParams) -> Result<MigrationReport, VmError> {
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
@@ -1532,6 +1543,27 @@ impl VmManager {
             .run(HookPoint::BeforeVmMigrateSource, id, &name, &record_path)
             .await
             .map_err(|source| VmError::Hook { vm: id, source })?;
+        let info = self.stream_out(&vm, &params).await?;
+        let report = MigrationReport {
+            total_ms: info.total_time.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+        };
+        tracing::info!(vm_id = %id, total_ms = report.total_ms, downtime_ms = report.downtime_ms, "migration completed");
+        self.quit_after_stream(&vm, DownKind::Migrated, format!("migrated to {}", params.uri))
+            .await?;
+        let _ = self
+            .cfg
+            .hooks
+            .run(HookPoint::AfterVmMigrateSource, id, &name, &record_path)
+            .await;
+        Ok(report)
+    }
+
+    /// The source side of a migration stream to `params.uri`: returns QEMU's final figures
+    /// once it completed (the VM is then `MigrationSource`, its guest stopped here), or the
+    /// error with the VM running (or paused) here as before.
+    async fn stream_out(&self, vm: &Arc<Vm>, params: &MigrateParams) -> Result<qmp::MigrationInfo, VmError> {
+        let id = vm.id;
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
         q.execute(&qmp::MigrateSetCapabilities {
@@ -1641,26 +1673,144 @@ impl VmManager {
             ok: true,
             running: false,
         });
-        let report = MigrationReport {
-            total_ms: info.total_time.unwrap_or(0),
-            downtime_ms: info.downtime.unwrap_or(0),
-        };
-        tracing::info!(vm_id = %id, total_ms = report.total_ms, downtime_ms = report.downtime_ms, "migration completed");
-        vm.set_intent(DownKind::Migrated, format!("migrated to {}", params.uri));
-        let _ = q.execute(&qmp::Quit {}).await;
+        Ok(info)
+    }
+
+    /// After a completed outgoing stream: QEMU here exits (asked, then killed), the VM `Down`
+    /// with `kind`.
+    async fn quit_after_stream(&self, vm: &Arc<Vm>, kind: DownKind, detail: String) -> Result<(), VmError> {
+        vm.set_intent(kind, detail);
+        if let Ok(q) = vm.qmp() {
+            let _ = q.execute(&qmp::Quit {}).await;
+        }
         if vm
             .wait_status("quit", COMMAND_SETTLE, VmStatus::is_down)
             .await
             .is_err()
         {
-            kill_and_wait(&vm).await?;
+            kill_and_wait(vm).await?;
         }
-        let _ = self
-            .cfg
-            .hooks
-            .run(HookPoint::AfterVmMigrateSource, id, &name, &record_path)
-            .await;
+        Ok(())
+    }
+
+    /// Hibernation (VDSM's `VM.hibernate`): the guest is paused, its whole state (memory and
+    /// devices) is written to `path` — an existing file, the volume the SPM made for it — and
+    /// QEMU exits: the VM is `Down` with `Saved`. QEMU may not write files itself (`-sandbox
+    /// spawn=deny`, no `exec:`), so it migrates over loopback TCP to the node, which writes
+    /// and fsyncs the stream. On failure the guest runs on as before.
+    pub async fn save_state(&self, id: VmId, path: &Path) -> Result<SaveReport, VmError> {
+        let start = Instant::now();
+        let vm = self.get(id)?;
+        vm.check(Op::Migrate)?;
+        let io = |source| VmError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        let listener = tokio::net::TcpListener::bind((self.cfg.migration_host.as_str(), 0))
+            .await
+            .map_err(|source| VmError::Io {
+                path: PathBuf::from(format!("tcp:{}:0", self.cfg.migration_host)),
+                source,
+            })?;
+        let port = listener.local_addr().map_err(io)?.port();
+        let writer = tokio::spawn(async move {
+            let (mut conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+                .await
+                .map_err(|_| std::io::Error::other("QEMU did not connect to save its state"))??;
+            let mut out = tokio::fs::File::from_std(file);
+            let n = tokio::io::copy(&mut conn, &mut out).await?;
+            out.sync_all().await?;
+            Ok::<u64, std::io::Error>(n)
+        });
+        // A paused guest dirties nothing: the stream is one pass, and the saved state is the
+        // moment of the pause.
+        let was_running = vm.status() == VmStatus::Up;
+        if was_running {
+            self.pause(id).await?;
+        }
+        let params = MigrateParams {
+            uri: format!("tcp:{}:{port}", self.cfg.migration_host),
+            downtime_limit_ms: 300,
+            max_bandwidth: 0,
+            timeout_ms: 600_000,
+        };
+        let info = match self.stream_out(&vm, &params).await {
+            Ok(info) => info,
+            Err(e) => {
+                writer.abort();
+                if was_running {
+                    let _ = self.resume(id).await;
+                }
+                return Err(e);
+            }
+        };
+        let bytes = match writer.await {
+            Ok(Ok(n)) => n,
+            Ok(Err(source)) => return Err(io(source)),
+            Err(e) => return Err(io(std::io::Error::other(e.to_string()))),
+        };
+        self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
+            .await?;
+        let report = SaveReport {
+            bytes,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+            stream_ms: info.total_time.unwrap_or(0),
+        };
+        tracing::info!(vm_id = %id, bytes, elapsed_ms = report.elapsed_ms, "VM state saved");
         Ok(report)
+    }
+
+    /// Starts a VM from a state [`VmManager::save_state`] wrote to `path`: QEMU waits for an
+    /// incoming stream, the node feeds it the file over loopback TCP, and the guest goes on
+    /// where it was paused. A state that does not load leaves nothing running.
+    pub async fn restore(&self, req: VmCreate, path: &Path) -> Result<VmInfo, VmError> {
+        let id = req.id;
+        let file = tokio::fs::File::open(path).await.map_err(|source| VmError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let vm = self.launch(req, Some("defer".into()), false).await?;
+        let res = async {
+            let q = vm.qmp()?;
+            let qmp_err = |source| VmError::Qmp { vm: id, source };
+            q.execute(&qmp::MigrateIncoming {
+                uri: format!("tcp:{}:0", self.cfg.migration_host),
+            })
+            .await
+            .map_err(qmp_err)?;
+            let info = q.execute(&qmp::QueryMigrate {}).await.map_err(qmp_err)?;
+            let port: u16 = info
+                .socket_address
+                .iter()
+                .find_map(|a| a.port.as_ref()?.parse().ok())
+                .ok_or_else(|| VmError::Migration {
+                    vm: id,
+                    reason: "QEMU reports no port to restore from".into(),
+                })?;
+            let feed = async {
+                let mut conn =
+                    tokio::net::TcpStream::connect((self.cfg.migration_host.as_str(), port)).await?;
+                let mut file = file;
+                tokio::io::copy(&mut file, &mut conn).await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut conn).await
+            };
+            feed.await.map_err(|source| VmError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            self.wait_incoming(id).await?;
+            self.cont(&vm).await
+        }
+        .await;
+        if res.is_err() {
+            let _ = self.destroy(id).await;
+        }
+        res
     }
 
     /// Cancels an outgoing migration; [`VmManager::migrate`] then returns its error and the VM

@@ -84,6 +84,8 @@ pub enum DownKind {
     Destroyed,
     /// The guest now runs on the migration destination.
     Migrated,
+    /// Hibernated: the guest's state is saved to a volume, from which a later start resumes it.
+    Saved,
     /// Killed by self-fencing.
     Fenced,
     /// QEMU never got as far as answering QMP.
