@@ -858,6 +858,14 @@ impl Snapshot {
     }
 }
 
+/// The volume holding a suspended VM's saved state (memory and devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateVolume {
+    pub sd: SdUuid,
+    pub img: ImgUuid,
+    pub vol: VolUuid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityGroup {
     pub id: AffinityGroupId,

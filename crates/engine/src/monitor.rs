@@ -416,7 +416,8 @@ async fn reconcile_vms(
         if want == VmStatus::Down {
             // A migration's source goes down once the destination runs it; the saga cleans it.
             let migrated_away = vm.runtime.run_on_host.is_some() && !ours;
-            if ours && vm.runtime.status != VmStatus::Migrating {
+            // Saving its state ends a VM's QEMU too; the suspend saga records it.
+            if ours && !matches!(vm.runtime.status, VmStatus::Migrating | VmStatus::SavingState) {
                 let reason = r["status"]["reason"].to_string();
                 app.db
                     .vm_set_runtime(
@@ -449,7 +450,7 @@ async fn reconcile_vms(
         // Commands set transitional statuses; the node's word settles them.
         let settle = match (vm.runtime.status, want) {
             (s, w) if s == w => false,
-            (VmStatus::Migrating, _) => false,
+            (VmStatus::Migrating | VmStatus::SavingState, _) => false,
             (
                 VmStatus::WaitForLaunch | VmStatus::PoweringUp | VmStatus::Unknown | VmStatus::NotResponding,
                 _,
@@ -478,7 +479,11 @@ async fn reconcile_vms(
     for vm in app.db.vm_list(&q).await? {
         let transient = matches!(
             vm.runtime.status,
-            VmStatus::WaitForLaunch | VmStatus::Migrating | VmStatus::ImageLocked
+            VmStatus::WaitForLaunch
+                | VmStatus::Migrating
+                | VmStatus::ImageLocked
+                | VmStatus::SavingState
+                | VmStatus::RestoringState
         );
         if !seen.contains(&vm.id) && vm.runtime.status.is_running() && !transient {
             app.db

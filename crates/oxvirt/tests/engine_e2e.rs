@@ -382,8 +382,8 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     assert_eq!(v.runtime.status, VmStatus::Up, "{:?}", v.runtime);
     let h_now = v.runtime.run_on_host.unwrap();
     assert_ne!(h_now, h2, "the VM stayed on the host in maintenance");
-    let dst_id = owner(chain[1].id).expect("the leaf's lease moved with the VM");
-    assert_ne!(dst_id, mig_dst_id);
+    let moved_id = owner(chain[1].id).expect("the leaf's lease moved with the VM");
+    assert_ne!(moved_id, mig_dst_id);
     cmds.host_activate(h2).await.unwrap();
     let start = Instant::now();
     while db.host_get(h2).await.unwrap().unwrap().status != HostStatus::Up {
@@ -393,6 +393,38 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Suspend: the guest's state goes to a volume, QEMU ends, nothing holds the disk; start
+    // resumes the same guest (its writer goes on), and the state volume is gone.
+    let log_of = |h: &str| console(&c, h, vm.id);
+    let v = cmds.suspend_vm(vm.id, None).await.unwrap();
+    assert_eq!(v.runtime.status, VmStatus::Suspended);
+    assert_eq!(v.runtime.run_on_host, None);
+    let st = db
+        .vm_hibernation_get(vm.id)
+        .await
+        .unwrap()
+        .expect("the state is recorded");
+    assert!(image_dirs(&c.storage).contains(&st.img.to_string()));
+    assert_eq!(owner(chain[1].id), None, "a suspended VM holds no lease");
+    let resumed = cmds
+        .start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(resumed.runtime.status, VmStatus::Up);
+    let rh = host_name(&e, resumed.runtime.run_on_host.unwrap()).await;
+    oxvirt_testkit::wait_for_text(&log_of(&rh), "OXVIRT-GUEST pass", Duration::from_secs(60)).unwrap();
+    let text = std::fs::read_to_string(log_of(&rh)).unwrap();
+    assert!(
+        !text.contains("OXVIRT-GUEST ready"),
+        "the guest booted instead of resuming:\n{text}"
+    );
+    assert!(db.vm_hibernation_get(vm.id).await.unwrap().is_none());
+    assert!(
+        !image_dirs(&c.storage).contains(&st.img.to_string()),
+        "the spent state volume stays"
+    );
+    let dst_id = owner(chain[1].id).expect("the resumed VM holds its leaf's lease");
 
     // Deleting the snapshot merges live: the chain is two volumes again.
     cmds.remove_snapshot(vm.id, snap.id, None).await.unwrap();

@@ -101,6 +101,7 @@ impl Commands {
         sagas.register::<vms::AddVmSaga>()?;
         sagas.register::<vms::StartVmSaga>()?;
         sagas.register::<vms::MigrateVmSaga>()?;
+        sagas.register::<vms::SuspendVmSaga>()?;
         sagas.register::<vms::RemoveVmSaga>()?;
         sagas.register::<vms::AddTemplateSaga>()?;
         sagas.register::<snapshots::AddSnapshotSaga>()?;

@@ -375,7 +375,7 @@ impl SagaDef for StartVmSaga {
                         run_on_host: Some(p.host),
                         ..Default::default()
                     };
-                    let mut from = vec![VmStatus::Down, VmStatus::WaitForLaunch];
+                    let mut from = vec![VmStatus::Down, VmStatus::WaitForLaunch, VmStatus::Suspended];
                     from.extend(p.from.iter().copied());
                     let before = c.db().vm_set_runtime(p.vm, &from, &rt).await?;
                     if before.runtime.status == VmStatus::WaitForLaunch
@@ -387,8 +387,15 @@ impl SagaDef for StartVmSaga {
                 },
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
-                    // A failed HA restart stays marked for the HA loop to try again.
+                    // A failed HA restart stays marked for the HA loop to try again; a
+                    // suspended VM stays suspended with its state.
+                    let suspended = c.db().vm_hibernation_get(p.vm).await?.is_some();
                     let rt = VmRuntime {
+                        status: if suspended {
+                            VmStatus::Suspended
+                        } else {
+                            VmStatus::Down
+                        },
                         status_detail: (!p.from.is_empty()).then(|| crate::ha::RESTART_PENDING.to_string()),
                         ..Default::default()
                     };
@@ -415,7 +422,12 @@ impl SagaDef for StartVmSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let node = client_of(c.app(), p.host).await?;
-                    let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    let mut params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    // A suspended VM resumes from its saved state.
+                    if let Some(st) = c.db().vm_hibernation_get(p.vm).await? {
+                        params["restoreState"] =
+                            json!({ "sdUUID": st.sd, "imgUUID": st.img, "volUUID": st.vol });
+                    }
                     match node.call("VM.create", params).await {
                         Ok(_) => Ok(()),
                         Err(e) if e.code() == Some(CODE_VM_EXISTS) => Ok(()),
@@ -440,20 +452,150 @@ impl SagaDef for StartVmSaga {
                     .vm_set_runtime(p.vm, &[VmStatus::WaitForLaunch, VmStatus::PoweringUp], &rt)
                     .await
                 {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {}
                     // The monitor may record the node's word first (the node's event about the
                     // new VM kicks a round): running on our host, the start succeeded.
                     Err(e) => match c.db().vm_get(p.vm).await? {
                         Some(v)
                             if v.runtime.run_on_host == Some(p.host)
-                                && matches!(v.runtime.status, VmStatus::Up | VmStatus::Paused) =>
-                        {
-                            Ok(())
-                        }
-                        _ => Err(e.into()),
+                                && matches!(v.runtime.status, VmStatus::Up | VmStatus::Paused) => {}
+                        _ => return Err(e.into()),
                     },
                 }
+                // Resumed from a saved state: the state is spent.
+                if let Some(st) = c.db().vm_hibernation_get(p.vm).await? {
+                    c.db().vm_hibernation_clear(p.vm).await?;
+                    if let Err(e) = super::storage::delete_image(c.app(), p.dc, st.sd, st.img).await {
+                        tracing::warn!(vm = %p.vm, error = %e, "cannot delete a restored VM's state volume");
+                    }
+                }
+                Ok(())
             }),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Suspend (hibernate).
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuspendVmParams {
+    pub vm: VmId,
+    pub host: HostUuid,
+    pub dc: DcId,
+    /// Where the state goes: a new raw image on the VM's first disk's domain.
+    pub state: crate::model::StateVolume,
+    pub size: u64,
+}
+
+/// Saves a running VM's state to a new volume and ends its QEMU; its next start resumes it.
+pub struct SuspendVmSaga;
+
+impl SagaDef for SuspendVmSaga {
+    type Ctx = App;
+    type Params = SuspendVmParams;
+    const NAME: &'static str = "suspend_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Suspending VM {}", p.vm)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "claim",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::SavingState,
+                        run_on_host: Some(p.host),
+                        ..Default::default()
+                    };
+                    c.db()
+                        .vm_set_runtime(
+                            p.vm,
+                            &[VmStatus::Up, VmStatus::Paused, VmStatus::SavingState],
+                            &rt,
+                        )
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let rt = VmRuntime {
+                        status: VmStatus::Up,
+                        run_on_host: Some(p.host),
+                        ..Default::default()
+                    };
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::SavingState], &rt).await;
+                    Ok(())
+                },
+            )
+            .describe("Marking the VM saving its state"),
+            Step::new(
+                "volume",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let args = json!({
+                        "sdUUID": p.state.sd, "spUUID": dc.storage_pool_id, "imgUUID": p.state.img,
+                        "size": p.size, "volFormat": "RAW", "preallocate": "SPARSE",
+                        "volUUID": p.state.vol, "desc": format!("memory state of VM {}", p.vm),
+                    });
+                    create_volume(
+                        &spm,
+                        args,
+                        p.state.sd,
+                        p.state.img,
+                        p.state.vol,
+                        app.settings.task_timeout,
+                    )
+                    .await
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    delete_image(c.app(), p.dc, p.state.sd, p.state.img).await
+                },
+            )
+            .describe("Creating the volume for the VM's state"),
+            Step::without_undo("save", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let node = client_of(c.app(), p.host).await?;
+                let handle = json!({ "sdUUID": p.state.sd, "imgUUID": p.state.img, "volUUID": p.state.vol });
+                let r = node
+                    .call(
+                        "VM.hibernate",
+                        json!({ "vmID": p.vm, "hibernationVolume": handle }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
+                node.wait_job(job, c.app().settings.migration_timeout)
+                    .await
+                    .map_err(step_err)?;
+                Ok(())
+            })
+            .describe("Saving the VM's memory and devices"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db().vm_hibernation_set(p.vm, &p.state).await?;
+                let rt = VmRuntime {
+                    status: VmStatus::Suspended,
+                    ..Default::default()
+                };
+                c.db()
+                    .vm_set_runtime(
+                        p.vm,
+                        &[VmStatus::SavingState, VmStatus::Down, VmStatus::Suspended],
+                        &rt,
+                    )
+                    .await?;
+                let node = client_of(c.app(), p.host).await?;
+                destroy_on(&node, p.vm).await.map_err(step_err)
+            })
+            .describe("Recording the VM suspended"),
         ]
     }
 }
@@ -907,7 +1049,7 @@ impl Commands {
         correlation_id: Option<String>,
     ) -> Result<crate::model::Vm, CommandError> {
         let vm = self.vm(id).await?;
-        if vm.runtime.status != VmStatus::Down {
+        if !matches!(vm.runtime.status, VmStatus::Down | VmStatus::Suspended) {
             return Err(CommandError::Conflict(format!(
                 "VM {} is {}",
                 vm.name, vm.runtime.status
@@ -998,6 +1140,9 @@ impl Commands {
     /// Power off at once (`stop`).
     pub async fn stop_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
         let vm = self.vm(id).await?;
+        if vm.runtime.status == VmStatus::Suspended {
+            self.discard_state(&vm).await?;
+        }
         if let Some(h) = vm.runtime.run_on_host {
             let node = self.app.client(&self.app.host(h).await?)?;
             destroy_on(&node, id).await?;
@@ -1032,6 +1177,67 @@ impl Commands {
             .vm_set_runtime(id, &[VmStatus::Up, VmStatus::Paused, VmStatus::PoweringUp], &rt)
             .await?;
         self.vm(id).await
+    }
+
+    /// Suspends (hibernates) a running VM: its memory and device state go to a new volume on
+    /// the domain of its first disk, QEMU ends, the VM is `suspended`; `start_vm` resumes it
+    /// from there, `stop_vm` discards the state.
+    pub async fn suspend_vm(
+        &self,
+        id: VmId,
+        correlation_id: Option<String>,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        let (host, _) = self.running_on(id).await?;
+        if !matches!(vm.runtime.status, VmStatus::Up | VmStatus::Paused) {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let mut sd = None;
+        for a in self.app.db.attachments_of_vm(id).await? {
+            if let Some(d) = self.app.db.disk_get(a.disk_id).await? {
+                sd = Some(d.storage_domain_id);
+                break;
+            }
+        }
+        let sd = sd.or(vm.lease_storage_domain_id).ok_or_else(|| {
+            CommandError::Conflict(format!("VM {} has no storage to save its state on", vm.name))
+        })?;
+        let dc = self.cluster_dc(vm.cluster_id).await?;
+        // The stream holds the guest's used memory (zero pages take a few bytes) plus device
+        // state: its RAM plus a margin always fits.
+        let size = (vm.memory_bytes + (64 << 20)).div_ceil(1 << 20) << 20;
+        let state = crate::model::StateVolume {
+            sd,
+            img: DiskId::new_random(),
+            vol: VolUuid::new_random(),
+        };
+        self.run::<SuspendVmSaga>(
+            SuspendVmParams {
+                vm: id,
+                host,
+                dc,
+                state,
+                size,
+            },
+            correlation_id,
+        )
+        .await?;
+        self.vm(id).await
+    }
+
+    /// Forgets a suspended VM's saved state (its volume is deleted): the VM is `down`.
+    async fn discard_state(&self, vm: &crate::model::Vm) -> Result<(), CommandError> {
+        if let Some(st) = self.app.db.vm_hibernation_get(vm.id).await? {
+            let dc = self.cluster_dc(vm.cluster_id).await?;
+            delete_image(&self.app, dc, st.sd, st.img).await.map_err(|e| {
+                CommandError::Conflict(format!("cannot delete VM {}'s saved state: {}", vm.name, e))
+            })?;
+            self.app.db.vm_hibernation_clear(vm.id).await?;
+        }
+        Ok(())
     }
 
     pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {

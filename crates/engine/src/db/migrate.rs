@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "affinity_group_details",
         sql: include_str!("migrations/0005_affinity_group_details.sql"),
     },
+    Migration {
+        version: 6,
+        name: "vm_hibernation",
+        sql: include_str!("migrations/0006_vm_hibernation.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

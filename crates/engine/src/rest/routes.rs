@@ -228,7 +228,7 @@ pub static ROUTES: &[Route] = &[
     r!(POST "/vms/{vm}/start" VmStart "action" A, "Start a VM (host, pause)"),
     r!(POST "/vms/{vm}/stop" VmStop "action" A, "Power a VM off"),
     r!(POST "/vms/{vm}/shutdown" VmShutdown "action" A, "Shut a VM down through ACPI"),
-    r!(POST "/vms/{vm}/suspend" VmSuspend "action" A, "Pause a running VM"),
+    r!(POST "/vms/{vm}/suspend" VmSuspend "action" A, "Suspend a running VM: its memory goes to a volume, start resumes it"),
     r!(POST "/vms/{vm}/migrate" VmMigrate "action" A, "Live-migrate a VM (host optional)"),
     r!(POST "/vms/{vm}/previewsnapshot" VmPreviewSnapshot "action" A, "Run the VM on a snapshot's data until commit or undo"),
     r!(POST "/vms/{vm}/commitsnapshot" VmCommitSnapshot "action" A, "Keep the previewed snapshot"),

@@ -598,7 +598,7 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Pause a running VM (`vm start` resumes it).
+    /// Suspend a running VM: its memory goes to storage, QEMU ends (`vm start` resumes it).
     Suspend {
         name: String,
         #[command(flatten)]
@@ -1814,7 +1814,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
         }
         VmCmd::Suspend { name, wait } => {
             let id = ctx.id(k, &name).await?;
-            let u = until(k, &id, &name, "status", &["paused", "suspended"], &["down"], wait);
+            let u = until(k, &id, &name, "status", &["suspended"], &["down", "up"], wait);
             let o = ctx
                 .action(
                     format!("suspend VM {name}"),

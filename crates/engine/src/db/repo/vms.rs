@@ -1046,6 +1046,45 @@ async fn affinity_group_remove_vm(c: &mut Conn<'_>, g: AffinityGroupId, vm: VmId
     Ok(c.exec(&q).await? == 1)
 }
 
+async fn vm_hibernation_get(c: &mut Conn<'_>, vm: VmId) -> Result<Option<StateVolume>, DbError> {
+    let mut q = Sql::new("SELECT storage_domain_id, image_id, volume_id FROM vm_hibernation WHERE vm_id = ");
+    q.arg(vm.to_string());
+    c.opt(&q)
+        .await?
+        .map(|r| {
+            Ok(StateVolume {
+                sd: r.parse("storage_domain_id")?,
+                img: r.parse("image_id")?,
+                vol: r.parse("volume_id")?,
+            })
+        })
+        .transpose()
+}
+
+async fn vm_hibernation_set(c: &mut Conn<'_>, vm: VmId, v: &StateVolume) -> Result<(), DbError> {
+    let mut q = Sql::new("DELETE FROM vm_hibernation WHERE vm_id = ");
+    q.arg(vm.to_string());
+    c.exec(&q).await?;
+    let mut q =
+        Sql::new("INSERT INTO vm_hibernation (vm_id, storage_domain_id, image_id, volume_id) VALUES (");
+    q.arg(vm.to_string())
+        .push(", ")
+        .arg(v.sd.to_string())
+        .push(", ")
+        .arg(v.img.to_string())
+        .push(", ")
+        .arg(v.vol.to_string())
+        .push(")");
+    c.exec(&q).await?;
+    Ok(())
+}
+
+async fn vm_hibernation_clear(c: &mut Conn<'_>, vm: VmId) -> Result<bool, DbError> {
+    let mut q = Sql::new("DELETE FROM vm_hibernation WHERE vm_id = ");
+    q.arg(vm.to_string());
+    Ok(c.exec(&q).await? > 0)
+}
+
 async fn affinity_group_delete(c: &mut Conn<'_>, g: AffinityGroupId) -> Result<bool, DbError> {
     let mut q = Sql::new("DELETE FROM affinity_groups WHERE id = ");
     q.arg(g.to_string());
@@ -1111,4 +1150,9 @@ repo! {
     write affinity_group_add_vm(g: AffinityGroupId, vm: VmId) -> () = affinity_group_add_vm;
     write affinity_group_remove_vm(g: AffinityGroupId, vm: VmId) -> bool = affinity_group_remove_vm;
     write affinity_group_delete(g: AffinityGroupId) -> bool = affinity_group_delete;
+
+    /// Where a suspended VM's state is saved.
+    read vm_hibernation_get(vm: VmId) -> Option<StateVolume> = vm_hibernation_get;
+    write vm_hibernation_set(vm: VmId, v: &StateVolume) -> () = vm_hibernation_set;
+    write vm_hibernation_clear(vm: VmId) -> bool = vm_hibernation_clear;
 }

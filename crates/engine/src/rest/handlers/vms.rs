@@ -352,6 +352,7 @@ pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
         Power::Shutdown => "shutdown",
         Power::Suspend => "suspend",
     };
+    let corr = r.correlation_id.clone();
     run_action(r, Some(&body), what, move |e| async move {
         match p {
             Power::Stop => {
@@ -360,9 +361,9 @@ pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
             Power::Shutdown => {
                 e.cmds.shutdown_vm(id).await?;
             }
-            // oVirt's suspend saves memory to storage; oxvirt pauses the guest in place.
+            // As oVirt: memory and devices go to a volume, the VM is `suspended`; start resumes.
             Power::Suspend => {
-                e.cmds.pause_vm(id).await?;
+                e.cmds.suspend_vm(id, corr).await?;
             }
         }
         Ok(())
