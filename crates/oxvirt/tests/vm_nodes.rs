@@ -949,6 +949,26 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     let booted = std::fs::read_to_string(&log).unwrap();
     assert!(booted.contains("OXVIRT-GUEST ready"), "{booted}");
 
+    // A full disk under the state volume: the save fails and the guest runs on.
+    let state_path = dom.volume_path(simg, svol);
+    let kept = state_path.with_extension("kept");
+    std::fs::rename(&state_path, &kept).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &state_path).unwrap();
+    let job = node
+        .call("VM.hibernate", json!({ "vmID": id, "hibernationVolume": state }))
+        .await["jobID"]
+        .clone();
+    let err = node.wait_job(&job, Duration::from_secs(120)).await.unwrap_err();
+    assert!(err.contains(&state_path.display().to_string()), "{err}");
+    assert_eq!(
+        node.state(id).await["state"],
+        "up",
+        "a failed save stopped the guest"
+    );
+    let before = wait_passes(&log, before, 1, BOOT).await;
+    std::fs::remove_file(&state_path).unwrap();
+    std::fs::rename(&kept, &state_path).unwrap();
+
     let t0 = Instant::now();
     let job = node
         .call("VM.hibernate", json!({ "vmID": id, "hibernationVolume": state }))

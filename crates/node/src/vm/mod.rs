@@ -1742,17 +1742,40 @@ impl VmManager {
         let info = match self.stream_out(&vm, &params).await {
             Ok(info) => info,
             Err(e) => {
-                writer.abort();
                 if was_running {
                     let _ = self.resume(id).await;
+                }
+                // A stream that broke because the file could not be written: say so. (A writer
+                // still waiting for data is not the cause: stop it.)
+                let abort = writer.abort_handle();
+                match tokio::time::timeout(Duration::from_secs(1), writer).await {
+                    Ok(Ok(Err(source))) => return Err(io(source)),
+                    Ok(_) => {}
+                    Err(_) => abort.abort(),
                 }
                 return Err(e);
             }
         };
-        let bytes = match writer.await {
-            Ok(Ok(n)) => n,
-            Ok(Err(source)) => return Err(io(source)),
-            Err(e) => return Err(io(std::io::Error::other(e.to_string()))),
+        let written = match writer.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        let bytes = match written {
+            Ok(n) => n,
+            Err(source) => {
+                // QEMU sent everything but the state did not reach storage: the guest is still
+                // whole here (QEMU stopped it after the stream); it goes on as before.
+                if was_running {
+                    if let Ok(q) = vm.qmp() {
+                        let _ = q.execute(&qmp::Cont {}).await;
+                    }
+                }
+                vm.feed(Input::MigrationEnded {
+                    ok: false,
+                    running: was_running,
+                });
+                return Err(io(source));
+            }
         };
         self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
             .await?;
