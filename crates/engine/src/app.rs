@@ -136,6 +136,13 @@ impl App {
             .ok_or_else(|| CommandError::not_found("data center", id))
     }
 
+    pub async fn cluster(&self, id: crate::model::ClusterId) -> Result<crate::model::Cluster, CommandError> {
+        self.db
+            .cluster_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("cluster", id))
+    }
+
     pub async fn host(&self, id: crate::model::HostUuid) -> Result<Host, CommandError> {
         self.db
             .host_get(id)
@@ -145,11 +152,7 @@ impl App {
 
     /// The data center a host belongs to (through its cluster).
     pub async fn host_dc(&self, h: &Host) -> Result<DataCenter, CommandError> {
-        let cl = self
-            .db
-            .cluster_get(h.cluster_id)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", h.cluster_id))?;
+        let cl = self.cluster(h.cluster_id).await?;
         self.dc(cl.data_center_id).await
     }
 

@@ -103,10 +103,18 @@ impl Monitor {
         for h in hosts.iter().filter(|h| monitored(h.status)) {
             self.follow_events(h);
         }
+        // Who is up as the round starts: the hosts whose domain reports count for the others.
+        let up: Arc<Vec<Host>> = Arc::new(
+            hosts
+                .iter()
+                .filter(|h| h.status == HostStatus::Up)
+                .cloned()
+                .collect(),
+        );
         let polls = hosts.into_iter().filter(|h| monitored(h.status)).map(|h| {
-            let (app, balancer) = (app.clone(), self.balancer.clone());
+            let (app, balancer, up) = (app.clone(), self.balancer.clone(), up.clone());
             async move {
-                if let Err(e) = poll_host(&app, &h, &balancer).await {
+                if let Err(e) = poll_host(&app, &h, &up, &balancer).await {
                     tracing::debug!(host = %h.name, error = %e, "host poll failed");
                 }
             }
@@ -219,6 +227,7 @@ async fn event(
 async fn poll_host(
     app: &Arc<App>,
     h: &Host,
+    up: &[Host],
     balancer: &Mutex<crate::balance::Balancer>,
 ) -> Result<(), CommandError> {
     // Every call of the poll is bounded (see `NodeClient::within`).
@@ -303,7 +312,7 @@ async fn poll_host(
     // does, so the event is sent once.
     let problem = match crate::commands::host_network_problem(app, h, &node).await? {
         Some(reason) => Some((reason.clone(), 519, reason)),
-        None => storage_problem(app, h, dc.id, &node)
+        None => storage_problem(app, h, dc.id, up, &node)
             .await?
             .map(|(detail, error)| (detail.clone(), 522, format!("{detail}: {error}"))),
     };
@@ -799,6 +808,7 @@ async fn storage_problem(
     app: &App,
     h: &Host,
     dc: DcId,
+    up: &[Host],
     node: &crate::nodes::NodeClient,
 ) -> Result<Option<(String, String)>, CommandError> {
     let Ok(stats) = node.call("Host.getStorageRepoStats", json!({})).await else {
@@ -827,15 +837,11 @@ async fn storage_problem(
         .filter(|m| m.status == SdStatus::Active)
         .map(|m| m.storage_domain_id)
         .collect();
-    let peers: Vec<HostUuid> = app
-        .db
-        .host_list(&crate::db::ListQuery::new())
-        .await?
-        .into_iter()
-        .filter(|o| o.id != h.id && o.cluster_id == h.cluster_id && o.status == HostStatus::Up)
-        .map(|o| o.id)
+    let others: Vec<_> = up
+        .iter()
+        .filter(|o| o.id != h.id && o.cluster_id == h.cluster_id)
+        .map(|o| app.host_rt(o.id).repo)
         .collect();
-    let others: Vec<_> = peers.iter().map(|p| app.host_rt(*p).repo).collect();
     let now = app.db.now();
     let mut verdict = None;
     app.update_host_rt(h.id, |rt| {

@@ -229,6 +229,17 @@ impl NodeClient {
         }
     }
 
+    /// Runs a node verb that starts a job (`{"jobID": …}`) and waits for the job's result.
+    pub async fn run_job(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, NodeError> {
+        #[derive(serde::Deserialize)]
+        struct Started {
+            #[serde(rename = "jobID")]
+            job: JobId,
+        }
+        let started: Started = self.call_as(method, params).await?;
+        self.wait_job(started.job, timeout).await
+    }
+
     /// Runs an SPM verb that returns a task id and waits for the task.
     pub async fn run_task(&self, method: &str, params: Value, timeout: Duration) -> Result<(), NodeError> {
         let task: TaskId = self.call_as(method, params).await?;

@@ -84,11 +84,7 @@ impl Commands {
     }
 
     pub async fn add_host(&self, req: AddHost) -> Result<Host, CommandError> {
-        self.app
-            .db
-            .cluster_get(req.cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", req.cluster))?;
+        self.app.cluster(req.cluster).await?;
         let (address, port) = split_address(&req.address)?;
         let mut h = Host::new(&req.name, &address, port, req.cluster);
         if let Some(p) = req.spm_priority {

@@ -302,12 +302,7 @@ impl Commands {
         {
             return Ok(());
         }
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         let mgmt = self.ensure_management_network(cl.data_center_id).await?;
         self.app
             .db
@@ -338,12 +333,7 @@ impl Commands {
         network: NetworkId,
         required: bool,
     ) -> Result<ClusterNetwork, CommandError> {
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         let n = self.network(network).await?;
         if n.data_center_id != cl.data_center_id {
             return Err(CommandError::invalid(format!(
@@ -398,11 +388,7 @@ impl Commands {
 
     /// The cluster's MAC address pool (ranges, and the addresses its NICs use).
     pub async fn mac_pool(&self, cluster: ClusterId) -> Result<MacPool, CommandError> {
-        self.app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        self.app.cluster(cluster).await?;
         Ok(self.app.db.mac_pool_of(cluster).await?)
     }
 
@@ -550,12 +536,7 @@ impl Commands {
             .vm_get(vm)
             .await?
             .ok_or_else(|| CommandError::not_found("VM", vm))?;
-        let cl = self
-            .app
-            .db
-            .cluster_get(v.cluster_id)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", v.cluster_id))?;
+        let cl = self.app.cluster(v.cluster_id).await?;
         Ok((v, cl.data_center_id))
     }
 

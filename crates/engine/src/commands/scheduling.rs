@@ -150,12 +150,7 @@ impl Commands {
     /// Changes a cluster's configuration; validated whole before anything is written, so a
     /// refused change leaves the cluster as it was.
     pub async fn update_cluster(&self, id: ClusterId, req: UpdateCluster) -> Result<Cluster, CommandError> {
-        let mut cl = self
-            .app
-            .db
-            .cluster_get(id)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", id))?;
+        let mut cl = self.app.cluster(id).await?;
         if let Some(p) = req.memory_overcommit_percent {
             check_overcommit(p)?;
             cl.memory_overcommit_percent = p;
@@ -259,12 +254,7 @@ impl Commands {
     }
 
     pub async fn add_affinity_group(&self, req: AddAffinityGroup) -> Result<AffinityGroup, CommandError> {
-        let cl = self
-            .app
-            .db
-            .cluster_get(req.cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", req.cluster))?;
+        let cl = self.app.cluster(req.cluster).await?;
         self.check_group_name_free(&cl, &req.name, None).await?;
         self.check_members(&cl, &req.name, &req.vms).await?;
         let g = AffinityGroup {
@@ -290,12 +280,7 @@ impl Commands {
         req: UpdateAffinityGroup,
     ) -> Result<AffinityGroup, CommandError> {
         let mut g = self.cluster_of_group(cluster, group).await?;
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         if let Some(n) = req.name {
             self.check_group_name_free(&cl, &n, Some(g.id)).await?;
             g.name = n;
@@ -353,12 +338,7 @@ impl Commands {
         vm: VmId,
     ) -> Result<AffinityGroup, CommandError> {
         let g = self.cluster_of_group(cluster, group).await?;
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         self.check_members(&cl, &g.name, &[vm]).await?;
         if g.vm_ids.contains(&vm) {
             return Err(CommandError::Conflict(format!(

@@ -231,12 +231,13 @@ impl SagaDef for RemoveSnapshotSaga {
                             spm.run_task("Image.prepareMerge", args.clone(), app.settings.task_timeout).await.map_err(step_err)?;
                             let h = app.host(host).await.map_err(step_err)?;
                             let node = app.client(&h).map_err(step_err)?;
-                            let r = node
-                                .call("VM.merge", json!({ "vmID": p.vm, "domainID": m.sd, "imageID": m.disk, "baseVolUUID": m.base, "topVolUUID": m.top }))
-                                .await
-                                .map_err(step_err)?;
-                            let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
-                            node.wait_job(job, app.settings.task_timeout).await.map_err(step_err)?;
+                            node.run_job(
+                                "VM.merge",
+                                json!({ "vmID": p.vm, "domainID": m.sd, "imageID": m.disk, "baseVolUUID": m.base, "topVolUUID": m.top }),
+                                app.settings.task_timeout,
+                            )
+                            .await
+                            .map_err(step_err)?;
                             spm.run_task("Image.finalizeMerge", args, app.settings.task_timeout).await.map_err(step_err)?;
                         }
                     }
@@ -1061,12 +1062,7 @@ impl Commands {
     }
 
     async fn cluster_dc_of(&self, cluster: crate::model::ClusterId) -> Result<DcId, CommandError> {
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         Ok(cl.data_center_id)
     }
 }

@@ -143,11 +143,7 @@ pub(crate) async fn lease_domain(
             return Ok(Some(d.storage_domain_id));
         }
     }
-    let cl = app
-        .db
-        .cluster_get(v.cluster_id)
-        .await?
-        .ok_or_else(|| CommandError::not_found("cluster", v.cluster_id))?;
+    let cl = app.cluster(v.cluster_id).await?;
     let master = app.db.pool_master(cl.data_center_id).await?;
     master.map(Some).ok_or_else(|| {
         CommandError::Conflict(format!(
@@ -564,17 +560,13 @@ impl SagaDef for SuspendVmSaga {
                 let p = c.params();
                 let node = client_of(c.app(), p.host).await?;
                 let handle = json!({ "sdUUID": p.state.sd, "imgUUID": p.state.img, "volUUID": p.state.vol });
-                let r = node
-                    .call(
-                        "VM.hibernate",
-                        json!({ "vmID": p.vm, "hibernationVolume": handle }),
-                    )
-                    .await
-                    .map_err(step_err)?;
-                let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
-                node.wait_job(job, c.app().settings.migration_timeout)
-                    .await
-                    .map_err(step_err)?;
+                node.run_job(
+                    "VM.hibernate",
+                    json!({ "vmID": p.vm, "hibernationVolume": handle }),
+                    c.app().settings.migration_timeout,
+                )
+                .await
+                .map_err(step_err)?;
                 Ok(())
             })
             .describe("Saving the VM's memory and devices"),
@@ -683,12 +675,13 @@ impl SagaDef for MigrateVmSaga {
                 let p = c.params();
                 let uri: String = c.output("prepare")?;
                 let node = client_of(c.app(), p.src).await?;
-                let r = node
-                    .call("VM.migrate", json!({ "vmID": p.vm, "dstUri": uri }))
-                    .await
-                    .map_err(step_err)?;
-                let job = serde_json::from_value(r["jobID"].clone()).map_err(step_err)?;
-                let report = node.wait_job(job, c.app().settings.migration_timeout).await;
+                let report = node
+                    .run_job(
+                        "VM.migrate",
+                        json!({ "vmID": p.vm, "dstUri": uri }),
+                        c.app().settings.migration_timeout,
+                    )
+                    .await;
                 c.app()
                     .migration_progress
                     .lock()
@@ -940,12 +933,7 @@ impl Commands {
     }
 
     async fn cluster_dc(&self, cluster: ClusterId) -> Result<DcId, CommandError> {
-        let cl = self
-            .app
-            .db
-            .cluster_get(cluster)
-            .await?
-            .ok_or_else(|| CommandError::not_found("cluster", cluster))?;
+        let cl = self.app.cluster(cluster).await?;
         Ok(cl.data_center_id)
     }
 

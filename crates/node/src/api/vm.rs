@@ -547,13 +547,10 @@ impl Node {
     /// destination must not run it before holding them.
     fn needs_leases(&self, create: &VmCreate) -> bool {
         create.vm_lease.is_some()
-            || self.pools.current().is_some_and(|cp| {
-                create
-                    .disks
-                    .iter()
-                    .filter_map(VmDisk::leaf_volume)
-                    .any(|v| cp.has_lockspace(v.sd))
-            })
+            || self
+                .pools
+                .current()
+                .is_some_and(|cp| create.written_volumes().iter().any(|v| cp.has_lockspace(v.sd)))
     }
 
     /// A held migration destination: once the guest has arrived, takes the VM's leases (the
@@ -702,7 +699,7 @@ impl Node {
                     None => None,
                 };
                 let create = self.vm_create_request(p).await?;
-                let volumes = create.disks.iter().filter_map(VmDisk::leaf_volume).collect();
+                let volumes = create.written_volumes();
                 self.take_vm_leases(create.id, create.vm_lease, volumes).await?;
                 let started = match &state {
                     Some(path) => vms.restore(create.clone(), path).await,

@@ -96,6 +96,13 @@ pub struct VmDisk {
     pub image: Option<ImageRef>,
 }
 
+impl VmCreate {
+    /// The volumes the guest writes to (their leases are held while it runs).
+    pub fn written_volumes(&self) -> Vec<VolumeRef> {
+        self.disks.iter().filter_map(VmDisk::leaf_volume).collect()
+    }
+}
+
 impl VmDisk {
     /// The volume the guest writes to: the active layer of a writable disk on a storage image.
     pub fn leaf_volume(&self) -> Option<VolumeRef> {
@@ -1883,7 +1890,7 @@ impl VmManager {
                 VmLeaseNeeds {
                     id: v.id,
                     vm_lease: rec.create.vm_lease,
-                    volumes: rec.create.disks.iter().filter_map(VmDisk::leaf_volume).collect(),
+                    volumes: rec.create.written_volumes(),
                     awaiting: rec.hold_incoming,
                 }
             })
@@ -1895,7 +1902,7 @@ impl VmManager {
     pub fn leaf_volumes(&self, id: VmId) -> Result<Vec<VolumeRef>, VmError> {
         let vm = self.get(id)?;
         let rec = vm.record.lock().unwrap();
-        Ok(rec.create.disks.iter().filter_map(VmDisk::leaf_volume).collect())
+        Ok(rec.create.written_volumes())
     }
 
     /// Records that the VM now holds its lease on `sd` (taken after it started, as on a
