@@ -256,6 +256,7 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
                 disk: 0,
                 overlay: images.join("missing"),
             }],
+            None,
         )
         .await;
     assert!(bad.is_err());
@@ -267,6 +268,7 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
                 disk: 0,
                 overlay: s1.clone(),
             }],
+            None,
         )
         .await
         .unwrap();
@@ -276,17 +278,37 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
     assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone(), s1.clone()]);
     p = wait(p).await.unwrap();
 
+    // With memory: a state that cannot be written (a full disk) fails the snapshot, the
+    // chain stays and the guest runs on; then the state is saved, the disk switches, and the
+    // guest runs on.
     create_qcow2(&s2, 32, Some(&s1));
-    mgr.snapshot(
-        id,
+    let s2_disk = || {
         vec![SnapshotDisk {
             disk: 0,
             overlay: s2.clone(),
-        }],
-    )
-    .await
-    .unwrap();
+        }]
+    };
+    let err = mgr
+        .snapshot(id, s2_disk(), Some(Path::new("/dev/full")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/dev/full"), "{err}");
+    assert_eq!(mgr.status(id).unwrap().status, VmStatus::Up);
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone(), s1.clone()]);
     p = wait(p).await.unwrap();
+    let memory = images.join("memory");
+    std::fs::write(&memory, b"").unwrap();
+    let rep = mgr.snapshot(id, s2_disk(), Some(&memory)).await.unwrap();
+    let saved = rep.memory_bytes.expect("memory saved");
+    assert!(saved > 1 << 20, "{rep:?}");
+    assert_eq!(std::fs::metadata(&memory).unwrap().len(), saved);
+    assert!(!rep.frozen, "the paused guest was frozen too: {rep:?}");
+    assert_eq!(mgr.status(id).unwrap().status, VmStatus::Up);
+    p = wait(p).await.unwrap();
+    // A replay (the engine asking again) changes nothing.
+    let again = mgr.snapshot(id, s2_disk(), Some(&memory)).await.unwrap();
+    assert_eq!(again.memory_bytes, None);
+    assert_eq!(std::fs::metadata(&memory).unwrap().len(), saved);
     // New writes land in the active overlay, not the base.
     let info = common_info(&s2);
     assert!(info.contains("backing file: snap1"), "{info}");
@@ -316,11 +338,35 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
     assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone()]);
     let st = mgr.stats(id).await.unwrap();
     assert_eq!(st.status, VmStatus::Up);
+    p = wait(p).await.unwrap();
+    // QEMU let go of the merged layers: their files are closed, and the base takes a new
+    // snapshot (it is nobody's backing any more).
+    let pid = mgr.status(id).unwrap().pid;
+    let open: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    for merged in [&s1, &s2] {
+        assert!(!open.contains(merged), "QEMU keeps {} open", merged.display());
+    }
+    let s3 = images.join("snap3");
+    create_qcow2(&s3, 32, Some(&base));
+    mgr.snapshot(
+        id,
+        vec![SnapshotDisk {
+            disk: 0,
+            overlay: s3.clone(),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(mgr.status(id).unwrap().chains[0], vec![base.clone(), s3.clone()]);
     wait(p).await.unwrap();
 
     mgr.destroy(id).await.unwrap();
-    // Everything the guest wrote through snapshots and merges is in the base alone.
-    verify_writer_data(&base);
+    // Everything the guest wrote through snapshots and merges is in the chain.
+    verify_writer_data(&s3);
 }
 
 fn common_info(img: &Path) -> String {

@@ -94,6 +94,7 @@ async fn a_guest_outrunning_the_extends_is_paused_on_enospc_resumed_and_never_se
             disk: 0,
             overlay: overlay.clone(),
         }],
+        None,
     )
     .await
     .unwrap();

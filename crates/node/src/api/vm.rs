@@ -257,6 +257,10 @@ pub struct SnapshotParams {
     #[serde(rename = "vmID")]
     pub id: VmId,
     pub snap_drives: Vec<SnapDrive>,
+    /// Save the guest's memory and devices to this volume too (VDSM's `snapMemory`, which
+    /// there is a string of ids; here the same handle as a hibernation's).
+    #[serde(default)]
+    pub snap_memory: Option<StateVolume>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -792,11 +796,21 @@ impl Node {
                         vol: d.volume,
                     });
                 }
-                // The guest writes to the overlays from the switch on: hold them first.
-                self.take_vm_leases(p.id, None, overlays).await?;
-                let r = vms.snapshot(p.id, disks).await;
-                self.sync_volume_leases(p.id).await;
-                Ok(to_json(&r?))
+                let memory = match p.snap_memory {
+                    Some(v) => Some(self.storage.domain(v.sd)?.volume_path(v.img, v.vol)),
+                    None => None,
+                };
+                vms.status(p.id)?;
+                // A job, as VDSM's: saving the memory takes as long as a hibernation.
+                let node = self.clone();
+                let job = self.jobs.start("snapshot", Some(p.id), async move {
+                    // The guest writes to the overlays from the switch on: hold them first.
+                    node.take_vm_leases(p.id, None, overlays).await?;
+                    let r = vms.snapshot(p.id, disks, memory.as_deref()).await;
+                    node.sync_volume_leases(p.id).await;
+                    Ok(to_json(&r?))
+                });
+                Ok(json!({ "jobID": job }))
             }
             VmRequest::Merge(p) => {
                 let disk = self.disk_index(p.id, p.domain, p.image)?;

@@ -145,6 +145,10 @@ pub struct VmRecord {
     /// The last balloon target set (MiB), so that a restarted node still reports it.
     #[serde(default)]
     pub balloon_target_mib: Option<u64>,
+    /// A memory snapshot paused the running guest to save its state: a node that restarts
+    /// before it ran again resumes it (see [`VmManager::snapshot`]).
+    #[serde(default)]
+    pub saving_memory: bool,
 }
 
 /// The leases a live VM on this node holds or waits for, from its record.
@@ -256,6 +260,8 @@ pub struct SnapshotReport {
     pub frozen: bool,
     /// Why they were not, when the VM has an agent channel.
     pub freeze_error: Option<String>,
+    /// The bytes of memory and device state saved, for a snapshot with memory.
+    pub memory_bytes: Option<u64>,
     pub elapsed_ms: u64,
 }
 
@@ -799,6 +805,7 @@ impl VmManager {
             create: req,
             hold_incoming: hold && incoming.is_some(),
             balloon_target_mib: None,
+            saving_memory: false,
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -940,6 +947,10 @@ impl VmManager {
         });
         self.vms.lock().unwrap().insert(id, vm.clone());
         tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
+        if vm.record.lock().unwrap().saving_memory {
+            tracing::warn!(vm_id = %id, run_state = %st.status, "resuming a guest left paused by a memory snapshot");
+            self.run_after_memory_save(&vm).await;
+        }
         nics::apply_link_states(&vm).await;
         arm_thresholds(&vm).await;
         if st.status == "io-error" {
@@ -1276,7 +1287,20 @@ impl VmManager {
 
     /// Live snapshot: each disk's new overlay becomes its active layer, atomically across
     /// disks, with the guest's file systems frozen around it when it has an agent.
-    pub async fn snapshot(&self, id: VmId, disks: Vec<SnapshotDisk>) -> Result<SnapshotReport, VmError> {
+    ///
+    /// With `memory` (a file: the volume the SPM made for it) the guest's memory and devices
+    /// are saved too, as VDSM's `snapMemory`: the guest pauses, its state streams to the file,
+    /// the disks switch while it is still paused — so the state and the snapshot volumes show
+    /// the same moment, and no freeze is needed — and it runs on. Its block nodes are inactive
+    /// after the stream; QEMU 7.2 takes the snapshot on them and `cont` reactivates them.
+    /// Asked again for overlays that are already the disks' active layers (a replay), it
+    /// reports success and changes nothing.
+    pub async fn snapshot(
+        &self,
+        id: VmId,
+        disks: Vec<SnapshotDisk>,
+        memory: Option<&Path>,
+    ) -> Result<SnapshotReport, VmError> {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Snapshot)?;
@@ -1284,6 +1308,27 @@ impl VmManager {
         let rec = vm.record.lock().unwrap().clone();
         if disks.is_empty() {
             return Err(invalid("no disks to snapshot".into()));
+        }
+        let is_top = |d: &SnapshotDisk| {
+            rec.create
+                .disks
+                .get(d.disk)
+                .and_then(|x| x.layers.last())
+                .is_some_and(|l| l.path == d.overlay)
+        };
+        if disks.iter().all(is_top) {
+            return Ok(SnapshotReport {
+                frozen: false,
+                freeze_error: None,
+                memory_bytes: None,
+                elapsed_ms: start.elapsed().as_millis() as u64,
+            });
+        }
+        if memory.is_some() && vm.status() != VmStatus::Up {
+            return Err(invalid(format!(
+                "its memory is saved only while the guest runs (it is {})",
+                vm.status().vdsm_name()
+            )));
         }
         let mut seen = Vec::new();
         for d in &disks {
@@ -1350,10 +1395,28 @@ impl VmManager {
                 }
             }));
         }
+        let mut memory_bytes = None;
+        if let (Ok(()), Some(path)) = (&add_res, memory) {
+            vm.record.lock().unwrap().saving_memory = true;
+            let saved = match vm.persist() {
+                Ok(()) => self.stream_to_file(&vm, path).await,
+                Err(e) => Err(e),
+            };
+            match saved {
+                Ok((n, _)) => {
+                    vm.feed(Input::StateSaved);
+                    memory_bytes = Some(n);
+                }
+                Err(e) => {
+                    vm.record.lock().unwrap().saving_memory = false;
+                    add_res = Err(e);
+                }
+            }
+        }
         let mut frozen = false;
         let mut freeze_error = None;
         let mut agent = None;
-        if add_res.is_ok() && rec.create.guest_agent {
+        if add_res.is_ok() && memory.is_none() && rec.create.guest_agent {
             match self.freeze(&vm).await {
                 Ok(ga) => {
                     frozen = true;
@@ -1373,6 +1436,10 @@ impl VmManager {
             if let Err(e) = ga.fsfreeze_thaw().await {
                 tracing::error!(vm_id = %id, error = %e, "guest file systems may still be frozen");
             }
+        }
+        if memory_bytes.is_some() {
+            // Whether or not the disks switched, the guest runs on.
+            self.run_after_memory_save(&vm).await;
         }
         if let Err(e) = snap {
             // Undo: close what we opened; the chain is unchanged.
@@ -1401,8 +1468,24 @@ impl VmManager {
         Ok(SnapshotReport {
             frozen,
             freeze_error,
+            memory_bytes,
             elapsed_ms: start.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Runs on a guest a memory snapshot paused, and forgets that it did (also on recovery,
+    /// for a node that died in between).
+    async fn run_after_memory_save(&self, vm: &Arc<Vm>) {
+        if vm.status() == VmStatus::MigrationSource {
+            vm.feed(Input::StateSaved);
+        }
+        if let Err(e) = self.cont(vm).await {
+            tracing::error!(vm_id = %vm.id, error = %e, "cannot resume the guest after saving its memory");
+        }
+        vm.record.lock().unwrap().saving_memory = false;
+        if let Err(e) = vm.persist() {
+            tracing::error!(vm_id = %vm.id, error = %e, "cannot record the resumed guest");
+        }
     }
 
     async fn freeze(&self, vm: &Vm) -> Result<GuestAgent, oxvirt_qemu::qga::QgaError> {
@@ -1517,6 +1600,22 @@ impl VmManager {
                     return Err(fail(format!("{operation} error")));
                 }
                 _ => {}
+            }
+        }
+        // The merged layers' nodes were opened by us (command line or blockdev-add): QEMU keeps
+        // them, with their files open and `base` as their backing, until deleted — and a later
+        // snapshot of `base` would find it busy. Top down: each is then unreferenced.
+        for i in (bi + 1..=ti).rev() {
+            let path = &spec.layers[i].path;
+            for name in [format_node_name(disk, path), protocol_node_name(disk, path)] {
+                if let Err(e) = q
+                    .execute(&qmp::BlockdevDel {
+                        node_name: name.clone(),
+                    })
+                    .await
+                {
+                    tracing::warn!(vm_id = %id, disk, node = %name, error = %e, "a merged layer stays open");
+                }
             }
         }
         let removed: Vec<PathBuf> = {
@@ -1700,15 +1799,32 @@ impl VmManager {
         Ok(())
     }
 
-    /// Hibernation (VDSM's `VM.hibernate`): the guest is paused, its whole state (memory and
-    /// devices) is written to `path` — an existing file, the volume the SPM made for it — and
-    /// QEMU exits: the VM is `Down` with `Saved`. QEMU may not write files itself (`-sandbox
-    /// spawn=deny`, no `exec:`), so it migrates over loopback TCP to the node, which writes
-    /// and fsyncs the stream. On failure the guest runs on as before.
+    /// Hibernation (VDSM's `VM.hibernate`): the guest's whole state (memory and devices) is
+    /// written to `path` — an existing file, the volume the SPM made for it — and QEMU exits:
+    /// the VM is `Down` with `Saved`. On failure the guest runs on as before.
     pub async fn save_state(&self, id: VmId, path: &Path) -> Result<SaveReport, VmError> {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
+        let (bytes, info) = self.stream_to_file(&vm, path).await?;
+        self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
+            .await?;
+        let report = SaveReport {
+            bytes,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+            stream_ms: info.total_time.unwrap_or(0),
+        };
+        tracing::info!(vm_id = %id, bytes, elapsed_ms = report.elapsed_ms, "VM state saved");
+        Ok(report)
+    }
+
+    /// Pauses the guest and streams its whole state into `path`, an existing file. QEMU may
+    /// not write files itself (`-sandbox spawn=deny`, no `exec:`), so it migrates over
+    /// loopback TCP to the node, which writes and fsyncs the stream. Returns the bytes written
+    /// and QEMU's figures; the VM is then `MigrationSource` (QEMU's `postmigrate`), its block
+    /// nodes inactive until a `cont`. On failure the guest is as before.
+    async fn stream_to_file(&self, vm: &Arc<Vm>, path: &Path) -> Result<(u64, qmp::MigrationInfo), VmError> {
+        let id = vm.id;
         let io = |source| VmError::Io {
             path: path.to_path_buf(),
             source,
@@ -1746,7 +1862,7 @@ impl VmManager {
             max_bandwidth: 0,
             timeout_ms: 600_000,
         };
-        let info = match self.stream_out(&vm, &params).await {
+        let info = match self.stream_out(vm, &params).await {
             Ok(info) => info,
             Err(e) => {
                 if was_running {
@@ -1784,15 +1900,7 @@ impl VmManager {
                 return Err(io(source));
             }
         };
-        self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
-            .await?;
-        let report = SaveReport {
-            bytes,
-            elapsed_ms: start.elapsed().as_millis() as u64,
-            stream_ms: info.total_time.unwrap_or(0),
-        };
-        tracing::info!(vm_id = %id, bytes, elapsed_ms = report.elapsed_ms, "VM state saved");
-        Ok(report)
+        Ok((bytes, info))
     }
 
     /// Starts a VM from a state [`VmManager::save_state`] wrote to `path`: QEMU waits for an

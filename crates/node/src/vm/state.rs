@@ -25,7 +25,8 @@
 //! A guest paused on ENOSPC is `Paused{IoError}` (QEMU's run state `io-error`), which the thin
 //! provisioning monitor resumes after an extend. A source whose migration completed (run state
 //! `postmigrate`, e.g. found by a restarted node) is `MigrationSource`, never `Paused`: resuming
-//! it would run the guest twice. A destination held for its leases (QEMU started with `-S`)
+//! it would run the guest twice — unless the stream went to a file (a memory snapshot):
+//! `StateSaved` makes it `Paused`, the guest being whole here only. A destination held for its leases (QEMU started with `-S`)
 //! stays `MigrationDestination` after the stream ends, until the node's `cont` brings
 //! `Resumed`. Commands check [`VmStatus::allows`] before
 //! touching QEMU, so a refused command changes nothing.
@@ -115,6 +116,9 @@ pub enum Input {
         ok: bool,
         running: bool,
     },
+    /// A completed outgoing stream went to a file, not to another host (a memory snapshot):
+    /// the guest is whole here, stopped, and `cont` runs it on.
+    StateSaved,
     Exited(DownReason),
 }
 
@@ -196,6 +200,9 @@ impl VmStatus {
             (Up | Paused { .. } | PoweringDown, Input::PowerdownRequested) => PoweringDown,
             (Up | Paused { .. }, Input::MigrationStarted) => MigrationSource,
             (MigrationSource, Input::MigrationEnded { ok: true, .. }) => MigrationSource,
+            (MigrationSource, Input::StateSaved) => Paused {
+                reason: PauseReason::User,
+            },
             (MigrationSource, Input::MigrationEnded { ok: false, running }) => {
                 if *running {
                     Up
@@ -325,6 +332,10 @@ mod tests {
                 }
             }
         );
+        // A stream to a file (memory snapshot): the guest is whole here and may run on.
+        let saved = done.next(&Input::StateSaved).unwrap();
+        assert!(saved.allows(Op::Resume), "{saved:?}");
+        assert!(VmStatus::Up.next(&Input::StateSaved).is_err());
         let dest = VmStatus::MigrationDestination;
         assert_eq!(dest.next(&Input::Resumed).unwrap(), VmStatus::Up);
         assert!(dest.next(&down(DownKind::Died)).unwrap().is_down());
