@@ -866,6 +866,15 @@ pub struct StateVolume {
     pub vol: VolUuid,
 }
 
+/// The state a snapshot saved of its running VM, and the VM's size then (a state restores
+/// only into a VM of the same memory and CPUs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMemory {
+    pub state: StateVolume,
+    pub memory_bytes: u64,
+    pub cpus: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityGroup {
     pub id: AffinityGroupId,

@@ -434,13 +434,91 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     assert!(db.snapshot_get(snap.id).await.unwrap().is_none());
     assert_eq!(owner(chain[0].id), Some(dst_id), "the merged leaf's lease");
 
+    // A snapshot with memory: the guest pauses for the save and runs on. Previewed with its
+    // memory and committed, the VM is suspended at the snapshot's moment; started, the guest
+    // resumes there — its writer goes back to the pass it was at, nothing boots — and the
+    // snapshot keeps its memory volume.
+    let last_pass = |h: &str| {
+        std::fs::read_to_string(log_of(h))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("OXVIRT-GUEST pass ")?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+    };
+    let msnap = cmds
+        .add_snapshot(
+            vm.id,
+            oxvirt_engine::commands::AddSnapshot {
+                description: "with memory".into(),
+                persist_memory: true,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let at_snapshot = last_pass(&rh).unwrap();
+    assert!(msnap.persist_memory, "{msnap:?}");
+    let mem = db
+        .snapshot_memory_get(msnap.id)
+        .await
+        .unwrap()
+        .expect("the memory is recorded");
+    assert!(image_dirs(&c.storage).contains(&mem.state.img.to_string()));
+    let start = Instant::now();
+    while last_pass(&rh).unwrap() < at_snapshot + 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the guest stopped after a snapshot with memory"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The engine saw no migration in the save: the VM is up and takes commands.
+    let status = async || db.vm_get(vm.id).await.unwrap().unwrap().runtime.status;
+    assert_eq!(status().await, VmStatus::Up);
+    cmds.stop_vm(vm.id).await.unwrap();
+    cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))
+        .await
+        .unwrap();
+    cmds.preview_snapshot(vm.id, msnap.id, true, None).await.unwrap();
+    assert_eq!(status().await, VmStatus::Suspended);
+    cmds.commit_snapshot(vm.id, None).await.unwrap();
+    assert_eq!(status().await, VmStatus::Suspended);
+    let back = cmds
+        .start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .unwrap();
+    let bh = host_name(&e, back.runtime.run_on_host.unwrap()).await;
+    oxvirt_testkit::wait_for_text(&log_of(&bh), "OXVIRT-GUEST pass", Duration::from_secs(60)).unwrap();
+    let text = std::fs::read_to_string(log_of(&bh)).unwrap();
+    assert!(!text.contains("OXVIRT-GUEST ready"), "the guest booted:\n{text}");
+    let first: usize = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("OXVIRT-GUEST pass ")?.trim().parse().ok())
+        .unwrap();
+    assert!(
+        first <= at_snapshot + 1,
+        "the guest went on from pass {first}, not from the snapshot's {at_snapshot}:\n{text}"
+    );
+    assert!(db.vm_hibernation_get(vm.id).await.unwrap().is_none());
+    assert!(
+        image_dirs(&c.storage).contains(&mem.state.img.to_string()),
+        "the snapshot's memory went with the start"
+    );
+    let chain = db.volume_chain(vdisk).await.unwrap();
+
     // Stop and remove: its disk leaves storage; the template's stays.
     cmds.stop_vm(vm.id).await.unwrap();
     cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))
         .await
         .unwrap();
     let start = Instant::now();
-    while owner(chain[0].id).is_some() {
+    while owner(chain.last().unwrap().id).is_some() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "a stopped VM kept its disk's lease"
@@ -456,6 +534,10 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let imgs = image_dirs(&c.storage);
     assert!(!imgs.contains(&vdisk.to_string()), "{imgs:?}");
     assert!(imgs.contains(&tdisks[0].id.to_string()), "{imgs:?}");
+    assert!(
+        !imgs.contains(&mem.state.img.to_string()),
+        "the memory of the removed VM's snapshot stays: {imgs:?}"
+    );
 
     // The SPM node dies: the role moves to another host once its lease allows. (Maintenance
     // may have moved the role.)

@@ -25,16 +25,43 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::model::{
-    DcId, DiskFormat, DiskId, HostUuid, Snapshot, SnapshotDisk, SnapshotId, SnapshotStatus, SnapshotType,
-    VmId, VmStatus, VolType, VolUuid, Volume,
+    DcId, DiskFormat, DiskId, HostUuid, Snapshot, SnapshotDisk, SnapshotId, SnapshotMemory, SnapshotStatus,
+    SnapshotType, StateVolume, VmId, VmStatus, VolType, VolUuid, Volume,
 };
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
-use super::storage::create_volume;
+use super::storage::{create_volume, delete_image};
+use super::vms::create_state_volume;
 use super::{CommandError, Commands};
 
 fn step_err(e: impl std::fmt::Display) -> StepError {
     StepError::msg(e)
+}
+
+/// Deletes the records of snapshots the VM no longer has, with the volumes holding the
+/// memory they saved. A replay finds them gone.
+async fn forget_snapshots(app: &App, dc: DcId, ids: &[SnapshotId]) -> Result<(), StepError> {
+    for s in ids {
+        if let Some(m) = app.db.snapshot_memory_get(*s).await? {
+            delete_image(app, dc, m.state.sd, m.state.img).await?;
+        }
+        app.db.snapshot_delete(*s).await?;
+    }
+    Ok(())
+}
+
+/// The status a down VM rests in once a saga on its images ends: `suspended` when its next
+/// start resumes from a saved state (a snapshot's memory, after a preview or restore with
+/// it), else `down`.
+async fn resting(app: &App, vm: VmId) -> Result<crate::model::VmRuntime, StepError> {
+    let status = match app.db.vm_hibernation_get(vm).await? {
+        Some(_) => VmStatus::Suspended,
+        None => VmStatus::Down,
+    };
+    Ok(crate::model::VmRuntime {
+        status,
+        ..Default::default()
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +88,11 @@ pub struct AddSnapshotParams {
     pub disks: Vec<SnapDisk>,
     /// The host the VM runs on when the snapshot is live.
     pub live_on: Option<HostUuid>,
+    /// Where the running VM's memory goes, for a snapshot with memory.
+    #[serde(default)]
+    pub memory: Option<SnapshotMemory>,
+    #[serde(default)]
+    pub memory_volume_size: u64,
 }
 
 pub struct AddSnapshotSaga;
@@ -152,6 +184,23 @@ impl SagaDef for AddSnapshotSaga {
                 },
             )
             .describe("Creating the new active volumes"),
+            Step::new(
+                "memory",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let Some(m) = p.memory else { return Ok(()) };
+                    let desc = format!("memory of snapshot {:?} of VM {}", p.description, p.vm);
+                    create_state_volume(c.app(), p.dc, &m.state, p.memory_volume_size, &desc).await
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if let Some(m) = p.memory {
+                        delete_image(c.app(), p.dc, m.state.sd, m.state.img).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Creating the volume for the VM's memory"),
             Step::without_undo("live", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 let Some(host) = p.live_on else { return Ok(()) };
@@ -159,12 +208,20 @@ impl SagaDef for AddSnapshotSaga {
                 let node = c.app().client(&h).map_err(step_err)?;
                 let drives: Vec<_> =
                     p.disks.iter().map(|d| json!({ "domainID": d.sd, "imageID": d.disk, "volumeID": d.new_leaf })).collect();
-                node.call("VM.snapshot", json!({ "vmID": p.vm, "snapDrives": drives })).await.map_err(step_err)?;
+                let mut args = json!({ "vmID": p.vm, "snapDrives": drives });
+                if let Some(m) = p.memory {
+                    args["snapMemory"] = json!({ "sdUUID": m.state.sd, "imgUUID": m.state.img, "volUUID": m.state.vol });
+                }
+                node.run_job("VM.snapshot", args, c.app().settings.migration_timeout).await.map_err(step_err)?;
                 Ok(())
             })
             .describe("Switching the running VM to the new volumes"),
             Step::without_undo("done", |c: StepCtx<Self>| async move {
-                c.db().snapshot_set_status(c.params().snapshot, &[], SnapshotStatus::Ok).await?;
+                let p = c.params();
+                if let Some(m) = &p.memory {
+                    c.db().snapshot_memory_set(p.snapshot, m).await?;
+                }
+                c.db().snapshot_set_status(p.snapshot, &[], SnapshotStatus::Ok).await?;
                 Ok(())
             }),
         ]
@@ -261,8 +318,8 @@ impl SagaDef for RemoveSnapshotSaga {
             })
             .describe("Merging the snapshot's data"),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
-                c.db().snapshot_delete(c.params().snapshot).await?;
-                Ok(())
+                let p = c.params();
+                forget_snapshots(c.app(), p.dc, &[p.snapshot]).await
             }),
         ]
     }
@@ -287,6 +344,9 @@ pub struct RestoreSnapshotParams {
     pub disks: Vec<RestoreDisk>,
     /// Snapshots newer than the restored one: they lose their volumes and go.
     pub newer: Vec<SnapshotId>,
+    /// The snapshot's saved memory, restored with it: the VM's next start resumes from it.
+    #[serde(default)]
+    pub memory: Option<StateVolume>,
 }
 
 pub struct RestoreSnapshotSaga;
@@ -355,14 +415,16 @@ impl SagaDef for RestoreSnapshotSaga {
                             .await?;
                     }
                 }
-                for s in &p.newer {
-                    c.db().snapshot_delete(*s).await?;
-                }
-                Ok(())
+                forget_snapshots(app, p.dc, &p.newer).await
             })
             .describe("Discarding newer data and starting from the snapshot"),
             Step::without_undo("unlock", |c: StepCtx<Self>| async move {
-                let _ = c.db().vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                let p = c.params();
+                if let Some(st) = &p.memory {
+                    c.db().vm_hibernation_set(p.vm, st).await?;
+                }
+                let rt = resting(c.app(), p.vm).await?;
+                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
                 Ok(())
             }),
         ]
@@ -389,6 +451,9 @@ pub struct PreviewSnapshotParams {
     pub vm: VmId,
     pub dc: DcId,
     pub disks: Vec<PreviewDisk>,
+    /// The snapshot's saved memory, previewed with it: the VM's next start resumes from it.
+    #[serde(default)]
+    pub memory: Option<StateVolume>,
 }
 
 /// The VM's status while a saga works on its images (the VM was down and will be again).
@@ -503,7 +568,11 @@ impl SagaDef for PreviewSnapshotSaga {
                 let p = c.params();
                 c.db().snapshot_set_status(p.kept, &[], SnapshotStatus::Ok).await?;
                 c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Locked, SnapshotStatus::InPreview], SnapshotStatus::InPreview).await?;
-                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &Default::default()).await;
+                if let Some(st) = &p.memory {
+                    c.db().vm_hibernation_set(p.vm, st).await?;
+                }
+                let rt = resting(c.app(), p.vm).await?;
+                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
                 Ok(())
             }),
         ]
@@ -563,6 +632,9 @@ pub struct EndPreviewParams {
     pub disks: Vec<UndoDisk>,
     /// Commit: the snapshots newer than the previewed one, whose records go.
     pub newer: Vec<SnapshotId>,
+    /// Undo: the VM waits to resume from the previewed snapshot's memory; it no longer does.
+    #[serde(default)]
+    pub drop_memory: bool,
 }
 
 pub struct EndPreviewSaga;
@@ -585,14 +657,19 @@ impl SagaDef for EndPreviewSaga {
                 "lock",
                 |c: StepCtx<Self>| async move {
                     c.db()
-                        .vm_set_runtime(c.params().vm, &[VmStatus::Down, VmStatus::ImageLocked], &locked())
+                        .vm_set_runtime(
+                            c.params().vm,
+                            &[VmStatus::Down, VmStatus::Suspended, VmStatus::ImageLocked],
+                            &locked(),
+                        )
                         .await?;
                     Ok(())
                 },
                 |c: StepCtx<Self>| async move {
+                    let rt = resting(c.app(), c.params().vm).await?;
                     let _ = c
                         .db()
-                        .vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &Default::default())
+                        .vm_set_runtime(c.params().vm, &[VmStatus::ImageLocked], &rt)
                         .await;
                     Ok(())
                 },
@@ -622,18 +699,17 @@ impl SagaDef for EndPreviewSaga {
             .describe("Returning the disks to the state kept aside"),
             Step::without_undo("records", |c: StepCtx<Self>| async move {
                 let p = c.params();
-                for s in &p.newer {
-                    c.db().snapshot_delete(*s).await?;
-                }
-                c.db().snapshot_delete(p.kept).await?;
+                forget_snapshots(c.app(), p.dc, &p.newer).await?;
+                forget_snapshots(c.app(), p.dc, &[p.kept]).await?;
                 let _ = c
                     .db()
                     .snapshot_set_status(p.snapshot, &[SnapshotStatus::InPreview], SnapshotStatus::Ok)
                     .await;
-                let _ = c
-                    .db()
-                    .vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &Default::default())
-                    .await;
+                if p.drop_memory {
+                    c.db().vm_hibernation_clear(p.vm).await?;
+                }
+                let rt = resting(c.app(), p.vm).await?;
+                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
                 Ok(())
             }),
         ]
@@ -696,6 +772,26 @@ impl Commands {
                 new_leaf: VolUuid::new_random(),
             });
         }
+        // As oVirt: the memory of a VM that is down is not there to save; that of a paused
+        // one is refused (after the save its disks' block nodes stay inactive until it runs).
+        let (memory, memory_volume_size) = match (req.persist_memory, v.runtime.status) {
+            (true, VmStatus::Up) => {
+                let (state, size) = self.new_state_volume(&v).await?;
+                let m = SnapshotMemory {
+                    state,
+                    memory_bytes: v.memory_bytes,
+                    cpus: v.cpu.vcpus() as u32,
+                };
+                (Some(m), size)
+            }
+            (true, VmStatus::Paused) => {
+                return Err(CommandError::Conflict(format!(
+                    "VM {} is paused: its memory is saved only while it runs",
+                    v.name
+                )))
+            }
+            _ => (None, 0),
+        };
         let snapshot = SnapshotId::new_random();
         self.run::<AddSnapshotSaga>(
             AddSnapshotParams {
@@ -705,6 +801,8 @@ impl Commands {
                 description: req.description,
                 disks,
                 live_on,
+                memory,
+                memory_volume_size,
             },
             correlation_id,
         )
@@ -787,7 +885,15 @@ impl Commands {
     }
 
     /// Restores a VM that is down to a snapshot: later data and later snapshots are discarded.
-    pub async fn restore_snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), CommandError> {
+    /// Restores a down VM's disks to a snapshot (newer snapshots go); with `restore_memory`
+    /// and a snapshot that saved its memory, the VM's next start resumes from that moment.
+    pub async fn restore_snapshot(
+        &self,
+        vm: VmId,
+        snapshot: SnapshotId,
+        restore_memory: bool,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
         let v = self
             .app
             .db
@@ -814,6 +920,7 @@ impl Commands {
             )));
         }
         self.refuse_in_preview(&v).await?;
+        let memory = self.memory_to_restore(&v, &s, restore_memory).await?;
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
         for sd in &s.disks {
@@ -856,8 +963,9 @@ impl Commands {
                 dc,
                 disks,
                 newer,
+                memory,
             },
-            None,
+            correlation_id,
         )
         .await?;
         Ok(())
@@ -909,10 +1017,13 @@ impl Commands {
 
     /// Previews a snapshot of a VM that is down: its disks show the snapshot's data (and take
     /// writes) until [`Self::commit_snapshot`] or [`Self::undo_snapshot`]; the present is kept.
+    /// With `restore_memory` and a snapshot that saved its memory, the VM is `suspended` at the
+    /// snapshot's moment: its next start resumes from there.
     pub async fn preview_snapshot(
         &self,
         vm: VmId,
         snapshot: SnapshotId,
+        restore_memory: bool,
         correlation_id: Option<String>,
     ) -> Result<(), CommandError> {
         let v = self.down_vm(vm, "previewing a snapshot").await?;
@@ -936,6 +1047,7 @@ impl Commands {
                 s.description, s.status
             )));
         }
+        let memory = self.memory_to_restore(&v, &s, restore_memory).await?;
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
         for (d, chain) in self.vm_disks_leaves(vm).await? {
@@ -968,6 +1080,7 @@ impl Commands {
                 vm,
                 dc,
                 disks,
+                memory,
             },
             correlation_id,
         )
@@ -1000,11 +1113,27 @@ impl Commands {
             PreviewEnd::Commit => "committing a preview",
             PreviewEnd::Undo => "undoing a preview",
         };
-        let v = self.down_vm(vm, what).await?;
+        let v = self
+            .app
+            .db
+            .vm_get(vm)
+            .await?
+            .ok_or_else(|| CommandError::not_found("VM", vm))?;
         let (kept, previewed) = self
             .open_preview(vm)
             .await?
             .ok_or_else(|| CommandError::Conflict(format!("VM {} has no snapshot in preview", v.name)))?;
+        // Suspended at the previewed snapshot's moment (a preview with memory) counts as down.
+        let pending = self.app.db.vm_hibernation_get(vm).await?;
+        let previewed_memory = self.app.db.snapshot_memory_get(previewed.id).await?;
+        let memory_pending = pending.is_some() && pending == previewed_memory.map(|m| m.state);
+        if !(v.runtime.status == VmStatus::Down || v.runtime.status == VmStatus::Suspended && memory_pending)
+        {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: stop it before {what}",
+                v.name, v.runtime.status
+            )));
+        }
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
         if end == PreviewEnd::Undo {
@@ -1054,11 +1183,41 @@ impl Commands {
                 dc,
                 disks,
                 newer,
+                drop_memory: end == PreviewEnd::Undo && memory_pending,
             },
             correlation_id,
         )
         .await?;
         Ok(())
+    }
+
+    /// The saved memory to restore with snapshot `s` of VM `v`, when asked and it has some. A
+    /// state loads only into a VM of the same memory and CPUs.
+    async fn memory_to_restore(
+        &self,
+        v: &crate::model::Vm,
+        s: &Snapshot,
+        restore_memory: bool,
+    ) -> Result<Option<StateVolume>, CommandError> {
+        if !restore_memory {
+            return Ok(None);
+        }
+        let Some(m) = self.app.db.snapshot_memory_get(s.id).await? else {
+            return Ok(None);
+        };
+        if m.memory_bytes != v.memory_bytes || u64::from(m.cpus) != v.cpu.vcpus() {
+            return Err(CommandError::Conflict(format!(
+                "snapshot {:?} saved the memory of VM {} with {} MiB and {} CPUs, and it has {} MiB \
+                 and {} CPUs now: restore the snapshot without its memory",
+                s.description,
+                v.name,
+                m.memory_bytes >> 20,
+                m.cpus,
+                v.memory_bytes >> 20,
+                v.cpu.vcpus()
+            )));
+        }
+        Ok(Some(m.state))
     }
 
     async fn cluster_dc_of(&self, cluster: crate::model::ClusterId) -> Result<DcId, CommandError> {

@@ -458,9 +458,12 @@ impl SagaDef for StartVmSaga {
                         _ => return Err(e.into()),
                     },
                 }
-                // Resumed from a saved state: the state is spent.
+                // Resumed from a saved state: the state is spent (a snapshot's stays with it).
                 if let Some(st) = c.db().vm_hibernation_get(p.vm).await? {
                     c.db().vm_hibernation_clear(p.vm).await?;
+                    if c.db().snapshot_memory_in_use(st.img).await? {
+                        return Ok(());
+                    }
                     if let Err(e) = super::storage::delete_image(c.app(), p.dc, st.sd, st.img).await {
                         tracing::warn!(vm = %p.vm, error = %e, "cannot delete a restored VM's state volume");
                     }
@@ -482,6 +485,32 @@ pub struct SuspendVmParams {
     /// Where the state goes: a new raw image on the VM's first disk's domain.
     pub state: crate::model::StateVolume,
     pub size: u64,
+}
+
+/// Creates the raw volume (a new image) a VM's memory and device state is saved to.
+pub(super) async fn create_state_volume(
+    app: &App,
+    dc: DcId,
+    state: &crate::model::StateVolume,
+    size: u64,
+    desc: &str,
+) -> Result<(), StepError> {
+    let dc = app.dc(dc).await.map_err(step_err)?;
+    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+    let args = json!({
+        "sdUUID": state.sd, "spUUID": dc.storage_pool_id, "imgUUID": state.img,
+        "size": size, "volFormat": "RAW", "preallocate": "SPARSE",
+        "volUUID": state.vol, "desc": desc,
+    });
+    create_volume(
+        &spm,
+        args,
+        state.sd,
+        state.img,
+        state.vol,
+        app.settings.task_timeout,
+    )
+    .await
 }
 
 /// Saves a running VM's state to a new volume and ends its QEMU; its next start resumes it.
@@ -532,23 +561,8 @@ impl SagaDef for SuspendVmSaga {
                 "volume",
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
-                    let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
-                    let args = json!({
-                        "sdUUID": p.state.sd, "spUUID": dc.storage_pool_id, "imgUUID": p.state.img,
-                        "size": p.size, "volFormat": "RAW", "preallocate": "SPARSE",
-                        "volUUID": p.state.vol, "desc": format!("memory state of VM {}", p.vm),
-                    });
-                    create_volume(
-                        &spm,
-                        args,
-                        p.state.sd,
-                        p.state.img,
-                        p.state.vol,
-                        app.settings.task_timeout,
-                    )
-                    .await
+                    let desc = format!("memory state of VM {}", p.vm);
+                    create_state_volume(c.app(), p.dc, &p.state, p.size, &desc).await
                 },
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
@@ -721,6 +735,9 @@ pub struct RemoveVmParams {
     pub vm: VmId,
     pub disks: Vec<DiskId>,
     pub dc: Option<DcId>,
+    /// The volumes of the memory its snapshots saved: they go with the VM.
+    #[serde(default)]
+    pub states: Vec<crate::model::StateVolume>,
 }
 
 pub struct RemoveVmSaga;
@@ -772,6 +789,11 @@ impl SagaDef for RemoveVmSaga {
                             p.dc.ok_or_else(|| step_err("the VM's disks are in no data center"))?;
                         delete_image(c.app(), dc, disk.storage_domain_id, *d).await?;
                     }
+                }
+                for st in &p.states {
+                    let dc =
+                        p.dc.ok_or_else(|| step_err("the VM's snapshots are in no data center"))?;
+                    delete_image(c.app(), dc, st.sd, st.img).await?;
                 }
                 Ok(())
             })
@@ -1183,25 +1205,8 @@ impl Commands {
                 vm.name, vm.runtime.status
             )));
         }
-        let mut sd = None;
-        for a in self.app.db.attachments_of_vm(id).await? {
-            if let Some(d) = self.app.db.disk_get(a.disk_id).await? {
-                sd = Some(d.storage_domain_id);
-                break;
-            }
-        }
-        let sd = sd.or(vm.lease_storage_domain_id).ok_or_else(|| {
-            CommandError::Conflict(format!("VM {} has no storage to save its state on", vm.name))
-        })?;
+        let (state, size) = self.new_state_volume(&vm).await?;
         let dc = self.cluster_dc(vm.cluster_id).await?;
-        // The stream holds the guest's used memory (zero pages take a few bytes) plus device
-        // state: its RAM plus a margin always fits.
-        let size = (vm.memory_bytes + (64 << 20)).div_ceil(1 << 20) << 20;
-        let state = crate::model::StateVolume {
-            sd,
-            img: DiskId::new_random(),
-            vol: VolUuid::new_random(),
-        };
         self.run::<SuspendVmSaga>(
             SuspendVmParams {
                 vm: id,
@@ -1216,13 +1221,43 @@ impl Commands {
         self.vm(id).await
     }
 
-    /// Forgets a suspended VM's saved state (its volume is deleted): the VM is `down`.
+    /// Where a running VM's memory and device state will go (a hibernation's or a snapshot's):
+    /// a new raw image on the domain of its first disk (else of its lease), and its size.
+    pub(super) async fn new_state_volume(
+        &self,
+        vm: &crate::model::Vm,
+    ) -> Result<(crate::model::StateVolume, u64), CommandError> {
+        let mut sd = None;
+        for a in self.app.db.attachments_of_vm(vm.id).await? {
+            if let Some(d) = self.app.db.disk_get(a.disk_id).await? {
+                sd = Some(d.storage_domain_id);
+                break;
+            }
+        }
+        let sd = sd.or(vm.lease_storage_domain_id).ok_or_else(|| {
+            CommandError::Conflict(format!("VM {} has no storage to save its state on", vm.name))
+        })?;
+        // The stream holds the guest's used memory (zero pages take a few bytes) plus device
+        // state: its RAM plus a margin always fits.
+        let size = (vm.memory_bytes + (64 << 20)).div_ceil(1 << 20) << 20;
+        let state = crate::model::StateVolume {
+            sd,
+            img: DiskId::new_random(),
+            vol: VolUuid::new_random(),
+        };
+        Ok((state, size))
+    }
+
+    /// Forgets a suspended VM's saved state (its volume is deleted unless a snapshot keeps
+    /// it): the VM is `down`.
     async fn discard_state(&self, vm: &crate::model::Vm) -> Result<(), CommandError> {
         if let Some(st) = self.app.db.vm_hibernation_get(vm.id).await? {
-            let dc = self.cluster_dc(vm.cluster_id).await?;
-            delete_image(&self.app, dc, st.sd, st.img).await.map_err(|e| {
-                CommandError::Conflict(format!("cannot delete VM {}'s saved state: {}", vm.name, e))
-            })?;
+            if !self.app.db.snapshot_memory_in_use(st.img).await? {
+                let dc = self.cluster_dc(vm.cluster_id).await?;
+                delete_image(&self.app, dc, st.sd, st.img).await.map_err(|e| {
+                    CommandError::Conflict(format!("cannot delete VM {}'s saved state: {}", vm.name, e))
+                })?;
+            }
             self.app.db.vm_hibernation_clear(vm.id).await?;
         }
         Ok(())
@@ -1390,7 +1425,13 @@ impl Commands {
                 }
             }
         }
-        let dc = if disks.is_empty() {
+        let mut states = Vec::new();
+        for s in self.app.db.snapshots_of_vm(id).await? {
+            if let Some(m) = self.app.db.snapshot_memory_get(s.id).await? {
+                states.push(m.state);
+            }
+        }
+        let dc = if disks.is_empty() && states.is_empty() {
             None
         } else {
             Some(self.cluster_dc(vm.cluster_id).await?)
@@ -1400,8 +1441,16 @@ impl Commands {
                 self.app.db.attachment_remove(id, a.disk_id).await?;
             }
         }
-        self.run::<RemoveVmSaga>(RemoveVmParams { vm: id, disks, dc }, None)
-            .await?;
+        self.run::<RemoveVmSaga>(
+            RemoveVmParams {
+                vm: id,
+                disks,
+                dc,
+                states,
+            },
+            None,
+        )
+        .await?;
         Ok(())
     }
 

@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "vm_hibernation",
         sql: include_str!("migrations/0006_vm_hibernation.sql"),
     },
+    Migration {
+        version: 7,
+        name: "snapshot_memory",
+        sql: include_str!("migrations/0007_snapshot_memory.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -208,7 +208,10 @@ pub enum VmVerb {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapVerb {
-    Restore,
+    /// `memory`: the VM resumes from the memory the snapshot saved, when it saved some.
+    Restore {
+        memory: bool,
+    },
     Remove,
 }
 
@@ -257,7 +260,8 @@ impl Verb {
                 id(v, "VM")?,
                 id(s, "snapshot")?,
                 match *verb {
-                    "restore" => SnapVerb::Restore,
+                    "restore" => SnapVerb::Restore { memory: false },
+                    "restore-memory" => SnapVerb::Restore { memory: true },
                     "remove" => SnapVerb::Remove,
                     _ => return Err(unknown(segs)),
                 },
@@ -374,9 +378,10 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
             vm_name(*id).await?
         ),
         Verb::Vm(id, _) => format!("Remove VM {} and its disks?", vm_name(*id).await?),
-        Verb::Snapshot(id, _, SnapVerb::Restore) => format!(
-            "Restore VM {} to the snapshot? Newer data is discarded.",
-            vm_name(*id).await?
+        Verb::Snapshot(id, _, SnapVerb::Restore { memory }) => format!(
+            "Restore VM {} to the snapshot{}? Newer data is discarded.",
+            vm_name(*id).await?,
+            if *memory { " with its memory" } else { "" }
         ),
         Verb::Snapshot(id, _, SnapVerb::Remove) => {
             format!("Remove a snapshot of VM {}?", vm_name(*id).await?)
@@ -548,6 +553,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                             "the snapshot description is longer than 200 characters".into(),
                         ));
                     }
+                    let persist_memory = form.get("memory") == Some("on");
                     (
                         format!("Snapshot VM {name} ({description})"),
                         Box::pin(async move {
@@ -556,7 +562,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                                     id,
                                     crate::commands::AddSnapshot {
                                         description,
-                                        persist_memory: false,
+                                        persist_memory,
                                     },
                                     corr,
                                 )
@@ -583,10 +589,10 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
             let cur = vm(vid).await?;
             let name = cur.name;
             match v {
-                SnapVerb::Restore => (
+                SnapVerb::Restore { memory } => (
                     format!("Restore VM {name} to a snapshot"),
                     Box::pin(async move {
-                        e.cmds.restore_snapshot(vid, sid).await?;
+                        e.cmds.restore_snapshot(vid, sid, memory, corr).await?;
                         Ok(None)
                     }),
                 ),

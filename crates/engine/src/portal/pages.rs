@@ -1331,6 +1331,8 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         "",
         "placeholder=\"description\" required",
     );
+    // Checked, as in oVirt's dialog; a VM that is down has no memory to save.
+    h.input("Save memory", "memory", "checkbox", "on", "checked");
     h.raw("<button type=\"submit\" class=\"secondary\">Take snapshot</button></form>");
     h.raw("<div data-when=\"down\">");
     h.form_open(f, &format!("/portal/vms/{sid}/template"), None, "inline-form");
@@ -1403,9 +1405,27 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             .raw("<td>")
             .badge(s.status, None)
             .raw("</td>")
-            .cell(s.snapshot_type)
+            .cell(if s.persist_memory {
+                format!("{} with memory", s.snapshot_type)
+            } else {
+                s.snapshot_type.to_string()
+            })
             .cell(time(s.created_at))
             .raw("<td class=\"acts\">");
+        if s.snapshot_type == SnapshotType::Regular && s.persist_memory {
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/snapshots/{ssid}/restore-memory"),
+                "Restore with memory",
+                Some(&format!(
+                    "Restore VM {} to snapshot \"{}\" with its memory? Newer data is discarded; \
+                     the VM resumes from the snapshot's moment at its next start.",
+                    v.name, s.description
+                )),
+                "down",
+                "small secondary",
+            );
+        }
         if s.snapshot_type == SnapshotType::Regular {
             act_button(
                 &mut h,

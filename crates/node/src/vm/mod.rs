@@ -1476,7 +1476,7 @@ impl VmManager {
     /// Runs on a guest a memory snapshot paused, and forgets that it did (also on recovery,
     /// for a node that died in between).
     async fn run_after_memory_save(&self, vm: &Arc<Vm>) {
-        if vm.status() == VmStatus::MigrationSource {
+        if matches!(vm.status(), VmStatus::SavingState | VmStatus::MigrationSource) {
             vm.feed(Input::StateSaved);
         }
         if let Err(e) = self.cont(vm).await {
@@ -1649,7 +1649,7 @@ impl VmManager {
             .run(HookPoint::BeforeVmMigrateSource, id, &name, &record_path)
             .await
             .map_err(|source| VmError::Hook { vm: id, source })?;
-        let info = self.stream_out(&vm, &params).await?;
+        let info = self.stream_out(&vm, &params, false).await?;
         let report = MigrationReport {
             total_ms: info.total_time.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(0),
@@ -1666,9 +1666,15 @@ impl VmManager {
     }
 
     /// The source side of a migration stream to `params.uri`: returns QEMU's final figures
-    /// once it completed (the VM is then `MigrationSource`, its guest stopped here), or the
-    /// error with the VM running (or paused) here as before.
-    async fn stream_out(&self, vm: &Arc<Vm>, params: &MigrateParams) -> Result<qmp::MigrationInfo, VmError> {
+    /// once it completed (the VM is then `MigrationSource`, or `SavingState` when the stream
+    /// goes `to_file`, its guest stopped here), or the error with the VM running (or paused)
+    /// here as before.
+    async fn stream_out(
+        &self,
+        vm: &Arc<Vm>,
+        params: &MigrateParams,
+        to_file: bool,
+    ) -> Result<qmp::MigrationInfo, VmError> {
         let id = vm.id;
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
@@ -1687,7 +1693,11 @@ impl VmManager {
         .await
         .map_err(qe)?;
         let mut events = vm.events.subscribe();
-        vm.feed(Input::MigrationStarted);
+        vm.feed(if to_file {
+            Input::SavingStarted
+        } else {
+            Input::MigrationStarted
+        });
         if let Err(e) = q
             .execute(&qmp::Migrate {
                 uri: params.uri.clone(),
@@ -1821,7 +1831,7 @@ impl VmManager {
     /// Pauses the guest and streams its whole state into `path`, an existing file. QEMU may
     /// not write files itself (`-sandbox spawn=deny`, no `exec:`), so it migrates over
     /// loopback TCP to the node, which writes and fsyncs the stream. Returns the bytes written
-    /// and QEMU's figures; the VM is then `MigrationSource` (QEMU's `postmigrate`), its block
+    /// and QEMU's figures; the VM is then `SavingState` (QEMU's `postmigrate`), its block
     /// nodes inactive until a `cont`. On failure the guest is as before.
     async fn stream_to_file(&self, vm: &Arc<Vm>, path: &Path) -> Result<(u64, qmp::MigrationInfo), VmError> {
         let id = vm.id;
@@ -1862,7 +1872,7 @@ impl VmManager {
             max_bandwidth: 0,
             timeout_ms: 600_000,
         };
-        let info = match self.stream_out(vm, &params).await {
+        let info = match self.stream_out(vm, &params, true).await {
             Ok(info) => info,
             Err(e) => {
                 if was_running {

@@ -25,8 +25,11 @@
 //! A guest paused on ENOSPC is `Paused{IoError}` (QEMU's run state `io-error`), which the thin
 //! provisioning monitor resumes after an extend. A source whose migration completed (run state
 //! `postmigrate`, e.g. found by a restarted node) is `MigrationSource`, never `Paused`: resuming
-//! it would run the guest twice — unless the stream went to a file (a memory snapshot):
-//! `StateSaved` makes it `Paused`, the guest being whole here only. A destination held for its leases (QEMU started with `-S`)
+//! it would run the guest twice. `SavingStarted` (from `Up` or `Paused`) makes a VM
+//! `SavingState` while its state streams to a file: it ends `Down{Saved}` (hibernation, QEMU
+//! exits), `Paused` on `StateSaved` (a snapshot with memory; the node runs it on), or as it
+//! was on `MigrationEnded{ok: false}`; a node restarted mid-save finds it `MigrationSource`
+//! and feeds `StateSaved` from its record. A destination held for its leases (QEMU started with `-S`)
 //! stays `MigrationDestination` after the stream ends, until the node's `cont` brings
 //! `Resumed`. Commands check [`VmStatus::allows`] before
 //! touching QEMU, so a refused command changes nothing.
@@ -52,6 +55,9 @@ pub enum VmStatus {
     PoweringDown,
     /// Outgoing migration in progress; the guest runs until the switch-over.
     MigrationSource,
+    /// The guest's state streams to a file (hibernation, a snapshot with memory): the guest
+    /// is stopped and stays here; only destroy is allowed until the stream ends.
+    SavingState,
     Down {
         reason: DownReason,
     },
@@ -116,8 +122,10 @@ pub enum Input {
         ok: bool,
         running: bool,
     },
-    /// A completed outgoing stream went to a file, not to another host (a memory snapshot):
-    /// the guest is whole here, stopped, and `cont` runs it on.
+    /// A stream of the guest's state to a file begins (the node pauses the guest first).
+    SavingStarted,
+    /// The stream to a file completed and the guest runs on here (a snapshot with memory):
+    /// it is whole, stopped, and `cont` runs it.
     StateSaved,
     Exited(DownReason),
 }
@@ -156,6 +164,7 @@ impl VmStatus {
             Self::Paused { .. } => "Paused",
             Self::PoweringDown => "Powering down",
             Self::MigrationSource => "Migration Source",
+            Self::SavingState => "Saving State",
             Self::Down { .. } => "Down",
         }
     }
@@ -194,16 +203,20 @@ impl VmStatus {
             (MigrationDestination | Up | Paused { .. }, Input::Stopped { status })
             | (WaitForLaunch, Input::Stopped { status }) => Self::from_run_state(false, status),
             // The source pauses at the switch-over and the guest is powering off on its own.
-            (MigrationSource | PoweringDown, Input::Stopped { .. }) => self.clone(),
+            (MigrationSource | PoweringDown | SavingState, Input::Stopped { .. }) => self.clone(),
             (MigrationDestination | Paused { .. } | Up | WaitForLaunch, Input::Resumed) => Up,
-            (MigrationSource | PoweringDown, Input::Resumed) => self.clone(),
+            (MigrationSource | PoweringDown | SavingState, Input::Resumed) => self.clone(),
             (Up | Paused { .. } | PoweringDown, Input::PowerdownRequested) => PoweringDown,
             (Up | Paused { .. }, Input::MigrationStarted) => MigrationSource,
+            (Up | Paused { .. }, Input::SavingStarted) => SavingState,
             (MigrationSource, Input::MigrationEnded { ok: true, .. }) => MigrationSource,
-            (MigrationSource, Input::StateSaved) => Paused {
+            (SavingState, Input::MigrationEnded { ok: true, .. }) => SavingState,
+            // A node restarted mid-save finds QEMU `postmigrate` (MigrationSource); its record
+            // says where the stream went.
+            (SavingState | MigrationSource, Input::StateSaved) => Paused {
                 reason: PauseReason::User,
             },
-            (MigrationSource, Input::MigrationEnded { ok: false, running }) => {
+            (MigrationSource | SavingState, Input::MigrationEnded { ok: false, running }) => {
                 if *running {
                     Up
                 } else {
@@ -332,9 +345,29 @@ mod tests {
                 }
             }
         );
-        // A stream to a file (memory snapshot): the guest is whole here and may run on.
-        let saved = done.next(&Input::StateSaved).unwrap();
+        // A stream to a file: nothing but destroy meanwhile; a snapshot with memory then runs
+        // the guest on here, a failed one leaves it as it was.
+        let saving = VmStatus::Up.next(&Input::SavingStarted).unwrap();
+        assert_eq!(saving.vdsm_name(), "Saving State");
+        assert!(!saving.allows(Op::Migrate) && !saving.allows(Op::Resume) && saving.allows(Op::Destroy));
+        let ended = saving
+            .next(&Input::MigrationEnded {
+                ok: true,
+                running: false,
+            })
+            .unwrap();
+        assert_eq!(ended, VmStatus::SavingState);
+        let saved = ended.next(&Input::StateSaved).unwrap();
         assert!(saved.allows(Op::Resume), "{saved:?}");
+        let failed = saving
+            .next(&Input::MigrationEnded {
+                ok: false,
+                running: true,
+            })
+            .unwrap();
+        assert_eq!(failed, VmStatus::Up);
+        // Found after a node restart mid-save: QEMU is `postmigrate`.
+        assert!(done.next(&Input::StateSaved).unwrap().allows(Op::Resume));
         assert!(VmStatus::Up.next(&Input::StateSaved).is_err());
         let dest = VmStatus::MigrationDestination;
         assert_eq!(dest.next(&Input::Resumed).unwrap(), VmStatus::Up);

@@ -674,6 +674,10 @@ pub enum SnapshotCmd {
         #[arg(long)]
         vm: String,
         snapshot: String,
+        /// Also the memory the snapshot saved: the VM is suspended at the snapshot's moment
+        /// and resumes from there at its next start.
+        #[arg(long)]
+        memory: bool,
     },
 }
 
@@ -1979,14 +1983,14 @@ async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> anyhow::Result<()> {
             drop(p);
             output::print_done(ctx.out, &format!("snapshot {sid} removed"), None)
         }
-        SnapshotCmd::Restore { vm, snapshot } => {
+        SnapshotCmd::Restore { vm, snapshot, memory } => {
             let v = ctx.id(&kinds::VM, &vm).await?;
             let s = find_snapshot(ctx, &v, &snapshot).await?;
             let sid = s["id"].as_str().unwrap_or_default();
             ctx.action(
                 format!("restore VM {vm} to snapshot {snapshot}"),
                 format!("/vms/{v}/snapshots/{sid}/restore"),
-                json!({}),
+                json!({ "restore_memory": memory }),
                 None,
             )
             .await?;

@@ -251,8 +251,9 @@ def main():
     step("VM up on %s, guest booted" % src.name)
 
     snaps = vm_svc.snapshots_service()
-    snap = snaps.add(types.Snapshot(description=P + "-snap", persist_memorystate=False))
+    snap = snaps.add(types.Snapshot(description=P + "-snap", persist_memorystate=True))
     wait("snapshot ok", lambda: snaps.snapshot_service(snap.id).get().snapshot_status == types.SnapshotStatus.OK)
+    assert snaps.snapshot_service(snap.id).get().persist_memorystate is True
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "regular"], kinds
     step("live snapshot %s" % snap.id)
@@ -278,8 +279,10 @@ def main():
     at_snap, present = content(vols[0]), content(vols[-1])
     assert at_snap != present
     snap_svc = snaps.snapshot_service(snap.id)
-    vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=False)
+    # With its memory: the VM waits, suspended, to resume at the snapshot's moment.
+    vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=True)
     assert snap_svc.get().snapshot_status == types.SnapshotStatus.IN_PREVIEW
+    assert vm_svc.get().status == types.VmStatus.SUSPENDED, vm_svc.get().status
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "preview", "regular"], kinds
     assert content(image_volumes(sd.id, att.disk.id)[-1]) == at_snap
@@ -290,6 +293,7 @@ def main():
         assert e.code == 409, e
     vm_svc.undo_snapshot()
     assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
+    assert vm_svc.get().status == types.VmStatus.DOWN, vm_svc.get().status
     assert image_volumes(sd.id, att.disk.id) == vols
     assert content(vols[-1]) == present
     step("preview and undo")

@@ -1085,6 +1085,61 @@ async fn vm_hibernation_clear(c: &mut Conn<'_>, vm: VmId) -> Result<bool, DbErro
     Ok(c.exec(&q).await? > 0)
 }
 
+async fn snapshot_memory_get(c: &mut Conn<'_>, snap: SnapshotId) -> Result<Option<SnapshotMemory>, DbError> {
+    let mut q = Sql::new(
+        "SELECT storage_domain_id, image_id, volume_id, memory_bytes, cpus FROM snapshot_memory WHERE snapshot_id = ",
+    );
+    q.arg(snap.to_string());
+    c.opt(&q)
+        .await?
+        .map(|r| {
+            Ok(SnapshotMemory {
+                state: StateVolume {
+                    sd: r.parse("storage_domain_id")?,
+                    img: r.parse("image_id")?,
+                    vol: r.parse("volume_id")?,
+                },
+                memory_bytes: r.uint("memory_bytes")?,
+                cpus: r.u32("cpus")?,
+            })
+        })
+        .transpose()
+}
+
+async fn snapshot_memory_set(c: &mut Conn<'_>, snap: SnapshotId, m: &SnapshotMemory) -> Result<(), DbError> {
+    let mut q = Sql::new("DELETE FROM snapshot_memory WHERE snapshot_id = ");
+    q.arg(snap.to_string());
+    c.exec(&q).await?;
+    let mut q = Sql::new(
+        "INSERT INTO snapshot_memory (snapshot_id, storage_domain_id, image_id, volume_id, memory_bytes, cpus) VALUES (",
+    );
+    q.arg(snap.to_string())
+        .push(", ")
+        .arg(m.state.sd.to_string())
+        .push(", ")
+        .arg(m.state.img.to_string())
+        .push(", ")
+        .arg(m.state.vol.to_string())
+        .push(", ")
+        .arg(u2i("memory size", m.memory_bytes)?)
+        .push(", ")
+        .arg(i64::from(m.cpus))
+        .push(")");
+    c.exec(&q).await?;
+    let mut q = Sql::new("UPDATE snapshots SET persist_memory = 1 WHERE id = ");
+    q.arg(snap.to_string());
+    if c.exec(&q).await? != 1 {
+        return Err(DbError::not_found("snapshot", snap));
+    }
+    Ok(())
+}
+
+async fn snapshot_memory_in_use(c: &mut Conn<'_>, img: ImgUuid) -> Result<bool, DbError> {
+    let mut q = Sql::new("SELECT snapshot_id FROM snapshot_memory WHERE image_id = ");
+    q.arg(img.to_string());
+    Ok(c.opt(&q).await?.is_some())
+}
+
 async fn affinity_group_delete(c: &mut Conn<'_>, g: AffinityGroupId) -> Result<bool, DbError> {
     let mut q = Sql::new("DELETE FROM affinity_groups WHERE id = ");
     q.arg(g.to_string());
@@ -1155,4 +1210,11 @@ repo! {
     read vm_hibernation_get(vm: VmId) -> Option<StateVolume> = vm_hibernation_get;
     write vm_hibernation_set(vm: VmId, v: &StateVolume) -> () = vm_hibernation_set;
     write vm_hibernation_clear(vm: VmId) -> bool = vm_hibernation_clear;
+
+    /// The state a snapshot saved of its running VM.
+    read snapshot_memory_get(snap: SnapshotId) -> Option<SnapshotMemory> = snapshot_memory_get;
+    /// Records the snapshot's saved state; the snapshot then shows `persist_memory`.
+    write snapshot_memory_set(snap: SnapshotId, m: &SnapshotMemory) -> () = snapshot_memory_set;
+    /// Whether the image holds a snapshot's saved state (then it is not a spent hibernation's).
+    read snapshot_memory_in_use(img: ImgUuid) -> bool = snapshot_memory_in_use;
 }

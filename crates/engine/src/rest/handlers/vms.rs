@@ -411,10 +411,11 @@ pub async fn vm_preview(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
     let body = r.action_body()?;
     let sid = snapshot_from_action(r, &v, &body).await?;
+    let memory = body.bool("restore_memory")?.unwrap_or(false);
     let corr = r.correlation_id.clone();
     let id = v.id;
     run_action(r, Some(&body), "preview snapshot", move |e| async move {
-        e.cmds.preview_snapshot(id, sid, corr).await?;
+        e.cmds.preview_snapshot(id, sid, memory, corr).await?;
         Ok(())
     })
     .await
@@ -663,9 +664,11 @@ pub async fn snap_remove(r: &Req) -> Result<Resp, ApiError> {
 pub async fn snap_restore(r: &Req) -> Result<Resp, ApiError> {
     let (v, s) = snap(r).await?;
     let body = r.action_body()?;
+    let memory = body.bool("restore_memory")?.unwrap_or(false);
+    let corr = r.correlation_id.clone();
     let (vid, sid) = (v.id, s.id);
     run_action(r, Some(&body), "restore snapshot", move |e| async move {
-        e.cmds.restore_snapshot(vid, sid).await?;
+        e.cmds.restore_snapshot(vid, sid, memory, corr).await?;
         Ok(())
     })
     .await
