@@ -300,6 +300,11 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
     std::fs::write(&memory, b"").unwrap();
     let rep = mgr.snapshot(id, s2_disk(), Some(&memory)).await.unwrap();
     let saved = rep.memory_bytes.expect("memory saved");
+    eprintln!(
+        "snapshot with memory: {saved} bytes, {} ms from the call to the guest running on, QEMU's stream {} ms",
+        rep.elapsed_ms,
+        rep.memory_stream_ms.unwrap_or(0)
+    );
     assert!(saved > 1 << 20, "{rep:?}");
     assert_eq!(std::fs::metadata(&memory).unwrap().len(), saved);
     assert!(!rep.frozen, "the paused guest was frozen too: {rep:?}");

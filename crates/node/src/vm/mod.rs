@@ -262,6 +262,8 @@ pub struct SnapshotReport {
     pub freeze_error: Option<String>,
     /// The bytes of memory and device state saved, for a snapshot with memory.
     pub memory_bytes: Option<u64>,
+    /// QEMU's own time streaming them (the rest of `elapsed_ms` is ours and the disks').
+    pub memory_stream_ms: Option<u64>,
     pub elapsed_ms: u64,
 }
 
@@ -1321,6 +1323,7 @@ impl VmManager {
                 frozen: false,
                 freeze_error: None,
                 memory_bytes: None,
+                memory_stream_ms: None,
                 elapsed_ms: start.elapsed().as_millis() as u64,
             });
         }
@@ -1395,7 +1398,7 @@ impl VmManager {
                 }
             }));
         }
-        let mut memory_bytes = None;
+        let (mut memory_bytes, mut memory_stream_ms) = (None, None);
         if let (Ok(()), Some(path)) = (&add_res, memory) {
             vm.record.lock().unwrap().saving_memory = true;
             let saved = match vm.persist() {
@@ -1403,9 +1406,10 @@ impl VmManager {
                 Err(e) => Err(e),
             };
             match saved {
-                Ok((n, _)) => {
+                Ok((n, info)) => {
                     vm.feed(Input::StateSaved);
                     memory_bytes = Some(n);
+                    memory_stream_ms = info.total_time;
                 }
                 Err(e) => {
                     vm.record.lock().unwrap().saving_memory = false;
@@ -1469,6 +1473,7 @@ impl VmManager {
             frozen,
             freeze_error,
             memory_bytes,
+            memory_stream_ms,
             elapsed_ms: start.elapsed().as_millis() as u64,
         })
     }
