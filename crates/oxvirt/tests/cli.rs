@@ -772,3 +772,153 @@ async fn scheduling_affinity_and_fencing() {
     live.engine.shutdown().await;
     eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// A JSON leaf as text, whether the API wrote it as a string or a number.
+fn leaf(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}
+
+/// Networks from the CLI: a VLAN network in a data center, attached to a cluster as optional,
+/// updated and listed; a VM NIC on a VM network takes its MAC from the cluster's pool, whose
+/// ranges are replaced; what is in use is not removed; a host that is not up does not carry a
+/// network, and bad input is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_nics_and_mac_pools() {
+    let live = start().await;
+    live.login(&["--insecure"]).await;
+    live.ok(&["dc", "create", "ndc"]).await;
+    live.ok(&["cluster", "create", "ncl", "--dc", "ndc"]).await;
+
+    let r = live
+        .ok(&[
+            "network", "create", "storage", "--dc", "ndc", "--vlan", "42", "--mtu", "9000", "--no-vm", "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(leaf(&r.json()["vlan"]["id"]), "42", "{r}");
+    assert_eq!(leaf(&r.json()["mtu"]), "9000", "{r}");
+    live.ok(&["net", "create", "vmnet", "--dc", "ndc", "--vlan", "10"])
+        .await;
+    let r = live.ok(&["net", "list"]).await;
+    let line = row(&r.stdout, "vmnet");
+    assert!(
+        line.contains("ndc") && line.contains(" 10 ") && line.contains("vm"),
+        "{line}"
+    );
+    assert!(!row(&r.stdout, "storage").contains("vm"), "{r}");
+    let r = live
+        .ok(&[
+            "net",
+            "update",
+            "vmnet",
+            "--mtu",
+            "1400",
+            "--no-vlan",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(leaf(&r.json()["mtu"]), "1400", "{r}");
+    assert!(r.json().get("vlan").is_none(), "{r}");
+    let r = live.fails(&["net", "update", "vmnet"]).await;
+    assert!(r.stderr.contains("nothing to change"), "{r}");
+
+    live.ok(&["net", "attach-cluster", "vmnet", "--cluster", "ncl", "--optional"])
+        .await;
+    let r = live.ok(&["net", "cluster-list", "--cluster", "ncl"]).await;
+    assert!(row(&r.stdout, "vmnet").contains("false"), "{r}");
+    let r = live.ok(&["vnicprofile", "list"]).await;
+    assert_eq!(row(&r.stdout, "vmnet").matches("vmnet").count(), 2, "{r}");
+
+    // A NIC on the VM network, its MAC from the pool; a network for no VMs is refused.
+    live.ok(&["vm", "create", "nv", "--cluster", "ncl"]).await;
+    let r = live
+        .ok(&[
+            "nic",
+            "create",
+            "--vm",
+            "nv",
+            "nic1",
+            "--network",
+            "vmnet",
+            "-o",
+            "json",
+        ])
+        .await;
+    let mac = r.json()["mac"]["address"].as_str().unwrap().to_string();
+    let r = live
+        .fails(&["nic", "create", "--vm", "nv", "nic2", "--network", "storage"])
+        .await;
+    assert!(r.stderr.contains("not a VM network"), "{r}");
+    let r = live.ok(&["nic", "ls", "--vm", "nv"]).await;
+    let line = row(&r.stdout, "nic1");
+    assert!(line.contains(&mac) && line.contains("vmnet"), "{line}");
+
+    // The cluster's MAC pool gets one small range: the next NIC's MAC is from it.
+    let range = "56:6f:00:00:01:00-56:6f:00:00:01:0f";
+    live.ok(&["macpool", "update", "ncl", "--range", range]).await;
+    let r = live.ok(&["macpool", "list"]).await;
+    assert!(row(&r.stdout, "ncl").contains(range), "{r}");
+    let r = live
+        .ok(&["nic", "create", "--vm", "nv", "nic2", "-o", "json"])
+        .await;
+    let mac2 = r.json()["mac"]["address"].as_str().unwrap().to_string();
+    assert!(mac2.starts_with("56:6f:00:00:01:0"), "{mac2}");
+    let r = live
+        .fails(&["macpool", "update", "ncl", "--range", "56:6f:00:00:01:00"])
+        .await;
+    assert!(r.stderr.contains("FROM-TO"), "{r}");
+
+    // In use by a NIC: not removed. Freed: removed.
+    let r = live.fails(&["net", "rm", "vmnet"]).await;
+    assert!(r.stderr.contains("vmnet") || r.stderr.contains("409"), "{r}");
+    assert!(live.ok(&["net", "list"]).await.stdout.contains("vmnet"));
+    live.ok(&["nic", "rm", "--vm", "nv", "nic1"]).await;
+    live.ok(&["net", "detach-cluster", "vmnet", "--cluster", "ncl"])
+        .await;
+    live.ok(&["net", "rm", "vmnet"]).await;
+    assert!(!live.ok(&["net", "list"]).await.stdout.contains("vmnet"));
+
+    // A host that is not up does not carry a network; a bad address never reaches the engine.
+    live.ok(&[
+        "host",
+        "create",
+        "nh",
+        "--address",
+        "127.0.0.1:9",
+        "--cluster",
+        "ncl",
+        "--no-wait",
+    ])
+    .await;
+    let r = live
+        .fails(&[
+            "net",
+            "attach-host",
+            "storage",
+            "--host",
+            "nh",
+            "--nic",
+            "eth0",
+            "--ip",
+            "10.0.0.1/24",
+        ])
+        .await;
+    assert!(r.stderr.contains("nh"), "{r}");
+    let r = live
+        .fails(&[
+            "net",
+            "attach-host",
+            "storage",
+            "--host",
+            "nh",
+            "--nic",
+            "eth0",
+            "--ip",
+            "bogus",
+        ])
+        .await;
+    assert!(r.stderr.contains("ADDRESS/PREFIX"), "{r}");
+    let r = live.ok(&["net", "host-list", "--host", "nh", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]), "{r}");
+}

@@ -26,6 +26,16 @@ struct Live {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// A failed scenario leaves its VMs' QEMUs (detached from their nodes by design) behind:
+/// they go with the test.
+impl Drop for Live {
+    fn drop(&mut self) {
+        for (_, data, _) in &self.nodes {
+            common::kill_qemus(&data.join("run"));
+        }
+    }
+}
+
 impl Live {
     async fn start(n: usize) -> Live {
         let engine_dir = tempfile::tempdir().unwrap();

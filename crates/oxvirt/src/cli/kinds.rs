@@ -13,6 +13,8 @@ pub enum Fmt {
     Version,
     /// A CPU topology: sockets × cores × threads, shown as the product.
     Cpus,
+    /// An array, comma-separated (an object in it by its values: a range as `from-to`).
+    List,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,5 +247,100 @@ pub static EVENT: Kind = Kind {
         c("SEVERITY", "severity", Text),
         c("CODE", "code", Text),
         c("DESCRIPTION", "description", Text),
+    ],
+};
+
+pub static NETWORK: Kind = Kind {
+    what: "network",
+    coll: "networks",
+    elem: "network",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("DATA CENTER", "data_center.id", Ref(&DATACENTER)),
+        c("VLAN", "vlan.id", Text),
+        c("MTU", "mtu", Text),
+        c("USAGES", "usages.usage", List),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
+/// A network as a cluster has it (`clusters/{id}/networks`).
+pub static CLUSTER_NETWORK: Kind = Kind {
+    what: "cluster network",
+    coll: "networks",
+    elem: "network",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("REQUIRED", "required", Text),
+        c("USAGES", "usages.usage", List),
+    ],
+};
+
+pub static VNIC_PROFILE: Kind = Kind {
+    what: "vNIC profile",
+    coll: "vnicprofiles",
+    elem: "vnic_profile",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("NETWORK", "network.id", Ref(&NETWORK)),
+    ],
+};
+
+/// A cluster's MAC pool (named and identified as its cluster).
+pub static MAC_POOL: Kind = Kind {
+    what: "MAC pool",
+    coll: "macpools",
+    elem: "mac_pool",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("RANGES", "ranges.range", List),
+    ],
+};
+
+/// A VM's NIC (`vms/{id}/nics`).
+pub static NIC: Kind = Kind {
+    what: "NIC",
+    coll: "nics",
+    elem: "nic",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("MAC", "mac.address", Text),
+        c("PROFILE", "vnic_profile.id", Ref(&VNIC_PROFILE)),
+        c("INTERFACE", "interface", Text),
+        c("PLUGGED", "plugged", Text),
+        c("LINKED", "linked", Text),
+    ],
+};
+
+/// A host's NIC, live from its node (`hosts/{id}/nics`; its id is its name).
+pub static HOST_NIC: Kind = Kind {
+    what: "host NIC",
+    coll: "nics",
+    elem: "host_nic",
+    cols: &[
+        c("NAME", "name", Text),
+        c("STATUS", "status", Text),
+        c("MAC", "mac.address", Text),
+        c("MTU", "mtu", Text),
+        c("ADDRESS", "ip.address", Text),
+        c("NETWORK", "network.id", Ref(&NETWORK)),
+    ],
+};
+
+/// Which host NIC carries which network (`hosts/{id}/networkattachments`).
+pub static NETWORK_ATTACHMENT: Kind = Kind {
+    what: "network attachment",
+    coll: "networkattachments",
+    elem: "network_attachment",
+    cols: &[
+        c("ID", "id", Text),
+        c("NETWORK", "network.id", Ref(&NETWORK)),
+        c("NIC", "host_nic.id", Text),
+        c("IN SYNC", "in_sync", Text),
     ],
 };

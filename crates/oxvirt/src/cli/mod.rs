@@ -87,6 +87,15 @@ pub enum ClientCommand {
     Template(Group<TemplateCmd>),
     /// A VM's snapshots: create, restore, remove.
     Snapshot(Group<SnapshotCmd>),
+    /// Logical networks: in a data center, attached to clusters, carried by host NICs.
+    #[command(visible_alias = "net")]
+    Network(Group<NetworkCmd>),
+    /// A VM's network interfaces.
+    Nic(Group<NicCmd>),
+    /// The vNIC profiles VM NICs connect through (one per VM network).
+    Vnicprofile(Group<VnicProfileCmd>),
+    /// MAC address pools (one per cluster).
+    Macpool(Group<MacPoolCmd>),
     /// Jobs the engine ran (and their steps).
     Job(Group<JobCmd>),
     /// The engine's event log.
@@ -682,6 +691,155 @@ pub enum SnapshotCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// List logical networks.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a network.
+    Show { name: String },
+    /// Add a network to a data center (a VM network unless `--no-vm`).
+    Create {
+        name: String,
+        #[arg(long = "dc", visible_alias = "datacenter")]
+        datacenter: String,
+        /// 802.1Q VLAN id.
+        #[arg(long)]
+        vlan: Option<u16>,
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Not for VM NICs (no vNIC profile, no bridge).
+        #[arg(long)]
+        no_vm: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Change a network's MTU, VLAN or description.
+    Update {
+        name: String,
+        #[arg(long)]
+        mtu: Option<u32>,
+        #[arg(long, conflicts_with = "no_vlan")]
+        vlan: Option<u16>,
+        /// Untagged from now on.
+        #[arg(long)]
+        no_vlan: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Remove a network nothing uses.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+    /// The networks of a cluster.
+    ClusterList {
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Attach a network to a cluster (its hosts must carry it unless `--optional`).
+    AttachCluster {
+        name: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        optional: bool,
+    },
+    /// Detach a network from a cluster.
+    DetachCluster {
+        name: String,
+        #[arg(long)]
+        cluster: String,
+    },
+    /// A host's NICs and bonds, live from its node.
+    HostNics {
+        #[arg(long)]
+        host: String,
+    },
+    /// Which of a host's NICs carries which network.
+    HostList {
+        #[arg(long)]
+        host: String,
+    },
+    /// Carry a network on a host NIC (the host checks its connectivity and rolls back
+    /// without the engine's confirmation).
+    AttachHost {
+        name: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        nic: String,
+        /// `none`, `dhcp` or ADDRESS/PREFIX.
+        #[arg(long, default_value = "none")]
+        ip: String,
+    },
+    /// Take a network off a host.
+    DetachHost {
+        name: String,
+        #[arg(long)]
+        host: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NicCmd {
+    /// List a VM's NICs.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        vm: String,
+    },
+    /// Show a NIC (by name or id).
+    Show {
+        #[arg(long)]
+        vm: String,
+        nic: String,
+    },
+    /// Add a NIC (hot plugged on a running VM); its MAC comes from the cluster's pool unless given.
+    Create {
+        #[arg(long)]
+        vm: String,
+        name: String,
+        /// The VM network to connect to (its vNIC profile); none: unconnected.
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        mac: Option<String>,
+        /// virtio, e1000 or rtl8139.
+        #[arg(long, default_value = "virtio")]
+        interface: String,
+    },
+    /// Remove a NIC (hot unplugged from a running VM); its MAC returns to the pool.
+    #[command(visible_alias = "rm")]
+    Remove {
+        #[arg(long)]
+        vm: String,
+        nic: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VnicProfileCmd {
+    /// List vNIC profiles.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a vNIC profile.
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MacPoolCmd {
+    /// List MAC pools.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a MAC pool.
+    Show { name: String },
+    /// Replace a pool's ranges: `--range 56:6f:00:00:00:00-56:6f:00:00:ff:ff` (repeat for more).
+    Update {
+        name: String,
+        #[arg(long = "range", required = true)]
+        ranges: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum JobCmd {
     /// List jobs.
     #[command(visible_alias = "ls")]
@@ -771,6 +929,26 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Snapshot(g) => {
             let ctx = Ctx::open(&g.common)?;
             snapshot(&ctx, g.cmd).await
+        }
+        ClientCommand::Network(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            network(&ctx, g.cmd).await
+        }
+        ClientCommand::Nic(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            nic(&ctx, g.cmd).await
+        }
+        ClientCommand::Vnicprofile(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            let k = &kinds::VNIC_PROFILE;
+            match g.cmd {
+                VnicProfileCmd::List(a) => ctx.list(k, &a).await,
+                VnicProfileCmd::Show { name } => ctx.show(k, &name).await,
+            }
+        }
+        ClientCommand::Macpool(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            mac_pool(&ctx, g.cmd).await
         }
         ClientCommand::Job(g) => {
             let ctx = Ctx::open(&g.common)?;
@@ -1995,6 +2173,280 @@ async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> anyhow::Result<()> {
             )
             .await?;
             output::print_done(ctx.out, &format!("VM {vm} restored to snapshot {sid}"), None)
+        }
+    }
+}
+
+/// One member of a sub-collection by id or name.
+async fn find_in(ctx: &Ctx, path: &str, kind: &'static Kind, key: &str) -> anyhow::Result<Value> {
+    let all = ctx.api.list(path, kind.elem, &[]).await?;
+    let found: Vec<&Value> = all
+        .iter()
+        .filter(|x| x["id"].as_str() == Some(key) || x["name"].as_str() == Some(key))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => anyhow::bail!("no {} {key:?} there", kind.what),
+        _ => anyhow::bail!("{} {}s match {key:?}: give the id", found.len(), kind.what),
+    }
+}
+
+/// `none`, `dhcp` or ADDRESS/PREFIX as an `ip_address_assignment`.
+fn ip_assignment(ip: &str) -> anyhow::Result<Value> {
+    Ok(match ip {
+        "none" | "dhcp" => json!({ "assignment_method": ip }),
+        other => {
+            let (addr, prefix) = other
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("--ip {other:?}: give none, dhcp or ADDRESS/PREFIX"))?;
+            json!({ "assignment_method": "static", "ip": { "address": addr, "netmask": prefix } })
+        }
+    })
+}
+
+async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
+    let k = &kinds::NETWORK;
+    let del = |path: String, what: String| async move {
+        ctx.api
+            .request(Method::DELETE, &path, None, None)
+            .await
+            .with_context(|| format!("{what} failed"))?;
+        output::print_done(ctx.out, &what, None)
+    };
+    match cmd {
+        NetworkCmd::List(a) => ctx.list(k, &a).await,
+        NetworkCmd::Show { name } => ctx.show(k, &name).await,
+        NetworkCmd::Create {
+            name,
+            datacenter,
+            vlan,
+            mtu,
+            no_vm,
+            description,
+        } => {
+            let dc = ctx.id(&kinds::DATACENTER, &datacenter).await?;
+            let mut body = json!({
+                "name": name, "description": description, "data_center": { "id": dc },
+                "usages": { "usage": if no_vm { vec![] } else { vec!["vm"] } },
+            });
+            if let Some(v) = vlan {
+                body["vlan"] = json!({ "id": v.to_string() });
+            }
+            if let Some(m) = mtu {
+                body["mtu"] = json!(m);
+            }
+            let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        NetworkCmd::Update {
+            name,
+            mtu,
+            vlan,
+            no_vlan,
+            description,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let mut body = json!({});
+            if let Some(m) = mtu {
+                body["mtu"] = json!(m);
+            }
+            if let Some(v) = vlan {
+                body["vlan"] = json!({ "id": v.to_string() });
+            }
+            if no_vlan {
+                body["vlan"] = json!({});
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            anyhow::ensure!(
+                body.as_object().is_some_and(|o| !o.is_empty()),
+                "nothing to change: give --mtu, --vlan, --no-vlan or --description"
+            );
+            let obj = ctx
+                .api
+                .request(Method::PUT, &format!("/networks/{id}"), Some(&body), None)
+                .await
+                .with_context(|| format!("updating network {name}"))?;
+            ctx.print(k, &obj).await
+        }
+        NetworkCmd::Remove { name } => ctx.remove(k, &name, "").await,
+        NetworkCmd::ClusterList { cluster } => {
+            let c = ctx.id(&kinds::CLUSTER, &cluster).await?;
+            let kc = &kinds::CLUSTER_NETWORK;
+            let items = ctx
+                .api
+                .list(&format!("clusters/{c}/networks"), kc.elem, &[])
+                .await?;
+            output::print_list(&ctx.api, kc, &items, ctx.out).await
+        }
+        NetworkCmd::AttachCluster {
+            name,
+            cluster,
+            optional,
+        } => {
+            let c = ctx.id(&kinds::CLUSTER, &cluster).await?;
+            let n = ctx.id(k, &name).await?;
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/clusters/{c}/networks"),
+                    Some(&json!({ "id": n, "required": !optional })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("attaching network {name} to cluster {cluster}"))?;
+            ctx.print(&kinds::CLUSTER_NETWORK, &obj).await
+        }
+        NetworkCmd::DetachCluster { name, cluster } => {
+            let c = ctx.id(&kinds::CLUSTER, &cluster).await?;
+            let n = ctx.id(k, &name).await?;
+            del(
+                format!("/clusters/{c}/networks/{n}"),
+                format!("network {name} detached from cluster {cluster}"),
+            )
+            .await
+        }
+        NetworkCmd::HostNics { host } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let kn = &kinds::HOST_NIC;
+            let items = ctx.api.list(&format!("hosts/{h}/nics"), kn.elem, &[]).await?;
+            output::print_list(&ctx.api, kn, &items, ctx.out).await
+        }
+        NetworkCmd::HostList { host } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let ka = &kinds::NETWORK_ATTACHMENT;
+            let items = ctx
+                .api
+                .list(&format!("hosts/{h}/networkattachments"), ka.elem, &[])
+                .await?;
+            output::print_list(&ctx.api, ka, &items, ctx.out).await
+        }
+        NetworkCmd::AttachHost { name, host, nic, ip } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let n = ctx.id(k, &name).await?;
+            let body = json!({
+                "network": { "id": n },
+                "host_nic": { "name": nic },
+                "ip_address_assignments": { "ip_address_assignment": [ip_assignment(&ip)?] },
+            });
+            let obj = ctx
+                .action(
+                    format!("attach network {name} to {nic} on host {host}"),
+                    format!("/hosts/{h}/networkattachments"),
+                    body,
+                    None,
+                )
+                .await;
+            obj?;
+            output::print_done(ctx.out, &format!("network {name} on {nic} of host {host}"), None)
+        }
+        NetworkCmd::DetachHost { name, host } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let n = ctx.id(k, &name).await?;
+            let atts = ctx
+                .api
+                .list(
+                    &format!("hosts/{h}/networkattachments"),
+                    "network_attachment",
+                    &[],
+                )
+                .await?;
+            let a = atts
+                .iter()
+                .find(|a| a["network"]["id"].as_str() == Some(n.as_str()))
+                .and_then(|a| a["id"].as_str())
+                .ok_or_else(|| anyhow::anyhow!("host {host} does not carry network {name}"))?;
+            del(
+                format!("/hosts/{h}/networkattachments/{a}"),
+                format!("network {name} detached from host {host}"),
+            )
+            .await
+        }
+    }
+}
+
+async fn nic(ctx: &Ctx, cmd: NicCmd) -> anyhow::Result<()> {
+    let k = &kinds::NIC;
+    match cmd {
+        NicCmd::List { vm } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let items = ctx.api.list(&format!("vms/{v}/nics"), k.elem, &[]).await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        NicCmd::Show { vm, nic } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let n = find_in(ctx, &format!("vms/{v}/nics"), k, &nic).await?;
+            ctx.print(k, &n).await
+        }
+        NicCmd::Create {
+            vm,
+            name,
+            network,
+            mac,
+            interface,
+        } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let mut body = json!({ "name": name, "interface": interface });
+            if let Some(n) = network {
+                // A VM network's vNIC profile has the network's name.
+                let net = ctx.id(&kinds::NETWORK, &n).await?;
+                let p = ctx
+                    .api
+                    .list(&format!("networks/{net}/vnicprofiles"), "vnic_profile", &[])
+                    .await?;
+                let pid = p
+                    .first()
+                    .and_then(|p| p["id"].as_str())
+                    .ok_or_else(|| anyhow::anyhow!("network {n} is not a VM network"))?;
+                body["vnic_profile"] = json!({ "id": pid });
+            }
+            if let Some(m) = mac {
+                body["mac"] = json!({ "address": m });
+            }
+            let obj = ctx
+                .api
+                .request(Method::POST, &format!("/vms/{v}/nics"), Some(&body), None)
+                .await
+                .with_context(|| format!("adding NIC {name} to VM {vm}"))?;
+            ctx.print(k, &obj).await
+        }
+        NicCmd::Remove { vm, nic } => {
+            let v = ctx.id(&kinds::VM, &vm).await?;
+            let n = find_in(ctx, &format!("vms/{v}/nics"), k, &nic).await?;
+            let id = n["id"].as_str().unwrap_or_default();
+            ctx.api
+                .request(Method::DELETE, &format!("/vms/{v}/nics/{id}"), None, None)
+                .await
+                .with_context(|| format!("removing NIC {nic} of VM {vm}"))?;
+            output::print_done(ctx.out, &format!("NIC {nic} of VM {vm} removed"), None)
+        }
+    }
+}
+
+async fn mac_pool(ctx: &Ctx, cmd: MacPoolCmd) -> anyhow::Result<()> {
+    let k = &kinds::MAC_POOL;
+    match cmd {
+        MacPoolCmd::List(a) => ctx.list(k, &a).await,
+        MacPoolCmd::Show { name } => ctx.show(k, &name).await,
+        MacPoolCmd::Update { name, ranges } => {
+            let id = ctx.id(k, &name).await?;
+            let mut rs = Vec::new();
+            for r in &ranges {
+                // A MAC has no '-': the first one splits the ends.
+                let (from, to) = r
+                    .split_once('-')
+                    .ok_or_else(|| anyhow::anyhow!("--range {r:?}: give FROM-TO"))?;
+                rs.push(json!({ "from": from, "to": to }));
+            }
+            let body = json!({ "ranges": { "range": rs } });
+            let obj = ctx
+                .api
+                .request(Method::PUT, &format!("/macpools/{id}"), Some(&body), None)
+                .await
+                .with_context(|| format!("updating MAC pool {name}"))?;
+            ctx.print(k, &obj).await
         }
     }
 }

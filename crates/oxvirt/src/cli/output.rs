@@ -90,6 +90,18 @@ async fn cell(api: &Api, names: &mut Names, obj: &Value, path: &str, fmt: Fmt) -
             }
             None => String::new(),
         },
+        Fmt::List => match v {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    // A range: its ends.
+                    Value::Object(m) => m.values().map(|x| text(Some(x))).collect::<Vec<_>>().join("-"),
+                    other => text(Some(other)),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => text(other),
+        },
     }
 }
 
