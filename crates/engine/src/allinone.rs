@@ -99,22 +99,25 @@ pub async fn ensure_local_storage(
                 .ok_or_else(|| CommandError::Conflict("no host is up to create the storage domain".into()))?;
             engine
                 .cmds
-                .add_storage_domain(AddStorageDomain {
-                    name: name.into(),
-                    description: "Local storage of the all-in-one".into(),
-                    domain_type: SdType::Data,
-                    storage_type: StorageType::Localfs,
-                    address: None,
-                    path: dir.display().to_string(),
-                    vfs_type: None,
-                    mount_options: None,
-                    host: host.id,
-                })
+                .add_storage_domain(
+                    AddStorageDomain {
+                        name: name.into(),
+                        description: "Local storage of the all-in-one".into(),
+                        domain_type: SdType::Data,
+                        storage_type: StorageType::Localfs,
+                        address: None,
+                        path: dir.display().to_string(),
+                        vfs_type: None,
+                        mount_options: None,
+                        host: host.id,
+                    },
+                    None,
+                )
                 .await?
         }
     };
     if db.pool_attachments(sd.id).await?.is_empty() {
-        engine.cmds.attach_storage_domain(dc, sd.id).await?;
+        engine.cmds.attach_storage_domain(dc, sd.id, None).await?;
     }
     engine.app().kick.notify_one();
     engine.cmds.wait_domain_active(dc, sd.id, timeout).await?;

@@ -521,11 +521,22 @@ async fn vms_search_follow_actions_jobs_and_events() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
-    // Remove: 200 with an <action>; then 404.
-    for id in &ids {
-        let r = c.api(Method::DELETE, &format!("vms/{id}"), "").await;
+    // Remove: 200 with an <action>; then 404. The removal's job carries the request's
+    // correlation id.
+    for (i, id) in ids.iter().enumerate() {
+        let corr = format!("corr-rm-{i}");
+        let r = c
+            .api_with(
+                Method::DELETE,
+                &format!("vms/{id}"),
+                "",
+                &[("correlation-id", &corr)],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         assert_eq!(c.get(&format!("vms/{id}")).await.status, StatusCode::NOT_FOUND);
+        let r = c.get(&format!("jobs?search=correlation_id%3D{corr}")).await;
+        assert_eq!(count(&r.body, "job"), 1, "{}", r.body);
     }
     assert!(names(&c.get("vms").await.body).is_empty());
     t.engine.shutdown().await;

@@ -162,16 +162,16 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd_req = |path: &str| data_domain(path, host1.id);
     let err = cmds
-        .add_storage_domain(sd_req("/nonexistent/storage"))
+        .add_storage_domain(sd_req("/nonexistent/storage"), None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("connect"), "{err}");
     assert!(db.sd_get_by_name("data").await.unwrap().is_none());
     let sd = cmds
-        .add_storage_domain(sd_req(&c.storage.display().to_string()))
+        .add_storage_domain(sd_req(&c.storage.display().to_string()), None)
         .await
         .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
     cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
         .await
         .unwrap();
@@ -264,7 +264,10 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         .await
         .unwrap();
     assert_eq!(db.attachments_of_vm(base.id).await.unwrap().len(), 1);
-    let tmpl = cmds.add_template(base.id, "tmpl", "from base").await.unwrap();
+    let tmpl = cmds
+        .add_template(base.id, "tmpl", "from base", None)
+        .await
+        .unwrap();
     let tdisks = db.template_disks(tmpl.id).await.unwrap();
     assert_eq!(tdisks.len(), 1);
     assert_ne!(tdisks[0].id, disk.id);
@@ -529,7 +532,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         cmds.remove_template(tmpl.id).await.is_err(),
         "a template in use cannot be removed"
     );
-    cmds.remove_vm(vm.id, false).await.unwrap();
+    cmds.remove_vm(vm.id, false, None).await.unwrap();
     assert!(db.vm_get(vm.id).await.unwrap().is_none());
     let imgs = image_dirs(&c.storage);
     assert!(!imgs.contains(&vdisk.to_string()), "{imgs:?}");
@@ -614,10 +617,10 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
     let host = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd = cmds
-        .add_storage_domain(data_domain(&c.storage.display().to_string(), host.id))
+        .add_storage_domain(data_domain(&c.storage.display().to_string(), host.id), None)
         .await
         .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
     cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
         .await
         .unwrap();
@@ -707,10 +710,10 @@ async fn a_host_that_loses_a_domain_the_others_use_is_non_operational_until_it_s
     let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
     let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd = cmds
-        .add_storage_domain(data_domain(&c.storage.display().to_string(), host1.id))
+        .add_storage_domain(data_domain(&c.storage.display().to_string(), host1.id), None)
         .await
         .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
     cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
         .await
         .unwrap();

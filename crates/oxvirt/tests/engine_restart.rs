@@ -298,7 +298,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
     )
     .await
     .unwrap();
-    let tmpl = cmds.add_template(base.id, "tmpl", "").await.unwrap();
+    let tmpl = cmds.add_template(base.id, "tmpl", "", None).await.unwrap();
     let runner = cmds.add_vm(add_vm("runner", tmpl.id), None).await.unwrap();
     cmds.start_vm(runner.id, VmStartOptions::default(), None)
         .await

@@ -290,20 +290,23 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
     let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd = cmds
-        .add_storage_domain(AddStorageDomain {
-            name: "data".into(),
-            description: String::new(),
-            domain_type: SdType::Data,
-            storage_type: StorageType::Localfs,
-            address: None,
-            path: c.storage.display().to_string(),
-            vfs_type: None,
-            mount_options: None,
-            host: host1.id,
-        })
+        .add_storage_domain(
+            AddStorageDomain {
+                name: "data".into(),
+                description: String::new(),
+                domain_type: SdType::Data,
+                storage_type: StorageType::Localfs,
+                address: None,
+                path: c.storage.display().to_string(),
+                vfs_type: None,
+                mount_options: None,
+                host: host1.id,
+            },
+            None,
+        )
         .await
         .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
     cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
         .await
         .unwrap();
@@ -608,20 +611,23 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
 
     let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
     let sd = cmds
-        .add_storage_domain(AddStorageDomain {
-            name: "data".into(),
-            description: String::new(),
-            domain_type: SdType::Data,
-            storage_type: StorageType::Localfs,
-            address: None,
-            path: c.storage.display().to_string(),
-            vfs_type: None,
-            mount_options: None,
-            host: host1.id,
-        })
+        .add_storage_domain(
+            AddStorageDomain {
+                name: "data".into(),
+                description: String::new(),
+                domain_type: SdType::Data,
+                storage_type: StorageType::Localfs,
+                address: None,
+                path: c.storage.display().to_string(),
+                vfs_type: None,
+                mount_options: None,
+                host: host1.id,
+            },
+            None,
+        )
         .await
         .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
     cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
         .await
         .unwrap();

@@ -583,7 +583,11 @@ impl SagaDef for RemoveDiskSaga {
 // Commands.
 
 impl Commands {
-    pub async fn add_storage_domain(&self, req: AddStorageDomain) -> Result<StorageDomain, CommandError> {
+    pub async fn add_storage_domain(
+        &self,
+        req: AddStorageDomain,
+        correlation_id: Option<String>,
+    ) -> Result<StorageDomain, CommandError> {
         if req.path.is_empty() || (req.storage_type != StorageType::Nfs && !req.path.starts_with('/')) {
             return Err(CommandError::invalid(format!(
                 "storage path {:?} must be an absolute path",
@@ -609,7 +613,7 @@ impl Commands {
             )));
         }
         let sd = SdUuid::new_random();
-        self.run::<AddStorageDomainSaga>(AddStorageDomainParams { sd, req }, None)
+        self.run::<AddStorageDomainSaga>(AddStorageDomainParams { sd, req }, correlation_id)
             .await?;
         self.app
             .db
@@ -618,7 +622,12 @@ impl Commands {
             .ok_or_else(|| CommandError::not_found("storage domain", sd))
     }
 
-    pub async fn attach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<PoolMember, CommandError> {
+    pub async fn attach_storage_domain(
+        &self,
+        dc: DcId,
+        sd: SdUuid,
+        correlation_id: Option<String>,
+    ) -> Result<PoolMember, CommandError> {
         let dcr = self.app.dc(dc).await?;
         self.app
             .db
@@ -644,7 +653,7 @@ impl Commands {
         } else {
             None
         };
-        self.run::<AttachStorageDomainSaga>(AttachParams { dc, sd, creator }, None)
+        self.run::<AttachStorageDomainSaga>(AttachParams { dc, sd, creator }, correlation_id)
             .await?;
         let m = self
             .app
@@ -1081,7 +1090,11 @@ impl Commands {
             .ok_or_else(|| CommandError::not_found("disk", disk))
     }
 
-    pub async fn remove_disk(&self, disk: DiskId) -> Result<(), CommandError> {
+    pub async fn remove_disk(
+        &self,
+        disk: DiskId,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
         let d = self
             .app
             .db
@@ -1115,7 +1128,7 @@ impl Commands {
             }
         }
         let dc = self.domain_dc(d.storage_domain_id).await?;
-        self.run::<RemoveDiskSaga>(RemoveDiskParams { disk, dc: dc.id }, None)
+        self.run::<RemoveDiskSaga>(RemoveDiskParams { disk, dc: dc.id }, correlation_id)
             .await?;
         Ok(())
     }

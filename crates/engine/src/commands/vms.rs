@@ -1409,7 +1409,12 @@ impl Commands {
     }
 
     /// Removes a VM that is down, with its disks unless `detach_only`.
-    pub async fn remove_vm(&self, id: VmId, detach_only: bool) -> Result<(), CommandError> {
+    pub async fn remove_vm(
+        &self,
+        id: VmId,
+        detach_only: bool,
+        correlation_id: Option<String>,
+    ) -> Result<(), CommandError> {
         let vm = self.vm(id).await?;
         if vm.runtime.status != VmStatus::Down {
             return Err(CommandError::Conflict(format!(
@@ -1448,7 +1453,7 @@ impl Commands {
                 dc,
                 states,
             },
-            None,
+            correlation_id,
         )
         .await?;
         Ok(())
@@ -1459,6 +1464,7 @@ impl Commands {
         vm: VmId,
         name: &str,
         description: &str,
+        correlation_id: Option<String>,
     ) -> Result<crate::model::Template, CommandError> {
         let v = self.vm(vm).await?;
         if v.runtime.status != VmStatus::Down {
@@ -1498,7 +1504,7 @@ impl Commands {
                 dc,
                 disks,
             },
-            None,
+            correlation_id,
         )
         .await?;
         self.app

@@ -527,7 +527,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 VmVerb::Remove => (
                     format!("Remove VM {name}"),
                     Box::pin(async move {
-                        e.cmds.remove_vm(id, false).await?;
+                        e.cmds.remove_vm(id, false, corr).await?;
                         Ok(Some("/portal/vms".into()))
                     }),
                 ),
@@ -578,7 +578,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     (
                         format!("Make template {tname} from VM {name}"),
                         Box::pin(async move {
-                            let t = e.cmds.add_template(id, &tname, &desc).await?;
+                            let t = e.cmds.add_template(id, &tname, &desc, corr).await?;
                             Ok(Some(format!("/portal/templates?template={}#new-vm", t.id)))
                         }),
                     )
@@ -667,9 +667,9 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
             (
                 format!("Add storage domain {name}"),
                 Box::pin(async move {
-                    let sd = e.cmds.add_storage_domain(req).await?;
+                    let sd = e.cmds.add_storage_domain(req, corr.clone()).await?;
                     if let Some(dc) = dc {
-                        e.cmds.attach_storage_domain(dc, sd.id).await?;
+                        e.cmds.attach_storage_domain(dc, sd.id, corr).await?;
                     }
                     Ok(Some("/portal/storagedomains".into()))
                 }),
@@ -700,7 +700,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 Box::pin(async move {
                     match (v, dc) {
                         (SdVerb::Attach, Some(dc)) => {
-                            e.cmds.attach_storage_domain(dc, id).await?;
+                            e.cmds.attach_storage_domain(dc, id, corr).await?;
                         }
                         (SdVerb::Activate, Some(dc)) => e.cmds.activate_storage_domain(dc, id).await?,
                         (SdVerb::Deactivate, Some(dc)) => e.cmds.deactivate_storage_domain(dc, id).await?,
@@ -719,7 +719,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
             (
                 format!("Remove disk {}", d.name),
                 Box::pin(async move {
-                    e.cmds.remove_disk(id).await?;
+                    e.cmds.remove_disk(id, corr).await?;
                     Ok(None)
                 }),
             )

@@ -114,7 +114,7 @@ pub async fn sd_add(r: &Req) -> Result<Resp, ApiError> {
         mount_options: st.string("mount_options"),
         host,
     };
-    let s = r.cmds().add_storage_domain(req).await?;
+    let s = r.cmds().add_storage_domain(req, r.correlation_id.clone()).await?;
     Ok(Resp::created(
         one_sd(r, &s, None, None),
         href("storagedomains", s.id),
@@ -224,7 +224,10 @@ pub async fn dc_sd_attach(r: &Req) -> Result<Resp, ApiError> {
     let dc = dc_of(r).await?;
     let b = r.body("storage_domain")?;
     let sd_id = sd_ref(r, &b).await?;
-    let m = r.cmds().attach_storage_domain(dc.id, sd_id).await?;
+    let m = r
+        .cmds()
+        .attach_storage_domain(dc.id, sd_id, r.correlation_id.clone())
+        .await?;
     r.engine.cmds.app.kick.notify_one();
     let s = r
         .db()
@@ -396,8 +399,9 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
 pub async fn disk_remove(r: &Req) -> Result<Resp, ApiError> {
     let d = disk(r, 0).await?;
     let id = d.id;
+    let corr = r.correlation_id.clone();
     super::vms::run_remove(r, "remove disk", move |e| async move {
-        e.cmds.remove_disk(id).await?;
+        e.cmds.remove_disk(id, corr).await?;
         Ok(())
     })
     .await

@@ -265,8 +265,9 @@ pub async fn vm_remove(r: &Req) -> Result<Resp, ApiError> {
         r.cmds().stop_vm(v.id).await?;
     }
     let id = v.id;
+    let corr = r.correlation_id.clone();
     run_remove(r, "remove VM", move |e| async move {
-        e.cmds.remove_vm(id, detach_only).await?;
+        e.cmds.remove_vm(id, detach_only, corr).await?;
         Ok(())
     })
     .await
@@ -587,7 +588,7 @@ pub async fn att_remove(r: &Req) -> Result<Resp, ApiError> {
     let detach_only = r.q_bool("detach_only")?.unwrap_or(true);
     r.db().attachment_remove(v.id, a.disk_id).await?;
     if !detach_only {
-        r.cmds().remove_disk(a.disk_id).await?;
+        r.cmds().remove_disk(a.disk_id, r.correlation_id.clone()).await?;
     }
     Ok(action_complete(r))
 }
@@ -746,6 +747,7 @@ pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
             vm,
             required(&b, "name")?,
             b.str("description").unwrap_or_default(),
+            r.correlation_id.clone(),
         )
         .await?;
     Ok(Resp::created(one_template(r, &t), href("templates", t.id)))
