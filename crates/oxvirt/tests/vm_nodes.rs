@@ -921,12 +921,26 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
 /// Hibernation: `VM.hibernate` pauses the guest, saves its whole state to a volume and ends
 /// QEMU (down, `saved`); `VM.create` with `restoreState` brings the same guest back where it was
 /// — its writer goes on counting passes, nothing boots again — and the data it wrote is intact.
-/// A state volume that does not hold a state is refused and leaves nothing running.
+/// A state volume that does not hold a state is refused and leaves nothing running. The
+/// hibernate and dehibernate hooks run around each, never the migration ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hibernated_vm_comes_back_where_it_was() {
     let engine = start_engine().await;
     let tmp = tempfile::tempdir().unwrap();
-    let node = Node::start(&engine, "sleepy-host", &tmp.path().join("n"), None, None).await;
+    let hooks = tmp.path().join("hooks");
+    let hook_log = tmp.path().join("hooks.log");
+    for point in [
+        "before_vm_start",
+        "before_vm_hibernate",
+        "after_vm_hibernate",
+        "before_vm_dehibernate",
+        "after_vm_dehibernate",
+        "before_vm_migrate_destination",
+        "after_vm_migrate_destination",
+    ] {
+        logging_hook(&hooks, point, &hook_log);
+    }
+    let node = Node::start(&engine, "sleepy-host", &tmp.path().join("n"), Some(&hooks), None).await;
     let shared = tmp.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     let (sd, img, volume) = shared_disk(&[&node], &shared).await;
@@ -1030,4 +1044,19 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     assert!(after >= 1);
     node.call("VM.destroy", json!({ "vmID": id })).await;
     verify_writer_data(&volume);
+    // Start; a failed save and a good one; a refused restore and a good one.
+    let ran = std::fs::read_to_string(&hook_log).unwrap();
+    assert_eq!(
+        ran.lines().collect::<Vec<_>>(),
+        [
+            "before_vm_start sleepy",
+            "before_vm_hibernate sleepy",
+            "before_vm_hibernate sleepy",
+            "after_vm_hibernate sleepy",
+            "before_vm_dehibernate sleepy",
+            "before_vm_dehibernate sleepy",
+            "after_vm_dehibernate sleepy",
+        ],
+        "{ran}"
+    );
 }

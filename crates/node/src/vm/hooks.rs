@@ -25,6 +25,12 @@ pub enum HookPoint {
     AfterVmMigrateSource,
     BeforeVmMigrateDestination,
     AfterVmMigrateDestination,
+    /// Around saving a VM's state and ending its QEMU (suspend).
+    BeforeVmHibernate,
+    AfterVmHibernate,
+    /// Around starting a VM from a saved state.
+    BeforeVmDehibernate,
+    AfterVmDehibernate,
 }
 
 impl HookPoint {
@@ -37,6 +43,10 @@ impl HookPoint {
             Self::AfterVmMigrateSource => "after_vm_migrate_source",
             Self::BeforeVmMigrateDestination => "before_vm_migrate_destination",
             Self::AfterVmMigrateDestination => "after_vm_migrate_destination",
+            Self::BeforeVmHibernate => "before_vm_hibernate",
+            Self::AfterVmHibernate => "after_vm_hibernate",
+            Self::BeforeVmDehibernate => "before_vm_dehibernate",
+            Self::AfterVmDehibernate => "after_vm_dehibernate",
         }
     }
 
@@ -44,7 +54,11 @@ impl HookPoint {
     pub fn vetoes(self) -> bool {
         matches!(
             self,
-            Self::BeforeVmStart | Self::BeforeVmMigrateSource | Self::BeforeVmMigrateDestination
+            Self::BeforeVmStart
+                | Self::BeforeVmMigrateSource
+                | Self::BeforeVmMigrateDestination
+                | Self::BeforeVmHibernate
+                | Self::BeforeVmDehibernate
         )
     }
 }

@@ -671,7 +671,7 @@ impl VmManager {
 
     /// Creates and starts a VM; returns once QEMU answers QMP and the guest runs.
     pub async fn create(&self, req: VmCreate) -> Result<VmInfo, VmError> {
-        let vm = self.launch(req, None, false).await?;
+        let vm = self.launch(req, None, false, false).await?;
         Ok(vm.info())
     }
 
@@ -682,7 +682,7 @@ impl VmManager {
     /// QEMU exit (`Down`).
     pub async fn prepare_incoming(&self, req: VmCreate, hold: bool) -> Result<IncomingInfo, VmError> {
         let id = req.id;
-        let vm = self.launch(req, Some("defer".into()), hold).await?;
+        let vm = self.launch(req, Some("defer".into()), hold, false).await?;
         let q = vm.qmp()?;
         let qmp_err = |source| VmError::Qmp { vm: id, source };
         q.execute(&qmp::MigrateSetCapabilities {
@@ -788,11 +788,13 @@ impl VmManager {
         Ok(())
     }
 
+    /// `restoring`: the incoming stream is a saved state, not a migration (its hooks differ).
     async fn launch(
         &self,
         mut req: VmCreate,
         incoming: Option<String>,
         hold: bool,
+        restoring: bool,
     ) -> Result<Arc<Vm>, VmError> {
         let id = req.id;
         nics::assign_slots(id, &mut req.nics)?;
@@ -821,7 +823,7 @@ impl VmManager {
             source,
         };
         std::fs::create_dir(&dir).map_err(run_dir_err)?;
-        let res = self.launch_in(&dir, &mut rec, incoming).await;
+        let res = self.launch_in(&dir, &mut rec, incoming, restoring).await;
         if res.is_err() {
             // Undo: nothing of a VM that did not start stays behind.
             for lp in rec.loops.iter().flatten() {
@@ -838,12 +840,13 @@ impl VmManager {
         dir: &Path,
         rec: &mut VmRecord,
         incoming: Option<String>,
+        restoring: bool,
     ) -> Result<Arc<Vm>, VmError> {
         let id = rec.create.id;
-        let point = if incoming.is_some() {
-            HookPoint::BeforeVmMigrateDestination
-        } else {
-            HookPoint::BeforeVmStart
+        let point = match (&incoming, restoring) {
+            (_, true) => HookPoint::BeforeVmDehibernate,
+            (Some(_), false) => HookPoint::BeforeVmMigrateDestination,
+            (None, false) => HookPoint::BeforeVmStart,
         };
         write_record(dir, rec).map_err(|source| VmError::RunDir {
             vm: id,
@@ -1821,9 +1824,11 @@ impl VmManager {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
+        self.run_hook(&vm, HookPoint::BeforeVmHibernate).await?;
         let (bytes, info) = self.stream_to_file(&vm, path).await?;
         self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
             .await?;
+        let _ = self.run_hook(&vm, HookPoint::AfterVmHibernate).await;
         let report = SaveReport {
             bytes,
             elapsed_ms: start.elapsed().as_millis() as u64,
@@ -1927,7 +1932,7 @@ impl VmManager {
             path: path.to_path_buf(),
             source,
         })?;
-        let vm = self.launch(req, Some("defer".into()), false).await?;
+        let vm = self.launch(req, Some("defer".into()), false, true).await?;
         let res = async {
             let q = vm.qmp()?;
             let qmp_err = |source| VmError::Qmp { vm: id, source };
@@ -1960,10 +1965,26 @@ impl VmManager {
             self.cont(&vm).await
         }
         .await;
-        if res.is_err() {
-            let _ = self.destroy(id).await;
+        match &res {
+            Ok(_) => {
+                let _ = self.run_hook(&vm, HookPoint::AfterVmDehibernate).await;
+            }
+            Err(_) => {
+                let _ = self.destroy(id).await;
+            }
         }
         res
+    }
+
+    /// Runs the admin's hooks at `point` for `vm`; a vetoing hook's failure is the error.
+    async fn run_hook(&self, vm: &Vm, point: HookPoint) -> Result<(), VmError> {
+        let name = vm.record.lock().unwrap().create.name.clone();
+        self.cfg
+            .hooks
+            .run(point, vm.id, &name, &vm.dir.join("vm.json"))
+            .await
+            .map(drop)
+            .map_err(|source| VmError::Hook { vm: vm.id, source })
     }
 
     /// Cancels an outgoing migration; [`VmManager::migrate`] then returns its error and the VM
