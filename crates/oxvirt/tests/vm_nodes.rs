@@ -955,13 +955,20 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     let state = json!({ "sdUUID": sd, "imgUUID": simg, "volUUID": svol });
 
     let id = VmId::new_random();
-    let params = vm_params(id, "sleepy", sd, img);
+    let mut params = vm_params(id, "sleepy", sd, img);
+    // Two user-mode NICs; the first is unplugged before the save, so the second sits where
+    // a fresh start would not put it, and the restore must put it back there.
+    let (mac1, mac2) = ("56:6f:00:00:21:01", "56:6f:00:00:21:02");
+    params["nics"] = json!([{ "mac": mac1 }, { "mac": mac2 }]);
     let info = node.call("VM.create", params.clone()).await;
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
     let log = node.console_log(id);
     let before = wait_passes(&log, 0, 2, BOOT).await;
     let booted = std::fs::read_to_string(&log).unwrap();
     assert!(booted.contains("OXVIRT-GUEST ready"), "{booted}");
+    node.call("VM.hotunplugNic", json!({ "vmID": id, "mac": mac1 }))
+        .await;
+    params["nics"] = json!([{ "mac": mac2 }]);
 
     // A full disk under the state volume: the save fails and the guest runs on.
     let state_path = dom.volume_path(simg, svol);
@@ -1017,6 +1024,15 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     let mut bad = params.clone();
     bad["restoreState"] = json!({ "sdUUID": sd, "imgUUID": eimg, "volUUID": evol });
     assert!(node.c.call("VM.create", bad).await.is_err());
+    let all = node.call("Host.getAllVmStats", json!({})).await;
+    assert!(all.as_array().unwrap().is_empty(), "{all}");
+
+    // Other NICs than the saved guest's: refused before QEMU starts.
+    let mut other = params.clone();
+    other["nics"] = json!([{ "mac": mac1 }, { "mac": mac2 }]);
+    other["restoreState"] = state.clone();
+    let e = node.c.call("VM.create", other).await.unwrap_err().to_string();
+    assert!(e.contains("saved with NICs"), "{e}");
     let all = node.call("Host.getAllVmStats", json!({})).await;
     assert!(all.as_array().unwrap().is_empty(), "{all}");
 

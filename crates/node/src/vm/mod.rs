@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod ksm;
 pub mod nics;
 pub mod process;
+pub mod saved;
 pub mod state;
 pub mod thin;
 
@@ -1849,11 +1850,14 @@ impl VmManager {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
+        let header = saved::encode(&vm.record.lock().unwrap().create.nics)
+            .map_err(|reason| VmError::Invalid { vm: id, reason })?;
+        let mut file = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .open(path)
             .map_err(io)?;
+        std::io::Write::write_all(&mut file, &header).map_err(io)?;
         let listener = tokio::net::TcpListener::bind((self.cfg.migration_host.as_str(), 0))
             .await
             .map_err(|source| VmError::Io {
@@ -1868,7 +1872,7 @@ impl VmManager {
             let mut out = tokio::fs::File::from_std(file);
             let n = tokio::io::copy(&mut conn, &mut out).await?;
             out.sync_all().await?;
-            Ok::<u64, std::io::Error>(n)
+            Ok::<u64, std::io::Error>(n + saved::HEADER_LEN as u64)
         });
         // A paused guest dirties nothing: the stream is one pass, and the saved state is the
         // moment of the pause.
@@ -1926,12 +1930,30 @@ impl VmManager {
     /// Starts a VM from a state [`VmManager::save_state`] wrote to `path`: QEMU waits for an
     /// incoming stream, the node feeds it the file over loopback TCP, and the guest goes on
     /// where it was paused. A state that does not load leaves nothing running.
-    pub async fn restore(&self, req: VmCreate, path: &Path) -> Result<VmInfo, VmError> {
+    pub async fn restore(&self, mut req: VmCreate, path: &Path) -> Result<VmInfo, VmError> {
         let id = req.id;
-        let file = tokio::fs::File::open(path).await.map_err(|source| VmError::Io {
+        let io = |source| VmError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut head = Vec::with_capacity(saved::HEADER_LEN);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut file, saved::HEADER_LEN as u64),
+            &mut head,
+        )
+        .map_err(io)?;
+        match saved::decode(&head) {
+            Some(h) => {
+                let h = h.map_err(|reason| VmError::Invalid { vm: id, reason })?;
+                saved::apply(&h, &mut req.nics).map_err(|reason| VmError::Invalid { vm: id, reason })?;
+            }
+            // A bare stream: from its start.
+            None => {
+                std::io::Seek::rewind(&mut file).map_err(io)?;
+            }
+        }
+        let file = tokio::fs::File::from_std(file);
         let vm = self.launch(req, Some("defer".into()), false, true).await?;
         let res = async {
             let q = vm.qmp()?;
