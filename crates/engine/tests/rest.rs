@@ -426,6 +426,12 @@ async fn vms_search_follow_actions_jobs_and_events() {
     assert!(!r.body.contains("rel=\"nics\""));
     let r = c.get(&format!("vms/{vm}/snapshots")).await;
     assert_eq!(count(&r.body, "snapshot"), 1, "{}", r.body);
+    // `max` bounds a sub-collection too; a bad one is refused.
+    let r = c.get(&format!("vms/{vm}/snapshots?max=0")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "snapshot"), 0, "{}", r.body);
+    let r = c.get(&format!("vms/{vm}/snapshots?max=many")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
     let r = c.get(&format!("vms/{vm}")).await;
     for rel in ["diskattachments", "nics", "snapshots"] {
         let link = format!("<link href=\"/ovirt-engine/api/vms/{vm}/{rel}\" rel=\"{rel}\"/>");

@@ -105,6 +105,10 @@ pub async fn handle(engine: Arc<Engine>, req: HttpRequest) -> Reply {
         correlation_id,
         user,
     };
+    // `max` applies to every collection (see `Req::out`): a bad one fails the request.
+    if let Err(e) = ctx.list_params() {
+        return fault_reply(fmt, &e);
+    }
     let started = std::time::Instant::now();
     let r = handlers::dispatch(op, &ctx).await;
     tracing::debug!(op = ?op, path = %rest, elapsed_ms = started.elapsed().as_millis() as u64, "REST request");
@@ -308,8 +312,10 @@ impl Req {
         }
         self.body("action")
     }
+    /// The reply's writer; collections written to it honour `max` (checked at dispatch).
     pub fn out(&self) -> Out {
-        Out::new(self.fmt)
+        let max = self.list_params().ok().and_then(|p| p.max).map(|m| m as usize);
+        Out::new(self.fmt).with_max(max)
     }
     pub fn list_params(&self) -> Result<search::ListParams, ApiError> {
         let max = match self.q("max") {

@@ -66,18 +66,21 @@ pub fn document() -> Value {
                 "Comma-separated links to embed (e.g. disk_attachments,nics)",
             ));
         }
-        if is_list {
+        // oVirt searches root collections only; `max` bounds every collection.
+        if is_list && !r.path.contains('{') {
             params.push(query(
                 "search",
                 "string",
                 "oVirt search: name=x, name=\"a b\", a=b and c=d, status=up, storage.name=x, datacenter=x, correlation_id=x, sortby f asc|desc, page N",
             ));
-            params.push(query("max", "integer", "At most this many results"));
             params.push(query(
                 "case_sensitive",
                 "boolean",
                 "Text matches are case sensitive (default true)",
             ));
+        }
+        if is_list {
+            params.push(query("max", "integer", "At most this many results"));
         }
         if r.op == Op::EventList {
             params.push(query("from", "integer", "Only events after this event id"));

@@ -39,6 +39,8 @@ pub struct Out {
     fmt: Format,
     buf: String,
     stack: Vec<Frame>,
+    /// The request's `max`: a collection written here shows at most this many members.
+    max: Option<usize>,
 }
 
 impl Out {
@@ -47,7 +49,17 @@ impl Out {
             fmt,
             buf: String::with_capacity(4096),
             stack: Vec::new(),
+            max: None,
         }
+    }
+
+    pub fn with_max(mut self, max: Option<usize>) -> Self {
+        self.max = max;
+        self
+    }
+
+    pub fn max(&self) -> Option<usize> {
+        self.max
     }
 
     pub fn with_capacity(fmt: Format, cap: usize) -> Self {

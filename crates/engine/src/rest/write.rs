@@ -40,7 +40,8 @@ pub fn collection<T>(
 ) {
     o.root(plural, None, None);
     o.array_open(singular);
-    for it in items {
+    let max = o.max().unwrap_or(usize::MAX);
+    for it in items.iter().take(max) {
         each(o, it);
     }
     o.array_close();
