@@ -515,6 +515,57 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     );
     let chain = db.volume_chain(vdisk).await.unwrap();
 
+    // The snapshot's switch happens but the engine does not hear of it (the saga's "live"
+    // step fails after its action ran): the undo refuses to delete the volume the guest now
+    // writes to — the saga is stuck for an admin — and the guest runs on.
+    {
+        use oxvirt_engine::commands::{AddSnapshotParams, AddSnapshotSaga, SnapDisk};
+        use oxvirt_engine::saga::testing::{Fault, FaultAt, FaultPoint};
+        let leaf = chain.last().unwrap().id;
+        let new_leaf = oxvirt_engine::model::VolUuid::new_random();
+        let lost = FaultAt::new(3, FaultPoint::AfterAction, Fault::Fail);
+        let faulty =
+            oxvirt_engine::saga::SagaExecutor::with_faults(db.clone(), e.app().clone(), lost.clone());
+        let params = AddSnapshotParams {
+            snapshot: oxvirt_engine::model::SnapshotId::new_random(),
+            vm: vm.id,
+            dc: dc.id,
+            description: "unheard".into(),
+            disks: vec![SnapDisk {
+                disk: vdisk,
+                sd: sd.id,
+                capacity: 64 * MIB,
+                old_leaf: leaf,
+                new_leaf,
+            }],
+            live_on: back.runtime.run_on_host,
+            memory: None,
+            memory_volume_size: 0,
+        };
+        let outcome = faulty
+            .start::<AddSnapshotSaga>(params, Default::default())
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert!(lost.fired());
+        match outcome {
+            oxvirt_engine::saga::SagaOutcome::Stuck { undo_error, .. } => {
+                assert!(undo_error.contains("already writes"), "{undo_error}")
+            }
+            other => panic!("expected a stuck saga, got {other:?}"),
+        }
+        assert!(owner(new_leaf).is_some(), "the guest's new leaf lost its lease");
+        let before = last_pass(&bh).unwrap();
+        let start = Instant::now();
+        while last_pass(&bh).unwrap() <= before {
+            assert!(start.elapsed() < Duration::from_secs(60), "the guest stopped");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let chain = db.volume_chain(vdisk).await.unwrap();
+
     // Stop and remove: its disk leaves storage; the template's stays.
     cmds.stop_vm(vm.id).await.unwrap();
     cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))

@@ -31,7 +31,7 @@ pub use scheduling::{
     policy_info, resolve_policy, AddAffinityGroup, PolicyInfo, UpdateAffinityGroup, UpdateCluster,
     OVERCOMMIT_RANGE, POLICIES,
 };
-pub use snapshots::AddSnapshot;
+pub use snapshots::{AddSnapshot, AddSnapshotParams, AddSnapshotSaga, SnapDisk};
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
 pub(crate) use vms::destroy_on as destroy_on_node;

@@ -38,6 +38,29 @@ fn step_err(e: impl std::fmt::Display) -> StepError {
     StepError::msg(e)
 }
 
+/// Whether the VM running on `node` writes to every one of `leaves` (each the top of one of
+/// its disks' chains): the node did switch to them, whatever the engine heard.
+async fn runs_on_leaves(node: &crate::nodes::NodeClient, vm: VmId, leaves: &[VolUuid]) -> bool {
+    let Ok(info) = node.call("VM.getInfo", json!({ "vmID": vm })).await else {
+        return false;
+    };
+    let tops: Vec<String> = info["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_array()?.last()?.as_str())
+        .filter_map(|p| {
+            Some(
+                std::path::Path::new(p)
+                    .file_name()?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
+        .collect();
+    leaves.iter().all(|l| tops.contains(&l.to_string()))
+}
+
 /// Deletes the records of snapshots the VM no longer has, with the volumes holding the
 /// memory they saved. A replay finds them gone.
 async fn forget_snapshots(app: &App, dc: DcId, ids: &[SnapshotId]) -> Result<(), StepError> {
@@ -166,6 +189,18 @@ impl SagaDef for AddSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
+                    // Never delete what the guest writes to (the switch happened unheard).
+                    if let Some(host) = p.live_on {
+                        let node = app.client(&app.host(host).await.map_err(step_err)?).map_err(step_err)?;
+                        let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
+                        if runs_on_leaves(&node, p.vm, &leaves).await {
+                            return Err(step_err(format!(
+                                "VM {} already writes to the snapshot's new volumes: the snapshot exists on storage; \
+                                 remove it to merge them",
+                                p.vm
+                            )));
+                        }
+                    }
                     let dc = app.dc(p.dc).await.map_err(step_err)?;
                     let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
                     for d in &p.disks {
@@ -212,8 +247,21 @@ impl SagaDef for AddSnapshotSaga {
                 if let Some(m) = p.memory {
                     args["snapMemory"] = json!({ "sdUUID": m.state.sd, "imgUUID": m.state.img, "volUUID": m.state.vol });
                 }
-                node.run_job("VM.snapshot", args, c.app().settings.migration_timeout).await.map_err(step_err)?;
-                Ok(())
+                match node.run_job("VM.snapshot", args, c.app().settings.migration_timeout).await {
+                    Ok(_) => Ok(()),
+                    // The answer can be lost (a timeout, the node restarting) after the switch:
+                    // then the snapshot is taken (the node saves the memory before switching),
+                    // and undoing it would delete the volumes the guest writes to.
+                    Err(e) => {
+                        let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
+                        if runs_on_leaves(&node, p.vm, &leaves).await {
+                            tracing::warn!(vm = %p.vm, error = %e, "the snapshot's switch happened though its job failed");
+                            Ok(())
+                        } else {
+                            Err(step_err(e))
+                        }
+                    }
+                }
             })
             .describe("Switching the running VM to the new volumes"),
             Step::without_undo("done", |c: StepCtx<Self>| async move {
