@@ -1416,7 +1416,9 @@ impl VmManager {
                     memory_stream_ms = info.total_time;
                 }
                 Err(e) => {
+                    // The guest runs as before (the stream put it back).
                     vm.record.lock().unwrap().saving_memory = false;
+                    let _ = vm.persist();
                     add_res = Err(e);
                 }
             }
