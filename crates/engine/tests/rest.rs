@@ -486,6 +486,38 @@ async fn vms_search_follow_actions_jobs_and_events() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.xml_text("memory").as_deref(), Some("536870912"));
+    // Suspended, it keeps the size its saved state needs; other changes go through.
+    let db = &t.engine.app().db;
+    let vid: oxvirt_engine::model::VmId = vm.parse().unwrap();
+    let rt = |status| oxvirt_engine::model::VmRuntime {
+        status,
+        ..Default::default()
+    };
+    use oxvirt_engine::model::VmStatus;
+    db.vm_set_runtime(vid, &[VmStatus::Down], &rt(VmStatus::Suspended))
+        .await
+        .unwrap();
+    let r = c
+        .api(
+            Method::PUT,
+            &format!("vms/{vm}"),
+            "<vm><memory>1073741824</memory></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("suspended"), "{}", r.body);
+    let r = c
+        .api(
+            Method::PUT,
+            &format!("vms/{vm}"),
+            "<vm><description>e</description></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("memory").as_deref(), Some("536870912"));
+    db.vm_set_runtime(vid, &[VmStatus::Suspended], &rt(VmStatus::Down))
+        .await
+        .unwrap();
 
     // Jobs by correlation id, events from a cursor.
     let r = c.get("jobs?search=correlation_id%3Dcorr-web2").await;

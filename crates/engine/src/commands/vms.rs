@@ -1263,6 +1263,24 @@ impl Commands {
         Ok(())
     }
 
+    /// Writes a VM's configuration. A suspended VM keeps its memory size and CPUs: its saved
+    /// state (a hibernation's, or a snapshot's memory after a restore) loads only into those.
+    pub async fn update_vm(&self, v: &crate::model::Vm) -> Result<crate::model::Vm, CommandError> {
+        let cur = self.vm(v.id).await?;
+        if cur.runtime.status == VmStatus::Suspended
+            && (cur.memory_bytes != v.memory_bytes || cur.cpu.vcpus() != v.cpu.vcpus())
+        {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is suspended: its saved state needs {} MiB and {} CPUs; stop it (the state \
+                 is discarded) before changing them",
+                cur.name,
+                cur.memory_bytes >> 20,
+                cur.cpu.vcpus()
+            )));
+        }
+        Ok(self.app.db.vm_update(v).await?)
+    }
+
     pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
         let (h, node) = self.running_on(id).await?;
         node.call("VM.pause", json!({ "vmID": id })).await?;

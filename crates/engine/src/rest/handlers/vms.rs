@@ -254,7 +254,7 @@ pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(a) = b.parse("placement_policy/affinity")? {
         v.placement.affinity = a;
     }
-    let v = r.db().vm_update(&v).await?;
+    let v = r.cmds().update_vm(&v).await?;
     Ok(Resp::ok(one_vm(r, &v, None)))
 }
 
