@@ -238,6 +238,34 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(t.get("/portal/nothing").await.status, StatusCode::NOT_FOUND);
 
     let db = t.engine.app().db.clone();
+    // A storage domain's page: where it is, its use and its disks.
+    {
+        use crate::model::{Disk, DiskFormat, SdType, StorageDomain, StorageType};
+        let mut sd = StorageDomain::new("pagesd", SdType::Data, StorageType::Localfs, "/srv/pagesd");
+        sd.capacity_bytes = Some(10 << 30);
+        sd.free_bytes = Some(6 << 30);
+        let sd = db.sd_insert(&sd).await.unwrap();
+        db.disk_insert(&Disk::new("pagedisk", sd.id, DiskFormat::Cow, 2 << 30))
+            .await
+            .unwrap();
+        let r = t.get("/portal/storagedomains").await;
+        assert!(
+            r.body.contains(&format!("/portal/storagedomains/{}", sd.id)),
+            "{}",
+            r.body
+        );
+        let r = t.get(&format!("/portal/storagedomains/{}", sd.id)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        for needle in ["pagedisk", "/srv/pagesd", "4 GiB of 10 GiB", "none (unattached)"] {
+            assert!(r.body.contains(needle), "the page lacks {needle:?}: {}", r.body);
+        }
+        assert_eq!(
+            t.get("/portal/storagedomains/00000000-0000-4000-8000-000000000009")
+                .await
+                .status,
+            StatusCode::NOT_FOUND
+        );
+    }
     let cluster = db
         .cluster_get_by_name("Default")
         .await

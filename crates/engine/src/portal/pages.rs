@@ -43,6 +43,7 @@ pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
             "storagedomains",
             storage_domains(ctx, &f).await?,
         ),
+        ["storagedomains", id] => ("Storage domain", "storagedomains", storage_domain(ctx, id).await?),
         ["disks"] => ("Disks", "disks", disks(ctx).await?),
         ["vms"] => ("Virtual machines", "vms", vms(ctx, &f).await?),
         ["vms", id] => ("Virtual machine", "vms", vm(ctx, &f, id).await?),
@@ -809,7 +810,7 @@ fn sd_table(h: &mut Html, names: &Names, mem: &HashMap<SdUuid, PoolMember>, acti
             .raw("\" data-v=\"")
             .text(status)
             .raw("\">")
-            .cell(&sd.name)
+            .cell_link(&format!("/portal/storagedomains/{id}"), &sd.name)
             .raw("<td>")
             .badge(status, None)
             .raw("</td>")
@@ -952,6 +953,97 @@ async fn storage_domains(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> 
     dcs.extend(names.dcs.values().map(|d| (d.id.to_string(), d.name.clone())));
     h.select("Attach to", "dc", &dcs, None);
     h.raw("<button type=\"submit\">Add storage domain</button></form></details>");
+    Ok(h.finish())
+}
+
+/// One storage domain: where it is, its use, and the disks on it (with the VMs using them).
+async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+    let not_found = || PortalError::NotFound(format!("storage domain {id} not found"));
+    let sd_id: SdUuid = id.parse().map_err(|_| not_found())?;
+    let sd = ctx.db().sd_get(sd_id).await?.ok_or_else(not_found)?;
+    let names = Names::load(ctx).await?;
+    let mem = members(ctx, names.dcs.keys().copied()).await?;
+    let m = mem.get(&sd.id);
+    let status = m.map(|m| m.status).unwrap_or(SdStatus::Unattached);
+    let disks = ctx
+        .db()
+        .disk_list(
+            &ListQuery::filtered(DiskFilter {
+                storage_domain: Some(Ref::Id(sd.id)),
+                ..Default::default()
+            })
+            .sort_by(DiskSort::Name, SortDir::Asc),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>Storage domain ")
+        .text(&sd.name)
+        .raw("</h1>")
+        .badge(status, None)
+        .raw("</div>");
+    let used = match (sd.capacity_bytes, sd.free_bytes) {
+        (Some(c), Some(f)) => format!(
+            "{} of {} ({} free)",
+            bytes(c.saturating_sub(f)),
+            bytes(c),
+            bytes(f)
+        ),
+        _ => "unknown".into(),
+    };
+    let provisioned: u64 = disks.iter().map(|d| d.provisioned_size).sum();
+    h.facts(&[
+        ("Type", format!("{} on {}", sd.domain_type, sd.storage_type)),
+        (
+            "Path",
+            match &sd.address {
+                Some(a) => format!("{a}:{}", sd.path),
+                None => sd.path.clone(),
+            },
+        ),
+        (
+            "Data center",
+            m.map(|m| {
+                format!(
+                    "{}{}",
+                    names.dc(m.data_center_id),
+                    if m.master { " (master)" } else { "" }
+                )
+            })
+            .unwrap_or_else(|| "none (unattached)".into()),
+        ),
+        ("Used", used),
+        ("Provisioned to disks", bytes(provisioned)),
+        ("Format", format!("V{}", sd.format_version)),
+        ("Id", sd.id.to_string()),
+        ("Description", sd.description.clone()),
+    ]);
+    h.section("Disks");
+    h.table_open(
+        "sd-disks",
+        &["Alias", "Status", "Size", "Allocated", "Format", "Used by"],
+        None,
+    );
+    for d in &disks {
+        let mut users = Vec::new();
+        for a in ctx.db().attachments_of_disk(d.id).await? {
+            if let Some(v) = ctx.db().vm_get(a.vm_id).await? {
+                users.push(v.name);
+            }
+        }
+        h.raw("<tr data-id=\"")
+            .text(d.id)
+            .raw("\">")
+            .cell(&d.name)
+            .raw("<td>")
+            .badge(d.status, None)
+            .raw("</td>")
+            .cell_num(bytes(d.provisioned_size))
+            .cell_num(bytes(d.actual_size))
+            .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }))
+            .cell(users.join(", "))
+            .raw("</tr>");
+    }
+    h.table_close("No disks on this domain.", 6, disks.is_empty());
     Ok(h.finish())
 }
 
