@@ -682,32 +682,8 @@ impl VmManager {
     /// [`VmManager::resume_incoming`]; a failed or cancelled migration makes the destination
     /// QEMU exit (`Down`).
     pub async fn prepare_incoming(&self, req: VmCreate, hold: bool) -> Result<IncomingInfo, VmError> {
-        let id = req.id;
         let vm = self.launch(req, Some("defer".into()), hold, false).await?;
-        let q = vm.qmp()?;
-        let qmp_err = |source| VmError::Qmp { vm: id, source };
-        q.execute(&qmp::MigrateSetCapabilities {
-            capabilities: vec![qmp::MigrationCapability {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qmp_err)?;
-        q.execute(&qmp::MigrateIncoming {
-            uri: format!("tcp:{}:0", self.cfg.migration_host),
-        })
-        .await
-        .map_err(qmp_err)?;
-        let info = q.execute(&qmp::QueryMigrate {}).await.map_err(qmp_err)?;
-        let port = info
-            .socket_address
-            .iter()
-            .find_map(|a| a.port.clone())
-            .ok_or_else(|| VmError::Migration {
-                vm: id,
-                reason: "destination QEMU reports no listening port".into(),
-            })?;
+        let port = self.listen_incoming(&vm).await?;
         // The after-hook runs once the guest is here.
         let hooks = self.cfg.hooks.clone();
         let vm2 = vm.clone();
@@ -1689,14 +1665,7 @@ impl VmManager {
         let id = vm.id;
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
-        q.execute(&qmp::MigrateSetCapabilities {
-            capabilities: vec![qmp::MigrationCapability {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qe)?;
+        migration_events(&q).await.map_err(qe)?;
         q.execute(&qmp::MigrateSetParameters {
             downtime_limit: Some(params.downtime_limit_ms),
             max_bandwidth: Some(params.max_bandwidth),
@@ -1958,22 +1927,7 @@ impl VmManager {
         let file = tokio::fs::File::from_std(file);
         let vm = self.launch(req, Some("defer".into()), false, true).await?;
         let res = async {
-            let q = vm.qmp()?;
-            let qmp_err = |source| VmError::Qmp { vm: id, source };
-            q.execute(&qmp::MigrateIncoming {
-                uri: format!("tcp:{}:0", self.cfg.migration_host),
-            })
-            .await
-            .map_err(qmp_err)?;
-            let info = q.execute(&qmp::QueryMigrate {}).await.map_err(qmp_err)?;
-            let port: u16 = info
-                .socket_address
-                .iter()
-                .find_map(|a| a.port.as_ref()?.parse().ok())
-                .ok_or_else(|| VmError::Migration {
-                    vm: id,
-                    reason: "QEMU reports no port to restore from".into(),
-                })?;
+            let port = self.listen_incoming(&vm).await?;
             let feed = async {
                 let mut conn =
                     tokio::net::TcpStream::connect((self.cfg.migration_host.as_str(), port)).await?;
@@ -1998,6 +1952,29 @@ impl VmManager {
             }
         }
         res
+    }
+
+    /// Has a QEMU started with `-incoming defer` listen on loopback for the stream (with
+    /// MIGRATION events, which end [`VmManager::wait_incoming`] as soon as it is in); returns
+    /// the port.
+    async fn listen_incoming(&self, vm: &Vm) -> Result<u16, VmError> {
+        let id = vm.id;
+        let q = vm.qmp()?;
+        let qmp_err = |source| VmError::Qmp { vm: id, source };
+        migration_events(&q).await.map_err(qmp_err)?;
+        q.execute(&qmp::MigrateIncoming {
+            uri: format!("tcp:{}:0", self.cfg.migration_host),
+        })
+        .await
+        .map_err(qmp_err)?;
+        let info = q.execute(&qmp::QueryMigrate {}).await.map_err(qmp_err)?;
+        info.socket_address
+            .iter()
+            .find_map(|a| a.port.as_ref()?.parse().ok())
+            .ok_or_else(|| VmError::Migration {
+                vm: id,
+                reason: "QEMU reports no port to receive the stream on".into(),
+            })
     }
 
     /// Runs the admin's hooks at `point` for `vm`; a vetoing hook's failure is the error.
@@ -2155,6 +2132,18 @@ async fn kill_and_wait(vm: &Vm) -> Result<(), VmError> {
     vm.wait_status("destroy", COMMAND_SETTLE, VmStatus::is_down)
         .await
         .map(drop)
+}
+
+/// Turns on QEMU's MIGRATION events, by which both ends of a stream follow it.
+async fn migration_events(q: &Qmp) -> Result<(), QmpError> {
+    q.execute(&qmp::MigrateSetCapabilities {
+        capabilities: vec![qmp::MigrationCapability {
+            capability: "events".into(),
+            state: true,
+        }],
+    })
+    .await
+    .map(drop)
 }
 
 async fn connect_qmp(
