@@ -394,9 +394,8 @@ fn engine_status(node_state: &str) -> Option<VmStatus> {
         "wait_for_launch" => VmStatus::WaitForLaunch,
         "migration_source" => VmStatus::Migrating,
         "down" => VmStatus::Down,
-        // The state streams to a file: the suspend saga has the VM `saving_state` already, and
-        // a snapshot with memory leaves it `up` (the guest pauses for the save and runs on).
-        "saving_state" => return None,
+        // Also `saving_state` (a state streaming to a file): the suspend saga has the VM
+        // `saving_state` already, and a snapshot with memory leaves it `up`.
         _ => return None,
     })
 }

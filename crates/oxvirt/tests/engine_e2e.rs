@@ -441,18 +441,23 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     // memory and committed, the VM is suspended at the snapshot's moment; started, the guest
     // resumes there — its writer goes back to the pass it was at, nothing boots — and the
     // snapshot keeps its memory volume.
+    let passes_in = |text: &str| -> Vec<usize> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("OXVIRT-GUEST pass ")?.trim().parse().ok())
+            .collect()
+    };
     let last_pass = |h: &str| {
-        std::fs::read_to_string(log_of(h))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                l.trim()
-                    .strip_prefix("OXVIRT-GUEST pass ")?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            })
+        passes_in(&std::fs::read_to_string(log_of(h)).unwrap_or_default())
+            .into_iter()
             .max()
+    };
+    // Waits until the guest on `h` has printed pass `n`.
+    let wait_pass = async |h: &str, n: usize, what: &str| {
+        let start = Instant::now();
+        while last_pass(h).unwrap_or(0) < n {
+            assert!(start.elapsed() < Duration::from_secs(90), "{what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     };
     let msnap = cmds
         .add_snapshot(
@@ -473,14 +478,12 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         .unwrap()
         .expect("the memory is recorded");
     assert!(image_dirs(&c.storage).contains(&mem.state.img.to_string()));
-    let start = Instant::now();
-    while last_pass(&rh).unwrap() < at_snapshot + 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the guest stopped after a snapshot with memory"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_pass(
+        &rh,
+        at_snapshot + 2,
+        "the guest stopped after a snapshot with memory",
+    )
+    .await;
     // The engine saw no migration in the save: the VM is up and takes commands.
     let status = async || db.vm_get(vm.id).await.unwrap().unwrap().runtime.status;
     assert_eq!(status().await, VmStatus::Up);
@@ -500,10 +503,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     oxvirt_testkit::wait_for_text(&log_of(&bh), "OXVIRT-GUEST pass", Duration::from_secs(60)).unwrap();
     let text = std::fs::read_to_string(log_of(&bh)).unwrap();
     assert!(!text.contains("OXVIRT-GUEST ready"), "the guest booted:\n{text}");
-    let first: usize = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("OXVIRT-GUEST pass ")?.trim().parse().ok())
-        .unwrap();
+    let first = passes_in(&text)[0];
     assert!(
         first <= at_snapshot + 1,
         "the guest went on from pass {first}, not from the snapshot's {at_snapshot}:\n{text}"
@@ -558,11 +558,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         }
         assert!(owner(new_leaf).is_some(), "the guest's new leaf lost its lease");
         let before = last_pass(&bh).unwrap();
-        let start = Instant::now();
-        while last_pass(&bh).unwrap() <= before {
-            assert!(start.elapsed() < Duration::from_secs(60), "the guest stopped");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_pass(&bh, before + 1, "the guest stopped").await;
     }
     let chain = db.volume_chain(vdisk).await.unwrap();
 

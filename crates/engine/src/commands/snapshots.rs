@@ -789,12 +789,7 @@ impl Commands {
         req: AddSnapshot,
         correlation_id: Option<String>,
     ) -> Result<Snapshot, CommandError> {
-        let v = self
-            .app
-            .db
-            .vm_get(vm)
-            .await?
-            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let v = self.vm(vm).await?;
         self.refuse_in_preview(&v).await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
@@ -868,12 +863,7 @@ impl Commands {
         snapshot: SnapshotId,
         correlation_id: Option<String>,
     ) -> Result<(), CommandError> {
-        let v = self
-            .app
-            .db
-            .vm_get(vm)
-            .await?
-            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let v = self.vm(vm).await?;
         let s = self
             .app
             .db
@@ -932,7 +922,6 @@ impl Commands {
         Ok(())
     }
 
-    /// Restores a VM that is down to a snapshot: later data and later snapshots are discarded.
     /// Restores a down VM's disks to a snapshot (newer snapshots go); with `restore_memory`
     /// and a snapshot that saved its memory, the VM's next start resumes from that moment.
     pub async fn restore_snapshot(
@@ -942,18 +931,7 @@ impl Commands {
         restore_memory: bool,
         correlation_id: Option<String>,
     ) -> Result<(), CommandError> {
-        let v = self
-            .app
-            .db
-            .vm_get(vm)
-            .await?
-            .ok_or_else(|| CommandError::not_found("VM", vm))?;
-        if v.runtime.status != VmStatus::Down {
-            return Err(CommandError::Conflict(format!(
-                "VM {} is {}: stop it before restoring a snapshot",
-                v.name, v.runtime.status
-            )));
-        }
+        let v = self.down_vm(vm, "restoring a snapshot").await?;
         let s = self
             .app
             .db
@@ -1048,12 +1026,7 @@ impl Commands {
     }
 
     async fn down_vm(&self, vm: VmId, what: &str) -> Result<crate::model::Vm, CommandError> {
-        let v = self
-            .app
-            .db
-            .vm_get(vm)
-            .await?
-            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let v = self.vm(vm).await?;
         if v.runtime.status != VmStatus::Down {
             return Err(CommandError::Conflict(format!(
                 "VM {} is {}: stop it before {what}",
@@ -1161,12 +1134,7 @@ impl Commands {
             PreviewEnd::Commit => "committing a preview",
             PreviewEnd::Undo => "undoing a preview",
         };
-        let v = self
-            .app
-            .db
-            .vm_get(vm)
-            .await?
-            .ok_or_else(|| CommandError::not_found("VM", vm))?;
+        let v = self.vm(vm).await?;
         let (kept, previewed) = self
             .open_preview(vm)
             .await?

@@ -946,7 +946,7 @@ impl SagaDef for AddTemplateSaga {
 // Commands.
 
 impl Commands {
-    async fn vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+    pub(super) async fn vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
         self.app
             .db
             .vm_get(id)

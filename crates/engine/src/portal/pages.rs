@@ -1030,21 +1030,23 @@ async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
                 users.push(v.name);
             }
         }
-        h.raw("<tr data-id=\"")
-            .text(d.id)
-            .raw("\">")
-            .cell(&d.name)
-            .raw("<td>")
-            .badge(d.status, None)
-            .raw("</td>")
-            .cell_num(bytes(d.provisioned_size))
-            .cell_num(bytes(d.actual_size))
-            .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }))
-            .cell(users.join(", "))
-            .raw("</tr>");
+        h.raw("<tr data-id=\"").text(d.id).raw("\">");
+        disk_cells(&mut h, d);
+        h.cell(users.join(", ")).raw("</tr>");
     }
     h.table_close("No disks on this domain.", 6, disks.is_empty());
     Ok(h.finish())
+}
+
+/// A disk's alias, status, size, allocation and format cells.
+fn disk_cells(h: &mut Html, d: &crate::model::Disk) {
+    h.cell(&d.name)
+        .raw("<td>")
+        .badge(d.status, None)
+        .raw("</td>")
+        .cell_num(bytes(d.provisioned_size))
+        .cell_num(bytes(d.actual_size))
+        .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }));
 }
 
 async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
@@ -1080,15 +1082,9 @@ async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
             .text(&id)
             .raw("\" data-v=\"")
             .text(d.status)
-            .raw("\">")
-            .cell(&d.name)
-            .raw("<td>")
-            .badge(d.status, None)
-            .raw("</td>")
-            .cell_num(bytes(d.provisioned_size))
-            .cell_num(bytes(d.actual_size))
-            .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }))
-            .cell(names.sd(d.storage_domain_id))
+            .raw("\">");
+        disk_cells(&mut h, d);
+        h.cell(names.sd(d.storage_domain_id))
             .raw("<td class=\"mono\">")
             .text(&id)
             .raw("</td><td class=\"acts\">");

@@ -1154,6 +1154,26 @@ impl Ctx {
         Ok(obj)
     }
 
+    /// PUTs `body` onto object `id` (`name` in messages) and prints the result.
+    async fn update(&self, kind: &'static Kind, id: &str, name: &str, body: Value) -> anyhow::Result<()> {
+        let obj = self
+            .api
+            .request(Method::PUT, &format!("/{}/{id}", kind.coll), Some(&body), None)
+            .await
+            .with_context(|| format!("updating {} {name}", kind.what))?;
+        self.print(kind, &obj).await
+    }
+
+    /// DELETEs `path` (a member of a sub-collection, at once): `failing` names the
+    /// operation in an error, `done` is printed after it.
+    async fn delete_at(&self, path: &str, failing: String, done: String) -> anyhow::Result<()> {
+        self.api
+            .request(Method::DELETE, path, None, None)
+            .await
+            .with_context(|| failing)?;
+        output::print_done(self.out, &done, None)
+    }
+
     /// Prints an object after a change: the table of one object, or its JSON.
     async fn print(&self, kind: &'static Kind, obj: &Value) -> anyhow::Result<()> {
         output::print_one(&self.api, kind, obj, self.out).await
@@ -1261,12 +1281,7 @@ async fn cluster(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
                 body["cpu"] = json!({ "type": t });
             }
             sched.apply(&mut body);
-            let obj = ctx
-                .api
-                .request(Method::PUT, &format!("/clusters/{id}"), Some(&body), None)
-                .await
-                .with_context(|| format!("updating cluster {name}"))?;
-            ctx.print(k, &obj).await
+            ctx.update(k, &id, &name, body).await
         }
         ClusterCmd::Remove { name } => ctx.remove(k, &name, "").await,
     }
@@ -1352,23 +1367,8 @@ async fn host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
 
 /// A cluster's affinity group named by name or id.
 async fn find_group(ctx: &Ctx, cluster: &str, g: &str) -> anyhow::Result<Value> {
-    let all = ctx
-        .api
-        .list(
-            &format!("clusters/{cluster}/affinitygroups"),
-            "affinity_group",
-            &[],
-        )
-        .await?;
-    let found: Vec<&Value> = all
-        .iter()
-        .filter(|x| x["id"].as_str() == Some(g) || x["name"].as_str() == Some(g))
-        .collect();
-    match found.as_slice() {
-        [one] => Ok((*one).clone()),
-        [] => anyhow::bail!("the cluster has no affinity group named {g:?}"),
-        _ => anyhow::bail!("{} affinity groups match {g:?}: give the id", found.len()),
-    }
+    let path = format!("clusters/{cluster}/affinitygroups");
+    find_in(ctx, &path, &kinds::AFFINITY_GROUP, g).await
 }
 
 async fn affinity_group(ctx: &Ctx, cmd: AffinityGroupCmd) -> anyhow::Result<()> {
@@ -1424,16 +1424,12 @@ async fn affinity_group(ctx: &Ctx, cmd: AffinityGroupCmd) -> anyhow::Result<()> 
             let c = cluster_id(cluster).await?;
             let g = find_group(ctx, &c, &name).await?;
             let gid = g["id"].as_str().unwrap_or_default();
-            ctx.api
-                .request(
-                    Method::DELETE,
-                    &format!("/clusters/{c}/affinitygroups/{gid}"),
-                    None,
-                    None,
-                )
-                .await
-                .with_context(|| format!("removing affinity group {name}"))?;
-            output::print_done(ctx.out, &format!("affinity group {name} removed"), None)
+            ctx.delete_at(
+                &format!("/clusters/{c}/affinitygroups/{gid}"),
+                format!("removing affinity group {name}"),
+                format!("affinity group {name} removed"),
+            )
+            .await
         }
         AffinityGroupCmd::AddVm { cluster, name, vm } => {
             let c = cluster_id(cluster).await?;
@@ -1456,20 +1452,12 @@ async fn affinity_group(ctx: &Ctx, cmd: AffinityGroupCmd) -> anyhow::Result<()> 
             let g = find_group(ctx, &c, &name).await?;
             let gid = g["id"].as_str().unwrap_or_default();
             let v = ctx.id(&kinds::VM, &vm).await?;
-            ctx.api
-                .request(
-                    Method::DELETE,
-                    &format!("/clusters/{c}/affinitygroups/{gid}/vms/{v}"),
-                    None,
-                    None,
-                )
-                .await
-                .with_context(|| format!("removing VM {vm} from affinity group {name}"))?;
-            output::print_done(
-                ctx.out,
-                &format!("VM {vm} removed from affinity group {name}"),
-                None,
+            ctx.delete_at(
+                &format!("/clusters/{c}/affinitygroups/{gid}/vms/{v}"),
+                format!("removing VM {vm} from affinity group {name}"),
+                format!("VM {vm} removed from affinity group {name}"),
             )
+            .await
         }
     }
 }
@@ -1546,11 +1534,12 @@ async fn fence_agent(ctx: &Ctx, cmd: FenceAgentCmd) -> anyhow::Result<()> {
         FenceAgentCmd::Remove { host } => {
             let h = ctx.id(&kinds::HOST, &host).await?;
             // The one agent of a host is identified as the host.
-            ctx.api
-                .request(Method::DELETE, &format!("/hosts/{h}/fenceagents/{h}"), None, None)
-                .await
-                .with_context(|| format!("removing the fence agent of host {host}"))?;
-            output::print_done(ctx.out, &format!("fence agent of host {host} removed"), None)
+            ctx.delete_at(
+                &format!("/hosts/{h}/fenceagents/{h}"),
+                format!("removing the fence agent of host {host}"),
+                format!("fence agent of host {host} removed"),
+            )
+            .await
         }
     }
 }
@@ -1723,16 +1712,12 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
         SdCmd::Detach { name } => {
             let id = ctx.id(k, &name).await?;
             let dc = sd_dc(ctx, &name, &id).await?;
-            ctx.api
-                .request(
-                    Method::DELETE,
-                    &format!("/datacenters/{dc}/storagedomains/{id}"),
-                    None,
-                    None,
-                )
-                .await
-                .with_context(|| format!("detaching storage domain {name}"))?;
-            output::print_done(ctx.out, &format!("storage domain {name} detached"), None)
+            ctx.delete_at(
+                &format!("/datacenters/{dc}/storagedomains/{id}"),
+                format!("detaching storage domain {name}"),
+                format!("storage domain {name} detached"),
+            )
+            .await
         }
         SdCmd::Activate { name, wait } => {
             let id = ctx.id(k, &name).await?;
@@ -1935,12 +1920,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 body.as_object().is_some_and(|o| !o.is_empty()),
                 "nothing to change: give at least one option"
             );
-            let obj = ctx
-                .api
-                .request(Method::PUT, &format!("/vms/{id}"), Some(&body), None)
-                .await
-                .with_context(|| format!("updating VM {name}"))?;
-            ctx.print(k, &obj).await
+            ctx.update(k, &id, &name, body).await
         }
         VmCmd::Remove {
             name,
@@ -2206,13 +2186,6 @@ fn ip_assignment(ip: &str) -> anyhow::Result<Value> {
 
 async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
     let k = &kinds::NETWORK;
-    let del = |path: String, what: String| async move {
-        ctx.api
-            .request(Method::DELETE, &path, None, None)
-            .await
-            .with_context(|| format!("{what} failed"))?;
-        output::print_done(ctx.out, &what, None)
-    };
     match cmd {
         NetworkCmd::List(a) => ctx.list(k, &a).await,
         NetworkCmd::Show { name } => ctx.show(k, &name).await,
@@ -2263,12 +2236,7 @@ async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
                 body.as_object().is_some_and(|o| !o.is_empty()),
                 "nothing to change: give --mtu, --vlan, --no-vlan or --description"
             );
-            let obj = ctx
-                .api
-                .request(Method::PUT, &format!("/networks/{id}"), Some(&body), None)
-                .await
-                .with_context(|| format!("updating network {name}"))?;
-            ctx.print(k, &obj).await
+            ctx.update(k, &id, &name, body).await
         }
         NetworkCmd::Remove { name } => ctx.remove(k, &name, "").await,
         NetworkCmd::ClusterList { cluster } => {
@@ -2302,8 +2270,9 @@ async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
         NetworkCmd::DetachCluster { name, cluster } => {
             let c = ctx.id(&kinds::CLUSTER, &cluster).await?;
             let n = ctx.id(k, &name).await?;
-            del(
-                format!("/clusters/{c}/networks/{n}"),
+            ctx.delete_at(
+                &format!("/clusters/{c}/networks/{n}"),
+                format!("detaching network {name} from cluster {cluster}"),
                 format!("network {name} detached from cluster {cluster}"),
             )
             .await
@@ -2324,22 +2293,21 @@ async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
             output::print_list(&ctx.api, ka, &items, ctx.out).await
         }
         NetworkCmd::AttachHost { name, host, nic, ip } => {
+            let ip = ip_assignment(&ip)?;
             let h = ctx.id(&kinds::HOST, &host).await?;
             let n = ctx.id(k, &name).await?;
             let body = json!({
                 "network": { "id": n },
                 "host_nic": { "name": nic },
-                "ip_address_assignments": { "ip_address_assignment": [ip_assignment(&ip)?] },
+                "ip_address_assignments": { "ip_address_assignment": [ip] },
             });
-            let obj = ctx
-                .action(
-                    format!("attach network {name} to {nic} on host {host}"),
-                    format!("/hosts/{h}/networkattachments"),
-                    body,
-                    None,
-                )
-                .await;
-            obj?;
+            ctx.action(
+                format!("attach network {name} to {nic} on host {host}"),
+                format!("/hosts/{h}/networkattachments"),
+                body,
+                None,
+            )
+            .await?;
             output::print_done(ctx.out, &format!("network {name} on {nic} of host {host}"), None)
         }
         NetworkCmd::DetachHost { name, host } => {
@@ -2358,8 +2326,9 @@ async fn network(ctx: &Ctx, cmd: NetworkCmd) -> anyhow::Result<()> {
                 .find(|a| a["network"]["id"].as_str() == Some(n.as_str()))
                 .and_then(|a| a["id"].as_str())
                 .ok_or_else(|| anyhow::anyhow!("host {host} does not carry network {name}"))?;
-            del(
-                format!("/hosts/{h}/networkattachments/{a}"),
+            ctx.delete_at(
+                &format!("/hosts/{h}/networkattachments/{a}"),
+                format!("detaching network {name} from host {host}"),
                 format!("network {name} detached from host {host}"),
             )
             .await
@@ -2416,11 +2385,12 @@ async fn nic(ctx: &Ctx, cmd: NicCmd) -> anyhow::Result<()> {
             let v = ctx.id(&kinds::VM, &vm).await?;
             let n = find_in(ctx, &format!("vms/{v}/nics"), k, &nic).await?;
             let id = n["id"].as_str().unwrap_or_default();
-            ctx.api
-                .request(Method::DELETE, &format!("/vms/{v}/nics/{id}"), None, None)
-                .await
-                .with_context(|| format!("removing NIC {nic} of VM {vm}"))?;
-            output::print_done(ctx.out, &format!("NIC {nic} of VM {vm} removed"), None)
+            ctx.delete_at(
+                &format!("/vms/{v}/nics/{id}"),
+                format!("removing NIC {nic} of VM {vm}"),
+                format!("NIC {nic} of VM {vm} removed"),
+            )
+            .await
         }
     }
 }
@@ -2441,12 +2411,7 @@ async fn mac_pool(ctx: &Ctx, cmd: MacPoolCmd) -> anyhow::Result<()> {
                 rs.push(json!({ "from": from, "to": to }));
             }
             let body = json!({ "ranges": { "range": rs } });
-            let obj = ctx
-                .api
-                .request(Method::PUT, &format!("/macpools/{id}"), Some(&body), None)
-                .await
-                .with_context(|| format!("updating MAC pool {name}"))?;
-            ctx.print(k, &obj).await
+            ctx.update(k, &id, &name, body).await
         }
     }
 }
