@@ -10,10 +10,10 @@ use common::{Backend, TestDb};
 use oxvirt_engine::db::{ListQuery, SagaState, SagaStepStatus};
 use oxvirt_engine::model::*;
 use oxvirt_engine::saga::testing::{
-    crash_at_each_point, unwind_at_each_step, Fault, FaultAt, FaultPoint, Faults,
+    crash_at_each_point, fail_at_each_step, unwind_at_each_step, Fault, FaultAt, FaultPoint, Faults,
 };
 use oxvirt_engine::saga::{
-    SagaDef, SagaEventKind, SagaExecutor, SagaOutcome, StartOptions, Step, StepCtx, StepError,
+    ForwardRetry, SagaDef, SagaEventKind, SagaExecutor, SagaOutcome, StartOptions, Step, StepCtx, StepError,
 };
 use oxvirt_engine::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,17 @@ struct App {
     storage: PathBuf,
     /// Lets a test hold a saga inside a step.
     release: tokio::sync::Notify,
+    /// How many more times `DeleteDisk`'s delete fails ("the SPM is away").
+    delete_failures: std::sync::atomic::AtomicU32,
+}
+
+/// Retries past the point of no return without the production waits.
+fn fast_retry() -> ForwardRetry {
+    ForwardRetry {
+        attempts: 3,
+        first_delay: std::time::Duration::from_millis(5),
+        max_delay: std::time::Duration::from_millis(20),
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -238,6 +249,7 @@ impl Env {
             app: Arc::new(App {
                 storage,
                 release: tokio::sync::Notify::new(),
+                delete_failures: Default::default(),
             }),
             t,
             cluster: cl.id,
@@ -259,11 +271,25 @@ impl Env {
         faults: Option<Arc<dyn oxvirt_engine::saga::testing::FaultInjector>>,
     ) -> SagaExecutor<App> {
         let e = match faults {
-            Some(f) => SagaExecutor::with_faults(self.t.db.clone(), self.app.clone(), f),
+            Some(f) => SagaExecutor::with_faults(self.t.db.clone(), self.app.clone(), f, fast_retry()),
             None => SagaExecutor::new(self.t.db.clone(), self.app.clone()),
         };
         e.register::<CreateVmWithDisk>().unwrap();
+        e.register::<DeleteDisk>().unwrap();
         e
+    }
+
+    /// A locked-for-nobody disk with its volume file, for `DeleteDisk`.
+    async fn disk_with_file(&self) -> (Disk, PathBuf) {
+        let d = self
+            .t
+            .db
+            .disk_insert(&Disk::new("victim", self.sd, DiskFormat::Raw, 1 << 20))
+            .await
+            .unwrap();
+        let f = self.app.storage.join(d.id.to_string());
+        std::fs::write(&f, b"data").unwrap();
+        (d, f)
     }
 
     fn storage_entries(&self) -> usize {
@@ -418,6 +444,7 @@ async fn saga_survives_a_crash_at_each_point(b: Backend) {
     let cur: Arc<Mutex<Option<Env>>> = Arc::new(Mutex::new(None));
     crash_at_each_point(
         STEPS,
+        None,
         |faults| {
             let cur = cur.clone();
             async move {
@@ -669,6 +696,189 @@ async fn racing_sagas_never_release_each_others_locks(b: Backend) {
     assert_eq!((d.status, d.locked_by), (DiskStatus::Ok, None));
 }
 
+/// Deletes a disk: lock (undo: unlock), delete the file (the point of no return; fails while
+/// `App::delete_failures` says so), forget the row.
+struct DeleteDisk;
+
+const DELETE_STEPS: usize = 3;
+const DELETE_NO_RETURN: usize = 1;
+
+impl SagaDef for DeleteDisk {
+    type Ctx = App;
+    type Params = DiskId;
+    const NAME: &'static str = "test_delete_disk";
+    fn description(d: &DiskId) -> String {
+        format!("Deleting disk {d}")
+    }
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(*c.params(), c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
+                    Ok(())
+                },
+            ),
+            Step::without_undo("delete", |c: StepCtx<Self>| async move {
+                use std::sync::atomic::Ordering;
+                let left = &c.app().delete_failures;
+                if left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(StepError::msg("the SPM is away"));
+                }
+                match std::fs::remove_file(c.app().storage.join(c.params().to_string())) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                    _ => Ok(()),
+                }
+            })
+            .point_of_no_return(),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                if c.db().disk_get(*c.params()).await?.is_some() {
+                    c.db().disk_delete(*c.params()).await?;
+                }
+                Ok(())
+            }),
+        ]
+    }
+}
+
+impl Env {
+    /// After `DeleteDisk` on `disk`: either nothing happened (the disk is back to `ok`, its file
+    /// there) or all of it did (no row, no file); never a row without its file.
+    async fn assert_deleted(&self, disk: DiskId, file: &std::path::Path, deleted: bool, what: &str) {
+        let row = self.t.db.disk_get(disk).await.unwrap();
+        if deleted {
+            assert!(row.is_none(), "{what}: the disk row is left");
+            assert!(!file.exists(), "{what}: the volume file is left");
+        } else {
+            let row = row.unwrap_or_else(|| panic!("{what}: the disk row is gone"));
+            assert_eq!((row.status, row.locked_by), (DiskStatus::Ok, None), "{what}");
+            assert!(file.exists(), "{what}: the file went with the row kept");
+        }
+    }
+}
+
+async fn failures_past_the_point_of_no_return_go_forward(b: Backend) {
+    let exec_of = |env: &Env, f| env.executor(Some(f));
+    let cur: Arc<Mutex<Option<(Env, DiskId, PathBuf)>>> = Arc::new(Mutex::new(None));
+    fail_at_each_step(
+        DELETE_STEPS,
+        Some(DELETE_NO_RETURN),
+        |fault| {
+            let cur = cur.clone();
+            async move {
+                let env = Env::new(b).await;
+                let (d, f) = env.disk_with_file().await;
+                let out = exec_of(&env, fault)
+                    .run::<DeleteDisk>(d.id, opts())
+                    .await
+                    .unwrap();
+                *cur.lock().await = Some((env, d.id, f));
+                out
+            }
+        },
+        |i, point, out| {
+            let cur = cur.clone();
+            async move {
+                let (env, d, f) = cur.lock().await.take().unwrap();
+                let what = format!("failure at step {i} {point:?}");
+                env.assert_deleted(d, &f, out.is_done(), &what).await;
+            }
+        },
+    )
+    .await;
+    // Crashes: resumed forward past the point of no return, unwound before it.
+    crash_at_each_point(
+        DELETE_STEPS,
+        Some(DELETE_NO_RETURN),
+        |faults| {
+            let cur = cur.clone();
+            async move {
+                let mut env = Env::new(b).await;
+                let (d, f) = env.disk_with_file().await;
+                let exec = exec_of(&env, Arc::new(Faults(faults)));
+                assert_eq!(
+                    exec.run::<DeleteDisk>(d.id, opts()).await.unwrap(),
+                    SagaOutcome::Interrupted
+                );
+                drop(exec);
+                env.t.reopen().await;
+                let h = env.executor(None).resume_all().await.unwrap();
+                let out = h.into_iter().next().unwrap().wait().await.unwrap();
+                *cur.lock().await = Some((env, d.id, f));
+                out
+            }
+        },
+        |i, point, out| {
+            let cur = cur.clone();
+            async move {
+                let (env, d, f) = cur.lock().await.take().unwrap();
+                let what = format!("crash at step {i} {point:?}");
+                // Undo points are crashed while unwinding a failure before the point of no return.
+                let forward = matches!(point, FaultPoint::BeforeAction | FaultPoint::AfterAction);
+                assert_eq!(out.is_done(), forward, "{what}: {out:?}");
+                env.assert_deleted(d, &f, forward, &what).await;
+            }
+        },
+    )
+    .await;
+}
+
+async fn a_saga_that_cannot_finish_is_blocked_until_retried(b: Backend) {
+    use std::sync::atomic::Ordering;
+    let env = Env::new(b).await;
+    let (d, f) = env.disk_with_file().await;
+    // Failures for two rounds of attempts: blocked, the disk locked (its data may be half gone).
+    let attempts = fast_retry().attempts;
+    env.app.delete_failures.store(2 * attempts, Ordering::SeqCst);
+    let exec = env.executor(Some(Arc::new(Faults(vec![]))));
+    let out = exec.run::<DeleteDisk>(d.id, opts()).await.unwrap();
+    let SagaOutcome::Blocked { error } = out else {
+        panic!("{out:?}")
+    };
+    assert!(error.contains("the SPM is away"), "{error}");
+    assert_eq!(
+        env.app.delete_failures.load(Ordering::SeqCst),
+        attempts,
+        "every attempt was made"
+    );
+    let db = &env.t.db;
+    let s = &db.saga_list(&[SagaState::Blocked]).await.unwrap()[0];
+    let row = db.disk_get(d.id).await.unwrap().unwrap();
+    assert_eq!((row.status, row.locked_by), (DiskStatus::Locked, Some(s.id)));
+    assert!(f.exists());
+    let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    let events = db.event_list(&ListQuery::new()).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.code == oxvirt_engine::saga::codes::SAGA_BLOCKED
+            && e.severity == Severity::Alert
+            && e.description.contains("the SPM is away")));
+    // Not resumed by a restart: it waits for an admin.
+    assert!(exec.resume_all().await.unwrap().is_empty());
+    // Still failing: blocked again, nothing undone.
+    let out = exec.retry_stuck(s.id).await.unwrap().wait().await.unwrap();
+    assert!(matches!(out, SagaOutcome::Blocked { .. }), "{out:?}");
+    assert_eq!(env.app.delete_failures.load(Ordering::SeqCst), 0);
+    // The cause gone, a retry finishes it under the same job.
+    let out = exec.retry_stuck(s.id).await.unwrap().wait().await.unwrap();
+    assert!(out.is_done(), "{out:?}");
+    env.assert_deleted(d.id, &f, true, "retried").await;
+    let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Finished);
+    assert!(matches!(
+        exec.retry_stuck(s.id).await.err().unwrap(),
+        oxvirt_engine::saga::SagaError::NotStuck { .. }
+    ));
+}
+
 both_backends!(
     saga_runs_to_completion,
     saga_unwinds_at_each_step,
@@ -677,4 +887,6 @@ both_backends!(
     panics_unwind_and_bad_definitions_are_refused,
     unknown_sagas_are_left_for_an_engine_that_knows_them,
     racing_sagas_never_release_each_others_locks,
+    failures_past_the_point_of_no_return_go_forward,
+    a_saga_that_cannot_finish_is_blocked_until_retried,
 );

@@ -524,8 +524,12 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         let leaf = chain.last().unwrap().id;
         let new_leaf = oxvirt_engine::model::VolUuid::new_random();
         let lost = FaultAt::new(3, FaultPoint::AfterAction, Fault::Fail);
-        let faulty =
-            oxvirt_engine::saga::SagaExecutor::with_faults(db.clone(), e.app().clone(), lost.clone());
+        let faulty = oxvirt_engine::saga::SagaExecutor::with_faults(
+            db.clone(),
+            e.app().clone(),
+            lost.clone(),
+            Default::default(),
+        );
         let params = AddSnapshotParams {
             snapshot: oxvirt_engine::model::SnapshotId::new_random(),
             vm: vm.id,

@@ -61,6 +61,12 @@ pub enum CommandError {
         error: String,
         undo_error: String,
     },
+    #[error("{description} could not be completed and is past rolling back (an administrator must retry its job once the cause is fixed): {error}")]
+    Blocked {
+        description: String,
+        error: String,
+        job: Option<JobId>,
+    },
     #[error("saga")]
     Saga(#[from] SagaError),
 }
@@ -135,6 +141,11 @@ impl Commands {
                 description,
                 error,
                 undo_error,
+            }),
+            SagaOutcome::Blocked { error } => Err(CommandError::Blocked {
+                description,
+                error,
+                job,
             }),
             other => Ok(other),
         }

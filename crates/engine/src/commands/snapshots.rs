@@ -364,7 +364,8 @@ impl SagaDef for RemoveSnapshotSaga {
                 }
                 Ok(())
             })
-            .describe("Merging the snapshot's data"),
+            .describe("Merging the snapshot's data")
+            .point_of_no_return(),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 forget_snapshots(c.app(), p.dc, &[p.snapshot]).await
@@ -465,7 +466,8 @@ impl SagaDef for RestoreSnapshotSaga {
                 }
                 forget_snapshots(app, p.dc, &p.newer).await
             })
-            .describe("Discarding newer data and starting from the snapshot"),
+            .describe("Discarding newer data and starting from the snapshot")
+            .point_of_no_return(),
             Step::without_undo("unlock", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 if let Some(st) = &p.memory {
@@ -744,7 +746,8 @@ impl SagaDef for EndPreviewSaga {
                 }
                 Ok(())
             })
-            .describe("Returning the disks to the state kept aside"),
+            .describe("Returning the disks to the state kept aside")
+            .point_of_no_return(),
             Step::without_undo("records", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 forget_snapshots(c.app(), p.dc, &p.newer).await?;

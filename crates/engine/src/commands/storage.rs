@@ -559,7 +559,8 @@ impl SagaDef for RemoveDiskSaga {
                     .await?
                     .ok_or_else(|| step_err("disk is gone"))?;
                 delete_image(c.app(), p.dc, d.storage_domain_id, p.disk).await
-            }),
+            })
+            .point_of_no_return(),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 for v in c.db().volume_chain(p.disk).await? {

@@ -601,7 +601,8 @@ impl SagaDef for SuspendVmSaga {
                 let node = client_of(c.app(), p.host).await?;
                 destroy_on(&node, p.vm).await.map_err(step_err)
             })
-            .describe("Recording the VM suspended"),
+            .describe("Recording the VM suspended")
+            .point_of_no_return(),
         ]
     }
 }
@@ -722,7 +723,8 @@ impl SagaDef for MigrateVmSaga {
                 destroy_on(&src, p.vm).await.map_err(step_err)?;
                 Ok(())
             })
-            .describe("Switching over to the destination"),
+            .describe("Switching over to the destination")
+            .point_of_no_return(),
         ]
     }
 }
@@ -797,7 +799,8 @@ impl SagaDef for RemoveVmSaga {
                 }
                 Ok(())
             })
-            .describe("Deleting the disks"),
+            .describe("Deleting the disks")
+            .point_of_no_return(),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 for d in &p.disks {

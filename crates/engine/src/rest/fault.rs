@@ -81,7 +81,10 @@ impl From<CommandError> for ApiError {
             CommandError::Failed { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "Operation Failed", e.to_string())
             }
-            CommandError::Node(_) | CommandError::Stuck { .. } | CommandError::Saga(_) => {
+            CommandError::Node(_)
+            | CommandError::Stuck { .. }
+            | CommandError::Blocked { .. }
+            | CommandError::Saga(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Operation Failed", chain(&e))
             }
         }

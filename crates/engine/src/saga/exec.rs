@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -35,6 +36,39 @@ struct Inner<C> {
     registry: Mutex<HashMap<&'static str, Arc<dyn Erased<C>>>>,
     running: Mutex<HashSet<SagaId>>,
     faults: Option<Arc<dyn FaultInjector>>,
+    retry: ForwardRetry,
+}
+
+/// How a step at or past a saga's point of no return is retried before the saga is
+/// `blocked`: `attempts` tries in all, waiting `first_delay` after the first failure and
+/// twice as long after each next one, up to `max_delay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardRetry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for ForwardRetry {
+    /// Six tries over about 31 s: long enough for an SPM to move or a node to restart.
+    fn default() -> Self {
+        ForwardRetry {
+            attempts: 6,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(16),
+        }
+    }
+}
+
+impl ForwardRetry {
+    /// The wait after failed attempt `n` (1-based), or `None` when that was the last one.
+    pub fn delay_after(&self, n: u32) -> Option<Duration> {
+        if n >= self.attempts {
+            return None;
+        }
+        let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+        Some(self.first_delay.saturating_mul(factor).min(self.max_delay))
+    }
 }
 
 /// A running saga.
@@ -65,6 +99,7 @@ trait Erased<C>: Send + Sync {
         rec: SagaRecord,
     ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
     fn step_count(&self) -> usize;
+    fn point_of_no_return(&self) -> Option<usize>;
 }
 
 struct Typed<S>(PhantomData<fn() -> S>);
@@ -80,6 +115,9 @@ impl<S: SagaDef> Erased<S::Ctx> for Typed<S> {
     fn step_count(&self) -> usize {
         S::steps().len()
     }
+    fn point_of_no_return(&self) -> Option<usize> {
+        S::steps().iter().position(|s| s.no_return)
+    }
 }
 
 fn check_definition<S: SagaDef>() -> Result<(), SagaError> {
@@ -88,6 +126,12 @@ fn check_definition<S: SagaDef>() -> Result<(), SagaError> {
         return Err(SagaError::Definition {
             name: S::NAME,
             detail: "no steps".into(),
+        });
+    }
+    if steps.iter().filter(|s| s.no_return).count() > 1 {
+        return Err(SagaError::Definition {
+            name: S::NAME,
+            detail: "more than one point of no return".into(),
         });
     }
     let mut seen = HashSet::new();
@@ -104,16 +148,16 @@ fn check_definition<S: SagaDef>() -> Result<(), SagaError> {
 
 impl<C: Send + Sync + 'static> SagaExecutor<C> {
     pub fn new(db: Db, app: Arc<C>) -> Self {
-        Self::build(db, app, None)
+        Self::build(db, app, None, ForwardRetry::default())
     }
 
-    /// An executor that consults `faults` at every step boundary (for tests; see
-    /// [`testing`](super::testing)).
-    pub fn with_faults(db: Db, app: Arc<C>, faults: Arc<dyn FaultInjector>) -> Self {
-        Self::build(db, app, Some(faults))
+    /// An executor that consults `faults` at every step boundary and retries forward as
+    /// `retry` says (for tests; see [`testing`](super::testing)).
+    pub fn with_faults(db: Db, app: Arc<C>, faults: Arc<dyn FaultInjector>, retry: ForwardRetry) -> Self {
+        Self::build(db, app, Some(faults), retry)
     }
 
-    fn build(db: Db, app: Arc<C>, faults: Option<Arc<dyn FaultInjector>>) -> Self {
+    fn build(db: Db, app: Arc<C>, faults: Option<Arc<dyn FaultInjector>>, retry: ForwardRetry) -> Self {
         SagaExecutor {
             inner: Arc::new(Inner {
                 db,
@@ -121,6 +165,7 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
                 registry: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
                 faults,
+                retry,
             }),
         }
     }
@@ -137,6 +182,12 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
     pub fn step_count(&self, saga_name: &str) -> Option<usize> {
         let reg = self.inner.registry.lock().expect("registry lock");
         reg.get(saga_name).map(|s| s.step_count())
+    }
+
+    /// The index of a registered saga type's point of no return, if it has one.
+    pub fn point_of_no_return(&self, saga_name: &str) -> Option<usize> {
+        let reg = self.inner.registry.lock().expect("registry lock");
+        reg.get(saga_name).and_then(|s| s.point_of_no_return())
     }
 
     /// Makes a saga type known, so that [`resume_all`](Self::resume_all) can continue it.
@@ -235,13 +286,16 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         Ok(handles)
     }
 
-    /// Unwinds a `stuck` saga again, after an admin removed the cause of its failed undo.
+    /// Retries a saga that waits for an admin, once the cause is removed: a `stuck` one
+    /// unwinds again, a `blocked` one goes on forward from its failed step.
     pub async fn retry_stuck(&self, id: SagaId) -> Result<SagaHandle, SagaError> {
         let db = &self.inner.db;
         let rec = db.saga_get(id).await?.ok_or(SagaError::NotFound(id))?;
-        if rec.state != SagaState::Stuck {
-            return Err(SagaError::NotStuck { id, state: rec.state });
-        }
+        let next = match rec.state {
+            SagaState::Stuck => SagaState::Unwinding,
+            SagaState::Blocked => SagaState::Running,
+            state => return Err(SagaError::NotStuck { id, state }),
+        };
         let def = self
             .inner
             .registry
@@ -251,7 +305,15 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
             .cloned()
             .ok_or_else(|| SagaError::Unknown(rec.name.clone()))?;
         let mut tx = db.begin().await?;
-        saga_set_state(&mut tx.ctx(), id, SagaState::Unwinding, None, None).await?;
+        let error = (next == SagaState::Unwinding)
+            .then_some(rec.error.as_deref())
+            .flatten();
+        saga_set_state(&mut tx.ctx(), id, next, error, None).await?;
+        if next == SagaState::Running {
+            if let Some(job) = rec.job_id {
+                tx.job_reopen(job).await?;
+            }
+        }
         tx.commit().await?;
         let rec = db.saga_get(id).await?.ok_or(SagaError::NotFound(id))?;
         self.spawn(def, rec)
@@ -305,11 +367,14 @@ struct Run<S: SagaDef> {
     steps: Vec<Step<S>>,
     state: Vec<StepState>,
     outputs: BTreeMap<String, Value>,
+    no_return: Option<usize>,
 }
 
 enum Next {
     Continue,
     Unwind(String),
+    /// A step at or past the point of no return failed: try it again.
+    Retry(String),
     Interrupted,
 }
 
@@ -334,6 +399,7 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
             };
             steps.len()
         ],
+        no_return: steps.iter().position(|s| s.no_return),
         steps,
         outputs: BTreeMap::new(),
     };
@@ -365,7 +431,7 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
     }
 
     let error = match rec.state {
-        SagaState::Done | SagaState::Unwound | SagaState::Stuck => {
+        SagaState::Done | SagaState::Unwound | SagaState::Stuck | SagaState::Blocked => {
             return Err(SagaError::Definition {
                 name: S::NAME,
                 detail: format!("saga {} is already {}", rec.id, rec.state),
@@ -374,13 +440,24 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
         SagaState::Unwinding => rec.error.clone().unwrap_or_default(),
         SagaState::Running => {
             let mut unwind = None;
-            for i in 0..run.steps.len() {
-                match run.forward(i).await? {
-                    Next::Continue => {}
-                    Next::Interrupted => return Ok(SagaOutcome::Interrupted),
-                    Next::Unwind(e) => {
-                        unwind = Some(e);
-                        break;
+            'steps: for i in 0..run.steps.len() {
+                let mut attempt = 1;
+                loop {
+                    match run.forward(i).await? {
+                        Next::Continue => break,
+                        Next::Interrupted => return Ok(SagaOutcome::Interrupted),
+                        Next::Unwind(e) => {
+                            unwind = Some(e);
+                            break 'steps;
+                        }
+                        Next::Retry(e) => match inner.retry.delay_after(attempt) {
+                            Some(d) => {
+                                tracing::warn!(saga_id = %run.id, step = run.steps[i].name, attempt, error = %e, "retrying a step past the point of no return");
+                                tokio::time::sleep(d).await;
+                                attempt += 1;
+                            }
+                            None => return run.blocked(e).await,
+                        },
                     }
                 }
             }
@@ -396,6 +473,11 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
 impl<S: SagaDef> Run<S> {
     fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// Whether step `i` is at or after the point of no return (and so must go forward).
+    fn past_no_return(&self, i: usize) -> bool {
+        self.no_return.is_some_and(|p| i >= p)
     }
 
     fn fault(&self, i: usize, p: FaultPoint) -> Option<Fault> {
@@ -460,6 +542,9 @@ impl<S: SagaDef> Run<S> {
                 self.state[i].status = Some(SagaStepStatus::Started);
                 self.state[i].job_step = js;
             }
+            Some(SagaStepStatus::Failed) if self.past_no_return(i) => {
+                tracing::info!(saga_id = %self.id, step = name, "retrying a failed step past the point of no return");
+            }
             // The failure (or a later undo) was recorded but the saga's state was not: unwind.
             Some(_) => {
                 return Ok(Next::Unwind(
@@ -510,6 +595,24 @@ impl<S: SagaDef> Run<S> {
                 self.state[i].status = Some(SagaStepStatus::Done);
                 self.outputs.insert(name.to_string(), out);
                 Ok(Next::Continue)
+            }
+            Err(e) if self.past_no_return(i) => {
+                let msg = format!("step {name}: {e}");
+                saga_step_record(
+                    &mut tx.ctx(),
+                    self.id,
+                    i,
+                    name,
+                    SagaStepStatus::Failed,
+                    None,
+                    Some(&msg),
+                    None,
+                )
+                .await?;
+                tx.commit().await?;
+                self.state[i].status = Some(SagaStepStatus::Failed);
+                self.state[i].error = Some(msg.clone());
+                Ok(Next::Retry(msg))
             }
             Err(e) => {
                 let msg = format!("step {name}: {e}");
@@ -670,6 +773,20 @@ impl<S: SagaDef> Run<S> {
         Ok(SagaOutcome::Unwound { error })
     }
 
+    /// Ends a run whose step past the point of no return failed on every attempt.
+    async fn blocked(&mut self, error: String) -> Result<SagaOutcome, SagaError> {
+        let mut tx = self.db().begin().await?;
+        saga_set_state(&mut tx.ctx(), self.id, SagaState::Blocked, Some(&error), None).await?;
+        if let Some(job) = self.job_id {
+            tx.job_end(job, JobStatus::Failed).await?;
+        }
+        tx.event_add(&self.event(SagaEventKind::Blocked, Some(&error)))
+            .await?;
+        tx.commit().await?;
+        tracing::error!(saga_id = %self.id, saga = S::NAME, error = %error, "saga blocked past its point of no return");
+        Ok(SagaOutcome::Blocked { error })
+    }
+
     async fn stuck(&mut self, error: String, undo_error: String) -> Result<SagaOutcome, SagaError> {
         self.stuck_with(error, undo_error, None).await
     }
@@ -747,5 +864,29 @@ fn process_crash_point(saga: &str, step: &str, p: FaultPoint) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_retries_back_off_and_stop_after_the_last_attempt() {
+        let r = ForwardRetry::default();
+        let waits: Vec<_> = (1..=r.attempts).map(|n| r.delay_after(n)).collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            waits,
+            vec![Some(s(1)), Some(s(2)), Some(s(4)), Some(s(8)), Some(s(16)), None]
+        );
+        let capped = ForwardRetry {
+            attempts: 40,
+            first_delay: s(1),
+            max_delay: s(5),
+        };
+        assert_eq!(capped.delay_after(39), Some(s(5)), "no overflow, capped");
+        let once = ForwardRetry { attempts: 1, ..r };
+        assert_eq!(once.delay_after(1), None);
     }
 }

@@ -16,8 +16,22 @@
 //!   unwinding ─────────────────────────────────► unwound
 //!      │ an undo failed
 //!      ▼
-//!    stuck  (error recorded; an admin fixes the cause, then retry_stuck)
+//!    stuck  (error recorded; an admin fixes the cause, then retry_stuck unwinds again)
+//!
+//!   running, at or past the point of no return:
+//!      │ action failed ──► the step is retried with backoff (ForwardRetry) ──► next step …
+//!      │ still failing after the last attempt
+//!      ▼
+//!   blocked (error recorded; an admin fixes the cause, then retry_stuck goes on forward)
 //! ```
+//!
+//! A saga may mark one step as its **point of no return**
+//! ([`Step::point_of_no_return`]): the step that destroys what an undo would need (deleting
+//! an image, merging a volume into its parent, switching a migrated VM over). Once that step
+//! has started the saga never unwinds: rolling back would put back records whose data is
+//! gone (a disk row without its image). A failure there or later is retried, since such
+//! steps are idempotent and their failures mostly transient (an SPM moving, a node
+//! restarting); a saga that still cannot finish is `blocked` until an admin retries it.
 //!
 //! # The contract for step authors
 //!
@@ -117,7 +131,7 @@ use crate::db::{Db, DbError};
 use crate::model::{JobId, NewEvent, SagaId, Severity};
 
 pub use crate::db::{SagaRecord, SagaState, SagaStepRecord, SagaStepStatus};
-pub use exec::{SagaExecutor, SagaHandle};
+pub use exec::{ForwardRetry, SagaExecutor, SagaHandle};
 
 /// Event codes for sagas whose definition does not choose oVirt's (see [`SagaDef::event`]).
 pub mod codes {
@@ -125,6 +139,7 @@ pub mod codes {
     pub const SAGA_DONE: i32 = 20_002;
     pub const SAGA_UNWOUND: i32 = 20_003;
     pub const SAGA_STUCK: i32 = 20_004;
+    pub const SAGA_BLOCKED: i32 = 20_005;
 }
 
 /// What the saga is telling users about.
@@ -136,6 +151,9 @@ pub enum SagaEventKind {
     Unwound,
     /// An undo failed: the system may be inconsistent until an admin acts.
     Stuck,
+    /// A step past the point of no return keeps failing: the command is half done until an
+    /// admin removes the cause and retries it.
+    Blocked,
 }
 
 /// A saga type: its parameters, its steps, and how it shows up in jobs and events.
@@ -154,7 +172,7 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
     fn steps() -> Vec<Step<Self>>;
 
     /// The event for a saga milestone; the default uses generic codes and no references.
-    /// `detail` is the error for `Unwound` and `Stuck`.
+    /// `detail` is the error for `Unwound`, `Stuck` and `Blocked`.
     fn event(params: &Self::Params, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
         let what = Self::description(params);
         match kind {
@@ -174,6 +192,14 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
                 codes::SAGA_STUCK,
                 format!(
                     "{what}: failed and could not be rolled back, needs an administrator: {}",
+                    detail.unwrap_or("")
+                ),
+            ),
+            SagaEventKind::Blocked => NewEvent::new(
+                Severity::Alert,
+                codes::SAGA_BLOCKED,
+                format!(
+                    "{what}: cannot be completed and is past rolling back, needs an administrator to retry it: {}",
                     detail.unwrap_or("")
                 ),
             ),
@@ -232,7 +258,7 @@ pub enum SagaError {
     },
     #[error("saga {0} not found")]
     NotFound(SagaId),
-    #[error("saga {id} is {state}, not stuck")]
+    #[error("saga {id} is {state}, neither stuck nor blocked")]
     NotStuck { id: SagaId, state: SagaState },
     #[error("saga {0} is already running in this engine")]
     AlreadyRunning(SagaId),
@@ -249,6 +275,9 @@ pub enum SagaOutcome {
     Unwound { error: String },
     /// A step failed and then an undo failed too; the saga waits for an admin.
     Stuck { error: String, undo_error: String },
+    /// A step at or past the point of no return failed on every attempt; the saga waits for
+    /// an admin to retry it forward.
+    Blocked { error: String },
     /// Fault injection stopped the executor mid-saga, as a crash would (tests only).
     Interrupted,
 }
@@ -284,6 +313,7 @@ pub struct Step<S: SagaDef> {
     pub(crate) description: Option<String>,
     pub(crate) action: ActionFn<S>,
     pub(crate) undo: UndoFn<S>,
+    pub(crate) no_return: bool,
 }
 
 impl<S: SagaDef> Step<S> {
@@ -309,6 +339,7 @@ impl<S: SagaDef> Step<S> {
             description: None,
             action,
             undo,
+            no_return: false,
         }
     }
 
@@ -320,6 +351,14 @@ impl<S: SagaDef> Step<S> {
         O: Serialize + 'static,
     {
         Step::new(name, action, |_c| async { Ok(()) })
+    }
+
+    /// Makes this step the saga's point of no return (at most one per saga): once its action
+    /// has started, failures here and after are retried forward, never unwound. Its undo and
+    /// those of later steps never run.
+    pub fn point_of_no_return(mut self) -> Self {
+        self.no_return = true;
+        self
     }
 
     /// The job step's description (default: the step's name).

@@ -94,11 +94,26 @@ impl FaultInjector for Faults {
 /// for both failure points (before the action, after it succeeded), `run(fault)` must run the
 /// saga from a fresh state with that fault and return its outcome, then `check(i)` asserts
 /// that the system is as if the saga never ran. Panics naming the step on any deviation.
-pub async fn unwind_at_each_step<R, RF, K, KF>(steps: usize, mut run: R, mut check: K)
+/// For a saga without a point of no return; see [`fail_at_each_step`] for one with.
+pub async fn unwind_at_each_step<R, RF, K, KF>(steps: usize, run: R, mut check: K)
 where
     R: FnMut(Arc<FaultAt>) -> RF,
     RF: Future<Output = SagaOutcome>,
     K: FnMut(usize) -> KF,
+    KF: Future<Output = ()>,
+{
+    fail_at_each_step(steps, None, run, |i, _, _| check(i)).await
+}
+
+/// [`unwind_at_each_step`] for any saga: a failure before the point of no return `no_return`
+/// must unwind it, one at or after it must be retried to the end (the executor must retry at
+/// least once). `check(i, point, outcome)` then asserts the system is as if the saga never
+/// ran, or as if it ran without a hitch.
+pub async fn fail_at_each_step<R, RF, K, KF>(steps: usize, no_return: Option<usize>, mut run: R, mut check: K)
+where
+    R: FnMut(Arc<FaultAt>) -> RF,
+    RF: Future<Output = SagaOutcome>,
+    K: FnMut(usize, FaultPoint, SagaOutcome) -> KF,
     KF: Future<Output = ()>,
 {
     for i in 0..steps {
@@ -106,11 +121,15 @@ where
             let fault = FaultAt::new(i, point, Fault::Fail);
             let outcome = run(fault.clone()).await;
             assert!(fault.fired(), "step {i}: the {point:?} fault never fired");
-            match outcome {
-                SagaOutcome::Unwound { .. } => {}
-                other => panic!("step {i} {point:?}: expected the saga to unwind, got {other:?}"),
+            let forward = no_return.is_some_and(|p| i >= p);
+            match (&outcome, forward) {
+                (SagaOutcome::Unwound { .. }, false) | (SagaOutcome::Done { .. }, true) => {}
+                (other, _) => panic!(
+                    "step {i} {point:?}: expected the saga to {}, got {other:?}",
+                    if forward { "finish" } else { "unwind" }
+                ),
             }
-            check(i).await;
+            check(i, point, outcome).await;
         }
     }
 }
@@ -118,21 +137,31 @@ where
 /// The crash test: for each step `i` and each [`FaultPoint`], `run(crash)` runs the saga (from
 /// a fresh state) until the crash, then "restarts the engine" (drops the executor, reopens the
 /// database, resumes) and returns the outcome after resuming; `check(i, point, outcome)`
-/// asserts consistency. Undo points crash while unwinding a failure injected at the last step,
-/// so every undo is crashed once. Panics naming the step on any deviation.
-pub async fn crash_at_each_point<R, RF, K, KF>(steps: usize, mut run: R, mut check: K)
-where
+/// asserts consistency. Undo points crash while unwinding a failure injected at the last step
+/// before the point of no return `no_return` (or the last step), so every undo that can run is
+/// crashed once. Panics naming the step on any deviation.
+pub async fn crash_at_each_point<R, RF, K, KF>(
+    steps: usize,
+    no_return: Option<usize>,
+    mut run: R,
+    mut check: K,
+) where
     R: FnMut(Vec<Arc<FaultAt>>) -> RF,
     RF: Future<Output = SagaOutcome>,
     K: FnMut(usize, FaultPoint, SagaOutcome) -> KF,
     KF: Future<Output = ()>,
 {
+    let undoable = no_return.unwrap_or(steps).min(steps);
     for i in 0..steps {
         for point in FaultPoint::ALL {
+            let undo = matches!(point, FaultPoint::BeforeUndo | FaultPoint::AfterUndo);
+            if undo && i >= undoable {
+                continue;
+            }
             let crash = FaultAt::new(i, point, Fault::Crash);
             let mut faults = vec![crash.clone()];
-            if matches!(point, FaultPoint::BeforeUndo | FaultPoint::AfterUndo) {
-                faults.push(FaultAt::new(steps - 1, FaultPoint::AfterAction, Fault::Fail));
+            if undo {
+                faults.push(FaultAt::new(undoable - 1, FaultPoint::AfterAction, Fault::Fail));
             }
             let outcome = run(faults).await;
             assert!(crash.fired(), "step {i}: the {point:?} crash never fired");

@@ -136,6 +136,16 @@ async fn job_end(c: &mut Conn<'_>, id: JobId, status: JobStatus) -> Result<(), D
     Ok(())
 }
 
+/// Makes an ended job `started` again (a blocked saga an admin retries goes on under it).
+async fn job_reopen(c: &mut Conn<'_>, id: JobId) -> Result<(), DbError> {
+    let mut q = Sql::new("UPDATE jobs SET status = 'started', ended_at = NULL, last_updated = ");
+    q.arg(c.now.as_millis()).push(" WHERE id = ").arg(id.to_string());
+    if c.exec(&q).await? == 0 {
+        return Err(DbError::not_found("job", id));
+    }
+    Ok(())
+}
+
 /// Adds a `started` step (numbered after the job's last) and returns it.
 async fn job_step_start(
     c: &mut Conn<'_>,
@@ -351,6 +361,7 @@ repo! {
     read job_list(q: &ListQuery<JobFilter, JobSort>) -> Vec<Job> = job_list;
     /// Ends a started job (idempotent for the same status).
     write job_end(id: JobId, status: JobStatus) -> () = job_end;
+    write job_reopen(id: JobId) -> () = job_reopen;
     write job_step_start(job: JobId, parent: Option<StepId>, step_type: StepType, description: &str) -> JobStep = job_step_start;
     read job_step_get(id: StepId) -> Option<JobStep> = job_step_get;
     write job_step_set_status(id: StepId, status: JobStatus) -> () = job_step_set_status;

@@ -40,13 +40,16 @@ str_enum!(
     /// A saga's state.
     ///
     /// `running` → `done`; `running` → `unwinding` (a step failed) → `unwound` (every
-    /// completed step undone) or `stuck` (an undo failed: an admin must look, then retry).
+    /// completed step undone) or `stuck` (an undo failed: an admin must look, then retry);
+    /// `running` → `blocked` (a step past the point of no return kept failing: an admin
+    /// retries it forward). See `crate::saga`.
     SagaState {
         Running = "running",
         Unwinding = "unwinding",
         Done = "done",
         Unwound = "unwound",
         Stuck = "stuck",
+        Blocked = "blocked",
     }
 );
 
