@@ -7,113 +7,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, NodeProc};
-use oxvirt_engine::allinone;
-use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
-use oxvirt_engine::daemon::{Engine, EngineConfig};
-use oxvirt_engine::model::{
-    DiskFormat, DiskInterface, HostStatus, SdType, StorageType, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+use common::cluster::{
+    attach_data_domain, data_domain, start_cluster, start_cluster_via, start_cluster_with, Cluster,
 };
+use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
+use oxvirt_engine::daemon::Engine;
+use oxvirt_engine::model::{DiskFormat, DiskInterface, HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_testkit::TestGuest;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-struct Cluster {
-    engine: Arc<Engine>,
-    nodes: Vec<(String, PathBuf, NodeProc)>,
-    _dirs: Vec<tempfile::TempDir>,
-    storage: PathBuf,
-}
-
-/// QEMU outlives its node by design: a test that fails midway must not leave guests running.
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, data, _) in &self.nodes {
-            common::kill_qemus(&data.join("run"));
-        }
-    }
-}
-
-async fn start_cluster(n: usize) -> Cluster {
-    start_cluster_with(n, common::fast_engine_settings()).await
-}
-
-async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettings) -> Cluster {
-    start_cluster_via(n, settings, &[]).await
-}
-
-/// Nodes started through `wrapper` (see `common::spawn_node_via`).
-async fn start_cluster_via(
-    n: usize,
-    settings: oxvirt_engine::app::EngineSettings,
-    wrapper: &[&str],
-) -> Cluster {
-    let engine_dir = tempfile::tempdir().unwrap();
-    let storage = tempfile::tempdir().unwrap();
-    let cfg = EngineConfig {
-        data_dir: engine_dir.path().to_path_buf(),
-        db_url: None,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_password: Some("secret".into()),
-        settings,
-    };
-    let engine = Engine::start(cfg, None).await.unwrap();
-    let (_, cluster) = allinone::ensure_default(&engine).await.unwrap();
-    let mut nodes = Vec::new();
-    let mut dirs = vec![engine_dir];
-    for i in 0..n {
-        let d = tempfile::tempdir().unwrap();
-        let name = format!("host{}", i + 1);
-        let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
-        let addr = free_port();
-        let p = common::spawn_node_via(
-            wrapper,
-            &name,
-            d.path(),
-            addr,
-            &[
-                "--engine",
-                &engine.addr.to_string(),
-                "--token",
-                &token,
-                "--accel",
-                "tcg",
-            ],
-        );
-        nodes.push((name, d.path().to_path_buf(), p));
-        dirs.push(d);
-    }
-    allinone::wait_hosts_up(&engine, n, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let storage_path = storage.path().to_path_buf();
-    dirs.push(storage);
-    Cluster {
-        engine,
-        nodes,
-        _dirs: dirs,
-        storage: storage_path,
-    }
-}
-
-/// The "data" localfs domain at `path`, added through `host`.
-fn data_domain(path: &str, host: oxvirt_engine::model::HostUuid) -> AddStorageDomain {
-    AddStorageDomain {
-        name: "data".into(),
-        description: String::new(),
-        domain_type: SdType::Data,
-        storage_type: StorageType::Localfs,
-        address: None,
-        path: path.into(),
-        vfs_type: None,
-        mount_options: None,
-        host,
-    }
-}
 
 fn console(c: &Cluster, host: &str, vm: oxvirt_types::VmId) -> PathBuf {
     let (_, dir, _) = c.nodes.iter().find(|(n, _, _)| n == host).unwrap();
@@ -664,17 +569,9 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
     let c = start_cluster_with(1, settings).await;
     let e = c.engine.clone();
     let (cmds, db) = (&e.cmds, &e.app().db);
-    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    attach_data_domain(&c, "host1").await;
     let host = db.host_get_by_name("host1").await.unwrap().unwrap();
-    let sd = cmds
-        .add_storage_domain(data_domain(&c.storage.display().to_string(), host.id), None)
-        .await
-        .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
-    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
-        .await
-        .unwrap();
     let vm = cmds
         .add_vm(
             AddVm {
@@ -757,17 +654,8 @@ async fn a_host_that_loses_a_domain_the_others_use_is_non_operational_until_it_s
     };
     let c = start_cluster_via(2, settings, &["unshare", "--mount", "--propagation", "private"]).await;
     let e = c.engine.clone();
-    let (cmds, db) = (&e.cmds, &e.app().db);
-    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
-    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
-    let sd = cmds
-        .add_storage_domain(data_domain(&c.storage.display().to_string(), host1.id), None)
-        .await
-        .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
-    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let db = &e.app().db;
+    let (dc, sd) = attach_data_domain(&c, "host1").await;
     let spm = db.dc_get(dc.id).await.unwrap().unwrap().spm_host.unwrap();
     let victim = db
         .host_list(&Default::default())

@@ -614,17 +614,30 @@ impl SagaDef for PreviewSnapshotSaga {
                 },
             )
             .describe("Creating the preview volumes"),
-            Step::without_undo("done", |c: StepCtx<Self>| async move {
-                let p = c.params();
-                c.db().snapshot_set_status(p.kept, &[], SnapshotStatus::Ok).await?;
-                c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Locked, SnapshotStatus::InPreview], SnapshotStatus::InPreview).await?;
-                if let Some(st) = &p.memory {
-                    c.db().vm_hibernation_set(p.vm, st).await?;
-                }
-                let rt = resting(c.app(), p.vm).await?;
-                let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
-                Ok(())
-            }),
+            Step::new(
+                "done",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().snapshot_set_status(p.kept, &[], SnapshotStatus::Ok).await?;
+                    c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::Locked, SnapshotStatus::InPreview], SnapshotStatus::InPreview).await?;
+                    if let Some(st) = &p.memory {
+                        c.db().vm_hibernation_set(p.vm, st).await?;
+                    }
+                    let rt = resting(c.app(), p.vm).await?;
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
+                    Ok(())
+                },
+                // Back to what the lock step made, so that its undo and the others' apply.
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::InPreview], SnapshotStatus::Locked).await;
+                    if p.memory.is_some() {
+                        c.db().vm_hibernation_clear(p.vm).await?;
+                    }
+                    let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::Suspended], &locked()).await;
+                    Ok(())
+                },
+            ),
         ]
     }
 }

@@ -1,0 +1,123 @@
+//! An in-process engine (real database, real HTTPS, real enrollment) with real `oxvirt node`
+//! processes on loopback sharing one directory as storage, and the data domain on it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxvirt_engine::allinone;
+use oxvirt_engine::commands::AddStorageDomain;
+use oxvirt_engine::daemon::{Engine, EngineConfig};
+use oxvirt_engine::model::{DataCenter, SdType, StorageDomain, StorageType};
+
+use super::{free_port, NodeProc};
+
+pub struct Cluster {
+    pub engine: Arc<Engine>,
+    pub nodes: Vec<(String, PathBuf, NodeProc)>,
+    _dirs: Vec<tempfile::TempDir>,
+    pub storage: PathBuf,
+}
+
+/// QEMU outlives its node by design: a test that fails midway must not leave guests running.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, data, _) in &self.nodes {
+            super::kill_qemus(&data.join("run"));
+        }
+    }
+}
+
+pub async fn start_cluster(n: usize) -> Cluster {
+    start_cluster_with(n, super::fast_engine_settings()).await
+}
+
+pub async fn start_cluster_with(n: usize, settings: oxvirt_engine::app::EngineSettings) -> Cluster {
+    start_cluster_via(n, settings, &[]).await
+}
+
+/// Nodes started through `wrapper` (see `super::spawn_node_via`).
+pub async fn start_cluster_via(
+    n: usize,
+    settings: oxvirt_engine::app::EngineSettings,
+    wrapper: &[&str],
+) -> Cluster {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        data_dir: engine_dir.path().to_path_buf(),
+        db_url: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_password: Some("secret".into()),
+        settings,
+    };
+    let engine = Engine::start(cfg, None).await.unwrap();
+    let (_, cluster) = allinone::ensure_default(&engine).await.unwrap();
+    let mut nodes = Vec::new();
+    let mut dirs = vec![engine_dir];
+    for i in 0..n {
+        let d = tempfile::tempdir().unwrap();
+        let name = format!("host{}", i + 1);
+        let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
+        let addr = free_port();
+        let p = super::spawn_node_via(
+            wrapper,
+            &name,
+            d.path(),
+            addr,
+            &[
+                "--engine",
+                &engine.addr.to_string(),
+                "--token",
+                &token,
+                "--accel",
+                "tcg",
+            ],
+        );
+        nodes.push((name, d.path().to_path_buf(), p));
+        dirs.push(d);
+    }
+    allinone::wait_hosts_up(&engine, n, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let storage_path = storage.path().to_path_buf();
+    dirs.push(storage);
+    Cluster {
+        engine,
+        nodes,
+        _dirs: dirs,
+        storage: storage_path,
+    }
+}
+
+/// The "data" localfs domain at `path`, added through `host`.
+pub fn data_domain(path: &str, host: oxvirt_engine::model::HostUuid) -> AddStorageDomain {
+    AddStorageDomain {
+        name: "data".into(),
+        description: String::new(),
+        domain_type: SdType::Data,
+        storage_type: StorageType::Localfs,
+        address: None,
+        path: path.into(),
+        vfs_type: None,
+        mount_options: None,
+        host,
+    }
+}
+
+/// The "data" domain on the cluster's storage, added through `host`, attached to the Default
+/// data center and active; returns both.
+pub async fn attach_data_domain(c: &Cluster, host: &str) -> (DataCenter, StorageDomain) {
+    let (cmds, db) = (&c.engine.cmds, &c.engine.app().db);
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let host = db.host_get_by_name(host).await.unwrap().unwrap();
+    let sd = cmds
+        .add_storage_domain(data_domain(&c.storage.display().to_string(), host.id), None)
+        .await
+        .unwrap();
+    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    (dc, sd)
+}

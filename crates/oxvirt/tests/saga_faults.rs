@@ -1,0 +1,754 @@
+//! The engine's storage commands, each failed at every step and crashed at every point of its
+//! saga (the omicron saga test pattern), against the real engine database and a real
+//! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
+//! template, a cold snapshot and a template.
+//!
+//! After every run, once the saga has ended (unwound before its point of no return, finished
+//! at or past it, resumed by the engine's own executor after a crash): no saga is left
+//! running, stuck or blocked; nothing is locked; every disk the engine knows has its image on
+//! the domain with exactly the volumes, parents and roles the engine records, every image on
+//! the domain is a disk the engine knows, and the domain checker finds nothing (metadata,
+//! chains, legality, leftovers, `qemu-img check`); the command happened entirely or not at
+//! all. Then the run is undone with the ordinary commands and the world must be back to its
+//! baseline, so each run starts from the same state.
+
+mod common;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cluster::{attach_data_domain, start_cluster, Cluster};
+use oxvirt_engine::commands::{AddDisk, AddSnapshot, AddVm, AddVmDisk, Commands};
+use oxvirt_engine::db::{Db, ListQuery, SagaState};
+use oxvirt_engine::model::{
+    ClusterId, DiskFormat, DiskId, DiskInterface, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType,
+    TemplateId, TemplateStatus, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+};
+use oxvirt_engine::saga::testing::{crash_at_each_point, fail_at_each_step, FaultInjector, Faults};
+use oxvirt_engine::saga::{ForwardRetry, SagaExecutor, SagaOutcome};
+
+const MIB: u64 = 1 << 20;
+
+struct World {
+    c: Cluster,
+    sd: SdUuid,
+    cluster: ClusterId,
+    /// A down VM with one disk: snapshots and templates are taken of it.
+    base: VmId,
+    tmpl: TemplateId,
+}
+
+/// What must be the same before a run and after it is undone.
+#[derive(Debug, Clone, PartialEq)]
+struct Fingerprint {
+    disks: BTreeMap<DiskId, Vec<String>>,
+    vms: BTreeSet<VmId>,
+    templates: BTreeSet<TemplateId>,
+    snapshots: BTreeSet<String>,
+    images: BTreeSet<String>,
+}
+
+impl World {
+    async fn new() -> World {
+        let c = start_cluster(1).await;
+        let (_, sd) = attach_data_domain(&c, "host1").await;
+        let e = c.engine.clone();
+        let cluster = e
+            .app()
+            .db
+            .cluster_get_by_name("Default")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let base = e
+            .cmds
+            .add_vm(vm_req("base", cluster, BLANK_TEMPLATE_ID), None)
+            .await
+            .unwrap();
+        e.cmds
+            .add_disk(disk_req("base_disk", sd.id, Some(base.id)), None)
+            .await
+            .unwrap();
+        let tmpl = e.cmds.add_template(base.id, "tmpl", "", None).await.unwrap();
+        World {
+            c,
+            sd: sd.id,
+            cluster,
+            base: base.id,
+            tmpl: tmpl.id,
+        }
+    }
+
+    fn cmds(&self) -> &Commands {
+        &self.c.engine.cmds
+    }
+
+    fn db(&self) -> &Db {
+        &self.c.engine.app().db
+    }
+
+    /// The engine's commands on an executor that injects `faults`.
+    fn faulty(&self, faults: Arc<dyn FaultInjector>) -> Commands {
+        let app = self.c.engine.app().clone();
+        let retry = ForwardRetry {
+            attempts: 3,
+            first_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        };
+        let sagas = SagaExecutor::with_faults(app.db.clone(), app.clone(), faults, retry);
+        Commands::register_all(&sagas).unwrap();
+        Commands { app, sagas }
+    }
+
+    async fn saga_ids(&self) -> HashSet<SagaId> {
+        self.db()
+            .saga_list(&[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// How the one saga named `name` started since `before` ended, from the saga log.
+    async fn outcome_since(&self, before: &HashSet<SagaId>, name: &str) -> SagaOutcome {
+        let new: Vec<_> = self
+            .db()
+            .saga_list(&[])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| !before.contains(&s.id) && s.name == name)
+            .collect();
+        assert_eq!(new.len(), 1, "one {name} saga ran: {new:?}");
+        let s = &new[0];
+        let error = s.error.clone().unwrap_or_default();
+        match s.state {
+            SagaState::Done => SagaOutcome::Done {
+                outputs: Default::default(),
+            },
+            SagaState::Unwound => SagaOutcome::Unwound { error },
+            SagaState::Stuck => SagaOutcome::Stuck {
+                error,
+                undo_error: s.undo_error.clone().unwrap_or_default(),
+            },
+            SagaState::Blocked => SagaOutcome::Blocked { error },
+            SagaState::Running | SagaState::Unwinding => SagaOutcome::Interrupted,
+        }
+    }
+
+    /// "The engine restarts": its own executor resumes the interrupted saga to its end.
+    async fn resume(&self) -> SagaOutcome {
+        let handles = self.cmds().sagas.resume_all().await.unwrap();
+        assert_eq!(handles.len(), 1, "one interrupted saga to resume");
+        handles.into_iter().next().unwrap().wait().await.unwrap()
+    }
+
+    async fn fingerprint(&self) -> Fingerprint {
+        let db = self.db();
+        let mut disks = BTreeMap::new();
+        for d in db.disk_list(&ListQuery::new()).await.unwrap() {
+            let vols = db.volume_chain(d.id).await.unwrap();
+            disks.insert(
+                d.id,
+                vols.iter().map(|v| format!("{} {:?}", v.id, v.voltype)).collect(),
+            );
+        }
+        let vms: BTreeSet<_> = db
+            .vm_list(&ListQuery::new())
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.id)
+            .collect();
+        let mut snapshots = BTreeSet::new();
+        for vm in &vms {
+            for s in db.snapshots_of_vm(*vm).await.unwrap() {
+                snapshots.insert(format!("{} {:?}", s.id, s.snapshot_type));
+            }
+        }
+        Fingerprint {
+            disks,
+            vms,
+            templates: db
+                .template_list(&ListQuery::new())
+                .await
+                .unwrap()
+                .iter()
+                .map(|t| t.id)
+                .collect(),
+            snapshots,
+            images: self
+                .domain()
+                .dump_chains()
+                .unwrap()
+                .iter()
+                .map(|c| c.image.to_string())
+                .collect(),
+        }
+    }
+
+    fn domain(&self) -> oxvirt_storage::FileStorageDomain {
+        oxvirt_storage::FileStorageDomain::find(&self.c.storage, self.sd).unwrap()
+    }
+
+    /// The engine's records and the domain agree, and nothing waits for anyone.
+    async fn assert_consistent(&self, what: &str) {
+        let db = self.db();
+        let open = db
+            .saga_list(&[
+                SagaState::Running,
+                SagaState::Unwinding,
+                SagaState::Stuck,
+                SagaState::Blocked,
+            ])
+            .await
+            .unwrap();
+        assert!(open.is_empty(), "{what}: sagas left open: {open:?}");
+        for v in db.vm_list(&ListQuery::new()).await.unwrap() {
+            assert_eq!(v.runtime.status, VmStatus::Down, "{what}: VM {}", v.name);
+            for s in db.snapshots_of_vm(v.id).await.unwrap() {
+                assert!(
+                    matches!(s.status, SnapshotStatus::Ok | SnapshotStatus::InPreview),
+                    "{what}: snapshot {} is {}",
+                    s.description,
+                    s.status
+                );
+            }
+        }
+        for t in db.template_list(&ListQuery::new()).await.unwrap() {
+            assert_eq!(t.status, TemplateStatus::Ok, "{what}: template {}", t.name);
+        }
+        let report = self.domain().check(false).unwrap();
+        assert!(
+            report.is_clean(),
+            "{what}: the domain checker: {:?}",
+            report.problems
+        );
+        let mut chains: BTreeMap<_, _> = self
+            .domain()
+            .dump_chains()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.image.to_string(), c.chain))
+            .collect();
+        for d in db.disk_list(&ListQuery::new()).await.unwrap() {
+            assert_eq!(
+                (d.status, d.locked_by),
+                (DiskStatus::Ok, None),
+                "{what}: disk {}",
+                d.name
+            );
+            let chain = chains
+                .remove(&d.id.to_string())
+                .unwrap_or_else(|| panic!("{what}: disk {} has no image on the domain", d.name))
+                .unwrap_or_else(|e| panic!("{what}: disk {}'s chain: {e}", d.name));
+            let on_disk: BTreeMap<_, _> = chain
+                .iter()
+                .filter(|v| v.meta.image.to_string() == d.id.to_string())
+                .map(|v| {
+                    let role = v.meta.role.as_str().to_ascii_lowercase();
+                    (v.id.to_string(), (v.meta.parent().map(|p| p.to_string()), role))
+                })
+                .collect();
+            let recorded: BTreeMap<_, _> = db
+                .volume_chain(d.id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    let role = format!("{:?}", v.voltype).to_ascii_lowercase();
+                    (v.id.to_string(), (v.parent_id.map(|p| p.to_string()), role))
+                })
+                .collect();
+            assert_eq!(
+                on_disk, recorded,
+                "{what}: disk {}'s volumes: storage vs engine",
+                d.name
+            );
+        }
+        assert!(
+            chains.is_empty(),
+            "{what}: images the engine does not know: {:?}",
+            chains.keys()
+        );
+    }
+}
+
+fn vm_req(name: &str, cluster: ClusterId, template: TemplateId) -> AddVm {
+    AddVm {
+        name: name.into(),
+        description: String::new(),
+        cluster,
+        template,
+        memory_bytes: Some(128 * MIB),
+        cpu: None,
+        os: VmOs::default(),
+        ha: None,
+    }
+}
+
+fn disk_req(name: &str, sd: SdUuid, attach: Option<VmId>) -> AddDisk {
+    AddDisk {
+        name: name.into(),
+        description: String::new(),
+        storage_domain: sd,
+        provisioned_size: 16 * MIB,
+        format: DiskFormat::Cow,
+        sparse: true,
+        shareable: false,
+        attach_to: attach.map(|vm| AddVmDisk {
+            vm,
+            interface: DiskInterface::Virtio,
+            bootable: false,
+            active: true,
+        }),
+    }
+}
+
+/// One command under test: how to set up for it, run it, see whether it happened, and undo it
+/// with the ordinary commands.
+trait Scenario {
+    /// The saga the command runs.
+    const SAGA: &'static str;
+    /// What `prepare` made for the run.
+    type Ctx;
+    async fn prepare(&self, w: &World) -> Self::Ctx;
+    /// Runs the command on `cmds` (its result is ignored: the saga log tells).
+    async fn run(&self, w: &World, cmds: &Commands, c: &Self::Ctx);
+    /// Asserts the command took effect entirely (`done`) or not at all.
+    async fn check(&self, w: &World, c: &Self::Ctx, done: bool, what: &str);
+    /// Back to the baseline.
+    async fn reset(&self, w: &World, c: Self::Ctx);
+    /// Whether `reset` also brings back the volumes of every chain (a committed preview keeps
+    /// the state it replaced in the chain, under the preview's leaf, until a merge).
+    fn keeps_chains(&self) -> bool {
+        true
+    }
+}
+
+/// Fails `S`'s saga at each step, then crashes it at each point, checking after each run.
+async fn sweep<S: Scenario>(w: &World, s: &S) {
+    let steps = w.cmds().sagas.step_count(S::SAGA).unwrap();
+    let no_return = w.cmds().sagas.point_of_no_return(S::SAGA);
+    let baseline = w.fingerprint().await;
+    let cur: RefCell<Option<S::Ctx>> = RefCell::new(None);
+    let cur = &cur;
+    let baseline = &baseline;
+    let verify = move |what: String, done: bool| async move {
+        let ctx = cur.borrow_mut().take().unwrap();
+        w.assert_consistent(&what).await;
+        s.check(w, &ctx, done, &what).await;
+        s.reset(w, ctx).await;
+        let mut now = w.fingerprint().await;
+        if !s.keeps_chains() {
+            // The same disks, whatever their chains.
+            let chains = |k: &DiskId| baseline.disks.get(k).cloned().unwrap_or_default();
+            now.disks = now.disks.keys().map(|k| (*k, chains(k))).collect();
+        }
+        assert_eq!(&now, baseline, "{what}: not back to the baseline");
+    };
+    fail_at_each_step(
+        steps,
+        no_return,
+        move |fault| async move {
+            let ctx = s.prepare(w).await;
+            let before = w.saga_ids().await;
+            s.run(w, &w.faulty(fault), &ctx).await;
+            *cur.borrow_mut() = Some(ctx);
+            w.outcome_since(&before, S::SAGA).await
+        },
+        move |i, point, out| {
+            verify(
+                format!("{} failing at step {i} {point:?}", S::SAGA),
+                out.is_done(),
+            )
+        },
+    )
+    .await;
+    crash_at_each_point(
+        steps,
+        no_return,
+        move |faults| async move {
+            let ctx = s.prepare(w).await;
+            let before = w.saga_ids().await;
+            s.run(w, &w.faulty(Arc::new(Faults(faults))), &ctx).await;
+            assert_eq!(w.outcome_since(&before, S::SAGA).await, SagaOutcome::Interrupted);
+            *cur.borrow_mut() = Some(ctx);
+            w.resume().await
+        },
+        move |i, point, out| {
+            verify(
+                format!("{} crashing at step {i} {point:?}", S::SAGA),
+                out.is_done(),
+            )
+        },
+    )
+    .await;
+}
+
+async fn vm_named(w: &World, name: &str) -> Option<VmId> {
+    w.db().vm_get_by_name(name).await.unwrap().map(|v| v.id)
+}
+
+async fn disk_named(w: &World, name: &str) -> Option<DiskId> {
+    w.db()
+        .disk_list(&ListQuery::new())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == name)
+        .map(|d| d.id)
+}
+
+struct AddDiskRun;
+impl Scenario for AddDiskRun {
+    const SAGA: &'static str = "add_disk";
+    type Ctx = ();
+    async fn prepare(&self, _: &World) {}
+    async fn run(&self, w: &World, cmds: &Commands, _: &()) {
+        let _ = cmds.add_disk(disk_req("swept", w.sd, Some(w.base)), None).await;
+    }
+    async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
+        let d = disk_named(w, "swept").await;
+        assert_eq!(d.is_some(), done, "{what}: the disk");
+        let attached = w.db().attachments_of_vm(w.base).await.unwrap().len();
+        assert_eq!(attached, 1 + usize::from(done), "{what}: the base VM's disks");
+    }
+    async fn reset(&self, w: &World, _: ()) {
+        if let Some(d) = disk_named(w, "swept").await {
+            w.cmds().remove_disk(d, None).await.unwrap();
+        }
+    }
+}
+
+struct RemoveDiskRun;
+impl Scenario for RemoveDiskRun {
+    const SAGA: &'static str = "remove_disk";
+    type Ctx = DiskId;
+    async fn prepare(&self, w: &World) -> DiskId {
+        w.cmds()
+            .add_disk(disk_req("victim", w.sd, None), None)
+            .await
+            .unwrap()
+            .id
+    }
+    async fn run(&self, _: &World, cmds: &Commands, d: &DiskId) {
+        let _ = cmds.remove_disk(*d, None).await;
+    }
+    async fn check(&self, w: &World, d: &DiskId, done: bool, what: &str) {
+        assert_eq!(
+            w.db().disk_get(*d).await.unwrap().is_none(),
+            done,
+            "{what}: the disk"
+        );
+    }
+    async fn reset(&self, w: &World, d: DiskId) {
+        if w.db().disk_get(d).await.unwrap().is_some() {
+            w.cmds().remove_disk(d, None).await.unwrap();
+        }
+    }
+}
+
+struct AddVmFromTemplate;
+impl Scenario for AddVmFromTemplate {
+    const SAGA: &'static str = "add_vm";
+    type Ctx = ();
+    async fn prepare(&self, _: &World) {}
+    async fn run(&self, w: &World, cmds: &Commands, _: &()) {
+        let _ = cmds.add_vm(vm_req("clone", w.cluster, w.tmpl), None).await;
+    }
+    async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
+        let vm = vm_named(w, "clone").await;
+        assert_eq!(vm.is_some(), done, "{what}: the VM");
+        if let Some(vm) = vm {
+            let atts = w.db().attachments_of_vm(vm).await.unwrap();
+            assert_eq!(atts.len(), 1, "{what}: the clone's disk");
+            let tdisk = w.db().template_disks(w.tmpl).await.unwrap()[0].id;
+            let tvol = w.db().volume_chain(tdisk).await.unwrap()[0].id;
+            let chain = w.db().volume_chain(atts[0].disk_id).await.unwrap();
+            assert_eq!(
+                chain[0].parent_id,
+                Some(tvol),
+                "{what}: a thin clone of the template"
+            );
+        }
+    }
+    async fn reset(&self, w: &World, _: ()) {
+        if let Some(vm) = vm_named(w, "clone").await {
+            w.cmds().remove_vm(vm, false, None).await.unwrap();
+        }
+    }
+}
+
+struct RemoveVmRun;
+impl Scenario for RemoveVmRun {
+    const SAGA: &'static str = "remove_vm";
+    type Ctx = VmId;
+    async fn prepare(&self, w: &World) -> VmId {
+        w.cmds()
+            .add_vm(vm_req("doomed", w.cluster, w.tmpl), None)
+            .await
+            .unwrap()
+            .id
+    }
+    async fn run(&self, _: &World, cmds: &Commands, vm: &VmId) {
+        let _ = cmds.remove_vm(*vm, false, None).await;
+    }
+    async fn check(&self, w: &World, vm: &VmId, done: bool, what: &str) {
+        assert_eq!(
+            w.db().vm_get(*vm).await.unwrap().is_none(),
+            done,
+            "{what}: the VM"
+        );
+    }
+    async fn reset(&self, w: &World, vm: VmId) {
+        if w.db().vm_get(vm).await.unwrap().is_some() {
+            w.cmds().remove_vm(vm, false, None).await.unwrap();
+        }
+    }
+}
+
+async fn regular_snapshot(w: &World, description: &str) -> Option<oxvirt_engine::model::SnapshotId> {
+    w.db()
+        .snapshots_of_vm(w.base)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.snapshot_type == SnapshotType::Regular && s.description == description)
+        .map(|s| s.id)
+}
+
+struct AddColdSnapshot;
+impl Scenario for AddColdSnapshot {
+    const SAGA: &'static str = "add_snapshot";
+    type Ctx = ();
+    async fn prepare(&self, _: &World) {}
+    async fn run(&self, w: &World, cmds: &Commands, _: &()) {
+        let req = AddSnapshot {
+            description: "swept".into(),
+            persist_memory: false,
+        };
+        let _ = cmds.add_snapshot(w.base, req, None).await;
+    }
+    async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
+        assert_eq!(
+            regular_snapshot(w, "swept").await.is_some(),
+            done,
+            "{what}: the snapshot"
+        );
+        let disk = w.db().attachments_of_vm(w.base).await.unwrap()[0].disk_id;
+        let depth = w.db().volume_chain(disk).await.unwrap().len();
+        assert_eq!(depth, 1 + usize::from(done), "{what}: the base disk's chain");
+    }
+    async fn reset(&self, w: &World, _: ()) {
+        if let Some(s) = regular_snapshot(w, "swept").await {
+            w.cmds().remove_snapshot(w.base, s, None).await.unwrap();
+        }
+    }
+}
+
+struct RemoveColdSnapshot;
+impl Scenario for RemoveColdSnapshot {
+    const SAGA: &'static str = "remove_snapshot";
+    type Ctx = oxvirt_engine::model::SnapshotId;
+    async fn prepare(&self, w: &World) -> Self::Ctx {
+        let req = AddSnapshot {
+            description: "merged".into(),
+            persist_memory: false,
+        };
+        w.cmds().add_snapshot(w.base, req, None).await.unwrap().id
+    }
+    async fn run(&self, w: &World, cmds: &Commands, s: &Self::Ctx) {
+        let _ = cmds.remove_snapshot(w.base, *s, None).await;
+    }
+    async fn check(&self, w: &World, _: &Self::Ctx, done: bool, what: &str) {
+        assert_eq!(
+            regular_snapshot(w, "merged").await.is_none(),
+            done,
+            "{what}: the snapshot"
+        );
+    }
+    async fn reset(&self, w: &World, s: Self::Ctx) {
+        if regular_snapshot(w, "merged").await.is_some() {
+            w.cmds().remove_snapshot(w.base, s, None).await.unwrap();
+        }
+    }
+}
+
+/// A regular snapshot of the base VM, taken with the ordinary command.
+async fn snapshot_of_base(w: &World, description: &str) -> oxvirt_engine::model::SnapshotId {
+    let req = AddSnapshot {
+        description: description.into(),
+        persist_memory: false,
+    };
+    w.cmds().add_snapshot(w.base, req, None).await.unwrap().id
+}
+
+async fn in_preview(w: &World) -> bool {
+    let snaps = w.db().snapshots_of_vm(w.base).await.unwrap();
+    snaps.iter().any(|s| s.snapshot_type == SnapshotType::Preview)
+}
+
+/// Ends a preview if one is on, then removes the snapshot.
+async fn drop_snapshot(w: &World, s: oxvirt_engine::model::SnapshotId) {
+    if in_preview(w).await {
+        w.cmds().undo_snapshot(w.base, None).await.unwrap();
+    }
+    w.cmds().remove_snapshot(w.base, s, None).await.unwrap();
+}
+
+async fn base_leaf(w: &World) -> oxvirt_engine::model::VolUuid {
+    let disk = w.db().attachments_of_vm(w.base).await.unwrap()[0].disk_id;
+    w.db().volume_chain(disk).await.unwrap().last().unwrap().id
+}
+
+struct PreviewRun;
+impl Scenario for PreviewRun {
+    const SAGA: &'static str = "preview_snapshot";
+    type Ctx = oxvirt_engine::model::SnapshotId;
+    async fn prepare(&self, w: &World) -> Self::Ctx {
+        snapshot_of_base(w, "previewed").await
+    }
+    async fn run(&self, w: &World, cmds: &Commands, s: &Self::Ctx) {
+        let _ = cmds.preview_snapshot(w.base, *s, false, None).await;
+    }
+    async fn check(&self, w: &World, _: &Self::Ctx, done: bool, what: &str) {
+        assert_eq!(in_preview(w).await, done, "{what}: in preview");
+    }
+    async fn reset(&self, w: &World, s: Self::Ctx) {
+        drop_snapshot(w, s).await
+    }
+}
+
+/// Ends a preview: committing it (`true`) or undoing it.
+struct EndPreviewRun(bool);
+impl Scenario for EndPreviewRun {
+    const SAGA: &'static str = "end_preview";
+    /// The snapshot previewed and the leaf the VM had before.
+    type Ctx = (oxvirt_engine::model::SnapshotId, oxvirt_engine::model::VolUuid);
+    async fn prepare(&self, w: &World) -> Self::Ctx {
+        let s = snapshot_of_base(w, "previewed").await;
+        let leaf = base_leaf(w).await;
+        w.cmds().preview_snapshot(w.base, s, false, None).await.unwrap();
+        (s, leaf)
+    }
+    async fn run(&self, w: &World, cmds: &Commands, _: &Self::Ctx) {
+        let _ = match self.0 {
+            true => cmds.commit_snapshot(w.base, None).await,
+            false => cmds.undo_snapshot(w.base, None).await,
+        };
+    }
+    async fn check(&self, w: &World, (_, leaf): &Self::Ctx, done: bool, what: &str) {
+        assert_eq!(in_preview(w).await, !done, "{what}: in preview");
+        if done {
+            // Undo: back on the leaf kept aside; commit: on the preview's own leaf.
+            assert_eq!(base_leaf(w).await == *leaf, !self.0, "{what}: the leaf");
+        }
+    }
+    async fn reset(&self, w: &World, (s, _): Self::Ctx) {
+        drop_snapshot(w, s).await
+    }
+    fn keeps_chains(&self) -> bool {
+        !self.0
+    }
+}
+
+struct RestoreRun;
+impl Scenario for RestoreRun {
+    const SAGA: &'static str = "restore_snapshot";
+    type Ctx = (oxvirt_engine::model::SnapshotId, oxvirt_engine::model::VolUuid);
+    async fn prepare(&self, w: &World) -> Self::Ctx {
+        let s = snapshot_of_base(w, "restored").await;
+        (s, base_leaf(w).await)
+    }
+    async fn run(&self, w: &World, cmds: &Commands, (s, _): &Self::Ctx) {
+        let _ = cmds.restore_snapshot(w.base, *s, false, None).await;
+    }
+    async fn check(&self, w: &World, (_, leaf): &Self::Ctx, done: bool, what: &str) {
+        assert_eq!(
+            base_leaf(w).await != *leaf,
+            done,
+            "{what}: a new leaf on the snapshot"
+        );
+    }
+    async fn reset(&self, w: &World, (s, _): Self::Ctx) {
+        drop_snapshot(w, s).await
+    }
+}
+
+struct AddTemplateRun;
+impl Scenario for AddTemplateRun {
+    const SAGA: &'static str = "add_template";
+    type Ctx = ();
+    async fn prepare(&self, _: &World) {}
+    async fn run(&self, w: &World, cmds: &Commands, _: &()) {
+        let _ = cmds.add_template(w.base, "swept_tmpl", "", None).await;
+    }
+    async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
+        let t = w.db().template_get_by_name("swept_tmpl").await.unwrap();
+        assert_eq!(t.is_some(), done, "{what}: the template");
+        if let Some(t) = t {
+            assert_eq!(
+                w.db().template_disks(t.id).await.unwrap().len(),
+                1,
+                "{what}: its disk"
+            );
+        }
+    }
+    async fn reset(&self, w: &World, _: ()) {
+        if let Some(t) = w.db().template_get_by_name("swept_tmpl").await.unwrap() {
+            w.cmds().remove_template(t.id).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
+    let w = World::new().await;
+    sweep(&w, &AddDiskRun).await;
+    sweep(&w, &RemoveDiskRun).await;
+    w.domain()
+        .check(true)
+        .map(|r| assert!(r.is_clean(), "{:?}", r.problems))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_and_template_commands_fail_and_crash_at_every_step_and_storage_agrees() {
+    let w = World::new().await;
+    sweep(&w, &AddVmFromTemplate).await;
+    sweep(&w, &RemoveVmRun).await;
+    sweep(&w, &AddTemplateRun).await;
+    w.domain()
+        .check(true)
+        .map(|r| assert!(r.is_clean(), "{:?}", r.problems))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_commands_fail_and_crash_at_every_step_and_storage_agrees() {
+    let w = World::new().await;
+    sweep(&w, &AddColdSnapshot).await;
+    sweep(&w, &RemoveColdSnapshot).await;
+    sweep(&w, &RestoreRun).await;
+    w.domain()
+        .check(true)
+        .map(|r| assert!(r.is_clean(), "{:?}", r.problems))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_commands_fail_and_crash_at_every_step_and_storage_agrees() {
+    let w = World::new().await;
+    sweep(&w, &PreviewRun).await;
+    sweep(&w, &EndPreviewRun(true)).await;
+    sweep(&w, &EndPreviewRun(false)).await;
+    w.domain()
+        .check(true)
+        .map(|r| assert!(r.is_clean(), "{:?}", r.problems))
+        .unwrap();
+}
