@@ -1,7 +1,8 @@
 //! The engine's storage commands, each failed at every step and crashed at every point of its
 //! saga (the omicron saga test pattern), against the real engine database and a real
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
-//! template, a cold snapshot and a template.
+//! template and a template; taking, removing, restoring and previewing a cold snapshot, and
+//! committing or undoing the preview.
 //!
 //! After every run, once the saga has ended (unwound before its point of no return, finished
 //! at or past it, resumed by the engine's own executor after a crash): no saga is left
@@ -706,6 +707,34 @@ impl Scenario for AddTemplateRun {
     }
 }
 
+struct RemoveTemplateRun;
+impl Scenario for RemoveTemplateRun {
+    const SAGA: &'static str = "remove_template";
+    type Ctx = TemplateId;
+    async fn prepare(&self, w: &World) -> TemplateId {
+        w.cmds()
+            .add_template(w.base, "doomed_tmpl", "", None)
+            .await
+            .unwrap()
+            .id
+    }
+    async fn run(&self, _: &World, cmds: &Commands, t: &TemplateId) {
+        let _ = cmds.remove_template(*t).await;
+    }
+    async fn check(&self, w: &World, t: &TemplateId, done: bool, what: &str) {
+        assert_eq!(
+            w.db().template_get(*t).await.unwrap().is_none(),
+            done,
+            "{what}: the template"
+        );
+    }
+    async fn reset(&self, w: &World, t: TemplateId) {
+        if w.db().template_get(t).await.unwrap().is_some() {
+            w.cmds().remove_template(t).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     let w = World::new().await;
@@ -723,6 +752,7 @@ async fn vm_and_template_commands_fail_and_crash_at_every_step_and_storage_agree
     sweep(&w, &AddVmFromTemplate).await;
     sweep(&w, &RemoveVmRun).await;
     sweep(&w, &AddTemplateRun).await;
+    sweep(&w, &RemoveTemplateRun).await;
     w.domain()
         .check(true)
         .map(|r| assert!(r.is_clean(), "{:?}", r.problems))

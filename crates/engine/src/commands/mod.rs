@@ -110,6 +110,7 @@ impl Commands {
         sagas.register::<vms::SuspendVmSaga>()?;
         sagas.register::<vms::RemoveVmSaga>()?;
         sagas.register::<vms::AddTemplateSaga>()?;
+        sagas.register::<vms::RemoveTemplateSaga>()?;
         sagas.register::<snapshots::AddSnapshotSaga>()?;
         sagas.register::<snapshots::RemoveSnapshotSaga>()?;
         sagas.register::<snapshots::RestoreSnapshotSaga>()?;

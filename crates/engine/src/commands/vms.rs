@@ -945,6 +945,97 @@ impl SagaDef for AddTemplateSaga {
     }
 }
 
+/// One disk of a template being removed, with where its image lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateDiskPlace {
+    pub disk: DiskId,
+    pub sd: crate::model::SdUuid,
+    pub dc: DcId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveTemplateParams {
+    pub template: TemplateId,
+    pub disks: Vec<TemplateDiskPlace>,
+}
+
+/// Removes a template no VM uses: locked first (so no VM is made from it meanwhile), then its
+/// images (the point of no return), then its records.
+pub struct RemoveTemplateSaga;
+
+impl SagaDef for RemoveTemplateSaga {
+    type Ctx = App;
+    type Params = RemoveTemplateParams;
+    const NAME: &'static str = "remove_template";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Removing template {}", p.template)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db()
+                        .template_set_status(
+                            p.template,
+                            &[TemplateStatus::Ok, TemplateStatus::Locked],
+                            TemplateStatus::Locked,
+                        )
+                        .await?;
+                    // Counted under the lock: a VM made from it before the lock shows here.
+                    let filter = VmFilter {
+                        template: Some(Ref::Id(p.template)),
+                        ..Default::default()
+                    };
+                    let users = c.db().vm_count(&filter).await?;
+                    if users > 0 {
+                        return Err(step_err(format!(
+                            "template {} is used by {users} VMs",
+                            p.template
+                        )));
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c
+                        .db()
+                        .template_set_status(p.template, &[TemplateStatus::Locked], TemplateStatus::Ok)
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Locking the template"),
+            Step::without_undo("delete", |c: StepCtx<Self>| async move {
+                for d in &c.params().disks {
+                    delete_image(c.app(), d.dc, d.sd, d.disk).await?;
+                }
+                Ok(())
+            })
+            .describe("Deleting the template's disks")
+            .point_of_no_return(),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let db = c.db();
+                for d in &p.disks {
+                    db.template_disk_remove(p.template, d.disk).await?;
+                    if db.disk_get(d.disk).await?.is_some() {
+                        // The disk's volumes go with its row.
+                        db.disk_delete(d.disk).await?;
+                    }
+                }
+                if db.template_get(p.template).await?.is_some() {
+                    db.template_delete(p.template).await?;
+                }
+                Ok(())
+            }),
+        ]
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Commands.
 
@@ -1561,18 +1652,18 @@ impl Commands {
                 t.name
             )));
         }
+        let mut disks = Vec::new();
         for d in self.app.db.template_disks(id).await? {
             let dc = self.domain_dc(d.storage_domain_id).await?;
-            delete_image(&self.app, dc.id, d.storage_domain_id, d.id)
-                .await
-                .map_err(|e| CommandError::Conflict(e.to_string()))?;
-            self.app.db.template_disk_remove(id, d.id).await?;
-            for v in self.app.db.volume_chain(d.id).await? {
-                self.app.db.volume_delete(v.id).await?;
-            }
-            self.app.db.disk_delete(d.id).await?;
+            disks.push(TemplateDiskPlace {
+                disk: d.id,
+                sd: d.storage_domain_id,
+                dc: dc.id,
+            });
         }
-        Ok(self.app.db.template_delete(id).await?)
+        self.run::<RemoveTemplateSaga>(RemoveTemplateParams { template: id, disks }, None)
+            .await?;
+        Ok(())
     }
 
     /// Waits for a VM status (tests, `oxvirt up`, async REST clients poll instead).
