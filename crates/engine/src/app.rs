@@ -32,6 +32,8 @@ pub struct EngineSettings {
     /// How long a host may report a pool domain bad that other hosts use before it is
     /// `non_operational`. oVirt: 5 min (`StorageDomainFailureTimeoutInMinutes`).
     pub storage_problem_grace: Duration,
+    /// How commands retry a step past their point of no return before waiting for an admin.
+    pub forward_retry: crate::saga::ForwardRetry,
 }
 
 impl EngineSettings {
@@ -53,6 +55,7 @@ impl Default for EngineSettings {
             migration_timeout: Duration::from_secs(600),
             accel: None,
             storage_problem_grace: Duration::from_secs(300),
+            forward_retry: Default::default(),
         }
     }
 }

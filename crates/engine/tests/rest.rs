@@ -583,6 +583,104 @@ async fn vms_search_follow_actions_jobs_and_events() {
 /// The OpenAPI description served at /ovirt-engine/api/openapi.json lists exactly what the
 /// server answers: every documented path and method reaches a handler over HTTPS (no 404 "no
 /// such path", no 405), undocumented ones do not, and it is the checked-in docs/rest-openapi.json.
+/// A disk removal that cannot reach an SPM fails past its point of no return: it is not rolled
+/// back (its image may be half deleted) but blocked, the disk locked, and its job is what an
+/// admin retries; a job that waits for nobody cannot be retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_commands_are_retried_through_their_job() {
+    use oxvirt_engine::model::{DiskFormat, DiskStatus, PoolMember, SdStatus, SdType, StorageType};
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    let r = c
+        .post("datacenters", "<data_center><name>dc</name></data_center>")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let db = &t.engine.app().db;
+    let dc = db.dc_get_by_name("dc").await.unwrap().unwrap();
+    let sd = db
+        .sd_insert(&oxvirt_engine::model::StorageDomain::new(
+            "gone",
+            SdType::Data,
+            StorageType::Localfs,
+            "/nonexistent",
+        ))
+        .await
+        .unwrap();
+    db.pool_attach(&PoolMember {
+        data_center_id: dc.id,
+        storage_domain_id: sd.id,
+        status: SdStatus::Active,
+        master: true,
+    })
+    .await
+    .unwrap();
+    let disk = db
+        .disk_insert(&oxvirt_engine::model::Disk::new(
+            "stranded",
+            sd.id,
+            DiskFormat::Raw,
+            1 << 20,
+        ))
+        .await
+        .unwrap();
+
+    let r = c
+        .api_with(
+            Method::DELETE,
+            &format!("disks/{}", disk.id),
+            "",
+            &[("correlation-id", "rm-1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert!(r.body.contains("past rolling back"), "{}", r.body);
+    let d = db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!(
+        d.status,
+        DiskStatus::Locked,
+        "not unlocked: its image may be half gone"
+    );
+    let r = c.get("jobs?search=correlation_id%3Drm-1").await;
+    assert_eq!(r.xml_text("status").as_deref(), Some("failed"), "{}", r.body);
+    let job = root_id(&format!("?>{}", &r.body[r.body.find("<job ").unwrap()..]));
+    let events = c.get("events?search=correlation_id%3Drm-1").await;
+    assert!(
+        events.body.contains("needs an administrator to retry it"),
+        "{}",
+        events.body
+    );
+
+    // Still no SPM: the retry runs and is blocked again, the job failed again.
+    let r = c.post(&format!("jobs/{job}/retry"), "<action/>").await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert!(r.body.contains("past rolling back"), "{}", r.body);
+    let r = c.get(&format!("jobs/{job}")).await;
+    assert_eq!(r.xml_text("status").as_deref(), Some("failed"), "{}", r.body);
+    let steps = c.get(&format!("jobs/{job}/steps")).await;
+    assert!(steps.body.contains("<step "), "{}", steps.body);
+
+    // Jobs that wait for nobody, or that do not exist.
+    let r = c
+        .post(
+            "clusters",
+            "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = c.post("vms", &vm_xml("fine", "cl")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let done = c.get("jobs?search=status%3Dfinished").await;
+    let done_job = root_id(&format!("?>{}", &done.body[done.body.find("<job ").unwrap()..]));
+    let r = c.post(&format!("jobs/{done_job}/retry"), "<action/>").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("not waiting for an administrator"), "{}", r.body);
+    let r = c
+        .post(&format!("jobs/{}/retry", uuid::Uuid::new_v4()), "<action/>")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_describes_what_is_served() {
     let t = start_engine().await;

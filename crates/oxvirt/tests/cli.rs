@@ -295,6 +295,15 @@ async fn login_objects_output_and_completion() {
     assert!(r.json().as_array().is_some(), "{r}");
     let r = live.ok(&["job", "list"]).await;
     assert!(r.stdout.starts_with("ID "), "{r}");
+    let r = live
+        .fails(&["job", "retry", "8d1c3a52-0c8e-4f55-9a53-1f0e8b6c2d11"])
+        .await;
+    assert!(
+        r.stderr
+            .contains("retry job 8d1c3a52-0c8e-4f55-9a53-1f0e8b6c2d11 failed")
+            && r.stderr.contains("not found"),
+        "{r}"
+    );
 
     // Removal: the cluster, then the data center.
     let r = live.ok(&["cluster", "remove", "cli-cl"]).await;

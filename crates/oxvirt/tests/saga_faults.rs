@@ -21,13 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::{attach_data_domain, start_cluster, Cluster};
-use oxvirt_engine::commands::{AddDisk, AddSnapshot, AddVm, AddVmDisk, Commands};
+use oxvirt_engine::commands::{AddDisk, AddSnapshot, AddVm, AddVmDisk, CommandError, Commands};
 use oxvirt_engine::db::{Db, ListQuery, SagaState};
 use oxvirt_engine::model::{
     ClusterId, DiskFormat, DiskId, DiskInterface, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType,
     TemplateId, TemplateStatus, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
 };
-use oxvirt_engine::saga::testing::{crash_at_each_point, fail_at_each_step, FaultInjector, Faults};
+use oxvirt_engine::saga::testing::{
+    crash_at_each_point, fail_at_each_step, Fault, FaultAt, FaultInjector, FaultPoint, Faults,
+};
 use oxvirt_engine::saga::{ForwardRetry, SagaExecutor, SagaOutcome};
 
 const MIB: u64 = 1 << 20;
@@ -740,6 +742,33 @@ async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     let w = World::new().await;
     sweep(&w, &AddDiskRun).await;
     sweep(&w, &RemoveDiskRun).await;
+
+    // A removal failing on every attempt past its point of no return is blocked, its disk
+    // still locked; retried through its job once the cause is gone, it finishes.
+    let d = w
+        .cmds()
+        .add_disk(disk_req("stubborn", w.sd, None), None)
+        .await
+        .unwrap()
+        .id;
+    let fails = (0..3)
+        .map(|_| FaultAt::new(1, FaultPoint::BeforeAction, Fault::Fail))
+        .collect();
+    let err = w
+        .faulty(Arc::new(Faults(fails)))
+        .remove_disk(d, None)
+        .await
+        .unwrap_err();
+    let CommandError::Blocked { job: Some(job), .. } = err else {
+        panic!("not blocked: {err}")
+    };
+    assert_eq!(
+        w.db().disk_get(d).await.unwrap().unwrap().status,
+        DiskStatus::Locked
+    );
+    w.cmds().retry_job(job).await.unwrap();
+    assert!(w.db().disk_get(d).await.unwrap().is_none());
+    w.assert_consistent("a blocked removal retried").await;
     w.domain()
         .check(true)
         .map(|r| assert!(r.is_clean(), "{:?}", r.problems))

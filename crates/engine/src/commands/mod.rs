@@ -20,7 +20,7 @@ use std::sync::Arc;
 use oxvirt_types::JobId;
 
 use crate::app::App;
-use crate::db::DbError;
+use crate::db::{DbError, SagaState};
 use crate::nodes::NodeError;
 use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
 
@@ -93,7 +93,7 @@ pub struct Commands {
 
 impl Commands {
     pub fn new(app: Arc<App>) -> Result<Self, CommandError> {
-        let sagas = SagaExecutor::new(app.db.clone(), app.clone());
+        let sagas = SagaExecutor::with_retry(app.db.clone(), app.clone(), app.settings.forward_retry);
         Self::register_all(&sagas)?;
         Ok(Commands { app, sagas })
     }
@@ -149,6 +149,49 @@ impl Commands {
                 job,
             }),
             other => Ok(other),
+        }
+    }
+
+    /// Retries the command behind job `job` once an admin removed what stopped it: a stuck
+    /// one (an undo failed) unwinds again, a blocked one (past its point of no return) goes on
+    /// forward. Waits for the saga to end; an error when it is stuck or blocked again.
+    pub async fn retry_job(&self, job: JobId) -> Result<(), CommandError> {
+        let j = self
+            .app
+            .db
+            .job_get(job)
+            .await?
+            .ok_or_else(|| CommandError::not_found("job", job))?;
+        let saga = j.saga_id.ok_or_else(|| {
+            CommandError::Conflict(format!("job {job} ({}) has no command to retry", j.description))
+        })?;
+        let rec = self
+            .app
+            .db
+            .saga_get(saga)
+            .await?
+            .ok_or_else(|| CommandError::not_found("saga", saga))?;
+        if !matches!(rec.state, SagaState::Stuck | SagaState::Blocked) {
+            return Err(CommandError::Conflict(format!(
+                "job {job} ({}) is not waiting for an administrator: its command is {}",
+                j.description, rec.state
+            )));
+        }
+        tracing::info!(job_id = %job, saga_id = %saga, state = %rec.state, "retrying a command for an administrator");
+        let description = j.description;
+        // A stuck command that unwinds, or a blocked one that finishes, is what was asked.
+        match self.sagas.retry_stuck(saga).await?.wait().await? {
+            SagaOutcome::Unwound { .. } | SagaOutcome::Done { .. } | SagaOutcome::Interrupted => Ok(()),
+            SagaOutcome::Stuck { error, undo_error } => Err(CommandError::Stuck {
+                description,
+                error,
+                undo_error,
+            }),
+            SagaOutcome::Blocked { error } => Err(CommandError::Blocked {
+                description,
+                error,
+                job: Some(job),
+            }),
         }
     }
 

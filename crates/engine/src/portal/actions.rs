@@ -191,6 +191,8 @@ pub enum Verb {
     Sd(SdUuid, SdVerb),
     RemoveDisk(DiskId),
     RemoveTemplate(TemplateId),
+    /// Retry the command behind a job that waits for an administrator.
+    RetryJob(JobId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +290,7 @@ impl Verb {
             ),
             ["disks", d, "remove"] => Verb::RemoveDisk(id(d, "disk")?),
             ["templates", t, "remove"] => Verb::RemoveTemplate(id(t, "template")?),
+            ["jobs", j, "retry"] => Verb::RetryJob(id(j, "job")?),
             _ => return Err(unknown(segs)),
         })
     }
@@ -296,7 +299,8 @@ impl Verb {
     pub fn destructive(&self) -> bool {
         match self {
             Verb::Vm(_, v) => matches!(v, VmVerb::Shutdown | VmVerb::Stop | VmVerb::Remove),
-            Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) => true,
+            // A retry acts on half-done storage: the admin confirms the cause is fixed.
+            Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) | Verb::RetryJob(_) => true,
             Verb::Host(_, h) => *h == HostVerb::Maintenance,
             Verb::Sd(_, s) => matches!(s, SdVerb::Deactivate | SdVerb::Detach | SdVerb::Remove),
             Verb::Logout | Verb::AddVm | Verb::AddSd => false,
@@ -399,6 +403,9 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
         }
         Verb::RemoveDisk(id) => format!("Remove disk {id} and its data?"),
         Verb::RemoveTemplate(id) => format!("Remove template {id}?"),
+        Verb::RetryJob(id) => {
+            format!("Retry job {id}? Do it once what made it fail is fixed (its events say what).")
+        }
         _ => "Are you sure?".into(),
     })
 }
@@ -734,6 +741,19 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 Box::pin(async move {
                     e.cmds.remove_template(id).await?;
                     Ok(None)
+                }),
+            )
+        }
+        Verb::RetryJob(id) => {
+            let j = db
+                .job_get(id)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("job {id} not found")))?;
+            (
+                format!("Retry {}", j.description),
+                Box::pin(async move {
+                    e.cmds.retry_job(id).await?;
+                    Ok(Some(format!("/portal/jobs/{id}")))
                 }),
             )
         }

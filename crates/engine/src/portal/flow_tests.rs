@@ -48,7 +48,14 @@ impl T {
                 db_url: None,
                 listen: "127.0.0.1:0".parse().unwrap(),
                 admin_password: Some(PW.into()),
-                settings: EngineSettings::default(),
+                settings: EngineSettings {
+                    forward_retry: crate::saga::ForwardRetry {
+                        attempts: 2,
+                        first_delay: Duration::from_millis(10),
+                        max_delay: Duration::from_millis(10),
+                    },
+                    ..EngineSettings::default()
+                },
             },
             None,
         )
@@ -451,5 +458,90 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert!(r.header("set-cookie").contains("Max-Age=0"));
     assert_eq!(t.get("/portal/").await.status, StatusCode::SEE_OTHER);
+    t.engine.shutdown().await;
+}
+
+/// A disk removal that cannot reach an SPM is blocked past its point of no return: its job's
+/// page says so and offers a retry, which asks for confirmation and then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_command_is_retried_from_its_job_page() {
+    use crate::model::{Disk, DiskFormat, PoolMember, SdStatus, SdType, StorageDomain, StorageType};
+    let mut t = T::new().await;
+    let csrf = t.login().await;
+    let db = t.engine.app().db.clone();
+    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
+    let sd = db
+        .sd_insert(&StorageDomain::new(
+            "gone",
+            SdType::Data,
+            StorageType::Localfs,
+            "/nonexistent",
+        ))
+        .await
+        .unwrap();
+    db.pool_attach(&PoolMember {
+        data_center_id: dc.id,
+        storage_domain_id: sd.id,
+        status: SdStatus::Active,
+        master: true,
+    })
+    .await
+    .unwrap();
+    let disk = db
+        .disk_insert(&Disk::new("stranded", sd.id, DiskFormat::Raw, 1 << 20))
+        .await
+        .unwrap();
+    let r = t
+        .post(
+            &format!("/portal/disks/{}/remove", disk.id),
+            &[("csrf", &csrf), ("confirm", "1")],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let out = t.action_outcome("Remove disk stranded").await;
+    assert_eq!(out["state"], "failed", "{out}");
+    assert!(
+        out["message"].as_str().unwrap().contains("past rolling back"),
+        "{out}"
+    );
+
+    let job = db.job_list(&Default::default()).await.unwrap();
+    let job = job
+        .iter()
+        .find(|j| j.description.starts_with("Removing disk"))
+        .unwrap();
+    let page = t.get(&format!("/portal/jobs/{}", job.id)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    for needle in [
+        "data-saga-state=\"blocked\"",
+        "failed past the point where it could be rolled back",
+        &format!("/portal/jobs/{}/retry", job.id),
+    ] {
+        assert!(
+            page.body.contains(needle),
+            "the job page lacks {needle:?}: {}",
+            page.body
+        );
+    }
+    // Without confirmation: the question, nothing run.
+    let r = t
+        .post(&format!("/portal/jobs/{}/retry", job.id), &[("csrf", &csrf)], &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("Please confirm") && r.body.contains("once what made it fail is fixed"));
+    // Confirmed: it runs, and (the SPM still missing) is blocked again.
+    let r = t
+        .post(
+            &format!("/portal/jobs/{}/retry", job.id),
+            &[("csrf", &csrf), ("confirm", "1")],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let out = t.action_outcome(&format!("Retry {}", job.description)).await;
+    assert_eq!(out["state"], "failed", "{out}");
+    let steps = db.saga_get(job.saga_id.unwrap()).await.unwrap().unwrap().steps;
+    assert!(steps.iter().any(|s| s.name == "delete"), "{steps:?}");
     t.engine.shutdown().await;
 }

@@ -16,6 +16,7 @@ use crate::db::{
     TextMatch, VmFilter, VmSort,
 };
 use crate::model::*;
+use crate::saga::{SagaRecord, SagaState};
 
 use super::html::{bytes, layout, time, FormCtx, Html};
 use super::{html_reply, safe_back, Ctx, PortalError};
@@ -1754,6 +1755,30 @@ async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
         ("Ended", j.ended_at.map(time).unwrap_or_default()),
         ("Correlation id", j.correlation_id.clone().unwrap_or_default()),
     ]);
+    if let Some(saga) = waiting_saga(ctx, &j).await? {
+        let why = match saga.state {
+            SagaState::Blocked => "failed past the point where it could be rolled back",
+            _ => "failed and its roll-back failed too",
+        };
+        h.raw("<p class=\"warn\" data-saga-state=\"")
+            .text(saga.state)
+            .raw("\">This command ")
+            .text(why)
+            .raw(": ")
+            .text(saga.undo_error.as_deref().or(saga.error.as_deref()).unwrap_or(""))
+            .raw(". Fix the cause, then retry it. </p>");
+        act_button(
+            &mut h,
+            &format!("/portal/jobs/{id}/retry"),
+            "Retry",
+            Some(&format!(
+                "Retry {}? Do it once what made it fail is fixed.",
+                j.description
+            )),
+            "",
+            "danger",
+        );
+    }
     h.table_open(
         "steps",
         &["#", "Step", "Type", "Status", "Started", "Ended"],
@@ -1774,6 +1799,16 @@ async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     h.table_close("No steps yet.", 6, steps.is_empty());
     h.raw("</div>");
     Ok(h.finish())
+}
+
+/// The saga behind job `j` when it waits for an administrator (stuck or blocked).
+async fn waiting_saga(ctx: &Ctx, j: &Job) -> Result<Option<SagaRecord>, PortalError> {
+    let Some(id) = j.saga_id else { return Ok(None) };
+    Ok(ctx
+        .db()
+        .saga_get(id)
+        .await?
+        .filter(|s| matches!(s.state, SagaState::Stuck | SagaState::Blocked)))
 }
 
 async fn events(ctx: &Ctx) -> Result<String, PortalError> {

@@ -151,6 +151,11 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         Self::build(db, app, None, ForwardRetry::default())
     }
 
+    /// An executor that retries steps past a point of no return as `retry` says.
+    pub fn with_retry(db: Db, app: Arc<C>, retry: ForwardRetry) -> Self {
+        Self::build(db, app, None, retry)
+    }
+
     /// An executor that consults `faults` at every step boundary and retries forward as
     /// `retry` says (for tests; see [`testing`](super::testing)).
     pub fn with_faults(db: Db, app: Arc<C>, faults: Arc<dyn FaultInjector>, retry: ForwardRetry) -> Self {

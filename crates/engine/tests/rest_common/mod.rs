@@ -36,6 +36,11 @@ pub async fn start_engine_in(dir: tempfile::TempDir) -> TestEngine {
         admin_password: Some(ADMIN_PASSWORD.into()),
         settings: EngineSettings {
             monitor_interval: Duration::from_millis(500),
+            forward_retry: oxvirt_engine::saga::ForwardRetry {
+                attempts: 2,
+                first_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+            },
             ..EngineSettings::default()
         },
     };

@@ -846,6 +846,9 @@ pub enum JobCmd {
     List(ListArgs),
     /// Show a job with its steps.
     Show { id: String },
+    /// Retry the failed command behind a job that waits for an administrator (its rollback
+    /// failed, or it failed past its point of no return), once the cause is fixed.
+    Retry { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -2435,6 +2438,16 @@ async fn job(ctx: &Ctx, cmd: JobCmd) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        JobCmd::Retry { id } => {
+            ctx.action(
+                format!("retry job {id}"),
+                format!("/jobs/{id}/retry"),
+                json!({}),
+                None,
+            )
+            .await?;
+            output::print_done(ctx.out, &format!("job {id} retried"), None)
         }
     }
 }

@@ -153,6 +153,18 @@ pub async fn job_steps(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+/// `POST /jobs/{id}/retry`.
+pub async fn job_retry(r: &Req) -> Result<Resp, ApiError> {
+    let j = job(r).await?;
+    let body = r.action_body()?;
+    let id = j.id;
+    super::run_action(r, Some(&body), "retry", move |e| async move {
+        e.cmds.retry_job(id).await?;
+        Ok(())
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------- events
 
 pub async fn event_list(r: &Req) -> Result<Resp, ApiError> {
