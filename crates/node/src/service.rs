@@ -52,6 +52,10 @@ pub struct Node {
     pub ksm: Ksm,
     sampler: HostSampler,
     pub domain_monitor: crate::storage::monitor::DomainMonitor,
+    /// One lock per VM id, held while its leases are taken for a new instance and while the
+    /// leases of an instance that went down are given back: so a release meant for an old
+    /// instance never takes the leases of the next one started right after it.
+    lease_locks: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,36 @@ pub enum NodeStartError {
 }
 
 impl Node {
+    /// Serializes lease taking and giving back for one VM id (see `lease_locks`).
+    pub(crate) async fn lock_vm_leases(&self, vm: VmId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .lease_locks
+            .lock()
+            .expect("lease locks")
+            .entry(vm)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Gives back, in the background, the leases of a VM reported down, unless a new
+    /// instance of it runs by then (reports arrive late: a VM suspended and resumed at once,
+    /// or powered off and started again, on this host). The publisher never waits for a start.
+    fn release_leases_of_down_vm(self: Arc<Self>, vm: VmId) {
+        tokio::spawn(async move { self.release_leases_if_down(vm).await });
+    }
+
+    /// Gives back the VM's leases unless an instance of it runs (under its lease lock).
+    pub(crate) async fn release_leases_if_down(&self, vm: VmId) {
+        let _g = self.lock_vm_leases(vm).await;
+        match self.vms.status(vm) {
+            Ok(info) if !info.status.is_down() => {
+                tracing::debug!(vm_id = %vm, "a down report of an earlier instance: its leases stay with the new one");
+            }
+            _ => self.release_vm_leases(vm).await,
+        }
+    }
+
     /// Opens the run directory, recovering running VMs, and starts publishing their status
     /// changes as events.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeStartError> {
@@ -97,6 +131,7 @@ impl Node {
             ksm: Ksm::default(),
             sampler: HostSampler::new(),
             domain_monitor: Default::default(),
+            lease_locks: Default::default(),
         });
         // Self-fencing: losing our host id on a domain kills the VMs holding leases there,
         // confirmed by their exit, before other hosts may take those leases (8N + margin).
@@ -333,7 +368,7 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
             );
             // A VM that stopped (crashed, powered off, migrated away) gives up its lease.
             if status.is_down() {
-                n.release_vm_leases(id).await;
+                n.clone().release_leases_of_down_vm(id);
             }
         };
         let listed = n.vms.list();
@@ -361,7 +396,7 @@ async fn publish_vm_status(node: std::sync::Weak<Node>) {
         }
         // A destroyed VM leaves the manager; its last word is that it is down and gone.
         for id in known.iter().filter(|id| !now.contains(id)) {
-            n.release_vm_leases(*id).await;
+            n.clone().release_leases_of_down_vm(*id);
             n.events.publish(
                 format!("|virt|VM_status|{id}"),
                 json!({ "vmID": id, "status": { "state": "down" }, "removed": true }),

@@ -6,11 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    attach_data_domain, data_domain, start_cluster, start_cluster_via, start_cluster_with, Cluster,
+    attach_data_domain, data_domain, start_cluster, start_cluster_via, start_cluster_with,
 };
 use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
@@ -19,11 +19,6 @@ use oxvirt_testkit::TestGuest;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-fn console(c: &Cluster, host: &str, vm: oxvirt_types::VmId) -> PathBuf {
-    let (_, dir, _) = c.nodes.iter().find(|(n, _, _)| n == host).unwrap();
-    dir.join("run/vms").join(vm.to_string()).join("serial.log")
-}
 
 async fn host_name(e: &Engine, id: oxvirt_engine::model::HostUuid) -> String {
     e.app().db.host_get(id).await.unwrap().unwrap().name
@@ -218,7 +213,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         .await
         .unwrap();
     oxvirt_testkit::wait_for_text(
-        &console(&c, &hname, vm.id),
+        &c.console(&hname, vm.id),
         "OXVIRT-GUEST pass 0",
         Duration::from_secs(90),
     )
@@ -261,7 +256,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let mig_dst_id = owner(chain[1].id).expect("the destination holds the leaf's lease");
     assert_ne!(mig_dst_id, runner_id, "the lease stayed with the source");
     let h2name = host_name(&e, h2).await;
-    let log2 = console(&c, &h2name, vm.id);
+    let log2 = c.console(&h2name, vm.id);
     let before = std::fs::read_to_string(&log2)
         .unwrap_or_default()
         .matches("OXVIRT-GUEST pass")
@@ -304,7 +299,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
 
     // Suspend: the guest's state goes to a volume, QEMU ends, nothing holds the disk; start
     // resumes the same guest (its writer goes on), and the state volume is gone.
-    let log_of = |h: &str| console(&c, h, vm.id);
+    let log_of = |h: &str| c.console(h, vm.id);
     let v = cmds.suspend_vm(vm.id, None).await.unwrap();
     assert_eq!(v.runtime.status, VmStatus::Suspended);
     assert_eq!(v.runtime.run_on_host, None);

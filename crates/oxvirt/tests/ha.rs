@@ -9,117 +9,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, NodeProc};
+use common::cluster::{attach_data_domain, start_cluster, start_cluster_at, Cluster};
 use oxvirt_engine::allinone;
-use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVm, AddVmDisk, VmStartOptions};
-use oxvirt_engine::daemon::{Engine, EngineConfig};
+use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, VmStartOptions};
+use oxvirt_engine::daemon::Engine;
 use oxvirt_engine::model::{
-    DiskFormat, DiskInterface, HighAvailability, HostStatus, HostUuid, SdType, SpmStatus, StorageType, VmOs,
-    VmStatus, BLANK_TEMPLATE_ID,
+    DiskFormat, DiskInterface, HighAvailability, HostStatus, HostUuid, SpmStatus, VmOs, VmStatus,
+    BLANK_TEMPLATE_ID,
 };
 use oxvirt_testkit::TestGuest;
 use oxvirt_types::VmId;
 
 const MIB: u64 = 1 << 20;
-
-struct Cluster {
-    engine: Arc<Engine>,
-    nodes: Vec<(String, PathBuf, NodeProc)>,
-    _dirs: Vec<tempfile::TempDir>,
-    storage: PathBuf,
-}
-
-/// QEMU outlives its node by design: a test that fails midway must not leave guests running.
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, data, _) in &self.nodes {
-            common::kill_qemus(&data.join("run"));
-        }
-    }
-}
-
-async fn start_cluster(n: usize) -> Cluster {
-    start_cluster_on(n, "127.0.0.1:0".parse().unwrap()).await
-}
-
-async fn start_cluster_on(n: usize, listen: std::net::SocketAddr) -> Cluster {
-    let engine_dir = tempfile::tempdir().unwrap();
-    let storage = tempfile::tempdir().unwrap();
-    let settings = common::fast_engine_settings();
-    let cfg = EngineConfig {
-        data_dir: engine_dir.path().to_path_buf(),
-        db_url: None,
-        listen,
-        admin_password: Some("secret".into()),
-        settings,
-    };
-    let engine = Engine::start(cfg, None).await.unwrap();
-    let (_, cluster) = allinone::ensure_default(&engine).await.unwrap();
-    let mut nodes = Vec::new();
-    let mut dirs = vec![engine_dir];
-    for i in 0..n {
-        let d = tempfile::tempdir().unwrap();
-        let name = format!("host{}", i + 1);
-        let token = engine.enroll_token(Some(cluster), Duration::from_secs(300));
-        let p = common::spawn_node(
-            &name,
-            d.path(),
-            free_port(),
-            &[
-                "--engine",
-                &engine.addr.to_string(),
-                "--token",
-                &token,
-                "--accel",
-                "tcg",
-            ],
-        );
-        nodes.push((name, d.path().to_path_buf(), p));
-        dirs.push(d);
-    }
-    allinone::wait_hosts_up(&engine, n, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let storage_path = storage.path().to_path_buf();
-    dirs.push(storage);
-    Cluster {
-        engine,
-        nodes,
-        _dirs: dirs,
-        storage: storage_path,
-    }
-}
-
-impl Cluster {
-    fn node(&self, name: &str) -> usize {
-        self.nodes.iter().position(|(n, _, _)| n == name).unwrap()
-    }
-    fn console(&self, host: &str, vm: VmId) -> PathBuf {
-        self.nodes[self.node(host)]
-            .1
-            .join("run/vms")
-            .join(vm.to_string())
-            .join("serial.log")
-    }
-    /// The pid of the VM's QEMU on `host`, when its node has recorded one.
-    fn qemu_pid_now(&self, host: &str, vm: VmId) -> Option<u32> {
-        let p = self.nodes[self.node(host)]
-            .1
-            .join("run/vms")
-            .join(vm.to_string())
-            .join("qemu.pid");
-        std::fs::read_to_string(&p).ok()?.trim().parse().ok()
-    }
-    fn qemu_pid(&self, host: &str, vm: VmId) -> u32 {
-        self.qemu_pid_now(host, vm)
-            .expect("the node recorded its QEMU's pid")
-    }
-}
 
 /// Live (not zombie) processes whose command line mentions `needle`.
 fn live_processes_with(needle: &str) -> Vec<u32> {
@@ -286,30 +192,8 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     let e = c.engine.clone();
     let cmds = &e.cmds;
     let db = &e.app().db;
-    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
-    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
-    let sd = cmds
-        .add_storage_domain(
-            AddStorageDomain {
-                name: "data".into(),
-                description: String::new(),
-                domain_type: SdType::Data,
-                storage_type: StorageType::Localfs,
-                address: None,
-                path: c.storage.display().to_string(),
-                vfs_type: None,
-                mount_options: None,
-                host: host1.id,
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
-    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let (_, sd) = attach_data_domain(&c, "host1").await;
     let spm1 = spm_of(&e).await.expect("an SPM");
 
     // A highly available VM whose guest keeps rewriting its disk.
@@ -565,11 +449,10 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
     let guest = TestGuest::get();
     let ns = Netns::create();
     let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
-    let mut c = start_cluster_on(2, listen).await;
+    let mut c = start_cluster_at(2, common::fast_engine_settings(), &[], listen).await;
     let e = c.engine.clone();
     let cmds = &e.cmds;
     let db = &e.app().db;
-    let dc = db.dc_get_by_name("Default").await.unwrap().unwrap();
     let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
 
     // host3 lives in the namespace: the engine reaches it only through the veth.
@@ -609,28 +492,7 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
         .unwrap();
     let host3 = db.host_get_by_name("host3").await.unwrap().unwrap();
 
-    let host1 = db.host_get_by_name("host1").await.unwrap().unwrap();
-    let sd = cmds
-        .add_storage_domain(
-            AddStorageDomain {
-                name: "data".into(),
-                description: String::new(),
-                domain_type: SdType::Data,
-                storage_type: StorageType::Localfs,
-                address: None,
-                path: c.storage.display().to_string(),
-                vfs_type: None,
-                mount_options: None,
-                host: host1.id,
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    cmds.attach_storage_domain(dc.id, sd.id, None).await.unwrap();
-    cmds.wait_domain_active(dc.id, sd.id, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let (_, sd) = attach_data_domain(&c, "host1").await;
 
     // Power management for host3: an agent that kills its node by pid (as cutting the power
     // would); its QEMU is then the watchdog's to kill.

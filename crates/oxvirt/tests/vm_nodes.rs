@@ -904,6 +904,18 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
     runner.call("VM.destroy", json!({ "vmID": id })).await;
     wait_passes(&spm.console_log(id), 0, 1, BOOT).await;
 
+    // Destroyed and at once started again on the same host: the leases are back before the
+    // destroy answers, and the first instance's late "down" never takes the second's.
+    spm.call("VM.destroy", json!({ "vmID": id })).await;
+    assert!(
+        lease().await["owner"].is_null() && vol_owner().await.is_null(),
+        "a destroyed VM's leases are given back before the answer"
+    );
+    spm.call("VM.create", params.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(lease().await["owner"], 1, "the restarted VM lost its VM lease");
+    assert_eq!(vol_owner().await, 1, "the restarted VM lost its volume lease");
+
     spm.call("VM.destroy", json!({ "vmID": id })).await;
     let start = Instant::now();
     while !lease().await["owner"].is_null() || !vol_owner().await.is_null() {

@@ -271,7 +271,9 @@ impl SagaDef for AddSnapshotSaga {
                 }
                 c.db().snapshot_set_status(p.snapshot, &[], SnapshotStatus::Ok).await?;
                 Ok(())
-            }),
+            })
+            // After the switch the guest writes to the new volumes: only forward from here.
+            .point_of_no_return(),
         ]
     }
 }

@@ -704,6 +704,9 @@ impl Node {
                 };
                 let create = self.vm_create_request(p).await?;
                 let volumes = create.written_volumes();
+                // Held until the instance is registered: a late release for an earlier
+                // instance waits, then sees this one running.
+                let _leases = self.lock_vm_leases(create.id).await;
                 self.take_vm_leases(create.id, create.vm_lease, volumes).await?;
                 let started = match &state {
                     Some(path) => vms.restore(create.clone(), path).await,
@@ -734,7 +737,12 @@ impl Node {
                 }
                 Ok(to_json(&info))
             }
-            VmRequest::Destroy(id) => Ok(json!({ "reason": to_json(&vms.destroy(id).await?) })),
+            VmRequest::Destroy(id) => {
+                let reason = vms.destroy(id).await?;
+                // Given back before the answer: the caller may start it elsewhere at once.
+                self.release_leases_if_down(id).await;
+                Ok(json!({ "reason": to_json(&reason) }))
+            }
             VmRequest::Shutdown(p) => {
                 vms.status(p.id)?;
                 let job = self.jobs.start("shutdown", Some(p.id), async move {
@@ -774,8 +782,12 @@ impl Node {
                 vms.status(h.id)?;
                 let v = h.hibernation_volume;
                 let path = self.storage.domain(v.sd)?.volume_path(v.img, v.vol);
+                let node = self.clone();
                 let job = self.jobs.start("hibernate", Some(h.id), async move {
-                    Ok(to_json(&vms.save_state(h.id, &path).await?))
+                    let saved = vms.save_state(h.id, &path).await?;
+                    // Given back before the job ends: the VM may resume anywhere right after.
+                    node.release_leases_if_down(h.id).await;
+                    Ok(to_json(&saved))
                 });
                 Ok(json!({ "jobID": job }))
             }

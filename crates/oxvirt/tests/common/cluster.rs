@@ -9,6 +9,7 @@ use oxvirt_engine::allinone;
 use oxvirt_engine::commands::AddStorageDomain;
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::{DataCenter, SdType, StorageDomain, StorageType};
+use oxvirt_types::VmId;
 
 use super::{free_port, NodeProc};
 
@@ -28,6 +29,34 @@ impl Drop for Cluster {
     }
 }
 
+impl Cluster {
+    /// The index of node `name` in `nodes`.
+    pub fn node(&self, name: &str) -> usize {
+        self.nodes.iter().position(|(n, _, _)| n == name).unwrap()
+    }
+    /// A VM's serial console log on `host`.
+    pub fn console(&self, host: &str, vm: VmId) -> PathBuf {
+        self.nodes[self.node(host)]
+            .1
+            .join("run/vms")
+            .join(vm.to_string())
+            .join("serial.log")
+    }
+    /// The pid of the VM's QEMU on `host`, when its node has recorded one.
+    pub fn qemu_pid_now(&self, host: &str, vm: VmId) -> Option<u32> {
+        let p = self.nodes[self.node(host)]
+            .1
+            .join("run/vms")
+            .join(vm.to_string())
+            .join("qemu.pid");
+        std::fs::read_to_string(&p).ok()?.trim().parse().ok()
+    }
+    pub fn qemu_pid(&self, host: &str, vm: VmId) -> u32 {
+        self.qemu_pid_now(host, vm)
+            .expect("the node recorded its QEMU's pid")
+    }
+}
+
 pub async fn start_cluster(n: usize) -> Cluster {
     start_cluster_with(n, super::fast_engine_settings()).await
 }
@@ -42,12 +71,22 @@ pub async fn start_cluster_via(
     settings: oxvirt_engine::app::EngineSettings,
     wrapper: &[&str],
 ) -> Cluster {
+    start_cluster_at(n, settings, wrapper, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// The engine listening on `listen` (a test that restarts it needs a known address).
+pub async fn start_cluster_at(
+    n: usize,
+    settings: oxvirt_engine::app::EngineSettings,
+    wrapper: &[&str],
+    listen: std::net::SocketAddr,
+) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
         data_dir: engine_dir.path().to_path_buf(),
         db_url: None,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen,
         admin_password: Some("secret".into()),
         settings,
     };
