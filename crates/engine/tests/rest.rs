@@ -583,6 +583,98 @@ async fn vms_search_follow_actions_jobs_and_events() {
 /// The OpenAPI description served at /ovirt-engine/api/openapi.json lists exactly what the
 /// server answers: every documented path and method reaches a handler over HTTPS (no 404 "no
 /// such path", no 405), undocumented ones do not, and it is the checked-in docs/rest-openapi.json.
+/// The disks a VM's QEMU has change only while it is down: a running VM would not see them
+/// (no disk hot plug), a suspended one resumes only with the devices it was saved with. An
+/// inactive disk may be attached at any time, and activated once the VM is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_change_on_a_vm_only_while_it_is_down() {
+    use oxvirt_engine::model::{DiskFormat, SdType, StorageType, VmRuntime, VmStatus};
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    c.post("datacenters", "<data_center><name>dc</name></data_center>")
+        .await;
+    c.post(
+        "clusters",
+        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+    )
+    .await;
+    let r = c.post("vms", &vm_xml("busy", "cl")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let vm: oxvirt_engine::model::VmId = root_id(&r.body).parse().unwrap();
+    let db = &t.engine.app().db;
+    let sd = db
+        .sd_insert(&oxvirt_engine::model::StorageDomain::new(
+            "sd",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/x",
+        ))
+        .await
+        .unwrap();
+    let mut disks = Vec::new();
+    for n in ["d1", "d2"] {
+        let d = oxvirt_engine::model::Disk::new(n, sd.id, DiskFormat::Raw, 1 << 20);
+        disks.push(db.disk_insert(&d).await.unwrap().id);
+    }
+    // No host runs it (there are none): the monitor leaves the recorded status alone.
+    let set = async |status: VmStatus| {
+        let rt = VmRuntime {
+            status,
+            ..Default::default()
+        };
+        db.vm_set_runtime(vm, &[], &rt).await.unwrap();
+    };
+    let att = |d: &oxvirt_engine::model::DiskId, active: bool| {
+        format!("<disk_attachment><disk id=\"{d}\"/><interface>virtio</interface><active>{active}</active></disk_attachment>")
+    };
+    let path = format!("vms/{vm}/diskattachments");
+
+    for status in [VmStatus::Up, VmStatus::Suspended] {
+        set(status).await;
+        let r = c.post(&path, &att(&disks[0], true)).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{status}: {}", r.body);
+        assert!(r.body.contains("only while it is down"), "{}", r.body);
+    }
+    assert!(
+        db.attachments_of_vm(vm).await.unwrap().is_empty(),
+        "nothing attached"
+    );
+    // Inactive: attached now, QEMU untouched; activating waits for the VM to be down.
+    let r = c.post(&path, &att(&disks[0], false)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let one = format!("{path}/{}", disks[0]);
+    let activate = "<disk_attachment><active>true</active></disk_attachment>";
+    let r = c.api(Method::PUT, &one, activate).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = c
+        .api(
+            Method::PUT,
+            &one,
+            "<disk_attachment><bootable>true</bootable></disk_attachment>",
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "boot order only counts at the next start: {}",
+        r.body
+    );
+    set(VmStatus::Down).await;
+    let r = c.api(Method::PUT, &one, activate).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = c.post(&path, &att(&disks[1], true)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // An active disk stays while the VM is suspended or up, and goes once it is down.
+    set(VmStatus::Suspended).await;
+    let r = c.api(Method::DELETE, &one, "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    set(VmStatus::Down).await;
+    let r = c.api(Method::DELETE, &one, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(db.attachments_of_vm(vm).await.unwrap().len(), 1);
+}
+
 /// A disk removal that cannot reach an SPM fails past its point of no return: it is not rolled
 /// back (its image may be half deleted) but blocked, the disk locked, and its job is what an
 /// admin retries; a job that waits for nobody cannot be retried.

@@ -1066,6 +1066,10 @@ impl Commands {
                 req.provisioned_size
             )));
         }
+        if let Some(a) = req.attach_to.as_ref().filter(|a| a.active) {
+            let v = self.vm(a.vm).await?;
+            self.refuse_live_disk_change(&v, "an active disk is attached")?;
+        }
         let dc = self.domain_dc(req.storage_domain).await?;
         if dc.status != DcStatus::Up || dc.spm_status != SpmStatus::Spm {
             return Err(CommandError::Conflict(format!(

@@ -1122,13 +1122,30 @@ impl Commands {
         self.vm(id).await
     }
 
+    /// Refuses to change the disks a VM's QEMU has (attach or detach an active disk, activate
+    /// or deactivate one) unless the VM is down: a running VM would not see the change (disks
+    /// are not hot plugged), and a suspended VM resumes only with the devices it was saved with.
+    pub fn refuse_live_disk_change(&self, v: &crate::model::Vm, what: &str) -> Result<(), CommandError> {
+        if v.runtime.status == VmStatus::Down {
+            return Ok(());
+        }
+        Err(CommandError::Conflict(format!(
+            "VM {} is {}: {what} only while it is down (an inactive disk may be attached now \
+             and activated when it is down)",
+            v.name, v.runtime.status
+        )))
+    }
+
     pub async fn attach_disk(
         &self,
         vm: VmId,
         disk: DiskId,
         how: AddVmDisk,
     ) -> Result<DiskAttachment, CommandError> {
-        self.vm(vm).await?;
+        let v = self.vm(vm).await?;
+        if how.active {
+            self.refuse_live_disk_change(&v, "an active disk is attached")?;
+        }
         let d = self
             .app
             .db
