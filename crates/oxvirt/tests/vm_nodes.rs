@@ -42,6 +42,17 @@ impl Node {
         hooks: Option<&Path>,
         addr: Option<SocketAddr>,
     ) -> Node {
+        Self::start_with_env(engine, name, data, hooks, addr, &[]).await
+    }
+
+    async fn start_with_env(
+        engine: &Engine,
+        name: &str,
+        data: &Path,
+        hooks: Option<&Path>,
+        addr: Option<SocketAddr>,
+        env: &[(&str, &str)],
+    ) -> Node {
         std::fs::create_dir_all(data).unwrap();
         let addr = addr.unwrap_or_else(free_port);
         let log = data.join("node.log");
@@ -56,6 +67,7 @@ impl Node {
         if let Some(h) = hooks {
             cmd.arg("--hooks").arg(h);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .env("OXVIRT_LOG", "info")
             .stdout(Stdio::null())
@@ -444,7 +456,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let mut node = Node::start(&engine, "phoenix-host", &data, None, None).await;
     let shared = tmp.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
-    let (sd, img, volume) = shared_disk(&[&node], &shared).await;
+    let (sd, img, _) = shared_disk(&[&node], &shared).await;
     let id = VmId::new_random();
     let info = node.call("VM.create", vm_params(id, "phoenix", sd, img)).await;
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
@@ -525,10 +537,51 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let all = node.call("Host.getAllVmStats", json!({})).await;
     assert_eq!(all[0]["status"]["state"], "up", "{all}");
     assert_eq!(all[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
+    let p = wait_passes(&log, p, 1, BOOT).await;
+
+    // The node dies right after a live snapshot switched the disk, before recording it: the
+    // next one asks QEMU and takes the overlay as the disk's leaf; the guest writes on.
+    let mut node = node;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+    node.child.wait().unwrap();
+    std::mem::forget(node);
+    let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "snapshot-switched")];
+    let mut node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+    connect_shared(&node, &shared).await;
+    let dom = FileStorageDomain::find(&shared, sd).unwrap();
+    let overlay = VolUuid::new_random();
+    dom.create_snapshot(img, overlay, None, "live").unwrap();
+    let drive = json!({ "domainID": sd, "imageID": img, "volumeID": overlay });
+    let r = node
+        .c
+        .call("VM.snapshot", json!({ "vmID": id, "snapDrives": [drive] }))
+        .await;
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = node.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the node did not die mid-snapshot ({r:?}): {}",
+            tail(&node.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!st.success(), "the node was to die mid-snapshot: {st}");
+    assert!(running(qemu_pid), "QEMU died with the node");
+    std::mem::forget(node);
+    let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+    let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+    let chain = info["chains"][0].as_array().unwrap();
+    let top = dom.volume_path(img, overlay);
+    assert_eq!(chain.len(), 2, "{info}");
+    assert_eq!(chain[1], json!(top), "the switch was lost: {info}");
     wait_passes(&log, p, 1, BOOT).await;
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
-    verify_writer_data(&volume);
+    verify_writer_data(&top);
 }
 
 /// KSM through the node verbs, read back from sysfs; restored afterwards. A kernel without

@@ -150,6 +150,26 @@ pub struct VmRecord {
     /// before it ran again resumes it (see [`VmManager::snapshot`]).
     #[serde(default)]
     pub saving_memory: bool,
+    /// A live snapshot's overlays (disk index, overlay file), recorded before the switch and
+    /// cleared once the chains are updated: a node that restarts in between asks QEMU whether
+    /// the switch happened (see [`VmManager::snapshot`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_overlays: Vec<(usize, PathBuf)>,
+}
+
+impl VmRecord {
+    /// The chains after a live snapshot onto `overlays` switched.
+    fn push_overlays(&mut self, overlays: &[(usize, PathBuf)]) {
+        for (disk, overlay) in overlays {
+            self.create.disks[*disk].layers.push(LayerSpec {
+                path: overlay.clone(),
+                format: ImageFormat::Qcow2,
+                protocol: BlockProtocol::File,
+            });
+            // The overlay is a plain file: the thin device now only backs a read-only layer.
+            self.create.disks[*disk].thin = None;
+        }
+    }
 }
 
 /// The leases a live VM on this node holds or waits for, from its record.
@@ -787,6 +807,7 @@ impl VmManager {
             hold_incoming: hold && incoming.is_some(),
             balloon_target_mib: None,
             saving_memory: false,
+            pending_overlays: Vec::new(),
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -929,6 +950,7 @@ impl VmManager {
         });
         self.vms.lock().unwrap().insert(id, vm.clone());
         tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
+        self.settle_pending_snapshot(&vm).await?;
         if vm.record.lock().unwrap().saving_memory {
             tracing::warn!(vm_id = %id, run_state = %st.status, "resuming a guest left paused by a memory snapshot");
             self.run_after_memory_save(&vm).await;
@@ -1414,10 +1436,20 @@ impl VmManager {
                 }
             }
         }
+        let overlays: Vec<(usize, PathBuf)> = disks.iter().map(|d| (d.disk, d.overlay.clone())).collect();
+        // Recorded before the switch: a node dying right after it must not take the old chain
+        // for the truth (leases, merges and migrations would use the wrong leaf).
+        if add_res.is_ok() {
+            vm.record.lock().unwrap().pending_overlays = overlays.clone();
+            add_res = vm.persist();
+        }
         let snap = match add_res {
             Ok(()) => q.execute(&qmp::Transaction { actions }).await.map_err(qe),
             Err(e) => Err(e),
         };
+        if snap.is_ok() {
+            test_crash_point("snapshot-switched");
+        }
         if let Some(mut ga) = agent {
             if let Err(e) = ga.fsfreeze_thaw().await {
                 tracing::error!(vm_id = %id, error = %e, "guest file systems may still be frozen");
@@ -1436,19 +1468,14 @@ impl VmManager {
                     })
                     .await;
             }
+            vm.record.lock().unwrap().pending_overlays.clear();
+            let _ = vm.persist();
             return Err(e);
         }
         {
             let mut r = vm.record.lock().unwrap();
-            for d in &disks {
-                r.create.disks[d.disk].layers.push(LayerSpec {
-                    path: d.overlay.clone(),
-                    format: ImageFormat::Qcow2,
-                    protocol: BlockProtocol::File,
-                });
-                // The overlay is a plain file: the thin device now only backs a read-only layer.
-                r.create.disks[d.disk].thin = None;
-            }
+            r.push_overlays(&overlays);
+            r.pending_overlays.clear();
         }
         vm.persist()?;
         Ok(SnapshotReport {
@@ -1458,6 +1485,37 @@ impl VmManager {
             memory_stream_ms,
             elapsed_ms: start.elapsed().as_millis() as u64,
         })
+    }
+
+    /// On recovery, a live snapshot the node died in: QEMU tells whether its overlays became
+    /// the disks' active layers (the switch is one transaction: all or none), and the record
+    /// follows.
+    async fn settle_pending_snapshot(&self, vm: &Arc<Vm>) -> Result<(), VmError> {
+        let pending = vm.record.lock().unwrap().pending_overlays.clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let q = vm.qmp()?;
+        let roots: Vec<String> = q
+            .execute(&qmp::QueryBlockstats {})
+            .await
+            .map_err(|source| VmError::Qmp { vm: vm.id, source })?
+            .into_iter()
+            .filter_map(|b| b.node_name)
+            .collect();
+        let switched = pending
+            .iter()
+            .all(|(disk, overlay)| roots.contains(&format_node_name(*disk, overlay)));
+        {
+            let mut r = vm.record.lock().unwrap();
+            if switched {
+                r.push_overlays(&pending);
+            }
+            r.pending_overlays.clear();
+        }
+        vm.persist()?;
+        tracing::warn!(vm_id = %vm.id, switched, overlays = ?pending, "settled a live snapshot the node died in");
+        Ok(())
     }
 
     /// Runs on a guest a memory snapshot paused, and forgets that it did (also on recovery,
@@ -2448,4 +2506,19 @@ fn proc_rss(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// The node's crash test hook: with `OXVIRT_TEST_NODE_CRASH_AT=<point>` in the environment,
+/// the node process kills itself (SIGKILL) at that point — for the tests that restart a node
+/// at an exact place. Read once; unset in production.
+fn test_crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("OXVIRT_TEST_NODE_CRASH_AT").ok());
+    if at.as_deref() == Some(point) {
+        tracing::warn!(point, "OXVIRT_TEST_NODE_CRASH_AT: killing the node process");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
 }
