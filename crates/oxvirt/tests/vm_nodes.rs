@@ -456,7 +456,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let mut node = Node::start(&engine, "phoenix-host", &data, None, None).await;
     let shared = tmp.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
-    let (sd, img, _) = shared_disk(&[&node], &shared).await;
+    let (sd, img, base) = shared_disk(&[&node], &shared).await;
     let id = VmId::new_random();
     let info = node.call("VM.create", vm_params(id, "phoenix", sd, img)).await;
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
@@ -578,10 +578,54 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let top = dom.volume_path(img, overlay);
     assert_eq!(chain.len(), 2, "{info}");
     assert_eq!(chain[1], json!(top), "the switch was lost: {info}");
+    let p = wait_passes(&log, p, 1, BOOT).await;
+
+    // The node dies right after a live merge of the overlay back into the base ended, before
+    // recording it: the next one reads the chain QEMU has open and drops the merged layer;
+    // asked again (the answer was lost), the merge is done.
+    let mut node = node;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+    node.child.wait().unwrap();
+    std::mem::forget(node);
+    let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "merge-completed")];
+    let mut node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+    connect_shared(&node, &shared).await;
+    let base_vol = base.file_name().unwrap().to_str().unwrap().to_string();
+    let merge =
+        json!({ "vmID": id, "domainID": sd, "imageID": img, "baseVolUUID": base_vol, "topVolUUID": overlay });
+    let r = node.c.call("VM.merge", merge.clone()).await;
+    let start = Instant::now();
+    while node.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the node did not die after the merge ({r:?}): {}",
+            tail(&node.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running(qemu_pid), "QEMU died with the node");
+    std::mem::forget(node);
+    let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+    connect_shared(&node, &shared).await;
+    let start = Instant::now();
+    loop {
+        let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+        if info["chains"][0] == json!([base]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the merge was not settled: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = node.call("VM.merge", merge).await["jobID"].clone();
+    node.wait_job(&job, Duration::from_secs(30)).await.unwrap();
     wait_passes(&log, p, 1, BOOT).await;
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
-    verify_writer_data(&top);
+    verify_writer_data(&base);
 }
 
 /// KSM through the node verbs, read back from sysfs; restored afterwards. A kernel without

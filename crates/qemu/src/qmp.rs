@@ -542,6 +542,7 @@ command!(JobCancel { id: String } => "job-cancel", ());
 command!(JobDismiss { id: String } => "job-dismiss", ());
 command!(JobFinalize { id: String } => "job-finalize", ());
 command!(QueryJobs => "query-jobs", Vec<JobInfo>);
+command!(QueryBlock => "query-block", Vec<BlockInfo>);
 command!(
     /// Arms a one-shot BLOCK_WRITE_THRESHOLD event (0 disarms).
     BlockSetWriteThreshold { node_name: String, write_threshold: u64 } => "block-set-write-threshold", ()
@@ -612,6 +613,41 @@ pub struct BlockNodeInfo {
     pub ro: bool,
     #[serde(default)]
     pub write_threshold: u64,
+}
+
+/// A block device as `query-block` shows it: its image chain is the one QEMU has open.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockInfo {
+    #[serde(default)]
+    pub qdev: Option<String>,
+    #[serde(default)]
+    pub inserted: Option<BlockDeviceInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockDeviceInfo {
+    pub image: ImageInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    pub filename: String,
+    #[serde(default)]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+impl ImageInfo {
+    /// The chain's files, top first.
+    pub fn files(&self) -> Vec<String> {
+        let mut out = vec![self.filename.clone()];
+        let mut cur = self.backing_image.as_deref();
+        while let Some(i) = cur {
+            out.push(i.filename.clone());
+            cur = i.backing_image.as_deref();
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -155,9 +155,41 @@ pub struct VmRecord {
     /// the switch happened (see [`VmManager::snapshot`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_overlays: Vec<(usize, PathBuf)>,
+    /// A live merge running in QEMU, recorded before its block job starts and cleared once
+    /// the chain is updated: a node that restarts meanwhile lets the job end and reads the
+    /// chain QEMU has (see [`VmManager::merge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_merge: Option<PendingMerge>,
+}
+
+/// A live merge of `top` into `base` on disk `disk`, as block job `job`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingMerge {
+    pub disk: usize,
+    pub base: PathBuf,
+    pub top: PathBuf,
+    pub job: String,
 }
 
 impl VmRecord {
+    /// Drops the layers above `base` up to `top` from disk `disk`'s chain (a merge ended);
+    /// returns them. Nothing when `top` is no longer in the chain.
+    fn drop_merged(&mut self, disk: usize, base: &Path, top: &Path) -> Vec<PathBuf> {
+        let d = &mut self.create.disks[disk];
+        let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
+        let (Some(bi), Some(ti)) = (pos(base), pos(top)) else {
+            return Vec::new();
+        };
+        if bi >= ti {
+            return Vec::new();
+        }
+        if ti + 1 == d.layers.len() {
+            // The base is the active layer now; a thin top left with the merged layer.
+            d.thin = None;
+        }
+        d.layers.drain(bi + 1..=ti).map(|l| l.path).collect()
+    }
+
     /// The chains after a live snapshot onto `overlays` switched.
     fn push_overlays(&mut self, overlays: &[(usize, PathBuf)]) {
         for (disk, overlay) in overlays {
@@ -808,6 +840,7 @@ impl VmManager {
             balloon_target_mib: None,
             saving_memory: false,
             pending_overlays: Vec::new(),
+            pending_merge: None,
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -951,6 +984,7 @@ impl VmManager {
         self.vms.lock().unwrap().insert(id, vm.clone());
         tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
         self.settle_pending_snapshot(&vm).await?;
+        Self::settle_pending_merge(&vm);
         if vm.record.lock().unwrap().saving_memory {
             tracing::warn!(vm_id = %id, run_state = %st.status, "resuming a guest left paused by a memory snapshot");
             self.run_after_memory_save(&vm).await;
@@ -1561,6 +1595,15 @@ impl VmManager {
             .get(disk)
             .ok_or_else(|| invalid(format!("no disk {disk}")))?;
         let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
+        if pos(base).is_some() && pos(top).is_none() && rec.pending_merge.is_none() {
+            // Asked again after it ended (the answer was lost with a node that restarted).
+            tracing::info!(vm_id = %id, disk, top = %top.display(), "live merge already done");
+            return Ok(MergeReport {
+                active: pos(base) == Some(d.layers.len() - 1),
+                removed: Vec::new(),
+                elapsed_ms: start.elapsed().as_millis() as u64,
+            });
+        }
         let (Some(bi), Some(ti)) = (pos(base), pos(top)) else {
             return Err(invalid(format!(
                 "{} and {} must both be in disk {disk}'s chain",
@@ -1576,7 +1619,6 @@ impl VmManager {
             )));
         }
         let spec = rec.disk_spec(disk);
-        let node = |i: usize| format_node_name(disk, &spec.layers[i].path);
         let active = ti + 1 == d.layers.len();
         let job = format!("merge-{disk}-{}", vm.job_seq.fetch_add(1, Ordering::Relaxed));
         // The layer above `top` will point at `base`: relative, VDSM-style, when they share
@@ -1592,11 +1634,65 @@ impl VmManager {
             }
         });
         let mut events = vm.events.subscribe();
+        vm.record.lock().unwrap().pending_merge = Some(PendingMerge {
+            disk,
+            base: base.to_path_buf(),
+            top: top.to_path_buf(),
+            job: job.clone(),
+        });
+        vm.persist()?;
+        let res = self
+            .run_merge_job(
+                &vm,
+                &mut events,
+                disk,
+                &spec,
+                bi,
+                ti,
+                active,
+                &job,
+                backing_file,
+                timeout,
+            )
+            .await;
+        if let Err(e) = res {
+            vm.record.lock().unwrap().pending_merge = None;
+            let _ = vm.persist();
+            return Err(e);
+        }
+        test_crash_point("merge-completed");
+        let removed = Self::finish_merge(&vm, disk, &spec, base, top).await?;
+        tracing::info!(vm_id = %id, disk, job = %job, ?removed, "live merge done");
+        Ok(MergeReport {
+            active,
+            removed,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Runs the block-commit job of a live merge to its end.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_merge_job(
+        &self,
+        vm: &Arc<Vm>,
+        events: &mut broadcast::Receiver<Event>,
+        disk: usize,
+        spec: &DiskSpec,
+        bi: usize,
+        ti: usize,
+        active: bool,
+        job: &str,
+        backing_file: Option<String>,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        let id = vm.id;
+        let node = |i: usize| format_node_name(disk, &spec.layers[i].path);
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
+        let job = job.to_string();
         q.execute(&qmp::BlockCommit {
             job_id: job.clone(),
-            device: node(d.layers.len() - 1),
+            device: node(spec.layers.len() - 1),
             top_node: node(ti),
             base_node: node(bi),
             backing_file,
@@ -1636,7 +1732,7 @@ impl VmManager {
                     if let Some(e) = i.error {
                         return Err(fail(e));
                     }
-                    break;
+                    return Ok(());
                 }
                 Event::BlockJobCancelled(i) if i.device == job => return Err(fail("cancelled".into())),
                 Event::BlockJobError {
@@ -1647,39 +1743,111 @@ impl VmManager {
                 _ => {}
             }
         }
+    }
+
+    /// After a merge's job ended with `top` out of the chain: closes the merged layers and
+    /// records the chain without them.
+    async fn finish_merge(
+        vm: &Arc<Vm>,
+        disk: usize,
+        spec: &DiskSpec,
+        base: &Path,
+        top: &Path,
+    ) -> Result<Vec<PathBuf>, VmError> {
+        let q = vm.qmp()?;
+        // Positions in the record's chain (files); `spec` names the nodes (a thin layer is
+        // opened through its loop device).
+        let (bi, ti) = {
+            let r = vm.record.lock().unwrap();
+            let d = &r.create.disks[disk];
+            let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
+            (pos(base), pos(top))
+        };
         // The merged layers' nodes were opened by us (command line or blockdev-add): QEMU keeps
         // them, with their files open and `base` as their backing, until deleted — and a later
         // snapshot of `base` would find it busy. Top down: each is then unreferenced.
-        for i in (bi + 1..=ti).rev() {
-            let path = &spec.layers[i].path;
-            for name in [format_node_name(disk, path), protocol_node_name(disk, path)] {
-                if let Err(e) = q
-                    .execute(&qmp::BlockdevDel {
-                        node_name: name.clone(),
-                    })
-                    .await
-                {
-                    tracing::warn!(vm_id = %id, disk, node = %name, error = %e, "a merged layer stays open");
+        if let (Some(bi), Some(ti)) = (bi, ti) {
+            for i in (bi + 1..=ti).rev() {
+                let path = &spec.layers[i].path;
+                for name in [format_node_name(disk, path), protocol_node_name(disk, path)] {
+                    if let Err(e) = q
+                        .execute(&qmp::BlockdevDel {
+                            node_name: name.clone(),
+                        })
+                        .await
+                    {
+                        tracing::warn!(vm_id = %vm.id, disk, node = %name, error = %e, "a merged layer stays open");
+                    }
                 }
             }
         }
-        let removed: Vec<PathBuf> = {
+        let removed = {
             let mut r = vm.record.lock().unwrap();
-            let layers = &mut r.create.disks[disk].layers;
-            let removed = layers.drain(bi + 1..=ti).map(|l| l.path).collect();
-            if active {
-                // The base is the active layer now; a thin top left with the merged layer.
-                r.create.disks[disk].thin = None;
-            }
-            removed
+            r.pending_merge = None;
+            r.drop_merged(disk, base, top)
         };
         vm.persist()?;
-        tracing::info!(vm_id = %id, disk, job = %job, ?removed, "live merge done");
-        Ok(MergeReport {
-            active,
-            removed,
-            elapsed_ms: start.elapsed().as_millis() as u64,
-        })
+        Ok(removed)
+    }
+
+    /// On recovery, a live merge the node died in: once QEMU's job has ended (a ready active
+    /// commit is completed), the chain QEMU has open (`query-block`) says whether `top` left
+    /// it, and the record follows. Runs in the background: a merge may take long.
+    fn settle_pending_merge(vm: &Arc<Vm>) {
+        let Some(pm) = vm.record.lock().unwrap().pending_merge.clone() else {
+            return;
+        };
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            if let Err(e) = Self::settle_merge(&vm, &pm).await {
+                tracing::error!(vm_id = %vm.id, error = %e, "cannot settle the live merge the node died in");
+            }
+        });
+    }
+
+    async fn settle_merge(vm: &Arc<Vm>, pm: &PendingMerge) -> Result<(), VmError> {
+        let qe = |source| VmError::Qmp { vm: vm.id, source };
+        loop {
+            let q = vm.qmp()?;
+            let jobs = q.execute(&qmp::QueryJobs {}).await.map_err(qe)?;
+            match jobs.iter().find(|j| j.id == pm.job) {
+                None => break,
+                Some(j) if j.status == "ready" => {
+                    q.execute(&qmp::JobComplete { id: pm.job.clone() })
+                        .await
+                        .map_err(qe)?;
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let q = vm.qmp()?;
+        let device = oxvirt_qemu::cmdline::disk_device_id(pm.disk);
+        let chain: Vec<String> = q
+            .execute(&qmp::QueryBlock {})
+            .await
+            .map_err(qe)?
+            .into_iter()
+            .find(|b| {
+                b.qdev
+                    .as_deref()
+                    .is_some_and(|d| d == device || d.contains(&format!("/{device}/")))
+            })
+            .and_then(|b| b.inserted)
+            .map(|i| i.image.files())
+            .unwrap_or_default();
+        let top = pm.top.display().to_string();
+        let merged = !chain.is_empty() && !chain.contains(&top);
+        let spec = vm.record.lock().unwrap().disk_spec(pm.disk);
+        if merged {
+            let removed = Self::finish_merge(vm, pm.disk, &spec, &pm.base, &pm.top).await?;
+            tracing::warn!(vm_id = %vm.id, disk = pm.disk, ?removed, "settled a live merge the node died in: merged");
+        } else {
+            vm.record.lock().unwrap().pending_merge = None;
+            vm.persist()?;
+            tracing::warn!(vm_id = %vm.id, disk = pm.disk, ?chain, "settled a live merge the node died in: the chain is unchanged");
+        }
+        Ok(())
     }
 
     /// Live migration to a destination prepared with [`VmManager::prepare_incoming`]. On
