@@ -329,7 +329,18 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     );
     let dst_id = owner(chain[1].id).expect("the resumed VM holds its leaf's lease");
 
-    // Deleting the snapshot merges live: the chain is two volumes again.
+    // Deleting the snapshot merges live: the chain is two volumes again. An earlier attempt
+    // (an engine that died, an answer lost) already prepared the merge on storage: the retry
+    // takes the ILLEGAL base as prepared and goes on.
+    {
+        let dc = db.dc_get(dc.id).await.unwrap().unwrap();
+        let (_, spm) = e.app().spm(&dc).await.unwrap();
+        let args = json!({ "sdUUID": sd.id, "spUUID": dc.storage_pool_id, "imgUUID": vdisk,
+                           "ancestor": chain[0].id, "successor": chain[1].id });
+        spm.run_task("Image.prepareMerge", args, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
     cmds.remove_snapshot(vm.id, snap.id, None).await.unwrap();
     let chain = db.volume_chain(vdisk).await.unwrap();
     assert_eq!(chain.len(), 1, "{chain:?}");

@@ -31,6 +31,8 @@ use crate::model::{
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
 use super::storage::{create_volume, delete_image};
+
+const CODE_VOLUME_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::VolumeNotFound.code();
 use super::vms::create_state_volume;
 use super::{CommandError, Commands};
 
@@ -332,10 +334,23 @@ impl SagaDef for RemoveSnapshotSaga {
                         continue; // merged before a crash
                     }
                     let args = json!({ "sdUUID": m.sd, "spUUID": dc.storage_pool_id, "imgUUID": m.disk, "ancestor": m.base, "successor": m.top });
+                    // A retry after the storage side finished (its answer lost): only the
+                    // records are left to update.
+                    let info = |vol: VolUuid| spm.call("Volume.getInfo", json!({ "sdUUID": m.sd, "imgUUID": m.disk, "volUUID": vol }));
+                    let top_gone = matches!(info(m.top).await, Err(e) if e.code() == Some(CODE_VOLUME_NOT_FOUND));
                     match p.live_on {
+                        _ if top_gone => {}
                         None => spm.run_task("Image.mergeSnapshots", args, app.settings.task_timeout).await.map_err(step_err)?,
                         Some(host) => {
-                            spm.run_task("Image.prepareMerge", args.clone(), app.settings.task_timeout).await.map_err(step_err)?;
+                            if let Err(e) = spm.run_task("Image.prepareMerge", args.clone(), app.settings.task_timeout).await {
+                                // Prepared by an earlier attempt: the base is ILLEGAL already.
+                                let prepared = info(m.base).await.is_ok_and(|i| {
+                                    i["meta"]["legality"].as_str().is_some_and(|l| l.eq_ignore_ascii_case("illegal"))
+                                });
+                                if !prepared {
+                                    return Err(step_err(e));
+                                }
+                            }
                             let h = app.host(host).await.map_err(step_err)?;
                             let node = app.client(&h).map_err(step_err)?;
                             node.run_job(

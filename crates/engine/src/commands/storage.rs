@@ -24,7 +24,7 @@ use super::{CommandError, Commands};
 
 /// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
 const CODE_DOMAIN_NOT_FOUND: i64 = 358;
-const CODE_IMAGE_NOT_FOUND: i64 = 268;
+const CODE_IMAGE_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::ImageNotFound.code();
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddStorageDomain {
