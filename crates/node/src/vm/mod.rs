@@ -1594,8 +1594,16 @@ impl VmManager {
             .disks
             .get(disk)
             .ok_or_else(|| invalid(format!("no disk {disk}")))?;
+        if let Some(pm) = &rec.pending_merge {
+            // One merge at a time; after a restart the last one is still being settled.
+            return Err(invalid(format!(
+                "the live merge of {} into {} is still running",
+                pm.top.display(),
+                pm.base.display()
+            )));
+        }
         let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
-        if pos(base).is_some() && pos(top).is_none() && rec.pending_merge.is_none() {
+        if pos(base).is_some() && pos(top).is_none() {
             // Asked again after it ended (the answer was lost with a node that restarted).
             tracing::info!(vm_id = %id, disk, top = %top.display(), "live merge already done");
             return Ok(MergeReport {
