@@ -625,6 +625,22 @@ async fn unknown_sagas_are_left_for_an_engine_that_knows_them(b: Backend) {
     env.assert_created("vm1", "resumed by a later engine").await;
 }
 
+/// Locks the saga's disk with the saga as owner. The undo runs even when the lock step
+/// failed: it only releases this saga's own lock.
+fn lock_disk_step<S: SagaDef<Ctx = App, Params = DiskId>>() -> Step<S> {
+    Step::new(
+        "lock",
+        |c: StepCtx<S>| async move {
+            c.db().disk_lock(*c.params(), c.saga_id).await?;
+            Ok(())
+        },
+        |c: StepCtx<S>| async move {
+            c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
+            Ok(())
+        },
+    )
+}
+
 /// Locks a disk, works (until the test releases it), unlocks.
 struct LockDisk;
 
@@ -637,18 +653,7 @@ impl SagaDef for LockDisk {
     }
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(*c.params(), c.saga_id).await?;
-                    Ok(())
-                },
-                // Runs even when the lock step failed: only releases this saga's own lock.
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
-                    Ok(())
-                },
-            ),
+            lock_disk_step(),
             Step::without_undo("work", |c: StepCtx<Self>| async move {
                 c.app().release.notified().await;
                 Ok(())
@@ -712,17 +717,7 @@ impl SagaDef for DeleteDisk {
     }
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(*c.params(), c.saga_id).await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_unlock(*c.params(), c.saga_id, DiskStatus::Ok).await?;
-                    Ok(())
-                },
-            ),
+            lock_disk_step(),
             Step::without_undo("delete", |c: StepCtx<Self>| async move {
                 use std::sync::atomic::Ordering;
                 let left = &c.app().delete_failures;

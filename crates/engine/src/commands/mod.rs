@@ -138,17 +138,7 @@ impl Commands {
                 error,
                 job,
             }),
-            SagaOutcome::Stuck { error, undo_error } => Err(CommandError::Stuck {
-                description,
-                error,
-                undo_error,
-            }),
-            SagaOutcome::Blocked { error } => Err(CommandError::Blocked {
-                description,
-                error,
-                job,
-            }),
-            other => Ok(other),
+            other => waiting_for_admin(description, job, other),
         }
     }
 
@@ -180,19 +170,8 @@ impl Commands {
         tracing::info!(job_id = %job, saga_id = %saga, state = %rec.state, "retrying a command for an administrator");
         let description = j.description;
         // A stuck command that unwinds, or a blocked one that finishes, is what was asked.
-        match self.sagas.retry_stuck(saga).await?.wait().await? {
-            SagaOutcome::Unwound { .. } | SagaOutcome::Done { .. } | SagaOutcome::Interrupted => Ok(()),
-            SagaOutcome::Stuck { error, undo_error } => Err(CommandError::Stuck {
-                description,
-                error,
-                undo_error,
-            }),
-            SagaOutcome::Blocked { error } => Err(CommandError::Blocked {
-                description,
-                error,
-                job: Some(job),
-            }),
-        }
+        let outcome = self.sagas.retry_stuck(saga).await?.wait().await?;
+        waiting_for_admin(description, Some(job), outcome).map(drop)
     }
 
     /// Starts a saga and returns its job at once (REST `async=true`).
@@ -210,5 +189,27 @@ impl Commands {
             let _ = handle.wait().await;
         });
         Ok(job)
+    }
+}
+
+/// A saga that ended waiting for an administrator (stuck or blocked) as the command's error;
+/// any other outcome as it is.
+fn waiting_for_admin(
+    description: String,
+    job: Option<JobId>,
+    outcome: SagaOutcome,
+) -> Result<SagaOutcome, CommandError> {
+    match outcome {
+        SagaOutcome::Stuck { error, undo_error } => Err(CommandError::Stuck {
+            description,
+            error,
+            undo_error,
+        }),
+        SagaOutcome::Blocked { error } => Err(CommandError::Blocked {
+            description,
+            error,
+            job,
+        }),
+        other => Ok(other),
     }
 }

@@ -601,24 +601,6 @@ impl<S: SagaDef> Run<S> {
                 self.outputs.insert(name.to_string(), out);
                 Ok(Next::Continue)
             }
-            Err(e) if self.past_no_return(i) => {
-                let msg = format!("step {name}: {e}");
-                saga_step_record(
-                    &mut tx.ctx(),
-                    self.id,
-                    i,
-                    name,
-                    SagaStepStatus::Failed,
-                    None,
-                    Some(&msg),
-                    None,
-                )
-                .await?;
-                tx.commit().await?;
-                self.state[i].status = Some(SagaStepStatus::Failed);
-                self.state[i].error = Some(msg.clone());
-                Ok(Next::Retry(msg))
-            }
             Err(e) => {
                 let msg = format!("step {name}: {e}");
                 saga_step_record(
@@ -632,13 +614,18 @@ impl<S: SagaDef> Run<S> {
                     None,
                 )
                 .await?;
+                self.state[i].status = Some(SagaStepStatus::Failed);
+                if self.past_no_return(i) {
+                    // The saga stays running: the step is retried, its job step stays open.
+                    tx.commit().await?;
+                    return Ok(Next::Retry(msg));
+                }
                 if let Some(js) = self.state[i].job_step {
                     tx.job_step_set_status(js, JobStatus::Failed).await?;
                 }
                 saga_set_state(&mut tx.ctx(), self.id, SagaState::Unwinding, Some(&msg), None).await?;
                 tx.commit().await?;
                 tracing::warn!(saga_id = %self.id, step = name, error = %e, "saga step failed; unwinding");
-                self.state[i].status = Some(SagaStepStatus::Failed);
                 Ok(Next::Unwind(msg))
             }
         }
