@@ -55,6 +55,7 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
             write_error: WriteErrorPolicy::StopOnEnospc,
             thin: None,
             image: None,
+            slot: None,
         }],
         nics: vec![],
         balloon: true,

@@ -20,6 +20,13 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
+/// The guest fills the first MiB of its second disk once it is plugged, then reports its
+/// unplug.
+const HOT_DISK_SCRIPT: &str = "while [ ! -b /dev/vdb ]; do usleep 100000; done; \
+    tr '\\000' H < /dev/zero | dd of=/dev/vdb bs=1M count=1 iflag=fullblock oflag=direct \
+    2>/dev/null && echo OXVIRT-GUEST vdb written; \
+    while [ -b /dev/vdb ]; do usleep 100000; done; echo OXVIRT-GUEST vdb unplugged";
+
 async fn host_name(e: &Engine, id: oxvirt_engine::model::HostUuid) -> String {
     e.app().db.host_get(id).await.unwrap().unwrap().name
 }
@@ -182,7 +189,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
                 template: tmpl.id,
                 memory_bytes: Some(256 * MIB),
                 cpu: None,
-                os: os(&["oxvirt.writer=8"]),
+                os: os(&["oxvirt.writer=8", &TestGuest::run_arg(HOT_DISK_SCRIPT)]),
                 ha: None,
             },
             None,
@@ -245,6 +252,43 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     let runner_id = owner(chain[1].id).expect("the new leaf's lease is held");
     assert_eq!(owner(chain[0].id), None, "the old leaf's lease was kept");
 
+    // A disk added to the running VM is hot plugged: the guest writes to it, and the VM
+    // holds its leaf's lease too. It moves with the VM.
+    let hot = cmds
+        .add_disk(
+            AddDisk {
+                name: "hot_disk".into(),
+                description: String::new(),
+                storage_domain: sd.id,
+                provisioned_size: 16 * MIB,
+                format: DiskFormat::Cow,
+                sparse: true,
+                shareable: false,
+                attach_to: Some(AddVmDisk {
+                    vm: vm.id,
+                    interface: DiskInterface::Virtio,
+                    bootable: false,
+                    active: true,
+                }),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(db.attachment_get(vm.id, hot.id).await.unwrap().unwrap().active);
+    oxvirt_testkit::wait_for_text(
+        &c.console(&hname, vm.id),
+        "OXVIRT-GUEST vdb written",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let hot_leaf = db.volume_chain(hot.id).await.unwrap()[0].id;
+    assert_eq!(
+        vol_owner(&c.storage, sd.id, hot.id, hot_leaf),
+        Some(runner_id),
+        "the plugged disk's lease"
+    );
+
     // Live migration to another host: the guest keeps writing there.
     let moved = cmds
         .migrate_vm(vm.id, MigrateOptions::default(), None)
@@ -296,6 +340,21 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Deactivated, the disk leaves the running guest (unplugged once the guest let it go) and
+    // its lease is given back; detached, it can go.
+    let mut a = db.attachment_get(vm.id, hot.id).await.unwrap().unwrap();
+    a.active = false;
+    cmds.update_disk_attachment(a).await.unwrap();
+    oxvirt_testkit::wait_for_text(
+        &c.console(&host_name(&e, h_now).await, vm.id),
+        "OXVIRT-GUEST vdb unplugged",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(vol_owner(&c.storage, sd.id, hot.id, hot_leaf), None);
+    cmds.detach_disk(vm.id, hot.id).await.unwrap();
+    cmds.remove_disk(hot.id, None).await.unwrap();
 
     // Suspend: the guest's state goes to a volume, QEMU ends, nothing holds the disk; start
     // resumes the same guest (its writer goes on), and the state volume is gone.

@@ -225,6 +225,19 @@ async fn wait_passes(log: &Path, from: usize, n: usize, timeout: Duration) -> us
 }
 
 /// Every block the writer covers holds its byte ('A' + i) when read through `image`'s chain.
+/// Waits until the guest's console log shows `line`.
+async fn wait_console(log: &Path, line: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(log).unwrap_or_default().contains(line) {
+        assert!(
+            start.elapsed() < timeout,
+            "no {line:?} on the console within {timeout:?}: {}",
+            tail(&std::fs::read_to_string(log).unwrap_or_default())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn verify_writer_data(image: &Path) {
     let mut cmd = Command::new(require_tool("qemu-io"));
     cmd.args(["-r", "-f", "qcow2"]);
@@ -346,7 +359,17 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     std::fs::create_dir(&shared).unwrap();
     let (sd, img, volume) = shared_disk(&[&a, &b], &shared).await;
     let id = VmId::new_random();
-    let params = vm_params(id, "mig", sd, img);
+    let mut params = vm_params(id, "mig", sd, img);
+    // The guest fills the first 4 MiB of a hot plugged second disk, then reports its unplug.
+    let script = "while [ ! -b /dev/vdb ]; do usleep 100000; done; \
+        tr '\\000' H < /dev/zero | dd of=/dev/vdb bs=1M count=4 iflag=fullblock oflag=direct \
+        2>/dev/null && echo OXVIRT-GUEST vdb written; \
+        while [ -b /dev/vdb ]; do usleep 100000; done; echo OXVIRT-GUEST vdb unplugged";
+    params["boot"]["cmdline"] = TestGuest::append(&[
+        &format!("oxvirt.writer={WRITER_BLOCKS}"),
+        &TestGuest::run_arg(script),
+    ])
+    .into();
     let info = a.call("VM.create", params.clone()).await;
     assert_eq!(info["status"]["state"], "up", "{info}");
     let p = wait_passes(&a.console_log(id), 0, 1, BOOT).await;
@@ -409,6 +432,47 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     b.call("VM.destroy", json!({ "vmID": id })).await;
     wait_passes(&a.console_log(id), p, 1, BOOT).await;
 
+    // A disk hot plugged into the running guest, which writes to it; plugging it again
+    // changes nothing. It gets the next slot, and keeps it through the migrations (the
+    // destinations list it first: the layout follows the slots, not the order).
+    let dom = FileStorageDomain::find(&shared, sd).unwrap();
+    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        img2,
+        vol2,
+        &VolumeSpec::new(16 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    let drive2 = json!({ "domainID": sd, "imageID": img2 });
+    let plugged = a
+        .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive2 }))
+        .await;
+    let slots = |info: &Value| -> Vec<(String, u64)> {
+        info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["image"]["img"].as_str().unwrap().to_string(),
+                    d["slot"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let expected = vec![(img.to_string(), 0), (img2.to_string(), 1)];
+    assert_eq!(slots(&plugged), expected, "{plugged}");
+    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb written", BOOT).await;
+    let again = a
+        .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive2 }))
+        .await;
+    assert_eq!(slots(&again), expected, "{again}");
+    let mut params = params.clone();
+    params["drives"] = json!([
+        { "domainID": sd, "imageID": img2, "slot": 1 },
+        { "domainID": sd, "imageID": img, "slot": 0 },
+    ]);
+
     // 3. A → B for real.
     let rep = migrate(&a, &b, id, &params, 0).await.unwrap();
     let (total, downtime) = (
@@ -435,6 +499,32 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     );
     a.wait_state(id, "up", Duration::from_secs(30)).await;
     b.call("VM.destroy", json!({ "vmID": id })).await;
+    wait_passes(&a.console_log(id), 0, 1, BOOT).await;
+    let back = a.call("VM.getInfo", json!({ "vmID": id })).await;
+    let mut moved = slots(&back);
+    moved.sort_by_key(|(_, slot)| *slot);
+    assert_eq!(moved, expected, "{back}");
+
+    // Unplugged once the guest released it; the guest sees it go, and the data it wrote is
+    // on the volume. An image the VM does not have is refused.
+    let t0 = Instant::now();
+    let unplugged = a
+        .call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive2 }))
+        .await;
+    eprintln!("disk hot unplug: {:?}", t0.elapsed());
+    assert_eq!(slots(&unplugged), [(img.to_string(), 0)], "{unplugged}");
+    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb unplugged", BOOT).await;
+    let err =
+        a.c.call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive2 }))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains(&img2.to_string()), "{err}");
+    let data = std::fs::read(dom.volume_path(img2, vol2)).unwrap();
+    assert!(
+        data[..4 << 20].iter().all(|b| *b == b'H'),
+        "the guest's writes to the plugged disk are lost"
+    );
+    assert!(data[4 << 20..].iter().all(|b| *b == 0));
     wait_passes(&a.console_log(id), 0, 1, BOOT).await;
     a.call("VM.destroy", json!({ "vmID": id })).await;
     verify_writer_data(&volume);

@@ -47,6 +47,11 @@ pub struct VmSpec {
     /// (no hotplug).
     #[serde(default)]
     pub nic_ports: u8,
+    /// PCIe root ports reserved for disks (`diskport<slot>`), so disks can be hot plugged and
+    /// unplugged and keep their PCI address across migration. 0: disks sit on the root bus
+    /// (no hotplug).
+    #[serde(default)]
+    pub disk_ports: u8,
     /// The QEMU guest agent's virtio-serial channel (`org.qemu.guest_agent.0`), served on this
     /// UNIX socket to the node.
     pub guest_agent_socket: Option<PathBuf>,
@@ -199,6 +204,21 @@ pub struct DiskSpec {
     pub direct_io: bool,
     #[serde(default)]
     pub write_error: WriteErrorPolicy,
+    /// Stable position: device id `disk<slot>`, node names `d<slot>-…` and, with
+    /// [`VmSpec::disk_ports`], the root port `diskport<slot>`. `None`: the disk's index. Kept
+    /// across hot unplugs of other disks, so a migration destination builds the same devices.
+    #[serde(default)]
+    pub slot: Option<u8>,
+}
+
+/// A disk's slot: its own, or its index.
+pub fn disk_slot(index: usize, disk: &DiskSpec) -> usize {
+    disk.slot.map_or(index, usize::from)
+}
+
+/// The root port a disk slot plugs into.
+pub fn disk_port_id(slot: usize) -> String {
+    format!("diskport{slot}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +288,13 @@ pub enum SpecError {
         slot: u8,
         ports: u8,
     },
+    #[error("VM {vm:?}: disk {disk}'s slot {slot} is taken or outside the VM's {ports} disk ports")]
+    BadDiskSlot {
+        vm: String,
+        disk: usize,
+        slot: usize,
+        ports: u8,
+    },
     #[error("VM {vm:?}: path {path:?} contains a ',' which QEMU's option syntax cannot carry")]
     CommaInPath { vm: String, path: PathBuf },
 }
@@ -295,7 +322,8 @@ fn valid_mac(mac: &str) -> bool {
         && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
-/// QEMU node name of a layer's format node: `d<disk>-<hash of the layer's path>`.
+/// QEMU node name of a layer's format node: `d<slot>-<hash of the layer's path>`, `disk` being
+/// the disk's slot ([`disk_slot`]).
 ///
 /// Derived from the path, not the layer's position, so a name stays valid while live snapshots
 /// add layers and live merges remove them, and a restarted node finds every node again from the
@@ -323,7 +351,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// the top are read-only, but their files open with `auto-read-only` so that a live merge can
 /// reopen its base for writing.
 pub fn layer_blockdevs(
-    disk_index: usize,
+    slot: usize,
     disk: &DiskSpec,
     layer: &LayerSpec,
     backing: Option<&str>,
@@ -332,7 +360,7 @@ pub fn layer_blockdevs(
     let cache = serde_json::json!({ "direct": disk.direct_io, "no-flush": false });
     let file = serde_json::json!({
         "driver": layer.protocol.driver(),
-        "node-name": protocol_node_name(disk_index, &layer.path),
+        "node-name": protocol_node_name(slot, &layer.path),
         "filename": layer.path,
         "read-only": disk.read_only,
         "auto-read-only": !disk.read_only && !top,
@@ -341,8 +369,8 @@ pub fn layer_blockdevs(
     });
     let mut fmt = serde_json::json!({
         "driver": layer.format.driver(),
-        "node-name": format_node_name(disk_index, &layer.path),
-        "file": protocol_node_name(disk_index, &layer.path),
+        "node-name": format_node_name(slot, &layer.path),
+        "file": protocol_node_name(slot, &layer.path),
         "read-only": disk.read_only || !top,
         "cache": cache,
         "discard": "unmap",
@@ -353,9 +381,26 @@ pub fn layer_blockdevs(
     (file, fmt)
 }
 
-/// QEMU device id of a disk.
-pub fn disk_device_id(disk: usize) -> String {
-    format!("disk{disk}")
+/// QEMU device id of a disk slot.
+pub fn disk_device_id(slot: usize) -> String {
+    format!("disk{slot}")
+}
+
+/// The `virtio-blk-pci` device of disk `disk` at `slot` on the format node `drive`, as QMP's
+/// `device_add` takes it; `port`: on its root port (else the root bus). The command line
+/// passes the same properties.
+pub fn disk_device_json(slot: usize, disk: &DiskSpec, drive: &str, port: bool) -> serde_json::Value {
+    let mut dev = serde_json::json!({
+        "driver": "virtio-blk-pci", "drive": drive, "id": disk_device_id(slot),
+        "werror": disk.write_error.qemu_name(), "rerror": "report",
+    });
+    if let Some(s) = &disk.serial {
+        dev["serial"] = s.as_str().into();
+    }
+    if port {
+        dev["bus"] = disk_port_id(slot).into();
+    }
+    dev
 }
 
 impl VmSpec {
@@ -416,6 +461,19 @@ impl VmSpec {
                     nic: i,
                     slot,
                     ports: self.nic_ports,
+                });
+            }
+            slots.push(slot);
+        }
+        let mut slots: Vec<usize> = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let slot = disk_slot(i, d);
+            if slots.contains(&slot) || (self.disk_ports > 0 && slot >= usize::from(self.disk_ports)) {
+                return Err(SpecError::BadDiskSlot {
+                    vm: vm(),
+                    disk: i,
+                    slot,
+                    ports: self.disk_ports,
                 });
             }
             slots.push(slot);
@@ -508,30 +566,9 @@ impl VmSpec {
                 push("-append", append.clone());
             }
         }
-        for (di, disk) in self.disks.iter().enumerate() {
-            let mut below: Option<String> = None;
-            for (li, layer) in disk.layers.iter().enumerate() {
-                let top = li + 1 == disk.layers.len();
-                let (file, fmt) = layer_blockdevs(di, disk, layer, below.as_deref(), top);
-                push("-blockdev", file.to_string());
-                push("-blockdev", fmt.to_string());
-                below = Some(format_node_name(di, &layer.path));
-            }
-            let top = below.expect("validated: a disk has layers");
-            let mut dev = format!(
-                "virtio-blk-pci,drive={top},id={},werror={},rerror=report",
-                disk_device_id(di),
-                disk.write_error.qemu_name()
-            );
-            if let Some(s) = &disk.serial {
-                dev.push_str(&format!(",serial={s}"));
-            }
-            if di == 0 && self.boot == Boot::Disk {
-                dev.push_str(",bootindex=1");
-            }
-            push("-device", dev);
-        }
-        // Root ports first, in a fixed order, so their PCI addresses depend on the count only.
+        // Root ports first, in a fixed order, so their PCI addresses depend on the counts only.
+        // Disk ports reserve no I/O space: virtio devices behind a PCIe port are modern-only
+        // (memory BARs), and two dozen ports would exhaust the 64 KiB I/O window.
         for p in 0..self.nic_ports {
             push(
                 "-device",
@@ -541,6 +578,34 @@ impl VmSpec {
                     u32::from(p) + 1
                 ),
             );
+        }
+        for p in 0..usize::from(self.disk_ports) {
+            push(
+                "-device",
+                format!(
+                    "pcie-root-port,id={},bus=pcie.0,chassis={},io-reserve=0",
+                    disk_port_id(p),
+                    usize::from(self.nic_ports) + p + 1
+                ),
+            );
+        }
+        for (di, disk) in self.disks.iter().enumerate() {
+            let slot = disk_slot(di, disk);
+            let mut below: Option<String> = None;
+            for (li, layer) in disk.layers.iter().enumerate() {
+                let top = li + 1 == disk.layers.len();
+                let (file, fmt) = layer_blockdevs(slot, disk, layer, below.as_deref(), top);
+                push("-blockdev", file.to_string());
+                push("-blockdev", fmt.to_string());
+                below = Some(format_node_name(slot, &layer.path));
+            }
+            let top = below.expect("validated: a disk has layers");
+            let mut dev = disk_device_json(slot, disk, &top, self.disk_ports > 0);
+            if di == 0 && self.boot == Boot::Disk {
+                dev["bootindex"] = 1.into();
+            }
+            // The same properties as hot plug's, in JSON form: no escaping of serials.
+            push("-device", dev.to_string());
         }
         for (i, nic) in self.nics.iter().enumerate() {
             let slot = nic_slot(i, nic);
@@ -614,6 +679,7 @@ mod tests {
                 read_only: false,
                 direct_io: true,
                 write_error: WriteErrorPolicy::StopOnEnospc,
+                slot: None,
             }],
             qmp_socket: "/run/vm1.qmp".into(),
             serial_log: Some("/run/vm1.log".into()),
@@ -624,6 +690,7 @@ mod tests {
             start_paused: false,
             nics: vec![NicSpec::new("52:54:00:12:34:56", NicBackend::User)],
             nic_ports: 0,
+            disk_ports: 0,
             guest_agent_socket: Some("/run/vm1.qga".into()),
         }
     }
@@ -656,9 +723,13 @@ mod tests {
         assert_eq!(bd[3]["read-only"], false, "active layer is writable");
         assert_eq!(bd[2]["auto-read-only"], false);
         assert_eq!(bd[2]["cache"]["direct"], true);
+        let disk: serde_json::Value = serde_json::from_str(arg_after(&args, "-device")[0]).unwrap();
         assert_eq!(
-            arg_after(&args, "-device")[0],
-            format!("virtio-blk-pci,drive={top},id=disk0,werror=enospc,rerror=report,serial=abc,bootindex=1")
+            disk,
+            serde_json::json!({
+                "driver": "virtio-blk-pci", "drive": top, "id": "disk0", "werror": "enospc",
+                "rerror": "report", "serial": "abc", "bootindex": 1,
+            })
         );
         assert!(arg_after(&args, "-device").contains(&"virtio-balloon-pci,id=balloon0"));
         assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
@@ -726,15 +797,13 @@ mod tests {
         assert!(devs.contains(&"virtio-serial-pci,id=vser0"));
         assert!(devs.contains(&"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"));
         assert!(arg_after(&args, "-chardev").contains(&"socket,id=qga0,path=/run/vm1.qga,server=on,wait=off"));
-        assert!(devs
-            .iter()
-            .any(|d| d.starts_with("virtio-blk-pci,") && d.contains(",werror=enospc,rerror=report")));
+        assert!(devs.iter().any(|d| d.contains(r#""werror":"enospc""#)));
         s.disks[0].write_error = WriteErrorPolicy::Report;
         s.guest_agent_socket = None;
         let args = s.to_args().unwrap();
         assert!(arg_after(&args, "-device")
             .iter()
-            .any(|d| d.contains(",werror=report,")));
+            .any(|d| d.contains(r#""werror":"report""#)));
         assert!(!args.iter().any(|a| a.contains("virtserialport")));
     }
 
@@ -776,7 +845,7 @@ mod tests {
         let args = s.to_args().unwrap();
         let devs = arg_after(&args, "-device");
         assert_eq!(
-            &devs[1..5],
+            &devs[0..4],
             [
                 "pcie-root-port,id=nicport0,bus=pcie.0,chassis=1",
                 "pcie-root-port,id=nicport1,bus=pcie.0,chassis=2",
@@ -800,6 +869,47 @@ mod tests {
         ));
         s.nics[1].slot = Some(4);
         assert!(matches!(s.to_args(), Err(SpecError::BadNicSlot { slot: 4, .. })));
+    }
+
+    #[test]
+    fn disk_ports_give_hotpluggable_slots_after_the_nic_ports() {
+        let mut s = spec();
+        s.nic_ports = 2;
+        s.disk_ports = 3;
+        s.disks[0].slot = Some(2);
+        let mut second = s.disks[0].clone();
+        second.layers.truncate(1);
+        second.layers[0].path = "/sd/img2/base".into();
+        second.slot = None; // its index: 1
+        s.disks.push(second);
+        let args = s.to_args().unwrap();
+        let devs = arg_after(&args, "-device");
+        assert_eq!(
+            &devs[2..5],
+            [
+                "pcie-root-port,id=diskport0,bus=pcie.0,chassis=3,io-reserve=0",
+                "pcie-root-port,id=diskport1,bus=pcie.0,chassis=4,io-reserve=0",
+                "pcie-root-port,id=diskport2,bus=pcie.0,chassis=5,io-reserve=0",
+            ]
+        );
+        let disk: serde_json::Value = serde_json::from_str(devs[5]).unwrap();
+        assert_eq!(
+            (&disk["id"], &disk["bus"]),
+            (&"disk2".into(), &"diskport2".into())
+        );
+        let top = format_node_name(2, Path::new("/sd/img/top"));
+        assert_eq!(disk["drive"], top.as_str(), "node names follow the slot");
+        let base2 = format_node_name(1, Path::new("/sd/img2/base"));
+        let hot = disk_device_json(1, &s.disks[1], &base2, true);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(devs[6]).unwrap(), hot);
+        // A slot taken twice, or beyond the ports, is refused.
+        s.disks[1].slot = Some(2);
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::BadDiskSlot { disk: 1, slot: 2, .. })
+        ));
+        s.disks[1].slot = Some(3);
+        assert!(matches!(s.to_args(), Err(SpecError::BadDiskSlot { slot: 3, .. })));
     }
 
     #[test]

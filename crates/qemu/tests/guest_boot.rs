@@ -52,6 +52,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
             read_only: false,
             direct_io: false,
             write_error: WriteErrorPolicy::Report,
+            slot: None,
         }],
         qmp_socket: dir.path().join("qmp.sock"),
         serial_log: Some(serial.clone()),
@@ -62,6 +63,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         start_paused: false,
         nics: vec![],
         nic_ports: 0,
+        disk_ports: 0,
         guest_agent_socket: None,
     };
 

@@ -8,6 +8,7 @@
 //! Architecture invariant: every change to storage or to a VM goes through a command here; the
 //! transports above are translations only.
 
+mod attachments;
 mod infra;
 mod networks;
 mod scheduling;
@@ -25,7 +26,7 @@ use crate::nodes::NodeError;
 use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
 
 pub use infra::{AddCluster, AddDataCenter, AddHost};
-pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_nic_slots};
+pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
 pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
 pub use scheduling::{
     policy_info, resolve_policy, AddAffinityGroup, PolicyInfo, UpdateAffinityGroup, UpdateCluster,

@@ -822,9 +822,10 @@ pub(crate) async fn scheduling_networks(
     ))
 }
 
-/// Adds to `VM.migrationCreate` parameters the PCI slot each NIC has on the source, so the
-/// destination builds the same device layout (NICs hot plugged and unplugged included).
-pub(crate) async fn with_source_nic_slots(
+/// Adds to `VM.migrationCreate` parameters the PCI slot each NIC and disk has on the source,
+/// so the destination builds the same device layout (devices hot plugged and unplugged
+/// included).
+pub(crate) async fn with_source_slots(
     app: &App,
     src: HostUuid,
     vm: VmId,
@@ -832,16 +833,25 @@ pub(crate) async fn with_source_nic_slots(
 ) -> Result<Value, CommandError> {
     let h = app.host(src).await?;
     let info = app.client(&h)?.call("VM.getInfo", json!({ "vmID": vm })).await?;
-    let slots: BTreeMap<String, Value> = info["nics"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| Some((n["mac"].as_str()?.to_lowercase(), n["slot"].clone())))
-        .collect();
-    if let Some(nics) = params["nics"].as_array_mut() {
-        for n in nics {
-            let mac = n["mac"].as_str().unwrap_or_default().to_lowercase();
-            if let Some(slot) = slots.get(&mac).filter(|s| !s.is_null()) {
+    let slots = |list: &str, key: &dyn Fn(&Value) -> Option<String>| -> BTreeMap<String, Value> {
+        info[list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| Some((key(n)?, n["slot"].clone())))
+            .collect()
+    };
+    let mac = |n: &Value| Some(n["mac"].as_str()?.to_lowercase());
+    let nic_slots = slots("nics", &mac);
+    let image = |d: &Value| Some(d["image"]["img"].as_str()?.to_string());
+    let disk_slots = slots("disks", &image);
+    let drive_image = |d: &Value| Some(d["imageID"].as_str()?.to_string());
+    for (list, key, slots) in [
+        ("nics", &mac as &dyn Fn(&Value) -> Option<String>, &nic_slots),
+        ("drives", &drive_image, &disk_slots),
+    ] {
+        for n in params[list].as_array_mut().into_iter().flatten() {
+            if let Some(slot) = key(n).and_then(|k| slots.get(&k)).filter(|s| !s.is_null()) {
                 n["slot"] = slot.clone();
             }
         }

@@ -1059,16 +1059,25 @@ impl Commands {
         self.app.dc(m.data_center_id).await
     }
 
-    pub async fn add_disk(&self, req: AddDisk, correlation_id: Option<String>) -> Result<Disk, CommandError> {
+    pub async fn add_disk(
+        &self,
+        mut req: AddDisk,
+        correlation_id: Option<String>,
+    ) -> Result<Disk, CommandError> {
         if req.provisioned_size == 0 || req.provisioned_size > (64 << 40) {
             return Err(CommandError::invalid(format!(
                 "disk size {} is outside 1 byte..64 TiB",
                 req.provisioned_size
             )));
         }
-        if let Some(a) = req.attach_to.as_ref().filter(|a| a.active) {
+        // A disk for a running VM is plugged once its volume exists: attached inactive first.
+        let mut hot_vm = None;
+        if let Some(a) = req.attach_to.as_mut().filter(|a| a.active) {
             let v = self.vm(a.vm).await?;
-            self.refuse_live_disk_change(&v, "an active disk is attached")?;
+            if self.disk_hot_host(&v, "an active disk is attached")?.is_some() {
+                a.active = false;
+                hot_vm = Some(a.vm);
+            }
         }
         let dc = self.domain_dc(req.storage_domain).await?;
         if dc.status != DcStatus::Up || dc.spm_status != SpmStatus::Spm {
@@ -1088,6 +1097,9 @@ impl Commands {
             correlation_id,
         )
         .await?;
+        if let Some(vm) = hot_vm {
+            self.activate_new_disk(vm, disk).await?;
+        }
         self.app
             .db
             .disk_get(disk)

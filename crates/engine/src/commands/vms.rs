@@ -671,7 +671,7 @@ impl SagaDef for MigrateVmSaga {
                     let p = c.params();
                     let node = client_of(c.app(), p.dst).await?;
                     let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
-                    let params = super::with_source_nic_slots(c.app(), p.src, p.vm, params)
+                    let params = super::with_source_slots(c.app(), p.src, p.vm, params)
                         .await
                         .map_err(step_err)?;
                     let r = node.call("VM.migrationCreate", params).await.map_err(step_err)?;
@@ -1120,47 +1120,6 @@ impl Commands {
         self.run::<AddVmSaga>(AddVmParams { vm, dc, clones }, correlation_id)
             .await?;
         self.vm(id).await
-    }
-
-    /// Refuses to change the disks a VM's QEMU has (attach or detach an active disk, activate
-    /// or deactivate one) unless the VM is down: a running VM would not see the change (disks
-    /// are not hot plugged), and a suspended VM resumes only with the devices it was saved with.
-    pub fn refuse_live_disk_change(&self, v: &crate::model::Vm, what: &str) -> Result<(), CommandError> {
-        if v.runtime.status == VmStatus::Down {
-            return Ok(());
-        }
-        Err(CommandError::Conflict(format!(
-            "VM {} is {}: {what} only while it is down (an inactive disk may be attached now \
-             and activated when it is down)",
-            v.name, v.runtime.status
-        )))
-    }
-
-    pub async fn attach_disk(
-        &self,
-        vm: VmId,
-        disk: DiskId,
-        how: AddVmDisk,
-    ) -> Result<DiskAttachment, CommandError> {
-        let v = self.vm(vm).await?;
-        if how.active {
-            self.refuse_live_disk_change(&v, "an active disk is attached")?;
-        }
-        let d = self
-            .app
-            .db
-            .disk_get(disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))?;
-        if !d.shareable && !self.app.db.attachments_of_disk(disk).await?.is_empty() {
-            return Err(CommandError::Conflict(format!(
-                "disk {} is attached to another VM",
-                d.name
-            )));
-        }
-        let a = how.attachment(disk);
-        self.app.db.attachment_add(&a).await?;
-        Ok(a)
     }
 
     pub async fn start_vm(

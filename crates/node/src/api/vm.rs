@@ -42,6 +42,8 @@ pub const VERBS: &[&str] = &[
     "VM.acquireLease",
     "VM.getConsoleLog",
     "VM.hibernate",
+    "VM.hotplugDisk",
+    "VM.hotunplugDisk",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -62,6 +64,19 @@ pub struct DriveParams {
     /// Grow the active layer on demand with this policy (capped thin volume).
     #[serde(default)]
     pub thin: Option<ThinPolicy>,
+    /// The disk's slot (from the source's `VM.getInfo` on a migration destination).
+    #[serde(default)]
+    pub slot: Option<u8>,
+}
+
+/// `VM.hotplugDisk` / `VM.hotunplugDisk` (VDSM's names): the drive to plug, or the one whose
+/// image to unplug.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskHotplugParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub drive: DriveParams,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -321,6 +336,8 @@ pub enum VmRequest {
     AcquireLease(AcquireLeaseParams),
     GetConsoleLog(ConsoleLogParams),
     Hibernate(HibernateParams),
+    HotplugDisk(DiskHotplugParams),
+    HotunplugDisk(DiskHotplugParams),
 }
 
 impl VmRequest {
@@ -344,6 +361,8 @@ impl VmRequest {
             "VM.acquireLease" => VmRequest::AcquireLease(params(method, p)?),
             "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
             "VM.hibernate" => VmRequest::Hibernate(params(method, p)?),
+            "VM.hotplugDisk" => VmRequest::HotplugDisk(params(method, p)?),
+            "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
     }
@@ -606,11 +625,10 @@ impl Node {
         });
     }
 
-    /// Turns API parameters into the VM manager's request, resolving drives to chains.
-    async fn vm_create_request(&self, p: VmParams) -> Result<VmCreate, ApiError> {
+    /// The disks `drives` name, their chains read from storage.
+    async fn resolve_drives(&self, drives: Vec<DriveParams>) -> Result<Vec<VmDisk>, ApiError> {
         let storage = self.storage.clone();
-        let drives = p.drives.clone();
-        let disks = tokio::task::spawn_blocking(move || -> Result<Vec<VmDisk>, ApiError> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<VmDisk>, ApiError> {
             let mut disks = Vec::new();
             for d in drives {
                 let layers = storage.layers(d.domain, d.image, d.volume)?;
@@ -638,12 +656,18 @@ impl Node {
                         }),
                         policy,
                     }),
+                    slot: d.slot,
                 });
             }
             Ok(disks)
         })
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("drive resolution failed: {e}")))??;
+        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("drive resolution failed: {e}")))?
+    }
+
+    /// Turns API parameters into the VM manager's request, resolving drives to chains.
+    async fn vm_create_request(&self, p: VmParams) -> Result<VmCreate, ApiError> {
+        let disks = self.resolve_drives(p.drives.clone()).await?;
         let boot = match p.boot {
             Some(b) => Boot::Kernel {
                 kernel: b.kernel,
@@ -844,6 +868,37 @@ impl Node {
                     Ok(to_json(&r?))
                 });
                 Ok(json!({ "jobID": job }))
+            }
+            VmRequest::HotplugDisk(h) => {
+                vms.status(h.id)?;
+                let disk = self
+                    .resolve_drives(vec![h.drive])
+                    .await?
+                    .pop()
+                    .expect("one drive resolves to one disk");
+                // The guest writes to it from the plug on: hold its leaf first.
+                self.take_vm_leases(h.id, None, disk.leaf_volume().into_iter().collect())
+                    .await?;
+                match vms.hotplug_disk(h.id, disk).await {
+                    Ok(info) => Ok(to_json(&info)),
+                    Err(e) => {
+                        self.sync_volume_leases(h.id).await;
+                        Err(e.into())
+                    }
+                }
+            }
+            VmRequest::HotunplugDisk(h) => {
+                self.disk_index(h.id, h.drive.domain, h.drive.image)?;
+                let image = ImageRef {
+                    sd: h.drive.domain,
+                    img: h.drive.image,
+                };
+                let info = vms
+                    .hotunplug_disk(h.id, image, crate::vm::disks::UNPLUG_TIMEOUT)
+                    .await?;
+                // No longer written here: its leaf's lease goes back.
+                self.sync_volume_leases(h.id).await;
+                Ok(to_json(&info))
             }
             VmRequest::SetBalloonTarget(b) => {
                 vms.set_balloon(b.id, b.target).await?;

@@ -20,6 +20,7 @@
 //! also in the volumes' metadata, the state in QEMU); QEMU processes are never children whose
 //! lives depend on the node's.
 
+pub mod disks;
 pub mod hooks;
 pub mod ksm;
 pub mod nics;
@@ -95,6 +96,10 @@ pub struct VmDisk {
     /// writable disk's leaf is the volume whose lease the VM holds while it runs.
     #[serde(default)]
     pub image: Option<ImageRef>,
+    /// The disk's slot (its device, node names and root port; see [`disks::DISK_PORTS`]):
+    /// given at start or hot plug, kept for life. A migration destination gets the source's.
+    #[serde(default)]
+    pub slot: Option<u8>,
 }
 
 impl VmCreate {
@@ -224,6 +229,16 @@ pub struct LoopDevice {
 }
 
 impl VmRecord {
+    /// The slot of disk `disk` (the index in `create.disks`): what QEMU names it after.
+    pub fn slot(&self, disk: usize) -> usize {
+        self.create.disks[disk].slot.map_or(disk, usize::from)
+    }
+
+    /// The index of the disk at `slot`.
+    pub fn disk_at_slot(&self, slot: usize) -> Option<usize> {
+        (0..self.create.disks.len()).find(|&i| self.slot(i) == slot)
+    }
+
     /// Disk `disk` as QEMU sees it: a thin layer opened on its loop device.
     pub fn disk_spec(&self, disk: usize) -> DiskSpec {
         let d = &self.create.disks[disk];
@@ -240,6 +255,7 @@ impl VmRecord {
             read_only: d.read_only,
             direct_io: d.direct_io,
             write_error: d.write_error,
+            slot: d.slot,
         }
     }
 }
@@ -256,6 +272,16 @@ pub struct VmInfo {
     /// NICs with their slots and link states (a migration destination needs the same).
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// Per disk (as `chains`), its image and slot (a migration destination needs the same).
+    #[serde(default)]
+    pub disks: Vec<DiskSlot>,
+}
+
+/// Where a disk sits in the VM: its storage image, if it has one, and its slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSlot {
+    pub image: Option<ImageRef>,
+    pub slot: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,7 +458,7 @@ pub enum VmError {
         #[source]
         source: HookError,
     },
-    #[error("VM {vm}: thin disk {disk}")]
+    #[error("VM {vm}: thin disk at slot {disk}")]
     Loop {
         vm: VmId,
         disk: usize,
@@ -518,8 +544,11 @@ struct Vm {
     intent: Mutex<Option<(DownKind, String)>>,
     /// The last SHUTDOWN event's (guest, reason).
     shutdown: Mutex<Option<(bool, String)>>,
-    /// One extend at a time per disk.
+    /// One extend at a time per disk, by slot.
     extending: Vec<tokio::sync::Mutex<()>>,
+    /// Held by whatever addresses disks by index across awaits (hot plug and unplug, live
+    /// snapshot, live merge): an unplug moves the indices.
+    devices: tokio::sync::Mutex<()>,
     thin_extends: AtomicU64,
     thin_extend_us: AtomicU64,
     enospc_pauses: AtomicU64,
@@ -616,11 +645,45 @@ impl Vm {
                 .map(|d| d.layers.iter().map(|l| l.path.clone()).collect())
                 .collect(),
             nics: rec.create.nics.clone(),
+            disks: (0..rec.create.disks.len())
+                .map(|i| DiskSlot {
+                    image: rec.create.disks[i].image,
+                    slot: rec.slot(i) as u8,
+                })
+                .collect(),
         }
     }
 
     fn set_intent(&self, kind: DownKind, detail: impl Into<String>) {
         *self.intent.lock().unwrap() = Some((kind, detail.into()));
+    }
+}
+
+/// Asks the guest to release device `device` (`device_del`) and waits until QEMU removed it
+/// (`DEVICE_DELETED`); `what` is what a timeout waited for.
+async fn unplug_device(vm: &Vm, device: &str, timeout: Duration, what: &'static str) -> Result<(), VmError> {
+    let mut events = vm.events.subscribe();
+    vm.qmp()?
+        .execute_raw("device_del", serde_json::json!({ "id": device }))
+        .await
+        .map_err(|source| VmError::Qmp { vm: vm.id, source })?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => {
+                return Err(VmError::Timeout {
+                    vm: vm.id,
+                    what,
+                    timeout,
+                })
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) => return Err(VmError::NoQmp { vm: vm.id }),
+            Ok(Ok(Event::Other { name, data })) if name == "DEVICE_DELETED" && data["device"] == device => {
+                return Ok(())
+            }
+            Ok(Ok(_)) => {}
+        }
     }
 }
 
@@ -784,6 +847,7 @@ impl VmManager {
             incoming,
             nics: c.nics.clone(),
             nic_ports: nics::NIC_PORTS,
+            disk_ports: disks::DISK_PORTS,
             guest_agent_socket: c.guest_agent.then(|| dir.join("qga.sock")),
         }
     }
@@ -827,6 +891,7 @@ impl VmManager {
     ) -> Result<Arc<Vm>, VmError> {
         let id = req.id;
         nics::assign_slots(id, &mut req.nics)?;
+        disks::assign_slots(id, &mut req.disks)?;
         self.validate(&req)?;
         let dir = self.vm_dir(id);
         // Reserve the id before any side effect so concurrent creates cannot both proceed.
@@ -894,7 +959,7 @@ impl VmManager {
                 let file = &d.layers.last().expect("validated").path;
                 let dev = thin::loop_attach(file).map_err(|source| VmError::Loop {
                     vm: id,
-                    disk: i,
+                    disk: d.slot.map_or(i, usize::from),
                     source,
                 })?;
                 rec.loops[i] = Some(LoopDevice {
@@ -969,7 +1034,8 @@ impl VmManager {
             events: broadcast::channel(1024).0,
             intent: Mutex::new(None),
             shutdown: Mutex::new(None),
-            extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
+            extending: extend_locks(ndisks),
+            devices: tokio::sync::Mutex::new(()),
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
@@ -993,8 +1059,12 @@ impl VmManager {
         arm_thresholds(&vm).await;
         if st.status == "io-error" {
             // Recovered (or started) while stopped on ENOSPC: extend now.
-            for disk in 0..ndisks {
-                spawn_extend(vm.clone(), disk, self.cfg.extender.clone());
+            let slots: Vec<usize> = {
+                let r = vm.record.lock().unwrap();
+                (0..ndisks).map(|i| r.slot(i)).collect()
+            };
+            for slot in slots {
+                spawn_extend(vm.clone(), slot, self.cfg.extender.clone());
             }
         }
         Ok(vm)
@@ -1064,7 +1134,8 @@ impl VmManager {
             events: broadcast::channel(16).0,
             intent: Mutex::new(None),
             shutdown: Mutex::new(None),
-            extending: (0..ndisks).map(|_| tokio::sync::Mutex::new(())).collect(),
+            extending: extend_locks(ndisks),
+            devices: tokio::sync::Mutex::new(()),
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
@@ -1342,6 +1413,7 @@ impl VmManager {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Snapshot)?;
+        let _devices = vm.devices.lock().await;
         let invalid = |reason: String| VmError::Invalid { vm: id, reason };
         let rec = vm.record.lock().unwrap().clone();
         if disks.is_empty() {
@@ -1407,7 +1479,8 @@ impl VmManager {
                 protocol: BlockProtocol::File,
             };
             let spec = rec.disk_spec(d.disk);
-            let (file, fmt) = layer_blockdevs(d.disk, &spec, &layer, None, true);
+            let slot = rec.slot(d.disk);
+            let (file, fmt) = layer_blockdevs(slot, &spec, &layer, None, true);
             for node in [file, fmt] {
                 let name = node["node-name"].as_str().unwrap_or_default().to_string();
                 if let Err(e) = q.execute(&qmp::BlockdevAdd { options: node }).await {
@@ -1429,8 +1502,8 @@ impl VmManager {
             actions.push(serde_json::json!({
                 "type": "blockdev-snapshot",
                 "data": {
-                    "node": format_node_name(d.disk, &top),
-                    "overlay": format_node_name(d.disk, &d.overlay),
+                    "node": format_node_name(slot, &top),
+                    "overlay": format_node_name(slot, &d.overlay),
                 }
             }));
         }
@@ -1537,9 +1610,12 @@ impl VmManager {
             .into_iter()
             .filter_map(|b| b.node_name)
             .collect();
-        let switched = pending
-            .iter()
-            .all(|(disk, overlay)| roots.contains(&format_node_name(*disk, overlay)));
+        let switched = {
+            let r = vm.record.lock().unwrap();
+            pending
+                .iter()
+                .all(|(disk, overlay)| roots.contains(&format_node_name(r.slot(*disk), overlay)))
+        };
         {
             let mut r = vm.record.lock().unwrap();
             if switched {
@@ -1587,6 +1663,7 @@ impl VmManager {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Merge)?;
+        let _devices = vm.devices.lock().await;
         let invalid = |reason: String| VmError::Invalid { vm: id, reason };
         let rec = vm.record.lock().unwrap().clone();
         let d = rec
@@ -1627,6 +1704,7 @@ impl VmManager {
             )));
         }
         let spec = rec.disk_spec(disk);
+        let slot = rec.slot(disk);
         let active = ti + 1 == d.layers.len();
         let job = format!("merge-{disk}-{}", vm.job_seq.fetch_add(1, Ordering::Relaxed));
         // The layer above `top` will point at `base`: relative, VDSM-style, when they share
@@ -1653,7 +1731,7 @@ impl VmManager {
             .run_merge_job(
                 &vm,
                 &mut events,
-                disk,
+                slot,
                 &spec,
                 bi,
                 ti,
@@ -1684,7 +1762,7 @@ impl VmManager {
         &self,
         vm: &Arc<Vm>,
         events: &mut broadcast::Receiver<Event>,
-        disk: usize,
+        slot: usize,
         spec: &DiskSpec,
         bi: usize,
         ti: usize,
@@ -1694,7 +1772,7 @@ impl VmManager {
         timeout: Duration,
     ) -> Result<(), VmError> {
         let id = vm.id;
-        let node = |i: usize| format_node_name(disk, &spec.layers[i].path);
+        let node = |i: usize| format_node_name(slot, &spec.layers[i].path);
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
         let job = job.to_string();
@@ -1709,7 +1787,7 @@ impl VmManager {
         })
         .await
         .map_err(qe)?;
-        tracing::info!(vm_id = %id, disk, job = %job, active, "live merge started");
+        tracing::info!(vm_id = %id, slot, job = %job, active, "live merge started");
         let deadline = tokio::time::Instant::now() + timeout;
         let fail = |reason: String| VmError::BlockJob {
             vm: id,
@@ -1765,11 +1843,11 @@ impl VmManager {
         let q = vm.qmp()?;
         // Positions in the record's chain (files); `spec` names the nodes (a thin layer is
         // opened through its loop device).
-        let (bi, ti) = {
+        let (bi, ti, slot) = {
             let r = vm.record.lock().unwrap();
             let d = &r.create.disks[disk];
             let pos = |p: &Path| d.layers.iter().position(|l| l.path == p);
-            (pos(base), pos(top))
+            (pos(base), pos(top), r.slot(disk))
         };
         // The merged layers' nodes were opened by us (command line or blockdev-add): QEMU keeps
         // them, with their files open and `base` as their backing, until deleted — and a later
@@ -1777,7 +1855,7 @@ impl VmManager {
         if let (Some(bi), Some(ti)) = (bi, ti) {
             for i in (bi + 1..=ti).rev() {
                 let path = &spec.layers[i].path;
-                for name in [format_node_name(disk, path), protocol_node_name(disk, path)] {
+                for name in [format_node_name(slot, path), protocol_node_name(slot, path)] {
                     if let Err(e) = q
                         .execute(&qmp::BlockdevDel {
                             node_name: name.clone(),
@@ -1830,7 +1908,7 @@ impl VmManager {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let q = vm.qmp()?;
-        let device = oxvirt_qemu::cmdline::disk_device_id(pm.disk);
+        let device = oxvirt_qemu::cmdline::disk_device_id(vm.record.lock().unwrap().slot(pm.disk));
         let chain: Vec<String> = q
             .execute(&qmp::QueryBlock {})
             .await
@@ -2505,18 +2583,28 @@ async fn handle_event(vm: &Arc<Vm>, e: Event, extender: &Arc<dyn ExtendRequester
     let _ = vm.events.send(e);
 }
 
-/// The thin disk whose active layer `node` (format or protocol node) belongs to.
+/// One extend lock per disk slot (a hot plugged disk gets a free one).
+fn extend_locks(ndisks: usize) -> Vec<tokio::sync::Mutex<()>> {
+    (0..ndisks.max(usize::from(disks::DISK_PORTS)))
+        .map(|_| tokio::sync::Mutex::new(()))
+        .collect()
+}
+
+/// The slot of the thin disk whose active layer `node` (format or protocol node) belongs to.
+/// Thin disks are named by slot from here on: a hot unplug moves the others' indices.
 fn thin_disk_of_node(vm: &Vm, node: &str) -> Option<usize> {
     let rec = vm.record.lock().unwrap();
     rec.loops.iter().enumerate().find_map(|(i, lp)| {
         let dev = &lp.as_ref()?.device;
         rec.create.disks[i].thin.as_ref()?;
-        (format_node_name(i, dev) == node || protocol_node_name(i, dev) == node).then_some(i)
+        let slot = rec.slot(i);
+        (format_node_name(slot, dev) == node || protocol_node_name(slot, dev) == node).then_some(slot)
     })
 }
 
-fn thin_target(vm: &Vm, disk: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
+fn thin_target(vm: &Vm, slot: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
     let rec = vm.record.lock().unwrap();
+    let disk = rec.disk_at_slot(slot)?;
     let d = rec.create.disks.get(disk)?;
     let thin = d.thin.clone()?;
     let lp = rec.loops.get(disk)?.clone()?;
@@ -2525,45 +2613,48 @@ fn thin_target(vm: &Vm, disk: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
 
 /// Arms the write threshold of every thin disk at its current size.
 async fn arm_thresholds(vm: &Vm) {
-    let n = vm.record.lock().unwrap().create.disks.len();
-    for disk in 0..n {
-        let Some((dev, _, thin)) = thin_target(vm, disk) else {
+    let slots: Vec<usize> = {
+        let r = vm.record.lock().unwrap();
+        (0..r.create.disks.len()).map(|i| r.slot(i)).collect()
+    };
+    for slot in slots {
+        let Some((dev, _, thin)) = thin_target(vm, slot) else {
             continue;
         };
         match thin::device_size(&dev) {
-            Ok(size) => set_threshold(vm, disk, &dev, thin.policy.threshold(size)).await,
-            Err(e) => tracing::error!(vm_id = %vm.id, disk, error = %e, "cannot size thin volume"),
+            Ok(size) => set_threshold(vm, slot, &dev, thin.policy.threshold(size)).await,
+            Err(e) => tracing::error!(vm_id = %vm.id, slot, error = %e, "cannot size thin volume"),
         }
     }
 }
 
-async fn set_threshold(vm: &Vm, disk: usize, dev: &Path, threshold: Option<u64>) {
+async fn set_threshold(vm: &Vm, slot: usize, dev: &Path, threshold: Option<u64>) {
     let Ok(q) = vm.qmp() else { return };
     let res = q
         .execute(&qmp::BlockSetWriteThreshold {
-            node_name: protocol_node_name(disk, dev),
+            node_name: protocol_node_name(slot, dev),
             write_threshold: threshold.unwrap_or(0),
         })
         .await;
     if let Err(e) = res {
-        tracing::error!(vm_id = %vm.id, disk, error = %e, "cannot set write threshold");
+        tracing::error!(vm_id = %vm.id, slot, error = %e, "cannot set write threshold");
     }
 }
 
 /// Runs an extend cycle, retrying with backoff (1 s doubling to 30 s) while it fails and the VM
 /// lives: a guest paused on ENOSPC raises no new event, so without a retry a transient failure
 /// (SPM moving, pool not yet reconnected after a node restart) would leave it paused for good.
-fn spawn_extend(vm: Arc<Vm>, disk: usize, extender: Arc<dyn ExtendRequester>) {
+fn spawn_extend(vm: Arc<Vm>, slot: usize, extender: Arc<dyn ExtendRequester>) {
     tokio::spawn(async move {
         let mut delay = Duration::from_secs(1);
         loop {
-            let Err(e) = extend_disk(&vm, disk, extender.as_ref()).await else {
+            let Err(e) = extend_disk(&vm, slot, extender.as_ref()).await else {
                 return;
             };
             if vm.status().is_down() {
                 return;
             }
-            tracing::error!(vm_id = %vm.id, disk, error = %e, retry_in_s = delay.as_secs(),
+            tracing::error!(vm_id = %vm.id, slot, error = %e, retry_in_s = delay.as_secs(),
                 "thin extend failed");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
@@ -2573,18 +2664,18 @@ fn spawn_extend(vm: Arc<Vm>, disk: usize, extender: Arc<dyn ExtendRequester>) {
 
 /// One extend cycle: request, refresh, re-arm, resume. Serialized per disk; a cycle that finds
 /// the volume already grown past the need (a duplicate trigger) does nothing.
-async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Result<(), VmError> {
+async fn extend_disk(vm: &Vm, slot: usize, extender: &dyn ExtendRequester) -> Result<(), VmError> {
     let start = Instant::now();
-    let Some(lock) = vm.extending.get(disk) else {
+    let Some(lock) = vm.extending.get(slot) else {
         return Ok(());
     };
     let _guard = lock.lock().await;
-    let Some((dev, file, thin)) = thin_target(vm, disk) else {
+    let Some((dev, file, thin)) = thin_target(vm, slot) else {
         return Ok(());
     };
     let loop_err = |source| VmError::Loop {
         vm: vm.id,
-        disk,
+        disk: slot,
         source,
     };
     let q = vm.qmp()?;
@@ -2601,7 +2692,7 @@ async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Re
         .await
         .ok()
         .and_then(|nodes| {
-            let name = protocol_node_name(disk, &dev);
+            let name = protocol_node_name(slot, &dev);
             nodes.into_iter().find(|n| n.node_name == name)
         })
         .map(|n| n.write_threshold > 0)
@@ -2611,12 +2702,12 @@ async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Re
     }
     let size = thin::device_size(&dev).map_err(loop_err)?;
     let Some(new_size) = thin.policy.next_size(size) else {
-        tracing::error!(vm_id = %vm.id, disk, size, "thin volume at its maximum size; cannot extend");
+        tracing::error!(vm_id = %vm.id, slot, size, "thin volume at its maximum size; cannot extend");
         return Ok(());
     };
     let req = ExtendRequest {
         vm: vm.id,
-        disk,
+        disk: slot,
         volume: thin.volume,
         backing_file: file,
         current_size: size,
@@ -2624,14 +2715,14 @@ async fn extend_disk(vm: &Vm, disk: usize, extender: &dyn ExtendRequester) -> Re
     };
     extender.extend(&req).await.map_err(|e| VmError::Invalid {
         vm: vm.id,
-        reason: format!("extend request for disk {disk} failed: {e}"),
+        reason: format!("extend request for the disk at slot {slot} failed: {e}"),
     })?;
     let now = thin::loop_refresh(&dev).map_err(loop_err)?;
-    set_threshold(vm, disk, &dev, thin.policy.threshold(now)).await;
+    set_threshold(vm, slot, &dev, thin.policy.threshold(now)).await;
     vm.thin_extends.fetch_add(1, Ordering::Relaxed);
     vm.thin_extend_us
         .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-    tracing::info!(vm_id = %vm.id, disk, from = size, to = now,
+    tracing::info!(vm_id = %vm.id, slot, from = size, to = now,
         elapsed_ms = start.elapsed().as_millis() as u64, "thin volume extended");
     if matches!(
         vm.status(),

@@ -20,10 +20,8 @@ use std::time::Duration;
 use oxvirt_qemu::cmdline::{
     nic_device_id_of_slot, nic_device_json, nic_netdev_id, nic_netdev_json, nic_slot,
 };
-use oxvirt_qemu::qmp::Event;
 use oxvirt_qemu::{NicBackend, NicSpec};
 use oxvirt_types::VmId;
-use tokio::sync::broadcast;
 
 use super::{Op, Vm, VmError, VmInfo, VmManager};
 
@@ -240,32 +238,8 @@ impl VmManager {
         let (index, nic) = find_nic(&vm, mac)?;
         let slot = nic_slot(index, &nic);
         let device = nic_device_id_of_slot(slot);
-        let mut events = vm.events.subscribe();
+        super::unplug_device(&vm, &device, timeout, "the guest releasing the unplugged NIC").await?;
         let q = vm.qmp()?;
-        let qe = |source| VmError::Qmp { vm: id, source };
-        q.execute_raw("device_del", serde_json::json!({ "id": device }))
-            .await
-            .map_err(qe)?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Err(_) => {
-                    return Err(VmError::Timeout {
-                        vm: id,
-                        what: "the guest releasing the unplugged NIC",
-                        timeout,
-                    })
-                }
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
-                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(VmError::NoQmp { vm: id }),
-                Ok(Ok(Event::Other { name, data }))
-                    if name == "DEVICE_DELETED" && data["device"] == device =>
-                {
-                    break
-                }
-                Ok(Ok(_)) => {}
-            }
-        }
         if let Err(e) = q
             .execute_raw("netdev_del", serde_json::json!({ "id": nic_netdev_id(slot) }))
             .await

@@ -90,6 +90,7 @@ impl ThinPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtendRequest {
     pub vm: VmId,
+    /// The disk's slot.
     pub disk: usize,
     pub volume: Option<VolumeRef>,
     /// The volume's backing storage (the file behind the loop device).

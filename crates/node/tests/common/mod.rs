@@ -58,6 +58,7 @@ pub fn disk(layers: Vec<LayerSpec>) -> VmDisk {
         write_error: WriteErrorPolicy::StopOnEnospc,
         thin: None,
         image: None,
+        slot: None,
     }
 }
 

@@ -559,8 +559,7 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
 }
 
 pub async fn att_update(r: &Req) -> Result<Resp, ApiError> {
-    let (v, mut a) = attachment(r).await?;
-    let before = a.clone();
+    let (_, mut a) = attachment(r).await?;
     let b = r.body("disk_attachment")?;
     if let Some(x) = b.bool("active")? {
         a.active = x;
@@ -574,24 +573,14 @@ pub async fn att_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(x) = b.bool("read_only")? {
         a.read_only = x;
     }
-    // What QEMU has: the active disks, each with its interface and mode.
-    let device = |x: &crate::model::DiskAttachment| x.active.then_some((x.interface, x.read_only));
-    if device(&a) != device(&before) {
-        r.cmds()
-            .refuse_live_disk_change(&v, "a disk is activated, deactivated or changed")?;
-    }
-    r.db().attachment_update(&a).await?;
+    let a = r.cmds().update_disk_attachment(a).await?;
     Ok(Resp::ok(one_att(r, &a, None)))
 }
 
 pub async fn att_remove(r: &Req) -> Result<Resp, ApiError> {
     let (v, a) = attachment(r).await?;
-    if a.active {
-        r.cmds()
-            .refuse_live_disk_change(&v, "an active disk is detached")?;
-    }
     let detach_only = r.q_bool("detach_only")?.unwrap_or(true);
-    r.db().attachment_remove(v.id, a.disk_id).await?;
+    r.cmds().detach_disk(v.id, a.disk_id).await?;
     if !detach_only {
         r.cmds().remove_disk(a.disk_id, r.correlation_id.clone()).await?;
     }

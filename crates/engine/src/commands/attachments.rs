@@ -1,0 +1,216 @@
+//! Disk attachments: which disks a VM has, and hot plug and unplug on a running VM.
+//!
+//! An attachment's `active` flag says whether the VM's QEMU has the disk. While the VM is down
+//! a change is a row; while it is up or paused, activating a disk hot plugs it on the VM's
+//! host (`VM.hotplugDisk`) and deactivating or detaching an active one hot unplugs it
+//! (`VM.hotunplugDisk`, answered once the guest released it). In every other state (a
+//! suspended VM resumes only with the devices it was saved with; a migrating one is between
+//! hosts) such changes are refused.
+//!
+//! The node acts first and the row follows: an engine that dies in between leaves the row
+//! as before, and the same request made again finds the node already done (plugging a disk
+//! the VM has, or unplugging one it has not, succeeds).
+
+use serde_json::json;
+
+use oxvirt_types::api::ErrorCode;
+
+use crate::model::{DiskAttachment, DiskId, DiskStatus, HostUuid, Vm, VmId, VmStatus};
+
+use super::{AddVmDisk, CommandError, Commands};
+
+impl Commands {
+    /// Where a change to the disks `v`'s QEMU has must happen: nowhere while the VM is down
+    /// (its next start has it), on its host while it is up or paused (hot plug). `what`
+    /// names the change in the refusal for any other state.
+    pub fn disk_hot_host(&self, v: &Vm, what: &str) -> Result<Option<HostUuid>, CommandError> {
+        match v.runtime.status {
+            VmStatus::Down => Ok(None),
+            VmStatus::Up | VmStatus::Paused => v
+                .runtime
+                .run_on_host
+                .map(Some)
+                .ok_or_else(|| CommandError::Conflict(format!("VM {} runs nowhere", v.name))),
+            s => Err(CommandError::Conflict(format!(
+                "VM {} is {s}: {what} only while it is down, up or paused",
+                v.name
+            ))),
+        }
+    }
+
+    /// Hot plugs disk `disk` into `v`, running on `host`.
+    async fn plug_disk(
+        &self,
+        v: &Vm,
+        host: HostUuid,
+        disk: DiskId,
+        read_only: bool,
+    ) -> Result<(), CommandError> {
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if d.status != DiskStatus::Ok {
+            return Err(CommandError::Conflict(format!(
+                "disk {} is {}: it is plugged once it is ok",
+                d.name, d.status
+            )));
+        }
+        let h = self.app.host(host).await?;
+        self.app
+            .client(&h)?
+            .call(
+                "VM.hotplugDisk",
+                json!({
+                    "vmID": v.id,
+                    "drive": { "domainID": d.storage_domain_id, "imageID": d.id, "readonly": read_only },
+                }),
+            )
+            .await?;
+        tracing::info!(vm = %v.name, disk = %d.name, host = %h.name, "disk hot plugged");
+        Ok(())
+    }
+
+    /// Hot unplugs disk `disk` from `v`, running on `host`; a disk the VM does not have is
+    /// already unplugged.
+    async fn unplug_disk(&self, v: &Vm, host: HostUuid, disk: DiskId) -> Result<(), CommandError> {
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if d.status == DiskStatus::Locked {
+            return Err(CommandError::Conflict(format!(
+                "disk {} is locked by a running job: unplug it after the job",
+                d.name
+            )));
+        }
+        let h = self.app.host(host).await?;
+        let r = self
+            .app
+            .client(&h)?
+            .call(
+                "VM.hotunplugDisk",
+                json!({ "vmID": v.id, "drive": { "domainID": d.storage_domain_id, "imageID": d.id } }),
+            )
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::ImageNotFound.code()) => {
+                tracing::info!(vm = %v.name, disk = %d.name, "disk was not plugged");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(vm = %v.name, disk = %d.name, host = %h.name, "disk hot unplugged");
+        Ok(())
+    }
+
+    /// Attaches an existing disk to a VM; an active disk is hot plugged into a running VM.
+    pub async fn attach_disk(
+        &self,
+        vm: VmId,
+        disk: DiskId,
+        how: AddVmDisk,
+    ) -> Result<DiskAttachment, CommandError> {
+        let v = self.vm(vm).await?;
+        let hot = match how.active {
+            true => self.disk_hot_host(&v, "an active disk is attached")?,
+            false => None,
+        };
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if !d.shareable && !self.app.db.attachments_of_disk(disk).await?.is_empty() {
+            return Err(CommandError::Conflict(format!(
+                "disk {} is attached to another VM",
+                d.name
+            )));
+        }
+        let a = how.attachment(disk);
+        if let Some(h) = hot {
+            self.plug_disk(&v, h, disk, a.read_only).await?;
+        }
+        if let Err(e) = self.app.db.attachment_add(&a).await {
+            if let Some(h) = hot {
+                // The row is the truth: QEMU gives back what the database does not have.
+                if let Err(u) = self.unplug_disk(&v, h, disk).await {
+                    tracing::error!(vm = %v.name, disk = %d.name, error = %u, "a disk stays plugged without its attachment");
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(a)
+    }
+
+    /// Hot plugs a disk that was just attached inactive to a running VM (a new disk: plugged
+    /// once its volume exists) and records it active. On failure the disk stays attached,
+    /// inactive, and the error says so.
+    pub(crate) async fn activate_new_disk(&self, vm: VmId, disk: DiskId) -> Result<(), CommandError> {
+        let Some(mut a) = self.app.db.attachment_get(vm, disk).await? else {
+            return Err(CommandError::not_found("disk attachment", disk));
+        };
+        a.active = true;
+        self.update_disk_attachment(a).await.map(drop).map_err(|e| {
+            CommandError::Conflict(format!(
+                "disk {disk} was created and attached inactive, but plugging it into the running VM failed: {e}"
+            ))
+        })
+    }
+
+    /// Changes how a disk is attached (active, bootable, interface, read-only). On a running
+    /// VM, activation hot plugs the disk and deactivation hot unplugs it; its interface and
+    /// mode change only while it is not plugged.
+    pub async fn update_disk_attachment(&self, a: DiskAttachment) -> Result<DiskAttachment, CommandError> {
+        let v = self.vm(a.vm_id).await?;
+        let before = self
+            .app
+            .db
+            .attachment_get(a.vm_id, a.disk_id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk attachment", a.disk_id))?;
+        // What QEMU has: the active disks, each with its interface and mode.
+        let device = |x: &DiskAttachment| x.active.then_some((x.interface, x.read_only));
+        if device(&a) != device(&before) {
+            let hot = self.disk_hot_host(&v, "a disk is activated, deactivated or changed")?;
+            if let Some(h) = hot {
+                match (before.active, a.active) {
+                    (false, true) => self.plug_disk(&v, h, a.disk_id, a.read_only).await?,
+                    (true, false) => self.unplug_disk(&v, h, a.disk_id).await?,
+                    _ => {
+                        return Err(CommandError::Conflict(format!(
+                            "disk {} is plugged into running VM {}: deactivate it before changing its \
+                             interface or mode",
+                            a.disk_id, v.name
+                        )))
+                    }
+                }
+            }
+        }
+        self.app.db.attachment_update(&a).await?;
+        Ok(a)
+    }
+
+    /// Detaches a disk from a VM, hot unplugging it from a running VM first.
+    pub async fn detach_disk(&self, vm: VmId, disk: DiskId) -> Result<(), CommandError> {
+        let v = self.vm(vm).await?;
+        let a = self
+            .app
+            .db
+            .attachment_get(vm, disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk attachment", disk))?;
+        if a.active {
+            if let Some(h) = self.disk_hot_host(&v, "an active disk is detached")? {
+                self.unplug_disk(&v, h, disk).await?;
+            }
+        }
+        self.app.db.attachment_remove(vm, disk).await?;
+        Ok(())
+    }
+}

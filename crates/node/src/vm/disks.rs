@@ -1,0 +1,262 @@
+//! Disk hot plug and unplug on a running VM.
+//!
+//! Every VM gets [`DISK_PORTS`] PCIe root ports for its disks; a disk keeps its slot (root
+//! port, device id `disk<slot>`, block node names) for life, so unplugging one disk moves no
+//! other and a migration destination built from the source's disks (with slots, from
+//! `VM.getInfo`) has the same PCI layout. Inside the node a disk is still addressed by its
+//! index in the record (snapshots, merges, loop devices); an unplug removes that index from
+//! every per-disk list at once, under the VM's device lock, and is refused while a live
+//! snapshot or merge recorded by index is still being settled.
+//!
+//! Hot plug opens the chain with `blockdev-add` (the same nodes the command line opens) and
+//! adds a `virtio-blk-pci` on the slot's root port; hot unplug asks the guest to release the
+//! device (`device_del`, answered by `DEVICE_DELETED`), then closes the chain top down. The
+//! record is written only once QEMU has the change, so a node that dies in between recovers a
+//! record that at worst lacks a plugged disk (the engine's retry plugs it again: plugging
+//! a disk the VM has answers with the VM as is).
+
+use std::time::Duration;
+
+use oxvirt_qemu::cmdline::{disk_device_json, format_node_name, layer_blockdevs, protocol_node_name};
+use oxvirt_types::VmId;
+
+use super::{thin, ImageRef, LoopDevice, Op, VmDisk, VmError, VmInfo, VmManager};
+
+/// PCIe root ports every VM gets for disks: the most disks a VM can have.
+pub const DISK_PORTS: u8 = 16;
+
+/// How long a guest may take to release an unplugged disk (Linux waits 5 s after the
+/// attention button before it powers a PCIe slot off).
+pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Gives every disk without a slot the lowest free one; refuses duplicates and overflow.
+pub fn assign_slots(vm: VmId, disks: &mut [VmDisk]) -> Result<(), VmError> {
+    let invalid = |reason: String| VmError::Invalid { vm, reason };
+    if disks.len() > usize::from(DISK_PORTS) {
+        return Err(invalid(format!(
+            "{} disks; a VM has at most {DISK_PORTS}",
+            disks.len()
+        )));
+    }
+    let mut used: Vec<u8> = Vec::new();
+    for d in disks.iter() {
+        if let Some(s) = d.slot {
+            if used.contains(&s) || s >= DISK_PORTS {
+                return Err(invalid(format!("disk slot {s} is taken or beyond {DISK_PORTS}")));
+            }
+            used.push(s);
+        }
+    }
+    for d in disks.iter_mut().filter(|d| d.slot.is_none()) {
+        let free = (0..DISK_PORTS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| invalid("no free disk slot".into()))?;
+        d.slot = Some(free);
+        used.push(free);
+    }
+    Ok(())
+}
+
+impl VmManager {
+    /// Hot plugs `disk` into a running VM; returns the VM with it (and its slot). A disk from
+    /// an image the VM already has is not plugged twice: the answer is the VM as it is.
+    pub async fn hotplug_disk(&self, id: VmId, mut disk: VmDisk) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Devices)?;
+        let _devices = vm.devices.lock().await;
+        let mut rec = vm.record.lock().unwrap().clone();
+        if disk.image.is_some() && rec.create.disks.iter().any(|d| d.image == disk.image) {
+            tracing::info!(vm_id = %id, image = ?disk.image, "disk already plugged");
+            return Ok(vm.info());
+        }
+        disk.slot = None;
+        rec.create.disks.push(disk);
+        assign_slots(id, &mut rec.create.disks)?;
+        self.validate(&rec.create)?;
+        let index = rec.create.disks.len() - 1;
+        let slot = rec.slot(index);
+        rec.loops.push(None);
+        let new = &rec.create.disks[index];
+        if new.thin.is_some() {
+            let file = new.layers.last().expect("validated").path.clone();
+            let device = thin::loop_attach(&file).map_err(|source| VmError::Loop {
+                vm: id,
+                disk: slot,
+                source,
+            })?;
+            rec.loops[index] = Some(LoopDevice { file, device });
+        }
+        let res = self.plug_chain(&vm, &rec, index).await;
+        if let Err(e) = res {
+            if let Some(lp) = &rec.loops[index] {
+                let _ = thin::loop_detach(&lp.device);
+            }
+            return Err(e);
+        }
+        if let Some(sd) = rec.create.disks[index].image.map(|i| i.sd) {
+            if !rec.create.lease_domains.contains(&sd) {
+                rec.create.lease_domains.push(sd);
+            }
+        }
+        *vm.record.lock().unwrap() = rec;
+        vm.persist()?;
+        super::arm_thresholds(&vm).await;
+        tracing::info!(vm_id = %id, slot, "disk hot plugged");
+        Ok(vm.info())
+    }
+
+    /// Opens disk `index` of `rec` in QEMU and adds its device; on failure closes what it
+    /// opened.
+    async fn plug_chain(&self, vm: &super::Vm, rec: &super::VmRecord, index: usize) -> Result<(), VmError> {
+        let id = vm.id;
+        self.build_spec(&vm.dir, rec, None)
+            .to_args()
+            .map_err(|source| VmError::Spec {
+                vm: id,
+                what: "invalid disk",
+                source,
+            })?;
+        let spec = rec.disk_spec(index);
+        let slot = rec.slot(index);
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        let mut added: Vec<String> = Vec::new();
+        let mut below: Option<String> = None;
+        let res = async {
+            for (li, layer) in spec.layers.iter().enumerate() {
+                let top = li + 1 == spec.layers.len();
+                let (file, fmt) = layer_blockdevs(slot, &spec, layer, below.as_deref(), top);
+                for node in [file, fmt] {
+                    let name = node["node-name"].as_str().unwrap_or_default().to_string();
+                    q.execute(&oxvirt_qemu::qmp::BlockdevAdd { options: node })
+                        .await
+                        .map_err(qe)?;
+                    added.push(name);
+                }
+                below = Some(format_node_name(slot, &layer.path));
+            }
+            let drive = below.clone().expect("a disk has layers");
+            q.execute_raw("device_add", disk_device_json(slot, &spec, &drive, true))
+                .await
+                .map_err(qe)?;
+            Ok(())
+        }
+        .await;
+        if res.is_err() {
+            for name in added.iter().rev() {
+                let _ = q
+                    .execute(&oxvirt_qemu::qmp::BlockdevDel {
+                        node_name: name.clone(),
+                    })
+                    .await;
+            }
+        }
+        res
+    }
+
+    /// Hot unplugs the disk of `image`; returns once the guest released it and its chain is
+    /// closed. The volume leases are the caller's to give back.
+    pub async fn hotunplug_disk(
+        &self,
+        id: VmId,
+        image: ImageRef,
+        timeout: Duration,
+    ) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Devices)?;
+        let _devices = vm.devices.lock().await;
+        let invalid = |reason: String| VmError::Invalid { vm: id, reason };
+        let (index, slot, spec) = {
+            let r = vm.record.lock().unwrap();
+            let index = r
+                .create
+                .disks
+                .iter()
+                .position(|d| d.image == Some(image))
+                .ok_or_else(|| invalid(format!("no disk from image {} on domain {}", image.img, image.sd)))?;
+            if r.pending_merge.is_some() || !r.pending_overlays.is_empty() {
+                return Err(invalid(
+                    "a live snapshot or merge is still being settled: unplug the disk after it".into(),
+                ));
+            }
+            (index, r.slot(index), r.disk_spec(index))
+        };
+        super::unplug_device(
+            &vm,
+            &oxvirt_qemu::cmdline::disk_device_id(slot),
+            timeout,
+            "the guest releasing the unplugged disk",
+        )
+        .await?;
+        let q = vm.qmp()?;
+        for layer in spec.layers.iter().rev() {
+            for name in [
+                format_node_name(slot, &layer.path),
+                protocol_node_name(slot, &layer.path),
+            ] {
+                if let Err(e) = q
+                    .execute(&oxvirt_qemu::qmp::BlockdevDel {
+                        node_name: name.clone(),
+                    })
+                    .await
+                {
+                    tracing::warn!(vm_id = %id, slot, node = %name, error = %e, "an unplugged disk's node stays open");
+                }
+            }
+        }
+        let lp = {
+            let mut r = vm.record.lock().unwrap();
+            r.create.disks.remove(index);
+            r.loops.remove(index)
+        };
+        vm.persist()?;
+        if let Some(lp) = lp {
+            if let Err(e) = thin::loop_detach(&lp.device) {
+                tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "cannot detach loop device");
+            }
+        }
+        tracing::info!(vm_id = %id, slot, image = %image.img, "disk hot unplugged");
+        Ok(vm.info())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(slot: Option<u8>) -> VmDisk {
+        VmDisk {
+            layers: Vec::new(),
+            serial: None,
+            read_only: false,
+            direct_io: false,
+            write_error: Default::default(),
+            thin: None,
+            image: None,
+            slot,
+        }
+    }
+
+    #[test]
+    fn slots_fill_the_lowest_free_and_refuse_duplicates_and_overflow() {
+        let vm: VmId = "4f1c9a0e-2b3d-4c5e-8f70-0123456789ab".parse().unwrap();
+        let mut disks = vec![disk(Some(0)), disk(None), disk(Some(1)), disk(None)];
+        assign_slots(vm, &mut disks).unwrap();
+        assert_eq!(
+            disks.iter().map(|d| d.slot.unwrap()).collect::<Vec<_>>(),
+            [0, 2, 1, 3]
+        );
+        let mut twice = vec![disk(Some(4)), disk(Some(4))];
+        assert!(assign_slots(vm, &mut twice)
+            .unwrap_err()
+            .to_string()
+            .contains("slot 4 is taken"));
+        let mut beyond = vec![disk(Some(DISK_PORTS))];
+        assert!(assign_slots(vm, &mut beyond).is_err());
+        let mut many: Vec<VmDisk> = (0..=DISK_PORTS).map(|_| disk(None)).collect();
+        assert!(assign_slots(vm, &mut many)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 16"));
+    }
+}
