@@ -1171,6 +1171,21 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     node.call("VM.hotunplugNic", json!({ "vmID": id, "mac": mac1 }))
         .await;
     params["nics"] = json!([{ "mac": mac2 }]);
+    // A disk hot plugged before the save takes slot 1; the restore lists it first (a fresh
+    // start would give it slot 0): the state puts it back where it was.
+    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        img2,
+        vol2,
+        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    node.call(
+        "VM.hotplugDisk",
+        json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } }),
+    )
+    .await;
+    params["drives"] = json!([{ "domainID": sd, "imageID": img2 }, { "domainID": sd, "imageID": img }]);
 
     // A full disk under the state volume: the save fails and the guest runs on.
     let state_path = dom.volume_path(simg, svol);
@@ -1235,6 +1250,11 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     other["restoreState"] = state.clone();
     let e = node.c.call("VM.create", other).await.unwrap_err().to_string();
     assert!(e.contains("saved with NICs"), "{e}");
+    let mut other = params.clone();
+    other["drives"] = json!([{ "domainID": sd, "imageID": img }]);
+    other["restoreState"] = state.clone();
+    let e = node.c.call("VM.create", other).await.unwrap_err().to_string();
+    assert!(e.contains("saved with the disks"), "{e}");
     let all = node.call("Host.getAllVmStats", json!({})).await;
     assert!(all.as_array().unwrap().is_empty(), "{all}");
 
@@ -1244,6 +1264,19 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     let info = node.call("VM.create", restore).await;
     assert_eq!(info["status"]["state"], "up", "{info}");
     eprintln!("restore: up after {:?}", t0.elapsed());
+    let slot_of = |img: ImgUuid| {
+        info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["image"]["img"] == json!(img))
+            .map(|d| d["slot"].clone())
+    };
+    assert_eq!(
+        (slot_of(img), slot_of(img2)),
+        (Some(json!(0)), Some(json!(1))),
+        "the disks came back on other slots: {info}"
+    );
     // The same guest: its writer continues from its last pass; no kernel boots.
     let after = wait_passes(&log, 0, 1, BOOT).await;
     let text = std::fs::read_to_string(&log).unwrap();

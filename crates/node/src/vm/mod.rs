@@ -2133,8 +2133,11 @@ impl VmManager {
             path: path.to_path_buf(),
             source,
         };
-        let header = saved::encode(&vm.record.lock().unwrap().create.nics)
-            .map_err(|reason| VmError::Invalid { vm: id, reason })?;
+        let header = {
+            let r = vm.record.lock().unwrap();
+            saved::encode(&r.create.nics, &r.create.disks)
+        }
+        .map_err(|reason| VmError::Invalid { vm: id, reason })?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -2229,7 +2232,8 @@ impl VmManager {
         match saved::decode(&head) {
             Some(h) => {
                 let h = h.map_err(|reason| VmError::Invalid { vm: id, reason })?;
-                saved::apply(&h, &mut req.nics).map_err(|reason| VmError::Invalid { vm: id, reason })?;
+                saved::apply(&h, &mut req.nics, &mut req.disks)
+                    .map_err(|reason| VmError::Invalid { vm: id, reason })?;
             }
             // A bare stream: from its start.
             None => {
