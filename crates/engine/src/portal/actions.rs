@@ -185,6 +185,8 @@ pub enum Verb {
     Logout,
     AddVm,
     Vm(VmId, VmVerb),
+    /// A change to one of a VM's disks (hot plugged or unplugged while the VM runs).
+    VmDisk(VmId, DiskId, VmDiskVerb),
     Snapshot(VmId, SnapshotId, SnapVerb),
     Host(HostUuid, HostVerb),
     AddSd,
@@ -206,6 +208,17 @@ pub enum VmVerb {
     Migrate,
     Snapshot,
     Template,
+    /// Attach a floating disk (`disk`), active.
+    AttachDisk,
+    /// Add a new disk (`disk_mib`, `sd`, `disk_format`), attached and active.
+    AddDisk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmDiskVerb {
+    Activate,
+    Deactivate,
+    Detach,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +268,18 @@ impl Verb {
                     "migrate" => VmVerb::Migrate,
                     "snapshot" => VmVerb::Snapshot,
                     "template" => VmVerb::Template,
+                    "attach-disk" => VmVerb::AttachDisk,
+                    "add-disk" => VmVerb::AddDisk,
+                    _ => return Err(unknown(segs)),
+                },
+            ),
+            ["vms", v, "disks", d, verb] => Verb::VmDisk(
+                id(v, "VM")?,
+                id(d, "disk")?,
+                match *verb {
+                    "activate" => VmDiskVerb::Activate,
+                    "deactivate" => VmDiskVerb::Deactivate,
+                    "detach" => VmDiskVerb::Detach,
                     _ => return Err(unknown(segs)),
                 },
             ),
@@ -299,6 +324,8 @@ impl Verb {
     pub fn destructive(&self) -> bool {
         match self {
             Verb::Vm(_, v) => matches!(v, VmVerb::Shutdown | VmVerb::Stop | VmVerb::Remove),
+            // A running guest loses the disk.
+            Verb::VmDisk(_, _, v) => *v != VmDiskVerb::Activate,
             // A retry acts on half-done storage: the admin confirms the cause is fixed.
             Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) | Verb::RetryJob(_) => true,
             Verb::Host(_, h) => *h == HostVerb::Maintenance,
@@ -382,6 +409,15 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
             vm_name(*id).await?
         ),
         Verb::Vm(id, _) => format!("Remove VM {} and its disks?", vm_name(*id).await?),
+        Verb::VmDisk(id, disk, v) => format!(
+            "{} disk {disk} of VM {}? A running guest loses it.",
+            if *v == VmDiskVerb::Detach {
+                "Detach"
+            } else {
+                "Deactivate"
+            },
+            vm_name(*id).await?
+        ),
         Verb::Snapshot(id, _, SnapVerb::Restore { memory }) => format!(
             "Restore VM {} to the snapshot{}? Newer data is discarded.",
             vm_name(*id).await?,
@@ -578,6 +614,35 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         }),
                     )
                 }
+                VmVerb::AttachDisk => {
+                    let disk: DiskId = form
+                        .parse("disk", "disk")?
+                        .ok_or_else(|| PortalError::Bad("choose a disk to attach".into()))?;
+                    (
+                        format!("Attach a disk to VM {name}"),
+                        Box::pin(async move {
+                            e.cmds.attach_disk(id, disk, active_data_disk(id)).await?;
+                            Ok(None)
+                        }),
+                    )
+                }
+                VmVerb::AddDisk => {
+                    let n = ctx.db().attachments_of_vm(id).await?.len() + 1;
+                    let add = disk_request(ctx, form, &format!("{name}_disk{n}"))
+                        .await?
+                        .ok_or_else(|| PortalError::Bad("give the new disk a size".into()))?;
+                    (
+                        format!("Add disk {} to VM {name}", add.name),
+                        Box::pin(async move {
+                            let add = AddDisk {
+                                attach_to: Some(active_data_disk(id)),
+                                ..add
+                            };
+                            e.cmds.add_disk(add, corr).await?;
+                            Ok(None)
+                        }),
+                    )
+                }
                 VmVerb::Template => {
                     let tname = form.required("name", "a template name")?.to_string();
                     valid_name(&tname, "template")?;
@@ -591,6 +656,36 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     )
                 }
             }
+        }
+        Verb::VmDisk(vid, did, v) => {
+            let name = vm(vid).await?.name;
+            let disk = ctx
+                .db()
+                .disk_get(did)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("disk {did} not found")))?
+                .name;
+            let label = match v {
+                VmDiskVerb::Activate => format!("Activate disk {disk} of VM {name}"),
+                VmDiskVerb::Deactivate => format!("Deactivate disk {disk} of VM {name}"),
+                VmDiskVerb::Detach => format!("Detach disk {disk} from VM {name}"),
+            };
+            (
+                label,
+                Box::pin(async move {
+                    match v {
+                        VmDiskVerb::Detach => e.cmds.detach_disk(vid, did).await?,
+                        _ => {
+                            let mut a = e.cmds.app.db.attachment_get(vid, did).await?.ok_or_else(|| {
+                                crate::commands::CommandError::not_found("disk attachment", did)
+                            })?;
+                            a.active = v == VmDiskVerb::Activate;
+                            e.cmds.update_disk_attachment(a).await?;
+                        }
+                    }
+                    Ok(None)
+                }),
+            )
         }
         Verb::Snapshot(vid, sid, v) => {
             let cur = vm(vid).await?;
@@ -848,6 +943,22 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
 
 /// The new VM's own disk, when the form asks for one (VMs from Blank).
 async fn add_vm_disk(ctx: &Ctx, form: &Form, vm: &AddVm) -> Result<Option<AddDisk>, PortalError> {
+    disk_request(ctx, form, &format!("{}_disk1", vm.name)).await
+}
+
+/// A data disk attached active to `vm`, as the portal adds them.
+fn active_data_disk(vm: VmId) -> AddVmDisk {
+    AddVmDisk {
+        vm,
+        interface: DiskInterface::Virtio,
+        bootable: false,
+        active: true,
+    }
+}
+
+/// The new disk the form describes (`disk_mib`, `sd`, `disk_format`) named `name`; `None`
+/// without a size.
+async fn disk_request(ctx: &Ctx, form: &Form, name: &str) -> Result<Option<AddDisk>, PortalError> {
     let mib: u64 = form.parse("disk_mib", "disk size")?.unwrap_or(0);
     if mib == 0 {
         return Ok(None);
@@ -868,7 +979,7 @@ async fn add_vm_disk(ctx: &Ctx, form: &Form, vm: &AddVm) -> Result<Option<AddDis
         .parse("disk_format", "disk format")?
         .unwrap_or(DiskFormat::Cow);
     Ok(Some(AddDisk {
-        name: format!("{}_disk1", vm.name),
+        name: name.to_string(),
         description: String::new(),
         storage_domain: sd,
         provisioned_size: mib * MIB,
@@ -899,6 +1010,13 @@ mod tests {
         let h = HostUuid::new_random().to_string();
         assert!(Verb::parse(&["hosts", &h, "maintenance"]).unwrap().destructive());
         assert!(!Verb::parse(&["hosts", &h, "activate"]).unwrap().destructive());
+        let d = DiskId::new_random().to_string();
+        let disk = |verb| Verb::parse(&["vms", &vs, "disks", &d, verb]);
+        assert!(!disk("activate").unwrap().destructive());
+        assert!(disk("deactivate").unwrap().destructive());
+        assert!(disk("detach").unwrap().destructive());
+        assert!(disk("explode").is_err());
+        assert!(!Verb::parse(&["vms", &vs, "attach-disk"]).unwrap().destructive());
         assert!(matches!(
             Verb::parse(&["vms", &vs, "explode"]),
             Err(PortalError::NotFound(_))

@@ -246,13 +246,14 @@ async fn sessions_pages_actions_and_live_updates() {
 
     let db = t.engine.app().db.clone();
     // A storage domain's page: where it is, its use and its disks.
-    {
+    let pagedisk = {
         use crate::model::{Disk, DiskFormat, SdType, StorageDomain, StorageType};
         let mut sd = StorageDomain::new("pagesd", SdType::Data, StorageType::Localfs, "/srv/pagesd");
         sd.capacity_bytes = Some(10 << 30);
         sd.free_bytes = Some(6 << 30);
         let sd = db.sd_insert(&sd).await.unwrap();
-        db.disk_insert(&Disk::new("pagedisk", sd.id, DiskFormat::Cow, 2 << 30))
+        let pagedisk = db
+            .disk_insert(&Disk::new("pagedisk", sd.id, DiskFormat::Cow, 2 << 30))
             .await
             .unwrap();
         let r = t.get("/portal/storagedomains").await;
@@ -272,7 +273,8 @@ async fn sessions_pages_actions_and_live_updates() {
                 .status,
             StatusCode::NOT_FOUND
         );
-    }
+        pagedisk.id
+    };
     let cluster = db
         .cluster_get_by_name("Default")
         .await
@@ -361,6 +363,60 @@ async fn sessions_pages_actions_and_live_updates() {
     assert!(jobs_page.contains("data-live-tasks") && jobs_page.contains("Adding VM t1"));
     let console = t.get(&format!("/portal/api/console?vm={id}")).await.json();
     assert_eq!(console["running"], false);
+
+    // A floating disk is offered on the VM's page and attached active; deactivating and
+    // detaching it ask first (a running guest would lose it).
+    let page = t.get(&format!("/portal/vms/{id}")).await.body;
+    assert!(
+        page.contains("attach-disk") && page.contains(&pagedisk.to_string()),
+        "{page}"
+    );
+    let fetch = [("x-portal-fetch", "1")];
+    let pd = pagedisk.to_string();
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/attach-disk"),
+            &[("csrf", &csrf), ("disk", &pd)],
+            &fetch,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(t.action_outcome("Attach a disk to VM t1").await["state"], "done");
+    let att = || async { db.attachment_get(vm.id, pagedisk).await.unwrap() };
+    assert!(att().await.unwrap().active);
+    let page = t.get(&format!("/portal/vms/{id}")).await.body;
+    assert!(
+        page.contains(&format!("/portal/vms/{id}/disks/{pd}/deactivate")),
+        "{page}"
+    );
+    let deactivate = format!("/portal/vms/{id}/disks/{pd}/deactivate");
+    let r = t.post(&deactivate, &[("csrf", &csrf)], &fetch).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "needs a confirmation");
+    let r = t
+        .post(&deactivate, &[("csrf", &csrf), ("confirm", "1")], &fetch)
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let label = "Deactivate disk pagedisk of VM t1";
+    assert_eq!(t.action_outcome(label).await["state"], "done");
+    assert!(!att().await.unwrap().active);
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/disks/{pd}/detach"),
+            &[("csrf", &csrf), ("confirm", "1")],
+            &fetch,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(
+        t.action_outcome("Detach disk pagedisk from VM t1").await["state"],
+        "done"
+    );
+    assert!(att().await.is_none());
+    // A new disk needs a size.
+    let r = t
+        .post(&format!("/portal/vms/{id}/add-disk"), &[("csrf", &csrf)], &fetch)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
 
     // Destructive actions ask first: a confirmation page, or a 400 for the script.
     let stop = format!("/portal/vms/{id}/remove");

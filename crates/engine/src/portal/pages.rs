@@ -1039,6 +1039,27 @@ async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     Ok(h.finish())
 }
 
+/// A new disk's storage domain and format (the size field is the caller's).
+fn new_disk_fields(h: &mut Html, names: &Names) {
+    let mut sds: Vec<(String, String)> = names
+        .sds
+        .values()
+        .filter(|s| s.domain_type == SdType::Data)
+        .map(|s| (s.id.to_string(), s.name.clone()))
+        .collect();
+    sds.sort_by(|a, b| a.1.cmp(&b.1));
+    h.select("Storage domain", "sd", &sds, None);
+    h.select(
+        "Format",
+        "disk_format",
+        &[
+            ("cow".into(), "qcow2 (thin)".into()),
+            ("raw".into(), "raw".into()),
+        ],
+        Some("cow"),
+    );
+}
+
 /// A disk's alias, status, size, allocation and format cells.
 fn disk_cells(h: &mut Html, d: &crate::model::Disk) {
     h.cell(&d.name)
@@ -1048,6 +1069,22 @@ fn disk_cells(h: &mut Html, d: &crate::model::Disk) {
         .cell_num(bytes(d.provisioned_size))
         .cell_num(bytes(d.actual_size))
         .cell(format!("{}{}", d.format, if d.sparse { ", thin" } else { "" }));
+}
+
+/// Disks no VM or template has, as (id, name) choices.
+async fn floating_disks(ctx: &Ctx) -> Result<Vec<(String, String)>, PortalError> {
+    let q = ListQuery::filtered(DiskFilter {
+        floating: Some(true),
+        ..Default::default()
+    })
+    .sort_by(DiskSort::Name, SortDir::Asc);
+    Ok(ctx
+        .db()
+        .disk_list(&q)
+        .await?
+        .into_iter()
+        .map(|d| (d.id.to_string(), d.name))
+        .collect())
 }
 
 async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
@@ -1235,23 +1272,7 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
     if template.is_none() {
         h.raw("<fieldset><legend>New disk (VMs from Blank)</legend>");
         h.input("Size (MiB, 0: none)", "disk_mib", "number", "0", "min=\"0\"");
-        let mut sds: Vec<(String, String)> = names
-            .sds
-            .values()
-            .filter(|s| s.domain_type == SdType::Data)
-            .map(|s| (s.id.to_string(), s.name.clone()))
-            .collect();
-        sds.sort_by(|a, b| a.1.cmp(&b.1));
-        h.select("Storage domain", "sd", &sds, None);
-        h.select(
-            "Format",
-            "disk_format",
-            &[
-                ("cow".into(), "qcow2 (thin)".into()),
-                ("raw".into(), "raw".into()),
-            ],
-            Some("cow"),
-        );
+        new_disk_fields(h, names);
         h.raw("</fieldset>");
     }
     // Templates carry no boot configuration: a VM from one names its kernel here too.
@@ -1448,10 +1469,13 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             "Storage domain",
             "Interface",
             "Boot",
+            "Active",
+            "Actions",
         ],
         Some(&format!("vmdisks:{sid}")),
     );
     for (a, d) in &disks {
+        let did = d.id.to_string();
         h.raw("<tr data-id=\"")
             .text(d.id)
             .raw("\" data-v=\"")
@@ -1467,9 +1491,58 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             .cell(names.sd(d.storage_domain_id))
             .cell(a.interface)
             .cell(if a.bootable { "yes" } else { "" })
-            .raw("</tr>");
+            .cell(if a.active { "yes" } else { "no" })
+            .raw("<td class=\"acts\">");
+        // A running VM's disks are hot plugged and unplugged.
+        if a.active {
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/disks/{did}/deactivate"),
+                "Deactivate",
+                Some(&format!(
+                    "Deactivate disk {} of VM {}? A running guest loses it.",
+                    d.name, v.name
+                )),
+                "",
+                "small secondary",
+            );
+        } else {
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/disks/{did}/activate"),
+                "Activate",
+                None,
+                "",
+                "small secondary",
+            );
+        }
+        act_button(
+            &mut h,
+            &format!("/portal/vms/{sid}/disks/{did}/detach"),
+            "Detach",
+            Some(&format!(
+                "Detach disk {} from VM {}? A running guest loses it; the disk stays.",
+                d.name, v.name
+            )),
+            "",
+            "small danger",
+        );
+        h.raw("</td></tr>");
     }
-    h.table_close("No disks.", 8, disks.is_empty());
+    h.table_close("No disks.", 10, disks.is_empty());
+    h.raw("</div>");
+    // Disks for this VM: a floating one attached, or a new one (plugged into a running VM).
+    let floating = floating_disks(ctx).await?;
+    h.raw("<div class=\"forms\">");
+    if !floating.is_empty() {
+        h.form_open(f, &format!("/portal/vms/{sid}/attach-disk"), None, "inline-form");
+        h.select("Attach disk", "disk", &floating, None);
+        h.raw("<button type=\"submit\" class=\"secondary\">Attach</button></form>");
+    }
+    h.form_open(f, &format!("/portal/vms/{sid}/add-disk"), None, "inline-form");
+    h.input("New disk (MiB)", "disk_mib", "number", "", "min=\"1\" required");
+    new_disk_fields(&mut h, &names);
+    h.raw("<button type=\"submit\" class=\"secondary\">Add disk</button></form>");
     h.raw("</div>");
 
     h.section("Snapshots");
