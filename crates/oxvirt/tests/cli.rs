@@ -511,6 +511,27 @@ async fn qemu_vm_lifecycle_with_progress() {
     assert_eq!(r.json()["snapshot_status"], "ok", "{r}");
     let r = live.ok(&["snapshot", "list", "--vm", "vm1"]).await;
     assert!(r.stdout.contains("before") && r.stdout.contains("active"), "{r}");
+
+    // A disk attached to the running VM is hot plugged (the node's record of the VM has it);
+    // deactivated it is unplugged, detached it stays as a floating disk.
+    let node_disks = || {
+        let rec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(node_dir.path().join("run/vms").join(&vm_id).join("vm.json")).unwrap(),
+        )
+        .unwrap();
+        rec["create"]["disks"].as_array().unwrap().len()
+    };
+    assert_eq!(node_disks(), 1);
+    live.ok(&["disk", "create", "hot1", "--size", "16M", "--sd", "data1"])
+        .await;
+    let r = live.ok(&["disk", "attach", "hot1", "--vm", "vm1"]).await;
+    assert!(r.stdout.contains("disk hot1 attached to VM vm1"), "{r}");
+    assert_eq!(node_disks(), 2, "the running VM did not get the disk");
+    let r = live.ok(&["disk", "deactivate", "hot1", "--vm", "vm1"]).await;
+    assert!(r.stdout.contains("deactivated"), "{r}");
+    assert_eq!(node_disks(), 1, "the deactivated disk is still plugged");
+    live.ok(&["disk", "detach", "hot1", "--vm", "vm1"]).await;
+    live.ok(&["disk", "remove", "hot1"]).await;
     let r = live.ok(&["vm", "stop", "vm1"]).await;
     assert!(r.stdout.contains("VM vm1 is down"), "{r}");
     let r = live.ok(&["vm", "show", "vm1", "-o", "json"]).await;

@@ -492,6 +492,34 @@ pub enum DiskCmd {
     /// Remove a disk and its volumes.
     #[command(visible_alias = "rm")]
     Remove { name: String },
+    /// Attach a disk to a VM, active unless `--inactive` (hot plugged into a running VM).
+    Attach {
+        name: String,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        inactive: bool,
+        #[arg(long)]
+        bootable: bool,
+    },
+    /// Detach a disk from a VM (hot unplugged from a running VM); the disk stays.
+    Detach {
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Activate a VM's disk (hot plugged into a running VM).
+    Activate {
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Deactivate a VM's disk (hot unplugged from a running VM).
+    Deactivate {
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
 }
 
 /// High availability: restarted elsewhere when its host dies, in place when it crashes.
@@ -1777,7 +1805,55 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             ctx.print(k, &obj).await
         }
         DiskCmd::Remove { name } => ctx.remove(k, &name, "").await,
+        DiskCmd::Attach {
+            name,
+            vm,
+            inactive,
+            bootable,
+        } => {
+            let (v, d) = (ctx.id(&kinds::VM, &vm).await?, ctx.id(k, &name).await?);
+            let body = json!({
+                "disk": { "id": d }, "active": !inactive, "bootable": bootable, "interface": "virtio",
+            });
+            ctx.api
+                .request(
+                    Method::POST,
+                    &format!("/vms/{v}/diskattachments"),
+                    Some(&body),
+                    None,
+                )
+                .await
+                .with_context(|| format!("attaching disk {name} to VM {vm}"))?;
+            output::print_done(ctx.out, &format!("disk {name} attached to VM {vm}"), None)
+        }
+        DiskCmd::Detach { name, vm } => {
+            let (v, d) = (ctx.id(&kinds::VM, &vm).await?, ctx.id(k, &name).await?);
+            ctx.delete_at(
+                &format!("/vms/{v}/diskattachments/{d}"),
+                format!("detaching disk {name} from VM {vm}"),
+                format!("disk {name} detached from VM {vm}"),
+            )
+            .await
+        }
+        DiskCmd::Activate { name, vm } => set_disk_active(ctx, &name, &vm, true).await,
+        DiskCmd::Deactivate { name, vm } => set_disk_active(ctx, &name, &vm, false).await,
     }
+}
+
+/// Activates or deactivates a VM's disk (a running VM's QEMU follows: hot plug or unplug).
+async fn set_disk_active(ctx: &Ctx, name: &str, vm: &str, active: bool) -> anyhow::Result<()> {
+    let (v, d) = (ctx.id(&kinds::VM, vm).await?, ctx.id(&kinds::DISK, name).await?);
+    let what = if active { "activate" } else { "deactivate" };
+    ctx.api
+        .request(
+            Method::PUT,
+            &format!("/vms/{v}/diskattachments/{d}"),
+            Some(&json!({ "active": active })),
+            None,
+        )
+        .await
+        .with_context(|| format!("{what} disk {name} of VM {vm}"))?;
+    output::print_done(ctx.out, &format!("disk {name} of VM {vm} {what}d"), None)
 }
 
 async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
