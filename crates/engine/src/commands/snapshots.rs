@@ -41,10 +41,17 @@ fn step_err(e: impl std::fmt::Display) -> StepError {
 }
 
 /// Whether the VM running on `node` writes to every one of `leaves` (each the top of one of
-/// its disks' chains): the node did switch to them, whatever the engine heard.
-async fn runs_on_leaves(node: &crate::nodes::NodeClient, vm: VmId, leaves: &[VolUuid]) -> bool {
-    let Ok(info) = node.call("VM.getInfo", json!({ "vmID": vm })).await else {
-        return false;
+/// its disks' chains): the node did switch to them, whatever the engine heard. A VM the node
+/// does not run writes to nothing there; a node that does not answer leaves it unknown (`Err`).
+async fn runs_on_leaves(
+    node: &crate::nodes::NodeClient,
+    vm: VmId,
+    leaves: &[VolUuid],
+) -> Result<bool, crate::nodes::NodeError> {
+    let info = match node.call("VM.getInfo", json!({ "vmID": vm })).await {
+        Ok(info) => info,
+        Err(e) if e.code() == Some(oxvirt_types::api::ErrorCode::NoVm.code()) => return Ok(false),
+        Err(e) => return Err(e),
     };
     let tops: Vec<String> = info["chains"]
         .as_array()
@@ -60,7 +67,30 @@ async fn runs_on_leaves(node: &crate::nodes::NodeClient, vm: VmId, leaves: &[Vol
             )
         })
         .collect();
-    leaves.iter().all(|l| tops.contains(&l.to_string()))
+    Ok(leaves.iter().all(|l| tops.contains(&l.to_string())))
+}
+
+/// For the undos of a live snapshot: refuses when the running VM already writes to the new
+/// volumes (the switch happened, unheard) or when its node cannot tell — deleting what a guest
+/// may write to would lose its data.
+async fn refuse_if_switched(app: &App, p: &AddSnapshotParams) -> Result<(), StepError> {
+    let Some(host) = p.live_on else { return Ok(()) };
+    let node = app
+        .client(&app.host(host).await.map_err(step_err)?)
+        .map_err(step_err)?;
+    let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
+    match runs_on_leaves(&node, p.vm, &leaves).await {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(step_err(format!(
+            "VM {} already writes to the snapshot's new volumes: the snapshot exists on storage; \
+             remove it to merge them",
+            p.vm
+        ))),
+        Err(e) => Err(step_err(format!(
+            "cannot tell whether VM {} writes to the snapshot's new volumes, so they stay: {e}",
+            p.vm
+        ))),
+    }
 }
 
 /// Deletes the records of snapshots the VM no longer has, with the volumes holding the
@@ -191,18 +221,7 @@ impl SagaDef for AddSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    // Never delete what the guest writes to (the switch happened unheard).
-                    if let Some(host) = p.live_on {
-                        let node = app.client(&app.host(host).await.map_err(step_err)?).map_err(step_err)?;
-                        let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
-                        if runs_on_leaves(&node, p.vm, &leaves).await {
-                            return Err(step_err(format!(
-                                "VM {} already writes to the snapshot's new volumes: the snapshot exists on storage; \
-                                 remove it to merge them",
-                                p.vm
-                            )));
-                        }
-                    }
+                    refuse_if_switched(app, p).await?;
                     let dc = app.dc(p.dc).await.map_err(step_err)?;
                     let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
                     for d in &p.disks {
@@ -232,6 +251,8 @@ impl SagaDef for AddSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     if let Some(m) = p.memory {
+                        // A snapshot taken unheard keeps the memory it saved.
+                        refuse_if_switched(c.app(), p).await?;
                         delete_image(c.app(), p.dc, m.state.sd, m.state.img).await?;
                     }
                     Ok(())
@@ -256,7 +277,7 @@ impl SagaDef for AddSnapshotSaga {
                     // and undoing it would delete the volumes the guest writes to.
                     Err(e) => {
                         let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
-                        if runs_on_leaves(&node, p.vm, &leaves).await {
+                        if runs_on_leaves(&node, p.vm, &leaves).await.unwrap_or(false) {
                             tracing::warn!(vm = %p.vm, error = %e, "the snapshot's switch happened though its job failed");
                             Ok(())
                         } else {
