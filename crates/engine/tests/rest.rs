@@ -583,11 +583,13 @@ async fn vms_search_follow_actions_jobs_and_events() {
 /// The OpenAPI description served at /ovirt-engine/api/openapi.json lists exactly what the
 /// server answers: every documented path and method reaches a handler over HTTPS (no 404 "no
 /// such path", no 405), undocumented ones do not, and it is the checked-in docs/rest-openapi.json.
-/// The disks a VM's QEMU has change only while it is down: a running VM would not see them
-/// (no disk hot plug), a suspended one resumes only with the devices it was saved with. An
-/// inactive disk may be attached at any time, and activated once the VM is down.
+/// The disks a VM's QEMU has change while it is down (rows only) or up or paused (hot plug on
+/// its host, see the e2e tests); a suspended one resumes only with the devices it was saved
+/// with and a migrating one is between hosts, so both refuse, as does an up VM the engine
+/// places on no host. An inactive disk may be attached at any time, and activated once the
+/// change is allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disks_change_on_a_vm_only_while_it_is_down() {
+async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
     use oxvirt_engine::model::{DiskFormat, SdType, StorageType, VmRuntime, VmStatus};
     let t = start_engine().await;
     let mut c = Client::new(&t.engine);
@@ -630,17 +632,21 @@ async fn disks_change_on_a_vm_only_while_it_is_down() {
     };
     let path = format!("vms/{vm}/diskattachments");
 
-    for status in [VmStatus::Up, VmStatus::Suspended] {
+    for (status, why) in [
+        (VmStatus::Suspended, "only while it is down, up or paused"),
+        (VmStatus::Migrating, "only while it is down, up or paused"),
+        (VmStatus::Up, "runs nowhere"),
+    ] {
         set(status).await;
         let r = c.post(&path, &att(&disks[0], true)).await;
         assert_eq!(r.status, StatusCode::CONFLICT, "{status}: {}", r.body);
-        assert!(r.body.contains("only while it is down"), "{}", r.body);
+        assert!(r.body.contains(why), "{status}: {}", r.body);
     }
     assert!(
         db.attachments_of_vm(vm).await.unwrap().is_empty(),
         "nothing attached"
     );
-    // Inactive: attached now, QEMU untouched; activating waits for the VM to be down.
+    // Inactive: attached now, QEMU untouched; activating needs the VM down or on a host.
     let r = c.post(&path, &att(&disks[0], false)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let one = format!("{path}/{}", disks[0]);

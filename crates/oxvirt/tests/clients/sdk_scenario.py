@@ -17,6 +17,7 @@ stop, then removal; jobs by correlation id, events, faults and re-authentication
 Prints one line per step with its time; exits non-zero on the first failure.
 """
 
+import json
 import os
 import sys
 import time
@@ -56,6 +57,12 @@ def console_has(node_dir, vm_id, text):
             return text in f.read()
     except FileNotFoundError:
         return False
+
+
+def node_disks(node_dir, vm_id):
+    """How many disks the node's record of the running VM has."""
+    with open(os.path.join(node_dir, "run", "vms", vm_id, "vm.json")) as f:
+        return len(json.load(f)["create"]["disks"])
 
 
 def image_volumes(sd_id, disk_id):
@@ -264,6 +271,26 @@ def main():
                                      and conn.follow_link(v.host).name == dst)(vm_svc.get()), 120)
     wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
     step("migrated to %s" % dst)
+
+    # A disk added to the running VM is hot plugged (the node's record of the VM has it);
+    # deactivated it is unplugged, and it goes with its attachment.
+    assert node_disks(node_dirs[dst], vm.id) == 1
+    hot_att = vm_svc.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(name=P + "-hot", format=types.DiskFormat.COW, provisioned_size=16 * MIB,
+                        sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
+        interface=types.DiskInterface.VIRTIO,
+        bootable=False,
+        active=True,
+    ))
+    hot_svc = vm_svc.disk_attachments_service().attachment_service(hot_att.id)
+    assert hot_svc.get().active is True
+    assert node_disks(node_dirs[dst], vm.id) == 2, "the running VM did not get the disk"
+    hot_svc.update(types.DiskAttachment(active=False))
+    assert hot_svc.get().active is False
+    assert node_disks(node_dirs[dst], vm.id) == 1, "the deactivated disk is still plugged"
+    hot_svc.remove(detach_only=False)
+    assert all(d.name != P + "-hot" for d in system.disks_service().list())
+    step("disk hot plugged and unplugged")
 
     # A revoked token: the next request gets a 401, the SDK logs in again and retries once.
     revoke(conn.authenticate())
