@@ -874,7 +874,87 @@ async fn a_saga_that_cannot_finish_is_blocked_until_retried(b: Backend) {
     ));
 }
 
+/// Publishes a file: writes it, lets the world take it (a reader starts using it, marked by
+/// `<name>.live`), records it done. The file's undo finds it in use once published: deleting
+/// it would hurt the reader, so it turns the saga forward again.
+struct Publish;
+
+impl SagaDef for Publish {
+    type Ctx = App;
+    type Params = String;
+    const NAME: &'static str = "publish";
+
+    fn description(name: &String) -> String {
+        format!("Publishing {name}")
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        let path = |c: &StepCtx<Self>, ext: &str| c.app().storage.join(format!("{}{ext}", c.params()));
+        vec![
+            Step::new(
+                "file",
+                move |c: StepCtx<Self>| async move { Ok(std::fs::write(path(&c, ""), b"data")?) },
+                move |c: StepCtx<Self>| async move {
+                    if path(&c, ".live").exists() {
+                        return Err(StepError::forward("a reader uses the file"));
+                    }
+                    let _ = std::fs::remove_file(path(&c, ""));
+                    Ok(())
+                },
+            ),
+            Step::without_undo("publish", move |c: StepCtx<Self>| async move {
+                Ok(std::fs::write(path(&c, ".live"), b"")?)
+            }),
+            Step::new(
+                "done",
+                move |c: StepCtx<Self>| async move { Ok(std::fs::write(path(&c, ".done"), b"")?) },
+                move |c: StepCtx<Self>| async move {
+                    let _ = std::fs::remove_file(path(&c, ".done"));
+                    Ok(())
+                },
+            ),
+        ]
+    }
+}
+
+/// A step that fails after its effect happened: unwinding reaches an undo that finds the
+/// effect permanent, and the saga goes forward again, re-running the failed step, to done.
+/// Failed before the effect, the same saga unwinds as usual.
+async fn an_undo_that_finds_its_effect_permanent_turns_the_saga_forward(b: Backend) {
+    let env = Env::new(b).await;
+    let exec_with = |fault: Arc<FaultAt>| {
+        let e = SagaExecutor::with_faults(env.t.db.clone(), env.app.clone(), fault, fast_retry());
+        e.register::<Publish>().unwrap();
+        e
+    };
+    let lost = FaultAt::new(1, FaultPoint::AfterAction, Fault::Fail);
+    let out = exec_with(lost.clone())
+        .run::<Publish>("a".into(), opts())
+        .await
+        .unwrap();
+    assert!(lost.fired());
+    assert!(out.is_done(), "{out:?}");
+    for f in ["a", "a.live", "a.done"] {
+        assert!(env.app.storage.join(f).exists(), "{f} is missing");
+    }
+    let db = &env.t.db;
+    let s = &db.saga_list(&[SagaState::Done]).await.unwrap()[0];
+    let steps = db.saga_get(s.id).await.unwrap().unwrap().steps;
+    assert!(
+        steps.iter().all(|st| st.status == SagaStepStatus::Done),
+        "{steps:?}"
+    );
+    let job = db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Finished);
+
+    let early = FaultAt::new(1, FaultPoint::BeforeAction, Fault::Fail);
+    let out = exec_with(early).run::<Publish>("b".into(), opts()).await.unwrap();
+    assert!(matches!(out, SagaOutcome::Unwound { .. }), "{out:?}");
+    assert!(!env.app.storage.join("b").exists());
+}
+
 both_backends!(
+    an_undo_that_finds_its_effect_permanent_turns_the_saga_forward,
     saga_runs_to_completion,
     saga_unwinds_at_each_step,
     saga_survives_a_crash_at_each_point,

@@ -70,9 +70,10 @@ async fn runs_on_leaves(
     Ok(leaves.iter().all(|l| tops.contains(&l.to_string())))
 }
 
-/// For the undos of a live snapshot: refuses when the running VM already writes to the new
-/// volumes (the switch happened, unheard) or when its node cannot tell — deleting what a guest
-/// may write to would lose its data.
+/// For the undos of a live snapshot: when the running VM already writes to the new volumes
+/// (the switch happened, unheard) the snapshot is taken and the saga turns forward to record
+/// it; when its node cannot tell, the undo refuses (the saga waits for an admin) — deleting
+/// what a guest may write to would lose its data.
 async fn refuse_if_switched(app: &App, p: &AddSnapshotParams) -> Result<(), StepError> {
     let Some(host) = p.live_on else { return Ok(()) };
     let node = app
@@ -81,9 +82,8 @@ async fn refuse_if_switched(app: &App, p: &AddSnapshotParams) -> Result<(), Step
     let leaves: Vec<VolUuid> = p.disks.iter().map(|d| d.new_leaf).collect();
     match runs_on_leaves(&node, p.vm, &leaves).await {
         Ok(false) => Ok(()),
-        Ok(true) => Err(step_err(format!(
-            "VM {} already writes to the snapshot's new volumes: the snapshot exists on storage; \
-             remove it to merge them",
+        Ok(true) => Err(StepError::forward(format!(
+            "VM {} already writes to the snapshot's new volumes: the snapshot is taken",
             p.vm
         ))),
         Err(e) => Err(step_err(format!(

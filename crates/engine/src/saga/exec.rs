@@ -435,44 +435,57 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
         }
     }
 
-    let error = match rec.state {
+    let mut error = match rec.state {
         SagaState::Done | SagaState::Unwound | SagaState::Stuck | SagaState::Blocked => {
             return Err(SagaError::Definition {
                 name: S::NAME,
                 detail: format!("saga {} is already {}", rec.id, rec.state),
             })
         }
-        SagaState::Unwinding => rec.error.clone().unwrap_or_default(),
-        SagaState::Running => {
-            let mut unwind = None;
-            'steps: for i in 0..run.steps.len() {
-                let mut attempt = 1;
-                loop {
-                    match run.forward(i).await? {
-                        Next::Continue => break,
-                        Next::Interrupted => return Ok(SagaOutcome::Interrupted),
-                        Next::Unwind(e) => {
-                            unwind = Some(e);
-                            break 'steps;
-                        }
-                        Next::Retry(e) => match inner.retry.delay_after(attempt) {
-                            Some(d) => {
-                                tracing::warn!(saga_id = %run.id, step = run.steps[i].name, attempt, error = %e, "retrying a step past the point of no return");
-                                tokio::time::sleep(d).await;
-                                attempt += 1;
-                            }
-                            None => return run.blocked(e).await,
-                        },
+        SagaState::Unwinding => Some(rec.error.clone().unwrap_or_default()),
+        SagaState::Running => None,
+    };
+    loop {
+        let e = match error.take() {
+            Some(e) => e,
+            None => match run_forward(&mut run, &inner).await? {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) => e,
+            },
+        };
+        match run.unwind(e).await? {
+            Some(outcome) => return Ok(outcome),
+            // An undo turned the saga forward again.
+            None => continue,
+        }
+    }
+}
+
+/// Runs the steps forward from the first not done: the saga's outcome, or the error to unwind
+/// with.
+async fn run_forward<S: SagaDef>(
+    run: &mut Run<S>,
+    inner: &Inner<S::Ctx>,
+) -> Result<Result<SagaOutcome, String>, SagaError> {
+    for i in 0..run.steps.len() {
+        let mut attempt = 1;
+        loop {
+            match run.forward(i).await? {
+                Next::Continue => break,
+                Next::Interrupted => return Ok(Ok(SagaOutcome::Interrupted)),
+                Next::Unwind(e) => return Ok(Err(e)),
+                Next::Retry(e) => match inner.retry.delay_after(attempt) {
+                    Some(d) => {
+                        tracing::warn!(saga_id = %run.id, step = run.steps[i].name, attempt, error = %e, "retrying a step past the point of no return");
+                        tokio::time::sleep(d).await;
+                        attempt += 1;
                     }
-                }
-            }
-            match unwind {
-                None => return run.finish().await,
-                Some(e) => e,
+                    None => return Ok(Ok(run.blocked(e).await?)),
+                },
             }
         }
-    };
-    run.unwind(error).await
+    }
+    Ok(Ok(run.finish().await?))
 }
 
 impl<S: SagaDef> Run<S> {
@@ -666,7 +679,9 @@ impl<S: SagaDef> Run<S> {
         Ok(Some(s.id))
     }
 
-    async fn unwind(&mut self, error: String) -> Result<SagaOutcome, SagaError> {
+    /// Runs the undos; `None` when an undo turned the saga forward again (see
+    /// [`StepError::forward`]).
+    async fn unwind(&mut self, error: String) -> Result<Option<SagaOutcome>, SagaError> {
         let cleanup = self.cleanup_step().await?;
         for i in (0..self.steps.len()).rev() {
             let name = self.steps[i].name;
@@ -693,16 +708,20 @@ impl<S: SagaDef> Run<S> {
                 }
             }
             let result = match self.fault(i, FaultPoint::BeforeUndo) {
-                Some(Fault::Crash) => return Ok(SagaOutcome::Interrupted),
+                Some(Fault::Crash) => return Ok(Some(SagaOutcome::Interrupted)),
                 Some(Fault::Fail) => Err(format!("injected failure before undoing step {name}")),
                 None => {
                     let fut = (self.steps[i].undo)(self.ctx(i));
                     let r = match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(Err(e)) if e.goes_forward() => {
+                            self.turn_forward(i, &e.to_string(), cleanup).await?;
+                            return Ok(None);
+                        }
                         Ok(r) => r.map_err(|e: StepError| e.to_string()),
                         Err(p) => Err(format!("undo of step {name} panicked: {}", panic_text(&p))),
                     };
                     match (r, self.fault(i, FaultPoint::AfterUndo)) {
-                        (_, Some(Fault::Crash)) => return Ok(SagaOutcome::Interrupted),
+                        (_, Some(Fault::Crash)) => return Ok(Some(SagaOutcome::Interrupted)),
                         (Ok(()), Some(Fault::Fail)) => {
                             Err(format!("injected failure after undoing step {name}"))
                         }
@@ -746,7 +765,7 @@ impl<S: SagaDef> Run<S> {
                     .await?;
                     tx.commit().await?;
                     self.state[i].status = Some(SagaStepStatus::UndoFailed);
-                    return self.stuck_with(error, msg, cleanup).await;
+                    return self.stuck_with(error, msg, cleanup).await.map(Some);
                 }
             }
         }
@@ -762,7 +781,53 @@ impl<S: SagaDef> Run<S> {
             .await?;
         tx.commit().await?;
         tracing::warn!(saga_id = %self.id, saga = S::NAME, error = %error, "saga unwound");
-        Ok(SagaOutcome::Unwound { error })
+        Ok(Some(SagaOutcome::Unwound { error }))
+    }
+
+    /// Step `i`'s undo found its effect permanent: the step counts as done, the steps after it
+    /// are to run again (recorded `started`, so a crash now re-runs them too), and the saga is
+    /// running. One transaction: a crash before it leaves the saga unwinding, and the same
+    /// undo turns it forward again.
+    async fn turn_forward(&mut self, i: usize, why: &str, cleanup: Option<StepId>) -> Result<(), SagaError> {
+        let mut tx = self.db().begin().await?;
+        for j in i..self.steps.len() {
+            if self.state[j].status.is_none() {
+                continue;
+            }
+            let now = if j == i {
+                SagaStepStatus::Done
+            } else {
+                SagaStepStatus::Started
+            };
+            saga_step_record(
+                &mut tx.ctx(),
+                self.id,
+                j,
+                self.steps[j].name,
+                now,
+                None,
+                None,
+                None,
+            )
+            .await?;
+            if let Some(js) = self.state[j].job_step {
+                let st = if j == i {
+                    JobStatus::Finished
+                } else {
+                    JobStatus::Started
+                };
+                tx.job_step_set_status(js, st).await?;
+            }
+            self.state[j].status = Some(now);
+        }
+        saga_set_state(&mut tx.ctx(), self.id, SagaState::Running, None, None).await?;
+        if let Some(c) = cleanup {
+            tx.job_step_set_status(c, JobStatus::Aborted).await?;
+        }
+        tx.commit().await?;
+        tracing::warn!(saga_id = %self.id, saga = S::NAME, step = self.steps[i].name, reason = %why,
+            "an undo found its step's effect permanent: the saga goes forward again");
+        Ok(())
     }
 
     /// Ends a run whose step past the point of no return failed on every attempt.

@@ -18,6 +18,9 @@
 //!      ▼
 //!    stuck  (error recorded; an admin fixes the cause, then retry_stuck unwinds again)
 //!
+//!   unwinding, an undo answers StepError::forward (its effect is permanent):
+//!      that step counts as done, the steps after it are re-run ──► running
+//!
 //!   running, at or past the point of no return:
 //!      │ action failed ──► the step is retried with backoff (ForwardRetry) ──► next step …
 //!      │ still failing after the last attempt
@@ -47,6 +50,9 @@
 //!   (a node call that timed out may still complete). So an undo never assumes its action
 //!   succeeded: a lock step locks with the saga's id as owner (`Db::disk_lock(disk, saga_id)`)
 //!   and its undo releases only that owner's lock, never a lock another command holds.
+//! - **An undo that cannot undo because the world moved on** (a guest writes to the volume
+//!   its step created) answers [`StepError::forward`] instead of failing: the saga keeps that
+//!   step and the ones before it and runs the later ones again, forward to `done`.
 //! - **Outputs are the only memory.** A step sees the parameters and the outputs of earlier
 //!   steps ([`StepCtx::output`]); anything else it needs it must read from the database or the
 //!   nodes. Nothing in memory survives a crash.
@@ -208,17 +214,30 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
 }
 
 /// A step's failure: any error converts into it with `?`.
-pub struct StepError(Box<dyn std::error::Error + Send + Sync + 'static>);
+pub struct StepError(Box<dyn std::error::Error + Send + Sync + 'static>, bool);
 
 impl StepError {
     pub fn msg(m: impl fmt::Display) -> Self {
-        StepError(m.to_string().into())
+        StepError(m.to_string().into(), false)
+    }
+
+    /// For an undo that finds its step's effect already permanent — the world went on past it
+    /// (a guest writes to the volume the step created, unheard by the engine): the saga cannot
+    /// unwind past this step, so it turns forward again, keeping this step and those before
+    /// it and re-running the ones after it (their actions are idempotent).
+    pub fn forward(m: impl fmt::Display) -> Self {
+        StepError(m.to_string().into(), true)
+    }
+
+    /// Whether an undo asked the saga to go forward instead ([`StepError::forward`]).
+    pub fn goes_forward(&self) -> bool {
+        self.1
     }
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for StepError {
     fn from(e: E) -> Self {
-        StepError(Box::new(e))
+        StepError(Box::new(e), false)
     }
 }
 
