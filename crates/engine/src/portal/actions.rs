@@ -212,6 +212,10 @@ pub enum VmVerb {
     AttachDisk,
     /// Add a new disk (`disk_mib`, `sd`, `disk_format`), attached and active.
     AddDisk,
+    /// End the snapshot preview keeping the previewed state.
+    CommitPreview,
+    /// End the snapshot preview returning to the state kept aside.
+    UndoPreview,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +229,10 @@ pub enum VmDiskVerb {
 pub enum SnapVerb {
     /// `memory`: the VM resumes from the memory the snapshot saved, when it saved some.
     Restore {
+        memory: bool,
+    },
+    /// Run the VM on the snapshot's data (and memory) until the preview is committed or undone.
+    Preview {
         memory: bool,
     },
     Remove,
@@ -270,6 +278,8 @@ impl Verb {
                     "template" => VmVerb::Template,
                     "attach-disk" => VmVerb::AttachDisk,
                     "add-disk" => VmVerb::AddDisk,
+                    "commit-preview" => VmVerb::CommitPreview,
+                    "undo-preview" => VmVerb::UndoPreview,
                     _ => return Err(unknown(segs)),
                 },
             ),
@@ -289,6 +299,8 @@ impl Verb {
                 match *verb {
                     "restore" => SnapVerb::Restore { memory: false },
                     "restore-memory" => SnapVerb::Restore { memory: true },
+                    "preview" => SnapVerb::Preview { memory: false },
+                    "preview-memory" => SnapVerb::Preview { memory: true },
                     "remove" => SnapVerb::Remove,
                     _ => return Err(unknown(segs)),
                 },
@@ -323,7 +335,17 @@ impl Verb {
     /// Whether the action loses data or interrupts a guest, and so needs `confirm=1`.
     pub fn destructive(&self) -> bool {
         match self {
-            Verb::Vm(_, v) => matches!(v, VmVerb::Shutdown | VmVerb::Stop | VmVerb::Remove),
+            // Ending a preview discards one of the two states.
+            Verb::Vm(_, v) => matches!(
+                v,
+                VmVerb::Shutdown
+                    | VmVerb::Stop
+                    | VmVerb::Remove
+                    | VmVerb::CommitPreview
+                    | VmVerb::UndoPreview
+            ),
+            // A preview keeps the present aside: undoing it gives it back.
+            Verb::Snapshot(_, _, SnapVerb::Preview { .. }) => false,
             // A running guest loses the disk.
             Verb::VmDisk(_, _, v) => *v != VmDiskVerb::Activate,
             // A retry acts on half-done storage: the admin confirms the cause is fixed.
@@ -408,6 +430,14 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
             "Power off VM {} now? Unsaved guest data is lost.",
             vm_name(*id).await?
         ),
+        Verb::Vm(id, VmVerb::CommitPreview) => format!(
+            "Commit the previewed snapshot of VM {}? The state kept aside is discarded.",
+            vm_name(*id).await?
+        ),
+        Verb::Vm(id, VmVerb::UndoPreview) => format!(
+            "Undo the preview of VM {}? What changed while previewing is discarded.",
+            vm_name(*id).await?
+        ),
         Verb::Vm(id, _) => format!("Remove VM {} and its disks?", vm_name(*id).await?),
         Verb::VmDisk(id, disk, v) => format!(
             "{} disk {disk} of VM {}? A running guest loses it.",
@@ -423,6 +453,9 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
             vm_name(*id).await?,
             if *memory { " with its memory" } else { "" }
         ),
+        Verb::Snapshot(id, _, SnapVerb::Preview { .. }) => {
+            format!("Preview a snapshot of VM {}?", vm_name(*id).await?)
+        }
         Verb::Snapshot(id, _, SnapVerb::Remove) => {
             format!("Remove a snapshot of VM {}?", vm_name(*id).await?)
         }
@@ -643,6 +676,20 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         }),
                     )
                 }
+                VmVerb::CommitPreview => (
+                    format!("Commit the preview of VM {name}"),
+                    Box::pin(async move {
+                        e.cmds.commit_snapshot(id, corr).await?;
+                        Ok(None)
+                    }),
+                ),
+                VmVerb::UndoPreview => (
+                    format!("Undo the preview of VM {name}"),
+                    Box::pin(async move {
+                        e.cmds.undo_snapshot(id, corr).await?;
+                        Ok(None)
+                    }),
+                ),
                 VmVerb::Template => {
                     let tname = form.required("name", "a template name")?.to_string();
                     valid_name(&tname, "template")?;
@@ -695,6 +742,13 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     format!("Restore VM {name} to a snapshot"),
                     Box::pin(async move {
                         e.cmds.restore_snapshot(vid, sid, memory, corr).await?;
+                        Ok(None)
+                    }),
+                ),
+                SnapVerb::Preview { memory } => (
+                    format!("Preview a snapshot of VM {name}"),
+                    Box::pin(async move {
+                        e.cmds.preview_snapshot(vid, sid, memory, corr).await?;
                         Ok(None)
                     }),
                 ),
@@ -1017,6 +1071,18 @@ mod tests {
         assert!(disk("detach").unwrap().destructive());
         assert!(disk("explode").is_err());
         assert!(!Verb::parse(&["vms", &vs, "attach-disk"]).unwrap().destructive());
+        assert!(Verb::parse(&["vms", &vs, "commit-preview"])
+            .unwrap()
+            .destructive());
+        assert!(Verb::parse(&["vms", &vs, "undo-preview"]).unwrap().destructive());
+        let s = SnapshotId::new_random().to_string();
+        assert_eq!(
+            Verb::parse(&["vms", &vs, "snapshots", &s, "preview-memory"]).unwrap(),
+            Verb::Snapshot(v, s.parse().unwrap(), SnapVerb::Preview { memory: true })
+        );
+        assert!(!Verb::parse(&["vms", &vs, "snapshots", &s, "preview"])
+            .unwrap()
+            .destructive());
         assert!(matches!(
             Verb::parse(&["vms", &vs, "explode"]),
             Err(PortalError::NotFound(_))

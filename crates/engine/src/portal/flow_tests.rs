@@ -418,6 +418,52 @@ async fn sessions_pages_actions_and_live_updates() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
 
+    // A snapshot offers a preview; while one is previewed, the page offers commit and undo
+    // instead, both asking first.
+    {
+        use crate::model::{Snapshot, SnapshotId, SnapshotStatus, SnapshotType};
+        let snap = SnapshotId::new_random();
+        db.snapshot_insert(&Snapshot::locked(
+            snap,
+            vm.id,
+            "before",
+            SnapshotType::Regular,
+            vec![],
+        ))
+        .await
+        .unwrap();
+        db.snapshot_set_status(snap, &[], SnapshotStatus::Ok)
+            .await
+            .unwrap();
+        let page = t.get(&format!("/portal/vms/{id}")).await.body;
+        assert!(page.contains(&format!("/snapshots/{snap}/preview")), "{page}");
+        assert!(!page.contains("commit-preview"));
+        db.snapshot_set_status(snap, &[], SnapshotStatus::InPreview)
+            .await
+            .unwrap();
+        let page = t.get(&format!("/portal/vms/{id}")).await.body;
+        assert!(
+            page.contains("Previewing snapshot &quot;before&quot;")
+                || page.contains("Previewing snapshot \"before\""),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!("/portal/vms/{id}/commit-preview")),
+            "{page}"
+        );
+        assert!(page.contains(&format!("/portal/vms/{id}/undo-preview")), "{page}");
+        assert!(!page.contains(&format!("/snapshots/{snap}/preview\"")), "{page}");
+        let r = t
+            .post(
+                &format!("/portal/vms/{id}/undo-preview"),
+                &[("csrf", &csrf)],
+                &fetch,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "undo asks first: {}", r.body);
+        db.snapshot_delete(snap).await.unwrap();
+    }
+
     // Destructive actions ask first: a confirmation page, or a 400 for the script.
     let stop = format!("/portal/vms/{id}/remove");
     let r = t

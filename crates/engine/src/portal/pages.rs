@@ -1547,6 +1547,39 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
 
     h.section("Snapshots");
     h.raw("<div data-region=\"vm-snapshots\">");
+    // While a snapshot is previewed the VM runs on its data; the present is kept aside until
+    // the preview is committed or undone.
+    let previewing = snaps.iter().find(|s| s.status == SnapshotStatus::InPreview);
+    if let Some(p) = previewing {
+        h.raw("<p class=\"warn\" data-preview=\"")
+            .text(p.id)
+            .raw("\">Previewing snapshot \"")
+            .text(&p.description)
+            .raw("\". ");
+        act_button(
+            &mut h,
+            &format!("/portal/vms/{sid}/commit-preview"),
+            "Commit",
+            Some(&format!(
+                "Commit the preview of VM {}? The state kept aside is discarded.",
+                v.name
+            )),
+            "down",
+            "small",
+        );
+        act_button(
+            &mut h,
+            &format!("/portal/vms/{sid}/undo-preview"),
+            "Undo",
+            Some(&format!(
+                "Undo the preview of VM {}? What changed while previewing is discarded.",
+                v.name
+            )),
+            "down",
+            "small secondary",
+        );
+        h.raw("</p>");
+    }
     h.table_open(
         "vm-snapshots",
         &["Description", "Status", "Type", "Date", "Actions"],
@@ -1574,6 +1607,26 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             })
             .cell(time(s.created_at))
             .raw("<td class=\"acts\">");
+        if s.snapshot_type == SnapshotType::Regular && previewing.is_none() {
+            act_button(
+                &mut h,
+                &format!("/portal/vms/{sid}/snapshots/{ssid}/preview"),
+                "Preview",
+                None,
+                "down",
+                "small secondary",
+            );
+            if s.persist_memory {
+                act_button(
+                    &mut h,
+                    &format!("/portal/vms/{sid}/snapshots/{ssid}/preview-memory"),
+                    "Preview with memory",
+                    None,
+                    "down",
+                    "small secondary",
+                );
+            }
+        }
         if s.snapshot_type == SnapshotType::Regular && s.persist_memory {
             act_button(
                 &mut h,
