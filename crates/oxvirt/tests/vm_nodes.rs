@@ -505,15 +505,29 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     moved.sort_by_key(|(_, slot)| *slot);
     assert_eq!(moved, expected, "{back}");
 
-    // Unplugged once the guest released it; the guest sees it go, and the data it wrote is
-    // on the volume. An image the VM does not have is refused.
+    // A paused guest cannot release the disk: the unplug times out and the disk stays in the
+    // record; once the guest runs it lets the device go, and the unplug asked again finds it
+    // gone and finishes. The guest sees it go, and the data it wrote is on the volume. An
+    // image the VM does not have is refused.
+    a.call("VM.pause", json!({ "vmID": id })).await;
+    let err =
+        a.c.call(
+            "VM.hotunplugDisk",
+            json!({ "vmID": id, "drive": drive2, "timeout": 1 }),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("releasing the unplugged disk"), "{err}");
+    let paused = a.call("VM.getInfo", json!({ "vmID": id })).await;
+    assert_eq!(slots(&paused).len(), 2, "{paused}");
+    a.call("VM.cont", json!({ "vmID": id })).await;
+    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb unplugged", BOOT).await;
     let t0 = Instant::now();
     let unplugged = a
         .call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive2 }))
         .await;
-    eprintln!("disk hot unplug: {:?}", t0.elapsed());
+    eprintln!("disk hot unplug after the guest let it go: {:?}", t0.elapsed());
     assert_eq!(slots(&unplugged), [(img.to_string(), 0)], "{unplugged}");
-    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb unplugged", BOOT).await;
     let err =
         a.c.call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive2 }))
             .await

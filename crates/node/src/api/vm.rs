@@ -77,6 +77,13 @@ pub struct DiskHotplugParams {
     #[serde(rename = "vmID")]
     pub id: VmId,
     pub drive: DriveParams,
+    /// Unplug: how long the guest may take to release the disk (seconds).
+    #[serde(default = "unplug_timeout")]
+    pub timeout: u64,
+}
+
+fn unplug_timeout() -> u64 {
+    crate::vm::disks::UNPLUG_TIMEOUT.as_secs()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -894,7 +901,7 @@ impl Node {
                     img: h.drive.image,
                 };
                 let info = vms
-                    .hotunplug_disk(h.id, image, crate::vm::disks::UNPLUG_TIMEOUT)
+                    .hotunplug_disk(h.id, image, Duration::from_secs(h.timeout))
                     .await?;
                 // No longer written here: its leaf's lease goes back.
                 self.sync_volume_leases(h.id).await;

@@ -663,10 +663,20 @@ impl Vm {
 /// (`DEVICE_DELETED`); `what` is what a timeout waited for.
 async fn unplug_device(vm: &Vm, device: &str, timeout: Duration, what: &'static str) -> Result<(), VmError> {
     let mut events = vm.events.subscribe();
-    vm.qmp()?
+    match vm
+        .qmp()?
         .execute_raw("device_del", serde_json::json!({ "id": device }))
         .await
-        .map_err(|source| VmError::Qmp { vm: vm.id, source })?;
+    {
+        Ok(_) => {}
+        // Released already: an earlier unplug timed out (a paused guest) and the guest let the
+        // device go later.
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
+            tracing::info!(vm_id = %vm.id, device, "device already gone");
+            return Ok(());
+        }
+        Err(source) => return Err(VmError::Qmp { vm: vm.id, source }),
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
