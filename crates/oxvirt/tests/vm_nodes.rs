@@ -727,6 +727,46 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let job = node.call("VM.merge", merge).await["jobID"].clone();
     node.wait_job(&job, Duration::from_secs(30)).await.unwrap();
     wait_passes(&log, p, 1, BOOT).await;
+
+    // And around a disk hot plug: dead after recording it but before QEMU had it, the next
+    // node finds no device and drops the disk; dead right after QEMU took it, the next node
+    // finds the device and keeps it. Plugging it again then changes nothing.
+    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        img2,
+        vol2,
+        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    let plug = json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } });
+    let mut node = node;
+    for (point, disks) in [("disk-plug-recorded", 1), ("disk-plugged", 2)] {
+        assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+        node.child.wait().unwrap();
+        std::mem::forget(node);
+        let crash = [("OXVIRT_TEST_NODE_CRASH_AT", point)];
+        let mut dying = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+        connect_shared(&dying, &shared).await;
+        let r = dying.c.call("VM.hotplugDisk", plug.clone()).await;
+        let start = Instant::now();
+        while dying.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the node did not die at {point} ({r:?}): {}",
+                tail(&dying.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(running(qemu_pid), "QEMU died with the node");
+        std::mem::forget(dying);
+        node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+        connect_shared(&node, &shared).await;
+        let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+        assert_eq!(info["disks"].as_array().unwrap().len(), disks, "{point}: {info}");
+    }
+    let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+    let again = node.call("VM.hotplugDisk", plug).await;
+    assert_eq!(again["disks"], info["disks"], "{again}");
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
     verify_writer_data(&base);

@@ -10,17 +10,23 @@
 //!
 //! Hot plug opens the chain with `blockdev-add` (the same nodes the command line opens) and
 //! adds a `virtio-blk-pci` on the slot's root port; hot unplug asks the guest to release the
-//! device (`device_del`, answered by `DEVICE_DELETED`), then closes the chain top down. The
-//! record is written only once QEMU has the change, so a node that dies in between recovers a
-//! record that at worst lacks a plugged disk (the engine's retry plugs it again: plugging
-//! a disk the VM has answers with the VM as is).
+//! device (`device_del`, answered by `DEVICE_DELETED`), then closes the chain top down. Both
+//! record the change as pending (a plug with its disk) before QEMU is asked and clear it once
+//! done; a node that dies in between asks QEMU on recovery whether the device is there, and the
+//! record follows ([`settle_pending_device`]). Plugging a disk the VM has answers with the VM
+//! as is, and unplugging a device QEMU no longer has finishes the unplug, so the engine's
+//! retries converge.
 
 use std::time::Duration;
 
 use oxvirt_qemu::cmdline::{disk_device_json, format_node_name, layer_blockdevs, protocol_node_name};
 use oxvirt_types::VmId;
 
-use super::{thin, ImageRef, LoopDevice, Op, VmDisk, VmError, VmInfo, VmManager};
+use oxvirt_qemu::qmp;
+
+use super::{
+    thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager, VmRecord,
+};
 
 /// PCIe root ports every VM gets for disks: the most disks a VM can have.
 pub const DISK_PORTS: u8 = 16;
@@ -86,19 +92,35 @@ impl VmManager {
             })?;
             rec.loops[index] = Some(LoopDevice { file, device });
         }
-        let res = self.plug_chain(&vm, &rec, index).await;
-        if let Err(e) = res {
-            if let Some(lp) = &rec.loops[index] {
-                let _ = thin::loop_detach(&lp.device);
-            }
-            return Err(e);
-        }
         if let Some(sd) = rec.create.disks[index].image.map(|i| i.sd) {
             if !rec.create.lease_domains.contains(&sd) {
                 rec.create.lease_domains.push(sd);
             }
         }
-        *vm.record.lock().unwrap() = rec;
+        let before = vm.record.lock().unwrap().clone();
+        rec.pending_device = Some(PendingDevice {
+            slot: slot as u8,
+            plug: true,
+        });
+        let undo = |vm: &Vm, rec: &VmRecord| {
+            if let Some(lp) = &rec.loops[index] {
+                let _ = thin::loop_detach(&lp.device);
+            }
+            *vm.record.lock().unwrap() = before.clone();
+            let _ = vm.persist();
+        };
+        *vm.record.lock().unwrap() = rec.clone();
+        if let Err(e) = vm.persist() {
+            undo(&vm, &rec);
+            return Err(e);
+        }
+        super::test_crash_point("disk-plug-recorded");
+        if let Err(e) = self.plug_chain(&vm, &rec, index).await {
+            undo(&vm, &rec);
+            return Err(e);
+        }
+        super::test_crash_point("disk-plugged");
+        vm.record.lock().unwrap().pending_device = None;
         vm.persist()?;
         super::arm_thresholds(&vm).await;
         tracing::info!(vm_id = %id, slot, "disk hot plugged");
@@ -181,14 +203,49 @@ impl VmManager {
             }
             (index, r.slot(index), r.disk_spec(index))
         };
-        super::unplug_device(
+        vm.record.lock().unwrap().pending_device = Some(PendingDevice {
+            slot: slot as u8,
+            plug: false,
+        });
+        vm.persist()?;
+        let released = super::unplug_device(
             &vm,
             &oxvirt_qemu::cmdline::disk_device_id(slot),
             timeout,
             "the guest releasing the unplugged disk",
         )
-        .await?;
-        let q = vm.qmp()?;
+        .await;
+        if let Err(e) = released {
+            // The device may still go later (the guest acts on the request): a repeated unplug
+            // or a restarted node finds out.
+            vm.record.lock().unwrap().pending_device = None;
+            let _ = vm.persist();
+            return Err(e);
+        }
+        close_chain(&vm, slot, &spec).await?;
+        let lp = {
+            let mut r = vm.record.lock().unwrap();
+            r.create.disks.remove(index);
+            r.pending_device = None;
+            r.loops.remove(index)
+        };
+        vm.persist()?;
+        if let Some(lp) = lp {
+            if let Err(e) = thin::loop_detach(&lp.device) {
+                tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "cannot detach loop device");
+            }
+        }
+        tracing::info!(vm_id = %id, slot, image = %image.img, "disk hot unplugged");
+        Ok(vm.info())
+    }
+}
+
+/// Closes the block nodes of the chain of the disk at `slot`, top down (each is then
+/// unreferenced); a node that stays open is logged.
+async fn close_chain(vm: &Vm, slot: usize, spec: &oxvirt_qemu::DiskSpec) -> Result<(), VmError> {
+    let id = vm.id;
+    let q = vm.qmp()?;
+    {
         for layer in spec.layers.iter().rev() {
             for name in [
                 format_node_name(slot, &layer.path),
@@ -204,20 +261,51 @@ impl VmManager {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// On recovery, a disk plug or unplug the node died in: QEMU says whether the device is
+/// there. A plugged device keeps its disk in the record (an unplugged one leaves it); a device
+/// that is gone takes its disk out and its chain is closed.
+pub(super) async fn settle_pending_device(vm: &Vm) -> Result<(), VmError> {
+    let Some(p) = vm.record.lock().unwrap().pending_device else {
+        return Ok(());
+    };
+    let slot = usize::from(p.slot);
+    let device = oxvirt_qemu::cmdline::disk_device_id(slot);
+    let present = vm
+        .qmp()?
+        .execute(&qmp::QueryBlock {})
+        .await
+        .map_err(|source| VmError::Qmp { vm: vm.id, source })?
+        .iter()
+        .any(|b| {
+            b.qdev
+                .as_deref()
+                .is_some_and(|d| d == device || d.contains(&format!("/{device}/")))
+        });
+    let gone = {
+        let r = vm.record.lock().unwrap();
+        r.disk_at_slot(slot)
+            .filter(|_| !present)
+            .map(|i| (i, r.disk_spec(i)))
+    };
+    if let Some((index, spec)) = gone {
+        close_chain(vm, slot, &spec).await?;
         let lp = {
             let mut r = vm.record.lock().unwrap();
             r.create.disks.remove(index);
             r.loops.remove(index)
         };
-        vm.persist()?;
         if let Some(lp) = lp {
-            if let Err(e) = thin::loop_detach(&lp.device) {
-                tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "cannot detach loop device");
-            }
+            let _ = thin::loop_detach(&lp.device);
         }
-        tracing::info!(vm_id = %id, slot, image = %image.img, "disk hot unplugged");
-        Ok(vm.info())
     }
+    vm.record.lock().unwrap().pending_device = None;
+    vm.persist()?;
+    tracing::warn!(vm_id = %vm.id, slot, plug = p.plug, present, "settled a disk plug or unplug the node died in");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -165,6 +165,19 @@ pub struct VmRecord {
     /// chain QEMU has (see [`VmManager::merge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_merge: Option<PendingMerge>,
+    /// A disk hot plug or unplug at this slot, recorded (with the disk, for a plug) before
+    /// QEMU is asked and cleared once done: a node that restarts meanwhile asks QEMU whether
+    /// the device is there, and the record follows (see [`disks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_device: Option<PendingDevice>,
+}
+
+/// A disk device change in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDevice {
+    pub slot: u8,
+    /// A plug (else an unplug).
+    pub plug: bool,
 }
 
 /// A live merge of `top` into `base` on disk `disk`, as block job `job`.
@@ -916,6 +929,7 @@ impl VmManager {
             saving_memory: false,
             pending_overlays: Vec::new(),
             pending_merge: None,
+            pending_device: None,
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -1061,6 +1075,7 @@ impl VmManager {
         tokio::spawn(vm_task(vm.clone(), ev, self.cfg.extender.clone()));
         self.settle_pending_snapshot(&vm).await?;
         Self::settle_pending_merge(&vm);
+        disks::settle_pending_device(&vm).await?;
         if vm.record.lock().unwrap().saving_memory {
             tracing::warn!(vm_id = %id, run_state = %st.status, "resuming a guest left paused by a memory snapshot");
             self.run_after_memory_save(&vm).await;
