@@ -917,7 +917,7 @@ impl Commands {
         snapshot: SnapshotId,
         correlation_id: Option<String>,
     ) -> Result<(), CommandError> {
-        let v = self.vm(vm).await?;
+        let v = self.unpaused(self.vm(vm).await?).await?;
         let s = self
             .app
             .db

@@ -1385,13 +1385,43 @@ impl Commands {
         Ok((h, self.app.client(&self.app.host(h).await?)?))
     }
 
+    /// A VM recorded `paused` whose node says it runs again, recorded `up` (the record lags
+    /// the node's events: a snapshot with memory pauses the guest for its save and resumes
+    /// it before it answers). Any other VM as it is.
+    pub(super) async fn unpaused(&self, vm: crate::model::Vm) -> Result<crate::model::Vm, CommandError> {
+        let Some(h) = vm
+            .runtime
+            .run_on_host
+            .filter(|_| vm.runtime.status == VmStatus::Paused)
+        else {
+            return Ok(vm);
+        };
+        let info = self
+            .app
+            .client(&self.app.host(h).await?)?
+            .call("VM.getInfo", json!({ "vmID": vm.id }))
+            .await?;
+        if info["status"]["state"] != "up" {
+            return Ok(vm);
+        }
+        let rt = crate::model::VmRuntime {
+            status: VmStatus::Up,
+            ..vm.runtime.clone()
+        };
+        self.app
+            .db
+            .vm_set_runtime(vm.id, &[VmStatus::Paused], &rt)
+            .await?;
+        self.vm(vm.id).await
+    }
+
     pub async fn migrate_vm(
         &self,
         id: VmId,
         opts: MigrateOptions,
         correlation_id: Option<String>,
     ) -> Result<crate::model::Vm, CommandError> {
-        let vm = self.vm(id).await?;
+        let vm = self.unpaused(self.vm(id).await?).await?;
         if vm.runtime.status != VmStatus::Up {
             return Err(CommandError::Conflict(format!(
                 "VM {} is {}, not up",
