@@ -24,9 +24,7 @@ use oxvirt_types::VmId;
 
 use oxvirt_qemu::qmp;
 
-use super::{
-    thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager, VmRecord,
-};
+use super::{thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager};
 
 /// PCIe root ports every VM gets for disks: the most disks a VM can have.
 pub const DISK_PORTS: u8 = 16;
@@ -75,48 +73,66 @@ impl VmManager {
             tracing::info!(vm_id = %id, image = ?disk.image, "disk already plugged");
             return Ok(vm.info());
         }
+        // The disk as it will be (its slot, a thin one's loop device), checked against the
+        // whole VM first.
         disk.slot = None;
         rec.create.disks.push(disk);
         assign_slots(id, &mut rec.create.disks)?;
         self.validate(&rec.create)?;
         let index = rec.create.disks.len() - 1;
         let slot = rec.slot(index);
-        rec.loops.push(None);
-        let new = &rec.create.disks[index];
-        if new.thin.is_some() {
-            let file = new.layers.last().expect("validated").path.clone();
-            let device = thin::loop_attach(&file).map_err(|source| VmError::Loop {
-                vm: id,
-                disk: slot,
-                source,
-            })?;
-            rec.loops[index] = Some(LoopDevice { file, device });
-        }
-        if let Some(sd) = rec.create.disks[index].image.map(|i| i.sd) {
-            if !rec.create.lease_domains.contains(&sd) {
-                rec.create.lease_domains.push(sd);
+        let disk = rec.create.disks[index].clone();
+        let lp = match &disk.thin {
+            Some(_) => {
+                let file = disk.layers.last().expect("validated").path.clone();
+                let device = thin::loop_attach(&file).map_err(|source| VmError::Loop {
+                    vm: id,
+                    disk: slot,
+                    source,
+                })?;
+                Some(LoopDevice { file, device })
             }
+            None => None,
+        };
+        let new_domain = disk
+            .image
+            .map(|i| i.sd)
+            .filter(|sd| !rec.create.lease_domains.contains(sd));
+        // Recorded, pending, before QEMU is asked; changed in place (other fields of the
+        // record move meanwhile, such as the balloon target).
+        {
+            let mut r = vm.record.lock().unwrap();
+            r.create.disks.push(disk);
+            r.loops.push(lp.clone());
+            r.create.lease_domains.extend(new_domain);
+            r.pending_device = Some(PendingDevice {
+                slot: slot as u8,
+                plug: true,
+            });
         }
-        let before = vm.record.lock().unwrap().clone();
-        rec.pending_device = Some(PendingDevice {
-            slot: slot as u8,
-            plug: true,
-        });
-        let undo = |vm: &Vm, rec: &VmRecord| {
-            if let Some(lp) = &rec.loops[index] {
+        let undo = |vm: &Vm| {
+            if let Some(lp) = &lp {
                 let _ = thin::loop_detach(&lp.device);
             }
-            *vm.record.lock().unwrap() = before.clone();
+            {
+                let mut r = vm.record.lock().unwrap();
+                if let Some(i) = r.disk_at_slot(slot) {
+                    r.create.disks.remove(i);
+                    r.loops.remove(i);
+                }
+                r.create.lease_domains.retain(|d| Some(*d) != new_domain);
+                r.pending_device = None;
+            }
             let _ = vm.persist();
         };
-        *vm.record.lock().unwrap() = rec.clone();
         if let Err(e) = vm.persist() {
-            undo(&vm, &rec);
+            undo(&vm);
             return Err(e);
         }
         super::test_crash_point("disk-plug-recorded");
-        if let Err(e) = self.plug_chain(&vm, &rec, index).await {
-            undo(&vm, &rec);
+        let now = vm.record.lock().unwrap().clone();
+        if let Err(e) = self.plug_chain(&vm, &now, index).await {
+            undo(&vm);
             return Err(e);
         }
         super::test_crash_point("disk-plugged");
