@@ -5,6 +5,8 @@
 //! 2. Live migration between two managers on loopback: QEMU's reported downtime and total time.
 //! 3. Thin extend round trip on the local-SPM path (threshold event → extend → loop refresh →
 //!    threshold re-armed), versus `truncate` + `losetup -c` by hand.
+//! 4. Disk hot plug and unplug on a running guest (`VmManager::hotplug_disk` /
+//!    `hotunplug_disk`), versus the same QMP commands sent by hand to the same QEMU command line.
 //!
 //! Run: `cargo run --release -p oxvirt-node --example vm_bench` (needs the test guest:
 //! `scripts/test-guest.sh`). Prints a Markdown table.
@@ -14,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use oxvirt_node::vm::thin::ThinPolicy;
-use oxvirt_node::vm::{MigrateParams, ThinDisk, VmCreate, VmDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_node::vm::{
+    ImageRef, MigrateParams, ThinDisk, VmCreate, VmDisk, VmManager, VmManagerConfig, VmStatus,
+};
 use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
 use oxvirt_testkit::{require_tool, wait_for_text, TestGuest};
 use oxvirt_types::VmId;
@@ -203,6 +207,39 @@ async fn main() {
     let extend_ms = st.thin_extend_total_ms as f64 / st.thin_extends.max(1) as f64;
     let bare_extend_ms = bare_extend(tmp.path());
 
+    // 4. Disk hot plug and unplug, each plug followed at once by its unplug.
+    let hot_file = tmp.path().join("hot.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", hot_file.to_str().unwrap(), "16M"]);
+    let image = ImageRef {
+        sd: oxvirt_types::SdUuid::new_random(),
+        img: oxvirt_types::ImgUuid::new_random(),
+    };
+    let mut hot = vm("hot", &disk, &[]).disks.remove(0);
+    hot.layers[0].path = hot_file.clone();
+    hot.image = Some(image);
+    let req = vm("hot", &disk, &["oxvirt.marker=bench"]);
+    let id = req.id;
+    let info = a.create(req).await.unwrap();
+    let log = a.console_log(id);
+    tokio::task::spawn_blocking(move || wait_marker(&log))
+        .await
+        .unwrap();
+    let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        a.hotplug_disk(id, hot.clone()).await.unwrap();
+        plug.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        a.hotunplug_disk(id, image, Duration::from_secs(30))
+            .await
+            .unwrap();
+        unplug.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let argv = cmdline(info.pid);
+    let vm_dir = a.vm_dir(id);
+    a.destroy(id).await.unwrap();
+    let (bare_plug, bare_unplug) = bare_hotplug(tmp.path(), &argv, &vm_dir, &hot_file).await;
+
     println!("| figure | oxvirt | bare | ratio |");
     println!("|---|---|---|---|");
     println!(
@@ -229,6 +266,87 @@ async fn main() {
         bare_extend_ms,
         extend_ms / bare_extend_ms
     );
+    let (p, bp, u, bu) = (
+        median(plug),
+        median(bare_plug),
+        median(unplug),
+        median(bare_unplug),
+    );
+    println!(
+        "| disk hot plug (median of {ROUNDS}) | {p:.1} ms | {bp:.1} ms | {:.1} |",
+        p / bp
+    );
+    println!(
+        "| disk hot unplug, guest release included (median of {ROUNDS}) | {u:.1} ms | {bu:.1} ms | {:.2} |",
+        u / bu
+    );
+}
+
+/// The hot plug and unplug QMP commands by hand (`blockdev-add` ×2 + `device_add`;
+/// `device_del`, `DEVICE_DELETED`, `blockdev-del` ×2) on QEMU started from `argv` (a managed
+/// VM's, its run directory `vm_dir` moved): plug and unplug times in ms.
+async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -> (Vec<f64>, Vec<f64>) {
+    use oxvirt_qemu::cmdline::{disk_device_json, format_node_name, layer_blockdevs};
+    use oxvirt_qemu::qmp::{Event, Qmp};
+    let bare_dir = dir.join("bare-hot");
+    std::fs::create_dir(&bare_dir).unwrap();
+    let (from, to) = (vm_dir.to_str().unwrap(), bare_dir.to_str().unwrap());
+    let args: Vec<String> = argv[1..].iter().map(|s| s.replace(from, to)).collect();
+    let mut child = Command::new(&argv[0])
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = bare_dir.join("serial.log");
+    tokio::task::spawn_blocking(move || wait_marker(&log))
+        .await
+        .unwrap();
+    let (q, mut events) = Qmp::connect(&bare_dir.join("qmp.sock")).await.unwrap();
+    let spec = oxvirt_qemu::DiskSpec {
+        layers: vec![LayerSpec {
+            path: file.to_path_buf(),
+            format: ImageFormat::Qcow2,
+            protocol: BlockProtocol::File,
+        }],
+        serial: None,
+        read_only: false,
+        direct_io: false,
+        write_error: WriteErrorPolicy::StopOnEnospc,
+        slot: Some(1),
+    };
+    let (fnode, fmt) = layer_blockdevs(1, &spec, &spec.layers[0], None, true);
+    let top = format_node_name(1, file);
+    let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        q.execute_raw("blockdev-add", fnode.clone()).await.unwrap();
+        q.execute_raw("blockdev-add", fmt.clone()).await.unwrap();
+        q.execute_raw("device_add", disk_device_json(1, &spec, &top, true))
+            .await
+            .unwrap();
+        plug.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        q.execute_raw("device_del", serde_json::json!({ "id": "disk1" }))
+            .await
+            .unwrap();
+        loop {
+            match events.recv().await.expect("QMP events ended") {
+                Event::Other { name, data } if name == "DEVICE_DELETED" && data["device"] == "disk1" => break,
+                _ => {}
+            }
+        }
+        for n in [&fmt, &fnode] {
+            q.execute_raw("blockdev-del", serde_json::json!({ "node-name": n["node-name"] }))
+                .await
+                .unwrap();
+        }
+        unplug.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (plug, unplug)
 }
 
 /// `truncate -s +16M file && losetup -c dev` by hand, mean of 10.
