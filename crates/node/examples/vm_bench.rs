@@ -47,20 +47,11 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
             initrd: Some(g.initrd),
             append: TestGuest::append(args),
         },
-        disks: vec![VmDisk {
-            layers: vec![LayerSpec {
-                path: disk.to_path_buf(),
-                format: ImageFormat::Qcow2,
-                protocol: BlockProtocol::File,
-            }],
-            serial: None,
-            read_only: false,
-            direct_io: false,
-            write_error: WriteErrorPolicy::StopOnEnospc,
-            thin: None,
-            image: None,
-            slot: None,
-        }],
+        disks: vec![VmDisk::new(vec![LayerSpec {
+            path: disk.to_path_buf(),
+            format: ImageFormat::Qcow2,
+            protocol: BlockProtocol::File,
+        }])],
         nics: vec![],
         balloon: true,
         guest_agent: true,
@@ -120,19 +111,9 @@ async fn main() {
 
         // The same command by hand, in a directory of its own.
         let bare_dir = tmp.path().join(format!("bare-{id}"));
-        std::fs::create_dir(&bare_dir).unwrap();
-        let from = vm_dir.to_str().unwrap().to_string();
-        let to = bare_dir.to_str().unwrap().to_string();
-        let args: Vec<String> = argv[1..].iter().map(|s| s.replace(&from, &to)).collect();
         let log = bare_dir.join("serial.log");
         let t = Instant::now();
-        let mut child = Command::new(&argv[0])
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_bare(&argv, &vm_dir, &bare_dir);
         tokio::task::spawn_blocking(move || wait_marker(&log))
             .await
             .unwrap();
@@ -282,23 +263,28 @@ async fn main() {
     );
 }
 
-/// The hot plug and unplug QMP commands by hand (`blockdev-add` ×2 + `device_add`;
-/// `device_del`, `DEVICE_DELETED`, `blockdev-del` ×2) on QEMU started from `argv` (a managed
-/// VM's, its run directory `vm_dir` moved): plug and unplug times in ms.
-async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -> (Vec<f64>, Vec<f64>) {
-    use oxvirt_qemu::cmdline::{disk_device_json, format_node_name, layer_blockdevs};
-    use oxvirt_qemu::qmp::{Event, Qmp};
-    let bare_dir = dir.join("bare-hot");
-    std::fs::create_dir(&bare_dir).unwrap();
+/// QEMU started by hand from `argv`, a managed VM's command line with its run directory
+/// `vm_dir` replaced by `bare_dir` (created here).
+fn spawn_bare(argv: &[String], vm_dir: &Path, bare_dir: &Path) -> std::process::Child {
+    std::fs::create_dir(bare_dir).unwrap();
     let (from, to) = (vm_dir.to_str().unwrap(), bare_dir.to_str().unwrap());
-    let args: Vec<String> = argv[1..].iter().map(|s| s.replace(from, to)).collect();
-    let mut child = Command::new(&argv[0])
-        .args(&args)
+    Command::new(&argv[0])
+        .args(argv[1..].iter().map(|s| s.replace(from, to)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// The hot plug and unplug QMP commands by hand (`blockdev-add` ×2 + `device_add`;
+/// `device_del`, `DEVICE_DELETED`, `blockdev-del` ×2) on QEMU started from `argv` (a managed
+/// VM's, its run directory `vm_dir` moved): plug and unplug times in ms.
+async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -> (Vec<f64>, Vec<f64>) {
+    use oxvirt_qemu::cmdline::{disk_blockdevs, disk_device_json};
+    use oxvirt_qemu::qmp::{Event, Qmp};
+    let bare_dir = dir.join("bare-hot");
+    let mut child = spawn_bare(argv, vm_dir, &bare_dir);
     let log = bare_dir.join("serial.log");
     tokio::task::spawn_blocking(move || wait_marker(&log))
         .await
@@ -316,13 +302,13 @@ async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -
         write_error: WriteErrorPolicy::StopOnEnospc,
         slot: Some(1),
     };
-    let (fnode, fmt) = layer_blockdevs(1, &spec, &spec.layers[0], None, true);
-    let top = format_node_name(1, file);
+    let (nodes, top) = disk_blockdevs(1, &spec);
     let (mut plug, mut unplug) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        q.execute_raw("blockdev-add", fnode.clone()).await.unwrap();
-        q.execute_raw("blockdev-add", fmt.clone()).await.unwrap();
+        for n in &nodes {
+            q.execute_raw("blockdev-add", n.clone()).await.unwrap();
+        }
         q.execute_raw("device_add", disk_device_json(1, &spec, &top, true))
             .await
             .unwrap();
@@ -337,7 +323,7 @@ async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -
                 _ => {}
             }
         }
-        for n in [&fmt, &fnode] {
+        for n in nodes.iter().rev() {
             q.execute_raw("blockdev-del", serde_json::json!({ "node-name": n["node-name"] }))
                 .await
                 .unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::hooks::Hooks;
-use oxvirt_node::vm::{DownKind, PauseReason, SnapshotDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_node::vm::{DownKind, PauseReason, SnapshotDisk, VmDisk, VmManager, VmManagerConfig, VmStatus};
 use oxvirt_qemu::{NicBackend, NicSpec};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -38,7 +38,11 @@ async fn start_stats_pause_resume_balloon_shutdown_destroy_with_hooks() {
 
     let img = tmp.path().join("disk.qcow2");
     create_qcow2(&img, 32, None);
-    let mut req = guest_vm("life", vec![disk(vec![qcow2_layer(&img)])], &[&writer_arg()]);
+    let mut req = guest_vm(
+        "life",
+        vec![VmDisk::new(vec![qcow2_layer(&img)])],
+        &[&writer_arg()],
+    );
     req.nics = vec![NicSpec::new("52:54:00:ab:cd:01", NicBackend::User)];
     req.vnc = true;
     let id = req.id;
@@ -123,13 +127,13 @@ async fn shutdown_falls_back_to_destroy_a_dead_qemu_is_reported_and_fencing_kill
     // This guest ignores the power button.
     let deaf = guest_vm(
         "deaf",
-        vec![disk(vec![qcow2_layer(&img_a)])],
+        vec![VmDisk::new(vec![qcow2_layer(&img_a)])],
         &[
             &oxvirt_testkit::TestGuest::run_arg("killall acpid"),
             "oxvirt.marker=deaf",
         ],
     );
-    let victim = guest_vm("victim", vec![disk(vec![qcow2_layer(&img_b)])], &[]);
+    let victim = guest_vm("victim", vec![VmDisk::new(vec![qcow2_layer(&img_b)])], &[]);
     // This one holds a lease on a storage domain (no disk needed for that).
     let sd = oxvirt_types::SdUuid::new_random();
     let mut leased = guest_vm("leased", vec![], &["oxvirt.marker=leased"]);
@@ -237,7 +241,11 @@ async fn live_snapshot_and_live_merge_while_the_guest_writes() {
     let s1 = images.join("snap1");
     let s2 = images.join("snap2");
     create_qcow2(&base, 32, None);
-    let req = guest_vm("snap", vec![disk(vec![qcow2_layer(&base)])], &[&writer_arg()]);
+    let req = guest_vm(
+        "snap",
+        vec![VmDisk::new(vec![qcow2_layer(&base)])],
+        &[&writer_arg()],
+    );
     let id = req.id;
     mgr.create(req).await.unwrap();
     let log = mgr.console_log(id);

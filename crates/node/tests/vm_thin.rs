@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::thin::{ExtendFuture, ExtendRequest, ExtendRequester, LocalSpmExtender, ThinPolicy};
-use oxvirt_node::vm::{SnapshotDisk, ThinDisk, VmManager, VmManagerConfig, VmStatus};
+use oxvirt_node::vm::{SnapshotDisk, ThinDisk, VmDisk, VmManager, VmManagerConfig, VmStatus};
 
 /// The SPM answering slowly (as through the mailbox, which polls every few seconds): the real
 /// local extend, after a delay.
@@ -52,7 +52,7 @@ async fn a_guest_outrunning_the_extends_is_paused_on_enospc_resumed_and_never_se
         .unwrap()
         .set_len(8 * MIB)
         .unwrap();
-    let mut d = disk(vec![qcow2_layer(&vol)]);
+    let mut d = VmDisk::new(vec![qcow2_layer(&vol)]);
     d.thin = Some(ThinDisk {
         volume: None,
         policy: ThinPolicy {

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    attach_data_domain, data_domain, start_cluster, start_cluster_via, start_cluster_with,
+    attach_data_domain, cow_disk, data_domain, start_cluster, start_cluster_via, start_cluster_with,
 };
-use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, MigrateOptions, VmStartOptions};
+use oxvirt_engine::commands::{AddVm, MigrateOptions, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
-use oxvirt_engine::model::{DiskFormat, DiskInterface, HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_testkit::TestGuest;
 use serde_json::json;
 
@@ -151,21 +151,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         .unwrap();
     let disk = cmds
         .add_disk(
-            AddDisk {
-                name: "base_disk".into(),
-                description: String::new(),
-                storage_domain: sd.id,
-                provisioned_size: 64 * MIB,
-                format: DiskFormat::Cow,
-                sparse: true,
-                shareable: false,
-                attach_to: Some(AddVmDisk {
-                    vm: base.id,
-                    interface: DiskInterface::Virtio,
-                    bootable: true,
-                    active: true,
-                }),
-            },
+            cow_disk("base_disk", sd.id, 64 * MIB, Some((base.id, true))),
             None,
         )
         .await
@@ -255,24 +241,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     // A disk added to the running VM is hot plugged: the guest writes to it, and the VM
     // holds its leaf's lease too. It moves with the VM.
     let hot = cmds
-        .add_disk(
-            AddDisk {
-                name: "hot_disk".into(),
-                description: String::new(),
-                storage_domain: sd.id,
-                provisioned_size: 16 * MIB,
-                format: DiskFormat::Cow,
-                sparse: true,
-                shareable: false,
-                attach_to: Some(AddVmDisk {
-                    vm: vm.id,
-                    interface: DiskInterface::Virtio,
-                    bootable: false,
-                    active: true,
-                }),
-            },
-            None,
-        )
+        .add_disk(cow_disk("hot_disk", sd.id, 16 * MIB, Some((vm.id, false))), None)
         .await
         .unwrap();
     assert!(db.attachment_get(vm.id, hot.id).await.unwrap().unwrap().active);
@@ -601,19 +570,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     );
     // The new SPM serves storage verbs.
     let d2 = cmds
-        .add_disk(
-            AddDisk {
-                name: "after_failover".into(),
-                description: String::new(),
-                storage_domain: sd.id,
-                provisioned_size: 8 * MIB,
-                format: DiskFormat::Cow,
-                sparse: true,
-                shareable: false,
-                attach_to: None,
-            },
-            None,
-        )
+        .add_disk(cow_disk("after_failover", sd.id, 8 * MIB, None), None)
         .await
         .unwrap();
     assert!(image_dirs(&c.storage).contains(&d2.id.to_string()));

@@ -14,13 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{attach_data_domain, start_cluster, start_cluster_at, Cluster};
+use common::cluster::{attach_data_domain, cow_disk, start_cluster, start_cluster_at, Cluster};
 use oxvirt_engine::allinone;
-use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, VmStartOptions};
+use oxvirt_engine::commands::{AddVm, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
 use oxvirt_engine::model::{
-    DiskFormat, DiskInterface, HighAvailability, HostStatus, HostUuid, SpmStatus, VmOs, VmStatus,
-    BLANK_TEMPLATE_ID,
+    HighAvailability, HostStatus, HostUuid, SpmStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID,
 };
 use oxvirt_testkit::TestGuest;
 use oxvirt_types::VmId;
@@ -220,26 +219,9 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
         )
         .await
         .unwrap();
-    cmds.add_disk(
-        AddDisk {
-            name: "havm_disk".into(),
-            description: String::new(),
-            storage_domain: sd.id,
-            provisioned_size: 64 * MIB,
-            format: DiskFormat::Cow,
-            sparse: true,
-            shareable: false,
-            attach_to: Some(AddVmDisk {
-                vm: vm.id,
-                interface: DiskInterface::Virtio,
-                bootable: true,
-                active: true,
-            }),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    cmds.add_disk(cow_disk("havm_disk", sd.id, 64 * MIB, Some((vm.id, true))), None)
+        .await
+        .unwrap();
     let sampler = TwiceSampler::start(vm.id);
 
     // It runs on the SPM node.
@@ -547,26 +529,9 @@ esac
         )
         .await
         .unwrap();
-    cmds.add_disk(
-        AddDisk {
-            name: "havm_disk".into(),
-            description: String::new(),
-            storage_domain: sd.id,
-            provisioned_size: 64 * MIB,
-            format: DiskFormat::Cow,
-            sparse: true,
-            shareable: false,
-            attach_to: Some(AddVmDisk {
-                vm: vm.id,
-                interface: DiskInterface::Virtio,
-                bootable: true,
-                active: true,
-            }),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    cmds.add_disk(cow_disk("havm_disk", sd.id, 64 * MIB, Some((vm.id, true))), None)
+        .await
+        .unwrap();
     let sampler = TwiceSampler::start(vm.id);
     cmds.start_vm(
         vm.id,

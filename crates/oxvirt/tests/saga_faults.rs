@@ -20,12 +20,12 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{attach_data_domain, start_cluster, Cluster};
-use oxvirt_engine::commands::{AddDisk, AddSnapshot, AddVm, AddVmDisk, CommandError, Commands};
+use common::cluster::{attach_data_domain, cow_disk, start_cluster, Cluster};
+use oxvirt_engine::commands::{AddSnapshot, AddVm, CommandError, Commands};
 use oxvirt_engine::db::{Db, ListQuery, SagaState};
 use oxvirt_engine::model::{
-    ClusterId, DiskFormat, DiskId, DiskInterface, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType,
-    TemplateId, TemplateStatus, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+    ClusterId, DiskId, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType, TemplateId, TemplateStatus,
+    VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
 };
 use oxvirt_engine::saga::testing::{
     crash_at_each_point, fail_at_each_step, Fault, FaultAt, FaultInjector, FaultPoint, Faults,
@@ -72,7 +72,10 @@ impl World {
             .await
             .unwrap();
         e.cmds
-            .add_disk(disk_req("base_disk", sd.id, Some(base.id)), None)
+            .add_disk(
+                cow_disk("base_disk", sd.id, 16 * MIB, Some((base.id, false))),
+                None,
+            )
             .await
             .unwrap();
         let tmpl = e.cmds.add_template(base.id, "tmpl", "", None).await.unwrap();
@@ -294,24 +297,6 @@ fn vm_req(name: &str, cluster: ClusterId, template: TemplateId) -> AddVm {
     }
 }
 
-fn disk_req(name: &str, sd: SdUuid, attach: Option<VmId>) -> AddDisk {
-    AddDisk {
-        name: name.into(),
-        description: String::new(),
-        storage_domain: sd,
-        provisioned_size: 16 * MIB,
-        format: DiskFormat::Cow,
-        sparse: true,
-        shareable: false,
-        attach_to: attach.map(|vm| AddVmDisk {
-            vm,
-            interface: DiskInterface::Virtio,
-            bootable: false,
-            active: true,
-        }),
-    }
-}
-
 /// One command under test: how to set up for it, run it, see whether it happened, and undo it
 /// with the ordinary commands.
 trait Scenario {
@@ -413,7 +398,9 @@ impl Scenario for AddDiskRun {
     type Ctx = ();
     async fn prepare(&self, _: &World) {}
     async fn run(&self, w: &World, cmds: &Commands, _: &()) {
-        let _ = cmds.add_disk(disk_req("swept", w.sd, Some(w.base)), None).await;
+        let _ = cmds
+            .add_disk(cow_disk("swept", w.sd, 16 * MIB, Some((w.base, false))), None)
+            .await;
     }
     async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
         let d = disk_named(w, "swept").await;
@@ -434,7 +421,7 @@ impl Scenario for RemoveDiskRun {
     type Ctx = DiskId;
     async fn prepare(&self, w: &World) -> DiskId {
         w.cmds()
-            .add_disk(disk_req("victim", w.sd, None), None)
+            .add_disk(cow_disk("victim", w.sd, 16 * MIB, None), None)
             .await
             .unwrap()
             .id
@@ -747,7 +734,7 @@ async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     // still locked; retried through its job once the cause is gone, it finishes.
     let d = w
         .cmds()
-        .add_disk(disk_req("stubborn", w.sd, None), None)
+        .add_disk(cow_disk("stubborn", w.sd, 16 * MIB, None), None)
         .await
         .unwrap()
         .id;

@@ -172,6 +172,34 @@ impl Node {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+
+    /// Stops the node process with SIGTERM; its QEMUs live on. Returns how it exited.
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+        let st = self.child.wait().unwrap();
+        std::mem::forget(self);
+        st
+    }
+
+    /// Waits, at most `limit`, for the node process to die by itself (a crash hook kills it);
+    /// its QEMUs live on. `what` says where it was to die, for the failure message.
+    async fn died(mut self, what: &str, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the node did not die {what}: {}",
+                tail(&self.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        std::mem::forget(self);
+        st
+    }
 }
 
 impl Drop for Node {
@@ -630,13 +658,9 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let p = wait_passes(&log, p, 1, BOOT).await;
 
     // A graceful stop (SIGTERM) leaves the VM running too; the next process finds it again.
-    let mut node = node;
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
-    let st = node.child.wait().unwrap();
+    let st = node.stop();
     assert!(st.success(), "SIGTERM exits cleanly, got {st}");
     assert!(running(qemu_pid), "a graceful node stop took its VM down");
-    std::mem::forget(node);
     let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
     let all = node.call("Host.getAllVmStats", json!({})).await;
     assert_eq!(all[0]["status"]["state"], "up", "{all}");
@@ -645,13 +669,9 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
 
     // The node dies right after a live snapshot switched the disk, before recording it: the
     // next one asks QEMU and takes the overlay as the disk's leaf; the guest writes on.
-    let mut node = node;
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
-    node.child.wait().unwrap();
-    std::mem::forget(node);
+    node.stop();
     let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "snapshot-switched")];
-    let mut node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+    let node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
     connect_shared(&node, &shared).await;
     let dom = FileStorageDomain::find(&shared, sd).unwrap();
     let overlay = VolUuid::new_random();
@@ -661,21 +681,11 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
         .c
         .call("VM.snapshot", json!({ "vmID": id, "snapDrives": [drive] }))
         .await;
-    let start = Instant::now();
-    let st = loop {
-        if let Some(st) = node.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the node did not die mid-snapshot ({r:?}): {}",
-            tail(&node.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let st = node
+        .died(&format!("mid-snapshot ({r:?})"), Duration::from_secs(30))
+        .await;
     assert!(!st.success(), "the node was to die mid-snapshot: {st}");
     assert!(running(qemu_pid), "QEMU died with the node");
-    std::mem::forget(node);
     let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
     let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
     let chain = info["chains"][0].as_array().unwrap();
@@ -687,29 +697,17 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     // The node dies right after a live merge of the overlay back into the base ended, before
     // recording it: the next one reads the chain QEMU has open and drops the merged layer;
     // asked again (the answer was lost), the merge is done.
-    let mut node = node;
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
-    node.child.wait().unwrap();
-    std::mem::forget(node);
+    node.stop();
     let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "merge-completed")];
-    let mut node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+    let node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
     connect_shared(&node, &shared).await;
     let base_vol = base.file_name().unwrap().to_str().unwrap().to_string();
     let merge =
         json!({ "vmID": id, "domainID": sd, "imageID": img, "baseVolUUID": base_vol, "topVolUUID": overlay });
     let r = node.c.call("VM.merge", merge.clone()).await;
-    let start = Instant::now();
-    while node.child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the node did not die after the merge ({r:?}): {}",
-            tail(&node.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.died(&format!("after the merge ({r:?})"), Duration::from_secs(60))
+        .await;
     assert!(running(qemu_pid), "QEMU died with the node");
-    std::mem::forget(node);
     let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
     connect_shared(&node, &shared).await;
     let start = Instant::now();
@@ -741,24 +739,15 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let plug = json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } });
     let mut node = node;
     for (point, disks) in [("disk-plug-recorded", 1), ("disk-plugged", 2)] {
-        assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
-        node.child.wait().unwrap();
-        std::mem::forget(node);
+        node.stop();
         let crash = [("OXVIRT_TEST_NODE_CRASH_AT", point)];
-        let mut dying = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+        let dying = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
         connect_shared(&dying, &shared).await;
         let r = dying.c.call("VM.hotplugDisk", plug.clone()).await;
-        let start = Instant::now();
-        while dying.child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the node did not die at {point} ({r:?}): {}",
-                tail(&dying.log_text())
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        dying
+            .died(&format!("at {point} ({r:?})"), Duration::from_secs(30))
+            .await;
         assert!(running(qemu_pid), "QEMU died with the node");
-        std::mem::forget(dying);
         node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
         connect_shared(&node, &shared).await;
         let info = node.call("VM.getInfo", json!({ "vmID": id })).await;

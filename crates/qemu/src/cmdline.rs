@@ -381,6 +381,21 @@ pub fn layer_blockdevs(
     (file, fmt)
 }
 
+/// Every block node of `disk` at `slot` in the order they open (base first, each layer's
+/// protocol node before its format node), and the top format node's name, which the device
+/// uses: what `-blockdev` and `blockdev-add` take.
+pub fn disk_blockdevs(slot: usize, disk: &DiskSpec) -> (Vec<serde_json::Value>, String) {
+    let mut nodes = Vec::with_capacity(2 * disk.layers.len());
+    let mut below: Option<String> = None;
+    for (i, layer) in disk.layers.iter().enumerate() {
+        let top = i + 1 == disk.layers.len();
+        let (file, fmt) = layer_blockdevs(slot, disk, layer, below.as_deref(), top);
+        nodes.extend([file, fmt]);
+        below = Some(format_node_name(slot, &layer.path));
+    }
+    (nodes, below.unwrap_or_default())
+}
+
 /// QEMU device id of a disk slot.
 pub fn disk_device_id(slot: usize) -> String {
     format!("disk{slot}")
@@ -591,15 +606,10 @@ impl VmSpec {
         }
         for (di, disk) in self.disks.iter().enumerate() {
             let slot = disk_slot(di, disk);
-            let mut below: Option<String> = None;
-            for (li, layer) in disk.layers.iter().enumerate() {
-                let top = li + 1 == disk.layers.len();
-                let (file, fmt) = layer_blockdevs(slot, disk, layer, below.as_deref(), top);
-                push("-blockdev", file.to_string());
-                push("-blockdev", fmt.to_string());
-                below = Some(format_node_name(slot, &layer.path));
+            let (nodes, top) = disk_blockdevs(slot, disk);
+            for node in nodes {
+                push("-blockdev", node.to_string());
             }
-            let top = below.expect("validated: a disk has layers");
             let mut dev = disk_device_json(slot, disk, &top, self.disk_ports > 0);
             if di == 0 && self.boot == Boot::Disk {
                 dev["bootindex"] = 1.into();

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use oxvirt_types::api::ErrorCode;
 
-use crate::model::{DiskAttachment, DiskId, DiskStatus, HostUuid, Vm, VmId, VmStatus};
+use crate::model::{Disk, DiskAttachment, DiskId, DiskStatus, HostUuid, Vm, VmId, VmStatus};
 
 use super::{AddVmDisk, CommandError, Commands};
 
@@ -38,6 +38,22 @@ impl Commands {
         }
     }
 
+    async fn disk(&self, id: DiskId) -> Result<Disk, CommandError> {
+        self.app
+            .db
+            .disk_get(id)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", id))
+    }
+
+    async fn attachment(&self, vm: VmId, disk: DiskId) -> Result<DiskAttachment, CommandError> {
+        self.app
+            .db
+            .attachment_get(vm, disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk attachment", disk))
+    }
+
     /// Hot plugs disk `disk` into `v`, running on `host`.
     async fn plug_disk(
         &self,
@@ -46,65 +62,45 @@ impl Commands {
         disk: DiskId,
         read_only: bool,
     ) -> Result<(), CommandError> {
-        let d = self
-            .app
-            .db
-            .disk_get(disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        let d = self.disk(disk).await?;
         if d.status != DiskStatus::Ok {
             return Err(CommandError::Conflict(format!(
                 "disk {} is {}: it is plugged once it is ok",
                 d.name, d.status
             )));
         }
-        let h = self.app.host(host).await?;
-        self.app
-            .client(&h)?
-            .call(
-                "VM.hotplugDisk",
-                json!({
-                    "vmID": v.id,
-                    "drive": { "domainID": d.storage_domain_id, "imageID": d.id, "readonly": read_only },
-                }),
-            )
+        let drive = json!({ "domainID": d.storage_domain_id, "imageID": d.id, "readonly": read_only });
+        self.node_of(host)
+            .await?
+            .call("VM.hotplugDisk", json!({ "vmID": v.id, "drive": drive }))
             .await?;
-        tracing::info!(vm = %v.name, disk = %d.name, host = %h.name, "disk hot plugged");
+        tracing::info!(vm = %v.name, disk = %d.name, host = %host, "disk hot plugged");
         Ok(())
     }
 
     /// Hot unplugs disk `disk` from `v`, running on `host`; a disk the VM does not have is
     /// already unplugged.
     async fn unplug_disk(&self, v: &Vm, host: HostUuid, disk: DiskId) -> Result<(), CommandError> {
-        let d = self
-            .app
-            .db
-            .disk_get(disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        let d = self.disk(disk).await?;
         if d.status == DiskStatus::Locked {
             return Err(CommandError::Conflict(format!(
                 "disk {} is locked by a running job: unplug it after the job",
                 d.name
             )));
         }
-        let h = self.app.host(host).await?;
+        let drive = json!({ "domainID": d.storage_domain_id, "imageID": d.id });
         let r = self
-            .app
-            .client(&h)?
-            .call(
-                "VM.hotunplugDisk",
-                json!({ "vmID": v.id, "drive": { "domainID": d.storage_domain_id, "imageID": d.id } }),
-            )
+            .node_of(host)
+            .await?
+            .call("VM.hotunplugDisk", json!({ "vmID": v.id, "drive": drive }))
             .await;
         match r {
-            Ok(_) => {}
+            Ok(_) => tracing::info!(vm = %v.name, disk = %d.name, host = %host, "disk hot unplugged"),
             Err(e) if e.code() == Some(ErrorCode::ImageNotFound.code()) => {
                 tracing::info!(vm = %v.name, disk = %d.name, "disk was not plugged");
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(vm = %v.name, disk = %d.name, host = %h.name, "disk hot unplugged");
         Ok(())
     }
 
@@ -120,12 +116,7 @@ impl Commands {
             true => self.disk_hot_host(&v, "an active disk is attached")?,
             false => None,
         };
-        let d = self
-            .app
-            .db
-            .disk_get(disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        let d = self.disk(disk).await?;
         if !d.shareable && !self.app.db.attachments_of_disk(disk).await?.is_empty() {
             return Err(CommandError::Conflict(format!(
                 "disk {} is attached to another VM",
@@ -152,15 +143,25 @@ impl Commands {
     /// once its volume exists) and records it active. On failure the disk stays attached,
     /// inactive, and the error says so.
     pub(crate) async fn activate_new_disk(&self, vm: VmId, disk: DiskId) -> Result<(), CommandError> {
-        let Some(mut a) = self.app.db.attachment_get(vm, disk).await? else {
-            return Err(CommandError::not_found("disk attachment", disk));
-        };
-        a.active = true;
-        self.update_disk_attachment(a).await.map(drop).map_err(|e| {
+        self.set_disk_active(vm, disk, true).await.map(drop).map_err(|e| {
             CommandError::Conflict(format!(
                 "disk {disk} was created and attached inactive, but plugging it into the running VM failed: {e}"
             ))
         })
+    }
+
+    /// Activates or deactivates a VM's disk (see [`Commands::update_disk_attachment`]).
+    pub async fn set_disk_active(
+        &self,
+        vm: VmId,
+        disk: DiskId,
+        active: bool,
+    ) -> Result<DiskAttachment, CommandError> {
+        let a = DiskAttachment {
+            active,
+            ..self.attachment(vm, disk).await?
+        };
+        self.update_disk_attachment(a).await
     }
 
     /// Changes how a disk is attached (active, bootable, interface, read-only). On a running
@@ -168,12 +169,7 @@ impl Commands {
     /// mode change only while it is not plugged.
     pub async fn update_disk_attachment(&self, a: DiskAttachment) -> Result<DiskAttachment, CommandError> {
         let v = self.vm(a.vm_id).await?;
-        let before = self
-            .app
-            .db
-            .attachment_get(a.vm_id, a.disk_id)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk attachment", a.disk_id))?;
+        let before = self.attachment(a.vm_id, a.disk_id).await?;
         // What QEMU has: the active disks, each with its interface and mode.
         let device = |x: &DiskAttachment| x.active.then_some((x.interface, x.read_only));
         if device(&a) != device(&before) {
@@ -199,12 +195,7 @@ impl Commands {
     /// Detaches a disk from a VM, hot unplugging it from a running VM first.
     pub async fn detach_disk(&self, vm: VmId, disk: DiskId) -> Result<(), CommandError> {
         let v = self.vm(vm).await?;
-        let a = self
-            .app
-            .db
-            .attachment_get(vm, disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk attachment", disk))?;
+        let a = self.attachment(vm, disk).await?;
         if a.active {
             if let Some(h) = self.disk_hot_host(&v, "an active disk is detached")? {
                 self.unplug_disk(&v, h, disk).await?;

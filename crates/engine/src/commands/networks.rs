@@ -540,7 +540,7 @@ impl Commands {
         Ok((v, cl.data_center_id))
     }
 
-    async fn node_of(&self, host: HostUuid) -> Result<NodeClient, CommandError> {
+    pub(super) async fn node_of(&self, host: HostUuid) -> Result<NodeClient, CommandError> {
         let h = self.app.host(host).await?;
         self.app.client(&h)
     }
@@ -833,28 +833,35 @@ pub(crate) async fn with_source_slots(
 ) -> Result<Value, CommandError> {
     let h = app.host(src).await?;
     let info = app.client(&h)?.call("VM.getInfo", json!({ "vmID": vm })).await?;
-    let slots = |list: &str, key: &dyn Fn(&Value) -> Option<String>| -> BTreeMap<String, Value> {
-        info[list]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| Some((key(n)?, n["slot"].clone())))
-            .collect()
-    };
     let mac = |n: &Value| Some(n["mac"].as_str()?.to_lowercase());
-    let nic_slots = slots("nics", &mac);
-    let image = |d: &Value| Some(d["image"]["img"].as_str()?.to_string());
-    let disk_slots = slots("disks", &image);
-    let drive_image = |d: &Value| Some(d["imageID"].as_str()?.to_string());
-    for (list, key, slots) in [
-        ("nics", &mac as &dyn Fn(&Value) -> Option<String>, &nic_slots),
-        ("drives", &drive_image, &disk_slots),
-    ] {
-        for n in params[list].as_array_mut().into_iter().flatten() {
-            if let Some(slot) = key(n).and_then(|k| slots.get(&k)).filter(|s| !s.is_null()) {
-                n["slot"] = slot.clone();
-            }
+    copy_slots(&info["nics"], mac, &mut params["nics"], mac);
+    copy_slots(
+        &info["disks"],
+        |d| Some(d["image"]["img"].as_str()?.to_string()),
+        &mut params["drives"],
+        |d| Some(d["imageID"].as_str()?.to_string()),
+    );
+    Ok(params)
+}
+
+/// Gives each entry of the list `to` the `slot` of the entry of the list `from` with the same
+/// key.
+fn copy_slots(
+    from: &Value,
+    from_key: impl Fn(&Value) -> Option<String>,
+    to: &mut Value,
+    to_key: impl Fn(&Value) -> Option<String>,
+) {
+    let slots: BTreeMap<String, &Value> = from
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| !n["slot"].is_null())
+        .filter_map(|n| Some((from_key(n)?, &n["slot"])))
+        .collect();
+    for n in to.as_array_mut().into_iter().flatten() {
+        if let Some(slot) = to_key(n).and_then(|k| slots.get(&k).copied()) {
+            n["slot"] = slot.clone();
         }
     }
-    Ok(params)
 }

@@ -539,7 +539,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
         Verb::Logout => unreachable!("handled before"),
         Verb::AddVm => {
             let req = add_vm_request(ctx, form).await?;
-            let disk = add_vm_disk(ctx, form, &req).await?;
+            let disk = disk_request(ctx, form, &format!("{}_disk1", req.name)).await?;
             let label = format!("Create VM {}", req.name);
             (
                 label,
@@ -723,11 +723,9 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     match v {
                         VmDiskVerb::Detach => e.cmds.detach_disk(vid, did).await?,
                         _ => {
-                            let mut a = e.cmds.app.db.attachment_get(vid, did).await?.ok_or_else(|| {
-                                crate::commands::CommandError::not_found("disk attachment", did)
-                            })?;
-                            a.active = v == VmDiskVerb::Activate;
-                            e.cmds.update_disk_attachment(a).await?;
+                            e.cmds
+                                .set_disk_active(vid, did, v == VmDiskVerb::Activate)
+                                .await?;
                         }
                     }
                     Ok(None)
@@ -996,10 +994,6 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
 }
 
 /// The new VM's own disk, when the form asks for one (VMs from Blank).
-async fn add_vm_disk(ctx: &Ctx, form: &Form, vm: &AddVm) -> Result<Option<AddDisk>, PortalError> {
-    disk_request(ctx, form, &format!("{}_disk1", vm.name)).await
-}
-
 /// A data disk attached active to `vm`, as the portal adds them.
 fn active_data_disk(vm: VmId) -> AddVmDisk {
     AddVmDisk {

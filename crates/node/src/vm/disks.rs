@@ -19,10 +19,8 @@
 
 use std::time::Duration;
 
-use oxvirt_qemu::cmdline::{disk_device_json, format_node_name, layer_blockdevs, protocol_node_name};
+use oxvirt_qemu::cmdline::{disk_blockdevs, disk_device_json};
 use oxvirt_types::VmId;
-
-use oxvirt_qemu::qmp;
 
 use super::{thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager};
 
@@ -158,22 +156,16 @@ impl VmManager {
         let slot = rec.slot(index);
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
+        let (nodes, drive) = disk_blockdevs(slot, &spec);
         let mut added: Vec<String> = Vec::new();
-        let mut below: Option<String> = None;
         let res = async {
-            for (li, layer) in spec.layers.iter().enumerate() {
-                let top = li + 1 == spec.layers.len();
-                let (file, fmt) = layer_blockdevs(slot, &spec, layer, below.as_deref(), top);
-                for node in [file, fmt] {
-                    let name = node["node-name"].as_str().unwrap_or_default().to_string();
-                    q.execute(&oxvirt_qemu::qmp::BlockdevAdd { options: node })
-                        .await
-                        .map_err(qe)?;
-                    added.push(name);
-                }
-                below = Some(format_node_name(slot, &layer.path));
+            for node in nodes {
+                let name = node["node-name"].as_str().unwrap_or_default().to_string();
+                q.execute(&oxvirt_qemu::qmp::BlockdevAdd { options: node })
+                    .await
+                    .map_err(qe)?;
+                added.push(name);
             }
-            let drive = below.clone().expect("a disk has layers");
             q.execute_raw("device_add", disk_device_json(slot, &spec, &drive, true))
                 .await
                 .map_err(qe)?;
@@ -181,13 +173,7 @@ impl VmManager {
         }
         .await;
         if res.is_err() {
-            for name in added.iter().rev() {
-                let _ = q
-                    .execute(&oxvirt_qemu::qmp::BlockdevDel {
-                        node_name: name.clone(),
-                    })
-                    .await;
-            }
+            super::delete_block_nodes(vm, added.into_iter().rev(), "a disk not plugged").await;
         }
         res
     }
@@ -238,7 +224,12 @@ impl VmManager {
             let _ = vm.persist();
             return Err(e);
         }
-        close_chain(&vm, slot, &spec).await?;
+        super::delete_block_nodes(
+            &vm,
+            super::layer_node_names(slot, &spec.layers),
+            "an unplugged disk",
+        )
+        .await;
         let lp = {
             let mut r = vm.record.lock().unwrap();
             r.create.disks.remove(index);
@@ -256,31 +247,6 @@ impl VmManager {
     }
 }
 
-/// Closes the block nodes of the chain of the disk at `slot`, top down (each is then
-/// unreferenced); a node that stays open is logged.
-async fn close_chain(vm: &Vm, slot: usize, spec: &oxvirt_qemu::DiskSpec) -> Result<(), VmError> {
-    let id = vm.id;
-    let q = vm.qmp()?;
-    {
-        for layer in spec.layers.iter().rev() {
-            for name in [
-                format_node_name(slot, &layer.path),
-                protocol_node_name(slot, &layer.path),
-            ] {
-                if let Err(e) = q
-                    .execute(&oxvirt_qemu::qmp::BlockdevDel {
-                        node_name: name.clone(),
-                    })
-                    .await
-                {
-                    tracing::warn!(vm_id = %id, slot, node = %name, error = %e, "an unplugged disk's node stays open");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// On recovery, a disk plug or unplug the node died in: QEMU says whether the device is
 /// there. A plugged device keeps its disk in the record (an unplugged one leaves it); a device
 /// that is gone takes its disk out and its chain is closed.
@@ -289,18 +255,7 @@ pub(super) async fn settle_pending_device(vm: &Vm) -> Result<(), VmError> {
         return Ok(());
     };
     let slot = usize::from(p.slot);
-    let device = oxvirt_qemu::cmdline::disk_device_id(slot);
-    let present = vm
-        .qmp()?
-        .execute(&qmp::QueryBlock {})
-        .await
-        .map_err(|source| VmError::Qmp { vm: vm.id, source })?
-        .iter()
-        .any(|b| {
-            b.qdev
-                .as_deref()
-                .is_some_and(|d| d == device || d.contains(&format!("/{device}/")))
-        });
+    let present = super::disk_block_info(vm, slot).await?.is_some();
     let gone = {
         let r = vm.record.lock().unwrap();
         r.disk_at_slot(slot)
@@ -308,7 +263,12 @@ pub(super) async fn settle_pending_device(vm: &Vm) -> Result<(), VmError> {
             .map(|i| (i, r.disk_spec(i)))
     };
     if let Some((index, spec)) = gone {
-        close_chain(vm, slot, &spec).await?;
+        super::delete_block_nodes(
+            vm,
+            super::layer_node_names(slot, &spec.layers),
+            "an unplugged disk",
+        )
+        .await;
         let lp = {
             let mut r = vm.record.lock().unwrap();
             r.create.disks.remove(index);
@@ -330,14 +290,8 @@ mod tests {
 
     fn disk(slot: Option<u8>) -> VmDisk {
         VmDisk {
-            layers: Vec::new(),
-            serial: None,
-            read_only: false,
-            direct_io: false,
-            write_error: Default::default(),
-            thin: None,
-            image: None,
             slot,
+            ..VmDisk::new(Vec::new())
         }
     }
 

@@ -110,6 +110,21 @@ impl VmCreate {
 }
 
 impl VmDisk {
+    /// A writable disk of `layers` (base first) on no storage image: no serial, no thin
+    /// layer, the default write-error policy, a slot given at start.
+    pub fn new(layers: Vec<LayerSpec>) -> VmDisk {
+        VmDisk {
+            layers,
+            serial: None,
+            read_only: false,
+            direct_io: false,
+            write_error: WriteErrorPolicy::default(),
+            thin: None,
+            image: None,
+            slot: None,
+        }
+    }
+
     /// The volume the guest writes to: the active layer of a writable disk on a storage image.
     pub fn leaf_volume(&self) -> Option<VolumeRef> {
         let image = self.image.filter(|_| !self.read_only)?;
@@ -247,9 +262,14 @@ impl VmRecord {
         self.create.disks[disk].slot.map_or(disk, usize::from)
     }
 
+    /// Every disk's slot, by index.
+    pub fn slots(&self) -> Vec<usize> {
+        (0..self.create.disks.len()).map(|i| self.slot(i)).collect()
+    }
+
     /// The index of the disk at `slot`.
     pub fn disk_at_slot(&self, slot: usize) -> Option<usize> {
-        (0..self.create.disks.len()).find(|&i| self.slot(i) == slot)
+        self.slots().iter().position(|&s| s == slot)
     }
 
     /// Disk `disk` as QEMU sees it: a thin layer opened on its loop device.
@@ -658,10 +678,14 @@ impl Vm {
                 .map(|d| d.layers.iter().map(|l| l.path.clone()).collect())
                 .collect(),
             nics: rec.create.nics.clone(),
-            disks: (0..rec.create.disks.len())
-                .map(|i| DiskSlot {
-                    image: rec.create.disks[i].image,
-                    slot: rec.slot(i) as u8,
+            disks: rec
+                .create
+                .disks
+                .iter()
+                .zip(rec.slots())
+                .map(|(d, slot)| DiskSlot {
+                    image: d.image,
+                    slot: slot as u8,
                 })
                 .collect(),
         }
@@ -669,6 +693,47 @@ impl Vm {
 
     fn set_intent(&self, kind: DownKind, detail: impl Into<String>) {
         *self.intent.lock().unwrap() = Some((kind, detail.into()));
+    }
+}
+
+/// The `query-block` entry of the disk device at `slot`, if QEMU has that device.
+async fn disk_block_info(vm: &Vm, slot: usize) -> Result<Option<qmp::BlockInfo>, VmError> {
+    let device = oxvirt_qemu::cmdline::disk_device_id(slot);
+    let blocks = vm
+        .qmp()?
+        .execute(&qmp::QueryBlock {})
+        .await
+        .map_err(|source| VmError::Qmp { vm: vm.id, source })?;
+    Ok(blocks.into_iter().find(|b| {
+        b.qdev
+            .as_deref()
+            .is_some_and(|d| d == device || d.contains(&format!("/{device}/")))
+    }))
+}
+
+/// The block node names of `layers` of the disk at `slot`, top down, each format node before
+/// its protocol node: the order in which `blockdev-del` can close them.
+fn layer_node_names(slot: usize, layers: &[LayerSpec]) -> Vec<String> {
+    layers
+        .iter()
+        .rev()
+        .flat_map(|l| [format_node_name(slot, &l.path), protocol_node_name(slot, &l.path)])
+        .collect()
+}
+
+/// Closes block nodes this node opened, in the order given (`blockdev-del`: a node goes once
+/// nothing refers to it); one that stays open is logged, `what` saying whose it is.
+async fn delete_block_nodes(vm: &Vm, names: impl IntoIterator<Item = String>, what: &str) {
+    let Ok(q) = vm.qmp() else { return };
+    for node_name in names {
+        if let Err(e) = q
+            .execute(&qmp::BlockdevDel {
+                node_name: node_name.clone(),
+            })
+            .await
+        {
+            tracing::warn!(vm_id = %vm.id, node = %node_name, what, error = %e, "a block node stays open");
+        }
     }
 }
 
@@ -1084,10 +1149,7 @@ impl VmManager {
         arm_thresholds(&vm).await;
         if st.status == "io-error" {
             // Recovered (or started) while stopped on ENOSPC: extend now.
-            let slots: Vec<usize> = {
-                let r = vm.record.lock().unwrap();
-                (0..ndisks).map(|i| r.slot(i)).collect()
-            };
+            let slots = vm.record.lock().unwrap().slots();
             for slot in slots {
                 spawn_extend(vm.clone(), slot, self.cfg.extender.clone());
             }
@@ -1593,13 +1655,7 @@ impl VmManager {
         }
         if let Err(e) = snap {
             // Undo: close what we opened; the chain is unchanged.
-            for name in added.iter().rev() {
-                let _ = q
-                    .execute(&qmp::BlockdevDel {
-                        node_name: name.clone(),
-                    })
-                    .await;
-            }
+            delete_block_nodes(&vm, added.into_iter().rev(), "a snapshot overlay").await;
             vm.record.lock().unwrap().pending_overlays.clear();
             let _ = vm.persist();
             return Err(e);
@@ -1865,7 +1921,8 @@ impl VmManager {
         base: &Path,
         top: &Path,
     ) -> Result<Vec<PathBuf>, VmError> {
-        let q = vm.qmp()?;
+        // QEMU must be there to close the merged layers; else a restarted node settles it.
+        vm.qmp()?;
         // Positions in the record's chain (files); `spec` names the nodes (a thin layer is
         // opened through its loop device).
         let (bi, ti, slot) = {
@@ -1878,19 +1935,8 @@ impl VmManager {
         // them, with their files open and `base` as their backing, until deleted — and a later
         // snapshot of `base` would find it busy. Top down: each is then unreferenced.
         if let (Some(bi), Some(ti)) = (bi, ti) {
-            for i in (bi + 1..=ti).rev() {
-                let path = &spec.layers[i].path;
-                for name in [format_node_name(slot, path), protocol_node_name(slot, path)] {
-                    if let Err(e) = q
-                        .execute(&qmp::BlockdevDel {
-                            node_name: name.clone(),
-                        })
-                        .await
-                    {
-                        tracing::warn!(vm_id = %vm.id, disk, node = %name, error = %e, "a merged layer stays open");
-                    }
-                }
-            }
+            let merged = layer_node_names(slot, &spec.layers[bi + 1..=ti]);
+            delete_block_nodes(vm, merged, "a merged layer").await;
         }
         let removed = {
             let mut r = vm.record.lock().unwrap();
@@ -1932,18 +1978,9 @@ impl VmManager {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let q = vm.qmp()?;
-        let device = oxvirt_qemu::cmdline::disk_device_id(vm.record.lock().unwrap().slot(pm.disk));
-        let chain: Vec<String> = q
-            .execute(&qmp::QueryBlock {})
-            .await
-            .map_err(qe)?
-            .into_iter()
-            .find(|b| {
-                b.qdev
-                    .as_deref()
-                    .is_some_and(|d| d == device || d.contains(&format!("/{device}/")))
-            })
+        let slot = vm.record.lock().unwrap().slot(pm.disk);
+        let chain: Vec<String> = disk_block_info(vm, slot)
+            .await?
             .and_then(|b| b.inserted)
             .map(|i| i.image.files())
             .unwrap_or_default();
@@ -2642,10 +2679,7 @@ fn thin_target(vm: &Vm, slot: usize) -> Option<(PathBuf, PathBuf, ThinDisk)> {
 
 /// Arms the write threshold of every thin disk at its current size.
 async fn arm_thresholds(vm: &Vm) {
-    let slots: Vec<usize> = {
-        let r = vm.record.lock().unwrap();
-        (0..r.create.disks.len()).map(|i| r.slot(i)).collect()
-    };
+    let slots = vm.record.lock().unwrap().slots();
     for slot in slots {
         let Some((dev, _, thin)) = thin_target(vm, slot) else {
             continue;

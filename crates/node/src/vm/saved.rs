@@ -142,17 +142,12 @@ mod tests {
 
     fn disk(img: &str, slot: Option<u8>) -> VmDisk {
         VmDisk {
-            layers: Vec::new(),
-            serial: None,
-            read_only: false,
-            direct_io: false,
-            write_error: Default::default(),
-            thin: None,
             image: Some(super::super::ImageRef {
                 sd: "6f2a3c51-93c4-4a2e-9d43-2b1a7c9e0f11".parse().unwrap(),
                 img: img.parse().unwrap(),
             }),
             slot,
+            ..VmDisk::new(Vec::new())
         }
     }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use oxvirt_node::vm::{VmCreate, VmDisk};
-use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
+use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec};
 use oxvirt_testkit::{require_tool, TestGuest};
 use oxvirt_types::VmId;
 use serde_json::Value;
@@ -46,19 +46,6 @@ pub fn qcow2_layer(path: &Path) -> LayerSpec {
         path: path.to_path_buf(),
         format: ImageFormat::Qcow2,
         protocol: BlockProtocol::File,
-    }
-}
-
-pub fn disk(layers: Vec<LayerSpec>) -> VmDisk {
-    VmDisk {
-        layers,
-        serial: None,
-        read_only: false,
-        direct_io: false,
-        write_error: WriteErrorPolicy::StopOnEnospc,
-        thin: None,
-        image: None,
-        slot: None,
     }
 }
 

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oxvirt_engine::allinone;
-use oxvirt_engine::commands::AddStorageDomain;
+use oxvirt_engine::commands::{AddDisk, AddStorageDomain, AddVmDisk};
 use oxvirt_engine::daemon::{Engine, EngineConfig};
-use oxvirt_engine::model::{DataCenter, SdType, StorageDomain, StorageType};
+use oxvirt_engine::model::{
+    DataCenter, DiskFormat, DiskInterface, SdType, SdUuid, StorageDomain, StorageType,
+};
 use oxvirt_types::VmId;
 
 use super::{free_port, NodeProc};
@@ -159,4 +161,24 @@ pub async fn attach_data_domain(c: &Cluster, host: &str) -> (DataCenter, Storage
         .await
         .unwrap();
     (dc, sd)
+}
+
+/// A new thin disk (qcow2, sparse) of `size` bytes on `sd`; with `attach`, attached active
+/// to that VM, bootable or not.
+pub fn cow_disk(name: &str, sd: SdUuid, size: u64, attach: Option<(VmId, bool)>) -> AddDisk {
+    AddDisk {
+        name: name.into(),
+        description: String::new(),
+        storage_domain: sd,
+        provisioned_size: size,
+        format: DiskFormat::Cow,
+        sparse: true,
+        shareable: false,
+        attach_to: attach.map(|(vm, bootable)| AddVmDisk {
+            vm,
+            interface: DiskInterface::Virtio,
+            bootable,
+            active: true,
+        }),
+    }
 }
