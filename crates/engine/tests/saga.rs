@@ -675,20 +675,23 @@ async fn racing_sagas_never_release_each_others_locks(b: Backend) {
         .await
         .unwrap();
     let exec = env.executor(None);
-    let a = exec
+    let mut a = exec
         .start::<LockDisk>(disk.id, StartOptions::default())
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while env.t.db.disk_get(disk.id).await.unwrap().unwrap().locked_by != Some(a.id) {
-        assert!(std::time::Instant::now() < deadline, "saga A never took the lock");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // The handle says when the lock step is recorded, while the saga works on (what a
+    // command that answers early waits for).
+    assert!(a.steps_done(1).await, "saga A never took the lock");
+    assert!(!a.is_finished());
+    let d = env.t.db.disk_get(disk.id).await.unwrap().unwrap();
+    assert_eq!(d.locked_by, Some(a.id));
     // B loses the race: its lock step fails, it unwinds, and A's lock stands.
-    let out = exec
-        .run::<LockDisk>(disk.id, StartOptions::default())
+    let mut b = exec
+        .start::<LockDisk>(disk.id, StartOptions::default())
         .await
         .unwrap();
+    assert!(!b.steps_done(1).await, "B's lock step cannot be done");
+    let out = b.wait().await.unwrap();
     let SagaOutcome::Unwound { error } = out else {
         panic!("{out:?}")
     };

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::{attach_data_domain, cow_disk, start_cluster, Cluster};
-use oxvirt_engine::commands::{AddSnapshot, AddVm, CommandError, Commands};
+use oxvirt_engine::commands::{AddSnapshot, AddVm, Answer, CommandError, Commands};
 use oxvirt_engine::db::{Db, ListQuery, SagaState};
 use oxvirt_engine::model::{
     ClusterId, DiskId, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType, TemplateId, TemplateStatus,
@@ -106,7 +106,11 @@ impl World {
         };
         let sagas = SagaExecutor::with_faults(app.db.clone(), app.clone(), faults, retry);
         Commands::register_all(&sagas).unwrap();
-        Commands { app, sagas }
+        Commands {
+            app,
+            sagas,
+            answer: Answer::WhenDone,
+        }
     }
 
     async fn saga_ids(&self) -> HashSet<SagaId> {

@@ -16,6 +16,7 @@ mod snapshots;
 mod storage;
 mod vms;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use oxvirt_types::JobId;
@@ -23,7 +24,7 @@ use oxvirt_types::JobId;
 use crate::app::App;
 use crate::db::{DbError, SagaState};
 use crate::nodes::NodeError;
-use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaOutcome, StartOptions};
+use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaHandle, SagaOutcome, StartOptions};
 
 pub use infra::{AddCluster, AddDataCenter, AddHost};
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
@@ -84,19 +85,44 @@ impl CommandError {
     }
 }
 
+/// When a command that makes a new object (disk, VM, template, snapshot) answers its caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Answer {
+    /// Once all its work is done: the portal, the CLI, REST with `Expect: 201-created`.
+    #[default]
+    WhenDone,
+    /// As soon as the new object is recorded (locked) while its storage work goes on — a
+    /// REST add without `Expect: 201-created`, answered 202 as oVirt does. The rest of the
+    /// work reports through its job and events; the object unlocks, or goes, when it ends.
+    WhenRecorded,
+}
+
 /// The command layer: the application context and the saga executor with every saga
 /// registered.
 #[derive(Clone)]
 pub struct Commands {
     pub app: Arc<App>,
     pub sagas: SagaExecutor<App>,
+    pub answer: Answer,
 }
 
 impl Commands {
     pub fn new(app: Arc<App>) -> Result<Self, CommandError> {
         let sagas = SagaExecutor::with_retry(app.db.clone(), app.clone(), app.settings.forward_retry);
         Self::register_all(&sagas)?;
-        Ok(Commands { app, sagas })
+        Ok(Commands {
+            app,
+            sagas,
+            answer: Answer::WhenDone,
+        })
+    }
+
+    /// These commands, answering as `answer` says.
+    pub fn answering(&self, answer: Answer) -> Commands {
+        Commands {
+            answer,
+            ..self.clone()
+        }
     }
 
     /// Registers every saga type (also used by tests that build their own executor).
@@ -132,15 +158,52 @@ impl Commands {
             .sagas
             .start::<S>(params, StartOptions { correlation_id })
             .await?;
-        let job = handle.job_id;
-        match handle.wait().await? {
-            SagaOutcome::Unwound { error } => Err(CommandError::Failed {
-                description,
-                error,
-                job,
-            }),
-            other => waiting_for_admin(description, job, other),
+        outcome(description, handle).await
+    }
+
+    /// Runs a saga whose first step records a new object, then `then` (work that needs the
+    /// saga done, such as plugging a new disk into its running VM). With
+    /// [`Answer::WhenRecorded`] and `storage_work` to do, returns as soon as that first step
+    /// is recorded and leaves the rest running; a failure after that is the saga's (its job
+    /// and events) or, for `then`, logged.
+    pub(crate) async fn run_adding<S, F, Fut>(
+        &self,
+        params: S::Params,
+        correlation_id: Option<String>,
+        storage_work: bool,
+        then: F,
+    ) -> Result<(), CommandError>
+    where
+        S: SagaDef<Ctx = App>,
+        F: FnOnce(Commands) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), CommandError>> + Send + 'static,
+    {
+        let description = S::description(&params);
+        let mut handle = self
+            .sagas
+            .start::<S>(params, StartOptions { correlation_id })
+            .await?;
+        let cmds = self.answering(Answer::WhenDone);
+        // A saga already over (it failed, say) answers with its outcome.
+        if self.answer == Answer::WhenRecorded
+            && storage_work
+            && handle.steps_done(1).await
+            && !handle.is_finished()
+        {
+            tokio::spawn(async move {
+                let saga = handle.id;
+                let r = match outcome(description, handle).await {
+                    Ok(_) => then(cmds).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(saga_id = %saga, error = %e, "an add answered early did not complete");
+                }
+            });
+            return Ok(());
         }
+        outcome(description, handle).await?;
+        then(cmds).await
     }
 
     /// Retries the command behind job `job` once an admin removed what stopped it: a stuck
@@ -190,6 +253,19 @@ impl Commands {
             let _ = handle.wait().await;
         });
         Ok(job)
+    }
+}
+
+/// Waits for a command's saga and turns its outcome into the command's result.
+async fn outcome(description: String, handle: SagaHandle) -> Result<SagaOutcome, CommandError> {
+    let job = handle.job_id;
+    match handle.wait().await? {
+        SagaOutcome::Unwound { error } => Err(CommandError::Failed {
+            description,
+            error,
+            job,
+        }),
+        other => waiting_for_admin(description, job, other),
     }
 }
 

@@ -845,6 +845,7 @@ impl Commands {
     ) -> Result<Snapshot, CommandError> {
         let v = self.vm(vm).await?;
         self.refuse_in_preview(&v).await?;
+        self.refuse_locked_disks(&v, "snapshotted").await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
             VmStatus::Up | VmStatus::Paused => v.runtime.run_on_host,
@@ -890,7 +891,8 @@ impl Commands {
             _ => (None, 0),
         };
         let snapshot = SnapshotId::new_random();
-        self.run::<AddSnapshotSaga>(
+        let storage_work = !disks.is_empty();
+        self.run_adding::<AddSnapshotSaga, _, _>(
             AddSnapshotParams {
                 snapshot,
                 vm,
@@ -902,6 +904,8 @@ impl Commands {
                 memory_volume_size,
             },
             correlation_id,
+            storage_work,
+            |_| async { Ok(()) },
         )
         .await?;
         self.app

@@ -389,10 +389,20 @@ impl SagaDef for AddDiskSaga {
                         .await?;
                     }
                     db.disk_lock(p.disk, c.saga_id).await?;
+                    // Attached at once, locked: the VM cannot start or snapshot without it
+                    // while the volume is made (an add answered early shows it so).
+                    if let Some(a) = &p.req.attach_to {
+                        if db.attachment_get(a.vm, p.disk).await?.is_none() {
+                            db.attachment_add(&a.attachment(p.disk)).await?;
+                        }
+                    }
                     Ok(())
                 },
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
+                    if let Some(a) = &p.req.attach_to {
+                        c.db().attachment_remove(a.vm, p.disk).await?;
+                    }
                     c.db().volume_delete(p.volume).await?;
                     if c.db().disk_get(p.disk).await?.is_some() {
                         c.db().disk_delete(p.disk).await?;
@@ -430,25 +440,6 @@ impl SagaDef for AddDiskSaga {
                 },
             )
             .describe("Creating the volume"),
-            Step::new(
-                "attach",
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    if let Some(a) = &p.req.attach_to {
-                        if c.db().attachment_get(a.vm, p.disk).await?.is_none() {
-                            c.db().attachment_add(&a.attachment(p.disk)).await?;
-                        }
-                    }
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    if let Some(a) = &p.req.attach_to {
-                        c.db().attachment_remove(a.vm, p.disk).await?;
-                    }
-                    Ok(())
-                },
-            ),
             Step::without_undo("unlock", |c: StepCtx<Self>| async move {
                 c.db()
                     .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
@@ -1087,7 +1078,7 @@ impl Commands {
             )));
         }
         let disk = DiskId::new_random();
-        self.run::<AddDiskSaga>(
+        self.run_adding::<AddDiskSaga, _, _>(
             AddDiskParams {
                 disk,
                 volume: VolUuid::new_random(),
@@ -1095,11 +1086,15 @@ impl Commands {
                 req,
             },
             correlation_id,
+            true,
+            move |cmds| async move {
+                match hot_vm {
+                    Some(vm) => cmds.activate_new_disk(vm, disk).await,
+                    None => Ok(()),
+                }
+            },
         )
         .await?;
-        if let Some(vm) = hot_vm {
-            self.activate_new_disk(vm, disk).await?;
-        }
         self.app
             .db
             .disk_get(disk)

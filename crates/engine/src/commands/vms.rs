@@ -250,14 +250,65 @@ impl SagaDef for AddVmSaga {
             Step::new(
                 "record",
                 |c: StepCtx<Self>| async move {
-                    if c.db().vm_get(c.params().vm.id).await?.is_none() {
-                        c.db().vm_insert(&c.params().vm).await?;
+                    let p = c.params();
+                    let db = c.db();
+                    if db.vm_get(p.vm.id).await?.is_none() {
+                        db.vm_insert(&p.vm).await?;
+                    }
+                    // The VM and its disks-to-be are recorded at once, locked while the disks
+                    // are cloned (an add answered early shows them so).
+                    for cl in &p.clones {
+                        let tdisk = db.disk_get(cl.template_disk).await?.ok_or_else(|| step_err("template disk is gone"))?;
+                        if db.disk_get(cl.disk).await?.is_none() {
+                            let mut d = Disk::new(&format!("{}_{}", p.vm.name, tdisk.name), tdisk.storage_domain_id, DiskFormat::Cow, tdisk.provisioned_size);
+                            d.id = cl.disk;
+                            d.sparse = true;
+                            db.disk_insert(&d).await?;
+                            db.volume_insert(&Volume {
+                                id: cl.volume,
+                                disk_id: cl.disk,
+                                storage_domain_id: tdisk.storage_domain_id,
+                                parent_id: Some(cl.template_volume),
+                                voltype: VolType::Leaf,
+                                format: DiskFormat::Cow,
+                                actual_size: 0,
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                        }
+                        if db.attachment_get(p.vm.id, cl.disk).await?.is_none() {
+                            let att = db.attachments_of_disk(cl.template_disk).await?;
+                            let bootable = att.first().map(|a| a.bootable).unwrap_or(true);
+                            db.attachment_add(&DiskAttachment {
+                                vm_id: p.vm.id,
+                                disk_id: cl.disk,
+                                interface: DiskInterface::Virtio,
+                                bootable,
+                                active: true,
+                                read_only: false,
+                            })
+                            .await?;
+                        }
+                        db.disk_lock(cl.disk, c.saga_id).await?;
+                    }
+                    if !p.clones.is_empty() {
+                        let rt = VmRuntime { status: VmStatus::ImageLocked, ..Default::default() };
+                        db.vm_set_runtime(p.vm.id, &[VmStatus::Down, VmStatus::ImageLocked], &rt).await?;
                     }
                     Ok(())
                 },
                 |c: StepCtx<Self>| async move {
-                    if c.db().vm_get(c.params().vm.id).await?.is_some() {
-                        c.db().vm_delete(c.params().vm.id).await?;
+                    let p = c.params();
+                    let db = c.db();
+                    for cl in &p.clones {
+                        if db.disk_get(cl.disk).await?.is_some() {
+                            db.attachment_remove(p.vm.id, cl.disk).await?;
+                            db.volume_delete(cl.volume).await?;
+                            db.disk_delete(cl.disk).await?;
+                        }
+                    }
+                    if db.vm_get(p.vm.id).await?.is_some() {
+                        db.vm_delete(p.vm.id).await?;
                     }
                     Ok(())
                 },
@@ -275,24 +326,6 @@ impl SagaDef for AddVmSaga {
                     let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
                     for cl in &p.clones {
                         let tdisk = c.db().disk_get(cl.template_disk).await?.ok_or_else(|| step_err("template disk is gone"))?;
-                        if c.db().disk_get(cl.disk).await?.is_none() {
-                            let mut d = Disk::new(&format!("{}_{}", p.vm.name, tdisk.name), tdisk.storage_domain_id, DiskFormat::Cow, tdisk.provisioned_size);
-                            d.id = cl.disk;
-                            d.sparse = true;
-                            c.db().disk_insert(&d).await?;
-                            c.db().volume_insert(&Volume {
-                                id: cl.volume,
-                                disk_id: cl.disk,
-                                storage_domain_id: tdisk.storage_domain_id,
-                                parent_id: Some(cl.template_volume),
-                                voltype: VolType::Leaf,
-                                format: DiskFormat::Cow,
-                                actual_size: 0,
-                                created_at: crate::time::Timestamp::from_millis(0),
-                            })
-                            .await?;
-                        }
-                        c.db().disk_lock(cl.disk, c.saga_id).await?;
                         let args = json!({
                             "sdUUID": tdisk.storage_domain_id, "spUUID": dc.storage_pool_id, "imgUUID": cl.disk,
                             "size": tdisk.provisioned_size, "volFormat": "COW", "preallocate": "SPARSE",
@@ -300,22 +333,9 @@ impl SagaDef for AddVmSaga {
                             "srcImgUUID": cl.template_disk, "srcVolUUID": cl.template_volume,
                         });
                         create_volume(&spm, args, tdisk.storage_domain_id, cl.disk, cl.volume, app.settings.task_timeout).await?;
-                        if c.db().attachment_get(p.vm.id, cl.disk).await?.is_none() {
-                            let att = c.db().attachments_of_disk(cl.template_disk).await?;
-                            let bootable = att.first().map(|a| a.bootable).unwrap_or(true);
-                            c.db()
-                                .attachment_add(&DiskAttachment {
-                                    vm_id: p.vm.id,
-                                    disk_id: cl.disk,
-                                    interface: DiskInterface::Virtio,
-                                    bootable,
-                                    active: true,
-                                    read_only: false,
-                                })
-                                .await?;
-                        }
                         c.db().disk_unlock(cl.disk, c.saga_id, DiskStatus::Ok).await?;
                     }
+                    c.db().vm_set_runtime(p.vm.id, &[VmStatus::ImageLocked], &VmRuntime::default()).await?;
                     Ok(())
                 },
                 |c: StepCtx<Self>| async move {
@@ -323,9 +343,6 @@ impl SagaDef for AddVmSaga {
                     for cl in &p.clones {
                         if let Some(d) = c.db().disk_get(cl.disk).await? {
                             delete_image(c.app(), p.dc, d.storage_domain_id, cl.disk).await?;
-                            c.db().attachment_remove(p.vm.id, cl.disk).await?;
-                            c.db().volume_delete(cl.volume).await?;
-                            c.db().disk_delete(cl.disk).await?;
                         }
                     }
                     Ok(())
@@ -1117,8 +1134,14 @@ impl Commands {
             self.app.spm(&dcr).await?;
         }
         let id = vm.id;
-        self.run::<AddVmSaga>(AddVmParams { vm, dc, clones }, correlation_id)
-            .await?;
+        let storage_work = !clones.is_empty();
+        self.run_adding::<AddVmSaga, _, _>(
+            AddVmParams { vm, dc, clones },
+            correlation_id,
+            storage_work,
+            |_| async { Ok(()) },
+        )
+        .await?;
         self.vm(id).await
     }
 
@@ -1135,6 +1158,7 @@ impl Commands {
                 vm.name, vm.runtime.status
             )));
         }
+        self.refuse_locked_disks(&vm, "started").await?;
         let dc = self.cluster_dc(vm.cluster_id).await?;
         let host = match opts.host {
             Some(h) => {
@@ -1594,6 +1618,7 @@ impl Commands {
         if self.app.db.template_get_by_name(name).await?.is_some() {
             return Err(CommandError::Conflict(format!("a template named {name} exists")));
         }
+        self.refuse_locked_disks(&v, "made a template").await?;
         let dc = self.cluster_dc(v.cluster_id).await?;
         let mut t = crate::model::Template::new(name, Some(v.cluster_id));
         t.description = description.to_string();
@@ -1615,7 +1640,8 @@ impl Commands {
             self.app.spm(&self.app.dc(dc).await?).await?;
         }
         let id = t.id;
-        self.run::<AddTemplateSaga>(
+        let storage_work = !disks.is_empty();
+        self.run_adding::<AddTemplateSaga, _, _>(
             AddTemplateParams {
                 template: t,
                 vm,
@@ -1623,6 +1649,8 @@ impl Commands {
                 disks,
             },
             correlation_id,
+            storage_work,
+            |_| async { Ok(()) },
         )
         .await?;
         self.app

@@ -12,7 +12,9 @@
 //!   maps the engine's errors onto statuses and `<fault>` bodies.
 //!
 //! Semantics the SDK depends on: GET answers 200; an add answers 201 with the entity and
-//! `Location`; DELETE answers 200 with an `<action>` body (never 204); an action answers 200
+//! `Location`, or — when storage work runs (disks, VMs cloned from a template, templates,
+//! snapshots) — 202 at once with the entity still locked, unless the client sent
+//! `Expect: 201-created` (then 201 once the work is done); DELETE answers 200 with an `<action>` body (never 204); an action answers 200
 //! with `<action><status>complete</status></action>`, or 202 `pending` with `<async>true`;
 //! errors are `<fault>` with 400/401/404/409. Commands record jobs and events with the
 //! request's `Correlation-Id` (header or `correlation_id=`).
@@ -85,6 +87,13 @@ pub async fn handle(engine: Arc<Engine>, req: HttpRequest) -> Reply {
                 .map(|(_, v)| v.clone())
         })
         .filter(|s| !s.is_empty());
+    // oVirt answers an add whose storage work runs 202 at once, unless asked to wait.
+    let blocking = req
+        .headers
+        .get_all(http::header::EXPECT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case("201-created")));
     let json_body = req
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -103,6 +112,7 @@ pub async fn handle(engine: Arc<Engine>, req: HttpRequest) -> Reply {
         fmt,
         json_body,
         correlation_id,
+        blocking,
         user,
     };
     // `max` applies to every collection (see `Req::out`): a bad one fails the request.
@@ -185,6 +195,8 @@ pub struct Req {
     pub fmt: Format,
     pub json_body: bool,
     pub correlation_id: Option<String>,
+    /// `Expect: 201-created`: an add answers once its storage work is done.
+    pub blocking: bool,
     pub user: User,
 }
 
@@ -212,6 +224,15 @@ impl Resp {
             status: StatusCode::CREATED,
             body: out.finish(),
             location: Some(location),
+        }
+    }
+    /// The answer to an add: 201 with `Location`, or 202 when it was answered while its
+    /// storage work went on (see [`Req::adding`]; the entity's `href` says where to watch it).
+    pub fn added(out: Out, location: String, pending: bool) -> Resp {
+        if pending {
+            Resp::accepted(out)
+        } else {
+            Resp::created(out, location)
         }
     }
     pub fn accepted(out: Out) -> Resp {
@@ -275,6 +296,19 @@ impl Req {
     }
     pub fn cmds(&self) -> &crate::commands::Commands {
         &self.engine.cmds
+    }
+    /// The commands for an add with storage work: answering once it is recorded, unless the
+    /// client sent `Expect: 201-created`. Such an add answers 202 (whether or not the work
+    /// happened to end first, as oVirt decides by the kind of command), so a client sees one
+    /// answer for one kind of request.
+    pub fn adding(&self) -> crate::commands::Commands {
+        use crate::commands::Answer;
+        let answer = if self.blocking {
+            Answer::WhenDone
+        } else {
+            Answer::WhenRecorded
+        };
+        self.engine.cmds.answering(answer)
     }
     pub fn q(&self, name: &str) -> Option<&str> {
         self.query

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::testing::{Fault, FaultInjector, FaultPoint};
@@ -76,9 +77,24 @@ pub struct SagaHandle {
     pub id: SagaId,
     pub job_id: Option<JobId>,
     task: JoinHandle<Result<SagaOutcome, SagaError>>,
+    /// How many of the saga's first steps are done (recorded), while it runs.
+    progress: watch::Receiver<usize>,
 }
 
 impl SagaHandle {
+    /// Waits until the saga's first `n` steps are done and recorded (true), or until it ends
+    /// without them (false): what a caller that answers before the work is over waits for
+    /// (the step that records the new object, say).
+    pub async fn steps_done(&mut self, n: usize) -> bool {
+        // The sender goes with the saga's run; the last value stays readable after it.
+        self.progress.wait_for(|&done| done >= n).await.is_ok()
+    }
+
+    /// Whether the saga has ended (its outcome is ready for [`wait`](Self::wait)).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits for the saga to end.
     pub async fn wait(self) -> Result<SagaOutcome, SagaError> {
         let id = self.id;
@@ -97,6 +113,7 @@ trait Erased<C>: Send + Sync {
         &self,
         inner: Arc<Inner<C>>,
         rec: SagaRecord,
+        progress: watch::Sender<usize>,
     ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>>;
     fn step_count(&self) -> usize;
     fn point_of_no_return(&self) -> Option<usize>;
@@ -109,8 +126,9 @@ impl<S: SagaDef> Erased<S::Ctx> for Typed<S> {
         &self,
         inner: Arc<Inner<S::Ctx>>,
         rec: SagaRecord,
+        progress: watch::Sender<usize>,
     ) -> BoxFuture<'static, Result<SagaOutcome, SagaError>> {
-        Box::pin(drive::<S>(inner, rec))
+        Box::pin(drive::<S>(inner, rec, progress))
     }
     fn step_count(&self) -> usize {
         S::steps().len()
@@ -331,14 +349,20 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         }
         let job_id = rec.job_id;
         let inner = self.inner.clone();
+        let (progress_tx, progress) = watch::channel(0);
         let task = tokio::spawn(async move {
             let _guard = RunningGuard {
                 inner: inner.clone(),
                 id,
             };
-            def.drive(inner.clone(), rec).await
+            def.drive(inner.clone(), rec, progress_tx).await
         });
-        Ok(SagaHandle { id, job_id, task })
+        Ok(SagaHandle {
+            id,
+            job_id,
+            task,
+            progress,
+        })
     }
 }
 
@@ -373,6 +397,8 @@ struct Run<S: SagaDef> {
     state: Vec<StepState>,
     outputs: BTreeMap<String, Value>,
     no_return: Option<usize>,
+    /// Steps done from the first, for the handle's [`SagaHandle::steps_done`].
+    progress: watch::Sender<usize>,
 }
 
 enum Next {
@@ -383,7 +409,11 @@ enum Next {
     Interrupted,
 }
 
-async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result<SagaOutcome, SagaError> {
+async fn drive<S: SagaDef>(
+    inner: Arc<Inner<S::Ctx>>,
+    rec: SagaRecord,
+    progress: watch::Sender<usize>,
+) -> Result<SagaOutcome, SagaError> {
     let steps = S::steps();
     let mut run = Run::<S> {
         inner: inner.clone(),
@@ -407,6 +437,7 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
         no_return: steps.iter().position(|s| s.no_return),
         steps,
         outputs: BTreeMap::new(),
+        progress,
     };
     for s in &rec.steps {
         match run.steps.get(s.index) {
@@ -434,6 +465,7 @@ async fn drive<S: SagaDef>(inner: Arc<Inner<S::Ctx>>, rec: SagaRecord) -> Result
             run.outputs.insert(s.name.clone(), o.clone());
         }
     }
+    run.report_progress();
 
     let mut error = match rec.state {
         SagaState::Done | SagaState::Unwound | SagaState::Stuck | SagaState::Blocked => {
@@ -491,6 +523,15 @@ async fn run_forward<S: SagaDef>(
 impl<S: SagaDef> Run<S> {
     fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    fn report_progress(&self) {
+        let done = self
+            .state
+            .iter()
+            .take_while(|s| s.status == Some(SagaStepStatus::Done))
+            .count();
+        self.progress.send_replace(done);
     }
 
     /// Whether step `i` is at or after the point of no return (and so must go forward).
@@ -612,6 +653,7 @@ impl<S: SagaDef> Run<S> {
                 tracing::debug!(saga_id = %self.id, step = name, "saga step done");
                 self.state[i].status = Some(SagaStepStatus::Done);
                 self.outputs.insert(name.to_string(), out);
+                self.report_progress();
                 Ok(Next::Continue)
             }
             Err(e) => {

@@ -129,6 +129,11 @@ impl Api {
         if let Some(c) = correlation_id {
             headers.push(("correlation-id", c.to_string()));
         }
+        // An add answers once its storage work is done (the request's job shows how it goes),
+        // not 202 at once.
+        if method == Method::POST {
+            headers.push(("expect", "201-created".to_string()));
+        }
         let body = body.map(|b| ("application/json", Bytes::from(b.to_string())));
         let r = self.http.send(method.clone(), &full, &headers, body).await?;
         if r.status == StatusCode::UNAUTHORIZED {

@@ -366,8 +366,8 @@ pub async fn new_disk(r: &Req, b: &Elem) -> Result<crate::commands::AddDisk, Api
 pub async fn disk_add(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("disk")?;
     let req = new_disk(r, &b).await?;
-    let d = r.cmds().add_disk(req, r.correlation_id.clone()).await?;
-    Ok(Resp::created(one_disk(r, &d), href("disks", d.id)))
+    let d = r.adding().add_disk(req, r.correlation_id.clone()).await?;
+    Ok(Resp::added(one_disk(r, &d), href("disks", d.id), !r.blocking))
 }
 
 pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {

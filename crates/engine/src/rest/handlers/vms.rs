@@ -197,8 +197,10 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         os: os_of(&b),
         ha: ha_of(&b)?,
     };
-    let v = r.cmds().add_vm(req, r.correlation_id.clone()).await?;
-    Ok(Resp::created(one_vm(r, &v, None), href("vms", v.id)))
+    // Storage work: the template's disks are cloned.
+    let pending = !r.blocking && !r.db().template_disks(req.template).await?.is_empty();
+    let v = r.adding().add_vm(req, r.correlation_id.clone()).await?;
+    Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), pending))
 }
 
 pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
@@ -534,6 +536,7 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
     let de = b
         .get("disk")
         .ok_or_else(|| ApiError::bad_request("<disk_attachment> needs <disk>"))?;
+    let mut pending = false;
     let a = match de.id() {
         Some(id) => {
             let disk: DiskId = id
@@ -544,7 +547,8 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
         None => {
             let mut req = new_disk(r, de).await?;
             req.attach_to = Some(how.clone());
-            let d = r.cmds().add_disk(req, r.correlation_id.clone()).await?;
+            let d = r.adding().add_disk(req, r.correlation_id.clone()).await?;
+            pending = !r.blocking;
             r.db()
                 .attachment_get(v.id, d.id)
                 .await?
@@ -552,9 +556,10 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
         }
     };
     let d = r.db().disk_get(a.disk_id).await?;
-    Ok(Resp::created(
+    Ok(Resp::added(
         one_att(r, &a, d.as_ref()),
         format!("{API}/vms/{}/diskattachments/{}", v.id, a.disk_id),
+        pending,
     ))
 }
 
@@ -629,8 +634,10 @@ pub async fn snap_get(r: &Req) -> Result<Resp, ApiError> {
 pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
     let b = r.body("snapshot")?;
+    // Storage work: a volume on each disk.
+    let pending = !r.blocking && !r.db().attachments_of_vm(v.id).await?.is_empty();
     let s = r
-        .cmds()
+        .adding()
         .add_snapshot(
             v.id,
             AddSnapshot {
@@ -642,7 +649,11 @@ pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
         .await?;
     let mut o = r.out();
     root_entity(&mut o, |o| write::snapshot(o, &s));
-    Ok(Resp::created(o, format!("{API}/vms/{}/snapshots/{}", v.id, s.id)))
+    Ok(Resp::added(
+        o,
+        format!("{API}/vms/{}/snapshots/{}", v.id, s.id),
+        pending,
+    ))
 }
 
 pub async fn snap_remove(r: &Req) -> Result<Resp, ApiError> {
@@ -735,8 +746,10 @@ pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
         .get("vm")
         .ok_or_else(|| ApiError::bad_request("<template> needs the <vm> it is made from"))?;
     let vm = vm_ref(r, ve).await?;
+    // Storage work: the VM's disks are copied.
+    let pending = !r.blocking && !r.db().attachments_of_vm(vm).await?.is_empty();
     let t = r
-        .cmds()
+        .adding()
         .add_template(
             vm,
             required(&b, "name")?,
@@ -744,7 +757,7 @@ pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
             r.correlation_id.clone(),
         )
         .await?;
-    Ok(Resp::created(one_template(r, &t), href("templates", t.id)))
+    Ok(Resp::added(one_template(r, &t), href("templates", t.id), pending))
 }
 
 pub async fn template_update(r: &Req) -> Result<Resp, ApiError> {
