@@ -5,7 +5,9 @@
 #   vmlinuz, initramfs.cpio.gz, kernel-version, stamp
 # Rebuilt only when missing or when this script (or the guest init) changed.
 #
-# The guest's init loads the virtio modules, then runs what the kernel command line asks:
+# The guest's init loads the virtio modules (virtio-blk disks are /dev/vdX, virtio-scsi ones
+# /dev/sdX; the cloud kernel has no AHCI driver, so SATA disks stay invisible to it), then runs
+# what the kernel command line asks:
 #   oxvirt.run=<base64 of a sh script>   run it (after the built-in steps below)
 #   oxvirt.write_mib=N                   write N MiB of a known pattern to /dev/vda (O_DIRECT)
 #   oxvirt.writer=N                      keep rewriting 1 MiB blocks 0..N-1 of /dev/vda in the
@@ -62,6 +64,7 @@ cp "$init_src" "$root/init"
 chmod 0755 "$root/init" "$root/bin/busybox"
 # Flat module directory; guest-init.sh loads them in dependency order.
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
+         scsi_common scsi_mod sd_mod virtio_scsi \
          virtio_balloon virtio_console failover net_failover virtio_net button evdev; do
     f="$(find "$work/kernel/lib/modules/$kver" -name "$m.ko" | head -n1)"
     [[ -n "$f" ]] || { echo "test guest: module $m.ko not in $kernel_pkg" >&2; exit 1; }

@@ -679,6 +679,51 @@ async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
     let r = c.api(Method::DELETE, &one, "").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(db.attachments_of_vm(vm).await.unwrap().len(), 1);
+
+    // A SATA disk changes only while the VM is down, as in oVirt: neither attached active
+    // nor deactivated while it runs, and nothing changes.
+    let two = format!("{path}/{}", disks[1]);
+    let sata = "<disk_attachment><interface>sata</interface></disk_attachment>";
+    let r = c.api(Method::PUT, &two, sata).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // On a host that never enrolled (the monitor leaves it alone): refused before any call.
+    let cluster = db.vm_get(vm).await.unwrap().unwrap().cluster_id;
+    let host = db
+        .host_insert(&oxvirt_engine::model::Host::new("h", "127.0.0.1", 1, cluster))
+        .await
+        .unwrap();
+    let rt = VmRuntime {
+        status: VmStatus::Up,
+        run_on_host: Some(host.id),
+        ..Default::default()
+    };
+    db.vm_set_runtime(vm, &[], &rt).await.unwrap();
+    let r = c
+        .api(
+            Method::PUT,
+            &two,
+            "<disk_attachment><active>false</active></disk_attachment>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.body.contains("cannot be plugged into or unplugged"),
+        "{}",
+        r.body
+    );
+    let r = c
+        .post(
+            &path,
+            &format!(
+                "<disk_attachment><disk id=\"{}\"/><interface>sata</interface><active>true</active></disk_attachment>",
+                disks[0]
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let atts = db.attachments_of_vm(vm).await.unwrap();
+    assert_eq!(atts.len(), 1, "{atts:?}");
+    assert!(atts[0].active && atts[0].interface == oxvirt_engine::model::DiskInterface::Sata);
 }
 
 /// A disk removal that cannot reach an SPM fails past its point of no return: it is not rolled

@@ -301,6 +301,7 @@ async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -
         direct_io: false,
         write_error: WriteErrorPolicy::StopOnEnospc,
         slot: Some(1),
+        bus: Default::default(),
     };
     let (nodes, top) = disk_blockdevs(1, &spec);
     let (mut plug, mut unplug) = (Vec::new(), Vec::new());

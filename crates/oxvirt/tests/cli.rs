@@ -512,21 +512,46 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.ok(&["snapshot", "list", "--vm", "vm1"]).await;
     assert!(r.stdout.contains("before") && r.stdout.contains("active"), "{r}");
 
-    // A disk attached to the running VM is hot plugged (the node's record of the VM has it);
-    // deactivated it is unplugged, detached it stays as a floating disk.
-    let node_disks = || {
+    // A disk attached to the running VM is hot plugged (the node's record of the VM has it,
+    // on the bus asked for); deactivated it is unplugged, detached it stays as a floating
+    // disk. A SATA disk is not plugged into a running VM.
+    let node_buses = || {
         let rec: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(node_dir.path().join("run/vms").join(&vm_id).join("vm.json")).unwrap(),
         )
         .unwrap();
-        rec["create"]["disks"].as_array().unwrap().len()
+        rec["create"]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["bus"].as_str().unwrap_or("virtio_blk").to_string())
+            .collect::<Vec<_>>()
     };
+    let node_disks = || node_buses().len();
     assert_eq!(node_disks(), 1);
     live.ok(&["disk", "create", "hot1", "--size", "16M", "--sd", "data1"])
         .await;
-    let r = live.ok(&["disk", "attach", "hot1", "--vm", "vm1"]).await;
+    let r = live
+        .fails(&["disk", "attach", "hot1", "--vm", "vm1", "--interface", "sata"])
+        .await;
+    assert!(r.stderr.contains("cannot be plugged"), "{r}");
+    let r = live
+        .ok(&[
+            "disk",
+            "attach",
+            "hot1",
+            "--vm",
+            "vm1",
+            "--interface",
+            "virtio_scsi",
+        ])
+        .await;
     assert!(r.stdout.contains("disk hot1 attached to VM vm1"), "{r}");
-    assert_eq!(node_disks(), 2, "the running VM did not get the disk");
+    assert_eq!(
+        node_buses(),
+        ["virtio_blk", "virtio_scsi"],
+        "the running VM did not get the disk"
+    );
     let r = live.ok(&["disk", "deactivate", "hot1", "--vm", "vm1"]).await;
     assert!(r.stdout.contains("deactivated"), "{r}");
     assert_eq!(node_disks(), 1, "the deactivated disk is still plugged");

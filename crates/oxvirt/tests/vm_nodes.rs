@@ -388,10 +388,15 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let (sd, img, volume) = shared_disk(&[&a, &b], &shared).await;
     let id = VmId::new_random();
     let mut params = vm_params(id, "mig", sd, img);
-    // The guest fills the first 4 MiB of a hot plugged second disk, then reports its unplug.
+    // The guest fills the first 4 MiB of a hot plugged second disk and 2 MiB of a third, a
+    // SCSI one, then reports their unplugs.
     let script = "while [ ! -b /dev/vdb ]; do usleep 100000; done; \
         tr '\\000' H < /dev/zero | dd of=/dev/vdb bs=1M count=4 iflag=fullblock oflag=direct \
         2>/dev/null && echo OXVIRT-GUEST vdb written; \
+        while [ ! -b /dev/sda ]; do usleep 100000; done; \
+        tr '\\000' S < /dev/zero | dd of=/dev/sda bs=1M count=2 iflag=fullblock oflag=direct \
+        2>/dev/null && echo OXVIRT-GUEST sda written; \
+        while [ -b /dev/sda ]; do usleep 100000; done; echo OXVIRT-GUEST sda unplugged; \
         while [ -b /dev/vdb ]; do usleep 100000; done; echo OXVIRT-GUEST vdb unplugged";
     params["boot"]["cmdline"] = TestGuest::append(&[
         &format!("oxvirt.writer={WRITER_BLOCKS}"),
@@ -495,8 +500,32 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
         .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive2 }))
         .await;
     assert_eq!(slots(&again), expected, "{again}");
+    // A third on the virtio-scsi controller (the guest's /dev/sda); a SATA one cannot be
+    // plugged into a running VM, as in oVirt, and nothing changes.
+    let (img3, vol3) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(
+        img3,
+        vol3,
+        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
+    )
+    .unwrap();
+    let drive3 = json!({ "domainID": sd, "imageID": img3, "iface": "scsi" });
+    let sata = json!({ "domainID": sd, "imageID": img3, "iface": "sata" });
+    let err =
+        a.c.call("VM.hotplugDisk", json!({ "vmID": id, "drive": sata }))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("SATA disk cannot be plugged"), "{err}");
+    let plugged = a
+        .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive3 }))
+        .await;
+    let expected = vec![(img.to_string(), 0), (img2.to_string(), 1), (img3.to_string(), 2)];
+    assert_eq!(slots(&plugged), expected, "{plugged}");
+    assert_eq!(plugged["disks"][2]["bus"], "virtio_scsi", "{plugged}");
+    wait_console(&a.console_log(id), "OXVIRT-GUEST sda written", BOOT).await;
     let mut params = params.clone();
     params["drives"] = json!([
+        { "domainID": sd, "imageID": img3, "slot": 2, "iface": "scsi" },
         { "domainID": sd, "imageID": img2, "slot": 1 },
         { "domainID": sd, "imageID": img, "slot": 0 },
     ]);
@@ -532,6 +561,30 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let mut moved = slots(&back);
     moved.sort_by_key(|(_, slot)| *slot);
     assert_eq!(moved, expected, "{back}");
+    let buses: Vec<&Value> = back["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["bus"])
+        .collect();
+    assert_eq!(buses, ["virtio_scsi", "virtio_blk", "virtio_blk"], "{back}");
+
+    // The SCSI disk goes at once (QEMU needs no word from the guest) with what the guest
+    // wrote on it.
+    let t0 = Instant::now();
+    let unplugged = a
+        .call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive3 }))
+        .await;
+    eprintln!("SCSI disk hot unplug: {:?}", t0.elapsed());
+    let mut left = slots(&unplugged);
+    left.sort_by_key(|(_, slot)| *slot);
+    assert_eq!(left, expected[..2], "{unplugged}");
+    wait_console(&a.console_log(id), "OXVIRT-GUEST sda unplugged", BOOT).await;
+    let data = std::fs::read(dom.volume_path(img3, vol3)).unwrap();
+    assert!(
+        data[..2 << 20].iter().all(|b| *b == b'S'),
+        "the guest's writes to the SCSI disk are lost"
+    );
 
     // A paused guest cannot release the disk: the unplug times out and the disk stays in the
     // record; once the guest runs it lets the device go, and the unplug asked again finds it

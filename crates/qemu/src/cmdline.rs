@@ -209,7 +209,35 @@ pub struct DiskSpec {
     /// across hot unplugs of other disks, so a migration destination builds the same devices.
     #[serde(default)]
     pub slot: Option<u8>,
+    /// The controller the guest sees the disk on.
+    #[serde(default)]
+    pub bus: DiskBus,
 }
+
+/// The controller a disk is on, as oVirt's disk interfaces: `virtio` (virtio-blk, `/dev/vdX`),
+/// `virtio_scsi` (a LUN on the VM's virtio-scsi controller, `/dev/sdX`), `sata` (a port of the
+/// q35 chipset's AHCI controller; not hot pluggable, as in oVirt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    #[default]
+    VirtioBlk,
+    VirtioScsi,
+    Sata,
+}
+
+impl DiskBus {
+    /// Whether a disk on this bus can be plugged into, or unplugged from, a running VM.
+    pub fn hot_pluggable(self) -> bool {
+        !matches!(self, DiskBus::Sata)
+    }
+}
+
+/// The id of the virtio-scsi controller (bus `scsi0.0`).
+pub const SCSI_CONTROLLER: &str = "scsi0";
+/// How many SATA ports q35's AHCI controller has (buses `ide.0` … `ide.5`): a SATA disk's slot
+/// is its port.
+pub const SATA_PORTS: usize = 6;
 
 /// A disk's slot: its own, or its index.
 pub fn disk_slot(index: usize, disk: &DiskSpec) -> usize {
@@ -297,6 +325,8 @@ pub enum SpecError {
     },
     #[error("VM {vm:?}: path {path:?} contains a ',' which QEMU's option syntax cannot carry")]
     CommaInPath { vm: String, path: PathBuf },
+    #[error("VM {vm:?}: SATA disk {disk}'s slot {slot} is past the {SATA_PORTS} SATA ports")]
+    BadSataSlot { vm: String, disk: usize, slot: usize },
 }
 
 /// QEMU device id of a NIC.
@@ -401,21 +431,46 @@ pub fn disk_device_id(slot: usize) -> String {
     format!("disk{slot}")
 }
 
-/// The `virtio-blk-pci` device of disk `disk` at `slot` on the format node `drive`, as QMP's
-/// `device_add` takes it; `port`: on its root port (else the root bus). The command line
-/// passes the same properties.
+/// The device of disk `disk` at `slot` on the format node `drive`, as QMP's `device_add`
+/// takes it: a `virtio-blk-pci` (`port`: on its root port, else the root bus), a `scsi-hd`
+/// with the slot as its SCSI id on the virtio-scsi controller, or an `ide-hd` on SATA port
+/// `slot`. The command line passes the same properties.
 pub fn disk_device_json(slot: usize, disk: &DiskSpec, drive: &str, port: bool) -> serde_json::Value {
     let mut dev = serde_json::json!({
-        "driver": "virtio-blk-pci", "drive": drive, "id": disk_device_id(slot),
+        "drive": drive, "id": disk_device_id(slot),
         "werror": disk.write_error.qemu_name(), "rerror": "report",
     });
+    match disk.bus {
+        DiskBus::VirtioBlk => {
+            dev["driver"] = "virtio-blk-pci".into();
+            if port {
+                dev["bus"] = disk_port_id(slot).into();
+            }
+        }
+        DiskBus::VirtioScsi => {
+            dev["driver"] = "scsi-hd".into();
+            dev["bus"] = format!("{SCSI_CONTROLLER}.0").into();
+            dev["channel"] = 0.into();
+            dev["scsi-id"] = slot.into();
+            dev["lun"] = 0.into();
+        }
+        DiskBus::Sata => {
+            dev["driver"] = "ide-hd".into();
+            dev["bus"] = format!("ide.{slot}").into();
+        }
+    }
     if let Some(s) = &disk.serial {
         dev["serial"] = s.as_str().into();
     }
-    if port {
-        dev["bus"] = disk_port_id(slot).into();
-    }
     dev
+}
+
+impl VmSpec {
+    /// Whether the VM gets the virtio-scsi controller: when a disk is on it, or when disks can
+    /// be hot plugged (one may be a SCSI disk; the controller itself cannot be added later).
+    pub fn scsi_controller(&self) -> bool {
+        self.disk_ports > 0 || self.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi)
+    }
 }
 
 impl VmSpec {
@@ -489,6 +544,13 @@ impl VmSpec {
                     disk: i,
                     slot,
                     ports: self.disk_ports,
+                });
+            }
+            if d.bus == DiskBus::Sata && slot >= SATA_PORTS {
+                return Err(SpecError::BadSataSlot {
+                    vm: vm(),
+                    disk: i,
+                    slot,
                 });
             }
             slots.push(slot);
@@ -604,6 +666,9 @@ impl VmSpec {
                 ),
             );
         }
+        if self.scsi_controller() {
+            push("-device", format!("virtio-scsi-pci,id={SCSI_CONTROLLER}"));
+        }
         for (di, disk) in self.disks.iter().enumerate() {
             let slot = disk_slot(di, disk);
             let (nodes, top) = disk_blockdevs(slot, disk);
@@ -690,6 +755,7 @@ mod tests {
                 direct_io: true,
                 write_error: WriteErrorPolicy::StopOnEnospc,
                 slot: None,
+                bus: DiskBus::VirtioBlk,
             }],
             qmp_socket: "/run/vm1.qmp".into(),
             serial_log: Some("/run/vm1.log".into()),
@@ -882,6 +948,63 @@ mod tests {
     }
 
     #[test]
+    fn disks_sit_on_virtio_blk_virtio_scsi_or_sata() {
+        let mut s = spec();
+        let mut scsi = s.disks[0].clone();
+        scsi.layers.truncate(1);
+        scsi.layers[0].path = "/sd/img2/base".into();
+        scsi.bus = DiskBus::VirtioScsi;
+        scsi.slot = Some(3);
+        let mut sata = scsi.clone();
+        sata.layers[0].path = "/sd/img3/base".into();
+        sata.bus = DiskBus::Sata;
+        sata.slot = Some(5);
+        s.disks.extend([scsi, sata]);
+        let args = s.to_args().unwrap();
+        let devs = arg_after(&args, "-device");
+        let json = |d: &str| serde_json::from_str::<serde_json::Value>(d).ok();
+        let disks: Vec<serde_json::Value> = devs
+            .iter()
+            .filter_map(|d| json(d))
+            .filter(|d| d["id"].as_str().is_some_and(|i| i.starts_with("disk")))
+            .collect();
+        assert_eq!(disks.len(), 3);
+        assert_eq!(disks[0]["driver"], "virtio-blk-pci");
+        let want_scsi = serde_json::json!({
+            "driver": "scsi-hd", "bus": "scsi0.0", "channel": 0, "scsi-id": 3, "lun": 0,
+            "drive": format_node_name(3, Path::new("/sd/img2/base")), "id": "disk3",
+            "werror": "enospc", "rerror": "report", "serial": "abc",
+        });
+        assert_eq!(disks[1], want_scsi);
+        assert_eq!(
+            (&disks[2]["driver"], &disks[2]["bus"], &disks[2]["id"]),
+            (&"ide-hd".into(), &"ide.5".into(), &"disk5".into())
+        );
+        // The controller comes before the disks that sit on it.
+        let controller = devs
+            .iter()
+            .position(|d| *d == "virtio-scsi-pci,id=scsi0")
+            .unwrap();
+        let first_disk = devs.iter().position(|d| d.contains("\"disk")).unwrap();
+        assert!(controller < first_disk, "{devs:?}");
+        // Without SCSI disks or hot plug ports, no controller.
+        s.disks.truncate(1);
+        assert!(!s.to_args().unwrap().iter().any(|a| a.contains("virtio-scsi")));
+        // A SATA disk's slot is one of the chipset's six ports.
+        let mut far = s.disks[0].clone();
+        far.layers.truncate(1);
+        far.layers[0].path = "/sd/img4/base".into();
+        far.bus = DiskBus::Sata;
+        far.slot = Some(6);
+        s.disks.push(far);
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::BadSataSlot { disk: 1, slot: 6, .. })
+        ));
+        assert!(DiskBus::VirtioScsi.hot_pluggable() && !DiskBus::Sata.hot_pluggable());
+    }
+
+    #[test]
     fn disk_ports_give_hotpluggable_slots_after_the_nic_ports() {
         let mut s = spec();
         s.nic_ports = 2;
@@ -895,13 +1018,16 @@ mod tests {
         let args = s.to_args().unwrap();
         let devs = arg_after(&args, "-device");
         assert_eq!(
-            &devs[2..5],
+            &devs[2..6],
             [
                 "pcie-root-port,id=diskport0,bus=pcie.0,chassis=3,io-reserve=0",
                 "pcie-root-port,id=diskport1,bus=pcie.0,chassis=4,io-reserve=0",
                 "pcie-root-port,id=diskport2,bus=pcie.0,chassis=5,io-reserve=0",
+                // Any disk hot plugged later may be a SCSI one.
+                "virtio-scsi-pci,id=scsi0",
             ]
         );
+        let devs = &devs[1..];
         let disk: serde_json::Value = serde_json::from_str(devs[5]).unwrap();
         assert_eq!(
             (&disk["id"], &disk["bus"]),

@@ -1,12 +1,15 @@
 //! Boots the test guest with real QEMU under TCG from a command line built by `VmSpec`, lets it
-//! write to its disk and power off, then checks the marker on the serial console and the bytes
-//! on the disk with `qemu-io`.
+//! write to its disks and power off, then checks the marker on the serial console and the bytes
+//! on the disks. Its disks sit on each bus a disk can have: virtio-blk (`/dev/vda`),
+//! virtio-scsi (`/dev/sda`) and SATA (the chipset's AHCI, which QEMU shows and this guest's
+//! kernel has no driver for).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use oxvirt_qemu::qmp::Qmp;
 use oxvirt_qemu::{
-    Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, QemuTool, VmSpec, WriteErrorPolicy,
+    Accel, BlockProtocol, Boot, DiskBus, DiskSpec, ImageFormat, LayerSpec, QemuTool, VmSpec, WriteErrorPolicy,
 };
 use oxvirt_testkit::{require_tool, TestGuest};
 
@@ -26,6 +29,29 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         .unwrap();
     assert!(st.success());
 
+    let raw_disk = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+        p
+    };
+    let (scsi, sata) = (raw_disk("scsi.raw"), raw_disk("sata.raw"));
+    let raw_spec = |path: &std::path::Path, bus: DiskBus, slot: u8| DiskSpec {
+        layers: vec![LayerSpec {
+            path: path.to_path_buf(),
+            format: ImageFormat::Raw,
+            protocol: BlockProtocol::File,
+        }],
+        serial: None,
+        read_only: false,
+        direct_io: false,
+        write_error: WriteErrorPolicy::Report,
+        slot: Some(slot),
+        bus,
+    };
+    // The SCSI disk gets 2 MiB of 'S'; the guest lists its block devices.
+    let script = "tr '\\000' S < /dev/zero | dd of=/dev/sda bs=1M count=2 iflag=fullblock oflag=direct \
+        2>/dev/null && echo OXVIRT-GUEST sda written; echo OXVIRT-GUEST disks $(ls /sys/block | tr '\\n' ' ')";
+
     let serial = dir.path().join("serial.log");
     let spec = VmSpec {
         name: "guest-boot".into(),
@@ -38,22 +64,28 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
             initrd: Some(guest.initrd.clone()),
             append: TestGuest::append(&[
                 "oxvirt.write_mib=4",
+                &TestGuest::run_arg(script),
                 "oxvirt.marker=booted-42",
                 "oxvirt.poweroff=1",
             ]),
         },
-        disks: vec![DiskSpec {
-            layers: vec![LayerSpec {
-                path: disk.clone(),
-                format: ImageFormat::Qcow2,
-                protocol: BlockProtocol::File,
-            }],
-            serial: None,
-            read_only: false,
-            direct_io: false,
-            write_error: WriteErrorPolicy::Report,
-            slot: None,
-        }],
+        disks: vec![
+            DiskSpec {
+                layers: vec![LayerSpec {
+                    path: disk.clone(),
+                    format: ImageFormat::Qcow2,
+                    protocol: BlockProtocol::File,
+                }],
+                serial: None,
+                read_only: false,
+                direct_io: false,
+                write_error: WriteErrorPolicy::Report,
+                slot: None,
+                bus: Default::default(),
+            },
+            raw_spec(&scsi, DiskBus::VirtioScsi, 1),
+            raw_spec(&sata, DiskBus::Sata, 2),
+        ],
         qmp_socket: dir.path().join("qmp.sock"),
         serial_log: Some(serial.clone()),
         vnc_socket: None,
@@ -69,6 +101,28 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
 
     let start = Instant::now();
     let mut child = Command::new(qemu).args(spec.to_args().unwrap()).spawn().unwrap();
+    // QEMU made each disk's device on its bus (asked while the guest boots).
+    let qmp_socket = spec.qmp_socket.clone();
+    let types = tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let q = loop {
+            match Qmp::connect(&qmp_socket).await {
+                Ok((q, _events)) => break q,
+                Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("QMP: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let mut types = Vec::new();
+        for d in ["disk0", "disk1", "disk2"] {
+            let path = format!("/machine/peripheral/{d}");
+            let t = q
+                .execute_raw("qom-get", serde_json::json!({ "path": path, "property": "type" }))
+                .await
+                .unwrap();
+            types.push(t.as_str().unwrap().to_string());
+        }
+        types
+    });
+    assert_eq!(types, ["virtio-blk-pci", "scsi-hd", "ide-hd"]);
     let deadline = Duration::from_secs(60);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -92,6 +146,27 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         "console:\n{console}"
     );
     assert!(console.contains("OXVIRT-MARKER booted-42"), "console:\n{console}");
+    assert!(
+        console.contains("OXVIRT-GUEST sda written"),
+        "console:\n{console}"
+    );
+    let listed = console
+        .lines()
+        .find_map(|l| l.split("OXVIRT-GUEST disks ").nth(1))
+        .unwrap_or_else(|| panic!("no block device list; console:\n{console}"));
+    let mut listed: Vec<&str> = listed.split_whitespace().collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["sda", "vda"],
+        "virtio-blk and virtio-scsi disks; no AHCI driver"
+    );
+    let written = std::fs::read(&scsi).unwrap();
+    assert!(
+        written[..2 << 20].iter().all(|b| *b == b'S'),
+        "the SCSI disk's writes are lost"
+    );
+    assert!(written[2 << 20..].iter().all(|b| *b == 0));
     // 3–4 s on an idle machine. nextest runs QEMU tests one at a time (.config/nextest.toml,
     // test group `qemu`), so the issue's 10 s budget holds on a 2-core CI machine.
     assert!(

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use oxvirt_types::api::ErrorCode;
 
-use crate::model::{Disk, DiskAttachment, DiskId, DiskStatus, HostUuid, Vm, VmId, VmStatus};
+use crate::model::{Disk, DiskAttachment, DiskId, DiskInterface, DiskStatus, HostUuid, Vm, VmId, VmStatus};
 
 use super::{AddVmDisk, CommandError, Commands};
 
@@ -69,22 +69,17 @@ impl Commands {
             .ok_or_else(|| CommandError::not_found("disk attachment", disk))
     }
 
-    /// Hot plugs disk `disk` into `v`, running on `host`.
-    async fn plug_disk(
-        &self,
-        v: &Vm,
-        host: HostUuid,
-        disk: DiskId,
-        read_only: bool,
-    ) -> Result<(), CommandError> {
-        let d = self.disk(disk).await?;
+    /// Hot plugs the disk of attachment `a` into `v`, running on `host`.
+    async fn plug_disk(&self, v: &Vm, host: HostUuid, a: &DiskAttachment) -> Result<(), CommandError> {
+        refuse_cold_only(a.interface)?;
+        let d = self.disk(a.disk_id).await?;
         if d.status != DiskStatus::Ok {
             return Err(CommandError::Conflict(format!(
                 "disk {} is {}: it is plugged once it is ok",
                 d.name, d.status
             )));
         }
-        let drive = json!({ "domainID": d.storage_domain_id, "imageID": d.id, "readonly": read_only });
+        let drive = drive_params(&d, a);
         self.node_of(host)
             .await?
             .call("VM.hotplugDisk", json!({ "vmID": v.id, "drive": drive }))
@@ -93,10 +88,11 @@ impl Commands {
         Ok(())
     }
 
-    /// Hot unplugs disk `disk` from `v`, running on `host`; a disk the VM does not have is
-    /// already unplugged.
-    async fn unplug_disk(&self, v: &Vm, host: HostUuid, disk: DiskId) -> Result<(), CommandError> {
-        let d = self.disk(disk).await?;
+    /// Hot unplugs the disk of attachment `a` from `v`, running on `host`; a disk the VM does
+    /// not have is already unplugged.
+    async fn unplug_disk(&self, v: &Vm, host: HostUuid, a: &DiskAttachment) -> Result<(), CommandError> {
+        refuse_cold_only(a.interface)?;
+        let d = self.disk(a.disk_id).await?;
         if d.status == DiskStatus::Locked {
             return Err(CommandError::Conflict(format!(
                 "disk {} is locked by a running job: unplug it after the job",
@@ -140,12 +136,12 @@ impl Commands {
         }
         let a = how.attachment(disk);
         if let Some(h) = hot {
-            self.plug_disk(&v, h, disk, a.read_only).await?;
+            self.plug_disk(&v, h, &a).await?;
         }
         if let Err(e) = self.app.db.attachment_add(&a).await {
             if let Some(h) = hot {
                 // The row is the truth: QEMU gives back what the database does not have.
-                if let Err(u) = self.unplug_disk(&v, h, disk).await {
+                if let Err(u) = self.unplug_disk(&v, h, &a).await {
                     tracing::error!(vm = %v.name, disk = %d.name, error = %u, "a disk stays plugged without its attachment");
                 }
             }
@@ -191,8 +187,8 @@ impl Commands {
             let hot = self.disk_hot_host(&v, "a disk is activated, deactivated or changed")?;
             if let Some(h) = hot {
                 match (before.active, a.active) {
-                    (false, true) => self.plug_disk(&v, h, a.disk_id, a.read_only).await?,
-                    (true, false) => self.unplug_disk(&v, h, a.disk_id).await?,
+                    (false, true) => self.plug_disk(&v, h, &a).await?,
+                    (true, false) => self.unplug_disk(&v, h, &before).await?,
                     _ => {
                         return Err(CommandError::Conflict(format!(
                             "disk {} is plugged into running VM {}: deactivate it before changing its \
@@ -213,10 +209,33 @@ impl Commands {
         let a = self.attachment(vm, disk).await?;
         if a.active {
             if let Some(h) = self.disk_hot_host(&v, "an active disk is detached")? {
-                self.unplug_disk(&v, h, disk).await?;
+                self.unplug_disk(&v, h, &a).await?;
             }
         }
         self.app.db.attachment_remove(vm, disk).await?;
         Ok(())
     }
+}
+
+/// Refuses to hot plug or unplug a disk on an interface that cannot (SATA and IDE, as in
+/// oVirt): such a disk changes while its VM is down.
+pub(crate) fn refuse_cold_only(interface: DiskInterface) -> Result<(), CommandError> {
+    match interface {
+        DiskInterface::Virtio | DiskInterface::VirtioScsi => Ok(()),
+        DiskInterface::Sata | DiskInterface::Ide => Err(CommandError::Conflict(format!(
+            "a disk on {interface} cannot be plugged into or unplugged from a running VM: change it while \
+             the VM is down, or use virtio or virtio_scsi"
+        ))),
+    }
+}
+
+/// The node's drive parameters (VDSM's drive dict) for disk `d` as attachment `a` has it.
+pub(crate) fn drive_params(d: &Disk, a: &DiskAttachment) -> serde_json::Value {
+    let iface = match a.interface {
+        DiskInterface::Virtio => "virtio",
+        DiskInterface::VirtioScsi => "scsi",
+        DiskInterface::Sata => "sata",
+        DiskInterface::Ide => "ide",
+    };
+    json!({ "domainID": d.storage_domain_id, "imageID": d.id, "readonly": a.read_only, "iface": iface })
 }

@@ -1066,6 +1066,7 @@ impl Commands {
         if let Some(a) = req.attach_to.as_mut().filter(|a| a.active) {
             let v = self.vm(a.vm).await?;
             if self.disk_hot_host(&v, "an active disk is attached")?.is_some() {
+                super::attachments::refuse_cold_only(a.interface)?;
                 a.active = false;
                 hot_vm = Some(a.vm);
             }

@@ -94,7 +94,7 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
             .disk_get(a.disk_id)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", a.disk_id))?;
-        drives.push(json!({ "domainID": d.storage_domain_id, "imageID": d.id, "readonly": a.read_only }));
+        drives.push(super::attachments::drive_params(&d, &a));
     }
     let nics: Vec<Value> = app
         .db

@@ -651,10 +651,11 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     let disk: DiskId = form
                         .parse("disk", "disk")?
                         .ok_or_else(|| PortalError::Bad("choose a disk to attach".into()))?;
+                    let how = active_data_disk(id, form)?;
                     (
                         format!("Attach a disk to VM {name}"),
                         Box::pin(async move {
-                            e.cmds.attach_disk(id, disk, active_data_disk(id)).await?;
+                            e.cmds.attach_disk(id, disk, how).await?;
                             Ok(None)
                         }),
                     )
@@ -664,13 +665,13 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     let add = disk_request(ctx, form, &format!("{name}_disk{n}"))
                         .await?
                         .ok_or_else(|| PortalError::Bad("give the new disk a size".into()))?;
+                    let add = AddDisk {
+                        attach_to: Some(active_data_disk(id, form)?),
+                        ..add
+                    };
                     (
                         format!("Add disk {} to VM {name}", add.name),
                         Box::pin(async move {
-                            let add = AddDisk {
-                                attach_to: Some(active_data_disk(id)),
-                                ..add
-                            };
                             e.cmds.add_disk(add, corr).await?;
                             Ok(None)
                         }),
@@ -994,14 +995,17 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
 }
 
 /// The new VM's own disk, when the form asks for one (VMs from Blank).
-/// A data disk attached active to `vm`, as the portal adds them.
-fn active_data_disk(vm: VmId) -> AddVmDisk {
-    AddVmDisk {
+/// A data disk attached active to `vm`, as the portal adds them, on the form's `interface`
+/// (virtio when it names none).
+fn active_data_disk(vm: VmId, form: &Form) -> Result<AddVmDisk, PortalError> {
+    Ok(AddVmDisk {
         vm,
-        interface: DiskInterface::Virtio,
+        interface: form
+            .parse("interface", "disk interface")?
+            .unwrap_or(DiskInterface::Virtio),
         bootable: false,
         active: true,
-    }
+    })
 }
 
 /// The new disk the form describes (`disk_mib`, `sd`, `disk_format`) named `name`; `None`

@@ -373,17 +373,27 @@ async fn sessions_pages_actions_and_live_updates() {
     );
     let fetch = [("x-portal-fetch", "1")];
     let pd = pagedisk.to_string();
+    assert!(page.contains("name=\"interface\""), "{page}");
     let r = t
         .post(
             &format!("/portal/vms/{id}/attach-disk"),
-            &[("csrf", &csrf), ("disk", &pd)],
+            &[("csrf", &csrf), ("disk", &pd), ("interface", "bogus")],
+            &fetch,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/attach-disk"),
+            &[("csrf", &csrf), ("disk", &pd), ("interface", "virtio_scsi")],
             &fetch,
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     assert_eq!(t.action_outcome("Attach a disk to VM t1").await["state"], "done");
     let att = || async { db.attachment_get(vm.id, pagedisk).await.unwrap() };
-    assert!(att().await.unwrap().active);
+    let a = att().await.unwrap();
+    assert!(a.active && a.interface == crate::model::DiskInterface::VirtioScsi);
     let page = t.get(&format!("/portal/vms/{id}")).await.body;
     assert!(
         page.contains(&format!("/portal/vms/{id}/disks/{pd}/deactivate")),

@@ -1039,6 +1039,20 @@ async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     Ok(h.finish())
 }
 
+/// The controller a disk goes on (SATA and IDE disks change only while the VM is down).
+fn interface_field(h: &mut Html) {
+    let opts: Vec<(String, String)> = [
+        ("virtio", "VirtIO"),
+        ("virtio_scsi", "VirtIO-SCSI"),
+        ("sata", "SATA"),
+        ("ide", "IDE"),
+    ]
+    .iter()
+    .map(|(v, l)| (v.to_string(), l.to_string()))
+    .collect();
+    h.select("Interface", "interface", &opts, Some("virtio"));
+}
+
 /// A new disk's storage domain and format (the size field is the caller's).
 fn new_disk_fields(h: &mut Html, names: &Names) {
     let mut sds: Vec<(String, String)> = names
@@ -1537,11 +1551,13 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     if !floating.is_empty() {
         h.form_open(f, &format!("/portal/vms/{sid}/attach-disk"), None, "inline-form");
         h.select("Attach disk", "disk", &floating, None);
+        interface_field(&mut h);
         h.raw("<button type=\"submit\" class=\"secondary\">Attach</button></form>");
     }
     h.form_open(f, &format!("/portal/vms/{sid}/add-disk"), None, "inline-form");
     h.input("New disk (MiB)", "disk_mib", "number", "", "min=\"1\" required");
     new_disk_fields(&mut h, &names);
+    interface_field(&mut h);
     h.raw("<button type=\"submit\" class=\"secondary\">Add disk</button></form>");
     h.raw("</div>");
 

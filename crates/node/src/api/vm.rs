@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use oxvirt_qemu::{Accel, Boot, NicBackend, NicSpec};
+use oxvirt_qemu::{Accel, Boot, DiskBus, NicBackend, NicSpec};
 use oxvirt_rpc::RpcError;
 use oxvirt_types::api::ErrorCode;
 use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
@@ -67,6 +67,30 @@ pub struct DriveParams {
     /// The disk's slot (from the source's `VM.getInfo` on a migration destination).
     #[serde(default)]
     pub slot: Option<u8>,
+    /// The controller the guest sees the disk on (VDSM's `iface`); virtio when absent.
+    #[serde(default)]
+    pub iface: DriveIface,
+}
+
+/// VDSM's drive `iface`. q35 has no IDE controller: `ide` is a SATA port, as oVirt makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveIface {
+    #[default]
+    Virtio,
+    Scsi,
+    Sata,
+    Ide,
+}
+
+impl DriveIface {
+    pub fn bus(self) -> DiskBus {
+        match self {
+            DriveIface::Virtio => DiskBus::VirtioBlk,
+            DriveIface::Scsi => DiskBus::VirtioScsi,
+            DriveIface::Sata | DriveIface::Ide => DiskBus::Sata,
+        }
+    }
 }
 
 /// `VM.hotplugDisk` / `VM.hotunplugDisk` (VDSM's names): the drive to plug, or the one whose
@@ -664,6 +688,7 @@ impl Node {
                         policy,
                     }),
                     slot: d.slot,
+                    bus: d.iface.bus(),
                 });
             }
             Ok(disks)

@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use oxvirt_qemu::cmdline::{disk_blockdevs, disk_device_json};
+use oxvirt_qemu::DiskBus;
 use oxvirt_types::VmId;
 
 use super::{thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager};
@@ -31,7 +32,8 @@ pub const DISK_PORTS: u8 = 16;
 /// attention button before it powers a PCIe slot off).
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Gives every disk without a slot the lowest free one; refuses duplicates and overflow.
+/// Gives every disk without a slot the lowest free one, SATA disks first (a SATA disk's slot is
+/// its port, of which there are few); refuses duplicates and overflow.
 pub fn assign_slots(vm: VmId, disks: &mut [VmDisk]) -> Result<(), VmError> {
     let invalid = |reason: String| VmError::Invalid { vm, reason };
     if disks.len() > usize::from(DISK_PORTS) {
@@ -49,7 +51,11 @@ pub fn assign_slots(vm: VmId, disks: &mut [VmDisk]) -> Result<(), VmError> {
             used.push(s);
         }
     }
-    for d in disks.iter_mut().filter(|d| d.slot.is_none()) {
+    let (mut sata, mut others): (Vec<_>, Vec<_>) = disks
+        .iter_mut()
+        .filter(|d| d.slot.is_none())
+        .partition(|d| d.bus == DiskBus::Sata);
+    for d in sata.iter_mut().chain(others.iter_mut()) {
         let free = (0..DISK_PORTS)
             .find(|s| !used.contains(s))
             .ok_or_else(|| invalid("no free disk slot".into()))?;
@@ -70,6 +76,14 @@ impl VmManager {
         if disk.image.is_some() && rec.create.disks.iter().any(|d| d.image == disk.image) {
             tracing::info!(vm_id = %id, image = ?disk.image, "disk already plugged");
             return Ok(vm.info());
+        }
+        if !disk.bus.hot_pluggable() {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: "a SATA disk cannot be plugged into a running VM: plug it while the VM is down, \
+                         or choose virtio or virtio-scsi"
+                    .into(),
+            });
         }
         // The disk as it will be (its slot, a thin one's loop device), checked against the
         // whole VM first.
@@ -202,6 +216,12 @@ impl VmManager {
                 return Err(invalid(
                     "a live snapshot or merge is still being settled: unplug the disk after it".into(),
                 ));
+            }
+            if !r.create.disks[index].bus.hot_pluggable() {
+                return Err(invalid(format!(
+                    "the disk from image {} is on SATA, which cannot unplug from a running VM",
+                    image.img
+                )));
             }
             (index, r.slot(index), r.disk_spec(index))
         };

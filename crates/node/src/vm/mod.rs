@@ -40,7 +40,8 @@ use oxvirt_qemu::cmdline::{format_node_name, layer_blockdevs, protocol_node_name
 use oxvirt_qemu::qga::GuestAgent;
 use oxvirt_qemu::qmp::{self, Event, Qmp, QmpError};
 use oxvirt_qemu::{
-    Accel, BlockProtocol, Boot, DiskSpec, ImageFormat, LayerSpec, NicSpec, QemuTool, VmSpec, WriteErrorPolicy,
+    Accel, BlockProtocol, Boot, DiskBus, DiskSpec, ImageFormat, LayerSpec, NicSpec, QemuTool, VmSpec,
+    WriteErrorPolicy,
 };
 use oxvirt_types::{ImgUuid, SdUuid, VmId};
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,9 @@ pub struct VmDisk {
     /// given at start or hot plug, kept for life. A migration destination gets the source's.
     #[serde(default)]
     pub slot: Option<u8>,
+    /// The controller the guest sees it on (oVirt's disk interface).
+    #[serde(default)]
+    pub bus: DiskBus,
 }
 
 impl VmCreate {
@@ -122,6 +126,7 @@ impl VmDisk {
             thin: None,
             image: None,
             slot: None,
+            bus: DiskBus::default(),
         }
     }
 
@@ -289,6 +294,7 @@ impl VmRecord {
             direct_io: d.direct_io,
             write_error: d.write_error,
             slot: d.slot,
+            bus: d.bus,
         }
     }
 }
@@ -310,11 +316,13 @@ pub struct VmInfo {
     pub disks: Vec<DiskSlot>,
 }
 
-/// Where a disk sits in the VM: its storage image, if it has one, and its slot.
+/// Where a disk sits in the VM: its storage image, if it has one, its slot and its bus.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSlot {
     pub image: Option<ImageRef>,
     pub slot: u8,
+    #[serde(default)]
+    pub bus: DiskBus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -686,6 +694,7 @@ impl Vm {
                 .map(|(d, slot)| DiskSlot {
                     image: d.image,
                     slot: slot as u8,
+                    bus: d.bus,
                 })
                 .collect(),
         }

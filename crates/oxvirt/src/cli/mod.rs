@@ -501,6 +501,9 @@ pub enum DiskCmd {
         inactive: bool,
         #[arg(long)]
         bootable: bool,
+        /// The controller the guest sees it on (sata and ide change only while the VM is down).
+        #[arg(long, default_value = "virtio", value_parser = ["virtio", "virtio_scsi", "sata", "ide"])]
+        interface: String,
     },
     /// Detach a disk from a VM (hot unplugged from a running VM); the disk stays.
     Detach {
@@ -1810,10 +1813,11 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             vm,
             inactive,
             bootable,
+            interface,
         } => {
             let (v, d) = (ctx.id(&kinds::VM, &vm).await?, ctx.id(k, &name).await?);
             let body = json!({
-                "disk": { "id": d }, "active": !inactive, "bootable": bootable, "interface": "virtio",
+                "disk": { "id": d }, "active": !inactive, "bootable": bootable, "interface": interface,
             });
             ctx.api
                 .request(

@@ -59,10 +59,15 @@ def console_has(node_dir, vm_id, text):
         return False
 
 
+def node_disk_buses(node_dir, vm_id):
+    """The bus of each disk in the node's record of the running VM."""
+    with open(os.path.join(node_dir, "run", "vms", vm_id, "vm.json")) as f:
+        return [d.get("bus", "virtio_blk") for d in json.load(f)["create"]["disks"]]
+
+
 def node_disks(node_dir, vm_id):
     """How many disks the node's record of the running VM has."""
-    with open(os.path.join(node_dir, "run", "vms", vm_id, "vm.json")) as f:
-        return len(json.load(f)["create"]["disks"])
+    return len(node_disk_buses(node_dir, vm_id))
 
 
 def image_volumes(sd_id, disk_id):
@@ -303,20 +308,22 @@ def main():
     wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
     step("migrated to %s" % dst)
 
-    # A disk added to the running VM is hot plugged (the node's record of the VM has it);
-    # deactivated it is unplugged, and it goes with its attachment.
+    # A disk added to the running VM is hot plugged (the node's record of the VM has it, on
+    # the virtio-scsi controller as asked); deactivated it is unplugged, and it goes with its
+    # attachment.
     assert node_disks(node_dirs[dst], vm.id) == 1
     hot_att = vm_svc.disk_attachments_service().add(types.DiskAttachment(
         disk=types.Disk(name=P + "-hot", format=types.DiskFormat.COW, provisioned_size=16 * MIB,
                         sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
-        interface=types.DiskInterface.VIRTIO,
+        interface=types.DiskInterface.VIRTIO_SCSI,
         bootable=False,
         active=True,
     ))
     hot_svc = vm_svc.disk_attachments_service().attachment_service(hot_att.id)
     # Answered while the volume is made: plugged once it is.
     wait("hot disk plugged", lambda: hot_svc.get().active is True)
-    assert node_disks(node_dirs[dst], vm.id) == 2, "the running VM did not get the disk"
+    assert node_disk_buses(node_dirs[dst], vm.id) == ["virtio_blk", "virtio_scsi"], \
+        "the running VM did not get the disk on its SCSI controller"
     hot_svc.update(types.DiskAttachment(active=False))
     assert hot_svc.get().active is False
     assert node_disks(node_dirs[dst], vm.id) == 1, "the deactivated disk is still plugged"
