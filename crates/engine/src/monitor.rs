@@ -29,7 +29,7 @@
 //! SPM safety does not rest on the monitor: a node takes the SPM lease only when the previous
 //! holder's host id is dead on storage, so the monitor may ask as often as it likes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,10 +37,10 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::commands::{CommandError, Commands};
-use crate::db::{HostFilter, ListQuery, Ref, VmFilter};
+use crate::db::{DbError, HostFilter, ListQuery, Ref, VmFilter};
 use crate::model::{
     DcId, DcStatus, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, SdUuid, Severity, SpmStatus,
-    VmId, VmRuntime, VmStatus,
+    Vm, VmId, VmRuntime, VmStatus,
 };
 
 /// Hosts the monitor polls (others wait for an admin or for enrollment).
@@ -337,9 +337,11 @@ async fn poll_host(
         )
         .await;
     }
+    // The rows as they were before the node was asked (see `reconcile_vms`).
+    let before = vms_on_host(app, h.id).await?;
     let vms = node.call("Host.getAllVmStats", json!({})).await?;
     sample_vm_cpu(app, &vms, balancer).await;
-    reconcile_vms(app, h, &node, &vms).await
+    reconcile_vms(app, h, &node, &vms, before).await
 }
 
 /// Feeds the balancer the VMs' CPU time (QEMU's user + system).
@@ -365,7 +367,8 @@ async fn sample_vm_cpu(app: &App, reported: &Value, balancer: &Mutex<crate::bala
     }
 }
 
-async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError> {
+/// The VMs the database places on `host`.
+async fn vms_on_host(app: &App, host: HostUuid) -> Result<Vec<Vm>, CommandError> {
     let q = ListQuery {
         filter: VmFilter {
             host: Some(Ref::Id(host)),
@@ -373,13 +376,31 @@ async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError>
         },
         ..Default::default()
     };
-    for vm in app.db.vm_list(&q).await? {
+    Ok(app.db.vm_list(&q).await?)
+}
+
+/// Writes `rt` over VM `id` if its status is still `was`, the status the report being
+/// applied was compared with: false when a command changed the VM since (its word is newer)
+/// or removed it.
+async fn settle_vm(app: &App, id: VmId, was: VmStatus, rt: &VmRuntime) -> Result<bool, CommandError> {
+    match app.db.vm_set_runtime(id, &[was], rt).await {
+        Ok(_) => Ok(true),
+        Err(DbError::Conflict { .. } | DbError::NotFound { .. }) => {
+            tracing::debug!(vm = %id, was = %was, "the VM changed while its host was polled: its newer state stands");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError> {
+    for vm in vms_on_host(app, host).await? {
         if vm.runtime.status.is_running() {
             let rt = VmRuntime {
                 status: VmStatus::Unknown,
                 ..vm.runtime.clone()
             };
-            app.db.vm_set_runtime(vm.id, &[vm.runtime.status], &rt).await?;
+            settle_vm(app, vm.id, vm.runtime.status, &rt).await?;
         }
     }
     Ok(())
@@ -400,21 +421,36 @@ fn engine_status(node_state: &str) -> Option<VmStatus> {
     })
 }
 
-async fn reconcile_vms(
+/// Brings the database's VMs in line with what `h`'s node reports (`Host.getAllVmStats`).
+/// `before` are the VMs the database placed on `h`, read *before* the node was asked: each
+/// write compares against the status read then, so a VM a command changed meanwhile (a
+/// resume, a new start, a migration's switch) keeps the command's newer word instead of the
+/// older report's, and the next poll settles it.
+pub async fn reconcile_vms(
     app: &App,
     h: &Host,
     node: &crate::nodes::NodeClient,
     reported: &Value,
+    before: Vec<Vm>,
 ) -> Result<(), CommandError> {
+    let before: HashMap<VmId, Vm> = before.into_iter().map(|v| (v.id, v)).collect();
     let mut seen = HashSet::new();
     for r in reported.as_array().into_iter().flatten() {
         let Some(id) = r["vmID"].as_str().and_then(|s| s.parse::<VmId>().ok()) else {
             continue;
         };
         seen.insert(id);
-        let Some(vm) = app.db.vm_get(id).await? else {
-            tracing::warn!(host = %h.name, vm = %id, "node runs a VM the engine does not know");
-            continue;
+        // Not on this host before the poll: read now (a VM started or migrated here since
+        // is in the report only because that already happened).
+        let vm = match before.get(&id) {
+            Some(v) => v.clone(),
+            None => match app.db.vm_get(id).await? {
+                Some(v) => v,
+                None => {
+                    tracing::warn!(host = %h.name, vm = %id, "node runs a VM the engine does not know");
+                    continue;
+                }
+            },
         };
         let state = r["status"]["state"].as_str().unwrap_or("");
         if state == "migration_destination" {
@@ -430,16 +466,13 @@ async fn reconcile_vms(
             // Saving its state ends a VM's QEMU too; the suspend saga records it.
             if ours && !matches!(vm.runtime.status, VmStatus::Migrating | VmStatus::SavingState) {
                 let reason = r["status"]["reason"].to_string();
-                app.db
-                    .vm_set_runtime(
-                        id,
-                        &[vm.runtime.status],
-                        &VmRuntime {
-                            status_detail: Some(reason.clone()),
-                            ..Default::default()
-                        },
-                    )
-                    .await?;
+                let down = VmRuntime {
+                    status_detail: Some(reason.clone()),
+                    ..Default::default()
+                };
+                if !settle_vm(app, id, vm.runtime.status, &down).await? {
+                    continue;
+                }
                 event(
                     app,
                     Severity::Normal,
@@ -476,18 +509,11 @@ async fn reconcile_vms(
                 run_on_host: Some(h.id),
                 ..Default::default()
             };
-            app.db.vm_set_runtime(id, &[vm.runtime.status], &rt).await?;
+            settle_vm(app, id, vm.runtime.status, &rt).await?;
         }
     }
-    // VMs the engine places on this host that the node no longer runs.
-    let q = ListQuery {
-        filter: VmFilter {
-            host: Some(Ref::Id(h.id)),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    for vm in app.db.vm_list(&q).await? {
+    // VMs the engine placed on this host that the node no longer runs.
+    for vm in before.values() {
         let transient = matches!(
             vm.runtime.status,
             VmStatus::WaitForLaunch
@@ -497,16 +523,13 @@ async fn reconcile_vms(
                 | VmStatus::RestoringState
         );
         if !seen.contains(&vm.id) && vm.runtime.status.is_running() && !transient {
-            app.db
-                .vm_set_runtime(
-                    vm.id,
-                    &[vm.runtime.status],
-                    &VmRuntime {
-                        status_detail: Some("gone from its host".into()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
+            let gone = VmRuntime {
+                status_detail: Some("gone from its host".into()),
+                ..Default::default()
+            };
+            if !settle_vm(app, vm.id, vm.runtime.status, &gone).await? {
+                continue;
+            }
             event(
                 app,
                 Severity::Warning,

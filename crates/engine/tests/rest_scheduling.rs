@@ -1,8 +1,9 @@
 //! Scheduling and availability over the REST API v4 (real HTTPS, real SQLite database, no node
 //! needed): cluster scheduling policies and memory overcommit, the read-only
 //! `/schedulingpolicies`, affinity groups with their VMs, and power management (a host's fence
-//! agent, a real shell script here, and the host `fence` action). Every refused request is
-//! checked to have changed nothing.
+//! agent, a real shell script here, and the host `fence` action), and the monitor applying a
+//! node's VM report without undoing a newer command. Every refused request is checked to have
+//! changed nothing.
 
 mod rest_common;
 
@@ -820,4 +821,81 @@ async fn fence_agents_and_the_fence_action() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     t.engine.shutdown().await;
+}
+
+/// The monitor applies a node's VM report over the rows it read before asking the node: a VM a
+/// command changed meanwhile keeps the command's word (a resume that lands between the poll's
+/// question and its answer), while a report about an unchanged VM settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_answered_before_a_command_never_undoes_it() {
+    use oxvirt_engine::model::Host;
+    use oxvirt_engine::monitor::reconcile_vms;
+    let t = start_engine().await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    add(&c, "datacenters", "<data_center><name>dc</name></data_center>").await;
+    add(
+        &c,
+        "clusters",
+        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+    )
+    .await;
+    let vm: VmId = add(&c, "vms", &vm_xml("vm1", "cl")).await.parse().unwrap();
+    let app = t.engine.app();
+    let db = &app.db;
+    let cluster = db.vm_get(vm).await.unwrap().unwrap().cluster_id;
+    // A host that never enrolled: the monitor's own rounds leave it alone.
+    let h = db
+        .host_insert(&Host::new("h", "127.0.0.1", 1, cluster))
+        .await
+        .unwrap();
+    let on_h = |status| VmRuntime {
+        status,
+        run_on_host: Some(h.id),
+        ..Default::default()
+    };
+    db.vm_set_runtime(vm, &[], &on_h(VmStatus::Paused)).await.unwrap();
+    let node = app.client(&h).unwrap();
+    let report = |state: &str| serde_json::json!([{ "vmID": vm, "status": { "state": state } }]);
+    let now = || async { db.vm_get(vm).await.unwrap().unwrap().runtime };
+
+    // Asked while paused; resumed by a command before the answer is applied: the resume stands.
+    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    db.vm_set_runtime(vm, &[VmStatus::Paused], &on_h(VmStatus::Up))
+        .await
+        .unwrap();
+    reconcile_vms(app, &h, &node, &report("paused"), before)
+        .await
+        .unwrap();
+    assert_eq!(
+        now().await.status,
+        VmStatus::Up,
+        "an older report undid the resume"
+    );
+    // The same report read after the command is the node's newer word: it settles.
+    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    reconcile_vms(app, &h, &node, &report("paused"), before)
+        .await
+        .unwrap();
+    assert_eq!(now().await.status, VmStatus::Paused);
+
+    // Missing from a report asked before a resume: not taken for gone.
+    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    db.vm_set_runtime(vm, &[VmStatus::Paused], &on_h(VmStatus::Up))
+        .await
+        .unwrap();
+    reconcile_vms(app, &h, &node, &serde_json::json!([]), before)
+        .await
+        .unwrap();
+    assert_eq!(now().await.status, VmStatus::Up);
+    // Missing from a later one: gone from its host, down.
+    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    reconcile_vms(app, &h, &node, &serde_json::json!([]), before)
+        .await
+        .unwrap();
+    let rt = now().await;
+    assert_eq!(
+        (rt.status, rt.status_detail.as_deref()),
+        (VmStatus::Down, Some("gone from its host"))
+    );
 }
