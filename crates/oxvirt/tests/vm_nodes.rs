@@ -1115,6 +1115,19 @@ async fn a_restarted_node_keeps_its_leased_vm_and_nobody_can_start_it_twice() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains(&format!("belongs to VM {id}")), "{e}");
+    // Nor does the SPM delete the volume, or its image, under the running guest.
+    let mut del = vref.clone();
+    del["spUUID"] = json!(pool);
+    let e = spm.c.call("Volume.delete", del.clone()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("volume {leaf} is in use: its lease is held by host 2")),
+        "{e}"
+    );
+    del.as_object_mut().unwrap().remove("volUUID");
+    let e = spm.c.call("Image.delete", del).await.unwrap_err();
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert_eq!(vol_owner().await, 2, "the refused deletes changed nothing");
     let generation = host_generation(&shared, sd, 2);
 
     // The other host may not start the VM while host 2 holds its lease.

@@ -432,6 +432,17 @@ pub fn volume_lease_owner(
     img: ImgUuid,
     vol: VolUuid,
 ) -> Result<Option<u64>, VolumeLeaseError> {
+    Ok(volume_lease_holder(dom, img, vol)?.map(|(host, _)| host))
+}
+
+/// Who holds a volume's lease — host id and the generation of its host id then — as storage
+/// says (`None`: free). A holder whose host id has a newer generation now restarted since:
+/// the lease is stale.
+pub fn volume_lease_holder(
+    dom: &FileStorageDomain,
+    img: ImgUuid,
+    vol: VolUuid,
+) -> Result<Option<(u64, u64)>, VolumeLeaseError> {
     let leader = oxvirt_lease::direct::read_paxos_leader(
         &dom.lease_path(img, vol),
         VOLUME_LEASE_OFFSET,
@@ -439,7 +450,7 @@ pub fn volume_lease_owner(
         &vol.to_string(),
     )
     .map_err(|source| VolumeLeaseError::Lease { img, vol, source })?;
-    Ok((leader.timestamp != 0 && leader.owner_id != 0).then_some(leader.owner_id))
+    Ok((leader.timestamp != 0 && leader.owner_id != 0).then_some((leader.owner_id, leader.owner_generation)))
 }
 
 #[cfg(test)]

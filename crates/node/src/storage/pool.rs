@@ -89,6 +89,14 @@ pub enum PoolServiceError {
     Mailbox(#[from] oxvirt_storage::mailbox::MailboxError),
     #[error(transparent)]
     Service(#[from] super::StorageServiceError),
+    #[error(
+        "volume {vol} is in use: its lease is held by host {host} ({status:?} here), so it is not deleted"
+    )]
+    VolumeInUse {
+        vol: VolUuid,
+        host: u64,
+        status: oxvirt_lease::HostStatus,
+    },
 }
 
 type Result<T, E = PoolServiceError> = std::result::Result<T, E>;
@@ -1190,6 +1198,49 @@ impl ConnectedPool {
 
     pub fn volume_lease_owner(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<Option<u64>> {
         Ok(spm::volume_lease_owner(&*self.domains.domain(sd)?, img, vol)?)
+    }
+
+    /// Refuses to delete volumes `vols` of image `img` (all of its volumes when `None`) while
+    /// one's lease is held by a host that may still write it: this host, or one not seen dead
+    /// in our view of the domain's lockspace, with the host id's generation the lease was
+    /// taken under (a host that restarted since holds nothing). The engine never deletes a
+    /// volume a running VM writes; this keeps a mistake from destroying a guest's disk under
+    /// it. What does not exist is left for the delete itself to report.
+    pub fn refuse_deleting_held(&self, sd: SdUuid, img: ImgUuid, vols: Option<&[VolUuid]>) -> Result<()> {
+        use oxvirt_lease::HostStatus;
+        let Ok(dom) = self.domains.domain(sd) else {
+            return Ok(());
+        };
+        let vols: Vec<VolUuid> = match vols {
+            Some(v) => v.to_vec(),
+            None => dom
+                .volumes(img)
+                .map(|m| m.into_keys().collect())
+                .unwrap_or_default(),
+        };
+        for vol in vols {
+            if !dom.lease_path(img, vol).exists() {
+                continue;
+            }
+            let Some((host, taken_under)) = spm::volume_lease_holder(&dom, img, vol)? else {
+                continue;
+            };
+            let (status, generation) = match self.lockspace(sd) {
+                Ok(ls) if ls.host_id() == host => (HostStatus::Live, Some(ls.generation())),
+                Ok(ls) => (
+                    ls.host_status(host),
+                    ls.host_observation(host).map(|o| o.owner_generation),
+                ),
+                Err(_) => (HostStatus::Unknown, None),
+            };
+            if generation.is_some_and(|g| g > taken_under) {
+                continue;
+            }
+            if !matches!(status, HostStatus::Dead | HostStatus::Free) {
+                return Err(PoolServiceError::VolumeInUse { vol, host, status });
+            }
+        }
+        Ok(())
     }
 
     /// Sends an extend request (HSM) or extends locally (SPM); returns the size (MiB) and the

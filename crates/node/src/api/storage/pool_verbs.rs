@@ -379,7 +379,7 @@ impl From<PoolServiceError> for ApiError {
                 ErrorCode::SpmBusy
             }
             E::Spm(SpmError::Lease { .. }) | E::HostId { .. } => ErrorCode::LeaseError,
-            E::Lease(VolumeLeaseError::Locked { .. }) => ErrorCode::VolumeLocked,
+            E::Lease(VolumeLeaseError::Locked { .. }) | E::VolumeInUse { .. } => ErrorCode::VolumeLocked,
             E::VmLease {
                 source: oxvirt_lease::LeaseError::OwnedByOther { .. },
                 ..
@@ -616,6 +616,9 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         }
         PoolRequest::VolumeDelete(v) => {
             let pool = need_pool(&v)?;
+            if let Some(cp) = pools.current() {
+                cp.refuse_deleting_held(v.sd, v.img, Some(&[v.vol]))?;
+            }
             task(
                 pool,
                 TaskPlan::new("deleteVolume").forward(Job::DeleteVolume {
@@ -674,10 +677,15 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
             let owner = cp.volume_lease_owner(v.sd, v.img, v.vol)?;
             Ok(json!({ "owner": owner }))
         }
-        PoolRequest::ImageDelete(i) => task(
-            i.pool,
-            TaskPlan::new("deleteImage").forward(Job::DeleteImage { sd: i.sd, img: i.img }),
-        ),
+        PoolRequest::ImageDelete(i) => {
+            if let Some(cp) = pools.current() {
+                cp.refuse_deleting_held(i.sd, i.img, None)?;
+            }
+            task(
+                i.pool,
+                TaskPlan::new("deleteImage").forward(Job::DeleteImage { sd: i.sd, img: i.img }),
+            )
+        }
         PoolRequest::ImageMove(m) => {
             let copy = Job::CopyImage {
                 src_sd: m.src,
