@@ -5,7 +5,7 @@
 //! 2. Live migration between two managers on loopback: QEMU's reported downtime and total time.
 //! 3. Thin extend round trip on the local-SPM path (threshold event → extend → loop refresh →
 //!    threshold re-armed), versus `truncate` + `losetup -c` by hand.
-//! 4. Disk hot plug and unplug on a running guest (`VmManager::hotplug_disk` /
+//! 4. Disk hot plug and unplug on a running guest, virtio-blk and virtio-scsi (`VmManager::hotplug_disk` /
 //!    `hotunplug_disk`), versus the same QMP commands sent by hand to the same QEMU command line.
 //!
 //! Run: `cargo run --release -p oxvirt-node --example vm_bench` (needs the test guest:
@@ -19,7 +19,7 @@ use oxvirt_node::vm::thin::ThinPolicy;
 use oxvirt_node::vm::{
     ImageRef, MigrateParams, ThinDisk, VmCreate, VmDisk, VmManager, VmManagerConfig, VmStatus,
 };
-use oxvirt_qemu::{Accel, BlockProtocol, Boot, ImageFormat, LayerSpec, WriteErrorPolicy};
+use oxvirt_qemu::{Accel, BlockProtocol, Boot, DiskBus, ImageFormat, LayerSpec, WriteErrorPolicy};
 use oxvirt_testkit::{require_tool, wait_for_text, TestGuest};
 use oxvirt_types::VmId;
 
@@ -205,21 +205,27 @@ async fn main() {
     tokio::task::spawn_blocking(move || wait_marker(&log))
         .await
         .unwrap();
-    let (mut plug, mut unplug) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        a.hotplug_disk(id, hot.clone()).await.unwrap();
-        plug.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        a.hotunplug_disk(id, image, Duration::from_secs(30))
-            .await
-            .unwrap();
-        unplug.push(t.elapsed().as_secs_f64() * 1000.0);
+    // Per bus: (plug, unplug) samples through the VM manager.
+    let mut ours = Vec::new();
+    for bus in [DiskBus::VirtioBlk, DiskBus::VirtioScsi] {
+        let disk = VmDisk { bus, ..hot.clone() };
+        let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            a.hotplug_disk(id, disk.clone()).await.unwrap();
+            plug.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            a.hotunplug_disk(id, image, Duration::from_secs(30))
+                .await
+                .unwrap();
+            unplug.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ours.push((bus, plug, unplug));
     }
     let argv = cmdline(info.pid);
     let vm_dir = a.vm_dir(id);
     a.destroy(id).await.unwrap();
-    let (bare_plug, bare_unplug) = bare_hotplug(tmp.path(), &argv, &vm_dir, &hot_file).await;
+    let bare = bare_hotplug(tmp.path(), &argv, &vm_dir, &hot_file).await;
 
     println!("| figure | oxvirt | bare | ratio |");
     println!("|---|---|---|---|");
@@ -247,20 +253,27 @@ async fn main() {
         bare_extend_ms,
         extend_ms / bare_extend_ms
     );
-    let (p, bp, u, bu) = (
-        median(plug),
-        median(bare_plug),
-        median(unplug),
-        median(bare_unplug),
-    );
-    println!(
-        "| disk hot plug (median of {ROUNDS}) | {p:.1} ms | {bp:.1} ms | {:.1} |",
-        p / bp
-    );
-    println!(
-        "| disk hot unplug, guest release included (median of {ROUNDS}) | {u:.1} ms | {bu:.1} ms | {:.2} |",
-        u / bu
-    );
+    for ((bus, plug, unplug), (bare_plug, bare_unplug)) in ours.into_iter().zip(bare) {
+        let (p, bp, u, bu) = (
+            median(plug),
+            median(bare_plug),
+            median(unplug),
+            median(bare_unplug),
+        );
+        let name = match bus {
+            DiskBus::VirtioBlk => "virtio-blk",
+            DiskBus::VirtioScsi => "virtio-scsi",
+            DiskBus::Sata => unreachable!("SATA disks are not hot plugged"),
+        };
+        println!(
+            "| {name} disk hot plug (median of {ROUNDS}) | {p:.1} ms | {bp:.1} ms | {:.1} |",
+            p / bp
+        );
+        println!(
+            "| {name} disk hot unplug, guest release included (median of {ROUNDS}) | {u:.1} ms | {bu:.1} ms | {:.2} |",
+            u / bu
+        );
+    }
 }
 
 /// QEMU started by hand from `argv`, a managed VM's command line with its run directory
@@ -279,8 +292,9 @@ fn spawn_bare(argv: &[String], vm_dir: &Path, bare_dir: &Path) -> std::process::
 
 /// The hot plug and unplug QMP commands by hand (`blockdev-add` ×2 + `device_add`;
 /// `device_del`, `DEVICE_DELETED`, `blockdev-del` ×2) on QEMU started from `argv` (a managed
-/// VM's, its run directory `vm_dir` moved): plug and unplug times in ms.
-async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -> (Vec<f64>, Vec<f64>) {
+/// VM's, its run directory `vm_dir` moved): plug and unplug times in ms, for a virtio-blk
+/// disk, then a virtio-scsi one.
+async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -> Vec<(Vec<f64>, Vec<f64>)> {
     use oxvirt_qemu::cmdline::{disk_blockdevs, disk_device_json};
     use oxvirt_qemu::qmp::{Event, Qmp};
     let bare_dir = dir.join("bare-hot");
@@ -290,50 +304,56 @@ async fn bare_hotplug(dir: &Path, argv: &[String], vm_dir: &Path, file: &Path) -
         .await
         .unwrap();
     let (q, mut events) = Qmp::connect(&bare_dir.join("qmp.sock")).await.unwrap();
-    let spec = oxvirt_qemu::DiskSpec {
-        layers: vec![LayerSpec {
-            path: file.to_path_buf(),
-            format: ImageFormat::Qcow2,
-            protocol: BlockProtocol::File,
-        }],
-        serial: None,
-        read_only: false,
-        direct_io: false,
-        write_error: WriteErrorPolicy::StopOnEnospc,
-        slot: Some(1),
-        bus: Default::default(),
-    };
-    let (nodes, top) = disk_blockdevs(1, &spec);
-    let (mut plug, mut unplug) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        for n in &nodes {
-            q.execute_raw("blockdev-add", n.clone()).await.unwrap();
-        }
-        q.execute_raw("device_add", disk_device_json(1, &spec, &top, true))
-            .await
-            .unwrap();
-        plug.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        q.execute_raw("device_del", serde_json::json!({ "id": "disk1" }))
-            .await
-            .unwrap();
-        loop {
-            match events.recv().await.expect("QMP events ended") {
-                Event::Other { name, data } if name == "DEVICE_DELETED" && data["device"] == "disk1" => break,
-                _ => {}
+    let mut out = Vec::new();
+    for bus in [DiskBus::VirtioBlk, DiskBus::VirtioScsi] {
+        let spec = oxvirt_qemu::DiskSpec {
+            layers: vec![LayerSpec {
+                path: file.to_path_buf(),
+                format: ImageFormat::Qcow2,
+                protocol: BlockProtocol::File,
+            }],
+            serial: None,
+            read_only: false,
+            direct_io: false,
+            write_error: WriteErrorPolicy::StopOnEnospc,
+            slot: Some(1),
+            bus,
+        };
+        let (nodes, top) = disk_blockdevs(1, &spec);
+        let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            for n in &nodes {
+                q.execute_raw("blockdev-add", n.clone()).await.unwrap();
             }
-        }
-        for n in nodes.iter().rev() {
-            q.execute_raw("blockdev-del", serde_json::json!({ "node-name": n["node-name"] }))
+            q.execute_raw("device_add", disk_device_json(1, &spec, &top, true))
                 .await
                 .unwrap();
+            plug.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            q.execute_raw("device_del", serde_json::json!({ "id": "disk1" }))
+                .await
+                .unwrap();
+            loop {
+                match events.recv().await.expect("QMP events ended") {
+                    Event::Other { name, data } if name == "DEVICE_DELETED" && data["device"] == "disk1" => {
+                        break
+                    }
+                    _ => {}
+                }
+            }
+            for n in nodes.iter().rev() {
+                q.execute_raw("blockdev-del", serde_json::json!({ "node-name": n["node-name"] }))
+                    .await
+                    .unwrap();
+            }
+            unplug.push(t.elapsed().as_secs_f64() * 1000.0);
         }
-        unplug.push(t.elapsed().as_secs_f64() * 1000.0);
+        out.push((plug, unplug));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    (plug, unplug)
+    out
 }
 
 /// `truncate -s +16M file && losetup -c dev` by hand, mean of 10.
