@@ -39,8 +39,8 @@ use crate::app::App;
 use crate::commands::{CommandError, Commands};
 use crate::db::{DbError, HostFilter, ListQuery, Ref, VmFilter};
 use crate::model::{
-    DcId, DcStatus, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, SdUuid, Severity, SpmStatus,
-    Vm, VmId, VmRuntime, VmStatus,
+    DcId, DcStatus, DiskAttachment, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, SdUuid,
+    Severity, SpmStatus, Vm, VmId, VmRuntime, VmStatus,
 };
 
 /// Hosts the monitor polls (others wait for an admin or for enrollment).
@@ -338,7 +338,7 @@ async fn poll_host(
         .await;
     }
     // The rows as they were before the node was asked (see `reconcile_vms`).
-    let before = vms_on_host(app, h.id).await?;
+    let before = HostView::read(app, h.id).await?;
     let vms = node.call("Host.getAllVmStats", json!({})).await?;
     sample_vm_cpu(app, &vms, balancer).await;
     reconcile_vms(app, h, &node, &vms, before).await
@@ -377,6 +377,23 @@ async fn vms_on_host(app: &App, host: HostUuid) -> Result<Vec<Vm>, CommandError>
         ..Default::default()
     };
     Ok(app.db.vm_list(&q).await?)
+}
+
+/// What the database had on a host's VMs before its node was asked about them.
+pub struct HostView {
+    /// The VMs placed on the host.
+    pub vms: Vec<Vm>,
+    /// Their disk attachments.
+    pub attachments: Vec<DiskAttachment>,
+}
+
+impl HostView {
+    pub async fn read(app: &App, host: HostUuid) -> Result<HostView, CommandError> {
+        Ok(HostView {
+            vms: vms_on_host(app, host).await?,
+            attachments: app.db.attachments_on_host(host).await?,
+        })
+    }
 }
 
 /// Writes `rt` over VM `id` if its status is still `was`, the status the report being
@@ -422,18 +439,23 @@ fn engine_status(node_state: &str) -> Option<VmStatus> {
 }
 
 /// Brings the database's VMs in line with what `h`'s node reports (`Host.getAllVmStats`).
-/// `before` are the VMs the database placed on `h`, read *before* the node was asked: each
-/// write compares against the status read then, so a VM a command changed meanwhile (a
-/// resume, a new start, a migration's switch) keeps the command's newer word instead of the
-/// older report's, and the next poll settles it.
+/// `before` is what the database had on `h`'s VMs *before* the node was asked: each write
+/// compares against what was read then, so a VM a command changed meanwhile (a resume, a new
+/// start, a migration's switch, a disk plugged) keeps the command's newer word instead of the
+/// older report's, and the next poll settles it. A running VM's disks settle too: the node
+/// acts first and the row follows, so a row an engine crash left behind takes the node's word.
 pub async fn reconcile_vms(
     app: &App,
     h: &Host,
     node: &crate::nodes::NodeClient,
     reported: &Value,
-    before: Vec<Vm>,
+    before: HostView,
 ) -> Result<(), CommandError> {
-    let before: HashMap<VmId, Vm> = before.into_iter().map(|v| (v.id, v)).collect();
+    let mut attachments: HashMap<VmId, Vec<DiskAttachment>> = HashMap::new();
+    for a in before.attachments {
+        attachments.entry(a.vm_id).or_default().push(a);
+    }
+    let before: HashMap<VmId, Vm> = before.vms.into_iter().map(|v| (v.id, v)).collect();
     let mut seen = HashSet::new();
     for r in reported.as_array().into_iter().flatten() {
         let Some(id) = r["vmID"].as_str().and_then(|s| s.parse::<VmId>().ok()) else {
@@ -491,6 +513,10 @@ pub async fn reconcile_vms(
         if !ours {
             continue;
         }
+        if matches!(vm.runtime.status, VmStatus::Up | VmStatus::Paused) && before.contains_key(&id) {
+            let atts = attachments.remove(&id).unwrap_or_default();
+            settle_disks(app, h, &vm, &atts, &r["disks"]).await?;
+        }
         // Commands set transitional statuses; the node's word settles them.
         let settle = match (vm.runtime.status, want) {
             (s, w) if s == w => false,
@@ -539,6 +565,60 @@ pub async fn reconcile_vms(
                 Some(vm.id),
             )
             .await;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the attachments `atts` of running VM `vm` (read before the poll) say which disks its
+/// QEMU has, as `disks` (the node's report) lists them; a report without the list changes
+/// nothing. Each change compares with the row read then.
+async fn settle_disks(
+    app: &App,
+    h: &Host,
+    vm: &Vm,
+    atts: &[DiskAttachment],
+    disks: &Value,
+) -> Result<(), CommandError> {
+    let Some(disks) = disks.as_array() else {
+        return Ok(());
+    };
+    // A disk is its image on storage.
+    let plugged: HashSet<String> = disks
+        .iter()
+        .filter_map(|d| d["image"]["img"].as_str().map(str::to_string))
+        .collect();
+    for a in atts {
+        let on_node = plugged.contains(&a.disk_id.to_string());
+        if on_node == a.active
+            || !app
+                .db
+                .attachment_set_active(vm.id, a.disk_id, a.active, on_node)
+                .await?
+        {
+            continue;
+        }
+        let (code, what) = if on_node {
+            (2000, "plugged into")
+        } else {
+            (2002, "unplugged from")
+        };
+        event(
+            app,
+            Severity::Warning,
+            code,
+            format!(
+                "Disk {} is {what} VM {} on its host: its attachment now says so",
+                a.disk_id, vm.name
+            ),
+            Some(h.id),
+            Some(vm.id),
+        )
+        .await;
+    }
+    for img in &plugged {
+        if !atts.iter().any(|a| a.disk_id.to_string() == *img) {
+            tracing::warn!(vm = %vm.name, image = %img, "the VM runs with a disk it has no attachment for");
         }
     }
     Ok(())

@@ -829,7 +829,7 @@ async fn fence_agents_and_the_fence_action() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_answered_before_a_command_never_undoes_it() {
     use oxvirt_engine::model::Host;
-    use oxvirt_engine::monitor::reconcile_vms;
+    use oxvirt_engine::monitor::{reconcile_vms, HostView};
     let t = start_engine().await;
     let mut c = Client::new(&t.engine);
     c.login().await;
@@ -860,7 +860,7 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
     let now = || async { db.vm_get(vm).await.unwrap().unwrap().runtime };
 
     // Asked while paused; resumed by a command before the answer is applied: the resume stands.
-    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    let before = HostView::read(app, h.id).await.unwrap();
     db.vm_set_runtime(vm, &[VmStatus::Paused], &on_h(VmStatus::Up))
         .await
         .unwrap();
@@ -873,14 +873,82 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
         "an older report undid the resume"
     );
     // The same report read after the command is the node's newer word: it settles.
-    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    let before = HostView::read(app, h.id).await.unwrap();
     reconcile_vms(app, &h, &node, &report("paused"), before)
         .await
         .unwrap();
     assert_eq!(now().await.status, VmStatus::Paused);
 
+    // The disks a running VM's QEMU has are the node's word too (an engine that died between
+    // the node's plug and its own row leaves the row behind) — unless a command changed the
+    // row meanwhile.
+    use oxvirt_engine::model::{
+        Disk, DiskAttachment, DiskFormat, DiskInterface, SdType, StorageDomain, StorageType,
+    };
+    let sd = db
+        .sd_insert(&StorageDomain::new(
+            "sd",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/x",
+        ))
+        .await
+        .unwrap();
+    let mut disks = Vec::new();
+    for (name, active) in [("d1", true), ("d2", false), ("d3", true)] {
+        let d = db
+            .disk_insert(&Disk::new(name, sd.id, DiskFormat::Raw, 1 << 20))
+            .await
+            .unwrap();
+        db.attachment_add(&DiskAttachment {
+            vm_id: vm,
+            disk_id: d.id,
+            interface: DiskInterface::Virtio,
+            bootable: false,
+            active,
+            read_only: false,
+        })
+        .await
+        .unwrap();
+        disks.push(d.id);
+    }
+    let with_disks = |imgs: &[&oxvirt_engine::model::DiskId]| {
+        let disks: Vec<_> = imgs
+            .iter()
+            .enumerate()
+            .map(|(slot, d)| serde_json::json!({ "image": { "sd": sd.id, "img": d }, "slot": slot }))
+            .collect();
+        serde_json::json!([{ "vmID": vm, "status": { "state": "paused" }, "disks": disks }])
+    };
+    let active = || async {
+        let mut a = Vec::new();
+        for d in &disks {
+            a.push(db.attachment_get(vm, *d).await.unwrap().unwrap().active);
+        }
+        a
+    };
+    // The node has d2 and d3: d1 was unplugged, d2 plugged; d3 was deactivated by a command
+    // after the poll asked, so it stays as the command left it.
+    let before = HostView::read(app, h.id).await.unwrap();
+    let mut d3 = db.attachment_get(vm, disks[2]).await.unwrap().unwrap();
+    d3.active = false;
+    db.attachment_update(&d3).await.unwrap();
+    reconcile_vms(app, &h, &node, &with_disks(&[&disks[1], &disks[2]]), before)
+        .await
+        .unwrap();
+    assert_eq!(active().await, [false, true, false]);
+    // A report without its disk list changes none.
+    let before = HostView::read(app, h.id).await.unwrap();
+    reconcile_vms(app, &h, &node, &report("paused"), before)
+        .await
+        .unwrap();
+    assert_eq!(active().await, [false, true, false]);
+    for d in &disks {
+        db.attachment_remove(vm, *d).await.unwrap();
+    }
+
     // Missing from a report asked before a resume: not taken for gone.
-    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    let before = HostView::read(app, h.id).await.unwrap();
     db.vm_set_runtime(vm, &[VmStatus::Paused], &on_h(VmStatus::Up))
         .await
         .unwrap();
@@ -889,7 +957,7 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
         .unwrap();
     assert_eq!(now().await.status, VmStatus::Up);
     // Missing from a later one: gone from its host, down.
-    let before = vec![db.vm_get(vm).await.unwrap().unwrap()];
+    let before = HostView::read(app, h.id).await.unwrap();
     reconcile_vms(app, &h, &node, &serde_json::json!([]), before)
         .await
         .unwrap();

@@ -248,7 +248,8 @@ impl Node {
                         .zip(stats)
                         .map(|(info, stats)| {
                             json!({ "vmID": info.id, "vmName": info.name, "status": to_json(&info.status),
-                                    "pid": info.pid, "stats": stats.ok().map(|s| to_json(&s)) })
+                                    "pid": info.pid, "disks": to_json(&info.disks),
+                                    "stats": stats.ok().map(|s| to_json(&s)) })
                         })
                         .collect(),
                 )

@@ -614,6 +614,34 @@ async fn attachments_of_disk(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<DiskA
     c.all(&q).await?.iter().map(att_from_row).collect()
 }
 
+/// The attachments of the VMs placed on `host`.
+async fn attachments_on_host(c: &mut Conn<'_>, host: HostUuid) -> Result<Vec<DiskAttachment>, DbError> {
+    let mut q = Sql::new(&format!(
+        "SELECT {ATT_COLS} FROM disk_attachments WHERE vm_id IN (SELECT id FROM vms WHERE run_on_host = "
+    ));
+    q.arg(host.to_string()).push(") ORDER BY vm_id, disk_id");
+    c.all(&q).await?.iter().map(att_from_row).collect()
+}
+
+/// Sets an attachment's `active` to `to` if it is still `from`; whether it changed.
+async fn attachment_set_active(
+    c: &mut Conn<'_>,
+    vm: VmId,
+    disk: DiskId,
+    from: bool,
+    to: bool,
+) -> Result<bool, DbError> {
+    let mut q = Sql::new("UPDATE disk_attachments SET active = ");
+    q.arg(b2i(to))
+        .push(" WHERE vm_id = ")
+        .arg(vm.to_string())
+        .push(" AND disk_id = ")
+        .arg(disk.to_string())
+        .push(" AND active = ")
+        .arg(b2i(from));
+    Ok(c.exec(&q).await? > 0)
+}
+
 async fn attachment_update(c: &mut Conn<'_>, a: &DiskAttachment) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE disk_attachments SET interface = ");
     q.arg(a.interface.as_str())
@@ -1178,6 +1206,9 @@ repo! {
     read attachments_of_vm(vm: VmId) -> Vec<DiskAttachment> = attachments_of_vm;
     read attachments_of_disk(disk: DiskId) -> Vec<DiskAttachment> = attachments_of_disk;
     write attachment_update(a: &DiskAttachment) -> () = attachment_update;
+    read attachments_on_host(host: HostUuid) -> Vec<DiskAttachment> = attachments_on_host;
+    /// Compare-and-set of an attachment's `active`: whether it was `from` and is now `to`.
+    write attachment_set_active(vm: VmId, disk: DiskId, from: bool, to: bool) -> bool = attachment_set_active;
     write attachment_remove(vm: VmId, disk: DiskId) -> bool = attachment_remove;
 
     /// Adds a NIC with `mac`, or the next free pool address when `None`.
