@@ -165,7 +165,7 @@ impl Commands {
     /// saga done, such as plugging a new disk into its running VM). With
     /// [`Answer::WhenRecorded`] and `storage_work` to do, returns as soon as that first step
     /// is recorded and leaves the rest running; a failure after that is the saga's (its job
-    /// and events) or, for `then`, logged.
+    /// and events) or, for `then`, an error event with the request's correlation id.
     pub(crate) async fn run_adding<S, F, Fut>(
         &self,
         params: S::Params,
@@ -179,6 +179,7 @@ impl Commands {
         Fut: Future<Output = Result<(), CommandError>> + Send + 'static,
     {
         let description = S::description(&params);
+        let corr = correlation_id.clone();
         let mut handle = self
             .sagas
             .start::<S>(params, StartOptions { correlation_id })
@@ -192,12 +193,24 @@ impl Commands {
         {
             tokio::spawn(async move {
                 let saga = handle.id;
-                let r = match outcome(description, handle).await {
-                    Ok(_) => then(cmds).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    tracing::warn!(saga_id = %saga, error = %e, "an add answered early did not complete");
+                let db = cmds.app.db.clone();
+                match outcome(description.clone(), handle).await {
+                    // The saga's own events tell of its failure.
+                    Err(e) => tracing::warn!(saga_id = %saga, error = %e, "an add answered early failed"),
+                    Ok(_) => {
+                        if let Err(e) = then(cmds).await {
+                            tracing::warn!(saga_id = %saga, error = %e, "an add answered early did not complete");
+                            let ev = crate::model::NewEvent {
+                                correlation_id: corr,
+                                ..crate::model::NewEvent::new(
+                                    crate::model::Severity::Error,
+                                    crate::saga::codes::FOLLOW_UP_FAILED,
+                                    format!("{description} is done, but what follows it failed: {e}"),
+                                )
+                            };
+                            let _ = db.event_add(&ev).await;
+                        }
+                    }
                 }
             });
             return Ok(());

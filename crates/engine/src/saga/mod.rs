@@ -146,6 +146,9 @@ pub mod codes {
     pub const SAGA_UNWOUND: i32 = 20_003;
     pub const SAGA_STUCK: i32 = 20_004;
     pub const SAGA_BLOCKED: i32 = 20_005;
+    /// A command answered before its saga ended, whose work after the saga failed (a new
+    /// disk's hot plug, say).
+    pub const FOLLOW_UP_FAILED: i32 = 20_006;
 }
 
 /// What the saga is telling users about.
