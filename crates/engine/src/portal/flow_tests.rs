@@ -275,6 +275,68 @@ async fn sessions_pages_actions_and_live_updates() {
         );
         pagedisk.id
     };
+    // A data center's, a cluster's and a template's pages, each linked from its list and
+    // linking to what it holds.
+    {
+        let cl = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+        let dc = cl.data_center_id;
+        let list = t.get("/portal/datacenters").await.body;
+        assert!(list.contains(&format!("/portal/datacenters/{dc}")), "{list}");
+        let r = t.get(&format!("/portal/datacenters/{dc}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        for needle in [
+            format!("/portal/clusters/{}", cl.id),
+            "No storage domain is attached.".into(),
+            "No hosts.".into(),
+            "none yet".into(),
+        ] {
+            assert!(
+                r.body.contains(&needle),
+                "the DC page lacks {needle:?}: {}",
+                r.body
+            );
+        }
+        let list = t.get("/portal/clusters").await.body;
+        assert!(list.contains(&format!("/portal/clusters/{}", cl.id)), "{list}");
+        let r = t.get(&format!("/portal/clusters/{}", cl.id)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        for needle in [
+            format!("/portal/datacenters/{dc}"),
+            "Scheduling policy".into(),
+            "No VMs in this cluster.".into(),
+        ] {
+            assert!(
+                r.body.contains(&needle),
+                "the cluster page lacks {needle:?}: {}",
+                r.body
+            );
+        }
+        let list = t.get("/portal/templates").await.body;
+        assert!(
+            list.contains(&format!("/portal/templates/{BLANK_TEMPLATE_ID}")),
+            "{list}"
+        );
+        let r = t.get(&format!("/portal/templates/{BLANK_TEMPLATE_ID}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        for needle in [
+            "Template Blank",
+            "New VM from it",
+            "No disks.",
+            "No VM was made from it.",
+        ] {
+            assert!(
+                r.body.contains(needle),
+                "the template page lacks {needle:?}: {}",
+                r.body
+            );
+        }
+        for kind in ["datacenters", "clusters", "templates"] {
+            for id in ["00000000-0000-4000-8000-000000000009", "not-a-uuid"] {
+                let r = t.get(&format!("/portal/{kind}/{id}")).await;
+                assert_eq!(r.status, StatusCode::NOT_FOUND, "{kind}/{id}");
+            }
+        }
+    }
     let cluster = db
         .cluster_get_by_name("Default")
         .await

@@ -126,9 +126,21 @@ impl Html {
 
     /// A definition list of label/value pairs (values escaped).
     pub fn facts(&mut self, items: &[(&str, String)]) -> &mut Self {
+        let linked: Vec<(&str, String, Option<String>)> =
+            items.iter().map(|(k, v)| (*k, v.clone(), None)).collect();
+        self.facts_linked(&linked)
+    }
+
+    /// Facts whose values may link to the object they name.
+    pub fn facts_linked(&mut self, items: &[(&str, String, Option<String>)]) -> &mut Self {
         self.raw("<dl class=\"facts\">");
-        for (k, v) in items {
-            self.raw("<dt>").text(k).raw("</dt><dd>").text(v).raw("</dd>");
+        for (k, v, href) in items {
+            self.raw("<dt>").text(k).raw("</dt><dd>");
+            match href {
+                Some(href) => self.raw("<a href=\"").text(href).raw("\">").text(v).raw("</a>"),
+                None => self.text(v),
+            };
+            self.raw("</dd>");
         }
         self.raw("</dl>")
     }

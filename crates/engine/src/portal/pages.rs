@@ -36,7 +36,9 @@ pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
     let (title, active, body) = match segs {
         [] => ("Dashboard", "dashboard", dashboard(ctx, &f).await?),
         ["datacenters"] => ("Data centers", "datacenters", datacenters(ctx).await?),
+        ["datacenters", id] => ("Data center", "datacenters", datacenter(ctx, id).await?),
         ["clusters"] => ("Clusters", "clusters", clusters(ctx).await?),
+        ["clusters", id] => ("Cluster", "clusters", cluster(ctx, id).await?),
         ["hosts"] => ("Hosts", "hosts", hosts(ctx, &f).await?),
         ["hosts", id] => ("Host", "hosts", host(ctx, &f, id).await?),
         ["storagedomains"] => (
@@ -50,6 +52,7 @@ pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
         ["vms", id] => ("Virtual machine", "vms", vm(ctx, &f, id).await?),
         ["snapshots"] => ("Snapshots", "snapshots", snapshots(ctx).await?),
         ["templates"] => ("Templates", "templates", templates(ctx, &f).await?),
+        ["templates", id] => ("Template", "templates", template(ctx, id).await?),
         ["jobs"] => ("Jobs", "jobs", jobs(ctx).await?),
         ["jobs", id] => ("Job", "jobs", job(ctx, id).await?),
         ["events"] => ("Events", "events", events(ctx).await?),
@@ -569,7 +572,7 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
             .filter(|c| c.data_center_id == dc.id)
             .count();
         h.row_open(Some(&dc.id.to_string()))
-            .cell(&dc.name)
+            .cell_link(&format!("/portal/datacenters/{}", dc.id), &dc.name)
             .raw("<td>")
             .badge(dc.status, None)
             .raw("</td>")
@@ -585,6 +588,174 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
             .raw("</tr>");
     }
     h.table_close("No data centers.", 8, dcs.is_empty());
+    Ok(h.finish())
+}
+
+/// A data center: its storage and SPM, and what it holds (clusters, storage domains, hosts).
+async fn datacenter(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+    let not_found = || PortalError::NotFound(format!("data center {id} not found"));
+    let dc_id: DcId = id.parse().map_err(|_| not_found())?;
+    let names = Names::load(ctx).await?;
+    let dc = names.dcs.get(&dc_id).ok_or_else(not_found)?;
+    let members = ctx.db().pool_members(dc.id).await?;
+    let master = members
+        .iter()
+        .find(|m| m.master)
+        .map(|m| names.sd(m.storage_domain_id));
+    let mut clusters: Vec<&Cluster> = names
+        .clusters
+        .values()
+        .filter(|c| c.data_center_id == dc.id)
+        .collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>Data center ")
+        .text(&dc.name)
+        .raw("</h1>")
+        .badge(dc.status, None)
+        .raw("</div>");
+    h.facts(&[
+        ("Storage", (if dc.local { "local" } else { "shared" }).to_string()),
+        (
+            "SPM",
+            match dc.spm_status {
+                SpmStatus::Spm => names.host(dc.spm_host),
+                s => s.to_string(),
+            },
+        ),
+        ("Master domain", master.unwrap_or_else(|| "none yet".into())),
+        ("Compatibility version", dc.compatibility_version.to_string()),
+        ("Storage pool", dc.storage_pool_id.to_string()),
+        ("Id", dc.id.to_string()),
+        ("Description", dc.description.clone()),
+    ]);
+    h.section("Clusters");
+    h.table_open("dc-clusters", &["Name", "CPU", "Scheduling", "Hosts"], None);
+    for c in &clusters {
+        let hosts = names.hosts.values().filter(|h| h.cluster_id == c.id).count();
+        h.row_open(Some(&c.id.to_string()))
+            .cell_link(&format!("/portal/clusters/{}", c.id), &c.name)
+            .cell(format!("{} ({})", c.cpu_type, c.cpu_architecture))
+            .cell(c.scheduling_policy)
+            .cell_num(hosts)
+            .raw("</tr>");
+    }
+    h.table_close("No clusters.", 4, clusters.is_empty());
+    h.section("Storage domains");
+    h.table_open("dc-sds", &["Name", "Status", "Role", "Type"], None);
+    for m in &members {
+        let sid = m.storage_domain_id.to_string();
+        let sd = names.sds.get(&m.storage_domain_id);
+        h.row_open(Some(&sid))
+            .cell_link(
+                &format!("/portal/storagedomains/{sid}"),
+                names.sd(m.storage_domain_id),
+            )
+            .raw("<td>")
+            .badge(m.status, None)
+            .raw("</td>")
+            .cell(if m.master { "master" } else { "" })
+            .cell(
+                sd.map(|s| format!("{} on {}", s.domain_type, s.storage_type))
+                    .unwrap_or_default(),
+            )
+            .raw("</tr>");
+    }
+    h.table_close("No storage domain is attached.", 4, members.is_empty());
+    h.section("Hosts");
+    hosts_of(&mut h, &names, |host| {
+        clusters.iter().any(|c| c.id == host.cluster_id)
+    });
+    Ok(h.finish())
+}
+
+/// The hosts `keep` chooses, as a table with their cluster and SPM role.
+fn hosts_of(h: &mut Html, names: &Names, keep: impl Fn(&Host) -> bool) {
+    let hosts: Vec<&Host> = names.sorted_hosts().into_iter().filter(|x| keep(x)).collect();
+    h.table_open("hosts-of", &["Name", "Status", "Cluster", "SPM", "Address"], None);
+    for x in &hosts {
+        let id = x.id.to_string();
+        h.row_open(Some(&id))
+            .cell_link(&format!("/portal/hosts/{id}"), &x.name)
+            .raw("<td>")
+            .badge(x.status, Some(&format!("host:{id}")))
+            .raw("</td>")
+            .cell(names.cluster(x.cluster_id))
+            .cell(x.spm_status)
+            .cell(format!("{}:{}", x.address, x.port))
+            .raw("</tr>");
+    }
+    h.table_close("No hosts.", 5, hosts.is_empty());
+}
+
+/// The most VMs a cluster's or template's page lists (the VMs page searches them all).
+const DETAIL_VMS: u32 = 200;
+
+/// A table of VMs: name, status, host; a full one says where to see the rest.
+fn vms_table(h: &mut Html, names: &Names, id: &str, vms: &[Vm], empty: &str) {
+    h.table_open(id, &["Name", "Status", "Host", "Memory", "vCPUs"], None);
+    for v in vms {
+        let vid = v.id.to_string();
+        h.row_open(Some(&vid))
+            .cell_link(&format!("/portal/vms/{vid}"), &v.name)
+            .raw("<td>")
+            .badge(v.runtime.status, Some(&format!("vm:{vid}")))
+            .raw("</td>")
+            .cell(names.host(v.runtime.run_on_host))
+            .cell_num(bytes(v.memory_bytes))
+            .cell_num(v.cpu.vcpus())
+            .raw("</tr>");
+    }
+    h.table_close(empty, 5, vms.is_empty());
+    if vms.len() >= DETAIL_VMS as usize {
+        h.raw("<p class=\"muted\">The first ")
+            .text(DETAIL_VMS)
+            .raw(" by name; the <a href=\"/portal/vms\">VMs page</a> lists them all.</p>");
+    }
+}
+
+/// A cluster: its policies, hosts and VMs.
+async fn cluster(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+    let not_found = || PortalError::NotFound(format!("cluster {id} not found"));
+    let cl_id: ClusterId = id.parse().map_err(|_| not_found())?;
+    let names = Names::load(ctx).await?;
+    let c = names.clusters.get(&cl_id).ok_or_else(not_found)?;
+    let vms = ctx
+        .db()
+        .vm_list(
+            &ListQuery::filtered(VmFilter {
+                cluster: Some(Ref::Id(c.id)),
+                ..Default::default()
+            })
+            .sort_by(VmSort::Name, SortDir::Asc)
+            .limit(DETAIL_VMS),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>Cluster ")
+        .text(&c.name)
+        .raw("</h1></div>");
+    h.facts_linked(&[
+        (
+            "Data center",
+            names.dc(c.data_center_id),
+            Some(format!("/portal/datacenters/{}", c.data_center_id)),
+        ),
+        ("CPU", format!("{} ({})", c.cpu_type, c.cpu_architecture), None),
+        ("Scheduling policy", c.scheduling_policy.to_string(), None),
+        (
+            "Memory overcommit",
+            format!("{} %", c.memory_overcommit_percent),
+            None,
+        ),
+        ("Compatibility version", c.compatibility_version.to_string(), None),
+        ("Id", c.id.to_string(), None),
+        ("Description", c.description.clone(), None),
+    ]);
+    h.section("Hosts");
+    hosts_of(&mut h, &names, |x| x.cluster_id == c.id);
+    h.section("Virtual machines");
+    vms_table(&mut h, &names, "cluster-vms", &vms, "No VMs in this cluster.");
     Ok(h.finish())
 }
 
@@ -617,7 +788,7 @@ async fn clusters(ctx: &Ctx) -> Result<String, PortalError> {
             .await?;
         let hosts = names.hosts.values().filter(|h| h.cluster_id == c.id).count();
         h.row_open(Some(&c.id.to_string()))
-            .cell(&c.name)
+            .cell_link(&format!("/portal/clusters/{}", c.id), &c.name)
             .cell(names.dc(c.data_center_id))
             .cell(format!("{} ({})", c.cpu_type, c.cpu_architecture))
             .cell(c.scheduling_policy)
@@ -1804,7 +1975,7 @@ async fn templates(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
             .raw("\" data-v=\"")
             .text(t.status)
             .raw("\">")
-            .cell(&t.name)
+            .cell_link(&format!("/portal/templates/{id}"), &t.name)
             .raw("<td>")
             .badge(t.status, None)
             .raw("</td>")
@@ -1841,6 +2012,67 @@ async fn templates(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
         Some(t) => new_vm_form(&mut h, f, &names, Some(t), true),
         None => new_vm_form(&mut h, f, &names, None, false),
     }
+    Ok(h.finish())
+}
+
+/// A template: what VMs made from it get (memory, CPUs, disks) and the VMs made from it.
+async fn template(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+    let not_found = || PortalError::NotFound(format!("template {id} not found"));
+    let t_id: TemplateId = id.parse().map_err(|_| not_found())?;
+    let t = ctx.db().template_get(t_id).await?.ok_or_else(not_found)?;
+    let names = Names::load(ctx).await?;
+    let disks = if t.id == BLANK_TEMPLATE_ID {
+        Vec::new()
+    } else {
+        ctx.db().template_disks(t.id).await?
+    };
+    let vms = ctx
+        .db()
+        .vm_list(
+            &ListQuery::filtered(VmFilter {
+                template: Some(Ref::Id(t.id)),
+                ..Default::default()
+            })
+            .sort_by(VmSort::Name, SortDir::Asc)
+            .limit(DETAIL_VMS),
+        )
+        .await?;
+    let mut h = Html::new();
+    h.raw("<div class=\"head\"><h1>Template ")
+        .text(&t.name)
+        .raw("</h1>")
+        .badge(t.status, None)
+        .raw("</div>");
+    if t.status == TemplateStatus::Ok {
+        h.raw("<div class=\"toolbar\"><a class=\"button\" href=\"/portal/templates?template=")
+            .text(t.id)
+            .raw("#new-vm\">New VM from it</a></div>");
+    }
+    h.facts(&[
+        ("Memory", bytes(t.memory_bytes)),
+        ("vCPUs", t.cpu.vcpus().to_string()),
+        (
+            "Cluster",
+            t.cluster_id.map(|c| names.cluster(c)).unwrap_or_default(),
+        ),
+        ("Created", time(t.created_at)),
+        ("Id", t.id.to_string()),
+        ("Description", t.description.clone()),
+    ]);
+    h.section("Disks");
+    h.table_open(
+        "template-disks",
+        &["Alias", "Status", "Size", "Allocated", "Format", "Storage domain"],
+        None,
+    );
+    for d in &disks {
+        h.raw("<tr data-id=\"").text(d.id).raw("\">");
+        disk_cells(&mut h, d);
+        h.cell(names.sd(d.storage_domain_id)).raw("</tr>");
+    }
+    h.table_close("No disks.", 6, disks.is_empty());
+    h.section("VMs made from it");
+    vms_table(&mut h, &names, "template-vms", &vms, "No VM was made from it.");
     Ok(h.finish())
 }
 
