@@ -583,13 +583,20 @@ async fn settle_disks(
     let Some(disks) = disks.as_array() else {
         return Ok(());
     };
-    // A disk is its image on storage.
-    let plugged: HashSet<String> = disks
+    // A disk is its image on storage; one being plugged or unplugged is left to that command.
+    let image = |d: &Value| d["image"]["img"].as_str().map(str::to_string);
+    let plugged: HashSet<String> = disks.iter().filter_map(image).collect();
+    let pending: HashSet<String> = disks
         .iter()
-        .filter_map(|d| d["image"]["img"].as_str().map(str::to_string))
+        .filter(|d| d["pending"] == true)
+        .filter_map(image)
         .collect();
     for a in atts {
-        let on_node = plugged.contains(&a.disk_id.to_string());
+        let disk = a.disk_id.to_string();
+        if pending.contains(&disk) {
+            continue;
+        }
+        let on_node = plugged.contains(&disk);
         if on_node == a.active
             || !app
                 .db

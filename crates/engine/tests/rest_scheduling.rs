@@ -937,11 +937,16 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
         .await
         .unwrap();
     assert_eq!(active().await, [false, true, false]);
-    // A report without its disk list changes none.
+    // A report without its disk list changes none, nor does a disk still being plugged.
     let before = HostView::read(app, h.id).await.unwrap();
     reconcile_vms(app, &h, &node, &report("paused"), before)
         .await
         .unwrap();
+    assert_eq!(active().await, [false, true, false]);
+    let mut plugging = with_disks(&[&disks[0], &disks[1]]);
+    plugging[0]["disks"][0]["pending"] = true.into();
+    let before = HostView::read(app, h.id).await.unwrap();
+    reconcile_vms(app, &h, &node, &plugging, before).await.unwrap();
     assert_eq!(active().await, [false, true, false]);
     for d in &disks {
         db.attachment_remove(vm, *d).await.unwrap();

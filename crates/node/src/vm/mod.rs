@@ -323,6 +323,9 @@ pub struct DiskSlot {
     pub slot: u8,
     #[serde(default)]
     pub bus: DiskBus,
+    /// Being plugged or unplugged: whether QEMU has it is not settled yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -695,6 +698,7 @@ impl Vm {
                     image: d.image,
                     slot: slot as u8,
                     bus: d.bus,
+                    pending: rec.pending_device.is_some_and(|p| usize::from(p.slot) == slot),
                 })
                 .collect(),
         }
