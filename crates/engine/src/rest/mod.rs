@@ -14,7 +14,8 @@
 //! Semantics the SDK depends on: GET answers 200; an add answers 201 with the entity and
 //! `Location`, or — when storage work runs (disks, VMs cloned from a template, templates,
 //! snapshots) — 202 at once with the entity still locked, unless the client sent
-//! `Expect: 201-created` (then 201 once the work is done); DELETE answers 200 with an `<action>` body (never 204); an action answers 200
+//! `Expect: 201-created` (then 201 once the work is done); DELETE answers 200 with an
+//! `<action>` body (never 204); an action answers 200
 //! with `<action><status>complete</status></action>`, or 202 `pending` with `<async>true`;
 //! errors are `<fault>` with 400/401/404/409. Commands record jobs and events with the
 //! request's `Correlation-Id` (header or `correlation_id=`).

@@ -126,6 +126,23 @@ pub fn document() -> Value {
                         }
                     }),
                 );
+                if matches!(
+                    r.op,
+                    Op::DiskAdd | Op::VmAdd | Op::VmAttAdd | Op::VmSnapAdd | Op::TemplateAdd
+                ) {
+                    params.push(json!({
+                        "name": "Expect", "in": "header", "required": false,
+                        "description": "201-created: answer once the storage work is done (else 202 at once)",
+                        "schema": { "type": "string", "enum": ["201-created"] },
+                    }));
+                    responses.insert(
+                        "202".into(),
+                        doc_response(
+                            "Accepted: the new object, locked while its storage work runs",
+                            r.reply,
+                        ),
+                    );
+                }
             }
         }
         for (code, desc) in [
