@@ -1233,10 +1233,7 @@ impl ConnectedPool {
                 ),
                 Err(_) => (HostStatus::Unknown, None),
             };
-            if generation.is_some_and(|g| g > taken_under) {
-                continue;
-            }
-            if !matches!(status, HostStatus::Dead | HostStatus::Free) {
+            if may_still_write(taken_under, &status, generation) {
                 return Err(PoolServiceError::VolumeInUse { vol, host, status });
             }
         }
@@ -1398,5 +1395,38 @@ impl ExtendRequester for PoolExtender {
                 Err(e) => Err(ExtendError::Refused { reason: chain(&e) }),
             }
         })
+    }
+}
+
+/// Whether the holder of a lease taken under generation `taken_under` of its host id may
+/// still write what the lease guards: its host id is `status` in our view and now has
+/// `generation` (when we know it). A host id re-acquired since (a newer generation) means its
+/// host restarted and holds nothing of before; a dead or free one holds nothing either.
+fn may_still_write(taken_under: u64, status: &oxvirt_lease::HostStatus, generation: Option<u64>) -> bool {
+    use oxvirt_lease::HostStatus;
+    if generation.is_some_and(|g| g > taken_under) {
+        return false;
+    }
+    !matches!(status, HostStatus::Dead | HostStatus::Free)
+}
+
+#[cfg(test)]
+mod lease_holder_tests {
+    use super::may_still_write;
+    use oxvirt_lease::HostStatus::*;
+
+    #[test]
+    fn a_lease_is_held_while_its_host_may_still_write() {
+        // Live, failing (fencing itself, not yet safe) or not known yet: held.
+        for s in [Live, Fail, Unknown] {
+            assert!(may_still_write(3, &s, Some(3)), "{s:?}");
+            assert!(may_still_write(3, &s, None), "{s:?}");
+        }
+        // Dead or free: its leases are anyone's.
+        for s in [Dead, Free] {
+            assert!(!may_still_write(3, &s, Some(3)), "{s:?}");
+        }
+        // The host restarted since it took the lease: whatever it does now, not with it.
+        assert!(!may_still_write(3, &Live, Some(4)));
     }
 }
