@@ -590,7 +590,7 @@ async fn vms_search_follow_actions_jobs_and_events() {
 /// change is allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
-    use oxvirt_engine::model::{DiskFormat, SdType, StorageType, VmRuntime, VmStatus};
+    use oxvirt_engine::model::{VmRuntime, VmStatus};
     let t = start_engine().await;
     let mut c = Client::new(&t.engine);
     c.login().await;
@@ -605,20 +605,7 @@ async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let vm: oxvirt_engine::model::VmId = root_id(&r.body).parse().unwrap();
     let db = &t.engine.app().db;
-    let sd = db
-        .sd_insert(&oxvirt_engine::model::StorageDomain::new(
-            "sd",
-            SdType::Data,
-            StorageType::Localfs,
-            "/srv/x",
-        ))
-        .await
-        .unwrap();
-    let mut disks = Vec::new();
-    for n in ["d1", "d2"] {
-        let d = oxvirt_engine::model::Disk::new(n, sd.id, DiskFormat::Raw, 1 << 20);
-        disks.push(db.disk_insert(&d).await.unwrap().id);
-    }
+    let (_, disks) = rest_common::db_disks(db, &["d1", "d2"]).await;
     // No host runs it (there are none): the monitor leaves the recorded status alone.
     let set = async |status: VmStatus| {
         let rt = VmRuntime {

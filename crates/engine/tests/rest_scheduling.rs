@@ -882,27 +882,12 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
     // The disks a running VM's QEMU has are the node's word too (an engine that died between
     // the node's plug and its own row leaves the row behind) — unless a command changed the
     // row meanwhile.
-    use oxvirt_engine::model::{
-        Disk, DiskAttachment, DiskFormat, DiskInterface, SdType, StorageDomain, StorageType,
-    };
-    let sd = db
-        .sd_insert(&StorageDomain::new(
-            "sd",
-            SdType::Data,
-            StorageType::Localfs,
-            "/srv/x",
-        ))
-        .await
-        .unwrap();
-    let mut disks = Vec::new();
-    for (name, active) in [("d1", true), ("d2", false), ("d3", true)] {
-        let d = db
-            .disk_insert(&Disk::new(name, sd.id, DiskFormat::Raw, 1 << 20))
-            .await
-            .unwrap();
+    use oxvirt_engine::model::{DiskAttachment, DiskInterface};
+    let (sd, disks) = rest_common::db_disks(db, &["d1", "d2", "d3"]).await;
+    for (d, active) in disks.iter().zip([true, false, true]) {
         db.attachment_add(&DiskAttachment {
             vm_id: vm,
-            disk_id: d.id,
+            disk_id: *d,
             interface: DiskInterface::Virtio,
             bootable: false,
             active,
@@ -910,13 +895,12 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
         })
         .await
         .unwrap();
-        disks.push(d.id);
     }
     let with_disks = |imgs: &[&oxvirt_engine::model::DiskId]| {
         let disks: Vec<_> = imgs
             .iter()
             .enumerate()
-            .map(|(slot, d)| serde_json::json!({ "image": { "sd": sd.id, "img": d }, "slot": slot }))
+            .map(|(slot, d)| serde_json::json!({ "image": { "sd": sd, "img": d }, "slot": slot }))
             .collect();
         serde_json::json!([{ "vmID": vm, "status": { "state": "paused" }, "disks": disks }])
     };

@@ -252,7 +252,6 @@ async fn wait_passes(log: &Path, from: usize, n: usize, timeout: Duration) -> us
     }
 }
 
-/// Every block the writer covers holds its byte ('A' + i) when read through `image`'s chain.
 /// Waits until the guest's console log shows `line`.
 async fn wait_console(log: &Path, line: &str, timeout: Duration) {
     let start = Instant::now();
@@ -266,6 +265,7 @@ async fn wait_console(log: &Path, line: &str, timeout: Duration) {
     }
 }
 
+/// Every block the writer covers holds its byte ('A' + i) when read through `image`'s chain.
 fn verify_writer_data(image: &Path) {
     let mut cmd = Command::new(require_tool("qemu-io"));
     cmd.args(["-r", "-f", "qcow2"]);
@@ -311,6 +311,14 @@ async fn connect_shared(n: &Node, shared: &Path) {
     assert_eq!(r["statuslist"][0]["status"], 0, "{r}");
 }
 
+/// A new sparse volume of `size` bytes in a new image of `dom`.
+fn new_volume(dom: &FileStorageDomain, size: u64, format: VolFormat) -> (ImgUuid, VolUuid) {
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    dom.create_volume(img, vol, &VolumeSpec::new(size, format, Allocation::Sparse))
+        .unwrap();
+    (img, vol)
+}
+
 /// Connects `shared` as storage on every node; the first creates a domain there with one
 /// 32 MiB qcow2 image. Returns the domain, image and the volume's path.
 async fn shared_disk(nodes: &[&Node], shared: &Path) -> (SdUuid, ImgUuid, PathBuf) {
@@ -325,13 +333,7 @@ async fn shared_disk(nodes: &[&Node], shared: &Path) -> (SdUuid, ImgUuid, PathBu
         )
         .await;
     let dom = FileStorageDomain::find(shared, sd).unwrap();
-    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        img,
-        vol,
-        &VolumeSpec::new(32 << 20, VolFormat::Cow, Allocation::Sparse),
-    )
-    .unwrap();
+    let (img, vol) = new_volume(&dom, 32 << 20, VolFormat::Cow);
     (sd, img, dom.volume_path(img, vol))
 }
 
@@ -469,13 +471,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     // changes nothing. It gets the next slot, and keeps it through the migrations (the
     // destinations list it first: the layout follows the slots, not the order).
     let dom = FileStorageDomain::find(&shared, sd).unwrap();
-    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        img2,
-        vol2,
-        &VolumeSpec::new(16 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (img2, vol2) = new_volume(&dom, 16 << 20, VolFormat::Raw);
     let drive2 = json!({ "domainID": sd, "imageID": img2 });
     let plugged = a
         .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive2 }))
@@ -502,13 +498,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     assert_eq!(slots(&again), expected, "{again}");
     // A third on the virtio-scsi controller (the guest's /dev/sda); a SATA one cannot be
     // plugged into a running VM, as in oVirt, and nothing changes.
-    let (img3, vol3) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        img3,
-        vol3,
-        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (img3, vol3) = new_volume(&dom, 8 << 20, VolFormat::Raw);
     let drive3 = json!({ "domainID": sd, "imageID": img3, "iface": "scsi" });
     let sata = json!({ "domainID": sd, "imageID": img3, "iface": "sata" });
     let err =
@@ -782,13 +772,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     // And around a disk hot plug: dead after recording it but before QEMU had it, the next
     // node finds no device and drops the disk; dead right after QEMU took it, the next node
     // finds the device and keeps it. Plugging it again then changes nothing.
-    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        img2,
-        vol2,
-        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (img2, _) = new_volume(&dom, 8 << 20, VolFormat::Raw);
     let plug = json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } });
     let mut node = node;
     for (point, disks) in [("disk-plug-recorded", 1), ("disk-plugged", 2)] {
@@ -1253,13 +1237,7 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     std::fs::create_dir(&shared).unwrap();
     let (sd, img, volume) = shared_disk(&[&node], &shared).await;
     let dom = FileStorageDomain::find(&shared, sd).unwrap();
-    let (simg, svol) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        simg,
-        svol,
-        &VolumeSpec::new(512 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (simg, svol) = new_volume(&dom, 512 << 20, VolFormat::Raw);
     let state = json!({ "sdUUID": sd, "imgUUID": simg, "volUUID": svol });
 
     let id = VmId::new_random();
@@ -1282,13 +1260,7 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     params["nics"] = json!([{ "mac": mac2 }]);
     // A disk hot plugged before the save takes slot 1; the restore lists it first (a fresh
     // start would give it slot 0): the state puts it back where it was.
-    let (img2, vol2) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        img2,
-        vol2,
-        &VolumeSpec::new(8 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (img2, _) = new_volume(&dom, 8 << 20, VolFormat::Raw);
     node.call(
         "VM.hotplugDisk",
         json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } }),
@@ -1340,13 +1312,7 @@ async fn a_hibernated_vm_comes_back_where_it_was() {
     node.call("VM.destroy", json!({ "vmID": id })).await;
 
     // A volume without a state: refused, nothing left behind.
-    let (eimg, evol) = (ImgUuid::new_random(), VolUuid::new_random());
-    dom.create_volume(
-        eimg,
-        evol,
-        &VolumeSpec::new(1 << 20, VolFormat::Raw, Allocation::Sparse),
-    )
-    .unwrap();
+    let (eimg, evol) = new_volume(&dom, 1 << 20, VolFormat::Raw);
     let mut bad = params.clone();
     bad["restoreState"] = json!({ "sdUUID": sd, "imgUUID": eimg, "volUUID": evol });
     assert!(node.c.call("VM.create", bad).await.is_err());

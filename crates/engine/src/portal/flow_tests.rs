@@ -280,57 +280,49 @@ async fn sessions_pages_actions_and_live_updates() {
     {
         let cl = db.cluster_get_by_name("Default").await.unwrap().unwrap();
         let dc = cl.data_center_id;
-        let list = t.get("/portal/datacenters").await.body;
-        assert!(list.contains(&format!("/portal/datacenters/{dc}")), "{list}");
-        let r = t.get(&format!("/portal/datacenters/{dc}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        for needle in [
-            format!("/portal/clusters/{}", cl.id),
-            "No storage domain is attached.".into(),
-            "No hosts.".into(),
-            "none yet".into(),
-        ] {
+        let pages: [(&str, String, Vec<String>); 3] = [
+            (
+                "datacenters",
+                dc.to_string(),
+                vec![
+                    format!("/portal/clusters/{}", cl.id),
+                    "No storage domain is attached.".into(),
+                    "No hosts.".into(),
+                    "none yet".into(),
+                ],
+            ),
+            (
+                "clusters",
+                cl.id.to_string(),
+                vec![
+                    format!("/portal/datacenters/{dc}"),
+                    "Scheduling policy".into(),
+                    "No VMs in this cluster.".into(),
+                ],
+            ),
+            (
+                "templates",
+                BLANK_TEMPLATE_ID.to_string(),
+                vec![
+                    "Template Blank".into(),
+                    "New VM from it".into(),
+                    "No disks.".into(),
+                    "No VM was made from it.".into(),
+                ],
+            ),
+        ];
+        for (kind, id, needles) in pages {
+            let page = format!("/portal/{kind}/{id}");
+            let list = t.get(&format!("/portal/{kind}")).await.body;
             assert!(
-                r.body.contains(&needle),
-                "the DC page lacks {needle:?}: {}",
-                r.body
+                list.contains(&page),
+                "/portal/{kind} lacks a link to {page}: {list}"
             );
-        }
-        let list = t.get("/portal/clusters").await.body;
-        assert!(list.contains(&format!("/portal/clusters/{}", cl.id)), "{list}");
-        let r = t.get(&format!("/portal/clusters/{}", cl.id)).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        for needle in [
-            format!("/portal/datacenters/{dc}"),
-            "Scheduling policy".into(),
-            "No VMs in this cluster.".into(),
-        ] {
-            assert!(
-                r.body.contains(&needle),
-                "the cluster page lacks {needle:?}: {}",
-                r.body
-            );
-        }
-        let list = t.get("/portal/templates").await.body;
-        assert!(
-            list.contains(&format!("/portal/templates/{BLANK_TEMPLATE_ID}")),
-            "{list}"
-        );
-        let r = t.get(&format!("/portal/templates/{BLANK_TEMPLATE_ID}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        for needle in [
-            "Template Blank",
-            "New VM from it",
-            "No disks.",
-            "No VM was made from it.",
-        ] {
-            assert!(
-                r.body.contains(needle),
-                "the template page lacks {needle:?}: {}",
-                r.body
-            );
-        }
-        for kind in ["datacenters", "clusters", "templates"] {
+            let r = t.get(&page).await;
+            assert_eq!(r.status, StatusCode::OK, "{page}: {}", r.body);
+            for needle in needles {
+                assert!(r.body.contains(&needle), "{page} lacks {needle:?}: {}", r.body);
+            }
             for id in ["00000000-0000-4000-8000-000000000009", "not-a-uuid"] {
                 let r = t.get(&format!("/portal/{kind}/{id}")).await;
                 assert_eq!(r.status, StatusCode::NOT_FOUND, "{kind}/{id}");

@@ -105,6 +105,16 @@ pub fn login_page(query: Option<&str>, error: Option<&str>) -> Reply {
 
 // ----------------------------------------------------------------------------- shared parts
 
+/// The id in a detail page's path: a malformed one names no object (404).
+fn page_id<T: std::str::FromStr>(kind: &str, id: &str) -> Result<T, PortalError> {
+    id.parse().map_err(|_| missing(kind, id))
+}
+
+/// The 404 of a detail page whose object `kind` `id` does not exist.
+fn missing(kind: &str, id: impl std::fmt::Display) -> PortalError {
+    PortalError::NotFound(format!("{kind} {id} not found"))
+}
+
 /// Names of related objects, each from one query.
 struct Names {
     hosts: HashMap<HostUuid, Host>,
@@ -593,10 +603,9 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
 
 /// A data center: its storage and SPM, and what it holds (clusters, storage domains, hosts).
 async fn datacenter(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
-    let not_found = || PortalError::NotFound(format!("data center {id} not found"));
-    let dc_id: DcId = id.parse().map_err(|_| not_found())?;
+    let dc_id: DcId = page_id("data center", id)?;
     let names = Names::load(ctx).await?;
-    let dc = names.dcs.get(&dc_id).ok_or_else(not_found)?;
+    let dc = names.dcs.get(&dc_id).ok_or_else(|| missing("data center", id))?;
     let members = ctx.db().pool_members(dc.id).await?;
     let master = members
         .iter()
@@ -691,6 +700,14 @@ fn hosts_of(h: &mut Html, names: &Names, keep: impl Fn(&Host) -> bool) {
 /// The most VMs a cluster's or template's page lists (the VMs page searches them all).
 const DETAIL_VMS: u32 = 200;
 
+/// The first [`DETAIL_VMS`] VMs `filter` picks, by name.
+async fn first_vms(ctx: &Ctx, filter: VmFilter) -> Result<Vec<Vm>, PortalError> {
+    let q = ListQuery::filtered(filter)
+        .sort_by(VmSort::Name, SortDir::Asc)
+        .limit(DETAIL_VMS);
+    Ok(ctx.db().vm_list(&q).await?)
+}
+
 /// A table of VMs: name, status, host; a full one says where to see the rest.
 fn vms_table(h: &mut Html, names: &Names, id: &str, vms: &[Vm], empty: &str) {
     h.table_open(id, &["Name", "Status", "Host", "Memory", "vCPUs"], None);
@@ -716,21 +733,17 @@ fn vms_table(h: &mut Html, names: &Names, id: &str, vms: &[Vm], empty: &str) {
 
 /// A cluster: its policies, hosts and VMs.
 async fn cluster(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
-    let not_found = || PortalError::NotFound(format!("cluster {id} not found"));
-    let cl_id: ClusterId = id.parse().map_err(|_| not_found())?;
+    let cl_id: ClusterId = page_id("cluster", id)?;
     let names = Names::load(ctx).await?;
-    let c = names.clusters.get(&cl_id).ok_or_else(not_found)?;
-    let vms = ctx
-        .db()
-        .vm_list(
-            &ListQuery::filtered(VmFilter {
-                cluster: Some(Ref::Id(c.id)),
-                ..Default::default()
-            })
-            .sort_by(VmSort::Name, SortDir::Asc)
-            .limit(DETAIL_VMS),
-        )
-        .await?;
+    let c = names.clusters.get(&cl_id).ok_or_else(|| missing("cluster", id))?;
+    let vms = first_vms(
+        ctx,
+        VmFilter {
+            cluster: Some(Ref::Id(c.id)),
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut h = Html::new();
     h.raw("<div class=\"head\"><h1>Cluster ")
         .text(&c.name)
@@ -880,9 +893,7 @@ async fn hosts(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
 }
 
 async fn host(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
-    let id: HostUuid = id
-        .parse()
-        .map_err(|_| PortalError::NotFound(format!("host {id} not found")))?;
+    let id: HostUuid = page_id("host", id)?;
     let host = ctx.engine.cmds.app.host(id).await?;
     let names = Names::load(ctx).await?;
     let rt = ctx.engine.cmds.app.host_rt(id);
@@ -1130,9 +1141,12 @@ async fn storage_domains(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> 
 
 /// One storage domain: where it is, its use, and the disks on it (with the VMs using them).
 async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
-    let not_found = || PortalError::NotFound(format!("storage domain {id} not found"));
-    let sd_id: SdUuid = id.parse().map_err(|_| not_found())?;
-    let sd = ctx.db().sd_get(sd_id).await?.ok_or_else(not_found)?;
+    let sd_id: SdUuid = page_id("storage domain", id)?;
+    let sd = ctx
+        .db()
+        .sd_get(sd_id)
+        .await?
+        .ok_or_else(|| missing("storage domain", id))?;
     let names = Names::load(ctx).await?;
     let mem = members(ctx, names.dcs.keys().copied()).await?;
     let m = mem.get(&sd.id);
@@ -1476,14 +1490,9 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
 }
 
 async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
-    let id: VmId = id
-        .parse()
-        .map_err(|_| PortalError::NotFound(format!("VM {id} not found")))?;
+    let id: VmId = page_id("VM", id)?;
     let db = ctx.db();
-    let v = db
-        .vm_get(id)
-        .await?
-        .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))?;
+    let v = db.vm_get(id).await?.ok_or_else(|| missing("VM", id))?;
     let names = Names::load(ctx).await?;
     let atts = db.attachments_of_vm(id).await?;
     let mut disks = Vec::with_capacity(atts.len());
@@ -2017,26 +2026,26 @@ async fn templates(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
 
 /// A template: what VMs made from it get (memory, CPUs, disks) and the VMs made from it.
 async fn template(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
-    let not_found = || PortalError::NotFound(format!("template {id} not found"));
-    let t_id: TemplateId = id.parse().map_err(|_| not_found())?;
-    let t = ctx.db().template_get(t_id).await?.ok_or_else(not_found)?;
+    let t_id: TemplateId = page_id("template", id)?;
+    let t = ctx
+        .db()
+        .template_get(t_id)
+        .await?
+        .ok_or_else(|| missing("template", id))?;
     let names = Names::load(ctx).await?;
     let disks = if t.id == BLANK_TEMPLATE_ID {
         Vec::new()
     } else {
         ctx.db().template_disks(t.id).await?
     };
-    let vms = ctx
-        .db()
-        .vm_list(
-            &ListQuery::filtered(VmFilter {
-                template: Some(Ref::Id(t.id)),
-                ..Default::default()
-            })
-            .sort_by(VmSort::Name, SortDir::Asc)
-            .limit(DETAIL_VMS),
-        )
-        .await?;
+    let vms = first_vms(
+        ctx,
+        VmFilter {
+            template: Some(Ref::Id(t.id)),
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut h = Html::new();
     h.raw("<div class=\"head\"><h1>Template ")
         .text(&t.name)
@@ -2099,14 +2108,8 @@ async fn jobs(ctx: &Ctx) -> Result<String, PortalError> {
 }
 
 async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
-    let id: JobId = id
-        .parse()
-        .map_err(|_| PortalError::NotFound(format!("job {id} not found")))?;
-    let j = ctx
-        .db()
-        .job_get(id)
-        .await?
-        .ok_or_else(|| PortalError::NotFound(format!("job {id} not found")))?;
+    let id: JobId = page_id("job", id)?;
+    let j = ctx.db().job_get(id).await?.ok_or_else(|| missing("job", id))?;
     let steps = ctx.db().job_steps(id).await?;
     let mut h = Html::new();
     h.raw("<div class=\"head\"><h1>")

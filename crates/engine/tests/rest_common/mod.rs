@@ -216,3 +216,30 @@ impl Client {
         self.api(Method::POST, path, body).await
     }
 }
+
+/// A storage domain `sd` straight in the database (no storage behind it) with a 1 MiB raw disk
+/// per name: for tests of rows, not of storage.
+pub async fn db_disks(
+    db: &oxvirt_engine::db::Db,
+    names: &[&str],
+) -> (oxvirt_engine::model::SdUuid, Vec<oxvirt_engine::model::DiskId>) {
+    use oxvirt_engine::model::{Disk, DiskFormat, SdType, StorageDomain, StorageType};
+    let sd = db
+        .sd_insert(&StorageDomain::new(
+            "sd",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/x",
+        ))
+        .await
+        .unwrap();
+    let mut disks = Vec::new();
+    for n in names {
+        let d = db
+            .disk_insert(&Disk::new(n, sd.id, DiskFormat::Raw, 1 << 20))
+            .await
+            .unwrap();
+        disks.push(d.id);
+    }
+    (sd.id, disks)
+}

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use oxvirt_qemu::cmdline::{disk_blockdevs, disk_device_json};
-use oxvirt_qemu::DiskBus;
+use oxvirt_qemu::{DiskBus, DiskSpec};
 use oxvirt_types::VmId;
 
 use super::{thin, ImageRef, LoopDevice, Op, PendingDevice, Vm, VmDisk, VmError, VmInfo, VmManager};
@@ -244,27 +244,34 @@ impl VmManager {
             let _ = vm.persist();
             return Err(e);
         }
-        super::delete_block_nodes(
-            &vm,
-            super::layer_node_names(slot, &spec.layers),
-            "an unplugged disk",
-        )
-        .await;
-        let lp = {
-            let mut r = vm.record.lock().unwrap();
-            r.create.disks.remove(index);
-            r.pending_device = None;
-            r.loops.remove(index)
-        };
-        vm.persist()?;
-        if let Some(lp) = lp {
-            if let Err(e) = thin::loop_detach(&lp.device) {
-                tracing::warn!(vm_id = %id, device = %lp.device.display(), error = %e, "cannot detach loop device");
-            }
-        }
+        forget_disk(&vm, index, slot, &spec).await?;
         tracing::info!(vm_id = %id, slot, image = %image.img, "disk hot unplugged");
         Ok(vm.info())
     }
+}
+
+/// Forgets the disk at `index` (slot `slot`, opened as `spec`) that QEMU no longer has: its
+/// chain is closed, it leaves the record with the pending mark, and its loop device goes.
+async fn forget_disk(vm: &Vm, index: usize, slot: usize, spec: &DiskSpec) -> Result<(), VmError> {
+    super::delete_block_nodes(
+        vm,
+        super::layer_node_names(slot, &spec.layers),
+        "an unplugged disk",
+    )
+    .await;
+    let lp = {
+        let mut r = vm.record.lock().unwrap();
+        r.create.disks.remove(index);
+        r.pending_device = None;
+        r.loops.remove(index)
+    };
+    vm.persist()?;
+    if let Some(lp) = lp {
+        if let Err(e) = thin::loop_detach(&lp.device) {
+            tracing::warn!(vm_id = %vm.id, device = %lp.device.display(), error = %e, "cannot detach loop device");
+        }
+    }
+    Ok(())
 }
 
 /// On recovery, a disk plug or unplug the node died in: QEMU says whether the device is
@@ -282,24 +289,13 @@ pub(super) async fn settle_pending_device(vm: &Vm) -> Result<(), VmError> {
             .filter(|_| !present)
             .map(|i| (i, r.disk_spec(i)))
     };
-    if let Some((index, spec)) = gone {
-        super::delete_block_nodes(
-            vm,
-            super::layer_node_names(slot, &spec.layers),
-            "an unplugged disk",
-        )
-        .await;
-        let lp = {
-            let mut r = vm.record.lock().unwrap();
-            r.create.disks.remove(index);
-            r.loops.remove(index)
-        };
-        if let Some(lp) = lp {
-            let _ = thin::loop_detach(&lp.device);
+    match gone {
+        Some((index, spec)) => forget_disk(vm, index, slot, &spec).await?,
+        None => {
+            vm.record.lock().unwrap().pending_device = None;
+            vm.persist()?;
         }
     }
-    vm.record.lock().unwrap().pending_device = None;
-    vm.persist()?;
     tracing::warn!(vm_id = %vm.id, slot, plug = p.plug, present, "settled a disk plug or unplug the node died in");
     Ok(())
 }

@@ -124,6 +124,17 @@ def revoke(token):
         assert e.code == 401, e.code
 
 
+def add_cow_disk(vm_svc, name, size, interface, bootable):
+    """A new thin COW disk on the scenario's domain, attached active to the VM."""
+    return vm_svc.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(name=name, format=types.DiskFormat.COW, provisioned_size=size,
+                        sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
+        interface=interface,
+        bootable=bootable,
+        active=True,
+    ))
+
+
 def raw(method, path, token, body=None, headers=()):
     """A request outside the SDK, to see what it hides (the status code): (status, JSON body)."""
     import ssl
@@ -272,13 +283,7 @@ def main():
         headers={"Correlation-Id": P + "-add-vm"},
     )
     vm_svc = vms.vm_service(vm.id)
-    att = vm_svc.disk_attachments_service().add(types.DiskAttachment(
-        disk=types.Disk(name=P + "-disk", format=types.DiskFormat.COW, provisioned_size=64 * MIB,
-                        sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
-        interface=types.DiskInterface.VIRTIO,
-        bootable=True,
-        active=True,
-    ))
+    att = add_cow_disk(vm_svc, P + "-disk", 64 * MIB, types.DiskInterface.VIRTIO, bootable=True)
     disk_svc = system.disks_service().disk_service(att.disk.id)
     wait("disk ok", lambda: disk_svc.get().status == types.DiskStatus.OK)
     assert disk_svc.get().provisioned_size == 64 * MIB
@@ -312,13 +317,7 @@ def main():
     # the virtio-scsi controller as asked); deactivated it is unplugged, and it goes with its
     # attachment.
     assert node_disks(node_dirs[dst], vm.id) == 1
-    hot_att = vm_svc.disk_attachments_service().add(types.DiskAttachment(
-        disk=types.Disk(name=P + "-hot", format=types.DiskFormat.COW, provisioned_size=16 * MIB,
-                        sparse=True, storage_domains=[types.StorageDomain(name=P + "-data")]),
-        interface=types.DiskInterface.VIRTIO_SCSI,
-        bootable=False,
-        active=True,
-    ))
+    hot_att = add_cow_disk(vm_svc, P + "-hot", 16 * MIB, types.DiskInterface.VIRTIO_SCSI, bootable=False)
     hot_svc = vm_svc.disk_attachments_service().attachment_service(hot_att.id)
     # Answered while the volume is made: plugged once it is.
     wait("hot disk plugged", lambda: hot_svc.get().active is True)
