@@ -16,7 +16,7 @@
 //! (the `SELECT` with decoding into the model), timed in-process. Last, the child's resident set
 //! (`VmRSS`, peak `VmHWM`): the whole engine daemon with the database of `--vms` VMs.
 
-#[path = "../tests/rest_common/mod.rs"]
+#[path = "../tests/it/rest_common/mod.rs"]
 mod rest_common;
 #[path = "seed/mod.rs"]
 mod seed;

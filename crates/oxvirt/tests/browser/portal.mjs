@@ -3,7 +3,7 @@
 // template, start it, watch its status turn up (no reload), read its serial console, see it
 // on the dashboard with charts, snapshot it, power it off through the confirmation dialog.
 //
-// Run by crates/oxvirt/tests/portal_browser.rs against a live `oxvirt up`. Environment:
+// Run by crates/oxvirt/tests/it/portal_browser.rs against a live `oxvirt up`. Environment:
 //   OXVIRT_PORTAL    https://127.0.0.1:PORT (the engine; its certificate is self-signed)
 //   OXVIRT_PASSWORD  admin@internal's password
 //   OXVIRT_KERNEL, OXVIRT_INITRD, OXVIRT_CMDLINE   the test guest (direct kernel boot)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """oVirt's Python SDK (ovirtsdk4, unmodified) against a live oxvirt engine with real nodes.
 
-Run by crates/oxvirt/tests/rest_clients.rs, which starts the engine and the node processes
+Run by crates/oxvirt/tests/it/rest_clients.rs, which starts the engine and the node processes
 (waiting to enroll) and passes, in the environment:
   OXVIRT_URL        https://127.0.0.1:PORT/ovirt-engine/api
   OXVIRT_PASSWORD   admin@internal's password

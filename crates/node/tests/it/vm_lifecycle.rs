@@ -2,7 +2,7 @@
 //! hooks, graceful shutdown and its fallback, QEMU dying, self-fencing of the VMs holding leases
 //! on a storage domain, live snapshot and live merge while the guest writes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! `oxvirt node` as a real process on loopback: enrollment with the engine's CA, the API over
 //! mutual TLS (JSON-RPC, XML-RPC, REST view, events), refusals, and restarts.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};

@@ -13,7 +13,7 @@
 //! all. Then the run is undone with the ordinary commands and the world must be back to its
 //! baseline, so each run starts from the same state.
 
-mod common;
+use crate::common;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};

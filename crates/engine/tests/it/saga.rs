@@ -1,7 +1,7 @@
 //! Sagas on both backends: a real multi-step command (database rows plus a volume file on
 //! disk, standing for the node's side effect), failed at each step, crashed at each point.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

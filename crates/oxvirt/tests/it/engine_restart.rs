@@ -7,7 +7,7 @@
 //! half-done command is finished or undone, the database and the storage agree, and the
 //! running VM was never touched.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;

@@ -1,6 +1,6 @@
 //! The database layer and the model's repositories, on SQLite and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

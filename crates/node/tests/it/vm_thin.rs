@@ -2,7 +2,7 @@
 //! SPM extends it, write-threshold events, extends through the requester, `io-error` pauses
 //! resumed after the extend — and not one I/O error seen by the guest.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! The REST API v4 over the engine's real HTTPS listener with a real (SQLite) database: SSO,
 //! status codes, faults, search, follow, JSON, actions on objects that need no node.
 
-mod rest_common;
+use crate::rest_common;
 
 use http::{Method, StatusCode};
 use rest_common::{count, root_id, start_engine, Client};

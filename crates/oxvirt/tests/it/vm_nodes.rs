@@ -5,7 +5,7 @@
 //! running and is found again by the next node process; a thin disk on a host that is not the SPM growing through the
 //! pool's mailbox; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@
 //! The guest pings host A's address on the network every second and reports whether its
 //! second NIC exists, on its serial console.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

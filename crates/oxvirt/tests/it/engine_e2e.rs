@@ -4,7 +4,7 @@
 //! snapshot, migration, live merge, stop, removal; then the SPM node is killed and the role
 //! moves.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

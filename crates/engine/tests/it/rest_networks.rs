@@ -3,7 +3,7 @@
 //! networks, vNIC profiles, and VM NICs with their network given as a vNIC profile and their
 //! MAC from the cluster's pool.
 
-mod rest_common;
+use crate::rest_common;
 
 use http::{Method, StatusCode};
 use rest_common::{count, root_id, start_engine, xml_text, Client};

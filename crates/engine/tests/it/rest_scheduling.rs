@@ -5,7 +5,7 @@
 //! node's VM report without undoing a newer command. Every refused request is checked to have
 //! changed nothing.
 
-mod rest_common;
+use crate::rest_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! scheduler, and the cluster MAC pool (allocation persisted with the NIC, no duplicates, a
 //! removed NIC's address free again, the cursor surviving a restart).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -8,7 +8,7 @@
 //! Only namespaces made by the test hold addresses; the nodes' APIs are on loopback in the
 //! test's own namespace. Namespaces and QEMU processes are removed even when the test fails.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! data center, cluster, hosts, storage domain, attach, VM with a disk booting the test guest
 //! under TCG, snapshot, migration, stop, template, VM from the template, removal.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

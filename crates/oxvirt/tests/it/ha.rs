@@ -7,7 +7,7 @@
 //! restart in place). Throughout, a sampler checks that no two live QEMU processes ever run the
 //! VM, and the storage domain checks clean.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

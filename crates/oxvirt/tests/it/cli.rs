@@ -2,7 +2,7 @@
 //! the real binary against an in-process engine serving the REST API on its real HTTPS
 //! listener; the VM test adds a real `oxvirt node` and boots the test guest under TCG.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! journal, and the domain validates clean with the storage checker and `qemu-img check`.
 //! Volume leases are contended between the two surviving nodes.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

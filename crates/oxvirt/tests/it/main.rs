@@ -1,0 +1,21 @@
+//! The `oxvirt` crate's integration tests in one binary (`--test it`): each module is one area,
+//! run against the real `oxvirt` binary, real nodes, QEMU and storage. One binary rather than one
+//! per file because each test binary compiles and links the whole engine and node again; nextest
+//! still runs every test in its own process, and `.config/nextest.toml` selects the QEMU tests by
+//! module name (`vm_nodes::`, `ha::`, …).
+
+mod cli;
+mod common;
+mod domain_cli;
+mod engine_e2e;
+mod engine_restart;
+mod ha;
+mod lease_cli;
+mod networks;
+mod networks_engine;
+mod node_daemon;
+mod pool_spm;
+mod portal_browser;
+mod rest_clients;
+mod saga_faults;
+mod vm_nodes;
