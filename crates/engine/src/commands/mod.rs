@@ -97,6 +97,23 @@ pub enum Answer {
     WhenRecorded,
 }
 
+/// What a command that makes a new object answers: the object as recorded, and whether its
+/// storage work was still going on when it answered ([`Answer::WhenRecorded`] with work to
+/// do; REST's 202). As in oVirt, that follows from the kind of request, never from a race with
+/// the work: a client sees one answer for one kind of request.
+#[derive(Clone, Debug)]
+pub struct Added<T> {
+    pub entity: T,
+    pub pending: bool,
+}
+
+impl<T> std::ops::Deref for Added<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.entity
+    }
+}
+
 /// The command layer: the application context and the saga executor with every saga
 /// registered.
 #[derive(Clone)]
@@ -165,14 +182,15 @@ impl Commands {
     /// saga done, such as plugging a new disk into its running VM). With
     /// [`Answer::WhenRecorded`] and `storage_work` to do, returns as soon as that first step
     /// is recorded and leaves the rest running; a failure after that is the saga's (its job
-    /// and events) or, for `then`, an error event with the request's correlation id.
+    /// and events) or, for `then`, an error event with the request's correlation id. Answers
+    /// whether the work may still be going on (see [`Added`]).
     pub(crate) async fn run_adding<S, F, Fut>(
         &self,
         params: S::Params,
         correlation_id: Option<String>,
         storage_work: bool,
         then: F,
-    ) -> Result<(), CommandError>
+    ) -> Result<bool, CommandError>
     where
         S: SagaDef<Ctx = App>,
         F: FnOnce(Commands) -> Fut + Send + 'static,
@@ -185,12 +203,9 @@ impl Commands {
             .start::<S>(params, StartOptions { correlation_id })
             .await?;
         let cmds = self.answering(Answer::WhenDone);
+        let early = self.answer == Answer::WhenRecorded && storage_work;
         // A saga already over (it failed, say) answers with its outcome.
-        if self.answer == Answer::WhenRecorded
-            && storage_work
-            && handle.steps_done(1).await
-            && !handle.is_finished()
-        {
+        if early && handle.steps_done(1).await && !handle.is_finished() {
             tokio::spawn(async move {
                 let saga = handle.id;
                 let db = cmds.app.db.clone();
@@ -213,10 +228,11 @@ impl Commands {
                     }
                 }
             });
-            return Ok(());
+            return Ok(true);
         }
         outcome(description, handle).await?;
-        then(cmds).await
+        then(cmds).await?;
+        Ok(early)
     }
 
     /// Retries the command behind job `job` once an admin removed what stopped it: a stuck

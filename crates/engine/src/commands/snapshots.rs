@@ -34,7 +34,7 @@ use super::storage::{create_volume, delete_image};
 
 const CODE_VOLUME_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::VolumeNotFound.code();
 use super::vms::create_state_volume;
-use super::{CommandError, Commands};
+use super::{Added, CommandError, Commands};
 
 fn step_err(e: impl std::fmt::Display) -> StepError {
     StepError::msg(e)
@@ -842,7 +842,7 @@ impl Commands {
         vm: VmId,
         req: AddSnapshot,
         correlation_id: Option<String>,
-    ) -> Result<Snapshot, CommandError> {
+    ) -> Result<Added<Snapshot>, CommandError> {
         let v = self.vm(vm).await?;
         self.refuse_in_preview(&v).await?;
         self.refuse_locked_disks(&v, "snapshotted").await?;
@@ -892,27 +892,30 @@ impl Commands {
         };
         let snapshot = SnapshotId::new_random();
         let storage_work = !disks.is_empty();
-        self.run_adding::<AddSnapshotSaga, _, _>(
-            AddSnapshotParams {
-                snapshot,
-                vm,
-                dc,
-                description: req.description,
-                disks,
-                live_on,
-                memory,
-                memory_volume_size,
-            },
-            correlation_id,
-            storage_work,
-            |_| async { Ok(()) },
-        )
-        .await?;
-        self.app
+        let pending = self
+            .run_adding::<AddSnapshotSaga, _, _>(
+                AddSnapshotParams {
+                    snapshot,
+                    vm,
+                    dc,
+                    description: req.description,
+                    disks,
+                    live_on,
+                    memory,
+                    memory_volume_size,
+                },
+                correlation_id,
+                storage_work,
+                |_| async { Ok(()) },
+            )
+            .await?;
+        let entity = self
+            .app
             .db
             .snapshot_get(snapshot)
             .await?
-            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))
+            .ok_or_else(|| CommandError::not_found("snapshot", snapshot))?;
+        Ok(Added { entity, pending })
     }
 
     pub async fn remove_snapshot(

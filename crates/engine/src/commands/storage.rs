@@ -20,7 +20,7 @@ use crate::model::{
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
-use super::{CommandError, Commands};
+use super::{Added, CommandError, Commands};
 
 /// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
 const CODE_DOMAIN_NOT_FOUND: i64 = 358;
@@ -1054,7 +1054,7 @@ impl Commands {
         &self,
         mut req: AddDisk,
         correlation_id: Option<String>,
-    ) -> Result<Disk, CommandError> {
+    ) -> Result<Added<Disk>, CommandError> {
         if req.provisioned_size == 0 || req.provisioned_size > (64 << 40) {
             return Err(CommandError::invalid(format!(
                 "disk size {} is outside 1 byte..64 TiB",
@@ -1079,28 +1079,31 @@ impl Commands {
             )));
         }
         let disk = DiskId::new_random();
-        self.run_adding::<AddDiskSaga, _, _>(
-            AddDiskParams {
-                disk,
-                volume: VolUuid::new_random(),
-                dc: dc.id,
-                req,
-            },
-            correlation_id,
-            true,
-            move |cmds| async move {
-                match hot_vm {
-                    Some(vm) => cmds.activate_new_disk(vm, disk).await,
-                    None => Ok(()),
-                }
-            },
-        )
-        .await?;
-        self.app
+        let pending = self
+            .run_adding::<AddDiskSaga, _, _>(
+                AddDiskParams {
+                    disk,
+                    volume: VolUuid::new_random(),
+                    dc: dc.id,
+                    req,
+                },
+                correlation_id,
+                true,
+                move |cmds| async move {
+                    match hot_vm {
+                        Some(vm) => cmds.activate_new_disk(vm, disk).await,
+                        None => Ok(()),
+                    }
+                },
+            )
+            .await?;
+        let entity = self
+            .app
             .db
             .disk_get(disk)
             .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        Ok(Added { entity, pending })
     }
 
     pub async fn remove_disk(

@@ -20,7 +20,7 @@ use crate::saga::{SagaDef, Step, StepCtx, StepError};
 use crate::scheduling::choose_host;
 
 use super::storage::{create_volume, delete_image};
-use super::{CommandError, Commands};
+use super::{Added, CommandError, Commands};
 
 const CODE_NO_VM: i64 = 1;
 const CODE_VM_EXISTS: i64 = 4;
@@ -1074,7 +1074,7 @@ impl Commands {
         &self,
         req: AddVm,
         correlation_id: Option<String>,
-    ) -> Result<crate::model::Vm, CommandError> {
+    ) -> Result<Added<crate::model::Vm>, CommandError> {
         let dc = self.cluster_dc(req.cluster).await?;
         if self.app.db.vm_get_by_name(&req.name).await?.is_some() {
             return Err(CommandError::Conflict(format!("a VM named {} exists", req.name)));
@@ -1135,14 +1135,16 @@ impl Commands {
         }
         let id = vm.id;
         let storage_work = !clones.is_empty();
-        self.run_adding::<AddVmSaga, _, _>(
-            AddVmParams { vm, dc, clones },
-            correlation_id,
-            storage_work,
-            |_| async { Ok(()) },
-        )
-        .await?;
-        self.vm(id).await
+        let pending = self
+            .run_adding::<AddVmSaga, _, _>(
+                AddVmParams { vm, dc, clones },
+                correlation_id,
+                storage_work,
+                |_| async { Ok(()) },
+            )
+            .await?;
+        let entity = self.vm(id).await?;
+        Ok(Added { entity, pending })
     }
 
     pub async fn start_vm(
@@ -1607,7 +1609,7 @@ impl Commands {
         name: &str,
         description: &str,
         correlation_id: Option<String>,
-    ) -> Result<crate::model::Template, CommandError> {
+    ) -> Result<Added<crate::model::Template>, CommandError> {
         let v = self.vm(vm).await?;
         if v.runtime.status != VmStatus::Down {
             return Err(CommandError::Conflict(format!(
@@ -1641,23 +1643,26 @@ impl Commands {
         }
         let id = t.id;
         let storage_work = !disks.is_empty();
-        self.run_adding::<AddTemplateSaga, _, _>(
-            AddTemplateParams {
-                template: t,
-                vm,
-                dc,
-                disks,
-            },
-            correlation_id,
-            storage_work,
-            |_| async { Ok(()) },
-        )
-        .await?;
-        self.app
+        let pending = self
+            .run_adding::<AddTemplateSaga, _, _>(
+                AddTemplateParams {
+                    template: t,
+                    vm,
+                    dc,
+                    disks,
+                },
+                correlation_id,
+                storage_work,
+                |_| async { Ok(()) },
+            )
+            .await?;
+        let entity = self
+            .app
             .db
             .template_get(id)
             .await?
-            .ok_or_else(|| CommandError::not_found("template", id))
+            .ok_or_else(|| CommandError::not_found("template", id))?;
+        Ok(Added { entity, pending })
     }
 
     pub async fn remove_template(&self, id: TemplateId) -> Result<(), CommandError> {

@@ -299,9 +299,9 @@ impl Req {
         &self.engine.cmds
     }
     /// The commands for an add with storage work: answering once it is recorded, unless the
-    /// client sent `Expect: 201-created`. Such an add answers 202 (whether or not the work
-    /// happened to end first, as oVirt decides by the kind of command), so a client sees one
-    /// answer for one kind of request.
+    /// client sent `Expect: 201-created`. Such an add answers 202 when the command says its
+    /// work was pending ([`crate::commands::Added`]: by the kind of request, as oVirt decides,
+    /// not by whether the work happened to end first).
     pub fn adding(&self) -> crate::commands::Commands {
         use crate::commands::Answer;
         let answer = if self.blocking {

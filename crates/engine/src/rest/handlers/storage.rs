@@ -367,7 +367,7 @@ pub async fn disk_add(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("disk")?;
     let req = new_disk(r, &b).await?;
     let d = r.adding().add_disk(req, r.correlation_id.clone()).await?;
-    Ok(Resp::added(one_disk(r, &d), href("disks", d.id), !r.blocking))
+    Ok(Resp::added(one_disk(r, &d), href("disks", d.id), d.pending))
 }
 
 pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {

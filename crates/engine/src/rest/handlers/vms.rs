@@ -197,10 +197,8 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         os: os_of(&b),
         ha: ha_of(&b)?,
     };
-    // Storage work: the template's disks are cloned.
-    let pending = !r.blocking && !r.db().template_disks(req.template).await?.is_empty();
     let v = r.adding().add_vm(req, r.correlation_id.clone()).await?;
-    Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), pending))
+    Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), v.pending))
 }
 
 pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
@@ -548,7 +546,7 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
             let mut req = new_disk(r, de).await?;
             req.attach_to = Some(how.clone());
             let d = r.adding().add_disk(req, r.correlation_id.clone()).await?;
-            pending = !r.blocking;
+            pending = d.pending;
             r.db()
                 .attachment_get(v.id, d.id)
                 .await?
@@ -634,8 +632,6 @@ pub async fn snap_get(r: &Req) -> Result<Resp, ApiError> {
 pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
     let b = r.body("snapshot")?;
-    // Storage work: a volume on each disk.
-    let pending = !r.blocking && !r.db().attachments_of_vm(v.id).await?.is_empty();
     let s = r
         .adding()
         .add_snapshot(
@@ -652,7 +648,7 @@ pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::added(
         o,
         format!("{API}/vms/{}/snapshots/{}", v.id, s.id),
-        pending,
+        s.pending,
     ))
 }
 
@@ -746,8 +742,6 @@ pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
         .get("vm")
         .ok_or_else(|| ApiError::bad_request("<template> needs the <vm> it is made from"))?;
     let vm = vm_ref(r, ve).await?;
-    // Storage work: the VM's disks are copied.
-    let pending = !r.blocking && !r.db().attachments_of_vm(vm).await?.is_empty();
     let t = r
         .adding()
         .add_template(
@@ -757,7 +751,11 @@ pub async fn template_add(r: &Req) -> Result<Resp, ApiError> {
             r.correlation_id.clone(),
         )
         .await?;
-    Ok(Resp::added(one_template(r, &t), href("templates", t.id), pending))
+    Ok(Resp::added(
+        one_template(r, &t),
+        href("templates", t.id),
+        t.pending,
+    ))
 }
 
 pub async fn template_update(r: &Req) -> Result<Resp, ApiError> {
