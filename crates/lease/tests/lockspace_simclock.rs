@@ -54,16 +54,44 @@ impl World {
     }
 
     /// Runs `f` on another thread while advancing the clock until it returns.
+    /// The clock moves only while that thread is blocked (waiting on the clock or on I/O):
+    /// what it decides from the time it reads cannot depend on how soon a loaded machine
+    /// schedules it.
     fn while_advancing<T: Send + 'static>(
         &self,
         live: &[&Host],
         f: impl FnOnce() -> T + Send + 'static,
     ) -> T {
-        let t = std::thread::spawn(f);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            f()
+        });
+        let tid = tid_rx.recv().unwrap();
         while !t.is_finished() {
+            wait_until_blocked(tid, &t);
             self.step(live);
         }
         t.join().unwrap()
+    }
+
+    /// Advances until `h` renews and stops right there, so that its record's age from then
+    /// on is exactly the time the test lets pass.
+    fn advance_to_renewal(&self, live: &[&Host], h: &Host) {
+        let renewed_at = || h.ls.valid_until() - 8 * N;
+        let before = renewed_at();
+        while renewed_at() == before {
+            let start = std::time::Instant::now();
+            // A renewal due now lands before the clock moves on.
+            while self.now() >= before + 2 * N && renewed_at() == before {
+                assert!(start.elapsed() < Duration::from_secs(20), "renewal thread stuck");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if renewed_at() == before {
+                self.step(live);
+            }
+        }
     }
 
     fn acquire(&self, host_id: u64, live: &[&Host]) -> Host {
@@ -100,6 +128,28 @@ impl World {
 
     fn now(&self) -> Duration {
         self.clock.now()
+    }
+}
+
+/// Waits (in real time) until thread `tid` of this process is neither running nor runnable, or
+/// has finished.
+fn wait_until_blocked<T>(tid: libc::pid_t, t: &std::thread::JoinHandle<T>) {
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let start = std::time::Instant::now();
+    loop {
+        let running = match std::fs::read_to_string(&stat) {
+            // The state follows the parenthesised command name.
+            Ok(s) => s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('R')),
+            Err(_) => false,
+        };
+        if !running || t.is_finished() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "thread {tid} never blocks"
+        );
+        std::thread::yield_now();
     }
 }
 
@@ -208,11 +258,12 @@ fn a_lease_overwritten_by_another_host_fences_at_the_next_renewal() {
     rec.owner_generation += 1;
     w.ls_disk.write(0, &rec.to_sector()).unwrap();
     let t0 = w.now();
-    while rx.try_recv().is_err() {
-        w.step(&[]);
+    // Each step waits for a renewal that falls due (the one that finds the intruder).
+    while a.ls.fenced().is_none() {
+        w.step(&[&a]);
         assert!(w.now() - t0 < 4 * N, "not fenced within 2N + slack");
     }
-    assert!(matches!(a.ls.fenced().unwrap().reason, FenceReason::LeaseLost(_)));
+    assert!(matches!(wait_fence(&rx).reason, FenceReason::LeaseLost(_)));
 }
 
 #[test]
@@ -463,7 +514,8 @@ fn a_restarted_holder_resumes_its_unexpired_host_id_and_keeps_its_resources() {
     w.advance(&[&a, &b], 4 * N);
     let held = a.acquire_resource(AcquireOptions::default()).unwrap();
     assert_eq!((held.lver(), a.ls.generation()), (1, 1));
-    // The process dies: no more renewals, no release.
+    // The process dies just after a renewal: no more renewals, no release.
+    w.advance_to_renewal(&[&a, &b], &a);
     a.ls_io.set_fault(MemFault::Hang);
     a.res_io.set_fault(MemFault::Hang);
     w.advance(&[&b], 3 * N);
