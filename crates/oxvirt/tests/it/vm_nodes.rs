@@ -633,8 +633,39 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     std::fs::create_dir(&shared).unwrap();
     let (sd, img, base) = shared_disk(&[&node], &shared).await;
     let id = VmId::new_random();
-    let info = node.call("VM.create", vm_params(id, "phoenix", sd, img)).await;
+    // A second disk on the chipset's SATA controller (the test kernel has no AHCI driver, so
+    // only QEMU and the node see it): it comes up, and is found again with its bus.
+    let dom = FileStorageDomain::find(&shared, sd).unwrap();
+    let (sata_img, _) = new_volume(&dom, 8 << 20, VolFormat::Raw);
+    let mut params = vm_params(id, "phoenix", sd, img);
+    params["drives"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "domainID": sd, "imageID": sata_img, "iface": "sata" }));
+    let sata_bus = |info: &Value| -> Vec<(String, String)> {
+        info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let img = d["image"]["img"].as_str().unwrap().to_string();
+                (img, d["bus"].as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    let expected_buses = vec![
+        (img.to_string(), "virtio_blk".to_string()),
+        (sata_img.to_string(), "sata".to_string()),
+    ];
+    let info = node.call("VM.create", params).await;
+    assert_eq!(sata_bus(&info), expected_buses, "{info}");
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
+    let cmdline = std::fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(r#""driver":"ide-hd""#) && cmdline.contains(r#""bus":"ide.0""#),
+        "no SATA disk on QEMU's command line: {cmdline}"
+    );
     let log = node.console_log(id);
     let p = wait_passes(&log, 0, 1, BOOT).await;
     node.call("VM.setBalloonTarget", json!({ "vmID": id, "target": 200 }))
@@ -655,6 +686,8 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     assert_eq!(vms[0]["vmID"], json!(id));
     assert_eq!(vms[0]["status"]["state"], "up", "{all}");
     assert_eq!(vms[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
+    let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+    assert_eq!(sata_bus(&info), expected_buses, "{info}");
     let st = node.call("VM.getStats", json!({ "vmID": id })).await;
     assert_eq!(
         st["balloon_target_mib"], 200,
@@ -775,7 +808,8 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let (img2, _) = new_volume(&dom, 8 << 20, VolFormat::Raw);
     let plug = json!({ "vmID": id, "drive": { "domainID": sd, "imageID": img2 } });
     let mut node = node;
-    for (point, disks) in [("disk-plug-recorded", 1), ("disk-plugged", 2)] {
+    // (Counting the SATA disk.)
+    for (point, disks) in [("disk-plug-recorded", 2), ("disk-plugged", 3)] {
         node.stop();
         let crash = [("OXVIRT_TEST_NODE_CRASH_AT", point)];
         let dying = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
