@@ -122,6 +122,23 @@ impl Node {
         self.vm_dir(id).join("serial.log")
     }
 
+    /// Waits until VM `id`'s console shows `line`; on timeout, shows the console's and the
+    /// node's last lines (what the guest saw, and what the node did, such as device events).
+    async fn wait_console(&self, id: VmId, line: &str, timeout: Duration) {
+        let log = self.console_log(id);
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains(line) {
+            assert!(
+                start.elapsed() < timeout,
+                "no {line:?} on the console within {timeout:?}: {}\n--- node {} ---\n{}",
+                tail(&std::fs::read_to_string(&log).unwrap_or_default()),
+                self.name,
+                tail(&self.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn state(&self, id: VmId) -> Value {
         self.call("VM.getInfo", json!({ "vmID": id })).await["status"].clone()
     }
@@ -249,19 +266,6 @@ async fn wait_passes(log: &Path, from: usize, n: usize, timeout: Duration) -> us
             std::fs::read_to_string(log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the guest's console log shows `line`.
-async fn wait_console(log: &Path, line: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !std::fs::read_to_string(log).unwrap_or_default().contains(line) {
-        assert!(
-            start.elapsed() < timeout,
-            "no {line:?} on the console within {timeout:?}: {}",
-            tail(&std::fs::read_to_string(log).unwrap_or_default())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -491,7 +495,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     };
     let expected = vec![(img.to_string(), 0), (img2.to_string(), 1)];
     assert_eq!(slots(&plugged), expected, "{plugged}");
-    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb written", BOOT).await;
+    a.wait_console(id, "OXVIRT-GUEST vdb written", BOOT).await;
     let again = a
         .call("VM.hotplugDisk", json!({ "vmID": id, "drive": drive2 }))
         .await;
@@ -512,7 +516,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let expected = vec![(img.to_string(), 0), (img2.to_string(), 1), (img3.to_string(), 2)];
     assert_eq!(slots(&plugged), expected, "{plugged}");
     assert_eq!(plugged["disks"][2]["bus"], "virtio_scsi", "{plugged}");
-    wait_console(&a.console_log(id), "OXVIRT-GUEST sda written", BOOT).await;
+    a.wait_console(id, "OXVIRT-GUEST sda written", BOOT).await;
     let mut params = params.clone();
     params["drives"] = json!([
         { "domainID": sd, "imageID": img3, "slot": 2, "iface": "scsi" },
@@ -569,7 +573,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let mut left = slots(&unplugged);
     left.sort_by_key(|(_, slot)| *slot);
     assert_eq!(left, expected[..2], "{unplugged}");
-    wait_console(&a.console_log(id), "OXVIRT-GUEST sda unplugged", BOOT).await;
+    a.wait_console(id, "OXVIRT-GUEST sda unplugged", BOOT).await;
     let data = std::fs::read(dom.volume_path(img3, vol3)).unwrap();
     assert!(
         data[..2 << 20].iter().all(|b| *b == b'S'),
@@ -592,7 +596,7 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let paused = a.call("VM.getInfo", json!({ "vmID": id })).await;
     assert_eq!(slots(&paused).len(), 2, "{paused}");
     a.call("VM.cont", json!({ "vmID": id })).await;
-    wait_console(&a.console_log(id), "OXVIRT-GUEST vdb unplugged", BOOT).await;
+    a.wait_console(id, "OXVIRT-GUEST vdb unplugged", BOOT).await;
     let t0 = Instant::now();
     let unplugged = a
         .call("VM.hotunplugDisk", json!({ "vmID": id, "drive": drive2 }))
