@@ -319,3 +319,119 @@ fn waiting_for_admin(
         other => Ok(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::db::{Db, ListQuery};
+    use crate::saga::{Step, StepCtx};
+
+    /// A saga whose first step records and whose second works until the test lets it go on
+    /// (one permit per run).
+    struct Slow;
+
+    fn go() -> &'static tokio::sync::Semaphore {
+        static GO: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        GO.get_or_init(|| tokio::sync::Semaphore::new(0))
+    }
+
+    impl SagaDef for Slow {
+        type Ctx = App;
+        type Params = ();
+        const NAME: &'static str = "test_slow_add";
+        fn description(_: &()) -> String {
+            "Adding a test object".into()
+        }
+        fn steps() -> Vec<Step<Self>> {
+            vec![
+                Step::without_undo("record", |_c: StepCtx<Self>| async { Ok(()) }),
+                Step::without_undo("work", |_c: StepCtx<Self>| async {
+                    go().acquire().await.expect("semaphore").forget();
+                    Ok(())
+                }),
+            ]
+        }
+    }
+
+    async fn commands(dir: &std::path::Path) -> Commands {
+        let db = Db::open_in(dir, None).await.unwrap();
+        let ca = oxvirt_pki::CertAuthority::generate("test CA").unwrap();
+        let identity = ca.issue(oxvirt_pki::Role::Engine, "engine", &[]).unwrap();
+        let app = App::new(
+            db,
+            crate::nodes::NodeClients::new(identity, Duration::from_secs(5)),
+            Default::default(),
+        );
+        let cmds = Commands::new(app).unwrap();
+        cmds.sagas.register::<Slow>().unwrap();
+        cmds
+    }
+
+    async fn follow_up_failures(cmds: &Commands) -> Vec<crate::model::Event> {
+        let all = cmds.app.db.event_list(&ListQuery::default()).await.unwrap();
+        all.into_iter()
+            .filter(|e| e.code == crate::saga::codes::FOLLOW_UP_FAILED)
+            .collect()
+    }
+
+    /// Answered early, an add says it is pending; what follows its saga runs after the answer,
+    /// and its failure is an error event with the request's correlation id. Answered when
+    /// done, the same failure is the caller's error, and an add without storage work is never
+    /// pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_add_answered_early_reports_what_fails_after_it_as_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmds = commands(dir.path()).await;
+        let early = cmds.answering(Answer::WhenRecorded);
+        let failing = |cmds: Commands| async move {
+            drop(cmds);
+            Err::<(), _>(CommandError::Conflict("the plug failed".into()))
+        };
+
+        let pending = early
+            .run_adding::<Slow, _, _>((), Some("corr-1".into()), true, failing)
+            .await
+            .unwrap();
+        assert!(pending, "answered before its work ended, the add is pending");
+        assert!(
+            follow_up_failures(&cmds).await.is_empty(),
+            "the follow-up ran before the answer"
+        );
+        go().add_permits(1);
+        let start = std::time::Instant::now();
+        let ev = loop {
+            if let Some(ev) = follow_up_failures(&cmds).await.pop() {
+                break ev;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no follow-up failure event"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ev.severity, crate::model::Severity::Error);
+        assert_eq!(ev.correlation_id.as_deref(), Some("corr-1"));
+        assert!(ev.description.contains("the plug failed"), "{}", ev.description);
+
+        go().add_permits(1);
+        let err = cmds
+            .run_adding::<Slow, _, _>((), None, true, failing)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("the plug failed"), "{err}");
+        assert_eq!(
+            follow_up_failures(&cmds).await.len(),
+            1,
+            "a waited-for failure is no event"
+        );
+
+        go().add_permits(1);
+        let pending = early
+            .run_adding::<Slow, _, _>((), None, false, |_| async { Ok(()) })
+            .await
+            .unwrap();
+        assert!(!pending, "an add without storage work is answered when done");
+    }
+}
