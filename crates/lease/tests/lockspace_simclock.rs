@@ -79,12 +79,13 @@ impl World {
     /// Advances until `h` renews and stops right there, so that its record's age from then
     /// on is exactly the time the test lets pass.
     fn advance_to_renewal(&self, live: &[&Host], h: &Host) {
-        let renewed_at = || h.ls.valid_until() - 8 * N;
+        let t = h.ls.timeouts();
+        let renewed_at = || h.ls.valid_until() - t.renewal_fail();
         let before = renewed_at();
         while renewed_at() == before {
             let start = std::time::Instant::now();
             // A renewal due now lands before the clock moves on.
-            while self.now() >= before + 2 * N && renewed_at() == before {
+            while self.now() >= before + t.renewal() && renewed_at() == before {
                 assert!(start.elapsed() < Duration::from_secs(20), "renewal thread stuck");
                 std::thread::sleep(Duration::from_millis(1));
             }

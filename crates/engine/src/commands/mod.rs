@@ -385,10 +385,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cmds = commands(dir.path()).await;
         let early = cmds.answering(Answer::WhenRecorded);
-        let failing = |cmds: Commands| async move {
-            drop(cmds);
-            Err::<(), _>(CommandError::Conflict("the plug failed".into()))
-        };
+        let failing = |_: Commands| async { Err::<(), _>(CommandError::Conflict("the plug failed".into())) };
 
         let pending = early
             .run_adding::<Slow, _, _>((), Some("corr-1".into()), true, failing)

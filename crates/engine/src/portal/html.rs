@@ -65,6 +65,12 @@ impl Html {
         self.raw("</div>")
     }
 
+    /// Opens a detail page's head with its title (`<kind> <name>`); the caller adds what
+    /// follows the title (a status badge…) and closes it with `</div>`.
+    pub fn head_open(&mut self, title: impl Display) -> &mut Self {
+        self.raw("<div class=\"head\"><h1>").text(title).raw("</h1>")
+    }
+
     pub fn section(&mut self, title: &str) -> &mut Self {
         self.raw("<h2>").text(title).raw("</h2>")
     }

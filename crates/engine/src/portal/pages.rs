@@ -618,9 +618,7 @@ async fn datacenter(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
         .collect();
     clusters.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>Data center ")
-        .text(&dc.name)
-        .raw("</h1>")
+    h.head_open(format!("Data center {}", dc.name))
         .badge(dc.status, None)
         .raw("</div>");
     h.facts(&[
@@ -745,9 +743,7 @@ async fn cluster(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     )
     .await?;
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>Cluster ")
-        .text(&c.name)
-        .raw("</h1></div>");
+    h.head_open(format!("Cluster {}", c.name)).raw("</div>");
     h.facts_linked(&[
         (
             "Data center",
@@ -906,9 +902,7 @@ async fn host(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         .await?;
     let sid = id.to_string();
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>Host ")
-        .text(&host.name)
-        .raw("</h1>")
+    h.head_open(format!("Host {}", host.name))
         .badge(host.status, Some(&format!("host:{sid}")))
         .raw("</div>");
     h.raw("<div class=\"toolbar\">");
@@ -1162,9 +1156,7 @@ async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
         )
         .await?;
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>Storage domain ")
-        .text(&sd.name)
-        .raw("</h1>")
+    h.head_open(format!("Storage domain {}", sd.name))
         .badge(status, None)
         .raw("</div>");
     let used = match (sd.capacity_bytes, sd.free_bytes) {
@@ -1506,9 +1498,7 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     let sid = id.to_string();
     let st = v.runtime.status;
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>VM ")
-        .text(&v.name)
-        .raw("</h1>")
+    h.head_open(format!("VM {}", v.name))
         .badge(st, Some(&format!("vm:{sid}")))
         .raw("<span class=\"sub\">on <span data-live-host=\"")
         .text(&sid)
@@ -2047,9 +2037,7 @@ async fn template(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     )
     .await?;
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>Template ")
-        .text(&t.name)
-        .raw("</h1>")
+    h.head_open(format!("Template {}", t.name))
         .badge(t.status, None)
         .raw("</div>");
     if t.status == TemplateStatus::Ok {
@@ -2112,9 +2100,7 @@ async fn job(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
     let j = ctx.db().job_get(id).await?.ok_or_else(|| missing("job", id))?;
     let steps = ctx.db().job_steps(id).await?;
     let mut h = Html::new();
-    h.raw("<div class=\"head\"><h1>")
-        .text(&j.description)
-        .raw("</h1>")
+    h.head_open(&j.description)
         .badge(j.status, Some(&format!("job:{id}")))
         .raw("</div>");
     h.raw("<div data-region=\"job\" data-live-jobs=\"1\">");

@@ -646,7 +646,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
         .as_array_mut()
         .unwrap()
         .push(json!({ "domainID": sd, "imageID": sata_img, "iface": "sata" }));
-    let sata_bus = |info: &Value| -> Vec<(String, String)> {
+    let disk_buses = |info: &Value| -> Vec<(String, String)> {
         info["disks"]
             .as_array()
             .unwrap()
@@ -662,7 +662,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
         (sata_img.to_string(), "sata".to_string()),
     ];
     let info = node.call("VM.create", params).await;
-    assert_eq!(sata_bus(&info), expected_buses, "{info}");
+    assert_eq!(disk_buses(&info), expected_buses, "{info}");
     let qemu_pid = info["pid"].as_i64().unwrap() as i32;
     let cmdline = std::fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -691,7 +691,7 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     assert_eq!(vms[0]["status"]["state"], "up", "{all}");
     assert_eq!(vms[0]["pid"].as_i64().unwrap() as i32, qemu_pid);
     let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
-    assert_eq!(sata_bus(&info), expected_buses, "{info}");
+    assert_eq!(disk_buses(&info), expected_buses, "{info}");
     let st = node.call("VM.getStats", json!({ "vmID": id })).await;
     assert_eq!(
         st["balloon_target_mib"], 200,
@@ -753,7 +753,6 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "snapshot-switched")];
     let node = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
     connect_shared(&node, &shared).await;
-    let dom = FileStorageDomain::find(&shared, sd).unwrap();
     let overlay = VolUuid::new_random();
     dom.create_snapshot(img, overlay, None, "live").unwrap();
     let drive = json!({ "domainID": sd, "imageID": img, "volumeID": overlay });
