@@ -397,6 +397,11 @@ pub enum VolumeLeaseError {
     },
     #[error("volume {vol} does not exist in image {img}")]
     NoVolume { img: ImgUuid, vol: VolUuid },
+    /// Held by this very host, for another purpose.
+    #[error("volume {vol} is locked by host {host} ({holder})")]
+    LockedHere { vol: VolUuid, host: u64, holder: String },
+    #[error("the lease of volume {vol} cannot be taken here: {reason}")]
+    Unavailable { vol: VolUuid, reason: String },
 }
 
 /// Takes the exclusive lease of a volume through our host id in its domain's lockspace.

@@ -21,6 +21,12 @@
 //!     otherwise                           → undo done jobs ──► RolledBack
 //! ```
 //!
+//! A task that changes volumes a running VM could be using (delete, a cold merge, a move)
+//! names them as its **guard**: it holds their volume leases from before its first job to its
+//! end, on whichever SPM runs or recovers it, so it never changes an image another host writes.
+//! A guard it cannot take ends the task before any job (RolledBack, the holder named), or, for a
+//! task already under way, marks it Failed for the next SPM start to retry.
+//!
 //! Invariants: the record is rewritten atomically before and after every job, each write
 //! preceded by a check that we are still the SPM (a fenced SPM stops at once and leaves the
 //! task to its successor); recovery never fails as a whole — a task it cannot finish is marked
@@ -42,6 +48,7 @@ use crate::fsio;
 use crate::image::{CopyMode, VolumeSpec};
 use crate::ops::REMOVED_IMAGE_PREFIX;
 use crate::pool::{tasks_dir, SpmFence};
+use crate::spm::VolumeLeaseError;
 use crate::volmeta::{Allocation, Legality, VolFormat, VolRole};
 
 /// Environment variable that parks a task before a job, for crash tests:
@@ -84,6 +91,21 @@ pub enum TaskError {
     },
     #[error("task {id} was stopped")]
     Stopped { id: TaskId },
+}
+
+/// A volume whose lease a task holds while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GuardedVolume {
+    pub sd: SdUuid,
+    pub img: ImgUuid,
+    pub vol: VolUuid,
+}
+
+/// Takes the leases of a task's guard; the node owns the lockspaces they are taken in.
+pub trait VolumeLeases: Sync {
+    /// Holds the leases of `vols` for task `task` until the returned value drops; taking none
+    /// when one is refused, with the holder named.
+    fn hold(&self, task: TaskId, vols: &[GuardedVolume]) -> Result<Box<dyn Send>, VolumeLeaseError>;
 }
 
 /// Finds the pool's domains by id.
@@ -414,6 +436,9 @@ pub struct TaskRecord {
     /// Progress of the running job, 0..=100 (not persisted at every change).
     #[serde(default)]
     pub progress: f64,
+    /// Volumes whose leases the task holds while it runs (see the module docs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guard: Vec<GuardedVolume>,
 }
 
 /// The error and its sources, joined.
@@ -440,6 +465,7 @@ pub struct TaskPlan {
     pub verb: String,
     jobs: Vec<PlannedJob>,
     commit_at: usize,
+    guard: Vec<GuardedVolume>,
 }
 
 impl TaskPlan {
@@ -448,7 +474,18 @@ impl TaskPlan {
             verb: verb.to_string(),
             jobs: Vec::new(),
             commit_at: 0,
+            guard: Vec::new(),
         }
+    }
+
+    /// Volumes whose leases the task holds from before its first job to its end.
+    pub fn guard(mut self, vols: impl IntoIterator<Item = GuardedVolume>) -> TaskPlan {
+        for v in vols {
+            if !self.guard.contains(&v) {
+                self.guard.push(v);
+            }
+        }
+        self
     }
 
     pub fn undoable(mut self, job: Job, undo: Job) -> TaskPlan {
@@ -500,6 +537,7 @@ impl TaskPlan {
             updated_at: now,
             recovered_by: None,
             progress: 0.0,
+            guard: self.guard,
         }
     }
 }
@@ -628,6 +666,7 @@ pub struct TaskContext<'a> {
     pub stop: &'a AtomicBool,
     /// Called with the running job's progress (0..=100).
     pub progress: &'a (dyn Fn(f64) + Sync),
+    pub leases: &'a dyn VolumeLeases,
 }
 
 impl TaskContext<'_> {
@@ -636,6 +675,29 @@ impl TaskContext<'_> {
             .check()
             .map(drop)
             .map_err(|reason| TaskError::Fenced { id, reason })
+    }
+
+    /// Takes the task's guard. `Ok(None)`: refused, and the record says so (RolledBack when no
+    /// job has started, else Failed for the next SPM start to retry).
+    fn hold_guard(&self, rec: &mut TaskRecord) -> Result<Option<Box<dyn Send>>, TaskError> {
+        if rec.guard.is_empty() {
+            return Ok(Some(Box::new(())));
+        }
+        match self.leases.hold(rec.id, &rec.guard) {
+            Ok(held) => Ok(Some(held)),
+            Err(e) => {
+                let untouched = rec.next_job == 0 && rec.started.is_none();
+                rec.state = if untouched {
+                    TaskState::RolledBack
+                } else {
+                    TaskState::Failed
+                };
+                rec.error = Some(error_chain(&e));
+                tracing::warn!(task_id = %rec.id, verb = %rec.verb, error = %error_chain(&e), "the task's volume leases are held elsewhere");
+                self.save(rec)?;
+                Ok(None)
+            }
+        }
     }
 
     /// Saves the record if we are still the SPM.
@@ -660,6 +722,9 @@ fn pause_requested(verb: &str, job: usize) -> bool {
 /// final state says how it ended. Errors are returned only when the record could not be
 /// written (fenced or storage gone): the task is then left to the next SPM's recovery.
 pub fn run_task(ctx: &TaskContext<'_>, rec: &mut TaskRecord) -> Result<(), TaskError> {
+    let Some(_held) = ctx.hold_guard(rec)? else {
+        return Ok(());
+    };
     ctx.save(rec)?;
     tracing::info!(task_id = %rec.id, verb = %rec.verb, jobs = rec.jobs.len(), from = rec.next_job, "task running");
     while rec.next_job < rec.jobs.len() {
@@ -812,6 +877,9 @@ fn recover_one(ctx: &TaskContext<'_>, rec: &mut TaskRecord) -> Result<(), TaskEr
         rec.error = None;
         run_task(ctx, rec)
     } else {
+        let Some(_held) = ctx.hold_guard(rec)? else {
+            return Ok(());
+        };
         roll_back(
             ctx,
             rec,

@@ -1,6 +1,6 @@
 //! SPM tasks on a real domain: running, failing before and after the commit point, recovery by
 //! a new SPM of tasks interrupted at each job, a stale (unreadable) record that must not block
-//! recovery, and refusals once the SPM role is lost.
+//! recovery, refusals once the SPM role is lost, and a task's guard of volume leases.
 
 mod common;
 
@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use common::{Fixture, MIB};
 use oxvirt_storage::pool::{self, SpmFence};
+use oxvirt_storage::spm::VolumeLeaseError;
 use oxvirt_storage::tasks::{
-    recover_tasks, run_task, DomainSource, Job, TaskContext, TaskPlan, TaskState, TaskStore,
+    recover_tasks, run_task, DomainSource, GuardedVolume, Job, TaskContext, TaskPlan, TaskState, TaskStore,
+    VolumeLeases,
 };
 use oxvirt_storage::{Allocation, FileStorageDomain, Legality, StorageError, VolFormat};
 use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VolUuid};
@@ -31,6 +33,34 @@ struct Token(Mutex<Option<(u64, u64)>>);
 impl SpmFence for Token {
     fn check(&self) -> Result<(u64, u64), String> {
         self.0.lock().unwrap().ok_or_else(|| "lease lost".to_string())
+    }
+}
+
+/// Volume leases as a table: volumes another host holds refuse; the ones a task holds are
+/// recorded while its guard lives.
+#[derive(Default)]
+struct Leases {
+    elsewhere: Mutex<Vec<(VolUuid, u64)>>,
+    held: Arc<Mutex<Vec<(TaskId, VolUuid)>>>,
+}
+
+struct Held(Arc<Mutex<Vec<(TaskId, VolUuid)>>>, TaskId);
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().retain(|(t, _)| *t != self.1);
+    }
+}
+
+impl VolumeLeases for Leases {
+    fn hold(&self, task: TaskId, vols: &[GuardedVolume]) -> Result<Box<dyn Send>, VolumeLeaseError> {
+        for v in vols {
+            if let Some(&(_, host)) = self.elsewhere.lock().unwrap().iter().find(|(x, _)| *x == v.vol) {
+                return Err(VolumeLeaseError::Locked { vol: v.vol, host });
+            }
+        }
+        let mut held = self.held.lock().unwrap();
+        held.extend(vols.iter().map(|v| (task, v.vol)));
+        Ok(Box::new(Held(self.held.clone(), task)))
     }
 }
 
@@ -98,6 +128,7 @@ fn tasks_run_recover_and_roll_back_by_their_commit_point() {
         fence: &e.token,
         stop: &e.stop,
         progress: &|_| {},
+        leases: &Leases::default(),
     };
     let sd = e.dom.sd();
 
@@ -175,6 +206,7 @@ fn a_failing_job_rolls_back_before_the_commit_point_and_a_fenced_spm_stops() {
         fence: &e.token,
         stop: &e.stop,
         progress: &|_| {},
+        leases: &Leases::default(),
     };
     let sd = e.dom.sd();
     let (img, base, top) = chain(&e);
@@ -220,4 +252,86 @@ fn a_failing_job_rolls_back_before_the_commit_point_and_a_fenced_spm_stops() {
         "nothing ran"
     );
     assert!(e.store.load(rec.id).is_err(), "a fenced SPM writes no record");
+}
+
+/// A source the guard is checked against while jobs run.
+struct Watched<'a>(&'a One, &'a Leases, Vec<VolUuid>);
+impl DomainSource for Watched<'_> {
+    fn domain(&self, sd: SdUuid) -> Result<Arc<FileStorageDomain>, StorageError> {
+        let held: Vec<VolUuid> = self.1.held.lock().unwrap().iter().map(|(_, v)| *v).collect();
+        assert!(
+            self.2.iter().all(|v| held.contains(v)),
+            "a job ran without its guard: held {held:?}"
+        );
+        self.0.domain(sd)
+    }
+}
+
+#[test]
+fn a_task_holds_its_guard_while_it_runs_and_a_guard_held_elsewhere_stops_it_before_any_job() {
+    let e = env();
+    let src = One(e.dom.clone());
+    let leases = Leases::default();
+    let sd = e.dom.sd();
+    let (img, base, top) = chain(&e);
+    let guard = [base, top].map(|vol| GuardedVolume { sd, img, vol });
+    let watched = Watched(&src, &leases, vec![base, top]);
+    let ctx = TaskContext {
+        domains: &watched,
+        store: &e.store,
+        fence: &e.token,
+        stop: &e.stop,
+        progress: &|_| {},
+        leases: &leases,
+    };
+
+    // Host 4 holds the top volume (its VM writes it): the merge stops before its first job.
+    leases.elsewhere.lock().unwrap().push((top, 4));
+    let mut rec = merge_plan(sd, img, base, top)
+        .guard(guard)
+        .into_record(TaskId::new_random(), 1, 3);
+    run_task(&ctx, &mut rec).unwrap();
+    assert_eq!(rec.state, TaskState::RolledBack, "{rec:?}");
+    let why = rec.error.clone().unwrap();
+    assert!(
+        why.contains(&format!("volume {top} is locked by host 4")),
+        "{why}"
+    );
+    assert_eq!(e.store.load(rec.id).unwrap(), rec, "the refusal is journaled");
+    assert_eq!(e.dom.chain(img).unwrap().ids(), vec![base, top], "nothing ran");
+    assert_eq!(e.dom.read_meta(img, base).unwrap().legality, Legality::Legal);
+    assert!(leases.held.lock().unwrap().is_empty(), "nothing half taken");
+
+    // Released there: the merge runs holding both leases (the source asserts it at every
+    // job) and gives them back at the end.
+    leases.elsewhere.lock().unwrap().clear();
+    let mut rec = merge_plan(sd, img, base, top)
+        .guard(guard)
+        .into_record(TaskId::new_random(), 1, 3);
+    run_task(&ctx, &mut rec).unwrap();
+    assert_eq!(rec.state, TaskState::Finished, "{rec:?}");
+    assert_eq!(
+        e.store.load(rec.id).unwrap().guard,
+        guard.to_vec(),
+        "the guard is journaled"
+    );
+    assert_eq!(e.dom.chain(img).unwrap().ids(), vec![base]);
+    assert!(leases.held.lock().unwrap().is_empty(), "released at the end");
+
+    // A task under way whose guard is taken meanwhile (its SPM died; another host now writes
+    // the volume) is not touched by the new SPM: Failed, left for the next start to retry.
+    let (img, base, top) = chain(&e);
+    let guard = [base, top].map(|vol| GuardedVolume { sd, img, vol });
+    let mut rec = merge_plan(sd, img, base, top)
+        .guard(guard)
+        .into_record(TaskId::new_random(), 1, 3);
+    rec.started = Some(0);
+    e.store.save(&rec).unwrap();
+    leases.elsewhere.lock().unwrap().push((base, 2));
+    let plain = TaskContext { domains: &src, ..ctx };
+    let report = recover_tasks(&plain, 2);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(report.failed[0].1.contains("is locked by host 2"), "{report:?}");
+    assert_eq!(e.store.load(rec.id).unwrap().state, TaskState::Failed);
+    assert_eq!(e.dom.chain(img).unwrap().ids(), vec![base, top]);
 }

@@ -1,7 +1,8 @@
 //! The node's connection to its data center's storage pool: host ids in every active domain's
 //! lockspace, the HSM mailbox, the SPM role with its SDM lease, the SPM's tasks and mailbox
-//! server, volume leases (held for the API or for the VMs running here, which keep the leases
-//! of the volumes they write), and the mailbox-backed thin-disk extender.
+//! server, volume leases (held for the API, for the VMs running here, which keep the leases
+//! of the volumes they write, or for SPM tasks, which hold those they change — their guard),
+//! and the mailbox-backed thin-disk extender.
 //!
 //! One pool per node (as VDSM). `connect` acquires our host id in each active domain's
 //! lockspace (at least 2N each, in parallel) and starts the HSM mailbox on the master domain.
@@ -90,12 +91,13 @@ pub enum PoolServiceError {
     #[error(transparent)]
     Service(#[from] super::StorageServiceError),
     #[error(
-        "volume {vol} is in use: its lease is held by host {host} ({status:?} here), so it is not deleted"
+        "volume {vol} is in use: its lease is held by host {host} ({status:?} here), so it is not {action}"
     )]
     VolumeInUse {
         vol: VolUuid,
         host: u64,
         status: oxvirt_lease::HostStatus,
+        action: &'static str,
     },
 }
 
@@ -105,7 +107,9 @@ impl PoolServiceError {
     /// The host holding a lease this host was refused.
     pub fn lease_owner(&self) -> Option<u64> {
         match self {
-            PoolServiceError::Lease(spm::VolumeLeaseError::Locked { host, .. }) => Some(*host),
+            PoolServiceError::Lease(
+                spm::VolumeLeaseError::Locked { host, .. } | spm::VolumeLeaseError::LockedHere { host, .. },
+            ) => Some(*host),
             PoolServiceError::VmLease {
                 source: oxvirt_lease::LeaseError::OwnedByOther { host_id, .. },
                 ..
@@ -154,10 +158,62 @@ impl DomainSource for Domains {
     }
 }
 
-/// A volume lease this host holds, and for which VM (`None`: taken through the API).
+/// A volume lease this host holds, and for whom.
 struct HeldVolumeLease {
     lease: ResourceLease,
-    vm: Option<VmId>,
+    holder: LeaseHolder,
+}
+
+/// Who on this host a volume lease is held for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseHolder {
+    /// Taken through `Volume.acquireLease`.
+    Api,
+    /// A VM running here writes the volume.
+    Vm(VmId),
+    /// An SPM task changes the volume (its guard).
+    Task(TaskId),
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseHolder::Api => f.write_str("taken through the API"),
+            LeaseHolder::Vm(vm) => write!(f, "VM {vm} running there"),
+            LeaseHolder::Task(t) => write!(f, "SPM task {t}"),
+        }
+    }
+}
+
+/// The volume leases this host holds. Taking one happens under the map's lock, so two takers
+/// on this host (whose host id storage cannot tell apart) never both believe they hold it.
+type VolumeLeaseMap = Arc<Mutex<HashMap<VolUuid, HeldVolumeLease>>>;
+
+/// A task's guard: its volume leases, given back when it drops.
+struct TaskGuard {
+    map: VolumeLeaseMap,
+    task: TaskId,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        let mine: Vec<(VolUuid, HeldVolumeLease)> = {
+            let mut held = self.map.lock().expect("volume leases");
+            let vols: Vec<VolUuid> = held
+                .iter()
+                .filter(|(_, h)| h.holder == LeaseHolder::Task(self.task))
+                .map(|(v, _)| *v)
+                .collect();
+            vols.into_iter()
+                .map(|v| (v, held.remove(&v).expect("listed")))
+                .collect()
+        };
+        for (vol, h) in mine {
+            if let Err(e) = release_volume(vol, h.lease) {
+                tracing::warn!(task_id = %self.task, vol = %vol, error = %chain(&e), "releasing a task's volume lease failed");
+            }
+        }
+    }
 }
 
 /// A connected pool.
@@ -174,7 +230,7 @@ pub struct ConnectedPool {
     hsm: Mutex<Option<Arc<HsmMailbox>>>,
     spm_mailbox: Mutex<Option<SpmMailbox>>,
     tasks: Mutex<HashMap<TaskId, Arc<RunningTask>>>,
-    volume_leases: Mutex<HashMap<VolUuid, HeldVolumeLease>>,
+    volume_leases: VolumeLeaseMap,
     /// VM leases (in a domain's xleases) this host holds, by lease id (the VM id).
     vm_leases: Mutex<HashMap<String, ResourceLease>>,
     /// Called when a domain's lockspace fences us: the node kills what holds leases there.
@@ -190,6 +246,32 @@ pub type FenceHook = Arc<dyn Fn(SdUuid) + Send + Sync>;
 /// node) relies on its host id on a domain: then the host id is resumed, never re-taken with a
 /// new generation, which would free that process's leases for other hosts.
 pub type HoldersProbe = Arc<dyn Fn(SdUuid) -> bool + Send + Sync>;
+
+impl tasks::VolumeLeases for ConnectedPool {
+    fn hold(
+        &self,
+        task: TaskId,
+        vols: &[tasks::GuardedVolume],
+    ) -> std::result::Result<Box<dyn Send>, spm::VolumeLeaseError> {
+        // Dropped on a refusal, after the map's lock: gives back what was taken.
+        let guard = TaskGuard {
+            map: self.volume_leases.clone(),
+            task,
+        };
+        {
+            let mut held = self.volume_leases.lock().expect("volume leases");
+            for v in vols {
+                match self.take_volume_lease(&mut held, v.sd, v.img, v.vol, LeaseHolder::Task(task)) {
+                    // Gone already (a recovered merge's removed top): nobody writes it.
+                    Ok(_) | Err(spm::VolumeLeaseError::NoVolume { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        tracing::info!(task_id = %task, volumes = vols.len(), "task holds its volume leases");
+        Ok(Box::new(guard))
+    }
+}
 
 /// The node's pool service.
 pub struct PoolService {
@@ -322,7 +404,7 @@ impl PoolService {
             hsm: Mutex::new(None),
             spm_mailbox: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
-            volume_leases: Mutex::new(HashMap::new()),
+            volume_leases: Arc::new(Mutex::new(HashMap::new())),
             vm_leases: Mutex::new(HashMap::new()),
             fence_hook: self.fence_hook.read().expect("fence hook").clone(),
             holders: self.holders.read().expect("holders probe").clone(),
@@ -754,6 +836,7 @@ impl ConnectedPool {
             fence: &*self.role,
             stop: &stop,
             progress: &|_| {},
+            leases: &**self,
         };
         let task_report = {
             let _g = self.role.job()?;
@@ -920,6 +1003,7 @@ impl ConnectedPool {
                     fence: &*me.role,
                     stop: &task.stop,
                     progress: &progress,
+                    leases: &*me,
                 };
                 let r = match guard {
                     Ok(_g) => tasks::run_task(&ctx, &mut rec),
@@ -1014,25 +1098,40 @@ impl ConnectedPool {
         vol: VolUuid,
         vm: Option<VmId>,
     ) -> Result<u64> {
-        let ls = self.lockspace(sd)?;
-        let dom = self.domains.domain(sd)?;
-        if let Some(held) = self.volume_leases.lock().expect("volume leases").get(&vol) {
-            return match (held.vm, vm) {
-                (Some(a), Some(b)) if a == b => Ok(held.lease.lver()),
-                (Some(holder), _) => Err(PoolServiceError::Invalid(format!(
-                    "VM {holder} running on this host holds the lease of volume {vol}"
-                ))),
-                (None, _) => Err(PoolServiceError::Invalid(format!(
-                    "this host already holds the lease of volume {vol}"
-                ))),
+        let holder = vm.map_or(LeaseHolder::Api, LeaseHolder::Vm);
+        let mut held = self.volume_leases.lock().expect("volume leases");
+        Ok(self.take_volume_lease(&mut held, sd, img, vol, holder)?)
+    }
+
+    /// Takes `vol`'s lease for `holder` into `held` (the locked map); a VM's second ask for
+    /// its own lease answers its lver.
+    fn take_volume_lease(
+        &self,
+        held: &mut HashMap<VolUuid, HeldVolumeLease>,
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        holder: LeaseHolder,
+    ) -> std::result::Result<u64, spm::VolumeLeaseError> {
+        if let Some(h) = held.get(&vol) {
+            return match (h.holder, holder) {
+                (LeaseHolder::Vm(a), LeaseHolder::Vm(b)) if a == b => Ok(h.lease.lver()),
+                (here, _) => Err(spm::VolumeLeaseError::LockedHere {
+                    vol,
+                    host: self.host_id,
+                    holder: here.to_string(),
+                }),
             };
         }
+        let unavailable = |e: PoolServiceError| spm::VolumeLeaseError::Unavailable {
+            vol,
+            reason: chain(&e),
+        };
+        let ls = self.lockspace(sd).map_err(unavailable)?;
+        let dom = self.domains.domain(sd).map_err(|e| unavailable(e.into()))?;
         let lease = spm::acquire_volume_lease(&ls, &dom, img, vol)?;
         let lver = lease.lver();
-        self.volume_leases
-            .lock()
-            .expect("volume leases")
-            .insert(vol, HeldVolumeLease { lease, vm });
+        held.insert(vol, HeldVolumeLease { lease, holder });
         Ok(lver)
     }
 
@@ -1043,8 +1142,11 @@ impl ConnectedPool {
             None => Err(PoolServiceError::Invalid(format!(
                 "this host holds no lease of volume {vol}"
             ))),
-            Some(HeldVolumeLease { vm: Some(vm), .. }) => Err(PoolServiceError::Invalid(format!(
-                "the lease of volume {vol} belongs to VM {vm} running on this host"
+            Some(HeldVolumeLease {
+                holder: holder @ (LeaseHolder::Vm(_) | LeaseHolder::Task(_)),
+                ..
+            }) => Err(PoolServiceError::Invalid(format!(
+                "the lease of volume {vol} belongs to {holder}, not to the API"
             ))),
             Some(_) => {
                 let l = held.remove(&vol).expect("looked up");
@@ -1065,7 +1167,7 @@ impl ConnectedPool {
             .lock()
             .expect("volume leases")
             .iter()
-            .filter(|(_, h)| h.vm == Some(vm))
+            .filter(|(_, h)| h.holder == LeaseHolder::Vm(vm))
             .map(|(v, _)| *v)
             .collect()
     }
@@ -1076,7 +1178,7 @@ impl ConnectedPool {
             let mut held = self.volume_leases.lock().expect("volume leases");
             let ours: Vec<VolUuid> = held
                 .iter()
-                .filter(|(v, h)| h.vm == Some(vm) && vols.is_none_or(|only| only.contains(v)))
+                .filter(|(v, h)| h.holder == LeaseHolder::Vm(vm) && vols.is_none_or(|only| only.contains(v)))
                 .map(|(v, _)| *v)
                 .collect();
             ours.into_iter()
@@ -1196,17 +1298,65 @@ impl ConnectedPool {
         Ok(Some((owner, status)))
     }
 
+    /// The guard of a task that changes or removes every volume of image `img` (none when the
+    /// image is not there: the task's job says so).
+    pub fn image_guard(&self, sd: SdUuid, img: ImgUuid) -> Vec<tasks::GuardedVolume> {
+        let vols = self
+            .domains
+            .domain(sd)
+            .and_then(|d| d.volumes(img))
+            .map(|m| m.into_keys().collect::<Vec<_>>())
+            .unwrap_or_default();
+        vols.into_iter()
+            .map(|vol| tasks::GuardedVolume { sd, img, vol })
+            .collect()
+    }
+
+    /// The guard of a cold merge of `top` into `base`: both, and `top`'s child, whose backing
+    /// file the merge rewrites.
+    pub fn merge_guard(
+        &self,
+        sd: SdUuid,
+        img: ImgUuid,
+        base: VolUuid,
+        top: VolUuid,
+    ) -> Vec<tasks::GuardedVolume> {
+        let child = self
+            .domains
+            .domain(sd)
+            .and_then(|d| d.chain(img))
+            .ok()
+            .and_then(|c| {
+                let ids = c.ids();
+                let at = ids.iter().position(|v| *v == top)?;
+                ids.get(at + 1).copied()
+            });
+        [Some(base), Some(top), child]
+            .into_iter()
+            .flatten()
+            .map(|vol| tasks::GuardedVolume { sd, img, vol })
+            .collect()
+    }
+
     pub fn volume_lease_owner(&self, sd: SdUuid, img: ImgUuid, vol: VolUuid) -> Result<Option<u64>> {
         Ok(spm::volume_lease_owner(&*self.domains.domain(sd)?, img, vol)?)
     }
 
-    /// Refuses to delete volumes `vols` of image `img` (all of its volumes when `None`) while
-    /// one's lease is held by a host that may still write it: this host, or one not seen dead
-    /// in our view of the domain's lockspace, with the host id's generation the lease was
-    /// taken under (a host that restarted since holds nothing). The engine never deletes a
-    /// volume a running VM writes; this keeps a mistake from destroying a guest's disk under
-    /// it. What does not exist is left for the delete itself to report.
-    pub fn refuse_deleting_held(&self, sd: SdUuid, img: ImgUuid, vols: Option<&[VolUuid]>) -> Result<()> {
+    /// Refuses to act on volumes `vols` of image `img` (all of its volumes when `None`; the
+    /// verb's past participle in `action`) while one's lease is held by a host that may still
+    /// write it: this host, or one not seen dead in our view of the domain's lockspace, with
+    /// the host id's generation the lease was taken under (a host that restarted since holds
+    /// nothing). The engine never deletes or copies a volume a running VM writes; this answers
+    /// a mistake at once, before a task starts — the task's guard (see
+    /// [`tasks::VolumeLeases`]) is what holds it off while the task runs. What does not exist
+    /// is left for the verb itself to report.
+    pub fn refuse_if_held(
+        &self,
+        sd: SdUuid,
+        img: ImgUuid,
+        vols: Option<&[VolUuid]>,
+        action: &'static str,
+    ) -> Result<()> {
         use oxvirt_lease::HostStatus;
         let Ok(dom) = self.domains.domain(sd) else {
             return Ok(());
@@ -1234,7 +1384,12 @@ impl ConnectedPool {
                 Err(_) => (HostStatus::Unknown, None),
             };
             if may_still_write(taken_under, &status, generation) {
-                return Err(PoolServiceError::VolumeInUse { vol, host, status });
+                return Err(PoolServiceError::VolumeInUse {
+                    vol,
+                    host,
+                    status,
+                    action,
+                });
             }
         }
         Ok(())

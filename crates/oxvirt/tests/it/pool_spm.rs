@@ -479,6 +479,49 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
         Value::Null
     );
 
+    // SPM tasks change no volume another host writes. Host 3 holds a new leaf's lease (as for
+    // its running VM): the SPM's cold merge of it ends before its first job, naming host 3;
+    // deleting or moving it is refused at once. The SPM's own holder is refused the same way.
+    let top2 = VolUuid::new_random();
+    let st = create_volume(&c.nodes[1], &c, img, top2, Some((img, base))).await;
+    assert_eq!(st["taskResult"], "success", "{st}");
+    let lref = json!({ "sdUUID": sd, "imgUUID": img, "volUUID": top2 });
+    let merge = json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "ancestor": base, "successor": top2 });
+    for (holder, host) in [(2usize, 3), (1, 2)] {
+        call(&c.nodes[holder], "Volume.acquireLease", lref.clone()).await;
+        let t = call(&c.nodes[1], "Image.mergeSnapshots", merge.clone()).await;
+        let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(30)).await;
+        assert_eq!(st["taskResult"], "cleanSuccess", "{st}");
+        assert!(
+            st["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("volume {top2} is locked by host {host}")),
+            "{st}"
+        );
+        call(&c.nodes[1], "Task.clear", json!({ "taskID": t })).await;
+        assert_eq!(dom.chain(img).unwrap().ids(), vec![base, top2], "nothing merged");
+        assert_eq!(dom.read_meta(img, base).unwrap().legality, Legality::Legal);
+        let del = json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "volUUID": top2 });
+        let e = rpc_err(c.nodes[1].client.call("Volume.delete", del).await);
+        assert!(e.message.contains(&format!("held by host {host}")), "{e:?}");
+        let mv = json!({ "spUUID": pool, "srcDomUUID": sd, "dstDomUUID": sd, "imgUUID": img, "op": "move" });
+        let e = rpc_err(c.nodes[1].client.call("Image.move", mv).await);
+        assert!(e.message.contains("so it is not moved"), "{e:?}");
+        call(&c.nodes[holder], "Volume.releaseLease", lref.clone()).await;
+    }
+    // Released: the merge runs, holding the leases it changes meanwhile, and gives them back.
+    let t = call(&c.nodes[1], "Image.mergeSnapshots", merge).await;
+    let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(st["taskResult"], "success", "{st}");
+    call(&c.nodes[1], "Task.clear", json!({ "taskID": t })).await;
+    assert_eq!(dom.chain(img).unwrap().ids(), vec![base]);
+    let bref = json!({ "sdUUID": sd, "imgUUID": img, "volUUID": base });
+    assert_eq!(
+        call(&c.nodes[2], "Volume.getLeaseStatus", bref).await["owner"],
+        Value::Null
+    );
+
     // spmStop gives the role up; the pool metadata says no SPM, the lver stays.
     call(&c.nodes[1], "StoragePool.spmStop", json!({ "spUUID": pool })).await;
     let st = call(&c.nodes[2], "StoragePool.getSpmStatus", json!({ "spUUID": pool })).await;

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use oxvirt_rpc::RpcError;
 use oxvirt_storage::mailbox::MailboxConfig;
-use oxvirt_storage::tasks::{Collapse, Job, TaskPlan, TaskRecord};
+use oxvirt_storage::tasks::{Collapse, GuardedVolume, Job, TaskPlan, TaskRecord};
 use oxvirt_storage::{Allocation, Legality, VolFormat};
 use oxvirt_types::api::ErrorCode;
 use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
@@ -379,7 +379,8 @@ impl From<PoolServiceError> for ApiError {
                 ErrorCode::SpmBusy
             }
             E::Spm(SpmError::Lease { .. }) | E::HostId { .. } => ErrorCode::LeaseError,
-            E::Lease(VolumeLeaseError::Locked { .. }) | E::VolumeInUse { .. } => ErrorCode::VolumeLocked,
+            E::Lease(VolumeLeaseError::Locked { .. } | VolumeLeaseError::LockedHere { .. })
+            | E::VolumeInUse { .. } => ErrorCode::VolumeLocked,
             E::VmLease {
                 source: oxvirt_lease::LeaseError::OwnedByOther { .. },
                 ..
@@ -616,16 +617,22 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         }
         PoolRequest::VolumeDelete(v) => {
             let pool = need_pool(&v)?;
-            if let Some(cp) = pools.current() {
-                cp.refuse_deleting_held(v.sd, v.img, Some(&[v.vol]))?;
-            }
+            let cp = ensure_pool(pools, pool)?;
+            cp.refuse_if_held(v.sd, v.img, Some(&[v.vol]), "deleted")?;
+            let guard = GuardedVolume {
+                sd: v.sd,
+                img: v.img,
+                vol: v.vol,
+            };
             task(
                 pool,
-                TaskPlan::new("deleteVolume").forward(Job::DeleteVolume {
-                    sd: v.sd,
-                    img: v.img,
-                    vol: v.vol,
-                }),
+                TaskPlan::new("deleteVolume")
+                    .guard([guard])
+                    .forward(Job::DeleteVolume {
+                        sd: v.sd,
+                        img: v.img,
+                        vol: v.vol,
+                    }),
             )
         }
         PoolRequest::VolumeExtendSize(v) => {
@@ -678,15 +685,17 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
             Ok(json!({ "owner": owner }))
         }
         PoolRequest::ImageDelete(i) => {
-            if let Some(cp) = pools.current() {
-                cp.refuse_deleting_held(i.sd, i.img, None)?;
-            }
+            let cp = ensure_pool(pools, i.pool)?;
+            cp.refuse_if_held(i.sd, i.img, None, "deleted")?;
             task(
                 i.pool,
-                TaskPlan::new("deleteImage").forward(Job::DeleteImage { sd: i.sd, img: i.img }),
+                TaskPlan::new("deleteImage")
+                    .guard(cp.image_guard(i.sd, i.img))
+                    .forward(Job::DeleteImage { sd: i.sd, img: i.img }),
             )
         }
         PoolRequest::ImageMove(m) => {
+            let cp = ensure_pool(pools, m.pool)?;
             let copy = Job::CopyImage {
                 src_sd: m.src,
                 img: m.img,
@@ -699,16 +708,21 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                 img: m.img,
             };
             match m.op.to_ascii_lowercase().as_str() {
-                "copy" => task(m.pool, TaskPlan::new("copyImage").undoable(copy, undo)),
-                "move" => task(
-                    m.pool,
+                "copy" => {
+                    cp.refuse_if_held(m.src, m.img, None, "copied")?;
+                    task(m.pool, TaskPlan::new("copyImage").undoable(copy, undo))
+                }
+                "move" => task(m.pool, {
+                    cp.refuse_if_held(m.src, m.img, None, "moved")?;
+                    // The source goes at the end: nobody may write it meanwhile.
                     TaskPlan::new("moveImage")
+                        .guard(cp.image_guard(m.src, m.img))
                         .undoable(copy, undo)
                         .forward(Job::DeleteImage {
                             sd: m.src,
                             img: m.img,
-                        }),
-                ),
+                        })
+                }),
                 other => Err(ApiError::new(
                     ErrorCode::InvalidParameter,
                     format!("op {other:?} is neither copy nor move"),
@@ -739,6 +753,7 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     ))
                 }
             };
+            ensure_pool(pools, c.pool)?.refuse_if_held(c.sd, c.src_img, None, "copied")?;
             let mut plan = TaskPlan::new("copyImage").undoable(
                 Job::CopyImage {
                     src_sd: c.sd,
@@ -765,8 +780,8 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
             }
             task(c.pool, plan)
         }
-        PoolRequest::ImageCloneStructure(c) => task(
-            c.pool,
+        PoolRequest::ImageCloneStructure(c) => task(c.pool, {
+            ensure_pool(pools, c.pool)?.refuse_if_held(c.sd, c.img, None, "copied")?;
             TaskPlan::new("cloneImageStructure").undoable(
                 Job::CopyImage {
                     src_sd: c.sd,
@@ -779,11 +794,14 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     sd: c.dst,
                     img: c.img,
                 },
-            ),
-        ),
-        PoolRequest::ImageMerge(m) => task(
-            m.pool,
+            )
+        }),
+        // A cold merge holds the leases of the volumes it changes; the live one (prepare and
+        // finalize around the VM's own block commit) leaves them to the VM that writes them.
+        PoolRequest::ImageMerge(m) => task(m.pool, {
+            let cp = ensure_pool(pools, m.pool)?;
             TaskPlan::new("mergeSnapshots")
+                .guard(cp.merge_guard(m.sd, m.img, m.base, m.top))
                 .undoable(
                     Job::PrepareMerge {
                         sd: m.sd,
@@ -809,8 +827,8 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     img: m.img,
                     base: m.base,
                     top: m.top,
-                }),
-        ),
+                })
+        }),
         PoolRequest::ImagePrepareMerge(m) => task(
             m.pool,
             TaskPlan::new("prepareMerge").undoable(
