@@ -146,6 +146,9 @@ impl Commands {
     pub fn register_all(sagas: &SagaExecutor<App>) -> Result<(), SagaError> {
         sagas.register::<storage::AddStorageDomainSaga>()?;
         sagas.register::<storage::AttachStorageDomainSaga>()?;
+        sagas.register::<storage::DeactivateStorageDomainSaga>()?;
+        sagas.register::<storage::DetachStorageDomainSaga>()?;
+        sagas.register::<storage::RemoveStorageDomainSaga>()?;
         sagas.register::<storage::AddDiskSaga>()?;
         sagas.register::<storage::RemoveDiskSaga>()?;
         sagas.register::<vms::AddVmSaga>()?;

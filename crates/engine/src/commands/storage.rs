@@ -574,6 +574,341 @@ impl SagaDef for RemoveDiskSaga {
 // ------------------------------------------------------------------------------------------
 // Commands.
 
+// ------------------------------------------------------------------------------------------
+// Deactivate, detach and remove a domain.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeactivateParams {
+    pub dc: DcId,
+    pub sd: SdUuid,
+    /// The domain's status before, which an undo restores.
+    pub prior: SdStatus,
+}
+
+/// What a deactivation did with the master role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MasterHandOver {
+    /// The domain was not the master.
+    NotMaster,
+    /// The role moved to another active data domain.
+    Moved,
+    /// It was the last data domain: the data center went to maintenance (its status before).
+    PoolDown(DcStatus),
+}
+
+/// `active` → `preparing_for_maintenance` → (master role handed over, or the data center to
+/// maintenance with its last domain) → deactivated on storage → `maintenance`. A crash resumes
+/// it: each step finds its own effect done (the SPM's verbs are idempotent, a moved master is
+/// read back from storage).
+pub struct DeactivateStorageDomainSaga;
+
+impl SagaDef for DeactivateStorageDomainSaga {
+    type Ctx = App;
+    type Params = DeactivateParams;
+    const NAME: &'static str = "deactivate_storage_domain";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Deactivating storage domain {} in data center {}", p.sd, p.dc)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db()
+                        .pool_set_status(
+                            p.dc,
+                            p.sd,
+                            &[p.prior, SdStatus::PreparingForMaintenance],
+                            SdStatus::PreparingForMaintenance,
+                        )
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c
+                        .db()
+                        .pool_set_status(p.dc, p.sd, &[SdStatus::PreparingForMaintenance], p.prior)
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Preparing the domain for maintenance"),
+            Step::new(
+                "master",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dcr = app.dc(p.dc).await.map_err(step_err)?;
+                    if app.db.pool_master(p.dc).await? != Some(p.sd) {
+                        return Ok(MasterHandOver::NotMaster);
+                    }
+                    if dcr.status == DcStatus::Maintenance {
+                        // A re-run: the data center went down with this domain already.
+                        return Ok(MasterHandOver::PoolDown(DcStatus::Up));
+                    }
+                    match next_master(app, p.dc, p.sd).await.map_err(step_err)? {
+                        Some(new) => {
+                            move_master(app, &dcr, p.sd, new).await.map_err(step_err)?;
+                            Ok(MasterHandOver::Moved)
+                        }
+                        None => {
+                            let before = pool_to_maintenance(app, &dcr, p.sd).await.map_err(step_err)?;
+                            Ok(MasterHandOver::PoolDown(before))
+                        }
+                    }
+                },
+                |c: StepCtx<Self>| async move {
+                    // A data center taken down comes back as it was: the monitor reconnects its
+                    // hosts and elects an SPM. A moved master stays where it went.
+                    if let Some(MasterHandOver::PoolDown(before)) = c.own_output::<MasterHandOver>() {
+                        let app = c.app();
+                        app.db.dc_set_status(c.params().dc, before).await?;
+                        app.kick.notify_one();
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Handing over the master role"),
+            Step::new(
+                "storage",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if matches!(c.output::<MasterHandOver>("master")?, MasterHandOver::PoolDown(_)) {
+                        return Ok(());
+                    }
+                    let app = c.app();
+                    let dcr = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dcr).await.map_err(step_err)?;
+                    spm.call(
+                        "StoragePool.deactivateStorageDomain",
+                        json!({ "sdUUID": p.sd, "spUUID": dcr.storage_pool_id }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    if let Ok(dcr) = app.dc(p.dc).await {
+                        if let Ok((_, spm)) = app.spm(&dcr).await {
+                            let _ = spm
+                                .call(
+                                    "StoragePool.activateStorageDomain",
+                                    json!({ "sdUUID": p.sd, "spUUID": dcr.storage_pool_id }),
+                                )
+                                .await;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Deactivating the domain on storage"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db()
+                    .pool_set_status(
+                        p.dc,
+                        p.sd,
+                        &[SdStatus::PreparingForMaintenance, SdStatus::Maintenance],
+                        SdStatus::Maintenance,
+                    )
+                    .await?;
+                Ok(())
+            })
+            .describe("Recording the maintenance"),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetachParams {
+    pub dc: DcId,
+    pub sd: SdUuid,
+}
+
+/// `maintenance` → `detaching` → detached on storage (the pool forgets it, its metadata loses
+/// the pool's id) → the attachment row goes.
+pub struct DetachStorageDomainSaga;
+
+impl SagaDef for DetachStorageDomainSaga {
+    type Ctx = App;
+    type Params = DetachParams;
+    const NAME: &'static str = "detach_storage_domain";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Detaching storage domain {} from data center {}", p.sd, p.dc)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db()
+                        .pool_set_status(
+                            p.dc,
+                            p.sd,
+                            &[SdStatus::Maintenance, SdStatus::Detaching],
+                            SdStatus::Detaching,
+                        )
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c
+                        .db()
+                        .pool_set_status(p.dc, p.sd, &[SdStatus::Detaching], SdStatus::Maintenance)
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Locking the attachment"),
+            Step::new(
+                "storage",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dcr = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dcr).await.map_err(step_err)?;
+                    spm.call(
+                        "StoragePool.detachStorageDomain",
+                        json!({ "sdUUID": p.sd, "spUUID": dcr.storage_pool_id }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    // Attached again, inactive: as it was in maintenance.
+                    let p = c.params();
+                    let app = c.app();
+                    let dcr = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dcr).await.map_err(step_err)?;
+                    spm.call(
+                        "StoragePool.attachStorageDomain",
+                        json!({ "sdUUID": p.sd, "spUUID": dcr.storage_pool_id }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                    Ok(())
+                },
+            )
+            .describe("Detaching the domain on storage"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db().pool_detach(p.dc, p.sd).await?;
+                Ok(())
+            })
+            .describe("Recording the detachment"),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveDomainParams {
+    pub sd: SdUuid,
+    /// The host that formats the domain's storage (`None`: the storage stays).
+    pub format_on: Option<HostUuid>,
+}
+
+/// Formats the domain's storage (if asked) and forgets the domain. Formatting cannot be undone;
+/// a run that fails after it leaves the row, and a new run finds the storage gone and only
+/// forgets it.
+pub struct RemoveStorageDomainSaga;
+
+impl SagaDef for RemoveStorageDomainSaga {
+    type Ctx = App;
+    type Params = RemoveDomainParams;
+    const NAME: &'static str = "remove_storage_domain";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Removing storage domain {}", p.sd)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::without_undo("format", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let Some(host) = p.format_on else {
+                    return Ok(());
+                };
+                let Some(sd) = c.db().sd_get(p.sd).await? else {
+                    return Ok(()); // removed by an earlier run
+                };
+                let (_, node) = host_client(c.app(), host).await?;
+                connect_storage(&node, std::slice::from_ref(&sd))
+                    .await
+                    .map_err(step_err)?;
+                match node.call("StorageDomain.format", json!({ "sdUUID": p.sd })).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code() == Some(CODE_DOMAIN_NOT_FOUND) => Ok(()),
+                    Err(e) => Err(step_err(e)),
+                }
+            })
+            .describe("Formatting the domain's storage"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                match c.db().sd_delete(c.params().sd).await {
+                    Ok(()) | Err(crate::db::DbError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .describe("Forgetting the domain"),
+        ]
+    }
+}
+
+/// `sd`'s attachment to data center `dc`.
+async fn member(app: &App, dc: DcId, sd: SdUuid) -> Result<PoolMember, CommandError> {
+    app.db
+        .pool_members(dc)
+        .await?
+        .into_iter()
+        .find(|m| m.storage_domain_id == sd)
+        .ok_or_else(|| CommandError::not_found("storage domain attachment", sd))
+}
+
+/// The active data domain of `dc` other than `sd` that would take the master role.
+async fn next_master(app: &App, dc: DcId, sd: SdUuid) -> Result<Option<SdUuid>, CommandError> {
+    for o in app.db.pool_members(dc).await? {
+        if o.storage_domain_id == sd || o.status != SdStatus::Active {
+            continue;
+        }
+        let data = app.db.sd_get(o.storage_domain_id).await?;
+        if data.is_some_and(|d| d.domain_type == SdType::Data) {
+            return Ok(Some(o.storage_domain_id));
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses to let a domain that holds disks go (`action`: "detached", "removed").
+async fn refuse_holding_disks(app: &App, sd: SdUuid, action: &str) -> Result<(), CommandError> {
+    let q = ListQuery {
+        filter: crate::db::DiskFilter {
+            storage_domain: Some(Ref::Id(sd)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let disks = app.db.disk_list(&q).await?;
+    if let Some(d) = disks.first() {
+        return Err(CommandError::Conflict(format!(
+            "storage domain {sd} holds {} disk(s) (the first: {}), so it is not {action}: remove or move them first",
+            disks.len(),
+            d.name
+        )));
+    }
+    Ok(())
+}
+
 impl Commands {
     pub async fn add_storage_domain(
         &self,
@@ -733,23 +1068,21 @@ impl Commands {
 
     /// Puts an attached domain into maintenance. No running VM may have a disk on it. The
     /// master domain hands its role to another active data domain first; when there is none,
-    /// the whole data center goes to maintenance ([`Self::pool_to_maintenance`]), as in oVirt.
+    /// the whole data center goes to maintenance ([`pool_to_maintenance`]), as in oVirt.
     pub async fn deactivate_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
         let dcr = self.app.dc(dc).await?;
-        let members = self.app.db.pool_members(dc).await?;
-        let m = members
-            .iter()
-            .find(|m| m.storage_domain_id == sd)
-            .ok_or_else(|| CommandError::not_found("storage domain attachment", sd))?;
+        let m = member(&self.app, dc, sd).await?;
         if m.status == SdStatus::Maintenance {
             return Ok(());
         }
-        let users = self
-            .running_vms(VmFilter {
+        let users = running_vms(
+            &self.app,
+            VmFilter {
                 storage_domain: Some(Ref::Id(sd)),
                 ..Default::default()
-            })
-            .await?;
+            },
+        )
+        .await?;
         if let Some(v) = users.first() {
             return Err(CommandError::Conflict(format!(
                 "storage domain {sd} is in use by running VM {} ({} in all): stop them first",
@@ -757,166 +1090,28 @@ impl Commands {
                 users.len()
             )));
         }
-        if m.master {
-            let mut next = None;
-            for o in members
-                .iter()
-                .filter(|o| !o.master && o.status == SdStatus::Active)
-            {
-                let data = self.app.db.sd_get(o.storage_domain_id).await?;
-                if data.is_some_and(|d| d.domain_type == SdType::Data) {
-                    next = Some(o.storage_domain_id);
-                    break;
-                }
-            }
-            match next {
-                Some(new) => self.move_master(&dcr, sd, new).await?,
-                None => return self.pool_to_maintenance(&dcr, sd).await,
+        if m.master && next_master(&self.app, dc, sd).await?.is_none() {
+            let running = running_vms(
+                &self.app,
+                VmFilter {
+                    data_center: Some(Ref::Id(dc)),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            if let Some(v) = running.first() {
+                return Err(CommandError::Conflict(format!(
+                    "data center {} would go to maintenance with its last data domain, but VM {} runs in it: stop its VMs first",
+                    dcr.name, v.name
+                )));
             }
         }
-        let (_, spm) = self.app.spm(&dcr).await?;
-        spm.call(
-            "StoragePool.deactivateStorageDomain",
-            json!({ "sdUUID": sd, "spUUID": dcr.storage_pool_id }),
-        )
-        .await?;
-        self.app
-            .db
-            .pool_set_status(dc, sd, &[], SdStatus::Maintenance)
-            .await?;
-        Ok(())
-    }
-
-    async fn running_vms(&self, filter: VmFilter) -> Result<Vec<crate::model::Vm>, CommandError> {
-        let q = ListQuery {
-            filter,
-            ..Default::default()
+        let prior = match m.status {
+            SdStatus::PreparingForMaintenance => SdStatus::Active,
+            s => s,
         };
-        Ok(self
-            .app
-            .db
-            .vm_list(&q)
-            .await?
-            .into_iter()
-            .filter(|v| v.runtime.status.is_running())
-            .collect())
-    }
-
-    /// Moves the master role (pool metadata, task journal, SDM lease) from `old` to `new` with
-    /// a bumped master version; connected hosts refresh to it on their next poll. Storage moves
-    /// first, then the database: should the engine stop in between, the deactivation repeated
-    /// finds the pool on another master already (as the SPM reports it) and only records that.
-    async fn move_master(&self, dcr: &DataCenter, old: SdUuid, new: SdUuid) -> Result<(), CommandError> {
-        let (_, spm) = self.app.spm(dcr).await?;
-        let info = spm
-            .call("StoragePool.getInfo", json!({ "spUUID": dcr.storage_pool_id }))
+        self.run::<DeactivateStorageDomainSaga>(DeactivateParams { dc, sd, prior }, None)
             .await?;
-        let on_storage: Option<SdUuid> = info["info"]["master_uuid"].as_str().and_then(|m| m.parse().ok());
-        let (new, version) = match on_storage {
-            Some(m) if m != old => {
-                let v = info["info"]["master_ver"].as_i64();
-                (m, v.unwrap_or(dcr.master_version + 1))
-            }
-            _ => {
-                let version = dcr.master_version + 1;
-                spm.call(
-                    "StoragePool.switchMaster",
-                    json!({
-                        "spUUID": dcr.storage_pool_id, "oldMasterUUID": old, "newMasterUUID": new,
-                        "masterVersion": version,
-                    }),
-                )
-                .await?;
-                (new, version)
-            }
-        };
-        let db = &self.app.db;
-        db.pool_set_master(dcr.id, new).await?;
-        db.dc_set_master_version(dcr.id, dcr.master_version, version)
-            .await?;
-        self.app.kick.notify_one();
-        self.dc_event(
-            dcr,
-            1002,
-            format!(
-                "The master role of data center {} moved from storage domain {old} to {new} (master version {version})",
-                dcr.name
-            ),
-        )
-        .await
-    }
-
-    async fn dc_event(&self, dc: &DataCenter, code: i32, text: String) -> Result<(), CommandError> {
-        let mut e = NewEvent::new(Severity::Normal, code, text);
-        e.data_center_id = Some(dc.id);
-        self.app.db.event_add(&e).await?;
-        Ok(())
-    }
-
-    /// The last active data domain of a data center goes to maintenance, and the data center
-    /// with it: the SPM stops, every host disconnects from the pool, and the monitor leaves the
-    /// data center alone until its master domain is activated again.
-    async fn pool_to_maintenance(&self, dcr: &DataCenter, master: SdUuid) -> Result<(), CommandError> {
-        let running = self
-            .running_vms(VmFilter {
-                data_center: Some(Ref::Id(dcr.id)),
-                ..Default::default()
-            })
-            .await?;
-        if let Some(v) = running.first() {
-            return Err(CommandError::Conflict(format!(
-                "data center {} would go to maintenance with its last data domain, but VM {} runs in it: stop its VMs first",
-                dcr.name, v.name
-            )));
-        }
-        let db = &self.app.db;
-        // No election runs meanwhile (one in flight could restart the SPM just stopped), and the
-        // status goes first so that the monitor neither elects nor reconnects hosts afterwards.
-        let _election = self.app.spm_elections.lock().await;
-        let dcr = &self.app.dc(dcr.id).await?;
-        db.dc_set_status(dcr.id, DcStatus::Maintenance).await?;
-        if let Err(e) = self.stop_pool(dcr).await {
-            // Back as it was: the monitor reconnects whatever was disconnected and re-elects.
-            db.dc_set_status(dcr.id, dcr.status).await?;
-            self.app.kick.notify_one();
-            return Err(e);
-        }
-        db.pool_set_status(dcr.id, master, &[], SdStatus::Maintenance)
-            .await?;
-        self.dc_event(
-            dcr,
-            1001,
-            format!(
-                "Data center {} is in maintenance: its last data domain {master} was deactivated",
-                dcr.name
-            ),
-        )
-        .await
-    }
-
-    /// Stops the SPM and disconnects every up host from the pool.
-    async fn stop_pool(&self, dcr: &DataCenter) -> Result<(), CommandError> {
-        let db = &self.app.db;
-        if let Ok((h, spm)) = self.app.spm(dcr).await {
-            spm.call("StoragePool.spmStop", json!({ "spUUID": dcr.storage_pool_id }))
-                .await?;
-            db.dc_spm_clear(dcr.id, h.id).await?;
-        }
-        for h in self.app.dc_hosts(dcr.id, true).await? {
-            let node = self.app.client(&h)?;
-            match node
-                .call("StoragePool.disconnect", json!({ "spUUID": dcr.storage_pool_id }))
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("not connected") => {}
-                Err(e) => return Err(e.into()),
-            }
-            self.app.update_host_rt(h.id, |rt| {
-                rt.pool = None;
-                rt.domains.clear();
-            });
-        }
         Ok(())
     }
 
@@ -956,38 +1151,31 @@ impl Commands {
         Ok(())
     }
 
+    /// Detaches a domain in maintenance from its data center. A domain that still holds disks
+    /// is refused: the engine could no longer reach them (oVirt keeps them for a later import;
+    /// oxvirt has no import yet, so it keeps them attached).
     pub async fn detach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
-        let dcr = self.app.dc(dc).await?;
-        let m = self
-            .app
-            .db
-            .pool_members(dc)
-            .await?
-            .into_iter()
-            .find(|m| m.storage_domain_id == sd)
-            .ok_or_else(|| CommandError::not_found("storage domain attachment", sd))?;
+        self.app.dc(dc).await?;
+        let m = member(&self.app, dc, sd).await?;
         if m.master {
             return Err(CommandError::Conflict(
                 "the master domain cannot be detached".into(),
             ));
         }
-        if m.status != SdStatus::Maintenance {
+        if !matches!(m.status, SdStatus::Maintenance | SdStatus::Detaching) {
             return Err(CommandError::Conflict(format!(
                 "storage domain {sd} is {}: deactivate it first",
                 m.status
             )));
         }
-        let (_, spm) = self.app.spm(&dcr).await?;
-        spm.call(
-            "StoragePool.detachStorageDomain",
-            json!({ "sdUUID": sd, "spUUID": dcr.storage_pool_id }),
-        )
-        .await?;
-        self.app.db.pool_detach(dc, sd).await?;
+        refuse_holding_disks(&self.app, sd, "detached").await?;
+        self.run::<DetachStorageDomainSaga>(DetachParams { dc, sd }, None)
+            .await?;
         Ok(())
     }
 
-    /// Removes an unattached domain; with `destroy` its storage is formatted through `host`.
+    /// Removes an unattached domain that holds no disks; with `destroy` its storage is
+    /// formatted through `host` (any up host when `None`).
     pub async fn remove_storage_domain(
         &self,
         sd: SdUuid,
@@ -1006,11 +1194,12 @@ impl Commands {
                 s.name
             )));
         }
-        if destroy {
-            let h = match host {
-                Some(h) => self.app.host(h).await?,
-                None => self
-                    .app
+        refuse_holding_disks(&self.app, sd, "removed").await?;
+        let format_on = match (destroy, host) {
+            (false, _) => None,
+            (true, Some(h)) => Some(self.app.host(h).await?.id),
+            (true, None) => Some(
+                self.app
                     .db
                     .host_list(&crate::db::ListQuery {
                         filter: crate::db::HostFilter {
@@ -1022,17 +1211,13 @@ impl Commands {
                     .await?
                     .into_iter()
                     .next()
-                    .ok_or_else(|| CommandError::Conflict("no host is up to format the domain".into()))?,
-            };
-            let node = self.app.client(&h)?;
-            connect_storage(&node, std::slice::from_ref(&s)).await?;
-            match node.call("StorageDomain.format", json!({ "sdUUID": sd })).await {
-                Ok(_) => {}
-                Err(e) if e.code() == Some(CODE_DOMAIN_NOT_FOUND) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(self.app.db.sd_delete(sd).await?)
+                    .ok_or_else(|| CommandError::Conflict("no host is up to format the domain".into()))?
+                    .id,
+            ),
+        };
+        self.run::<RemoveStorageDomainSaga>(RemoveDomainParams { sd, format_on }, None)
+            .await?;
+        Ok(())
     }
 
     /// The data center a domain is attached to.
@@ -1163,4 +1348,140 @@ impl Commands {
         }
         Ok(())
     }
+}
+
+async fn running_vms(app: &App, filter: VmFilter) -> Result<Vec<crate::model::Vm>, CommandError> {
+    let q = ListQuery {
+        filter,
+        ..Default::default()
+    };
+    Ok(app
+        .db
+        .vm_list(&q)
+        .await?
+        .into_iter()
+        .filter(|v| v.runtime.status.is_running())
+        .collect())
+}
+
+/// Moves the master role (pool metadata, task journal, SDM lease) from `old` to `new` with
+/// a bumped master version; connected hosts refresh to it on their next poll. Storage moves
+/// first, then the database: should the engine stop in between, the deactivation repeated
+/// finds the pool on another master already (as the SPM reports it) and only records that.
+async fn move_master(app: &App, dcr: &DataCenter, old: SdUuid, new: SdUuid) -> Result<(), CommandError> {
+    let (_, spm) = app.spm(dcr).await?;
+    let info = spm
+        .call("StoragePool.getInfo", json!({ "spUUID": dcr.storage_pool_id }))
+        .await?;
+    let on_storage: Option<SdUuid> = info["info"]["master_uuid"].as_str().and_then(|m| m.parse().ok());
+    let (new, version) = match on_storage {
+        Some(m) if m != old => {
+            let v = info["info"]["master_ver"].as_i64();
+            (m, v.unwrap_or(dcr.master_version + 1))
+        }
+        _ => {
+            let version = dcr.master_version + 1;
+            spm.call(
+                "StoragePool.switchMaster",
+                json!({
+                    "spUUID": dcr.storage_pool_id, "oldMasterUUID": old, "newMasterUUID": new,
+                    "masterVersion": version,
+                }),
+            )
+            .await?;
+            (new, version)
+        }
+    };
+    let db = &app.db;
+    db.pool_set_master(dcr.id, new).await?;
+    db.dc_set_master_version(dcr.id, dcr.master_version, version)
+        .await?;
+    app.kick.notify_one();
+    dc_event(
+        app,
+        dcr,
+        1002,
+        format!(
+            "The master role of data center {} moved from storage domain {old} to {new} (master version {version})",
+            dcr.name
+        ),
+    )
+    .await
+}
+
+async fn dc_event(app: &App, dc: &DataCenter, code: i32, text: String) -> Result<(), CommandError> {
+    let mut e = NewEvent::new(Severity::Normal, code, text);
+    e.data_center_id = Some(dc.id);
+    app.db.event_add(&e).await?;
+    Ok(())
+}
+
+/// The last active data domain of a data center (`master`) goes to maintenance, and the data
+/// center with it: the SPM stops, every host disconnects from the pool, and the monitor leaves
+/// the data center alone until its master domain is activated again. Answers the data center's
+/// status before, for an undo. The domain's own status is the caller's.
+async fn pool_to_maintenance(app: &App, dcr: &DataCenter, master: SdUuid) -> Result<DcStatus, CommandError> {
+    let running = running_vms(
+        app,
+        VmFilter {
+            data_center: Some(Ref::Id(dcr.id)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    if let Some(v) = running.first() {
+        return Err(CommandError::Conflict(format!(
+            "data center {} would go to maintenance with its last data domain, but VM {} runs in it: stop its VMs first",
+            dcr.name, v.name
+        )));
+    }
+    let db = &app.db;
+    // No election runs meanwhile (one in flight could restart the SPM just stopped), and the
+    // status goes first so that the monitor neither elects nor reconnects hosts afterwards.
+    let _election = app.spm_elections.lock().await;
+    let dcr = &app.dc(dcr.id).await?;
+    db.dc_set_status(dcr.id, DcStatus::Maintenance).await?;
+    if let Err(e) = stop_pool(app, dcr).await {
+        // Back as it was: the monitor reconnects whatever was disconnected and re-elects.
+        db.dc_set_status(dcr.id, dcr.status).await?;
+        app.kick.notify_one();
+        return Err(e);
+    }
+    dc_event(
+        app,
+        dcr,
+        1001,
+        format!(
+            "Data center {} is in maintenance: its last data domain {master} was deactivated",
+            dcr.name
+        ),
+    )
+    .await?;
+    Ok(dcr.status)
+}
+
+/// Stops the SPM and disconnects every up host from the pool.
+async fn stop_pool(app: &App, dcr: &DataCenter) -> Result<(), CommandError> {
+    let db = &app.db;
+    if let Ok((h, spm)) = app.spm(dcr).await {
+        spm.call("StoragePool.spmStop", json!({ "spUUID": dcr.storage_pool_id }))
+            .await?;
+        db.dc_spm_clear(dcr.id, h.id).await?;
+    }
+    for h in app.dc_hosts(dcr.id, true).await? {
+        let node = app.client(&h)?;
+        match node
+            .call("StoragePool.disconnect", json!({ "spUUID": dcr.storage_pool_id }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not connected") => {}
+            Err(e) => return Err(e.into()),
+        }
+        app.update_host_rt(h.id, |rt| {
+            rt.pool = None;
+            rt.domains.clear();
+        });
+    }
+    Ok(())
 }

@@ -611,6 +611,71 @@ async fn qemu_vm_lifecycle_with_progress() {
         assert_eq!(d["status"], "active", "{r}");
     }
 
+    // Detach and remove. A domain holding a disk stays; an active one is deactivated first and
+    // the master never goes; a detached one leaves the pool on storage too, and removed with
+    // --destroy its storage is formatted.
+    live.ok(&["disk", "create", "scratch", "--size", "16M", "--sd", "data1"])
+        .await;
+    live.ok(&["sd", "deactivate", "data1"]).await;
+    let r = live.fails(&["sd", "detach", "data1"]).await;
+    assert!(r.stderr.contains("holds 1 disk(s) (the first: scratch)"), "{r}");
+    live.ok(&["sd", "activate", "data1"]).await;
+    live.ok(&["disk", "remove", "scratch"]).await;
+    let r = live.fails(&["sd", "detach", "data1"]).await;
+    assert!(r.stderr.contains("deactivate it first"), "{r}");
+    let r = live.fails(&["sd", "remove", "data1"]).await;
+    assert!(r.stderr.contains("detach it first"), "{r}");
+    let r = live.fails(&["sd", "detach", "data2"]).await;
+    assert!(r.stderr.contains("master domain cannot be detached"), "{r}");
+    live.ok(&["sd", "deactivate", "data1"]).await;
+    let r = live.ok(&["sd", "show", "data1", "-o", "json"]).await;
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let root = storage.path().join(&id);
+    let pool_line = |root: &std::path::Path| {
+        std::fs::read_to_string(root.join("dom_md/metadata"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("POOL_UUID="))
+            .map(str::to_string)
+    };
+    assert_ne!(
+        pool_line(&root).as_deref(),
+        Some("POOL_UUID="),
+        "attached on storage"
+    );
+    live.ok(&["sd", "detach", "data1"]).await;
+    let r = live.ok(&["sd", "show", "data1", "-o", "json"]).await;
+    assert_eq!(r.json()["status"], "unattached", "{r}");
+    assert_eq!(
+        pool_line(&root).as_deref(),
+        Some("POOL_UUID="),
+        "detached on storage"
+    );
+    live.ok(&["sd", "remove", "data1", "--destroy"]).await;
+    assert!(!root.exists(), "the removed domain's storage is formatted");
+    let r = live.ok(&["sd", "list", "-o", "json"]).await;
+    let names: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["data2"], "{r}");
+    let jobs = live.engine.app().db.job_list(&Default::default()).await.unwrap();
+    for what in [
+        "Deactivating storage domain",
+        "Detaching storage domain",
+        "Removing storage domain",
+    ] {
+        assert!(
+            jobs.iter()
+                .any(|j| j.description.starts_with(what)
+                    && j.status == oxvirt_engine::model::JobStatus::Finished),
+            "no finished job {what:?}"
+        );
+    }
+
     live.engine.shutdown().await;
     eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
 }
