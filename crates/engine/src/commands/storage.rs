@@ -709,18 +709,35 @@ impl SagaDef for DeactivateStorageDomainSaga {
                 },
             )
             .describe("Deactivating the domain on storage"),
-            Step::without_undo("record", |c: StepCtx<Self>| async move {
-                let p = c.params();
-                c.db()
-                    .pool_set_status(
-                        p.dc,
-                        p.sd,
-                        &[SdStatus::PreparingForMaintenance, SdStatus::Maintenance],
-                        SdStatus::Maintenance,
-                    )
-                    .await?;
-                Ok(())
-            })
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db()
+                        .pool_set_status(
+                            p.dc,
+                            p.sd,
+                            &[SdStatus::PreparingForMaintenance, SdStatus::Maintenance],
+                            SdStatus::Maintenance,
+                        )
+                        .await?;
+                    Ok(())
+                },
+                // Back to where the lock's undo finds it.
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let _ = c
+                        .db()
+                        .pool_set_status(
+                            p.dc,
+                            p.sd,
+                            &[SdStatus::Maintenance],
+                            SdStatus::PreparingForMaintenance,
+                        )
+                        .await;
+                    Ok(())
+                },
+            )
             .describe("Recording the maintenance"),
         ]
     }
@@ -802,11 +819,29 @@ impl SagaDef for DetachStorageDomainSaga {
                 },
             )
             .describe("Detaching the domain on storage"),
-            Step::without_undo("record", |c: StepCtx<Self>| async move {
-                let p = c.params();
-                c.db().pool_detach(p.dc, p.sd).await?;
-                Ok(())
-            })
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().pool_detach(p.dc, p.sd).await?;
+                    Ok(())
+                },
+                // The row back as the lock left it, for the lock's undo.
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if c.db().pool_attachments(p.sd).await?.is_empty() {
+                        c.db()
+                            .pool_attach(&PoolMember {
+                                data_center_id: p.dc,
+                                storage_domain_id: p.sd,
+                                status: SdStatus::Detaching,
+                                master: false,
+                            })
+                            .await?;
+                    }
+                    Ok(())
+                },
+            )
             .describe("Recording the detachment"),
         ]
     }
@@ -819,9 +854,8 @@ pub struct RemoveDomainParams {
     pub format_on: Option<HostUuid>,
 }
 
-/// Formats the domain's storage (if asked) and forgets the domain. Formatting cannot be undone;
-/// a run that fails after it leaves the row, and a new run finds the storage gone and only
-/// forgets it.
+/// Formats the domain's storage (if asked) and forgets the domain. Formatting cannot be undone:
+/// from there the saga only goes forward (a format repeated finds the storage gone).
 pub struct RemoveStorageDomainSaga;
 
 impl SagaDef for RemoveStorageDomainSaga {
@@ -853,6 +887,7 @@ impl SagaDef for RemoveStorageDomainSaga {
                     Err(e) => Err(step_err(e)),
                 }
             })
+            .point_of_no_return()
             .describe("Formatting the domain's storage"),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 match c.db().sd_delete(c.params().sd).await {

@@ -2,7 +2,8 @@
 //! saga (the omicron saga test pattern), against the real engine database and a real
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
 //! template and a template; taking, removing, restoring and previewing a cold snapshot, and
-//! committing or undoing the preview.
+//! committing or undoing the preview; deactivating, detaching and removing a second storage
+//! domain (there the engine's record and the pool metadata on storage must agree).
 //!
 //! After every run, once the saga has ended (unwound before its point of no return, finished
 //! at or past it, resumed by the engine's own executor after a crash): no saga is left
@@ -24,8 +25,8 @@ use common::cluster::{attach_data_domain, cow_disk, start_cluster, Cluster};
 use oxvirt_engine::commands::{AddSnapshot, AddVm, Answer, CommandError, Commands};
 use oxvirt_engine::db::{Db, ListQuery, SagaState};
 use oxvirt_engine::model::{
-    ClusterId, DiskId, DiskStatus, SagaId, SdUuid, SnapshotStatus, SnapshotType, TemplateId, TemplateStatus,
-    VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+    ClusterId, DiskId, DiskStatus, SagaId, SdStatus, SdUuid, SnapshotStatus, SnapshotType, TemplateId,
+    TemplateStatus, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
 };
 use oxvirt_engine::saga::testing::{
     crash_at_each_point, fail_at_each_step, Fault, FaultAt, FaultInjector, FaultPoint, Faults,
@@ -726,6 +727,182 @@ impl Scenario for RemoveTemplateRun {
             w.cmds().remove_template(t).await.unwrap();
         }
     }
+}
+
+/// A second data domain of the Default data center, on its own directory: deactivated,
+/// detached and removed by the scenarios below.
+struct Domain2 {
+    dir: tempfile::TempDir,
+}
+
+impl Domain2 {
+    async fn dc(&self, w: &World) -> oxvirt_engine::model::DcId {
+        w.db().dc_get_by_name("Default").await.unwrap().unwrap().id
+    }
+
+    async fn id(&self, w: &World) -> Option<SdUuid> {
+        w.db().sd_get_by_name("data2").await.unwrap().map(|s| s.id)
+    }
+
+    /// Added, attached and active (whatever of that it lacks).
+    async fn active(&self, w: &World) -> SdUuid {
+        let dc = self.dc(w).await;
+        let sd = match self.id(w).await {
+            Some(sd) => sd,
+            None => {
+                let host = w.db().host_get_by_name("host1").await.unwrap().unwrap();
+                let mut req = common::cluster::data_domain(&self.dir.path().display().to_string(), host.id);
+                req.name = "data2".into();
+                w.cmds().add_storage_domain(req, None).await.unwrap().id
+            }
+        };
+        if w.db().pool_attachments(sd).await.unwrap().is_empty() {
+            w.cmds().attach_storage_domain(dc, sd, None).await.unwrap();
+        }
+        w.cmds().activate_storage_domain(dc, sd).await.unwrap();
+        w.cmds()
+            .wait_domain_active(dc, sd, Duration::from_secs(60))
+            .await
+            .unwrap();
+        sd
+    }
+
+    /// Its status in the data center as the engine records it and as the pool metadata on
+    /// the master domain says (`None`: not in the pool).
+    async fn statuses(
+        &self,
+        w: &World,
+        sd: SdUuid,
+    ) -> (Option<SdStatus>, Option<oxvirt_storage::pool::DomainStatus>) {
+        let dc = self.dc(w).await;
+        let row = w
+            .db()
+            .pool_members(dc)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|m| m.storage_domain_id == sd)
+            .map(|m| m.status);
+        let md = oxvirt_storage::pool::read_domain_metadata(w.domain().root()).unwrap();
+        let pm = oxvirt_storage::pool::PoolMetadata::from_domain(&md).unwrap();
+        (row, pm.status(sd))
+    }
+}
+
+struct DeactivateRun(Domain2);
+impl Scenario for DeactivateRun {
+    const SAGA: &'static str = "deactivate_storage_domain";
+    type Ctx = SdUuid;
+    async fn prepare(&self, w: &World) -> SdUuid {
+        self.0.active(w).await
+    }
+    async fn run(&self, w: &World, cmds: &Commands, sd: &SdUuid) {
+        let _ = cmds.deactivate_storage_domain(self.0.dc(w).await, *sd).await;
+    }
+    async fn check(&self, w: &World, sd: &SdUuid, done: bool, what: &str) {
+        use oxvirt_storage::pool::DomainStatus as OnStorage;
+        let want = if done {
+            (Some(SdStatus::Maintenance), Some(OnStorage::Attached))
+        } else {
+            (Some(SdStatus::Active), Some(OnStorage::Active))
+        };
+        assert_eq!(self.0.statuses(w, *sd).await, want, "{what}: engine vs storage");
+    }
+    async fn reset(&self, w: &World, _: SdUuid) {
+        self.0.active(w).await;
+    }
+}
+
+struct DetachRun(Domain2);
+impl Scenario for DetachRun {
+    const SAGA: &'static str = "detach_storage_domain";
+    type Ctx = SdUuid;
+    async fn prepare(&self, w: &World) -> SdUuid {
+        let sd = self.0.active(w).await;
+        w.cmds()
+            .deactivate_storage_domain(self.0.dc(w).await, sd)
+            .await
+            .unwrap();
+        sd
+    }
+    async fn run(&self, w: &World, cmds: &Commands, sd: &SdUuid) {
+        let _ = cmds.detach_storage_domain(self.0.dc(w).await, *sd).await;
+    }
+    async fn check(&self, w: &World, sd: &SdUuid, done: bool, what: &str) {
+        use oxvirt_storage::pool::DomainStatus as OnStorage;
+        let want = if done {
+            (None, None)
+        } else {
+            (Some(SdStatus::Maintenance), Some(OnStorage::Attached))
+        };
+        assert_eq!(self.0.statuses(w, *sd).await, want, "{what}: engine vs storage");
+        let root = self.0.dir.path().join(sd.to_string());
+        let md = oxvirt_storage::pool::read_domain_metadata(&root).unwrap();
+        assert_eq!(md.pools.is_empty(), done, "{what}: the domain's POOL_UUID");
+    }
+    async fn reset(&self, w: &World, _: SdUuid) {
+        self.0.active(w).await;
+    }
+}
+
+struct RemoveDomainRun(Domain2);
+impl Scenario for RemoveDomainRun {
+    const SAGA: &'static str = "remove_storage_domain";
+    type Ctx = SdUuid;
+    async fn prepare(&self, w: &World) -> SdUuid {
+        let sd = self.0.active(w).await;
+        let dc = self.0.dc(w).await;
+        w.cmds().deactivate_storage_domain(dc, sd).await.unwrap();
+        w.cmds().detach_storage_domain(dc, sd).await.unwrap();
+        sd
+    }
+    async fn run(&self, _: &World, cmds: &Commands, sd: &SdUuid) {
+        let _ = cmds.remove_storage_domain(*sd, None, true).await;
+    }
+    async fn check(&self, w: &World, sd: &SdUuid, done: bool, what: &str) {
+        assert_eq!(
+            w.db().sd_get(*sd).await.unwrap().is_none(),
+            done,
+            "{what}: the domain's row"
+        );
+        assert_eq!(
+            self.0.dir.path().join(sd.to_string()).exists(),
+            !done,
+            "{what}: the domain's storage"
+        );
+    }
+    async fn reset(&self, _: &World, _: SdUuid) {
+        // The next `active` adds it anew (or finds the one left).
+    }
+}
+
+/// One sweep of a storage domain command on a world of its own (each activation waits 2N for
+/// the host ids in the domain's lockspace, so the three run apart, side by side).
+async fn sweep_domain_command<S: Scenario>(make: impl FnOnce(Domain2) -> S) {
+    let w = World::new().await;
+    let d2 = Domain2 {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    sweep(&w, &make(d2)).await;
+    w.domain()
+        .check(true)
+        .map(|r| assert!(r.is_clean(), "{:?}", r.problems))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_deactivation_fails_and_crashes_at_every_step_and_storage_agrees() {
+    sweep_domain_command(DeactivateRun).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_detachment_fails_and_crashes_at_every_step_and_storage_agrees() {
+    sweep_domain_command(DetachRun).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_removal_fails_and_crashes_at_every_step_and_storage_agrees() {
+    sweep_domain_command(RemoveDomainRun).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
