@@ -1377,27 +1377,40 @@ impl Commands {
         Ok(self.app.db.vm_update(v).await?)
     }
 
+    /// Pauses a running guest (QEMU stops its CPUs). Only an `up` VM pauses; the record moves
+    /// from the status it was read in, so a migration or shutdown begun meanwhile wins.
     pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
-        let (h, node) = self.running_on(id).await?;
-        node.call("VM.pause", json!({ "vmID": id })).await?;
-        let rt = VmRuntime {
-            status: VmStatus::Paused,
-            run_on_host: Some(h),
-            ..Default::default()
-        };
-        self.app.db.vm_set_runtime(id, &[], &rt).await?;
-        self.vm(id).await
+        self.pause_or_resume(id, VmStatus::Up, "VM.pause", VmStatus::Paused)
+            .await
     }
 
+    /// Resumes a paused guest.
     pub async fn resume_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
-        let (h, node) = self.running_on(id).await?;
-        node.call("VM.cont", json!({ "vmID": id })).await?;
+        self.pause_or_resume(id, VmStatus::Paused, "VM.cont", VmStatus::Up)
+            .await
+    }
+
+    async fn pause_or_resume(
+        &self,
+        id: VmId,
+        from: VmStatus,
+        verb: &str,
+        to: VmStatus,
+    ) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != from {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}, not {from}",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let (_, node) = self.running_on(id).await?;
+        node.call(verb, json!({ "vmID": id })).await?;
         let rt = VmRuntime {
-            status: VmStatus::Up,
-            run_on_host: Some(h),
-            ..Default::default()
+            status: to,
+            ..vm.runtime.clone()
         };
-        self.app.db.vm_set_runtime(id, &[], &rt).await?;
+        self.app.db.vm_set_runtime(id, &[from], &rt).await?;
         self.vm(id).await
     }
 

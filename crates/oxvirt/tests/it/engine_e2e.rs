@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{
     attach_data_domain, cow_disk, data_domain, start_cluster, start_cluster_via, start_cluster_with,
 };
-use oxvirt_engine::commands::{AddVm, MigrateOptions, VmStartOptions};
+use oxvirt_engine::commands::{AddVm, CommandError, MigrateOptions, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
 use oxvirt_engine::model::{HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_testkit::TestGuest;
@@ -426,10 +426,45 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     // The engine saw no migration in the save: the VM is up and takes commands.
     let status = async || db.vm_get(vm.id).await.unwrap().unwrap().runtime.status;
     assert_eq!(status().await, VmStatus::Up);
-    cmds.stop_vm(vm.id).await.unwrap();
-    cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(30))
+
+    // Paused, the guest makes no progress and stays paused through monitor rounds; pausing
+    // again is refused; resumed, it goes on.
+    let v = cmds.pause_vm(vm.id).await.unwrap();
+    assert_eq!(v.runtime.status, VmStatus::Paused);
+    assert_eq!(
+        v.runtime.run_on_host, resumed.runtime.run_on_host,
+        "paused where it runs"
+    );
+    let paused_at = last_pass(&rh).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        last_pass(&rh).unwrap() <= paused_at + 1,
+        "a paused guest went on writing"
+    );
+    assert_eq!(status().await, VmStatus::Paused, "the monitor unpaused it");
+    assert!(matches!(
+        cmds.pause_vm(vm.id).await,
+        Err(CommandError::Conflict(_))
+    ));
+    assert_eq!(cmds.resume_vm(vm.id).await.unwrap().runtime.status, VmStatus::Up);
+    wait_pass(&rh, paused_at + 2, "the resumed guest made no progress").await;
+    assert_eq!(status().await, VmStatus::Up);
+
+    // A graceful shutdown: ACPI's power button, the guest powers off, the VM is down.
+    let v = cmds.shutdown_vm(vm.id).await.unwrap();
+    assert!(
+        matches!(v.runtime.status, VmStatus::PoweringDown | VmStatus::Down),
+        "{:?}",
+        v.runtime
+    );
+    cmds.wait_vm_status(vm.id, VmStatus::Down, Duration::from_secs(60))
         .await
         .unwrap();
+    let detail = db.vm_get(vm.id).await.unwrap().unwrap().runtime.status_detail;
+    assert!(
+        detail.as_deref().is_some_and(|d| d.contains("guest_shutdown")),
+        "not powered off by the guest: {detail:?}"
+    );
     cmds.preview_snapshot(vm.id, msnap.id, true, None).await.unwrap();
     assert_eq!(status().await, VmStatus::Suspended);
     cmds.commit_snapshot(vm.id, None).await.unwrap();
