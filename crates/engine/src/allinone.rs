@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::commands::{AddCluster, AddDataCenter, AddStorageDomain, CommandError};
 use crate::daemon::Engine;
 use crate::db::{HostFilter, ListQuery};
@@ -119,7 +121,41 @@ pub async fn ensure_local_storage(
     if db.pool_attachments(sd.id).await?.is_empty() {
         engine.cmds.attach_storage_domain(dc, sd.id, None).await?;
     }
-    engine.app().kick.notify_one();
-    engine.cmds.wait_domain_active(dc, sd.id, timeout).await?;
+    let start = Instant::now();
+    while !served(engine, dc, sd.id).await {
+        if start.elapsed() > timeout {
+            return Err(CommandError::Conflict(format!(
+                "data center {DEFAULT} is not served after {timeout:?}: no SPM that finds storage domain {name} valid"
+            )));
+        }
+        engine.app().kick.notify_one();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    engine
+        .cmds
+        .wait_domain_active(dc, sd.id, timeout.saturating_sub(start.elapsed()))
+        .await?;
     Ok(sd.id)
+}
+
+/// Whether the data center is served now: the host recorded as its SPM answers that it is, and
+/// finds the domain valid. After a restart the records say what the last run saw, so they
+/// alone do not tell.
+async fn served(engine: &Engine, dc: DcId, sd: SdUuid) -> bool {
+    let app = engine.app();
+    let Ok(d) = app.dc(dc).await else {
+        return false;
+    };
+    let Ok((_, spm)) = app.spm(&d).await else {
+        return false;
+    };
+    let role = spm
+        .call("StoragePool.getSpmStatus", json!({ "spUUID": d.storage_pool_id }))
+        .await;
+    if !role.is_ok_and(|r| r["spm_st"]["spmStatus"] == "SPM") {
+        return false;
+    }
+    spm.call("StorageDomain.getStats", json!({ "sdUUID": sd }))
+        .await
+        .is_ok_and(|s| s["valid"] == true)
 }

@@ -18,4 +18,5 @@ mod pool_spm;
 mod portal_browser;
 mod rest_clients;
 mod saga_faults;
+mod up;
 mod vm_nodes;

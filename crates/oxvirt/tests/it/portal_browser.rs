@@ -6,23 +6,14 @@
 //! crates/oxvirt/tests/browser/package-lock.json) is installed by `npm ci` into
 //! target/browser-test/ on the first run. Screenshots land in target/browser-test/screens/.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::up::{free_port, Up};
 use oxvirt_testkit::{repo_root, require_tool, TestGuest};
 
 const PASSWORD: &str = "portal-browser-test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The browser: `OXVIRT_CHROMIUM` or Debian's `/usr/bin/chromium`.
 fn chromium() -> PathBuf {
@@ -73,149 +64,6 @@ fn install_playwright(dir: &Path) {
     std::fs::write(stamp, lock).unwrap();
 }
 
-/// `oxvirt up` in a temporary directory; stopped (with any QEMU it left) on drop.
-struct Up {
-    child: Child,
-    data: tempfile::TempDir,
-    lines: mpsc::Receiver<String>,
-    output: Vec<String>,
-}
-
-impl Up {
-    fn start(listen: &str, node_port: u16) -> Up {
-        let data = tempfile::Builder::new()
-            .prefix("oxvirt-portal-")
-            .tempdir()
-            .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_oxvirt"))
-            .args(["up", "--data"])
-            .arg(data.path())
-            .args([
-                "--listen",
-                listen,
-                "--node-port",
-                &node_port.to_string(),
-                "--accel",
-                "tcg",
-                "--io-timeout",
-                "2",
-                "--fence-margin",
-                "4",
-                "--monitor-interval",
-                "1",
-            ])
-            .env("OXVIRT_ADMIN_PASSWORD", PASSWORD)
-            .env("OXVIRT_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start oxvirt up");
-        let (tx, lines) = mpsc::channel();
-        for r in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(r).lines().map_while(Result::ok) {
-                    if tx.send(l).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        Up {
-            child,
-            data,
-            lines,
-            output: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, needle: &str, limit: Duration) {
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.contains(needle);
-                    self.output.push(l);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => {
-                    let status = self.child.try_wait().ok().flatten();
-                    panic!(
-                        "oxvirt up did not print {needle:?} within {limit:?} (exit: {status:?}):\n{}\n{}",
-                        self.output.join("\n"),
-                        self.node_log()
-                    );
-                }
-            }
-        }
-    }
-
-    fn drain(&mut self) -> String {
-        while let Ok(l) = self.lines.try_recv() {
-            self.output.push(l);
-        }
-        let n = self.output.len();
-        self.output[n.saturating_sub(80)..].join("\n")
-    }
-
-    fn node_log(&self) -> String {
-        let p = self.data.path().join("nodes/node1/node.log");
-        let s = std::fs::read_to_string(&p).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        format!(
-            "--- {} (tail) ---\n{}",
-            p.display(),
-            lines[lines.len().saturating_sub(60)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child; SIGTERM lets `oxvirt up` stop its nodes.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // VMs outlive `oxvirt up` by design; those of this test (their files are under its
-        // data directory) go with it.
-        kill_processes_mentioning(self.data.path());
-    }
-}
-
-fn kill_processes_mentioning(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&needle) {
-            // SAFETY: kill(2) on a process this test started (it names our temp directory).
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
 #[test]
 fn portal_in_chromium_drives_a_vm_from_a_template() {
     let browser = chromium();
@@ -231,7 +79,11 @@ fn portal_in_chromium_drives_a_vm_from_a_template() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let t = Instant::now();
-    let mut up = Up::start(&listen, free_port());
+    let data = tempfile::Builder::new()
+        .prefix("oxvirt-portal-")
+        .tempdir()
+        .unwrap();
+    let mut up = Up::start(data.path(), &listen, free_port(), 1, Some(PASSWORD));
     up.wait_for("oxvirt is up", Duration::from_secs(150));
     eprintln!("oxvirt up ready in {:.1} s", t.elapsed().as_secs_f64());
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod up;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
