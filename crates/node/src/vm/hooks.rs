@@ -155,7 +155,7 @@ impl Hooks {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         cmd.as_std_mut().process_group(0);
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 return HookRun {
@@ -168,27 +168,44 @@ impl Hooks {
             }
         };
         let pgid = child.id().map(|p| p as libc::pid_t);
-        let res = tokio::time::timeout(self.limit, child.wait_with_output()).await;
-        let (outcome, success, output) = match res {
-            Ok(Ok(out)) => {
-                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-                text.push_str(&String::from_utf8_lossy(&out.stderr));
-                let outcome = match out.status.code() {
+        // Read while it runs, so that what a hook said before it was killed is still logged.
+        let drain = |r: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut buf).await;
+                }
+                buf
+            })
+        };
+        let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+        let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+        let (outcome, success) = match tokio::time::timeout(self.limit, child.wait()).await {
+            Ok(Ok(status)) => {
+                let outcome = match status.code() {
                     Some(c) => format!("exit code {c}"),
-                    None => format!("{}", out.status),
+                    None => format!("{status}"),
                 };
-                (outcome, out.status.success(), text)
+                (outcome, status.success())
             }
-            Ok(Err(e)) => (format!("cannot wait: {e}"), false, String::new()),
+            Ok(Err(e)) => (format!("cannot wait: {e}"), false),
             Err(_) => {
-                // The future (and with it the child handle) is gone; kill what it started too.
+                // Kill what it started too: a child holding the pipes would keep them open.
                 if let Some(pg) = pgid {
                     // SAFETY: kill(2) on the hook's own process group.
                     unsafe { libc::kill(-pg, libc::SIGKILL) };
                 }
-                (format!("killed after {:?}", self.limit), false, String::new())
+                let _ = child.wait().await;
+                (format!("killed after {:?}", self.limit), false)
             }
         };
+        let mut output = String::new();
+        for h in [out, err] {
+            // Pipes close once the group is gone; a bound in case something escaped it.
+            if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), h).await {
+                output.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
         HookRun {
             script: script.to_path_buf(),
             outcome,
@@ -261,7 +278,10 @@ mod tests {
             dir.path(),
             HookPoint::AfterVmDestroy,
             "10_slow",
-            &format!("(sleep 2; touch {}) & sleep 30", marker.display()),
+            &format!(
+                "echo started slowly; echo to stderr >&2; (sleep 2; touch {}) & sleep 30",
+                marker.display()
+            ),
         );
         let hooks = Hooks::new(Some(dir.path().into()), Duration::from_millis(500));
         let vm = VmId::new_random();
@@ -278,6 +298,10 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(!runs[0].success);
         assert!(runs[0].outcome.contains("killed after"), "{}", runs[0].outcome);
+        assert_eq!(
+            runs[0].output, "started slowly\nto stderr\n",
+            "what a killed hook said is kept for the log"
+        );
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!marker.exists(), "the hook's background child outlived the limit");
     }
