@@ -137,7 +137,20 @@ async fn rest(node: &Arc<Node>, resource: &str) -> Reply {
             }
             Ok(Value::Array(out))
         }
-        "tasks" | "jobs" => run(Request::Host(HostRequest::GetJobs)).await,
+        "jobs" => run(Request::Host(HostRequest::GetJobs)).await,
+        // The pool's SPM tasks this node knows (its own and those journaled on the master
+        // domain), as `StoragePool.getAllTasksStatuses` lists them; none when not connected.
+        "tasks" => match node.pools.current() {
+            None => Ok(json!({ "allTasksStatus": {} })),
+            Some(cp) => {
+                let mut p = serde_json::Map::new();
+                p.insert("spUUID".into(), json!(cp.pool));
+                match crate::api::storage::PoolRequest::parse("StoragePool.getAllTasksStatuses", p) {
+                    Ok(r) => run(Request::Storage(StorageRequest::Pool(r))).await,
+                    Err(e) => return Reply::text(StatusCode::INTERNAL_SERVER_ERROR, e.message),
+                }
+            }
+        },
         other => return Reply::text(StatusCode::NOT_FOUND, format!("no such resource {other:?}")),
     };
     match result {

@@ -97,6 +97,21 @@ async fn node_enrolls_with_a_token_and_serves_all_transports_over_mutual_tls() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The other resources answer too: no VMs, domains, jobs or pool tasks yet.
+    for (path, want) in [
+        ("/api/vms", json!([])),
+        ("/api/storagedomains", json!([])),
+        ("/api/jobs", json!([])),
+        ("/api/tasks", json!({ "allTasksStatus": {} })),
+    ] {
+        let (status, reply) = c
+            .request(Method::GET, path, "application/json", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(v, want, "{path}");
+    }
 
     // The event stream opens.
     let _events = c.events().await.unwrap();

@@ -514,6 +514,20 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let t = call(&c.nodes[1], "Image.mergeSnapshots", merge).await;
     let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(st["taskResult"], "success", "{st}");
+    // The REST view lists the pool's tasks, on an HSM node too (read from the journal).
+    let (status, body) = c.nodes[2]
+        .client
+        .request(http::Method::GET, "/api/tasks", "application/json", bytes::Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, http::StatusCode::OK);
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    let rest = &listed["allTasksStatus"][t.as_str().unwrap()];
+    assert_eq!(
+        (rest["verb"].as_str(), rest["taskResult"].as_str()),
+        (Some("mergeSnapshots"), Some("success")),
+        "{listed}"
+    );
     call(&c.nodes[1], "Task.clear", json!({ "taskID": t })).await;
     assert_eq!(dom.chain(img).unwrap().ids(), vec![base]);
     let bref = json!({ "sdUUID": sd, "imgUUID": img, "volUUID": base });
