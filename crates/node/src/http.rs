@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /jsonrpc` | JSON-RPC 2.0 (single calls and batches) |
 //! | `POST /RPC2` | XML-RPC, the same verbs |
-//! | `GET /api/{host,vms,storagedomains,tasks}` | read-only REST view (JSON) |
+//! | `GET /api/{host,vms,storagedomains,jobs,tasks}` | read-only REST view (JSON; `tasks` are the pool's SPM tasks) |
 //! | `GET /events` | event stream, one JSON-RPC notification per line |
 //!
 //! Every path parses into a [`Request`](crate::api::Request) and goes through

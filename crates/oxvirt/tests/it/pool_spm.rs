@@ -517,7 +517,12 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     // The REST view lists the pool's tasks, on an HSM node too (read from the journal).
     let (status, body) = c.nodes[2]
         .client
-        .request(http::Method::GET, "/api/tasks", "application/json", bytes::Bytes::new())
+        .request(
+            http::Method::GET,
+            "/api/tasks",
+            "application/json",
+            bytes::Bytes::new(),
+        )
         .await
         .unwrap();
     assert_eq!(status, http::StatusCode::OK);
