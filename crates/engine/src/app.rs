@@ -34,6 +34,8 @@ pub struct EngineSettings {
     pub storage_problem_grace: Duration,
     /// How commands retry a step past their point of no return before waiting for an admin.
     pub forward_retry: crate::saga::ForwardRetry,
+    /// How often the load balancer runs over each cluster. oVirt: one minute.
+    pub balance_interval: Duration,
 }
 
 impl EngineSettings {
@@ -56,6 +58,7 @@ impl Default for EngineSettings {
             accel: None,
             storage_problem_grace: Duration::from_secs(300),
             forward_retry: Default::default(),
+            balance_interval: crate::balance::BALANCE_INTERVAL,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! scheduling policy (the decisions are `oxvirt_scheduler::balance`; this module owns their
 //! state between rounds, the VMs' CPU usage, and starting the migrations).
 //!
-//! Every [`BALANCE_INTERVAL`] (oVirt: one minute) the monitor calls [`round`]: per cluster, a
+//! Every `EngineSettings::balance_interval` (default [`BALANCE_INTERVAL`], oVirt's one minute)
+//! the monitor calls [`round`]: per cluster, a
 //! snapshot (hosts' live load, VMs' CPU usage measured here from the nodes' per-VM CPU time),
 //! then [`Balancer::plan`], then one migration saga per decision. Limits and hysteresis:
 //! - at most `max_parallel_migrations` migrations in flight per cluster, counting those the
@@ -25,7 +26,7 @@ use crate::db::ListQuery;
 use crate::model::{ClusterId, VmId};
 use crate::time::Timestamp;
 
-/// How often the balancer runs.
+/// How often the balancer runs by default.
 pub const BALANCE_INTERVAL: Duration = Duration::from_secs(60);
 
 fn sched_ts(t: Timestamp) -> sched::Timestamp {
@@ -125,7 +126,11 @@ impl Balancer {
 pub async fn round(cmds: &Commands, balancer: &Arc<Mutex<Balancer>>) -> Result<(), CommandError> {
     let app = &cmds.app;
     let now = app.db.now();
-    if !balancer.lock().expect("balancer").due(now, BALANCE_INTERVAL) {
+    if !balancer
+        .lock()
+        .expect("balancer")
+        .due(now, app.settings.balance_interval)
+    {
         return Ok(());
     }
     for cl in app.db.cluster_list(&ListQuery::default()).await? {

@@ -417,6 +417,9 @@ pub struct Cluster {
     pub scheduling_policy: SchedulingPolicy,
     /// How much of a host's memory the scheduler may promise to VMs, in percent (100 = none).
     pub memory_overcommit_percent: u32,
+    /// The cluster's own values of its policy's properties, by oVirt's names (validated when
+    /// set); the rest keep the policy's defaults.
+    pub scheduling_properties: std::collections::BTreeMap<String, String>,
     pub compatibility_version: Version,
     pub created_at: Timestamp,
     pub revision: i64,
@@ -433,6 +436,7 @@ impl Cluster {
             cpu_architecture: "x86_64".into(),
             scheduling_policy: SchedulingPolicy::None,
             memory_overcommit_percent: 100,
+            scheduling_properties: Default::default(),
             compatibility_version: Version::CURRENT,
             created_at: Timestamp::from_millis(0),
             revision: 0,

@@ -137,6 +137,11 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
     };
     let mut policy = sched::ClusterPolicy::new(kind);
     policy.memory_overcommit_pct = cl.memory_overcommit_percent;
+    // Checked when set; a row that somehow holds a bad one keeps the defaults.
+    match sched::PolicyProperties::from_ovirt(policy.properties, &cl.scheduling_properties) {
+        Ok(p) => policy.properties = p,
+        Err(e) => tracing::warn!(cluster = %cl.name, error = %e, "scheduling properties ignored"),
+    }
     let groups = db
         .affinity_groups_of_cluster(cluster)
         .await?

@@ -5,6 +5,8 @@
 //! well-known id (from oVirt's `cluster_policies` seed data), so that clients that remember a
 //! policy by id keep working against oxvirt. They are read-only: there is no table of them.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -121,6 +123,40 @@ pub struct UpdateCluster {
     pub cpu_type: Option<String>,
     pub scheduling_policy: Option<SchedulingPolicy>,
     pub memory_overcommit_percent: Option<u32>,
+    /// Replaces the cluster's own policy property values (see
+    /// [`Cluster::scheduling_properties`]).
+    pub scheduling_properties: Option<BTreeMap<String, String>>,
+}
+
+/// Checks a cluster's own policy property values: oVirt's names, whole numbers, percentages at
+/// most 100, a duration of at most a day. Answers them trimmed.
+pub fn check_scheduling_properties(
+    props: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, CommandError> {
+    use oxvirt_scheduler::{PolicyKind, PolicyProperties};
+    let base = PolicyProperties::defaults_for(PolicyKind::None);
+    PolicyProperties::from_ovirt(base, props).map_err(|e| {
+        CommandError::invalid(format!(
+            "{e}; the properties are {}",
+            PolicyProperties::NAMES.join(", ")
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, value) in props {
+        let v: u32 = value.trim().parse().expect("checked by from_ovirt");
+        let max = match name.as_str() {
+            "HighUtilization" | "LowUtilization" => 100,
+            "CpuOverCommitDurationMinutes" => 24 * 60,
+            _ => 10_000,
+        };
+        if v > max {
+            return Err(CommandError::invalid(format!(
+                "scheduling property {name} is {v}, more than {max}"
+            )));
+        }
+        out.insert(name.clone(), v.to_string());
+    }
+    Ok(out)
 }
 
 /// A new affinity group (oVirt's `AffinityGroup` with its `vms_rule`).
@@ -167,6 +203,9 @@ impl Commands {
         let old_policy = cl.scheduling_policy;
         if let Some(p) = req.scheduling_policy {
             cl.scheduling_policy = p;
+        }
+        if let Some(props) = &req.scheduling_properties {
+            cl.scheduling_properties = check_scheduling_properties(props)?;
         }
         let cl = self.app.db.cluster_update(&cl).await?;
         if cl.scheduling_policy != old_policy {

@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "snapshot_memory",
         sql: include_str!("migrations/0007_snapshot_memory.sql"),
     },
+    Migration {
+        version: 8,
+        name: "cluster_scheduling_properties",
+        sql: include_str!("migrations/0008_cluster_scheduling_properties.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

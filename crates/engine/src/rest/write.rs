@@ -132,6 +132,18 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
     );
     o.leaf("name", p.policy);
     o.close("scheduling_policy");
+    if !c.scheduling_properties.is_empty() {
+        o.open("custom_scheduling_policy_properties", None, None);
+        o.array_open("property");
+        for (name, value) in &c.scheduling_properties {
+            o.open("property", None, None);
+            o.leaf("name", name);
+            o.leaf("value", value);
+            o.close("property");
+        }
+        o.array_close();
+        o.close("custom_scheduling_policy_properties");
+    }
     version(o, c.compatibility_version);
     match emb.and_then(|e| e.data_center.as_ref()) {
         Some(dc) => data_center(o, dc, None),

@@ -191,8 +191,11 @@ async fn infrastructure_crud(b: Backend) {
     let mut c2 = cl[0].clone();
     c2.memory_overcommit_percent = 150;
     c2.scheduling_policy = SchedulingPolicy::EvenlyDistributed;
+    c2.scheduling_properties = [("HighUtilization".to_string(), "60".to_string())].into();
     let c2 = db.cluster_update(&c2).await.unwrap();
     assert_eq!(c2.memory_overcommit_percent, 150);
+    let again = db.cluster_get(c2.id).await.unwrap().unwrap();
+    assert_eq!(again.scheduling_properties["HighUtilization"], "60");
 
     // Host status compare-and-set with a reason.
     let h = &w.hosts[0];

@@ -162,6 +162,22 @@ async fn cluster_scheduling_policy_and_overcommit() {
             "<cluster><memory_policy><over_commit><percent>lots</percent></over_commit></memory_policy></cluster>".to_string(),
             "percent",
         ),
+        (
+            "<cluster><custom_scheduling_policy_properties><property><name>HighVmCnt</name><value>2</value></property></custom_scheduling_policy_properties></cluster>".to_string(),
+            "HighVmCount",
+        ),
+        (
+            "<cluster><custom_scheduling_policy_properties><property><name>HighUtilization</name><value>150</value></property></custom_scheduling_policy_properties></cluster>".to_string(),
+            "more than 100",
+        ),
+        (
+            "<cluster><custom_scheduling_policy_properties><property><name>SpmVmGrace</name><value>-1</value></property></custom_scheduling_policy_properties></cluster>".to_string(),
+            "SpmVmGrace",
+        ),
+        (
+            "<cluster><custom_scheduling_policy_properties><property><name>SpmVmGrace</name></property></custom_scheduling_policy_properties></cluster>".to_string(),
+            "SpmVmGrace needs a",
+        ),
         ("<cluster><name>unclosed</cluster>".to_string(), "not valid XML"),
     ] {
         let r = put(&c, &format!("clusters/{cl}"), &body).await;
@@ -222,6 +238,53 @@ async fn cluster_scheduling_policy_and_overcommit() {
         (now.scheduling_policy.as_str(), now.memory_overcommit_percent),
         ("vm_evenly_distributed", 200)
     );
+
+    // The cluster's own policy properties (oVirt's custom_scheduling_policy_properties): shown
+    // back, used by the scheduler over the policy's defaults, and cleared by an empty element.
+    let r = put(
+        &c,
+        &format!("clusters/{cl}"),
+        "<cluster><custom_scheduling_policy_properties>\
+           <property><name>HighVmCount</name><value> 2 </value></property>\
+           <property><name>MigrationThreshold</name><value>2</value></property>\
+         </custom_scheduling_policy_properties></cluster>",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        has(
+            &r.body,
+            "<property><name>HighVmCount</name><value>2</value></property>"
+        ),
+        "{}",
+        r.body
+    );
+    let r = c.get(&format!("clusters/{cl}")).await;
+    assert!(
+        has(&r.body, "<name>MigrationThreshold</name><value>2</value>"),
+        "{}",
+        r.body
+    );
+    let snap = oxvirt_engine::scheduling::snapshot(t.engine.app(), cl.parse().unwrap())
+        .await
+        .unwrap();
+    let p = snap.policy.properties;
+    assert_eq!(
+        (p.high_vm_count, p.migration_threshold, p.spm_vm_grace),
+        (2, 2, 5)
+    );
+    let r = put(
+        &c,
+        &format!("clusters/{cl}"),
+        "<cluster><custom_scheduling_policy_properties/></cluster>",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!has(&r.body, "custom_scheduling_policy_properties"), "{}", r.body);
+    let snap = oxvirt_engine::scheduling::snapshot(t.engine.app(), cl.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(snap.policy.properties.high_vm_count, 10, "the default again");
     t.engine.shutdown().await;
 }
 

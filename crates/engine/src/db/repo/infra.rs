@@ -251,7 +251,8 @@ async fn dc_delete(c: &mut Conn<'_>, id: DcId) -> Result<(), DbError> {
 // ---------------------------------------------------------------- clusters
 
 const CLUSTER_COLS: &str = "id, name, description, data_center_id, cpu_type, cpu_architecture, \
-    scheduling_policy, memory_overcommit_percent, compat_major, compat_minor, created_at, revision";
+    scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, \
+    created_at, revision";
 
 fn cluster_from_row(r: &AnyRow) -> Result<Cluster, DbError> {
     Ok(Cluster {
@@ -263,6 +264,13 @@ fn cluster_from_row(r: &AnyRow) -> Result<Cluster, DbError> {
         cpu_architecture: r.text("cpu_architecture")?,
         scheduling_policy: r.parse("scheduling_policy")?,
         memory_overcommit_percent: r.u32("memory_overcommit_percent")?,
+        scheduling_properties: {
+            let text = r.text("scheduling_properties")?;
+            serde_json::from_str(&text).map_err(|e| DbError::Corrupt {
+                column: "clusters.scheduling_properties".into(),
+                detail: format!("{text:?}: {e}"),
+            })?
+        },
         compatibility_version: Version {
             major: r.u32("compat_major")?,
             minor: r.u32("compat_minor")?,
@@ -299,6 +307,8 @@ fn cluster_args(q: &mut Sql, cl: &Cluster) {
         .push(", ")
         .arg(i64::from(cl.memory_overcommit_percent))
         .push(", ")
+        .arg(serde_json::to_string(&cl.scheduling_properties).expect("a string map serializes"))
+        .push(", ")
         .arg(i64::from(cl.compatibility_version.major))
         .push(", ")
         .arg(i64::from(cl.compatibility_version.minor));
@@ -306,7 +316,7 @@ fn cluster_args(q: &mut Sql, cl: &Cluster) {
 
 async fn cluster_insert(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbError> {
     check_name("cluster name", &cl.name)?;
-    let mut q = Sql::new("INSERT INTO clusters (id, name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, compat_major, compat_minor, created_at, revision) VALUES (");
+    let mut q = Sql::new("INSERT INTO clusters (id, name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, created_at, revision) VALUES (");
     q.arg(cl.id.to_string()).push(", ");
     cluster_args(&mut q, cl);
     q.push(", ").arg(c.now.as_millis()).push(", 1)");
@@ -350,7 +360,7 @@ async fn cluster_list(
 
 async fn cluster_update(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbError> {
     check_name("cluster name", &cl.name)?;
-    let mut q = Sql::new("UPDATE clusters SET (name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, compat_major, compat_minor) = (");
+    let mut q = Sql::new("UPDATE clusters SET (name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor) = (");
     cluster_args(&mut q, cl);
     q.push("), revision = revision + 1 WHERE id = ")
         .arg(cl.id.to_string())

@@ -237,6 +237,26 @@ pub async fn cluster_add(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::created(one_cluster(r, &c, None), href("clusters", c.id)))
 }
 
+/// `<custom_scheduling_policy_properties><property><name>HighVmCount</name><value>2</value>
+/// </property>…</custom_scheduling_policy_properties>`: the cluster's own values, replacing
+/// those it had (an empty element clears them).
+fn custom_properties(b: &Elem) -> Result<Option<std::collections::BTreeMap<String, String>>, ApiError> {
+    let Some(e) = b.get("custom_scheduling_policy_properties") else {
+        return Ok(None);
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for p in e.children_named("property") {
+        let name = p
+            .str("name")
+            .ok_or_else(|| ApiError::bad_request("a scheduling policy <property> needs a <name>"))?;
+        let value = p.str("value").ok_or_else(|| {
+            ApiError::bad_request(format!("scheduling policy property {name} needs a <value>"))
+        })?;
+        out.insert(name.trim().to_string(), value.trim().to_string());
+    }
+    Ok(Some(out))
+}
+
 /// `<scheduling_policy id="…"/>` or `<scheduling_policy><name>…</name></scheduling_policy>`.
 fn policy_ref(b: &Elem) -> Result<Option<crate::model::SchedulingPolicy>, ApiError> {
     match b.get("scheduling_policy") {
@@ -258,6 +278,7 @@ pub async fn cluster_update(r: &Req) -> Result<Resp, ApiError> {
                 cpu_type: b.string("cpu/type"),
                 scheduling_policy: policy_ref(&b)?,
                 memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
+                scheduling_properties: custom_properties(&b)?,
             },
         )
         .await?;
