@@ -4,6 +4,7 @@
 //! still runs every test in its own process, and `.config/nextest.toml` selects the QEMU tests by
 //! module name (`vm_nodes::`, `ha::`, …).
 
+mod balancing;
 mod cli;
 mod common;
 mod domain_cli;
