@@ -1,8 +1,10 @@
-//! The REST API v4 over the engine's real HTTPS listener with a real (SQLite) database: SSO,
-//! status codes, faults, search, follow, JSON, actions on objects that need no node.
+//! The REST API v4 over the engine's real HTTPS listener with a real database — each test runs
+//! on SQLite and on PostgreSQL (`<test>::sqlite`, `<test>::postgres`): SSO, status codes,
+//! faults, search, follow, JSON, actions on objects that need no node.
 
 use crate::rest_common;
 
+use crate::common::{start_engine_on, Backend};
 use http::{Method, StatusCode};
 use rest_common::{count, root_id, start_engine, Client};
 
@@ -14,9 +16,8 @@ fn vm_xml(name: &str, cluster: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sso_tokens_and_authentication() {
-    let t = start_engine().await;
+async fn sso_tokens_and_authentication(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
 
     // Bad credentials: 400, JSON, error_code + error.
@@ -141,9 +142,8 @@ async fn sso_tokens_and_authentication() {
     t.engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collections_status_codes_and_faults() {
-    let t = start_engine().await;
+async fn collections_status_codes_and_faults(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
 
@@ -310,9 +310,8 @@ async fn collections_status_codes_and_faults() {
     t.engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vms_search_follow_actions_jobs_and_events() {
-    let t = start_engine().await;
+async fn vms_search_follow_actions_jobs_and_events(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     assert_eq!(
@@ -588,10 +587,9 @@ async fn vms_search_follow_actions_jobs_and_events() {
 /// with and a migrating one is between hosts, so both refuse, as does an up VM the engine
 /// places on no host. An inactive disk may be attached at any time, and activated once the
 /// change is allowed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
+async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host(backend: Backend) {
     use oxvirt_engine::model::{VmRuntime, VmStatus};
-    let t = start_engine().await;
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     c.post("datacenters", "<data_center><name>dc</name></data_center>")
@@ -716,10 +714,9 @@ async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host() {
 /// A disk removal that cannot reach an SPM fails past its point of no return: it is not rolled
 /// back (its image may be half deleted) but blocked, the disk locked, and its job is what an
 /// admin retries; a job that waits for nobody cannot be retried.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocked_commands_are_retried_through_their_job() {
+async fn blocked_commands_are_retried_through_their_job(backend: Backend) {
     use oxvirt_engine::model::{DiskFormat, DiskStatus, PoolMember, SdStatus, SdType, StorageType};
-    let t = start_engine().await;
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     let r = c
@@ -906,3 +903,11 @@ async fn openapi_describes_what_is_served() {
         assert!(!documented, "{m} {full}");
     }
 }
+
+both_backends!(
+    sso_tokens_and_authentication,
+    collections_status_codes_and_faults,
+    vms_search_follow_actions_jobs_and_events,
+    disks_change_on_a_vm_only_while_down_or_plugged_on_its_host,
+    blocked_commands_are_retried_through_their_job
+);

@@ -5,12 +5,12 @@
 
 use crate::rest_common;
 
+use crate::common::{start_engine_on, Backend};
 use http::{Method, StatusCode};
-use rest_common::{count, root_id, start_engine, xml_text, Client};
+use rest_common::{count, root_id, xml_text, Client};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn networks_clusters_profiles_and_vm_nics() {
-    let t = start_engine().await;
+async fn networks_clusters_profiles_and_vm_nics(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
 
@@ -327,3 +327,5 @@ async fn networks_clusters_profiles_and_vm_nics() {
         assert!(r.body.contains(says), "{says}: {}", r.body);
     }
 }
+
+both_backends!(networks_clusters_profiles_and_vm_nics);

@@ -10,9 +10,10 @@ use crate::rest_common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::common::{start_engine_on, Backend};
 use http::{Method, StatusCode};
 use oxvirt_engine::model::{HostStatus, HostUuid, VmId, VmRuntime, VmStatus};
-use rest_common::{count, root_id, start_engine, xml_text, Client};
+use rest_common::{count, root_id, xml_text, Client};
 
 const NONE_ID: &str = "b4ed2332-a7ac-4d5f-9596-99a439cb2812";
 const EVEN_ID: &str = "20d25257-b4bd-4589-92a6-c4c5c5d3fd1a";
@@ -52,9 +53,8 @@ fn nested(body: &str, outer: &str, inner: &str) -> Option<String> {
     xml_text(&body[i..], inner)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_scheduling_policy_and_overcommit() {
-    let t = start_engine().await;
+async fn cluster_scheduling_policy_and_overcommit(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     let db = &t.engine.app().db;
@@ -288,9 +288,8 @@ async fn cluster_scheduling_policy_and_overcommit() {
     t.engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn affinity_groups_and_their_vms() {
-    let t = start_engine().await;
+async fn affinity_groups_and_their_vms(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     let db = &t.engine.app().db;
@@ -584,9 +583,8 @@ fn log_lines(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fence_agents_and_the_fence_action() {
-    let t = start_engine().await;
+async fn fence_agents_and_the_fence_action(backend: Backend) {
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     let db = &t.engine.app().db;
@@ -889,11 +887,10 @@ async fn fence_agents_and_the_fence_action() {
 /// The monitor applies a node's VM report over the rows it read before asking the node: a VM a
 /// command changed meanwhile keeps the command's word (a resume that lands between the poll's
 /// question and its answer), while a report about an unchanged VM settles it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poll_answered_before_a_command_never_undoes_it() {
+async fn a_poll_answered_before_a_command_never_undoes_it(backend: Backend) {
     use oxvirt_engine::model::Host;
     use oxvirt_engine::monitor::{reconcile_vms, HostView};
-    let t = start_engine().await;
+    let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     add(&c, "datacenters", "<data_center><name>dc</name></data_center>").await;
@@ -1019,3 +1016,10 @@ async fn a_poll_answered_before_a_command_never_undoes_it() {
         (VmStatus::Down, Some("gone from its host"))
     );
 }
+
+both_backends!(
+    cluster_scheduling_policy_and_overcommit,
+    affinity_groups_and_their_vms,
+    fence_agents_and_the_fence_action,
+    a_poll_answered_before_a_command_never_undoes_it
+);

@@ -41,25 +41,7 @@ impl TestDb {
     }
 
     pub async fn with_clock(backend: Backend, clock: Arc<dyn Clock>) -> TestDb {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("engine.db").display()),
-            Backend::Postgres => {
-                let base = pg_base_url();
-                sqlx::any::install_default_drivers();
-                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-                let mut c = sqlx::AnyConnection::connect(&base)
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot connect to {PG_ENV}={base}: {e}"));
-                sqlx::query(&format!("CREATE SCHEMA {schema}"))
-                    .execute(&mut c)
-                    .await
-                    .expect("create test schema");
-                c.close().await.ok();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                format!("{base}{sep}options[search_path]={schema}")
-            }
-        };
+        let (url, dir) = fresh_database(backend).await;
         let db = Db::connect_with(&url, opts(&clock))
             .await
             .expect("open test database");
@@ -73,6 +55,42 @@ impl TestDb {
             .await
             .expect("reopen test database");
     }
+}
+
+/// The URL of a fresh, empty database on `backend` (a SQLite file in the returned directory, or
+/// a new schema on the PostgreSQL test server).
+pub async fn fresh_database(backend: Backend) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("engine.db").display()),
+        Backend::Postgres => {
+            let base = pg_base_url();
+            sqlx::any::install_default_drivers();
+            let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let mut c = sqlx::AnyConnection::connect(&base)
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to {PG_ENV}={base}: {e}"));
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&mut c)
+                .await
+                .expect("create test schema");
+            c.close().await.ok();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options[search_path]={schema}")
+        }
+    };
+    (url, dir)
+}
+
+/// An engine serving the REST API on a fresh database of `backend` (SQLite in its data
+/// directory, or a schema of the PostgreSQL test server).
+pub async fn start_engine_on(backend: Backend) -> crate::rest_common::TestEngine {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match backend {
+        Backend::Sqlite => None,
+        b => Some(fresh_database(b).await.0),
+    };
+    crate::rest_common::start_engine_with(dir, url).await
 }
 
 fn opts(clock: &Arc<dyn Clock>) -> DbOptions {

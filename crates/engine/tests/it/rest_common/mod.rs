@@ -29,9 +29,14 @@ pub async fn start_engine() -> TestEngine {
 }
 
 pub async fn start_engine_in(dir: tempfile::TempDir) -> TestEngine {
+    start_engine_with(dir, None).await
+}
+
+/// An engine in `dir` on the database at `db_url` (`None`: SQLite in `dir`).
+pub async fn start_engine_with(dir: tempfile::TempDir, db_url: Option<String>) -> TestEngine {
     let cfg = EngineConfig {
         data_dir: dir.path().to_path_buf(),
-        db_url: None,
+        db_url,
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_password: Some(ADMIN_PASSWORD.into()),
         settings: EngineSettings {
