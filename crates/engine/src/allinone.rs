@@ -41,6 +41,7 @@ pub async fn ensure_default(engine: &Engine) -> Result<(DcId, ClusterId), Comman
                     cpu_type: None,
                     scheduling_policy: None,
                     memory_overcommit_percent: None,
+                    scheduling_properties: Default::default(),
                 })
                 .await?
         }

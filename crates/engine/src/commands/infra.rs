@@ -24,6 +24,9 @@ pub struct AddCluster {
     pub cpu_type: Option<String>,
     pub scheduling_policy: Option<SchedulingPolicy>,
     pub memory_overcommit_percent: Option<u32>,
+    /// The cluster's own policy property values (see [`Cluster::scheduling_properties`]).
+    #[serde(default)]
+    pub scheduling_properties: std::collections::BTreeMap<String, String>,
 }
 
 /// The admin adds a host by name and address; it joins when its node enrolls (with a token, or
@@ -74,6 +77,8 @@ impl Commands {
             super::scheduling::check_overcommit(o)?;
             cl.memory_overcommit_percent = o;
         }
+        cl.scheduling_properties =
+            super::scheduling::check_scheduling_properties(&req.scheduling_properties)?;
         let cl = self.app.db.cluster_insert(&cl).await?;
         self.ensure_cluster_management(cl.id).await?;
         Ok(cl)

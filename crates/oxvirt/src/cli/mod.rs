@@ -219,10 +219,28 @@ pub struct SchedArgs {
     /// How much of a host's memory VMs may be promised, in percent (100-1000).
     #[arg(long)]
     pub overcommit: Option<u32>,
+    /// The cluster's own value of a policy property, as NAME=VALUE (HighUtilization,
+    /// LowUtilization, CpuOverCommitDurationMinutes, HighVmCount, MigrationThreshold,
+    /// SpmVmGrace); repeat for several. On update they replace the cluster's own values.
+    #[arg(long = "policy-property", value_name = "NAME=VALUE")]
+    pub policy_properties: Vec<String>,
+    /// On update: drop the cluster's own property values (the policy's defaults apply).
+    #[arg(long, conflicts_with = "policy_properties")]
+    pub default_policy_properties: bool,
 }
 
 impl SchedArgs {
-    fn apply(&self, body: &mut Value) {
+    fn apply(&self, body: &mut Value) -> anyhow::Result<()> {
+        if !self.policy_properties.is_empty() || self.default_policy_properties {
+            let mut props = Vec::new();
+            for p in &self.policy_properties {
+                let (name, value) = p
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--policy-property {p:?} is not NAME=VALUE"))?;
+                props.push(json!({ "name": name.trim(), "value": value.trim() }));
+            }
+            body["custom_scheduling_policy_properties"] = json!({ "property": props });
+        }
         if let Some(p) = &self.scheduling_policy {
             body["scheduling_policy"] = if api::looks_like_id(p) {
                 json!({ "id": p })
@@ -233,6 +251,7 @@ impl SchedArgs {
         if let Some(o) = self.overcommit {
             body["memory_policy"] = json!({ "over_commit": { "percent": o } });
         }
+        Ok(())
     }
 }
 
@@ -1296,7 +1315,7 @@ async fn cluster(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
             if let Some(t) = cpu_type {
                 body["cpu"] = json!({ "type": t });
             }
-            sched.apply(&mut body);
+            sched.apply(&mut body)?;
             let obj = ctx.create(k, body).await?;
             ctx.print(k, &obj).await
         }
@@ -1314,7 +1333,7 @@ async fn cluster(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
             if let Some(t) = cpu_type {
                 body["cpu"] = json!({ "type": t });
             }
-            sched.apply(&mut body);
+            sched.apply(&mut body)?;
             ctx.update(k, &id, &name, body).await
         }
         ClusterCmd::Remove { name } => ctx.remove(k, &name, "").await,

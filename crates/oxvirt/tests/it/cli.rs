@@ -752,6 +752,46 @@ async fn scheduling_affinity_and_fencing() {
         (cl.scheduling_policy.as_str(), cl.memory_overcommit_percent),
         ("evenly_distributed", 150)
     );
+    // The cluster's own policy properties: set, shown, refused when unknown, back to defaults.
+    let r = live
+        .ok(&[
+            "cluster",
+            "update",
+            "scl",
+            "--policy-property",
+            "HighUtilization=60",
+            "--policy-property",
+            "CpuOverCommitDurationMinutes=1",
+            "-o",
+            "json",
+        ])
+        .await;
+    let props = &r.json()["custom_scheduling_policy_properties"]["property"];
+    assert_eq!(
+        props,
+        &serde_json::json!([
+            { "name": "CpuOverCommitDurationMinutes", "value": "1" },
+            { "name": "HighUtilization", "value": "60" },
+        ]),
+        "{r}"
+    );
+    let r = live
+        .fails(&["cluster", "update", "scl", "--policy-property", "Fast=1"])
+        .await;
+    assert!(
+        r.stderr.contains("Fast") && r.stderr.contains("HighVmCount"),
+        "{r}"
+    );
+    let r = live
+        .fails(&["cluster", "update", "scl", "--policy-property", "HighUtilization"])
+        .await;
+    assert!(r.stderr.contains("not NAME=VALUE"), "{r}");
+    let cl = db.cluster_get_by_name("scl").await.unwrap().unwrap();
+    assert_eq!(cl.scheduling_properties.len(), 2, "refusals changed nothing");
+    live.ok(&["cluster", "update", "scl", "--default-policy-properties"])
+        .await;
+    let cl = db.cluster_get_by_name("scl").await.unwrap().unwrap();
+    assert!(cl.scheduling_properties.is_empty(), "{cl:?}");
 
     // Affinity groups: create with a member, list, add and remove VMs; another cluster's VM
     // is refused.

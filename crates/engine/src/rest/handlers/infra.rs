@@ -232,6 +232,7 @@ pub async fn cluster_add(r: &Req) -> Result<Resp, ApiError> {
             cpu_type: b.string("cpu/type"),
             scheduling_policy: policy_ref(&b)?,
             memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
+            scheduling_properties: custom_properties(&b)?.unwrap_or_default(),
         })
         .await?;
     Ok(Resp::created(one_cluster(r, &c, None), href("clusters", c.id)))
