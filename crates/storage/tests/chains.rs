@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use oxvirt_qemu::img::Comparison;
+use oxvirt_qemu::img::{Comparison, ConvertRequest, QemuImg};
+use oxvirt_qemu::ImageFormat;
 use oxvirt_storage::{Allocation, CopyMode, Legality, StorageError, VolFormat, VolRole, VolumeSpec};
 use oxvirt_types::{ImgUuid, VolUuid};
 
@@ -300,12 +301,37 @@ fn delete_leaf_and_legality() {
         f.dom.delete_volume(img, s2).is_err(),
         "only the leaf can be deleted"
     );
-    let after_s2 = f.scratch("s2");
-    // Content as of s2's creation+writes = chain without s3: remove s3 and compare with itself.
+    // What the chain up to s2 shows (s3's write excluded), flattened from s2's own file; and
+    // what the whole chain shows now, which must differ (s3 wrote on top).
+    let up_to_s2 = f.scratch("s2");
+    let _ = std::fs::remove_file(&up_to_s2);
+    QemuImg::locate()
+        .unwrap()
+        .convert(
+            &ConvertRequest {
+                src: &f.dom.volume_path(img, s2),
+                src_format: Some(ImageFormat::Qcow2),
+                dst: &up_to_s2,
+                dst_format: ImageFormat::Raw,
+                qcow2_compat: None,
+                backing: None,
+                preallocation: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let with_s3 = f.scratch("s3");
+    flatten(&f.dom, img, &with_s3);
+    assert_ne!(
+        std::fs::read(&up_to_s2).unwrap(),
+        std::fs::read(&with_s3).unwrap(),
+        "s3 holds a write of its own"
+    );
+    // Deleting the leaf leaves exactly what s2 showed.
     f.dom.delete_volume(img, s3).unwrap();
     assert_eq!(f.dom.chain(img).unwrap().leaf().id, s2);
     assert_eq!(f.dom.read_meta(img, s2).unwrap().role, VolRole::Leaf);
-    flatten(&f.dom, img, &after_s2);
+    assert_content(&f.dom, img, &up_to_s2);
     assert_clean(&f.dom);
 
     f.dom.set_legality(img, s2, Legality::Illegal).unwrap();
