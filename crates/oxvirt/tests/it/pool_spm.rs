@@ -303,6 +303,34 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     let dom = c.domain();
     qemu_io(&dom.volume_path(img, top), "write -P 0xab 0 1M");
     assert_eq!(dom.chain(img).unwrap().ids(), vec![base, top]);
+    // Deleting, extending and merging (cold, or finalizing a live one) are the SPM's too.
+    let vol = json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "volUUID": top });
+    let merge = json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img, "ancestor": base, "successor": top });
+    let mut extend = vol.clone();
+    extend["newSize"] = json!(128 * MIB);
+    for (verb, args) in [
+        ("Volume.delete", vol.clone()),
+        ("Volume.extendSize", extend),
+        ("Image.mergeSnapshots", merge.clone()),
+        ("Image.finalizeMerge", merge),
+        (
+            "Image.delete",
+            json!({ "sdUUID": sd, "spUUID": pool, "imgUUID": img }),
+        ),
+    ] {
+        let e = rpc_err(c.nodes[2].client.call(verb, args).await);
+        assert_eq!(
+            (e.code, e.message.contains("not the SPM")),
+            (654, true),
+            "{verb}: {e:?}"
+        );
+    }
+    assert_eq!(
+        dom.chain(img).unwrap().ids(),
+        vec![base, top],
+        "refused verbs change nothing"
+    );
+    assert_eq!(dom.read_meta(img, top).unwrap().capacity, 64 * MIB);
 
     // Mailbox: HSM hosts 2 and 3 ask the SPM to extend the top volume's file.
     let top_path = dom.volume_path(img, top);
