@@ -595,6 +595,22 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
     assert_eq!(st["taskResult"], "success", "{st}");
     let report = c.domain().check(true).unwrap();
     assert!(report.is_clean(), "{report:?}");
+
+    // Host 2 disconnects from the pool: its host id is free on storage at once (host 3's is
+    // held), and pool verbs there say it is not connected.
+    let ids = c.domain().root().join("dom_md/ids");
+    let delta = |h: u64| oxvirt_lease::direct::read_delta_leader(&ids, 0, &sd.to_string(), h).unwrap();
+    assert!(!delta(2).is_free(), "host 2 holds its host id while connected");
+    call(&c.nodes[1], "StoragePool.disconnect", json!({ "spUUID": pool })).await;
+    assert!(delta(2).is_free(), "{:?}", delta(2));
+    assert!(!delta(3).is_free());
+    let e = rpc_err(
+        c.nodes[1]
+            .client
+            .call("StoragePool.getSpmStatus", json!({ "spUUID": pool }))
+            .await,
+    );
+    assert!(e.message.contains("not connected"), "{e:?}");
 }
 
 /// Waits for the next event on `topic` whose body satisfies `pred`.
