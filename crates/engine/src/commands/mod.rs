@@ -173,11 +173,23 @@ impl Commands {
         params: S::Params,
         correlation_id: Option<String>,
     ) -> Result<SagaOutcome, CommandError> {
-        let description = S::description(&params);
-        let handle = self
-            .sagas
-            .start::<S>(params, StartOptions { correlation_id })
-            .await?;
+        self.run_as::<S>(params, None, correlation_id).await
+    }
+
+    /// As [`Self::run`], its job described as `what` (names rather than the parameters' ids:
+    /// "Starting VM web1"); `None`: the saga's own description.
+    pub async fn run_as<S: SagaDef<Ctx = App>>(
+        &self,
+        params: S::Params,
+        what: Option<String>,
+        correlation_id: Option<String>,
+    ) -> Result<SagaOutcome, CommandError> {
+        let description = what.clone().unwrap_or_else(|| S::description(&params));
+        let opts = StartOptions {
+            correlation_id,
+            description: what,
+        };
+        let handle = self.sagas.start::<S>(params, opts).await?;
         outcome(description, handle).await
     }
 
@@ -190,6 +202,7 @@ impl Commands {
     pub(crate) async fn run_adding<S, F, Fut>(
         &self,
         params: S::Params,
+        what: Option<String>,
         correlation_id: Option<String>,
         storage_work: bool,
         then: F,
@@ -199,12 +212,13 @@ impl Commands {
         F: FnOnce(Commands) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), CommandError>> + Send + 'static,
     {
-        let description = S::description(&params);
+        let description = what.clone().unwrap_or_else(|| S::description(&params));
         let corr = correlation_id.clone();
-        let mut handle = self
-            .sagas
-            .start::<S>(params, StartOptions { correlation_id })
-            .await?;
+        let opts = StartOptions {
+            correlation_id,
+            description: what,
+        };
+        let mut handle = self.sagas.start::<S>(params, opts).await?;
         let cmds = self.answering(Answer::WhenDone);
         let early = self.answer == Answer::WhenRecorded && storage_work;
         // A saga already over (it failed, say) answers with its outcome.
@@ -276,10 +290,11 @@ impl Commands {
         params: S::Params,
         correlation_id: Option<String>,
     ) -> Result<Option<JobId>, CommandError> {
-        let handle = self
-            .sagas
-            .start::<S>(params, StartOptions { correlation_id })
-            .await?;
+        let opts = StartOptions {
+            correlation_id,
+            description: None,
+        };
+        let handle = self.sagas.start::<S>(params, opts).await?;
         let job = handle.job_id;
         tokio::spawn(async move {
             let _ = handle.wait().await;
@@ -391,7 +406,7 @@ mod tests {
         let failing = |_: Commands| async { Err::<(), _>(CommandError::Conflict("the plug failed".into())) };
 
         let pending = early
-            .run_adding::<Slow, _, _>((), Some("corr-1".into()), true, failing)
+            .run_adding::<Slow, _, _>((), None, Some("corr-1".into()), true, failing)
             .await
             .unwrap();
         assert!(pending, "answered before its work ended, the add is pending");
@@ -417,7 +432,7 @@ mod tests {
 
         go().add_permits(1);
         let err = cmds
-            .run_adding::<Slow, _, _>((), None, true, failing)
+            .run_adding::<Slow, _, _>((), None, None, true, failing)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("the plug failed"), "{err}");
@@ -429,7 +444,7 @@ mod tests {
 
         go().add_permits(1);
         let pending = early
-            .run_adding::<Slow, _, _>((), None, false, |_| async { Ok(()) })
+            .run_adding::<Slow, _, _>((), None, None, false, |_| async { Ok(()) })
             .await
             .unwrap();
         assert!(!pending, "an add without storage work is answered when done");

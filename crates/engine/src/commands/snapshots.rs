@@ -892,6 +892,7 @@ impl Commands {
         };
         let snapshot = SnapshotId::new_random();
         let storage_work = !disks.is_empty();
+        let what = format!("Creating snapshot {:?} of VM {}", req.description, v.name);
         let pending = self
             .run_adding::<AddSnapshotSaga, _, _>(
                 AddSnapshotParams {
@@ -904,6 +905,7 @@ impl Commands {
                     memory,
                     memory_volume_size,
                 },
+                Some(what),
                 correlation_id,
                 storage_work,
                 |_| async { Ok(()) },
@@ -969,7 +971,7 @@ impl Commands {
                 top: top.id,
             });
         }
-        self.run::<RemoveSnapshotSaga>(
+        self.run_as::<RemoveSnapshotSaga>(
             RemoveSnapshotParams {
                 snapshot,
                 vm,
@@ -977,6 +979,7 @@ impl Commands {
                 merges,
                 live_on,
             },
+            Some(format!("Removing snapshot {:?} of VM {}", s.description, v.name)),
             correlation_id,
         )
         .await?;
@@ -1043,7 +1046,7 @@ impl Commands {
             .filter(|o| o.snapshot_type == SnapshotType::Regular && o.created_at > s.created_at)
             .map(|o| o.id)
             .collect();
-        self.run::<RestoreSnapshotSaga>(
+        self.run_as::<RestoreSnapshotSaga>(
             RestoreSnapshotParams {
                 snapshot,
                 vm,
@@ -1052,6 +1055,7 @@ impl Commands {
                 newer,
                 memory,
             },
+            Some(format!("Restoring VM {} to snapshot {:?}", v.name, s.description)),
             correlation_id,
         )
         .await?;
@@ -1155,7 +1159,7 @@ impl Commands {
                 new_leaf: VolUuid::new_random(),
             });
         }
-        self.run::<PreviewSnapshotSaga>(
+        self.run_as::<PreviewSnapshotSaga>(
             PreviewSnapshotParams {
                 snapshot,
                 kept: SnapshotId::new_random(),
@@ -1164,6 +1168,10 @@ impl Commands {
                 disks,
                 memory,
             },
+            Some(format!(
+                "Previewing snapshot {:?} of VM {}",
+                s.description, v.name
+            )),
             correlation_id,
         )
         .await?;
@@ -1251,7 +1259,7 @@ impl Commands {
                 .map(|o| o.id)
                 .collect(),
         };
-        self.run::<EndPreviewSaga>(
+        self.run_as::<EndPreviewSaga>(
             EndPreviewParams {
                 end,
                 snapshot: previewed.id,
@@ -1262,6 +1270,16 @@ impl Commands {
                 newer,
                 drop_memory: end == PreviewEnd::Undo && memory_pending,
             },
+            Some(match end {
+                PreviewEnd::Commit => format!(
+                    "Committing the preview of snapshot {:?} of VM {}",
+                    previewed.description, v.name
+                ),
+                PreviewEnd::Undo => format!(
+                    "Undoing the preview of snapshot {:?} of VM {}",
+                    previewed.description, v.name
+                ),
+            }),
             correlation_id,
         )
         .await?;

@@ -1015,8 +1015,16 @@ impl Commands {
         } else {
             None
         };
-        self.run::<AttachStorageDomainSaga>(AttachParams { dc, sd, creator }, correlation_id)
-            .await?;
+        self.run_as::<AttachStorageDomainSaga>(
+            AttachParams { dc, sd, creator },
+            Some(format!(
+                "Attaching storage domain {} to data center {}",
+                self.sd_label(sd).await,
+                dcr.name
+            )),
+            correlation_id,
+        )
+        .await?;
         let m = self
             .app
             .db
@@ -1145,8 +1153,16 @@ impl Commands {
             SdStatus::PreparingForMaintenance => SdStatus::Active,
             s => s,
         };
-        self.run::<DeactivateStorageDomainSaga>(DeactivateParams { dc, sd, prior }, None)
-            .await?;
+        self.run_as::<DeactivateStorageDomainSaga>(
+            DeactivateParams { dc, sd, prior },
+            Some(format!(
+                "Deactivating storage domain {} in data center {}",
+                self.sd_label(sd).await,
+                dcr.name
+            )),
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1190,7 +1206,7 @@ impl Commands {
     /// is refused: the engine could no longer reach them (oVirt keeps them for a later import;
     /// oxvirt has no import yet, so it keeps them attached).
     pub async fn detach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
-        self.app.dc(dc).await?;
+        let dcr = self.app.dc(dc).await?;
         let m = member(&self.app, dc, sd).await?;
         if m.master {
             return Err(CommandError::Conflict(
@@ -1204,8 +1220,16 @@ impl Commands {
             )));
         }
         refuse_holding_disks(&self.app, sd, "detached").await?;
-        self.run::<DetachStorageDomainSaga>(DetachParams { dc, sd }, None)
-            .await?;
+        self.run_as::<DetachStorageDomainSaga>(
+            DetachParams { dc, sd },
+            Some(format!(
+                "Detaching storage domain {} from data center {}",
+                self.sd_label(sd).await,
+                dcr.name
+            )),
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1250,9 +1274,21 @@ impl Commands {
                     .id,
             ),
         };
-        self.run::<RemoveStorageDomainSaga>(RemoveDomainParams { sd, format_on }, None)
-            .await?;
+        self.run_as::<RemoveStorageDomainSaga>(
+            RemoveDomainParams { sd, format_on },
+            Some(format!("Removing storage domain {}", s.name)),
+            None,
+        )
+        .await?;
         Ok(())
+    }
+
+    /// A storage domain's name for a job's description (its id if it is gone).
+    async fn sd_label(&self, sd: SdUuid) -> String {
+        match self.app.db.sd_get(sd).await {
+            Ok(Some(s)) => s.name,
+            _ => sd.to_string(),
+        }
     }
 
     /// The data center a domain is attached to.
@@ -1307,6 +1343,7 @@ impl Commands {
                     dc: dc.id,
                     req,
                 },
+                None,
                 correlation_id,
                 true,
                 move |cmds| async move {
@@ -1364,8 +1401,12 @@ impl Commands {
             }
         }
         let dc = self.domain_dc(d.storage_domain_id).await?;
-        self.run::<RemoveDiskSaga>(RemoveDiskParams { disk, dc: dc.id }, correlation_id)
-            .await?;
+        self.run_as::<RemoveDiskSaga>(
+            RemoveDiskParams { disk, dc: dc.id },
+            Some(format!("Removing disk {}", d.name)),
+            correlation_id,
+        )
+        .await?;
         Ok(())
     }
 

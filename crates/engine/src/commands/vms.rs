@@ -1138,6 +1138,7 @@ impl Commands {
         let pending = self
             .run_adding::<AddVmSaga, _, _>(
                 AddVmParams { vm, dc, clones },
+                None,
                 correlation_id,
                 storage_work,
                 |_| async { Ok(()) },
@@ -1175,13 +1176,18 @@ impl Commands {
             }
             None => choose_host(&self.app, vm.cluster_id, id, Purpose::Start).await?,
         };
-        self.run::<StartVmSaga>(
+        self.run_as::<StartVmSaga>(
             StartVmParams {
                 vm: id,
                 host,
                 dc,
                 from: Vec::new(),
             },
+            Some(format!(
+                "Starting VM {} on host {}",
+                vm.name,
+                self.host_label(host).await
+            )),
             correlation_id,
         )
         .await?;
@@ -1222,13 +1228,18 @@ impl Commands {
             _ => choose_host(&self.app, vm.cluster_id, id, Purpose::HaRestart).await?,
         };
         let from = vec![VmStatus::Unknown, VmStatus::NotResponding];
-        self.run::<StartVmSaga>(
+        self.run_as::<StartVmSaga>(
             StartVmParams {
                 vm: id,
                 host,
                 dc,
                 from,
             },
+            Some(format!(
+                "Restarting highly available VM {} on host {}",
+                vm.name,
+                self.host_label(host).await
+            )),
             None,
         )
         .await?;
@@ -1303,7 +1314,7 @@ impl Commands {
         }
         let (state, size) = self.new_state_volume(&vm).await?;
         let dc = self.cluster_dc(vm.cluster_id).await?;
-        self.run::<SuspendVmSaga>(
+        self.run_as::<SuspendVmSaga>(
             SuspendVmParams {
                 vm: id,
                 host,
@@ -1311,6 +1322,7 @@ impl Commands {
                 state,
                 size,
             },
+            Some(format!("Suspending VM {}", vm.name)),
             correlation_id,
         )
         .await?;
@@ -1414,6 +1426,14 @@ impl Commands {
         self.vm(id).await
     }
 
+    /// A host's name for a job's description (its id if it is gone).
+    async fn host_label(&self, h: HostUuid) -> String {
+        match self.app.host(h).await {
+            Ok(h) => h.name,
+            Err(_) => h.to_string(),
+        }
+    }
+
     async fn running_on(&self, id: VmId) -> Result<(HostUuid, NodeClient), CommandError> {
         let vm = self.vm(id).await?;
         let h = vm
@@ -1477,8 +1497,17 @@ impl Commands {
             None => choose_host(&self.app, vm.cluster_id, id, Purpose::Migrate).await?,
         };
         let dc = self.cluster_dc(vm.cluster_id).await?;
-        self.run::<MigrateVmSaga>(MigrateVmParams { vm: id, src, dst, dc }, correlation_id)
-            .await?;
+        self.run_as::<MigrateVmSaga>(
+            MigrateVmParams { vm: id, src, dst, dc },
+            Some(format!(
+                "Migrating VM {} from host {} to host {}",
+                vm.name,
+                self.host_label(src).await,
+                self.host_label(dst).await
+            )),
+            correlation_id,
+        )
+        .await?;
         self.vm(id).await
     }
 
@@ -1603,13 +1632,14 @@ impl Commands {
                 self.app.db.attachment_remove(id, a.disk_id).await?;
             }
         }
-        self.run::<RemoveVmSaga>(
+        self.run_as::<RemoveVmSaga>(
             RemoveVmParams {
                 vm: id,
                 disks,
                 dc,
                 states,
             },
+            Some(format!("Removing VM {}", vm.name)),
             correlation_id,
         )
         .await?;
@@ -1656,6 +1686,7 @@ impl Commands {
         }
         let id = t.id;
         let storage_work = !disks.is_empty();
+        let what = format!("Creating template {} from VM {}", t.name, v.name);
         let pending = self
             .run_adding::<AddTemplateSaga, _, _>(
                 AddTemplateParams {
@@ -1664,6 +1695,7 @@ impl Commands {
                     dc,
                     disks,
                 },
+                Some(what),
                 correlation_id,
                 storage_work,
                 |_| async { Ok(()) },
@@ -1713,8 +1745,12 @@ impl Commands {
                 dc: dc.id,
             });
         }
-        self.run::<RemoveTemplateSaga>(RemoveTemplateParams { template: id, disks }, None)
-            .await?;
+        self.run_as::<RemoveTemplateSaga>(
+            RemoveTemplateParams { template: id, disks },
+            Some(format!("Removing template {}", t.name)),
+            None,
+        )
+        .await?;
         Ok(())
     }
 

@@ -237,9 +237,13 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
         let corr = opts.correlation_id.as_deref();
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        let job = tx.job_start(&S::description(&params), corr, Some(id)).await?;
+        let what = opts
+            .description
+            .clone()
+            .unwrap_or_else(|| S::description(&params));
+        let job = tx.job_start(&what, corr, Some(id)).await?;
         saga_insert(&mut tx.ctx(), id, S::NAME, &value, job.id, corr).await?;
-        let mut ev = S::event(&params, SagaEventKind::Started, None);
+        let mut ev = S::event(&params, &what, SagaEventKind::Started, None);
         ev.correlation_id = ev.correlation_id.or_else(|| opts.correlation_id.clone());
         tx.event_add(&ev).await?;
         tx.commit().await?;
@@ -393,6 +397,8 @@ struct Run<S: SagaDef> {
     job_id: Option<JobId>,
     correlation_id: Option<String>,
     params: Arc<S::Params>,
+    /// What the saga's job says it does (its events say it too).
+    description: String,
     steps: Vec<Step<S>>,
     state: Vec<StepState>,
     outputs: BTreeMap<String, Value>,
@@ -415,17 +421,25 @@ async fn drive<S: SagaDef>(
     progress: watch::Sender<usize>,
 ) -> Result<SagaOutcome, SagaError> {
     let steps = S::steps();
+    let params: Arc<S::Params> = serde_json::from_value(rec.params.clone())
+        .map(Arc::new)
+        .map_err(|e| SagaError::Definition {
+            name: S::NAME,
+            detail: format!("saga {} parameters do not decode: {e}", rec.id),
+        })?;
+    // The job keeps the description the command gave; a saga without one describes itself.
+    let description = match rec.job_id {
+        Some(job) => inner.db.job_get(job).await?.map(|j| j.description),
+        None => None,
+    }
+    .unwrap_or_else(|| S::description(&params));
     let mut run = Run::<S> {
         inner: inner.clone(),
         id: rec.id,
         job_id: rec.job_id,
         correlation_id: rec.correlation_id.clone(),
-        params: serde_json::from_value(rec.params.clone())
-            .map(Arc::new)
-            .map_err(|e| SagaError::Definition {
-                name: S::NAME,
-                detail: format!("saga {} parameters do not decode: {e}", rec.id),
-            })?,
+        params,
+        description,
         state: vec![
             StepState {
                 status: None,
@@ -560,7 +574,7 @@ impl<S: SagaDef> Run<S> {
     }
 
     fn event(&self, kind: SagaEventKind, detail: Option<&str>) -> crate::model::NewEvent {
-        let mut e = S::event(&self.params, kind, detail);
+        let mut e = S::event(&self.params, &self.description, kind, detail);
         if e.correlation_id.is_none() {
             e.correlation_id = self.correlation_id.clone();
         }

@@ -174,17 +174,26 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
     /// Unique among the executor's sagas; persisted, so never rename a saga that shipped.
     const NAME: &'static str;
 
-    /// The job's description ("Creating VM web1").
+    /// The job's description ("Creating VM web1") when the command gives none (see
+    /// [`StartOptions::description`]).
     fn description(params: &Self::Params) -> String;
 
     /// The steps in order. Names are unique and persisted: append new steps, never reorder.
     fn steps() -> Vec<Step<Self>>;
 
-    /// The event for a saga milestone; the default uses generic codes and no references.
-    /// `detail` is the error for `Unwound`, `Stuck` and `Blocked`.
-    fn event(params: &Self::Params, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
-        let what = Self::description(params);
-        match kind {
+    /// The event for a saga milestone of the job described as `what` (see
+    /// [`StartOptions::description`]); the default is [`milestone_event`]: generic codes, no
+    /// references. `detail` is the error for `Unwound`, `Stuck` and `Blocked`.
+    fn event(params: &Self::Params, what: &str, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
+        let _ = params;
+        milestone_event(what, kind, detail)
+    }
+}
+
+/// The event for a milestone of the saga whose job is `what`: generic codes, no references.
+/// `detail` is the error for `Unwound`, `Stuck` and `Blocked`.
+pub fn milestone_event(what: &str, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
+    match kind {
             SagaEventKind::Started => {
                 NewEvent::new(Severity::Normal, codes::SAGA_STARTED, format!("{what}: started"))
             }
@@ -212,7 +221,6 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
                     detail.unwrap_or("")
                 ),
             ),
-        }
     }
 }
 
@@ -324,6 +332,10 @@ impl SagaOutcome {
 pub struct StartOptions {
     /// The caller's correlation id (REST `Correlation-Id`), on the job and every event.
     pub correlation_id: Option<String>,
+    /// The job's description, naming objects as the administrator knows them ("Starting VM
+    /// web1"); `None`: [`SagaDef::description`] of the parameters. Kept with the job, and the
+    /// saga's events say it too, also after a resume.
+    pub description: Option<String>,
 }
 
 type ActionFn<S> = Arc<dyn Fn(StepCtx<S>) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync>;
