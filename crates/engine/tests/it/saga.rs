@@ -81,7 +81,7 @@ impl SagaDef for CreateVmWithDisk {
         ]
     }
 
-    fn event(p: &Params, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
+    fn event(p: &Params, _what: &str, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
         let mut e = match kind {
             SagaEventKind::Done => NewEvent::new(Severity::Normal, 53, format!("VM {} created", p.vm_name)),
             _ => NewEvent::new(
@@ -388,6 +388,7 @@ impl Env {
 fn opts() -> StartOptions {
     StartOptions {
         correlation_id: Some("corr-42".into()),
+        ..Default::default()
     }
 }
 
@@ -956,7 +957,60 @@ async fn an_undo_that_finds_its_effect_permanent_turns_the_saga_forward(b: Backe
     assert!(!env.app.storage.join("b").exists());
 }
 
+/// A command's own description (names, not ids) is the job's, its events', and still theirs
+/// after the engine died mid-saga and a new one resumed it.
+async fn a_described_saga_keeps_its_description_across_a_resume(b: Backend) {
+    let mut env = Env::new(b).await;
+    let disk = env
+        .t
+        .db
+        .disk_insert(&Disk::new("data1", env.sd, DiskFormat::Raw, 1 << 20))
+        .await
+        .unwrap();
+    let what = "Deleting disk data1".to_string();
+    let crash = FaultAt::new(1, FaultPoint::BeforeAction, Fault::Crash);
+    let exec = env.executor(Some(crash));
+    let opts = StartOptions {
+        description: Some(what.clone()),
+        ..Default::default()
+    };
+    let out = exec.run::<DeleteDisk>(disk.id, opts).await.unwrap();
+    assert_eq!(out, SagaOutcome::Interrupted);
+    drop(exec);
+    env.t.reopen().await;
+    let handles = env.executor(None).resume_all().await.unwrap();
+    assert_eq!(handles.len(), 1);
+    assert!(handles
+        .into_iter()
+        .next()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap()
+        .is_done());
+    let s = &env.t.db.saga_list(&[]).await.unwrap()[0];
+    let job = env.t.db.job_get(s.job_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(job.description, what);
+    let texts: Vec<String> = env
+        .t
+        .db
+        .event_list(&ListQuery::new())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.description)
+        .collect();
+    for t in [format!("{what}: started"), format!("{what}: completed")] {
+        assert!(texts.contains(&t), "no event {t:?} in {texts:?}");
+    }
+    assert!(
+        !texts.iter().any(|t| t.contains(&disk.id.to_string())),
+        "an event fell back to the saga's own description: {texts:?}"
+    );
+}
+
 both_backends!(
+    a_described_saga_keeps_its_description_across_a_resume,
     an_undo_that_finds_its_effect_permanent_turns_the_saga_forward,
     saga_runs_to_completion,
     saga_unwinds_at_each_step,
