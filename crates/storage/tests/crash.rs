@@ -301,6 +301,26 @@ fn copy_crash_at_every_step() {
     );
 }
 
+#[test]
+fn move_crash_at_every_step() {
+    // A move is a copy then the source's deletion: at every stop the image is whole somewhere
+    // (the source until the copy is complete, which the destination then shows).
+    let mv: Op = |s| {
+        let dst = s.other.as_ref().unwrap();
+        s.f.dom.move_image(s.img, dst, &mut |_| {})
+    };
+    every_step("move", FailMode::Crash, setup_copy, mv, |s, ids| {
+        let source = FileStorageDomain::open(s.f.dom.root()).unwrap();
+        if ids.is_empty() {
+            // Not copied: the source is as it was.
+            assert_eq!(source.chain(s.img).unwrap().ids(), s.vols, "move: the source");
+            assert_content(&source, s.img, &s.reference);
+        }
+        same(s, ids.is_empty() || ids == s.vols.as_slice())
+    });
+    // (Making a template is one atomic rewrite of the volume's `.meta`: no step to stop at.)
+}
+
 const CHILD_ENV: &str = "OXVIRT_STORAGE_TEST_CHILD";
 
 /// Child role: run one cold merge (or, when the fifth word is "snapshot", a snapshot) on the
