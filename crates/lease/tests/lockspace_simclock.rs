@@ -553,3 +553,49 @@ fn a_restarted_holder_resumes_its_unexpired_host_id_and_keeps_its_resources() {
     a3.ls.release().unwrap();
     b.ls.release().unwrap();
 }
+
+#[test]
+fn a_hung_lockspace_fences_alone_while_another_of_the_host_keeps_renewing() {
+    // One host in two lockspaces (two storage domains) on separate storage.
+    let w = World::new();
+    let a = w.acquire(1, &[]);
+    let disk2 = Arc::new(MemDisk::new(0));
+    direct::init_lockspace_with(&*disk2, "LS2", 1, HOSTS).unwrap();
+    let io2 = Arc::new(FaultyIo::new(disk2.clone()));
+    let (io, clock) = (io2.clone(), w.clock.clone());
+    let mut cfg = World::config(1);
+    cfg.space_name = "LS2".into();
+    let b = Host {
+        ls: w
+            .while_advancing(&[&a], move || {
+                Lockspace::acquire_with_io(io as Arc<dyn SectorIo>, cfg, Arc::new(clock))
+            })
+            .unwrap(),
+        ls_io: io2.clone(),
+        res_io: io2,
+    };
+    let stamp = || {
+        direct::read_lockspace_with(&*disk2, HOSTS).unwrap()[0]
+            .record
+            .clone()
+            .unwrap()
+            .timestamp
+    };
+    let (rx, _) = recorder(&a.ls);
+    // The first domain's storage hangs (a dead NFS server): its renewals block in I/O.
+    a.ls_io.set_fault(MemFault::Hang);
+    let deadline = a.ls.valid_until();
+    let before = stamp();
+    while w.now() < deadline + STEP {
+        w.step(&[&b]);
+    }
+    let ev = wait_fence(&rx);
+    assert!(ev.at >= deadline, "{ev:?}");
+    // The other lockspace renewed every 2N all along and is still valid.
+    assert!(b.ls.is_valid() && b.ls.fenced().is_none());
+    let after = stamp();
+    assert!(after >= before + 3, "LS2 renewals stalled: {before} -> {after}");
+    w.advance(&[&b], 4 * N);
+    assert!(stamp() > after, "LS2 stopped renewing after LS1's fence");
+    assert!(b.ls.valid_until() > w.now() + 5 * N);
+}
