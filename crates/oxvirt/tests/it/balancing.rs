@@ -3,6 +3,7 @@
 //! MigrationThreshold 2, no SPM grace, no duration). The balancer, run every second here,
 //! live-migrates one guest to the empty host, and then leaves the cluster alone: rounds after
 //! that move nothing (its hysteresis; the scheduler crate's property tests prove it in general).
+//! Last, maintenance of a host whose guest is pinned to it stops that guest.
 
 use crate::common;
 
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{attach_data_domain, start_cluster_with};
 use oxvirt_engine::commands::{AddVm, UpdateCluster, VmStartOptions};
-use oxvirt_engine::model::{HostUuid, SchedulingPolicy, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{
+    HostStatus, HostUuid, PlacementAffinity, SchedulingPolicy, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+};
 use oxvirt_testkit::TestGuest;
 
 const MIB: u64 = 1 << 20;
@@ -144,7 +147,27 @@ async fn the_balancer_spreads_vms_under_vm_evenly_distributed_and_then_keeps_sti
     // Then it keeps still: five more rounds, nobody moves.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(placement().await, spread, "the balancer moved a balanced cluster");
-    for vm in &vms {
-        cmds.stop_vm(*vm).await.unwrap();
-    }
+
+    // Maintenance of host2, whose guest is pinned to it: it cannot migrate, so it is stopped
+    // (as the admin asked for the host to be emptied); the guest on host1 is left alone.
+    let mut pinned = db.vm_get(*moved).await.unwrap().unwrap();
+    pinned.placement.affinity = PlacementAffinity::Pinned;
+    cmds.update_vm(&pinned).await.unwrap();
+    let host2 = db.host_get_by_name("host2").await.unwrap().unwrap().id;
+    let h = cmds.host_maintenance(host2).await.unwrap();
+    assert_eq!(h.status, HostStatus::Maintenance);
+    let v = db.vm_get(*moved).await.unwrap().unwrap();
+    assert_eq!(
+        (v.runtime.status, v.runtime.run_on_host),
+        (VmStatus::Down, None),
+        "{:?}",
+        v.runtime
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the pinned guest's QEMU still runs"
+    );
+    let other = vms.iter().find(|v| *v != moved).unwrap();
+    assert_eq!(placement().await[other], (VmStatus::Up, Some(host1)));
+    cmds.stop_vm(*other).await.unwrap();
 }
