@@ -261,7 +261,13 @@ impl tasks::VolumeLeases for ConnectedPool {
         {
             let mut held = self.volume_leases.lock().expect("volume leases");
             for v in vols {
-                match self.take_volume_lease(&mut held, v.sd, v.img, v.vol, LeaseHolder::Task(task)) {
+                let unavailable = |e: PoolServiceError| spm::VolumeLeaseError::Unavailable {
+                    vol: v.vol,
+                    reason: chain(&e),
+                };
+                let ls = self.lockspace(v.sd).map_err(unavailable)?;
+                let dom = self.domains.domain(v.sd).map_err(|e| unavailable(e.into()))?;
+                match self.take_volume_lease(&mut held, &ls, &dom, v.img, v.vol, LeaseHolder::Task(task)) {
                     // Gone already (a recovered merge's removed top): nobody writes it.
                     Ok(_) | Err(spm::VolumeLeaseError::NoVolume { .. }) => {}
                     Err(e) => return Err(e),
@@ -1099,16 +1105,19 @@ impl ConnectedPool {
         vm: Option<VmId>,
     ) -> Result<u64> {
         let holder = vm.map_or(LeaseHolder::Api, LeaseHolder::Vm);
+        let ls = self.lockspace(sd)?;
+        let dom = self.domains.domain(sd)?;
         let mut held = self.volume_leases.lock().expect("volume leases");
-        Ok(self.take_volume_lease(&mut held, sd, img, vol, holder)?)
+        Ok(self.take_volume_lease(&mut held, &ls, &dom, img, vol, holder)?)
     }
 
-    /// Takes `vol`'s lease for `holder` into `held` (the locked map); a VM's second ask for
-    /// its own lease answers its lver.
+    /// Takes `vol`'s lease (in `dom`, through our host id in `ls`) for `holder` into `held`
+    /// (the locked map); a VM's second ask for its own lease answers its lver.
     fn take_volume_lease(
         &self,
         held: &mut HashMap<VolUuid, HeldVolumeLease>,
-        sd: SdUuid,
+        ls: &Lockspace,
+        dom: &FileStorageDomain,
         img: ImgUuid,
         vol: VolUuid,
         holder: LeaseHolder,
@@ -1123,13 +1132,7 @@ impl ConnectedPool {
                 }),
             };
         }
-        let unavailable = |e: PoolServiceError| spm::VolumeLeaseError::Unavailable {
-            vol,
-            reason: chain(&e),
-        };
-        let ls = self.lockspace(sd).map_err(unavailable)?;
-        let dom = self.domains.domain(sd).map_err(|e| unavailable(e.into()))?;
-        let lease = spm::acquire_volume_lease(&ls, &dom, img, vol)?;
+        let lease = spm::acquire_volume_lease(ls, dom, img, vol)?;
         let lver = lease.lver();
         held.insert(vol, HeldVolumeLease { lease, holder });
         Ok(lver)
