@@ -572,9 +572,6 @@ impl SagaDef for RemoveDiskSaga {
 }
 
 // ------------------------------------------------------------------------------------------
-// Commands.
-
-// ------------------------------------------------------------------------------------------
 // Deactivate, detach and remove a domain.
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -648,8 +645,12 @@ impl SagaDef for DeactivateStorageDomainSaga {
                         return Ok(MasterHandOver::NotMaster);
                     }
                     if dcr.status == DcStatus::Maintenance {
-                        // A re-run: the data center went down with this domain already.
-                        return Ok(MasterHandOver::PoolDown(DcStatus::Up));
+                        // A re-run after the data center went down with this domain: finish
+                        // stopping its pool (a crash may have come before); an undo has the
+                        // monitor bring it back (reconnect, elect) as an activation does.
+                        let _election = app.spm_elections.lock().await;
+                        stop_pool(app, &dcr).await.map_err(step_err)?;
+                        return Ok(MasterHandOver::PoolDown(DcStatus::Uninitialized));
                     }
                     match next_master(app, p.dc, p.sd).await.map_err(step_err)? {
                         Some(new) => {
@@ -943,6 +944,9 @@ async fn refuse_holding_disks(app: &App, sd: SdUuid, action: &str) -> Result<(),
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------
+// Commands.
 
 impl Commands {
     pub async fn add_storage_domain(
