@@ -21,6 +21,10 @@ fn echo_handler() -> Handler {
                     Ok(jsonrpc::Incoming::Single(Ok(call))) => {
                         let who = req.client.as_ref().map(|c| c.name.clone()).unwrap_or_default();
                         let id = call.id.unwrap_or(Value::Null);
+                        if call.method == "Sleep" {
+                            let ms = call.params["ms"].as_u64().unwrap_or(0);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                         if call.method == "Fail" {
                             Reply::json(
                                 StatusCode::OK,
@@ -212,4 +216,53 @@ async fn slow_handshakes_are_cut_off() {
         matches!(n, Ok(0) | Err(_)),
         "server should close a silent connection"
     );
+}
+
+#[tokio::test]
+async fn a_handler_past_the_request_timeout_answers_504_and_the_server_serves_on() {
+    let f = start(Limits {
+        request_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    let c = engine_client(&f);
+    let started = std::time::Instant::now();
+    let e = c.call("Sleep", json!({ "ms": 5000 })).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the handler ran past its bound: {:?}",
+        started.elapsed()
+    );
+    let text = e.to_string();
+    assert!(text.contains("504") || text.contains("too long"), "{text}");
+    let r = c.call("Sleep", json!({ "ms": 10 })).await.unwrap();
+    assert_eq!(r["method"], "Sleep");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let f = start(Limits {
+        max_connections: 2,
+        handshake_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    })
+    .await;
+    // Two silent connections take both slots (each waits for its TLS handshake).
+    let a = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+    let b = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = engine_client(&f);
+    let waiting = tokio::time::timeout(Duration::from_secs(1), c.call("Host.ping", json!({}))).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past the limit: {waiting:?}"
+    );
+    // A slot frees: the next call goes through.
+    drop(a);
+    let r = tokio::time::timeout(Duration::from_secs(10), c.call("Host.ping", json!({})))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert_eq!(r["method"], "Host.ping");
+    drop(b);
 }
