@@ -151,6 +151,7 @@ impl Commands {
         sagas.register::<storage::RemoveStorageDomainSaga>()?;
         sagas.register::<storage::AddDiskSaga>()?;
         sagas.register::<storage::RemoveDiskSaga>()?;
+        sagas.register::<storage::MoveDiskSaga>()?;
         sagas.register::<vms::AddVmSaga>()?;
         sagas.register::<vms::StartVmSaga>()?;
         sagas.register::<vms::MigrateVmSaga>()?;

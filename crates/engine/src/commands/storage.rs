@@ -572,6 +572,110 @@ impl SagaDef for RemoveDiskSaga {
 }
 
 // ------------------------------------------------------------------------------------------
+// Move a disk to another domain.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveDiskParams {
+    pub disk: DiskId,
+    pub dc: DcId,
+    pub src: SdUuid,
+    pub dst: SdUuid,
+}
+
+/// A cold move: the disk locked, its whole chain copied to the destination (undo: that copy
+/// deleted), the records switched (undo: back), then the source image deleted — the point of no
+/// return, after which the saga only goes forward.
+pub struct MoveDiskSaga;
+
+impl SagaDef for MoveDiskSaga {
+    type Ctx = App;
+    type Params = MoveDiskParams;
+    const NAME: &'static str = "move_disk";
+
+    fn description(p: &Self::Params) -> String {
+        format!(
+            "Moving disk {} from storage domain {} to {}",
+            p.disk, p.src, p.dst
+        )
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db()
+                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                        .await?;
+                    Ok(())
+                },
+            )
+            .describe("Locking the disk"),
+            Step::new(
+                "copy",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let args = json!({
+                        "spUUID": dc.storage_pool_id, "srcDomUUID": p.src, "dstDomUUID": p.dst,
+                        "imgUUID": p.disk, "op": "copy",
+                    });
+                    if let Err(e) = spm.run_task("Image.move", args, app.settings.task_timeout).await {
+                        // Copied by an earlier run whose answer was lost: the destination has it.
+                        let imgs = spm
+                            .call("StorageDomain.getImages", json!({ "sdUUID": p.dst }))
+                            .await
+                            .map_err(step_err)?;
+                        if !imgs.as_array().is_some_and(|a| a.contains(&json!(p.disk))) {
+                            return Err(step_err(e));
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    delete_image(c.app(), p.dc, p.dst, p.disk).await
+                },
+            )
+            .describe("Copying the disk's volumes"),
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().disk_set_domain(p.disk, p.dst).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().disk_set_domain(p.disk, p.src).await?;
+                    Ok(())
+                },
+            )
+            .describe("Recording the new domain"),
+            Step::without_undo("delete_source", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                delete_image(c.app(), p.dc, p.src, p.disk).await
+            })
+            .point_of_no_return()
+            .describe("Deleting the source volumes"),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                c.db()
+                    .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                    .await?;
+                Ok(())
+            })
+            .describe("Unlocking the disk"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // Deactivate, detach and remove a domain.
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1412,6 +1516,99 @@ impl Commands {
         )
         .await?;
         Ok(())
+    }
+
+    /// Moves a disk whose VMs are down to another active data domain of its data center, as
+    /// oVirt's "Move" (cold; a running VM's disk is refused). A disk that is a thin clone of a
+    /// template is refused too: its chain starts at the template's volume, which would have to
+    /// be on the destination first.
+    pub async fn move_disk(
+        &self,
+        disk: DiskId,
+        dst: SdUuid,
+        correlation_id: Option<String>,
+    ) -> Result<Disk, CommandError> {
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if d.status != DiskStatus::Ok {
+            return Err(CommandError::Conflict(format!("disk {} is {}", d.name, d.status)));
+        }
+        let src = d.storage_domain_id;
+        if dst == src {
+            return Err(CommandError::invalid(format!(
+                "disk {} is on storage domain {} already",
+                d.name,
+                self.sd_label(dst).await
+            )));
+        }
+        let to = self
+            .app
+            .db
+            .sd_get(dst)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", dst))?;
+        let dc = self.domain_dc(src).await?;
+        let m = member(&self.app, dc.id, dst).await.map_err(|_| {
+            CommandError::Conflict(format!(
+                "storage domain {} is not in data center {}, where disk {} is",
+                to.name, dc.name, d.name
+            ))
+        })?;
+        if m.status != SdStatus::Active || to.domain_type != SdType::Data {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {} is {} ({}): a disk moves to an active data domain",
+                to.name, m.status, to.domain_type
+            )));
+        }
+        for a in self.app.db.attachments_of_disk(disk).await? {
+            if let Some(vm) = self.app.db.vm_get(a.vm_id).await? {
+                if vm.runtime.status != crate::model::VmStatus::Down {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} is attached to VM {}, which is {}: stop it first",
+                        d.name, vm.name, vm.runtime.status
+                    )));
+                }
+            }
+        }
+        if let Some(v) = self
+            .app
+            .db
+            .volume_chain(disk)
+            .await?
+            .into_iter()
+            .find(|v| v.disk_id != disk)
+        {
+            return Err(CommandError::Conflict(format!(
+                "disk {} is a thin clone of a template (its base volume {} is the template's): it cannot move alone",
+                d.name, v.id
+            )));
+        }
+        let what = format!(
+            "Moving disk {} from storage domain {} to {}",
+            d.name,
+            self.sd_label(src).await,
+            to.name
+        );
+        self.run_as::<MoveDiskSaga>(
+            MoveDiskParams {
+                disk,
+                dc: dc.id,
+                src,
+                dst,
+            },
+            Some(what),
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))
     }
 
     /// Gives up the SPM role when `h` holds it (maintenance).

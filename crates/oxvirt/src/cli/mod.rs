@@ -511,6 +511,13 @@ pub enum DiskCmd {
     /// Remove a disk and its volumes.
     #[command(visible_alias = "rm")]
     Remove { name: String },
+    /// Move a disk (its VMs down) to another active data domain of its data center.
+    Move {
+        name: String,
+        /// The destination storage domain (name or id).
+        #[arg(long, visible_alias = "sd")]
+        storage_domain: String,
+    },
     /// Attach a disk to a VM, active unless `--inactive` (hot plugged into a running VM).
     Attach {
         name: String,
@@ -1827,6 +1834,23 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             ctx.print(k, &obj).await
         }
         DiskCmd::Remove { name } => ctx.remove(k, &name, "").await,
+        DiskCmd::Move { name, storage_domain } => {
+            let id = ctx.id(k, &name).await?;
+            let sd = ctx.id(&kinds::STORAGE_DOMAIN, &storage_domain).await?;
+            ctx.action(
+                format!("move disk {name}"),
+                format!("/disks/{id}/move"),
+                json!({ "storage_domain": { "id": sd } }),
+                None,
+            )
+            .await?;
+            let obj = ctx.api.get(&format!("/disks/{id}")).await?;
+            output::print_done(
+                ctx.out,
+                &format!("disk {name} moved to storage domain {storage_domain}"),
+                Some(&obj),
+            )
+        }
         DiskCmd::Attach {
             name,
             vm,

@@ -620,7 +620,48 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.fails(&["sd", "detach", "data1"]).await;
     assert!(r.stderr.contains("holds 1 disk(s) (the first: scratch)"), "{r}");
     live.ok(&["sd", "activate", "data1"]).await;
-    live.ok(&["disk", "remove", "scratch"]).await;
+    // Moved to data2 instead, with what it holds: data1 keeps nothing of it.
+    let sd_id = |name: &str| {
+        let db = live.engine.app().db.clone();
+        let name = name.to_string();
+        async move { db.sd_get_by_name(&name).await.unwrap().unwrap().id.to_string() }
+    };
+    let (d1, d2) = (sd_id("data1").await, sd_id("data2").await);
+    let r = live.ok(&["disk", "show", "scratch", "-o", "json"]).await;
+    let disk_id = r.json()["id"].as_str().unwrap().to_string();
+    let volume_in = |root: &std::path::Path| -> Option<std::path::PathBuf> {
+        let dir = root.join("images").join(&disk_id);
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_none())
+    };
+    let qemu_io = |path: &std::path::Path, cmd: &str| {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(path)
+            .output()
+            .expect("qemu-io (Debian package qemu-utils)");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let src = volume_in(&storage.path().join(&d1)).expect("the disk's volume on data1");
+    assert!(qemu_io(&src, "write -P 0x5a 0 1M").contains("wrote 1048576/1048576"));
+    let r = live.fails(&["disk", "move", "scratch", "--sd", "data1"]).await;
+    assert!(r.stderr.contains("already"), "{r}");
+    live.ok(&["disk", "move", "scratch", "--sd", "data2"]).await;
+    assert!(
+        volume_in(&storage.path().join(&d1)).is_none(),
+        "the source image stays"
+    );
+    let moved = volume_in(&storage2.path().join(&d2)).expect("the disk's volume on data2");
+    assert!(qemu_io(&moved, "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
+    let r = live.ok(&["disk", "show", "scratch", "-o", "json"]).await;
+    assert_eq!(
+        r.json()["storage_domains"]["storage_domain"][0]["id"],
+        d2.as_str(),
+        "{r}"
+    );
     let r = live.fails(&["sd", "detach", "data1"]).await;
     assert!(r.stderr.contains("deactivate it first"), "{r}");
     let r = live.fails(&["sd", "remove", "data1"]).await;

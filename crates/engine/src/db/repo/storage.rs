@@ -724,6 +724,23 @@ async fn volume_set_type(c: &mut Conn<'_>, id: VolUuid, t: VolType) -> Result<()
     Ok(())
 }
 
+/// Records disk `id` and its own volumes as living on domain `sd`.
+async fn disk_set_domain(c: &mut Conn<'_>, id: DiskId, sd: SdUuid) -> Result<(), DbError> {
+    let mut q = Sql::new("UPDATE disks SET storage_domain_id = ");
+    q.arg(sd.to_string())
+        .push(", revision = revision + 1 WHERE id = ")
+        .arg(id.to_string());
+    if c.exec_as(&q, "disk", id).await? == 0 {
+        return Err(DbError::not_found("disk", id));
+    }
+    let mut q = Sql::new("UPDATE volumes SET storage_domain_id = ");
+    q.arg(sd.to_string())
+        .push(" WHERE disk_id = ")
+        .arg(id.to_string());
+    c.exec(&q).await?;
+    Ok(())
+}
+
 /// `InUse` while a volume has it as parent or a snapshot records it. Returns whether it
 /// existed (idempotent for undo steps).
 async fn volume_delete(c: &mut Conn<'_>, id: VolUuid) -> Result<bool, DbError> {
@@ -771,6 +788,8 @@ repo! {
     write disk_unlock(id: DiskId, owner: SagaId, to: DiskStatus) -> bool = disk_unlock;
     write disk_set_actual_size(id: DiskId, size: u64) -> () = disk_set_actual_size;
     write disk_delete(id: DiskId) -> () = disk_delete;
+    /// The disk and its own volumes now live on `sd` (one transaction).
+    write disk_set_domain(id: DiskId, sd: SdUuid) -> () = disk_set_domain;
 
     write volume_insert(v: &Volume) -> Volume = volume_insert;
     read volume_get(id: VolUuid) -> Option<Volume> = volume_get;

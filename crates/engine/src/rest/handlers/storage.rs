@@ -396,6 +396,22 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(one_disk(r, &d)))
 }
 
+/// `POST /disks/{id}/move` with `<action><storage_domain id="…"/></action>` (or by name).
+pub async fn disk_move(r: &Req) -> Result<Resp, ApiError> {
+    let d = disk(r, 0).await?;
+    let body = r.action_body()?;
+    let to = body
+        .get("storage_domain")
+        .ok_or_else(|| ApiError::bad_request("the action needs <storage_domain id=\"…\"/>"))?;
+    let dst = sd_ref(r, to).await?;
+    let (id, corr) = (d.id, r.correlation_id.clone());
+    run_action(r, Some(&body), "move disk", move |e| async move {
+        e.cmds.move_disk(id, dst, corr).await?;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn disk_remove(r: &Req) -> Result<Resp, ApiError> {
     let d = disk(r, 0).await?;
     let id = d.id;
