@@ -3,7 +3,8 @@
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
 //! template and a template; taking, removing, restoring and previewing a cold snapshot, and
 //! committing or undoing the preview; deactivating, detaching and removing a second storage
-//! domain (there the engine's record and the pool metadata on storage must agree).
+//! domain (there the engine's record and the pool metadata on storage must agree), and moving
+//! a disk to it.
 //!
 //! After every run, once the saga has ended (unwound before its point of no return, finished
 //! at or past it, resumed by the engine's own executor after a crash): no saga is left
@@ -253,6 +254,9 @@ impl World {
                 "{what}: disk {}",
                 d.name
             );
+            if d.storage_domain_id != self.sd {
+                continue; // on a second domain: its scenario checks it
+            }
             let chain = chains
                 .remove(&d.id.to_string())
                 .unwrap_or_else(|| panic!("{what}: disk {} has no image on the domain", d.name))
@@ -876,6 +880,53 @@ impl Scenario for RemoveDomainRun {
     }
 }
 
+struct MoveDiskRun(Domain2);
+impl Scenario for MoveDiskRun {
+    const SAGA: &'static str = "move_disk";
+    type Ctx = (DiskId, SdUuid);
+    async fn prepare(&self, w: &World) -> (DiskId, SdUuid) {
+        let sd2 = self.0.active(w).await;
+        let d = w
+            .cmds()
+            .add_disk(cow_disk("mover", w.sd, 16 * MIB, None), None)
+            .await
+            .unwrap();
+        (d.id, sd2)
+    }
+    async fn run(&self, _: &World, cmds: &Commands, (disk, sd2): &(DiskId, SdUuid)) {
+        let _ = cmds.move_disk(*disk, *sd2, None).await;
+    }
+    async fn check(&self, w: &World, (disk, sd2): &(DiskId, SdUuid), done: bool, what: &str) {
+        let d = w.db().disk_get(*disk).await.unwrap().unwrap();
+        let on = if done { *sd2 } else { w.sd };
+        assert_eq!(d.storage_domain_id, on, "{what}: the disk's domain");
+        for v in w.db().volume_chain(*disk).await.unwrap() {
+            assert_eq!(v.storage_domain_id, on, "{what}: volume {}", v.id);
+        }
+        let second = oxvirt_storage::FileStorageDomain::find(self.0.dir.path(), *sd2).unwrap();
+        let image = disk.to_string().parse().unwrap();
+        assert_eq!(
+            second.image_exists(image),
+            done,
+            "{what}: the image on the destination"
+        );
+        assert_eq!(
+            w.domain().image_exists(image),
+            !done,
+            "{what}: the image on the source"
+        );
+        let report = second.check(false).unwrap();
+        assert!(
+            report.is_clean(),
+            "{what}: the destination: {:?}",
+            report.problems
+        );
+    }
+    async fn reset(&self, w: &World, (disk, _): (DiskId, SdUuid)) {
+        w.cmds().remove_disk(disk, None).await.unwrap();
+    }
+}
+
 /// One sweep of a storage domain command on a world of its own (each activation waits 2N for
 /// the host ids in the domain's lockspace, so the three run apart, side by side).
 async fn sweep_domain_command<S: Scenario>(make: impl FnOnce(Domain2) -> S) {
@@ -898,6 +949,11 @@ async fn domain_deactivation_fails_and_crashes_at_every_step_and_storage_agrees(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_detachment_fails_and_crashes_at_every_step_and_storage_agrees() {
     sweep_domain_command(DetachRun).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_move_fails_and_crashes_at_every_step_and_storage_agrees() {
+    sweep_domain_command(MoveDiskRun).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
