@@ -2,9 +2,10 @@
 //! request's correlation id is polled and its current step shown; after it, the object is
 //! polled until its status reaches the one asked for (or a failed one, or the timeout).
 //!
-//! On a terminal this is an `indicatif` spinner with the elapsed time; otherwise (pipes, logs,
-//! tests) each new message is one line on stderr; `--quiet` shows nothing. Progress never goes
-//! to stdout, which carries only the command's result.
+//! On a terminal this is an `indicatif` bar of the job's steps (done of all, the current one
+//! named) with the elapsed time, and a spinner while an object's status is awaited; otherwise
+//! (pipes, logs, tests) each new message is one line on stderr; `--quiet` shows nothing.
+//! Progress never goes to stdout, which carries only the command's result.
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -29,24 +30,55 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(label: impl Into<String>, quiet: bool) -> Progress {
-        let label = label.into();
         let tty = std::io::stderr().is_terminal();
-        let bar = (!quiet && tty).then(|| {
-            let b = ProgressBar::new_spinner();
+        let bar = (!quiet && tty).then(ProgressBar::new_spinner);
+        Progress::with_bar(label.into(), bar, !quiet && !tty)
+    }
+
+    fn with_bar(label: String, bar: Option<ProgressBar>, plain: bool) -> Progress {
+        let p = Progress {
+            label,
+            bar,
+            plain,
+            last: String::new(),
+            start: Instant::now(),
+        };
+        if let Some(b) = &p.bar {
+            b.set_prefix(p.label.clone());
+            b.enable_steady_tick(Duration::from_millis(100));
+        }
+        p.spinner();
+        p
+    }
+
+    /// A spinner: while nothing counts (an object's status is awaited).
+    fn spinner(&self) {
+        if let Some(b) = &self.bar {
             b.set_style(
                 ProgressStyle::with_template("{spinner:.green} [{elapsed_precise}] {prefix}: {wide_msg}")
                     .expect("template"),
             );
-            b.set_prefix(label.clone());
-            b.enable_steady_tick(Duration::from_millis(100));
-            b
-        });
-        Progress {
-            label,
-            bar,
-            plain: !quiet && !tty,
-            last: String::new(),
-            start: Instant::now(),
+        }
+    }
+
+    /// The job's progress: `done` of `total` steps, `step` the current one.
+    pub fn steps(&mut self, done: u64, total: u64, step: &str) {
+        match &self.bar {
+            Some(b) => {
+                if b.length() != Some(total) {
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner:.green} [{elapsed_precise}] {prefix}: [{bar:24.cyan/blue}] {pos}/{len} {wide_msg}",
+                        )
+                        .expect("template")
+                        .progress_chars("=> "),
+                    );
+                    b.set_length(total);
+                }
+                b.set_position(done);
+                self.set(step);
+            }
+            None => self.set(&format!("{step} ({done}/{total} steps done)")),
         }
     }
 
@@ -96,8 +128,15 @@ pub fn correlation_id(what: &str) -> String {
     format!("cli-{what}-{}-{nanos:08x}", std::process::id())
 }
 
-/// The current step of the job with this correlation id, as a message.
-async fn job_message(api: &Api, corr: &str) -> Option<String> {
+/// Where the job with this correlation id is: its steps done and all, and what it does now.
+struct JobProgress {
+    done: u64,
+    total: u64,
+    /// "<job>: <current step>" (or the job's status when it has no steps).
+    message: String,
+}
+
+async fn job_progress(api: &Api, corr: &str) -> Option<JobProgress> {
     let jobs = api
         .list("jobs", "job", &[("search", format!("correlation_id={corr}"))])
         .await
@@ -116,9 +155,14 @@ async fn job_message(api: &Api, corr: &str) -> Option<String> {
         .find(|s| s["status"].as_str() == Some("started"))
         .or(steps.last());
     let desc = job["description"].as_str().unwrap_or("job");
-    Some(match current.and_then(|s| s["description"].as_str()) {
-        Some(step) => format!("{desc}: {step} ({done}/{total} steps done)"),
+    let message = match current.and_then(|s| s["description"].as_str()) {
+        Some(step) => format!("{desc}: {step}"),
         None => format!("{desc}: {}", job["status"].as_str().unwrap_or("?")),
+    };
+    Some(JobProgress {
+        done: done as u64,
+        total: total as u64,
+        message,
     })
 }
 
@@ -134,8 +178,10 @@ where
         tokio::select! {
             r = &mut request => return r,
             _ = tick.tick() => {
-                if let Some(m) = job_message(api, corr).await {
-                    p.set(&m);
+                match job_progress(api, corr).await {
+                    Some(j) if j.total > 0 => p.steps(j.done, j.total, &j.message),
+                    Some(j) => p.set(&j.message),
+                    None => {}
                 }
             }
         }
@@ -156,6 +202,7 @@ pub struct Until<'a> {
 /// Polls until the object's `field` is wanted; returns the object.
 pub async fn wait(api: &Api, p: &mut Progress, u: Until<'_>) -> anyhow::Result<Value> {
     let deadline = Instant::now() + u.timeout;
+    p.spinner();
     loop {
         let obj = api.get(&u.path).await?;
         let now = at(&obj, u.field)
@@ -193,5 +240,37 @@ pub async fn wait(api: &Api, p: &mut Progress, u: Until<'_>) -> anyhow::Result<V
             );
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use indicatif::ProgressDrawTarget;
+
+    #[test]
+    fn a_job_s_steps_fill_a_bar_and_awaiting_a_status_spins() {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        let mut p = Progress::with_bar("start VM vm1".into(), Some(bar.clone()), false);
+        assert_eq!(bar.length(), None, "a spinner until the job's steps are known");
+        p.steps(2, 5, "Starting VM vm1: Taking the leases");
+        assert_eq!((bar.position(), bar.length()), (2, Some(5)));
+        assert_eq!(bar.message(), "Starting VM vm1: Taking the leases");
+        p.steps(5, 5, "Starting VM vm1: Recording the VM");
+        assert_eq!(bar.position(), 5);
+        p.finish("done");
+        assert!(bar.is_finished());
+    }
+
+    #[test]
+    fn without_a_terminal_each_change_is_one_line_with_the_step_count() {
+        let mut p = Progress::with_bar("start VM vm1".into(), None, false);
+        p.steps(1, 3, "Starting VM vm1: Locking");
+        assert_eq!(p.last, "Starting VM vm1: Locking (1/3 steps done)");
+        p.steps(1, 3, "Starting VM vm1: Locking");
+        assert_eq!(
+            p.last, "Starting VM vm1: Locking (1/3 steps done)",
+            "unchanged: not repeated"
+        );
     }
 }
