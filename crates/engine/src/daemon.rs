@@ -125,6 +125,7 @@ impl Engine {
                 let _ = h.wait().await;
             });
         }
+        cmds.resume_interrupted_maintenance().await?;
 
         let mut tasks = Vec::new();
         let e2 = Arc::downgrade(&engine);

@@ -43,7 +43,8 @@ use crate::model::{
     Severity, SpmStatus, Vm, VmId, VmRuntime, VmStatus,
 };
 
-/// Hosts the monitor polls (others wait for an admin or for enrollment).
+/// Hosts the monitor polls (others wait for an admin or for enrollment). A host preparing for
+/// maintenance still runs VMs (until its evacuation ends), so it is watched too.
 fn monitored(s: HostStatus) -> bool {
     matches!(
         s,
@@ -52,6 +53,7 @@ fn monitored(s: HostStatus) -> bool {
             | HostStatus::Connecting
             | HostStatus::NonResponsive
             | HostStatus::NonOperational
+            | HostStatus::PreparingForMaintenance
     )
 }
 
@@ -316,7 +318,9 @@ async fn poll_host(
             .await?
             .map(|(detail, error)| (detail.clone(), 522, format!("{detail}: {error}"))),
     };
-    if let Some((reason, code, text)) = problem {
+    if h.status == HostStatus::PreparingForMaintenance {
+        // Its evacuation decides where it goes next; its VMs are reconciled below.
+    } else if let Some((reason, code, text)) = problem {
         if h.status != HostStatus::NonOperational || h.status_detail.as_deref() != Some(reason.as_str()) {
             app.db
                 .host_set_status(h.id, &[h.status], HostStatus::NonOperational, Some(&reason))

@@ -187,6 +187,58 @@ impl Commands {
         self.app.host(id).await
     }
 
+    /// Maintenance that an earlier engine left half done (a host still preparing for it: the
+    /// engine stopped while emptying it) goes on, in the background: the VMs still there are
+    /// moved or stopped and the host ends in maintenance. Answers the hosts it resumed.
+    pub async fn resume_interrupted_maintenance(&self) -> Result<Vec<HostUuid>, CommandError> {
+        let hosts = self
+            .app
+            .db
+            .host_list(&ListQuery {
+                filter: crate::db::HostFilter {
+                    status: vec![HostStatus::PreparingForMaintenance],
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await?;
+        let mut ids = Vec::new();
+        for h in hosts {
+            tracing::info!(host = %h.name, "resuming the maintenance an earlier engine began");
+            let cmds = self.clone();
+            tokio::spawn(async move {
+                // Placing its VMs wants hosts this engine has seen: wait for a first poll of
+                // every host recorded up (bounded), not the statuses an earlier engine left.
+                let s = &cmds.app.settings;
+                let bound = (s.monitor_interval + s.poll_timeout()) * 3;
+                let start = std::time::Instant::now();
+                while start.elapsed() < bound {
+                    let up = cmds
+                        .app
+                        .db
+                        .host_list(&ListQuery {
+                            filter: crate::db::HostFilter {
+                                status: vec![HostStatus::Up],
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap_or_default();
+                    if up.iter().all(|u| cmds.app.host_rt(u.id).boot_id.is_some()) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                if let Err(e) = cmds.host_maintenance(h.id).await {
+                    tracing::warn!(host = %h.name, error = %e, "resumed maintenance failed");
+                }
+            });
+            ids.push(h.id);
+        }
+        Ok(ids)
+    }
+
     /// Out of maintenance: the monitor brings it up.
     pub async fn host_activate(&self, id: HostUuid) -> Result<Host, CommandError> {
         let h = self.app.host(id).await?;

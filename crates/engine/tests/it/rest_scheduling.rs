@@ -9,10 +9,11 @@ use crate::rest_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::common::{start_engine_on, Backend};
 use http::{Method, StatusCode};
-use oxvirt_engine::model::{HostStatus, HostUuid, VmId, VmRuntime, VmStatus};
+use oxvirt_engine::model::{ClusterId, Host, HostStatus, HostUuid, VmId, VmRuntime, VmStatus};
 use rest_common::{count, root_id, xml_text, Client};
 
 const NONE_ID: &str = "b4ed2332-a7ac-4d5f-9596-99a439cb2812";
@@ -1017,9 +1018,59 @@ async fn a_poll_answered_before_a_command_never_undoes_it(backend: Backend) {
     );
 }
 
+/// A host an earlier engine left preparing for maintenance (it stopped while emptying the
+/// host) is not left so: the next engine's start resumes the maintenance to its end.
+async fn maintenance_an_engine_left_half_done_goes_on(backend: Backend) {
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    add(&c, "datacenters", "<data_center><name>mdc</name></data_center>").await;
+    let cl: ClusterId = add(
+        &c,
+        "clusters",
+        "<cluster><name>mcl</name><data_center><name>mdc</name></data_center></cluster>",
+    )
+    .await
+    .parse()
+    .unwrap();
+    let db = &t.engine.app().db;
+    let h = db
+        .host_insert(&Host::new("hm", "127.0.0.1", 1, cl))
+        .await
+        .unwrap();
+    db.host_set_status(
+        h.id,
+        &[],
+        HostStatus::PreparingForMaintenance,
+        Some("moving its VMs"),
+    )
+    .await
+    .unwrap();
+    let resumed = t.engine.cmds.resume_interrupted_maintenance().await.unwrap();
+    assert_eq!(resumed, vec![h.id]);
+    let start = std::time::Instant::now();
+    loop {
+        let now = db.host_get(h.id).await.unwrap().unwrap().status;
+        if now == HostStatus::Maintenance {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "host is {now}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(t
+        .engine
+        .cmds
+        .resume_interrupted_maintenance()
+        .await
+        .unwrap()
+        .is_empty());
+    t.engine.shutdown().await;
+}
+
 both_backends!(
     cluster_scheduling_policy_and_overcommit,
     affinity_groups_and_their_vms,
     fence_agents_and_the_fence_action,
-    a_poll_answered_before_a_command_never_undoes_it
+    a_poll_answered_before_a_command_never_undoes_it,
+    maintenance_an_engine_left_half_done_goes_on
 );
