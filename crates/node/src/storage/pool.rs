@@ -1031,15 +1031,21 @@ impl ConnectedPool {
     pub fn task(&self, id: TaskId) -> Result<TaskRecord> {
         let mem = self.tasks.lock().expect("tasks").get(&id).cloned();
         match mem {
-            // A running persistent task's journal is more current than our copy.
+            // A running persistent task's journal is more current than our copy, but the task
+            // runs until this node's thread is done with it (its guard's leases given back, the
+            // copy updated): only then is it reported ended, and can it be cleared.
             Some(t) if t.persistent => {
-                let progress = t.record.lock().expect("task").progress;
+                let mem = t.record.lock().expect("task").clone();
                 match self.store().load(id) {
                     Ok(mut r) => {
-                        r.progress = progress;
+                        r.progress = mem.progress;
+                        if !mem.state.is_terminal() && r.state.is_terminal() {
+                            r.state = TaskState::Running;
+                            r.error = None;
+                        }
                         Ok(r)
                     }
-                    Err(_) => Ok(t.record.lock().expect("task").clone()),
+                    Err(_) => Ok(mem),
                 }
             }
             Some(t) => Ok(t.record.lock().expect("task").clone()),
