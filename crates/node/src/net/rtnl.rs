@@ -72,7 +72,24 @@ impl Rtnl {
     }
 
     /// All links with their IPv4 addresses, and the main table's IPv4 default route.
+    ///
+    /// A dump the kernel interrupts because the lists changed meanwhile (links coming up add
+    /// IPv6 addresses) ends in EBUSY; it is taken again, a few times, before that is an error.
     pub async fn observe(&self) -> Result<HostNet, RtnlError> {
+        let mut attempt = 0;
+        loop {
+            match self.observe_once().await {
+                Err(e) if e.errno == Some(libc::EBUSY) && attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "netlink dump interrupted; taking it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn observe_once(&self) -> Result<HostNet, RtnlError> {
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
