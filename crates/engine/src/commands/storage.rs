@@ -715,28 +715,10 @@ impl SagaDef for DeactivateStorageDomainSaga {
 
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
+            member_status_step(
                 "lock",
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    c.db()
-                        .pool_set_status(
-                            p.dc,
-                            p.sd,
-                            &[p.prior, SdStatus::PreparingForMaintenance],
-                            SdStatus::PreparingForMaintenance,
-                        )
-                        .await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    let _ = c
-                        .db()
-                        .pool_set_status(p.dc, p.sd, &[SdStatus::PreparingForMaintenance], p.prior)
-                        .await;
-                    Ok(())
-                },
+                |p: &DeactivateParams| (p.dc, p.sd, p.prior),
+                SdStatus::PreparingForMaintenance,
             )
             .describe("Preparing the domain for maintenance"),
             Step::new(
@@ -814,34 +796,11 @@ impl SagaDef for DeactivateStorageDomainSaga {
                 },
             )
             .describe("Deactivating the domain on storage"),
-            Step::new(
+            // Undone back to where the lock's undo finds it.
+            member_status_step(
                 "record",
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    c.db()
-                        .pool_set_status(
-                            p.dc,
-                            p.sd,
-                            &[SdStatus::PreparingForMaintenance, SdStatus::Maintenance],
-                            SdStatus::Maintenance,
-                        )
-                        .await?;
-                    Ok(())
-                },
-                // Back to where the lock's undo finds it.
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    let _ = c
-                        .db()
-                        .pool_set_status(
-                            p.dc,
-                            p.sd,
-                            &[SdStatus::Maintenance],
-                            SdStatus::PreparingForMaintenance,
-                        )
-                        .await;
-                    Ok(())
-                },
+                |p: &DeactivateParams| (p.dc, p.sd, SdStatus::PreparingForMaintenance),
+                SdStatus::Maintenance,
             )
             .describe("Recording the maintenance"),
         ]
@@ -869,28 +828,10 @@ impl SagaDef for DetachStorageDomainSaga {
 
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
+            member_status_step(
                 "lock",
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    c.db()
-                        .pool_set_status(
-                            p.dc,
-                            p.sd,
-                            &[SdStatus::Maintenance, SdStatus::Detaching],
-                            SdStatus::Detaching,
-                        )
-                        .await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    let p = c.params();
-                    let _ = c
-                        .db()
-                        .pool_set_status(p.dc, p.sd, &[SdStatus::Detaching], SdStatus::Maintenance)
-                        .await;
-                    Ok(())
-                },
+                |p: &DetachParams| (p.dc, p.sd, SdStatus::Maintenance),
+                SdStatus::Detaching,
             )
             .describe("Locking the attachment"),
             Step::new(
@@ -1003,6 +944,32 @@ impl SagaDef for RemoveStorageDomainSaga {
             .describe("Forgetting the domain"),
         ]
     }
+}
+
+/// A step moving a domain's status in a data center — `at` names the data center, the domain
+/// and the status it moves from — to `to` (a re-run finds it there already), undone by moving
+/// it back.
+fn member_status_step<S>(
+    name: &'static str,
+    at: fn(&S::Params) -> (DcId, SdUuid, SdStatus),
+    to: SdStatus,
+) -> Step<S>
+where
+    S: SagaDef<Ctx = App>,
+{
+    Step::new(
+        name,
+        move |c: StepCtx<S>| async move {
+            let (dc, sd, from) = at(c.params());
+            c.db().pool_set_status(dc, sd, &[from, to], to).await?;
+            Ok(())
+        },
+        move |c: StepCtx<S>| async move {
+            let (dc, sd, from) = at(c.params());
+            let _ = c.db().pool_set_status(dc, sd, &[to], from).await;
+            Ok(())
+        },
+    )
 }
 
 /// `sd`'s attachment to data center `dc`.

@@ -184,8 +184,7 @@ pub trait SagaDef: Sized + Send + Sync + 'static {
     /// The event for a saga milestone of the job described as `what` (see
     /// [`StartOptions::description`]); the default is [`milestone_event`]: generic codes, no
     /// references. `detail` is the error for `Unwound`, `Stuck` and `Blocked`.
-    fn event(params: &Self::Params, what: &str, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
-        let _ = params;
+    fn event(_params: &Self::Params, what: &str, kind: SagaEventKind, detail: Option<&str>) -> NewEvent {
         milestone_event(what, kind, detail)
     }
 }

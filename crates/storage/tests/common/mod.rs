@@ -86,12 +86,17 @@ pub fn qemu_io(path: &Path, fmt: &str, cmd: &str) {
 pub fn flatten(dom: &FileStorageDomain, img: ImgUuid, to: &Path) {
     let leaf = dom.chain_paths(img).unwrap().pop().unwrap();
     let fmt = dom.chain(img).unwrap().leaf().meta.format.image_format();
+    flatten_file(&leaf, fmt, to);
+}
+
+/// What volume file `leaf` (of format `fmt`, with its backing chain) shows, into raw file `to`.
+pub fn flatten_file(leaf: &Path, fmt: ImageFormat, to: &Path) {
     let _ = std::fs::remove_file(to);
     QemuImg::locate()
         .unwrap()
         .convert(
             &ConvertRequest {
-                src: &leaf,
+                src: leaf,
                 src_format: Some(fmt),
                 dst: to,
                 dst_format: ImageFormat::Raw,
