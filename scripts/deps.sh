@@ -6,6 +6,7 @@
 #   cpio                           building the test guest's initramfs
 #   sanlock                        compatibility tests of our lease format against the real sanlock
 #   iproute2                       network namespaces for multi-host tests
+#   dnsmasq-base                   the DHCP server the node's DHCP client is tested against
 #   postgresql                     the engine's tests on PostgreSQL (scripts/pg-test.sh)
 #   gcc python3-dev python3-venv   the venv of oVirt's Python SDK (a C extension) and Ansible for the
 #   libxml2-dev                    REST compatibility tests (scripts/py-clients.sh)
@@ -29,6 +30,7 @@ fi
 have_cmd cpio || missing+=(cpio)
 have_cmd sanlock || missing+=(sanlock)
 have_cmd ip || missing+=(iproute2)
+[[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 have_cmd gcc || missing+=(gcc)
 have_cmd chromium || missing+=(chromium)

@@ -21,7 +21,9 @@ pub fn repo_root() -> PathBuf {
 /// Full path of a required command, or a panic that names it.
 pub fn require_tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    // Root's tools (dnsmasq, sanlock) live in sbin, which a CI's PATH may leave out.
     std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {

@@ -130,7 +130,7 @@ impl NetRequest {
 impl From<NetError> for ApiError {
     fn from(e: NetError) -> ApiError {
         let code = match &e {
-            NetError::Invalid(_) | NetError::NoDhcpClient { .. } => ErrorCode::BadNetworkParams,
+            NetError::Invalid(_) => ErrorCode::BadNetworkParams,
             NetError::KernelFeature { feature, .. } => match feature {
                 crate::net::model::KernelFeature::Vlan => ErrorCode::BadVlan,
                 crate::net::model::KernelFeature::Bonding => ErrorCode::BadBonding,
@@ -140,7 +140,7 @@ impl From<NetError> for ApiError {
             NetError::NoNetwork(_) | NetError::NotVmNetwork(_) | NetError::BridgeMissing { .. } => {
                 ErrorCode::BadBridge
             }
-            NetError::Apply { .. } | NetError::Rtnl(_) | NetError::Tap { .. } | NetError::Dhcp { .. } => {
+            NetError::Apply { .. } | NetError::Rtnl(_) | NetError::Tap { .. } => {
                 ErrorCode::NetworkSetupFailed
             }
             NetError::Namespace { .. } | NetError::State { .. } => ErrorCode::Unexpected,

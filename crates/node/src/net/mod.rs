@@ -26,8 +26,12 @@
 //! The node persists only the engine's configuration (`running.json`) and the pending record,
 //! both in its run directory; a rebooted host gets its networks from the engine again.
 //!
-//! DHCP is delegated to `dhclient` (ISC), as VDSM does; without it a DHCP request is refused
-//! with an error naming the missing client before anything changes.
+//! DHCP is the node's own client ([`dhcp`]), one thread per link, started and stopped by the
+//! plan's `StartDhcp`/`StopDhcp` ops and restarted when the node opens the service again. Its
+//! lease changes come back here and are applied through netlink under the client table's lock,
+//! so a stopped client's late lease can never land after the plan removed its address. It
+//! touches nothing but the link's address and (when the network says so) the default route:
+//! not `/etc/resolv.conf`, not the hostname.
 //!
 //! VLANs and bonds are created through netlink; a kernel without them (no 8021q or bonding
 //! module) is detected by a throwaway probe link before anything changes and reported as
@@ -37,6 +41,7 @@
 //! Invariant: links not named by the old or new configuration are never touched (except VM
 //! taps, which [`NetworkService::plug_tap`] creates and [`NetworkService::unplug_tap`] deletes).
 
+pub mod dhcp;
 pub mod model;
 pub mod netns;
 pub mod rtnl;
@@ -45,6 +50,7 @@ pub mod tap;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,10 +76,6 @@ pub enum NetError {
         what: String,
         detail: String,
     },
-    #[error(
-        "network {network:?} asks for DHCP, which needs dhclient (ISC DHCP client); it is not installed"
-    )]
-    NoDhcpClient { network: String },
     #[error("a network change awaits the engine's confirmation (rollback in {remaining_secs} s); confirm it with Host.setSafeNetworkConfig first")]
     Pending { remaining_secs: u64 },
     #[error("network {0:?} is not on this host")]
@@ -108,12 +110,6 @@ pub enum NetError {
     #[error("network state file {path}")]
     State {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("dhclient on {link}")]
-    Dhcp {
-        link: String,
         #[source]
         source: std::io::Error,
     },
@@ -177,6 +173,26 @@ pub struct NetworkService {
     this: Mutex<Weak<NetworkService>>,
     /// Rollbacks done since start (for tests and stats).
     rollbacks: Mutex<Vec<RollbackReport>>,
+    /// The DHCP clients by link. Lease changes are applied under this lock.
+    dhcp: tokio::sync::Mutex<BTreeMap<String, DhcpClient>>,
+    dhcp_generation: AtomicU64,
+    /// Where the clients' threads send their lease changes.
+    leases: tokio::sync::mpsc::UnboundedSender<LeaseUpdate>,
+}
+
+struct DhcpClient {
+    /// Tells this client's lease changes from those of one it replaced.
+    generation: u64,
+    client: dhcp::Client,
+    /// The lease in force, as last applied.
+    lease: Option<dhcp::Lease>,
+}
+
+struct LeaseUpdate {
+    link: String,
+    generation: u64,
+    default_route: bool,
+    change: dhcp::Change,
 }
 
 /// How to open the service.
@@ -210,6 +226,7 @@ impl NetworkService {
         })?;
         let running: RunningConfig = read_json(&cfg.state_dir.join("running.json"))?.unwrap_or_default();
         let pending: Option<PendingRecord> = read_json(&cfg.state_dir.join("pending.json"))?;
+        let (lease_tx, mut lease_rx) = tokio::sync::mpsc::unbounded_channel();
         let svc = Arc::new(NetworkService {
             ns,
             rtnl,
@@ -224,8 +241,18 @@ impl NetworkService {
             rt: tokio::runtime::Handle::current(),
             this: Mutex::new(Weak::new()),
             rollbacks: Mutex::new(Vec::new()),
+            dhcp: tokio::sync::Mutex::new(BTreeMap::new()),
+            dhcp_generation: AtomicU64::new(0),
+            leases: lease_tx,
         });
         *svc.this.lock().unwrap() = Arc::downgrade(&svc);
+        let weak = Arc::downgrade(&svc);
+        tokio::spawn(async move {
+            while let Some(u) = lease_rx.recv().await {
+                let Some(svc) = weak.upgrade() else { break };
+                svc.apply_lease(u).await;
+            }
+        });
         if let Some(rec) = pending {
             let remaining = Duration::from_millis(rec.wall_deadline_ms.saturating_sub(wall_ms()));
             tracing::warn!(
@@ -235,7 +262,28 @@ impl NetworkService {
             let mut st = svc.state.lock().await;
             svc.arm(&mut st, rec, remaining);
         }
+        svc.resume_dhcp().await?;
         Ok(svc)
+    }
+
+    /// Starts the DHCP clients of the configuration in force (the node's threads died with its
+    /// previous process), each asking for the address its link still has.
+    async fn resume_dhcp(&self) -> Result<(), NetError> {
+        // Held throughout, so a rollback due at once runs before or after, not in between.
+        let st = self.state.lock().await;
+        let desired = st.running.desired();
+        let host = self.rtnl.observe().await?;
+        for (name, spec) in &desired.links {
+            if spec.ipv4 != model::Ipv4Want::Dhcp || !host.links.contains_key(name) {
+                continue;
+            }
+            let prefer = host.links[name].ipv4.first().map(|a| a.addr);
+            let route = desired.dhcp_default_route.as_deref() == Some(name.as_str());
+            if let Err(e) = self.start_dhcp(name, route, prefer).await {
+                tracing::warn!(link = %name, error = %e, "cannot restart the DHCP client");
+            }
+        }
+        Ok(())
     }
 
     pub fn netns(&self) -> &NetNs {
@@ -279,13 +327,6 @@ impl NetworkService {
         let old = st.running.desired();
         next.validate(&host, &old.owned()).map_err(NetError::Invalid)?;
         let new = next.desired();
-        for (name, n) in &next.networks {
-            if n.bootproto == model::BootProto::Dhcp && dhclient().is_none() {
-                return Err(NetError::NoDhcpClient {
-                    network: name.clone(),
-                });
-            }
-        }
         let have = needed_features(&old);
         for f in needed_features(&new).difference(&have) {
             self.probe(*f, &new).await?;
@@ -473,48 +514,123 @@ impl NetworkService {
 
     async fn run_op(&self, op: &Op) -> Result<(), RtnlError> {
         match op {
-            Op::StartDhcp { name } => self.dhcp(name, true),
-            Op::StopDhcp { name } => self.dhcp(name, false),
+            Op::StartDhcp { name, default_route } => self.start_dhcp(name, *default_route, None).await,
+            Op::StopDhcp { name } => {
+                self.stop_dhcp(name).await;
+                Ok(())
+            }
             _ => self.rtnl.execute(op).await,
         }
     }
 
-    /// Starts or stops dhclient on `link` (pid and lease files in the state directory).
-    fn dhcp(&self, link: &str, start: bool) -> Result<(), RtnlError> {
-        let err = |e: std::io::Error| RtnlError {
-            what: format!("dhclient on {link}"),
-            errno: e.raw_os_error(),
-            detail: e.to_string(),
-        };
-        let bin = dhclient().ok_or_else(|| err(std::io::Error::other("dhclient is not installed")))?;
-        let pid = self.dir.join(format!("dhclient-{link}.pid"));
-        let leases = self.dir.join(format!("dhclient-{link}.leases"));
-        let mut cmd = std::process::Command::new(bin);
-        if start {
-            cmd.args(["-nw", "-pf"])
-                .arg(&pid)
-                .arg("-lf")
-                .arg(&leases)
-                .arg(link);
-        } else {
-            cmd.args(["-x", "-pf"])
-                .arg(&pid)
-                .arg("-lf")
-                .arg(&leases)
-                .arg(link);
+    /// Starts the DHCP client of `link`, replacing one already running there.
+    async fn start_dhcp(
+        &self,
+        link: &str,
+        default_route: bool,
+        prefer: Option<std::net::Ipv4Addr>,
+    ) -> Result<(), RtnlError> {
+        let mut clients = self.dhcp.lock().await;
+        if let Some(old) = clients.remove(link) {
+            let _ = tokio::task::spawn_blocking(move || old.client.stop()).await;
         }
-        if let Some(fd) = self.ns.fd() {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setns is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || netns::enter(fd));
+        let generation = self.dhcp_generation.fetch_add(1, Ordering::SeqCst);
+        let tx = self.leases.clone();
+        let name = link.to_string();
+        let on_change = Box::new(move |change| {
+            let _ = tx.send(LeaseUpdate {
+                link: name.clone(),
+                generation,
+                default_route,
+                change,
+            });
+        });
+        let client =
+            dhcp::Client::start(&self.ns, link, prefer, self.clock.clone(), on_change).map_err(|e| {
+                RtnlError {
+                    what: format!("DHCP client on {link}"),
+                    errno: e.raw_os_error(),
+                    detail: e.to_string(),
+                }
+            })?;
+        tracing::info!(link, default_route, "DHCP client started");
+        clients.insert(
+            link.to_string(),
+            DhcpClient {
+                generation,
+                client,
+                lease: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn stop_dhcp(&self, link: &str) {
+        let mut clients = self.dhcp.lock().await;
+        if let Some(old) = clients.remove(link) {
+            let _ = tokio::task::spawn_blocking(move || old.client.stop()).await;
+            tracing::info!(link, "DHCP client stopped");
+        }
+    }
+
+    /// Links with a DHCP client running.
+    pub async fn dhcp_links(&self) -> Vec<String> {
+        self.dhcp.lock().await.keys().cloned().collect()
+    }
+
+    /// Applies a lease change of a client that is still the link's current one.
+    async fn apply_lease(&self, u: LeaseUpdate) {
+        let mut clients = self.dhcp.lock().await;
+        let Some(entry) = clients.get_mut(&u.link).filter(|c| c.generation == u.generation) else {
+            return;
+        };
+        entry.lease = match &u.change {
+            dhcp::Change::Bound { lease, .. } => Some(lease.clone()),
+            dhcp::Change::Lost(_) => None,
+        };
+        let link = u.link.clone();
+        let mut ops = Vec::new();
+        let event = match &u.change {
+            dhcp::Change::Bound { lease, replaces } => {
+                if let Some(old) = replaces {
+                    ops.push(Op::DelAddr {
+                        name: link.clone(),
+                        addr: old.addr,
+                    });
+                }
+                ops.push(Op::AddAddr {
+                    name: link.clone(),
+                    addr: lease.addr,
+                });
+                if let (true, Some(gateway)) = (u.default_route, lease.router) {
+                    ops.push(Op::ReplaceDefaultRoute(model::DefaultRoute {
+                        gateway,
+                        dev: link.clone(),
+                    }));
+                }
+                json!({"link": link, "state": "bound", "address": lease.addr.to_string(),
+                       "router": lease.router.map(|r| r.to_string()), "server": lease.server.to_string(),
+                       "leaseSecs": lease.lease_time.as_secs()})
+            }
+            dhcp::Change::Lost(lease) => {
+                ops.push(Op::DelAddr {
+                    name: link.clone(),
+                    addr: lease.addr,
+                });
+                json!({"link": link, "state": "lost", "address": lease.addr.to_string()})
+            }
+        };
+        for op in &ops {
+            match self.rtnl.execute(op).await {
+                // A renewal adds the address the link already has.
+                Err(e) if matches!(op, Op::AddAddr { .. }) && e.errno == Some(libc::EEXIST) => {}
+                Err(e) => tracing::warn!(link, op = ?op, error = %e, "applying a DHCP lease failed"),
+                Ok(()) => {}
             }
         }
-        let st = cmd.status().map_err(err)?;
-        if st.success() {
-            Ok(())
-        } else {
-            Err(err(std::io::Error::other(format!("dhclient exited with {st}"))))
+        drop(clients);
+        if let Some(ev) = &self.events {
+            ev.publish("|net|dhcp|", event);
         }
     }
 
@@ -650,11 +766,25 @@ impl NetworkService {
             )
         };
         let owned = running.desired().owned();
+        let now = self.clock.now();
+        let leases: BTreeMap<String, Option<serde_json::Value>> = self
+            .dhcp
+            .lock()
+            .await
+            .iter()
+            .map(|(link, c)| {
+                let lease = c.lease.as_ref().map(|l| {
+                    json!({"address": l.addr.to_string(), "router": l.router, "server": l.server,
+                           "expiresInSecs": (l.acquired + l.lease_time).saturating_sub(now).as_secs()})
+                });
+                (link.clone(), lease)
+            })
+            .collect();
         let link_json = |l: &Link| {
             json!({
                 "name": l.name, "mtu": l.mtu, "up": l.up, "carrier": l.carrier, "hwaddr": l.mac,
                 "ipv4addrs": l.ipv4.iter().map(Ipv4Cidr::to_string).collect::<Vec<_>>(),
-                "master": l.master,
+                "master": l.master, "dhcpv4": leases.contains_key(&l.name),
             })
         };
         let mut nics = BTreeMap::new();
@@ -717,7 +847,12 @@ impl NetworkService {
                     "iface": top, "nic": n.nic, "bonding": n.bonding, "vlan": n.vlan,
                     "mtu": top_link.map(|l| l.mtu), "bootproto": n.bootproto,
                     "ipv4addrs": top_link.map(|l| l.ipv4.iter().map(Ipv4Cidr::to_string).collect::<Vec<_>>()),
-                    "gateway": n.gateway, "defaultRoute": n.default_route,
+                    "gateway": n.gateway.map(|g| g.to_string()).or_else(|| {
+                        let lease = top.as_ref().and_then(|t| leases.get(t)).and_then(Option::as_ref);
+                        lease.and_then(|l| l["router"].as_str().map(str::to_string))
+                    }),
+                    "dhcpLease": top.as_ref().and_then(|t| leases.get(t)).cloned().flatten(),
+                    "defaultRoute": n.default_route,
                     "present": missing.is_empty(), "missingLinks": missing,
                 }),
             );
@@ -776,14 +911,6 @@ pub struct NetStats {
     pub kind: String,
     #[serde(flatten)]
     pub counters: LinkStats,
-}
-
-fn dhclient() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d: PathBuf| d.join("dhclient"))
-        .find(|p| p.is_file())
 }
 
 fn wall_ms() -> u64 {

@@ -572,6 +572,7 @@ impl RunningConfig {
             }
         }
         let mut default_route = None;
+        let mut dhcp_default_route = None;
         for (name, n) in &self.networks {
             if let Some(nic) = &n.nic {
                 links.entry(nic.clone()).or_insert(LinkSpec {
@@ -621,6 +622,9 @@ impl RunningConfig {
                         BootProto::None => Ipv4Want::Exact(n.address().into_iter().collect()),
                     };
                 }
+                if n.default_route && n.bootproto == BootProto::Dhcp {
+                    dhcp_default_route = Some(top.clone());
+                }
                 if n.default_route {
                     if let Some(gw) = n.gateway {
                         default_route = Some(DefaultRoute {
@@ -631,7 +635,11 @@ impl RunningConfig {
                 }
             }
         }
-        Desired { links, default_route }
+        Desired {
+            links,
+            default_route,
+            dhcp_default_route,
+        }
     }
 }
 
@@ -763,6 +771,10 @@ pub struct LinkSpec {
 pub struct Desired {
     pub links: BTreeMap<String, LinkSpec>,
     pub default_route: Option<DefaultRoute>,
+    /// The DHCP link whose lease's router becomes the default route (the gateway is not known
+    /// until the lease comes, so it cannot be a [`DefaultRoute`]).
+    #[serde(default)]
+    pub dhcp_default_route: Option<String>,
 }
 
 /// What the host NICs a change touches looked like before it.
@@ -827,17 +839,51 @@ impl Desired {
 /// One kernel change. Links are named; the executor resolves names to indexes when it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    DeleteLink { name: String },
-    CreateBridge { name: String },
-    CreateVlan { name: String, base: String, id: u16 },
-    CreateBond { name: String, options: BondOptions },
-    SetMaster { name: String, master: Option<String> },
-    SetMtu { name: String, mtu: u32 },
-    SetUp { name: String, up: bool },
-    AddAddr { name: String, addr: Ipv4Cidr },
-    DelAddr { name: String, addr: Ipv4Cidr },
-    StartDhcp { name: String },
-    StopDhcp { name: String },
+    DeleteLink {
+        name: String,
+    },
+    CreateBridge {
+        name: String,
+    },
+    CreateVlan {
+        name: String,
+        base: String,
+        id: u16,
+    },
+    CreateBond {
+        name: String,
+        options: BondOptions,
+    },
+    SetMaster {
+        name: String,
+        master: Option<String>,
+    },
+    SetMtu {
+        name: String,
+        mtu: u32,
+    },
+    SetUp {
+        name: String,
+        up: bool,
+    },
+    AddAddr {
+        name: String,
+        addr: Ipv4Cidr,
+    },
+    DelAddr {
+        name: String,
+        addr: Ipv4Cidr,
+    },
+    /// Starts (or restarts) the DHCP client of the link; with `default_route`, the lease's
+    /// router becomes the default route.
+    StartDhcp {
+        name: String,
+        default_route: bool,
+    },
+    /// Stops the link's DHCP client; the lease's address stays for the plan to keep or remove.
+    StopDhcp {
+        name: String,
+    },
     ReplaceDefaultRoute(DefaultRoute),
     DelDefaultRoute(DefaultRoute),
 }
@@ -891,6 +937,13 @@ pub fn plan(host: &HostNet, from: &Desired, to: &Desired) -> Vec<Op> {
                 }
                 if spec.ipv4 == Ipv4Want::Dhcp {
                     ops.push(Op::StopDhcp { name: name.clone() });
+                    // Its addresses came from the lease.
+                    for a in &l.ipv4 {
+                        ops.push(Op::DelAddr {
+                            name: name.clone(),
+                            addr: *a,
+                        });
+                    }
                 }
             }
         }
@@ -1018,18 +1071,52 @@ pub fn plan(host: &HostNet, from: &Desired, to: &Desired) -> Vec<Op> {
                 }
             }
             Ipv4Want::Dhcp => {
-                if from.links.get(name).is_none_or(|s| s.ipv4 != Ipv4Want::Dhcp) || fresh(name) {
-                    ops.push(Op::StartDhcp { name: name.clone() });
+                // Static addresses oxvirt set before make way for the lease.
+                if let Some(LinkSpec {
+                    ipv4: Ipv4Want::Exact(had),
+                    ..
+                }) = from.links.get(name)
+                {
+                    for a in had.iter().filter(|a| cur.contains(a)) {
+                        ops.push(Op::DelAddr {
+                            name: name.clone(),
+                            addr: *a,
+                        });
+                    }
+                }
+                let route = to.dhcp_default_route.as_deref() == Some(name.as_str());
+                let had_route = from.dhcp_default_route.as_deref() == Some(name.as_str());
+                if from.links.get(name).is_none_or(|s| s.ipv4 != Ipv4Want::Dhcp)
+                    || fresh(name)
+                    || route != had_route
+                {
+                    ops.push(Op::StartDhcp {
+                        name: name.clone(),
+                        default_route: route,
+                    });
                 }
             }
         }
     }
     // 8. The default route.
     match (&to.default_route, &host.default_route) {
-        (Some(want), cur) if cur.as_ref() != Some(want) || fresh(&want.dev) => {
+        // Removing an address takes the routes through it along (the kernel flushes them), so
+        // a link that loses one gets its default route again even if it looked unchanged.
+        (Some(want), cur)
+            if cur.as_ref() != Some(want)
+                || fresh(&want.dev)
+                || ops
+                    .iter()
+                    .any(|o| matches!(o, Op::DelAddr { name, .. } if *name == want.dev)) =>
+        {
             ops.push(Op::ReplaceDefaultRoute(want.clone()))
         }
-        (None, Some(cur)) if from.default_route.as_ref() == Some(cur) && present(&cur.dev) => {
+        (None, Some(cur))
+            if (from.default_route.as_ref() == Some(cur)
+                || from.dhcp_default_route.as_ref() == Some(&cur.dev))
+                && to.dhcp_default_route.as_ref() != Some(&cur.dev)
+                && present(&cur.dev) =>
+        {
             ops.push(Op::DelDefaultRoute(cur.clone()))
         }
         _ => {}
@@ -1201,6 +1288,85 @@ mod tests {
         }));
         let after = simulate(&h, &ops);
         assert_eq!(plan(&after, &d, &d), vec![], "a second plan is empty");
+    }
+
+    #[test]
+    fn dhcp_transitions_plan_the_client_and_the_addresses_and_route_around_it() {
+        let cfg = |v: serde_json::Value| RunningConfig::default().with_changes(&req(v)).unwrap().desired();
+        let dhcp_route = cfg(
+            serde_json::json!({"networks": {"m": {"nic": "eth1", "bridged": false,
+            "bootproto": "dhcp", "defaultRoute": true}}}),
+        );
+        let dhcp = cfg(
+            serde_json::json!({"networks": {"m": {"nic": "eth1", "bridged": false,
+            "bootproto": "dhcp"}}}),
+        );
+        let fixed = cfg(
+            serde_json::json!({"networks": {"m": {"nic": "eth1", "bridged": false,
+            "ipaddr": "10.0.0.9", "prefix": 24, "gateway": "10.0.0.1", "defaultRoute": true}}}),
+        );
+        let (leased, gw) = ("10.0.0.50/24".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let eth1 = |name: &str| name.to_string();
+        let fresh = host(vec![nic("eth1", 2)]);
+        assert_eq!(dhcp_route.dhcp_default_route.as_deref(), Some("eth1"));
+        let ops = plan(&fresh, &Desired::default(), &dhcp_route);
+        assert!(ops.contains(&Op::StartDhcp {
+            name: eth1("eth1"),
+            default_route: true
+        }));
+        // What the client then sets up; planning again changes nothing.
+        let mut h = fresh.clone();
+        h.links.get_mut("eth1").unwrap().ipv4 = vec![leased];
+        h.default_route = Some(DefaultRoute {
+            gateway: gw,
+            dev: eth1("eth1"),
+        });
+        assert_eq!(plan(&h, &dhcp_route, &dhcp_route), vec![]);
+        // Dropping the route restarts the client without it and deletes the route it set.
+        let ops = plan(&h, &dhcp_route, &dhcp);
+        assert!(ops.contains(&Op::StartDhcp {
+            name: eth1("eth1"),
+            default_route: false
+        }));
+        assert!(ops.contains(&Op::DelDefaultRoute(h.default_route.clone().unwrap())));
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelAddr { .. })), "{ops:?}");
+        // Static addressing: the client stops first, the lease's address goes, and the route
+        // (same gateway) is set again because removing the address flushed it.
+        let ops = plan(&h, &dhcp_route, &fixed);
+        assert_eq!(ops[0], Op::StopDhcp { name: eth1("eth1") });
+        assert!(ops.contains(&Op::DelAddr {
+            name: eth1("eth1"),
+            addr: leased
+        }));
+        assert!(ops.contains(&Op::AddAddr {
+            name: eth1("eth1"),
+            addr: "10.0.0.9/24".parse().unwrap()
+        }));
+        assert_eq!(
+            ops.last(),
+            Some(&Op::ReplaceDefaultRoute(DefaultRoute {
+                gateway: gw,
+                dev: eth1("eth1")
+            }))
+        );
+        // And back: the static address makes way for the lease.
+        let after = simulate(&h, &ops);
+        let ops = plan(&after, &fixed, &dhcp);
+        assert!(ops.contains(&Op::DelAddr {
+            name: eth1("eth1"),
+            addr: "10.0.0.9/24".parse().unwrap()
+        }));
+        assert!(ops.contains(&Op::StartDhcp {
+            name: eth1("eth1"),
+            default_route: false
+        }));
+        // A released NIC loses the client and the lease's address.
+        let ops = plan(&h, &dhcp_route, &Desired::default());
+        assert!(ops.contains(&Op::StopDhcp { name: eth1("eth1") }));
+        assert!(ops.contains(&Op::DelAddr {
+            name: eth1("eth1"),
+            addr: leased
+        }));
     }
 
     #[test]

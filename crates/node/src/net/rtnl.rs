@@ -299,7 +299,11 @@ impl Rtnl {
             }
             Op::StartDhcp { .. } | Op::StopDhcp { .. } => return Ok(()),
         };
-        res.map_err(|e| RtnlError::new(what, e))
+        match res.map_err(|e| RtnlError::new(what, e)) {
+            // Already gone: the kernel flushes a route when the address it went through goes.
+            Err(e) if matches!(op, Op::DelDefaultRoute(_)) && e.errno == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
     }
 
     /// Puts link `name` into bridge `bridge` with the bridge's MTU, and brings it up.

@@ -244,20 +244,16 @@ async fn vlans_and_bonds_need_kernel_support_and_refusals_change_nothing() {
     for needle in ["eth9", "MTU 10", "VLAN id 5000"] {
         assert!(e.contains(needle), "{needle} missing from: {e}");
     }
-    let e = svc
-        .setup_networks(req(
-            json!({"networks": {"d": {"nic": "eth1", "bootproto": "dhcp"}}}),
-        ))
-        .await;
-    if which("dhclient") {
-        e.unwrap();
-        svc.confirm().await.unwrap();
-    } else {
-        let e = e.unwrap_err();
-        assert!(matches!(e, NetError::NoDhcpClient { .. }), "{e}");
-        assert!(e.to_string().contains("dhclient"), "{e}");
-        assert_eq!(links(&svc).await, before);
-    }
+    assert_eq!(links(&svc).await, before);
+    // DHCP needs nothing from the host: the node has its own client.
+    svc.setup_networks(req(
+        json!({"networks": {"d": {"nic": "eth1", "bootproto": "dhcp"}}}),
+    ))
+    .await
+    .unwrap();
+    svc.confirm().await.unwrap();
+    // The network bridges the NIC by default: the client runs on the bridge.
+    assert_eq!(svc.dhcp_links().await, vec!["d".to_string()]);
 }
 
 #[tokio::test]
@@ -311,12 +307,6 @@ fn ip_supports(ns: &TestNs, args: &[&str]) -> bool {
     ok
 }
 
-fn which(tool: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).is_file())
-}
-
 #[test]
 fn the_fixture_cleans_up_its_namespace() {
     let name = {
@@ -326,4 +316,216 @@ fn the_fixture_cleans_up_its_namespace() {
         ns.name.clone()
     };
     assert!(!ip(&["netns", "list"]).contains(&name));
+}
+
+/// dnsmasq serving DHCP (no DNS) on `nic` in `ns`, with 10.77.0.1 as router; killed on drop.
+struct DhcpServer {
+    child: std::process::Child,
+    leases: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DhcpServer {
+    fn start(ns: &TestNs, nic: &str) -> DhcpServer {
+        let dnsmasq = oxvirt_testkit::require_tool("dnsmasq");
+        ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", nic]);
+        let dir = tempfile::tempdir().unwrap();
+        let leases = dir.path().join("leases");
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(dnsmasq)
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--user=root",
+                "--bind-interfaces",
+                &format!("--interface={nic}"),
+                "--dhcp-range=10.77.0.50,10.77.0.59,255.255.255.0,2m",
+                "--dhcp-option=option:router,10.77.0.1",
+                "--dhcp-option=option:dns-server,10.77.0.1",
+                "--dhcp-authoritative",
+                "--pid-file",
+            ])
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        DhcpServer {
+            child,
+            leases,
+            _dir: dir,
+        }
+    }
+
+    /// The lease file's lines (expiry, MAC, address, hostname, client id).
+    fn leases(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.leases)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for DhcpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `ok` holds for the host's links, up to 30 s.
+async fn wait_links(svc: &NetworkService, what: &str, ok: impl Fn(&HostNet) -> bool) -> HostNet {
+    let start = Instant::now();
+    loop {
+        let h = links(svc).await;
+        if ok(&h) {
+            return h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {h:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn dhcp_addr(h: &HostNet, link: &str) -> Option<String> {
+    h.links
+        .get(link)?
+        .ipv4
+        .iter()
+        .map(|a| a.to_string())
+        .find(|a| a.starts_with("10.77.0.5") && a.ends_with("/24"))
+}
+
+#[tokio::test]
+async fn a_dhcp_network_takes_its_address_and_route_from_the_server_and_nothing_else() {
+    let host = TestNs::new("dh");
+    let server_ns = TestNs::new("ds");
+    host.cable("eth1", &server_ns, "srv0");
+    let server = DhcpServer::start(&server_ns, "srv0");
+    let resolv = std::fs::read("/etc/resolv.conf").ok();
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn oxvirt_lease::clock::Clock> = Arc::new(oxvirt_lease::clock::SystemClock);
+    let open_real = || async {
+        NetworkService::open(NetConfig {
+            state_dir: dir.path().to_path_buf(),
+            netns: Some(host.name.clone()),
+            clock: clock.clone(),
+            events: None,
+        })
+        .await
+        .unwrap()
+    };
+    let svc = open_real().await;
+    svc.setup_networks(req(json!({
+        "networks": {"mgmt": {"nic": "eth1", "bootproto": "dhcp", "defaultRoute": true}},
+        "options": {"connectivityTimeout": 120}
+    })))
+    .await
+    .unwrap();
+    svc.confirm().await.unwrap();
+    let h = wait_links(&svc, "a DHCP address and route on the bridge", |h| {
+        dhcp_addr(h, "mgmt").is_some()
+            && h.default_route
+                .as_ref()
+                .is_some_and(|r| r.dev == "mgmt" && r.gateway.to_string() == "10.77.0.1")
+    })
+    .await;
+    let addr = dhcp_addr(&h, "mgmt").unwrap();
+    let mac = h.links["mgmt"].mac.clone().unwrap();
+    let leases = server.leases();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l.contains(&mac) && l.contains(addr.trim_end_matches("/24"))),
+        "the server did not record {mac} at {addr}: {leases:?}"
+    );
+    assert_eq!(h.links["mgmt"].ipv4.len(), 1, "{h:#?}");
+    assert!(h.links["eth1"].ipv4.is_empty());
+    let caps = svc.capabilities().await.unwrap();
+    let net = &caps["networks"]["mgmt"];
+    assert_eq!(net["bootproto"], "dhcp", "{caps}");
+    assert_eq!(net["gateway"], "10.77.0.1", "{caps}");
+    assert_eq!(net["dhcpLease"]["address"], addr.as_str(), "{caps}");
+    assert!(net["dhcpLease"]["expiresInSecs"].as_u64().unwrap() > 60, "{caps}");
+    assert_eq!(caps["bridges"]["mgmt"]["dhcpv4"], true, "{caps}");
+    assert_eq!(caps["nics"]["eth1"]["dhcpv4"], false, "{caps}");
+    // The server offered a DNS server too; the host's resolver configuration is not ours.
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), resolv);
+
+    // A restarted node takes the client up again and keeps the address.
+    drop(svc);
+    let svc = open_real().await;
+    assert_eq!(svc.dhcp_links().await, vec!["mgmt".to_string()]);
+    assert_eq!(dhcp_addr(&links(&svc).await, "mgmt").as_ref(), Some(&addr));
+
+    // Static addressing replaces the lease: the client stops and its address goes.
+    svc.setup_networks(req(json!({
+        "networks": {"mgmt": {"nic": "eth1", "ipaddr": "10.77.0.9", "prefix": 24,
+                              "gateway": "10.77.0.1", "defaultRoute": true}},
+        "options": {"connectivityCheck": false}
+    })))
+    .await
+    .unwrap();
+    assert!(svc.dhcp_links().await.is_empty());
+    let h = links(&svc).await;
+    assert_eq!(h.links["mgmt"].ipv4, vec!["10.77.0.9/24".parse().unwrap()]);
+    assert_eq!(h.default_route.as_ref().map(|r| r.dev.as_str()), Some("mgmt"));
+    // Time enough for a stopped client to have renewed: nothing comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        links(&svc).await.links["mgmt"].ipv4,
+        vec!["10.77.0.9/24".parse().unwrap()]
+    );
+
+    // DHCP again, now without the default route: the static route goes and none comes.
+    svc.setup_networks(req(json!({
+        "networks": {"mgmt": {"nic": "eth1", "bootproto": "dhcp"}},
+        "options": {"connectivityCheck": false}
+    })))
+    .await
+    .unwrap();
+    let h = wait_links(&svc, "a DHCP address instead of the static one", |h| {
+        dhcp_addr(h, "mgmt").is_some() && h.links["mgmt"].ipv4.len() == 1
+    })
+    .await;
+    assert_eq!(h.default_route, None);
+    let lease = dhcp_addr(&h, "mgmt").unwrap();
+
+    // An unconfirmed move to static addressing is undone: the client runs again, the lease
+    // comes back and the static address goes.
+    let r = svc
+        .setup_networks(req(json!({
+            "networks": {"mgmt": {"nic": "eth1", "ipaddr": "10.77.0.9", "prefix": 24}},
+            "options": {"connectivityTimeout": 1}
+        })))
+        .await
+        .unwrap();
+    assert_eq!(r.status, "pending");
+    assert!(svc.dhcp_links().await.is_empty());
+    wait_rolled_back(&svc, 1).await;
+    assert!(svc.rollbacks()[0].errors.is_empty(), "{:?}", svc.rollbacks());
+    let h = wait_links(&svc, "the lease back after the rollback", |h| {
+        h.links["mgmt"].ipv4.len() == 1 && dhcp_addr(h, "mgmt").is_some()
+    })
+    .await;
+    assert_eq!(dhcp_addr(&h, "mgmt"), Some(lease));
+    assert_eq!(svc.dhcp_links().await, vec!["mgmt".to_string()]);
+
+    // Removing the network stops the client with the bridge.
+    svc.setup_networks(req(json!({
+        "networks": {"mgmt": {"remove": true}},
+        "options": {"connectivityCheck": false}
+    })))
+    .await
+    .unwrap();
+    assert!(svc.dhcp_links().await.is_empty());
+    let h = links(&svc).await;
+    assert!(!h.links.contains_key("mgmt"));
+    assert!(
+        h.links["eth1"].ipv4.is_empty() && h.links["eth1"].master.is_none(),
+        "{h:#?}"
+    );
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), resolv);
 }
