@@ -152,6 +152,7 @@ impl Commands {
         sagas.register::<storage::AddDiskSaga>()?;
         sagas.register::<storage::RemoveDiskSaga>()?;
         sagas.register::<storage::MoveDiskSaga>()?;
+        sagas.register::<storage::CopyDiskSaga>()?;
         sagas.register::<vms::AddVmSaga>()?;
         sagas.register::<vms::StartVmSaga>()?;
         sagas.register::<vms::MigrateVmSaga>()?;

@@ -676,6 +676,148 @@ impl SagaDef for MoveDiskSaga {
 }
 
 // ------------------------------------------------------------------------------------------
+// Copy a disk, to the same or another domain.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyDiskParams {
+    pub disk: DiskId,
+    pub dc: DcId,
+    pub src: SdUuid,
+    pub dst: SdUuid,
+    /// The copy: a new disk of one volume.
+    pub copy: DiskId,
+    pub volume: VolUuid,
+    pub name: String,
+    pub format: DiskFormat,
+}
+
+/// oVirt's "Copy disk": the source locked (its VMs down), a new disk recorded `locked`, the
+/// source's whole chain (a template's base included) collapsed into the new disk's one volume
+/// on the destination (undo: that image deleted), then both unlocked. The copy is independent
+/// of the source and of any template.
+pub struct CopyDiskSaga;
+
+impl SagaDef for CopyDiskSaga {
+    type Ctx = App;
+    type Params = CopyDiskParams;
+    const NAME: &'static str = "copy_disk";
+
+    fn description(p: &Self::Params) -> String {
+        format!(
+            "Copying disk {} to storage domain {} as {}",
+            p.disk, p.dst, p.name
+        )
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db()
+                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                        .await?;
+                    Ok(())
+                },
+            )
+            .describe("Locking the source disk"),
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if c.db().disk_get(p.copy).await?.is_some() {
+                        return Ok(());
+                    }
+                    let src = c
+                        .db()
+                        .disk_get(p.disk)
+                        .await?
+                        .ok_or_else(|| step_err("the source disk is gone"))?;
+                    let mut d = Disk::new(&p.name, p.dst, p.format, src.provisioned_size);
+                    d.id = p.copy;
+                    d.description = src.description.clone();
+                    d.shareable = src.shareable;
+                    d.wipe_after_delete = src.wipe_after_delete;
+                    d.status = DiskStatus::Locked;
+                    d.locked_by = Some(c.saga_id);
+                    c.db().disk_insert(&d).await?;
+                    c.db()
+                        .volume_insert(&Volume {
+                            id: p.volume,
+                            disk_id: p.copy,
+                            storage_domain_id: p.dst,
+                            parent_id: None,
+                            voltype: VolType::Leaf,
+                            format: p.format,
+                            actual_size: 0,
+                            created_at: crate::time::Timestamp::from_millis(0),
+                        })
+                        .await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    c.db().volume_delete(p.volume).await?;
+                    if c.db().disk_get(p.copy).await?.is_some() {
+                        c.db().disk_delete(p.copy).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Recording the new disk"),
+            Step::new(
+                "copy",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let app = c.app();
+                    let dc = app.dc(p.dc).await.map_err(step_err)?;
+                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let args = json!({
+                        "spUUID": dc.storage_pool_id, "sdUUID": p.src, "dstSdUUID": p.dst,
+                        "srcImgUUID": p.disk, "dstImgUUID": p.copy, "dstVolUUID": p.volume,
+                        "volType": "LEAF", "volFormat": p.format.as_str().to_uppercase(),
+                        "preallocate": "SPARSE",
+                    });
+                    if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
+                        // Copied by an earlier run whose answer was lost: the volume is there.
+                        let info = spm
+                            .call(
+                                "Volume.getInfo",
+                                json!({ "sdUUID": p.dst, "imgUUID": p.copy, "volUUID": p.volume }),
+                            )
+                            .await;
+                        if !info.is_ok_and(|i| {
+                            i["meta"]["legality"]
+                                .as_str()
+                                .is_some_and(|l| l.eq_ignore_ascii_case("legal"))
+                        }) {
+                            return Err(step_err(e));
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    delete_image(c.app(), p.dc, p.dst, p.copy).await
+                },
+            )
+            .describe("Copying the disk's volumes into one"),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                c.db().disk_unlock(p.copy, c.saga_id, DiskStatus::Ok).await?;
+                c.db().disk_unlock(p.disk, c.saga_id, DiskStatus::Ok).await?;
+                Ok(())
+            })
+            .describe("Unlocking the disks"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // Deactivate, detach and remove a domain.
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1495,15 +1637,7 @@ impl Commands {
         dst: SdUuid,
         correlation_id: Option<String>,
     ) -> Result<Disk, CommandError> {
-        let d = self
-            .app
-            .db
-            .disk_get(disk)
-            .await?
-            .ok_or_else(|| CommandError::not_found("disk", disk))?;
-        if d.status != DiskStatus::Ok {
-            return Err(CommandError::Conflict(format!("disk {} is {}", d.name, d.status)));
-        }
+        let (d, to, dc) = self.disk_transfer_check(disk, dst, "moves").await?;
         let src = d.storage_domain_id;
         if dst == src {
             return Err(CommandError::invalid(format!(
@@ -1511,35 +1645,6 @@ impl Commands {
                 d.name,
                 self.sd_label(dst).await
             )));
-        }
-        let to = self
-            .app
-            .db
-            .sd_get(dst)
-            .await?
-            .ok_or_else(|| CommandError::not_found("storage domain", dst))?;
-        let dc = self.domain_dc(src).await?;
-        let m = member(&self.app, dc.id, dst).await.map_err(|_| {
-            CommandError::Conflict(format!(
-                "storage domain {} is not in data center {}, where disk {} is",
-                to.name, dc.name, d.name
-            ))
-        })?;
-        if m.status != SdStatus::Active || to.domain_type != SdType::Data {
-            return Err(CommandError::Conflict(format!(
-                "storage domain {} is {} ({}): a disk moves to an active data domain",
-                to.name, m.status, to.domain_type
-            )));
-        }
-        for a in self.app.db.attachments_of_disk(disk).await? {
-            if let Some(vm) = self.app.db.vm_get(a.vm_id).await? {
-                if vm.runtime.status != crate::model::VmStatus::Down {
-                    return Err(CommandError::Conflict(format!(
-                        "disk {} is attached to VM {}, which is {}: stop it first",
-                        d.name, vm.name, vm.runtime.status
-                    )));
-                }
-            }
         }
         if let Some(v) = self
             .app
@@ -1576,6 +1681,106 @@ impl Commands {
             .disk_get(disk)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", disk))
+    }
+
+    /// Copies a disk whose VMs are down into a new disk of one volume on `dst` (which may be
+    /// the disk's own domain); `name` defaults to oVirt's "<name>_Copy". Returns the copy.
+    pub async fn copy_disk(
+        &self,
+        disk: DiskId,
+        dst: SdUuid,
+        name: Option<String>,
+        correlation_id: Option<String>,
+    ) -> Result<Disk, CommandError> {
+        let (d, to, dc) = self.disk_transfer_check(disk, dst, "is copied").await?;
+        let name = name.unwrap_or_else(|| format!("{}_Copy", d.name));
+        if name.trim().is_empty() {
+            return Err(CommandError::invalid("the copy's name is empty"));
+        }
+        let chain = self.app.db.volume_chain(disk).await?;
+        // A single raw volume stays raw; a chain collapses into qcow2.
+        let format = match chain.as_slice() {
+            [only] => only.format,
+            _ => DiskFormat::Cow,
+        };
+        let copy = DiskId::new_random();
+        let what = format!(
+            "Copying disk {} from storage domain {} to {} as {}",
+            d.name,
+            self.sd_label(d.storage_domain_id).await,
+            to.name,
+            name
+        );
+        self.run_as::<CopyDiskSaga>(
+            CopyDiskParams {
+                disk,
+                dc: dc.id,
+                src: d.storage_domain_id,
+                dst,
+                copy,
+                volume: VolUuid::new_random(),
+                name,
+                format,
+            },
+            Some(what),
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .disk_get(copy)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", copy))
+    }
+
+    /// What moving or copying a disk to `dst` needs: the disk `ok` and its VMs down, `dst` an
+    /// active data domain of the disk's data center. Returns the disk, `dst` and the data center.
+    async fn disk_transfer_check(
+        &self,
+        disk: DiskId,
+        dst: SdUuid,
+        verb: &str,
+    ) -> Result<(Disk, StorageDomain, DataCenter), CommandError> {
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        if d.status != DiskStatus::Ok {
+            return Err(CommandError::Conflict(format!("disk {} is {}", d.name, d.status)));
+        }
+        let src = d.storage_domain_id;
+        let to = self
+            .app
+            .db
+            .sd_get(dst)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", dst))?;
+        let dc = self.domain_dc(src).await?;
+        let m = member(&self.app, dc.id, dst).await.map_err(|_| {
+            CommandError::Conflict(format!(
+                "storage domain {} is not in data center {}, where disk {} is",
+                to.name, dc.name, d.name
+            ))
+        })?;
+        if m.status != SdStatus::Active || to.domain_type != SdType::Data {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {} is {} ({}): a disk {verb} to an active data domain",
+                to.name, m.status, to.domain_type
+            )));
+        }
+        for a in self.app.db.attachments_of_disk(disk).await? {
+            if let Some(vm) = self.app.db.vm_get(a.vm_id).await? {
+                if vm.runtime.status != crate::model::VmStatus::Down {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} is attached to VM {}, which is {}: stop it first",
+                        d.name, vm.name, vm.runtime.status
+                    )));
+                }
+            }
+        }
+        Ok((d, to, dc))
     }
 
     /// Gives up the SPM role when `h` holds it (maintenance).

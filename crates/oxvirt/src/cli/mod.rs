@@ -518,6 +518,17 @@ pub enum DiskCmd {
         #[arg(long, visible_alias = "sd")]
         storage_domain: String,
     },
+    /// Copy a disk (its VMs down) into a new disk on an active data domain, which may be its own.
+    #[command(visible_alias = "cp")]
+    Copy {
+        name: String,
+        /// The destination storage domain (name or id).
+        #[arg(long, visible_alias = "sd")]
+        storage_domain: String,
+        /// The copy's name (default: NAME_Copy, as oVirt names it).
+        #[arg(long = "name")]
+        new_name: Option<String>,
+    },
     /// Attach a disk to a VM, active unless `--inactive` (hot plugged into a running VM).
     Attach {
         name: String,
@@ -1196,9 +1207,20 @@ impl Ctx {
         body: Value,
         until: Option<Until<'_>>,
     ) -> anyhow::Result<Option<Value>> {
+        Ok(self.action_reply(label, path, body, until).await?.1)
+    }
+
+    /// [`Ctx::action`], also returning the action's reply.
+    async fn action_reply(
+        &self,
+        label: String,
+        path: String,
+        body: Value,
+        until: Option<Until<'_>>,
+    ) -> anyhow::Result<(Value, Option<Value>)> {
         let mut p = Progress::new(label.clone(), self.quiet);
         let corr = progress::correlation_id("action");
-        progress::with_job(
+        let reply = progress::with_job(
             &self.api,
             &mut p,
             &corr,
@@ -1211,7 +1233,7 @@ impl Ctx {
             None => None,
         };
         p.finish("done");
-        Ok(obj)
+        Ok((reply, obj))
     }
 
     /// PUTs `body` onto object `id` (`name` in messages) and prints the result.
@@ -1848,6 +1870,40 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             output::print_done(
                 ctx.out,
                 &format!("disk {name} moved to storage domain {storage_domain}"),
+                Some(&obj),
+            )
+        }
+        DiskCmd::Copy {
+            name,
+            storage_domain,
+            new_name,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let sd = ctx.id(&kinds::STORAGE_DOMAIN, &storage_domain).await?;
+            let mut body = json!({ "storage_domain": { "id": sd } });
+            if let Some(n) = &new_name {
+                body["disk"] = json!({ "alias": n });
+            }
+            let (reply, _) = ctx
+                .action_reply(
+                    format!("copy disk {name}"),
+                    format!("/disks/{id}/copy"),
+                    body,
+                    None,
+                )
+                .await?;
+            let copy = reply["disk"]["id"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("the engine's reply names no new disk: {reply}"))?;
+            let obj = ctx.api.get(&format!("/disks/{copy}")).await?;
+            let alias = obj["alias"]
+                .as_str()
+                .or(obj["name"].as_str())
+                .unwrap_or(copy)
+                .to_string();
+            output::print_done(
+                ctx.out,
+                &format!("disk {name} copied to storage domain {storage_domain} as {alias}"),
                 Some(&obj),
             )
         }

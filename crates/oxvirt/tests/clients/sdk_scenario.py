@@ -254,9 +254,16 @@ def main():
     wait("early disk ok", lambda: disks.disk_service(early["id"]).get().status == types.DiskStatus.OK)
     code, done = raw("POST", "/disks", token, disk_xml(P + "-done"), {"Expect": "201-created"})
     assert code == 201 and done["status"] == "ok", (code, done)
-    for d in (early, done):
+    # DiskService.copy: a new disk of its own on the domain, named by the action's disk alias.
+    disks.disk_service(done["id"]).copy(storage_domain=types.StorageDomain(id=sd.id),
+                                        disk=types.Disk(alias=P + "-copy"))
+    copies = disks.list(search="name=%s-copy" % P)
+    assert len(copies) == 1 and copies[0].id != done["id"], copies
+    assert copies[0].status == types.DiskStatus.OK and copies[0].provisioned_size == 8 * MIB
+    assert len(image_volumes(sd.id, copies[0].id)) == 1
+    for d in (early, done, {"id": copies[0].id}):
         disks.disk_service(d["id"]).remove()
-    step("disk adds: 202 while locked, 201 with Expect: 201-created")
+    step("disk adds: 202 while locked, 201 with Expect: 201-created; a disk copied")
 
     # The cluster's MAC pool: followed from the cluster, its ranges replaced.
     pool_ref = clusters.cluster_service(cl.id).get().mac_pool

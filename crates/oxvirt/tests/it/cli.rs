@@ -662,6 +662,25 @@ async fn qemu_vm_lifecycle_with_progress() {
         d2.as_str(),
         "{r}"
     );
+    // A copy is a new disk of its own (named as oVirt names it) with the same data.
+    let r = live
+        .ok(&["disk", "copy", "scratch", "--sd", "data2", "-o", "json"])
+        .await;
+    let copy = r.json();
+    assert_eq!(copy["alias"], "scratch_Copy", "{r}");
+    let copy_id = copy["id"].as_str().unwrap().to_string();
+    assert_ne!(copy_id, disk_id);
+    let copied = std::fs::read_dir(storage2.path().join(&d2).join("images").join(&copy_id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_none())
+        .expect("the copy's volume on data2");
+    assert!(qemu_io(&copied, "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
+    assert!(moved.exists(), "the source stays");
+    let r = live.fails(&["disk", "copy", "scratch", "--sd", "nosuch"]).await;
+    assert!(r.stderr.contains("nosuch"), "{r}");
+    live.ok(&["disk", "rm", "scratch_Copy"]).await;
     let r = live.fails(&["sd", "detach", "data1"]).await;
     assert!(r.stderr.contains("deactivate it first"), "{r}");
     let r = live.fails(&["sd", "remove", "data1"]).await;

@@ -452,6 +452,46 @@ impl Scenario for RemoveDiskRun {
     }
 }
 
+/// Copies the base VM's disk within its domain.
+struct CopyDiskRun;
+impl Scenario for CopyDiskRun {
+    const SAGA: &'static str = "copy_disk";
+    type Ctx = DiskId;
+    async fn prepare(&self, w: &World) -> DiskId {
+        w.db().attachments_of_vm(w.base).await.unwrap()[0].disk_id
+    }
+    async fn run(&self, w: &World, cmds: &Commands, d: &DiskId) {
+        let _ = cmds.copy_disk(*d, w.sd, Some("copied".into()), None).await;
+    }
+    async fn check(&self, w: &World, d: &DiskId, done: bool, what: &str) {
+        let copy = disk_named(w, "copied").await;
+        assert_eq!(copy.is_some(), done, "{what}: the copy");
+        assert_eq!(
+            w.db().disk_get(*d).await.unwrap().unwrap().status,
+            DiskStatus::Ok,
+            "{what}: the source disk"
+        );
+        let images = w.domain().images().unwrap();
+        if let Some(c) = copy {
+            let chain = w.db().volume_chain(c).await.unwrap();
+            assert_eq!(chain.len(), 1, "{what}: the copy's volumes");
+            let image = c.to_string().parse().unwrap();
+            assert!(images.contains(&image), "{what}: the copy's image");
+            let on_storage = w.domain().chain(image).unwrap();
+            assert_eq!(
+                on_storage.ids(),
+                vec![chain[0].id],
+                "{what}: the copy's chain on storage"
+            );
+        }
+    }
+    async fn reset(&self, w: &World, _: DiskId) {
+        if let Some(c) = disk_named(w, "copied").await {
+            w.cmds().remove_disk(c, None).await.unwrap();
+        }
+    }
+}
+
 struct AddVmFromTemplate;
 impl Scenario for AddVmFromTemplate {
     const SAGA: &'static str = "add_vm";
@@ -966,6 +1006,7 @@ async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     let w = World::new().await;
     sweep(&w, &AddDiskRun).await;
     sweep(&w, &RemoveDiskRun).await;
+    sweep(&w, &CopyDiskRun).await;
 
     // A removal failing on every attempt past its point of no return is blocked, its disk
     // still locked; retried through its job once the cause is gone, it finishes.

@@ -78,6 +78,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         DiskUpdate => storage::disk_update(r).await,
         DiskRemove => storage::disk_remove(r).await,
         DiskMove => storage::disk_move(r).await,
+        DiskCopy => storage::disk_copy(r).await,
         VmList => vms::vm_list(r).await,
         VmAdd => vms::vm_add(r).await,
         VmGet => vms::vm_get(r).await,

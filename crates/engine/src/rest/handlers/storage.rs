@@ -10,7 +10,7 @@ use super::super::search::translate;
 use super::super::write::{self, collection, href};
 use super::super::{Req, Resp, API};
 use super::infra::root_entity;
-use super::{action_complete, check_follow, host_ref, required, run_action, sd_ref};
+use super::{action_complete, check_follow, host_ref, is_async, required, run_action, sd_ref};
 
 async fn sd(r: &Req, i: usize) -> Result<StorageDomain, ApiError> {
     let id: SdUuid = r.id(i, "storage domain")?;
@@ -410,6 +410,36 @@ pub async fn disk_move(r: &Req) -> Result<Resp, ApiError> {
         Ok(())
     })
     .await
+}
+
+/// `POST /disks/{id}/copy` with `<action><storage_domain …/><disk><alias>…</alias></disk></action>`
+/// (the name optional: oVirt's "<name>_Copy"). The reply names the new disk.
+pub async fn disk_copy(r: &Req) -> Result<Resp, ApiError> {
+    let d = disk(r, 0).await?;
+    let body = r.action_body()?;
+    let to = body
+        .get("storage_domain")
+        .ok_or_else(|| ApiError::bad_request("the action needs <storage_domain id=\"…\"/>"))?;
+    let dst = sd_ref(r, to).await?;
+    let name = body
+        .get("disk")
+        .and_then(|e| e.str("alias").or_else(|| e.str("name")))
+        .map(str::to_string);
+    let (id, corr) = (d.id, r.correlation_id.clone());
+    if is_async(r, Some(&body))? {
+        return run_action(r, Some(&body), "copy disk", move |e| async move {
+            e.cmds.copy_disk(id, dst, name, corr).await?;
+            Ok(())
+        })
+        .await;
+    }
+    let copy = r.cmds().copy_disk(id, dst, name, corr).await?;
+    let mut o = r.out();
+    o.root("action", None, None);
+    o.reference("disk", &copy.id.to_string(), &href("disks", copy.id));
+    o.leaf("status", "complete");
+    o.close("action");
+    Ok(Resp::ok(o))
 }
 
 pub async fn disk_remove(r: &Req) -> Result<Resp, ApiError> {
