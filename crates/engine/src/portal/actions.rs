@@ -192,6 +192,10 @@ pub enum Verb {
     AddSd,
     Sd(SdUuid, SdVerb),
     RemoveDisk(DiskId),
+    /// Copy (`true`) or move a disk chosen in the form to a domain chosen in the form.
+    DiskTransfer {
+        copy: bool,
+    },
     RemoveTemplate(TemplateId),
     /// Retry the command behind a job that waits for an administrator.
     RetryJob(JobId),
@@ -325,6 +329,8 @@ impl Verb {
                     _ => return Err(unknown(segs)),
                 },
             ),
+            ["disks", "copy"] => Verb::DiskTransfer { copy: true },
+            ["disks", "move"] => Verb::DiskTransfer { copy: false },
             ["disks", d, "remove"] => Verb::RemoveDisk(id(d, "disk")?),
             ["templates", t, "remove"] => Verb::RemoveTemplate(id(t, "template")?),
             ["jobs", j, "retry"] => Verb::RetryJob(id(j, "job")?),
@@ -352,7 +358,7 @@ impl Verb {
             Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) | Verb::RetryJob(_) => true,
             Verb::Host(_, h) => *h == HostVerb::Maintenance,
             Verb::Sd(_, s) => matches!(s, SdVerb::Deactivate | SdVerb::Detach | SdVerb::Remove),
-            Verb::Logout | Verb::AddVm | Verb::AddSd => false,
+            Verb::Logout | Verb::AddVm | Verb::AddSd | Verb::DiskTransfer { .. } => false,
         }
     }
 }
@@ -879,6 +885,42 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 }),
             )
         }
+        Verb::DiskTransfer { copy } => {
+            let disk: DiskId = form
+                .parse("disk", "disk")?
+                .ok_or_else(|| PortalError::Bad("a disk is required".into()))?;
+            let sd: SdUuid = form
+                .parse("sd", "storage domain")?
+                .ok_or_else(|| PortalError::Bad("a storage domain is required".into()))?;
+            let d = db
+                .disk_get(disk)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("disk {disk} not found")))?;
+            let to = db
+                .sd_get(sd)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("storage domain {sd} not found")))?;
+            let name = if copy {
+                form.get("name").map(str::to_string)
+            } else {
+                None
+            };
+            if let Some(n) = &name {
+                valid_name(n, "the copy's")?;
+            }
+            let verb = if copy { "Copy" } else { "Move" };
+            (
+                format!("{verb} disk {} to storage domain {}", d.name, to.name),
+                Box::pin(async move {
+                    if copy {
+                        e.cmds.copy_disk(disk, sd, name, corr).await?;
+                    } else {
+                        e.cmds.move_disk(disk, sd, corr).await?;
+                    }
+                    Ok(Some("/portal/disks".into()))
+                }),
+            )
+        }
         Verb::RemoveTemplate(id) => {
             let t = db
                 .template_get(id)
@@ -1090,6 +1132,11 @@ mod tests {
             Err(PortalError::NotFound(_))
         ));
         assert!(matches!(Verb::parse(&["nothing"]), Err(PortalError::NotFound(_))));
+        assert_eq!(
+            Verb::parse(&["disks", "copy"]).unwrap(),
+            Verb::DiskTransfer { copy: true }
+        );
+        assert!(!Verb::parse(&["disks", "move"]).unwrap().destructive());
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
             storage_domains(ctx, &f).await?,
         ),
         ["storagedomains", id] => ("Storage domain", "storagedomains", storage_domain(ctx, id).await?),
-        ["disks"] => ("Disks", "disks", disks(ctx).await?),
+        ["disks"] => ("Disks", "disks", disks(ctx, &f).await?),
         ["vms"] => ("Virtual machines", "vms", vms(ctx, &f).await?),
         ["vms", id] => ("Virtual machine", "vms", vm(ctx, &f, id).await?),
         ["snapshots"] => ("Snapshots", "snapshots", snapshots(ctx).await?),
@@ -1278,7 +1278,7 @@ async fn floating_disks(ctx: &Ctx) -> Result<Vec<(String, String)>, PortalError>
         .collect())
 }
 
-async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
+async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
     let names = Names::load(ctx).await?;
     let q = ListQuery::filtered(DiskFilter {
         name: ctx.q("name").map(|n| TextMatch::new(n).case_insensitive()),
@@ -1289,6 +1289,38 @@ async fn disks(ctx: &Ctx) -> Result<String, PortalError> {
     let mut h = Html::new();
     h.heading("Disks", Some(&format!("{} disk(s)", disks.len())));
     search_form(&mut h, "/portal/disks", ctx.q("name"));
+    // Copy and move (the commands check that the disk's VMs are down and the domain active);
+    // their progress shows with the running jobs.
+    let movable: Vec<(String, String)> = disks
+        .iter()
+        .filter(|d| d.status == DiskStatus::Ok)
+        .map(|d| (d.id.to_string(), d.name.clone()))
+        .collect();
+    let mut domains: Vec<(String, String)> = names
+        .sds
+        .values()
+        .filter(|s| s.domain_type == SdType::Data)
+        .map(|s| (s.id.to_string(), s.name.clone()))
+        .collect();
+    domains.sort_by(|a, b| a.1.cmp(&b.1));
+    if !movable.is_empty() && !domains.is_empty() {
+        h.raw("<div class=\"forms\">");
+        h.form_open(f, "/portal/disks/copy", None, "inline-form");
+        h.select("Copy disk", "disk", &movable, None);
+        h.select("to", "sd", &domains, None);
+        h.input(
+            "as",
+            "name",
+            "text",
+            "",
+            "placeholder=\"name (default: NAME_Copy)\" pattern=\"[A-Za-z0-9._\\-]+\"",
+        );
+        h.raw("<button type=\"submit\" class=\"secondary\">Copy</button></form>");
+        h.form_open(f, "/portal/disks/move", None, "inline-form");
+        h.select("Move disk", "disk", &movable, None);
+        h.select("to", "sd", &domains, None);
+        h.raw("<button type=\"submit\" class=\"secondary\">Move</button></form></div>");
+    }
     h.raw("<div data-region=\"disks\">");
     let set = ctx.q("name").is_none().then_some("disks");
     h.table_open(

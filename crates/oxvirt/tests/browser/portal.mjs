@@ -183,6 +183,25 @@ try {
   log("web1 is down");
   await shot("vm-down.png");
 
+  // --- copy web1's disk (a thin clone of the template: the copy collapses the chain).
+  await page.click("header nav a:text-is('Disks')");
+  await page.waitForURL(/\/portal\/disks$/);
+  await markPage();
+  const cf = page.locator("form[action$='/disks/copy']");
+  const labels = await cf.locator("select[name=disk] option").evaluateAll((os) => os.map((o) => o.textContent));
+  const web1Disk = labels.find((t) => t.startsWith("web1_"));
+  check(!!web1Disk, `web1's disk is offered for copying: ${labels}`);
+  await cf.locator("select[name=disk]").selectOption({ label: web1Disk });
+  await cf.locator("select[name=sd]").selectOption({ label: "data" });
+  await cf.locator("input[name=name]").fill("web1-copy");
+  await cf.locator("button[type=submit]").click();
+  await toastDone("Copy disk").waitFor({ timeout: 90_000 });
+  await page.locator("#disks tbody tr", { hasText: "web1-copy" }).locator(".st", { hasText: /^ok$/ }).waitFor({ timeout: 30_000 });
+  check(await notReloaded(), "the copy appeared without a reload");
+  await noFailedToast();
+  log("web1's disk copied as web1-copy");
+  await shot("disk-copy.png");
+
   // --- the jobs the portal started ended, with full progress bars.
   await page.click("header nav a:text-is('Jobs')");
   const rows = page.locator("#jobs-table tbody tr[data-job]");
@@ -191,7 +210,7 @@ try {
     text: tr.innerText, status: tr.querySelector(".st").textContent,
     p: tr.querySelector("progress") && [tr.querySelector("progress").value, tr.querySelector("progress").max],
   })));
-  check(jobs.length >= 4, `at least 4 jobs (got ${jobs.length})`);
+  check(jobs.length >= 5, `at least 5 jobs (got ${jobs.length})`);
   check(jobs.every((j) => j.status === "finished"), `all jobs finished: ${JSON.stringify(jobs)}`);
   check(jobs.some((j) => j.p && j.p[1] > 1 && j.p[0] === j.p[1]), "a multi-step job shows a full progress bar");
   await shot("jobs.png");
