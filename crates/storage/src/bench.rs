@@ -1,5 +1,6 @@
-//! The storage benchmark: snapshot creation, thin clone and cold merge through this crate's API
-//! against the bare `qemu-img` commands they run, in the same run, reported as ratios.
+//! The storage benchmark: snapshot creation, thin clone, cold merge and collapsed copy through
+//! this crate's API against the bare `qemu-img` commands they run, in the same run, reported as
+//! ratios.
 //!
 //! Each iteration times "ours" and "bare" back to back on identical inputs in the same
 //! directory tree, so both see the same disk and the same load; medians over the iterations
@@ -8,13 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use oxvirt_qemu::img::{CreateRequest, QemuImg};
+use oxvirt_qemu::img::{ConvertRequest, CreateRequest, QemuImg};
 use oxvirt_qemu::ImageFormat;
 use oxvirt_types::{ImgUuid, SdUuid, VolUuid};
 use serde::Serialize;
 
 use crate::domain::{FileStorageDomain, NewDomain};
 use crate::error::{Result, StorageError};
+use crate::image::CopyMode;
 use crate::sdmeta::DomainType;
 use crate::volmeta::{Allocation, VolFormat};
 use crate::VolumeSpec;
@@ -233,6 +235,67 @@ fn run_in(work: &Path, iterations: usize) -> Result<BenchReport> {
     figures.push(figure(
         "cold merge (leaf, 16 MiB)",
         "qemu-img commit -d -b <base> <top>; rm <top>",
+        ours,
+        bare,
+    ));
+
+    // Copy of a two-volume chain (4 MiB + 16 MiB written) collapsed into one new image, as
+    // "Copy disk" and template creation do.
+    let (cimg, cbase, ctop) = (
+        ImgUuid::new_random(),
+        VolUuid::new_random(),
+        VolUuid::new_random(),
+    );
+    dom.create_volume(cimg, cbase, &spec)?;
+    fill(&dom.volume_path(cimg, cbase), 0x11, 0, 4)?;
+    dom.create_snapshot(cimg, ctop, None, "")?;
+    fill(&dom.volume_path(cimg, ctop), 0x22, 2, 16)?;
+    let top_path = dom.volume_path(cimg, ctop);
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for i in 0..iterations {
+        let dst = bare_dir.join(format!("copy-{i}"));
+        let bare_copy = |bare: &mut Vec<Duration>| -> Result<()> {
+            let t = Instant::now();
+            q.convert(
+                &ConvertRequest {
+                    src: &top_path,
+                    src_format: Some(ImageFormat::Qcow2),
+                    dst: &dst,
+                    dst_format: ImageFormat::Qcow2,
+                    qcow2_compat: Some("1.1"),
+                    backing: None,
+                    preallocation: None,
+                },
+                &mut |_| {},
+            )
+            .map_err(qemu_err("bare qemu-img convert"))?;
+            bare.push(t.elapsed());
+            Ok(())
+        };
+        if i % 2 == 1 {
+            bare_copy(&mut bare)?;
+        }
+        let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+        let t = Instant::now();
+        dom.copy_image(
+            cimg,
+            &dom,
+            img,
+            CopyMode::Collapsed {
+                vol,
+                format: VolFormat::Cow,
+                allocation: Allocation::Sparse,
+            },
+            &mut |_| {},
+        )?;
+        ours.push(t.elapsed());
+        if i % 2 == 0 {
+            bare_copy(&mut bare)?;
+        }
+    }
+    figures.push(figure(
+        "copy collapsing a chain (20 MiB)",
+        "qemu-img convert -O qcow2 <top> <new>",
         ours,
         bare,
     ));
