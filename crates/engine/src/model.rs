@@ -218,7 +218,7 @@ model_enum!(
     /// A VM's status (oVirt `vm_status`).
     ///
     /// Commands move a VM: start `down` → `wait_for_launch` → `powering_up` → `up`; pause
-    /// `up` ⇄ `paused`; shutdown `up` → `powering_down` → `down`; stop (any running) → `down`;
+    /// `up` (or `powering_up`, `reboot_in_progress`) → `paused` → (resume) `up`; shutdown `up` → `powering_down` → `down`; stop (any running) → `down`;
     /// migrate `up` → `migrating` → `up` (on the destination); suspend `up` → `saving_state` →
     /// `suspended` → (start) `restoring_state` → `up`; reboot `up` → `reboot_in_progress` →
     /// `up`; disk work on a down VM `down` → `image_locked` → `down`. Monitoring may report

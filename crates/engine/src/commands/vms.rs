@@ -1392,28 +1392,37 @@ impl Commands {
     /// Pauses a running guest (QEMU stops its CPUs). Only an `up` VM pauses; the record moves
     /// from the status it was read in, so a migration or shutdown begun meanwhile wins.
     pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
-        self.pause_or_resume(id, VmStatus::Up, "VM.pause", VmStatus::Paused)
-            .await
+        // A guest still booting pauses too (oVirt's "running" states); start-paused needs it.
+        self.pause_or_resume(
+            id,
+            &[VmStatus::Up, VmStatus::PoweringUp, VmStatus::RebootInProgress],
+            "VM.pause",
+            VmStatus::Paused,
+        )
+        .await
     }
 
     /// Resumes a paused guest.
     pub async fn resume_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
-        self.pause_or_resume(id, VmStatus::Paused, "VM.cont", VmStatus::Up)
+        self.pause_or_resume(id, &[VmStatus::Paused], "VM.cont", VmStatus::Up)
             .await
     }
 
     async fn pause_or_resume(
         &self,
         id: VmId,
-        from: VmStatus,
+        from: &[VmStatus],
         verb: &str,
         to: VmStatus,
     ) -> Result<crate::model::Vm, CommandError> {
         let vm = self.vm(id).await?;
-        if vm.runtime.status != from {
+        if !from.contains(&vm.runtime.status) {
+            let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
             return Err(CommandError::Conflict(format!(
-                "VM {} is {}, not {from}",
-                vm.name, vm.runtime.status
+                "VM {} is {}, not {}",
+                vm.name,
+                vm.runtime.status,
+                from.join(" or ")
             )));
         }
         let (_, node) = self.running_on(id).await?;
@@ -1422,7 +1431,7 @@ impl Commands {
             status: to,
             ..vm.runtime.clone()
         };
-        self.app.db.vm_set_runtime(id, &[from], &rt).await?;
+        self.app.db.vm_set_runtime(id, from, &rt).await?;
         self.vm(id).await
     }
 
