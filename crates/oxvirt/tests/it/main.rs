@@ -14,6 +14,7 @@ mod ha;
 mod lease_cli;
 mod networks;
 mod networks_engine;
+mod networks_rollback;
 mod node_daemon;
 mod pool_spm;
 mod portal_browser;
