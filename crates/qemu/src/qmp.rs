@@ -544,6 +544,10 @@ command!(JobFinalize { id: String } => "job-finalize", ());
 command!(QueryJobs => "query-jobs", Vec<JobInfo>);
 command!(QueryBlock => "query-block", Vec<BlockInfo>);
 command!(
+    /// Grows the virtual size of the image behind a block node (a qcow2 header, a raw file).
+    BlockResize { node_name: String, size: u64 } => "block_resize", ()
+);
+command!(
     /// Arms a one-shot BLOCK_WRITE_THRESHOLD event (0 disarms).
     BlockSetWriteThreshold { node_name: String, write_threshold: u64 } => "block-set-write-threshold", ()
 );
@@ -613,6 +617,15 @@ pub struct BlockNodeInfo {
     pub ro: bool,
     #[serde(default)]
     pub write_threshold: u64,
+    /// The image behind the node (its virtual size is what the guest sees of a disk's top).
+    #[serde(default)]
+    pub image: Option<NodeImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NodeImage {
+    pub virtual_size: u64,
 }
 
 /// A block device as `query-block` shows it: its image chain is the one QEMU has open.

@@ -153,6 +153,7 @@ impl Commands {
         sagas.register::<storage::RemoveDiskSaga>()?;
         sagas.register::<storage::MoveDiskSaga>()?;
         sagas.register::<storage::CopyDiskSaga>()?;
+        sagas.register::<storage::ExtendDiskSaga>()?;
         sagas.register::<vms::AddVmSaga>()?;
         sagas.register::<vms::StartVmSaga>()?;
         sagas.register::<vms::MigrateVmSaga>()?;

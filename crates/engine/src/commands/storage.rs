@@ -14,13 +14,25 @@ use crate::app::App;
 use crate::db::{ListQuery, Ref, VmFilter};
 use crate::model::{
     DataCenter, DcId, DcStatus, Disk, DiskFormat, DiskId, DiskStatus, Host, HostStatus, HostUuid, NewEvent,
-    PoolMember, SdStatus, SdType, SdUuid, Severity, SpmStatus, StorageDomain, StorageType, VolType, VolUuid,
-    Volume,
+    PoolMember, SdStatus, SdType, SdUuid, Severity, SpmStatus, StorageDomain, StorageType, VmId, VolType,
+    VolUuid, Volume,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
 use super::{Added, CommandError, Commands};
+
+/// The largest disk (the storage's limit on a volume's capacity, 1 PiB).
+const MAX_DISK_SIZE: u64 = 1 << 50;
+
+/// `16 GiB`, `64 MiB`, or bytes when neither divides the size.
+fn size_label(size: u64) -> String {
+    match size {
+        s if s % (1 << 30) == 0 => format!("{} GiB", s >> 30),
+        s if s % (1 << 20) == 0 => format!("{} MiB", s >> 20),
+        s => format!("{s} bytes"),
+    }
+}
 
 /// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
 const CODE_DOMAIN_NOT_FOUND: i64 = 358;
@@ -813,6 +825,122 @@ impl SagaDef for CopyDiskSaga {
                 Ok(())
             })
             .describe("Unlocking the disks"),
+        ]
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Extend a disk.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExtendDiskParams {
+    pub disk: DiskId,
+    pub dc: DcId,
+    pub sd: SdUuid,
+    pub leaf: VolUuid,
+    pub size: u64,
+    /// The VM running the disk and its host: the guest sees the new size at once.
+    pub live: Option<(VmId, HostUuid)>,
+}
+
+/// oVirt's disk extend (a bigger `provisioned_size`). Down: the SPM grows the leaf
+/// (`Volume.extendSize`: `qemu-img resize` and the new capacity in its metadata). Running: the
+/// VM's host grows the active layer under the guest (`VM.diskSizeExtend`, QEMU's
+/// `block_resize`: QEMU holds the image, so nobody else may resize it), then the SPM records
+/// the capacity (its resize finds the image grown already). Growing cannot be undone, so the
+/// live step is the point of no return; the SPM's verb is idempotent, so a resumed saga just
+/// asks again.
+pub struct ExtendDiskSaga;
+
+impl SagaDef for ExtendDiskSaga {
+    type Ctx = App;
+    type Params = ExtendDiskParams;
+    const NAME: &'static str = "extend_disk";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Extending disk {} to {} bytes", p.disk, p.size)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        async fn spm_extend(c: &StepCtx<ExtendDiskSaga>) -> Result<(), StepError> {
+            let p = c.params();
+            let app = c.app();
+            let dc = app.dc(p.dc).await.map_err(step_err)?;
+            let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+            let args = json!({
+                "spUUID": dc.storage_pool_id, "sdUUID": p.sd, "imgUUID": p.disk,
+                "volUUID": p.leaf, "newSize": p.size,
+            });
+            spm.run_task("Volume.extendSize", args, app.settings.task_timeout)
+                .await
+                .map_err(step_err)?;
+            Ok(())
+        }
+        vec![
+            Step::new(
+                "lock",
+                |c: StepCtx<Self>| async move {
+                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    c.db()
+                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
+                        .await?;
+                    Ok(())
+                },
+            )
+            .describe("Locking the disk"),
+            Step::new(
+                "extend",
+                |c: StepCtx<Self>| async move {
+                    if c.params().live.is_none() {
+                        spm_extend(&c).await?;
+                    }
+                    Ok(())
+                },
+                // A volume does not shrink; grown, it is harmless: no guest saw the new size and
+                // the records keep the old one.
+                |_c: StepCtx<Self>| async move { Ok(()) },
+            )
+            .describe("Growing the volume"),
+            Step::without_undo("live", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                if let Some((vm, host)) = p.live {
+                    let app = c.app();
+                    let h = app.host(host).await.map_err(step_err)?;
+                    let node = app.client(&h).map_err(step_err)?;
+                    node.call(
+                        "VM.diskSizeExtend",
+                        json!({
+                            "vmID": vm,
+                            "driveSpecs": { "domainID": p.sd, "imageID": p.disk, "volumeID": p.leaf },
+                            "newSize": p.size.to_string(),
+                        }),
+                    )
+                    .await
+                    .map_err(step_err)?;
+                    spm_extend(&c).await?;
+                }
+                Ok(())
+            })
+            .point_of_no_return()
+            .describe("Growing the disk under the running guest"),
+            Step::without_undo("record", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let mut d = c
+                    .db()
+                    .disk_get(p.disk)
+                    .await?
+                    .ok_or_else(|| step_err("the disk is gone"))?;
+                if d.provisioned_size < p.size {
+                    d.provisioned_size = p.size;
+                    c.db().disk_update(&d).await?;
+                }
+                c.db().disk_unlock(p.disk, c.saga_id, DiskStatus::Ok).await?;
+                Ok(())
+            })
+            .describe("Recording the new size"),
         ]
     }
 }
@@ -1731,6 +1859,97 @@ impl Commands {
             .disk_get(copy)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", copy))
+    }
+
+    /// Grows a disk to `size` bytes (rounded up to 4 KiB, as the storage rounds capacities),
+    /// under its running VM too. A disk already that big is returned as it is; shrinking, a
+    /// template's disk and a shareable disk in use are refused.
+    pub async fn extend_disk(
+        &self,
+        disk: DiskId,
+        size: u64,
+        correlation_id: Option<String>,
+    ) -> Result<Disk, CommandError> {
+        const ALIGN: u64 = 4096;
+        let d = self
+            .app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        let size = size.div_ceil(ALIGN) * ALIGN;
+        if size == d.provisioned_size {
+            return Ok(d);
+        }
+        if size < d.provisioned_size {
+            return Err(CommandError::invalid(format!(
+                "disk {} has {} bytes: it cannot shrink to {size}",
+                d.name, d.provisioned_size
+            )));
+        }
+        if size > MAX_DISK_SIZE {
+            return Err(CommandError::invalid(format!(
+                "{size} bytes is more than a disk may have ({MAX_DISK_SIZE})"
+            )));
+        }
+        if d.status != DiskStatus::Ok {
+            return Err(CommandError::Conflict(format!("disk {} is {}", d.name, d.status)));
+        }
+        let chain = self.app.db.volume_chain(disk).await?;
+        let leaf = chain
+            .last()
+            .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;
+        if leaf.voltype == VolType::Shared || leaf.disk_id != disk {
+            return Err(CommandError::Conflict(format!(
+                "disk {} belongs to a template: a template's disks do not change",
+                d.name
+            )));
+        }
+        let mut live = Vec::new();
+        for a in self.app.db.attachments_of_disk(disk).await? {
+            let Some(vm) = self.app.db.vm_get(a.vm_id).await? else {
+                continue;
+            };
+            match vm.runtime.status {
+                crate::model::VmStatus::Down | crate::model::VmStatus::Suspended => {}
+                crate::model::VmStatus::Up | crate::model::VmStatus::Paused if a.active => {
+                    live.push((vm.id, vm.runtime.run_on_host.expect("a running VM has a host")))
+                }
+                s => {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} is attached to VM {}, which is {s}: extend it when the VM is up or down",
+                        d.name, vm.name
+                    )))
+                }
+            }
+        }
+        if live.len() > 1 {
+            return Err(CommandError::Conflict(format!(
+                "shareable disk {} is in use by {} running VMs: extend it while at most one runs",
+                d.name,
+                live.len()
+            )));
+        }
+        let dc = self.domain_dc(d.storage_domain_id).await?;
+        let what = format!("Extending disk {} to {}", d.name, size_label(size));
+        self.run_as::<ExtendDiskSaga>(
+            ExtendDiskParams {
+                disk,
+                dc: dc.id,
+                sd: d.storage_domain_id,
+                leaf: leaf.id,
+                size,
+                live: live.pop(),
+            },
+            Some(what),
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .disk_get(disk)
+            .await?
+            .ok_or_else(|| CommandError::not_found("disk", disk))
     }
 
     /// What moving or copying a disk to `dst` needs: the disk `ok` and its VMs down, `dst` an

@@ -44,6 +44,7 @@ pub const VERBS: &[&str] = &[
     "VM.hibernate",
     "VM.hotplugDisk",
     "VM.hotunplugDisk",
+    "VM.diskSizeExtend",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -333,6 +334,44 @@ pub struct BalloonParams {
     pub target: u64,
 }
 
+/// `VM.diskSizeExtend`: grow a running VM's disk (the image's active layer) to `newSize` bytes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskSizeExtendParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub drive_specs: DriveSpecs,
+    /// Bytes; VDSM sends it as a string, so both are taken.
+    #[serde(deserialize_with = "u64_or_string")]
+    pub new_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DriveSpecs {
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    #[serde(rename = "volumeID", default)]
+    pub volume: Option<VolUuid>,
+    #[serde(rename = "poolID", default)]
+    pub pool: Option<serde_json::Value>,
+}
+
+fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| serde::de::Error::custom("newSize must be a byte count")),
+        Value::String(s) => s
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("newSize {s:?} is not a byte count"))),
+        other => Err(serde::de::Error::custom(format!(
+            "newSize {other} is not a byte count"
+        ))),
+    }
+}
+
 /// `VM.getConsoleLog`: the last `tailBytes` of the VM's serial console log (read-only).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -369,6 +408,7 @@ pub enum VmRequest {
     Hibernate(HibernateParams),
     HotplugDisk(DiskHotplugParams),
     HotunplugDisk(DiskHotplugParams),
+    DiskSizeExtend(DiskSizeExtendParams),
 }
 
 impl VmRequest {
@@ -394,6 +434,7 @@ impl VmRequest {
             "VM.hibernate" => VmRequest::Hibernate(params(method, p)?),
             "VM.hotplugDisk" => VmRequest::HotplugDisk(params(method, p)?),
             "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
+            "VM.diskSizeExtend" => VmRequest::DiskSizeExtend(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
     }
@@ -931,6 +972,11 @@ impl Node {
                 // No longer written here: its leaf's lease goes back.
                 self.sync_volume_leases(h.id).await;
                 Ok(to_json(&info))
+            }
+            VmRequest::DiskSizeExtend(p) => {
+                let disk = self.disk_index(p.id, p.drive_specs.domain, p.drive_specs.image)?;
+                let size = vms.extend_disk(p.id, disk, p.new_size).await?;
+                Ok(json!({ "size": size.to_string() }))
             }
             VmRequest::SetBalloonTarget(b) => {
                 vms.set_balloon(b.id, b.target).await?;

@@ -1494,6 +1494,59 @@ impl VmManager {
         vm.persist()
     }
 
+    /// Grows disk `disk`'s guest-visible size to `size` bytes (VDSM's `diskSizeExtend`): QEMU
+    /// resizes the active layer (`block_resize`), so the image and the guest agree at once;
+    /// the SPM then records the capacity. Asking for the size it has is harmless; shrinking
+    /// and capped thin disks (whose layer is a fixed-size device) are refused.
+    pub async fn extend_disk(&self, id: VmId, disk: usize, size: u64) -> Result<u64, VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Devices)?;
+        let (node, thin) = {
+            let rec = vm.record.lock().unwrap();
+            let spec = rec.disk_spec(disk);
+            let top = spec.layers.last().expect("a disk has layers");
+            (
+                format_node_name(rec.slot(disk), &top.path),
+                top.protocol == BlockProtocol::HostDevice,
+            )
+        };
+        if thin {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: format!("disk {disk} is a capped thin volume: its size grows with its extends"),
+            });
+        }
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        let nodes = q
+            .execute(&qmp::QueryNamedBlockNodes { flat: true })
+            .await
+            .map_err(qe)?;
+        let current = nodes
+            .iter()
+            .find(|n| n.node_name == node)
+            .and_then(|n| n.image.as_ref().map(|i| i.virtual_size))
+            .ok_or_else(|| VmError::Invalid {
+                vm: id,
+                reason: format!("QEMU has no block node {node} for disk {disk}"),
+            })?;
+        if size < current {
+            return Err(VmError::Invalid {
+                vm: id,
+                reason: format!("{size} bytes would shrink disk {disk} ({current} bytes)"),
+            });
+        }
+        if size > current {
+            q.execute(&qmp::BlockResize {
+                node_name: node,
+                size,
+            })
+            .await
+            .map_err(qe)?;
+        }
+        Ok(size)
+    }
+
     /// Live snapshot: each disk's new overlay becomes its active layer, atomically across
     /// disks, with the guest's file systems frozen around it when it has an agent.
     ///

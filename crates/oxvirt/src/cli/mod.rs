@@ -518,6 +518,14 @@ pub enum DiskCmd {
         #[arg(long, visible_alias = "sd")]
         storage_domain: String,
     },
+    /// Grow a disk to a new size (also under its running VM, whose guest sees it at once).
+    #[command(visible_alias = "resize")]
+    Extend {
+        name: String,
+        /// The new size (e.g. 20G, 512M); a disk does not shrink.
+        #[arg(long)]
+        size: String,
+    },
     /// Copy a disk (its VMs down) into a new disk on an active data domain, which may be its own.
     #[command(visible_alias = "cp")]
     Copy {
@@ -1870,6 +1878,28 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             output::print_done(
                 ctx.out,
                 &format!("disk {name} moved to storage domain {storage_domain}"),
+                Some(&obj),
+            )
+        }
+        DiskCmd::Extend { name, size } => {
+            let id = ctx.id(k, &name).await?;
+            let size = parse_size(&size)?;
+            let obj = ctx
+                .api
+                .request(
+                    Method::PUT,
+                    &format!("/disks/{id}"),
+                    Some(&json!({ "provisioned_size": size })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("extending disk {name} failed"))?;
+            output::print_done(
+                ctx.out,
+                &format!(
+                    "disk {name} extended to {} bytes",
+                    obj["provisioned_size"].as_str().unwrap_or("?")
+                ),
                 Some(&obj),
             )
         }

@@ -89,15 +89,24 @@ def image_volumes(sd_id, disk_id):
     return [os.path.join(d, v) for v in chain]
 
 
+def virtual_size(path):
+    """The image's guest-visible size (read while QEMU holds it)."""
+    import subprocess
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)["virtual-size"]
+
+
 def content(path):
-    """The guest-visible content of a volume with its backing chain, as a digest."""
+    """The guest-visible content of a volume with its backing chain, as a digest of its first
+    64 MiB (the disk's size when it was snapshotted: it grows later)."""
     import hashlib
     import subprocess
     import tempfile
     with tempfile.NamedTemporaryFile() as t:
         subprocess.run(["qemu-img", "convert", "-O", "raw", path, t.name], check=True)
         with open(t.name, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            return hashlib.sha256(f.read(64 * MIB)).hexdigest()
 
 
 def qemu_write(path, pattern, offset_mib):
@@ -319,6 +328,25 @@ def main():
                                      and conn.follow_link(v.host).name == dst)(vm_svc.get()), 120)
     wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
     step("migrated to %s" % dst)
+
+    # The running VM's disk grows through its attachment (oVirt's way): QEMU resizes the active
+    # layer under the guest and the SPM records the capacity; a shrink is refused.
+    att_svc = vm_svc.disk_attachments_service().attachment_service(att.id)
+    att_svc.update(types.DiskAttachment(disk=types.Disk(provisioned_size=96 * MIB)))
+    assert disk_svc.get().provisioned_size == 96 * MIB
+    assert disk_svc.get().status == types.DiskStatus.OK
+    leaf = image_volumes(sd.id, att.disk.id)[-1]
+    assert virtual_size(leaf) == 96 * MIB, virtual_size(leaf)
+    with open(leaf + ".meta") as m:
+        cap = dict(l.strip().split("=", 1) for l in m if "=" in l)["CAP"]
+    assert int(cap) == 96 * MIB, cap
+    try:
+        att_svc.update(types.DiskAttachment(disk=types.Disk(provisioned_size=32 * MIB)))
+        raise AssertionError("a shrink was accepted")
+    except sdk.Error as e:
+        assert "shrink" in str(e), e
+    assert vm_svc.get().status == types.VmStatus.UP
+    step("disk extended to 96 MiB under the running guest")
 
     # A disk added to the running VM is hot plugged (the node's record of the VM has it, on
     # the virtio-scsi controller as asked); deactivated it is unplugged, and it goes with its

@@ -681,6 +681,15 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.fails(&["disk", "copy", "scratch", "--sd", "nosuch"]).await;
     assert!(r.stderr.contains("nosuch"), "{r}");
     live.ok(&["disk", "rm", "scratch_Copy"]).await;
+    // Extended, the volume grows and keeps its data; a disk does not shrink.
+    let r = live
+        .ok(&["disk", "extend", "scratch", "--size", "32M", "-o", "json"])
+        .await;
+    assert_eq!(r.json()["provisioned_size"], "33554432", "{r}");
+    assert!(qemu_io(&moved, "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
+    assert!(qemu_io(&moved, "read -P 0 31M 1M").contains("read 1048576/1048576"));
+    let r = live.fails(&["disk", "extend", "scratch", "--size", "8M"]).await;
+    assert!(r.stderr.contains("cannot shrink"), "{r}");
     let r = live.fails(&["sd", "detach", "data1"]).await;
     assert!(r.stderr.contains("deactivate it first"), "{r}");
     let r = live.fails(&["sd", "remove", "data1"]).await;

@@ -492,6 +492,40 @@ impl Scenario for CopyDiskRun {
     }
 }
 
+/// Extends a disk of its own (a disk does not shrink back: each run gets a new one).
+struct ExtendDiskRun;
+impl Scenario for ExtendDiskRun {
+    const SAGA: &'static str = "extend_disk";
+    type Ctx = DiskId;
+    async fn prepare(&self, w: &World) -> DiskId {
+        w.cmds()
+            .add_disk(cow_disk("grower", w.sd, 16 * MIB, None), None)
+            .await
+            .unwrap()
+            .id
+    }
+    async fn run(&self, _: &World, cmds: &Commands, d: &DiskId) {
+        let _ = cmds.extend_disk(*d, 48 * MIB, None).await;
+    }
+    async fn check(&self, w: &World, d: &DiskId, done: bool, what: &str) {
+        let disk = w.db().disk_get(*d).await.unwrap().unwrap();
+        assert_eq!(disk.status, DiskStatus::Ok, "{what}: the disk");
+        let want = if done { 48 * MIB } else { 16 * MIB };
+        assert_eq!(disk.provisioned_size, want, "{what}: the recorded size");
+        let leaf = w.db().volume_chain(*d).await.unwrap().pop().unwrap();
+        let info = w
+            .domain()
+            .volume_info(d.to_string().parse().unwrap(), leaf.id)
+            .unwrap();
+        if done {
+            assert_eq!(info.meta.capacity, 48 * MIB, "{what}: the volume's capacity");
+        }
+    }
+    async fn reset(&self, w: &World, d: DiskId) {
+        w.cmds().remove_disk(d, None).await.unwrap();
+    }
+}
+
 struct AddVmFromTemplate;
 impl Scenario for AddVmFromTemplate {
     const SAGA: &'static str = "add_vm";
@@ -1007,6 +1041,7 @@ async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     sweep(&w, &AddDiskRun).await;
     sweep(&w, &RemoveDiskRun).await;
     sweep(&w, &CopyDiskRun).await;
+    sweep(&w, &ExtendDiskRun).await;
 
     // A removal failing on every attempt past its point of no return is blocked, its disk
     // still locked; retried through its job once the cause is gone, it finishes.

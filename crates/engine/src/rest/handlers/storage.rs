@@ -373,6 +373,10 @@ pub async fn disk_add(r: &Req) -> Result<Resp, ApiError> {
 pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("disk")?;
     let mut d = disk(r, 0).await?;
+    // A bigger provisioned_size extends the disk (first: when it fails nothing changed).
+    if let Some(size) = b.u64("provisioned_size")?.filter(|s| *s != d.provisioned_size) {
+        d = r.cmds().extend_disk(d.id, size, r.correlation_id.clone()).await?;
+    }
     if let Some(n) = b.str("name").or_else(|| b.str("alias")) {
         d.name = n.to_string();
     }
@@ -384,13 +388,6 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     }
     if let Some(w) = b.bool("wipe_after_delete")? {
         d.wipe_after_delete = w;
-    }
-    if b.u64("provisioned_size")?
-        .is_some_and(|s| s != d.provisioned_size)
-    {
-        return Err(ApiError::bad_request(
-            "provisioned_size cannot change in an update: oxvirt has no disk resize command",
-        ));
     }
     let d = r.db().disk_update(&d).await?;
     Ok(Resp::ok(one_disk(r, &d)))

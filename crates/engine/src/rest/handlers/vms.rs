@@ -564,6 +564,17 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
 pub async fn att_update(r: &Req) -> Result<Resp, ApiError> {
     let (_, mut a) = attachment(r).await?;
     let b = r.body("disk_attachment")?;
+    // `<disk><provisioned_size>` extends the disk, also under the running VM (oVirt's way).
+    if let Some(size) = b
+        .get("disk")
+        .map(|d| d.u64("provisioned_size"))
+        .transpose()?
+        .flatten()
+    {
+        r.cmds()
+            .extend_disk(a.disk_id, size, r.correlation_id.clone())
+            .await?;
+    }
     if let Some(x) = b.bool("active")? {
         a.active = x;
     }
