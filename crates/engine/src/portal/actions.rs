@@ -196,6 +196,8 @@ pub enum Verb {
     DiskTransfer {
         copy: bool,
     },
+    /// Grow a disk chosen in the form to the size in the form.
+    ExtendDisk,
     RemoveTemplate(TemplateId),
     /// Retry the command behind a job that waits for an administrator.
     RetryJob(JobId),
@@ -331,6 +333,7 @@ impl Verb {
             ),
             ["disks", "copy"] => Verb::DiskTransfer { copy: true },
             ["disks", "move"] => Verb::DiskTransfer { copy: false },
+            ["disks", "extend"] => Verb::ExtendDisk,
             ["disks", d, "remove"] => Verb::RemoveDisk(id(d, "disk")?),
             ["templates", t, "remove"] => Verb::RemoveTemplate(id(t, "template")?),
             ["jobs", j, "retry"] => Verb::RetryJob(id(j, "job")?),
@@ -358,7 +361,7 @@ impl Verb {
             Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) | Verb::RetryJob(_) => true,
             Verb::Host(_, h) => *h == HostVerb::Maintenance,
             Verb::Sd(_, s) => matches!(s, SdVerb::Deactivate | SdVerb::Detach | SdVerb::Remove),
-            Verb::Logout | Verb::AddVm | Verb::AddSd | Verb::DiskTransfer { .. } => false,
+            Verb::Logout | Verb::AddVm | Verb::AddSd | Verb::DiskTransfer { .. } | Verb::ExtendDisk => false,
         }
     }
 }
@@ -921,6 +924,33 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 }),
             )
         }
+        Verb::ExtendDisk => {
+            let disk: DiskId = form
+                .parse("disk", "disk")?
+                .ok_or_else(|| PortalError::Bad("a disk is required".into()))?;
+            let mib: u64 = form
+                .parse("size_mib", "the new size")?
+                .filter(|m: &u64| *m > 0 && *m <= 1 << 30)
+                .ok_or_else(|| PortalError::Bad("the new size must be 1 MiB to 1 PiB".into()))?;
+            let d = db
+                .disk_get(disk)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("disk {disk} not found")))?;
+            if mib << 20 < d.provisioned_size {
+                return Err(PortalError::Bad(format!(
+                    "disk {} has {} MiB: it cannot shrink to {mib} MiB",
+                    d.name,
+                    d.provisioned_size >> 20
+                )));
+            }
+            (
+                format!("Extend disk {} to {mib} MiB", d.name),
+                Box::pin(async move {
+                    e.cmds.extend_disk(disk, mib << 20, corr).await?;
+                    Ok(Some("/portal/disks".into()))
+                }),
+            )
+        }
         Verb::RemoveTemplate(id) => {
             let t = db
                 .template_get(id)
@@ -1137,6 +1167,7 @@ mod tests {
             Verb::DiskTransfer { copy: true }
         );
         assert!(!Verb::parse(&["disks", "move"]).unwrap().destructive());
+        assert_eq!(Verb::parse(&["disks", "extend"]).unwrap(), Verb::ExtendDisk);
     }
 
     #[test]

@@ -295,7 +295,8 @@ async fn set_members(
                 .disk_list(&ListQuery::new())
                 .await?
                 .iter()
-                .map(|d| format!("{}={}", d.id, d.status))
+                // The size too: an extend changes it with the status back where it was.
+                .map(|d| format!("{}={}:{}", d.id, d.status, d.provisioned_size))
                 .collect(),
             "templates" => db
                 .template_list(&ListQuery::new())

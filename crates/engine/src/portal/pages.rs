@@ -1289,8 +1289,8 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
     let mut h = Html::new();
     h.heading("Disks", Some(&format!("{} disk(s)", disks.len())));
     search_form(&mut h, "/portal/disks", ctx.q("name"));
-    // Copy and move (the commands check that the disk's VMs are down and the domain active);
-    // their progress shows with the running jobs.
+    // Copy and move (the commands check that the disk's VMs are down and the domain active),
+    // extend (also under a running VM); their progress shows with the running jobs.
     let movable: Vec<(String, String)> = disks
         .iter()
         .filter(|d| d.status == DiskStatus::Ok)
@@ -1319,7 +1319,17 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
         h.form_open(f, "/portal/disks/move", None, "inline-form");
         h.select("Move disk", "disk", &movable, None);
         h.select("to", "sd", &domains, None);
-        h.raw("<button type=\"submit\" class=\"secondary\">Move</button></form></div>");
+        h.raw("<button type=\"submit\" class=\"secondary\">Move</button></form>");
+        h.form_open(f, "/portal/disks/extend", None, "inline-form");
+        h.select("Extend disk", "disk", &movable, None);
+        h.input(
+            "to (MiB)",
+            "size_mib",
+            "number",
+            "",
+            "min=\"1\" placeholder=\"MiB\" required",
+        );
+        h.raw("<button type=\"submit\" class=\"secondary\">Extend</button></form></div>");
     }
     h.raw("<div data-region=\"disks\">");
     let set = ctx.q("name").is_none().then_some("disks");
@@ -1342,7 +1352,7 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
         h.raw("<tr data-id=\"")
             .text(&id)
             .raw("\" data-v=\"")
-            .text(d.status)
+            .text(format!("{}:{}", d.status, d.provisioned_size))
             .raw("\">");
         disk_cells(&mut h, d);
         h.cell(names.sd(d.storage_domain_id))

@@ -200,6 +200,16 @@ try {
   check(await notReloaded(), "the copy appeared without a reload");
   await noFailedToast();
   log("web1's disk copied as web1-copy");
+  // The forms list the disks of the page's load (live updates leave forms alone).
+  await page.reload();
+  const ef = page.locator("form[action$='/disks/extend']");
+  await ef.locator("select[name=disk]").selectOption({ label: "web1-copy" });
+  await ef.locator("input[name=size_mib]").fill("48");
+  await ef.locator("button[type=submit]").click();
+  await toastDone("Extend disk web1-copy to 48 MiB").waitFor({ timeout: 60_000 });
+  await page.locator("#disks tbody tr", { hasText: "web1-copy" }).filter({ hasText: "48 MiB" }).waitFor({ timeout: 30_000 });
+  await noFailedToast();
+  log("web1-copy extended to 48 MiB");
   await shot("disk-copy.png");
 
   // --- the jobs the portal started ended, with full progress bars.
