@@ -1402,6 +1402,43 @@ impl Commands {
         .await
     }
 
+    /// Reboots a running guest (QEMU's system reset, as oVirt's reboot of a guest without an
+    /// agent): the VM stays on its host, `reboot_in_progress` until its node reports it up.
+    pub async fn reboot_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != VmStatus::Up {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: only a VM that is up reboots",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let (_, node) = self.running_on(id).await?;
+        node.call("VM.reset", json!({ "vmID": id })).await?;
+        let rt = VmRuntime {
+            status: VmStatus::RebootInProgress,
+            ..vm.runtime.clone()
+        };
+        // The node's word may have come first; it is the truth then.
+        let _ = self.app.db.vm_set_runtime(id, &[VmStatus::Up], &rt).await;
+        self.app.kick.notify_one();
+        self.vm(id).await
+    }
+
+    /// Cancels the migration of a VM: its source host stops sending it, the migration fails
+    /// and the VM runs on where it was (the migration command undoes its own steps).
+    pub async fn cancel_migration(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
+        let vm = self.vm(id).await?;
+        if vm.runtime.status != VmStatus::Migrating {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}, not migrating",
+                vm.name, vm.runtime.status
+            )));
+        }
+        let (_, node) = self.running_on(id).await?;
+        node.call("VM.migrateCancel", json!({ "vmID": id })).await?;
+        self.vm(id).await
+    }
+
     /// Resumes a paused guest.
     pub async fn resume_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
         self.pause_or_resume(id, &[VmStatus::Paused], "VM.cont", VmStatus::Up)

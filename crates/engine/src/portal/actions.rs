@@ -210,6 +210,7 @@ pub enum VmVerb {
     Stop,
     Pause,
     Resume,
+    Reboot,
     Remove,
     Migrate,
     Snapshot,
@@ -278,6 +279,7 @@ impl Verb {
                     "stop" => VmVerb::Stop,
                     "pause" => VmVerb::Pause,
                     "resume" => VmVerb::Resume,
+                    "reboot" => VmVerb::Reboot,
                     "remove" => VmVerb::Remove,
                     "migrate" => VmVerb::Migrate,
                     "snapshot" => VmVerb::Snapshot,
@@ -349,6 +351,7 @@ impl Verb {
                 v,
                 VmVerb::Shutdown
                     | VmVerb::Stop
+                    | VmVerb::Reboot
                     | VmVerb::Remove
                     | VmVerb::CommitPreview
                     | VmVerb::UndoPreview
@@ -437,6 +440,10 @@ async fn describe(ctx: &Ctx, verb: &Verb) -> Result<String, PortalError> {
         Verb::Vm(id, VmVerb::Shutdown) => format!("Shut down VM {} (ACPI)?", vm_name(*id).await?),
         Verb::Vm(id, VmVerb::Stop) => format!(
             "Power off VM {} now? Unsaved guest data is lost.",
+            vm_name(*id).await?
+        ),
+        Verb::Vm(id, VmVerb::Reboot) => format!(
+            "Reboot VM {} now (a reset)? Unsaved guest data is lost.",
             vm_name(*id).await?
         ),
         Verb::Vm(id, VmVerb::CommitPreview) => format!(
@@ -606,6 +613,13 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     format!("Resume VM {name}"),
                     Box::pin(async move {
                         e.cmds.resume_vm(id).await?;
+                        Ok(None)
+                    }),
+                ),
+                VmVerb::Reboot => (
+                    format!("Reboot VM {name}"),
+                    Box::pin(async move {
+                        e.cmds.reboot_vm(id).await?;
                         Ok(None)
                     }),
                 ),
@@ -1128,6 +1142,7 @@ mod tests {
         );
         assert!(!Verb::parse(&["vms", &vs, "start"]).unwrap().destructive());
         assert!(Verb::parse(&["vms", &vs, "stop"]).unwrap().destructive());
+        assert!(Verb::parse(&["vms", &vs, "reboot"]).unwrap().destructive());
         assert!(Verb::parse(&["vms", &vs, "shutdown"]).unwrap().destructive());
         assert!(Verb::parse(&["vms", &vs, "remove"]).unwrap().destructive());
         assert!(!Verb::parse(&["vms", &vs, "snapshot"]).unwrap().destructive());

@@ -1587,6 +1587,17 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         "running",
         "danger",
     );
+    act(
+        &mut h,
+        "reboot",
+        "Reboot",
+        Some(format!(
+            "Reboot VM {} now (a reset)? Unsaved guest data is lost.",
+            v.name
+        )),
+        "up",
+        "secondary",
+    );
     act(&mut h, "pause", "Pause", None, "up", "secondary");
     act(&mut h, "resume", "Resume", None, "paused", "secondary");
     act(

@@ -683,6 +683,10 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Reboot a running guest (a system reset); the VM stays on its host.
+    Reboot { name: String },
+    /// Cancel a VM's migration: it runs on where it was.
+    CancelMigration { name: String },
     /// Suspend a running VM: its memory goes to storage, QEMU ends (`vm start` resumes it).
     Suspend {
         name: String,
@@ -2172,6 +2176,30 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 .action(format!("stop VM {name}"), format!("/vms/{id}/stop"), json!({}), u)
                 .await?;
             output::print_done(ctx.out, &format!("VM {name} is down"), o.as_ref())
+        }
+        VmCmd::Reboot { name } => {
+            let id = ctx.id(k, &name).await?;
+            ctx.action(
+                format!("reboot VM {name}"),
+                format!("/vms/{id}/reboot"),
+                json!({}),
+                None,
+            )
+            .await?;
+            let obj = ctx.api.get(&format!("/vms/{id}")).await?;
+            output::print_done(ctx.out, &format!("VM {name} is rebooting"), Some(&obj))
+        }
+        VmCmd::CancelMigration { name } => {
+            let id = ctx.id(k, &name).await?;
+            ctx.action(
+                format!("cancel the migration of VM {name}"),
+                format!("/vms/{id}/cancelmigration"),
+                json!({}),
+                None,
+            )
+            .await?;
+            let obj = ctx.api.get(&format!("/vms/{id}")).await?;
+            output::print_done(ctx.out, &format!("migration of VM {name} cancelled"), Some(&obj))
         }
         VmCmd::Shutdown { name, wait } => {
             let id = ctx.id(k, &name).await?;

@@ -495,6 +495,37 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.fails(&["vm", "start", "vm1"]).await;
     assert!(r.stderr.contains("409"), "{r}");
 
+    // Rebooted, the guest boots again where it runs; with no migration, none is cancelled.
+    let boots = || {
+        std::fs::read_to_string(node_dir.path().join("run/vms").join(&vm_id).join("serial.log"))
+            .unwrap_or_default()
+            .matches("OXVIRT-GUEST ready")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while boots() == 0 {
+        assert!(Instant::now() < deadline, "the guest never said it was ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = live.ok(&["vm", "reboot", "vm1"]).await;
+    assert!(r.stdout.contains("VM vm1 is rebooting"), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while boots() < 2 {
+        assert!(Instant::now() < deadline, "the guest did not boot again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = live.ok(&["vm", "show", "vm1", "-o", "json"]).await;
+        if r.json()["status"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not up again after the reboot: {r}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let r = live.fails(&["vm", "cancel-migration", "vm1"]).await;
+    assert!(r.stderr.contains("not migrating"), "{r}");
+
     // A live snapshot, then stop.
     let r = live
         .ok(&[

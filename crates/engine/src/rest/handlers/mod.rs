@@ -88,6 +88,8 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         VmStop => vms::vm_power(r, vms::Power::Stop).await,
         VmShutdown => vms::vm_power(r, vms::Power::Shutdown).await,
         VmSuspend => vms::vm_power(r, vms::Power::Suspend).await,
+        VmReboot => vms::vm_power(r, vms::Power::Reboot).await,
+        VmCancelMigration => vms::vm_power(r, vms::Power::CancelMigration).await,
         VmMigrate => vms::vm_migrate(r).await,
         VmPreviewSnapshot => vms::vm_preview(r).await,
         VmCommitSnapshot => vms::vm_commit(r).await,

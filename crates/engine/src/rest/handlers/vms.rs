@@ -342,6 +342,8 @@ pub enum Power {
     Stop,
     Shutdown,
     Suspend,
+    Reboot,
+    CancelMigration,
 }
 
 pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
@@ -352,6 +354,8 @@ pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
         Power::Stop => "stop",
         Power::Shutdown => "shutdown",
         Power::Suspend => "suspend",
+        Power::Reboot => "reboot",
+        Power::CancelMigration => "cancel migration",
     };
     let corr = r.correlation_id.clone();
     run_action(r, Some(&body), what, move |e| async move {
@@ -365,6 +369,12 @@ pub async fn vm_power(r: &Req, p: Power) -> Result<Resp, ApiError> {
             // As oVirt: memory and devices go to a volume, the VM is `suspended`; start resumes.
             Power::Suspend => {
                 e.cmds.suspend_vm(id, corr).await?;
+            }
+            Power::Reboot => {
+                e.cmds.reboot_vm(id).await?;
+            }
+            Power::CancelMigration => {
+                e.cmds.cancel_migration(id).await?;
             }
         }
         Ok(())
