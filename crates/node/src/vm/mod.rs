@@ -2646,7 +2646,20 @@ async fn vm_task(vm: Arc<Vm>, mut ev: qmp::EventStream, extender: Arc<dyn Extend
                     }
                 }
             },
-            exit = process.wait() => break exit,
+            exit = process.wait() => {
+                // The exit can be seen before the events QEMU sent just before it (SHUTDOWN
+                // says whether the guest powered off): read what is left of the stream, which
+                // ends once the socket's last bytes are in.
+                let drain = async {
+                    while let Some(e) = ev.recv().await {
+                        if let Event::Shutdown { guest, reason } = e {
+                            *vm.shutdown.lock().unwrap() = Some((guest, reason));
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                break exit;
+            }
         }
     };
     *vm.qmp.lock().unwrap() = None;
