@@ -1911,7 +1911,8 @@ impl Commands {
                 continue;
             };
             match vm.runtime.status {
-                crate::model::VmStatus::Down | crate::model::VmStatus::Suspended => {}
+                // A suspended VM's saved devices expect the disk's old size.
+                crate::model::VmStatus::Down => {}
                 crate::model::VmStatus::Up | crate::model::VmStatus::Paused if a.active => {
                     live.push((vm.id, vm.runtime.run_on_host.expect("a running VM has a host")))
                 }

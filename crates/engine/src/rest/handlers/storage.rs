@@ -373,8 +373,11 @@ pub async fn disk_add(r: &Req) -> Result<Resp, ApiError> {
 pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("disk")?;
     let mut d = disk(r, 0).await?;
+    // Everything parsed before anything changes.
+    let (shareable, wipe) = (b.bool("shareable")?, b.bool("wipe_after_delete")?);
+    let size = b.u64("provisioned_size")?;
     // A bigger provisioned_size extends the disk (first: when it fails nothing changed).
-    if let Some(size) = b.u64("provisioned_size")?.filter(|s| *s != d.provisioned_size) {
+    if let Some(size) = size.filter(|s| *s != d.provisioned_size) {
         d = r.cmds().extend_disk(d.id, size, r.correlation_id.clone()).await?;
     }
     if let Some(n) = b.str("name").or_else(|| b.str("alias")) {
@@ -383,10 +386,10 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(n) = b.get("description") {
         d.description = n.text.trim().to_string();
     }
-    if let Some(s) = b.bool("shareable")? {
+    if let Some(s) = shareable {
         d.shareable = s;
     }
-    if let Some(w) = b.bool("wipe_after_delete")? {
+    if let Some(w) = wipe {
         d.wipe_after_delete = w;
     }
     let d = r.db().disk_update(&d).await?;

@@ -574,27 +574,30 @@ pub async fn att_add(r: &Req) -> Result<Resp, ApiError> {
 pub async fn att_update(r: &Req) -> Result<Resp, ApiError> {
     let (_, mut a) = attachment(r).await?;
     let b = r.body("disk_attachment")?;
-    // `<disk><provisioned_size>` extends the disk, also under the running VM (oVirt's way).
-    if let Some(size) = b
+    // Everything parsed before anything changes.
+    let (active, bootable, read_only) = (b.bool("active")?, b.bool("bootable")?, b.bool("read_only")?);
+    let interface = b.parse("interface")?;
+    let size = b
         .get("disk")
         .map(|d| d.u64("provisioned_size"))
         .transpose()?
-        .flatten()
-    {
+        .flatten();
+    // `<disk><provisioned_size>` extends the disk, also under the running VM (oVirt's way).
+    if let Some(size) = size {
         r.cmds()
             .extend_disk(a.disk_id, size, r.correlation_id.clone())
             .await?;
     }
-    if let Some(x) = b.bool("active")? {
+    if let Some(x) = active {
         a.active = x;
     }
-    if let Some(x) = b.bool("bootable")? {
+    if let Some(x) = bootable {
         a.bootable = x;
     }
-    if let Some(x) = b.parse("interface")? {
+    if let Some(x) = interface {
         a.interface = x;
     }
-    if let Some(x) = b.bool("read_only")? {
+    if let Some(x) = read_only {
         a.read_only = x;
     }
     let a = r.cmds().update_disk_attachment(a).await?;
