@@ -1389,10 +1389,11 @@ impl Commands {
         Ok(self.app.db.vm_update(v).await?)
     }
 
-    /// Pauses a running guest (QEMU stops its CPUs). Only an `up` VM pauses; the record moves
-    /// from the status it was read in, so a migration or shutdown begun meanwhile wins.
+    /// Pauses a running guest (QEMU stops its CPUs). An `up` VM pauses, and one still powering
+    /// up or rebooting; the record moves from the status it was read in, so a migration or
+    /// shutdown begun meanwhile wins.
     pub async fn pause_vm(&self, id: VmId) -> Result<crate::model::Vm, CommandError> {
-        // A guest still booting pauses too (oVirt's "running" states); start-paused needs it.
+        // oVirt's "running" states; a start-paused whose VM is not yet up needs them.
         self.pause_or_resume(
             id,
             &[VmStatus::Up, VmStatus::PoweringUp, VmStatus::RebootInProgress],
