@@ -91,3 +91,59 @@ impl Drop for TestNs {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
+
+/// dnsmasq serving DHCP only (no DNS) on `nic` inside `ns` (which must have an address in the
+/// range's /24), handing out `first..=last` with `router` as the default gateway and as the DNS
+/// server (which the clients under test must ignore). Killed, its lease file removed, when
+/// dropped.
+pub struct DhcpServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl DhcpServer {
+    pub fn start(ns: &TestNs, nic: &str, first: &str, last: &str, router: &str) -> DhcpServer {
+        let dnsmasq = crate::require_tool("dnsmasq");
+        let dir = std::env::temp_dir().join(format!("{}-dhcp", ns.name));
+        std::fs::create_dir_all(&dir).expect("dnsmasq's directory");
+        let child = Command::new(crate::require_tool("ip"))
+            .args(["netns", "exec", &ns.name])
+            .arg(dnsmasq)
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--user=root",
+                "--bind-interfaces",
+                &format!("--interface={nic}"),
+                &format!("--dhcp-range={first},{last},255.255.255.0,2m"),
+                &format!("--dhcp-option=option:router,{router}"),
+                &format!("--dhcp-option=option:dns-server,{router}"),
+                "--dhcp-authoritative",
+                "--pid-file",
+            ])
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        DhcpServer { child, dir }
+    }
+
+    /// The lease file's lines (expiry, MAC, address, hostname, client id).
+    pub fn leases(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("leases"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for DhcpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -11,7 +11,7 @@ use oxvirt_node::net::model::{HostNet, SetupNetworks};
 use oxvirt_node::net::{NetConfig, NetError, NetworkService};
 use serde_json::json;
 
-use oxvirt_testkit::netns::{ip, TestNs};
+use oxvirt_testkit::netns::{ip, DhcpServer, TestNs};
 
 async fn open(ns: &TestNs, dir: &Path, clock: &SimClock) -> Arc<NetworkService> {
     NetworkService::open(NetConfig {
@@ -318,64 +318,6 @@ fn the_fixture_cleans_up_its_namespace() {
     assert!(!ip(&["netns", "list"]).contains(&name));
 }
 
-/// dnsmasq serving DHCP (no DNS) on `nic` in `ns`, with 10.77.0.1 as router; killed on drop.
-struct DhcpServer {
-    child: std::process::Child,
-    leases: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl DhcpServer {
-    fn start(ns: &TestNs, nic: &str) -> DhcpServer {
-        let dnsmasq = oxvirt_testkit::require_tool("dnsmasq");
-        ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", nic]);
-        let dir = tempfile::tempdir().unwrap();
-        let leases = dir.path().join("leases");
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(dnsmasq)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--port=0",
-                "--user=root",
-                "--bind-interfaces",
-                &format!("--interface={nic}"),
-                "--dhcp-range=10.77.0.50,10.77.0.59,255.255.255.0,2m",
-                "--dhcp-option=option:router,10.77.0.1",
-                "--dhcp-option=option:dns-server,10.77.0.1",
-                "--dhcp-authoritative",
-                "--pid-file",
-            ])
-            .arg(format!("--dhcp-leasefile={}", leases.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start dnsmasq");
-        DhcpServer {
-            child,
-            leases,
-            _dir: dir,
-        }
-    }
-
-    /// The lease file's lines (expiry, MAC, address, hostname, client id).
-    fn leases(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.leases)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for DhcpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Waits until `ok` holds for the host's links, up to 30 s.
 async fn wait_links(svc: &NetworkService, what: &str, ok: impl Fn(&HostNet) -> bool) -> HostNet {
     let start = Instant::now();
@@ -403,7 +345,8 @@ async fn a_dhcp_network_takes_its_address_and_route_from_the_server_and_nothing_
     let host = TestNs::new("dh");
     let server_ns = TestNs::new("ds");
     host.cable("eth1", &server_ns, "srv0");
-    let server = DhcpServer::start(&server_ns, "srv0");
+    server_ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "srv0"]);
+    let server = DhcpServer::start(&server_ns, "srv0", "10.77.0.50", "10.77.0.59", "10.77.0.1");
     let resolv = std::fs::read("/etc/resolv.conf").ok();
     let dir = tempfile::tempdir().unwrap();
     let clock: Arc<dyn oxvirt_lease::clock::Clock> = Arc::new(oxvirt_lease::clock::SystemClock);

@@ -8,7 +8,8 @@
 //! the engine's connectivity check fails, nobody confirms, and the node restores `eth1` by
 //! itself at the deadline; the engine records nothing and reaches the host again. The same
 //! change with the right address (the address moving from the NIC onto the bridge, VDSM's
-//! classic) keeps the engine connected, so it is confirmed and recorded.
+//! classic) keeps the engine connected, so it is confirmed and recorded; so is the move to
+//! DHCP, served from the engine's side of the cable.
 
 use crate::common;
 
@@ -26,7 +27,7 @@ use oxvirt_engine::commands::SetupHostNetworks;
 use oxvirt_engine::daemon::{Engine, EngineConfig};
 use oxvirt_engine::model::HostStatus;
 use oxvirt_engine::network::{HostAttachment, HostIp, MANAGEMENT_NETWORK};
-use oxvirt_testkit::netns::TestNs;
+use oxvirt_testkit::netns::{DhcpServer, TestNs};
 
 /// Enters namespace `ns` (the test process's own when `None`: threads inherit the namespace
 /// of the thread that made them, so a relay's threads must say where they go).
@@ -269,6 +270,33 @@ async fn a_change_that_cuts_the_engine_off_is_rolled_back_by_the_node_and_a_good
     tokio::time::sleep(Duration::from_secs(5)).await;
     let caps = cmds.host_network_capabilities(h.id).await.unwrap();
     assert!(caps["bridges"].get(MANAGEMENT_NETWORK).is_some(), "{caps}");
+
+    // The management network by DHCP: the engine's side serves the host its own address, so
+    // the engine loses it only until the lease comes, confirms, and records the DHCP attachment.
+    let _dhcp = DhcpServer::start(&eng_ns, "e0", "10.88.0.2", "10.88.0.2", "10.88.0.1");
+    let by_dhcp = SetupHostNetworks {
+        attach: vec![(
+            mgmt.id,
+            HostAttachment {
+                nic: "eth1".into(),
+                ip: HostIp::Dhcp,
+                default_route: false,
+            },
+        )],
+        connectivity_timeout: Some(20),
+        ..Default::default()
+    };
+    let atts = cmds
+        .setup_host_networks(h.id, by_dhcp, None)
+        .await
+        .unwrap_or_else(|err| panic!("{err}: {}", node.log_tail()));
+    assert_eq!(atts[0].attachment.ip, HostIp::Dhcp, "{atts:?}");
+    let caps = cmds.host_network_capabilities(h.id).await.unwrap();
+    let net = &caps["networks"][MANAGEMENT_NETWORK];
+    assert_eq!(net["bootproto"], "dhcp", "{caps}");
+    assert_eq!(net["dhcpLease"]["address"], "10.88.0.2/24", "{caps}");
+    assert_eq!(caps["bridges"][MANAGEMENT_NETWORK]["dhcpv4"], true, "{caps}");
+    assert_eq!(caps["pendingNetworkChange"], serde_json::Value::Null, "{caps}");
     assert!(node.child.try_wait().unwrap().is_none(), "the node exited");
 }
 
