@@ -25,15 +25,6 @@ use super::{Added, CommandError, Commands};
 /// The largest disk (the storage's limit on a volume's capacity, 1 PiB).
 const MAX_DISK_SIZE: u64 = 1 << 50;
 
-/// `16 GiB`, `64 MiB`, or bytes when neither divides the size.
-fn size_label(size: u64) -> String {
-    match size {
-        s if s % (1 << 30) == 0 => format!("{} GiB", s >> 30),
-        s if s % (1 << 20) == 0 => format!("{} MiB", s >> 20),
-        s => format!("{s} bytes"),
-    }
-}
-
 /// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
 const CODE_DOMAIN_NOT_FOUND: i64 = 358;
 const CODE_IMAGE_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::ImageNotFound.code();
@@ -540,19 +531,7 @@ impl SagaDef for RemoveDiskSaga {
 
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    c.db()
-                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
-                        .await?;
-                    Ok(())
-                },
-            ),
+            disk_lock_step(|p: &Self::Params| p.disk),
             // No undo past this point: a deleted image cannot come back.
             Step::without_undo("delete", |c: StepCtx<Self>| async move {
                 let p = c.params();
@@ -613,20 +592,7 @@ impl SagaDef for MoveDiskSaga {
 
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    c.db()
-                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
-                        .await?;
-                    Ok(())
-                },
-            )
-            .describe("Locking the disk"),
+            disk_lock_step(|p: &Self::Params| p.disk).describe("Locking the disk"),
             Step::new(
                 "copy",
                 |c: StepCtx<Self>| async move {
@@ -723,20 +689,7 @@ impl SagaDef for CopyDiskSaga {
 
     fn steps() -> Vec<Step<Self>> {
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    c.db()
-                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
-                        .await?;
-                    Ok(())
-                },
-            )
-            .describe("Locking the source disk"),
+            disk_lock_step(|p: &Self::Params| p.disk).describe("Locking the source disk"),
             Step::new(
                 "record",
                 |c: StepCtx<Self>| async move {
@@ -877,20 +830,7 @@ impl SagaDef for ExtendDiskSaga {
             Ok(())
         }
         vec![
-            Step::new(
-                "lock",
-                |c: StepCtx<Self>| async move {
-                    c.db().disk_lock(c.params().disk, c.saga_id).await?;
-                    Ok(())
-                },
-                |c: StepCtx<Self>| async move {
-                    c.db()
-                        .disk_unlock(c.params().disk, c.saga_id, DiskStatus::Ok)
-                        .await?;
-                    Ok(())
-                },
-            )
-            .describe("Locking the disk"),
+            disk_lock_step(|p: &Self::Params| p.disk).describe("Locking the disk"),
             Step::new(
                 "extend",
                 |c: StepCtx<Self>| async move {
@@ -1237,6 +1177,26 @@ where
         move |c: StepCtx<S>| async move {
             let (dc, sd, from) = at(c.params());
             let _ = c.db().pool_set_status(dc, sd, &[to], from).await;
+            Ok(())
+        },
+    )
+}
+
+/// The step that locks a saga's disk (`ok` → `locked` by the saga), undone by unlocking it.
+fn disk_lock_step<S>(disk: fn(&S::Params) -> DiskId) -> Step<S>
+where
+    S: SagaDef<Ctx = App>,
+{
+    Step::new(
+        "lock",
+        move |c: StepCtx<S>| async move {
+            c.db().disk_lock(disk(c.params()), c.saga_id).await?;
+            Ok(())
+        },
+        move |c: StepCtx<S>| async move {
+            c.db()
+                .disk_unlock(disk(c.params()), c.saga_id, DiskStatus::Ok)
+                .await?;
             Ok(())
         },
     )
@@ -1932,7 +1892,7 @@ impl Commands {
             )));
         }
         let dc = self.domain_dc(d.storage_domain_id).await?;
-        let what = format!("Extending disk {} to {}", d.name, size_label(size));
+        let what = format!("Extending disk {} to {}", d.name, crate::model::bytes(size));
         self.run_as::<ExtendDiskSaga>(
             ExtendDiskParams {
                 disk,

@@ -263,23 +263,7 @@ pub struct FormCtx {
     pub back: String,
 }
 
-/// `1.5 GiB`.
-pub fn bytes(b: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else if v >= 100.0 || v.fract() < 0.05 {
-        format!("{v:.0} {}", U[i])
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+pub use crate::model::bytes;
 
 /// `2024-05-01 12:03:04Z`.
 pub fn time(t: Timestamp) -> String {

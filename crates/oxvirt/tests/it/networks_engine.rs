@@ -25,7 +25,7 @@ use oxvirt_engine::commands::{
     AddNetwork, AddNic, AddVm, MigrateOptions, SetupHostNetworks, UpdateNic, VmStartOptions,
 };
 use oxvirt_engine::daemon::{Engine, EngineConfig};
-use oxvirt_engine::model::{HostStatus, HostUuid, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_engine::network::{HostAttachment, HostBond, HostIp, MANAGEMENT_NETWORK};
 use oxvirt_testkit::netns::TestNs;
 use oxvirt_testkit::TestGuest;
@@ -78,30 +78,6 @@ async fn wait_console(path: &Path, from: usize, needle: &str, n: usize, timeout:
             std::fs::read_to_string(path).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_host(
-    e: &Engine,
-    id: HostUuid,
-    want: HostStatus,
-    timeout: Duration,
-) -> oxvirt_engine::model::Host {
-    let start = Instant::now();
-    loop {
-        let h = e.app().db.host_get(id).await.unwrap().unwrap();
-        if h.status == want {
-            return h;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "host {} is {} ({:?}), not {want}, after {timeout:?}",
-            h.name,
-            h.status,
-            h.status_detail
-        );
-        e.app().kick.notify_one();
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -444,7 +420,7 @@ done) &";
     cmds.attach_cluster_network(cluster, vmnet.id, true)
         .await
         .unwrap();
-    let c_now = wait_host(&e, hc.id, HostStatus::NonOperational, Duration::from_secs(20)).await;
+    let c_now = common::wait_host(&e, hc.id, HostStatus::NonOperational, Duration::from_secs(20)).await;
     let reason = c_now.status_detail.unwrap_or_default();
     assert!(reason.contains("'vmnet'") && reason.contains("hc"), "{reason}");
     for h in [ha.id, hb.id] {
@@ -519,7 +495,7 @@ done) &";
     cmds.attach_cluster_network(cluster, vmnet.id, false)
         .await
         .unwrap();
-    wait_host(&e, hc.id, HostStatus::Up, Duration::from_secs(20)).await;
+    common::wait_host(&e, hc.id, HostStatus::Up, Duration::from_secs(20)).await;
 
     cmds.stop_vm(vm.id).await.unwrap();
     e.shutdown().await;

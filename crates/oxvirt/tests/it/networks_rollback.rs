@@ -244,7 +244,7 @@ async fn a_change_that_cuts_the_engine_off_is_rolled_back_by_the_node_and_a_good
         "the node did not roll back: {}",
         node.log_tail()
     );
-    wait_up(&e, h.id).await;
+    common::wait_host(&e, h.id, HostStatus::Up, Duration::from_secs(30)).await;
 
     // The right address moves from the NIC onto the bridge: the engine still reaches the host
     // (across the same cable), confirms and records the change.
@@ -298,17 +298,4 @@ async fn a_change_that_cuts_the_engine_off_is_rolled_back_by_the_node_and_a_good
     assert_eq!(caps["bridges"][MANAGEMENT_NETWORK]["dhcpv4"], true, "{caps}");
     assert_eq!(caps["pendingNetworkChange"], serde_json::Value::Null, "{caps}");
     assert!(node.child.try_wait().unwrap().is_none(), "the node exited");
-}
-
-async fn wait_up(e: &Engine, id: oxvirt_engine::model::HostUuid) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h = e.app().db.host_get(id).await.unwrap().unwrap();
-        if h.status == HostStatus::Up {
-            return;
-        }
-        assert!(Instant::now() < deadline, "host {} is {}", h.name, h.status);
-        e.app().kick.notify_one();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -396,14 +396,19 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(one_disk(r, &d)))
 }
 
+/// The `<storage_domain>` a disk action sends the disk to.
+async fn destination(r: &Req, body: &Elem) -> Result<SdUuid, ApiError> {
+    let to = body
+        .get("storage_domain")
+        .ok_or_else(|| ApiError::bad_request("the action needs <storage_domain id=\"…\"/>"))?;
+    sd_ref(r, to).await
+}
+
 /// `POST /disks/{id}/move` with `<action><storage_domain id="…"/></action>` (or by name).
 pub async fn disk_move(r: &Req) -> Result<Resp, ApiError> {
     let d = disk(r, 0).await?;
     let body = r.action_body()?;
-    let to = body
-        .get("storage_domain")
-        .ok_or_else(|| ApiError::bad_request("the action needs <storage_domain id=\"…\"/>"))?;
-    let dst = sd_ref(r, to).await?;
+    let dst = destination(r, &body).await?;
     let (id, corr) = (d.id, r.correlation_id.clone());
     run_action(r, Some(&body), "move disk", move |e| async move {
         e.cmds.move_disk(id, dst, corr).await?;
@@ -417,10 +422,7 @@ pub async fn disk_move(r: &Req) -> Result<Resp, ApiError> {
 pub async fn disk_copy(r: &Req) -> Result<Resp, ApiError> {
     let d = disk(r, 0).await?;
     let body = r.action_body()?;
-    let to = body
-        .get("storage_domain")
-        .ok_or_else(|| ApiError::bad_request("the action needs <storage_domain id=\"…\"/>"))?;
-    let dst = sd_ref(r, to).await?;
+    let dst = destination(r, &body).await?;
     let name = body
         .get("disk")
         .and_then(|e| e.str("alias").or_else(|| e.str("name")))

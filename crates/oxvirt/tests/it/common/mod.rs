@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oxvirt_engine::enroll::{handler, Enrollment};
+use oxvirt_engine::model::{HostStatus, HostUuid};
 use oxvirt_pki::{client_config, server_config, CertAuthority, Identity, Role};
 use oxvirt_rpc::{Limits, RpcClient};
 use serde_json::{json, Value};
@@ -208,5 +209,30 @@ pub fn kill_qemus(run_dir: &Path) {
             // SAFETY: kill(2) on a pid whose command line we just checked.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+    }
+}
+
+/// Waits until the engine records host `id` as `want`, kicking its monitor.
+pub async fn wait_host(
+    e: &oxvirt_engine::daemon::Engine,
+    id: HostUuid,
+    want: HostStatus,
+    timeout: Duration,
+) -> oxvirt_engine::model::Host {
+    let start = Instant::now();
+    loop {
+        let h = e.app().db.host_get(id).await.unwrap().unwrap();
+        if h.status == want {
+            return h;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "host {} is {} ({:?}), not {want}, after {timeout:?}",
+            h.name,
+            h.status,
+            h.status_detail
+        );
+        e.app().kick.notify_one();
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
