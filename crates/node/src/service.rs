@@ -21,6 +21,10 @@ use crate::storage::StorageService;
 use crate::vm::ksm::{Ksm, KsmRun, KsmState};
 use crate::vm::{VmManager, VmManagerConfig, VmStatus};
 
+/// How long a restarted node with running VMs waits for its own storage reconnect before it
+/// serves (see `storage::resume`).
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+
 /// Static configuration given on the command line or by the engine.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -56,6 +60,9 @@ pub struct Node {
     /// leases of an instance that went down are given back: so a release meant for an old
     /// instance never takes the leases of the next one started right after it.
     lease_locks: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last storage and pool connections the engine gave, replayed at start for VMs that
+    /// outlived the previous process (see `storage::resume`).
+    resume: crate::storage::resume::ResumeLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +127,7 @@ impl Node {
         .await?;
         vm_cfg.networks = net.clone();
         let vms = VmManager::open(vm_cfg).await?;
+        let resume = crate::storage::resume::ResumeLog::open(&config.run_dir);
         let node = Arc::new(Node {
             storage,
             pools,
@@ -132,6 +140,7 @@ impl Node {
             sampler: HostSampler::new(),
             domain_monitor: Default::default(),
             lease_locks: Default::default(),
+            resume,
         });
         // Self-fencing: losing our host id on a domain kills the VMs holding leases there,
         // confirmed by their exit, before other hosts may take those leases (8N + margin).
@@ -149,6 +158,14 @@ impl Node {
         let vms = node.vms.clone();
         node.pools
             .set_holders_probe(Arc::new(move |sd| vms.relies_on_domain(sd)));
+        if !node.vms.list().is_empty() {
+            // Bounded: a node whose storage hangs still comes up to answer the engine, and
+            // the reconnect goes on behind.
+            let resume = tokio::spawn(node.clone().resume_storage());
+            if tokio::time::timeout(RESUME_WAIT, resume).await.is_err() {
+                tracing::warn!(wait = ?RESUME_WAIT, "still reconnecting storage; serving meanwhile");
+            }
+        }
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
         tokio::spawn(publish_migration_progress(Arc::downgrade(&node)));
         tokio::spawn(monitor_domains(Arc::downgrade(&node)));
@@ -161,6 +178,76 @@ impl Node {
             );
         }));
         Ok(node)
+    }
+
+    /// Records a change of the storage connections for the next process (a failure is logged:
+    /// the engine still reconnects a restarted node; only its absence makes the record matter).
+    fn record_storage_change(&self, change: crate::storage::resume::Change) {
+        let change = match change {
+            crate::storage::resume::Change::Connected(conns) => crate::storage::resume::Change::Connected(
+                conns
+                    .into_iter()
+                    .filter(|c| self.storage.connection_path(&c.id).is_some())
+                    .collect(),
+            ),
+            other => other,
+        };
+        if let Err(e) = self.resume.apply(change) {
+            tracing::error!(error = %crate::api::storage::error_chain(&e), "storage connections not recorded");
+        }
+    }
+
+    /// Reconnects, for the VMs found running at start, the storage and the pool the previous
+    /// process had, so their host ids are renewed again before the fence watchdog's deadline
+    /// even with the engine away. Through the same requests the engine sends, so a pool
+    /// connect takes the VMs' leases back; when the engine reconnects too, its requests find
+    /// everything connected.
+    async fn resume_storage(self: Arc<Self>) {
+        use crate::api::storage::{PoolRequest, StorageRequest};
+        let rec = self.resume.record();
+        if rec.is_empty() {
+            return;
+        }
+        tracing::info!(connections = rec.connections.len(), pool = ?rec.pool.as_ref().map(|p| p.pool),
+            "VMs outlived the previous node process: reconnecting its storage");
+        if !rec.connections.is_empty() {
+            let req = StorageRequest::ConnectStorageServer {
+                connections: rec.connections.clone(),
+            };
+            if let Err(e) = self.execute(Request::Storage(req)).await {
+                tracing::error!(error = %e, "reconnecting the storage servers failed");
+            }
+        }
+        let Some(mut p) = rec.pool else { return };
+        // The engine may have moved the master while we were away: follow the newest master
+        // the domains themselves name.
+        let domains = self.storage.domains();
+        let roots: Vec<_> = domains.iter().map(|(_, root)| root.clone()).collect();
+        if let Ok((root, pm)) = oxvirt_storage::pool::find_master(&roots, p.pool) {
+            if let Some((sd, _)) = domains.iter().find(|(_, r)| *r == root) {
+                if pm.master_version > p.master_version {
+                    tracing::info!(pool = %p.pool, master = %sd, version = pm.master_version, "the master moved while the node was away");
+                    (p.master, p.master_version) = (*sd, pm.master_version);
+                }
+            }
+        }
+        let req = StorageRequest::Pool(PoolRequest::Connect(crate::api::storage::PoolConnect {
+            pool: p.pool,
+            host_id: p.host_id,
+            master: p.master,
+            master_version: p.master_version,
+            io_timeout: p.io_timeout,
+            fence_margin: p.fence_margin,
+            max_host_id: p.max_host_id,
+        }));
+        match self.execute(Request::Storage(req)).await {
+            Ok(_) => {
+                tracing::info!(pool = %p.pool, host_id = p.host_id, "reconnected the storage pool after a restart")
+            }
+            Err(e) => {
+                tracing::error!(pool = %p.pool, error = %e, "reconnecting the storage pool after a restart failed")
+            }
+        }
     }
 
     /// Parses and executes one call.
@@ -179,7 +266,11 @@ impl Node {
                     s,
                     crate::api::storage::StorageRequest::Pool(crate::api::storage::PoolRequest::Connect(_))
                 );
+                let change = crate::api::storage::resume_change(&s);
                 let r = crate::api::storage::execute(self.storage.clone(), self.pools.clone(), s).await?;
+                if let Some(change) = change {
+                    self.record_storage_change(change);
+                }
                 if connect {
                     self.readopt_vm_leases().await;
                 }

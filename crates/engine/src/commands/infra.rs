@@ -167,19 +167,25 @@ impl Commands {
                 ..Default::default()
             })
             .await?;
-        if let Some(vm) = still.iter().find(|v| v.runtime.status != VmStatus::Down) {
-            // Back to where it was (evacuation left it preparing for maintenance).
+        // Back to where it was (evacuation left it preparing for maintenance).
+        let restore = async || {
             let _ = self
                 .app
                 .db
                 .host_set_status(id, &[HostStatus::PreparingForMaintenance], h.status, None)
                 .await;
+        };
+        if let Some(vm) = still.iter().find(|v| v.runtime.status != VmStatus::Down) {
+            restore().await;
             return Err(CommandError::Conflict(format!(
                 "host {} still runs VM {}",
                 h.name, vm.name
             )));
         }
-        self.release_spm_if_held(&h).await?;
+        if let Err(e) = self.release_spm_if_held(&h).await {
+            restore().await;
+            return Err(e);
+        }
         self.app
             .db
             .host_set_status(id, &[], HostStatus::Maintenance, Some("maintenance requested"))

@@ -28,6 +28,7 @@ const MAX_DISK_SIZE: u64 = 1 << 50;
 /// Node error codes this module reacts to (see `oxvirt_types::api::ErrorCode`).
 const CODE_DOMAIN_NOT_FOUND: i64 = 358;
 const CODE_IMAGE_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::ImageNotFound.code();
+const CODE_SPM_BUSY: i64 = oxvirt_types::api::ErrorCode::SpmBusy.code();
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddStorageDomain {
@@ -1963,14 +1964,29 @@ impl Commands {
         Ok((d, to, dc))
     }
 
-    /// Gives up the SPM role when `h` holds it (maintenance).
+    /// Gives up the SPM role when `h` holds it (maintenance). An SPM with tasks running keeps
+    /// the role and the request is refused, as oVirt refuses it: the role would otherwise be
+    /// cleared here while the host still held the SDM lease, and no other host could take it.
+    /// A host that cannot be reached is let go: its lease, not this record, guards the role.
     pub(crate) async fn release_spm_if_held(&self, h: &Host) -> Result<(), CommandError> {
         for dc in self.app.db.dc_list(&Default::default()).await? {
             if dc.spm_host == Some(h.id) {
-                if let Ok(node) = self.app.client(h) {
-                    let _ = node
-                        .call("StoragePool.spmStop", json!({ "spUUID": dc.storage_pool_id }))
-                        .await;
+                let node = self.app.client(h)?;
+                match node
+                    .call("StoragePool.spmStop", json!({ "spUUID": dc.storage_pool_id }))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some(CODE_SPM_BUSY) => {
+                        return Err(CommandError::Conflict(format!(
+                            "host {} is the SPM of data center {} and has storage tasks running: \
+                             wait for them to end",
+                            h.name, dc.name
+                        )));
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %h.name, dc = %dc.name, error = %e, "spmStop failed; the SPM lease decides who is SPM next")
+                    }
                 }
                 self.app.db.dc_spm_clear(dc.id, h.id).await?;
             }

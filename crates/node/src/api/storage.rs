@@ -13,11 +13,12 @@ use oxvirt_types::{ImgUuid, SdUuid, VolUuid};
 
 use super::{params, ApiError};
 use crate::storage::pool::PoolService;
+use crate::storage::resume::{Change, PoolConnection};
 use crate::storage::{Connection, ConnectionKind, StorageService, StorageServiceError};
 
 mod pool_verbs;
 use pool_verbs::execute_pool;
-pub use pool_verbs::PoolRequest;
+pub use pool_verbs::{Connect as PoolConnect, PoolRequest};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StorageRequest {
@@ -250,6 +251,36 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("storage worker failed: {e}")))?
+}
+
+/// How a request, once it succeeded, changes what a restarted node reconnects to
+/// (`storage::resume`); `None` for requests that change no connection.
+pub fn resume_change(req: &StorageRequest) -> Option<Change> {
+    Some(match req {
+        StorageRequest::ConnectStorageServer { connections } => Change::Connected(connections.clone()),
+        StorageRequest::DisconnectStorageServer { ids } => Change::Disconnected(ids.clone()),
+        StorageRequest::Pool(PoolRequest::Connect(c)) => Change::PoolConnected(PoolConnection {
+            pool: c.pool,
+            host_id: c.host_id,
+            master: c.master,
+            master_version: c.master_version,
+            io_timeout: c.io_timeout,
+            fence_margin: c.fence_margin,
+            max_host_id: c.max_host_id,
+        }),
+        StorageRequest::Pool(PoolRequest::Disconnect(p)) => Change::PoolDisconnected(p.pool),
+        StorageRequest::Pool(PoolRequest::Refresh(r)) => Change::Master {
+            pool: r.pool,
+            master: r.master,
+            version: r.master_version,
+        },
+        StorageRequest::Pool(PoolRequest::SwitchMaster(m)) => Change::Master {
+            pool: m.pool,
+            master: m.new_master,
+            version: m.master_version,
+        },
+        _ => return None,
+    })
 }
 
 pub async fn execute(

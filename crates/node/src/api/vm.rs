@@ -597,6 +597,10 @@ impl Node {
                 self.spawn_incoming_lease_waiter(vm);
                 continue;
             }
+            // One taker at a time per VM: a restarted node's own reconnect and the engine's
+            // may both get here, and two ballots of ours on one lease must not look like
+            // another host's.
+            let _g = self.lock_vm_leases(vm).await;
             match self.take_vm_leases(vm, needs.vm_lease, needs.volumes).await {
                 Ok(()) => tracing::info!(vm_id = %vm, "VM leases taken back"),
                 Err(e) => match e.lease_owner() {

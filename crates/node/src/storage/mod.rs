@@ -3,8 +3,10 @@
 //! A connection is a directory the node reaches storage through: a local directory (`localfs`),
 //! a POSIX file system mounted by the admin or by us (`posixfs`), or an NFS export (`nfs`, which
 //! needs the kernel's NFS client). The engine sends the connections when it activates a host (as
-//! oVirt's `connectStorageServer`); they are kept in memory only, so a restarted node learns
-//! them again from the engine and never acts on a stale list. Domains are found by scanning the
+//! oVirt's `connectStorageServer`); the node acts on the list in memory only. A restarted node
+//! learns it again from the engine, except that VMs which outlived the previous process make it
+//! replay the last list by itself (`resume`: their host ids must be renewed before the fence
+//! watchdog's deadline, engine or not). Domains are found by scanning the
 //! connections for `<sdUUID>/dom_md/metadata`.
 //!
 //! Architecture invariant: ids reach paths only as typed UUIDs; every path the node opens on
@@ -12,6 +14,7 @@
 
 pub mod monitor;
 pub mod pool;
+pub mod resume;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -285,6 +285,9 @@ pub struct PoolService {
     host_name: String,
     clock: Arc<dyn Clock>,
     pool: RwLock<Option<Arc<ConnectedPool>>>,
+    /// Held by connect and disconnect: two connects at once (the engine's and a restarted
+    /// node's own, see `resume`) must not both take the host ids.
+    connecting: Mutex<()>,
     fence_hook: RwLock<Option<FenceHook>>,
     holders: RwLock<Option<HoldersProbe>>,
     spm_observer: RwLock<Option<PoolSpmObserver>>,
@@ -304,6 +307,7 @@ impl PoolService {
             host_name: host_name.to_string(),
             clock: Arc::new(SystemClock),
             pool: RwLock::new(None),
+            connecting: Mutex::new(()),
             fence_hook: RwLock::new(None),
             holders: RwLock::new(None),
             spm_observer: RwLock::new(None),
@@ -371,6 +375,7 @@ impl PoolService {
                 "host id {host_id} is outside 1..=250"
             )));
         }
+        let _connecting = self.connecting.lock().expect("connecting");
         if let Some(p) = self.current() {
             if p.pool != pool {
                 return Err(PoolServiceError::OtherPool(p.pool));
@@ -428,6 +433,7 @@ impl PoolService {
 
     /// `StoragePool.disconnect`: refused while SPM.
     pub fn disconnect(&self, pool: PoolUuid) -> Result<()> {
+        let _connecting = self.connecting.lock().expect("connecting");
         let cp = self.get(pool)?;
         if cp.role.lver().is_some() || cp.role.state() == SpmState::Contending {
             return Err(PoolServiceError::Invalid(format!(
@@ -862,6 +868,17 @@ impl ConnectedPool {
     }
 
     /// `StoragePool.spmStop`.
+    fn refuse_if_tasks_run(&self) -> Result<()> {
+        match self.role.running_jobs() {
+            0 => Ok(()),
+            running => Err(spm::SpmError::Busy {
+                host_id: self.host_id,
+                running,
+            }
+            .into()),
+        }
+    }
+
     pub fn spm_stop(&self) -> Result<()> {
         if self.role.lver().is_none() {
             return Err(spm::SpmError::NotSpm {
@@ -869,6 +886,9 @@ impl ConnectedPool {
             }
             .into());
         }
+        // Refused before anything changes: a stop refused only by `begin_stop` below would
+        // leave an SPM without its mailbox and without its id in the pool metadata.
+        self.refuse_if_tasks_run()?;
         if let Some(m) = self.spm_mailbox.lock().expect("spm mailbox").take() {
             m.stop();
         }
@@ -926,6 +946,9 @@ impl ConnectedPool {
     /// `StoragePool.switchMaster`: the master role (and the SDM lease) move to `new_master`.
     pub fn switch_master(self: &Arc<Self>, new_master: SdUuid, new_version: u64) -> Result<()> {
         self.require_spm()?;
+        // A running task journals on the master it started on: moving the master under it
+        // would leave its record behind, and a later SPM could redo or undo finished work.
+        self.refuse_if_tasks_run()?;
         let (old_sd, old_root) = self.master();
         let new_dom = self.domains.domain(new_master)?;
         let ls = self.lockspace(new_master)?;
