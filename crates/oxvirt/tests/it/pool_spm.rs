@@ -394,6 +394,28 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
         Legality::Illegal,
         "prepare ran"
     );
+    // While a task runs, the SPM neither stops nor moves the master (the task journals on
+    // it), and the refusal changes nothing: the SPM keeps its mailbox and its metadata.
+    for (verb, args) in [
+        ("StoragePool.spmStop", json!({ "spUUID": pool })),
+        (
+            "StoragePool.switchMaster",
+            json!({ "spUUID": pool, "oldMasterUUID": sd, "newMasterUUID": SdUuid::new_random(), "masterVersion": 2 }),
+        ),
+    ] {
+        let e = rpc_err(c.nodes[0].client.call(verb, args).await);
+        assert_eq!(e.code, 2003, "{verb}: {e:?}");
+        assert!(e.message.contains("task job(s) running"), "{verb}: {e:?}");
+    }
+    let still = call(&c.nodes[0], "StoragePool.getSpmStatus", json!({ "spUUID": pool })).await;
+    assert_eq!(
+        (
+            still["spm_st"]["spmStatus"].as_str(),
+            still["metadata"]["spmId"].as_i64()
+        ),
+        (Some("SPM"), Some(1)),
+        "{still}"
+    );
 
     // kill -9 the SPM mid-task, and leave a corrupt task record in the journal.
     c.nodes[0].child.kill().unwrap();
