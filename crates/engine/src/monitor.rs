@@ -343,7 +343,12 @@ async fn poll_host(
     }
     // The rows as they were before the node was asked (see `reconcile_vms`).
     let before = HostView::read(app, h.id).await?;
-    let vms = node.call("Host.getAllVmStats", json!({})).await?;
+    // Half the poll's limit for each VM's QEMU: a stuck one is reported not responding
+    // and the host's answer still arrives in time.
+    let monitor_timeout = app.settings.poll_timeout().as_secs_f64() / 2.0;
+    let vms = node
+        .call("Host.getAllVmStats", json!({ "monitorTimeout": monitor_timeout }))
+        .await?;
     sample_vm_cpu(app, &vms, balancer).await;
     reconcile_vms(app, h, &node, &vms, before).await
 }
@@ -482,9 +487,14 @@ pub async fn reconcile_vms(
         if state == "migration_destination" {
             continue; // the migration saga owns it
         }
-        let Some(want) = engine_status(state) else {
+        let Some(mut want) = engine_status(state) else {
             continue;
         };
+        // A running VM whose QEMU does not answer its monitor is not_responding, as oVirt
+        // shows it; it is still running there (HA leaves it be while its host is up).
+        if r["monitorResponse"].as_i64() == Some(-1) && matches!(want, VmStatus::Up | VmStatus::Paused) {
+            want = VmStatus::NotResponding;
+        }
         let ours = vm.runtime.run_on_host == Some(h.id);
         if want == VmStatus::Down {
             // A migration's source goes down once the destination runs it; the saga cleans it.
@@ -539,7 +549,17 @@ pub async fn reconcile_vms(
                 run_on_host: Some(h.id),
                 ..Default::default()
             };
-            settle_vm(app, id, vm.runtime.status, &rt).await?;
+            if settle_vm(app, id, vm.runtime.status, &rt).await? && want == VmStatus::NotResponding {
+                event(
+                    app,
+                    Severity::Warning,
+                    126,
+                    format!("VM {} is not responding", vm.name),
+                    Some(h.id),
+                    Some(id),
+                )
+                .await;
+            }
         }
     }
     // VMs the engine placed on this host that the node no longer runs.

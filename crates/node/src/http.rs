@@ -127,7 +127,12 @@ async fn rest(node: &Arc<Node>, resource: &str) -> Reply {
             }
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
-        "vms" => run(Request::Host(HostRequest::GetAllVmStats)).await,
+        "vms" => {
+            run(Request::Host(HostRequest::GetAllVmStats {
+                monitor_timeout: None,
+            }))
+            .await
+        }
         "storagedomains" => {
             let mut out = Vec::new();
             for (sd, _) in node.storage.domains() {

@@ -328,18 +328,23 @@ impl Node {
                 tracing::info!(?tune, "KSM tuned");
                 ksm_json(&state)
             }
-            HostRequest::GetAllVmStats => {
+            HostRequest::GetAllVmStats { monitor_timeout } => {
                 // Each VM's stats are a few QMP round trips to its own QEMU: ask them all at
                 // once, so the verb costs the slowest VM, not the sum of them.
                 let infos = self.vms.list();
-                let stats = futures_util::future::join_all(infos.iter().map(|i| self.vms.stats(i.id))).await;
+                let stats = futures_util::future::join_all(
+                    infos.iter().map(|i| self.vms.stats_within(i.id, monitor_timeout)),
+                )
+                .await;
                 Value::Array(
                     infos
                         .into_iter()
                         .zip(stats)
                         .map(|(info, stats)| {
+                            let monitor = stats.as_ref().map_or(0, |s| s.monitor_response);
                             json!({ "vmID": info.id, "vmName": info.name, "status": to_json(&info.status),
                                     "pid": info.pid, "disks": to_json(&info.disks),
+                                    "monitorResponse": monitor,
                                     "stats": stats.ok().map(|s| to_json(&s)) })
                         })
                         .collect(),

@@ -58,9 +58,22 @@ pub enum QmpError {
     Closed { path: PathBuf, command: String },
     #[error("reply to QMP command {command} does not match its type: {detail}")]
     BadReply { command: String, detail: String },
+    /// QEMU did not answer in time: its monitor is stuck (a stopped process, a hung
+    /// storage read in the main loop). The connection stays usable: a late answer is dropped.
+    #[error("QEMU on {path} did not answer QMP command {command} within {after:?}")]
+    Timeout {
+        path: PathBuf,
+        command: String,
+        after: std::time::Duration,
+    },
 }
 
 impl QmpError {
+    /// Whether QEMU left the command unanswered past its time limit.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+
     /// QEMU's error class (`GenericError`, `DeviceNotFound`...) when QEMU refused a command.
     pub fn class(&self) -> Option<&str> {
         match self {
@@ -85,6 +98,11 @@ pub struct QemuVersion {
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>>>;
+
+/// How long a command waits for QEMU's answer unless the caller says otherwise. Every
+/// command we send answers at once in a healthy QEMU (long work runs as jobs that report by
+/// events); this bounds what a stuck one costs the caller.
+pub const DEFAULT_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One QMP connection. Cheap to share behind an `Arc`; commands may be issued concurrently.
 pub struct Qmp {
@@ -173,11 +191,20 @@ impl Qmp {
     }
 
     pub async fn execute<C: QmpCommand>(&self, cmd: &C) -> Result<C::Reply, QmpError> {
+        self.execute_within(cmd, DEFAULT_COMMAND_TIMEOUT).await
+    }
+
+    /// [`Qmp::execute`] with its own time limit.
+    pub async fn execute_within<C: QmpCommand>(
+        &self,
+        cmd: &C,
+        limit: std::time::Duration,
+    ) -> Result<C::Reply, QmpError> {
         let args = serde_json::to_value(cmd).map_err(|e| QmpError::BadReply {
             command: C::NAME.into(),
             detail: format!("arguments do not serialize: {e}"),
         })?;
-        let v = self.execute_raw(C::NAME, args).await?;
+        let v = self.execute_raw_within(C::NAME, args, limit).await?;
         // Commands without a return value answer `{}`; unit replies accept it.
         let v = match v {
             Value::Object(ref m) if m.is_empty() && is_unit::<C::Reply>() => Value::Null,
@@ -191,7 +218,32 @@ impl Qmp {
 
     /// Runs any command; `args` may be `null` or an object.
     pub async fn execute_raw(&self, command: &str, args: Value) -> Result<Value, QmpError> {
+        self.execute_raw_within(command, args, DEFAULT_COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// [`Qmp::execute_raw`] with its own time limit.
+    pub async fn execute_raw_within(
+        &self,
+        command: &str,
+        args: Value,
+        limit: std::time::Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(limit, self.send_and_wait(id, command, args)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.pending.lock().unwrap().remove(&id);
+                Err(QmpError::Timeout {
+                    path: self.path.clone(),
+                    command: command.into(),
+                    after: limit,
+                })
+            }
+        }
+    }
+
+    async fn send_and_wait(&self, id: u64, command: &str, args: Value) -> Result<Value, QmpError> {
         let mut msg = serde_json::json!({ "execute": command, "id": id });
         match args {
             Value::Null => {}

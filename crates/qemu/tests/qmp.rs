@@ -88,6 +88,23 @@ async fn commands_events_errors_and_reconnect() {
     assert_eq!(b.unwrap().len(), 1);
     assert_eq!(c.unwrap().status, None);
 
+    // A QEMU that stops answering (here: SIGSTOP) costs a caller its time limit, not forever;
+    // once it answers again the connection works and the late reply is not taken for another.
+    let pid = qemu.0.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = std::time::Instant::now();
+    let err = q
+        .execute_within(&qmp::QueryStatus {}, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(err.to_string().contains("query-status"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let cpus = q.execute(&qmp::QueryCpusFast {}).await.unwrap();
+    assert_eq!(cpus.len(), 1);
+    assert_eq!(q.execute(&qmp::QueryStatus {}).await.unwrap().status, "paused");
+
     // The node restarts: the old connection goes away and a new one is accepted.
     drop(q);
     drop(ev);

@@ -14,7 +14,11 @@ pub enum HostRequest {
     Ping,
     GetCapabilities,
     GetStats,
-    GetAllVmStats,
+    /// `monitorTimeout` (seconds, optional): how long each VM's QEMU may take to answer
+    /// before it is reported not responding; the engine asks for less than its own poll limit.
+    GetAllVmStats {
+        monitor_timeout: Option<std::time::Duration>,
+    },
     GetJobs,
     /// The domain monitor's last check of each pool domain (VDSM's `repoStats`).
     GetStorageRepoStats,
@@ -31,6 +35,13 @@ pub const VERBS: &[&str] = &[
     "Host.getStorageRepoStats",
     "Host.setKsmTune",
 ];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AllVmStatsParams {
+    #[serde(default)]
+    monitor_timeout: Option<f64>,
+}
 
 /// `Host.setKsmTune` parameters, with the keys and integer values VDSM's `ksmTune` takes
 /// (`run`: 0 stop, 1 run, 2 unmerge; `merge_across_nodes`: 0 or 1).
@@ -96,7 +107,21 @@ impl HostRequest {
             "Host.ping" => HostRequest::Ping,
             "Host.getCapabilities" => HostRequest::GetCapabilities,
             "Host.getStats" => HostRequest::GetStats,
-            "Host.getAllVmStats" => HostRequest::GetAllVmStats,
+            "Host.getAllVmStats" => {
+                let t: AllVmStatsParams = params(method, p)?;
+                let monitor_timeout = match t.monitor_timeout {
+                    None => None,
+                    Some(s) if s.is_finite() && s > 0.0 && s <= 60.0 => {
+                        Some(std::time::Duration::from_secs_f64(s))
+                    }
+                    Some(s) => {
+                        return Err(RpcError::invalid_params(format!(
+                            "Host.getAllVmStats: monitorTimeout {s} must be in (0, 60] seconds"
+                        )))
+                    }
+                };
+                return Ok(HostRequest::GetAllVmStats { monitor_timeout });
+            }
             "Host.getJobs" => HostRequest::GetJobs,
             "Host.getStorageRepoStats" => HostRequest::GetStorageRepoStats,
             "Host.setKsmTune" => {
@@ -126,6 +151,33 @@ mod tests {
 
     fn parse(v: Value) -> Result<HostRequest, RpcError> {
         HostRequest::parse("Host.setKsmTune", v.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn all_vm_stats_takes_an_optional_monitor_timeout() {
+        let all = |v: Value| HostRequest::parse("Host.getAllVmStats", v.as_object().unwrap().clone());
+        assert_eq!(
+            all(serde_json::json!({})).unwrap(),
+            HostRequest::GetAllVmStats {
+                monitor_timeout: None
+            }
+        );
+        assert_eq!(
+            all(serde_json::json!({"monitorTimeout": 1.5})).unwrap(),
+            HostRequest::GetAllVmStats {
+                monitor_timeout: Some(std::time::Duration::from_millis(1500))
+            }
+        );
+        for bad in [
+            serde_json::json!({"monitorTimeout": 0}),
+            serde_json::json!({"monitorTimeout": -1}),
+            serde_json::json!({"monitorTimeout": 61}),
+            serde_json::json!({"monitorTimeout": "5"}),
+            serde_json::json!({"timeout": 5}),
+        ] {
+            let e = all(bad.clone()).unwrap_err();
+            assert_eq!(e.code, oxvirt_rpc::jsonrpc::INVALID_PARAMS, "{bad}: {e:?}");
+        }
     }
 
     #[test]

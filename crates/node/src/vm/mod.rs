@@ -357,6 +357,11 @@ pub struct VmStats {
     /// Percent done of the outgoing migration running now.
     #[serde(default)]
     pub migration_progress: Option<u8>,
+    /// VDSM's `monitorResponse`: 0 when QEMU answered the stats queries, -1 when it did not
+    /// within the time limit (its monitor is stuck; the other figures are then from procfs
+    /// only).
+    #[serde(default)]
+    pub monitor_response: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,6 +554,9 @@ pub struct VmManagerConfig {
     pub start_timeout: Duration,
     /// Per guest agent call.
     pub agent_timeout: Duration,
+    /// Per QMP query while sampling stats: a QEMU that does not answer within it is reported
+    /// as not responding (VDSM's `monitorResponse` -1) instead of holding up the host's stats.
+    pub stats_timeout: Duration,
     /// Address incoming migrations listen on.
     pub migration_host: String,
     /// Where NICs on logical networks get their taps, and the namespace QEMU runs in.
@@ -564,6 +572,7 @@ impl VmManagerConfig {
             extender: Arc::new(thin::LocalSpmExtender),
             start_timeout: Duration::from_secs(30),
             agent_timeout: Duration::from_secs(5),
+            stats_timeout: Duration::from_secs(5),
             migration_host: "127.0.0.1".into(),
             networks: Arc::new(nics::NoNetworks),
         }
@@ -1421,6 +1430,12 @@ impl VmManager {
     }
 
     pub async fn stats(&self, id: VmId) -> Result<VmStats, VmError> {
+        self.stats_within(id, None).await
+    }
+
+    /// [`VmManager::stats`] with QEMU given at most `limit` per query (never more than the
+    /// configured `stats_timeout`).
+    pub async fn stats_within(&self, id: VmId, limit: Option<Duration>) -> Result<VmStats, VmError> {
         let vm = self.get(id)?;
         let status = vm.status();
         let (memory_mib, balloon_target_mib) = {
@@ -1433,22 +1448,42 @@ impl VmManager {
         let mut vcpu_ms = Vec::new();
         let mut balloon_actual_bytes = None;
         let mut disks = Vec::new();
+        let mut monitor_response = 0;
         if let (false, Ok(q)) = (status.is_down(), vm.qmp()) {
-            let qe = |source| VmError::Qmp { vm: id, source };
-            for c in q.execute(&qmp::QueryCpusFast {}).await.map_err(qe)? {
-                let (u, s) = proc_cpu_ms(&format!("/proc/{pid}/task/{}/stat", c.thread_id));
-                vcpu_ms.push(u + s);
-            }
-            balloon_actual_bytes = q.execute(&qmp::QueryBalloon {}).await.ok().map(|b| b.actual);
-            for b in q.execute(&qmp::QueryBlockstats {}).await.map_err(qe)? {
-                disks.push(DiskStats {
-                    device: b.qdev.unwrap_or_default(),
-                    rd_bytes: b.stats.rd_bytes,
-                    wr_bytes: b.stats.wr_bytes,
-                    rd_operations: b.stats.rd_operations,
-                    wr_operations: b.stats.wr_operations,
-                    flush_operations: b.stats.flush_operations,
-                });
+            let limit = limit.map_or(self.cfg.stats_timeout, |l| l.min(self.cfg.stats_timeout));
+            let sampled = async {
+                let mut vcpu_ms = Vec::new();
+                for c in q.execute_within(&qmp::QueryCpusFast {}, limit).await? {
+                    let (u, s) = proc_cpu_ms(&format!("/proc/{pid}/task/{}/stat", c.thread_id));
+                    vcpu_ms.push(u + s);
+                }
+                let balloon = match q.execute_within(&qmp::QueryBalloon {}, limit).await {
+                    Ok(b) => Some(b.actual),
+                    Err(e) if e.is_timeout() => return Err(e),
+                    Err(_) => None, // no balloon device, or a guest without the driver
+                };
+                let disks: Vec<DiskStats> = q
+                    .execute_within(&qmp::QueryBlockstats {}, limit)
+                    .await?
+                    .into_iter()
+                    .map(|b| DiskStats {
+                        device: b.qdev.unwrap_or_default(),
+                        rd_bytes: b.stats.rd_bytes,
+                        wr_bytes: b.stats.wr_bytes,
+                        rd_operations: b.stats.rd_operations,
+                        wr_operations: b.stats.wr_operations,
+                        flush_operations: b.stats.flush_operations,
+                    })
+                    .collect();
+                Ok((vcpu_ms, balloon, disks))
+            };
+            match sampled.await {
+                Ok((v, b, d)) => (vcpu_ms, balloon_actual_bytes, disks) = (v, b, d),
+                Err(e) if e.is_timeout() => {
+                    tracing::warn!(vm_id = %id, error = %e, "QEMU is not responding");
+                    monitor_response = -1;
+                }
+                Err(source) => return Err(VmError::Qmp { vm: id, source }),
             }
         }
         Ok(VmStats {
@@ -1470,6 +1505,7 @@ impl VmManager {
                 .load(Ordering::Relaxed)
                 .checked_sub(1)
                 .map(|p| p as u8),
+            monitor_response,
         })
     }
 

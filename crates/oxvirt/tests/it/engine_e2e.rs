@@ -450,6 +450,40 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     wait_pass(&rh, paused_at + 2, "the resumed guest made no progress").await;
     assert_eq!(status().await, VmStatus::Up);
 
+    // A QEMU that stops answering its monitor (SIGSTOP) is not_responding while its host
+    // stays up and answers polls; once it answers again the VM is up.
+    let here = resumed.runtime.run_on_host.unwrap();
+    let node = e
+        .app()
+        .client(&db.host_get(here).await.unwrap().unwrap())
+        .unwrap();
+    let pid = node.call("VM.getInfo", json!({ "vmID": vm.id })).await.unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let seen = cmds
+        .wait_vm_status(vm.id, VmStatus::NotResponding, Duration::from_secs(20))
+        .await;
+    let host_status = db.host_get(here).await.unwrap().unwrap().status;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    seen.unwrap();
+    eprintln!(
+        "a stuck QEMU was reported not responding after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(host_status, HostStatus::Up, "one stuck QEMU took its host down");
+    let noted = db
+        .event_list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .any(|ev| ev.code == 126 && ev.description.contains("not responding"));
+    assert!(noted, "no event says the VM is not responding");
+    cmds.wait_vm_status(vm.id, VmStatus::Up, Duration::from_secs(20))
+        .await
+        .unwrap();
+
     // A graceful shutdown: ACPI's power button, the guest powers off, the VM is down.
     let v = cmds.shutdown_vm(vm.id).await.unwrap();
     assert!(
