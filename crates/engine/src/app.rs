@@ -84,6 +84,8 @@ pub struct HostRuntime {
     pub repo: std::collections::BTreeMap<SdUuid, crate::monitor::DomainView>,
     /// Since when the host has reported each domain bad.
     pub domain_bad_since: std::collections::BTreeMap<SdUuid, crate::time::Timestamp>,
+    /// When the engine last fenced the host for holding the SPM role while unreachable.
+    pub spm_fenced_at: Option<std::time::Instant>,
 }
 
 pub struct App {

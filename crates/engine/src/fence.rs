@@ -7,7 +7,9 @@
 //! `status`: powered off, anything else: failure.
 //!
 //! Fencing (`off`, then `status` until it reports off) is what the HA loop does to an
-//! unreachable host whose VM leases are not free yet (see [`crate::ha`]). It only makes the
+//! unreachable host whose VM leases are not free yet (see [`crate::ha`]), and what the SPM
+//! election does to an unreachable host that storage still names as the SPM
+//! ([`fence_unreachable_spm`]). It only makes the
 //! host stop for sure; its leases still expire on their own timeline (8N + M after its last
 //! renewal), so fencing never lets anyone take a lease early — it turns "may be running for
 //! ever" (a node cut from the engine but not from storage) into "dead within 8N + M".
@@ -679,51 +681,104 @@ impl Commands {
     /// Powers the host off through its agent and waits until the agent reports it off; the
     /// host is then recorded `down`.
     pub async fn fence_host(&self, host: HostUuid) -> Result<(), CommandError> {
-        let h = self.app.host(host).await?;
-        let agent = agent_of(&self.app, host)
-            .await?
-            .ok_or_else(|| CommandError::Conflict(format!("host {} has no fence agent", h.name)))?;
-        let fail = |e: FenceError| CommandError::Conflict(e.to_string());
-        tracing::warn!(host = %h.name, "fencing: powering the host off through its agent");
-        agent.run(PowerAction::Off, AGENT_TIMEOUT).await.map_err(fail)?;
-        let start = std::time::Instant::now();
-        loop {
-            match agent.run(PowerAction::Status, AGENT_TIMEOUT).await {
-                Ok(PowerStatus::Off) => break,
-                Ok(PowerStatus::On) | Err(_) if start.elapsed() < AGENT_TIMEOUT => {
-                    tokio::time::sleep(Duration::from_millis(500)).await
-                }
-                Ok(PowerStatus::On) => {
-                    return Err(CommandError::Conflict(format!(
-                        "host {} is still powered on after its fence agent's off",
-                        h.name
-                    )))
-                }
-                Err(e) => return Err(fail(e)),
-            }
-        }
-        let _ = self
-            .app
-            .db
-            .host_set_status(
-                host,
-                &[],
-                HostStatus::Down,
-                Some("fenced: powered off by its fence agent"),
-            )
-            .await;
-        let mut e = NewEvent::new(
-            Severity::Warning,
-            9020,
-            format!("Host {} was fenced (powered off by its fence agent)", h.name),
-        );
-        e.host_id = Some(host);
-        if let Err(err) = self.app.db.event_add(&e).await {
-            tracing::warn!(error = %err, "cannot record event");
-        }
-        tracing::warn!(host = %h.name, "host fenced");
-        Ok(())
+        power_off(&self.app, host).await
     }
+}
+
+/// The SPM on storage (host id `spm_id` in data center `d`) sits on a host the engine cannot
+/// reach. Cut from the engine but not from storage, it keeps renewing its SDM lease for ever
+/// and no other host can become SPM; powered off, its lease dies within 8N + M. So a host
+/// with a fence agent is fenced, at most once per [`SPM_FENCE_PERIOD`] (a failed or
+/// ineffective fence is not repeated every monitoring round). Answers whether it fenced.
+pub async fn fence_unreachable_spm(
+    app: &App,
+    d: &crate::model::DataCenter,
+    spm_id: i64,
+) -> Result<bool, CommandError> {
+    let q = ListQuery {
+        filter: crate::db::HostFilter {
+            data_center: Some(Ref::Id(d.id)),
+            status: vec![HostStatus::NonResponsive],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut holder = None;
+    for h in app.db.host_list(&q).await? {
+        if app.db.host_spm_id(d.id, h.id).await?.map(|i| i64::from(i.get())) == Some(spm_id) {
+            holder = Some(h);
+            break;
+        }
+    }
+    let Some(h) = holder else { return Ok(false) };
+    if agent_of(app, h.id).await?.is_none() {
+        tracing::warn!(dc = %d.name, host = %h.name,
+            "the SPM's host is unreachable and has no fence agent: the role moves only once its lease dies");
+        return Ok(false);
+    }
+    {
+        let mut rt = app.hosts_rt.lock().expect("host runtime");
+        let r = rt.entry(h.id).or_default();
+        let now = std::time::Instant::now();
+        if r.spm_fenced_at
+            .is_some_and(|t| now.duration_since(t) < SPM_FENCE_PERIOD)
+        {
+            return Ok(false);
+        }
+        r.spm_fenced_at = Some(now);
+    }
+    tracing::warn!(dc = %d.name, host = %h.name, "the SPM's host is unreachable: fencing it so the role can move");
+    power_off(app, h.id).await?;
+    Ok(true)
+}
+
+/// How often one host is fenced at most for holding the SPM role while unreachable.
+pub const SPM_FENCE_PERIOD: Duration = Duration::from_secs(300);
+
+async fn power_off(app: &App, host: HostUuid) -> Result<(), CommandError> {
+    let h = app.host(host).await?;
+    let agent = agent_of(app, host)
+        .await?
+        .ok_or_else(|| CommandError::Conflict(format!("host {} has no fence agent", h.name)))?;
+    let fail = |e: FenceError| CommandError::Conflict(e.to_string());
+    tracing::warn!(host = %h.name, "fencing: powering the host off through its agent");
+    agent.run(PowerAction::Off, AGENT_TIMEOUT).await.map_err(fail)?;
+    let start = std::time::Instant::now();
+    loop {
+        match agent.run(PowerAction::Status, AGENT_TIMEOUT).await {
+            Ok(PowerStatus::Off) => break,
+            Ok(PowerStatus::On) | Err(_) if start.elapsed() < AGENT_TIMEOUT => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(PowerStatus::On) => {
+                return Err(CommandError::Conflict(format!(
+                    "host {} is still powered on after its fence agent's off",
+                    h.name
+                )))
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    let _ = app
+        .db
+        .host_set_status(
+            host,
+            &[],
+            HostStatus::Down,
+            Some("fenced: powered off by its fence agent"),
+        )
+        .await;
+    let mut e = NewEvent::new(
+        Severity::Warning,
+        9020,
+        format!("Host {} was fenced (powered off by its fence agent)", h.name),
+    );
+    e.host_id = Some(host);
+    if let Err(err) = app.db.event_add(&e).await {
+        tracing::warn!(error = %err, "cannot record event");
+    }
+    tracing::warn!(host = %h.name, "host fenced");
+    Ok(())
 }
 
 #[cfg(test)]

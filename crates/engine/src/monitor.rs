@@ -835,6 +835,13 @@ pub(crate) async fn elect_spm(app: &App, dc: DcId, prefer: Option<HostUuid>) -> 
             tracing::info!(dc = %d.name, host = %holder.name, "the SPM found on storage stepped down for a forced selection");
         }
     }
+    // The SPM on storage is on no host the engine reaches: fence it if it can be (its lease
+    // then dies within 8N + M); spmStart below fails until the lease is dead either way.
+    if prev_id > 0 && !connected.iter().any(|(_, id)| *id == prev_id) {
+        if let Err(e) = crate::fence::fence_unreachable_spm(app, &d, prev_id).await {
+            tracing::error!(dc = %d.name, spm_id = prev_id, error = %e, "fencing the unreachable SPM failed");
+        }
+    }
     let timeout = app.settings.io_timeout * 8 + app.settings.fence_margin + Duration::from_secs(30);
     let r = node
         .run_task(

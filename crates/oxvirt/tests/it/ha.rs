@@ -426,18 +426,14 @@ impl Drop for Killed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_agent() {
-    let guest = TestGuest::get();
-    let ns = Netns::create();
-    let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
-    let mut c = start_cluster_at(2, common::fast_engine_settings(), &[], listen).await;
-    let e = c.engine.clone();
-    let cmds = &e.cmds;
-    let db = &e.app().db;
-    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
-
-    // host3 lives in the namespace: the engine reaches it only through the veth.
+/// host3 lives in the namespace (the engine reaches it only through the veth) and has power
+/// management: an agent that kills its node by pid (as cutting the power would); its QEMU is
+/// then the watchdog's to kill. Answers the node process, its directory and its host row.
+async fn node_in_netns_with_agent(
+    ns: &Netns,
+    e: &Arc<Engine>,
+    cluster: &oxvirt_engine::model::Cluster,
+) -> (Killed, tempfile::TempDir, oxvirt_engine::model::Host) {
     let d3 = tempfile::tempdir().unwrap();
     let token = e.enroll_token(Some(cluster.id), Duration::from_secs(300));
     let port = 20000 + (std::process::id() % 20000) as u16;
@@ -469,15 +465,10 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
             .spawn()
             .unwrap(),
     );
-    allinone::wait_hosts_up(&e, 3, Duration::from_secs(60))
+    allinone::wait_hosts_up(e, 3, Duration::from_secs(60))
         .await
         .unwrap();
-    let host3 = db.host_get_by_name("host3").await.unwrap().unwrap();
-
-    let (_, sd) = attach_data_domain(&c, "host1").await;
-
-    // Power management for host3: an agent that kills its node by pid (as cutting the power
-    // would); its QEMU is then the watchdog's to kill.
+    let host3 = e.app().db.host_get_by_name("host3").await.unwrap().unwrap();
     let pidfile = d3.path().join("node.pid");
     std::fs::write(&pidfile, node3.0.id().to_string()).unwrap();
     let agent = d3.path().join("fence-agent.sh");
@@ -497,14 +488,73 @@ esac
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
-    cmds.set_fence_agent(
-        host3.id,
-        Some(oxvirt_engine::fence::FenceAgent {
-            command: vec![agent.display().to_string(), pidfile.display().to_string()],
-        }),
-    )
-    .await
-    .unwrap();
+    e.cmds
+        .set_fence_agent(
+            host3.id,
+            Some(oxvirt_engine::fence::FenceAgent {
+                command: vec![agent.display().to_string(), pidfile.display().to_string()],
+            }),
+        )
+        .await
+        .unwrap();
+    (node3, d3, host3)
+}
+
+/// The SPM, with no VM at all, is cut from the engine but keeps its storage: it renews its
+/// lease for ever, so only fencing lets the role move. The election fences it through its
+/// agent (no HA VM asks for it) and the role moves once its lease is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_spm_cut_from_the_engine_is_fenced_by_its_agent_and_the_role_moves() {
+    let ns = Netns::create();
+    let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
+    let mut c = start_cluster_at(2, common::fast_engine_settings(), &[], listen).await;
+    let e = c.engine.clone();
+    let db = &e.app().db;
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let (node3, _d3, host3) = node_in_netns_with_agent(&ns, &e, &cluster).await;
+    attach_data_domain(&c, "host1").await;
+    e.cmds.force_select_spm(host3.id).await.unwrap();
+    assert_eq!(spm_of(&e).await, Some(host3.id));
+
+    let cut = Instant::now();
+    let spm_watch = watch_spm_leaving(e.clone(), host3.id, cut);
+    ns.cut();
+    let moved = spm_watch.await.expect("the SPM role left the cut host");
+    let h3 = db.host_get(host3.id).await.unwrap().unwrap();
+    assert_eq!(h3.status, HostStatus::Down, "{:?}", h3.status_detail);
+    assert!(
+        h3.status_detail.as_deref().unwrap_or("").contains("fenced"),
+        "{:?}",
+        h3.status_detail
+    );
+    let fenced = db
+        .event_list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.code == 9020 && ev.host_id == Some(host3.id))
+        .count();
+    assert_eq!(fenced, 1, "fenced once, not every monitoring round");
+    eprintln!("BENCH SPM cut from the engine, fenced by its agent: role moved after {moved:?}");
+    check_domain(&c.storage);
+    e.shutdown().await;
+    drop(node3);
+    c.nodes.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_agent() {
+    let guest = TestGuest::get();
+    let ns = Netns::create();
+    let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
+    let mut c = start_cluster_at(2, common::fast_engine_settings(), &[], listen).await;
+    let e = c.engine.clone();
+    let cmds = &e.cmds;
+    let db = &e.app().db;
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+
+    let (node3, d3, host3) = node_in_netns_with_agent(&ns, &e, &cluster).await;
+    let (_, sd) = attach_data_domain(&c, "host1").await;
 
     let vm = cmds
         .add_vm(
