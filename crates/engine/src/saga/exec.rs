@@ -18,6 +18,29 @@ use crate::db::repo::sagas::{saga_insert, saga_set_state, saga_step_record};
 use crate::db::{Db, SagaRecord, SagaState, SagaStepStatus};
 use crate::model::{JobId, JobStatus, SagaId, StepId, StepType};
 
+tokio::task_local! {
+    /// Set around a command by a caller that answers as soon as the command's work is under
+    /// way (REST's asynchronous requests): whatever the command checks before its saga and
+    /// in the saga's first step is still the request's answer, a refusal included; what
+    /// follows is the job's.
+    pub static ON_SAGA_START: SagaStartSignal;
+}
+
+/// Fires once, with the job of the first saga started under it, when that saga's first step
+/// is done.
+pub struct SagaStartSignal(Mutex<Option<tokio::sync::oneshot::Sender<JobId>>>);
+
+impl SagaStartSignal {
+    pub fn new() -> (SagaStartSignal, tokio::sync::oneshot::Receiver<JobId>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (SagaStartSignal(Mutex::new(Some(tx))), rx)
+    }
+
+    fn take(&self) -> Option<tokio::sync::oneshot::Sender<JobId>> {
+        self.0.lock().expect("saga start signal").take()
+    }
+}
+
 /// Runs sagas of the registered types with a shared application context `C`.
 pub struct SagaExecutor<C: Send + Sync + 'static> {
     inner: Arc<Inner<C>>,
@@ -262,7 +285,19 @@ impl<C: Send + Sync + 'static> SagaExecutor<C> {
             updated_at: now,
             steps: Vec::new(),
         };
-        self.spawn(Arc::new(Typed::<S>(PhantomData)), rec)
+        let handle = self.spawn(Arc::new(Typed::<S>(PhantomData)), rec)?;
+        // Whoever waits for the work to be under way learns it once the first step (a
+        // saga's checks and locks) is done; a saga that fails before never tells.
+        if let Ok(Some(tx)) = ON_SAGA_START.try_with(SagaStartSignal::take) {
+            let mut progress = handle.progress.clone();
+            let job = job.id;
+            tokio::spawn(async move {
+                if progress.wait_for(|&done| done >= 1).await.is_ok() {
+                    let _ = tx.send(job);
+                }
+            });
+        }
+        Ok(handle)
     }
 
     /// Starts a saga and waits for it to end.

@@ -137,7 +137,7 @@ use crate::db::{Db, DbError};
 use crate::model::{JobId, NewEvent, SagaId, Severity};
 
 pub use crate::db::{SagaRecord, SagaState, SagaStepRecord, SagaStepStatus};
-pub use exec::{ForwardRetry, SagaExecutor, SagaHandle};
+pub use exec::{ForwardRetry, SagaExecutor, SagaHandle, SagaStartSignal, ON_SAGA_START};
 
 /// Event codes for sagas whose definition does not choose oVirt's (see [`SagaDef::event`]).
 pub mod codes {

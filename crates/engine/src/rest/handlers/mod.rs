@@ -177,8 +177,8 @@ pub fn is_async(r: &Req, body: Option<&Elem>) -> Result<bool, ApiError> {
     Ok(r.q_bool("async")?.unwrap_or(false))
 }
 
-/// Runs an action: 200 `complete` when it is done, or at once 202 `pending` when the client
-/// asked for `async` (the work goes on; its job carries the request's correlation id).
+/// Runs an action: 200 `complete` when it is done, or 202 `pending` when the client asked for
+/// `async` (see [`run_async`]).
 pub async fn run_action<F, Fut>(
     r: &Req,
     body: Option<&Elem>,
@@ -190,21 +190,74 @@ where
     Fut: Future<Output = Result<(), ApiError>> + Send + 'static,
 {
     if is_async(r, body)? {
-        let fut = f(r.engine.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::warn!(action = what, reason = e.reason, detail = %e.detail, "asynchronous action failed");
+        return run_async(r, what, f(r.engine.clone()), |r, job| {
+            let mut o = r.out();
+            o.root("action", None, None);
+            o.leaf("async", true);
+            if let Some(job) = job {
+                o.reference("job", &job.to_string(), &crate::rest::write::href("jobs", job));
             }
-        });
-        let mut o = r.out();
-        o.root("action", None, None);
-        o.leaf("async", true);
-        o.leaf("status", "pending");
-        o.close("action");
-        return Ok(Resp::accepted(o));
+            o.leaf("status", "pending");
+            o.close("action");
+            Resp::accepted(o)
+        })
+        .await;
     }
     f(r.engine.clone()).await?;
     Ok(action_complete(r))
+}
+
+/// How long an asynchronous request waits for its command to reach its saga (or to end)
+/// before answering anyway: a command that does long work before any saga (evacuating a
+/// host for maintenance) is not held to its end.
+const ASYNC_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `fut` for an asynchronous request: as oVirt validates before it answers, the request
+/// waits until the command's saga is under way (its first step done: `pending` answers, naming the job), the
+/// command ended (its refusal is the request's error; a success answers `complete`), or
+/// [`ASYNC_ANSWER_WAIT`] passed. Work that goes on after the answer reports through its job
+/// and events, and here through the log.
+pub async fn run_async<Fut>(
+    r: &Req,
+    what: &'static str,
+    fut: Fut,
+    pending: impl FnOnce(&Req, Option<crate::model::JobId>) -> Resp,
+) -> Result<Resp, ApiError>
+where
+    Fut: Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    let (signal, started) = crate::saga::SagaStartSignal::new();
+    let mut task = tokio::spawn(crate::saga::ON_SAGA_START.scope(signal, fut));
+    let finished = |done: Result<Result<(), ApiError>, tokio::task::JoinError>| match done {
+        Ok(Ok(())) => Ok(action_complete(r)),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(ApiError::internal(format!("{what} failed: {e}"))),
+    };
+    let deadline = tokio::time::Instant::now() + ASYNC_ANSWER_WAIT;
+    let job = tokio::select! {
+        biased;
+        done = &mut task => return finished(done),
+        job = started => match job {
+            Ok(job) => Some(job),
+            // No saga will say it is under way: the command is ending (its signal went
+            // with it) or its saga failed in its first step. Its end is the answer.
+            Err(_) => match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(done) => return finished(done),
+                Err(_) => None,
+            },
+        },
+        _ = tokio::time::sleep_until(deadline) => None,
+    };
+    tokio::spawn(async move {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(action = what, reason = e.reason, detail = %e.detail, "asynchronous request failed")
+            }
+            Err(e) => tracing::error!(action = what, error = %e, "asynchronous request panicked"),
+        }
+    });
+    Ok(pending(r, job))
 }
 
 fn missing(what: &str, e: &Elem) -> ApiError {

@@ -274,20 +274,15 @@ pub async fn vm_remove(r: &Req) -> Result<Resp, ApiError> {
 }
 
 /// DELETE answers 200 with an `<action>` in every case (the SDK accepts nothing else); with
-/// `async=true` the removal goes on after the answer.
+/// `async=true` the removal goes on after the answer once it passed its checks
+/// ([`super::run_async`]: a refused removal is still the request's error).
 pub async fn run_remove<F, Fut>(r: &Req, what: &'static str, f: F) -> Result<Resp, ApiError>
 where
     F: FnOnce(std::sync::Arc<crate::daemon::Engine>) -> Fut,
     Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
 {
     if is_async(r, None)? {
-        let fut = f(r.engine.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::warn!(action = what, detail = %e.detail, "asynchronous removal failed");
-            }
-        });
-        return Ok(action_complete(r));
+        return super::run_async(r, what, f(r.engine.clone()), |r, _| action_complete(r)).await;
     }
     f(r.engine.clone()).await?;
     Ok(action_complete(r))
