@@ -665,13 +665,19 @@ impl Node {
                 tracing::info!(vm_id = %vm, error = %e, "incoming migration ended without the guest");
                 return;
             }
-            drop(n);
             let arrived = std::time::Instant::now();
+            // The stream has ended: the source, stopped, grows nothing any more. Thin volumes
+            // it grew meanwhile are larger on storage than the devices prepared here.
+            n.vms.refresh_thin_devices(vm).await;
+            drop(n);
             let mut attempts = 0u32;
             let mut warned = arrived;
             loop {
                 let Some(n) = node.upgrade() else { return };
                 let Some(needs) = n.vms.lease_needs().into_iter().find(|l| l.id == vm && l.awaiting) else {
+                    if n.vms.held_incoming(vm) {
+                        break; // held for its thin disks only: no lease to wait for
+                    }
                     return; // destroyed, or resumed by another waiter
                 };
                 match n.take_vm_leases(vm, needs.vm_lease, needs.volumes).await {
@@ -831,7 +837,11 @@ impl Node {
             }
             VmRequest::MigrationCreate(p) => {
                 let create = self.vm_create_request(p).await?;
-                let (id, hold) = (create.id, self.needs_leases(&create));
+                // Held too for thin disks: the source may grow their volumes while the
+                // stream runs, and the devices here keep the sizes they had now until
+                // refreshed, which the waiter does before the guest runs here.
+                let thin = create.disks.iter().any(|d| d.thin.is_some());
+                let (id, hold) = (create.id, self.needs_leases(&create) || thin);
                 let info = vms.prepare_incoming(create, hold).await?;
                 if hold {
                     self.spawn_incoming_lease_waiter(id);

@@ -1324,6 +1324,32 @@ impl VmManager {
         }
     }
 
+    /// Whether `id` is a migration destination held (started with `-S`) for its leases or
+    /// its thin disks, not yet let run.
+    pub fn held_incoming(&self, id: VmId) -> bool {
+        self.get(id)
+            .is_ok_and(|vm| !vm.status().is_down() && vm.record.lock().unwrap().hold_incoming)
+    }
+
+    /// Makes the loop devices of `id`'s thin disks take their volumes' sizes on storage now
+    /// (another host grew them: the source of a migration) and re-arms their thresholds there.
+    pub async fn refresh_thin_devices(&self, id: VmId) {
+        let Ok(vm) = self.get(id) else { return };
+        let slots = vm.record.lock().unwrap().slots();
+        for slot in slots {
+            let Some((dev, _, thin)) = thin_target(&vm, slot) else {
+                continue;
+            };
+            match thin::loop_refresh(&dev) {
+                Ok(size) => {
+                    tracing::info!(vm_id = %id, slot, size, "thin device refreshed");
+                    set_threshold(&vm, slot, &dev, thin.policy.threshold(size)).await;
+                }
+                Err(e) => tracing::error!(vm_id = %id, slot, error = %e, "cannot refresh a thin device"),
+            }
+        }
+    }
+
     /// Starts a held migration destination once the node holds its leases; `waited` is how
     /// long it waited for them (reported in the stats).
     pub async fn resume_incoming(&self, id: VmId, waited: Duration) -> Result<VmInfo, VmError> {

@@ -957,18 +957,15 @@ async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
 
     let g = TestGuest::get();
     let id = VmId::new_random();
-    hsm.call(
-        "VM.create",
-        json!({
-            "vmID": id, "vmName": "thin", "smp": 1, "memSize": 256, "vnc": false,
-            "boot": { "kernel": g.kernel, "initrd": g.initrd,
-                      "cmdline": TestGuest::append(&["oxvirt.write_mib=40", "oxvirt.marker=done"]) },
-            "drives": [{ "domainID": sd, "imageID": img,
-                         "thin": { "chunk_bytes": 16 * MIB, "free_margin_bytes": 6 * MIB,
-                                   "max_bytes": 80 * MIB } }],
-        }),
-    )
-    .await;
+    let params = json!({
+        "vmID": id, "vmName": "thin", "smp": 1, "memSize": 256, "vnc": false,
+        "boot": { "kernel": g.kernel, "initrd": g.initrd,
+                  "cmdline": TestGuest::append(&["oxvirt.write_mib=40", "oxvirt.marker=done"]) },
+        "drives": [{ "domainID": sd, "imageID": img,
+                     "thin": { "chunk_bytes": 16 * MIB, "free_margin_bytes": 6 * MIB,
+                               "max_bytes": 80 * MIB } }],
+    });
+    hsm.call("VM.create", params.clone()).await;
     let log = hsm.console_log(id);
     let text = tokio::task::spawn_blocking(move || {
         oxvirt_testkit::wait_for_text(&log, "OXVIRT-MARKER done", Duration::from_secs(180))
@@ -993,7 +990,37 @@ async fn a_thin_disk_on_a_host_that_is_not_spm_grows_through_the_mailbox() {
     let size = std::fs::metadata(&path).unwrap().len();
     assert!((40 * MIB..=80 * MIB).contains(&size), "volume file {size} bytes");
 
-    hsm.call("VM.destroy", json!({ "vmID": id })).await;
+    // Migrated to the SPM's host. The source may grow the volume while the stream runs; the
+    // destination's loop device, sized when it was prepared, would not see it (reads past its
+    // end are zeros). Here the volume grows, as the SPM grows it for the source, between the
+    // destination's preparation and the stream: the destination refreshes before it runs.
+    let inc = spm.call("VM.migrationCreate", params.clone()).await;
+    let grown = size + 16 * MIB;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
+    let job = hsm
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": inc["uri"], "maxDowntimeMs": 300, "timeoutSecs": 90 }),
+        )
+        .await["jobID"]
+        .clone();
+    hsm.wait_job(&job, Duration::from_secs(120)).await.unwrap();
+    spm.wait_state(id, "up", Duration::from_secs(30)).await;
+    let rec: Value =
+        serde_json::from_str(&std::fs::read_to_string(spm.vm_dir(id).join("vm.json")).unwrap()).unwrap();
+    let dev = rec["loops"][0]["device"].as_str().unwrap().to_string();
+    assert_eq!(
+        oxvirt_node::vm::thin::device_size(Path::new(&dev)).unwrap(),
+        grown,
+        "the destination's device kept the size it had when prepared"
+    );
+
+    spm.call("VM.destroy", json!({ "vmID": id })).await;
     let out = Command::new(require_tool("qemu-io"))
         .args(["-r", "-f", "qcow2", "-c", "read -P 0x5a 0 40M"])
         .arg(&path)
