@@ -28,6 +28,25 @@ pub(crate) mod sql;
 pub mod list;
 pub(crate) mod repo;
 
+/// Test support: a fresh, empty PostgreSQL schema to run an engine on.
+pub mod testing {
+    use sqlx::Connection;
+
+    /// Makes a new schema on the server at `base` and returns the URL of a database whose
+    /// search path is that schema (an engine opened on it starts empty).
+    pub async fn fresh_postgres_schema(base: &str) -> Result<String, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut c = sqlx::AnyConnection::connect(base).await?;
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut c)
+            .await?;
+        c.close().await.ok();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Ok(format!("{base}{sep}options[search_path]={schema}"))
+    }
+}
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The engine process dies and comes back, with real processes throughout: an engine sets up
 //! storage, a template and a running VM on a real `oxvirt node`, then stops; the VM and the SPM
-//! go on without it. The `oxvirt engine` binary then starts on the same data directory and
+//! go on without it. The `oxvirt engine` binary then starts on the same data directory and database (PostgreSQL here) and
 //! reconciles without restarting anything (same QEMU process); it is `kill -9`ed (SIGKILL at an
 //! exact saga step, `OXVIRT_TEST_CRASH_AT`) in the middle of creating a VM from the template —
 //! after the SPM created the clone's volume, before the engine recorded it — and restarted: the
@@ -33,7 +33,7 @@ const MIB: u64 = 1 << 20;
 const PASSWORD: &str = "restart-test";
 
 /// The `oxvirt engine` binary with the settings the in-process engine used.
-fn spawn_engine(data: &Path, listen: SocketAddr, crash_at: Option<&str>) -> Child {
+fn spawn_engine(data: &Path, db_url: &str, listen: SocketAddr, crash_at: Option<&str>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -42,6 +42,7 @@ fn spawn_engine(data: &Path, listen: SocketAddr, crash_at: Option<&str>) -> Chil
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_oxvirt"));
     cmd.args(["engine", "--data"])
         .arg(data)
+        .args(["--db-url", db_url])
         .args(["--listen", &listen.to_string()])
         .args([
             "--io-timeout",
@@ -228,9 +229,12 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
     let listen = free_port();
 
     // 1. An engine (in process) sets up storage, a template and a running VM on a real node.
+    // On PostgreSQL, as a production engine whose database outlives it (the other real-node
+    // tests run on SQLite).
+    let db_url = common::fresh_postgres_url().await;
     let cfg = EngineConfig {
         data_dir: data.clone(),
-        db_url: None,
+        db_url: Some(db_url.clone()),
         listen,
         admin_password: Some(PASSWORD.into()),
         settings: common::fast_engine_settings(),
@@ -322,7 +326,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
 
     // 3. The binary starts on the same data and reconciles: the VM is up, same process.
     let images_before = image_dirs(&storage);
-    let mut eng = spawn_engine(&data, listen, Some("add_vm:clone:after"));
+    let mut eng = spawn_engine(&data, &db_url, listen, Some("add_vm:clone:after"));
     let mut rest = Rest::new(&data, listen);
     rest.login(&mut eng).await;
     let runner_path = format!("vms/{}", runner.id);
@@ -377,7 +381,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
 
     // 5. Restarted without the crash point: the command is finished or undone, and storage and
     // database agree; the running VM was not touched.
-    let mut eng = spawn_engine(&data, listen, None);
+    let mut eng = spawn_engine(&data, &db_url, listen, None);
     rest.login(&mut eng).await;
     let start = Instant::now();
     let outcome = loop {

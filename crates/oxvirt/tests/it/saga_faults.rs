@@ -1,5 +1,6 @@
 //! The engine's storage commands, each failed at every step and crashed at every point of its
-//! saga (the omicron saga test pattern), against the real engine database and a real
+//! saga (the omicron saga test pattern), against the real engine database (the disk and the
+//! VM/template sweeps on PostgreSQL, the others on SQLite) and a real
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
 //! template and a template; taking, removing, restoring and previewing a cold snapshot, and
 //! committing or undoing the preview; deactivating, detaching and removing a second storage
@@ -22,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{attach_data_domain, cow_disk, start_cluster, Cluster};
+use common::cluster::{attach_data_domain, cow_disk, start_cluster, start_cluster_on_postgres, Cluster};
 use oxvirt_engine::commands::{AddSnapshot, AddVm, Answer, CommandError, Commands};
 use oxvirt_engine::db::{Db, ListQuery, SagaState};
 use oxvirt_engine::model::{
@@ -57,7 +58,15 @@ struct Fingerprint {
 
 impl World {
     async fn new() -> World {
-        let c = start_cluster(1).await;
+        World::with(start_cluster(1).await).await
+    }
+
+    /// The engine on PostgreSQL (the other sweeps run on SQLite).
+    async fn on_postgres() -> World {
+        World::with(start_cluster_on_postgres(1).await).await
+    }
+
+    async fn with(c: Cluster) -> World {
         let (_, sd) = attach_data_domain(&c, "host1").await;
         let e = c.engine.clone();
         let cluster = e
@@ -1037,7 +1046,7 @@ async fn domain_removal_fails_and_crashes_at_every_step_and_storage_agrees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
-    let w = World::new().await;
+    let w = World::on_postgres().await;
     sweep(&w, &AddDiskRun).await;
     sweep(&w, &RemoveDiskRun).await;
     sweep(&w, &CopyDiskRun).await;
@@ -1077,7 +1086,7 @@ async fn disk_commands_fail_and_crash_at_every_step_and_storage_agrees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_and_template_commands_fail_and_crash_at_every_step_and_storage_agrees() {
-    let w = World::new().await;
+    let w = World::on_postgres().await;
     sweep(&w, &AddVmFromTemplate).await;
     sweep(&w, &RemoveVmRun).await;
     sweep(&w, &AddTemplateRun).await;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use oxvirt_engine::db::DbOptions;
 use oxvirt_engine::time::{Clock, SystemClock};
 use oxvirt_engine::Db;
-use sqlx::Connection;
 
 pub const PG_ENV: &str = "OXVIRT_TEST_PG_URL";
 
@@ -65,18 +64,9 @@ pub async fn fresh_database(backend: Backend) -> (String, tempfile::TempDir) {
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("engine.db").display()),
         Backend::Postgres => {
             let base = pg_base_url();
-            sqlx::any::install_default_drivers();
-            let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-            let mut c = sqlx::AnyConnection::connect(&base)
+            oxvirt_engine::db::testing::fresh_postgres_schema(&base)
                 .await
-                .unwrap_or_else(|e| panic!("cannot connect to {PG_ENV}={base}: {e}"));
-            sqlx::query(&format!("CREATE SCHEMA {schema}"))
-                .execute(&mut c)
-                .await
-                .expect("create test schema");
-            c.close().await.ok();
-            let sep = if base.contains('?') { '&' } else { '?' };
-            format!("{base}{sep}options[search_path]={schema}")
+                .unwrap_or_else(|e| panic!("cannot make a test schema on {PG_ENV}={base}: {e}"))
         }
     };
     (url, dir)

@@ -83,11 +83,35 @@ pub async fn start_cluster_at(
     wrapper: &[&str],
     listen: std::net::SocketAddr,
 ) -> Cluster {
+    start_cluster_on(n, settings, wrapper, listen, None).await
+}
+
+/// The engine on a fresh schema of the PostgreSQL test server (`OXVIRT_TEST_PG_URL`).
+pub async fn start_cluster_on_postgres(n: usize) -> Cluster {
+    let url = super::fresh_postgres_url().await;
+    start_cluster_on(
+        n,
+        super::fast_engine_settings(),
+        &[],
+        "127.0.0.1:0".parse().unwrap(),
+        Some(url),
+    )
+    .await
+}
+
+/// The engine on `db_url` (`None`: SQLite in its data directory).
+pub async fn start_cluster_on(
+    n: usize,
+    settings: oxvirt_engine::app::EngineSettings,
+    wrapper: &[&str],
+    listen: std::net::SocketAddr,
+    db_url: Option<String>,
+) -> Cluster {
     let engine_dir = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
         data_dir: engine_dir.path().to_path_buf(),
-        db_url: None,
+        db_url,
         listen,
         admin_password: Some("secret".into()),
         settings,

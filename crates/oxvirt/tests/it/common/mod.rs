@@ -21,6 +21,22 @@ use tokio::sync::oneshot;
 
 /// Engine settings for tests on real processes: leases on a 1 s io_timeout with a 2 s fence
 /// margin, hosts polled every 0.5 s, guests under TCG.
+/// A fresh, empty schema on the PostgreSQL test server named by `OXVIRT_TEST_PG_URL`
+/// (scripts/test starts one); fails naming the variable when it is unset.
+pub async fn fresh_postgres_url() -> String {
+    const PG_ENV: &str = "OXVIRT_TEST_PG_URL";
+    let base = match std::env::var(PG_ENV) {
+        Ok(u) if !u.is_empty() => u,
+        _ => panic!(
+            "{PG_ENV} is not set: this test needs a PostgreSQL server. Run scripts/test, or \
+             `eval \"$(scripts/pg-test.sh start)\"` and re-run (Debian package: postgresql)"
+        ),
+    };
+    oxvirt_engine::db::testing::fresh_postgres_schema(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot make a test schema on {PG_ENV}={base}: {e}"))
+}
+
 pub fn fast_engine_settings() -> oxvirt_engine::app::EngineSettings {
     oxvirt_engine::app::EngineSettings {
         io_timeout: Duration::from_secs(1),
