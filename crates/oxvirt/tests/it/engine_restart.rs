@@ -2,11 +2,10 @@
 //! storage, a template and a running VM on a real `oxvirt node`, then stops; the VM and the SPM
 //! go on without it. The `oxvirt engine` binary then starts on the same data directory and
 //! database (PostgreSQL here) and reconciles without restarting anything (same QEMU process);
-//! it is `kill -9`ed (SIGKILL at an
-//! exact saga step, `OXVIRT_TEST_CRASH_AT`) in the middle of creating a VM from the template —
-//! after the SPM created the clone's volume, before the engine recorded it — and restarted: the
-//! half-done command is finished or undone, the database and the storage agree, and the
-//! running VM was never touched.
+//! it is `kill -9`ed (SIGKILL at an exact saga step, `OXVIRT_TEST_CRASH_AT`) in the middle of
+//! creating a VM from the template — after the SPM created the clone's volume, before the
+//! engine recorded it — and restarted: the half-done command is finished or undone, the
+//! database and the storage agree, and the running VM was never touched.
 
 use crate::common;
 
