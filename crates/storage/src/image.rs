@@ -86,6 +86,10 @@ pub enum CopyMode {
     /// Volume by volume, keeping ids, formats and the chain (a template base must already be
     /// on the destination, in its own image).
     Chain,
+    /// VDSM's `cloneImageStructure`: the same volumes as [`CopyMode::Chain`] (ids, formats,
+    /// sizes, parents), empty, and left ILLEGAL until their data is synced (the first step of
+    /// a live storage migration).
+    Structure,
     /// The whole chain's content into one base volume `vol`.
     Collapsed {
         vol: VolUuid,
@@ -983,8 +987,9 @@ impl FileStorageDomain {
             Step::RemoveImageDirIfEmpty { img: dst_img },
         );
         let mut finals = Vec::new();
+        let structure_only = mode == CopyMode::Structure;
         match mode {
-            CopyMode::Chain => {
+            CopyMode::Chain | CopyMode::Structure => {
                 if let Some(t) = chain.template() {
                     let on_dst = dst.read_meta(t.meta.image, t.id).map_err(|_| {
                         StorageError::invalid(
@@ -1038,6 +1043,32 @@ impl FileStorageDomain {
                         .meta
                         .parent()
                         .map(|p| (p, chain.get(p).expect("chain member").meta.format));
+                    let mut meta = v.meta.clone();
+                    meta.domain = dst.sd();
+                    meta.image = dst_img;
+                    check_meta(dst_img, v.id, &meta)?;
+                    finals.push((v.id, meta));
+                    if structure_only {
+                        op.undoable(
+                            Step::CreateData {
+                                img: dst_img,
+                                vol: v.id,
+                                spec: DataSpec {
+                                    format: v.meta.format,
+                                    allocation: v.meta.allocation,
+                                    capacity: v.meta.capacity,
+                                    backing,
+                                    content_of: None,
+                                    initial_size: None,
+                                },
+                            },
+                            Step::RemoveData {
+                                img: dst_img,
+                                vol: v.id,
+                            },
+                        );
+                        continue;
+                    }
                     op.undoable(
                         Step::CopyVolume {
                             src_sd: self.sd(),
@@ -1063,11 +1094,6 @@ impl FileStorageDomain {
                         },
                     );
                     start += share;
-                    let mut meta = v.meta.clone();
-                    meta.domain = dst.sd();
-                    meta.image = dst_img;
-                    check_meta(dst_img, v.id, &meta)?;
-                    finals.push((v.id, meta));
                 }
             }
             CopyMode::Collapsed {
@@ -1143,7 +1169,8 @@ impl FileStorageDomain {
                 },
             );
         }
-        for (vol, meta) in &finals {
+        // A bare structure stays ILLEGAL: its volumes hold no data yet.
+        for (vol, meta) in finals.iter().filter(|_| !structure_only) {
             let mut illegal = meta.clone();
             illegal.legality = Legality::Illegal;
             op.undoable(

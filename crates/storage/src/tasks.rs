@@ -189,6 +189,13 @@ pub enum Job {
         dst_img: ImgUuid,
         collapse: Option<Collapse>,
     },
+    /// VDSM's `cloneImageStructure`: image `img`'s volumes made again, empty and ILLEGAL, in
+    /// the same image of `dst_sd` (the data follows by a sync).
+    CloneStructure {
+        src_sd: SdUuid,
+        img: ImgUuid,
+        dst_sd: SdUuid,
+    },
     PrepareMerge {
         sd: SdUuid,
         img: ImgUuid,
@@ -221,6 +228,7 @@ impl Job {
             Job::SetLegality { .. } => "set_legality",
             Job::MakeTemplate { .. } => "make_template",
             Job::CopyImage { .. } => "copy_image",
+            Job::CloneStructure { .. } => "clone_structure",
             Job::PrepareMerge { .. } => "prepare_merge",
             Job::MergeCommit { .. } => "merge_commit",
             Job::FinalizeMerge { .. } => "finalize_merge",
@@ -310,6 +318,11 @@ impl Job {
                 };
                 s.copy_image(*img, &d, *dst_img, mode, progress)
             }
+            Job::CloneStructure { src_sd, img, dst_sd } => {
+                let d = src.domain(*dst_sd)?;
+                src.domain(*src_sd)?
+                    .copy_image(*img, &d, *img, CopyMode::Structure, progress)
+            }
             Job::PrepareMerge { sd, img, base, top } => src.domain(*sd)?.prepare_merge(*img, *base, *top),
             Job::MergeCommit { sd, img, base, top } => {
                 src.domain(*sd)?.merge_commit(*img, *base, *top, progress)
@@ -366,6 +379,15 @@ impl Job {
                     && d.chain(*dst_img)
                         .map(|c| c.volumes.iter().all(|v| v.meta.legality == Legality::Legal))
                         .unwrap_or(false)
+            }
+            Job::CloneStructure { src_sd, img, dst_sd } => {
+                let d = src.domain(*dst_sd)?;
+                let own = |c: &crate::Chain| c.own_volumes().map(|v| v.id).collect::<Vec<_>>();
+                d.image_exists(*img)
+                    && match (src.domain(*src_sd)?.chain(*img), d.chain(*img)) {
+                        (Ok(a), Ok(b)) => own(&a) == own(&b),
+                        _ => false,
+                    }
             }
             Job::PrepareMerge { sd, img, base, .. } => {
                 meta(*sd, *img, *base)?.is_some_and(|m| m.legality == Legality::Illegal)

@@ -332,6 +332,70 @@ fn delete_leaf_and_legality() {
     assert_clean(&f.dom);
 }
 
+/// `cloneImageStructure`: the same chain on another domain, empty and ILLEGAL until its data
+/// is synced; its metadata matches the source's but for the domain and legality.
+#[test]
+fn clone_structure_makes_the_chain_empty_and_illegal() {
+    let f = Fixture::new();
+    let dst = f.second();
+    let (img, ids) = three_deep(&f, VolFormat::Cow);
+    f.dom
+        .copy_image(img, &dst, img, CopyMode::Structure, &mut |_| {})
+        .unwrap();
+    let (src_chain, dst_chain) = (f.dom.chain(img).unwrap(), dst.chain(img).unwrap());
+    assert_eq!(dst_chain.ids(), ids.to_vec());
+    for (s, d) in src_chain.volumes.iter().zip(&dst_chain.volumes) {
+        assert_eq!(d.meta.legality, Legality::Illegal, "volume {}", d.id);
+        assert_eq!(d.meta.domain, dst.sd());
+        assert_eq!(
+            (
+                d.meta.parent,
+                d.meta.capacity,
+                d.meta.format,
+                d.meta.role,
+                d.meta.allocation
+            ),
+            (
+                s.meta.parent,
+                s.meta.capacity,
+                s.meta.format,
+                s.meta.role,
+                s.meta.allocation
+            )
+        );
+        let path = dst.volume_path(img, d.id);
+        let info = dst.qemu().info(&path, None).unwrap();
+        assert_eq!(info.virtual_size, s.meta.capacity);
+        assert_eq!(
+            info.backing_filename.as_deref(),
+            s.meta.parent().map(|p| p.to_string()).as_deref(),
+            "backing of {}",
+            d.id
+        );
+        let data: u64 = dst
+            .qemu()
+            .map(&path, None)
+            .unwrap()
+            .iter()
+            .filter(|e| e.depth == 0 && e.data)
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(data, 0, "volume {} holds data", d.id);
+    }
+    // Made legal (as a data sync does at its end), it is a clean chain.
+    for v in &ids {
+        dst.set_legality(img, *v, Legality::Legal).unwrap();
+    }
+    assert_clean(&dst);
+    // Twice: refused, nothing changed.
+    let before = tree(dst.root());
+    assert!(matches!(
+        f.dom.copy_image(img, &dst, img, CopyMode::Structure, &mut |_| {}),
+        Err(StorageError::ImageExists { .. })
+    ));
+    assert_eq!(tree(dst.root()), before);
+}
+
 #[test]
 fn copy_chain_and_collapsed_between_domains_then_move() {
     let f = Fixture::new();

@@ -76,6 +76,11 @@ pub const VERBS: &[&str] = &[
     "StoragePool.activateStorageDomain",
     "StoragePool.deactivateStorageDomain",
     "StoragePool.detachStorageDomain",
+    // VDSM's StorageDomain namespace names the same four.
+    "StorageDomain.attach",
+    "StorageDomain.activate",
+    "StorageDomain.deactivate",
+    "StorageDomain.detach",
     "StoragePool.switchMaster",
     "StoragePool.sendExtendMsg",
     "StoragePool.getAllTasksStatuses",

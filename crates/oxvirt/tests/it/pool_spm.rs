@@ -560,6 +560,51 @@ async fn spm_failover_mid_task_recovers_and_the_mailbox_serves_extends() {
         assert!(e.message.contains("so it is not moved"), "{e:?}");
         call(&c.nodes[holder], "Volume.releaseLease", lref.clone()).await;
     }
+    // Image.cloneStructure (the first step of a live storage migration) makes the chain on
+    // another domain, empty and ILLEGAL until its data is synced.
+    let sd2 = SdUuid::new_random();
+    call(
+        &c.nodes[1],
+        "StorageDomain.create",
+        json!({ "sdUUID": sd2, "connectionID": "shared", "description": "data2", "storageType": "localfs" }),
+    )
+    .await;
+    let t = call(
+        &c.nodes[1],
+        "Image.cloneStructure",
+        json!({ "spUUID": pool, "sdUUID": sd, "imgUUID": img, "dstSdUUID": sd2 }),
+    )
+    .await;
+    let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(st["taskResult"], "success", "{st}");
+    call(&c.nodes[1], "Task.clear", json!({ "taskID": t })).await;
+    let dom2 = FileStorageDomain::open(&c.shared().join(sd2.to_string())).unwrap();
+    let cloned = dom2.chain(img).unwrap();
+    assert_eq!(cloned.ids(), vec![base, top2]);
+    assert!(
+        cloned
+            .volumes
+            .iter()
+            .all(|v| v.meta.legality == Legality::Illegal),
+        "{cloned:?}"
+    );
+    assert_eq!(
+        dom.chain(img).unwrap().ids(),
+        vec![base, top2],
+        "the source is untouched"
+    );
+    // Only the SPM clones.
+    let e = rpc_err(
+        c.nodes[2]
+            .client
+            .call(
+                "Image.cloneStructure",
+                json!({ "spUUID": pool, "sdUUID": sd, "imgUUID": img, "dstSdUUID": sd2 }),
+            )
+            .await,
+    );
+    assert_eq!(e.code, 654, "{e:?}");
+
     // Released: the merge runs, holding the leases it changes meanwhile, and gives them back.
     let t = call(&c.nodes[1], "Image.mergeSnapshots", merge).await;
     let st = wait_task(&c.nodes[1], t.as_str().unwrap(), Duration::from_secs(30)).await;

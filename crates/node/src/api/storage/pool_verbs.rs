@@ -783,12 +783,10 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         PoolRequest::ImageCloneStructure(c) => task(c.pool, {
             ensure_pool(pools, c.pool)?.refuse_if_held(c.sd, c.img, None, "copied")?;
             TaskPlan::new("cloneImageStructure").undoable(
-                Job::CopyImage {
+                Job::CloneStructure {
                     src_sd: c.sd,
                     img: c.img,
                     dst_sd: c.dst,
-                    dst_img: c.img,
-                    collapse: None,
                 },
                 Job::DeleteImage {
                     sd: c.dst,
