@@ -155,8 +155,8 @@ impl StorageService {
                 std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
                 let mut cmd = std::process::Command::new("mount");
                 cmd.args(["-t", fstype]);
-                if let Some(o) = &c.mount_options {
-                    cmd.args(["-o", o]);
+                if let Some(o) = mount_options(c.kind, c.mount_options.as_deref()) {
+                    cmd.args(["-o", &o]);
                 }
                 let out = cmd
                     .arg(&c.path)
@@ -319,9 +319,48 @@ fn kernel_has_fs(fs: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// VDSM's NFS mount options: a soft mount that gives up after `retrans` tries of `timeo`
+/// deciseconds (10 s) each, so a dead server turns into I/O errors the domain monitor and the
+/// leases see, instead of processes hung for ever in the kernel (a hard mount); `nosharecache`
+/// keeps two exports of one server apart. The engine's own options come after them and win.
+pub const NFS_DEFAULT_OPTIONS: &str = "soft,nosharecache,timeo=100,retrans=3";
+
+/// The `-o` of a mount: NFS gets [`NFS_DEFAULT_OPTIONS`] before the engine's; other file
+/// systems only the engine's.
+pub fn mount_options(kind: ConnectionKind, given: Option<&str>) -> Option<String> {
+    let given = given.map(str::trim).filter(|o| !o.is_empty());
+    match (kind, given) {
+        (ConnectionKind::Nfs, Some(o)) => Some(format!("{NFS_DEFAULT_OPTIONS},{o}")),
+        (ConnectionKind::Nfs, None) => Some(NFS_DEFAULT_OPTIONS.to_string()),
+        (_, o) => o.map(str::to_string),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nfs_mounts_are_soft_with_vdsm_timeouts_unless_the_engine_says_otherwise() {
+        assert_eq!(
+            mount_options(ConnectionKind::Nfs, None).as_deref(),
+            Some("soft,nosharecache,timeo=100,retrans=3")
+        );
+        // mount(8) takes the last of repeated options: the engine's win.
+        assert_eq!(
+            mount_options(ConnectionKind::Nfs, Some("vers=4.2,timeo=600")).as_deref(),
+            Some("soft,nosharecache,timeo=100,retrans=3,vers=4.2,timeo=600")
+        );
+        assert_eq!(
+            mount_options(ConnectionKind::Nfs, Some("  ")),
+            mount_options(ConnectionKind::Nfs, None)
+        );
+        assert_eq!(mount_options(ConnectionKind::Posixfs, None), None);
+        assert_eq!(
+            mount_options(ConnectionKind::Posixfs, Some("noatime")).as_deref(),
+            Some("noatime")
+        );
+    }
 
     #[test]
     fn localfs_connections_validate_paths_and_find_domains() {
