@@ -817,6 +817,17 @@ pub struct Nic {
     pub linked: bool,
 }
 
+/// A template's NIC: what every VM made from the template gets, with a MAC of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateNic {
+    pub id: NicId,
+    pub template_id: TemplateId,
+    pub name: String,
+    pub network: Option<String>,
+    pub interface: NicInterface,
+    pub linked: bool,
+}
+
 /// Which volume a disk had when a snapshot was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotDisk {

@@ -513,7 +513,11 @@ impl Commands {
 
     // ---- VM NICs ----------------------------------------------------------------------------
 
-    async fn nic_network_check(&self, dc: DcId, network: &Option<String>) -> Result<(), CommandError> {
+    pub(super) async fn nic_network_check(
+        &self,
+        dc: DcId,
+        network: &Option<String>,
+    ) -> Result<(), CommandError> {
         let Some(name) = network else {
             return Ok(());
         };

@@ -854,6 +854,9 @@ pub struct AddTemplateParams {
     pub vm: VmId,
     pub dc: DcId,
     pub disks: Vec<TemplateDisk>,
+    /// The VM's NICs as the template keeps them (read when the command started).
+    #[serde(default)]
+    pub nics: Vec<crate::model::TemplateNic>,
 }
 
 pub struct AddTemplateSaga;
@@ -876,7 +879,12 @@ impl SagaDef for AddTemplateSaga {
                     if c.db().template_get(p.template.id).await?.is_none() {
                         let mut t = p.template.clone();
                         t.status = TemplateStatus::Locked;
-                        c.db().template_insert(&t).await?;
+                        let mut tx = c.db().begin().await?;
+                        tx.template_insert(&t).await?;
+                        for n in &p.nics {
+                            tx.template_nic_insert(n).await?;
+                        }
+                        tx.commit().await?;
                     }
                     let rt = VmRuntime { status: VmStatus::ImageLocked, ..Default::default() };
                     c.db().vm_set_runtime(p.vm, &[VmStatus::Down, VmStatus::ImageLocked], &rt).await?;
@@ -896,6 +904,9 @@ impl SagaDef for AddTemplateSaga {
                 "copy",
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
+                    if p.disks.is_empty() {
+                        return Ok(()); // a diskless VM's template: nothing on storage
+                    }
                     let app = c.app();
                     let dc = app.dc(p.dc).await.map_err(step_err)?;
                     let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
@@ -1129,6 +1140,14 @@ impl Commands {
                 volume: VolUuid::new_random(),
             });
         }
+        // The template's NICs come with it (each with a MAC of its own), as in oVirt; their
+        // networks must be this data center's.
+        let nics = self.app.db.nics_of_template(req.template).await?;
+        for n in &nics {
+            self.nic_network_check(dc, &n.network)
+                .await
+                .map_err(|e| CommandError::Conflict(format!("template {} NIC {}: {e}", tmpl.name, n.name)))?;
+        }
         if !clones.is_empty() {
             let dcr = self.app.dc(dc).await?;
             self.app.spm(&dcr).await?;
@@ -1141,7 +1160,20 @@ impl Commands {
                 None,
                 correlation_id,
                 storage_work,
-                |_| async { Ok(()) },
+                move |cmds| async move {
+                    for n in nics {
+                        let req = crate::commands::networks::AddNic {
+                            name: n.name,
+                            network: n.network,
+                            mac: None,
+                            interface: n.interface,
+                            plugged: true,
+                            linked: n.linked,
+                        };
+                        cmds.add_nic(id, req).await?;
+                    }
+                    Ok(())
+                },
             )
             .await?;
         let entity = self.vm(id).await?;
@@ -1731,6 +1763,21 @@ impl Commands {
         if !disks.is_empty() {
             self.app.spm(&self.app.dc(dc).await?).await?;
         }
+        let nics = self
+            .app
+            .db
+            .nics_of_vm(vm)
+            .await?
+            .into_iter()
+            .map(|n| crate::model::TemplateNic {
+                id: crate::model::NicId::new_random(),
+                template_id: t.id,
+                name: n.name,
+                network: n.network,
+                interface: n.interface,
+                linked: n.linked,
+            })
+            .collect();
         let id = t.id;
         let storage_work = !disks.is_empty();
         let what = format!("Creating template {} from VM {}", t.name, v.name);
@@ -1741,6 +1788,7 @@ impl Commands {
                     vm,
                     dc,
                     disks,
+                    nics,
                 },
                 Some(what),
                 correlation_id,

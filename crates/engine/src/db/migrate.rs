@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster_scheduling_properties",
         sql: include_str!("migrations/0008_cluster_scheduling_properties.sql"),
     },
+    Migration {
+        version: 9,
+        name: "template_nics",
+        sql: include_str!("migrations/0009_template_nics.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -470,9 +470,9 @@ pub fn template(o: &mut Out, t: &Template, emb: Option<&Embedded>) {
             }
             o.array_close();
             o.close("disk_attachments");
-            o.links(&hr, &[]);
+            o.links(&hr, &["nics"]);
         }
-        None => o.links(&hr, &["diskattachments"]),
+        None => o.links(&hr, &["diskattachments", "nics"]),
     }
     o.close("template");
 }

@@ -217,8 +217,64 @@ async fn networks_clusters_profiles_and_vm_nics(backend: Backend) {
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+
+    // A template made of the VM keeps its NIC; a VM made of the template gets it, with a MAC
+    // of its own.
+    let r = c
+        .post(
+            "templates",
+            &format!("<template><name>nt</name><vm id=\"{vm}\"/></template>"),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let tmpl = root_id(&r.body);
+    assert!(r.body.contains(&format!("templates/{tmpl}/nics")), "{}", r.body);
+    let r = c.get(&format!("templates/{tmpl}/nics")).await;
+    assert_eq!(count(&r.body, "nic"), 1, "{}", r.body);
+    assert!(r.body.contains(&profile), "{}", r.body);
+    assert_eq!(
+        xml_text(&r.body, "linked").as_deref(),
+        Some("false"),
+        "{}",
+        r.body
+    );
+    let tnic = root_id(&format!("?>{}", &r.body[r.body.find("<nic ").unwrap()..]));
+    let r = c.get(&format!("templates/{tmpl}/nics/{tnic}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = c
+        .post(
+            "vms",
+            &format!("<vm><name>fromnt</name><cluster id=\"{cl}\"/><template id=\"{tmpl}\"/></vm>"),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let vm2 = root_id(&r.body);
+    let r = c.get(&format!("vms/{vm2}/nics")).await;
+    assert_eq!(count(&r.body, "nic"), 1, "{}", r.body);
+    assert!(r.body.contains(&profile), "{}", r.body);
+    let mac1 = xml_text(&c.get(&format!("vms/{vm}/nics/{nic}")).await.body, "address");
+    assert_ne!(xml_text(&r.body, "address"), mac1, "{}", r.body);
+    // The template's NIC uses the network too.
+    assert_eq!(
+        c.api(Method::DELETE, &format!("vms/{vm2}"), "").await.status,
+        StatusCode::OK
+    );
     assert_eq!(
         c.api(Method::DELETE, &format!("vms/{vm}/nics/{nic}"), "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = c
+        .api(
+            Method::PUT,
+            &format!("networks/{net}"),
+            "<network><name>renamed</name></network>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(
+        c.api(Method::DELETE, &format!("templates/{tmpl}"), "")
             .await
             .status,
         StatusCode::OK

@@ -128,7 +128,7 @@ async fn network_delete(c: &mut Conn<'_>, id: NetworkId) -> Result<bool, DbError
     Ok(c.delete_as(&q, "network", id).await? == 1)
 }
 
-/// The VM NICs of the network's data center that name it.
+/// The VM and template NICs of the network's data center that name it.
 async fn network_nic_count(c: &mut Conn<'_>, n: &LogicalNetwork) -> Result<u64, DbError> {
     let mut q = Sql::new(
         "SELECT COUNT(*) AS n FROM nics JOIN vms ON vms.id = nics.vm_id \
@@ -137,7 +137,15 @@ async fn network_nic_count(c: &mut Conn<'_>, n: &LogicalNetwork) -> Result<u64, 
     q.arg(n.data_center_id.to_string())
         .push(" AND nics.network = ")
         .arg(n.name.as_str());
-    c.count(&q).await
+    let vms = c.count(&q).await?;
+    let mut q = Sql::new(
+        "SELECT COUNT(*) AS n FROM template_nics JOIN templates ON templates.id = template_nics.template_id \
+         JOIN clusters ON clusters.id = templates.cluster_id WHERE clusters.data_center_id = ",
+    );
+    q.arg(n.data_center_id.to_string())
+        .push(" AND template_nics.network = ")
+        .arg(n.name.as_str());
+    Ok(vms + c.count(&q).await?)
 }
 
 // ---------------------------------------------------------------- cluster networks

@@ -766,6 +766,50 @@ async fn nic_get(c: &mut Conn<'_>, id: NicId) -> Result<Option<Nic>, DbError> {
     c.opt(&q).await?.as_ref().map(nic_from_row).transpose()
 }
 
+const TEMPLATE_NIC_COLS: &str = "id, template_id, name, network, interface, linked";
+
+async fn template_nic_insert(c: &mut Conn<'_>, n: &TemplateNic) -> Result<(), DbError> {
+    let mut q = Sql::new(&format!(
+        "INSERT INTO template_nics ({TEMPLATE_NIC_COLS}) VALUES ("
+    ));
+    q.arg(n.id.to_string())
+        .push(", ")
+        .arg(n.template_id.to_string())
+        .push(", ")
+        .arg(n.name.as_str())
+        .push(", ")
+        .arg(Arg::Text(n.network.clone()))
+        .push(", ")
+        .arg(n.interface.as_str())
+        .push(", ")
+        .arg(b2i(n.linked))
+        .push(")");
+    c.exec_as(&q, "NIC", format!("{} of template {}", n.name, n.template_id))
+        .await?;
+    Ok(())
+}
+
+async fn nics_of_template(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<TemplateNic>, DbError> {
+    let mut q = Sql::new(&format!(
+        "SELECT {TEMPLATE_NIC_COLS} FROM template_nics WHERE template_id = "
+    ));
+    q.arg(t.to_string()).push(" ORDER BY name, id");
+    c.all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(TemplateNic {
+                id: r.parse("id")?,
+                template_id: r.parse("template_id")?,
+                name: r.text("name")?,
+                network: r.opt_text("network")?,
+                interface: r.parse("interface")?,
+                linked: r.flag("linked")?,
+            })
+        })
+        .collect()
+}
+
 async fn nics_of_vm(c: &mut Conn<'_>, vm: VmId) -> Result<Vec<Nic>, DbError> {
     let mut q = Sql::new(&format!("SELECT {NIC_COLS} FROM nics WHERE vm_id = "));
     q.arg(vm.to_string()).push(" ORDER BY name, id");
@@ -1215,6 +1259,8 @@ repo! {
     write nic_add(n: &Nic, mac: Option<MacAddr>) -> Nic = nic_add;
     read nic_get(id: NicId) -> Option<Nic> = nic_get;
     read nics_of_vm(vm: VmId) -> Vec<Nic> = nics_of_vm;
+    write template_nic_insert(n: &TemplateNic) -> () = template_nic_insert;
+    read nics_of_template(t: TemplateId) -> Vec<TemplateNic> = nics_of_template;
     write nic_update(n: &Nic) -> Nic = nic_update;
     write nic_remove(id: NicId) -> bool = nic_remove;
 

@@ -101,6 +101,8 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         VmAttRemove => vms::att_remove(r).await,
         VmNumaNodes => vms::numa_list(r).await,
         VmNicList => networks::vm_nic_list(r).await,
+        TemplateNicList => networks::template_nic_list(r).await,
+        TemplateNicGet => networks::template_nic_get(r).await,
         VmNicAdd => networks::vm_nic_add(r).await,
         VmNicGet => networks::vm_nic_get(r).await,
         VmNicUpdate => networks::vm_nic_update(r).await,

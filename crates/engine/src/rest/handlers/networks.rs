@@ -220,6 +220,19 @@ fn nic(o: &mut Out, n: &Nic, profiles: &BTreeMap<String, VnicProfileId>) {
     o.close("nic");
 }
 
+fn template_nic(o: &mut Out, n: &TemplateNic, profiles: &BTreeMap<String, VnicProfileId>) {
+    let hr = format!("{API}/templates/{}/nics/{}", n.template_id, n.id);
+    o.open("nic", Some(&n.id.to_string()), Some(&hr));
+    o.leaf("name", &n.name);
+    o.leaf("interface", n.interface);
+    o.leaf("linked", n.linked);
+    if let Some(p) = n.network.as_ref().and_then(|net| profiles.get(net)) {
+        reference(o, "vnic_profile", "vnicprofiles", p);
+    }
+    reference(o, "template", "templates", n.template_id);
+    o.close("nic");
+}
+
 fn one(r: &Req, f: impl FnOnce(&mut Out)) -> Out {
     let mut o = r.out();
     root_entity(&mut o, f);
@@ -1020,6 +1033,41 @@ pub async fn vm_nic_list(r: &Req) -> Result<Resp, ApiError> {
     let mut o = r.out();
     collection(&mut o, "nics", "nic", &ns, |o, n| nic(o, n, &p));
     Ok(Resp::ok(o))
+}
+
+/// A template's NICs, and the vNIC profiles of its data center (none for Blank).
+async fn template_nics(r: &Req) -> Result<(Vec<TemplateNic>, BTreeMap<String, VnicProfileId>), ApiError> {
+    let id: TemplateId = r.id(0, "template")?;
+    let t = r
+        .db()
+        .template_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("template {id} not found")))?;
+    let p = match t.cluster_id {
+        Some(cl) => match r.db().cluster_get(cl).await? {
+            Some(c) => profiles(r, c.data_center_id).await?,
+            None => BTreeMap::new(),
+        },
+        None => BTreeMap::new(),
+    };
+    Ok((r.db().nics_of_template(id).await?, p))
+}
+
+pub async fn template_nic_list(r: &Req) -> Result<Resp, ApiError> {
+    let (ns, p) = template_nics(r).await?;
+    let mut o = r.out();
+    collection(&mut o, "nics", "nic", &ns, |o, n| template_nic(o, n, &p));
+    Ok(Resp::ok(o))
+}
+
+pub async fn template_nic_get(r: &Req) -> Result<Resp, ApiError> {
+    let (ns, p) = template_nics(r).await?;
+    let id: NicId = r.id(1, "NIC")?;
+    let n = ns
+        .into_iter()
+        .find(|n| n.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("NIC {id} of the template not found")))?;
+    Ok(Resp::ok(one(r, |o| template_nic(o, &n, &p))))
 }
 
 async fn vm_nic(r: &Req) -> Result<(Vm, DcId, Nic), ApiError> {
