@@ -413,6 +413,35 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(live["vms"][&id]["status"], "down");
     assert_eq!(live["counts"]["vms_running"], "0 / 1");
     assert_eq!(live["tasks"], serde_json::json!([]), "no SPM, no storage tasks");
+    // The data centers and snapshots pages watch sets of their own; what the page shows and
+    // what the poller answers agree (else the page would re-render on every poll).
+    for (path, set) in [
+        ("/portal/datacenters", "dcs"),
+        ("/portal/snapshots", "snappage:1"),
+    ] {
+        let page = t.get(path).await.body;
+        assert!(
+            page.contains(&format!("data-live-set=\"{set}\"")),
+            "{path}: {page}"
+        );
+        let mut rows: Vec<String> = page
+            .split("<tr data-id=\"")
+            .skip(1)
+            .map(|r| {
+                let (id, rest) = r.split_once('"').unwrap();
+                let v = rest
+                    .strip_prefix(" data-v=\"")
+                    .and_then(|x| x.split_once('"'))
+                    .map(|(v, _)| v);
+                v.map_or(id.to_string(), |v| format!("{id}={v}"))
+            })
+            .collect();
+        rows.sort();
+        let live = t.get(&format!("/portal/api/live?sets={set}")).await.json();
+        assert_eq!(live["sets"][set], serde_json::json!(rows), "{path}");
+    }
+    let dcs = t.get("/portal/datacenters").await.body;
+    assert!(dcs.contains("data-region=\"head-sub\">1 data center(s)"), "{dcs}");
     let jobs_page = t.get("/portal/jobs").await.body;
     assert!(jobs_page.contains("data-live-tasks") && jobs_page.contains("Adding VM t1"));
     let console = t.get(&format!("/portal/api/console?vm={id}")).await.json();

@@ -57,10 +57,14 @@ impl Html {
     }
 
     /// `<h1>` with optional right-hand actions.
+    /// A list page's heading; its subtitle (counts) is a region, so it is re-rendered with
+    /// the page's other regions when the live poller sees the page's sets change.
     pub fn heading(&mut self, title: &str, sub: Option<&str>) -> &mut Self {
         self.raw("<div class=\"head\"><h1>").text(title).raw("</h1>");
         if let Some(s) = sub {
-            self.raw("<span class=\"sub\">").text(s).raw("</span>");
+            self.raw("<span class=\"sub\" data-region=\"head-sub\">")
+                .text(s)
+                .raw("</span>");
         }
         self.raw("</div>")
     }

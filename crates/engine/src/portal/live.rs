@@ -304,8 +304,20 @@ async fn set_members(
                 .iter()
                 .map(|t| format!("{}={}", t.id, t.status))
                 .collect(),
+            "dcs" => db
+                .dc_list(&ListQuery::new())
+                .await?
+                .iter()
+                .map(|d| format!("{}={}", d.id, pages::dc_live_version(d)))
+                .collect(),
             _ => return Ok(None),
         },
+        Some(("snappage", page)) => {
+            let Ok(page) = page.parse::<u32>() else {
+                return Ok(None);
+            };
+            pages::snapshot_page_members(ctx, page.max(1)).await?
+        }
         Some((kind, id)) => {
             let Ok(vm) = id.parse::<VmId>() else {
                 return Ok(None);

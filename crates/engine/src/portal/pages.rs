@@ -559,7 +559,8 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
     let mut dcs: Vec<&DataCenter> = names.dcs.values().collect();
     dcs.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = Html::new();
-    h.heading("Data centers", None);
+    h.heading("Data centers", Some(&format!("{} data center(s)", dcs.len())));
+    h.raw("<div data-region=\"datacenters\">");
     h.table_open(
         "datacenters",
         &[
@@ -572,7 +573,7 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
             "Version",
             "Description",
         ],
-        None,
+        Some("dcs"),
     );
     for dc in &dcs {
         let ms = ctx.db().pool_members(dc.id).await?;
@@ -581,7 +582,11 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
             .values()
             .filter(|c| c.data_center_id == dc.id)
             .count();
-        h.row_open(Some(&dc.id.to_string()))
+        h.raw("<tr data-id=\"")
+            .text(dc.id)
+            .raw("\" data-v=\"")
+            .text(dc_live_version(dc))
+            .raw("\">")
             .cell_link(&format!("/portal/datacenters/{}", dc.id), &dc.name)
             .raw("<td>")
             .badge(dc.status, None)
@@ -598,7 +603,17 @@ async fn datacenters(ctx: &Ctx) -> Result<String, PortalError> {
             .raw("</tr>");
     }
     h.table_close("No data centers.", 8, dcs.is_empty());
+    h.raw("</div>");
     Ok(h.finish())
+}
+
+/// What a data center row shows that changes (the live set's version, see `live`).
+pub fn dc_live_version(dc: &DataCenter) -> String {
+    let spm = match (dc.spm_status, dc.spm_host) {
+        (SpmStatus::Spm, Some(h)) => h.to_string(),
+        (s, _) => s.to_string(),
+    };
+    format!("{}:{spm}", dc.status)
 }
 
 /// A data center: its storage and SPM, and what it holds (clusters, storage domains, hosts).
@@ -1303,6 +1318,8 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
         .map(|s| (s.id.to_string(), s.name.clone()))
         .collect();
     domains.sort_by(|a, b| a.1.cmp(&b.1));
+    // A region: the disks the forms offer follow the live list.
+    h.raw("<div data-region=\"disk-forms\">");
     if !movable.is_empty() && !domains.is_empty() {
         h.raw("<div class=\"forms\">");
         h.form_open(f, "/portal/disks/copy", None, "inline-form");
@@ -1331,6 +1348,7 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
         );
         h.raw("<button type=\"submit\" class=\"secondary\">Extend</button></form></div>");
     }
+    h.raw("</div>");
     h.raw("<div data-region=\"disks\">");
     let set = ctx.q("name").is_none().then_some("disks");
     h.table_open(
@@ -1937,18 +1955,39 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     Ok(h.finish())
 }
 
-async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
-    const PAGE: u32 = 100;
-    let page: u32 = ctx.q("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
-    let vms = ctx
+/// VMs per page of the snapshots page.
+const SNAPSHOT_PAGE: u32 = 100;
+
+/// The VMs whose snapshots page `page` lists.
+async fn snapshot_page_vms(ctx: &Ctx, page: u32) -> Result<Vec<Vm>, PortalError> {
+    Ok(ctx
         .db()
         .vm_list(
             &ListQuery::new()
                 .sort_by(VmSort::Name, SortDir::Asc)
-                .limit(PAGE)
+                .limit(SNAPSHOT_PAGE)
                 .page(page),
         )
-        .await?;
+        .await?)
+}
+
+/// The live set of snapshots page `page`: its rows as `id=status`.
+pub async fn snapshot_page_members(ctx: &Ctx, page: u32) -> Result<Vec<String>, PortalError> {
+    let mut out = Vec::new();
+    for v in snapshot_page_vms(ctx, page).await? {
+        for s in ctx.db().snapshots_of_vm(v.id).await? {
+            if s.snapshot_type != SnapshotType::Active {
+                out.push(format!("{}={}", s.id, s.status));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
+    const PAGE: u32 = SNAPSHOT_PAGE;
+    let page: u32 = ctx.q("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+    let vms = snapshot_page_vms(ctx, page).await?;
     let mut h = Html::new();
     h.heading(
         "Snapshots",
@@ -1958,10 +1997,12 @@ async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
             (page - 1) * PAGE + vms.len() as u32
         )),
     );
+    h.raw("<div data-region=\"snapshots\">");
+    let set = format!("snappage:{page}");
     h.table_open(
         "snapshots",
         &["VM", "Description", "Status", "Date", "Disks"],
-        None,
+        Some(&set),
     );
     let mut any = false;
     for v in &vms {
@@ -1970,7 +2011,11 @@ async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
                 continue;
             }
             any = true;
-            h.row_open(Some(&s.id.to_string()))
+            h.raw("<tr data-id=\"")
+                .text(s.id)
+                .raw("\" data-v=\"")
+                .text(s.status)
+                .raw("\">")
                 .cell_link(&format!("/portal/vms/{}", v.id), &v.name)
                 .cell(&s.description)
                 .raw("<td>")
@@ -1982,6 +2027,7 @@ async fn snapshots(ctx: &Ctx) -> Result<String, PortalError> {
         }
     }
     h.table_close("No snapshots on these VMs.", 5, !any);
+    h.raw("</div>");
     h.raw("<p class=\"pager\">");
     if page > 1 {
         h.raw(&format!(
