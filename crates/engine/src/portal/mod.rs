@@ -5,8 +5,10 @@
 //!   redirect) and `/portal/…`, everything else goes to the wrapped routes;
 //! - [`auth`]: login with the API's users, the session cookie backed by the database's tokens,
 //!   CSRF tokens and the same-origin check on every POST;
-//! - [`pages`]: the dashboard and the object pages (data centers … events), each rendered from
-//!   a bounded number of database queries and no node call (no N+1 on list pages);
+//! - [`pages`]: the dashboard and the object pages (data centers … events), rendered from the
+//!   database with no node call; most list pages read each table once, but a few read per
+//!   row (a data center's pool members, a VM's snapshots on the snapshots page, a job's saga),
+//!   which the page sizes bound (the snapshots page lists 100 VMs at a time);
 //! - [`actions`]: POSTs that run commands (start, stop, migrate, snapshot, …) in the background,
 //!   tagged with a correlation id so that their jobs' progress shows; an in-memory log reports
 //!   their outcome to the browser;
