@@ -20,5 +20,6 @@ mod pool_spm;
 mod portal_browser;
 mod rest_clients;
 mod saga_faults;
+mod spm_maintenance;
 mod up;
 mod vm_nodes;
