@@ -42,6 +42,7 @@ pub async fn ensure_default(engine: &Engine) -> Result<(DcId, ClusterId), Comman
                     scheduling_policy: None,
                     memory_overcommit_percent: None,
                     scheduling_properties: Default::default(),
+                    migration_bandwidth_mbps: None,
                 })
                 .await?
         }

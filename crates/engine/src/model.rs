@@ -420,6 +420,9 @@ pub struct Cluster {
     /// The cluster's own values of its policy's properties, by oVirt's names (validated when
     /// set); the rest keep the policy's defaults.
     pub scheduling_properties: std::collections::BTreeMap<String, String>,
+    /// Live migrations of the cluster's VMs are limited to this many Mbps (oVirt's migration
+    /// policy bandwidth, `custom`); `None`: no limit (`auto`).
+    pub migration_bandwidth_mbps: Option<u32>,
     pub compatibility_version: Version,
     pub created_at: Timestamp,
     pub revision: i64,
@@ -436,6 +439,7 @@ impl Cluster {
             cpu_architecture: "x86_64".into(),
             scheduling_policy: SchedulingPolicy::None,
             memory_overcommit_percent: 100,
+            migration_bandwidth_mbps: None,
             scheduling_properties: Default::default(),
             compatibility_version: Version::CURRENT,
             created_at: Timestamp::from_millis(0),

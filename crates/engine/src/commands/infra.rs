@@ -27,6 +27,9 @@ pub struct AddCluster {
     /// The cluster's own policy property values (see [`Cluster::scheduling_properties`]).
     #[serde(default)]
     pub scheduling_properties: std::collections::BTreeMap<String, String>,
+    /// See [`Cluster::migration_bandwidth_mbps`].
+    #[serde(default)]
+    pub migration_bandwidth_mbps: Option<u32>,
 }
 
 /// The admin adds a host by name and address; it joins when its node enrolls (with a token, or
@@ -79,6 +82,8 @@ impl Commands {
         }
         cl.scheduling_properties =
             super::scheduling::check_scheduling_properties(&req.scheduling_properties)?;
+        cl.migration_bandwidth_mbps =
+            super::scheduling::check_migration_bandwidth(req.migration_bandwidth_mbps)?;
         let cl = self.app.db.cluster_insert(&cl).await?;
         self.ensure_cluster_management(cl.id).await?;
         Ok(cl)

@@ -126,6 +126,23 @@ pub struct UpdateCluster {
     /// Replaces the cluster's own policy property values (see
     /// [`Cluster::scheduling_properties`]).
     pub scheduling_properties: Option<BTreeMap<String, String>>,
+    /// `Some(None)`: no limit (`auto`); see [`Cluster::migration_bandwidth_mbps`].
+    #[serde(default)]
+    pub migration_bandwidth_mbps: Option<Option<u32>>,
+}
+
+/// The most a cluster's migration bandwidth limit may be: 100 Gbps.
+pub const MAX_MIGRATION_BANDWIDTH_MBPS: u32 = 100_000;
+
+/// Checks a migration bandwidth limit (Mbps): at least 1, at most
+/// [`MAX_MIGRATION_BANDWIDTH_MBPS`].
+pub fn check_migration_bandwidth(mbps: Option<u32>) -> Result<Option<u32>, CommandError> {
+    match mbps {
+        Some(m) if m == 0 || m > MAX_MIGRATION_BANDWIDTH_MBPS => Err(CommandError::invalid(format!(
+            "migration bandwidth {m} Mbps must be 1 to {MAX_MIGRATION_BANDWIDTH_MBPS}"
+        ))),
+        m => Ok(m),
+    }
 }
 
 /// Checks a cluster's own policy property values: oVirt's names, whole numbers, percentages at
@@ -190,6 +207,9 @@ impl Commands {
         if let Some(p) = req.memory_overcommit_percent {
             check_overcommit(p)?;
             cl.memory_overcommit_percent = p;
+        }
+        if let Some(b) = req.migration_bandwidth_mbps {
+            cl.migration_bandwidth_mbps = check_migration_bandwidth(b)?;
         }
         if let Some(n) = req.name {
             cl.name = n;

@@ -707,12 +707,21 @@ impl SagaDef for MigrateVmSaga {
                 let p = c.params();
                 let uri: String = c.output("prepare")?;
                 let node = client_of(c.app(), p.src).await?;
+                let mut args = json!({ "vmID": p.vm, "dstUri": uri });
+                // The cluster's limit, Mbps, as the node's MiB/s (at least 1).
+                if let Some(vm) = c.db().vm_get(p.vm).await? {
+                    if let Some(mbps) = c
+                        .app()
+                        .cluster(vm.cluster_id)
+                        .await
+                        .map_err(step_err)?
+                        .migration_bandwidth_mbps
+                    {
+                        args["maxBandwidth"] = json!((u64::from(mbps) * 1_000_000 / 8 / (1 << 20)).max(1));
+                    }
+                }
                 let report = node
-                    .run_job(
-                        "VM.migrate",
-                        json!({ "vmID": p.vm, "dstUri": uri }),
-                        c.app().settings.migration_timeout,
-                    )
+                    .run_job("VM.migrate", args, c.app().settings.migration_timeout)
                     .await;
                 c.app()
                     .migration_progress

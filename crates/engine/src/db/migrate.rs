@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "template_nics",
         sql: include_str!("migrations/0009_template_nics.sql"),
     },
+    Migration {
+        version: 10,
+        name: "cluster_migration_bandwidth",
+        sql: include_str!("migrations/0010_cluster_migration_bandwidth.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

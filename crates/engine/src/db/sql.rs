@@ -105,6 +105,11 @@ pub(crate) trait RowExt {
             .map(|v| u64::try_from(v).map_err(|_| corrupt(col, v)))
             .transpose()
     }
+    fn opt_u32(&self, col: &str) -> Result<Option<u32>, DbError> {
+        self.opt_int(col)?
+            .map(|v| u32::try_from(v).map_err(|_| corrupt(col, v)))
+            .transpose()
+    }
     fn u32(&self, col: &str) -> Result<u32, DbError> {
         let v = self.int(col)?;
         u32::try_from(v).map_err(|_| corrupt(col, v))

@@ -120,6 +120,17 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
     o.leaf("percent", c.memory_overcommit_percent);
     o.close("over_commit");
     o.close("memory_policy");
+    o.open("migration", None, None);
+    o.open("bandwidth", None, None);
+    match c.migration_bandwidth_mbps {
+        Some(m) => {
+            o.leaf("assignment_method", "custom");
+            o.leaf("custom_value", m);
+        }
+        None => o.leaf("assignment_method", "auto"),
+    }
+    o.close("bandwidth");
+    o.close("migration");
     o.leaf("ballooning_enabled", false);
     o.leaf("threads_as_cores", false);
     // oVirt shows a reference; the name is added so that clients need no second request.

@@ -179,6 +179,18 @@ async fn cluster_scheduling_policy_and_overcommit(backend: Backend) {
             "<cluster><custom_scheduling_policy_properties><property><name>SpmVmGrace</name></property></custom_scheduling_policy_properties></cluster>".to_string(),
             "SpmVmGrace needs a",
         ),
+        (
+            "<cluster><migration><bandwidth><assignment_method>custom</assignment_method><custom_value>0</custom_value></bandwidth></migration></cluster>".to_string(),
+            "1 to 100000",
+        ),
+        (
+            "<cluster><migration><bandwidth><assignment_method>custom</assignment_method></bandwidth></migration></cluster>".to_string(),
+            "custom_value",
+        ),
+        (
+            "<cluster><migration><bandwidth><assignment_method>fast</assignment_method></bandwidth></migration></cluster>".to_string(),
+            "expected auto",
+        ),
         ("<cluster><name>unclosed</cluster>".to_string(), "not valid XML"),
     ] {
         let r = put(&c, &format!("clusters/{cl}"), &body).await;
@@ -187,6 +199,36 @@ async fn cluster_scheduling_policy_and_overcommit(backend: Backend) {
         let now = db.cluster_get(cl.parse().unwrap()).await.unwrap().unwrap();
         assert_eq!(now, before, "{body} changed the cluster");
     }
+    // Migration bandwidth (oVirt's migration policy bandwidth): custom Mbps, back to auto.
+    let r = put(
+        &c,
+        &format!("clusters/{cl}"),
+        "<cluster><migration><bandwidth><assignment_method>custom</assignment_method><custom_value>800</custom_value></bandwidth></migration></cluster>",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.body
+            .contains("<assignment_method>custom</assignment_method><custom_value>800</custom_value>"),
+        "{}",
+        r.body
+    );
+    let now = db.cluster_get(cl.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(now.migration_bandwidth_mbps, Some(800));
+    let r = put(
+        &c,
+        &format!("clusters/{cl}"),
+        "<cluster><migration><bandwidth><assignment_method>auto</assignment_method></bandwidth></migration></cluster>",
+    )
+    .await;
+    assert!(
+        r.body.contains("<assignment_method>auto</assignment_method>"),
+        "{}",
+        r.body
+    );
+    let now = db.cluster_get(cl.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(now.migration_bandwidth_mbps, None);
+
     // A policy listing the known ones in its refusal.
     let r = put(
         &c,

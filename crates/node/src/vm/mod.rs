@@ -609,6 +609,9 @@ struct Vm {
     lease_wait: AtomicU64,
     /// Percent + 1 of the outgoing migration; 0 = none running.
     migration_progress: AtomicU64,
+    /// A cancel asked for the outgoing migration: also honoured when it arrives between the
+    /// VM turning `MigrationSource` and QEMU's `migrate` (which a QEMU-side cancel would miss).
+    migration_cancel: std::sync::atomic::AtomicBool,
     job_seq: AtomicU64,
 }
 
@@ -1152,6 +1155,7 @@ impl VmManager {
             enospc_pauses: AtomicU64::new(0),
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
+            migration_cancel: Default::default(),
             job_seq: AtomicU64::new(0),
         });
         vm.feed(Input::QmpReady {
@@ -1250,6 +1254,7 @@ impl VmManager {
             enospc_pauses: AtomicU64::new(0),
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
+            migration_cancel: Default::default(),
             job_seq: AtomicU64::new(0),
         });
         self.vms.lock().unwrap().insert(id, vm);
@@ -2175,17 +2180,22 @@ impl VmManager {
         .await
         .map_err(qe)?;
         let mut events = vm.events.subscribe();
+        vm.migration_cancel.store(false, Ordering::SeqCst);
         vm.feed(if to_file {
             Input::SavingStarted
         } else {
             Input::MigrationStarted
         });
-        if let Err(e) = q
+        let started = q
             .execute(&qmp::Migrate {
                 uri: params.uri.clone(),
             })
-            .await
-        {
+            .await;
+        if started.is_ok() && vm.migration_cancel.load(Ordering::SeqCst) {
+            // Cancelled before QEMU had a migration to cancel: cancel it now.
+            let _ = q.execute(&qmp::MigrateCancel {}).await;
+        }
+        if let Err(e) = started {
             let running = q
                 .execute(&qmp::QueryStatus {})
                 .await
@@ -2505,6 +2515,7 @@ impl VmManager {
                 status: vm.status().vdsm_name(),
             });
         }
+        vm.migration_cancel.store(true, Ordering::SeqCst);
         vm.qmp()?
             .execute(&qmp::MigrateCancel {})
             .await

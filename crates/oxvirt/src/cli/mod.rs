@@ -194,7 +194,8 @@ pub enum ClusterCmd {
         #[command(flatten)]
         sched: SchedArgs,
     },
-    /// Change a cluster: its description, CPU type, scheduling policy or memory overcommit.
+    /// Change a cluster: its description, CPU type, scheduling policy, memory overcommit or
+    /// migration bandwidth.
     Update {
         name: String,
         #[arg(long)]
@@ -227,6 +228,9 @@ pub struct SchedArgs {
     /// On update: drop the cluster's own property values (the policy's defaults apply).
     #[arg(long, conflicts_with = "policy_properties")]
     pub default_policy_properties: bool,
+    /// Limit live migrations of the cluster's VMs to this many Mbps, or `auto` for no limit.
+    #[arg(long, value_name = "MBPS|auto")]
+    pub migration_bandwidth: Option<String>,
 }
 
 impl SchedArgs {
@@ -250,6 +254,17 @@ impl SchedArgs {
         }
         if let Some(o) = self.overcommit {
             body["memory_policy"] = json!({ "over_commit": { "percent": o } });
+        }
+        if let Some(b) = &self.migration_bandwidth {
+            body["migration"] = json!({ "bandwidth": match b.trim() {
+                "auto" => json!({ "assignment_method": "auto" }),
+                m => {
+                    let mbps: u32 = m.parse().map_err(|_| {
+                        anyhow::anyhow!("--migration-bandwidth {m:?} is neither a number of Mbps nor auto")
+                    })?;
+                    json!({ "assignment_method": "custom", "custom_value": mbps })
+                }
+            }});
         }
         Ok(())
     }

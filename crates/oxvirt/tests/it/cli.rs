@@ -852,6 +852,19 @@ async fn scheduling_affinity_and_fencing() {
         (cl.scheduling_policy.as_str(), cl.memory_overcommit_percent),
         ("evenly_distributed", 150)
     );
+    // Migration bandwidth: a limit in Mbps, refused nonsense, back to no limit.
+    live.ok(&["cluster", "update", "scl", "--migration-bandwidth", "400"])
+        .await;
+    let cl = db.cluster_get_by_name("scl").await.unwrap().unwrap();
+    assert_eq!(cl.migration_bandwidth_mbps, Some(400));
+    let r = live
+        .fails(&["cluster", "update", "scl", "--migration-bandwidth", "fast"])
+        .await;
+    assert!(r.stderr.contains("neither a number of Mbps nor auto"), "{r}");
+    live.ok(&["cluster", "update", "scl", "--migration-bandwidth", "auto"])
+        .await;
+    let cl = db.cluster_get_by_name("scl").await.unwrap().unwrap();
+    assert_eq!(cl.migration_bandwidth_mbps, None);
     // The cluster's own policy properties: set, shown, refused when unknown, back to defaults.
     let r = live
         .ok(&[

@@ -258,6 +258,58 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
         "the plugged disk's lease"
     );
 
+    // With the cluster's migrations limited to 16 Mbps (2 MiB/s) there is a half-way: a
+    // migration cancelled there leaves the VM up where it was, its leases with it.
+    let limited = cmds
+        .update_cluster(
+            cluster.id,
+            oxvirt_engine::commands::UpdateCluster {
+                migration_bandwidth_mbps: Some(Some(16)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(limited.migration_bandwidth_mbps, Some(16));
+    let slow = tokio::spawn({
+        let (e, id) = (e.clone(), vm.id);
+        async move { e.cmds.migrate_vm(id, MigrateOptions::default(), None).await }
+    });
+    let started = Instant::now();
+    let mut cancelled = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        match cmds.cancel_migration(vm.id).await {
+            Ok(_) => {
+                cancelled = true;
+                break;
+            }
+            Err(CommandError::Conflict(m)) if m.contains("not migrating") => {}
+            // The VM is migrating but its node has no outgoing migration yet.
+            Err(CommandError::Node(_)) => {}
+            Err(other) => panic!("cancel_migration: {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cancelled, "the VM never was migrating");
+    let r = slow.await.unwrap();
+    assert!(r.is_err(), "a cancelled migration succeeded: {r:?}");
+    let v = db.vm_get(vm.id).await.unwrap().unwrap();
+    assert_eq!(
+        (v.runtime.status, v.runtime.run_on_host),
+        (VmStatus::Up, Some(h)),
+        "the cancelled migration moved the VM"
+    );
+    assert_eq!(owner(chain[1].id), Some(runner_id), "the leaf's lease moved");
+    cmds.update_cluster(
+        cluster.id,
+        oxvirt_engine::commands::UpdateCluster {
+            migration_bandwidth_mbps: Some(None),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
     // Live migration to another host: the guest keeps writing there.
     let moved = cmds
         .migrate_vm(vm.id, MigrateOptions::default(), None)

@@ -233,6 +233,7 @@ pub async fn cluster_add(r: &Req) -> Result<Resp, ApiError> {
             scheduling_policy: policy_ref(&b)?,
             memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
             scheduling_properties: custom_properties(&b)?.unwrap_or_default(),
+            migration_bandwidth_mbps: migration_bandwidth(&b)?.flatten(),
         })
         .await?;
     Ok(Resp::created(one_cluster(r, &c, None), href("clusters", c.id)))
@@ -258,6 +259,30 @@ fn custom_properties(b: &Elem) -> Result<Option<std::collections::BTreeMap<Strin
     Ok(Some(out))
 }
 
+/// `<migration><bandwidth><assignment_method>custom</assignment_method><custom_value>N
+/// </custom_value></bandwidth></migration>` (Mbps), or `auto` / `hypervisor_default` (no limit
+/// of ours). `None`: the body does not say.
+fn migration_bandwidth(b: &Elem) -> Result<Option<Option<u32>>, ApiError> {
+    let Some(bw) = b.get("migration/bandwidth") else {
+        return Ok(None);
+    };
+    match bw.str("assignment_method").map(str::trim) {
+        Some("custom") => match bw.u32("custom_value")? {
+            Some(v) => Ok(Some(Some(v))),
+            None => Err(ApiError::bad_request(
+                "migration bandwidth assignment_method custom needs a <custom_value> (Mbps)",
+            )),
+        },
+        Some("auto" | "hypervisor_default") => Ok(Some(None)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "migration bandwidth assignment_method {other:?}: expected auto, hypervisor_default or custom"
+        ))),
+        None => Err(ApiError::bad_request(
+            "<migration><bandwidth> needs an <assignment_method>",
+        )),
+    }
+}
+
 /// `<scheduling_policy id="…"/>` or `<scheduling_policy><name>…</name></scheduling_policy>`.
 fn policy_ref(b: &Elem) -> Result<Option<crate::model::SchedulingPolicy>, ApiError> {
     match b.get("scheduling_policy") {
@@ -280,6 +305,7 @@ pub async fn cluster_update(r: &Req) -> Result<Resp, ApiError> {
                 scheduling_policy: policy_ref(&b)?,
                 memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
                 scheduling_properties: custom_properties(&b)?,
+                migration_bandwidth_mbps: migration_bandwidth(&b)?,
             },
         )
         .await?;
