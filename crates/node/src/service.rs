@@ -158,7 +158,7 @@ impl Node {
         let vms = node.vms.clone();
         node.pools
             .set_holders_probe(Arc::new(move |sd| vms.relies_on_domain(sd)));
-        if !node.vms.list().is_empty() {
+        if node.vms.list().iter().any(|v| !v.status.is_down()) {
             // Bounded: a node whose storage hangs still comes up to answer the engine, and
             // the reconnect goes on behind.
             let resume = tokio::spawn(node.clone().resume_storage());
