@@ -554,7 +554,7 @@ pub struct VmManagerConfig {
     pub start_timeout: Duration,
     /// Per guest agent call.
     pub agent_timeout: Duration,
-    /// Per QMP query while sampling stats: a QEMU that does not answer within it is reported
+    /// For one VM's stats queries together: a QEMU that does not answer within it is reported
     /// as not responding (VDSM's `monitorResponse` -1) instead of holding up the host's stats.
     pub stats_timeout: Duration,
     /// Address incoming migrations listen on.
@@ -1464,8 +1464,8 @@ impl VmManager {
         self.stats_within(id, None).await
     }
 
-    /// [`VmManager::stats`] with QEMU given at most `limit` per query (never more than the
-    /// configured `stats_timeout`).
+    /// [`VmManager::stats`] with QEMU given at most `limit` for its queries (never more than
+    /// the configured `stats_timeout`).
     pub async fn stats_within(&self, id: VmId, limit: Option<Duration>) -> Result<VmStats, VmError> {
         let vm = self.get(id)?;
         let status = vm.status();
@@ -1481,20 +1481,24 @@ impl VmManager {
         let mut disks = Vec::new();
         let mut monitor_response = 0;
         if let (false, Ok(q)) = (status.is_down(), vm.qmp()) {
-            let limit = limit.map_or(self.cfg.stats_timeout, |l| l.min(self.cfg.stats_timeout));
+            // One budget for the VM's queries together: a slow QEMU costs the caller at most
+            // the limit, not the limit per query.
+            let deadline =
+                Instant::now() + limit.map_or(self.cfg.stats_timeout, |l| l.min(self.cfg.stats_timeout));
+            let left = || deadline.saturating_duration_since(Instant::now());
             let sampled = async {
                 let mut vcpu_ms = Vec::new();
-                for c in q.execute_within(&qmp::QueryCpusFast {}, limit).await? {
+                for c in q.execute_within(&qmp::QueryCpusFast {}, left()).await? {
                     let (u, s) = proc_cpu_ms(&format!("/proc/{pid}/task/{}/stat", c.thread_id));
                     vcpu_ms.push(u + s);
                 }
-                let balloon = match q.execute_within(&qmp::QueryBalloon {}, limit).await {
+                let balloon = match q.execute_within(&qmp::QueryBalloon {}, left()).await {
                     Ok(b) => Some(b.actual),
                     Err(e) if e.is_timeout() => return Err(e),
                     Err(_) => None, // no balloon device, or a guest without the driver
                 };
                 let disks: Vec<DiskStats> = q
-                    .execute_within(&qmp::QueryBlockstats {}, limit)
+                    .execute_within(&qmp::QueryBlockstats {}, left())
                     .await?
                     .into_iter()
                     .map(|b| DiskStats {
