@@ -766,6 +766,10 @@ pub struct RemoveVmParams {
     /// The volumes of the memory its snapshots saved: they go with the VM.
     #[serde(default)]
     pub states: Vec<crate::model::StateVolume>,
+    /// A highly available VM's lease (its domain and data center): its `xleases` slot is
+    /// given back.
+    #[serde(default)]
+    pub lease: Option<(crate::model::SdUuid, DcId)>,
 }
 
 pub struct RemoveVmSaga;
@@ -827,6 +831,24 @@ impl SagaDef for RemoveVmSaga {
             })
             .describe("Deleting the disks")
             .point_of_no_return(),
+            // Best effort: a slot left behind (no SPM now) only takes room in `xleases`, and a
+            // VM removal is not blocked on it.
+            Step::without_undo("lease", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let Some((sd, dc)) = p.lease else { return Ok(()) };
+                let r = async {
+                    let (_, spm) = c.app().spm(&c.app().dc(dc).await?).await?;
+                    spm.call("Lease.delete", json!({ "sdUUID": sd, "leaseID": p.vm }))
+                        .await?;
+                    Ok::<_, CommandError>(())
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!(vm = %p.vm, sd = %sd, error = %e, "the VM's lease slot was not given back");
+                }
+                Ok(())
+            })
+            .describe("Giving back the VM lease"),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 for d in &p.disks {
@@ -1715,6 +1737,11 @@ impl Commands {
         } else {
             Some(self.cluster_dc(vm.cluster_id).await?)
         };
+        // Read before detach_only drops the attachments (the lease may be on a disk's domain).
+        let lease = match lease_domain(&self.app, &vm).await {
+            Ok(Some(sd)) => Some((sd, self.cluster_dc(vm.cluster_id).await?)),
+            _ => None,
+        };
         if detach_only {
             for a in self.app.db.attachments_of_vm(id).await? {
                 self.app.db.attachment_remove(id, a.disk_id).await?;
@@ -1726,6 +1753,7 @@ impl Commands {
                 disks,
                 dc,
                 states,
+                lease,
             },
             Some(format!("Removing VM {}", vm.name)),
             correlation_id,

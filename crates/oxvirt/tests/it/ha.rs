@@ -341,6 +341,19 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     assert_eq!(sampler.max(), 1);
     drop(sampler);
     cmds.stop_vm(vm.id).await.unwrap();
+
+    // 4. Removed, the VM gives its lease's slot in `xleases` back.
+    let dom = oxvirt_storage::FileStorageDomain::open(&c.storage.join(sd.id.to_string())).unwrap();
+    let lease_id = vm.id.to_string();
+    assert!(
+        dom.lookup_xlease(&lease_id).unwrap().is_some(),
+        "no lease to give back"
+    );
+    cmds.remove_vm(vm.id, false, None).await.unwrap();
+    assert!(
+        dom.lookup_xlease(&lease_id).unwrap().is_none(),
+        "the removed VM's lease slot is left in xleases"
+    );
     e.shutdown().await;
 }
 
