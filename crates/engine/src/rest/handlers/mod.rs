@@ -209,16 +209,16 @@ where
     Ok(action_complete(r))
 }
 
-/// How long an asynchronous request waits for its command to reach its saga (or to end)
-/// before answering anyway: a command that does long work before any saga (evacuating a
+/// How long an asynchronous request waits for its command's saga to be under way (or for
+/// the command to end) before answering anyway: a command that does long work before any saga (evacuating a
 /// host for maintenance) is not held to its end.
 const ASYNC_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `fut` for an asynchronous request: as oVirt validates before it answers, the request
-/// waits until the command's saga is under way (its first step done: `pending` answers, naming the job), the
-/// command ended (its refusal is the request's error; a success answers `complete`), or
-/// [`ASYNC_ANSWER_WAIT`] passed. Work that goes on after the answer reports through its job
-/// and events, and here through the log.
+/// waits until the command's saga is under way (its first step done: `pending` answers,
+/// naming the job), the command ended (its refusal is the request's error; a success answers
+/// `complete`), or [`ASYNC_ANSWER_WAIT`] passed. Work that goes on after the answer reports
+/// through its job and events, and here through the log.
 pub async fn run_async<Fut>(
     r: &Req,
     what: &'static str,
