@@ -17,6 +17,7 @@ use crate::events::EventBus;
 use crate::host::HostSampler;
 use crate::jobs::Jobs;
 use crate::storage::pool::{PoolExtender, PoolService};
+use crate::storage::resume::{Change, ResumeLog};
 use crate::storage::StorageService;
 use crate::vm::ksm::{Ksm, KsmRun, KsmState};
 use crate::vm::{VmManager, VmManagerConfig, VmStatus};
@@ -62,7 +63,7 @@ pub struct Node {
     lease_locks: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// The last storage and pool connections the engine gave, replayed at start for VMs that
     /// outlived the previous process (see `storage::resume`).
-    resume: crate::storage::resume::ResumeLog,
+    resume: ResumeLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +128,7 @@ impl Node {
         .await?;
         vm_cfg.networks = net.clone();
         let vms = VmManager::open(vm_cfg).await?;
-        let resume = crate::storage::resume::ResumeLog::open(&config.run_dir);
+        let resume = ResumeLog::open(&config.run_dir);
         let node = Arc::new(Node {
             storage,
             pools,
@@ -182,9 +183,10 @@ impl Node {
 
     /// Records a change of the storage connections for the next process (a failure is logged:
     /// the engine still reconnects a restarted node; only its absence makes the record matter).
-    fn record_storage_change(&self, change: crate::storage::resume::Change) {
+    fn record_storage_change(&self, change: Change) {
+        // Only the connections that did connect.
         let change = match change {
-            crate::storage::resume::Change::Connected(conns) => crate::storage::resume::Change::Connected(
+            Change::Connected(conns) => Change::Connected(
                 conns
                     .into_iter()
                     .filter(|c| self.storage.connection_path(&c.id).is_some())

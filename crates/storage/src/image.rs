@@ -1048,28 +1048,22 @@ impl FileStorageDomain {
                     meta.image = dst_img;
                     check_meta(dst_img, v.id, &meta)?;
                     finals.push((v.id, meta));
-                    if structure_only {
-                        op.undoable(
-                            Step::CreateData {
-                                img: dst_img,
-                                vol: v.id,
-                                spec: DataSpec {
-                                    format: v.meta.format,
-                                    allocation: v.meta.allocation,
-                                    capacity: v.meta.capacity,
-                                    backing,
-                                    content_of: None,
-                                    initial_size: None,
-                                },
-                            },
-                            Step::RemoveData {
-                                img: dst_img,
-                                vol: v.id,
-                            },
-                        );
-                        continue;
-                    }
-                    op.undoable(
+                    let spec = DataSpec {
+                        format: v.meta.format,
+                        allocation: v.meta.allocation,
+                        capacity: v.meta.capacity,
+                        backing,
+                        content_of: None,
+                        initial_size: None,
+                    };
+                    // A bare structure: empty volumes of the same shape, no data copied.
+                    let make = if structure_only {
+                        Step::CreateData {
+                            img: dst_img,
+                            vol: v.id,
+                            spec,
+                        }
+                    } else {
                         Step::CopyVolume {
                             src_sd: self.sd(),
                             src_img: img,
@@ -1077,17 +1071,13 @@ impl FileStorageDomain {
                             src_format: v.meta.format,
                             img: dst_img,
                             vol: v.id,
-                            spec: DataSpec {
-                                format: v.meta.format,
-                                allocation: v.meta.allocation,
-                                capacity: v.meta.capacity,
-                                backing,
-                                content_of: None,
-                                initial_size: None,
-                            },
+                            spec,
                             collapsed: false,
                             progress: (start, share),
-                        },
+                        }
+                    };
+                    op.undoable(
+                        make,
                         Step::RemoveData {
                             img: dst_img,
                             vol: v.id,

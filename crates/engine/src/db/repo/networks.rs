@@ -130,22 +130,21 @@ async fn network_delete(c: &mut Conn<'_>, id: NetworkId) -> Result<bool, DbError
 
 /// The VM and template NICs of the network's data center that name it.
 async fn network_nic_count(c: &mut Conn<'_>, n: &LogicalNetwork) -> Result<u64, DbError> {
-    let mut q = Sql::new(
-        "SELECT COUNT(*) AS n FROM nics JOIN vms ON vms.id = nics.vm_id \
-         JOIN clusters ON clusters.id = vms.cluster_id WHERE clusters.data_center_id = ",
-    );
-    q.arg(n.data_center_id.to_string())
-        .push(" AND nics.network = ")
-        .arg(n.name.as_str());
-    let vms = c.count(&q).await?;
-    let mut q = Sql::new(
-        "SELECT COUNT(*) AS n FROM template_nics JOIN templates ON templates.id = template_nics.template_id \
-         JOIN clusters ON clusters.id = templates.cluster_id WHERE clusters.data_center_id = ",
-    );
-    q.arg(n.data_center_id.to_string())
-        .push(" AND template_nics.network = ")
-        .arg(n.name.as_str());
-    Ok(vms + c.count(&q).await?)
+    let mut total = 0;
+    for (nics, owners, owner) in [
+        ("nics", "vms", "vm_id"),
+        ("template_nics", "templates", "template_id"),
+    ] {
+        let mut q = Sql::new(&format!(
+            "SELECT COUNT(*) AS n FROM {nics} JOIN {owners} ON {owners}.id = {nics}.{owner} \
+             JOIN clusters ON clusters.id = {owners}.cluster_id WHERE clusters.data_center_id = "
+        ));
+        q.arg(n.data_center_id.to_string())
+            .push(&format!(" AND {nics}.network = "))
+            .arg(n.name.as_str());
+        total += c.count(&q).await?;
+    }
+    Ok(total)
 }
 
 // ---------------------------------------------------------------- cluster networks
