@@ -124,8 +124,19 @@ fn up_with_two_nodes_stops_on_ctrl_c_and_a_second_run_reuses_its_directory() {
             .unwrap_or_default()
             .replace('\0', " ")
     };
-    let procs: Vec<String> = processes_mentioning(&nodes_dir).iter().map(cmdline).collect();
-    let nodes = procs.iter().filter(|c| c.contains(" node --name ")).count();
+    let pids = processes_mentioning(&nodes_dir);
+    let procs: Vec<String> = pids.iter().map(cmdline).collect();
+    // A node's child between fork and exec (it runs mount, losetup, its watchdog…) shows the
+    // node's command line for a moment: a process whose parent has its command line is that.
+    let ppid = |pid: &i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let nodes = pids
+        .iter()
+        .filter(|p| cmdline(p).contains(" node --name "))
+        .filter(|p| ppid(p).is_none_or(|pp| cmdline(&pp) != cmdline(p)))
+        .count();
     assert_eq!(
         nodes, 2,
         "two node processes (each with its fence watchdog): {procs:#?}"
