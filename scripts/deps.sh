@@ -4,6 +4,7 @@
 #   qemu-system-x86 + qemu-utils   QEMU and qemu-img/qemu-io, installed together at one version:
 #                                  installing qemu-system-x86 alone can remove a newer qemu-utils.
 #   cpio                           building the test guest's initramfs
+#   libsqlite3-dev pkg-config      the engine links the system's SQLite (.cargo/config.toml)
 #   sanlock                        compatibility tests of our lease format against the real sanlock
 #   iproute2                       network namespaces for multi-host tests
 #   dnsmasq-base                   the DHCP server the node's DHCP client is tested against
@@ -36,7 +37,7 @@ have_cmd gcc || missing+=(gcc)
 have_cmd chromium || missing+=(chromium)
 have_cmd node || missing+=(nodejs)
 have_cmd npm || missing+=(npm)
-for p in python3-dev python3-venv libxml2-dev; do
+for p in libsqlite3-dev pkg-config python3-dev python3-venv libxml2-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 
