@@ -68,6 +68,19 @@ fn console_len(path: &Path) -> usize {
     std::fs::metadata(path).map_or(0, |m| m.len() as usize)
 }
 
+/// The MAC of link `dev` in network namespace `ns`.
+fn mac_of(ns: &str, dev: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-br", "link", "show", "dev", dev])
+        .output()
+        .expect("ip (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC for {dev} in {ns}: {text:?}"))
+        .to_string()
+}
+
 async fn wait_console(path: &Path, from: usize, needle: &str, n: usize, timeout: Duration) {
     let start = Instant::now();
     while count_after(path, from, needle) < n {
@@ -125,6 +138,7 @@ async fn engine_sets_up_networks_places_and_migrates_vm_nics() {
     na.veth("eth2", "sw2");
     na.exec(&["ip", "addr", "add", "10.78.0.1/24", "dev", "mig0"]);
     nb.exec(&["ip", "addr", "add", "10.78.0.2/24", "dev", "mig0"]);
+    let (ns_a, ns_b) = (na.name.clone(), nb.name.clone());
     let mut nodes = Vec::new();
     for (name, ns, mig) in [
         ("ha", na, "10.78.0.1"),
@@ -475,6 +489,12 @@ done) &";
         .await
         .unwrap();
     assert_eq!(moved.runtime.run_on_host, Some(hb.id));
+    // Both bridges keep their uplink's MAC, with the VM's taps gone from A and now on B: a tap
+    // that lent A's bridge its MAC would take it along, and the guest's ARP entry for A's
+    // address would point nowhere until it expired (about 30 s of lost pings).
+    for ns in [&ns_a, &ns_b] {
+        assert_eq!(mac_of(ns, "vmnet"), mac_of(ns, "eth1"), "bridge of {ns}");
+    }
     let con_b = console(&nodes, "hb", vm.id);
     let mark = console_len(&con_b);
     wait_console(&con_b, mark, "OXVIRT-PING ok", 2, Duration::from_secs(60)).await;
