@@ -4,8 +4,9 @@
 //! into a [`ListQuery`] of the collection's filter (e.g. [`VmFilter`](super::VmFilter)) with
 //! `name: Some(TextMatch::new("web*"))`, `status: vec![VmStatus::Up]`, `sort: [(Name, Desc)]`,
 //! `limit: Some(10)`, `page: Some(2)`. Every field of a filter is an AND; a list of values
-//! inside one field is an OR. Results are always in a total order (the id breaks ties), so
-//! pages never overlap or skip rows.
+//! inside one field is an OR; `name=a or name=b` becomes a second filter in [`ListQuery::or`]
+//! (a row matches if it matches any). Results are always in a total order (the id breaks ties),
+//! so pages never overlap or skip rows.
 
 use super::sql::Sql;
 use super::Backend;
@@ -68,6 +69,8 @@ impl<Id> Ref<Id> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListQuery<F, K> {
     pub filter: F,
+    /// More filters, each an alternative to `filter` (`search=… or …`).
+    pub or: Vec<F>,
     /// Applied in order; the id is always the last key.
     pub sort: Vec<(K, SortDir)>,
     /// At most this many rows (`max=`).
@@ -80,6 +83,7 @@ impl<F: Default, K> Default for ListQuery<F, K> {
     fn default() -> Self {
         ListQuery {
             filter: F::default(),
+            or: Vec::new(),
             sort: Vec::new(),
             limit: None,
             page: None,
@@ -97,10 +101,15 @@ impl<F, K> ListQuery<F, K> {
     pub fn filtered(filter: F) -> Self {
         ListQuery {
             filter,
+            or: Vec::new(),
             sort: Vec::new(),
             limit: None,
             page: None,
         }
+    }
+    /// The filter and its alternatives: what a condition every row must meet is added to.
+    pub fn filters_mut(&mut self) -> impl Iterator<Item = &mut F> {
+        std::iter::once(&mut self.filter).chain(self.or.iter_mut())
     }
     pub fn sort_by(mut self, key: K, dir: SortDir) -> Self {
         self.sort.push((key, dir));
@@ -121,6 +130,8 @@ pub(crate) struct Where<'s> {
     pub sql: &'s mut Sql,
     pub backend: Backend,
     any: bool,
+    /// Inside one alternative of `(… ) OR (…)`: the first condition has no keyword before it.
+    nested: bool,
 }
 
 impl<'s> Where<'s> {
@@ -129,14 +140,48 @@ impl<'s> Where<'s> {
             sql,
             backend,
             any: false,
+            nested: false,
         }
     }
 
     /// Starts the next condition; returns the query to write it into.
     pub fn and(&mut self) -> &mut Sql {
-        self.sql.push(if self.any { " AND " } else { " WHERE " });
+        self.sql.push(match (self.any, self.nested) {
+            (true, _) => " AND ",
+            (false, false) => " WHERE ",
+            (false, true) => "",
+        });
         self.any = true;
         self.sql
+    }
+
+    /// Writes the conditions of `lq`'s filter with `write`, or, when the query has
+    /// alternatives, `WHERE ((filter) OR (alternative) …)`; an alternative without conditions
+    /// matches every row.
+    pub fn each<F, K>(&mut self, lq: &ListQuery<F, K>, write: impl Fn(&mut Where<'_>, &F)) {
+        if lq.or.is_empty() {
+            write(self, &lq.filter);
+            return;
+        }
+        let prefix = if self.any { " AND ((" } else { " WHERE ((" };
+        self.sql.push(prefix);
+        for (i, f) in std::iter::once(&lq.filter).chain(&lq.or).enumerate() {
+            if i > 0 {
+                self.sql.push(") OR (");
+            }
+            let mut inner = Where {
+                sql: &mut *self.sql,
+                backend: self.backend,
+                any: false,
+                nested: true,
+            };
+            write(&mut inner, f);
+            if !inner.any {
+                inner.sql.push("1 = 1");
+            }
+        }
+        self.sql.push("))");
+        self.any = true;
     }
 
     pub fn text(&mut self, col: &str, m: &Option<TextMatch>) {
@@ -311,6 +356,25 @@ mod tests {
     fn wildcards_translate_and_escape() {
         assert_eq!(like_pattern("we_b*%\\"), "we\\_b%\\%\\\\");
         assert_eq!(glob_pattern("a?[*"), "a[?][[]*");
+    }
+
+    #[test]
+    fn alternatives_are_parenthesised_and_an_empty_one_matches_all() {
+        let write = |w: &mut Where<'_>, f: &(Option<i64>, Option<i64>)| {
+            w.eq_int("a", f.0);
+            w.eq_int("b", f.1);
+        };
+        let mut s = Sql::new("SELECT 1 FROM t");
+        let mut q: ListQuery<(Option<i64>, Option<i64>), ()> = ListQuery::filtered((Some(1), Some(2)));
+        Where::new(&mut s, Backend::Sqlite).each(&q, write);
+        assert_eq!(s.text, "SELECT 1 FROM t WHERE a = $1 AND b = $2");
+        q.or = vec![(None, Some(3)), (None, None)];
+        let mut s = Sql::new("SELECT 1 FROM t");
+        Where::new(&mut s, Backend::Sqlite).each(&q, write);
+        assert_eq!(
+            s.text,
+            "SELECT 1 FROM t WHERE ((a = $1 AND b = $2) OR (b = $3) OR (1 = 1))"
+        );
     }
 
     #[test]

@@ -4,14 +4,16 @@
 //! wildcard in text values):
 //!
 //! ```text
-//! query  := [Type ":"] [cond ("and" cond)*] ["sortby" key ["asc"|"desc"] ("," key ["asc"|"desc"])*] ["page" N]
+//! query  := [Type ":"] [conds ("or" conds)*] ["sortby" key ["asc"|"desc"] ("," key ["asc"|"desc"])*] ["page" N]
+//! conds  := cond ("and" cond)*
 //! cond   := field op value        op := "=" | "!=" | "<" | ">" | "<=" | ">="
 //! field  := name ("." name)*      (storage.name, cluster.id, host.name …)
 //! ```
 //!
 //! Each collection says which fields and operators it understands; anything else is a 400
 //! fault naming the field, never a silently ignored condition (which would return too much).
-//! `or` is refused the same way: the typed filters AND their fields.
+//! `and` binds tighter than `or`, as in SQL (oVirt's search writes SQL): `a and b or c` is
+//! `(a and b) or c`; each `or` alternative becomes a filter of its own.
 
 use crate::db::{ListQuery, Ref, SortDir, TextMatch};
 
@@ -37,7 +39,8 @@ pub struct Cond {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Search {
-    pub conds: Vec<Cond>,
+    /// Alternatives (`or`), each a conjunction (`and`); none: everything.
+    pub conds: Vec<Vec<Cond>>,
     pub sort: Vec<(String, SortDir)>,
     pub page: Option<u32>,
 }
@@ -145,13 +148,14 @@ pub fn parse(s: &str) -> Result<Search, ApiError> {
     ) {
         p = 2;
     }
-    let mut need_cond = false;
+    let mut need_cond: Option<&str> = None;
+    let mut conj: Vec<Cond> = Vec::new();
     while p < toks.len() {
         if is_kw(toks.get(p), "sortby") || is_kw(toks.get(p), "page") {
             break;
         }
-        if is_kw(toks.get(p), "or") {
-            return Err(bad("'or' is not supported; use separate searches"));
+        if is_kw(toks.get(p), "or") || is_kw(toks.get(p), "and") {
+            return Err(bad(format!("{:?} must follow a condition", toks[p])));
         }
         let field = match &toks[p] {
             Tok::Word(w) => w.to_ascii_lowercase(),
@@ -165,16 +169,23 @@ pub fn parse(s: &str) -> Result<Search, ApiError> {
             Some(Tok::Word(w)) | Some(Tok::Quoted(w)) => w.clone(),
             _ => return Err(bad(format!("expected a value after {field}"))),
         };
-        out.conds.push(Cond { field, op, value });
+        conj.push(Cond { field, op, value });
         p += 3;
-        need_cond = false;
+        need_cond = None;
         if is_kw(toks.get(p), "and") {
             p += 1;
-            need_cond = true;
+            need_cond = Some("and");
+        } else if is_kw(toks.get(p), "or") {
+            p += 1;
+            need_cond = Some("or");
+            out.conds.push(std::mem::take(&mut conj));
         }
     }
-    if need_cond {
-        return Err(bad("'and' must be followed by a condition"));
+    if let Some(kw) = need_cond {
+        return Err(bad(format!("'{kw}' must be followed by a condition")));
+    }
+    if !conj.is_empty() {
+        out.conds.push(conj);
     }
     if is_kw(toks.get(p), "sortby") {
         p += 1;
@@ -235,17 +246,23 @@ pub fn translate<F: Default, K>(
     let ctx = Ctx {
         case_sensitive: params.case_sensitive,
     };
-    let mut filter = F::default();
-    for c in &s.conds {
-        if !cond(&mut filter, c, &ctx)? {
-            return Err(bad(format!(
-                "{what} cannot be searched by {} {}",
-                c.field,
-                op_str(c.op)
-            )));
+    let mut filters = Vec::with_capacity(s.conds.len());
+    for conj in &s.conds {
+        let mut filter = F::default();
+        for c in conj {
+            if !cond(&mut filter, c, &ctx)? {
+                return Err(bad(format!(
+                    "{what} cannot be searched by {} {}",
+                    c.field,
+                    op_str(c.op)
+                )));
+            }
         }
+        filters.push(filter);
     }
-    let mut q = ListQuery::filtered(filter);
+    let mut filters = filters.into_iter();
+    let mut q = ListQuery::filtered(filters.next().unwrap_or_default());
+    q.or = filters.collect();
     if s.sort.is_empty() {
         if let Some(k) = sort("name") {
             q.sort.push((k, SortDir::Asc));
@@ -338,7 +355,7 @@ mod tests {
             parse(r#"name="my vm" and status=Up and storage.name=data1 sortby name desc page 2"#).unwrap();
         assert_eq!(
             s.conds,
-            vec![
+            vec![vec![
                 Cond {
                     field: "name".into(),
                     op: Op::Eq,
@@ -354,26 +371,48 @@ mod tests {
                     op: Op::Eq,
                     value: "data1".into()
                 },
-            ]
+            ]]
         );
         assert_eq!(s.sort, vec![("name".to_string(), SortDir::Desc)]);
         assert_eq!(s.page, Some(2));
         let s = parse("type=885 and severity>normal sortby time asc page 2").unwrap();
-        assert_eq!(s.conds[1].op, Op::Gt);
+        assert_eq!(s.conds[0][1].op, Op::Gt);
         assert_eq!(s.sort, vec![("time".to_string(), SortDir::Asc)]);
         let s = parse("Vms: name=web*").unwrap();
-        assert_eq!(s.conds[0].value, "web*");
+        assert_eq!(s.conds[0][0].value, "web*");
         assert_eq!(parse("").unwrap(), Search::default());
         let s = parse(r#"name="a \"q\"""#).unwrap();
-        assert_eq!(s.conds[0].value, "a \"q\"");
+        assert_eq!(s.conds[0][0].value, "a \"q\"");
         let s = parse("correlation_id=abc-123").unwrap();
-        assert_eq!(s.conds[0].value, "abc-123");
+        assert_eq!(s.conds[0][0].value, "abc-123");
+    }
+
+    #[test]
+    fn and_binds_tighter_than_or() {
+        let s = parse("name=a and status=up or name=b OR cluster=c sortby name").unwrap();
+        let fields: Vec<Vec<(&str, &str)>> = s
+            .conds
+            .iter()
+            .map(|c| c.iter().map(|c| (c.field.as_str(), c.value.as_str())).collect())
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                vec![("name", "a"), ("status", "up")],
+                vec![("name", "b")],
+                vec![("cluster", "c")]
+            ]
+        );
+        assert_eq!(s.sort.len(), 1);
     }
 
     #[test]
     fn refuses_what_it_cannot_do() {
         for bad in [
-            "name=a or name=b",
+            "name=a or",
+            "or name=a",
+            "name=a or and name=b",
+            "name=a and or name=b",
             "name=",
             "name",
             "name=a and",

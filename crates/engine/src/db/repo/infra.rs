@@ -110,10 +110,11 @@ async fn dc_get_by_name(c: &mut Conn<'_>, name: &str) -> Result<Option<DataCente
 
 async fn dc_list(c: &mut Conn<'_>, lq: &ListQuery<DcFilter, DcSort>) -> Result<Vec<DataCenter>, DbError> {
     let mut q = Sql::new(&format!("SELECT {DC_COLS} FROM data_centers"));
-    let mut w = Where::new(&mut q, c.backend);
-    w.text("name", &lq.filter.name);
-    w.any_of("status", &lq.filter.status);
-    w.eq_int("is_local", lq.filter.local.map(b2i));
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.text("name", &f.name);
+        w.any_of("status", &f.status);
+        w.eq_int("is_local", f.local.map(b2i));
+    });
     order_and_page(
         &mut q,
         lq,
@@ -346,9 +347,10 @@ async fn cluster_list(
     lq: &ListQuery<ClusterFilter, ClusterSort>,
 ) -> Result<Vec<Cluster>, DbError> {
     let mut q = Sql::new(&format!("SELECT {CLUSTER_COLS} FROM clusters"));
-    let mut w = Where::new(&mut q, c.backend);
-    w.text("name", &lq.filter.name);
-    w.reference("data_center_id", "data_centers", &lq.filter.data_center);
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.text("name", &f.name);
+        w.reference("data_center_id", "data_centers", &f.data_center);
+    });
     order_and_page(
         &mut q,
         lq,
@@ -523,7 +525,7 @@ fn host_where(w: &mut Where<'_>, f: &HostFilter) {
 
 async fn host_list(c: &mut Conn<'_>, lq: &ListQuery<HostFilter, HostSort>) -> Result<Vec<Host>, DbError> {
     let mut q = Sql::new(HOST_SELECT);
-    host_where(&mut Where::new(&mut q, c.backend), &lq.filter);
+    Where::new(&mut q, c.backend).each(lq, host_where);
     order_and_page(
         &mut q,
         lq,

@@ -88,9 +88,10 @@ async fn job_get(c: &mut Conn<'_>, id: JobId) -> Result<Option<Job>, DbError> {
 
 async fn job_list(c: &mut Conn<'_>, lq: &ListQuery<JobFilter, JobSort>) -> Result<Vec<Job>, DbError> {
     let mut q = Sql::new(&format!("SELECT {JOB_COLS} FROM jobs"));
-    let mut w = Where::new(&mut q, c.backend);
-    w.any_of("status", &lq.filter.status);
-    w.eq("correlation_id", &lq.filter.correlation_id);
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.any_of("status", &f.status);
+        w.eq("correlation_id", &f.correlation_id);
+    });
     order_and_page(
         &mut q,
         lq,
@@ -312,26 +313,26 @@ async fn event_get(c: &mut Conn<'_>, id: i64) -> Result<Option<Event>, DbError> 
 }
 
 async fn event_list(c: &mut Conn<'_>, lq: &ListQuery<EventFilter, EventSort>) -> Result<Vec<Event>, DbError> {
-    let f = &lq.filter;
     let mut q = Sql::new(&format!("SELECT {EVENT_COLS} FROM events"));
-    let mut w = Where::new(&mut q, c.backend);
-    if let Some(a) = f.after_id {
-        w.and().push("id > ").arg(a);
-    }
-    if let Some(min) = f.min_severity {
-        let at_least: Vec<&str> = Severity::ALL
-            .iter()
-            .filter(|s| **s >= min)
-            .map(|s| s.as_str())
-            .collect();
-        w.any_of("severity", &at_least);
-    }
-    w.eq_int("code", f.code.map(i64::from));
-    w.eq("correlation_id", &f.correlation_id);
-    w.reference("vm_id", "vms", &f.vm);
-    w.reference("host_id", "hosts", &f.host);
-    w.reference("storage_domain_id", "storage_domains", &f.storage_domain);
-    w.reference("data_center_id", "data_centers", &f.data_center);
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        if let Some(a) = f.after_id {
+            w.and().push("id > ").arg(a);
+        }
+        if let Some(min) = f.min_severity {
+            let at_least: Vec<&str> = Severity::ALL
+                .iter()
+                .filter(|s| **s >= min)
+                .map(|s| s.as_str())
+                .collect();
+            w.any_of("severity", &at_least);
+        }
+        w.eq_int("code", f.code.map(i64::from));
+        w.eq("correlation_id", &f.correlation_id);
+        w.reference("vm_id", "vms", &f.vm);
+        w.reference("host_id", "hosts", &f.host);
+        w.reference("storage_domain_id", "storage_domains", &f.storage_domain);
+        w.reference("data_center_id", "data_centers", &f.data_center);
+    });
     order_and_page(
         &mut q,
         lq,

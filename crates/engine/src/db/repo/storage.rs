@@ -156,7 +156,7 @@ fn sd_where(w: &mut Where<'_>, f: &SdFilter) {
 
 async fn sd_list(c: &mut Conn<'_>, lq: &ListQuery<SdFilter, SdSort>) -> Result<Vec<StorageDomain>, DbError> {
     let mut q = Sql::new(&format!("SELECT {SD_COLS} FROM storage_domains"));
-    sd_where(&mut Where::new(&mut q, c.backend), &lq.filter);
+    Where::new(&mut q, c.backend).each(lq, sd_where);
     order_and_page(
         &mut q,
         lq,
@@ -469,22 +469,22 @@ async fn disk_get(c: &mut Conn<'_>, id: DiskId) -> Result<Option<Disk>, DbError>
 
 async fn disk_list(c: &mut Conn<'_>, lq: &ListQuery<DiskFilter, DiskSort>) -> Result<Vec<Disk>, DbError> {
     let mut q = Sql::new(&format!("SELECT {DISK_COLS} FROM disks d"));
-    let f = &lq.filter;
-    let mut w = Where::new(&mut q, c.backend);
-    w.text("d.name", &f.name);
-    w.any_of("d.status", &f.status);
-    w.reference("d.storage_domain_id", "storage_domains", &f.storage_domain);
-    w.reference_in(
-        "d.id IN (SELECT disk_id FROM disk_attachments WHERE vm_id IN {ids})",
-        "vms",
-        &f.vm,
-    );
-    if let Some(floating) = f.floating {
-        w.and().push(if floating { "NOT " } else { "" }).push(
-            "(EXISTS (SELECT 1 FROM disk_attachments a WHERE a.disk_id = d.id) \
-             OR EXISTS (SELECT 1 FROM template_disks t WHERE t.disk_id = d.id))",
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.text("d.name", &f.name);
+        w.any_of("d.status", &f.status);
+        w.reference("d.storage_domain_id", "storage_domains", &f.storage_domain);
+        w.reference_in(
+            "d.id IN (SELECT disk_id FROM disk_attachments WHERE vm_id IN {ids})",
+            "vms",
+            &f.vm,
         );
-    }
+        if let Some(floating) = f.floating {
+            w.and().push(if floating { "NOT " } else { "" }).push(
+                "(EXISTS (SELECT 1 FROM disk_attachments a WHERE a.disk_id = d.id) \
+                 OR EXISTS (SELECT 1 FROM template_disks t WHERE t.disk_id = d.id))",
+            );
+        }
+    });
     order_and_page(
         &mut q,
         lq,

@@ -178,9 +178,10 @@ async fn user_get_by_principal(c: &mut Conn<'_>, principal: &str) -> Result<Opti
 
 async fn user_list(c: &mut Conn<'_>, lq: &ListQuery<UserFilter, UserSort>) -> Result<Vec<User>, DbError> {
     let mut q = Sql::new(&format!("SELECT {USER_COLS} FROM users"));
-    let mut w = Where::new(&mut q, c.backend);
-    w.text("name", &lq.filter.name);
-    w.eq("domain", &lq.filter.domain);
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.text("name", &f.name);
+        w.eq("domain", &f.domain);
+    });
     order_and_page(
         &mut q,
         lq,

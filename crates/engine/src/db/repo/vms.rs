@@ -113,20 +113,21 @@ async fn template_list(
     lq: &ListQuery<TemplateFilter, TemplateSort>,
 ) -> Result<Vec<Template>, DbError> {
     let mut q = Sql::new(&format!("SELECT {TEMPLATE_COLS} FROM templates"));
-    let mut w = Where::new(&mut q, c.backend);
-    w.text("name", &lq.filter.name);
-    w.any_of("status", &lq.filter.status);
-    w.reference("cluster_id", "clusters", &lq.filter.cluster);
-    w.reference_in(
-        "(cluster_id IS NULL OR cluster_id IN (SELECT id FROM clusters WHERE data_center_id IN {ids}))",
-        "data_centers",
-        &lq.filter.data_center,
-    );
-    w.reference_in(
-        "id IN (SELECT template_id FROM vms WHERE id IN {ids})",
-        "vms",
-        &lq.filter.vm,
-    );
+    Where::new(&mut q, c.backend).each(lq, |w, f| {
+        w.text("name", &f.name);
+        w.any_of("status", &f.status);
+        w.reference("cluster_id", "clusters", &f.cluster);
+        w.reference_in(
+            "(cluster_id IS NULL OR cluster_id IN (SELECT id FROM clusters WHERE data_center_id IN {ids}))",
+            "data_centers",
+            &f.data_center,
+        );
+        w.reference_in(
+            "id IN (SELECT template_id FROM vms WHERE id IN {ids})",
+            "vms",
+            &f.vm,
+        );
+    });
     order_and_page(
         &mut q,
         lq,
@@ -445,7 +446,7 @@ fn vm_where(w: &mut Where<'_>, f: &VmFilter) {
 
 async fn vm_list(c: &mut Conn<'_>, lq: &ListQuery<VmFilter, VmSort>) -> Result<Vec<Vm>, DbError> {
     let mut q = Sql::new(&format!("SELECT {VM_COLS} FROM vms v"));
-    vm_where(&mut Where::new(&mut q, c.backend), &lq.filter);
+    Where::new(&mut q, c.backend).each(lq, vm_where);
     order_and_page(
         &mut q,
         lq,

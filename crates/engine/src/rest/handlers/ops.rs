@@ -233,10 +233,10 @@ pub async fn event_list(r: &Req) -> Result<Resp, ApiError> {
         },
     )?;
     if let Some(from) = r.q("from").filter(|s| !s.is_empty()) {
-        q.filter.after_id = Some(
-            from.parse()
-                .map_err(|_| ApiError::bad_request(format!("from must be an event id, not {from:?}")))?,
-        );
+        let after: i64 = from
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("from must be an event id, not {from:?}")))?;
+        q.filters_mut().for_each(|f| f.after_id = Some(after));
     }
     // Newest first, as oVirt lists events; `from=` reads forward from a known event.
     if q.sort.is_empty() && q.filter.after_id.is_none() {

@@ -160,7 +160,8 @@ pub async fn sd_remove(r: &Req) -> Result<Resp, ApiError> {
 pub async fn sd_disks(r: &Req) -> Result<Resp, ApiError> {
     let s = sd(r, 0).await?;
     let mut q = disk_query(r)?;
-    q.filter.storage_domain = Some(Ref::Id(s.id));
+    q.filters_mut()
+        .for_each(|f| f.storage_domain = Some(Ref::Id(s.id)));
     let ds = r.db().disk_list(&q).await?;
     let mut o = r.out();
     collection(&mut o, "disks", "disk", &ds, write::disk);
