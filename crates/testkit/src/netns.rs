@@ -59,17 +59,23 @@ impl TestNs {
     /// A veth pair with both ends in this namespace, up: `nic` plays a host NIC, `peer` the
     /// switch port it is cabled to.
     pub fn veth(&self, nic: &str, peer: &str) {
-        self.exec(&["ip", "link", "add", nic, "type", "veth", "peer", "name", peer]);
+        let (m1, m2) = (nic_mac(&self.name, nic), nic_mac(&self.name, peer));
+        self.exec(&[
+            "ip", "link", "add", nic, "address", &m1, "type", "veth", "peer", "name", peer, "address", &m2,
+        ]);
         self.exec(&["ip", "link", "set", nic, "up"]);
         self.exec(&["ip", "link", "set", peer, "up"]);
     }
 
     /// A veth pair cabling `nic` here to `other_nic` in `other`, both up.
     pub fn cable(&self, nic: &str, other: &TestNs, other_nic: &str) {
+        let (m1, m2) = (nic_mac(&self.name, nic), nic_mac(&other.name, other_nic));
         ip(&[
             "link",
             "add",
             nic,
+            "address",
+            &m1,
             "netns",
             &self.name,
             "type",
@@ -77,12 +83,30 @@ impl TestNs {
             "peer",
             "name",
             other_nic,
+            "address",
+            &m2,
             "netns",
             &other.name,
         ]);
         self.exec(&["ip", "link", "set", nic, "up"]);
         other.exec(&["ip", "link", "set", other_nic, "up"]);
     }
+}
+
+/// The MAC of test NIC `nic` in namespace `ns`: `02:` (locally administered, below the `fe:`
+/// of VM taps, as a vendor's NIC is) and five bytes from the names. A random veth MAC could start
+/// with `fe` and sort above a tap's, making the bridge's MAC change with the VMs on it.
+fn nic_mac(ns: &str, nic: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ns.bytes().chain([0]).chain(nic.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[3], b[4], b[5], b[6], b[7]
+    )
 }
 
 impl Drop for TestNs {
