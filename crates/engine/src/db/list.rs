@@ -130,7 +130,7 @@ pub(crate) struct Where<'s> {
     pub sql: &'s mut Sql,
     pub backend: Backend,
     any: bool,
-    /// Inside one alternative of `(… ) OR (…)`: the first condition has no keyword before it.
+    /// Inside one alternative of `(…) OR (…)`: the first condition has no keyword before it.
     nested: bool,
 }
 

@@ -154,8 +154,10 @@ pub fn parse(s: &str) -> Result<Search, ApiError> {
         if is_kw(toks.get(p), "sortby") || is_kw(toks.get(p), "page") {
             break;
         }
-        if is_kw(toks.get(p), "or") || is_kw(toks.get(p), "and") {
-            return Err(bad(format!("{:?} must follow a condition", toks[p])));
+        for kw in ["and", "or"] {
+            if is_kw(toks.get(p), kw) {
+                return Err(bad(format!("'{kw}' must follow a condition")));
+            }
         }
         let field = match &toks[p] {
             Tok::Word(w) => w.to_ascii_lowercase(),
@@ -404,6 +406,14 @@ mod tests {
             ]
         );
         assert_eq!(s.sort.len(), 1);
+    }
+
+    #[test]
+    fn a_misplaced_keyword_is_named() {
+        let e = parse("or name=a").unwrap_err().detail;
+        assert!(e.contains("'or' must follow a condition"), "{e}");
+        let e = parse("name=a or").unwrap_err().detail;
+        assert!(e.contains("'or' must be followed by a condition"), "{e}");
     }
 
     #[test]
