@@ -71,7 +71,7 @@ pub fn document() -> Value {
             params.push(query(
                 "search",
                 "string",
-                "oVirt search: name=x, name=\"a b\", a=b and c=d, status=up, storage.name=x, datacenter=x, correlation_id=x, sortby f asc|desc, page N",
+                "oVirt search: name=x, name=\"a b\", a=b and c=d, a=b or c=d (and binds tighter), status=up, storage.name=x, datacenter=x, correlation_id=x, sortby f asc|desc, page N",
             ));
             params.push(query(
                 "case_sensitive",
