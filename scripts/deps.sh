@@ -37,7 +37,8 @@ have_cmd gcc || missing+=(gcc)
 have_cmd chromium || missing+=(chromium)
 have_cmd node || missing+=(nodejs)
 have_cmd npm || missing+=(npm)
-for p in libsqlite3-dev pkg-config python3-dev python3-venv libxml2-dev; do
+have_cmd pkg-config || missing+=(pkg-config)
+for p in libsqlite3-dev python3-dev python3-venv libxml2-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 
