@@ -59,7 +59,7 @@ impl TestNs {
     /// A veth pair with both ends in this namespace, up: `nic` plays a host NIC, `peer` the
     /// switch port it is cabled to.
     pub fn veth(&self, nic: &str, peer: &str) {
-        let (m1, m2) = (nic_mac(&self.name, nic), nic_mac(&self.name, peer));
+        let (m1, m2) = (nic_mac(), nic_mac());
         self.exec(&[
             "ip", "link", "add", nic, "address", &m1, "type", "veth", "peer", "name", peer, "address", &m2,
         ]);
@@ -69,7 +69,7 @@ impl TestNs {
 
     /// A veth pair cabling `nic` here to `other_nic` in `other`, both up.
     pub fn cable(&self, nic: &str, other: &TestNs, other_nic: &str) {
-        let (m1, m2) = (nic_mac(&self.name, nic), nic_mac(&other.name, other_nic));
+        let (m1, m2) = (nic_mac(), nic_mac());
         ip(&[
             "link",
             "add",
@@ -93,19 +93,17 @@ impl TestNs {
     }
 }
 
-/// The MAC of test NIC `nic` in namespace `ns`: `02:` (locally administered, below the `fe:`
-/// of VM taps, as a vendor's NIC is) and five bytes from the names. A random veth MAC could start
-/// with `fe` and sort above a tap's, making the bridge's MAC change with the VMs on it.
-fn nic_mac(ns: &str, nic: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in ns.bytes().chain([0]).chain(nic.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
+/// A MAC for a new test NIC: `02:` (locally administered, below the `fe:` of VM taps, as a
+/// vendor's NIC is), this process's id and a count, so no two test NICs share one. A random veth
+/// MAC could start with `fe` and sort above a tap's, making the bridge's MAC change with the VMs
+/// on it.
+fn nic_mac() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    let pid = std::process::id().to_be_bytes();
     format!(
         "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        b[3], b[4], b[5], b[6], b[7]
+        pid[1], pid[2], pid[3], n[2], n[3]
     )
 }
 
