@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use oxvirt_qemu::img::{Measure, MeasureRequest};
 use oxvirt_types::{ImgUuid, VolUuid};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chain::Chain;
 use crate::domain::FileStorageDomain;
@@ -78,6 +78,25 @@ fn check_initial_size(spec: &VolumeSpec, capacity: u64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Which volumes [`FileStorageDomain::sync_image_data`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncType {
+    /// Every volume but the leaf (VDSM's `INTERNAL`): a running VM mirrors the leaf itself.
+    Internal,
+    /// Every volume (VDSM's `ALL`).
+    All,
+}
+
+impl SyncType {
+    pub fn parse(s: &str) -> Option<SyncType> {
+        match s.to_ascii_uppercase().as_str() {
+            "INTERNAL" => Some(SyncType::Internal),
+            "ALL" => Some(SyncType::All),
+            _ => None,
+        }
+    }
 }
 
 /// How [`FileStorageDomain::copy_image`] lays out the copy.
@@ -1172,6 +1191,124 @@ impl FileStorageDomain {
                 Step::WriteMeta {
                     img: dst_img,
                     vol: *vol,
+                    meta: illegal,
+                },
+            );
+        }
+        ops::run(dst, &[self], op, progress)
+    }
+
+    /// VDSM's `syncImageData`: copies the data of image `img`'s own volumes into the empty
+    /// structure that [`CopyMode::Structure`] made of it on `dst` (same image and volume ids),
+    /// each volume on its own over its parent, and turns each synced volume LEGAL.
+    /// [`SyncType::Internal`] leaves the leaf out: during a live storage migration the running
+    /// VM writes it and its mirror fills the copy. A volume already LEGAL on `dst` was synced
+    /// by an earlier attempt and is skipped. A failure leaves the unsynced volumes empty and
+    /// ILLEGAL again.
+    pub fn sync_image_data(
+        &self,
+        img: ImgUuid,
+        dst: &FileStorageDomain,
+        sync: SyncType,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<()> {
+        if self.sd() == dst.sd() {
+            return Err(StorageError::invalid(
+                "sync",
+                format!("source and destination are both domain {}", self.sd()),
+            ));
+        }
+        let _g = self.lock_ops();
+        let _gd = dst.lock_ops();
+        let chain = self.chain(img)?;
+        let copy = dst.chain(img)?;
+        let own: Vec<_> = chain.own_volumes().collect();
+        let ids = |c: &Chain| c.own_volumes().map(|v| v.id).collect::<Vec<_>>();
+        if ids(&chain) != ids(&copy) {
+            return Err(StorageError::invalid(
+                "sync",
+                format!(
+                    "image {img} on domain {} has volumes {:?}, not the source's {:?}: clone its structure first",
+                    dst.sd(),
+                    ids(&copy),
+                    ids(&chain)
+                ),
+            ));
+        }
+        let leaf = chain.leaf().id;
+        let todo: Vec<_> = own
+            .iter()
+            .filter(|v| sync == SyncType::All || v.id != leaf)
+            .filter(|v| copy.get(v.id).is_some_and(|c| c.meta.legality != Legality::Legal))
+            .collect();
+        if let Some(v) = todo.iter().find(|v| v.meta.legality != Legality::Legal) {
+            return Err(state_err(
+                img,
+                v.id,
+                "sync_image_data",
+                format!("is {}", v.meta.legality),
+                "LEGAL",
+            ));
+        }
+        let mut op = Operation::new("sync_image_data", dst.sd());
+        let weights: Vec<f64> = todo
+            .iter()
+            .map(|v| {
+                fsio::allocated(&self.volume_path(img, v.id))
+                    .unwrap_or(0)
+                    .max(1 << 20) as f64
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut start = 0.0;
+        for (v, w) in todo.iter().zip(&weights) {
+            let share = 100.0 * w / total;
+            let dst_meta = &copy.get(v.id).expect("checked above").meta;
+            let spec = DataSpec {
+                format: dst_meta.format,
+                allocation: dst_meta.allocation,
+                capacity: dst_meta.capacity,
+                backing: dst_meta
+                    .parent()
+                    .map(|p| (p, copy.get(p).expect("chain member").meta.format)),
+                content_of: None,
+                initial_size: None,
+            };
+            op.undoable(
+                Step::CopyVolume {
+                    src_sd: self.sd(),
+                    src_img: img,
+                    src_vol: v.id,
+                    src_format: v.meta.format,
+                    img,
+                    vol: v.id,
+                    spec: spec.clone(),
+                    collapsed: false,
+                    progress: (start, share),
+                },
+                // Back to the empty volume the structure had.
+                Step::All {
+                    steps: vec![
+                        Step::RemoveData { img, vol: v.id },
+                        Step::CreateData { img, vol: v.id, spec },
+                    ],
+                },
+            );
+            start += share;
+        }
+        for v in &todo {
+            let illegal = copy.get(v.id).expect("checked above").meta.clone();
+            let mut legal = illegal.clone();
+            legal.legality = Legality::Legal;
+            op.undoable(
+                Step::WriteMeta {
+                    img,
+                    vol: v.id,
+                    meta: legal,
+                },
+                Step::WriteMeta {
+                    img,
+                    vol: v.id,
                     meta: illegal,
                 },
             );

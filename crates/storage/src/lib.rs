@@ -38,7 +38,7 @@ pub use chain::{Chain, ChainError, ChainVolume};
 pub use check::{CheckReport, Problem, Severity};
 pub use domain::{DomainStats, FileStorageDomain, Health, NewDomain, RecoveryReport};
 pub use error::{Result, StorageError};
-pub use image::{CopyMode, ImageChainReport, VolumeInfo, VolumeSpec, CAPACITY_ALIGN, MAX_CAPACITY};
+pub use image::{CopyMode, ImageChainReport, SyncType, VolumeInfo, VolumeSpec, CAPACITY_ALIGN, MAX_CAPACITY};
 pub use ops::{FailMode, Failpoint};
 pub use sdmeta::{DomainClass, DomainMetadata, DomainType};
 pub use volmeta::{Allocation, Legality, VolFormat, VolRole, VolumeMetadata};

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::FileStorageDomain;
 use crate::error::StorageError;
 use crate::fsio;
-use crate::image::{CopyMode, VolumeSpec};
+use crate::image::{CopyMode, SyncType, VolumeSpec};
 use crate::ops::REMOVED_IMAGE_PREFIX;
 use crate::pool::{tasks_dir, SpmFence};
 use crate::spm::VolumeLeaseError;
@@ -196,6 +196,14 @@ pub enum Job {
         img: ImgUuid,
         dst_sd: SdUuid,
     },
+    /// VDSM's `syncImageData`: the data of image `img`'s volumes (all but the leaf for
+    /// [`SyncType::Internal`]) copied into its structure on `dst_sd`, each turned LEGAL.
+    SyncData {
+        src_sd: SdUuid,
+        img: ImgUuid,
+        dst_sd: SdUuid,
+        sync: SyncType,
+    },
     PrepareMerge {
         sd: SdUuid,
         img: ImgUuid,
@@ -229,6 +237,7 @@ impl Job {
             Job::MakeTemplate { .. } => "make_template",
             Job::CopyImage { .. } => "copy_image",
             Job::CloneStructure { .. } => "clone_structure",
+            Job::SyncData { .. } => "sync_data",
             Job::PrepareMerge { .. } => "prepare_merge",
             Job::MergeCommit { .. } => "merge_commit",
             Job::FinalizeMerge { .. } => "finalize_merge",
@@ -323,6 +332,15 @@ impl Job {
                 src.domain(*src_sd)?
                     .copy_image(*img, &d, *img, CopyMode::Structure, progress)
             }
+            Job::SyncData {
+                src_sd,
+                img,
+                dst_sd,
+                sync,
+            } => {
+                let d = src.domain(*dst_sd)?;
+                src.domain(*src_sd)?.sync_image_data(*img, &d, *sync, progress)
+            }
             Job::PrepareMerge { sd, img, base, top } => src.domain(*sd)?.prepare_merge(*img, *base, *top),
             Job::MergeCommit { sd, img, base, top } => {
                 src.domain(*sd)?.merge_commit(*img, *base, *top, progress)
@@ -389,6 +407,20 @@ impl Job {
                         _ => false,
                     }
             }
+            Job::SyncData {
+                src_sd,
+                img,
+                dst_sd,
+                sync,
+            } => match (src.domain(*src_sd)?.chain(*img), src.domain(*dst_sd)?.chain(*img)) {
+                (Ok(a), Ok(b)) => {
+                    let leaf = a.leaf().id;
+                    a.own_volumes()
+                        .filter(|v| *sync == SyncType::All || v.id != leaf)
+                        .all(|v| b.get(v.id).is_some_and(|c| c.meta.legality == Legality::Legal))
+                }
+                _ => false,
+            },
             Job::PrepareMerge { sd, img, base, .. } => {
                 meta(*sd, *img, *base)?.is_some_and(|m| m.legality == Legality::Illegal)
             }

@@ -8,7 +8,10 @@ mod common;
 use common::*;
 use oxvirt_qemu::img::Comparison;
 use oxvirt_qemu::ImageFormat;
-use oxvirt_storage::{Allocation, CopyMode, Legality, StorageError, VolFormat, VolRole, VolumeSpec};
+use oxvirt_storage::{
+    Allocation, CopyMode, FailMode, Failpoint, FileStorageDomain, Legality, StorageError, SyncType,
+    VolFormat, VolRole, VolumeSpec,
+};
 use oxvirt_types::{ImgUuid, VolUuid};
 
 fn spec(format: VolFormat, allocation: Allocation) -> VolumeSpec {
@@ -394,6 +397,100 @@ fn clone_structure_makes_the_chain_empty_and_illegal() {
         Err(StorageError::ImageExists { .. })
     ));
     assert_eq!(tree(dst.root()), before);
+}
+
+/// The bytes of data volume `vol` holds itself (not from its backing).
+fn own_data(dom: &FileStorageDomain, img: ImgUuid, vol: VolUuid) -> u64 {
+    dom.qemu()
+        .map(&dom.volume_path(img, vol), None)
+        .unwrap()
+        .iter()
+        .filter(|e| e.depth == 0 && e.data)
+        .map(|e| e.length)
+        .sum()
+}
+
+/// `syncImageData` after `cloneImageStructure`: INTERNAL fills every volume but the leaf (a
+/// running VM mirrors that one) and makes them LEGAL; ALL does the rest, after which the copy
+/// shows what the source shows. A sync that fails leaves its volumes empty and ILLEGAL; one
+/// with no structure to fill is refused and changes nothing.
+#[test]
+fn sync_data_fills_a_cloned_structure() {
+    let f = Fixture::new();
+    let dst = f.second();
+    let (img, ids) = three_deep(&f, VolFormat::Cow);
+    let reference = f.scratch("ref");
+    flatten(&f.dom, img, &reference);
+    let before = tree(dst.root());
+    assert!(matches!(
+        f.dom.sync_image_data(img, &dst, SyncType::Internal, &mut |_| {}),
+        Err(StorageError::NoImage { .. })
+    ));
+    assert_eq!(tree(dst.root()), before, "a refused sync changes nothing");
+    f.dom
+        .copy_image(img, &dst, img, CopyMode::Structure, &mut |_| {})
+        .unwrap();
+
+    // The second volume's copy fails: the first one's is undone.
+    dst.set_failpoint(Some(Failpoint {
+        verb: None,
+        step: 1,
+        mode: FailMode::Error,
+    }));
+    let err = f
+        .dom
+        .sync_image_data(img, &dst, SyncType::Internal, &mut |_| {})
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("Injected"), "{err:?}");
+    dst.set_failpoint(None);
+    for v in &ids {
+        assert_eq!(dst.read_meta(img, *v).unwrap().legality, Legality::Illegal);
+        assert_eq!(
+            own_data(&dst, img, *v),
+            0,
+            "volume {v} holds data after a rollback"
+        );
+    }
+
+    let mut seen = Vec::new();
+    f.dom
+        .sync_image_data(img, &dst, SyncType::Internal, &mut |p| seen.push(p))
+        .unwrap();
+    assert!(seen.last().is_some_and(|p| *p > 99.0), "progress {seen:?}");
+    let leaf = ids[3];
+    for v in &ids[..3] {
+        assert_eq!(dst.read_meta(img, *v).unwrap().legality, Legality::Legal);
+        // Each synced volume shows what its source shows, with its own data on its own.
+        let (a, b) = (f.scratch("a"), f.scratch("b"));
+        flatten_file(&f.dom.volume_path(img, *v), ImageFormat::Qcow2, &a);
+        flatten_file(&dst.volume_path(img, *v), ImageFormat::Qcow2, &b);
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "volume {v}"
+        );
+        assert_eq!(own_data(&dst, img, *v), own_data(&f.dom, img, *v), "volume {v}");
+    }
+    assert_eq!(dst.read_meta(img, leaf).unwrap().legality, Legality::Illegal);
+    assert_eq!(
+        own_data(&dst, img, leaf),
+        0,
+        "the leaf is left to the VM's mirror"
+    );
+    // Again: nothing left to do.
+    let synced = tree(dst.root());
+    f.dom
+        .sync_image_data(img, &dst, SyncType::Internal, &mut |_| {})
+        .unwrap();
+    assert_eq!(tree(dst.root()), synced);
+
+    f.dom
+        .sync_image_data(img, &dst, SyncType::All, &mut |_| {})
+        .unwrap();
+    assert_eq!(dst.read_meta(img, leaf).unwrap().legality, Legality::Legal);
+    assert_content(&dst, img, &reference);
+    assert_clean(&dst);
+    assert_clean(&f.dom);
 }
 
 #[test]

@@ -95,6 +95,7 @@ pub const VERBS: &[&str] = &[
     "Image.move",
     "Image.copy",
     "Image.cloneStructure",
+    "Image.syncData",
     "Image.mergeSnapshots",
     "Image.prepareMerge",
     "Image.finalizeMerge",

@@ -1344,6 +1344,14 @@ impl ConnectedPool {
             .collect()
     }
 
+    /// The volumes of image `img` below its leaf (a template's base, in another image, left
+    /// out): what a running VM only reads.
+    pub fn internal_volumes(&self, sd: SdUuid, img: ImgUuid) -> Result<Vec<VolUuid>> {
+        let chain = self.domains.domain(sd)?.chain(img)?;
+        let leaf = chain.leaf().id;
+        Ok(chain.own_volumes().map(|v| v.id).filter(|v| *v != leaf).collect())
+    }
+
     /// The guard of a cold merge of `top` into `base`: both, and `top`'s child, whose backing
     /// file the merge rewrites.
     pub fn merge_guard(

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use oxvirt_rpc::RpcError;
 use oxvirt_storage::mailbox::MailboxConfig;
 use oxvirt_storage::tasks::{Collapse, GuardedVolume, Job, TaskPlan, TaskRecord};
-use oxvirt_storage::{Allocation, Legality, VolFormat};
+use oxvirt_storage::{Allocation, Legality, SyncType, VolFormat};
 use oxvirt_types::api::ErrorCode;
 use oxvirt_types::{ImgUuid, PoolUuid, SdUuid, TaskId, VmId, VolUuid};
 
@@ -243,6 +243,23 @@ pub struct CloneStructure {
     pub dst: SdUuid,
 }
 
+/// `Image.syncData`: the data of an image whose structure was cloned to `dstSdUUID`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncData {
+    #[serde(rename = "spUUID")]
+    pub pool: PoolUuid,
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    pub img: ImgUuid,
+    #[serde(rename = "dstSdUUID")]
+    pub dst: SdUuid,
+    /// `INTERNAL` (every volume but the leaf) or `ALL`.
+    #[serde(rename = "syncType")]
+    pub sync_type: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Merge {
@@ -303,6 +320,7 @@ pub enum PoolRequest {
     ImageMove(ImageMove),
     ImageCopy(ImageCopy),
     ImageCloneStructure(CloneStructure),
+    ImageSyncData(SyncData),
     ImageMerge(Merge),
     /// Live merge, before the VM's block commit: base ILLEGAL (and extended if needed).
     ImagePrepareMerge(Merge),
@@ -354,6 +372,7 @@ impl PoolRequest {
             "Image.move" => PoolRequest::ImageMove(params(method, p)?),
             "Image.copy" => PoolRequest::ImageCopy(params(method, p)?),
             "Image.cloneStructure" => PoolRequest::ImageCloneStructure(params(method, p)?),
+            "Image.syncData" => PoolRequest::ImageSyncData(params(method, p)?),
             "Image.mergeSnapshots" => PoolRequest::ImageMerge(params(method, p)?),
             "Image.prepareMerge" => PoolRequest::ImagePrepareMerge(params(method, p)?),
             "Image.finalizeMerge" => PoolRequest::ImageFinalizeMerge(params(method, p)?),
@@ -780,8 +799,9 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
             }
             task(c.pool, plan)
         }
+        // Only the source's metadata is read: a VM may run on it (a live storage migration).
         PoolRequest::ImageCloneStructure(c) => task(c.pool, {
-            ensure_pool(pools, c.pool)?.refuse_if_held(c.sd, c.img, None, "copied")?;
+            ensure_pool(pools, c.pool)?;
             TaskPlan::new("cloneImageStructure").undoable(
                 Job::CloneStructure {
                     src_sd: c.sd,
@@ -793,6 +813,28 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     img: c.img,
                 },
             )
+        }),
+        // The volumes read are below the leaf, which a running VM reads but never writes —
+        // unless a live merge commits into one: then its lease is held and the sync waits.
+        PoolRequest::ImageSyncData(c) => task(c.pool, {
+            let cp = ensure_pool(pools, c.pool)?;
+            let sync = SyncType::parse(&c.sync_type).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("syncType {:?} is not INTERNAL or ALL", c.sync_type),
+                )
+            })?;
+            let vols = match sync {
+                SyncType::All => None,
+                SyncType::Internal => Some(cp.internal_volumes(c.sd, c.img)?),
+            };
+            cp.refuse_if_held(c.sd, c.img, vols.as_deref(), "synced")?;
+            TaskPlan::new("syncImageData").forward(Job::SyncData {
+                src_sd: c.sd,
+                img: c.img,
+                dst_sd: c.dst,
+                sync,
+            })
         }),
         // A cold merge holds the leases of the volumes it changes; the live one (prepare and
         // finalize around the VM's own block commit) leaves them to the VM that writes them.
