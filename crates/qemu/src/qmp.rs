@@ -589,6 +589,22 @@ command!(
     /// Runs the actions (`{"type": ..., "data": ...}`) atomically: all or none.
     Transaction { actions: Vec<Value> } => "transaction", ()
 );
+command!(
+    /// Copies `device`'s data onto `target` (opened already) and keeps the two in step until
+    /// `job-complete` switches the device to `target` (or `job-cancel` leaves it on `device`).
+    /// `sync` "top": only the active layer's data (the target's backing holds the rest);
+    /// `copy_mode` "write-blocking": a guest write completes once on both, so the job
+    /// converges however fast the guest writes.
+    BlockdevMirror {
+        job_id: String,
+        device: String,
+        target: String,
+        sync: String,
+        copy_mode: String,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+    } => "blockdev-mirror", ()
+);
 command!(JobComplete { id: String } => "job-complete", ());
 command!(JobCancel { id: String } => "job-cancel", ());
 command!(JobDismiss { id: String } => "job-dismiss", ());

@@ -10,6 +10,7 @@
 
 mod attachments;
 mod infra;
+mod live_move;
 mod networks;
 mod scheduling;
 mod snapshots;
@@ -27,6 +28,7 @@ use crate::nodes::NodeError;
 use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaHandle, SagaOutcome, StartOptions};
 
 pub use infra::{AddCluster, AddDataCenter, AddHost};
+pub use live_move::LSM_SNAPSHOT;
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
 pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
 pub use scheduling::{
@@ -153,6 +155,7 @@ impl Commands {
         sagas.register::<storage::RemoveDiskSaga>()?;
         sagas.register::<storage::MoveDiskSaga>()?;
         sagas.register::<storage::CopyDiskSaga>()?;
+        sagas.register::<live_move::LiveMoveDiskSaga>()?;
         sagas.register::<storage::ExtendDiskSaga>()?;
         sagas.register::<vms::AddVmSaga>()?;
         sagas.register::<vms::StartVmSaga>()?;

@@ -119,10 +119,13 @@ async fn resting(app: &App, vm: VmId) -> Result<crate::model::VmRuntime, StepErr
     })
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AddSnapshot {
     pub description: String,
     pub persist_memory: bool,
+    /// The disks to snapshot (oVirt's `disk_attachments`); all the VM's when `None`.
+    #[serde(default)]
+    pub disks: Option<Vec<DiskId>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -858,7 +861,17 @@ impl Commands {
         };
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
-        for (d, chain) in self.vm_disks_leaves(vm).await? {
+        let all = self.vm_disks_leaves(vm).await?;
+        if let Some(want) = &req.disks {
+            if want.is_empty() {
+                return Err(CommandError::invalid("a snapshot of no disks"));
+            }
+            if let Some(d) = want.iter().find(|d| !all.iter().any(|(x, _)| x.id == **d)) {
+                return Err(CommandError::invalid(format!("disk {d} is not attached to VM {}", v.name)));
+            }
+        }
+        let chosen = |d: &crate::model::Disk| req.disks.as_ref().is_none_or(|w| w.contains(&d.id));
+        for (d, chain) in all.into_iter().filter(|(d, _)| chosen(d)) {
             let leaf = chain
                 .last()
                 .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;

@@ -1184,7 +1184,7 @@ where
 }
 
 /// The step that locks a saga's disk (`ok` → `locked` by the saga), undone by unlocking it.
-fn disk_lock_step<S>(disk: fn(&S::Params) -> DiskId) -> Step<S>
+pub(super) fn disk_lock_step<S>(disk: fn(&S::Params) -> DiskId) -> Step<S>
 where
     S: SagaDef<Ctx = App>,
 {
@@ -1590,7 +1590,7 @@ impl Commands {
     }
 
     /// A storage domain's name for a job's description (its id if it is gone).
-    async fn sd_label(&self, sd: SdUuid) -> String {
+    pub(super) async fn sd_label(&self, sd: SdUuid) -> String {
         match self.app.db.sd_get(sd).await {
             Ok(Some(s)) => s.name,
             _ => sd.to_string(),
@@ -1716,17 +1716,17 @@ impl Commands {
         Ok(())
     }
 
-    /// Moves a disk whose VMs are down to another active data domain of its data center, as
-    /// oVirt's "Move" (cold; a running VM's disk is refused). A disk that is a thin clone of a
-    /// template is refused too: its chain starts at the template's volume, which would have to
-    /// be on the destination first.
+    /// Moves a disk to another active data domain of its data center, as oVirt's "Move": cold
+    /// when its VMs are down, live when the one VM using it is up (see [`super::live_move`]).
+    /// A disk that is a thin clone of a template is refused: its chain starts at the
+    /// template's volume, which would have to be on the destination first.
     pub async fn move_disk(
         &self,
         disk: DiskId,
         dst: SdUuid,
         correlation_id: Option<String>,
     ) -> Result<Disk, CommandError> {
-        let (d, to, dc) = self.disk_transfer_check(disk, dst, "moves").await?;
+        let (d, to, dc, running) = self.disk_transfer_check(disk, dst, "moves", true).await?;
         let src = d.storage_domain_id;
         if dst == src {
             return Err(CommandError::invalid(format!(
@@ -1747,6 +1747,9 @@ impl Commands {
                 "disk {} is a thin clone of a template (its base volume {} is the template's): it cannot move alone",
                 d.name, v.id
             )));
+        }
+        if let Some(vm) = running {
+            return self.live_move_disk(d, to, dc, vm, correlation_id).await;
         }
         let what = format!(
             "Moving disk {} from storage domain {} to {}",
@@ -1781,7 +1784,7 @@ impl Commands {
         name: Option<String>,
         correlation_id: Option<String>,
     ) -> Result<Disk, CommandError> {
-        let (d, to, dc) = self.disk_transfer_check(disk, dst, "is copied").await?;
+        let (d, to, dc, _) = self.disk_transfer_check(disk, dst, "is copied", false).await?;
         let name = name.unwrap_or_else(|| format!("{}_Copy", d.name));
         if name.trim().is_empty() {
             return Err(CommandError::invalid("the copy's name is empty"));
@@ -1916,12 +1919,15 @@ impl Commands {
 
     /// What moving or copying a disk to `dst` needs: the disk `ok` and its VMs down, `dst` an
     /// active data domain of the disk's data center. Returns the disk, `dst` and the data center.
+    /// The disk, the destination and the data center of a copy or move, checked; with `live`,
+    /// the one VM that runs the disk (a live move), if it is up.
     async fn disk_transfer_check(
         &self,
         disk: DiskId,
         dst: SdUuid,
         verb: &str,
-    ) -> Result<(Disk, StorageDomain, DataCenter), CommandError> {
+        live: bool,
+    ) -> Result<(Disk, StorageDomain, DataCenter, Option<crate::model::Vm>), CommandError> {
         let d = self
             .app
             .db
@@ -1951,17 +1957,33 @@ impl Commands {
                 to.name, m.status, to.domain_type
             )));
         }
+        let mut running = None;
         for a in self.app.db.attachments_of_disk(disk).await? {
-            if let Some(vm) = self.app.db.vm_get(a.vm_id).await? {
-                if vm.runtime.status != crate::model::VmStatus::Down {
+            let Some(vm) = self.app.db.vm_get(a.vm_id).await? else {
+                continue;
+            };
+            match vm.runtime.status {
+                crate::model::VmStatus::Down => {}
+                // Not plugged: the VM does not use it.
+                crate::model::VmStatus::Up if live && !a.active => {}
+                crate::model::VmStatus::Up if live && !d.shareable => running = Some(vm),
+                s if live => {
                     return Err(CommandError::Conflict(format!(
-                        "disk {} is attached to VM {}, which is {}: stop it first",
-                        d.name, vm.name, vm.runtime.status
-                    )));
+                        "disk {} is attached to VM {}, which is {s}: a disk moves while its VM is down or up{}",
+                        d.name,
+                        vm.name,
+                        if d.shareable { " (and a shareable disk only while all are down)" } else { "" }
+                    )))
+                }
+                s => {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} is attached to VM {}, which is {s}: stop it first",
+                        d.name, vm.name
+                    )))
                 }
             }
         }
-        Ok((d, to, dc))
+        Ok((d, to, dc, running))
     }
 
     /// Gives up the SPM role when `h` holds it (maintenance). An SPM with tasks running keeps

@@ -662,6 +662,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                                     crate::commands::AddSnapshot {
                                         description,
                                         persist_memory,
+                                        disks: None,
                                     },
                                     corr,
                                 )

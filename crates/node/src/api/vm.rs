@@ -45,6 +45,8 @@ pub const VERBS: &[&str] = &[
     "VM.hotplugDisk",
     "VM.hotunplugDisk",
     "VM.diskSizeExtend",
+    "VM.diskReplicateStart",
+    "VM.diskReplicateFinish",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -372,6 +374,43 @@ fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error
     }
 }
 
+/// One end of a disk replica (VDSM's `srcDisk`/`dstDisk`): the same image, on the disk's
+/// domain or on the one it is copied to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaDrive {
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    #[serde(rename = "volumeID", default)]
+    pub volume: Option<VolUuid>,
+    #[serde(rename = "poolID", default)]
+    pub pool: Option<Value>,
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+impl ReplicaDrive {
+    fn image_ref(&self) -> ImageRef {
+        ImageRef {
+            sd: self.domain,
+            img: self.image,
+        }
+    }
+}
+
+/// `VM.diskReplicateStart` and `VM.diskReplicateFinish` (a live storage migration's mirror):
+/// finishing with `dstDisk` equal to `srcDisk` drops the copy, as in VDSM.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicateParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub src_disk: ReplicaDrive,
+    pub dst_disk: ReplicaDrive,
+}
+
 /// `VM.getConsoleLog`: the last `tailBytes` of the VM's serial console log (read-only).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -409,6 +448,8 @@ pub enum VmRequest {
     HotplugDisk(DiskHotplugParams),
     HotunplugDisk(DiskHotplugParams),
     DiskSizeExtend(DiskSizeExtendParams),
+    ReplicateStart(ReplicateParams),
+    ReplicateFinish(ReplicateParams),
 }
 
 impl VmRequest {
@@ -428,6 +469,8 @@ impl VmRequest {
             "VM.migrateCancel" => VmRequest::MigrateCancel(id(p)?),
             "VM.snapshot" => VmRequest::Snapshot(params(method, p)?),
             "VM.merge" => VmRequest::Merge(params(method, p)?),
+            "VM.diskReplicateStart" => VmRequest::ReplicateStart(params(method, p)?),
+            "VM.diskReplicateFinish" => VmRequest::ReplicateFinish(params(method, p)?),
             "VM.setBalloonTarget" => VmRequest::SetBalloonTarget(params(method, p)?),
             "VM.acquireLease" => VmRequest::AcquireLease(params(method, p)?),
             "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
@@ -951,6 +994,45 @@ impl Node {
                     let r = vms
                         .merge(p.id, disk, &base, &top, Duration::from_secs(3600))
                         .await;
+                    node.sync_volume_leases(p.id).await;
+                    Ok(to_json(&r?))
+                });
+                Ok(json!({ "jobID": job }))
+            }
+            VmRequest::ReplicateStart(p) => {
+                let (src, dst) = (p.src_disk.image_ref(), p.dst_disk.image_ref());
+                vms.status(p.id)?;
+                let storage = self.storage.clone();
+                let layers = tokio::task::spawn_blocking(move || storage.layers(dst.sd, dst.img, None))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("chain lookup failed: {e}")))??;
+                let leaf = layers
+                    .last()
+                    .and_then(|l| l.path.file_name()?.to_str()?.parse().ok())
+                    .map(|vol| VolumeRef {
+                        sd: dst.sd,
+                        img: dst.img,
+                        vol,
+                    });
+                // The mirror writes the copy's leaf with every guest write: hold it first.
+                self.take_vm_leases(p.id, None, leaf.into_iter().collect()).await?;
+                match vms.replicate_start(p.id, src, dst, layers).await {
+                    Ok(()) => Ok(json!({})),
+                    Err(e) => {
+                        self.sync_volume_leases(p.id).await;
+                        Err(e.into())
+                    }
+                }
+            }
+            VmRequest::ReplicateFinish(p) => {
+                let (src, dst) = (p.src_disk.image_ref(), p.dst_disk.image_ref());
+                vms.status(p.id)?;
+                let node = self.clone();
+                let job = self.jobs.start("replicate", Some(p.id), async move {
+                    let r = vms
+                        .replicate_finish(p.id, src, dst, Duration::from_secs(3600))
+                        .await;
+                    // The source's leaf (switched) or the copy's (dropped) is no longer written.
                     node.sync_volume_leases(p.id).await;
                     Ok(to_json(&r?))
                 });

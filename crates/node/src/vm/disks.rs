@@ -212,6 +212,7 @@ impl VmManager {
                 .iter()
                 .position(|d| d.image == Some(image))
                 .ok_or_else(|| invalid(format!("no disk from image {} on domain {}", image.img, image.sd)))?;
+            r.refuse_while_replicating(id, "disk unplug")?;
             if r.pending_merge.is_some() || !r.pending_overlays.is_empty() {
                 return Err(invalid(
                     "a live snapshot or merge is still being settled: unplug the disk after it".into(),

@@ -25,6 +25,7 @@ pub mod hooks;
 pub mod ksm;
 pub mod nics;
 pub mod process;
+pub mod replica;
 pub mod saved;
 pub mod state;
 pub mod thin;
@@ -190,6 +191,10 @@ pub struct VmRecord {
     /// the device is there, and the record follows (see [`disks`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_device: Option<PendingDevice>,
+    /// A disk being copied to another domain (see [`replica`]): recorded before the mirror
+    /// job starts, cleared once the finish settled the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_replica: Option<replica::PendingReplica>,
 }
 
 /// A disk device change in flight.
@@ -210,6 +215,37 @@ pub struct PendingMerge {
 }
 
 impl VmRecord {
+    /// The volumes the guest writes to: its disks' leaves, and a replica's leaf, which the
+    /// mirror writes with every guest write.
+    pub fn written_volumes(&self) -> Vec<VolumeRef> {
+        let mut out = self.create.written_volumes();
+        if let Some(p) = &self.pending_replica {
+            let vol = p.layers.last().and_then(|l| l.path.file_name()?.to_str()?.parse().ok());
+            if let Some(vol) = vol {
+                out.push(VolumeRef {
+                    sd: p.target.sd,
+                    img: p.target.img,
+                    vol,
+                });
+            }
+        }
+        out
+    }
+
+    /// Refuses `what` (which would change a disk's chain or device) while a replica runs.
+    fn refuse_while_replicating(&self, vm: VmId, what: &str) -> Result<(), VmError> {
+        match &self.pending_replica {
+            None => Ok(()),
+            Some(p) => Err(VmError::Invalid {
+                vm,
+                reason: format!(
+                    "its disk at slot {} is being copied to domain {}: no {what} until the copy ends",
+                    p.slot, p.target.sd
+                ),
+            }),
+        }
+    }
+
     /// Drops the layers above `base` up to `top` from disk `disk`'s chain (a merge ended);
     /// returns them. Nothing when `top` is no longer in the chain.
     fn drop_merged(&mut self, disk: usize, base: &Path, top: &Path) -> Vec<PathBuf> {
@@ -1020,6 +1056,7 @@ impl VmManager {
             pending_overlays: Vec::new(),
             pending_merge: None,
             pending_device: None,
+            pending_replica: None,
         };
         let spec = self.build_spec(&dir, &rec, incoming.clone());
         spec.to_args().map_err(|source| VmError::Spec {
@@ -1574,6 +1611,7 @@ impl VmManager {
         vm.check(Op::Devices)?;
         let (node, thin) = {
             let rec = vm.record.lock().unwrap();
+            rec.refuse_while_replicating(id, "disk size change")?;
             let spec = rec.disk_spec(disk);
             let top = spec.layers.last().expect("a disk has layers");
             (
@@ -1640,6 +1678,7 @@ impl VmManager {
         let _devices = vm.devices.lock().await;
         let invalid = |reason: String| VmError::Invalid { vm: id, reason };
         let rec = vm.record.lock().unwrap().clone();
+        rec.refuse_while_replicating(id, "snapshot")?;
         if disks.is_empty() {
             return Err(invalid("no disks to snapshot".into()));
         }
@@ -1884,6 +1923,7 @@ impl VmManager {
         let _devices = vm.devices.lock().await;
         let invalid = |reason: String| VmError::Invalid { vm: id, reason };
         let rec = vm.record.lock().unwrap().clone();
+        rec.refuse_while_replicating(id, "live merge")?;
         let d = rec
             .create
             .disks
@@ -2140,6 +2180,7 @@ impl VmManager {
     pub async fn migrate(&self, id: VmId, params: MigrateParams) -> Result<MigrationReport, VmError> {
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
+        vm.record.lock().unwrap().refuse_while_replicating(id, "migration")?;
         let name = vm.record.lock().unwrap().create.name.clone();
         let record_path = vm.dir.join("vm.json");
         self.cfg
@@ -2312,6 +2353,7 @@ impl VmManager {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
+        vm.record.lock().unwrap().refuse_while_replicating(id, "hibernation")?;
         self.run_hook(&vm, HookPoint::BeforeVmHibernate).await?;
         let (bytes, info) = self.stream_to_file(&vm, path).await?;
         self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))
@@ -2556,7 +2598,7 @@ impl VmManager {
                 VmLeaseNeeds {
                     id: v.id,
                     vm_lease: rec.create.vm_lease,
-                    volumes: rec.create.written_volumes(),
+                    volumes: rec.written_volumes(),
                     awaiting: rec.hold_incoming,
                 }
             })
@@ -2568,7 +2610,7 @@ impl VmManager {
     pub fn leaf_volumes(&self, id: VmId) -> Result<Vec<VolumeRef>, VmError> {
         let vm = self.get(id)?;
         let rec = vm.record.lock().unwrap();
-        Ok(rec.create.written_volumes())
+        Ok(rec.written_volumes())
     }
 
     /// Records that the VM now holds its lease on `sd` (taken after it started, as on a

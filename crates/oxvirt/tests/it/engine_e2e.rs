@@ -225,6 +225,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
             oxvirt_engine::commands::AddSnapshot {
                 description: "s1".into(),
                 persist_memory: false,
+                disks: None,
             },
             None,
         )
@@ -456,6 +457,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
             oxvirt_engine::commands::AddSnapshot {
                 description: "with memory".into(),
                 persist_memory: true,
+                disks: None,
             },
             None,
         )

@@ -613,6 +613,7 @@ impl Scenario for AddColdSnapshot {
         let req = AddSnapshot {
             description: "swept".into(),
             persist_memory: false,
+            disks: None,
         };
         let _ = cmds.add_snapshot(w.base, req, None).await;
     }
@@ -641,6 +642,7 @@ impl Scenario for RemoveColdSnapshot {
         let req = AddSnapshot {
             description: "merged".into(),
             persist_memory: false,
+            disks: None,
         };
         w.cmds().add_snapshot(w.base, req, None).await.unwrap().id
     }
@@ -666,6 +668,7 @@ async fn snapshot_of_base(w: &World, description: &str) -> oxvirt_engine::model:
     let req = AddSnapshot {
         description: description.into(),
         persist_memory: false,
+        disks: None,
     };
     w.cmds().add_snapshot(w.base, req, None).await.unwrap().id
 }

@@ -658,6 +658,7 @@ pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
             AddSnapshot {
                 description: b.string("description").unwrap_or_default(),
                 persist_memory: b.bool("persist_memorystate")?.unwrap_or(false),
+                disks: snapshot_disks(&b)?,
             },
             r.correlation_id.clone(),
         )
@@ -669,6 +670,26 @@ pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
         format!("{API}/vms/{}/snapshots/{}", v.id, s.id),
         s.pending,
     ))
+}
+
+/// The disks a new snapshot covers, from `<disk_attachments><disk_attachment><disk id=…>`
+/// (the attachment's own id is the disk's too); `None`: every disk of the VM.
+fn snapshot_disks(b: &crate::rest::input::Elem) -> Result<Option<Vec<DiskId>>, ApiError> {
+    let Some(list) = b.get("disk_attachments") else {
+        return Ok(None);
+    };
+    list.children_named("disk_attachment")
+        .map(|a| {
+            let id = a
+                .get("disk")
+                .and_then(|d| d.id())
+                .or_else(|| a.id())
+                .ok_or_else(|| ApiError::bad_request("a snapshot's <disk_attachment> needs a <disk id=…>"))?;
+            id.parse()
+                .map_err(|_| ApiError::bad_request(format!("disk id {id:?} is not a UUID")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 pub async fn snap_remove(r: &Req) -> Result<Resp, ApiError> {
