@@ -708,6 +708,9 @@ pub struct BlockInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct BlockDeviceInfo {
     pub image: ImageInfo,
+    /// The device's top block node.
+    #[serde(rename = "node-name", default)]
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

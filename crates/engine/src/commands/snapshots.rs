@@ -867,7 +867,10 @@ impl Commands {
                 return Err(CommandError::invalid("a snapshot of no disks"));
             }
             if let Some(d) = want.iter().find(|d| !all.iter().any(|(x, _)| x.id == **d)) {
-                return Err(CommandError::invalid(format!("disk {d} is not attached to VM {}", v.name)));
+                return Err(CommandError::invalid(format!(
+                    "disk {d} is not attached to VM {}",
+                    v.name
+                )));
             }
         }
         let chosen = |d: &crate::model::Disk| req.disks.as_ref().is_none_or(|w| w.contains(&d.id));

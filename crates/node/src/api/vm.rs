@@ -20,7 +20,7 @@ use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
 use super::storage::error_chain;
 use super::{params, ApiError};
 use crate::service::Node;
-use crate::storage::pool::PoolServiceError;
+use crate::storage::pool::{PoolServiceError, VolKey};
 use crate::vm::thin::{ThinPolicy, VolumeRef};
 use crate::vm::{ImageRef, MigrateParams, SnapshotDisk, ThinDisk, VmCreate, VmDisk, VmError};
 
@@ -577,7 +577,7 @@ impl Node {
                 Ok(())
             })();
             if res.is_err() {
-                let taken: Vec<VolUuid> = cp
+                let taken: Vec<VolKey> = cp
                     .vm_volume_leases(vm)
                     .into_iter()
                     .filter(|v| !held_before.contains(v))
@@ -602,12 +602,12 @@ impl Node {
             return;
         };
         let pools = self.pools.clone();
-        let want_vols: Vec<VolUuid> = want.iter().map(|v| v.vol).collect();
+        let want_vols: Vec<VolKey> = want.iter().map(|v| (v.sd, v.vol)).collect();
         let r = tokio::task::spawn_blocking(move || {
             let Some(cp) = pools.current() else {
                 return Ok(Vec::new());
             };
-            let stale: Vec<VolUuid> = cp
+            let stale: Vec<VolKey> = cp
                 .vm_volume_leases(vm)
                 .into_iter()
                 .filter(|v| !want_vols.contains(v))
@@ -1005,7 +1005,9 @@ impl Node {
                 let storage = self.storage.clone();
                 let layers = tokio::task::spawn_blocking(move || storage.layers(dst.sd, dst.img, None))
                     .await
-                    .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("chain lookup failed: {e}")))??;
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::Unexpected, format!("chain lookup failed: {e}"))
+                    })??;
                 let leaf = layers
                     .last()
                     .and_then(|l| l.path.file_name()?.to_str()?.parse().ok())
@@ -1015,7 +1017,8 @@ impl Node {
                         vol,
                     });
                 // The mirror writes the copy's leaf with every guest write: hold it first.
-                self.take_vm_leases(p.id, None, leaf.into_iter().collect()).await?;
+                self.take_vm_leases(p.id, None, leaf.into_iter().collect())
+                    .await?;
                 match vms.replicate_start(p.id, src, dst, layers).await {
                     Ok(()) => Ok(json!({})),
                     Err(e) => {

@@ -185,9 +185,14 @@ impl std::fmt::Display for LeaseHolder {
     }
 }
 
-/// The volume leases this host holds. Taking one happens under the map's lock, so two takers
-/// on this host (whose host id storage cannot tell apart) never both believe they hold it.
-type VolumeLeaseMap = Arc<Mutex<HashMap<VolUuid, HeldVolumeLease>>>;
+/// The volume leases this host holds, by domain and volume (a live storage migration has the
+/// same volume on two domains, each with its own lease). Taking one happens under the map's
+/// lock, so two takers on this host (whose host id storage cannot tell apart) never both
+/// believe they hold it.
+type VolumeLeaseMap = Arc<Mutex<HashMap<VolKey, HeldVolumeLease>>>;
+
+/// A volume lease's key: the domain and the volume.
+pub type VolKey = (SdUuid, VolUuid);
 
 /// A task's guard: its volume leases, given back when it drops.
 struct TaskGuard {
@@ -197,9 +202,9 @@ struct TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        let mine: Vec<(VolUuid, HeldVolumeLease)> = {
+        let mine: Vec<(VolKey, HeldVolumeLease)> = {
             let mut held = self.map.lock().expect("volume leases");
-            let vols: Vec<VolUuid> = held
+            let vols: Vec<VolKey> = held
                 .iter()
                 .filter(|(_, h)| h.holder == LeaseHolder::Task(self.task))
                 .map(|(v, _)| *v)
@@ -208,7 +213,7 @@ impl Drop for TaskGuard {
                 .map(|v| (v, held.remove(&v).expect("listed")))
                 .collect()
         };
-        for (vol, h) in mine {
+        for ((_, vol), h) in mine {
             if let Err(e) = release_volume(vol, h.lease) {
                 tracing::warn!(task_id = %self.task, vol = %vol, error = %chain(&e), "releasing a task's volume lease failed");
             }
@@ -1144,14 +1149,15 @@ impl ConnectedPool {
     /// (the locked map); a VM's second ask for its own lease answers its lver.
     fn take_volume_lease(
         &self,
-        held: &mut HashMap<VolUuid, HeldVolumeLease>,
+        held: &mut HashMap<VolKey, HeldVolumeLease>,
         ls: &Lockspace,
         dom: &FileStorageDomain,
         img: ImgUuid,
         vol: VolUuid,
         holder: LeaseHolder,
     ) -> std::result::Result<u64, spm::VolumeLeaseError> {
-        if let Some(h) = held.get(&vol) {
+        let key = (dom.sd(), vol);
+        if let Some(h) = held.get(&key) {
             return match (h.holder, holder) {
                 (LeaseHolder::Vm(a), LeaseHolder::Vm(b)) if a == b => Ok(h.lease.lver()),
                 (here, _) => Err(spm::VolumeLeaseError::LockedHere {
@@ -1163,14 +1169,14 @@ impl ConnectedPool {
         }
         let lease = spm::acquire_volume_lease(ls, dom, img, vol)?;
         let lver = lease.lver();
-        held.insert(vol, HeldVolumeLease { lease, holder });
+        held.insert(key, HeldVolumeLease { lease, holder });
         Ok(lver)
     }
 
     /// Releases a lease taken through the API; a running VM's leases are not the API's to drop.
-    pub fn release_volume_lease(&self, vol: VolUuid) -> Result<()> {
+    pub fn release_volume_lease(&self, sd: SdUuid, vol: VolUuid) -> Result<()> {
         let mut held = self.volume_leases.lock().expect("volume leases");
-        match held.get(&vol) {
+        match held.get(&(sd, vol)) {
             None => Err(PoolServiceError::Invalid(format!(
                 "this host holds no lease of volume {vol}"
             ))),
@@ -1181,7 +1187,7 @@ impl ConnectedPool {
                 "the lease of volume {vol} belongs to {holder}, not to the API"
             ))),
             Some(_) => {
-                let l = held.remove(&vol).expect("looked up");
+                let l = held.remove(&(sd, vol)).expect("looked up");
                 drop(held);
                 release_volume(vol, l.lease)
             }
@@ -1194,7 +1200,7 @@ impl ConnectedPool {
     }
 
     /// The volumes whose leases this host holds for `vm`.
-    pub fn vm_volume_leases(&self, vm: VmId) -> Vec<VolUuid> {
+    pub fn vm_volume_leases(&self, vm: VmId) -> Vec<VolKey> {
         self.volume_leases
             .lock()
             .expect("volume leases")
@@ -1205,10 +1211,10 @@ impl ConnectedPool {
     }
 
     /// Releases `vm`'s leases on `vols` (all of them with `None`); returns the volumes released.
-    pub fn release_vm_volume_leases(&self, vm: VmId, vols: Option<&[VolUuid]>) -> Result<Vec<VolUuid>> {
-        let taken: Vec<(VolUuid, HeldVolumeLease)> = {
+    pub fn release_vm_volume_leases(&self, vm: VmId, vols: Option<&[VolKey]>) -> Result<Vec<VolKey>> {
+        let taken: Vec<(VolKey, HeldVolumeLease)> = {
             let mut held = self.volume_leases.lock().expect("volume leases");
-            let ours: Vec<VolUuid> = held
+            let ours: Vec<VolKey> = held
                 .iter()
                 .filter(|(v, h)| h.holder == LeaseHolder::Vm(vm) && vols.is_none_or(|only| only.contains(v)))
                 .map(|(v, _)| *v)
@@ -1219,9 +1225,9 @@ impl ConnectedPool {
         };
         let mut released = Vec::new();
         let mut first_err = None;
-        for (vol, h) in taken {
-            match release_volume(vol, h.lease) {
-                Ok(()) => released.push(vol),
+        for (key, h) in taken {
+            match release_volume(key.1, h.lease) {
+                Ok(()) => released.push(key),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

@@ -220,7 +220,10 @@ impl VmRecord {
     pub fn written_volumes(&self) -> Vec<VolumeRef> {
         let mut out = self.create.written_volumes();
         if let Some(p) = &self.pending_replica {
-            let vol = p.layers.last().and_then(|l| l.path.file_name()?.to_str()?.parse().ok());
+            let vol = p
+                .layers
+                .last()
+                .and_then(|l| l.path.file_name()?.to_str()?.parse().ok());
             if let Some(vol) = vol {
                 out.push(VolumeRef {
                     sd: p.target.sd,
@@ -2180,7 +2183,10 @@ impl VmManager {
     pub async fn migrate(&self, id: VmId, params: MigrateParams) -> Result<MigrationReport, VmError> {
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
-        vm.record.lock().unwrap().refuse_while_replicating(id, "migration")?;
+        vm.record
+            .lock()
+            .unwrap()
+            .refuse_while_replicating(id, "migration")?;
         let name = vm.record.lock().unwrap().create.name.clone();
         let record_path = vm.dir.join("vm.json");
         self.cfg
@@ -2353,7 +2359,10 @@ impl VmManager {
         let start = Instant::now();
         let vm = self.get(id)?;
         vm.check(Op::Migrate)?;
-        vm.record.lock().unwrap().refuse_while_replicating(id, "hibernation")?;
+        vm.record
+            .lock()
+            .unwrap()
+            .refuse_while_replicating(id, "hibernation")?;
         self.run_hook(&vm, HookPoint::BeforeVmHibernate).await?;
         let (bytes, info) = self.stream_to_file(&vm, path).await?;
         self.quit_after_stream(&vm, DownKind::Saved, format!("state saved to {}", path.display()))

@@ -26,7 +26,9 @@ use oxvirt_qemu::{DiskSpec, LayerSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{delete_block_nodes, disk_block_info, layer_node_names, thin, ImageRef, Op, Vm, VmError, VmManager};
+use super::{
+    delete_block_nodes, disk_block_info, layer_node_names, thin, ImageRef, Op, Vm, VmError, VmManager,
+};
 use oxvirt_types::VmId;
 
 /// A disk being copied to another domain, from `replicate_start` until the finish settles it.
@@ -70,7 +72,10 @@ impl VmManager {
         let invalid = |reason: String| VmError::Invalid { vm: id, reason };
         let rec = vm.record.lock().unwrap().clone();
         if let Some(p) = &rec.pending_replica {
-            let same = p.target == target && rec.disk_at_slot(p.slot.into()).is_some_and(|d| rec.create.disks[d].image == Some(image));
+            let same = p.target == target
+                && rec
+                    .disk_at_slot(p.slot.into())
+                    .is_some_and(|d| rec.create.disks[d].image == Some(image));
             return if same {
                 Ok(())
             } else {
@@ -142,7 +147,10 @@ impl VmManager {
             }
             added.push(name);
         }
-        let job = format!("replica-{slot}-{}", vm.job_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let job = format!(
+            "replica-{slot}-{}",
+            vm.job_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         {
             let mut r = vm.record.lock().unwrap();
             r.pending_replica = Some(PendingReplica {
@@ -221,7 +229,12 @@ impl VmManager {
                 let i = rec.create.disks[d].image;
                 i == Some(image) || i == Some(p.target)
             })
-            .ok_or_else(|| invalid(format!("the disk being copied is not the one from image {}", image.img)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the disk being copied is not the one from image {}",
+                    image.img
+                ))
+            })?;
         if !abort && p.target != target {
             return Err(invalid(format!(
                 "the disk from image {} is being copied to domain {}, not {}",
@@ -241,16 +254,22 @@ impl VmManager {
         let mut events = vm.events.subscribe();
         let ended = self.run_replica_job(&vm, &p, abort, &mut events, timeout).await?;
         let slot = usize::from(p.slot);
-        let copy_top = p.layers.last().expect("a chain has a volume").path.display().to_string();
-        let chain: Vec<String> = disk_block_info(&vm, slot)
+        // The device's top node says where it runs (file names may come back as `json:`
+        // descriptions once the backing was given as a node).
+        let copy_top = format_node_name(slot, &p.layers.last().expect("a chain has a volume").path);
+        let top = disk_block_info(&vm, slot)
             .await?
             .and_then(|b| b.inserted)
-            .map(|i| i.image.files())
-            .unwrap_or_default();
-        let pivoted = chain.first() == Some(&copy_top);
+            .and_then(|i| i.node_name);
+        let pivoted = top.as_deref() == Some(copy_top.as_str());
         if pivoted {
             let source = vm.record.lock().unwrap().disk_spec(disk);
-            delete_block_nodes(&vm, layer_node_names(slot, &source.layers), "a replicated disk's source").await;
+            delete_block_nodes(
+                &vm,
+                layer_node_names(slot, &source.layers),
+                "a replicated disk's source",
+            )
+            .await;
             let lp = {
                 let mut r = vm.record.lock().unwrap();
                 let lp = r.loops.get_mut(disk).and_then(Option::take);
@@ -258,7 +277,11 @@ impl VmManager {
                 d.layers = p.layers.clone();
                 d.image = Some(p.target);
                 d.thin = None;
-                let still_used = r.create.disks.iter().any(|d| d.image.is_some_and(|i| i.sd == image.sd))
+                let still_used = r
+                    .create
+                    .disks
+                    .iter()
+                    .any(|d| d.image.is_some_and(|i| i.sd == image.sd))
                     || r.create.vm_lease == Some(image.sd);
                 if !still_used {
                     r.create.lease_domains.retain(|sd| *sd != image.sd);
@@ -277,11 +300,20 @@ impl VmManager {
             // answer was lost): the disk is on the copy, and says so.
             return Ok(report(true));
         }
-        delete_block_nodes(&vm, layer_node_names(slot, &p.layers), "a dropped replica's layer").await;
+        delete_block_nodes(
+            &vm,
+            layer_node_names(slot, &p.layers),
+            "a dropped replica's layer",
+        )
+        .await;
         {
             let mut r = vm.record.lock().unwrap();
             r.pending_replica = None;
-            if !r.create.disks.iter().any(|d| d.image.is_some_and(|i| i.sd == p.target.sd))
+            if !r
+                .create
+                .disks
+                .iter()
+                .any(|d| d.image.is_some_and(|i| i.sd == p.target.sd))
                 && r.create.vm_lease != Some(p.target.sd)
             {
                 r.create.lease_domains.retain(|sd| *sd != p.target.sd);
@@ -295,7 +327,12 @@ impl VmManager {
             Err(VmError::BlockJob {
                 vm: id,
                 job: p.job.clone(),
-                reason: ended.unwrap_or_else(|| "the copy ended before the switch".into()),
+                reason: ended.unwrap_or_else(|| {
+                    format!(
+                        "the copy ended before the switch (the disk runs on node {})",
+                        top.as_deref().unwrap_or("none")
+                    )
+                }),
             })
         }
     }
@@ -319,9 +356,9 @@ impl VmManager {
             loop {
                 match events.try_recv() {
                     Ok(Event::BlockJobCompleted(i)) if i.device == p.job => error = error.or(i.error),
-                    Ok(Event::BlockJobError { device, operation, .. }) if device == p.job => {
-                        error = error.or(Some(format!("{operation} error")))
-                    }
+                    Ok(Event::BlockJobError {
+                        device, operation, ..
+                    }) if device == p.job => error = error.or(Some(format!("{operation} error"))),
                     Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
                     Err(_) => break,
                 }
@@ -344,7 +381,9 @@ impl VmManager {
                 match r {
                     Ok(()) => asked = true,
                     // Moved on meanwhile (ended, or not ready after all): look again.
-                    Err(e) => tracing::debug!(vm_id = %id, job = %p.job, error = %e, "replica job not settled yet"),
+                    Err(e) => {
+                        tracing::debug!(vm_id = %id, job = %p.job, error = %e, "replica job not settled yet")
+                    }
                 }
             }
             if Instant::now() >= deadline {

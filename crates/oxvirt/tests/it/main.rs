@@ -12,6 +12,7 @@ mod engine_e2e;
 mod engine_restart;
 mod ha;
 mod lease_cli;
+mod live_storage;
 mod networks;
 mod networks_engine;
 mod networks_rollback;

@@ -695,7 +695,7 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
         }
         PoolRequest::VolumeReleaseLease(v) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
-            cp.release_volume_lease(v.vol)?;
+            cp.release_volume_lease(v.sd, v.vol)?;
             Ok(json!(true))
         }
         PoolRequest::VolumeLeaseStatus(v) => {

@@ -1,0 +1,233 @@
+//! Live storage migration through the engine, on a real node, QEMU and two file domains: a
+//! running VM's disk moves to another domain while the guest writes to it (every write the
+//! guest made is on the destination afterwards), and a move that fails at the switch unwinds
+//! — the disk stays where it was, the copy and the automatic snapshot go, the guest runs on.
+
+use crate::common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{attach_data_domain, cow_disk, data_domain, start_cluster};
+use oxvirt_engine::commands::{AddVm, Answer, Commands, VmStartOptions, LSM_SNAPSHOT};
+use oxvirt_engine::model::{DiskId, DiskStatus, SdUuid, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::saga::testing::{Fault, FaultAt, FaultInjector, FaultPoint};
+use oxvirt_engine::saga::{ForwardRetry, SagaExecutor};
+use oxvirt_storage::FileStorageDomain;
+use oxvirt_testkit::TestGuest;
+
+const MIB: u64 = 1 << 20;
+/// Where the guest's numbered writes start (in 4 KiB blocks: 16 MiB).
+const SEQ_BASE: u64 = 4096;
+
+/// The guest writes 4 KiB block `SEQ_BASE + k` with "OXV-SEQ k" (O_DIRECT), k = 0, 1, …, and
+/// prints "OXVIRT-GUEST seq k" once each write is done.
+const SEQ_WRITER: &str = "k=0; while [ $k -lt 3000 ]; do \
+    printf 'OXV-SEQ %06d' $k | dd of=/dev/vda bs=4096 seek=$((4096 + k)) conv=sync oflag=direct \
+    2>/dev/null && echo OXVIRT-GUEST seq $k; k=$((k + 1)); usleep 20000; done";
+
+/// Faults for one saga only (the command runs three).
+struct InSaga(&'static str, Arc<FaultAt>);
+
+impl FaultInjector for InSaga {
+    fn fault(&self, saga: &str, step: usize, point: FaultPoint) -> Option<Fault> {
+        (saga == self.0)
+            .then(|| self.1.fault(saga, step, point))
+            .flatten()
+    }
+}
+
+/// The last "OXVIRT-GUEST seq k" the guest printed.
+fn last_seq(console: &Path) -> Option<u64> {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("OXVIRT-GUEST seq ")?.trim().parse().ok())
+        .next_back()
+}
+
+/// Waits until the guest has printed a write numbered above `after`.
+async fn wait_seq_past(console: &Path, after: u64, within: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(k) = last_seq(console).filter(|k| *k > after) {
+            return k;
+        }
+        assert!(
+            start.elapsed() < within,
+            "the guest wrote nothing past {after} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn image_exists(root: &Path, sd: SdUuid, disk: DiskId) -> bool {
+    FileStorageDomain::find(root, sd).unwrap().image_exists(disk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
+    let guest = TestGuest::get();
+    let c = start_cluster(1).await;
+    let e = c.engine.clone();
+    let (cmds, db) = (&e.cmds, &e.app().db);
+    let (dc, sd) = attach_data_domain(&c, "host1").await;
+    let host = db.host_get_by_name("host1").await.unwrap().unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut req = data_domain(&dir2.path().display().to_string(), host.id);
+    req.name = "data2".into();
+    let sd2 = cmds.add_storage_domain(req, None).await.unwrap();
+    cmds.attach_storage_domain(dc.id, sd2.id, None).await.unwrap();
+    cmds.wait_domain_active(dc.id, sd2.id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let vm = cmds
+        .add_vm(
+            AddVm {
+                name: "mover".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(256 * MIB),
+                cpu: None,
+                os: VmOs {
+                    kernel: Some(guest.kernel.display().to_string()),
+                    initrd: Some(guest.initrd.display().to_string()),
+                    cmdline: Some(TestGuest::append(&[&TestGuest::run_arg(SEQ_WRITER)])),
+                },
+                ha: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let disk = cmds
+        .add_disk(cow_disk("mover_disk", sd.id, 64 * MIB, Some((vm.id, true))), None)
+        .await
+        .unwrap()
+        .id;
+    let leaf0 = db.volume_chain(disk).await.unwrap()[0].id;
+    cmds.start_vm(vm.id, VmStartOptions::default(), None)
+        .await
+        .unwrap();
+    cmds.wait_vm_status(vm.id, VmStatus::Up, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let console = c.console("host1", vm.id);
+    let seen = wait_seq_past(&console, 5, Duration::from_secs(90)).await;
+
+    // Moved to a domain that is not there: refused, nothing changes.
+    let err = cmds
+        .move_disk(disk, SdUuid::new_random(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+
+    // The switch fails (the mirror was running): the saga unwinds — the mirror is dropped, the
+    // copy deleted — and the automatic snapshot is merged away again.
+    let app = e.app().clone();
+    let fault = FaultAt::new(4, FaultPoint::BeforeAction, Fault::Fail);
+    let sagas = SagaExecutor::with_faults(
+        app.db.clone(),
+        app.clone(),
+        Arc::new(InSaga("live_move_disk", fault.clone())),
+        ForwardRetry::default(),
+    );
+    Commands::register_all(&sagas).unwrap();
+    let faulty = Commands {
+        app,
+        sagas,
+        answer: Answer::WhenDone,
+    };
+    let err = faulty.move_disk(disk, sd2.id, None).await.unwrap_err();
+    assert!(fault.fired(), "the fault was not reached: {err}");
+    assert!(err.to_string().contains("rolled back"), "{err}");
+    let d = db.disk_get(disk).await.unwrap().unwrap();
+    assert_eq!((d.storage_domain_id, d.status), (sd.id, DiskStatus::Ok));
+    let chain = db.volume_chain(disk).await.unwrap();
+    assert_eq!(
+        chain.iter().map(|v| v.id).collect::<Vec<_>>(),
+        vec![leaf0],
+        "{chain:?}"
+    );
+    assert!(image_exists(&c.storage, sd.id, disk));
+    assert!(!image_exists(dir2.path(), sd2.id, disk), "the copy stays");
+    assert!(
+        db.snapshots_of_vm(vm.id)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.description != LSM_SNAPSHOT),
+        "the automatic snapshot stays"
+    );
+    let owner = |root: &Path, sd: SdUuid, vol| {
+        let dom = FileStorageDomain::find(root, sd).unwrap();
+        oxvirt_storage::spm::volume_lease_owner(&dom, disk, vol).unwrap()
+    };
+    assert!(
+        owner(&c.storage, sd.id, leaf0).is_some(),
+        "the VM gave up its leaf's lease"
+    );
+    let seen = wait_seq_past(&console, seen, Duration::from_secs(30)).await;
+
+    // The real move, timed from the command to its answer.
+    let t = Instant::now();
+    let moved = cmds.move_disk(disk, sd2.id, None).await.unwrap();
+    let took = t.elapsed();
+    println!("live storage migration of a 64 MiB disk under a writing guest: {took:?}");
+    assert_eq!((moved.storage_domain_id, moved.status), (sd2.id, DiskStatus::Ok));
+    let chain = db.volume_chain(disk).await.unwrap();
+    assert_eq!(
+        chain.len(),
+        1,
+        "the automatic snapshot was merged away: {chain:?}"
+    );
+    assert!(chain.iter().all(|v| v.storage_domain_id == sd2.id), "{chain:?}");
+    assert!(db
+        .snapshots_of_vm(vm.id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| s.description != LSM_SNAPSHOT));
+    assert!(!image_exists(&c.storage, sd.id, disk), "the source stays");
+    let dom2 = FileStorageDomain::find(dir2.path(), sd2.id).unwrap();
+    let on2 = dom2.chain(disk).unwrap();
+    assert_eq!(on2.ids(), vec![chain[0].id]);
+    assert_eq!(on2.leaf().meta.legality, oxvirt_storage::Legality::Legal);
+    let report = dom2.check(true).unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    assert!(
+        owner(dir2.path(), sd2.id, chain[0].id).is_some(),
+        "the VM holds its new leaf's lease"
+    );
+    assert_eq!(
+        db.vm_get(vm.id).await.unwrap().unwrap().runtime.status,
+        VmStatus::Up
+    );
+    let last = wait_seq_past(&console, seen + 10, Duration::from_secs(30)).await;
+
+    // Stopped, the disk holds every write the guest made, before, during and after the move.
+    cmds.stop_vm(vm.id).await.unwrap();
+    let last = last_seq(&console).unwrap_or(last);
+    let flat = dir2.path().join("flat.raw");
+    let leaf = dom2.chain_paths(disk).unwrap().pop().unwrap();
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&leaf)
+        .arg(&flat)
+        .status()
+        .expect("qemu-img (qemu-utils) runs");
+    assert!(status.success());
+    let data = std::fs::read(&flat).unwrap();
+    for k in 0..=last {
+        let off = ((SEQ_BASE + k) * 4096) as usize;
+        let want = format!("OXV-SEQ {k:06}");
+        assert_eq!(
+            &data[off..off + want.len()],
+            want.as_bytes(),
+            "write {k} of {last} is not on the moved disk"
+        );
+    }
+}
