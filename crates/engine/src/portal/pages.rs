@@ -1304,8 +1304,9 @@ async fn disks(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> {
     let mut h = Html::new();
     h.heading("Disks", Some(&format!("{} disk(s)", disks.len())));
     search_form(&mut h, "/portal/disks", ctx.q("name"));
-    // Copy and move (the commands check that the disk's VMs are down and the domain active),
-    // extend (also under a running VM); their progress shows with the running jobs.
+    // Copy (the command checks that the disk's VMs are down and the domain active), move (also
+    // under a running VM: a live storage migration) and extend (also under a running VM);
+    // their progress shows with the running jobs.
     let movable: Vec<(String, String)> = disks
         .iter()
         .filter(|d| d.status == DiskStatus::Ok)
