@@ -1967,7 +1967,8 @@ impl Commands {
                 // Not plugged: the VM does not use it.
                 crate::model::VmStatus::Up if live && !a.active => {}
                 crate::model::VmStatus::Up if live && !d.shareable => running = Some(vm),
-                s if live => return Err(CommandError::Conflict(format!(
+                s if live => {
+                    return Err(CommandError::Conflict(format!(
                     "disk {} is attached to VM {}, which is {s}: a disk moves while its VM is down or up{}",
                     d.name,
                     vm.name,
@@ -1976,7 +1977,8 @@ impl Commands {
                     } else {
                         ""
                     }
-                ))),
+                )))
+                }
                 s => {
                     return Err(CommandError::Conflict(format!(
                         "disk {} is attached to VM {}, which is {s}: stop it first",

@@ -1003,7 +1003,9 @@ impl Node {
                 let (src, dst) = (p.src_disk.image_ref(), p.dst_disk.image_ref());
                 vms.status(p.id)?;
                 let storage = self.storage.clone();
-                let layers = tokio::task::spawn_blocking(move || storage.layers(dst.sd, dst.img, None))
+                // The copy's chain up to the volume named (the disk's leaf), else all of it.
+                let top = p.dst_disk.volume;
+                let layers = tokio::task::spawn_blocking(move || storage.layers(dst.sd, dst.img, top))
                     .await
                     .map_err(|e| {
                         ApiError::new(ErrorCode::Unexpected, format!("chain lookup failed: {e}"))

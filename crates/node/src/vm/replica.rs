@@ -253,6 +253,7 @@ impl VmManager {
         }
         let mut events = vm.events.subscribe();
         let ended = self.run_replica_job(&vm, &p, abort, &mut events, timeout).await?;
+        super::test_crash_point("replica-ended");
         let slot = usize::from(p.slot);
         // The device's top node says where it runs (file names may come back as `json:`
         // descriptions once the backing was given as a node).

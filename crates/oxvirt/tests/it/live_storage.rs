@@ -106,7 +106,10 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         .await
         .unwrap();
     let disk = cmds
-        .add_disk(cow_disk("mover_disk", sd.id, 384 * MIB, Some((vm.id, true))), None)
+        .add_disk(
+            cow_disk("mover_disk", sd.id, 384 * MIB, Some((vm.id, true))),
+            None,
+        )
         .await
         .unwrap()
         .id;
@@ -118,7 +121,11 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         .unwrap();
     let out = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c"])
-        .arg(format!("write -P 0x5a {} {}", FILLED.start, FILLED.end - FILLED.start))
+        .arg(format!(
+            "write -P 0x5a {} {}",
+            FILLED.start,
+            FILLED.end - FILLED.start
+        ))
         .arg(&vol0)
         .output()
         .expect("qemu-io (qemu-utils) runs");
@@ -267,5 +274,8 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         );
     }
     let filled = &data[FILLED.start as usize..FILLED.end as usize];
-    assert!(filled.iter().all(|b| *b == 0x5a), "the data written before the start changed");
+    assert!(
+        filled.iter().all(|b| *b == 0x5a),
+        "the data written before the start changed"
+    );
 }

@@ -830,9 +830,62 @@ async fn a_killed_node_leaves_its_vm_running_and_the_next_one_recovers_it() {
     let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
     let again = node.call("VM.hotplugDisk", plug).await;
     assert_eq!(again["disks"], info["disks"], "{again}");
+
+    // The disk is copied to another domain under the writing guest (a live storage migration's
+    // node half; the SPM's structure clone done here with the storage library) and the node
+    // dies once the mirror job ended, before recording the switch: the next one, asked to
+    // finish again, reads from QEMU that the disk runs on the copy and records it.
+    let sd2 = SdUuid::new_random();
+    node.call(
+        "StorageDomain.create",
+        json!({ "sdUUID": sd2, "connectionID": "shared", "description": "data2", "storageType": "localfs" }),
+    )
+    .await;
+    let dom2 = FileStorageDomain::find(&shared, sd2).unwrap();
+    dom.copy_image(img, &dom2, img, oxvirt_storage::CopyMode::Structure, &mut |_| {})
+        .unwrap();
+    // (The storage chain still has the merged overlay on top: the replica names its leaf.)
+    let src = json!({ "domainID": sd, "imageID": img, "volumeID": base_vol });
+    let dst = json!({ "domainID": sd2, "imageID": img, "volumeID": base_vol });
+    let start = json!({ "vmID": id, "srcDisk": src, "dstDisk": dst });
+    node.call("VM.diskReplicateStart", start.clone()).await;
+    // Asked again: the same replica runs.
+    node.call("VM.diskReplicateStart", start.clone()).await;
+    let err = node
+        .c
+        .call(
+            "VM.diskSizeExtend",
+            json!({ "vmID": id, "driveSpecs": { "domainID": sd, "imageID": img }, "newSize": 64 << 20 }),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("being copied"), "{err}");
+    node.stop();
+    let crash = [("OXVIRT_TEST_NODE_CRASH_AT", "replica-ended")];
+    let dying = Node::start_with_env(&engine, "phoenix-host", &data, None, Some(addr), &crash).await;
+    connect_shared(&dying, &shared).await;
+    let r = dying.c.call("VM.diskReplicateFinish", start.clone()).await;
+    dying
+        .died(&format!("at replica-ended ({r:?})"), Duration::from_secs(60))
+        .await;
+    assert!(running(qemu_pid), "QEMU died with the node");
+    let node = Node::start(&engine, "phoenix-host", &data, None, Some(addr)).await;
+    connect_shared(&node, &shared).await;
+    let job = node.call("VM.diskReplicateFinish", start.clone()).await["jobID"].clone();
+    let done = node.wait_job(&job, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(done["pivoted"], true, "{done}");
+    let info = node.call("VM.getInfo", json!({ "vmID": id })).await;
+    let moved = vec![dom2.volume_path(img, base_vol.parse().unwrap())];
+    assert_eq!(info["chains"][0], json!(moved), "{info}");
+    assert_eq!(info["disks"][0]["image"]["sd"], json!(sd2), "{info}");
+    // Asked once more (an answer lost): done.
+    let job = node.call("VM.diskReplicateFinish", start).await["jobID"].clone();
+    let again = node.wait_job(&job, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(again["pivoted"], true, "{again}");
+    wait_passes(&log, p, 1, BOOT).await;
     node.call("VM.destroy", json!({ "vmID": id })).await;
     assert!(!running(qemu_pid), "QEMU survived VM.destroy");
-    verify_writer_data(&base);
+    verify_writer_data(moved.last().unwrap());
 }
 
 /// KSM through the node verbs, read back from sysfs; restored afterwards. A kernel without
