@@ -227,7 +227,7 @@ pub static ROUTES: &[Route] = &[
     r!(GET "/disks/{disk}" DiskGet "disk" N, "Get a disk"),
     r!(PUT "/disks/{disk}" DiskUpdate "disk" Some("disk"), "Update a disk's alias or description; a bigger provisioned_size extends it (live under a running VM)"),
     r!(DELETE "/disks/{disk}" DiskRemove "action" N, "Remove a disk and its volumes"),
-    r!(POST "/disks/{disk}/move" DiskMove "action" A, "Move a disk whose VMs are down to another active data domain (<storage_domain>)"),
+    r!(POST "/disks/{disk}/move" DiskMove "action" A, "Move a disk to another active data domain (<storage_domain>); live when its VM is up"),
     r!(POST "/disks/{disk}/copy" DiskCopy "action" A, "Copy a disk whose VMs are down into a new disk of one volume on an active data domain (<storage_domain>; <disk><alias> names the copy)"),
     r!(GET "/vms" VmList "vms" N, "List VMs"),
     r!(POST "/vms" VmAdd "vm" Some("vm"), "Create a VM from Blank or as a thin clone of a template"),

@@ -526,7 +526,8 @@ pub enum DiskCmd {
     /// Remove a disk and its volumes.
     #[command(visible_alias = "rm")]
     Remove { name: String },
-    /// Move a disk (its VMs down) to another active data domain of its data center.
+    /// Move a disk to another active data domain of its data center (also under its running
+    /// VM: a live storage migration, the guest writing on).
     Move {
         name: String,
         /// The destination storage domain (name or id).

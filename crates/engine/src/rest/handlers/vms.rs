@@ -826,3 +826,41 @@ pub async fn template_remove(r: &Req) -> Result<Resp, ApiError> {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rest::input::parse_body;
+
+    #[test]
+    fn a_snapshot_names_its_disks_in_xml_or_json() {
+        let (a, b) = (DiskId::new_random(), DiskId::new_random());
+        let xml = format!(
+            "<snapshot><description>s</description><disk_attachments>\
+             <disk_attachment><disk id=\"{a}\"/></disk_attachment>\
+             <disk_attachment id=\"{b}\"/></disk_attachments></snapshot>"
+        );
+        let e = parse_body(xml.as_bytes(), false, "snapshot").unwrap();
+        assert_eq!(snapshot_disks(&e).unwrap(), Some(vec![a, b]));
+        let json = format!(r#"{{"disk_attachments": {{"disk_attachment": [{{"disk": {{"id": "{a}"}}}}]}}}}"#);
+        let e = parse_body(json.as_bytes(), true, "snapshot").unwrap();
+        assert_eq!(snapshot_disks(&e).unwrap(), Some(vec![a]));
+        let e = parse_body(
+            b"<snapshot><description>all</description></snapshot>",
+            false,
+            "snapshot",
+        )
+        .unwrap();
+        assert_eq!(snapshot_disks(&e).unwrap(), None, "no list: every disk");
+        let bad = "<snapshot><disk_attachments><disk_attachment><disk id=\"nope\"/></disk_attachment></disk_attachments></snapshot>";
+        let e = parse_body(bad.as_bytes(), false, "snapshot").unwrap();
+        assert!(snapshot_disks(&e).unwrap_err().detail.contains("nope"));
+        let e = parse_body(
+            b"<snapshot><disk_attachments><disk_attachment/></disk_attachments></snapshot>",
+            false,
+            "snapshot",
+        )
+        .unwrap();
+        assert!(snapshot_disks(&e).is_err());
+    }
+}
