@@ -1597,6 +1597,8 @@ impl Commands {
                 vm.name, vm.runtime.status
             )));
         }
+        // A disk being moved live is mirrored by this host's QEMU until the move ends.
+        self.refuse_locked_disks(&vm, "migrated").await?;
         let src = vm
             .runtime
             .run_on_host
