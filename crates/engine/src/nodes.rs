@@ -18,6 +18,11 @@ use oxvirt_types::{JobId, TaskId};
 
 use crate::model::{Host, HostUuid};
 
+/// The longest pause between two looks at a node's task or job: a command made of several
+/// storage tasks (a live disk move runs nine) waits up to this long after each one ends, and a
+/// look is one small request on a kept connection.
+const POLL_MAX: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("host {host} ({addr}) is unreachable")]
@@ -191,7 +196,7 @@ impl NodeClient {
                 });
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            delay = (delay * 2).min(POLL_MAX);
         }
     }
 
@@ -225,7 +230,7 @@ impl NodeClient {
                 });
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            delay = (delay * 2).min(POLL_MAX);
         }
     }
 

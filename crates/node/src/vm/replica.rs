@@ -353,14 +353,19 @@ impl VmManager {
         let deadline = Instant::now() + timeout;
         let mut asked = false;
         let mut error = None;
+        // The job's own error, from its events (QEMU drops the job itself once it ended).
+        let note = |ev: Event, error: &mut Option<String>| match ev {
+            Event::BlockJobCompleted(i) if i.device == p.job && error.is_none() => *error = i.error,
+            Event::BlockJobError {
+                device, operation, ..
+            } if device == p.job && error.is_none() => *error = Some(format!("{operation} error")),
+            _ => {}
+        };
         loop {
             loop {
                 match events.try_recv() {
-                    Ok(Event::BlockJobCompleted(i)) if i.device == p.job => error = error.or(i.error),
-                    Ok(Event::BlockJobError {
-                        device, operation, ..
-                    }) if device == p.job => error = error.or(Some(format!("{operation} error"))),
-                    Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                    Ok(ev) => note(ev, &mut error),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => {}
                     Err(_) => break,
                 }
             }
@@ -394,7 +399,10 @@ impl VmManager {
                     timeout,
                 });
             }
-            tokio::time::sleep(POLL).await;
+            // Woken by QEMU's next event (the job ready, or ended), else a look after POLL.
+            if let Ok(Ok(ev)) = tokio::time::timeout(POLL, events.recv()).await {
+                note(ev, &mut error);
+            }
         }
     }
 }

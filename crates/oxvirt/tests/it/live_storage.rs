@@ -1,7 +1,8 @@
 //! Live storage migration through the engine, on a real node, QEMU and two file domains: a
 //! running VM's disk moves to another domain while the guest writes to it (every write the
-//! guest made is on the destination afterwards), and a move that fails at the switch unwinds
-//! — the disk stays where it was, the copy and the automatic snapshot go, the guest runs on.
+//! guest made is on the disk afterwards). Each step of the saga fails once before and once
+//! after its action: before the switch the move unwinds — the disk stays where it was, the
+//! copy and the automatic snapshot go, the guest runs on; from the switch on it completes.
 
 use crate::common;
 
@@ -77,6 +78,7 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
     let (dc, sd) = attach_data_domain(&c, "host1").await;
     let host = db.host_get_by_name("host1").await.unwrap().unwrap();
     let dir2 = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let mut req = data_domain(&dir2.path().display().to_string(), host.id);
     req.name = "data2".into();
     let sd2 = cmds.add_storage_domain(req, None).await.unwrap();
@@ -147,56 +149,94 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
 
-    // The switch fails (the mirror was running): the saga unwinds — the mirror is dropped, the
-    // copy deleted — and the automatic snapshot is merged away again.
-    let app = e.app().clone();
-    let fault = FaultAt::new(4, FaultPoint::BeforeAction, Fault::Fail);
-    let sagas = SagaExecutor::with_faults(
-        app.db.clone(),
-        app.clone(),
-        Arc::new(InSaga("live_move_disk", fault.clone())),
-        ForwardRetry::default(),
-    );
-    Commands::register_all(&sagas).unwrap();
-    let faulty = Commands {
-        app,
-        sagas,
-        answer: Answer::WhenDone,
-    };
-    let err = faulty.move_disk(disk, sd2.id, None).await.unwrap_err();
-    assert!(fault.fired(), "the fault was not reached: {err}");
-    assert!(err.to_string().contains("rolled back"), "{err}");
-    let d = db.disk_get(disk).await.unwrap().unwrap();
-    assert_eq!((d.storage_domain_id, d.status), (sd.id, DiskStatus::Ok));
-    let chain = db.volume_chain(disk).await.unwrap();
-    assert_eq!(
-        chain.iter().map(|v| v.id).collect::<Vec<_>>(),
-        vec![leaf0],
-        "{chain:?}"
-    );
-    assert!(image_exists(&c.storage, sd.id, disk));
-    assert!(!image_exists(dir2.path(), sd2.id, disk), "the copy stays");
-    assert!(
-        db.snapshots_of_vm(vm.id)
-            .await
-            .unwrap()
-            .iter()
-            .all(|s| s.description != LSM_SNAPSHOT),
-        "the automatic snapshot stays"
-    );
+    // Each step of the saga fails once, before and after its action, the disk moving back and
+    // forth: before the switch the move unwinds — the mirror dropped, the copy deleted, the
+    // disk where it was; a switch that happened counts (the saga goes forward); past it, the
+    // failure is retried to the end. Every time the automatic snapshot is merged away again,
+    // the records match storage, the VM holds the lease of the leaf it writes and nothing on
+    // the other domain, and the guest writes on.
     let owner = |root: &Path, sd: SdUuid, vol| {
         let dom = FileStorageDomain::find(root, sd).unwrap();
         oxvirt_storage::spm::volume_lease_owner(&dom, disk, vol).unwrap()
     };
-    assert!(
-        owner(&c.storage, sd.id, leaf0).is_some(),
-        "the VM gave up its leaf's lease"
-    );
-    let seen = wait_seq_past(&console, seen, Duration::from_secs(30)).await;
+    let mut here = (sd.id, c.storage.clone());
+    let mut there = (sd2.id, dir2.path().to_path_buf());
+    let mut seen = seen;
+    let retry = ForwardRetry {
+        attempts: 3,
+        first_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+    };
+    for step in 1..=6 {
+        for point in [FaultPoint::BeforeAction, FaultPoint::AfterAction] {
+            let what = format!("step {step} failing {point:?}");
+            let app = e.app().clone();
+            let fault = FaultAt::new(step, point, Fault::Fail);
+            let sagas = SagaExecutor::with_faults(
+                app.db.clone(),
+                app.clone(),
+                Arc::new(InSaga("live_move_disk", fault.clone())),
+                retry,
+            );
+            Commands::register_all(&sagas).unwrap();
+            let faulty = Commands {
+                app,
+                sagas,
+                answer: Answer::WhenDone,
+            };
+            let r = faulty.move_disk(disk, there.0, None).await;
+            assert!(fault.fired(), "{what}: the fault was not reached: {r:?}");
+            // The switch (step 4) made before its answer was lost, or anything later: moved.
+            let moved = step > 4 || (step == 4 && point == FaultPoint::AfterAction);
+            match &r {
+                Ok(_) => assert!(moved, "{what}: moved"),
+                Err(e) => assert!(!moved && e.to_string().contains("rolled back"), "{what}: {e}"),
+            }
+            if moved {
+                std::mem::swap(&mut here, &mut there);
+            }
+            let d = db.disk_get(disk).await.unwrap().unwrap();
+            assert_eq!(
+                (d.storage_domain_id, d.status),
+                (here.0, DiskStatus::Ok),
+                "{what}"
+            );
+            let chain = db.volume_chain(disk).await.unwrap();
+            assert_eq!(
+                chain.iter().map(|v| v.id).collect::<Vec<_>>(),
+                vec![leaf0],
+                "{what}: {chain:?}"
+            );
+            assert!(
+                chain.iter().all(|v| v.storage_domain_id == here.0),
+                "{what}: {chain:?}"
+            );
+            let dom = FileStorageDomain::find(&here.1, here.0).unwrap();
+            assert_eq!(dom.chain(disk).unwrap().ids(), vec![leaf0], "{what}");
+            assert!(
+                !image_exists(&there.1, there.0, disk),
+                "{what}: the other copy stays"
+            );
+            assert!(
+                db.snapshots_of_vm(vm.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|s| s.description != LSM_SNAPSHOT),
+                "{what}: the automatic snapshot stays"
+            );
+            assert!(
+                owner(&here.1, here.0, leaf0).is_some(),
+                "{what}: the VM gave up its leaf's lease"
+            );
+            seen = wait_seq_past(&console, seen, Duration::from_secs(30)).await;
+        }
+    }
 
-    // The bare tool for comparison: copying the same image with qemu-img (sharing it with the
-    // running QEMU), what a cold move costs in data alone.
-    let src_leaf = FileStorageDomain::find(&c.storage, sd.id)
+    // The bare tool for comparison: copying the same image with qemu-img as the storage layer
+    // copies (direct I/O both ways, so the data is on disk and not in the page cache; sharing
+    // the image with the running QEMU): what a cold move costs in data alone.
+    let src_leaf = FileStorageDomain::find(&here.1, here.0)
         .unwrap()
         .chain_paths(disk)
         .unwrap()
@@ -204,9 +244,9 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         .unwrap();
     let t = Instant::now();
     let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "qcow2"])
+        .args(["convert", "-U", "-t", "none", "-T", "none", "-O", "qcow2"])
         .arg(&src_leaf)
-        .arg(dir2.path().join("bare.qcow2"))
+        .arg(scratch.path().join("bare.qcow2"))
         .status()
         .expect("qemu-img (qemu-utils) runs");
     let bare = t.elapsed();
@@ -214,35 +254,35 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
 
     // The real move, timed from the command to its answer.
     let t = Instant::now();
-    let moved = cmds.move_disk(disk, sd2.id, None).await.unwrap();
+    let moved = cmds.move_disk(disk, there.0, None).await.unwrap();
     let took = t.elapsed();
     println!(
         "live storage migration of a disk holding 256 MiB under a writing guest: {took:?}; qemu-img convert of it: {bare:?} (ratio {:.1})",
         took.as_secs_f64() / bare.as_secs_f64()
     );
-    assert_eq!((moved.storage_domain_id, moved.status), (sd2.id, DiskStatus::Ok));
+    std::mem::swap(&mut here, &mut there);
+    assert_eq!((moved.storage_domain_id, moved.status), (here.0, DiskStatus::Ok));
     let chain = db.volume_chain(disk).await.unwrap();
     assert_eq!(
         chain.len(),
         1,
         "the automatic snapshot was merged away: {chain:?}"
     );
-    assert!(chain.iter().all(|v| v.storage_domain_id == sd2.id), "{chain:?}");
-    assert!(db
-        .snapshots_of_vm(vm.id)
-        .await
-        .unwrap()
-        .iter()
-        .all(|s| s.description != LSM_SNAPSHOT));
-    assert!(!image_exists(&c.storage, sd.id, disk), "the source stays");
-    let dom2 = FileStorageDomain::find(dir2.path(), sd2.id).unwrap();
-    let on2 = dom2.chain(disk).unwrap();
-    assert_eq!(on2.ids(), vec![chain[0].id]);
-    assert_eq!(on2.leaf().meta.legality, oxvirt_storage::Legality::Legal);
-    let report = dom2.check(true).unwrap();
-    assert!(report.is_clean(), "{:#?}", report.problems);
+    assert!(chain.iter().all(|v| v.storage_domain_id == here.0), "{chain:?}");
+    assert!(!image_exists(&there.1, there.0, disk), "the source stays");
+    let dom = FileStorageDomain::find(&here.1, here.0).unwrap();
+    let on = dom.chain(disk).unwrap();
+    assert_eq!(on.ids(), vec![chain[0].id]);
+    assert_eq!(on.leaf().meta.legality, oxvirt_storage::Legality::Legal);
+    for root in [&here, &there] {
+        let report = FileStorageDomain::find(&root.1, root.0)
+            .unwrap()
+            .check(true)
+            .unwrap();
+        assert!(report.is_clean(), "{:#?}", report.problems);
+    }
     assert!(
-        owner(dir2.path(), sd2.id, chain[0].id).is_some(),
+        owner(&here.1, here.0, chain[0].id).is_some(),
         "the VM holds its new leaf's lease"
     );
     assert_eq!(
@@ -251,11 +291,11 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
     );
     let last = wait_seq_past(&console, seen + 10, Duration::from_secs(30)).await;
 
-    // Stopped, the disk holds every write the guest made, before, during and after the move.
+    // Stopped, the disk holds every write the guest made, before, during and after the moves.
     cmds.stop_vm(vm.id).await.unwrap();
     let last = last_seq(&console).unwrap_or(last);
-    let flat = dir2.path().join("flat.raw");
-    let leaf = dom2.chain_paths(disk).unwrap().pop().unwrap();
+    let flat = scratch.path().join("flat.raw");
+    let leaf = dom.chain_paths(disk).unwrap().pop().unwrap();
     let status = std::process::Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(&leaf)
