@@ -724,14 +724,35 @@ pub struct ImageInfo {
 impl ImageInfo {
     /// The chain's files, top first.
     pub fn files(&self) -> Vec<String> {
-        let mut out = vec![self.filename.clone()];
+        let mut out = vec![file_of(&self.filename)];
         let mut cur = self.backing_image.as_deref();
         while let Some(i) = cur {
-            out.push(i.filename.clone());
+            out.push(file_of(&i.filename));
             cur = i.backing_image.as_deref();
         }
         out
     }
+}
+
+/// The file under an image's `filename`: QEMU names an image whose backing was given as a
+/// node (after a mirror's switch, say) by a `json:{…}` description of its options instead,
+/// whose protocol layer holds the file.
+fn file_of(filename: &str) -> String {
+    let Some(desc) = filename.strip_prefix("json:") else {
+        return filename.to_string();
+    };
+    let Ok(v) = serde_json::from_str::<Value>(desc) else {
+        return filename.to_string();
+    };
+    let mut cur = &v;
+    // The format layer's `file` (the protocol node), down to a `filename`.
+    for _ in 0..4 {
+        if let Some(f) = cur["filename"].as_str() {
+            return f.to_string();
+        }
+        cur = &cur["file"];
+    }
+    filename.to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -817,6 +838,23 @@ pub struct SocketAddress {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_chain_s_files_are_read_through_json_filenames() {
+        // As QEMU 7.2 names a top whose backing was given as a node (after a mirror's switch).
+        let top = r#"json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/d/base"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "/d/top"}}"#;
+        let info: BlockInfo = serde_json::from_value(json!({
+            "qdev": "/machine/peripheral/disk0/virtio-backend",
+            "inserted": { "node-name": "fmt-top", "image": {
+                "filename": top, "backing-image": { "filename": "/d/base" } } }
+        }))
+        .unwrap();
+        let ins = info.inserted.unwrap();
+        assert_eq!(ins.image.files(), ["/d/top", "/d/base"]);
+        assert_eq!(ins.node_name.as_deref(), Some("fmt-top"));
+        assert_eq!(file_of("json:{not json"), "json:{not json");
+        assert_eq!(file_of("/plain"), "/plain");
+    }
 
     #[test]
     fn migration_ram_counters_parse_and_give_progress() {
