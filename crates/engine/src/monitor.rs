@@ -989,6 +989,17 @@ async fn storage_problem(
     let mut verdict = None;
     app.update_host_rt(h.id, |rt| {
         rt.repo = repo;
+        // What the host reaches, as its domain monitor says (the scheduler's storage filter):
+        // a domain attached since the host connected counts once it holds its id there, one it
+        // lost stops counting. Before the first report, the pool's domains at connect stand.
+        if !rt.repo.is_empty() {
+            rt.domains = rt
+                .repo
+                .iter()
+                .filter(|(_, v)| v.good())
+                .map(|(sd, _)| *sd)
+                .collect();
+        }
         let others: Vec<_> = others.iter().collect();
         verdict = host_storage_problem(
             now,

@@ -322,6 +322,30 @@ def main():
     assert kinds == ["active", "regular"], kinds
     step("live snapshot %s" % snap.id)
 
+    # A second data domain; the running VM's disk moves there (a live storage migration: the
+    # guest writes on), its chain with it, and the automatic snapshot goes again.
+    sd2 = sds.add(types.StorageDomain(
+        name=P + "-data2",
+        type=types.StorageDomainType.DATA,
+        host=types.Host(name=names[0]),
+        storage=types.HostStorage(type=types.StorageType.LOCALFS, path=os.environ["OXVIRT_STORAGE"]),
+    ))
+    attached.add(types.StorageDomain(id=sd2.id))
+    wait("second storage domain active",
+         lambda: attached.storage_domain_service(sd2.id).get().status == types.StorageDomainStatus.ACTIVE, 120)
+    vols = lambda sd_id: [os.path.basename(v) for v in image_volumes(sd_id, att.disk.id)]
+    chain = vols(sd.id)
+    disk_svc.move(storage_domain=types.StorageDomain(id=sd2.id))
+    moved = disk_svc.get()
+    assert moved.status == types.DiskStatus.OK, moved.status
+    assert [s.id for s in moved.storage_domains] == [sd2.id], moved.storage_domains
+    assert vols(sd2.id) == chain, (vols(sd2.id), chain)
+    assert not os.path.exists(os.path.join(os.environ["OXVIRT_STORAGE"], sd.id, "images", att.disk.id))
+    assert vm_svc.get().status == types.VmStatus.UP
+    kinds = sorted(str(s.snapshot_type) for s in snaps.list())
+    assert kinds == ["active", "regular"], kinds
+    step("disk moved live to %s" % sd2.id)
+
     dst = [n for n in names if n != src.name][0]
     # Asynchronous requests: a refused one is still the request's error (here: to the host it
     # runs on), an accepted one is answered before the migration is done.
@@ -342,7 +366,7 @@ def main():
     att_svc.update(types.DiskAttachment(disk=types.Disk(provisioned_size=96 * MIB)))
     assert disk_svc.get().provisioned_size == 96 * MIB
     assert disk_svc.get().status == types.DiskStatus.OK
-    leaf = image_volumes(sd.id, att.disk.id)[-1]
+    leaf = image_volumes(sd2.id, att.disk.id)[-1]
     assert virtual_size(leaf) == 96 * MIB, virtual_size(leaf)
     with open(leaf + ".meta") as m:
         cap = dict(l.strip().split("=", 1) for l in m if "=" in l)["CAP"]
@@ -380,7 +404,7 @@ def main():
 
     # Preview, undo, preview again, commit, restore: the data the VM sees each time, read on
     # storage. The present differs from the snapshot by a MiB written while the VM is down.
-    vols = image_volumes(sd.id, att.disk.id)
+    vols = image_volumes(sd2.id, att.disk.id)
     assert len(vols) == 2, vols
     qemu_write(vols[-1], 0x5A, 1)
     at_snap, present = content(vols[0]), content(vols[-1])
@@ -392,7 +416,7 @@ def main():
     assert vm_svc.get().status == types.VmStatus.SUSPENDED, vm_svc.get().status
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "preview", "regular"], kinds
-    assert content(image_volumes(sd.id, att.disk.id)[-1]) == at_snap
+    assert content(image_volumes(sd2.id, att.disk.id)[-1]) == at_snap
     try:
         snaps.add(types.Snapshot(description="during the preview"))
         raise AssertionError("a snapshot was taken during a preview")
@@ -401,12 +425,12 @@ def main():
     vm_svc.undo_snapshot()
     assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
     assert vm_svc.get().status == types.VmStatus.DOWN, vm_svc.get().status
-    assert image_volumes(sd.id, att.disk.id) == vols
+    assert image_volumes(sd2.id, att.disk.id) == vols
     assert content(vols[-1]) == present
     step("preview and undo")
 
     vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=False)
-    leaf = image_volumes(sd.id, att.disk.id)[-1]
+    leaf = image_volumes(sd2.id, att.disk.id)[-1]
     qemu_write(leaf, 0x77, 3)  # the preview takes writes, and the commit keeps them
     previewed = content(leaf)
     assert previewed not in (at_snap, present)
@@ -414,9 +438,9 @@ def main():
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "regular"], kinds
     assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
-    assert content(image_volumes(sd.id, att.disk.id)[-1]) == previewed
+    assert content(image_volumes(sd2.id, att.disk.id)[-1]) == previewed
     snap_svc.restore(restore_memory=False)
-    assert content(image_volumes(sd.id, att.disk.id)[-1]) == at_snap
+    assert content(image_volumes(sd2.id, att.disk.id)[-1]) == at_snap
     step("preview and commit; restore")
 
     templates = system.templates_service()
