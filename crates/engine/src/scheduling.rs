@@ -63,9 +63,11 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
     let mut s_vms = Vec::new();
     for v in &vms {
         let mut domains = BTreeSet::new();
+        let mut locked = false;
         for a in db.attachments_of_vm(v.id).await? {
             if let Some(d) = db.disk_get(a.disk_id).await? {
                 domains.insert(d.storage_domain_id);
+                locked |= d.status == crate::model::DiskStatus::Locked;
             }
         }
         let running = v.runtime.status.is_running();
@@ -86,7 +88,9 @@ pub async fn snapshot(app: &App, cluster: ClusterId) -> Result<sched::Snapshot, 
             networks: vm_networks.get(&v.id).cloned().unwrap_or_default(),
             highly_available: v.ha.enabled,
             ha_priority: v.ha.priority.max(0) as u32,
-            migratable: v.placement.affinity == crate::model::PlacementAffinity::Migratable,
+            // A VM with a disk a job holds (a live move mirrors it on this host) stays put
+            // until the job ends: migrate_vm would refuse it.
+            migratable: v.placement.affinity == crate::model::PlacementAffinity::Migratable && !locked,
             last_migrated_at: None,
         });
     }

@@ -377,6 +377,48 @@ async fn affinity_groups_and_their_vms(backend: Backend) {
     let rule = snap.affinity_groups[0].vm_rule.unwrap();
     assert_eq!(rule.polarity, oxvirt_scheduler::Polarity::Negative);
     assert!(rule.enforcing);
+    // A VM whose disk a job holds (a live move) is not migratable until the job ends.
+    {
+        use oxvirt_engine::model::{
+            DiskAttachment, DiskFormat, DiskInterface, DiskStatus, SdType, StorageDomain, StorageType,
+        };
+        let sd = db
+            .sd_insert(&StorageDomain::new(
+                "held",
+                SdType::Data,
+                StorageType::Localfs,
+                "/srv/held",
+            ))
+            .await
+            .unwrap();
+        let mut d = oxvirt_engine::model::Disk::new("held_disk", sd.id, DiskFormat::Cow, 1 << 20);
+        d.status = DiskStatus::Locked;
+        let d = db.disk_insert(&d).await.unwrap();
+        let a2_id: VmId = a2.parse().unwrap();
+        db.attachment_add(&DiskAttachment {
+            vm_id: a2_id,
+            disk_id: d.id,
+            interface: DiskInterface::Virtio,
+            bootable: false,
+            active: true,
+            read_only: false,
+        })
+        .await
+        .unwrap();
+        let snap = oxvirt_engine::scheduling::snapshot(t.engine.app(), ca.parse().unwrap())
+            .await
+            .unwrap();
+        let migratable = |id: &str| {
+            snap.vms
+                .iter()
+                .find(|v| v.id.to_string() == id)
+                .unwrap()
+                .migratable
+        };
+        assert!(!migratable(&a2) && migratable(&a1));
+        db.attachment_remove(a2_id, d.id).await.unwrap();
+        db.disk_delete(d.id).await.unwrap();
+    }
 
     // The deprecated top-level positive/enforcing (oVirt < 4.4) still work.
     let r = c
