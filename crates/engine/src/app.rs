@@ -168,6 +168,12 @@ impl App {
         Ok(self.nodes.client(h)?)
     }
 
+    /// The client of host `id`.
+    pub async fn host_client(&self, id: crate::model::HostUuid) -> Result<NodeClient, CommandError> {
+        let h = self.host(id).await?;
+        self.client(&h)
+    }
+
     /// The SPM's client; a conflict when the data center has none.
     pub async fn spm(&self, dc: &DataCenter) -> Result<(Host, NodeClient), CommandError> {
         let host_id = match (dc.spm_status, dc.spm_host) {
@@ -188,6 +194,13 @@ impl App {
         }
         let c = self.client(&h)?;
         Ok((h, c))
+    }
+
+    /// Data center `id` and its SPM's client (a storage verb's target).
+    pub async fn dc_spm(&self, id: DcId) -> Result<(DataCenter, NodeClient), CommandError> {
+        let dc = self.dc(id).await?;
+        let (_, spm) = self.spm(&dc).await?;
+        Ok((dc, spm))
     }
 
     /// Up hosts of a data center.

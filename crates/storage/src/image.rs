@@ -1046,18 +1046,8 @@ impl FileStorageDomain {
                 for v in &own {
                     dst.ensure_new_volume(v.id)?;
                 }
-                let weights: Vec<f64> = own
-                    .iter()
-                    .map(|v| {
-                        fsio::allocated(&self.volume_path(img, v.id))
-                            .unwrap_or(0)
-                            .max(1 << 20) as f64
-                    })
-                    .collect();
-                let total: f64 = weights.iter().sum();
-                let mut start = 0.0;
-                for (v, w) in own.iter().zip(&weights) {
-                    let share = 100.0 * w / total;
+                let shares = self.progress_shares(img, own.iter().map(|v| v.id));
+                for (v, &(start, share)) in own.iter().zip(&shares) {
                     let backing = v
                         .meta
                         .parent()
@@ -1102,7 +1092,6 @@ impl FileStorageDomain {
                             vol: v.id,
                         },
                     );
-                    start += share;
                 }
             }
             CopyMode::Collapsed {
@@ -1198,6 +1187,28 @@ impl FileStorageDomain {
         ops::run(dst, &[self], op, progress)
     }
 
+    /// Where each volume's copy starts in a 0..=100 progress and how much of it it takes: in
+    /// proportion to the data it holds (at least 1 MiB, so empty volumes still move it).
+    fn progress_shares(&self, img: ImgUuid, vols: impl Iterator<Item = VolUuid>) -> Vec<(f64, f64)> {
+        let weights: Vec<f64> = vols
+            .map(|v| {
+                fsio::allocated(&self.volume_path(img, v))
+                    .unwrap_or(0)
+                    .max(1 << 20) as f64
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut start = 0.0;
+        weights
+            .iter()
+            .map(|w| {
+                let share = 100.0 * w / total;
+                start += share;
+                (start - share, share)
+            })
+            .collect()
+    }
+
     /// VDSM's `syncImageData`: copies the data of image `img`'s own volumes into the empty
     /// structure that [`CopyMode::Structure`] made of it on `dst` (same image and volume ids),
     /// each volume on its own over its parent, and turns each synced volume LEGAL.
@@ -1251,18 +1262,8 @@ impl FileStorageDomain {
             ));
         }
         let mut op = Operation::new("sync_image_data", dst.sd());
-        let weights: Vec<f64> = todo
-            .iter()
-            .map(|v| {
-                fsio::allocated(&self.volume_path(img, v.id))
-                    .unwrap_or(0)
-                    .max(1 << 20) as f64
-            })
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut start = 0.0;
-        for (v, w) in todo.iter().zip(&weights) {
-            let share = 100.0 * w / total;
+        let shares = self.progress_shares(img, todo.iter().map(|v| v.id));
+        for (v, &(start, share)) in todo.iter().zip(&shares) {
             let dst_meta = &copy.get(v.id).expect("checked above").meta;
             let spec = DataSpec {
                 format: dst_meta.format,
@@ -1294,7 +1295,6 @@ impl FileStorageDomain {
                     ],
                 },
             );
-            start += share;
         }
         for v in &todo {
             let illegal = copy.get(v.id).expect("checked above").meta.clone();

@@ -63,8 +63,7 @@ async fn vm_node(app: &App, vm: VmId) -> Result<NodeClient, StepError> {
         .runtime
         .run_on_host
         .ok_or_else(|| step_err(format!("VM {} is not running", v.name)))?;
-    app.client(&app.host(host).await.map_err(step_err)?)
-        .map_err(step_err)
+    app.host_client(host).await.map_err(step_err)
 }
 
 /// Whether the VM on `node` has disk `disk` on domain `sd`; `None` when the node does not run
@@ -124,8 +123,7 @@ impl SagaDef for LiveMoveDiskSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     let args = json!({
                         "spUUID": dc.storage_pool_id, "sdUUID": p.src, "imgUUID": p.disk, "dstSdUUID": p.dst,
                     });
@@ -156,8 +154,7 @@ impl SagaDef for LiveMoveDiskSaga {
             Step::without_undo("sync", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 let app = c.app();
-                let dc = app.dc(p.dc).await.map_err(step_err)?;
-                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                 let args = json!({
                     "spUUID": dc.storage_pool_id, "sdUUID": p.src, "imgUUID": p.disk, "dstSdUUID": p.dst,
                     "syncType": "INTERNAL",
@@ -231,8 +228,7 @@ impl SagaDef for LiveMoveDiskSaga {
             Step::without_undo("record", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 let app = c.app();
-                let dc = app.dc(p.dc).await.map_err(step_err)?;
-                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                 let args = json!({
                     "spUUID": dc.storage_pool_id, "sdUUID": p.dst, "imgUUID": p.disk, "volUUID": p.leaf,
                     "legality": "LEGAL",

@@ -708,8 +708,7 @@ pub struct SetupNetworksParams {
 pub struct SetupNetworksSaga;
 
 async fn client_of(app: &App, host: HostUuid) -> Result<NodeClient, StepError> {
-    let h = app.host(host).await.map_err(step_err)?;
-    app.client(&h).map_err(step_err)
+    app.host_client(host).await.map_err(step_err)
 }
 
 impl SagaDef for SetupNetworksSaga {

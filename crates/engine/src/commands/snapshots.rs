@@ -194,8 +194,7 @@ impl SagaDef for AddSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for d in &p.disks {
                         let args = json!({
                             "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "size": d.capacity,
@@ -225,8 +224,7 @@ impl SagaDef for AddSnapshotSaga {
                     let p = c.params();
                     let app = c.app();
                     refuse_if_switched(app, p).await?;
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for d in &p.disks {
                         let args = json!({ "sdUUID": d.sd, "spUUID": dc.storage_pool_id, "imgUUID": d.disk, "volUUID": d.new_leaf });
                         if let Err(e) = spm.run_task("Volume.delete", args, app.settings.task_timeout).await {
@@ -351,8 +349,7 @@ impl SagaDef for RemoveSnapshotSaga {
             Step::without_undo("merge", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 let app = c.app();
-                let dc = app.dc(p.dc).await.map_err(step_err)?;
-                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                 for m in &p.merges {
                     if c.db().volume_get(m.top).await?.is_none() {
                         continue; // merged before a crash
@@ -468,8 +465,7 @@ impl SagaDef for RestoreSnapshotSaga {
             Step::without_undo("discard", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 let app = c.app();
-                let dc = app.dc(p.dc).await.map_err(step_err)?;
-                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                 for d in &p.disks {
                     for v in &d.discard {
                         if c.db().volume_get(*v).await?.is_none() {
@@ -612,8 +608,7 @@ impl SagaDef for PreviewSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for d in &p.disks {
                         // srcVolUUID below the leaf: the new leaf shows that volume's content.
                         let args = json!({
@@ -643,8 +638,7 @@ impl SagaDef for PreviewSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for d in &p.disks {
                         delete_leaf(&spm, &dc, d.sd, d.disk, d.new_leaf, app.settings.task_timeout).await?;
                         if c.db().volume_delete(d.new_leaf).await? {
@@ -786,8 +780,7 @@ impl SagaDef for EndPreviewSaga {
                     return Ok(());
                 }
                 let app = c.app();
-                let dc = app.dc(p.dc).await.map_err(step_err)?;
-                let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                 for d in &p.disks {
                     for v in &d.discard {
                         if c.db().volume_get(*v).await?.is_none() {

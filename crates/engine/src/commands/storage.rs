@@ -420,8 +420,7 @@ impl SagaDef for AddDiskSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     let args = json!({
                         "sdUUID": p.req.storage_domain, "spUUID": dc.storage_pool_id, "imgUUID": p.disk,
                         "size": p.req.provisioned_size, "volFormat": vol_format(p.req.format),
@@ -489,8 +488,7 @@ pub(crate) async fn create_volume(
 
 /// `Image.delete` on the SPM; an image that is already gone is fine.
 pub(crate) async fn delete_image(app: &App, dc: DcId, sd: SdUuid, img: DiskId) -> Result<(), StepError> {
-    let dc = app.dc(dc).await.map_err(step_err)?;
-    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+    let (dc, spm) = app.dc_spm(dc).await.map_err(step_err)?;
     let args = json!({ "sdUUID": sd, "spUUID": dc.storage_pool_id, "imgUUID": img });
     match spm
         .run_task("Image.delete", args, app.settings.task_timeout)
@@ -599,8 +597,7 @@ impl SagaDef for MoveDiskSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     let args = json!({
                         "spUUID": dc.storage_pool_id, "srcDomUUID": p.src, "dstDomUUID": p.dst,
                         "imgUUID": p.disk, "op": "copy",
@@ -740,8 +737,7 @@ impl SagaDef for CopyDiskSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     let args = json!({
                         "spUUID": dc.storage_pool_id, "sdUUID": p.src, "dstSdUUID": p.dst,
                         "srcImgUUID": p.disk, "dstImgUUID": p.copy, "dstVolUUID": p.volume,
@@ -819,8 +815,7 @@ impl SagaDef for ExtendDiskSaga {
         async fn spm_extend(c: &StepCtx<ExtendDiskSaga>) -> Result<(), StepError> {
             let p = c.params();
             let app = c.app();
-            let dc = app.dc(p.dc).await.map_err(step_err)?;
-            let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+            let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
             let args = json!({
                 "spUUID": dc.storage_pool_id, "sdUUID": p.sd, "imgUUID": p.disk,
                 "volUUID": p.leaf, "newSize": p.size,

@@ -203,8 +203,7 @@ async fn wait_running_on(node: &NodeClient, vm: VmId, limit: Duration) -> Result
 }
 
 async fn client_of(app: &App, host: HostUuid) -> Result<NodeClient, StepError> {
-    let h = app.host(host).await.map_err(step_err)?;
-    app.client(&h).map_err(step_err)
+    app.host_client(host).await.map_err(step_err)
 }
 
 /// `VM.destroy`, tolerating a VM the node no longer has.
@@ -322,8 +321,7 @@ impl SagaDef for AddVmSaga {
                     if p.clones.is_empty() {
                         return Ok(());
                     }
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for cl in &p.clones {
                         let tdisk = c.db().disk_get(cl.template_disk).await?.ok_or_else(|| step_err("template disk is gone"))?;
                         let args = json!({
@@ -512,8 +510,7 @@ pub(super) async fn create_state_volume(
     size: u64,
     desc: &str,
 ) -> Result<(), StepError> {
-    let dc = app.dc(dc).await.map_err(step_err)?;
-    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+    let (dc, spm) = app.dc_spm(dc).await.map_err(step_err)?;
     let args = json!({
         "sdUUID": state.sd, "spUUID": dc.storage_pool_id, "imgUUID": state.img,
         "size": size, "volFormat": "RAW", "preallocate": "SPARSE",
@@ -939,8 +936,7 @@ impl SagaDef for AddTemplateSaga {
                         return Ok(()); // a diskless VM's template: nothing on storage
                     }
                     let app = c.app();
-                    let dc = app.dc(p.dc).await.map_err(step_err)?;
-                    let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
                     for td in &p.disks {
                         let src = c.db().disk_get(td.vm_disk).await?.ok_or_else(|| step_err("the VM's disk is gone"))?;
                         if c.db().disk_get(td.disk).await?.is_none() {

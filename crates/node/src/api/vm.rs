@@ -374,24 +374,7 @@ fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error
     }
 }
 
-/// One end of a disk replica (VDSM's `srcDisk`/`dstDisk`): the same image, on the disk's
-/// domain or on the one it is copied to.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplicaDrive {
-    #[serde(rename = "domainID")]
-    pub domain: SdUuid,
-    #[serde(rename = "imageID")]
-    pub image: ImgUuid,
-    #[serde(rename = "volumeID", default)]
-    pub volume: Option<VolUuid>,
-    #[serde(rename = "poolID", default)]
-    pub pool: Option<Value>,
-    #[serde(default)]
-    pub device: Option<String>,
-}
-
-impl ReplicaDrive {
+impl DriveSpecs {
     fn image_ref(&self) -> ImageRef {
         ImageRef {
             sd: self.domain,
@@ -407,8 +390,10 @@ impl ReplicaDrive {
 pub struct ReplicateParams {
     #[serde(rename = "vmID")]
     pub id: VmId,
-    pub src_disk: ReplicaDrive,
-    pub dst_disk: ReplicaDrive,
+    /// The disk's image on its domain (VDSM's `srcDisk`).
+    pub src_disk: DriveSpecs,
+    /// The same image on the domain it is copied to (VDSM's `dstDisk`), `volumeID` its leaf.
+    pub dst_disk: DriveSpecs,
 }
 
 /// `VM.getConsoleLog`: the last `tailBytes` of the VM's serial console log (read-only).

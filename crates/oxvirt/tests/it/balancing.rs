@@ -13,15 +13,13 @@ use std::time::{Duration, Instant};
 use common::cluster::{attach_data_domain, start_cluster_with};
 use oxvirt_engine::commands::{AddVm, UpdateCluster, VmStartOptions};
 use oxvirt_engine::model::{
-    HostStatus, HostUuid, PlacementAffinity, SchedulingPolicy, VmId, VmOs, VmStatus, BLANK_TEMPLATE_ID,
+    HostStatus, HostUuid, PlacementAffinity, SchedulingPolicy, VmId, VmStatus, BLANK_TEMPLATE_ID,
 };
-use oxvirt_testkit::TestGuest;
 
 const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_balancer_spreads_vms_under_vm_evenly_distributed_and_then_keeps_still() {
-    let guest = TestGuest::get();
     let mut settings = common::fast_engine_settings();
     settings.balance_interval = Duration::from_secs(1);
     let c = start_cluster_with(2, settings).await;
@@ -43,11 +41,7 @@ async fn the_balancer_spreads_vms_under_vm_evenly_distributed_and_then_keeps_sti
                     template: BLANK_TEMPLATE_ID,
                     memory_bytes: Some(128 * MIB),
                     cpu: None,
-                    os: VmOs {
-                        kernel: Some(guest.kernel.display().to_string()),
-                        initrd: Some(guest.initrd.display().to_string()),
-                        cmdline: Some(TestGuest::append(&[])),
-                    },
+                    os: common::cluster::guest_os(&[]),
                     ha: None,
                 },
                 None,

@@ -14,7 +14,7 @@ use common::cluster::{
 };
 use oxvirt_engine::commands::{AddVm, CommandError, MigrateOptions, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
-use oxvirt_engine::model::{HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{HostStatus, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_testkit::TestGuest;
 use serde_json::json;
 
@@ -57,7 +57,6 @@ fn image_dirs(storage: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
-    let guest = TestGuest::get();
     let mut c = start_cluster(3).await;
     let e = c.engine.clone();
     let cmds = &e.cmds;
@@ -128,11 +127,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
     set_priority(5).await;
 
     // A template from a VM with one disk.
-    let os = |args: &[&str]| VmOs {
-        kernel: Some(guest.kernel.display().to_string()),
-        initrd: Some(guest.initrd.display().to_string()),
-        cmdline: Some(TestGuest::append(args)),
-    };
+    let os = |args: &[&str]| common::cluster::guest_os(args);
     let base = cmds
         .add_vm(
             AddVm {
@@ -706,7 +701,6 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
 /// for the next poll, so five changes all recorded within it by chance are 0.25^5 unlikely.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
-    let guest = TestGuest::get();
     let settings = oxvirt_engine::app::EngineSettings {
         monitor_interval: Duration::from_secs(20),
         ..common::fast_engine_settings()
@@ -726,11 +720,7 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
                 template: BLANK_TEMPLATE_ID,
                 memory_bytes: Some(256 * MIB),
                 cpu: None,
-                os: VmOs {
-                    kernel: Some(guest.kernel.display().to_string()),
-                    initrd: Some(guest.initrd.display().to_string()),
-                    cmdline: Some(TestGuest::append(&["oxvirt.writer=4"])),
-                },
+                os: common::cluster::guest_os(&["oxvirt.writer=4"]),
                 ha: None,
             },
             None,

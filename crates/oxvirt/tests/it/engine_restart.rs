@@ -24,8 +24,7 @@ use hyper_util::rt::TokioIo;
 use oxvirt_engine::allinone;
 use oxvirt_engine::commands::{AddDisk, AddVm, AddVmDisk, VmStartOptions};
 use oxvirt_engine::daemon::{Engine, EngineConfig};
-use oxvirt_engine::model::{DiskFormat, DiskInterface, VmOs, VmStatus, BLANK_TEMPLATE_ID};
-use oxvirt_testkit::TestGuest;
+use oxvirt_engine::model::{DiskFormat, DiskInterface, VmStatus, BLANK_TEMPLATE_ID};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
@@ -220,7 +219,6 @@ async fn guest_progresses(log: &Path, more: usize, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
-    let guest = TestGuest::get();
     let data_dir = tempfile::tempdir().unwrap();
     let storage_dir = tempfile::tempdir().unwrap();
     let node_dir = tempfile::tempdir().unwrap();
@@ -263,11 +261,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
         .await
         .unwrap();
     let cmds = &engine.cmds;
-    let os = VmOs {
-        kernel: Some(guest.kernel.display().to_string()),
-        initrd: Some(guest.initrd.display().to_string()),
-        cmdline: Some(TestGuest::append(&["oxvirt.writer=8"])),
-    };
+    let os = common::cluster::guest_os(&["oxvirt.writer=8"]);
     let add_vm = |name: &str, template| AddVm {
         name: name.into(),
         description: String::new(),

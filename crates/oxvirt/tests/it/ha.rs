@@ -18,10 +18,7 @@ use common::cluster::{attach_data_domain, cow_disk, start_cluster, start_cluster
 use oxvirt_engine::allinone;
 use oxvirt_engine::commands::{AddVm, VmStartOptions};
 use oxvirt_engine::daemon::Engine;
-use oxvirt_engine::model::{
-    HighAvailability, HostStatus, HostUuid, SpmStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID,
-};
-use oxvirt_testkit::TestGuest;
+use oxvirt_engine::model::{HighAvailability, HostStatus, HostUuid, SpmStatus, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_types::VmId;
 
 const MIB: u64 = 1 << 20;
@@ -186,7 +183,6 @@ fn check_domain(storage: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twice() {
-    let guest = TestGuest::get();
     let mut c = start_cluster(3).await;
     let e = c.engine.clone();
     let cmds = &e.cmds;
@@ -205,11 +201,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
                 template: BLANK_TEMPLATE_ID,
                 memory_bytes: Some(256 * MIB),
                 cpu: None,
-                os: VmOs {
-                    kernel: Some(guest.kernel.display().to_string()),
-                    initrd: Some(guest.initrd.display().to_string()),
-                    cmdline: Some(TestGuest::append(&["oxvirt.writer=8"])),
-                },
+                os: common::cluster::guest_os(&["oxvirt.writer=8"]),
                 ha: Some(HighAvailability {
                     enabled: true,
                     priority: 1,
@@ -557,7 +549,6 @@ async fn an_spm_cut_from_the_engine_is_fenced_by_its_agent_and_the_role_moves() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_agent() {
-    let guest = TestGuest::get();
     let ns = Netns::create();
     let listen: std::net::SocketAddr = format!("{}:0", ns.root_ip).parse().unwrap();
     let mut c = start_cluster_at(2, common::fast_engine_settings(), &[], listen).await;
@@ -578,11 +569,7 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
                 template: BLANK_TEMPLATE_ID,
                 memory_bytes: Some(256 * MIB),
                 cpu: None,
-                os: VmOs {
-                    kernel: Some(guest.kernel.display().to_string()),
-                    initrd: Some(guest.initrd.display().to_string()),
-                    cmdline: Some(TestGuest::append(&["oxvirt.writer=8"])),
-                },
+                os: common::cluster::guest_os(&["oxvirt.writer=8"]),
                 ha: Some(HighAvailability {
                     enabled: true,
                     priority: 1,

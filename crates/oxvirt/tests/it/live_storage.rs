@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{attach_data_domain, cow_disk, data_domain, start_cluster};
 use oxvirt_engine::commands::{AddVm, Answer, Commands, VmStartOptions, LSM_SNAPSHOT};
-use oxvirt_engine::model::{DiskId, DiskStatus, SdUuid, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{DiskId, DiskStatus, SdUuid, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_engine::saga::testing::{Fault, FaultAt, FaultInjector, FaultPoint};
 use oxvirt_engine::saga::{ForwardRetry, SagaExecutor};
 use oxvirt_storage::FileStorageDomain;
@@ -71,7 +71,6 @@ fn image_exists(root: &Path, sd: SdUuid, disk: DiskId) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
-    let guest = TestGuest::get();
     let c = start_cluster(1).await;
     let e = c.engine.clone();
     let (cmds, db) = (&e.cmds, &e.app().db);
@@ -96,11 +95,7 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
                 template: BLANK_TEMPLATE_ID,
                 memory_bytes: Some(256 * MIB),
                 cpu: None,
-                os: VmOs {
-                    kernel: Some(guest.kernel.display().to_string()),
-                    initrd: Some(guest.initrd.display().to_string()),
-                    cmdline: Some(TestGuest::append(&[&TestGuest::run_arg(SEQ_WRITER)])),
-                },
+                os: common::cluster::guest_os(&[&TestGuest::run_arg(SEQ_WRITER)]),
                 ha: None,
             },
             None,
@@ -260,6 +255,17 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
         "live storage migration of a disk holding 256 MiB under a writing guest: {took:?}; qemu-img convert of it: {bare:?} (ratio {:.1})",
         took.as_secs_f64() / bare.as_secs_f64()
     );
+    // Where the time went: the command's three jobs (snapshot, move, snapshot removal), step
+    // by step, from the engine's job records.
+    let mut jobs = db.job_list(&Default::default()).await.unwrap();
+    jobs.sort_by_key(|j| j.started_at.as_millis());
+    for j in &jobs[jobs.len() - 3..] {
+        println!("  {}", j.description);
+        for st in db.job_steps(j.id).await.unwrap() {
+            let ms = st.ended_at.map(|e| e.as_millis() - st.started_at.as_millis());
+            println!("    {:>5} ms  {}", ms.unwrap_or(-1), st.description);
+        }
+    }
     std::mem::swap(&mut here, &mut there);
     assert_eq!((moved.storage_domain_id, moved.status), (here.0, DiskStatus::Ok));
     let chain = db.volume_chain(disk).await.unwrap();

@@ -25,7 +25,7 @@ use oxvirt_engine::commands::{
     AddNetwork, AddNic, AddVm, MigrateOptions, SetupHostNetworks, UpdateNic, VmStartOptions,
 };
 use oxvirt_engine::daemon::{Engine, EngineConfig};
-use oxvirt_engine::model::{HostStatus, VmOs, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{HostStatus, VmStatus, BLANK_TEMPLATE_ID};
 use oxvirt_engine::network::{HostAttachment, HostBond, HostIp, MANAGEMENT_NETWORK};
 use oxvirt_testkit::netns::TestNs;
 use oxvirt_testkit::TestGuest;
@@ -96,7 +96,6 @@ async fn wait_console(path: &Path, from: usize, needle: &str, n: usize, timeout:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn engine_sets_up_networks_places_and_migrates_vm_nics() {
-    let guest = TestGuest::get();
     let engine_dir = tempfile::tempdir().unwrap();
     let settings = EngineSettings {
         monitor_interval: Duration::from_millis(500),
@@ -360,11 +359,7 @@ done) &";
                 template: BLANK_TEMPLATE_ID,
                 memory_bytes: Some(192 * MIB),
                 cpu: None,
-                os: VmOs {
-                    kernel: Some(guest.kernel.display().to_string()),
-                    initrd: Some(guest.initrd.display().to_string()),
-                    cmdline: Some(TestGuest::append(&[&TestGuest::run_arg(script)])),
-                },
+                os: common::cluster::guest_os(&[&TestGuest::run_arg(script)]),
                 ha: None,
             },
             None,

@@ -187,6 +187,16 @@ pub async fn attach_data_domain(c: &Cluster, host: &str) -> (DataCenter, Storage
     (dc, sd)
 }
 
+/// The test guest as a VM's OS: its kernel and initramfs, booted with `args` (`oxvirt.*` words).
+pub fn guest_os(args: &[&str]) -> oxvirt_engine::model::VmOs {
+    let g = oxvirt_testkit::TestGuest::get();
+    oxvirt_engine::model::VmOs {
+        kernel: Some(g.kernel.display().to_string()),
+        initrd: Some(g.initrd.display().to_string()),
+        cmdline: Some(oxvirt_testkit::TestGuest::append(args)),
+    }
+}
+
 /// A new thin disk (qcow2, sparse) of `size` bytes on `sd`; with `attach`, attached active
 /// to that VM, bootable or not.
 pub fn cow_disk(name: &str, sd: SdUuid, size: u64, attach: Option<(VmId, bool)>) -> AddDisk {
