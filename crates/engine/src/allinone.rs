@@ -43,6 +43,7 @@ pub async fn ensure_default(engine: &Engine) -> Result<(DcId, ClusterId), Comman
                     memory_overcommit_percent: None,
                     scheduling_properties: Default::default(),
                     migration_bandwidth_mbps: None,
+                    migration_encrypted: false,
                 })
                 .await?
         }

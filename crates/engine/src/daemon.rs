@@ -204,6 +204,12 @@ impl Engine {
         self.enrollment.ca().fingerprint()
     }
 
+    /// The CA certificate (PEM) every host's certificate chains to: what clients of image
+    /// transfers verify the hosts with.
+    pub fn ca_pem(&self) -> String {
+        self.enrollment.ca().cert_pem()
+    }
+
     /// The admin adds a host: recorded now, enrolled when its node asks (approved on arrival).
     pub async fn add_host(&self, req: AddHost) -> Result<Host, CommandError> {
         let h = self.cmds.add_host(req).await?;

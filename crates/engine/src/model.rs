@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use oxvirt_types::{
     AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId, SdUuid,
-    SnapshotId, StepId, TemplateId, UserId, VmId, VolUuid,
+    SnapshotId, StepId, TemplateId, TransferId, UserId, VmId, VolUuid,
 };
 
 use crate::time::Timestamp;
@@ -423,6 +423,9 @@ pub struct Cluster {
     /// Live migrations of the cluster's VMs are limited to this many Mbps (oVirt's migration
     /// policy bandwidth, `custom`); `None`: no limit (`auto`).
     pub migration_bandwidth_mbps: Option<u32>,
+    /// Live migrations of the cluster's VMs go over TLS between the nodes (oVirt's
+    /// `migration.encrypted`); off by default.
+    pub migration_encrypted: bool,
     pub compatibility_version: Version,
     pub created_at: Timestamp,
     pub revision: i64,
@@ -440,6 +443,7 @@ impl Cluster {
             scheduling_policy: SchedulingPolicy::None,
             memory_overcommit_percent: 100,
             migration_bandwidth_mbps: None,
+            migration_encrypted: false,
             scheduling_properties: Default::default(),
             compatibility_version: Version::CURRENT,
             created_at: Timestamp::from_millis(0),
@@ -909,6 +913,72 @@ pub struct AffinityGroup {
     pub enforcing: bool,
     pub vm_ids: Vec<VmId>,
     pub created_at: Timestamp,
+}
+
+model_enum!(
+    /// Which way an image transfer moves a disk's data.
+    TransferDirection, "image transfer direction" {
+        Upload = "upload",
+        Download = "download",
+    }
+);
+
+model_enum!(
+    /// An image transfer's phase, with oVirt's names:
+    ///
+    /// ```text
+    ///  initializing ─► transferring ─(finalize)─► finalizing_success ─► finished_success
+    ///       │               │  (cancel) cancelled_user ─┐
+    ///       │               │  (idle)  cancelled_system ┤
+    ///       └───────────────┴── (failure) ──────────────┴► finalizing_failure ─► finished_failure
+    /// ```
+    ///
+    /// The transfer's saga moves it; the finalize and cancel actions only ask (a
+    /// compare-and-set from `transferring`), and the saga answers.
+    TransferPhase, "image transfer phase" {
+        Initializing = "initializing",
+        Transferring = "transferring",
+        FinalizingSuccess = "finalizing_success",
+        FinalizingFailure = "finalizing_failure",
+        FinishedSuccess = "finished_success",
+        FinishedFailure = "finished_failure",
+        CancelledUser = "cancelled_user",
+        CancelledSystem = "cancelled_system",
+    }
+);
+
+impl TransferPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TransferPhase::FinishedSuccess | TransferPhase::FinishedFailure
+        )
+    }
+}
+
+/// An upload or download of a disk's guest data through a host (oVirt's image transfer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageTransfer {
+    /// Also the ticket's id on the host and the last segment of `transfer_url`.
+    pub id: TransferId,
+    pub disk_id: DiskId,
+    pub host_id: HostUuid,
+    pub direction: TransferDirection,
+    /// `raw`: guest data, whatever the disk's format (the only kind served).
+    pub format: DiskFormat,
+    pub phase: TransferPhase,
+    /// `https://<host>:<port>/images/<id>`, once the host serves it.
+    pub transfer_url: Option<String>,
+    /// Seconds without a request after which the transfer is cancelled.
+    pub inactivity_timeout: u64,
+    /// Bytes read, written or zeroed so far, as the host counts them.
+    pub transferred: u64,
+    /// Whether a request was in flight at the last look.
+    pub active: bool,
+    pub message: Option<String>,
+    pub saga_id: Option<SagaId>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -136,7 +136,7 @@ async fn main() {
     let mut here = (&a, &b);
     for _ in 0..4 {
         let (src, dst) = here;
-        let inc = dst.prepare_incoming(req.clone(), false).await.unwrap();
+        let inc = dst.prepare_incoming(req.clone(), false, false).await.unwrap();
         let rep = src
             .migrate(
                 id,
@@ -145,6 +145,7 @@ async fn main() {
                     downtime_limit_ms: 300,
                     max_bandwidth: 1 << 30,
                     timeout_ms: 120_000,
+                    encrypted: false,
                 },
             )
             .await

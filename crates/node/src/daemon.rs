@@ -36,6 +36,10 @@ pub struct DaemonConfig {
     pub watchdog: Option<PathBuf>,
     /// Admin hook scripts (`<dir>/<point>/*`, as VDSM's hooks); default `<data_dir>/hooks`.
     pub hooks_dir: Option<PathBuf>,
+    /// Address of the image transfer listener (ovirt-imageio's protocol; see
+    /// [`crate::imageio`]). Default: the API's address with port 0 (any free port), which the
+    /// node reports with each ticket.
+    pub imageio_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +98,25 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
         },
     };
     let tls = Arc::new(oxvirt_pki::server_config(&identity, Some(Role::Engine))?);
+    // Image transfer clients carry a ticket, not a certificate.
+    let transfer_tls = Arc::new(oxvirt_pki::server_config(&identity, None)?);
+    let transfer_addr = cfg
+        .imageio_listen
+        .unwrap_or_else(|| SocketAddr::new(cfg.listen.ip(), 0));
+    let transfer_listener = TcpListener::bind(transfer_addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: transfer_addr,
+            source,
+        })?;
+    let migration_tls = run_dir.join("migration-tls");
+    write_migration_tls(&migration_tls, &identity).map_err(|source| DaemonError::Dir {
+        path: migration_tls.clone(),
+        source,
+    })?;
     let node = Node::start(NodeConfig {
         name: cfg.name.clone(),
+        migration_tls: Some(migration_tls),
         run_dir,
         accel: cfg.accel,
         migration_host: cfg
@@ -113,8 +134,25 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> Resul
     if let Some(program) = &cfg.watchdog {
         crate::watchdog::start_petting(&node, program);
     }
+    if let Ok(a) = transfer_listener.local_addr() {
+        node.images.set_port(a.port());
+        tracing::info!(listen = %a, "image transfers serving (TLS, tickets)");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let transfers = tokio::spawn(crate::imageio::http::serve(
+        transfer_listener,
+        transfer_tls,
+        node.images.clone(),
+        async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
     tracing::info!(name = %cfg.name, listen = %listener.local_addr().unwrap_or(cfg.listen), "node API serving (mutual TLS)");
-    serve_api(listener, tls, node, cfg.limits, shutdown).await
+    let r = serve_api(listener, tls, node, cfg.limits, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = transfers.await;
+    r
 }
 
 async fn serve_api(
@@ -133,4 +171,37 @@ async fn serve_api(
         .map_err(|source| DaemonError::Listen { addr, source })?;
     tracing::info!("node API stopped; VMs keep running");
     Ok(())
+}
+
+/// Lays this node's certificate out as QEMU's `tls-creds-x509` reads it, for encrypted
+/// migrations: the same certificate serves as server (destination) and client (source); the
+/// engine's CA checks the peer. Rewritten at every start (derived from `pki/`), the key
+/// readable by its owner only.
+fn write_migration_tls(dir: &std::path::Path, id: &Identity) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for (name, pem, mode) in [
+        ("ca-cert.pem", &id.ca_pem, 0o644),
+        ("server-cert.pem", &id.cert_pem, 0o644),
+        ("client-cert.pem", &id.cert_pem, 0o644),
+        ("server-key.pem", &id.key_pem, 0o600),
+        ("client-key.pem", &id.key_pem, 0o600),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))?;
+    }
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod events;
 pub mod host;
 pub mod http;
+pub mod imageio;
 pub mod jobs;
 pub mod net;
 pub mod service;

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub netns: Option<String>,
     /// Admin hook scripts run at VM lifecycle points (`None`: no hooks).
     pub hooks_dir: Option<PathBuf>,
+    /// QEMU's TLS credentials for encrypted migrations (see [`crate::daemon`]); `None`: the
+    /// node refuses them.
+    pub migration_tls: Option<PathBuf>,
 }
 
 pub struct Node {
@@ -52,6 +55,8 @@ pub struct Node {
     pub vms: Arc<VmManager>,
     /// Host networking: logical networks, rollback, VM taps.
     pub net: Arc<crate::net::NetworkService>,
+    /// Image transfer tickets and NBD servers (the data plane is `imageio::http`).
+    pub images: Arc<crate::imageio::ImageService>,
     pub jobs: Jobs,
     /// Kernel same-page merging (`/sys/kernel/mm/ksm`), reported and tuned as MoM does.
     pub ksm: Ksm,
@@ -112,6 +117,7 @@ impl Node {
         let pools = Arc::new(PoolService::new(storage.clone(), &config.name));
         let mut vm_cfg = VmManagerConfig::new(&config.run_dir);
         vm_cfg.migration_host = config.migration_host.clone();
+        vm_cfg.migration_tls = config.migration_tls.clone();
         vm_cfg.hooks = crate::vm::hooks::Hooks::new(config.hooks_dir.clone(), Duration::from_secs(30));
         // Thin disks grow through the pool's mailbox (or locally on the SPM).
         vm_cfg.extender = Arc::new(PoolExtender {
@@ -129,7 +135,12 @@ impl Node {
         vm_cfg.networks = net.clone();
         let vms = VmManager::open(vm_cfg).await?;
         let resume = ResumeLog::open(&config.run_dir);
+        let images = Arc::new(crate::imageio::ImageService::new(
+            &config.run_dir,
+            Arc::new(oxvirt_lease::SystemClock),
+        ));
         let node = Arc::new(Node {
+            images,
             storage,
             pools,
             jobs: Jobs::new(events.clone()),
@@ -263,6 +274,7 @@ impl Node {
             Request::Host(h) => self.execute_host(h).await,
             Request::Vm(v) => self.execute_vm(v).await,
             Request::Net(n) => crate::api::net::execute(self, n).await,
+            Request::Transfer(t) => crate::api::transfer::execute(self, t).await,
             Request::Storage(s) => {
                 let connect = matches!(
                     s,

@@ -41,6 +41,10 @@ pub struct NodeArgs {
     /// Hook scripts run at VM lifecycle points, `<dir>/<point>/*` (default: <data>/hooks).
     #[arg(long)]
     hooks: Option<PathBuf>,
+    /// Address image uploads and downloads are served on (ovirt-imageio's protocol; oVirt
+    /// uses port 54322). Default: the --listen address on any free port.
+    #[arg(long)]
+    imageio_listen: Option<SocketAddr>,
 }
 
 pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -73,6 +77,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         netns: args.netns,
         migration_host: args.migration_host,
         hooks_dir: args.hooks,
+        imageio_listen: args.imageio_listen,
         watchdog: Some(std::env::current_exe().context("locating the oxvirt binary for the fence watchdog")?),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -147,7 +147,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
 pub fn host_check(json: bool) -> anyhow::Result<()> {
     let tools: Vec<(QemuTool, Result<String, String>)> =
-        [QemuTool::SystemX86_64, QemuTool::Img, QemuTool::Io]
+        [QemuTool::SystemX86_64, QemuTool::Img, QemuTool::Io, QemuTool::Nbd]
             .into_iter()
             .map(|t| (t, t.version().map(|v| v.to_string()).map_err(|e| e.to_string())))
             .collect();

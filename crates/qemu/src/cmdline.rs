@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
 
+/// The id of the remote console's VNC server (see [`VmSpec::vnc_remote`]).
+pub const REMOTE_VNC: &str = "remote";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub name: String,
@@ -32,6 +35,10 @@ pub struct VmSpec {
     pub serial_log: Option<PathBuf>,
     /// VNC display on a local UNIX socket.
     pub vnc_socket: Option<PathBuf>,
+    /// A second VNC server, `remote` ([`REMOTE_VNC`]), for remote consoles: on this address,
+    /// the first free port from 5900, password required (none is set until a ticket is given
+    /// with `set_password`, so nobody gets in before).
+    pub vnc_remote: Option<String>,
     pub balloon: bool,
     /// QEMU writes its pid here; recovery uses it.
     pub pid_file: Option<PathBuf>,
@@ -626,6 +633,14 @@ impl VmSpec {
         if let Some(p) = &self.vnc_socket {
             push("-vnc", format!("unix:{}", p.display()));
         }
+        if let Some(host) = &self.vnc_remote {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            push("-vnc", format!("{host}:0,to=99,password=on,id={REMOTE_VNC}"));
+        }
         if let Some(p) = &self.pid_file {
             push("-pidfile", p.display().to_string());
         }
@@ -760,6 +775,7 @@ mod tests {
             qmp_socket: "/run/vm1.qmp".into(),
             serial_log: Some("/run/vm1.log".into()),
             vnc_socket: Some("/run/vm1.vnc".into()),
+            vnc_remote: Some("192.0.2.7".into()),
             balloon: true,
             pid_file: None,
             incoming: None,
@@ -809,7 +825,10 @@ mod tests {
         );
         assert!(arg_after(&args, "-device").contains(&"virtio-balloon-pci,id=balloon0"));
         assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
-        assert_eq!(arg_after(&args, "-vnc"), ["unix:/run/vm1.vnc"]);
+        assert_eq!(
+            arg_after(&args, "-vnc"),
+            ["unix:/run/vm1.vnc", "192.0.2.7:0,to=99,password=on,id=remote"]
+        );
         assert!(arg_after(&args, "-sandbox")[0].starts_with("on,"));
     }
 

@@ -10,6 +10,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod img;
+pub mod nbd;
 pub mod qga;
 pub mod qmp;
 pub mod tools;

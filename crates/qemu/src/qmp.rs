@@ -626,8 +626,77 @@ command!(
         downtime_limit: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         max_bandwidth: Option<u64>,
+        /// The id of a TLS credentials object: the stream is encrypted ("" turns it off).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_creds: Option<String>,
+        /// The name the destination's certificate must carry (default: the URI's host).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_hostname: Option<String>,
     } => "migrate-set-parameters", ()
 );
+command!(QueryMigrateParameters => "query-migrate-parameters", MigrationParameters);
+command!(
+    /// A `tls-creds-x509` object reading `dir`'s `ca-cert.pem` and, for `endpoint` "server",
+    /// `server-cert.pem`/`server-key.pem`, for "client" `client-cert.pem`/`client-key.pem`.
+    ObjectAddTlsCreds {
+        qom_type: String,
+        id: String,
+        dir: String,
+        endpoint: String,
+        verify_peer: bool,
+    } => "object-add", ()
+);
+command!(ObjectDel { id: String } => "object-del", ());
+command!(
+    /// A display's password (VNC: only its first 8 characters count).
+    SetPassword {
+        protocol: String,
+        password: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        display: Option<String>,
+    } => "set_password", ()
+);
+command!(
+    /// When the password stops working: `+SECONDS`, `now` or `never`.
+    ExpirePassword {
+        protocol: String,
+        time: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        display: Option<String>,
+    } => "expire_password", ()
+);
+command!(QueryVncServers => "query-vnc-servers", Vec<VncServer>);
+
+/// One VNC server of `query-vnc-servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VncServer {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub server: Vec<VncListener>,
+    #[serde(default)]
+    pub clients: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VncListener {
+    pub host: String,
+    /// The port (or, for a UNIX socket, the path).
+    pub service: String,
+    pub family: String,
+}
+
+/// What `query-migrate-parameters` answers (the part we read).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationParameters {
+    #[serde(default)]
+    pub tls_creds: Option<String>,
+    #[serde(default)]
+    pub tls_hostname: Option<String>,
+    #[serde(default)]
+    pub downtime_limit: Option<u64>,
+}
 command!(Migrate { uri: String } => "migrate", ());
 command!(MigrateIncoming { uri: String } => "migrate-incoming", ());
 command!(MigrateCancel => "migrate_cancel", ());

@@ -1,7 +1,7 @@
 //! Locating QEMU's binaries and reading their versions.
 //!
 //! Binaries are looked up on `PATH` unless overridden with `OXVIRT_QEMU_SYSTEM` /
-//! `OXVIRT_QEMU_IMG` / `OXVIRT_QEMU_IO`, so a missing QEMU is reported once, by name, with the
+//! `OXVIRT_QEMU_IMG` / `OXVIRT_QEMU_IO` / `OXVIRT_QEMU_NBD`, so a missing QEMU is reported once, by name, with the
 //! package that provides it, instead of as an opaque spawn failure later.
 
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ pub enum QemuTool {
     SystemX86_64,
     Img,
     Io,
+    Nbd,
 }
 
 impl QemuTool {
@@ -20,6 +21,7 @@ impl QemuTool {
             Self::SystemX86_64 => "qemu-system-x86_64",
             Self::Img => "qemu-img",
             Self::Io => "qemu-io",
+            Self::Nbd => "qemu-nbd",
         }
     }
     fn env_override(self) -> &'static str {
@@ -27,13 +29,14 @@ impl QemuTool {
             Self::SystemX86_64 => "OXVIRT_QEMU_SYSTEM",
             Self::Img => "OXVIRT_QEMU_IMG",
             Self::Io => "OXVIRT_QEMU_IO",
+            Self::Nbd => "OXVIRT_QEMU_NBD",
         }
     }
     /// The Debian package that ships the binary.
     pub fn package(self) -> &'static str {
         match self {
             Self::SystemX86_64 => "qemu-system-x86",
-            Self::Img | Self::Io => "qemu-utils",
+            Self::Img | Self::Io | Self::Nbd => "qemu-utils",
         }
     }
 
@@ -99,10 +102,17 @@ pub struct ToolVersion {
 }
 
 impl ToolVersion {
-    /// Parses the first `version X.Y[.Z]` in QEMU's `--version` text.
+    /// Parses the first `version X.Y[.Z]` in QEMU's `--version` text, or (qemu-nbd prints
+    /// `qemu-nbd X.Y.Z`) the first number on its first line.
     pub fn parse(text: &str) -> Option<Self> {
-        let rest = &text[text.find("version ")? + "version ".len()..];
-        let token = rest.split_whitespace().next()?;
+        let token = match text.find("version ") {
+            Some(i) => text[i + "version ".len()..].split_whitespace().next()?,
+            None => text
+                .lines()
+                .next()?
+                .split_whitespace()
+                .find(|t| t.starts_with(|c: char| c.is_ascii_digit()))?,
+        };
         let mut parts = token.split('.').map(|p| p.parse::<u32>().ok());
         let major = parts.next()??;
         let minor = parts.next()??;
@@ -151,11 +161,14 @@ mod tests {
         assert_eq!(v.to_string(), "10.0.2");
         assert_eq!(ToolVersion::parse("qemu-io version 8.1").unwrap().micro, 0);
         assert!(ToolVersion::parse("no version here").is_none());
+        let v = ToolVersion::parse("qemu-nbd 7.2.22 (Debian 1:7.2+dfsg-7)\nWritten by").unwrap();
+        assert_eq!(v.to_string(), "7.2.22");
+        assert!(ToolVersion::parse("qemu-nbd\n").is_none());
     }
 
     #[test]
     fn installed_tools_report_versions() {
-        for tool in [QemuTool::SystemX86_64, QemuTool::Img, QemuTool::Io] {
+        for tool in [QemuTool::SystemX86_64, QemuTool::Img, QemuTool::Io, QemuTool::Nbd] {
             let v = tool.version().unwrap_or_else(|e| panic!("{e}"));
             assert!(v.major >= 7, "{} {v} is older than QEMU 7", tool.binary_name());
         }

@@ -89,6 +89,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         qmp_socket: dir.path().join("qmp.sock"),
         serial_log: Some(serial.clone()),
         vnc_socket: None,
+        vnc_remote: None,
         balloon: true,
         pid_file: None,
         incoming: None,

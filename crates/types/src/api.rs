@@ -39,6 +39,8 @@ pub enum ErrorCode {
     UsedBridge,
     /// A network change failed while applied (VDSM's ERR_FAILED_IFUP).
     NetworkSetupFailed,
+    /// An image ticket or NBD server that is missing, busy or refused (VDSM's ImageTicketsError).
+    ImageTransfer,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             Self::BadBridge => 27,
             Self::UsedBridge => 28,
             Self::NetworkSetupFailed => 29,
+            Self::ImageTransfer => 482,
         }
     }
 }

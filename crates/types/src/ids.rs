@@ -130,6 +130,10 @@ uuid_id!(
     VmId, "VM id"
 );
 uuid_id!(
+    /// An image transfer (an upload or download of a disk); also its ticket's id.
+    TransferId, "image transfer id"
+);
+uuid_id!(
     /// A data center (the engine's object; its storage pool has a `PoolUuid`).
     DcId, "data center id"
 );

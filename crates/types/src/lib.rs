@@ -11,5 +11,5 @@ mod ids;
 pub use ids::{
     AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId,
     NetworkAttachmentId, NetworkId, NicId, PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TaskId, TemplateId,
-    UserId, VmId, VnicProfileId, VolUuid,
+    TransferId, UserId, VmId, VnicProfileId, VolUuid,
 };

@@ -30,6 +30,9 @@ pub struct AddCluster {
     /// See [`Cluster::migration_bandwidth_mbps`].
     #[serde(default)]
     pub migration_bandwidth_mbps: Option<u32>,
+    /// See [`Cluster::migration_encrypted`].
+    #[serde(default)]
+    pub migration_encrypted: bool,
 }
 
 /// The admin adds a host by name and address; it joins when its node enrolls (with a token, or
@@ -84,6 +87,7 @@ impl Commands {
             super::scheduling::check_scheduling_properties(&req.scheduling_properties)?;
         cl.migration_bandwidth_mbps =
             super::scheduling::check_migration_bandwidth(req.migration_bandwidth_mbps)?;
+        cl.migration_encrypted = req.migration_encrypted;
         let cl = self.app.db.cluster_insert(&cl).await?;
         self.ensure_cluster_management(cl.id).await?;
         Ok(cl)
@@ -147,9 +151,23 @@ impl Commands {
     }
 
     /// Maintenance: the host must run no VMs (migrate or stop them first; the REST layer's
-    /// `deactivate` does that through [`Commands::evacuate_host`]).
+    /// `deactivate` does that through [`Commands::evacuate_host`]) and serve no image transfer.
     pub async fn host_maintenance(&self, id: HostUuid) -> Result<Host, CommandError> {
         let h = self.app.host(id).await?;
+        // An image transfer's data goes through its host: it ends first, as in oVirt.
+        if let Some(t) = self
+            .app
+            .db
+            .transfer_list()
+            .await?
+            .into_iter()
+            .find(|t| t.host_id == id && !t.phase.is_finished())
+        {
+            return Err(CommandError::Conflict(format!(
+                "host {} serves image transfer {} of disk {} ({}): finalize or cancel it first",
+                h.name, t.id, t.disk_id, t.phase
+            )));
+        }
         let running = self
             .app
             .db

@@ -9,12 +9,14 @@
 //! transports above are translations only.
 
 mod attachments;
+mod consoles;
 mod infra;
 mod live_move;
 mod networks;
 mod scheduling;
 mod snapshots;
 mod storage;
+mod transfers;
 mod vms;
 
 use std::future::Future;
@@ -27,6 +29,7 @@ use crate::db::{DbError, SagaState};
 use crate::nodes::NodeError;
 use crate::saga::{SagaDef, SagaError, SagaExecutor, SagaHandle, SagaOutcome, StartOptions};
 
+pub use consoles::ConsoleTicket;
 pub use infra::{AddCluster, AddDataCenter, AddHost};
 pub use live_move::LSM_SNAPSHOT;
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
@@ -38,6 +41,7 @@ pub use scheduling::{
 pub use snapshots::{AddSnapshot, AddSnapshotParams, AddSnapshotSaga, SnapDisk};
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
+pub use transfers::AddImageTransfer;
 pub(crate) use vms::destroy_on as destroy_on_node;
 pub use vms::{AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, StartOptions as VmStartOptions};
 
@@ -170,6 +174,7 @@ impl Commands {
         sagas.register::<snapshots::PreviewSnapshotSaga>()?;
         sagas.register::<snapshots::EndPreviewSaga>()?;
         sagas.register::<networks::SetupNetworksSaga>()?;
+        sagas.register::<transfers::ImageTransferSaga>()?;
         Ok(())
     }
 

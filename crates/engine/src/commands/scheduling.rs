@@ -129,6 +129,9 @@ pub struct UpdateCluster {
     /// `Some(None)`: no limit (`auto`); see [`Cluster::migration_bandwidth_mbps`].
     #[serde(default)]
     pub migration_bandwidth_mbps: Option<Option<u32>>,
+    /// See [`Cluster::migration_encrypted`].
+    #[serde(default)]
+    pub migration_encrypted: Option<bool>,
 }
 
 /// The most a cluster's migration bandwidth limit may be: 100 Gbps.
@@ -210,6 +213,9 @@ impl Commands {
         }
         if let Some(b) = req.migration_bandwidth_mbps {
             cl.migration_bandwidth_mbps = check_migration_bandwidth(b)?;
+        }
+        if let Some(e) = req.migration_encrypted {
+            cl.migration_encrypted = e;
         }
         if let Some(n) = req.name {
             cl.name = n;

@@ -543,22 +543,27 @@ impl SagaDef for RemoveDiskSaga {
             })
             .point_of_no_return(),
             Step::without_undo("record", |c: StepCtx<Self>| async move {
-                let p = c.params();
-                for v in c.db().volume_chain(p.disk).await? {
-                    if v.disk_id == p.disk {
-                        c.db().volume_delete(v.id).await?;
-                    }
-                }
-                for a in c.db().attachments_of_disk(p.disk).await? {
-                    c.db().attachment_remove(a.vm_id, p.disk).await?;
-                }
-                if c.db().disk_get(p.disk).await?.is_some() {
-                    c.db().disk_delete(p.disk).await?;
-                }
-                Ok(())
+                forget_disk(c.db(), c.params().disk).await
             }),
         ]
     }
+}
+
+/// Deletes a disk's records (its own volumes, its attachments, the disk) once its image is
+/// gone; idempotent.
+pub(super) async fn forget_disk(db: &crate::db::Db, disk: DiskId) -> Result<(), StepError> {
+    for v in db.volume_chain(disk).await? {
+        if v.disk_id == disk {
+            db.volume_delete(v.id).await?;
+        }
+    }
+    for a in db.attachments_of_disk(disk).await? {
+        db.attachment_remove(a.vm_id, disk).await?;
+    }
+    if db.disk_get(disk).await?.is_some() {
+        db.disk_delete(disk).await?;
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1916,7 +1921,7 @@ impl Commands {
     /// active data domain of the disk's data center. Returns the disk, `dst` and the data center.
     /// The disk, the destination and the data center of a copy or move, checked; with `live`,
     /// the one VM that runs the disk (a live move), if it is up.
-    async fn disk_transfer_check(
+    pub(super) async fn disk_transfer_check(
         &self,
         disk: DiskId,
         dst: SdUuid,

@@ -630,6 +630,10 @@ pub struct MigrateVmParams {
     pub src: HostUuid,
     pub dst: HostUuid,
     pub dc: DcId,
+    /// Over TLS (the cluster's `migration_encrypted` when the command started: both ends
+    /// are told the same).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 pub struct MigrateVmSaga;
@@ -685,9 +689,12 @@ impl SagaDef for MigrateVmSaga {
                     let p = c.params();
                     let node = client_of(c.app(), p.dst).await?;
                     let params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
-                    let params = super::with_source_slots(c.app(), p.src, p.vm, params)
+                    let mut params = super::with_source_slots(c.app(), p.src, p.vm, params)
                         .await
                         .map_err(step_err)?;
+                    if p.encrypted {
+                        params["encrypted"] = json!(true);
+                    }
                     let r = node.call("VM.migrationCreate", params).await.map_err(step_err)?;
                     r["uri"]
                         .as_str()
@@ -704,7 +711,7 @@ impl SagaDef for MigrateVmSaga {
                 let p = c.params();
                 let uri: String = c.output("prepare")?;
                 let node = client_of(c.app(), p.src).await?;
-                let mut args = json!({ "vmID": p.vm, "dstUri": uri });
+                let mut args = json!({ "vmID": p.vm, "dstUri": uri, "encrypted": p.encrypted });
                 // The cluster's limit, Mbps, as the node's MiB/s (at least 1).
                 if let Some(vm) = c.db().vm_get(p.vm).await? {
                     if let Some(mbps) = c
@@ -1605,8 +1612,15 @@ impl Commands {
             None => choose_host(&self.app, vm.cluster_id, id, Purpose::Migrate).await?,
         };
         let dc = self.cluster_dc(vm.cluster_id).await?;
+        let encrypted = self.app.cluster(vm.cluster_id).await?.migration_encrypted;
         self.run_as::<MigrateVmSaga>(
-            MigrateVmParams { vm: id, src, dst, dc },
+            MigrateVmParams {
+                vm: id,
+                src,
+                dst,
+                dc,
+                encrypted,
+            },
             Some(format!(
                 "Migrating VM {} from host {} to host {}",
                 vm.name,

@@ -71,6 +71,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster_migration_bandwidth",
         sql: include_str!("migrations/0010_cluster_migration_bandwidth.sql"),
     },
+    Migration {
+        version: 11,
+        name: "image_transfers",
+        sql: include_str!("migrations/0011_image_transfers.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "cluster_migration_encrypted",
+        sql: include_str!("migrations/0012_cluster_migration_encrypted.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -446,6 +446,10 @@ async fn sessions_pages_actions_and_live_updates() {
     assert!(jobs_page.contains("data-live-tasks") && jobs_page.contains("Adding VM t1"));
     let console = t.get(&format!("/portal/api/console?vm={id}")).await.json();
     assert_eq!(console["running"], false);
+    // A down VM's VNC console does not open.
+    let vv = t.get(&format!("/portal/api/console.vv?vm={id}")).await;
+    assert_eq!(vv.status, StatusCode::CONFLICT, "{}", vv.body);
+    assert!(vv.body.contains("opens while it runs"), "{}", vv.body);
 
     // A floating disk is offered on the VM's page and attached active; deactivating and
     // detaching it ask first (a running guest would lose it).

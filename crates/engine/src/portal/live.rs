@@ -365,18 +365,23 @@ pub async fn history(ctx: &Ctx) -> R {
     Ok(json_reply(StatusCode::OK, &json!({ "points": points })))
 }
 
-/// `GET /portal/api/console?vm=<id>`: the tail of a running VM's serial console, from its
-/// node (`VM.getConsoleLog`, read-only).
-pub async fn console(ctx: &Ctx) -> R {
+/// The VM the query's `vm=<id>` names.
+async fn queried_vm(ctx: &Ctx) -> Result<crate::model::Vm, PortalError> {
     let id = ctx.q("vm").ok_or_else(|| PortalError::Bad("name a vm=".into()))?;
     let id: VmId = id
         .parse()
         .map_err(|_| PortalError::Bad(format!("VM id {id:?} is not a UUID")))?;
-    let vm = ctx
-        .db()
+    ctx.db()
         .vm_get(id)
         .await?
-        .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))?;
+        .ok_or_else(|| PortalError::NotFound(format!("VM {id} not found")))
+}
+
+/// `GET /portal/api/console?vm=<id>`: the tail of a running VM's serial console, from its
+/// node (`VM.getConsoleLog`, read-only).
+pub async fn console(ctx: &Ctx) -> R {
+    let vm = queried_vm(ctx).await?;
+    let id = vm.id;
     let Some(host) = vm.runtime.run_on_host.filter(|_| vm.runtime.status.is_running()) else {
         return Ok(json_reply(
             StatusCode::OK,
@@ -408,6 +413,19 @@ pub async fn console(ctx: &Ctx) -> R {
             "size": v["size"],
             "truncated": v["truncated"],
         }),
+    ))
+}
+
+/// `GET /portal/api/console.vv?vm=<id>`: a running VM's VNC console as a remote-viewer file
+/// with a fresh ticket (the session cookie is `SameSite=Strict`: no other site can make a
+/// browser fetch it).
+pub async fn console_file(ctx: &Ctx) -> R {
+    let vm = queried_vm(ctx).await?;
+    let t = ctx.cmds().console_ticket(vm.id, None, None).await?;
+    Ok(super::file_reply(
+        "application/x-virt-viewer",
+        &format!("{}.vv", vm.name),
+        t.connection_file(&vm.name),
     ))
 }
 

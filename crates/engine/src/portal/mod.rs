@@ -142,6 +142,7 @@ impl Portal {
                 ["api", "live"] => live::live(&ctx).await,
                 ["api", "history"] => live::history(&ctx).await,
                 ["api", "console"] => live::console(&ctx).await,
+                ["api", "console.vv"] => live::console_file(&ctx).await,
                 _ => pages::page(&ctx, &segs, &req).await,
             };
         }
@@ -334,6 +335,31 @@ fn security_headers() -> HeaderMap {
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h
+}
+
+/// A file to save (`Content-Disposition: attachment`), never cached.
+pub fn file_reply(content_type: &'static str, filename: &str, body: String) -> Reply {
+    let mut headers = security_headers();
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let safe: String = filename
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+        headers.insert(http::header::CONTENT_DISPOSITION, v);
+    }
+    Reply::Headers {
+        status: StatusCode::OK,
+        content_type,
+        headers,
+        body: Bytes::from(body),
+    }
 }
 
 pub fn html_reply(status: StatusCode, body: String) -> Reply {

@@ -1943,6 +1943,11 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         h.table_close("", 5, false);
     }
 
+    if st.is_running() {
+        h.raw("<p><a class=\"button\" download href=\"/portal/api/console.vv?vm=")
+            .text(&sid)
+            .raw("\">VNC console (remote-viewer file)</a></p>");
+    }
     h.section("Serial console");
     h.raw("<pre class=\"console\" id=\"console\" data-console=\"")
         .text(&sid)

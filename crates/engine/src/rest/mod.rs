@@ -3,6 +3,7 @@
 //!
 //! - [`routes()`] builds the [`ExtraRoutes`] that [`Engine::start`] serves next to enrollment:
 //!   `/ovirt-engine/sso/oauth/token` (password grant), `/ovirt-engine/services/sso-logout`,
+//!   `/ovirt-engine/services/pki-resource` (the CA certificate),
 //!   and everything under `/ovirt-engine/api` (bearer token or HTTP Basic);
 //! - [`routes::ROUTES`] is the route table: dispatch and the OpenAPI description
 //!   ([`openapi`], served at `/ovirt-engine/api/openapi.json`) both come from it, so the
@@ -52,6 +53,9 @@ pub const API: &str = "/ovirt-engine/api";
 pub const SSO_TOKEN: &str = "/ovirt-engine/sso/oauth/token";
 /// The SSO logout endpoint.
 pub const SSO_LOGOUT: &str = "/ovirt-engine/services/sso-logout";
+/// oVirt's PKI download (`?resource=ca-certificate&format=X509-PEM-CA`): the engine's CA,
+/// unauthenticated, as clients fetch it for `ca_file` (the SDK, ovirt-imageio).
+pub const PKI_RESOURCE: &str = "/ovirt-engine/services/pki-resource";
 /// How long an SSO token lives (oVirt's default session lifetime is hours, not days).
 pub const TOKEN_TTL: Duration = Duration::from_secs(10 * 3600);
 
@@ -60,11 +64,32 @@ pub fn routes() -> ExtraRoutes {
     Arc::new(|engine: Arc<Engine>, req: HttpRequest| Box::pin(handle(engine, req)))
 }
 
+fn pki_resource(engine: &Engine, req: &HttpRequest) -> Reply {
+    let query = parse_query(req.query.as_deref().unwrap_or(""));
+    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+    match (get("resource"), get("format")) {
+        (Some("ca-certificate"), None | Some("X509-PEM-CA" | "X509-PEM")) => Reply::Full {
+            status: http::StatusCode::OK,
+            content_type: "application/x-x509-ca-cert",
+            body: bytes::Bytes::from(engine.ca_pem()),
+        },
+        (r, f) => Reply::text(
+            http::StatusCode::NOT_FOUND,
+            format!(
+                "no PKI resource {r:?} in format {f:?} (only resource=ca-certificate&format=X509-PEM-CA)"
+            ),
+        ),
+    }
+}
+
 /// Serves one request (also usable without HTTP, e.g. from benchmarks and tests).
 pub async fn handle(engine: Arc<Engine>, req: HttpRequest) -> Reply {
     let path = req.path.trim_end_matches('/').to_string();
     if path == SSO_TOKEN || path == SSO_LOGOUT {
         return sso::handle(&engine, &req, path == SSO_TOKEN).await;
+    }
+    if path == PKI_RESOURCE {
+        return pki_resource(&engine, &req);
     }
     let fmt = response_format(&req.headers, req.query.as_deref());
     let Some(rest) = path.strip_prefix(API) else {

@@ -130,6 +130,7 @@ pub fn cluster(o: &mut Out, c: &Cluster, emb: Option<&Embedded>) {
         None => o.leaf("assignment_method", "auto"),
     }
     o.close("bandwidth");
+    o.leaf("encrypted", c.migration_encrypted);
     o.close("migration");
     o.leaf("ballooning_enabled", false);
     o.leaf("threads_as_cores", false);
@@ -517,6 +518,32 @@ pub fn snapshot(o: &mut Out, s: &Snapshot) {
     o.leaf("snapshot_type", s.snapshot_type);
     reference(o, "vm", "vms", s.vm_id);
     o.close("snapshot");
+}
+
+pub fn image_transfer(o: &mut Out, t: &ImageTransfer) {
+    let hr = href("imagetransfers", t.id);
+    o.open("image_transfer", Some(&t.id.to_string()), Some(&hr));
+    o.open("actions", None, None);
+    o.links(&hr, &["cancel", "finalize"]);
+    o.close("actions");
+    o.leaf("active", t.active);
+    o.leaf("direction", t.direction);
+    o.leaf("format", t.format);
+    o.leaf("inactivity_timeout", t.inactivity_timeout);
+    o.leaf("phase", t.phase);
+    o.leaf("shallow", false);
+    o.leaf("timeout_policy", "legacy");
+    o.opt_leaf("transfer_url", t.transfer_url.as_deref());
+    // No engine proxy: the client reaches the host directly (ovirt-imageio tries
+    // transfer_url first; proxy_url is only its fallback).
+    o.opt_leaf("proxy_url", t.transfer_url.as_deref());
+    o.leaf("transferred", t.transferred);
+    o.opt_leaf("message", t.message.as_deref());
+    o.leaf("creation_time", time(t.created_at));
+    reference(o, "host", "hosts", t.host_id);
+    reference(o, "disk", "disks", t.disk_id);
+    reference(o, "image", "disks", t.disk_id);
+    o.close("image_transfer");
 }
 
 pub fn job(o: &mut Out, j: &Job) {

@@ -1193,6 +1193,97 @@ async fn transactions_commit_or_roll_back_together(b: Backend) {
     assert!(db.cluster_get_by_name("c2").await.unwrap().is_some());
 }
 
+/// An image transfer's phase moves only by compare-and-set: the REST actions ask, the saga
+/// answers, neither overwrites the other; progress and the URL are recorded.
+async fn image_transfer_phases_move_by_compare_and_set(b: Backend) {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_700_000_000_000)));
+    let t = TestDb::with_clock(b, clock.clone()).await;
+    let db = &t.db;
+    let now = db.now();
+    let tr = ImageTransfer {
+        id: TransferId::new_random(),
+        disk_id: DiskId::new_random(),
+        host_id: HostUuid::new_random(),
+        direction: TransferDirection::Upload,
+        format: DiskFormat::Raw,
+        phase: TransferPhase::Initializing,
+        transfer_url: None,
+        inactivity_timeout: 60,
+        transferred: 0,
+        active: false,
+        message: None,
+        saga_id: Some(SagaId::new_random()),
+        created_at: now,
+        updated_at: now,
+    };
+    db.transfer_insert(&tr).await.unwrap();
+    assert_eq!(db.transfer_get(tr.id).await.unwrap().unwrap(), tr);
+    assert!(
+        db.transfer_insert(&tr).await.is_err(),
+        "a second insert of the same id"
+    );
+    // Finalize before it serves: refused by state.
+    assert!(!db
+        .transfer_set_phase(
+            tr.id,
+            &[TransferPhase::Transferring],
+            TransferPhase::FinalizingSuccess,
+            None
+        )
+        .await
+        .unwrap());
+    clock.advance(Duration::from_secs(2));
+    assert!(db.transfer_serving(tr.id, "https://h:1/images/x").await.unwrap());
+    assert!(
+        !db.transfer_serving(tr.id, "https://h:2/images/x").await.unwrap(),
+        "serving twice"
+    );
+    db.transfer_progress(tr.id, 12345, true).await.unwrap();
+    let got = db.transfer_get(tr.id).await.unwrap().unwrap();
+    assert_eq!(got.phase, TransferPhase::Transferring);
+    assert_eq!(got.transfer_url.as_deref(), Some("https://h:1/images/x"));
+    assert_eq!((got.transferred, got.active), (12345, true));
+    assert!(got.updated_at > got.created_at);
+    // A cancel wins over a later finalize; asking again for the same phase is fine.
+    let from = [TransferPhase::Initializing, TransferPhase::Transferring];
+    assert!(db
+        .transfer_set_phase(
+            tr.id,
+            &from,
+            TransferPhase::CancelledUser,
+            Some("cancelled by the user")
+        )
+        .await
+        .unwrap());
+    assert!(db
+        .transfer_set_phase(tr.id, &from, TransferPhase::CancelledUser, None)
+        .await
+        .unwrap());
+    assert!(!db
+        .transfer_set_phase(
+            tr.id,
+            &[TransferPhase::Transferring],
+            TransferPhase::FinalizingSuccess,
+            None
+        )
+        .await
+        .unwrap());
+    let got = db.transfer_get(tr.id).await.unwrap().unwrap();
+    assert_eq!(got.phase, TransferPhase::CancelledUser);
+    assert_eq!(got.message.as_deref(), Some("cancelled by the user"));
+    assert_eq!(db.transfer_list().await.unwrap().len(), 1);
+    let e = db
+        .transfer_set_phase(
+            TransferId::new_random(),
+            &from,
+            TransferPhase::CancelledUser,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+}
+
 both_backends!(
     migrations_are_idempotent_and_checked,
     sqlite_file_is_wal_with_foreign_keys,
@@ -1206,6 +1297,7 @@ both_backends!(
     jobs_and_events,
     users_passwords_and_tokens,
     transactions_commit_or_roll_back_together,
+    image_transfer_phases_move_by_compare_and_set,
 );
 
 /// Two engines starting at once on a new database: each migration is applied once.

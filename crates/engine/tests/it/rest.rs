@@ -589,6 +589,40 @@ async fn vms_search_follow_actions_jobs_and_events(backend: Backend) {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
+    // A VM's graphics console: VNC, id 766e63 as in oVirt; a down VM's console does not open.
+    let vm0 = &ids[0];
+    let r = c.get(&format!("vms/{vm0}/graphicsconsoles")).await;
+    assert!(
+        r.body.contains("<graphics_console href=")
+            && r.body.contains("id=\"766e63\"")
+            && r.body.contains("<protocol>vnc</protocol>"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        c.get(&format!("vms/{vm0}/graphicsconsoles/7370696365"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    for action in ["ticket", "remoteviewerconnectionfile"] {
+        let r = c
+            .post(
+                &format!("vms/{vm0}/graphicsconsoles/766e63/{action}"),
+                "<action/>",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{action}: {}", r.body);
+        assert!(r.body.contains("opens while it runs"), "{}", r.body);
+    }
+    let r = c
+        .post(
+            &format!("vms/{vm0}/graphicsconsoles/766e63/ticket"),
+            "<action><ticket><expiry>0</expiry></ticket></action>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+
     // Remove: 200 with an <action>; then 404. The removal's job carries the request's
     // correlation id.
     for (i, id) in ids.iter().enumerate() {
@@ -935,10 +969,84 @@ async fn openapi_describes_what_is_served() {
     }
 }
 
+/// `/imagetransfers` refuses what cannot be served before anything changes, and the CA that
+/// transfer clients verify hosts with is served as oVirt serves it.
+async fn image_transfers_refuse_bad_requests_and_the_ca_is_served(backend: Backend) {
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    let r = c.get("imagetransfers").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "<image_transfer "), 0);
+    let missing = "5b0e9b3c-0000-4000-8000-000000000000";
+    for (body, status, says) in [
+        ("<image_transfer><direction>upload</direction></image_transfer>", StatusCode::BAD_REQUEST, "needs &lt;disk"),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><direction>sideways</direction></image_transfer>"),
+            StatusCode::BAD_REQUEST,
+            "sideways",
+        ),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><format>cow</format></image_transfer>"),
+            StatusCode::BAD_REQUEST,
+            "format cow",
+        ),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><snapshot id=\"{missing}\"/></image_transfer>"),
+            StatusCode::BAD_REQUEST,
+            "snapshots",
+        ),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><inactivity_timeout>0</inactivity_timeout></image_transfer>"),
+            StatusCode::BAD_REQUEST,
+            "inactivity_timeout",
+        ),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><direction>download</direction></image_transfer>"),
+            StatusCode::NOT_FOUND,
+            missing,
+        ),
+    ] {
+        let r = c.post("imagetransfers", body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(r.body.contains(says), "{body}: {}", r.body);
+    }
+    assert_eq!(count(&c.get("imagetransfers").await.body, "<image_transfer "), 0);
+    assert_eq!(
+        c.get(&format!("imagetransfers/{missing}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = c
+        .post(&format!("imagetransfers/{missing}/finalize"), "<action/>")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let r = c
+        .send(
+            Method::GET,
+            "/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, t.engine.ca_pem());
+    let r = c
+        .send(
+            Method::GET,
+            "/ovirt-engine/services/pki-resource?resource=engine-key",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
 both_backends!(
     sso_tokens_and_authentication,
     collections_status_codes_and_faults,
     vms_search_follow_actions_jobs_and_events,
     disks_change_on_a_vm_only_while_down_or_plugged_on_its_host,
-    blocked_commands_are_retried_through_their_job
+    blocked_commands_are_retried_through_their_job,
+    image_transfers_refuse_bad_requests_and_the_ca_is_served
 );

@@ -191,6 +191,10 @@ async fn cluster_scheduling_policy_and_overcommit(backend: Backend) {
             "<cluster><migration><bandwidth><assignment_method>fast</assignment_method></bandwidth></migration></cluster>".to_string(),
             "expected auto",
         ),
+        (
+            "<cluster><migration><encrypted>maybe</encrypted></migration></cluster>".to_string(),
+            "expected true, false or inherit",
+        ),
         ("<cluster><name>unclosed</cluster>".to_string(), "not valid XML"),
     ] {
         let r = put(&c, &format!("clusters/{cl}"), &body).await;
@@ -214,6 +218,24 @@ async fn cluster_scheduling_policy_and_overcommit(backend: Backend) {
         assert!(r.body.contains(method), "{}", r.body);
         let now = db.cluster_get(cl.parse().unwrap()).await.unwrap().unwrap();
         assert_eq!(now.migration_bandwidth_mbps, stored);
+    }
+    // Encrypted migrations: off by default, on, and `inherit` (the engine's default) off again.
+    assert!(c
+        .get(&format!("clusters/{cl}"))
+        .await
+        .body
+        .contains("<encrypted>false</encrypted>"));
+    for (value, stored) in [("true", true), ("inherit", false)] {
+        let body = format!("<cluster><migration><encrypted>{value}</encrypted></migration></cluster>");
+        let r = put(&c, &format!("clusters/{cl}"), &body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(
+            r.body.contains(&format!("<encrypted>{stored}</encrypted>")),
+            "{}",
+            r.body
+        );
+        let now = db.cluster_get(cl.parse().unwrap()).await.unwrap().unwrap();
+        assert_eq!(now.migration_encrypted, stored);
     }
 
     // A policy listing the known ones in its refusal.

@@ -3,12 +3,14 @@
 //! JSON-RPC, XML-RPC and the REST view are thin: they turn a request into a [`Request`] with
 //! [`Request::parse`] and hand it to [`Node::execute`](crate::service::Node::execute). Verbs are
 //! grouped by namespace, one module each: [`host`] (`Host.*`), [`vm`] (`VM.*`), [`storage`]
-//! (`StoragePool.*`, `StorageDomain.*`, `Volume.*`, `Image.*`, `Task.*`, `SDM.*`). Adding a verb
+//! (`StoragePool.*`, `StorageDomain.*`, `Volume.*`, `Image.*`, `Task.*`, `SDM.*`), [`net`]
+//! (host networks and VM NICs), [`transfer`] (`NBD.*` and the image tickets). Adding a verb
 //! means a variant, its parse arm and its execute arm in one module — nothing in the transports.
 
 pub mod host;
 pub mod net;
 pub mod storage;
+pub mod transfer;
 pub mod vm;
 
 use serde::de::DeserializeOwned;
@@ -47,6 +49,7 @@ pub enum Request {
     Vm(vm::VmRequest),
     Storage(storage::StorageRequest),
     Net(net::NetRequest),
+    Transfer(transfer::TransferRequest),
 }
 
 /// Every verb name this node serves.
@@ -56,6 +59,7 @@ pub fn verbs() -> Vec<&'static str> {
     v.extend(vm::VERBS);
     v.extend(storage::VERBS);
     v.extend(net::VERBS);
+    v.extend(transfer::VERBS);
     v
 }
 
@@ -83,6 +87,9 @@ impl Request {
     pub fn parse(method: &str, p: Map<String, Value>) -> Result<Request, RpcError> {
         if net::VERBS.contains(&method) {
             return net::NetRequest::parse(method, p).map(Request::Net);
+        }
+        if transfer::VERBS.contains(&method) {
+            return transfer::TransferRequest::parse(method, p).map(Request::Transfer);
         }
         let ns = method.split('.').next().unwrap_or_default();
         match ns {

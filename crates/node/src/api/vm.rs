@@ -36,6 +36,7 @@ pub const VERBS: &[&str] = &[
     "VM.getInfo",
     "VM.migrate",
     "VM.migrateCancel",
+    "VM.setTicket",
     "VM.snapshot",
     "VM.merge",
     "VM.setBalloonTarget",
@@ -199,6 +200,10 @@ pub struct VmParams {
     /// Resume a hibernated VM from the state `VM.hibernate` saved in this volume.
     #[serde(default)]
     pub restore_state: Option<StateVolume>,
+    /// `VM.migrationCreate` only: receive the stream over TLS (the source's `VM.migrate`
+    /// asks for it too); refused elsewhere.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
@@ -265,6 +270,20 @@ fn shutdown_timeout() -> u64 {
     120
 }
 
+/// VDSM's `VM.setTicket`: the remote console's password and how long it works.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetTicket {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub password: String,
+    /// Seconds.
+    pub ttl: u64,
+    /// VDSM's `existingConnAction` (keep or disconnect): connected clients are kept.
+    #[serde(default)]
+    pub existing_conn_action: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MigrateRequest {
@@ -279,6 +298,10 @@ pub struct MigrateRequest {
     pub max_bandwidth: u64,
     #[serde(default = "migration_timeout")]
     pub timeout_secs: u64,
+    /// Encrypt the stream (TLS with both nodes' certificates); the destination's
+    /// `VM.migrationCreate` must have asked for it too.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 fn downtime() -> u64 {
@@ -424,6 +447,7 @@ pub enum VmRequest {
     GetInfo(VmId),
     Migrate(MigrateRequest),
     MigrateCancel(VmId),
+    SetTicket(SetTicket),
     Snapshot(SnapshotParams),
     Merge(MergeParams),
     SetBalloonTarget(BalloonParams),
@@ -441,7 +465,15 @@ impl VmRequest {
     pub fn parse(method: &str, p: Map<String, Value>) -> Result<VmRequest, RpcError> {
         let id = |p| params::<Id>(method, p).map(|i| i.id);
         Ok(match method {
-            "VM.create" => VmRequest::Create(params(method, p)?),
+            "VM.create" => {
+                let v: VmParams = params(method, p)?;
+                if v.encrypted {
+                    return Err(RpcError::invalid_params(
+                        "VM.create: encrypted is for VM.migrationCreate (an incoming migration)",
+                    ));
+                }
+                VmRequest::Create(v)
+            }
             "VM.migrationCreate" => VmRequest::MigrationCreate(params(method, p)?),
             "VM.destroy" => VmRequest::Destroy(id(p)?),
             "VM.shutdown" => VmRequest::Shutdown(params(method, p)?),
@@ -452,6 +484,21 @@ impl VmRequest {
             "VM.getInfo" => VmRequest::GetInfo(id(p)?),
             "VM.migrate" => VmRequest::Migrate(params(method, p)?),
             "VM.migrateCancel" => VmRequest::MigrateCancel(id(p)?),
+            "VM.setTicket" => {
+                let t: SetTicket = params(method, p)?;
+                if t.password.is_empty() || t.password.len() > 256 {
+                    return Err(RpcError::invalid_params(
+                        "VM.setTicket: the password must be 1 to 256 characters",
+                    ));
+                }
+                if !(1..=86_400).contains(&t.ttl) {
+                    return Err(RpcError::invalid_params(format!(
+                        "VM.setTicket: ttl must be 1 to 86400 seconds, not {}",
+                        t.ttl
+                    )));
+                }
+                VmRequest::SetTicket(t)
+            }
             "VM.snapshot" => VmRequest::Snapshot(params(method, p)?),
             "VM.merge" => VmRequest::Merge(params(method, p)?),
             "VM.diskReplicateStart" => VmRequest::ReplicateStart(params(method, p)?),
@@ -489,7 +536,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
 
 /// Probes whether the file system holding `path` takes O_DIRECT (tmpfs does not), so disks
 /// use cache=none wherever they can.
-fn direct_io_supported(path: &std::path::Path) -> bool {
+pub(crate) fn direct_io_supported(path: &std::path::Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -864,13 +911,14 @@ impl Node {
                 Ok(json!({ "lver": lver }))
             }
             VmRequest::MigrationCreate(p) => {
+                let encrypted = p.encrypted;
                 let create = self.vm_create_request(p).await?;
                 // Held too for thin disks: the source may grow their volumes while the
                 // stream runs, and the devices here keep the sizes they had now until
                 // refreshed, which the waiter does before the guest runs here.
                 let thin = create.disks.iter().any(|d| d.thin.is_some());
                 let (id, hold) = (create.id, self.needs_leases(&create) || thin);
-                let info = vms.prepare_incoming(create, hold).await?;
+                let info = vms.prepare_incoming(create, hold, encrypted).await?;
                 if hold {
                     self.spawn_incoming_lease_waiter(id);
                 }
@@ -907,6 +955,7 @@ impl Node {
                     downtime_limit_ms: m.max_downtime_ms,
                     max_bandwidth: m.max_bandwidth.saturating_mul(1 << 20),
                     timeout_ms: m.timeout_secs.saturating_mul(1000),
+                    encrypted: m.encrypted,
                 };
                 let node = self.clone();
                 let job = self.jobs.start("migrate", Some(m.id), async move {
@@ -933,6 +982,12 @@ impl Node {
             VmRequest::MigrateCancel(id) => {
                 vms.migrate_cancel(id).await?;
                 Ok(json!({}))
+            }
+            VmRequest::SetTicket(t) => {
+                let at = vms
+                    .set_ticket(t.id, &t.password, Duration::from_secs(t.ttl))
+                    .await?;
+                Ok(to_json(&at))
             }
             VmRequest::Snapshot(p) => {
                 let mut disks = Vec::new();

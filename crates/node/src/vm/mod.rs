@@ -453,6 +453,16 @@ pub struct MigrateParams {
     pub max_bandwidth: u64,
     /// Cancel when not done by then.
     pub timeout_ms: u64,
+    /// Encrypt the stream with TLS (the destination must be prepared with it too): both ends
+    /// present their node certificates, each checked against the engine's CA.
+    pub encrypted: bool,
+}
+
+/// Where a VM's remote console listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleAddress {
+    pub address: String,
+    pub port: u16,
 }
 
 /// How far an outgoing migration is, sampled every [`MIGRATION_PROGRESS_INTERVAL`].
@@ -600,6 +610,9 @@ pub struct VmManagerConfig {
     pub migration_host: String,
     /// Where NICs on logical networks get their taps, and the namespace QEMU runs in.
     pub networks: Arc<dyn nics::NicNetworks>,
+    /// QEMU's TLS credentials directory for encrypted migrations (`ca-cert.pem`,
+    /// `server-*.pem`, `client-*.pem`: this node's certificate); `None`: none offered.
+    pub migration_tls: Option<PathBuf>,
 }
 
 impl VmManagerConfig {
@@ -614,7 +627,23 @@ impl VmManagerConfig {
             stats_timeout: Duration::from_secs(5),
             migration_host: "127.0.0.1".into(),
             networks: Arc::new(nics::NoNetworks),
+            migration_tls: None,
         }
+    }
+}
+
+/// The id of the TLS credentials object of an encrypted migration, on either end.
+const MIGRATION_TLS_ID: &str = "oxvirt-migration-tls";
+
+/// A `tls-creds-x509` object for one end of an encrypted migration; the peer must present a
+/// certificate of the same CA (the destination verifies the source too).
+fn tls_creds(dir: &Path, endpoint: &str) -> qmp::ObjectAddTlsCreds {
+    qmp::ObjectAddTlsCreds {
+        qom_type: "tls-creds-x509".into(),
+        id: MIGRATION_TLS_ID.into(),
+        dir: dir.display().to_string(),
+        endpoint: endpoint.into(),
+        verify_peer: true,
     }
 }
 
@@ -907,6 +936,14 @@ impl VmManager {
         self.changes.subscribe()
     }
 
+    /// The TLS credentials directory for an encrypted migration of `vm`.
+    fn migration_tls(&self, vm: VmId) -> Result<PathBuf, VmError> {
+        self.cfg.migration_tls.clone().ok_or_else(|| VmError::Migration {
+            vm,
+            reason: "this node has no certificate for encrypted migrations".into(),
+        })
+    }
+
     pub fn list(&self) -> Vec<VmInfo> {
         let vms: Vec<Arc<Vm>> = self.vms.lock().unwrap().values().cloned().collect();
         vms.iter().map(|v| v.info()).collect()
@@ -948,9 +985,23 @@ impl VmManager {
     /// completes, or with `hold` stays `MigrationDestination` (QEMU paused) until
     /// [`VmManager::resume_incoming`]; a failed or cancelled migration makes the destination
     /// QEMU exit (`Down`).
-    pub async fn prepare_incoming(&self, req: VmCreate, hold: bool) -> Result<IncomingInfo, VmError> {
+    pub async fn prepare_incoming(
+        &self,
+        req: VmCreate,
+        hold: bool,
+        encrypted: bool,
+    ) -> Result<IncomingInfo, VmError> {
+        if encrypted {
+            self.migration_tls(req.id)?;
+        }
         let vm = self.launch(req, Some("defer".into()), hold, false).await?;
-        let port = self.listen_incoming(&vm).await?;
+        let port = match self.listen_incoming(&vm, encrypted).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.destroy(vm.id).await;
+                return Err(e);
+            }
+        };
         // The after-hook runs once the guest is here.
         let hooks = self.cfg.hooks.clone();
         let vm2 = vm.clone();
@@ -993,6 +1044,7 @@ impl VmManager {
             qmp_socket: dir.join("qmp.sock"),
             serial_log: Some(dir.join("serial.log")),
             vnc_socket: c.vnc.then(|| dir.join("vnc.sock")),
+            vnc_remote: c.vnc.then(|| self.cfg.migration_host.clone()),
             balloon: c.balloon,
             pid_file: Some(dir.join("qemu.pid")),
             start_paused: rec.hold_incoming && incoming.is_some(),
@@ -2224,9 +2276,25 @@ impl VmManager {
         let q = vm.qmp()?;
         let qe = |source| VmError::Qmp { vm: id, source };
         migration_events(&q).await.map_err(qe)?;
+        // Credentials made afresh for each stream (an earlier attempt's may linger); a plain
+        // stream turns TLS off, whatever an earlier one used.
+        let tls_creds = if params.encrypted {
+            let dir = self.migration_tls(id)?;
+            let _ = q
+                .execute(&qmp::ObjectDel {
+                    id: MIGRATION_TLS_ID.into(),
+                })
+                .await;
+            q.execute(&tls_creds(&dir, "client")).await.map_err(qe)?;
+            MIGRATION_TLS_ID.to_string()
+        } else {
+            String::new()
+        };
         q.execute(&qmp::MigrateSetParameters {
             downtime_limit: Some(params.downtime_limit_ms),
             max_bandwidth: Some(params.max_bandwidth),
+            tls_creds: Some(tls_creds),
+            tls_hostname: None,
         })
         .await
         .map_err(qe)?;
@@ -2426,6 +2494,7 @@ impl VmManager {
             downtime_limit_ms: 300,
             max_bandwidth: 0,
             timeout_ms: 600_000,
+            encrypted: false,
         };
         let info = match self.stream_out(vm, &params, true).await {
             Ok(info) => info,
@@ -2498,7 +2567,7 @@ impl VmManager {
         let file = tokio::fs::File::from_std(file);
         let vm = self.launch(req, Some("defer".into()), false, true).await?;
         let res = async {
-            let port = self.listen_incoming(&vm).await?;
+            let port = self.listen_incoming(&vm, false).await?;
             let feed = async {
                 let mut conn =
                     tokio::net::TcpStream::connect((self.cfg.migration_host.as_str(), port)).await?;
@@ -2528,11 +2597,23 @@ impl VmManager {
     /// Has a QEMU started with `-incoming defer` listen on loopback for the stream (with
     /// MIGRATION events, which end [`VmManager::wait_incoming`] as soon as it is in); returns
     /// the port.
-    async fn listen_incoming(&self, vm: &Vm) -> Result<u16, VmError> {
+    async fn listen_incoming(&self, vm: &Vm, encrypted: bool) -> Result<u16, VmError> {
         let id = vm.id;
         let q = vm.qmp()?;
         let qmp_err = |source| VmError::Qmp { vm: id, source };
         migration_events(&q).await.map_err(qmp_err)?;
+        if encrypted {
+            let dir = self.migration_tls(id)?;
+            q.execute(&tls_creds(&dir, "server")).await.map_err(qmp_err)?;
+            q.execute(&qmp::MigrateSetParameters {
+                downtime_limit: None,
+                max_bandwidth: None,
+                tls_creds: Some(MIGRATION_TLS_ID.into()),
+                tls_hostname: None,
+            })
+            .await
+            .map_err(qmp_err)?;
+        }
         q.execute(&qmp::MigrateIncoming {
             uri: format!("tcp:{}:0", self.cfg.migration_host),
         })
@@ -2561,6 +2642,50 @@ impl VmManager {
 
     /// Cancels an outgoing migration; [`VmManager::migrate`] then returns its error and the VM
     /// keeps running here.
+    /// Opens the VM's remote console for `ttl`: its VNC server (`remote`) takes `password`
+    /// until then (VDSM's `VM.setTicket`). Answers where the console listens.
+    pub async fn set_ticket(
+        &self,
+        id: VmId,
+        password: &str,
+        ttl: Duration,
+    ) -> Result<ConsoleAddress, VmError> {
+        let vm = self.get(id)?;
+        let q = vm.qmp()?;
+        let qe = |source| VmError::Qmp { vm: id, source };
+        let servers = q.execute(&qmp::QueryVncServers {}).await.map_err(qe)?;
+        let listener = servers
+            .iter()
+            .find(|s| s.id.as_deref() == Some(oxvirt_qemu::cmdline::REMOTE_VNC))
+            .and_then(|s| s.server.iter().find(|l| l.family.starts_with("ipv")))
+            .ok_or_else(|| VmError::Invalid {
+                vm: id,
+                reason: "the VM has no remote console (started without VNC)".into(),
+            })?;
+        let port = listener.service.parse().map_err(|_| VmError::Invalid {
+            vm: id,
+            reason: format!("its VNC server reports port {:?}", listener.service),
+        })?;
+        q.execute(&qmp::SetPassword {
+            protocol: "vnc".into(),
+            password: password.into(),
+            display: Some(oxvirt_qemu::cmdline::REMOTE_VNC.into()),
+        })
+        .await
+        .map_err(qe)?;
+        q.execute(&qmp::ExpirePassword {
+            protocol: "vnc".into(),
+            time: format!("+{}", ttl.as_secs().max(1)),
+            display: Some(oxvirt_qemu::cmdline::REMOTE_VNC.into()),
+        })
+        .await
+        .map_err(qe)?;
+        Ok(ConsoleAddress {
+            address: listener.host.clone(),
+            port,
+        })
+    }
+
     pub async fn migrate_cancel(&self, id: VmId) -> Result<(), VmError> {
         let vm = self.get(id)?;
         if vm.status() != VmStatus::MigrationSource {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod kinds;
 pub mod output;
 pub mod progress;
+pub mod transfer;
 pub mod transport;
 
 use std::io::IsTerminal;
@@ -231,6 +232,10 @@ pub struct SchedArgs {
     /// Limit live migrations of the cluster's VMs to this many Mbps, or `auto` for no limit.
     #[arg(long, value_name = "MBPS|auto")]
     pub migration_bandwidth: Option<String>,
+    /// Encrypt live migrations of the cluster's VMs (TLS between the hosts, with their
+    /// certificates): true or false.
+    #[arg(long, value_name = "true|false")]
+    pub migration_encrypted: Option<bool>,
 }
 
 impl SchedArgs {
@@ -265,6 +270,9 @@ impl SchedArgs {
                     json!({ "assignment_method": "custom", "custom_value": mbps })
                 }
             }});
+        }
+        if let Some(e) = self.migration_encrypted {
+            body["migration"]["encrypted"] = json!(e);
         }
         Ok(())
     }
@@ -553,6 +561,37 @@ pub enum DiskCmd {
         #[arg(long = "name")]
         new_name: Option<String>,
     },
+    /// Upload an image file (qcow2 or raw) into a new disk: the data goes straight to a host,
+    /// through the engine's image transfer (ovirt-imageio's protocol).
+    Upload {
+        /// The image file.
+        file: PathBuf,
+        /// The storage domain of the new disk (name or id).
+        #[arg(long, visible_alias = "sd")]
+        storage_domain: String,
+        /// The new disk's name (default: the file's name without its extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// The new disk's format: cow (qcow2, thin) or raw (whatever the file's format).
+        #[arg(long, default_value = "cow", value_parser = ["cow", "raw"])]
+        format: String,
+        /// The host the data goes through (name or id; default: the engine picks one).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Download a disk's guest data (its whole chain) into a new image file. The disk's VMs
+    /// must be down.
+    Download {
+        name: String,
+        /// The image file to create.
+        file: PathBuf,
+        /// The file's format.
+        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+        /// The host the data comes through (name or id; default: the engine picks one).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Attach a disk to a VM, active unless `--inactive` (hot plugged into a running VM).
     Attach {
         name: String,
@@ -701,6 +740,14 @@ pub enum VmCmd {
     },
     /// Reboot a running guest (a system reset); the VM stays on its host.
     Reboot { name: String },
+    /// Open a running VM's VNC console: prints a remote-viewer file with a one-time password
+    /// (`oxvirt vm console web1 > web1.vv && remote-viewer web1.vv`).
+    Console {
+        name: String,
+        /// Seconds the password works.
+        #[arg(long, default_value_t = 120)]
+        expiry: u64,
+    },
     /// Cancel a VM's migration: it runs on where it was.
     CancelMigration { name: String },
     /// Suspend a running VM: its memory goes to storage, QEMU ends (`vm start` resumes it).
@@ -1163,6 +1210,8 @@ async fn logout(c: &Common) -> anyhow::Result<()> {
 /// A logged-in command's context.
 struct Ctx {
     api: Api,
+    /// How the engine's (and its hosts') certificates are checked.
+    trust: transport::Trust,
     out: Output,
     quiet: bool,
 }
@@ -1172,6 +1221,7 @@ impl Ctx {
         let s = config::load(&config::path(c.config.as_deref())?)?;
         Ok(Ctx {
             api: Api::from_session(&s)?,
+            trust: s.trust()?,
             out: c.output,
             quiet: c.quiet,
         })
@@ -1884,6 +1934,83 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             ctx.print(k, &obj).await
         }
         DiskCmd::Remove { name } => ctx.remove(k, &name, "").await,
+        DiskCmd::Upload {
+            file,
+            storage_domain,
+            name,
+            format,
+            host,
+        } => {
+            let info = oxvirt_qemu::img::QemuImg::locate()?
+                .info(&file, None)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| anyhow::anyhow!("name the disk with --name"))?
+                    .to_string(),
+            };
+            let sd = ctx.id(&kinds::STORAGE_DOMAIN, &storage_domain).await?;
+            let host = match host {
+                Some(h) => Some(ctx.id(&kinds::HOST, &h).await?),
+                None => None,
+            };
+            let obj = ctx
+                .create(k, disk_body(&name, info.virtual_size, &format, &sd))
+                .await?;
+            let id = obj["id"].as_str().unwrap_or_default().to_string();
+            let mut p = Progress::new(format!("upload {} into disk {name}", file.display()), ctx.quiet);
+            let moved = match transfer::upload(&ctx.api, &ctx.trust, &file, &id, host.as_deref()).await {
+                Ok(m) => m,
+                Err(e) => {
+                    p.finish("failed");
+                    // A cancelled transfer took the disk with it; one that never started left
+                    // it empty: it goes too (gone already is fine).
+                    let _ = ctx
+                        .api
+                        .request(Method::DELETE, &format!("/disks/{id}"), None, None)
+                        .await;
+                    return Err(e);
+                }
+            };
+            p.finish(&moved.to_string());
+            let obj = ctx.get(k, &id).await?;
+            ctx.print(k, &obj).await
+        }
+        DiskCmd::Download {
+            name,
+            file,
+            format,
+            host,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let host = match host {
+                Some(h) => Some(ctx.id(&kinds::HOST, &h).await?),
+                None => None,
+            };
+            let fmt = match format.as_str() {
+                "raw" => oxvirt_qemu::ImageFormat::Raw,
+                _ => oxvirt_qemu::ImageFormat::Qcow2,
+            };
+            let mut p = Progress::new(format!("download disk {name} into {}", file.display()), ctx.quiet);
+            let moved = match transfer::download(&ctx.api, &ctx.trust, &id, &file, fmt, host.as_deref()).await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    p.finish("failed");
+                    return Err(e);
+                }
+            };
+            p.finish("done");
+            output::print_done(
+                ctx.out,
+                &format!("disk {name} downloaded into {} ({moved})", file.display()),
+                None,
+            )
+        }
         DiskCmd::Move { name, storage_domain } => {
             let id = ctx.id(k, &name).await?;
             let sd = ctx.id(&kinds::STORAGE_DOMAIN, &storage_domain).await?;
@@ -2204,6 +2331,49 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             .await?;
             let obj = ctx.api.get(&format!("/vms/{id}")).await?;
             output::print_done(ctx.out, &format!("VM {name} is rebooting"), Some(&obj))
+        }
+        VmCmd::Console { name, expiry } => {
+            let id = ctx.id(k, &name).await?;
+            let base = format!("/vms/{id}/graphicsconsoles/766e63");
+            let file = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("{base}/remoteviewerconnectionfile"),
+                    Some(&json!({})),
+                    None,
+                )
+                .await
+                .with_context(|| format!("opening the console of VM {name}"))?;
+            let text = file["remote_viewer_connection_file"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("the engine sent no remote-viewer file: {file}"))?;
+            let password = text
+                .lines()
+                .find_map(|l| l.strip_prefix("password="))
+                .ok_or_else(|| anyhow::anyhow!("the remote-viewer file has no password"))?;
+            // The file's ticket has the engine's default lifetime: give it the one asked for.
+            ctx.api
+                .request(
+                    Method::POST,
+                    &format!("{base}/ticket"),
+                    Some(&json!({ "ticket": { "value": password, "expiry": expiry } })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("setting the console ticket of VM {name}"))?;
+            let text: String = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("# Password is valid for") {
+                        format!("# Password is valid for {expiry} seconds.\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            print!("{text}");
+            Ok(())
         }
         VmCmd::CancelMigration { name } => {
             let id = ctx.id(k, &name).await?;

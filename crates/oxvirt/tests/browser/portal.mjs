@@ -135,6 +135,11 @@ try {
   check(!(await page.locator(".toolbar button", { hasText: "Start" }).isVisible()), "Start hides for a running VM");
   await page.locator("#console", { hasText: "OXVIRT-MARKER portal" }).waitFor({ timeout: 60_000 });
   log("serial console shows the guest's marker");
+  const vv = await page.request.get(new URL(`/portal/api/console.vv?vm=${vmId}`, page.url()).href);
+  const vvText = await vv.text();
+  check(vv.ok() && vvText.startsWith("[virt-viewer]\ntype=vnc\n") && /\npassword=\w{12}\n/.test(vvText),
+        `the VNC console's remote-viewer file downloads (${vv.status()})`);
+  log("VNC console file downloaded");
   await page.locator("figure[data-chart=vm][data-points]").waitFor({ timeout: 30_000 });
   await shot("vm-up.png");
 

@@ -11,7 +11,8 @@ Run by crates/oxvirt/tests/it/rest_clients.rs, which starts the engine and the n
   OXVIRT_KERNEL, OXVIRT_INITRD, OXVIRT_CMDLINE  the test guest
   OXVIRT_PREFIX     a prefix for object names
 
-The scenario: data center, cluster, two hosts, storage domain, attach, VM with a disk, start
+The scenario: data center, cluster, two hosts, storage domain, attach, disk image upload and
+download (ovirt_imageio.client through /imagetransfers), VM with a disk, start
 (the guest boots), live snapshot, live migration, stop, template, VM from the template, start,
 stop, then removal; jobs by correlation id, events, faults and re-authentication on the way.
 Prints one line per step with its time; exits non-zero on the first failure.
@@ -144,6 +145,142 @@ def add_cow_disk(vm_svc, name, size, interface, bootable):
     ))
 
 
+def engine_ca(path):
+    """The engine's CA certificate, fetched as oVirt's docs tell clients to (pki-resource)."""
+    import ssl
+    import urllib.request
+    base = os.environ["OXVIRT_URL"].split("/ovirt-engine/")[0]
+    url = base + "/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA"
+    with urllib.request.urlopen(url, context=ssl._create_unverified_context()) as r:
+        pem = r.read()
+    assert pem.startswith(b"-----BEGIN CERTIFICATE-----"), pem[:40]
+    with open(path, "wb") as f:
+        f.write(pem)
+    return path
+
+
+def start_transfer(system, disk_id, direction, inactivity_timeout=None):
+    """An image transfer as the SDK's upload_disk.py example starts it, once it serves."""
+    transfers = system.image_transfers_service()
+    t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk_id), direction=direction,
+                                          format=types.DiskFormat.RAW,
+                                          inactivity_timeout=inactivity_timeout))
+    svc = transfers.image_transfer_service(t.id)
+    t = wait("transfer serving", lambda: (lambda x: x if x.phase != types.ImageTransferPhase.INITIALIZING
+                                          else None)(svc.get()), 60, 0.2)
+    assert t.phase == types.ImageTransferPhase.TRANSFERRING, t.phase
+    assert t.transfer_url.startswith("https://") and t.transfer_url.endswith("/images/" + t.id), t.transfer_url
+    return svc, t
+
+
+def transfer_ended(svc):
+    return wait("transfer finished", lambda: (lambda x: x if x.phase in (
+        types.ImageTransferPhase.FINISHED_SUCCESS, types.ImageTransferPhase.FINISHED_FAILURE) else None)(svc.get()),
+        60, 0.2)
+
+
+def same_image(a, b):
+    import subprocess
+    r = subprocess.run(["qemu-img", "compare", "-U", a, b], capture_output=True, text=True)
+    assert r.returncode == 0, "%s and %s differ: %s%s" % (a, b, r.stdout, r.stderr)
+
+
+def image_transfers(system, sd):
+    """Upload a qcow2 image into a new disk and download it again with ovirt-imageio's client
+    (the one the SDK's examples and Ansible's ovirt_disk use); a cancelled upload removes its
+    disk, an idle download is cancelled by the system, a second transfer of a locked disk and
+    a transfer of a missing disk are refused."""
+    import subprocess
+    import tempfile
+    from ovirt_imageio import client as imageio
+    disks = system.disks_service()
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = engine_ca(os.path.join(tmp, "ca.pem"))
+        src = os.path.join(tmp, "src.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "48M"], check=True)
+        qemu_write(src, 0xab, 1)
+        qemu_write(src, 0xcd, 30)
+        up = disks.add(types.Disk(name=P + "-upload", format=types.DiskFormat.COW, provisioned_size=48 * MIB,
+                                  sparse=True, storage_domains=[types.StorageDomain(id=sd.id)]))
+        up_svc = disks.disk_service(up.id)
+        wait("upload disk ok", lambda: up_svc.get().status == types.DiskStatus.OK)
+        svc, t = start_transfer(system, up.id, types.ImageTransferDirection.UPLOAD)
+        assert up_svc.get().status == types.DiskStatus.LOCKED
+        try:
+            start_transfer(system, up.id, types.ImageTransferDirection.UPLOAD)
+            raise AssertionError("a second transfer of a locked disk was accepted")
+        except sdk.Error as e:
+            assert e.code == 409, e
+        imageio.upload(src, t.transfer_url, ca)
+        svc.finalize()
+        t = transfer_ended(svc)
+        assert t.phase == types.ImageTransferPhase.FINISHED_SUCCESS, (t.phase, t)
+        assert t.transferred >= 2 * MIB, t.transferred
+        d = up_svc.get()
+        assert d.status == types.DiskStatus.OK and d.actual_size > 0, (d.status, d.actual_size)
+        same_image(src, image_volumes(sd.id, up.id)[-1])
+        step("image transfer: a qcow2 image uploaded with ovirt_imageio.client into disk %s" % up.id)
+
+        svc, t = start_transfer(system, up.id, types.ImageTransferDirection.DOWNLOAD)
+        dst = os.path.join(tmp, "dst.qcow2")
+        imageio.download(t.transfer_url, dst, ca, fmt="qcow2")
+        svc.finalize()
+        assert transfer_ended(svc).phase == types.ImageTransferPhase.FINISHED_SUCCESS
+        same_image(src, dst)
+        assert up_svc.get().status == types.DiskStatus.OK
+        step("image transfer: downloaded again, the same guest data")
+
+        # Idle for longer than inactivity_timeout: the system cancels; a download keeps its disk.
+        svc, t = start_transfer(system, up.id, types.ImageTransferDirection.DOWNLOAD, inactivity_timeout=2)
+        t = transfer_ended(svc)
+        assert t.phase == types.ImageTransferPhase.FINISHED_FAILURE, t.phase
+        wait("disk unlocked", lambda: up_svc.get().status == types.DiskStatus.OK, 30)
+        # A cancelled upload removes its disk (oVirt: "removes the partial image").
+        svc, t = start_transfer(system, up.id, types.ImageTransferDirection.UPLOAD)
+        svc.cancel()
+        assert transfer_ended(svc).phase == types.ImageTransferPhase.FINISHED_FAILURE
+
+        def gone():
+            try:
+                up_svc.get()
+                return False
+            except sdk.NotFoundError:
+                return True
+        wait("cancelled upload's disk removed", gone, 60)
+        assert not os.path.exists(os.path.join(os.environ["OXVIRT_STORAGE"], sd.id, "images", up.id))
+        try:
+            start_transfer(system, up.id, types.ImageTransferDirection.DOWNLOAD)
+            raise AssertionError("a transfer of a missing disk was accepted")
+        except sdk.NotFoundError:
+            pass
+        step("image transfer: idle download cancelled by the system, cancelled upload's disk removed")
+
+
+def vnc_login(host, port, password):
+    """Logs in to a VNC server with VNC authentication (RFB 3.8, DES of the challenge);
+    returns the server's SecurityResult (0: accepted)."""
+    import socket
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    with socket.create_connection((host, port), timeout=10) as s:
+        f = s.makefile("rwb")
+        version = f.read(12)
+        assert version.startswith(b"RFB 003."), version
+        f.write(b"RFB 003.008\n")
+        f.flush()
+        offered = f.read(f.read(1)[0])
+        assert list(offered) == [2], "the console offers %r, not VNC authentication only" % offered
+        f.write(bytes([2]))
+        f.flush()
+        challenge = f.read(16)
+        # VNC's DES key: the password's first 8 bytes, each with its bits reversed.
+        key = bytes(int("{:08b}".format(b)[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
+        enc = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+        f.write(enc.update(challenge) + enc.finalize())
+        f.flush()
+        return int.from_bytes(f.read(4), "big")
+
+
 def raw(method, path, token, body=None, headers=()):
     """A request outside the SDK, to see what it hides (the status code): (status, JSON body)."""
     import ssl
@@ -274,6 +411,8 @@ def main():
         disks.disk_service(d["id"]).remove()
     step("disk adds: 202 while locked, 201 with Expect: 201-created; a disk copied")
 
+    image_transfers(system, sd)
+
     # The cluster's MAC pool: followed from the cluster, its ranges replaced.
     pool_ref = clusters.cluster_service(cl.id).get().mac_pool
     pool_svc = system.mac_pools_service().mac_pool_service(pool_ref.id)
@@ -314,6 +453,22 @@ def main():
     wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
     step("VM up on %s, guest booted" % src.name)
 
+    # Its VNC console: no way in without a ticket; the remote-viewer file's works, a wrong
+    # password does not, a ticket of one's own works too.
+    consoles_svc = vm_svc.graphics_consoles_service()
+    consoles = consoles_svc.list()
+    assert [c.protocol for c in consoles] == [types.GraphicsType.VNC], consoles
+    console_svc = consoles_svc.console_service(consoles[0].id)
+    vv = console_svc.remote_viewer_connection_file()
+    fields = dict(l.split("=", 1) for l in vv.splitlines() if "=" in l and not l.startswith("#"))
+    assert fields["type"] == "vnc" and fields["host"].startswith("127."), vv
+    host, port = fields["host"], int(fields["port"])
+    assert vnc_login(host, port, fields["password"]) == 0, "the ticket was refused"
+    assert vnc_login(host, port, "not-it") != 0, "a wrong password was accepted"
+    console_svc.ticket(ticket=types.Ticket(value="s3cret", expiry=60))
+    assert vnc_login(host, port, "s3cret") == 0
+    step("VNC console through a ticket and a remote-viewer file; a wrong password refused")
+
     snaps = vm_svc.snapshots_service()
     snap = snaps.add(types.Snapshot(description=P + "-snap", persist_memorystate=True))
     wait("snapshot ok", lambda: snaps.snapshot_service(snap.id).get().snapshot_status == types.SnapshotStatus.OK)
@@ -347,6 +502,10 @@ def main():
     step("disk moved live to %s" % sd2.id)
 
     dst = [n for n in names if n != src.name][0]
+    # The cluster's migrations go encrypted from now on (TLS between the nodes).
+    cl = clusters.cluster_service(cl.id).update(types.Cluster(
+        migration=types.MigrationOptions(encrypted=types.InheritableBoolean.TRUE)))
+    assert cl.migration.encrypted == types.InheritableBoolean.TRUE, cl.migration.encrypted
     # Asynchronous requests: a refused one is still the request's error (here: to the host it
     # runs on), an accepted one is answered before the migration is done.
     try:
@@ -358,7 +517,7 @@ def main():
     wait("VM up on " + dst, lambda: (lambda v: v.status == types.VmStatus.UP and v.host is not None
                                      and conn.follow_link(v.host).name == dst)(vm_svc.get()), 120)
     wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
-    step("migrated to %s" % dst)
+    step("migrated to %s, encrypted" % dst)
 
     # The running VM's disk grows through its attachment (oVirt's way): QEMU resizes the active
     # layer under the guest and the SPM records the capacity; a shrink is refused.

@@ -491,6 +491,32 @@ async fn qemu_vm_lifecycle_with_progress() {
         assert!(Instant::now() < deadline, "the guest did not boot");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Its console: a remote-viewer file with a password good for the time asked; the VNC
+    // server behind it asks for VNC authentication and nothing else.
+    let r = live.ok(&["vm", "console", "vm1", "--expiry", "60"]).await;
+    assert!(r.stdout.starts_with("[virt-viewer]\ntype=vnc\n"), "{r}");
+    assert!(r.stdout.contains("# Password is valid for 60 seconds."), "{r}");
+    let field = |k: &str| {
+        r.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {r}"))
+            .to_string()
+    };
+    assert_eq!(field("password").len(), 12, "{r}");
+    let mut vnc =
+        std::net::TcpStream::connect((field("host").as_str(), field("port").parse::<u16>().unwrap()))
+            .unwrap();
+    let mut greeting = [0u8; 12];
+    std::io::Read::read_exact(&mut vnc, &mut greeting).unwrap();
+    assert_eq!(&greeting, b"RFB 003.008\n");
+    std::io::Write::write_all(&mut vnc, b"RFB 003.008\n").unwrap();
+    let mut offered = [0u8; 2];
+    std::io::Read::read_exact(&mut vnc, &mut offered).unwrap();
+    assert_eq!(offered, [1, 2], "one security type, VNC authentication");
+    drop(vnc);
+    let r = live.fails(&["vm", "console", "nope"]).await;
+    assert!(r.stderr.contains("nope"), "{r}");
     // Starting it again is refused with the engine's reason.
     let r = live.fails(&["vm", "start", "vm1"]).await;
     assert!(r.stderr.contains("409"), "{r}");

@@ -22,5 +22,6 @@ mod portal_browser;
 mod rest_clients;
 mod saga_faults;
 mod spm_maintenance;
+mod transfers;
 mod up;
 mod vm_nodes;

@@ -211,6 +211,18 @@ async fn python_sdk_drives_a_vm_life() {
         Err(e) => panic!("{e}\n{}", node_logs(&live)),
     };
     assert!(out.contains("] done"), "{out}");
+    // The migration after the cluster's update went encrypted, the ones before it (the
+    // storage moves did none) plain: what the engine told both nodes.
+    let sagas = live.engine.app().db.saga_list(&[]).await.unwrap();
+    let migrations: Vec<bool> = sagas
+        .iter()
+        .filter(|s| s.name == "migrate_vm")
+        .map(|s| s.params["encrypted"] == true)
+        .collect();
+    assert!(
+        migrations.contains(&true),
+        "no encrypted migration: {migrations:?}"
+    );
     assert_clean(&live, "sdk").await;
     assert_eq!(image_dirs(&live.storage), 0, "images left on storage");
     live.engine.shutdown().await;

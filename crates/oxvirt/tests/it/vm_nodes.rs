@@ -1,7 +1,7 @@
 //! VMs across real `oxvirt node` processes driven over the JSON-RPC API (mutual TLS), the test
 //! playing the engine: live migration between two nodes on one machine sharing a storage
-//! directory (and back, with a failed and a cancelled attempt in between, hooks at every
-//! migration point); a node killed with SIGKILL, or stopped with SIGTERM, whose VM keeps
+//! directory (and back encrypted, with a failed and a cancelled attempt in between and a TLS
+//! stream a plain destination refuses, hooks at every migration point); a node killed with SIGKILL, or stopped with SIGTERM, whose VM keeps
 //! running and is found again by the next node process; a thin disk on a host that is not the SPM growing through the
 //! pool's mailbox; KSM reported and tuned through `Host.getStats`/`Host.setKsmTune`.
 
@@ -373,6 +373,25 @@ async fn migrate(
     src.wait_job(&job, Duration::from_secs(120)).await
 }
 
+/// A TCP proxy for one connection to `127.0.0.1:port` that hands over the first four bytes the
+/// client sent: the URI to give the source instead, and those bytes.
+async fn sniffing_proxy(port: u16) -> (String, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut inbound, _) = l.accept().await.unwrap();
+        let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut head = [0u8; 4];
+        inbound.read_exact(&mut head).await.unwrap();
+        let _ = tx.send(head.to_vec());
+        outbound.write_all(&head).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    });
+    (via, rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_there_and_back_with_failure_and_cancel() {
     let engine = start_engine().await;
@@ -542,10 +561,49 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     let all = b.call("Host.getAllVmStats", json!({})).await;
     assert_eq!(all[0]["vmID"], json!(id), "{all}");
 
-    // 4. And back B → A.
-    let rep = migrate(&b, &a, id, &params, 0).await.unwrap();
+    // 4. Encrypted to a destination that expects a plain stream: the TLS handshake fails,
+    // the VM runs on where it was.
+    let inc = a.call("VM.migrationCreate", params.clone()).await;
+    let job = b
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": inc["uri"], "timeoutSecs": 60, "encrypted": true }),
+        )
+        .await["jobID"]
+        .clone();
+    let err = b.wait_job(&job, Duration::from_secs(60)).await.unwrap_err();
+    assert!(err.contains("migration failed"), "{err}");
+    assert_eq!(b.state(id).await["state"], "up");
+    a.wait_state(id, "down", Duration::from_secs(30)).await;
+    a.call("VM.destroy", json!({ "vmID": id })).await;
+
+    // 5. And back B → A, encrypted (TLS with both nodes' certificates): a proxy between them
+    // sees a TLS handshake go by, not QEMU's "QEVM" stream header.
+    let mut enc = params.clone();
+    enc["encrypted"] = json!(true);
+    let inc = a.call("VM.migrationCreate", enc).await;
+    let port: u16 = inc["uri"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (via, first_bytes) = sniffing_proxy(port).await;
+    let job = b
+        .call(
+            "VM.migrate",
+            json!({ "vmID": id, "dstUri": via, "maxDowntimeMs": 300, "timeoutSecs": 90, "encrypted": true }),
+        )
+        .await["jobID"]
+        .clone();
+    let rep = b.wait_job(&job, Duration::from_secs(120)).await.unwrap();
+    let head = first_bytes.await.unwrap();
+    assert_eq!(head[0], 0x16, "not a TLS handshake record: {head:02x?}");
+    assert_ne!(&head[..], b"QEVM", "the stream went in the clear");
     eprintln!(
-        "migration B→A over the node API: total {} ms, downtime {} ms",
+        "encrypted migration B→A over the node API: total {} ms, downtime {} ms",
         rep["total_ms"], rep["downtime_ms"]
     );
     a.wait_state(id, "up", Duration::from_secs(30)).await;
@@ -617,13 +675,14 @@ async fn live_migration_there_and_back_with_failure_and_cancel() {
     wait_passes(&a.console_log(id), 0, 1, BOOT).await;
     a.call("VM.destroy", json!({ "vmID": id })).await;
     verify_writer_data(&volume);
-    // Hooks ran at each migration point: 4 attempts left the source (the first failed at
-    // once, one was cancelled), 3 destinations were prepared, 2 received the guest.
+    // Hooks ran at each migration point: 5 attempts left the source (the first failed at
+    // once, one was cancelled, one refused its TLS), 4 destinations were prepared, 2 received
+    // the guest.
     let hooks_ran = std::fs::read_to_string(&hook_log).unwrap();
     let count = |p: &str| hooks_ran.matches(&format!("{p} mig")).count();
-    assert_eq!(count("before_vm_migrate_source"), 4, "{hooks_ran}");
+    assert_eq!(count("before_vm_migrate_source"), 5, "{hooks_ran}");
     assert_eq!(count("after_vm_migrate_source"), 2, "{hooks_ran}");
-    assert_eq!(count("before_vm_migrate_destination"), 3, "{hooks_ran}");
+    assert_eq!(count("before_vm_migrate_destination"), 4, "{hooks_ran}");
     assert_eq!(count("after_vm_migrate_destination"), 2, "{hooks_ran}");
 }
 

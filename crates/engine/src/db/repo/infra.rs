@@ -253,7 +253,7 @@ async fn dc_delete(c: &mut Conn<'_>, id: DcId) -> Result<(), DbError> {
 
 const CLUSTER_COLS: &str = "id, name, description, data_center_id, cpu_type, cpu_architecture, \
     scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, \
-    migration_bandwidth_mbps, created_at, revision";
+    migration_bandwidth_mbps, migration_encrypted, created_at, revision";
 
 fn cluster_from_row(r: &AnyRow) -> Result<Cluster, DbError> {
     Ok(Cluster {
@@ -277,6 +277,7 @@ fn cluster_from_row(r: &AnyRow) -> Result<Cluster, DbError> {
             minor: r.u32("compat_minor")?,
         },
         migration_bandwidth_mbps: r.opt_u32("migration_bandwidth_mbps")?,
+        migration_encrypted: r.flag("migration_encrypted")?,
         created_at: r.ts("created_at")?,
         revision: r.int("revision")?,
     })
@@ -315,12 +316,14 @@ fn cluster_args(q: &mut Sql, cl: &Cluster) {
         .push(", ")
         .arg(i64::from(cl.compatibility_version.minor))
         .push(", ")
-        .arg(Arg::Int(cl.migration_bandwidth_mbps.map(i64::from)));
+        .arg(Arg::Int(cl.migration_bandwidth_mbps.map(i64::from)))
+        .push(", ")
+        .arg(i64::from(cl.migration_encrypted));
 }
 
 async fn cluster_insert(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbError> {
     check_name("cluster name", &cl.name)?;
-    let mut q = Sql::new("INSERT INTO clusters (id, name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, migration_bandwidth_mbps, created_at, revision) VALUES (");
+    let mut q = Sql::new("INSERT INTO clusters (id, name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, migration_bandwidth_mbps, migration_encrypted, created_at, revision) VALUES (");
     q.arg(cl.id.to_string()).push(", ");
     cluster_args(&mut q, cl);
     q.push(", ").arg(c.now.as_millis()).push(", 1)");
@@ -365,7 +368,7 @@ async fn cluster_list(
 
 async fn cluster_update(c: &mut Conn<'_>, cl: &Cluster) -> Result<Cluster, DbError> {
     check_name("cluster name", &cl.name)?;
-    let mut q = Sql::new("UPDATE clusters SET (name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, migration_bandwidth_mbps) = (");
+    let mut q = Sql::new("UPDATE clusters SET (name, description, data_center_id, cpu_type, cpu_architecture, scheduling_policy, memory_overcommit_percent, scheduling_properties, compat_major, compat_minor, migration_bandwidth_mbps, migration_encrypted) = (");
     cluster_args(&mut q, cl);
     q.push("), revision = revision + 1 WHERE id = ")
         .arg(cl.id.to_string())

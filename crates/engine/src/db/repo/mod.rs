@@ -45,6 +45,7 @@ mod networks;
 mod ops;
 pub(crate) mod sagas;
 mod storage;
+mod transfers;
 mod users;
 mod vms;
 

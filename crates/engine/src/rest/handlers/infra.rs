@@ -234,6 +234,7 @@ pub async fn cluster_add(r: &Req) -> Result<Resp, ApiError> {
             memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
             scheduling_properties: custom_properties(&b)?.unwrap_or_default(),
             migration_bandwidth_mbps: migration_bandwidth(&b)?.flatten(),
+            migration_encrypted: migration_encrypted(&b)?.unwrap_or(false),
         })
         .await?;
     Ok(Resp::created(one_cluster(r, &c, None), href("clusters", c.id)))
@@ -283,6 +284,19 @@ fn migration_bandwidth(b: &Elem) -> Result<Option<Option<u32>>, ApiError> {
     }
 }
 
+/// `<migration><encrypted>true|false|inherit</encrypted></migration>` (oVirt's inheritable
+/// boolean; `inherit` is the engine's default, off). `None`: the body does not say.
+fn migration_encrypted(b: &Elem) -> Result<Option<bool>, ApiError> {
+    match b.str("migration/encrypted").map(str::trim) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false" | "inherit") => Ok(Some(false)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "migration encrypted {other:?}: expected true, false or inherit"
+        ))),
+    }
+}
+
 /// `<scheduling_policy id="…"/>` or `<scheduling_policy><name>…</name></scheduling_policy>`.
 fn policy_ref(b: &Elem) -> Result<Option<crate::model::SchedulingPolicy>, ApiError> {
     match b.get("scheduling_policy") {
@@ -306,6 +320,7 @@ pub async fn cluster_update(r: &Req) -> Result<Resp, ApiError> {
                 memory_overcommit_percent: b.u32("memory_policy/over_commit/percent")?,
                 scheduling_properties: custom_properties(&b)?,
                 migration_bandwidth_mbps: migration_bandwidth(&b)?,
+                migration_encrypted: migration_encrypted(&b)?,
             },
         )
         .await?;

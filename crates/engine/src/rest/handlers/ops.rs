@@ -46,6 +46,7 @@ pub async fn api(r: &Req) -> Result<Resp, ApiError> {
         "disks",
         "events",
         "hosts",
+        "imagetransfers",
         "jobs",
         "storagedomains",
         "templates",

@@ -455,3 +455,95 @@ pub async fn disk_remove(r: &Req) -> Result<Resp, ApiError> {
     })
     .await
 }
+
+// ------------------------------------------------------------------------- image transfers
+
+async fn transfer(r: &Req, i: usize) -> Result<ImageTransfer, ApiError> {
+    let id: TransferId = r.id(i, "image transfer")?;
+    r.db()
+        .transfer_get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("image transfer {id} not found")))
+}
+
+fn one_transfer(r: &Req, t: &ImageTransfer) -> super::super::out::Out {
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::image_transfer(o, t));
+    o
+}
+
+pub async fn transfer_list(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let mut ts = r.db().transfer_list().await?;
+    if let Some(max) = r.list_params()?.max {
+        ts.truncate(max as usize);
+    }
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "image_transfers",
+        "image_transfer",
+        &ts,
+        write::image_transfer,
+    );
+    Ok(Resp::ok(o))
+}
+
+pub async fn transfer_get(r: &Req) -> Result<Resp, ApiError> {
+    check_follow(r, &[])?;
+    let t = transfer(r, 0).await?;
+    Ok(Resp::ok(one_transfer(r, &t)))
+}
+
+/// `POST /imagetransfers` with `<image_transfer><disk id/><direction/>…</image_transfer>`
+/// (`<image id>` names the disk too, as older clients send it).
+pub async fn transfer_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("image_transfer")?;
+    if b.get("snapshot").is_some() || b.get("backup").is_some() {
+        return Err(ApiError::bad_request(
+            "image transfers of snapshots or backups are refused: transfer a disk (<disk id>)",
+        ));
+    }
+    let disk_elem = b
+        .get("disk")
+        .or_else(|| b.get("image"))
+        .ok_or_else(|| ApiError::bad_request("<image_transfer> needs <disk id=\"…\"/>"))?;
+    let disk: DiskId = super::parse_id(
+        disk_elem
+            .id()
+            .ok_or_else(|| ApiError::bad_request("<image_transfer><disk> needs an id"))?,
+        "disk",
+    )?;
+    let direction: TransferDirection = b.parse("direction")?.unwrap_or(TransferDirection::Upload);
+    let host = match b.get("host") {
+        Some(h) => Some(host_ref(r, h).await?),
+        None => None,
+    };
+    let req = crate::commands::AddImageTransfer {
+        disk,
+        direction,
+        host,
+        format: b.parse("format")?,
+        inactivity_timeout: b.u64("inactivity_timeout")?,
+    };
+    let t = r.cmds().add_image_transfer(req, r.correlation_id.clone()).await?;
+    Ok(Resp::added(
+        one_transfer(r, &t),
+        href("imagetransfers", t.id),
+        false,
+    ))
+}
+
+pub async fn transfer_finalize(r: &Req) -> Result<Resp, ApiError> {
+    let t = transfer(r, 0).await?;
+    let _ = r.action_body()?;
+    r.cmds().finalize_image_transfer(t.id).await?;
+    Ok(action_complete(r))
+}
+
+pub async fn transfer_cancel(r: &Req) -> Result<Resp, ApiError> {
+    let t = transfer(r, 0).await?;
+    let _ = r.action_body()?;
+    r.cmds().cancel_image_transfer(t.id).await?;
+    Ok(action_complete(r))
+}

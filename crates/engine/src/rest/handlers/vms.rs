@@ -619,6 +619,89 @@ pub async fn numa_list(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+// -------------------------------------------------------------------------------- consoles
+
+/// oVirt names a VM's graphics consoles by their protocol in hex: "vnc".
+const VNC_CONSOLE: &str = "766e63";
+
+fn write_console(o: &mut Out, v: &Vm) {
+    let hr = format!("{API}/vms/{}/graphicsconsoles/{VNC_CONSOLE}", v.id);
+    o.open("graphics_console", Some(VNC_CONSOLE), Some(&hr));
+    o.open("actions", None, None);
+    o.links(&hr, &["remoteviewerconnectionfile", "ticket"]);
+    o.close("actions");
+    o.leaf("protocol", "vnc");
+    let vid = v.id.to_string();
+    o.reference("vm", &vid, &href("vms", v.id));
+    o.close("graphics_console");
+}
+
+/// The VM and its console (404 for another console id).
+async fn console(r: &Req) -> Result<Vm, ApiError> {
+    let v = vm(r, 0).await?;
+    match r.params.get(1).map(String::as_str) {
+        Some(VNC_CONSOLE) => Ok(v),
+        Some(other) => Err(ApiError::not_found(format!(
+            "VM {} has no graphics console {other} (only VNC, {VNC_CONSOLE})",
+            v.name
+        ))),
+        None => Err(ApiError::not_found("no graphics console id")),
+    }
+}
+
+pub async fn console_list(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "graphics_consoles",
+        "graphics_console",
+        &[v],
+        write_console,
+    );
+    Ok(Resp::ok(o))
+}
+
+pub async fn console_get(r: &Req) -> Result<Resp, ApiError> {
+    let v = console(r).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write_console(o, &v));
+    Ok(Resp::ok(o))
+}
+
+/// `<action><ticket><value>…</value><expiry>SECS</expiry></ticket></action>`, both optional;
+/// the reply carries the ticket given.
+pub async fn console_ticket(r: &Req) -> Result<Resp, ApiError> {
+    let v = console(r).await?;
+    let body = r.action_body()?;
+    let t = r
+        .cmds()
+        .console_ticket(v.id, body.string("ticket/value"), body.u64("ticket/expiry")?)
+        .await?;
+    let mut o = r.out();
+    o.root("action", None, None);
+    o.open("ticket", None, None);
+    o.leaf("expiry", t.expiry);
+    o.leaf("value", &t.password);
+    o.close("ticket");
+    o.leaf("status", "complete");
+    o.close("action");
+    Ok(Resp::ok(o))
+}
+
+/// The `.vv` file for `remote-viewer`, with a fresh ticket of the default lifetime.
+pub async fn console_file(r: &Req) -> Result<Resp, ApiError> {
+    let v = console(r).await?;
+    let _ = r.action_body()?;
+    let t = r.cmds().console_ticket(v.id, None, None).await?;
+    let mut o = r.out();
+    o.root("action", None, None);
+    o.leaf("remote_viewer_connection_file", t.connection_file(&v.name));
+    o.leaf("status", "complete");
+    o.close("action");
+    Ok(Resp::ok(o))
+}
+
 // ------------------------------------------------------------------------------- snapshots
 
 async fn snap(r: &Req) -> Result<(Vm, Snapshot), ApiError> {
