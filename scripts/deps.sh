@@ -11,6 +11,8 @@
 #   postgresql                     the engine's tests on PostgreSQL (scripts/pg-test.sh)
 #   gcc python3-dev python3-venv   the venv of oVirt's Python SDK (a C extension) and Ansible for the
 #   libxml2-dev                    REST compatibility tests (scripts/py-clients.sh)
+#   xorriso isolinux               ISO images for the CD-ROM tests (a bootable one boots the test
+#   syslinux-common                guest from its CD, as an installer CD does)
 #   chromium nodejs npm            the web portal's browser test (headless Chromium driven by
 #                                  playwright-core, which the test installs with npm ci)
 set -euo pipefail
@@ -34,6 +36,9 @@ have_cmd ip || missing+=(iproute2)
 [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 have_cmd gcc || missing+=(gcc)
+have_cmd xorriso || missing+=(xorriso)
+[[ -f /usr/lib/ISOLINUX/isolinux.bin ]] || missing+=(isolinux)
+[[ -f /usr/lib/syslinux/modules/bios/ldlinux.c32 ]] || missing+=(syslinux-common)
 have_cmd chromium || missing+=(chromium)
 have_cmd node || missing+=(nodejs)
 have_cmd npm || missing+=(npm)

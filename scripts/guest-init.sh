@@ -5,7 +5,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
-         scsi_common scsi_mod sd_mod virtio_scsi \
+         scsi_common scsi_mod sd_mod virtio_scsi cdrom sr_mod isofs \
          virtio_balloon virtio_console failover net_failover virtio_net button evdev; do
     insmod "/lib/modules/$m.ko" 2>/dev/null || echo "OXVIRT-GUEST module $m failed"
 done

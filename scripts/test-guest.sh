@@ -6,7 +6,8 @@
 # Rebuilt only when missing or when this script (or the guest init) changed.
 #
 # The guest's init loads the virtio modules (virtio-blk disks are /dev/vdX, virtio-scsi ones
-# /dev/sdX; the cloud kernel has no AHCI driver, so SATA disks stay invisible to it), then runs
+# /dev/sdX, a virtio-scsi CD-ROM /dev/sr0 with iso9660; the cloud kernel has no AHCI driver, so SATA
+# disks and CD-ROMs stay invisible to it), then runs
 # what the kernel command line asks:
 #   oxvirt.run=<base64 of a sh script>   run it (after the built-in steps below)
 #   oxvirt.write_mib=N                   write N MiB of a known pattern to /dev/vda (O_DIRECT)
@@ -64,7 +65,7 @@ cp "$init_src" "$root/init"
 chmod 0755 "$root/init" "$root/bin/busybox"
 # Flat module directory; guest-init.sh loads them in dependency order.
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
-         scsi_common scsi_mod sd_mod virtio_scsi \
+         scsi_common scsi_mod sd_mod virtio_scsi cdrom sr_mod isofs \
          virtio_balloon virtio_console failover net_failover virtio_net button evdev; do
     f="$(find "$work/kernel/lib/modules/$kver" -name "$m.ko" | head -n1)"
     [[ -n "$f" ]] || { echo "test guest: module $m.ko not in $kernel_pkg" >&2; exit 1; }

@@ -58,6 +58,8 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
         vnc: false,
         lease_domains: vec![],
         vm_lease: None,
+        cdrom: None,
+        boot_order: vec![],
     }
 }
 

@@ -62,6 +62,88 @@ pub struct VmSpec {
     /// The QEMU guest agent's virtio-serial channel (`org.qemu.guest_agent.0`), served on this
     /// UNIX socket to the node.
     pub guest_agent_socket: Option<PathBuf>,
+    /// The CD-ROM drive, if the VM has one (empty or holding an ISO).
+    #[serde(default)]
+    pub cdrom: Option<CdromSpec>,
+    /// The firmware's boot order with [`Boot::Disk`] (the first disk is `Hd`); empty: the
+    /// first disk alone.
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
+}
+
+/// A device the firmware may boot from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    /// The VM's first disk.
+    Hd,
+    Cdrom,
+}
+
+/// The CD-ROM drive: its controller and the ISO in it. Its media can be changed on a running
+/// VM ([`cdrom_media_blockdev`], then `blockdev-insert-medium` on [`CDROM_DEVICE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdromSpec {
+    pub bus: CdromBus,
+    /// The ISO (a raw file, opened read-only); `None`: an empty drive.
+    pub media: Option<PathBuf>,
+    /// Numbers the media's block node (`cd-<generation>`): each change of media opens a node
+    /// under a new name, as the old one may still be closing.
+    #[serde(default)]
+    pub generation: u32,
+}
+
+/// Where the CD-ROM sits: on the virtio-scsi controller (SCSI id [`CDROM_SCSI_ID`]; guests with
+/// virtio drivers, which every current Linux installer has) or on SATA port [`CDROM_SATA_PORT`]
+/// (what an OS without virtio drivers, such as a Windows installer, can read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CdromBus {
+    #[default]
+    Scsi,
+    Sata,
+}
+
+/// The CD-ROM's QEMU device id (what the tray and medium commands name).
+pub const CDROM_DEVICE: &str = "cdrom0";
+/// The CD-ROM's SCSI id: past every disk slot's.
+pub const CDROM_SCSI_ID: usize = 16;
+/// The CD-ROM's SATA port: the last, as SATA disks take the lowest.
+pub const CDROM_SATA_PORT: usize = SATA_PORTS - 1;
+/// Prefix of the CD-ROM media's block node names.
+pub const CDROM_NODE_PREFIX: &str = "cd-";
+
+/// The block node of a CD-ROM's media: a raw read-only format node over its file, as one
+/// `blockdev-add` (deleting the format node closes the file too).
+pub fn cdrom_media_blockdev(path: &Path, generation: u32) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "raw",
+        "node-name": format!("{CDROM_NODE_PREFIX}{generation}"),
+        "read-only": true,
+        "file": { "driver": "file", "filename": path, "read-only": true },
+    })
+}
+
+/// The CD-ROM device on `drive` (none: empty).
+pub fn cdrom_device_json(cd: &CdromSpec, drive: Option<&str>) -> serde_json::Value {
+    let mut dev = serde_json::json!({ "id": CDROM_DEVICE });
+    match cd.bus {
+        CdromBus::Scsi => {
+            dev["driver"] = "scsi-cd".into();
+            dev["bus"] = format!("{SCSI_CONTROLLER}.0").into();
+            dev["channel"] = 0.into();
+            dev["scsi-id"] = CDROM_SCSI_ID.into();
+            dev["lun"] = 0.into();
+        }
+        CdromBus::Sata => {
+            dev["driver"] = "ide-cd".into();
+            dev["bus"] = format!("ide.{CDROM_SATA_PORT}").into();
+        }
+    }
+    if let Some(d) = drive {
+        dev["drive"] = d.into();
+    }
+    dev
 }
 
 /// A virtio network interface.
@@ -334,6 +416,8 @@ pub enum SpecError {
     CommaInPath { vm: String, path: PathBuf },
     #[error("VM {vm:?}: SATA disk {disk}'s slot {slot} is past the {SATA_PORTS} SATA ports")]
     BadSataSlot { vm: String, disk: usize, slot: usize },
+    #[error("VM {vm:?}: SATA disk {disk} is on port {CDROM_SATA_PORT}, the SATA CD-ROM's")]
+    SataPortOfCdrom { vm: String, disk: usize },
 }
 
 /// QEMU device id of a NIC.
@@ -476,7 +560,21 @@ impl VmSpec {
     /// Whether the VM gets the virtio-scsi controller: when a disk is on it, or when disks can
     /// be hot plugged (one may be a SCSI disk; the controller itself cannot be added later).
     pub fn scsi_controller(&self) -> bool {
-        self.disk_ports > 0 || self.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi)
+        self.disk_ports > 0
+            || self.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi)
+            || self.cdrom.as_ref().is_some_and(|c| c.bus == CdromBus::Scsi)
+    }
+
+    /// The `bootindex` of `dev` under [`Boot::Disk`] (none under a kernel boot, or when the
+    /// order leaves the device out).
+    fn boot_index(&self, dev: BootDevice) -> Option<usize> {
+        if self.boot != Boot::Disk {
+            return None;
+        }
+        if self.boot_order.is_empty() {
+            return (dev == BootDevice::Hd).then_some(1);
+        }
+        self.boot_order.iter().position(|d| *d == dev).map(|i| i + 1)
     }
 }
 
@@ -559,6 +657,12 @@ impl VmSpec {
                     disk: i,
                     slot,
                 });
+            }
+            if d.bus == DiskBus::Sata
+                && slot == CDROM_SATA_PORT
+                && self.cdrom.as_ref().is_some_and(|c| c.bus == CdromBus::Sata)
+            {
+                return Err(SpecError::SataPortOfCdrom { vm: vm(), disk: i });
             }
             slots.push(slot);
         }
@@ -691,10 +795,25 @@ impl VmSpec {
                 push("-blockdev", node.to_string());
             }
             let mut dev = disk_device_json(slot, disk, &top, self.disk_ports > 0);
-            if di == 0 && self.boot == Boot::Disk {
-                dev["bootindex"] = 1.into();
+            if di == 0 {
+                if let Some(i) = self.boot_index(BootDevice::Hd) {
+                    dev["bootindex"] = i.into();
+                }
             }
             // The same properties as hot plug's, in JSON form: no escaping of serials.
+            push("-device", dev.to_string());
+        }
+        if let Some(cd) = &self.cdrom {
+            let node = cd.media.as_ref().map(|m| {
+                let n = cdrom_media_blockdev(m, cd.generation);
+                let name = n["node-name"].as_str().unwrap_or_default().to_string();
+                push("-blockdev", n.to_string());
+                name
+            });
+            let mut dev = cdrom_device_json(cd, node.as_deref());
+            if let Some(i) = self.boot_index(BootDevice::Cdrom) {
+                dev["bootindex"] = i.into();
+            }
             push("-device", dev.to_string());
         }
         for (i, nic) in self.nics.iter().enumerate() {
@@ -784,6 +903,8 @@ mod tests {
             nic_ports: 0,
             disk_ports: 0,
             guest_agent_socket: Some("/run/vm1.qga".into()),
+            cdrom: None,
+            boot_order: Vec::new(),
         }
     }
 
@@ -900,6 +1021,59 @@ mod tests {
             .iter()
             .any(|d| d.contains(r#""werror":"report""#)));
         assert!(!args.iter().any(|a| a.contains("virtserialport")));
+    }
+
+    #[test]
+    fn cdrom_on_scsi_or_sata_and_boot_order() {
+        let mut s = spec();
+        s.boot = Boot::Disk;
+        s.cdrom = Some(CdromSpec {
+            bus: CdromBus::Scsi,
+            media: Some("/sd/images/iso/vol".into()),
+            generation: 3,
+        });
+        s.boot_order = vec![BootDevice::Cdrom, BootDevice::Hd];
+        let args = s.to_args().unwrap();
+        let nodes = arg_after(&args, "-blockdev");
+        let media: serde_json::Value = serde_json::from_str(nodes.last().unwrap()).unwrap();
+        assert_eq!(media["node-name"], "cd-3");
+        assert_eq!(media["read-only"], true);
+        assert_eq!(media["file"]["filename"], "/sd/images/iso/vol");
+        let devs = arg_after(&args, "-device");
+        let cd: serde_json::Value = serde_json::from_str(
+            devs.iter()
+                .find(|d| d.contains("scsi-cd"))
+                .expect("a scsi-cd device"),
+        )
+        .unwrap();
+        assert_eq!(cd["drive"], "cd-3");
+        assert_eq!(cd["id"], CDROM_DEVICE);
+        assert_eq!(cd["scsi-id"], CDROM_SCSI_ID);
+        assert_eq!(cd["bootindex"], 1);
+        let disk: serde_json::Value =
+            serde_json::from_str(devs.iter().find(|d| d.contains(r#""id":"disk0""#)).unwrap()).unwrap();
+        assert_eq!(disk["bootindex"], 2);
+
+        // An empty SATA drive, not in the boot order; a SATA disk may not take its port.
+        s.cdrom = Some(CdromSpec {
+            bus: CdromBus::Sata,
+            media: None,
+            generation: 0,
+        });
+        s.boot_order = vec![BootDevice::Hd];
+        let args = s.to_args().unwrap();
+        let devs = arg_after(&args, "-device");
+        let cd: serde_json::Value =
+            serde_json::from_str(devs.iter().find(|d| d.contains("ide-cd")).unwrap()).unwrap();
+        assert_eq!(cd["bus"], format!("ide.{CDROM_SATA_PORT}"));
+        assert!(cd.get("drive").is_none() && cd.get("bootindex").is_none());
+        assert!(!arg_after(&args, "-blockdev").iter().any(|n| n.contains("cd-")));
+        s.disks[0].bus = DiskBus::Sata;
+        s.disks[0].slot = Some(CDROM_SATA_PORT as u8);
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::SataPortOfCdrom { disk: 0, .. })
+        ));
     }
 
     #[test]

@@ -569,6 +569,19 @@ command!(
 );
 command!(BlockdevDel { node_name: String } => "blockdev-del", ());
 command!(
+    /// Opens a removable drive's tray (`force`: even when the guest has locked it).
+    BlockdevOpenTray { id: String, force: bool } => "blockdev-open-tray", ()
+);
+command!(
+    /// Takes the medium out of a drive whose tray is open (nothing to take: no error).
+    BlockdevRemoveMedium { id: String } => "blockdev-remove-medium", ()
+);
+command!(
+    /// Puts the block node `node_name` into an empty drive whose tray is open.
+    BlockdevInsertMedium { id: String, node_name: String } => "blockdev-insert-medium", ()
+);
+command!(BlockdevCloseTray { id: String } => "blockdev-close-tray", ());
+command!(
     /// Makes `overlay` (opened, with no backing) the new active layer above `node`.
     BlockdevSnapshot { node: String, overlay: String } => "blockdev-snapshot", ()
 );

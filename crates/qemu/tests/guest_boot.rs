@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use oxvirt_qemu::qmp::Qmp;
 use oxvirt_qemu::{
-    Accel, BlockProtocol, Boot, DiskBus, DiskSpec, ImageFormat, LayerSpec, QemuTool, VmSpec, WriteErrorPolicy,
+    Accel, BlockProtocol, Boot, BootDevice, CdromBus, CdromSpec, DiskBus, DiskSpec, ImageFormat, LayerSpec,
+    QemuTool, VmSpec, WriteErrorPolicy,
 };
 use oxvirt_testkit::{require_tool, TestGuest};
 
@@ -98,6 +99,8 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         nic_ports: 0,
         disk_ports: 0,
         guest_agent_socket: None,
+        cdrom: None,
+        boot_order: Vec::new(),
     };
 
     let start = Instant::now();
@@ -187,4 +190,116 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         "qemu-io: {text}"
     );
     eprintln!("guest boot to power-off: {elapsed:?}");
+}
+
+/// An installer's path: a VM with an empty disk and a bootable ISO in its CD-ROM, CD first in
+/// the boot order, boots through the firmware (SeaBIOS, El Torito, isolinux) into the guest on
+/// the CD, which reads a file off the CD and writes its disk.
+#[test]
+fn guest_boots_from_its_cdrom_before_its_empty_disk() {
+    let qemu = QemuTool::SystemX86_64.locate().unwrap_or_else(|e| panic!("{e}"));
+    let qemu_img = require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let st = Command::new(&qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let iso = dir.path().join("install.iso");
+    let script = "mkdir -p /cd && mount -t iso9660 -o ro /dev/sr0 /cd && echo OXVIRT-GUEST cd says $(cat /cd/hello.txt)";
+    oxvirt_testkit::make_iso(
+        &iso,
+        &[("hello.txt", b"from-the-iso\n")],
+        Some(&[
+            "oxvirt.write_mib=2",
+            &TestGuest::run_arg(script),
+            "oxvirt.marker=booted-from-cd",
+            "oxvirt.poweroff=1",
+        ]),
+    );
+    let serial = dir.path().join("serial.log");
+    let spec = VmSpec {
+        name: "cd-boot".into(),
+        uuid: "00000000-0000-4000-8000-000000000002".into(),
+        cpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+        boot: Boot::Disk,
+        disks: vec![DiskSpec {
+            layers: vec![LayerSpec {
+                path: disk.clone(),
+                format: ImageFormat::Qcow2,
+                protocol: BlockProtocol::File,
+            }],
+            serial: None,
+            read_only: false,
+            direct_io: false,
+            write_error: WriteErrorPolicy::Report,
+            slot: None,
+            bus: Default::default(),
+        }],
+        qmp_socket: dir.path().join("qmp.sock"),
+        serial_log: Some(serial.clone()),
+        vnc_socket: None,
+        vnc_remote: None,
+        balloon: false,
+        pid_file: None,
+        incoming: None,
+        start_paused: false,
+        nics: vec![],
+        nic_ports: 0,
+        disk_ports: 0,
+        guest_agent_socket: None,
+        cdrom: Some(CdromSpec {
+            bus: CdromBus::Scsi,
+            media: Some(iso),
+            generation: 0,
+        }),
+        boot_order: vec![BootDevice::Cdrom, BootDevice::Hd],
+    };
+    let start = Instant::now();
+    let mut child = Command::new(qemu).args(spec.to_args().unwrap()).spawn().unwrap();
+    let deadline = Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "guest did not power off within {deadline:?}; console:\n{}",
+                std::fs::read_to_string(&serial).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let console = std::fs::read_to_string(&serial).unwrap();
+    assert!(status.success(), "qemu exited with {status}; console:\n{console}");
+    assert!(
+        console.contains("OXVIRT-MARKER booted-from-cd"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("OXVIRT-GUEST cd says from-the-iso"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("OXVIRT-GUEST wrote 2 MiB"),
+        "console:\n{console}"
+    );
+    let out = Command::new(require_tool("qemu-io"))
+        .args(["-f", "qcow2", "-c", "read -P 0x5a 0 2M"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "qemu-io: {text}"
+    );
+    eprintln!("boot from CD to power-off: {:?}", start.elapsed());
 }

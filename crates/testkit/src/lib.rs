@@ -74,6 +74,62 @@ impl TestGuest {
     }
 }
 
+/// Makes an ISO 9660 image at `iso` (volume id `OXVIRT`) holding `files` (name, contents) with
+/// xorriso. `boot_args`: make it bootable with isolinux, booting the test guest with these
+/// `oxvirt.*` words, as an installer CD boots its kernel.
+pub fn make_iso(iso: &Path, files: &[(&str, &[u8])], boot_args: Option<&[&str]>) {
+    let root = iso.with_extension("root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    for (name, data) in files {
+        std::fs::write(root.join(name), data).unwrap();
+    }
+    let mut cmd = std::process::Command::new(require_tool("xorriso"));
+    cmd.args(["-as", "mkisofs", "-quiet", "-V", "OXVIRT", "-o"])
+        .arg(iso);
+    if let Some(args) = boot_args {
+        let g = TestGuest::get();
+        let boot = root.join("isolinux");
+        std::fs::create_dir_all(&boot).unwrap();
+        for (src, pkg) in [
+            ("/usr/lib/ISOLINUX/isolinux.bin", "isolinux"),
+            ("/usr/lib/syslinux/modules/bios/ldlinux.c32", "syslinux-common"),
+        ] {
+            let src = Path::new(src);
+            assert!(
+                src.is_file(),
+                "this test needs {} from the Debian package `{pkg}`: run scripts/deps.sh",
+                src.display()
+            );
+            std::fs::copy(src, boot.join(src.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(&g.kernel, root.join("vmlinuz")).unwrap();
+        std::fs::copy(&g.initrd, root.join("initrd.gz")).unwrap();
+        let cfg = format!(
+            "DEFAULT guest\nPROMPT 0\nTIMEOUT 1\nLABEL guest\n  KERNEL /vmlinuz\n  INITRD /initrd.gz\n  APPEND {}\n",
+            TestGuest::append(args)
+        );
+        std::fs::write(boot.join("isolinux.cfg"), cfg).unwrap();
+        cmd.args([
+            "-b",
+            "isolinux/isolinux.bin",
+            "-c",
+            "isolinux/boot.cat",
+            "-no-emul-boot",
+            "-boot-load-size",
+            "4",
+            "-boot-info-table",
+        ]);
+    }
+    let out = cmd.arg(&root).output().unwrap();
+    assert!(
+        out.status.success(),
+        "xorriso failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();

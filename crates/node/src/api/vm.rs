@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use oxvirt_qemu::{Accel, Boot, DiskBus, NicBackend, NicSpec};
+use oxvirt_qemu::{Accel, Boot, BootDevice, CdromBus, DiskBus, ImageFormat, NicBackend, NicSpec};
 use oxvirt_rpc::RpcError;
 use oxvirt_types::api::ErrorCode;
 use oxvirt_types::{ImgUuid, SdUuid, VmId, VolUuid};
@@ -21,6 +21,7 @@ use super::storage::error_chain;
 use super::{params, ApiError};
 use crate::service::Node;
 use crate::storage::pool::{PoolServiceError, VolKey};
+use crate::vm::cdrom::{CdMedia, VmCdrom};
 use crate::vm::thin::{ThinPolicy, VolumeRef};
 use crate::vm::{ImageRef, MigrateParams, SnapshotDisk, ThinDisk, VmCreate, VmDisk, VmError};
 
@@ -48,6 +49,7 @@ pub const VERBS: &[&str] = &[
     "VM.diskSizeExtend",
     "VM.diskReplicateStart",
     "VM.diskReplicateFinish",
+    "VM.changeCD",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -95,6 +97,38 @@ impl DriveIface {
             DriveIface::Sata | DriveIface::Ide => DiskBus::Sata,
         }
     }
+}
+
+/// The VM's CD-ROM drive: its controller and the ISO in it, if any.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdromParams {
+    /// `scsi` (virtio-scsi) or `sata`.
+    #[serde(default)]
+    pub iface: CdromBus,
+    #[serde(default)]
+    pub drive: Option<CdDrive>,
+}
+
+/// An ISO on a storage domain: an image whose volume is one raw file.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdDrive {
+    #[serde(rename = "domainID")]
+    pub domain: SdUuid,
+    #[serde(rename = "imageID")]
+    pub image: ImgUuid,
+    #[serde(rename = "volumeID", default)]
+    pub volume: Option<VolUuid>,
+}
+
+/// `VM.changeCD`: the ISO to put into the running VM's drive (`null`: eject).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeCdParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub drive: Option<CdDrive>,
 }
 
 /// `VM.hotplugDisk` / `VM.hotunplugDisk` (VDSM's names): the drive to plug, or the one whose
@@ -204,6 +238,12 @@ pub struct VmParams {
     /// asks for it too); refused elsewhere.
     #[serde(default)]
     pub encrypted: bool,
+    /// The CD-ROM drive; none: the VM has no drive.
+    #[serde(default)]
+    pub cdrom: Option<CdromParams>,
+    /// The firmware's boot order (`hd`, `cdrom`) when the VM boots through it.
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
 }
 
 /// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
@@ -459,6 +499,7 @@ pub enum VmRequest {
     DiskSizeExtend(DiskSizeExtendParams),
     ReplicateStart(ReplicateParams),
     ReplicateFinish(ReplicateParams),
+    ChangeCd(ChangeCdParams),
 }
 
 impl VmRequest {
@@ -508,6 +549,7 @@ impl VmRequest {
             "VM.getConsoleLog" => VmRequest::GetConsoleLog(params(method, p)?),
             "VM.hibernate" => VmRequest::Hibernate(params(method, p)?),
             "VM.hotplugDisk" => VmRequest::HotplugDisk(params(method, p)?),
+            "VM.changeCD" => VmRequest::ChangeCd(params(method, p)?),
             "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
             "VM.diskSizeExtend" => VmRequest::DiskSizeExtend(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
@@ -823,6 +865,34 @@ impl Node {
         .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("drive resolution failed: {e}")))?
     }
 
+    /// The ISO file of `d`: its image must be one raw volume (an ISO is never a chain).
+    async fn resolve_cd(&self, d: CdDrive) -> Result<CdMedia, ApiError> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || -> Result<CdMedia, ApiError> {
+            let layers = storage.layers(d.domain, d.image, d.volume)?;
+            match layers.as_slice() {
+                [one] if one.format == ImageFormat::Raw => Ok(CdMedia {
+                    image: ImageRef {
+                        sd: d.domain,
+                        img: d.image,
+                    },
+                    path: one.path.clone(),
+                }),
+                _ => Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!(
+                        "image {} on domain {} is not an ISO: a CD-ROM takes one raw volume, it has {} volume(s)",
+                        d.image,
+                        d.domain,
+                        layers.len()
+                    ),
+                )),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unexpected, format!("ISO resolution failed: {e}")))?
+    }
+
     /// Turns API parameters into the VM manager's request, resolving drives to chains.
     async fn vm_create_request(&self, p: VmParams) -> Result<VmCreate, ApiError> {
         let disks = self.resolve_drives(p.drives.clone()).await?;
@@ -839,6 +909,17 @@ impl Node {
             .iter()
             .map(NicParams::to_spec)
             .collect::<Result<Vec<_>, _>>()?;
+        let cdrom = match &p.cdrom {
+            Some(c) => Some(VmCdrom {
+                bus: c.iface,
+                media: match c.drive {
+                    Some(d) => Some(self.resolve_cd(d).await?),
+                    None => None,
+                },
+                generation: 0,
+            }),
+            None => None,
+        };
         Ok(VmCreate {
             id: p.id,
             name: p.vm_name,
@@ -858,6 +939,8 @@ impl Node {
                 .chain(p.lease.as_ref().map(|l| l.sd))
                 .collect(),
             vm_lease: p.lease.as_ref().map(|l| l.sd),
+            cdrom,
+            boot_order: p.boot_order.clone(),
         })
     }
 
@@ -1082,6 +1165,14 @@ impl Node {
                     Ok(to_json(&r?))
                 });
                 Ok(json!({ "jobID": job }))
+            }
+            VmRequest::ChangeCd(c) => {
+                vms.status(c.id)?;
+                let media = match c.drive {
+                    Some(d) => Some(self.resolve_cd(d).await?),
+                    None => None,
+                };
+                Ok(to_json(&vms.change_cd(c.id, media).await?))
             }
             VmRequest::HotplugDisk(h) => {
                 vms.status(h.id)?;

@@ -20,6 +20,7 @@
 //! also in the volumes' metadata, the state in QEMU); QEMU processes are never children whose
 //! lives depend on the node's.
 
+pub mod cdrom;
 pub mod disks;
 pub mod hooks;
 pub mod ksm;
@@ -41,8 +42,8 @@ use oxvirt_qemu::cmdline::{format_node_name, layer_blockdevs, protocol_node_name
 use oxvirt_qemu::qga::GuestAgent;
 use oxvirt_qemu::qmp::{self, Event, Qmp, QmpError};
 use oxvirt_qemu::{
-    Accel, BlockProtocol, Boot, DiskBus, DiskSpec, ImageFormat, LayerSpec, NicSpec, QemuTool, VmSpec,
-    WriteErrorPolicy,
+    Accel, BlockProtocol, Boot, BootDevice, CdromSpec, DiskBus, DiskSpec, ImageFormat, LayerSpec, NicSpec,
+    QemuTool, VmSpec, WriteErrorPolicy,
 };
 use oxvirt_types::{ImgUuid, SdUuid, VmId};
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,12 @@ pub struct VmCreate {
     /// restarted node takes it back for the running VM.
     #[serde(default)]
     pub vm_lease: Option<SdUuid>,
+    /// The CD-ROM drive, if the VM has one.
+    #[serde(default)]
+    pub cdrom: Option<cdrom::VmCdrom>,
+    /// The firmware's boot order (see [`oxvirt_qemu::VmSpec::boot_order`]).
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,6 +360,9 @@ pub struct VmInfo {
     /// Per disk (as `chains`), its image and slot (a migration destination needs the same).
     #[serde(default)]
     pub disks: Vec<DiskSlot>,
+    /// The CD-ROM drive and the ISO in it (a migration destination needs the same).
+    #[serde(default)]
+    pub cdrom: Option<cdrom::CdromInfo>,
 }
 
 /// Where a disk sits in the VM: its storage image, if it has one, its slot and its bus.
@@ -781,6 +791,7 @@ impl Vm {
                     pending: rec.pending_device.is_some_and(|p| usize::from(p.slot) == slot),
                 })
                 .collect(),
+            cdrom: rec.create.cdrom.as_ref().map(cdrom::VmCdrom::info),
         }
     }
 
@@ -1053,6 +1064,12 @@ impl VmManager {
             nic_ports: nics::NIC_PORTS,
             disk_ports: disks::DISK_PORTS,
             guest_agent_socket: c.guest_agent.then(|| dir.join("qga.sock")),
+            cdrom: c.cdrom.as_ref().map(|cd| CdromSpec {
+                bus: cd.bus,
+                media: cd.media.as_ref().map(|m| m.path.clone()),
+                generation: cd.generation,
+            }),
+            boot_order: c.boot_order.clone(),
         }
     }
 

@@ -70,6 +70,8 @@ pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
         vnc: false,
         lease_domains: vec![],
         vm_lease: None,
+        cdrom: None,
+        boot_order: vec![],
     }
 }
 
