@@ -4,5 +4,6 @@
 
 mod common;
 mod net_setup;
+mod vm_cdrom;
 mod vm_lifecycle;
 mod vm_thin;
