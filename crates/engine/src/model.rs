@@ -187,6 +187,23 @@ model_enum!(
 );
 
 model_enum!(
+    /// What a disk holds (oVirt's `DiskContentType`): guest data, or an ISO image that a VM's
+    /// CD-ROM can hold (never attached as a disk).
+    DiskContentType, "disk content type" {
+        Data = "data",
+        Iso = "iso",
+    }
+);
+
+model_enum!(
+    /// A device the firmware boots from (oVirt's `BootDevice`).
+    BootDevice, "boot device" {
+        Hd = "hd",
+        Cdrom = "cdrom",
+    }
+);
+
+model_enum!(
     /// A disk's status: `locked` while a command works on it, `illegal` when a command failed
     /// in a way that left its volumes unusable.
     DiskStatus, "disk status" {
@@ -573,6 +590,7 @@ pub struct Disk {
     pub locked_by: Option<SagaId>,
     pub shareable: bool,
     pub wipe_after_delete: bool,
+    pub content_type: DiskContentType,
     pub created_at: Timestamp,
     pub revision: i64,
 }
@@ -592,6 +610,7 @@ impl Disk {
             locked_by: None,
             shareable: false,
             wipe_after_delete: false,
+            content_type: DiskContentType::Data,
             created_at: Timestamp::from_millis(0),
             revision: 0,
         }
@@ -682,6 +701,11 @@ pub struct Vm {
     pub placement: Placement,
     /// Boot settings beyond the disks.
     pub os: VmOs,
+    /// The ISO disk in the CD-ROM at the next start (oVirt's `<cdroms><cdrom><file id>`).
+    pub cdrom: Option<DiskId>,
+    /// The ISO disk in the running VM's CD-ROM; changed only with
+    /// [`crate::db::Db::vm_set_run_cdrom`], never by status changes.
+    pub run_cdrom: Option<DiskId>,
     pub runtime: VmRuntime,
     pub created_at: Timestamp,
     pub revision: i64,
@@ -702,6 +726,8 @@ impl Vm {
             lease_storage_domain_id: None,
             placement: Placement::default(),
             os: VmOs::default(),
+            cdrom: None,
+            run_cdrom: None,
             runtime: VmRuntime::default(),
             created_at: Timestamp::from_millis(0),
             revision: 0,
@@ -709,13 +735,36 @@ impl Vm {
     }
 }
 
-/// Direct kernel boot (oVirt's `<os><kernel/><initrd/><cmdline/>`): paths on the host. Without
-/// a kernel the VM boots from its bootable disk.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How the VM boots (oVirt's `<os>`). With a kernel (paths on the host, as oVirt's
+/// `<kernel/><initrd/><cmdline/>`) it boots that directly; without, the firmware boots the
+/// devices in `boot_devices` in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmOs {
+    /// oVirt's OS type (`other`, `rhel_9x64`, `windows_2022`, …): a `windows` one gets its
+    /// CD-ROM on SATA, which its installer can read without virtio drivers.
+    pub os_type: String,
+    pub boot_devices: Vec<BootDevice>,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+}
+
+impl Default for VmOs {
+    fn default() -> Self {
+        VmOs {
+            os_type: "other".into(),
+            boot_devices: vec![BootDevice::Hd],
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+        }
+    }
+}
+
+impl VmOs {
+    pub fn is_windows(&self) -> bool {
+        self.os_type.starts_with("windows")
+    }
 }
 
 /// A VM's run-time state, changed by compare-and-set on `status`.

@@ -128,6 +128,12 @@ impl Commands {
             false => None,
         };
         let d = self.disk(disk).await?;
+        if d.content_type == crate::model::DiskContentType::Iso {
+            return Err(CommandError::invalid(format!(
+                "disk {} is an ISO: put it in the VM's CD-ROM instead of attaching it",
+                d.name
+            )));
+        }
         if !d.shareable && !self.app.db.attachments_of_disk(disk).await?.is_empty() {
             return Err(CommandError::Conflict(format!(
                 "disk {} is attached to another VM",

@@ -9,6 +9,7 @@
 //! transports above are translations only.
 
 mod attachments;
+mod cdroms;
 mod consoles;
 mod infra;
 mod live_move;
@@ -43,7 +44,7 @@ pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
 pub use transfers::AddImageTransfer;
 pub(crate) use vms::destroy_on as destroy_on_node;
-pub use vms::{AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, StartOptions as VmStartOptions};
+pub use vms::{AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, RunOnce, StartOptions as VmStartOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

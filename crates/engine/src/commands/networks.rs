@@ -844,6 +844,21 @@ pub(crate) async fn with_source_slots(
         &mut params["drives"],
         |d| Some(d["imageID"].as_str()?.to_string()),
     );
+    // The CD in the source's drive now (changed with current=true, or a run once's), and no
+    // drive where the source has none: the destination's devices must be the source's.
+    match info.get("cdrom").filter(|c| !c.is_null()) {
+        Some(cd) => {
+            params["cdrom"]["drive"] = match cd["image"].is_null() {
+                true => Value::Null,
+                false => json!({ "domainID": cd["image"]["sd"], "imageID": cd["image"]["img"] }),
+            };
+        }
+        None => {
+            if let Some(p) = params.as_object_mut() {
+                p.remove("cdrom");
+            }
+        }
+    }
     Ok(params)
 }
 

@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::db::{ListQuery, Ref, VmFilter};
 use crate::model::{
-    DataCenter, DcId, DcStatus, Disk, DiskFormat, DiskId, DiskStatus, Host, HostStatus, HostUuid, NewEvent,
-    PoolMember, SdStatus, SdType, SdUuid, Severity, SpmStatus, StorageDomain, StorageType, VmId, VolType,
-    VolUuid, Volume,
+    DataCenter, DcId, DcStatus, Disk, DiskContentType, DiskFormat, DiskId, DiskStatus, Host, HostStatus,
+    HostUuid, NewEvent, PoolMember, SdStatus, SdType, SdUuid, Severity, SpmStatus, StorageDomain,
+    StorageType, VmId, VolType, VolUuid, Volume,
 };
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
@@ -54,8 +54,15 @@ pub struct AddDisk {
     pub format: DiskFormat,
     pub sparse: bool,
     pub shareable: bool,
+    /// `iso`: an ISO image for CD-ROMs (raw, never attached as a disk).
+    #[serde(default = "data_content")]
+    pub content_type: DiskContentType,
     /// Attach to this VM once created.
     pub attach_to: Option<super::AddVmDisk>,
+}
+
+fn data_content() -> DiskContentType {
+    DiskContentType::Data
 }
 
 /// The storage server connection a node needs for a domain.
@@ -379,6 +386,7 @@ impl SagaDef for AddDiskSaga {
                         d.description = p.req.description.clone();
                         d.sparse = p.req.sparse;
                         d.shareable = p.req.shareable;
+                        d.content_type = p.req.content_type;
                         db.disk_insert(&d).await?;
                         db.volume_insert(&Volume {
                             id: p.volume,
@@ -1623,6 +1631,14 @@ impl Commands {
                 req.provisioned_size
             )));
         }
+        if req.content_type == DiskContentType::Iso
+            && (req.format != DiskFormat::Raw || req.attach_to.is_some())
+        {
+            return Err(CommandError::invalid(format!(
+                "ISO disk {}: an ISO is a raw disk, and goes into a CD-ROM rather than being attached",
+                req.name
+            )));
+        }
         // A disk for a running VM is plugged once its volume exists: attached inactive first.
         let mut hot_vm = None;
         if let Some(a) = req.attach_to.as_mut().filter(|a| a.active) {
@@ -1680,6 +1696,7 @@ impl Commands {
             .disk_get(disk)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", disk))?;
+        self.refuse_iso_in_use(&d).await?;
         for a in self.app.db.attachments_of_disk(disk).await? {
             let vm = self.app.db.vm_get(a.vm_id).await?;
             if vm.is_some_and(|v| v.runtime.status != crate::model::VmStatus::Down) {

@@ -70,6 +70,8 @@ pub struct StartOptions {
     /// Run on this host (else the scheduler chooses).
     pub host: Option<HostUuid>,
     pub paused: bool,
+    /// Run once with this CD and boot order.
+    pub run_once: Option<RunOnce>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -119,7 +121,10 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
     }
     if let Some(k) = &v.os.kernel {
         p["boot"] = json!({ "kernel": k, "initrd": v.os.initrd, "cmdline": v.os.cmdline.clone().unwrap_or_default() });
+    } else {
+        p["bootOrder"] = json!(v.os.boot_devices);
     }
+    p["cdrom"] = super::cdroms::cdrom_params(app, &v, v.cdrom).await?;
     if let Some(sd) = lease_domain(app, &v).await? {
         p["lease"] = json!({ "sdUUID": sd });
     }
@@ -362,6 +367,19 @@ pub struct StartVmParams {
     /// Statuses the start may begin from: `down`, and for an HA restart also `unknown`.
     #[serde(default)]
     pub from: Vec<VmStatus>,
+    /// A run once: this start's CD and boot order instead of the configuration's.
+    #[serde(default)]
+    pub run_once: Option<RunOnce>,
+}
+
+/// What a run once (oVirt's start with a `<vm>`) changes for one run: the CD in the drive
+/// (`cdrom: Some(None)`: empty) and the boot order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunOnce {
+    #[serde(default)]
+    pub cdrom: Option<Option<DiskId>>,
+    #[serde(default)]
+    pub boot_devices: Option<Vec<crate::model::BootDevice>>,
 }
 
 pub struct StartVmSaga;
@@ -434,16 +452,35 @@ impl SagaDef for StartVmSaga {
                     let p = c.params();
                     let node = client_of(c.app(), p.host).await?;
                     let mut params = vm_params(c.app(), p.vm).await.map_err(step_err)?;
+                    let vm = c
+                        .db()
+                        .vm_get(p.vm)
+                        .await?
+                        .ok_or_else(|| step_err("the VM is gone"))?;
+                    let mut cdrom = vm.cdrom;
+                    if let Some(ro) = &p.run_once {
+                        if let Some(cd) = ro.cdrom {
+                            cdrom = cd;
+                            params["cdrom"] = super::cdroms::cdrom_params(c.app(), &vm, cd)
+                                .await
+                                .map_err(step_err)?;
+                        }
+                        if let (Some(b), None) = (&ro.boot_devices, &vm.os.kernel) {
+                            params["bootOrder"] = json!(b);
+                        }
+                    }
                     // A suspended VM resumes from its saved state.
                     if let Some(st) = c.db().vm_hibernation_get(p.vm).await? {
                         params["restoreState"] =
                             json!({ "sdUUID": st.sd, "imgUUID": st.img, "volUUID": st.vol });
                     }
                     match node.call("VM.create", params).await {
-                        Ok(_) => Ok(()),
-                        Err(e) if e.code() == Some(CODE_VM_EXISTS) => Ok(()),
-                        Err(e) => Err(step_err(e)),
+                        Ok(_) => {}
+                        Err(e) if e.code() == Some(CODE_VM_EXISTS) => {}
+                        Err(e) => return Err(step_err(e)),
                     }
+                    c.db().vm_set_run_cdrom(p.vm, cdrom).await?;
+                    Ok(())
                 },
                 |c: StepCtx<Self>| async move {
                     let node = client_of(c.app(), c.params().host).await?;
@@ -1228,6 +1265,9 @@ impl Commands {
             )));
         }
         self.refuse_locked_disks(&vm, "started").await?;
+        if let Some(Some(iso)) = opts.run_once.as_ref().and_then(|r| r.cdrom) {
+            super::cdroms::iso_disk(self, iso).await?;
+        }
         let dc = self.cluster_dc(vm.cluster_id).await?;
         let host = match opts.host {
             Some(h) => {
@@ -1248,6 +1288,7 @@ impl Commands {
                 host,
                 dc,
                 from: Vec::new(),
+                run_once: opts.run_once.clone(),
             },
             Some(format!(
                 "Starting VM {} on host {}",
@@ -1300,6 +1341,7 @@ impl Commands {
                 host,
                 dc,
                 from,
+                run_once: None,
             },
             Some(format!(
                 "Restarting highly available VM {} on host {}",

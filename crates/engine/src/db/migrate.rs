@@ -81,6 +81,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster_migration_encrypted",
         sql: include_str!("migrations/0012_cluster_migration_encrypted.sql"),
     },
+    Migration {
+        version: 13,
+        name: "cdrom",
+        sql: include_str!("migrations/0013_cdrom.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

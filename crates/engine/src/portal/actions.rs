@@ -563,6 +563,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                     let v = e.cmds.add_vm(req, corr.clone()).await?;
                     if let Some(d) = disk {
                         let add = AddDisk {
+                            content_type: crate::model::DiskContentType::Data,
                             attach_to: Some(AddVmDisk {
                                 vm: v.id,
                                 interface: DiskInterface::Virtio,
@@ -690,6 +691,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         .await?
                         .ok_or_else(|| PortalError::Bad("give the new disk a size".into()))?;
                     let add = AddDisk {
+                        content_type: crate::model::DiskContentType::Data,
                         attach_to: Some(active_data_disk(id, form)?),
                         ..add
                     };
@@ -1059,6 +1061,7 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
         kernel: path("kernel")?,
         initrd: path("initrd")?,
         cmdline: form.get("cmdline").map(str::to_string),
+        ..VmOs::default()
     };
     if os.kernel.is_none() && (os.initrd.is_some() || os.cmdline.is_some()) {
         return Err(PortalError::Bad(
@@ -1125,6 +1128,7 @@ async fn disk_request(ctx: &Ctx, form: &Form, name: &str) -> Result<Option<AddDi
         format,
         sparse: format == DiskFormat::Cow,
         shareable: false,
+        content_type: crate::model::DiskContentType::Data,
         attach_to: None,
     }))
 }

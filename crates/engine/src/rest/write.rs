@@ -278,7 +278,7 @@ pub fn disk(o: &mut Out, d: &Disk) {
     o.leaf("wipe_after_delete", d.wipe_after_delete);
     o.leaf("propagate_errors", false);
     o.leaf("storage_type", "image");
-    o.leaf("content_type", "data");
+    o.leaf("content_type", d.content_type);
     o.leaf("qcow_version", "qcow2_v3");
     reference(o, "storage_domain", "storagedomains", d.storage_domain_id);
     o.open("storage_domains", None, None);
@@ -322,12 +322,16 @@ fn topology(o: &mut Out, cpu: &CpuTopology) {
 }
 
 fn os(o: &mut Out, os: Option<&VmOs>) {
+    let default = VmOs::default();
+    let os_ = os.unwrap_or(&default);
     o.open("os", None, None);
-    o.leaf("type", "other");
+    o.leaf("type", &os_.os_type);
     o.open("boot", None, None);
     o.open("devices", None, None);
     o.array_open("device");
-    o.leaf("device", "hd");
+    for d in &os_.boot_devices {
+        o.leaf("device", d);
+    }
     o.array_close();
     o.close("devices");
     o.close("boot");
@@ -338,6 +342,21 @@ fn os(o: &mut Out, os: Option<&VmOs>) {
     }
     o.close("os");
 }
+
+/// A VM's CD-ROM (oVirt's single cdrom device, id [`CDROM_ID`]) holding `file`.
+pub fn cdrom(o: &mut Out, vm: VmId, file: Option<DiskId>) {
+    let hr = format!("{}/cdroms/{CDROM_ID}", href("vms", vm));
+    o.open("cdrom", Some(CDROM_ID), Some(&hr));
+    if let Some(f) = file {
+        o.open("file", Some(&f.to_string()), None);
+        o.close("file");
+    }
+    reference(o, "vm", "vms", vm);
+    o.close("cdrom");
+}
+
+/// The id of every VM's CD-ROM device, as oVirt gives it.
+pub const CDROM_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
     let id = v.id.to_string();
@@ -440,6 +459,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
         }
         None => rels.push("snapshots"),
     }
+    rels.push("cdroms");
     o.links(&hr, &rels);
     o.close("vm");
 }

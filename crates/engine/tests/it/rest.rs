@@ -1042,7 +1042,163 @@ async fn image_transfers_refuse_bad_requests_and_the_ca_is_served(backend: Backe
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
+/// The CD-ROM of a VM through REST: ISO disks go into it and never get attached, the
+/// configuration changes without `current`, a down VM has no running drive to change, an ISO in
+/// use cannot be removed, the boot order round-trips, and a run once's CD is refused unless it
+/// is an ISO.
+async fn cdroms_hold_iso_disks_only(backend: Backend) {
+    use oxvirt_engine::model::{DiskContentType, VmRuntime, VmStatus};
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    c.post("datacenters", "<data_center><name>dc</name></data_center>")
+        .await;
+    c.post(
+        "clusters",
+        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+    )
+    .await;
+    let r = c
+        .post(
+            "vms",
+            "<vm><name>installer</name><cluster><name>cl</name></cluster>\
+             <os><type>windows_2022</type><boot><devices><device>cdrom</device><device>hd</device></devices></boot></os></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert!(r.body.contains("<type>windows_2022</type>"), "{}", r.body);
+    assert!(
+        r.body.contains("<device>cdrom</device><device>hd</device>")
+            || r.body.contains("<device>cdrom</device>\n"),
+        "{}",
+        r.body
+    );
+    let vm: oxvirt_engine::model::VmId = root_id(&r.body).parse().unwrap();
+    let db = &t.engine.app().db;
+    let (_, disks) = rest_common::db_disks(db, &["data", "iso"]).await;
+    let (data, iso) = (disks[0], disks[1]);
+    let mut d = db.disk_get(iso).await.unwrap().unwrap();
+    d.content_type = DiskContentType::Iso;
+    // content_type is set at creation only; write it as an upload's disk would have it.
+    db.disk_delete(iso).await.unwrap();
+    db.disk_insert(&d).await.unwrap();
+    let r = c.get(&format!("disks/{iso}")).await;
+    assert!(r.body.contains("<content_type>iso</content_type>"), "{}", r.body);
+
+    let cd = format!("vms/{vm}/cdroms/00000000-0000-0000-0000-000000000000");
+    let r = c.get(&format!("vms/{vm}/cdroms")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "cdrom"), 1, "{}", r.body);
+    assert!(!r.body.contains("<file"), "empty at first: {}", r.body);
+    for (body, status, says) in [
+        (
+            format!("<cdrom><file id=\"{data}\"/></cdrom>"),
+            StatusCode::BAD_REQUEST,
+            "is no ISO",
+        ),
+        (
+            "<cdrom><file id=\"x.iso\"/></cdrom>".to_string(),
+            StatusCode::BAD_REQUEST,
+            "not an ISO disk",
+        ),
+        (
+            "<cdrom><file id=\"5b0e9b3c-0000-4000-8000-000000000000\"/></cdrom>".to_string(),
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        ("<cdrom/>".to_string(), StatusCode::BAD_REQUEST, "needs"),
+    ] {
+        let r = c.put(&cd, &body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(r.body.contains(says), "{body}: {}", r.body);
+    }
+    let r = c.put(&cd, &format!("<cdrom><file id=\"{iso}\"/></cdrom>")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(&format!("<file id=\"{iso}\"")), "{}", r.body);
+    assert!(c.get(&cd).await.body.contains(&iso.to_string()));
+    // A down VM has no drive to change now.
+    let r = c
+        .put(
+            &format!("{cd}?current=true"),
+            &format!("<cdrom><file id=\"{iso}\"/></cdrom>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("current=true"), "{}", r.body);
+    assert_eq!(c.get("vms/x/cdroms/1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.get(&format!("vms/{vm}/cdroms/1")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // An ISO is not attached as a disk, and not removed while a CD-ROM holds it.
+    let r = c
+        .post(
+            &format!("vms/{vm}/diskattachments"),
+            &format!("<disk_attachment><disk id=\"{iso}\"/><interface>virtio</interface></disk_attachment>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("is an ISO"), "{}", r.body);
+    let r = c.delete(&format!("disks/{iso}")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("installer"), "{}", r.body);
+    // Running with another ISO in its drive (as after current=true), the VM holds both.
+    db.vm_set_run_cdrom(vm, Some(iso)).await.unwrap();
+    let r = c.put(&cd, "<cdrom><file id=\"\"/></cdrom>").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!r.body.contains("<file"), "ejected: {}", r.body);
+    let rt = VmRuntime {
+        status: VmStatus::Up,
+        ..Default::default()
+    };
+    db.vm_set_runtime(vm, &[], &rt).await.unwrap();
+    assert!(c
+        .get(&format!("{cd}?current=true"))
+        .await
+        .body
+        .contains(&iso.to_string()));
+    assert!(!c.get(&cd).await.body.contains(&iso.to_string()));
+    assert_eq!(
+        c.delete(&format!("disks/{iso}")).await.status,
+        StatusCode::CONFLICT
+    );
+    let rt = VmRuntime::default();
+    db.vm_set_runtime(vm, &[], &rt).await.unwrap();
+    assert!(
+        db.vms_with_cdrom(iso).await.unwrap().is_empty(),
+        "a down VM's old drive holds nothing"
+    );
+
+    // A run once with a data disk as its CD is refused before anything starts.
+    let r = c
+        .post(
+            &format!("vms/{vm}/start"),
+            &format!("<action><vm><cdroms><cdrom><file id=\"{data}\"/></cdrom></cdroms></vm></action>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = c
+        .put(
+            &format!("vms/{vm}"),
+            "<vm><os><boot><devices><device>floppy</device></devices></boot></os></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = c
+        .put(
+            &format!("vms/{vm}"),
+            "<vm><os><boot><devices><device>hd</device></devices></boot></os></vm>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = db.vm_get(vm).await.unwrap().unwrap();
+    assert_eq!(v.os.boot_devices, vec![oxvirt_engine::model::BootDevice::Hd]);
+    assert_eq!(v.os.os_type, "windows_2022", "the type is kept");
+}
+
 both_backends!(
+    cdroms_hold_iso_disks_only,
     sso_tokens_and_authentication,
     collections_status_codes_and_faults,
     vms_search_follow_actions_jobs_and_events,

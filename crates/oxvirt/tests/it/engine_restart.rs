@@ -285,6 +285,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
             format: DiskFormat::Cow,
             sparse: true,
             shareable: false,
+            content_type: oxvirt_engine::model::DiskContentType::Data,
             attach_to: Some(AddVmDisk {
                 vm: base.id,
                 interface: DiskInterface::Virtio,

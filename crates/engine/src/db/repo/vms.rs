@@ -232,8 +232,8 @@ async fn template_disk_remove(c: &mut Conn<'_>, t: TemplateId, disk: DiskId) -> 
 async fn template_disks(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<Disk>, DbError> {
     let mut q = Sql::new(
         "SELECT d.id, d.name, d.description, d.format, d.sparse, d.provisioned_size, d.actual_size, \
-         d.storage_domain_id, d.status, d.locked_by, d.shareable, d.wipe_after_delete, d.created_at, d.revision \
-         FROM disks d JOIN template_disks t ON t.disk_id = d.id WHERE t.template_id = ",
+         d.storage_domain_id, d.status, d.locked_by, d.shareable, d.wipe_after_delete, d.content_type, \
+         d.created_at, d.revision FROM disks d JOIN template_disks t ON t.disk_id = d.id WHERE t.template_id = ",
     );
     q.arg(t.to_string()).push(" ORDER BY d.name, d.id");
     c.all(&q).await?.iter().map(disk_from_row).collect()
@@ -245,7 +245,8 @@ const VM_COLS: &str = "v.id, v.name, v.description, v.cluster_id, v.template_id,
     v.memory_guaranteed_bytes, v.cpu_sockets, v.cpu_cores, v.cpu_threads, v.status, \
     v.status_detail, v.run_on_host, v.migrating_to_host, v.ha_enabled, v.ha_priority, \
     v.lease_storage_domain_id, v.placement_affinity, v.placement_hosts, v.os_kernel, v.os_initrd, \
-    v.os_cmdline, v.created_at, v.revision";
+    v.os_cmdline, v.os_type, v.os_boot_devices, v.cdrom_disk_id, v.run_cdrom_disk_id, v.created_at, \
+    v.revision";
 
 fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
     let hosts = r.str_ref("placement_hosts")?;
@@ -280,10 +281,25 @@ fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
             hosts,
         },
         os: VmOs {
+            os_type: r.text("os_type")?,
+            boot_devices: r
+                .str_ref("os_boot_devices")?
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    d.parse()
+                        .map_err(|e: crate::model::UnknownValue| DbError::Corrupt {
+                            column: "os_boot_devices".into(),
+                            detail: e.to_string(),
+                        })
+                })
+                .collect::<Result<_, _>>()?,
             kernel: r.opt_text("os_kernel")?,
             initrd: r.opt_text("os_initrd")?,
             cmdline: r.opt_text("os_cmdline")?,
         },
+        cdrom: r.opt_parse("cdrom_disk_id")?,
+        run_cdrom: r.opt_parse("run_cdrom_disk_id")?,
         runtime: VmRuntime {
             status: r.parse("status")?,
             status_detail: r.opt_text("status_detail")?,
@@ -366,13 +382,27 @@ fn vm_config_args(q: &mut Sql, vm: &Vm) -> Result<(), DbError> {
         .push(", ")
         .arg(Arg::Text(vm.os.initrd.clone()))
         .push(", ")
-        .arg(Arg::Text(vm.os.cmdline.clone()));
+        .arg(Arg::Text(vm.os.cmdline.clone()))
+        .push(", ")
+        .arg(vm.os.os_type.as_str())
+        .push(", ")
+        .arg(
+            vm.os
+                .boot_devices
+                .iter()
+                .map(|d| d.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .push(", ")
+        .arg(Arg::Text(vm.cdrom.map(|d| d.to_string())));
     Ok(())
 }
 
 const VM_CONFIG_COLS: &str = "name, description, cluster_id, template_id, memory_bytes, \
     memory_guaranteed_bytes, cpu_sockets, cpu_cores, cpu_threads, ha_enabled, ha_priority, \
-    lease_storage_domain_id, placement_affinity, placement_hosts, os_kernel, os_initrd, os_cmdline";
+    lease_storage_domain_id, placement_affinity, placement_hosts, os_kernel, os_initrd, os_cmdline, \
+    os_type, os_boot_devices, cdrom_disk_id";
 
 /// Inserts the VM and its "Active VM" snapshot.
 async fn vm_insert(c: &mut Conn<'_>, vm: &Vm) -> Result<Vm, DbError> {
@@ -522,6 +552,28 @@ async fn vm_set_runtime(
         });
     }
     Ok(before)
+}
+
+/// Records the ISO disk in the running VM's CD-ROM.
+async fn vm_set_run_cdrom(c: &mut Conn<'_>, id: VmId, disk: Option<DiskId>) -> Result<(), DbError> {
+    let mut q = Sql::new("UPDATE vms SET run_cdrom_disk_id = ");
+    q.arg(Arg::Text(disk.map(|d| d.to_string())))
+        .push(" WHERE id = ")
+        .arg(id.to_string());
+    if c.exec_as(&q, "VM", id).await? == 0 {
+        return Err(DbError::not_found("VM", id));
+    }
+    Ok(())
+}
+
+/// The VMs whose CD-ROM holds `disk`: configured, or in the drive of a VM not down.
+async fn vms_with_cdrom(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<Vm>, DbError> {
+    let mut q = Sql::new(&format!("SELECT {VM_COLS} FROM vms v WHERE v.cdrom_disk_id = "));
+    q.arg(disk.to_string())
+        .push(" OR (v.status <> 'down' AND v.run_cdrom_disk_id = ")
+        .arg(disk.to_string())
+        .push(") ORDER BY v.name");
+    c.all(&q).await?.iter().map(vm_from_row).collect()
 }
 
 /// Deletes the VM with its attachments, NICs and snapshots (not its disks). `InUse` unless
@@ -1243,6 +1295,10 @@ repo! {
     write vm_update(vm: &Vm) -> Vm = vm_update;
     /// Compare-and-set of the run-time state on the expected statuses; returns the VM before.
     write vm_set_runtime(id: VmId, expected: &[VmStatus], rt: &VmRuntime) -> Vm = vm_set_runtime;
+    /// Records the ISO disk in the running VM's CD-ROM.
+    write vm_set_run_cdrom(id: VmId, disk: Option<DiskId>) -> () = vm_set_run_cdrom;
+    /// The VMs whose CD-ROM holds `disk` (configured, or in the running VM's drive).
+    read vms_with_cdrom(disk: DiskId) -> Vec<Vm> = vms_with_cdrom;
     /// Removes a down VM with its attachments, NICs and snapshots (not its disks).
     write vm_delete(id: VmId) -> () = vm_delete;
 

@@ -360,6 +360,7 @@ pub async fn new_disk(r: &Req, b: &Elem) -> Result<crate::commands::AddDisk, Api
         format,
         sparse: b.bool("sparse")?.unwrap_or(format == DiskFormat::Cow),
         shareable: b.bool("shareable")?.unwrap_or(false),
+        content_type: b.parse("content_type")?.unwrap_or(DiskContentType::Data),
         attach_to: None,
     })
 }

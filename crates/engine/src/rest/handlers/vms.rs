@@ -159,12 +159,41 @@ fn cpu_of(b: &Elem, default: CpuTopology) -> Result<Option<CpuTopology>, ApiErro
     }))
 }
 
-fn os_of(b: &Elem) -> VmOs {
-    VmOs {
-        kernel: b.string("os/kernel"),
-        initrd: b.string("os/initrd"),
-        cmdline: b.string("os/cmdline"),
+/// `<os>` of `b` over `base`: what the element gives replaces what `base` has.
+fn os_of(b: &Elem, base: &VmOs) -> Result<VmOs, ApiError> {
+    let mut os = base.clone();
+    if let Some(t) = b.string("os/type") {
+        os.os_type = t;
     }
+    if let Some(devs) = b.get("os/boot/devices") {
+        os.boot_devices = boot_devices(devs)?;
+    }
+    for (path, field) in [
+        ("os/kernel", &mut os.kernel),
+        ("os/initrd", &mut os.initrd),
+        ("os/cmdline", &mut os.cmdline),
+    ] {
+        if b.get(path).is_some() {
+            *field = b.string(path);
+        }
+    }
+    Ok(os)
+}
+
+/// `<devices><device>cdrom</device><device>hd</device></devices>`.
+fn boot_devices(devs: &Elem) -> Result<Vec<BootDevice>, ApiError> {
+    let list = devs
+        .children_named("device")
+        .map(|d| {
+            d.text.trim().parse::<BootDevice>().map_err(|_| {
+                ApiError::bad_request(format!("boot device {:?} is not one of hd, cdrom", d.text.trim()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err(ApiError::bad_request("<boot><devices> names no device"));
+    }
+    Ok(list)
 }
 
 fn ha_of(b: &Elem) -> Result<Option<HighAvailability>, ApiError> {
@@ -194,7 +223,7 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         template,
         memory_bytes: b.u64("memory")?,
         cpu: cpu_of(&b, CpuTopology::ONE)?,
-        os: os_of(&b),
+        os: os_of(&b, &VmOs::default())?,
         ha: ha_of(&b)?,
     };
     let v = r.adding().add_vm(req, r.correlation_id.clone()).await?;
@@ -223,16 +252,7 @@ pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
         v.cpu = c;
     }
     if b.get("os").is_some() {
-        let os = os_of(&b);
-        if b.get("os/kernel").is_some() {
-            v.os.kernel = os.kernel;
-        }
-        if b.get("os/initrd").is_some() {
-            v.os.initrd = os.initrd;
-        }
-        if b.get("os/cmdline").is_some() {
-            v.os.cmdline = os.cmdline;
-        }
+        v.os = os_of(&b, &v.os)?;
     }
     if let Some(ha) = ha_of(&b)? {
         v.ha = ha;
@@ -300,16 +320,32 @@ pub async fn vm_start(r: &Req) -> Result<Resp, ApiError> {
         None => None,
     };
     let paused = body.bool("pause")?.unwrap_or(false);
-    let os = body.get("vm/os").map(|_| {
-        let mut e = Elem::new("vm");
-        e.children = body.get("vm").map(|v| v.children.clone()).unwrap_or_default();
-        os_of(&e)
-    });
+    let os = match body.get("vm") {
+        Some(e) if e.get("os/kernel").is_some() => Some(os_of(e, &v.os)?),
+        _ => None,
+    };
+    // A run once's CD and boot order hold for this run only.
+    let mut run_once = None;
+    if let Some(e) = body.get("vm") {
+        let mut ro = crate::commands::RunOnce::default();
+        if let Some(f) = e.get("cdroms/cdrom/file") {
+            ro.cdrom = Some(match f.id() {
+                Some(id) => Some(iso_ref(r, id).await?),
+                None => None,
+            });
+        }
+        if let Some(devs) = e.get("os/boot/devices") {
+            ro.boot_devices = Some(boot_devices(devs)?);
+        }
+        if ro != Default::default() {
+            run_once = Some(ro);
+        }
+    }
     let corr = r.correlation_id.clone();
     let id = v.id;
     let status = v.runtime.status;
     run_action(r, Some(&body), "start", move |e| async move {
-        if let Some(os) = os.filter(|o| o.kernel.is_some()) {
+        if let Some(os) = os {
             // Run-once boot parameters become the VM's (oxvirt keeps no separate run-once
             // configuration).
             let mut vm = e
@@ -325,7 +361,17 @@ pub async fn vm_start(r: &Req) -> Result<Resp, ApiError> {
         if status == VmStatus::Paused {
             e.cmds.resume_vm(id).await?;
         } else {
-            e.cmds.start_vm(id, VmStartOptions { host, paused }, corr).await?;
+            e.cmds
+                .start_vm(
+                    id,
+                    VmStartOptions {
+                        host,
+                        paused,
+                        run_once,
+                    },
+                    corr,
+                )
+                .await?;
         }
         Ok(())
     })
@@ -616,6 +662,83 @@ pub async fn numa_list(r: &Req) -> Result<Resp, ApiError> {
     vm(r, 0).await?;
     let mut o = r.out();
     collection(&mut o, "vm_numa_nodes", "vm_numa_node", &[] as &[()], |_, _| {});
+    Ok(Resp::ok(o))
+}
+
+// -------------------------------------------------------------------------------- CD-ROM
+
+/// The ISO disk `id` names (a disk id; oVirt's ISO-domain file names do not exist here).
+async fn iso_ref(r: &Req, id: &str) -> Result<DiskId, ApiError> {
+    let disk: DiskId = id.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "CD file {id:?} is not an ISO disk's id (oxvirt keeps ISOs as disks of content type iso)"
+        ))
+    })?;
+    r.db()
+        .disk_get(disk)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("ISO disk {disk} not found")))?;
+    Ok(disk)
+}
+
+/// The VM and what its CD-ROM holds: with `current=true` and the VM running, the running VM's
+/// drive; else the configuration's (404 for another cdrom id).
+async fn cdrom(r: &Req, by_id: bool) -> Result<(Vm, Option<DiskId>), ApiError> {
+    let v = vm(r, 0).await?;
+    if by_id {
+        match r.params.get(1).map(String::as_str) {
+            Some(crate::rest::write::CDROM_ID) => {}
+            other => {
+                return Err(ApiError::not_found(format!(
+                    "VM {} has no CD-ROM {} (its one CD-ROM is {})",
+                    v.name,
+                    other.unwrap_or(""),
+                    crate::rest::write::CDROM_ID
+                )))
+            }
+        }
+    }
+    let current = r.q_bool("current")?.unwrap_or(false);
+    let file = if current && v.runtime.status.is_running() {
+        v.run_cdrom
+    } else {
+        v.cdrom
+    };
+    Ok((v, file))
+}
+
+pub async fn cdrom_list(r: &Req) -> Result<Resp, ApiError> {
+    let (v, file) = cdrom(r, false).await?;
+    let mut o = r.out();
+    collection(&mut o, "cdroms", "cdrom", &[file], |o, f| {
+        crate::rest::write::cdrom(o, v.id, *f)
+    });
+    Ok(Resp::ok(o))
+}
+
+pub async fn cdrom_get(r: &Req) -> Result<Resp, ApiError> {
+    let (v, file) = cdrom(r, true).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| crate::rest::write::cdrom(o, v.id, file));
+    Ok(Resp::ok(o))
+}
+
+/// `<cdrom><file id="ISO disk"/></cdrom>`; `<file id=""/>` or `<file/>` ejects.
+pub async fn cdrom_update(r: &Req) -> Result<Resp, ApiError> {
+    let (v, _) = cdrom(r, true).await?;
+    let b = r.body("cdrom")?;
+    let f = b.get("file").ok_or_else(|| {
+        ApiError::bad_request("<cdrom> needs <file id=\"ISO disk id\"/> (an empty id ejects)")
+    })?;
+    let disk = match f.id() {
+        Some(id) => Some(iso_ref(r, id).await?),
+        None => None,
+    };
+    let current = r.q_bool("current")?.unwrap_or(false);
+    let v = r.cmds().set_vm_cdrom(v.id, disk, current).await?;
+    let file = if current { v.run_cdrom } else { v.cdrom };
+    let mut o = r.out();
+    root_entity(&mut o, |o| crate::rest::write::cdrom(o, v.id, file));
     Ok(Resp::ok(o))
 }
 

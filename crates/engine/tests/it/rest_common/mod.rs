@@ -220,6 +220,12 @@ impl Client {
     pub async fn post(&self, path: &str, body: &str) -> Response {
         self.api(Method::POST, path, body).await
     }
+    pub async fn put(&self, path: &str, body: &str) -> Response {
+        self.api(Method::PUT, path, body).await
+    }
+    pub async fn delete(&self, path: &str) -> Response {
+        self.api(Method::DELETE, path, "").await
+    }
 }
 
 /// A storage domain `sd` straight in the database (no storage behind it) with a 1 MiB raw disk

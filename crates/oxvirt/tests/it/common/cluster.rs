@@ -208,6 +208,7 @@ pub fn cow_disk(name: &str, sd: SdUuid, size: u64, attach: Option<(VmId, bool)>)
         format: DiskFormat::Cow,
         sparse: true,
         shareable: false,
+        content_type: oxvirt_engine::model::DiskContentType::Data,
         attach_to: attach.map(|(vm, bootable)| AddVmDisk {
             vm,
             interface: DiskInterface::Virtio,
