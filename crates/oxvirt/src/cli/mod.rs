@@ -578,6 +578,10 @@ pub enum DiskCmd {
         /// The host the data goes through (name or id; default: the engine picks one).
         #[arg(long)]
         host: Option<String>,
+        /// What the disk holds: data, or an ISO for CD-ROMs (default: iso when the file is an
+        /// ISO 9660 image).
+        #[arg(long, value_parser = ["data", "iso"])]
+        content_type: Option<String>,
     },
     /// Download a disk's guest data (its whole chain) into a new image file. The disk's VMs
     /// must be down.
@@ -644,6 +648,8 @@ impl HaArgs {
     }
 }
 
+// Parsed once per run: the size of `Create` costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// List VMs.
@@ -677,12 +683,31 @@ pub enum VmCmd {
         initrd: Option<String>,
         #[arg(long)]
         cmdline: Option<String>,
+        /// An ISO disk for its CD-ROM (name or id; see `disk upload`).
+        #[arg(long)]
+        cdrom: Option<String>,
+        #[command(flatten)]
+        boot: BootArgs,
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
         ha: HaArgs,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Put an ISO disk into a VM's CD-ROM, or eject it: for its next start, or with --current
+    /// into the running VM's drive.
+    Cdrom {
+        name: String,
+        /// The ISO disk (name or id).
+        #[arg(long, required_unless_present = "eject", conflicts_with = "eject")]
+        iso: Option<String>,
+        /// Empty the drive.
+        #[arg(long)]
+        eject: bool,
+        /// Change the running VM's drive now (its configuration keeps what the next start uses).
+        #[arg(long)]
+        current: bool,
     },
     /// Change a VM: description, memory, CPUs, high availability, where its lease lives.
     Update {
@@ -717,12 +742,19 @@ pub enum VmCmd {
         #[arg(long)]
         keep_disks: bool,
     },
-    /// Start a VM and wait until it is up.
+    /// Start a VM and wait until it is up. --cdrom and --boot make it a run once: they hold
+    /// for this run only (an installation from an ISO, say).
     Start {
         name: String,
         /// Run it on this host.
         #[arg(long)]
         host: Option<String>,
+        /// This run's CD: an ISO disk (name or id).
+        #[arg(long)]
+        cdrom: Option<String>,
+        /// This run's boot order, e.g. `cdrom,hd`.
+        #[arg(long, value_delimiter = ',', value_parser = ["hd", "cdrom"])]
+        boot: Vec<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -764,6 +796,29 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+}
+
+/// How a VM boots through its firmware.
+#[derive(clap::Args, Debug, Default)]
+pub struct BootArgs {
+    /// Boot order, e.g. `cdrom,hd` (default `hd`).
+    #[arg(long, value_delimiter = ',', value_parser = ["hd", "cdrom"])]
+    boot: Vec<String>,
+    /// oVirt's OS type (`other`, `rhel_9x64`, `windows_2022`, …): a Windows one gets its
+    /// CD-ROM on SATA.
+    #[arg(long)]
+    os_type: Option<String>,
+}
+
+impl BootArgs {
+    fn apply(&self, body: &mut Value) {
+        if !self.boot.is_empty() {
+            body["os"]["boot"] = json!({ "devices": { "device": self.boot } });
+        }
+        if let Some(t) = &self.os_type {
+            body["os"]["type"] = json!(t);
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -1898,6 +1953,18 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The id of every VM's CD-ROM in the API.
+const CDROM_ID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Whether `file` is an ISO 9660 image: its first volume descriptor, at 32 KiB, says `CD001`.
+fn is_iso(file: &std::path::Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file)?;
+    let mut magic = [0u8; 5];
+    f.seek(SeekFrom::Start(32769))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"CD001")
+}
+
 fn disk_body(name: &str, size: u64, format: &str, sd: &str) -> Value {
     json!({
         "name": name, "format": format, "provisioned_size": size,
@@ -1940,10 +2007,26 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
             name,
             format,
             host,
+            content_type,
         } => {
             let info = oxvirt_qemu::img::QemuImg::locate()?
                 .info(&file, None)
                 .with_context(|| format!("reading {}", file.display()))?;
+            let iso = match content_type.as_deref() {
+                Some(t) => t == "iso",
+                None => {
+                    info.format == "raw"
+                        && is_iso(&file).with_context(|| format!("reading {}", file.display()))?
+                }
+            };
+            anyhow::ensure!(
+                !iso || info.format == "raw",
+                "{} is a {} image: an ISO is raw",
+                file.display(),
+                info.format
+            );
+            // An ISO is a raw disk (thin on file storage), whatever --format says.
+            let format = if iso { "raw".to_string() } else { format };
             let name = match name {
                 Some(n) => n,
                 None => file
@@ -1958,9 +2041,12 @@ async fn disk(ctx: &Ctx, cmd: DiskCmd) -> anyhow::Result<()> {
                 Some(h) => Some(ctx.id(&kinds::HOST, &h).await?),
                 None => None,
             };
-            let obj = ctx
-                .create(k, disk_body(&name, info.virtual_size, &format, &sd))
-                .await?;
+            let mut body = disk_body(&name, info.virtual_size, &format, &sd);
+            if iso {
+                body["content_type"] = json!("iso");
+                body["sparse"] = json!(true);
+            }
+            let obj = ctx.create(k, body).await?;
             let id = obj["id"].as_str().unwrap_or_default().to_string();
             let mut p = Progress::new(format!("upload {} into disk {name}", file.display()), ctx.quiet);
             let moved = match transfer::upload(&ctx.api, &ctx.trust, &file, &id, host.as_deref()).await {
@@ -2152,12 +2238,18 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             kernel,
             initrd,
             cmdline,
+            cdrom,
+            boot,
             description,
             ha,
             wait,
         } => {
             // Everything is checked and looked up before anything is created.
             let memory = memory.as_deref().map(parse_size).transpose()?;
+            let iso = match &cdrom {
+                Some(c) => Some(ctx.id(&kinds::DISK, c).await?),
+                None => None,
+            };
             let disk_size = disk_size.as_deref().map(parse_size).transpose()?;
             let cl = ctx.id(&kinds::CLUSTER, &cluster).await?;
             let tmpl = ctx.id(&kinds::TEMPLATE, &template).await?;
@@ -2187,8 +2279,31 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 }
                 body["os"] = os;
             }
+            boot.apply(&mut body);
             let obj = ctx.create(k, body).await?;
             let id = obj["id"].as_str().unwrap_or_default().to_string();
+            if let Some(iso) = iso {
+                let set = ctx
+                    .api
+                    .request(
+                        Method::PUT,
+                        &format!("/vms/{id}/cdroms/{CDROM_ID}"),
+                        Some(&json!({ "file": { "id": iso } })),
+                        None,
+                    )
+                    .await;
+                if let Err(e) = set {
+                    // Undo: a VM without the CD asked for is not what was wanted.
+                    let _ = ctx
+                        .api
+                        .request(Method::DELETE, &format!("/vms/{id}"), None, None)
+                        .await;
+                    return Err(e).context(format!(
+                        "putting ISO {} into VM {name}'s CD-ROM",
+                        cdrom.unwrap_or_default()
+                    ));
+                }
+            }
             if let (Some(size), Some(sd)) = (disk_size, sd) {
                 let att = json!({
                     "disk": disk_body(&format!("{name}-disk"), size, "cow", &sd),
@@ -2300,12 +2415,25 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             };
             ctx.remove(k, &name, &q).await
         }
-        VmCmd::Start { name, host, wait } => {
+        VmCmd::Start {
+            name,
+            host,
+            cdrom,
+            boot,
+            wait,
+        } => {
             let id = ctx.id(k, &name).await?;
-            let body = match host {
+            let mut body = match host {
                 Some(h) => json!({ "host": { "id": ctx.id(&kinds::HOST, &h).await? } }),
                 None => json!({}),
             };
+            if let Some(c) = cdrom {
+                let iso = ctx.id(&kinds::DISK, &c).await?;
+                body["vm"]["cdroms"] = json!({ "cdrom": [ { "file": { "id": iso } } ] });
+            }
+            if !boot.is_empty() {
+                body["vm"]["os"] = json!({ "boot": { "devices": { "device": boot } } });
+            }
             let u = until(k, &id, &name, "status", &["up"], &["down"], wait);
             let o = ctx
                 .action(format!("start VM {name}"), format!("/vms/{id}/start"), body, u)
@@ -2331,6 +2459,35 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             .await?;
             let obj = ctx.api.get(&format!("/vms/{id}")).await?;
             output::print_done(ctx.out, &format!("VM {name} is rebooting"), Some(&obj))
+        }
+        VmCmd::Cdrom {
+            name,
+            iso,
+            eject: _,
+            current,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let file = match &iso {
+                Some(i) => ctx.id(&kinds::DISK, i).await?,
+                None => String::new(),
+            };
+            let q = if current { "?current=true" } else { "" };
+            let obj = ctx
+                .api
+                .request(
+                    Method::PUT,
+                    &format!("/vms/{id}/cdroms/{CDROM_ID}{q}"),
+                    Some(&json!({ "file": { "id": file } })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("changing the CD of VM {name}"))?;
+            let what = match &iso {
+                Some(i) => format!("ISO {i} is in VM {name}'s CD-ROM"),
+                None => format!("VM {name}'s CD-ROM is empty"),
+            };
+            let when = if current { "" } else { " (from its next start)" };
+            output::print_done(ctx.out, &format!("{what}{when}"), Some(&obj))
         }
         VmCmd::Console { name, expiry } => {
             let id = ctx.id(k, &name).await?;

@@ -51,6 +51,7 @@ async fn the_balancer_spreads_vms_under_vm_evenly_distributed_and_then_keeps_sti
         let opts = VmStartOptions {
             host: Some(host1),
             paused: false,
+            run_once: None,
         };
         cmds.start_vm(vm.id, opts, None).await.unwrap();
         vms.push(vm.id);

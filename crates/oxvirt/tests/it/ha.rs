@@ -222,6 +222,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
         VmStartOptions {
             host: Some(spm1),
             paused: false,
+            run_once: None,
         },
         None,
     )
@@ -588,6 +589,7 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
         VmStartOptions {
             host: Some(host3.id),
             paused: false,
+            run_once: None,
         },
         None,
     )

@@ -5,6 +5,7 @@
 //! module name (`vm_nodes::`, `ha::`, …).
 
 mod balancing;
+mod cdroms;
 mod cli;
 mod common;
 mod domain_cli;

@@ -27,11 +27,11 @@ use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
-const PASSWORD: &str = "transfer-test password";
+pub(crate) const PASSWORD: &str = "transfer-test password";
 /// Data in the uploaded image (the benchmark's size).
 const DATA_MIB: u64 = 128;
 
-fn engine_cfg(dir: &Path) -> EngineConfig {
+pub(crate) fn engine_cfg(dir: &Path) -> EngineConfig {
     EngineConfig {
         data_dir: dir.to_path_buf(),
         db_url: None,
@@ -42,7 +42,7 @@ fn engine_cfg(dir: &Path) -> EngineConfig {
 }
 
 /// `oxvirt ARGS` with the test's session; panics with the output unless `ok` says otherwise.
-async fn oxvirt(work: &Path, args: &[&str], ok: bool) -> (String, String) {
+pub(crate) async fn oxvirt(work: &Path, args: &[&str], ok: bool) -> (String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
         .args(args)
         .env("OXVIRT_CLI_CONFIG", work.join("cli.json"))

@@ -194,6 +194,7 @@ pub fn guest_os(args: &[&str]) -> oxvirt_engine::model::VmOs {
         kernel: Some(g.kernel.display().to_string()),
         initrd: Some(g.initrd.display().to_string()),
         cmdline: Some(oxvirt_testkit::TestGuest::append(args)),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,260 @@
+//! CD-ROMs end to end, with real processes: an in-process engine, two `oxvirt node` processes,
+//! a local storage domain. ISOs go up with `oxvirt disk upload` (recognised as ISOs), a VM with
+//! an empty disk is started once from a bootable ISO as an installer would be (the guest on the
+//! CD writes the disk), the CD of the running VM is changed and survives a live migration, an
+//! ISO in a CD-ROM cannot be removed, and the configuration's CD is apart from the running
+//! VM's.
+
+use crate::common;
+use crate::transfers::{engine_cfg, oxvirt, PASSWORD};
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::free_port;
+use oxvirt_engine::daemon::Engine;
+use oxvirt_engine::model::{BootDevice, DiskContentType, VmId};
+use oxvirt_testkit::{make_iso, TestGuest};
+
+/// Waits until the last CD the guest reports in `log` is `want`.
+async fn guest_reads(log: &Path, want: &str) {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let last = text
+            .lines()
+            .rev()
+            .find_map(|l| l.split("OXVIRT-GUEST cd ").nth(1))
+            .map(str::trim);
+        if last == Some(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the guest never read {want:?} from its CD (last: {last:?}); console {}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let nodes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let w = work.path();
+    let engine = Engine::start(engine_cfg(engine_dir.path()), Some(oxvirt_engine::rest::routes()))
+        .await
+        .unwrap();
+    let addrs = [free_port(), free_port()];
+    let _procs: Vec<_> = nodes
+        .iter()
+        .zip(addrs)
+        .enumerate()
+        .map(|(i, (d, a))| {
+            common::spawn_node(
+                &format!("node{}", i + 1),
+                d.path(),
+                a,
+                &[
+                    "--engine",
+                    &engine.addr.to_string(),
+                    "--ca-fingerprint",
+                    &engine.ca_fingerprint(),
+                ],
+            )
+        })
+        .collect();
+    let pw = w.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let ca = engine_dir.path().join("pki/ca.pem");
+    let url = format!("https://{}", engine.addr);
+    oxvirt(
+        w,
+        &[
+            "login",
+            "--url",
+            &url,
+            "--user",
+            "admin@internal",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ],
+        true,
+    )
+    .await;
+    oxvirt(w, &["dc", "create", "dc1"], true).await;
+    oxvirt(w, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
+    for (i, a) in addrs.iter().enumerate() {
+        let (name, a) = (format!("node{}", i + 1), a.to_string());
+        oxvirt(
+            w,
+            &["host", "create", &name, "--address", &a, "--cluster", "cl1"],
+            true,
+        )
+        .await;
+    }
+    let sp = storage.path().to_str().unwrap();
+    oxvirt(
+        w,
+        &[
+            "sd", "create", "data1", "--host", "node1", "--path", sp, "--dc", "dc1",
+        ],
+        true,
+    )
+    .await;
+
+    // The installer: a bootable ISO whose guest reports what its CD holds every 200 ms (the
+    // file `id` on whatever disc is in) and writes its disk.
+    let script = "mkdir -p /cd; ( last=; while true; do \
+        if mount -t iso9660 -o ro /dev/sr0 /cd 2>/dev/null; then v=$(cat /cd/id); umount /cd; else v=none; fi; \
+        [ \"$v\" != \"$last\" ] && echo \"OXVIRT-GUEST cd $v\"; last=$v; usleep 200000; done ) &";
+    let install = w.join("install.iso");
+    make_iso(
+        &install,
+        &[("id", b"install\n")],
+        Some(&[
+            "oxvirt.write_mib=2",
+            "oxvirt.marker=installed",
+            &TestGuest::run_arg(script),
+        ]),
+    );
+    let drivers = w.join("drivers.iso");
+    make_iso(&drivers, &[("id", b"drivers\n")], None);
+    for iso in [&install, &drivers] {
+        oxvirt(
+            w,
+            &["disk", "upload", iso.to_str().unwrap(), "--sd", "data1"],
+            true,
+        )
+        .await;
+    }
+    let db = &engine.cmds.app.db;
+    let disk_id = |name: &'static str| async move {
+        let all = db.disk_list(&Default::default()).await.unwrap();
+        let d = all
+            .into_iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no disk {name}"));
+        (d.id, d.content_type)
+    };
+    let (install_id, ct) = disk_id("install").await;
+    assert_eq!(ct, DiskContentType::Iso, "an ISO 9660 file uploads as an ISO");
+    let (drivers_id, _) = disk_id("drivers").await;
+
+    oxvirt(
+        w,
+        &[
+            "vm",
+            "create",
+            "inst",
+            "--cluster",
+            "cl1",
+            "--memory",
+            "256M",
+            "--disk-size",
+            "64M",
+            "--sd",
+            "data1",
+        ],
+        true,
+    )
+    .await;
+    let (out, _) = oxvirt(w, &["vm", "show", "inst", "-o", "json"], true).await;
+    let vm: VmId = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (stdout, stderr) = oxvirt(w, &["vm", "cdrom", "inst", "--iso", "inst-disk"], false).await;
+    assert!(
+        format!("{stdout}{stderr}").contains("is no ISO"),
+        "{stdout}{stderr}"
+    );
+
+    // Run once from the installer CD: the empty disk cannot boot, the CD does.
+    oxvirt(
+        w,
+        &[
+            "vm", "start", "inst", "--host", "node1", "--cdrom", "install", "--boot", "cdrom,hd",
+        ],
+        true,
+    )
+    .await;
+    let log1 = nodes[0]
+        .path()
+        .join("run/vms")
+        .join(vm.to_string())
+        .join("serial.log");
+    oxvirt_testkit::wait_for_text(&log1, "OXVIRT-MARKER installed", Duration::from_secs(90)).unwrap();
+    guest_reads(&log1, "install").await;
+    let v = db.vm_get(vm).await.unwrap().unwrap();
+    assert_eq!(v.run_cdrom, Some(install_id));
+    assert_eq!(v.cdrom, None, "a run once leaves the configuration alone");
+    assert_eq!(v.os.boot_devices, vec![BootDevice::Hd]);
+
+    // The running VM's CD changes now.
+    oxvirt(w, &["vm", "cdrom", "inst", "--iso", "drivers", "--current"], true).await;
+    guest_reads(&log1, "drivers").await;
+    let (stdout, stderr) = oxvirt(w, &["disk", "remove", "drivers"], false).await;
+    assert!(format!("{stdout}{stderr}").contains("CD-ROM"), "{stdout}{stderr}");
+
+    // Migrated, the VM keeps the disc in its drive (the guest, still reading it, sees no
+    // change), and its CD changes where it runs now.
+    oxvirt(w, &["vm", "migrate", "inst", "--host", "node2"], true).await;
+    let log2 = nodes[1]
+        .path()
+        .join("run/vms")
+        .join(vm.to_string())
+        .join("serial.log");
+    oxvirt_testkit::wait_for_text(&log2, "OXVIRT", Duration::from_secs(30)).ok();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        !after.contains("OXVIRT-GUEST cd "),
+        "the disc changed in the migration:\n{after}"
+    );
+    oxvirt(w, &["vm", "cdrom", "inst", "--eject", "--current"], true).await;
+    guest_reads(&log2, "none").await;
+    oxvirt(w, &["vm", "cdrom", "inst", "--iso", "install", "--current"], true).await;
+    guest_reads(&log2, "install").await;
+    assert_eq!(db.vm_get(vm).await.unwrap().unwrap().run_cdrom, Some(install_id));
+    // Not in use any more: it goes.
+    oxvirt(w, &["disk", "remove", "drivers"], true).await;
+
+    oxvirt(w, &["vm", "stop", "inst"], true).await;
+    // The configuration's CD, for the next start; an ISO there cannot be removed either.
+    oxvirt(w, &["vm", "cdrom", "inst", "--iso", "install"], true).await;
+    assert_eq!(db.vm_get(vm).await.unwrap().unwrap().cdrom, Some(install_id));
+    oxvirt(w, &["disk", "remove", "install"], false).await;
+    oxvirt(w, &["vm", "cdrom", "inst", "--eject"], true).await;
+    oxvirt(w, &["disk", "remove", "install"], true).await;
+    assert!(db.disk_get(install_id).await.unwrap().is_none());
+    assert!(db.disk_get(drivers_id).await.unwrap().is_none());
+
+    // The installer wrote the VM's disk.
+    let out = w.join("inst.raw");
+    oxvirt(
+        w,
+        &[
+            "disk",
+            "download",
+            "inst-disk",
+            out.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+        true,
+    )
+    .await;
+    let data = std::fs::read(&out).unwrap();
+    assert!(
+        data[..2 << 20].iter().all(|b| *b == b'Z'),
+        "the installer's writes are on the disk"
+    );
+    engine.shutdown().await;
+}
