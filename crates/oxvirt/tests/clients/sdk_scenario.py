@@ -255,6 +255,27 @@ def image_transfers(system, sd):
             pass
         step("image transfer: idle download cancelled by the system, cancelled upload's disk removed")
 
+        # An ISO uploads as a raw disk of content type iso, for VMs' CD-ROMs.
+        root = os.path.join(tmp, "isoroot")
+        os.makedirs(root)
+        with open(os.path.join(root, "id"), "w") as f:
+            f.write("tools\n")
+        iso = os.path.join(tmp, "tools.iso")
+        subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "TOOLS", "-o", iso, root], check=True)
+        cd = disks.add(types.Disk(name=P + "-tools.iso", content_type=types.DiskContentType.ISO,
+                                  format=types.DiskFormat.RAW, sparse=True, provisioned_size=os.path.getsize(iso),
+                                  storage_domains=[types.StorageDomain(id=sd.id)]))
+        cd_svc = disks.disk_service(cd.id)
+        wait("ISO disk ok", lambda: cd_svc.get().status == types.DiskStatus.OK)
+        svc, t = start_transfer(system, cd.id, types.ImageTransferDirection.UPLOAD)
+        imageio.upload(iso, t.transfer_url, ca)
+        svc.finalize()
+        assert transfer_ended(svc).phase == types.ImageTransferPhase.FINISHED_SUCCESS
+        assert cd_svc.get().content_type == types.DiskContentType.ISO
+        same_image(iso, image_volumes(sd.id, cd.id)[-1])
+        step("ISO %s uploaded as a disk of content type iso" % cd.id)
+        return cd.id
+
 
 def vnc_login(host, port, password):
     """Logs in to a VNC server with VNC authentication (RFB 3.8, DES of the challenge);
@@ -411,7 +432,7 @@ def main():
         disks.disk_service(d["id"]).remove()
     step("disk adds: 202 while locked, 201 with Expect: 201-created; a disk copied")
 
-    image_transfers(system, sd)
+    iso_id = image_transfers(system, sd)
 
     # The cluster's MAC pool: followed from the cluster, its ranges replaced.
     pool_ref = clusters.cluster_service(cl.id).get().mac_pool
@@ -468,6 +489,28 @@ def main():
     console_svc.ticket(ticket=types.Ticket(value="s3cret", expiry=60))
     assert vnc_login(host, port, "s3cret") == 0
     step("VNC console through a ticket and a remote-viewer file; a wrong password refused")
+
+    # The CD of the running VM changes now (current=True); the configuration keeps its own;
+    # an ISO in a drive is not removed; ejected, the drive is empty.
+    cdroms = vm_svc.cdroms_service()
+    cds = cdroms.list()
+    assert len(cds) == 1 and cds[0].file is None, cds
+    cd_svc = cdroms.cdrom_service(cds[0].id)
+    cd_svc.update(types.Cdrom(file=types.File(id=iso_id)), current=True)
+    assert cd_svc.get(current=True).file.id == iso_id
+    assert cd_svc.get().file is None, "the configuration's CD changed"
+    with open(os.path.join(node_dirs[src.name], "run", "vms", vm.id, "vm.json")) as f:
+        media = json.load(f)["create"]["cdrom"]["media"]
+    assert iso_id in media["path"], media
+    try:
+        system.disks_service().disk_service(iso_id).remove()
+        raise AssertionError("an ISO in a running VM's CD-ROM was removed")
+    except sdk.Error as e:
+        assert e.code == 409, e
+    cd_svc.update(types.Cdrom(file=types.File(id="")), current=True)
+    assert cd_svc.get(current=True).file is None
+    system.disks_service().disk_service(iso_id).remove()
+    step("CD changed in the running VM and ejected; the ISO removed once out of the drive")
 
     snaps = vm_svc.snapshots_service()
     snap = snaps.add(types.Snapshot(description=P + "-snap", persist_memorystate=True))
