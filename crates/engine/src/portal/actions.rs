@@ -219,6 +219,9 @@ pub enum VmVerb {
     AttachDisk,
     /// Add a new disk (`disk_mib`, `sd`, `disk_format`), attached and active.
     AddDisk,
+    /// Put an ISO disk (`iso`, empty: eject) into the CD-ROM: the configuration's, or with
+    /// `current` the running VM's.
+    Cdrom,
     /// End the snapshot preview keeping the previewed state.
     CommitPreview,
     /// End the snapshot preview returning to the state kept aside.
@@ -286,6 +289,7 @@ impl Verb {
                     "template" => VmVerb::Template,
                     "attach-disk" => VmVerb::AttachDisk,
                     "add-disk" => VmVerb::AddDisk,
+                    "cdrom" => VmVerb::Cdrom,
                     "commit-preview" => VmVerb::CommitPreview,
                     "undo-preview" => VmVerb::UndoPreview,
                     _ => return Err(unknown(segs)),
@@ -699,6 +703,25 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         format!("Add disk {} to VM {name}", add.name),
                         Box::pin(async move {
                             e.cmds.add_disk(add, corr).await?;
+                            Ok(None)
+                        }),
+                    )
+                }
+                VmVerb::Cdrom => {
+                    let iso: Option<DiskId> = form.parse("iso", "ISO disk")?;
+                    // The box is on the form whatever the status; a VM that is down has no
+                    // drive to change now.
+                    let current = form.get("current") == Some("on") && cur.runtime.status.is_running();
+                    let label = match (iso.is_some(), current) {
+                        (true, true) => format!("Change the CD of running VM {name}"),
+                        (true, false) => format!("Set the CD of VM {name} for its next start"),
+                        (false, true) => format!("Eject the CD of running VM {name}"),
+                        (false, false) => format!("Empty the CD of VM {name} for its next start"),
+                    };
+                    (
+                        label,
+                        Box::pin(async move {
+                            e.cmds.set_vm_cdrom(id, iso, current).await?;
                             Ok(None)
                         }),
                     )

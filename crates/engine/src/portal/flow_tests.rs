@@ -273,8 +273,12 @@ async fn sessions_pages_actions_and_live_updates() {
                 .status,
             StatusCode::NOT_FOUND
         );
-        pagedisk.id
+        let mut iso = Disk::new("pageiso", sd.id, DiskFormat::Raw, 4 << 20);
+        iso.content_type = crate::model::DiskContentType::Iso;
+        let iso = db.disk_insert(&iso).await.unwrap();
+        (pagedisk.id, iso.id)
     };
+    let (pagedisk, pageiso) = pagedisk;
     // A data center's, a cluster's and a template's pages, each linked from its list and
     // linking to what it holds.
     {
@@ -450,6 +454,45 @@ async fn sessions_pages_actions_and_live_updates() {
     let vv = t.get(&format!("/portal/api/console.vv?vm={id}")).await;
     assert_eq!(vv.status, StatusCode::CONFLICT, "{}", vv.body);
     assert!(vv.body.contains("opens while it runs"), "{}", vv.body);
+
+    // The CD-ROM: the VM's page offers ISO disks (not data disks); one goes into the
+    // configuration of the VM, which is down (the "now" box is ignored then).
+    let page = t.get(&format!("/portal/vms/{id}")).await.body;
+    let form = page
+        .split(&format!("action=\"/portal/vms/{id}/cdrom\""))
+        .nth(1)
+        .and_then(|f| f.split("</form>").next())
+        .unwrap_or_else(|| panic!("no CD-ROM form: {page}"));
+    assert!(
+        form.contains(&pageiso.to_string()) && !form.contains(&pagedisk.to_string()),
+        "{form}"
+    );
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/cdrom"),
+            &[("csrf", &csrf), ("iso", &pagedisk.to_string())],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let label = "Set the CD of VM t1 for its next start";
+    let failed = t.action_outcome(label).await;
+    assert_eq!(failed["state"], "failed", "a data disk is no ISO: {failed}");
+    let iso = pageiso.to_string();
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/cdrom"),
+            &[("csrf", &csrf), ("iso", &iso), ("current", "on")],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let start = Instant::now();
+    while db.vm_get(vm.id).await.unwrap().unwrap().cdrom != Some(pageiso) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the CD was not set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(t.get(&format!("/portal/vms/{id}")).await.body.contains("pageiso"));
 
     // A floating disk is offered on the VM's page and attached active; deactivating and
     // detaching it ask first (a running guest would lose it).

@@ -1632,6 +1632,22 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     );
     h.raw("</div>");
 
+    // ISO disks, for the CD-ROM's facts and form.
+    let mut isos = vec![(String::new(), "(empty)".to_string())];
+    isos.extend(
+        db.disk_list(&ListQuery::new().sort_by(DiskSort::Name, SortDir::Asc))
+            .await?
+            .into_iter()
+            .filter(|d| d.content_type == DiskContentType::Iso && d.status == DiskStatus::Ok)
+            .map(|d| (d.id.to_string(), d.name)),
+    );
+    let cd_name = |d: Option<DiskId>| match d {
+        None => "(empty)".to_string(),
+        Some(d) => isos
+            .iter()
+            .find(|(id, _)| *id == d.to_string())
+            .map_or_else(|| d.to_string(), |(_, n)| n.clone()),
+    };
     h.raw("<div class=\"grid2\"><section>");
     h.facts(&[
         ("Id", sid.clone()),
@@ -1658,6 +1674,23 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         ),
         ("Kernel", v.os.kernel.clone().unwrap_or_default()),
         ("Command line", v.os.cmdline.clone().unwrap_or_default()),
+        (
+            "Boot order",
+            v.os.boot_devices
+                .iter()
+                .map(|d| d.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        ("CD-ROM", cd_name(v.cdrom)),
+        (
+            "CD-ROM now",
+            if st.is_running() {
+                cd_name(v.run_cdrom)
+            } else {
+                String::new()
+            },
+        ),
         (
             "Status detail",
             v.runtime.status_detail.clone().unwrap_or_default(),
@@ -1700,6 +1733,13 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     // Checked, as in oVirt's dialog; a VM that is down has no memory to save.
     h.input("Save memory", "memory", "checkbox", "on", "checked");
     h.raw("<button type=\"submit\" class=\"secondary\">Take snapshot</button></form>");
+    // The CD-ROM: an ISO disk for the next start, or (checked) the running VM's drive now.
+    h.form_open(f, &format!("/portal/vms/{sid}/cdrom"), None, "inline-form");
+    let shown = if st.is_running() { v.run_cdrom } else { v.cdrom };
+    h.select("CD-ROM", "iso", &isos, shown.map(|d| d.to_string()).as_deref());
+    h.raw("<span data-when=\"running\">");
+    h.input("in the running VM now", "current", "checkbox", "on", "checked");
+    h.raw("</span><button type=\"submit\" class=\"secondary\">Change CD</button></form>");
     h.raw("<div data-when=\"down\">");
     h.form_open(f, &format!("/portal/vms/{sid}/template"), None, "inline-form");
     h.input(
