@@ -100,6 +100,9 @@ pub struct App {
     /// Percent done of each running live migration, from the source node's progress events
     /// (in memory: it only means something while the migration runs).
     pub migration_progress: std::sync::Mutex<std::collections::HashMap<VmId, u8>>,
+    /// The VMs' CPU use, from the monitor's samples (in memory, as oVirt's statistics are
+    /// between two samples).
+    pub vm_cpu: std::sync::Mutex<crate::balance::VmCpu>,
 }
 
 impl App {
@@ -112,6 +115,7 @@ impl App {
             kick: tokio::sync::Notify::new(),
             spm_elections: tokio::sync::Mutex::new(()),
             migration_progress: Default::default(),
+            vm_cpu: Default::default(),
         })
     }
 

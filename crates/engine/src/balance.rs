@@ -33,27 +33,59 @@ fn sched_ts(t: Timestamp) -> sched::Timestamp {
     sched::Timestamp::from_unix_millis(t.as_millis().max(0) as u64)
 }
 
-/// Per-VM CPU usage from successive samples of the QEMU process's CPU time.
+/// Per-VM CPU usage from successive samples of the QEMU process's CPU time (and of its vCPU
+/// threads', the guest's share of it), kept in [`crate::app::App::vm_cpu`]: the monitor
+/// samples, the balancer and the statistics read.
 #[derive(Debug, Default)]
 pub struct VmCpu {
-    last: HashMap<VmId, (Timestamp, u64)>,
-    usage: HashMap<VmId, f64>,
+    /// When, the process's CPU time and its vCPUs' (ms).
+    last: HashMap<VmId, (Timestamp, u64, Option<u64>)>,
+    usage: HashMap<VmId, VmCpuUsage>,
+}
+
+/// A VM's CPU use between its last two samples, in percent of its vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VmCpuUsage {
+    /// The whole QEMU process.
+    pub total: f64,
+    /// Its vCPU threads (the guest); `None` when the node did not say.
+    pub guest: Option<f64>,
 }
 
 impl VmCpu {
     /// Records `cpu_ms` (user + system) of a VM with `vcpus` at `now`.
     pub fn sample(&mut self, vm: VmId, vcpus: u32, cpu_ms: u64, now: Timestamp) {
-        if let Some((t, ms)) = self.last.get(&vm) {
+        self.sample_split(vm, vcpus, cpu_ms, None, now)
+    }
+
+    /// [`Self::sample`] with the vCPU threads' CPU time too.
+    pub fn sample_split(&mut self, vm: VmId, vcpus: u32, cpu_ms: u64, vcpu_ms: Option<u64>, now: Timestamp) {
+        if let Some((t, ms, vms)) = self.last.get(&vm) {
             let dt = now.as_millis() - t.as_millis();
             if dt > 0 && cpu_ms >= *ms {
-                let pct = (cpu_ms - ms) as f64 * 100.0 / (dt as f64 * f64::from(vcpus.max(1)));
-                self.usage.insert(vm, pct.clamp(0.0, 100.0));
+                let per = dt as f64 * f64::from(vcpus.max(1));
+                let pct = |d: u64| (d as f64 * 100.0 / per).clamp(0.0, 100.0);
+                let guest = match (vcpu_ms, vms) {
+                    (Some(now_v), Some(then_v)) if now_v >= *then_v => Some(pct(now_v - then_v)),
+                    _ => None,
+                };
+                self.usage.insert(
+                    vm,
+                    VmCpuUsage {
+                        total: pct(cpu_ms - ms),
+                        guest,
+                    },
+                );
             }
         }
-        self.last.insert(vm, (now, cpu_ms));
+        self.last.insert(vm, (now, cpu_ms, vcpu_ms));
     }
 
     pub fn usage(&self, vm: VmId) -> Option<f64> {
+        self.usage.get(&vm).map(|u| u.total)
+    }
+
+    pub fn usage_split(&self, vm: VmId) -> Option<VmCpuUsage> {
         self.usage.get(&vm).copied()
     }
 }
@@ -66,7 +98,6 @@ pub struct Balancer {
     /// Migrations started by us and not finished (the snapshot may not show them yet).
     in_flight: HashSet<VmId>,
     last_round: Option<Timestamp>,
-    pub cpu: VmCpu,
 }
 
 impl Balancer {
@@ -136,9 +167,9 @@ pub async fn round(cmds: &Commands, balancer: &Arc<Mutex<Balancer>>) -> Result<(
     for cl in app.db.cluster_list(&ListQuery::default()).await? {
         let mut snap = crate::scheduling::snapshot(app, cl.id).await?;
         {
-            let b = balancer.lock().expect("balancer");
+            let cpu = app.vm_cpu.lock().expect("vm cpu");
             for v in &mut snap.vms {
-                if let Some(u) = b.cpu.usage(v.id) {
+                if let Some(u) = cpu.usage(v.id) {
                     v.cpu_usage_pct = u;
                 }
             }

@@ -63,7 +63,7 @@ pub struct Monitor {
     electing: Arc<Mutex<HashSet<DcId>>>,
     /// The HA loop's memory (backoffs, last hosts, fenced hosts).
     pub ha: Arc<Mutex<crate::ha::HaTracker>>,
-    /// The load balancer's memory and the VMs' CPU usage.
+    /// The load balancer's memory.
     pub balancer: Arc<Mutex<crate::balance::Balancer>>,
     /// Hosts whose event stream a task follows now.
     following: Arc<Mutex<HashSet<HostUuid>>>,
@@ -114,9 +114,9 @@ impl Monitor {
                 .collect(),
         );
         let polls = hosts.into_iter().filter(|h| monitored(h.status)).map(|h| {
-            let (app, balancer, up) = (app.clone(), self.balancer.clone(), up.clone());
+            let (app, up) = (app.clone(), up.clone());
             async move {
-                if let Err(e) = poll_host(&app, &h, &up, &balancer).await {
+                if let Err(e) = poll_host(&app, &h, &up).await {
                     tracing::debug!(host = %h.name, error = %e, "host poll failed");
                 }
             }
@@ -226,12 +226,7 @@ async fn event(
     }
 }
 
-async fn poll_host(
-    app: &Arc<App>,
-    h: &Host,
-    up: &[Host],
-    balancer: &Mutex<crate::balance::Balancer>,
-) -> Result<(), CommandError> {
+async fn poll_host(app: &Arc<App>, h: &Host, up: &[Host]) -> Result<(), CommandError> {
     // Every call of the poll is bounded (see `NodeClient::within`).
     let node = app.client(h)?.within(app.settings.poll_timeout());
     let stats = match node.call("Host.getStats", json!({})).await {
@@ -349,12 +344,13 @@ async fn poll_host(
     let vms = node
         .call("Host.getAllVmStats", json!({ "monitorTimeout": monitor_timeout }))
         .await?;
-    sample_vm_cpu(app, &vms, balancer).await;
+    sample_vm_cpu(app, &vms).await;
     reconcile_vms(app, h, &node, &vms, before).await
 }
 
-/// Feeds the balancer the VMs' CPU time (QEMU's user + system).
-async fn sample_vm_cpu(app: &App, reported: &Value, balancer: &Mutex<crate::balance::Balancer>) {
+/// Records the VMs' CPU time (QEMU's user + system, and its vCPUs') for the balancer and the
+/// statistics.
+async fn sample_vm_cpu(app: &App, reported: &Value) {
     let now = app.db.now();
     for r in reported.as_array().into_iter().flatten() {
         let Some(id) = r["vmID"].as_str().and_then(|s| s.parse::<VmId>().ok()) else {
@@ -364,15 +360,17 @@ async fn sample_vm_cpu(app: &App, reported: &Value, balancer: &Mutex<crate::bala
         let (Some(u), Some(s)) = (st["cpu_user_ms"].as_u64(), st["cpu_system_ms"].as_u64()) else {
             continue;
         };
+        let vcpu_ms = st["vcpu_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).sum::<u64>());
         let vcpus = match app.db.vm_get(id).await {
             Ok(Some(v)) => v.cpu.vcpus() as u32,
             _ => continue,
         };
-        balancer
+        app.vm_cpu
             .lock()
-            .expect("balancer")
-            .cpu
-            .sample(id, vcpus, u + s, now);
+            .expect("vm cpu")
+            .sample_split(id, vcpus, u + s, vcpu_ms, now);
     }
 }
 

@@ -171,15 +171,20 @@ impl HostSampler {
         });
         let total = mem.get("MemTotal").copied().unwrap_or(0);
         let avail = mem.get("MemAvailable").copied().unwrap_or(0);
+        let loadavg = read("/proc/loadavg");
+        let load_avg = |i: usize| {
+            loadavg
+                .split_whitespace()
+                .nth(i)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0)
+        };
         HostStats {
             cpu_used_pct: (user + sys).min(100.0),
             cpu_user_pct: user,
             cpu_sys_pct: sys,
-            load_avg_1: read("/proc/loadavg")
-                .split_whitespace()
-                .next()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0),
+            load_avg_1: load_avg(0),
+            load_avg_5: load_avg(1),
             mem_total_mib: total / 1024,
             mem_available_mib: avail / 1024,
             mem_used_pct: if total == 0 {

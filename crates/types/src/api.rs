@@ -112,6 +112,9 @@ pub struct HostStats {
     pub cpu_user_pct: f64,
     pub cpu_sys_pct: f64,
     pub load_avg_1: f64,
+    /// Over five minutes (0 from a node that did not report it).
+    #[serde(default)]
+    pub load_avg_5: f64,
     pub mem_total_mib: u64,
     pub mem_available_mib: u64,
     pub mem_used_pct: f64,

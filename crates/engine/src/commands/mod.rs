@@ -16,6 +16,7 @@ mod live_move;
 mod networks;
 mod scheduling;
 mod snapshots;
+pub mod stats;
 mod storage;
 mod transfers;
 mod vms;

@@ -212,7 +212,7 @@ pub fn host(o: &mut Out, h: &Host, emb: Option<&Embedded>, power_management: Opt
         Some(c) => cluster(o, c, None),
         None => reference(o, "cluster", "clusters", h.cluster_id),
     }
-    o.links(&hr, &["fenceagents", "nics", "networkattachments"]);
+    o.links(&hr, &["fenceagents", "nics", "networkattachments", "statistics"]);
     o.close("host");
 }
 
@@ -355,6 +355,34 @@ pub fn cdrom(o: &mut Out, vm: VmId, file: Option<DiskId>) {
     o.close("cdrom");
 }
 
+/// A statistic of the `owner` (`vm` or `host`) `id` in collection `coll`.
+pub fn statistic(
+    o: &mut Out,
+    s: &crate::commands::stats::Statistic,
+    owner: &str,
+    coll: &str,
+    id: impl Display,
+) {
+    let sid = s.id().to_string();
+    let owner_href = href(coll, &id);
+    let hr = format!("{owner_href}/statistics/{sid}");
+    o.open("statistic", Some(&sid), Some(&hr));
+    o.leaf("name", s.name);
+    o.leaf("description", s.description);
+    o.leaf("kind", s.kind.as_str());
+    o.leaf("type", s.value.type_name());
+    o.leaf("unit", s.unit.as_str());
+    o.open("values", None, None);
+    o.array_open("value");
+    o.open("value", None, None);
+    o.leaf("datum", s.value);
+    o.close("value");
+    o.array_close();
+    o.close("values");
+    o.reference(owner, &id.to_string(), &owner_href);
+    o.close("statistic");
+}
+
 /// The id of every VM's CD-ROM device, as oVirt gives it.
 pub const CDROM_ID: &str = "00000000-0000-0000-0000-000000000000";
 
@@ -459,7 +487,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
         }
         None => rels.push("snapshots"),
     }
-    rels.push("cdroms");
+    rels.extend(["cdroms", "statistics"]);
     o.links(&hr, &rels);
     o.close("vm");
 }

@@ -1197,7 +1197,106 @@ async fn cdroms_hold_iso_disks_only(backend: Backend) {
     assert_eq!(v.os.os_type, "windows_2022", "the type is kept");
 }
 
+/// Statistics of a VM that is down (its memory and zeros) and of a host that is not up (what
+/// monitoring learnt), one by its id, an unknown id 404; ids follow names across objects.
+async fn statistics_of_down_vms_and_hosts(backend: Backend) {
+    use oxvirt_engine::model::{Host, HostStats};
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    c.post("datacenters", "<data_center><name>dc</name></data_center>")
+        .await;
+    c.post(
+        "clusters",
+        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in ["s1", "s2"] {
+        let r = c.post("vms", &vm_xml(n, "cl")).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        ids.push(root_id(&r.body).to_string());
+    }
+    let r = c.get(&format!("vms/{}", ids[0])).await;
+    assert!(r.body.contains("rel=\"statistics\""), "{}", r.body);
+    let memory = r
+        .body
+        .split("<memory>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = c.get(&format!("vms/{}/statistics", ids[0])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "statistic"), 7, "{}", r.body);
+    let installed = r.body.split("<name>memory.installed</name>").nth(1).unwrap();
+    assert!(
+        installed.contains(&format!("<datum>{memory}</datum>")),
+        "{}",
+        r.body
+    );
+    assert!(installed.contains("<unit>bytes</unit>") && installed.contains("<type>integer</type>"));
+    let total = r.body.split("<name>cpu.current.total</name>").nth(1).unwrap();
+    assert!(
+        total.contains("<datum>0</datum>") && total.contains("<unit>percent</unit>"),
+        "{}",
+        r.body
+    );
+    // The id of memory.installed, the same for the other VM; one statistic by its id.
+    let sid = r.body.split("<name>memory.installed</name>").next().unwrap();
+    let sid = sid
+        .rsplit("id=\"")
+        .next()
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let other = c.get(&format!("vms/{}/statistics", ids[1])).await.body;
+    assert!(other.contains(&format!("id=\"{sid}\"")), "{other}");
+    let r = c.get(&format!("vms/{}/statistics/{sid}", ids[0])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.body.contains("memory.installed") && r.body.contains(&ids[0]),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        c.get(&format!("vms/{}/statistics/nope", ids[0])).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let db = &t.engine.app().db;
+    let cl = db.cluster_get_by_name("cl").await.unwrap().unwrap();
+    let h = db
+        .host_insert(&Host::new("h1", "127.0.0.1", 1, cl.id))
+        .await
+        .unwrap();
+    db.host_update_stats(
+        h.id,
+        &HostStats {
+            cpu_cores: Some(2),
+            memory_bytes: Some(8 << 30),
+            free_memory_bytes: Some(6 << 30),
+        },
+    )
+    .await
+    .unwrap();
+    let r = c.get(&format!("hosts/{}/statistics", h.id)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "statistic"), 11, "{}", r.body);
+    let used = r.body.split("<name>memory.used</name>").nth(1).unwrap();
+    assert!(
+        used.contains(&format!("<datum>{}</datum>", 2u64 << 30)),
+        "{}",
+        r.body
+    );
+}
+
 both_backends!(
+    statistics_of_down_vms_and_hosts,
     cdroms_hold_iso_disks_only,
     sso_tokens_and_authentication,
     collections_status_codes_and_faults,

@@ -403,6 +403,8 @@ pub enum HostCmd {
     List(ListArgs),
     /// Show a host.
     Show { name: String },
+    /// A host's statistics: memory, swap, CPU, load, boot time (live from its node when up).
+    Stats { name: String },
     /// Add a host: its node (`oxvirt node --engine … --ca-fingerprint …`) joins, and the host
     /// comes up.
     Create {
@@ -657,6 +659,8 @@ pub enum VmCmd {
     List(ListArgs),
     /// Show a VM.
     Show { name: String },
+    /// A VM's statistics: memory, CPU shares (guest, hypervisor), migration progress.
+    Stats { name: String },
     /// Create a VM (from Blank or a template), optionally with a new boot disk.
     Create {
         name: String,
@@ -1308,6 +1312,41 @@ impl Ctx {
         output::print_one(&self.api, kind, &obj, self.out).await
     }
 
+    /// The object's statistics: a table of name, value and unit (bytes readable), or the
+    /// API's JSON.
+    async fn statistics(&self, kind: &'static Kind, name: &str) -> anyhow::Result<()> {
+        let id = self.id(kind, name).await?;
+        let list = self
+            .api
+            .get(&format!("/{}/{id}/statistics", kind.coll))
+            .await
+            .with_context(|| format!("reading the statistics of {} {name}", kind.what))?;
+        let stats = list["statistic"].as_array().cloned().unwrap_or_default();
+        if matches!(self.out, Output::Json) {
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = stats
+            .iter()
+            .map(|s| {
+                let datum = match &s["values"]["value"][0]["datum"] {
+                    Value::String(d) => d.clone(),
+                    Value::Null => String::new(),
+                    d => d.to_string(),
+                };
+                let unit = s["unit"].as_str().unwrap_or("");
+                let value = match (unit, datum.parse::<f64>()) {
+                    ("bytes", Ok(n)) => output::human_bytes(n as u64),
+                    ("percent", _) => format!("{datum} %"),
+                    _ => datum,
+                };
+                vec![s["name"].as_str().unwrap_or("").to_string(), value]
+            })
+            .collect();
+        print!("{}", output::table(&["STATISTIC", "VALUE"], &rows));
+        Ok(())
+    }
+
     async fn create(&self, kind: &'static Kind, body: Value) -> anyhow::Result<Value> {
         self.api
             .request(Method::POST, &format!("/{}", kind.coll), Some(&body), None)
@@ -1508,6 +1547,7 @@ async fn host(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
     match cmd {
         HostCmd::List(a) => ctx.list(k, &a).await,
         HostCmd::Show { name } => ctx.show(k, &name).await,
+        HostCmd::Stats { name } => ctx.statistics(k, &name).await,
         HostCmd::Create {
             name,
             address,
@@ -2227,6 +2267,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
     match cmd {
         VmCmd::List(a) => ctx.list(k, &a).await,
         VmCmd::Show { name } => ctx.show(k, &name).await,
+        VmCmd::Stats { name } => ctx.statistics(k, &name).await,
         VmCmd::Create {
             name,
             cluster,

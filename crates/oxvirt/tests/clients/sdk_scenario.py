@@ -474,6 +474,23 @@ def main():
     wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
     step("VM up on %s, guest booted" % src.name)
 
+    # Statistics, as monitoring tools read them: the VM's memory and CPU, its host's.
+    stat_svc = vm_svc.statistics_service()
+    stats = {st.name: st for st in stat_svc.list()}
+    assert stats["memory.installed"].values[0].datum == 256 * MIB, stats["memory.installed"]
+    assert 0 < stats["memory.used"].values[0].datum <= 256 * MIB, stats["memory.used"]
+    assert stats["memory.used"].unit == types.StatisticUnit.BYTES
+    for name in ["cpu.current.guest", "cpu.current.hypervisor", "cpu.current.total"]:
+        assert 0 <= stats[name].values[0].datum <= 100, stats[name]
+        assert stats[name].unit == types.StatisticUnit.PERCENT
+    one = stat_svc.statistic_service(stats["cpu.current.total"].id).get()
+    assert one.name == "cpu.current.total" and one.vm.id == vm.id, one
+    hstats = {st.name: st for st in hosts.host_service(src.id).statistics_service().list()}
+    assert hstats["memory.total"].values[0].datum > hstats["memory.free"].values[0].datum > 0, hstats
+    assert 0 <= hstats["cpu.current.idle"].values[0].datum <= 100
+    assert hstats["boot.time"].values[0].datum > 1_600_000_000
+    step("statistics of the VM (%d) and its host (%d)" % (len(stats), len(hstats)))
+
     # Its VNC console: no way in without a ticket; the remote-viewer file's works, a wrong
     # password does not, a ticket of one's own works too.
     consoles_svc = vm_svc.graphics_consoles_service()

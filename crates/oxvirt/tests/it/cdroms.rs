@@ -3,7 +3,8 @@
 //! an empty disk is started once from a bootable ISO as an installer would be (the guest on the
 //! CD writes the disk), the CD of the running VM is changed and survives a live migration, an
 //! ISO in a CD-ROM cannot be removed, and the configuration's CD is apart from the running
-//! VM's.
+//! VM's. On the way, `vm stats` and `host stats` read the running VM's and its host's
+//! statistics.
 
 use crate::common;
 use crate::transfers::{engine_cfg, oxvirt, PASSWORD};
@@ -196,6 +197,22 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
     assert_eq!(v.run_cdrom, Some(install_id));
     assert_eq!(v.cdrom, None, "a run once leaves the configuration alone");
     assert_eq!(v.os.boot_devices, vec![BootDevice::Hd]);
+
+    // Its statistics and its host's, as tables and as JSON.
+    let (out, _) = oxvirt(w, &["vm", "stats", "inst"], true).await;
+    assert!(
+        out.contains("memory.installed") && out.contains("256 MiB"),
+        "{out}"
+    );
+    assert!(out.contains("cpu.current.total"), "{out}");
+    let (out, _) = oxvirt(w, &["vm", "stats", "inst", "-o", "json"], true).await;
+    let stats: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats.len(), 7, "{out}");
+    let (out, _) = oxvirt(w, &["host", "stats", "node1"], true).await;
+    assert!(
+        out.contains("memory.total") && out.contains("cpu.load.avg.5m"),
+        "{out}"
+    );
 
     // The running VM's CD changes now.
     oxvirt(w, &["vm", "cdrom", "inst", "--iso", "drivers", "--current"], true).await;

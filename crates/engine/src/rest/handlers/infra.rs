@@ -335,6 +335,12 @@ pub async fn cluster_remove(r: &Req) -> Result<Resp, ApiError> {
 
 // ---------------------------------------------------------------------------------- hosts
 
+pub async fn host_stat_list(r: &Req, one: bool) -> Result<Resp, ApiError> {
+    let h = host(r, 0).await?;
+    let stats = r.cmds().host_statistics(h.id).await?;
+    super::vms::statistics_reply(r, &stats, one, "host", "hosts", &h.id.to_string())
+}
+
 async fn host(r: &Req, i: usize) -> Result<Host, ApiError> {
     let id: HostUuid = r.id(i, "host")?;
     r.db()

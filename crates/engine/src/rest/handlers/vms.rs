@@ -665,6 +665,40 @@ pub async fn numa_list(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+// -------------------------------------------------------------------------------- statistics
+
+/// `statistics` (`one`: `statistics/{id}`, 404 for an id that is none of them) of the object
+/// `owner` (`vm`, `host`) `id` of collection `coll`.
+pub fn statistics_reply(
+    r: &Req,
+    stats: &[crate::commands::stats::Statistic],
+    one: bool,
+    owner: &str,
+    coll: &str,
+    id: &str,
+) -> Result<Resp, ApiError> {
+    let mut o = r.out();
+    if one {
+        let want = r.params.get(1).map(String::as_str).unwrap_or("");
+        let s = stats
+            .iter()
+            .find(|s| s.id().to_string() == want)
+            .ok_or_else(|| ApiError::not_found(format!("{owner} {id} has no statistic {want}")))?;
+        root_entity(&mut o, |o| crate::rest::write::statistic(o, s, owner, coll, id));
+    } else {
+        collection(&mut o, "statistics", "statistic", stats, |o, s| {
+            crate::rest::write::statistic(o, s, owner, coll, id)
+        });
+    }
+    Ok(Resp::ok(o))
+}
+
+pub async fn stat_list(r: &Req, one: bool) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let stats = r.cmds().vm_statistics(v.id).await?;
+    statistics_reply(r, &stats, one, "vm", "vms", &v.id.to_string())
+}
+
 // -------------------------------------------------------------------------------- CD-ROM
 
 /// The ISO disk `id` names (a disk id; oVirt's ISO-domain file names do not exist here).
