@@ -53,7 +53,7 @@ impl Commands {
         Ok(())
     }
 
-    async fn disk(&self, id: DiskId) -> Result<Disk, CommandError> {
+    pub(crate) async fn disk(&self, id: DiskId) -> Result<Disk, CommandError> {
         self.app
             .db
             .disk_get(id)

@@ -10,6 +10,7 @@
 
 mod attachments;
 mod cdroms;
+mod clone;
 mod consoles;
 mod infra;
 mod live_move;
@@ -169,6 +170,7 @@ impl Commands {
         sagas.register::<vms::SuspendVmSaga>()?;
         sagas.register::<vms::RemoveVmSaga>()?;
         sagas.register::<vms::AddTemplateSaga>()?;
+        sagas.register::<clone::CloneVmSaga>()?;
         sagas.register::<vms::RemoveTemplateSaga>()?;
         sagas.register::<snapshots::AddSnapshotSaga>()?;
         sagas.register::<snapshots::RemoveSnapshotSaga>()?;

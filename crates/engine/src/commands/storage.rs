@@ -105,7 +105,7 @@ pub(crate) async fn connect_storage(c: &NodeClient, domains: &[StorageDomain]) -
     Ok(())
 }
 
-fn step_err(e: impl std::fmt::Display) -> StepError {
+pub(crate) fn step_err(e: impl std::fmt::Display) -> StepError {
     StepError::msg(e)
 }
 

@@ -219,6 +219,8 @@ pub enum VmVerb {
     AttachDisk,
     /// Add a new disk (`disk_mib`, `sd`, `disk_format`), attached and active.
     AddDisk,
+    /// Clone the VM (down) as a new one (`name`).
+    Clone,
     /// Put an ISO disk (`iso`, empty: eject) into the CD-ROM: the configuration's, or with
     /// `current` the running VM's.
     Cdrom,
@@ -290,6 +292,7 @@ impl Verb {
                     "attach-disk" => VmVerb::AttachDisk,
                     "add-disk" => VmVerb::AddDisk,
                     "cdrom" => VmVerb::Cdrom,
+                    "clone" => VmVerb::Clone,
                     "commit-preview" => VmVerb::CommitPreview,
                     "undo-preview" => VmVerb::UndoPreview,
                     _ => return Err(unknown(segs)),
@@ -704,6 +707,17 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         Box::pin(async move {
                             e.cmds.add_disk(add, corr).await?;
                             Ok(None)
+                        }),
+                    )
+                }
+                VmVerb::Clone => {
+                    let new = form.required("name", "a name for the clone")?.to_string();
+                    valid_name(&new, "VM")?;
+                    (
+                        format!("Clone VM {name} as {new}"),
+                        Box::pin(async move {
+                            let v = e.cmds.clone_vm(id, &new, corr).await?;
+                            Ok(Some(format!("/portal/vms/{}", v.id)))
                         }),
                     )
                 }

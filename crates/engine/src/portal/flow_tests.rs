@@ -494,6 +494,30 @@ async fn sessions_pages_actions_and_live_updates() {
     }
     assert!(t.get(&format!("/portal/vms/{id}")).await.body.contains("pageiso"));
 
+    // Cloned from its page (a VM without disks: no storage work), the clone with its CD.
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/clone"),
+            &[("csrf", &csrf), ("name", "t1-clone")],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let done = t.action_outcome("Clone VM t1 as t1-clone").await;
+    assert_eq!(done["state"], "done", "{done}");
+    let clone = db.vm_get_by_name("t1-clone").await.unwrap().unwrap();
+    assert_eq!(clone.cdrom, Some(pageiso));
+    assert_eq!(clone.memory_bytes, vm.memory_bytes);
+    let r = t
+        .post(
+            &format!("/portal/vms/{id}/clone"),
+            &[("csrf", &csrf), ("name", "bad name")],
+            &[("x-portal-fetch", "1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    t.engine.cmds.remove_vm(clone.id, false, None).await.unwrap();
+
     // A floating disk is offered on the VM's page and attached active; deactivating and
     // detaching it ask first (a running guest would lose it).
     let page = t.get(&format!("/portal/vms/{id}")).await.body;

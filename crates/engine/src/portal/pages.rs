@@ -1749,7 +1749,16 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         "",
         "placeholder=\"template name\" required pattern=\"[A-Za-z0-9._\\-]+\"",
     );
-    h.raw("<button type=\"submit\" class=\"secondary\">Make template</button></form></div>");
+    h.raw("<button type=\"submit\" class=\"secondary\">Make template</button></form>");
+    h.form_open(f, &format!("/portal/vms/{sid}/clone"), None, "inline-form");
+    h.input(
+        "Clone",
+        "name",
+        "text",
+        "",
+        "placeholder=\"new VM name\" required pattern=\"[A-Za-z0-9._\\-]+\"",
+    );
+    h.raw("<button type=\"submit\" class=\"secondary\">Clone VM</button></form></div>");
     h.raw("</div></section></div>");
 
     h.section("Disks");

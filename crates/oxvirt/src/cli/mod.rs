@@ -699,6 +699,13 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Clone a VM that is down: its configuration, NICs with new MACs, each disk copied into
+    /// one volume of its own.
+    Clone {
+        name: String,
+        /// The new VM's name.
+        new: String,
+    },
     /// Put an ISO disk into a VM's CD-ROM, or eject it: for its next start, or with --current
     /// into the running VM's drive.
     Cdrom {
@@ -2500,6 +2507,19 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             .await?;
             let obj = ctx.api.get(&format!("/vms/{id}")).await?;
             output::print_done(ctx.out, &format!("VM {name} is rebooting"), Some(&obj))
+        }
+        VmCmd::Clone { name, new } => {
+            let id = ctx.id(k, &name).await?;
+            ctx.action(
+                format!("clone VM {name} as {new}"),
+                format!("/vms/{id}/clone"),
+                json!({ "vm": { "name": new } }),
+                None,
+            )
+            .await?;
+            let new_id = ctx.id(k, &new).await?;
+            let obj = ctx.get(k, &new_id).await?;
+            output::print_done(ctx.out, &format!("VM {new} is a clone of {name}"), Some(&obj))
         }
         VmCmd::Cdrom {
             name,

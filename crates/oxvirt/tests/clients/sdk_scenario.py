@@ -621,6 +621,18 @@ def main():
     wait("VM down", lambda: vm_svc.get().status == types.VmStatus.DOWN)
     step("stopped")
 
+    # A clone: the same data in disks of its own, the same configuration, then removed.
+    vm_svc.clone(vm=types.Vm(name=P + "-clone"))
+    clone = vms.list(search="name=%s-clone" % P)[0]
+    assert clone.status == types.VmStatus.DOWN and clone.memory == 256 * MIB, clone
+    clone_svc = vms.vm_service(clone.id)
+    catts = clone_svc.disk_attachments_service().list()
+    assert len(catts) == 1 and catts[0].disk.id != att.disk.id, catts
+    assert len(image_volumes(sd2.id, catts[0].disk.id)) == 1, "the chain is collapsed"
+    same_image(image_volumes(sd2.id, att.disk.id)[-1], image_volumes(sd2.id, catts[0].disk.id)[-1])
+    clone_svc.remove()
+    step("cloned and the clone removed")
+
     # Preview, undo, preview again, commit, restore: the data the VM sees each time, read on
     # storage. The present differs from the snapshot by a MiB written while the VM is down.
     vols = image_volumes(sd2.id, att.disk.id)

@@ -4,7 +4,7 @@
 //! CD writes the disk), the CD of the running VM is changed and survives a live migration, an
 //! ISO in a CD-ROM cannot be removed, and the configuration's CD is apart from the running
 //! VM's. On the way, `vm stats` and `host stats` read the running VM's and its host's
-//! statistics.
+//! statistics, and the installed VM is cloned with its data.
 
 use crate::common;
 use crate::transfers::{engine_cfg, oxvirt, PASSWORD};
@@ -250,6 +250,31 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
     oxvirt(w, &["disk", "remove", "install"], false).await;
     oxvirt(w, &["vm", "cdrom", "inst", "--eject"], true).await;
     oxvirt(w, &["disk", "remove", "install"], true).await;
+
+    // A clone of the installed VM: a disk of its own with the same data.
+    oxvirt(w, &["vm", "clone", "inst", "inst2"], true).await;
+    let (stdout, stderr) = oxvirt(w, &["vm", "clone", "inst", "inst2"], false).await;
+    assert!(format!("{stdout}{stderr}").contains("exists"), "{stdout}{stderr}");
+    let clone_out = w.join("inst2.raw");
+    oxvirt(
+        w,
+        &[
+            "disk",
+            "download",
+            "inst2_inst-disk",
+            clone_out.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+        true,
+    )
+    .await;
+    let data = std::fs::read(&clone_out).unwrap();
+    assert!(
+        data[..2 << 20].iter().all(|b| *b == b'Z'),
+        "the clone has the installed data"
+    );
+    oxvirt(w, &["vm", "remove", "inst2"], true).await;
     assert!(db.disk_get(install_id).await.unwrap().is_none());
     assert!(db.disk_get(drivers_id).await.unwrap().is_none());
 

@@ -2,7 +2,7 @@
 //! saga (the omicron saga test pattern), against the real engine database (the disk and the
 //! VM/template sweeps on PostgreSQL, the others on SQLite) and a real
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
-//! template and a template; taking, removing, restoring and previewing a cold snapshot, and
+//! template, a VM cloned from a VM, and a template; taking, removing, restoring and previewing a cold snapshot, and
 //! committing or undoing the preview; deactivating, detaching and removing a second storage
 //! domain (there the engine's record and the pool metadata on storage must agree), and moving
 //! a disk to it.
@@ -594,6 +594,52 @@ impl Scenario for RemoveVmRun {
     }
 }
 
+struct CloneVmRun;
+impl Scenario for CloneVmRun {
+    const SAGA: &'static str = "clone_vm";
+    type Ctx = ();
+    async fn prepare(&self, _: &World) {}
+    async fn run(&self, w: &World, cmds: &Commands, _: &()) {
+        let _ = cmds.clone_vm(w.base, "swept_clone", None).await;
+    }
+    async fn check(&self, w: &World, _: &(), done: bool, what: &str) {
+        let clone = vm_named(w, "swept_clone").await;
+        assert_eq!(clone.is_some(), done, "{what}: the clone");
+        let base = w.db().vm_get(w.base).await.unwrap().unwrap();
+        assert_eq!(
+            base.runtime.status,
+            VmStatus::Down,
+            "{what}: the source is unlocked"
+        );
+        if let Some(c) = clone {
+            let atts = w.db().attachments_of_vm(c).await.unwrap();
+            let base_disks: Vec<DiskId> = w
+                .db()
+                .attachments_of_vm(w.base)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.disk_id)
+                .collect();
+            assert_eq!(atts.len(), base_disks.len(), "{what}: the clone's disks");
+            assert!(
+                atts.iter().all(|a| !base_disks.contains(&a.disk_id)),
+                "{what}: copies, not the source's disks"
+            );
+            assert_eq!(
+                w.db().vm_get(c).await.unwrap().unwrap().runtime.status,
+                VmStatus::Down,
+                "{what}: the clone is unlocked"
+            );
+        }
+    }
+    async fn reset(&self, w: &World, _: ()) {
+        if let Some(c) = vm_named(w, "swept_clone").await {
+            w.cmds().remove_vm(c, false, None).await.unwrap();
+        }
+    }
+}
+
 async fn regular_snapshot(w: &World, description: &str) -> Option<oxvirt_engine::model::SnapshotId> {
     w.db()
         .snapshots_of_vm(w.base)
@@ -1092,6 +1138,7 @@ async fn vm_and_template_commands_fail_and_crash_at_every_step_and_storage_agree
     let w = World::on_postgres().await;
     sweep(&w, &AddVmFromTemplate).await;
     sweep(&w, &RemoveVmRun).await;
+    sweep(&w, &CloneVmRun).await;
     sweep(&w, &AddTemplateRun).await;
     sweep(&w, &RemoveTemplateRun).await;
     w.domain()

@@ -101,6 +101,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         VmAttRemove => vms::att_remove(r).await,
         VmNumaNodes => vms::numa_list(r).await,
         VmCdromList => vms::cdrom_list(r).await,
+        VmClone => vms::vm_clone(r).await,
         VmStatList => vms::stat_list(r, false).await,
         VmStatGet => vms::stat_list(r, true).await,
         HostStatList => infra::host_stat_list(r, false).await,

@@ -439,6 +439,23 @@ pub async fn vm_migrate(r: &Req) -> Result<Resp, ApiError> {
     .await
 }
 
+/// `POST /vms/{id}/clone` with `<action><vm><name>NEW</name></vm></action>`: the VM, down,
+/// copied into a new one with disks of its own.
+pub async fn vm_clone(r: &Req) -> Result<Resp, ApiError> {
+    let v = vm(r, 0).await?;
+    let body = r.action_body()?;
+    let name = body
+        .string("vm/name")
+        .ok_or_else(|| ApiError::bad_request("the clone action needs <vm><name>NEW</name></vm>"))?;
+    let corr = r.correlation_id.clone();
+    let id = v.id;
+    run_action(r, Some(&body), "clone", move |e| async move {
+        e.cmds.clone_vm(id, &name, corr).await?;
+        Ok(())
+    })
+    .await
+}
+
 async fn snapshot_from_action(r: &Req, v: &Vm, body: &Elem) -> Result<SnapshotId, ApiError> {
     let s = body
         .get("snapshot")

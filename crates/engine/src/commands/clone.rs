@@ -1,0 +1,315 @@
+//! Cloning a VM that is down (oVirt's `POST /vms/{id}/clone`): a new VM with the source's
+//! configuration (memory, CPUs, boot settings, high availability, placement, the CD-ROM's
+//! ISO), each of its disks copied on the SPM into one volume of its own (snapshots and a
+//! template below are collapsed, so the clone depends on nothing), and its NICs with MACs of
+//! their own from the cluster's pool.
+//!
+//! The saga: `record` locks the source (the VM `image_locked`, its disks locked) and records
+//! the clone with its disks and attachments, locked; `copy` runs `Image.copy` per disk (a copy
+//! whose answer was lost is recognised by its legal volume); `unlock` releases both. Undo
+//! deletes the copied images and the clone's records and unlocks the source, so a failure or
+//! crash at any point leaves the source as it was and either no clone or a whole one. The NICs
+//! are added once the saga is done, as for a VM made from a template. Shareable disks are not
+//! copied: the clone shares them, as the source does.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::app::App;
+use crate::model::{
+    DcId, Disk, DiskAttachment, DiskFormat, DiskId, DiskStatus, Vm, VmId, VmRuntime, VmStatus, VolType,
+    VolUuid, Volume, BLANK_TEMPLATE_ID,
+};
+use crate::saga::{SagaDef, Step, StepCtx};
+
+use super::storage::{delete_image, step_err};
+use super::{Added, CommandError, Commands};
+
+/// One disk of the source and its copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClonedDisk {
+    pub src: DiskId,
+    pub disk: DiskId,
+    pub volume: VolUuid,
+    /// Raw for a source of one raw volume, else qcow2 (the chain collapsed).
+    pub format: DiskFormat,
+    /// The clone's attachment of the copy (the source's, with the new ids).
+    pub attachment: DiskAttachment,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneVmParams {
+    pub src: VmId,
+    /// The clone as recorded (down; its runtime is set by the saga).
+    pub vm: Vm,
+    pub dc: DcId,
+    pub disks: Vec<ClonedDisk>,
+    /// Shareable disks of the source, attached to the clone as they are.
+    #[serde(default)]
+    pub shared: Vec<DiskAttachment>,
+}
+
+pub struct CloneVmSaga;
+
+impl SagaDef for CloneVmSaga {
+    type Ctx = App;
+    type Params = CloneVmParams;
+    const NAME: &'static str = "clone_vm";
+
+    fn description(p: &Self::Params) -> String {
+        format!("Cloning VM {} as {}", p.src, p.vm.name)
+    }
+
+    fn steps() -> Vec<Step<Self>> {
+        vec![
+            Step::new(
+                "record",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let db = c.db();
+                    let locked = VmRuntime {
+                        status: VmStatus::ImageLocked,
+                        ..Default::default()
+                    };
+                    db.vm_set_runtime(p.src, &[VmStatus::Down, VmStatus::ImageLocked], &locked)
+                        .await?;
+                    for d in &p.disks {
+                        db.disk_lock(d.src, c.saga_id).await?;
+                    }
+                    if db.vm_get(p.vm.id).await?.is_none() {
+                        db.vm_insert(&p.vm).await?;
+                    }
+                    db.vm_set_runtime(p.vm.id, &[VmStatus::Down, VmStatus::ImageLocked], &locked)
+                        .await?;
+                    for d in &p.disks {
+                        let src = db
+                            .disk_get(d.src)
+                            .await?
+                            .ok_or_else(|| step_err("a source disk is gone"))?;
+                        if db.disk_get(d.disk).await?.is_none() {
+                            let mut n = Disk::new(
+                                &format!("{}_{}", p.vm.name, src.name),
+                                src.storage_domain_id,
+                                d.format,
+                                src.provisioned_size,
+                            );
+                            n.id = d.disk;
+                            n.description = src.description.clone();
+                            n.sparse = d.format == DiskFormat::Cow || src.sparse;
+                            n.wipe_after_delete = src.wipe_after_delete;
+                            db.disk_insert(&n).await?;
+                            db.volume_insert(&Volume {
+                                id: d.volume,
+                                disk_id: d.disk,
+                                storage_domain_id: src.storage_domain_id,
+                                parent_id: None,
+                                voltype: VolType::Leaf,
+                                format: d.format,
+                                actual_size: 0,
+                                created_at: crate::time::Timestamp::from_millis(0),
+                            })
+                            .await?;
+                        }
+                        db.disk_lock(d.disk, c.saga_id).await?;
+                        if db.attachment_get(p.vm.id, d.disk).await?.is_none() {
+                            db.attachment_add(&d.attachment).await?;
+                        }
+                    }
+                    for a in &p.shared {
+                        if db.attachment_get(p.vm.id, a.disk_id).await?.is_none() {
+                            db.attachment_add(a).await?;
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    let db = c.db();
+                    for d in &p.disks {
+                        if db.disk_get(d.disk).await?.is_some() {
+                            db.attachment_remove(p.vm.id, d.disk).await?;
+                            db.volume_delete(d.volume).await?;
+                            db.disk_delete(d.disk).await?;
+                        }
+                        db.disk_unlock(d.src, c.saga_id, DiskStatus::Ok).await?;
+                    }
+                    if db.vm_get(p.vm.id).await?.is_some() {
+                        let _ = db
+                            .vm_set_runtime(p.vm.id, &[VmStatus::ImageLocked], &VmRuntime::default())
+                            .await;
+                        // Its shared attachments go with it.
+                        db.vm_delete(p.vm.id).await?;
+                    }
+                    let _ = db
+                        .vm_set_runtime(p.src, &[VmStatus::ImageLocked], &VmRuntime::default())
+                        .await;
+                    Ok(())
+                },
+            )
+            .describe("Recording the clone, the source locked"),
+            Step::new(
+                "copy",
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    if p.disks.is_empty() {
+                        return Ok(());
+                    }
+                    let app = c.app();
+                    let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
+                    for d in &p.disks {
+                        let src = c
+                            .db()
+                            .disk_get(d.src)
+                            .await?
+                            .ok_or_else(|| step_err("a source disk is gone"))?;
+                        let sd = src.storage_domain_id;
+                        let args = json!({
+                            "spUUID": dc.storage_pool_id, "sdUUID": sd, "dstSdUUID": sd,
+                            "srcImgUUID": d.src, "dstImgUUID": d.disk, "dstVolUUID": d.volume,
+                            "volType": "LEAF", "volFormat": d.format.as_str().to_uppercase(),
+                            "preallocate": "SPARSE",
+                        });
+                        if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
+                            // Copied by an earlier run whose answer was lost: the volume is there.
+                            let info = spm
+                                .call(
+                                    "Volume.getInfo",
+                                    json!({ "sdUUID": sd, "imgUUID": d.disk, "volUUID": d.volume }),
+                                )
+                                .await;
+                            if !info.is_ok_and(|i| {
+                                i["meta"]["legality"]
+                                    .as_str()
+                                    .is_some_and(|l| l.eq_ignore_ascii_case("legal"))
+                            }) {
+                                return Err(step_err(e));
+                            }
+                        }
+                    }
+                    Ok(())
+                },
+                |c: StepCtx<Self>| async move {
+                    let p = c.params();
+                    for d in &p.disks {
+                        if let Some(n) = c.db().disk_get(d.disk).await? {
+                            delete_image(c.app(), p.dc, n.storage_domain_id, d.disk).await?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .describe("Copying the disks"),
+            Step::without_undo("unlock", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                let db = c.db();
+                for d in &p.disks {
+                    db.disk_unlock(d.disk, c.saga_id, DiskStatus::Ok).await?;
+                    db.disk_unlock(d.src, c.saga_id, DiskStatus::Ok).await?;
+                }
+                let down = VmRuntime::default();
+                let _ = db.vm_set_runtime(p.vm.id, &[VmStatus::ImageLocked], &down).await;
+                let _ = db.vm_set_runtime(p.src, &[VmStatus::ImageLocked], &down).await;
+                Ok(())
+            })
+            .describe("Unlocking the VMs and disks"),
+        ]
+    }
+}
+
+impl Commands {
+    /// Clones VM `src`, which must be down, as a new VM `name` (see the module docs).
+    pub async fn clone_vm(
+        &self,
+        src: VmId,
+        name: &str,
+        correlation_id: Option<String>,
+    ) -> Result<Added<Vm>, CommandError> {
+        let v = self.vm(src).await?;
+        if v.runtime.status != VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: a VM is cloned while it is down",
+                v.name, v.runtime.status
+            )));
+        }
+        if self.app.db.vm_get_by_name(name).await?.is_some() {
+            return Err(CommandError::Conflict(format!("a VM named {name} exists")));
+        }
+        self.refuse_locked_disks(&v, "cloned").await?;
+        let dc = self.app.cluster(v.cluster_id).await?.data_center_id;
+        let mut vm = Vm::new(name, v.cluster_id);
+        vm.description = v.description.clone();
+        vm.template_id = BLANK_TEMPLATE_ID;
+        vm.memory_bytes = v.memory_bytes;
+        vm.memory_guaranteed_bytes = v.memory_guaranteed_bytes;
+        vm.cpu = v.cpu;
+        vm.ha = v.ha;
+        vm.lease_storage_domain_id = v.lease_storage_domain_id;
+        vm.placement = v.placement.clone();
+        vm.os = v.os.clone();
+        vm.cdrom = v.cdrom;
+        let (mut disks, mut shared) = (Vec::new(), Vec::new());
+        for a in self.app.db.attachments_of_vm(src).await? {
+            let d = self.disk(a.disk_id).await?;
+            if d.shareable {
+                shared.push(DiskAttachment { vm_id: vm.id, ..a });
+                continue;
+            }
+            let chain = self.app.db.volume_chain(d.id).await?;
+            let format = match chain.as_slice() {
+                [only] => only.format,
+                _ => DiskFormat::Cow,
+            };
+            let disk = DiskId::new_random();
+            disks.push(ClonedDisk {
+                src: d.id,
+                disk,
+                volume: VolUuid::new_random(),
+                format,
+                attachment: DiskAttachment {
+                    vm_id: vm.id,
+                    disk_id: disk,
+                    ..a
+                },
+            });
+        }
+        if !disks.is_empty() {
+            self.app.spm(&self.app.dc(dc).await?).await?;
+        }
+        let nics = self.app.db.nics_of_vm(src).await?;
+        let id = vm.id;
+        let storage_work = !disks.is_empty();
+        let what = format!("Cloning VM {} as {name}", v.name);
+        let pending = self
+            .run_adding::<CloneVmSaga, _, _>(
+                CloneVmParams {
+                    src,
+                    vm,
+                    dc,
+                    disks,
+                    shared,
+                },
+                Some(what),
+                correlation_id,
+                storage_work,
+                move |cmds| async move {
+                    for n in nics {
+                        let req = crate::commands::networks::AddNic {
+                            name: n.name,
+                            network: n.network,
+                            mac: None,
+                            interface: n.interface,
+                            plugged: n.plugged,
+                            linked: n.linked,
+                        };
+                        cmds.add_nic(id, req).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(Added {
+            entity: self.vm(id).await?,
+            pending,
+        })
+    }
+}
