@@ -56,6 +56,9 @@ fn step_err(e: impl std::fmt::Display) -> StepError {
 #[derive(Debug, Clone)]
 pub struct AddImageTransfer {
     pub disk: DiskId,
+    /// A disk snapshot (oVirt's: the id of the volume holding the disk's data as of a
+    /// snapshot) to download instead of the disk's present; its disk is `disk`.
+    pub snapshot: Option<VolUuid>,
     pub direction: TransferDirection,
     /// The host to go through; default: an up host of the disk's data center that reaches its
     /// domain (the SPM last).
@@ -476,17 +479,45 @@ impl Commands {
             .disk_get(req.disk)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", req.disk))?;
-        let (d, _, dc, _) = self
-            .disk_transfer_check(req.disk, d0.storage_domain_id, "is transferred on", false)
-            .await?;
-        let volume = self
-            .app
-            .db
-            .volume_chain(d.id)
-            .await?
+        let chain = self.app.db.volume_chain(d0.id).await?;
+        let leaf = chain
             .last()
             .map(|v| v.id)
-            .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;
+            .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d0.name)))?;
+        // A disk snapshot is read while the VM may run: its volume is one the VM no longer
+        // writes. The present (the leaf) only moves with the disk's VMs down.
+        let (d, dc, volume) = match req.snapshot {
+            Some(vol) => {
+                if req.direction != TransferDirection::Download {
+                    return Err(CommandError::invalid(
+                        "a disk snapshot is downloaded, never uploaded: upload into a disk",
+                    ));
+                }
+                if !chain.iter().any(|v| v.id == vol) {
+                    return Err(CommandError::not_found("disk snapshot", vol));
+                }
+                if vol == leaf {
+                    return Err(CommandError::invalid(format!(
+                        "{vol} is the present of disk {}, not a snapshot of it: transfer the disk",
+                        d0.name
+                    )));
+                }
+                if d0.status != DiskStatus::Ok {
+                    return Err(CommandError::Conflict(format!(
+                        "disk {} is {}",
+                        d0.name, d0.status
+                    )));
+                }
+                let dc = self.domain_dc(d0.storage_domain_id).await?;
+                (d0, dc, vol)
+            }
+            None => {
+                let (d, _, dc, _) = self
+                    .disk_transfer_check(req.disk, d0.storage_domain_id, "is transferred on", false)
+                    .await?;
+                (d, dc, leaf)
+            }
+        };
         let host = match req.host {
             Some(h) => {
                 let host = self.app.host(h).await?;

@@ -289,6 +289,55 @@ pub fn disk(o: &mut Out, d: &Disk) {
     o.close("disk");
 }
 
+/// A disk as of a snapshot: `as_disk` writes it as `<disk>` under the VM's snapshot
+/// (`/vms/{v}/snapshots/{s}/disks`), else as the storage domain's `<disk_snapshot>` (its id the
+/// volume's, what an image transfer's `<snapshot id>` names).
+pub fn disk_snapshot(o: &mut Out, d: &Disk, vol: &Volume, snap: &Snapshot, as_disk: bool) {
+    let (tag, id, hr) = if as_disk {
+        (
+            "disk",
+            d.id.to_string(),
+            format!("{API}/vms/{}/snapshots/{}/disks/{}", snap.vm_id, snap.id, d.id),
+        )
+    } else {
+        (
+            "disk_snapshot",
+            vol.id.to_string(),
+            format!(
+                "{}/disksnapshots/{}",
+                href("storagedomains", vol.storage_domain_id),
+                vol.id
+            ),
+        )
+    };
+    o.open(tag, Some(&id), Some(&hr));
+    o.leaf("name", &d.name);
+    o.leaf("alias", &d.name);
+    o.leaf("description", &d.description);
+    o.leaf("format", vol.format);
+    o.leaf("sparse", d.sparse);
+    o.leaf("provisioned_size", d.provisioned_size);
+    o.leaf("actual_size", vol.actual_size);
+    o.leaf("status", d.status);
+    o.leaf("image_id", vol.id);
+    o.leaf("content_type", d.content_type);
+    o.open("storage_domains", None, None);
+    o.array_open("storage_domain");
+    reference(o, "storage_domain", "storagedomains", vol.storage_domain_id);
+    o.array_close();
+    o.close("storage_domains");
+    if !as_disk {
+        reference(o, "disk", "disks", d.id);
+    }
+    let snap_id = snap.id.to_string();
+    o.reference(
+        "snapshot",
+        &snap_id,
+        &format!("{API}/vms/{}/snapshots/{}", snap.vm_id, snap.id),
+    );
+    o.close(tag);
+}
+
 pub fn disk_attachment(o: &mut Out, owner: &str, a: &DiskAttachment, d: Option<&Disk>) {
     let hr = format!("{API}/{owner}/{}/diskattachments/{}", a.vm_id, a.disk_id);
     o.open("disk_attachment", Some(&a.disk_id.to_string()), Some(&hr));

@@ -993,8 +993,13 @@ async fn image_transfers_refuse_bad_requests_and_the_ca_is_served(backend: Backe
         ),
         (
             &*format!("<image_transfer><disk id=\"{missing}\"/><snapshot id=\"{missing}\"/></image_transfer>"),
+            StatusCode::NOT_FOUND,
+            "disk snapshot",
+        ),
+        (
+            &*format!("<image_transfer><disk id=\"{missing}\"/><backup id=\"{missing}\"/></image_transfer>"),
             StatusCode::BAD_REQUEST,
-            "snapshots",
+            "backups",
         ),
         (
             &*format!("<image_transfer><disk id=\"{missing}\"/><inactivity_timeout>0</inactivity_timeout></image_transfer>"),

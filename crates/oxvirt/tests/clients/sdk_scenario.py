@@ -159,12 +159,17 @@ def engine_ca(path):
     return path
 
 
-def start_transfer(system, disk_id, direction, inactivity_timeout=None):
-    """An image transfer as the SDK's upload_disk.py example starts it, once it serves."""
+def start_transfer(system, disk_id, direction, inactivity_timeout=None, snapshot=None):
+    """An image transfer as the SDK's upload_disk.py example starts it (download_disk_snapshot.py
+    with `snapshot`, a disk snapshot's id), once it serves."""
     transfers = system.image_transfers_service()
-    t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk_id), direction=direction,
-                                          format=types.DiskFormat.RAW,
-                                          inactivity_timeout=inactivity_timeout))
+    if snapshot:
+        t = transfers.add(types.ImageTransfer(snapshot=types.DiskSnapshot(id=snapshot), direction=direction,
+                                              format=types.DiskFormat.RAW))
+    else:
+        t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk_id), direction=direction,
+                                              format=types.DiskFormat.RAW,
+                                              inactivity_timeout=inactivity_timeout))
     svc = transfers.image_transfer_service(t.id)
     t = wait("transfer serving", lambda: (lambda x: x if x.phase != types.ImageTransferPhase.INITIALIZING
                                           else None)(svc.get()), 60, 0.2)
@@ -536,6 +541,34 @@ def main():
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "regular"], kinds
     step("live snapshot %s" % snap.id)
+
+    # A snapshot-based backup of the running VM, as backup tools do it: the snapshot's disks,
+    # the domain's disk snapshots, and the disk's data as of the snapshot downloaded.
+    sdisks = snaps.snapshot_service(snap.id).disks_service().list()
+    assert [d.id for d in sdisks] == [att.disk.id], sdisks
+    dsnaps = [x for x in sds.storage_domain_service(sd.id).disk_snapshots_service().list()
+              if x.disk.id == att.disk.id]
+    assert [x.id for x in dsnaps] == [sdisks[0].image_id], (dsnaps, sdisks)
+    try:
+        start_transfer(system, None, types.ImageTransferDirection.UPLOAD, snapshot=dsnaps[0].id)
+        raise AssertionError("an upload into a disk snapshot was accepted")
+    except sdk.Error as e:
+        assert e.code == 400, e
+    import tempfile
+    from ovirt_imageio import client as imageio
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = engine_ca(os.path.join(tmp, "ca.pem"))
+        svc, t = start_transfer(system, None, types.ImageTransferDirection.DOWNLOAD, snapshot=dsnaps[0].id)
+        backup = os.path.join(tmp, "backup.qcow2")
+        imageio.download(t.transfer_url, backup, ca, fmt="qcow2")
+        svc.finalize()
+        assert transfer_ended(svc).phase == types.ImageTransferPhase.FINISHED_SUCCESS
+        vols = image_volumes(sd.id, att.disk.id)
+        assert os.path.basename(vols[0]) == dsnaps[0].id, vols
+        same_image(backup, vols[0])
+    assert vm_svc.get().status == types.VmStatus.UP
+    wait("disk unlocked after the backup", lambda: disk_svc.get().status == types.DiskStatus.OK, 30)
+    step("disk snapshot %s downloaded while the VM runs" % dsnaps[0].id)
 
     # A second data domain; the running VM's disk moves there (a live storage migration: the
     # guest writes on), its chain with it, and the automatic snapshot goes again.

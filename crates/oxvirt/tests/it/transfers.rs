@@ -458,6 +458,7 @@ async fn start_transfer(
         .cmds
         .add_image_transfer(
             AddImageTransfer {
+                snapshot: None,
                 disk,
                 direction,
                 host: None,

@@ -168,6 +168,40 @@ pub async fn sd_disks(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+/// The disk snapshots on a storage domain: per regular snapshot of every VM, each disk's
+/// volume as of it, when that volume is on this domain and still there.
+pub async fn sd_disk_snapshots(r: &Req) -> Result<Resp, ApiError> {
+    let s = sd(r, 0).await?;
+    let mut items = Vec::new();
+    for v in r.db().vm_list(&ListQuery::new()).await? {
+        for snap in r.db().snapshots_of_vm(v.id).await? {
+            if snap.snapshot_type != SnapshotType::Regular {
+                continue;
+            }
+            for sdisk in &snap.disks {
+                let Some(vol) = r.db().volume_get(sdisk.volume_id).await? else {
+                    continue;
+                };
+                if vol.storage_domain_id != s.id {
+                    continue;
+                }
+                if let Some(d) = r.db().disk_get(sdisk.disk_id).await? {
+                    items.push((d, vol, snap.clone()));
+                }
+            }
+        }
+    }
+    let mut o = r.out();
+    collection(
+        &mut o,
+        "disk_snapshots",
+        "disk_snapshot",
+        &items,
+        |o, (d, v, snap)| write::disk_snapshot(o, d, v, snap, false),
+    );
+    Ok(Resp::ok(o))
+}
+
 // ------------------------------------------------------------- attached to a data center
 
 async fn dc_of(r: &Req) -> Result<DataCenter, ApiError> {
@@ -500,21 +534,47 @@ pub async fn transfer_get(r: &Req) -> Result<Resp, ApiError> {
 /// (`<image id>` names the disk too, as older clients send it).
 pub async fn transfer_add(r: &Req) -> Result<Resp, ApiError> {
     let b = r.body("image_transfer")?;
-    if b.get("snapshot").is_some() || b.get("backup").is_some() {
+    if b.get("backup").is_some() {
         return Err(ApiError::bad_request(
-            "image transfers of snapshots or backups are refused: transfer a disk (<disk id>)",
+            "image transfers of backups are refused: transfer a disk (<disk id>) or a disk snapshot (<snapshot id>)",
         ));
     }
-    let disk_elem = b
-        .get("disk")
-        .or_else(|| b.get("image"))
-        .ok_or_else(|| ApiError::bad_request("<image_transfer> needs <disk id=\"…\"/>"))?;
-    let disk: DiskId = super::parse_id(
-        disk_elem
-            .id()
-            .ok_or_else(|| ApiError::bad_request("<image_transfer><disk> needs an id"))?,
-        "disk",
-    )?;
+    // A disk snapshot (`<snapshot id>`, its volume) names its disk.
+    let snapshot = match b.get("snapshot") {
+        Some(s) => {
+            let id: VolUuid = super::parse_id(
+                s.id()
+                    .ok_or_else(|| ApiError::bad_request("<image_transfer><snapshot> needs an id"))?,
+                "disk snapshot",
+            )?;
+            let vol = r
+                .db()
+                .volume_get(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("disk snapshot {id} not found")))?;
+            Some(vol)
+        }
+        None => None,
+    };
+    let disk: DiskId = match (b.get("disk").or_else(|| b.get("image")), &snapshot) {
+        (Some(e), _) => super::parse_id(
+            e.id()
+                .ok_or_else(|| ApiError::bad_request("<image_transfer><disk> needs an id"))?,
+            "disk",
+        )?,
+        (None, Some(v)) => v.disk_id,
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "<image_transfer> needs <disk id=\"…\"/> (or <snapshot id=\"…\"/>, a disk snapshot)",
+            ))
+        }
+    };
+    if let Some(v) = snapshot.as_ref().filter(|v| v.disk_id != disk) {
+        return Err(ApiError::bad_request(format!(
+            "disk snapshot {} is not of disk {disk}",
+            v.id
+        )));
+    }
     let direction: TransferDirection = b.parse("direction")?.unwrap_or(TransferDirection::Upload);
     let host = match b.get("host") {
         Some(h) => Some(host_ref(r, h).await?),
@@ -522,6 +582,7 @@ pub async fn transfer_add(r: &Req) -> Result<Resp, ApiError> {
     };
     let req = crate::commands::AddImageTransfer {
         disk,
+        snapshot: snapshot.map(|v| v.id),
         direction,
         host,
         format: b.parse("format")?,

@@ -905,6 +905,26 @@ pub async fn snap_get(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+/// The disks of a snapshot with the volumes holding their data as of it (an active snapshot's
+/// are the disks' present).
+pub async fn snap_disks(r: &Req) -> Result<Resp, ApiError> {
+    let (_, s) = snap(r).await?;
+    let mut items = Vec::new();
+    for sd in &s.disks {
+        if let (Some(d), Some(v)) = (
+            r.db().disk_get(sd.disk_id).await?,
+            r.db().volume_get(sd.volume_id).await?,
+        ) {
+            items.push((d, v));
+        }
+    }
+    let mut o = r.out();
+    collection(&mut o, "disks", "disk", &items, |o, (d, v)| {
+        write::disk_snapshot(o, d, v, &s, true)
+    });
+    Ok(Resp::ok(o))
+}
+
 pub async fn snap_add(r: &Req) -> Result<Resp, ApiError> {
     let v = vm(r, 0).await?;
     let b = r.body("snapshot")?;
