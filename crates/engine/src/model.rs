@@ -1073,6 +1073,9 @@ pub struct Event {
     pub data_center_id: Option<DcId>,
     pub cluster_id: Option<ClusterId>,
     pub template_id: Option<TemplateId>,
+    /// An external event's sender and its id there (oVirt's `origin`, `custom_id`).
+    pub origin: Option<String>,
+    pub custom_id: Option<i64>,
     pub time: Timestamp,
 }
 
@@ -1089,6 +1092,9 @@ pub struct NewEvent {
     pub data_center_id: Option<DcId>,
     pub cluster_id: Option<ClusterId>,
     pub template_id: Option<TemplateId>,
+    /// An external event's sender and its id there; unique together.
+    pub origin: Option<String>,
+    pub custom_id: Option<i64>,
 }
 
 impl NewEvent {

@@ -12,6 +12,7 @@ mod attachments;
 mod cdroms;
 mod clone;
 mod consoles;
+mod events;
 mod infra;
 mod live_move;
 mod networks;

@@ -6,7 +6,8 @@
 //! recorded (`initializing`). The saga:
 //!
 //! ```text
-//!  lock ─► record ─► export (host: NBD.start_server on the disk's leaf, with its chain)
+//!  lock ─► record ─► export (host: NBD.start_server on the disk's leaf, or a disk snapshot's
+//!                             volume for a snapshot download, with the chain below it)
 //!       ─► ticket (host: Host.add_image_ticket) ─► serve (transfer_url; `transferring`)
 //!       ─► wait (until finalize; polling the ticket: progress, inactivity, extension)
 //!       ─► close (ticket removed, NBD server stopped) ─► verify ─► finish (`finished_success`)

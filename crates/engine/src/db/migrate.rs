@@ -86,6 +86,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cdrom",
         sql: include_str!("migrations/0013_cdrom.sql"),
     },
+    Migration {
+        version: 14,
+        name: "external_events",
+        sql: include_str!("migrations/0014_external_events.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -687,8 +687,8 @@ pub fn event(o: &mut Out, e: &Event) {
     o.leaf("severity", e.severity);
     o.leaf("time", time(e.time));
     o.leaf("index", e.id);
-    o.leaf("origin", "oVirt");
-    o.leaf("custom_id", -1);
+    o.leaf("origin", e.origin.as_deref().unwrap_or("oVirt"));
+    o.leaf("custom_id", e.custom_id.unwrap_or(-1));
     o.leaf("flood_rate", 30);
     o.leaf("log_on_host", false);
     o.opt_leaf("correlation_id", e.correlation_id.as_deref());

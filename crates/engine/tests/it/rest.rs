@@ -1300,7 +1300,69 @@ async fn statistics_of_down_vms_and_hosts(backend: Backend) {
     );
 }
 
+/// External events: recorded with their origin and custom id, found again, refused a second
+/// time for the same pair and without what they need.
+async fn external_events_are_recorded_once_per_origin_and_id(backend: Backend) {
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    c.post("datacenters", "<data_center><name>dc</name></data_center>")
+        .await;
+    c.post(
+        "clusters",
+        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+    )
+    .await;
+    let r = c.post("vms", &vm_xml("evm", "cl")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let vm = root_id(&r.body).to_string();
+    let ev = |custom: &str, extra: &str| {
+        format!(
+            "<event><description>backup of evm done</description><severity>warning</severity>\
+             <origin>backup-tool</origin>{custom}<vm id=\"{vm}\"/>{extra}</event>"
+        )
+    };
+    let r = c.post("events", &ev("<custom_id>42</custom_id>", "")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    for needle in [
+        "<origin>backup-tool</origin>",
+        "<custom_id>42</custom_id>",
+        "<code>12001</code>",
+        "<severity>warning</severity>",
+    ] {
+        assert!(r.body.contains(needle), "{needle}: {}", r.body);
+    }
+    let id = root_id(&r.body).to_string();
+    let listed = c.get("events?search=severity%3E%3Dwarning").await.body;
+    assert!(listed.contains(&format!("id=\"{id}\"")), "{listed}");
+    let r = c.post("events", &ev("<custom_id>42</custom_id>", "")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "the same origin and id twice: {}",
+        r.body
+    );
+    let r = c.post("events", &ev("", "")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("custom_id"), "{}", r.body);
+    let r = c
+        .post(
+            "events",
+            "<event><description>x</description><origin>oVirt</origin><custom_id>1</custom_id></event>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = c.post("events", &ev("<custom_id>43</custom_id>", "")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "another id of the same origin: {}",
+        r.body
+    );
+}
+
 both_backends!(
+    external_events_are_recorded_once_per_origin_and_id,
     statistics_of_down_vms_and_hosts,
     cdroms_hold_iso_disks_only,
     sso_tokens_and_authentication,

@@ -496,6 +496,19 @@ def main():
     assert hstats["boot.time"].values[0].datum > 1_600_000_000
     step("statistics of the VM (%d) and its host (%d)" % (len(stats), len(hstats)))
 
+    # An external event, as a backup or monitoring tool records one; once per origin and id.
+    events = system.events_service()
+    ev = events.add(types.Event(description="checked %s" % vm.id, severity=types.LogSeverity.NORMAL,
+                                origin=P + "-monitor", custom_id=7, vm=types.Vm(id=vm.id)))
+    assert ev.origin == P + "-monitor" and ev.custom_id == 7 and ev.code == 12000, ev
+    try:
+        events.add(types.Event(description="again", severity=types.LogSeverity.NORMAL,
+                               origin=P + "-monitor", custom_id=7))
+        raise AssertionError("an external event was recorded twice")
+    except sdk.Error as e:
+        assert e.code == 409, e
+    step("external event %s" % ev.id)
+
     # Its VNC console: no way in without a ticket; the remote-viewer file's works, a wrong
     # password does not, a ticket of one's own works too.
     consoles_svc = vm_svc.graphics_consoles_service()

@@ -230,7 +230,7 @@ async fn jobs_clear_ended(c: &mut Conn<'_>, before: Timestamp) -> Result<u64, Db
 // ---------------------------------------------------------------- events
 
 const EVENT_COLS: &str = "id, severity, code, description, correlation_id, vm_id, host_id, \
-    storage_domain_id, data_center_id, cluster_id, template_id, time";
+    storage_domain_id, data_center_id, cluster_id, template_id, origin, custom_id, time";
 
 fn event_from_row(r: &AnyRow) -> Result<Event, DbError> {
     Ok(Event {
@@ -245,6 +245,8 @@ fn event_from_row(r: &AnyRow) -> Result<Event, DbError> {
         data_center_id: r.opt_parse("data_center_id")?,
         cluster_id: r.opt_parse("cluster_id")?,
         template_id: r.opt_parse("template_id")?,
+        origin: r.opt_text("origin")?,
+        custom_id: r.opt_int("custom_id")?,
         time: r.ts("time")?,
     })
 }
@@ -272,7 +274,7 @@ pub enum EventSort {
 
 async fn event_add(c: &mut Conn<'_>, e: &NewEvent) -> Result<Event, DbError> {
     let mut q = Sql::new(
-        "INSERT INTO events (severity, code, description, correlation_id, vm_id, host_id, storage_domain_id, data_center_id, cluster_id, template_id, time) VALUES (",
+        "INSERT INTO events (severity, code, description, correlation_id, vm_id, host_id, storage_domain_id, data_center_id, cluster_id, template_id, origin, custom_id, time) VALUES (",
     );
     q.arg(e.severity.unwrap_or(Severity::Normal).as_str())
         .push(", ")
@@ -294,13 +296,21 @@ async fn event_add(c: &mut Conn<'_>, e: &NewEvent) -> Result<Event, DbError> {
         .push(", ")
         .arg(Arg::Text(e.template_id.map(|v| v.to_string())))
         .push(", ")
+        .arg(Arg::Text(e.origin.clone()))
+        .push(", ")
+        .arg(Arg::Int(e.custom_id))
+        .push(", ")
         .arg(c.now.as_millis())
         .push(&format!(") RETURNING {EVENT_COLS}"));
+    let key = match (&e.origin, e.custom_id) {
+        (Some(o), Some(id)) => format!("{o} {id}"),
+        _ => "(internal)".into(),
+    };
     let row = q
         .query()
         .fetch_one(&mut *c.c)
         .await
-        .map_err(DbError::sql("insert event"))?;
+        .map_err(DbError::on_write("event", key))?;
     let ev = event_from_row(&row)?;
     tracing::debug!(event_id = ev.id, code = ev.code, severity = %ev.severity, "{}", ev.description);
     Ok(ev)

@@ -172,6 +172,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         JobGet => ops::job_get(r).await,
         JobSteps => ops::job_steps(r).await,
         JobRetry => ops::job_retry(r).await,
+        EventAdd => ops::event_add(r).await,
         EventList => ops::event_list(r).await,
         EventGet => ops::event_get(r).await,
         UserList => ops::user_list(r).await,

@@ -249,6 +249,41 @@ pub async fn event_list(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(o))
 }
 
+/// `POST /events`: an external event (see [`crate::commands::Commands::add_external_event`]).
+pub async fn event_add(r: &Req) -> Result<Resp, ApiError> {
+    let b = r.body("event")?;
+    let mut ev = NewEvent {
+        severity: b.parse("severity")?,
+        description: b.string("description").unwrap_or_default(),
+        origin: b.string("origin"),
+        custom_id: b.parse("custom_id")?,
+        correlation_id: r.correlation_id.clone(),
+        ..Default::default()
+    };
+    if let Some(e) = b.get("vm") {
+        ev.vm_id = Some(super::vm_ref(r, e).await?);
+    }
+    if let Some(e) = b.get("host") {
+        ev.host_id = Some(super::host_ref(r, e).await?);
+    }
+    if let Some(e) = b.get("storage_domain") {
+        ev.storage_domain_id = Some(super::sd_ref(r, e).await?);
+    }
+    if let Some(e) = b.get("data_center") {
+        ev.data_center_id = Some(super::dc_ref(r, e).await?);
+    }
+    if let Some(e) = b.get("cluster") {
+        ev.cluster_id = Some(super::cluster_ref(r, e).await?);
+    }
+    if let Some(e) = b.get("template") {
+        ev.template_id = Some(super::template_ref(r, e).await?);
+    }
+    let e = r.cmds().add_external_event(ev).await?;
+    let mut o = r.out();
+    root_entity(&mut o, |o| write::event(o, &e));
+    Ok(Resp::added(o, href("events", e.id), false))
+}
+
 pub async fn event_get(r: &Req) -> Result<Resp, ApiError> {
     let id: i64 = r.id(0, "event")?;
     let e = r
