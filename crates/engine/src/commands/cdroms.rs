@@ -108,3 +108,28 @@ impl Commands {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::vms::{RunOnce, RunOnceCd};
+
+    #[test]
+    fn a_run_once_keeps_an_empty_cd_apart_from_no_change() {
+        let ro = RunOnce {
+            cdrom: Some(RunOnceCd::Empty),
+            boot_devices: None,
+        };
+        let back: RunOnce = serde_json::from_value(serde_json::to_value(&ro).unwrap()).unwrap();
+        assert_eq!(back, ro);
+        let none: RunOnce = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(none.cdrom, None);
+    }
+
+    #[test]
+    fn windows_guests_get_a_sata_cdrom() {
+        let mut os = crate::model::VmOs::default();
+        assert!(!os.is_windows());
+        os.os_type = "windows_2022".into();
+        assert!(os.is_windows());
+    }
+}

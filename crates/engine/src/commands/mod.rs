@@ -47,7 +47,9 @@ pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
 pub use transfers::AddImageTransfer;
 pub(crate) use vms::destroy_on as destroy_on_node;
-pub use vms::{AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, RunOnce, StartOptions as VmStartOptions};
+pub use vms::{
+    AddVm, AddVmDisk, MigrateOptions, MigrateVmSaga, RunOnce, RunOnceCd, StartOptions as VmStartOptions,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

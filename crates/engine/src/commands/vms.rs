@@ -372,14 +372,32 @@ pub struct StartVmParams {
     pub run_once: Option<RunOnce>,
 }
 
-/// What a run once (oVirt's start with a `<vm>`) changes for one run: the CD in the drive
-/// (`cdrom: Some(None)`: empty) and the boot order.
+/// What a run once (oVirt's start with a `<vm>`) changes for one run: the CD in the drive and
+/// the boot order.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunOnce {
     #[serde(default)]
-    pub cdrom: Option<Option<DiskId>>,
+    pub cdrom: Option<RunOnceCd>,
     #[serde(default)]
     pub boot_devices: Option<Vec<crate::model::BootDevice>>,
+}
+
+/// A run once's CD: an empty drive, or an ISO disk. (An enum, not `Option<Option<_>>`, which
+/// JSON would not keep apart from no change in the saga's log.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOnceCd {
+    Empty,
+    Iso(DiskId),
+}
+
+impl RunOnceCd {
+    pub fn disk(self) -> Option<DiskId> {
+        match self {
+            RunOnceCd::Empty => None,
+            RunOnceCd::Iso(d) => Some(d),
+        }
+    }
 }
 
 pub struct StartVmSaga;
@@ -459,7 +477,7 @@ impl SagaDef for StartVmSaga {
                         .ok_or_else(|| step_err("the VM is gone"))?;
                     let mut cdrom = vm.cdrom;
                     if let Some(ro) = &p.run_once {
-                        if let Some(cd) = ro.cdrom {
+                        if let Some(cd) = ro.cdrom.map(RunOnceCd::disk) {
                             cdrom = cd;
                             params["cdrom"] = super::cdroms::cdrom_params(c.app(), &vm, cd)
                                 .await
@@ -1265,7 +1283,7 @@ impl Commands {
             )));
         }
         self.refuse_locked_disks(&vm, "started").await?;
-        if let Some(Some(iso)) = opts.run_once.as_ref().and_then(|r| r.cdrom) {
+        if let Some(RunOnceCd::Iso(iso)) = opts.run_once.as_ref().and_then(|r| r.cdrom) {
             super::cdroms::iso_disk(self, iso).await?;
         }
         let dc = self.cluster_dc(vm.cluster_id).await?;

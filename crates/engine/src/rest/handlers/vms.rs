@@ -330,8 +330,8 @@ pub async fn vm_start(r: &Req) -> Result<Resp, ApiError> {
         let mut ro = crate::commands::RunOnce::default();
         if let Some(f) = e.get("cdroms/cdrom/file") {
             ro.cdrom = Some(match f.id() {
-                Some(id) => Some(iso_ref(r, id).await?),
-                None => None,
+                Some(id) => crate::commands::RunOnceCd::Iso(iso_ref(r, id).await?),
+                None => crate::commands::RunOnceCd::Empty,
             });
         }
         if let Some(devs) = e.get("os/boot/devices") {
