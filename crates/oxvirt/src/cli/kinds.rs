@@ -158,6 +158,7 @@ pub static DISK: Kind = Kind {
         c("ID", "id", Text),
         c("STATUS", "status", Text),
         c("FORMAT", "format", Text),
+        c("CONTENT", "content_type", Text),
         c("SIZE", "provisioned_size", Bytes),
         c("ACTUAL", "actual_size", Bytes),
         c("STORAGE DOMAIN", "storage_domain.id", Ref(&STORAGE_DOMAIN)),

@@ -146,6 +146,12 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
     let (install_id, ct) = disk_id("install").await;
     assert_eq!(ct, DiskContentType::Iso, "an ISO 9660 file uploads as an ISO");
     let (drivers_id, _) = disk_id("drivers").await;
+    let (out, _) = oxvirt(w, &["disk", "list"], true).await;
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("install "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains(" iso "), "the content type shows: {out}");
 
     oxvirt(
         w,
