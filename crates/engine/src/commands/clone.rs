@@ -22,7 +22,8 @@ use crate::model::{
 };
 use crate::saga::{SagaDef, Step, StepCtx};
 
-use super::storage::{delete_image, step_err};
+use super::step_err;
+use super::storage::delete_image;
 use super::{Added, CommandError, Commands};
 
 /// One disk of the source and its copy.

@@ -26,14 +26,11 @@ use crate::model::{DcId, DiskId, DiskStatus, SdUuid, VmId, VolUuid};
 use crate::nodes::{NodeClient, NodeError};
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
+use super::step_err;
 use super::storage::{delete_image, disk_lock_step};
 
 /// The description of the snapshot a live storage migration takes and removes (oVirt's).
 pub const LSM_SNAPSHOT: &str = "Auto-generated for Live Storage Migration";
-
-fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveMoveDiskParams {

@@ -126,6 +126,11 @@ impl<T> std::ops::Deref for Added<T> {
     }
 }
 
+/// A saga step's error from anything that displays (a command's, a node's, a message).
+pub(crate) fn step_err(e: impl std::fmt::Display) -> crate::saga::StepError {
+    crate::saga::StepError::msg(e)
+}
+
 /// The command layer: the application context and the saga executor with every saga
 /// registered.
 #[derive(Clone)]

@@ -43,11 +43,8 @@ use crate::network::{
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
+use super::step_err;
 use super::{CommandError, Commands};
-
-fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
-}
 
 /// A new logical network.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -30,15 +30,12 @@ use crate::model::{
 };
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
+use super::step_err;
 use super::storage::{create_volume, delete_image};
 
 const CODE_VOLUME_NOT_FOUND: i64 = oxvirt_types::api::ErrorCode::VolumeNotFound.code();
 use super::vms::create_state_volume;
 use super::{Added, CommandError, Commands};
-
-fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
-}
 
 /// Whether the VM running on `node` writes to every one of `leaves` (each the top of one of
 /// its disks' chains): the node did switch to them, whatever the engine heard. A VM the node

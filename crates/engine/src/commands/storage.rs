@@ -20,6 +20,7 @@ use crate::model::{
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
+use super::step_err;
 use super::{Added, CommandError, Commands};
 
 /// The largest disk (the storage's limit on a volume's capacity, 1 PiB).
@@ -103,10 +104,6 @@ pub(crate) async fn connect_storage(c: &NodeClient, domains: &[StorageDomain]) -
         }
     }
     Ok(())
-}
-
-pub(crate) fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
 }
 
 // ------------------------------------------------------------------------------------------

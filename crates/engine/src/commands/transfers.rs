@@ -32,6 +32,7 @@ use crate::model::{
 use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, StartOptions, Step, StepCtx, StepError};
 
+use super::step_err;
 use super::storage::{delete_image, disk_lock_step, forget_disk};
 use super::{CommandError, Commands};
 
@@ -48,10 +49,6 @@ const PHASE_POLL: Duration = Duration::from_millis(100);
 /// How long a failed upload waits for an SPM to delete its disk before the saga gives up
 /// (stuck: an admin retries it).
 const SPM_WAIT: Duration = Duration::from_secs(120);
-
-fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
-}
 
 /// What `POST /imagetransfers` asks for.
 #[derive(Debug, Clone)]

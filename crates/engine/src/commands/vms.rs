@@ -19,16 +19,13 @@ use crate::nodes::NodeClient;
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 use crate::scheduling::choose_host;
 
+use super::step_err;
 use super::storage::{create_volume, delete_image};
 use super::{Added, CommandError, Commands};
 
 const CODE_NO_VM: i64 = 1;
 const CODE_VM_EXISTS: i64 = 4;
 const MIB: u64 = 1 << 20;
-
-fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError::msg(e)
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddVm {
