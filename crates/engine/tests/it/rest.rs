@@ -1301,7 +1301,7 @@ async fn statistics_of_down_vms_and_hosts(backend: Backend) {
 }
 
 /// External events: recorded with their origin and custom id, found again, refused a second
-/// time for the same pair and without what they need.
+/// time for the same pair and without what they need, removed.
 async fn external_events_are_recorded_once_per_origin_and_id(backend: Backend) {
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
@@ -1359,6 +1359,16 @@ async fn external_events_are_recorded_once_per_origin_and_id(backend: Backend) {
         "another id of the same origin: {}",
         r.body
     );
+    // Removed from the log, it is gone; its origin and id are free again.
+    let r = c.delete(&format!("events/{id}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(c.get(&format!("events/{id}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.delete(&format!("events/{id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = c.post("events", &ev("<custom_id>42</custom_id>", "")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 }
 
 both_backends!(

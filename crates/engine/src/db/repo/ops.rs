@@ -316,6 +316,13 @@ async fn event_add(c: &mut Conn<'_>, e: &NewEvent) -> Result<Event, DbError> {
     Ok(ev)
 }
 
+/// Removes event `id` from the log; whether it was there.
+async fn event_delete(c: &mut Conn<'_>, id: i64) -> Result<bool, DbError> {
+    let mut q = Sql::new("DELETE FROM events WHERE id = ");
+    q.arg(id);
+    Ok(c.exec(&q).await? > 0)
+}
+
 async fn event_get(c: &mut Conn<'_>, id: i64) -> Result<Option<Event>, DbError> {
     let mut q = Sql::new(&format!("SELECT {EVENT_COLS} FROM events WHERE id = "));
     q.arg(id);
@@ -382,6 +389,8 @@ repo! {
     /// Records an event; the database assigns the next id and the time.
     write event_add(e: &NewEvent) -> Event = event_add;
     read event_get(id: i64) -> Option<Event> = event_get;
+    /// Removes an event from the log (oVirt's `EventService.remove`); whether it was there.
+    write event_delete(id: i64) -> bool = event_delete;
     read event_list(q: &ListQuery<EventFilter, EventSort>) -> Vec<Event> = event_list;
     write events_purge(before: Timestamp) -> u64 = events_purge;
 }

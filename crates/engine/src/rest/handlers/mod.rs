@@ -173,6 +173,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         JobSteps => ops::job_steps(r).await,
         JobRetry => ops::job_retry(r).await,
         EventAdd => ops::event_add(r).await,
+        EventRemove => ops::event_remove(r).await,
         EventList => ops::event_list(r).await,
         EventGet => ops::event_get(r).await,
         UserList => ops::user_list(r).await,

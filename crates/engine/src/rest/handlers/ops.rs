@@ -284,6 +284,14 @@ pub async fn event_add(r: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::added(o, href("events", e.id), false))
 }
 
+pub async fn event_remove(r: &Req) -> Result<Resp, ApiError> {
+    let id: i64 = r.id(0, "event")?;
+    if !r.db().event_delete(id).await? {
+        return Err(ApiError::not_found(format!("event {id} not found")));
+    }
+    Ok(super::action_complete(r))
+}
+
 pub async fn event_get(r: &Req) -> Result<Resp, ApiError> {
     let id: i64 = r.id(0, "event")?;
     let e = r
