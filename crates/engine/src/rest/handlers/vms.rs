@@ -320,8 +320,14 @@ pub async fn vm_start(r: &Req) -> Result<Resp, ApiError> {
         None => None,
     };
     let paused = body.bool("pause")?.unwrap_or(false);
+    // A run once's kernel becomes the VM's (oxvirt keeps no separate run-once kernel); its
+    // boot order holds for this run only (below).
     let os = match body.get("vm") {
-        Some(e) if e.get("os/kernel").is_some() => Some(os_of(e, &v.os)?),
+        Some(e) if e.get("os/kernel").is_some() => {
+            let mut os = os_of(e, &v.os)?;
+            os.boot_devices = v.os.boot_devices.clone();
+            Some(os)
+        }
         _ => None,
     };
     // A run once's CD and boot order hold for this run only.
