@@ -72,6 +72,8 @@ pub struct HostRuntime {
     pub mem_total_mib: u64,
     pub mem_free_mib: u64,
     pub swap_free_mib: u64,
+    /// The host's last `Host.getStats` answer, as the node gave it (its statistics).
+    pub stats: Option<serde_json::Value>,
     /// The node process's boot id: a change means it restarted and must be reconnected.
     pub boot_id: Option<String>,
     /// The pool and master version this host is connected with.

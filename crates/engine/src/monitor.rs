@@ -269,6 +269,7 @@ async fn poll_host(app: &Arc<App>, h: &Host, up: &[Host]) -> Result<(), CommandE
         rt.mem_total_mib = stats["memTotalMib"].as_u64().unwrap_or(0);
         rt.mem_free_mib = stats["memAvailableMib"].as_u64().unwrap_or(0);
         rt.swap_free_mib = stats["swapFreeMib"].as_u64().unwrap_or(0);
+        rt.stats = Some(stats.clone());
     });
     if restarted {
         tracing::info!(host = %h.name, "node restarted; reconnecting its storage");

@@ -14,6 +14,30 @@ use oxvirt_qemu::{
 };
 use oxvirt_testkit::{require_tool, TestGuest};
 
+/// QEMU's exit status once the guest powered off, at most 60 s after `start` (then QEMU is
+/// killed and the test fails with the console).
+fn wait_power_off(
+    child: &mut std::process::Child,
+    start: Instant,
+    serial: &std::path::Path,
+) -> std::process::ExitStatus {
+    let deadline = Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "guest did not power off within {deadline:?}; console:\n{}",
+                std::fs::read_to_string(serial).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn test_guest_boots_writes_and_powers_off_under_tcg() {
     let guest = TestGuest::get();
@@ -127,21 +151,7 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         types
     });
     assert_eq!(types, ["virtio-blk-pci", "scsi-hd", "ide-hd"]);
-    let deadline = Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!(
-                "guest did not power off within {deadline:?}; console:\n{}",
-                std::fs::read_to_string(&serial).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_power_off(&mut child, start, &serial);
     let elapsed = start.elapsed();
     let console = std::fs::read_to_string(&serial).unwrap();
     assert!(status.success(), "qemu exited with {status}; console:\n{console}");
@@ -262,21 +272,7 @@ fn guest_boots_from_its_cdrom_before_its_empty_disk() {
     };
     let start = Instant::now();
     let mut child = Command::new(qemu).args(spec.to_args().unwrap()).spawn().unwrap();
-    let deadline = Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!(
-                "guest did not power off within {deadline:?}; console:\n{}",
-                std::fs::read_to_string(&serial).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_power_off(&mut child, start, &serial);
     let console = std::fs::read_to_string(&serial).unwrap();
     assert!(status.success(), "qemu exited with {status}; console:\n{console}");
     assert!(

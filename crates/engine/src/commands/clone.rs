@@ -5,15 +5,14 @@
 //! their own from the cluster's pool.
 //!
 //! The saga: `record` locks the source (the VM `image_locked`, its disks locked) and records
-//! the clone with its disks and attachments, locked; `copy` runs `Image.copy` per disk (a copy
-//! whose answer was lost is recognised by its legal volume); `unlock` releases both. Undo
+//! the clone with its disks and attachments, locked; `copy` runs `Image.copy` per disk
+//! ([`super::storage::copy_collapsed`]); `unlock` releases both. Undo
 //! deletes the copied images and the clone's records and unlocks the source, so a failure or
 //! crash at any point leaves the source as it was and either no clone or a whole one. The NICs
 //! are added once the saga is done, as for a VM made from a template. Shareable disks are not
 //! copied: the clone shares them, as the source does.
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::app::App;
 use crate::model::{
@@ -23,7 +22,7 @@ use crate::model::{
 use crate::saga::{SagaDef, Step, StepCtx};
 
 use super::step_err;
-use super::storage::delete_image;
+use super::storage::{copy_collapsed, delete_image, CollapsedCopy};
 use super::{Added, CommandError, Commands};
 
 /// One disk of the source and its copy.
@@ -164,28 +163,15 @@ impl SagaDef for CloneVmSaga {
                             .await?
                             .ok_or_else(|| step_err("a source disk is gone"))?;
                         let sd = src.storage_domain_id;
-                        let args = json!({
-                            "spUUID": dc.storage_pool_id, "sdUUID": sd, "dstSdUUID": sd,
-                            "srcImgUUID": d.src, "dstImgUUID": d.disk, "dstVolUUID": d.volume,
-                            "volType": "LEAF", "volFormat": d.format.as_str().to_uppercase(),
-                            "preallocate": "SPARSE",
-                        });
-                        if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
-                            // Copied by an earlier run whose answer was lost: the volume is there.
-                            let info = spm
-                                .call(
-                                    "Volume.getInfo",
-                                    json!({ "sdUUID": sd, "imgUUID": d.disk, "volUUID": d.volume }),
-                                )
-                                .await;
-                            if !info.is_ok_and(|i| {
-                                i["meta"]["legality"]
-                                    .as_str()
-                                    .is_some_and(|l| l.eq_ignore_ascii_case("legal"))
-                            }) {
-                                return Err(step_err(e));
-                            }
-                        }
+                        let copy = CollapsedCopy {
+                            src_sd: sd,
+                            src_img: d.src,
+                            dst_sd: sd,
+                            dst_img: d.disk,
+                            dst_vol: d.volume,
+                            format: d.format,
+                        };
+                        copy_collapsed(app, &spm, dc.storage_pool_id, &copy).await?;
                     }
                     Ok(())
                 },

@@ -1,9 +1,10 @@
 //! Statistics of hosts and VMs, named and typed as oVirt's `/statistics` sub-collections
 //! (`memory.installed`, `cpu.current.total`, …), which monitoring tools read.
 //!
-//! Figures come from where they are current: a running VM's and an up host's from their node
-//! (`VM.getStats`, `Host.getStats`, one call bounded by the poll timeout), CPU shares of VMs
-//! from the monitor's samples ([`crate::app::App::vm_cpu`], the use between its last two polls),
+//! Figures come from where they are current: a running VM's memory from its node
+//! (`VM.getStats`, one call bounded by the poll timeout), an up host's from the monitor's last
+//! `Host.getStats` (kept in [`crate::app::HostRuntime::stats`]), CPU shares of VMs from the
+//! monitor's samples ([`crate::app::App::vm_cpu`], the use between its last two polls),
 //! migration progress from the source's events. A VM that is down, or whose node does not
 //! answer, reports its configured memory and zeros, as oVirt does for a VM that is down; a host
 //! that is not up reports what monitoring last learnt of its memory.
@@ -240,20 +241,10 @@ impl Commands {
     /// `host`'s statistics (see the module docs).
     pub async fn host_statistics(&self, host: HostUuid) -> Result<Vec<Statistic>, CommandError> {
         let h = self.app.host(host).await?;
-        let mut node = None;
-        if h.status == HostStatus::Up {
-            match self.app.client(&h) {
-                Ok(c) => match c
-                    .within(self.app.settings.poll_timeout())
-                    .call("Host.getStats", json!({}))
-                    .await
-                {
-                    Ok(s) => node = Some(s),
-                    Err(e) => tracing::warn!(host = %h.name, error = %e, "no statistics from the host"),
-                },
-                Err(e) => tracing::warn!(host = %h.name, error = %e, "no statistics from the host"),
-            }
-        }
+        let node = match h.status {
+            HostStatus::Up => self.app.host_rt(host).stats,
+            _ => None,
+        };
         Ok(host_statistics(
             node.as_ref(),
             h.memory_bytes.unwrap_or(0),

@@ -491,6 +491,48 @@ pub(crate) async fn create_volume(
     }
 }
 
+/// An image copied on the SPM into one volume of a new image (`Image.copy`, LEAF, sparse).
+pub(crate) struct CollapsedCopy {
+    pub src_sd: SdUuid,
+    pub src_img: DiskId,
+    pub dst_sd: SdUuid,
+    pub dst_img: DiskId,
+    pub dst_vol: VolUuid,
+    pub format: DiskFormat,
+}
+
+/// Runs `copy` on the SPM. A copy made by an earlier run of the step whose answer was lost is
+/// recognised by its volume being there and LEGAL.
+pub(crate) async fn copy_collapsed(
+    app: &App,
+    spm: &NodeClient,
+    pool: crate::model::PoolUuid,
+    copy: &CollapsedCopy,
+) -> Result<(), StepError> {
+    let args = json!({
+        "spUUID": pool, "sdUUID": copy.src_sd, "dstSdUUID": copy.dst_sd,
+        "srcImgUUID": copy.src_img, "dstImgUUID": copy.dst_img, "dstVolUUID": copy.dst_vol,
+        "volType": "LEAF", "volFormat": copy.format.as_str().to_uppercase(),
+        "preallocate": "SPARSE",
+    });
+    if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
+        let info = spm
+            .call(
+                "Volume.getInfo",
+                json!({ "sdUUID": copy.dst_sd, "imgUUID": copy.dst_img, "volUUID": copy.dst_vol }),
+            )
+            .await;
+        if !info.is_ok_and(|i| {
+            i["meta"]["legality"]
+                .as_str()
+                .is_some_and(|l| l.eq_ignore_ascii_case("legal"))
+        }) {
+            return Err(step_err(e));
+        }
+    }
+    Ok(())
+}
+
 /// `Image.delete` on the SPM; an image that is already gone is fine.
 pub(crate) async fn delete_image(app: &App, dc: DcId, sd: SdUuid, img: DiskId) -> Result<(), StepError> {
     let (dc, spm) = app.dc_spm(dc).await.map_err(step_err)?;
@@ -748,28 +790,15 @@ impl SagaDef for CopyDiskSaga {
                     let p = c.params();
                     let app = c.app();
                     let (dc, spm) = app.dc_spm(p.dc).await.map_err(step_err)?;
-                    let args = json!({
-                        "spUUID": dc.storage_pool_id, "sdUUID": p.src, "dstSdUUID": p.dst,
-                        "srcImgUUID": p.disk, "dstImgUUID": p.copy, "dstVolUUID": p.volume,
-                        "volType": "LEAF", "volFormat": p.format.as_str().to_uppercase(),
-                        "preallocate": "SPARSE",
-                    });
-                    if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
-                        // Copied by an earlier run whose answer was lost: the volume is there.
-                        let info = spm
-                            .call(
-                                "Volume.getInfo",
-                                json!({ "sdUUID": p.dst, "imgUUID": p.copy, "volUUID": p.volume }),
-                            )
-                            .await;
-                        if !info.is_ok_and(|i| {
-                            i["meta"]["legality"]
-                                .as_str()
-                                .is_some_and(|l| l.eq_ignore_ascii_case("legal"))
-                        }) {
-                            return Err(step_err(e));
-                        }
-                    }
+                    let copy = CollapsedCopy {
+                        src_sd: p.src,
+                        src_img: p.disk,
+                        dst_sd: p.dst,
+                        dst_img: p.copy,
+                        dst_vol: p.volume,
+                        format: p.format,
+                    };
+                    copy_collapsed(app, &spm, dc.storage_pool_id, &copy).await?;
                     Ok(())
                 },
                 |c: StepCtx<Self>| async move {

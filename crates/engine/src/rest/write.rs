@@ -262,6 +262,15 @@ pub fn storage_domain(o: &mut Out, sd: &StorageDomain, member: Option<&PoolMembe
     o.close("storage_domain");
 }
 
+/// A disk's `<storage_domains>`: the one its volumes are on.
+fn storage_domains_of_disk(o: &mut Out, sd: SdUuid) {
+    o.open("storage_domains", None, None);
+    o.array_open("storage_domain");
+    reference(o, "storage_domain", "storagedomains", sd);
+    o.array_close();
+    o.close("storage_domains");
+}
+
 pub fn disk(o: &mut Out, d: &Disk) {
     let hr = href("disks", d.id);
     o.open("disk", Some(&d.id.to_string()), Some(&hr));
@@ -281,11 +290,7 @@ pub fn disk(o: &mut Out, d: &Disk) {
     o.leaf("content_type", d.content_type);
     o.leaf("qcow_version", "qcow2_v3");
     reference(o, "storage_domain", "storagedomains", d.storage_domain_id);
-    o.open("storage_domains", None, None);
-    o.array_open("storage_domain");
-    reference(o, "storage_domain", "storagedomains", d.storage_domain_id);
-    o.array_close();
-    o.close("storage_domains");
+    storage_domains_of_disk(o, d.storage_domain_id);
     o.close("disk");
 }
 
@@ -321,11 +326,7 @@ pub fn disk_snapshot(o: &mut Out, d: &Disk, vol: &Volume, snap: &Snapshot, as_di
     o.leaf("status", d.status);
     o.leaf("image_id", vol.id);
     o.leaf("content_type", d.content_type);
-    o.open("storage_domains", None, None);
-    o.array_open("storage_domain");
-    reference(o, "storage_domain", "storagedomains", vol.storage_domain_id);
-    o.array_close();
-    o.close("storage_domains");
+    storage_domains_of_disk(o, vol.storage_domain_id);
     if !as_disk {
         reference(o, "disk", "disks", d.id);
     }

@@ -657,13 +657,7 @@ async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host(backend: Ba
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
-    c.post("datacenters", "<data_center><name>dc</name></data_center>")
-        .await;
-    c.post(
-        "clusters",
-        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
-    )
-    .await;
+    c.dc_and_cluster().await;
     let r = c.post("vms", &vm_xml("busy", "cl")).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let vm: oxvirt_engine::model::VmId = root_id(&r.body).parse().unwrap();
@@ -1056,13 +1050,7 @@ async fn cdroms_hold_iso_disks_only(backend: Backend) {
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
-    c.post("datacenters", "<data_center><name>dc</name></data_center>")
-        .await;
-    c.post(
-        "clusters",
-        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
-    )
-    .await;
+    c.dc_and_cluster().await;
     let r = c
         .post(
             "vms",
@@ -1209,13 +1197,7 @@ async fn statistics_of_down_vms_and_hosts(backend: Backend) {
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
-    c.post("datacenters", "<data_center><name>dc</name></data_center>")
-        .await;
-    c.post(
-        "clusters",
-        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
-    )
-    .await;
+    c.dc_and_cluster().await;
     let mut ids = Vec::new();
     for n in ["s1", "s2"] {
         let r = c.post("vms", &vm_xml(n, "cl")).await;
@@ -1306,13 +1288,7 @@ async fn external_events_are_recorded_once_per_origin_and_id(backend: Backend) {
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
-    c.post("datacenters", "<data_center><name>dc</name></data_center>")
-        .await;
-    c.post(
-        "clusters",
-        "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
-    )
-    .await;
+    c.dc_and_cluster().await;
     let r = c.post("vms", &vm_xml("evm", "cl")).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let vm = root_id(&r.body).to_string();

@@ -7,7 +7,7 @@
 //! statistics, and the installed VM is cloned with its data.
 
 use crate::common;
-use crate::transfers::{engine_cfg, oxvirt, PASSWORD};
+use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -68,28 +68,7 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
             )
         })
         .collect();
-    let pw = w.join("pw");
-    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let ca = engine_dir.path().join("pki/ca.pem");
-    let url = format!("https://{}", engine.addr);
-    oxvirt(
-        w,
-        &[
-            "login",
-            "--url",
-            &url,
-            "--user",
-            "admin@internal",
-            "--password-file",
-            pw.to_str().unwrap(),
-            "--ca-file",
-            ca.to_str().unwrap(),
-        ],
-        true,
-    )
-    .await;
-    oxvirt(w, &["dc", "create", "dc1"], true).await;
-    oxvirt(w, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
+    login_with_dc1_and_cl1(w, engine_dir.path(), &engine).await;
     for (i, a) in addrs.iter().enumerate() {
         let (name, a) = (format!("node{}", i + 1), a.to_string());
         oxvirt(

@@ -27,7 +27,7 @@ use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
-pub(crate) const PASSWORD: &str = "transfer-test password";
+const PASSWORD: &str = "transfer-test password";
 /// Data in the uploaded image (the benchmark's size).
 const DATA_MIB: u64 = 128;
 
@@ -67,6 +67,33 @@ pub(crate) async fn oxvirt(work: &Path, args: &[&str], ok: bool) -> (String, Str
         out.status.code()
     );
     (stdout, stderr)
+}
+
+/// `oxvirt login` as admin into `engine` (its data in `engine_dir`, its CA trusted by file),
+/// then data center `dc1` with cluster `cl1`.
+pub(crate) async fn login_with_dc1_and_cl1(work: &Path, engine_dir: &Path, engine: &Engine) {
+    let pw = work.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let ca = engine_dir.join("pki/ca.pem");
+    let url = format!("https://{}", engine.addr);
+    oxvirt(
+        work,
+        &[
+            "login",
+            "--url",
+            &url,
+            "--user",
+            "admin@internal",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ],
+        true,
+    )
+    .await;
+    oxvirt(work, &["dc", "create", "dc1"], true).await;
+    oxvirt(work, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
 }
 
 fn qemu(tool: &str, args: &[&str]) -> String {
@@ -157,27 +184,7 @@ async fn upload_download_and_an_engine_restart_mid_transfer() {
         ],
     );
     let ca_file = engine_dir.path().join("pki/ca.pem");
-    let pw = w.join("pw");
-    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let url = format!("https://{}", engine.addr);
-    oxvirt(
-        w,
-        &[
-            "login",
-            "--url",
-            &url,
-            "--user",
-            "admin@internal",
-            "--password-file",
-            pw.to_str().unwrap(),
-            "--ca-file",
-            ca_file.to_str().unwrap(),
-        ],
-        true,
-    )
-    .await;
-    oxvirt(w, &["dc", "create", "dc1"], true).await;
-    oxvirt(w, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
+    login_with_dc1_and_cl1(w, engine_dir.path(), &engine).await;
     let addr = node_addr.to_string();
     oxvirt(
         w,

@@ -220,6 +220,20 @@ impl Client {
     pub async fn post(&self, path: &str, body: &str) -> Response {
         self.api(Method::POST, path, body).await
     }
+    /// Data center `dc` with cluster `cl` in it, both checked created.
+    pub async fn dc_and_cluster(&self) {
+        let r = self
+            .post("datacenters", "<data_center><name>dc</name></data_center>")
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let r = self
+            .post(
+                "clusters",
+                "<cluster><name>cl</name><data_center><name>dc</name></data_center></cluster>",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
     pub async fn put(&self, path: &str, body: &str) -> Response {
         self.api(Method::PUT, path, body).await
     }
