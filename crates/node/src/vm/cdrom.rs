@@ -3,7 +3,8 @@
 //! A VM has at most one CD-ROM ([`CDROM_DEVICE`]), created with the VM (empty or not) and never
 //! hot plugged. Changing its media is QEMU's tray sequence: open the tray (forced: the guest may
 //! have locked it), remove the medium, close every media node this VM opened before, open the
-//! new ISO as node `cd-<generation>`, insert it, close the tray. The guest sees a media change,
+//! new ISO as node `cd-<generation>`, insert it (opening the tray again if the guest closed it
+//! meanwhile), close the tray. The guest sees a media change,
 //! as with a real drive. QEMU is the truth about what is inserted: the old nodes are found by
 //! name in QEMU, not in the record, so a node that died between the change and the record's
 //! write closes the stray node at the next change, and a repeated change converges.
@@ -126,12 +127,31 @@ impl VmManager {
             })
             .await
             .map_err(qe)?;
-            q.execute(&qmp::BlockdevInsertMedium {
-                id: device.clone(),
-                node_name: format!("{CDROM_NODE_PREFIX}{generation}"),
-            })
-            .await
-            .map_err(qe)?;
+            // A guest that opens the empty drive closes its tray (Linux's cdrom autoclose), and
+            // a medium goes only into an open tray: open it again and retry until it is in.
+            let mut attempt = 0;
+            loop {
+                let inserted = q
+                    .execute(&qmp::BlockdevInsertMedium {
+                        id: device.clone(),
+                        node_name: format!("{CDROM_NODE_PREFIX}{generation}"),
+                    })
+                    .await;
+                match inserted {
+                    Ok(()) => break,
+                    Err(e) if attempt < 20 => {
+                        attempt += 1;
+                        tracing::debug!(vm_id = %id, error = %e, "the tray closed before the ISO went in");
+                        q.execute(&qmp::BlockdevOpenTray {
+                            id: device.clone(),
+                            force: true,
+                        })
+                        .await
+                        .map_err(qe)?;
+                    }
+                    Err(e) => return Err(qe(e)),
+                }
+            }
         }
         q.execute(&qmp::BlockdevCloseTray { id: device })
             .await
