@@ -900,21 +900,23 @@ pub struct Snapshot {
     pub snapshot_type: SnapshotType,
     pub status: SnapshotStatus,
     pub persist_memory: bool,
-    /// The VM's configuration when taken (JSON), restored with it.
-    pub vm_configuration: Option<String>,
+    /// The VM's configuration when taken, brought back by a restore or preview (`None` for
+    /// snapshots taken before snapshots kept it, and for the active one).
+    pub configuration: Option<VmConfiguration>,
     pub disks: Vec<SnapshotDisk>,
     pub created_at: Timestamp,
 }
 
 impl Snapshot {
-    /// A snapshot being made: locked, without memory or configuration; the database stamps
-    /// its creation time.
+    /// A snapshot being made of a VM whose configuration is `configuration`: locked, without
+    /// memory; the database stamps its creation time.
     pub fn locked(
         id: SnapshotId,
         vm_id: VmId,
         description: impl Into<String>,
         snapshot_type: SnapshotType,
         disks: Vec<SnapshotDisk>,
+        configuration: VmConfiguration,
     ) -> Snapshot {
         Snapshot {
             id,
@@ -923,10 +925,48 @@ impl Snapshot {
             snapshot_type,
             status: SnapshotStatus::Locked,
             persist_memory: false,
-            vm_configuration: None,
+            configuration: Some(configuration),
             disks,
             created_at: Timestamp::from_millis(0),
         }
+    }
+}
+
+/// What a snapshot keeps of its VM's configuration and a restore or preview brings back, as
+/// oVirt keeps a VM's OVF with each snapshot: the virtual hardware and how it boots. The VM's
+/// identity, cluster, placement, high availability and NICs stay as they are; the disks come
+/// back through the snapshot's volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfiguration {
+    pub memory_bytes: u64,
+    pub memory_guaranteed_bytes: u64,
+    pub cpu: CpuTopology,
+    pub os: VmOs,
+    /// The ISO in the CD-ROM at the next start.
+    #[serde(default)]
+    pub cdrom: Option<DiskId>,
+}
+
+impl Vm {
+    /// The part of this VM's configuration a snapshot keeps.
+    pub fn configuration(&self) -> VmConfiguration {
+        VmConfiguration {
+            memory_bytes: self.memory_bytes,
+            memory_guaranteed_bytes: self.memory_guaranteed_bytes,
+            cpu: self.cpu,
+            os: self.os.clone(),
+            cdrom: self.cdrom,
+        }
+    }
+
+    /// This VM with `c` as its configuration.
+    pub fn with_configuration(mut self, c: &VmConfiguration) -> Vm {
+        self.memory_bytes = c.memory_bytes;
+        self.memory_guaranteed_bytes = c.memory_guaranteed_bytes;
+        self.cpu = c.cpu;
+        self.os = c.os.clone();
+        self.cdrom = c.cdrom;
+        self
     }
 }
 

@@ -488,6 +488,7 @@ pub fn run(args: DomainArgs) -> anyhow::Result<()> {
                     vol,
                     format: format.into(),
                     allocation: allocation.into(),
+                    top: None,
                 },
                 None => CopyMode::Chain,
             };

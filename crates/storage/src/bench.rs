@@ -285,6 +285,7 @@ fn run_in(work: &Path, iterations: usize) -> Result<BenchReport> {
                 vol,
                 format: VolFormat::Cow,
                 allocation: Allocation::Sparse,
+                top: None,
             },
             &mut |_| {},
         )?;

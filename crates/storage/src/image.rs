@@ -109,11 +109,14 @@ pub enum CopyMode {
     /// sizes, parents), empty, and left ILLEGAL until their data is synced (the first step of
     /// a live storage migration).
     Structure,
-    /// The whole chain's content into one base volume `vol`.
+    /// The chain's content into one base volume `vol`: the whole chain's, or with `top` what
+    /// the image held when `top` was its leaf (a snapshot's volume: its descendants are left
+    /// out, and may be written meanwhile).
     Collapsed {
         vol: VolUuid,
         format: VolFormat,
         allocation: Allocation,
+        top: Option<VolUuid>,
     },
 }
 
@@ -987,7 +990,15 @@ impl FileStorageDomain {
         };
         let _gd = dst.lock_ops();
         let chain = self.chain(img)?;
-        if let Some(p) = chain.volumes.iter().find(|v| v.meta.legality != Legality::Legal) {
+        // The volumes read: all, or those up to a collapsed copy's top.
+        let read = match mode {
+            CopyMode::Collapsed { top: Some(t), .. } => chain
+                .position(t)
+                .map(|i| &chain.volumes[..=i])
+                .ok_or(StorageError::NoVolume { img, vol: t })?,
+            _ => &chain.volumes[..],
+        };
+        if let Some(p) = read.iter().find(|v| v.meta.legality != Legality::Legal) {
             return Err(state_err(
                 img,
                 p.id,
@@ -1098,9 +1109,10 @@ impl FileStorageDomain {
                 vol,
                 format,
                 allocation,
+                top: _,
             } => {
                 dst.ensure_new_volume(vol)?;
-                let leaf = chain.leaf();
+                let leaf = read.last().expect("a chain is never empty");
                 op.undoable(
                     Step::CopyVolume {
                         src_sd: self.sd(),

@@ -119,6 +119,9 @@ pub struct Collapse {
     pub vol: VolUuid,
     pub format: VolFormat,
     pub allocation: Allocation,
+    /// Copy what the image held when this volume was its leaf (see [`CopyMode::Collapsed`]).
+    #[serde(default)]
+    pub top: Option<VolUuid>,
 }
 
 /// One domain verb, as journaled.
@@ -323,6 +326,7 @@ impl Job {
                         vol: c.vol,
                         format: c.format,
                         allocation: c.allocation,
+                        top: c.top,
                     },
                 };
                 s.copy_image(*img, &d, *dst_img, mode, progress)

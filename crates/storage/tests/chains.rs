@@ -535,6 +535,7 @@ fn copy_chain_and_collapsed_between_domains_then_move() {
                 vol: cvol,
                 format: VolFormat::Raw,
                 allocation: Allocation::Sparse,
+                top: None,
             },
             &mut |_| {},
         )
@@ -542,6 +543,41 @@ fn copy_chain_and_collapsed_between_domains_then_move() {
     assert_eq!(dst.chain(cimg).unwrap().ids(), vec![cvol]);
     assert_content(&dst, cimg, &reference);
     assert_clean(&dst);
+
+    // Collapsed up to a snapshot's volume: what the image held when it was the leaf, without
+    // the layers written since (a clone from a snapshot).
+    let at_snapshot = f.scratch("at-snapshot");
+    flatten_file(&f.dom.volume_path(img, ids[1]), ImageFormat::Qcow2, &at_snapshot);
+    let differs = oxvirt_qemu::img::QemuImg::locate()
+        .unwrap()
+        .compare(&at_snapshot, &reference, false)
+        .unwrap();
+    assert_ne!(
+        differs,
+        Comparison::Identical,
+        "the layers above hold data of their own"
+    );
+    let (simg, svol) = (ImgUuid::new_random(), VolUuid::new_random());
+    let upto = |top| CopyMode::Collapsed {
+        vol: svol,
+        format: VolFormat::Cow,
+        allocation: Allocation::Sparse,
+        top: Some(top),
+    };
+    f.dom
+        .copy_image(img, &dst, simg, upto(ids[1]), &mut |_| {})
+        .unwrap();
+    assert_eq!(dst.chain(simg).unwrap().ids(), vec![svol]);
+    assert_content(&dst, simg, &at_snapshot);
+    assert_clean(&dst);
+    // A top outside the image: refused, nothing made.
+    let before = tree(dst.root());
+    let stray = VolUuid::new_random();
+    assert!(matches!(
+        f.dom.copy_image(img, &dst, ImgUuid::new_random(), upto(stray), &mut |_| {}),
+        Err(StorageError::NoVolume { vol, .. }) if vol == stray
+    ));
+    assert_eq!(tree(dst.root()), before);
 
     // Same id again: refused, nothing changed.
     let before = tree(dst.root());

@@ -289,6 +289,7 @@ fn copy_crash_at_every_step() {
             vol: s.vols[2],
             format: VolFormat::Raw,
             allocation: Allocation::Preallocated,
+            top: None,
         };
         s.f.dom.copy_image(s.img, dst, s.img, mode, &mut |_| {})
     };

@@ -38,14 +38,15 @@ impl Commands {
         }
     }
 
-    /// Refuses to have `v` `done` (started, snapshotted…) while one of its disks is locked by
-    /// a running job: being made, copied or snapshotted, its volumes are not there yet.
-    pub(crate) async fn refuse_locked_disks(&self, v: &Vm, done: &str) -> Result<(), CommandError> {
+    /// Refuses `todo` (start the VM, snapshot it…) on `v` while one of its disks is locked by
+    /// a running job: being made, copied or snapshotted, its volumes are not there yet, or are
+    /// being read as they are.
+    pub(crate) async fn refuse_locked_disks(&self, v: &Vm, todo: &str) -> Result<(), CommandError> {
         for a in self.app.db.attachments_of_vm(v.id).await? {
             let d = self.disk(a.disk_id).await?;
             if d.status == DiskStatus::Locked {
                 return Err(CommandError::Conflict(format!(
-                    "disk {} of VM {} is locked by a running job: the VM can be {done} after it",
+                    "disk {} of VM {} is locked by a running job: {todo} when it ends",
                     d.name, v.name
                 )));
             }

@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::model::{
     DcId, DiskFormat, DiskId, HostUuid, Snapshot, SnapshotDisk, SnapshotId, SnapshotMemory, SnapshotStatus,
-    SnapshotType, StateVolume, VmId, VmStatus, VolType, VolUuid, Volume,
+    SnapshotType, StateVolume, VmConfiguration, VmId, VmStatus, VolType, VolUuid, Volume,
 };
 use crate::saga::{SagaDef, Step, StepCtx, StepError};
 
@@ -65,6 +65,39 @@ async fn runs_on_leaves(
         })
         .collect();
     Ok(leaves.iter().all(|l| tops.contains(&l.to_string())))
+}
+
+/// VM `vm`'s configuration as a snapshot keeps it.
+async fn configuration_of(app: &App, vm: VmId) -> Result<VmConfiguration, StepError> {
+    let v = app
+        .db
+        .vm_get(vm)
+        .await?
+        .ok_or_else(|| step_err(format!("VM {vm} is gone")))?;
+    Ok(v.configuration())
+}
+
+/// Gives VM `vm` the configuration snapshot `snapshot` kept (nothing for a snapshot that kept
+/// none, or is gone: a crash after the step that dropped it). An ISO removed since leaves the
+/// CD-ROM empty. Idempotent.
+async fn restore_configuration(app: &App, vm: VmId, snapshot: SnapshotId) -> Result<(), StepError> {
+    let Some(mut config) = app.db.snapshot_get(snapshot).await?.and_then(|s| s.configuration) else {
+        return Ok(());
+    };
+    if let Some(iso) = config.cdrom {
+        if app.db.disk_get(iso).await?.is_none() {
+            config.cdrom = None;
+        }
+    }
+    let v = app
+        .db
+        .vm_get(vm)
+        .await?
+        .ok_or_else(|| step_err(format!("VM {vm} is gone")))?;
+    if v.configuration() != config {
+        app.db.vm_update(&v.with_configuration(&config)).await?;
+    }
+    Ok(())
 }
 
 /// For the undos of a live snapshot: when the running VM already writes to the new volumes
@@ -168,6 +201,7 @@ impl SagaDef for AddSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     if c.db().snapshot_get(p.snapshot).await?.is_none() {
+                        let config = configuration_of(c.app(), p.vm).await?;
                         c.db()
                             .snapshot_insert(&Snapshot::locked(
                                 p.snapshot,
@@ -175,6 +209,7 @@ impl SagaDef for AddSnapshotSaga {
                                 p.description.clone(),
                                 SnapshotType::Regular,
                                 p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.old_leaf }).collect(),
+                                config,
                             ))
                             .await?;
                     }
@@ -507,6 +542,7 @@ impl SagaDef for RestoreSnapshotSaga {
                 if let Some(st) = &p.memory {
                     c.db().vm_hibernation_set(p.vm, st).await?;
                 }
+                restore_configuration(c.app(), p.vm, p.snapshot).await?;
                 let rt = resting(c.app(), p.vm).await?;
                 let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
                 Ok(())
@@ -582,6 +618,7 @@ impl SagaDef for PreviewSnapshotSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     if c.db().snapshot_get(p.kept).await?.is_none() {
+                        let config = configuration_of(c.app(), p.vm).await?;
                         c.db()
                             .snapshot_insert(&Snapshot::locked(
                                 p.kept,
@@ -589,6 +626,7 @@ impl SagaDef for PreviewSnapshotSaga {
                                 "Active VM before the preview",
                                 SnapshotType::Preview,
                                 p.disks.iter().map(|d| SnapshotDisk { disk_id: d.disk, volume_id: d.keep }).collect(),
+                                config,
                             ))
                             .await?;
                     }
@@ -655,6 +693,7 @@ impl SagaDef for PreviewSnapshotSaga {
                     if let Some(st) = &p.memory {
                         c.db().vm_hibernation_set(p.vm, st).await?;
                     }
+                    restore_configuration(c.app(), p.vm, p.snapshot).await?;
                     let rt = resting(c.app(), p.vm).await?;
                     let _ = c.db().vm_set_runtime(p.vm, &[VmStatus::ImageLocked], &rt).await;
                     Ok(())
@@ -662,6 +701,7 @@ impl SagaDef for PreviewSnapshotSaga {
                 // Back to what the lock step made, so that its undo and the others' apply.
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
+                    restore_configuration(c.app(), p.vm, p.kept).await?;
                     let _ = c.db().snapshot_set_status(p.snapshot, &[SnapshotStatus::InPreview], SnapshotStatus::Locked).await;
                     if p.memory.is_some() {
                         c.db().vm_hibernation_clear(p.vm).await?;
@@ -794,6 +834,9 @@ impl SagaDef for EndPreviewSaga {
             .point_of_no_return(),
             Step::without_undo("records", |c: StepCtx<Self>| async move {
                 let p = c.params();
+                if p.end == PreviewEnd::Undo {
+                    restore_configuration(c.app(), p.vm, p.kept).await?;
+                }
                 forget_snapshots(c.app(), p.dc, &p.newer).await?;
                 forget_snapshots(c.app(), p.dc, &[p.kept]).await?;
                 let _ = c
@@ -838,7 +881,7 @@ impl Commands {
     ) -> Result<Added<Snapshot>, CommandError> {
         let v = self.vm(vm).await?;
         self.refuse_in_preview(&v).await?;
-        self.refuse_locked_disks(&v, "snapshotted").await?;
+        self.refuse_locked_disks(&v, "snapshot the VM").await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
             VmStatus::Up | VmStatus::Paused => v.runtime.run_on_host,
@@ -946,6 +989,7 @@ impl Commands {
             ));
         }
         self.refuse_in_preview(&v).await?;
+        self.refuse_locked_disks(&v, "remove the snapshot").await?;
         let live_on = match v.runtime.status {
             VmStatus::Down => None,
             VmStatus::Up => v.runtime.run_on_host,
@@ -1016,6 +1060,7 @@ impl Commands {
             )));
         }
         self.refuse_in_preview(&v).await?;
+        self.refuse_locked_disks(&v, "restore the snapshot").await?;
         let memory = self.memory_to_restore(&v, &s, restore_memory).await?;
         let dc = self.cluster_dc_of(v.cluster_id).await?;
         let mut disks = Vec::new();
@@ -1133,6 +1178,7 @@ impl Commands {
             )));
         }
         self.refuse_in_preview(&v).await?;
+        self.refuse_locked_disks(&v, "preview the snapshot").await?;
         if s.status != SnapshotStatus::Ok {
             return Err(CommandError::Conflict(format!(
                 "snapshot {:?} is {}",
@@ -1306,7 +1352,9 @@ impl Commands {
         let Some(m) = self.app.db.snapshot_memory_get(s.id).await? else {
             return Ok(None);
         };
-        if m.memory_bytes != v.memory_bytes || u64::from(m.cpus) != v.cpu.vcpus() {
+        // The snapshot brings its configuration back with it; one that kept none, the VM's.
+        let now = s.configuration.clone().unwrap_or_else(|| v.configuration());
+        if m.memory_bytes != now.memory_bytes || u64::from(m.cpus) != now.cpu.vcpus() {
             return Err(CommandError::Conflict(format!(
                 "snapshot {:?} saved the memory of VM {} with {} MiB and {} CPUs, and it has {} MiB \
                  and {} CPUs now: restore the snapshot without its memory",

@@ -499,6 +499,8 @@ pub(crate) struct CollapsedCopy {
     pub dst_img: DiskId,
     pub dst_vol: VolUuid,
     pub format: DiskFormat,
+    /// Copy the source as it was when this volume was its leaf (a snapshot's).
+    pub src_vol: Option<VolUuid>,
 }
 
 /// Runs `copy` on the SPM. A copy made by an earlier run of the step whose answer was lost is
@@ -509,12 +511,15 @@ pub(crate) async fn copy_collapsed(
     pool: crate::model::PoolUuid,
     copy: &CollapsedCopy,
 ) -> Result<(), StepError> {
-    let args = json!({
+    let mut args = json!({
         "spUUID": pool, "sdUUID": copy.src_sd, "dstSdUUID": copy.dst_sd,
         "srcImgUUID": copy.src_img, "dstImgUUID": copy.dst_img, "dstVolUUID": copy.dst_vol,
         "volType": "LEAF", "volFormat": copy.format.as_str().to_uppercase(),
         "preallocate": "SPARSE",
     });
+    if let Some(v) = copy.src_vol {
+        args["srcVolUUID"] = json!(v);
+    }
     if let Err(e) = spm.run_task("Image.copy", args, app.settings.task_timeout).await {
         let info = spm
             .call(
@@ -797,6 +802,7 @@ impl SagaDef for CopyDiskSaga {
                         dst_img: p.copy,
                         dst_vol: p.volume,
                         format: p.format,
+                        src_vol: None,
                     };
                     copy_collapsed(app, &spm, dc.storage_pool_id, &copy).await?;
                     Ok(())

@@ -1279,7 +1279,7 @@ impl Commands {
                 vm.name, vm.runtime.status
             )));
         }
-        self.refuse_locked_disks(&vm, "started").await?;
+        self.refuse_locked_disks(&vm, "start the VM").await?;
         if let Some(RunOnceCd::Iso(iso)) = opts.run_once.as_ref().and_then(|r| r.cdrom) {
             super::cdroms::iso_disk(self, iso).await?;
         }
@@ -1658,7 +1658,7 @@ impl Commands {
             )));
         }
         // A disk being moved live is mirrored by this host's QEMU until the move ends.
-        self.refuse_locked_disks(&vm, "migrated").await?;
+        self.refuse_locked_disks(&vm, "migrate the VM").await?;
         let src = vm
             .runtime
             .run_on_host
@@ -1848,7 +1848,7 @@ impl Commands {
         if self.app.db.template_get_by_name(name).await?.is_some() {
             return Err(CommandError::Conflict(format!("a template named {name} exists")));
         }
-        self.refuse_locked_disks(&v, "made a template").await?;
+        self.refuse_locked_disks(&v, "make a template of the VM").await?;
         let dc = self.cluster_dc(v.cluster_id).await?;
         let mut t = crate::model::Template::new(name, Some(v.cluster_id));
         t.description = description.to_string();

@@ -248,6 +248,8 @@ pub enum SnapVerb {
         memory: bool,
     },
     Remove,
+    /// A new VM (form field `name`) as the snapshot was.
+    Clone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,6 +319,7 @@ impl Verb {
                     "preview" => SnapVerb::Preview { memory: false },
                     "preview-memory" => SnapVerb::Preview { memory: true },
                     "remove" => SnapVerb::Remove,
+                    "clone" => SnapVerb::Clone,
                     _ => return Err(unknown(segs)),
                 },
             ),
@@ -363,8 +366,8 @@ impl Verb {
                     | VmVerb::CommitPreview
                     | VmVerb::UndoPreview
             ),
-            // A preview keeps the present aside: undoing it gives it back.
-            Verb::Snapshot(_, _, SnapVerb::Preview { .. }) => false,
+            // A preview keeps the present aside: undoing it gives it back; a clone only adds.
+            Verb::Snapshot(_, _, SnapVerb::Preview { .. } | SnapVerb::Clone) => false,
             // A running guest loses the disk.
             Verb::VmDisk(_, _, v) => *v != VmDiskVerb::Activate,
             // A retry acts on half-done storage: the admin confirms the cause is fixed.
@@ -821,6 +824,17 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         Ok(None)
                     }),
                 ),
+                SnapVerb::Clone => {
+                    let new = form.required("name", "a name for the clone")?.to_string();
+                    valid_name(&new, "VM")?;
+                    (
+                        format!("Clone a snapshot of VM {name} as {new}"),
+                        Box::pin(async move {
+                            let v = e.cmds.clone_vm_from_snapshot(vid, sid, &new, corr).await?;
+                            Ok(Some(format!("/portal/vms/{}", v.id)))
+                        }),
+                    )
+                }
             }
         }
         Verb::Host(id, v) => {
@@ -1207,6 +1221,9 @@ mod tests {
             Verb::parse(&["vms", &vs, "snapshots", &s, "preview-memory"]).unwrap(),
             Verb::Snapshot(v, s.parse().unwrap(), SnapVerb::Preview { memory: true })
         );
+        assert!(!Verb::parse(&["vms", &vs, "snapshots", &s, "clone"])
+            .unwrap()
+            .destructive());
         assert!(!Verb::parse(&["vms", &vs, "snapshots", &s, "preview"])
             .unwrap()
             .destructive());

@@ -593,6 +593,7 @@ async fn sessions_pages_actions_and_live_updates() {
             "before",
             SnapshotType::Regular,
             vec![],
+            vm.configuration(),
         ))
         .await
         .unwrap();
@@ -601,6 +602,7 @@ async fn sessions_pages_actions_and_live_updates() {
             .unwrap();
         let page = t.get(&format!("/portal/vms/{id}")).await.body;
         assert!(page.contains(&format!("/snapshots/{snap}/preview")), "{page}");
+        assert!(page.contains(&format!("/snapshots/{snap}/clone")), "{page}");
         assert!(!page.contains("commit-preview"));
         db.snapshot_set_status(snap, &[], SnapshotStatus::InPreview)
             .await
@@ -617,6 +619,10 @@ async fn sessions_pages_actions_and_live_updates() {
         );
         assert!(page.contains(&format!("/portal/vms/{id}/undo-preview")), "{page}");
         assert!(!page.contains(&format!("/snapshots/{snap}/preview\"")), "{page}");
+        assert!(
+            !page.contains(&format!("/snapshots/{snap}/clone")),
+            "in preview: {page}"
+        );
         let r = t
             .post(
                 &format!("/portal/vms/{id}/undo-preview"),

@@ -1971,6 +1971,23 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
                 "",
                 "small danger",
             );
+            // A new VM as the snapshot was, whether this one runs or not.
+            if s.status == SnapshotStatus::Ok {
+                h.form_open(
+                    f,
+                    &format!("/portal/vms/{sid}/snapshots/{ssid}/clone"),
+                    None,
+                    "inline-form",
+                );
+                h.input(
+                    "Clone",
+                    "name",
+                    "text",
+                    "",
+                    "placeholder=\"new VM name\" required pattern=\"[A-Za-z0-9._\\-]+\"",
+                );
+                h.raw("<button type=\"submit\" class=\"small secondary\">Clone</button></form>");
+            }
         }
         h.raw("</td></tr>");
     }

@@ -573,7 +573,7 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
         snapshot_type: SnapshotType::Regular,
         status: SnapshotStatus::Locked,
         persist_memory: false,
-        vm_configuration: Some("{}".into()),
+        configuration: Some(vm.configuration()),
         disks: vec![SnapshotDisk {
             disk_id: disk.id,
             volume_id: vol.id,
@@ -588,6 +588,8 @@ async fn vms_attachments_nics_snapshots(b: Backend) {
     assert_eq!(snaps.len(), 2);
     assert_eq!(snaps[0].id, snap.id);
     assert_eq!(snaps[0].disks, snap.disks);
+    assert_eq!(snaps[0].configuration, Some(vm.configuration()));
+    assert_eq!(snaps[1].configuration, None);
     assert_eq!(snaps[1].snapshot_type, SnapshotType::Active);
     // A second active snapshot is refused.
     let err = db

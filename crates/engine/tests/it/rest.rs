@@ -475,6 +475,38 @@ async fn vms_search_follow_actions_jobs_and_events(backend: Backend) {
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body); // the active snapshot is no preview
+                                                                 // A VM from a snapshot: a regular one, named by a UUID that exists, one at a time; each
+                                                                 // refusal leaves no VM behind.
+    let vms_before = count(&c.get("vms").await.body, "vm");
+    for (snaps, want) in [
+        (
+            format!("<snapshot id=\"{snap_active}\"/>"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "<snapshot id=\"not-a-uuid\"/>".to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("<snapshot/>".to_string(), StatusCode::BAD_REQUEST),
+        (String::new(), StatusCode::BAD_REQUEST),
+        (
+            format!("<snapshot id=\"{snap_active}\"/><snapshot id=\"{snap_active}\"/>"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "<snapshot id=\"5f0c7f3e-8e8b-4c1e-9d55-6b1a2c3d4e5f\"/>".to_string(),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let body = format!(
+            "<vm><name>fromsnap</name><cluster><name>Default</name></cluster>\
+             <snapshots>{snaps}</snapshots></vm>"
+        );
+        let r = c.post("vms", &body).await;
+        assert_eq!(r.status, want, "{snaps}: {}", r.body);
+        assert!(r.body.contains("<fault>"), "{}", r.body);
+    }
+    assert_eq!(count(&c.get("vms").await.body, "vm"), vms_before);
     let r = c.post(&format!("vms/{vm}/undosnapshot"), "<action/>").await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     // Async: checked before the answer. A refusal is the request's fault, nothing to do is

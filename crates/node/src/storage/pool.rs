@@ -1358,6 +1358,19 @@ impl ConnectedPool {
         Ok(chain.own_volumes().map(|v| v.id).filter(|v| *v != leaf).collect())
     }
 
+    /// The image's own volumes from its base up to `top`, which must be in its chain.
+    pub fn volumes_up_to(&self, sd: SdUuid, img: ImgUuid, top: VolUuid) -> Result<Vec<VolUuid>> {
+        let chain = self.domains.domain(sd)?.chain(img)?;
+        let at = chain
+            .position(top)
+            .ok_or(oxvirt_storage::StorageError::NoVolume { img, vol: top })?;
+        Ok(chain.volumes[..=at]
+            .iter()
+            .filter(|v| v.meta.image == img)
+            .map(|v| v.id)
+            .collect())
+    }
+
     /// The guard of a cold merge of `top` into `base`: both, and `top`'s child, whose backing
     /// file the merge rewrites.
     pub fn merge_guard(

@@ -699,12 +699,17 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Clone a VM that is down: its configuration, NICs with new MACs, each disk copied into
-    /// one volume of its own.
+    /// Clone a VM that is down, or with --snapshot any VM as one of its snapshots was: its
+    /// configuration, NICs with new MACs, each disk copied into one volume of its own.
     Clone {
         name: String,
         /// The new VM's name.
         new: String,
+        /// The snapshot (id or description) to clone; the VM may run meanwhile.
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Put an ISO disk into a VM's CD-ROM, or eject it: for its next start, or with --current
     /// into the running VM's drive.
@@ -2508,7 +2513,12 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             let obj = ctx.api.get(&format!("/vms/{id}")).await?;
             output::print_done(ctx.out, &format!("VM {name} is rebooting"), Some(&obj))
         }
-        VmCmd::Clone { name, new } => {
+        VmCmd::Clone {
+            name,
+            new,
+            snapshot: None,
+            wait: _,
+        } => {
             let id = ctx.id(k, &name).await?;
             ctx.action(
                 format!("clone VM {name} as {new}"),
@@ -2520,6 +2530,38 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             let new_id = ctx.id(k, &new).await?;
             let obj = ctx.get(k, &new_id).await?;
             output::print_done(ctx.out, &format!("VM {new} is a clone of {name}"), Some(&obj))
+        }
+        VmCmd::Clone {
+            name,
+            new,
+            snapshot: Some(snap),
+            wait,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let src = ctx.get(k, &id).await?;
+            let sid = find_snapshot(ctx, &id, &snap).await?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let body = json!({ "vm": {
+                "name": new,
+                "cluster": { "id": src["cluster"]["id"] },
+                "snapshots": { "snapshot": [{ "id": sid }] },
+            }});
+            let label = format!("clone snapshot {snap} of VM {name} as {new}");
+            let (reply, _) = ctx.action_reply(label, "/vms".into(), body, None).await?;
+            let new_id = reply["id"].as_str().unwrap_or_default().to_string();
+            let obj = match until(k, &new_id, &new, "status", &["down"], &[], wait) {
+                Some(u) => {
+                    let mut p = Progress::new(format!("copy the disks of {new}"), ctx.quiet);
+                    let obj = progress::wait(&ctx.api, &mut p, u).await?;
+                    p.finish("done");
+                    obj
+                }
+                None => reply,
+            };
+            let what = format!("VM {new} is a clone of snapshot {sid} of {name}");
+            output::print_done(ctx.out, &what, Some(&obj))
         }
         VmCmd::Cdrom {
             name,

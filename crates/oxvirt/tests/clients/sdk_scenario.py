@@ -13,7 +13,8 @@ Run by crates/oxvirt/tests/it/rest_clients.rs, which starts the engine and the n
 
 The scenario: data center, cluster, two hosts, storage domain, attach, disk image upload and
 download (ovirt_imageio.client through /imagetransfers), VM with a disk, start
-(the guest boots), live snapshot, live migration, stop, template, VM from the template, start,
+(the guest boots), live snapshot, a VM cloned from it, live migration, stop, clone, preview/undo/commit/restore
+(data and configuration), template, VM from the template, start,
 stop, then removal; jobs by correlation id, events, faults and re-authentication on the way.
 Prints one line per step with its time; exits non-zero on the first failure.
 """
@@ -583,6 +584,31 @@ def main():
     wait("disk unlocked after the backup", lambda: disk_svc.get().status == types.DiskStatus.OK, 30)
     step("disk snapshot %s downloaded while the VM runs" % dsnaps[0].id)
 
+    # A VM made from the snapshot while the VM runs (oVirt's clone from snapshot): the
+    # snapshot's configuration, and the disk's data as of the snapshot in a volume of its own.
+    sclone = vms.add(types.Vm(name=P + "-snapclone", cluster=types.Cluster(id=cl.id),
+                              snapshots=[types.Snapshot(id=snap.id)]))
+    sclone_svc = vms.vm_service(sclone.id)
+    wait("snapshot clone made", lambda: sclone_svc.get().status == types.VmStatus.DOWN, 120)
+    assert sclone_svc.get().memory == 256 * MIB, sclone_svc.get().memory
+    assert vm_svc.get().status == types.VmStatus.UP
+    satts = sclone_svc.disk_attachments_service().list()
+    assert len(satts) == 1 and satts[0].disk.id != att.disk.id, satts
+    svols = image_volumes(sd.id, satts[0].disk.id)
+    assert len(svols) == 1, svols
+    same_image(svols[0], image_volumes(sd.id, att.disk.id)[0])
+    assert snaps.snapshot_service(snap.id).get().snapshot_status == types.SnapshotStatus.OK
+    active = [x for x in snaps.list() if x.snapshot_type == types.SnapshotType.ACTIVE][0]
+    try:
+        vms.add(types.Vm(name=P + "-snapclone2", cluster=types.Cluster(id=cl.id),
+                         snapshots=[types.Snapshot(id=active.id)]))
+        raise AssertionError("a VM was made from the active snapshot")
+    except sdk.Error as e:
+        assert e.code == 400, e
+    sclone_svc.remove()
+    wait("the snapshot clone's disk removed", lambda: not os.path.exists(svols[0]), 30)
+    step("VM made from snapshot %s while the VM runs, and removed" % snap.id)
+
     # A second data domain; the running VM's disk moves there (a live storage migration: the
     # guest writes on), its chain with it, and the automatic snapshot goes again.
     sd2 = sds.add(types.StorageDomain(
@@ -683,6 +709,9 @@ def main():
     # storage. The present differs from the snapshot by a MiB written while the VM is down.
     vols = image_volumes(sd2.id, att.disk.id)
     assert len(vols) == 2, vols
+    # The snapshot kept the VM's configuration too: a preview or restore brings it back, an
+    # undo returns the present's.
+    vm_svc.update(types.Vm(memory=384 * MIB))
     qemu_write(vols[-1], 0x5A, 1)
     at_snap, present = content(vols[0]), content(vols[-1])
     assert at_snap != present
@@ -694,6 +723,7 @@ def main():
     kinds = sorted(str(s.snapshot_type) for s in snaps.list())
     assert kinds == ["active", "preview", "regular"], kinds
     assert content(image_volumes(sd2.id, att.disk.id)[-1]) == at_snap
+    assert vm_svc.get().memory == 256 * MIB, vm_svc.get().memory
     try:
         snaps.add(types.Snapshot(description="during the preview"))
         raise AssertionError("a snapshot was taken during a preview")
@@ -704,7 +734,8 @@ def main():
     assert vm_svc.get().status == types.VmStatus.DOWN, vm_svc.get().status
     assert image_volumes(sd2.id, att.disk.id) == vols
     assert content(vols[-1]) == present
-    step("preview and undo")
+    assert vm_svc.get().memory == 384 * MIB, vm_svc.get().memory
+    step("preview and undo, the configuration with them")
 
     vm_svc.preview_snapshot(snapshot=types.Snapshot(id=snap.id), restore_memory=False)
     leaf = image_volumes(sd2.id, att.disk.id)[-1]
@@ -716,9 +747,12 @@ def main():
     assert kinds == ["active", "regular"], kinds
     assert snap_svc.get().snapshot_status == types.SnapshotStatus.OK
     assert content(image_volumes(sd2.id, att.disk.id)[-1]) == previewed
+    assert vm_svc.get().memory == 256 * MIB, vm_svc.get().memory
+    vm_svc.update(types.Vm(memory=384 * MIB))
     snap_svc.restore(restore_memory=False)
     assert content(image_volumes(sd2.id, att.disk.id)[-1]) == at_snap
-    step("preview and commit; restore")
+    assert vm_svc.get().memory == 256 * MIB, vm_svc.get().memory
+    step("preview and commit; restore, the configuration with them")
 
     templates = system.templates_service()
     tmpl = templates.add(types.Template(name=P + "-tmpl", vm=types.Vm(id=vm.id)))

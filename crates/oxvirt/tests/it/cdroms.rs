@@ -45,6 +45,8 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
     let work = tempfile::tempdir().unwrap();
     let storage = tempfile::tempdir().unwrap();
     let nodes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // Declared after the directories, so it drops (killing the guests) before they go.
+    let _reaper = common::QemuReaper(nodes.iter().map(|d| d.path().join("run")).collect());
     let w = work.path();
     let engine = Engine::start(engine_cfg(engine_dir.path()), Some(oxvirt_engine::rest::routes()))
         .await

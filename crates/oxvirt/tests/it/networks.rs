@@ -13,23 +13,12 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{engine_client, free_port, spawn_node, start_engine, wait_up, Engine, NodeProc};
+use common::{engine_client, free_port, spawn_node, start_engine, wait_up, Engine, NodeProc, QemuReaper};
 use oxvirt_rpc::RpcClient;
 use oxvirt_testkit::netns::TestNs;
 use oxvirt_testkit::TestGuest;
 use oxvirt_types::VmId;
 use serde_json::{json, Value};
-
-/// Kills the QEMU processes nodes left in their run directories (QEMU outlives its node).
-struct QemuReaper(Vec<PathBuf>);
-
-impl Drop for QemuReaper {
-    fn drop(&mut self) {
-        for run in &self.0 {
-            common::kill_qemus(run);
-        }
-    }
-}
 
 struct Host {
     ns: TestNs,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, NodeProc};
+use common::{free_port, NodeProc, QemuReaper};
 use oxvirt_engine::allinone;
 use oxvirt_engine::app::EngineSettings;
 use oxvirt_engine::commands::{
@@ -31,17 +31,6 @@ use oxvirt_testkit::netns::TestNs;
 use oxvirt_testkit::TestGuest;
 
 const MIB: u64 = 1 << 20;
-
-/// Kills the QEMU processes nodes left in their run directories (QEMU outlives its node).
-struct QemuReaper(Vec<PathBuf>);
-
-impl Drop for QemuReaper {
-    fn drop(&mut self) {
-        for run in &self.0 {
-            common::kill_qemus(run);
-        }
-    }
-}
 
 struct Node {
     name: String,

@@ -2,8 +2,8 @@
 //! saga (the omicron saga test pattern), against the real engine database (the disk and the
 //! VM/template sweeps on PostgreSQL, the others on SQLite) and a real
 //! `oxvirt node` as SPM on a real file domain: adding and removing a disk, a VM cloned from a
-//! template, a VM cloned from a VM, and a template; taking, removing, restoring and previewing a cold snapshot, and
-//! committing or undoing the preview; deactivating, detaching and removing a second storage
+//! template, a VM cloned from a VM, and a template; taking, removing, restoring, previewing and
+//! cloning a cold snapshot, and committing or undoing the preview; deactivating, detaching and removing a second storage
 //! domain (there the engine's record and the pool metadata on storage must agree), and moving
 //! a disk to it.
 //!
@@ -811,6 +811,48 @@ impl Scenario for RestoreRun {
     }
 }
 
+/// A VM made from a snapshot of the base VM: the snapshot and the base's disks are unlocked
+/// afterwards whatever happened, and the clone is whole or absent.
+struct CloneSnapshotRun;
+impl Scenario for CloneSnapshotRun {
+    const SAGA: &'static str = "clone_vm";
+    type Ctx = oxvirt_engine::model::SnapshotId;
+    async fn prepare(&self, w: &World) -> Self::Ctx {
+        snapshot_of_base(w, "cloned").await
+    }
+    async fn run(&self, w: &World, cmds: &Commands, s: &Self::Ctx) {
+        let _ = cmds.clone_vm_from_snapshot(w.base, *s, "snap_clone", None).await;
+    }
+    async fn check(&self, w: &World, s: &Self::Ctx, done: bool, what: &str) {
+        let clone = vm_named(w, "snap_clone").await;
+        assert_eq!(clone.is_some(), done, "{what}: the clone");
+        let snap = w.db().snapshot_get(*s).await.unwrap().unwrap();
+        assert_eq!(
+            snap.status,
+            SnapshotStatus::Ok,
+            "{what}: the snapshot is unlocked"
+        );
+        for a in w.db().attachments_of_vm(w.base).await.unwrap() {
+            let d = w.db().disk_get(a.disk_id).await.unwrap().unwrap();
+            assert_eq!(d.status, DiskStatus::Ok, "{what}: the source's disk is unlocked");
+        }
+        if let Some(c) = clone {
+            let atts = w.db().attachments_of_vm(c).await.unwrap();
+            assert_eq!(atts.len(), snap.disks.len(), "{what}: the clone's disks");
+            for a in atts {
+                let chain = w.db().volume_chain(a.disk_id).await.unwrap();
+                assert_eq!(chain.len(), 1, "{what}: the clone's chain is collapsed");
+            }
+        }
+    }
+    async fn reset(&self, w: &World, s: Self::Ctx) {
+        if let Some(c) = vm_named(w, "snap_clone").await {
+            w.cmds().remove_vm(c, false, None).await.unwrap();
+        }
+        drop_snapshot(w, s).await
+    }
+}
+
 struct AddTemplateRun;
 impl Scenario for AddTemplateRun {
     const SAGA: &'static str = "add_template";
@@ -1153,6 +1195,7 @@ async fn snapshot_commands_fail_and_crash_at_every_step_and_storage_agrees() {
     sweep(&w, &AddColdSnapshot).await;
     sweep(&w, &RemoveColdSnapshot).await;
     sweep(&w, &RestoreRun).await;
+    sweep(&w, &CloneSnapshotRun).await;
     w.domain()
         .check(true)
         .map(|r| assert!(r.is_clean(), "{:?}", r.problems))

@@ -432,7 +432,7 @@ async fn vm_insert(c: &mut Conn<'_>, vm: &Vm) -> Result<Vm, DbError> {
         snapshot_type: SnapshotType::Active,
         status: SnapshotStatus::Ok,
         persist_memory: false,
-        vm_configuration: None,
+        configuration: None,
         disks: Vec::new(),
         created_at: c.now,
     };
@@ -917,7 +917,15 @@ async fn snapshot_rows(c: &mut Conn<'_>, q: &Sql) -> Result<Vec<Snapshot>, DbErr
             snapshot_type: r.parse("snapshot_type")?,
             status: r.parse("status")?,
             persist_memory: r.flag("persist_memory")?,
-            vm_configuration: r.opt_text("vm_configuration")?,
+            configuration: r
+                .opt_text("vm_configuration")?
+                .map(|t| {
+                    serde_json::from_str(&t).map_err(|e| DbError::Corrupt {
+                        column: "vm_configuration".into(),
+                        detail: e.to_string(),
+                    })
+                })
+                .transpose()?,
             disks: Vec::new(),
             created_at: r.ts("created_at")?,
         });
@@ -949,7 +957,9 @@ async fn snapshot_insert(c: &mut Conn<'_>, s: &Snapshot) -> Result<Snapshot, DbE
         .push(", ")
         .arg(b2i(s.persist_memory))
         .push(", ")
-        .arg(Arg::Text(s.vm_configuration.clone()))
+        .arg(Arg::Text(s.configuration.as_ref().map(|c| {
+            serde_json::to_string(c).expect("a configuration serializes")
+        })))
         .push(", ")
         .arg(c.now.as_millis())
         .push(")");

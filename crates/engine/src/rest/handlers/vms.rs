@@ -212,6 +212,9 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         Some(c) => cluster_ref(r, c).await?,
         None => return Err(ApiError::bad_request("<vm> needs <cluster>")),
     };
+    if let Some(s) = b.get("snapshots") {
+        return vm_add_from_snapshot(r, &b, s, cluster).await;
+    }
     let template = match b.get("template") {
         Some(t) => template_ref(r, t).await?,
         None => BLANK_TEMPLATE_ID,
@@ -227,6 +230,47 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         ha: ha_of(&b)?,
     };
     let v = r.adding().add_vm(req, r.correlation_id.clone()).await?;
+    Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), v.pending))
+}
+
+/// `POST /vms` with `<snapshots><snapshot id="…"/></snapshots>`: a new VM from a snapshot of
+/// another (oVirt's clone from snapshot), in that VM's cluster, with the snapshot's
+/// configuration and its disks' data as they were then.
+async fn vm_add_from_snapshot(
+    r: &Req,
+    b: &Elem,
+    snapshots: &Elem,
+    cluster: crate::model::ClusterId,
+) -> Result<Resp, ApiError> {
+    let mut ids = snapshots.children_named("snapshot");
+    let (Some(s), None) = (ids.next(), ids.next()) else {
+        return Err(ApiError::bad_request(
+            "a VM is made from one snapshot: <snapshots><snapshot id=\"…\"/></snapshots>",
+        ));
+    };
+    let sid = snapshot_id(s)?;
+    let snap = r
+        .db()
+        .snapshot_get(sid)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("snapshot {sid} not found")))?;
+    let src = r
+        .db()
+        .vm_get(snap.vm_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("the VM of snapshot {sid} is gone")))?;
+    if src.cluster_id != cluster {
+        return Err(ApiError::bad_request(format!(
+            "snapshot {sid} is of VM {}, in another cluster: a VM made from it goes into that \
+             VM's cluster",
+            src.name
+        )));
+    }
+    let name = required(b, "name")?.to_string();
+    let v = r
+        .adding()
+        .clone_vm_from_snapshot(src.id, sid, &name, r.correlation_id.clone())
+        .await?;
     Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), v.pending))
 }
 
@@ -462,16 +506,20 @@ pub async fn vm_clone(r: &Req) -> Result<Resp, ApiError> {
     .await
 }
 
+/// The id of a `<snapshot id="…"/>` reference.
+fn snapshot_id(s: &Elem) -> Result<SnapshotId, ApiError> {
+    let id = s
+        .id()
+        .ok_or_else(|| ApiError::bad_request("<snapshot> needs an id"))?;
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("snapshot id {id:?} is not a UUID")))
+}
+
 async fn snapshot_from_action(r: &Req, v: &Vm, body: &Elem) -> Result<SnapshotId, ApiError> {
     let s = body
         .get("snapshot")
         .ok_or_else(|| ApiError::bad_request("the action needs <snapshot id=\"…\"/>"))?;
-    let id = s
-        .id()
-        .ok_or_else(|| ApiError::bad_request("<snapshot> needs an id"))?;
-    let sid: SnapshotId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("snapshot id {id:?} is not a UUID")))?;
+    let sid = snapshot_id(s)?;
     r.db()
         .snapshot_get(sid)
         .await?

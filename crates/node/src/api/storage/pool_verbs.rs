@@ -215,6 +215,10 @@ pub struct ImageCopy {
     pub sd: SdUuid,
     #[serde(rename = "srcImgUUID")]
     pub src_img: ImgUuid,
+    /// Copy the image as it was when this volume was its leaf (a snapshot's volume), which a
+    /// running VM does not write: the VM may run meanwhile. The whole chain when absent.
+    #[serde(rename = "srcVolUUID", default)]
+    pub src_vol: Option<VolUuid>,
     #[serde(rename = "dstImgUUID")]
     pub dst_img: ImgUuid,
     #[serde(rename = "dstVolUUID")]
@@ -772,7 +776,12 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     ))
                 }
             };
-            ensure_pool(pools, c.pool)?.refuse_if_held(c.sd, c.src_img, None, "copied")?;
+            let cp = ensure_pool(pools, c.pool)?;
+            let read = c
+                .src_vol
+                .map(|top| cp.volumes_up_to(c.sd, c.src_img, top))
+                .transpose()?;
+            cp.refuse_if_held(c.sd, c.src_img, read.as_deref(), "copied")?;
             let mut plan = TaskPlan::new("copyImage").undoable(
                 Job::CopyImage {
                     src_sd: c.sd,
@@ -783,6 +792,7 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                         vol: c.dst_vol,
                         format,
                         allocation,
+                        top: c.src_vol,
                     }),
                 },
                 Job::DeleteImage {

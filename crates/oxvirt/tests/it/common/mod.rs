@@ -208,6 +208,18 @@ pub fn files_under(p: &Path) -> Vec<String> {
 }
 
 /// Kills every QEMU whose command line names this run directory's QMP socket.
+/// Kills the QEMU processes nodes left in their run directories when it drops (QEMU outlives
+/// its node by design: a test that fails midway must not leave guests running).
+pub struct QemuReaper(pub Vec<std::path::PathBuf>);
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for run in &self.0 {
+            kill_qemus(run);
+        }
+    }
+}
+
 pub fn kill_qemus(run_dir: &Path) {
     let Ok(rd) = std::fs::read_dir(run_dir.join("vms")) else {
         return;
