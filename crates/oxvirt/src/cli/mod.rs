@@ -2543,11 +2543,11 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let body = json!({ "vm": {
+            let body = json!({
                 "name": new,
                 "cluster": { "id": src["cluster"]["id"] },
                 "snapshots": { "snapshot": [{ "id": sid }] },
-            }});
+            });
             let label = format!("clone snapshot {snap} of VM {name} as {new}");
             let (reply, _) = ctx.action_reply(label, "/vms".into(), body, None).await?;
             let new_id = reply["id"].as_str().unwrap_or_default().to_string();

@@ -285,5 +285,59 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
         data[..2 << 20].iter().all(|b| *b == b'Z'),
         "the installer's writes are on the disk"
     );
+
+    // A VM as a snapshot of the installed VM was: the data then, not what was written after.
+    oxvirt(
+        w,
+        &["snapshot", "create", "--vm", "inst", "--description", "installed"],
+        true,
+    )
+    .await;
+    let (disk, _) = disk_id("inst-disk").await;
+    let leaf = db.volume_chain(disk).await.unwrap().pop().unwrap();
+    let leaf_path = storage
+        .path()
+        .join(leaf.storage_domain_id.to_string())
+        .join("images")
+        .join(disk.to_string())
+        .join(leaf.id.to_string());
+    let qemu_io = oxvirt_testkit::require_tool("qemu-io");
+    let wrote = std::process::Command::new(qemu_io)
+        .args(["-f", "qcow2", "-c", "write -P 0x41 0 1M"])
+        .arg(&leaf_path)
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{wrote:?}");
+    oxvirt(
+        w,
+        &["vm", "clone", "inst", "inst3", "--snapshot", "installed"],
+        true,
+    )
+    .await;
+    let snap_out = w.join("inst3.raw");
+    let args = [
+        "disk",
+        "download",
+        "inst3_inst-disk",
+        snap_out.to_str().unwrap(),
+        "--format",
+        "raw",
+    ];
+    oxvirt(w, &args, true).await;
+    let data = std::fs::read(&snap_out).unwrap();
+    assert!(
+        data[..2 << 20].iter().all(|b| *b == b'Z'),
+        "the snapshot's clone has the data as of the snapshot"
+    );
+    let (stdout, stderr) = oxvirt(
+        w,
+        &["vm", "clone", "inst", "inst4", "--snapshot", "nosuch"],
+        false,
+    )
+    .await;
+    assert!(
+        format!("{stdout}{stderr}").contains("no snapshot"),
+        "{stdout}{stderr}"
+    );
     engine.shutdown().await;
 }
