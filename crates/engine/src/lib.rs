@@ -12,6 +12,7 @@
 
 pub mod allinone;
 pub mod app;
+pub mod backup;
 pub mod balance;
 pub mod commands;
 pub mod daemon;

@@ -29,6 +29,9 @@ enum Command {
     Up(up::UpArgs),
     /// The engine: database, REST API, enrollment, monitoring, scheduling.
     Engine(engine_cmd::EngineArgs),
+    /// Back up the engine (database and PKI, while it runs) or restore it into a new data
+    /// directory, as oVirt's engine-backup.
+    EngineBackup(engine_cmd::BackupArgs),
     /// The node daemon (oxvirt's VDSM): serves the node API over mutual TLS.
     Node(node_cmd::NodeArgs),
     /// Offline storage-domain administration: create, inspect, check, dump chains, volume verbs.
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Node(args) => node_cmd::run_node(args),
         Command::FenceWatchdog(args) => node_cmd::run_watchdog(args),
         Command::Engine(args) => engine_cmd::run(args),
+        Command::EngineBackup(args) => engine_cmd::run_backup(args),
         Command::Client(c) => cli::run(c, <Cli as clap::CommandFactory>::command()),
     }
 }

@@ -45,6 +45,22 @@ pub mod testing {
         let sep = if base.contains('?') { '&' } else { '?' };
         Ok(format!("{base}{sep}options[search_path]={schema}"))
     }
+
+    /// Drops the schema a URL from [`fresh_postgres_schema`] names, with all it holds (a lost
+    /// database, for restore tests).
+    pub async fn drop_postgres_schema(url: &str) -> Result<(), sqlx::Error> {
+        let (base, schema) = url
+            .split_once("options[search_path]=")
+            .ok_or_else(|| sqlx::Error::Configuration(format!("{url} names no schema").into()))?;
+        let base = base.trim_end_matches(['?', '&']);
+        sqlx::any::install_default_drivers();
+        let mut c = sqlx::AnyConnection::connect(base).await?;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut c)
+            .await?;
+        c.close().await.ok();
+        Ok(())
+    }
 }
 
 use std::path::Path;

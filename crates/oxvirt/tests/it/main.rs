@@ -9,6 +9,7 @@ mod cdroms;
 mod cli;
 mod common;
 mod domain_cli;
+mod engine_backup;
 mod engine_e2e;
 mod engine_restart;
 mod ha;

@@ -27,7 +27,7 @@ use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
-const PASSWORD: &str = "transfer-test password";
+pub(crate) const PASSWORD: &str = "transfer-test password";
 /// Data in the uploaded image (the benchmark's size).
 const DATA_MIB: u64 = 128;
 
