@@ -60,6 +60,9 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
         vm_lease: None,
         cdrom: None,
         boot_order: vec![],
+        max_cpus: None,
+        cpu_devices: vec![],
+        cpus_unplugged: false,
     }
 }
 

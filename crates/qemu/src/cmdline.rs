@@ -23,7 +23,16 @@ pub struct VmSpec {
     pub name: String,
     /// SMBIOS UUID the guest sees; the engine's VM id.
     pub uuid: String,
+    /// The vCPUs the VM starts with (QEMU's `-smp cpus`).
     pub cpus: u16,
+    /// How many vCPUs the VM may have (`-smp maxcpus`): room for hot plugged ones. `None`:
+    /// `cpus`, none can be added.
+    #[serde(default)]
+    pub max_cpus: Option<u16>,
+    /// vCPUs hot plugged into the running VM, added again on a migration destination or a
+    /// restart from a saved state so the devices match.
+    #[serde(default)]
+    pub cpu_devices: Vec<CpuDevice>,
     pub memory_mib: u64,
     /// Must be resolved (`Kvm` or `Tcg`) before building the command line.
     pub accel: Accel,
@@ -69,6 +78,27 @@ pub struct VmSpec {
     /// first disk alone.
     #[serde(default)]
     pub boot_order: Vec<BootDevice>,
+}
+
+/// A hot plugged vCPU: QEMU's device of type `driver` (the CPU model's, e.g.
+/// `qemu64-x86_64-cpu`) with id `id` in the slot `props` names (`socket-id`, `core-id`,
+/// `thread-id`…, as `query-hotpluggable-cpus` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuDevice {
+    pub id: String,
+    pub driver: String,
+    pub props: std::collections::BTreeMap<String, i64>,
+}
+
+impl CpuDevice {
+    /// The device as `device_add` and `-device` take it.
+    pub fn device_json(&self) -> serde_json::Value {
+        let mut d = serde_json::json!({ "driver": self.driver, "id": self.id });
+        for (k, v) in &self.props {
+            d[k.as_str()] = (*v).into();
+        }
+        d
+    }
 }
 
 /// A device the firmware may boot from.
@@ -418,6 +448,8 @@ pub enum SpecError {
     BadSataSlot { vm: String, disk: usize, slot: usize },
     #[error("VM {vm:?}: SATA disk {disk} is on port {CDROM_SATA_PORT}, the SATA CD-ROM's")]
     SataPortOfCdrom { vm: String, disk: usize },
+    #[error("VM {vm:?}: {cpus} vCPUs, more than its maximum {max}")]
+    TooManyCpus { vm: String, cpus: usize, max: u16 },
 }
 
 /// QEMU device id of a NIC.
@@ -598,6 +630,14 @@ impl VmSpec {
                 what: "cpus",
             });
         }
+        let max = self.max_cpus.unwrap_or(self.cpus);
+        if usize::from(self.cpus) + self.cpu_devices.len() > usize::from(max) {
+            return Err(SpecError::TooManyCpus {
+                vm: vm(),
+                cpus: usize::from(self.cpus) + self.cpu_devices.len(),
+                max,
+            });
+        }
         if self.memory_mib == 0 {
             return Err(SpecError::Zero {
                 vm: vm(),
@@ -713,7 +753,16 @@ impl VmSpec {
         if self.accel == Accel::Kvm {
             push("-cpu", "host".into());
         }
-        push("-smp", self.cpus.to_string());
+        push(
+            "-smp",
+            match self.max_cpus {
+                Some(m) => format!("cpus={},maxcpus={m}", self.cpus),
+                None => self.cpus.to_string(),
+            },
+        );
+        for c in &self.cpu_devices {
+            push("-device", c.device_json().to_string());
+        }
         push("-m", format!("{}M", self.memory_mib));
         // Deny what a guest-facing process never needs; `spawn=deny` also stops QEMU from running
         // helpers, so networking helpers must be set up by the node beforehand.
@@ -868,6 +917,8 @@ mod tests {
             name: "vm1".into(),
             uuid: "4f1c9a0e-2b3d-4c5e-8f70-0123456789ab".into(),
             cpus: 2,
+            max_cpus: None,
+            cpu_devices: Vec::new(),
             memory_mib: 256,
             accel: Accel::Tcg,
             boot: Boot::Disk,
@@ -951,6 +1002,32 @@ mod tests {
             ["unix:/run/vm1.vnc", "192.0.2.7:0,to=99,password=on,id=remote"]
         );
         assert!(arg_after(&args, "-sandbox")[0].starts_with("on,"));
+    }
+
+    #[test]
+    fn hot_plugged_cpus_come_back_as_devices_within_the_maximum() {
+        let mut s = spec();
+        assert_eq!(arg_after(&s.to_args().unwrap(), "-smp"), ["2"]);
+        s.max_cpus = Some(4);
+        s.cpu_devices = vec![CpuDevice {
+            id: "cpu-hot-1".into(),
+            driver: "qemu64-x86_64-cpu".into(),
+            props: [("socket-id".to_string(), 2), ("core-id".to_string(), 0)].into(),
+        }];
+        let args = s.to_args().unwrap();
+        assert_eq!(arg_after(&args, "-smp"), ["cpus=2,maxcpus=4"]);
+        let cpu: serde_json::Value = serde_json::from_str(arg_after(&args, "-device")[0]).unwrap();
+        assert_eq!(
+            cpu,
+            serde_json::json!({
+                "driver": "qemu64-x86_64-cpu", "id": "cpu-hot-1", "socket-id": 2, "core-id": 0,
+            })
+        );
+        s.max_cpus = Some(2);
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::TooManyCpus { cpus: 3, max: 2, .. })
+        ));
     }
 
     #[test]

@@ -553,6 +553,7 @@ command!(
 command!(SystemReset => "system_reset", ());
 command!(Quit => "quit", ());
 command!(QueryCpusFast => "query-cpus-fast", Vec<CpuInfoFast>);
+command!(QueryHotpluggableCpus => "query-hotpluggable-cpus", Vec<HotpluggableCpu>);
 command!(QueryBlockstats => "query-blockstats", Vec<BlockStatsEntry>);
 command!(QueryBalloon => "query-balloon", BalloonInfo);
 command!(
@@ -727,6 +728,19 @@ pub struct StatusInfo {
 pub struct CpuInfoFast {
     pub cpu_index: u32,
     pub thread_id: i64,
+}
+
+/// A vCPU slot: plugged when it has a `qom_path` (`/machine/peripheral/<id>` for one hot
+/// plugged with an id, `/machine/unattached/…` for one the VM started with).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HotpluggableCpu {
+    #[serde(rename = "type")]
+    pub driver: String,
+    pub vcpus_count: u32,
+    pub props: std::collections::BTreeMap<String, i64>,
+    #[serde(default)]
+    pub qom_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

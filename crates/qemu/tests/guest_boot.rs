@@ -82,6 +82,8 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         name: "guest-boot".into(),
         uuid: "00000000-0000-4000-8000-000000000001".into(),
         cpus: 1,
+        max_cpus: None,
+        cpu_devices: Vec::new(),
         memory_mib: 256,
         accel: Accel::Tcg,
         boot: Boot::Kernel {
@@ -235,6 +237,8 @@ fn guest_boots_from_its_cdrom_before_its_empty_disk() {
         name: "cd-boot".into(),
         uuid: "00000000-0000-4000-8000-000000000002".into(),
         cpus: 1,
+        max_cpus: None,
+        cpu_devices: Vec::new(),
         memory_mib: 256,
         accel: Accel::Tcg,
         boot: Boot::Disk,

@@ -50,6 +50,7 @@ pub const VERBS: &[&str] = &[
     "VM.diskReplicateStart",
     "VM.diskReplicateFinish",
     "VM.changeCD",
+    "VM.setNumberOfCpus",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -129,6 +130,15 @@ pub struct ChangeCdParams {
     #[serde(rename = "vmID")]
     pub id: VmId,
     pub drive: Option<CdDrive>,
+}
+
+/// `VM.setNumberOfCpus` (VDSM's name): the running VM's vCPUs, hot plugged or unplugged.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetCpusParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub number_of_cpus: u16,
 }
 
 /// `VM.hotplugDisk` / `VM.hotunplugDisk` (VDSM's names): the drive to plug, or the one whose
@@ -244,6 +254,12 @@ pub struct VmParams {
     /// The firmware's boot order (`hd`, `cdrom`) when the VM boots through it.
     #[serde(default)]
     pub boot_order: Vec<BootDevice>,
+    /// The most vCPUs hot plug may bring the VM to (VDSM's `maxVCpus`); `smp` when absent.
+    #[serde(default, rename = "maxVCpus")]
+    pub max_vcpus: Option<u16>,
+    /// vCPUs hot plugged on the migration source, added as devices here.
+    #[serde(default)]
+    pub cpu_devices: Vec<oxvirt_qemu::CpuDevice>,
 }
 
 /// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
@@ -500,6 +516,7 @@ pub enum VmRequest {
     ReplicateStart(ReplicateParams),
     ReplicateFinish(ReplicateParams),
     ChangeCd(ChangeCdParams),
+    SetCpus(SetCpusParams),
 }
 
 impl VmRequest {
@@ -550,6 +567,7 @@ impl VmRequest {
             "VM.hibernate" => VmRequest::Hibernate(params(method, p)?),
             "VM.hotplugDisk" => VmRequest::HotplugDisk(params(method, p)?),
             "VM.changeCD" => VmRequest::ChangeCd(params(method, p)?),
+            "VM.setNumberOfCpus" => VmRequest::SetCpus(params(method, p)?),
             "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
             "VM.diskSizeExtend" => VmRequest::DiskSizeExtend(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
@@ -924,6 +942,9 @@ impl Node {
             id: p.id,
             name: p.vm_name,
             cpus: p.smp,
+            max_cpus: p.max_vcpus,
+            cpu_devices: p.cpu_devices,
+            cpus_unplugged: false,
             memory_mib: p.mem_size,
             accel: p.accel.unwrap_or(self.config.accel),
             boot,
@@ -1174,6 +1195,7 @@ impl Node {
                 };
                 Ok(to_json(&vms.change_cd(c.id, media).await?))
             }
+            VmRequest::SetCpus(c) => Ok(to_json(&vms.set_cpus(c.id, c.number_of_cpus).await?)),
             VmRequest::HotplugDisk(h) => {
                 vms.status(h.id)?;
                 let disk = self

@@ -21,6 +21,7 @@
 //! lives depend on the node's.
 
 pub mod cdrom;
+pub mod cpus;
 pub mod disks;
 pub mod hooks;
 pub mod ksm;
@@ -42,8 +43,8 @@ use oxvirt_qemu::cmdline::{format_node_name, layer_blockdevs, protocol_node_name
 use oxvirt_qemu::qga::GuestAgent;
 use oxvirt_qemu::qmp::{self, Event, Qmp, QmpError};
 use oxvirt_qemu::{
-    Accel, BlockProtocol, Boot, BootDevice, CdromSpec, DiskBus, DiskSpec, ImageFormat, LayerSpec, NicSpec,
-    QemuTool, VmSpec, WriteErrorPolicy,
+    Accel, BlockProtocol, Boot, BootDevice, CdromSpec, CpuDevice, DiskBus, DiskSpec, ImageFormat, LayerSpec,
+    NicSpec, QemuTool, VmSpec, WriteErrorPolicy,
 };
 use oxvirt_types::{ImgUuid, SdUuid, VmId};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,16 @@ pub struct VmCreate {
     /// The firmware's boot order (see [`oxvirt_qemu::VmSpec::boot_order`]).
     #[serde(default)]
     pub boot_order: Vec<BootDevice>,
+    /// The most vCPUs the VM may have (room for hot plug; see [`cpus`]); `None`: `cpus`.
+    #[serde(default)]
+    pub max_cpus: Option<u16>,
+    /// vCPUs hot plugged beyond `cpus` (see [`cpus`]).
+    #[serde(default)]
+    pub cpu_devices: Vec<CpuDevice>,
+    /// A vCPU was unplugged from the running QEMU (see [`cpus`]: under TCG none is plugged
+    /// after that). Never set in a request: a new QEMU starts clean.
+    #[serde(default)]
+    pub cpus_unplugged: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +374,9 @@ pub struct VmInfo {
     /// The CD-ROM drive and the ISO in it (a migration destination needs the same).
     #[serde(default)]
     pub cdrom: Option<cdrom::CdromInfo>,
+    /// The vCPUs: started with, at most, hot plugged (a migration destination needs the same).
+    #[serde(default)]
+    pub cpus: Option<cpus::CpusInfo>,
 }
 
 /// Where a disk sits in the VM: its storage image, if it has one, its slot and its bus.
@@ -792,6 +806,7 @@ impl Vm {
                 })
                 .collect(),
             cdrom: rec.create.cdrom.as_ref().map(cdrom::VmCdrom::info),
+            cpus: Some(cpus::CpusInfo::of(&rec.create)),
         }
     }
 
@@ -1048,6 +1063,8 @@ impl VmManager {
             name: c.name.clone(),
             uuid: c.id.to_string(),
             cpus: c.cpus,
+            max_cpus: c.max_cpus,
+            cpu_devices: c.cpu_devices.clone(),
             memory_mib: c.memory_mib,
             accel: c.accel.resolve(&self.accel_probe),
             boot: c.boot.clone(),

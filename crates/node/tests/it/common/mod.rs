@@ -72,6 +72,9 @@ pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
         vm_lease: None,
         cdrom: None,
         boot_order: vec![],
+        max_cpus: None,
+        cpu_devices: vec![],
+        cpus_unplugged: false,
     }
 }
 
