@@ -823,8 +823,8 @@ pub(crate) async fn scheduling_networks(
 }
 
 /// Adds to `VM.migrationCreate` parameters the PCI slot each NIC and disk has on the source,
-/// so the destination builds the same device layout (devices hot plugged and unplugged
-/// included).
+/// its vCPUs and its CD, so the destination builds the same devices (those hot plugged and
+/// unplugged included).
 pub(crate) async fn with_source_slots(
     app: &App,
     src: HostUuid,
@@ -841,6 +841,13 @@ pub(crate) async fn with_source_slots(
         &mut params["drives"],
         |d| Some(d["imageID"].as_str()?.to_string()),
     );
+    // The vCPUs the source started with and those hot plugged since, as devices: the
+    // destination's must be the same (the configuration may have changed meanwhile).
+    if let Some(c) = info.get("cpus").filter(|c| !c.is_null()) {
+        params["smp"] = c["boot"].clone();
+        params["maxVCpus"] = c["max"].clone();
+        params["cpuDevices"] = c["devices"].clone();
+    }
     // The CD in the source's drive now (changed with current=true, or a run once's), and no
     // drive where the source has none: the destination's devices must be the source's.
     match info.get("cdrom").filter(|c| !c.is_null()) {

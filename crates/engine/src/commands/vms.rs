@@ -76,6 +76,12 @@ pub struct MigrateOptions {
     pub host: Option<HostUuid>,
 }
 
+/// How many vCPUs a VM may be given while it runs: oVirt's default of 16 sockets, or what
+/// it has when that is more (QEMU's q35 takes up to 288).
+pub(crate) fn max_vcpus(vcpus: u64) -> u64 {
+    vcpus.clamp(16, 288)
+}
+
 /// The `VM.create` parameters the node needs (drives by ids, bootable first).
 pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError> {
     let v = app
@@ -107,6 +113,7 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
         "vmID": v.id,
         "vmName": v.name,
         "smp": v.cpu.vcpus(),
+        "maxVCpus": max_vcpus(v.cpu.vcpus()),
         "memSize": (v.memory_bytes / MIB).max(1),
         "drives": drives,
         "nics": nics,
@@ -1497,7 +1504,39 @@ impl Commands {
     /// Writes a VM's configuration. A suspended VM keeps its memory size and CPUs: its saved
     /// state (a hibernation's, or a snapshot's memory after a restore) loads only into those.
     pub async fn update_vm(&self, v: &crate::model::Vm) -> Result<crate::model::Vm, CommandError> {
+        self.update_vm_with(v, true).await
+    }
+
+    /// [`Self::update_vm`]; with `now`, a running VM also gets its new vCPU count at once (hot
+    /// plug or unplug, oVirt's default), else only at its next start (oVirt's `next_run`).
+    /// A change the running VM refuses changes nothing.
+    pub async fn update_vm_with(
+        &self,
+        v: &crate::model::Vm,
+        now: bool,
+    ) -> Result<crate::model::Vm, CommandError> {
         let cur = self.vm(v.id).await?;
+        if now && cur.runtime.status == VmStatus::Up && cur.cpu.vcpus() != v.cpu.vcpus() {
+            let host = cur
+                .runtime
+                .run_on_host
+                .ok_or_else(|| CommandError::Conflict(format!("VM {} is up on no known host", cur.name)))?;
+            let n = v.cpu.vcpus();
+            self.app
+                .host_client(host)
+                .await?
+                .call("VM.setNumberOfCpus", json!({ "vmID": v.id, "numberOfCpus": n }))
+                .await
+                .map_err(|e| match e.code() {
+                    // The running VM cannot take it (past its maximum, an unplug QEMU refuses):
+                    // the request's fault, not the engine's.
+                    Some(c) if c == oxvirt_types::api::ErrorCode::InvalidParameter.code() => {
+                        CommandError::Conflict(e.to_string())
+                    }
+                    _ => e.into(),
+                })?;
+            tracing::info!(vm = %cur.name, vcpus = n, "vCPUs changed in the running VM");
+        }
         if cur.runtime.status == VmStatus::Suspended
             && (cur.memory_bytes != v.memory_bytes || cur.cpu.vcpus() != v.cpu.vcpus())
         {

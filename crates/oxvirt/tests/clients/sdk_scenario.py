@@ -67,6 +67,12 @@ def node_disk_buses(node_dir, vm_id):
         return [d.get("bus", "virtio_blk") for d in json.load(f)["create"]["disks"]]
 
 
+def node_cpu_devices(node_dir, vm_id):
+    """How many vCPUs were hot plugged into the running VM, by the node's record."""
+    with open(os.path.join(node_dir, "run", "vms", vm_id, "vm.json")) as f:
+        return len(json.load(f)["create"].get("cpu_devices", []))
+
+
 def node_disks(node_dir, vm_id):
     """How many disks the node's record of the running VM has."""
     return len(node_disk_buses(node_dir, vm_id))
@@ -480,6 +486,24 @@ def main():
     wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
     step("VM up on %s, guest booted" % src.name)
 
+    # A CPU change reaches the running VM at once (a vCPU hot plugged, oVirt's default); with
+    # next_run only the next start gets it; past the VM's maximum it is refused, unchanged.
+    topo = lambda n: types.Vm(cpu=types.Cpu(topology=types.CpuTopology(sockets=n, cores=1, threads=1)))
+    vm_svc.update(topo(2))
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    vm_svc.update(topo(3), next_run=True)
+    assert vm_svc.get().cpu.topology.sockets == 3
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    vm_svc.update(topo(2), next_run=True)
+    try:
+        vm_svc.update(topo(40))
+        raise AssertionError("40 vCPUs were accepted for a VM started with at most 16")
+    except sdk.Error as e:
+        assert e.code in (400, 409) and "16" in str(e), e
+    assert vm_svc.get().cpu.topology.sockets == 2
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    step("a vCPU hot plugged; a next-run change waits; too many refused")
+
     # Statistics, as monitoring tools read them: the VM's memory and CPU, its host's.
     stat_svc = vm_svc.statistics_service()
     stats = {st.name: st for st in stat_svc.list()}
@@ -649,7 +673,8 @@ def main():
     wait("VM up on " + dst, lambda: (lambda v: v.status == types.VmStatus.UP and v.host is not None
                                      and conn.follow_link(v.host).name == dst)(vm_svc.get()), 120)
     wait("guest alive after migration", lambda: console_has(node_dirs[dst], vm.id, "OXVIRT-GUEST"), 60,)
-    step("migrated to %s, encrypted" % dst)
+    assert node_cpu_devices(node_dirs[dst], vm.id) == 1, "the hot plugged vCPU did not migrate"
+    step("migrated to %s, encrypted, with its hot plugged vCPU" % dst)
 
     # The running VM's disk grows through its attachment (oVirt's way): QEMU resizes the active
     # layer under the guest and the SPM records the capacity; a shrink is refused.

@@ -318,7 +318,9 @@ pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(a) = b.parse("placement_policy/affinity")? {
         v.placement.affinity = a;
     }
-    let v = r.cmds().update_vm(&v).await?;
+    // oVirt's `next_run=true`: the running VM keeps what it has until its next start.
+    let now = !r.q_bool("next_run")?.unwrap_or(false);
+    let v = r.cmds().update_vm_with(&v, now).await?;
     Ok(Resp::ok(one_vm(r, &v, None)))
 }
 
