@@ -733,8 +733,12 @@ pub enum VmCmd {
         /// Memory: bytes or with a unit (512M, 2G); takes effect at the next start.
         #[arg(long)]
         memory: Option<String>,
+        /// vCPUs: a running VM gets them at once (hot plug or unplug), unless --next-run.
         #[arg(long)]
         cpus: Option<u32>,
+        /// A running VM keeps what it has until its next start.
+        #[arg(long)]
+        next_run: bool,
         #[command(flatten)]
         ha: HaArgs,
         /// Not highly available any more.
@@ -1422,6 +1426,11 @@ impl Ctx {
 
     /// PUTs `body` onto object `id` (`name` in messages) and prints the result.
     async fn update(&self, kind: &'static Kind, id: &str, name: &str, body: Value) -> anyhow::Result<()> {
+        self.update_at(kind, id, name, body).await
+    }
+
+    /// [`Ctx::update`] at `id` with a query string after it, when there is one.
+    async fn update_at(&self, kind: &'static Kind, id: &str, name: &str, body: Value) -> anyhow::Result<()> {
         let obj = self
             .api
             .request(Method::PUT, &format!("/{}/{id}", kind.coll), Some(&body), None)
@@ -2415,6 +2424,7 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             description,
             memory,
             cpus,
+            next_run,
             ha,
             no_ha,
             lease_sd,
@@ -2447,7 +2457,8 @@ async fn vm(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                 body.as_object().is_some_and(|o| !o.is_empty()),
                 "nothing to change: give at least one option"
             );
-            ctx.update(k, &id, &name, body).await
+            let q = if next_run { "?next_run=true" } else { "" };
+            ctx.update_at(k, &format!("{id}{q}"), &name, body).await
         }
         VmCmd::Remove {
             name,

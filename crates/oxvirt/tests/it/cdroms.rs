@@ -4,7 +4,8 @@
 //! CD writes the disk), the CD of the running VM is changed and survives a live migration, an
 //! ISO in a CD-ROM cannot be removed, and the configuration's CD is apart from the running
 //! VM's. On the way, `vm stats` and `host stats` read the running VM's and its host's
-//! statistics, and the installed VM is cloned with its data.
+//! statistics, a vCPU is hot plugged (`vm update --cpus`), and the installed VM is cloned
+//! with its data and from a snapshot.
 
 use crate::common;
 use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt};
@@ -229,6 +230,28 @@ async fn install_from_an_iso_change_the_cd_live_and_across_a_migration() {
     assert_eq!(db.vm_get(vm).await.unwrap().unwrap().run_cdrom, Some(install_id));
     // Not in use any more: it goes.
     oxvirt(w, &["disk", "remove", "drivers"], true).await;
+
+    // A vCPU more for the running VM: hot plugged at once; with --next-run only recorded.
+    let cpu_devices = || {
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                nodes[1]
+                    .path()
+                    .join("run/vms")
+                    .join(vm.to_string())
+                    .join("vm.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        rec["create"]["cpu_devices"].as_array().map_or(0, Vec::len)
+    };
+    oxvirt(w, &["vm", "update", "inst", "--cpus", "2"], true).await;
+    assert_eq!(cpu_devices(), 1);
+    oxvirt(w, &["vm", "update", "inst", "--cpus", "3", "--next-run"], true).await;
+    assert_eq!(cpu_devices(), 1);
+    assert_eq!(db.vm_get(vm).await.unwrap().unwrap().cpu.vcpus(), 3);
+    oxvirt(w, &["vm", "update", "inst", "--cpus", "1", "--next-run"], true).await;
 
     oxvirt(w, &["vm", "stop", "inst"], true).await;
     // The configuration's CD, for the next start; an ISO there cannot be removed either.
