@@ -1,5 +1,6 @@
-//! Engine benchmark (issue 8): the engine's memory with N VMs in its database, and the time to
-//! list 10,000 VMs through `Db::vm_list`, on SQLite and on PostgreSQL.
+//! Engine benchmark (issue 8): the engine's memory with N VMs in its database, the time to
+//! list 10,000 VMs through `Db::vm_list`, and the time of an engine backup with them, on SQLite
+//! and on PostgreSQL.
 //!
 //! ```text
 //! cargo run --release -p oxvirt-engine --example engine_bench -- [--vms 1000] [--list 10000] [--pg URL]
@@ -12,7 +13,9 @@
 //! in `ru_maxrss` from it (about 3 MiB) stays below both figures.
 //! Listing: median of 7 interleaved runs of `vm_list` over all VMs, against the bare driver (`sqlx`
 //! `fetch_all` of `SELECT * FROM vms` on the same pool, no decoding into the model).
-//! Without `--pg`, only SQLite runs; `--pg` takes a server URL (e.g. `OXVIRT_TEST_PG_URL` from
+//! Backup: median of 5 interleaved runs of `backup::backup` (database and PKI into one tar)
+//! against the bare tools doing the same job (`sqlite3 .backup` or `pg_dump -Fc`, then `tar` of
+//! the copy and the PKI). Without `--pg`, only SQLite runs; `--pg` takes a server URL (e.g. `OXVIRT_TEST_PG_URL` from
 //! `eval "$(scripts/pg-test.sh start)"`) and uses a fresh schema in it.
 
 use std::os::unix::process::ExitStatusExt;
@@ -179,6 +182,62 @@ fn bench(label: &str, url: &str, mut bare: Command, vms: usize, list: usize) {
     print!("{}", run_self(&["--time", url, &list.to_string(), label]));
 }
 
+/// Times an engine backup of the database at `db_url` (SQLite in `data` when `None`) and the
+/// PKI in `data`, against `bare_db` (which writes the database copy to `copy`) plus `tar`.
+fn backup_bench(
+    label: &str,
+    data: &std::path::Path,
+    db_url: Option<String>,
+    mut bare_db: Command,
+    copy: &std::path::Path,
+) {
+    use oxvirt_engine::backup;
+    oxvirt_pki::CertAuthority::load_or_create(&data.join("pki"), "bench CA").unwrap();
+    let state = backup::EngineState {
+        data_dir: data.to_path_buf(),
+        db_url,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let rt = runtime();
+    let mut size = 0;
+    for i in 0..5 {
+        let file = out.path().join(format!("b{i}"));
+        let t = Instant::now();
+        rt.block_on(backup::backup(&state, &file)).unwrap();
+        ours.push(t.elapsed());
+        size = std::fs::metadata(&file).unwrap().len();
+        std::fs::remove_file(&file).unwrap();
+        let _ = std::fs::remove_file(copy);
+        let t = Instant::now();
+        assert!(bare_db.status().unwrap().success(), "{bare_db:?}");
+        let tar = out.path().join(format!("t{i}.tar"));
+        let st = Command::new("tar")
+            .arg("cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(copy.parent().unwrap())
+            .arg(copy.file_name().unwrap())
+            .arg("-C")
+            .arg(data)
+            .arg("pki")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        theirs.push(t.elapsed());
+        std::fs::remove_file(&tar).unwrap();
+    }
+    let (o, b) = (median(ours), median(theirs));
+    println!(
+        "| {label} | engine backup, 10,000 VMs ({:.1} MiB) | {:.1} ms | `{}` + `tar` {:.1} ms | {:.2} |",
+        size as f64 / (1 << 20) as f64,
+        o.as_secs_f64() * 1e3,
+        bare_db.get_program().to_string_lossy(),
+        b.as_secs_f64() * 1e3,
+        o.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
 fn main() {
     if let Some(url) = arg("--seed") {
         let args: Vec<String> = std::env::args().collect();
@@ -205,6 +264,11 @@ fn main() {
     let mut bare = Command::new("sqlite3");
     bare.arg(&file).arg("SELECT * FROM vms");
     bench("SQLite", &url, bare, vms, list);
+    let copy = dir.path().join("copy/engine.db");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let mut bare = Command::new("sqlite3");
+    bare.arg(&file).arg(format!(".backup {}", copy.display()));
+    backup_bench("SQLite", dir.path(), None, bare, &copy);
 
     if let Some(base) = arg("--pg") {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
@@ -224,6 +288,16 @@ fn main() {
             .arg("-c")
             .arg(format!("SELECT * FROM {schema}.vms"));
         bench("PostgreSQL", &url, bare, vms, list);
+        let pdir = tempfile::tempdir().unwrap();
+        let copy = pdir.path().join("copy/engine.pgdump");
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        let mut bare = Command::new("pg_dump");
+        bare.arg("--format=custom")
+            .arg(format!("--dbname={base}"))
+            .arg(format!("--schema={schema}"))
+            .arg("--file")
+            .arg(&copy);
+        backup_bench("PostgreSQL", pdir.path(), Some(url.clone()), bare, &copy);
         psql(&format!("DROP SCHEMA {schema} CASCADE"));
     }
 }
