@@ -63,6 +63,8 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
         max_cpus: None,
         cpu_devices: vec![],
         cpus_unplugged: false,
+        max_memory_mib: None,
+        dimms: vec![],
     }
 }
 

@@ -33,7 +33,15 @@ pub struct VmSpec {
     /// restart from a saved state so the devices match.
     #[serde(default)]
     pub cpu_devices: Vec<CpuDevice>,
+    /// The memory the VM starts with (`-m size`).
     pub memory_mib: u64,
+    /// The most memory hot plugged DIMMs may bring it to (`-m maxmem`, with [`MEMORY_SLOTS`]
+    /// slots); `None`: `memory_mib`, nothing can be added.
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
+    /// DIMMs hot plugged into the running VM, added again on a migration destination.
+    #[serde(default)]
+    pub dimms: Vec<Dimm>,
     /// Must be resolved (`Kvm` or `Tcg`) before building the command line.
     pub accel: Accel,
     pub boot: Boot,
@@ -98,6 +106,32 @@ impl CpuDevice {
             d[k.as_str()] = (*v).into();
         }
         d
+    }
+}
+
+/// DIMM slots of a VM whose memory can grow (oVirt's 16).
+pub const MEMORY_SLOTS: usize = 16;
+
+/// A hot plugged DIMM: `pc-dimm` device `id` backed by RAM object `mem-<id>` of `size_mib`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dimm {
+    pub id: String,
+    pub size_mib: u64,
+}
+
+impl Dimm {
+    /// The memory backend, as `object-add` and `-object` take it.
+    pub fn backend_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "qom-type": "memory-backend-ram",
+            "id": format!("mem-{}", self.id),
+            "size": self.size_mib << 20,
+        })
+    }
+
+    /// The device, as `device_add` and `-device` take it.
+    pub fn device_json(&self) -> serde_json::Value {
+        serde_json::json!({ "driver": "pc-dimm", "id": self.id, "memdev": format!("mem-{}", self.id) })
     }
 }
 
@@ -450,6 +484,13 @@ pub enum SpecError {
     SataPortOfCdrom { vm: String, disk: usize },
     #[error("VM {vm:?}: {cpus} vCPUs, more than its maximum {max}")]
     TooManyCpus { vm: String, cpus: usize, max: u16 },
+    #[error("VM {vm:?}: {mib} MiB in {dimms} DIMMs, past its maximum {max} MiB or {MEMORY_SLOTS} slots")]
+    TooMuchMemory {
+        vm: String,
+        mib: u64,
+        dimms: usize,
+        max: u64,
+    },
 }
 
 /// QEMU device id of a NIC.
@@ -644,6 +685,19 @@ impl VmSpec {
                 what: "memory",
             });
         }
+        let total = self.memory_mib + self.dimms.iter().map(|d| d.size_mib).sum::<u64>();
+        let max = self.max_memory_mib.unwrap_or(self.memory_mib);
+        if total > max
+            || self.dimms.len() > MEMORY_SLOTS
+            || (!self.dimms.is_empty() && self.max_memory_mib.is_none())
+        {
+            return Err(SpecError::TooMuchMemory {
+                vm: vm(),
+                mib: total,
+                dimms: self.dimms.len(),
+                max,
+            });
+        }
         for (i, n) in self.nics.iter().enumerate() {
             if !valid_mac(&n.mac) {
                 return Err(SpecError::BadMac {
@@ -763,7 +817,17 @@ impl VmSpec {
         for c in &self.cpu_devices {
             push("-device", c.device_json().to_string());
         }
-        push("-m", format!("{}M", self.memory_mib));
+        match self.max_memory_mib {
+            Some(max) => push(
+                "-m",
+                format!("size={}M,slots={MEMORY_SLOTS},maxmem={max}M", self.memory_mib),
+            ),
+            None => push("-m", format!("{}M", self.memory_mib)),
+        }
+        for d in &self.dimms {
+            push("-object", d.backend_json().to_string());
+            push("-device", d.device_json().to_string());
+        }
         // Deny what a guest-facing process never needs; `spawn=deny` also stops QEMU from running
         // helpers, so networking helpers must be set up by the node beforehand.
         push(
@@ -920,6 +984,8 @@ mod tests {
             max_cpus: None,
             cpu_devices: Vec::new(),
             memory_mib: 256,
+            max_memory_mib: None,
+            dimms: Vec::new(),
             accel: Accel::Tcg,
             boot: Boot::Disk,
             disks: vec![DiskSpec {
@@ -1027,6 +1093,35 @@ mod tests {
         assert!(matches!(
             s.to_args(),
             Err(SpecError::TooManyCpus { cpus: 3, max: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn hot_plugged_dimms_come_back_with_their_backends_within_the_maximum() {
+        let mut s = spec();
+        assert_eq!(arg_after(&s.to_args().unwrap(), "-m"), ["256M"]);
+        s.max_memory_mib = Some(1024);
+        s.dimms = vec![Dimm {
+            id: "dimm-1".into(),
+            size_mib: 256,
+        }];
+        let args = s.to_args().unwrap();
+        assert_eq!(arg_after(&args, "-m"), ["size=256M,slots=16,maxmem=1024M"]);
+        let backend: serde_json::Value = serde_json::from_str(arg_after(&args, "-object")[0]).unwrap();
+        assert_eq!(
+            backend,
+            serde_json::json!({ "qom-type": "memory-backend-ram", "id": "mem-dimm-1", "size": 256u64 << 20 })
+        );
+        assert!(arg_after(&args, "-device")
+            .contains(&r#"{"driver":"pc-dimm","id":"dimm-1","memdev":"mem-dimm-1"}"#));
+        s.max_memory_mib = Some(384);
+        assert!(matches!(
+            s.to_args(),
+            Err(SpecError::TooMuchMemory {
+                mib: 512,
+                max: 384,
+                ..
+            })
         ));
     }
 

@@ -17,7 +17,7 @@ pub mod tools;
 
 pub use accel::{probe_kvm, Accel, KvmProbe};
 pub use cmdline::{
-    BlockProtocol, Boot, BootDevice, CdromBus, CdromSpec, CpuDevice, DiskBus, DiskSpec, ImageFormat,
+    BlockProtocol, Boot, BootDevice, CdromBus, CdromSpec, CpuDevice, Dimm, DiskBus, DiskSpec, ImageFormat,
     LayerSpec, NicBackend, NicSpec, VmSpec, WriteErrorPolicy, SATA_PORTS, SCSI_CONTROLLER,
 };
 pub use tools::{QemuTool, ToolError, ToolVersion};

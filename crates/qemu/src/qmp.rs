@@ -554,6 +554,7 @@ command!(SystemReset => "system_reset", ());
 command!(Quit => "quit", ());
 command!(QueryCpusFast => "query-cpus-fast", Vec<CpuInfoFast>);
 command!(QueryHotpluggableCpus => "query-hotpluggable-cpus", Vec<HotpluggableCpu>);
+command!(QueryMemoryDevices => "query-memory-devices", Vec<MemoryDevice>);
 command!(QueryBlockstats => "query-blockstats", Vec<BlockStatsEntry>);
 command!(QueryBalloon => "query-balloon", BalloonInfo);
 command!(
@@ -741,6 +742,22 @@ pub struct HotpluggableCpu {
     pub props: std::collections::BTreeMap<String, i64>,
     #[serde(default)]
     pub qom_path: Option<String>,
+}
+
+/// A memory device (`query-memory-devices`): a DIMM has `type` `dimm` and its id and size.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemoryDevice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: MemoryDeviceData,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemoryDeviceData {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

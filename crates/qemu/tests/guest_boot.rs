@@ -85,6 +85,8 @@ fn test_guest_boots_writes_and_powers_off_under_tcg() {
         max_cpus: None,
         cpu_devices: Vec::new(),
         memory_mib: 256,
+        max_memory_mib: None,
+        dimms: Vec::new(),
         accel: Accel::Tcg,
         boot: Boot::Kernel {
             kernel: guest.kernel.clone(),
@@ -240,6 +242,8 @@ fn guest_boots_from_its_cdrom_before_its_empty_disk() {
         max_cpus: None,
         cpu_devices: Vec::new(),
         memory_mib: 256,
+        max_memory_mib: None,
+        dimms: Vec::new(),
         accel: Accel::Tcg,
         boot: Boot::Disk,
         disks: vec![DiskSpec {

@@ -51,6 +51,7 @@ pub const VERBS: &[&str] = &[
     "VM.diskReplicateFinish",
     "VM.changeCD",
     "VM.setNumberOfCpus",
+    "VM.hotplugMemory",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -139,6 +140,16 @@ pub struct SetCpusParams {
     #[serde(rename = "vmID")]
     pub id: VmId,
     pub number_of_cpus: u16,
+}
+
+/// `VM.hotplugMemory` (VDSM's name): memory to add to the running VM, as one DIMM.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HotplugMemoryParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    #[serde(rename = "sizeMiB")]
+    pub size_mib: u64,
 }
 
 /// `VM.hotplugDisk` / `VM.hotunplugDisk` (VDSM's names): the drive to plug, or the one whose
@@ -260,6 +271,13 @@ pub struct VmParams {
     /// vCPUs hot plugged on the migration source, added as devices here.
     #[serde(default)]
     pub cpu_devices: Vec<oxvirt_qemu::CpuDevice>,
+    /// The most memory hot plug may bring the VM to, MiB (VDSM's `maxMemSize`); `memSize`
+    /// when absent.
+    #[serde(default)]
+    pub max_mem_size: Option<u64>,
+    /// DIMMs hot plugged on the migration source, added as devices here.
+    #[serde(default)]
+    pub dimms: Vec<oxvirt_qemu::Dimm>,
 }
 
 /// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
@@ -517,6 +535,7 @@ pub enum VmRequest {
     ReplicateFinish(ReplicateParams),
     ChangeCd(ChangeCdParams),
     SetCpus(SetCpusParams),
+    HotplugMemory(HotplugMemoryParams),
 }
 
 impl VmRequest {
@@ -568,6 +587,7 @@ impl VmRequest {
             "VM.hotplugDisk" => VmRequest::HotplugDisk(params(method, p)?),
             "VM.changeCD" => VmRequest::ChangeCd(params(method, p)?),
             "VM.setNumberOfCpus" => VmRequest::SetCpus(params(method, p)?),
+            "VM.hotplugMemory" => VmRequest::HotplugMemory(params(method, p)?),
             "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
             "VM.diskSizeExtend" => VmRequest::DiskSizeExtend(params(method, p)?),
             other => return Err(RpcError::method_not_found(other)),
@@ -945,6 +965,8 @@ impl Node {
             max_cpus: p.max_vcpus,
             cpu_devices: p.cpu_devices,
             cpus_unplugged: false,
+            max_memory_mib: p.max_mem_size,
+            dimms: p.dimms,
             memory_mib: p.mem_size,
             accel: p.accel.unwrap_or(self.config.accel),
             boot,
@@ -1196,6 +1218,7 @@ impl Node {
                 Ok(to_json(&vms.change_cd(c.id, media).await?))
             }
             VmRequest::SetCpus(c) => Ok(to_json(&vms.set_cpus(c.id, c.number_of_cpus).await?)),
+            VmRequest::HotplugMemory(m) => Ok(to_json(&vms.hotplug_memory(m.id, m.size_mib).await?)),
             VmRequest::HotplugDisk(h) => {
                 vms.status(h.id)?;
                 let disk = self

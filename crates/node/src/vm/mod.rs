@@ -25,6 +25,7 @@ pub mod cpus;
 pub mod disks;
 pub mod hooks;
 pub mod ksm;
+pub mod memory;
 pub mod nics;
 pub mod process;
 pub mod replica;
@@ -97,6 +98,12 @@ pub struct VmCreate {
     /// after that). Never set in a request: a new QEMU starts clean.
     #[serde(default)]
     pub cpus_unplugged: bool,
+    /// The most memory DIMMs may bring the VM to (see [`memory`]); `None`: `memory_mib`.
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
+    /// DIMMs hot plugged beyond `memory_mib` (see [`memory`]).
+    #[serde(default)]
+    pub dimms: Vec<oxvirt_qemu::Dimm>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +384,9 @@ pub struct VmInfo {
     /// The vCPUs: started with, at most, hot plugged (a migration destination needs the same).
     #[serde(default)]
     pub cpus: Option<cpus::CpusInfo>,
+    /// The memory: started with, at most, hot plugged (a migration destination needs the same).
+    #[serde(default)]
+    pub memory: Option<memory::MemoryInfo>,
 }
 
 /// Where a disk sits in the VM: its storage image, if it has one, its slot and its bus.
@@ -807,6 +817,7 @@ impl Vm {
                 .collect(),
             cdrom: rec.create.cdrom.as_ref().map(cdrom::VmCdrom::info),
             cpus: Some(cpus::CpusInfo::of(&rec.create)),
+            memory: Some(memory::MemoryInfo::of(&rec.create)),
         }
     }
 
@@ -1066,6 +1077,8 @@ impl VmManager {
             max_cpus: c.max_cpus,
             cpu_devices: c.cpu_devices.clone(),
             memory_mib: c.memory_mib,
+            max_memory_mib: c.max_memory_mib,
+            dimms: c.dimms.clone(),
             accel: c.accel.resolve(&self.accel_probe),
             boot: c.boot.clone(),
             disks: (0..c.disks.len()).map(|i| rec.disk_spec(i)).collect(),
@@ -1597,7 +1610,10 @@ impl VmManager {
         let status = vm.status();
         let (memory_mib, balloon_target_mib) = {
             let rec = vm.record.lock().unwrap();
-            (rec.create.memory_mib, rec.balloon_target_mib)
+            (
+                memory::MemoryInfo::of(&rec.create).total_mib(),
+                rec.balloon_target_mib,
+            )
         };
         let pid = vm.process.as_ref().map_or(0, |p| p.pid());
         let (cpu_user_ms, cpu_system_ms) = proc_cpu_ms(&format!("/proc/{pid}/stat"));
@@ -1674,7 +1690,7 @@ impl VmManager {
     pub async fn set_balloon(&self, id: VmId, target_mib: u64) -> Result<(), VmError> {
         let vm = self.get(id)?;
         vm.check(Op::Balloon)?;
-        let max = vm.record.lock().unwrap().create.memory_mib;
+        let max = memory::MemoryInfo::of(&vm.record.lock().unwrap().create).total_mib();
         if target_mib == 0 || target_mib > max {
             return Err(VmError::Invalid {
                 vm: id,

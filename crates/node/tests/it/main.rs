@@ -6,5 +6,7 @@ mod common;
 mod net_setup;
 mod vm_cdrom;
 mod vm_cpus;
+
 mod vm_lifecycle;
+mod vm_memory;
 mod vm_thin;

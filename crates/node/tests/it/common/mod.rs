@@ -75,6 +75,8 @@ pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
         max_cpus: None,
         cpu_devices: vec![],
         cpus_unplugged: false,
+        max_memory_mib: None,
+        dimms: vec![],
     }
 }
 
