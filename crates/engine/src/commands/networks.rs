@@ -823,7 +823,7 @@ pub(crate) async fn scheduling_networks(
 }
 
 /// Adds to `VM.migrationCreate` parameters the PCI slot each NIC and disk has on the source,
-/// its vCPUs and its CD, so the destination builds the same devices (those hot plugged and
+/// its vCPUs, memory and CD, so the destination builds the same devices (those hot plugged and
 /// unplugged included).
 pub(crate) async fn with_source_slots(
     app: &App,
@@ -847,6 +847,12 @@ pub(crate) async fn with_source_slots(
         params["smp"] = c["boot"].clone();
         params["maxVCpus"] = c["max"].clone();
         params["cpuDevices"] = c["devices"].clone();
+    }
+    // And the memory it started with, its maximum and the DIMMs hot plugged since.
+    if let Some(m) = info.get("memory").filter(|m| !m.is_null()) {
+        params["memSize"] = m["boot_mib"].clone();
+        params["maxMemSize"] = m["max_mib"].clone();
+        params["dimms"] = m["dimms"].clone();
     }
     // The CD in the source's drive now (changed with current=true, or a run once's), and no
     // drive where the source has none: the destination's devices must be the source's.

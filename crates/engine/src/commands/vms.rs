@@ -82,6 +82,26 @@ pub(crate) fn max_vcpus(vcpus: u64) -> u64 {
     vcpus.clamp(16, 288)
 }
 
+/// A node's answer to a hot plug: what the running VM cannot take (past its maximum, an
+/// unplug QEMU refuses) is the request's fault, not the engine's.
+fn refused_by_vm(e: crate::nodes::NodeError) -> CommandError {
+    match e.code() {
+        Some(c) if c == oxvirt_types::api::ErrorCode::InvalidParameter.code() => {
+            CommandError::Conflict(e.to_string())
+        }
+        _ => e.into(),
+    }
+}
+
+/// How much memory, MiB, a VM may be given while it runs: oVirt's default of four times what
+/// it starts with.
+pub(crate) fn max_memory_mib(mib: u64) -> u64 {
+    mib.max(1) * 4
+}
+
+/// The step a running VM's memory grows in (oVirt's `HotPlugMemoryMultiplicationSizeMb`).
+pub const MEMORY_HOTPLUG_STEP: u64 = 256 * MIB;
+
 /// The `VM.create` parameters the node needs (drives by ids, bootable first).
 pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError> {
     let v = app
@@ -115,6 +135,7 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
         "smp": v.cpu.vcpus(),
         "maxVCpus": max_vcpus(v.cpu.vcpus()),
         "memSize": (v.memory_bytes / MIB).max(1),
+        "maxMemSize": max_memory_mib(v.memory_bytes / MIB),
         "drives": drives,
         "nics": nics,
         "balloon": true,
@@ -1507,16 +1528,45 @@ impl Commands {
         self.update_vm_with(v, true).await
     }
 
-    /// [`Self::update_vm`]; with `now`, a running VM also gets its new vCPU count at once (hot
-    /// plug or unplug, oVirt's default), else only at its next start (oVirt's `next_run`).
-    /// A change the running VM refuses changes nothing.
+    /// [`Self::update_vm`]; with `now`, a running VM also gets its new vCPU count (hot plug or
+    /// unplug) and more memory (a DIMM, in steps of [`MEMORY_HOTPLUG_STEP`]) at once, oVirt's
+    /// default; else, and for less memory, only at its next start (oVirt's `next_run`). A
+    /// change the running VM refuses changes nothing.
     pub async fn update_vm_with(
         &self,
         v: &crate::model::Vm,
         now: bool,
     ) -> Result<crate::model::Vm, CommandError> {
         let cur = self.vm(v.id).await?;
-        if now && cur.runtime.status == VmStatus::Up && cur.cpu.vcpus() != v.cpu.vcpus() {
+        let running = now && cur.runtime.status == VmStatus::Up;
+        // Memory grows in the running VM by whole steps; less memory waits for the next start.
+        let more_memory = v.memory_bytes.saturating_sub(cur.memory_bytes);
+        if running && more_memory % MEMORY_HOTPLUG_STEP != 0 {
+            return Err(CommandError::Conflict(format!(
+                "VM {} runs: its memory grows by multiples of {} MiB ({} MiB asked); change it \
+                 for the next start with next_run=true",
+                cur.name,
+                MEMORY_HOTPLUG_STEP / MIB,
+                more_memory / MIB
+            )));
+        }
+        if running && more_memory > 0 {
+            let host = cur
+                .runtime
+                .run_on_host
+                .ok_or_else(|| CommandError::Conflict(format!("VM {} is up on no known host", cur.name)))?;
+            self.app
+                .host_client(host)
+                .await?
+                .call(
+                    "VM.hotplugMemory",
+                    json!({ "vmID": v.id, "sizeMiB": more_memory / MIB }),
+                )
+                .await
+                .map_err(refused_by_vm)?;
+            tracing::info!(vm = %cur.name, mib = more_memory / MIB, "memory hot plugged into the running VM");
+        }
+        if running && cur.cpu.vcpus() != v.cpu.vcpus() {
             let host = cur
                 .runtime
                 .run_on_host
@@ -1527,14 +1577,7 @@ impl Commands {
                 .await?
                 .call("VM.setNumberOfCpus", json!({ "vmID": v.id, "numberOfCpus": n }))
                 .await
-                .map_err(|e| match e.code() {
-                    // The running VM cannot take it (past its maximum, an unplug QEMU refuses):
-                    // the request's fault, not the engine's.
-                    Some(c) if c == oxvirt_types::api::ErrorCode::InvalidParameter.code() => {
-                        CommandError::Conflict(e.to_string())
-                    }
-                    _ => e.into(),
-                })?;
+                .map_err(refused_by_vm)?;
             tracing::info!(vm = %cur.name, vcpus = n, "vCPUs changed in the running VM");
         }
         if cur.runtime.status == VmStatus::Suspended

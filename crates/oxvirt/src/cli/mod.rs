@@ -730,13 +730,14 @@ pub enum VmCmd {
         name: String,
         #[arg(long)]
         description: Option<String>,
-        /// Memory: bytes or with a unit (512M, 2G); takes effect at the next start.
+        /// Memory: bytes or with a unit (512M, 2G). A running VM gets more at once (hot
+        /// plugged, in 256 MiB steps) unless --next-run; less waits for its next start.
         #[arg(long)]
         memory: Option<String>,
         /// vCPUs: a running VM gets them at once (hot plug or unplug), unless --next-run.
         #[arg(long)]
         cpus: Option<u32>,
-        /// A running VM keeps what it has until its next start.
+        /// A running VM keeps its vCPUs and memory until its next start.
         #[arg(long)]
         next_run: bool,
         #[command(flatten)]
