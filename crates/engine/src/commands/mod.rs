@@ -16,6 +16,7 @@ mod events;
 mod infra;
 mod live_move;
 mod networks;
+mod register;
 mod scheduling;
 mod snapshots;
 pub mod stats;
@@ -38,6 +39,7 @@ pub use infra::{AddCluster, AddDataCenter, AddHost};
 pub use live_move::LSM_SNAPSHOT;
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
 pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
+pub use register::UnregisteredDisk;
 pub use scheduling::{
     policy_info, resolve_policy, AddAffinityGroup, PolicyInfo, UpdateAffinityGroup, UpdateCluster,
     OVERCOMMIT_RANGE, POLICIES,

@@ -113,20 +113,73 @@ pub(crate) async fn connect_storage(c: &NodeClient, domains: &[StorageDomain]) -
 pub struct AddStorageDomainParams {
     pub sd: SdUuid,
     pub req: AddStorageDomain,
+    /// The domain exists on storage (an import): checked, never created, never formatted.
+    #[serde(default)]
+    pub import: bool,
 }
 
 pub struct AddStorageDomainSaga;
 
 impl AddStorageDomainSaga {
     fn domain(p: &AddStorageDomainParams) -> StorageDomain {
-        let mut sd = StorageDomain::new(&p.req.name, p.req.domain_type, p.req.storage_type, &p.req.path);
-        sd.id = p.sd;
-        sd.description = p.req.description.clone();
-        sd.address = p.req.address.clone();
-        sd.vfs_type = p.req.vfs_type.clone();
-        sd.mount_options = p.req.mount_options.clone();
-        sd
+        domain_record(p.sd, &p.req)
     }
+}
+
+/// A disk's base volume DESCRIPTION as oVirt writes it (`{"DiskAlias":…,"DiskDescription":…}`),
+/// so that an engine importing the domain finds the disk's name: within VDSM's 210 bytes, the
+/// description shortened first.
+pub(crate) fn volume_description(alias: &str, description: &str) -> String {
+    const LIMIT: usize = 210;
+    let make = |d: &str| json!({ "DiskAlias": alias, "DiskDescription": d }).to_string();
+    let mut d: String = description.chars().filter(|c| !c.is_control()).collect();
+    loop {
+        let text = make(&d);
+        if text.len() <= LIMIT {
+            return text;
+        }
+        if d.pop().is_none() {
+            // The alias alone is too long for the JSON form: the bare alias, cut.
+            let mut a: String = alias.chars().filter(|c| !c.is_control()).collect();
+            while a.len() > LIMIT {
+                a.pop();
+            }
+            return a;
+        }
+    }
+}
+
+/// The record of domain `id` as `req` describes it.
+fn domain_record(id: SdUuid, req: &AddStorageDomain) -> StorageDomain {
+    let mut sd = StorageDomain::new(&req.name, req.domain_type, req.storage_type, &req.path);
+    sd.id = id;
+    sd.description = req.description.clone();
+    sd.address = req.address.clone();
+    sd.vfs_type = req.vfs_type.clone();
+    sd.mount_options = req.mount_options.clone();
+    sd
+}
+
+/// Whether storage says domain `info` (`StorageDomain.getInfo`) can be imported as a data
+/// domain: an error naming what stops it.
+fn importable(sd: SdUuid, info: &Value) -> Result<(), CommandError> {
+    let name = info["name"].as_str().unwrap_or_default();
+    if !info["class"]
+        .as_str()
+        .is_some_and(|c| c.eq_ignore_ascii_case("data"))
+    {
+        return Err(CommandError::invalid(format!(
+            "storage domain {sd} ({name}) is of class {}: only data domains are imported",
+            info["class"]
+        )));
+    }
+    if let Some(p) = info["pool"].as_array().and_then(|p| p.first()) {
+        return Err(CommandError::Conflict(format!(
+            "storage domain {sd} ({name}) belongs to storage pool {p}: detach it from its data \
+             center (in the engine that runs it) first"
+        )));
+    }
+    Ok(())
 }
 
 async fn host_client(app: &App, id: HostUuid) -> Result<(Host, NodeClient), StepError> {
@@ -172,6 +225,13 @@ impl SagaDef for AddStorageDomainSaga {
                 |c: StepCtx<Self>| async move {
                     let p = c.params();
                     let (_, node) = host_client(c.app(), p.req.host).await?;
+                    if p.import {
+                        let info = node
+                            .call("StorageDomain.getInfo", json!({ "sdUUID": p.sd }))
+                            .await
+                            .map_err(step_err)?;
+                        return importable(p.sd, &info).map_err(step_err);
+                    }
                     let r = node
                         .call(
                             "StorageDomain.create",
@@ -197,6 +257,9 @@ impl SagaDef for AddStorageDomainSaga {
                     }
                 },
                 |c: StepCtx<Self>| async move {
+                    if c.params().import {
+                        return Ok(()); // it was there before: it stays
+                    }
                     let (_, node) = host_client(c.app(), c.params().req.host).await?;
                     match node
                         .call("StorageDomain.format", json!({ "sdUUID": c.params().sd }))
@@ -430,7 +493,11 @@ impl SagaDef for AddDiskSaga {
                         "sdUUID": p.req.storage_domain, "spUUID": dc.storage_pool_id, "imgUUID": p.disk,
                         "size": p.req.provisioned_size, "volFormat": vol_format(p.req.format),
                         "preallocate": if p.req.sparse { "SPARSE" } else { "PREALLOCATED" },
-                        "volUUID": p.volume, "desc": p.req.name,
+                        "volUUID": p.volume, "desc": volume_description(&p.req.name, &p.req.description),
+                        "diskType": match p.req.content_type {
+                            DiskContentType::Iso => "ISOF",
+                            DiskContentType::Data => "DATA",
+                        },
                     });
                     create_volume(
                         &spm,
@@ -1296,6 +1363,133 @@ impl Commands {
         req: AddStorageDomain,
         correlation_id: Option<String>,
     ) -> Result<StorageDomain, CommandError> {
+        self.check_new_domain(&req, true).await?;
+        let sd = SdUuid::new_random();
+        self.run::<AddStorageDomainSaga>(
+            AddStorageDomainParams {
+                sd,
+                req,
+                import: false,
+            },
+            correlation_id,
+        )
+        .await?;
+        self.app
+            .db
+            .sd_get(sd)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", sd))
+    }
+
+    /// Imports a data domain that exists on storage (oVirt's import of a storage domain, e.g.
+    /// one detached from another oVirt or oxvirt setup): `req.host` finds it under the path,
+    /// `want` chooses when the path holds several; without a name it keeps the one storage
+    /// has. Its disks are then registered from `/storagedomains/{id}/disks;unregistered` once
+    /// it is attached and active.
+    pub async fn import_storage_domain(
+        &self,
+        mut req: AddStorageDomain,
+        want: Option<SdUuid>,
+        correlation_id: Option<String>,
+    ) -> Result<StorageDomain, CommandError> {
+        let named = !req.name.is_empty();
+        self.check_new_domain(&req, named).await?;
+        let h = self.app.host(req.host).await?;
+        let node = self.app.client(&h)?;
+        // A connection of its own to look: its id is no domain's.
+        let probe = domain_record(SdUuid::new_random(), &req);
+        let conn = App::connection_id(probe.id);
+        connect_storage(&node, std::slice::from_ref(&probe)).await?;
+        let looked = async {
+            let found = node
+                .call("Host.getStorageDomains", json!({ "connectionID": conn }))
+                .await?;
+            let found: Vec<SdUuid> = found
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect();
+            let sd = match (want, found.as_slice()) {
+                (Some(w), f) if f.contains(&w) => w,
+                (Some(w), _) => {
+                    return Err(CommandError::not_found(
+                        "storage domain",
+                        format!("{w} under {}", req.path),
+                    ))
+                }
+                (None, [one]) => *one,
+                (None, []) => {
+                    return Err(CommandError::invalid(format!(
+                        "no storage domain under {}",
+                        req.path
+                    )))
+                }
+                (None, many) => {
+                    let ids: Vec<String> = many.iter().map(|s| s.to_string()).collect();
+                    return Err(CommandError::invalid(format!(
+                        "{} storage domains under {}: name one by id ({})",
+                        many.len(),
+                        req.path,
+                        ids.join(", ")
+                    )));
+                }
+            };
+            let info = node
+                .call("StorageDomain.getInfo", json!({ "sdUUID": sd }))
+                .await?;
+            Ok((sd, info))
+        }
+        .await;
+        if let Err(e) = node
+            .call(
+                "StoragePool.disconnectStorageServer",
+                json!({ "connectionIDs": [conn] }),
+            )
+            .await
+        {
+            tracing::warn!(host = %h.name, error = %e, "the import's look-up connection stays");
+        }
+        let (sd, info) = looked?;
+        if let Some(known) = self.app.db.sd_get(sd).await? {
+            return Err(CommandError::Conflict(format!(
+                "storage domain {sd} is known already, as {}",
+                known.name
+            )));
+        }
+        importable(sd, &info)?;
+        if !named {
+            req.name = info["name"].as_str().unwrap_or_default().to_string();
+            if req.name.is_empty() {
+                req.name = format!("imported-{}", &sd.to_string()[..8]);
+            }
+            if self.app.db.sd_get_by_name(&req.name).await?.is_some() {
+                return Err(CommandError::Conflict(format!(
+                    "a storage domain named {} exists: give the import a name",
+                    req.name
+                )));
+            }
+        }
+        self.run::<AddStorageDomainSaga>(
+            AddStorageDomainParams {
+                sd,
+                req,
+                import: true,
+            },
+            correlation_id,
+        )
+        .await?;
+        tracing::info!(sd = %sd, "storage domain imported");
+        self.app
+            .db
+            .sd_get(sd)
+            .await?
+            .ok_or_else(|| CommandError::not_found("storage domain", sd))
+    }
+
+    /// The checks a new domain's request passes before anything is done (its name's with
+    /// `name`).
+    async fn check_new_domain(&self, req: &AddStorageDomain, name: bool) -> Result<(), CommandError> {
         if req.path.is_empty() || (req.storage_type != StorageType::Nfs && !req.path.starts_with('/')) {
             return Err(CommandError::invalid(format!(
                 "storage path {:?} must be an absolute path",
@@ -1307,7 +1501,7 @@ impl Commands {
                 "an NFS storage domain needs the server's address",
             ));
         }
-        if self.app.db.sd_get_by_name(&req.name).await?.is_some() {
+        if name && self.app.db.sd_get_by_name(&req.name).await?.is_some() {
             return Err(CommandError::Conflict(format!(
                 "a storage domain named {} exists",
                 req.name
@@ -1320,14 +1514,7 @@ impl Commands {
                 h.name, h.status
             )));
         }
-        let sd = SdUuid::new_random();
-        self.run::<AddStorageDomainSaga>(AddStorageDomainParams { sd, req }, correlation_id)
-            .await?;
-        self.app
-            .db
-            .sd_get(sd)
-            .await?
-            .ok_or_else(|| CommandError::not_found("storage domain", sd))
+        Ok(())
     }
 
     pub async fn attach_storage_domain(

@@ -594,7 +594,7 @@ pub(super) async fn create_state_volume(
     let args = json!({
         "sdUUID": state.sd, "spUUID": dc.storage_pool_id, "imgUUID": state.img,
         "size": size, "volFormat": "RAW", "preallocate": "SPARSE",
-        "volUUID": state.vol, "desc": desc,
+        "volUUID": state.vol, "desc": desc, "diskType": "MEMD",
     });
     create_volume(
         &spm,

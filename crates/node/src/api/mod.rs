@@ -93,6 +93,10 @@ impl Request {
         }
         let ns = method.split('.').next().unwrap_or_default();
         match ns {
+            // The domains on a storage connection: storage's to answer.
+            "Host" if method == "Host.getStorageDomains" => {
+                storage::StorageRequest::parse(method, p).map(Request::Storage)
+            }
             "Host" => host::HostRequest::parse(method, p).map(Request::Host),
             "VM" => vm::VmRequest::parse(method, p).map(Request::Vm),
             "StoragePool" | "StorageDomain" | "Volume" | "Image" | "Task" | "SDM" | "Lease" => {

@@ -41,6 +41,16 @@ pub enum StorageRequest {
     DomainGetImages {
         sd: SdUuid,
     },
+    /// The domains found on one storage connection (VDSM's `Host.getStorageDomains` for a
+    /// connection's path): what an import of an existing domain looks for.
+    ConnectionGetDomains {
+        connection: String,
+    },
+    /// An image's volumes, base first (VDSM's `Image.getVolumes`).
+    ImageGetVolumes {
+        sd: SdUuid,
+        img: ImgUuid,
+    },
     VolumeGetInfo {
         sd: SdUuid,
         img: ImgUuid,
@@ -62,6 +72,8 @@ pub const VERBS: &[&str] = &[
     "StorageDomain.getInfo",
     "StorageDomain.getStats",
     "StorageDomain.getImages",
+    "Host.getStorageDomains",
+    "Image.getVolumes",
     "Volume.getInfo",
     "Image.prepare",
     "StoragePool.create",
@@ -151,6 +163,22 @@ struct Img {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImgRef {
+    #[serde(rename = "sdUUID")]
+    sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    img: ImgUuid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionRef {
+    #[serde(rename = "connectionID")]
+    connection: String,
+}
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Connect {
     connection_params: Vec<Connection>,
@@ -185,6 +213,13 @@ impl StorageRequest {
             "StorageDomain.getImages" => StorageRequest::DomainGetImages {
                 sd: params::<Sd>(method, p)?.sd,
             },
+            "Host.getStorageDomains" => StorageRequest::ConnectionGetDomains {
+                connection: params::<ConnectionRef>(method, p)?.connection,
+            },
+            "Image.getVolumes" => {
+                let i: ImgRef = params(method, p)?;
+                StorageRequest::ImageGetVolumes { sd: i.sd, img: i.img }
+            }
             "Volume.getInfo" => {
                 let v: Vol = params(method, p)?;
                 StorageRequest::VolumeGetInfo {
@@ -204,6 +239,16 @@ impl StorageRequest {
             other => StorageRequest::Pool(PoolRequest::parse(other, p)?),
         })
     }
+}
+
+/// The local path of connection `id`, which must be connected.
+fn connection_mount(svc: &StorageService, id: &str) -> Result<std::path::PathBuf, ApiError> {
+    svc.connection_path(id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotConnected,
+            format!("storage connection {id:?} is not connected"),
+        )
+    })
 }
 
 impl From<StorageServiceError> for ApiError {
@@ -303,12 +348,7 @@ pub async fn execute(
             Ok(json!({ "statuslist": to_json(&svc.disconnect(&ids)) }))
         }
         StorageRequest::DomainCreate(c) => {
-            let mount = svc.connection_path(&c.connection).ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotConnected,
-                    format!("storage connection {:?} is not connected", c.connection),
-                )
-            })?;
+            let mount = connection_mount(&svc, &c.connection)?;
             let domain_type = match c.storage_type {
                 ConnectionKind::Localfs => DomainType::LocalFs,
                 ConnectionKind::Posixfs => DomainType::PosixFs,
@@ -364,6 +404,12 @@ pub async fn execute(
             Ok(json!(true))
         }
         StorageRequest::DomainGetImages { sd } => Ok(to_json(&svc.domain(sd)?.images()?)),
+        StorageRequest::ConnectionGetDomains { connection } => {
+            let mount = connection_mount(&svc, &connection)?;
+            let found = oxvirt_storage::FileStorageDomain::scan(&mount)?;
+            Ok(json!(found.iter().map(|(sd, _)| sd).collect::<Vec<_>>()))
+        }
+        StorageRequest::ImageGetVolumes { sd, img } => Ok(json!(svc.domain(sd)?.chain(img)?.ids())),
         StorageRequest::VolumeGetInfo { sd, img, vol } => {
             Ok(to_json(&svc.domain(sd)?.volume_info(img, vol)?))
         }

@@ -477,6 +477,41 @@ pub enum SdCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Import a data domain that exists under a path (detached from another oVirt or oxvirt
+    /// setup); with --datacenter, attach and activate it. Its disks are then registered with
+    /// `sd register`.
+    Import {
+        /// The name to give it (storage's name when absent).
+        #[arg(long)]
+        name: Option<String>,
+        /// The host that reads it.
+        #[arg(long)]
+        host: String,
+        /// localfs, nfs or posixfs.
+        #[arg(long, default_value = "localfs")]
+        storage_type: String,
+        /// The directory (localfs), export path (nfs) or device (posixfs) it lies under.
+        #[arg(long)]
+        path: String,
+        /// The NFS server.
+        #[arg(long)]
+        address: Option<String>,
+        /// Which domain, when the path holds several.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List the disks on a storage domain that the engine has no record of.
+    Unregistered { name: String },
+    /// Register an unregistered disk of a storage domain, with its volumes.
+    Register {
+        name: String,
+        /// The disk's id (see `sd unregistered`).
+        disk: String,
+    },
     /// Remove an unattached storage domain.
     #[command(visible_alias = "rm")]
     Remove {
@@ -1958,6 +1993,69 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
                 obj = ctx.get(k, &id).await?;
             }
             ctx.print(k, &obj).await
+        }
+        SdCmd::Import {
+            name,
+            host,
+            storage_type,
+            path,
+            address,
+            id,
+            datacenter,
+            wait,
+        } => {
+            let h = ctx.id(&kinds::HOST, &host).await?;
+            let mut storage = json!({ "type": storage_type, "path": path });
+            if let Some(a) = address {
+                storage["address"] = json!(a);
+            }
+            let mut body = json!({ "import": true, "host": { "id": h }, "storage": storage });
+            if let Some(n) = &name {
+                body["name"] = json!(n);
+            }
+            if let Some(i) = id {
+                body["id"] = json!(i);
+            }
+            let mut obj = {
+                let mut p = Progress::new("import storage domain".to_string(), ctx.quiet);
+                p.set("looking under the path through the host");
+                let o = ctx.create(k, body).await?;
+                p.finish("imported");
+                o
+            };
+            if let Some(dc) = datacenter {
+                let id = obj["id"].as_str().unwrap_or_default().to_string();
+                let n = obj["name"].as_str().unwrap_or_default().to_string();
+                sd_attach(ctx, &n, &id, &dc, wait).await?;
+                obj = ctx.get(k, &id).await?;
+            }
+            ctx.print(k, &obj).await
+        }
+        SdCmd::Unregistered { name } => {
+            let id = ctx.id(k, &name).await?;
+            let disks = ctx
+                .api
+                .list(
+                    &format!("storagedomains/{id}/disks"),
+                    "disk",
+                    &[("unregistered", "true".to_string())],
+                )
+                .await?;
+            output::print_list(&ctx.api, &kinds::DISK, &disks, ctx.out).await
+        }
+        SdCmd::Register { name, disk } => {
+            let id = ctx.id(k, &name).await?;
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/storagedomains/{id}/disks?unregistered=true"),
+                    Some(&json!({ "id": disk })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("registering disk {disk} of storage domain {name}"))?;
+            ctx.print(&kinds::DISK, &obj).await
         }
         SdCmd::Remove { name, destroy, host } => {
             let mut q = String::new();

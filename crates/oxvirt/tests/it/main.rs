@@ -23,6 +23,7 @@ mod pool_spm;
 mod portal_browser;
 mod rest_clients;
 mod saga_faults;
+mod sd_import;
 mod spm_maintenance;
 mod transfers;
 mod up;

@@ -1181,6 +1181,15 @@ async fn affinity_group_remove_vm(c: &mut Conn<'_>, g: AffinityGroupId, vm: VmId
     Ok(c.exec(&q).await? == 1)
 }
 
+/// Whether image `img` holds a VM state the engine knows (a suspended VM's or a snapshot's).
+async fn state_volume_image_known(c: &mut Conn<'_>, img: DiskId) -> Result<bool, DbError> {
+    let mut q = Sql::new("SELECT vm_id AS x FROM vm_hibernation WHERE image_id = ");
+    q.arg(img.to_string())
+        .push(" UNION ALL SELECT snapshot_id AS x FROM snapshot_memory WHERE image_id = ")
+        .arg(img.to_string());
+    Ok(c.opt(&q).await?.is_some())
+}
+
 async fn vm_hibernation_get(c: &mut Conn<'_>, vm: VmId) -> Result<Option<StateVolume>, DbError> {
     let mut q = Sql::new("SELECT storage_domain_id, image_id, volume_id FROM vm_hibernation WHERE vm_id = ");
     q.arg(vm.to_string());
@@ -1352,6 +1361,8 @@ repo! {
 
     /// Where a suspended VM's state is saved.
     read vm_hibernation_get(vm: VmId) -> Option<StateVolume> = vm_hibernation_get;
+    /// Whether an image holds a VM state the engine knows.
+    read state_volume_image_known(img: DiskId) -> bool = state_volume_image_known;
     write vm_hibernation_set(vm: VmId, v: &StateVolume) -> () = vm_hibernation_set;
     write vm_hibernation_clear(vm: VmId) -> bool = vm_hibernation_clear;
 

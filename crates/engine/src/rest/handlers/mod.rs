@@ -72,6 +72,7 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         SdUpdate => storage::sd_update(r).await,
         SdRemove => storage::sd_remove(r).await,
         SdDisks => storage::sd_disks(r).await,
+        SdDiskRegister => storage::sd_disk_register(r).await,
         SdDiskSnapshots => storage::sd_disk_snapshots(r).await,
         VmSnapDisks => vms::snap_disks(r).await,
         DiskList => storage::disk_list(r).await,

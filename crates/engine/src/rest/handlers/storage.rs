@@ -103,6 +103,36 @@ pub async fn sd_add(r: &Req) -> Result<Resp, ApiError> {
     let storage_type: StorageType = st
         .parse("type")?
         .ok_or_else(|| ApiError::bad_request("<storage> needs <type> (nfs, localfs, posixfs)"))?;
+    // `<import>true</import>`: a domain that exists under the path (its name from storage
+    // unless given; `<storage_domain id>` chooses among several).
+    if b.bool("import")?.unwrap_or(false) {
+        let want = match b.id() {
+            Some(i) => Some(
+                i.parse::<SdUuid>()
+                    .map_err(|_| ApiError::bad_request(format!("storage domain id {i:?} is not a UUID")))?,
+            ),
+            None => None,
+        };
+        let req = AddStorageDomain {
+            name: b.string("name").unwrap_or_default(),
+            description: b.string("description").unwrap_or_default(),
+            domain_type: SdType::Data,
+            storage_type,
+            address: st.string("address"),
+            path: required(st, "path")?.to_string(),
+            vfs_type: st.string("vfs_type"),
+            mount_options: st.string("mount_options"),
+            host,
+        };
+        let s = r
+            .cmds()
+            .import_storage_domain(req, want, r.correlation_id.clone())
+            .await?;
+        return Ok(Resp::created(
+            one_sd(r, &s, None, None),
+            href("storagedomains", s.id),
+        ));
+    }
     let req = AddStorageDomain {
         name: required(&b, "name")?.to_string(),
         description: b.string("description").unwrap_or_default(),
@@ -159,6 +189,18 @@ pub async fn sd_remove(r: &Req) -> Result<Resp, ApiError> {
 
 pub async fn sd_disks(r: &Req) -> Result<Resp, ApiError> {
     let s = sd(r, 0).await?;
+    if r.q_bool("unregistered")?.unwrap_or(false) {
+        let ds: Vec<Disk> = r
+            .cmds()
+            .unregistered_disks(s.id)
+            .await?
+            .into_iter()
+            .map(|u| u.disk)
+            .collect();
+        let mut o = r.out();
+        collection(&mut o, "disks", "disk", &ds, write::disk);
+        return Ok(Resp::ok(o));
+    }
     let mut q = disk_query(r)?;
     q.filters_mut()
         .for_each(|f| f.storage_domain = Some(Ref::Id(s.id)));
@@ -166,6 +208,27 @@ pub async fn sd_disks(r: &Req) -> Result<Resp, ApiError> {
     let mut o = r.out();
     collection(&mut o, "disks", "disk", &ds, write::disk);
     Ok(Resp::ok(o))
+}
+
+/// `POST /storagedomains/{sd}/disks?unregistered=true` with `<disk id="…"/>`: registers a disk
+/// found on the domain (oVirt's register of an unregistered disk).
+pub async fn sd_disk_register(r: &Req) -> Result<Resp, ApiError> {
+    let s = sd(r, 0).await?;
+    if !r.q_bool("unregistered")?.unwrap_or(false) {
+        return Err(ApiError::bad_request(
+            "disks are added under /disks; here only unregistered ones are registered \
+             (unregistered=true)",
+        ));
+    }
+    let b = r.body("disk")?;
+    let id = b
+        .id()
+        .ok_or_else(|| ApiError::bad_request("<disk> needs the id of the unregistered disk"))?;
+    let id: DiskId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("disk id {id:?} is not a UUID")))?;
+    let d = r.cmds().register_disk(s.id, id).await?;
+    Ok(Resp::created(one_disk(r, &d), href("disks", d.id)))
 }
 
 /// The disk snapshots on a storage domain: per regular snapshot of every VM, each disk's
