@@ -923,6 +923,9 @@ impl Commands {
         // one is refused (after the save its disks' block nodes stay inactive until it runs).
         let (memory, memory_volume_size) = match (req.persist_memory, v.runtime.status) {
             (true, VmStatus::Up) => {
+                if let Some(h) = v.runtime.run_on_host {
+                    self.refuse_hot_plugged(&v, h, "saved with a snapshot").await?;
+                }
                 let (state, size) = self.new_state_volume(&v).await?;
                 let m = SnapshotMemory {
                     state,

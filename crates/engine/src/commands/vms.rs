@@ -1463,6 +1463,7 @@ impl Commands {
                 vm.name, vm.runtime.status
             )));
         }
+        self.refuse_hot_plugged(&vm, host, "suspended").await?;
         let (state, size) = self.new_state_volume(&vm).await?;
         let dc = self.cluster_dc(vm.cluster_id).await?;
         self.run_as::<SuspendVmSaga>(
@@ -1478,6 +1479,33 @@ impl Commands {
         )
         .await?;
         self.vm(id).await
+    }
+
+    /// Refuses to save the state of VM `v`, running on `host`, while it has hot plugged vCPUs
+    /// or memory: the state would load only into a QEMU with the same devices, and a resume
+    /// starts one from the configuration, where they are boot vCPUs and memory.
+    pub(crate) async fn refuse_hot_plugged(
+        &self,
+        v: &crate::model::Vm,
+        host: HostUuid,
+        what: &str,
+    ) -> Result<(), CommandError> {
+        let info = self
+            .app
+            .host_client(host)
+            .await?
+            .call("VM.getInfo", json!({ "vmID": v.id }))
+            .await?;
+        let cpus = info["cpus"]["devices"].as_array().map_or(0, Vec::len);
+        let dimms = info["memory"]["dimms"].as_array().map_or(0, Vec::len);
+        if cpus + dimms > 0 {
+            return Err(CommandError::Conflict(format!(
+                "VM {} has {cpus} hot plugged vCPU(s) and {dimms} DIMM(s) since it started: its \
+                 state cannot be {what} until it restarts (its configuration has them)",
+                v.name
+            )));
+        }
+        Ok(())
     }
 
     /// Where a running VM's memory and device state will go (a hibernation's or a snapshot's):

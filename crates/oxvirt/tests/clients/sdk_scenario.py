@@ -492,24 +492,6 @@ def main():
     wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
     step("VM up on %s, guest booted" % src.name)
 
-    # A CPU change reaches the running VM at once (a vCPU hot plugged, oVirt's default); with
-    # next_run only the next start gets it; past the VM's maximum it is refused, unchanged.
-    topo = lambda n: types.Vm(cpu=types.Cpu(topology=types.CpuTopology(sockets=n, cores=1, threads=1)))
-    vm_svc.update(topo(2))
-    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
-    vm_svc.update(topo(3), next_run=True)
-    assert vm_svc.get().cpu.topology.sockets == 3
-    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
-    vm_svc.update(topo(2), next_run=True)
-    try:
-        vm_svc.update(topo(40))
-        raise AssertionError("40 vCPUs were accepted for a VM started with at most 16")
-    except sdk.Error as e:
-        assert e.code in (400, 409) and "16" in str(e), e
-    assert vm_svc.get().cpu.topology.sockets == 2
-    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
-    step("a vCPU hot plugged; a next-run change waits; too many refused")
-
     # Statistics, as monitoring tools read them: the VM's memory and CPU, its host's.
     stat_svc = vm_svc.statistics_service()
     stats = {st.name: st for st in stat_svc.list()}
@@ -674,6 +656,32 @@ def main():
         assert e.code == 409 and "256" in str(e), e
     assert vm_svc.get().memory == 512 * MIB
     step("256 MiB of memory hot plugged")
+
+    # A CPU change reaches the running VM at once (a vCPU hot plugged, oVirt's default); with
+    # next_run only the next start gets it; past the VM's maximum it is refused, unchanged.
+    topo = lambda n: types.Vm(cpu=types.Cpu(topology=types.CpuTopology(sockets=n, cores=1, threads=1)))
+    vm_svc.update(topo(2))
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    vm_svc.update(topo(3), next_run=True)
+    assert vm_svc.get().cpu.topology.sockets == 3
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    vm_svc.update(topo(2), next_run=True)
+    try:
+        vm_svc.update(topo(40))
+        raise AssertionError("40 vCPUs were accepted for a VM started with at most 16")
+    except sdk.Error as e:
+        assert e.code in (400, 409) and "16" in str(e), e
+    assert vm_svc.get().cpu.topology.sockets == 2
+    assert node_cpu_devices(node_dirs[src.name], vm.id) == 1
+    step("a vCPU hot plugged; a next-run change waits; too many refused")
+
+    # Its state saved now would not load into a VM started from its configuration.
+    try:
+        vm_svc.suspend()
+        raise AssertionError("a VM with hot plugged devices was suspended")
+    except sdk.Error as e:
+        assert e.code == 409 and "hot plugged" in str(e), e
+    assert vm_svc.get().status == types.VmStatus.UP
 
     dst = [n for n in names if n != src.name][0]
     # The cluster's migrations go encrypted from now on (TLS between the nodes).
