@@ -1578,13 +1578,14 @@ impl Commands {
                 more_memory / MIB
             )));
         }
-        if running && more_memory > 0 {
-            let host = cur
-                .runtime
+        let host = || {
+            cur.runtime
                 .run_on_host
-                .ok_or_else(|| CommandError::Conflict(format!("VM {} is up on no known host", cur.name)))?;
+                .ok_or_else(|| CommandError::Conflict(format!("VM {} is up on no known host", cur.name)))
+        };
+        if running && more_memory > 0 {
             self.app
-                .host_client(host)
+                .host_client(host()?)
                 .await?
                 .call(
                     "VM.hotplugMemory",
@@ -1595,13 +1596,9 @@ impl Commands {
             tracing::info!(vm = %cur.name, mib = more_memory / MIB, "memory hot plugged into the running VM");
         }
         if running && cur.cpu.vcpus() != v.cpu.vcpus() {
-            let host = cur
-                .runtime
-                .run_on_host
-                .ok_or_else(|| CommandError::Conflict(format!("VM {} is up on no known host", cur.name)))?;
             let n = v.cpu.vcpus();
             self.app
-                .host_client(host)
+                .host_client(host()?)
                 .await?
                 .call("VM.setNumberOfCpus", json!({ "vmID": v.id, "numberOfCpus": n }))
                 .await
