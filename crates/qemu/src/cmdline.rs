@@ -36,7 +36,7 @@ pub struct VmSpec {
     /// The memory the VM starts with (`-m size`).
     pub memory_mib: u64,
     /// The most memory hot plugged DIMMs may bring it to (`-m maxmem`, with [`MEMORY_SLOTS`]
-    /// slots); `None`: `memory_mib`, nothing can be added.
+    /// slots); `None` (or no more than `memory_mib`): nothing can be added.
     #[serde(default)]
     pub max_memory_mib: Option<u64>,
     /// DIMMs hot plugged into the running VM, added again on a migration destination.
@@ -817,7 +817,8 @@ impl VmSpec {
         for c in &self.cpu_devices {
             push("-device", c.device_json().to_string());
         }
-        match self.max_memory_mib {
+        // QEMU wants maxmem above the size; a maximum that leaves no room is none.
+        match self.max_memory_mib.filter(|m| *m > self.memory_mib) {
             Some(max) => push(
                 "-m",
                 format!("size={}M,slots={MEMORY_SLOTS},maxmem={max}M", self.memory_mib),
@@ -1123,6 +1124,11 @@ mod tests {
                 ..
             })
         ));
+        // A maximum that leaves no room is the plain form QEMU accepts (a migration source
+        // started without one reports its size as its maximum).
+        s.dimms.clear();
+        s.max_memory_mib = Some(256);
+        assert_eq!(arg_after(&s.to_args().unwrap(), "-m"), ["256M"]);
     }
 
     #[test]

@@ -94,10 +94,14 @@ fn refused_by_vm(e: crate::nodes::NodeError) -> CommandError {
 }
 
 /// How much memory, MiB, a VM may be given while it runs: oVirt's default of four times what
-/// it starts with.
-pub(crate) fn max_memory_mib(mib: u64) -> u64 {
-    mib.max(1) * 4
+/// it starts with. A VM under [`MEMORY_HOTPLUG_MIN_MIB`] gets no room: a guest kernel pays a
+/// few MiB at boot for memory hot plug, and the 128 MiB test guest runs out with it.
+pub(crate) fn max_memory_mib(mib: u64) -> Option<u64> {
+    (mib >= MEMORY_HOTPLUG_MIN_MIB).then_some(mib * 4)
 }
+
+/// The least memory, MiB, a VM starts with to take more while it runs.
+pub const MEMORY_HOTPLUG_MIN_MIB: u64 = 256;
 
 /// The step a running VM's memory grows in (oVirt's `HotPlugMemoryMultiplicationSizeMb`).
 pub const MEMORY_HOTPLUG_STEP: u64 = 256 * MIB;
@@ -135,12 +139,14 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
         "smp": v.cpu.vcpus(),
         "maxVCpus": max_vcpus(v.cpu.vcpus()),
         "memSize": (v.memory_bytes / MIB).max(1),
-        "maxMemSize": max_memory_mib(v.memory_bytes / MIB),
         "drives": drives,
         "nics": nics,
         "balloon": true,
         "vnc": true,
     });
+    if let Some(max) = max_memory_mib(v.memory_bytes / MIB) {
+        p["maxMemSize"] = json!(max);
+    }
     if let Some(a) = &app.settings.accel {
         p["accel"] = json!(a);
     }

@@ -151,8 +151,8 @@ impl VmManager {
         let want = usize::from(n - boot);
         if want > devices.len() && no_replug {
             return Err(invalid(
-                "a vCPU was unplugged from this VM, and QEMU under TCG cannot plug one again \
-                 until the VM restarts (KVM can)"
+                "a vCPU was unplugged from this VM, and QEMU 7.2 under TCG aborts when one is \
+                 plugged after that: the VM takes more vCPUs after it restarts"
                     .into(),
             ));
         }

@@ -96,7 +96,7 @@ impl VmManager {
             MemoryInfo::of(&rec.create)
         };
         vm.persist()?;
-        if info.max_mib == info.boot_mib {
+        if info.max_mib <= info.boot_mib {
             return Err(invalid(
                 "the VM was started without room for more memory (no maxmem)".into(),
             ));
