@@ -196,8 +196,17 @@ impl QemuNbd {
                     stderr: stderr.trim().to_string(),
                 });
             }
-            if UnixStream::connect(socket).await.is_ok() {
-                break;
+            // qemu-nbd listens before it opens the image, and exits when that fails: it
+            // serves once it greets a client (`NBDMAGIC`), which it does only with the image
+            // open. A probe that reads no greeting loops, and the exit check above tells.
+            if let Ok(mut probe) = UnixStream::connect(socket).await {
+                let mut magic = [0u8; 8];
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if let Ok(Ok(_)) = tokio::time::timeout(left, probe.read_exact(&mut magic)).await {
+                    if &magic == b"NBDMAGIC" {
+                        break;
+                    }
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(NbdError::NoSocket {
