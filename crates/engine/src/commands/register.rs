@@ -52,29 +52,11 @@ fn field<'a>(v: &'a Value, what: &str) -> Result<&'a str, CommandError> {
 impl Commands {
     /// The data center domain `sd` is attached to, which must be active there.
     async fn attached_dc(&self, sd: SdUuid) -> Result<DcId, CommandError> {
-        let s = self
-            .app
-            .db
-            .sd_get(sd)
-            .await?
-            .ok_or_else(|| CommandError::not_found("storage domain", sd))?;
-        let m = self
-            .app
-            .db
-            .pool_attachments(sd)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                CommandError::Conflict(format!(
-                    "storage domain {} is in no data center: attach it first",
-                    s.name
-                ))
-            })?;
+        let m = self.domain_member(sd).await?;
         if m.status != crate::model::SdStatus::Active {
             return Err(CommandError::Conflict(format!(
-                "storage domain {} is {}: activate it first",
-                s.name, m.status
+                "storage domain {sd} is {}: activate it first",
+                m.status
             )));
         }
         Ok(m.data_center_id)

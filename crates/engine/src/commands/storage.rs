@@ -1364,16 +1364,22 @@ impl Commands {
         correlation_id: Option<String>,
     ) -> Result<StorageDomain, CommandError> {
         self.check_new_domain(&req, true).await?;
-        let sd = SdUuid::new_random();
-        self.run::<AddStorageDomainSaga>(
-            AddStorageDomainParams {
-                sd,
-                req,
-                import: false,
-            },
-            correlation_id,
-        )
-        .await?;
+        let p = AddStorageDomainParams {
+            sd: SdUuid::new_random(),
+            req,
+            import: false,
+        };
+        self.run_add_domain(p, correlation_id).await
+    }
+
+    /// Runs the `add_storage_domain` saga; returns the domain recorded.
+    async fn run_add_domain(
+        &self,
+        p: AddStorageDomainParams,
+        correlation_id: Option<String>,
+    ) -> Result<StorageDomain, CommandError> {
+        let sd = p.sd;
+        self.run::<AddStorageDomainSaga>(p, correlation_id).await?;
         self.app
             .db
             .sd_get(sd)
@@ -1470,21 +1476,14 @@ impl Commands {
                 )));
             }
         }
-        self.run::<AddStorageDomainSaga>(
-            AddStorageDomainParams {
-                sd,
-                req,
-                import: true,
-            },
-            correlation_id,
-        )
-        .await?;
+        let p = AddStorageDomainParams {
+            sd,
+            req,
+            import: true,
+        };
+        let d = self.run_add_domain(p, correlation_id).await?;
         tracing::info!(sd = %sd, "storage domain imported");
-        self.app
-            .db
-            .sd_get(sd)
-            .await?
-            .ok_or_else(|| CommandError::not_found("storage domain", sd))
+        Ok(d)
     }
 
     /// The checks a new domain's request passes before anything is done (its name's with
@@ -1826,8 +1825,13 @@ impl Commands {
 
     /// The data center a domain is attached to.
     pub async fn domain_dc(&self, sd: SdUuid) -> Result<DataCenter, CommandError> {
-        let m = self
-            .app
+        let m = self.domain_member(sd).await?;
+        self.app.dc(m.data_center_id).await
+    }
+
+    /// A domain's attachment to its data center.
+    pub(crate) async fn domain_member(&self, sd: SdUuid) -> Result<PoolMember, CommandError> {
+        self.app
             .db
             .pool_attachments(sd)
             .await?
@@ -1835,8 +1839,7 @@ impl Commands {
             .next()
             .ok_or_else(|| {
                 CommandError::Conflict(format!("storage domain {sd} is not attached to a data center"))
-            })?;
-        self.app.dc(m.data_center_id).await
+            })
     }
 
     pub async fn add_disk(

@@ -5,7 +5,7 @@
 use crate::common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::cdrom::{CdMedia, VmCdrom};
@@ -14,25 +14,9 @@ use oxvirt_qemu::{BootDevice, CdromBus};
 use oxvirt_testkit::{make_iso, TestGuest};
 use oxvirt_types::{ImgUuid, SdUuid};
 
-/// What the guest last read from its CD-ROM (`none`: no medium), waiting for `want`.
+/// Waits until what the guest last read from its CD-ROM (`none`: no medium) is `want`.
 async fn wait_cd(log: &Path, want: &str) {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let last = text
-            .lines()
-            .rev()
-            .find_map(|l| l.split("OXVIRT-GUEST cd ").nth(1))
-            .map(str::trim);
-        if last == Some(want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the guest never read {want:?} from its CD-ROM (last: {last:?}); console:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_guest_report(log, "cd", |v| v == want, Duration::from_secs(60)).await;
 }
 
 fn media(path: &Path) -> CdMedia {
@@ -102,8 +86,7 @@ async fn cd_is_changed_and_ejected_while_the_guest_runs_and_recorded() {
     wait_cd(&log, "disc-a").await;
 
     // The run directory's record, which a restarted node recovers the VM from, holds the ISO.
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mgr.vm_dir(id).join("vm.json")).unwrap()).unwrap();
+    let rec = vm_record(&mgr, id);
     assert_eq!(
         rec["create"]["cdrom"]["media"]["path"],
         iso_a.to_str().unwrap(),

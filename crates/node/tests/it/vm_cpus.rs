@@ -7,7 +7,7 @@
 use crate::common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::{VmDisk, VmManager, VmManagerConfig};
@@ -15,28 +15,12 @@ use oxvirt_testkit::TestGuest;
 
 /// Waits until the guest last reported `want` vCPUs online.
 async fn wait_cpus(log: &Path, want: usize) {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let last = text
-            .lines()
-            .rev()
-            .find_map(|l| l.split("OXVIRT-GUEST cpus ").nth(1))
-            .and_then(|n| n.trim().parse::<usize>().ok());
-        if last == Some(want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the guest never had {want} vCPUs online (last: {last:?}); console:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let want = want.to_string();
+    wait_guest_report(log, "cpus", |v| v == want, Duration::from_secs(90)).await;
 }
 
 fn recorded_devices(mgr: &VmManager, id: oxvirt_types::VmId) -> Vec<String> {
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mgr.vm_dir(id).join("vm.json")).unwrap()).unwrap();
+    let rec = vm_record(mgr, id);
     rec["create"]["cpu_devices"]
         .as_array()
         .unwrap_or_else(|| panic!("{rec}"))

@@ -6,7 +6,7 @@
 use crate::common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use oxvirt_node::vm::{VmDisk, VmManager, VmManagerConfig};
@@ -14,28 +14,13 @@ use oxvirt_testkit::TestGuest;
 
 /// The guest's last reported MemTotal, MiB, once it is at least `at_least`.
 async fn wait_mem(log: &Path, at_least: u64) -> u64 {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let last = text
-            .lines()
-            .rev()
-            .find_map(|l| l.split("OXVIRT-GUEST mem ").nth(1))
-            .and_then(|n| n.trim().parse::<u64>().ok());
-        if let Some(m) = last.filter(|m| *m >= at_least) {
-            return m;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the guest never had {at_least} MiB (last: {last:?}); console:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ok = |v: &str| v.parse::<u64>().is_ok_and(|m| m >= at_least);
+    let v = wait_guest_report(log, "mem", ok, Duration::from_secs(90)).await;
+    v.parse().unwrap()
 }
 
 fn recorded_dimms(mgr: &VmManager, id: oxvirt_types::VmId) -> Vec<(String, u64)> {
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mgr.vm_dir(id).join("vm.json")).unwrap()).unwrap();
+    let rec = vm_record(mgr, id);
     rec["create"]["dimms"]
         .as_array()
         .unwrap_or_else(|| panic!("{rec}"))

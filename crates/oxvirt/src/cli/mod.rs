@@ -444,6 +444,30 @@ pub enum HostCmd {
     },
 }
 
+/// Where a storage domain is (`<storage>` in the API).
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// localfs, nfs or posixfs.
+    #[arg(long, default_value = "localfs")]
+    storage_type: String,
+    /// The directory (localfs), export path (nfs) or device (posixfs).
+    #[arg(long)]
+    path: String,
+    /// The NFS server.
+    #[arg(long)]
+    address: Option<String>,
+}
+
+impl StorageArgs {
+    fn json(&self) -> Value {
+        let mut storage = json!({ "type": self.storage_type, "path": self.path });
+        if let Some(a) = &self.address {
+            storage["address"] = json!(a);
+        }
+        storage
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum SdCmd {
     /// List storage domains.
@@ -457,15 +481,8 @@ pub enum SdCmd {
         /// The host that formats it.
         #[arg(long)]
         host: String,
-        /// localfs, nfs or posixfs.
-        #[arg(long, default_value = "localfs")]
-        storage_type: String,
-        /// The directory (localfs), export path (nfs) or device (posixfs).
-        #[arg(long)]
-        path: String,
-        /// The NFS server.
-        #[arg(long)]
-        address: Option<String>,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// data, iso or export.
         #[arg(long = "type", default_value = "data")]
         domain_type: String,
@@ -487,15 +504,8 @@ pub enum SdCmd {
         /// The host that reads it.
         #[arg(long)]
         host: String,
-        /// localfs, nfs or posixfs.
-        #[arg(long, default_value = "localfs")]
-        storage_type: String,
-        /// The directory (localfs), export path (nfs) or device (posixfs) it lies under.
-        #[arg(long)]
-        path: String,
-        /// The NFS server.
-        #[arg(long)]
-        address: Option<String>,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// Which domain, when the path holds several.
         #[arg(long)]
         id: Option<String>,
@@ -1963,22 +1973,16 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
         SdCmd::Create {
             name,
             host,
-            storage_type,
-            path,
-            address,
+            storage,
             domain_type,
             description,
             datacenter,
             wait,
         } => {
             let h = ctx.id(&kinds::HOST, &host).await?;
-            let mut storage = json!({ "type": storage_type, "path": path });
-            if let Some(a) = address {
-                storage["address"] = json!(a);
-            }
             let body = json!({
                 "name": name, "description": description, "type": domain_type,
-                "host": { "id": h }, "storage": storage,
+                "host": { "id": h }, "storage": storage.json(),
             });
             let mut obj = {
                 let mut p = Progress::new(format!("create storage domain {name}"), ctx.quiet);
@@ -1997,19 +2001,13 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
         SdCmd::Import {
             name,
             host,
-            storage_type,
-            path,
-            address,
+            storage,
             id,
             datacenter,
             wait,
         } => {
             let h = ctx.id(&kinds::HOST, &host).await?;
-            let mut storage = json!({ "type": storage_type, "path": path });
-            if let Some(a) = address {
-                storage["address"] = json!(a);
-            }
-            let mut body = json!({ "import": true, "host": { "id": h }, "storage": storage });
+            let mut body = json!({ "import": true, "host": { "id": h }, "storage": storage.json() });
             if let Some(n) = &name {
                 body["name"] = json!(n);
             }

@@ -6,7 +6,7 @@
 //! backup of a directory that is no engine's.
 
 use crate::common;
-use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt, PASSWORD};
+use crate::transfers::{engine_cfg, login, login_with_dc1_and_cl1, oxvirt};
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -124,26 +124,7 @@ async fn backup_and_restore(db_url: Option<String>, lose_db: impl AsyncFnOnce())
     // The same admin password logs in; what the backup saw is there, and only that.
     let work2 = base.path().join("work2");
     std::fs::create_dir_all(&work2).unwrap();
-    let pw = work2.join("pw");
-    std::fs::write(&pw, format!("{}\n", PASSWORD)).unwrap();
-    let url = format!("https://{}", engine.addr);
-    let ca = restored.join("pki/ca.pem");
-    oxvirt(
-        &work2,
-        &[
-            "login",
-            "--url",
-            &url,
-            "--user",
-            "admin@internal",
-            "--password-file",
-            pw.to_str().unwrap(),
-            "--ca-file",
-            ca.to_str().unwrap(),
-        ],
-        true,
-    )
-    .await;
+    login(&work2, &restored, &engine).await;
     assert_eq!(vm_names(&work2).await, vec!["before".to_string()]);
     oxvirt(&work2, &["vm", "create", "later", "--cluster", "cl1"], true).await;
     engine.shutdown().await;

@@ -27,7 +27,7 @@ use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
-pub(crate) const PASSWORD: &str = "transfer-test password";
+const PASSWORD: &str = "transfer-test password";
 /// Data in the uploaded image (the benchmark's size).
 const DATA_MIB: u64 = 128;
 
@@ -72,6 +72,13 @@ pub(crate) async fn oxvirt(work: &Path, args: &[&str], ok: bool) -> (String, Str
 /// `oxvirt login` as admin into `engine` (its data in `engine_dir`, its CA trusted by file),
 /// then data center `dc1` with cluster `cl1`.
 pub(crate) async fn login_with_dc1_and_cl1(work: &Path, engine_dir: &Path, engine: &Engine) {
+    login(work, engine_dir, engine).await;
+    oxvirt(work, &["dc", "create", "dc1"], true).await;
+    oxvirt(work, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
+}
+
+/// `oxvirt login` as admin@internal with [`PASSWORD`], trusting the CA in `engine_dir`.
+pub(crate) async fn login(work: &Path, engine_dir: &Path, engine: &Engine) {
     let pw = work.join("pw");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
     let ca = engine_dir.join("pki/ca.pem");
@@ -92,8 +99,6 @@ pub(crate) async fn login_with_dc1_and_cl1(work: &Path, engine_dir: &Path, engin
         true,
     )
     .await;
-    oxvirt(work, &["dc", "create", "dc1"], true).await;
-    oxvirt(work, &["cluster", "create", "cl1", "--dc", "dc1"], true).await;
 }
 
 fn qemu(tool: &str, args: &[&str]) -> String {

@@ -182,3 +182,37 @@ impl Drop for QemuReaper {
         }
     }
 }
+
+/// Waits until the guest's last `OXVIRT-GUEST <what> VALUE` line in `log` has a value `done`
+/// accepts, and returns it; fails with the console after `timeout`.
+pub async fn wait_guest_report(
+    log: &Path,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
+    let prefix = format!("OXVIRT-GUEST {what} ");
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let last = text
+            .lines()
+            .rev()
+            .find_map(|l| l.split(prefix.as_str()).nth(1))
+            .map(str::trim);
+        if let Some(v) = last.filter(|v| done(v)) {
+            return v.to_string();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the guest never reported the {what} awaited (last: {last:?}); console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node's record of VM `id` (`vm.json` in its run directory), what a restarted node
+/// recovers the VM from.
+pub fn vm_record(mgr: &oxvirt_node::vm::VmManager, id: oxvirt_types::VmId) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(mgr.vm_dir(id).join("vm.json")).unwrap()).unwrap()
+}
