@@ -24,6 +24,7 @@ pub mod model;
 pub mod monitor;
 pub mod network;
 pub mod nodes;
+pub mod ovf;
 pub mod portal;
 pub mod rest;
 pub mod saga;

@@ -51,6 +51,91 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    fn civil(self) -> ((i64, u32, u32), i64, i64) {
+        let secs = self.0.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        (civil_from_days(days), secs.rem_euclid(86_400), days)
+    }
+
+    /// oVirt's OVF date, in UTC: `2024/05/01 12:34:56`.
+    pub fn to_ovf(self) -> String {
+        let ((y, m, d), sod, _) = self.civil();
+        format!(
+            "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02}",
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60
+        )
+    }
+
+    /// Reads [`Timestamp::to_ovf`]'s form (`-` for `/` too).
+    pub fn from_ovf(s: &str) -> Option<Timestamp> {
+        let (date, time) = s.trim().split_once(' ')?;
+        let d: Vec<i64> = date
+            .split(['/', '-'])
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let t: Vec<i64> = time.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
+        from_parts(d.as_slice(), t.as_slice())
+    }
+
+    /// How Java's `Date.toString()` writes a date, in UTC (`Mon Dec 07 20:41:43 UTC 2026`):
+    /// oVirt's OVF store descriptions carry "Last Updated" this way.
+    pub fn to_java(self) -> String {
+        const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+        let ((y, m, d), sod, days) = self.civil();
+        format!(
+            "{} {} {d:02} {:02}:{:02}:{:02} UTC {y}",
+            DAYS[days.rem_euclid(7) as usize],
+            MONTHS[m as usize - 1],
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60
+        )
+    }
+
+    /// Reads [`Timestamp::to_java`]'s form. The zone is taken as UTC whatever it says: oVirt
+    /// writes its server's zone, which only orders one domain's stores, all written by one
+    /// engine.
+    pub fn from_java(s: &str) -> Option<Timestamp> {
+        let f: Vec<&str> = s.split_whitespace().collect();
+        let [_, mon, day, time, _zone, year] = f.as_slice() else {
+            return None;
+        };
+        let m = MONTHS.iter().position(|x| x == mon)? as i64 + 1;
+        let t: Vec<i64> = time.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
+        from_parts(&[year.parse().ok()?, m, day.parse().ok()?], t.as_slice())
+    }
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+fn from_parts(d: &[i64], t: &[i64]) -> Option<Timestamp> {
+    let ([y, m, d], [hh, mm, ss]) = (d, t) else {
+        return None;
+    };
+    if !(1..=12).contains(m) || !(1..=31).contains(d) || *hh > 23 || *mm > 59 || *ss > 60 {
+        return None;
+    }
+    let days = days_from_civil(*y, *m as u32, *d as u32);
+    Some(Timestamp((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000))
+}
+
+/// The inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Howard Hinnant's days-to-civil conversion (proleptic Gregorian calendar).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -118,6 +203,24 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ovf_and_java_dates_round_trip() {
+        // 2026-12-07T20:41:43Z, a Monday.
+        let t = Timestamp::from_millis(1_796_676_103_000);
+        assert_eq!(t.to_ovf(), "2026/12/07 20:41:43");
+        assert_eq!(t.to_java(), "Mon Dec 07 20:41:43 UTC 2026");
+        assert_eq!(Timestamp::from_ovf(&t.to_ovf()), Some(t));
+        assert_eq!(Timestamp::from_java(&t.to_java()), Some(t));
+        assert_eq!(
+            Timestamp::from_java("Thu Feb 18 00:23:07 IST 2016").map(|t| t.to_ovf()),
+            Some("2016/02/18 00:23:07".into())
+        );
+        let leap = Timestamp::from_millis(1_709_251_199_000);
+        assert_eq!(Timestamp::from_ovf(&leap.to_ovf()), Some(leap));
+        assert_eq!(Timestamp::from_ovf("2024/13/01 00:00:00"), None);
+        assert_eq!(Timestamp::from_java("yesterday"), None);
+    }
 
     #[test]
     fn rfc3339_formatting() {

@@ -931,6 +931,112 @@ impl FileStorageDomain {
         self.write_meta(img, vol, &meta)
     }
 
+    /// Replaces a volume's DESCRIPTION (VDSM's `setVolumeDescription`: the engine keeps disk
+    /// aliases and OVF store state there). Bounded as VDSM bounds it; a template volume in use
+    /// is not changed (its `.meta` is shared with its clones).
+    pub fn set_description(&self, img: ImgUuid, vol: VolUuid, description: &str) -> Result<()> {
+        crate::volmeta::validate_description(description).map_err(|e| StorageError::InvalidArgument {
+            what: "description",
+            reason: e.to_string(),
+        })?;
+        let _g = self.lock_ops();
+        let mut meta = self.read_meta(img, vol)?;
+        if meta.image != img {
+            return Err(state_err(
+                img,
+                vol,
+                "set_description",
+                "belongs to another image (template)".into(),
+                "a volume of this image",
+            ));
+        }
+        if meta.description == description {
+            return Ok(());
+        }
+        if meta.role == VolRole::Shared {
+            self.ensure_template_unused(img, vol)?;
+        }
+        meta.description = description.to_string();
+        self.write_meta(img, vol, &meta)
+    }
+
+    /// The raw volume `vol` of image `img`, checked to hold `len` bytes at `offset`: the
+    /// streams below carry data in a volume's own layout, which only raw volumes share with the
+    /// bytes (an OVF store's tar).
+    fn raw_range(
+        &self,
+        img: ImgUuid,
+        vol: VolUuid,
+        offset: u64,
+        len: u64,
+        verb: &'static str,
+    ) -> Result<PathBuf> {
+        let meta = self.read_meta(img, vol)?;
+        if meta.format != VolFormat::Raw || meta.image != img {
+            return Err(state_err(
+                img,
+                vol,
+                verb,
+                format!("{} volume of image {}", meta.format, meta.image),
+                "a raw volume of this image",
+            ));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > meta.capacity) {
+            return Err(StorageError::InvalidArgument {
+                what: "range",
+                reason: format!(
+                    "{len} bytes at offset {offset} do not fit volume {vol} of {} bytes",
+                    meta.capacity
+                ),
+            });
+        }
+        Ok(self.volume_path(img, vol))
+    }
+
+    /// Writes `data` at `offset` into raw volume `vol` (VDSM's image stream upload, used for
+    /// OVF stores); with `sync` the data is on storage when this returns.
+    pub fn write_volume_data(
+        &self,
+        img: ImgUuid,
+        vol: VolUuid,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.raw_range(img, vol, offset, data.len() as u64, "write_data")?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(StorageError::io("open", &path))?;
+        f.write_all_at(data, offset)
+            .map_err(StorageError::io("write", &path))?;
+        if sync {
+            f.sync_data().map_err(StorageError::io("fsync", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` from raw volume `vol` (VDSM's image stream download).
+    pub fn read_volume_data(&self, img: ImgUuid, vol: VolUuid, offset: u64, len: u64) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let path = self.raw_range(img, vol, offset, len, "read_data")?;
+        let f = std::fs::File::open(&path).map_err(StorageError::io("open", &path))?;
+        let mut buf = vec![0u8; len as usize];
+        // A sparse file shorter than its capacity reads as zeros past its end.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = f
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(StorageError::io("read", &path))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(buf)
+    }
+
     /// Fails with the clones when template volume `vol` of image `img` is linked into others.
     fn ensure_template_unused(&self, img: ImgUuid, vol: VolUuid) -> Result<()> {
         let clones: Vec<ImgUuid> = self

@@ -722,3 +722,59 @@ fn a_thin_volume_gets_its_initial_size_and_bad_ones_change_nothing() {
     }
     assert_eq!(tree(f.mount()), before, "a refused create changed the domain");
 }
+
+#[test]
+fn raw_volume_data_and_descriptions_as_an_ovf_store_uses_them() {
+    let f = Fixture::new();
+    let (img, vol) = (ImgUuid::new_random(), VolUuid::new_random());
+    let mut s = spec(VolFormat::Raw, Allocation::Sparse);
+    s.disktype = "OVFS".into();
+    f.dom.create_volume(img, vol, &s).unwrap();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    f.dom
+        .write_volume_data(img, vol, 0, &data[..1000], false)
+        .unwrap();
+    f.dom
+        .write_volume_data(img, vol, 1000, &data[1000..], true)
+        .unwrap();
+    assert_eq!(f.dom.read_volume_data(img, vol, 0, 3000).unwrap(), data);
+    // Past what was written, a sparse volume reads zeros; past its capacity, nothing is read.
+    assert_eq!(f.dom.read_volume_data(img, vol, 3000, 16).unwrap(), vec![0; 16]);
+    let e = f.dom.read_volume_data(img, vol, 16 * MIB - 8, 16).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+    let e = f
+        .dom
+        .write_volume_data(img, vol, 16 * MIB, b"x", true)
+        .unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+
+    f.dom
+        .set_description(img, vol, r#"{"Updated":true,"Size":3000}"#)
+        .unwrap();
+    assert_eq!(
+        f.dom.read_meta(img, vol).unwrap().description,
+        r#"{"Updated":true,"Size":3000}"#
+    );
+    let e = f.dom.set_description(img, vol, &"x".repeat(211)).unwrap_err();
+    assert!(matches!(e, StorageError::InvalidArgument { .. }), "{e}");
+    let e = f
+        .dom
+        .set_description(img, vol, "a\nLEGALITY=ILLEGAL")
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidArgument { .. }), "{e}");
+    assert_eq!(
+        f.dom.read_meta(img, vol).unwrap().legality,
+        Legality::Legal,
+        "nothing injected"
+    );
+
+    // A qcow2 volume's bytes are not its guest's: refused.
+    let (cimg, cvol) = (ImgUuid::new_random(), VolUuid::new_random());
+    f.dom
+        .create_volume(cimg, cvol, &spec(VolFormat::Cow, Allocation::Sparse))
+        .unwrap();
+    let e = f.dom.write_volume_data(cimg, cvol, 0, b"x", true).unwrap_err();
+    assert!(matches!(e, StorageError::WrongState { .. }), "{e}");
+    let report = f.dom.check(true).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}

@@ -56,6 +56,15 @@ pub enum StorageRequest {
         img: ImgUuid,
         vol: VolUuid,
     },
+    /// `Volume.readData`: oxvirt's JSON-RPC form of VDSM's image stream download (`GET /`
+    /// with a `Range`), at most [`pool_verbs::DATA_CHUNK`] bytes.
+    VolumeReadData {
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        offset: u64,
+        length: u64,
+    },
     ImagePrepare {
         sd: SdUuid,
         img: ImgUuid,
@@ -75,6 +84,7 @@ pub const VERBS: &[&str] = &[
     "Host.getStorageDomains",
     "Image.getVolumes",
     "Volume.getInfo",
+    "Volume.readData",
     "Image.prepare",
     "StoragePool.create",
     "StoragePool.connect",
@@ -100,6 +110,8 @@ pub const VERBS: &[&str] = &[
     "Volume.delete",
     "Volume.extendSize",
     "Volume.setLegality",
+    "Volume.setDescription",
+    "Volume.writeData",
     "Volume.acquireLease",
     "Volume.releaseLease",
     "Volume.getLeaseStatus",
@@ -138,6 +150,21 @@ pub struct DomainCreate {
 struct Sd {
     #[serde(rename = "sdUUID")]
     sd: SdUuid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadData {
+    #[serde(rename = "sdUUID")]
+    sd: SdUuid,
+    #[serde(rename = "spUUID", default)]
+    _pool: Option<oxvirt_types::PoolUuid>,
+    #[serde(rename = "imgUUID")]
+    img: ImgUuid,
+    #[serde(rename = "volUUID")]
+    vol: VolUuid,
+    offset: u64,
+    length: u64,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +253,16 @@ impl StorageRequest {
                     sd: v.sd,
                     img: v.img,
                     vol: v.vol,
+                }
+            }
+            "Volume.readData" => {
+                let r: ReadData = params(method, p)?;
+                StorageRequest::VolumeReadData {
+                    sd: r.sd,
+                    img: r.img,
+                    vol: r.vol,
+                    offset: r.offset,
+                    length: r.length,
                 }
             }
             "Image.prepare" => {
@@ -412,6 +449,26 @@ pub async fn execute(
         StorageRequest::ImageGetVolumes { sd, img } => Ok(json!(svc.domain(sd)?.chain(img)?.ids())),
         StorageRequest::VolumeGetInfo { sd, img, vol } => {
             Ok(to_json(&svc.domain(sd)?.volume_info(img, vol)?))
+        }
+        StorageRequest::VolumeReadData {
+            sd,
+            img,
+            vol,
+            offset,
+            length,
+        } => {
+            use base64::Engine as _;
+            if length > pool_verbs::DATA_CHUNK as u64 {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!(
+                        "a read returns at most {} bytes, not {length}",
+                        pool_verbs::DATA_CHUNK
+                    ),
+                ));
+            }
+            let data = svc.domain(sd)?.read_volume_data(img, vol, offset, length)?;
+            Ok(json!(base64::engine::general_purpose::STANDARD.encode(data)))
         }
         StorageRequest::ImagePrepare { sd, img, vol } => {
             let layers = svc.layers(sd, img, vol)?;

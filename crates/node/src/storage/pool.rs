@@ -1371,6 +1371,36 @@ impl ConnectedPool {
             .collect())
     }
 
+    /// Sets a volume's DESCRIPTION (SPM, synchronous as VDSM's `setVolumeDescription`).
+    pub fn set_volume_description(
+        &self,
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        description: &str,
+    ) -> Result<()> {
+        self.require_spm()?;
+        Ok(self.domains.domain(sd)?.set_description(img, vol, description)?)
+    }
+
+    /// Writes bytes into a raw volume (an OVF store) on the SPM's behalf: the SPM is the one
+    /// writer of a pool's OVF stores, so two engines' updates never interleave.
+    pub fn write_volume_data(
+        &self,
+        sd: SdUuid,
+        img: ImgUuid,
+        vol: VolUuid,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<()> {
+        self.require_spm()?;
+        Ok(self
+            .domains
+            .domain(sd)?
+            .write_volume_data(img, vol, offset, data, sync)?)
+    }
+
     /// The guard of a cold merge of `top` into `base`: both, and `top`'s child, whose backing
     /// file the merge rewrites.
     pub fn merge_guard(

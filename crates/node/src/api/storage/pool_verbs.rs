@@ -180,6 +180,46 @@ pub struct VolumeRef {
     pub legality: Option<String>,
 }
 
+/// `Volume.setDescription` (VDSM's verb).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDescription {
+    #[serde(rename = "spUUID")]
+    pub pool: PoolUuid,
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    pub img: ImgUuid,
+    #[serde(rename = "volUUID")]
+    pub vol: VolUuid,
+    pub description: String,
+}
+
+/// The most a `Volume.writeData` chunk may carry, before base64: requests stay well under
+/// the API's body limit.
+pub const DATA_CHUNK: usize = 512 * 1024;
+
+/// `Volume.writeData`: oxvirt's JSON-RPC form of VDSM's image stream upload (`PUT /` with
+/// `Storage-Pool-Id`…), in chunks of at most [`DATA_CHUNK`] bytes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeWriteData {
+    #[serde(rename = "spUUID")]
+    pub pool: PoolUuid,
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    #[serde(rename = "imgUUID")]
+    pub img: ImgUuid,
+    #[serde(rename = "volUUID")]
+    pub vol: VolUuid,
+    pub offset: u64,
+    /// Base64.
+    pub data: String,
+    /// fsync before answering (the last chunk).
+    #[serde(default)]
+    pub sync: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRef {
@@ -317,6 +357,8 @@ pub enum PoolRequest {
     VolumeDelete(VolumeRef),
     VolumeExtendSize(VolumeRef),
     VolumeSetLegality(VolumeRef),
+    VolumeSetDescription(VolumeDescription),
+    VolumeWriteData(VolumeWriteData),
     VolumeAcquireLease(VolumeRef),
     VolumeReleaseLease(VolumeRef),
     VolumeLeaseStatus(VolumeRef),
@@ -369,6 +411,8 @@ impl PoolRequest {
             "Volume.delete" => PoolRequest::VolumeDelete(params(method, p)?),
             "Volume.extendSize" => PoolRequest::VolumeExtendSize(params(method, p)?),
             "Volume.setLegality" => PoolRequest::VolumeSetLegality(params(method, p)?),
+            "Volume.setDescription" => PoolRequest::VolumeSetDescription(params(method, p)?),
+            "Volume.writeData" => PoolRequest::VolumeWriteData(params(method, p)?),
             "Volume.acquireLease" => PoolRequest::VolumeAcquireLease(params(method, p)?),
             "Volume.releaseLease" => PoolRequest::VolumeReleaseLease(params(method, p)?),
             "Volume.getLeaseStatus" => PoolRequest::VolumeLeaseStatus(params(method, p)?),
@@ -691,6 +735,28 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     legality: l,
                 }),
             )
+        }
+        PoolRequest::VolumeSetDescription(v) => {
+            let cp = ensure_pool(pools, v.pool)?;
+            cp.set_volume_description(v.sd, v.img, v.vol, &v.description)?;
+            Ok(json!(true))
+        }
+        PoolRequest::VolumeWriteData(v) => {
+            use base64::Engine as _;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(v.data.as_bytes())
+                .map_err(|e| {
+                    ApiError::new(ErrorCode::InvalidParameter, format!("data is not base64: {e}"))
+                })?;
+            if data.len() > DATA_CHUNK {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("a chunk carries at most {DATA_CHUNK} bytes, not {}", data.len()),
+                ));
+            }
+            let cp = ensure_pool(pools, v.pool)?;
+            cp.write_volume_data(v.sd, v.img, v.vol, v.offset, &data, v.sync)?;
+            Ok(json!(data.len()))
         }
         PoolRequest::VolumeAcquireLease(v) => {
             let cp = pools.current().ok_or(PoolServiceError::NoPool)?;
