@@ -36,6 +36,8 @@ pub struct EngineSettings {
     pub forward_retry: crate::saga::ForwardRetry,
     /// How often the load balancer runs over each cluster. oVirt: one minute.
     pub balance_interval: Duration,
+    /// How often the OVF stores are brought up to date. oVirt: one hour.
+    pub ovf_update_interval: Duration,
 }
 
 impl EngineSettings {
@@ -59,6 +61,7 @@ impl Default for EngineSettings {
             storage_problem_grace: Duration::from_secs(300),
             forward_retry: Default::default(),
             balance_interval: crate::balance::BALANCE_INTERVAL,
+            ovf_update_interval: crate::commands::ovf::OVF_UPDATE_INTERVAL,
         }
     }
 }
@@ -105,6 +108,8 @@ pub struct App {
     /// The VMs' CPU use, from the monitor's samples (in memory, as oVirt's statistics are
     /// between two samples).
     pub vm_cpu: std::sync::Mutex<crate::balance::VmCpu>,
+    /// Held while OVF stores are read or written (see `commands::ovf`).
+    pub ovf_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -118,6 +123,7 @@ impl App {
             spm_elections: tokio::sync::Mutex::new(()),
             migration_progress: Default::default(),
             vm_cpu: Default::default(),
+            ovf_lock: Default::default(),
         })
     }
 

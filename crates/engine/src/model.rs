@@ -987,6 +987,46 @@ pub struct SnapshotMemory {
     pub cpus: u32,
 }
 
+/// One of a data domain's OVF stores (oVirt's OVF_STORE disks): a raw volume holding a tar of
+/// the OVFs of the VMs and templates with disks on the domain. Not a disk of the model: no VM
+/// uses it and the disk lists do not show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OvfStore {
+    pub disk_id: DiskId,
+    pub storage_domain_id: SdUuid,
+    pub volume_id: VolUuid,
+    /// Made on storage (a store is recorded before it is created, so a crash between the two
+    /// leaves a row to finish, never a volume nothing knows).
+    pub ready: bool,
+    /// The last complete write.
+    pub updated_at: Option<Timestamp>,
+    /// What was last written: a JSON map of entity id to the SHA-256 of its OVF. An unchanged
+    /// domain is not rewritten, and detach checks the entities leaving with the domain here.
+    pub entity_hashes: Option<String>,
+}
+
+model_enum!(
+    /// What an OVF describes.
+    OvfEntityType, "OVF entity type" {
+        Vm = "vm",
+        Template = "template",
+    }
+);
+
+/// A VM or template an attached domain's OVF stores describe that the engine has no record of
+/// (an imported domain's): offered for registration, and kept in the domain's stores until
+/// registered or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisteredOvf {
+    pub entity_id: uuid::Uuid,
+    pub storage_domain_id: SdUuid,
+    pub entity_type: OvfEntityType,
+    pub name: String,
+    pub ovf: String,
+    /// oVirt's `VMStatus` number from the store's `metadata.json` (VMs that were running).
+    pub vm_status: Option<i32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffinityGroup {
     pub id: AffinityGroupId,

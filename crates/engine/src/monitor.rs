@@ -67,6 +67,8 @@ pub struct Monitor {
     pub balancer: Arc<Mutex<crate::balance::Balancer>>,
     /// Hosts whose event stream a task follows now.
     following: Arc<Mutex<HashSet<HostUuid>>>,
+    /// When the OVF stores were last brought up to date, and whether a pass runs now.
+    ovf: Arc<Mutex<(std::time::Instant, bool)>>,
 }
 
 impl Monitor {
@@ -77,6 +79,7 @@ impl Monitor {
             ha: Default::default(),
             balancer: Default::default(),
             following: Default::default(),
+            ovf: Arc::new(Mutex::new((std::time::Instant::now(), false))),
         }
     }
 
@@ -139,7 +142,28 @@ impl Monitor {
         if let Err(e) = crate::balance::round(&self.cmds, &self.balancer).await {
             tracing::warn!(error = %e, "balancing round failed");
         }
+        self.ovf_round();
         Ok(())
+    }
+
+    /// Every `ovf_update_interval` (the first one after start, as oVirt), a pass over the OVF
+    /// stores in a task of its own: writes go through the SPM and must not hold up monitoring.
+    fn ovf_round(&self) {
+        {
+            let mut o = self.ovf.lock().expect("ovf");
+            if o.1 || o.0.elapsed() < self.cmds.app.settings.ovf_update_interval {
+                return;
+            }
+            o.1 = true;
+        }
+        let (cmds, ovf) = (self.cmds.clone(), self.ovf.clone());
+        tokio::spawn(async move {
+            match cmds.update_all_ovf_stores().await {
+                Ok(n) => tracing::debug!(written = n, "OVF store pass done"),
+                Err(e) => tracing::warn!(error = %e, "OVF store pass failed"),
+            }
+            *ovf.lock().expect("ovf") = (std::time::Instant::now(), false);
+        });
     }
 
     /// Follows the host's event stream (unless a task already does), kicking a round on every

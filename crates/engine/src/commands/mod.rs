@@ -16,6 +16,7 @@ mod events;
 mod infra;
 mod live_move;
 mod networks;
+pub mod ovf;
 mod register;
 mod scheduling;
 mod snapshots;

@@ -1129,10 +1129,181 @@ impl SagaDef for DeactivateStorageDomainSaga {
 pub struct DetachParams {
     pub dc: DcId,
     pub sd: SdUuid,
+    /// What the engine forgets with the domain, chosen before the saga starts.
+    #[serde(default)]
+    pub leaving: Leaving,
+}
+
+/// What leaves the engine's records with a detached domain: the VMs and templates whose
+/// disks all live on it (described in its OVF stores, registered again from there), and every
+/// disk on it. Storage keeps all of it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Leaving {
+    pub vms: Vec<VmId>,
+    pub templates: Vec<crate::model::TemplateId>,
+    /// Templates' disks last: their volumes are the parents of their clones'.
+    pub disks: Vec<DiskId>,
+}
+
+impl Leaving {
+    /// The VMs' and templates' ids, as OVF stores name them.
+    pub fn entity_ids(&self) -> std::collections::BTreeSet<String> {
+        self.vms
+            .iter()
+            .map(|v| v.to_string())
+            .chain(self.templates.iter().map(|t| t.to_string()))
+            .collect()
+    }
+}
+
+/// What leaves with domain `sd` of `dc` (see [`Leaving`]). Refused when something that stays
+/// would be cut: a VM or template with disks on other domains too, a VM not down, a VM made
+/// from a leaving template, an ISO on the domain in a staying VM's CD-ROM.
+async fn leaving_with(app: &App, dc: DcId, sd: SdUuid) -> Result<Leaving, CommandError> {
+    use std::collections::BTreeSet;
+    let db = &app.db;
+    let disks = db
+        .disk_list(&ListQuery {
+            filter: crate::db::DiskFilter {
+                storage_domain: Some(Ref::Id(sd)),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await?;
+    let on: BTreeSet<DiskId> = disks.iter().map(|d| d.id).collect();
+    let mut out = Leaving::default();
+    let mut template_disks = BTreeSet::new();
+    let templates = db
+        .template_list(&ListQuery {
+            filter: crate::db::TemplateFilter {
+                data_center: Some(Ref::Id(dc)),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await?;
+    for t in templates
+        .iter()
+        .filter(|t| t.id != crate::model::BLANK_TEMPLATE_ID)
+    {
+        let td = db.template_disks(t.id).await?;
+        let here = td.iter().filter(|d| on.contains(&d.id)).count();
+        if here == 0 {
+            continue;
+        }
+        if here < td.len() {
+            return Err(CommandError::Conflict(format!(
+                "template {} has disks on storage domain {sd} and on other domains: it cannot leave with the domain",
+                t.name
+            )));
+        }
+        out.templates.push(t.id);
+        template_disks.extend(td.iter().map(|d| d.id));
+    }
+    let mut vms = BTreeSet::new();
+    for d in &disks {
+        for a in db.attachments_of_disk(d.id).await? {
+            vms.insert(a.vm_id);
+        }
+    }
+    for id in vms {
+        let Some(v) = db.vm_get(id).await? else {
+            continue;
+        };
+        for a in db.attachments_of_vm(id).await? {
+            if !on.contains(&a.disk_id) {
+                return Err(CommandError::Conflict(format!(
+                    "VM {} has disks on storage domain {sd} and on other domains: move them onto one first",
+                    v.name
+                )));
+            }
+        }
+        if v.runtime.status != crate::model::VmStatus::Down {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is {}: it leaves with the domain only when down",
+                v.name, v.runtime.status
+            )));
+        }
+        out.vms.push(id);
+    }
+    for t in &out.templates {
+        let users = db
+            .vm_list(&ListQuery {
+                filter: VmFilter {
+                    template: Some(Ref::Id(*t)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await?;
+        if let Some(v) = users.iter().find(|v| !out.vms.contains(&v.id)) {
+            return Err(CommandError::Conflict(format!(
+                "VM {} is made from template {t} on storage domain {sd} but stays (its disks are elsewhere): remove it or move the template's disks first",
+                v.name
+            )));
+        }
+    }
+    for d in &disks {
+        if let Some(v) = db
+            .vms_with_cdrom(d.id)
+            .await?
+            .iter()
+            .find(|v| !out.vms.contains(&v.id))
+        {
+            return Err(CommandError::Conflict(format!(
+                "ISO {} on storage domain {sd} is in VM {}'s CD-ROM: eject it first",
+                d.name, v.name
+            )));
+        }
+    }
+    let (mut plain, mut shared): (Vec<DiskId>, Vec<DiskId>) = (Vec::new(), Vec::new());
+    for d in &disks {
+        if template_disks.contains(&d.id) {
+            shared.push(d.id);
+        } else {
+            plain.push(d.id);
+        }
+    }
+    plain.extend(shared);
+    out.disks = plain;
+    Ok(out)
+}
+
+/// Forgets what left with a detached domain, in one transaction; repeatable.
+async fn forget_leaving(db: &crate::db::Db, sd: SdUuid, l: &Leaving) -> Result<(), StepError> {
+    let mut tx = db.begin().await?;
+    for vm in &l.vms {
+        if tx.vm_get(*vm).await?.is_some() {
+            tx.vm_delete(*vm).await?;
+        }
+    }
+    for t in &l.templates {
+        if tx.template_get(*t).await?.is_some() {
+            tx.template_delete(*t).await?;
+        }
+    }
+    for d in &l.disks {
+        for v in tx.volume_chain(*d).await?.iter().rev() {
+            if v.disk_id == *d {
+                tx.volume_delete(v.id).await?;
+            }
+        }
+        for a in tx.attachments_of_disk(*d).await? {
+            tx.attachment_remove(a.vm_id, *d).await?;
+        }
+        if tx.disk_get(*d).await?.is_some() {
+            tx.disk_delete(*d).await?;
+        }
+    }
+    tx.ovf_forget_domain(sd).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// `maintenance` → `detaching` → detached on storage (the pool forgets it, its metadata loses
-/// the pool's id) → the attachment row goes.
+/// the pool's id) → the attachment row goes → what lived on the domain is forgotten
+/// ([`Leaving`]).
 pub struct DetachStorageDomainSaga;
 
 impl SagaDef for DetachStorageDomainSaga {
@@ -1207,6 +1378,11 @@ impl SagaDef for DetachStorageDomainSaga {
                 },
             )
             .describe("Recording the detachment"),
+            Step::without_undo("forget", |c: StepCtx<Self>| async move {
+                let p = c.params();
+                forget_leaving(c.db(), p.sd, &p.leaving).await
+            })
+            .describe("Forgetting the VMs, templates and disks that left with the domain"),
         ]
     }
 }
@@ -1685,6 +1861,20 @@ impl Commands {
             SdStatus::PreparingForMaintenance => SdStatus::Active,
             s => s,
         };
+        // oVirt's DeactivateStorageDomainWithOvfUpdate: the stores describe what the domain
+        // holds before it goes quiet. A failure is an event (see `update_ovf_store`) and no
+        // reason to keep the domain up; detach checks the stores again.
+        let data = self
+            .app
+            .db
+            .sd_get(sd)
+            .await?
+            .is_some_and(|d| d.domain_type == SdType::Data);
+        if m.status == SdStatus::Active && data {
+            if let Err(e) = self.update_ovf_store(sd, false).await {
+                tracing::warn!(sd = %sd, error = %e, "OVF stores not updated before deactivation");
+            }
+        }
         self.run_as::<DeactivateStorageDomainSaga>(
             DeactivateParams { dc, sd, prior },
             Some(format!(
@@ -1734,9 +1924,10 @@ impl Commands {
         Ok(())
     }
 
-    /// Detaches a domain in maintenance from its data center. A domain that still holds disks
-    /// is refused: the engine could no longer reach them (oVirt keeps them for a later import;
-    /// oxvirt has no import yet, so it keeps them attached).
+    /// Detaches a domain in maintenance from its data center. What lives on it leaves the
+    /// engine's records with it ([`Leaving`]), to be registered again wherever the domain is
+    /// attached next; that is safe only when its OVF stores describe the leaving VMs and
+    /// templates as they are, which deactivation sees to (refused otherwise).
     pub async fn detach_storage_domain(&self, dc: DcId, sd: SdUuid) -> Result<(), CommandError> {
         let dcr = self.app.dc(dc).await?;
         let m = member(&self.app, dc, sd).await?;
@@ -1751,9 +1942,18 @@ impl Commands {
                 m.status
             )));
         }
-        refuse_holding_disks(&self.app, sd, "detached").await?;
+        let leaving = leaving_with(&self.app, dc, sd).await?;
+        let outdated = self.ovf_outdated(dc, sd, &leaving.entity_ids()).await?;
+        if !outdated.is_empty() {
+            return Err(CommandError::Conflict(format!(
+                "the OVF stores of storage domain {} do not describe {} of the VMs and templates that would leave with it (the first: {}): activate the domain and update its OVF stores, then deactivate and detach it",
+                self.sd_label(sd).await,
+                outdated.len(),
+                outdated[0]
+            )));
+        }
         self.run_as::<DetachStorageDomainSaga>(
-            DetachParams { dc, sd },
+            DetachParams { dc, sd, leaving },
             Some(format!(
                 "Detaching storage domain {} from data center {}",
                 self.sd_label(sd).await,

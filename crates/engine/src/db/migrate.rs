@@ -91,6 +91,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "external_events",
         sql: include_str!("migrations/0014_external_events.sql"),
     },
+    Migration {
+        version: 15,
+        name: "ovf_stores",
+        sql: include_str!("migrations/0015_ovf_stores.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

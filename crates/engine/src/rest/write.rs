@@ -258,7 +258,7 @@ pub fn storage_domain(o: &mut Out, sd: &StorageDomain, member: Option<&PoolMembe
         o.close("data_centers");
     }
     let base = href("storagedomains", sd.id);
-    o.links(&base, &["disks"]);
+    o.links(&base, &["disks", "disksnapshots", "templates", "vms"]);
     o.close("storage_domain");
 }
 

@@ -43,6 +43,7 @@ macro_rules! repo {
 mod infra;
 mod networks;
 mod ops;
+mod ovf;
 pub(crate) mod sagas;
 mod storage;
 mod transfers;

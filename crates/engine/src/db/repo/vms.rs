@@ -813,6 +813,12 @@ async fn nic_add(c: &mut Conn<'_>, n: &Nic, mac: Option<MacAddr>) -> Result<Nic,
         .ok_or_else(|| DbError::not_found("NIC", nic.id))
 }
 
+async fn nic_mac_in_use(c: &mut Conn<'_>, mac: MacAddr) -> Result<bool, DbError> {
+    let mut q = Sql::new("SELECT COUNT(*) AS n FROM nics WHERE mac = ");
+    q.arg(mac.to_string());
+    Ok(c.count(&q).await? > 0)
+}
+
 async fn nic_get(c: &mut Conn<'_>, id: NicId) -> Result<Option<Nic>, DbError> {
     let mut q = Sql::new(&format!("SELECT {NIC_COLS} FROM nics WHERE id = "));
     q.arg(id.to_string());
@@ -1334,6 +1340,7 @@ repo! {
     /// Adds a NIC with `mac`, or the next free pool address when `None`.
     write nic_add(n: &Nic, mac: Option<MacAddr>) -> Nic = nic_add;
     read nic_get(id: NicId) -> Option<Nic> = nic_get;
+    read nic_mac_in_use(mac: MacAddr) -> bool = nic_mac_in_use;
     read nics_of_vm(vm: VmId) -> Vec<Nic> = nics_of_vm;
     write template_nic_insert(n: &TemplateNic) -> () = template_nic_insert;
     read nics_of_template(t: TemplateId) -> Vec<TemplateNic> = nics_of_template;

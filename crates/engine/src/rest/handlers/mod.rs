@@ -5,6 +5,7 @@
 mod infra;
 mod networks;
 mod ops;
+mod register;
 mod sla;
 mod storage;
 mod vms;
@@ -73,6 +74,15 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         SdRemove => storage::sd_remove(r).await,
         SdDisks => storage::sd_disks(r).await,
         SdDiskRegister => storage::sd_disk_register(r).await,
+        SdVms => register::list(r, false).await,
+        SdVmGet => register::get(r, false).await,
+        SdVmRegister => register::register(r, false).await,
+        SdVmRemove => register::remove(r, false).await,
+        SdTemplates => register::list(r, true).await,
+        SdTemplateGet => register::get(r, true).await,
+        SdTemplateRegister => register::register(r, true).await,
+        SdTemplateRemove => register::remove(r, true).await,
+        SdUpdateOvfStore => register::update_ovf_store(r).await,
         SdDiskSnapshots => storage::sd_disk_snapshots(r).await,
         VmSnapDisks => vms::snap_disks(r).await,
         DiskList => storage::disk_list(r).await,
