@@ -468,6 +468,24 @@ impl StorageArgs {
     }
 }
 
+/// What `sd unregistered` and `sd register` work on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnregisteredKind {
+    Disk,
+    Vm,
+    Template,
+}
+
+impl UnregisteredKind {
+    fn collection(self) -> (&'static str, &'static str, &'static kinds::Kind) {
+        match self {
+            Self::Disk => ("disks", "disk", &kinds::DISK),
+            Self::Vm => ("vms", "vm", &kinds::VM),
+            Self::Template => ("templates", "template", &kinds::TEMPLATE),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum SdCmd {
     /// List storage domains.
@@ -514,14 +532,37 @@ pub enum SdCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// List the disks on a storage domain that the engine has no record of.
-    Unregistered { name: String },
-    /// Register an unregistered disk of a storage domain, with its volumes.
+    /// List what a storage domain holds that the engine has no record of: disks found on
+    /// storage, or the VMs or templates its OVF stores describe.
+    Unregistered {
+        name: String,
+        #[arg(long, value_enum, default_value = "disk")]
+        kind: UnregisteredKind,
+    },
+    /// Register an unregistered disk (with its volumes), VM or template (with its disks, NICs
+    /// and snapshots) of a storage domain.
     Register {
         name: String,
-        /// The disk's id (see `sd unregistered`).
-        disk: String,
+        /// Its id (see `sd unregistered`).
+        id: String,
+        #[arg(long, value_enum, default_value = "disk")]
+        kind: UnregisteredKind,
+        /// The cluster a VM or template joins (by default the one its OVF names).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Register it under this name.
+        #[arg(long)]
+        rename: Option<String>,
+        /// Leave out disks that are missing from storage.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Give NICs whose MAC address is taken a new one from the cluster's pool.
+        #[arg(long)]
+        reassign_macs: bool,
     },
+    /// Write a storage domain's OVF stores now (they are also written hourly and before the
+    /// domain goes to maintenance).
+    UpdateOvf { name: String },
     /// Remove an unattached storage domain.
     #[command(visible_alias = "rm")]
     Remove {
@@ -2029,31 +2070,83 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
             }
             ctx.print(k, &obj).await
         }
-        SdCmd::Unregistered { name } => {
+        SdCmd::Unregistered { name, kind } => {
             let id = ctx.id(k, &name).await?;
-            let disks = ctx
+            let (path, item, kd) = kind.collection();
+            let found = ctx
                 .api
                 .list(
-                    &format!("storagedomains/{id}/disks"),
-                    "disk",
+                    &format!("storagedomains/{id}/{path}"),
+                    item,
                     &[("unregistered", "true".to_string())],
                 )
                 .await?;
-            output::print_list(&ctx.api, &kinds::DISK, &disks, ctx.out).await
+            output::print_list(&ctx.api, kd, &found, ctx.out).await
         }
-        SdCmd::Register { name, disk } => {
+        SdCmd::Register {
+            name,
+            id: what,
+            kind,
+            cluster,
+            rename,
+            allow_partial,
+            reassign_macs,
+        } => {
             let id = ctx.id(k, &name).await?;
-            let obj = ctx
-                .api
+            let (path, item, kd) = kind.collection();
+            if kind == UnregisteredKind::Disk {
+                let obj = ctx
+                    .api
+                    .request(
+                        Method::POST,
+                        &format!("/storagedomains/{id}/disks?unregistered=true"),
+                        Some(&json!({ "id": what })),
+                        None,
+                    )
+                    .await
+                    .with_context(|| format!("registering disk {what} of storage domain {name}"))?;
+                return ctx.print(kd, &obj).await;
+            }
+            let mut body = json!({
+                "allow_partial_import": allow_partial,
+                "reassign_bad_macs": reassign_macs,
+            });
+            if let Some(c) = cluster {
+                body["cluster"] = json!({ "id": ctx.id(&kinds::CLUSTER, &c).await? });
+            }
+            if let Some(n) = rename {
+                body[item] = json!({ "name": n });
+            }
+            let mut p = Progress::new(format!("register {item} {what}"), ctx.quiet);
+            p.set("reading its disks on storage");
+            ctx.api
                 .request(
                     Method::POST,
-                    &format!("/storagedomains/{id}/disks?unregistered=true"),
-                    Some(&json!({ "id": disk })),
+                    &format!("/storagedomains/{id}/{path}/{what}/register"),
+                    Some(&body),
                     None,
                 )
                 .await
-                .with_context(|| format!("registering disk {disk} of storage domain {name}"))?;
-            ctx.print(&kinds::DISK, &obj).await
+                .with_context(|| format!("registering {item} {what} of storage domain {name}"))?;
+            p.finish("registered");
+            let obj = ctx.get(kd, &what).await?;
+            ctx.print(kd, &obj).await
+        }
+        SdCmd::UpdateOvf { name } => {
+            let id = ctx.id(k, &name).await?;
+            let mut p = Progress::new(format!("update the OVF stores of {name}"), ctx.quiet);
+            p.set("writing through the SPM");
+            ctx.api
+                .request(
+                    Method::POST,
+                    &format!("/storagedomains/{id}/updateovfstore"),
+                    Some(&json!({})),
+                    None,
+                )
+                .await
+                .with_context(|| format!("updating the OVF stores of storage domain {name}"))?;
+            p.finish("written");
+            Ok(())
         }
         SdCmd::Remove { name, destroy, host } => {
             let mut q = String::new();

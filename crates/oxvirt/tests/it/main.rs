@@ -19,6 +19,7 @@ mod networks;
 mod networks_engine;
 mod networks_rollback;
 mod node_daemon;
+mod ovf_stores;
 mod pool_spm;
 mod portal_browser;
 mod rest_clients;

@@ -1,0 +1,454 @@
+//! OVF stores and registration, with real processes: an in-process engine and an `oxvirt node`,
+//! two local data domains. A template and VMs live on `data1` (one VM made from the template,
+//! with a snapshot and data in both layers); the engine's periodic pass writes `data1`'s two
+//! OVF stores, which are checked on storage as oVirt would read them (the description's JSON,
+//! the tar listed by `tar`). Deactivated, `data1` refuses to detach while a VM spans it and
+//! `data0`; once that VM lets go of its disk there, the detach takes the template, the VMs and
+//! the disks out of the engine's records. Attached again, the domain offers them as
+//! unregistered: a VM is refused before its template, then both register with their disks,
+//! NIC and snapshot, and the VM's disk reads back the data of every layer. Refused and
+//! changing nothing: registering twice, an id that is not there, a name that is taken.
+
+use crate::common;
+use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt};
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::free_port;
+use oxvirt_engine::daemon::Engine;
+use oxvirt_engine::model::{SnapshotType, VmId};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn qemu_io_write(path: &Path, pattern: u8, off_mib: u64) {
+    let out = std::process::Command::new(oxvirt_testkit::require_tool("qemu-io"))
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern:#x} {off_mib}M 1M"),
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The OVF stores on a domain's storage: (description, the tar they hold), newest first.
+fn stores_on_disk(domain: &Path) -> Vec<(Value, Vec<u8>)> {
+    let mut out = Vec::new();
+    for img in std::fs::read_dir(domain.join("images")).unwrap() {
+        let img = img.unwrap().path();
+        for f in std::fs::read_dir(&img).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_none_or(|e| e != "meta") {
+                continue;
+            }
+            let meta = std::fs::read_to_string(&f).unwrap();
+            if !meta.lines().any(|l| l == "DISKTYPE=OVFS") {
+                continue;
+            }
+            let desc = meta
+                .lines()
+                .find_map(|l| l.strip_prefix("DESCRIPTION="))
+                .unwrap_or_default();
+            let d: Value = serde_json::from_str(desc).unwrap_or_else(|e| panic!("{e}: {desc}"));
+            let data = std::fs::read(f.with_extension("")).unwrap();
+            let size = d["Size"].as_u64().unwrap_or(0) as usize;
+            out.push((d, data[..size.min(data.len())].to_vec()));
+        }
+    }
+    out.sort_by_key(|(d, _)| std::cmp::Reverse(d["Last Updated"].as_str().map(str::to_string)));
+    out
+}
+
+/// `tar -t` of an archive: its member names, as the real tool reads them.
+fn tar_names(data: &[u8], work: &Path) -> Vec<String> {
+    let f = work.join("store.tar");
+    std::fs::write(&f, data).unwrap();
+    let out = std::process::Command::new(oxvirt_testkit::require_tool("tar"))
+        .arg("-tf")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar -tf: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
+    let engine_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (store0, store1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node = tempfile::tempdir().unwrap();
+    let w = work.path();
+
+    let mut cfg = engine_cfg(engine_dir.path());
+    cfg.settings.ovf_update_interval = Duration::from_secs(2);
+    let engine = Engine::start(cfg, Some(oxvirt_engine::rest::routes()))
+        .await
+        .unwrap();
+    let db = engine.cmds.app.db.clone();
+    let addr = free_port();
+    let _node = common::spawn_node(
+        "node1",
+        node.path(),
+        addr,
+        &[
+            "--engine",
+            &engine.addr.to_string(),
+            "--ca-fingerprint",
+            &engine.ca_fingerprint(),
+        ],
+    );
+    let _reaper = common::QemuReaper(vec![node.path().join("run")]);
+    login_with_dc1_and_cl1(w, engine_dir.path(), &engine).await;
+    let a = addr.to_string();
+    oxvirt(
+        w,
+        &["host", "create", "node1", "--address", &a, "--cluster", "cl1"],
+        true,
+    )
+    .await;
+    for (name, dir) in [("data0", &store0), ("data1", &store1)] {
+        let p = dir.path().to_str().unwrap();
+        oxvirt(
+            w,
+            &[
+                "sd", "create", name, "--host", "node1", "--path", p, "--dc", "dc1",
+            ],
+            true,
+        )
+        .await;
+    }
+    let sd1 = json(&oxvirt(w, &["sd", "show", "data1", "-o", "json"], true).await.0)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dom1 = store1.path().join(&sd1);
+
+    // base (16 MiB disk, 'A' at 0) → template tpl → web, a thin clone with a snapshot and 'B'
+    // at 1 MiB in its top layer, and a NIC; span has disks on both domains.
+    oxvirt(
+        w,
+        &[
+            "vm",
+            "create",
+            "base",
+            "--cluster",
+            "cl1",
+            "--disk-size",
+            "16M",
+            "--sd",
+            "data1",
+            "--memory",
+            "256M",
+            "--cpus",
+            "2",
+        ],
+        true,
+    )
+    .await;
+    let vm_id = |n: &str| {
+        let db = db.clone();
+        let n = n.to_string();
+        async move { db.vm_get_by_name(&n).await.unwrap().unwrap().id }
+    };
+    let leaf = |vm: VmId| {
+        let db = db.clone();
+        async move {
+            let a = db.attachments_of_vm(vm).await.unwrap();
+            let chain = db.volume_chain(a[0].disk_id).await.unwrap();
+            (a[0].disk_id, chain)
+        }
+    };
+    let base = vm_id("base").await;
+    let (bdisk, chain) = leaf(base).await;
+    qemu_io_write(
+        &dom1
+            .join("images")
+            .join(bdisk.to_string())
+            .join(chain[0].id.to_string()),
+        0x41,
+        0,
+    );
+    oxvirt(w, &["template", "create", "tpl", "--vm", "base"], true).await;
+    oxvirt(
+        w,
+        &["vm", "create", "web", "--cluster", "cl1", "--template", "tpl"],
+        true,
+    )
+    .await;
+    let web = vm_id("web").await;
+    oxvirt(
+        w,
+        &["snapshot", "create", "--vm", "web", "--description", "s1"],
+        true,
+    )
+    .await;
+    let (wdisk, chain) = leaf(web).await;
+    // Its own volumes: the clone's base (on the template's volume) and the snapshot's top.
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    let tvol = chain[0].parent_id.expect("a thin clone's base has the template's volume under it");
+    let top = dom1
+        .join("images")
+        .join(wdisk.to_string())
+        .join(chain[1].id.to_string());
+    qemu_io_write(&top, 0x42, 1);
+    oxvirt(w, &["nic", "create", "nic1", "--vm", "web"], true).await;
+    let mac = db.nics_of_vm(web).await.unwrap()[0].mac;
+    oxvirt(
+        w,
+        &[
+            "vm",
+            "create",
+            "span",
+            "--cluster",
+            "cl1",
+            "--disk-size",
+            "16M",
+            "--sd",
+            "data0",
+        ],
+        true,
+    )
+    .await;
+    oxvirt(
+        w,
+        &["disk", "create", "spanx", "--size", "16M", "--sd", "data1"],
+        true,
+    )
+    .await;
+    oxvirt(w, &["disk", "attach", "spanx", "--vm", "span"], true).await;
+
+    // The periodic pass writes both stores; oVirt's reader would find them.
+    let tpl = db.template_get_by_name("tpl").await.unwrap().unwrap().id;
+    let start = Instant::now();
+    let stores = loop {
+        let s = stores_on_disk(&dom1);
+        let names = s.first().map(|(_, t)| tar_names(t, w)).unwrap_or_default();
+        if s.len() == 2
+            && s.iter().all(|(d, _)| d["Updated"] == true)
+            && names.contains(&format!("{web}.ovf"))
+        {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no complete OVF stores on data1: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for (d, tar) in &stores {
+        assert_eq!(d["Disk Description"], "OVF_STORE");
+        assert!(d["Storage Domains"].to_string().contains(&sd1), "{d}");
+        let mut names = tar_names(tar, w);
+        assert_eq!(names.first().map(String::as_str), Some("info.json"), "{names:?}");
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("metadata.json"),
+            "{names:?}"
+        );
+        names.sort();
+        for id in [
+            base.to_string(),
+            web.to_string(),
+            tpl.to_string(),
+            vm_id("span").await.to_string(),
+        ] {
+            assert!(names.contains(&format!("{id}.ovf")), "{id} in {names:?}");
+        }
+    }
+
+    // Detach: refused while span has a disk on each domain, then taken out of the records.
+    oxvirt(w, &["sd", "deactivate", "data1"], true).await;
+    let (o, e) = oxvirt(w, &["sd", "detach", "data1"], false).await;
+    assert!(
+        format!("{o}{e}").contains("VM span has disks on storage domain"),
+        "{o}{e}"
+    );
+    assert!(db.vm_get(web).await.unwrap().is_some(), "nothing forgotten");
+    oxvirt(w, &["disk", "detach", "spanx", "--vm", "span"], true).await;
+    oxvirt(w, &["sd", "detach", "data1"], true).await;
+    for v in [base, web] {
+        assert!(
+            db.vm_get(v).await.unwrap().is_none(),
+            "VM {v} left with the domain"
+        );
+    }
+    assert!(
+        db.template_get(tpl).await.unwrap().is_none(),
+        "the template left with the domain"
+    );
+    assert!(db.disk_get(wdisk).await.unwrap().is_none());
+    assert!(db.vm_get_by_name("span").await.unwrap().is_some(), "span stays");
+    assert!(
+        dom1.join("images").join(wdisk.to_string()).is_dir(),
+        "storage keeps the disks"
+    );
+
+    // Attached again: offered as unregistered.
+    oxvirt(w, &["sd", "attach", "data1", "--dc", "dc1"], true).await;
+    let list = |kind: &'static str| {
+        let w = w.to_path_buf();
+        async move {
+            let out = oxvirt(
+                &w,
+                &["sd", "unregistered", "data1", "--kind", kind, "-o", "json"],
+                true,
+            )
+            .await
+            .0;
+            let v = json(&out);
+            let mut names: Vec<String> = v
+                .as_array()
+                .unwrap_or_else(|| panic!("{out}"))
+                .iter()
+                .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    assert_eq!(list("vm").await, ["base", "web"]);
+    assert_eq!(list("template").await, ["tpl"]);
+    assert!(list("disk").await.contains(&"spanx".to_string()));
+
+    let (o, e) = oxvirt(
+        w,
+        &["sd", "register", "data1", &web.to_string(), "--kind", "vm"],
+        false,
+    )
+    .await;
+    assert!(
+        format!("{o}{e}").contains("register the template first"),
+        "{o}{e}"
+    );
+    assert!(db.vm_get(web).await.unwrap().is_none(), "nothing registered");
+    oxvirt(
+        w,
+        &["sd", "register", "data1", &tpl.to_string(), "--kind", "template"],
+        true,
+    )
+    .await;
+    let (out, _) = oxvirt(
+        w,
+        &[
+            "sd",
+            "register",
+            "data1",
+            &web.to_string(),
+            "--kind",
+            "vm",
+            "-o",
+            "json",
+        ],
+        true,
+    )
+    .await;
+    let v = json(&out);
+    assert_eq!(
+        (v["name"].as_str(), v["status"].as_str()),
+        (Some("web"), Some("down")),
+        "{v}"
+    );
+    let vm = db.vm_get(web).await.unwrap().unwrap();
+    assert_eq!(vm.template_id, tpl);
+    let (d, chain) = leaf(web).await;
+    assert_eq!(d, wdisk);
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!(chain[0].parent_id, Some(tvol), "still on the template's volume");
+    let snaps = db.snapshots_of_vm(web).await.unwrap();
+    let s1 = snaps
+        .iter()
+        .find(|s| s.snapshot_type == SnapshotType::Regular)
+        .unwrap_or_else(|| panic!("{snaps:?}"));
+    assert_eq!(s1.description, "s1");
+    assert_eq!(s1.disks.len(), 1, "the snapshot keeps its volume: {s1:?}");
+    assert_eq!(s1.disks[0].volume_id, chain[0].id);
+    let nics = db.nics_of_vm(web).await.unwrap();
+    assert_eq!(nics.len(), 1);
+    assert_eq!(nics[0].mac, mac, "its MAC is free here, so kept");
+
+    // Again, or an id that is not there: refused. base comes back under another name when its
+    // own is taken.
+    let (o, e) = oxvirt(
+        w,
+        &["sd", "register", "data1", &web.to_string(), "--kind", "vm"],
+        false,
+    )
+    .await;
+    assert!(format!("{o}{e}").contains("registered already"), "{o}{e}");
+    let stray = VmId::new_random().to_string();
+    let (o, e) = oxvirt(w, &["sd", "register", "data1", &stray, "--kind", "vm"], false).await;
+    assert!(format!("{o}{e}").contains("not found"), "{o}{e}");
+    oxvirt(w, &["vm", "create", "base", "--cluster", "cl1"], true).await;
+    let (o, e) = oxvirt(
+        w,
+        &["sd", "register", "data1", &base.to_string(), "--kind", "vm"],
+        false,
+    )
+    .await;
+    assert!(format!("{o}{e}").contains("a VM named base exists"), "{o}{e}");
+    oxvirt(
+        w,
+        &[
+            "sd",
+            "register",
+            "data1",
+            &base.to_string(),
+            "--kind",
+            "vm",
+            "--rename",
+            "base-dr",
+        ],
+        true,
+    )
+    .await;
+    let b = db.vm_get(base).await.unwrap().unwrap();
+    assert_eq!(
+        (b.name.as_str(), b.memory_bytes, b.cpu.vcpus()),
+        ("base-dr", 256 * MIB, 2)
+    );
+    assert_eq!(list("vm").await, Vec::<String>::new(), "nothing left to register");
+
+    // The registered VM's disk reads back the template's data and its own layer's.
+    let raw = w.join("web.raw");
+    oxvirt(
+        w,
+        &[
+            "disk",
+            "download",
+            &wdisk.to_string(),
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+        true,
+    )
+    .await;
+    let data = std::fs::read(&raw).unwrap();
+    assert_eq!(data.len() as u64, 16 * MIB);
+    assert!(
+        data[..MIB as usize].iter().all(|b| *b == 0x41),
+        "the template's data"
+    );
+    assert!(
+        data[MIB as usize..2 * MIB as usize].iter().all(|b| *b == 0x42),
+        "the snapshot layer's data"
+    );
+
+    // The stores follow: written on demand, the registered entities in them as before.
+    oxvirt(w, &["sd", "update-ovf", "data1"], true).await;
+    let (_, tar) = &stores_on_disk(&dom1)[0];
+    assert!(tar_names(tar, w).contains(&format!("{web}.ovf")));
+}
