@@ -860,6 +860,39 @@ def main():
     assert [t.name for t in templates.list()] == ["Blank"]
     step("removed")
 
+    # Disaster recovery, as oVirt does it: a VM whose disk lives on the second domain leaves the
+    # engine with that domain (deactivated: its OVF stores written; detached: forgotten) and
+    # comes back by registration from the stores once the domain is attached again.
+    dr = vms.add(types.Vm(name=P + "-dr", cluster=types.Cluster(name=P + "-cl"),
+                          template=types.Template(name="Blank"), memory=128 * MIB))
+    dr_svc = vms.vm_service(dr.id)
+    dr_svc.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(name=P + "-dr-disk", format=types.DiskFormat.COW, provisioned_size=8 * MIB,
+                        sparse=True, storage_domains=[types.StorageDomain(id=sd2.id)]),
+        interface=types.DiskInterface.VIRTIO, bootable=True, active=True))
+    wait("DR disk ok", lambda: all(system.disks_service().disk_service(a.disk.id).get().status == types.DiskStatus.OK
+                                   for a in dr_svc.disk_attachments_service().list()))
+    sd2_svc = sds.storage_domain_service(sd2.id)
+    sd2_svc.update_ovf_store()
+    att2 = attached.storage_domain_service(sd2.id)
+    att2.deactivate()
+    wait("second domain in maintenance", lambda: att2.get().status == types.StorageDomainStatus.MAINTENANCE, 120)
+    att2.remove()
+    wait("second domain detached", lambda: sd2.id not in [x.id for x in attached.list()], 60)
+    assert not vms.list(search="name=%s-dr" % P), "the VM left with its domain"
+    attached.add(types.StorageDomain(id=sd2.id))
+    wait("second domain active again", lambda: att2.get().status == types.StorageDomainStatus.ACTIVE, 120)
+    unreg = sd2_svc.vms_service().list(unregistered=True)
+    assert [v.name for v in unreg] == [P + "-dr"], [v.name for v in unreg]
+    assert unreg[0].id == dr.id
+    sd2_svc.vms_service().vm_service(dr.id).register(cluster=types.Cluster(name=P + "-cl"))
+    back = dr_svc.get()
+    assert back.name == P + "-dr" and back.memory == 128 * MIB, back
+    assert len(dr_svc.disk_attachments_service().list()) == 1
+    assert not sd2_svc.vms_service().list(unregistered=True)
+    dr_svc.remove()
+    step("VM carried by its domain through detach and attach, registered again")
+
     # Host maintenance and back.
     h = hosts.list(search="name=%s" % names[-1])[0]
     hs = hosts.host_service(h.id)

@@ -198,7 +198,9 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
     let (wdisk, chain) = leaf(web).await;
     // Its own volumes: the clone's base (on the template's volume) and the snapshot's top.
     assert_eq!(chain.len(), 2, "{chain:?}");
-    let tvol = chain[0].parent_id.expect("a thin clone's base has the template's volume under it");
+    let tvol = chain[0]
+        .parent_id
+        .expect("a thin clone's base has the template's volume under it");
     let top = dom1
         .join("images")
         .join(wdisk.to_string())
