@@ -121,101 +121,9 @@ impl Commands {
     // --------------------------------------------------------------------------------------
     // Content.
 
-    /// The OVF of VM `vm` as the database has it.
-    async fn vm_ovf(&self, vm: &crate::model::Vm) -> Result<String, CommandError> {
-        let db = &self.app.db;
-        let cluster = db
-            .cluster_get(vm.cluster_id)
-            .await?
-            .map(|c| c.name)
-            .unwrap_or_default();
-        let template_name = db
-            .template_get(vm.template_id)
-            .await?
-            .map(|t| t.name)
-            .unwrap_or_default();
-        let snapshots = db.snapshots_of_vm(vm.id).await?;
-        let active = snapshots
-            .iter()
-            .find(|s| s.snapshot_type == SnapshotType::Active)
-            .map(|s| s.id);
-        let mut snap_of: BTreeMap<(DiskId, VolUuid), crate::model::SnapshotId> = BTreeMap::new();
-        for s in &snapshots {
-            for d in &s.disks {
-                snap_of.insert((d.disk_id, d.volume_id), s.id);
-            }
-        }
-        let mut disks = Vec::new();
-        for a in db.attachments_of_vm(vm.id).await? {
-            let Some(d) = db.disk_get(a.disk_id).await? else {
-                continue;
-            };
-            disks.push(
-                self.ovf_disk(d, Some(&a), |v| snap_of.get(&v).copied().or(active))
-                    .await?,
-            );
-        }
-        let o = OvfVm {
-            vm: vm.clone(),
-            cluster_name: cluster,
-            template_name,
-            disks,
-            nics: db.nics_of_vm(vm.id).await?,
-            snapshots,
-        };
-        Ok(ovf::write_vm(&o))
-    }
-
-    async fn ovf_disk(
-        &self,
-        d: Disk,
-        a: Option<&DiskAttachment>,
-        snap: impl Fn((DiskId, VolUuid)) -> Option<crate::model::SnapshotId>,
-    ) -> Result<OvfDisk, CommandError> {
-        let chain = self.app.db.volume_chain(d.id).await?;
-        // A thin clone's chain starts in its template's image: the OVF lists the disk's own.
-        let volumes = chain
-            .into_iter()
-            .filter(|v| v.disk_id == d.id)
-            .map(|v| {
-                let s = snap((d.id, v.id));
-                (v, s)
-            })
-            .collect();
-        Ok(OvfDisk {
-            volumes,
-            interface: a.map_or(crate::model::DiskInterface::Virtio, |a| a.interface),
-            bootable: a.is_some_and(|a| a.bootable),
-            read_only: a.is_some_and(|a| a.read_only),
-            active: a.is_none_or(|a| a.active),
-            disk: d,
-        })
-    }
-
-    async fn template_ovf(
-        &self,
-        t: &crate::model::Template,
-        disks: Vec<Disk>,
-    ) -> Result<String, CommandError> {
-        let db = &self.app.db;
-        let cluster = match t.cluster_id {
-            Some(c) => db.cluster_get(c).await?.map(|c| c.name).unwrap_or_default(),
-            None => String::new(),
-        };
-        let mut out = Vec::new();
-        for d in disks {
-            out.push(self.ovf_disk(d, None, |_| None).await?);
-        }
-        let o = OvfTemplate {
-            template: t.clone(),
-            cluster_name: cluster,
-            disks: out,
-            nics: db.nics_of_template(t.id).await?,
-        };
-        Ok(ovf::write_template(&o))
-    }
-
-    /// What domain `sd` of data center `dc` should hold in its stores now.
+    /// What domain `sd` of data center `dc` should hold in its stores now: the VMs with a disk
+    /// on it or with none, the templates likewise, and its unregistered entities. A few bulk
+    /// reads for the whole data center, not a few per VM.
     pub(crate) async fn ovf_content(&self, dc: DcId, sd: SdUuid) -> Result<StoreContent, CommandError> {
         let db = &self.app.db;
         let mut c = StoreContent::default();
@@ -228,27 +136,20 @@ impl Commands {
                 ..Default::default()
             })
             .await?;
-        for vm in &vms {
-            let atts = db.attachments_of_vm(vm.id).await?;
-            let mut here = atts.is_empty();
-            for a in &atts {
-                if db
-                    .disk_get(a.disk_id)
-                    .await?
-                    .is_some_and(|d| d.storage_domain_id == sd)
-                {
-                    here = true;
-                    break;
-                }
-            }
-            if !here {
-                continue;
-            }
-            c.ovfs.insert(vm.id.to_string(), self.vm_ovf(vm).await?);
-            if vm.runtime.status != VmStatus::Down {
-                c.vm_status.insert(vm.id.to_string(), 1);
-            }
-        }
+        let mut parts = db.vm_parts_in_dc(dc).await?;
+        let disks: BTreeMap<DiskId, Disk> = db
+            .disk_list(&ListQuery::default())
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d))
+            .collect();
+        let chains = db.volume_chains().await?;
+        let clusters: BTreeMap<_, String> = db
+            .cluster_list(&ListQuery::default())
+            .await?
+            .into_iter()
+            .map(|c| (c.id, c.name))
+            .collect();
         let templates = db
             .template_list(&ListQuery {
                 filter: TemplateFilter {
@@ -258,12 +159,90 @@ impl Commands {
                 ..Default::default()
             })
             .await?;
-        for t in templates.iter().filter(|t| t.id != BLANK_TEMPLATE_ID) {
-            let disks = db.template_disks(t.id).await?;
-            if disks.is_empty() || disks.iter().any(|d| d.storage_domain_id == sd) {
-                c.ovfs
-                    .insert(t.id.to_string(), self.template_ovf(t, disks).await?);
+        let template_names: BTreeMap<TemplateId, String> =
+            templates.iter().map(|t| (t.id, t.name.clone())).collect();
+        // A disk as its OVF lists it: its own volumes (a thin clone's chain starts in its
+        // template's image), each with the snapshot it belongs to.
+        let ovf_disk =
+            |d: &Disk,
+             a: Option<&DiskAttachment>,
+             snap: &dyn Fn(VolUuid) -> Option<crate::model::SnapshotId>| OvfDisk {
+                volumes: chains
+                    .get(&d.id)
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| v.disk_id == d.id)
+                    .map(|v| (v.clone(), snap(v.id)))
+                    .collect(),
+                interface: a.map_or(crate::model::DiskInterface::Virtio, |a| a.interface),
+                bootable: a.is_some_and(|a| a.bootable),
+                read_only: a.is_some_and(|a| a.read_only),
+                active: a.is_none_or(|a| a.active),
+                disk: d.clone(),
+            };
+        for vm in &vms {
+            let atts = parts.attachments.remove(&vm.id).unwrap_or_default();
+            let here = atts.is_empty()
+                || atts
+                    .iter()
+                    .any(|a| disks.get(&a.disk_id).is_some_and(|d| d.storage_domain_id == sd));
+            if !here {
+                continue;
             }
+            let snapshots = parts.snapshots.remove(&vm.id).unwrap_or_default();
+            let active = snapshots
+                .iter()
+                .find(|s| s.snapshot_type == SnapshotType::Active)
+                .map(|s| s.id);
+            let mut snap_of: BTreeMap<(DiskId, VolUuid), crate::model::SnapshotId> = BTreeMap::new();
+            for s in &snapshots {
+                for d in &s.disks {
+                    snap_of.insert((d.disk_id, d.volume_id), s.id);
+                }
+            }
+            let odisks = atts
+                .iter()
+                .filter_map(|a| {
+                    let d = disks.get(&a.disk_id)?;
+                    Some(ovf_disk(d, Some(a), &|v| {
+                        snap_of.get(&(d.id, v)).copied().or(active)
+                    }))
+                })
+                .collect();
+            let o = OvfVm {
+                vm: vm.clone(),
+                cluster_name: clusters.get(&vm.cluster_id).cloned().unwrap_or_default(),
+                template_name: template_names.get(&vm.template_id).cloned().unwrap_or_else(|| {
+                    if vm.template_id == BLANK_TEMPLATE_ID {
+                        "Blank".into()
+                    } else {
+                        String::new()
+                    }
+                }),
+                disks: odisks,
+                nics: parts.nics.remove(&vm.id).unwrap_or_default(),
+                snapshots,
+            };
+            c.ovfs.insert(vm.id.to_string(), ovf::write_vm(&o));
+            if vm.runtime.status != VmStatus::Down {
+                c.vm_status.insert(vm.id.to_string(), 1);
+            }
+        }
+        for t in templates.iter().filter(|t| t.id != BLANK_TEMPLATE_ID) {
+            let tdisks = db.template_disks(t.id).await?;
+            if !(tdisks.is_empty() || tdisks.iter().any(|d| d.storage_domain_id == sd)) {
+                continue;
+            }
+            let o = OvfTemplate {
+                template: t.clone(),
+                cluster_name: t
+                    .cluster_id
+                    .and_then(|c| clusters.get(&c).cloned())
+                    .unwrap_or_default(),
+                disks: tdisks.iter().map(|d| ovf_disk(d, None, &|_| None)).collect(),
+                nics: db.nics_of_template(t.id).await?,
+            };
+            c.ovfs.insert(t.id.to_string(), ovf::write_template(&o));
         }
         for u in db.unregistered_ovfs(sd, None).await? {
             let id = u.entity_id.to_string();

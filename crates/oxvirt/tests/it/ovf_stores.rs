@@ -454,3 +454,172 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
     let (_, tar) = &stores_on_disk(&dom1)[0];
     assert!(tar_names(tar, w).contains(&format!("{web}.ovf")));
 }
+
+/// BENCHMARKS.md: writing the OVF stores of a domain holding 1,000 VMs (each with a disk of
+/// one volume and a NIC) through the engine, against what the bare tools take to write the
+/// same OVFs into the same two volumes (`tar` of the files, `dd conv=fsync` into each, as
+/// VDSM writes a store). Median of 3 runs each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ovf_stores_of_1000_vms_against_tar_and_dd() {
+    use oxvirt_engine::model::*;
+    const N: usize = 1000;
+    let engine_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let node = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let engine = Engine::start(engine_cfg(engine_dir.path()), Some(oxvirt_engine::rest::routes()))
+        .await
+        .unwrap();
+    let db = engine.cmds.app.db.clone();
+    let addr = free_port();
+    let _node = common::spawn_node(
+        "node1",
+        node.path(),
+        addr,
+        &[
+            "--engine",
+            &engine.addr.to_string(),
+            "--ca-fingerprint",
+            &engine.ca_fingerprint(),
+        ],
+    );
+    login_with_dc1_and_cl1(w, engine_dir.path(), &engine).await;
+    let a = addr.to_string();
+    oxvirt(
+        w,
+        &["host", "create", "node1", "--address", &a, "--cluster", "cl1"],
+        true,
+    )
+    .await;
+    let p = store.path().to_str().unwrap();
+    oxvirt(
+        w,
+        &[
+            "sd", "create", "data1", "--host", "node1", "--path", p, "--dc", "dc1",
+        ],
+        true,
+    )
+    .await;
+    let sd: SdUuid = db.sd_get_by_name("data1").await.unwrap().unwrap().id;
+    let cl = db.cluster_get_by_name("cl1").await.unwrap().unwrap().id;
+    let mut tx = db.begin().await.unwrap();
+    for n in 0..N {
+        let vm = tx.vm_insert(&Vm::new(&format!("vm-{n:04}"), cl)).await.unwrap();
+        let disk = tx
+            .disk_insert(&Disk::new(
+                &format!("vm-{n:04}_Disk1"),
+                sd,
+                DiskFormat::Cow,
+                10 << 30,
+            ))
+            .await
+            .unwrap();
+        tx.volume_insert(&Volume {
+            id: VolUuid::new_random(),
+            disk_id: disk.id,
+            storage_domain_id: sd,
+            parent_id: None,
+            voltype: VolType::Leaf,
+            format: DiskFormat::Cow,
+            actual_size: 0,
+            created_at: oxvirt_engine::time::Timestamp::from_millis(0),
+        })
+        .await
+        .unwrap();
+        tx.attachment_add(&DiskAttachment {
+            vm_id: vm.id,
+            disk_id: disk.id,
+            interface: DiskInterface::Virtio,
+            bootable: true,
+            active: true,
+            read_only: false,
+        })
+        .await
+        .unwrap();
+        let nic = Nic {
+            id: NicId::new_random(),
+            vm_id: vm.id,
+            name: "nic1".into(),
+            network: None,
+            mac: MacAddr([0; 6]),
+            interface: NicInterface::Virtio,
+            plugged: true,
+            linked: true,
+        };
+        tx.nic_add(&nic, None).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut ours = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        assert!(engine.cmds.update_ovf_store(sd, true).await.unwrap());
+        ours.push(t0.elapsed());
+    }
+    let dom = store.path().join(sd.to_string());
+    let stores = stores_on_disk(&dom);
+    assert_eq!(stores.len(), 2);
+    let (_, tar) = &stores[0];
+    let names = tar_names(tar, w);
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".ovf")).count(),
+        N,
+        "every VM's OVF"
+    );
+
+    // The bare tools: the same files tarred, the tar written into both store volumes.
+    let files = w.join("ovfs");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(w.join("store.tar"), tar).unwrap();
+    let x = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(w.join("store.tar"))
+        .arg("-C")
+        .arg(&files)
+        .status()
+        .unwrap();
+    assert!(x.success());
+    let vols: Vec<String> = std::fs::read_dir(dom.join("images"))
+        .unwrap()
+        .flatten()
+        .flat_map(|i| std::fs::read_dir(i.path()).unwrap().flatten())
+        .filter(|f| {
+            f.path().extension().is_some_and(|e| e == "meta")
+                && std::fs::read_to_string(f.path())
+                    .unwrap()
+                    .contains("DISKTYPE=OVFS")
+        })
+        .map(|f| f.path().with_extension("").display().to_string())
+        .collect();
+    let script = format!(
+        "set -e; tar -cf {t} -C {f} .; for v in {v}; do dd if={t} of=$v bs=1M conv=fsync,notrunc status=none; done",
+        t = w.join("bare.tar").display(),
+        f = files.display(),
+        v = vols.join(" ")
+    );
+    let mut bare = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let s = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(s.success());
+        bare.push(t0.elapsed());
+    }
+    let (o, b) = (median(ours), median(bare));
+    println!(
+        "| OVF stores of a domain with {N} VMs ({:.1} MiB tar, two stores) | {:.1} ms | `tar` + `dd conv=fsync` ×2 {:.1} ms | {:.1} |",
+        tar.len() as f64 / (1 << 20) as f64,
+        o.as_secs_f64() * 1e3,
+        b.as_secs_f64() * 1e3,
+        o.as_secs_f64() / b.as_secs_f64()
+    );
+    assert!(o < Duration::from_secs(60), "{o:?}");
+}

@@ -55,7 +55,7 @@ pub use ops::{EventFilter, EventSort, JobFilter, JobSort};
 pub use sagas::{SagaRecord, SagaState, SagaStepRecord, SagaStepStatus};
 pub use storage::{DiskFilter, DiskSort, SdFilter, SdSort};
 pub use users::{AdminBootstrap, IssuedToken, TokenInfo, UserFilter, UserSort};
-pub use vms::{TemplateFilter, TemplateSort, VmFilter, VmSort};
+pub use vms::{TemplateFilter, TemplateSort, VmFilter, VmParts, VmSort};
 
 impl Conn<'_> {
     pub(crate) async fn all(&mut self, q: &Sql) -> Result<Vec<AnyRow>, DbError> {

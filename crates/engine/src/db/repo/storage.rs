@@ -1,5 +1,7 @@
 //! Storage domains, their membership in data centers' pools, disks and volumes.
 
+use std::collections::BTreeMap;
+
 use sqlx::any::AnyRow;
 
 use super::infra::check_name as validate_name;
@@ -684,12 +686,17 @@ async fn volume_get(c: &mut Conn<'_>, id: VolUuid) -> Result<Option<Volume>, DbE
 async fn volume_chain(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<Volume>, DbError> {
     let mut q = Sql::new(&format!("SELECT {VOL_COLS} FROM volumes WHERE disk_id = "));
     q.arg(disk.to_string()).push(" ORDER BY created_at, id");
-    let mut vols: Vec<Volume> = c
+    let vols: Vec<Volume> = c
         .all(&q)
         .await?
         .iter()
         .map(vol_from_row)
         .collect::<Result<_, _>>()?;
+    Ok(chain_order(vols))
+}
+
+/// One disk's volumes, base first.
+fn chain_order(mut vols: Vec<Volume>) -> Vec<Volume> {
     let mut ordered = Vec::with_capacity(vols.len());
     // The base is the volume whose parent is not one of this disk's volumes.
     let ids: Vec<VolUuid> = vols.iter().map(|v| v.id).collect();
@@ -704,7 +711,18 @@ async fn volume_chain(c: &mut Conn<'_>, disk: DiskId) -> Result<Vec<Volume>, DbE
     }
     // Volumes not on the chain (a broken chain) still come back, after it.
     ordered.extend(vols);
-    Ok(ordered)
+    ordered
+}
+
+/// Every disk's volume chain, in one query (the OVF stores' bulk read).
+async fn volume_chains(c: &mut Conn<'_>) -> Result<BTreeMap<DiskId, Vec<Volume>>, DbError> {
+    let q = Sql::new(&format!("SELECT {VOL_COLS} FROM volumes ORDER BY created_at, id"));
+    let mut by_disk: BTreeMap<DiskId, Vec<Volume>> = BTreeMap::new();
+    for r in c.all(&q).await? {
+        let v = vol_from_row(&r)?;
+        by_disk.entry(v.disk_id).or_default().push(v);
+    }
+    Ok(by_disk.into_iter().map(|(d, v)| (d, chain_order(v))).collect())
 }
 
 async fn volume_set_parent(c: &mut Conn<'_>, id: VolUuid, parent: Option<VolUuid>) -> Result<(), DbError> {
@@ -798,6 +816,7 @@ repo! {
     read volume_get(id: VolUuid) -> Option<Volume> = volume_get;
     /// The disk's volumes from base to leaf.
     read volume_chain(disk: DiskId) -> Vec<Volume> = volume_chain;
+    read volume_chains() -> BTreeMap<DiskId, Vec<Volume>> = volume_chains;
     write volume_set_parent(id: VolUuid, parent: Option<VolUuid>) -> () = volume_set_parent;
     write volume_set_type(id: VolUuid, t: VolType) -> () = volume_set_type;
     write volume_delete(id: VolUuid) -> bool = volume_delete;

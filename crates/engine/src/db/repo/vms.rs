@@ -1,5 +1,7 @@
 //! Templates, VMs, their disk attachments, NICs, snapshots and affinity groups.
 
+use std::collections::BTreeMap;
+
 use rand::Rng;
 use sqlx::any::AnyRow;
 
@@ -912,29 +914,33 @@ async fn nic_remove(c: &mut Conn<'_>, id: NicId) -> Result<bool, DbError> {
 const SNAP_COLS: &str = "id, vm_id, description, snapshot_type, status, persist_memory, \
     vm_configuration, created_at";
 
+fn snapshot_from_row(r: &AnyRow) -> Result<Snapshot, DbError> {
+    Ok(Snapshot {
+        id: r.parse("id")?,
+        vm_id: r.parse("vm_id")?,
+        description: r.text("description")?,
+        snapshot_type: r.parse("snapshot_type")?,
+        status: r.parse("status")?,
+        persist_memory: r.flag("persist_memory")?,
+        configuration: r
+            .opt_text("vm_configuration")?
+            .map(|t| {
+                serde_json::from_str(&t).map_err(|e| DbError::Corrupt {
+                    column: "vm_configuration".into(),
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()?,
+        disks: Vec::new(),
+        created_at: r.ts("created_at")?,
+    })
+}
+
 async fn snapshot_rows(c: &mut Conn<'_>, q: &Sql) -> Result<Vec<Snapshot>, DbError> {
     let rows = c.all(q).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
-        out.push(Snapshot {
-            id: r.parse("id")?,
-            vm_id: r.parse("vm_id")?,
-            description: r.text("description")?,
-            snapshot_type: r.parse("snapshot_type")?,
-            status: r.parse("status")?,
-            persist_memory: r.flag("persist_memory")?,
-            configuration: r
-                .opt_text("vm_configuration")?
-                .map(|t| {
-                    serde_json::from_str(&t).map_err(|e| DbError::Corrupt {
-                        column: "vm_configuration".into(),
-                        detail: e.to_string(),
-                    })
-                })
-                .transpose()?,
-            disks: Vec::new(),
-            created_at: r.ts("created_at")?,
-        });
+        out.push(snapshot_from_row(r)?);
     }
     for s in &mut out {
         let mut q = Sql::new("SELECT disk_id, volume_id FROM snapshot_disks WHERE snapshot_id = ");
@@ -944,6 +950,69 @@ async fn snapshot_rows(c: &mut Conn<'_>, q: &Sql) -> Result<Vec<Snapshot>, DbErr
                 disk_id: r.parse("disk_id")?,
                 volume_id: r.parse("volume_id")?,
             });
+        }
+    }
+    Ok(out)
+}
+
+/// The attachments, NICs and snapshots of every VM of a data center, each VM's in the order
+/// the per-VM reads give: a few queries for all (the OVF stores' bulk read).
+#[derive(Debug, Default)]
+pub struct VmParts {
+    pub attachments: BTreeMap<VmId, Vec<DiskAttachment>>,
+    pub nics: BTreeMap<VmId, Vec<Nic>>,
+    pub snapshots: BTreeMap<VmId, Vec<Snapshot>>,
+}
+
+async fn vm_parts_in_dc(c: &mut Conn<'_>, dc: DcId) -> Result<VmParts, DbError> {
+    let in_dc = |cols: &str, table: &str| {
+        let mut q = Sql::new(&format!(
+            "SELECT {cols} FROM {table} WHERE vm_id IN (SELECT v.id FROM vms v JOIN clusters cl \
+             ON cl.id = v.cluster_id WHERE cl.data_center_id = "
+        ));
+        q.arg(dc.to_string()).push(")");
+        q
+    };
+    let mut out = VmParts::default();
+    let mut q = in_dc(ATT_COLS, "disk_attachments");
+    q.push(" ORDER BY bootable DESC, disk_id");
+    for r in c.all(&q).await? {
+        let a = att_from_row(&r)?;
+        out.attachments.entry(a.vm_id).or_default().push(a);
+    }
+    let mut q = in_dc(NIC_COLS, "nics");
+    q.push(" ORDER BY name, id");
+    for r in c.all(&q).await? {
+        let n = nic_from_row(&r)?;
+        out.nics.entry(n.vm_id).or_default().push(n);
+    }
+    let mut q = in_dc(SNAP_COLS, "snapshots");
+    q.push(" ORDER BY CASE snapshot_type WHEN 'active' THEN 1 ELSE 0 END, created_at, id");
+    let mut by_id: BTreeMap<SnapshotId, Snapshot> = BTreeMap::new();
+    let mut order = Vec::new();
+    for r in c.all(&q).await? {
+        let s = snapshot_from_row(&r)?;
+        order.push(s.id);
+        by_id.insert(s.id, s);
+    }
+    let mut q = Sql::new(
+        "SELECT snapshot_id, disk_id, volume_id FROM snapshot_disks WHERE snapshot_id IN \
+         (SELECT s.id FROM snapshots s JOIN vms v ON v.id = s.vm_id JOIN clusters cl \
+         ON cl.id = v.cluster_id WHERE cl.data_center_id = ",
+    );
+    q.arg(dc.to_string()).push(") ORDER BY disk_id");
+    for r in c.all(&q).await? {
+        let id: SnapshotId = r.parse("snapshot_id")?;
+        if let Some(s) = by_id.get_mut(&id) {
+            s.disks.push(SnapshotDisk {
+                disk_id: r.parse("disk_id")?,
+                volume_id: r.parse("volume_id")?,
+            });
+        }
+    }
+    for id in order {
+        if let Some(s) = by_id.remove(&id) {
+            out.snapshots.entry(s.vm_id).or_default().push(s);
         }
     }
     Ok(out)
@@ -1350,6 +1419,7 @@ repo! {
     write snapshot_insert(s: &Snapshot) -> Snapshot = snapshot_insert;
     read snapshot_get(id: SnapshotId) -> Option<Snapshot> = snapshot_get;
     read snapshots_of_vm(vm: VmId) -> Vec<Snapshot> = snapshots_of_vm;
+    read vm_parts_in_dc(dc: DcId) -> VmParts = vm_parts_in_dc;
     read snapshot_active(vm: VmId) -> Option<Snapshot> = snapshot_active;
     write snapshot_set_status(id: SnapshotId, expected: &[SnapshotStatus], to: SnapshotStatus) -> () = snapshot_set_status;
     write snapshot_set_type(id: SnapshotId, t: SnapshotType) -> () = snapshot_set_type;
