@@ -1378,10 +1378,13 @@ impl SagaDef for DetachStorageDomainSaga {
                 },
             )
             .describe("Recording the detachment"),
+            // Forgotten records do not come back by an undo (they come back by registration):
+            // from here the saga only goes forward, and the step repeats harmlessly.
             Step::without_undo("forget", |c: StepCtx<Self>| async move {
                 let p = c.params();
                 forget_leaving(c.db(), p.sd, &p.leaving).await
             })
+            .point_of_no_return()
             .describe("Forgetting the VMs, templates and disks that left with the domain"),
         ]
     }

@@ -991,35 +991,59 @@ impl Scenario for DeactivateRun {
     }
 }
 
+/// The detach of a domain holding a VM ("carried", made in `prepare` with its disk there):
+/// done, the VM left the engine with the domain; undone, it is there as before.
 struct DetachRun(Domain2);
 impl Scenario for DetachRun {
     const SAGA: &'static str = "detach_storage_domain";
-    type Ctx = SdUuid;
-    async fn prepare(&self, w: &World) -> SdUuid {
+    type Ctx = (SdUuid, VmId);
+    async fn prepare(&self, w: &World) -> (SdUuid, VmId) {
         let sd = self.0.active(w).await;
+        let vm = w
+            .cmds()
+            .add_vm(vm_req("carried", w.cluster, BLANK_TEMPLATE_ID), None)
+            .await
+            .unwrap()
+            .id;
+        w.cmds()
+            .add_disk(cow_disk("carried_disk", sd, 16 * MIB, Some((vm, true))), None)
+            .await
+            .unwrap();
         w.cmds()
             .deactivate_storage_domain(self.0.dc(w).await, sd)
             .await
             .unwrap();
-        sd
+        (sd, vm)
     }
-    async fn run(&self, w: &World, cmds: &Commands, sd: &SdUuid) {
-        let _ = cmds.detach_storage_domain(self.0.dc(w).await, *sd).await;
+    async fn run(&self, w: &World, cmds: &Commands, c: &(SdUuid, VmId)) {
+        let _ = cmds.detach_storage_domain(self.0.dc(w).await, c.0).await;
     }
-    async fn check(&self, w: &World, sd: &SdUuid, done: bool, what: &str) {
+    async fn check(&self, w: &World, c: &(SdUuid, VmId), done: bool, what: &str) {
         use oxvirt_storage::pool::DomainStatus as OnStorage;
+        let (sd, vm) = c;
         let want = if done {
             (None, None)
         } else {
             (Some(SdStatus::Maintenance), Some(OnStorage::Attached))
         };
         assert_eq!(self.0.statuses(w, *sd).await, want, "{what}: engine vs storage");
+        assert_eq!(
+            w.db().vm_get(*vm).await.unwrap().is_none(),
+            done,
+            "{what}: the VM on the domain leaves with it, or stays"
+        );
+        let sd = &sd;
         let root = self.0.dir.path().join(sd.to_string());
         let md = oxvirt_storage::pool::read_domain_metadata(&root).unwrap();
         assert_eq!(md.pools.is_empty(), done, "{what}: the domain's POOL_UUID");
     }
-    async fn reset(&self, w: &World, _: SdUuid) {
+    async fn reset(&self, w: &World, (_, vm): (SdUuid, VmId)) {
         self.0.active(w).await;
+        // Undone, the VM is still here: it goes (with its disk) for the baseline. Done, it is
+        // storage's alone, an unregistered VM of the domain.
+        if w.db().vm_get(vm).await.unwrap().is_some() {
+            w.cmds().remove_vm(vm, false, None).await.unwrap();
+        }
     }
 }
 
