@@ -4,10 +4,12 @@
 //! OVF stores, which are checked on storage as oVirt would read them (the description's JSON,
 //! the tar listed by `tar`). Deactivated, `data1` refuses to detach while a VM spans it and
 //! `data0`; once that VM lets go of its disk there, the detach takes the template, the VMs and
-//! the disks out of the engine's records. Attached again, the domain offers them as
-//! unregistered: a VM is refused before its template, then both register with their disks,
-//! NIC and snapshot, and the VM's disk reads back the data of every layer. Refused and
-//! changing nothing: registering twice, an id that is not there, a name that is taken.
+//! the disks out of the engine's records. A second engine with a node of its own, which never
+//! saw any of it, imports the domain: it offers them as unregistered; a VM is refused before
+//! its template, then both register with their disks, NIC and snapshot, and the VM's disk
+//! reads back the data of every layer. Refused and changing nothing: registering twice, an id
+//! that is not there, a name that is taken. (Re-attaching to the same engine is the SDK's and
+//! Ansible's scenario in `rest_clients`.)
 
 use crate::common;
 use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt};
@@ -298,8 +300,57 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
         "storage keeps the disks"
     );
 
-    // Attached again: offered as unregistered.
-    oxvirt(w, &["sd", "attach", "data1", "--dc", "dc1"], true).await;
+    // Another engine, which has never seen any of it (a recovery site, or this one after its
+    // database was lost), imports the domain through a node of its own: offered as unregistered.
+    drop(_node);
+    let (engine2_dir, work2, node2) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let engine2 = Engine::start(
+        engine_cfg(engine2_dir.path()),
+        Some(oxvirt_engine::rest::routes()),
+    )
+    .await
+    .unwrap();
+    let addr2 = free_port();
+    let _node2 = common::spawn_node(
+        "node2",
+        node2.path(),
+        addr2,
+        &[
+            "--engine",
+            &engine2.addr.to_string(),
+            "--ca-fingerprint",
+            &engine2.ca_fingerprint(),
+        ],
+    );
+    let _reaper2 = common::QemuReaper(vec![node2.path().join("run")]);
+    let (w, db) = (work2.path(), engine2.cmds.app.db.clone());
+    login_with_dc1_and_cl1(w, engine2_dir.path(), &engine2).await;
+    let a = addr2.to_string();
+    oxvirt(
+        w,
+        &["host", "create", "node2", "--address", &a, "--cluster", "cl1"],
+        true,
+    )
+    .await;
+    let p1 = store1.path().to_str().unwrap();
+    oxvirt(
+        w,
+        &["sd", "import", "--host", "node2", "--path", p1, "--dc", "dc1"],
+        true,
+    )
+    .await;
+    let leaf = |vm: VmId| {
+        let db = db.clone();
+        async move {
+            let a = db.attachments_of_vm(vm).await.unwrap();
+            let chain = db.volume_chain(a[0].disk_id).await.unwrap();
+            (a[0].disk_id, chain)
+        }
+    };
     let list = |kind: &'static str| {
         let w = w.to_path_buf();
         async move {
@@ -321,7 +372,8 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
             names
         }
     };
-    assert_eq!(list("vm").await, ["base", "web"]);
+    // span too, as the stores last described it: its disk on data0 is not here.
+    assert_eq!(list("vm").await, ["base", "span", "web"]);
     assert_eq!(list("template").await, ["tpl"]);
     assert!(list("disk").await.contains(&"spanx".to_string()));
 
@@ -421,6 +473,39 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
         (b.name.as_str(), b.memory_bytes, b.cpu.vcpus()),
         ("base-dr", 256 * MIB, 2)
     );
+    // span's disk on data0 is missing: refused, unless it comes without it.
+    let span = db
+        .unregistered_ovfs(sd1.parse().unwrap(), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|u| u.name == "span")
+        .unwrap()
+        .entity_id
+        .to_string();
+    let (o, e) = oxvirt(w, &["sd", "register", "data1", &span, "--kind", "vm"], false).await;
+    assert!(format!("{o}{e}").contains("allow_partial_import"), "{o}{e}");
+    oxvirt(
+        w,
+        &[
+            "sd",
+            "register",
+            "data1",
+            &span,
+            "--kind",
+            "vm",
+            "--allow-partial",
+        ],
+        true,
+    )
+    .await;
+    let sv = db.vm_get_by_name("span").await.unwrap().unwrap();
+    let atts = db.attachments_of_vm(sv.id).await.unwrap();
+    let mut names = Vec::new();
+    for a in &atts {
+        names.push(db.disk_get(a.disk_id).await.unwrap().unwrap().name);
+    }
+    assert_eq!(names, ["spanx"], "only the disk storage has");
     assert_eq!(list("vm").await, Vec::<String>::new(), "nothing left to register");
 
     // The registered VM's disk reads back the template's data and its own layer's.
