@@ -2019,7 +2019,7 @@ impl Commands {
     }
 
     /// A storage domain's name for a job's description (its id if it is gone).
-    pub(super) async fn sd_label(&self, sd: SdUuid) -> String {
+    pub(crate) async fn sd_label(&self, sd: SdUuid) -> String {
         match self.app.db.sd_get(sd).await {
             Ok(Some(s)) => s.name,
             _ => sd.to_string(),

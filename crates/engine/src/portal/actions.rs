@@ -191,6 +191,9 @@ pub enum Verb {
     Host(HostUuid, HostVerb),
     AddSd,
     Sd(SdUuid, SdVerb),
+    /// Register an unregistered VM or template of a domain (its OVF stores') into the cluster
+    /// in the form, under the name in the form when one is given.
+    Register(SdUuid, OvfEntityType, uuid::Uuid),
     RemoveDisk(DiskId),
     /// Copy (`true`) or move a disk chosen in the form to a domain chosen in the form.
     DiskTransfer {
@@ -265,6 +268,8 @@ pub enum SdVerb {
     Deactivate,
     Detach,
     Remove,
+    /// Write the domain's OVF stores now.
+    UpdateOvf,
 }
 
 fn id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, PortalError> {
@@ -340,8 +345,18 @@ impl Verb {
                     "deactivate" => SdVerb::Deactivate,
                     "detach" => SdVerb::Detach,
                     "remove" => SdVerb::Remove,
+                    "update-ovf" => SdVerb::UpdateOvf,
                     _ => return Err(unknown(segs)),
                 },
+            ),
+            ["storagedomains", s, kind @ ("vms" | "templates"), e, "register"] => Verb::Register(
+                id(s, "storage domain")?,
+                if *kind == "vms" {
+                    OvfEntityType::Vm
+                } else {
+                    OvfEntityType::Template
+                },
+                id(e, "unregistered entity")?,
             ),
             ["disks", "copy"] => Verb::DiskTransfer { copy: true },
             ["disks", "move"] => Verb::DiskTransfer { copy: false },
@@ -374,7 +389,12 @@ impl Verb {
             Verb::Snapshot(..) | Verb::RemoveDisk(_) | Verb::RemoveTemplate(_) | Verb::RetryJob(_) => true,
             Verb::Host(_, h) => *h == HostVerb::Maintenance,
             Verb::Sd(_, s) => matches!(s, SdVerb::Deactivate | SdVerb::Detach | SdVerb::Remove),
-            Verb::Logout | Verb::AddVm | Verb::AddSd | Verb::DiskTransfer { .. } | Verb::ExtendDisk => false,
+            Verb::Logout
+            | Verb::AddVm
+            | Verb::AddSd
+            | Verb::Register(..)
+            | Verb::DiskTransfer { .. }
+            | Verb::ExtendDisk => false,
         }
     }
 }
@@ -913,6 +933,15 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 .await?
                 .ok_or_else(|| PortalError::NotFound(format!("storage domain {id} not found")))?;
             let name = sd.name;
+            if v == SdVerb::UpdateOvf {
+                return Ok((
+                    format!("Update the OVF stores of storage domain {name}"),
+                    Box::pin(async move {
+                        e.cmds.update_ovf_store(id, true).await?;
+                        Ok(None)
+                    }),
+                ));
+            }
             let dc = match v {
                 SdVerb::Attach => {
                     let d: DcId = ctx
@@ -940,6 +969,49 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                         _ => e.cmds.remove_storage_domain(id, None, false).await?,
                     }
                     Ok(None)
+                }),
+            )
+        }
+        Verb::Register(sd, kind, entity) => {
+            let cluster: ClusterId = form
+                .get("cluster")
+                .ok_or_else(|| PortalError::Bad("choose a cluster".into()))?
+                .parse()
+                .map_err(|_| PortalError::Bad("the cluster id is not valid".into()))?;
+            let name = form
+                .get("name")
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string);
+            let opts = crate::commands::ovf::RegisterOptions {
+                cluster: Some(cluster),
+                name,
+                allow_partial_import: form.get("allow_partial") == Some("1"),
+                reassign_bad_macs: form.get("reassign_macs") == Some("1"),
+            };
+            let what = match kind {
+                OvfEntityType::Vm => "VM",
+                OvfEntityType::Template => "template",
+            };
+            (
+                format!(
+                    "Register {what} {entity} from storage domain {}",
+                    ctx.cmds().sd_label(sd).await
+                ),
+                Box::pin(async move {
+                    Ok(Some(match kind {
+                        OvfEntityType::Vm => {
+                            let v = e.cmds.register_vm(sd, VmId::from_uuid(entity), opts).await?;
+                            format!("/portal/vms/{}", v.id)
+                        }
+                        OvfEntityType::Template => {
+                            let t = e
+                                .cmds
+                                .register_template(sd, TemplateId::from_uuid(entity), opts)
+                                .await?;
+                            format!("/portal/templates/{}", t.id)
+                        }
+                    }))
                 }),
             )
         }
@@ -1205,6 +1277,15 @@ mod tests {
         let h = HostUuid::new_random().to_string();
         assert!(Verb::parse(&["hosts", &h, "maintenance"]).unwrap().destructive());
         assert!(!Verb::parse(&["hosts", &h, "activate"]).unwrap().destructive());
+        let sd = SdUuid::new_random();
+        let (sds, e) = (sd.to_string(), uuid::Uuid::new_v4());
+        let reg = Verb::parse(&["storagedomains", &sds, "vms", &e.to_string(), "register"]).unwrap();
+        assert_eq!(reg, Verb::Register(sd, OvfEntityType::Vm, e));
+        assert!(!reg.destructive());
+        assert!(Verb::parse(&["storagedomains", &sds, "disks", &e.to_string(), "register"]).is_err());
+        assert!(!Verb::parse(&["storagedomains", &sds, "update-ovf"])
+            .unwrap()
+            .destructive());
         let d = DiskId::new_random().to_string();
         let disk = |verb| Verb::parse(&["vms", &vs, "disks", &d, verb]);
         assert!(!disk("activate").unwrap().destructive());

@@ -46,7 +46,11 @@ pub async fn page(ctx: &Ctx, segs: &[&str], req: &HttpRequest) -> R {
             "storagedomains",
             storage_domains(ctx, &f).await?,
         ),
-        ["storagedomains", id] => ("Storage domain", "storagedomains", storage_domain(ctx, id).await?),
+        ["storagedomains", id] => (
+            "Storage domain",
+            "storagedomains",
+            storage_domain(ctx, &f, id).await?,
+        ),
         ["disks"] => ("Disks", "disks", disks(ctx, &f).await?),
         ["vms"] => ("Virtual machines", "vms", vms(ctx, &f).await?),
         ["vms", id] => ("Virtual machine", "vms", vm(ctx, &f, id).await?),
@@ -1149,7 +1153,7 @@ async fn storage_domains(ctx: &Ctx, f: &FormCtx) -> Result<String, PortalError> 
 }
 
 /// One storage domain: where it is, its use, and the disks on it (with the VMs using them).
-async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
+async fn storage_domain(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
     let sd_id: SdUuid = page_id("storage domain", id)?;
     let sd = ctx
         .db()
@@ -1228,7 +1232,93 @@ async fn storage_domain(ctx: &Ctx, id: &str) -> Result<String, PortalError> {
         h.cell(users.join(", ")).raw("</tr>");
     }
     h.table_close("No disks on this domain.", 6, disks.is_empty());
+    if let Some(m) = m.filter(|m| m.status == SdStatus::Active && sd.domain_type == SdType::Data) {
+        sd_import_sections(ctx, f, &mut h, &sd, m.data_center_id, &names).await?;
+    }
     Ok(h.finish())
+}
+
+/// oVirt's "VM Import" and "Template Import" tabs of an active data domain: what its OVF
+/// stores describe that the engine has no record of, each with a form to register it into a
+/// cluster of the domain's data center; and the action that writes the stores now.
+async fn sd_import_sections(
+    ctx: &Ctx,
+    f: &FormCtx,
+    h: &mut Html,
+    sd: &StorageDomain,
+    dc: DcId,
+    names: &Names,
+) -> Result<(), PortalError> {
+    let mut clusters: Vec<(String, String)> = names
+        .clusters
+        .values()
+        .filter(|c| c.data_center_id == dc)
+        .map(|c| (c.id.to_string(), c.name.clone()))
+        .collect();
+    clusters.sort_by(|a, b| a.1.cmp(&b.1));
+    for (kind, title, path) in [
+        (OvfEntityType::Vm, "VM import", "vms"),
+        (OvfEntityType::Template, "Template import", "templates"),
+    ] {
+        h.section(title);
+        let found = match ctx.cmds().unregistered_entities(sd.id, kind).await {
+            Ok(f) => f,
+            Err(e) => {
+                h.raw("<p class=\"muted\">The domain's OVF stores cannot be read now: ")
+                    .text(e)
+                    .raw("</p>");
+                continue;
+            }
+        };
+        h.table_open(
+            &format!("sd-import-{path}"),
+            &["Name", "Memory", "CPUs", "Disks", "Register"],
+            None,
+        );
+        for e in &found {
+            let (mem, cpus) = match e {
+                crate::ovf::OvfEntity::Vm(v) => (v.vm.memory_bytes, v.vm.cpu.vcpus()),
+                crate::ovf::OvfEntity::Template(t) => (t.template.memory_bytes, t.template.cpu.vcpus()),
+            };
+            h.raw("<tr data-id=\"").text(e.id()).raw("\">");
+            h.cell(e.name())
+                .cell_num(bytes(mem))
+                .cell_num(cpus)
+                .cell_num(e.disks().len());
+            h.raw("<td>");
+            h.form_open(
+                f,
+                &format!("/portal/storagedomains/{}/{path}/{}/register", sd.id, e.id()),
+                None,
+                "inline",
+            );
+            h.select("Cluster", "cluster", &clusters, None).input(
+                "Name",
+                "name",
+                "text",
+                "",
+                "placeholder=\"as on storage\"",
+            );
+            if kind == OvfEntityType::Vm {
+                h.raw("<label><input type=\"checkbox\" name=\"reassign_macs\" value=\"1\"> new MACs if taken</label>");
+            }
+            h.raw("<label><input type=\"checkbox\" name=\"allow_partial\" value=\"1\"> without missing disks</label>")
+                .raw("<button type=\"submit\" class=\"small\">Register</button></form></td></tr>");
+        }
+        h.table_close(
+            "Nothing to register: the engine knows all its OVF stores describe.",
+            5,
+            found.is_empty(),
+        );
+    }
+    h.action(
+        f,
+        &format!("/portal/storagedomains/{}/update-ovf", sd.id),
+        "Update OVF stores",
+        None,
+        "small secondary",
+    );
+    Ok(())
 }
 
 /// The controller a disk goes on (SATA and IDE disks change only while the VM is down).

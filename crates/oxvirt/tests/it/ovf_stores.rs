@@ -8,16 +8,19 @@
 //! saw any of it, imports the domain: it offers them as unregistered; a VM is refused before
 //! its template, then both register with their disks, NIC and snapshot, and the VM's disk
 //! reads back the data of every layer. Refused and changing nothing: registering twice, an id
-//! that is not there, a name that is taken. (Re-attaching to the same engine is the SDK's and
+//! that is not there, a name that is taken. One VM registers through the admin portal's
+//! "VM import" form. (Re-attaching to the same engine is the SDK's and
 //! Ansible's scenario in `rest_clients`.)
 
 use crate::common;
-use crate::transfers::{engine_cfg, login_with_dc1_and_cl1, oxvirt};
+use crate::transfers::{engine_cfg, https_request, login_with_dc1_and_cl1, oxvirt, PASSWORD};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::free_port;
+use http::{Method, StatusCode};
 use oxvirt_engine::daemon::Engine;
 use oxvirt_engine::model::{SnapshotType, VmId};
 use serde_json::Value;
@@ -308,12 +311,10 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let engine2 = Engine::start(
-        engine_cfg(engine2_dir.path()),
-        Some(oxvirt_engine::rest::routes()),
-    )
-    .await
-    .unwrap();
+    let routes = oxvirt_engine::portal::routes_with(oxvirt_engine::rest::routes());
+    let engine2 = Engine::start(engine_cfg(engine2_dir.path()), Some(routes))
+        .await
+        .unwrap();
     let addr2 = free_port();
     let _node2 = common::spawn_node(
         "node2",
@@ -485,21 +486,84 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
         .to_string();
     let (o, e) = oxvirt(w, &["sd", "register", "data1", &span, "--kind", "vm"], false).await;
     assert!(format!("{o}{e}").contains("allow_partial_import"), "{o}{e}");
-    oxvirt(
-        w,
-        &[
-            "sd",
-            "register",
-            "data1",
-            &span,
-            "--kind",
-            "vm",
-            "--allow-partial",
-        ],
-        true,
+    // Through the portal this time: the domain's page lists it under "VM import", and its
+    // form registers it without the missing disk.
+    let base_url = format!("https://{}", engine2.addr);
+    let ca = std::fs::read_to_string(engine2_dir.path().join("pki/ca.pem")).unwrap();
+    let form = |pairs: &[(&str, &str)]| {
+        Bytes::from(
+            pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.replace(' ', "+").replace('@', "%40")))
+                .collect::<Vec<_>>()
+                .join("&"),
+        )
+    };
+    let ctype = ("content-type", "application/x-www-form-urlencoded".to_string());
+    let (st, h, _) = https_request(
+        &format!("{base_url}/portal/login"),
+        &ca,
+        Method::POST,
+        std::slice::from_ref(&ctype),
+        form(&[("username", "admin@internal"), ("password", PASSWORD)]),
     )
     .await;
-    let sv = db.vm_get_by_name("span").await.unwrap().unwrap();
+    assert!(st.is_redirection(), "portal login: {st}");
+    let cookie = h
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("oxvirt_portal="))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no session cookie: {h:?}"))
+        .to_string();
+    let (st, _, page) = https_request(
+        &format!("{base_url}/portal/storagedomains/{sd1}"),
+        &ca,
+        Method::GET,
+        &[("cookie", cookie.clone())],
+        Bytes::new(),
+    )
+    .await;
+    let page = String::from_utf8_lossy(&page).into_owned();
+    assert_eq!(st, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("VM import") && page.contains(&format!("data-id=\"{span}\"")),
+        "{page}"
+    );
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF token: {page}"))
+        .to_string();
+    let cl2 = db
+        .cluster_get_by_name("cl1")
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+        .to_string();
+    let (st, _, body) = https_request(
+        &format!("{base_url}/portal/storagedomains/{sd1}/vms/{span}/register"),
+        &ca,
+        Method::POST,
+        &[ctype, ("cookie", cookie)],
+        form(&[("csrf", &csrf), ("cluster", &cl2), ("allow_partial", "1")]),
+    )
+    .await;
+    assert!(st.is_redirection(), "{st}: {}", String::from_utf8_lossy(&body));
+    let start = Instant::now();
+    let sv = loop {
+        if let Some(v) = db.vm_get_by_name("span").await.unwrap() {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the portal did not register span"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let atts = db.attachments_of_vm(sv.id).await.unwrap();
     let mut names = Vec::new();
     for a in &atts {

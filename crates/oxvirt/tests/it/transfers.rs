@@ -27,7 +27,7 @@ use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
-const PASSWORD: &str = "transfer-test password";
+pub(crate) const PASSWORD: &str = "transfer-test password";
 /// Data in the uploaded image (the benchmark's size).
 const DATA_MIB: u64 = 128;
 
@@ -123,6 +123,19 @@ async fn host_request(
     headers: &[(&str, String)],
     body: Bytes,
 ) -> (StatusCode, Bytes) {
+    let (status, _, body) = https_request(url, ca, method, headers, body).await;
+    (status, body)
+}
+
+/// One HTTPS request (a host's listener, the engine's portal), trusting the CA in file `ca`:
+/// the status, the headers and the body.
+pub(crate) async fn https_request(
+    url: &str,
+    ca: &str,
+    method: Method,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> (StatusCode, http::HeaderMap, Bytes) {
     let rest = url.strip_prefix("https://").unwrap();
     let (authority, path) = rest.split_at(rest.find('/').unwrap());
     let (host, _) = authority.rsplit_once(':').unwrap();
@@ -145,8 +158,12 @@ async fn host_request(
         b = b.header(*k, v);
     }
     let resp = send.send_request(b.body(Full::new(body)).unwrap()).await.unwrap();
-    let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes())
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (
+        status,
+        headers,
+        resp.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 async fn until_phase(engine: &Engine, id: oxvirt_types::TransferId, want: TransferPhase) {
