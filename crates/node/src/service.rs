@@ -275,6 +275,26 @@ impl Node {
             Request::Vm(v) => self.execute_vm(v).await,
             Request::Net(n) => crate::api::net::execute(self, n).await,
             Request::Transfer(t) => crate::api::transfer::execute(self, t).await,
+            // It waits for other hosts' leases (up to 8N + M): a job, answered at once.
+            Request::Storage(crate::api::storage::StorageRequest::Pool(
+                crate::api::storage::PoolRequest::ForcedDetach(f),
+            )) => {
+                let timing = f.timing()?;
+                let pools = self.pools.clone();
+                let job = self.jobs.start("forcedDetach", None, async move {
+                    let left =
+                        tokio::task::spawn_blocking(move || pools.forced_detach(f.sd, f.host_id, timing))
+                            .await
+                            .map_err(|e| {
+                                ApiError::new(
+                                    oxvirt_types::api::ErrorCode::Unexpected,
+                                    format!("forced detach worker failed: {e}"),
+                                )
+                            })??;
+                    Ok(json!({ "pools": left }))
+                });
+                Ok(json!({ "jobID": job }))
+            }
             Request::Storage(s) => {
                 let connect = matches!(
                     s,

@@ -247,6 +247,21 @@ pub fn demote(md: &mut DomainMetadata) {
     }
 }
 
+/// Takes the domain at `root` out of every pool its metadata names, whatever its state there
+/// (VDSM's forced detach, the first step of a disaster recovery): `POOL_UUID` emptied, the
+/// master role and the pool keys dropped. Answers the pools it was in. The caller holds the
+/// domain's SDM lease, so that no SPM of those pools writes the domain meanwhile.
+pub fn force_detach(root: &Path) -> Result<Vec<PoolUuid>, PoolError> {
+    let mut md = read_domain_metadata(root)?;
+    let old = std::mem::take(&mut md.pools);
+    if old.is_empty() && md.role == DomainRole::Regular {
+        return Ok(old);
+    }
+    demote(&mut md);
+    write_domain_metadata(root, &md)?;
+    Ok(old)
+}
+
 fn metadata_path(root: &Path) -> PathBuf {
     root.join(DOMAIN_MD_DIR).join("metadata")
 }

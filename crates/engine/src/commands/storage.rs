@@ -173,12 +173,53 @@ fn importable(sd: SdUuid, info: &Value) -> Result<(), CommandError> {
             info["class"]
         )));
     }
+    // A domain still in another pool is imported all the same (a disaster recovery: that data
+    // center is gone); attaching it takes it over, which storage allows only once that pool's
+    // hosts have stopped renewing their leases on it (see `take_over`).
     if let Some(p) = info["pool"].as_array().and_then(|p| p.first()) {
-        return Err(CommandError::Conflict(format!(
-            "storage domain {sd} ({name}) belongs to storage pool {p}: detach it from its data \
-             center (in the engine that runs it) first"
-        )));
+        tracing::warn!(sd = %sd, name, pool = %p, "importing a storage domain that names another pool");
     }
+    Ok(())
+}
+
+/// A domain whose metadata still names another pool (its data center died without detaching
+/// it: a disaster recovery) is taken out of that pool first, through `node`, which refuses
+/// while the other pool's hosts renew their leases on the domain and waits out a dead SPM's
+/// (the node's `StoragePool.forcedDetachStorageDomain`). Nothing to do for an unattached domain.
+async fn take_over(
+    app: &App,
+    node: &NodeClient,
+    host: HostUuid,
+    dc: &DataCenter,
+    sd: SdUuid,
+) -> Result<(), StepError> {
+    let info = node
+        .call("StorageDomain.getInfo", json!({ "sdUUID": sd }))
+        .await
+        .map_err(step_err)?;
+    let ours = dc.storage_pool_id.to_string();
+    let foreign: Vec<&str> = info["pool"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|p| *p != ours)
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(sd = %sd, pools = ?foreign, "taking the storage domain over from another pool");
+    let host_id = app.lockspace_id(dc.id, host).await.map_err(step_err)?;
+    let s = &app.settings;
+    let args = json!({
+        "sdUUID": sd, "hostID": host_id.get(),
+        "ioTimeout": s.io_timeout.as_secs_f64(), "fenceMargin": s.fence_margin.as_secs_f64(),
+    });
+    // The other pool's slowest renewal and a dead SPM's 8N + M, with their N unknown here.
+    let bound = (s.io_timeout.max(Duration::from_secs(10)) * 20) + s.fence_margin;
+    node.run_job("StoragePool.forcedDetachStorageDomain", args, bound)
+        .await
+        .map_err(step_err)?;
     Ok(())
 }
 
@@ -328,6 +369,7 @@ impl SagaDef for AttachStorageDomainSaga {
                         Some(host) => {
                             let (_, node) = host_client(app, host).await?;
                             connect_storage(&node, std::slice::from_ref(&sd)).await.map_err(step_err)?;
+                            take_over(app, &node, host, &dc, p.sd).await?;
                             let r = node
                                 .call(
                                     "StoragePool.create",
@@ -343,11 +385,12 @@ impl SagaDef for AttachStorageDomainSaga {
                             }
                         }
                         None => {
-                            let (_, spm) = app.spm(&dc).await.map_err(step_err)?;
+                            let (spm_host, spm) = app.spm(&dc).await.map_err(step_err)?;
                             for h in app.dc_hosts(p.dc, true).await.map_err(step_err)? {
                                 let node = app.client(&h).map_err(step_err)?;
                                 connect_storage(&node, std::slice::from_ref(&sd)).await.map_err(step_err)?;
                             }
+                            take_over(app, &spm, spm_host.id, &dc, p.sd).await?;
                             let args = json!({ "sdUUID": p.sd, "spUUID": dc.storage_pool_id });
                             spm.call("StoragePool.attachStorageDomain", args.clone()).await.map_err(step_err)?;
                             spm.call("StoragePool.activateStorageDomain", args).await.map_err(step_err)?;

@@ -18,7 +18,7 @@ use crate::storage::{Connection, ConnectionKind, StorageService, StorageServiceE
 
 mod pool_verbs;
 use pool_verbs::execute_pool;
-pub use pool_verbs::{Connect as PoolConnect, PoolRequest};
+pub use pool_verbs::{Connect as PoolConnect, ForcedDetach, PoolRequest};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StorageRequest {
@@ -104,6 +104,7 @@ pub const VERBS: &[&str] = &[
     "StorageDomain.deactivate",
     "StorageDomain.detach",
     "StoragePool.switchMaster",
+    "StoragePool.forcedDetachStorageDomain",
     "StoragePool.sendExtendMsg",
     "StoragePool.getAllTasksStatuses",
     "Volume.create",

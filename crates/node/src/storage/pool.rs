@@ -99,6 +99,11 @@ pub enum PoolServiceError {
         status: oxvirt_lease::HostStatus,
         action: &'static str,
     },
+    #[error(
+        "storage domain {sd} is in use: host id(s) {hosts:?} renew their leases on it (a pool that \
+         runs elsewhere), so it is not taken over"
+    )]
+    DomainInUse { sd: SdUuid, hosts: Vec<u64> },
 }
 
 type Result<T, E = PoolServiceError> = std::result::Result<T, E>;
@@ -352,6 +357,89 @@ impl PoolService {
 
     fn domain_root(&self, sd: SdUuid) -> Result<PathBuf> {
         Ok(self.storage.domain(sd)?.root().to_path_buf())
+    }
+
+    /// `StoragePool.forcedDetachStorageDomain`: takes domain `sd` out of the pool its metadata
+    /// names although that pool's hosts never detached it (they are gone: a disaster
+    /// recovery). Safe only when nobody writes the domain any more, which storage tells: this
+    /// host joins the domain's lockspace as `host_id` and watches the other host ids for as
+    /// long as the slowest of them takes to renew (twice its io_timeout, plus ours); any that
+    /// renews means a live pool, and the domain is refused. Then it takes the domain's SDM
+    /// lease, which waits until a dead SPM's host id has been dead for 8N + M and fails while
+    /// a live one holds it, rewrites the metadata ([`pool::force_detach`]) and lets go.
+    /// Answers the pools the domain was in.
+    pub fn forced_detach(&self, sd: SdUuid, host_id: u64, timing: PoolTiming) -> Result<Vec<PoolUuid>> {
+        if let Some(cp) = self.current() {
+            if cp.has_lockspace(sd) || cp.metadata().is_ok_and(|pm| pm.status(sd).is_some()) {
+                return Err(PoolServiceError::Invalid(format!(
+                    "storage domain {sd} is in this host's pool {}: detach it there",
+                    cp.pool
+                )));
+            }
+        }
+        let dom = self.storage.domain(sd)?;
+        let mut cfg = LockspaceConfig::new(&sd.to_string(), host_id, &self.host_name, timing.io_timeout);
+        cfg.fence_margin = timing.fence_margin;
+        let ids = dom.md_dir().join("ids");
+        let ls = Lockspace::acquire(&ids, 0, cfg, self.clock.clone()).map_err(|source| match source {
+            // Our host id is another pool's live host's there.
+            oxvirt_lease::LeaseError::HostIdBusy { .. } => PoolServiceError::DomainInUse {
+                sd,
+                hosts: vec![host_id],
+            },
+            source => PoolServiceError::HostId { sd, host_id, source },
+        })?;
+        let others = || {
+            ls.hosts()
+                .into_iter()
+                .filter(|(h, _)| *h != host_id)
+                .collect::<Vec<_>>()
+        };
+        let slowest = others()
+            .iter()
+            .filter_map(|(h, _)| ls.host_observation(*h))
+            .map(|o| Duration::from_secs(u64::from(o.io_timeout)))
+            .max()
+            .unwrap_or_default()
+            .max(timing.io_timeout);
+        let until = Instant::now() + slowest * 2 + timing.io_timeout;
+        loop {
+            let live: Vec<u64> = others()
+                .into_iter()
+                .filter(|(_, st)| *st == oxvirt_lease::HostStatus::Live)
+                .map(|(h, _)| h)
+                .collect();
+            if !live.is_empty() {
+                let _ = ls.release();
+                return Err(PoolServiceError::DomainInUse { sd, hosts: live });
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep((timing.io_timeout / 2).max(Duration::from_millis(100)));
+        }
+        let lease = match spm::acquire_sdm(&ls, &dom, true, None) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ls.release();
+                return Err(match e {
+                    spm::SpmError::Lease {
+                        source: oxvirt_lease::LeaseError::OwnedByOther { host_id, .. },
+                        ..
+                    } => PoolServiceError::DomainInUse {
+                        sd,
+                        hosts: vec![host_id],
+                    },
+                    e => e.into(),
+                });
+            }
+        };
+        let detached = pool::force_detach(dom.root());
+        let _ = lease.release();
+        let _ = ls.release();
+        let detached = detached?;
+        tracing::warn!(sd = %sd, pools = ?detached, "storage domain taken over from the pools it was in");
+        Ok(detached)
     }
 
     /// `StoragePool.create`: makes `master` the master domain of new pool `pool`.

@@ -668,14 +668,30 @@ async fn qemu_vm_lifecycle_with_progress() {
         assert_eq!(d["status"], "active", "{r}");
     }
 
-    // Detach and remove. A domain holding a disk stays; an active one is deactivated first and
-    // the master never goes; a detached one leaves the pool on storage too, and removed with
-    // --destroy its storage is formatted.
+    // Detach and remove. A domain that a VM spans with another stays (what lives on it alone
+    // would leave with it); an active one is deactivated first and the master never goes; a
+    // detached one leaves the pool on storage too, and removed with --destroy its storage is
+    // formatted.
     live.ok(&["disk", "create", "scratch", "--size", "16M", "--sd", "data1"])
         .await;
+    live.ok(&[
+        "vm",
+        "create",
+        "spanvm",
+        "--cluster",
+        "cl1",
+        "--disk-size",
+        "16M",
+        "--sd",
+        "data2",
+    ])
+    .await;
+    live.ok(&["disk", "attach", "scratch", "--vm", "spanvm"]).await;
     live.ok(&["sd", "deactivate", "data1"]).await;
     let r = live.fails(&["sd", "detach", "data1"]).await;
-    assert!(r.stderr.contains("holds 1 disk(s) (the first: scratch)"), "{r}");
+    assert!(r.stderr.contains("VM spanvm has disks on storage domain"), "{r}");
+    live.ok(&["disk", "detach", "scratch", "--vm", "spanvm"]).await;
+    live.ok(&["vm", "rm", "spanvm"]).await;
     live.ok(&["sd", "activate", "data1"]).await;
     // Moved to data2 instead, with what it holds: data1 keeps nothing of it.
     let sd_id = |name: &str| {

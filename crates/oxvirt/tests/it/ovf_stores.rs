@@ -75,6 +75,12 @@ fn stores_on_disk(domain: &Path) -> Vec<(Value, Vec<u8>)> {
 
 /// `tar -t` of an archive: its member names, as the real tool reads them.
 fn tar_names(data: &[u8], work: &Path) -> Vec<String> {
+    try_tar_names(data, work).unwrap_or_else(|e| panic!("tar -tf: {e}"))
+}
+
+/// As [`tar_names`], or what `tar` said when the archive is not one (a store read while the
+/// engine rewrites it).
+fn try_tar_names(data: &[u8], work: &Path) -> Result<Vec<String>, String> {
     let f = work.join("store.tar");
     std::fs::write(&f, data).unwrap();
     let out = std::process::Command::new(oxvirt_testkit::require_tool("tar"))
@@ -82,11 +88,13 @@ fn tar_names(data: &[u8], work: &Path) -> Vec<String> {
         .arg(&f)
         .output()
         .unwrap();
-    assert!(out.status.success(), "tar -tf: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
-        .collect()
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,14 +247,26 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
 
     // The periodic pass writes both stores; oVirt's reader would find them.
     let tpl = db.template_get_by_name("tpl").await.unwrap().unwrap().id;
+    let span_id = vm_id("span").await;
+    let want: Vec<String> = [
+        base.to_string(),
+        web.to_string(),
+        tpl.to_string(),
+        span_id.to_string(),
+    ]
+    .iter()
+    .map(|id| format!("{id}.ovf"))
+    .collect();
     let start = Instant::now();
+    // Both complete and holding all four: the pass that followed the last change is done (a
+    // store read while one is being written is a torn archive, retried).
     let stores = loop {
         let s = stores_on_disk(&dom1);
-        let names = s.first().map(|(_, t)| tar_names(t, w)).unwrap_or_default();
-        if s.len() == 2
-            && s.iter().all(|(d, _)| d["Updated"] == true)
-            && names.contains(&format!("{web}.ovf"))
-        {
+        let complete = s.len() == 2
+            && s.iter().all(|(d, t)| {
+                d["Updated"] == true && try_tar_names(t, w).is_ok_and(|n| want.iter().all(|x| n.contains(x)))
+            });
+        if complete {
             break s;
         }
         assert!(
@@ -266,13 +286,8 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
             "{names:?}"
         );
         names.sort();
-        for id in [
-            base.to_string(),
-            web.to_string(),
-            tpl.to_string(),
-            vm_id("span").await.to_string(),
-        ] {
-            assert!(names.contains(&format!("{id}.ovf")), "{id} in {names:?}");
+        for x in &want {
+            assert!(names.contains(x), "{x} in {names:?}");
         }
     }
 
@@ -771,4 +786,197 @@ async fn the_ovf_stores_of_1000_vms_against_tar_and_dd() {
         o.as_secs_f64() / b.as_secs_f64()
     );
     assert!(o < Duration::from_secs(60), "{o:?}");
+}
+
+/// `POOL_UUID` of the domain at `root`, as its metadata has it.
+fn pool_of(root: &Path) -> String {
+    std::fs::read_to_string(root.join("dom_md/metadata"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("POOL_UUID="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A disaster recovery: a data center dies (its engine stops, its one node is killed) without
+/// detaching its master domain. Another engine imports the domain, which still names the dead
+/// pool; while the first node still renews its lease on it the attach is refused and nothing on
+/// storage changes; once that node is gone the attach takes the domain over (the lockspace
+/// watched, the SDM lease of the dead SPM waited out) and its VM registers from the OVF
+/// stores with its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_data_centers_domain_is_taken_over_once_its_hosts_are_gone() {
+    let (engine_dir, work, store, node) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let w = work.path();
+    let engine = Engine::start(engine_cfg(engine_dir.path()), Some(oxvirt_engine::rest::routes()))
+        .await
+        .unwrap();
+    let addr = free_port();
+    let node1 = common::spawn_node(
+        "node1",
+        node.path(),
+        addr,
+        &[
+            "--engine",
+            &engine.addr.to_string(),
+            "--ca-fingerprint",
+            &engine.ca_fingerprint(),
+        ],
+    );
+    let _reaper = common::QemuReaper(vec![node.path().join("run")]);
+    login_with_dc1_and_cl1(w, engine_dir.path(), &engine).await;
+    let a = addr.to_string();
+    oxvirt(
+        w,
+        &["host", "create", "node1", "--address", &a, "--cluster", "cl1"],
+        true,
+    )
+    .await;
+    let p = store.path().to_str().unwrap();
+    oxvirt(
+        w,
+        &[
+            "sd", "create", "data1", "--host", "node1", "--path", p, "--dc", "dc1",
+        ],
+        true,
+    )
+    .await;
+    let sd = engine
+        .cmds
+        .app
+        .db
+        .sd_get_by_name("data1")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let root = store.path().join(sd.to_string());
+    let old_pool = pool_of(&root);
+    assert!(!old_pool.is_empty());
+    oxvirt(
+        w,
+        &[
+            "vm",
+            "create",
+            "web",
+            "--cluster",
+            "cl1",
+            "--disk-size",
+            "16M",
+            "--sd",
+            "data1",
+        ],
+        true,
+    )
+    .await;
+    let web = engine
+        .cmds
+        .app
+        .db
+        .vm_get_by_name("web")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let att = engine.cmds.app.db.attachments_of_vm(web).await.unwrap();
+    let disk = att[0].disk_id;
+    let vol = engine.cmds.app.db.volume_chain(disk).await.unwrap()[0].id;
+    qemu_io_write(
+        &root.join("images").join(disk.to_string()).join(vol.to_string()),
+        0x43,
+        2,
+    );
+    oxvirt(w, &["sd", "update-ovf", "data1"], true).await;
+
+    // The recovery site: an engine and a node of its own, the domain imported as it is.
+    let (engine2_dir, work2, node2) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let w2 = work2.path();
+    let engine2 = Engine::start(
+        engine_cfg(engine2_dir.path()),
+        Some(oxvirt_engine::rest::routes()),
+    )
+    .await
+    .unwrap();
+    let addr2 = free_port();
+    let _node2 = common::spawn_node(
+        "node2",
+        node2.path(),
+        addr2,
+        &[
+            "--engine",
+            &engine2.addr.to_string(),
+            "--ca-fingerprint",
+            &engine2.ca_fingerprint(),
+        ],
+    );
+    let _reaper2 = common::QemuReaper(vec![node2.path().join("run")]);
+    login_with_dc1_and_cl1(w2, engine2_dir.path(), &engine2).await;
+    let a2 = addr2.to_string();
+    oxvirt(
+        w2,
+        &["host", "create", "node2", "--address", &a2, "--cluster", "cl1"],
+        true,
+    )
+    .await;
+    oxvirt(w2, &["sd", "import", "--host", "node2", "--path", p], true).await;
+
+    // The first site still runs: refused, and storage unchanged.
+    let (o, e) = oxvirt(w2, &["sd", "attach", "data1", "--dc", "dc1"], false).await;
+    assert!(format!("{o}{e}").contains("is in use"), "{o}{e}");
+    assert_eq!(pool_of(&root), old_pool, "the running pool keeps its domain");
+
+    // It dies: the attach takes the domain over.
+    drop(node1);
+    engine.shutdown().await;
+    let t0 = Instant::now();
+    oxvirt(w2, &["sd", "attach", "data1", "--dc", "dc1"], true).await;
+    println!("take-over attach: {:.1} s", t0.elapsed().as_secs_f64());
+    let new_pool = pool_of(&root);
+    assert!(
+        !new_pool.is_empty() && new_pool != old_pool,
+        "{new_pool} vs {old_pool}"
+    );
+    let (out, _) = oxvirt(
+        w2,
+        &["sd", "unregistered", "data1", "--kind", "vm", "-o", "json"],
+        true,
+    )
+    .await;
+    assert!(out.contains("\"web\""), "{out}");
+    oxvirt(
+        w2,
+        &["sd", "register", "data1", &web.to_string(), "--kind", "vm"],
+        true,
+    )
+    .await;
+    let raw = w2.join("web.raw");
+    oxvirt(
+        w2,
+        &[
+            "disk",
+            "download",
+            &disk.to_string(),
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+        true,
+    )
+    .await;
+    let data = std::fs::read(&raw).unwrap();
+    assert!(
+        data[2 * MIB as usize..3 * MIB as usize]
+            .iter()
+            .all(|b| *b == 0x43),
+        "the VM's data, written at the first site"
+    );
 }

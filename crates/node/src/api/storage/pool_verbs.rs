@@ -180,6 +180,42 @@ pub struct VolumeRef {
     pub legality: Option<String>,
 }
 
+/// `StoragePool.forcedDetachStorageDomain` (VDSM's verb): domain `sdUUID` taken out of the
+/// pool its metadata names, watched under host id `hostID`; runs as a job.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForcedDetach {
+    #[serde(rename = "sdUUID")]
+    pub sd: SdUuid,
+    /// VDSM's: the pool to leave; oxvirt leaves whichever the metadata names.
+    #[serde(rename = "spUUID", default)]
+    pub pool: Option<PoolUuid>,
+    #[serde(rename = "hostID")]
+    pub host_id: u64,
+    #[serde(rename = "ioTimeout", default)]
+    pub io_timeout: Option<f64>,
+    #[serde(rename = "fenceMargin", default)]
+    pub fence_margin: Option<f64>,
+}
+
+impl ForcedDetach {
+    pub fn timing(&self) -> Result<PoolTiming, ApiError> {
+        Ok(PoolTiming {
+            io_timeout: secs(
+                self.io_timeout,
+                oxvirt_lease::timeouts::DEFAULT_IO_TIMEOUT,
+                "ioTimeout",
+            )?,
+            fence_margin: secs(
+                self.fence_margin,
+                oxvirt_lease::timeouts::SANLOCK_FENCE_MARGIN,
+                "fenceMargin",
+            )?,
+            mailbox: MailboxConfig::default(),
+        })
+    }
+}
+
 /// `Volume.setDescription` (VDSM's verb).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -358,6 +394,8 @@ pub enum PoolRequest {
     VolumeExtendSize(VolumeRef),
     VolumeSetLegality(VolumeRef),
     VolumeSetDescription(VolumeDescription),
+    /// Started as a job by the node's dispatcher (it waits for leases); never executed here.
+    ForcedDetach(ForcedDetach),
     VolumeWriteData(VolumeWriteData),
     VolumeAcquireLease(VolumeRef),
     VolumeReleaseLease(VolumeRef),
@@ -412,6 +450,7 @@ impl PoolRequest {
             "Volume.extendSize" => PoolRequest::VolumeExtendSize(params(method, p)?),
             "Volume.setLegality" => PoolRequest::VolumeSetLegality(params(method, p)?),
             "Volume.setDescription" => PoolRequest::VolumeSetDescription(params(method, p)?),
+            "StoragePool.forcedDetachStorageDomain" => PoolRequest::ForcedDetach(params(method, p)?),
             "Volume.writeData" => PoolRequest::VolumeWriteData(params(method, p)?),
             "Volume.acquireLease" => PoolRequest::VolumeAcquireLease(params(method, p)?),
             "Volume.releaseLease" => PoolRequest::VolumeReleaseLease(params(method, p)?),
@@ -457,7 +496,7 @@ impl From<PoolServiceError> for ApiError {
             E::Lease(_) => ErrorCode::LeaseError,
             E::Task(oxvirt_storage::tasks::TaskError::NotFound { .. }) => ErrorCode::TaskNotFound,
             E::NotConnected(_) | E::NoPool => ErrorCode::NotConnected,
-            E::OtherPool(_) => ErrorCode::Busy,
+            E::OtherPool(_) | E::DomainInUse { .. } => ErrorCode::Busy,
             E::Invalid(_) | E::Pool(oxvirt_storage::pool::PoolError::Invalid { .. }) => {
                 ErrorCode::InvalidParameter
             }
@@ -735,6 +774,10 @@ pub fn execute_pool(pools: &PoolService, req: PoolRequest) -> Result<Value, ApiE
                     legality: l,
                 }),
             )
+        }
+        PoolRequest::ForcedDetach(f) => {
+            let pools_left = pools.forced_detach(f.sd, f.host_id, f.timing()?)?;
+            Ok(json!({ "pools": pools_left }))
         }
         PoolRequest::VolumeSetDescription(v) => {
             let cp = ensure_pool(pools, v.pool)?;
