@@ -863,15 +863,21 @@ def main():
     # Disaster recovery, as oVirt does it: a VM whose disk lives on the second domain leaves the
     # engine with that domain (deactivated: its OVF stores written; detached: forgotten) and
     # comes back by registration from the stores once the domain is attached again.
-    dr = vms.add(types.Vm(name=P + "-dr", cluster=types.Cluster(name=P + "-cl"),
-                          template=types.Template(name="Blank"), memory=128 * MIB))
-    dr_svc = vms.vm_service(dr.id)
-    dr_svc.disk_attachments_service().add(types.DiskAttachment(
-        disk=types.Disk(name=P + "-dr-disk", format=types.DiskFormat.COW, provisioned_size=8 * MIB,
-                        sparse=True, storage_domains=[types.StorageDomain(id=sd2.id)]),
-        interface=types.DiskInterface.VIRTIO, bootable=True, active=True))
-    wait("DR disk ok", lambda: all(system.disks_service().disk_service(a.disk.id).get().status == types.DiskStatus.OK
-                                   for a in dr_svc.disk_attachments_service().list()))
+    def dr_vm(name):
+        v = vms.add(types.Vm(name=name, cluster=types.Cluster(name=P + "-cl"),
+                             template=types.Template(name="Blank"), memory=128 * MIB))
+        v_svc = vms.vm_service(v.id)
+        v_svc.disk_attachments_service().add(types.DiskAttachment(
+            disk=types.Disk(name=name + "-disk", format=types.DiskFormat.COW, provisioned_size=8 * MIB,
+                            sparse=True, storage_domains=[types.StorageDomain(id=sd2.id)]),
+            interface=types.DiskInterface.VIRTIO, bootable=True, active=True))
+        wait(name + " disk ok", lambda: all(
+            system.disks_service().disk_service(a.disk.id).get().status == types.DiskStatus.OK
+            for a in v_svc.disk_attachments_service().list()))
+        return v, v_svc
+    dr, dr_svc = dr_vm(P + "-dr")
+    gone, gone_svc = dr_vm(P + "-gone")
+    gone_disk = gone_svc.disk_attachments_service().list()[0].disk.id
     sd2_svc = sds.storage_domain_service(sd2.id)
     sd2_svc.update_ovf_store()
     att2 = attached.storage_domain_service(sd2.id)
@@ -883,6 +889,11 @@ def main():
     attached.add(types.StorageDomain(id=sd2.id))
     wait("second domain active again", lambda: att2.get().status == types.StorageDomainStatus.ACTIVE, 120)
     unreg = sd2_svc.vms_service().list(unregistered=True)
+    assert sorted(v.name for v in unreg) == [P + "-dr", P + "-gone"], [v.name for v in unreg]
+    # One is not wanted back: removed from the domain with its disk.
+    sd2_svc.vms_service().vm_service(gone.id).remove()
+    assert not os.path.exists(os.path.join(os.environ["OXVIRT_STORAGE"], sd2.id, "images", gone_disk))
+    unreg = sd2_svc.vms_service().list(unregistered=True)
     assert [v.name for v in unreg] == [P + "-dr"], [v.name for v in unreg]
     assert unreg[0].id == dr.id
     sd2_svc.vms_service().vm_service(dr.id).register(cluster=types.Cluster(name=P + "-cl"))
@@ -891,7 +902,7 @@ def main():
     assert len(dr_svc.disk_attachments_service().list()) == 1
     assert not sd2_svc.vms_service().list(unregistered=True)
     dr_svc.remove()
-    step("VM carried by its domain through detach and attach, registered again")
+    step("VMs carried by their domain through detach and attach: one registered again, one removed")
 
     # Host maintenance and back.
     h = hosts.list(search="name=%s" % names[-1])[0]
