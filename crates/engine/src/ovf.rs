@@ -20,8 +20,8 @@ use quick_xml::escape::escape;
 use crate::model::{
     BootDevice, ClusterId, CpuTopology, Disk, DiskContentType, DiskFormat, DiskId, DiskInterface, DiskStatus,
     HighAvailability, MacAddr, Nic, NicId, NicInterface, Placement, PlacementAffinity, SdUuid, Snapshot,
-    SnapshotDisk, SnapshotId, SnapshotStatus, SnapshotType, Template, TemplateId, TemplateNic,
-    TemplateStatus, Vm, VmConfiguration, VmId, VmOs, VolType, VolUuid, Volume,
+    SnapshotDisk, SnapshotId, SnapshotMemory, SnapshotStatus, SnapshotType, StateVolume, Template,
+    TemplateId, TemplateNic, TemplateStatus, Vm, VmConfiguration, VmId, VmOs, VolType, VolUuid, Volume,
 };
 use crate::rest::input::Elem;
 use crate::time::Timestamp;
@@ -63,6 +63,8 @@ pub struct OvfVm {
     pub nics: Vec<Nic>,
     /// Regular snapshots and the active one, with the disks' volumes each holds.
     pub snapshots: Vec<Snapshot>,
+    /// The memory the snapshots that kept one saved (oVirt's `<Memory>`).
+    pub memory: BTreeMap<SnapshotId, SnapshotMemory>,
 }
 
 /// A template as its OVF describes it.
@@ -360,6 +362,21 @@ pub fn write_vm(o: &OvfVm) -> String {
                 &mut out,
                 "OxvirtConfiguration",
                 serde_json::to_string(c).unwrap_or_default(),
+            );
+        }
+        if let Some(m) = o.memory.get(&s.id) {
+            // oVirt's form (domain, pool, memory image and volume, metadata image and volume):
+            // oxvirt's one state volume holds both; the size it restores into is its own.
+            let v = m.state;
+            tag(
+                &mut out,
+                "Memory",
+                format!("{},{},{},{},{},{}", v.sd, VmId::nil(), v.img, v.vol, v.img, v.vol),
+            );
+            tag(
+                &mut out,
+                "OxvirtMemory",
+                serde_json::json!({ "memory_bytes": m.memory_bytes, "cpus": m.cpus }),
             );
         }
         out.push_str("</Snapshot>");
@@ -789,6 +806,7 @@ pub fn read(id: &str, xml: &[u8], sd: Option<SdUuid>) -> Result<OvfEntity, OvfEr
         });
     }
     let mut snapshots = Vec::new();
+    let mut memory = BTreeMap::new();
     for s in section(content, "SnapshotsSection_Type")
         .into_iter()
         .flat_map(|s| s.children_named("Snapshot"))
@@ -811,13 +829,37 @@ pub fn read(id: &str, xml: &[u8], sd: Option<SdUuid>) -> Result<OvfEntity, OvfEr
                     })
             })
             .collect();
+        if let Some(m) = s.str("Memory") {
+            let parts: Vec<&str> = m.split(',').map(str::trim).collect();
+            if let [sd, _pool, img, vol, ..] = parts.as_slice() {
+                let sizes: serde_json::Value = s
+                    .str("OxvirtMemory")
+                    .and_then(|j| serde_json::from_str(j).ok())
+                    .unwrap_or_default();
+                memory.insert(
+                    sid,
+                    SnapshotMemory {
+                        state: StateVolume {
+                            sd: uuid_of(&label, "memory domain", sd)?,
+                            img: uuid_of(&label, "memory image", img)?,
+                            vol: uuid_of(&label, "memory volume", vol)?,
+                        },
+                        memory_bytes: sizes["memory_bytes"].as_u64().unwrap_or(memory_bytes),
+                        cpus: sizes["cpus"]
+                            .as_u64()
+                            .and_then(|c| u32::try_from(c).ok())
+                            .unwrap_or(vm.cpu.vcpus() as u32),
+                    },
+                );
+            }
+        }
         snapshots.push(Snapshot {
             id: sid,
             vm_id: vid,
             description: s.string("Description").unwrap_or_default(),
             snapshot_type,
             status: SnapshotStatus::Ok,
-            persist_memory: false,
+            persist_memory: memory.contains_key(&sid),
             configuration: s
                 .str("OxvirtConfiguration")
                 .and_then(|c| serde_json::from_str::<VmConfiguration>(c).ok()),
@@ -835,6 +877,7 @@ pub fn read(id: &str, xml: &[u8], sd: Option<SdUuid>) -> Result<OvfEntity, OvfEr
         disks,
         nics: nics_out,
         snapshots,
+        memory,
     })))
 }
 
@@ -1030,7 +1073,7 @@ mod tests {
                 description: "before upgrade".into(),
                 snapshot_type: SnapshotType::Regular,
                 status: SnapshotStatus::Ok,
-                persist_memory: false,
+                persist_memory: true,
                 configuration: Some(vm.configuration()),
                 disks: vec![SnapshotDisk {
                     disk_id: disks[0].disk.id,
@@ -1069,6 +1112,18 @@ mod tests {
             plugged: true,
             linked: false,
         }];
+        let memory = BTreeMap::from([(
+            s1,
+            SnapshotMemory {
+                state: StateVolume {
+                    sd,
+                    img: crate::model::ImgUuid::new_random(),
+                    vol: VolUuid::new_random(),
+                },
+                memory_bytes: 2 * GIB,
+                cpus: 4,
+            },
+        )]);
         OvfVm {
             vm,
             cluster_name: "Default".into(),
@@ -1076,6 +1131,7 @@ mod tests {
             disks,
             nics,
             snapshots,
+            memory,
         }
     }
 

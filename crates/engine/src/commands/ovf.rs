@@ -209,7 +209,14 @@ impl Commands {
                     }))
                 })
                 .collect();
+            let mut memory = BTreeMap::new();
+            for s in snapshots.iter().filter(|s| s.persist_memory) {
+                if let Some(m) = db.snapshot_memory_get(s.id).await? {
+                    memory.insert(s.id, m);
+                }
+            }
             let o = OvfVm {
+                memory,
                 vm: vm.clone(),
                 cluster_name: clusters.get(&vm.cluster_id).cloned().unwrap_or_default(),
                 template_name: template_names.get(&vm.template_id).cloned().unwrap_or_else(|| {
@@ -776,6 +783,29 @@ impl Commands {
             .map(|n| n.name)
             .collect();
 
+        // A snapshot's saved memory comes back when its volume is on storage, LEGAL.
+        let mut memories = BTreeMap::new();
+        for (snap, m) in &o.memory {
+            let v = m.state;
+            let info = spm
+                .call(
+                    "Volume.getInfo",
+                    json!({ "sdUUID": v.sd, "imgUUID": v.img, "volUUID": v.vol }),
+                )
+                .await;
+            match info {
+                Ok(i)
+                    if i["meta"]["legality"]
+                        .as_str()
+                        .is_some_and(|l| l.eq_ignore_ascii_case("legal")) =>
+                {
+                    memories.insert(*snap, *m);
+                }
+                _ => {
+                    tracing::warn!(vm = %name, snapshot = %snap, "a snapshot's memory is not on storage; it registers without it")
+                }
+            }
+        }
         let mut vm = o.vm.clone();
         vm.name = name.clone();
         vm.cluster_id = cl.id;
@@ -838,7 +868,12 @@ impl Commands {
         {
             let mut s = s.clone();
             s.disks.retain(|d| registered.contains(&d.disk_id));
+            let memory = memories.get(&s.id);
+            s.persist_memory = memory.is_some();
             tx.snapshot_insert(&s).await?;
+            if let Some(m) = memory {
+                tx.snapshot_memory_set(s.id, m).await?;
+            }
         }
         tx.unregistered_ovf_remove(sd, *id.as_uuid()).await?;
         tx.commit().await?;

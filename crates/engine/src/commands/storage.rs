@@ -1287,6 +1287,30 @@ async fn leaving_with(app: &App, dc: DcId, sd: SdUuid) -> Result<Leaving, Comman
             )));
         }
     }
+    // Saved states (a memory snapshot's, a suspended VM's) of VMs that stay must stay reachable.
+    let parts = db.vm_parts_in_dc(dc).await?;
+    for (vm, snaps) in &parts.snapshots {
+        if out.vms.contains(vm) {
+            continue;
+        }
+        let mut states = Vec::new();
+        for s in snaps.iter().filter(|s| s.persist_memory) {
+            if let Some(m) = db.snapshot_memory_get(s.id).await? {
+                states.push(m.state);
+            }
+        }
+        states.extend(db.vm_hibernation_get(*vm).await?);
+        if states.iter().any(|st| st.sd == sd) {
+            let name = db
+                .vm_get(*vm)
+                .await?
+                .map(|v| v.name)
+                .unwrap_or_else(|| vm.to_string());
+            return Err(CommandError::Conflict(format!(
+                "VM {name} keeps a saved memory state on storage domain {sd} and stays: remove that snapshot (or resume the VM) first"
+            )));
+        }
+    }
     for d in &disks {
         if let Some(v) = db
             .vms_with_cdrom(d.id)

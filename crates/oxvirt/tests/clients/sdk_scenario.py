@@ -865,7 +865,7 @@ def main():
     # comes back by registration from the stores once the domain is attached again.
     def dr_vm(name):
         v = vms.add(types.Vm(name=name, cluster=types.Cluster(name=P + "-cl"),
-                             template=types.Template(name="Blank"), memory=128 * MIB))
+                             template=types.Template(name="Blank"), memory=256 * MIB, os=guest_os))
         v_svc = vms.vm_service(v.id)
         v_svc.disk_attachments_service().add(types.DiskAttachment(
             disk=types.Disk(name=name + "-disk", format=types.DiskFormat.COW, provisioned_size=8 * MIB,
@@ -878,6 +878,14 @@ def main():
     dr, dr_svc = dr_vm(P + "-dr")
     gone, gone_svc = dr_vm(P + "-gone")
     gone_disk = gone_svc.disk_attachments_service().list()[0].disk.id
+    # A snapshot with its memory, taken while it ran: the state travels with the domain too.
+    dr_svc.start()
+    wait("DR VM up", lambda: dr_svc.get().status == types.VmStatus.UP, 120)
+    dr_snaps = dr_svc.snapshots_service()
+    dr_snap = dr_snaps.add(types.Snapshot(description=P + "-dr-snap", persist_memorystate=True))
+    wait("DR snapshot ok", lambda: dr_snaps.snapshot_service(dr_snap.id).get().snapshot_status == types.SnapshotStatus.OK)
+    dr_svc.stop()
+    wait("DR VM down", lambda: dr_svc.get().status == types.VmStatus.DOWN)
     sd2_svc = sds.storage_domain_service(sd2.id)
     sd2_svc.update_ovf_store()
     att2 = attached.storage_domain_service(sd2.id)
@@ -898,7 +906,9 @@ def main():
     assert unreg[0].id == dr.id
     sd2_svc.vms_service().vm_service(dr.id).register(cluster=types.Cluster(name=P + "-cl"))
     back = dr_svc.get()
-    assert back.name == P + "-dr" and back.memory == 128 * MIB, back
+    assert back.name == P + "-dr" and back.memory == 256 * MIB, back
+    kept = dr_svc.snapshots_service().snapshot_service(dr_snap.id).get()
+    assert kept.description == P + "-dr-snap" and kept.persist_memorystate is True, kept
     assert len(dr_svc.disk_attachments_service().list()) == 1
     assert not sd2_svc.vms_service().list(unregistered=True)
     dr_svc.remove()
