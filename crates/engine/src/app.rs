@@ -110,6 +110,9 @@ pub struct App {
     pub vm_cpu: std::sync::Mutex<crate::balance::VmCpu>,
     /// Held while OVF stores are read or written (see `commands::ovf`).
     pub ovf_lock: tokio::sync::Mutex<()>,
+    /// Attached domains whose storage was searched for OVF stores and held none (in memory: a
+    /// restarted engine searches once more); cleared when a domain is detached.
+    pub ovf_searched: std::sync::Mutex<std::collections::HashSet<SdUuid>>,
 }
 
 impl App {
@@ -124,6 +127,7 @@ impl App {
             migration_progress: Default::default(),
             vm_cpu: Default::default(),
             ovf_lock: Default::default(),
+            ovf_searched: Default::default(),
         })
     }
 

@@ -357,11 +357,17 @@ impl Commands {
 
     async fn load_stores_locked(&self, sd: SdUuid) -> Result<usize, CommandError> {
         let db = &self.app.db;
-        if !db.ovf_stores_of(sd).await?.is_empty() {
+        let searched = || self.app.ovf_searched.lock().expect("ovf searched").contains(&sd);
+        if searched() || !db.ovf_stores_of(sd).await?.is_empty() {
             return Ok(0);
         }
         let (_, _, spm) = self.store_domain(sd).await?;
         let found = self.stores_on_storage(&spm, sd).await?;
+        if found.is_empty() {
+            // Nothing to adopt: not searched again until the domain is attached anew (the
+            // first write makes the stores).
+            self.app.ovf_searched.lock().expect("ovf searched").insert(sd);
+        }
         let newest = found
             .iter()
             .filter_map(|(img, vol, d)| ovf::store_state(d, sd).map(|(size, at)| (at, size, *img, *vol)))

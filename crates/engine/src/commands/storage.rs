@@ -1449,7 +1449,9 @@ impl SagaDef for DetachStorageDomainSaga {
             // from here the saga only goes forward, and the step repeats harmlessly.
             Step::without_undo("forget", |c: StepCtx<Self>| async move {
                 let p = c.params();
-                forget_leaving(c.db(), p.sd, &p.leaving).await
+                forget_leaving(c.db(), p.sd, &p.leaving).await?;
+                c.app().ovf_searched.lock().expect("ovf searched").remove(&p.sd);
+                Ok(())
             })
             .point_of_no_return()
             .describe("Forgetting the VMs, templates and disks that left with the domain"),
