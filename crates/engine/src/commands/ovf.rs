@@ -67,6 +67,32 @@ pub struct RegisterOptions {
     pub allow_partial_import: bool,
     /// NICs whose MAC address is taken (or none) get a new one from the cluster's pool.
     pub reassign_bad_macs: bool,
+    /// oVirt's cluster mappings: the OVF's cluster (by name) → a cluster here, used when no
+    /// cluster is given.
+    pub cluster_mappings: Vec<(String, crate::model::ClusterId)>,
+    /// oVirt's vNIC profile mappings, by network (a network's one profile here): the OVF's
+    /// network (`None`: NICs on none) → a network here (`None`: unwired).
+    pub network_mappings: Vec<(Option<String>, Option<String>)>,
+}
+
+impl RegisterOptions {
+    /// The cluster asked for, or the one the OVF's cluster maps to.
+    fn cluster_for(&self, ovf_cluster: &str) -> Option<crate::model::ClusterId> {
+        self.cluster.or_else(|| {
+            self.cluster_mappings
+                .iter()
+                .find(|(from, _)| from == ovf_cluster)
+                .map(|(_, to)| *to)
+        })
+    }
+
+    /// Where a NIC on OVF network `net` goes, when a mapping says.
+    fn network_for(&self, net: Option<&str>) -> Option<Option<String>> {
+        self.network_mappings
+            .iter()
+            .find(|(from, _)| from.as_deref().filter(|f| !f.is_empty()) == net)
+            .map(|(_, to)| to.clone().filter(|t| !t.is_empty()))
+    }
 }
 
 /// Each entity's id and the SHA-256 of its OVF. The VMs' statuses are left out: a VM
@@ -765,7 +791,9 @@ impl Commands {
             return Err(CommandError::not_found("unregistered VM", id));
         };
         let (dc, _, spm) = self.store_domain(sd).await?;
-        let cl = self.register_cluster(dc, opts.cluster, &o.cluster_name).await?;
+        let cl = self
+            .register_cluster(dc, opts.cluster_for(&o.cluster_name), &o.cluster_name)
+            .await?;
         let name = opts.name.clone().unwrap_or_else(|| o.vm.name.clone());
         if db.vm_get_by_name(&name).await?.is_some() {
             return Err(CommandError::Conflict(format!(
@@ -848,7 +876,15 @@ impl Commands {
         }
         for n in &o.nics {
             let mut nic = n.clone();
-            if nic.network.as_ref().is_some_and(|net| !networks.contains(net)) {
+            if let Some(to) = opts.network_for(nic.network.as_deref()) {
+                if let Some(t) = to.as_ref().filter(|t| !networks.contains(*t)) {
+                    return Err(CommandError::Conflict(format!(
+                        "the vNIC profile mapping of NIC {} names network {t}, which cluster {} lacks",
+                        nic.name, cl.name
+                    )));
+                }
+                nic.network = to;
+            } else if nic.network.as_ref().is_some_and(|net| !networks.contains(net)) {
                 // The network is not in this cluster: the NIC comes back unwired (an empty
                 // profile, as oVirt does without a mapping).
                 nic.network = None;
@@ -920,7 +956,9 @@ impl Commands {
             return Err(CommandError::not_found("unregistered template", id));
         };
         let (dc, _, spm) = self.store_domain(sd).await?;
-        let cl = self.register_cluster(dc, opts.cluster, &o.cluster_name).await?;
+        let cl = self
+            .register_cluster(dc, opts.cluster_for(&o.cluster_name), &o.cluster_name)
+            .await?;
         let name = opts.name.clone().unwrap_or_else(|| o.template.name.clone());
         if db.template_get_by_name(&name).await?.is_some() {
             return Err(CommandError::Conflict(format!(
@@ -947,8 +985,19 @@ impl Commands {
             }
             tx.template_disk_add(t.id, d.disk.id).await?;
         }
+        let networks: BTreeSet<String> = db
+            .cluster_networks(cl.id)
+            .await?
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
         for n in &o.nics {
-            tx.template_nic_insert(n).await?;
+            let mut n = n.clone();
+            n.network = opts
+                .network_for(n.network.as_deref())
+                .unwrap_or(n.network)
+                .filter(|net| networks.contains(net));
+            tx.template_nic_insert(&n).await?;
         }
         tx.unregistered_ovf_remove(sd, *id.as_uuid()).await?;
         tx.commit().await?;
@@ -1011,5 +1060,41 @@ pub fn unregistered_template(e: &OvfEntity) -> Option<&OvfTemplate> {
     match e {
         OvfEntity::Template(t) => Some(t),
         OvfEntity::Vm(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClusterId;
+
+    #[test]
+    fn mappings_choose_the_cluster_and_the_networks() {
+        let (a, b) = (ClusterId::new_random(), ClusterId::new_random());
+        let mut o = RegisterOptions {
+            cluster_mappings: vec![("east".into(), a)],
+            network_mappings: vec![
+                (Some("red".into()), Some("blue".into())),
+                (Some("green".into()), None),
+                (None, Some("blue".into())),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(o.cluster_for("east"), Some(a));
+        assert_eq!(o.cluster_for("west"), None, "unmapped: the OVF's own, by name");
+        o.cluster = Some(b);
+        assert_eq!(o.cluster_for("east"), Some(b), "a cluster asked for wins");
+        assert_eq!(o.network_for(Some("red")), Some(Some("blue".into())));
+        assert_eq!(
+            o.network_for(Some("green")),
+            Some(None),
+            "mapped to none: unwired"
+        );
+        assert_eq!(
+            o.network_for(None),
+            Some(Some("blue".into())),
+            "NICs on no network"
+        );
+        assert_eq!(o.network_for(Some("yellow")), None, "unmapped");
     }
 }

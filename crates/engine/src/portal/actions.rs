@@ -988,6 +988,7 @@ async fn prepare(ctx: &Ctx, verb: &Verb, form: &Form, corr: String) -> Result<Jo
                 name,
                 allow_partial_import: form.get("allow_partial") == Some("1"),
                 reassign_bad_macs: form.get("reassign_macs") == Some("1"),
+                ..Default::default()
             };
             let what = match kind {
                 OvfEntityType::Vm => "VM",

@@ -559,6 +559,14 @@ pub enum SdCmd {
         /// Give NICs whose MAC address is taken a new one from the cluster's pool.
         #[arg(long)]
         reassign_macs: bool,
+        /// The OVF's cluster OLD is cluster NEW here (`OLD=NEW`; repeatable): oVirt's cluster
+        /// mappings.
+        #[arg(long = "map-cluster", value_name = "OLD=NEW")]
+        map_cluster: Vec<String>,
+        /// NICs on the OVF's network OLD go on network NEW here (`OLD=NEW`, an empty NEW
+        /// leaves them unwired; repeatable): oVirt's vNIC profile mappings.
+        #[arg(long = "map-network", value_name = "OLD=NEW")]
+        map_network: Vec<String>,
     },
     /// Write a storage domain's OVF stores now (they are also written hourly and before the
     /// domain goes to maintenance).
@@ -2091,8 +2099,28 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
             rename,
             allow_partial,
             reassign_macs,
+            map_cluster,
+            map_network,
         } => {
             let id = ctx.id(k, &name).await?;
+            let split = |m: &str| -> anyhow::Result<(String, String)> {
+                m.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("a mapping is OLD=NEW, not {m:?}"))
+            };
+            let mut clusters = Vec::new();
+            for m in &map_cluster {
+                let (from, to) = split(m)?;
+                clusters.push(json!({ "from": { "name": from }, "to": { "name": to } }));
+            }
+            let mut profiles = Vec::new();
+            for m in &map_network {
+                let (from, to) = split(m)?;
+                profiles.push(json!({
+                    "from": { "name": from, "network": { "name": from } },
+                    "to": { "name": to, "network": { "name": to } },
+                }));
+            }
             let (path, item, kd) = kind.collection();
             if kind == UnregisteredKind::Disk {
                 let obj = ctx
@@ -2116,6 +2144,12 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
             }
             if let Some(n) = rename {
                 body[item] = json!({ "name": n });
+            }
+            if !clusters.is_empty() || !profiles.is_empty() {
+                body["registration_configuration"] = json!({
+                    "cluster_mappings": { "registration_cluster_mapping": clusters },
+                    "vnic_profile_mappings": { "registration_vnic_profile_mapping": profiles },
+                });
             }
             let mut p = Progress::new(format!("register {item} {what}"), ctx.quiet);
             p.set("reading its disks on storage");

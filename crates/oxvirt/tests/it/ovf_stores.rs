@@ -359,6 +359,7 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
         true,
     )
     .await;
+    oxvirt(w, &["cluster", "create", "cl-dr", "--dc", "dc1"], true).await;
     let leaf = |vm: VmId| {
         let db = db.clone();
         async move {
@@ -480,11 +481,18 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
             "vm",
             "--rename",
             "base-dr",
+            "--map-cluster",
+            "cl1=cl-dr",
         ],
         true,
     )
     .await;
     let b = db.vm_get(base).await.unwrap().unwrap();
+    let cl_dr = db.cluster_get_by_name("cl-dr").await.unwrap().unwrap().id;
+    assert_eq!(
+        b.cluster_id, cl_dr,
+        "oVirt's cluster mapping: the OVF's cl1 is cl-dr here"
+    );
     assert_eq!(
         (b.name.as_str(), b.memory_bytes, b.cpu.vcpus()),
         ("base-dr", 256 * MIB, 2)

@@ -173,11 +173,55 @@ pub async fn register(r: &Req, templates: bool) -> Result<Resp, ApiError> {
         .get(if templates { "template/name" } else { "vm/name" })
         .map(|e: &Elem| e.text.trim().to_string())
         .filter(|n| !n.is_empty());
+    let mut cluster_mappings = Vec::new();
+    let mut network_mappings = Vec::new();
+    if let Some(rc) = b.child("registration_configuration") {
+        for m in rc
+            .get("cluster_mappings")
+            .into_iter()
+            .flat_map(|c| c.children_named("registration_cluster_mapping"))
+        {
+            let from = m
+                .str("from/name")
+                .ok_or_else(|| ApiError::bad_request("a cluster mapping needs <from><name>"))?;
+            let to = m
+                .child("to")
+                .ok_or_else(|| ApiError::bad_request("a cluster mapping needs <to>"))?;
+            cluster_mappings.push((from.to_string(), cluster_ref(r, to).await?));
+        }
+        for m in rc
+            .get("vnic_profile_mappings")
+            .into_iter()
+            .flat_map(|c| c.children_named("registration_vnic_profile_mapping"))
+        {
+            let from = m.string("from/network/name").or_else(|| m.string("from/name"));
+            let to = match m.child("to") {
+                None => None,
+                Some(t) => profile_network(r, t).await?,
+            };
+            network_mappings.push((from, to));
+        }
+    }
+    // oVirt 4.1's form, still sent by Ansible's `vnic_profile_mappings`.
+    for m in b
+        .get("vnic_profile_mappings")
+        .into_iter()
+        .flat_map(|c| c.children_named("vnic_profile_mapping"))
+    {
+        let from = m.string("source_network_name");
+        let to = match m.child("target_vnic_profile") {
+            None => None,
+            Some(t) => profile_network(r, t).await?,
+        };
+        network_mappings.push((from, to));
+    }
     let opts = RegisterOptions {
         cluster,
         name,
         allow_partial_import: b.bool("allow_partial_import")?.unwrap_or(false),
         reassign_bad_macs: b.bool("reassign_bad_macs")?.unwrap_or(false),
+        cluster_mappings,
+        network_mappings,
     };
     if templates {
         r.cmds()
@@ -187,6 +231,23 @@ pub async fn register(r: &Req, templates: bool) -> Result<Resp, ApiError> {
         r.cmds().register_vm(s.id, VmId::from_uuid(id), opts).await?;
     }
     Ok(action_complete(r))
+}
+
+/// The network a mapping's target vNIC profile is (`<to id>`, or `<to><name>` with
+/// `<network><name>`; empty: none). Each network here has one profile, its namesake.
+async fn profile_network(r: &Req, t: &Elem) -> Result<Option<String>, ApiError> {
+    if let Some(id) = t.id() {
+        let p: oxvirt_types::VnicProfileId = id
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("vNIC profile id {id:?} is not a UUID")))?;
+        let n = r
+            .db()
+            .network_get(crate::network::network_of_profile(p))
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("vNIC profile {id} not found")))?;
+        return Ok(Some(n.name));
+    }
+    Ok(t.string("network/name").or_else(|| t.string("name")))
 }
 
 /// `DELETE /storagedomains/{sd}/vms/{id}`: an unregistered VM (or template) and its disks go.
