@@ -371,6 +371,31 @@ fn topology(o: &mut Out, cpu: &CpuTopology) {
     o.close("cpu");
 }
 
+/// The virtual hardware oxvirt gives every VM and template, in oVirt's elements (clients such
+/// as Ansible's `ovirt_template` compare them): a q35 machine with SeaBIOS and no boot menu, no
+/// single sign-on, USB, sound card or I/O threads.
+fn fixed_hardware(o: &mut Out) {
+    o.open("bios", None, None);
+    o.open("boot_menu", None, None);
+    o.leaf("enabled", false);
+    o.close("boot_menu");
+    o.leaf("type", "q35_sea_bios");
+    o.close("bios");
+    o.open("sso", None, None);
+    o.open("methods", None, None);
+    o.array_open("method");
+    o.array_close();
+    o.close("methods");
+    o.close("sso");
+    o.open("usb", None, None);
+    o.leaf("enabled", false);
+    o.close("usb");
+    o.open("io", None, None);
+    o.leaf("threads", 0);
+    o.close("io");
+    o.leaf("soundcard_enabled", false);
+}
+
 fn os(o: &mut Out, os: Option<&VmOs>) {
     let default = VmOs::default();
     let os_ = os.unwrap_or(&default);
@@ -452,6 +477,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
     o.close("memory_policy");
     topology(o, &v.cpu);
     os(o, Some(&v.os));
+    fixed_hardware(o);
     o.open("high_availability", None, None);
     o.leaf("enabled", v.ha.enabled);
     o.leaf("priority", v.ha.priority);
@@ -553,9 +579,11 @@ pub fn template(o: &mut Out, t: &Template, emb: Option<&Embedded>) {
     o.open("memory_policy", None, None);
     o.leaf("guaranteed", t.memory_bytes);
     o.leaf("max", t.memory_bytes.saturating_mul(4));
+    o.leaf("ballooning", false);
     o.close("memory_policy");
     topology(o, &t.cpu);
     os(o, None);
+    fixed_hardware(o);
     o.leaf("creation_time", time(t.created_at));
     o.leaf("type", "server");
     o.leaf("origin", "ovirt");
