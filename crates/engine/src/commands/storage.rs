@@ -1287,7 +1287,26 @@ async fn leaving_with(app: &App, dc: DcId, sd: SdUuid) -> Result<Leaving, Comman
             )));
         }
     }
-    // Saved states (a memory snapshot's, a suspended VM's) of VMs that stay must stay reachable.
+    // A staying VM's lease, and its saved states (a memory snapshot's, a suspended VM's), must
+    // stay reachable.
+    let staying = db
+        .vm_list(&ListQuery {
+            filter: VmFilter {
+                data_center: Some(Ref::Id(dc)),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await?;
+    if let Some(v) = staying
+        .iter()
+        .find(|v| !out.vms.contains(&v.id) && v.lease_storage_domain_id == Some(sd))
+    {
+        return Err(CommandError::Conflict(format!(
+            "VM {} keeps its lease on storage domain {sd} and stays: move the lease to another domain first",
+            v.name
+        )));
+    }
     let parts = db.vm_parts_in_dc(dc).await?;
     for (vm, snaps) in &parts.snapshots {
         if out.vms.contains(vm) {

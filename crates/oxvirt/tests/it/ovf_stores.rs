@@ -3,7 +3,7 @@
 //! with a snapshot and data in both layers); the engine's periodic pass writes `data1`'s two
 //! OVF stores, which are checked on storage as oVirt would read them (the description's JSON,
 //! the tar listed by `tar`). Deactivated, `data1` refuses to detach while a VM spans it and
-//! `data0`; once that VM lets go of its disk there, the detach takes the template, the VMs and
+//! `data0`, or keeps its lease there; once that VM lets go of its disk there, the detach takes the template, the VMs and
 //! the disks out of the engine's records. A second engine with a node of its own, which never
 //! saw any of it, imports the domain: it offers them as unregistered; a VM is refused before
 //! its template, then both register with their disks, NIC and snapshot, and the VM's disk
@@ -300,6 +300,18 @@ async fn data_domains_carry_their_vms_and_templates_to_be_registered_again() {
     );
     assert!(db.vm_get(web).await.unwrap().is_some(), "nothing forgotten");
     oxvirt(w, &["disk", "detach", "spanx", "--vm", "span"], true).await;
+    // Nor while a VM that stays keeps its lease there.
+    let mut sv = db.vm_get_by_name("span").await.unwrap().unwrap();
+    sv.lease_storage_domain_id = Some(sd1.parse().unwrap());
+    let sv = engine.cmds.update_vm(&sv).await.unwrap();
+    let (o, e) = oxvirt(w, &["sd", "detach", "data1"], false).await;
+    assert!(
+        format!("{o}{e}").contains("VM span keeps its lease on storage domain"),
+        "{o}{e}"
+    );
+    let mut sv = sv;
+    sv.lease_storage_domain_id = None;
+    engine.cmds.update_vm(&sv).await.unwrap();
     oxvirt(w, &["sd", "detach", "data1"], true).await;
     for v in [base, web] {
         assert!(
