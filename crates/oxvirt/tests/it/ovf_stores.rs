@@ -3,14 +3,14 @@
 //! with a snapshot and data in both layers); the engine's periodic pass writes `data1`'s two
 //! OVF stores, which are checked on storage as oVirt would read them (the description's JSON,
 //! the tar listed by `tar`). Deactivated, `data1` refuses to detach while a VM spans it and
-//! `data0`, or keeps its lease there; once that VM lets go of its disk there, the detach takes the template, the VMs and
-//! the disks out of the engine's records. A second engine with a node of its own, which never
-//! saw any of it, imports the domain: it offers them as unregistered; a VM is refused before
-//! its template, then both register with their disks, NIC and snapshot, and the VM's disk
-//! reads back the data of every layer. Refused and changing nothing: registering twice, an id
-//! that is not there, a name that is taken. One VM registers through the admin portal's
-//! "VM import" form. (Re-attaching to the same engine is the SDK's and
-//! Ansible's scenario in `rest_clients`.)
+//! `data0`, or keeps its lease there; once that VM lets go of both, the detach takes the
+//! template, the VMs and the disks out of the engine's records. A second engine with a node of
+//! its own, which never saw any of it, imports the domain: it offers them as unregistered; a
+//! VM is refused before its template, then both register with their disks, NIC and snapshot
+//! (one into another cluster by oVirt's cluster mapping), and the VM's disk reads back the data
+//! of every layer. Refused and changing nothing: registering twice, an id that is not there, a
+//! name that is taken. One VM registers through the admin portal's "VM import" form.
+//! (Re-attaching to the same engine is the SDK's and Ansible's scenario in `rest_clients`.)
 
 use crate::common;
 use crate::transfers::{engine_cfg, https_request, login_with_dc1_and_cl1, oxvirt, PASSWORD};
