@@ -381,14 +381,23 @@ impl PoolService {
         let mut cfg = LockspaceConfig::new(&sd.to_string(), host_id, &self.host_name, timing.io_timeout);
         cfg.fence_margin = timing.fence_margin;
         let ids = dom.md_dir().join("ids");
-        let ls = Lockspace::acquire(&ids, 0, cfg, self.clock.clone()).map_err(|source| match source {
-            // Our host id is another pool's live host's there.
-            oxvirt_lease::LeaseError::HostIdBusy { .. } => PoolServiceError::DomainInUse {
-                sd,
-                hosts: vec![host_id],
-            },
-            source => PoolServiceError::HostId { sd, host_id, source },
-        })?;
+        let acquire = |cfg: LockspaceConfig| {
+            Lockspace::acquire(&ids, 0, cfg, self.clock.clone()).map_err(|source| match source {
+                // Our host id is another pool's live host's there.
+                oxvirt_lease::LeaseError::HostIdBusy { .. } => PoolServiceError::DomainInUse {
+                    sd,
+                    hosts: vec![host_id],
+                },
+                source => PoolServiceError::HostId { sd, host_id, source },
+            })
+        };
+        let mut ls = acquire(cfg.clone())?;
+        if ls.valid_until() < self.clock.now() + timing.io_timeout * 4 {
+            // As in `ConnectedPool::acquire_host_id`: the wait used the N the record had, the
+            // validity ours; the record is ours now, taken back at once.
+            drop(ls);
+            ls = acquire(cfg)?;
+        }
         let others = || {
             ls.hosts()
                 .into_iter()
