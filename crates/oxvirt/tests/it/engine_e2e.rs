@@ -446,6 +446,9 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
+    // The resumed guest writes on (its console log on this host may be a new one, without a
+    // pass yet right after the restore).
+    wait_pass(&rh, 1, "the resumed guest prints no pass").await;
     let msnap = cmds
         .add_snapshot(
             vm.id,
