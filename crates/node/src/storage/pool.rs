@@ -1480,8 +1480,8 @@ impl ConnectedPool {
         Ok(self.domains.domain(sd)?.set_description(img, vol, description)?)
     }
 
-    /// Writes bytes into a raw volume (an OVF store) on the SPM's behalf: the SPM is the one
-    /// writer of a pool's OVF stores, so two engines' updates never interleave.
+    /// Writes bytes into an OVF store volume (raw, `DISKTYPE=OVFS`) on the SPM's behalf: the SPM
+    /// is the one writer of a pool's OVF stores, so two engines' updates never interleave.
     pub fn write_volume_data(
         &self,
         sd: SdUuid,
@@ -1492,10 +1492,15 @@ impl ConnectedPool {
         sync: bool,
     ) -> Result<()> {
         self.require_spm()?;
-        Ok(self
-            .domains
-            .domain(sd)?
-            .write_volume_data(img, vol, offset, data, sync)?)
+        let dom = self.domains.domain(sd)?;
+        // The verb exists for OVF stores: a guest's raw disk is never written through it.
+        let disktype = dom.read_meta(img, vol)?.disktype;
+        if !disktype.eq_ignore_ascii_case("OVFS") {
+            return Err(PoolServiceError::Invalid(format!(
+                "volume {vol} is of disk type {disktype}: only OVF store volumes (OVFS) are written this way"
+            )));
+        }
+        Ok(dom.write_volume_data(img, vol, offset, data, sync)?)
     }
 
     /// The guard of a cold merge of `top` into `base`: both, and `top`'s child, whose backing

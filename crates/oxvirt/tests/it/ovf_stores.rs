@@ -912,6 +912,39 @@ async fn a_dead_data_centers_domain_is_taken_over_once_its_hosts_are_gone() {
         2,
     );
     oxvirt(w, &["sd", "update-ovf", "data1"], true).await;
+    // The SPM writes OVF store volumes only: a guest's raw disk is refused, unchanged.
+    oxvirt(
+        w,
+        &[
+            "disk", "create", "rawd", "--size", "1M", "--sd", "data1", "--format", "raw",
+        ],
+        true,
+    )
+    .await;
+    let db1 = engine.cmds.app.db.clone();
+    let rawd = db1
+        .disk_list(&oxvirt_engine::db::ListQuery::new())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "rawd")
+        .unwrap()
+        .id;
+    let rvol = db1.volume_chain(rawd).await.unwrap()[0].id;
+    let dc1 = db1.dc_get_by_name("dc1").await.unwrap().unwrap();
+    let (_, spm) = engine.cmds.app.dc_spm(dc1.id).await.unwrap();
+    let rpath = root.join("images").join(rawd.to_string()).join(rvol.to_string());
+    let before = std::fs::read(&rpath).unwrap();
+    let e = spm
+        .call(
+            "Volume.writeData",
+            serde_json::json!({ "spUUID": dc1.storage_pool_id, "sdUUID": sd, "imgUUID": rawd,
+                                "volUUID": rvol, "offset": 0, "data": "eA==", "sync": true }),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("only OVF store volumes"), "{e}");
+    assert_eq!(std::fs::read(&rpath).unwrap(), before, "the disk is untouched");
 
     // The recovery site: an engine and a node of its own, the domain imported as it is.
     let (engine2_dir, work2, node2) = (
