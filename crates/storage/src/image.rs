@@ -908,55 +908,52 @@ impl FileStorageDomain {
 
     /// Sets a volume's LEGALITY (an administrator's repair after inspecting a chain).
     pub fn set_legality(&self, img: ImgUuid, vol: VolUuid, legality: Legality) -> Result<()> {
-        let _g = self.lock_ops();
-        let mut meta = self.read_meta(img, vol)?;
-        if meta.image != img {
-            return Err(state_err(
-                img,
-                vol,
-                "set_legality",
-                "belongs to another image (template)".into(),
-                "a volume of this image",
-            ));
-        }
-        if meta.legality == legality {
-            return Ok(());
-        }
-        // A template's `.meta` is hard-linked into every clone's image; replacing it (write by
-        // rename) would leave the clones with the old record. A template in use is not changed.
-        if meta.role == VolRole::Shared {
-            self.ensure_template_unused(img, vol)?;
-        }
-        meta.legality = legality;
-        self.write_meta(img, vol, &meta)
+        self.edit_meta(img, vol, "set_legality", |m| {
+            std::mem::replace(&mut m.legality, legality) != legality
+        })
     }
 
     /// Replaces a volume's DESCRIPTION (VDSM's `setVolumeDescription`: the engine keeps disk
-    /// aliases and OVF store state there). Bounded as VDSM bounds it; a template volume in use
-    /// is not changed (its `.meta` is shared with its clones).
+    /// aliases and OVF store state there). Bounded as VDSM bounds it.
     pub fn set_description(&self, img: ImgUuid, vol: VolUuid, description: &str) -> Result<()> {
         crate::volmeta::validate_description(description).map_err(|e| StorageError::InvalidArgument {
             what: "description",
             reason: e.to_string(),
         })?;
+        self.edit_meta(img, vol, "set_description", |m| {
+            std::mem::replace(&mut m.description, description.to_string()) != description
+        })
+    }
+
+    /// Changes one of image `img`'s own volumes' `.meta` with `edit` (which answers whether it
+    /// changed anything). A template's `.meta` is hard-linked into every clone's image;
+    /// replacing it (write by rename) would leave the clones with the old record, so a template
+    /// in use is not changed.
+    fn edit_meta(
+        &self,
+        img: ImgUuid,
+        vol: VolUuid,
+        verb: &'static str,
+        edit: impl FnOnce(&mut VolumeMetadata) -> bool,
+    ) -> Result<()> {
         let _g = self.lock_ops();
         let mut meta = self.read_meta(img, vol)?;
         if meta.image != img {
             return Err(state_err(
                 img,
                 vol,
-                "set_description",
+                verb,
                 "belongs to another image (template)".into(),
                 "a volume of this image",
             ));
         }
-        if meta.description == description {
+        let role = meta.role;
+        if !edit(&mut meta) {
             return Ok(());
         }
-        if meta.role == VolRole::Shared {
+        if role == VolRole::Shared {
             self.ensure_template_unused(img, vol)?;
         }
-        meta.description = description.to_string();
         self.write_meta(img, vol, &meta)
     }
 

@@ -774,6 +774,18 @@ impl Commands {
         Ok(cl)
     }
 
+    /// The names of the networks cluster `cl` has (where a registered NIC may go).
+    async fn network_names(&self, cl: crate::model::ClusterId) -> Result<BTreeSet<String>, CommandError> {
+        Ok(self
+            .app
+            .db
+            .cluster_networks(cl)
+            .await?
+            .into_iter()
+            .map(|n| n.name)
+            .collect())
+    }
+
     /// Registers unregistered VM `id` of domain `sd`: the VM with its disks (volume chains as
     /// storage has them), NICs and snapshots, in one transaction.
     pub async fn register_vm(
@@ -810,12 +822,7 @@ impl Commands {
         let (disks, known) = self
             .disks_on_storage(&spm, &label, &o.disks, opts.allow_partial_import)
             .await?;
-        let networks: BTreeSet<String> = db
-            .cluster_networks(cl.id)
-            .await?
-            .into_iter()
-            .map(|n| n.name)
-            .collect();
+        let networks = self.network_names(cl.id).await?;
 
         // A snapshot's saved memory comes back when its volume is on storage, LEGAL.
         let mut memories = BTreeMap::new();
@@ -985,12 +992,7 @@ impl Commands {
             }
             tx.template_disk_add(t.id, d.disk.id).await?;
         }
-        let networks: BTreeSet<String> = db
-            .cluster_networks(cl.id)
-            .await?
-            .into_iter()
-            .map(|n| n.name)
-            .collect();
+        let networks = self.network_names(cl.id).await?;
         for n in &o.nics {
             let mut n = n.clone();
             n.network = opts
