@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod faultfs;
 pub mod netns;
 
 /// The repository's root (two levels above this crate).
