@@ -65,6 +65,7 @@ fn vm(name: &str, disk: &Path, args: &[&str]) -> VmCreate {
         cpus_unplugged: false,
         max_memory_mib: None,
         dimms: vec![],
+        resume_behavior: Default::default(),
     }
 }
 

@@ -181,6 +181,7 @@ impl Node {
         tokio::spawn(publish_vm_status(Arc::downgrade(&node)));
         tokio::spawn(publish_migration_progress(Arc::downgrade(&node)));
         tokio::spawn(monitor_domains(Arc::downgrade(&node)));
+        tokio::spawn(settle_io_pauses(Arc::downgrade(&node)));
         // SPM role changes go out as events at once (the engine elects and serves from them).
         let events = node.events.clone();
         node.pools.set_spm_observer(Arc::new(move |pool, host_id, st| {
@@ -379,6 +380,7 @@ impl Node {
                             json!({ "vmID": info.id, "vmName": info.name, "status": to_json(&info.status),
                                     "pid": info.pid, "disks": to_json(&info.disks),
                                     "monitorResponse": monitor,
+                                    "pauseCode": self.vms.pause_code(info.id).map(|c| c.vdsm_name()),
                                     "stats": stats.ok().map(|s| to_json(&s)) })
                         })
                         .collect(),
@@ -409,9 +411,6 @@ fn ksm_json(k: &KsmState) -> Value {
     })
 }
 
-/// Publishes `|virt|VM_status|<vmID>` on every VM status change, from the manager's change
-/// stream (so a pause undone a millisecond later is still two events), plus a VM's first
-/// status when it appears and its removal when it leaves the manager (checked every 100 ms).
 /// The domain monitor's loop (see [`crate::storage::monitor`]): checks the connected pool's
 /// domains each interval, each on its own blocking thread, and publishes changes.
 async fn monitor_domains(node: std::sync::Weak<Node>) {
@@ -460,6 +459,47 @@ async fn monitor_domains(node: std::sync::Weak<Node>) {
     }
 }
 
+/// How often VMs stopped on storage errors are looked at (cheap: no I/O, no QMP unless one
+/// is acted on). The domain monitor's interval (≥ 0.5 s) dominates the resume latency.
+const IO_PAUSE_TICK: Duration = Duration::from_millis(200);
+
+/// Resumes or kills VMs stopped on storage errors as their resume behaviour and the domain
+/// monitor's checks decide (see [`crate::vm::io_errors`]). Acts one VM at a time, awaiting
+/// each, so a VM is never acted on twice for one pause.
+async fn settle_io_pauses(node: std::sync::Weak<Node>) {
+    use crate::vm::io_errors::{kill_after, verdict, Verdict};
+    loop {
+        tokio::time::sleep(IO_PAUSE_TICK).await;
+        let Some(n) = node.upgrade() else { return };
+        let paused = n.vms.io_paused();
+        if paused.is_empty() {
+            continue;
+        }
+        let io_timeout = n
+            .pools
+            .current()
+            .map_or(oxvirt_lease::timeouts::DEFAULT_IO_TIMEOUT, |cp| cp.io_timeout());
+        for p in paused {
+            let seen: Vec<_> = p.domains.iter().map(|sd| n.domain_monitor.seen(*sd)).collect();
+            let now = std::time::Instant::now();
+            match verdict(p.behavior, p.pause, &seen, now, kill_after(io_timeout)) {
+                Verdict::Wait => {}
+                Verdict::Resume => {
+                    if let Err(e) = n.vms.resume_after_io_error(p.id).await {
+                        tracing::warn!(vm_id = %p.id, error = %e, "resume after the storage error failed");
+                    }
+                }
+                Verdict::Kill => {
+                    let paused_for = now.saturating_duration_since(p.pause.since);
+                    if let Err(e) = n.vms.kill_paused(p.id, paused_for).await {
+                        tracing::error!(vm_id = %p.id, error = %e, "cannot kill a VM paused too long");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Publishes each progress sample of an outgoing migration (`|virt|VM_migration_progress|<id>`).
 async fn publish_migration_progress(node: std::sync::Weak<Node>) {
     use tokio::sync::broadcast::error::RecvError;
@@ -483,6 +523,9 @@ async fn publish_migration_progress(node: std::sync::Weak<Node>) {
     }
 }
 
+/// Publishes `|virt|VM_status|<vmID>` on every VM status change, from the manager's change
+/// stream (so a pause undone a millisecond later is still two events), plus a VM's first
+/// status when it appears and its removal when it leaves the manager (checked every 100 ms).
 async fn publish_vm_status(node: std::sync::Weak<Node>) {
     use tokio::sync::broadcast::error::RecvError;
     let Some(mut changes) = node.upgrade().map(|n| n.vms.changes()) else {

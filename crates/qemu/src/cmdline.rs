@@ -320,7 +320,7 @@ pub enum WriteErrorPolicy {
     /// write retried on `cont`; report any other error. The guest never sees ENOSPC.
     #[default]
     StopOnEnospc,
-    /// Pause the VM on any write error (VDSM's `error_policy='stop'`).
+    /// Pause the VM on any read or write error (VDSM's `error_policy='stop'`).
     Stop,
 }
 
@@ -330,6 +330,14 @@ impl WriteErrorPolicy {
             Self::Report => "report",
             Self::StopOnEnospc => "enospc",
             Self::Stop => "stop",
+        }
+    }
+
+    /// Reads fail the same way as writes under `Stop`; otherwise the guest sees them.
+    fn read_error_name(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Report | Self::StopOnEnospc => "report",
         }
     }
 }
@@ -602,7 +610,7 @@ pub fn disk_device_id(slot: usize) -> String {
 pub fn disk_device_json(slot: usize, disk: &DiskSpec, drive: &str, port: bool) -> serde_json::Value {
     let mut dev = serde_json::json!({
         "drive": drive, "id": disk_device_id(slot),
-        "werror": disk.write_error.qemu_name(), "rerror": "report",
+        "werror": disk.write_error.qemu_name(), "rerror": disk.write_error.read_error_name(),
     });
     match disk.bus {
         DiskBus::VirtioBlk => {
@@ -1199,6 +1207,14 @@ mod tests {
             .iter()
             .any(|d| d.contains(r#""werror":"report""#)));
         assert!(!args.iter().any(|a| a.contains("virtserialport")));
+        s.disks[0].write_error = WriteErrorPolicy::Stop;
+        let args = s.to_args().unwrap();
+        assert!(
+            arg_after(&args, "-device")
+                .iter()
+                .any(|d| d.contains(r#""werror":"stop""#) && d.contains(r#""rerror":"stop""#)),
+            "a stopping disk stops on reads too: {args:?}"
+        );
     }
 
     #[test]

@@ -816,6 +816,10 @@ pub struct BlockInfo {
     pub qdev: Option<String>,
     #[serde(default)]
     pub inserted: Option<BlockDeviceInfo>,
+    /// `ok`, `failed` or `nospace`: the device's last I/O error, for devices that stop on
+    /// errors (`werror`/`rerror` `stop` or `enospc`).
+    #[serde(rename = "io-status", default)]
+    pub io_status: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -278,6 +278,9 @@ pub struct VmParams {
     /// DIMMs hot plugged on the migration source, added as devices here.
     #[serde(default)]
     pub dimms: Vec<oxvirt_qemu::Dimm>,
+    /// What to do when storage fails under the VM (VDSM's `resumeBehavior`).
+    #[serde(default)]
+    pub resume_behavior: crate::vm::io_errors::ResumeBehavior,
 }
 
 /// The volume a hibernated VM's state lives in (VDSM's `hibernationVolHandle`).
@@ -880,7 +883,8 @@ impl Node {
                     layers,
                     serial: Some(d.image.to_string().chars().take(20).collect()),
                     read_only: d.readonly,
-                    write_error: Default::default(),
+                    // Storage errors stop the guest; `io_errors` decides what then.
+                    write_error: oxvirt_qemu::WriteErrorPolicy::Stop,
                     image: Some(ImageRef {
                         sd: d.domain,
                         img: d.image,
@@ -984,6 +988,7 @@ impl Node {
             vm_lease: p.lease.as_ref().map(|l| l.sd),
             cdrom,
             boot_order: p.boot_order.clone(),
+            resume_behavior: p.resume_behavior,
         })
     }
 

@@ -35,6 +35,8 @@ pub struct DomainCheck {
 #[derive(Debug, Clone)]
 struct Entry {
     check: DomainCheck,
+    /// When the check started (a stall: when the stalled check started).
+    from: Instant,
     at: Instant,
 }
 
@@ -61,23 +63,23 @@ impl DomainMonitor {
     /// or the host id), or is the domain's first.
     pub fn finish(&self, sd: SdUuid, check: DomainCheck, now: Instant) -> Option<DomainCheck> {
         self.running.lock().expect("monitor").remove(&sd);
-        self.started.lock().expect("monitor").remove(&sd);
-        self.record(sd, check, now)
+        let from = self.started.lock().expect("monitor").remove(&sd).unwrap_or(now);
+        self.record(sd, check, from, now)
     }
 
     /// Domains whose check has run for longer than `STUCK_AFTER` intervals: each is recorded
     /// invalid (once per stall) and returned with its new state.
     pub fn stuck(&self, interval: Duration, now: Instant) -> Vec<(SdUuid, DomainCheck)> {
-        let stalled: Vec<(SdUuid, Duration)> = self
+        let stalled: Vec<(SdUuid, Instant, Duration)> = self
             .started
             .lock()
             .expect("monitor")
             .iter()
-            .map(|(sd, t)| (*sd, now.saturating_duration_since(*t)))
-            .filter(|(_, running)| *running > interval * STUCK_AFTER)
+            .map(|(sd, t)| (*sd, *t, now.saturating_duration_since(*t)))
+            .filter(|(_, _, running)| *running > interval * STUCK_AFTER)
             .collect();
         let mut out = Vec::new();
-        for (sd, running) in stalled {
+        for (sd, from, running) in stalled {
             let acquired = self
                 .last
                 .lock()
@@ -90,14 +92,14 @@ impl DomainMonitor {
                 error: Some(format!("the metadata read has not returned for {running:?}")),
                 acquired,
             };
-            if let Some(c) = self.record(sd, check, now) {
+            if let Some(c) = self.record(sd, check, from, now) {
                 out.push((sd, c));
             }
         }
         out
     }
 
-    fn record(&self, sd: SdUuid, check: DomainCheck, now: Instant) -> Option<DomainCheck> {
+    fn record(&self, sd: SdUuid, check: DomainCheck, from: Instant, now: Instant) -> Option<DomainCheck> {
         let mut last = self.last.lock().expect("monitor");
         let changed = last
             .get(&sd)
@@ -106,10 +108,24 @@ impl DomainMonitor {
             sd,
             Entry {
                 check: check.clone(),
+                from,
                 at: now,
             },
         );
         changed.then_some(check)
+    }
+
+    /// The last finished check of `sd`: valid or not, and when it started (what the resume
+    /// of VMs stopped on storage errors goes by: see [`crate::vm::io_errors`]).
+    pub fn seen(&self, sd: SdUuid) -> Option<crate::vm::io_errors::DomainSeen> {
+        self.last
+            .lock()
+            .expect("monitor")
+            .get(&sd)
+            .map(|e| crate::vm::io_errors::DomainSeen {
+                valid: e.check.valid,
+                checked_from: e.from,
+            })
     }
 
     /// Forgets domains no longer monitored (left the pool, or the pool was disconnected).
@@ -190,13 +206,19 @@ mod tests {
         assert_eq!(m.finish(sd, bad.clone(), t0), Some(bad));
         assert!(m.begin(sd, t0));
         assert!(m.finish(sd, ok(false), t0).is_some(), "host id lost is news");
+        let t1 = t0 + Duration::from_millis(200);
+        assert!(m.begin(sd, t1));
+        m.finish(sd, ok(false), t1 + Duration::from_millis(300));
+        let seen = m.seen(sd).unwrap();
+        assert!(seen.valid);
+        assert_eq!(seen.checked_from, t1, "a check counts from when it started");
         let st = m.repo_stats(t0 + Duration::from_millis(1500));
         let e = &st[sd.to_string()];
         assert_eq!(
             (e["valid"].as_bool(), e["acquired"].as_bool()),
             (Some(true), Some(false))
         );
-        assert_eq!(e["lastCheck"], "1.5");
+        assert_eq!(e["lastCheck"], "1.0");
         assert_eq!(e["code"], 0);
         m.retain(&[]);
         assert_eq!(m.repo_stats(t0), json!({}));

@@ -606,6 +606,10 @@ impl ConnectedPool {
     }
 
     /// How often the domain monitor checks (VDSM: 10 s with its default io_timeout of 10 s).
+    pub fn io_timeout(&self) -> Duration {
+        self.timing.io_timeout
+    }
+
     pub fn monitor_interval(&self) -> Duration {
         self.timing.io_timeout.max(Duration::from_millis(500))
     }

@@ -24,6 +24,7 @@ pub mod cdrom;
 pub mod cpus;
 pub mod disks;
 pub mod hooks;
+pub mod io_errors;
 pub mod ksm;
 pub mod memory;
 pub mod nics;
@@ -104,6 +105,9 @@ pub struct VmCreate {
     /// DIMMs hot plugged beyond `memory_mib` (see [`memory`]).
     #[serde(default)]
     pub dimms: Vec<oxvirt_qemu::Dimm>,
+    /// What to do when storage fails under the VM (see [`io_errors`]).
+    #[serde(default)]
+    pub resume_behavior: io_errors::ResumeBehavior,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +367,16 @@ impl VmRecord {
     }
 }
 
+/// A VM stopped on a storage error (see [`VmManager::io_paused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoPaused {
+    pub id: VmId,
+    pub pause: io_errors::IoPause,
+    pub behavior: io_errors::ResumeBehavior,
+    /// The storage domains of its disks.
+    pub domains: Vec<SdUuid>,
+}
+
 /// A VM as `list`/`status` report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -423,6 +437,9 @@ pub struct VmStats {
     pub thin_extend_total_ms: u64,
     /// Times the guest was paused on ENOSPC.
     pub enospc_pauses: u64,
+    /// Why the guest is stopped on a storage error, while it is (VDSM's `pauseCode`).
+    #[serde(default)]
+    pub pause_code: Option<io_errors::PauseCode>,
     /// A guest that arrived by migration and waited paused for its leases: how long (ms)
     /// from the stream's end to running here.
     #[serde(default)]
@@ -707,6 +724,11 @@ struct Vm {
     thin_extends: AtomicU64,
     thin_extend_us: AtomicU64,
     enospc_pauses: AtomicU64,
+    /// The code of the first `BLOCK_IO_ERROR` since the guest last ran (QEMU sends it just
+    /// before stopping the guest).
+    io_error: Mutex<Option<io_errors::PauseCode>>,
+    /// Set while the guest is stopped on a storage error.
+    io_pause: Mutex<Option<io_errors::IoPause>>,
     /// ms + 1; 0 = did not wait (see `VmStats::lease_wait_ms`).
     lease_wait: AtomicU64,
     /// Percent + 1 of the outgoing migration; 0 = none running.
@@ -823,6 +845,37 @@ impl Vm {
 
     fn set_intent(&self, kind: DownKind, detail: impl Into<String>) {
         *self.intent.lock().unwrap() = Some((kind, detail.into()));
+    }
+
+    fn pause_code(&self) -> Option<io_errors::PauseCode> {
+        self.io_pause.lock().unwrap().map(|p| p.code)
+    }
+
+    /// Notes that QEMU stopped the guest on a storage error (the code from the event just
+    /// before, else from the devices' `io-status`).
+    async fn note_io_pause(&self) {
+        let seen = self.io_error.lock().unwrap().take();
+        let code = match seen {
+            Some(c) => c,
+            None => match self.qmp() {
+                Ok(q) => q
+                    .execute(&qmp::QueryBlock {})
+                    .await
+                    .map(|b| {
+                        io_errors::PauseCode::from_io_status(b.iter().filter_map(|d| d.io_status.as_deref()))
+                    })
+                    .unwrap_or(io_errors::PauseCode::Eother),
+                Err(_) => io_errors::PauseCode::Eother,
+            },
+        };
+        if code == io_errors::PauseCode::Enospc {
+            self.enospc_pauses.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(vm_id = %self.id, code = code.vdsm_name(), "guest stopped on a storage error");
+        *self.io_pause.lock().unwrap() = Some(io_errors::IoPause {
+            code,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -1292,6 +1345,8 @@ impl VmManager {
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
+            io_error: Mutex::new(None),
+            io_pause: Mutex::new(None),
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
             migration_cancel: Default::default(),
@@ -1313,6 +1368,7 @@ impl VmManager {
         nics::apply_link_states(&vm).await;
         arm_thresholds(&vm).await;
         if st.status == "io-error" {
+            vm.note_io_pause().await;
             // Recovered (or started) while stopped on ENOSPC: extend now.
             let slots = vm.record.lock().unwrap().slots();
             for slot in slots {
@@ -1391,6 +1447,8 @@ impl VmManager {
             thin_extends: AtomicU64::new(0),
             thin_extend_us: AtomicU64::new(0),
             enospc_pauses: AtomicU64::new(0),
+            io_error: Mutex::new(None),
+            io_pause: Mutex::new(None),
             lease_wait: AtomicU64::new(0),
             migration_progress: AtomicU64::new(0),
             migration_cancel: Default::default(),
@@ -1676,6 +1734,7 @@ impl VmManager {
             thin_extends: vm.thin_extends.load(Ordering::Relaxed),
             thin_extend_total_ms: vm.thin_extend_us.load(Ordering::Relaxed) / 1000,
             enospc_pauses: vm.enospc_pauses.load(Ordering::Relaxed),
+            pause_code: vm.pause_code(),
             lease_wait_ms: vm.lease_wait.load(Ordering::Relaxed).checked_sub(1),
             migration_progress: vm
                 .migration_progress
@@ -2759,6 +2818,75 @@ impl VmManager {
     }
 
     /// Live VMs holding leases on `sd`.
+    /// Why VM `id` is stopped on a storage error, while it is.
+    pub fn pause_code(&self, id: VmId) -> Option<io_errors::PauseCode> {
+        self.get(id).ok()?.pause_code()
+    }
+
+    /// The VMs stopped on a storage error now, with what [`io_errors::verdict`] needs.
+    pub fn io_paused(&self) -> Vec<IoPaused> {
+        let vms: Vec<Arc<Vm>> = self.vms.lock().unwrap().values().cloned().collect();
+        vms.iter()
+            .filter(|v| {
+                matches!(
+                    v.status(),
+                    VmStatus::Paused {
+                        reason: PauseReason::IoError
+                    }
+                )
+            })
+            .filter_map(|v| {
+                let pause = (*v.io_pause.lock().unwrap())?;
+                let rec = v.record.lock().unwrap();
+                let mut domains: Vec<SdUuid> = rec
+                    .create
+                    .disks
+                    .iter()
+                    .filter_map(|d| Some(d.image?.sd))
+                    .collect();
+                domains.sort();
+                domains.dedup();
+                Some(IoPaused {
+                    id: v.id,
+                    pause,
+                    behavior: rec.create.resume_behavior,
+                    domains,
+                })
+            })
+            .collect()
+    }
+
+    /// Continues a VM stopped on a storage error, once its storage is back (a VM resumed
+    /// or stopped meanwhile is left as it is).
+    pub async fn resume_after_io_error(&self, id: VmId) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        let code = vm.pause_code();
+        if code.is_none() {
+            return Ok(vm.info());
+        }
+        tracing::info!(vm_id = %id, code = ?code, "storage is back; resuming the guest");
+        self.cont(&vm).await
+    }
+
+    /// Kills a VM stopped on a storage error for too long (resume behaviour `kill`): it goes
+    /// down as [`DownKind::PausedTooLong`], confirmed by QEMU's exit.
+    pub async fn kill_paused(&self, id: VmId, paused_for: Duration) -> Result<DownReason, VmError> {
+        let vm = self.get(id)?;
+        let code = vm.pause_code().map_or("EOTHER", io_errors::PauseCode::vdsm_name);
+        vm.set_intent(
+            DownKind::PausedTooLong,
+            format!("down because paused on a storage error ({code}) for {paused_for:.1?}"),
+        );
+        tracing::error!(vm_id = %id, code, ?paused_for, "killing a VM paused on a storage error for too long");
+        if let Some(p) = &vm.process {
+            let _ = p.signal(libc::SIGKILL);
+        }
+        match vm.wait_status("kill", COMMAND_SETTLE, VmStatus::is_down).await? {
+            VmStatus::Down { reason } => Ok(reason),
+            _ => unreachable!("waited for down"),
+        }
+    }
+
     fn holders_on(&self, sd: SdUuid) -> Vec<Arc<Vm>> {
         self.vms
             .lock()
@@ -3004,11 +3132,15 @@ async fn handle_event(vm: &Arc<Vm>, e: Event, extender: &Arc<dyn ExtendRequester
             };
             let status = st.map(|s| s.status).unwrap_or_else(|| "paused".into());
             if status == "io-error" {
-                vm.enospc_pauses.fetch_add(1, Ordering::Relaxed);
+                vm.note_io_pause().await;
             }
             vm.feed(Input::Stopped { status });
         }
-        Event::Resume => vm.feed(Input::Resumed),
+        Event::Resume => {
+            *vm.io_pause.lock().unwrap() = None;
+            *vm.io_error.lock().unwrap() = None;
+            vm.feed(Input::Resumed)
+        }
         Event::Shutdown { guest, reason } => {
             *vm.shutdown.lock().unwrap() = Some((*guest, reason.clone()));
         }
@@ -3018,12 +3150,19 @@ async fn handle_event(vm: &Arc<Vm>, e: Event, extender: &Arc<dyn ExtendRequester
             }
         }
         Event::BlockIoError {
-            node_name: Some(node_name),
-            nospace: true,
+            node_name,
+            nospace,
+            reason,
             ..
         } => {
-            if let Some(disk) = thin_disk_of_node(vm, node_name) {
-                spawn_extend(vm.clone(), disk, extender.clone());
+            vm.io_error
+                .lock()
+                .unwrap()
+                .get_or_insert(io_errors::PauseCode::from_event(*nospace, reason));
+            if let (Some(node_name), true) = (node_name, nospace) {
+                if let Some(disk) = thin_disk_of_node(vm, node_name) {
+                    spawn_extend(vm.clone(), disk, extender.clone());
+                }
             }
         }
         _ => {}

@@ -99,6 +99,9 @@ pub enum DownKind {
     StartFailed,
     /// QEMU went away without being asked to (crash, signal, incoming migration failure).
     Died,
+    /// Killed after staying stopped on a storage error longer than its resume behaviour
+    /// `kill` allows (VDSM's exit reason `DESTROYED_ON_PAUSE_TIMEOUT`).
+    PausedTooLong,
 }
 
 /// What happened, as the manager observed it.

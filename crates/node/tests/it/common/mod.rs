@@ -77,6 +77,7 @@ pub fn guest_vm(name: &str, disks: Vec<VmDisk>, args: &[&str]) -> VmCreate {
         cpus_unplugged: false,
         max_memory_mib: None,
         dimms: vec![],
+        resume_behavior: Default::default(),
     }
 }
 
