@@ -5,8 +5,9 @@
 //! - `unknown`/`not_responding` on a host that is not up (non-responsive, down): restart
 //!   **elsewhere**;
 //! - `down` with a crash reason (QEMU died) on a host that is up: restart **in place**;
-//! - `down` because it was self-fenced, vanished from its host, or a previous HA restart failed
-//!   ([`RESTART_PENDING`]): restart elsewhere;
+//! - `down` because it was self-fenced, vanished from its host, was killed after staying
+//!   paused on a storage error too long (resume behaviour `kill`), or a previous HA restart
+//!   failed ([`RESTART_PENDING`]): restart elsewhere (where the scheduler picks);
 //! - `down` for any other reason (stopped by an admin, guest shutdown): nothing.
 //!
 //! Then [`HaTracker::decide`] turns the need into an [`Action`] given the VM lease as a live
@@ -157,8 +158,11 @@ fn crashed(detail: &str) -> bool {
     detail.contains("\"died\"")
 }
 
+/// Self-fenced, gone, killed after staying paused on a storage error too long (its host's
+/// storage may still be out: the scheduler picks where), or a failed restart to try again.
 fn restart_elsewhere(detail: &str) -> bool {
     detail.contains("\"fenced\"")
+        || detail.contains("\"paused_too_long\"")
         || detail.contains("gone from its host")
         || detail.starts_with(RESTART_PENDING)
 }
@@ -506,6 +510,13 @@ mod tests {
             t.need(&vm(VmStatus::Down, Some(RESTART_PENDING), None), st),
             Need::Elsewhere { .. }
         ));
+        // Killed after a storage pause outlived its lease's safety: elsewhere too.
+        let paused =
+            r#"{"kind":"paused_too_long","detail":"down because paused on a storage error (EIO) for 8.2s"}"#;
+        assert_eq!(
+            t.need(&vm(VmStatus::Down, Some(paused), None), st),
+            Need::Elsewhere { from: Some(a) }
+        );
         // A crash whose last host is now down goes elsewhere.
         t.need(&vm(VmStatus::Up, None, Some(b)), st);
         assert_eq!(

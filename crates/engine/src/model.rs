@@ -266,6 +266,18 @@ impl VmStatus {
 }
 
 model_enum!(
+    /// What the node does with a VM that storage errors stopped (oVirt's
+    /// `storage_error_resume_behaviour`; see the node's `vm::io_errors`).
+    #[derive(Default)]
+    ResumeBehavior, "resume behaviour" {
+        #[default]
+        AutoResume = "auto_resume",
+        LeavePaused = "leave_paused",
+        Kill = "kill",
+    }
+);
+
+model_enum!(
     /// How a VM may move between hosts.
     PlacementAffinity, "placement affinity" {
         Migratable = "migratable",
@@ -698,6 +710,8 @@ pub struct Vm {
     pub ha: HighAvailability,
     /// The domain holding the VM's lease (HA VMs).
     pub lease_storage_domain_id: Option<SdUuid>,
+    /// As asked; what applies is [`Vm::effective_resume_behavior`].
+    pub resume_behavior: ResumeBehavior,
     pub placement: Placement,
     /// Boot settings beyond the disks.
     pub os: VmOs,
@@ -724,6 +738,7 @@ impl Vm {
             cpu: CpuTopology::ONE,
             ha: HighAvailability::default(),
             lease_storage_domain_id: None,
+            resume_behavior: ResumeBehavior::AutoResume,
             placement: Placement::default(),
             os: VmOs::default(),
             cdrom: None,
@@ -731,6 +746,17 @@ impl Vm {
             runtime: VmRuntime::default(),
             created_at: Timestamp::from_millis(0),
             revision: 0,
+        }
+    }
+
+    /// The resume behaviour that applies: `kill` for a highly available VM — it holds a VM
+    /// lease, which a paused QEMU would keep from the restart elsewhere (oVirt allows only
+    /// `kill` for HA VMs with a lease, and every oxvirt HA VM has one) — else the one asked.
+    pub fn effective_resume_behavior(&self) -> ResumeBehavior {
+        if self.ha.enabled {
+            ResumeBehavior::Kill
+        } else {
+            self.resume_behavior
         }
     }
 }

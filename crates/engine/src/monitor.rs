@@ -455,6 +455,28 @@ async fn mark_vms_unknown(app: &App, host: HostUuid) -> Result<(), CommandError>
     Ok(())
 }
 
+/// Whether a VM's `status_detail` is a storage pause code (see `io_pause_event`).
+fn is_pause_code(detail: Option<&str>) -> bool {
+    matches!(detail, Some("eio" | "enospc" | "eperm" | "eother"))
+}
+
+/// oVirt's audit event for a VM that storage errors paused, by VDSM pause code (lower case):
+/// `VM_PAUSED_EIO` (145), `VM_PAUSED_ENOSPC` (138), `VM_PAUSED_EPERM` (146), else
+/// `VM_PAUSED_ERROR` (139); all of severity error.
+fn io_pause_event(vm: &str, code: &str) -> (Severity, i32, String) {
+    let (n, why) = match code {
+        "eio" => (145, "storage I/O problem"),
+        "enospc" => (138, "no Storage space error"),
+        "eperm" => (146, "storage permissions problem"),
+        _ => (139, "unknown storage error"),
+    };
+    (
+        Severity::Error,
+        n,
+        format!("VM {vm} has been paused due to {why}."),
+    )
+}
+
 /// What the node's state word means for the engine's record.
 fn engine_status(node_state: &str) -> Option<VmStatus> {
     Some(match node_state {
@@ -518,6 +540,11 @@ pub async fn reconcile_vms(
         if r["monitorResponse"].as_i64() == Some(-1) && matches!(want, VmStatus::Up | VmStatus::Paused) {
             want = VmStatus::NotResponding;
         }
+        // A guest storage errors stopped: its VDSM pause code is its status detail.
+        let want_detail = r["pauseCode"]
+            .as_str()
+            .filter(|_| want == VmStatus::Paused)
+            .map(str::to_ascii_lowercase);
         let ours = vm.runtime.run_on_host == Some(h.id);
         if want == VmStatus::Down {
             // A migration's source goes down once the destination runs it; the saga cleans it.
@@ -555,8 +582,12 @@ pub async fn reconcile_vms(
             settle_disks(app, h, &vm, &atts, &r["disks"]).await?;
         }
         // Commands set transitional statuses; the node's word settles them.
+        let had_io_pause =
+            vm.runtime.status == VmStatus::Paused && is_pause_code(vm.runtime.status_detail.as_deref());
         let settle = match (vm.runtime.status, want) {
-            (s, w) if s == w => false,
+            (s, w) if s == w => {
+                vm.runtime.status_detail != want_detail && (want_detail.is_some() || had_io_pause)
+            }
             (VmStatus::Migrating | VmStatus::SavingState, _) => false,
             (
                 VmStatus::WaitForLaunch | VmStatus::PoweringUp | VmStatus::Unknown | VmStatus::NotResponding,
@@ -569,19 +600,28 @@ pub async fn reconcile_vms(
         if settle {
             let rt = VmRuntime {
                 status: want,
+                status_detail: want_detail.clone(),
                 run_on_host: Some(h.id),
                 ..Default::default()
             };
-            if settle_vm(app, id, vm.runtime.status, &rt).await? && want == VmStatus::NotResponding {
-                event(
-                    app,
-                    Severity::Warning,
-                    126,
-                    format!("VM {} is not responding", vm.name),
-                    Some(h.id),
-                    Some(id),
-                )
-                .await;
+            if settle_vm(app, id, vm.runtime.status, &rt).await? {
+                let news = match (want, want_detail.as_deref()) {
+                    (VmStatus::NotResponding, _) => Some((
+                        Severity::Warning,
+                        126,
+                        format!("VM {} is not responding", vm.name),
+                    )),
+                    (VmStatus::Paused, Some(code)) => Some(io_pause_event(&vm.name, code)),
+                    (VmStatus::Up, _) if had_io_pause => Some((
+                        Severity::Normal,
+                        196,
+                        format!("VM {} has recovered from paused back to up.", vm.name),
+                    )),
+                    _ => None,
+                };
+                if let Some((severity, code, text)) = news {
+                    event(app, severity, code, text, Some(h.id), Some(id)).await;
+                }
             }
         }
     }

@@ -328,6 +328,12 @@ pub fn write_vm(o: &OvfVm) -> String {
     if let Some(sd) = v.lease_storage_domain_id {
         tag(&mut out, "LeaseDomainId", sd);
     }
+    // oVirt writes the Java enum's name.
+    tag(
+        &mut out,
+        "ResumeBehavior",
+        v.effective_resume_behavior().as_str().to_ascii_uppercase(),
+    );
     tag(&mut out, "KernelUrl", v.os.kernel.as_deref().unwrap_or(""));
     tag(&mut out, "InitrdUrl", v.os.initrd.as_deref().unwrap_or(""));
     tag(&mut out, "KernelParams", v.os.cmdline.as_deref().unwrap_or(""));
@@ -770,6 +776,10 @@ pub fn read(id: &str, xml: &[u8], sd: Option<SdUuid>) -> Result<OvfEntity, OvfEr
         priority: num(content.str("Priority")).unwrap_or(0),
     };
     vm.lease_storage_domain_id = content.str("LeaseDomainId").and_then(|s| s.parse().ok());
+    vm.resume_behavior = content
+        .str("ResumeBehavior")
+        .and_then(|s| s.to_ascii_lowercase().parse().ok())
+        .unwrap_or_default();
     vm.placement = Placement {
         affinity: match content.str("MigrationSupport") {
             Some("1") => PlacementAffinity::UserMigratable,
@@ -1049,6 +1059,7 @@ mod tests {
             priority: 50,
         };
         vm.lease_storage_domain_id = Some(sd);
+        vm.resume_behavior = crate::model::ResumeBehavior::Kill;
         vm.placement = Placement {
             affinity: PlacementAffinity::Pinned,
             hosts: vec![HostUuid::new_random()],
@@ -1139,6 +1150,7 @@ mod tests {
     fn a_vm_reads_back_as_written() {
         let o = sample_vm();
         let xml = write_vm(&o);
+        assert!(xml.contains("<ResumeBehavior>KILL</ResumeBehavior>"), "{xml}");
         let back = read(&o.vm.id.to_string(), xml.as_bytes(), None).unwrap();
         let OvfEntity::Vm(back) = back else {
             panic!("a VM reads back as a template");

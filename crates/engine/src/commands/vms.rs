@@ -38,6 +38,9 @@ pub struct AddVm {
     pub cpu: Option<CpuTopology>,
     pub os: VmOs,
     pub ha: Option<crate::model::HighAvailability>,
+    /// What to do when storage fails under it (default `auto_resume`; always `kill` for a
+    /// highly available VM, see [`crate::model::Vm::effective_resume_behavior`]).
+    pub resume_behavior: Option<crate::model::ResumeBehavior>,
 }
 
 /// How a disk is attached to a VM.
@@ -143,6 +146,7 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
         "nics": nics,
         "balloon": true,
         "vnc": true,
+        "resumeBehavior": v.effective_resume_behavior(),
     });
     if let Some(max) = max_memory_mib(v.memory_bytes / MIB) {
         p["maxMemSize"] = json!(max);
@@ -1240,6 +1244,7 @@ impl Commands {
         if let Some(ha) = req.ha {
             vm.ha = ha;
         }
+        vm.resume_behavior = req.resume_behavior.unwrap_or_default();
         if vm.memory_bytes < 16 * MIB {
             return Err(CommandError::invalid("a VM needs at least 16 MiB of memory"));
         }
@@ -1701,8 +1706,10 @@ impl Commands {
         }
         let (_, node) = self.running_on(id).await?;
         node.call(verb, json!({ "vmID": id })).await?;
+        // A resume answers a storage pause too: its pause code goes with it.
         let rt = VmRuntime {
             status: to,
+            status_detail: None,
             ..vm.runtime.clone()
         };
         self.app.db.vm_set_runtime(id, from, &rt).await?;

@@ -96,6 +96,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ovf_stores",
         sql: include_str!("migrations/0015_ovf_stores.sql"),
     },
+    Migration {
+        version: 16,
+        name: "resume_behavior",
+        sql: include_str!("migrations/0016_resume_behavior.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -1205,6 +1205,7 @@ async fn add_vm_request(ctx: &Ctx, form: &Form) -> Result<AddVm, PortalError> {
         }),
         os,
         ha,
+        resume_behavior: form.parse("resume_behavior", "resume behaviour")?,
     })
 }
 

@@ -379,6 +379,18 @@ async fn sessions_pages_actions_and_live_updates() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
     assert!(r.body.contains("HA priority 500 is out of 0..100"), "{}", r.body);
     assert!(db.vm_get_by_name("t1").await.unwrap().is_none());
+    // And a resume behaviour oVirt does not have.
+    let mut bad_rb = vm_form("t1", &csrf);
+    bad_rb.push(("resume_behavior", "reboot".to_string()));
+    let r = post_owned(&t, "/portal/vms", bad_rb, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        r.body
+            .contains("resume behaviour &quot;reboot&quot; is not valid"),
+        "{}",
+        r.body
+    );
+    assert!(db.vm_get_by_name("t1").await.unwrap().is_none());
 
     // Creating a VM runs in the background; the page is back at once.
     let mut form = vm_form("t1", &csrf);
@@ -399,6 +411,11 @@ async fn sessions_pages_actions_and_live_updates() {
         .expect("the VM was created");
     assert_eq!(vm.memory_bytes, 64 << 20);
     assert_eq!((vm.ha.enabled, vm.ha.priority), (true, 3), "the HA checkbox");
+    assert_eq!(
+        vm.resume_behavior,
+        crate::model::ResumeBehavior::Kill,
+        "a highly available VM is killed on long storage errors, whatever the form said"
+    );
     let id = vm.id.to_string();
     assert!(done["link"].as_str().unwrap().ends_with(&id));
     let page = t.get("/portal/vms").await.body;

@@ -1611,6 +1611,17 @@ fn new_vm_form(h: &mut Html, f: &FormCtx, names: &Names, template: Option<&Templ
         "1",
         "min=\"0\" max=\"100\"",
     );
+    // What the node does when storage errors pause it (a highly available VM: always kill).
+    let behaviors: Vec<(String, String)> = crate::model::ResumeBehavior::ALL
+        .iter()
+        .map(|b| (b.as_str().to_string(), b.as_str().replace('_', " ")))
+        .collect();
+    h.select(
+        "On storage errors",
+        "resume_behavior",
+        &behaviors,
+        Some("auto_resume"),
+    );
     if template.is_none() {
         h.raw("<fieldset><legend>New disk (VMs from Blank)</legend>");
         h.input("Size (MiB, 0: none)", "disk_mib", "number", "0", "min=\"0\"");
@@ -1761,6 +1772,10 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             } else {
                 "off".into()
             },
+        ),
+        (
+            "On storage errors",
+            v.effective_resume_behavior().as_str().replace('_', " "),
         ),
         ("Kernel", v.os.kernel.clone().unwrap_or_default()),
         ("Command line", v.os.cmdline.clone().unwrap_or_default()),

@@ -482,6 +482,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
     o.leaf("enabled", v.ha.enabled);
     o.leaf("priority", v.ha.priority);
     o.close("high_availability");
+    o.leaf("storage_error_resume_behaviour", v.effective_resume_behavior());
     // Where a highly available VM's lease lives (oVirt 4.1+); absent: its first disk's domain.
     if let Some(sd) = v.lease_storage_domain_id {
         o.open("lease", None, None);

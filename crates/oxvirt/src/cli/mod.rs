@@ -734,12 +734,20 @@ pub struct HaArgs {
     /// Restart order among highly available VMs (higher first); implies --ha.
     #[arg(long)]
     ha_priority: Option<i32>,
+    /// When storage errors pause the VM: resume it once its storage is back (auto_resume,
+    /// the default), leave it paused for an administrator (leave_paused), or kill it after
+    /// 8 × io_timeout (kill; always so for highly available VMs, whose lease it frees).
+    #[arg(long, value_parser = ["auto_resume", "leave_paused", "kill"])]
+    resume_behavior: Option<String>,
 }
 
 impl HaArgs {
     fn apply(&self, body: &mut Value) {
         if self.ha || self.ha_priority.is_some() {
             body["high_availability"] = json!({ "enabled": true, "priority": self.ha_priority.unwrap_or(1) });
+        }
+        if let Some(b) = &self.resume_behavior {
+            body["storage_error_resume_behaviour"] = json!(b);
         }
     }
 }

@@ -43,6 +43,7 @@ async fn the_balancer_spreads_vms_under_vm_evenly_distributed_and_then_keeps_sti
                     cpu: None,
                     os: common::cluster::guest_os(&[]),
                     ha: None,
+                    resume_behavior: None,
                 },
                 None,
             )

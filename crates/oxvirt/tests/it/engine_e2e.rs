@@ -139,6 +139,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
                 cpu: None,
                 os: os(&["oxvirt.writer=8"]),
                 ha: None,
+                resume_behavior: None,
             },
             None,
         )
@@ -172,6 +173,7 @@ async fn engine_drives_three_nodes_through_a_vm_life_and_moves_the_spm() {
                 cpu: None,
                 os: os(&["oxvirt.writer=8", &TestGuest::run_arg(HOT_DISK_SCRIPT)]),
                 ha: None,
+                resume_behavior: None,
             },
             None,
         )
@@ -725,6 +727,7 @@ async fn node_events_bring_vm_changes_to_the_engine_between_polls() {
                 cpu: None,
                 os: common::cluster::guest_os(&["oxvirt.writer=4"]),
                 ha: None,
+                resume_behavior: None,
             },
             None,
         )

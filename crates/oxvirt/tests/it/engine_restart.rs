@@ -271,6 +271,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
         cpu: None,
         os: os.clone(),
         ha: None,
+        resume_behavior: None,
     };
     let base = cmds
         .add_vm(add_vm("base", BLANK_TEMPLATE_ID), None)

@@ -206,6 +206,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
                     enabled: true,
                     priority: 1,
                 }),
+                resume_behavior: None,
             },
             None,
         )
@@ -575,6 +576,7 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
                     enabled: true,
                     priority: 1,
                 }),
+                resume_behavior: None,
             },
             None,
         )

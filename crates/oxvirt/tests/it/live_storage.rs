@@ -97,6 +97,7 @@ async fn a_running_vms_disk_moves_to_another_domain_under_the_writing_guest() {
                 cpu: None,
                 os: common::cluster::guest_os(&[&TestGuest::run_arg(SEQ_WRITER)]),
                 ha: None,
+                resume_behavior: None,
             },
             None,
         )

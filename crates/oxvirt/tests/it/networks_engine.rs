@@ -350,6 +350,7 @@ done) &";
                 cpu: None,
                 os: common::cluster::guest_os(&[&TestGuest::run_arg(script)]),
                 ha: None,
+                resume_behavior: None,
             },
             None,
         )

@@ -312,6 +312,7 @@ fn vm_req(name: &str, cluster: ClusterId, template: TemplateId) -> AddVm {
         cpu: None,
         os: VmOs::default(),
         ha: None,
+        resume_behavior: None,
     }
 }
 

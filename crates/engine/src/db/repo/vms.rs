@@ -246,7 +246,7 @@ async fn template_disks(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<Disk>, Db
 const VM_COLS: &str = "v.id, v.name, v.description, v.cluster_id, v.template_id, v.memory_bytes, \
     v.memory_guaranteed_bytes, v.cpu_sockets, v.cpu_cores, v.cpu_threads, v.status, \
     v.status_detail, v.run_on_host, v.migrating_to_host, v.ha_enabled, v.ha_priority, \
-    v.lease_storage_domain_id, v.placement_affinity, v.placement_hosts, v.os_kernel, v.os_initrd, \
+    v.lease_storage_domain_id, v.resume_behavior, v.placement_affinity, v.placement_hosts, v.os_kernel, v.os_initrd, \
     v.os_cmdline, v.os_type, v.os_boot_devices, v.cdrom_disk_id, v.run_cdrom_disk_id, v.created_at, \
     v.revision";
 
@@ -278,6 +278,7 @@ fn vm_from_row(r: &AnyRow) -> Result<Vm, DbError> {
             priority: r.int("ha_priority")? as i32,
         },
         lease_storage_domain_id: r.opt_parse("lease_storage_domain_id")?,
+        resume_behavior: r.parse("resume_behavior")?,
         placement: Placement {
             affinity: r.parse("placement_affinity")?,
             hosts,
@@ -376,6 +377,8 @@ fn vm_config_args(q: &mut Sql, vm: &Vm) -> Result<(), DbError> {
         .push(", ")
         .arg(Arg::Text(vm.lease_storage_domain_id.map(|s| s.to_string())))
         .push(", ")
+        .arg(vm.effective_resume_behavior().as_str())
+        .push(", ")
         .arg(vm.placement.affinity.as_str())
         .push(", ")
         .arg(hosts)
@@ -403,7 +406,7 @@ fn vm_config_args(q: &mut Sql, vm: &Vm) -> Result<(), DbError> {
 
 const VM_CONFIG_COLS: &str = "name, description, cluster_id, template_id, memory_bytes, \
     memory_guaranteed_bytes, cpu_sockets, cpu_cores, cpu_threads, ha_enabled, ha_priority, \
-    lease_storage_domain_id, placement_affinity, placement_hosts, os_kernel, os_initrd, os_cmdline, \
+    lease_storage_domain_id, resume_behavior, placement_affinity, placement_hosts, os_kernel, os_initrd, os_cmdline, \
     os_type, os_boot_devices, cdrom_disk_id";
 
 /// Inserts the VM and its "Active VM" snapshot.

@@ -228,6 +228,7 @@ pub async fn vm_add(r: &Req) -> Result<Resp, ApiError> {
         cpu: cpu_of(&b, CpuTopology::ONE)?,
         os: os_of(&b, &VmOs::default())?,
         ha: ha_of(&b)?,
+        resume_behavior: b.parse("storage_error_resume_behaviour")?,
     };
     let v = r.adding().add_vm(req, r.correlation_id.clone()).await?;
     Ok(Resp::added(one_vm(r, &v, None), href("vms", v.id), v.pending))
@@ -317,6 +318,9 @@ pub async fn vm_update(r: &Req) -> Result<Resp, ApiError> {
     }
     if let Some(a) = b.parse("placement_policy/affinity")? {
         v.placement.affinity = a;
+    }
+    if let Some(rb) = b.parse("storage_error_resume_behaviour")? {
+        v.resume_behavior = rb;
     }
     // oVirt's `next_run=true`: the running VM keeps what it has until its next start.
     let now = !r.q_bool("next_run")?.unwrap_or(false);
