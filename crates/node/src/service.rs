@@ -467,24 +467,33 @@ const IO_PAUSE_TICK: Duration = Duration::from_millis(200);
 /// monitor's checks decide (see [`crate::vm::io_errors`]). Acts one VM at a time, awaiting
 /// each, so a VM is never acted on twice for one pause.
 async fn settle_io_pauses(node: std::sync::Weak<Node>) {
-    use crate::vm::io_errors::{kill_after, verdict, Verdict};
+    use crate::vm::io_errors::{kill_after, verdict, ResumeBackoff, Verdict};
+    let mut backoff: std::collections::HashMap<oxvirt_types::VmId, ResumeBackoff> = Default::default();
     loop {
         tokio::time::sleep(IO_PAUSE_TICK).await;
         let Some(n) = node.upgrade() else { return };
+        let now = std::time::Instant::now();
+        backoff.retain(|_, b| !b.stale(now));
         let paused = n.vms.io_paused();
         if paused.is_empty() {
             continue;
         }
-        let io_timeout = n
-            .pools
-            .current()
+        let cp = n.pools.current();
+        let io_timeout = cp
+            .as_ref()
             .map_or(oxvirt_lease::timeouts::DEFAULT_IO_TIMEOUT, |cp| cp.io_timeout());
+        let interval = cp.as_ref().map_or(io_timeout, |cp| cp.monitor_interval());
         for p in paused {
             let seen: Vec<_> = p.domains.iter().map(|sd| n.domain_monitor.seen(*sd)).collect();
             let now = std::time::Instant::now();
             match verdict(p.behavior, p.pause, &seen, now, kill_after(io_timeout)) {
                 Verdict::Wait => {}
                 Verdict::Resume => {
+                    let b = backoff.entry(p.id).or_default();
+                    if !b.ready(p.pause.since, now, interval) {
+                        continue;
+                    }
+                    b.resumed(p.pause.since, now);
                     if let Err(e) = n.vms.resume_after_io_error(p.id).await {
                         tracing::warn!(vm_id = %p.id, error = %e, "resume after the storage error failed");
                     }

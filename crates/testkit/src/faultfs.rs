@@ -39,6 +39,7 @@ const TTL: Duration = Duration::ZERO;
 pub struct FaultFs {
     mountpoint: PathBuf,
     failing: Arc<AtomicBool>,
+    scope: Arc<Mutex<Option<String>>>,
     failed_ops: Arc<AtomicU64>,
     session: Option<BackgroundSession>,
 }
@@ -54,11 +55,13 @@ impl FaultFs {
         let root = open_path(backing).unwrap_or_else(|e| panic!("open {}: {e}", backing.display()));
         let failing = Arc::new(AtomicBool::new(false));
         let failed_ops = Arc::new(AtomicU64::new(0));
+        let scope = Arc::new(Mutex::new(None));
         let fs = PassThrough {
             inodes: Mutex::new(Inodes::new(root)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             failing: failing.clone(),
+            scope: scope.clone(),
             failed_ops: failed_ops.clone(),
         };
         let mut config = fuser::Config::default();
@@ -76,14 +79,23 @@ impl FaultFs {
         FaultFs {
             mountpoint: mountpoint.to_path_buf(),
             failing,
+            scope,
             failed_ops,
             session: Some(session),
         }
     }
 
-    /// Turns the outage on or off.
+    /// Turns the outage on or off: everything fails.
     pub fn fail(&self, on: bool) {
+        *self.scope.lock().expect("scope") = None;
         self.failing.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes only what lies under a directory named `dir` fail (a bad region of the storage:
+    /// e.g. `images`, while `dom_md` with the leases and metadata still works).
+    pub fn fail_under(&self, dir: &str) {
+        *self.scope.lock().expect("scope") = Some(dir.to_string());
+        self.failing.store(true, Ordering::SeqCst);
     }
 
     /// How many operations answered `EIO` because of [`FaultFs::fail`].
@@ -183,6 +195,8 @@ struct PassThrough {
     handles: Mutex<HashMap<u64, Arc<OwnedFd>>>,
     next_fh: AtomicU64,
     failing: Arc<AtomicBool>,
+    /// Only paths with this directory in them fail; `None`: all.
+    scope: Arc<Mutex<Option<String>>>,
     failed_ops: Arc<AtomicU64>,
 }
 
@@ -309,13 +323,30 @@ struct Changes {
 }
 
 impl PassThrough {
-    /// `Err(EIO)` while the outage is on.
-    fn gate(&self) -> Result<(), Errno> {
-        if self.failing.load(Ordering::SeqCst) {
+    /// `Err(EIO)` while the outage is on and covers the backing file open as `fd`.
+    fn gate_fd(&self, fd: i32) -> Result<(), Errno> {
+        if !self.failing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let covered = match self.scope.lock().expect("scope").as_deref() {
+            None => true,
+            Some(dir) => std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|p| p.components().any(|c| c.as_os_str() == dir))
+                .unwrap_or(true),
+        };
+        if covered {
             self.failed_ops.fetch_add(1, Ordering::Relaxed);
             return Err(Errno::EIO);
         }
         Ok(())
+    }
+
+    fn gate(&self, ino: INodeNo) -> Result<(), Errno> {
+        self.gate_fd(self.parent_fd(ino)?)
+    }
+
+    fn gate_fh(&self, fh: FileHandle) -> Result<(), Errno> {
+        self.gate_fd(self.handle(fh)?.as_raw_fd())
     }
 
     fn parent_fd(&self, ino: INodeNo) -> Result<i32, Errno> {
@@ -378,7 +409,7 @@ impl PassThrough {
             mtime,
             fh,
         } = c;
-        self.gate()?;
+        self.gate(ino)?;
         let fd = self.parent_fd(ino)?;
         let p = proc_path(fd);
         if let Some(mode) = mode {
@@ -421,7 +452,7 @@ impl Filesystem for PassThrough {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.gate().and_then(|_| self.entry(parent, &cstr(name)?));
+        let r = self.gate(parent).and_then(|_| self.entry(parent, &cstr(name)?));
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -433,7 +464,7 @@ impl Filesystem for PassThrough {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let r = self.gate().and_then(|_| stat_raw(self.parent_fd(ino)?));
+        let r = self.gate(ino).and_then(|_| stat_raw(self.parent_fd(ino)?));
         match r {
             Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
             Err(e) => reply.error(e),
@@ -474,7 +505,7 @@ impl Filesystem for PassThrough {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(ino).and_then(|_| {
             let fd = self.parent_fd(ino)?;
             let mut buf = vec![0u8; libc::PATH_MAX as usize];
             // SAFETY: the buffer is as long as we say.
@@ -492,7 +523,7 @@ impl Filesystem for PassThrough {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             // SAFETY: valid descriptor and name.
             check(unsafe { libc::mkdirat(pfd, c.as_ptr(), mode & !umask) })?;
@@ -505,7 +536,7 @@ impl Filesystem for PassThrough {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             // SAFETY: valid descriptor and name.
             check(unsafe { libc::unlinkat(pfd, c.as_ptr(), 0) })
@@ -517,7 +548,7 @@ impl Filesystem for PassThrough {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             // SAFETY: valid descriptor and name.
             check(unsafe { libc::unlinkat(pfd, c.as_ptr(), libc::AT_REMOVEDIR) })
@@ -529,7 +560,7 @@ impl Filesystem for PassThrough {
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(link_name)?);
             let t = cstr(target.as_os_str())?;
             // SAFETY: valid descriptor and names.
@@ -552,7 +583,7 @@ impl Filesystem for PassThrough {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             let (nfd, n) = (self.parent_fd(newparent)?, cstr(newname)?);
             // SAFETY: valid descriptors and names.
@@ -565,7 +596,7 @@ impl Filesystem for PassThrough {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(ino).and_then(|_| {
             let fd = self.parent_fd(ino)?;
             let (nfd, n) = (self.parent_fd(newparent)?, cstr(newname)?);
             let p = proc_path(fd);
@@ -588,7 +619,7 @@ impl Filesystem for PassThrough {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = self.gate().and_then(|_| self.open_ino(ino, flags.0));
+        let r = self.gate(ino).and_then(|_| self.open_ino(ino, flags.0));
         match r {
             Ok(fd) => reply.opened(self.add_handle(fd), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -606,7 +637,7 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             let mut buf = vec![0u8; size as usize];
             let mut done = 0usize;
@@ -649,7 +680,7 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             let mut done = 0usize;
             while done < data.len() {
@@ -701,7 +732,7 @@ impl Filesystem for PassThrough {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             // SAFETY: an open descriptor.
             check(unsafe {
@@ -720,7 +751,7 @@ impl Filesystem for PassThrough {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self
-            .gate()
+            .gate(ino)
             .and_then(|_| self.open_ino(ino, libc::O_RDONLY | libc::O_DIRECTORY));
         match r {
             Ok(fd) => reply.opened(self.add_handle(fd), FopenFlags::empty()),
@@ -729,7 +760,7 @@ impl Filesystem for PassThrough {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             // Listed afresh on each call (directories here are small); `offset` is the index
             // of the next entry.
@@ -771,7 +802,7 @@ impl Filesystem for PassThrough {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             // SAFETY: an open descriptor.
             check(unsafe { libc::fsync(h.as_raw_fd()) })
@@ -783,7 +814,7 @@ impl Filesystem for PassThrough {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(ino).and_then(|_| {
             let fd = self.parent_fd(ino)?;
             let p = proc_path(fd);
             // SAFETY: a zeroed statvfs is a valid out-parameter.
@@ -816,7 +847,7 @@ impl Filesystem for PassThrough {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             let flags = (flags & !(libc::O_DIRECT | libc::O_NOFOLLOW)) | libc::O_CREAT | libc::O_CLOEXEC;
             // SAFETY: valid descriptor and name; the result is owned below.
@@ -842,7 +873,7 @@ impl Filesystem for PassThrough {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.gate().and_then(|_| {
+        let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
             // SAFETY: an open descriptor.
             check(unsafe { libc::fallocate(h.as_raw_fd(), mode, offset as i64, length as i64) })
@@ -895,6 +926,13 @@ mod tests {
         fs.fail(false);
         std::os::unix::fs::FileExt::read_at(&f, &mut buf, 0).unwrap();
         assert_eq!(&buf, b"hello", "the same open file works again");
+        // A bad region: only what lies under `d` fails.
+        fs.fail_under("d");
+        assert_eq!(std::fs::read(mnt.join("c")).unwrap(), b"hello");
+        let err = std::fs::read(mnt.join("d/b")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        fs.fail(false);
+        assert_eq!(std::fs::read(mnt.join("d/b")).unwrap(), b"hello");
         drop(f);
         drop(fs);
         assert!(

@@ -22,7 +22,13 @@
 //! [`super::thin`]), and on a full file domain only freeing space helps, which the
 //! administrator does and then resumes. Such a VM is left paused and never killed.
 //!
-//! Architecture invariant: [`verdict`] is pure; the node's loop feeds it the pause, the
+//! A fault the monitor cannot see (a bad region under the images while the domain metadata
+//! reads fine) would have an `auto_resume` guest stopped again at once after each resume, and
+//! resumed again at the next check: [`ResumeBackoff`] doubles the wait after every resume that
+//! did not hold (from one monitor interval up to [`RESUME_MAX_WAIT`]) and forgets once a
+//! resumed guest ran for [`RESUME_HELD`].
+//!
+//! Architecture invariant: [`verdict`] and [`ResumeBackoff`] are pure; the node's loop feeds it the pause, the
 //! domain monitor's last checks and the time, and carries out what it returns.
 
 use std::time::{Duration, Instant};
@@ -113,6 +119,56 @@ pub enum Verdict {
     Resume,
     /// Kill QEMU; the VM goes down as paused too long.
     Kill,
+}
+
+/// A resumed guest that ran this long without stopping again had its storage back.
+pub const RESUME_HELD: Duration = Duration::from_secs(60);
+/// The longest wait between resumes that do not hold.
+pub const RESUME_MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Resumes of one VM that did not hold (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeBackoff {
+    failed: u32,
+    last: Option<Instant>,
+}
+
+impl ResumeBackoff {
+    /// Whether a resume may be tried now for a pause that began at `since`; `base` is the
+    /// first wait (the monitor's interval).
+    pub fn ready(&self, since: Instant, now: Instant, base: Duration) -> bool {
+        match self.last {
+            None => true,
+            Some(last) if held(last, since) => true,
+            Some(last) => now >= last + self.wait(base),
+        }
+    }
+
+    /// A resume was tried now for a pause that began at `since`.
+    pub fn resumed(&mut self, since: Instant, now: Instant) {
+        self.failed = match self.last {
+            Some(last) if !held(last, since) => self.failed.saturating_add(1),
+            _ => 0,
+        };
+        self.last = Some(now);
+    }
+
+    /// Whether this record may be forgotten (nothing tried for longer than a resume needs to
+    /// hold).
+    pub fn stale(&self, now: Instant) -> bool {
+        self.last
+            .is_none_or(|l| now.saturating_duration_since(l) >= RESUME_HELD)
+    }
+
+    fn wait(&self, base: Duration) -> Duration {
+        base.saturating_mul(1u32 << self.failed.min(16))
+            .min(RESUME_MAX_WAIT)
+    }
+}
+
+/// The resume at `last` held if the guest ran `RESUME_HELD` before stopping again at `since`.
+fn held(last: Instant, since: Instant) -> bool {
+    since.saturating_duration_since(last) >= RESUME_HELD
 }
 
 /// How long a `kill` VM may stay paused on an I/O error: 8 × `io_timeout`, the time after
@@ -242,6 +298,42 @@ mod tests {
             Verdict::Kill,
             "past the deadline its lease may be another host's: never resumed"
         );
+    }
+
+    #[test]
+    fn resumes_that_do_not_hold_back_off_and_are_forgotten_once_one_holds() {
+        let t0 = Instant::now();
+        let mut b = ResumeBackoff::default();
+        assert!(b.ready(t0, t0, S), "the first resume is at once");
+        b.resumed(t0, t0);
+        // Stopped again 10 ms later: the next try waits one interval, then two, then four.
+        let mut t = t0;
+        for wait in [1, 2, 4, 8] {
+            let since = t + Duration::from_millis(10);
+            assert!(
+                !b.ready(since, t + wait * S - Duration::from_millis(1), S),
+                "wait {wait}"
+            );
+            assert!(b.ready(since, t + wait * S, S), "wait {wait}");
+            t += wait * S;
+            b.resumed(since, t);
+        }
+        assert!(!b.stale(t + 59 * S));
+        // Capped.
+        let mut long = b.clone();
+        for _ in 0..20 {
+            long.resumed(t, t);
+        }
+        assert!(long.ready(t, t + RESUME_MAX_WAIT, S));
+        // A resume that held a minute: the next pause is answered at once again.
+        let since = t + RESUME_HELD;
+        assert!(b.ready(since, since, S));
+        b.resumed(since, since);
+        assert!(
+            b.ready(since + Duration::from_millis(10), since + S, S),
+            "back to one interval"
+        );
+        assert!(b.stale(since + RESUME_HELD));
     }
 
     #[test]
