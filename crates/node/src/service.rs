@@ -467,7 +467,7 @@ const IO_PAUSE_TICK: Duration = Duration::from_millis(200);
 /// monitor's checks decide (see [`crate::vm::io_errors`]). Acts one VM at a time, awaiting
 /// each, so a VM is never acted on twice for one pause.
 async fn settle_io_pauses(node: std::sync::Weak<Node>) {
-    use crate::vm::io_errors::{kill_after, verdict, ResumeBackoff, Verdict};
+    use crate::vm::io_errors::{kill_after, verdict, IoPause, ResumeBackoff, Verdict};
     let mut backoff: std::collections::HashMap<oxvirt_types::VmId, ResumeBackoff> = Default::default();
     loop {
         tokio::time::sleep(IO_PAUSE_TICK).await;
@@ -486,10 +486,14 @@ async fn settle_io_pauses(node: std::sync::Weak<Node>) {
         for p in paused {
             let seen: Vec<_> = p.domains.iter().map(|sd| n.domain_monitor.seen(*sd)).collect();
             let now = std::time::Instant::now();
-            match verdict(p.behavior, p.pause, &seen, now, kill_after(io_timeout)) {
+            let b = backoff.entry(p.id).or_default();
+            let stopped = IoPause {
+                since: b.stopped_since(p.pause.since),
+                ..p.pause
+            };
+            match verdict(p.behavior, stopped, &seen, now, kill_after(io_timeout)) {
                 Verdict::Wait => {}
                 Verdict::Resume => {
-                    let b = backoff.entry(p.id).or_default();
                     if !b.ready(p.pause.since, now, interval) {
                         continue;
                     }
@@ -499,7 +503,7 @@ async fn settle_io_pauses(node: std::sync::Weak<Node>) {
                     }
                 }
                 Verdict::Kill => {
-                    let paused_for = now.saturating_duration_since(p.pause.since);
+                    let paused_for = now.saturating_duration_since(stopped.since);
                     if let Err(e) = n.vms.kill_paused(p.id, paused_for).await {
                         tracing::error!(vm_id = %p.id, error = %e, "cannot kill a VM paused too long");
                     }

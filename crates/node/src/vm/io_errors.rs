@@ -131,6 +131,8 @@ pub const RESUME_MAX_WAIT: Duration = Duration::from_secs(300);
 pub struct ResumeBackoff {
     failed: u32,
     last: Option<Instant>,
+    /// When the pause that began this run of resumes began.
+    first: Option<Instant>,
 }
 
 impl ResumeBackoff {
@@ -146,11 +148,24 @@ impl ResumeBackoff {
 
     /// A resume was tried now for a pause that began at `since`.
     pub fn resumed(&mut self, since: Instant, now: Instant) {
-        self.failed = match self.last {
-            Some(last) if !held(last, since) => self.failed.saturating_add(1),
-            _ => 0,
-        };
+        match self.last {
+            Some(last) if !held(last, since) => self.failed = self.failed.saturating_add(1),
+            _ => {
+                self.failed = 0;
+                self.first = Some(since);
+            }
+        }
         self.last = Some(now);
+    }
+
+    /// How long the guest has really been stopped, for a pause that began at `since`: from
+    /// the first pause of a run of resumes that did not hold (each of which stopped the guest
+    /// again at once), so that they do not put off a `kill` for ever.
+    pub fn stopped_since(&self, since: Instant) -> Instant {
+        match (self.last, self.first) {
+            (Some(last), Some(first)) if !held(last, since) => first.min(since),
+            _ => since,
+        }
     }
 
     /// Whether this record may be forgotten (nothing tried for longer than a resume needs to
@@ -319,6 +334,11 @@ mod tests {
             b.resumed(since, t);
         }
         assert!(!b.stale(t + 59 * S));
+        assert_eq!(
+            b.stopped_since(t + Duration::from_millis(10)),
+            t0,
+            "resumes that did not hold do not restart the clock of a kill"
+        );
         // Capped.
         let mut long = b.clone();
         for _ in 0..20 {
@@ -333,6 +353,7 @@ mod tests {
             b.ready(since + Duration::from_millis(10), since + S, S),
             "back to one interval"
         );
+        assert_eq!(b.stopped_since(since + Duration::from_millis(10)), since);
         assert!(b.stale(since + RESUME_HELD));
     }
 

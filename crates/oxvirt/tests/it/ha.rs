@@ -44,13 +44,7 @@ fn live_processes_with(needle: &str) -> Vec<u32> {
     out
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X")
-    })
-}
+use oxvirt_testkit::process_alive as alive;
 
 /// Samples every 50 ms how many QEMUs run the VM; remembers the maximum.
 struct TwiceSampler {

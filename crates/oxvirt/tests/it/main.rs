@@ -26,6 +26,7 @@ mod rest_clients;
 mod saga_faults;
 mod sd_import;
 mod spm_maintenance;
+mod storage_errors;
 mod transfers;
 mod up;
 mod vm_nodes;
