@@ -79,6 +79,12 @@ def node_dimms(node_dir, vm_id):
         return [d["size_mib"] for d in json.load(f)["create"].get("dimms", [])]
 
 
+def node_resume_behavior(node_dir, vm_id):
+    """What the node does with the running VM when storage errors stop it, by its record."""
+    with open(os.path.join(node_dir, "run", "vms", vm_id, "vm.json")) as f:
+        return json.load(f)["create"]["resume_behavior"]
+
+
 def node_disks(node_dir, vm_id):
     """How many disks the node's record of the running VM has."""
     return len(node_disk_buses(node_dir, vm_id))
@@ -473,10 +479,12 @@ def main():
             memory_policy=types.MemoryPolicy(guaranteed=256 * MIB),
             cpu=types.Cpu(topology=types.CpuTopology(cores=1, sockets=1, threads=1)),
             os=guest_os,
+            storage_error_resume_behaviour=types.VmStorageErrorResumeBehaviour.LEAVE_PAUSED,
         ),
         headers={"Correlation-Id": P + "-add-vm"},
     )
     vm_svc = vms.vm_service(vm.id)
+    assert vm.storage_error_resume_behaviour == types.VmStorageErrorResumeBehaviour.LEAVE_PAUSED
     att = add_cow_disk(vm_svc, P + "-disk", 64 * MIB, types.DiskInterface.VIRTIO, bootable=True)
     disk_svc = system.disks_service().disk_service(att.disk.id)
     wait("disk ok", lambda: disk_svc.get().status == types.DiskStatus.OK)
@@ -490,6 +498,7 @@ def main():
     up = wait("VM up", lambda: (lambda v: v if v.status == types.VmStatus.UP else None)(vm_svc.get()), 120)
     src = conn.follow_link(up.host)
     wait("guest boot on " + src.name, lambda: console_has(node_dirs[src.name], vm.id, "OXVIRT-GUEST"), 120)
+    assert node_resume_behavior(node_dirs[src.name], vm.id) == "leave_paused"
     step("VM up on %s, guest booted" % src.name)
 
     # Statistics, as monitoring tools read them: the VM's memory and CPU, its host's.
