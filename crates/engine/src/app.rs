@@ -113,6 +113,10 @@ pub struct App {
     /// Attached domains whose storage was searched for OVF stores and held none (in memory: a
     /// restarted engine searches once more); cleared when a domain is detached.
     pub ovf_searched: std::sync::Mutex<std::collections::HashSet<SdUuid>>,
+    /// The last low-space event raised per domain, and when (see `monitor::space_alert_due`;
+    /// in memory, as oVirt's event flood regulator).
+    pub space_alerts:
+        std::sync::Mutex<std::collections::HashMap<SdUuid, (crate::model::LowSpace, crate::time::Timestamp)>>,
 }
 
 impl App {
@@ -128,6 +132,7 @@ impl App {
             vm_cpu: Default::default(),
             ovf_lock: Default::default(),
             ovf_searched: Default::default(),
+            space_alerts: Default::default(),
         })
     }
 

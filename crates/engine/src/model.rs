@@ -552,9 +552,18 @@ pub struct StorageDomain {
     pub format_version: u32,
     pub capacity_bytes: Option<u64>,
     pub free_bytes: Option<u64>,
+    /// Free space below this percent of the domain raises oVirt's low-space warning (0..=100).
+    pub warning_low_space_indicator: u32,
+    /// Free space below this many GiB raises oVirt's critical low-space event and refuses
+    /// what would consume space there (new disks, snapshots, clones).
+    pub critical_space_action_blocker: u32,
     pub created_at: Timestamp,
     pub revision: i64,
 }
+
+/// oVirt's defaults (`WarningLowSpaceIndicator`, `CriticalSpaceActionBlocker`).
+pub const DEFAULT_WARNING_LOW_SPACE_PERCENT: u32 = 10;
+pub const DEFAULT_CRITICAL_SPACE_GB: u32 = 5;
 
 impl StorageDomain {
     pub fn new(name: &str, domain_type: SdType, storage_type: StorageType, path: &str) -> Self {
@@ -571,10 +580,35 @@ impl StorageDomain {
             format_version: 5,
             capacity_bytes: None,
             free_bytes: None,
+            warning_low_space_indicator: DEFAULT_WARNING_LOW_SPACE_PERCENT,
+            critical_space_action_blocker: DEFAULT_CRITICAL_SPACE_GB,
             created_at: Timestamp::from_millis(0),
             revision: 0,
         }
     }
+
+    /// The low-space condition the last monitored space puts the domain in, as oVirt raises
+    /// it: critical (fewer free GiB than `critical_space_action_blocker`) wins over the
+    /// warning (less free than `warning_low_space_indicator` percent). `None` while the space
+    /// is unknown or fine.
+    pub fn low_space(&self) -> Option<LowSpace> {
+        let (cap, free) = (self.capacity_bytes?, self.free_bytes?);
+        if free < u64::from(self.critical_space_action_blocker) * GIB {
+            Some(LowSpace::Critical)
+        } else if cap > 0 && (free as u128) * 100 < u128::from(self.warning_low_space_indicator) * cap as u128
+        {
+            Some(LowSpace::Warning)
+        } else {
+            None
+        }
+    }
+}
+
+/// See [`StorageDomain::low_space`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LowSpace {
+    Warning,
+    Critical,
 }
 
 /// A storage domain's membership in a data center's pool.

@@ -39,9 +39,10 @@ use crate::app::App;
 use crate::commands::{CommandError, Commands};
 use crate::db::{DbError, HostFilter, ListQuery, Ref, VmFilter};
 use crate::model::{
-    DcId, DcStatus, DiskAttachment, Host, HostStats, HostStatus, HostUuid, NewEvent, SdStatus, SdUuid,
-    Severity, SpmStatus, Vm, VmId, VmRuntime, VmStatus,
+    DcId, DcStatus, DiskAttachment, Host, HostStats, HostStatus, HostUuid, LowSpace, NewEvent, SdStatus,
+    SdUuid, Severity, SpmStatus, Vm, VmId, VmRuntime, VmStatus,
 };
+use crate::time::Timestamp;
 
 /// Hosts the monitor polls (others wait for an admin or for enrollment). A host preparing for
 /// maintenance still runs VMs (until its evacuation ends), so it is watched too.
@@ -949,6 +950,57 @@ async fn spm_won(
     Ok(())
 }
 
+/// Whether a low-space event of `level` is due for a domain whose last one was `last`: the
+/// first, a change of level, or one per period while it lasts (oVirt's flood regulation:
+/// 12 h for the warning, 15 min for the critical event).
+pub fn space_alert_due(last: Option<(LowSpace, Timestamp)>, level: LowSpace, now: Timestamp) -> bool {
+    let period = match level {
+        LowSpace::Warning => Duration::from_secs(12 * 3600),
+        LowSpace::Critical => Duration::from_secs(15 * 60),
+    };
+    match last {
+        Some((l, at)) if l == level => now >= at.saturating_add(period),
+        _ => true,
+    }
+}
+
+/// Raises oVirt's low-space event for an active domain whose monitored free space is under
+/// its thresholds: `IRS_DISK_SPACE_LOW` (26, warning) or `IRS_DISK_SPACE_LOW_ERROR` (201).
+async fn space_alert(app: &App, sd: SdUuid) -> Result<(), CommandError> {
+    let Some(d) = app.db.sd_get(sd).await? else {
+        return Ok(());
+    };
+    let Some(level) = d.low_space() else {
+        app.space_alerts.lock().expect("space alerts").remove(&sd);
+        return Ok(());
+    };
+    let now = app.db.now();
+    {
+        let mut alerts = app.space_alerts.lock().expect("space alerts");
+        if !space_alert_due(alerts.get(&sd).copied(), level, now) {
+            return Ok(());
+        }
+        alerts.insert(sd, (level, now));
+    }
+    let gib = d.free_bytes.unwrap_or(0) >> 30;
+    let (severity, code, what) = match level {
+        LowSpace::Warning => (Severity::Warning, 26, "Warning"),
+        LowSpace::Critical => (Severity::Error, 201, "Critical"),
+    };
+    tracing::warn!(sd = %d.name, free_gib = gib, ?level, "storage domain low on space");
+    let mut e = NewEvent::new(
+        severity,
+        code,
+        format!(
+            "{what}, Low disk space. {} domain has {gib} GB of free space.",
+            d.name
+        ),
+    );
+    e.storage_domain_id = Some(sd);
+    app.db.event_add(&e).await?;
+    Ok(())
+}
+
 /// Space and health of the pool's domains; attached domains turn active once the pool is
 /// served by an SPM.
 async fn domains_round(app: &App, dc: DcId) -> Result<(), CommandError> {
@@ -965,6 +1017,9 @@ async fn domains_round(app: &App, dc: DcId) -> Result<(), CommandError> {
             Ok(s) => {
                 if let (Some(total), Some(free)) = (s["diskTotal"].as_u64(), s["diskFree"].as_u64()) {
                     app.db.sd_set_space(m.storage_domain_id, total, free).await?;
+                    if m.status == SdStatus::Active {
+                        space_alert(app, m.storage_domain_id).await?;
+                    }
                 }
                 let valid = s["valid"] == true;
                 let to = match (m.status, valid) {
@@ -1125,8 +1180,34 @@ pub fn host_storage_problem(
 #[cfg(test)]
 mod storage_problem_tests {
     use super::*;
-    use crate::time::Timestamp;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn low_space_events_are_raised_once_per_period_and_level() {
+        let t0 = Timestamp::from_millis(1_000_000);
+        let min = |m: u64| t0.saturating_add(Duration::from_secs(60 * m));
+        assert!(space_alert_due(None, LowSpace::Warning, t0), "the first");
+        let warned = Some((LowSpace::Warning, t0));
+        assert!(!space_alert_due(warned, LowSpace::Warning, min(60)));
+        assert!(
+            space_alert_due(warned, LowSpace::Warning, min(12 * 60)),
+            "again after 12 h"
+        );
+        assert!(
+            space_alert_due(warned, LowSpace::Critical, min(1)),
+            "worse: at once"
+        );
+        let critical = Some((LowSpace::Critical, t0));
+        assert!(!space_alert_due(critical, LowSpace::Critical, min(14)));
+        assert!(
+            space_alert_due(critical, LowSpace::Critical, min(15)),
+            "again after 15 min"
+        );
+        assert!(
+            space_alert_due(critical, LowSpace::Warning, min(1)),
+            "better but still low"
+        );
+    }
 
     fn view(valid: bool, acquired: bool) -> DomainView {
         DomainView {

@@ -39,7 +39,7 @@ const TTL: Duration = Duration::ZERO;
 pub struct FaultFs {
     mountpoint: PathBuf,
     failing: Arc<AtomicBool>,
-    scope: Arc<Mutex<Option<String>>>,
+    fault: Arc<Mutex<Option<Fault>>>,
     failed_ops: Arc<AtomicU64>,
     session: Option<BackgroundSession>,
 }
@@ -55,13 +55,13 @@ impl FaultFs {
         let root = open_path(backing).unwrap_or_else(|e| panic!("open {}: {e}", backing.display()));
         let failing = Arc::new(AtomicBool::new(false));
         let failed_ops = Arc::new(AtomicU64::new(0));
-        let scope = Arc::new(Mutex::new(None));
+        let fault = Arc::new(Mutex::new(None));
         let fs = PassThrough {
             inodes: Mutex::new(Inodes::new(root)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             failing: failing.clone(),
-            scope: scope.clone(),
+            fault: fault.clone(),
             failed_ops: failed_ops.clone(),
         };
         let mut config = fuser::Config::default();
@@ -79,23 +79,42 @@ impl FaultFs {
         FaultFs {
             mountpoint: mountpoint.to_path_buf(),
             failing,
-            scope,
+            fault,
             failed_ops,
             session: Some(session),
         }
     }
 
-    /// Turns the outage on or off: everything fails.
+    /// Turns the outage on or off: everything fails with `EIO`.
     pub fn fail(&self, on: bool) {
-        *self.scope.lock().expect("scope") = None;
-        self.failing.store(on, Ordering::SeqCst);
+        self.set(on.then_some(Fault {
+            kind: FaultKind::Io,
+            under: None,
+        }));
     }
 
-    /// Makes only what lies under a directory named `dir` fail (a bad region of the storage:
-    /// e.g. `images`, while `dom_md` with the leases and metadata still works).
+    /// Makes only what lies under a directory named `dir` fail with `EIO` (a bad region of the
+    /// storage: e.g. `images`, while `dom_md` with the leases and metadata still works).
     pub fn fail_under(&self, dir: &str) {
-        *self.scope.lock().expect("scope") = Some(dir.to_string());
-        self.failing.store(true, Ordering::SeqCst);
+        self.set(Some(Fault {
+            kind: FaultKind::Io,
+            under: Some(dir.to_string()),
+        }));
+    }
+
+    /// Makes every write under a directory named `dir` fail with `ENOSPC` while reads work: an
+    /// export on an exhausted thin-provisioned pool, which refuses even overwrites.
+    pub fn full_under(&self, dir: &str) {
+        self.set(Some(Fault {
+            kind: FaultKind::Full,
+            under: Some(dir.to_string()),
+        }));
+    }
+
+    fn set(&self, f: Option<Fault>) {
+        let on = f.is_some();
+        *self.fault.lock().expect("fault") = f;
+        self.failing.store(on, Ordering::SeqCst);
     }
 
     /// How many operations answered `EIO` because of [`FaultFs::fail`].
@@ -117,6 +136,21 @@ impl Drop for FaultFs {
         }
         drop(self.session.take());
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    /// Every operation answers `EIO`.
+    Io,
+    /// Operations that write answer `ENOSPC`.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+struct Fault {
+    kind: FaultKind,
+    /// Only paths with a directory of this name fail; `None`: all.
+    under: Option<String>,
 }
 
 struct Inode {
@@ -194,9 +228,9 @@ struct PassThrough {
     /// Open files and directories by handle.
     handles: Mutex<HashMap<u64, Arc<OwnedFd>>>,
     next_fh: AtomicU64,
+    /// Set while `fault` is: the fast path of every operation.
     failing: Arc<AtomicBool>,
-    /// Only paths with this directory in them fail; `None`: all.
-    scope: Arc<Mutex<Option<String>>>,
+    fault: Arc<Mutex<Option<Fault>>>,
     failed_ops: Arc<AtomicU64>,
 }
 
@@ -323,12 +357,21 @@ struct Changes {
 }
 
 impl PassThrough {
-    /// `Err(EIO)` while the outage is on and covers the backing file open as `fd`.
-    fn gate_fd(&self, fd: i32) -> Result<(), Errno> {
+    /// The error an operation (one that `writes` or not) on the backing file open as `fd`
+    /// gets from the fault in force, if any.
+    fn gate_fd(&self, fd: i32, writes: bool) -> Result<(), Errno> {
         if !self.failing.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let covered = match self.scope.lock().expect("scope").as_deref() {
+        let Some(f) = self.fault.lock().expect("fault").clone() else {
+            return Ok(());
+        };
+        let err = match f.kind {
+            FaultKind::Io => Errno::EIO,
+            FaultKind::Full if writes => Errno::ENOSPC,
+            FaultKind::Full => return Ok(()),
+        };
+        let covered = match f.under.as_deref() {
             None => true,
             Some(dir) => std::fs::read_link(format!("/proc/self/fd/{fd}"))
                 .map(|p| p.components().any(|c| c.as_os_str() == dir))
@@ -336,17 +379,25 @@ impl PassThrough {
         };
         if covered {
             self.failed_ops.fetch_add(1, Ordering::Relaxed);
-            return Err(Errno::EIO);
+            return Err(err);
         }
         Ok(())
     }
 
     fn gate(&self, ino: INodeNo) -> Result<(), Errno> {
-        self.gate_fd(self.parent_fd(ino)?)
+        self.gate_fd(self.parent_fd(ino)?, false)
+    }
+
+    fn gate_write(&self, ino: INodeNo) -> Result<(), Errno> {
+        self.gate_fd(self.parent_fd(ino)?, true)
     }
 
     fn gate_fh(&self, fh: FileHandle) -> Result<(), Errno> {
-        self.gate_fd(self.handle(fh)?.as_raw_fd())
+        self.gate_fd(self.handle(fh)?.as_raw_fd(), false)
+    }
+
+    fn gate_fh_write(&self, fh: FileHandle) -> Result<(), Errno> {
+        self.gate_fd(self.handle(fh)?.as_raw_fd(), true)
     }
 
     fn parent_fd(&self, ino: INodeNo) -> Result<i32, Errno> {
@@ -523,7 +574,7 @@ impl Filesystem for PassThrough {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let r = self.gate(parent).and_then(|_| {
+        let r = self.gate_write(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             // SAFETY: valid descriptor and name.
             check(unsafe { libc::mkdirat(pfd, c.as_ptr(), mode & !umask) })?;
@@ -560,7 +611,7 @@ impl Filesystem for PassThrough {
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.gate(parent).and_then(|_| {
+        let r = self.gate_write(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(link_name)?);
             let t = cstr(target.as_os_str())?;
             // SAFETY: valid descriptor and names.
@@ -596,7 +647,7 @@ impl Filesystem for PassThrough {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let r = self.gate(ino).and_then(|_| {
+        let r = self.gate_write(newparent).and_then(|_| {
             let fd = self.parent_fd(ino)?;
             let (nfd, n) = (self.parent_fd(newparent)?, cstr(newname)?);
             let p = proc_path(fd);
@@ -680,7 +731,7 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self.gate_fh(fh).and_then(|_| {
+        let r = self.gate_fh_write(fh).and_then(|_| {
             let h = self.handle(fh)?;
             let mut done = 0usize;
             while done < data.len() {
@@ -847,7 +898,7 @@ impl Filesystem for PassThrough {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.gate(parent).and_then(|_| {
+        let r = self.gate_write(parent).and_then(|_| {
             let (pfd, c) = (self.parent_fd(parent)?, cstr(name)?);
             let flags = (flags & !(libc::O_DIRECT | libc::O_NOFOLLOW)) | libc::O_CREAT | libc::O_CLOEXEC;
             // SAFETY: valid descriptor and name; the result is owned below.
@@ -873,7 +924,7 @@ impl Filesystem for PassThrough {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.gate_fh(fh).and_then(|_| {
+        let r = self.gate_fh_write(fh).and_then(|_| {
             let h = self.handle(fh)?;
             // SAFETY: an open descriptor.
             check(unsafe { libc::fallocate(h.as_raw_fd(), mode, offset as i64, length as i64) })
@@ -931,6 +982,17 @@ mod tests {
         assert_eq!(std::fs::read(mnt.join("c")).unwrap(), b"hello");
         let err = std::fs::read(mnt.join("d/b")).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        // Full: under `d` writes fail with ENOSPC, reads work.
+        // (d/b is a hard link to c, whose inode was first met as c: use a file of d's own.)
+        fs.fail(false);
+        std::fs::write(mnt.join("d/f"), b"f").unwrap();
+        fs.full_under("d");
+        assert_eq!(std::fs::read(mnt.join("d/f")).unwrap(), b"f");
+        let err = std::fs::write(mnt.join("d/f"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let err = std::fs::write(mnt.join("d/new"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        std::fs::write(mnt.join("e"), b"elsewhere").unwrap();
         fs.fail(false);
         assert_eq!(std::fs::read(mnt.join("d/b")).unwrap(), b"hello");
         drop(f);

@@ -908,6 +908,14 @@ impl Commands {
         }
         let chosen = |d: &crate::model::Disk| req.disks.as_ref().is_none_or(|w| w.contains(&d.id));
         for (d, chain) in all.into_iter().filter(|(d, _)| chosen(d)) {
+            // Each new leaf starts as a qcow2 header.
+            super::storage::check_space(
+                &self.app,
+                d.storage_domain_id,
+                1 << 20,
+                &format!("snapshot VM {}", v.name),
+            )
+            .await?;
             let leaf = chain
                 .last()
                 .ok_or_else(|| CommandError::Conflict(format!("disk {} has no volumes", d.name)))?;

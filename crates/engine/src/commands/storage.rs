@@ -126,6 +126,43 @@ impl AddStorageDomainSaga {
     }
 }
 
+/// oVirt's `isDomainWithinThresholds` and space checks before something takes space on `sd`:
+/// refused (`action` says what) when the domain's monitored free space is under its
+/// `critical_space_action_blocker` or under `needed` bytes. A domain not yet monitored passes,
+/// as in oVirt; the node still fails cleanly if the space is not there.
+pub(crate) async fn check_space(
+    app: &App,
+    sd: SdUuid,
+    needed: u64,
+    action: &str,
+) -> Result<(), CommandError> {
+    let d = app
+        .db
+        .sd_get(sd)
+        .await?
+        .ok_or_else(|| CommandError::not_found("storage domain", sd))?;
+    let Some(free) = d.free_bytes else {
+        return Ok(());
+    };
+    let critical = u64::from(d.critical_space_action_blocker) << 30;
+    if free < critical || free < needed {
+        let why = if free < critical {
+            format!(
+                "the domain's critical_space_action_blocker is {} GB",
+                d.critical_space_action_blocker
+            )
+        } else {
+            format!("{} MiB needed", needed.div_ceil(1 << 20))
+        };
+        return Err(CommandError::Conflict(format!(
+            "Cannot {action}. Low disk space on Storage Domain {}: {} GB free, {why}.",
+            d.name,
+            free >> 30
+        )));
+    }
+    Ok(())
+}
+
 /// A disk's base volume DESCRIPTION as oVirt writes it (`{"DiskAlias":…,"DiskDescription":…}`),
 /// so that an engine importing the domain finds the disk's name: within VDSM's 210 bytes, the
 /// description shortened first.
@@ -2169,6 +2206,15 @@ impl Commands {
                 dc.name, dc.status
             )));
         }
+        // oVirt's needs: the whole size when preallocated, a header's worth when sparse.
+        let needed = if req.sparse { 1 << 20 } else { req.provisioned_size };
+        check_space(
+            &self.app,
+            req.storage_domain,
+            needed,
+            &format!("add disk {}", req.name),
+        )
+        .await?;
         let disk = DiskId::new_random();
         let pending = self
             .run_adding::<AddDiskSaga, _, _>(
@@ -2257,6 +2303,8 @@ impl Commands {
         correlation_id: Option<String>,
     ) -> Result<Disk, CommandError> {
         let (d, to, dc, running) = self.disk_transfer_check(disk, dst, "moves", true).await?;
+        self.check_copy_space(&d, dst, &format!("move disk {}", d.name))
+            .await?;
         let src = d.storage_domain_id;
         if dst == src {
             return Err(CommandError::invalid(format!(
@@ -2315,6 +2363,8 @@ impl Commands {
         correlation_id: Option<String>,
     ) -> Result<Disk, CommandError> {
         let (d, to, dc, _) = self.disk_transfer_check(disk, dst, "is copied", false).await?;
+        self.check_copy_space(&d, dst, &format!("copy disk {}", d.name))
+            .await?;
         let name = name.unwrap_or_else(|| format!("{}_Copy", d.name));
         if name.trim().is_empty() {
             return Err(CommandError::invalid("the copy's name is empty"));
@@ -2451,6 +2501,17 @@ impl Commands {
     /// active data domain of the disk's data center. Returns the disk, `dst` and the data center.
     /// The disk, the destination and the data center of a copy or move, checked; with `live`,
     /// the one VM that runs the disk (a live move), if it is up.
+    /// [`check_space`] for a copy of disk `d` (its whole chain) on `dst`.
+    async fn check_copy_space(&self, d: &Disk, dst: SdUuid, action: &str) -> Result<(), CommandError> {
+        let chain = self.app.db.volume_chain(d.id).await?;
+        let actual: u64 = chain.iter().map(|v| v.actual_size).sum();
+        let needed = match d.format {
+            DiskFormat::Cow => actual.saturating_add(actual / 10),
+            DiskFormat::Raw => actual,
+        };
+        check_space(&self.app, dst, needed, action).await
+    }
+
     pub(super) async fn disk_transfer_check(
         &self,
         disk: DiskId,

@@ -1250,6 +1250,14 @@ impl Commands {
         }
         let mut clones = Vec::new();
         for d in self.app.db.template_disks(req.template).await? {
+            // A thin clone: a qcow2 header over the template's volume.
+            super::storage::check_space(
+                &self.app,
+                d.storage_domain_id,
+                1 << 20,
+                &format!("add VM {}", req.name),
+            )
+            .await?;
             let leaf = self
                 .app
                 .db
@@ -1974,6 +1982,25 @@ impl Commands {
         t.description = description.to_string();
         t.memory_bytes = v.memory_bytes;
         t.cpu = v.cpu;
+        for a in self.app.db.attachments_of_vm(vm).await? {
+            if let Some(d) = self.app.db.disk_get(a.disk_id).await? {
+                let actual: u64 = self
+                    .app
+                    .db
+                    .volume_chain(d.id)
+                    .await?
+                    .iter()
+                    .map(|v| v.actual_size)
+                    .sum();
+                super::storage::check_space(
+                    &self.app,
+                    d.storage_domain_id,
+                    actual,
+                    &format!("add template {name}"),
+                )
+                .await?;
+            }
+        }
         let disks: Vec<TemplateDisk> = self
             .app
             .db

@@ -101,6 +101,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "resume_behavior",
         sql: include_str!("migrations/0016_resume_behavior.sql"),
     },
+    Migration {
+        version: 17,
+        name: "space_thresholds",
+        sql: include_str!("migrations/0017_space_thresholds.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

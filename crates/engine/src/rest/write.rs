@@ -235,8 +235,8 @@ pub fn storage_domain(o: &mut Out, sd: &StorageDomain, member: Option<&PoolMembe
     o.leaf("wipe_after_delete", false);
     o.leaf("discard_after_delete", false);
     o.leaf("supports_discard", false);
-    o.leaf("warning_low_space_indicator", 10);
-    o.leaf("critical_space_action_blocker", 5);
+    o.leaf("warning_low_space_indicator", sd.warning_low_space_indicator);
+    o.leaf("critical_space_action_blocker", sd.critical_space_action_blocker);
     if let (Some(cap), Some(free)) = (sd.capacity_bytes, sd.free_bytes) {
         o.leaf("available", free);
         o.leaf("used", cap.saturating_sub(free));

@@ -1379,7 +1379,75 @@ async fn external_events_are_recorded_once_per_origin_and_id(backend: Backend) {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 }
 
+/// A storage domain's space thresholds: read with oVirt's defaults, changed by PUT, a warning
+/// outside 0..100 refused unchanged; `available`/`used` from the monitored space.
+async fn storage_domain_space_thresholds(backend: Backend) {
+    use oxvirt_engine::model::{SdType, StorageDomain, StorageType};
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    let db = &t.engine.app().db;
+    let sd = db
+        .sd_insert(&StorageDomain::new(
+            "lowsd",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/lowsd",
+        ))
+        .await
+        .unwrap();
+    db.sd_set_space(sd.id, 100 << 30, 3 << 30).await.unwrap();
+    let r = c.get(&format!("storagedomains/{}", sd.id)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("warning_low_space_indicator").as_deref(), Some("10"));
+    assert_eq!(r.xml_text("critical_space_action_blocker").as_deref(), Some("5"));
+    assert_eq!(
+        r.xml_text("available").as_deref(),
+        Some(&*(3u64 << 30).to_string())
+    );
+    let stored = db.sd_get(sd.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.low_space(),
+        Some(oxvirt_engine::model::LowSpace::Critical),
+        "3 GB free is under the default 5 GB"
+    );
+    let r = c
+        .put(
+            &format!("storagedomains/{}", sd.id),
+            "<storage_domain><warning_low_space_indicator>20</warning_low_space_indicator>\
+             <critical_space_action_blocker>2</critical_space_action_blocker></storage_domain>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.xml_text("warning_low_space_indicator").as_deref(), Some("20"));
+    assert_eq!(r.xml_text("critical_space_action_blocker").as_deref(), Some("2"));
+    assert_eq!(
+        db.sd_get(sd.id).await.unwrap().unwrap().low_space(),
+        Some(oxvirt_engine::model::LowSpace::Warning),
+        "3 GB of 100 is under 20 % but over 2 GB"
+    );
+    for bad in [
+        "<warning_low_space_indicator>101</warning_low_space_indicator>",
+        "<critical_space_action_blocker>-1</critical_space_action_blocker>",
+    ] {
+        let r = c
+            .put(
+                &format!("storagedomains/{}", sd.id),
+                &format!("<storage_domain>{bad}</storage_domain>"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+    }
+    let now = db.sd_get(sd.id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.warning_low_space_indicator, now.critical_space_action_blocker),
+        (20, 2),
+        "unchanged"
+    );
+}
+
 both_backends!(
+    storage_domain_space_thresholds,
     external_events_are_recorded_once_per_origin_and_id,
     statistics_of_down_vms_and_hosts,
     cdroms_hold_iso_disks_only,

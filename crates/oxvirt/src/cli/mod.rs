@@ -510,7 +510,19 @@ pub enum SdCmd {
         #[arg(long, visible_alias = "dc")]
         datacenter: Option<String>,
         #[command(flatten)]
+        space: SpaceArgs,
+        #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Change a storage domain's name, description or space thresholds.
+    Update {
+        name: String,
+        #[arg(long)]
+        rename: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        space: SpaceArgs,
     },
     /// Import a data domain that exists under a path (detached from another oVirt or oxvirt
     /// setup); with --datacenter, attach and activate it. Its disks are then registered with
@@ -723,6 +735,29 @@ pub enum DiskCmd {
         #[arg(long)]
         vm: String,
     },
+}
+
+/// A storage domain's space thresholds (oVirt's defaults: 10 %, 5 GB).
+#[derive(Debug, clap::Args)]
+pub struct SpaceArgs {
+    /// Free space under this percent of the domain raises a warning event.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+    warning_low_space: Option<u32>,
+    /// Free space under this many GB raises an error event and refuses new disks,
+    /// snapshots, clones and copies there.
+    #[arg(long)]
+    critical_space: Option<u32>,
+}
+
+impl SpaceArgs {
+    fn apply(&self, body: &mut Value) {
+        if let Some(w) = self.warning_low_space {
+            body["warning_low_space_indicator"] = json!(w);
+        }
+        if let Some(c) = self.critical_space {
+            body["critical_space_action_blocker"] = json!(c);
+        }
+    }
 }
 
 /// High availability: restarted elsewhere when its host dies, in place when it crashes.
@@ -2034,13 +2069,15 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
             domain_type,
             description,
             datacenter,
+            space,
             wait,
         } => {
             let h = ctx.id(&kinds::HOST, &host).await?;
-            let body = json!({
+            let mut body = json!({
                 "name": name, "description": description, "type": domain_type,
                 "host": { "id": h }, "storage": storage.json(),
             });
+            space.apply(&mut body);
             let mut obj = {
                 let mut p = Progress::new(format!("create storage domain {name}"), ctx.quiet);
                 p.set("formatting through the host");
@@ -2173,6 +2210,27 @@ async fn storage_domain(ctx: &Ctx, cmd: SdCmd) -> anyhow::Result<()> {
             p.finish("registered");
             let obj = ctx.get(kd, &what).await?;
             ctx.print(kd, &obj).await
+        }
+        SdCmd::Update {
+            name,
+            rename,
+            description,
+            space,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let mut body = json!({});
+            if let Some(n) = rename {
+                body["name"] = json!(n);
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            space.apply(&mut body);
+            anyhow::ensure!(
+                body.as_object().is_some_and(|o| !o.is_empty()),
+                "nothing to change: give at least one option"
+            );
+            ctx.update(k, &id, &name, body).await
         }
         SdCmd::UpdateOvf { name } => {
             let id = ctx.id(k, &name).await?;

@@ -227,10 +227,45 @@ async fn vms_ride_out_storage_outages_as_their_resume_behaviour_says() {
         events.iter().any(|(code, _)| *code == 196),
         "recovered: {events:?}"
     );
-    e.cmds.stop_vm(auto.id).await.unwrap();
     e.cmds.stop_vm(leave.id).await.unwrap();
 
-    // 2. Only the images fail (the leases and metadata still work, so no self-fencing): a
+    // 2. The storage is full (every write to the images refused with ENOSPC, as an exhausted
+    //    thin-provisioned export does): the guest stops on ENOSPC, which no storage check
+    //    answers — even auto_resume waits for an administrator to free space and resume it.
+    fs.full_under("images");
+    if let Err(err) = wait_vm(&e, auto.id, "paused on ENOSPC", Duration::from_secs(5), |v| {
+        v.runtime.status == VmStatus::Paused && v.runtime.status_detail.as_deref() == Some("enospc")
+    })
+    .await
+    {
+        fs.fail(false);
+        panic!("{err}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = vm_now(&e, auto.id).await;
+    fs.fail(false);
+    assert_eq!(
+        (v.runtime.status, v.runtime.status_detail.as_deref()),
+        (VmStatus::Paused, Some("enospc")),
+        "a full storage is not resumed into"
+    );
+    let events = event_codes(&e, auto.id).await;
+    assert!(
+        events
+            .iter()
+            .any(|(code, d)| *code == 138 && d.contains("no Storage space")),
+        "{events:?}"
+    );
+    let before = console(&c, auto.id).len();
+    e.cmds.resume_vm(auto.id).await.unwrap();
+    wait_new_pass(&c, auto.id, before, Duration::from_secs(30));
+    assert!(
+        !console(&c, auto.id).contains("write failed"),
+        "the guest saw ENOSPC"
+    );
+    e.cmds.stop_vm(auto.id).await.unwrap();
+
+    // 3. Only the images fail (the leases and metadata still work, so no self-fencing): a
     //    highly available VM — resume behaviour kill — is killed once paused 8 × io_timeout,
     //    and restarted when the storage is back; it never runs twice.
     let ha = add_writer_vm(&e, "havm", sd.id, Some(ResumeBehavior::AutoResume), true).await;
@@ -301,4 +336,144 @@ async fn vms_ride_out_storage_outages_as_their_resume_behaviour_says() {
     e.cmds.stop_vm(ha.id).await.unwrap();
     check_domains(&c.storage);
     drop(fs);
+}
+
+/// The events for storage domain `sd` with `code`.
+async fn sd_events(e: &oxvirt_engine::daemon::Engine, sd: SdUuid, code: i32) -> Vec<String> {
+    let q = ListQuery {
+        filter: EventFilter {
+            storage_domain: Some(Ref::Id(sd)),
+            code: Some(code),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let events = e.app().db.event_list(&q).await.unwrap();
+    events.into_iter().map(|ev| ev.description).collect()
+}
+
+async fn wait_sd_event(e: &oxvirt_engine::daemon::Engine, sd: SdUuid, code: i32) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some(d) = sd_events(e, sd, code).await.pop() {
+            return d;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no event {code} for the domain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// oVirt's space thresholds on a real domain with the space its node reports: under the
+/// critical one, new disks and snapshots are refused (nothing created) and an error event is
+/// raised; under the warning one, a warning; a preallocated disk larger than the free space is
+/// refused whatever the thresholds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn low_space_thresholds_warn_and_refuse() {
+    let c = start_cluster(1).await;
+    let e = c.engine.clone();
+    let db = &e.app().db;
+    let (_, sd) = attach_data_domain(&c, "host1").await;
+    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let vm = e
+        .cmds
+        .add_vm(
+            AddVm {
+                name: "lowvm".into(),
+                description: String::new(),
+                cluster: cluster.id,
+                template: BLANK_TEMPLATE_ID,
+                memory_bytes: Some(128 * MIB),
+                cpu: None,
+                os: common::cluster::guest_os(&[]),
+                ha: None,
+                resume_behavior: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    e.cmds
+        .add_disk(cow_disk("lowvm_disk", sd.id, 16 * MIB, Some((vm.id, true))), None)
+        .await
+        .unwrap();
+    // The monitor has the domain's space from its node.
+    let t = Instant::now();
+    let free = loop {
+        if let Some(f) = db.sd_get(sd.id).await.unwrap().unwrap().free_bytes {
+            break f;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no space reported for the domain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let disk_names = || async {
+        let all = db.disk_list(&ListQuery::default()).await.unwrap();
+        all.into_iter().map(|d| d.name).collect::<Vec<_>>()
+    };
+    let disks_before = disk_names().await;
+
+    // Critical: more GB asked free than there are.
+    let mut d = db.sd_get(sd.id).await.unwrap().unwrap();
+    d.critical_space_action_blocker = u32::try_from((free >> 30) + 10).unwrap();
+    db.sd_update(&d).await.unwrap();
+    let text = wait_sd_event(&e, sd.id, 201).await;
+    assert!(
+        text.starts_with("Critical, Low disk space. data domain has"),
+        "{text}"
+    );
+    let err = e
+        .cmds
+        .add_disk(cow_disk("refused", sd.id, 16 * MIB, None), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Cannot add disk refused. Low disk space on Storage Domain data")
+            && err.contains("critical_space_action_blocker"),
+        "{err}"
+    );
+    let err = e
+        .cmds
+        .add_snapshot(vm.id, oxvirt_engine::commands::AddSnapshot::default(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Cannot snapshot VM lowvm. Low disk space"), "{err}");
+    assert_eq!(disk_names().await, disks_before, "nothing created");
+    assert_eq!(
+        db.snapshots_of_vm(vm.id).await.unwrap().len(),
+        1,
+        "only the active VM"
+    );
+
+    // Warning: under 100 % free is always low; the disk is made.
+    let mut d = db.sd_get(sd.id).await.unwrap().unwrap();
+    d.critical_space_action_blocker = 0;
+    d.warning_low_space_indicator = 100;
+    db.sd_update(&d).await.unwrap();
+    let text = wait_sd_event(&e, sd.id, 26).await;
+    assert!(
+        text.starts_with("Warning, Low disk space. data domain has"),
+        "{text}"
+    );
+    e.cmds
+        .add_disk(cow_disk("fits", sd.id, 16 * MIB, None), None)
+        .await
+        .unwrap();
+
+    // A preallocated disk larger than the free space, thresholds or not.
+    let mut big = cow_disk("too_big", sd.id, free + (1 << 30), None);
+    big.format = oxvirt_engine::model::DiskFormat::Raw;
+    big.sparse = false;
+    let err = e.cmds.add_disk(big, None).await.unwrap_err().to_string();
+    assert!(
+        err.contains("Low disk space on Storage Domain data") && err.contains("MiB needed"),
+        "{err}"
+    );
+    assert!(!disk_names().await.contains(&"too_big".to_string()));
 }

@@ -14,7 +14,8 @@ use crate::model::*;
 // ---------------------------------------------------------------- storage domains
 
 const SD_COLS: &str = "id, name, description, domain_type, storage_type, address, path, \
-    mount_options, vfs_type, format_version, capacity_bytes, free_bytes, created_at, revision";
+    mount_options, vfs_type, format_version, capacity_bytes, free_bytes, \
+    warning_low_space_indicator, critical_space_action_blocker, created_at, revision";
 
 fn sd_from_row(r: &AnyRow) -> Result<StorageDomain, DbError> {
     Ok(StorageDomain {
@@ -30,6 +31,8 @@ fn sd_from_row(r: &AnyRow) -> Result<StorageDomain, DbError> {
         format_version: r.u32("format_version")?,
         capacity_bytes: r.opt_uint("capacity_bytes")?,
         free_bytes: r.opt_uint("free_bytes")?,
+        warning_low_space_indicator: r.u32("warning_low_space_indicator")?,
+        critical_space_action_blocker: r.u32("critical_space_action_blocker")?,
         created_at: r.ts("created_at")?,
         revision: r.int("revision")?,
     })
@@ -60,6 +63,15 @@ fn check_sd(sd: &StorageDomain) -> Result<(), DbError> {
         return Err(DbError::Invalid {
             what: "storage domain path",
             detail: format!("storage domain {} has an empty path", sd.name),
+        });
+    }
+    if sd.warning_low_space_indicator > 100 {
+        return Err(DbError::Invalid {
+            what: "warning_low_space_indicator",
+            detail: format!(
+                "storage domain {}: the low space warning is a percent of the domain, 0..100, not {}",
+                sd.name, sd.warning_low_space_indicator
+            ),
         });
     }
     if sd.storage_type == StorageType::Nfs && sd.address.as_deref().unwrap_or("").is_empty() {
@@ -94,13 +106,17 @@ fn sd_args(q: &mut Sql, sd: &StorageDomain) -> Result<(), DbError> {
             sd.capacity_bytes.map(|v| u2i("capacity", v)).transpose()?,
         ))
         .push(", ")
-        .arg(Arg::Int(sd.free_bytes.map(|v| u2i("free space", v)).transpose()?));
+        .arg(Arg::Int(sd.free_bytes.map(|v| u2i("free space", v)).transpose()?))
+        .push(", ")
+        .arg(i64::from(sd.warning_low_space_indicator))
+        .push(", ")
+        .arg(i64::from(sd.critical_space_action_blocker));
     Ok(())
 }
 
 async fn sd_insert(c: &mut Conn<'_>, sd: &StorageDomain) -> Result<StorageDomain, DbError> {
     check_sd(sd)?;
-    let mut q = Sql::new("INSERT INTO storage_domains (id, name, description, domain_type, storage_type, address, path, mount_options, vfs_type, format_version, capacity_bytes, free_bytes, created_at, revision) VALUES (");
+    let mut q = Sql::new("INSERT INTO storage_domains (id, name, description, domain_type, storage_type, address, path, mount_options, vfs_type, format_version, capacity_bytes, free_bytes, warning_low_space_indicator, critical_space_action_blocker, created_at, revision) VALUES (");
     q.arg(sd.id.to_string()).push(", ");
     sd_args(&mut q, sd)?;
     q.push(", ").arg(c.now.as_millis()).push(", 1)");
@@ -181,7 +197,7 @@ async fn sd_count(c: &mut Conn<'_>, f: &SdFilter) -> Result<u64, DbError> {
 
 async fn sd_update(c: &mut Conn<'_>, sd: &StorageDomain) -> Result<StorageDomain, DbError> {
     check_sd(sd)?;
-    let mut q = Sql::new("UPDATE storage_domains SET (name, description, domain_type, storage_type, address, path, mount_options, vfs_type, format_version, capacity_bytes, free_bytes) = (");
+    let mut q = Sql::new("UPDATE storage_domains SET (name, description, domain_type, storage_type, address, path, mount_options, vfs_type, format_version, capacity_bytes, free_bytes, warning_low_space_indicator, critical_space_action_blocker) = (");
     sd_args(&mut q, sd)?;
     q.push("), revision = revision + 1 WHERE id = ")
         .arg(sd.id.to_string())

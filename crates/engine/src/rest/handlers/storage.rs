@@ -133,6 +133,9 @@ pub async fn sd_add(r: &Req) -> Result<Resp, ApiError> {
             href("storagedomains", s.id),
         ));
     }
+    // Checked before anything is created; set once the domain exists.
+    let mut thresholds = StorageDomain::new("", SdType::Data, storage_type, "");
+    let with_thresholds = space_thresholds(&b, &mut thresholds)?;
     let req = AddStorageDomain {
         name: required(&b, "name")?.to_string(),
         description: b.string("description").unwrap_or_default(),
@@ -144,11 +147,35 @@ pub async fn sd_add(r: &Req) -> Result<Resp, ApiError> {
         mount_options: st.string("mount_options"),
         host,
     };
-    let s = r.cmds().add_storage_domain(req, r.correlation_id.clone()).await?;
+    let mut s = r.cmds().add_storage_domain(req, r.correlation_id.clone()).await?;
+    if with_thresholds {
+        s.warning_low_space_indicator = thresholds.warning_low_space_indicator;
+        s.critical_space_action_blocker = thresholds.critical_space_action_blocker;
+        s = r.db().sd_update(&s).await?;
+    }
     Ok(Resp::created(
         one_sd(r, &s, None, None),
         href("storagedomains", s.id),
     ))
+}
+
+/// oVirt's `<warning_low_space_indicator>` (percent, 0..100) and
+/// `<critical_space_action_blocker>` (GiB) from `b` into `s`; whether either was given.
+fn space_thresholds(b: &Elem, s: &mut StorageDomain) -> Result<bool, ApiError> {
+    let warning: Option<u32> = b.parse("warning_low_space_indicator")?;
+    let critical: Option<u32> = b.parse("critical_space_action_blocker")?;
+    if let Some(w) = warning {
+        if w > 100 {
+            return Err(ApiError::bad_request(format!(
+                "warning_low_space_indicator is a percent of the domain, 0..100, not {w}"
+            )));
+        }
+        s.warning_low_space_indicator = w;
+    }
+    if let Some(c) = critical {
+        s.critical_space_action_blocker = c;
+    }
+    Ok(warning.is_some() || critical.is_some())
 }
 
 pub async fn sd_update(r: &Req) -> Result<Resp, ApiError> {
@@ -160,6 +187,7 @@ pub async fn sd_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(n) = b.get("description") {
         s.description = n.text.trim().to_string();
     }
+    space_thresholds(&b, &mut s)?;
     let s = r.db().sd_update(&s).await?;
     let m = member(r, s.id).await?;
     Ok(Resp::ok(one_sd(r, &s, m.as_ref(), None)))
