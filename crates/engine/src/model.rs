@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use oxvirt_types::{
     AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId, SdUuid,
-    SnapshotId, StepId, TemplateId, TransferId, UserId, VmId, VolUuid,
+    SnapshotId, StepId, TagId, TemplateId, TransferId, UserId, VmId, VolUuid,
 };
 
 use crate::time::Timestamp;
@@ -1085,6 +1085,30 @@ pub struct UnregisteredOvf {
     pub ovf: String,
     /// oVirt's `VMStatus` number from the store's `metadata.json` (VMs that were running).
     pub vm_status: Option<i32>,
+}
+
+/// A tag: a label in a tree under oVirt's root tag, put on VMs, hosts and templates (and
+/// searched for with `tag=`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub id: TagId,
+    pub name: String,
+    pub description: String,
+    /// `None`: directly under the root tag.
+    pub parent: Option<TagId>,
+    pub created_at: Timestamp,
+}
+
+/// oVirt's root tag: every tag descends from it; it is never stored, changed or removed.
+pub const ROOT_TAG_ID: TagId = TagId::nil();
+pub const ROOT_TAG_NAME: &str = "root";
+
+/// What a tag is put on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TagTarget {
+    Vm(VmId),
+    Host(HostUuid),
+    Template(TemplateId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -174,6 +174,10 @@ uuid_id!(
     AffinityGroupId, "affinity group id"
 );
 uuid_id!(
+    /// A tag (oVirt's tags: a tree of labels on VMs, hosts and templates).
+    TagId, "tag id"
+);
+uuid_id!(
     /// A logical network of a data center.
     NetworkId, "network id"
 );

@@ -10,6 +10,6 @@ mod ids;
 
 pub use ids::{
     AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId,
-    NetworkAttachmentId, NetworkId, NicId, PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TaskId, TemplateId,
-    TransferId, UserId, VmId, VnicProfileId, VolUuid,
+    NetworkAttachmentId, NetworkId, NicId, PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TagId, TaskId,
+    TemplateId, TransferId, UserId, VmId, VnicProfileId, VolUuid,
 };

@@ -22,6 +22,7 @@ mod scheduling;
 mod snapshots;
 pub mod stats;
 mod storage;
+mod tags;
 mod transfers;
 mod vms;
 
@@ -48,6 +49,7 @@ pub use scheduling::{
 pub use snapshots::{AddSnapshot, AddSnapshotParams, AddSnapshotSaga, SnapDisk};
 pub(crate) use storage::connect_storage as connect_storage_servers;
 pub use storage::{AddDisk, AddStorageDomain};
+pub use tags::{root_tag, UpdateTag};
 pub use transfers::AddImageTransfer;
 pub(crate) use vms::destroy_on as destroy_on_node;
 pub use vms::{

@@ -106,6 +106,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "space_thresholds",
         sql: include_str!("migrations/0017_space_thresholds.sql"),
     },
+    Migration {
+        version: 18,
+        name: "tags",
+        sql: include_str!("migrations/0018_tags.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

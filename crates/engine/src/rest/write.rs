@@ -212,7 +212,10 @@ pub fn host(o: &mut Out, h: &Host, emb: Option<&Embedded>, power_management: Opt
         Some(c) => cluster(o, c, None),
         None => reference(o, "cluster", "clusters", h.cluster_id),
     }
-    o.links(&hr, &["fenceagents", "nics", "networkattachments", "statistics"]);
+    o.links(
+        &hr,
+        &["fenceagents", "nics", "networkattachments", "statistics", "tags"],
+    );
     o.close("host");
 }
 
@@ -564,7 +567,7 @@ pub fn vm(o: &mut Out, v: &Vm, emb: Option<&Embedded>) {
         }
         None => rels.push("snapshots"),
     }
-    rels.extend(["cdroms", "statistics"]);
+    rels.extend(["cdroms", "statistics", "tags"]);
     o.links(&hr, &rels);
     o.close("vm");
 }
@@ -609,9 +612,9 @@ pub fn template(o: &mut Out, t: &Template, emb: Option<&Embedded>) {
             }
             o.array_close();
             o.close("disk_attachments");
-            o.links(&hr, &["nics"]);
+            o.links(&hr, &["nics", "tags"]);
         }
-        None => o.links(&hr, &["diskattachments", "nics"]),
+        None => o.links(&hr, &["diskattachments", "nics", "tags"]),
     }
     o.close("template");
 }
@@ -784,6 +787,21 @@ fn affinity_rule(o: &mut Out, name: &str, enabled: bool, positive: bool, enforci
 /// An affinity group as oVirt 4.4 has it: the VM rule (and the deprecated top-level
 /// `positive`/`enforcing` that mirror it), the member VMs as references, and an empty,
 /// disabled host rule (oxvirt's groups hold VMs only).
+/// A tag; `on` is where it was listed from (`vms/{id}`, …) for an assigned tag's own href.
+pub fn tag(o: &mut Out, t: &Tag, on: Option<&str>) {
+    let hr = match on {
+        Some(base) => format!("{API}/{base}/tags/{}", t.id),
+        None => href("tags", t.id),
+    };
+    o.open("tag", Some(&t.id.to_string()), Some(&hr));
+    o.leaf("name", &t.name);
+    o.leaf("description", &t.description);
+    if t.id != ROOT_TAG_ID {
+        reference(o, "parent", "tags", t.parent.unwrap_or(ROOT_TAG_ID));
+    }
+    o.close("tag");
+}
+
 pub fn affinity_group(o: &mut Out, g: &AffinityGroup) {
     let hr = format!("{API}/clusters/{}/affinitygroups/{}", g.cluster_id, g.id);
     o.open("affinity_group", Some(&g.id.to_string()), Some(&hr));

@@ -1446,7 +1446,182 @@ async fn storage_domain_space_thresholds(backend: Backend) {
     );
 }
 
+/// Tags as oVirt's TagsService and AssignedTagsService serve them: a tree under the root tag,
+/// put on VMs, hosts and templates by id or name, searched with `tag=`; removing a tag takes
+/// its subtree off everything; bad requests change nothing.
+async fn tags_on_vms_hosts_and_templates(backend: Backend) {
+    use oxvirt_engine::model::Host;
+    let t = start_engine_on(backend).await;
+    let mut c = Client::new(&t.engine);
+    c.login().await;
+    c.dc_and_cluster().await;
+    let root = "00000000-0000-0000-0000-000000000000";
+    let r = c.get("tags").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(count(&r.body, "tag"), 1, "only the root: {}", r.body);
+    assert!(r.body.contains(&format!("id=\"{root}\"")) && r.body.contains("<name>root</name>"));
+    assert!(c.get("").await.body.contains(&format!(
+        "<root_tag href=\"/ovirt-engine/api/tags/{root}\" id=\"{root}\"/>"
+    )));
+
+    let r = c
+        .post(
+            "tags",
+            "<tag><name>web</name><description>front</description></tag>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let web = root_id(&r.body);
+    assert!(
+        r.body.contains(&format!(
+            "<parent href=\"/ovirt-engine/api/tags/{root}\" id=\"{root}\"/>"
+        )),
+        "{}",
+        r.body
+    );
+    let r = c
+        .post(
+            "tags",
+            "<tag><name>web-prod</name><parent><name>web</name></parent></tag>",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let prod = root_id(&r.body);
+    assert!(
+        r.body.contains(&format!("id=\"{web}\"/>")),
+        "under web: {}",
+        r.body
+    );
+    for (body, status) in [
+        ("<tag><name>web</name></tag>", StatusCode::CONFLICT),
+        ("<tag><name>root</name></tag>", StatusCode::CONFLICT),
+        (
+            "<tag><name>x</name><parent><name>nope</name></parent></tag>",
+            StatusCode::NOT_FOUND,
+        ),
+        ("<tag><name>bad name!</name></tag>", StatusCode::BAD_REQUEST),
+        (
+            "<tag><description>no name</description></tag>",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let r = c.post("tags", body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
+    assert_eq!(count(&c.get("tags").await.body, "tag"), 3);
+
+    // On a VM (by name), a host (by id) and the Blank template.
+    let r = c.post("vms", &vm_xml("tagged", "cl")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let vm = root_id(&r.body);
+    assert!(
+        r.body
+            .contains(&format!("href=\"/ovirt-engine/api/vms/{vm}/tags\" rel=\"tags\"")),
+        "{}",
+        r.body
+    );
+    let r = c.post("vms", &vm_xml("plain", "cl")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = c
+        .post(&format!("vms/{vm}/tags"), "<tag><name>web-prod</name></tag>")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(
+        r.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some(&*format!("/ovirt-engine/api/vms/{vm}/tags/{prod}"))
+    );
+    let r = c
+        .post(&format!("vms/{vm}/tags"), &format!("<tag id=\"{prod}\"/>"))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "twice: {}", r.body);
+    let r = c
+        .post(&format!("vms/{vm}/tags"), &format!("<tag id=\"{root}\"/>"))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "the root on a VM: {}", r.body);
+    let r = c.get(&format!("vms/{vm}/tags")).await;
+    assert_eq!(count(&r.body, "tag"), 1, "{}", r.body);
+    assert_eq!(
+        c.get(&format!("vms/{vm}/tags/{prod}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        c.get(&format!("vms/{vm}/tags/{web}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = c.get("vms?search=tag%3Dweb-prod").await;
+    assert_eq!(count(&r.body, "vm"), 1, "{}", r.body);
+    assert!(r.body.contains("<name>tagged</name>"));
+    assert_eq!(count(&c.get("vms?search=tag%3Dweb").await.body, "vm"), 0);
+    let db = &t.engine.app().db;
+    let cl = db.cluster_get_by_name("cl").await.unwrap().unwrap();
+    let host = db
+        .host_insert(&Host::new("th", "127.0.0.9", 54321, cl.id))
+        .await
+        .unwrap();
+    let r = c
+        .post(
+            &format!("hosts/{}/tags", host.id),
+            &format!("<tag id=\"{web}\"/>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(count(&c.get("hosts?search=tag%3Dweb").await.body, "host"), 1);
+    let blank = "00000000-0000-0000-0000-000000000000";
+    let r = c
+        .post(&format!("templates/{blank}/tags"), "<tag><name>web</name></tag>")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let missing = "5b0e9b3c-0000-4000-8000-000000000000";
+    let r = c
+        .post(&format!("vms/{missing}/tags"), "<tag><name>web</name></tag>")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // Moves: never under itself; a rename; the root stays.
+    let r = c
+        .put(
+            &format!("tags/{web}"),
+            &format!("<tag><parent id=\"{prod}\"/></tag>"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "a cycle: {}", r.body);
+    let r = c.put(&format!("tags/{web}"), "<tag><name>www</name></tag>").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("<name>www</name>"));
+    assert_eq!(
+        c.put(&format!("tags/{root}"), "<tag><name>x</name></tag>")
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        c.delete(&format!("tags/{root}")).await.status,
+        StatusCode::CONFLICT
+    );
+
+    // Off one thing; then the whole subtree off everything.
+    let r = c.delete(&format!("hosts/{}/tags/{web}", host.id)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        c.delete(&format!("hosts/{}/tags/{web}", host.id)).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = c.delete(&format!("tags/{web}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        count(&c.get("tags").await.body, "tag"),
+        1,
+        "web-prod went with www"
+    );
+    assert_eq!(count(&c.get(&format!("vms/{vm}/tags")).await.body, "tag"), 0);
+    assert_eq!(
+        count(&c.get(&format!("templates/{blank}/tags")).await.body, "tag"),
+        0
+    );
+}
+
 both_backends!(
+    tags_on_vms_hosts_and_templates,
     storage_domain_space_thresholds,
     external_events_are_recorded_once_per_origin_and_id,
     statistics_of_down_vms_and_hosts,

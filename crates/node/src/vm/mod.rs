@@ -2817,7 +2817,6 @@ impl VmManager {
         !self.holders_on(sd).is_empty()
     }
 
-    /// Live VMs holding leases on `sd`.
     /// Why VM `id` is stopped on a storage error, while it is.
     pub fn pause_code(&self, id: VmId) -> Option<io_errors::PauseCode> {
         self.get(id).ok()?.pause_code()
@@ -2887,6 +2886,7 @@ impl VmManager {
         }
     }
 
+    /// Live VMs holding leases on `sd`.
     fn holders_on(&self, sd: SdUuid) -> Vec<Arc<Vm>> {
         self.vms
             .lock()

@@ -437,6 +437,8 @@ pub struct HostFilter {
     pub cluster: Option<Ref<ClusterId>>,
     pub data_center: Option<Ref<DcId>>,
     pub address: Option<String>,
+    /// With this tag on it (`tag=`).
+    pub tag: Option<Ref<TagId>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -524,6 +526,11 @@ fn host_where(w: &mut Where<'_>, f: &HostFilter) {
         &f.data_center,
     );
     w.eq("h.address", &f.address);
+    w.reference_in(
+        "EXISTS (SELECT 1 FROM tag_hosts th WHERE th.host_id = h.id AND th.tag_id IN {ids})",
+        "tags",
+        &f.tag,
+    );
 }
 
 async fn host_list(c: &mut Conn<'_>, lq: &ListQuery<HostFilter, HostSort>) -> Result<Vec<Host>, DbError> {

@@ -46,6 +46,7 @@ mod ops;
 mod ovf;
 pub(crate) mod sagas;
 mod storage;
+mod tags;
 mod transfers;
 mod users;
 mod vms;

@@ -326,6 +326,8 @@ pub struct VmFilter {
     /// With a disk on this storage domain (`storage.name=`).
     pub storage_domain: Option<Ref<SdUuid>>,
     pub ha: Option<bool>,
+    /// With this tag on it (`tag=`).
+    pub tag: Option<Ref<TagId>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,6 +479,11 @@ fn vm_where(w: &mut Where<'_>, f: &VmFilter) {
         &f.storage_domain,
     );
     w.eq_int("v.ha_enabled", f.ha.map(b2i));
+    w.reference_in(
+        "EXISTS (SELECT 1 FROM tag_vms tv WHERE tv.vm_id = v.id AND tv.tag_id IN {ids})",
+        "tags",
+        &f.tag,
+    );
 }
 
 async fn vm_list(c: &mut Conn<'_>, lq: &ListQuery<VmFilter, VmSort>) -> Result<Vec<Vm>, DbError> {

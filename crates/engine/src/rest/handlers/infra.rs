@@ -390,6 +390,8 @@ pub async fn host_list(r: &Req) -> Result<Resp, ApiError> {
                         f.data_center = Some(d);
                     } else if let Some(cl) = x.reference(c, "cluster")? {
                         f.cluster = Some(cl);
+                    } else if let Some(t) = x.reference(c, "tag")? {
+                        f.tag = Some(t);
                     } else {
                         return Ok(false);
                     }

@@ -8,6 +8,7 @@ mod ops;
 mod register;
 mod sla;
 mod storage;
+mod tags;
 mod vms;
 
 use std::future::Future;
@@ -67,6 +68,23 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         GroupVmList => sla::group_vm_list(r).await,
         GroupVmAdd => sla::group_vm_add(r).await,
         GroupVmRemove => sla::group_vm_remove(r).await,
+        TagList => tags::tag_list(r).await,
+        TagAdd => tags::tag_add(r).await,
+        TagGet => tags::tag_get(r).await,
+        TagUpdate => tags::tag_update(r).await,
+        TagRemove => tags::tag_remove(r).await,
+        VmTagList => tags::assigned_list(r, tags::Carrier::Vm).await,
+        VmTagAdd => tags::assigned_add(r, tags::Carrier::Vm).await,
+        VmTagGet => tags::assigned_get(r, tags::Carrier::Vm).await,
+        VmTagRemove => tags::assigned_remove(r, tags::Carrier::Vm).await,
+        HostTagList => tags::assigned_list(r, tags::Carrier::Host).await,
+        HostTagAdd => tags::assigned_add(r, tags::Carrier::Host).await,
+        HostTagGet => tags::assigned_get(r, tags::Carrier::Host).await,
+        HostTagRemove => tags::assigned_remove(r, tags::Carrier::Host).await,
+        TemplateTagList => tags::assigned_list(r, tags::Carrier::Template).await,
+        TemplateTagAdd => tags::assigned_add(r, tags::Carrier::Template).await,
+        TemplateTagGet => tags::assigned_get(r, tags::Carrier::Template).await,
+        TemplateTagRemove => tags::assigned_remove(r, tags::Carrier::Template).await,
         SdList => storage::sd_list(r).await,
         SdAdd => storage::sd_add(r).await,
         SdGet => storage::sd_get(r).await,

@@ -49,6 +49,7 @@ pub async fn api(r: &Req) -> Result<Resp, ApiError> {
         "imagetransfers",
         "jobs",
         "storagedomains",
+        "tags",
         "templates",
         "users",
         "vms",
@@ -73,6 +74,8 @@ pub async fn api(r: &Req) -> Result<Resp, ApiError> {
     o.open("special_objects", None, None);
     let blank = BLANK_TEMPLATE_ID.to_string();
     o.reference("blank_template", &blank, &href("templates", &blank));
+    let root = ROOT_TAG_ID.to_string();
+    o.reference("root_tag", &root, &href("tags", &root));
     o.close("special_objects");
     o.open("summary", None, None);
     for (name, active, total) in [

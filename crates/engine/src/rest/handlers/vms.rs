@@ -110,6 +110,8 @@ pub async fn vm_list(r: &Req) -> Result<Resp, ApiError> {
                         f.template = Some(v);
                     } else if let Some(v) = x.reference(c, "storage")? {
                         f.storage_domain = Some(v);
+                    } else if let Some(v) = x.reference(c, "tag")? {
+                        f.tag = Some(v);
                     } else {
                         return Ok(false);
                     }
