@@ -165,6 +165,18 @@ pub static DISK: Kind = Kind {
     ],
 };
 
+pub static TAG: Kind = Kind {
+    what: "tag",
+    coll: "tags",
+    elem: "tag",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("PARENT", "parent.id", Ref(&TAG)),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
 pub static TEMPLATE: Kind = Kind {
     what: "template",
     coll: "templates",

@@ -101,6 +101,8 @@ pub enum ClientCommand {
     Job(Group<JobCmd>),
     /// The engine's event log.
     Event(Group<EventCmd>),
+    /// Tags: a tree of labels on VMs, hosts and templates (`vm list --search tag=NAME`).
+    Tag(Group<TagCmd>),
     /// Print a shell completion script: `oxvirt completion bash > /etc/bash_completion.d/oxvirt`.
     Completion {
         #[arg(value_enum)]
@@ -1196,6 +1198,78 @@ pub enum MacPoolCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TagCmd {
+    /// List tags (the root tag first).
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show a tag.
+    Show { name: String },
+    /// Create a tag, under the root tag or --parent.
+    Create {
+        name: String,
+        #[arg(long)]
+        parent: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Rename a tag, change its description or move it under another tag (root: the top).
+    Update {
+        name: String,
+        #[arg(long)]
+        rename: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Remove a tag with the tags under it; they come off everything.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+    /// Put a tag on a VM, host or template.
+    Assign {
+        name: String,
+        #[command(flatten)]
+        on: TagOn,
+    },
+    /// Take a tag off a VM, host or template.
+    Unassign {
+        name: String,
+        #[command(flatten)]
+        on: TagOn,
+    },
+    /// The tags on a VM, host or template.
+    Of {
+        #[command(flatten)]
+        on: TagOn,
+    },
+}
+
+/// What a tag goes on: exactly one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct TagOn {
+    #[arg(long)]
+    vm: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    template: Option<String>,
+}
+
+impl TagOn {
+    /// The path of the object's tags (`vms/{id}/tags`).
+    async fn path(&self, ctx: &Ctx) -> anyhow::Result<String> {
+        let (k, name) = match (&self.vm, &self.host, &self.template) {
+            (Some(v), _, _) => (&kinds::VM, v),
+            (_, Some(h), _) => (&kinds::HOST, h),
+            (_, _, Some(t)) => (&kinds::TEMPLATE, t),
+            _ => anyhow::bail!("give --vm, --host or --template"),
+        };
+        Ok(format!("{}/{}/tags", k.coll, ctx.id(k, name).await?))
+    }
+}
+
+#[derive(Subcommand, Debug)]
 pub enum JobCmd {
     /// List jobs.
     #[command(visible_alias = "ls")]
@@ -1316,6 +1390,10 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Event(g) => {
             let ctx = Ctx::open(&g.common)?;
             event(&ctx, g.cmd).await
+        }
+        ClientCommand::Tag(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            tag(&ctx, g.cmd).await
         }
     }
 }
@@ -3399,6 +3477,98 @@ async fn mac_pool(ctx: &Ctx, cmd: MacPoolCmd) -> anyhow::Result<()> {
             }
             let body = json!({ "ranges": { "range": rs } });
             ctx.update(k, &id, &name, body).await
+        }
+    }
+}
+
+/// A tag named `name` (`root` is the root tag, which `tag list` shows but nothing names).
+async fn tag_id(ctx: &Ctx, name: &str) -> anyhow::Result<String> {
+    if name == "root" {
+        return Ok("00000000-0000-0000-0000-000000000000".into());
+    }
+    ctx.id(&kinds::TAG, name).await
+}
+
+async fn tag(ctx: &Ctx, cmd: TagCmd) -> anyhow::Result<()> {
+    let k = &kinds::TAG;
+    match cmd {
+        TagCmd::List(a) => ctx.list(k, &a).await,
+        TagCmd::Show { name } => {
+            let id = tag_id(ctx, &name).await?;
+            let obj = ctx.get(k, &id).await?;
+            output::print_one(&ctx.api, k, &obj, ctx.out).await
+        }
+        TagCmd::Create {
+            name,
+            parent,
+            description,
+        } => {
+            let mut body = json!({ "name": name, "description": description });
+            if let Some(p) = parent {
+                body["parent"] = json!({ "id": tag_id(ctx, &p).await? });
+            }
+            let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        TagCmd::Update {
+            name,
+            rename,
+            description,
+            parent,
+        } => {
+            let id = tag_id(ctx, &name).await?;
+            let mut body = json!({});
+            if let Some(n) = rename {
+                body["name"] = json!(n);
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if let Some(p) = parent {
+                body["parent"] = json!({ "id": tag_id(ctx, &p).await? });
+            }
+            anyhow::ensure!(
+                body.as_object().is_some_and(|o| !o.is_empty()),
+                "nothing to change: give at least one option"
+            );
+            ctx.update(k, &id, &name, body).await
+        }
+        TagCmd::Remove { name } => {
+            let id = tag_id(ctx, &name).await?;
+            ctx.api
+                .request(Method::DELETE, &format!("/tags/{id}"), None, None)
+                .await
+                .with_context(|| format!("removing tag {name}"))?;
+            output::print_done(ctx.out, &format!("tag {name} removed"), None)
+        }
+        TagCmd::Assign { name, on } => {
+            let path = on.path(ctx).await?;
+            let id = tag_id(ctx, &name).await?;
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/{path}"),
+                    Some(&json!({ "id": id })),
+                    None,
+                )
+                .await
+                .with_context(|| format!("putting tag {name} on {path}"))?;
+            ctx.print(k, &obj).await
+        }
+        TagCmd::Unassign { name, on } => {
+            let path = on.path(ctx).await?;
+            let id = tag_id(ctx, &name).await?;
+            ctx.api
+                .request(Method::DELETE, &format!("/{path}/{id}"), None, None)
+                .await
+                .with_context(|| format!("taking tag {name} off {path}"))?;
+            output::print_done(ctx.out, &format!("tag {name} taken off"), None)
+        }
+        TagCmd::Of { on } => {
+            let path = on.path(ctx).await?;
+            let items = ctx.api.list(&path, "tag", &[]).await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
         }
     }
 }

@@ -305,6 +305,47 @@ async fn login_objects_output_and_completion() {
         "{r}"
     );
 
+    // Tags: a tree, on the Blank template, found by search, removed with their subtree.
+    live.ok(&["tag", "create", "cli-web", "--description", "front ends"])
+        .await;
+    live.ok(&["tag", "create", "cli-prod", "--parent", "cli-web"])
+        .await;
+    let r = live.ok(&["tag", "list"]).await;
+    assert!(
+        row(&r.stdout, "cli-prod").contains("cli-web"),
+        "the parent by name: {r}"
+    );
+    assert!(
+        row(&r.stdout, "root").contains("00000000-0000-0000-0000-000000000000"),
+        "{r}"
+    );
+    let r = live
+        .fails(&["tag", "create", "cli-x", "--parent", "nosuch"])
+        .await;
+    assert!(r.stderr.contains("no tag named \"nosuch\""), "{r}");
+    let r = live.fails(&["tag", "assign", "cli-prod"]).await;
+    assert!(
+        r.stderr.contains("--vm") && r.stderr.contains("--template"),
+        "one target: {r}"
+    );
+    live.ok(&["tag", "assign", "cli-prod", "--template", "Blank"])
+        .await;
+    let r = live
+        .fails(&["tag", "assign", "cli-prod", "--template", "Blank"])
+        .await;
+    assert!(r.stderr.contains("on it already"), "{r}");
+    let r = live.ok(&["tag", "of", "--template", "Blank", "-o", "json"]).await;
+    assert_eq!(names(&r.json()), ["cli-prod"], "{r}");
+    let r = live
+        .fails(&["tag", "update", "cli-web", "--parent", "cli-prod"])
+        .await;
+    assert!(r.stderr.contains("cannot move under itself"), "{r}");
+    live.ok(&["tag", "rm", "cli-web"]).await;
+    let r = live.ok(&["tag", "of", "--template", "Blank", "-o", "json"]).await;
+    assert_eq!(r.json(), serde_json::json!([]), "the subtree came off: {r}");
+    let r = live.ok(&["tag", "list", "-o", "json"]).await;
+    assert_eq!(names(&r.json()), ["root"], "{r}");
+
     // Removal: the cluster, then the data center.
     let r = live.ok(&["cluster", "remove", "cli-cl"]).await;
     assert!(r.stdout.contains("cluster cli-cl removed"), "{r}");
