@@ -485,6 +485,16 @@ def main():
     )
     vm_svc = vms.vm_service(vm.id)
     assert vm.storage_error_resume_behaviour == types.VmStorageErrorResumeBehaviour.LEAVE_PAUSED
+    # Tags: one under the root tag, on the VM, found by search, removed.
+    tags = system.tags_service()
+    tag = tags.add(types.Tag(name=P + "-tag", description="front ends"))
+    assert conn.follow_link(tag.parent).name == "root"
+    vm_svc.tags_service().add(types.Tag(id=tag.id))
+    assert [t.name for t in vm_svc.tags_service().list()] == [P + "-tag"]
+    assert [v.name for v in vms.list(search="tag=" + P + "-tag")] == [P + "-vm"]
+    tags.tag_service(tag.id).remove()
+    assert vm_svc.tags_service().list() == []
+    step("tag put on the VM and searched")
     att = add_cow_disk(vm_svc, P + "-disk", 64 * MIB, types.DiskInterface.VIRTIO, bootable=True)
     disk_svc = system.disks_service().disk_service(att.disk.id)
     wait("disk ok", lambda: disk_svc.get().status == types.DiskStatus.OK)
