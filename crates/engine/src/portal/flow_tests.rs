@@ -264,7 +264,14 @@ async fn sessions_pages_actions_and_live_updates() {
         );
         let r = t.get(&format!("/portal/storagedomains/{}", sd.id)).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        for needle in ["pagedisk", "/srv/pagesd", "4 GiB of 10 GiB", "none (unattached)"] {
+        for needle in [
+            "pagedisk",
+            "/srv/pagesd",
+            "4 GiB of 10 GiB",
+            "none (unattached)",
+            // 6 GB free is over 5 GB and 10 %: no alarm, the thresholds shown.
+            "<dd>warning under 10 % free, critical (no new disks) under 5 GB</dd>",
+        ] {
             assert!(r.body.contains(needle), "the page lacks {needle:?}: {}", r.body);
         }
         assert_eq!(
@@ -420,9 +427,28 @@ async fn sessions_pages_actions_and_live_updates() {
     assert!(done["link"].as_str().unwrap().ends_with(&id));
     let page = t.get("/portal/vms").await.body;
     assert!(page.contains(&format!("data-id=\"{id}\"")) && page.contains(">t1</a>"));
+    let tag = db
+        .tag_insert(&crate::model::Tag {
+            id: crate::model::TagId::new_random(),
+            name: "web".into(),
+            description: String::new(),
+            parent: None,
+            created_at: db.now(),
+        })
+        .await
+        .unwrap();
+    db.tag_assign(tag.id, crate::model::TagTarget::Vm(vm.id))
+        .await
+        .unwrap();
     let page = t.get(&format!("/portal/vms/{id}")).await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains("VM t1") && page.body.contains("data-console"));
+    assert!(
+        page.body.contains("<dd>kill</dd>"),
+        "HA: killed on long storage errors: {}",
+        page.body
+    );
+    assert!(page.body.contains("<dd>web</dd>"), "its tags: {}", page.body);
 
     // The live endpoint reports its membership and status.
     let live = t

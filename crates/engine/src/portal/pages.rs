@@ -1209,6 +1209,19 @@ async fn storage_domain(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, Port
             .unwrap_or_else(|| "none (unattached)".into()),
         ),
         ("Used", used),
+        (
+            "Low space",
+            format!(
+                "{}warning under {} % free, critical (no new disks) under {} GB",
+                match sd.low_space() {
+                    Some(crate::model::LowSpace::Critical) => "CRITICAL now — ",
+                    Some(crate::model::LowSpace::Warning) => "LOW now — ",
+                    None => "",
+                },
+                sd.warning_low_space_indicator,
+                sd.critical_space_action_blocker
+            ),
+        ),
         ("Provisioned to disks", bytes(provisioned)),
         ("Format", format!("V{}", sd.format_version)),
         ("Id", sd.id.to_string()),
@@ -1750,6 +1763,13 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
             .map_or_else(|| d.to_string(), |(_, n)| n.clone()),
     };
     h.raw("<div class=\"grid2\"><section>");
+    let tag_names = db
+        .tags_of(crate::model::TagTarget::Vm(v.id))
+        .await?
+        .into_iter()
+        .map(|t| t.name)
+        .collect::<Vec<_>>()
+        .join(", ");
     h.facts(&[
         ("Id", sid.clone()),
         ("Cluster", names.cluster(v.cluster_id)),
@@ -1798,8 +1818,9 @@ async fn vm(ctx: &Ctx, f: &FormCtx, id: &str) -> Result<String, PortalError> {
         ),
         (
             "Status detail",
-            v.runtime.status_detail.clone().unwrap_or_default(),
+            vm_status_detail(v.runtime.status_detail.as_deref()),
         ),
+        ("Tags", tag_names),
         ("Created", time(v.created_at)),
     ]);
     h.raw("</section><section>");
@@ -2478,4 +2499,15 @@ async fn events(ctx: &Ctx) -> Result<String, PortalError> {
     h.raw("<button type=\"submit\" class=\"secondary\">Filter</button></form>");
     events_table(&mut h, &es, min.is_none());
     Ok(h.finish())
+}
+
+/// A VM's status detail for people: a storage pause code in words.
+fn vm_status_detail(detail: Option<&str>) -> String {
+    match detail {
+        Some("eio") => "paused: storage I/O error (eio)".into(),
+        Some("enospc") => "paused: no space left on the storage (enospc)".into(),
+        Some("eperm") => "paused: storage permission error (eperm)".into(),
+        Some("eother") => "paused: storage error (eother)".into(),
+        other => other.unwrap_or_default().to_string(),
+    }
 }
