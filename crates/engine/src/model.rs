@@ -17,8 +17,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use oxvirt_types::{
-    AffinityGroupId, ClusterId, DcId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid, SagaId, SdUuid,
-    SnapshotId, StepId, TagId, TemplateId, TransferId, UserId, VmId, VolUuid,
+    AffinityGroupId, ClusterId, DcId, DiskProfileId, HostId, HostUuid, ImgUuid, JobId, NicId, PoolUuid,
+    QosId, SagaId, SdUuid, SnapshotId, StepId, TagId, TemplateId, TransferId, UserId, VmId, VolUuid,
 };
 
 use crate::time::Timestamp;
@@ -392,6 +392,7 @@ impl CpuTopology {
 }
 
 const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataCenter {
@@ -637,6 +638,8 @@ pub struct Disk {
     pub shareable: bool,
     pub wipe_after_delete: bool,
     pub content_type: DiskContentType,
+    /// The storage QoS it gets through its domain's profile; `None`: unlimited.
+    pub disk_profile_id: Option<DiskProfileId>,
     pub created_at: Timestamp,
     pub revision: i64,
 }
@@ -657,6 +660,7 @@ impl Disk {
             shareable: false,
             wipe_after_delete: false,
             content_type: DiskContentType::Data,
+            disk_profile_id: None,
             created_at: Timestamp::from_millis(0),
             revision: 0,
         }
@@ -1085,6 +1089,78 @@ pub struct UnregisteredOvf {
     pub ovf: String,
     /// oVirt's `VMStatus` number from the store's `metadata.json` (VMs that were running).
     pub vm_status: Option<i32>,
+}
+
+/// A data center's storage QoS (oVirt's `<qos type="storage">`): limits in MB/s and IOPS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qos {
+    pub id: QosId,
+    pub data_center_id: DcId,
+    pub name: String,
+    pub description: String,
+    pub limits: IoLimits,
+}
+
+/// Storage limits; `None` (or 0) is unlimited. A total excludes its read and write parts, as
+/// in oVirt and QEMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimits {
+    /// MB/s (MiB/s, as oVirt counts them).
+    pub max_throughput: Option<u64>,
+    pub max_read_throughput: Option<u64>,
+    pub max_write_throughput: Option<u64>,
+    pub max_iops: Option<u64>,
+    pub max_read_iops: Option<u64>,
+    pub max_write_iops: Option<u64>,
+}
+
+impl IoLimits {
+    /// Why these limits cannot be, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let set = |v: Option<u64>| v.is_some_and(|v| v > 0);
+        if set(self.max_throughput) && (set(self.max_read_throughput) || set(self.max_write_throughput)) {
+            return Err("a total throughput excludes read and write throughputs".into());
+        }
+        if set(self.max_iops) && (set(self.max_read_iops) || set(self.max_write_iops)) {
+            return Err("total IOPS exclude read and write IOPS".into());
+        }
+        let big = [
+            self.max_throughput,
+            self.max_read_throughput,
+            self.max_write_throughput,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|v| v > 1 << 20);
+        if big {
+            return Err("a throughput limit is at most 1048576 MB/s".into());
+        }
+        Ok(())
+    }
+
+    /// VDSM's `ioTune` (bytes and operations per second; 0: unlimited).
+    pub fn io_tune(&self) -> serde_json::Value {
+        let mb = |v: Option<u64>| v.unwrap_or(0) * MIB;
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        serde_json::json!({
+            "total_bytes_sec": mb(self.max_throughput),
+            "read_bytes_sec": mb(self.max_read_throughput),
+            "write_bytes_sec": mb(self.max_write_throughput),
+            "total_iops_sec": n(self.max_iops),
+            "read_iops_sec": n(self.max_read_iops),
+            "write_iops_sec": n(self.max_write_iops),
+        })
+    }
+}
+
+/// A storage domain's disk profile: the QoS its disks get (oVirt's `<disk_profile>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskProfile {
+    pub id: DiskProfileId,
+    pub name: String,
+    pub description: String,
+    pub storage_domain_id: SdUuid,
+    pub qos_id: Option<QosId>,
 }
 
 /// A tag: a label in a tree under oVirt's root tag, put on VMs, hosts and templates (and

@@ -627,6 +627,23 @@ command!(JobFinalize { id: String } => "job-finalize", ());
 command!(QueryJobs => "query-jobs", Vec<JobInfo>);
 command!(QueryBlock => "query-block", Vec<BlockInfo>);
 command!(
+    /// Throttles a disk device's I/O (bytes and operations per second; 0: unlimited). A
+    /// total excludes its read and write parts.
+    BlockSetIoThrottle {
+        id: String,
+        bps: u64,
+        #[serde(rename = "bps_rd")]
+        bps_rd: u64,
+        #[serde(rename = "bps_wr")]
+        bps_wr: u64,
+        iops: u64,
+        #[serde(rename = "iops_rd")]
+        iops_rd: u64,
+        #[serde(rename = "iops_wr")]
+        iops_wr: u64,
+    } => "block_set_io_throttle", ()
+);
+command!(
     /// Grows the virtual size of the image behind a block node (a qcow2 header, a raw file).
     BlockResize { node_name: String, size: u64 } => "block_resize", ()
 );
@@ -828,6 +845,19 @@ pub struct BlockDeviceInfo {
     /// The device's top block node.
     #[serde(rename = "node-name", default)]
     pub node_name: Option<String>,
+    /// I/O throttling in force (bytes and operations per second; 0: none).
+    #[serde(default)]
+    pub bps: u64,
+    #[serde(default)]
+    pub bps_rd: u64,
+    #[serde(default)]
+    pub bps_wr: u64,
+    #[serde(default)]
+    pub iops: u64,
+    #[serde(default)]
+    pub iops_rd: u64,
+    #[serde(default)]
+    pub iops_wr: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

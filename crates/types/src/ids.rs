@@ -178,6 +178,14 @@ uuid_id!(
     TagId, "tag id"
 );
 uuid_id!(
+    /// A quality-of-service entry of a data center (storage limits).
+    QosId, "QoS id"
+);
+uuid_id!(
+    /// A disk profile of a storage domain (the storage QoS its disks get).
+    DiskProfileId, "disk profile id"
+);
+uuid_id!(
     /// A logical network of a data center.
     NetworkId, "network id"
 );

@@ -9,7 +9,7 @@ pub mod api;
 mod ids;
 
 pub use ids::{
-    AffinityGroupId, ClusterId, DcId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId,
-    NetworkAttachmentId, NetworkId, NicId, PoolUuid, SagaId, SdUuid, SnapshotId, StepId, TagId, TaskId,
-    TemplateId, TransferId, UserId, VmId, VnicProfileId, VolUuid,
+    AffinityGroupId, ClusterId, DcId, DiskProfileId, HostId, HostIdError, HostUuid, IdError, ImgUuid, JobId,
+    NetworkAttachmentId, NetworkId, NicId, PoolUuid, QosId, SagaId, SdUuid, SnapshotId, StepId, TagId,
+    TaskId, TemplateId, TransferId, UserId, VmId, VnicProfileId, VolUuid,
 };

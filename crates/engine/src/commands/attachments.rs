@@ -80,7 +80,8 @@ impl Commands {
                 d.name, d.status
             )));
         }
-        let drive = drive_params(&d, a);
+        let mut drive = drive_params(&d, a);
+        drive["ioTune"] = super::qos::disk_io_tune(&self.app, &d).await?;
         self.node_of(host)
             .await?
             .call("VM.hotplugDisk", json!({ "vmID": v.id, "drive": drive }))

@@ -17,6 +17,7 @@ mod infra;
 mod live_move;
 mod networks;
 pub mod ovf;
+mod qos;
 mod register;
 mod scheduling;
 mod snapshots;
@@ -41,6 +42,7 @@ pub use infra::{AddCluster, AddDataCenter, AddHost};
 pub use live_move::LSM_SNAPSHOT;
 pub(crate) use networks::{host_network_problem, scheduling_networks, with_source_slots};
 pub use networks::{AddNetwork, AddNic, SetupHostNetworks, UpdateNetwork, UpdateNic};
+pub use qos::{UpdateDiskProfile, UpdateQos};
 pub use register::UnregisteredDisk;
 pub use scheduling::{
     policy_info, resolve_policy, AddAffinityGroup, PolicyInfo, UpdateAffinityGroup, UpdateCluster,

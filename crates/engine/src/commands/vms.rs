@@ -126,7 +126,9 @@ pub(crate) async fn vm_params(app: &App, vm: VmId) -> Result<Value, CommandError
             .disk_get(a.disk_id)
             .await?
             .ok_or_else(|| CommandError::not_found("disk", a.disk_id))?;
-        drives.push(super::attachments::drive_params(&d, &a));
+        let mut drive = super::attachments::drive_params(&d, &a);
+        drive["ioTune"] = super::qos::disk_io_tune(app, &d).await?;
+        drives.push(drive);
     }
     let nics: Vec<Value> = app
         .db

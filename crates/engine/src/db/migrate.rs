@@ -111,6 +111,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tags",
         sql: include_str!("migrations/0018_tags.sql"),
     },
+    Migration {
+        version: 19,
+        name: "storage_qos",
+        sql: include_str!("migrations/0019_storage_qos.sql"),
+    },
 ];
 
 /// The schema version this engine expects.

@@ -52,6 +52,8 @@ pub const VERBS: &[&str] = &[
     "VM.changeCD",
     "VM.setNumberOfCpus",
     "VM.hotplugMemory",
+    "VM.setIoTune",
+    "VM.getIoTune",
 ];
 
 /// The most of a serial console log one `VM.getConsoleLog` returns.
@@ -78,6 +80,9 @@ pub struct DriveParams {
     /// The controller the guest sees the disk on (VDSM's `iface`); virtio when absent.
     #[serde(default)]
     pub iface: DriveIface,
+    /// I/O limits (the disk profile's storage QoS); none: unlimited.
+    #[serde(default)]
+    pub io_tune: Option<crate::vm::disks::IoTune>,
 }
 
 /// VDSM's drive `iface`. q35 has no IDE controller: `ide` is a SATA port, as oVirt makes it.
@@ -448,6 +453,16 @@ pub struct DiskSizeExtendParams {
     pub new_size: u64,
 }
 
+/// `VM.setIoTune`: a disk's new I/O limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetIoTuneParams {
+    #[serde(rename = "vmID")]
+    pub id: VmId,
+    pub drive: DriveSpecs,
+    pub io_tune: crate::vm::disks::IoTune,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct DriveSpecs {
     #[serde(rename = "domainID")]
@@ -539,6 +554,8 @@ pub enum VmRequest {
     ChangeCd(ChangeCdParams),
     SetCpus(SetCpusParams),
     HotplugMemory(HotplugMemoryParams),
+    SetIoTune(SetIoTuneParams),
+    GetIoTune(VmId),
 }
 
 impl VmRequest {
@@ -593,6 +610,14 @@ impl VmRequest {
             "VM.hotplugMemory" => VmRequest::HotplugMemory(params(method, p)?),
             "VM.hotunplugDisk" => VmRequest::HotunplugDisk(params(method, p)?),
             "VM.diskSizeExtend" => VmRequest::DiskSizeExtend(params(method, p)?),
+            "VM.setIoTune" => {
+                let t: SetIoTuneParams = params(method, p)?;
+                t.io_tune
+                    .check()
+                    .map_err(|e| RpcError::invalid_params(format!("VM.setIoTune: {e}")))?;
+                VmRequest::SetIoTune(t)
+            }
+            "VM.getIoTune" => VmRequest::GetIoTune(id(p)?),
             other => return Err(RpcError::method_not_found(other)),
         })
     }
@@ -871,6 +896,12 @@ impl Node {
         tokio::task::spawn_blocking(move || -> Result<Vec<VmDisk>, ApiError> {
             let mut disks = Vec::new();
             for d in drives {
+                if let Some(Err(e)) = d.io_tune.map(|t| t.check()) {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidParameter,
+                        format!("drive of image {}: ioTune: {e}", d.image),
+                    ));
+                }
                 let layers = storage.layers(d.domain, d.image, d.volume)?;
                 let top = layers.last().expect("a chain has a volume").path.clone();
                 let leaf = d.volume.or_else(|| {
@@ -899,6 +930,7 @@ impl Node {
                     }),
                     slot: d.slot,
                     bus: d.iface.bus(),
+                    io_tune: d.io_tune.filter(|t| !t.is_unlimited()),
                 });
             }
             Ok(disks)
@@ -1224,6 +1256,23 @@ impl Node {
             }
             VmRequest::SetCpus(c) => Ok(to_json(&vms.set_cpus(c.id, c.number_of_cpus).await?)),
             VmRequest::HotplugMemory(m) => Ok(to_json(&vms.hotplug_memory(m.id, m.size_mib).await?)),
+            VmRequest::SetIoTune(t) => {
+                let image = ImageRef {
+                    sd: t.drive.domain,
+                    img: t.drive.image,
+                };
+                vms.set_io_tune(t.id, image, t.io_tune).await?;
+                Ok(json!({}))
+            }
+            VmRequest::GetIoTune(id) => {
+                let tunes = vms.io_tunes(id).await?;
+                Ok(Value::Array(
+                    tunes
+                        .into_iter()
+                        .map(|(i, t)| json!({ "domainID": i.sd, "imageID": i.img, "ioTune": t }))
+                        .collect(),
+                ))
+            }
             VmRequest::HotplugDisk(h) => {
                 vms.status(h.id)?;
                 let disk = self

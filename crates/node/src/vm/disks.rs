@@ -151,6 +151,7 @@ impl VmManager {
         vm.record.lock().unwrap().pending_device = None;
         vm.persist()?;
         super::arm_thresholds(&vm).await;
+        apply_io_tunes(&vm).await;
         tracing::info!(vm_id = %id, slot, "disk hot plugged");
         Ok(vm.info())
     }
@@ -333,5 +334,165 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 16"));
+    }
+}
+
+/// A disk's I/O limits, as VDSM's `ioTune` names them (bytes and operations per second; 0:
+/// unlimited). Applied with `block_set_io_throttle` on the disk's device as soon as QEMU
+/// answers (at start, after a hot plug, after a migration), and changed live by
+/// `VM.setIoTune`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoTune {
+    pub total_bytes_sec: u64,
+    pub read_bytes_sec: u64,
+    pub write_bytes_sec: u64,
+    pub total_iops_sec: u64,
+    pub read_iops_sec: u64,
+    pub write_iops_sec: u64,
+}
+
+impl IoTune {
+    pub fn is_unlimited(&self) -> bool {
+        *self == IoTune::default()
+    }
+
+    /// Why QEMU would refuse these limits, if it would: a total excludes its parts.
+    pub fn check(&self) -> Result<(), String> {
+        if self.total_bytes_sec > 0 && (self.read_bytes_sec > 0 || self.write_bytes_sec > 0) {
+            return Err("total_bytes_sec excludes read_bytes_sec and write_bytes_sec".into());
+        }
+        if self.total_iops_sec > 0 && (self.read_iops_sec > 0 || self.write_iops_sec > 0) {
+            return Err("total_iops_sec excludes read_iops_sec and write_iops_sec".into());
+        }
+        Ok(())
+    }
+
+    fn qmp(&self, slot: usize) -> oxvirt_qemu::qmp::BlockSetIoThrottle {
+        oxvirt_qemu::qmp::BlockSetIoThrottle {
+            id: oxvirt_qemu::cmdline::disk_device_id(slot),
+            bps: self.total_bytes_sec,
+            bps_rd: self.read_bytes_sec,
+            bps_wr: self.write_bytes_sec,
+            iops: self.total_iops_sec,
+            iops_rd: self.read_iops_sec,
+            iops_wr: self.write_iops_sec,
+        }
+    }
+
+    fn of(b: &oxvirt_qemu::qmp::BlockDeviceInfo) -> IoTune {
+        IoTune {
+            total_bytes_sec: b.bps,
+            read_bytes_sec: b.bps_rd,
+            write_bytes_sec: b.bps_wr,
+            total_iops_sec: b.iops,
+            read_iops_sec: b.iops_rd,
+            write_iops_sec: b.iops_wr,
+        }
+    }
+}
+
+/// Sends every limited disk's limits to QEMU (what the record says).
+pub(super) async fn apply_io_tunes(vm: &Vm) {
+    let tunes: Vec<(usize, IoTune)> = {
+        let rec = vm.record.lock().unwrap();
+        rec.create
+            .disks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((rec.slot(i), d.io_tune.filter(|t| !t.is_unlimited())?)))
+            .collect()
+    };
+    for (slot, t) in tunes {
+        let r = match vm.qmp() {
+            Ok(q) => q.execute(&t.qmp(slot)).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            tracing::error!(vm_id = %vm.id, slot, error = %e, "cannot apply the disk's I/O limits");
+        }
+    }
+}
+
+impl VmManager {
+    /// Changes the I/O limits of the VM's disk from image `image`, in QEMU and in the record.
+    pub async fn set_io_tune(&self, id: VmId, image: ImageRef, tune: IoTune) -> Result<(), VmError> {
+        let vm = self.get(id)?;
+        vm.check(Op::Devices)?;
+        tune.check()
+            .map_err(|reason| VmError::Invalid { vm: id, reason })?;
+        let _devices = vm.devices.lock().await;
+        let (index, slot) = {
+            let rec = vm.record.lock().unwrap();
+            let i = rec
+                .create
+                .disks
+                .iter()
+                .position(|d| d.image == Some(image))
+                .ok_or_else(|| VmError::Invalid {
+                    vm: id,
+                    reason: format!(
+                        "the VM has no disk from image {} of domain {}",
+                        image.img, image.sd
+                    ),
+                })?;
+            (i, rec.slot(i))
+        };
+        vm.qmp()?
+            .execute(&tune.qmp(slot))
+            .await
+            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        vm.record.lock().unwrap().create.disks[index].io_tune = Some(tune);
+        vm.persist()?;
+        tracing::info!(vm_id = %id, slot, ?tune, "disk I/O limits changed");
+        Ok(())
+    }
+
+    /// The I/O limits QEMU applies to each of the VM's disks from a storage image.
+    pub async fn io_tunes(&self, id: VmId) -> Result<Vec<(ImageRef, IoTune)>, VmError> {
+        let vm = self.get(id)?;
+        let disks: Vec<(usize, ImageRef)> = {
+            let rec = vm.record.lock().unwrap();
+            rec.create
+                .disks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| Some((rec.slot(i), d.image?)))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (slot, image) in disks {
+            if let Some(b) = super::disk_block_info(&vm, slot).await? {
+                let t = b.inserted.as_ref().map(IoTune::of).unwrap_or_default();
+                out.push((image, t));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod io_tune_tests {
+    use super::IoTune;
+
+    #[test]
+    fn a_total_excludes_its_parts() {
+        let ok = IoTune {
+            write_bytes_sec: 1 << 20,
+            total_iops_sec: 50,
+            ..Default::default()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert!(!ok.is_unlimited() && IoTune::default().is_unlimited());
+        let bad = IoTune {
+            total_bytes_sec: 1,
+            read_bytes_sec: 1,
+            ..Default::default()
+        };
+        assert!(bad.check().is_err());
+        let q = ok.qmp(3);
+        assert_eq!((q.id.as_str(), q.bps_wr, q.iops), ("disk3", 1 << 20, 50));
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(json["bps_wr"], 1 << 20, "QMP's own argument names: {json}");
     }
 }

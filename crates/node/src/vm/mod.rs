@@ -134,6 +134,9 @@ pub struct VmDisk {
     /// The controller the guest sees it on (oVirt's disk interface).
     #[serde(default)]
     pub bus: DiskBus,
+    /// I/O limits (see [`disks::IoTune`]); `None`: unlimited.
+    #[serde(default)]
+    pub io_tune: Option<disks::IoTune>,
 }
 
 impl VmCreate {
@@ -157,6 +160,7 @@ impl VmDisk {
             image: None,
             slot: None,
             bus: DiskBus::default(),
+            io_tune: None,
         }
     }
 
@@ -1367,6 +1371,7 @@ impl VmManager {
         }
         nics::apply_link_states(&vm).await;
         arm_thresholds(&vm).await;
+        disks::apply_io_tunes(&vm).await;
         if st.status == "io-error" {
             vm.note_io_pause().await;
             // Recovered (or started) while stopped on ENOSPC: extend now.

@@ -44,6 +44,7 @@ mod infra;
 mod networks;
 mod ops;
 mod ovf;
+mod qos;
 pub(crate) mod sagas;
 mod storage;
 mod tags;

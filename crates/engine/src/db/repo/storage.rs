@@ -381,7 +381,7 @@ async fn pool_master(c: &mut Conn<'_>, dc: DcId) -> Result<Option<SdUuid>, DbErr
 
 const DISK_COLS: &str = "d.id, d.name, d.description, d.format, d.sparse, d.provisioned_size, \
     d.actual_size, d.storage_domain_id, d.status, d.locked_by, d.shareable, \
-    d.wipe_after_delete, d.content_type, d.created_at, d.revision";
+    d.wipe_after_delete, d.content_type, d.disk_profile_id, d.created_at, d.revision";
 
 pub(crate) fn disk_from_row(r: &AnyRow) -> Result<Disk, DbError> {
     Ok(Disk {
@@ -398,6 +398,7 @@ pub(crate) fn disk_from_row(r: &AnyRow) -> Result<Disk, DbError> {
         shareable: r.flag("shareable")?,
         wipe_after_delete: r.flag("wipe_after_delete")?,
         content_type: r.parse("content_type")?,
+        disk_profile_id: r.opt_parse("disk_profile_id")?,
         created_at: r.ts("created_at")?,
         revision: r.int("revision")?,
     })
@@ -447,7 +448,7 @@ fn check_disk(d: &Disk) -> Result<(), DbError> {
 
 async fn disk_insert(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
     check_disk(d)?;
-    let mut q = Sql::new("INSERT INTO disks (id, name, description, format, sparse, provisioned_size, actual_size, storage_domain_id, status, locked_by, shareable, wipe_after_delete, content_type, created_at, revision) VALUES (");
+    let mut q = Sql::new("INSERT INTO disks (id, name, description, format, sparse, provisioned_size, actual_size, storage_domain_id, status, locked_by, shareable, wipe_after_delete, content_type, disk_profile_id, created_at, revision) VALUES (");
     q.arg(d.id.to_string())
         .push(", ")
         .arg(d.name.as_str())
@@ -473,6 +474,8 @@ async fn disk_insert(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
         .arg(b2i(d.wipe_after_delete))
         .push(", ")
         .arg(d.content_type.as_str())
+        .push(", ")
+        .arg(Arg::Text(d.disk_profile_id.map(|p| p.to_string())))
         .push(", ")
         .arg(c.now.as_millis())
         .push(", 1)");
@@ -532,6 +535,8 @@ async fn disk_update(c: &mut Conn<'_>, d: &Disk) -> Result<Disk, DbError> {
         .arg(b2i(d.shareable))
         .push(", wipe_after_delete = ")
         .arg(b2i(d.wipe_after_delete))
+        .push(", disk_profile_id = ")
+        .arg(Arg::Text(d.disk_profile_id.map(|p| p.to_string())))
         .push(", revision = revision + 1 WHERE id = ")
         .arg(d.id.to_string())
         .push(" AND revision = ")

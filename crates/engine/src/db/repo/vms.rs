@@ -235,7 +235,7 @@ async fn template_disks(c: &mut Conn<'_>, t: TemplateId) -> Result<Vec<Disk>, Db
     let mut q = Sql::new(
         "SELECT d.id, d.name, d.description, d.format, d.sparse, d.provisioned_size, d.actual_size, \
          d.storage_domain_id, d.status, d.locked_by, d.shareable, d.wipe_after_delete, d.content_type, \
-         d.created_at, d.revision FROM disks d JOIN template_disks t ON t.disk_id = d.id WHERE t.template_id = ",
+         d.disk_profile_id, d.created_at, d.revision FROM disks d JOIN template_disks t ON t.disk_id = d.id WHERE t.template_id = ",
     );
     q.arg(t.to_string()).push(" ORDER BY d.name, d.id");
     c.all(&q).await?.iter().map(disk_from_row).collect()
