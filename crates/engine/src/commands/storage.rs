@@ -60,6 +60,9 @@ pub struct AddDisk {
     pub content_type: DiskContentType,
     /// Attach to this VM once created.
     pub attach_to: Option<super::AddVmDisk>,
+    /// A disk profile of `storage_domain` (its storage QoS); none: unlimited.
+    #[serde(default)]
+    pub disk_profile: Option<crate::model::DiskProfileId>,
 }
 
 fn data_content() -> DiskContentType {
@@ -527,6 +530,7 @@ impl SagaDef for AddDiskSaga {
                         d.sparse = p.req.sparse;
                         d.shareable = p.req.shareable;
                         d.content_type = p.req.content_type;
+                        d.disk_profile_id = p.req.disk_profile;
                         db.disk_insert(&d).await?;
                         db.volume_insert(&Volume {
                             id: p.volume,
@@ -2205,6 +2209,20 @@ impl Commands {
                 "data center {} is {}: storage is not ready",
                 dc.name, dc.status
             )));
+        }
+        if let Some(p) = req.disk_profile {
+            let p = self
+                .app
+                .db
+                .disk_profile_get(p)
+                .await?
+                .ok_or_else(|| CommandError::not_found("disk profile", p))?;
+            if p.storage_domain_id != req.storage_domain {
+                return Err(CommandError::Conflict(format!(
+                    "disk profile {} is of another storage domain than disk {}",
+                    p.name, req.name
+                )));
+            }
         }
         // oVirt's needs: the whole size when preallocated, a header's worth when sparse.
         let needed = if req.sparse { 1 << 20 } else { req.provisioned_size };

@@ -1255,6 +1255,7 @@ async fn disk_request(ctx: &Ctx, form: &Form, name: &str) -> Result<Option<AddDi
         shareable: false,
         content_type: crate::model::DiskContentType::Data,
         attach_to: None,
+        disk_profile: None,
     }))
 }
 

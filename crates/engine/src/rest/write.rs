@@ -102,6 +102,7 @@ pub fn data_center(o: &mut Out, dc: &DataCenter, emb: Option<&Embedded>) {
         }
         None => rels.push("storagedomains"),
     }
+    rels.push("qoss");
     o.links(&h, &rels);
     o.close("data_center");
 }
@@ -261,7 +262,10 @@ pub fn storage_domain(o: &mut Out, sd: &StorageDomain, member: Option<&PoolMembe
         o.close("data_centers");
     }
     let base = href("storagedomains", sd.id);
-    o.links(&base, &["disks", "disksnapshots", "templates", "vms"]);
+    o.links(
+        &base,
+        &["diskprofiles", "disks", "disksnapshots", "templates", "vms"],
+    );
     o.close("storage_domain");
 }
 
@@ -294,6 +298,9 @@ pub fn disk(o: &mut Out, d: &Disk) {
     o.leaf("qcow_version", "qcow2_v3");
     reference(o, "storage_domain", "storagedomains", d.storage_domain_id);
     storage_domains_of_disk(o, d.storage_domain_id);
+    if let Some(p) = d.disk_profile_id {
+        reference(o, "disk_profile", "diskprofiles", p);
+    }
     o.close("disk");
 }
 
@@ -787,6 +794,39 @@ fn affinity_rule(o: &mut Out, name: &str, enabled: bool, positive: bool, enforci
 /// An affinity group as oVirt 4.4 has it: the VM rule (and the deprecated top-level
 /// `positive`/`enforcing` that mirror it), the member VMs as references, and an empty,
 /// disabled host rule (oxvirt's groups hold VMs only).
+pub fn qos(o: &mut Out, q: &Qos) {
+    let hr = format!("{API}/datacenters/{}/qoss/{}", q.data_center_id, q.id);
+    o.open("qos", Some(&q.id.to_string()), Some(&hr));
+    o.leaf("name", &q.name);
+    o.leaf("description", &q.description);
+    o.leaf("type", "storage");
+    let l = &q.limits;
+    for (name, v) in [
+        ("max_throughput", l.max_throughput),
+        ("max_read_throughput", l.max_read_throughput),
+        ("max_write_throughput", l.max_write_throughput),
+        ("max_iops", l.max_iops),
+        ("max_read_iops", l.max_read_iops),
+        ("max_write_iops", l.max_write_iops),
+    ] {
+        o.opt_leaf(name, v);
+    }
+    reference(o, "data_center", "datacenters", q.data_center_id);
+    o.close("qos");
+}
+
+pub fn disk_profile(o: &mut Out, p: &DiskProfile) {
+    let hr = href("diskprofiles", p.id);
+    o.open("disk_profile", Some(&p.id.to_string()), Some(&hr));
+    o.leaf("name", &p.name);
+    o.leaf("description", &p.description);
+    if let Some(q) = p.qos_id {
+        reference(o, "qos", "qoss", q);
+    }
+    reference(o, "storage_domain", "storagedomains", p.storage_domain_id);
+    o.close("disk_profile");
+}
+
 /// A tag; `on` is where it was listed from (`vms/{id}`, …) for an assigned tag's own href.
 pub fn tag(o: &mut Out, t: &Tag, on: Option<&str>) {
     let hr = match on {

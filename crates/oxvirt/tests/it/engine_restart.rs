@@ -293,6 +293,7 @@ async fn the_engine_is_killed_mid_command_and_restarted_while_its_vm_runs_on() {
                 bootable: true,
                 active: true,
             }),
+            disk_profile: None,
         },
         None,
     )

@@ -5,6 +5,7 @@
 mod infra;
 mod networks;
 mod ops;
+mod qos;
 mod register;
 mod sla;
 mod storage;
@@ -68,6 +69,18 @@ pub async fn dispatch(op: Op, r: &Req) -> Result<Resp, ApiError> {
         GroupVmList => sla::group_vm_list(r).await,
         GroupVmAdd => sla::group_vm_add(r).await,
         GroupVmRemove => sla::group_vm_remove(r).await,
+        QosList => qos::qos_list(r).await,
+        QosAdd => qos::qos_add(r).await,
+        QosGet => qos::qos_get(r).await,
+        QosUpdate => qos::qos_update(r).await,
+        QosRemove => qos::qos_remove(r).await,
+        ProfileList => qos::profile_list(r, false).await,
+        ProfileAdd => qos::profile_add(r, false).await,
+        ProfileGet => qos::profile_get(r).await,
+        ProfileUpdate => qos::profile_update(r).await,
+        ProfileRemove => qos::profile_remove(r).await,
+        SdProfileList => qos::profile_list(r, true).await,
+        SdProfileAdd => qos::profile_add(r, true).await,
         TagList => tags::tag_list(r).await,
         TagAdd => tags::tag_add(r).await,
         TagGet => tags::tag_get(r).await,

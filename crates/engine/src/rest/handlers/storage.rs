@@ -487,6 +487,7 @@ pub async fn new_disk(r: &Req, b: &Elem) -> Result<crate::commands::AddDisk, Api
         shareable: b.bool("shareable")?.unwrap_or(false),
         content_type: b.parse("content_type")?.unwrap_or(DiskContentType::Data),
         attach_to: None,
+        disk_profile: super::qos::disk_profile_of(b)?.flatten(),
     })
 }
 
@@ -503,6 +504,7 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     // Everything parsed before anything changes.
     let (shareable, wipe) = (b.bool("shareable")?, b.bool("wipe_after_delete")?);
     let size = b.u64("provisioned_size")?;
+    let profile = super::qos::disk_profile_of(&b)?;
     // A bigger provisioned_size extends the disk (first: when it fails nothing changed).
     if let Some(size) = size.filter(|s| *s != d.provisioned_size) {
         d = r.cmds().extend_disk(d.id, size, r.correlation_id.clone()).await?;
@@ -519,7 +521,11 @@ pub async fn disk_update(r: &Req) -> Result<Resp, ApiError> {
     if let Some(w) = wipe {
         d.wipe_after_delete = w;
     }
-    let d = r.db().disk_update(&d).await?;
+    let mut d = r.db().disk_update(&d).await?;
+    // A new profile last: a running VM gets its limits at once.
+    if let Some(p) = profile.filter(|p| *p != d.disk_profile_id) {
+        d = r.cmds().set_disk_profile(d.id, p).await?;
+    }
     Ok(Resp::ok(one_disk(r, &d)))
 }
 

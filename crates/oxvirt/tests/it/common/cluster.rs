@@ -216,5 +216,6 @@ pub fn cow_disk(name: &str, sd: SdUuid, size: u64, attach: Option<(VmId, bool)>)
             bootable,
             active: true,
         }),
+        disk_profile: None,
     }
 }
