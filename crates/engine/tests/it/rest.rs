@@ -1632,11 +1632,21 @@ async fn storage_qos_and_disk_profiles(backend: Backend) {
     let db = &t.engine.app().db;
     let dc = db.dc_get_by_name("dc").await.unwrap().unwrap();
     let sd = db
-        .sd_insert(&StorageDomain::new("qsd", SdType::Data, StorageType::Localfs, "/srv/qsd"))
+        .sd_insert(&StorageDomain::new(
+            "qsd",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/qsd",
+        ))
         .await
         .unwrap();
     let other = db
-        .sd_insert(&StorageDomain::new("qsd2", SdType::Data, StorageType::Localfs, "/srv/qsd2"))
+        .sd_insert(&StorageDomain::new(
+            "qsd2",
+            SdType::Data,
+            StorageType::Localfs,
+            "/srv/qsd2",
+        ))
         .await
         .unwrap();
     db.pool_attach(&PoolMember {
@@ -1668,46 +1678,120 @@ async fn storage_qos_and_disk_profiles(backend: Backend) {
     let qos = root_id(&r.body);
     assert_eq!(r.xml_text("max_write_throughput").as_deref(), Some("2"));
     assert_eq!(r.xml_text("max_throughput"), None);
-    assert_eq!(c.post(&qoss, "<qos><name>slow</name><type>storage</type></qos>").await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        c.post(&qoss, "<qos><name>slow</name><type>storage</type></qos>")
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
 
     // Profiles: on the attached domain with that QoS; the unattached one takes none.
     let r = c
-        .post(&format!("storagedomains/{}/diskprofiles", sd.id), &format!("<disk_profile><name>p1</name><qos id=\"{qos}\"/></disk_profile>"))
+        .post(
+            &format!("storagedomains/{}/diskprofiles", sd.id),
+            &format!("<disk_profile><name>p1</name><qos id=\"{qos}\"/></disk_profile>"),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let p1 = root_id(&r.body);
     let r = c
-        .post("diskprofiles", &format!("<disk_profile><name>p2</name><storage_domain id=\"{}\"/><qos id=\"{qos}\"/></disk_profile>", other.id))
+        .post(
+            "diskprofiles",
+            &format!(
+                "<disk_profile><name>p2</name><storage_domain id=\"{}\"/><qos id=\"{qos}\"/></disk_profile>",
+                other.id
+            ),
+        )
         .await;
-    assert_eq!(r.status, StatusCode::CONFLICT, "not in the QoS's data center: {}", r.body);
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "not in the QoS's data center: {}",
+        r.body
+    );
     let r = c
-        .post("diskprofiles", &format!("<disk_profile><name>p2</name><storage_domain id=\"{}\"/></disk_profile>", other.id))
+        .post(
+            "diskprofiles",
+            &format!(
+                "<disk_profile><name>p2</name><storage_domain id=\"{}\"/></disk_profile>",
+                other.id
+            ),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let p2 = root_id(&r.body);
-    assert_eq!(count(&c.get(&format!("storagedomains/{}/diskprofiles", sd.id)).await.body, "disk_profile"), 1);
+    assert_eq!(
+        count(
+            &c.get(&format!("storagedomains/{}/diskprofiles", sd.id))
+                .await
+                .body,
+            "disk_profile"
+        ),
+        1
+    );
     assert_eq!(count(&c.get("diskprofiles").await.body, "disk_profile"), 2);
 
     // A disk's profile: of its own domain only; in use, the profile stays.
-    let disk = db.disk_insert(&Disk::new("qd", sd.id, DiskFormat::Cow, 1 << 30)).await.unwrap();
-    let r = c.put(&format!("disks/{}", disk.id), &format!("<disk><disk_profile id=\"{p2}\"/></disk>")).await;
-    assert_eq!(r.status, StatusCode::CONFLICT, "another domain's profile: {}", r.body);
-    let r = c.put(&format!("disks/{}", disk.id), &format!("<disk><disk_profile id=\"{p1}\"/></disk>")).await;
+    let disk = db
+        .disk_insert(&Disk::new("qd", sd.id, DiskFormat::Cow, 1 << 30))
+        .await
+        .unwrap();
+    let r = c
+        .put(
+            &format!("disks/{}", disk.id),
+            &format!("<disk><disk_profile id=\"{p2}\"/></disk>"),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "another domain's profile: {}",
+        r.body
+    );
+    let r = c
+        .put(
+            &format!("disks/{}", disk.id),
+            &format!("<disk><disk_profile id=\"{p1}\"/></disk>"),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert!(r.body.contains(&format!("<disk_profile href=\"/ovirt-engine/api/diskprofiles/{p1}\" id=\"{p1}\"/>")), "{}", r.body);
-    assert_eq!(c.delete(&format!("diskprofiles/{p1}")).await.status, StatusCode::CONFLICT);
+    assert!(
+        r.body.contains(&format!(
+            "<disk_profile href=\"/ovirt-engine/api/diskprofiles/{p1}\" id=\"{p1}\"/>"
+        )),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        c.delete(&format!("diskprofiles/{p1}")).await.status,
+        StatusCode::CONFLICT
+    );
     // The QoS changes and goes; the profile stays, unlimited.
-    let r = c.put(&format!("{qoss}/{qos}"), "<qos><max_write_throughput>0</max_write_throughput></qos>").await;
+    let r = c
+        .put(
+            &format!("{qoss}/{qos}"),
+            "<qos><max_write_throughput>0</max_write_throughput></qos>",
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.xml_text("max_write_throughput"), None, "0: none");
-    assert_eq!(r.xml_text("max_iops").as_deref(), Some("100"), "the rest unchanged");
+    assert_eq!(
+        r.xml_text("max_iops").as_deref(),
+        Some("100"),
+        "the rest unchanged"
+    );
     assert_eq!(c.delete(&format!("{qoss}/{qos}")).await.status, StatusCode::OK);
     let r = c.get(&format!("diskprofiles/{p1}")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(!r.body.contains("<qos "), "unlimited now: {}", r.body);
-    let r = c.put(&format!("disks/{}", disk.id), "<disk><disk_profile/></disk>").await;
+    let r = c
+        .put(&format!("disks/{}", disk.id), "<disk><disk_profile/></disk>")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(c.delete(&format!("diskprofiles/{p1}")).await.status, StatusCode::OK);
+    assert_eq!(
+        c.delete(&format!("diskprofiles/{p1}")).await.status,
+        StatusCode::OK
+    );
 }
 
 both_backends!(

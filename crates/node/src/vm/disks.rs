@@ -368,9 +368,11 @@ impl IoTune {
         Ok(())
     }
 
-    fn qmp(&self, slot: usize) -> oxvirt_qemu::qmp::BlockSetIoThrottle {
+    /// The QMP command for the device whose block backend is `qdev` (a virtio-blk-pci's is
+    /// its inner `virtio-backend`, which `query-block` names).
+    fn qmp(&self, qdev: String) -> oxvirt_qemu::qmp::BlockSetIoThrottle {
         oxvirt_qemu::qmp::BlockSetIoThrottle {
-            id: oxvirt_qemu::cmdline::disk_device_id(slot),
+            id: qdev,
             bps: self.total_bytes_sec,
             bps_rd: self.read_bytes_sec,
             bps_wr: self.write_bytes_sec,
@@ -392,6 +394,21 @@ impl IoTune {
     }
 }
 
+/// Sets the limits of the disk device at `slot`.
+async fn throttle(vm: &Vm, slot: usize, t: IoTune) -> Result<(), VmError> {
+    let qdev = super::disk_block_info(vm, slot)
+        .await?
+        .and_then(|b| b.qdev)
+        .ok_or_else(|| VmError::Invalid {
+            vm: vm.id,
+            reason: format!("QEMU has no block device for the disk at slot {slot}"),
+        })?;
+    vm.qmp()?
+        .execute(&t.qmp(qdev))
+        .await
+        .map_err(|source| VmError::Qmp { vm: vm.id, source })
+}
+
 /// Sends every limited disk's limits to QEMU (what the record says).
 pub(super) async fn apply_io_tunes(vm: &Vm) {
     let tunes: Vec<(usize, IoTune)> = {
@@ -404,11 +421,7 @@ pub(super) async fn apply_io_tunes(vm: &Vm) {
             .collect()
     };
     for (slot, t) in tunes {
-        let r = match vm.qmp() {
-            Ok(q) => q.execute(&t.qmp(slot)).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = r {
+        if let Err(e) = throttle(vm, slot, t).await {
             tracing::error!(vm_id = %vm.id, slot, error = %e, "cannot apply the disk's I/O limits");
         }
     }
@@ -438,10 +451,7 @@ impl VmManager {
                 })?;
             (i, rec.slot(i))
         };
-        vm.qmp()?
-            .execute(&tune.qmp(slot))
-            .await
-            .map_err(|source| VmError::Qmp { vm: id, source })?;
+        throttle(&vm, slot, tune).await?;
         vm.record.lock().unwrap().create.disks[index].io_tune = Some(tune);
         vm.persist()?;
         tracing::info!(vm_id = %id, slot, ?tune, "disk I/O limits changed");
@@ -490,8 +500,8 @@ mod io_tune_tests {
             ..Default::default()
         };
         assert!(bad.check().is_err());
-        let q = ok.qmp(3);
-        assert_eq!((q.id.as_str(), q.bps_wr, q.iops), ("disk3", 1 << 20, 50));
+        let q = ok.qmp("/machine/peripheral/disk3/virtio-backend".into());
+        assert_eq!((q.bps_wr, q.iops), (1 << 20, 50));
         let json = serde_json::to_value(&q).unwrap();
         assert_eq!(json["bps_wr"], 1 << 20, "QMP's own argument names: {json}");
     }

@@ -27,6 +27,7 @@ mod saga_faults;
 mod sd_import;
 mod spm_maintenance;
 mod storage_errors;
+mod storage_qos;
 mod transfers;
 mod up;
 mod vm_nodes;
