@@ -165,6 +165,36 @@ pub static DISK: Kind = Kind {
     ],
 };
 
+/// Lives under its data center (`datacenters/{id}/qoss`).
+pub static QOS: Kind = Kind {
+    what: "QoS",
+    coll: "qoss",
+    elem: "qos",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("MB/S", "max_throughput", Text),
+        c("READ MB/S", "max_read_throughput", Text),
+        c("WRITE MB/S", "max_write_throughput", Text),
+        c("IOPS", "max_iops", Text),
+        c("READ IOPS", "max_read_iops", Text),
+        c("WRITE IOPS", "max_write_iops", Text),
+    ],
+};
+
+pub static DISK_PROFILE: Kind = Kind {
+    what: "disk profile",
+    coll: "diskprofiles",
+    elem: "disk_profile",
+    cols: &[
+        c("NAME", "name", Text),
+        c("ID", "id", Text),
+        c("STORAGE DOMAIN", "storage_domain.id", Ref(&STORAGE_DOMAIN)),
+        c("QOS", "qos.id", Text),
+        c("DESCRIPTION", "description", Text),
+    ],
+};
+
 pub static TAG: Kind = Kind {
     what: "tag",
     coll: "tags",

@@ -103,6 +103,10 @@ pub enum ClientCommand {
     Event(Group<EventCmd>),
     /// Tags: a tree of labels on VMs, hosts and templates (`vm list --search tag=NAME`).
     Tag(Group<TagCmd>),
+    /// A data center's storage QoS: MB/s and IOPS limits that disk profiles apply.
+    Qos(Group<QosCmd>),
+    /// Storage domains' disk profiles (the QoS their disks get).
+    Diskprofile(Group<DiskProfileCmd>),
     /// Print a shell completion script: `oxvirt completion bash > /etc/bash_completion.d/oxvirt`.
     Completion {
         #[arg(value_enum)]
@@ -1197,6 +1201,118 @@ pub enum MacPoolCmd {
     },
 }
 
+/// Storage limits (MB/s, IOPS; 0: none). A total excludes its read and write parts.
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    #[arg(long)]
+    max_throughput: Option<u64>,
+    #[arg(long)]
+    max_read_throughput: Option<u64>,
+    #[arg(long)]
+    max_write_throughput: Option<u64>,
+    #[arg(long)]
+    max_iops: Option<u64>,
+    #[arg(long)]
+    max_read_iops: Option<u64>,
+    #[arg(long)]
+    max_write_iops: Option<u64>,
+}
+
+impl LimitArgs {
+    fn apply(&self, body: &mut Value) {
+        for (name, v) in [
+            ("max_throughput", self.max_throughput),
+            ("max_read_throughput", self.max_read_throughput),
+            ("max_write_throughput", self.max_write_throughput),
+            ("max_iops", self.max_iops),
+            ("max_read_iops", self.max_read_iops),
+            ("max_write_iops", self.max_write_iops),
+        ] {
+            if let Some(v) = v {
+                body[name] = json!(v);
+            }
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QosCmd {
+    /// List a data center's QoS entries.
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+    },
+    /// Create a storage QoS in a data center.
+    Create {
+        name: String,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a QoS's limits: running VMs' disks under it get them at once.
+    Update {
+        name: String,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Remove a QoS: its disk profiles become unlimited.
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskProfileCmd {
+    /// List disk profiles (of one storage domain with --sd).
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long)]
+        sd: Option<String>,
+    },
+    /// Create a disk profile on a storage domain, with a QoS of its data center.
+    Create {
+        name: String,
+        #[arg(long)]
+        sd: String,
+        /// The QoS, in the domain's data center (--dc names it).
+        #[arg(long, requires = "datacenter")]
+        qos: Option<String>,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: Option<String>,
+    },
+    /// Give a disk profile another QoS, or none (--no-qos).
+    Update {
+        name: String,
+        #[arg(long, requires = "datacenter", conflicts_with = "no_qos")]
+        qos: Option<String>,
+        #[arg(long, visible_alias = "dc")]
+        datacenter: Option<String>,
+        #[arg(long)]
+        no_qos: bool,
+    },
+    /// Remove a disk profile no disk uses.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
+    /// Give a disk a profile of its domain, or none (--none): a running VM gets the limits.
+    Set {
+        #[arg(long)]
+        disk: String,
+        #[arg(long, conflicts_with = "none", required_unless_present = "none")]
+        profile: Option<String>,
+        #[arg(long)]
+        none: bool,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TagCmd {
     /// List tags (the root tag first).
@@ -1394,6 +1510,14 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Tag(g) => {
             let ctx = Ctx::open(&g.common)?;
             tag(&ctx, g.cmd).await
+        }
+        ClientCommand::Qos(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            qos(&ctx, g.cmd).await
+        }
+        ClientCommand::Diskprofile(g) => {
+            let ctx = Ctx::open(&g.common)?;
+            disk_profile(&ctx, g.cmd).await
         }
     }
 }
@@ -3477,6 +3601,161 @@ async fn mac_pool(ctx: &Ctx, cmd: MacPoolCmd) -> anyhow::Result<()> {
             }
             let body = json!({ "ranges": { "range": rs } });
             ctx.update(k, &id, &name, body).await
+        }
+    }
+}
+
+/// The id of QoS `name` in data center `dc` (its QoS entries are under it).
+async fn qos_id(ctx: &Ctx, dc: &str, name: &str) -> anyhow::Result<(String, String)> {
+    let dc = ctx.id(&kinds::DATACENTER, dc).await?;
+    let all = ctx
+        .api
+        .list(&format!("datacenters/{dc}/qoss"), "qos", &[])
+        .await?;
+    let id = all
+        .iter()
+        .find(|q| q["name"].as_str() == Some(name) || q["id"].as_str() == Some(name))
+        .and_then(|q| q["id"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no QoS named {name:?} in the data center"))?;
+    Ok((dc, id.to_string()))
+}
+
+async fn qos(ctx: &Ctx, cmd: QosCmd) -> anyhow::Result<()> {
+    let k = &kinds::QOS;
+    match cmd {
+        QosCmd::List { datacenter } => {
+            let dc = ctx.id(&kinds::DATACENTER, &datacenter).await?;
+            let items = ctx
+                .api
+                .list(&format!("datacenters/{dc}/qoss"), "qos", &[])
+                .await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        QosCmd::Create {
+            name,
+            datacenter,
+            description,
+            limits,
+        } => {
+            let dc = ctx.id(&kinds::DATACENTER, &datacenter).await?;
+            let mut body = json!({ "name": name, "description": description, "type": "storage" });
+            limits.apply(&mut body);
+            let obj = ctx
+                .api
+                .request(
+                    Method::POST,
+                    &format!("/datacenters/{dc}/qoss"),
+                    Some(&body),
+                    None,
+                )
+                .await
+                .with_context(|| format!("creating QoS {name}"))?;
+            ctx.print(k, &obj).await
+        }
+        QosCmd::Update {
+            name,
+            datacenter,
+            limits,
+        } => {
+            let (dc, id) = qos_id(ctx, &datacenter, &name).await?;
+            let mut body = json!({});
+            limits.apply(&mut body);
+            anyhow::ensure!(
+                body.as_object().is_some_and(|o| !o.is_empty()),
+                "nothing to change: give at least one limit"
+            );
+            let obj = ctx
+                .api
+                .request(
+                    Method::PUT,
+                    &format!("/datacenters/{dc}/qoss/{id}"),
+                    Some(&body),
+                    None,
+                )
+                .await
+                .with_context(|| format!("updating QoS {name}"))?;
+            ctx.print(k, &obj).await
+        }
+        QosCmd::Remove { name, datacenter } => {
+            let (dc, id) = qos_id(ctx, &datacenter, &name).await?;
+            ctx.api
+                .request(
+                    Method::DELETE,
+                    &format!("/datacenters/{dc}/qoss/{id}"),
+                    None,
+                    None,
+                )
+                .await
+                .with_context(|| format!("removing QoS {name}"))?;
+            output::print_done(ctx.out, &format!("QoS {name} removed"), None)
+        }
+    }
+}
+
+async fn disk_profile(ctx: &Ctx, cmd: DiskProfileCmd) -> anyhow::Result<()> {
+    let k = &kinds::DISK_PROFILE;
+    let qos_ref = |qos: Option<String>, dc: Option<String>| async move {
+        match (qos, dc) {
+            (Some(q), Some(dc)) => Ok::<_, anyhow::Error>(Some(qos_id(ctx, &dc, &q).await?.1)),
+            _ => Ok(None),
+        }
+    };
+    match cmd {
+        DiskProfileCmd::List { sd } => {
+            let path = match sd {
+                Some(sd) => format!(
+                    "storagedomains/{}/diskprofiles",
+                    ctx.id(&kinds::STORAGE_DOMAIN, &sd).await?
+                ),
+                None => "diskprofiles".into(),
+            };
+            let items = ctx.api.list(&path, "disk_profile", &[]).await?;
+            output::print_list(&ctx.api, k, &items, ctx.out).await
+        }
+        DiskProfileCmd::Create {
+            name,
+            sd,
+            qos,
+            datacenter,
+        } => {
+            let sd = ctx.id(&kinds::STORAGE_DOMAIN, &sd).await?;
+            let mut body = json!({ "name": name, "storage_domain": { "id": sd } });
+            if let Some(q) = qos_ref(qos, datacenter).await? {
+                body["qos"] = json!({ "id": q });
+            }
+            let obj = ctx.create(k, body).await?;
+            ctx.print(k, &obj).await
+        }
+        DiskProfileCmd::Update {
+            name,
+            qos,
+            datacenter,
+            no_qos,
+        } => {
+            let id = ctx.id(k, &name).await?;
+            let body = match qos_ref(qos, datacenter).await? {
+                Some(q) => json!({ "qos": { "id": q } }),
+                None if no_qos => json!({ "qos": {} }),
+                None => anyhow::bail!("give --qos (with --dc) or --no-qos"),
+            };
+            ctx.update(k, &id, &name, body).await
+        }
+        DiskProfileCmd::Remove { name } => {
+            let id = ctx.id(k, &name).await?;
+            ctx.api
+                .request(Method::DELETE, &format!("/diskprofiles/{id}"), None, None)
+                .await
+                .with_context(|| format!("removing disk profile {name}"))?;
+            output::print_done(ctx.out, &format!("disk profile {name} removed"), None)
+        }
+        DiskProfileCmd::Set { disk, profile, none } => {
+            let d = ctx.id(&kinds::DISK, &disk).await?;
+            let body = match (profile, none) {
+                (Some(p), _) => json!({ "disk_profile": { "id": ctx.id(k, &p).await? } }),
+                (None, true) => json!({ "disk_profile": {} }),
+                (None, false) => anyhow::bail!("give --profile or --none"),
+            };
+            ctx.update(&kinds::DISK, &d, &disk, body).await
         }
     }
 }

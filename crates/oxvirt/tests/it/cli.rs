@@ -514,6 +514,59 @@ async fn qemu_vm_lifecycle_with_progress() {
     let r = live.ok(&["disk", "list", "-o", "json"]).await;
     assert_eq!(names(&r.json()), ["vm1-disk"], "{r}");
 
+    // Storage QoS through a disk profile: the running VM gets it below.
+    let r = live
+        .fails(&[
+            "qos",
+            "create",
+            "both",
+            "--dc",
+            "dc1",
+            "--max-throughput",
+            "10",
+            "--max-read-throughput",
+            "5",
+        ])
+        .await;
+    assert!(r.stderr.contains("total throughput"), "{r}");
+    live.ok(&[
+        "qos",
+        "create",
+        "slow",
+        "--dc",
+        "dc1",
+        "--max-write-throughput",
+        "8",
+    ])
+    .await;
+    let r = live.ok(&["qos", "list", "--dc", "dc1"]).await;
+    assert!(row(&r.stdout, "slow").split_whitespace().any(|c| c == "8"), "{r}");
+    live.ok(&[
+        "diskprofile",
+        "create",
+        "slowprof",
+        "--sd",
+        "data1",
+        "--qos",
+        "slow",
+        "--dc",
+        "dc1",
+    ])
+    .await;
+    let r = live
+        .ok(&[
+            "diskprofile",
+            "set",
+            "--disk",
+            "vm1-disk",
+            "--profile",
+            "slowprof",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert!(r.json()["disk_profile"]["id"].is_string(), "{r}");
+
     // Start: progress on stderr, the VM up on node1 in the table.
     let r = live.ok(&["vm", "start", "vm1"]).await;
     assert!(r.stdout.contains("VM vm1 is up"), "{r}");
@@ -532,6 +585,34 @@ async fn qemu_vm_lifecycle_with_progress() {
         assert!(Instant::now() < deadline, "the guest did not boot");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Its disk runs under the profile's QoS; a change reaches the running VM.
+    let write_limit = || {
+        let rec =
+            std::fs::read_to_string(node_dir.path().join("run/vms").join(&vm_id).join("vm.json")).unwrap();
+        let rec: Value = serde_json::from_str(&rec).unwrap();
+        rec["create"]["disks"][0]["io_tune"]["write_bytes_sec"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!(write_limit(), 8 << 20);
+    live.ok(&[
+        "qos",
+        "update",
+        "slow",
+        "--dc",
+        "dc1",
+        "--max-write-throughput",
+        "16",
+    ])
+    .await;
+    assert_eq!(write_limit(), 16 << 20);
+    let r = live.fails(&["diskprofile", "rm", "slowprof"]).await;
+    assert!(r.stderr.contains("used by disk vm1-disk"), "{r}");
+    live.ok(&["diskprofile", "set", "--disk", "vm1-disk", "--none"])
+        .await;
+    assert_eq!(write_limit(), 0, "unlimited");
+    live.ok(&["diskprofile", "rm", "slowprof"]).await;
+    live.ok(&["qos", "rm", "slow", "--dc", "dc1"]).await;
     // Its console: a remote-viewer file with a password good for the time asked; the VNC
     // server behind it asks for VNC authentication and nothing else.
     let r = live.ok(&["vm", "console", "vm1", "--expiry", "60"]).await;
