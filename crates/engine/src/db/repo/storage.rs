@@ -766,11 +766,12 @@ async fn volume_set_type(c: &mut Conn<'_>, id: VolUuid, t: VolType) -> Result<()
     Ok(())
 }
 
-/// Records disk `id` and its own volumes as living on domain `sd`.
+/// Records disk `id` and its own volumes as living on domain `sd`. Its disk profile was the
+/// old domain's: the disk leaves it (unlimited until given one of `sd`'s).
 async fn disk_set_domain(c: &mut Conn<'_>, id: DiskId, sd: SdUuid) -> Result<(), DbError> {
     let mut q = Sql::new("UPDATE disks SET storage_domain_id = ");
     q.arg(sd.to_string())
-        .push(", revision = revision + 1 WHERE id = ")
+        .push(", disk_profile_id = NULL, revision = revision + 1 WHERE id = ")
         .arg(id.to_string());
     if c.exec_as(&q, "disk", id).await? == 0 {
         return Err(DbError::not_found("disk", id));
