@@ -28,8 +28,8 @@
 //! did not hold (from one monitor interval up to [`RESUME_MAX_WAIT`]) and forgets once a
 //! resumed guest ran for [`RESUME_HELD`].
 //!
-//! Architecture invariant: [`verdict`] and [`ResumeBackoff`] are pure; the node's loop feeds it the pause, the
-//! domain monitor's last checks and the time, and carries out what it returns.
+//! Architecture invariant: [`verdict`] and [`ResumeBackoff`] are pure; the node's loop feeds
+//! them the pause, the domain monitor's last checks and the time, and carries out the verdict.
 
 use std::time::{Duration, Instant};
 
