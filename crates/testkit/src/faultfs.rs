@@ -19,8 +19,10 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -226,7 +228,7 @@ impl Inodes {
 struct PassThrough {
     inodes: Mutex<Inodes>,
     /// Open files and directories by handle.
-    handles: Mutex<HashMap<u64, Arc<OwnedFd>>>,
+    handles: Mutex<HashMap<u64, Arc<File>>>,
     next_fh: AtomicU64,
     /// Set while `fault` is: the fast path of every operation.
     failing: Arc<AtomicBool>,
@@ -422,7 +424,7 @@ impl PassThrough {
         Ok(attr(ino, &st))
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+    fn handle(&self, fh: FileHandle) -> Result<Arc<File>, Errno> {
         self.handles
             .lock()
             .expect("handles")
@@ -433,7 +435,10 @@ impl PassThrough {
 
     fn add_handle(&self, fd: OwnedFd) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().expect("handles").insert(fh, Arc::new(fd));
+        self.handles
+            .lock()
+            .expect("handles")
+            .insert(fh, Arc::new(File::from(fd)));
         FileHandle(fh)
     }
 
@@ -482,10 +487,11 @@ impl PassThrough {
         }
         if let Some(size) = size {
             match fh.map(|h| self.handle(h)) {
-                // SAFETY: an open descriptor.
-                Some(Ok(h)) => check(unsafe { libc::ftruncate(h.as_raw_fd(), size as i64) })?,
+                Some(Ok(h)) => h.set_len(size).map_err(Errno::from)?,
                 // SAFETY: valid path.
-                _ => check(unsafe { libc::truncate(p.as_ptr(), size as i64) })?,
+                _ => {
+                    check(unsafe { libc::truncate(p.as_ptr(), size as i64) })?;
+                }
             };
         }
         if atime.is_some() || mtime.is_some() {
@@ -692,23 +698,15 @@ impl Filesystem for PassThrough {
             let h = self.handle(fh)?;
             let mut buf = vec![0u8; size as usize];
             let mut done = 0usize;
+            // Whole requests, short only at the end of the file.
             while done < buf.len() {
-                // SAFETY: the buffer's tail is writable for the length given.
-                let n = unsafe {
-                    libc::pread(
-                        h.as_raw_fd(),
-                        buf[done..].as_mut_ptr().cast(),
-                        buf.len() - done,
-                        (offset + done as u64) as i64,
-                    )
-                };
-                if n < 0 {
-                    return Err(errno());
+                match h
+                    .read_at(&mut buf[done..], offset + done as u64)
+                    .map_err(Errno::from)?
+                {
+                    0 => break,
+                    n => done += n,
                 }
-                if n == 0 {
-                    break;
-                }
-                done += n as usize;
             }
             buf.truncate(done);
             Ok(buf)
@@ -733,23 +731,8 @@ impl Filesystem for PassThrough {
     ) {
         let r = self.gate_fh_write(fh).and_then(|_| {
             let h = self.handle(fh)?;
-            let mut done = 0usize;
-            while done < data.len() {
-                // SAFETY: the slice is readable for the length given.
-                let n = unsafe {
-                    libc::pwrite(
-                        h.as_raw_fd(),
-                        data[done..].as_ptr().cast(),
-                        data.len() - done,
-                        (offset + done as u64) as i64,
-                    )
-                };
-                if n < 0 {
-                    return Err(errno());
-                }
-                done += n as usize;
-            }
-            Ok(done as u32)
+            h.write_all_at(data, offset).map_err(Errno::from)?;
+            Ok(data.len() as u32)
         });
         match r {
             Ok(n) => reply.written(n),
@@ -785,14 +768,7 @@ impl Filesystem for PassThrough {
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let r = self.gate_fh(fh).and_then(|_| {
             let h = self.handle(fh)?;
-            // SAFETY: an open descriptor.
-            check(unsafe {
-                if datasync {
-                    libc::fdatasync(h.as_raw_fd())
-                } else {
-                    libc::fsync(h.as_raw_fd())
-                }
-            })
+            if datasync { h.sync_data() } else { h.sync_all() }.map_err(Errno::from)
         });
         match r {
             Ok(_) => reply.ok(),
@@ -853,11 +829,9 @@ impl Filesystem for PassThrough {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let r = self.gate_fh(fh).and_then(|_| {
-            let h = self.handle(fh)?;
-            // SAFETY: an open descriptor.
-            check(unsafe { libc::fsync(h.as_raw_fd()) })
-        });
+        let r = self
+            .gate_fh(fh)
+            .and_then(|_| self.handle(fh)?.sync_all().map_err(Errno::from));
         match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
