@@ -341,13 +341,8 @@ impl Commands {
         vm.resume_behavior = v.resume_behavior;
         vm.placement = v.placement.clone();
         for (d, _, _) in disks.iter().filter(|(d, _, _)| !d.shareable) {
-            super::storage::check_space(
-                &self.app,
-                d.storage_domain_id,
-                cloned_size(d),
-                &format!("clone VM {}", v.name),
-            )
-            .await?;
+            self.check_copy_space(d, d.storage_domain_id, &format!("clone VM {}", v.name))
+                .await?;
         }
         let (mut cloned, mut shared) = (Vec::new(), Vec::new());
         for (d, a, src_vol) in disks {
@@ -430,13 +425,5 @@ impl Commands {
             entity: self.vm(id).await?,
             pending,
         })
-    }
-}
-
-/// What a disk's copy may take: its allocation, plus oVirt's 10 % for qcow2 metadata.
-fn cloned_size(d: &Disk) -> u64 {
-    match d.format {
-        crate::model::DiskFormat::Cow => d.actual_size.saturating_add(d.actual_size / 10),
-        crate::model::DiskFormat::Raw => d.actual_size,
     }
 }

@@ -2519,8 +2519,14 @@ impl Commands {
     /// active data domain of the disk's data center. Returns the disk, `dst` and the data center.
     /// The disk, the destination and the data center of a copy or move, checked; with `live`,
     /// the one VM that runs the disk (a live move), if it is up.
-    /// [`check_space`] for a copy of disk `d` (its whole chain) on `dst`.
-    async fn check_copy_space(&self, d: &Disk, dst: SdUuid, action: &str) -> Result<(), CommandError> {
+    /// [`check_space`] for a copy of disk `d` (its whole chain) on `dst`: its allocation, plus
+    /// oVirt's 10 % for qcow2 metadata.
+    pub(super) async fn check_copy_space(
+        &self,
+        d: &Disk,
+        dst: SdUuid,
+        action: &str,
+    ) -> Result<(), CommandError> {
         let chain = self.app.db.volume_chain(d.id).await?;
         let actual: u64 = chain.iter().map(|v| v.actual_size).sum();
         let needed = match d.format {

@@ -806,7 +806,7 @@ async fn disks_change_on_a_vm_only_while_down_or_plugged_on_its_host(backend: Ba
 /// back (its image may be half deleted) but blocked, the disk locked, and its job is what an
 /// admin retries; a job that waits for nobody cannot be retried.
 async fn blocked_commands_are_retried_through_their_job(backend: Backend) {
-    use oxvirt_engine::model::{DiskFormat, DiskStatus, PoolMember, SdStatus, SdType, StorageType};
+    use oxvirt_engine::model::{DiskFormat, DiskStatus};
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
@@ -816,23 +816,7 @@ async fn blocked_commands_are_retried_through_their_job(backend: Backend) {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let db = &t.engine.app().db;
     let dc = db.dc_get_by_name("dc").await.unwrap().unwrap();
-    let sd = db
-        .sd_insert(&oxvirt_engine::model::StorageDomain::new(
-            "gone",
-            SdType::Data,
-            StorageType::Localfs,
-            "/nonexistent",
-        ))
-        .await
-        .unwrap();
-    db.pool_attach(&PoolMember {
-        data_center_id: dc.id,
-        storage_domain_id: sd.id,
-        status: SdStatus::Active,
-        master: true,
-    })
-    .await
-    .unwrap();
+    let sd = rest_common::active_domain(db, dc.id, "gone").await;
     let disk = db
         .disk_insert(&oxvirt_engine::model::Disk::new(
             "stranded",
@@ -1624,22 +1608,14 @@ async fn tags_on_vms_hosts_and_templates(backend: Backend) {
 /// parts, profiles pointing at a QoS of their domain's data center, a disk's profile on add
 /// and update, a profile in use not removed, a removed QoS leaving its profiles unlimited.
 async fn storage_qos_and_disk_profiles(backend: Backend) {
-    use oxvirt_engine::model::{Disk, DiskFormat, PoolMember, SdStatus, SdType, StorageDomain, StorageType};
+    use oxvirt_engine::model::{Disk, DiskFormat, SdType, StorageDomain, StorageType};
     let t = start_engine_on(backend).await;
     let mut c = Client::new(&t.engine);
     c.login().await;
     c.dc_and_cluster().await;
     let db = &t.engine.app().db;
     let dc = db.dc_get_by_name("dc").await.unwrap().unwrap();
-    let sd = db
-        .sd_insert(&StorageDomain::new(
-            "qsd",
-            SdType::Data,
-            StorageType::Localfs,
-            "/srv/qsd",
-        ))
-        .await
-        .unwrap();
+    let sd = rest_common::active_domain(db, dc.id, "qsd").await;
     let other = db
         .sd_insert(&StorageDomain::new(
             "qsd2",
@@ -1649,14 +1625,6 @@ async fn storage_qos_and_disk_profiles(backend: Backend) {
         ))
         .await
         .unwrap();
-    db.pool_attach(&PoolMember {
-        data_center_id: dc.id,
-        storage_domain_id: sd.id,
-        status: SdStatus::Active,
-        master: true,
-    })
-    .await
-    .unwrap();
     let qoss = format!("datacenters/{}/qoss", dc.id);
     for (body, status, says) in [
         ("<qos><name>x</name></qos>", StatusCode::BAD_REQUEST, "type"),

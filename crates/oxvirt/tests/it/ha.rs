@@ -156,25 +156,6 @@ fn console_len(p: &Path) -> usize {
     std::fs::read_to_string(p).map(|s| s.len()).unwrap_or(0)
 }
 
-fn check_domain(storage: &Path) {
-    for sd in std::fs::read_dir(storage).unwrap().flatten() {
-        if !sd.path().join("dom_md").is_dir() {
-            continue;
-        }
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
-            .args(["domain", "check"])
-            .arg(sd.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "domain check failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twice() {
     let mut c = start_cluster(3).await;
@@ -295,7 +276,7 @@ async fn ha_vm_survives_kill_of_the_spm_node_and_a_frozen_node_never_running_twi
     );
     assert_eq!(live_processes_with(&format!("vms/{}/", vm.id)).len(), 1);
     // Metadata intact.
-    check_domain(&c.storage);
+    common::check_domains(&c.storage);
     // The frozen node, thawed, finds its lease expired and does not run the VM again.
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid2, libc::SIGCONT) }, 0);
@@ -537,7 +518,7 @@ async fn an_spm_cut_from_the_engine_is_fenced_by_its_agent_and_the_role_moves() 
         .count();
     assert_eq!(fenced, 1, "fenced once, not every monitoring round");
     eprintln!("BENCH SPM cut from the engine, fenced by its agent: role moved after {moved:?}");
-    check_domain(&c.storage);
+    common::check_domains(&c.storage);
     e.shutdown().await;
     drop(node3);
     c.nodes.clear();
@@ -634,7 +615,7 @@ async fn ha_vm_of_a_node_cut_from_the_engine_comes_back_after_fencing_by_its_age
     eprintln!("BENCH node cut from the engine (also SPM), fenced by its agent: HA VM up on {name} after {up:?}, guest writing after {pass:?}; SPM moved after {spm_moved:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sampler.max(), 1, "the VM ran in two QEMUs at once");
-    check_domain(&c.storage);
+    common::check_domains(&c.storage);
     drop(sampler);
     cmds.stop_vm(vm.id).await.unwrap();
     e.shutdown().await;

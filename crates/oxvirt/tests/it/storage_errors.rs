@@ -4,14 +4,13 @@
 //! calls. Guests stop instead of seeing the errors; afterwards each VM is resumed, left paused
 //! or killed (and, being highly available, restarted) as its resume behaviour says.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common;
-use common::cluster::{attach_data_domain, cow_disk, start_cluster};
+use common::cluster::{attach_data_domain, cow_disk, guest_vm, start_cluster};
 use oxvirt_engine::commands::{AddVm, VmStartOptions};
 use oxvirt_engine::db::{EventFilter, ListQuery, Ref};
-use oxvirt_engine::model::{HighAvailability, ResumeBehavior, SdUuid, Vm, VmStatus, BLANK_TEMPLATE_ID};
+use oxvirt_engine::model::{HighAvailability, ResumeBehavior, SdUuid, Vm, VmStatus};
 use oxvirt_testkit::faultfs::FaultFs;
 use oxvirt_types::VmId;
 
@@ -24,28 +23,15 @@ async fn add_writer_vm(
     behavior: Option<ResumeBehavior>,
     ha: bool,
 ) -> Vm {
-    let cluster = e.app().db.cluster_get_by_name("Default").await.unwrap().unwrap();
-    let vm = e
-        .cmds
-        .add_vm(
-            AddVm {
-                name: name.into(),
-                description: String::new(),
-                cluster: cluster.id,
-                template: BLANK_TEMPLATE_ID,
-                memory_bytes: Some(128 * MIB),
-                cpu: None,
-                os: common::cluster::guest_os(&["oxvirt.writer=4"]),
-                ha: ha.then_some(HighAvailability {
-                    enabled: true,
-                    priority: 1,
-                }),
-                resume_behavior: behavior,
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    let req = AddVm {
+        ha: ha.then_some(HighAvailability {
+            enabled: true,
+            priority: 1,
+        }),
+        resume_behavior: behavior,
+        ..guest_vm(e, name, &["oxvirt.writer=4"]).await
+    };
+    let vm = e.cmds.add_vm(req, None).await.unwrap();
     e.cmds
         .add_disk(
             cow_disk(&format!("{name}_disk"), sd, 16 * MIB, Some((vm.id, true))),
@@ -123,25 +109,6 @@ fn wait_new_pass(c: &common::cluster::Cluster, vm: VmId, from: usize, limit: Dur
             console(c, vm)
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn check_domains(storage: &Path) {
-    for sd in std::fs::read_dir(storage).unwrap().flatten() {
-        if !sd.path().join("dom_md").is_dir() {
-            continue;
-        }
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
-            .args(["domain", "check"])
-            .arg(sd.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "domain check failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 }
 
@@ -334,7 +301,7 @@ async fn vms_ride_out_storage_outages_as_their_resume_behaviour_says() {
     )
     .unwrap();
     e.cmds.stop_vm(ha.id).await.unwrap();
-    check_domains(&c.storage);
+    common::check_domains(&c.storage);
     drop(fs);
 }
 
@@ -376,23 +343,9 @@ async fn low_space_thresholds_warn_and_refuse() {
     let e = c.engine.clone();
     let db = &e.app().db;
     let (_, sd) = attach_data_domain(&c, "host1").await;
-    let cluster = db.cluster_get_by_name("Default").await.unwrap().unwrap();
     let vm = e
         .cmds
-        .add_vm(
-            AddVm {
-                name: "lowvm".into(),
-                description: String::new(),
-                cluster: cluster.id,
-                template: BLANK_TEMPLATE_ID,
-                memory_bytes: Some(128 * MIB),
-                cpu: None,
-                os: common::cluster::guest_os(&[]),
-                ha: None,
-                resume_behavior: None,
-            },
-            None,
-        )
+        .add_vm(guest_vm(&e, "lowvm", &[]).await, None)
         .await
         .unwrap();
     e.cmds

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common;
-use common::cluster::{attach_data_domain, cow_disk, start_cluster, Cluster};
-use oxvirt_engine::commands::{AddVm, UpdateQos, VmStartOptions};
-use oxvirt_engine::model::{DiskProfileId, IoLimits, SdUuid, VmStatus, BLANK_TEMPLATE_ID};
+use common::cluster::{attach_data_domain, cow_disk, guest_vm, start_cluster, Cluster};
+use oxvirt_engine::commands::{UpdateQos, VmStartOptions};
+use oxvirt_engine::model::{DiskProfileId, IoLimits, SdUuid, VmStatus};
 use oxvirt_types::VmId;
 use serde_json::{json, Value};
 
@@ -22,23 +22,10 @@ async fn write_through(
     profile: Option<DiskProfileId>,
 ) -> (VmId, Duration) {
     let e = &c.engine;
-    let cluster = e.app().db.cluster_get_by_name("Default").await.unwrap().unwrap();
+    let args = format!("oxvirt.write_mib={WRITE_MIB}");
     let vm = e
         .cmds
-        .add_vm(
-            AddVm {
-                name: name.into(),
-                description: String::new(),
-                cluster: cluster.id,
-                template: BLANK_TEMPLATE_ID,
-                memory_bytes: Some(128 * MIB),
-                cpu: None,
-                os: common::cluster::guest_os(&[&format!("oxvirt.write_mib={WRITE_MIB}")]),
-                ha: None,
-                resume_behavior: None,
-            },
-            None,
-        )
+        .add_vm(guest_vm(e, name, &[&args]).await, None)
         .await
         .unwrap();
     let mut disk = cow_disk(&format!("{name}_disk"), sd, 64 * MIB, Some((vm.id, true)));

@@ -268,3 +268,31 @@ pub async fn db_disks(
     }
     (sd.id, disks)
 }
+
+/// A data domain recorded (not on storage) as the active master of data center `dc`: for
+/// tests of what the API does with domains without running a node.
+pub async fn active_domain(
+    db: &oxvirt_engine::db::Db,
+    dc: oxvirt_engine::model::DcId,
+    name: &str,
+) -> oxvirt_engine::model::StorageDomain {
+    use oxvirt_engine::model::{PoolMember, SdStatus, SdType, StorageDomain, StorageType};
+    let sd = db
+        .sd_insert(&StorageDomain::new(
+            name,
+            SdType::Data,
+            StorageType::Localfs,
+            &format!("/srv/{name}"),
+        ))
+        .await
+        .unwrap();
+    db.pool_attach(&PoolMember {
+        data_center_id: dc,
+        storage_domain_id: sd.id,
+        status: SdStatus::Active,
+        master: true,
+    })
+    .await
+    .unwrap();
+    sd
+}

@@ -198,6 +198,29 @@ pub fn guest_os(args: &[&str]) -> oxvirt_engine::model::VmOs {
     }
 }
 
+/// A 128 MiB VM from Blank in the Default cluster, booting the test guest with `args`; not
+/// highly available, the default resume behaviour.
+pub async fn guest_vm(engine: &Engine, name: &str, args: &[&str]) -> oxvirt_engine::commands::AddVm {
+    let cluster = engine
+        .app()
+        .db
+        .cluster_get_by_name("Default")
+        .await
+        .unwrap()
+        .expect("the Default cluster");
+    oxvirt_engine::commands::AddVm {
+        name: name.into(),
+        description: String::new(),
+        cluster: cluster.id,
+        template: oxvirt_engine::model::BLANK_TEMPLATE_ID,
+        memory_bytes: Some(128 << 20),
+        cpu: None,
+        os: guest_os(args),
+        ha: None,
+        resume_behavior: None,
+    }
+}
+
 /// A new thin disk (qcow2, sparse) of `size` bytes on `sd`; with `attach`, attached active
 /// to that VM, bootable or not.
 pub fn cow_disk(name: &str, sd: SdUuid, size: u64, attach: Option<(VmId, bool)>) -> AddDisk {

@@ -264,3 +264,25 @@ pub async fn wait_host(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Every storage domain under `storage` passes `oxvirt domain check` (metadata, leases,
+/// volume chains).
+pub fn check_domains(storage: &Path) {
+    for sd in std::fs::read_dir(storage).unwrap().flatten() {
+        if !sd.path().join("dom_md").is_dir() {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oxvirt"))
+            .args(["domain", "check"])
+            .arg(sd.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "domain check of {} failed: {}{}",
+            sd.path().display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
